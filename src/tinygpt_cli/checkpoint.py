@@ -1,0 +1,257 @@
+"""Checkpoints: `runs/<name>/checkpoints/step_<N>/{model.safetensors, optimizer.pt, state.json}` + `latest`.
+
+A checkpoint is written into a hidden temp folder, every file fsynced, then renamed into place; only
+then does the `latest` pointer move (itself temp + fsync + rename). A process killed at any moment
+therefore leaves the previous checkpoint loadable. Loading uses safetensors and
+`torch.load(weights_only=True)` only: a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinygpt_cli import __version__, workspace
+from tinygpt_cli.config import ModelConfig, RunConfig, config_from_dict
+from tinygpt_cli.errors import CheckpointError, ConfigError
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+LATEST_FILE = "latest"
+FORMAT = "tinygpt"
+TIED_KEY = "lm_head.weight"  # shares storage with transformer.wte.weight; not stored twice
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Write checkpoint `step` of `model` (the raw module, not a compiled/DDP wrapper) atomically."""
+    from safetensors.torch import save_file
+
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        config: ModelConfig = model.config  # type: ignore[assignment]
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
+        metadata = {"format": FORMAT, "tinygpt_version": __version__, "model_config": json.dumps(vars(config))}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        _fsync_file(tmp / WEIGHTS_FILE)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            _fsync_file(tmp / OPTIMIZER_FILE)
+        full_state = {"format": FORMAT, "step": step, "model_config": vars(config), **state}
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:
+            json.dump(full_state, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(root / LATEST_FILE, final.name + "\n")
+    prune_checkpoints(root, keep_last, protect=final)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (by step)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / STATE_FILE).is_file() and (child / WEIGHTS_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(root: Path, keep_last: int, protect: Path) -> None:
+    if keep_last <= 0:
+        return
+    checkpoints = list_checkpoints(root.parent)
+    for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` points to, else the highest complete step, else None."""
+    pointer = run_dir / "checkpoints" / LATEST_FILE
+    if pointer.is_file():
+        target = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
+        if (target / STATE_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
+            return target
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def list_runs() -> list[Path]:
+    """Run folders that hold at least one checkpoint, most recently written first."""
+    root = workspace.runs_dir()
+    if not root.is_dir():
+        return []
+    runs = []
+    for run in root.iterdir():
+        checkpoint = latest_checkpoint(run) if run.is_dir() else None
+        if checkpoint is not None:
+            runs.append((checkpoint.stat().st_mtime, run))
+    return [run for _, run in sorted(runs, reverse=True)]
+
+
+def find_run(spec: str | None) -> Path:
+    """A run folder by name or path; None -> the latest run. Raises if there is none."""
+    if not spec:
+        runs = list_runs()
+        if not runs:
+            raise CheckpointError(
+                f"no trained run in {workspace.runs_dir()}: train one with `tinygpt train --size micro`"
+            )
+        return runs[0]
+    path = Path(spec).expanduser()
+    for candidate in (path, workspace.runs_dir() / spec):
+        if candidate.is_dir():
+            return candidate
+    raise CheckpointError(f"no run or checkpoint at {spec}: list runs with `ls {workspace.runs_dir()}`")
+
+
+def resolve_checkpoint(spec: str | None) -> Path:
+    """A checkpoint folder from a run name/path, a checkpoint folder, or None (latest run)."""
+    path = find_run(spec)
+    if (path / STATE_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
+        return path
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise CheckpointError(f"{path} holds no checkpoint yet: train it with `tinygpt train`")
+    return checkpoint
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    model: torch.nn.Module
+    state: dict[str, Any]
+    run_config: RunConfig | None
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    state_path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint} has no {STATE_FILE}: it is not a tinygpt checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{state_path} is corrupted: resume from an earlier checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{checkpoint} is not a tinygpt checkpoint (state.json has no tinygpt format tag)")
+    return state
+
+
+def load_checkpoint(spec: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load the model (fp32, eval mode) of a checkpoint, a run (its latest checkpoint) or the latest run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    from tinygpt_cli.model import GPT
+
+    checkpoint = resolve_checkpoint(str(spec) if spec is not None else None)
+    state = read_state(checkpoint)
+    weights = checkpoint / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise CheckpointError(f"{weights} is not a tinygpt model (no tinygpt format tag)")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights} is corrupted ({exc}): resume from an earlier checkpoint") from None
+    try:
+        model_config = ModelConfig(**json.loads(metadata["model_config"]))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{weights} carries no valid model config ({exc})") from None
+    model = GPT(model_config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
+    got = {k: v.shape for k, v in tensors.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))[:3]
+        raise CheckpointError(
+            f"{weights} does not match its model config (missing or misshapen: {', '.join(missing) or 'shapes'})"
+        )
+    model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
+    model.to(device).eval()
+    run_config = None
+    if isinstance(state.get("run_config"), dict):
+        try:
+            run_config = config_from_dict(state["run_config"], origin=str(checkpoint / STATE_FILE))
+        except ConfigError:
+            run_config = None
+    return LoadedCheckpoint(checkpoint, model, state, run_config)
+
+
+def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / OPTIMIZER_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint} has no {OPTIMIZER_FILE}: it cannot be resumed exactly") from None
+    except Exception as exc:  # torch raises many kinds for a damaged zip
+        raise CheckpointError(
+            f"{path} is corrupted ({type(exc).__name__}): resume from an earlier checkpoint"
+        ) from None

@@ -1,0 +1,340 @@
+"""Run configuration: frozen dataclasses, size presets, YAML files and `--set` overrides.
+
+Precedence: preset < YAML file (`--config`) < `--set section.key=value` < named CLI flags.
+This module never imports torch, so the CLI's `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinygpt_cli.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "wsd")
+COMPILE_MODES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GPT-2 shape. `vocab_size` is padded past GPT-2's 50257 to a multiple of 64 for fast matmuls."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128  # context length in tokens
+    vocab_size: int = 50304
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1 (got {getattr(self, name)})")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if self.vocab_size < 50257:
+            raise ConfigError(f"model.vocab_size must be at least 50257, GPT-2's vocabulary (got {self.vocab_size})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which tokenized dataset to train on: a name under `data/`, a dataset folder, or "" for the last one."""
+
+    dataset: str = ""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping. Batch sizes are in sequences of `model.block_size` tokens."""
+
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    lr: float = 2e-3  # peak learning rate
+    min_lr: float = 2e-4  # floor reached at the end of the schedule
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 100  # steps between val-loss evaluations (and checkpoints)
+    eval_batches: int = 20  # micro-batches in the fixed val sample
+    log_interval: int = 10  # steps between loss readings (each costs a host sync)
+    keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast compute dtype; weights stay fp32)
+    compile: str = "auto"  # auto | on | off (auto: on for CUDA)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr must be a positive number (got {self.lr})")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr must be between 0 and train.lr (got {self.min_lr})")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be 0 or more")
+        _check_choice("train.device", self.device, DEVICES)
+        _check_choice("train.dtype", self.dtype, DTYPES)
+        _check_choice("train.schedule", self.schedule, SCHEDULES)
+        _check_choice("train.compile", self.compile, COMPILE_MODES)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Defaults for `tinygpt generate`."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 200  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sample.max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise ConfigError(f"sample.temperature must be 0 or more (got {self.temperature})")
+        if self.top_k < 0:
+            raise ConfigError(f"sample.top_k must be 0 or more (got {self.top_k})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sample.top_p must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    size: str = "micro"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+
+# GPT-2 shapes from the paper / OpenAI's release; training budgets in the spirit of nanoGPT and llm.c.
+# `micro` is sized so its default budget finishes on a 2-core laptop CPU in under 10 minutes.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "micro": {
+        "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
+        "train": {
+            "batch_size": 16, "grad_accum": 1, "max_steps": 500, "lr": 2e-3, "min_lr": 2e-4,
+            "warmup_steps": 30, "eval_interval": 100, "eval_batches": 10, "log_interval": 10,
+        },
+    },
+    "tiny": {
+        "model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
+        "train": {
+            "batch_size": 32, "grad_accum": 1, "max_steps": 5000, "lr": 1e-3, "min_lr": 1e-4,
+            "warmup_steps": 200, "eval_interval": 250, "eval_batches": 40, "log_interval": 10,
+        },
+    },
+    "small": {  # GPT-2 124M; ~0.5M tokens per step, 10B tokens in all (llm.c's recipe)
+        "model": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+        "train": {
+            "batch_size": 16, "grad_accum": 32, "max_steps": 19073, "lr": 6e-4, "min_lr": 6e-5,
+            "warmup_steps": 700, "eval_interval": 250, "eval_batches": 20, "log_interval": 10,
+        },
+    },
+    "medium": {  # GPT-2 350M
+        "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
+        "train": {
+            "batch_size": 8, "grad_accum": 64, "max_steps": 60000, "lr": 3e-4, "min_lr": 3e-5,
+            "warmup_steps": 700, "eval_interval": 250, "eval_batches": 20, "log_interval": 10,
+        },
+    },
+    "large": {  # GPT-2 774M
+        "model": {"n_layer": 36, "n_head": 20, "n_embd": 1280, "block_size": 1024},
+        "train": {
+            "batch_size": 4, "grad_accum": 128, "max_steps": 60000, "lr": 2.5e-4, "min_lr": 2.5e-5,
+            "warmup_steps": 700, "eval_interval": 250, "eval_batches": 20, "log_interval": 10,
+        },
+    },
+    "xl": {  # GPT-2 1.5B
+        "model": {"n_layer": 48, "n_head": 25, "n_embd": 1600, "block_size": 1024},
+        "train": {
+            "batch_size": 2, "grad_accum": 256, "max_steps": 60000, "lr": 2e-4, "min_lr": 2e-5,
+            "warmup_steps": 700, "eval_interval": 250, "eval_batches": 20, "log_interval": 10,
+        },
+    },
+}
+
+
+def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Convert a YAML/`--set` value to the field's type, or raise a ConfigError naming the key."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{key} must be {kind.__name__} (got {value!r})")
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _merge_section(base: dict[str, dict[str, Any]], section: str, values: Any, origin: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r} in {origin}: use one of {', '.join(SECTIONS)}")
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section {section!r} in {origin} must be a mapping of key: value")
+    types = _field_types(SECTIONS[section])
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(
+                f"unknown config key {section}.{key} in {origin}: known keys are {', '.join(types)}"
+            )
+        base[section][key] = _coerce(f"{section}.{key}", value, types[key])
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`"train.lr=3e-4"` -> ("train", "lr", parsed value)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} is not section.key=value (e.g. --set train.lr=3e-4)")
+    dotted, raw = text.split("=", 1)
+    section, _, key = dotted.strip().partition(".")
+    if not key:
+        raise ConfigError(f"--set {text!r} needs a section and a key, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: check the --config path")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid YAML ({first}): fix it or drop --config") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must be a mapping with sections {', '.join(SECTIONS)}")
+    return loaded
+
+
+def resolve_config(
+    size: str | None = None,
+    config_file: Path | None = None,
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    base: RunConfig | None = None,
+) -> RunConfig:
+    """Build a RunConfig: preset < YAML file < `--set` overrides < `flags` ({"train.lr": 3e-4, ...}).
+
+    `size` picks the preset; a YAML file may also name one with a top-level `size:` key (the flag wins).
+    `base` (a resumed run's saved config) replaces the preset and the file.
+    """
+    if base is not None:
+        merged = {name: dict(values) for name, values in config_to_dict(base).items() if name != "size"}
+        return _finish(base.size, merged, overrides, flags)
+    file_values = load_yaml(config_file) if config_file is not None else {}
+    origin = str(config_file) if config_file is not None else ""
+    file_size = file_values.pop("size", None)
+    chosen = size or (str(file_size) if file_size is not None else "micro")
+    if chosen not in PRESETS:
+        raise ConfigError(f"unknown size {chosen!r}: choose one of {', '.join(PRESETS)}")
+
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, values in PRESETS[chosen].items():
+        _merge_section(merged, section, values, f"preset {chosen}")
+    for section, values in file_values.items():
+        _merge_section(merged, section, values, origin)
+    return _finish(chosen, merged, overrides, flags)
+
+
+def _finish(
+    size: str, merged: dict[str, dict[str, Any]], overrides: Iterable[str], flags: Mapping[str, Any] | None
+) -> RunConfig:
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _merge_section(merged, section, {key: value}, "--set")
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        _merge_section(merged, section, {key: value}, f"--{key.replace('_', '-')}")
+    return RunConfig(size=size, **{name: SECTIONS[name](**values) for name, values in merged.items()})
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: Mapping[str, Any], origin: str = "saved config") -> RunConfig:
+    """Rebuild a RunConfig from `config_to_dict` output (e.g. a run's config.yaml), type-checked."""
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, section_values in values.items():
+        if section == "size":
+            continue
+        _merge_section(merged, section, section_values, origin)
+    size = str(values.get("size", "micro"))
+    return RunConfig(size=size, **{name: SECTIONS[name](**v) for name, v in merged.items()})
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,161 @@
+"""The command line end to end, through CliRunner, including every error path issue #2 names."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY_SETTINGS
+from typer.testing import CliRunner
+
+from tinygpt_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def train_tiny(*extra: str, steps: int = 4):
+    return invoke("train", *TINY_SETTINGS, "--max-steps", str(steps), *extra)
+
+
+def assert_one_line_error(result, fragment: str, code: int = 1):
+    """Exit code, and exactly one error line (the last on stderr) that holds `fragment`."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.output
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys; from typer.testing import CliRunner; from tinygpt_cli.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "assert 'tokenize' in r.output; "
+        "assert 'torch' not in sys.modules, 'torch imported on the --help path'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_version_and_module_entry_point():
+    from tinygpt_cli import __version__
+
+    assert invoke("--version").stdout.strip() == f"tinygpt {__version__}"
+    out = subprocess.run([sys.executable, "-m", "tinygpt_cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"tinygpt {__version__}"
+
+
+def test_tokenize_train_generate(workspace):
+    result = invoke("tokenize")
+    assert result.exit_code == 0, result.output
+    assert "Wrote" in result.stdout and "val tokens" in result.stdout
+    result = train_tiny("--name", "first")
+    assert result.exit_code == 0, result.output
+    assert "val loss" in result.stdout and "unigram baseline" in result.stdout
+    run = workspace / "runs" / "first"
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    result = invoke("generate", "To be, or not to be", "--max-new-tokens", "12", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("To be, or not to be")
+    again = invoke("generate", "To be, or not to be", "--max-new-tokens", "12", "--seed", "3")
+    assert again.stdout == result.stdout
+    many = invoke("generate", "ROMEO:", "--max-new-tokens", "5", "--num-samples", "3", "--run", "first")
+    assert many.exit_code == 0 and many.stdout.count("ROMEO:") == 3 and "--- sample 3 ---" in many.stdout
+
+
+def test_train_tokenizes_the_embedded_corpus_first(workspace):
+    result = train_tiny("--json", steps=2)
+    assert result.exit_code == 0, result.output
+    assert "No tokenized data yet: tokenizing the embedded Shakespeare corpus first." in result.stderr
+    assert (workspace / "data" / "shakespeare" / "meta.json").is_file()
+    payload = json.loads(result.stdout)
+    assert payload["steps"] == 2 and payload["stopped"] == "completed"
+
+
+def test_resume_continues_the_latest_run(with_shakespeare, workspace):
+    assert train_tiny("--name", "r", steps=2).exit_code == 0
+    result = invoke("train", "--resume", "--max-steps", "4")
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.stderr
+    state = json.loads((workspace / "runs" / "r" / "checkpoints" / "step_4" / "state.json").read_text())
+    assert state["step"] == 4
+
+
+def test_config_file_and_json_output(with_shakespeare, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("size: micro\nmodel: {n_layer: 1, n_head: 2, n_embd: 32, block_size: 16}\n"
+                      "train: {batch_size: 2, eval_interval: 2, eval_batches: 1, max_steps: 2}\n")
+    result = invoke("train", "--config", str(config), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_generate_without_a_run(workspace):
+    assert_one_line_error(invoke("generate", "hi"), "no trained run")
+
+
+def test_tokenize_missing_path(workspace):
+    assert_one_line_error(invoke("tokenize", "no/such/dir"), "does not exist")
+    assert not (workspace / "data").exists()
+
+
+def test_tokenize_empty_folder(workspace, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("tokenize", str(tmp_path / "empty")), "holds no .txt")
+    (tmp_path / "blank.txt").write_text("")
+    assert_one_line_error(invoke("tokenize", str(tmp_path / "blank.txt")), "holds no text")
+    assert not (workspace / "data").exists() or not list((workspace / "data").iterdir())
+
+
+def test_tokenize_non_utf8_file(workspace, tmp_path):
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes("na\xefve caf\xe9\n".encode("latin-1") * 10)
+    assert_one_line_error(invoke("tokenize", str(bad)), "latin.txt is not UTF-8 text")
+    assert not list((workspace / "data").iterdir())
+
+
+def test_unknown_preset_and_config_key(with_shakespeare, workspace):
+    assert_one_line_error(invoke("train", "--size", "huge"), "unknown size 'huge'")
+    assert_one_line_error(invoke("train", "--set", "train.warmup=3"), "unknown config key train.warmup")
+    assert not (workspace / "runs").exists()
+
+
+def test_usage_error_exits_2(workspace):
+    result = invoke("train", "--max-steps", "many")
+    assert result.exit_code == 2
+
+
+def test_corrupted_checkpoint(with_shakespeare, workspace):
+    assert train_tiny("--name", "c", steps=2).exit_code == 0
+    weights = workspace / "runs" / "c" / "checkpoints" / "step_2" / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    assert_one_line_error(invoke("generate", "hi"), "is corrupted")
+
+
+def test_foreign_checkpoint(with_shakespeare, workspace):
+    folder = workspace / "runs" / "foreign" / "checkpoints" / "step_1"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"step": 1}))
+    (folder / "model.safetensors").write_bytes(b"junk")
+    assert_one_line_error(invoke("generate", "hi", "--run", "foreign"), "not a tinygpt checkpoint")
+
+
+def test_prompt_longer_than_context(with_shakespeare):
+    assert train_tiny("--name", "p", steps=2).exit_code == 0
+    assert_one_line_error(invoke("generate", "word " * 40), "shorten the prompt")
+
+
+def test_unknown_dataset_for_training(with_shakespeare, workspace):
+    assert_one_line_error(invoke("train", "--data", "owt"), "no tokenized dataset named 'owt'")
+    assert not (workspace / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_bad_num_samples(with_shakespeare, value):
+    assert train_tiny("--name", "n", steps=2).exit_code == 0
+    assert_one_line_error(invoke("generate", "x", "--num-samples", value), "--num-samples")

@@ -1,0 +1,87 @@
+import pytest
+import yaml
+
+from tinygpt_cli.config import PRESETS, config_from_dict, config_to_dict, dump_yaml, resolve_config
+from tinygpt_cli.errors import ConfigError
+
+
+def test_presets_have_gpt2_shapes():
+    shapes = {name: PRESETS[name]["model"] for name in PRESETS}
+    assert shapes["micro"] == {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
+    assert (shapes["small"]["n_layer"], shapes["small"]["n_embd"], shapes["small"]["n_head"]) == (12, 768, 12)
+    assert (shapes["medium"]["n_layer"], shapes["medium"]["n_embd"]) == (24, 1024)
+    assert (shapes["large"]["n_layer"], shapes["large"]["n_embd"]) == (36, 1280)
+    assert (shapes["xl"]["n_layer"], shapes["xl"]["n_embd"], shapes["xl"]["n_head"]) == (48, 1600, 25)
+    for name in PRESETS:
+        cfg = resolve_config(size=name)
+        assert cfg.model.vocab_size == 50304
+        assert cfg.size == name
+
+
+def test_precedence_preset_file_set_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"size": "tiny", "train": {"lr": 0.01, "max_steps": 7}, "model": {"dropout": 0.1}}))
+    cfg = resolve_config(config_file=path)
+    assert cfg.size == "tiny" and cfg.model.n_embd == 384
+    assert cfg.train.lr == 0.01 and cfg.train.max_steps == 7 and cfg.model.dropout == 0.1
+    cfg = resolve_config(config_file=path, overrides=["train.lr=3e-4", "train.max_steps=9"])
+    assert cfg.train.lr == 3e-4 and cfg.train.max_steps == 9
+    cfg = resolve_config(size="micro", config_file=path, overrides=["train.max_steps=9"],
+                         flags={"train.max_steps": 11, "train.lr": None})
+    assert cfg.size == "micro" and cfg.model.n_embd == 128 and cfg.train.max_steps == 11
+
+
+def test_set_values_are_type_checked():
+    cfg = resolve_config(overrides=["train.lr=1e-3", "model.bias=false", "train.max_steps=2_000", "data.dataset=123"])
+    assert cfg.train.lr == 1e-3 and cfg.model.bias is False
+    assert cfg.train.max_steps == 2000 and cfg.data.dataset == "123"
+    with pytest.raises(ConfigError, match=r"train\.max_steps must be int"):
+        resolve_config(overrides=["train.max_steps=lots"])
+    with pytest.raises(ConfigError, match=r"train\.lr must be float"):
+        resolve_config(overrides=["train.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.learning_rate=1", r"unknown config key train\.learning_rate"),
+        ("optim.lr=1", "unknown config section 'optim'"),
+        ("train.lr", "not section.key=value"),
+        ("lr=1", "needs a section and a key"),
+        ("model.n_embd=130", "divisible by model.n_head"),
+        ("train.device=tpu", "train.device must be one of"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides=[override])
+
+
+def test_unknown_key_in_yaml_names_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.001\n  warmup: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown config key train\.warmup in .*c\.yaml"):
+        resolve_config(config_file=path)
+
+
+def test_unknown_preset_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown size 'huge'"):
+        resolve_config(size="huge")
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_config(config_file=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve_config(config_file=bad)
+
+
+def test_round_trip_through_yaml():
+    cfg = resolve_config(size="tiny", overrides=["train.lr=5e-4"])
+    assert config_from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+    assert config_to_dict(cfg)["train"]["lr"] == 5e-4
+
+
+def test_resume_base_keeps_shape():
+    base = resolve_config(size="tiny")
+    cfg = resolve_config(overrides=["train.max_steps=42"], base=base)
+    assert cfg.model == base.model and cfg.train.max_steps == 42 and cfg.size == "tiny"

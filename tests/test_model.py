@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.model import GPT, chunked_cross_entropy
+
+
+def test_small_matches_gpt2_124m_parameter_count():
+    cfg = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params() == 124_439_808  # OpenAI's GPT-2 small, tied head counted once
+    with torch.device("meta"):
+        padded = GPT(ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024))
+    assert padded.num_params() == 124_439_808 + (50304 - 50257) * 768
+
+
+def test_hugging_face_parameter_names():
+    names = set(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).state_dict())
+    for expected in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                     "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
+                     "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight",
+                     "transformer.ln_f.bias", "lm_head.weight"):
+        assert expected in names
+
+
+def test_tied_embeddings_and_scaled_residual_init():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=8, n_head=4, n_embd=256, block_size=64))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    proj = model.transformer.h[0].attn.c_proj.weight
+    fc = model.transformer.h[0].mlp.c_fc.weight
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert fc.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_loss_at_init_is_log_vocab():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64))
+    idx = torch.randint(0, 50257, (4, 64))
+    targets = torch.randint(0, 50257, (4, 64))
+    _, loss = model(idx, targets)
+    assert loss.item() == pytest.approx(math.log(50304), abs=0.15)
+
+
+def test_tiny_batch_overfits():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=16))
+    idx = torch.randint(0, 50257, (2, 17))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.2
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_fused_cross_entropy_matches_reference(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 20, 16, requires_grad=True)
+    weight = (torch.randn(50304, 16) * 0.1).requires_grad_()
+    targets = torch.randint(0, 50257, (3, 20))
+    targets[0, :5] = -1  # ignored positions
+    expected = F.cross_entropy((hidden @ weight.t()).view(-1, 50304), targets.view(-1), ignore_index=-1)
+    expected.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    got = chunked_cross_entropy(hidden, weight, targets, chunk_tokens=chunk)
+    (got * 2).backward()  # a non-unit upstream gradient must scale through
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(hidden.grad, 2 * grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad, 2 * grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_logits_without_targets_and_context_limit():
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=8))
+    logits, loss = model(torch.zeros(2, 8, dtype=torch.long))
+    assert logits.shape == (2, 8, 50304) and loss is None
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, 9, dtype=torch.long))

@@ -1,0 +1,42 @@
+import hashlib
+
+import pytest
+
+from tinygpt_cli import tokenizer
+from tinygpt_cli.errors import DataError
+
+
+def test_known_ids_match_gpt2():
+    enc = tokenizer.get_encoding()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert enc.n_vocab == 50257
+    assert enc.eot_token == tokenizer.EOT_ID == 50256
+    # a few more ids every GPT-2 implementation agrees on
+    assert enc.encode_ordinary(" the") == [262]
+    assert enc.encode_ordinary("\n") == [198]
+
+
+def test_round_trip_mixed_unicode():
+    enc = tokenizer.get_encoding()
+    text = "Ünïcödé — 漢字かな交じり文, emoji 🤖🚀, Ελληνικά, עברית, tabs\tand\r\nnewlines, naïve café."
+    ids = enc.encode_ordinary(text)
+    assert enc.decode(ids) == text
+    assert all(0 <= i < 50257 for i in ids)
+    # every token decodes to bytes that rebuild the text exactly
+    assert b"".join(enc.decode_single_token_bytes(i) for i in ids).decode("utf-8") == text
+
+
+def test_bundled_ranks_are_verified():
+    assert hashlib.sha256(tokenizer.ranks_bytes()).hexdigest() == tokenizer.RANKS_SHA256
+    assert len(tokenizer.load_ranks()) == 50256
+
+
+def test_corrupted_ranks_are_refused(monkeypatch):
+    tokenizer.load_ranks.cache_clear()
+    monkeypatch.setattr(tokenizer, "ranks_bytes", lambda: b"IQ== 0\n")
+    try:
+        with pytest.raises(DataError, match="corrupted"):
+            tokenizer.load_ranks()
+    finally:
+        tokenizer.load_ranks.cache_clear()

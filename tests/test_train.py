@@ -1,0 +1,122 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from tinygpt_cli import checkpoint as ckpt
+from tinygpt_cli.errors import CheckpointError, TrainingError
+from tinygpt_cli.train import learning_rate, make_optimizer, train
+
+
+def _losses(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["step"], r.get("loss", r.get("val_loss"))) for r in lines]
+
+
+def test_train_writes_a_self_describing_run(with_shakespeare):
+    events = []
+    result = train(tiny_config(max_steps=4), run_name="r", on_event=events.append)
+    run = result.run_dir
+    assert result.steps == 4 and result.stopped == "completed"
+    assert (run / "config.yaml").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_2", "step_4"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_4"
+    state = json.loads((run / "checkpoints" / "step_4" / "state.json").read_text())
+    assert state["step"] == 4 and state["tokens_seen"] == 4 * 4 * 32 and "torch" in state["rng"]
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "eval" in kinds and "checkpoint" in kinds
+    assert math.isfinite(result.final_val_loss) and result.unigram_val_loss > 0
+
+
+def _stop_at(step: int, stop):
+    def on_event(event):
+        if event.kind == "step" and event.step == step:
+            stop.reason = "interrupted"
+
+    return on_event
+
+
+def test_resume_reproduces_the_uninterrupted_run(with_shakespeare):
+    """8 straight steps vs 4 + SIGINT-style stop + resume + 4: identical train and val losses."""
+    from dataclasses import replace
+
+    from tinygpt_cli.train import StopFlag
+
+    plain = tiny_config(max_steps=8, eval_interval=4)
+    with_dropout = replace(plain, model=replace(plain.model, dropout=0.1))  # exercises the saved torch RNG
+    for name, config in (("plain", plain), ("dropout", with_dropout)):
+        straight = train(config, run_name=f"{name}-straight")
+        stop = StopFlag()
+        first = train(config, run_name=f"{name}-split", on_event=_stop_at(3, stop), stop=stop)
+        assert first.stopped == "interrupted" and first.steps == 3
+        assert ckpt.latest_checkpoint(first.run_dir).name == "step_3"
+        resumed = train(config, run_name=f"{name}-split", resume=True)
+        assert resumed.steps == 8 and resumed.stopped == "completed"
+        assert _losses(straight.run_dir) == _losses(resumed.run_dir)
+
+
+def test_keep_last_prunes_old_checkpoints(with_shakespeare):
+    result = train(tiny_config(max_steps=8, eval_interval=2, keep_last=2), run_name="k")
+    assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step_6", "step_8"]
+
+
+def test_existing_run_needs_resume(with_shakespeare):
+    train(tiny_config(max_steps=2), run_name="dup")
+    with pytest.raises(TrainingError, match="already exists: pass --resume"):
+        train(tiny_config(max_steps=2), run_name="dup")
+    with pytest.raises(TrainingError, match="no checkpoint to resume"):
+        train(tiny_config(max_steps=2), run_name="fresh", resume=True)
+
+
+def test_warmup_then_cosine_and_wsd():
+    cfg = tiny_config(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4).train
+    assert learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(55, cfg) == pytest.approx(5.5e-4)
+    assert learning_rate(100, cfg) == pytest.approx(1e-4)
+    wsd = tiny_config(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=0, schedule="wsd", decay_fraction=0.2).train
+    assert learning_rate(50, wsd) == pytest.approx(1e-3)
+    assert learning_rate(79, wsd) == pytest.approx(1e-3)
+    assert learning_rate(89, wsd) == pytest.approx(5e-4)
+    assert learning_rate(99, wsd) == pytest.approx(0.0)
+
+
+def test_weight_decay_only_on_matrices():
+    from tinygpt_cli.model import GPT
+
+    cfg = tiny_config()
+    optimizer = make_optimizer(GPT(cfg.model), cfg.train, torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == cfg.train.weight_decay and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+
+
+def test_corrupted_and_foreign_checkpoints(with_shakespeare, workspace):
+    result = train(tiny_config(max_steps=2), run_name="c")
+    weights = result.run_dir / "checkpoints" / "step_2" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        ckpt.load_checkpoint("c")
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(weights))  # a valid file, but not ours
+    with pytest.raises(CheckpointError, match="not a tinygpt model"):
+        ckpt.load_checkpoint("c")
+    with pytest.raises(CheckpointError, match="no run or checkpoint"):
+        ckpt.load_checkpoint("missing-run")
+
+
+def test_training_stops_on_repeated_non_finite_loss(with_shakespeare, monkeypatch):
+    from tinygpt_cli import model as model_module
+
+    def nan_loss(*args, **kwargs):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(model_module, "chunked_cross_entropy", nan_loss)
+    events = []
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(tiny_config(max_steps=20), run_name="nan", on_event=events.append)
+    assert sum("skipped" in e.message for e in events if e.kind == "info") == 5
