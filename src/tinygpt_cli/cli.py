@@ -172,24 +172,37 @@ def train(
     name: Annotated[str | None, typer.Option("--name", help="Run name under runs/ (default: size-data-time).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue --name (else the latest run) from its checkpoint.")] = False,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps to train in all.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Stop with a checkpoint after this many tokens.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop with a checkpoint after this many minutes.")] = None,
+    batch_size: Annotated[
+        str | None, typer.Option(help="Sequences per micro-batch, or 'auto' (CUDA: the largest that fits).")
+    ] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout (0 for pretraining; ~0.1 to fine-tune).")] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Checkpoints to keep (older ones are pruned).")] = None,
     device: DeviceOpt = None,
     dtype: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast).")] = None,
     compile_mode: Annotated[str | None, typer.Option("--compile", help="auto | on | off.")] = None,
+    nproc: Annotated[int | None, typer.Option(help="Processes on this machine: re-runs itself under torchrun.")] = None,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a GPT-2 on the last tokenized dataset (the embedded corpus if there is none), with checkpoints."""
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _exec_torchrun(nproc)
     from tinygpt_cli import checkpoint as ckpt
+    from tinygpt_cli import dist
     from tinygpt_cli.config import resolve_config
     from tinygpt_cli.train import StopFlag, run_config_of
     from tinygpt_cli.train import train as run_training
 
+    auto_batch = batch_size is not None and batch_size.strip().lower() == "auto"
     flags: dict[str, Any] = {
-        "data.dataset": data_name, "train.max_steps": max_steps, "train.batch_size": batch_size,
-        "train.grad_accum": grad_accum, "train.lr": lr, "train.device": device, "train.dtype": dtype,
+        "data.dataset": data_name, "train.max_steps": max_steps, "train.max_tokens": max_tokens,
+        "train.max_minutes": max_minutes, "train.batch_size": None if auto_batch else batch_size,
+        "train.auto_batch": True if auto_batch else None, "train.grad_accum": grad_accum, "train.lr": lr,
+        "model.dropout": dropout, "train.keep_last": keep_last, "train.device": device, "train.dtype": dtype,
         "train.compile": compile_mode, "train.seed": seed,
     }
     run_name = name
@@ -202,13 +215,15 @@ def train(
     else:
         cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
 
-    err = _stderr_console()
+    is_main = dist.from_environment().is_main
     stop = StopFlag()
-    view = _TrainView(err)
+    view = _TrainView(_stderr_console())
     try:
         result = run_training(cfg, run_name=run_name, resume=resume, on_event=view.on_event, stop=stop)
     finally:
         view.close()
+    if not is_main:
+        return
     if as_json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}))
         return
@@ -219,9 +234,36 @@ def train(
         f"val loss {val} (unigram baseline {result.unigram_val_loss:.4f}), "
         f"{_fmt_seconds(result.seconds)}, {_fmt_int(result.tokens_per_s)} tokens/s"
     )
-    if result.stopped == "interrupted":
-        out.print("Stopped early with a checkpoint. Continue with: "
-                  f"tinygpt train --resume --name {result.run_dir.name}")
+    if result.stopped != "completed":
+        why = {"interrupted": "Interrupted", "time_limit": "Reached --max-minutes",
+               "token_limit": "Reached --max-tokens"}.get(result.stopped, "Stopped")
+        out.print(f"{why}; checkpoint saved. Continue with: tinygpt train --resume --name {result.run_dir.name}")
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """The torchrun command line that re-runs `tinygpt <argv>` on `nproc` local processes (--nproc removed)."""
+    args: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        args.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "tinygpt_cli", *args]
+
+
+def _exec_torchrun(nproc: int) -> None:
+    command = torchrun_command(nproc, sys.argv[1:])
+    _stderr_console().print(f"Launching {nproc} processes: {' '.join(command[1:])}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
 
 
 class _TrainView:
@@ -323,6 +365,48 @@ def generate(
         if index:
             print(f"\n--- sample {index + 1} ---")
         print(prompt + encoding.decode(ids))
+
+
+# ----------------------------------------------------------------------------------------- export
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+@app.command(epilog="Examples:  tinygpt export  ·  tinygpt export my-run --format gguf --dtype q8_0  ·  "
+             "tinygpt export --format onnx --out model-onnx  ·  tinygpt export gpt2 --format gguf")
+def export(
+    source: Annotated[
+        str | None,
+        typer.Argument(help="Run name or folder, checkpoint folder, Hugging Face GPT-2 folder, or gpt2…gpt2-xl "
+                       "(default: the latest run)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers) | gguf (llama.cpp) | onnx.")] = "hf",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (gguf: a .gguf file or a folder; default: under exports/)."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (hf, gguf) | q8_0 (gguf).")] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a model for Hugging Face transformers, llama.cpp (GGUF) or ONNX Runtime."""
+    from tinygpt_cli.export import check_format, export_model
+
+    check_format(fmt, dtype)  # before loading anything
+    _stderr_console().print(f"Exporting {source or 'the latest run'} as {fmt} ({dtype})…", soft_wrap=True)
+    result = export_model(source, fmt, out, dtype, force=force)
+    if as_json:
+        print(json.dumps({"path": str(result.path), "format": result.format, "dtype": result.dtype,
+                          "source": str(result.source), "files": result.files, "bytes": result.total_bytes}))
+        return
+    print(f"Wrote {result.path} ({fmt}, {dtype}, {_fmt_bytes(result.total_bytes)}) from {result.source}")
+    if len(result.files) > 1:
+        width = max(len(name) for name in result.files)
+        for name, size in result.files.items():
+            print(f"  {name:<{width}}  {_fmt_bytes(size):>9}")
 
 
 def main() -> None:

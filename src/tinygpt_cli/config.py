@@ -62,6 +62,9 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
+    max_tokens: int = 0  # stop (with a checkpoint) after this many tokens; 0 = no limit
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
+    auto_batch: bool = False  # CUDA: shrink the micro-batch to what fits, raising grad_accum to match
     lr: float = 2e-3  # peak learning rate
     min_lr: float = 2e-4  # floor reached at the end of the schedule
     warmup_steps: int = 50
@@ -84,7 +87,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "keep_last"):
+        for name in ("warmup_steps", "keep_last", "max_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -93,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr must be between 0 and train.lr (got {self.min_lr})")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"train.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
+        if self.max_minutes < 0:
+            raise ConfigError(f"train.max_minutes must be 0 (no limit) or more (got {self.max_minutes})")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be 0 or more")
         _check_choice("train.device", self.device, DEVICES)

@@ -1,0 +1,185 @@
+"""What a run leaves for people to read: `loss.png` (train and val curves) and `report.md`.
+
+The plot is drawn with numpy and written as a PNG with zlib, so no plotting library is needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinygpt_cli.checkpoint import write_bytes_atomic, write_text_atomic
+
+# 3x5 pixel glyphs, one string of 15 bits per character, row by row
+_GLYPHS = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+    "a": "000011101101011", "e": "000111111100111", "i": "010000010010010", "k": "100101110101101",
+    "l": "010010010010010", "n": "000110101101101", "o": "000111101101111", "p": "000111101111100",
+    "r": "000111100100100", "s": "000111110011111", "t": "010111010010011", "v": "000101101101010",
+    " ": "000000000000000",
+}
+_TRAIN_COLOUR = (31, 119, 180)
+_VAL_COLOUR = (214, 39, 40)
+_AXIS_COLOUR = (60, 60, 60)
+
+
+def _png(image: np.ndarray) -> bytes:
+    """Encode an (H, W, 3) uint8 image as PNG."""
+    height, width, _ = image.shape
+    raw = b"".join(b"\x00" + image[row].tobytes() for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+
+
+def _text(image: np.ndarray, x: int, y: int, text: str, colour: tuple[int, int, int], scale: int = 2) -> None:
+    for index, char in enumerate(text.lower()):
+        bits = _GLYPHS.get(char, _GLYPHS[" "])
+        for bit in range(15):
+            if bits[bit] == "1":
+                row, col = divmod(bit, 3)
+                top, left = y + row * scale, x + (index * 4 + col) * scale
+                image[top : top + scale, left : left + scale] = colour
+
+
+def _line(image: np.ndarray, points: list[tuple[float, float]], colour: tuple[int, int, int]) -> None:
+    height, width, _ = image.shape
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        steps = int(max(abs(x1 - x0), abs(y1 - y0), 1)) * 2
+        xs = np.clip(np.round(np.linspace(x0, x1, steps)).astype(int), 0, width - 1)
+        ys = np.clip(np.round(np.linspace(y0, y1, steps)).astype(int), 0, height - 1)
+        for dy in (0, 1):
+            image[np.clip(ys + dy, 0, height - 1), xs] = colour
+    if len(points) == 1:
+        x, y = points[0]
+        image[int(y) - 1 : int(y) + 2, int(x) - 1 : int(x) + 2] = colour
+
+
+def render_loss_plot(train: list[tuple[int, float]], val: list[tuple[int, float]],
+                     width: int = 640, height: int = 400) -> bytes:
+    """A PNG of loss against step: train in blue, val in red, with min/max labels on both axes."""
+    image = np.full((height, width, 3), 255, dtype=np.uint8)
+    left, right, top, bottom = 70, width - 20, 30, height - 40
+    everything = train + val
+    if everything:
+        max_step = max(step for step, _ in everything) or 1
+        losses = [loss for _, loss in everything]
+        low, high = min(losses), max(losses)
+        if high - low < 1e-6:
+            low, high = low - 0.5, high + 0.5
+
+        def place(step: float, loss: float) -> tuple[float, float]:
+            return (left + (right - left) * step / max_step, bottom - (bottom - top) * (loss - low) / (high - low))
+
+        for series, colour in ((train, _TRAIN_COLOUR), (val, _VAL_COLOUR)):
+            if series:
+                _line(image, [place(s, v) for s, v in series], colour)
+        _text(image, 4, top - 4, f"{high:.2f}", _AXIS_COLOUR)
+        _text(image, 4, bottom - 6, f"{low:.2f}", _AXIS_COLOUR)
+        _text(image, right - 4 * 2 * len(str(max_step)), bottom + 10, str(max_step), _AXIS_COLOUR)
+    image[top:bottom, left] = _AXIS_COLOUR
+    image[bottom, left:right] = _AXIS_COLOUR
+    _text(image, left, bottom + 10, "0", _AXIS_COLOUR)
+    _text(image, (left + right) // 2 - 16, bottom + 10, "step", _AXIS_COLOUR)
+    _text(image, left + 10, 8, "train", _TRAIN_COLOUR)
+    _text(image, left + 70, 8, "val", _VAL_COLOUR)
+    _text(image, left + 110, 8, "loss", _AXIS_COLOUR)
+    return _png(image)
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    train: list[tuple[int, float]] = []
+    val: list[tuple[int, float]] = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            kind = record.get("kind")
+            value = record.get("loss") if kind == "train" else record.get("val_loss")
+            if value is None or not math.isfinite(value):
+                continue
+            (train if kind == "train" else val).append((record["step"], value))
+    return train, val
+
+
+def write_loss_plot(metrics_path: Path, png_path: Path) -> None:
+    train, val = read_metrics(metrics_path)
+    write_bytes_atomic(png_path, render_loss_plot(train, val))
+
+
+def _sample_text(model: Any, max_new_tokens: int = 80) -> str:
+    """A short sample from a fresh document, for the report (fixed seed, so reruns agree)."""
+    import torch
+
+    from tinygpt_cli.sample import generate
+    from tinygpt_cli.tokenizer import EOT_ID, get_encoding
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids = [int(t[0]) for t in generate(model, [EOT_ID], max_new_tokens, temperature=0.8, top_k=200, seed=0)]
+    finally:
+        model.train(was_training)
+    return get_encoding().decode([i for i in ids if i < 50257])
+
+
+def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], hardware: dict[str, Any],
+                 model: Any) -> None:
+    """runs/<name>/report.md: config, data, hardware, time, throughput, final losses and a sample."""
+    from tinygpt_cli.config import dump_yaml
+
+    def fmt(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "n/a"
+
+    sample = _sample_text(model)
+    lines = [
+        f"# Run {run_dir.name}",
+        "",
+        f"Stopped: {result.stopped} at step {result.steps} ({result.tokens:,} tokens seen).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | {cfg.size}: {model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers × "
+        f"{cfg.model.n_embd}, context {cfg.model.block_size} |",
+        f"| data | {dataset['name']}: {dataset['train_tokens']:,} train / {dataset['val_tokens']:,} val tokens |",
+        f"| hardware | {hardware['device_name']} · {hardware['device']} {hardware['dtype']} · "
+        f"{hardware['world_size']} process(es) · torch {hardware['torch']} |",
+        f"| batch | {hardware['batch_size']} sequences × {hardware['grad_accum']} accumulation × "
+        f"{hardware['world_size']} process(es) |",
+        f"| time (this session) | {result.seconds:.0f} s |",
+        f"| throughput | {result.tokens_per_s:,.0f} tokens/s |",
+        f"| final train loss | {fmt(result.final_loss)} |",
+        f"| final val loss | {fmt(result.final_val_loss)} (best {fmt(result.best_val_loss)}) |",
+        f"| unigram baseline | {fmt(result.unigram_val_loss)} |",
+        f"| skipped non-finite steps | {result.skipped_steps} |",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Sample",
+        "",
+        "```",
+        sample.strip("\n"),
+        "```",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        dump_yaml(cfg).rstrip(),
+        "```",
+        "",
+    ]
+    write_text_atomic(run_dir / "report.md", "\n".join(lines))

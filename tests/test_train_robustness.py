@@ -1,0 +1,120 @@
+"""Never lose work: kill -9 at random moments, full disks, unwritable folders, time and token limits."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY_SETTINGS, tiny_config
+from tinygpt_cli import checkpoint as ckpt
+from tinygpt_cli.errors import TrainingError
+from tinygpt_cli.train import train
+
+
+def _train_command(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "tinygpt_cli", "train", *TINY_SETTINGS, *extra]
+
+
+@pytest.mark.slow
+def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, workspace):
+    """SIGKILL a training process at random moments (checkpointing every step); every time the latest
+    checkpoint loads and the run resumes, and in the end it completes."""
+    rng = random.Random(0)
+    env = {**os.environ, "TINYGPT_HOME": str(workspace)}
+    args = ["--name", "k", "--max-steps", "60", "--set", "train.eval_interval=1", "--set", "train.eval_batches=1"]
+    resume: list[str] = []
+    kills = 0
+    for _ in range(4):
+        process = subprocess.Popen(_train_command(*args, *resume), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        run = workspace / "runs" / "k"
+        while time.time() < deadline and ckpt.latest_checkpoint(run) is None:  # wait for a first checkpoint
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        latest = ckpt.latest_checkpoint(run)
+        assert latest is not None
+        loaded = ckpt.load_checkpoint(str(run))
+        assert loaded.state["step"] >= 1
+        ckpt.load_optimizer_state(latest)
+        resume = ["--resume"]
+    assert kills >= 2
+    finished = subprocess.run(_train_command(*args, "--resume"), env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads((workspace / "runs" / "k" / "checkpoints" / "step_60" / "state.json").read_text())["step"] == 60
+    leftovers = [p.name for p in (workspace / "runs" / "k" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert len(leftovers) <= 1  # at most the temp folder of the one write that was killed, never a "step_" name
+
+
+def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace):
+    env = {**os.environ, "TINYGPT_HOME": str(workspace)}
+    process = subprocess.Popen(
+        _train_command("--name", "t", "--max-steps", "100000", "--set", "train.eval_interval=100000"),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = workspace / "runs" / "t" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "Continue with: tinygpt train --resume --name t" in out
+    state = json.loads((ckpt.latest_checkpoint(workspace / "runs" / "t") / "state.json").read_text())
+    assert state["step"] >= 3
+
+
+def test_full_disk_keeps_the_previous_checkpoint(with_shakespeare, monkeypatch):
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+    calls = {"n": 0}
+
+    def failing_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint is intact"):
+        train(tiny_config(max_steps=6, eval_interval=2), run_name="full")
+    run = with_shakespeare.parent.parent / "runs" / "full"
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_2"]
+    assert ckpt.load_checkpoint(str(run)).state["step"] == 2
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_unwritable_runs_folder_fails_before_training(with_shakespeare, workspace):
+    (workspace / "runs").write_text("not a folder")
+    with pytest.raises(TrainingError, match="cannot write to"):
+        train(tiny_config(max_steps=2), run_name="x")
+
+
+def test_time_and_token_limits_stop_with_a_checkpoint(with_shakespeare):
+    result = train(tiny_config(max_steps=1000, eval_interval=1000, max_tokens=3 * 4 * 32), run_name="tokens")
+    assert result.stopped == "token_limit" and result.steps == 3
+    assert ckpt.latest_checkpoint(result.run_dir).name == "step_3"
+    result = train(tiny_config(max_steps=100000, eval_interval=100000, max_minutes=0.02), run_name="minutes")
+    assert result.stopped == "time_limit" and 1 <= result.steps < 100000
+    assert ckpt.latest_checkpoint(result.run_dir).name == f"step_{result.steps}"
+    assert (result.run_dir / "report.md").is_file()
+
+
+def test_report_and_loss_plot(with_shakespeare):
+    result = train(tiny_config(max_steps=4, eval_interval=2), run_name="rep")
+    png = (result.run_dir / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    report = (result.run_dir / "report.md").read_text()
+    for needle in ("# Run rep", "final val loss", "unigram baseline", "## Sample", "## Config", "tokens/s"):
+        assert needle in report
