@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_SETTINGS
 from typer.testing import CliRunner
 
+from conftest import TINY_SETTINGS
 from tinygpt_cli.cli import app
 
 runner = CliRunner()

@@ -51,6 +51,25 @@ def test_two_processes_match_one_with_accumulation_and_resume(with_shakespeare, 
         assert a == pytest.approx(b, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes(with_shakespeare, workspace):
+    single = train(tiny_config(max_steps=4, eval_interval=2, grad_accum=2), run_name="single")
+    tokens_per_step = 2 * 4 * 32
+    _torchrun(workspace, "--fsdp", "--name", "fsdp", "--max-steps", "4", "--set", "train.eval_interval=2",
+              "--max-tokens", str(3 * tokens_per_step))
+    state = json.loads((workspace / "runs" / "fsdp" / "checkpoints" / "step_3" / "state.json").read_text())
+    assert state["fsdp"] is True
+    _torchrun(workspace, "--fsdp", "--name", "fsdp", "--resume", "--set", "train.max_tokens=0")
+    got = _train_losses(workspace / "runs" / "fsdp")
+    expected = _train_losses(single.run_dir)
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=2e-4)
+    from tinygpt_cli.checkpoint import load_checkpoint
+
+    assert load_checkpoint(str(workspace / "runs" / "fsdp")).state["step"] == 4  # loads without FSDP too
+
+
 def test_nproc_execs_torchrun_without_the_flag():
     command = torchrun_command(4, ["train", "--size", "small", "--nproc", "4", "--max-steps", "10"])
     assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",

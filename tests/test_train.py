@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli.errors import CheckpointError, TrainingError
 from tinygpt_cli.train import learning_rate, make_optimizer, train

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import TINY_SETTINGS, tiny_config
 from tinygpt_cli import checkpoint as ckpt
@@ -118,3 +119,14 @@ def test_report_and_loss_plot(with_shakespeare):
     report = (result.run_dir / "report.md").read_text()
     for needle in ("# Run rep", "final val loss", "unigram baseline", "## Sample", "## Config", "tokens/s"):
         assert needle in report
+
+
+def test_out_of_memory_at_the_first_step_is_one_clear_error(with_shakespeare, monkeypatch):
+    from tinygpt_cli import model as model_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model_module, "chunked_cross_entropy", out_of_memory)
+    with pytest.raises(TrainingError, match=r"micro-batch of 4 × 32 tokens does not fit in cpu memory"):
+        train(tiny_config(max_steps=3), run_name="oom")

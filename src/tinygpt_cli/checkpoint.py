@@ -71,8 +71,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     keep_last: int = 3,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` of `model` (the raw module, not a compiled/DDP wrapper) atomically."""
+    """Write checkpoint `step` of `model` (the raw module, not a compiled/DDP wrapper) atomically.
+
+    `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()` when given
+    (FSDP gathers full state dicts first).
+    """
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
@@ -83,12 +90,15 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         config: ModelConfig = model.config  # type: ignore[assignment]
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
+        weights = model_state if model_state is not None else model.state_dict()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k != TIED_KEY}
         metadata = {"format": FORMAT, "tinygpt_version": __version__, "model_config": json.dumps(vars(config))}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         _fsync_file(tmp / WEIGHTS_FILE)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             _fsync_file(tmp / OPTIMIZER_FILE)
         full_state = {"format": FORMAT, "step": step, "model_config": vars(config), **state}
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:

@@ -65,6 +65,7 @@ class TrainConfig:
     max_tokens: int = 0  # stop (with a checkpoint) after this many tokens; 0 = no limit
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
     auto_batch: bool = False  # CUDA: shrink the micro-batch to what fits, raising grad_accum to match
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     lr: float = 2e-3  # peak learning rate
     min_lr: float = 2e-4  # floor reached at the end of the schedule
     warmup_steps: int = 50

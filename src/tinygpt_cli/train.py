@@ -172,10 +172,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 # ----------------------------------------------------------------------------------------------- throughput
 def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12*L*T*C."""
-    cfg = model.config
-    non_embedding = model.num_params(non_embedding=True)
-    head = cfg.vocab_size * cfg.n_embd  # the tied head is a real matmul even though it shares wte
-    return 6.0 * (non_embedding + head) + 12.0 * cfg.n_layer * cfg.block_size * cfg.n_embd
+    from tinygpt_cli.plan import training_flops_per_token
+
+    return training_flops_per_token(model.config)
 
 
 _GPU_PEAK_BF16 = {  # dense tensor-core TFLOP/s (bf16/fp16) from the vendors' datasheets
@@ -381,7 +380,7 @@ class _Trainer:
     # -------------------------------------------------------------------------------------------- setup
     def run(self, run_name: str | None, resume: bool) -> TrainResult:
         cfg, tc, info = self.cfg, self.tc, self.info
-        torch.manual_seed(tc.seed + info.rank)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -410,6 +409,7 @@ class _Trainer:
             _check_writable(self.run_dir)
 
         self.model = GPT(cfg.model)
+        torch.manual_seed(tc.seed + 1 + info.rank)  # then each rank its own dropout stream
         self.state: dict[str, Any] = {}
         if checkpoint is not None:
             loaded = load_checkpoint(checkpoint)
@@ -420,16 +420,52 @@ class _Trainer:
             self.model.load_state_dict(loaded.model.state_dict())
             self.state = loaded.state
         self.model.to(self.device)
+        self.fsdp = tc.fsdp and info.enabled
+        if tc.fsdp and not info.enabled:
+            self.emit(TrainEvent("info", message="--fsdp needs several processes (torchrun): training unsharded."))
+        if checkpoint is not None and bool(self.state.get("fsdp")) != self.fsdp:
+            raise TrainingError(f"{checkpoint} was written {'with' if self.state.get('fsdp') else 'without'} "
+                                f"--fsdp: resume it the same way")
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.transformer.h:  # one all-gather per block, the tied embedding at the root
+                fully_shard(block)
+            fully_shard(self.model)
         self.optimizer = make_optimizer(self.model, tc, self.device)
         if checkpoint is not None:
-            self.optimizer.load_state_dict(load_optimizer_state(checkpoint))
+            self._load_optimizer(checkpoint)
         if tc.auto_batch and self.device.type == "cuda":
             self._fit_batch_size()
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         compiled = _maybe_compile(self.model, tc.compile, self.device, self.emit, (self.batch_size, self.block))
-        self.forward_model = self._wrap(compiled)
+        self.forward_model = compiled if self.fsdp else self._wrap(compiled)
         self.checkpoint = checkpoint
         return self._loop()
+
+    def _load_optimizer(self, checkpoint: Path) -> None:
+        saved = load_optimizer_state(checkpoint)
+        if not self.fsdp:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=saved,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+    def _full_state(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+        """Full (unsharded, CPU) model and optimizer state dicts under FSDP; (None, None) otherwise."""
+        if not self.fsdp:
+            return None, None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=options),
+                get_optimizer_state_dict(self.model, self.optimizer, options=options))
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP around the (compiled) model when running under torchrun; gradients sync on the last micro-step."""
@@ -464,18 +500,34 @@ class _Trainer:
                 yield get_batch(self.train_tokens, self.batch_size, self.block, rng, self.device)
             step += 1
 
+    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Gradients are reduced across ranks only on the last micro-step of an optimizer step."""
+        if not self.info.enabled or enabled:
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.forward_model.no_sync()
+
     def _evaluate(self) -> float:
         """Mean loss on the fixed val sample; its batches are split over the ranks and summed back."""
         self.model.eval()
         total = torch.zeros(2, device=self.device)
+        world, rank = self.info.world_size, self.info.rank
+        rounds = -(-len(self.eval_starts) // world)  # every rank runs as many forwards (FSDP gathers in each)
         with torch.no_grad(), autocast_context(self.device, self.dtype):
-            for starts in self.eval_starts[self.info.rank :: self.info.world_size]:
+            for index in range(rank, rounds * world, world):
+                counted = index < len(self.eval_starts)
+                starts = self.eval_starts[index % len(self.eval_starts)]
                 window = np.stack([self.val_tokens[s : s + self.block + 1] for s in starts]).astype(np.int64)
                 x = torch.from_numpy(window[:, :-1]).to(self.device)
                 y = torch.from_numpy(window[:, 1:]).to(self.device)
                 _, loss = self.eval_model(x, y)
-                total[0] += loss.float()
-                total[1] += 1
+                if counted:
+                    total[0] += loss.float()
+                    total[1] += 1
         self.model.train()
         dist.all_reduce(total)
         return float(total[0] / total[1])
@@ -483,20 +535,21 @@ class _Trainer:
     def _save(self, step: int) -> None:
         """Checkpoint on rank 0 (every rank's RNG state included); the other ranks wait for it."""
         rng_states = dist.all_gather_objects(_rng_state())
+        model_state, optimizer_state = self._full_state()  # collective under FSDP: every rank takes part
         if self.info.is_main:
             try:
                 path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, {
                     "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val, "val_loss": self.last_val,
                     "train_loss": self.last_loss, "lr": learning_rate(max(0, step - 1), self.tc),
                     "rng": rng_states[0], "rng_per_rank": rng_states if self.info.enabled else None,
-                    "world_size": self.info.world_size, "skipped_steps": self.skipped,
+                    "world_size": self.info.world_size, "skipped_steps": self.skipped, "fsdp": self.fsdp,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
                              "next_step": step},
                     "batch": {"batch_size": self.batch_size, "grad_accum": self.grad_accum},
                     "run_config": config_to_dict(self.cfg), "elapsed_s": self.elapsed(),
                     "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "tinygpt_version": __version__,
-                }, keep_last=self.tc.keep_last)
+                }, keep_last=self.tc.keep_last, model_state=model_state, optimizer_state=optimizer_state)
             except OSError as exc:
                 raise TrainingError(
                     f"could not write the checkpoint of step {step} to {self.run_dir} ({exc.strerror or exc}); "
@@ -536,7 +589,7 @@ class _Trainer:
         self.skipped = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.started = time.perf_counter()
-        self.eval_model = self.forward_model if not info.enabled else self.forward_model.module
+        self.eval_model = self.forward_model.module if (info.enabled and not self.fsdp) else self.forward_model
         if info.is_main:
             write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
         metrics = _Metrics(self.run_dir / "metrics.jsonl", start_step if self.checkpoint else None, info.is_main)
@@ -587,9 +640,7 @@ class _Trainer:
                     step_loss = torch.zeros((), device=device)
                     for micro in range(self.grad_accum):
                         last_micro = micro == self.grad_accum - 1
-                        sync = contextlib.nullcontext() if (last_micro or not info.enabled) else \
-                            self.forward_model.no_sync()
-                        with sync:
+                        with self._gradient_sync(last_micro):
                             with autocast:
                                 _, loss = self.forward_model(x, y)
                             x, y = next(batches)  # prefetch: host work overlaps the device's forward
@@ -599,6 +650,8 @@ class _Trainer:
                     if self.scaler is not None:
                         self.scaler.unscale_(self.optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+                    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                        grad_norm = grad_norm.full_tensor()
                     bad = ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
                     if self.scaler is not None:
                         self.scaler.step(self.optimizer)
@@ -648,6 +701,9 @@ class _Trainer:
             except KeyboardInterrupt:
                 metrics.close()
                 raise
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError on torch >= 2.5, any device
+                metrics.close()
+                raise self._out_of_memory(step == start_step) from None
             if step > int(state.get("step", 0)) and latest_step(self.run_dir) != step:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
         metrics.close()
@@ -659,11 +715,30 @@ class _Trainer:
             best_val_loss=self.best_val, unigram_val_loss=unigram, stopped=stopped or "completed",
             skipped_steps=self.skipped,
         )
+        report_model = self._report_model()
         if info.is_main:
-            self._write_report(result)
+            self._write_report(result, report_model)
         self.emit(TrainEvent("done", step=step, max_steps=tc.max_steps, loss=self.last_loss, val_loss=self.last_val,
                              tokens=self.tokens_seen, elapsed_s=self.elapsed(), message=result.stopped))
         return result
+
+    def _out_of_memory(self, first_step: bool) -> TrainingError:
+        """The message for a device OOM: at the first step, with the largest micro-batch that does fit."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not first_step:
+            return TrainingError(f"out of {self.device.type} memory mid-run: resume with --resume and a smaller "
+                                 f"--batch-size (or --batch-size auto)")
+        fits = 0
+        if self.device.type == "cuda" and self.batch_size > 1:
+            try:
+                fits = largest_fitting_batch(self.model, self.batch_size // 2, self.block, self.device, self.dtype)
+            except TrainingError:
+                fits = 0
+        hint = f"the largest that fits is {fits}: use --batch-size {fits}" if fits else "use a smaller --batch-size"
+        return TrainingError(f"a micro-batch of {self.batch_size} × {self.block} tokens does not fit in "
+                             f"{self.device.type} memory; {hint} (or --batch-size auto, which keeps the global batch)")
 
     def _eval_and_save(self, step: int, metrics: _Metrics) -> None:
         self.last_val = self._evaluate()
@@ -677,12 +752,21 @@ class _Trainer:
             write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         self._save(step)
 
-    def _write_report(self, result: TrainResult) -> None:
+    def _report_model(self) -> torch.nn.Module:
+        """A model rank 0 can sample from alone: under FSDP an unsharded CPU copy (collective to build)."""
+        model_state, _ = self._full_state() if self.fsdp else (None, None)
+        if model_state is None or not self.info.is_main:  # with cpu_offload only rank 0 receives the tensors
+            return self.model
+        plain = GPT(self.cfg.model)
+        plain.load_state_dict(model_state)
+        return plain
+
+    def _write_report(self, result: TrainResult, model: torch.nn.Module) -> None:
         write_report(self.run_dir, self.cfg, result, self.dataset.summary(), {
             "device": str(self.device), "dtype": str(self.dtype).split(".")[-1], "world_size": self.info.world_size,
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name(),
             "torch": torch.__version__, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-        }, self.model)
+        }, model)
 
 
 def _rank_rng(state: dict[str, Any], rank: int) -> dict[str, Any]:

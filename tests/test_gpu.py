@@ -1,0 +1,68 @@
+"""CUDA paths: compile + bf16 autocast, fp16 + GradScaler, fused cross-entropy, --batch-size auto, OOM messages.
+
+Skipped where no CUDA GPU is visible (see conftest.py); CI has none, so these run on a lent GPU machine.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from tinygpt_cli.errors import TrainingError
+from tinygpt_cli.model import chunked_cross_entropy
+from tinygpt_cli.train import train
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_compiled_autocast_training(with_shakespeare, dtype):
+    cfg = tiny_config(max_steps=6, eval_interval=3, device="cuda", dtype=dtype, compile="on")
+    events = []
+    result = train(cfg, run_name=f"gpu-{dtype}", on_event=events.append)
+    start = next(e for e in events if e.kind == "start")
+    assert start.data["device"].startswith("cuda") and start.data["compiled"]
+    assert result.stopped == "completed" and result.final_val_loss < 11.0
+    assert result.skipped_steps == 0
+
+
+def test_fused_cross_entropy_on_cuda_matches_reference():
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 300, 64, device="cuda", requires_grad=True)
+    weight = (torch.randn(50304, 64, device="cuda") * 0.05).requires_grad_()
+    targets = torch.randint(0, 50257, (4, 300), device="cuda")
+    ref = F.cross_entropy((hidden @ weight.t()).view(-1, 50304), targets.view(-1))
+    ref.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    got = chunked_cross_entropy(hidden, weight, targets, chunk_tokens=256)
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-4)
+    torch.testing.assert_close(hidden.grad, grads[0], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(weight.grad, grads[1], rtol=1e-3, atol=1e-5)
+
+
+def _huge_batch_config(**train_keys):
+    cfg = tiny_config(device="cuda", compile="off", max_steps=2, eval_interval=2, **train_keys)
+    model = replace(cfg.model, n_layer=4, n_head=8, n_embd=512, block_size=1024)
+    total = torch.cuda.get_device_properties(0).total_memory
+    batch = 1 << max(6, int(total / (1024 * 1024 * 256)).bit_length())  # far more than fits
+    return replace(cfg, model=model, train=replace(cfg.train, batch_size=batch, grad_accum=1)), batch
+
+
+def test_auto_batch_fits_and_keeps_the_global_batch(with_shakespeare):
+    cfg, batch = _huge_batch_config(auto_batch=True)
+    events = []
+    result = train(cfg, run_name="auto", on_event=events.append)
+    start = next(e for e in events if e.kind == "start")
+    assert start.data["batch_size"] < batch
+    assert start.data["batch_size"] * start.data["grad_accum"] == batch
+    assert result.stopped == "completed"
+
+
+def test_explicit_batch_that_does_not_fit_names_the_largest_that_does(with_shakespeare):
+    cfg, _ = _huge_batch_config()
+    with pytest.raises(TrainingError, match=r"does not fit in cuda memory; the largest that fits is \d+"):
+        train(cfg, run_name="oom")
