@@ -85,3 +85,11 @@ def test_resume_base_keeps_shape():
     base = resolve_config(size="tiny")
     cfg = resolve_config(overrides=["train.max_steps=42"], base=base)
     assert cfg.model == base.model and cfg.train.max_steps == 42 and cfg.size == "tiny"
+
+
+def test_string_keys_keep_on_off_as_text(tmp_path):
+    assert resolve_config(overrides=["train.compile=off"]).train.compile == "off"
+    assert resolve_config(overrides=["data.dataset=yes"]).data.dataset == "yes"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  compile: off\n")
+    assert resolve_config(config_file=path).train.compile == "off"

@@ -170,3 +170,307 @@ def test_retokenizing_replaces_the_dataset_whole(workspace):
 def test_unknown_dataset_name(with_shakespeare):
     with pytest.raises(DataError, match="no tokenized dataset named 'owt'.*shakespeare"):
         data.find_dataset("owt")
+
+
+# ------------------------------------------------------------------------------------------- issue #3: at scale
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from tinygpt_cli import sources  # noqa: E402
+from tinygpt_cli.cli import app  # noqa: E402
+
+runner = CliRunner()
+
+
+def _one_line_error(result, fragment: str, code: int = 1) -> None:
+    """Exit code, and exactly one error line (the last on stderr) that holds `fragment`; no traceback."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.output
+
+
+def _no_output(workspace) -> None:
+    """Nothing that looks like (or is part of) a dataset was left behind."""
+    root = workspace / "data"
+    assert not root.exists() or not [p for p in root.iterdir() if p.name != sources.RAW_DIR_NAME], list(root.iterdir())
+
+
+def _write_jsonl(path, texts) -> None:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+
+
+def _reference_split(n: int, fraction: float, val_fraction: float, seed: int):
+    """The split rule written the obvious way (sort all hashes), to check the streaming thresholds against."""
+    h1 = data.keyed_hash(seed, 1, 0, n)
+    k = min(n, max(1, round(n * fraction)))
+    selected = np.zeros(n, dtype=bool)
+    selected[np.argsort(h1, kind="stable")[:k]] = True
+    v = max(1, round(k * val_fraction)) if k > 1 else 0
+    candidates = np.flatnonzero(selected)
+    in_val = np.zeros(n, dtype=bool)
+    in_val[candidates[np.argsort(data.keyed_hash(seed, 2, 0, n)[candidates], kind="stable")[:v]]] = True
+    return selected, in_val
+
+
+@pytest.mark.parametrize("n,fraction,val_fraction,seed", [
+    (1, 1.0, 0.005, 0), (7, 0.5, 0.3, 1), (5000, 0.25, 0.01, 3), (5000, 1.0, 0.2, 9), (4999, 0.001, 0.5, 2),
+])
+def test_streaming_split_thresholds_match_sorting(monkeypatch, n, fraction, val_fraction, seed):
+    monkeypatch.setattr(data, "HASH_BLOCK", 512)  # force the two-pass (histogram) path on small inputs
+    selected, in_val = data.plan_split(n, fraction, val_fraction, seed)
+    expected_selected, expected_val = _reference_split(n, fraction, val_fraction, seed)
+    assert (selected == expected_selected).all() and (in_val == expected_val).all()
+    plan = data.SplitPlan.build(n, fraction, val_fraction, seed)
+    pieces = np.concatenate([plan.codes(lo, min(n, lo + 333)) for lo in range(0, n, 333)])
+    assert (pieces == plan.codes(0, n)).all()
+
+
+def test_numpy_encoding_path_equals_encode_ordinary():
+    enc = get_encoding()
+    texts = ["plain text", "a <|endoftext|> inside", "<|endoftext|>", "", "caf\u00e9 \U0001f600\n\n  x"]
+    for text in texts:
+        assert enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).tolist() == \
+            enc.encode_ordinary(text)
+    encoded = data._encode_items(enc, [(t, data.TRAIN, True) for t in texts] + [("a\ud800b", data.VAL, True)], 6, 6)
+    expected = [i for t in texts for i in [*enc.encode_ordinary(t), EOT_ID]]
+    assert encoded.tokens[data.TRAIN].tolist() == expected
+    assert encoded.tokens[data.VAL].tolist() == [*enc.encode_ordinary("a\ufffdb"), EOT_ID]  # lone surrogate
+    assert encoded.documents == {data.TRAIN: 5, data.VAL: 1}
+
+
+def test_safe_cuts_never_change_tokens(workspace, monkeypatch):
+    """A large .txt file is encoded in pieces cut at safe line breaks: the tokens are those of the whole text."""
+    monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 200)
+    enc = get_encoding()
+    rng = np.random.default_rng(0)
+    words = ["word", "  spaced", "\n", "\n\n", " \n", "\n ", "\t", "caf\u00e9", "42", "!?", "'s", "x\ny", "\r\n", "."]
+    text = "".join(rng.choice(words, size=6000)) + "".join(
+        f.path.read_text()[:20000] for f in sources.embedded_source().files[:3])
+    path = workspace / "mixed.txt"
+    path.write_bytes(text.encode("utf-8"))
+    pieces = list(sources.TextFile(path, path.stat().st_size, None)._pieces(0, path.stat().st_size))
+    assert len(pieces) > 100 and [last for _, last in pieces].count(True) == 1 and pieces[-1][1]
+    assert "".join(p for p, _ in pieces) == text
+    assert [i for p, _ in pieces for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
+
+
+def test_large_text_files_are_streamed_with_identical_tokens(workspace, monkeypatch):
+    monkeypatch.setattr(sources, "TXT_WHOLE_BYTES", 10_000)
+    monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 3_000)
+    monkeypatch.setattr(data, "TASK_TEXT_BYTES", 2_000)
+    works = [f.path.read_text()[:60_000] for f in sources.embedded_source().files[:2]]
+    folder = workspace / "big"
+    folder.mkdir()
+    for i, text in enumerate(works):
+        (folder / f"{i}.txt").write_text(text)
+    result = data.tokenize(str(folder), val_fraction=0.5)
+    enc = get_encoding()
+    assert sorted(_read(result.path / f"{s}.bin").tolist() for s in ("train", "val")) == \
+        sorted([*enc.encode_ordinary(t), EOT_ID] for t in works)
+    single = data.tokenize(str(folder / "0.txt"))  # one large document: the val tail is cut while streaming
+    train = enc.decode(_read(single.path / "train.bin").tolist())
+    val = enc.decode(_read(single.path / "val.bin").tolist())
+    assert train.endswith("<|endoftext|>") and val.endswith("<|endoftext|>")
+    assert (train + val).replace("<|endoftext|>", "") == works[0]
+    assert 0.08 < len(val) / len(works[0]) < 0.12 and train[-len("<|endoftext|>") - 1] == "\n"
+
+
+def test_undecodable_lines_surrogates_and_empty_documents(workspace):
+    path = workspace / "mixed.jsonl"
+    good = [json.dumps({"text": t}).encode() for t in _docs(20)]
+    odd = [b'{"text": "bad \xff\xfe bytes"}', json.dumps({"text": "   "}).encode(),
+           b'{"text": "lone \\ud800 surrogate"}', b'{"text": null}']
+    lines = [*good[:5], *odd, *good[5:]]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    result = data.tokenize(str(path), val_fraction=0.2)
+    documents = result.meta["documents"]
+    assert documents["in_source"] == 24 and documents["skipped_undecodable"] == 1
+    assert result.skipped_undecodable == [f"{path}:6"] and documents["skipped_empty"] == 2
+    splits = result.meta["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 21
+    text = get_encoding().decode(np.concatenate([_read(result.path / f"{s}.bin") for s in ("train", "val")]).tolist())
+    assert "lone \ufffd surrogate" in text and "bad" not in text
+
+
+def test_plan_progress_and_exact_counts(workspace, monkeypatch):
+    monkeypatch.setattr(data, "TASK_TEXT_BYTES", 4_000)
+    path = workspace / "rows.jsonl"
+    _write_jsonl(path, _docs(600))
+    events = []
+    result = data.tokenize(str(path), fraction=0.5, workers=2, on_event=events.append)
+    plan = next(e for e in events if e.kind == "plan")
+    progress = [e for e in events if e.kind == "progress"]
+    done = events[-1]
+    tokens = result.meta["splits"]["train"]["tokens"] + result.meta["splits"]["val"]["tokens"]
+    assert plan.documents == 300 and plan.total_documents == 600 and plan.workers == 2
+    assert 0.8 < plan.estimated_tokens / tokens < 1.25  # the estimate samples the corpus
+    assert len(progress) > 5 and progress[-1].documents == 300 and progress[-1].tokens == tokens
+    assert all(e.tokens_per_s > 0 and e.bytes_per_s > 0 and e.documents_per_s > 0 for e in progress)
+    assert progress[-1].eta_s == 0.0
+    assert done.kind == "done" and done.tokens == tokens and done.text_bytes == result.meta["text_bytes"]
+
+
+def test_memory_stays_bounded_on_a_corpus_far_larger_than_a_task(workspace):
+    """Tokenize a 24 MB corpus with 64 KiB tasks in a fresh process: peak RSS grows by far less than the corpus."""
+    corpus = workspace / "big.jsonl"
+    paragraphs = [p for f in sources.embedded_source().files[:8] for p in f.path.read_text().split("\n\n")]
+    rows = [json.dumps({"text": "\n\n".join(paragraphs[i : i + 12])}) + "\n" for i in range(0, len(paragraphs), 12)]
+    with open(corpus, "w") as handle:
+        size = 0
+        while size < 24_000_000:
+            handle.writelines(rows)
+            size += sum(map(len, rows))
+    script = textwrap.dedent("""
+        import json, sys
+        from tinygpt_cli import data
+        data.TASK_TEXT_BYTES = 64 * 1024
+        def status_mib(field):  # VmHWM: this address space's peak RSS (ru_maxrss would include the forked parent)
+            with open("/proc/self/status") as handle:
+                return next(int(l.split()[1]) for l in handle if l.startswith(field)) / 1024
+        data.tokenize(sys.argv[1], name="warm-up", fraction=0.002)  # load the tokenizer, threads, pyarrow...
+        before = max(status_mib("VmRSS"), status_mib("VmHWM"))
+        result = data.tokenize(sys.argv[1], name="big", workers=2)
+        peak = status_mib("VmHWM")
+        print(json.dumps({"before": before, "peak": peak, "text_bytes": result.meta["text_bytes"]}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(corpus)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["text_bytes"] > 20_000_000, report
+    assert report["peak"] - report["before"] < 12, report  # the corpus held in memory would add > 20 MiB
+
+
+def test_killed_run_leaves_nothing_complete_and_resumes_identically(workspace, tmp_path):
+    path = workspace / "rows.jsonl"
+    _write_jsonl(path, _docs(300))
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from tinygpt_cli import data
+        data.CHECKPOINT_SECONDS = 0.0  # a checkpoint before every document
+        data.TASK_TEXT_BYTES = 2_000
+        seen = []
+        def on_event(event):
+            seen.append(event)
+            if sum(e.kind == "progress" for e in seen) == 25:
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind, like a crash or the OOM killer
+        data.tokenize(sys.argv[1], name="rows", seed=5, val_fraction=0.05, on_event=on_event)
+    """)
+    killed = subprocess.run([sys.executable, "-c", script, str(path)], env=dict(os.environ), timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    root = workspace / "data"
+    assert not (root / "rows").exists() and not list(root.glob("*/meta.json"))
+    partial = root / ".rows.partial"
+    assert (partial / "progress.json").is_file() and not (partial / "meta.json").exists()
+    assert data.find_dataset(None) is None  # train would find nothing to use
+    events = []
+    resumed = data.tokenize(str(path), name="rows", seed=5, val_fraction=0.05, on_event=events.append)
+    assert resumed.resumed_documents > 0 and any("resuming" in e.message for e in events if e.kind == "info")
+    clean = data.tokenize(str(path), name="clean", seed=5, val_fraction=0.05)
+    for split in ("train", "val"):
+        assert (resumed.path / f"{split}.bin").read_bytes() == (clean.path / f"{split}.bin").read_bytes()
+        assert resumed.meta["splits"][split] == {**clean.meta["splits"][split]}
+    assert not partial.exists() and resumed.meta["documents"] == clean.meta["documents"]
+
+
+def test_interrupt_in_the_cli_then_continue_or_restart(workspace, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = _docs(200)
+    path = workspace / "rows.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=37)  # resume lands inside row groups
+    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(data, "TASK_TEXT_BYTES", 3_000)
+    original_write = data._Partial.write
+    calls = []
+
+    def interrupting_write(self, encoded):
+        calls.append(1)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        original_write(self, encoded)
+
+    monkeypatch.setattr(data._Partial, "write", interrupting_write)
+    result = runner.invoke(app, ["tokenize", str(path), "--seed", "2"])
+    assert result.exit_code == 130, result.output
+    assert "Interrupted: run the same command again" in result.stderr
+    assert not (workspace / "data" / "rows").exists() and (workspace / "data" / ".rows.partial").is_dir()
+    monkeypatch.setattr(data._Partial, "write", original_write)
+    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 30.0)
+    again = runner.invoke(app, ["tokenize", str(path), "--seed", "2", "--json"])
+    assert again.exit_code == 0, again.output
+    assert "Resuming an interrupted run" in again.stderr and json.loads(again.stdout)["resumed_documents"] > 0
+    clean = data.tokenize(str(path), name="clean", seed=2)
+    assert (workspace / "data" / "rows" / "train.bin").read_bytes() == (clean.path / "train.bin").read_bytes()
+    # an interrupted run with other settings is discarded, not mixed in
+    monkeypatch.setattr(data._Partial, "write", interrupting_write)
+    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 0.0)
+    calls.clear()
+    assert runner.invoke(app, ["tokenize", str(path), "--name", "x", "--seed", "2"]).exit_code == 130
+    monkeypatch.setattr(data._Partial, "write", original_write)
+    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 30.0)
+    other = runner.invoke(app, ["tokenize", str(path), "--name", "x", "--seed", "3"])
+    assert other.exit_code == 0 and "Starting over" in other.stderr
+    assert (workspace / "data" / "x" / "val.bin").read_bytes() == \
+        (data.tokenize(str(path), name="y", seed=3).path / "val.bin").read_bytes()
+
+
+def test_concurrent_runs_on_one_dataset_are_refused(workspace):
+    import fcntl
+
+    (workspace / "data").mkdir()
+    lock = workspace / "data" / ".shakespeare.lock"
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DataError, match="another tinygpt process is writing data/shakespeare"):
+            data.tokenize(None)
+    assert not (workspace / "data" / "shakespeare").exists()
+
+
+def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace):
+    rows = workspace / "rows.jsonl"
+    _write_jsonl(rows, _docs(10))
+    _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--fraction", "0"]), "--fraction must be in (0, 1]")
+    _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--val-fraction", "1"]), "--val-fraction")
+    _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--workers", "0"]), "--workers must be at least 1")
+    _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--name", "raw"]), "--name raw is reserved")
+    _one_line_error(runner.invoke(app, ["tokenize", "tinystories"]),
+                    "tinystories is not downloaded yet: run `tinygpt download tinystories` first")
+    _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--text-field", "body"]), "has no 'body' field")
+    broken = workspace / "broken.jsonl"
+    broken.write_text(rows.read_text() + "{not json\n")
+    _one_line_error(runner.invoke(app, ["tokenize", str(broken)]), "line 11 of")
+    numbers = workspace / "numbers.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": list(range(5))}), numbers)
+    _one_line_error(runner.invoke(app, ["tokenize", str(numbers)]), "holds int64, not text")
+    truncated = workspace / "cut.jsonl.gz"
+    import gzip
+
+    truncated.write_bytes(gzip.compress(rows.read_bytes())[:-30])
+    _one_line_error(runner.invoke(app, ["tokenize", str(truncated)]), "could not be read")
+    empty = workspace / "empty.jsonl"
+    _write_jsonl(empty, ["", " ", "\n"])
+    _one_line_error(runner.invoke(app, ["tokenize", str(empty)]), "holds no text (all documents are empty)")
+    _no_output(workspace)
+
+
+def test_tokenize_cli_prints_plan_and_exact_counts(workspace):
+    rows = workspace / "rows.jsonl"
+    _write_jsonl(rows, _docs(50))
+    result = runner.invoke(app, ["tokenize", str(rows), "--fraction", "0.5", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Tokenizing " in result.stderr and "25 of 50 documents (fraction 0.5, seed 0)" in result.stderr
+    assert "tokens, ~" in result.stderr and "on disk; 1 worker(s)" in result.stderr
+    meta = json.loads((workspace / "data" / "rows" / "meta.json").read_text())
+    assert f"{meta['splits']['train']['tokens']:,} train tokens" in result.stdout

@@ -1,46 +1,145 @@
+"""Generation at the token level: the KV cache (sliced and static), sampling, windows, stop rules, text streams."""
+
 import pytest
 import torch
 
+from tinygpt_cli import sample
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import GenerationError
 from tinygpt_cli.model import GPT
-from tinygpt_cli.sample import generate, sample_next_token
+from tinygpt_cli.sample import (
+    GenerationStats,
+    KVCache,
+    TextStream,
+    apply_repetition_penalty,
+    generate,
+    sample_next_token,
+    sample_text,
+)
+from tinygpt_cli.tokenizer import EOT_ID, get_encoding
+
+BLOCK = 24
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=24)).eval()
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+
+
+@pytest.fixture(scope="module")
+def eot_model(model):
+    """A model whose greedy choice is always <|endoftext|>: ln_f outputs that token's embedding, made the longest."""
+    torch.manual_seed(0)
+    biased = GPT(model.config).eval()
+    with torch.no_grad():
+        biased.transformer.wte.weight[EOT_ID] *= 20
+        biased.transformer.ln_f.weight.zero_()
+        biased.transformer.ln_f.bias.copy_(biased.transformer.wte.weight[EOT_ID])
+    return biased
 
 
 def _run(model, prompt, n, **kwargs):
     return torch.stack(list(generate(model, prompt, n, **kwargs)), dim=1)  # (B, n)
 
 
-@pytest.mark.parametrize(("prompt_len", "batch"), [(1, 1), (5, 2), (12, 3)])
-def test_cached_and_uncached_greedy_agree(model, prompt_len, batch):
+# ------------------------------------------------------------------------------------------------ the cache
+@pytest.mark.parametrize(("prompt_len", "batch", "new"), [(1, 1, 23), (5, 2, 19), (12, 3, 12), (7, 2, 60), (24, 1, 30)])
+def test_cached_and_uncached_greedy_agree(model, prompt_len, batch, new):
+    """Within the context and past it (the window slides the same way in both paths)."""
     prompt = list(range(100, 100 + prompt_len))
-    n = 24 - prompt_len
-    cached = _run(model, prompt, n, temperature=0, num_samples=batch)
-    uncached = _run(model, prompt, n, temperature=0, num_samples=batch, use_cache=False)
+    cached = _run(model, prompt, new, temperature=0, num_samples=batch)
+    uncached = _run(model, prompt, new, temperature=0, num_samples=batch, use_cache=False)
     assert torch.equal(cached, uncached)
+    assert torch.equal(cached, cached[:1].expand_as(cached))  # greedy: every sample is the same
 
 
+def test_static_cache_matches_the_sliced_cache(model):
+    stats = GenerationStats()
+    sliced = _run(model, [3, 1, 4, 1, 5], 50, temperature=0, num_samples=2)
+    static = _run(model, [3, 1, 4, 1, 5], 50, temperature=0, num_samples=2, static_cache=True, stats=stats)
+    assert torch.equal(sliced, static)
+    assert stats.window_slides >= 2 and not stats.compiled
+
+
+def test_compiled_decode_step_is_captured_once(model, monkeypatch):
+    """Static shapes: torch.compile traces the decode step as one graph and never again, across window slides
+    and across calls with a fresh cache (CUDA graphs need exactly this). The backend only counts captures."""
+    captures = []
+
+    def counting_backend(graph_module, example_inputs):
+        captures.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(sample._last_logits, backend=counting_backend, fullgraph=True, dynamic=False)
+    monkeypatch.setitem(sample._COMPILED_STEPS, "default", compiled)
+    eager = _run(model, [5, 6, 7], 40, temperature=0, num_samples=2)
+    stats = GenerationStats()
+    assert torch.equal(_run(model, [5, 6, 7], 40, temperature=0, num_samples=2, compile=True, stats=stats), eager)
+    assert stats.compiled and stats.window_slides >= 1
+    _run(model, [9, 8], 30, temperature=0, num_samples=2, compile=True)  # a new cache, the same graph
+    assert len(captures) == 1
+
+
+def test_a_failing_compile_falls_back_to_eager(model, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler here\nmore detail")
+
+    monkeypatch.setitem(sample._COMPILED_STEPS, "default", broken)
+    stats = GenerationStats()
+    tokens = _run(model, [5, 6, 7], 10, temperature=0, compile=True, stats=stats)
+    assert torch.equal(tokens, _run(model, [5, 6, 7], 10, temperature=0))
+    assert not stats.compiled and stats.compile_error == "RuntimeError: no compiler here"
+
+
+def test_cache_update_masks_a_chunk_after_a_prefix(model):
+    cache = KVCache(model, batch_size=2, max_tokens=10)
+    k = torch.randn(1, 2, 3, 16)
+    keys, _, mask = cache.update(0, k, k)
+    assert keys is k and mask is None  # a prefill attends over its own keys
+    assert torch.equal(cache.k[0][1, :, :3], k[0])  # a batch of 1 fills every row
+    cache.advance(3)
+    keys, _, mask = cache.update(0, torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16))
+    assert keys.shape == (2, 2, 5, 16)
+    assert mask.tolist() == [[True] * 4 + [False], [True] * 5]
+    cache.advance(2)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        cache.positions(6, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------ sampling
 def test_same_seed_same_tokens(model):
     a = _run(model, [1, 2, 3], 10, temperature=1.0, seed=5, num_samples=2)
     b = _run(model, [1, 2, 3], 10, temperature=1.0, seed=5, num_samples=2)
     c = _run(model, [1, 2, 3], 10, temperature=1.0, seed=6, num_samples=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # one batch, independent samples
 
 
 def test_generation_slides_past_the_context(model):
-    out = _run(model, [1, 2, 3], 60, temperature=1.0, seed=0)
+    stats = GenerationStats()
+    out = _run(model, [1, 2, 3], 60, temperature=1.0, seed=0, stats=stats)
     assert out.shape == (1, 60)
+    assert stats.new_tokens == 60 and stats.window_slides == 3 and stats.prompt_tokens == 3
+    assert 0 < stats.time_to_first_token_s <= stats.seconds and stats.tokens_per_s > 0
 
 
 def test_prompt_longer_than_context(model):
     with pytest.raises(GenerationError, match="prompt is 30 tokens but the model's context is 24"):
         next(generate(model, list(range(30)), 5))
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        next(generate(model, [60000], 5))
+
+
+@pytest.mark.parametrize(("kwargs", "flag"), [
+    ({"temperature": -1.0}, "--temperature"), ({"top_k": -1}, "--top-k"), ({"top_p": 0.0}, "--top-p"),
+    ({"repetition_penalty": 0.0}, "--repetition-penalty"), ({"num_samples": 0}, "--num-samples"),
+])
+def test_bad_settings(model, kwargs, flag):
+    with pytest.raises(GenerationError, match=flag):
+        next(generate(model, [1], 5, **kwargs))
+    with pytest.raises(GenerationError, match="--max-new-tokens"):
+        next(generate(model, [1], 0))
 
 
 def test_sampling_filters():
@@ -54,3 +153,85 @@ def test_sampling_filters():
     padded = torch.full((1, 50304), -100.0)
     padded[0, 50300] = 100.0  # a padding id can never be sampled
     assert sample_next_token(padded, temperature=0).item() < 50257
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0, 0.5]]
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_repetition_penalty_breaks_greedy_loops(model):
+    plain = _run(model, [7, 7, 7], 20, temperature=0)[0].tolist()
+    penalised = _run(model, [7, 7, 7], 20, temperature=0, repetition_penalty=1e6)[0].tolist()
+    assert len(set(plain)) < 20 and len(set(penalised)) == 20 and 7 not in penalised
+
+
+def test_stop_at_eot(model, eot_model):
+    assert _run(eot_model, [1, 2], 10, temperature=0, num_samples=2, stop_at_eot=True).tolist() == [[EOT_ID]] * 2
+    assert _run(eot_model, [1, 2], 10, temperature=0).tolist() == [[EOT_ID] * 10]
+    # sampled, samples end at different steps; a finished one yields <|endoftext|> while the others go on
+    rows = _run(eot_model, [1, 2], 40, temperature=0.35, top_k=0, seed=1, num_samples=8, stop_at_eot=True).tolist()
+    ends = [row.index(EOT_ID) for row in rows]
+    assert len(set(ends)) > 1 and len(rows[0]) == max(ends) + 1
+    assert all(set(row[end:]) == {EOT_ID} and EOT_ID not in row[:end] for row, end in zip(rows, ends, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ text
+def test_text_stream_holds_split_characters():
+    encoding = get_encoding()
+    text = "😀 héllo € 日本語"
+    stream = TextStream()
+    pieces = [stream.push(encoding.decode_single_token_bytes(t)) for t in encoding.encode_ordinary(text)]
+    assert "".join(pieces) + stream.finish() == text
+    assert pieces[0] == ""  # the first token is half of the emoji
+    broken = TextStream()
+    assert broken.push(b"ab\xff") == "ab\ufffd" and broken.push(b"\xe2\x82") == "" and broken.finish() == "\ufffd"
+
+
+def test_text_stream_stop_strings():
+    stream = TextStream(["\n\n", "END"])
+    assert stream.push(b"Hel") == "Hel"
+    assert stream.push(b"lo E") == "lo "  # "E" might start "END"
+    assert stream.push(b"X\n") == "EX"  # "\n" might start "\n\n"
+    assert stream.push(b"\nWorld") == "" and stream.stopped
+    assert stream.text == "Hello EX" and stream.finish() == "" and stream.push(b"more") == ""
+    tail = TextStream(["END"])
+    assert tail.push(b"the EN") == "the " and tail.finish() == "EN" and not tail.stopped
+
+
+def test_sample_text(model, eot_model):
+    chunks: dict[int, list[str]] = {0: [], 1: []}
+    result = sample_text(model, "To be", 30, temperature=1.0, seed=3, num_samples=2, stop_at_eot=False,
+                         on_text=lambda index, text: chunks[index].append(text))
+    assert [s.stop_reason for s in result.samples] == ["length", "length"]
+    assert [s.tokens for s in result.samples] == [30, 30]
+    assert ["".join(chunks[i]) for i in range(2)] == [s.text for s in result.samples]
+    assert result.prompt_tokens == 2 and result.stats.new_tokens == 30
+    stop = result.samples[0].text[5:8]
+    stopped = sample_text(model, "To be", 30, temperature=1.0, seed=3, num_samples=2, stop=[stop],
+                          stop_at_eot=False)
+    assert stopped.samples[0].text == result.samples[0].text[: result.samples[0].text.index(stop)]
+    assert stopped.samples[0].stop_reason == "stop"
+    ended = sample_text(eot_model, "", 10, temperature=0)
+    assert ended.samples[0].text == "" and ended.samples[0].stop_reason == "eot" and ended.prompt_tokens == 1
+    going_on = sample_text(eot_model, "<|endoftext|>", 3, temperature=0, stop_at_eot=False)
+    assert going_on.samples[0].text == "<|endoftext|>" * 3 and going_on.prompt_tokens == 1
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_decode_matches_eager(model):
+    """CUDA graphs through torch.compile(mode="reduce-overhead"), and cast weights."""
+    gpu = GPT(model.config).eval()
+    gpu.load_state_dict(model.state_dict())
+    gpu.cuda()
+    eager = _run(gpu, [5, 6, 7], 60, temperature=0, num_samples=2)
+    stats = GenerationStats()
+    compiled = _run(gpu, [5, 6, 7], 60, temperature=0, num_samples=2, compile=True, stats=stats)
+    assert stats.compile_error is None and stats.compiled
+    assert torch.equal(eager, compiled)
+    again = _run(gpu, [5, 6, 7], 60, temperature=1.0, seed=4, num_samples=2, compile=True)
+    assert torch.equal(again, _run(gpu, [5, 6, 7], 60, temperature=1.0, seed=4, num_samples=2, compile=True))
+    gpu.to(torch.bfloat16)
+    assert _run(gpu, [5, 6, 7], 40, temperature=0, compile=True).shape == (1, 40)

@@ -120,3 +120,31 @@ def test_training_stops_on_repeated_non_finite_loss(with_shakespeare, monkeypatc
     with pytest.raises(TrainingError, match="non-finite"):
         train(tiny_config(max_steps=20), run_name="nan", on_event=events.append)
     assert sum("skipped" in e.message for e in events if e.kind == "info") == 5
+
+
+def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
+    from dataclasses import replace
+
+    from tinygpt_cli.export import export_model
+
+    base = train(tiny_config(max_steps=30, eval_interval=30, lr=3e-3), run_name="base")
+    scratch = _losses(train(tiny_config(max_steps=2, eval_interval=2), run_name="scratch").run_dir)[0][2]
+    cfg = tiny_config(max_steps=2, eval_interval=2, init_from="base")
+    tuned = train(cfg, run_name="tuned")
+    first = _losses(tuned.run_dir)[0][2]
+    assert first < scratch - 1.0  # starts where base left off, not from ln(vocab)
+    exported = export_model("base", "hf", workspace / "hf-base")
+    via_hf = train(replace(cfg, train=replace(cfg.train, init_from=str(exported.path))), run_name="via-hf")
+    # the HF folder drops the 47 padding rows of the vocabulary (they come back as zeros), so the softmax
+    # denominators differ very slightly from the run's own
+    assert _losses(via_hf.run_dir)[0][2] == pytest.approx(first, abs=1e-2)
+    saved = (tuned.run_dir / "config.yaml").read_text()
+    assert "init_from: base" in saved
+
+
+def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch):
+    from tinygpt_cli.errors import TinyGPTError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TinyGPTError, match="gpt2"):
+        train(tiny_config(max_steps=2, init_from="gpt2"), run_name="g")

@@ -14,13 +14,14 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import ModelConfig, RunConfig, config_from_dict
 from tinygpt_cli.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # torch loads only where tensors are read or written, so listing runs stays instant
+    import torch
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -80,6 +81,7 @@ def save_checkpoint(
     `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()` when given
     (FSDP gathers full state dicts first).
     """
+    import torch
     from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
@@ -256,6 +258,8 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
 
 
 def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
+    import torch
+
     path = checkpoint / OPTIMIZER_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

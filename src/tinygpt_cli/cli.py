@@ -43,7 +43,9 @@ class TinyGPTGroup(TyperGroup):
                 import traceback
 
                 traceback.print_exc()
-            _stderr_console().print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            from rich.markup import escape
+
+            _stderr_console().print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
 
 
@@ -97,12 +99,43 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------- tokenize
-@app.command(epilog="Examples:  tinygpt tokenize  ·  tinygpt tokenize books/ --name books  ·  "
-             "tinygpt tokenize corpus.jsonl --text-field body --fraction 0.25")
+def _fmt_size(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+class _RateView:
+    """A transient bar on stderr over text bytes, with rates and ETA as the library computes them."""
+
+    def __init__(self, console, label: str) -> None:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+        self.progress = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), TaskProgressColumn(),
+                                 TextColumn("{task.fields[rates]}"), console=console, transient=True)
+        self.task = None
+
+    def start(self, total_bytes: float | None) -> None:
+        self.task = self.progress.add_task("", total=total_bytes or None, rates="")
+        self.progress.start()
+
+    def update(self, done_bytes: float, rates: list[str], eta_s: float | None) -> None:
+        if self.task is None:
+            return
+        total = self.progress.tasks[self.task].total
+        eta = f" · ETA {_fmt_seconds(eta_s)}" if eta_s is not None else ""
+        self.progress.update(self.task, completed=min(done_bytes, total) if total else done_bytes,
+                             rates=" · ".join(rates) + eta)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+@app.command(epilog="Examples:  tinygpt tokenize  ·  tinygpt tokenize openwebtext --fraction 0.25  ·  "
+             "tinygpt tokenize books/ --name books  ·  tinygpt tokenize 'shards/*.jsonl.gz' --text-field body")
 def tokenize(
     source: Annotated[
         str | None,
-        typer.Argument(help="'shakespeare' (embedded, the default) or a .txt/.jsonl/.parquet file, folder or glob."),
+        typer.Argument(help="A downloaded dataset, 'shakespeare' (embedded) or a .txt/.jsonl(.gz)/.parquet file, "
+                       "folder or glob. Default: the last download, else the embedded corpus."),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name under data/ (default: from the source).")] = None,
     fraction: Annotated[float, typer.Option(help="Share of the documents to use, chosen by --seed.")] = 1.0,
@@ -110,53 +143,146 @@ def tokenize(
     seed: Annotated[int, typer.Option(help="Seed of the document choice and the split.")] = 0,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet.")] = "text",
     workers: Annotated[int | None, typer.Option(help="Tokenizer threads (default: all cores).")] = None,
+    restart: Annotated[bool, typer.Option(help="Discard an interrupted run's progress and start over.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Tokenize a corpus with the GPT-2 BPE into data/<name>/{train,val}.bin + meta.json."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
+    """Tokenize a corpus with the GPT-2 BPE into data/<name>/{train,val}.bin + meta.json (streaming, resumable)."""
     from tinygpt_cli import data
 
     err = _stderr_console()
-    what = "the embedded Shakespeare corpus" if source in (None, data.EMBEDDED_NAME) else source
-    progress = Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=True,
-    )
-    task = None
+    if source is None:
+        source, why = data.default_source_spec()
+        err.print(f"No SOURCE given: tokenizing {why}.")
+    view = _RateView(err, "tokenize")
 
     def on_event(event: data.TokenizeEvent) -> None:
-        nonlocal task
-        if event.kind == "plan":
-            err.print(
-                f"Tokenizing {what}: {_fmt_int(event.documents)} of {_fmt_int(event.total_documents)} documents, "
-                f"{event.total_text_bytes / 1e6:.1f} MB of text, ~{_fmt_int(event.estimated_tokens)} tokens, "
-                f"~{event.estimated_tokens * 2 / 1e6:.1f} MB on disk"
-            )
-            task = progress.add_task("documents", total=max(1, event.documents), rate="")
-            progress.start()
-        elif event.kind == "progress" and task is not None:
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            rate = f"{event.tokens / elapsed / 1e6:.2f}M tok/s · {event.text_bytes / elapsed / 1e6:.1f} MB/s"
-            progress.update(task, completed=event.documents, rate=rate)
+        if event.kind == "info":
+            err.print(event.message[:1].upper() + event.message[1:] + ".")
+        elif event.kind == "plan":
+            share = f" (fraction {fraction:g}, seed {seed})" if fraction < 1 else ""
+            resumed = f"; {_fmt_int(event.resumed_documents)} already done" if event.resumed_documents else ""
+            err.print(f"Tokenizing {event.source}: {_fmt_int(event.documents)} of {_fmt_int(event.total_documents)} "
+                      f"documents{share}, ~{_fmt_size(event.total_text_bytes)} of text → "
+                      f"~{_fmt_int(event.estimated_tokens)} tokens, ~{_fmt_size(event.estimated_tokens * 2)} on disk; "
+                      f"{event.workers} worker(s){resumed}")
+            view.start(event.total_text_bytes)
+        elif event.kind == "progress":
+            view.update(event.text_bytes, [f"{_fmt_int(event.documents_per_s)} docs/s",
+                                           f"{event.tokens_per_s / 1e6:.2f}M tok/s",
+                                           f"{event.bytes_per_s / 1e6:.1f} MB/s"], event.eta_s)
 
     try:
         result = data.tokenize(source, name=name, fraction=fraction, val_fraction=val_fraction, seed=seed,
-                               text_field=text_field, workers=workers, on_event=on_event)
+                               text_field=text_field, workers=workers, restart=restart, on_event=on_event)
+    except KeyboardInterrupt:
+        view.close()
+        err.print("Interrupted: run the same command again to continue where it stopped (--restart starts over).")
+        raise typer.Exit(130) from None
     finally:
-        progress.stop()
+        view.close()
     meta = result.meta
     train, val = meta["splits"]["train"], meta["splits"]["val"]
-    if result.skipped_empty or result.skipped_undecodable:
-        err.print(f"Skipped {result.skipped_empty} empty document(s) and {len(result.skipped_undecodable)} "
-                  f"non-UTF-8 file(s){': ' + result.skipped_undecodable[0] if result.skipped_undecodable else ''}")
+    skipped = meta["documents"]
+    if skipped["skipped_empty"] or skipped["skipped_undecodable"]:
+        first = f" (first: {result.skipped_undecodable[0]})" if result.skipped_undecodable else ""
+        err.print(f"Skipped {_fmt_int(skipped['skipped_empty'])} empty and "
+                  f"{_fmt_int(skipped['skipped_undecodable'])} non-UTF-8 document(s){first}")
     if as_json:
-        print(json.dumps({"name": result.name, "path": str(result.path), "seconds": result.seconds, **meta}))
+        print(json.dumps({"name": result.name, "path": str(result.path), "seconds": result.seconds,
+                          "resumed_documents": result.resumed_documents, "workers": result.workers, **meta}))
         return
+    tokens = train["tokens"] + val["tokens"]
     print(
         f"Wrote {result.path}: {_fmt_int(train['tokens'])} train tokens ({_fmt_int(train['documents'])} docs), "
-        f"{_fmt_int(val['tokens'])} val tokens ({_fmt_int(val['documents'])} docs) in {result.seconds:.1f}s"
+        f"{_fmt_int(val['tokens'])} val tokens ({_fmt_int(val['documents'])} docs) from "
+        f"{_fmt_size(meta['text_bytes'])} of text in {_fmt_seconds(result.seconds)} "
+        f"({tokens / max(result.seconds, 1e-9) / 1e6:.2f}M tokens/s)"
     )
+
+
+# ----------------------------------------------------------------------------------------- download
+@app.command(epilog="Examples:  tinygpt download --list  ·  tinygpt download tinystories --max-docs 200000  ·  "
+             "tinygpt download openwebtext --fraction 0.25  ·  tinygpt download owner/name --text-field content")
+def download(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A name from --list (default: openwebtext) or a Hugging Face dataset id, owner/name."),
+    ] = None,
+    list_sources: Annotated[bool, typer.Option("--list", help="Show the named corpora and their sizes.")] = False,
+    fraction: Annotated[float, typer.Option(help="Share of the rows to fetch; the rest is never downloaded.")] = 1.0,
+    max_docs: Annotated[int | None, typer.Option(help="Fetch at most this many documents.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of which part is fetched.")] = 0,
+    config: Annotated[str | None, typer.Option(help="Dataset config, e.g. sample-100BT.")] = None,
+    split: Annotated[str | None, typer.Option(help="Dataset split (default: train).")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Column holding the text (default: text).")] = None,
+    force: Annotated[bool, typer.Option(help="Delete what is there and download again.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a corpus into data/raw/<name>/ (streaming, resumable), ready for `tinygpt tokenize NAME`."""
+    from tinygpt_cli.download import catalog
+    from tinygpt_cli.download import download as fetch
+
+    if list_sources:
+        _print_catalog(catalog(), as_json)
+        return
+    err = _stderr_console()
+    view = _RateView(err, "download")
+
+    def on_event(event) -> None:
+        if event.kind == "info":
+            err.print(event.message[:1].upper() + event.message[1:] + ".")
+        elif event.kind == "plan":
+            target = f"~{_fmt_int(event.target_documents)}" if event.target_documents else "all"
+            text = f" (~{_fmt_size(event.total_text_bytes)} of text)" if event.total_text_bytes else ""
+            resumed = f"; continuing after {_fmt_int(event.documents)}" if event.documents else ""
+            err.print(f"Downloading {event.name} from {event.where} ({event.license or 'see its card'}) into "
+                      f"data/raw/{event.name}: {target} documents{text} from {event.shards} shard(s){resumed}")
+            view.start(event.total_text_bytes)
+        elif event.kind == "progress":
+            view.update(event.text_bytes, [f"{_fmt_int(event.documents)} docs", f"{_fmt_int(event.documents_per_s)}"
+                                           f" docs/s", f"{event.bytes_per_s / 1e6:.1f} MB/s"], event.eta_s)
+
+    try:
+        result = fetch(name, fraction=fraction, max_docs=max_docs, seed=seed, config=config, split=split,
+                       text_field=text_field, force=force, on_event=on_event)
+    except KeyboardInterrupt:
+        view.close()
+        err.print("Interrupted: run the same command again to continue (the parts written so far are kept).")
+        raise typer.Exit(130) from None
+    finally:
+        view.close()
+    if as_json:
+        print(json.dumps({"name": result.name, "path": str(result.path), "already": result.already,
+                          "seconds": result.seconds, **result.record}))
+        return
+    progress = result.record.get("progress", {})
+    if result.record.get("kind") == "embedded":
+        print(f"{result.name} is embedded in tinygpt: nothing to fetch. `tinygpt tokenize` now uses it by default.")
+        return
+    verb = "Already downloaded" if result.already else f"Downloaded in {_fmt_seconds(result.seconds)}"
+    print(f"{verb}: {result.name}, {_fmt_int(progress.get('documents', 0))} documents, "
+          f"{_fmt_size(progress.get('text_bytes', 0))} of text, {_fmt_size(result.disk_bytes)} on disk in "
+          f"{result.path}. Next: tinygpt tokenize {result.name}")
+
+
+def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    table = Table(title="Named corpora (sizes approximate, whole split)", title_justify="left")
+    for column in ("name", "source", "documents", "text", "tokens", "license", "here"):
+        table.add_column(column, justify="right" if column in ("documents", "text", "tokens") else "left",
+                         no_wrap=column in ("name", "documents", "text", "tokens"))
+    for row in rows:
+        table.add_row(row["name"], row["where"], _fmt_int(row["documents"]), _fmt_size(row["text_bytes"]),
+                      f"{row['tokens'] / 1e9:.2f}B" if row["tokens"] >= 1e8 else f"{row['tokens'] / 1e6:.1f}M",
+                      row["license"], row["status"])
+    console = _stdout_console()
+    if not console.is_terminal:  # piped: no terminal width to respect, keep each corpus on one line
+        console.width = 150
+    console.print(table)
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -185,6 +311,10 @@ def train(
     dtype: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast).")] = None,
     compile_mode: Annotated[str | None, typer.Option("--compile", help="auto | on | off.")] = None,
     nproc: Annotated[int | None, typer.Option(help="Processes on this machine: re-runs itself under torchrun.")] = None,
+    fsdp: Annotated[bool, typer.Option(help="Under torchrun: shard parameters and optimizer state (FSDP2).")] = False,
+    init_from: Annotated[
+        str | None, typer.Option(help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.")
+    ] = None,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -203,7 +333,8 @@ def train(
         "train.max_minutes": max_minutes, "train.batch_size": None if auto_batch else batch_size,
         "train.auto_batch": True if auto_batch else None, "train.grad_accum": grad_accum, "train.lr": lr,
         "model.dropout": dropout, "train.keep_last": keep_last, "train.device": device, "train.dtype": dtype,
-        "train.compile": compile_mode, "train.seed": seed,
+        "train.compile": compile_mode, "train.seed": seed, "train.fsdp": True if fsdp else None,
+        "train.init_from": init_from,
     }
     run_name = name
     if resume:
@@ -308,63 +439,232 @@ class _TrainView:
 
 
 # ----------------------------------------------------------------------------------------- generate
+def _stdin_is_interactive() -> bool:
+    return sys.stdin.isatty()
+
+
 @app.command(epilog='Examples:  tinygpt generate "To be, or not to be"  ·  '
-             "tinygpt generate \"ROMEO:\" --num-samples 3 --temperature 0.9 --seed 7")
+             "tinygpt generate \"ROMEO:\" --num-samples 3 --temperature 0.9 --seed 7  ·  "
+             "tinygpt generate --prompt-file scene.txt --stop $'\\n\\n' --json  ·  "
+             "tinygpt generate  (an interactive prompt loop)")
 def generate(
-    prompt: Annotated[str, typer.Argument(help="Text to continue (empty: start a fresh document).")] = "",
-    run: RunOpt = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate.")] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help="Text to continue; \"\" starts a fresh document. Without one: --prompt-file, else stdin "
+                       "when piped, else an interactive prompt loop (Ctrl-D leaves)."),
+    ] = None,
+    run: Annotated[
+        str | None, typer.Option("--run", help="Run name or folder, or a checkpoint folder (default: the latest run).")
+    ] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option("--prompt-file", help="Read the prompt from this file ('-': stdin), as it is.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per sample; past the context the window slides.")
+    ] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature; 0 = greedy.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="Make tokens already in the text less likely (1 = off; 1.1-1.3 breaks loops).")
+    ] = 1.0,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="End a sample at this text, left out (repeatable).")
+    ] = None,
+    ignore_eot: Annotated[
+        bool, typer.Option("--ignore-eot", help="Go on past <|endoftext|> instead of ending the sample there.")
+    ] = False,
     num_samples: Annotated[int, typer.Option(help="Independent samples, decoded as one batch.")] = 1,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    dtype: Annotated[
+        str, typer.Option(help="auto | fp32 | bf16 | fp16: the weights' dtype (auto: bf16/fp16 on CUDA, else fp32).")
+    ] = "auto",
+    compile_mode: Annotated[
+        str, typer.Option("--compile", help="auto | on | off: torch.compile the decode step (auto: on CUDA).")
+    ] = "auto",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print tokens/s and time to first token on stderr.")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Sample text from a trained run (the latest by default), streaming it to stdout."""
-    import codecs
-
-    from tinygpt_cli.checkpoint import load_checkpoint
     from tinygpt_cli.config import SampleConfig
     from tinygpt_cli.errors import GenerationError
-    from tinygpt_cli.sample import generate as generate_tokens
-    from tinygpt_cli.tokenizer import get_encoding
-    from tinygpt_cli.train import resolve_device
+    from tinygpt_cli.sample import check_settings, load_model, read_prompt
 
-    if num_samples < 1:
-        raise GenerationError(f"--num-samples must be at least 1 (got {num_samples})")
-    loaded = load_checkpoint(run, device=resolve_device(device or "auto"))
+    if compile_mode not in ("auto", "on", "off"):
+        raise GenerationError(f"--compile must be one of auto, on, off (got {compile_mode!r})")
+    if prompt is not None and prompt_file is not None:
+        raise GenerationError("give the prompt as an argument or with --prompt-file, not both")
+    if any(not text for text in stop or ()):
+        raise GenerationError("--stop needs a non-empty text")
+    text = read_prompt(prompt_file) if prompt_file is not None else prompt
+    loaded = load_model(run, device or "auto", dtype)
     defaults = loaded.run_config.sample if loaded.run_config else SampleConfig()
-    settings = SampleConfig(
-        max_new_tokens=max_new_tokens if max_new_tokens is not None else defaults.max_new_tokens,
-        temperature=temperature if temperature is not None else defaults.temperature,
-        top_k=top_k if top_k is not None else defaults.top_k,
-        top_p=top_p if top_p is not None else defaults.top_p,
-        seed=seed if seed is not None else defaults.seed,
-    )
-    _stderr_console().print(f"Sampling from {loaded.path} (step {loaded.state.get('step')})", soft_wrap=True)
-    encoding = get_encoding()
-    prompt_ids = encoding.encode_ordinary(prompt)
-    stream = generate_tokens(
-        loaded.model, prompt_ids, settings.max_new_tokens, temperature=settings.temperature,
-        top_k=settings.top_k, top_p=settings.top_p, num_samples=num_samples, seed=settings.seed,
-    )
-    if num_samples == 1:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        sys.stdout.write(prompt)
-        for token in stream:
-            sys.stdout.write(decoder.decode(encoding.decode_single_token_bytes(int(token[0]))))
-            sys.stdout.flush()
-        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    settings: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens if max_new_tokens is not None else defaults.max_new_tokens,
+        "temperature": temperature if temperature is not None else defaults.temperature,
+        "top_k": top_k if top_k is not None else defaults.top_k,
+        "top_p": top_p if top_p is not None else defaults.top_p,
+        "repetition_penalty": repetition_penalty, "num_samples": num_samples,
+    }
+    check_settings(**settings)
+    settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot,
+                    seed=seed if seed is not None else defaults.seed)
+    param = next(loaded.model.parameters())
+    use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda")
+    err = _stderr_console()
+    err.print(f"Sampling from {loaded.path} (step {loaded.state.get('step')}) · {param.device} "
+              f"{str(param.dtype).split('.')[-1]}{' · compiled decode step' if use_compile else ''}", soft_wrap=True)
+    view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err)
+    if text is not None or not _stdin_is_interactive():
+        view.once(text if text is not None else sys.stdin.read(), settings["seed"], echo_prompt=True)
         return
-    samples: list[list[int]] = [[] for _ in range(num_samples)]
-    for tokens in stream:
-        for row, token in enumerate(tokens.tolist()):
-            samples[row].append(token)
-    for index, ids in enumerate(samples):
-        if index:
-            print(f"\n--- sample {index + 1} ---")
-        print(prompt + encoding.decode(ids))
+    err.print("Type a prompt and press Enter; Ctrl-C cuts a sample short, Ctrl-D leaves.")
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")
+            return
+        if not line.strip():
+            continue
+        try:  # a new seed per prompt, so asking again gives another sample
+            view.once(line, settings["seed"] + turn, echo_prompt=False)
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+        turn += 1
+
+
+class _GenerateView:
+    """Runs one prompt through `sample_text` and renders it: streamed text, sample blocks, or JSON."""
+
+    def __init__(self, loaded, settings: dict[str, Any], use_compile: bool, as_json: bool, verbose: bool,
+                 err) -> None:
+        self.loaded, self.settings, self.use_compile = loaded, settings, use_compile
+        self.as_json, self.verbose, self.err = as_json, verbose, err
+        self.warned = False
+
+    def once(self, text: str, seed: int, echo_prompt: bool) -> None:
+        from tinygpt_cli.sample import sample_text
+
+        stream = self.settings["num_samples"] == 1 and not self.as_json
+
+        def on_text(index: int, piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        if stream and echo_prompt:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        result = sample_text(self.loaded.model, text, **{**self.settings, "seed": seed},
+                             compile=self.use_compile, on_text=on_text if stream else None)
+        stats = result.stats
+        if stats.compile_error and not self.warned:
+            self.warned = True
+            self.err.print(f"torch.compile unavailable ({stats.compile_error}): decoded eagerly.", markup=False)
+        if self.as_json:
+            param = next(self.loaded.model.parameters())
+            print(json.dumps({
+                "checkpoint": str(self.loaded.path), "step": self.loaded.state.get("step"), "prompt": text,
+                "prompt_tokens": result.prompt_tokens, "samples": [vars(sample) for sample in result.samples],
+                "settings": {**self.settings, "seed": seed},
+                "stats": {
+                    "new_tokens": stats.new_tokens, "num_samples": stats.batch_size,
+                    "time_to_first_token_s": stats.time_to_first_token_s, "seconds": stats.seconds,
+                    "tokens_per_s": stats.tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
+                    "window_slides": stats.window_slides, "device": str(param.device),
+                    "dtype": str(param.dtype).split(".")[-1], "compiled": stats.compiled,
+                },
+            }))
+        elif stream:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        else:
+            for index, sample in enumerate(result.samples):
+                if index:
+                    print(f"\n--- sample {index + 1} ---")
+                print((text if echo_prompt else "") + sample.text)
+        if self.verbose:
+            self.err.print(
+                f"{stats.prompt_tokens} prompt tokens · {stats.new_tokens} new tokens × {stats.batch_size} · "
+                f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
+                f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
+                f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}", markup=False)
+
+
+# ----------------------------------------------------------------------------------------- eval
+@app.command("eval", epilog="Examples:  tinygpt eval  ·  tinygpt eval my-run --data owt --tokens 200000  ·  "
+             "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task hellaswag --task-data hs_val.jsonl")
+def eval_command(
+    run: Annotated[
+        str | None, typer.Argument(help="Run name or folder, or a checkpoint folder (default: the latest run).")
+    ] = None,
+    data_name: Annotated[
+        str | None, typer.Option("--data", help="Tokenized dataset name or folder (default: the run's).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split to score: val | train.")] = "val",
+    tokens: Annotated[
+        int | None,
+        typer.Option(help="Tokens to score, in evenly spaced windows (default 1,048,576; the whole split if smaller)."),
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="A benchmark instead of the loss: hellaswag.")] = None,
+    task_data: Annotated[
+        Path | None,
+        typer.Option("--task-data", help="The task's examples from a local .jsonl/.json/.parquet instead of the hub."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N examples of the task.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default: ~16K tokens).")] = None,
+    device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA).")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure a run: loss, perplexity and bits per byte on a split, or zero-shot HellaSwag accuracy."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tinygpt_cli import evaluate as ev
+
+    if task is None and (task_data is not None or limit is not None):
+        raise TinyGPTError("--task-data and --limit go with --task hellaswag")
+    if task is not None and (data_name is not None or tokens is not None):
+        raise TinyGPTError("--data and --tokens are for the loss; a --task reads its own examples (--task-data)")
+    err = _stderr_console()
+    progress = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[unit]}"), TimeRemainingColumn(), console=err, transient=True)
+    bar = None
+
+    def on_event(event: ev.EvalEvent) -> None:
+        nonlocal bar
+        if event.kind == "info":
+            err.print(event.message, markup=False)
+        elif event.kind == "start":
+            bar = progress.add_task("eval", total=max(1, event.total), unit=event.unit)
+            progress.start()
+        elif event.kind == "progress" and bar is not None:
+            progress.update(bar, completed=event.done)
+
+    common = {"batch_size": batch_size, "device": device or "auto", "dtype": dtype, "on_event": on_event}
+    try:
+        if task is not None:
+            result = ev.evaluate_task(run, task=task, task_data=task_data, limit=limit, **common)
+        else:
+            result = ev.evaluate(run, data=data_name, split=split,
+                                 tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common)
+    finally:
+        progress.stop()
+    if as_json:
+        print(json.dumps(vars(result)))
+        return
+    if isinstance(result, ev.TaskResult):
+        print(f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "
+              f"acc {result.accuracy:.4f} on {_fmt_int(result.examples)} examples (zero-shot, step {result.step})")
+    else:
+        print(f"{result.dataset}/{result.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "
+              f"{result.bits_per_byte:.4f} bits/byte on {_fmt_int(result.tokens)} tokens "
+              f"({result.text_bytes / 1e6:.2f} MB of text, step {result.step})")
+    err.print(f"Recorded in {result.recorded_in}/eval.jsonl and report.md", markup=False)
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -407,6 +707,239 @@ def export(
         width = max(len(name) for name in result.files)
         for name, size in result.files.items():
             print(f"  {name:<{width}}  {_fmt_bytes(size):>9}")
+
+
+# ----------------------------------------------------------------------------------------- plan
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _plan_table(p) -> Any:
+    """The rows of `tinygpt plan`, as a rich Table."""
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    m, d, mem = p.model, p.data, p.memory
+    table.add_row("model", f"{p.size}: {m['n_layer']} layers × {m['n_embd']}, {m['n_head']} heads, "
+                  f"context {m['block_size']}, vocabulary {m['vocab_size']}")
+    table.add_row("parameters", f"{_fmt_int(p.parameters)} ({_fmt_int(p.non_embedding_parameters)} non-embedding)")
+    table.add_row("FLOPs per token", f"{p.flops_per_token / 1e9:.3f} GFLOP (6·N + 12·L·T·C, N with the head)")
+    basis = "counted: meta.json" if d.origin == "meta.json" else \
+        f"estimated: {d.fraction:.0%} of the source's ~{_fmt_count(d.source_tokens or 0)} tokens"
+    table.add_row("data", f"{d.name}: {_fmt_count(d.train_tokens)} train + {_fmt_count(d.val_tokens)} val tokens "
+                  f"({basis})")
+    disk = f"{_fmt_bytes(d.token_file_bytes)} of token files"
+    if d.download_bytes:
+        disk += f" (+ the download: ~{_fmt_bytes(d.download_bytes)} of text)"
+    table.add_row("disk: data", disk)
+    table.add_row("disk: checkpoints", f"{_fmt_bytes(p.checkpoint_bytes)} each (12 bytes/parameter) × "
+                  f"{p.checkpoints_on_disk} at most = {_fmt_bytes(p.checkpoint_disk_bytes)}")
+    procs = f" × {p.nproc} processes" if p.nproc > 1 else ""
+    table.add_row("batch", f"{p.batch_size} × {p.grad_accum} accumulation × {m['block_size']} tokens{procs} = "
+                  f"{_fmt_int(p.tokens_per_step)} tokens/step")
+    table.add_row("budget", f"{_fmt_int(p.max_steps)} steps = {_fmt_count(p.budget_tokens)} tokens "
+                  f"({p.epochs:.2f} epochs); Chinchilla-optimal: {_fmt_count(p.chinchilla_tokens)} "
+                  f"({p.budget_tokens / p.chinchilla_tokens:.2g}×)")
+    device = f"{p.nproc} × {p.device.name}" if p.nproc > 1 else p.device.name
+    table.add_row("device", f"{device}, {p.dtype}")
+    of = f" of {_gib(mem.device_memory)} (usable {_gib(mem.usable_memory)})" if mem.usable_memory else ""
+    fits = {True: ": fits", False: ": does NOT fit", None: ""}[mem.fits]
+    table.add_row("memory per device", f"{_gib(mem.total)}{of}{fits}")
+    states = mem.weights + mem.gradients + mem.optimizer
+    extra = mem.autocast_weight_copies + mem.ddp_buckets + mem.fsdp_gathered + mem.head_gradient + mem.loss_chunk
+    table.add_row("  of which", f"weights + gradients + AdamW {_gib(states)}, activations {_gib(mem.activations)} "
+                  f"({mem.activations_per_sequence / 2**20:.0f} MiB/sequence), buffers {_gib(extra)}")
+    if mem.max_batch_size is not None:
+        table.add_row("largest micro-batch", str(mem.max_batch_size))
+    if p.tokens_per_s:
+        how = "measured here" if p.time_basis == "measured" else \
+            f"{(p.peak_flops or 0) / 1e12:.0f} TFLOP/s peak × {p.mfu:.0%} MFU"
+        table.add_row("throughput", f"{_fmt_int(p.tokens_per_s)} tokens/s ({how})")
+        table.add_row("wall time", f"{_fmt_seconds(p.seconds)} (training + evals)")
+    return table
+
+
+@app.command(epilog="Examples:  tinygpt plan --size small --data openwebtext --fraction 0.25 --device h100  ·  "
+             "tinygpt plan --size small --device a100 --nproc 8 --grad-accum 4 --json  ·  "
+             "tinygpt plan --size micro --measure")
+def plan(
+    size: Annotated[str | None, typer.Option(help="Preset: micro, tiny, small (124M), medium, large, xl.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file with model/data/train sections.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4 (repeatable).")
+    ] = None,
+    data_name: Annotated[
+        str | None, typer.Option("--data", help="Tokenized dataset, or a known source (openwebtext, tinystories, "
+                                 "fineweb-edu, wikitext-103, shakespeare). Default: what train would use.")
+    ] = None,
+    fraction: Annotated[
+        float | None, typer.Option(help="Share of a not-yet-tokenized source to use (tokenize --fraction).")
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto (this machine) | cpu | mps | h100 | h100-pcie | h200 | a100 | a100-40 | l40s "
+                          "| a10g | l4 | rtx4090 | rtx3090 | v100 | t4.")
+    ] = "auto",
+    nproc: Annotated[int, typer.Option(help="Processes (GPUs) training together.")] = 1,
+    batch_size: Annotated[
+        str | None, typer.Option(help="Sequences per micro-batch, or 'auto' (the largest that fits).")
+    ] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step (per process).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps to train in all.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast).")] = None,
+    mfu: Annotated[float | None, typer.Option(help="Model FLOPs utilisation assumed on a GPU (default 0.40).")] = None,
+    measure: Annotated[
+        bool, typer.Option("--measure", help="Time a few real training steps here instead of assuming an MFU.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Estimate a run before spending on it: parameters, FLOPs, data, disk, memory, micro-batch and time."""
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.plan import plan as make_plan
+    from tinygpt_cli.plan import plan_to_dict
+
+    auto_batch = batch_size is not None and batch_size.strip().lower() == "auto"
+    flags: dict[str, Any] = {
+        "train.batch_size": None if auto_batch else batch_size, "train.auto_batch": True if auto_batch else None,
+        "train.grad_accum": grad_accum, "train.max_steps": max_steps, "train.dtype": dtype,
+    }
+    cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
+    if measure:
+        _stderr_console().print("Measuring a few training steps on this machine…")
+    result = make_plan(cfg, data=data_name or cfg.data.dataset or None, fraction=fraction, device=device,
+                       nproc=nproc, mfu=mfu, do_measure=measure)
+    if as_json:
+        print(json.dumps(plan_to_dict(result)))
+        return
+    out = _stdout_console()
+    out.print(_plan_table(result))
+    for note in result.notes:
+        out.print(f"• {note}")
+
+
+# ----------------------------------------------------------------------------------------- runs, data
+runs_app = typer.Typer(help="List the runs in the workspace; `tinygpt runs show NAME` prints a run's report.",
+                       no_args_is_help=False, rich_markup_mode="rich")
+app.add_typer(runs_app, name="runs")
+
+
+def _when(iso: str | None) -> str:
+    if not iso:
+        return ""
+    import datetime as _dt
+
+    try:
+        return _dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def _loss(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "n/a"
+
+
+@runs_app.callback(invoke_without_command=True, epilog="Examples:  tinygpt runs  ·  tinygpt runs --json  ·  "
+                   "tinygpt runs show  ·  tinygpt runs show my-run")
+def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the runs in the workspace: name, size, steps, tokens, best val loss, date (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from tinygpt_cli import workspace
+    from tinygpt_cli.inventory import list_run_summaries
+
+    summaries = list_run_summaries()
+    if as_json:
+        print(json.dumps([asdict(s) for s in summaries]))
+        return
+    if not summaries:
+        _stderr_console().print(f"No runs in {workspace.runs_dir()} yet: train one with `tinygpt train`")
+        return
+    table = Table("run", "size", "steps", "tokens", "best val loss", "date")
+    for s in summaries:
+        steps = f"{s.steps:,}/{s.max_steps:,}" if s.max_steps else f"{s.steps:,}"
+        table.add_row(s.name, s.size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at))
+    _stdout_console().print(table)
+
+
+@runs_app.command("show", epilog="Examples:  tinygpt runs show  ·  tinygpt runs show my-run")
+def runs_show(run: Annotated[str | None, typer.Argument(help="Run name or folder (default: the latest run).")] = None,
+              ) -> None:
+    """Print a run's report.md (config, data, hardware, time, losses, a sample)."""
+    from tinygpt_cli.inventory import run_report
+
+    _, text = run_report(run)
+    print(text.rstrip("\n"))
+
+
+data_app = typer.Typer(help="List the tokenized datasets in the workspace; `tinygpt data show NAME` for one.",
+                       no_args_is_help=False, rich_markup_mode="rich")
+app.add_typer(data_app, name="data")
+
+
+@data_app.callback(invoke_without_command=True, epilog="Examples:  tinygpt data  ·  tinygpt data --json  ·  "
+                   "tinygpt data show shakespeare")
+def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List the tokenized datasets in the workspace with their token and document counts (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from tinygpt_cli import workspace
+    from tinygpt_cli.inventory import list_dataset_summaries
+
+    summaries = list_dataset_summaries()
+    if as_json:
+        print(json.dumps([asdict(s) for s in summaries]))
+        return
+    if not summaries:
+        _stderr_console().print(f"No tokenized data in {workspace.data_dir()} yet: run `tinygpt tokenize`")
+        return
+    table = Table("dataset", "train tokens", "val tokens", "documents", "on disk", "fraction", "created")
+    for s in summaries:
+        table.add_row(s.name, _fmt_int(s.train_tokens), _fmt_int(s.val_tokens),
+                      _fmt_int(s.train_documents + s.val_documents), _fmt_bytes(s.bytes),
+                      f"{s.fraction:g}" if s.fraction is not None else "", _when(s.created))
+    _stdout_console().print(table)
+
+
+@data_app.command("show", epilog="Examples:  tinygpt data show  ·  tinygpt data show shakespeare --json")
+def data_show(
+    name: Annotated[str | None, typer.Argument(help="Dataset name or folder (default: the newest).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a tokenized dataset's meta.json: source, tokenizer, split rule, counts and hashes."""
+    from tinygpt_cli.inventory import dataset_meta
+
+    path, meta = dataset_meta(name)
+    if as_json:
+        print(json.dumps(meta))
+        return
+    splits = meta.get("splits", {})
+    source = meta.get("source") or {}
+    print(f"{meta.get('name', path.name)}  ({path})")
+    print(f"  source     {source.get('spec')} ({source.get('kind')}), fraction {meta.get('fraction')}, "
+          f"seed {meta.get('seed')}, val fraction {meta.get('val_fraction')}")
+    for split in ("train", "val"):
+        info = splits.get(split, {})
+        print(f"  {split:<10} {_fmt_int(info.get('tokens', 0))} tokens, {_fmt_int(info.get('documents', 0))} "
+              f"documents, {_fmt_bytes(info.get('bytes', 0))}, sha256 {str(info.get('sha256', ''))[:16]}…")
+    tokenizer = meta.get("tokenizer") or {}
+    print(f"  tokenizer  {tokenizer.get('name')} (vocabulary {tokenizer.get('vocab_size')}), created "
+          f"{_when(meta.get('created'))}")
 
 
 def main() -> None:

@@ -26,13 +26,13 @@ COMPILE_MODES = ("auto", "on", "off")
 class ModelConfig:
     """GPT-2 shape. `vocab_size` is padded past GPT-2's 50257 to a multiple of 64 for fast matmuls."""
 
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block; must divide n_embd
+    n_embd: int = 128  # width of the residual stream (the embedding size)
     block_size: int = 128  # context length in tokens
-    vocab_size: int = 50304
-    dropout: float = 0.0
-    bias: bool = True
+    vocab_size: int = 50304  # embedding rows: GPT-2's 50257 tokens padded to a multiple of 64
+    dropout: float = 0.0  # 0 to pretrain; ~0.1 to fine-tune on little data
+    bias: bool = True  # biases in the Linear layers and LayerNorms, as GPT-2 has
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -52,7 +52,7 @@ class ModelConfig:
 class DataConfig:
     """Which tokenized dataset to train on: a name under `data/`, a dataset folder, or "" for the last one."""
 
-    dataset: str = ""
+    dataset: str = ""  # tokenized dataset: a name under data/ or a folder; "" = the newest one
 
 
 @dataclass(frozen=True)
@@ -61,25 +61,26 @@ class TrainConfig:
 
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps in all; the LR schedule spans them
     max_tokens: int = 0  # stop (with a checkpoint) after this many tokens; 0 = no limit
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
     auto_batch: bool = False  # CUDA: shrink the micro-batch to what fits, raising grad_accum to match
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
+    init_from: str = ""  # start from these weights: gpt2[-medium|-large|-xl], a HF folder or a tinygpt run
     lr: float = 2e-3  # peak learning rate
     min_lr: float = 2e-4  # floor reached at the end of the schedule
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # steps of linear LR warmup up to lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW decay of 2-D weights; biases and LayerNorms are not decayed
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100  # steps between val-loss evaluations (and checkpoints)
     eval_batches: int = 20  # micro-batches in the fixed val sample
     log_interval: int = 10  # steps between loss readings (each costs a host sync)
     keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete
-    seed: int = 1337
+    seed: int = 1337  # initialisation, batches and dropout (each rank adds its rank)
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast compute dtype; weights stay fp32)
     compile: str = "auto"  # auto | on | off (auto: on for CUDA)
@@ -111,11 +112,11 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for `tinygpt generate`."""
 
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200  # tokens generated per sample
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 200  # 0 = off
     top_p: float = 1.0  # 1 = off
-    seed: int = 1337
+    seed: int = 1337  # same seed, same text
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -226,6 +227,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
                 pass
     elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
+    elif kind is str and isinstance(value, bool) and key.endswith(".compile"):
+        return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     raise ConfigError(f"{key} must be {kind.__name__} (got {value!r})")
 
 
@@ -248,7 +251,11 @@ def _merge_section(base: dict[str, dict[str, Any]], section: str, values: Any, o
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """`"train.lr=3e-4"` -> ("train", "lr", parsed value)."""
+    """`"train.lr=3e-4"` -> ("train", "lr", parsed value).
+
+    Values are parsed as YAML, except for string-typed keys, which keep the text as written (so that
+    `--set train.compile=off` is "off", not YAML's boolean false).
+    """
     import yaml
 
     if "=" not in text:
@@ -257,6 +264,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     section, _, key = dotted.strip().partition(".")
     if not key:
         raise ConfigError(f"--set {text!r} needs a section and a key, e.g. train.lr=3e-4")
+    cls = SECTIONS.get(section)
+    if cls is not None and _field_types(cls).get(key) is str:
+        return section, key, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -4,28 +4,42 @@ Token files are raw little-endian uint16 GPT-2 ids, each document followed by `<
 The train/val split is by whole document and depends only on the source, `--fraction` and `--seed`:
 
 * every document has a position `i` in the source (files in sorted order; lines of a .jsonl; rows of a
-  .parquet) and two keyed hashes of `(seed, i)`;
+  .parquet; see `sources.py`) and two keyed hashes of `(seed, i)`;
 * `--fraction f` keeps the `max(1, round(n*f))` documents with the lowest *selection* hash;
 * of those, the `max(1, round(m*val_fraction))` with the lowest *split* hash form the val split;
 * a source that holds a single document (one .txt file) is split inside it instead: its last
   `max(val_fraction, 0.1)` share, cut at a line break, is the val split.
 
-Undecodable text: a .txt file that is not valid UTF-8 is skipped and counted (the result names it);
-if nothing is left the command fails naming the file. Empty documents are skipped and counted.
+The hashes are splitmix64, a bijection, so no two documents tie and "the k lowest" is "at most the k-th lowest
+value": the pipeline finds that threshold in two streaming passes and then decides each document on its own,
+so memory does not grow with the corpus.
+
+Streaming and memory: documents are read in order, grouped into tasks of about `TASK_TEXT_BYTES` of text and
+encoded by `workers` threads (tiktoken's Rust encoder releases the GIL), at most `2 * workers` tasks in flight;
+results are appended in task order, so the output is byte-identical whatever the number of workers.
+
+Atomic and resumable: everything is written to `data/.<name>.partial/`, and every `CHECKPOINT_SECONDS` the
+pipeline drains, fsyncs the .bin files and records the position reached in `progress.json`. A killed run
+leaves only that hidden folder; rerunning the same command truncates the .bin files to the recorded point and
+continues; other settings (or `restart=True`) start over. The folder is renamed to `data/<name>/` only when
+complete, with `meta.json` holding a sha256 per file so `train` refuses a truncated or foreign `.bin`.
+
+Empty documents are skipped and counted; undecodable text is handled as `sources.py` documents.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import glob
-import gzip
 import hashlib
 import json
 import os
 import shutil
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,210 +47,121 @@ import numpy as np
 
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.errors import DataError
+from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
+    EMBEDDED_NAME,
+    RAW_DIR_NAME,
+    TEXT_SUFFIXES,
+    DocumentFile,
+    Source,
+    TextFile,
+    available_cpus,
+    cut_tail,
+    default_source_spec,
+    embedded_source,
+    iter_documents,
+    local_source,
+    resolve_source,
+    source_fingerprint,
+)
 from tinygpt_cli.tokenizer import EOT_ID, RANKS_SHA256, TOKENIZER_NAME, VOCAB_SIZE
 
-EMBEDDED_NAME = "shakespeare"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 META_FORMAT = "tinygpt-tokens"
 META_VERSION = 1
 FULL_HASH_LIMIT = 256 * 1024 * 1024  # files up to this size are fully re-hashed before training
 EDGE_BYTES = 1024 * 1024  # larger files: size + sha256 of their first and last MiB
 SINGLE_DOC_MIN_VAL = 0.1
-BATCH_TEXT_BYTES = 8 * 1024 * 1024  # text handed to the tokenizer at once: bounds memory
-BYTES_PER_TOKEN_GUESS = 3.8  # for the plan only; GPT-2 BPE gives 3.2 on Shakespeare, ~4.5 on web text
-
-
-# ----------------------------------------------------------------------------------------------- sources
-@dataclass(frozen=True)
-class DocumentFile:
-    """One input file and how it splits into documents."""
-
-    path: Path
-    kind: str  # "txt" | "jsonl" | "parquet"
-    documents: int  # documents it holds (rows, lines, or 1)
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class Source:
-    """An ordered list of files whose documents are numbered 0..n-1 in that order."""
-
-    name: str  # default dataset name
-    description: str  # what the CLI prints ("embedded Shakespeare corpus", a path)
-    kind: str  # "embedded" | "local"
-    files: tuple[DocumentFile, ...]
-    text_field: str = "text"
-
-    @property
-    def documents(self) -> int:
-        return sum(f.documents for f in self.files)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.size_bytes for f in self.files)
-
-
-def _kind_of(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith(".txt"):
-        return "txt"
-    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
-        return "jsonl"
-    if name.endswith(".parquet"):
-        return "parquet"
-    return None
-
-
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _count_documents(path: Path, kind: str) -> int:
-    if kind == "txt":
-        return 1
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.ParquetFile(path).metadata.num_rows
-        except Exception as exc:
-            raise DataError(f"{path} is not a readable parquet file ({exc}): check the file") from None
-    count = 0
-    try:
-        with _open_text(path) as handle:
-            for line in handle:
-                if line.strip():
-                    count += 1
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise DataError(f"{path} could not be read as UTF-8 JSON lines ({exc}): check the file") from None
-    return count
-
-
-def _document_file(path: Path) -> DocumentFile:
-    kind = _kind_of(path)
-    assert kind is not None
-    return DocumentFile(path, kind, _count_documents(path, kind), path.stat().st_size)
-
-
-def embedded_source() -> Source:
-    """The 42 works of Shakespeare shipped inside the package (public domain; see assets/LICENSE-*)."""
-    folder = resources.files("tinygpt_cli").joinpath("assets", "shakespeare")
-    paths = sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".txt"))
-    files = tuple(DocumentFile(p, "txt", 1, p.stat().st_size) for p in paths)
-    return Source(EMBEDDED_NAME, "the embedded Shakespeare corpus (42 works)", "embedded", files)
-
-
-def local_source(spec: str, text_field: str = "text") -> Source:
-    """A file, a folder (searched recursively) or a glob of .txt / .jsonl(.gz) / .parquet files."""
-    path = Path(spec).expanduser()
-    if any(ch in spec for ch in "*?["):
-        candidates = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
-        if not candidates:
-            raise DataError(f"no file matches {spec}: check the pattern")
-        name = workspace.safe_name(Path(spec.split("*")[0]).name or "glob")
-    elif path.is_dir():
-        candidates = sorted(p for p in path.rglob("*") if p.is_file())
-        name = workspace.safe_name(path.resolve().name)
-    elif path.is_file():
-        candidates = [path]
-        name = workspace.safe_name(path.name.split(".")[0])
-    else:
-        raise DataError(f"{spec} does not exist: give a file, a folder or a glob of .txt/.jsonl/.parquet files")
-    usable = [p for p in candidates if p.is_file() and _kind_of(p) is not None]
-    if not usable:
-        raise DataError(
-            f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
-        )
-    files = tuple(_document_file(p) for p in usable)
-    if sum(f.documents for f in files) == 0:
-        raise DataError(f"{spec} is empty: it holds no documents to tokenize")
-    return Source(name, str(spec), "local", files, text_field)
-
-
-def resolve_source(spec: str | None, text_field: str = "text") -> Source:
-    """`None` or "shakespeare" -> the embedded corpus; anything else is a local path or glob."""
-    if spec is None or spec == EMBEDDED_NAME:
-        return embedded_source()
-    return local_source(spec, text_field)
-
-
-def _iter_file_documents(
-    doc_file: DocumentFile, text_field: str, on_undecodable: Callable[[Path], None]
-) -> Iterator[str]:
-    """The documents of one file in order; exactly `doc_file.documents` items ("" for skipped ones)."""
-    path = doc_file.path
-    if doc_file.kind == "txt":
-        try:
-            yield path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            on_undecodable(path)
-            yield ""
-        return
-    if doc_file.kind == "jsonl":
-        with _open_text(path) as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        f"line {line_no} of {path} is not valid JSON ({exc.msg}): fix or remove it"
-                    ) from None
-                yield _text_of(row, text_field, f"line {line_no} of {path}")
-        return
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    if text_field not in parquet.schema_arrow.names:
-        raise DataError(
-            f"{path} has no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}): "
-            f"pass --text-field NAME"
-        )
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
-            yield value if isinstance(value, str) else ""
-
-
-def _text_of(row: Any, text_field: str, where: str) -> str:
-    if not isinstance(row, dict) or text_field not in row:
-        fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-        raise DataError(f"{where} has no {text_field!r} field (found: {fields}): pass --text-field NAME")
-    value = row[text_field]
-    return value if isinstance(value, str) else ""
+TASK_TEXT_BYTES = 1024 * 1024  # text per encoding task: what bounds memory, with 2 tasks in flight per worker
+CHECKPOINT_SECONDS = 30.0  # how much work a killed run can lose
+SAMPLE_TEXT_BYTES = 256 * 1024  # text encoded up front to estimate the token count
+BYTES_PER_TOKEN_GUESS = 3.8  # when there is nothing to sample
+HASH_BLOCK = 1 << 20  # documents hashed at once when planning the split
+PROGRESS_FILE = "progress.json"
+MAX_NAMED_UNDECODABLE = 20
 
 
 # ----------------------------------------------------------------------------------------------- split
-def _keyed_hash(seed: int, stream: int, n: int) -> np.ndarray:
-    """splitmix64 of (seed, stream, i) for i in 0..n-1: a fixed pseudo-random number per document."""
+def keyed_hash(seed: int, stream: int, start: int, count: int) -> np.ndarray:
+    """splitmix64 of (seed, stream, i) for i in start..start+count-1: a fixed pseudo-random number per document."""
     with np.errstate(over="ignore"):
-        x = np.arange(n, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + stream) % 2**64)
+        x = np.arange(start, start + count, dtype=np.uint64)
+        x += np.uint64((seed * 0x9E3779B97F4A7C15 + stream) % 2**64)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
 
 
-def _lowest(hashes: np.ndarray, count: int, among: np.ndarray | None = None) -> np.ndarray:
-    """Boolean mask of the `count` entries with the lowest hash (restricted to `among` if given)."""
-    mask = np.zeros(hashes.shape[0], dtype=bool)
-    candidates = np.flatnonzero(among) if among is not None else np.arange(hashes.shape[0])
-    if count >= candidates.size:
-        mask[candidates] = True
-    elif count > 0:
-        order = np.argsort(hashes[candidates], kind="stable")[:count]
-        mask[candidates[order]] = True
-    return mask
+def _kth_smallest(values: Callable[[int, int], np.ndarray], n: int, k: int) -> int:
+    """The k-th smallest (1-based) of the distinct uint64 values `values(lo, hi)` yields over 0..n-1.
+
+    Small inputs are sorted; large ones take two streaming passes: a histogram of the top 16 bits picks the
+    bucket holding the answer, the second pass keeps only that bucket (~n/65536 values, hashes being uniform).
+    """
+    if n <= HASH_BLOCK:
+        everything = values(0, n)
+        return int(np.partition(everything, k - 1)[k - 1])
+    top = np.uint64(48)
+    histogram = np.zeros(1 << 16, dtype=np.int64)
+    for lo in range(0, n, HASH_BLOCK):
+        histogram += np.bincount((values(lo, min(n, lo + HASH_BLOCK)) >> top).astype(np.intp), minlength=1 << 16)
+    cumulative = np.cumsum(histogram)
+    bucket = int(np.searchsorted(cumulative, k))
+    k -= int(cumulative[bucket - 1]) if bucket else 0
+    kept = []
+    for lo in range(0, n, HASH_BLOCK):
+        block = values(lo, min(n, lo + HASH_BLOCK))
+        kept.append(block[(block >> top) == np.uint64(bucket)])
+    return int(np.sort(np.concatenate(kept))[k - 1])
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which documents are used and which of them are val: a code per position (0 skip, 1 train, 2 val)."""
+
+    n_documents: int
+    selected_count: int
+    val_count: int
+    seed: int
+    select_below: int  # a document is used iff its selection hash <= this
+    val_below: int  # a used document is val iff its split hash <= this
+
+    @classmethod
+    def build(cls, n_documents: int, fraction: float, val_fraction: float, seed: int) -> SplitPlan:
+        selected_count = min(n_documents, max(1, round(n_documents * fraction)))
+        val_count = max(1, round(selected_count * val_fraction)) if selected_count > 1 else 0
+        top = 2**64 - 1
+        select_below = top
+        if selected_count < n_documents:
+            select_below = _kth_smallest(lambda lo, hi: keyed_hash(seed, 1, lo, hi - lo), n_documents,
+                                         selected_count)
+        val_below = -1
+        if val_count:
+
+            def selected_split_hashes(lo: int, hi: int) -> np.ndarray:
+                keep = keyed_hash(seed, 1, lo, hi - lo) <= np.uint64(select_below)
+                return keyed_hash(seed, 2, lo, hi - lo)[keep]
+
+            val_below = _kth_smallest(selected_split_hashes, n_documents, val_count) if val_count < selected_count \
+                else top
+        return cls(n_documents, selected_count, val_count, seed, select_below, val_below)
+
+    @property
+    def single_document(self) -> bool:
+        return self.selected_count == 1
+
+    def codes(self, lo: int, hi: int) -> np.ndarray:
+        """int8 codes of the documents lo..hi-1."""
+        count = hi - lo
+        selected = keyed_hash(self.seed, 1, lo, count) <= np.uint64(self.select_below)
+        codes = selected.astype(np.int8)
+        if self.val_count:
+            codes[selected & (keyed_hash(self.seed, 2, lo, count) <= np.uint64(self.val_below))] = 2
+        return codes
 
 
 def plan_split(n_documents: int, fraction: float, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(selected, in_val) boolean masks over the source's documents. See the module docstring."""
-    selected_count = max(1, round(n_documents * fraction))
-    selected = _lowest(_keyed_hash(seed, 1, n_documents), selected_count)
-    val_count = max(1, round(selected_count * val_fraction)) if selected_count > 1 else 0
-    in_val = _lowest(_keyed_hash(seed, 2, n_documents), val_count, among=selected)
-    return selected, in_val
+    codes = SplitPlan.build(n_documents, fraction, val_fraction, seed).codes(0, n_documents)
+    return codes > 0, codes == 2
 
 
 SPLIT_RULE = (
@@ -246,16 +171,73 @@ SPLIT_RULE = (
 )
 
 
+# ----------------------------------------------------------------------------------------------- encoding
+_EOT = np.array([EOT_ID], dtype=np.uint32)
+TRAIN, VAL = 1, 2
+SPLITS = {TRAIN: "train", VAL: "val"}
+
+
+@dataclass
+class _Encoded:
+    """What one task produced: tokens per split (EOT-terminated documents) and what went in."""
+
+    tokens: dict[int, np.ndarray]
+    documents: dict[int, int]
+    text_bytes: int
+    documents_done: int  # documents whose last piece is in this task
+    end_position: int  # every document before this position is fully in this or an earlier task
+
+
+def _encode_items(encoding, items: list[tuple[str, int, bool]], documents_done: int, end_position: int) -> _Encoded:
+    """Encode `(text, split, ends_document)` items in order; runs in a worker thread (the encoder drops the GIL)."""
+    parts: dict[int, list[np.ndarray]] = {TRAIN: [], VAL: []}
+    documents = {TRAIN: 0, VAL: 0}
+    text_bytes = 0
+    for text, split, ends_document in items:
+        try:
+            ids = encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        except UnicodeEncodeError:  # lone surrogates: replaced by U+FFFD, as tiktoken's encode_ordinary does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            ids = encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        text_bytes += len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        parts[split].append(ids)
+        if ends_document:
+            parts[split].append(_EOT)
+            documents[split] += 1
+    tokens = {split: np.concatenate(arrays).astype(np.uint16) for split, arrays in parts.items() if arrays}
+    return _Encoded(tokens, documents, text_bytes, documents_done, end_position)
+
+
+def _sample_bytes_per_token(src: Source, encoding) -> float:
+    """Bytes per token over the first `SAMPLE_TEXT_BYTES` of the source: the plan's token estimate."""
+    texts, size = [], 0
+    for _, _, document in iter_documents(src, lambda lo, hi: np.ones(hi - lo, dtype=np.int8)):
+        text = document if isinstance(document, str) else next(document.segments(None))[0]
+        texts.append(text[: SAMPLE_TEXT_BYTES - size])
+        size += len(texts[-1])
+        if size >= SAMPLE_TEXT_BYTES:
+            break
+    tokens = sum(len(ids) for ids in encoding.encode_ordinary_batch(texts, num_threads=1)) if texts else 0
+    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return text_bytes / tokens if tokens else BYTES_PER_TOKEN_GUESS
+
+
 # ----------------------------------------------------------------------------------------------- writing
 class _SplitWriter:
-    """Appends uint16 tokens to a .bin file while hashing them."""
+    """Appends uint16 tokens to a .bin file while hashing them; can reopen a file at a recorded length."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: dict[str, int] | None = None) -> None:
         self.path = path
-        self.handle = open(path, "wb")
         self.sha256 = hashlib.sha256()
-        self.tokens = 0
-        self.documents = 0
+        self.tokens = self.documents = 0
+        if resume is None:
+            self.handle = open(path, "wb")
+            return
+        self.handle = open(path, "r+b")
+        self.handle.truncate(resume["bytes"])  # drop whatever was written after the checkpoint
+        for block in iter(lambda: self.handle.read(8 * 1024 * 1024), b""):
+            self.sha256.update(block)
+        self.tokens, self.documents = resume["tokens"], resume["documents"]
 
     def write(self, tokens: np.ndarray, documents: int) -> None:
         data = tokens.astype("<u2", copy=False).tobytes()
@@ -264,9 +246,13 @@ class _SplitWriter:
         self.tokens += int(tokens.size)
         self.documents += documents
 
-    def close(self) -> dict[str, Any]:
+    def sync(self) -> dict[str, int]:
         self.handle.flush()
         os.fsync(self.handle.fileno())
+        return {"bytes": self.tokens * 2, "tokens": self.tokens, "documents": self.documents}
+
+    def close(self) -> dict[str, Any]:
+        self.sync()
         self.handle.close()
         return {
             "file": self.path.name,
@@ -289,32 +275,155 @@ def _edge_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _encode_with_eot(encoding, texts: list[str], workers: int) -> list[np.ndarray]:
-    ids = encoding.encode_ordinary_batch(texts, num_threads=workers)
-    return [np.fromiter((*doc, EOT_ID), dtype=np.uint16, count=len(doc) + 1) for doc in ids]
+@dataclass
+class _Counters:
+    """How far a run got; saved at each checkpoint, so a resumed run reports the whole job."""
+
+    position: int = 0  # documents before this position are done
+    documents: int = 0  # selected documents done (written or skipped)
+    text_bytes: int = 0
+    skipped_empty: int = 0
+    skipped_undecodable: int = 0
+    undecodable: list[str] = field(default_factory=list)  # the first few, named
+
+    def note_undecodable(self, where: str) -> None:
+        self.skipped_undecodable += 1
+        if len(self.undecodable) < MAX_NAMED_UNDECODABLE:
+            self.undecodable.append(where)
 
 
+class _Partial:
+    """`data/.<name>.partial/`: the .bin files being written and `progress.json`, the last consistent point."""
+
+    def __init__(self, folder: Path, job: dict[str, Any]) -> None:
+        self.folder = folder
+        self.job = job
+        self.writers: dict[int, _SplitWriter] = {}
+
+    def open(self, restart: bool) -> tuple[_Counters, str]:
+        """Open the .bin files, resuming a matching earlier run unless `restart`. Returns (counters, note)."""
+        saved, why = (None, "--restart") if restart else self._saved_progress()
+        note = ""
+        if saved is None:
+            if self.folder.exists():
+                note = f"starting over: discarded the unfinished output of an earlier run ({why})"
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+            self.writers = {split: _SplitWriter(self.folder / f"{name}.bin") for split, name in SPLITS.items()}
+            return _Counters(), note
+        counters = _Counters(**saved["counters"])
+        self.writers = {
+            split: _SplitWriter(self.folder / f"{name}.bin", resume=saved["splits"][name])
+            for split, name in SPLITS.items()
+        }
+        return counters, f"resuming an interrupted run at document {counters.documents:,}"
+
+    def _saved_progress(self) -> tuple[dict[str, Any] | None, str]:
+        """The earlier run's checkpoint if it can be continued, else None and why not."""
+        try:
+            saved = json.loads((self.folder / PROGRESS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None, "it stopped before its first checkpoint"
+        if not isinstance(saved, dict) or saved.get("job") != self.job:
+            return None, "other settings or changed input files"
+        try:
+            _Counters(**saved["counters"])
+            for name in SPLITS.values():
+                file = self.folder / f"{name}.bin"
+                if not file.is_file() or file.stat().st_size < int(saved["splits"][name]["bytes"]):
+                    return None, f"its {name}.bin is shorter than its checkpoint"
+        except (KeyError, TypeError, ValueError):
+            return None, "its progress.json is unreadable"
+        return saved, ""
+
+    def write(self, encoded: _Encoded) -> None:
+        for split, tokens in encoded.tokens.items():
+            self.writers[split].write(tokens, encoded.documents[split])
+
+    @property
+    def tokens(self) -> int:
+        return sum(w.tokens for w in self.writers.values())
+
+    def checkpoint(self, counters: _Counters) -> None:
+        splits = {SPLITS[split]: writer.sync() for split, writer in self.writers.items()}
+        write_json_atomic(self.folder / PROGRESS_FILE, {"job": self.job, "splits": splits,
+                                                          "counters": asdict(counters)})
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        splits = {SPLITS[split]: writer.close() for split, writer in self.writers.items()}
+        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
+        return splits
+
+    def abandon(self) -> None:
+        for writer in self.writers.values():
+            with contextlib.suppress(OSError):
+                writer.handle.close()
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an advisory lock so two runs never write the same output (a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    while True:
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise DataError(f"another tinygpt process is writing {what}: wait for it to finish") from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
+
+
+# ----------------------------------------------------------------------------------------------- tokenize
 @dataclass
 class TokenizeResult:
     name: str
     path: Path
     meta: dict[str, Any]
     skipped_empty: int = 0
-    skipped_undecodable: list[str] = field(default_factory=list)
+    skipped_undecodable: list[str] = field(default_factory=list)  # the first few, named (meta has the count)
     seconds: float = 0.0
+    resumed_documents: int = 0  # documents an interrupted earlier run had already done
+    workers: int = 0
 
 
 @dataclass(frozen=True)
 class TokenizeEvent:
-    """`kind` is "plan" (before work), "progress" (after each batch) or "done"."""
+    """`kind`: "info" (a `message`), "plan" (before work), "progress" (after each task) or "done".
+
+    Counts cover the whole job (a resumed run includes what was done before); rates cover this run.
+    """
 
     kind: str
-    documents: int = 0  # documents processed so far (plan: documents to process)
-    total_documents: int = 0
+    message: str = ""
+    source: str = ""  # what is tokenized, in words
+    documents: int = 0  # selected documents done so far (plan: documents to do)
+    total_documents: int = 0  # plan: documents in the source; progress: documents to do
     tokens: int = 0
     text_bytes: int = 0
-    total_text_bytes: int = 0
+    total_text_bytes: int = 0  # estimated
     estimated_tokens: int = 0
+    resumed_documents: int = 0
+    workers: int = 0
+    seconds: float = 0.0
+    documents_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    bytes_per_s: float = 0.0
+    eta_s: float | None = None
 
 
 def tokenize(
@@ -326,146 +435,243 @@ def tokenize(
     seed: int = 0,
     text_field: str = "text",
     workers: int | None = None,
+    restart: bool = False,
     on_event: Callable[[TokenizeEvent], None] | None = None,
 ) -> TokenizeResult:
-    """Tokenize a corpus into `data/<name>/`. `source`: None/"shakespeare" (embedded) or a path/glob.
+    """Tokenize a corpus into `data/<name>/`, streaming, in parallel, resumably. See the module docstring.
 
-    Writes into a hidden temp folder and renames it into place only when complete, so an interrupted run
-    never leaves a dataset that looks finished.
+    `source`: None or "shakespeare" (the embedded corpus), a downloaded dataset's name, or a file, folder or glob
+    of .txt/.jsonl(.gz)/.parquet files. `workers`: encoding threads (default: every core this process may use).
+    An interrupted run is continued by the next call with the same arguments unless `restart`.
     """
-    import time
-
     from tinygpt_cli.tokenizer import get_encoding
 
     if not 0.0 < fraction <= 1.0:
         raise DataError(f"--fraction must be in (0, 1] (got {fraction})")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers must be at least 1 (got {workers})")
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
     src = resolve_source(source, text_field)
-    dataset_name = workspace.safe_name(name) if name else src.name
+    dataset_name = _output_name(name, src)
     encoding = get_encoding()
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = workers or available_cpus()
 
-    n_documents = src.documents
-    selected, in_val = plan_split(n_documents, fraction, val_fraction, seed)
-    selected_count = int(selected.sum())
-    total_bytes = int(src.size_bytes * selected_count / max(1, n_documents))
-    emit(TokenizeEvent("plan", documents=selected_count, total_documents=n_documents,
-                       total_text_bytes=total_bytes,
-                       estimated_tokens=int(total_bytes / BYTES_PER_TOKEN_GUESS)))
+    plan = SplitPlan.build(src.documents, fraction, val_fraction, seed)
+    total_bytes = int(src.text_bytes * plan.selected_count / max(1, src.documents))
+    estimated_tokens = int(total_bytes / _sample_bytes_per_token(src, encoding))
 
     out_root = workspace.data_dir()
-    final_dir = out_root / dataset_name
-    tmp_dir = out_root / f".{dataset_name}.partial-{os.getpid()}"
-    out_root.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
-    result = TokenizeResult(dataset_name, final_dir, {})
     try:
-        writers = {"train": _SplitWriter(tmp_dir / "train.bin"), "val": _SplitWriter(tmp_dir / "val.bin")}
-        single_document = selected_count == 1
-        progress = TokenizeEvent("progress", total_documents=selected_count, total_text_bytes=total_bytes)
-        batch_texts: list[str] = []
-        batch_splits: list[str] = []
-        batch_bytes = 0
-
-        def flush() -> None:
-            nonlocal progress, batch_bytes
-            if not batch_texts:
-                return
-            for split in ("train", "val"):
-                texts = [t for t, s in zip(batch_texts, batch_splits, strict=True) if s == split]
-                if texts:
-                    arrays = _encode_with_eot(encoding, texts, workers)
-                    writers[split].write(np.concatenate(arrays), len(texts))
-            progress = TokenizeEvent(
-                "progress",
-                documents=progress.documents + len(batch_texts),
-                total_documents=selected_count,
-                tokens=writers["train"].tokens + writers["val"].tokens,
-                text_bytes=progress.text_bytes + batch_bytes,
-                total_text_bytes=total_bytes,
-            )
-            emit(progress)
-            batch_texts.clear()
-            batch_splits.clear()
-            batch_bytes = 0
-
-        index = 0
-        for doc_file in src.files:
-            for text in _iter_file_documents(doc_file, src.text_field,
-                                             lambda p: result.skipped_undecodable.append(str(p))):
-                position = index
-                index += 1
-                if not selected[position]:
-                    continue
-                if not text.strip():
-                    result.skipped_empty += 1
-                    continue
-                if single_document:
-                    head, tail = _cut_tail(text, max(val_fraction, SINGLE_DOC_MIN_VAL))
-                    pieces = [(head, "train"), (tail, "val")]
-                else:
-                    pieces = [(text, "val" if in_val[position] else "train")]
-                for piece, split in pieces:
-                    batch_texts.append(piece)
-                    batch_splits.append(split)
-                    batch_bytes += len(piece)
-                if batch_bytes >= BATCH_TEXT_BYTES:
-                    flush()
-        flush()
-        splits = {split: writer.close() for split, writer in writers.items()}
-        _check_result(src, splits, result)
-        meta = {
-            "format": META_FORMAT,
-            "version": META_VERSION,
-            "name": dataset_name,
-            "source": {"kind": src.kind, "spec": src.description if src.kind != "embedded" else EMBEDDED_NAME,
-                       "text_field": src.text_field if src.kind != "embedded" else None},
-            "tokenizer": {"name": TOKENIZER_NAME, "ranks_sha256": RANKS_SHA256, "vocab_size": VOCAB_SIZE,
-                          "eot_id": EOT_ID},
-            "dtype": "uint16",
-            "fraction": fraction,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "split_rule": SPLIT_RULE,
-            "documents": {"in_source": n_documents, "selected": selected_count,
-                          "skipped_empty": result.skipped_empty,
-                          "skipped_undecodable": len(result.skipped_undecodable)},
-            "splits": splits,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "tinygpt_version": __version__,
-        }
-        _write_json_atomic(tmp_dir / "meta.json", meta)
-        _replace_dir(tmp_dir, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    result.meta = meta
-    result.seconds = time.perf_counter() - started
-    emit(TokenizeEvent("done", documents=selected_count, total_documents=selected_count,
-                       tokens=splits["train"]["tokens"] + splits["val"]["tokens"],
-                       text_bytes=progress.text_bytes, total_text_bytes=total_bytes))
-    return result
-
-
-def _cut_tail(text: str, share: float) -> tuple[str, str]:
-    """Split `text` at the line break nearest before its last `share`; both parts non-empty when possible."""
-    cut = int(len(text) * (1.0 - share))
-    newline = text.rfind("\n", 0, cut)
-    if newline <= 0:
-        newline = cut
-    return text[: newline + 1], text[newline + 1 :]
-
-
-def _check_result(src: Source, splits: dict[str, dict[str, Any]], result: TokenizeResult) -> None:
-    if splits["train"]["tokens"] == 0 and splits["val"]["tokens"] == 0:
-        if result.skipped_undecodable:
-            first = result.skipped_undecodable[0]
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create {out_root} ({exc.strerror or exc}): choose a writable TINYGPT_HOME") from None
+    final_dir = out_root / dataset_name
+    job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
+           "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256}
+    with exclusive(out_root / f".{dataset_name}.lock", f"data/{dataset_name}"):
+        partial = _Partial(out_root / f".{dataset_name}.partial", job)
+        try:
+            counters, note = partial.open(restart)
+            if note:
+                emit(TokenizeEvent("info", message=note))
+            resumed_documents = counters.documents
+            emit(TokenizeEvent("plan", source=src.description, documents=plan.selected_count,
+                               total_documents=src.documents, total_text_bytes=total_bytes,
+                               estimated_tokens=estimated_tokens, resumed_documents=resumed_documents,
+                               workers=workers))
+            _run_pipeline(src, plan, partial, counters, encoding, workers, val_fraction, emit, total_bytes)
+            splits = partial.close()
+            _check_result(src, splits, counters)
+            meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
+            write_json_atomic(partial.folder / "meta.json", meta)
+            _replace_dir(partial.folder, final_dir)
+        except DataError:
+            partial.abandon()
+            shutil.rmtree(partial.folder, ignore_errors=True)  # bad input: retrying cannot help; leave nothing
+            raise
+        except OSError as exc:
+            partial.abandon()
             raise DataError(
-                f"{first} is not UTF-8 text ({len(result.skipped_undecodable)} file(s) skipped): "
+                f"cannot write {partial.folder} ({exc.strerror or exc}): fix that and rerun the same command, "
+                f"it continues where it stopped"
+            ) from exc
+        except BaseException:
+            partial.abandon()  # interrupted: the partial folder stays, and the same command continues it
+            raise
+    seconds = time.perf_counter() - started
+    tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+    emit(TokenizeEvent("done", source=src.description, documents=plan.selected_count,
+                       total_documents=plan.selected_count, tokens=tokens, text_bytes=counters.text_bytes,
+                       total_text_bytes=total_bytes, resumed_documents=resumed_documents, workers=workers,
+                       seconds=seconds))
+    return TokenizeResult(dataset_name, final_dir, meta, counters.skipped_empty, list(counters.undecodable),
+                          seconds, resumed_documents, workers)
+
+
+def _output_name(name: str | None, src: Source) -> str:
+    if name:
+        dataset_name = workspace.safe_name(name)
+        if dataset_name == RAW_DIR_NAME:
+            raise DataError(f"--name {RAW_DIR_NAME} is reserved: data/{RAW_DIR_NAME}/ holds downloads; pick another")
+        return dataset_name
+    return src.name if src.name != RAW_DIR_NAME else f"{RAW_DIR_NAME}-text"
+
+
+def _run_pipeline(
+    src: Source,
+    plan: SplitPlan,
+    partial: _Partial,
+    counters: _Counters,
+    encoding,
+    workers: int,
+    val_fraction: float,
+    emit: Callable[[TokenizeEvent], None],
+    total_bytes: int,
+) -> None:
+    """Read → encode in `workers` threads → append in order, checkpointing every `CHECKPOINT_SECONDS`."""
+    session_start = time.perf_counter()
+    base = (counters.documents, partial.tokens, counters.text_bytes)
+    last_checkpoint = session_start
+    in_flight: deque[Future[_Encoded]] = deque()
+    items: list[tuple[str, int, bool]] = []
+    item_bytes = 0
+    documents_ended = 0  # documents whose last piece is in `items`
+    undecodable: list[str] = []  # reported by the reader since the last task was submitted
+
+    def progress() -> None:
+        elapsed = max(time.perf_counter() - session_start, 1e-9)
+        done_bytes = counters.text_bytes - base[2]
+        bytes_per_s = done_bytes / elapsed
+        eta = max(0.0, total_bytes - counters.text_bytes) / bytes_per_s if bytes_per_s > 0 else None
+        if counters.documents >= plan.selected_count:
+            eta = 0.0  # the total was an estimate
+        emit(TokenizeEvent(
+            "progress", source=src.description, documents=counters.documents, total_documents=plan.selected_count,
+            tokens=partial.tokens, text_bytes=counters.text_bytes, total_text_bytes=total_bytes, workers=workers,
+            resumed_documents=base[0], seconds=elapsed, documents_per_s=(counters.documents - base[0]) / elapsed,
+            tokens_per_s=(partial.tokens - base[1]) / elapsed, bytes_per_s=bytes_per_s, eta_s=eta,
+        ))
+
+    def write(encoded: _Encoded) -> None:
+        partial.write(encoded)
+        counters.documents += encoded.documents_done
+        counters.text_bytes += encoded.text_bytes
+        counters.position = encoded.end_position
+        progress()
+
+    def submit(end_position: int) -> None:
+        nonlocal items, item_bytes, documents_ended
+        if items:
+            in_flight.append(pool.submit(_encode_items, encoding, items, documents_ended, end_position))
+            items, item_bytes, documents_ended = [], 0, 0
+        while len(in_flight) > 2 * workers:
+            write(in_flight.popleft().result())
+
+    def drain() -> None:
+        while in_flight:
+            write(in_flight.popleft().result())
+
+    def add(text: str, split: int, eot: bool, finishes_document: bool, position: int) -> None:
+        nonlocal item_bytes, documents_ended
+        items.append((text, split, eot))
+        item_bytes += len(text)
+        documents_ended += finishes_document
+        if item_bytes >= TASK_TEXT_BYTES:
+            submit(position + 1 if finishes_document else position)
+
+    single_share = max(val_fraction, SINGLE_DOC_MIN_VAL) if plan.single_document else None
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinygpt-encode") as pool:
+        try:
+            for position, code, document in iter_documents(src, plan.codes, counters.position,
+                                                           undecodable.append):
+                if time.perf_counter() - last_checkpoint >= CHECKPOINT_SECONDS:
+                    # a consistent point: everything before `position` is read; write it all, then record it
+                    submit(position)
+                    drain()
+                    _account(counters, undecodable, position)
+                    partial.checkpoint(counters)
+                    last_checkpoint = time.perf_counter()
+                _account(counters, undecodable, None)
+                if isinstance(document, TextFile):
+                    if document.is_blank:
+                        counters.skipped_empty += 1
+                        counters.documents += 1
+                        continue
+                    for piece, segment, last in document.segments(single_share):
+                        finishes = last and (single_share is None or segment == 1)
+                        add(piece, VAL if segment or code == VAL else TRAIN, last, finishes, position)
+                elif not document.strip():
+                    counters.skipped_empty += 1
+                    counters.documents += 1
+                elif single_share is not None:
+                    head, tail = cut_tail(document, single_share)
+                    add(head, TRAIN, True, False, position)
+                    add(tail, VAL, True, True, position)
+                else:
+                    add(document, code, True, True, position)
+            submit(plan.n_documents)
+            drain()
+            _account(counters, undecodable, plan.n_documents)
+        finally:
+            for future in in_flight:
+                future.cancel()
+
+
+def _account(counters: _Counters, undecodable: list[str], position: int | None) -> None:
+    """Fold the reader's undecodable reports into the counters (each one is a selected document done)."""
+    for where in undecodable:
+        counters.note_undecodable(where)
+        counters.documents += 1
+    undecodable.clear()
+    if position is not None:
+        counters.position = position
+
+
+def _meta(
+    dataset_name: str,
+    src: Source,
+    plan: SplitPlan,
+    fraction: float,
+    val_fraction: float,
+    seed: int,
+    counters: _Counters,
+    splits: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    source: dict[str, Any] = {"kind": src.kind, "spec": src.description if src.kind == "local" else src.name,
+                              "text_field": src.text_field if src.kind != "embedded" else None}
+    if src.provenance:
+        source["download"] = src.provenance
+    return {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "name": dataset_name,
+        "source": source,
+        "tokenizer": {"name": TOKENIZER_NAME, "ranks_sha256": RANKS_SHA256, "vocab_size": VOCAB_SIZE,
+                      "eot_id": EOT_ID},
+        "dtype": "uint16",
+        "fraction": fraction,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "split_rule": SPLIT_RULE,
+        "documents": {"in_source": plan.n_documents, "selected": plan.selected_count,
+                      "skipped_empty": counters.skipped_empty,
+                      "skipped_undecodable": counters.skipped_undecodable},
+        "text_bytes": counters.text_bytes,
+        "splits": splits,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tinygpt_version": __version__,
+    }
+
+
+def _check_result(src: Source, splits: dict[str, dict[str, Any]], counters: _Counters) -> None:
+    if splits["train"]["tokens"] == 0 and splits["val"]["tokens"] == 0:
+        if counters.skipped_undecodable:
+            first = counters.undecodable[0]
+            raise DataError(
+                f"{first} is not UTF-8 text ({counters.skipped_undecodable} document(s) skipped): "
                 f"convert it, e.g. iconv -f latin1 -t utf-8"
             )
         raise DataError(f"{src.description} holds no text (all documents are empty): check the input")
@@ -477,7 +683,7 @@ def _check_result(src: Source, splits: dict[str, dict[str, Any]], result: Tokeni
         )
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2)
@@ -578,7 +784,7 @@ def find_dataset(spec: str | None) -> Dataset | None:
     if (candidate / "meta.json").is_file():
         return load_dataset(candidate)
     named = workspace.data_dir() / spec
-    if named.is_dir():
+    if named.is_dir() and spec != RAW_DIR_NAME:
         return load_dataset(named)
     known = ", ".join(d.name for d in list_datasets()) or "none yet"
     raise DataError(f"no tokenized dataset named {spec!r} (known: {known}): run `tinygpt tokenize` first")

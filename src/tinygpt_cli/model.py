@@ -18,11 +18,19 @@ from tinygpt_cli.config import ModelConfig
 
 
 class KVCacheLike(Protocol):
-    """What attention needs from a KV cache (see `sample.KVCache`)."""
+    """What attention needs from a KV cache (see `sample.KVCache` and `sample.StaticDecodeView`)."""
 
-    pos: int  # tokens already in the cache
+    def positions(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        """Absolute positions (T,) of the next `n_tokens` tokens; raises ValueError past the cache's room."""
+        ...
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store k, v (B, nh, T, hd); return the keys and values to attend over (B, nh, S, hd) and a boolean
+        mask (T, S) of the keys each query may see, or None where plain attention is right: causal when
+        S == T (the new tokens are all there is), every key when T == 1."""
+        ...
 
     def advance(self, n_tokens: int) -> None: ...
 
@@ -47,15 +55,8 @@ class CausalSelfAttention(nn.Module):
         mask = None
         is_causal = True
         if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, start + T, hd)
-            if T == 1:
-                is_causal = False  # one new query sees every cached key
-            elif start > 0:
-                # query i sits at absolute position start + i and may see keys 0 .. start + i
-                is_causal = False
-                rows = torch.arange(T, device=x.device).unsqueeze(1) + start
-                mask = torch.arange(start + T, device=x.device).unsqueeze(0) <= rows  # (T, start + T)
+            k, v, mask = kv_cache.update(self.layer, k, v)  # (B, nh, S, hd), mask (T, S) or None
+            is_causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -131,10 +132,12 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCacheLike | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C) after ln_f, for token ids `idx` (B, T)."""
         T = idx.size(1)
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if kv_cache is not None:
+            pos = kv_cache.positions(T, idx.device)  # (T,) absolute positions, after the cached ones
+        elif self.config.block_size < T:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        else:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)

@@ -1,48 +1,139 @@
 """Generation: a preallocated KV cache, a pure `sample_next_token`, and `generate` yielding token ids.
 
-Decoding ids to text is the caller's job (the CLI streams it with an incremental UTF-8 decoder).
+`generate` works in token ids only. Turning ids into text is the caller's side: `TextStream` releases text that is
+safe to show (whole UTF-8 characters, never the start of a stop string) and `sample_text` puts the two together
+for the CLI and for notebooks.
+
+How a sample is produced: the prompt is prefilled in one pass (once, however many samples are drawn), then one
+token per step reads the cached keys and values. Only the last position goes through the 50304-wide head. When the
+context window is full it jumps: the newest half-window is re-encoded in one pass and decoding goes on, so
+`max_new_tokens` may exceed the context. The uncached path (`use_cache=False`) re-runs the whole window at every
+step with the same window rule, which is why cached and uncached greedy decoding agree token for token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import codecs
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tinygpt_cli.errors import GenerationError
 from tinygpt_cli.model import GPT
-from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
+from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE
+
+if TYPE_CHECKING:
+    from tinygpt_cli.checkpoint import LoadedCheckpoint
 
 
+# ----------------------------------------------------------------------------------------------- the cache
 class KVCache:
     """Keys and values of every layer for up to `max_tokens` positions, allocated once.
 
-    k, v: (n_layer, B, n_head, max_tokens, head_dim). `pos` counts the positions filled so far.
+    k[layer], v[layer]: (B, n_head, max_tokens, head_dim). `pos` counts the positions filled so far.
+    A call with T new tokens attends over the filled prefix only (T == 1: every cached key; T > 1 after a prefix:
+    a causal mask shifted by `pos`), so a step costs what has been generated, not the cache's size: the fast way
+    in eager mode. `StaticDecodeView` reads the same buffers with shapes that never change, for torch.compile.
     """
 
     def __init__(self, model: GPT, batch_size: int, max_tokens: int | None = None,
                  dtype: torch.dtype | None = None) -> None:
         cfg = model.config
         max_tokens = max_tokens or cfg.block_size
+        if max_tokens > cfg.block_size:
+            raise ValueError(f"a cache of {max_tokens} positions exceeds block_size {cfg.block_size}")
         param = next(model.parameters())
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_tokens, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, dtype=dtype or param.dtype, device=param.device)
-        self.v = torch.zeros_like(self.k)
-        self.pos = 0
+        shape = (batch_size, cfg.n_head, max_tokens, cfg.n_embd // cfg.n_head)
+        dtype = dtype or param.dtype
+        self.k = [torch.zeros(shape, dtype=dtype, device=param.device) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=param.device) for _ in range(cfg.n_layer)]
+        self.batch_size = batch_size
         self.max_tokens = max_tokens
+        self.pos = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hd) at positions pos..pos+T; return all keys/values so far (B, nh, pos+T, hd)."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def positions(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        if self.pos + n_tokens > self.max_tokens:
+            raise ValueError(f"sequence of {self.pos + n_tokens} tokens exceeds block_size {self.max_tokens}")
+        return torch.arange(self.pos, self.pos + n_tokens, dtype=torch.long, device=device)  # (T,)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store k, v (B or 1, nh, T, hd) at positions pos..pos+T; a batch of 1 fills every row (a shared prompt).
+
+        Returns what attention needs: keys and values (B, nh, S, hd) and a (T, S) mask or None (see KVCacheLike).
+        """
+        start, end = self.pos, self.pos + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        if start == 0:
+            return k, v, None  # nothing cached before: attend causally over the new keys themselves
+        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if k.size(2) == 1:
+            return keys, values, None
+        # query i sits at absolute position start + i and may see keys 0 .. start + i
+        rows = torch.arange(start, end, device=k.device)[:, None]
+        return keys, values, torch.arange(end, device=k.device)[None, :] <= rows  # (T, end)
 
     def advance(self, n_tokens: int) -> None:
         self.pos += n_tokens
 
     def reset(self) -> None:
         self.pos = 0
+
+
+def mark_static(tensor: torch.Tensor) -> None:
+    """Tell torch.compile that `tensor` keeps its address: CUDA graphs then read and write it in place instead of
+    copying it in at every replay. Unguarded, so a new cache of the same shapes reuses the compiled step."""
+    torch._dynamo.mark_static_address(tensor, guard=False)
+
+
+class StaticDecodeView:
+    """The buffers of a `KVCache` as a one-token decode step with static shapes sees them.
+
+    The step writes its key and value at the position held in the device tensor `input_pos` (1,) and attends over
+    the whole buffer with a mask of the filled slots. Every shape and every address is the same at every step, so
+    torch.compile captures the step once and CUDA graphs replay it. Nothing here reads or writes a Python number:
+    the owner moves `input_pos` before each step and counts `KVCache.pos` itself (`advance` is a no-op).
+    """
+
+    def __init__(self, cache: KVCache) -> None:
+        self.k, self.v = cache.k, cache.v
+        device = cache.k[0].device
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        self.key_positions = torch.arange(cache.max_tokens, device=device)  # (S,)
+        for tensor in (*self.k, *self.v, self.input_pos, self.key_positions):
+            mark_static(tensor)
+
+    def positions(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        return self.input_pos  # (1,); a static step always takes one token
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self.k[layer].index_copy_(2, self.input_pos, k)
+        self.v[layer].index_copy_(2, self.input_pos, v)
+        mask = self.key_positions[None, :] <= self.input_pos[:, None]  # (1, S): the filled slots
+        return self.k[layer], self.v[layer], mask
+
+    def advance(self, n_tokens: int) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty: the logit of every token already in the text is divided by `penalty` when
+    positive and multiplied by it when negative. logits (B, V) float, seen (B, V) bool -> (B, V)."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.float()
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen[:, : logits.size(1)], penalised, logits)
 
 
 def sample_next_token(
@@ -65,17 +156,117 @@ def sample_next_token(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # keep the token that crosses p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    if probs.device.type != "cpu" and generator is not None and generator.device != probs.device:
-        probs = probs.cpu()
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1).to(logits.device)
 
 
-@torch.no_grad()
+def check_settings(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float, num_samples: int
+) -> None:
+    """Raise GenerationError naming the flag for a value that cannot work."""
+    if max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if not temperature >= 0:
+        raise GenerationError(f"--temperature must be 0 (greedy) or more (got {temperature})")
+    if top_k < 0:
+        raise GenerationError(f"--top-k must be 0 (off) or more (got {top_k})")
+    if not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"--top-p must be in (0, 1] (got {top_p})")
+    if not repetition_penalty > 0:
+        raise GenerationError(f"--repetition-penalty must be more than 0; 1 is off (got {repetition_penalty})")
+    if num_samples < 1:
+        raise GenerationError(f"--num-samples must be at least 1 (got {num_samples})")
+
+
+# ----------------------------------------------------------------------------------------------- generate
+@dataclass
+class GenerationStats:
+    """Filled in by `generate` as it goes. Times are seconds from the first `next()` on the generator."""
+
+    prompt_tokens: int = 0
+    batch_size: int = 0
+    new_tokens: int = 0  # steps taken: tokens per sample
+    time_to_first_token_s: float = 0.0
+    seconds: float = 0.0  # until the last token
+    window_slides: int = 0
+    compiled: bool = False
+    compile_error: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens of all samples per second, the prefill included."""
+        return self.new_tokens * self.batch_size / max(self.seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens of all samples per second after the first: the steady decode rate."""
+        steady = self.seconds - self.time_to_first_token_s
+        return (self.new_tokens - 1) * self.batch_size / steady if self.new_tokens > 1 and steady > 0 else 0.0
+
+
+def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache | StaticDecodeView | None,
+                 head_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) of the position after `idx` (B, T): the head runs on the last position only.
+
+    `head_t`: the head's weight transposed, (C, V) contiguous, to multiply with instead (see `_cpu_head`).
+    """
+    hidden = model.hidden_states(idx, cache)[:, -1]  # (B, C)
+    return model.lm_head(hidden) if head_t is None else hidden @ head_t
+
+
+_HEAD_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cpu_head(model: GPT) -> torch.Tensor | None:
+    """On CPU, the head's (V, C) weight as a contiguous (C, V) copy, made once per model and weight version.
+
+    Decoding is one (1, C) @ (C, V) product per token, bound by reading the weight, and the BLAS that torch ships
+    reads a row-major (V, C) weight for that product several times slower than a (C, V) one (measured on the
+    2-core AMD EPYC: 3.3 vs 15.6 GB/s for micro's head, one thread); the head is most of a small model's bytes.
+    The copy costs one more head's worth of memory while the model lives. Elsewhere (CUDA, MPS): None.
+    """
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
+        return None
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    held = _HEAD_COPIES.get(model)
+    if held is None or held[0] != key:
+        with torch.no_grad():
+            held = (key, weight.detach().t().contiguous())
+        _HEAD_COPIES[model] = held
+    return held[1]
+
+
+_COMPILED_STEPS: dict[str, Callable] = {}
+
+
+def _compiled_step(device: torch.device) -> Callable:
+    """`_last_logits` compiled once per process; on CUDA with CUDA graphs ("reduce-overhead")."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _COMPILED_STEPS:
+        _COMPILED_STEPS[mode] = torch.compile(_last_logits, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[mode]
+
+
+def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    try:
+        generator = torch.Generator(device=device)
+    except RuntimeError:  # a backend without its own generator: sample on the CPU
+        generator = torch.Generator(device="cpu")
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
+
+
+@torch.inference_mode()
 def generate(
     model: GPT,
     prompt: Sequence[int],
@@ -84,43 +275,305 @@ def generate(
     temperature: float = 0.8,
     top_k: int = 200,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     num_samples: int = 1,
     seed: int | None = None,
     use_cache: bool = True,
     stop_at_eot: bool = False,
+    compile: bool = False,
+    static_cache: bool | None = None,
+    stats: GenerationStats | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sample, (num_samples,) int64 on CPU, `max_new_tokens` times.
+    """Yield the next token of every sample, (num_samples,) int64 on CPU, up to `max_new_tokens` times.
 
-    The prompt is prefilled in one pass, then one token per step through the KV cache. When the context
-    fills up the window slides: the cache is rebuilt from the last half-context of tokens.
-    With `stop_at_eot`, stops once every sample has produced `<|endoftext|>`.
+    An empty prompt starts a fresh document (`<|endoftext|>`). With `stop_at_eot`, a sample that produced
+    `<|endoftext|>` yields `<|endoftext|>` from then on, and the generator returns once every sample has.
+    `compile` runs each one-token step through torch.compile (CUDA graphs on CUDA); it implies `static_cache`,
+    the static-shape view of the cache that such a step needs (also usable eagerly, for tests).
+    The same `seed` on the same device and dtype gives the same tokens.
     """
+    check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples)
+    started = time.perf_counter()
     block = model.config.block_size
-    if not prompt:
-        prompt = [EOT_ID]  # an empty prompt starts a fresh document
+    prompt = list(prompt) or [EOT_ID]
     if len(prompt) > block:
         raise GenerationError(
             f"the prompt is {len(prompt)} tokens but the model's context is {block}: shorten the prompt"
         )
+    if any(not 0 <= token < model.config.vocab_size for token in prompt):
+        raise GenerationError(f"the prompt holds token ids outside the vocabulary (0..{model.config.vocab_size - 1})")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens, stats.batch_size = len(prompt), num_samples
     device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu")
-    if seed is not None:
-        generator.manual_seed(seed)
-    tokens = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=device)  # (B, T)
+    generator = _make_generator(device, seed)
+    keep = max(1, block // 2)  # tokens re-encoded when the window jumps
+    static = compile if static_cache is None else (static_cache or compile)
+
+    # sequence[:, start:length] is what the model sees; the cache holds all of it but the newest token
+    sequence = torch.empty((num_samples, len(prompt) + max_new_tokens), dtype=torch.long, device=device)
+    sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+    start, length = 0, len(prompt)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros((num_samples, model.config.vocab_size), dtype=torch.bool, device=device)
+        seen[:, sequence[0, :length]] = True
     cache = KVCache(model, num_samples) if use_cache else None
-    logits, _ = model(tokens, kv_cache=cache)  # (B, T, V)
-    finished = torch.zeros(num_samples, dtype=torch.bool)
+    view = StaticDecodeView(cache) if cache is not None and static else None
+    step = _last_logits
+    if view is not None and compile:
+        step = _compiled_step(device)
+        stats.compiled = True
+    current = torch.zeros((num_samples, 1), dtype=torch.long, device=device)  # the token being fed, (B, 1)
+    if view is not None:
+        mark_static(current)
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    static_steps = 0
+
+    head_t = _cpu_head(model)
+    if cache is not None:  # one prefill for all samples: they share the prompt
+        logits = _last_logits(model, sequence[:1, :length], cache, head_t).expand(num_samples, -1)
+    else:
+        logits = _last_logits(model, sequence[:, :length], None, head_t)
     for produced in range(max_new_tokens):
-        next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
-        yield next_token.cpu()
-        finished |= next_token.cpu() == EOT_ID
-        if (stop_at_eot and bool(finished.all())) or produced == max_new_tokens - 1:
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        if stop_at_eot:
+            next_token = next_token.masked_fill(finished, EOT_ID)
+            finished |= next_token == EOT_ID
+        sequence[:, length] = next_token
+        length += 1
+        if seen is not None:
+            seen.scatter_(1, next_token[:, None], True)
+        tokens = next_token.cpu()
+        stats.new_tokens = produced + 1
+        stats.seconds = time.perf_counter() - started
+        if produced == 0:
+            stats.time_to_first_token_s = stats.seconds
+        yield tokens
+        if produced == max_new_tokens - 1 or (stop_at_eot and bool((tokens == EOT_ID).all())):
             return
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        if length - start > block:  # the window is full: jump, re-encoding its newest half
+            start = length - keep
+            stats.window_slides += 1
+            if cache is not None:
+                cache.reset()
+                logits = _last_logits(model, sequence[:, start:length], cache, head_t)
+                continue
         if cache is None:
-            logits, _ = model(tokens[:, -block:])
-        elif cache.pos < block:
-            logits, _ = model(next_token[:, None], kv_cache=cache)
-        else:  # context full: slide the window, keeping the last half-context as the new prefix
-            cache.reset()
-            logits, _ = model(tokens[:, -(block // 2 + 1):], kv_cache=cache)
+            logits = _last_logits(model, sequence[:, start:length], None, head_t)
+        elif view is None:
+            logits = _last_logits(model, sequence[:, length - 1 : length], cache, head_t)
+        else:
+            current.copy_(sequence[:, length - 1 : length])
+            view.input_pos.fill_(cache.pos)
+            logits, step = _static_step(step, model, current, view, head_t, stats, first=static_steps == 0)
+            static_steps += 1
+            cache.advance(1)
+
+
+def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: StaticDecodeView,
+                 head_t: torch.Tensor | None, stats: GenerationStats, first: bool) -> tuple[torch.Tensor, Callable]:
+    """One static decode step -> (logits (B, V), the step to use next time).
+
+    The first call of a compiled step compiles it; if that fails (no Triton, no C++ compiler, a backend
+    torch.compile does not support) decoding goes on eagerly with the same static view, and `stats` says why.
+    """
+    if step is _last_logits:
+        return step(model, current, view, head_t), step
+    if current.device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been consumed
+    if not first:
+        return step(model, current, view, head_t), step
+    try:
+        return step(model, current, view, head_t), step
+    except Exception as exc:
+        stats.compiled = False
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        stats.compile_error = f"{type(exc).__name__}: {first_line}"
+        return _last_logits(model, current, view, head_t), _last_logits
+
+
+# ----------------------------------------------------------------------------------------------- text
+class TextStream:
+    """A sample's token bytes in, text that is safe to show out.
+
+    A UTF-8 character split across tokens is held until it is complete (bytes that can never form one become
+    U+FFFD), and text that could be the start of a stop string is held until it is known not to be. Once a stop
+    string appears, `stopped` is True, the text ends right before it and nothing more is released.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self._longest = max((len(s) for s in self.stop), default=0)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""  # everything decoded so far
+        self._released = 0  # characters of _buffer handed out
+        self._searched = 0  # stop strings cannot start before this index
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The text released so far."""
+        return self._buffer[: self._released]
+
+    def push(self, data: bytes) -> str:
+        """Add one token's bytes; returns the newly released text (possibly empty)."""
+        if self.stopped:
+            return ""
+        self._buffer += self._decoder.decode(data)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End of generation: release what is held (an incomplete character becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        self._buffer += self._decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for s in self.stop if (i := self._buffer.find(s, self._searched)) >= 0]
+        if hits:
+            self.stopped = True
+            end = min(hits)
+        else:
+            self._searched = max(0, len(self._buffer) - self._longest + 1)
+            end = len(self._buffer) if final else len(self._buffer) - self._held_back()
+        out = self._buffer[self._released : end]
+        self._released = max(self._released, end)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest unreleased tail that is a proper prefix of a stop string."""
+        unreleased = len(self._buffer) - self._released
+        for size in range(min(self._longest - 1, unreleased), 0, -1):
+            tail = self._buffer[-size:]
+            if any(s.startswith(tail) for s in self.stop):
+                return size
+        return 0
+
+
+@dataclass
+class TextSample:
+    text: str  # the continuation, without the prompt, the stop string or <|endoftext|>
+    tokens: int  # tokens generated for it
+    stop_reason: str  # "eot" | "stop" | "length"
+
+
+@dataclass
+class SampleResult:
+    prompt: str
+    prompt_tokens: int
+    samples: list[TextSample]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def encode_prompt(prompt: str) -> list[int]:
+    """GPT-2 ids of `prompt`; a literal `<|endoftext|>` in it is the document separator."""
+    from tinygpt_cli.tokenizer import get_encoding
+
+    return get_encoding().encode(prompt, allowed_special={EOT_TOKEN}, disallowed_special=())
+
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def load_model(spec: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> LoadedCheckpoint:
+    """Load a checkpoint (a run's latest; the latest run's by default) for generation, in eval mode, its weights
+    cast to `dtype` (auto: bf16 on CUDA GPUs that have it, else fp16 there; fp32 elsewhere) on `device`.
+
+    Casting the weights, rather than autocasting, halves what each decode step reads from memory.
+    """
+    from tinygpt_cli.checkpoint import load_checkpoint
+    from tinygpt_cli.train import resolve_device, resolve_dtype
+
+    if dtype not in DTYPES:
+        raise GenerationError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    loaded = load_checkpoint(spec, device=torch_device)
+    if torch_dtype != torch.float32:
+        loaded.model.to(torch_dtype)
+    return loaded
+
+
+def read_prompt(path: str | Path) -> str:
+    """The text of a prompt file ("-": standard input), as it is: a final newline is part of the prompt."""
+    import sys
+
+    if str(path) == "-":
+        return sys.stdin.read()
+    path = Path(path).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GenerationError(f"prompt file {path} does not exist: check the --prompt-file path") from None
+    except UnicodeDecodeError:
+        raise GenerationError(f"prompt file {path} is not UTF-8 text: convert it, e.g. iconv -t utf-8") from None
+    except OSError as exc:
+        raise GenerationError(f"cannot read prompt file {path} ({exc.strerror}): check the path") from None
+
+
+def sample_text(
+    model: GPT,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int = 200,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    stop: Sequence[str] = (),
+    stop_at_eot: bool = True,
+    num_samples: int = 1,
+    seed: int | None = None,
+    compile: bool = False,
+    on_text: Callable[[int, str], None] | None = None,
+) -> SampleResult:
+    """Continue `prompt` `num_samples` times (one batch) and return the texts.
+
+    `on_text(sample_index, text)` receives each sample's text as soon as it is safe to show (see TextStream).
+    A sample ends at `<|endoftext|>` (unless `stop_at_eot` is False), at the first of the `stop` strings, or after
+    `max_new_tokens`; the batch ends when every sample has.
+    """
+    from tinygpt_cli.tokenizer import get_encoding
+
+    if any(not s for s in stop):
+        raise GenerationError("--stop needs a non-empty text")
+    encoding = get_encoding()
+    prompt_ids = encode_prompt(prompt)
+    stats = GenerationStats()
+    streams = [TextStream(stop) for _ in range(num_samples)]
+    reasons = ["length"] * num_samples
+    counts = [0] * num_samples
+    done = [False] * num_samples
+    tokens = generate(
+        model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, num_samples=num_samples, seed=seed, stop_at_eot=stop_at_eot,
+        compile=compile, stats=stats,
+    )
+    emit = on_text or (lambda index, text: None)
+    try:
+        for step_tokens in tokens:
+            for row, token in enumerate(step_tokens.tolist()):
+                if done[row]:
+                    continue
+                counts[row] += 1
+                if stop_at_eot and token == EOT_ID:
+                    done[row], reasons[row] = True, "eot"
+                    continue
+                piece = streams[row].push(encoding.decode_single_token_bytes(token))
+                if piece:
+                    emit(row, piece)
+                if streams[row].stopped:
+                    done[row], reasons[row] = True, "stop"
+            if all(done):
+                break
+    finally:
+        tokens.close()
+    for row, stream in enumerate(streams):
+        tail = stream.finish()
+        if tail:
+            emit(row, tail)
+    samples = [TextSample(s.text, n, r) for s, n, r in zip(streams, counts, reasons, strict=True)]
+    return SampleResult(prompt, stats.prompt_tokens or len(prompt_ids), samples, stats)

@@ -93,17 +93,28 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Autocast compute dtype. auto: bf16 on CUDA GPUs that have it (else fp16), fp32 elsewhere.
 
-    On CPU fp32 is the default: without native bf16 instructions (avx512_bf16/AMX) autocast to bf16 is
-    slower than fp32 (measured on the 2-core AMD EPYC CI machine).
+    On CPU: bf16 only where the CPU has native bf16 (AVX-512 BF16 / AMX); without it bf16 autocast is
+    emulated and slower than fp32 (the 2-core AMD EPYC CI machine has AVX2 only, so it trains in fp32).
     """
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
         return torch.float32
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     if dtype == torch.float16 and device.type == "cpu":
         raise TrainingError("--dtype fp16 is not supported on CPU: use fp32 or bf16")
     return dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), as oneDNN reports it."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "AVX512" in capability
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -388,13 +399,7 @@ class _Trainer:
         self.dataset = prepare_dataset(cfg, self.emit, info)
         self.train_tokens = self.dataset.split("train")
         self.val_tokens = self.dataset.split("val")
-        self.block = cfg.model.block_size
-        for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
-            if len(tokens) <= self.block + 1:
-                raise DataError(
-                    f"the {split} split of {self.dataset.name} has {len(tokens)} tokens, fewer than one context "
-                    f"of {self.block + 1}: lower model.block_size or tokenize more text"
-                )
+        self._check_data_fits(cfg.model.block_size)
 
         name = run_name or dist.all_gather_objects(default_run_name(cfg, self.dataset))[0]
         self.run_dir = workspace.runs_dir() / name
@@ -408,7 +413,13 @@ class _Trainer:
         if info.is_main:
             _check_writable(self.run_dir)
 
-        self.model = GPT(cfg.model)
+        if tc.init_from and not resume:
+            self.model = self._init_from(tc.init_from)
+            cfg = self.cfg
+        else:
+            self.model = GPT(cfg.model)
+        self.block = self.model.config.block_size
+        self._check_data_fits(self.block)
         torch.manual_seed(tc.seed + 1 + info.rank)  # then each rank its own dropout stream
         self.state: dict[str, Any] = {}
         if checkpoint is not None:
@@ -442,6 +453,30 @@ class _Trainer:
         self.forward_model = compiled if self.fsdp else self._wrap(compiled)
         self.checkpoint = checkpoint
         return self._loop()
+
+    def _check_data_fits(self, block: int) -> None:
+        for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
+            if len(tokens) <= block + 1:
+                raise DataError(
+                    f"the {split} split of {self.dataset.name} has {len(tokens)} tokens, fewer than one context "
+                    f"of {block + 1}: lower model.block_size or tokenize more text"
+                )
+
+    def _init_from(self, spec: str) -> GPT:
+        """Weights to start from (fine-tuning / continued pretraining). The model shape is the source's; a
+        shorter context is kept when the config changed model.block_size from its preset's value."""
+        from dataclasses import replace
+
+        from tinygpt_cli.config import PRESETS
+        from tinygpt_cli.export import load_pretrained
+
+        preset_block = PRESETS.get(self.cfg.size, {}).get("model", {}).get("block_size")
+        block = self.cfg.model.block_size if self.cfg.model.block_size != preset_block else None
+        model, model_cfg = load_pretrained(spec, block_size=block, dropout=self.cfg.model.dropout)
+        self.cfg = replace(self.cfg, model=model_cfg)  # config.yaml records the shape actually trained
+        self.emit(TrainEvent("info", message=f"Starting from {spec}: {model.num_params() / 1e6:.1f}M parameters, "
+                                             f"context {model_cfg.block_size}"))
+        return model.train()
 
     def _load_optimizer(self, checkpoint: Path) -> None:
         saved = load_optimizer_state(checkpoint)

@@ -1,0 +1,175 @@
+"""Generation throughput: tinygpt with its KV cache vs tinygpt without vs Hugging Face transformers'
+`GPT2LMHeadModel.generate` (with its own KV cache), on the same random weights, in the same run.
+
+The workload of issue #5: 256 new tokens from a 16-token prompt, batch 1, greedy; fp32 on CPU, the weights cast to
+bf16 on CUDA (where tinygpt's decode step is also torch.compiled into a CUDA graph). Each shape keeps the preset's
+layers, heads and width but gets a 1024-position table, so that the 272 tokens fit one window (Hugging Face's
+GPT-2 cannot slide a window). The Hugging Face model is built from tinygpt's state dict: the same parameter names,
+its Conv1D weights transposed, the vocabulary cut to GPT-2's 50257 (tinygpt never samples the padding ids either),
+and the greedy tokens of the three are compared. Rounds alternate between the contenders so that machine noise
+hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run down).
+
+    python bench/generate_throughput.py                                   # micro and small, this machine
+    python bench/generate_throughput.py --device cuda --shapes small      # + memory-bandwidth utilisation
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from tinygpt_cli.config import PRESETS, ModelConfig
+from tinygpt_cli.model import GPT
+from tinygpt_cli.sample import generate
+from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
+
+CONTEXT = 1024
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Peak memory bandwidth in GB/s by device name (first match), for the utilisation figure on GPUs.
+PEAK_BANDWIDTH_GBS = {"H200": 4800, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039, "A100": 1555,
+                      "L40S": 864, "A10": 600, "L4": 300, "4090": 1008, "3090": 936}
+
+
+def build_hf(model: GPT):
+    """A GPT2LMHeadModel holding `model`'s weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.config
+    hf_cfg = GPT2Config(
+        vocab_size=VOCAB_SIZE, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
+        layer_norm_epsilon=1e-5, bos_token_id=EOT_ID, eos_token_id=EOT_ID, tie_word_embeddings=True,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith(TRANSPOSED):
+            tensor = tensor.t()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:VOCAB_SIZE]
+        state[name] = tensor.contiguous()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all(".attn.bias" in k or ".attn.masked_bias" in k for k in missing), (missing, unexpected)
+    hf.tie_weights()
+    return hf
+
+
+def check_same_logits(model: GPT, hf, device: torch.device) -> float:
+    idx = torch.randint(0, VOCAB_SIZE, (1, 32), device=device)
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(input_ids=idx).logits
+    return float((ours[..., :VOCAB_SIZE].float() - theirs.float()).abs().max())
+
+
+def contenders(model: GPT, hf, prompt: list[int], new_tokens: int, device: torch.device,
+               compile_decode: bool) -> dict[str, Callable[[], list[int]]]:
+    from transformers import GenerationConfig
+
+    prompt_ids = torch.tensor([prompt], device=device)
+    greedy = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              pad_token_id=EOT_ID, eos_token_id=None)  # no end token: always new_tokens, as ours
+
+    def ours(use_cache: bool, compile: bool = False) -> Callable[[], list[int]]:
+        def run() -> list[int]:
+            return [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache,
+                                                compile=compile)]
+        return run
+
+    def theirs() -> list[int]:
+        with torch.inference_mode():
+            out = hf.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                              generation_config=greedy)
+        assert out.shape[1] == len(prompt) + new_tokens
+        return out[0, len(prompt):].tolist()
+
+    runs = {"tinygpt, KV cache": ours(True), "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs}
+    if compile_decode:
+        runs = {"tinygpt, KV cache, compiled": ours(True, compile=True), **runs}
+    return runs
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    preset = PRESETS[shape]["model"]
+    cfg = ModelConfig(n_layer=preset["n_layer"], n_head=preset["n_head"], n_embd=preset["n_embd"], block_size=CONTEXT)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    hf = build_hf(model)
+    model.to(device=device, dtype=dtype)
+    hf.to(device=device, dtype=dtype)
+    error = check_same_logits(model, hf, device)
+    prompt = torch.randint(0, VOCAB_SIZE, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    runs = contenders(model, hf, prompt, args.new_tokens, device, compile_decode=device.type == "cuda")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"\n{shape}: {cfg.n_layer} layers × {cfg.n_embd} wide, {cfg.n_head} heads, "
+          f"{model.num_params() / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB), context {CONTEXT}; "
+          f"max |logits difference| vs HF {error:.1e}")
+    tokens: dict[str, list[int]] = {}
+    for name, run in runs.items():  # warm-up (and the compile), then the reference tokens
+        tokens[name] = run()
+    best: dict[str, float] = {name: float("inf") for name in runs}
+    for round_ in range(args.rounds):
+        for name, run in runs.items():
+            if "no cache" in name and round_ >= args.uncached_rounds:
+                continue
+            sync(device)
+            started = time.perf_counter()
+            run()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - started)
+    reference = tokens["tinygpt, KV cache"]
+    cached = args.new_tokens / best["tinygpt, KV cache"]
+    print("| contender | tokens/s | ms/token | KV cache vs this | same tokens |")
+    print("|---|---|---|---|---|")
+    for name, seconds in best.items():
+        rate = args.new_tokens / seconds
+        same = "yes" if tokens[name] == reference else \
+            f"from {next(i for i, (a, b) in enumerate(zip(tokens[name], reference, strict=True)) if a != b)}"
+        print(f"| {name} | {rate:,.1f} | {1000 / rate:.2f} | {cached / rate:.2f}× | {same} |")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = args.peak_bandwidth or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in name), None)
+        fastest = max(args.new_tokens / s for s in best.values())
+        if peak:
+            print(f"memory-bandwidth utilisation ({name}, peak {peak} GB/s): weights {weight_bytes / 1e6:.0f} MB × "
+                  f"{fastest:,.0f} tokens/s = {weight_bytes * fastest / 1e9:,.0f} GB/s = "
+                  f"{weight_bytes * fastest / 1e9 / peak:.0%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="micro,small", help="comma-separated presets (default: micro,small)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per contender (the best is kept)")
+    parser.add_argument("--uncached-rounds", type=int, default=1, help="timed rounds of the slow uncached path")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--peak-bandwidth", type=float, default=None, help="GB/s, for the utilisation on a GPU")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} {dtype_name}, "
+          f"{torch.get_num_threads()} threads; {args.new_tokens} new tokens from {args.prompt_tokens}, batch 1, "
+          f"greedy; best of {args.rounds} rounds ({args.uncached_rounds} without a cache)")
+    for shape in args.shapes.split(","):
+        bench_shape(shape.strip(), args, device, dtype)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,535 @@
+"""Evaluation: loss, perplexity and bits per byte on token files, and zero-shot HellaSwag.
+
+Loss (`evaluate`): the split is cut into consecutive windows of the model's context; every window scores each of
+its tokens given the ones before it in the window. With `tokens` below the split's size, that many tokens' worth
+of windows are taken evenly spaced over the split (no randomness: the same checkpoint always gives the same
+number). loss = mean negative log-likelihood in nats of every scored token (the `<|endoftext|>` separators
+included, as in training's val loss); perplexity = exp(loss); bits per byte = the nats of the text tokens
+(separators left out) / ln 2 / the UTF-8 bytes those tokens decode to. Bits per byte does not depend on the
+tokenizer, so it compares models that do not share one.
+
+HellaSwag (`evaluate_task`): each example is a context and four endings. Every ending is scored by the
+log-likelihood of its tokens after the context (`" " + ending`, contexts cut from the left to fit the window);
+`accuracy` picks the ending with the highest total, `accuracy_norm` the highest mean per token - the number
+nanoGPT and llm.c report (GPT-2 124M: about 0.29).
+
+Results are appended to the run's `eval.jsonl` (one JSON object each) and `report.md`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tinygpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint
+from tinygpt_cli.data import Dataset, find_dataset
+from tinygpt_cli.errors import DataError, TinyGPTError
+from tinygpt_cli.model import GPT
+from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
+
+DEFAULT_TOKENS = 1 << 20  # tokens scored by default: 1,048,576, or the whole split if it is smaller
+BATCH_TOKENS = 16384  # tokens per forward pass by default
+HEAD_CHUNK = 512  # rows of (rows x vocab) fp32 logits held at once: 100 MB
+TASKS = ("hellaswag",)
+HELLASWAG_HUB_IDS = ("Rowan/hellaswag", "hellaswag")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+SPLITS = ("val", "train")
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    """What the evaluations report. `kind`: info (a line to show) | start | progress."""
+
+    kind: str
+    done: int = 0
+    total: int = 0
+    unit: str = "tokens"
+    message: str = ""
+
+
+@dataclass
+class LossResult:
+    checkpoint: str
+    step: int | None
+    dataset: str
+    split: str
+    tokens: int  # targets scored
+    text_bytes: int  # UTF-8 bytes of the scored text tokens
+    windows: int
+    window_tokens: int  # the model's context
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    seconds: float
+    device: str
+    dtype: str
+    kind: str = "loss"
+    recorded_in: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class TaskResult:
+    checkpoint: str
+    step: int | None
+    task: str
+    source: str  # where the examples came from (a hub id or a file)
+    examples: int
+    accuracy: float  # highest total log-likelihood
+    accuracy_norm: float  # highest mean log-likelihood per token
+    accuracy_norm_stderr: float
+    seconds: float
+    device: str
+    dtype: str
+    kind: str = "task"
+    recorded_in: str | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """A multiple-choice example: `context` followed by one of `endings`; `label` is the right one."""
+
+    context: str
+    endings: tuple[str, ...]
+    label: int
+
+
+@dataclass
+class TokenScore:
+    """Sums over the scored tokens of a token array."""
+
+    nats: float = 0.0
+    tokens: int = 0
+    text_nats: float = 0.0  # nats of the tokens that are text (not <|endoftext|>)
+    text_bytes: int = 0
+    windows: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+@functools.lru_cache(maxsize=1)
+def token_byte_lengths() -> np.ndarray:
+    """UTF-8 bytes of every token id (65536,) int64; <|endoftext|> and ids past the vocabulary count 0."""
+    from tinygpt_cli.tokenizer import get_encoding
+
+    encoding = get_encoding()
+    lengths = np.zeros(1 << 16, dtype=np.int64)
+    for token in range(VOCAB_SIZE):
+        if token != EOT_ID:
+            lengths[token] = len(encoding.decode_single_token_bytes(token))
+    return lengths
+
+
+def token_nats(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood in nats (B, T) fp32 of targets y (B, T) after inputs x (B, T); 0 where y is -1.
+
+    The head runs a chunk of positions at a time, so the (B*T, vocab) logits are never held whole.
+    """
+    hidden = model.hidden_states(x).flatten(0, 1)  # (N, C)
+    targets = y.flatten()  # (N,)
+    nats = torch.zeros(targets.numel(), dtype=torch.float32, device=x.device)
+    weight = model.lm_head.weight
+    for begin in range(0, targets.numel(), HEAD_CHUNK):
+        rows = slice(begin, begin + HEAD_CHUNK)
+        logits = F.linear(hidden[rows], weight).float()  # (n, V)
+        target = targets[rows]
+        picked = logits.gather(1, target.clamp(min=0)[:, None]).squeeze(1)
+        nats[rows] = torch.where(target >= 0, torch.logsumexp(logits, dim=-1) - picked, 0.0)
+    return nats.view_as(y)
+
+
+def window_starts(n_tokens: int, block: int, max_tokens: int | None) -> list[tuple[int, int]]:
+    """(start, length) of the windows to score in a split of `n_tokens`: a window scores tokens start+1 ..
+    start+length. Consecutive full windows tile the split; with `max_tokens` below it, ceil(max_tokens / block)
+    of them are taken evenly spaced. Scoring the whole split, a last shorter window takes the remainder."""
+    full = (n_tokens - 1) // block
+    wanted = math.ceil(max_tokens / block) if max_tokens else None
+    if wanted is not None and wanted < full:
+        return [((i * full // wanted) * block, block) for i in range(wanted)]
+    windows = [(i * block, block) for i in range(full)]
+    remainder = n_tokens - 1 - full * block
+    if remainder > 0:
+        windows.append((full * block, remainder))
+    return windows
+
+
+@torch.inference_mode()
+def score_tokens(
+    model: GPT,
+    tokens: np.ndarray,
+    *,
+    max_tokens: int | None = DEFAULT_TOKENS,
+    batch_size: int | None = None,
+    autocast: Any = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> TokenScore:
+    """Score `tokens` (a 1-D array of ids) in windows of the model's context; see `window_starts`."""
+    import contextlib
+
+    block = model.config.block_size
+    windows = window_starts(len(tokens), block, max_tokens)
+    total = sum(length for _, length in windows)
+    batch_size = batch_size or max(1, BATCH_TOKENS // block)
+    device = next(model.parameters()).device
+    byte_lengths = token_byte_lengths()
+    score = TokenScore(windows=len(windows))
+    for first in range(0, len(windows), batch_size):
+        group = windows[first : first + batch_size]
+        width = max(length for _, length in group)
+        x = np.zeros((len(group), width), dtype=np.int64)
+        y = np.full((len(group), width), -1, dtype=np.int64)
+        for row, (start, length) in enumerate(group):
+            chunk = np.asarray(tokens[start : start + length + 1], dtype=np.int64)
+            x[row, :length] = chunk[:-1]
+            y[row, :length] = chunk[1:]
+        with autocast or contextlib.nullcontext():
+            nats = token_nats(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        nats = nats.cpu().double().numpy()
+        scored = y >= 0
+        text = scored & (byte_lengths[np.maximum(y, 0)] > 0)
+        score.nats += float(nats[scored].sum())
+        score.tokens += int(scored.sum())
+        score.text_nats += float(nats[text].sum())
+        score.text_bytes += int(byte_lengths[y[text]].sum())
+        if on_progress is not None:
+            on_progress(score.tokens, total)
+    return score
+
+
+def _encode(text: str) -> list[int]:
+    from tinygpt_cli.tokenizer import get_encoding
+
+    return get_encoding().encode_ordinary(text)
+
+
+@torch.inference_mode()
+def score_examples(
+    model: GPT,
+    examples: Sequence[Example],
+    *,
+    batch_size: int | None = None,
+    autocast: Any = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[float, float]:
+    """(accuracy, accuracy_norm) of `examples` zero-shot; see the module docstring."""
+    import contextlib
+
+    block = model.config.block_size
+    device = next(model.parameters()).device
+    batch_size = batch_size or max(1, BATCH_TOKENS // (4 * block))
+    correct = correct_norm = 0
+    for first in range(0, len(examples), batch_size):
+        group = examples[first : first + batch_size]
+        rows: list[tuple[list[int], int]] = []  # (tokens, how many of the last ones are the ending)
+        for example in group:
+            context = _encode(example.context) or [EOT_ID]
+            for ending in example.endings:
+                ending_ids = _encode(" " + ending)
+                sequence = (context + ending_ids)[-(block + 1) :]
+                rows.append((sequence, min(len(ending_ids), len(sequence) - 1)))
+        width = max(len(sequence) - 1 for sequence, _ in rows)
+        x = np.zeros((len(rows), width), dtype=np.int64)
+        y = np.full((len(rows), width), -1, dtype=np.int64)
+        for row, (sequence, scored) in enumerate(rows):
+            n = len(sequence) - 1
+            x[row, :n] = sequence[:-1]
+            y[row, n - scored : n] = sequence[-scored:] if scored else []
+        with autocast or contextlib.nullcontext():
+            nats = token_nats(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        totals = nats.double().sum(dim=1).cpu()
+        counts = torch.from_numpy((y >= 0).sum(axis=1)).clamp(min=1)
+        offset = 0
+        for example in group:
+            choices = slice(offset, offset + len(example.endings))
+            offset += len(example.endings)
+            correct += int(int(totals[choices].argmin()) == example.label)
+            correct_norm += int(int((totals[choices] / counts[choices]).argmin()) == example.label)
+        if on_progress is not None:
+            on_progress(min(first + batch_size, len(examples)), len(examples))
+    n = max(1, len(examples))
+    return correct / n, correct_norm / n
+
+
+# ----------------------------------------------------------------------------------------------- HellaSwag data
+def _example_from_row(row: Any, where: str) -> Example:
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is not an object with ctx, endings and label: check the file")
+    context = row.get("ctx")
+    if context is None and "ctx_a" in row:  # the original release: ctx = ctx_a + " " + ctx_b capitalised
+        context = (str(row["ctx_a"]) + " " + str(row.get("ctx_b") or "").capitalize()).strip()
+    endings = row.get("endings")
+    if not isinstance(context, str) or not isinstance(endings, (list, tuple)) or len(endings) < 2 \
+            or not all(isinstance(e, str) for e in endings):
+        raise DataError(f"{where} needs a text 'ctx' and a list of text 'endings' (HellaSwag's schema)")
+    try:
+        label = int(row.get("label"))  # the hub stores "0".."3"
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{where} has no usable label ({row.get('label')!r}): use HellaSwag's validation split, which is labelled"
+        ) from None
+    if not 0 <= label < len(endings):
+        raise DataError(f"{where} has label {label} but {len(endings)} endings")
+    return Example(context, tuple(endings), label)
+
+
+def _read_rows(path: Path) -> list[Any]:
+    name = path.name.lower()
+    if not path.is_file():
+        raise DataError(f"task data {path} does not exist: check the --task-data path")
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        text = path.read_text(encoding="utf-8")
+        if name.endswith(".jsonl"):
+            rows = []
+            for line_no, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"line {line_no} of {path} is not valid JSON ({exc.msg}): fix it") from None
+            return rows
+        if name.endswith(".json"):
+            loaded = json.loads(text)
+            return loaded if isinstance(loaded, list) else [loaded]
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"task data {path} could not be read ({type(exc).__name__}): check the file") from None
+    except OSError as exc:
+        raise DataError(f"task data {path} could not be read ({exc}): check the file") from None
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises its own kinds for a damaged file
+        raise DataError(f"task data {path} could not be read ({type(exc).__name__}): check the file") from None
+    raise DataError(f"task data {path} is not .jsonl, .json or .parquet: convert it to one of those")
+
+
+def _hub_rows(limit: int | None) -> tuple[list[Any], str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("the `datasets` package is missing: pip install datasets, or pass --task-data PATH") from None
+    problems = []
+    for hub_id in HELLASWAG_HUB_IDS:
+        try:
+            table = datasets.load_dataset(hub_id, split="validation")
+        except Exception as exc:  # offline, a renamed repo, a script-based copy: try the next id
+            problems.append(f"{hub_id}: {type(exc).__name__}")
+            continue
+        if limit is not None:
+            table = table.select(range(min(limit, len(table))))
+        return list(table), f"{hub_id} (validation)"
+    raise DataError(
+        f"could not load HellaSwag from the Hugging Face hub ({'; '.join(problems)}): go online once to cache it, "
+        f"or pass --task-data PATH to a local .jsonl/.parquet with ctx, endings and label"
+    )
+
+
+def load_hellaswag(path: str | Path | None = None, limit: int | None = None) -> tuple[list[Example], str]:
+    """HellaSwag's validation examples (the first `limit`) and where they came from.
+
+    `path`: a local .jsonl/.json/.parquet in HellaSwag's schema (ctx or ctx_a/ctx_b, endings, label);
+    None: the Hugging Face hub through `datasets` (cached after the first download).
+    """
+    if path is not None:
+        path = Path(path).expanduser()
+        rows, source = _read_rows(path), str(path)
+        if limit is not None:
+            rows = rows[:limit]
+    else:
+        rows, source = _hub_rows(limit)
+    if not rows:
+        raise DataError(f"{source} holds no examples: check the file")
+    return [_example_from_row(row, f"example {i + 1} of {source}") for i, row in enumerate(rows)], source
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def _setup(checkpoint: str | Path | None, device: str, dtype: str) -> tuple[LoadedCheckpoint, Any, str]:
+    from tinygpt_cli.train import autocast_context, resolve_device, resolve_dtype
+
+    if dtype not in DTYPES:
+        raise DataError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    loaded = load_checkpoint(checkpoint, device=torch_device)
+    return loaded, autocast_context(torch_device, torch_dtype), str(torch_dtype).split(".")[-1]
+
+
+def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[EvalEvent], None]) -> Dataset:
+    """--data, else the dataset the run trained on, else the newest one."""
+    if data:
+        dataset = find_dataset(data)
+        assert dataset is not None
+        return dataset
+    state_data = loaded.state.get("data")
+    candidates = [loaded.run_config.data.dataset if loaded.run_config else None,
+                  state_data.get("dataset") if isinstance(state_data, dict) else None]
+    trained_on = [name for name in candidates if name]
+    for name in trained_on:
+        try:
+            return find_dataset(name)  # type: ignore[return-value]
+        except DataError:
+            continue
+    if trained_on:
+        emit(EvalEvent("info", message=f"The run's dataset {trained_on[-1]!r} is not in this workspace."))
+    dataset = find_dataset(None)
+    if dataset is None:
+        raise DataError("no tokenized dataset to evaluate on: run `tinygpt tokenize` or pass --data NAME|PATH")
+    return dataset
+
+
+def evaluate(
+    checkpoint: str | Path | None = None,
+    *,
+    data: str | None = None,
+    split: str = "val",
+    tokens: int | None = DEFAULT_TOKENS,
+    batch_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    on_event: Callable[[EvalEvent], None] | None = None,
+    record: bool = True,
+) -> LossResult:
+    """Loss, perplexity and bits per byte of a checkpoint (a run's latest; the latest run's by default) on a
+    tokenized dataset's split. `data`: a dataset name or folder (default: the one the run trained on)."""
+    emit = on_event or (lambda event: None)
+    if split not in SPLITS:
+        raise DataError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
+    if tokens is not None and tokens < 1:
+        raise DataError(f"--tokens must be at least 1 (got {tokens})")
+    if batch_size is not None and batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
+    loaded, autocast, dtype_name = _setup(checkpoint, device, dtype)
+    dataset = _run_dataset(loaded, data, emit)
+    split_tokens = dataset.split(split)
+    if len(split_tokens) < 2:
+        raise DataError(f"the {split} split of {dataset.name} has fewer than 2 tokens: tokenize more text")
+    model: GPT = loaded.model  # type: ignore[assignment]
+    windows = window_starts(len(split_tokens), model.config.block_size, tokens)
+    total = sum(length for _, length in windows)
+    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {dataset.name}/{split}: {total:,} tokens in "
+                                   f"{len(windows):,} windows of {model.config.block_size}"))
+    emit(EvalEvent("start", total=total))
+    started = time.perf_counter()
+    score = score_tokens(model, split_tokens, max_tokens=tokens, batch_size=batch_size, autocast=autocast,
+                         on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_)))
+    loss = score.nats / max(1, score.tokens)
+    result = LossResult(
+        checkpoint=str(loaded.path), step=loaded.state.get("step"), dataset=dataset.name, split=split,
+        tokens=score.tokens, text_bytes=score.text_bytes, windows=score.windows,
+        window_tokens=model.config.block_size, loss=loss, perplexity=math.exp(min(loss, 700.0)),
+        bits_per_byte=score.text_nats / math.log(2) / max(1, score.text_bytes),
+        seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
+    )
+    if record:
+        result.recorded_in = str(record_result(loaded.path, result))
+    return result
+
+
+def evaluate_task(
+    checkpoint: str | Path | None = None,
+    *,
+    task: str = "hellaswag",
+    task_data: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    on_event: Callable[[EvalEvent], None] | None = None,
+    record: bool = True,
+) -> TaskResult:
+    """Zero-shot accuracy of a checkpoint on a benchmark (`task`: hellaswag), on the first `limit` examples."""
+    emit = on_event or (lambda event: None)
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be at least 1 (got {limit})")
+    if batch_size is not None and batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
+    examples, source = load_hellaswag(task_data, limit)
+    loaded, autocast, dtype_name = _setup(checkpoint, device, dtype)
+    model: GPT = loaded.model  # type: ignore[assignment]
+    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {task}: {len(examples):,} examples from {source}"))
+    emit(EvalEvent("start", total=len(examples), unit="examples"))
+    started = time.perf_counter()
+    accuracy, accuracy_norm = score_examples(
+        model, examples, batch_size=batch_size, autocast=autocast,
+        on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_, unit="examples")),
+    )
+    result = TaskResult(
+        checkpoint=str(loaded.path), step=loaded.state.get("step"), task=task, source=source,
+        examples=len(examples), accuracy=accuracy, accuracy_norm=accuracy_norm,
+        accuracy_norm_stderr=math.sqrt(accuracy_norm * (1 - accuracy_norm) / max(1, len(examples))),
+        seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
+    )
+    if record:
+        result.recorded_in = str(record_result(loaded.path, result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- records
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run folder of `runs/<name>/checkpoints/step_<N>`; a checkpoint elsewhere is its own record folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+def _append(path: Path, text: str) -> None:
+    """Append `text` in one write, flushed to disk: a crash leaves the file as it was or with the whole record."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _report_section(result: LossResult | TaskResult, when: str) -> str:
+    if isinstance(result, LossResult):
+        title = f"loss on {result.dataset}/{result.split}"
+        rows = [
+            ("loss", f"{result.loss:.4f}"), ("perplexity", f"{result.perplexity:.2f}"),
+            ("bits per byte", f"{result.bits_per_byte:.4f}"),
+            ("scored", f"{result.tokens:,} tokens ({result.text_bytes:,} bytes of text) in {result.windows:,} "
+                       f"windows of {result.window_tokens}"),
+        ]
+    else:
+        title = f"{result.task} (zero-shot)"
+        rows = [
+            ("accuracy (length-normalised)", f"{result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f}"),
+            ("accuracy", f"{result.accuracy:.4f}"), ("examples", f"{result.examples:,} from {result.source}"),
+        ]
+    rows += [("checkpoint", f"`{result.checkpoint}` (step {result.step})"),
+             ("device", f"{result.device} {result.dtype}, {result.seconds:.1f} s")]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"\n## Evaluation: {title} · {when}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Path:
+    """Append `result` to `eval.jsonl` and `report.md` of the checkpoint's run; returns the run folder."""
+    checkpoint = Path(checkpoint)
+    folder = run_dir_of(checkpoint)
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    record = {"time": when, **{k: v for k, v in asdict(result).items() if k != "recorded_in"}}
+    try:
+        report = folder / "report.md"
+        header = "" if report.exists() else f"# Run {folder.name}\n"
+        _append(folder / "eval.jsonl", json.dumps(record) + "\n")
+        _append(report, header + _report_section(result, when))
+    except OSError as exc:
+        raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): make the run folder writable") \
+            from None
+    return folder

@@ -1,0 +1,748 @@
+"""Export a model to formats the rest of the ecosystem loads, and load GPT-2 weights from them.
+
+Formats (`export_model`):
+  hf    a Hugging Face transformers folder (GPT2LMHeadModel: config.json, model.safetensors,
+        generation_config.json and the GPT-2 tokenizer files), loadable offline with `from_pretrained`.
+  gguf  one GGUF file for llama.cpp's `gpt2` architecture, tokenizer inside (the `gguf` package).
+  onnx  an ONNX graph `input_ids (batch, sequence) int64 -> logits (batch, sequence, 50257) float32`
+        (torch.onnx.export, dynamo exporter), with the tokenizer files beside it.
+
+Import (`load_pretrained`, `load_model`): a Hugging Face GPT-2 folder (one tinygpt exported included),
+a tinygpt run or checkpoint, or OpenAI's `gpt2`/`gpt2-medium`/`gpt2-large`/`gpt2-xl` from the Hugging Face Hub.
+
+tinygpt's parameter names are Hugging Face's; its linear layers are `nn.Linear` (weight (out, in)) where
+transformers' GPT-2 uses Conv1D (weight (in, out)), so those four weights per block are transposed on the way
+out and back in. The embedding is padded to 50304 rows in tinygpt and trimmed to GPT-2's 50257 in every export.
+The tokenizer files (vocab, merges) are derived from the bundled BPE ranks, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tinygpt_cli import __version__, workspace
+from tinygpt_cli.checkpoint import STATE_FILE, LoadedCheckpoint, fsync_dir, load_checkpoint
+from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.errors import TinyGPTError
+from tinygpt_cli.model import GPT
+from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
+
+FORMATS = ("hf", "gguf", "onnx")
+# dtypes each format can hold; onnxruntime has no bf16 kernels for GPT-2's ops on CPU, so ONNX stops at fp16
+FORMAT_DTYPES: dict[str, tuple[str, ...]] = {
+    "hf": ("fp32", "fp16", "bf16"),
+    "gguf": ("fp32", "fp16", "bf16", "q8_0"),
+    "onnx": ("fp32", "fp16"),
+}
+HUB_MODELS = {
+    "gpt2": "openai-community/gpt2",  # 124M
+    "gpt2-medium": "openai-community/gpt2-medium",  # 350M
+    "gpt2-large": "openai-community/gpt2-large",  # 774M
+    "gpt2-xl": "openai-community/gpt2-xl",  # 1.5B
+}
+EXPORT_EXTRA = "pip install 'tinygpt[export]'"
+LAYER_NORM_EPS = 1e-5  # model.py's LayerNorms
+# weights that are nn.Linear (out, in) in tinygpt and Conv1D (in, out) in transformers
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HF_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_HF_WEIGHTS = "model.safetensors"
+_HF_INDEX = "model.safetensors.index.json"
+_HF_BIN = "pytorch_model.bin"
+
+
+class ExportError(TinyGPTError):
+    """An export or import cannot be done: bad format/dtype, a missing optional package, a foreign model."""
+
+
+@dataclass
+class ExportResult:
+    """What `export_model` wrote: `path` (a folder, or the .gguf file) and each file's size in bytes."""
+
+    path: Path
+    format: str
+    dtype: str
+    source: Path | str
+    files: dict[str, int] = field(default_factory=dict)  # name in the output folder (or the .gguf file's) -> bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+@functools.lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by its byte-level BPE files.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, soft hyphen, ...) are mapped
+    in byte order onto the characters from U+0100 up, so every token is a visible, whitespace-free string.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in keep}
+    shifted = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def _token_text(token: bytes) -> str:
+    table = byte_to_unicode()
+    return "".join(table[byte] for byte in token)
+
+
+@functools.lru_cache(maxsize=1)
+def token_strings() -> tuple[str, ...]:
+    """GPT-2's 50257 tokens in id order, as the byte-level strings of vocab.json (the last is <|endoftext|>)."""
+    by_rank = sorted(load_ranks().items(), key=lambda item: item[1])
+    if [rank for _, rank in by_rank] != list(range(EOT_ID)):
+        raise TinyGPTError("the bundled GPT-2 ranks are not the ids 0..50255: reinstall tinygpt")
+    return (*(_token_text(token) for token, _ in by_rank), EOT_TOKEN)
+
+
+def _split_by_lower_ranks(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """BPE of `token`'s bytes using only merges ranked below the token itself (the merge that makes it is last)."""
+    limit = ranks[token]
+    # The answer is two lower-ranked tokens that concatenate to `token`; when only one split point gives such a
+    # pair it must be the answer, and running BPE is needed only to choose between several (about 1 in 4 tokens).
+    splits = [
+        i for i in range(1, len(token))
+        if ranks.get(token[:i], limit) < limit and ranks.get(token[i:], limit) < limit
+    ]
+    if len(splits) == 1:
+        return [token[: splits[0]], token[splits[0] :]]
+    parts = [bytes([byte]) for byte in token]
+    while True:
+        best_rank, best_at = limit, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best_rank, best_at = rank, i
+        if best_at < 0:
+            return parts
+        parts[best_at : best_at + 2] = [parts[best_at] + parts[best_at + 1]]
+
+
+@functools.lru_cache(maxsize=1)
+def bpe_merges() -> tuple[tuple[str, str], ...]:
+    """GPT-2's 50000 merges in priority order, as pairs of byte-level strings (merges.txt without its header).
+
+    tiktoken keeps only ranks: token t (rank r >= 256) is made by merging the two tokens that BPE with the
+    merges ranked below r leaves of t's bytes, so the merge list is recovered in rank order.
+    """
+    ranks = load_ranks()
+    merges = []
+    for token, _ in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = _split_by_lower_ranks(token, ranks)
+        if len(parts) != 2:
+            raise TinyGPTError(f"the bundled GPT-2 ranks cannot be turned into merges at {token!r}: reinstall tinygpt")
+        merges.append((_token_text(parts[0]), _token_text(parts[1])))
+    return tuple(merges)
+
+
+def tokenizer_files(model_max_length: int) -> dict[str, str]:
+    """The Hugging Face GPT-2 tokenizer files (name -> text): vocab.json, merges.txt, tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json. Ids are those of tinygpt's tokenizer."""
+    vocab = {text: index for index, text in enumerate(token_strings())}
+    merges = [f"{left} {right}" for left, right in bpe_merges()]
+    eot = {
+        "id": EOT_ID, "content": EOT_TOKEN, "single_word": False, "lstrip": False, "rstrip": False,
+        "normalized": True, "special": True,
+    }
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [eot],
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": {**byte_level, "trim_offsets": False},
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab, "merges": merges,
+        },
+    }
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model_max_length,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,  # decode(encode(text)) == text
+        "errors": "replace",
+        "added_tokens_decoder": {str(EOT_ID): {key: value for key, value in eot.items() if key != "id"}},
+        **special,
+    }
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
+        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
+    }
+
+
+# ----------------------------------------------------------------------------------------- Hugging Face
+def hf_config(cfg: ModelConfig, dtype: str = "fp32") -> dict[str, Any]:
+    """config.json of the GPT2LMHeadModel that computes what `GPT(cfg)` computes."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": VOCAB_SIZE,
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,  # 4 * n_embd
+        "activation_function": "gelu_new",  # GELU, tanh approximation
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "use_cache": True,
+        "bos_token_id": EOT_ID,
+        "eos_token_id": EOT_ID,
+        "tie_word_embeddings": True,
+        "torch_dtype": _HF_DTYPE_NAMES[dtype],
+        "tinygpt_version": __version__,
+    }
+
+
+def _full_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """tinygpt's weights on CPU in fp32, with zero biases filled in for a `bias=False` model.
+
+    GPT-2 always has biases; a LayerNorm or Linear without one computes exactly what it does with a zero one.
+    """
+    cfg = model.config
+    state = {key: value.detach().to("cpu", torch.float32) for key, value in model.state_dict().items()}
+    state.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+    if not cfg.bias:
+        widths = {"ln_1": cfg.n_embd, "ln_2": cfg.n_embd, "attn.c_attn": 3 * cfg.n_embd, "attn.c_proj": cfg.n_embd,
+                  "mlp.c_fc": 4 * cfg.n_embd, "mlp.c_proj": cfg.n_embd}
+        for layer in range(cfg.n_layer):
+            for name, width in widths.items():
+                state.setdefault(f"transformer.h.{layer}.{name}.bias", torch.zeros(width))
+        state.setdefault("transformer.ln_f.bias", torch.zeros(cfg.n_embd))
+    return state
+
+
+def hf_state_dict(model: GPT, dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's state dict: Conv1D weights transposed, the vocabulary trimmed to 50257, no lm_head."""
+    out = {}
+    for key, value in _full_state_dict(model).items():
+        if key == "transformer.wte.weight":
+            value = value[:VOCAB_SIZE]
+        elif key.endswith(CONV1D_WEIGHTS):
+            value = value.t()
+        out[key] = value.to(_TORCH_DTYPES[dtype]).contiguous()
+    return out
+
+
+def write_hf(model: GPT, folder: Path, dtype: str = "fp32") -> None:
+    """Write a Hugging Face GPT-2 folder (config, weights, generation config, tokenizer) into `folder`."""
+    from safetensors.torch import save_file
+
+    cfg: ModelConfig = model.config
+    save_file(hf_state_dict(model, dtype), str(folder / _HF_WEIGHTS),
+              metadata={"format": "pt", "tinygpt_version": __version__})
+    texts = {
+        "config.json": json.dumps(hf_config(cfg, dtype), indent=2) + "\n",
+        "generation_config.json": json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}, indent=2) + "\n",
+        **tokenizer_files(cfg.block_size),
+    }
+    for name, text in texts.items():
+        (folder / name).write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------- GGUF
+def _require(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"{what} needs the {module} package: pip install {module} "
+                          f"(every export format: {EXPORT_EXTRA})") from None
+
+
+def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The fp32 tensors of llama.cpp's `gpt2` architecture, by GGUF name.
+
+    llama.cpp wants (out, in) matrices, which is nn.Linear's layout: nothing is transposed. The head is tied,
+    so there is no `output.weight`; llama.cpp then reuses `token_embd.weight`.
+    """
+    state = _full_state_dict(model)
+    names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    tensors = {
+        "token_embd.weight": state["transformer.wte.weight"][:VOCAB_SIZE],
+        "position_embd.weight": state["transformer.wpe.weight"],
+        "output_norm.weight": state["transformer.ln_f.weight"],
+        "output_norm.bias": state["transformer.ln_f.bias"],
+    }
+    for layer in range(model.config.n_layer):
+        for ours, theirs in names.items():
+            for kind in ("weight", "bias"):
+                tensors[f"blk.{layer}.{theirs}.{kind}"] = state[f"transformer.h.{layer}.{ours}.{kind}"]
+    return tensors
+
+
+def gguf_tensor_type(name: str, shape: tuple[int, ...], dtype: str):
+    """The GGML type a tensor is stored in: vectors, norms and positions stay f32 (as llama.cpp's converter
+    does); q8_0 needs rows that are a multiple of 32 values and falls back to f16 otherwise."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if len(shape) < 2 or name.startswith("position_embd") or dtype == "fp32":
+        return types.F32
+    if dtype == "q8_0":
+        block = gguf.GGML_QUANT_SIZES[types.Q8_0][0]
+        return types.Q8_0 if shape[-1] % block == 0 else types.F16
+    return {"fp16": types.F16, "bf16": types.BF16}[dtype]
+
+
+def write_gguf(model: GPT, path: Path, dtype: str = "fp32", name: str = "tinygpt") -> None:
+    """Write `model` and the GPT-2 tokenizer as one GGUF file for llama.cpp (`gpt2` architecture)."""
+    gguf = _require("gguf", "--format gguf")
+    cfg: ModelConfig = model.config
+    file_types = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_file_type(int(file_types[dtype]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_context_length(cfg.block_size)
+        writer.add_embedding_length(cfg.n_embd)
+        writer.add_feed_forward_length(4 * cfg.n_embd)
+        writer.add_block_count(cfg.n_layer)
+        writer.add_head_count(cfg.n_head)
+        writer.add_layer_norm_eps(LAYER_NORM_EPS)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(list(token_strings()))
+        writer.add_token_types([int(gguf.TokenType.NORMAL)] * EOT_ID + [int(gguf.TokenType.CONTROL)])
+        writer.add_token_merges([f"{left} {right}" for left, right in bpe_merges()])
+        writer.add_bos_token_id(EOT_ID)
+        writer.add_eos_token_id(EOT_ID)
+        writer.add_add_bos_token(False)
+        for tensor_name, tensor in gguf_tensors(model).items():
+            array = tensor.numpy()
+            kind = gguf_tensor_type(tensor_name, array.shape, dtype)
+            writer.add_tensor(tensor_name, gguf.quants.quantize(array, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+# ----------------------------------------------------------------------------------------- ONNX
+class _LogitsModel(nn.Module):
+    """input_ids (B, T) int64 -> logits (B, T, 50257) fp32: the graph that ONNX export traces."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hidden_states(input_ids)  # (B, T, C)
+        head = self.model.transformer.wte.weight[:VOCAB_SIZE]  # the padded rows are never real tokens
+        return nn.functional.linear(hidden, head).float()  # (B, T, 50257)
+
+
+@contextmanager
+def _quiet_torch_onnx() -> Iterator[None]:
+    """The exporter warns about optional packages it does not need (torchvision) through logging and warnings."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def write_onnx(model: GPT, folder: Path, dtype: str = "fp32") -> None:
+    """Write `model.onnx` (dynamic batch and sequence axes; sequence up to block_size) and the tokenizer files.
+
+    Weights go to `model.onnx.data` beside it when they pass 1 GiB (ONNX's protobuf stops at 2 GiB).
+    """
+    _require("onnx", "--format onnx")
+    _require("onnxscript", "--format onnx (torch's ONNX exporter)")
+    cfg: ModelConfig = model.config
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != _TORCH_DTYPES[dtype] or model.training:
+        model = copy.deepcopy(model).to("cpu", _TORCH_DTYPES[dtype])  # the caller's model stays as it is
+    graph = _LogitsModel(model).eval()
+    example = torch.zeros((2, min(8, cfg.block_size)), dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1)
+    sequence = torch.export.Dim("sequence", min=1, max=cfg.block_size)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with _quiet_torch_onnx(), torch.no_grad():
+        try:
+            torch.onnx.export(
+                graph, (example,), str(folder / "model.onnx"), input_names=["input_ids"], output_names=["logits"],
+                dynamic_shapes={"input_ids": {0: batch, 1: sequence}}, dynamo=True, verbose=False,
+                external_data=weight_bytes > 2**30,
+            )
+        except Exception as exc:  # the exporter raises many kinds; one line is what a user can act on
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"ONNX export failed ({type(exc).__name__}: {first}): try --format hf") from None
+    for name, text in tokenizer_files(cfg.block_size).items():
+        (folder / name).write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------- export
+def check_format(fmt: str, dtype: str) -> None:
+    """Raise an ExportError unless `fmt` is a known format that can hold `dtype`."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if dtype not in FORMAT_DTYPES[fmt]:
+        choices = ", ".join(FORMAT_DTYPES[fmt])
+        raise ExportError(f"--format {fmt} cannot hold {dtype!r} weights: choose one of {choices}")
+
+
+def _source_name(loaded: LoadedCheckpoint) -> str:
+    path = loaded.path
+    if path.parent.name == "checkpoints":  # runs/<name>/checkpoints/step_<N>
+        path = path.parent.parent
+    return workspace.safe_name(path.name)
+
+
+def default_export_path(name: str, fmt: str, dtype: str) -> Path:
+    """exports/<name>-hf[-fp16], exports/<name>-onnx[-fp16], exports/<name>-<dtype>.gguf under the workspace."""
+    if fmt == "gguf":
+        return workspace.root() / "exports" / f"{name}-{dtype}.gguf"
+    suffix = "" if dtype == "fp32" else f"-{dtype}"
+    return workspace.root() / "exports" / f"{name}-{fmt}{suffix}"
+
+
+def _files_under(path: Path) -> dict[str, int]:
+    if path.is_file():
+        return {path.name: path.stat().st_size}
+    return {str(child.relative_to(path)): child.stat().st_size for child in sorted(path.rglob("*")) if child.is_file()}
+
+
+def _fsync_tree(path: Path) -> None:
+    for child in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            fsync_dir(child)
+
+
+def export_model(
+    source: str | Path | None = None,
+    fmt: str = "hf",
+    out: str | Path | None = None,
+    dtype: str = "fp32",
+    *,
+    force: bool = False,
+) -> ExportResult:
+    """Export `source` (see `load_model`: a run, checkpoint, Hugging Face GPT-2 folder or hub name; None = the
+    latest run) as `fmt` ("hf" | "gguf" | "onnx") with `dtype` weights into `out`.
+
+    `out` is a folder for hf and onnx; for gguf it is the file if it ends in `.gguf`, else a folder that gets
+    `model.gguf`. The default is under `exports/` (see `default_export_path`). Everything is written into a hidden
+    temp path beside `out` and renamed into place at the end, so a failure leaves nothing behind; an existing
+    `out` is an error unless `force`, which replaces it.
+    """
+    check_format(fmt, dtype)
+    if fmt == "gguf":
+        _require("gguf", "--format gguf")
+    elif fmt == "onnx":
+        _require("onnx", "--format onnx")
+        _require("onnxscript", "--format onnx (torch's ONNX exporter)")
+    target = Path(out).expanduser() if out is not None else None
+    if target is not None and _occupied(target) and not force:
+        raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
+
+    loaded = load_model(source)
+    model = loaded.model
+    name = _source_name(loaded)
+    if target is None:
+        target = default_export_path(name, fmt, dtype)
+        if _occupied(target) and not force:
+            raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
+    single_file = fmt == "gguf" and target.suffix == ".gguf"
+    final = target if single_file or fmt != "gguf" else target / "model.gguf"
+
+    parent = target.parent
+    made_parent = not parent.exists()
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{target.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    try:
+        if not single_file:
+            tmp.mkdir()
+        if fmt == "hf":
+            write_hf(model, tmp, dtype)
+        elif fmt == "gguf":
+            write_gguf(model, tmp if single_file else tmp / "model.gguf", dtype, name=name)
+        else:
+            write_onnx(model, tmp, dtype)
+        _fsync_tree(tmp)
+        if target.exists() or target.is_symlink():  # force: swap the new one in, then drop the old one
+            old = parent / f".{target.name}.old-{os.getpid()}"
+            _remove(old)
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, target)
+        fsync_dir(parent)
+    except BaseException:
+        _remove(tmp)
+        if made_parent and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+        raise
+    return ExportResult(path=final, format=fmt, dtype=dtype, source=loaded.path, files=_files_under(target))
+
+
+def _occupied(path: Path) -> bool:
+    """Whether writing to `path` would replace something (an empty folder, e.g. made by hand, is free)."""
+    if path.is_dir() and not path.is_symlink():
+        return any(path.iterdir())
+    return path.exists() or path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------------------- import
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and not (path / STATE_FILE).is_file()
+
+
+def download_gpt2(name: str) -> Path:
+    """OpenAI's GPT-2 weights (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) from the Hugging Face Hub, or the
+    local cache of them; returns the snapshot folder. Raises an ExportError offline with nothing cached."""
+    repo = HUB_MODELS.get(name)
+    if repo is None:
+        raise ExportError(f"unknown pretrained model {name!r}: choose one of {', '.join(HUB_MODELS)}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ExportError(f"downloading {name} needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "generation_config.json", _HF_WEIGHTS]))
+    except Exception as exc:  # offline mode, no network, no such file: all mean "not available here"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"cannot download {name} ({repo}) from the Hugging Face Hub ({type(exc).__name__}: {reason[:160]}): "
+            "connect to the internet (and unset HF_HUB_OFFLINE), or pass a local Hugging Face GPT-2 folder"
+        ) from None
+
+
+def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if (folder / _HF_WEIGHTS).is_file():
+            return load_file(str(folder / _HF_WEIGHTS))
+        if (folder / _HF_INDEX).is_file():
+            shards = sorted(set(json.loads((folder / _HF_INDEX).read_text(encoding="utf-8"))["weight_map"].values()))
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                tensors.update(load_file(str(folder / shard)))
+            return tensors
+        if (folder / _HF_BIN).is_file():
+            return torch.load(folder / _HF_BIN, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"the weights in {folder} cannot be read ({type(exc).__name__}): re-download or re-export "
+                          "the model") from None
+    raise ExportError(f"{folder} has no {_HF_WEIGHTS}, {_HF_INDEX} or {_HF_BIN}: it holds no GPT-2 weights")
+
+
+def _config_from_hf(folder: Path, config: dict[str, Any]) -> ModelConfig:
+    where = folder / "config.json"
+    if config.get("model_type") != "gpt2":
+        raise ExportError(f"{where} describes a {config.get('model_type')!r} model; tinygpt loads GPT-2 ('gpt2') only")
+    n_embd = int(config.get("n_embd", 768))
+    checks = [
+        (config.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+         f"activation {config.get('activation_function')!r} (tinygpt uses GELU with the tanh approximation)"),
+        (abs(float(config.get("layer_norm_epsilon", LAYER_NORM_EPS)) - LAYER_NORM_EPS) < 1e-12,
+         f"layer_norm_epsilon {config.get('layer_norm_epsilon')} (tinygpt uses 1e-5)"),
+        (config.get("n_inner") in (None, 4 * n_embd), f"n_inner {config.get('n_inner')} (tinygpt uses 4 * n_embd)"),
+        (not config.get("scale_attn_by_inverse_layer_idx"), "scale_attn_by_inverse_layer_idx"),
+        (config.get("scale_attn_weights", True), "scale_attn_weights false"),
+        (not config.get("add_cross_attention"), "cross-attention"),
+        (config.get("tie_word_embeddings", True), "an untied lm_head"),
+        (int(config.get("vocab_size", VOCAB_SIZE)) >= VOCAB_SIZE,
+         f"vocab_size {config.get('vocab_size')} (GPT-2's tokenizer has {VOCAB_SIZE} tokens)"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise ExportError(f"{where} has {what}, which tinygpt's GPT-2 cannot represent")
+    vocab = int(config.get("vocab_size", VOCAB_SIZE))
+    try:
+        return ModelConfig(
+            n_layer=int(config.get("n_layer", 12)), n_head=int(config.get("n_head", 12)), n_embd=n_embd,
+            block_size=int(config.get("n_positions", config.get("n_ctx", 1024))),
+            vocab_size=-(-vocab // 64) * 64,  # padded to a multiple of 64 like tinygpt's own models
+            dropout=0.0, bias=True,
+        )
+    except TinyGPTError as exc:
+        raise ExportError(f"{where} is not a valid GPT-2 config ({exc})") from None
+
+
+def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
+    """A `GPT` (fp32, CPU, eval mode) from a Hugging Face GPT-2 folder: config.json and model.safetensors
+    (or a sharded index, or pytorch_model.bin loaded with weights_only). The vocabulary is padded to 50304."""
+    folder = Path(folder).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{folder} has no config.json: it is not a Hugging Face model folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ExportError(f"{folder / 'config.json'} is not valid JSON: re-download or re-export the model") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{folder / 'config.json'} is not a JSON object: re-download or re-export the model")
+    cfg = _config_from_hf(folder, config)
+    tensors = {}
+    for key, value in _read_hf_tensors(folder).items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue  # causal-mask buffers of old transformers; the head is tied to wte
+        value = value.to(torch.float32)
+        if key.endswith(CONV1D_WEIGHTS):
+            value = value.t()
+        tensors[f"transformer.{key}"] = value.contiguous()
+    wte = tensors.get("transformer.wte.weight")
+    if wte is not None and wte.size(0) < cfg.vocab_size:
+        tensors["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(cfg.vocab_size - wte.size(0), wte.size(1))])
+    model = GPT(cfg)
+    expected = {key: value.shape for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    got = {key: value.shape for key, value in tensors.items()}
+    if expected != got:
+        wrong = sorted(key for key in expected.keys() | got.keys() if expected.get(key) != got.get(key))
+        raise ExportError(f"the weights in {folder} do not match its config.json "
+                          f"(missing, extra or misshapen: {', '.join(wrong[:3])})")
+    model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
+    return model.eval(), cfg
+
+
+def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
+    """("tinygpt", run/checkpoint spec) | ("hf", folder) | ("hub", name)."""
+    if spec is None or str(spec) == "":
+        return "tinygpt", None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ("hf", path) if _is_hf_folder(path) else ("tinygpt", path)
+    if path.exists():
+        raise ExportError(f"{spec} is a file: pass the folder that holds the model (config.json or state.json)")
+    if (workspace.runs_dir() / str(spec)).is_dir():
+        return "tinygpt", str(spec)
+    if str(spec) in HUB_MODELS:
+        return "hub", str(spec)
+    raise ExportError(
+        f"no run, checkpoint or Hugging Face GPT-2 folder at {spec}, and it is not one of {', '.join(HUB_MODELS)}: "
+        f"list runs with `ls {workspace.runs_dir()}`"
+    )
+
+
+def _adapt(model: GPT, block_size: int | None, dropout: float | None) -> GPT:
+    """`model` with a shorter context (positions cropped) and/or another dropout; the same object if neither."""
+    cfg: ModelConfig = model.config
+    if block_size is not None and block_size > cfg.block_size:
+        raise ExportError(f"block_size {block_size} is longer than the model's context of {cfg.block_size} tokens: "
+                          f"use {cfg.block_size} or less")
+    new = replace(cfg, block_size=block_size or cfg.block_size,
+                  dropout=cfg.dropout if dropout is None else dropout)
+    if new == cfg:
+        return model
+    state = model.state_dict()
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: new.block_size]
+    state.pop("lm_head.weight", None)
+    adapted = GPT(new)
+    adapted.load_state_dict(state, strict=False)
+    return adapted.train(model.training)
+
+
+def load_pretrained(
+    spec: str | Path,
+    *,
+    block_size: int | None = None,
+    dropout: float | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[GPT, ModelConfig]:
+    """Load GPT-2 weights to start training from: returns (model in eval mode on `device`, its ModelConfig).
+
+    `spec`: a Hugging Face GPT-2 folder (one `tinygpt export` wrote included), a tinygpt run name/folder or
+    checkpoint folder, or `gpt2` | `gpt2-medium` | `gpt2-large` | `gpt2-xl` (downloaded from the Hugging Face
+    Hub, or taken from its cache; an ExportError offline). A local folder or run wins over a hub name.
+    The vocabulary is padded to 50304 (zero rows). `block_size` crops the position table to a shorter context;
+    `dropout` replaces the model's (Hugging Face folders load with 0.0). Raises a TinyGPTError on any problem.
+    """
+    kind, where = _resolve(spec)
+    if kind == "tinygpt":
+        model: GPT = load_checkpoint(where, device="cpu").model  # type: ignore[assignment]
+    elif kind == "hf":
+        model, _ = load_hf_folder(where)  # type: ignore[arg-type]
+    else:
+        model, _ = load_hf_folder(download_gpt2(str(where)))
+    model = _adapt(model, block_size, dropout).to(device).eval()
+    return model, model.config
+
+
+def load_model(spec: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Like `checkpoint.load_checkpoint`, but `spec` may also be a Hugging Face GPT-2 folder or a hub name
+    (see `load_pretrained`). For those, `.state` is {"format": "huggingface", "step": None, "source": ...} and
+    `.run_config` is None; `.path` is the folder the weights came from."""
+    kind, where = _resolve(spec)
+    if kind == "tinygpt":
+        return load_checkpoint(where, device=device)
+    folder = Path(where) if kind == "hf" else download_gpt2(str(where))  # type: ignore[arg-type]
+    model, cfg = load_hf_folder(folder)
+    state = {"format": "huggingface", "step": None, "source": str(spec), "model_config": vars(cfg)}
+    return LoadedCheckpoint(folder, model.to(device).eval(), state, None)
+
+
+__all__ = [
+    "FORMATS", "FORMAT_DTYPES", "HUB_MODELS", "ExportError", "ExportResult", "bpe_merges",
+    "byte_to_unicode", "check_format", "default_export_path", "download_gpt2", "export_model", "gguf_tensors",
+    "hf_config", "hf_state_dict", "load_hf_folder", "load_model", "load_pretrained", "token_strings",
+    "tokenizer_files", "write_gguf", "write_hf", "write_onnx",
+]

@@ -1,0 +1,128 @@
+"""What a workspace holds: runs (read from their latest checkpoint's state.json) and tokenized datasets
+(read from their meta.json). Nothing here loads a model or a token file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.errors import CheckpointError, ConfigError, DataError
+
+REPORT_FILE = "report.md"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run folder, as its latest checkpoint describes it."""
+
+    name: str
+    path: str
+    size: str | None
+    parameters: int | None
+    dataset: str | None
+    steps: int
+    max_steps: int | None
+    tokens: int
+    best_val_loss: float | None
+    val_loss: float | None
+    saved_at: str | None  # ISO 8601 (UTC) time the latest checkpoint was written
+    has_report: bool
+
+
+def run_summary(run_dir: Path) -> RunSummary:
+    """Summarise `run_dir` from its latest checkpoint (raises CheckpointError if it has none)."""
+    from tinygpt_cli.checkpoint import latest_checkpoint, read_state
+    from tinygpt_cli.plan import count_parameters
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise CheckpointError(f"{run_dir} holds no checkpoint yet: train it with `tinygpt train`")
+    state = read_state(checkpoint)
+    run_config: dict[str, Any] = state.get("run_config") or {}
+    parameters = None
+    with contextlib.suppress(TypeError, ConfigError):
+        parameters = count_parameters(ModelConfig(**state.get("model_config", {})))
+    data = state.get("data") or {}
+    return RunSummary(
+        name=run_dir.name, path=str(run_dir), size=run_config.get("size"), parameters=parameters,
+        dataset=data.get("dataset"), steps=int(state.get("step", 0)),
+        max_steps=(run_config.get("train") or {}).get("max_steps"), tokens=int(state.get("tokens_seen", 0)),
+        best_val_loss=state.get("best_val_loss"), val_loss=state.get("val_loss"), saved_at=state.get("saved_at"),
+        has_report=(run_dir / REPORT_FILE).is_file(),
+    )
+
+
+def list_run_summaries() -> list[RunSummary]:
+    """Every run in the workspace that holds a checkpoint, most recently written first."""
+    from tinygpt_cli.checkpoint import list_runs
+
+    summaries = []
+    for run_dir in list_runs():
+        try:
+            summaries.append(run_summary(run_dir))
+        except CheckpointError:  # a damaged state.json: `tinygpt runs show` names the problem
+            continue
+    return summaries
+
+
+def run_report(spec: str | None) -> tuple[Path, str]:
+    """(path, text) of a run's report.md; `spec` is a run name or folder, None the latest run."""
+    from tinygpt_cli.checkpoint import find_run
+
+    run_dir = find_run(spec)
+    report = run_dir / REPORT_FILE
+    if not report.is_file():
+        raise CheckpointError(
+            f"{run_dir.name} has no {REPORT_FILE} yet (it is written when training stops): "
+            f"finish or resume it with `tinygpt train --resume --name {run_dir.name}`"
+        )
+    return report, report.read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """One tokenized dataset, from its meta.json."""
+
+    name: str
+    path: str
+    source: str | None
+    fraction: float | None
+    train_tokens: int
+    val_tokens: int
+    train_documents: int
+    val_documents: int
+    bytes: int  # train.bin + val.bin
+    created: str | None
+
+
+def dataset_summary(meta: dict[str, Any], path: Path) -> DatasetSummary:
+    splits = meta.get("splits", {})
+    train, val = splits.get("train", {}), splits.get("val", {})
+    source = meta.get("source") or {}
+    return DatasetSummary(
+        name=meta.get("name", path.name), path=str(path), source=source.get("spec"), fraction=meta.get("fraction"),
+        train_tokens=int(train.get("tokens", 0)), val_tokens=int(val.get("tokens", 0)),
+        train_documents=int(train.get("documents", 0)), val_documents=int(val.get("documents", 0)),
+        bytes=int(train.get("bytes", 0)) + int(val.get("bytes", 0)), created=meta.get("created"),
+    )
+
+
+def list_dataset_summaries() -> list[DatasetSummary]:
+    """Complete tokenized datasets in the workspace, newest first."""
+    from tinygpt_cli.data import list_datasets
+
+    return [dataset_summary(d.meta, d.path) for d in list_datasets()]
+
+
+def dataset_meta(spec: str | None) -> tuple[Path, dict[str, Any]]:
+    """(folder, meta.json) of a tokenized dataset by name or folder; None: the newest one."""
+    from tinygpt_cli.data import find_dataset
+
+    dataset = find_dataset(spec)
+    if dataset is None:
+        raise DataError("no tokenized dataset in this workspace yet: run `tinygpt tokenize`")
+    return dataset.path, dataset.meta

@@ -1,0 +1,587 @@
+"""Know before you spend: parameters, FLOPs, data, disk, memory and time of a run, before it starts.
+
+`plan(cfg, data=..., device=..., nproc=...) -> Plan` is arithmetic on the config alone: this module does not
+import torch unless asked to measure (`measure=True`) or to detect the local GPU (`device="auto"|"cuda"`).
+Every formula is spelled out in `docs/planning.md`; the per-layer activation bytes were read off the tensors
+autograd saves for one forward pass of this repository's model (see `tests/test_plan.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tinygpt_cli.config import ModelConfig, RunConfig
+from tinygpt_cli.errors import ConfigError, DataError
+
+GIB = 2**30
+CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens ≈ 20 × parameters
+DEFAULT_GPU_MFU = 0.40  # what a compiled GPT-2 reaches on a modern GPU in bf16; stated, not measured
+LOSS_CHUNK_TOKENS = 1024  # `model.chunked_cross_entropy`'s chunk: the loss never holds more logits than this
+CHECKPOINT_OVERHEAD_BYTES = 200_000  # safetensors header, optimizer.pt pickle framing, state.json (RNG states)
+CUDA_RESERVE_BYTES = GIB  # CUDA context, cuBLAS workspace and allocator slack, on top of 5% of the memory
+CUDA_RESERVE_SHARE = 0.05
+HOST_USABLE_SHARE = 0.9  # CPU/MPS: share of the machine's RAM a run may count on
+DEFAULT_VAL_FRACTION = 0.005  # `tinygpt tokenize`'s default, used to split a source not tokenized yet
+
+
+# ----------------------------------------------------------------------------------------------- devices
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A device to plan for. `peak_flops` is the dense bf16/fp16 tensor-core rate (None: unknown, measure)."""
+
+    key: str
+    name: str
+    kind: str  # cuda | cpu | mps
+    memory_bytes: int | None
+    peak_flops: float | None
+    bf16: bool = True  # False: autocast runs fp16 with a gradient scaler (T4, V100)
+    cuda_name: str = ""  # what torch.cuda.get_device_name() contains for this GPU
+
+
+# Datasheet figures (dense, no sparsity); the same peaks `train.device_peak_flops` uses for MFU (a test checks).
+DEVICES: dict[str, DeviceSpec] = {
+    spec.key: spec
+    for spec in (
+        DeviceSpec("h100", "NVIDIA H100 SXM 80GB", "cuda", 80 * GIB, 989e12, cuda_name="H100"),
+        DeviceSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", "cuda", 80 * GIB, 756e12, cuda_name="H100 PCIe"),
+        DeviceSpec("h200", "NVIDIA H200 141GB", "cuda", 141 * GIB, 989e12, cuda_name="H200"),
+        DeviceSpec("a100", "NVIDIA A100 80GB", "cuda", 80 * GIB, 312e12, cuda_name="A100"),
+        DeviceSpec("a100-40", "NVIDIA A100 40GB", "cuda", 40 * GIB, 312e12, cuda_name="A100"),
+        DeviceSpec("l40s", "NVIDIA L40S 48GB", "cuda", 48 * GIB, 362e12, cuda_name="L40S"),
+        DeviceSpec("a10g", "NVIDIA A10G 24GB", "cuda", 24 * GIB, 125e12, cuda_name="A10G"),
+        DeviceSpec("l4", "NVIDIA L4 24GB", "cuda", 24 * GIB, 121e12, cuda_name="L4"),
+        DeviceSpec("rtx4090", "NVIDIA GeForce RTX 4090 24GB", "cuda", 24 * GIB, 165e12, cuda_name="RTX 4090"),
+        DeviceSpec("rtx3090", "NVIDIA GeForce RTX 3090 24GB", "cuda", 24 * GIB, 71e12, cuda_name="RTX 3090"),
+        DeviceSpec("v100", "NVIDIA V100 32GB", "cuda", 32 * GIB, 125e12, bf16=False, cuda_name="V100"),
+        DeviceSpec("t4", "NVIDIA T4 16GB", "cuda", 16 * GIB, 65e12, bf16=False, cuda_name="T4"),
+        DeviceSpec("cpu", "this machine's CPU", "cpu", None, None),
+        DeviceSpec("mps", "Apple GPU (MPS)", "mps", None, None),
+    )
+}
+DEVICE_CHOICES = ("auto", "cuda", *DEVICES)
+
+
+def _host_memory() -> int | None:
+    """Physical RAM in bytes, where the OS says (Linux, macOS); None elsewhere."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _spec_for_gpu_name(name: str, memory: int) -> DeviceSpec:
+    """The table entry whose `cuda_name` is in `name` (the longest match: "H100 PCIe" before "H100")."""
+    matches = [s for s in DEVICES.values() if s.cuda_name and s.cuda_name in name]
+    if not matches:
+        return DeviceSpec("cuda", name, "cuda", memory, None)
+    best = max(matches, key=lambda s: len(s.cuda_name))
+    return replace(best, name=name, memory_bytes=memory)
+
+
+def resolve_device_spec(key: str) -> DeviceSpec:
+    """A DeviceSpec from a table key, or the local device for "auto"/"cuda" (which imports torch)."""
+    key = key.strip().lower()
+    if key in ("auto", "cuda"):
+        try:
+            import torch
+        except ImportError:  # planning on a machine without torch: nothing local to detect
+            torch = None  # type: ignore[assignment]
+        if torch is not None and torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return _spec_for_gpu_name(torch.cuda.get_device_name(0), int(props.total_memory))
+        if key == "cuda":
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible: name one, e.g. --device h100")
+        mps = torch is not None and getattr(torch.backends, "mps", None) is not None and \
+            torch.backends.mps.is_available()
+        key = "mps" if mps else "cpu"
+    spec = DEVICES.get(key)
+    if spec is None:
+        raise ConfigError(f"unknown device {key!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+    if spec.kind in ("cpu", "mps"):
+        return replace(spec, memory_bytes=_host_memory())
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------- arithmetic
+def layer_parameters(model: ModelConfig) -> int:
+    """One transformer block: 12·C² matmul weights, 9·C of biases (with `bias`) and two LayerNorms (2·2·C)."""
+    C = model.n_embd
+    matmuls = 12 * C * C
+    biases = (3 * C + C + 4 * C + C) if model.bias else 0
+    layer_norms = 2 * (2 * C if model.bias else C)
+    return matmuls + biases + layer_norms
+
+
+def count_parameters(model: ModelConfig, non_embedding: bool = False) -> int:
+    """Parameters of `GPT(model)` with the head tied to wte (counted once); `non_embedding` leaves out wte, wpe.
+
+    GPT-2 124M: 124,439,808 with GPT-2's vocabulary of 50257; 124,475,904 with tinygpt's padded 50304.
+    """
+    C = model.n_embd
+    ln_f = 2 * C if model.bias else C
+    body = model.n_layer * layer_parameters(model) + ln_f
+    if non_embedding:
+        return body
+    return body + model.vocab_size * C + model.block_size * C
+
+
+def training_flops_per_token(model: ModelConfig) -> float:
+    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12*L*T*C.
+
+    Parameters here are the non-embedding ones plus the head (V*C): the tied head is a real matmul even though
+    it shares wte, while the embedding lookups cost nothing. GPT-2 124M (V=50304): 855,383,040 FLOPs/token.
+    """
+    head = model.vocab_size * model.n_embd
+    attention = 12.0 * model.n_layer * model.block_size * model.n_embd
+    return 6.0 * (count_parameters(model, non_embedding=True) + head) + attention
+
+
+def checkpoint_bytes(model: ModelConfig) -> int:
+    """One checkpoint: fp32 weights (4 B/param) + AdamW's two fp32 moments (8 B/param) + small files."""
+    return 12 * count_parameters(model) + CHECKPOINT_OVERHEAD_BYTES
+
+
+def activation_bytes_per_token(model: ModelConfig, half: bool, fused_attention: bool = True) -> float:
+    """Bytes autograd keeps per token of a micro-batch between forward and backward (eager mode).
+
+    Per layer, under bf16/fp16 autocast: 36·C + 4·nh + 16 — the two LayerNorms' fp32 inputs (2 × 4C) and
+    mean/rstd (2 × 8), the bf16 inputs of c_attn (2C), c_fc (2C) and the MLP's c_proj (8C), q/k/v (6C), the
+    attention output (2C, also attn.c_proj's input), the GELU input (8C) and the attention's log-sum-exp (4·nh).
+    In fp32: 64·C + 4·nh + 16. Without a fused attention kernel (SDPA's math path) add the T×T probabilities,
+    6·nh·T (half) or 4·nh·T (fp32). Dropout > 0 adds two masks per layer. Once per model: ln_f's input and
+    the loss's gradient buffer for the hidden states (fp32, 8·C), ln_f's statistics and the token ids (16).
+    """
+    C, nh, T = model.n_embd, model.n_head, model.block_size
+    per_layer = (36 * C if half else 64 * C) + 4 * nh + 16
+    if not fused_attention:
+        per_layer += (6 if half else 4) * nh * T
+    if model.dropout > 0:
+        per_layer += 2 * C * (2 if half else 4)
+    return model.n_layer * per_layer + 8 * C + 16
+
+
+def loss_chunk_bytes(model: ModelConfig, tokens: int, half: bool) -> int:
+    """The fused cross-entropy's transient buffer: one chunk of fp32 logits (+ its bf16 copy under autocast)."""
+    rows = min(LOSS_CHUNK_TOKENS, tokens)
+    return rows * model.vocab_size * (6 if half else 4)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak training memory of one device, in bytes, and the largest micro-batch that fits."""
+
+    batch_size: int
+    weights: int  # fp32 parameters, 4 B/param (sharded under FSDP)
+    gradients: int  # fp32, 4 B/param
+    optimizer: int  # AdamW's two fp32 moments, 8 B/param
+    autocast_weight_copies: int  # bf16/fp16 copies of the matmul weights autocast keeps for backward
+    ddp_buckets: int  # DDP's gradient buckets (4 B/param) when several processes run without FSDP
+    fsdp_gathered: int  # FSDP: unsharded root + two blocks' parameters and gradients in flight
+    head_gradient: int  # the fused loss holds the head's fp32 gradient (V×C) from forward to backward
+    loss_chunk: int
+    activations: int
+    activations_per_sequence: int
+    total: int
+    device_memory: int | None
+    usable_memory: int | None  # device memory minus the reserve the estimate keeps free
+    fits: bool | None
+    max_batch_size: int | None  # largest micro-batch that fits (None: memory unknown)
+
+
+def _usable(spec: DeviceSpec) -> int | None:
+    if spec.memory_bytes is None:
+        return None
+    if spec.kind == "cuda":
+        return int(spec.memory_bytes * (1 - CUDA_RESERVE_SHARE)) - CUDA_RESERVE_BYTES
+    return int(spec.memory_bytes * HOST_USABLE_SHARE)
+
+
+def estimate_memory(
+    model: ModelConfig, batch_size: int, spec: DeviceSpec, half: bool, nproc: int = 1, fsdp: bool = False
+) -> MemoryEstimate:
+    """Peak memory of a training step on one device: states + saved activations + transient buffers.
+
+    Conservative: gradients are counted alongside all activations, as they are from the second micro-step
+    of an accumulating step on. Eager mode; torch.compile usually needs less (it recomputes cheap ops).
+    """
+    params = count_parameters(model)
+    sharded = fsdp and nproc > 1
+    shards = nproc if sharded else 1
+    weights, gradients, optimizer = 4 * params // shards, 4 * params // shards, 8 * params // shards
+    matmul_params = 12 * model.n_layer * model.n_embd**2
+    copies = 2 * matmul_params if half else 0
+    ddp = 4 * params if nproc > 1 and not sharded else 0
+    gathered = 0
+    if sharded:  # FSDP2 keeps the root (embeddings, ln_f) gathered and prefetches the next block
+        root = params - model.n_layer * layer_parameters(model)
+        gathered = 4 * root + 2 * 2 * 4 * layer_parameters(model)
+    head = 4 * model.vocab_size * model.n_embd
+    per_sequence = math.ceil(activation_bytes_per_token(model, half) * model.block_size)
+    fixed = weights + gradients + optimizer + copies + ddp + gathered + head
+
+    def total_for(batch: int) -> int:
+        return fixed + batch * per_sequence + loss_chunk_bytes(model, batch * model.block_size, half)
+
+    usable = _usable(spec)
+    max_batch = None
+    if usable is not None:
+        max_batch = 0
+        if total_for(1) <= usable:
+            low, high = 1, 1
+            while total_for(high * 2) <= usable and high < 2**20:
+                high *= 2
+            low, high = high, high * 2
+            while high - low > 1:  # total_for is increasing: bisect for the last batch that fits
+                mid = (low + high) // 2
+                low, high = (mid, high) if total_for(mid) <= usable else (low, mid)
+            max_batch = low
+    total = total_for(batch_size)
+    return MemoryEstimate(
+        batch_size=batch_size, weights=weights, gradients=gradients, optimizer=optimizer,
+        autocast_weight_copies=copies, ddp_buckets=ddp, fsdp_gathered=gathered, head_gradient=head,
+        loss_chunk=loss_chunk_bytes(model, batch_size * model.block_size, half),
+        activations=batch_size * per_sequence, activations_per_sequence=per_sequence, total=total,
+        device_memory=spec.memory_bytes, usable_memory=usable,
+        fits=None if usable is None else total <= usable, max_batch_size=max_batch,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DataEstimate:
+    """Tokens a run would train on: from a tokenized dataset's meta.json, or a known source's size × fraction."""
+
+    name: str
+    origin: str  # "meta.json" (counted) | "registry" (estimated from the source's known size)
+    fraction: float
+    train_tokens: int
+    val_tokens: int
+    token_file_bytes: int  # train.bin + val.bin: 2 bytes per token
+    text_bytes: int | None  # text the tokens come from, where known
+    download_bytes: int | None = None  # text still to download (a known source not downloaded yet)
+    source_tokens: int | None = None  # the whole known source, before --fraction
+    path: str | None = None
+
+
+def _registry() -> dict[str, Any]:
+    from tinygpt_cli.sources import REGISTRY
+
+    return REGISTRY
+
+
+def estimate_data(spec: str | None, fraction: float | None = None) -> DataEstimate:
+    """`spec`: a tokenized dataset (name or folder), a known source (`tinygpt download` names), or None.
+
+    None picks what `tinygpt train` would: the newest tokenized dataset, else the embedded Shakespeare corpus.
+    `fraction` applies to sources that are not tokenized yet (a tokenized dataset's counts are what they are).
+    """
+    from pathlib import Path
+
+    from tinygpt_cli import data as data_module
+    from tinygpt_cli import workspace
+
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise DataError(f"--fraction must be in (0, 1] (got {fraction})")
+    dataset = None
+    if not spec:
+        dataset = data_module.find_dataset(None)
+        spec = dataset.name if dataset is not None else "shakespeare"
+    else:
+        candidate = workspace.data_dir() / spec
+        if (Path(spec).expanduser() / "meta.json").is_file() or (candidate / "meta.json").is_file():
+            dataset = data_module.find_dataset(spec)
+    if dataset is not None:
+        splits = dataset.meta["splits"]
+        train, val = int(splits["train"]["tokens"]), int(splits["val"]["tokens"])
+        file_bytes = int(splits["train"].get("bytes", 2 * train)) + int(splits["val"].get("bytes", 2 * val))
+        return DataEstimate(dataset.name, "meta.json", float(dataset.meta.get("fraction", 1.0)), train, val,
+                            file_bytes, dataset.meta.get("text_bytes"), path=str(dataset.path))
+    registry = _registry()
+    source = registry.get(spec)
+    if source is None:
+        tokenized = ", ".join(d.name for d in data_module.list_datasets()) or "none"
+        raise DataError(f"unknown data {spec!r}: name a tokenized dataset (here: {tokenized}) or a known source "
+                        f"({', '.join(registry)})")
+    share = 1.0 if fraction is None else fraction
+    tokens = round(source.tokens * share)
+    val = round(tokens * DEFAULT_VAL_FRACTION)
+    text_bytes = int(source.text_bytes * share)
+    download = None
+    if source.kind != "embedded":
+        from tinygpt_cli.sources import raw_dir, read_download_record
+
+        record = read_download_record(raw_dir() / spec)
+        download = None if record is not None and record.get("complete") else text_bytes
+    return DataEstimate(spec, "registry", share, tokens - val, val, 2 * tokens, text_bytes, download,
+                        source.tokens)
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+@dataclass(frozen=True)
+class Measurement:
+    """A short real trial of the config's training step on this machine (random tokens, nothing written)."""
+
+    device: str
+    device_name: str
+    dtype: str
+    batch_size: int  # the micro-batch measured (capped on CPU so the trial stays short)
+    micro_steps: int
+    seconds_per_micro_step: float
+    optimizer_step_seconds: float
+    tokens_per_s: float  # one process, at the config's micro-batch and accumulation
+    peak_memory_bytes: int | None  # CUDA: torch.cuda.max_memory_allocated over the trial
+    compiled: bool
+    notes: tuple[str, ...] = ()  # what the trial reported (e.g. torch.compile falling back to eager)
+
+
+CPU_MEASURE_TOKENS = 2048  # tokens per measured micro-step on CPU (a 124M model: ~15 s each on 2 cores)
+
+
+def measure(cfg: RunConfig, micro_steps: int = 3, warmup: int = 1) -> Measurement:
+    """Time `micro_steps` forward+backward micro-steps and one optimizer step of `cfg` on this machine, after
+    `warmup` whole steps (compilation, first allocations). Random tokens; nothing is written."""
+    import torch
+
+    from tinygpt_cli.model import GPT
+    from tinygpt_cli.train import (
+        _cpu_name,
+        _maybe_compile,
+        autocast_context,
+        make_optimizer,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    dtype = resolve_dtype(tc.dtype, device)
+    T = cfg.model.block_size
+    batch = tc.batch_size
+    if device.type == "cpu":
+        batch = max(1, min(batch, CPU_MEASURE_TOKENS // T))
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = make_optimizer(model, tc, device)
+    notes: list[str] = []
+    compiled = _maybe_compile(model, tc.compile, device, lambda event: notes.append(event.message), (batch, T))
+    generator = torch.Generator().manual_seed(tc.seed)
+    x = torch.randint(0, 50257, (batch, T), generator=generator).to(device)
+    y = torch.randint(0, 50257, (batch, T), generator=generator).to(device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    def micro_step() -> None:
+        with autocast_context(device, dtype):
+            _, loss = compiled(x, y)
+        (scaler.scale(loss) if scaler else loss).backward()
+
+    def optimizer_step() -> None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):  # whole steps: compiles, allocates gradients, AdamW state and the loss buffers
+        micro_step()
+        optimizer_step()
+    sync()
+    began = time.perf_counter()
+    for _ in range(micro_steps):
+        micro_step()
+    sync()
+    per_micro = (time.perf_counter() - began) / micro_steps
+    began = time.perf_counter()
+    optimizer_step()
+    sync()
+    optimizer_seconds = time.perf_counter() - began
+    # scale the measured micro-step to the config's micro-batch: time per token holds when compute-bound
+    step_seconds = tc.grad_accum * per_micro * tc.batch_size / batch + optimizer_seconds
+    tokens_per_step = tc.batch_size * tc.grad_accum * T
+    peak_memory = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return Measurement(
+        device=str(device), device_name=name, dtype=str(dtype).split(".")[-1], batch_size=batch,
+        micro_steps=micro_steps, seconds_per_micro_step=per_micro, optimizer_step_seconds=optimizer_seconds,
+        tokens_per_s=tokens_per_step / step_seconds, peak_memory_bytes=peak_memory, compiled=compiled is not model,
+        notes=tuple(notes),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class Plan:
+    """Everything `tinygpt plan` shows. Bytes are bytes, times are seconds, rates are per second."""
+
+    size: str
+    model: dict[str, Any]
+    parameters: int
+    non_embedding_parameters: int
+    flops_per_token: float
+    device: DeviceSpec
+    nproc: int
+    dtype: str  # bf16 | fp16 | fp32: the autocast dtype the estimate assumes
+    batch_size: int  # micro-batch per process
+    grad_accum: int
+    tokens_per_step: int  # batch_size × grad_accum × block_size × nproc
+    max_steps: int
+    budget_tokens: int  # tokens the run trains on: max_steps × tokens_per_step (capped by train.max_tokens)
+    data: DataEstimate
+    epochs: float  # budget_tokens / train tokens: more than 1 repeats data
+    checkpoint_bytes: int
+    checkpoints_on_disk: int  # at most: train.keep_last + 1 while a new one is written (fewer in a short run)
+    checkpoint_disk_bytes: int
+    memory: MemoryEstimate
+    mfu: float | None
+    peak_flops: float | None  # per device, for this dtype (fp32: the TF32 rate, half the bf16 one)
+    tokens_per_s: float | None  # all processes together
+    seconds: float | None  # training + periodic evaluation (checkpoint writes not counted)
+    time_basis: str  # "peak × MFU" | "measured" | "unknown"
+    chinchilla_tokens: int
+    measurement: Measurement | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _autocast_dtype(cfg_dtype: str, spec: DeviceSpec) -> str:
+    if cfg_dtype != "auto":
+        return cfg_dtype
+    if spec.kind == "cuda":
+        return "bf16" if spec.bf16 else "fp16"
+    return "fp32"
+
+
+def plan(
+    cfg: RunConfig,
+    *,
+    data: str | None = None,
+    fraction: float | None = None,
+    device: str = "auto",
+    nproc: int = 1,
+    mfu: float | None = None,
+    do_measure: bool = False,
+) -> Plan:
+    """The plan of training `cfg` on `data` with `nproc` processes of `device`. See `docs/planning.md`."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1 (got {nproc})")
+    if mfu is not None and not 0.0 < mfu <= 1.0:
+        raise ConfigError(f"--mfu must be in (0, 1] (got {mfu})")
+    device = device.strip().lower()
+    if do_measure and device not in ("auto", "cuda", "cpu", "mps"):
+        raise ConfigError(f"--measure runs on this machine: use --device auto (or cpu) instead of {device}")
+    spec = resolve_device_spec(device)
+    if spec.kind == "cpu" and cfg.train.dtype == "fp16":
+        raise ConfigError("train.dtype fp16 is not supported on CPU: use fp32 or bf16")
+    model = cfg.model
+    tc = cfg.train
+    dtype = _autocast_dtype(tc.dtype, spec)
+    half = dtype != "fp32"
+    notes: list[str] = []
+
+    batch_size, grad_accum = tc.batch_size, tc.grad_accum
+    memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp)
+    if tc.auto_batch and spec.kind == "cuda" and memory.max_batch_size:
+        global_batch = batch_size * grad_accum
+        fitting = min(batch_size, memory.max_batch_size)
+        while global_batch % fitting:
+            fitting -= 1
+        if fitting != batch_size:
+            notes.append(f"--batch-size auto: micro-batch {fitting} × {global_batch // fitting} accumulation steps "
+                         f"(global batch {global_batch})")
+            batch_size, grad_accum = fitting, global_batch // fitting
+            memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp)
+    if memory.fits is False:
+        if memory.max_batch_size:
+            notes.append(f"micro-batch {batch_size} does not fit: the largest that does is "
+                         f"{memory.max_batch_size}; train with --batch-size auto (same global batch)")
+        else:
+            notes.append("not even a micro-batch of 1 fits: use a smaller --size, a shorter model.block_size, "
+                         "more GPUs with train.fsdp, or a larger device")
+
+    tokens_per_step = batch_size * grad_accum * model.block_size * nproc
+    budget = tc.max_steps * tokens_per_step
+    if tc.max_tokens:
+        budget = min(budget, math.ceil(tc.max_tokens / tokens_per_step) * tokens_per_step)
+    if nproc > 1:
+        keep = f": --grad-accum {grad_accum // nproc} keeps {tokens_per_step // nproc:,}" \
+            if grad_accum % nproc == 0 else ""
+        notes.append(f"train.grad_accum is per process: {nproc} processes × {grad_accum} accumulation × "
+                     f"{batch_size} × {model.block_size} = {tokens_per_step:,} tokens/step{keep}")
+
+    data_estimate = estimate_data(data, fraction)
+    if data_estimate.origin == "meta.json" and fraction is not None and fraction != data_estimate.fraction:
+        notes.append(f"{data_estimate.name} is already tokenized (fraction {data_estimate.fraction:g}): its "
+                     f"counts are used; --fraction applies to sources not tokenized yet")
+    epochs = budget / data_estimate.train_tokens if data_estimate.train_tokens else math.inf
+    if epochs > 1:
+        notes.append(f"the budget is {epochs:.1f} passes over the training tokens: repeating data helps little "
+                     f"past ~4 passes (and overfits a small corpus sooner)")
+
+    evals = -(-tc.max_steps // tc.eval_interval)
+    eval_tokens = evals * tc.eval_batches * batch_size * model.block_size  # forward only: a third of the work
+    flops = training_flops_per_token(model)
+    measurement = None
+    if do_measure:
+        local = spec.kind if device != "auto" else cfg.train.device
+        measurement = measure(replace(cfg, train=replace(tc, device=local, batch_size=batch_size,
+                                                         grad_accum=grad_accum, auto_batch=False)))
+        notes += measurement.notes
+        if measurement.peak_memory_bytes and measurement.batch_size == batch_size and nproc == 1:
+            notes.append(f"measured peak memory {measurement.peak_memory_bytes / GIB:.2f} GiB "
+                         f"(estimate {memory.total / GIB:.2f} GiB)")
+    rate: float | None = None
+    basis = "unknown"
+    used_mfu = peak = None
+    if measurement is not None:
+        rate, basis = measurement.tokens_per_s * nproc, "measured"
+        if nproc > 1:
+            notes.append(f"measured on one process; × {nproc} assumes perfect scaling")
+    elif spec.peak_flops is not None:
+        used_mfu = mfu if mfu is not None else DEFAULT_GPU_MFU
+        peak = spec.peak_flops if half else spec.peak_flops / 2  # fp32 runs as TF32 at half the bf16 rate
+        rate, basis = peak * used_mfu * nproc / flops, "peak × MFU"
+    else:
+        notes.append(f"no peak FLOP/s is known for {spec.name}: add --measure for tokens/s and time")
+    seconds = (budget + eval_tokens / 3) / rate if rate else None
+    if seconds is not None and tc.max_minutes and seconds > tc.max_minutes * 60:
+        notes.append(f"train.max_minutes={tc.max_minutes:g} stops the run before its budget")
+
+    # a new checkpoint is complete before the oldest goes: keep_last + 1 at the peak, once there are that many
+    kept = evals if not tc.keep_last or evals <= tc.keep_last else tc.keep_last + 1
+    params = count_parameters(model)
+    return Plan(
+        size=cfg.size,
+        model={"n_layer": model.n_layer, "n_head": model.n_head, "n_embd": model.n_embd,
+               "block_size": model.block_size, "vocab_size": model.vocab_size},
+        parameters=params, non_embedding_parameters=count_parameters(model, non_embedding=True),
+        flops_per_token=flops, device=spec, nproc=nproc, dtype=dtype, batch_size=batch_size,
+        grad_accum=grad_accum, tokens_per_step=tokens_per_step, max_steps=tc.max_steps, budget_tokens=budget,
+        data=data_estimate, epochs=epochs, checkpoint_bytes=checkpoint_bytes(model), checkpoints_on_disk=kept,
+        checkpoint_disk_bytes=kept * checkpoint_bytes(model), memory=memory, mfu=used_mfu, peak_flops=peak,
+        tokens_per_s=rate, seconds=seconds, time_basis=basis, chinchilla_tokens=CHINCHILLA_TOKENS_PER_PARAM * params,
+        measurement=measurement, notes=notes,
+    )
+
+
+def plan_to_dict(result: Plan) -> dict[str, Any]:
+    """The plan as plain JSON-ready data (`tinygpt plan --json`)."""
+    from dataclasses import asdict
+
+    out = asdict(result)
+    if math.isinf(out["epochs"]):
+        out["epochs"] = None
+    return out

