@@ -4,7 +4,8 @@
 The workload of issue #5: 256 new tokens from a 16-token prompt, batch 1, greedy; fp32 on CPU, the weights cast to
 bf16 on CUDA (where tinygpt's decode step is also torch.compiled into a CUDA graph). Each shape keeps the preset's
 layers, heads and width but gets a 1024-position table, so that the 272 tokens fit one window (Hugging Face's
-GPT-2 cannot slide a window). The Hugging Face model is built from tinygpt's state dict: the same parameter names,
+GPT-2 cannot slide a window). tinygpt's weights are stored as `tinygpt generate` loads them on CPU (column-major,
+see `sample.decode_layout`). The Hugging Face model is built from tinygpt's state dict: the same parameter names,
 its Conv1D weights transposed, the vocabulary cut to GPT-2's 50257 (tinygpt never samples the padding ids either),
 and the greedy tokens of the three are compared. Rounds alternate between the contenders so that machine noise
 hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run down).
@@ -23,7 +24,7 @@ import torch
 
 from tinygpt_cli.config import PRESETS, ModelConfig
 from tinygpt_cli.model import GPT
-from tinygpt_cli.sample import generate
+from tinygpt_cli.sample import decode_layout, generate
 from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
 
 CONTEXT = 1024
@@ -66,21 +67,22 @@ def check_same_logits(model: GPT, hf, device: torch.device) -> float:
     return float((ours[..., :VOCAB_SIZE].float() - theirs.float()).abs().max())
 
 
-def contenders(model: GPT, hf, prompt: list[int], new_tokens: int, device: torch.device,
-               compile_decode: bool) -> dict[str, Callable[[], list[int]]]:
+def contenders(model: GPT, hf, prompt: list[int], device: torch.device,
+               compile_decode: bool) -> dict[str, Callable[[int], list[int]]]:
+    """name -> run(new_tokens) -> the greedy tokens."""
     from transformers import GenerationConfig
 
     prompt_ids = torch.tensor([prompt], device=device)
-    greedy = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=EOT_ID, eos_token_id=None)  # no end token: always new_tokens, as ours
 
-    def ours(use_cache: bool, compile: bool = False) -> Callable[[], list[int]]:
-        def run() -> list[int]:
+    def ours(use_cache: bool, compile: bool = False) -> Callable[[int], list[int]]:
+        def run(new_tokens: int) -> list[int]:
             return [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache,
                                                 compile=compile)]
         return run
 
-    def theirs() -> list[int]:
+    def theirs(new_tokens: int) -> list[int]:
+        greedy = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                  pad_token_id=EOT_ID, eos_token_id=None)  # no end token: always new_tokens
         with torch.inference_mode():
             out = hf.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
                               generation_config=greedy)
@@ -105,44 +107,51 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
     model = GPT(cfg).eval()
     hf = build_hf(model)
     model.to(device=device, dtype=dtype)
+    if device.type == "cpu":
+        decode_layout(model)  # how `tinygpt generate` loads weights on CPU
     hf.to(device=device, dtype=dtype)
     error = check_same_logits(model, hf, device)
     prompt = torch.randint(0, VOCAB_SIZE, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    runs = contenders(model, hf, prompt, args.new_tokens, device, compile_decode=device.type == "cuda")
+    runs = contenders(model, hf, prompt, device, compile_decode=device.type == "cuda")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"\n{shape}: {cfg.n_layer} layers × {cfg.n_embd} wide, {cfg.n_head} heads, "
           f"{model.num_params() / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB), context {CONTEXT}; "
           f"max |logits difference| vs HF {error:.1e}")
+    estimate: dict[str, float] = {}
+    warmup_tokens = min(16, args.new_tokens)
+    for name, run in runs.items():  # warm-up (and the compile), timed to spot the slow contenders
+        sync(device)
+        started = time.perf_counter()
+        run(warmup_tokens)
+        sync(device)
+        estimate[name] = (time.perf_counter() - started) * args.new_tokens / warmup_tokens
     tokens: dict[str, list[int]] = {}
-    for name, run in runs.items():  # warm-up (and the compile), then the reference tokens
-        tokens[name] = run()
     best: dict[str, float] = {name: float("inf") for name in runs}
     for round_ in range(args.rounds):
         for name, run in runs.items():
-            if "no cache" in name and round_ >= args.uncached_rounds:
+            if round_ > 0 and estimate[name] > args.slow_seconds:  # one timed round of a slow contender
                 continue
             sync(device)
             started = time.perf_counter()
-            run()
+            tokens[name] = run(args.new_tokens)
             sync(device)
             best[name] = min(best[name], time.perf_counter() - started)
     reference = tokens["tinygpt, KV cache"]
     cached = args.new_tokens / best["tinygpt, KV cache"]
-    print("| contender | tokens/s | ms/token | KV cache vs this | same tokens |")
-    print("|---|---|---|---|---|")
+    peak = None
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        peak = args.peak_bandwidth or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in gpu), None)
+        print(f"{gpu}: peak memory bandwidth {peak or '?'} GB/s; bandwidth use = weight bytes × tokens/s ÷ peak")
+    extra = " bandwidth use |" if peak else ""
+    print(f"| contender | tokens/s | ms/token | KV cache vs this | same tokens |{extra}")
+    print("|---|---|---|---|---|" + ("---|" if peak else ""))
     for name, seconds in best.items():
         rate = args.new_tokens / seconds
         same = "yes" if tokens[name] == reference else \
             f"from {next(i for i, (a, b) in enumerate(zip(tokens[name], reference, strict=True)) if a != b)}"
-        print(f"| {name} | {rate:,.1f} | {1000 / rate:.2f} | {cached / rate:.2f}× | {same} |")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = args.peak_bandwidth or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in name), None)
-        fastest = max(args.new_tokens / s for s in best.values())
-        if peak:
-            print(f"memory-bandwidth utilisation ({name}, peak {peak} GB/s): weights {weight_bytes / 1e6:.0f} MB × "
-                  f"{fastest:,.0f} tokens/s = {weight_bytes * fastest / 1e9:,.0f} GB/s = "
-                  f"{weight_bytes * fastest / 1e9 / peak:.0%}")
+        use = f" {weight_bytes * rate / 1e9 / peak:.0%} |" if peak else ""
+        print(f"| {name} | {rate:,.1f} | {1000 / rate:.2f} | {cached / rate:.2f}× | {same} |{use}")
 
 
 def main() -> None:
@@ -153,7 +162,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per contender (the best is kept)")
-    parser.add_argument("--uncached-rounds", type=int, default=1, help="timed rounds of the slow uncached path")
+    parser.add_argument("--slow-seconds", type=float, default=20.0,
+                        help="a contender that would take longer per run gets one timed round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--peak-bandwidth", type=float, default=None, help="GB/s, for the utilisation on a GPU")
     args = parser.parse_args()
@@ -166,7 +176,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} {dtype_name}, "
           f"{torch.get_num_threads()} threads; {args.new_tokens} new tokens from {args.prompt_tokens}, batch 1, "
-          f"greedy; best of {args.rounds} rounds ({args.uncached_rounds} without a cache)")
+          f"greedy; best of {args.rounds} rounds (1 for a contender slower than {args.slow_seconds:g} s)")
     for shape in args.shapes.split(","):
         bench_shape(shape.strip(), args, device, dtype)
 

@@ -19,6 +19,16 @@ TINY_SETTINGS = [
 ]
 
 
+def assert_one_line_error(result, fragment: str, code: int = 1) -> None:
+    """Exit code, and exactly one error line (the last on stderr) that holds `fragment`; no traceback."""
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.output
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

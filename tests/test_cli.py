@@ -7,7 +7,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_SETTINGS
+from conftest import TINY_SETTINGS, assert_one_line_error
 from tinygpt_cli.cli import app
 
 runner = CliRunner()
@@ -19,16 +19,6 @@ def invoke(*args: str):
 
 def train_tiny(*extra: str, steps: int = 4):
     return invoke("train", *TINY_SETTINGS, "--max-steps", str(steps), *extra)
-
-
-def assert_one_line_error(result, fragment: str, code: int = 1):
-    """Exit code, and exactly one error line (the last on stderr) that holds `fragment`."""
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert fragment in errors[0], errors[0]
-    assert "Traceback" not in result.output
 
 
 def test_help_does_not_import_torch():

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import assert_one_line_error
 from tinygpt_cli import data
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.tokenizer import EOT_ID, get_encoding
@@ -187,14 +188,7 @@ from tinygpt_cli.cli import app  # noqa: E402
 runner = CliRunner()
 
 
-def _one_line_error(result, fragment: str, code: int = 1) -> None:
-    """Exit code, and exactly one error line (the last on stderr) that holds `fragment`; no traceback."""
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert fragment in errors[0], errors[0]
-    assert "Traceback" not in result.output
+_one_line_error = assert_one_line_error
 
 
 def _no_output(workspace) -> None:

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from conftest import assert_one_line_error
 from tinygpt_cli import data, sources
 from tinygpt_cli import download as dl
 from tinygpt_cli.cli import app
@@ -18,14 +19,7 @@ runner = CliRunner()
 SHARDS, ROWS = 4, 50
 
 
-def _one_line_error(result, fragment: str, code: int = 1) -> None:
-    """Exit code, and exactly one error line (the last on stderr) that holds `fragment`; no traceback."""
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert fragment in errors[0], errors[0]
-    assert "Traceback" not in result.output
+_one_line_error = assert_one_line_error
 
 
 def _row(shard: int, row: int) -> str:

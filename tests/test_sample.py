@@ -12,6 +12,7 @@ from tinygpt_cli.sample import (
     KVCache,
     TextStream,
     apply_repetition_penalty,
+    decode_layout,
     generate,
     sample_next_token,
     sample_text,
@@ -90,6 +91,21 @@ def test_a_failing_compile_falls_back_to_eager(model, monkeypatch):
     tokens = _run(model, [5, 6, 7], 10, temperature=0, compile=True, stats=stats)
     assert torch.equal(tokens, _run(model, [5, 6, 7], 10, temperature=0))
     assert not stats.compiled and stats.compile_error == "RuntimeError: no compiler here"
+
+
+def test_decode_layout_changes_memory_order_only(model):
+    relaid = GPT(model.config).eval()
+    relaid.load_state_dict(model.state_dict())
+    params = list(relaid.parameters())
+    decode_layout(relaid)
+    assert all(a is b for a, b in zip(params, relaid.parameters(), strict=True))
+    assert relaid.lm_head.weight is relaid.transformer.wte.weight and relaid.lm_head.weight.stride() == (1, 50304)
+    assert relaid.transformer.h[0].mlp.c_fc.weight.stride() == (1, 128)
+    assert sample._cpu_head(relaid).data_ptr() == relaid.lm_head.weight.data_ptr()  # a view, no copy
+    x = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(relaid(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(_run(relaid, [1, 2, 3], 30, temperature=0), _run(model, [1, 2, 3], 30, temperature=0))
 
 
 def test_cache_update_masks_a_chunk_after_a_prefix(model):

@@ -127,7 +127,7 @@ def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
 
     from tinygpt_cli.export import export_model
 
-    base = train(tiny_config(max_steps=30, eval_interval=30, lr=3e-3), run_name="base")
+    train(tiny_config(max_steps=30, eval_interval=30, lr=3e-3), run_name="base")
     scratch = _losses(train(tiny_config(max_steps=2, eval_interval=2), run_name="scratch").run_dir)[0][2]
     cfg = tiny_config(max_steps=2, eval_interval=2, init_from="base")
     tuned = train(cfg, run_name="tuned")

@@ -454,7 +454,9 @@ def generate(
                        "when piped, else an interactive prompt loop (Ctrl-D leaves)."),
     ] = None,
     run: Annotated[
-        str | None, typer.Option("--run", help="Run name or folder, or a checkpoint folder (default: the latest run).")
+        str | None,
+        typer.Option("--run", "--model", help="Run name or folder, a checkpoint folder, a Hugging Face GPT-2 folder "
+                     "or gpt2[-medium|-large|-xl] (default: the latest run)."),
     ] = None,
     prompt_file: Annotated[
         Path | None, typer.Option("--prompt-file", help="Read the prompt from this file ('-': stdin), as it is.")
@@ -515,7 +517,8 @@ def generate(
     param = next(loaded.model.parameters())
     use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda")
     err = _stderr_console()
-    err.print(f"Sampling from {loaded.path} (step {loaded.state.get('step')}) · {param.device} "
+    step = loaded.state.get("step")
+    err.print(f"Sampling from {loaded.path} ({f'step {step}' if step is not None else 'pretrained'}) · {param.device} "
               f"{str(param.dtype).split('.')[-1]}{' · compiled decode step' if use_compile else ''}", soft_wrap=True)
     view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err)
     if text is not None or not _stdin_is_interactive():
@@ -602,6 +605,9 @@ def eval_command(
     run: Annotated[
         str | None, typer.Argument(help="Run name or folder, or a checkpoint folder (default: the latest run).")
     ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Instead of RUN: a Hugging Face GPT-2 folder or gpt2[-medium|…].")
+    ] = None,
     data_name: Annotated[
         str | None, typer.Option("--data", help="Tokenized dataset name or folder (default: the run's).")
     ] = None,
@@ -622,6 +628,9 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure a run: loss, perplexity and bits per byte on a split, or zero-shot HellaSwag accuracy."""
+    if model is not None and run is not None:
+        raise TinyGPTError("give either RUN or --model, not both")
+    run = model if model is not None else run
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from tinygpt_cli import evaluate as ev
@@ -657,14 +666,16 @@ def eval_command(
     if as_json:
         print(json.dumps(vars(result)))
         return
+    which = f"step {result.step}" if result.step is not None else "pretrained"
     if isinstance(result, ev.TaskResult):
         print(f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "
-              f"acc {result.accuracy:.4f} on {_fmt_int(result.examples)} examples (zero-shot, step {result.step})")
+              f"acc {result.accuracy:.4f} on {_fmt_int(result.examples)} examples (zero-shot, {which})")
     else:
         print(f"{result.dataset}/{result.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "
               f"{result.bits_per_byte:.4f} bits/byte on {_fmt_int(result.tokens)} tokens "
-              f"({result.text_bytes / 1e6:.2f} MB of text, step {result.step})")
-    err.print(f"Recorded in {result.recorded_in}/eval.jsonl and report.md", markup=False)
+              f"({result.text_bytes / 1e6:.2f} MB of text, {which})")
+    if result.recorded_in:
+        err.print(f"Recorded in {result.recorded_in}/eval.jsonl and report.md", markup=False)
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinygpt_cli.checkpoint import LoadedCheckpoint, load_checkpoint
+from tinygpt_cli.checkpoint import LoadedCheckpoint
 from tinygpt_cli.data import Dataset, find_dataset
 from tinygpt_cli.errors import DataError, TinyGPTError
 from tinygpt_cli.model import GPT
@@ -367,7 +367,9 @@ def _setup(checkpoint: str | Path | None, device: str, dtype: str) -> tuple[Load
         raise DataError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    loaded = load_checkpoint(checkpoint, device=torch_device)
+    from tinygpt_cli.export import load_model as load_any  # runs, checkpoints, HF GPT-2 folders, hub names
+
+    loaded = load_any(checkpoint, device=torch_device)
     return loaded, autocast_context(torch_device, torch_dtype), str(torch_dtype).split(".")[-1]
 
 
@@ -437,7 +439,7 @@ def evaluate(
         bits_per_byte=score.text_nats / math.log(2) / max(1, score.text_bytes),
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
     )
-    if record:
+    if record and loaded.state.get("format") != "huggingface":  # never write into a HF folder or the hub cache
         result.recorded_in = str(record_result(loaded.path, result))
     return result
 
@@ -478,7 +480,7 @@ def evaluate_task(
         accuracy_norm_stderr=math.sqrt(accuracy_norm * (1 - accuracy_norm) / max(1, len(examples))),
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
     )
-    if record:
+    if record and loaded.state.get("format") != "huggingface":  # never write into a HF folder or the hub cache
         result.recorded_in = str(record_result(loaded.path, result))
     return result
 

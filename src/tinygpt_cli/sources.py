@@ -181,25 +181,30 @@ def _jsonl_stats(path: Path) -> tuple[int, int]:
     return count, text_bytes
 
 
-def _parquet_stats(path: Path) -> tuple[int, int]:
-    """(rows, uncompressed bytes of all columns) from the footer alone."""
+def _parquet_stats(path: Path, text_field: str) -> tuple[int, int]:
+    """(rows, uncompressed bytes of the text column, else of all columns) from the footer alone."""
     import pyarrow.parquet as pq
 
     try:
         metadata = pq.ParquetFile(path).metadata
     except Exception as exc:
         raise DataError(f"{path} is not a readable parquet file ({exc}): check the file") from None
-    text_bytes = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    names = [metadata.schema.column(j).path for j in range(metadata.num_columns)]
+    groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+    if text_field in names:
+        text_bytes = sum(g.column(names.index(text_field)).total_uncompressed_size for g in groups)
+    else:
+        text_bytes = sum(g.total_byte_size for g in groups)
     return metadata.num_rows, text_bytes
 
 
-def _document_file(path: Path) -> DocumentFile:
+def _document_file(path: Path, text_field: str = "text") -> DocumentFile:
     kind = _kind_of(path)
     assert kind is not None
     size = path.stat().st_size
     if kind == "txt":
         return DocumentFile(path, kind, 1, size, size)
-    documents, text_bytes = _jsonl_stats(path) if kind == "jsonl" else _parquet_stats(path)
+    documents, text_bytes = _jsonl_stats(path) if kind == "jsonl" else _parquet_stats(path, text_field)
     return DocumentFile(path, kind, documents, size, text_bytes)
 
 
@@ -235,7 +240,7 @@ def local_source(spec: str, text_field: str = "text") -> Source:
         raise DataError(
             f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
         )
-    files = tuple(_document_file(p) for p in usable)
+    files = tuple(_document_file(p, text_field) for p in usable)
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
     return Source(name, str(spec), "local", files, text_field)
