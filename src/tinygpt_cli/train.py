@@ -602,8 +602,9 @@ class _Trainer:
         code = 0
         if self.stop:
             code = 3
-        elif tc.max_minutes and self.elapsed() >= tc.max_minutes * 60:
-            code = 2
+        elif (tc.max_minutes and step > self.session_first_step
+              and time.perf_counter() - self.loop_started >= tc.max_minutes * 60):
+            code = 2  # wall time of this invocation (a scheduler slot), after at least one step
         elif tc.max_tokens and self.tokens_seen >= tc.max_tokens:
             code = 1
         if self.info.enabled:
@@ -658,6 +659,8 @@ class _Trainer:
         window_steps = 0
         window_began = time.perf_counter()
         window_tokens = 0
+        self.session_first_step = start_step
+        self.loop_started = time.perf_counter()
         batches = self._batches(start_step)
         x, y = next(batches)
         step = start_step
