@@ -149,3 +149,11 @@ def test_unknown_dataset_for_training(with_shakespeare, workspace):
 def test_bad_num_samples(with_shakespeare, value):
     assert train_tiny("--name", "n", steps=2).exit_code == 0
     assert_one_line_error(invoke("generate", "x", "--num-samples", value), "--num-samples")
+
+
+def test_quiet_keeps_results_and_errors_only(with_shakespeare):
+    result = invoke("--quiet", "train", *TINY_SETTINGS, "--max-steps", "2", "--name", "q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == "" and "Run " in result.stdout
+    assert_one_line_error(invoke("-q", "generate", "x", "--run", "missing"), "no run, checkpoint")
+    assert invoke("train", *TINY_SETTINGS, "--max-steps", "2", "--name", "loud").stderr.strip() != ""

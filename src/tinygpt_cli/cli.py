@@ -19,11 +19,13 @@ from typer.core import TyperGroup
 from tinygpt_cli import __version__
 from tinygpt_cli.errors import TinyGPTError
 
+_QUIET = False  # set by `tinygpt --quiet`: no progress or status lines (errors and results still show)
 
-def _stderr_console():
+
+def _stderr_console(quiet: bool | None = None):
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=_QUIET if quiet is None else quiet)
 
 
 def _stdout_console():
@@ -45,7 +47,7 @@ class TinyGPTGroup(TyperGroup):
                 traceback.print_exc()
             from rich.markup import escape
 
-            _stderr_console().print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
+            _stderr_console(quiet=False).print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
             raise typer.Exit(1) from None
 
 
@@ -71,14 +73,25 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress or status lines on stderr; errors and results stay.")
+    ] = False,
 ) -> None:
     """Train a GPT-2 from scratch: tokenize → train → generate, offline on the embedded corpus.
 
     Everything lives under $TINYGPT_HOME (default: the current folder): data/<name>/ and runs/<name>/.
     """
+    global _QUIET
+    _QUIET = quiet
 
 
 # ----------------------------------------------------------------------------------------- shared options
+# help panels of `tinygpt train`, which has the most options
+_P_WHAT = "What to train"
+_P_RUN = "Run folder"
+_P_BUDGET = "Budget"
+_P_OPT = "Optimisation"
+_P_HW = "Hardware"
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed → same result).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.")]
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name or folder (default: the latest run).")]
@@ -109,8 +122,14 @@ class _RateView:
     def __init__(self, console, label: str) -> None:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-        self.progress = Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), TaskProgressColumn(),
-                                 TextColumn("{task.fields[rates]}"), console=console, transient=True)
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}[/]"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rates]}"),
+            console=console,
+            transient=True,
+        )
         self.task = None
 
     def start(self, total_bytes: float | None) -> None:
@@ -122,20 +141,25 @@ class _RateView:
             return
         total = self.progress.tasks[self.task].total
         eta = f" · ETA {_fmt_seconds(eta_s)}" if eta_s is not None else ""
-        self.progress.update(self.task, completed=min(done_bytes, total) if total else done_bytes,
-                             rates=" · ".join(rates) + eta)
+        self.progress.update(
+            self.task, completed=min(done_bytes, total) if total else done_bytes, rates=" · ".join(rates) + eta
+        )
 
     def close(self) -> None:
         self.progress.stop()
 
 
-@app.command(epilog="Examples:  tinygpt tokenize  ·  tinygpt tokenize openwebtext --fraction 0.25  ·  "
-             "tinygpt tokenize books/ --name books  ·  tinygpt tokenize 'shards/*.jsonl.gz' --text-field body")
+@app.command(
+    epilog="Examples:  tinygpt tokenize  ·  tinygpt tokenize openwebtext --fraction 0.25  ·  "
+    "tinygpt tokenize books/ --name books  ·  tinygpt tokenize 'shards/*.jsonl.gz' --text-field body"
+)
 def tokenize(
     source: Annotated[
         str | None,
-        typer.Argument(help="A downloaded dataset, 'shakespeare' (embedded) or a .txt/.jsonl(.gz)/.parquet file, "
-                       "folder or glob. Default: the last download, else the embedded corpus."),
+        typer.Argument(
+            help="A downloaded dataset, 'shakespeare' (embedded) or a .txt/.jsonl(.gz)/.parquet file, "
+            "folder or glob. Default: the last download, else the embedded corpus."
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name under data/ (default: from the source).")] = None,
     fraction: Annotated[float, typer.Option(help="Share of the documents to use, chosen by --seed.")] = 1.0,
@@ -161,19 +185,36 @@ def tokenize(
         elif event.kind == "plan":
             share = f" (fraction {fraction:g}, seed {seed})" if fraction < 1 else ""
             resumed = f"; {_fmt_int(event.resumed_documents)} already done" if event.resumed_documents else ""
-            err.print(f"Tokenizing {event.source}: {_fmt_int(event.documents)} of {_fmt_int(event.total_documents)} "
-                      f"documents{share}, ~{_fmt_size(event.total_text_bytes)} of text → "
-                      f"~{_fmt_int(event.estimated_tokens)} tokens, ~{_fmt_size(event.estimated_tokens * 2)} on disk; "
-                      f"{event.workers} worker(s){resumed}")
+            err.print(
+                f"Tokenizing {event.source}: {_fmt_int(event.documents)} of {_fmt_int(event.total_documents)} "
+                f"documents{share}, ~{_fmt_size(event.total_text_bytes)} of text → "
+                f"~{_fmt_int(event.estimated_tokens)} tokens, ~{_fmt_size(event.estimated_tokens * 2)} on disk; "
+                f"{event.workers} worker(s){resumed}"
+            )
             view.start(event.total_text_bytes)
         elif event.kind == "progress":
-            view.update(event.text_bytes, [f"{_fmt_int(event.documents_per_s)} docs/s",
-                                           f"{event.tokens_per_s / 1e6:.2f}M tok/s",
-                                           f"{event.bytes_per_s / 1e6:.1f} MB/s"], event.eta_s)
+            view.update(
+                event.text_bytes,
+                [
+                    f"{_fmt_int(event.documents_per_s)} docs/s",
+                    f"{event.tokens_per_s / 1e6:.2f}M tok/s",
+                    f"{event.bytes_per_s / 1e6:.1f} MB/s",
+                ],
+                event.eta_s,
+            )
 
     try:
-        result = data.tokenize(source, name=name, fraction=fraction, val_fraction=val_fraction, seed=seed,
-                               text_field=text_field, workers=workers, restart=restart, on_event=on_event)
+        result = data.tokenize(
+            source,
+            name=name,
+            fraction=fraction,
+            val_fraction=val_fraction,
+            seed=seed,
+            text_field=text_field,
+            workers=workers,
+            restart=restart,
+            on_event=on_event,
+        )
     except KeyboardInterrupt:
         view.close()
         err.print("Interrupted: run the same command again to continue where it stopped (--restart starts over).")
@@ -185,11 +226,23 @@ def tokenize(
     skipped = meta["documents"]
     if skipped["skipped_empty"] or skipped["skipped_undecodable"]:
         first = f" (first: {result.skipped_undecodable[0]})" if result.skipped_undecodable else ""
-        err.print(f"Skipped {_fmt_int(skipped['skipped_empty'])} empty and "
-                  f"{_fmt_int(skipped['skipped_undecodable'])} non-UTF-8 document(s){first}")
+        err.print(
+            f"Skipped {_fmt_int(skipped['skipped_empty'])} empty and "
+            f"{_fmt_int(skipped['skipped_undecodable'])} non-UTF-8 document(s){first}"
+        )
     if as_json:
-        print(json.dumps({"name": result.name, "path": str(result.path), "seconds": result.seconds,
-                          "resumed_documents": result.resumed_documents, "workers": result.workers, **meta}))
+        print(
+            json.dumps(
+                {
+                    "name": result.name,
+                    "path": str(result.path),
+                    "seconds": result.seconds,
+                    "resumed_documents": result.resumed_documents,
+                    "workers": result.workers,
+                    **meta,
+                }
+            )
+        )
         return
     tokens = train["tokens"] + val["tokens"]
     print(
@@ -201,8 +254,10 @@ def tokenize(
 
 
 # ----------------------------------------------------------------------------------------- download
-@app.command(epilog="Examples:  tinygpt download --list  ·  tinygpt download tinystories --max-docs 200000  ·  "
-             "tinygpt download openwebtext --fraction 0.25  ·  tinygpt download owner/name --text-field content")
+@app.command(
+    epilog="Examples:  tinygpt download --list  ·  tinygpt download tinystories --max-docs 200000  ·  "
+    "tinygpt download openwebtext --fraction 0.25  ·  tinygpt download owner/name --text-field content"
+)
 def download(
     name: Annotated[
         str | None,
@@ -235,16 +290,34 @@ def download(
             target = f"~{_fmt_int(event.target_documents)}" if event.target_documents else "all"
             text = f" (~{_fmt_size(event.total_text_bytes)} of text)" if event.total_text_bytes else ""
             resumed = f"; continuing after {_fmt_int(event.documents)}" if event.documents else ""
-            err.print(f"Downloading {event.name} from {event.where} ({event.license or 'see its card'}) into "
-                      f"data/raw/{event.name}: {target} documents{text} from {event.shards} shard(s){resumed}")
+            err.print(
+                f"Downloading {event.name} from {event.where} ({event.license or 'see its card'}) into "
+                f"data/raw/{event.name}: {target} documents{text} from {event.shards} shard(s){resumed}"
+            )
             view.start(event.total_text_bytes)
         elif event.kind == "progress":
-            view.update(event.text_bytes, [f"{_fmt_int(event.documents)} docs", f"{_fmt_int(event.documents_per_s)}"
-                                           f" docs/s", f"{event.bytes_per_s / 1e6:.1f} MB/s"], event.eta_s)
+            view.update(
+                event.text_bytes,
+                [
+                    f"{_fmt_int(event.documents)} docs",
+                    f"{_fmt_int(event.documents_per_s)} docs/s",
+                    f"{event.bytes_per_s / 1e6:.1f} MB/s",
+                ],
+                event.eta_s,
+            )
 
     try:
-        result = fetch(name, fraction=fraction, max_docs=max_docs, seed=seed, config=config, split=split,
-                       text_field=text_field, force=force, on_event=on_event)
+        result = fetch(
+            name,
+            fraction=fraction,
+            max_docs=max_docs,
+            seed=seed,
+            config=config,
+            split=split,
+            text_field=text_field,
+            force=force,
+            on_event=on_event,
+        )
     except KeyboardInterrupt:
         view.close()
         err.print("Interrupted: run the same command again to continue (the parts written so far are kept).")
@@ -252,17 +325,28 @@ def download(
     finally:
         view.close()
     if as_json:
-        print(json.dumps({"name": result.name, "path": str(result.path), "already": result.already,
-                          "seconds": result.seconds, **result.record}))
+        print(
+            json.dumps(
+                {
+                    "name": result.name,
+                    "path": str(result.path),
+                    "already": result.already,
+                    "seconds": result.seconds,
+                    **result.record,
+                }
+            )
+        )
         return
     progress = result.record.get("progress", {})
     if result.record.get("kind") == "embedded":
         print(f"{result.name} is embedded in tinygpt: nothing to fetch. `tinygpt tokenize` now uses it by default.")
         return
     verb = "Already downloaded" if result.already else f"Downloaded in {_fmt_seconds(result.seconds)}"
-    print(f"{verb}: {result.name}, {_fmt_int(progress.get('documents', 0))} documents, "
-          f"{_fmt_size(progress.get('text_bytes', 0))} of text, {_fmt_size(result.disk_bytes)} on disk in "
-          f"{result.path}. Next: tinygpt tokenize {result.name}")
+    print(
+        f"{verb}: {result.name}, {_fmt_int(progress.get('documents', 0))} documents, "
+        f"{_fmt_size(progress.get('text_bytes', 0))} of text, {_fmt_size(result.disk_bytes)} on disk in "
+        f"{result.path}. Next: tinygpt tokenize {result.name}"
+    )
 
 
 def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -273,12 +357,21 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
 
     table = Table(title="Named corpora (sizes approximate, whole split)", title_justify="left")
     for column in ("name", "source", "documents", "text", "tokens", "license", "here"):
-        table.add_column(column, justify="right" if column in ("documents", "text", "tokens") else "left",
-                         no_wrap=column in ("name", "documents", "text", "tokens"))
+        table.add_column(
+            column,
+            justify="right" if column in ("documents", "text", "tokens") else "left",
+            no_wrap=column in ("name", "documents", "text", "tokens"),
+        )
     for row in rows:
-        table.add_row(row["name"], row["where"], _fmt_int(row["documents"]), _fmt_size(row["text_bytes"]),
-                      f"{row['tokens'] / 1e9:.2f}B" if row["tokens"] >= 1e8 else f"{row['tokens'] / 1e6:.1f}M",
-                      row["license"], row["status"])
+        table.add_row(
+            row["name"],
+            row["where"],
+            _fmt_int(row["documents"]),
+            _fmt_size(row["text_bytes"]),
+            f"{row['tokens'] / 1e9:.2f}B" if row["tokens"] >= 1e8 else f"{row['tokens'] / 1e6:.1f}M",
+            row["license"],
+            row["status"],
+        )
     console = _stdout_console()
     if not console.is_terminal:  # piped: no terminal width to respect, keep each corpus on one line
         console.width = 150
@@ -286,34 +379,75 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------- train
-@app.command(epilog="Examples:  tinygpt train --size micro  ·  tinygpt train --resume  ·  "
-             "tinygpt train --size tiny --set train.lr=1e-3 --max-steps 2000")
+@app.command(
+    epilog="Examples:  tinygpt train --size micro  ·  tinygpt train --resume  ·  "
+    "tinygpt train --size tiny --set train.lr=1e-3 --max-steps 2000"
+)
 def train(
-    size: Annotated[str | None, typer.Option(help="Preset: micro, tiny, small (124M), medium, large, xl.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file with model/data/train sections.")] = None,
+    size: Annotated[
+        str | None, typer.Option(rich_help_panel=_P_WHAT, help="Preset: micro, tiny, small (124M), medium, large, xl.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", rich_help_panel=_P_WHAT, help="YAML file with model/data/train sections.")
+    ] = None,
     overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4 (repeatable).")
+        list[str] | None,
+        typer.Option("--set", rich_help_panel=_P_WHAT, help="Override a key: --set train.lr=3e-4 (repeatable)."),
     ] = None,
-    data_name: Annotated[str | None, typer.Option("--data", help="Tokenized dataset (default: the last one).")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Run name under runs/ (default: size-data-time).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue --name (else the latest run) from its checkpoint.")] = False,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps to train in all.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Stop with a checkpoint after this many tokens.")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Stop with a checkpoint after this many minutes.")] = None,
+    data_name: Annotated[
+        str | None, typer.Option("--data", rich_help_panel=_P_WHAT, help="Tokenized dataset (default: the last one).")
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", rich_help_panel=_P_RUN, help="Run name under runs/ (default: size-data-time)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(rich_help_panel=_P_RUN, help="Continue --name (else the latest run) from its checkpoint.")
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option(rich_help_panel=_P_BUDGET, help="Optimizer steps to train in all.")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(rich_help_panel=_P_BUDGET, help="Stop with a checkpoint after this many tokens.")
+    ] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(rich_help_panel=_P_BUDGET, help="Stop with a checkpoint after this many minutes.")
+    ] = None,
     batch_size: Annotated[
-        str | None, typer.Option(help="Sequences per micro-batch, or 'auto' (CUDA: the largest that fits).")
+        str | None,
+        typer.Option(
+            rich_help_panel=_P_OPT, help="Sequences per micro-batch, or 'auto' (CUDA: the largest that fits)."
+        ),
     ] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout (0 for pretraining; ~0.1 to fine-tune).")] = None,
-    keep_last: Annotated[int | None, typer.Option(help="Checkpoints to keep (older ones are pruned).")] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(rich_help_panel=_P_OPT, help="Micro-batches per optimizer step.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(rich_help_panel=_P_OPT, help="Peak learning rate.")] = None,
+    dropout: Annotated[
+        float | None, typer.Option(rich_help_panel=_P_WHAT, help="Dropout (0 for pretraining; ~0.1 to fine-tune).")
+    ] = None,
+    keep_last: Annotated[
+        int | None, typer.Option(rich_help_panel=_P_RUN, help="Checkpoints to keep (older ones are pruned).")
+    ] = None,
     device: DeviceOpt = None,
-    dtype: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast).")] = None,
-    compile_mode: Annotated[str | None, typer.Option("--compile", help="auto | on | off.")] = None,
-    nproc: Annotated[int | None, typer.Option(help="Processes on this machine: re-runs itself under torchrun.")] = None,
-    fsdp: Annotated[bool, typer.Option(help="Under torchrun: shard parameters and optimizer state (FSDP2).")] = False,
+    dtype: Annotated[
+        str | None, typer.Option(rich_help_panel=_P_HW, help="auto | fp32 | bf16 | fp16 (autocast).")
+    ] = None,
+    compile_mode: Annotated[
+        str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.")
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(rich_help_panel=_P_HW, help="Processes on this machine: re-runs itself under torchrun."),
+    ] = None,
+    fsdp: Annotated[
+        bool, typer.Option(rich_help_panel=_P_HW, help="Under torchrun: shard parameters and optimizer state (FSDP2).")
+    ] = False,
     init_from: Annotated[
-        str | None, typer.Option(help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.")
+        str | None,
+        typer.Option(
+            rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run."
+        ),
     ] = None,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
@@ -329,11 +463,21 @@ def train(
 
     auto_batch = batch_size is not None and batch_size.strip().lower() == "auto"
     flags: dict[str, Any] = {
-        "data.dataset": data_name, "train.max_steps": max_steps, "train.max_tokens": max_tokens,
-        "train.max_minutes": max_minutes, "train.batch_size": None if auto_batch else batch_size,
-        "train.auto_batch": True if auto_batch else None, "train.grad_accum": grad_accum, "train.lr": lr,
-        "model.dropout": dropout, "train.keep_last": keep_last, "train.device": device, "train.dtype": dtype,
-        "train.compile": compile_mode, "train.seed": seed, "train.fsdp": True if fsdp else None,
+        "data.dataset": data_name,
+        "train.max_steps": max_steps,
+        "train.max_tokens": max_tokens,
+        "train.max_minutes": max_minutes,
+        "train.batch_size": None if auto_batch else batch_size,
+        "train.auto_batch": True if auto_batch else None,
+        "train.grad_accum": grad_accum,
+        "train.lr": lr,
+        "model.dropout": dropout,
+        "train.keep_last": keep_last,
+        "train.device": device,
+        "train.dtype": dtype,
+        "train.compile": compile_mode,
+        "train.seed": seed,
+        "train.fsdp": True if fsdp else None,
         "train.init_from": init_from,
     }
     run_name = name
@@ -366,8 +510,11 @@ def train(
         f"{_fmt_seconds(result.seconds)}, {_fmt_int(result.tokens_per_s)} tokens/s"
     )
     if result.stopped != "completed":
-        why = {"interrupted": "Interrupted", "time_limit": "Reached --max-minutes",
-               "token_limit": "Reached --max-tokens"}.get(result.stopped, "Stopped")
+        why = {
+            "interrupted": "Interrupted",
+            "time_limit": "Reached --max-minutes",
+            "token_limit": "Reached --max-tokens",
+        }.get(result.stopped, "Stopped")
         out.print(f"{why}; checkpoint saved. Continue with: tinygpt train --resume --name {result.run_dir.name}")
 
 
@@ -385,8 +532,16 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
         if arg.startswith("--nproc="):
             continue
         args.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "tinygpt_cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "tinygpt_cli",
+        *args,
+    ]
 
 
 def _exec_torchrun(nproc: int) -> None:
@@ -405,10 +560,16 @@ class _TrainView:
 
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} · val {task.fields[val]} · {task.fields[rate]} tok/s"
-                       "{task.fields[mfu]}"),
-            TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]} · val {task.fields[val]} · {task.fields[rate]} tok/s{task.fields[mfu]}"
+            ),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
         self.task = None
 
@@ -423,13 +584,19 @@ class _TrainView:
                 f"({_fmt_int(info['train_tokens'])} train tokens) · {info['device']} {info['dtype']} · "
                 f"{_fmt_int(info['tokens_per_step'])} tokens/step → {info['run_dir']}{resumed}"
             )
-            self.task = self.progress.add_task("train", total=event.max_steps, completed=event.step,
-                                               loss="…", val="…", rate="…", mfu="")
+            self.task = self.progress.add_task(
+                "train", total=event.max_steps, completed=event.step, loss="…", val="…", rate="…", mfu=""
+            )
             self.progress.start()
         elif event.kind == "step" and self.task is not None:
             mfu = f" · MFU {event.mfu:.0%}" if event.mfu is not None else ""
-            self.progress.update(self.task, completed=event.step, loss=f"{event.loss:.3f}",
-                                 rate=_fmt_int(event.tokens_per_s or 0), mfu=mfu)
+            self.progress.update(
+                self.task,
+                completed=event.step,
+                loss=f"{event.loss:.3f}",
+                rate=_fmt_int(event.tokens_per_s or 0),
+                mfu=mfu,
+            )
         elif event.kind == "eval" and self.task is not None:
             self.progress.update(self.task, completed=event.step, val=f"{event.val_loss:.3f}")
             self.console.print(f"step {event.step}: val loss {event.val_loss:.4f}")
@@ -443,20 +610,28 @@ def _stdin_is_interactive() -> bool:
     return sys.stdin.isatty()
 
 
-@app.command(epilog='Examples:  tinygpt generate "To be, or not to be"  ·  '
-             "tinygpt generate \"ROMEO:\" --num-samples 3 --temperature 0.9 --seed 7  ·  "
-             "tinygpt generate --prompt-file scene.txt --stop $'\\n\\n' --json  ·  "
-             "tinygpt generate  (an interactive prompt loop)")
+@app.command(
+    epilog='Examples:  tinygpt generate "To be, or not to be"  ·  '
+    'tinygpt generate "ROMEO:" --num-samples 3 --temperature 0.9 --seed 7  ·  '
+    "tinygpt generate --prompt-file scene.txt --stop $'\\n\\n' --json  ·  "
+    "tinygpt generate  (an interactive prompt loop)"
+)
 def generate(
     prompt: Annotated[
         str | None,
-        typer.Argument(help="Text to continue; \"\" starts a fresh document. Without one: --prompt-file, else stdin "
-                       "when piped, else an interactive prompt loop (Ctrl-D leaves)."),
+        typer.Argument(
+            help='Text to continue; "" starts a fresh document. Without one: --prompt-file, else stdin '
+            "when piped, else an interactive prompt loop (Ctrl-D leaves)."
+        ),
     ] = None,
     run: Annotated[
         str | None,
-        typer.Option("--run", "--model", help="Run name or folder, a checkpoint folder, a Hugging Face GPT-2 folder "
-                     "or gpt2[-medium|-large|-xl] (default: the latest run)."),
+        typer.Option(
+            "--run",
+            "--model",
+            help="Run name or folder, a checkpoint folder, a Hugging Face GPT-2 folder "
+            "or gpt2[-medium|-large|-xl] (default: the latest run).",
+        ),
     ] = None,
     prompt_file: Annotated[
         Path | None, typer.Option("--prompt-file", help="Read the prompt from this file ('-': stdin), as it is.")
@@ -509,17 +684,20 @@ def generate(
         "temperature": temperature if temperature is not None else defaults.temperature,
         "top_k": top_k if top_k is not None else defaults.top_k,
         "top_p": top_p if top_p is not None else defaults.top_p,
-        "repetition_penalty": repetition_penalty, "num_samples": num_samples,
+        "repetition_penalty": repetition_penalty,
+        "num_samples": num_samples,
     }
     check_settings(**settings)
-    settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot,
-                    seed=seed if seed is not None else defaults.seed)
+    settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed if seed is not None else defaults.seed)
     param = next(loaded.model.parameters())
     use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda")
     err = _stderr_console()
     step = loaded.state.get("step")
-    err.print(f"Sampling from {loaded.path} ({f'step {step}' if step is not None else 'pretrained'}) · {param.device} "
-              f"{str(param.dtype).split('.')[-1]}{' · compiled decode step' if use_compile else ''}", soft_wrap=True)
+    err.print(
+        f"Sampling from {loaded.path} ({f'step {step}' if step is not None else 'pretrained'}) · {param.device} "
+        f"{str(param.dtype).split('.')[-1]}{' · compiled decode step' if use_compile else ''}",
+        soft_wrap=True,
+    )
     view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err)
     if text is not None or not _stdin_is_interactive():
         view.once(text if text is not None else sys.stdin.read(), settings["seed"], echo_prompt=True)
@@ -544,8 +722,7 @@ def generate(
 class _GenerateView:
     """Runs one prompt through `sample_text` and renders it: streamed text, sample blocks, or JSON."""
 
-    def __init__(self, loaded, settings: dict[str, Any], use_compile: bool, as_json: bool, verbose: bool,
-                 err) -> None:
+    def __init__(self, loaded, settings: dict[str, Any], use_compile: bool, as_json: bool, verbose: bool, err) -> None:
         self.loaded, self.settings, self.use_compile = loaded, settings, use_compile
         self.as_json, self.verbose, self.err = as_json, verbose, err
         self.warned = False
@@ -562,26 +739,43 @@ class _GenerateView:
         if stream and echo_prompt:
             sys.stdout.write(text)
             sys.stdout.flush()
-        result = sample_text(self.loaded.model, text, **{**self.settings, "seed": seed},
-                             compile=self.use_compile, on_text=on_text if stream else None)
+        result = sample_text(
+            self.loaded.model,
+            text,
+            **{**self.settings, "seed": seed},
+            compile=self.use_compile,
+            on_text=on_text if stream else None,
+        )
         stats = result.stats
         if stats.compile_error and not self.warned:
             self.warned = True
             self.err.print(f"torch.compile unavailable ({stats.compile_error}): decoded eagerly.", markup=False)
         if self.as_json:
             param = next(self.loaded.model.parameters())
-            print(json.dumps({
-                "checkpoint": str(self.loaded.path), "step": self.loaded.state.get("step"), "prompt": text,
-                "prompt_tokens": result.prompt_tokens, "samples": [vars(sample) for sample in result.samples],
-                "settings": {**self.settings, "seed": seed},
-                "stats": {
-                    "new_tokens": stats.new_tokens, "num_samples": stats.batch_size,
-                    "time_to_first_token_s": stats.time_to_first_token_s, "seconds": stats.seconds,
-                    "tokens_per_s": stats.tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
-                    "window_slides": stats.window_slides, "device": str(param.device),
-                    "dtype": str(param.dtype).split(".")[-1], "compiled": stats.compiled,
-                },
-            }))
+            print(
+                json.dumps(
+                    {
+                        "checkpoint": str(self.loaded.path),
+                        "step": self.loaded.state.get("step"),
+                        "prompt": text,
+                        "prompt_tokens": result.prompt_tokens,
+                        "samples": [vars(sample) for sample in result.samples],
+                        "settings": {**self.settings, "seed": seed},
+                        "stats": {
+                            "new_tokens": stats.new_tokens,
+                            "num_samples": stats.batch_size,
+                            "time_to_first_token_s": stats.time_to_first_token_s,
+                            "seconds": stats.seconds,
+                            "tokens_per_s": stats.tokens_per_s,
+                            "decode_tokens_per_s": stats.decode_tokens_per_s,
+                            "window_slides": stats.window_slides,
+                            "device": str(param.device),
+                            "dtype": str(param.dtype).split(".")[-1],
+                            "compiled": stats.compiled,
+                        },
+                    }
+                )
+            )
         elif stream:
             sys.stdout.write("\n")
             sys.stdout.flush()
@@ -595,12 +789,17 @@ class _GenerateView:
                 f"{stats.prompt_tokens} prompt tokens · {stats.new_tokens} new tokens × {stats.batch_size} · "
                 f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
                 f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
-                f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}", markup=False)
+                f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}",
+                markup=False,
+            )
 
 
 # ----------------------------------------------------------------------------------------- eval
-@app.command("eval", epilog="Examples:  tinygpt eval  ·  tinygpt eval my-run --data owt --tokens 200000  ·  "
-             "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task hellaswag --task-data hs_val.jsonl")
+@app.command(
+    "eval",
+    epilog="Examples:  tinygpt eval  ·  tinygpt eval my-run --data owt --tokens 200000  ·  "
+    "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task hellaswag --task-data hs_val.jsonl",
+)
 def eval_command(
     run: Annotated[
         str | None, typer.Argument(help="Run name or folder, or a checkpoint folder (default: the latest run).")
@@ -640,8 +839,15 @@ def eval_command(
     if task is not None and (data_name is not None or tokens is not None):
         raise TinyGPTError("--data and --tokens are for the loss; a --task reads its own examples (--task-data)")
     err = _stderr_console()
-    progress = Progress(TextColumn("[bold]eval[/]"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[unit]}"), TimeRemainingColumn(), console=err, transient=True)
+    progress = Progress(
+        TextColumn("[bold]eval[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
     bar = None
 
     def on_event(event: ev.EvalEvent) -> None:
@@ -659,8 +865,9 @@ def eval_command(
         if task is not None:
             result = ev.evaluate_task(run, task=task, task_data=task_data, limit=limit, **common)
         else:
-            result = ev.evaluate(run, data=data_name, split=split,
-                                 tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common)
+            result = ev.evaluate(
+                run, data=data_name, split=split, tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common
+            )
     finally:
         progress.stop()
     if as_json:
@@ -668,12 +875,16 @@ def eval_command(
         return
     which = f"step {result.step}" if result.step is not None else "pretrained"
     if isinstance(result, ev.TaskResult):
-        print(f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "
-              f"acc {result.accuracy:.4f} on {_fmt_int(result.examples)} examples (zero-shot, {which})")
+        print(
+            f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "
+            f"acc {result.accuracy:.4f} on {_fmt_int(result.examples)} examples (zero-shot, {which})"
+        )
     else:
-        print(f"{result.dataset}/{result.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "
-              f"{result.bits_per_byte:.4f} bits/byte on {_fmt_int(result.tokens)} tokens "
-              f"({result.text_bytes / 1e6:.2f} MB of text, {which})")
+        print(
+            f"{result.dataset}/{result.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "
+            f"{result.bits_per_byte:.4f} bits/byte on {_fmt_int(result.tokens)} tokens "
+            f"({result.text_bytes / 1e6:.2f} MB of text, {which})"
+        )
     if result.recorded_in:
         err.print(f"Recorded in {result.recorded_in}/eval.jsonl and report.md", markup=False)
 
@@ -686,13 +897,17 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-@app.command(epilog="Examples:  tinygpt export  ·  tinygpt export my-run --format gguf --dtype q8_0  ·  "
-             "tinygpt export --format onnx --out model-onnx  ·  tinygpt export gpt2 --format gguf")
+@app.command(
+    epilog="Examples:  tinygpt export  ·  tinygpt export my-run --format gguf --dtype q8_0  ·  "
+    "tinygpt export --format onnx --out model-onnx  ·  tinygpt export gpt2 --format gguf"
+)
 def export(
     source: Annotated[
         str | None,
-        typer.Argument(help="Run name or folder, checkpoint folder, Hugging Face GPT-2 folder, or gpt2…gpt2-xl "
-                       "(default: the latest run)."),
+        typer.Argument(
+            help="Run name or folder, checkpoint folder, Hugging Face GPT-2 folder, or gpt2…gpt2-xl "
+            "(default: the latest run)."
+        ),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers) | gguf (llama.cpp) | onnx.")] = "hf",
     out: Annotated[
@@ -710,8 +925,18 @@ def export(
     _stderr_console().print(f"Exporting {source or 'the latest run'} as {fmt} ({dtype})…", soft_wrap=True)
     result = export_model(source, fmt, out, dtype, force=force)
     if as_json:
-        print(json.dumps({"path": str(result.path), "format": result.format, "dtype": result.dtype,
-                          "source": str(result.source), "files": result.files, "bytes": result.total_bytes}))
+        print(
+            json.dumps(
+                {
+                    "path": str(result.path),
+                    "format": result.format,
+                    "dtype": result.dtype,
+                    "source": str(result.source),
+                    "files": result.files,
+                    "bytes": result.total_bytes,
+                }
+            )
+        )
         return
     print(f"Wrote {result.path} ({fmt}, {dtype}, {_fmt_bytes(result.total_bytes)}) from {result.source}")
     if len(result.files) > 1:
@@ -740,26 +965,42 @@ def _plan_table(p) -> Any:
     table.add_column(style="bold")
     table.add_column()
     m, d, mem = p.model, p.data, p.memory
-    table.add_row("model", f"{p.size}: {m['n_layer']} layers × {m['n_embd']}, {m['n_head']} heads, "
-                  f"context {m['block_size']}, vocabulary {m['vocab_size']}")
+    table.add_row(
+        "model",
+        f"{p.size}: {m['n_layer']} layers × {m['n_embd']}, {m['n_head']} heads, "
+        f"context {m['block_size']}, vocabulary {m['vocab_size']}",
+    )
     table.add_row("parameters", f"{_fmt_int(p.parameters)} ({_fmt_int(p.non_embedding_parameters)} non-embedding)")
     table.add_row("FLOPs per token", f"{p.flops_per_token / 1e9:.3f} GFLOP (6·N + 12·L·T·C, N with the head)")
-    basis = "counted: meta.json" if d.origin == "meta.json" else \
-        f"estimated: {d.fraction:.0%} of the source's ~{_fmt_count(d.source_tokens or 0)} tokens"
-    table.add_row("data", f"{d.name}: {_fmt_count(d.train_tokens)} train + {_fmt_count(d.val_tokens)} val tokens "
-                  f"({basis})")
+    basis = (
+        "counted: meta.json"
+        if d.origin == "meta.json"
+        else f"estimated: {d.fraction:.0%} of the source's ~{_fmt_count(d.source_tokens or 0)} tokens"
+    )
+    table.add_row(
+        "data", f"{d.name}: {_fmt_count(d.train_tokens)} train + {_fmt_count(d.val_tokens)} val tokens ({basis})"
+    )
     disk = f"{_fmt_bytes(d.token_file_bytes)} of token files"
     if d.download_bytes:
         disk += f" (+ the download: ~{_fmt_bytes(d.download_bytes)} of text)"
     table.add_row("disk: data", disk)
-    table.add_row("disk: checkpoints", f"{_fmt_bytes(p.checkpoint_bytes)} each (12 bytes/parameter) × "
-                  f"{p.checkpoints_on_disk} at most = {_fmt_bytes(p.checkpoint_disk_bytes)}")
+    table.add_row(
+        "disk: checkpoints",
+        f"{_fmt_bytes(p.checkpoint_bytes)} each (12 bytes/parameter) × "
+        f"{p.checkpoints_on_disk} at most = {_fmt_bytes(p.checkpoint_disk_bytes)}",
+    )
     procs = f" × {p.nproc} processes" if p.nproc > 1 else ""
-    table.add_row("batch", f"{p.batch_size} × {p.grad_accum} accumulation × {m['block_size']} tokens{procs} = "
-                  f"{_fmt_int(p.tokens_per_step)} tokens/step")
-    table.add_row("budget", f"{_fmt_int(p.max_steps)} steps = {_fmt_count(p.budget_tokens)} tokens "
-                  f"({p.epochs:.2f} epochs); Chinchilla-optimal: {_fmt_count(p.chinchilla_tokens)} "
-                  f"({p.budget_tokens / p.chinchilla_tokens:.2g}×)")
+    table.add_row(
+        "batch",
+        f"{p.batch_size} × {p.grad_accum} accumulation × {m['block_size']} tokens{procs} = "
+        f"{_fmt_int(p.tokens_per_step)} tokens/step",
+    )
+    table.add_row(
+        "budget",
+        f"{_fmt_int(p.max_steps)} steps = {_fmt_count(p.budget_tokens)} tokens "
+        f"({p.epochs:.2f} epochs); Chinchilla-optimal: {_fmt_count(p.chinchilla_tokens)} "
+        f"({p.budget_tokens / p.chinchilla_tokens:.2g}×)",
+    )
     device = f"{p.nproc} × {p.device.name}" if p.nproc > 1 else p.device.name
     table.add_row("device", f"{device}, {p.dtype}")
     of = f" of {_gib(mem.device_memory)} (usable {_gib(mem.usable_memory)})" if mem.usable_memory else ""
@@ -767,21 +1008,29 @@ def _plan_table(p) -> Any:
     table.add_row("memory per device", f"{_gib(mem.total)}{of}{fits}")
     states = mem.weights + mem.gradients + mem.optimizer
     extra = mem.autocast_weight_copies + mem.ddp_buckets + mem.fsdp_gathered + mem.head_gradient + mem.loss_chunk
-    table.add_row("  of which", f"weights + gradients + AdamW {_gib(states)}, activations {_gib(mem.activations)} "
-                  f"({mem.activations_per_sequence / 2**20:.0f} MiB/sequence), buffers {_gib(extra)}")
+    table.add_row(
+        "  of which",
+        f"weights + gradients + AdamW {_gib(states)}, activations {_gib(mem.activations)} "
+        f"({mem.activations_per_sequence / 2**20:.0f} MiB/sequence), buffers {_gib(extra)}",
+    )
     if mem.max_batch_size is not None:
         table.add_row("largest micro-batch", str(mem.max_batch_size))
     if p.tokens_per_s:
-        how = "measured here" if p.time_basis == "measured" else \
-            f"{(p.peak_flops or 0) / 1e12:.0f} TFLOP/s peak × {p.mfu:.0%} MFU"
+        how = (
+            "measured here"
+            if p.time_basis == "measured"
+            else f"{(p.peak_flops or 0) / 1e12:.0f} TFLOP/s peak × {p.mfu:.0%} MFU"
+        )
         table.add_row("throughput", f"{_fmt_int(p.tokens_per_s)} tokens/s ({how})")
         table.add_row("wall time", f"{_fmt_seconds(p.seconds)} (training + evals)")
     return table
 
 
-@app.command(epilog="Examples:  tinygpt plan --size small --data openwebtext --fraction 0.25 --device h100  ·  "
-             "tinygpt plan --size small --device a100 --nproc 8 --grad-accum 4 --json  ·  "
-             "tinygpt plan --size micro --measure")
+@app.command(
+    epilog="Examples:  tinygpt plan --size small --data openwebtext --fraction 0.25 --device h100  ·  "
+    "tinygpt plan --size small --device a100 --nproc 8 --grad-accum 4 --json  ·  "
+    "tinygpt plan --size micro --measure"
+)
 def plan(
     size: Annotated[str | None, typer.Option(help="Preset: micro, tiny, small (124M), medium, large, xl.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file with model/data/train sections.")] = None,
@@ -789,15 +1038,22 @@ def plan(
         list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4 (repeatable).")
     ] = None,
     data_name: Annotated[
-        str | None, typer.Option("--data", help="Tokenized dataset, or a known source (openwebtext, tinystories, "
-                                 "fineweb-edu, wikitext-103, shakespeare). Default: what train would use.")
+        str | None,
+        typer.Option(
+            "--data",
+            help="Tokenized dataset, or a known source (openwebtext, tinystories, "
+            "fineweb-edu, wikitext-103, shakespeare). Default: what train would use.",
+        ),
     ] = None,
     fraction: Annotated[
         float | None, typer.Option(help="Share of a not-yet-tokenized source to use (tokenize --fraction).")
     ] = None,
     device: Annotated[
-        str, typer.Option(help="auto (this machine) | cpu | mps | h100 | h100-pcie | h200 | a100 | a100-40 | l40s "
-                          "| a10g | l4 | rtx4090 | rtx3090 | v100 | t4.")
+        str,
+        typer.Option(
+            help="auto (this machine) | cpu | mps | h100 | h100-pcie | h200 | a100 | a100-40 | l40s "
+            "| a10g | l4 | rtx4090 | rtx3090 | v100 | t4."
+        ),
     ] = "auto",
     nproc: Annotated[int, typer.Option(help="Processes (GPUs) training together.")] = 1,
     batch_size: Annotated[
@@ -819,14 +1075,24 @@ def plan(
 
     auto_batch = batch_size is not None and batch_size.strip().lower() == "auto"
     flags: dict[str, Any] = {
-        "train.batch_size": None if auto_batch else batch_size, "train.auto_batch": True if auto_batch else None,
-        "train.grad_accum": grad_accum, "train.max_steps": max_steps, "train.dtype": dtype,
+        "train.batch_size": None if auto_batch else batch_size,
+        "train.auto_batch": True if auto_batch else None,
+        "train.grad_accum": grad_accum,
+        "train.max_steps": max_steps,
+        "train.dtype": dtype,
     }
     cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
     if measure:
         _stderr_console().print("Measuring a few training steps on this machine…")
-    result = make_plan(cfg, data=data_name or cfg.data.dataset or None, fraction=fraction, device=device,
-                       nproc=nproc, mfu=mfu, do_measure=measure)
+    result = make_plan(
+        cfg,
+        data=data_name or cfg.data.dataset or None,
+        fraction=fraction,
+        device=device,
+        nproc=nproc,
+        mfu=mfu,
+        do_measure=measure,
+    )
     if as_json:
         print(json.dumps(plan_to_dict(result)))
         return
@@ -837,8 +1103,11 @@ def plan(
 
 
 # ----------------------------------------------------------------------------------------- runs, data
-runs_app = typer.Typer(help="List the runs in the workspace; `tinygpt runs show NAME` prints a run's report.",
-                       no_args_is_help=False, rich_markup_mode="rich")
+runs_app = typer.Typer(
+    help="List the runs in the workspace; `tinygpt runs show NAME` prints a run's report.",
+    no_args_is_help=False,
+    rich_markup_mode="rich",
+)
 app.add_typer(runs_app, name="runs")
 
 
@@ -857,8 +1126,10 @@ def _loss(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "n/a"
 
 
-@runs_app.callback(invoke_without_command=True, epilog="Examples:  tinygpt runs  ·  tinygpt runs --json  ·  "
-                   "tinygpt runs show  ·  tinygpt runs show my-run")
+@runs_app.callback(
+    invoke_without_command=True,
+    epilog="Examples:  tinygpt runs  ·  tinygpt runs --json  ·  tinygpt runs show  ·  tinygpt runs show my-run",
+)
 def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List the runs in the workspace: name, size, steps, tokens, best val loss, date (newest first)."""
     if ctx.invoked_subcommand is not None:
@@ -885,8 +1156,9 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @runs_app.command("show", epilog="Examples:  tinygpt runs show  ·  tinygpt runs show my-run")
-def runs_show(run: Annotated[str | None, typer.Argument(help="Run name or folder (default: the latest run).")] = None,
-              ) -> None:
+def runs_show(
+    run: Annotated[str | None, typer.Argument(help="Run name or folder (default: the latest run).")] = None,
+) -> None:
     """Print a run's report.md (config, data, hardware, time, losses, a sample)."""
     from tinygpt_cli.inventory import run_report
 
@@ -894,13 +1166,18 @@ def runs_show(run: Annotated[str | None, typer.Argument(help="Run name or folder
     print(text.rstrip("\n"))
 
 
-data_app = typer.Typer(help="List the tokenized datasets in the workspace; `tinygpt data show NAME` for one.",
-                       no_args_is_help=False, rich_markup_mode="rich")
+data_app = typer.Typer(
+    help="List the tokenized datasets in the workspace; `tinygpt data show NAME` for one.",
+    no_args_is_help=False,
+    rich_markup_mode="rich",
+)
 app.add_typer(data_app, name="data")
 
 
-@data_app.callback(invoke_without_command=True, epilog="Examples:  tinygpt data  ·  tinygpt data --json  ·  "
-                   "tinygpt data show shakespeare")
+@data_app.callback(
+    invoke_without_command=True,
+    epilog="Examples:  tinygpt data  ·  tinygpt data --json  ·  tinygpt data show shakespeare",
+)
 def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List the tokenized datasets in the workspace with their token and document counts (newest first)."""
     if ctx.invoked_subcommand is not None:
@@ -921,9 +1198,15 @@ def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return
     table = Table("dataset", "train tokens", "val tokens", "documents", "on disk", "fraction", "created")
     for s in summaries:
-        table.add_row(s.name, _fmt_int(s.train_tokens), _fmt_int(s.val_tokens),
-                      _fmt_int(s.train_documents + s.val_documents), _fmt_bytes(s.bytes),
-                      f"{s.fraction:g}" if s.fraction is not None else "", _when(s.created))
+        table.add_row(
+            s.name,
+            _fmt_int(s.train_tokens),
+            _fmt_int(s.val_tokens),
+            _fmt_int(s.train_documents + s.val_documents),
+            _fmt_bytes(s.bytes),
+            f"{s.fraction:g}" if s.fraction is not None else "",
+            _when(s.created),
+        )
     _stdout_console().print(table)
 
 
@@ -942,15 +1225,21 @@ def data_show(
     splits = meta.get("splits", {})
     source = meta.get("source") or {}
     print(f"{meta.get('name', path.name)}  ({path})")
-    print(f"  source     {source.get('spec')} ({source.get('kind')}), fraction {meta.get('fraction')}, "
-          f"seed {meta.get('seed')}, val fraction {meta.get('val_fraction')}")
+    print(
+        f"  source     {source.get('spec')} ({source.get('kind')}), fraction {meta.get('fraction')}, "
+        f"seed {meta.get('seed')}, val fraction {meta.get('val_fraction')}"
+    )
     for split in ("train", "val"):
         info = splits.get(split, {})
-        print(f"  {split:<10} {_fmt_int(info.get('tokens', 0))} tokens, {_fmt_int(info.get('documents', 0))} "
-              f"documents, {_fmt_bytes(info.get('bytes', 0))}, sha256 {str(info.get('sha256', ''))[:16]}…")
+        print(
+            f"  {split:<10} {_fmt_int(info.get('tokens', 0))} tokens, {_fmt_int(info.get('documents', 0))} "
+            f"documents, {_fmt_bytes(info.get('bytes', 0))}, sha256 {str(info.get('sha256', ''))[:16]}…"
+        )
     tokenizer = meta.get("tokenizer") or {}
-    print(f"  tokenizer  {tokenizer.get('name')} (vocabulary {tokenizer.get('vocab_size')}), created "
-          f"{_when(meta.get('created'))}")
+    print(
+        f"  tokenizer  {tokenizer.get('name')} (vocabulary {tokenizer.get('vocab_size')}), created "
+        f"{_when(meta.get('created'))}"
+    )
 
 
 def main() -> None:
