@@ -130,3 +130,12 @@ def test_out_of_memory_at_the_first_step_is_one_clear_error(with_shakespeare, mo
     monkeypatch.setattr(model_module, "chunked_cross_entropy", out_of_memory)
     with pytest.raises(TrainingError, match=r"micro-batch of 4 × 32 tokens does not fit in cpu memory"):
         train(tiny_config(max_steps=3), run_name="oom")
+
+
+def test_report_keeps_evaluation_sections_across_a_resume(with_shakespeare):
+    first = train(tiny_config(max_steps=4, eval_interval=2), run_name="ev")
+    report = first.run_dir / "report.md"
+    report.write_text(report.read_text() + "\n## Evaluation: loss on shakespeare/val · now\n\n| loss | 9.9 |\n")
+    train(tiny_config(max_steps=6, eval_interval=2), run_name="ev", resume=True)
+    text = report.read_text()
+    assert "Stopped: completed at step 6" in text and text.count("## Evaluation: loss on shakespeare/val") == 1

@@ -182,4 +182,13 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         "```",
         "",
     ]
-    write_text_atomic(run_dir / "report.md", "\n".join(lines))
+    write_text_atomic(run_dir / "report.md", "\n".join(lines) + _evaluation_sections(run_dir / "report.md"))
+
+
+def _evaluation_sections(report: Path) -> str:
+    """The "## Evaluation" sections `tinygpt eval` appended to an earlier report, kept across rewrites."""
+    if not report.is_file():
+        return ""
+    text = report.read_text(encoding="utf-8")
+    start = text.find("\n## Evaluation")
+    return text[start:] if start >= 0 else ""
