@@ -132,7 +132,13 @@ def get_batch(
     tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of `block_size + 1` tokens -> inputs x (B, T) and next-token targets y (B, T)."""
-    starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
+    return windows_at(tokens, rng.integers(0, len(tokens) - block_size - 1, size=batch_size), block_size, device)
+
+
+def windows_at(
+    tokens: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of `block_size + 1` tokens at `starts` -> inputs x (B, T), targets y (B, T) on `device`."""
     window = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
     x = torch.from_numpy(window[:, :-1])
     y = torch.from_numpy(window[:, 1:])
@@ -556,9 +562,7 @@ class _Trainer:
             for index in range(rank, rounds * world, world):
                 counted = index < len(self.eval_starts)
                 starts = self.eval_starts[index % len(self.eval_starts)]
-                window = np.stack([self.val_tokens[s : s + self.block + 1] for s in starts]).astype(np.int64)
-                x = torch.from_numpy(window[:, :-1]).to(self.device)
-                y = torch.from_numpy(window[:, 1:]).to(self.device)
+                x, y = windows_at(self.val_tokens, starts, self.block, self.device)
                 _, loss = self.eval_model(x, y)
                 if counted:
                     total[0] += loss.float()
