@@ -2,11 +2,14 @@
 
 Both models get the identical shape (layers, width, heads, context, vocabulary 50304), batch and AdamW
 hyper-parameters, and each its best settings: fused AdamW for both; on CUDA bf16 autocast and
-torch.compile for both; on CPU fp32 (no native bf16 here). Steps alternate between the two models in
-rounds so that machine noise hits both alike; the median tokens/s of each is reported with the ratio.
+torch.compile (static shapes) for both; on CPU fp32 (no native bf16 here). tinygpt runs as `tinygpt train`
+does: eager with the fused chunked loss head, or compiled with whole logits + cross-entropy (which inductor
+fuses). `tinygpt-fused` is the compiled model with the fused head kept, to show why compiled runs drop it.
+Steps alternate between the contenders in rounds so that machine noise hits all alike; the median tokens/s
+of each is reported with the ratio to HF, MFU, and on CUDA the peak memory a step adds.
 
     python bench/train_throughput.py                       # micro and tiny on this machine
-    python bench/train_throughput.py --sizes small --device cuda --batch-size 16
+    python bench/train_throughput.py --sizes small --device cuda --contenders tinygpt,hf,tinygpt-fused
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ def build_hf(cfg):
 def make_step(model, kind: str, device: torch.device, dtype: torch.dtype, compile_model: bool):
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    forward = torch.compile(model) if compile_model else model
+    if kind == "tinygpt":
+        model.fused_loss = not compile_model  # what `tinygpt train` does
+    forward = torch.compile(model, dynamic=False) if compile_model else model
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast:
-            if kind == "tinygpt":
+            if kind != "hf":
                 _, loss = forward(x, y)
             else:
                 loss = forward(input_ids=x, labels=x).loss  # HF shifts the labels itself
@@ -60,24 +65,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_size(size: str, device: torch.device, batch_size: int | None, rounds: int, steps_per_round: int) -> dict:
+def bench_size(size: str, device: torch.device, batch_size: int | None, rounds: int, steps_per_round: int,
+               contenders: list[str]) -> dict:
     cfg = resolve_config(size=size)
     model_cfg = cfg.model
     batch = batch_size or cfg.train.batch_size
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     compile_model = device.type == "cuda"
     torch.manual_seed(0)
-    ours = GPT(model_cfg)
-    theirs = build_hf(model_cfg)
-    steps = {
-        "tinygpt": make_step(ours, "tinygpt", device, dtype, compile_model),
-        "hf": make_step(theirs, "hf", device, dtype, compile_model),
-    }
+    models, steps, step_memory = {}, {}, {}
     x = torch.randint(0, 50257, (batch, model_cfg.block_size), device=device)
     y = torch.roll(x, -1, dims=1)
-    for step in steps.values():  # warm-up (and compilation)
-        for _ in range(3):
-            step(x, y)
+    for name in contenders:
+        models[name] = build_hf(model_cfg) if name == "hf" else GPT(model_cfg)
+        steps[name] = make_step(models[name], name, device, dtype, compile_model)
+        if name == "tinygpt-fused":
+            models[name].fused_loss = True
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(3):  # warm-up (and compilation)
+            steps[name](x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            step_memory[name] = torch.cuda.max_memory_allocated(device) - before
     sync(device)
     rates: dict[str, list[float]] = {name: [] for name in steps}
     tokens = batch * model_cfg.block_size * steps_per_round
@@ -89,14 +101,17 @@ def bench_size(size: str, device: torch.device, batch_size: int | None, rounds: 
                 step(x, y)
             sync(device)
             rates[name].append(tokens / (time.perf_counter() - began))
-    result = {name: statistics.median(values) for name, values in rates.items()}
     peak = device_peak_flops(device, dtype)
-    result["mfu"] = result["tinygpt"] * flops_per_token(ours) / peak if peak else None
-    result["ratio"] = result["tinygpt"] / result["hf"]
-    result["batch"] = batch
-    return result
-
-
+    flops = flops_per_token(GPT(model_cfg) if "tinygpt" not in models else models["tinygpt"])
+    hf_rate = statistics.median(rates["hf"]) if "hf" in rates else None
+    result = {}
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        result[name] = {
+            "tokens_per_s": rate, "mfu": rate * flops / peak if peak else None,
+            "vs_hf": rate / hf_rate if hf_rate else None, "step_memory": step_memory.get(name),
+        }
+    return {"batch": batch, "contenders": result}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="micro,tiny")
@@ -104,17 +119,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--contenders", default="tinygpt,hf", help="comma-separated: tinygpt, hf, tinygpt-fused")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    contenders = args.contenders.split(",")
+    unknown = set(contenders) - {"tinygpt", "hf", "tinygpt-fused"}
+    if unknown:
+        parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name} · torch {torch.__version__}")
-    print(f"{'size':<8}{'batch':>6}{'tinygpt tok/s':>16}{'HF tok/s':>12}{'ratio':>8}{'MFU':>8}")
+    print(f"{'size':<8}{'batch':>6}  {'contender':<15}{'tokens/s':>12}{'vs HF':>8}{'MFU':>8}{'step mem':>10}")
     for size in args.sizes.split(","):
-        r = bench_size(size, device, args.batch_size, args.rounds, args.steps_per_round)
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"{size:<8}{r['batch']:>6}{r['tinygpt']:>16,.0f}{r['hf']:>12,.0f}{r['ratio']:>7.2f}x{mfu:>8}")
+        r = bench_size(size, device, args.batch_size, args.rounds, args.steps_per_round, contenders)
+        for contender, c in r["contenders"].items():
+            mfu = f"{c['mfu']:.1%}" if c["mfu"] is not None else "n/a"
+            ratio = f"{c['vs_hf']:.2f}x" if c["vs_hf"] is not None else "n/a"
+            memory = f"{c['step_memory'] / 2**30:.1f}G" if c["step_memory"] is not None else "n/a"
+            print(f"{size:<8}{r['batch']:>6}  {contender:<15}{c['tokens_per_s']:>12,.0f}{ratio:>8}{mfu:>8}{memory:>10}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,22 @@ def test_logits_without_targets_and_context_limit():
     assert logits.shape == (2, 8, 50304) and loss is None
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_both_loss_paths_agree():
+    """The fused head (eager) and whole logits + cross-entropy (what runs compiled) give the same loss and grads."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    x = torch.randint(0, 50257, (2, 16))
+    y = torch.randint(0, 50257, (2, 16))
+    y[1, :4] = -1
+    results = []
+    for fused in (True, False):
+        model.fused_loss = fused
+        model.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for fused_grad, logits_grad in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(fused_grad, logits_grad, rtol=1e-4, atol=1e-6)

@@ -148,3 +148,49 @@ def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TinyGPTError, match="gpt2"):
         train(tiny_config(max_steps=2, init_from="gpt2"), run_name="g")
+
+
+def test_compiled_training_probes_the_real_step_and_keeps_the_curve(with_shakespeare, monkeypatch):
+    """train.compile=on: the probe is a training step of the loop's shape (its gradients dropped), the compiled
+    model takes its loss from whole logits, and the loss curve is the eager run's. An identity `torch.compile`
+    stands in for inductor, which takes a minute on CPU."""
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        assert kwargs.get("dynamic") is False
+
+        def compiled(idx, targets=None):
+            calls.append((tuple(idx.shape), targets is not None, torch.is_grad_enabled(), model.fused_loss))
+            return model(idx, targets)
+
+        return compiled
+
+    eager = train(tiny_config(max_steps=6, eval_interval=3), run_name="eager")
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    events = []
+    compiled = train(tiny_config(max_steps=6, eval_interval=3, compile="on"), run_name="compiled",
+                     on_event=events.append)
+    start = next(e for e in events if e.kind == "start")
+    batch, block = start.data["batch_size"], 32
+    assert start.data["compiled"]
+    assert calls[0] == ((batch, block), True, True, False)  # the probe: a real training step
+    assert all(not fused for *_, fused in calls)
+    for (kind, step, loss), (kind2, step2, loss2) in zip(_losses(eager.run_dir), _losses(compiled.run_dir),
+                                                         strict=True):
+        assert (kind, step) == (kind2, step2) and loss2 == pytest.approx(loss, rel=1e-4)
+
+
+def test_a_failing_compile_trains_eagerly_with_the_fused_loss(with_shakespeare, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def compiled(idx, targets=None):
+            raise RuntimeError("no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    events = []
+    result = train(tiny_config(max_steps=2, eval_interval=2, compile="on"), run_name="fallback",
+                   on_event=events.append)
+    assert result.stopped == "completed"
+    assert any("torch.compile unavailable (RuntimeError): running eagerly." in (e.message or "") for e in events)
+    assert not next(e for e in events if e.kind == "start").data["compiled"]

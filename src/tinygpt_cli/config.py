@@ -193,6 +193,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def compile_wanted(mode: str, device_type: str) -> bool:
+    """train.compile: `auto` compiles on CUDA only, `on` wherever torch.compile works, `off` never."""
+    return mode == "on" or (mode == "auto" and device_type == "cuda")
+
+
 def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")

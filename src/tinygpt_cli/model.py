@@ -105,6 +105,10 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        # The loss with targets: the fused chunked head (eager: fastest, least memory) or, when the model runs
+        # under torch.compile, plain logits + cross-entropy, which inductor fuses into its own kernels
+        # (on an H100 that beats the chunked head's extra fp32 passes; docs/performance.md has the figures).
+        self.fused_loss = True
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance
         # does not grow with depth (two residual additions per block).
@@ -154,13 +158,16 @@ class GPT(nn.Module):
         """Returns (logits, loss).
 
         With `targets` (B, T): the mean cross-entropy over positions whose target is not -1, and no logits
-        (the (B, T, vocab) fp32 logits are never kept whole; see `chunked_cross_entropy`).
+        (with `fused_loss` the (B, T, vocab) fp32 logits are never kept whole; see `chunked_cross_entropy`).
         Without: logits (B, T, vocab) — the caller slices `[:, -1]` when it only needs the last position.
         """
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None
-        return None, chunked_cross_entropy(x, self.lm_head.weight, targets)
+        if self.fused_loss:
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)  # (B, T, V): bf16 under autocast; compiled, the upcast below fuses into the loss
+        return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

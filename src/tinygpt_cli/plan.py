@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tinygpt_cli.config import ModelConfig, RunConfig
+from tinygpt_cli.config import ModelConfig, RunConfig, compile_wanted
 from tinygpt_cli.errors import ConfigError, DataError
 
 GIB = 2**30
@@ -164,8 +164,12 @@ def activation_bytes_per_token(model: ModelConfig, half: bool, fused_attention: 
     return model.n_layer * per_layer + 8 * C + 16
 
 
-def loss_chunk_bytes(model: ModelConfig, tokens: int, half: bool) -> int:
-    """The fused cross-entropy's transient buffer: one chunk of fp32 logits (+ its bf16 copy under autocast)."""
+def loss_chunk_bytes(model: ModelConfig, tokens: int, half: bool, compiled: bool = False) -> int:
+    """The loss's transient buffer. Eager, the fused cross-entropy's: one chunk of fp32 logits (+ its bf16 copy
+    under autocast). Compiled, the model takes its loss from whole logits: those and their gradient, in the
+    autocast dtype (inductor fuses the fp32 upcast into the loss kernels)."""
+    if compiled:
+        return tokens * model.vocab_size * (4 if half else 8)
     rows = min(LOSS_CHUNK_TOKENS, tokens)
     return rows * model.vocab_size * (6 if half else 4)
 
@@ -201,7 +205,8 @@ def _usable(spec: DeviceSpec) -> int | None:
 
 
 def estimate_memory(
-    model: ModelConfig, batch_size: int, spec: DeviceSpec, half: bool, nproc: int = 1, fsdp: bool = False
+    model: ModelConfig, batch_size: int, spec: DeviceSpec, half: bool, nproc: int = 1, fsdp: bool = False,
+    compiled: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of a training step on one device: states + saved activations + transient buffers.
 
@@ -219,12 +224,12 @@ def estimate_memory(
     if sharded:  # FSDP2 keeps the root (embeddings, ln_f) gathered and prefetches the next block
         root = params - model.n_layer * layer_parameters(model)
         gathered = 4 * root + 2 * 2 * 4 * layer_parameters(model)
-    head = 4 * model.vocab_size * model.n_embd
+    head = 0 if compiled else 4 * model.vocab_size * model.n_embd  # the fused loss's fp32 head gradient
     per_sequence = math.ceil(activation_bytes_per_token(model, half) * model.block_size)
     fixed = weights + gradients + optimizer + copies + ddp + gathered + head
 
     def total_for(batch: int) -> int:
-        return fixed + batch * per_sequence + loss_chunk_bytes(model, batch * model.block_size, half)
+        return fixed + batch * per_sequence + loss_chunk_bytes(model, batch * model.block_size, half, compiled)
 
     usable = _usable(spec)
     max_batch = None
@@ -243,7 +248,7 @@ def estimate_memory(
     return MemoryEstimate(
         batch_size=batch_size, weights=weights, gradients=gradients, optimizer=optimizer,
         autocast_weight_copies=copies, ddp_buckets=ddp, fsdp_gathered=gathered, head_gradient=head,
-        loss_chunk=loss_chunk_bytes(model, batch_size * model.block_size, half),
+        loss_chunk=loss_chunk_bytes(model, batch_size * model.block_size, half, compiled),
         activations=batch_size * per_sequence, activations_per_sequence=per_sequence, total=total,
         device_memory=spec.memory_bytes, usable_memory=usable,
         fits=None if usable is None else total <= usable, max_batch_size=max_batch,
@@ -367,7 +372,8 @@ def measure(cfg: RunConfig, micro_steps: int = 3, warmup: int = 1) -> Measuremen
     model = GPT(cfg.model).to(device)
     optimizer = make_optimizer(model, tc, device)
     notes: list[str] = []
-    compiled = _maybe_compile(model, tc.compile, device, lambda event: notes.append(event.message), (batch, T))
+    compiled = _maybe_compile(model, tc.compile, device, lambda event: notes.append(event.message), (batch, T),
+                              dtype)
     generator = torch.Generator().manual_seed(tc.seed)
     x = torch.randint(0, 50257, (batch, T), generator=generator).to(device)
     y = torch.randint(0, 50257, (batch, T), generator=generator).to(device)
@@ -490,10 +496,11 @@ def plan(
     tc = cfg.train
     dtype = _autocast_dtype(tc.dtype, spec)
     half = dtype != "fp32"
+    compiled = compile_wanted(tc.compile, spec.kind)
     notes: list[str] = []
 
     batch_size, grad_accum = tc.batch_size, tc.grad_accum
-    memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp)
+    memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp, compiled)
     if tc.auto_batch and spec.kind == "cuda" and memory.max_batch_size:
         global_batch = batch_size * grad_accum
         fitting = min(batch_size, memory.max_batch_size)
@@ -503,7 +510,7 @@ def plan(
             notes.append(f"--batch-size auto: micro-batch {fitting} × {global_batch // fitting} accumulation steps "
                          f"(global batch {global_batch})")
             batch_size, grad_accum = fitting, global_batch // fitting
-            memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp)
+            memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp, compiled)
     if memory.fits is False:
         if memory.max_batch_size:
             notes.append(f"micro-batch {batch_size} does not fit: the largest that does is "

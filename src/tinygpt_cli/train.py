@@ -32,7 +32,7 @@ from tinygpt_cli.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
-from tinygpt_cli.config import RunConfig, TrainConfig, config_from_dict, config_to_dict, dump_yaml
+from tinygpt_cli.config import RunConfig, TrainConfig, compile_wanted, config_from_dict, config_to_dict, dump_yaml
 from tinygpt_cli.data import Dataset, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TrainingError
 from tinygpt_cli.model import GPT
@@ -453,9 +453,14 @@ class _Trainer:
         if checkpoint is not None:
             self._load_optimizer(checkpoint)
         if tc.auto_batch and self.device.type == "cuda":
+            self.model.fused_loss = not compile_wanted(tc.compile, self.device.type)  # fit the loss the loop will run
             self._fit_batch_size()
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-        compiled = _maybe_compile(self.model, tc.compile, self.device, self.emit, (self.batch_size, self.block))
+        try:
+            compiled = _maybe_compile(self.model, tc.compile, self.device, self.emit, (self.batch_size, self.block),
+                                      self.dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise self._out_of_memory(True) from None
         self.forward_model = compiled if self.fsdp else self._wrap(compiled)
         self.checkpoint = checkpoint
         return self._loop()
@@ -854,25 +859,36 @@ def latest_step(run_dir: Path) -> int | None:
     return int(checkpoint.name.split("_")[1]) if checkpoint is not None else None
 
 
-def _maybe_compile(model: torch.nn.Module, mode: str, device: torch.device,
-                   emit: Callable[[TrainEvent], None], shape: tuple[int, int]) -> torch.nn.Module:
-    """torch.compile on CUDA by default; `on` elsewhere too. Falls back to eager with one line if it fails."""
-    wanted = mode == "on" or (mode == "auto" and device.type == "cuda")
-    if not wanted:
+def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[TrainEvent], None],
+                   shape: tuple[int, int], dtype: torch.dtype) -> torch.nn.Module:
+    """torch.compile on CUDA by default; `on` elsewhere too. Falls back to eager with one line if it fails.
+
+    Compiled, the model takes its loss from whole logits (`GPT.fused_loss` off: inductor fuses the upcast and the
+    cross-entropy itself). Compilation is lazy, so one training step of the real shape under the real autocast
+    runs here (its gradients are dropped): it compiles the very graphs the loop runs, with static shapes, and a
+    missing Triton or C++ compiler shows here rather than mid-run.
+    """
+    if not compile_wanted(mode, device.type):
         return model
     if device.type == "mps":
         emit(TrainEvent("info", message="torch.compile is not supported on MPS: running eagerly."))
         return model
+    model.fused_loss = False
     try:
-        compiled = torch.compile(model)
-        # compilation is lazy: run one tiny forward now so a missing Triton/compiler shows here, not mid-run
-        probe = torch.zeros(shape, dtype=torch.long, device=device)  # the training shape: no dynamic-shape recompile
-        with torch.no_grad():
-            compiled(probe)
+        compiled = torch.compile(model, dynamic=False)
+        probe = torch.zeros(shape, dtype=torch.long, device=device)
+        with autocast_context(device, dtype):
+            _, loss = compiled(probe, probe)
+        loss.backward()
         return compiled
+    except torch.cuda.OutOfMemoryError:  # the caller says which batch fits, measured with the loss that OOMed
+        raise
     except Exception as exc:  # Triton missing, no C++ compiler, unsupported platform, ...
+        model.fused_loss = True
         emit(TrainEvent("info", message=f"torch.compile unavailable ({type(exc).__name__}): running eagerly."))
         return model
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def run_config_of(run_dir: Path) -> RunConfig:

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU checks of issues #4 and #5 in one go, sized for a single ~9-minute call on a lent H100/H200:
+#   1. the device's measured bf16 matmul rate and copy bandwidth (the ceilings the figures are read against)
+#   2. training throughput of the `small` (124M) preset vs transformers' GPT2LMHeadModel, MFU, step memory
+#   3. the @pytest.mark.gpu tests (compile + bf16/fp16, fused loss on CUDA, --batch-size auto, OOM message,
+#      compiled decode in bf16)
+#   4. generation throughput and memory-bandwidth use of `small` in bf16
+#   5. the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
+#   6. if time is left: the compiled model with the fused loss head kept, and `small` at micro-batch 32
+# Run from the repository root; logs go to $OUT (default /tmp/tinygpt-gpu), a summary is printed last.
+# Needs only what the CUDA image has (torch, transformers, typer, rich, tiktoken, pytest): src/ is used in place.
+set -u
+OUT=${OUT:-/tmp/tinygpt-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD/tests" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+BUDGET=${BUDGET:-540}  # seconds for all stages
+T0=$(date +%s)
+PY=${PYTHON:-python3}
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit (never past the budget), log to $OUT/NAME.log
+    local name=$1 limit=$2 left
+    shift 2
+    left=$(( BUDGET - ($(date +%s) - T0) ))
+    if (( left < 40 )); then echo "=== $name: skipped (${left}s of the budget left)"; return; fi
+    (( limit > left )) && limit=$left
+    echo "=== $name (limit ${limit}s)"
+    local began=$(date +%s)
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "=== $name: rc=$? in $(( $(date +%s) - began ))s"
+}
+
+stage info 40 $PY - <<'EOF'
+import subprocess, time, torch
+print(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm",
+                      "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+def timed(fn, n):
+    fn(); torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n): fn()
+    end.record(); torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / n
+a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+s = timed(lambda: a @ b, 20)
+print(f"bf16 matmul 8192^3: {2 * 8192**3 / s / 1e12:.0f} TFLOP/s (random data)")
+x = torch.randn(2**30, device="cuda", dtype=torch.float32)  # 4 GiB
+y = torch.empty_like(x)
+s = timed(lambda: y.copy_(x), 10)
+print(f"device copy: {2 * x.numel() * 4 / s / 1e12:.2f} TB/s (read + write)")
+EOF
+
+stage train 230 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt,hf --rounds 5
+stage pytest 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_sample.py \
+    tests/test_generate_cli.py tests/test_evaluate.py
+stage generate 110 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3
+stage micro 100 bash -c '
+    export TINYGPT_HOME=/tmp/tinygpt-home; rm -rf $TINYGPT_HOME; mkdir -p $TINYGPT_HOME; cd $TINYGPT_HOME
+    '"$PY"' -m tinygpt_cli train --size micro --name gpu-micro '"${MICRO_ARGS:-}"' || exit 1
+    '"$PY"' -c "import json; rows = [json.loads(line) for line in open(\"runs/gpu-micro/metrics.jsonl\")]; \
+print([r for r in rows if r[\"kind\"] == \"train\"][-1]); print([r for r in rows if r[\"kind\"] == \"eval\"][-1])"
+    '"$PY"' -m tinygpt_cli generate "ROMEO:" --run gpu-micro --max-new-tokens 64 --verbose || exit 1
+    '"$PY"' -m tinygpt_cli eval gpu-micro'
+stage train-fused 120 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt-fused --rounds 3
+stage train-b32 120 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt --batch-size 32 \
+    --rounds 3
+
+{
+    echo "### summary ($(( $(date +%s) - T0 ))s)"
+    for name in info train train-fused train-b32; do
+        [[ -f $OUT/$name.log ]] && grep -E "TFLOP|TB/s|NVIDIA|^torch|^small|^device" "$OUT/$name.log"
+    done
+    [[ -f $OUT/pytest.log ]] && tail -n 15 "$OUT/pytest.log"
+    [[ -f $OUT/generate.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate.log"
+    [[ -f $OUT/micro.log ]] && tail -n 30 "$OUT/micro.log"
+} | tee "$OUT/summary.txt"
