@@ -6,8 +6,10 @@
 #      compiled decode in bf16)
 #   4. generation throughput and memory-bandwidth use of `small` in bf16
 #   5. the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
-#   6. if time is left: the compiled model with the fused loss head kept, and `small` at micro-batch 32
+#   6. `tinygpt train --size small` itself for 20 steps of 0.5M tokens: the MFU the training loop reports
+#   7. if time is left: the compiled model with the fused loss head kept, `small` at micro-batch 32, cuDNN attention
 # Run from the repository root; logs go to $OUT (default /tmp/tinygpt-gpu), a summary is printed last.
+# STAGES="train generate" runs only those stages; PYTEST_K narrows the GPU tests (pytest -k).
 # Needs only what the CUDA image has (torch, transformers, typer, rich, tiktoken, pytest): src/ is used in place.
 set -u
 OUT=${OUT:-/tmp/tinygpt-gpu}
@@ -20,6 +22,7 @@ PY=${PYTHON:-python3}
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit (never past the budget), log to $OUT/NAME.log
     local name=$1 limit=$2 left
     shift 2
+    if [[ -n ${STAGES:-} && " $STAGES " != *" $name "* ]]; then return; fi
     left=$(( BUDGET - ($(date +%s) - T0) ))
     if (( left < 40 )); then echo "=== $name: skipped (${left}s of the budget left)"; return; fi
     (( limit > left )) && limit=$left
@@ -51,8 +54,8 @@ print(f"device copy: {2 * x.numel() * 4 / s / 1e12:.2f} TB/s (read + write)")
 EOF
 
 stage train 230 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt,hf --rounds 5
-stage pytest 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_sample.py \
-    tests/test_generate_cli.py tests/test_evaluate.py
+stage pytest 150 $PY -m pytest -q -p no:cacheprovider -m gpu -k "${PYTEST_K:-gpu or not gpu}" tests/test_gpu.py \
+    tests/test_sample.py tests/test_generate_cli.py tests/test_evaluate.py
 stage generate 110 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3
 stage micro 100 bash -c '
     export TINYGPT_HOME=/tmp/tinygpt-home; rm -rf $TINYGPT_HOME; mkdir -p $TINYGPT_HOME; cd $TINYGPT_HOME
@@ -61,16 +64,24 @@ stage micro 100 bash -c '
 print([r for r in rows if r[\"kind\"] == \"train\"][-1]); print([r for r in rows if r[\"kind\"] == \"eval\"][-1])"
     '"$PY"' -m tinygpt_cli generate "ROMEO:" --run gpu-micro --max-new-tokens 64 --verbose || exit 1
     '"$PY"' -m tinygpt_cli eval gpu-micro'
+stage train-loop 120 bash -c '
+    export TINYGPT_HOME=/tmp/tinygpt-home-small; rm -rf $TINYGPT_HOME; mkdir -p $TINYGPT_HOME; cd $TINYGPT_HOME
+    '"$PY"' -m tinygpt_cli train --size small --name gpu-small --max-steps 20 '"${SMALL_ARGS:-}"' \
+        --set train.log_interval=5 --set train.eval_interval=20 --set train.eval_batches=2 || exit 1
+    grep "\"train\"" runs/gpu-small/metrics.jsonl'
 stage train-fused 120 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt-fused --rounds 3
 stage train-b32 120 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt --batch-size 32 \
     --rounds 3
+stage train-cudnn 120 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt --batch-size 32 \
+    --rounds 3 --sdpa cudnn
 
 {
     echo "### summary ($(( $(date +%s) - T0 ))s)"
-    for name in info train train-fused train-b32; do
+    for name in info train train-fused train-b32 train-cudnn; do
         [[ -f $OUT/$name.log ]] && grep -E "TFLOP|TB/s|NVIDIA|^torch|^small|^device" "$OUT/$name.log"
     done
     [[ -f $OUT/pytest.log ]] && tail -n 15 "$OUT/pytest.log"
     [[ -f $OUT/generate.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate.log"
     [[ -f $OUT/micro.log ]] && tail -n 30 "$OUT/micro.log"
+    [[ -f $OUT/train-loop.log ]] && tail -n 12 "$OUT/train-loop.log"
 } | tee "$OUT/summary.txt"

@@ -37,7 +37,20 @@ def build_hf(cfg):
     return GPT2LMHeadModel(hf_cfg)
 
 
-def make_step(model, kind: str, device: torch.device, dtype: torch.dtype, compile_model: bool):
+def sdpa_context(backend: str) -> contextlib.AbstractContextManager:
+    """`default`: torch's own choice of attention kernel; else that kernel first (e.g. cuDNN's on Hopper)."""
+    if backend == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    order = [first] + [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def make_step(model, kind: str, device: torch.device, dtype: torch.dtype, compile_model: bool, sdpa: str = "default"):
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     if kind == "tinygpt":
@@ -46,7 +59,7 @@ def make_step(model, kind: str, device: torch.device, dtype: torch.dtype, compil
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast:
+        with autocast, sdpa_context(sdpa):
             if kind != "hf":
                 _, loss = forward(x, y)
             else:
@@ -66,7 +79,7 @@ def sync(device: torch.device) -> None:
 
 
 def bench_size(size: str, device: torch.device, batch_size: int | None, rounds: int, steps_per_round: int,
-               contenders: list[str]) -> dict:
+               contenders: list[str], sdpa: str = "default") -> dict:
     cfg = resolve_config(size=size)
     model_cfg = cfg.model
     batch = batch_size or cfg.train.batch_size
@@ -78,7 +91,7 @@ def bench_size(size: str, device: torch.device, batch_size: int | None, rounds: 
     y = torch.roll(x, -1, dims=1)
     for name in contenders:
         models[name] = build_hf(model_cfg) if name == "hf" else GPT(model_cfg)
-        steps[name] = make_step(models[name], name, device, dtype, compile_model)
+        steps[name] = make_step(models[name], name, device, dtype, compile_model, sdpa)
         if name == "tinygpt-fused":
             models[name].fused_loss = True
         if device.type == "cuda":
@@ -120,6 +133,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--contenders", default="tinygpt,hf", help="comma-separated: tinygpt, hf, tinygpt-fused")
+    parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
+                        help="attention kernel tried first, for every contender (default: torch's choice)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -129,10 +144,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name} · torch {torch.__version__}")
+    print(f"device: {name} · torch {torch.__version__} · attention: {args.sdpa}")
     print(f"{'size':<8}{'batch':>6}  {'contender':<15}{'tokens/s':>12}{'vs HF':>8}{'MFU':>8}{'step mem':>10}")
     for size in args.sizes.split(","):
-        r = bench_size(size, device, args.batch_size, args.rounds, args.steps_per_round, contenders)
+        r = bench_size(size, device, args.batch_size, args.rounds, args.steps_per_round, contenders, args.sdpa)
         for contender, c in r["contenders"].items():
             mfu = f"{c['mfu']:.1%}" if c["mfu"] is not None else "n/a"
             ratio = f"{c['vs_hf']:.2f}x" if c["vs_hf"] is not None else "n/a"

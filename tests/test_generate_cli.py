@@ -182,7 +182,10 @@ def test_no_run_at_all(workspace):
 
 @pytest.mark.gpu
 def test_generate_on_cuda_compiled_in_bf16(run):
-    result = generate("ROMEO:", "--device", "cuda", "--max-new-tokens", "50", "--json", "--temperature", "0")
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    assert payload["stats"]["compiled"] and payload["stats"]["dtype"] in ("bfloat16", "float16")
+    """--compile auto compiles only where it pays (long or interactive generation)."""
+    for mode in ("on", "auto"):
+        result = generate("ROMEO:", "--device", "cuda", "--max-new-tokens", "50", "--json", "--temperature", "0",
+                          "--compile", mode)
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.stdout)
+        assert payload["stats"]["compiled"] == (mode == "on") and payload["stats"]["dtype"] in ("bfloat16", "float16")

@@ -606,6 +606,11 @@ class _TrainView:
 
 
 # ----------------------------------------------------------------------------------------- generate
+# Compiling the decode step costs ~8 s and then runs 5x faster than eager steps (GPT-2 124M on an H200: 0.8 vs
+# 4.5 ms/token), so it pays from about 2,000 tokens per sample, or in the interactive loop, which reuses it.
+COMPILE_PAYS_FROM_TOKENS = 2048
+
+
 def _stdin_is_interactive() -> bool:
     return sys.stdin.isatty()
 
@@ -658,7 +663,8 @@ def generate(
         str, typer.Option(help="auto | fp32 | bf16 | fp16: the weights' dtype (auto: bf16/fp16 on CUDA, else fp32).")
     ] = "auto",
     compile_mode: Annotated[
-        str, typer.Option("--compile", help="auto | on | off: torch.compile the decode step (auto: on CUDA).")
+        str, typer.Option("--compile", help="auto | on | off: torch.compile the decode step (auto: on CUDA for "
+                          f"the interactive loop and --max-new-tokens {COMPILE_PAYS_FROM_TOKENS} or more).")
     ] = "auto",
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print tokens/s and time to first token on stderr.")
@@ -690,7 +696,9 @@ def generate(
     check_settings(**settings)
     settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed if seed is not None else defaults.seed)
     param = next(loaded.model.parameters())
-    use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda")
+    interactive = text is None and _stdin_is_interactive()
+    use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda" and (
+        interactive or settings["max_new_tokens"] >= COMPILE_PAYS_FROM_TOKENS))
     err = _stderr_console()
     step = loaded.state.get("step")
     err.print(
@@ -699,7 +707,7 @@ def generate(
         soft_wrap=True,
     )
     view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err)
-    if text is not None or not _stdin_is_interactive():
+    if not interactive:
         view.once(text if text is not None else sys.stdin.read(), settings["seed"], echo_prompt=True)
         return
     err.print("Type a prompt and press Enter; Ctrl-C cuts a sample short, Ctrl-D leaves.")

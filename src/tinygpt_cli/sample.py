@@ -302,6 +302,7 @@ def generate(
     compile: bool = False,
     static_cache: bool | None = None,
     stats: GenerationStats | None = None,
+    flush_every: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,) int64 on CPU, up to `max_new_tokens` times.
 
@@ -310,11 +311,18 @@ def generate(
     `compile` runs each one-token step through torch.compile (CUDA graphs on CUDA); it implies `static_cache`,
     the static-shape view of the cache that such a step needs (also usable eagerly, for tests).
     The same `seed` on the same device and dtype gives the same tokens.
+
+    Tokens reach the host `flush_every` steps at a time (default: 16 on CUDA, 1 elsewhere), the first one at
+    once: between flushes nothing waits for the device, so the host queues the next steps while the GPU runs
+    the current one. What is yielded, and when the generator returns, is the same for any `flush_every`; at
+    most `flush_every - 1` steps past the end are computed and dropped.
     """
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples)
     started = time.perf_counter()
     block = model.config.block_size
     prompt = list(prompt) or [EOT_ID]
+    if flush_every is not None and flush_every < 1:
+        raise ValueError(f"flush_every must be at least 1 (got {flush_every})")
     if len(prompt) > block:
         raise GenerationError(
             f"the prompt is {len(prompt)} tokens but the model's context is {block}: shorten the prompt"
@@ -322,7 +330,7 @@ def generate(
     if any(not 0 <= token < model.config.vocab_size for token in prompt):
         raise GenerationError(f"the prompt holds token ids outside the vocabulary (0..{model.config.vocab_size - 1})")
     stats = stats if stats is not None else GenerationStats()
-    stats.prompt_tokens, stats.batch_size = len(prompt), num_samples
+    stats.prompt_tokens, stats.batch_size, stats.new_tokens = len(prompt), num_samples, 0
     device = next(model.parameters()).device
     generator = _make_generator(device, seed)
     keep = max(1, block // 2)  # tokens re-encoded when the window jumps
@@ -347,6 +355,8 @@ def generate(
         mark_static(current)
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     static_steps = 0
+    flush = flush_every or (16 if device.type == "cuda" else 1)
+    flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
 
     head_t = _cpu_head(model)
     if cache is not None:  # one prefill for all samples: they share the prompt
@@ -364,14 +374,22 @@ def generate(
         length += 1
         if seen is not None:
             seen.scatter_(1, next_token[:, None], True)
-        tokens = next_token.cpu()
-        stats.new_tokens = produced + 1
-        stats.seconds = time.perf_counter() - started
-        if produced == 0:
-            stats.time_to_first_token_s = stats.seconds
-        yield tokens
-        if produced == max_new_tokens - 1 or (stop_at_eot and bool((tokens == EOT_ID).all())):
-            return
+        last = produced == max_new_tokens - 1
+        if produced == 0 or last or length - flushed >= flush:
+            chunk = sequence[:, flushed:length].cpu()  # (B, n): the only wait for the device
+            now = time.perf_counter() - started
+            for i in range(chunk.size(1)):
+                tokens = chunk[:, i]
+                stats.new_tokens += 1
+                stats.seconds = now
+                if stats.new_tokens == 1:
+                    stats.time_to_first_token_s = now
+                yield tokens
+                if stop_at_eot and bool((tokens == EOT_ID).all()):
+                    return
+            flushed = length
+            if last:
+                return
         if length - start > block:  # the window is full: jump, re-encoding its newest half
             start = length - keep
             stats.window_slides += 1
