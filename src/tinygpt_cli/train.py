@@ -140,8 +140,9 @@ def windows_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows of `block_size + 1` tokens at `starts` -> inputs x (B, T), targets y (B, T) on `device`."""
     window = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-    x = torch.from_numpy(window[:, :-1])
-    y = torch.from_numpy(window[:, 1:])
+    # contiguous, so every batch has the strides of the compile probe (a strided view would be compiled again)
+    x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))
+    y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -876,9 +877,10 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
     model.fused_loss = False
     try:
         compiled = torch.compile(model, dynamic=False)
-        probe = torch.zeros(shape, dtype=torch.long, device=device)
+        # two tensors, as in the loop: one passed twice would be guarded as an alias and compiled again at step 1
+        idx, targets = (torch.zeros(shape, dtype=torch.long, device=device) for _ in range(2))
         with autocast_context(device, dtype):
-            _, loss = compiled(probe, probe)
+            _, loss = compiled(idx, targets)
         loss.backward()
         return compiled
     except torch.cuda.OutOfMemoryError:  # the caller says which batch fits, measured with the loss that OOMed
