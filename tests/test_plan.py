@@ -72,13 +72,13 @@ def test_gpt2_124m_memory_by_hand():
 
 
 def test_gpt2_124m_time_on_8_h100s_by_hand():
-    cfg = resolve_config(size="small", overrides=["train.grad_accum=4"])
+    cfg = resolve_config(size="small", overrides=["train.grad_accum=2"])
     plan = P.plan(cfg, data="openwebtext", fraction=0.25, device="h100", nproc=8)
-    assert plan.tokens_per_step == 16 * 4 * 1024 * 8 == 524_288
+    assert plan.tokens_per_step == 32 * 2 * 1024 * 8 == 524_288
     assert plan.budget_tokens == 19073 * 524_288
     assert plan.tokens_per_s == pytest.approx(989e12 * 0.40 * 8 / 855_383_040)
     evals = -(-19073 // 250)
-    eval_tokens = evals * 20 * 16 * 1024
+    eval_tokens = evals * 20 * 32 * 1024
     assert plan.seconds == pytest.approx((plan.budget_tokens + eval_tokens / 3) / plan.tokens_per_s)
     assert plan.data.origin == "registry" and plan.data.train_tokens + plan.data.val_tokens == 2_260_000_000
     assert plan.data.token_file_bytes == 2 * 2_260_000_000
