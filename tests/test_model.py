@@ -102,3 +102,25 @@ def test_both_loss_paths_agree():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for fused_grad, logits_grad in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(fused_grad, logits_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_cross_entropy_is_exact_when_a_target_probability_underflows():
+    """A confidently wrong prediction (target logit 200 below the best): its softmax probability is 0 in fp32,
+    and the loss must still be the true ~200 nats, not inf or a clamp."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8)
+    weight = torch.randn(50304, 8) * 0.1
+    weight[7] = 0.0
+    weight[9] = hidden[0, 2] / hidden[0, 2].norm() ** 2 * 200.0  # logit 200 for token 9 at (0, 2)
+    targets = torch.randint(0, 50257, (2, 5))
+    targets[0, 2] = 7  # the target sits ~200 nats below token 9
+    expected = F.cross_entropy((hidden @ weight.t()).view(-1, 50304), targets.view(-1))
+    got = chunked_cross_entropy(hidden, weight, targets, chunk_tokens=4)
+    assert torch.isfinite(got) and got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() > 200 / 10 - 1  # the outlier dominates the mean: the case is really exercised
+
+
+def test_the_planned_loss_chunk_is_the_models():
+    from tinygpt_cli import model, plan
+
+    assert plan.LOSS_CHUNK_TOKENS == model.LOSS_CHUNK_TOKENS

@@ -55,10 +55,10 @@ def test_gpt2_124m_memory_by_hand():
     assert (est.weights, est.gradients, est.optimizer) == (4 * 124_475_904, 4 * 124_475_904, 8 * 124_475_904)
     assert est.autocast_weight_copies == 2 * 12 * 12 * 768 * 768
     assert est.head_gradient == 4 * 50304 * 768
-    assert est.loss_chunk == 1024 * 50304 * 6
+    assert est.loss_chunk == 2048 * 50304 * 6
     assert est.ddp_buckets == 0 and est.fsdp_gathered == 0
-    total = 16 * 124_475_904 + 169_869_312 + 154_533_888 + 309_067_776 + 16 * 1024 * per_token
-    assert est.total == total == 8_174_411_776
+    total = 16 * 124_475_904 + 169_869_312 + 154_533_888 + 618_135_552 + 16 * 1024 * per_token
+    assert est.total == total == 8_483_479_552
     usable = int(80 * 2**30 * 0.95) - 2**30
     assert est.usable_memory == usable and est.fits
     fixed = total - 16 * 1024 * per_token

@@ -20,7 +20,7 @@ from tinygpt_cli.errors import ConfigError, DataError
 GIB = 2**30
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens ≈ 20 × parameters
 DEFAULT_GPU_MFU = 0.40  # compiled, bf16: `small` measured 45% on an H200; smaller models and GPUs get less
-LOSS_CHUNK_TOKENS = 1024  # `model.chunked_cross_entropy`'s chunk: the loss never holds more logits than this
+LOSS_CHUNK_TOKENS = 2048  # = model.LOSS_CHUNK_TOKENS (plan imports no torch): the most logits the loss holds
 CHECKPOINT_OVERHEAD_BYTES = 200_000  # safetensors header, optimizer.pt pickle framing, state.json (RNG states)
 CUDA_RESERVE_BYTES = GIB  # CUDA context, cuBLAS workspace and allocator slack, on top of 5% of the memory
 CUDA_RESERVE_SHARE = 0.05
