@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tinygpt_cli import model as model_module
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.model import GPT, chunked_cross_entropy
 
@@ -118,6 +119,14 @@ def test_fused_cross_entropy_is_exact_when_a_target_probability_underflows():
     got = chunked_cross_entropy(hidden, weight, targets, chunk_tokens=4)
     assert torch.isfinite(got) and got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert expected.item() > 200 / 10 - 1  # the outlier dominates the mean: the case is really exercised
+    # both ways of reading the loss (one pass on CPU; sync-free on CUDA), run here on CPU
+    flat_hidden, flat_targets = hidden.view(-1, 8), targets.view(-1, 1)
+    reference = F.cross_entropy(flat_hidden @ weight.t(), flat_targets.squeeze(1), reduction="none")
+    for sync_free in (False, True):
+        probs, nll = model_module._softmax_and_nll_(flat_hidden @ weight.t(), flat_targets, flat_hidden, weight,
+                                                    sync_free)
+        torch.testing.assert_close(nll, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probs, torch.softmax(flat_hidden @ weight.t(), 1))
 
 
 def test_the_planned_loss_chunk_is_the_models():

@@ -197,18 +197,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             keep = valid[begin : begin + chunk_tokens]  # (n,)
             safe_targets = targets[begin : begin + chunk_tokens].clamp(min=0)[:, None]  # (n, 1)
             logits = _chunk_logits(h, weight, workspace)  # (n, V) fp32
-            if on_cpu:  # one pass; a target probability that underflows to 0 gets its loss recomputed exactly
-                probs = torch.softmax(logits, dim=1, out=logits)
-                target_prob = probs.gather(1, safe_targets).squeeze(1)
-                nll = -target_prob.log()
-                lost = (target_prob == 0).nonzero().squeeze(1)
-                if lost.numel():
-                    exact = (h[lost] @ weight.t()).float()
-                    nll[lost] = torch.logsumexp(exact, 1) - exact.gather(1, safe_targets[lost]).squeeze(1)
-            else:  # exact without a host sync: log-softmax, then exp in place
-                log_probs = torch.log_softmax(logits, dim=1, out=logits)
-                nll = -log_probs.gather(1, safe_targets).squeeze(1)
-                probs = log_probs.exp_()
+            probs, nll = _softmax_and_nll_(logits, safe_targets, h, weight, sync_free=not on_cpu)
             total = total + (nll * keep).sum()
             if need_grad:
                 # d(mean loss)/d(logits) = (softmax - onehot(target)) * keep / count, row by row
@@ -224,6 +213,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_output, (grad_weight * grad_output).to(grad_weight.dtype), None, None
+
+
+def _softmax_and_nll_(logits: torch.Tensor, targets: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                      sync_free: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of `logits` (n, V) in place, and each row's negative log-likelihood of `targets` (n, 1), exactly.
+
+    One pass: the loss is read from the target's probability, and a row where that underflows to 0 (a target
+    ~103 nats below the best) gets its loss recomputed from `hidden` (n, C) @ `weight`.T, which needs a look at
+    the host. `sync_free` (CUDA) takes two passes instead, log-softmax then exp, and never waits for the device.
+    """
+    if sync_free:
+        log_probs = torch.log_softmax(logits, dim=1, out=logits)
+        nll = -log_probs.gather(1, targets).squeeze(1)
+        return log_probs.exp_(), nll
+    probs = torch.softmax(logits, dim=1, out=logits)
+    nll = -probs.gather(1, targets).squeeze(1).log()
+    lost = torch.isinf(nll).nonzero().squeeze(1)
+    if lost.numel():
+        exact = (hidden[lost] @ weight.t()).float()
+        nll[lost] = torch.logsumexp(exact, 1) - exact.gather(1, targets[lost]).squeeze(1)
+    return probs, nll
 
 
 # Tokens per chunk of the fused loss: 2048 × 50304 fp32 logits are 412 MB. Larger chunks mean fewer passes
