@@ -63,6 +63,23 @@ def test_defaults_come_from_the_run_config(run):
     assert first.stdout == generate("ROMEO:", "--seed", "2").stdout
 
 
+def test_repetition_penalty_defaults_from_the_run_config(workspace):
+    """sample.repetition_penalty is a run default like temperature; the flag still wins."""
+    from tinygpt_cli.errors import ConfigError
+
+    path = make_run(workspace)
+    state = json.loads((path / "state.json").read_text())
+    state["run_config"]["sample"]["repetition_penalty"] = 1.3
+    (path / "state.json").write_text(json.dumps(state))
+    result = generate("ROMEO:", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["repetition_penalty"] == 1.3
+    flagged = generate("ROMEO:", "--json", "--repetition-penalty", "1")
+    assert json.loads(flagged.stdout)["settings"]["repetition_penalty"] == 1.0
+    with pytest.raises(ConfigError, match="sample.repetition_penalty must be more than 0"):
+        resolve_config(overrides=["sample.repetition_penalty=0"])
+
+
 def test_json_verbose_and_batches(run):
     result = generate("ROMEO:", "--max-new-tokens", "40", "--num-samples", "3", "--temperature", "1",
                       "--json", "--verbose", "--ignore-eot")

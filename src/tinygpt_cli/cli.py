@@ -648,8 +648,8 @@ def generate(
     top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
     repetition_penalty: Annotated[
-        float, typer.Option(help="Make tokens already in the text less likely (1 = off; 1.1-1.3 breaks loops).")
-    ] = 1.0,
+        float | None, typer.Option(help="Make tokens already in the text less likely (1 = off; 1.1-1.3 breaks loops).")
+    ] = None,
     stop: Annotated[
         list[str] | None, typer.Option("--stop", help="End a sample at this text, left out (repeatable).")
     ] = None,
@@ -690,7 +690,7 @@ def generate(
         "temperature": temperature if temperature is not None else defaults.temperature,
         "top_k": top_k if top_k is not None else defaults.top_k,
         "top_p": top_p if top_p is not None else defaults.top_p,
-        "repetition_penalty": repetition_penalty,
+        "repetition_penalty": repetition_penalty if repetition_penalty is not None else defaults.repetition_penalty,
         "num_samples": num_samples,
     }
     check_settings(**settings)

@@ -116,6 +116,7 @@ class SampleConfig:
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 200  # 0 = off
     top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; 1.1-1.3 breaks loops
     seed: int = 1337  # same seed, same text
 
     def __post_init__(self) -> None:
@@ -127,6 +128,10 @@ class SampleConfig:
             raise ConfigError(f"sample.top_k must be 0 or more (got {self.top_k})")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"sample.top_p must be in (0, 1] (got {self.top_p})")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(
+                f"sample.repetition_penalty must be more than 0; 1 is off (got {self.repetition_penalty})"
+            )
 
 
 @dataclass(frozen=True)
