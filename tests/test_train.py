@@ -213,3 +213,60 @@ def test_the_compile_probe_leaves_nothing_to_compile_at_step_one(with_shakespear
     torch._dynamo.reset()
     assert result.stopped == "completed"
     assert graphs == [True, False]  # the training step (compiled by the probe), then evaluation
+
+
+def test_the_probe_runs_through_the_ddp_wrapper_without_gradient_sync(monkeypatch):
+    """Under torchrun the compiled model is wrapped (DDP) before the probe, so dynamo compiles inside DDP's forward
+    and splits the graph at its buckets; the probe's step must not all-reduce, and leaves no gradients."""
+    import contextlib
+
+    from tinygpt_cli.config import ModelConfig
+    from tinygpt_cli.model import GPT
+    from tinygpt_cli.train import _maybe_compile
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.syncing, self.calls = module, True, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing = False
+            yield
+            self.syncing = True
+
+        def forward(self, idx, targets=None):
+            self.calls.append(self.syncing)
+            return self.module(idx, targets)
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    wrapped = _maybe_compile(model, "on", torch.device("cpu"), lambda event: None, (2, 8), torch.float32,
+                             wrap=FakeDDP)
+    assert isinstance(wrapped, FakeDDP) and wrapped.module is model and compiled == [model]
+    assert wrapped.calls == [False]  # one probe step, inside no_sync
+    assert all(p.grad is None for p in model.parameters()) and not model.fused_loss
+    eager = _maybe_compile(model, "off", torch.device("cpu"), lambda event: None, (2, 8), torch.float32, wrap=FakeDDP)
+    assert isinstance(eager, FakeDDP) and eager.calls == []
+
+
+def test_the_largest_fitting_batch_leaves_room_for_the_compiled_loss(monkeypatch):
+    """The trial runs eagerly with the fused loss and holds the whole-logits loss's bytes beside it."""
+    from tinygpt_cli import train as train_module
+    from tinygpt_cli.config import ModelConfig
+    from tinygpt_cli.model import GPT
+
+    held = []
+
+    def hold(n_bytes, device):
+        held.append(n_bytes)
+        if n_bytes > 3 * 8 * 100:  # room for the ballast of 3 sequences of 8 tokens at 100 bytes a token
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train_module, "_hold", hold)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    model.fused_loss = False
+    fits = train_module.largest_fitting_batch(model, 16, 8, torch.device("cpu"), torch.float32, ballast_per_token=100)
+    assert fits == 2 and held == [16 * 800, 8 * 800, 4 * 800, 2 * 800]
+    assert model.fused_loss is False and all(p.grad is None for p in model.parameters())

@@ -606,9 +606,9 @@ class _TrainView:
 
 
 # ----------------------------------------------------------------------------------------- generate
-# Compiling the decode step costs ~8 s and then runs 5x faster than eager steps (GPT-2 124M on an H200: 0.8 vs
-# 4.5 ms/token), so it pays from about 2,000 tokens per sample, or in the interactive loop, which reuses it.
-COMPILE_PAYS_FROM_TOKENS = 2048
+# Compiling the decode step costs ~7 s and then runs 5x faster than eager steps (GPT-2 124M on an H200: 0.57 vs
+# 2.9 ms/token), so it pays from about 3,000 tokens per sample, or in the interactive loop, which reuses it.
+COMPILE_PAYS_FROM_TOKENS = 3000
 
 
 def _stdin_is_interactive() -> bool:

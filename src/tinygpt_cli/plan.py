@@ -496,7 +496,7 @@ def plan(
     tc = cfg.train
     dtype = _autocast_dtype(tc.dtype, spec)
     half = dtype != "fp32"
-    compiled = compile_wanted(tc.compile, spec.kind)
+    compiled = compile_wanted(tc.compile, spec.kind) and spec.kind != "mps"  # train runs MPS eagerly
     notes: list[str] = []
 
     batch_size, grad_accum = tc.batch_size, tc.grad_accum

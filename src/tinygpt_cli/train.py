@@ -36,6 +36,7 @@ from tinygpt_cli.config import RunConfig, TrainConfig, compile_wanted, config_fr
 from tinygpt_cli.data import Dataset, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TrainingError
 from tinygpt_cli.model import GPT
+from tinygpt_cli.plan import loss_chunk_bytes
 from tinygpt_cli.report import write_loss_plot, write_report
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -454,15 +455,14 @@ class _Trainer:
         if checkpoint is not None:
             self._load_optimizer(checkpoint)
         if tc.auto_batch and self.device.type == "cuda":
-            self.model.fused_loss = not compile_wanted(tc.compile, self.device.type)  # fit the loss the loop will run
             self._fit_batch_size()
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
-        try:
-            compiled = _maybe_compile(self.model, tc.compile, self.device, self.emit, (self.batch_size, self.block),
-                                      self.dtype)
+        try:  # DDP wraps the compiled model before the probe, so dynamo splits the graph at DDP's buckets
+            self.forward_model = _maybe_compile(self.model, tc.compile, self.device, self.emit,
+                                                (self.batch_size, self.block), self.dtype,
+                                                wrap=None if self.fsdp else self._wrap)
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory(True) from None
-        self.forward_model = compiled if self.fsdp else self._wrap(compiled)
         self.checkpoint = checkpoint
         return self._loop()
 
@@ -523,10 +523,17 @@ class _Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
 
+    def _largest_batch(self, start: int) -> int:
+        """The largest micro-batch from `start` down (halving) whose training step fits, compiled or not."""
+        ballast = 0
+        if compile_wanted(self.tc.compile, self.device.type):
+            ballast = loss_chunk_bytes(self.model.config, 1, self.dtype != torch.float32, compiled=True)
+        return largest_fitting_batch(self.model, start, self.block, self.device, self.dtype, ballast)
+
     def _fit_batch_size(self) -> None:
         """--batch-size auto on CUDA: the largest micro-batch (dividing the global batch) that fits."""
         global_batch = self.batch_size * self.grad_accum
-        fitting = largest_fitting_batch(self.model, self.batch_size, self.block, self.device, self.dtype)
+        fitting = self._largest_batch(self.batch_size)
         while global_batch % fitting:
             fitting -= 1
         if fitting != self.batch_size:
@@ -781,7 +788,7 @@ class _Trainer:
         fits = 0
         if self.device.type == "cuda" and self.batch_size > 1:
             try:
-                fits = largest_fitting_batch(self.model, self.batch_size // 2, self.block, self.device, self.dtype)
+                fits = self._largest_batch(self.batch_size // 2)
             except TrainingError:
                 fits = 0
         hint = f"the largest that fits is {fits}: use --batch-size {fits}" if fits else "use a smaller --batch-size"
@@ -836,23 +843,39 @@ def _cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def largest_fitting_batch(model: torch.nn.Module, start: int, block: int, device: torch.device,
-                          dtype: torch.dtype) -> int:
-    """Halve the micro-batch from `start` until a forward + backward at full context fits in GPU memory."""
+def largest_fitting_batch(model: GPT, start: int, block: int, device: torch.device, dtype: torch.dtype,
+                          ballast_per_token: int = 0) -> int:
+    """Halve the micro-batch from `start` until a forward + backward at full context fits in GPU memory.
+
+    The trial runs eagerly with the fused loss. A model that will run compiled takes its loss from whole logits
+    instead: `ballast_per_token` bytes per token are held during the trial for those (and eager activations
+    already exceed compiled ones, which recompute cheap results), so the answer holds for the compiled step.
+    """
+    fused, model.fused_loss = model.fused_loss, True
     batch = start
-    while batch >= 1:
-        try:
-            x = torch.zeros(batch, block, dtype=torch.long, device=device)
-            with autocast_context(device, dtype):
-                _, loss = model(x, x)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            return batch
-        except torch.cuda.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            batch //= 2
+    try:
+        while batch >= 1:
+            try:
+                ballast = _hold(batch * block * ballast_per_token, device)
+                x = torch.zeros(batch, block, dtype=torch.long, device=device)
+                with autocast_context(device, dtype):
+                    _, loss = model(x, x)
+                loss.backward()
+                del ballast
+                return batch
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                batch //= 2
+            finally:
+                model.zero_grad(set_to_none=True)
+    finally:
+        model.fused_loss = fused
     raise TrainingError("not even a micro-batch of 1 fits in GPU memory: use a smaller --size or model.block_size")
+
+
+def _hold(n_bytes: int, device: torch.device) -> torch.Tensor | None:
+    """Allocate `n_bytes` on `device` (raises the device's out-of-memory error where they do not fit)."""
+    return torch.empty(n_bytes, dtype=torch.uint8, device=device) if n_bytes else None
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -861,34 +884,39 @@ def latest_step(run_dir: Path) -> int | None:
 
 
 def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[TrainEvent], None],
-                   shape: tuple[int, int], dtype: torch.dtype) -> torch.nn.Module:
+                   shape: tuple[int, int], dtype: torch.dtype,
+                   wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> torch.nn.Module:
     """torch.compile on CUDA by default; `on` elsewhere too. Falls back to eager with one line if it fails.
+    Returns `wrap(model)` (e.g. DDP), compiled inside where it can be.
 
     Compiled, the model takes its loss from whole logits (`GPT.fused_loss` off: inductor fuses the upcast and the
     cross-entropy itself). Compilation is lazy, so one training step of the real shape under the real autocast
-    runs here (its gradients are dropped): it compiles the very graphs the loop runs, with static shapes, and a
+    runs here, through `wrap` (no gradient sync; its gradients are dropped): it compiles the very graphs the loop
+    runs, with static shapes (under DDP split at its buckets, so gradient sync overlaps the backward pass), and a
     missing Triton or C++ compiler shows here rather than mid-run.
     """
+    wrap = wrap or (lambda module: module)
     if not compile_wanted(mode, device.type):
-        return model
+        return wrap(model)
     if device.type == "mps":
         emit(TrainEvent("info", message="torch.compile is not supported on MPS: running eagerly."))
-        return model
+        return wrap(model)
     model.fused_loss = False
     try:
-        compiled = torch.compile(model, dynamic=False)
+        wrapped = wrap(torch.compile(model, dynamic=False))
         # two tensors, as in the loop: one passed twice would be guarded as an alias and compiled again at step 1
         idx, targets = (torch.zeros(shape, dtype=torch.long, device=device) for _ in range(2))
-        with autocast_context(device, dtype):
-            _, loss = compiled(idx, targets)
-        loss.backward()
-        return compiled
-    except torch.cuda.OutOfMemoryError:  # the caller says which batch fits, measured with the loss that OOMed
+        with getattr(wrapped, "no_sync", contextlib.nullcontext)():
+            with autocast_context(device, dtype):
+                _, loss = wrapped(idx, targets)
+            loss.backward()
+        return wrapped
+    except torch.cuda.OutOfMemoryError:  # the caller says which batch fits
         raise
     except Exception as exc:  # Triton missing, no C++ compiler, unsupported platform, ...
         model.fused_loss = True
         emit(TrainEvent("info", message=f"torch.compile unavailable ({type(exc).__name__}): running eagerly."))
-        return model
+        return wrap(model)
     finally:
         model.zero_grad(set_to_none=True)
 
