@@ -270,3 +270,13 @@ def test_the_largest_fitting_batch_leaves_room_for_the_compiled_loss(monkeypatch
     fits = train_module.largest_fitting_batch(model, 16, 8, torch.device("cpu"), torch.float32, ballast_per_token=100)
     assert fits == 2 and held == [16 * 800, 8 * 800, 4 * 800, 2 * 800]
     assert model.fused_loss is False and all(p.grad is None for p in model.parameters())
+
+
+def test_the_cpu_peak_is_measured_once_per_process_and_thread_count(monkeypatch):
+    from tinygpt_cli import train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "_CPU_PEAK", {})
+    monkeypatch.setattr(train_module, "_matmul_peak", lambda size, repeats: calls.append(size) or 1e11)
+    assert train_module.measured_cpu_peak() == train_module.measured_cpu_peak() == 1e11
+    assert calls == [2048]
