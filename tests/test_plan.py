@@ -130,15 +130,21 @@ def test_activation_formula_matches_what_autograd_saves(half):
     assert sum(saved.values()) == expected
 
 
-def test_device_peaks_agree_with_train():
-    from tinygpt_cli.train import _GPU_PEAK_BF16
+def test_device_peaks_agree_with_train(monkeypatch):
+    import torch
+
+    from tinygpt_cli.train import device_peak_flops
 
     for spec in P.DEVICES.values():
         if spec.cuda_name:
-            assert _GPU_PEAK_BF16[spec.cuda_name] == spec.peak_flops, spec.key
-    assert P._spec_for_gpu_name("NVIDIA H100 PCIe", 80 * 2**30).key == "h100-pcie"
-    assert P._spec_for_gpu_name("NVIDIA H100 80GB HBM3", 79 * 2**30).key == "h100"
-    assert P._spec_for_gpu_name("Some Future GPU", 2**30).peak_flops is None
+            gpu_name = f"NVIDIA {spec.cuda_name}"
+            monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=gpu_name: name)
+            assert device_peak_flops(torch.device("cuda"), torch.bfloat16) == spec.peak_flops, spec.key
+            assert device_peak_flops(torch.device("cuda"), torch.float32) == spec.peak_flops / 2, spec.key
+    assert P.gpu_spec("NVIDIA H100 PCIe", 80 * 2**30).key == "h100-pcie"
+    assert P.gpu_spec("NVIDIA H100 80GB HBM3", 79 * 2**30).key == "h100"
+    assert P.gpu_spec("NVIDIA A10G", 24 * 2**30).key == "a10g" and P.gpu_spec("NVIDIA GH200 480GB", 0).key == "gh200"
+    assert P.gpu_spec("Some Future GPU", 2**30).peak_flops is None
 
 
 def test_plan_module_does_not_import_torch():
@@ -213,3 +219,16 @@ def test_plan_measure_on_cpu(workspace):
     assert data["time_basis"] == "measured" and data["measurement"]["device"] == "cpu"
     assert data["tokens_per_s"] > 0 and data["seconds"] > 0
     assert not (workspace / "runs").exists()  # measuring writes nothing
+
+
+def test_plan_help_names_every_device():
+    """The --device help is written out (the --help path imports no plan module); it must list the table's keys."""
+    import re
+
+    import typer
+
+    from tinygpt_cli import cli
+
+    plan_command = typer.main.get_command(cli.app).commands["plan"]
+    device_help = next(param.help for param in plan_command.params if param.name == "device")
+    assert set(P.DEVICE_CHOICES) <= set(re.findall(r"[a-z0-9-]+", device_help))

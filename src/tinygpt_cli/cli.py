@@ -1059,8 +1059,8 @@ def plan(
     device: Annotated[
         str,
         typer.Option(
-            help="auto (this machine) | cpu | mps | h100 | h100-pcie | h200 | a100 | a100-40 | l40s "
-            "| a10g | l4 | rtx4090 | rtx3090 | v100 | t4."
+            help="auto (this machine) | cuda | cpu | mps | h100 | h100-pcie | h100-nvl | h200 | gh200 | a100 "
+            "| a100-40 | l40s | a10g | a10 | l4 | rtx4090 | rtx3090 | v100 | t4."  # plan.DEVICE_CHOICES (tested)
         ),
     ] = "auto",
     nproc: Annotated[int, typer.Option(help="Processes (GPUs) training together.")] = 1,

@@ -42,17 +42,20 @@ class DeviceSpec:
     cuda_name: str = ""  # what torch.cuda.get_device_name() contains for this GPU
 
 
-# Datasheet figures (dense, no sparsity); the same peaks `train.device_peak_flops` uses for MFU (a test checks).
+# Datasheet figures (dense, no sparsity); `train.device_peak_flops` reads its MFU peaks from here too.
 DEVICES: dict[str, DeviceSpec] = {
     spec.key: spec
     for spec in (
         DeviceSpec("h100", "NVIDIA H100 SXM 80GB", "cuda", 80 * GIB, 989e12, cuda_name="H100"),
         DeviceSpec("h100-pcie", "NVIDIA H100 PCIe 80GB", "cuda", 80 * GIB, 756e12, cuda_name="H100 PCIe"),
+        DeviceSpec("h100-nvl", "NVIDIA H100 NVL 94GB", "cuda", 94 * GIB, 835e12, cuda_name="H100 NVL"),
         DeviceSpec("h200", "NVIDIA H200 141GB", "cuda", 141 * GIB, 989e12, cuda_name="H200"),
+        DeviceSpec("gh200", "NVIDIA GH200 96GB", "cuda", 96 * GIB, 989e12, cuda_name="GH200"),
         DeviceSpec("a100", "NVIDIA A100 80GB", "cuda", 80 * GIB, 312e12, cuda_name="A100"),
         DeviceSpec("a100-40", "NVIDIA A100 40GB", "cuda", 40 * GIB, 312e12, cuda_name="A100"),
         DeviceSpec("l40s", "NVIDIA L40S 48GB", "cuda", 48 * GIB, 362e12, cuda_name="L40S"),
         DeviceSpec("a10g", "NVIDIA A10G 24GB", "cuda", 24 * GIB, 125e12, cuda_name="A10G"),
+        DeviceSpec("a10", "NVIDIA A10 24GB", "cuda", 24 * GIB, 125e12, cuda_name="A10"),
         DeviceSpec("l4", "NVIDIA L4 24GB", "cuda", 24 * GIB, 121e12, cuda_name="L4"),
         DeviceSpec("rtx4090", "NVIDIA GeForce RTX 4090 24GB", "cuda", 24 * GIB, 165e12, cuda_name="RTX 4090"),
         DeviceSpec("rtx3090", "NVIDIA GeForce RTX 3090 24GB", "cuda", 24 * GIB, 71e12, cuda_name="RTX 3090"),
@@ -73,7 +76,7 @@ def _host_memory() -> int | None:
         return None
 
 
-def _spec_for_gpu_name(name: str, memory: int) -> DeviceSpec:
+def gpu_spec(name: str, memory: int) -> DeviceSpec:
     """The table entry whose `cuda_name` is in `name` (the longest match: "H100 PCIe" before "H100")."""
     matches = [s for s in DEVICES.values() if s.cuda_name and s.cuda_name in name]
     if not matches:
@@ -92,7 +95,7 @@ def resolve_device_spec(key: str) -> DeviceSpec:
             torch = None  # type: ignore[assignment]
         if torch is not None and torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            return _spec_for_gpu_name(torch.cuda.get_device_name(0), int(props.total_memory))
+            return gpu_spec(torch.cuda.get_device_name(0), int(props.total_memory))
         if key == "cuda":
             raise ConfigError("--device cuda was asked for but no CUDA GPU is visible: name one, e.g. --device h100")
         mps = torch is not None and getattr(torch.backends, "mps", None) is not None and \

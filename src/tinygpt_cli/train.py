@@ -36,7 +36,7 @@ from tinygpt_cli.config import RunConfig, TrainConfig, compile_wanted, config_fr
 from tinygpt_cli.data import Dataset, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TrainingError
 from tinygpt_cli.model import GPT
-from tinygpt_cli.plan import loss_chunk_bytes
+from tinygpt_cli.plan import gpu_spec, loss_chunk_bytes
 from tinygpt_cli.report import write_loss_plot, write_report
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -196,21 +196,13 @@ def flops_per_token(model: GPT) -> float:
     return training_flops_per_token(model.config)
 
 
-_GPU_PEAK_BF16 = {  # dense tensor-core TFLOP/s (bf16/fp16) from the vendors' datasheets
-    "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
-    "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-
-
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s for MFU: the datasheet figure for known GPUs; on CPU a measured fp32 matmul rate."""
+    """Peak FLOP/s for MFU: the datasheet figure for known GPUs (`plan.DEVICES`); on CPU a measured fp32 rate."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in _GPU_PEAK_BF16.items():
-            if key in name:
-                return peak if dtype != torch.float32 else peak / 2  # tf32 runs at half the bf16 rate
-        return None
+        peak = gpu_spec(torch.cuda.get_device_name(device), 0).peak_flops
+        if peak is None:
+            return None
+        return peak if dtype != torch.float32 else peak / 2  # tf32 runs at half the bf16 rate
     if device.type == "cpu":
         return measured_cpu_peak()
     return None
