@@ -1142,24 +1142,32 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List the runs in the workspace: name, size, steps, tokens, best val loss, date (newest first)."""
     if ctx.invoked_subcommand is not None:
         return
+    from tinygpt_cli import workspace
+    from tinygpt_cli.inventory import list_run_summaries
+
+    def row(s) -> tuple[str, ...]:
+        steps = f"{s.steps:,}/{s.max_steps:,}" if s.max_steps else f"{s.steps:,}"
+        return s.name, s.size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at)
+
+    _print_listing(list_run_summaries(), as_json, ("run", "size", "steps", "tokens", "best val loss", "date"), row,
+                   f"No runs in {workspace.runs_dir()} yet: train one with `tinygpt train`")
+
+
+def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row: Any, empty: str) -> None:
+    """`runs` and `data`: the summaries as JSON, a table (one `row(summary)` each), or `empty` on stderr."""
     from dataclasses import asdict
 
     from rich.table import Table
 
-    from tinygpt_cli import workspace
-    from tinygpt_cli.inventory import list_run_summaries
-
-    summaries = list_run_summaries()
     if as_json:
         print(json.dumps([asdict(s) for s in summaries]))
         return
     if not summaries:
-        _stderr_console().print(f"No runs in {workspace.runs_dir()} yet: train one with `tinygpt train`")
+        _stderr_console().print(empty)
         return
-    table = Table("run", "size", "steps", "tokens", "best val loss", "date")
-    for s in summaries:
-        steps = f"{s.steps:,}/{s.max_steps:,}" if s.max_steps else f"{s.steps:,}"
-        table.add_row(s.name, s.size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at))
+    table = Table(*columns)
+    for summary in summaries:
+        table.add_row(*row(summary))
     _stdout_console().print(table)
 
 
@@ -1190,32 +1198,17 @@ def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List the tokenized datasets in the workspace with their token and document counts (newest first)."""
     if ctx.invoked_subcommand is not None:
         return
-    from dataclasses import asdict
-
-    from rich.table import Table
-
     from tinygpt_cli import workspace
     from tinygpt_cli.inventory import list_dataset_summaries
 
-    summaries = list_dataset_summaries()
-    if as_json:
-        print(json.dumps([asdict(s) for s in summaries]))
-        return
-    if not summaries:
-        _stderr_console().print(f"No tokenized data in {workspace.data_dir()} yet: run `tinygpt tokenize`")
-        return
-    table = Table("dataset", "train tokens", "val tokens", "documents", "on disk", "fraction", "created")
-    for s in summaries:
-        table.add_row(
-            s.name,
-            _fmt_int(s.train_tokens),
-            _fmt_int(s.val_tokens),
-            _fmt_int(s.train_documents + s.val_documents),
-            _fmt_bytes(s.bytes),
-            f"{s.fraction:g}" if s.fraction is not None else "",
-            _when(s.created),
-        )
-    _stdout_console().print(table)
+    def row(s) -> tuple[str, ...]:
+        fraction = f"{s.fraction:g}" if s.fraction is not None else ""
+        return (s.name, _fmt_int(s.train_tokens), _fmt_int(s.val_tokens), _fmt_int(s.train_documents + s.val_documents),
+                _fmt_bytes(s.bytes), fraction, _when(s.created))
+
+    _print_listing(list_dataset_summaries(), as_json,
+                   ("dataset", "train tokens", "val tokens", "documents", "on disk", "fraction", "created"), row,
+                   f"No tokenized data in {workspace.data_dir()} yet: run `tinygpt tokenize`")
 
 
 @data_app.command("show", epilog="Examples:  tinygpt data show  ·  tinygpt data show shakespeare --json")
