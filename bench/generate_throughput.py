@@ -11,6 +11,7 @@ and the greedy tokens of the three are compared. Rounds alternate between the co
 hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run down).
 
     python bench/generate_throughput.py                                   # micro and small, this machine
+    python bench/generate_throughput.py --temperature 0.8 --top-k 200     # sampled, tinygpt's defaults
     python bench/generate_throughput.py --device cuda --shapes small      # + memory-bandwidth utilisation
 """
 
@@ -67,25 +68,28 @@ def check_same_logits(model: GPT, hf, device: torch.device) -> float:
     return float((ours[..., :VOCAB_SIZE].float() - theirs.float()).abs().max())
 
 
-def contenders(model: GPT, hf, prompt: list[int], device: torch.device,
-               compile_decode: bool) -> dict[str, Callable[[int], list[int]]]:
-    """name -> run(new_tokens) -> the greedy tokens."""
+def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_decode: bool,
+               temperature: float = 0.0, top_k: int = 0) -> dict[str, Callable[[int], list[int]]]:
+    """name -> run(new_tokens) -> the tokens (greedy at temperature 0, else sampled from seed 0)."""
     from transformers import GenerationConfig
 
     prompt_ids = torch.tensor([prompt], device=device)
 
     def ours(use_cache: bool, compile: bool = False) -> Callable[[int], list[int]]:
         def run(new_tokens: int) -> list[int]:
-            return [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache,
-                                                compile=compile)]
+            return [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=temperature, top_k=top_k,
+                                                seed=0, use_cache=use_cache, compile=compile)]
         return run
 
     def theirs(new_tokens: int) -> list[int]:
-        greedy = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                  pad_token_id=EOT_ID, eos_token_id=None)  # no end token: always new_tokens
+        sampled = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature else \
+            {"do_sample": False}
+        config = GenerationConfig(max_new_tokens=new_tokens, num_beams=1, use_cache=True, pad_token_id=EOT_ID,
+                                  eos_token_id=None, **sampled)  # no end token: always new_tokens
+        torch.manual_seed(0)
         with torch.inference_mode():
             out = hf.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                              generation_config=greedy)
+                              generation_config=config)
         assert out.shape[1] == len(prompt) + new_tokens
         return out[0, len(prompt):].tolist()
 
@@ -112,7 +116,8 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
     hf.to(device=device, dtype=dtype)
     error = check_same_logits(model, hf, device)
     prompt = torch.randint(0, VOCAB_SIZE, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
-    runs = contenders(model, hf, prompt, device, compile_decode=device.type == "cuda")
+    runs = contenders(model, hf, prompt, device, compile_decode=device.type == "cuda",
+                      temperature=args.temperature, top_k=args.top_k)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"\n{shape}: {cfg.n_layer} layers × {cfg.n_embd} wide, {cfg.n_head} heads, "
           f"{model.num_params() / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB), context {CONTEXT}; "
@@ -148,7 +153,8 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
     print("|---|---|---|---|---|" + ("---|" if peak else ""))
     for name, seconds in best.items():
         rate = args.new_tokens / seconds
-        same = "yes" if tokens[name] == reference else \
+        same = "yes" if tokens[name] == reference else "no (another sampler)" if args.temperature and \
+            name.startswith("HF") else \
             f"from {next(i for i, (a, b) in enumerate(zip(tokens[name], reference, strict=True)) if a != b)}"
         use = f" {weight_bytes * rate / 1e9 / peak:.0%} |" if peak else ""
         print(f"| {name} | {rate:,.1f} | {1000 / rate:.2f} | {cached / rate:.2f}× | {same} |{use}")
@@ -164,6 +170,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per contender (the best is kept)")
     parser.add_argument("--slow-seconds", type=float, default=20.0,
                         help="a contender that would take longer per run gets one timed round")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); else sampled")
+    parser.add_argument("--top-k", type=int, default=0, help="with --temperature: keep the k likeliest (0 = off)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--peak-bandwidth", type=float, default=None, help="GB/s, for the utilisation on a GPU")
     args = parser.parse_args()
@@ -174,9 +182,10 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     import transformers
 
+    mode = f"temperature {args.temperature:g}, top-k {args.top_k}" if args.temperature else "greedy"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} {dtype_name}, "
           f"{torch.get_num_threads()} threads; {args.new_tokens} new tokens from {args.prompt_tokens}, batch 1, "
-          f"greedy; best of {args.rounds} rounds (1 for a contender slower than {args.slow_seconds:g} s)")
+          f"{mode}; best of {args.rounds} rounds (1 for a contender slower than {args.slow_seconds:g} s)")
     for shape in args.shapes.split(","):
         bench_shape(shape.strip(), args, device, dtype)
 

@@ -189,6 +189,80 @@ def test_sampling_filters():
     assert sample_next_token(padded, temperature=0).item() < 50257
 
 
+def _reference_distribution(logits, temperature, top_k, top_p):
+    """The filters as full-vocabulary masks: what `sample_next_token` must draw from. (B, V) -> probabilities."""
+    logits = logits[:, :50257].float() / temperature
+    if top_k:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    return torch.softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 6, 0.9), (0.5, 50257, 1.0),
+])
+def test_sampling_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    """Two distributions, 6,000 draws each: every token's frequency is within 5 standard errors of its
+    probability under the filters, and a token the filters remove is never drawn."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.full((2, 50304), -30.0)
+    logits[0, :8] = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0])
+    logits[1, 50000:50006] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    logits[1, 50300:] = 50.0  # padding ids past GPT-2's vocabulary never count
+    expected = _reference_distribution(logits, temperature, top_k, top_p)
+    rows, calls = 100, 60  # a batch of 2 x 100 rows per call
+    draws = rows * calls
+    batch = logits.repeat_interleave(rows, dim=0)
+    picks = torch.cat([sample_next_token(batch, temperature, top_k, top_p, generator).view(2, rows)
+                       for _ in range(calls)], dim=1)  # (2, draws)
+    for row in range(2):
+        counts = torch.bincount(picks[row], minlength=50257).double()
+        assert counts.size(0) == 50257
+        assert not counts[expected[row] == 0].any()
+        p = expected[row]
+        sigma = (p * (1 - p) / draws).sqrt()
+        assert ((counts / draws - p).abs() <= 5 * sigma + 1e-4).all()
+
+
+def test_sampling_is_reproducible_and_per_row():
+    logits = torch.randn(4, 50304)
+    a = sample_next_token(logits, 1.0, 0, 0.95, torch.Generator().manual_seed(3))
+    b = sample_next_token(logits, 1.0, 0, 0.95, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (4,) and a.dtype == torch.long
+    same = sample_next_token(logits[:1].expand(64, -1), 1.0, 0, 1.0, torch.Generator().manual_seed(3))
+    assert len(set(same.tolist())) > 1  # rows draw independently
+
+
+@pytest.mark.parametrize("shortlist", [4, 16, 1024])
+def test_nucleus_shortlist_or_whole_sort_keep_the_same_tokens(monkeypatch, shortlist):
+    """top-p alone looks among a shortlist first and sorts everything when the nucleus is wider."""
+    monkeypatch.setattr(sample, "NUCLEUS_SHORTLIST", shortlist)
+    logits = torch.full((2, 50304), -40.0)
+    logits[0, 100:110] = torch.linspace(3, 0, 10)  # nucleus of 0.9: 7 tokens
+    logits[1, :] = torch.linspace(0.0, -1.0, 50304)
+    logits[1, 7:9] = 4.0  # nucleus of 0.9: the two, then most of a gentle slope
+    ids, candidates = sample._candidates(logits[:, :50257], 0, 0.9)
+    kept = torch.zeros(2, 50257, dtype=torch.bool).scatter(1, ids, candidates > float("-inf"))
+    expected = _reference_distribution(logits, 1.0, 0, 0.9) > 0
+    assert torch.equal(kept, expected) and kept[0].sum() == 7 and kept[1].sum() > 1000
+
+
+def test_inverse_cdf_never_lands_on_a_removed_token():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
+    draw = sample.draw_from
+    assert draw(probs, torch.tensor([[0.0]])).item() == 1
+    assert draw(probs, torch.tensor([[0.2499]])).item() == 1
+    assert draw(probs, torch.tensor([[0.25]])).item() == 3
+    assert draw(probs, torch.tensor([[1.0 - 2**-24]])).item() == 3
+    assert draw(probs, torch.tensor([[1.0]])).item() == 3  # rounding up to the total: the last kept token
+    assert draw(torch.full((1, 4), float("nan")), torch.tensor([[0.5]])).item() in range(4)
+
+
 def test_repetition_penalty():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     seen = torch.tensor([[True, True, False, False]])

