@@ -55,22 +55,30 @@ def test_cached_and_uncached_greedy_agree(model, prompt_len, batch, new):
     assert torch.equal(cached, cached[:1].expand_as(cached))  # greedy: every sample is the same
 
 
-@pytest.mark.parametrize("flush_every", [2, 5, 16])
+@pytest.mark.parametrize("flush_every", [2, 5, 16, 40])
 def test_tokens_flushed_in_chunks_are_the_same_tokens(model, eot_model, flush_every):
     """CUDA hands tokens to the host in chunks: the same tokens, the same early end at <|endoftext|>, the same stats
     (sampled, past the window, with the static cache), whatever the chunk."""
     settings = dict(temperature=0.9, top_k=50, num_samples=3, seed=7, static_cache=True)
-    each = [t.clone() for t in generate(model, [5, 6, 7], 45, flush_every=1, **settings)]
+    each = [t.clone() for t in generate(model, [5, 6, 7], 150, flush_every=1, **settings)]
     stats = GenerationStats()
-    chunked = list(generate(model, [5, 6, 7], 45, flush_every=flush_every, stats=stats, **settings))
+    chunked = list(generate(model, [5, 6, 7], 150, flush_every=flush_every, stats=stats, **settings))
     assert torch.equal(torch.stack(each), torch.stack(chunked))
-    assert stats.new_tokens == 45 and stats.window_slides >= 1 and 0 < stats.time_to_first_token_s <= stats.seconds
+    assert stats.new_tokens == 150 and stats.window_slides >= 10 and 0 < stats.time_to_first_token_s <= stats.seconds
     mixed = dict(temperature=0.35, top_k=0, seed=1, num_samples=8, stop_at_eot=True)  # rows end at different steps
     each = list(generate(eot_model, [1, 2], 40, flush_every=1, **mixed))
     chunked = list(generate(eot_model, [1, 2], 40, flush_every=flush_every, **mixed))
     assert 2 < len(each) < 40 and torch.equal(torch.stack(each), torch.stack(chunked))
     with pytest.raises(ValueError, match="flush_every"):
         next(generate(model, [1], 3, flush_every=0))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_memory_does_not_grow_with_max_new_tokens(model, use_cache):
+    """A generator asked for a trillion tokens holds a window's worth: the first 80 are those of a short run."""
+    endless = generate(model, [5, 6], 10**12, temperature=0.8, seed=2, use_cache=use_cache, flush_every=7)
+    first = torch.stack([next(endless) for _ in range(80)], dim=1)
+    assert torch.equal(first, _run(model, [5, 6], 80, temperature=0.8, seed=2, use_cache=use_cache, flush_every=7))
 
 
 def test_static_cache_matches_the_sliced_cache(model):

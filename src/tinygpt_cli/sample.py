@@ -374,8 +374,12 @@ def generate(
     keep = max(1, block // 2)  # tokens re-encoded when the window jumps
     static = compile if static_cache is None else (static_cache or compile)
 
-    # sequence[:, start:length] is what the model sees; the cache holds all of it but the newest token
-    sequence = torch.empty((num_samples, len(prompt) + max_new_tokens), dtype=torch.long, device=device)
+    flush = flush_every or (16 if device.type == "cuda" else 1)
+    # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
+    # sequence[:, flushed:length] what is not handed out yet. A window jump moves both to the front, so the buffer
+    # holds at most a window and a flush however many tokens are asked for.
+    capacity = min(len(prompt) + max_new_tokens, block + flush + 1)
+    sequence = torch.empty((num_samples, capacity), dtype=torch.long, device=device)
     sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     start, length = 0, len(prompt)
     seen = None
@@ -393,7 +397,6 @@ def generate(
         mark_static(current)
     finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     static_steps = 0
-    flush = flush_every or (16 if device.type == "cuda" else 1)
     flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
 
     head_t = _cpu_head(model)
@@ -414,7 +417,7 @@ def generate(
             seen.scatter_(1, next_token[:, None], True)
         last = produced == max_new_tokens - 1
         if produced == 0 or last or length - flushed >= flush:
-            chunk = sequence[:, flushed:length].cpu()  # (B, n): the only wait for the device
+            chunk = sequence[:, flushed:length].to("cpu", copy=True)  # (B, n), owned: the only wait for the device
             now = time.perf_counter() - started
             for i in range(chunk.size(1)):
                 tokens = chunk[:, i]
@@ -431,6 +434,9 @@ def generate(
         if length - start > block:  # the window is full: jump, re-encoding its newest half
             start = length - keep
             stats.window_slides += 1
+            shift = min(start, flushed)  # what neither the window nor the next flush needs
+            sequence[:, : length - shift] = sequence[:, shift:length].clone()
+            start, flushed, length = start - shift, flushed - shift, length - shift
             if cache is not None:
                 cache.reset()
                 logits = _last_logits(model, sequence[:, start:length], cache, head_t)
