@@ -175,6 +175,7 @@ def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
     (["--compile", "maybe"], "--compile must be one of"),
     (["--prompt-file", "missing.txt"], "missing.txt does not exist"),
     (["--run", "nope"], " at nope"),
+    (["--num-samples", "1000000000"], "ask for fewer samples"),
 ])
 def test_bad_input_is_one_line(run, args, fragment):
     assert_one_line_error(generate("x", *args) if "--prompt-file" not in args else generate(*args), fragment)

@@ -81,6 +81,24 @@ def test_memory_does_not_grow_with_max_new_tokens(model, use_cache):
     assert torch.equal(first, _run(model, [5, 6], 80, temperature=0.8, seed=2, use_cache=use_cache, flush_every=7))
 
 
+def test_too_many_samples_for_memory(model, monkeypatch):
+    """Checked against free memory before anything is allocated; an allocation that fails anyway (memory the
+    estimate did not see) gets the same message instead of a traceback."""
+    with pytest.raises(GenerationError, match=r"--num-samples 1000000000 needs about .* GB .*ask for fewer samples"):
+        next(generate(model, [1, 2], 5, num_samples=10**9))
+    monkeypatch.setattr(sample, "free_memory", lambda device: None)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: ...")
+
+    monkeypatch.setattr(sample.KVCache, "__init__", fail)
+    with pytest.raises(GenerationError, match="--num-samples 3 needs about .* more than cpu could allocate"):
+        next(generate(model, [1, 2], 5, num_samples=3))
+    monkeypatch.setattr(sample.KVCache, "__init__", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # not an allocation failure: not hidden
+        next(generate(model, [1, 2], 5, num_samples=3))
+
+
 def test_static_cache_matches_the_sliced_cache(model):
     stats = GenerationStats()
     sliced = _run(model, [3, 1, 4, 1, 5], 50, temperature=0, num_samples=2)

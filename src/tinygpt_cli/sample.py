@@ -14,6 +14,7 @@ step with the same window rule, which is why cached and uncached greedy decoding
 from __future__ import annotations
 
 import codecs
+import itertools
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -323,6 +324,46 @@ def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return generator
 
 
+def generation_memory(model: GPT, num_samples: int, use_cache: bool = True, penalty: bool = False) -> int:
+    """Bytes `generate` allocates for `num_samples` samples, roughly: the KV cache (or, uncached, a window of
+    activations per sample), a few (B, vocabulary) fp32 buffers of sampling, the repetition mask."""
+    cfg = model.config
+    element = next(model.parameters()).element_size()
+    window = 2 * cfg.n_layer * cfg.n_embd if use_cache else 16 * cfg.n_embd  # per sample and position
+    return num_samples * (cfg.block_size * window * element + cfg.vocab_size * (4 * 4 + int(penalty)))
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`, or None where that is not known (MPS, CPU off Linux)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed (CUDA, MPS or the CPU allocator)."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def _memory_error(num_samples: int, need: int, limit: str) -> GenerationError:
+    return GenerationError(
+        f"--num-samples {num_samples} needs about {need / 1e9:,.1f} GB (the KV cache and logits of every sample), "
+        f"more than {limit}: ask for fewer samples"
+    )
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -378,32 +419,41 @@ def generate(
     # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
     # sequence[:, flushed:length] what is not handed out yet. A window jump moves both to the front, so the buffer
     # holds at most a window and a flush however many tokens are asked for.
-    capacity = min(len(prompt) + max_new_tokens, block + flush + 1)
-    sequence = torch.empty((num_samples, capacity), dtype=torch.long, device=device)
-    sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-    start, length = 0, len(prompt)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros((num_samples, model.config.vocab_size), dtype=torch.bool, device=device)
-        seen[:, sequence[0, :length]] = True
-    cache = KVCache(model, num_samples) if use_cache else None
-    view = StaticDecodeView(cache) if cache is not None and static else None
-    step = _last_logits
-    if view is not None and compile:
-        step = _compiled_step(device)
-        stats.compiled = True
-    current = torch.zeros((num_samples, 1), dtype=torch.long, device=device)  # the token being fed, (B, 1)
-    if view is not None:
-        mark_static(current)
-    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    static_steps = 0
-    flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
+    need = generation_memory(model, num_samples, use_cache, repetition_penalty != 1.0)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}")
+    try:
+        capacity = min(len(prompt) + max_new_tokens, block + flush + 1)
+        sequence = torch.empty((num_samples, capacity), dtype=torch.long, device=device)
+        sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
+        start, length = 0, len(prompt)
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros((num_samples, model.config.vocab_size), dtype=torch.bool, device=device)
+            seen[:, sequence[0, :length]] = True
+        cache = KVCache(model, num_samples) if use_cache else None
+        view = StaticDecodeView(cache) if cache is not None and static else None
+        step = _last_logits
+        if view is not None and compile:
+            step = _compiled_step(device)
+            stats.compiled = True
+        current = torch.zeros((num_samples, 1), dtype=torch.long, device=device)  # the token being fed, (B, 1)
+        if view is not None:
+            mark_static(current)
+        finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        static_steps = 0
+        flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
 
-    head_t = _cpu_head(model)
-    if cache is not None:  # one prefill for all samples: they share the prompt
-        logits = _last_logits(model, sequence[:1, :length], cache, head_t).expand(num_samples, -1)
-    else:
-        logits = _last_logits(model, sequence[:, :length], None, head_t)
+        head_t = _cpu_head(model)
+        if cache is not None:  # one prefill for all samples: they share the prompt
+            logits = _last_logits(model, sequence[:1, :length], cache, head_t).expand(num_samples, -1)
+        else:
+            logits = _last_logits(model, sequence[:, :length], None, head_t)
+    except Exception as exc:  # what the estimate did not foresee
+        if not out_of_memory(exc):
+            raise
+        raise _memory_error(num_samples, need, f"{device.type} could allocate") from None
     for produced in range(max_new_tokens):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -626,10 +676,6 @@ def sample_text(
     encoding = get_encoding()
     prompt_ids = encode_prompt(prompt)
     stats = GenerationStats()
-    streams = [TextStream(stop) for _ in range(num_samples)]
-    reasons = ["length"] * num_samples
-    counts = [0] * num_samples
-    done = [False] * num_samples
     tokens = generate(
         model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, num_samples=num_samples, seed=seed, stop_at_eot=stop_at_eot,
@@ -637,7 +683,12 @@ def sample_text(
     )
     emit = on_text or (lambda index, text: None)
     try:
-        for step_tokens in tokens:
+        first = next(tokens)  # the settings are checked and memory allocated before any per-sample state
+        streams = [TextStream(stop) for _ in range(num_samples)]
+        reasons = ["length"] * num_samples
+        counts = [0] * num_samples
+        done = [False] * num_samples
+        for step_tokens in itertools.chain([first], tokens):
             for row, token in enumerate(step_tokens.tolist()):
                 if done[row]:
                     continue
