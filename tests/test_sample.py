@@ -229,13 +229,13 @@ def _reference_distribution(logits, temperature, top_k, top_p):
     return torch.softmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [
-    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 6, 0.9), (0.5, 50257, 1.0),
-])
-def test_sampling_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+SAMPLER_SETTINGS = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 6, 0.9), (0.5, 50257, 1.0)]
+
+
+def _check_draws(device, temperature, top_k, top_p):
     """Two distributions, 6,000 draws each: every token's frequency is within 5 standard errors of its
     probability under the filters, and a token the filters remove is never drawn."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     logits = torch.full((2, 50304), -30.0)
     logits[0, :8] = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0])
     logits[1, 50000:50006] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
@@ -243,16 +243,21 @@ def test_sampling_draws_from_the_filtered_distribution(temperature, top_k, top_p
     expected = _reference_distribution(logits, temperature, top_k, top_p)
     rows, calls = 100, 60  # a batch of 2 x 100 rows per call
     draws = rows * calls
-    batch = logits.repeat_interleave(rows, dim=0)
-    picks = torch.cat([sample_next_token(batch, temperature, top_k, top_p, generator).view(2, rows)
+    batch = logits.repeat_interleave(rows, dim=0).to(device)
+    picks = torch.cat([sample_next_token(batch, temperature, top_k, top_p, generator).view(2, rows).cpu()
                        for _ in range(calls)], dim=1)  # (2, draws)
     for row in range(2):
         counts = torch.bincount(picks[row], minlength=50257).double()
         assert counts.size(0) == 50257
         assert not counts[expected[row] == 0].any()
-        p = expected[row]
+        p = expected[row].double()
         sigma = (p * (1 - p) / draws).sqrt()
         assert ((counts / draws - p).abs() <= 5 * sigma + 1e-4).all()
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), SAMPLER_SETTINGS)
+def test_sampling_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    _check_draws("cpu", temperature, top_k, top_p)
 
 
 def test_sampling_is_reproducible_and_per_row():
@@ -369,3 +374,15 @@ def test_compiled_cuda_decode_matches_eager(model):
     assert torch.equal(again, _run(gpu, [5, 6, 7], 60, temperature=1.0, seed=4, num_samples=2, compile=True))
     gpu.to(torch.bfloat16)
     assert _run(gpu, [5, 6, 7], 40, temperature=0, compile=True).shape == (1, 40)
+
+
+@pytest.mark.gpu
+def test_sampling_and_memory_checks_on_cuda(model):
+    """The sampler on a CUDA generator (top-p alone sorts there), and the memory check against free GPU memory."""
+    for settings in SAMPLER_SETTINGS:
+        _check_draws("cuda", *settings)
+    device = torch.device("cuda")
+    assert 0 < sample.free_memory(device) <= torch.cuda.get_device_properties(device).total_memory
+    gpu = GPT(model.config).eval().cuda()
+    with pytest.raises(GenerationError, match="GB free on cuda: ask for fewer samples"):
+        next(generate(gpu, [1, 2], 5, num_samples=10**9))
