@@ -11,8 +11,9 @@ import time
 
 import pytest
 import torch
+from test_cli import invoke
 
-from conftest import TINY_SETTINGS, tiny_config
+from conftest import TINY_SETTINGS, assert_one_line_error, tiny_config
 from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli.errors import TrainingError
 from tinygpt_cli.train import train
@@ -130,6 +131,29 @@ def test_out_of_memory_at_the_first_step_is_one_clear_error(with_shakespeare, mo
     monkeypatch.setattr(model_module, "chunked_cross_entropy", out_of_memory)
     with pytest.raises(TrainingError, match=r"micro-batch of 4 × 32 tokens does not fit in cpu memory"):
         train(tiny_config(max_steps=3), run_name="oom")
+
+
+def test_a_batch_beyond_the_machines_ram_is_refused_before_training(with_shakespeare, workspace):
+    """On CPU an allocation past RAM is the OOM killer (exit 137, no message), so plan's estimate is checked first."""
+    result = invoke("train", *TINY_SETTINGS, "--batch-size", "50000000", "--max-steps", "1", "--name", "huge")
+    assert_one_line_error(result, "GiB of RAM")
+    assert "--batch-size auto" in result.stderr and "the largest that fits is" in result.stderr
+    assert not (workspace / "runs" / "huge" / "checkpoints").exists()
+
+
+def test_batch_size_auto_on_cpu_takes_the_largest_that_fits(with_shakespeare, monkeypatch):
+    """With 150 MB of RAM the tiny model's micro-batch of 64 becomes one that fits, the global batch kept."""
+    from tinygpt_cli import plan
+
+    monkeypatch.setattr(plan, "_host_memory", lambda: 150 * 2**20)
+    events = []
+    cfg = tiny_config(max_steps=1, eval_interval=1, batch_size=64, grad_accum=1, auto_batch=True)
+    result = train(cfg, run_name="auto", on_event=events.append)
+    note = next(e.message for e in events if e.kind == "info" and "--batch-size auto" in (e.message or ""))
+    micro, accum = (int(x) for x in note.split("micro-batch ")[1].split(" accumulation")[0].split(" × "))
+    assert micro < 64 and micro * accum == 64 and result.steps == 1
+    expected = plan.estimate_memory(cfg.model, 64, plan.resolve_device_spec("cpu"), half=False).max_batch_size
+    assert micro <= expected
 
 
 def test_report_keeps_evaluation_sections_across_a_resume(with_shakespeare):

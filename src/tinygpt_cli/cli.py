@@ -416,7 +416,7 @@ def train(
     batch_size: Annotated[
         str | None,
         typer.Option(
-            rich_help_panel=_P_OPT, help="Sequences per micro-batch, or 'auto' (CUDA: the largest that fits)."
+            rich_help_panel=_P_OPT, help="Sequences per micro-batch, or 'auto' (the largest that fits)."
         ),
     ] = None,
     grad_accum: Annotated[

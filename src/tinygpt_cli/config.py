@@ -64,7 +64,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps in all; the LR schedule spans them
     max_tokens: int = 0  # stop (with a checkpoint) after this many tokens; 0 = no limit
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time of one invocation; 0 = none
-    auto_batch: bool = False  # CUDA: shrink the micro-batch to what fits, raising grad_accum to match
+    auto_batch: bool = False  # shrink the micro-batch to what fits (CUDA: trial steps; CPU/MPS: the estimate)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     init_from: str = ""  # start from these weights: gpt2[-medium|-large|-xl], a HF folder or a tinygpt run
     lr: float = 2e-3  # peak learning rate

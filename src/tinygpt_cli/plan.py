@@ -258,6 +258,15 @@ def estimate_memory(
     )
 
 
+def micro_batch_within(batch_size: int, global_batch: int, largest: int) -> int:
+    """The largest micro-batch up to `batch_size` and `largest` (at least 1) that divides `global_batch`, so
+    accumulation keeps the global batch exactly."""
+    fitting = max(1, min(batch_size, largest))
+    while global_batch % fitting:
+        fitting -= 1
+    return fitting
+
+
 # ----------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class DataEstimate:
@@ -504,11 +513,9 @@ def plan(
 
     batch_size, grad_accum = tc.batch_size, tc.grad_accum
     memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp, compiled)
-    if tc.auto_batch and spec.kind == "cuda" and memory.max_batch_size:
+    if tc.auto_batch and memory.max_batch_size:
         global_batch = batch_size * grad_accum
-        fitting = min(batch_size, memory.max_batch_size)
-        while global_batch % fitting:
-            fitting -= 1
+        fitting = micro_batch_within(batch_size, global_batch, memory.max_batch_size)
         if fitting != batch_size:
             notes.append(f"--batch-size auto: micro-batch {fitting} × {global_batch // fitting} accumulation steps "
                          f"(global batch {global_batch})")

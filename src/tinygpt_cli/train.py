@@ -36,7 +36,14 @@ from tinygpt_cli.config import RunConfig, TrainConfig, compile_wanted, config_fr
 from tinygpt_cli.data import Dataset, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TrainingError
 from tinygpt_cli.model import GPT
-from tinygpt_cli.plan import gpu_spec, loss_chunk_bytes
+from tinygpt_cli.plan import (
+    GIB,
+    estimate_memory,
+    gpu_spec,
+    loss_chunk_bytes,
+    micro_batch_within,
+    resolve_device_spec,
+)
 from tinygpt_cli.report import write_loss_plot, write_report
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -459,7 +466,9 @@ class _Trainer:
         self.optimizer = make_optimizer(self.model, tc, self.device)
         if checkpoint is not None:
             self._load_optimizer(checkpoint)
-        if tc.auto_batch and self.device.type == "cuda":
+        if self.device.type != "cuda":
+            self._fit_host_memory()
+        elif tc.auto_batch:
             self._fit_batch_size()
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         try:  # DDP wraps the compiled model before the probe, so dynamo splits the graph at DDP's buckets
@@ -535,17 +544,45 @@ class _Trainer:
             ballast = loss_chunk_bytes(self.model.config, 1, self.dtype != torch.float32, compiled=True)
         return largest_fitting_batch(self.model, start, self.block, self.device, self.dtype, ballast)
 
-    def _fit_batch_size(self) -> None:
-        """--batch-size auto on CUDA: the largest micro-batch (dividing the global batch) that fits."""
+    def _fit_batch_size(self, largest: int | None = None) -> None:
+        """--batch-size auto: the largest micro-batch (dividing the global batch) that fits; on CUDA measured by
+        trial steps, else `largest` from the estimate."""
         global_batch = self.batch_size * self.grad_accum
-        fitting = self._largest_batch(self.batch_size)
-        while global_batch % fitting:
-            fitting -= 1
+        largest = self._largest_batch(self.batch_size) if largest is None else largest
+        fitting = micro_batch_within(self.batch_size, global_batch, largest)
         if fitting != self.batch_size:
             self.batch_size = fitting
             self.grad_accum = global_batch // fitting
             self.emit(TrainEvent("info", message=f"--batch-size auto: micro-batch {fitting} × "
                                                  f"{self.grad_accum} accumulation steps (global batch {global_batch})"))
+
+    def _fit_host_memory(self) -> None:
+        """CPU/MPS: past the machine's RAM an allocation is not an exception but the OOM killer (exit 137, not a
+        word), so the micro-batch is checked against plan's estimate before anything runs. --batch-size auto takes
+        the largest that fits; an explicit one whose estimate exceeds the RAM itself is refused."""
+        from dataclasses import replace
+
+        spec = resolve_device_spec(self.device.type)
+        if spec.memory_bytes is None:
+            return
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes on this machine share its RAM
+        spec = replace(spec, memory_bytes=spec.memory_bytes // local)
+        compiled = compile_wanted(self.tc.compile, self.device.type) and self.device.type != "mps"
+        memory = estimate_memory(self.model.config, self.batch_size, spec, self.dtype != torch.float32,
+                                 self.info.world_size, self.fsdp, compiled)
+        ram = spec.memory_bytes
+        if not memory.max_batch_size:
+            raise TrainingError(f"not even a micro-batch of 1 × {self.block} tokens fits in this machine's "
+                                f"{ram / GIB:.1f} GiB of RAM: use a smaller --size or model.block_size")
+        if self.tc.auto_batch:
+            self._fit_batch_size(memory.max_batch_size)
+        elif memory.total > ram:
+            raise TrainingError(
+                f"a micro-batch of {self.batch_size} × {self.block} tokens needs about {memory.total / GIB:,.1f} GiB "
+                f"to train, more than this machine's {ram / GIB:.1f} GiB of RAM; the largest that fits is "
+                f"{memory.max_batch_size}: use --batch-size {memory.max_batch_size} (or --batch-size auto, which "
+                f"keeps the global batch)"
+            )
 
     # -------------------------------------------------------------------------------------------- pieces
     def _batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
