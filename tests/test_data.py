@@ -429,6 +429,22 @@ def test_concurrent_runs_on_one_dataset_are_refused(workspace):
     assert not (workspace / "data" / "shakespeare").exists()
 
 
+def test_not_enough_disk_is_refused_before_writing(workspace, monkeypatch):
+    """The token files' size (2 bytes a token, from the plan's estimate) against the free space, before any file;
+    a partial tokenization on disk counts as written, and is kept."""
+    from tinygpt_cli import workspace as ws
+
+    monkeypatch.setattr(ws, "free_bytes", lambda path: 100_000)  # the embedded corpus needs ~3.2 MB
+    _one_line_error(runner.invoke(app, ["tokenize"]), "needs about 3.2 MB of disk, 100.0 kB free")
+    assert not (workspace / "data").exists() or not any((workspace / "data").iterdir())
+    partial = workspace / "data" / ".shakespeare.partial"
+    partial.mkdir(parents=True)
+    (partial / "train.bin").write_bytes(b"\0" * 3_100_000)  # as if an earlier run had written nearly all of it
+    monkeypatch.setattr(ws, "free_bytes", lambda path: 1_000_000)
+    result = runner.invoke(app, ["tokenize"])
+    assert result.exit_code == 0, result.output
+
+
 def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace):
     rows = workspace / "rows.jsonl"
     _write_jsonl(rows, _docs(10))

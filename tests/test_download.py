@@ -256,6 +256,16 @@ def test_wikitext_lines_are_joined_into_articles(workspace, tmp_path, monkeypatc
     assert result.record["progress"]["rows"] == len(lines)
 
 
+def test_not_enough_disk_is_refused_before_fetching(workspace, fixture_source, monkeypatch):
+    from tinygpt_cli import workspace as ws
+
+    monkeypatch.setattr(ws, "free_bytes", lambda path: 1000)  # the fixture's text is ~20 KB, a third on disk
+    opened = _shards_opened(monkeypatch)
+    with pytest.raises(DataError, match=r"needs about 6.7 kB of disk, 1.0 kB free"):
+        dl.download("fixture")
+    assert opened == [] and not list((workspace / "data" / "raw" / "fixture").glob("*.parquet"))
+
+
 def test_download_bad_names_are_one_line_errors(workspace, tmp_path):
     _one_line_error(runner.invoke(app, ["download", "nosuch"]), "unknown dataset 'nosuch': pick one of openwebtext")
     local = tmp_path / "corpus.jsonl"

@@ -397,6 +397,9 @@ def _fetch(entry: NamedSource, folder: Path, record: dict[str, Any] | None, iden
     target_documents = min(v for v in expected if v) if any(expected) else None
     bytes_per_row = entry.text_bytes / entry.documents if entry.documents else None
     total_text = int(target_documents * bytes_per_row) if target_documents and bytes_per_row else None
+    if total_text:  # zstd parquet holds about a third of the text
+        workspace.check_disk(folder, (total_text - saved["text_bytes"]) // 3, f"data/raw/{entry.name}",
+                             "free some space, set TINYGPT_HOME to a larger disk, or fetch a part with --fraction")
     emit(DownloadEvent("plan", name=entry.name, where=entry.where, license=entry.license,
                        documents=saved["documents"], target_documents=target_documents,
                        text_bytes=saved["text_bytes"], total_text_bytes=total_text, shards=shards,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
+
+from tinygpt_cli.errors import DataError
 
 
 def root() -> Path:
@@ -23,3 +26,22 @@ def safe_name(text: str) -> str:
     """A folder name made of letters, digits, '.', '_' and '-' from any user string."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
     return name or "dataset"
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_disk(folder: Path, need: int, what: str, hint: str) -> None:
+    """Raise DataError before `what` starts writing `need` bytes under `folder` when they cannot fit."""
+    free = free_bytes(folder)
+    if need > free:
+        def size(n: int) -> str:
+            return next(f"{n / scale:,.1f} {unit}" for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
+                        if n >= scale or unit == "kB")
+
+        raise DataError(f"{what} needs about {size(need)} of disk, {size(free)} free on {folder}: {hint}")
