@@ -141,6 +141,22 @@ def test_a_batch_beyond_the_machines_ram_is_refused_before_training(with_shakesp
     assert not (workspace / "runs" / "huge" / "checkpoints").exists()
 
 
+def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_training(with_shakespeare, workspace, monkeypatch):
+    """The checkpoints a run keeps at its peak (plan's count, 12 bytes a parameter each) against the free disk."""
+    from tinygpt_cli import plan
+    from tinygpt_cli import workspace as ws
+
+    cfg = tiny_config(max_steps=6, eval_interval=2, keep_last=1)
+    one = plan.checkpoint_bytes(cfg.model)
+    assert plan.checkpoints_kept(6, 2, 1) == 2 and plan.checkpoints_kept(6, 2, 0) == 3
+    monkeypatch.setattr(ws, "free_bytes", lambda path: int(1.5 * one))
+    with pytest.raises(Exception, match=r"checkpoints of run disk .* of disk, .* free"):
+        train(cfg, run_name="disk")
+    assert not list((workspace / "runs" / "disk").glob("checkpoints/step_*"))
+    monkeypatch.setattr(ws, "free_bytes", lambda path: int(2.5 * one))
+    assert train(cfg, run_name="disk2").steps == 6
+
+
 def test_batch_size_auto_on_cpu_takes_the_largest_that_fits(with_shakespeare, monkeypatch):
     """With 150 MB of RAM the tiny model's micro-batch of 64 becomes one that fits, the global batch kept."""
     from tinygpt_cli import plan

@@ -148,6 +148,13 @@ def checkpoint_bytes(model: ModelConfig) -> int:
     return 12 * count_parameters(model) + CHECKPOINT_OVERHEAD_BYTES
 
 
+def checkpoints_kept(max_steps: int, eval_interval: int, keep_last: int) -> int:
+    """Checkpoints on disk at the peak of a run: one per evaluation, or with `keep_last` that many + 1 (a new one
+    is complete before the oldest goes), once there are that many."""
+    evals = -(-max_steps // eval_interval)
+    return evals if not keep_last or evals <= keep_last else keep_last + 1
+
+
 def activation_bytes_per_token(model: ModelConfig, half: bool, fused_attention: bool = True) -> float:
     """Bytes autograd keeps per token of a micro-batch between forward and backward (eager mode).
 
@@ -577,8 +584,7 @@ def plan(
     if seconds is not None and tc.max_minutes and seconds > tc.max_minutes * 60:
         notes.append(f"train.max_minutes={tc.max_minutes:g} stops the run before its budget")
 
-    # a new checkpoint is complete before the oldest goes: keep_last + 1 at the peak, once there are that many
-    kept = evals if not tc.keep_last or evals <= tc.keep_last else tc.keep_last + 1
+    kept = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last)
     params = count_parameters(model)
     return Plan(
         size=cfg.size,

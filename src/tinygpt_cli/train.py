@@ -38,6 +38,8 @@ from tinygpt_cli.errors import DataError, TrainingError
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import (
     GIB,
+    checkpoint_bytes,
+    checkpoints_kept,
     estimate_memory,
     gpu_spec,
     loss_chunk_bytes,
@@ -440,6 +442,8 @@ class _Trainer:
             self.model = GPT(cfg.model)
         self.block = self.model.config.block_size
         self._check_data_fits(self.block)
+        if info.is_main:
+            self._check_checkpoint_space()
         torch.manual_seed(tc.seed + 1 + info.rank)  # then each rank its own dropout stream
         self.state: dict[str, Any] = {}
         if checkpoint is not None:
@@ -479,6 +483,16 @@ class _Trainer:
             raise self._out_of_memory(True) from None
         self.checkpoint = checkpoint
         return self._loop()
+
+    def _check_checkpoint_space(self) -> None:
+        """The checkpoints this run keeps at its peak must fit on the disk, less those it already holds (resume):
+        told now, not when the first one fails to save hours in."""
+        tc = self.tc
+        folder = self.run_dir / "checkpoints"
+        held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+        need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last) * checkpoint_bytes(self.model.config)
+        workspace.check_disk(self.run_dir, need - held, f"the checkpoints of run {self.run_dir.name}",
+                             "free some space, keep fewer with --keep-last N, or set TINYGPT_HOME to a larger disk")
 
     def _check_data_fits(self, block: int) -> None:
         for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
