@@ -7,7 +7,8 @@
 #   4. generation throughput and memory-bandwidth use of `small` in bf16
 #   5. the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
 #   6. `tinygpt train --size small` itself for 20 steps of 0.5M tokens: the MFU the training loop reports
-#   7. if time is left: the compiled model with the fused loss head kept, `small` at micro-batch 32, cuDNN attention
+#   7. if time is left: generation sampled as `tinygpt generate` does (temperature 0.8, top-k 200), the compiled
+#      model with the fused loss head kept, `small` at micro-batch 32, cuDNN attention
 # Run from the repository root; logs go to $OUT (default /tmp/tinygpt-gpu), a summary is printed last.
 # STAGES="train generate" runs only those stages; PYTEST_K narrows the GPU tests (pytest -k).
 # Needs only what the CUDA image has (torch, transformers, typer, rich, tiktoken, pytest): src/ is used in place.
@@ -69,6 +70,8 @@ stage train-loop 120 bash -c '
     '"$PY"' -m tinygpt_cli train --size small --name gpu-small --max-steps 20 '"${SMALL_ARGS:-}"' \
         --set train.log_interval=5 --set train.eval_interval=20 --set train.eval_batches=2 || exit 1
     grep "\"train\"" runs/gpu-small/metrics.jsonl'
+stage generate-sampled 90 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3 \
+    --temperature 0.8 --top-k 200
 stage train-fused 120 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt-fused --rounds 3
 stage train-b32 120 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt --batch-size 32 \
     --rounds 3
@@ -82,6 +85,7 @@ stage train-cudnn 120 $PY bench/train_throughput.py --sizes small --device cuda 
     done
     [[ -f $OUT/pytest.log ]] && tail -n 15 "$OUT/pytest.log"
     [[ -f $OUT/generate.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate.log"
+    [[ -f $OUT/generate-sampled.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate-sampled.log"
     [[ -f $OUT/micro.log ]] && tail -n 30 "$OUT/micro.log"
     [[ -f $OUT/train-loop.log ]] && tail -n 12 "$OUT/train-loop.log"
 } | tee "$OUT/summary.txt"
