@@ -232,16 +232,20 @@ def _reference_distribution(logits, temperature, top_k, top_p):
 SAMPLER_SETTINGS = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 6, 0.9), (0.5, 50257, 1.0)]
 
 
-def _check_draws(device, temperature, top_k, top_p):
-    """Two distributions, 6,000 draws each: every token's frequency is within 5 standard errors of its
-    probability under the filters, and a token the filters remove is never drawn."""
+def _check_draws(device, temperature, top_k, top_p, ties=False, calls=60):
+    """Two distributions, 100 x `calls` draws each: every token's frequency is within 5 standard errors of its
+    probability under the filters, and a token the filters remove is never drawn. With `ties`, values tie at
+    the k-th place: all of them are kept, as masking the vocabulary keeps them."""
     generator = torch.Generator(device=device).manual_seed(0)
     logits = torch.full((2, 50304), -30.0)
     logits[0, :8] = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0])
     logits[1, 50000:50006] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     logits[1, 50300:] = 50.0  # padding ids past GPT-2's vocabulary never count
+    if ties:
+        logits[0, :8] = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+        logits[1, 40000:40100] = 0.5  # a hundred tied at the top
     expected = _reference_distribution(logits, temperature, top_k, top_p)
-    rows, calls = 100, 60  # a batch of 2 x 100 rows per call
+    rows = 100  # a batch of 2 x 100 rows per call
     draws = rows * calls
     batch = logits.repeat_interleave(rows, dim=0).to(device)
     picks = torch.cat([sample_next_token(batch, temperature, top_k, top_p, generator).view(2, rows).cpu()
@@ -258,6 +262,44 @@ def _check_draws(device, temperature, top_k, top_p):
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), SAMPLER_SETTINGS)
 def test_sampling_draws_from_the_filtered_distribution(temperature, top_k, top_p):
     _check_draws("cpu", temperature, top_k, top_p)
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(3, 0.999), (40, 1.0)])
+def test_top_k_keeps_every_token_tied_at_the_kth_value(top_k, top_p):
+    """(Where top-p's boundary falls inside a tie, which of the tied tokens stay is the sort's choice, in the
+    old code too: p is set so that the boundary does not split one here.)"""
+    _check_draws("cpu", 1.0, top_k, top_p, ties=True, calls=30)
+
+
+def test_top_k_with_more_ties_than_the_candidates_hold():
+    """All 50,257 logits equal: top-k 5 keeps them all, as a mask would."""
+    ids, candidates = sample._candidates(torch.zeros(1, 50257), 5, 1.0)
+    kept = candidates > float("-inf")
+    assert (ids is None and kept.all()) or (ids is not None and kept.sum() == 50257)
+    picks = sample_next_token(torch.zeros(2000, 50304), 1.0, 5, 1.0, torch.Generator().manual_seed(0))
+    assert len(set(picks.tolist())) > 1500
+
+
+def test_the_cdf_keeps_tiny_probabilities_in_reach():
+    """A token of probability 1e-9 beside 0.6 has its own slice of the cumulative sum (fp32 would round it away)."""
+    probs = torch.tensor([[0.6, 1e-9, 0.4]])
+    p = probs.double()[0]
+    uniform = (p[0] + p[1] / 2) / p.sum()  # the middle of the tiny token's slice
+    assert sample.draw_from(probs, uniform.view(1, 1)).item() == 1
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.8, top_k=200),
+                                      dict(temperature=1.0, top_k=0, top_p=0.9), dict(temperature=1.0, top_k=0)])
+def test_non_finite_logits_are_an_error_not_tokens(model, settings):
+    """A NaN in the weights (or logits that overflow) used to give tokens from nowhere (or a multinomial error)."""
+    broken = GPT(model.config).eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.transformer.ln_f.weight[0] = float("nan")
+    with pytest.raises(GenerationError, match="non-finite logits"):
+        list(generate(broken, [1, 2], 5, seed=0, stop_at_eot=True, **settings))
+    with pytest.raises(GenerationError, match="non-finite logits"):
+        list(generate(model, [1, 2], 5, seed=0, temperature=1e-45))
 
 
 def test_sampling_is_reproducible_and_per_row():
@@ -291,7 +333,7 @@ def test_inverse_cdf_never_lands_on_a_removed_token():
     assert draw(probs, torch.tensor([[0.25]])).item() == 3
     assert draw(probs, torch.tensor([[1.0 - 2**-24]])).item() == 3
     assert draw(probs, torch.tensor([[1.0]])).item() == 3  # rounding up to the total: the last kept token
-    assert draw(torch.full((1, 4), float("nan")), torch.tensor([[0.5]])).item() in range(4)
+    assert draw(torch.full((1, 4), float("nan")), torch.tensor([[0.5]])).item() == -1  # generate raises
 
 
 def test_repetition_penalty():
@@ -381,6 +423,7 @@ def test_sampling_and_memory_checks_on_cuda(model):
     """The sampler on a CUDA generator (top-p alone sorts there), and the memory check against free GPU memory."""
     for settings in SAMPLER_SETTINGS:
         _check_draws("cuda", *settings)
+    _check_draws("cuda", 1.0, 3, 0.999, ties=True)
     device = torch.device("cuda")
     assert 0 < sample.free_memory(device) <= torch.cuda.get_device_properties(device).total_memory
     gpu = GPT(model.config).eval().cuda()

@@ -147,65 +147,82 @@ def sample_next_token(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick the next token for each row of `logits` (B, V) -> (B,) int64.
+    """Pick the next token for each row of `logits` (B, V) -> (B,) int64; -1 for a row whose logits are not finite
+    (NaN, or overflowing at a vanishing temperature), which `generate` turns into an error at its next flush.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Pure: no state but `generator`, from
-    which each row takes one uniform number. The filters keep a short list of candidates (top-k, or the nucleus)
-    and the draw is an inverse-CDF lookup among them: on CPU that costs a tenth of a multinomial over the whole
-    vocabulary (2.1 ms -> 0.2 ms per token with the defaults, top-k 200), the same distribution.
+    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters (top-k keeps every token tied with the k-th,
+    as masking the vocabulary does). Pure: no state but `generator`, from which each row takes one uniform number.
+    The filters keep a short list of candidates where they can and the draw is an inverse-CDF lookup (float64):
+    on CPU a tenth of the cost of a multinomial over the whole vocabulary (2.1 -> 0.2 ms a token with the
+    defaults, top-k 200), the same distribution.
     """
     logits = logits[:, :VOCAB_SIZE].float()  # the padded ids past GPT-2's vocabulary are never sampled
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        index = logits.argmax(dim=-1, keepdim=True)  # a NaN, where there is one, counts as the largest
+        return index.masked_fill(logits.gather(-1, index).isnan(), -1).squeeze(-1)
     ids, candidates = _candidates(logits / temperature, top_k, top_p)
     probs = torch.softmax(candidates, dim=-1)  # (B, n)
     rng_device = generator.device if generator is not None else probs.device
-    uniform = torch.rand((probs.size(0), 1), generator=generator, device=rng_device).to(probs.device)
-    pick = draw_from(probs, uniform)  # (B, 1)
-    return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
+    uniform = torch.rand((probs.size(0), 1), generator=generator, device=rng_device, dtype=torch.float64)
+    pick = draw_from(probs, uniform.to(probs.device))  # (B, 1)
+    token = pick if ids is None else ids.gather(-1, pick.clamp(min=0))
+    return token.masked_fill(pick < 0, -1).squeeze(-1)
 
 
 NUCLEUS_SHORTLIST = 1024  # top-p alone first looks for its nucleus among this many of the likeliest tokens
+TIE_ROOM = 64  # top-k's candidates hold this many more than k, for tokens tied with the k-th
 
 
 def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The tokens the filters keep: (ids (B, n) or None for the whole vocabulary, their logits (B, n)).
 
-    Removed candidates get -inf. top-k leaves the k likeliest, then top-p the smallest prefix of them whose
-    probability reaches p (the token that crosses p stays). With top-p alone the nucleus is looked for among the
-    `NUCLEUS_SHORTLIST` likeliest tokens on CPU, and the whole vocabulary is sorted only when they hold less than
-    p; elsewhere it is always sorted (a GPU sorts 50k values in microseconds, and checking the shortlist would
-    make the host wait for the device at every token).
+    Removed tokens get -inf. top-k leaves the k likeliest and every token tied with the k-th, then top-p the
+    smallest prefix of them (likeliest first) whose probability reaches p; the token that crosses p stays.
+    On CPU top-k works on its k + `TIE_ROOM` likeliest tokens (the whole vocabulary is masked instead when the ties
+    go past them), and top-p alone looks for the nucleus among the `NUCLEUS_SHORTLIST` likeliest, sorting
+    everything only when they hold less than p. Elsewhere the whole vocabulary is masked and sorted: a GPU does
+    that in microseconds, and checking would make the host wait for the device at every token.
     """
     vocab = logits.size(-1)
+    on_cpu = logits.device.type == "cpu"
+    ids = None
     if top_k and top_k < vocab:
-        candidates, ids = torch.topk(logits, top_k, dim=-1)  # sorted, likeliest first
-        probs = torch.softmax(candidates, dim=-1) if top_p < 1.0 else None
-    elif top_p < 1.0:
+        if on_cpu and top_k + TIE_ROOM < vocab:
+            values, order = torch.topk(logits, top_k + TIE_ROOM, dim=-1)  # sorted, likeliest first
+            kth = values[:, top_k - 1 : top_k]
+            if bool((values[:, -1:] < kth).all()):  # no tie reaches past the candidates
+                ids, logits = order, values.masked_fill(values < kth, float("-inf"))
+        if ids is None:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p >= 1.0:
+        return ids, logits
+    if ids is not None:  # top-k's candidates, sorted
+        probs = torch.softmax(logits, dim=-1)
+    else:
         full = torch.softmax(logits, dim=-1)
-        shortlist = logits.device.type == "cpu" and vocab > NUCLEUS_SHORTLIST
+        shortlist = on_cpu and vocab > NUCLEUS_SHORTLIST
         if shortlist:
             probs, ids = torch.topk(full, NUCLEUS_SHORTLIST, dim=-1)
         if not shortlist or not bool((probs.sum(dim=-1) >= top_p).all()):  # else the nucleus is wider
             probs, ids = torch.sort(full, descending=True, dim=-1)
-        candidates = logits.gather(-1, ids)
-    else:
-        return None, logits
-    if probs is not None:
-        beyond = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches p
-        candidates = candidates.masked_fill(beyond, float("-inf"))
-    return ids, candidates
+        logits = logits.gather(-1, ids)
+    beyond = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches p
+    return ids, logits.masked_fill(beyond, float("-inf"))
 
 
 def draw_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: for each row of `probs` (B, n) and number in [0, 1) of `uniform` (B, 1), the index
-    (B, 1) whose slice of the cumulative sum holds uniform × total. A zero-probability index is never chosen,
-    also where rounding puts the target at the very top of the sum (then the last index with mass is)."""
-    cdf = probs.cumsum(dim=-1)  # (B, n), non-decreasing
+    (B, 1) whose slice of the cumulative sum holds uniform × total; -1 where the row is not finite. The sum is
+    float64, so a token of probability 1e-9 keeps its slice beside others near 1; a zero-probability index is
+    never chosen, also where rounding puts the target at the very top of the sum (then the last index with
+    mass is)."""
+    cdf = probs.double().cumsum(dim=-1)  # (B, n), non-decreasing
     total = cdf[:, -1:]
-    index = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * total).contiguous(), right=True)
+    index = torch.searchsorted(cdf, (uniform.double() * total).contiguous(), right=True)
     last_with_mass = torch.searchsorted(cdf, total.contiguous(), right=False)
-    return torch.minimum(index, last_with_mass).clamp(max=probs.size(-1) - 1)
+    index = torch.minimum(index, last_with_mass).clamp(max=probs.size(-1) - 1)
+    return index.masked_fill(~torch.isfinite(total), -1)
 
 
 def check_settings(
@@ -357,11 +374,16 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
-def _memory_error(num_samples: int, need: int, limit: str) -> GenerationError:
+def _memory_error(num_samples: int, need: int, limit: str, use_cache: bool = True) -> GenerationError:
+    held = "KV cache" if use_cache else "activations"
     return GenerationError(
-        f"--num-samples {num_samples} needs about {need / 1e9:,.1f} GB (the KV cache and logits of every sample), "
+        f"--num-samples {num_samples} needs about {need / 1e9:,.1f} GB (the {held} and logits of every sample), "
         f"more than {limit}: ask for fewer samples"
     )
+
+
+NON_FINITE = ("the model produced non-finite logits (NaN or infinity): the checkpoint may be damaged or overflow in "
+              "this dtype (try --dtype fp32), or --temperature is too close to 0 (use 0 for greedy)")
 
 
 @torch.inference_mode()
@@ -422,7 +444,7 @@ def generate(
     need = generation_memory(model, num_samples, use_cache, repetition_penalty != 1.0)
     free = free_memory(device)
     if free is not None and need > free:
-        raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}")
+        raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}", use_cache)
     try:
         capacity = min(len(prompt) + max_new_tokens, block + flush + 1)
         sequence = torch.empty((num_samples, capacity), dtype=torch.long, device=device)
@@ -442,6 +464,7 @@ def generate(
         if view is not None:
             mark_static(current)
         finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        broken = torch.zeros(num_samples, dtype=torch.bool, device=device)  # a row whose logits were not finite
         static_steps = 0
         flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
 
@@ -450,57 +473,61 @@ def generate(
             logits = _last_logits(model, sequence[:1, :length], cache, head_t).expand(num_samples, -1)
         else:
             logits = _last_logits(model, sequence[:, :length], None, head_t)
-    except Exception as exc:  # what the estimate did not foresee
+        for produced in range(max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,), -1: not finite
+            broken |= next_token < 0
+            next_token = next_token.clamp(min=0)
+            if stop_at_eot:
+                next_token = next_token.masked_fill(finished, EOT_ID)
+                finished |= next_token == EOT_ID
+            sequence[:, length] = next_token
+            length += 1
+            if seen is not None:
+                seen.scatter_(1, next_token[:, None], True)
+            last = produced == max_new_tokens - 1
+            if produced == 0 or last or length - flushed >= flush:
+                chunk = sequence[:, flushed:length].to("cpu", copy=True)  # (B, n), owned: the only wait for the device
+                if bool(broken.any()):
+                    raise GenerationError(NON_FINITE)
+                now = time.perf_counter() - started
+                for i in range(chunk.size(1)):
+                    tokens = chunk[:, i]
+                    stats.new_tokens += 1
+                    stats.seconds = now
+                    if stats.new_tokens == 1:
+                        stats.time_to_first_token_s = now
+                    yield tokens
+                    if stop_at_eot and bool((tokens == EOT_ID).all()):
+                        return
+                flushed = length
+                if last:
+                    return
+            if length - start > block:  # the window is full: jump, re-encoding its newest half
+                start = length - keep
+                stats.window_slides += 1
+                shift = min(start, flushed)  # what neither the window nor the next flush needs
+                sequence[:, : length - shift] = sequence[:, shift:length].clone()
+                start, flushed, length = start - shift, flushed - shift, length - shift
+                if cache is not None:
+                    cache.reset()
+                    logits = _last_logits(model, sequence[:, start:length], cache, head_t)
+                    continue
+            if cache is None:
+                logits = _last_logits(model, sequence[:, start:length], None, head_t)
+            elif view is None:
+                logits = _last_logits(model, sequence[:, length - 1 : length], cache, head_t)
+            else:
+                current.copy_(sequence[:, length - 1 : length])
+                view.input_pos.fill_(cache.pos)
+                logits, step = _static_step(step, model, current, view, head_t, stats, first=static_steps == 0)
+                static_steps += 1
+                cache.advance(1)
+    except Exception as exc:  # an allocation the estimate did not foresee
         if not out_of_memory(exc):
             raise
-        raise _memory_error(num_samples, need, f"{device.type} could allocate") from None
-    for produced in range(max_new_tokens):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-        if stop_at_eot:
-            next_token = next_token.masked_fill(finished, EOT_ID)
-            finished |= next_token == EOT_ID
-        sequence[:, length] = next_token
-        length += 1
-        if seen is not None:
-            seen.scatter_(1, next_token[:, None], True)
-        last = produced == max_new_tokens - 1
-        if produced == 0 or last or length - flushed >= flush:
-            chunk = sequence[:, flushed:length].to("cpu", copy=True)  # (B, n), owned: the only wait for the device
-            now = time.perf_counter() - started
-            for i in range(chunk.size(1)):
-                tokens = chunk[:, i]
-                stats.new_tokens += 1
-                stats.seconds = now
-                if stats.new_tokens == 1:
-                    stats.time_to_first_token_s = now
-                yield tokens
-                if stop_at_eot and bool((tokens == EOT_ID).all()):
-                    return
-            flushed = length
-            if last:
-                return
-        if length - start > block:  # the window is full: jump, re-encoding its newest half
-            start = length - keep
-            stats.window_slides += 1
-            shift = min(start, flushed)  # what neither the window nor the next flush needs
-            sequence[:, : length - shift] = sequence[:, shift:length].clone()
-            start, flushed, length = start - shift, flushed - shift, length - shift
-            if cache is not None:
-                cache.reset()
-                logits = _last_logits(model, sequence[:, start:length], cache, head_t)
-                continue
-        if cache is None:
-            logits = _last_logits(model, sequence[:, start:length], None, head_t)
-        elif view is None:
-            logits = _last_logits(model, sequence[:, length - 1 : length], cache, head_t)
-        else:
-            current.copy_(sequence[:, length - 1 : length])
-            view.input_pos.fill_(cache.pos)
-            logits, step = _static_step(step, model, current, view, head_t, stats, first=static_steps == 0)
-            static_steps += 1
-            cache.advance(1)
+        raise _memory_error(num_samples, need, f"{device.type} could allocate", use_cache) from None
 
 
 def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: StaticDecodeView,
