@@ -232,3 +232,28 @@ def test_plan_help_names_every_device():
     plan_command = typer.main.get_command(cli.app).commands["plan"]
     device_help = next(param.help for param in plan_command.params if param.name == "device")
     assert set(P.DEVICE_CHOICES) <= set(re.findall(r"[a-z0-9-]+", device_help))
+
+
+def test_host_memory_respects_a_container_limit(tmp_path, monkeypatch):
+    """In a container the cgroup's limit, not the host's RAM, is what a run can use (v2 and v1 layouts)."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1073741824\n")
+    (v2 / "memory.current").write_text("268435456\n")
+    assert P.cgroup_memory(v2) == (2**30, 2**28)
+    (v2 / "memory.max").write_text("max\n")
+    assert P.cgroup_memory(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2 * 2**30))
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(str(2**30))
+    assert P.cgroup_memory(v1) == (2 * 2**30, 2**30)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
+    assert P.cgroup_memory(v1) is None
+    assert P.cgroup_memory(tmp_path / "none") is None
+    monkeypatch.setattr(P, "CGROUP_ROOT", v1)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**20))
+    assert P._host_memory() == 2**20
+    from tinygpt_cli import sample
+
+    assert sample.free_memory(__import__("torch").device("cpu")) == 0  # 1 GiB used of a 1 MiB limit

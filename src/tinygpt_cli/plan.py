@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from tinygpt_cli.config import ModelConfig, RunConfig, compile_wanted
@@ -68,12 +69,35 @@ DEVICES: dict[str, DeviceSpec] = {
 DEVICE_CHOICES = ("auto", "cuda", *DEVICES)
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_memory(root: Path | None = None) -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this process's memory cgroup (v2, else v1) when it sets a limit: a container's
+    RAM. None without one."""
+    root = CGROUP_ROOT if root is None else root
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit_text = (root / limit_file).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= 2**62:  # unlimited (v1 writes a huge number)
+                return None
+            return int(limit_text), int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _host_memory() -> int | None:
-    """Physical RAM in bytes, where the OS says (Linux, macOS); None elsewhere."""
+    """RAM in bytes a run may count on: the machine's, or its container's limit when lower; None where unknown."""
     try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        physical = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
-        return None
+        physical = None
+    container = cgroup_memory()
+    if container is None:
+        return physical
+    return container[0] if physical is None else min(physical, container[0])
 
 
 def gpu_spec(name: str, memory: int) -> DeviceSpec:

@@ -351,19 +351,27 @@ def generation_memory(model: GPT, num_samples: int, use_cache: bool = True, pena
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on `device`, or None where that is not known (MPS, CPU off Linux)."""
+    """Bytes that can still be allocated on `device` (on CPU: MemAvailable, within a container's limit), or None
+    where that is not known (MPS, CPU off Linux)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
+    if device.type != "cpu":
+        return None
+    from tinygpt_cli.plan import cgroup_memory
+
+    available = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")),
+                             None)
+    except OSError:
+        pass
+    container = cgroup_memory()  # a container's limit, less what it already uses
+    if container is not None:
+        room = max(0, container[0] - container[1])
+        available = room if available is None else min(available, room)
+    return available
 
 
 def out_of_memory(exc: BaseException) -> bool:
