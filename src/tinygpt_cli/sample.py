@@ -153,7 +153,7 @@ def sample_next_token(
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters (top-k keeps every token tied with the k-th,
     as masking the vocabulary does). Pure: no state but `generator`, from which each row takes one uniform number.
     The filters keep a short list of candidates where they can and the draw is an inverse-CDF lookup (float64):
-    on CPU a tenth of the cost of a multinomial over the whole vocabulary (2.1 -> 0.2 ms a token with the
+    on CPU a sixth of the cost of a multinomial over the whole vocabulary (2.1 -> 0.3 ms a token with the
     defaults, top-k 200), the same distribution.
     """
     logits = logits[:, :VOCAB_SIZE].float()  # the padded ids past GPT-2's vocabulary are never sampled
