@@ -241,6 +241,8 @@ def test_host_memory_respects_a_container_limit(tmp_path, monkeypatch):
     (v2 / "memory.max").write_text("1073741824\n")
     (v2 / "memory.current").write_text("268435456\n")
     assert P.cgroup_memory(v2) == (2**30, 2**28)
+    (v2 / "memory.stat").write_text("anon 1000\ninactive_file 134217728\nactive_file 5\n")
+    assert P.cgroup_memory(v2) == (2**30, 2**27)  # reclaimable page cache is not counted as used
     (v2 / "memory.max").write_text("max\n")
     assert P.cgroup_memory(v2) is None
     v1 = tmp_path / "v1"
@@ -248,6 +250,8 @@ def test_host_memory_respects_a_container_limit(tmp_path, monkeypatch):
     (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2 * 2**30))
     (v1 / "memory" / "memory.usage_in_bytes").write_text(str(2**30))
     assert P.cgroup_memory(v1) == (2 * 2**30, 2**30)
+    (v1 / "memory" / "memory.stat").write_text("cache 9\ntotal_inactive_file 1073741824\n")
+    assert P.cgroup_memory(v1) == (2 * 2**30, 0)
     (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
     assert P.cgroup_memory(v1) is None
     assert P.cgroup_memory(tmp_path / "none") is None
@@ -256,4 +260,5 @@ def test_host_memory_respects_a_container_limit(tmp_path, monkeypatch):
     assert P._host_memory() == 2**20
     from tinygpt_cli import sample
 
+    (v1 / "memory" / "memory.stat").unlink()
     assert sample.free_memory(__import__("torch").device("cpu")) == 0  # 1 GiB used of a 1 MiB limit

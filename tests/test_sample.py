@@ -291,15 +291,43 @@ def test_the_cdf_keeps_tiny_probabilities_in_reach():
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.8, top_k=200),
                                       dict(temperature=1.0, top_k=0, top_p=0.9), dict(temperature=1.0, top_k=0)])
 def test_non_finite_logits_are_an_error_not_tokens(model, settings):
-    """A NaN in the weights (or logits that overflow) used to give tokens from nowhere (or a multinomial error)."""
+    """A NaN in the weights used to give tokens from nowhere (or a multinomial error)."""
     broken = GPT(model.config).eval()
     broken.load_state_dict(model.state_dict())
     with torch.no_grad():
         broken.transformer.ln_f.weight[0] = float("nan")
     with pytest.raises(GenerationError, match="non-finite logits"):
         list(generate(broken, [1, 2], 5, seed=0, stop_at_eot=True, **settings))
+
+
+def test_a_vanishing_temperature_is_greedy_not_an_overflow(model):
+    greedy = _run(model, [1, 2], 8, temperature=0)
+    assert torch.equal(_run(model, [1, 2], 8, temperature=1e-45, seed=0), greedy)
+
+
+@pytest.mark.parametrize("flush_every", [1, 3, 16])
+def test_non_finite_logits_stop_at_the_same_token_whatever_the_flush(model, monkeypatch, flush_every):
+    """Logits turn NaN at the 6th step: the 5 tokens before it are yielded, then the error, for any chunk size;
+    a sample that already ended at <|endoftext|> is not hurt by what its extra steps compute."""
+    real = sample._last_logits
+    calls = {"n": 0}
+
+    def nan_from_the_sixth(*args, **kwargs):
+        calls["n"] += 1
+        logits = real(*args, **kwargs)
+        return logits.clone().fill_(float("nan")) if calls["n"] >= 6 else logits
+
+    monkeypatch.setattr(sample, "_last_logits", nan_from_the_sixth)
+    got = []
     with pytest.raises(GenerationError, match="non-finite logits"):
-        list(generate(model, [1, 2], 5, seed=0, temperature=1e-45))
+        for tokens in generate(model, [1, 2], 12, temperature=0.8, seed=0, flush_every=flush_every):
+            got.append(tokens)
+    assert len(got) == 5
+    calls["n"] = 0
+    monkeypatch.setattr(sample, "sample_next_token", lambda logits, *a: torch.where(
+        torch.isnan(logits[:, 0]), torch.tensor(-1), torch.tensor(EOT_ID)))
+    ended = list(generate(model, [1, 2], 12, temperature=0.8, seed=0, flush_every=flush_every, stop_at_eot=True))
+    assert len(ended) == 1 and ended[0].tolist() == [EOT_ID]
 
 
 def test_sampling_is_reproducible_and_per_row():

@@ -73,18 +73,27 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def cgroup_memory(root: Path | None = None) -> tuple[int, int] | None:
-    """(limit, usage) in bytes of this process's memory cgroup (v2, else v1) when it sets a limit: a container's
-    RAM. None without one."""
+    """(limit, usage) in bytes of the memory cgroup at `root` (v2, else v1) when it sets a limit: a container's
+    RAM. Usage leaves out reclaimable page cache (inactive files), as docker and the kubelet count it. None
+    without a limit. (Only the cgroup mounted at the root is read: a container's own.)"""
     root = CGROUP_ROOT if root is None else root
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit_file, usage_file, stat_file, cache_key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
         try:
             limit_text = (root / limit_file).read_text().strip()
             if limit_text == "max" or int(limit_text) >= 2**62:  # unlimited (v1 writes a huge number)
                 return None
-            return int(limit_text), int((root / usage_file).read_text().strip())
+            usage = int((root / usage_file).read_text().strip())
         except (OSError, ValueError):
             continue
+        try:
+            stats = dict(line.split() for line in (root / stat_file).read_text().splitlines() if line.count(" ") == 1)
+            usage -= int(stats.get(cache_key, 0))
+        except (OSError, ValueError):
+            pass
+        return int(limit_text), max(0, usage)
     return None
 
 

@@ -159,11 +159,14 @@ def sample_next_token(
     logits = logits[:, :VOCAB_SIZE].float()  # the padded ids past GPT-2's vocabulary are never sampled
     if temperature == 0:
         index = logits.argmax(dim=-1, keepdim=True)  # a NaN, where there is one, counts as the largest
-        return index.masked_fill(logits.gather(-1, index).isnan(), -1).squeeze(-1)
-    ids, candidates = _candidates(logits / temperature, top_k, top_p)
+        return index.masked_fill(~torch.isfinite(logits.gather(-1, index)), -1).squeeze(-1)
+    # shifted so that the largest is 0: a tiny temperature cannot overflow (it tends to greedy); NaN stays NaN
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    ids, candidates = _candidates(scaled, top_k, top_p)
     probs = torch.softmax(candidates, dim=-1)  # (B, n)
     rng_device = generator.device if generator is not None else probs.device
-    uniform = torch.rand((probs.size(0), 1), generator=generator, device=rng_device, dtype=torch.float64)
+    wide = torch.float32 if "mps" in (rng_device.type, probs.device.type) else torch.float64  # MPS has no float64
+    uniform = torch.rand((probs.size(0), 1), generator=generator, device=rng_device, dtype=wide)
     pick = draw_from(probs, uniform.to(probs.device))  # (B, 1)
     token = pick if ids is None else ids.gather(-1, pick.clamp(min=0))
     return token.masked_fill(pick < 0, -1).squeeze(-1)
@@ -213,13 +216,13 @@ def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.T
 
 def draw_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: for each row of `probs` (B, n) and number in [0, 1) of `uniform` (B, 1), the index
-    (B, 1) whose slice of the cumulative sum holds uniform × total; -1 where the row is not finite. The sum is
-    float64, so a token of probability 1e-9 keeps its slice beside others near 1; a zero-probability index is
-    never chosen, also where rounding puts the target at the very top of the sum (then the last index with
-    mass is)."""
-    cdf = probs.double().cumsum(dim=-1)  # (B, n), non-decreasing
+    (B, 1) whose slice of the cumulative sum holds uniform × total; -1 where the row is not finite. The sum takes
+    `uniform`'s dtype, float64 where the device has it, so a token of probability 1e-9 keeps its slice beside
+    others near 1; a zero-probability index is never chosen, also where rounding puts the target at the very top
+    of the sum (then the last index with mass is)."""
+    cdf = probs.to(uniform.dtype).cumsum(dim=-1)  # (B, n), non-decreasing
     total = cdf[:, -1:]
-    index = torch.searchsorted(cdf, (uniform.double() * total).contiguous(), right=True)
+    index = torch.searchsorted(cdf, (uniform * total).contiguous(), right=True)
     last_with_mass = torch.searchsorted(cdf, total.contiguous(), right=False)
     index = torch.minimum(index, last_with_mass).clamp(max=probs.size(-1) - 1)
     return index.masked_fill(~torch.isfinite(total), -1)
@@ -390,8 +393,9 @@ def _memory_error(num_samples: int, need: int, limit: str, use_cache: bool = Tru
     )
 
 
-NON_FINITE = ("the model produced non-finite logits (NaN or infinity): the checkpoint may be damaged or overflow in "
-              "this dtype (try --dtype fp32), or --temperature is too close to 0 (use 0 for greedy)")
+NON_FINITE = ("the model produced non-finite logits (NaN or infinity): the checkpoint may be damaged, or it overflows "
+              "in this dtype (try --dtype fp32)")
+NEVER = 2**62  # `first_bad` of a sample whose logits stayed finite
 
 
 @torch.inference_mode()
@@ -472,7 +476,7 @@ def generate(
         if view is not None:
             mark_static(current)
         finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        broken = torch.zeros(num_samples, dtype=torch.bool, device=device)  # a row whose logits were not finite
+        first_bad = torch.full((num_samples,), NEVER, dtype=torch.long, device=device)  # step of non-finite logits
         static_steps = 0
         flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
 
@@ -485,7 +489,7 @@ def generate(
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,), -1: not finite
-            broken |= next_token < 0
+            first_bad.masked_fill_((next_token < 0) & ~finished & (first_bad == NEVER), produced)
             next_token = next_token.clamp(min=0)
             if stop_at_eot:
                 next_token = next_token.masked_fill(finished, EOT_ID)
@@ -497,10 +501,11 @@ def generate(
             last = produced == max_new_tokens - 1
             if produced == 0 or last or length - flushed >= flush:
                 chunk = sequence[:, flushed:length].to("cpu", copy=True)  # (B, n), owned: the only wait for the device
-                if bool(broken.any()):
-                    raise GenerationError(NON_FINITE)
+                bad_step = int(first_bad.min())  # the device is idle now: no extra wait
                 now = time.perf_counter() - started
                 for i in range(chunk.size(1)):
+                    if stats.new_tokens >= bad_step:  # the tokens before it were yielded, whatever the flush
+                        raise GenerationError(NON_FINITE)
                     tokens = chunk[:, i]
                     stats.new_tokens += 1
                     stats.seconds = now
