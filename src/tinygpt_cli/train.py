@@ -491,7 +491,7 @@ class _Trainer:
         folder = self.run_dir / "checkpoints"
         held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
         need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last) * checkpoint_bytes(self.model.config)
-        workspace.check_disk(self.run_dir, need - held, f"the checkpoints of run {self.run_dir.name}",
+        workspace.check_disk(self.run_dir, need - held, f"run {self.run_dir.name} (its checkpoints)",
                              "free some space, keep fewer with --keep-last N, or set TINYGPT_HOME to a larger disk")
 
     def _check_data_fits(self, block: int) -> None:
