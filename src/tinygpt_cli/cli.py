@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from tinygpt_cli import __version__
 from tinygpt_cli.errors import TinyGPTError
+from tinygpt_cli.workspace import format_bytes
 
 _QUIET = False  # set by `tinygpt --quiet`: no progress or status lines (errors and results still show)
 
@@ -898,13 +899,6 @@ def eval_command(
 
 
 # ----------------------------------------------------------------------------------------- export
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 @app.command(
     epilog="Examples:  tinygpt export  ·  tinygpt export my-run --format gguf --dtype q8_0  ·  "
     "tinygpt export --format onnx --out model-onnx  ·  tinygpt export gpt2 --format gguf"
@@ -946,11 +940,11 @@ def export(
             )
         )
         return
-    print(f"Wrote {result.path} ({fmt}, {dtype}, {_fmt_bytes(result.total_bytes)}) from {result.source}")
+    print(f"Wrote {result.path} ({fmt}, {dtype}, {format_bytes(result.total_bytes)}) from {result.source}")
     if len(result.files) > 1:
         width = max(len(name) for name in result.files)
         for name, size in result.files.items():
-            print(f"  {name:<{width}}  {_fmt_bytes(size):>9}")
+            print(f"  {name:<{width}}  {format_bytes(size):>9}")
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -988,14 +982,14 @@ def _plan_table(p) -> Any:
     table.add_row(
         "data", f"{d.name}: {_fmt_count(d.train_tokens)} train + {_fmt_count(d.val_tokens)} val tokens ({basis})"
     )
-    disk = f"{_fmt_bytes(d.token_file_bytes)} of token files"
+    disk = f"{format_bytes(d.token_file_bytes)} of token files"
     if d.download_bytes:
-        disk += f" (+ the download: ~{_fmt_bytes(d.download_bytes)} of text)"
+        disk += f" (+ the download: ~{format_bytes(d.download_bytes)} of text)"
     table.add_row("disk: data", disk)
     table.add_row(
         "disk: checkpoints",
-        f"{_fmt_bytes(p.checkpoint_bytes)} each (12 bytes/parameter) × "
-        f"{p.checkpoints_on_disk} at most = {_fmt_bytes(p.checkpoint_disk_bytes)}",
+        f"{format_bytes(p.checkpoint_bytes)} each (12 bytes/parameter) × "
+        f"{p.checkpoints_on_disk} at most = {format_bytes(p.checkpoint_disk_bytes)}",
     )
     procs = f" × {p.nproc} processes" if p.nproc > 1 else ""
     table.add_row(
@@ -1204,7 +1198,7 @@ def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     def row(s) -> tuple[str, ...]:
         fraction = f"{s.fraction:g}" if s.fraction is not None else ""
         return (s.name, _fmt_int(s.train_tokens), _fmt_int(s.val_tokens), _fmt_int(s.train_documents + s.val_documents),
-                _fmt_bytes(s.bytes), fraction, _when(s.created))
+                format_bytes(s.bytes), fraction, _when(s.created))
 
     _print_listing(list_dataset_summaries(), as_json,
                    ("dataset", "train tokens", "val tokens", "documents", "on disk", "fraction", "created"), row,
@@ -1234,7 +1228,7 @@ def data_show(
         info = splits.get(split, {})
         print(
             f"  {split:<10} {_fmt_int(info.get('tokens', 0))} tokens, {_fmt_int(info.get('documents', 0))} "
-            f"documents, {_fmt_bytes(info.get('bytes', 0))}, sha256 {str(info.get('sha256', ''))[:16]}…"
+            f"documents, {format_bytes(info.get('bytes', 0))}, sha256 {str(info.get('sha256', ''))[:16]}…"
         )
     tokenizer = meta.get("tokenizer") or {}
     print(

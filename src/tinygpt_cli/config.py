@@ -205,6 +205,11 @@ def compile_wanted(mode: str, device_type: str) -> bool:
     return mode == "on" or (mode == "auto" and device_type == "cuda")
 
 
+def trains_compiled(mode: str, device_type: str) -> bool:
+    """Whether `train` runs the model compiled: as `compile_wanted` says, except on MPS, which it runs eagerly."""
+    return compile_wanted(mode, device_type) and device_type != "mps"
+
+
 def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")

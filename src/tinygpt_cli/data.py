@@ -469,15 +469,15 @@ def tokenize(
     except OSError as exc:
         raise DataError(f"cannot create {out_root} ({exc.strerror or exc}): choose a writable TINYGPT_HOME") from None
     final_dir = out_root / dataset_name
-    started_part = out_root / f".{dataset_name}.partial"  # an earlier run's files count as written
-    written = sum(f.stat().st_size for f in started_part.glob("*.bin")) if started_part.is_dir() else 0
+    partial_dir = out_root / f".{dataset_name}.partial"  # an earlier run's files there count as written
+    written = sum(f.stat().st_size for f in partial_dir.glob("*.bin")) if partial_dir.is_dir() else 0
     workspace.check_disk(out_root, 2 * estimated_tokens - written,
                          f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                          "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256}
     with exclusive(out_root / f".{dataset_name}.lock", f"data/{dataset_name}"):
-        partial = _Partial(out_root / f".{dataset_name}.partial", job)
+        partial = _Partial(partial_dir, job)
         try:
             counters, note = partial.open(restart)
             if note:

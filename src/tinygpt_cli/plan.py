@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tinygpt_cli.config import ModelConfig, RunConfig, compile_wanted
+from tinygpt_cli.config import ModelConfig, RunConfig, trains_compiled
 from tinygpt_cli.errors import ConfigError, DataError
 
 GIB = 2**30
@@ -548,7 +548,7 @@ def plan(
     tc = cfg.train
     dtype = _autocast_dtype(tc.dtype, spec)
     half = dtype != "fp32"
-    compiled = compile_wanted(tc.compile, spec.kind) and spec.kind != "mps"  # train runs MPS eagerly
+    compiled = trains_compiled(tc.compile, spec.kind)
     notes: list[str] = []
 
     batch_size, grad_accum = tc.batch_size, tc.grad_accum

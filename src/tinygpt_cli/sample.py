@@ -26,6 +26,7 @@ import torch
 
 from tinygpt_cli.errors import GenerationError
 from tinygpt_cli.model import GPT
+from tinygpt_cli.plan import cgroup_memory
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE
 
 if TYPE_CHECKING:
@@ -361,8 +362,6 @@ def free_memory(device: torch.device) -> int | None:
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
-    from tinygpt_cli.plan import cgroup_memory
-
     available = None
     try:
         with open("/proc/meminfo") as meminfo:
@@ -450,14 +449,14 @@ def generate(
     static = compile if static_cache is None else (static_cache or compile)
 
     flush = flush_every or (16 if device.type == "cuda" else 1)
-    # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
-    # sequence[:, flushed:length] what is not handed out yet. A window jump moves both to the front, so the buffer
-    # holds at most a window and a flush however many tokens are asked for.
     need = generation_memory(model, num_samples, use_cache, repetition_penalty != 1.0)
     free = free_memory(device)
     if free is not None and need > free:
         raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}", use_cache)
     try:
+        # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
+        # sequence[:, flushed:length] what is not handed out yet. A window jump moves both to the front, so the
+        # buffer holds at most a window and a flush however many tokens are asked for.
         capacity = min(len(prompt) + max_new_tokens, block + flush + 1)
         sequence = torch.empty((num_samples, capacity), dtype=torch.long, device=device)
         sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)

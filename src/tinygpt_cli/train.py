@@ -32,7 +32,15 @@ from tinygpt_cli.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
-from tinygpt_cli.config import RunConfig, TrainConfig, compile_wanted, config_from_dict, config_to_dict, dump_yaml
+from tinygpt_cli.config import (
+    RunConfig,
+    TrainConfig,
+    compile_wanted,
+    config_from_dict,
+    config_to_dict,
+    dump_yaml,
+    trains_compiled,
+)
 from tinygpt_cli.data import Dataset, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TrainingError
 from tinygpt_cli.model import GPT
@@ -581,9 +589,8 @@ class _Trainer:
             return
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes on this machine share its RAM
         spec = replace(spec, memory_bytes=spec.memory_bytes // local)
-        compiled = compile_wanted(self.tc.compile, self.device.type) and self.device.type != "mps"
         memory = estimate_memory(self.model.config, self.batch_size, spec, self.dtype != torch.float32,
-                                 self.info.world_size, self.fsdp, compiled)
+                                 self.info.world_size, self.fsdp, trains_compiled(self.tc.compile, self.device.type))
         ram = spec.memory_bytes
         if not memory.max_batch_size:
             raise TrainingError(f"not even a micro-batch of 1 × {self.block} tokens fits in this machine's "

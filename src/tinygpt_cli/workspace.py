@@ -36,12 +36,17 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def format_bytes(n: int) -> str:
+    """1.2 GB, 3.4 MB, 5.6 kB or 78 B."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def check_disk(folder: Path, need: int, what: str, hint: str) -> None:
     """Raise DataError before `what` starts writing `need` bytes under `folder` when they cannot fit."""
     free = free_bytes(folder)
     if need > free:
-        def size(n: int) -> str:
-            return next(f"{n / scale:,.1f} {unit}" for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
-                        if n >= scale or unit == "kB")
-
-        raise DataError(f"{what} needs about {size(need)} of disk, {size(free)} free on {folder}: {hint}")
+        raise DataError(f"{what} needs about {format_bytes(need)} of disk, {format_bytes(free)} free on {folder}: "
+                        f"{hint}")
