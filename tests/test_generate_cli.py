@@ -91,6 +91,10 @@ def test_json_verbose_and_batches(run):
     assert payload["stats"]["window_slides"] >= 1  # 3 + 40 tokens in a 32-token context
     assert payload["settings"]["stop_at_eot"] is False and payload["stats"]["tokens_per_s"] > 0
     assert "tokens/s decoding" in result.stderr and "first token after" in result.stderr
+    greedy = [json.loads(generate("ROMEO: ROMEO: ROMEO:", "--max-new-tokens", "60", "--temperature", "0", "--json",
+                                  "--verbose", flag).stdout) for flag in ("--lookahead", "--no-lookahead")]
+    assert greedy[0]["samples"] == greedy[1]["samples"] and greedy[1]["stats"]["model_passes"] == 0
+    assert 0 < greedy[0]["stats"]["model_passes"] <= 60 and greedy[0]["settings"]["lookahead"] is True
     blocks = generate("ROMEO:", "--max-new-tokens", "5", "--num-samples", "3", "--temperature", "1")
     assert blocks.stdout.count("ROMEO:") == 3 and "--- sample 3 ---" in blocks.stdout
 
@@ -176,6 +180,8 @@ def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
     (["--prompt-file", "missing.txt"], "missing.txt does not exist"),
     (["--run", "nope"], " at nope"),
     (["--num-samples", "1000000000"], "ask for fewer samples"),
+    (["--lookahead", "--num-samples", "2"], "--lookahead works for one sample"),
+    (["--lookahead", "--compile", "on"], "--lookahead works for one sample"),
 ])
 def test_bad_input_is_one_line(run, args, fragment):
     assert_one_line_error(generate("x", *args) if "--prompt-file" not in args else generate(*args), fragment)

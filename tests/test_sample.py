@@ -10,6 +10,7 @@ from tinygpt_cli.model import GPT
 from tinygpt_cli.sample import (
     GenerationStats,
     KVCache,
+    PromptLookup,
     TextStream,
     apply_repetition_penalty,
     decode_layout,
@@ -320,14 +321,23 @@ def test_non_finite_logits_stop_at_the_same_token_whatever_the_flush(model, monk
     monkeypatch.setattr(sample, "_last_logits", nan_from_the_sixth)
     got = []
     with pytest.raises(GenerationError, match="non-finite logits"):
-        for tokens in generate(model, [1, 2], 12, temperature=0.8, seed=0, flush_every=flush_every):
+        for tokens in generate(model, [1, 2], 12, temperature=0.8, seed=0, flush_every=flush_every, lookahead=False):
             got.append(tokens)
     assert len(got) == 5
     calls["n"] = 0
     monkeypatch.setattr(sample, "sample_next_token", lambda logits, *a: torch.where(
         torch.isnan(logits[:, 0]), torch.tensor(-1), torch.tensor(EOT_ID)))
-    ended = list(generate(model, [1, 2], 12, temperature=0.8, seed=0, flush_every=flush_every, stop_at_eot=True))
+    ended = list(generate(model, [1, 2], 12, temperature=0.8, seed=0, flush_every=flush_every, stop_at_eot=True,
+                          lookahead=False))
     assert len(ended) == 1 and ended[0].tolist() == [EOT_ID]
+
+
+def test_greedy_picks_the_first_largest_as_torch_does():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [0.5, 0.25, 0.5, 0.5], [float("nan"), 1.0, float("nan"), 5.0],
+                           [float("-inf")] * 4, [-3.0, -1.0, -1.0, float("inf")]])
+    assert sample_next_token(logits, 0.0).tolist() == [1, 0, -1, -1, -1]
+    wide = torch.randn(3, 50304)
+    assert torch.equal(sample_next_token(wide, 0.0), wide[:, :50257].argmax(dim=-1))
 
 
 def test_sampling_is_reproducible_and_per_row():
@@ -385,6 +395,99 @@ def test_stop_at_eot(model, eot_model):
     ends = [row.index(EOT_ID) for row in rows]
     assert len(set(ends)) > 1 and len(rows[0]) == max(ends) + 1
     assert all(set(row[end:]) == {EOT_ID} and EOT_ID not in row[:end] for row, end in zip(rows, ends, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ look-ahead
+LOOKAHEAD_SETTINGS = [
+    dict(temperature=0), dict(temperature=0.8, top_k=200, seed=3), dict(temperature=1.0, top_k=0, seed=4),
+    dict(temperature=0.9, top_k=0, top_p=0.8, seed=5), dict(temperature=0, repetition_penalty=1.3),
+    dict(temperature=0.7, top_k=5, repetition_penalty=1.2, seed=6),
+]
+
+
+@pytest.mark.parametrize("settings", LOOKAHEAD_SETTINGS)
+@pytest.mark.parametrize("prompt", [[7, 7, 7], [1, 2, 3, 1, 2, 3, 1, 2], list(range(40, 60))])
+def test_look_ahead_gives_the_same_tokens(model, settings, prompt):
+    """Guessed or not, every token is drawn from its own row with the same random numbers: past the window too."""
+    plain = _run(model, prompt, 70, lookahead=False, **settings)
+    stats = GenerationStats()
+    guessed = _run(model, prompt, 70, lookahead=True, stats=stats, **settings)
+    assert torch.equal(plain, guessed)
+    assert stats.window_slides > 0 and 0 < stats.model_passes <= 70
+    assert 0 <= stats.accepted_tokens <= stats.guessed_tokens
+
+
+def test_look_ahead_saves_passes_on_repetitive_text(model):
+    """Greedy decoding of this random model falls into a loop: the guesses run ahead of it, window jumps and all."""
+    stats = GenerationStats()
+    tokens = _run(model, [7, 7, 7], 200, temperature=0, stats=stats)  # on by default: CPU, one sample, the cache
+    assert torch.equal(tokens, _run(model, [7, 7, 7], 200, temperature=0, use_cache=False))
+    assert stats.model_passes < 100 and stats.accepted_tokens > 100 and stats.window_slides > 5
+    assert stats.new_tokens == 200
+
+
+def test_look_ahead_off_where_it_cannot_help(model):
+    """Batches (rows would take guesses of different lengths), the uncached path and the static step decode plainly;
+    asking for it there is an error."""
+    for kwargs in (dict(num_samples=2), dict(use_cache=False), dict(static_cache=True)):
+        stats = GenerationStats()
+        _run(model, [7, 7, 7], 30, temperature=0, stats=stats, **kwargs)
+        assert stats.model_passes == 0 and stats.guessed_tokens == 0
+        with pytest.raises(ValueError, match="lookahead needs"):
+            next(generate(model, [7, 7, 7], 30, lookahead=True, **kwargs))
+
+
+def test_look_ahead_stops_at_eot_and_at_non_finite_logits(model, eot_model, monkeypatch):
+    assert _run(eot_model, [EOT_ID, 1, EOT_ID], 10, temperature=0, stop_at_eot=True).tolist() == [[EOT_ID]]
+    real = sample._all_logits
+    calls = {"n": 0}
+
+    def nan_from_the_fourth_pass(*args, **kwargs):
+        calls["n"] += 1
+        logits = real(*args, **kwargs)
+        return logits.clone().fill_(float("nan")) if calls["n"] >= 4 else logits
+
+    monkeypatch.setattr(sample, "_all_logits", nan_from_the_fourth_pass)
+    stats = GenerationStats()
+    with pytest.raises(GenerationError, match="non-finite logits"):
+        list(generate(model, [7, 7, 7], 100, temperature=0, stats=stats))
+    assert stats.model_passes == 4 and 3 <= stats.new_tokens < 100
+
+
+def test_prompt_lookup_guesses():
+    lookup = PromptLookup([5, 1, 2, 3, 9, 1, 2])
+    assert lookup.propose(8) == [3, 9, 1, 2]  # "1 2" was followed by "3 9 1 2"; 4 tokens at first
+    lookup.push(3)
+    assert lookup.propose(2) == [9, 1]  # capped by the caller's limit
+    lookup.push(8)
+    assert lookup.propose(8) == []  # "8" never occurred before: no guess, and never the newest token itself
+    run = PromptLookup([4, 6, 6])
+    assert run.propose(8) == [6, 6, 6, 6]  # a match touching the newest token repeats with its period
+    periodic = PromptLookup([1, 2, 1, 2])
+    assert periodic.propose(3) == [1, 2, 1]
+
+
+def test_prompt_lookup_adapts_and_stays_bounded():
+    lookup = PromptLookup([1, 2, 10])
+    lookup.taken(4, 4)
+    assert lookup.length == 8
+    lookup.taken(8, 0)
+    assert lookup.length == 4
+    proposed = []
+    for following in [11, 12, 13, 14, 15, 15, 15, 15]:  # after "1 2" comes another token each time, then 15 again
+        lookup.push(1)
+        lookup.propose(8)
+        lookup.push(2)
+        proposed.append(lookup.propose(8))  # "1 2" guesses what followed it last time: scored, checked or not
+        lookup.push(following)
+    assert proposed[0][0] == 10 and proposed[1][0] == 11  # checked while the bigram's hit rate holds
+    assert proposed[2:6] == [[]] * 4  # two misses: the bigram's guesses stay unchecked (still scored)
+    assert lookup.hit_rate[2] < PromptLookup.MIN_HIT_RATE < lookup.hit_rate[1]  # while the unigram's kept hitting
+    assert proposed[6][0] == proposed[7][0] == 15  # "15 1 2" recurred: the trigram guesses, and is right
+    long = PromptLookup([])
+    for i in range(3 * PromptLookup.KEEP):
+        long.push(i % 1000)
+    assert len(long.history) <= 2 * PromptLookup.KEEP and long.propose(2) == [(i + 1) % 1000, (i + 2) % 1000]
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -667,6 +667,11 @@ def generate(
         str, typer.Option("--compile", help="auto | on | off: torch.compile the decode step (auto: on CUDA for "
                           f"the interactive loop and --max-new-tokens {COMPILE_PAYS_FROM_TOKENS} or more).")
     ] = "auto",
+    lookahead: Annotated[
+        bool | None, typer.Option("--lookahead/--no-lookahead", help="Guess tokens from earlier text and check the "
+                                  "guesses in one pass; same tokens, fewer passes (default: on for one sample, "
+                                  "uncompiled, off CUDA).")
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print tokens/s and time to first token on stderr.")
     ] = False,
@@ -700,6 +705,10 @@ def generate(
     interactive = text is None and _stdin_is_interactive()
     use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda" and (
         interactive or settings["max_new_tokens"] >= COMPILE_PAYS_FROM_TOKENS))
+    if lookahead and (use_compile or num_samples > 1):
+        raise GenerationError("--lookahead works for one sample with an uncompiled step: drop --num-samples or "
+                              "add --compile off")
+    settings["lookahead"] = lookahead
     err = _stderr_console()
     step = loaded.state.get("step")
     err.print(
@@ -781,6 +790,9 @@ class _GenerateView:
                             "device": str(param.device),
                             "dtype": str(param.dtype).split(".")[-1],
                             "compiled": stats.compiled,
+                            "model_passes": stats.model_passes,
+                            "guessed_tokens": stats.guessed_tokens,
+                            "accepted_tokens": stats.accepted_tokens,
                         },
                     }
                 )
@@ -798,7 +810,9 @@ class _GenerateView:
                 f"{stats.prompt_tokens} prompt tokens · {stats.new_tokens} new tokens × {stats.batch_size} · "
                 f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
                 f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
-                f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}",
+                f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}"
+                + (f" · look-ahead: {stats.model_passes} passes, {stats.accepted_tokens} of {stats.guessed_tokens} "
+                   "guessed tokens taken" if stats.model_passes else ""),
                 markup=False,
             )
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from tinygpt_cli.errors import GenerationError
@@ -159,7 +160,12 @@ def sample_next_token(
     """
     logits = logits[:, :VOCAB_SIZE].float()  # the padded ids past GPT-2's vocabulary are never sampled
     if temperature == 0:
-        index = logits.argmax(dim=-1, keepdim=True)  # a NaN, where there is one, counts as the largest
+        if logits.device.type == "cpu":  # torch's CPU argmax takes 130 us over 50,257 logits here, NumPy's 7
+            rows = logits.detach().numpy()
+            best = rows.argmax(axis=-1).astype(np.int64)  # as torch: the first largest; a NaN counts as largest
+            best[~np.isfinite(rows[np.arange(len(best)), best])] = -1
+            return torch.from_numpy(best)
+        index = logits.argmax(dim=-1, keepdim=True)
         return index.masked_fill(~torch.isfinite(logits.gather(-1, index)), -1).squeeze(-1)
     # shifted so that the largest is 0: a tiny temperature cannot overflow (it tends to greedy); NaN stays NaN
     scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -260,6 +266,9 @@ class GenerationStats:
     window_slides: int = 0
     compiled: bool = False
     compile_error: str | None = None
+    model_passes: int = 0  # look-ahead passes (see `generate`'s lookahead); 0 without it
+    guessed_tokens: int = 0  # tokens guessed by look-ahead, and how many of them the draws took
+    accepted_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -320,6 +329,80 @@ def _cpu_head(model: GPT) -> torch.Tensor | None:
             held = (key, weight.detach().t().contiguous())
         _HEAD_COPIES[model] = held
     return held[1]
+
+
+class PromptLookup:
+    """Guesses of the next tokens from the text so far (prompt lookup): where the newest `MAX_NGRAM`, 2 or 1 tokens
+    occurred before, the tokens that followed them then. `generate` checks a guess in one pass of the model over
+    the newest token and the guessed ones; each token is still drawn from the model's own distribution, and a guess
+    only saves passes where the draw agrees with it, so the tokens are the same with or without guessing.
+
+    A match that runs into the newest tokens continues periodically (after `a b a b`, `a b` guesses `a b a b...`),
+    which is what repetitive text does. A pass over guessed tokens costs more than a one-token step (on a CPU a
+    second row through the head costs about half a step), so a guess is only checked where guesses of its kind
+    have been right: every step scores what the newest n-gram would have guessed against the token drawn (free:
+    no model pass), and guesses from an n-gram length whose running hit rate is under `MIN_HIT_RATE` stay
+    unchecked. The guess length doubles (up to `MAX_GUESS`) while every guessed token is taken and halves when the
+    first is not.
+    """
+
+    MAX_NGRAM = 3
+    MAX_GUESS = 16
+    MIN_HIT_RATE = 0.5  # a second row costs about half a step: below this a checked guess loses time on average
+    FIRST_HIT_RATE = 0.7  # before any evidence: two misses in a row stop a kind of guess from being checked
+    SMOOTHING = 0.2  # weight of the newest guess in the running hit rate
+    KEEP = 4096  # tokens of history searched (older ones are forgotten: memory stays bounded)
+
+    def __init__(self, tokens: Sequence[int]) -> None:
+        self.history: list[int] = []
+        self.last_end: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token, newest occurrence
+        self.length = 4  # tokens guessed at a time
+        self.hit_rate = [self.FIRST_HIT_RATE] * (self.MAX_NGRAM + 1)  # by n-gram length: first guessed token right
+        self._scored: tuple[int, int] | None = None  # (n-gram length, first guessed token) awaiting the draw
+        for token in tokens:
+            self._append(token)
+
+    def push(self, token: int) -> None:
+        """Append the token drawn, scoring the last guess against it."""
+        if self._scored is not None:
+            n, first = self._scored
+            self.hit_rate[n] += self.SMOOTHING * ((token == first) - self.hit_rate[n])
+            self._scored = None
+        if len(self.history) >= 2 * self.KEEP:
+            kept = self.history[-self.KEEP :]
+            self.history, self.last_end = [], {}
+            for old in kept:
+                self._append(old)
+        self._append(token)
+
+    def _append(self, token: int) -> None:
+        history = self.history
+        if history:  # index the n-grams that end at the previous token, so a lookup never finds the newest one
+            end = len(history) - 1
+            for n in range(1, min(self.MAX_NGRAM, end + 1) + 1):
+                self.last_end[tuple(history[end - n + 1 : end + 1])] = end
+        history.append(token)
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to min(the guess length, `limit`) tokens likely to follow the history; [] where nothing matches or
+        guesses like this one have mostly been wrong. Call `push` with the next token drawn before proposing again."""
+        history = self.history
+        for n in range(min(self.MAX_NGRAM, len(history)), 0, -1):
+            end = self.last_end.get(tuple(history[-n:]))
+            if end is not None:
+                self._scored = (n, history[end + 1])
+                if self.hit_rate[n] < self.MIN_HIT_RATE or limit <= 0:
+                    return []
+                period = len(history) - 1 - end  # the guess repeats history[end + 1 :] as often as needed
+                return [history[end + 1 + i % period] for i in range(min(self.length, limit))]
+        return []
+
+    def taken(self, proposed: int, accepted: int) -> None:
+        """Adapt the guess length to how many of `proposed` guessed tokens were `accepted`."""
+        if accepted == proposed:
+            self.length = min(2 * self.length, self.MAX_GUESS)
+        elif accepted == 0:
+            self.length = max(1, self.length // 2)
 
 
 _COMPILED_STEPS: dict[str, Callable] = {}
@@ -415,6 +498,7 @@ def generate(
     static_cache: bool | None = None,
     stats: GenerationStats | None = None,
     flush_every: int | None = None,
+    lookahead: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,) int64 on CPU, up to `max_new_tokens` times.
 
@@ -428,6 +512,11 @@ def generate(
     once: between flushes nothing waits for the device, so the host queues the next steps while the GPU runs
     the current one. What is yielded, and when the generator returns, is the same for any `flush_every`; at
     most `flush_every - 1` steps past the end are computed and dropped.
+
+    `lookahead` (default: on for one sample with the cache, off CUDA; eager only) guesses the tokens that follow
+    from earlier text (`PromptLookup`) and runs the model over the newest token and the guesses in one pass. Each
+    token is still drawn from its own logits row, in order, with the same random numbers; a guess whose row is
+    used only saves a pass, so the tokens are the same with or without it (up to float rounding of the logits).
     """
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples)
     started = time.perf_counter()
@@ -449,6 +538,10 @@ def generate(
     static = compile if static_cache is None else (static_cache or compile)
 
     flush = flush_every or (16 if device.type == "cuda" else 1)
+    can_look_ahead = use_cache and not static and num_samples == 1
+    if lookahead and not can_look_ahead:
+        raise ValueError("lookahead needs the KV cache, an eager (not static) step and one sample")
+    look_ahead = can_look_ahead and device.type != "cuda" if lookahead is None else lookahead
     need = generation_memory(model, num_samples, use_cache, repetition_penalty != 1.0)
     free = free_memory(device)
     if free is not None and need > free:
@@ -478,6 +571,9 @@ def generate(
         first_bad = torch.full((num_samples,), NEVER, dtype=torch.long, device=device)  # step of non-finite logits
         static_steps = 0
         flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
+        guesser = PromptLookup(prompt) if look_ahead else None
+        guessed: list[tuple[int, torch.Tensor]] = []  # (guessed token, logits row (1, V) that follows it), in order
+        proposed = accepted = verify_start = 0  # of the last look-ahead pass; the cache position it started at
 
         head_t = _cpu_head(model)
         if cache is not None:  # one prefill for all samples: they share the prompt
@@ -525,9 +621,28 @@ def generate(
                 if cache is not None:
                     cache.reset()
                     logits = _last_logits(model, sequence[:, start:length], cache, head_t)
+                    if guesser is not None:
+                        guesser.push(int(next_token[0]))
+                        proposed = _settle_guesses(guesser, stats, guessed, proposed, accepted)
                     continue
             if cache is None:
                 logits = _last_logits(model, sequence[:, start:length], None, head_t)
+            elif guesser is not None:
+                token = int(next_token[0])
+                guesser.push(token)
+                if guessed and guessed[0][0] == token:  # the guess was right: its row is the next logits
+                    logits = guessed.pop(0)[1]
+                    accepted += 1
+                else:
+                    if proposed:  # forget what the wrong guesses left in the cache
+                        cache.pos = verify_start + 1 + accepted
+                    proposed = _settle_guesses(guesser, stats, guessed, proposed, accepted)
+                    guesses = guesser.propose(min(block - (length - start), max_new_tokens - produced - 2))
+                    verify_start, proposed, accepted = cache.pos, len(guesses), 0
+                    rows = _all_logits(model, torch.tensor([[token, *guesses]], device=device), cache, head_t)
+                    logits = rows[:1]
+                    guessed.extend((guess, rows[i + 1 : i + 2]) for i, guess in enumerate(guesses))
+                    stats.model_passes += 1
             elif view is None:
                 logits = _last_logits(model, sequence[:, length - 1 : length], cache, head_t)
             else:
@@ -540,6 +655,22 @@ def generate(
         if not out_of_memory(exc):
             raise
         raise _memory_error(num_samples, need, f"{device.type} could allocate", use_cache) from None
+
+
+def _all_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head_t: torch.Tensor | None) -> torch.Tensor:
+    """Logits (T, V) of every position of `idx` (1, T), through the cache."""
+    hidden = model.hidden_states(idx, cache)[0]  # (T, C)
+    return model.lm_head(hidden) if head_t is None else hidden @ head_t
+
+
+def _settle_guesses(guesser: PromptLookup, stats: GenerationStats, guessed: list, proposed: int, accepted: int) -> int:
+    """Close the last look-ahead pass: count its `accepted` of `proposed` guesses, drop the rest. Returns 0."""
+    if proposed:
+        guesser.taken(proposed, accepted)
+        stats.guessed_tokens += proposed
+        stats.accepted_tokens += accepted
+    guessed.clear()
+    return 0
 
 
 def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: StaticDecodeView,
@@ -700,6 +831,7 @@ def sample_text(
     num_samples: int = 1,
     seed: int | None = None,
     compile: bool = False,
+    lookahead: bool | None = None,
     on_text: Callable[[int, str], None] | None = None,
 ) -> SampleResult:
     """Continue `prompt` `num_samples` times (one batch) and return the texts.
@@ -718,7 +850,7 @@ def sample_text(
     tokens = generate(
         model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, num_samples=num_samples, seed=seed, stop_at_eot=stop_at_eot,
-        compile=compile, stats=stats,
+        compile=compile, stats=stats, lookahead=lookahead,
     )
     emit = on_text or (lambda index, text: None)
     try:
