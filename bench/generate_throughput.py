@@ -7,12 +7,18 @@ layers, heads and width but gets a 1024-position table, so that the 272 tokens f
 GPT-2 cannot slide a window). tinygpt's weights are stored as `tinygpt generate` loads them on CPU (column-major,
 see `sample.decode_layout`). The Hugging Face model is built from tinygpt's state dict: the same parameter names,
 its Conv1D weights transposed, the vocabulary cut to GPT-2's 50257 (tinygpt never samples the padding ids either),
-and the greedy tokens of the three are compared. Rounds alternate between the contenders so that machine noise
+and the greedy tokens of all are compared. Rounds alternate between the contenders so that machine noise
 hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run down).
+
+On CPU tinygpt's default is shown with and without look-ahead (`sample.PromptLookup`: guesses from earlier text,
+checked in one pass), and Hugging Face's generate with and without its own prompt lookup. What look-ahead gains
+depends on how repetitive the text is: greedy decoding of random weights loops at once (the best case), so
+`--run` measures a trained model on a real prompt too.
 
     python bench/generate_throughput.py                                   # micro and small, this machine
     python bench/generate_throughput.py --temperature 0.8 --top-k 200     # sampled, tinygpt's defaults
     python bench/generate_throughput.py --device cuda --shapes small      # + memory-bandwidth utilisation
+    python bench/generate_throughput.py --run RUN --new-tokens 100        # trained weights, a Shakespeare prompt
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 
 from tinygpt_cli.config import PRESETS, ModelConfig
 from tinygpt_cli.model import GPT
-from tinygpt_cli.sample import decode_layout, generate
+from tinygpt_cli.sample import GenerationStats, decode_layout, generate
 from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
 
 CONTEXT = 1024
@@ -75,28 +81,38 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
 
     prompt_ids = torch.tensor([prompt], device=device)
 
-    def ours(use_cache: bool, compile: bool = False) -> Callable[[int], list[int]]:
+    def ours(use_cache: bool, compile: bool = False, lookahead: bool | None = None) -> Callable[[int], list[int]]:
         def run(new_tokens: int) -> list[int]:
-            return [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=temperature, top_k=top_k,
-                                                seed=0, use_cache=use_cache, compile=compile)]
+            stats = GenerationStats()
+            tokens = [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=temperature, top_k=top_k,
+                                                  seed=0, use_cache=use_cache, compile=compile, lookahead=lookahead,
+                                                  stats=stats)]
+            run.stats = stats
+            return tokens
         return run
 
-    def theirs(new_tokens: int) -> list[int]:
-        sampled = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature else \
-            {"do_sample": False}
-        config = GenerationConfig(max_new_tokens=new_tokens, num_beams=1, use_cache=True, pad_token_id=EOT_ID,
-                                  eos_token_id=None, **sampled)  # no end token: always new_tokens
-        torch.manual_seed(0)
-        with torch.inference_mode():
-            out = hf.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                              generation_config=config)
-        assert out.shape[1] == len(prompt) + new_tokens
-        return out[0, len(prompt):].tolist()
+    def theirs(lookup: int = 0) -> Callable[[int], list[int]]:
+        def run(new_tokens: int) -> list[int]:
+            sampled = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature else \
+                {"do_sample": False}
+            if lookup:
+                sampled["prompt_lookup_num_tokens"] = lookup
+            config = GenerationConfig(max_new_tokens=new_tokens, num_beams=1, use_cache=True, pad_token_id=EOT_ID,
+                                      eos_token_id=None, **sampled)  # no end token: always new_tokens
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                out = hf.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                  generation_config=config)
+            assert out.shape[1] == len(prompt) + new_tokens
+            return out[0, len(prompt):].tolist()
+        return run
 
-    runs = {"tinygpt, KV cache": ours(True), "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs}
-    if compile_decode:
-        runs = {"tinygpt, KV cache, compiled": ours(True, compile=True), **runs}
-    return runs
+    if compile_decode:  # CUDA: the compiled step is the default there, and look-ahead is off
+        return {"tinygpt, KV cache, compiled": ours(True, compile=True), "tinygpt, KV cache": ours(True),
+                "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs()}
+    return {"tinygpt, KV cache + look-ahead": ours(True), "tinygpt, KV cache": ours(True, lookahead=False),
+            "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs(),
+            "HF generate, KV cache + prompt lookup": theirs(lookup=10)}
 
 
 def sync(device: torch.device) -> None:
@@ -105,22 +121,33 @@ def sync(device: torch.device) -> None:
 
 
 def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
-    preset = PRESETS[shape]["model"]
-    cfg = ModelConfig(n_layer=preset["n_layer"], n_head=preset["n_head"], n_embd=preset["n_embd"], block_size=CONTEXT)
-    torch.manual_seed(0)
-    model = GPT(cfg).eval()
+    if args.run:  # trained weights and a text prompt
+        from tinygpt_cli.sample import encode_prompt, load_model
+
+        model = load_model(args.run, device="cpu", dtype="fp32").model
+        prompt = encode_prompt(args.prompt)
+        if len(prompt) + args.new_tokens > model.config.block_size:
+            raise SystemExit(f"--prompt and --new-tokens must fit the run's context of {model.config.block_size}")
+    else:  # random weights, a random prompt
+        preset = PRESETS[shape]["model"]
+        cfg = ModelConfig(n_layer=preset["n_layer"], n_head=preset["n_head"], n_embd=preset["n_embd"],
+                          block_size=CONTEXT)
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        prompt = torch.randint(0, VOCAB_SIZE, (args.prompt_tokens,),
+                               generator=torch.Generator().manual_seed(1)).tolist()
+    cfg = model.config
     hf = build_hf(model)
     model.to(device=device, dtype=dtype)
     if device.type == "cpu":
         decode_layout(model)  # how `tinygpt generate` loads weights on CPU
     hf.to(device=device, dtype=dtype)
     error = check_same_logits(model, hf, device)
-    prompt = torch.randint(0, VOCAB_SIZE, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     runs = contenders(model, hf, prompt, device, compile_decode=device.type == "cuda",
                       temperature=args.temperature, top_k=args.top_k)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"\n{shape}: {cfg.n_layer} layers × {cfg.n_embd} wide, {cfg.n_head} heads, "
-          f"{model.num_params() / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB), context {CONTEXT}; "
+          f"{model.num_params() / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB), context {cfg.block_size}; "
           f"max |logits difference| vs HF {error:.1e}")
     estimate: dict[str, float] = {}
     warmup_tokens = min(16, args.new_tokens)
@@ -142,14 +169,19 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
             sync(device)
             best[name] = min(best[name], time.perf_counter() - started)
     reference = tokens["tinygpt, KV cache"]
-    cached = args.new_tokens / best["tinygpt, KV cache"]
+    default = next(iter(runs))  # what `tinygpt generate` does by default on this device
+    cached = args.new_tokens / best[default]
     peak = None
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
         peak = args.peak_bandwidth or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in gpu), None)
         print(f"{gpu}: peak memory bandwidth {peak or '?'} GB/s; bandwidth use = weight bytes × tokens/s ÷ peak")
     extra = " bandwidth use |" if peak else ""
-    print(f"| contender | tokens/s | ms/token | KV cache vs this | same tokens |{extra}")
+    look = getattr(runs[default], "stats", None)
+    if look is not None and look.model_passes:
+        print(f"look-ahead: {look.model_passes} model passes for {args.new_tokens} tokens, {look.accepted_tokens} of "
+              f"{look.guessed_tokens} guessed tokens taken")
+    print(f"| contender | tokens/s | ms/token | {default} vs this | same tokens |{extra}")
     print("|---|---|---|---|---|" + ("---|" if peak else ""))
     for name, seconds in best.items():
         rate = args.new_tokens / seconds
@@ -173,6 +205,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); else sampled")
     parser.add_argument("--top-k", type=int, default=0, help="with --temperature: keep the k likeliest (0 = off)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--run", default=None, help="a trained run or checkpoint instead of random weights")
+    parser.add_argument("--prompt", default="ROMEO:\nWhat light through yonder window breaks?\n",
+                        help="with --run: the prompt text")
     parser.add_argument("--peak-bandwidth", type=float, default=None, help="GB/s, for the utilisation on a GPU")
     args = parser.parse_args()
     if args.threads:
@@ -186,7 +221,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device} {dtype_name}, "
           f"{torch.get_num_threads()} threads; {args.new_tokens} new tokens from {args.prompt_tokens}, batch 1, "
           f"{mode}; best of {args.rounds} rounds (1 for a contender slower than {args.slow_seconds:g} s)")
-    for shape in args.shapes.split(","):
+    for shape in ([args.run] if args.run else args.shapes.split(",")):
         bench_shape(shape.strip(), args, device, dtype)
 
 
