@@ -75,6 +75,29 @@ def test_resume_continues_the_latest_run(with_shakespeare, workspace):
     assert state["step"] == 4
 
 
+def test_train_summary_before_the_first_log_and_after_a_token_budget(with_shakespeare, workspace):
+    result = train_tiny("--name", "b", "--max-tokens", "128", "--set", "train.log_interval=10", steps=100)  # 1 step
+    assert result.exit_code == 0, result.output
+    assert "train loss n/a" in result.stdout and "nan" not in result.stdout  # "nan" read as a diverged run
+    assert "Continue with: tinygpt train --resume --name b --max-tokens N" in result.stdout
+    assert_one_line_error(invoke("train", "--resume", "--name", "b"), "pass a larger --max-tokens")
+
+
+def test_interrupted_training_exits_130(with_shakespeare, monkeypatch):
+    from tinygpt_cli import train as train_module
+
+    real = train_module.train
+
+    def interrupted(*args, stop, **kwargs):
+        stop.reason, stop.signal = "interrupted", 2  # as the SIGINT handler leaves it
+        return real(*args, stop=stop, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    result = train_tiny("--name", "i", steps=50)
+    assert result.exit_code == 130, result.output
+    assert "Interrupted; checkpoint saved. Continue with: tinygpt train --resume --name i" in result.stdout
+
+
 def test_config_file_and_json_output(with_shakespeare, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("size: micro\nmodel: {n_layer: 1, n_head: 2, n_embd: 32, block_size: 16}\n"

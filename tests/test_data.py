@@ -401,7 +401,10 @@ def test_interrupt_in_the_cli_then_continue_or_restart(workspace, monkeypatch):
     monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 30.0)
     again = runner.invoke(app, ["tokenize", str(path), "--seed", "2", "--json"])
     assert again.exit_code == 0, again.output
-    assert "Resuming an interrupted run" in again.stderr and json.loads(again.stdout)["resumed_documents"] > 0
+    resumed = json.loads(again.stdout)
+    assert "Resuming an interrupted run" in again.stderr and resumed["resumed_documents"] > 0
+    total = resumed["splits"]["train"]["tokens"] + resumed["splits"]["val"]["tokens"]
+    assert 0 < resumed["resumed_tokens"] < total  # this run's rate counts only this run's tokens
     clean = data.tokenize(str(path), name="clean", seed=2)
     assert (workspace / "data" / "rows" / "train.bin").read_bytes() == (clean.path / "train.bin").read_bytes()
     # an interrupted run with other settings is discarded, not mixed in
@@ -469,6 +472,10 @@ def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace):
 
     truncated.write_bytes(gzip.compress(rows.read_bytes())[:-30])
     _one_line_error(runner.invoke(app, ["tokenize", str(truncated)]), "could not be read")
+    typed = workspace / "typed.jsonl"
+    typed.write_text('{"text": "fine"}\n{"text": null}\n{"text": ["a", "b"]}\n')  # null: a missing document
+    _one_line_error(runner.invoke(app, ["tokenize", str(typed)]), "line 3 of")
+    _one_line_error(runner.invoke(app, ["tokenize", str(typed)]), "'text' holds a list, not text: pass --text-field")
     empty = workspace / "empty.jsonl"
     _write_jsonl(empty, ["", " ", "\n"])
     _one_line_error(runner.invoke(app, ["tokenize", str(empty)]), "holds no text (all documents are empty)")
@@ -484,3 +491,28 @@ def test_tokenize_cli_prints_plan_and_exact_counts(workspace):
     assert "tokens, ~" in result.stderr and "on disk; 1 worker(s)" in result.stderr
     meta = json.loads((workspace / "data" / "rows" / "meta.json").read_text())
     assert f"{meta['splits']['train']['tokens']:,} train tokens" in result.stdout
+
+
+def test_a_dataset_from_another_source_is_replaced_only_with_force(workspace):
+    """It was replaced silently: a run trained on it then resumed and evaluated on other data."""
+    first, second = workspace / "a.jsonl", workspace / "b.jsonl"
+    _write_jsonl(first, _docs(40))
+    _write_jsonl(second, _docs(60))
+    assert runner.invoke(app, ["tokenize", str(first), "--name", "a"]).exit_code == 0
+    meta = (workspace / "data" / "a" / "meta.json").read_text()
+    _one_line_error(runner.invoke(app, ["tokenize", str(second), "--name", "a"]),
+                    "data/a already holds a dataset tokenized from")
+    assert (workspace / "data" / "a" / "meta.json").read_text() == meta
+    again = runner.invoke(app, ["tokenize", str(first), "--name", "a", "--fraction", "0.5"])  # same source: fine
+    assert again.exit_code == 0, again.output
+    forced = runner.invoke(app, ["tokenize", str(second), "--name", "a", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert str(second) in (workspace / "data" / "a" / "meta.json").read_text()
+
+
+def test_a_single_document_without_line_breaks_is_cut_at_a_space():
+    from tinygpt_cli.sources import cut_tail
+
+    assert cut_tail("only one doc", 0.1) == ("only one ", "doc")  # was "only one do" | "c"
+    assert cut_tail("first line\nsecond line", 0.3) == ("first line\n", "second line")
+    assert cut_tail("abcdefghij", 0.1) == ("abcdefghi", "j")  # neither: a character

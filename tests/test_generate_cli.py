@@ -130,15 +130,18 @@ def test_prompt_from_a_file_stdin_or_nothing(run, tmp_path):
 
 
 def test_interactive_prompt_loop(run, monkeypatch):
+    """stdout here is not a terminal (`> out.jsonl`): it gets the answers only, the "> " prompts go to stderr. A
+    prompt that fails (too long) is an error line, and the loop goes on."""
     monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
-    result = generate("--max-new-tokens", "4", "--json", input="ROMEO:\n\nJULIET:\n")
+    result = generate("--max-new-tokens", "4", "--json", input="ROMEO:\n\n" + "word " * 40 + "\nJULIET:\n")
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("> ") and "Ctrl-D leaves" in result.stderr
-    answers = [json.loads(line[line.index("{"):]) for line in result.stdout.splitlines() if "{" in line]
+    assert "Ctrl-D leaves" in result.stderr and result.stderr.count("> ") >= 4
+    answers = [json.loads(line) for line in result.stdout.splitlines()]  # every line is JSON
     assert [answer["prompt"] for answer in answers] == ["ROMEO:", "JULIET:"]  # the empty line is skipped
-    assert answers[1]["settings"]["seed"] == answers[0]["settings"]["seed"] + 1
+    assert answers[1]["settings"]["seed"] == answers[0]["settings"]["seed"] + 2  # the failed prompt had a turn
+    assert "error: the prompt is" in result.stderr and "context is 32: shorten the prompt" in result.stderr
     text = generate("--max-new-tokens", "4", input="ROMEO:\n")
-    assert text.exit_code == 0 and text.stdout.startswith("> ") and "ROMEO:" not in text.stdout
+    assert text.exit_code == 0 and "> " not in text.stdout and "ROMEO:" not in text.stdout and text.stdout.strip()
 
 
 def test_from_a_checkpoint_folder_past_the_context_and_in_bf16(run):
@@ -192,7 +195,11 @@ def test_bad_prompt_input(run, tmp_path):
     latin.write_bytes("caf\xe9".encode("latin-1"))
     assert_one_line_error(generate("--prompt-file", str(latin)), "is not UTF-8 text")
     assert_one_line_error(generate("x", "--prompt-file", str(latin)), "not both")
-    assert_one_line_error(generate("word " * 40), "shorten the prompt")
+    too_long = generate("word " * 40)
+    assert_one_line_error(too_long, "shorten the prompt")
+    assert too_long.stdout == ""  # nothing echoed before the error
+    assert_one_line_error(generate(input=b"caf\xe9 au lait"), "standard input is not UTF-8 text")
+    assert_one_line_error(generate("--prompt-file", "-", input=b"\xff\xfe"), "standard input is not UTF-8 text")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")

@@ -35,6 +35,14 @@ def test_runs_and_data_listings(with_shakespeare):
     assert report.exit_code == 0 and report.stdout.startswith("# Run listed")
     assert invoke("runs", "show").stdout == report.stdout  # the latest run by default
     assert_one_line_error(invoke("runs", "show", "nosuch"), "no run or checkpoint at nosuch")
+    checkpoint = invoke("runs", "show", str(result.run_dir / "checkpoints" / "step_2"))  # wrongly said "no report"
+    assert checkpoint.exit_code == 0 and checkpoint.stdout == report.stdout
+    import shutil
+
+    long_name = "micro-shakespeare-20261126-052233"
+    shutil.copytree(result.run_dir, result.run_dir.with_name(long_name))
+    piped = runner.invoke(app, ["runs"], env={"COLUMNS": "60"})  # was cut to "micro-shakespea…" when piped
+    assert piped.exit_code == 0 and long_name in piped.stdout
 
     [dataset] = list_dataset_summaries()
     meta = json.loads((with_shakespeare / "meta.json").read_text())

@@ -70,7 +70,7 @@ def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 0, err
+    assert process.returncode == 128 + signal.SIGTERM, err  # not 0: `train && export` must not go on
     assert "Continue with: tinygpt train --resume --name t" in out
     state = json.loads((ckpt.latest_checkpoint(workspace / "runs" / "t") / "state.json").read_text())
     assert state["step"] >= 3
@@ -179,3 +179,22 @@ def test_report_keeps_evaluation_sections_across_a_resume(with_shakespeare):
     train(tiny_config(max_steps=6, eval_interval=2), run_name="ev", resume=True)
     text = report.read_text()
     assert "Stopped: completed at step 6" in text and text.count("## Evaluation: loss on shakespeare/val") == 1
+
+
+def test_a_resume_with_nothing_to_do_is_an_error_that_changes_nothing(with_shakespeare, workspace):
+    """It used to exit 0 having done nothing, rewrite config.yaml with the lower --max-steps and mark the run
+    completed; after --max-tokens, the printed resume command stopped again at once, forever."""
+    train(tiny_config(max_steps=4, eval_interval=1000), run_name="r")
+    config = (workspace / "runs" / "r" / "config.yaml").read_text()
+    with pytest.raises(TrainingError, match="already at step 4 of 3: pass a larger --max-steps"):
+        train(tiny_config(max_steps=3), run_name="r", resume=True)
+    with pytest.raises(TrainingError, match="already at step 4 of 4"):
+        train(tiny_config(max_steps=4), run_name="r", resume=True)
+    assert (workspace / "runs" / "r" / "config.yaml").read_text() == config
+    budget = 3 * 4 * 32
+    result = train(tiny_config(max_steps=1000, eval_interval=1000, max_tokens=budget), run_name="t")
+    assert result.stopped == "token_limit"
+    with pytest.raises(TrainingError, match="--max-tokens budget of 384: pass a larger --max-tokens"):
+        train(tiny_config(max_steps=1000, eval_interval=1000, max_tokens=budget), run_name="t", resume=True)
+    more = train(tiny_config(max_steps=1000, eval_interval=1000, max_tokens=2 * budget), run_name="t", resume=True)
+    assert more.stopped == "token_limit" and more.steps == 6

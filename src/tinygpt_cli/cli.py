@@ -46,10 +46,15 @@ class TinyGPTGroup(TyperGroup):
                 import traceback
 
                 traceback.print_exc()
-            from rich.markup import escape
-
-            _stderr_console(quiet=False).print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(1) from None
+
+
+def print_error(exc: Exception) -> None:
+    """The one-line `error: ...` on stderr (shown under --quiet too)."""
+    from rich.markup import escape
+
+    _stderr_console(quiet=False).print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
 
 
 app = typer.Typer(
@@ -169,6 +174,9 @@ def tokenize(
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet.")] = "text",
     workers: Annotated[int | None, typer.Option(help="Tokenizer threads (default: all cores).")] = None,
     restart: Annotated[bool, typer.Option(help="Discard an interrupted run's progress and start over.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a dataset of this name tokenized from another source.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Tokenize a corpus with the GPT-2 BPE into data/<name>/{train,val}.bin + meta.json (streaming, resumable)."""
@@ -214,6 +222,7 @@ def tokenize(
             text_field=text_field,
             workers=workers,
             restart=restart,
+            force=force,
             on_event=on_event,
         )
     except KeyboardInterrupt:
@@ -239,13 +248,14 @@ def tokenize(
                     "path": str(result.path),
                     "seconds": result.seconds,
                     "resumed_documents": result.resumed_documents,
+                    "resumed_tokens": result.resumed_tokens,
                     "workers": result.workers,
                     **meta,
                 }
             )
         )
         return
-    tokens = train["tokens"] + val["tokens"]
+    tokens = train["tokens"] + val["tokens"] - result.resumed_tokens  # this run's work
     print(
         f"Wrote {result.path}: {_fmt_int(train['tokens'])} train tokens ({_fmt_int(train['documents'])} docs), "
         f"{_fmt_int(val['tokens'])} val tokens ({_fmt_int(val['documents'])} docs) from "
@@ -373,9 +383,14 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
             row["license"],
             row["status"],
         )
+    _print_table(table)
+
+
+def _print_table(table) -> None:
+    """A table on stdout; piped, wide enough that no cell (a run name to copy) is cut."""
     console = _stdout_console()
-    if not console.is_terminal:  # piped: no terminal width to respect, keep each corpus on one line
-        console.width = 150
+    if not console.is_terminal:  # no terminal width to respect: one line per row
+        console.width = 200
     console.print(table)
 
 
@@ -502,11 +517,18 @@ def train(
         return
     if as_json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}))
-        return
+    else:
+        _print_train_result(result)
+    if result.stopped == "interrupted":  # not a finished run: `train && export` must not go on
+        raise typer.Exit(128 + stop.signal if stop.signal else 130)
+
+
+def _print_train_result(result) -> None:
     out = _stdout_console()
     val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"  # none logged yet
     out.print(
-        f"Run {result.run_dir}: step {result.steps}, train loss {result.final_loss or float('nan'):.4f}, "
+        f"Run {result.run_dir}: step {result.steps}, train loss {loss}, "
         f"val loss {val} (unigram baseline {result.unigram_val_loss:.4f}), "
         f"{_fmt_seconds(result.seconds)}, {_fmt_int(result.tokens_per_s)} tokens/s"
     )
@@ -516,7 +538,8 @@ def train(
             "time_limit": "Reached --max-minutes",
             "token_limit": "Reached --max-tokens",
         }.get(result.stopped, "Stopped")
-        out.print(f"{why}; checkpoint saved. Continue with: tinygpt train --resume --name {result.run_dir.name}")
+        more = " --max-tokens N (more than the tokens seen so far)" if result.stopped == "token_limit" else ""
+        out.print(f"{why}; checkpoint saved. Continue with: tinygpt train --resume --name {result.run_dir.name}{more}")
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
@@ -680,7 +703,7 @@ def generate(
     """Sample text from a trained run (the latest by default), streaming it to stdout."""
     from tinygpt_cli.config import SampleConfig
     from tinygpt_cli.errors import GenerationError
-    from tinygpt_cli.sample import check_settings, load_model, read_prompt
+    from tinygpt_cli.sample import check_settings, load_model, read_prompt, read_stdin_prompt
 
     if compile_mode not in ("auto", "on", "off"):
         raise GenerationError(f"--compile must be one of auto, on, off (got {compile_mode!r})")
@@ -718,22 +741,31 @@ def generate(
     )
     view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err)
     if not interactive:
-        view.once(text if text is not None else sys.stdin.read(), settings["seed"], echo_prompt=True)
+        view.once(text if text is not None else read_stdin_prompt(), settings["seed"], echo_prompt=True)
         return
     err.print("Type a prompt and press Enter; Ctrl-C cuts a sample short, Ctrl-D leaves.")
+    # stdout may be a file (`> samples.jsonl`): the prompt and the line breaks of the loop go to the terminal then
+    chrome = sys.stdout if sys.stdout.isatty() else sys.stderr
     turn = 0
     while True:
         try:
-            line = input("> ")
+            if chrome is sys.stdout:
+                line = input("> ")
+            else:
+                chrome.write("> ")
+                chrome.flush()
+                line = input()
         except (EOFError, KeyboardInterrupt):
-            sys.stdout.write("\n")
+            chrome.write("\n")
             return
         if not line.strip():
             continue
         try:  # a new seed per prompt, so asking again gives another sample
             view.once(line, settings["seed"] + turn, echo_prompt=False)
         except KeyboardInterrupt:
-            sys.stdout.write("\n")
+            chrome.write("\n")
+        except TinyGPTError as exc:  # one bad prompt (too long, ...) does not end the session
+            print_error(exc)
         turn += 1
 
 
@@ -754,6 +786,9 @@ class _GenerateView:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
+        from tinygpt_cli.sample import check_prompt_fits, encode_prompt
+
+        check_prompt_fits(encode_prompt(text), self.loaded.model)  # before anything reaches stdout
         if stream and echo_prompt:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -1176,7 +1211,7 @@ def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row
     table = Table(*columns)
     for summary in summaries:
         table.add_row(*row(summary))
-    _stdout_console().print(table)
+    _print_table(table)
 
 
 @runs_app.command("show", epilog="Examples:  tinygpt runs show  ·  tinygpt runs show my-run")

@@ -399,6 +399,7 @@ class TokenizeResult:
     seconds: float = 0.0
     resumed_documents: int = 0  # documents an interrupted earlier run had already done
     workers: int = 0
+    resumed_tokens: int = 0  # tokens it had written (not this run's work)
 
 
 @dataclass(frozen=True)
@@ -436,13 +437,15 @@ def tokenize(
     text_field: str = "text",
     workers: int | None = None,
     restart: bool = False,
+    force: bool = False,
     on_event: Callable[[TokenizeEvent], None] | None = None,
 ) -> TokenizeResult:
     """Tokenize a corpus into `data/<name>/`, streaming, in parallel, resumably. See the module docstring.
 
     `source`: None or "shakespeare" (the embedded corpus), a downloaded dataset's name, or a file, folder or glob
     of .txt/.jsonl(.gz)/.parquet files. `workers`: encoding threads (default: every core this process may use).
-    An interrupted run is continued by the next call with the same arguments unless `restart`.
+    An interrupted run is continued by the next call with the same arguments unless `restart`. A dataset of
+    that name made from another source is replaced only with `force` (runs trained on it would read new data).
     """
     from tinygpt_cli.tokenizer import get_encoding
 
@@ -456,6 +459,8 @@ def tokenize(
     started = time.perf_counter()
     src = resolve_source(source, text_field)
     dataset_name = _output_name(name, src)
+    if not force:
+        _check_not_another_source(workspace.data_dir() / dataset_name, src)
     encoding = get_encoding()
     workers = workers or available_cpus()
 
@@ -482,7 +487,7 @@ def tokenize(
             counters, note = partial.open(restart)
             if note:
                 emit(TokenizeEvent("info", message=note))
-            resumed_documents = counters.documents
+            resumed_documents, resumed_tokens = counters.documents, partial.tokens
             emit(TokenizeEvent("plan", source=src.description, documents=plan.selected_count,
                                total_documents=src.documents, total_text_bytes=total_bytes,
                                estimated_tokens=estimated_tokens, resumed_documents=resumed_documents,
@@ -513,7 +518,7 @@ def tokenize(
                        total_text_bytes=total_bytes, resumed_documents=resumed_documents, workers=workers,
                        seconds=seconds))
     return TokenizeResult(dataset_name, final_dir, meta, counters.skipped_empty, list(counters.undecodable),
-                          seconds, resumed_documents, workers)
+                          seconds, resumed_documents, workers, resumed_tokens)
 
 
 def _output_name(name: str | None, src: Source) -> str:
@@ -645,8 +650,7 @@ def _meta(
     counters: _Counters,
     splits: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    source: dict[str, Any] = {"kind": src.kind, "spec": src.description if src.kind == "local" else src.name,
-                              "text_field": src.text_field if src.kind != "embedded" else None}
+    source = _source_of(src)
     if src.provenance:
         source["download"] = src.provenance
     return {
@@ -696,6 +700,27 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _source_of(src: Source) -> dict[str, Any]:
+    """What meta.json records as the source (its `download` provenance aside)."""
+    return {"kind": src.kind, "spec": src.description if src.kind == "local" else src.name,
+            "text_field": src.text_field if src.kind != "embedded" else None}
+
+
+def _check_not_another_source(folder: Path, src: Source) -> None:
+    """Refuse to replace a dataset tokenized from another source: runs that trained on it would go on silently
+    with other data. The same source (other settings, or a re-run) may replace it."""
+    try:
+        old = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing there, or nothing readable to protect
+    new = _source_of(src)
+    if {key: old.get(key) for key in new} != new:
+        raise DataError(
+            f"data/{folder.name} already holds a dataset tokenized from {old.get('spec')}: pick another --name, "
+            f"or pass --force to replace it (runs trained on it would then read the new data)"
+        )
 
 
 def _replace_dir(new: Path, final: Path) -> None:

@@ -74,6 +74,8 @@ def run_report(spec: str | None) -> tuple[Path, str]:
     from tinygpt_cli.checkpoint import find_run
 
     run_dir = find_run(spec)
+    if run_dir.parent.name == "checkpoints":  # a checkpoint folder: its run's report
+        run_dir = run_dir.parent.parent
     report = run_dir / REPORT_FILE
     if not report.is_file():
         raise CheckpointError(

@@ -524,10 +524,7 @@ def generate(
     prompt = list(prompt) or [EOT_ID]
     if flush_every is not None and flush_every < 1:
         raise ValueError(f"flush_every must be at least 1 (got {flush_every})")
-    if len(prompt) > block:
-        raise GenerationError(
-            f"the prompt is {len(prompt)} tokens but the model's context is {block}: shorten the prompt"
-        )
+    check_prompt_fits(prompt, model)
     if any(not 0 <= token < model.config.vocab_size for token in prompt):
         raise GenerationError(f"the prompt holds token ids outside the vocabulary (0..{model.config.vocab_size - 1})")
     stats = stats if stats is not None else GenerationStats()
@@ -802,10 +799,9 @@ def load_model(spec: str | Path | None = None, device: str = "auto", dtype: str 
 
 def read_prompt(path: str | Path) -> str:
     """The text of a prompt file ("-": standard input), as it is: a final newline is part of the prompt."""
-    import sys
 
     if str(path) == "-":
-        return sys.stdin.read()
+        return read_stdin_prompt()
     path = Path(path).expanduser()
     try:
         return path.read_text(encoding="utf-8")
@@ -815,6 +811,28 @@ def read_prompt(path: str | Path) -> str:
         raise GenerationError(f"prompt file {path} is not UTF-8 text: convert it, e.g. iconv -t utf-8") from None
     except OSError as exc:
         raise GenerationError(f"cannot read prompt file {path} ({exc.strerror}): check the path") from None
+
+
+def read_stdin_prompt() -> str:
+    """All of standard input as the prompt, as it is; bytes that are not UTF-8 are an error, as in a prompt file."""
+    import sys
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # replaced by a text-only stream (tests, notebooks): already decoded
+        return sys.stdin.read()
+    try:
+        return stream.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise GenerationError("standard input is not UTF-8 text: convert it, e.g. iconv -t utf-8") from None
+
+
+def check_prompt_fits(prompt_ids: Sequence[int], model: GPT) -> None:
+    """Raise a GenerationError if the prompt is longer than the model's context."""
+    block = model.config.block_size
+    if len(prompt_ids) > block:
+        raise GenerationError(
+            f"the prompt is {len(prompt_ids)} tokens but the model's context is {block}: shorten the prompt"
+        )
 
 
 def sample_text(

@@ -413,7 +413,11 @@ def _text_of(row: Any, text_field: str, where: str) -> str:
         fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
         raise DataError(f"{where} has no {text_field!r} field (found: {fields}): pass --text-field NAME")
     value = row[text_field]
-    return value if isinstance(value, str) else ""
+    if value is None or isinstance(value, str):  # null: a missing document, skipped as empty
+        return value or ""
+    kind = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+    raise DataError(f"{where}: {text_field!r} holds {kind}, not text: pass --text-field NAME (a field of text)")
 
 
 def _parquet_documents(
@@ -483,11 +487,14 @@ def _safe_cut(data: bytes, limit: int) -> int:
 
 
 def cut_tail(text: str, share: float) -> tuple[str, str]:
-    """Split `text` at the line break nearest before its last `share`; both parts non-empty when possible."""
+    """Split `text` at the line break nearest before its last `share` (a space where there is none, a character
+    only in text with neither); both parts non-empty when possible."""
     cut = int(len(text) * (1.0 - share))
     newline = text.rfind("\n", 0, cut)
     if newline <= 0:
-        newline = cut
+        newline = text.rfind(" ", 0, cut)
+    if newline <= 0:
+        newline = max(cut, 1) - 1  # the last character before the cut ends the first part
     return text[: newline + 1], text[newline + 1 :]
 
 

@@ -259,6 +259,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.reason = ""
+        self.signal = 0  # the signal that set it (0: none, or set another way)
 
     def __bool__(self) -> bool:
         return bool(self.reason)
@@ -276,7 +277,7 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         if flag:
             raise KeyboardInterrupt  # second signal: stop at once
-        flag.reason = "interrupted"
+        flag.reason, flag.signal = "interrupted", signum
 
     for sig in previous:
         signal.signal(sig, handler)
@@ -705,6 +706,17 @@ class _Trainer:
         self.skipped = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.started = time.perf_counter()
+        if self.checkpoint is not None:  # before anything is written: a resume with nothing to do changes nothing
+            if start_step >= tc.max_steps:
+                raise TrainingError(
+                    f"run {self.run_dir.name} is already at step {start_step} of {tc.max_steps}: pass a larger "
+                    f"--max-steps to train it further"
+                )
+            if tc.max_tokens and self.tokens_seen >= tc.max_tokens:
+                raise TrainingError(
+                    f"run {self.run_dir.name} has seen {self.tokens_seen:,} tokens, its --max-tokens budget of "
+                    f"{tc.max_tokens:,}: pass a larger --max-tokens (or --set train.max_tokens=0 for none) to go on"
+                )
         self.eval_model = self.forward_model.module if (info.enabled and not self.fsdp) else self.forward_model
         if info.is_main:
             write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
