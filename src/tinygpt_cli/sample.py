@@ -338,18 +338,20 @@ class PromptLookup:
     only saves passes where the draw agrees with it, so the tokens are the same with or without guessing.
 
     A match that runs into the newest tokens continues periodically (after `a b a b`, `a b` guesses `a b a b...`),
-    which is what repetitive text does. A pass over guessed tokens costs more than a one-token step (on a CPU a
-    second row through the head costs about half a step), so a guess is only checked where guesses of its kind
-    have been right: every step scores what the newest n-gram would have guessed against the token drawn (free:
-    no model pass), and guesses from an n-gram length whose running hit rate is under `MIN_HIT_RATE` stay
-    unchecked. The guess length doubles (up to `MAX_GUESS`) while every guessed token is taken and halves when the
-    first is not.
+    which is what repetitive text does. A pass over guessed tokens costs more than a one-token step, so a guess
+    is only checked where guesses of its kind have been right: every step scores what the newest n-gram would
+    have guessed against the token drawn (free: no model pass), and guesses from an n-gram length whose running
+    hit rate is under `MIN_HIT_RATE` stay unchecked. The guess length doubles (up to `MAX_GUESS`) while every
+    guessed token is taken and halves when the first is not.
     """
 
     MAX_NGRAM = 3
     MAX_GUESS = 16
-    MIN_HIT_RATE = 0.5  # a second row costs about half a step: below this a checked guess loses time on average
-    FIRST_HIT_RATE = 0.7  # before any evidence: two misses in a row stop a kind of guess from being checked
+    # A pass over 2 rows cost 1.5-2x a one-row step on CPU (micro: the head's product does not stay memory-bound),
+    # so a guess must be right most of the time to pay: measured on a trained micro model, 0.5 lost time on
+    # sampled text and 0.8 did not, while greedy text kept its gain (docs/performance.md).
+    MIN_HIT_RATE = 0.8
+    FIRST_HIT_RATE = 0.9  # before any evidence: one miss stops a kind of guess from being checked
     SMOOTHING = 0.2  # weight of the newest guess in the running hit rate
     KEEP = 4096  # tokens of history searched (older ones are forgotten: memory stays bounded)
 
