@@ -306,19 +306,25 @@ def test_a_vanishing_temperature_is_greedy_not_an_overflow(model):
     assert torch.equal(_run(model, [1, 2], 8, temperature=1e-45, seed=0), greedy)
 
 
+def _nan_from_call(monkeypatch, name: str, first: int) -> dict:
+    """Make `sample.<name>` return NaN logits from its `first`-th call on; returns the call counter."""
+    real = getattr(sample, name)
+    calls = {"n": 0}
+
+    def nan_from_then_on(*args, **kwargs):
+        calls["n"] += 1
+        logits = real(*args, **kwargs)
+        return logits.clone().fill_(float("nan")) if calls["n"] >= first else logits
+
+    monkeypatch.setattr(sample, name, nan_from_then_on)
+    return calls
+
+
 @pytest.mark.parametrize("flush_every", [1, 3, 16])
 def test_non_finite_logits_stop_at_the_same_token_whatever_the_flush(model, monkeypatch, flush_every):
     """Logits turn NaN at the 6th step: the 5 tokens before it are yielded, then the error, for any chunk size;
     a sample that already ended at <|endoftext|> is not hurt by what its extra steps compute."""
-    real = sample._last_logits
-    calls = {"n": 0}
-
-    def nan_from_the_sixth(*args, **kwargs):
-        calls["n"] += 1
-        logits = real(*args, **kwargs)
-        return logits.clone().fill_(float("nan")) if calls["n"] >= 6 else logits
-
-    monkeypatch.setattr(sample, "_last_logits", nan_from_the_sixth)
+    calls = _nan_from_call(monkeypatch, "_last_logits", 6)
     got = []
     with pytest.raises(GenerationError, match="non-finite logits"):
         for tokens in generate(model, [1, 2], 12, temperature=0.8, seed=0, flush_every=flush_every, lookahead=False):
@@ -439,15 +445,7 @@ def test_look_ahead_off_where_it_cannot_help(model):
 
 def test_look_ahead_stops_at_eot_and_at_non_finite_logits(model, eot_model, monkeypatch):
     assert _run(eot_model, [EOT_ID, 1, EOT_ID], 10, temperature=0, stop_at_eot=True).tolist() == [[EOT_ID]]
-    real = sample._all_logits
-    calls = {"n": 0}
-
-    def nan_from_the_fourth_pass(*args, **kwargs):
-        calls["n"] += 1
-        logits = real(*args, **kwargs)
-        return logits.clone().fill_(float("nan")) if calls["n"] >= 4 else logits
-
-    monkeypatch.setattr(sample, "_all_logits", nan_from_the_fourth_pass)
+    _nan_from_call(monkeypatch, "_all_logits", 4)
     stats = GenerationStats()
     with pytest.raises(GenerationError, match="non-finite logits"):
         list(generate(model, [7, 7, 7], 100, temperature=0, stats=stats))
