@@ -516,3 +516,20 @@ def test_a_single_document_without_line_breaks_is_cut_at_a_space():
     assert cut_tail("only one doc", 0.1) == ("only one ", "doc")  # was "only one do" | "c"
     assert cut_tail("first line\nsecond line", 0.3) == ("first line\n", "second line")
     assert cut_tail("abcdefghij", 0.1) == ("abcdefghi", "j")  # neither: a character
+    head, tail = cut_tail("Title\n" + "word " * 2000, 0.1)  # an early title line: not 6 chars against 10,000
+    assert len(tail) < 0.15 * len(head) and head.endswith(" ") and tail.startswith("word")
+
+
+def test_the_same_file_typed_another_way_is_the_same_source(workspace, monkeypatch):
+    """The check compared the path as typed: ./a.jsonl was refused, another folder's a.jsonl was taken."""
+    (workspace / "one").mkdir()
+    (workspace / "two").mkdir()
+    _write_jsonl(workspace / "one" / "a.jsonl", _docs(40))
+    _write_jsonl(workspace / "two" / "a.jsonl", _docs(50))
+    monkeypatch.chdir(workspace / "one")
+    assert runner.invoke(app, ["tokenize", "a.jsonl"]).exit_code == 0
+    for same in ("./a.jsonl", str(workspace / "one" / "a.jsonl")):
+        assert runner.invoke(app, ["tokenize", same]).exit_code == 0, same
+    assert runner.invoke(app, ["tokenize", "a.jsonl", "--text-field", "text"]).exit_code == 0
+    monkeypatch.chdir(workspace / "two")
+    _one_line_error(runner.invoke(app, ["tokenize", "a.jsonl"]), "data/a already holds a dataset tokenized from")

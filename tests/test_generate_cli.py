@@ -144,6 +144,25 @@ def test_interactive_prompt_loop(run, monkeypatch):
     assert text.exit_code == 0 and "> " not in text.stdout and "ROMEO:" not in text.stdout and text.stdout.strip()
 
 
+def test_a_sample_cut_short_ends_its_line_in_the_output(run, monkeypatch):
+    """With stdout redirected, Ctrl-C's line break went to stderr and the next sample ran into the cut one."""
+    import sys
+
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    calls = {"n": 0}
+
+    def once(self, text, seed, echo_prompt):
+        calls["n"] += 1
+        sys.stdout.write(f"sample-{calls['n']}")
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # the user cuts the first sample short
+        sys.stdout.write("\n")
+
+    monkeypatch.setattr(cli._GenerateView, "once", once)
+    result = generate(input="first\nsecond\n")
+    assert result.exit_code == 0 and result.stdout == "sample-1\nsample-2\n"
+
+
 def test_from_a_checkpoint_folder_past_the_context_and_in_bf16(run):
     result = generate("ROMEO:", "--run", str(run), "--max-new-tokens", "80", "--dtype", "bf16", "--json")
     assert result.exit_code == 0, result.output
@@ -183,8 +202,8 @@ def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
     (["--prompt-file", "missing.txt"], "missing.txt does not exist"),
     (["--run", "nope"], " at nope"),
     (["--num-samples", "1000000000"], "ask for fewer samples"),
-    (["--lookahead", "--num-samples", "2"], "--lookahead works for one sample"),
-    (["--lookahead", "--compile", "on"], "--lookahead works for one sample"),
+    (["--lookahead", "--num-samples", "2"], "--lookahead works for one sample: drop --num-samples"),
+    (["--lookahead", "--compile", "on"], "--lookahead needs the uncompiled decode step: add --compile off"),
 ])
 def test_bad_input_is_one_line(run, args, fragment):
     assert_one_line_error(generate("x", *args) if "--prompt-file" not in args else generate(*args), fragment)

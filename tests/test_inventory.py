@@ -37,6 +37,9 @@ def test_runs_and_data_listings(with_shakespeare):
     assert_one_line_error(invoke("runs", "show", "nosuch"), "no run or checkpoint at nosuch")
     checkpoint = invoke("runs", "show", str(result.run_dir / "checkpoints" / "step_2"))  # wrongly said "no report"
     assert checkpoint.exit_code == 0 and checkpoint.stdout == report.stdout
+    odd = result.run_dir.parent.parent / "ck" / "checkpoints" / "myrun"  # a run in a folder named checkpoints
+    odd.mkdir(parents=True)
+    assert_one_line_error(invoke("runs", "show", str(odd)), "myrun has no report.md yet")
     import shutil
 
     long_name = "micro-shakespeare-20261126-052233"

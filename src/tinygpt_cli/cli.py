@@ -692,8 +692,8 @@ def generate(
     ] = "auto",
     lookahead: Annotated[
         bool | None, typer.Option("--lookahead/--no-lookahead", help="Guess tokens from earlier text and check the "
-                                  "guesses in one pass; same tokens, fewer passes (default: on for one sample, "
-                                  "uncompiled, off CUDA).")
+                                  "guesses in one pass: fewer passes, the same tokens up to float rounding (default: "
+                                  "on for one sample, uncompiled, off CUDA).")
     ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print tokens/s and time to first token on stderr.")
@@ -728,9 +728,10 @@ def generate(
     interactive = text is None and _stdin_is_interactive()
     use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda" and (
         interactive or settings["max_new_tokens"] >= COMPILE_PAYS_FROM_TOKENS))
-    if lookahead and (use_compile or num_samples > 1):
-        raise GenerationError("--lookahead works for one sample with an uncompiled step: drop --num-samples or "
-                              "add --compile off")
+    if lookahead and num_samples > 1:
+        raise GenerationError("--lookahead works for one sample: drop --num-samples or --lookahead")
+    if lookahead and use_compile:
+        raise GenerationError("--lookahead needs the uncompiled decode step: add --compile off or drop --lookahead")
     settings["lookahead"] = lookahead
     err = _stderr_console()
     step = loaded.state.get("step")
@@ -762,8 +763,8 @@ def generate(
             continue
         try:  # a new seed per prompt, so asking again gives another sample
             view.once(line, settings["seed"] + turn, echo_prompt=False)
-        except KeyboardInterrupt:
-            chrome.write("\n")
+        except KeyboardInterrupt:  # the sample was cut short: end its line where the samples go
+            sys.stdout.write("\n")
         except TinyGPTError as exc:  # one bad prompt (too long, ...) does not end the session
             print_error(exc)
         turn += 1

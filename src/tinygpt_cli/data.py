@@ -459,8 +459,6 @@ def tokenize(
     started = time.perf_counter()
     src = resolve_source(source, text_field)
     dataset_name = _output_name(name, src)
-    if not force:
-        _check_not_another_source(workspace.data_dir() / dataset_name, src)
     encoding = get_encoding()
     workers = workers or available_cpus()
 
@@ -482,6 +480,8 @@ def tokenize(
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256}
     with exclusive(out_root / f".{dataset_name}.lock", f"data/{dataset_name}"):
+        if not force:  # under the lock: another tokenize cannot publish in between
+            _check_not_another_source(final_dir, src)
         partial = _Partial(partial_dir, job)
         try:
             counters, note = partial.open(restart)
@@ -703,20 +703,24 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _source_of(src: Source) -> dict[str, Any]:
-    """What meta.json records as the source (its `download` provenance aside)."""
-    return {"kind": src.kind, "spec": src.description if src.kind == "local" else src.name,
+    """What meta.json records as the source (its `download` provenance aside); `location`: a local source's
+    absolute path (or glob), whatever folder it was typed from."""
+    local = src.kind == "local"
+    return {"kind": src.kind, "spec": src.description if local else src.name,
+            "location": str(Path(src.description).expanduser().resolve()) if local else None,
             "text_field": src.text_field if src.kind != "embedded" else None}
 
 
 def _check_not_another_source(folder: Path, src: Source) -> None:
     """Refuse to replace a dataset tokenized from another source: runs that trained on it would go on silently
-    with other data. The same source (other settings, or a re-run) may replace it."""
+    with other data. The same source (other settings, `--text-field` included, or a re-run) may replace it."""
     try:
         old = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["source"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # nothing there, or nothing readable to protect
     new = _source_of(src)
-    if {key: old.get(key) for key in new} != new:
+    where = "location" if old.get("location") else "spec"  # datasets from before `location` was recorded
+    if old.get("kind") != new["kind"] or old.get(where) != new[where]:
         raise DataError(
             f"data/{folder.name} already holds a dataset tokenized from {old.get('spec')}: pick another --name, "
             f"or pass --force to replace it (runs trained on it would then read the new data)"

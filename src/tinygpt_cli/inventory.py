@@ -71,11 +71,11 @@ def list_run_summaries() -> list[RunSummary]:
 
 def run_report(spec: str | None) -> tuple[Path, str]:
     """(path, text) of a run's report.md; `spec` is a run name or folder, None the latest run."""
-    from tinygpt_cli.checkpoint import find_run
+    from tinygpt_cli.checkpoint import STATE_FILE, WEIGHTS_FILE, find_run
 
     run_dir = find_run(spec)
-    if run_dir.parent.name == "checkpoints":  # a checkpoint folder: its run's report
-        run_dir = run_dir.parent.parent
+    if (run_dir / STATE_FILE).is_file() or (run_dir / WEIGHTS_FILE).is_file():  # a checkpoint folder
+        run_dir = run_dir.parent.parent  # runs/<name>/checkpoints/step_N -> runs/<name>
     report = run_dir / REPORT_FILE
     if not report.is_file():
         raise CheckpointError(

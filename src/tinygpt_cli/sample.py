@@ -288,8 +288,7 @@ def _last_logits(model: GPT, idx: torch.Tensor, cache: KVCache | StaticDecodeVie
 
     `head_t`: the head's weight transposed, (C, V) contiguous, to multiply with instead (see `_cpu_head`).
     """
-    hidden = model.hidden_states(idx, cache)[:, -1]  # (B, C)
-    return model.lm_head(hidden) if head_t is None else hidden @ head_t
+    return _head(model, model.hidden_states(idx, cache)[:, -1], head_t)  # (B, C) -> (B, V)
 
 
 def decode_layout(model: GPT) -> GPT:
@@ -335,7 +334,8 @@ class PromptLookup:
     """Guesses of the next tokens from the text so far (prompt lookup): where the newest `MAX_NGRAM`, 2 or 1 tokens
     occurred before, the tokens that followed them then. `generate` checks a guess in one pass of the model over
     the newest token and the guessed ones; each token is still drawn from the model's own distribution, and a guess
-    only saves passes where the draw agrees with it, so the tokens are the same with or without guessing.
+    only saves passes where the draw agrees with it, so the tokens are the same with or without guessing, up to
+    float rounding (a pass over several rows rounds the logits differently, which can flip a near-tie).
 
     A match that runs into the newest tokens continues periodically (after `a b a b`, `a b` guesses `a b a b...`),
     which is what repetitive text does. A pass over guessed tokens costs more than a one-token step, so a guess
@@ -545,6 +545,9 @@ def generate(
     free = free_memory(device)
     if free is not None and need > free:
         raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}", use_cache)
+    guesser: PromptLookup | None = None
+    guessed: list[tuple[int, torch.Tensor]] = []  # (guessed token, logits row (1, V) that follows it), in order
+    proposed = accepted = verify_start = 0  # guesses of the last look-ahead pass, taken; where its cache began
     try:
         # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
         # sequence[:, flushed:length] what is not handed out yet. A window jump moves both to the front, so the
@@ -571,8 +574,6 @@ def generate(
         static_steps = 0
         flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
         guesser = PromptLookup(prompt) if look_ahead else None
-        guessed: list[tuple[int, torch.Tensor]] = []  # (guessed token, logits row (1, V) that follows it), in order
-        proposed = accepted = verify_start = 0  # of the last look-ahead pass; the cache position it started at
 
         head_t = _cpu_head(model)
         if cache is not None:  # one prefill for all samples: they share the prompt
@@ -590,6 +591,9 @@ def generate(
                 finished |= next_token == EOT_ID
             sequence[:, length] = next_token
             length += 1
+            if guesser is not None:
+                token = int(next_token[0])
+                guesser.push(token)
             if seen is not None:
                 seen.scatter_(1, next_token[:, None], True)
             last = produced == max_new_tokens - 1
@@ -621,14 +625,11 @@ def generate(
                     cache.reset()
                     logits = _last_logits(model, sequence[:, start:length], cache, head_t)
                     if guesser is not None:
-                        guesser.push(int(next_token[0]))
                         proposed = _settle_guesses(guesser, stats, guessed, proposed, accepted)
                     continue
             if cache is None:
                 logits = _last_logits(model, sequence[:, start:length], None, head_t)
             elif guesser is not None:
-                token = int(next_token[0])
-                guesser.push(token)
                 if guessed and guessed[0][0] == token:  # the guess was right: its row is the next logits
                     logits = guessed.pop(0)[1]
                     accepted += 1
@@ -654,11 +655,18 @@ def generate(
         if not out_of_memory(exc):
             raise
         raise _memory_error(num_samples, need, f"{device.type} could allocate", use_cache) from None
+    finally:  # however it ends (done, stopped, closed early): count the last look-ahead pass too
+        if guesser is not None and proposed:
+            _settle_guesses(guesser, stats, guessed, proposed, accepted)
 
 
 def _all_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head_t: torch.Tensor | None) -> torch.Tensor:
     """Logits (T, V) of every position of `idx` (1, T), through the cache."""
-    hidden = model.hidden_states(idx, cache)[0]  # (T, C)
+    return _head(model, model.hidden_states(idx, cache)[0], head_t)  # (T, C) -> (T, V)
+
+
+def _head(model: GPT, hidden: torch.Tensor, head_t: torch.Tensor | None) -> torch.Tensor:
+    """The vocabulary head on hidden states (N, C) -> logits (N, V), through `head_t` where given."""
     return model.lm_head(hidden) if head_t is None else hidden @ head_t
 
 

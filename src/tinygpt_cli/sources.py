@@ -487,12 +487,12 @@ def _safe_cut(data: bytes, limit: int) -> int:
 
 
 def cut_tail(text: str, share: float) -> tuple[str, str]:
-    """Split `text` at the line break nearest before its last `share` (a space where there is none, a character
-    only in text with neither); both parts non-empty when possible."""
+    """Split `text` at the line break nearest before its last `share` (a space where there is none in the second
+    half before it, a character only in text with neither); both parts non-empty when possible."""
     cut = int(len(text) * (1.0 - share))
     newline = text.rfind("\n", 0, cut)
-    if newline <= 0:
-        newline = text.rfind(" ", 0, cut)
+    if newline < cut // 2:  # none, or only far before the cut (a title line): a space nearer it will do
+        newline = max(newline, text.rfind(" ", 0, cut))
     if newline <= 0:
         newline = max(cut, 1) - 1  # the last character before the cut ends the first part
     return text[: newline + 1], text[newline + 1 :]

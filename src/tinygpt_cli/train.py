@@ -677,6 +677,9 @@ class _Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
+    def _token_budget_spent(self) -> bool:
+        return bool(self.tc.max_tokens) and self.tokens_seen >= self.tc.max_tokens
+
     def _stop_reason(self, step: int) -> str:
         """Why to stop now ("" = go on), agreed by all ranks so none waits in a collective alone."""
         tc = self.tc
@@ -686,7 +689,7 @@ class _Trainer:
         elif (tc.max_minutes and step > self.session_first_step
               and time.perf_counter() - self.loop_started >= tc.max_minutes * 60):
             code = 2  # wall time of this invocation (a scheduler slot), after at least one step
-        elif tc.max_tokens and self.tokens_seen >= tc.max_tokens:
+        elif self._token_budget_spent():
             code = 1
         if self.info.enabled:
             code = int(dist.all_reduce(torch.tensor([code], device=self.device), op="max").item())
@@ -712,7 +715,7 @@ class _Trainer:
                     f"run {self.run_dir.name} is already at step {start_step} of {tc.max_steps}: pass a larger "
                     f"--max-steps to train it further"
                 )
-            if tc.max_tokens and self.tokens_seen >= tc.max_tokens:
+            if self._token_budget_spent():
                 raise TrainingError(
                     f"run {self.run_dir.name} has seen {self.tokens_seen:,} tokens, its --max-tokens budget of "
                     f"{tc.max_tokens:,}: pass a larger --max-tokens (or --set train.max_tokens=0 for none) to go on"
