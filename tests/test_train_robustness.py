@@ -198,3 +198,15 @@ def test_a_resume_with_nothing_to_do_is_an_error_that_changes_nothing(with_shake
         train(tiny_config(max_steps=1000, eval_interval=1000, max_tokens=budget), run_name="t", resume=True)
     more = train(tiny_config(max_steps=1000, eval_interval=1000, max_tokens=2 * budget), run_name="t", resume=True)
     assert more.stopped == "token_limit" and more.steps == 6
+
+
+def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
+    """tokenize --force could swap the text under a run; resuming went on with the other data without a word."""
+    from tinygpt_cli import data
+
+    train(tiny_config(max_steps=2, eval_interval=1000), run_name="r")
+    other = workspace / "other.txt"
+    other.write_text("Some entirely different text, line after line.\n" * 4000, encoding="utf-8")
+    data.tokenize(str(other), name="shakespeare", force=True)
+    with pytest.raises(TrainingError, match="tokenized again from other text.*--init-from r"):
+        train(tiny_config(max_steps=4), run_name="r", resume=True)

@@ -660,7 +660,7 @@ class _Trainer:
                     "rng": rng_states[0], "rng_per_rank": rng_states if self.info.enabled else None,
                     "world_size": self.info.world_size, "skipped_steps": self.skipped, "fsdp": self.fsdp,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
-                             "next_step": step},
+                             "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256")},
                     "batch": {"batch_size": self.batch_size, "grad_accum": self.grad_accum},
                     "run_config": config_to_dict(self.cfg), "elapsed_s": self.elapsed(),
                     "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -709,7 +709,15 @@ class _Trainer:
         self.skipped = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.started = time.perf_counter()
-        if self.checkpoint is not None:  # before anything is written: a resume with nothing to do changes nothing
+        if self.checkpoint is not None:  # before anything is written: a resume that cannot go on changes nothing
+            trained_on = state.get("data") or {}
+            recorded, current = trained_on.get("train_sha256"), self.dataset.meta["splits"]["train"].get("sha256")
+            if trained_on.get("dataset") == self.dataset.name and recorded and current and recorded != current:
+                raise TrainingError(
+                    f"run {self.run_dir.name} trained on data/{self.dataset.name} as it was before it was tokenized "
+                    f"again from other text: resuming would go on with other data. Tokenize the original source "
+                    f"again, or start a new run from these weights with --init-from {self.run_dir.name}"
+                )
             if start_step >= tc.max_steps:
                 raise TrainingError(
                     f"run {self.run_dir.name} is already at step {start_step} of {tc.max_steps}: pass a larger "
