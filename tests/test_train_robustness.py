@@ -210,3 +210,8 @@ def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
     data.tokenize(str(other), name="shakespeare", force=True)
     with pytest.raises(TrainingError, match="tokenized again from other text.*--init-from r"):
         train(tiny_config(max_steps=4), run_name="r", resume=True)
+    from tinygpt_cli.evaluate import evaluate
+
+    events = []
+    evaluate("r", tokens=256, on_event=events.append, record=False)  # eval goes on, but says so
+    assert any("tokenized again from other text" in (event.message or "") for event in events)

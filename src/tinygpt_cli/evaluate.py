@@ -385,9 +385,15 @@ def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[Eva
     trained_on = [name for name in candidates if name]
     for name in trained_on:
         try:
-            return find_dataset(name)  # type: ignore[return-value]
+            dataset = find_dataset(name)
         except DataError:
             continue
+        recorded = state_data.get("train_sha256") if isinstance(state_data, dict) else None
+        current = dataset.meta["splits"]["train"].get("sha256")  # type: ignore[union-attr]
+        if recorded and current and recorded != current and state_data.get("dataset") == name:
+            emit(EvalEvent("info", message=f"data/{name} was tokenized again from other text after this run trained "
+                                           f"on it: these figures are on the new text."))
+        return dataset  # type: ignore[return-value]
     if trained_on:
         emit(EvalEvent("info", message=f"The run's dataset {trained_on[-1]!r} is not in this workspace."))
     dataset = find_dataset(None)
