@@ -463,6 +463,7 @@ class _Trainer:
                 )
             self.model.load_state_dict(loaded.model.state_dict())
             self.state = loaded.state
+            self._check_resumable()  # before the device, the compile and anything written
         self.model.to(self.device)
         self.fsdp = tc.fsdp and info.enabled
         if tc.fsdp and not info.enabled:
@@ -677,6 +678,30 @@ class _Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
+    def _check_resumable(self) -> None:
+        """Refuse a resume that cannot go on: nothing left under the budget, or the data replaced."""
+        state, tc = self.state, self.tc
+        trained_on = state.get("data") or {}
+        recorded, current = trained_on.get("train_sha256"), self.dataset.meta["splits"]["train"].get("sha256")
+        if trained_on.get("dataset") == self.dataset.name and recorded and current and recorded != current:
+            raise TrainingError(
+                f"run {self.run_dir.name} trained on data/{self.dataset.name} as it was before it was tokenized "
+                f"again from other text: resuming would go on with other data. Tokenize the original source "
+                f"again, or start a new run from these weights with --init-from {self.run_dir.name}"
+            )
+        step = int(state.get("step", 0))
+        if step >= tc.max_steps:
+            raise TrainingError(
+                f"run {self.run_dir.name} is already at step {step} of {tc.max_steps}: pass a larger "
+                f"--max-steps to train it further"
+            )
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        if self._token_budget_spent():
+            raise TrainingError(
+                f"run {self.run_dir.name} has seen {self.tokens_seen:,} tokens, its --max-tokens budget of "
+                f"{tc.max_tokens:,}: pass a larger --max-tokens (or --set train.max_tokens=0 for none) to go on"
+            )
+
     def _token_budget_spent(self) -> bool:
         return bool(self.tc.max_tokens) and self.tokens_seen >= self.tc.max_tokens
 
@@ -709,25 +734,6 @@ class _Trainer:
         self.skipped = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.started = time.perf_counter()
-        if self.checkpoint is not None:  # before anything is written: a resume that cannot go on changes nothing
-            trained_on = state.get("data") or {}
-            recorded, current = trained_on.get("train_sha256"), self.dataset.meta["splits"]["train"].get("sha256")
-            if trained_on.get("dataset") == self.dataset.name and recorded and current and recorded != current:
-                raise TrainingError(
-                    f"run {self.run_dir.name} trained on data/{self.dataset.name} as it was before it was tokenized "
-                    f"again from other text: resuming would go on with other data. Tokenize the original source "
-                    f"again, or start a new run from these weights with --init-from {self.run_dir.name}"
-                )
-            if start_step >= tc.max_steps:
-                raise TrainingError(
-                    f"run {self.run_dir.name} is already at step {start_step} of {tc.max_steps}: pass a larger "
-                    f"--max-steps to train it further"
-                )
-            if self._token_budget_spent():
-                raise TrainingError(
-                    f"run {self.run_dir.name} has seen {self.tokens_seen:,} tokens, its --max-tokens budget of "
-                    f"{tc.max_tokens:,}: pass a larger --max-tokens (or --set train.max_tokens=0 for none) to go on"
-                )
         self.eval_model = self.forward_model.module if (info.enabled and not self.fsdp) else self.forward_model
         if info.is_main:
             write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
