@@ -787,18 +787,14 @@ class _GenerateView:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        from tinygpt_cli.sample import check_prompt_fits, encode_prompt
-
-        check_prompt_fits(encode_prompt(text), self.loaded.model)  # before anything reaches stdout
-        if stream and echo_prompt:
-            sys.stdout.write(text)
-            sys.stdout.flush()
         result = sample_text(
             self.loaded.model,
             text,
             **{**self.settings, "seed": seed},
             compile=self.use_compile,
             on_text=on_text if stream else None,
+            # the prompt is echoed once it is known to fit: nothing reaches stdout before an error
+            on_start=(lambda: on_text(0, text)) if stream and echo_prompt else None,
         )
         stats = result.stats
         if stats.compile_error and not self.warned:

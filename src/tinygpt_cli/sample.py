@@ -545,9 +545,7 @@ def generate(
     free = free_memory(device)
     if free is not None and need > free:
         raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}", use_cache)
-    guesser: PromptLookup | None = None
-    guessed: list[tuple[int, torch.Tensor]] = []  # (guessed token, logits row (1, V) that follows it), in order
-    proposed = accepted = verify_start = 0  # guesses of the last look-ahead pass, taken; where its cache began
+    ahead: _LookAhead | None = None
     try:
         # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
         # sequence[:, flushed:length] what is not handed out yet. A window jump moves both to the front, so the
@@ -573,7 +571,7 @@ def generate(
         first_bad = torch.full((num_samples,), NEVER, dtype=torch.long, device=device)  # step of non-finite logits
         static_steps = 0
         flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
-        guesser = PromptLookup(prompt) if look_ahead else None
+        ahead = _LookAhead(prompt, stats) if look_ahead else None
 
         head_t = _cpu_head(model)
         if cache is not None:  # one prefill for all samples: they share the prompt
@@ -591,9 +589,9 @@ def generate(
                 finished |= next_token == EOT_ID
             sequence[:, length] = next_token
             length += 1
-            if guesser is not None:
+            if ahead is not None:
                 token = int(next_token[0])
-                guesser.push(token)
+                ahead.guesser.push(token)
             if seen is not None:
                 seen.scatter_(1, next_token[:, None], True)
             last = produced == max_new_tokens - 1
@@ -624,25 +622,14 @@ def generate(
                 if cache is not None:
                     cache.reset()
                     logits = _last_logits(model, sequence[:, start:length], cache, head_t)
-                    if guesser is not None:
-                        proposed = _settle_guesses(guesser, stats, guessed, proposed, accepted)
+                    if ahead is not None:
+                        ahead.settle()  # its rows were computed over the old window
                     continue
             if cache is None:
                 logits = _last_logits(model, sequence[:, start:length], None, head_t)
-            elif guesser is not None:
-                if guessed and guessed[0][0] == token:  # the guess was right: its row is the next logits
-                    logits = guessed.pop(0)[1]
-                    accepted += 1
-                else:
-                    if proposed:  # forget what the wrong guesses left in the cache
-                        cache.pos = verify_start + 1 + accepted
-                    proposed = _settle_guesses(guesser, stats, guessed, proposed, accepted)
-                    guesses = guesser.propose(min(block - (length - start), max_new_tokens - produced - 2))
-                    verify_start, proposed, accepted = cache.pos, len(guesses), 0
-                    rows = _all_logits(model, torch.tensor([[token, *guesses]], device=device), cache, head_t)
-                    logits = rows[:1]
-                    guessed.extend((guess, rows[i + 1 : i + 2]) for i, guess in enumerate(guesses))
-                    stats.model_passes += 1
+            elif ahead is not None:  # room: the window's and the tokens still to come
+                logits = ahead.next_logits(model, token, cache, head_t,
+                                           min(block - (length - start), max_new_tokens - produced - 2))
             elif view is None:
                 logits = _last_logits(model, sequence[:, length - 1 : length], cache, head_t)
             else:
@@ -656,8 +643,8 @@ def generate(
             raise
         raise _memory_error(num_samples, need, f"{device.type} could allocate", use_cache) from None
     finally:  # however it ends (done, stopped, closed early): count the last look-ahead pass too
-        if guesser is not None and proposed:
-            _settle_guesses(guesser, stats, guessed, proposed, accepted)
+        if ahead is not None:
+            ahead.settle()
 
 
 def _all_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head_t: torch.Tensor | None) -> torch.Tensor:
@@ -670,14 +657,42 @@ def _head(model: GPT, hidden: torch.Tensor, head_t: torch.Tensor | None) -> torc
     return model.lm_head(hidden) if head_t is None else hidden @ head_t
 
 
-def _settle_guesses(guesser: PromptLookup, stats: GenerationStats, guessed: list, proposed: int, accepted: int) -> int:
-    """Close the last look-ahead pass: count its `accepted` of `proposed` guesses, drop the rest. Returns 0."""
-    if proposed:
-        guesser.taken(proposed, accepted)
-        stats.guessed_tokens += proposed
-        stats.accepted_tokens += accepted
-    guessed.clear()
-    return 0
+class _LookAhead:
+    """`generate`'s look-ahead for one sample: the guesser, and the logits rows of the last pass's guesses that the
+    draws have not reached yet, with that pass's counts."""
+
+    def __init__(self, prompt: Sequence[int], stats: GenerationStats) -> None:
+        self.guesser = PromptLookup(prompt)
+        self.stats = stats
+        self.rows: list[tuple[int, torch.Tensor]] = []  # (guessed token, logits row (1, V) that follows it)
+        self.proposed = self.accepted = 0  # guesses of the last pass, and how many the draws took
+        self.start = 0  # the cache position the last pass started at
+
+    def next_logits(self, model: GPT, token: int, cache: KVCache, head_t: torch.Tensor | None,
+                    room: int) -> torch.Tensor:
+        """Logits (1, V) after `token`, the newest token drawn: the guessed row where the guess was right, else
+        from a pass over `token` and up to `room` new guesses (the wrong guesses' cache entries are dropped)."""
+        if self.rows and self.rows[0][0] == token:
+            self.accepted += 1
+            return self.rows.pop(0)[1]
+        if self.proposed:
+            cache.pos = self.start + 1 + self.accepted
+        self.settle()
+        guesses = self.guesser.propose(room)
+        self.start, self.proposed = cache.pos, len(guesses)
+        rows = _all_logits(model, torch.tensor([[token, *guesses]], device=cache.k[0].device), cache, head_t)
+        self.rows = [(guess, rows[i + 1 : i + 2]) for i, guess in enumerate(guesses)]
+        self.stats.model_passes += 1
+        return rows[:1]
+
+    def settle(self) -> None:
+        """Close the last pass: count its guesses and those taken, and drop the rows left."""
+        if self.proposed:
+            self.guesser.taken(self.proposed, self.accepted)
+            self.stats.guessed_tokens += self.proposed
+            self.stats.accepted_tokens += self.accepted
+        self.rows.clear()
+        self.proposed = self.accepted = 0
 
 
 def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: StaticDecodeView,
@@ -861,10 +876,12 @@ def sample_text(
     compile: bool = False,
     lookahead: bool | None = None,
     on_text: Callable[[int, str], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> SampleResult:
     """Continue `prompt` `num_samples` times (one batch) and return the texts.
 
-    `on_text(sample_index, text)` receives each sample's text as soon as it is safe to show (see TextStream).
+    `on_text(sample_index, text)` receives each sample's text as soon as it is safe to show (see TextStream);
+    `on_start()` is called once the prompt is known to fit the context, before any generation.
     A sample ends at `<|endoftext|>` (unless `stop_at_eot` is False), at the first of the `stop` strings, or after
     `max_new_tokens`; the batch ends when every sample has.
     """
@@ -874,6 +891,9 @@ def sample_text(
         raise GenerationError("--stop needs a non-empty text")
     encoding = get_encoding()
     prompt_ids = encode_prompt(prompt)
+    check_prompt_fits(prompt_ids, model)
+    if on_start is not None:  # the prompt is valid: a caller may show it now
+        on_start()
     stats = GenerationStats()
     tokens = generate(
         model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
