@@ -153,6 +153,19 @@ def test_decode_layout_changes_memory_order_only(model):
     assert torch.equal(_run(relaid, [1, 2, 3], 30, temperature=0), _run(model, [1, 2, 3], 30, temperature=0))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("vocab", [50304, 50257, 3 * sample.HEAD_BLOCK, sample.HEAD_BLOCK + 7])
+def test_cpu_head_product_in_blocks_matches_one_product(rows, vocab):
+    """The blocked product covers every column once, for any row count and a vocabulary that blocks don't divide
+    (below two blocks it is the one product)."""
+    torch.manual_seed(0)
+    head_t = torch.randn(32, vocab)
+    hidden = torch.randn(rows, 3, 32)[:, -1]  # a strided view, as `_last_logits` passes it
+    logits = sample.head_product(hidden, head_t)
+    assert logits.shape == (rows, vocab) and logits.is_contiguous()
+    torch.testing.assert_close(logits, hidden @ head_t, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_update_masks_a_chunk_after_a_prefix(model):
     cache = KVCache(model, batch_size=2, max_tokens=10)
     k = torch.randn(1, 2, 3, 16)

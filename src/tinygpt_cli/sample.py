@@ -652,9 +652,34 @@ def _all_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head_t: torch.Ten
     return _head(model, model.hidden_states(idx, cache)[0], head_t)  # (T, C) -> (T, V)
 
 
+HEAD_BLOCK = 4096  # vocabulary columns per block of the CPU head product (see `_head`)
+
+
 def _head(model: GPT, hidden: torch.Tensor, head_t: torch.Tensor | None) -> torch.Tensor:
     """The vocabulary head on hidden states (N, C) -> logits (N, V), through `head_t` where given."""
-    return model.lm_head(hidden) if head_t is None else hidden @ head_t
+    return model.lm_head(hidden) if head_t is None else head_product(hidden, head_t)
+
+
+def head_product(hidden: torch.Tensor, head_t: torch.Tensor) -> torch.Tensor:
+    """`hidden @ head_t` for a few rows (N, C) and a wide contiguous (C, V) head on CPU -> (N, V), contiguous.
+
+    It runs as one batched product over blocks of HEAD_BLOCK vocabulary columns, plus one for the columns left.
+    The BLAS torch ships spreads a product of a few rows with a 50k-wide weight poorly over threads (two threads
+    are no faster than one); a batch of blocks is split between them. Measured on the 2-core EPYC, 2 threads:
+    micro's head 1.03 -> 0.71 ms for one row and 7.1 -> 4.5 ms for 17, small's 9.3 -> 6.6 ms for one row. The
+    sums are the same up to float rounding.
+    """
+    rows, width = hidden.shape
+    blocks = head_t.shape[1] // HEAD_BLOCK
+    if blocks < 2:
+        return hidden @ head_t
+    body = blocks * HEAD_BLOCK
+    logits = hidden.new_empty(rows, head_t.shape[1])
+    per_block = torch.bmm(hidden.expand(blocks, rows, width),
+                          head_t[:, :body].view(width, blocks, HEAD_BLOCK).transpose(0, 1))  # (blocks, N, HEAD_BLOCK)
+    logits[:, :body].view(rows, blocks, HEAD_BLOCK).copy_(per_block.transpose(0, 1))
+    logits[:, body:] = hidden @ head_t[:, body:]
+    return logits
 
 
 class _LookAhead:
