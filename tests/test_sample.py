@@ -486,6 +486,14 @@ def test_prompt_lookup_adapts_and_stays_bounded():
     assert lookup.length == 8
     lookup.taken(8, 0)
     assert lookup.length == 4
+    for _ in range(5):  # every guess taken: doubles up to the longest guess, 32
+        lookup.taken(lookup.length, lookup.length)
+    assert lookup.length == PromptLookup.MAX_GUESS == 32
+    lookup.taken(32, 3)  # some taken: the length stays
+    assert lookup.length == 32
+    lookup.taken(32, 0)
+    lookup.taken(16, 0)
+    assert lookup.length == 8
     proposed = []
     for following in [11, 12, 13, 14, 15, 15, 15, 15]:  # after "1 2" comes another token each time, then 15 again
         lookup.push(1)
