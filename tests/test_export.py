@@ -373,6 +373,41 @@ def test_cli_export_failure_leaves_nothing(hf_source, workspace, monkeypatch):
     assert list((workspace / "keep").iterdir()) == []
 
 
+def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, tmp_path):
+    """--force swaps an earlier export for the new one; it never deletes a folder that is not an export (runs/, the
+    workspace, the current folder, the source), and a gguf folder --out keeps its other files."""
+    pytest.importorskip("gguf")
+    shelf = workspace / "exports"
+    shelf.mkdir()
+    (shelf / "notes.txt").write_text("mine")
+    assert invoke("export", str(hf_source), "-f", "gguf", "--out", str(shelf)).exit_code == 0  # a folder gets model.gguf
+    assert_one_line_error(invoke("export", str(hf_source), "-f", "gguf", "--out", str(shelf)),
+                          "model.gguf already exists: pass --force")
+    replaced = invoke("export", str(hf_source), "-f", "gguf", "--out", str(shelf), "--force", "--dtype", "fp16")
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in shelf.iterdir()) == ["model.gguf", "notes.txt"]
+
+    run = workspace / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    for out in (workspace / "runs", workspace, tmp_path, ".", hf_source, hf_source.parent):
+        assert_one_line_error(invoke("export", str(hf_source), "--out", str(out), "--force"), "--force only replaces")
+    assert (run / "config.yaml").is_file() and (hf_source / "config.json").is_file() and (shelf / "notes.txt").is_file()
+
+
+def test_cli_export_write_errors_are_one_line(hf_source, workspace, monkeypatch):
+    (workspace / "a-file").write_text("x")
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(workspace / "a-file" / "x")), "cannot write")
+
+    def disk_full(model, folder, dtype="fp32"):
+        (folder / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_hf", disk_full)
+    assert_one_line_error(invoke("export", str(hf_source)), "No space left on device")
+    assert not (workspace / "exports").exists()
+
+
 def test_generate_and_eval_accept_a_hugging_face_folder(with_shakespeare, tmp_path, workspace):
     model = random_model(seed=3)
     folder = hf_folder(model, tmp_path / "hf")

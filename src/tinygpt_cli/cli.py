@@ -963,7 +963,7 @@ def export(
         typer.Option("--out", "-o", help="Output folder (gguf: a .gguf file or a folder; default: under exports/)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (hf, gguf) | q8_0 (gguf).")] = "fp32",
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it is an earlier export.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a model for Hugging Face transformers, llama.cpp (GGUF) or ONNX Runtime."""

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from tinygpt_cli import __version__, workspace
@@ -486,31 +487,31 @@ def export_model(
         _require("onnx", "--format onnx")
         _require("onnxscript", "--format onnx (torch's ONNX exporter)")
     target = Path(out).expanduser() if out is not None else None
-    if target is not None and _occupied(target) and not force:
-        raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
+    if target is not None and fmt == "gguf" and target.suffix != ".gguf":
+        target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
+    if target is not None:
+        _check_out(target, force)
 
     loaded = load_model(source)
     model = loaded.model
     name = _source_name(loaded)
     if target is None:
         target = default_export_path(name, fmt, dtype)
-        if _occupied(target) and not force:
-            raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
-    single_file = fmt == "gguf" and target.suffix == ".gguf"
-    final = target if single_file or fmt != "gguf" else target / "model.gguf"
+    _check_out(target, force, loaded.path)
+    single_file = fmt == "gguf"
 
     parent = target.parent
     made_parent = not parent.exists()
-    parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{target.name}.tmp-{os.getpid()}"
-    _remove(tmp)
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
         if not single_file:
             tmp.mkdir()
         if fmt == "hf":
             write_hf(model, tmp, dtype)
         elif fmt == "gguf":
-            write_gguf(model, tmp if single_file else tmp / "model.gguf", dtype, name=name)
+            write_gguf(model, tmp, dtype, name=name)
         else:
             write_onnx(model, tmp, dtype)
         _fsync_tree(tmp)
@@ -527,12 +528,44 @@ def export_model(
         else:
             os.replace(tmp, target)
         fsync_dir(parent)
-    except BaseException:
-        _remove(tmp)
-        if made_parent and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+    except BaseException as exc:
+        if parent.is_dir():
+            _remove(tmp)
+            if made_parent and not any(parent.iterdir()):
+                parent.rmdir()
+        if isinstance(exc, (OSError, SafetensorError)):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+            raise ExportError(f"cannot write {target} ({reason}): free some space, or choose another --out") from None
         raise
-    return ExportResult(path=final, format=fmt, dtype=dtype, source=loaded.path, files=_files_under(target))
+    return ExportResult(path=target, format=fmt, dtype=dtype, source=loaded.path, files=_files_under(target))
+
+
+def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse an `--out` that holds something, unless `force` and it is an earlier export (never the source, the
+    workspace, the current folder or a folder above them, whatever it looks like)."""
+    if not _occupied(target):
+        return
+    if not force:
+        raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
+    here = target.resolve()
+    guarded = [Path.cwd(), workspace.root(), *([source] if source is not None else [])]
+    if any(here == kept or here in kept.parents for kept in (path.resolve() for path in guarded)):
+        raise ExportError(f"{target} holds the model being exported, the workspace or the current folder: "
+                          "--force only replaces an earlier export; choose another --out")
+    if not _is_export(target):
+        raise ExportError(f"{target} is not an earlier export: --force only replaces a .gguf file or an export "
+                          "folder (config.json or model.onnx, no subfolders, no checkpoint); choose another --out")
+
+
+def _is_export(path: Path) -> bool:
+    """Whether `path` looks like what `export_model` writes: a .gguf file, or a folder of files (no subfolders)
+    with config.json or model.onnx that is not a tinygpt checkpoint."""
+    if not path.is_dir() or path.is_symlink():
+        return path.suffix == ".gguf"
+    children = list(path.iterdir())
+    names = {child.name for child in children}
+    return (bool(names & {"config.json", "model.onnx"}) and STATE_FILE not in names
+            and not any(child.is_dir() for child in children))
 
 
 def _occupied(path: Path) -> bool:
