@@ -200,6 +200,26 @@ def test_a_resume_with_nothing_to_do_is_an_error_that_changes_nothing(with_shake
     assert more.stopped == "token_limit" and more.steps == 6
 
 
+def test_a_resume_goes_on_with_the_data_it_trained_on(with_shakespeare, workspace):
+    """A run on "the last tokenized dataset" resumed on whatever was tokenized since, without a word."""
+    import yaml
+
+    from tinygpt_cli import data
+
+    run = workspace / "runs" / "r"
+    train(tiny_config(max_steps=2, eval_interval=1000), run_name="r")
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["dataset"] == "shakespeare"  # named, not ""
+    other = workspace / "other.txt"
+    other.write_text("Some entirely different text, line after line.\n" * 4000, encoding="utf-8")
+    data.tokenize(str(other), name="other")  # now the newest dataset
+    train(tiny_config(max_steps=3), run_name="r", resume=True)
+    assert ckpt.read_state(ckpt.latest_checkpoint(run))["data"]["dataset"] == "shakespeare"
+    resumed = invoke("train", "--resume", "--name", "r", "--max-steps", "4")  # the CLI, from config.yaml
+    assert resumed.exit_code == 0, resumed.output
+    assert ckpt.read_state(ckpt.latest_checkpoint(run))["data"]["dataset"] == "shakespeare"
+    assert "on other" not in resumed.stderr
+
+
 def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
     """tokenize --force could swap the text under a run; resuming went on with the other data without a word."""
     from tinygpt_cli import data

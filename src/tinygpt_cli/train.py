@@ -17,7 +17,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from tinygpt_cli.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
+    read_state,
     save_checkpoint,
     write_text_atomic,
 )
@@ -42,7 +43,7 @@ from tinygpt_cli.config import (
     trains_compiled,
 )
 from tinygpt_cli.data import Dataset, find_dataset, tokenize
-from tinygpt_cli.errors import DataError, TrainingError
+from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import (
     GIB,
@@ -427,7 +428,12 @@ class _Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
+            cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
         self.dataset = prepare_dataset(cfg, self.emit, info)
+        if not cfg.data.dataset:  # config.yaml names the data, so a resume or a rerun finds the same
+            in_workspace = self.dataset.path.resolve().parent == workspace.data_dir().resolve()
+            cfg = self._with_dataset(self.dataset.name if in_workspace else str(self.dataset.path))
         self.train_tokens = self.dataset.split("train")
         self.val_tokens = self.dataset.split("val")
         self._check_data_fits(cfg.model.block_size)
@@ -515,7 +521,6 @@ class _Trainer:
     def _init_from(self, spec: str) -> GPT:
         """Weights to start from (fine-tuning / continued pretraining). The model shape is the source's; a
         shorter context is kept when the config changed model.block_size from its preset's value."""
-        from dataclasses import replace
 
         from tinygpt_cli.config import PRESETS
         from tinygpt_cli.export import load_pretrained
@@ -584,7 +589,6 @@ class _Trainer:
         """CPU/MPS: past the machine's RAM an allocation is not an exception but the OOM killer (exit 137, not a
         word), so the micro-batch is checked against plan's estimate before anything runs. --batch-size auto takes
         the largest that fits; an explicit one whose estimate exceeds the RAM itself is refused."""
-        from dataclasses import replace
 
         spec = resolve_device_spec(self.device.type)
         if spec.memory_bytes is None:
@@ -677,6 +681,10 @@ class _Trainer:
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
+
+    def _with_dataset(self, spec: str) -> RunConfig:
+        self.cfg = replace(self.cfg, data=replace(self.cfg.data, dataset=spec))
+        return self.cfg
 
     def _check_resumable(self) -> None:
         """Refuse a resume that cannot go on: nothing left under the budget, or the data replaced."""
@@ -1011,6 +1019,17 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
         return wrap(model)
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def _trained_dataset(run_dir: Path) -> str:
+    """The dataset a run's latest checkpoint trained on ("" if it does not say, or there is none)."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return ""
+    try:
+        return str((read_state(checkpoint).get("data") or {}).get("dataset") or "")
+    except TinyGPTError:
+        return ""  # a damaged state.json is reported where the checkpoint is loaded
 
 
 def run_config_of(run_dir: Path) -> RunConfig:
