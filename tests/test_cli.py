@@ -143,6 +143,22 @@ def test_usage_error_exits_2(workspace):
     assert result.exit_code == 2
 
 
+def test_an_unforeseen_write_error_is_one_line(workspace, monkeypatch, tmp_path):
+    """A full disk or read-only folder that no command checks for printed a traceback (found by an audit)."""
+    import errno
+
+    from tinygpt_cli import data
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(workspace / "data" / "x.bin"))
+
+    monkeypatch.setattr(data, "tokenize", full)
+    assert_one_line_error(invoke("tokenize"), "No space left on device")
+    lock = data.exclusive(tmp_path / "no-such-folder" / ".lock", "x")
+    with pytest.raises(data.DataError, match="cannot write to .*choose a writable TINYGPT_HOME"), lock:
+        pass
+
+
 def test_corrupted_checkpoint(with_shakespeare, workspace):
     assert train_tiny("--name", "c", steps=2).exit_code == 0
     weights = workspace / "runs" / "c" / "checkpoints" / "step_2" / "model.safetensors"

@@ -380,7 +380,8 @@ def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, 
     shelf = workspace / "exports"
     shelf.mkdir()
     (shelf / "notes.txt").write_text("mine")
-    assert invoke("export", str(hf_source), "-f", "gguf", "--out", str(shelf)).exit_code == 0  # a folder gets model.gguf
+    into_shelf = invoke("export", str(hf_source), "-f", "gguf", "--out", str(shelf))  # a folder gets model.gguf
+    assert into_shelf.exit_code == 0, into_shelf.output
     assert_one_line_error(invoke("export", str(hf_source), "-f", "gguf", "--out", str(shelf)),
                           "model.gguf already exists: pass --force")
     replaced = invoke("export", str(hf_source), "-f", "gguf", "--out", str(shelf), "--force", "--dtype", "fp16")

@@ -7,6 +7,7 @@ exit code 1 (the traceback too with TINYGPT_DEBUG=1); usage errors exit 2.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -48,6 +49,16 @@ class TinyGPTGroup(TyperGroup):
                 traceback.print_exc()
             print_error(exc)
             raise typer.Exit(1) from None
+        except OSError as exc:  # a full disk or a read-only folder that no check above foresaw: still one line
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            print_error(TinyGPTError(f"{exc.strerror}{where}: free some space, or point TINYGPT_HOME (or --out) "
+                                     f"at a writable folder"))
+            raise typer.Exit(1) from None
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def print_error(exc: Exception) -> None:

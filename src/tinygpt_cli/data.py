@@ -369,7 +369,11 @@ def exclusive(lock_path: Path, what: str) -> Iterator[None]:
         yield
         return
     while True:
-        handle = open(lock_path, "a+")
+        try:
+            handle = open(lock_path, "a+")
+        except OSError as exc:
+            raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
+                            f"choose a writable TINYGPT_HOME") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
