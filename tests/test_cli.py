@@ -159,6 +159,23 @@ def test_an_unforeseen_write_error_is_one_line(workspace, monkeypatch, tmp_path)
         pass
 
 
+def test_a_device_that_is_not_there_is_one_line(with_shakespeare, workspace):
+    """generate and eval passed --device straight to torch: tracebacks for 'tpu', 'CPU', 'cuda:0', 'meta'."""
+    import torch
+
+    from tinygpt_cli.train import resolve_device
+
+    assert train_tiny("--name", "d", steps=1).exit_code == 0
+    assert_one_line_error(invoke("generate", "hi", "--device", "tpu"), "unknown device 'tpu': use auto, cpu")
+    assert_one_line_error(invoke("eval", "--device", "meta"), "unknown device 'meta'")
+    assert_one_line_error(invoke("eval", "--device", "cuda:x"), "unknown device 'cuda:x'")
+    if not torch.cuda.is_available():
+        assert_one_line_error(invoke("eval", "--device", "cuda:0"), "no CUDA GPU is visible")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    ok = invoke("generate", "hi", "--device", "CPU", "--max-new-tokens", "2")
+    assert ok.exit_code == 0, ok.output
+
+
 def test_corrupted_checkpoint(with_shakespeare, workspace):
     assert train_tiny("--name", "c", steps=2).exit_code == 0
     weights = workspace / "runs" / "c" / "checkpoints" / "step_2" / "model.safetensors"

@@ -96,6 +96,15 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------- devices
 def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against what is there."""
+    name = name.strip().lower()
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (":" in name and (kind != "cuda" or not index.isdigit())):
+        raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+        raise TrainingError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    name = "cuda" if kind == "cuda" and not torch.cuda.is_available() else name
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
