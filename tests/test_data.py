@@ -158,6 +158,36 @@ def test_truncated_or_foreign_token_files_are_refused(with_shakespeare):
         data.load_dataset(with_shakespeare)
 
 
+@pytest.mark.parametrize("damage", ["null", "[1, 2]", "splits", "tokens", "tokenizer", "name"])
+def test_a_meta_json_of_the_wrong_shape_is_refused_not_a_crash(with_shakespeare, workspace, damage):
+    """Valid JSON that is not a meta.json's object (null, a list, a count as text) crashed `data`, `data show`,
+    `plan`, `eval` and `train` with a traceback (found by an audit)."""
+    from test_cli import invoke
+
+    bad = workspace / "data" / "bad"
+    bad.mkdir()
+    meta = json.loads((with_shakespeare / "meta.json").read_text())
+    text = {"null": "null", "[1, 2]": "[1, 2]"}.get(damage)
+    if text is None:
+        if damage == "splits":
+            meta["splits"] = "both"
+        elif damage == "tokens":
+            meta["splits"]["train"]["tokens"] = "many"
+        elif damage == "tokenizer":
+            meta["tokenizer"] = "gpt2"
+        else:
+            meta["name"] = 7
+        text = json.dumps(meta)
+    (bad / "meta.json").write_text(text)
+    with pytest.raises(DataError, match="bad"):
+        data.load_dataset(bad)
+    listed = invoke("data")
+    assert listed.exit_code == 0 and "shakespeare" in listed.stdout, listed.output
+    assert invoke("data", "show", "shakespeare").exit_code == 0
+    assert_one_line_error(invoke("data", "show", str(bad)), "re-run `tinygpt tokenize`")
+    assert invoke("plan", "--size", "micro", "--data", "shakespeare").exit_code == 0
+
+
 def test_retokenizing_replaces_the_dataset_whole(workspace):
     path = workspace / "rows.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in _docs(40)))

@@ -792,9 +792,42 @@ def load_dataset(path: Path) -> Dataset:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{meta_path} is corrupted: re-run `tinygpt tokenize`") from None
-    if meta.get("format") != META_FORMAT or meta.get("tokenizer", {}).get("ranks_sha256") != RANKS_SHA256:
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path} is corrupted (not a JSON object): re-run `tinygpt tokenize`")
+    tokenizer = meta.get("tokenizer")
+    if meta.get("format") != META_FORMAT or not isinstance(tokenizer, dict) or \
+            tokenizer.get("ranks_sha256") != RANKS_SHA256:
         raise DataError(f"{path} was not written by tinygpt's GPT-2 tokenizer: re-run `tinygpt tokenize`")
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"{meta_path} is corrupted ({problem}): re-run `tinygpt tokenize`")
     return Dataset(meta.get("name", path.name), path, meta)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a meta.json that commands read, or None."""
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        return "no splits"
+    for split in ("train", "val"):
+        info = splits.get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str):
+            return f"no {split} split"
+        for key in ("tokens", "bytes", "documents"):
+            if not _is_count(info.get(key)):
+                return f"splits.{split}.{key} is not a count"
+    kinds = {"name": str, "source": dict, "documents": dict, "created": str, "fraction": (int, float),
+             "val_fraction": (int, float)}
+    for key, kind in kinds.items():
+        if key in meta and meta[key] is not None and not isinstance(meta[key], kind):
+            return f"{key} has the wrong type"
+    if "text_bytes" in meta and not _is_count(meta["text_bytes"]):
+        return "text_bytes is not a count"
+    return None
 
 
 def list_datasets() -> list[Dataset]:
