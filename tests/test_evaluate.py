@@ -66,9 +66,14 @@ def test_token_nats_is_cross_entropy(model):
     y = torch.randint(0, 50257, (2, 20))
     y[1, :5] = -1
     logits, _ = model(x)
+    logits = logits[..., :50257]  # over GPT-2's vocabulary: the padded rows are never sampled nor exported
     expected = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view(2, 20)
     with torch.no_grad():
         torch.testing.assert_close(token_nats(model, x, y), expected, rtol=1e-5, atol=1e-5)
+        padded = GPT(model.config).eval()
+        padded.load_state_dict(model.state_dict())
+        padded.lm_head.weight[50257:] = padded.lm_head.weight[:47] * 3  # rows that would take probability
+        torch.testing.assert_close(token_nats(padded, x, y), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_score_tokens_loss_and_bits_per_byte(model):
@@ -85,7 +90,7 @@ def test_score_tokens_loss_and_bits_per_byte(model):
         for start, length in window_starts(len(tokens), 32, None):
             window = torch.from_numpy(tokens[start : start + length + 1].astype(np.int64))[None]
             logits, _ = model(window[:, :-1])
-            nats += F.cross_entropy(logits[0], window[0, 1:], reduction="none").tolist()
+            nats += F.cross_entropy(logits[0, :, :50257], window[0, 1:], reduction="none").tolist()
     assert score.nats == pytest.approx(sum(nats), rel=1e-5)
     text_nats = sum(n for n, t in zip(nats, targets, strict=True) if t != EOT_ID)
     assert score.text_nats == pytest.approx(text_nats, rel=1e-5)

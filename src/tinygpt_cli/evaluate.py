@@ -138,12 +138,14 @@ def token_byte_lengths() -> np.ndarray:
 def token_nats(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood in nats (B, T) fp32 of targets y (B, T) after inputs x (B, T); 0 where y is -1.
 
-    The head runs a chunk of positions at a time, so the (B*T, vocab) logits are never held whole.
+    The head runs a chunk of positions at a time, so the (B*T, vocab) logits are never held whole. The softmax
+    is over GPT-2's 50,257 tokens: the rows that pad the embedding to 50304 are never sampled nor exported, so
+    a loss that gave them probability would not be the loss of the model people use (or of its exports).
     """
     hidden = model.hidden_states(x).flatten(0, 1)  # (N, C)
     targets = y.flatten()  # (N,)
     nats = torch.zeros(targets.numel(), dtype=torch.float32, device=x.device)
-    weight = model.lm_head.weight
+    weight = model.lm_head.weight[:VOCAB_SIZE]
     for begin in range(0, targets.numel(), HEAD_CHUNK):
         rows = slice(begin, begin + HEAD_CHUNK)
         logits = F.linear(hidden[rows], weight).float()  # (n, V)
