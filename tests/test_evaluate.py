@@ -225,6 +225,21 @@ def test_hellaswag_offline_without_a_local_copy(workspace):
     assert_one_line_error(evaluate("--task", "hellaswag", "--limit", "5"), "could not load HellaSwag")
 
 
+def test_hellaswag_with_an_unreachable_hub_fails_fast(workspace, monkeypatch):
+    """Not in offline mode but without a network, `datasets` retried for ~55 s before the error (audit)."""
+    import time
+
+    make_run(workspace)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("TINYGPT_HUB_TIMEOUT", "1")
+    started = time.perf_counter()
+    result = evaluate("--task", "hellaswag", "--limit", "5")
+    assert_one_line_error(result, "no answer from the Hugging Face hub at http://127.0.0.1:9")
+    assert "--task-data PATH" in result.stderr and time.perf_counter() - started < 10
+
+
 def test_nothing_to_evaluate(workspace):
     assert_one_line_error(evaluate(), "no trained run")
     make_run(workspace)

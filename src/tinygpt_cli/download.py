@@ -249,7 +249,8 @@ def _already(entry: NamedSource, folder: Path, record: dict[str, Any], target: d
 
 
 # ----------------------------------------------------------------------------------------------- the hub
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off here (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
     return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
@@ -262,24 +263,30 @@ def check_hub(entry: NamedSource) -> None:
     """Fail fast, in one line, when the hub cannot be used: offline mode, or no answer to one quick probe."""
     if entry.kind != "hub":
         return
-    if _offline():
+    if hub_offline():
         raise DataError(
             f"cannot download {entry.name} ({entry.where}): the Hugging Face hub is switched off here "
             f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); {_local_hint(entry)}"
         )
+    silence = hub_silence(entry.hub_id)
+    if silence:
+        raise DataError(f"cannot download {entry.name} ({entry.where}): {silence}; {_local_hint(entry)}")
+
+
+def hub_silence(hub_id: str) -> str | None:
+    """None if the hub answers one quick probe for dataset `hub_id` (within `TINYGPT_HUB_TIMEOUT` seconds), else
+    why not, in words. `datasets` itself retries for about a minute before it gives up on an unreachable hub."""
     timeout = float(os.environ.get("TINYGPT_HUB_TIMEOUT") or DEFAULT_HUB_TIMEOUT_S)
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    request = urllib.request.Request(f"{endpoint}/api/datasets/{entry.hub_id}", method="HEAD")
+    request = urllib.request.Request(f"{endpoint}/api/datasets/{hub_id}", method="HEAD")
     try:
         urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError:
-        return  # the hub answered (a 401/404 is for `datasets` to explain)
+        return None  # the hub answered (a 401/404 is for `datasets` to explain)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DataError(
-            f"cannot download {entry.name} ({entry.where}): no answer from the Hugging Face hub at {endpoint} "
-            f"({reason}; waited at most {timeout:g}s); {_local_hint(entry)}"
-        ) from None
+        return f"no answer from the Hugging Face hub at {endpoint} ({reason}; waited at most {timeout:g}s)"
+    return None
 
 
 def _open_stream(entry: NamedSource):

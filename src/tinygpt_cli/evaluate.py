@@ -18,13 +18,14 @@ Results are appended to the run's `eval.jsonl` (one JSON object each) and `repor
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,20 +328,42 @@ def _hub_rows(limit: int | None) -> tuple[list[Any], str]:
         import datasets
     except ImportError:
         raise DataError("the `datasets` package is missing: pip install datasets, or pass --task-data PATH") from None
-    problems = []
-    for hub_id in HELLASWAG_HUB_IDS:
-        try:
-            table = datasets.load_dataset(hub_id, split="validation")
-        except Exception as exc:  # offline, a renamed repo, a script-based copy: try the next id
-            problems.append(f"{hub_id}: {type(exc).__name__}")
-            continue
-        if limit is not None:
-            table = table.select(range(min(limit, len(table))))
-        return list(table), f"{hub_id} (validation)"
+    from tinygpt_cli.download import hub_offline, hub_silence
+
+    silence = None if hub_offline() else hub_silence(HELLASWAG_HUB_IDS[0])
+    problems = [silence] if silence else []
+    with _cache_only(silence is not None):  # no answer: a cached copy, at once, instead of a minute of retries
+        for hub_id in HELLASWAG_HUB_IDS:
+            try:
+                table = datasets.load_dataset(hub_id, split="validation")
+            except Exception as exc:  # offline, a renamed repo, a script-based copy: try the next id
+                problems.append(f"{hub_id}: {type(exc).__name__}")
+                continue
+            if limit is not None:
+                table = table.select(range(min(limit, len(table))))
+            return list(table), f"{hub_id} (validation)"
     raise DataError(
         f"could not load HellaSwag from the Hugging Face hub ({'; '.join(problems)}): go online once to cache it, "
         f"or pass --task-data PATH to a local .jsonl/.parquet with ctx, endings and label"
     )
+
+
+@contextlib.contextmanager
+def _cache_only(active: bool) -> Iterator[None]:
+    """While `active`, `datasets` and `huggingface_hub` run in offline mode (their cache only), as if
+    HF_HUB_OFFLINE had been set before they were imported; their settings are restored after."""
+    if not active:
+        yield
+        return
+    import datasets
+    import huggingface_hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def load_hellaswag(path: str | Path | None = None, limit: int | None = None) -> tuple[list[Example], str]:
