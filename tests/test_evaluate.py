@@ -150,6 +150,30 @@ def test_eval_loss_records_and_is_deterministic(with_shakespeare, workspace):
     assert train_split["split"] == "train" and train_split["tokens"] == 128
 
 
+def test_eval_that_cannot_be_recorded_stops_before_scoring(with_shakespeare, workspace, hellaswag_file):
+    """A run folder eval cannot append to was found out only after scoring, and the result was lost (audit);
+    --no-record scores without writing."""
+    make_run(workspace)
+    run_dir = workspace / "runs" / "tiny"
+    (run_dir / "eval.jsonl").mkdir()  # unwritable as a file, whoever runs the test
+    for args in (("--tokens", "64"), ("--task", "hellaswag", "--task-data", str(hellaswag_file))):
+        result = evaluate(*args)
+        assert_one_line_error(result, "cannot record the result in")
+        assert "--no-record" in result.stderr and "Evaluating" not in result.stderr
+        quiet = evaluate(*args, "--no-record", "--json")
+        assert quiet.exit_code == 0, quiet.output
+        assert json.loads(quiet.stdout)["recorded_in"] is None
+    assert not (run_dir / "report.md").exists() and list((run_dir / "eval.jsonl").iterdir()) == []
+
+
+def test_eval_keeps_a_redirected_stderr_to_its_lines(with_shakespeare, workspace):
+    """The progress bar's stop wrote a blank line to a stderr that is not a terminal, before an error too."""
+    make_run(workspace)
+    assert_one_line_error(evaluate("--split", "test"), "--split must be one of")
+    result = evaluate("--tokens", "64")
+    assert result.exit_code == 0 and "" not in result.stderr.splitlines(), repr(result.stderr)
+
+
 def test_eval_a_checkpoint_folder_and_a_dataset_path(with_shakespeare, workspace):
     checkpoint = make_run(workspace)
     result = evaluate(str(checkpoint), "--data", str(with_shakespeare), "--tokens", "64", "--json")

@@ -890,6 +890,9 @@ def eval_command(
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default: ~16K tokens).")] = None,
     device: DeviceOpt = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA).")] = "auto",
+    record: Annotated[
+        bool, typer.Option("--record/--no-record", help="Append the result to the run's eval.jsonl and report.md.")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure a run: loss, perplexity and bits per byte on a split, or zero-shot HellaSwag accuracy."""
@@ -920,13 +923,14 @@ def eval_command(
         nonlocal bar
         if event.kind == "info":
             err.print(event.message, markup=False)
-        elif event.kind == "start":
+        elif event.kind == "start" and err.is_terminal:  # a redirected stderr gets the lines, not a bar
             bar = progress.add_task("eval", total=max(1, event.total), unit=event.unit)
             progress.start()
         elif event.kind == "progress" and bar is not None:
             progress.update(bar, completed=event.done)
 
-    common = {"batch_size": batch_size, "device": device or "auto", "dtype": dtype, "on_event": on_event}
+    common = {"batch_size": batch_size, "device": device or "auto", "dtype": dtype, "on_event": on_event,
+              "record": record}
     try:
         if task is not None:
             result = ev.evaluate_task(run, task=task, task_data=task_data, limit=limit, **common)
@@ -935,7 +939,8 @@ def eval_command(
                 run, data=data_name, split=split, tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common
             )
     finally:
-        progress.stop()
+        if bar is not None:
+            progress.stop()
     if as_json:
         print(json.dumps(vars(result)))
         return

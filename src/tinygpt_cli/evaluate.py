@@ -449,6 +449,8 @@ def evaluate(
     if batch_size is not None and batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
     loaded, autocast, dtype_name = _setup(checkpoint, device, dtype)
+    if record:
+        _check_recordable(loaded)
     dataset = _run_dataset(loaded, data, emit)
     split_tokens = dataset.split(split)
     if len(split_tokens) < 2:
@@ -470,7 +472,7 @@ def evaluate(
         bits_per_byte=score.text_nats / math.log(2) / max(1, score.text_bytes),
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
     )
-    if record and loaded.state.get("format") != "huggingface":  # never write into a HF folder or the hub cache
+    if record and _recorded(loaded):
         result.recorded_in = str(record_result(loaded.path, result))
     return result
 
@@ -497,6 +499,8 @@ def evaluate_task(
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
     examples, source = load_hellaswag(task_data, limit)
     loaded, autocast, dtype_name = _setup(checkpoint, device, dtype)
+    if record:
+        _check_recordable(loaded)
     model: GPT = loaded.model  # type: ignore[assignment]
     emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {task}: {len(examples):,} examples from {source}"))
     emit(EvalEvent("start", total=len(examples), unit="examples"))
@@ -511,7 +515,7 @@ def evaluate_task(
         accuracy_norm_stderr=math.sqrt(accuracy_norm * (1 - accuracy_norm) / max(1, len(examples))),
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
     )
-    if record and loaded.state.get("format") != "huggingface":  # never write into a HF folder or the hub cache
+    if record and _recorded(loaded):
         result.recorded_in = str(record_result(loaded.path, result))
     return result
 
@@ -551,6 +555,24 @@ def _report_section(result: LossResult | TaskResult, when: str) -> str:
     return f"\n## Evaluation: {title} · {when}\n\n| | |\n|---|---|\n{table}\n"
 
 
+def _recorded(loaded: LoadedCheckpoint) -> bool:
+    """Whether results of this model are recorded: never into a Hugging Face folder or the hub cache."""
+    return loaded.state.get("format") != "huggingface"
+
+
+_UNRECORDABLE = "make the run folder writable, or pass --no-record"
+
+
+def _check_recordable(loaded: LoadedCheckpoint) -> None:
+    """Refuse up front, not after minutes of scoring, a run folder the result could not be appended to."""
+    if not _recorded(loaded):
+        return
+    folder = run_dir_of(loaded.path)
+    for path in (folder / "eval.jsonl", folder / "report.md"):
+        if path.is_dir() or not os.access(path if path.exists() else folder, os.W_OK):
+            raise TinyGPTError(f"cannot record the result in {folder} ({path.name} is not writable): {_UNRECORDABLE}")
+
+
 def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Path:
     """Append `result` to `eval.jsonl` and `report.md` of the checkpoint's run; returns the run folder."""
     checkpoint = Path(checkpoint)
@@ -563,6 +585,5 @@ def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Pa
         _append(folder / "eval.jsonl", json.dumps(record) + "\n")
         _append(report, header + _report_section(result, when))
     except OSError as exc:
-        raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): make the run folder writable") \
-            from None
+        raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {_UNRECORDABLE}") from None
     return folder
