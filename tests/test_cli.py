@@ -176,6 +176,24 @@ def test_a_device_that_is_not_there_is_one_line(with_shakespeare, workspace):
     assert ok.exit_code == 0, ok.output
 
 
+def test_folders_that_are_not_runs_get_the_right_advice(with_shakespeare, workspace, tmp_path):
+    """A run's checkpoints/ folder is its latest checkpoint; a folder that is no run is not told to "train it"
+    (audit: `eval runs/r/checkpoints` said it held no checkpoint, `runs show /tmp` to resume a run "tmp")."""
+    assert train_tiny("--name", "r", steps=1).exit_code == 0
+    checkpoints = workspace / "runs" / "r" / "checkpoints"
+    ok = invoke("generate", "hi", "--run", str(checkpoints), "--max-new-tokens", "2")
+    assert ok.exit_code == 0, ok.output
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("x")
+    for command in (("generate", "hi", "--run", str(stranger)), ("eval", str(stranger)), ("runs", "show", stranger)):
+        result = invoke(*map(str, command))
+        assert_one_line_error(result, "is not a run")
+        assert "tinygpt train" not in result.stderr
+    assert_one_line_error(invoke("eval", "nosuch"), "list runs with `tinygpt runs`")
+    assert_one_line_error(invoke("runs", "show", "nosuch"), "list them with `tinygpt runs`")
+
+
 def test_corrupted_checkpoint(with_shakespeare, workspace):
     assert train_tiny("--name", "c", steps=2).exit_code == 0
     weights = workspace / "runs" / "c" / "checkpoints" / "step_2" / "model.safetensors"

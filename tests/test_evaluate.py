@@ -244,6 +244,11 @@ def test_bad_task_data(workspace, tmp_path, content, fragment):
     assert_one_line_error(evaluate("--task", "hellaswag", "--task-data", str(other)), "not .jsonl, .json or .parquet")
 
 
+def test_task_data_that_is_a_folder(workspace, tmp_path):
+    make_run(workspace)
+    assert_one_line_error(evaluate("--task", "hellaswag", "--task-data", str(tmp_path)), "is a folder: pass the file")
+
+
 def test_hellaswag_offline_without_a_local_copy(workspace):
     make_run(workspace)
     assert_one_line_error(evaluate("--task", "hellaswag", "--limit", "5"), "could not load HellaSwag")

@@ -179,18 +179,34 @@ def find_run(spec: str | None) -> Path:
     for candidate in (path, workspace.runs_dir() / spec):
         if candidate.is_dir():
             return candidate
-    raise CheckpointError(f"no run or checkpoint at {spec}: list runs with `ls {workspace.runs_dir()}`")
+    raise CheckpointError(f"no run or checkpoint at {spec}: list them with `tinygpt runs`")
 
 
 def resolve_checkpoint(spec: str | None) -> Path:
-    """A checkpoint folder from a run name/path, a checkpoint folder, or None (latest run)."""
+    """A checkpoint folder from a run name/path, a checkpoint folder, a run's checkpoints/ folder (its latest),
+    or None (latest run)."""
     path = find_run(spec)
     if (path / STATE_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
         return path
+    if path.name == "checkpoints" and is_run_folder(path.parent):
+        path = path.parent
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
-        raise CheckpointError(f"{path} holds no checkpoint yet: train it with `tinygpt train`")
+        raise CheckpointError(no_checkpoint_message(path))
     return checkpoint
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether `path` looks like a training run: its config.yaml or its checkpoints/ folder."""
+    return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+
+
+def no_checkpoint_message(path: Path) -> str:
+    """Why `path` has no checkpoint to use: a run that has not saved one yet, or a folder that is no run."""
+    if is_run_folder(path):
+        return f"{path} holds no checkpoint yet: train it with `tinygpt train`"
+    return (f"{path} is not a run, checkpoint or model folder (no checkpoints/, state.json or config.json): "
+            f"list runs with `tinygpt runs`")
 
 
 @dataclass

@@ -292,6 +292,8 @@ def _example_from_row(row: Any, where: str) -> Example:
 
 def _read_rows(path: Path) -> list[Any]:
     name = path.name.lower()
+    if path.is_dir():
+        raise DataError(f"task data {path} is a folder: pass the file (.jsonl, .json or .parquet) with --task-data")
     if not path.is_file():
         raise DataError(f"task data {path} does not exist: check the --task-data path")
     try:

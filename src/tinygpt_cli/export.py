@@ -712,7 +712,7 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
         return "hub", str(spec)
     raise ExportError(
         f"no run, checkpoint or Hugging Face GPT-2 folder at {spec}, and it is not one of {', '.join(HUB_MODELS)}: "
-        f"list runs with `ls {workspace.runs_dir()}`"
+        f"list runs with `tinygpt runs`"
     )
 
 

@@ -35,12 +35,12 @@ class RunSummary:
 
 def run_summary(run_dir: Path) -> RunSummary:
     """Summarise `run_dir` from its latest checkpoint (raises CheckpointError if it has none)."""
-    from tinygpt_cli.checkpoint import latest_checkpoint, read_state
+    from tinygpt_cli.checkpoint import latest_checkpoint, no_checkpoint_message, read_state
     from tinygpt_cli.plan import count_parameters
 
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise CheckpointError(f"{run_dir} holds no checkpoint yet: train it with `tinygpt train`")
+        raise CheckpointError(no_checkpoint_message(run_dir))
     state = read_state(checkpoint)
     run_config: dict[str, Any] = state.get("run_config") or {}
     parameters = None
@@ -71,11 +71,15 @@ def list_run_summaries() -> list[RunSummary]:
 
 def run_report(spec: str | None) -> tuple[Path, str]:
     """(path, text) of a run's report.md; `spec` is a run name or folder, None the latest run."""
-    from tinygpt_cli.checkpoint import STATE_FILE, WEIGHTS_FILE, find_run
+    from tinygpt_cli.checkpoint import STATE_FILE, WEIGHTS_FILE, find_run, is_run_folder, no_checkpoint_message
 
     run_dir = find_run(spec)
     if (run_dir / STATE_FILE).is_file() or (run_dir / WEIGHTS_FILE).is_file():  # a checkpoint folder
         run_dir = run_dir.parent.parent  # runs/<name>/checkpoints/step_N -> runs/<name>
+    elif run_dir.name == "checkpoints" and is_run_folder(run_dir.parent):
+        run_dir = run_dir.parent
+    if not is_run_folder(run_dir):
+        raise CheckpointError(no_checkpoint_message(run_dir))
     report = run_dir / REPORT_FILE
     if not report.is_file():
         raise CheckpointError(
