@@ -164,6 +164,11 @@ def test_data_from_meta_json_and_defaults(with_shakespeare):
         (with_shakespeare / "val.bin").stat().st_size
     noted = P.plan(resolve_config(size="micro"), data="shakespeare", fraction=0.5, device="cpu")
     assert any("already tokenized" in note for note in noted.notes)
+    assert not any("fewer than one context" in note for note in noted.notes)
+    val = meta["splits"]["val"]["tokens"]  # a context longer than the val split: train refuses it, plan says so
+    long = P.plan(resolve_config(size="micro", overrides=[f"model.block_size={val}"]), device="cpu")
+    assert any(f"the val split of shakespeare has {val:,} tokens, fewer than one context of {val + 1:,}" in note
+               and "`tinygpt train` will refuse it" in note for note in long.notes)
 
 
 def test_data_errors(workspace):

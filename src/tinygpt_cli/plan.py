@@ -583,6 +583,12 @@ def plan(
     if data_estimate.origin == "meta.json" and fraction is not None and fraction != data_estimate.fraction:
         notes.append(f"{data_estimate.name} is already tokenized (fraction {data_estimate.fraction:g}): its "
                      f"counts are used; --fraction applies to sources not tokenized yet")
+    if data_estimate.origin == "meta.json":  # counted: the same check `train` makes before its first step
+        for split, tokens in (("train", data_estimate.train_tokens), ("val", data_estimate.val_tokens)):
+            if tokens <= model.block_size + 1:
+                notes.append(f"the {split} split of {data_estimate.name} has {tokens:,} tokens, fewer than one "
+                             f"context of {model.block_size + 1:,}: `tinygpt train` will refuse it; lower "
+                             f"model.block_size or tokenize more text")
     epochs = budget / data_estimate.train_tokens if data_estimate.train_tokens else math.inf
     if epochs > 1:
         notes.append(f"the budget is {epochs:.1f} passes over the training tokens: repeating data helps little "
