@@ -1,6 +1,7 @@
 """The command line end to end, through CliRunner, including every error path issue #2 names."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -198,7 +199,17 @@ def test_corrupted_checkpoint(with_shakespeare, workspace):
     assert train_tiny("--name", "c", steps=2).exit_code == 0
     weights = workspace / "runs" / "c" / "checkpoints" / "step_2" / "model.safetensors"
     weights.write_bytes(b"\x00" * 64)
-    assert_one_line_error(invoke("generate", "hi"), "is corrupted")
+    result = invoke("generate", "hi")
+    assert_one_line_error(result, "is corrupted")
+    assert "no earlier checkpoint to fall back to" in result.stderr
+    assert train_tiny("--name", "d", steps=2).exit_code == 0
+    assert invoke("train", "--resume", "--name", "d", "--max-steps", "4").exit_code == 0
+    step_4 = workspace / "runs" / "d" / "checkpoints" / "step_4"
+    (step_4 / "model.safetensors").write_bytes(b"\x00" * 64)
+    result = invoke("eval", "d", "--tokens", "64")
+    assert_one_line_error(result, f"pass an earlier checkpoint ({step_4.parent / 'step_2'}), or delete {step_4}")
+    shutil.rmtree(step_4)
+    assert invoke("eval", "d", "--tokens", "64").exit_code == 0  # the run falls back to step_2
 
 
 def test_foreign_checkpoint(with_shakespeare, workspace):

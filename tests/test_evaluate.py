@@ -229,6 +229,8 @@ def test_bad_input_is_one_line_and_writes_nothing(with_shakespeare, workspace, a
 
 @pytest.mark.parametrize(("content", "fragment"), [
     ('{"ctx": "a", "endings": ["b", "c"], "label": ""}\n', "has no usable label"),
+    ('{"ctx": "a", "endings": ["b", "c"], "label": 1.7}\n', "has no usable label (1.7)"),  # was read as 1
+    ('{"ctx": "a", "endings": ["b", "c"], "label": true}\n', "has no usable label (True)"),
     ('{"ctx": "a", "endings": ["b", "c"], "label": 5}\n', "has label 5 but 2 endings"),
     ('{"context": "a", "label": 0}\n', "needs a text 'ctx' and a list of text 'endings'"),
     ('{"ctx": "a", ', "line 1 of"),

@@ -39,6 +39,8 @@ def test_runs_and_data_listings(with_shakespeare):
     assert checkpoint.exit_code == 0 and checkpoint.stdout == report.stdout
     odd = result.run_dir.parent.parent / "ck" / "checkpoints" / "myrun"  # a run in a folder named checkpoints
     odd.mkdir(parents=True)
+    assert_one_line_error(invoke("runs", "show", str(odd)), "myrun is not a run")  # an empty folder
+    (odd / "config.yaml").write_text("model: {}\n")  # a run that has not finished a report
     assert_one_line_error(invoke("runs", "show", str(odd)), "myrun has no report.md yet")
     import shutil
 
@@ -46,6 +48,12 @@ def test_runs_and_data_listings(with_shakespeare):
     shutil.copytree(result.run_dir, result.run_dir.with_name(long_name))
     piped = runner.invoke(app, ["runs"], env={"COLUMNS": "60"})  # was cut to "micro-shakespea…" when piped
     assert piped.exit_code == 0 and long_name in piped.stdout
+    damaged = result.run_dir.with_name("damaged")
+    shutil.copytree(result.run_dir, damaged)
+    (damaged / "checkpoints" / "step_2" / "state.json").write_text("{not json")
+    noted = invoke("runs")  # was left out without a word
+    assert noted.exit_code == 0 and "damaged" not in noted.stdout and "listed" in noted.stdout
+    assert "note: damaged is left out:" in noted.stderr and "state.json is corrupted" in noted.stderr
 
     [dataset] = list_dataset_summaries()
     meta = json.loads((with_shakespeare / "meta.json").read_text())

@@ -224,7 +224,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint} has no {STATE_FILE}: it is not a tinygpt checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{state_path} is corrupted: resume from an earlier checkpoint") from None
+        raise CheckpointError(f"{state_path} is corrupted: {_earlier_advice(checkpoint)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{checkpoint} is not a tinygpt checkpoint (state.json has no tinygpt format tag)")
     return state
@@ -249,7 +249,7 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights} is corrupted ({exc}): resume from an earlier checkpoint") from None
+        raise CheckpointError(f"{weights} is corrupted ({exc}): {_earlier_advice(checkpoint)}") from None
     try:
         model_config = ModelConfig(**json.loads(metadata["model_config"]))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
@@ -273,6 +273,18 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
     return LoadedCheckpoint(checkpoint, model, state, run_config)
 
 
+def _earlier_advice(checkpoint: Path) -> str:
+    """What to do about a damaged checkpoint: the run's previous one, by path, or by removing this one."""
+    match = _STEP_DIR.match(checkpoint.name)
+    earlier = [path for path in list_checkpoints(checkpoint.parent.parent)
+               if int(_STEP_DIR.match(path.name).group(1)) < int(match.group(1))] \
+        if match and checkpoint.parent.name == "checkpoints" else []
+    if not earlier:
+        return "it has no earlier checkpoint to fall back to: train the run again"
+    return (f"pass an earlier checkpoint ({earlier[-1]}), or delete {checkpoint} and the run (and --resume) "
+            f"falls back to it")
+
+
 def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
     import torch
 
@@ -282,6 +294,4 @@ def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint} has no {OPTIMIZER_FILE}: it cannot be resumed exactly") from None
     except Exception as exc:  # torch raises many kinds for a damaged zip
-        raise CheckpointError(
-            f"{path} is corrupted ({type(exc).__name__}): resume from an earlier checkpoint"
-        ) from None
+        raise CheckpointError(f"{path} is corrupted ({type(exc).__name__}): {_earlier_advice(checkpoint)}") from None

@@ -1205,7 +1205,11 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         steps = f"{s.steps:,}/{s.max_steps:,}" if s.max_steps else f"{s.steps:,}"
         return s.name, s.size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at)
 
-    _print_listing(list_run_summaries(), as_json, ("run", "size", "steps", "tokens", "best val loss", "date"), row,
+    problems: list[str] = []
+    summaries = list_run_summaries(problems)
+    for problem in problems:
+        _stderr_console().print(f"note: {problem}", markup=False)
+    _print_listing(summaries, as_json, ("run", "size", "steps", "tokens", "best val loss", "date"), row,
                    f"No runs in {workspace.runs_dir()} yet: train one with `tinygpt train`")
 
 

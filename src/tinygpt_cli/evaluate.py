@@ -279,12 +279,12 @@ def _example_from_row(row: Any, where: str) -> Example:
     if not isinstance(context, str) or not isinstance(endings, (list, tuple)) or len(endings) < 2 \
             or not all(isinstance(e, str) for e in endings):
         raise DataError(f"{where} needs a text 'ctx' and a list of text 'endings' (HellaSwag's schema)")
-    try:
-        label = int(row.get("label"))  # the hub stores "0".."3"
-    except (TypeError, ValueError):
-        raise DataError(
-            f"{where} has no usable label ({row.get('label')!r}): use HellaSwag's validation split, which is labelled"
-        ) from None
+    raw = row.get("label")  # the hub stores "0".."3"; local files may hold 0..3 or 2.0
+    whole = (isinstance(raw, int) and not isinstance(raw, bool)) or (isinstance(raw, float) and raw.is_integer()) \
+        or (isinstance(raw, str) and raw.strip().isdigit())
+    if not whole:
+        raise DataError(f"{where} has no usable label ({raw!r}): use HellaSwag's validation split, which is labelled")
+    label = int(raw)
     if not 0 <= label < len(endings):
         raise DataError(f"{where} has label {label} but {len(endings)} endings")
     return Example(context, tuple(endings), label)

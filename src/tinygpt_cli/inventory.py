@@ -56,16 +56,18 @@ def run_summary(run_dir: Path) -> RunSummary:
     )
 
 
-def list_run_summaries() -> list[RunSummary]:
-    """Every run in the workspace that holds a checkpoint, most recently written first."""
+def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
+    """Every run in the workspace that holds a checkpoint, most recently written first. A run whose latest
+    checkpoint cannot be read is left out, and what is wrong with it appended to `problems`."""
     from tinygpt_cli.checkpoint import list_runs
 
     summaries = []
     for run_dir in list_runs():
         try:
             summaries.append(run_summary(run_dir))
-        except CheckpointError:  # a damaged state.json: `tinygpt runs show` names the problem
-            continue
+        except CheckpointError as exc:  # a damaged state.json
+            if problems is not None:
+                problems.append(f"{run_dir.name} is left out: {exc}")
     return summaries
 
 
