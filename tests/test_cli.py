@@ -172,7 +172,8 @@ def test_a_device_that_is_not_there_is_one_line(with_shakespeare, workspace):
     assert_one_line_error(invoke("eval", "--device", "cuda:x"), "unknown device 'cuda:x'")
     if not torch.cuda.is_available():
         assert_one_line_error(invoke("eval", "--device", "cuda:0"), "no CUDA GPU is visible")
-    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu") == resolve_device(torch.device("cpu"))
+    assert resolve_device("cpu:0") == torch.device("cpu:0")
     ok = invoke("generate", "hi", "--device", "CPU", "--max-new-tokens", "2")
     assert ok.exit_code == 0, ok.output
 

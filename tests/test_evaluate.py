@@ -260,9 +260,14 @@ def test_hellaswag_with_an_unreachable_hub_fails_fast(workspace, monkeypatch):
     """Not in offline mode but without a network, `datasets` retried for ~55 s before the error (audit)."""
     import time
 
+    import datasets
+    import huggingface_hub
+
     make_run(workspace)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as if imported online (the tests set offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("TINYGPT_HUB_TIMEOUT", "1")
     started = time.perf_counter()

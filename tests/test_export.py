@@ -1,9 +1,11 @@
 """Export to Hugging Face / GGUF / ONNX and import back: every format written, read back and compared, offline."""
 
+import importlib.util
 import json
 import math
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,6 +390,13 @@ def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, 
     assert replaced.exit_code == 0, replaced.output
     assert sorted(p.name for p in shelf.iterdir()) == ["model.gguf", "notes.txt"]
 
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(shelf), "--force"), "not an earlier export")
+    older = workspace / "older"  # a gguf folder export of before: model.gguf alone (and a tool's hidden cache)
+    (older / ".cache").mkdir(parents=True)
+    (older / "model.gguf").write_bytes((shelf / "model.gguf").read_bytes())
+    assert invoke("export", str(hf_source), "--out", str(older), "--force").exit_code == 0
+    assert (older / "config.json").is_file() and not (older / "model.gguf").exists()
+
     run = workspace / "runs" / "r1"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("model: {}\n")
@@ -407,6 +416,11 @@ def test_cli_export_write_errors_are_one_line(hf_source, workspace, monkeypatch)
     monkeypatch.setattr(export, "write_hf", disk_full)
     assert_one_line_error(invoke("export", str(hf_source)), "No space left on device")
     assert not (workspace / "exports").exists()
+    if importlib.util.find_spec("onnxscript") is not None:  # the ONNX exporter's catch-all let it through as
+        monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: disk_full(None, Path(a[2]).parent))  # "try hf"
+        result = invoke("export", str(hf_source), "-f", "onnx")
+        assert_one_line_error(result, "cannot write")
+        assert "No space left on device" in result.stderr and "try --format hf" not in result.stderr
 
 
 def test_generate_and_eval_accept_a_hugging_face_folder(with_shakespeare, tmp_path, workspace):

@@ -218,6 +218,10 @@ def test_a_resume_goes_on_with_the_data_it_trained_on(with_shakespeare, workspac
     assert resumed.exit_code == 0, resumed.output
     assert ckpt.read_state(ckpt.latest_checkpoint(run))["data"]["dataset"] == "shakespeare"
     assert "on other" not in resumed.stderr
+    (workspace / "data" / "other").rename(workspace / "data" / "fresh")  # meta.json still says "other"
+    train(tiny_config(max_steps=2, eval_interval=1000), run_name="s")  # the newest: the folder fresh/
+    assert yaml.safe_load((workspace / "runs" / "s" / "config.yaml").read_text())["data"]["dataset"] == "fresh"
+    assert invoke("train", "--resume", "--name", "s", "--max-steps", "3").exit_code == 0
 
 
 def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):

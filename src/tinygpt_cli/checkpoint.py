@@ -281,6 +281,8 @@ def _earlier_advice(checkpoint: Path) -> str:
         if match and checkpoint.parent.name == "checkpoints" else []
     if not earlier:
         return "it has no earlier checkpoint to fall back to: train the run again"
+    if latest_checkpoint(checkpoint.parent.parent) != checkpoint:
+        return f"pass an earlier checkpoint ({earlier[-1]})"
     return (f"pass an earlier checkpoint ({earlier[-1]}), or delete {checkpoint} and the run (and --resume) "
             f"falls back to it")
 

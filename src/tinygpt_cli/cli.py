@@ -50,15 +50,26 @@ class TinyGPTGroup(TyperGroup):
             print_error(exc)
             raise typer.Exit(1) from None
         except OSError as exc:  # a full disk or a read-only folder that no check above foresaw: still one line
-            if exc.errno not in _WRITE_ERRNOS:
+            advice = _OS_ADVICE.get(exc.errno or 0)
+            if advice is None:
                 raise
+            if os.environ.get("TINYGPT_DEBUG"):
+                import traceback
+
+                traceback.print_exc()
             where = f" ({exc.filename})" if exc.filename else ""
-            print_error(TinyGPTError(f"{exc.strerror}{where}: free some space, or point TINYGPT_HOME (or --out) "
-                                     f"at a writable folder"))
+            print_error(TinyGPTError(f"{exc.strerror}{where}: {advice}"))
             raise typer.Exit(1) from None
 
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+_NOT_ALLOWED = "check the file's permissions, or point TINYGPT_HOME (or --out) at a folder you can write"
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space, or point TINYGPT_HOME (or --out) at a larger disk",
+    errno.EDQUOT: "free some space, or point TINYGPT_HOME (or --out) at a larger disk",
+    errno.EROFS: "point TINYGPT_HOME (or --out) at a writable folder",
+    errno.EACCES: _NOT_ALLOWED,
+    errno.EPERM: _NOT_ALLOWED,
+}
 
 
 def print_error(exc: Exception) -> None:
@@ -111,6 +122,7 @@ _P_OPT = "Optimisation"
 _P_HW = "Hardware"
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed → same result).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.")]
+ModelDeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name or folder (default: the latest run).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -693,7 +705,7 @@ def generate(
     ] = False,
     num_samples: Annotated[int, typer.Option(help="Independent samples, decoded as one batch.")] = 1,
     seed: SeedOpt = None,
-    device: DeviceOpt = None,
+    device: ModelDeviceOpt = None,
     dtype: Annotated[
         str, typer.Option(help="auto | fp32 | bf16 | fp16: the weights' dtype (auto: bf16/fp16 on CUDA, else fp32).")
     ] = "auto",
@@ -888,7 +900,7 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N examples of the task.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default: ~16K tokens).")] = None,
-    device: DeviceOpt = None,
+    device: ModelDeviceOpt = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA).")] = "auto",
     record: Annotated[
         bool, typer.Option("--record/--no-record", help="Append the result to the run's eval.jsonl and report.md.")

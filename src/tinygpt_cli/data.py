@@ -857,7 +857,7 @@ def find_dataset(spec: str | None) -> Dataset | None:
     named = workspace.data_dir() / spec
     if named.is_dir() and spec != RAW_DIR_NAME:
         return load_dataset(named)
-    known = ", ".join(d.name for d in list_datasets()) or "none yet"
+    known = ", ".join(d.path.name for d in list_datasets()) or "none yet"
     raise DataError(f"no tokenized dataset named {spec!r} (known: {known}): run `tinygpt tokenize` first")
 
 

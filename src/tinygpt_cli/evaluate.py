@@ -281,7 +281,7 @@ def _example_from_row(row: Any, where: str) -> Example:
         raise DataError(f"{where} needs a text 'ctx' and a list of text 'endings' (HellaSwag's schema)")
     raw = row.get("label")  # the hub stores "0".."3"; local files may hold 0..3 or 2.0
     whole = (isinstance(raw, int) and not isinstance(raw, bool)) or (isinstance(raw, float) and raw.is_integer()) \
-        or (isinstance(raw, str) and raw.strip().isdigit())
+        or (isinstance(raw, str) and raw.strip().isdecimal())
     if not whole:
         raise DataError(f"{where} has no usable label ({raw!r}): use HellaSwag's validation split, which is labelled")
     label = int(raw)

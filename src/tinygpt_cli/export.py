@@ -417,6 +417,8 @@ def write_onnx(model: GPT, folder: Path, dtype: str = "fp32") -> None:
                 dynamic_shapes={"input_ids": {0: batch, 1: sequence}}, dynamo=True, verbose=False,
                 external_data=weight_bytes > 2**30,
             )
+        except OSError:
+            raise  # a full disk or an unwritable folder: export_model says so
         except Exception as exc:  # the exporter raises many kinds; one line is what a user can act on
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"ONNX export failed ({type(exc).__name__}: {first}): try --format hf") from None
@@ -554,18 +556,21 @@ def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
                           "--force only replaces an earlier export; choose another --out")
     if not _is_export(target):
         raise ExportError(f"{target} is not an earlier export: --force only replaces a .gguf file or an export "
-                          "folder (config.json or model.onnx, no subfolders, no checkpoint); choose another --out")
+                          "folder (config.json, model.onnx or model.gguf; no subfolders, no checkpoint); "
+                          "choose another --out")
 
 
 def _is_export(path: Path) -> bool:
-    """Whether `path` looks like what `export_model` writes: a .gguf file, or a folder of files (no subfolders)
-    with config.json or model.onnx that is not a tinygpt checkpoint."""
+    """Whether `path` looks like what `export_model` writes: a .gguf file, a folder of files with config.json or
+    model.onnx that is not a tinygpt checkpoint, or a folder that holds model.gguf alone (an older gguf export).
+    Hidden entries (tools' caches, e.g. `.cache/`) are allowed; any other subfolder is not."""
     if not path.is_dir() or path.is_symlink():
         return path.suffix == ".gguf"
-    children = list(path.iterdir())
-    names = {child.name for child in children}
-    return (bool(names & {"config.json", "model.onnx"}) and STATE_FILE not in names
-            and not any(child.is_dir() for child in children))
+    visible = [child for child in path.iterdir() if not child.name.startswith(".")]
+    names = {child.name for child in visible}
+    if any(child.is_dir() for child in visible) or STATE_FILE in names:
+        return False
+    return bool(names & {"config.json", "model.onnx"}) or names == {"model.gguf"}
 
 
 def _occupied(path: Path) -> bool:

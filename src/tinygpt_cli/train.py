@@ -95,11 +95,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- devices
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
     """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against what is there."""
-    name = name.strip().lower()
+    name = str(name).strip().lower()  # a torch.device too
     kind, _, index = name.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (":" in name and (kind != "cuda" or not index.isdigit())):
+    if kind not in ("auto", "cpu", "cuda", "mps") or (":" in name and (kind == "auto" or not index.isdecimal())):
         raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
         raise TrainingError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
@@ -442,7 +442,7 @@ class _Trainer:
         self.dataset = prepare_dataset(cfg, self.emit, info)
         if not cfg.data.dataset:  # config.yaml names the data, so a resume or a rerun finds the same
             in_workspace = self.dataset.path.resolve().parent == workspace.data_dir().resolve()
-            cfg = self._with_dataset(self.dataset.name if in_workspace else str(self.dataset.path))
+            cfg = self._with_dataset(self.dataset.path.name if in_workspace else str(self.dataset.path))
         self.train_tokens = self.dataset.split("train")
         self.val_tokens = self.dataset.split("val")
         self._check_data_fits(cfg.model.block_size)
