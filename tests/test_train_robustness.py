@@ -200,6 +200,14 @@ def test_a_resume_with_nothing_to_do_is_an_error_that_changes_nothing(with_shake
     assert more.stopped == "token_limit" and more.steps == 6
 
 
+@pytest.mark.parametrize(("name", "suggestion"), [("..", "my-run"), ("../escape", "escape"), ("a/b", "a-b"),
+                                                  ("my run", "my-run"), (".hidden", "hidden")])
+def test_a_run_name_must_be_a_plain_folder_name(with_shakespeare, workspace, name, suggestion):
+    """--name .. trained into the workspace root itself, ../x outside runs/ (found by an audit)."""
+    assert_one_line_error(invoke("train", *TINY_SETTINGS, "--name", name), f"(e.g. --name {suggestion})")
+    assert not (workspace / "runs").exists() and not (workspace / "checkpoints").exists()
+
+
 def test_a_resume_goes_on_with_the_data_it_trained_on(with_shakespeare, workspace):
     """A run on "the last tokenized dataset" resumed on whatever was tokenized since, without a word."""
     import yaml

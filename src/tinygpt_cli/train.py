@@ -437,6 +437,10 @@ class _Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        if run_name is not None and not resume and workspace.safe_name(run_name) != run_name:
+            suggestion = workspace.safe_name(run_name) if run_name.strip("-. ") else "my-run"
+            raise TrainingError(f"--name {run_name!r} is not a plain folder name under runs/: use letters, digits, "
+                                f"'.', '_' and '-' (e.g. --name {suggestion})")
         if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
             cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
         self.dataset = prepare_dataset(cfg, self.emit, info)
