@@ -50,6 +50,13 @@ def test_set_values_are_type_checked():
         ("lr=1", "needs a section and a key"),
         ("model.n_embd=130", "divisible by model.n_head"),
         ("train.device=tpu", "train.device must be one of"),
+        # a traceback from AdamW or NumPy, or a NaN that passed every check (found by an audit)
+        ("train.beta1=2", r"train\.beta1 must be in \[0, 1\)"),
+        ("train.beta2=-0.5", r"train\.beta2 must be in \[0, 1\)"),
+        ("train.seed=-1", r"train\.seed must be 0 or more"),
+        ("train.weight_decay=.nan", r"train\.weight_decay must be a finite number"),
+        ("train.grad_clip=.nan", r"train\.grad_clip must be a finite number"),
+        ("train.max_minutes=.inf", r"train\.max_minutes must be a finite number"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

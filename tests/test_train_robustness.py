@@ -206,6 +206,7 @@ def test_a_run_name_must_be_a_plain_folder_name(with_shakespeare, workspace, nam
     """--name .. trained into the workspace root itself, ../x outside runs/ (found by an audit)."""
     assert_one_line_error(invoke("train", *TINY_SETTINGS, "--name", name), f"(e.g. --name {suggestion})")
     assert not (workspace / "runs").exists() and not (workspace / "checkpoints").exists()
+    assert_one_line_error(invoke("train", *TINY_SETTINGS, "--name", "x" * 300), "use at most 100")  # ENAMETOOLONG
 
 
 def test_a_resume_goes_on_with_the_data_it_trained_on(with_shakespeare, workspace):

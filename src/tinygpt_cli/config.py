@@ -79,13 +79,21 @@ class TrainConfig:
     eval_interval: int = 100  # steps between val-loss evaluations (and checkpoints)
     eval_batches: int = 20  # micro-batches in the fixed val sample
     log_interval: int = 10  # steps between loss readings (each costs a host sync)
-    keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete
-    seed: int = 1337  # initialisation, batches and dropout (each rank adds its rank)
+    keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete; 0 = keep all
+    seed: int = 1337  # initialisation, batches and dropout (each rank adds its rank); 0 or more
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast compute dtype; weights stay fp32)
     compile: str = "auto"  # auto | on | off (auto: on for CUDA)
 
     def __post_init__(self) -> None:
+        for name in ("max_minutes", "lr", "min_lr", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise ConfigError(f"train.{name} must be a finite number (got {getattr(self, name)})")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed must be 0 or more (got {self.seed})")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1 (got {getattr(self, name)})")

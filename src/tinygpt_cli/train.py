@@ -437,6 +437,8 @@ class _Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        if run_name is not None and not resume and len(run_name) > 100:
+            raise TrainingError(f"--name is {len(run_name)} characters long: use at most 100")
         if run_name is not None and not resume and workspace.safe_name(run_name) != run_name:
             suggestion = workspace.safe_name(run_name) if run_name.strip("-. ") else "my-run"
             raise TrainingError(f"--name {run_name!r} is not a plain folder name under runs/: use letters, digits, "
