@@ -117,9 +117,23 @@ def test_training_stops_on_repeated_non_finite_loss(with_shakespeare, monkeypatc
 
     monkeypatch.setattr(model_module, "chunked_cross_entropy", nan_loss)
     events = []
-    with pytest.raises(TrainingError, match="non-finite"):
-        train(tiny_config(max_steps=20), run_name="nan", on_event=events.append)
+    with pytest.raises(TrainingError, match="non-finite loss or gradient.*lower train.lr .* start the run again"):
+        train(tiny_config(max_steps=20, eval_interval=1000), run_name="nan", on_event=events.append)
     assert sum("skipped" in e.message for e in events if e.kind == "info") == 5
+
+
+def test_a_nan_val_loss_is_never_saved_as_the_latest_checkpoint(with_shakespeare, workspace, monkeypatch):
+    """--lr 1e9 trained finite steps into NaN weights: step_3 was saved, `latest` pointed at it, and the report's
+    sample then failed blaming the dtype (found by an audit)."""
+    from tinygpt_cli.train import _Trainer
+
+    run = workspace / "runs" / "d"
+    train(tiny_config(max_steps=2, eval_interval=2), run_name="d")
+    monkeypatch.setattr(_Trainer, "_evaluate", lambda self: float("nan"))
+    with pytest.raises(TrainingError, match="val loss is nan at step 4, so that checkpoint is not saved.*"
+                                            "lower train.lr .* resume from the last good checkpoint"):
+        train(tiny_config(max_steps=4, eval_interval=2), run_name="d", resume=True)
+    assert ckpt.latest_checkpoint(run).name == "step_2" and not (run / "checkpoints" / "step_4").exists()
 
 
 def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):

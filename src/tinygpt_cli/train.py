@@ -847,10 +847,7 @@ class _Trainer:
                             self.emit(TrainEvent("info", step=step, message=f"{skipped_now / info.world_size:.0f} "
                                                  f"step(s) with a non-finite loss or gradient skipped by step {step}"))
                         if bad_now / info.world_size >= MAX_BAD_STEPS:
-                            raise TrainingError(
-                                f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient (diverged): "
-                                f"lower train.lr and resume from the last good checkpoint with --resume"
-                            )
+                            raise self._diverged(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient")
                         loss_sum.zero_()
                         skipped_in_window.zero_()
                         if good_steps > 0:
@@ -910,10 +907,17 @@ class _Trainer:
         return TrainingError(f"a micro-batch of {self.batch_size} × {self.block} tokens does not fit in "
                              f"{self.device.type} memory; {hint} (or --batch-size auto, which keeps the global batch)")
 
+    def _diverged(self, what: str) -> TrainingError:
+        """The error that stops a run whose weights went non-finite, with what to do about it."""
+        back = ("resume from the last good checkpoint with --resume" if latest_checkpoint(self.run_dir) is not None
+                else "start the run again")
+        return TrainingError(f"{what} (diverged): lower train.lr (now {self.tc.lr:g}) and {back}")
+
     def _eval_and_save(self, step: int, metrics: _Metrics) -> None:
         self.last_val = self._evaluate()
-        if math.isfinite(self.last_val):
-            self.best_val = self.last_val if self.best_val is None else min(self.best_val, self.last_val)
+        if not math.isfinite(self.last_val):  # never save (and point `latest` at) weights that are NaN
+            raise self._diverged(f"the val loss is {self.last_val} at step {step}, so that checkpoint is not saved")
+        self.best_val = self.last_val if self.best_val is None else min(self.best_val, self.last_val)
         metrics.write({"kind": "eval", "step": step, "val_loss": self.last_val, "tokens": self.tokens_seen,
                        "elapsed_s": self.elapsed()})
         self.emit(TrainEvent("eval", step=step, max_steps=self.tc.max_steps, val_loss=self.last_val,
