@@ -489,6 +489,9 @@ class _Trainer:
         self.fsdp = tc.fsdp and info.enabled
         if tc.fsdp and not info.enabled:
             self.emit(TrainEvent("info", message="--fsdp needs several processes (torchrun): training unsharded."))
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+            self.emit(TrainEvent("info", message="bf16 on this CPU is emulated (no AVX-512 BF16 or AMX) and much "
+                                                 "slower than fp32 (~10× measured): --dtype auto picks fp32 here."))
         if checkpoint is not None and bool(self.state.get("fsdp")) != self.fsdp:
             raise TrainingError(f"{checkpoint} was written {'with' if self.state.get('fsdp') else 'without'} "
                                 f"--fsdp: resume it the same way")
