@@ -139,6 +139,13 @@ def test_unknown_preset_and_config_key(with_shakespeare, workspace):
     assert not (workspace / "runs").exists()
 
 
+def test_batch_size_is_a_number_or_auto(workspace):
+    """It said "train.batch_size must be int (got 'foo')", never that auto is allowed (audit)."""
+    for command in ("train", "plan"):
+        assert_one_line_error(invoke(command, "--batch-size", "foo"), "--batch-size must be a whole number or auto")
+    assert not (workspace / "runs").exists()
+
+
 def test_usage_error_exits_2(workspace):
     result = invoke("train", "--max-steps", "many")
     assert result.exit_code == 2

@@ -500,7 +500,7 @@ def train(
     from tinygpt_cli.train import StopFlag, run_config_of
     from tinygpt_cli.train import train as run_training
 
-    auto_batch = batch_size is not None and batch_size.strip().lower() == "auto"
+    auto_batch = _auto_batch(batch_size)
     flags: dict[str, Any] = {
         "data.dataset": data_name,
         "train.max_steps": max_steps,
@@ -544,6 +544,17 @@ def train(
         _print_train_result(result)
     if result.stopped == "interrupted":  # not a finished run: `train && export` must not go on
         raise typer.Exit(128 + stop.signal if stop.signal else 130)
+
+
+def _auto_batch(batch_size: str | None) -> bool:
+    """Whether --batch-size asks for `auto`; anything else must be a whole number."""
+    if batch_size is None:
+        return False
+    if batch_size.strip().lower() == "auto":
+        return True
+    if not batch_size.strip().isdecimal():
+        raise TinyGPTError(f"--batch-size must be a whole number or auto (got {batch_size!r})")
+    return False
 
 
 def _print_train_result(result) -> None:
@@ -1149,7 +1160,7 @@ def plan(
     from tinygpt_cli.plan import plan as make_plan
     from tinygpt_cli.plan import plan_to_dict
 
-    auto_batch = batch_size is not None and batch_size.strip().lower() == "auto"
+    auto_batch = _auto_batch(batch_size)
     flags: dict[str, Any] = {
         "train.batch_size": None if auto_batch else batch_size,
         "train.auto_batch": True if auto_batch else None,
