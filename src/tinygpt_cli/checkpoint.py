@@ -188,12 +188,16 @@ def resolve_checkpoint(spec: str | None) -> Path:
     path = find_run(spec)
     if (path / STATE_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
         return path
-    if path.name == "checkpoints" and is_run_folder(path.parent):
-        path = path.parent
+    path = run_of_checkpoints(path)
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
         raise CheckpointError(no_checkpoint_message(path))
     return checkpoint
+
+
+def run_of_checkpoints(path: Path) -> Path:
+    """The run a run's `checkpoints/` folder belongs to; any other folder as it is."""
+    return path.parent if path.name == "checkpoints" and is_run_folder(path.parent) else path
 
 
 def is_run_folder(path: Path) -> bool:
@@ -275,10 +279,8 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
 
 def _earlier_advice(checkpoint: Path) -> str:
     """What to do about a damaged checkpoint: the run's previous one, by path, or by removing this one."""
-    match = _STEP_DIR.match(checkpoint.name)
-    earlier = [path for path in list_checkpoints(checkpoint.parent.parent)
-               if int(_STEP_DIR.match(path.name).group(1)) < int(match.group(1))] \
-        if match and checkpoint.parent.name == "checkpoints" else []
+    found = list_checkpoints(checkpoint.parent.parent) if checkpoint.parent.name == "checkpoints" else []
+    earlier = found[: found.index(checkpoint)] if checkpoint in found else []  # by step, oldest first
     if not earlier:
         return "it has no earlier checkpoint to fall back to: train the run again"
     if latest_checkpoint(checkpoint.parent.parent) != checkpoint:

@@ -63,9 +63,10 @@ class TinyGPTGroup(TyperGroup):
 
 
 _NOT_ALLOWED = "check the file's permissions, or point TINYGPT_HOME (or --out) at a folder you can write"
+_FULL = "free some space, or point TINYGPT_HOME (or --out) at a larger disk"
 _OS_ADVICE = {
-    errno.ENOSPC: "free some space, or point TINYGPT_HOME (or --out) at a larger disk",
-    errno.EDQUOT: "free some space, or point TINYGPT_HOME (or --out) at a larger disk",
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
     errno.EROFS: "point TINYGPT_HOME (or --out) at a writable folder",
     errno.EACCES: _NOT_ALLOWED,
     errno.EPERM: _NOT_ALLOWED,

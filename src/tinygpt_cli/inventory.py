@@ -73,13 +73,19 @@ def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
 
 def run_report(spec: str | None) -> tuple[Path, str]:
     """(path, text) of a run's report.md; `spec` is a run name or folder, None the latest run."""
-    from tinygpt_cli.checkpoint import STATE_FILE, WEIGHTS_FILE, find_run, is_run_folder, no_checkpoint_message
+    from tinygpt_cli.checkpoint import (
+        STATE_FILE,
+        WEIGHTS_FILE,
+        find_run,
+        is_run_folder,
+        no_checkpoint_message,
+        run_of_checkpoints,
+    )
 
     run_dir = find_run(spec)
     if (run_dir / STATE_FILE).is_file() or (run_dir / WEIGHTS_FILE).is_file():  # a checkpoint folder
         run_dir = run_dir.parent.parent  # runs/<name>/checkpoints/step_N -> runs/<name>
-    elif run_dir.name == "checkpoints" and is_run_folder(run_dir.parent):
-        run_dir = run_dir.parent
+    run_dir = run_of_checkpoints(run_dir)
     if not is_run_folder(run_dir):
         raise CheckpointError(no_checkpoint_message(run_dir))
     report = run_dir / REPORT_FILE

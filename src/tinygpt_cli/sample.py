@@ -353,7 +353,8 @@ class PromptLookup:
     MAX_GUESS = 32
     # A pass over 2 rows cost 1.5-2x a one-row step on CPU (micro: the head's product does not stay memory-bound),
     # so a guess must be right most of the time to pay: measured on a trained micro model, 0.5 lost time on
-    # sampled text and 0.8 did not, while greedy text kept its gain (docs/performance.md).
+    # sampled text and 0.8 did not, while greedy text kept its gain (docs/performance.md). Re-checked after the
+    # blocked head made such passes cheaper: 0.6 and 0.4 were slower than 0.8 on greedy and sampled text alike.
     MIN_HIT_RATE = 0.8
     FIRST_HIT_RATE = 0.9  # before any evidence: one miss stops a kind of guess from being checked
     SMOOTHING = 0.2  # weight of the newest guess in the running hit rate
@@ -656,7 +657,7 @@ def _all_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head_t: torch.Ten
     return _head(model, model.hidden_states(idx, cache)[0], head_t)  # (T, C) -> (T, V)
 
 
-HEAD_BLOCK = 4096  # vocabulary columns per block of the CPU head product (see `_head`)
+HEAD_BLOCK = 4096  # vocabulary columns per block of the CPU head product (see `head_product`)
 
 
 def _head(model: GPT, hidden: torch.Tensor, head_t: torch.Tensor | None) -> torch.Tensor:
@@ -669,9 +670,9 @@ def head_product(hidden: torch.Tensor, head_t: torch.Tensor) -> torch.Tensor:
 
     It runs as one batched product over blocks of HEAD_BLOCK vocabulary columns, plus one for the columns left.
     The BLAS torch ships spreads a product of a few rows with a 50k-wide weight poorly over threads (two threads
-    are no faster than one); a batch of blocks is split between them. Measured on the 2-core EPYC, 2 threads:
-    micro's head 1.03 -> 0.71 ms for one row and 7.1 -> 4.5 ms for 17, small's 9.3 -> 6.6 ms for one row. The
-    sums are the same up to float rounding.
+    are no faster than one); a batch of blocks is split between them. Measured on the 2-core EPYC, 2 threads
+    (median): micro's head 1.43 -> 1.36 ms for one row and 6.66 -> 4.52 ms for four, small's 11.07 -> 8.32 ms for
+    one row and 34.19 -> 21.25 ms for four (docs/performance.md). The sums are the same up to float rounding.
     """
     rows, width = hidden.shape
     blocks = head_t.shape[1] // HEAD_BLOCK

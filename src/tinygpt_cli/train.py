@@ -101,19 +101,18 @@ def resolve_device(name: str | torch.device) -> torch.device:
     kind, _, index = name.partition(":")
     if kind not in ("auto", "cpu", "cuda", "mps") or (":" in name and (kind == "auto" or not index.isdecimal())):
         raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
-        raise TrainingError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    name = "cuda" if kind == "cuda" and not torch.cuda.is_available() else name
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible: use --device auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name} was asked for but no CUDA GPU is visible: use --device auto or cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise TrainingError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise TrainingError("--device mps was asked for but MPS is not available: use --device auto or cpu")
     return torch.device(name)
 
@@ -437,12 +436,8 @@ class _Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        if run_name is not None and not resume and len(run_name) > 100:
-            raise TrainingError(f"--name is {len(run_name)} characters long: use at most 100")
-        if run_name is not None and not resume and workspace.safe_name(run_name) != run_name:
-            suggestion = workspace.safe_name(run_name) if run_name.strip("-. ") else "my-run"
-            raise TrainingError(f"--name {run_name!r} is not a plain folder name under runs/: use letters, digits, "
-                                f"'.', '_' and '-' (e.g. --name {suggestion})")
+        if run_name is not None and not resume:
+            check_run_name(run_name)
         if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
             cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
         self.dataset = prepare_dataset(cfg, self.emit, info)
@@ -1041,6 +1036,16 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
         return wrap(model)
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def check_run_name(name: str) -> None:
+    """A new run's name must be one plain folder name under runs/ (no `..`, no slash, nothing hidden)."""
+    if len(name) > 100:
+        raise TrainingError(f"--name is {len(name)} characters long: use at most 100")
+    if workspace.safe_name(name) != name:
+        suggestion = workspace.safe_name(name) if name.strip("-. ") else "my-run"
+        raise TrainingError(f"--name {name!r} is not a plain folder name under runs/: use letters, digits, "
+                            f"'.', '_' and '-' (e.g. --name {suggestion})")
 
 
 def _trained_dataset(run_dir: Path) -> str:
