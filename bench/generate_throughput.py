@@ -81,12 +81,13 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
 
     prompt_ids = torch.tensor([prompt], device=device)
 
-    def ours(use_cache: bool, compile: bool = False, lookahead: bool | None = None) -> Callable[[int], list[int]]:
+    def ours(use_cache: bool, compile: bool = False, lookahead: bool | None = None, static: bool | None = None,
+             graphs: bool | None = None) -> Callable[[int], list[int]]:
         def run(new_tokens: int) -> list[int]:
             stats = GenerationStats()
             tokens = [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=temperature, top_k=top_k,
                                                   seed=0, use_cache=use_cache, compile=compile, lookahead=lookahead,
-                                                  stats=stats)]
+                                                  static_cache=static, graphs=graphs, stats=stats)]
             run.stats = stats
             return tokens
         return run
@@ -107,9 +108,11 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
             return out[0, len(prompt):].tolist()
         return run
 
-    if compile_decode:  # CUDA: the compiled step is the default there, and look-ahead is off
-        return {"tinygpt, KV cache, compiled": ours(True, compile=True), "tinygpt, KV cache": ours(True),
-                "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs()}
+    if compile_decode:  # CUDA: chunks of compiled steps replayed as CUDA graphs; look-ahead is off there
+        return {"tinygpt, compiled, graph of 16 steps": ours(True, compile=True),
+                "tinygpt, eager step, graph of 16 steps": ours(True, static=True),
+                "tinygpt, compiled, graph per step": ours(True, compile=True, graphs=False),
+                "tinygpt, KV cache": ours(True), "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs()}
     return {"tinygpt, KV cache + look-ahead": ours(True), "tinygpt, KV cache": ours(True, lookahead=False),
             "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs(),
             "HF generate, KV cache + prompt lookup": theirs(lookup=10)}
@@ -177,6 +180,10 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
         peak = args.peak_bandwidth or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in gpu), None)
         print(f"{gpu}: peak memory bandwidth {peak or '?'} GB/s; bandwidth use = weight bytes × tokens/s ÷ peak")
     extra = " bandwidth use |" if peak else ""
+    for name, run in runs.items():
+        stats = getattr(run, "stats", None)
+        if stats is not None and (stats.graph_error or stats.compile_error):
+            print(f"{name}: {stats.graph_error or stats.compile_error}")
     look = getattr(runs[default], "stats", None)
     if look is not None and look.model_passes:
         print(f"look-ahead: {look.model_passes} model passes for {args.new_tokens} tokens, {look.accepted_tokens} of "

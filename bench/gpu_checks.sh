@@ -4,7 +4,7 @@
 #   2. training throughput of the `small` (124M) preset vs transformers' GPT2LMHeadModel, MFU, step memory
 #   3. the @pytest.mark.gpu tests (compile + bf16/fp16, fused loss on CUDA, --batch-size auto, OOM message,
 #      compiled decode in bf16)
-#   4. generation throughput and memory-bandwidth use of `small` in bf16
+#   4. generation throughput and memory-bandwidth use of `small` in bf16, and where a decode step's GPU time goes
 #   5. the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
 #   6. `tinygpt train --size small` itself for 20 steps of 0.5M tokens: the MFU the training loop reports
 #   7. if time is left: generation sampled as `tinygpt generate` does (temperature 0.8, top-k 200), the compiled
@@ -55,9 +55,10 @@ print(f"device copy: {2 * x.numel() * 4 / s / 1e12:.2f} TB/s (read + write)")
 EOF
 
 stage train 230 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt,hf --rounds 5
-stage pytest 150 $PY -m pytest -q -p no:cacheprovider -m gpu -k "${PYTEST_K:-gpu or not gpu}" tests/test_gpu.py \
-    tests/test_sample.py tests/test_generate_cli.py tests/test_evaluate.py
+stage pytest 200 $PY -m pytest -q -p no:cacheprovider -m gpu -k "${PYTEST_K:-gpu or not gpu}" tests/test_sample.py \
+    tests/test_generate_cli.py tests/test_evaluate.py tests/test_gpu.py
 stage generate 110 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3
+stage profile 120 $PY bench/decode_profile.py --shape small
 stage micro 100 bash -c '
     export TINYGPT_HOME=/tmp/tinygpt-home; rm -rf $TINYGPT_HOME; mkdir -p $TINYGPT_HOME; cd $TINYGPT_HOME
     '"$PY"' -m tinygpt_cli train --size micro --name gpu-micro '"${MICRO_ARGS:-}"' || exit 1
@@ -86,6 +87,7 @@ stage train-cudnn 120 $PY bench/train_throughput.py --sizes small --device cuda 
     [[ -f $OUT/pytest.log ]] && tail -n 15 "$OUT/pytest.log"
     [[ -f $OUT/generate.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate.log"
     [[ -f $OUT/generate-sampled.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate-sampled.log"
+    [[ -f $OUT/profile.log ]] && grep -vE "^\s+[0-9.]+ us" "$OUT/profile.log"
     [[ -f $OUT/micro.log ]] && tail -n 30 "$OUT/micro.log"
     [[ -f $OUT/train-loop.log ]] && tail -n 12 "$OUT/train-loop.log"
 } | tee "$OUT/summary.txt"

@@ -108,6 +108,48 @@ def test_static_cache_matches_the_sliced_cache(model):
     assert stats.window_slides >= 2 and not stats.compiled
 
 
+@pytest.mark.parametrize(("prompt_len", "batch", "new", "flush"), [(1, 1, 23, 4), (5, 2, 50, 4), (3, 3, 61, 5),
+                                                                   (2, 1, 7, 8), (20, 2, 30, 3)])
+def test_decode_chunks_give_the_tokens_of_single_steps(model, prompt_len, batch, new, flush):
+    """`graphs`: the steps between flushes run as one chunk (a CUDA graph on CUDA, eagerly here). Greedy tokens are
+    those of single steps, for ends inside a chunk, window slides and samples that stop at <|endoftext|>."""
+    prompt = list(range(200, 200 + prompt_len))
+    settings = dict(temperature=0, num_samples=batch, static_cache=True, flush_every=flush)
+    stats = GenerationStats()
+    chunked = _run(model, prompt, new, graphs=True, stats=stats, **settings)
+    assert torch.equal(chunked, _run(model, prompt, new, graphs=False, **settings))
+    assert stats.new_tokens == new and not stats.graphed  # nothing is captured off CUDA
+    penalised = dict(settings, repetition_penalty=1.3)
+    assert torch.equal(_run(model, prompt, new, graphs=True, **penalised),
+                       _run(model, prompt, new, graphs=False, **penalised))
+    mixed = dict(settings, temperature=0.7, top_k=5, seed=1, stop_at_eot=True)
+    assert torch.equal(_run(model, prompt, new, graphs=True, **mixed), _run(model, prompt, new, graphs=True, **mixed))
+
+
+def test_decode_chunks_sample_reproducibly_and_stop_at_eot(model, eot_model):
+    settings = dict(temperature=1.0, top_k=0, top_p=0.9, num_samples=2, static_cache=True, flush_every=4,
+                    graphs=True)
+    first = _run(model, [7, 8], 40, seed=3, **settings)
+    assert torch.equal(first, _run(model, [7, 8], 40, seed=3, **settings))
+    assert not torch.equal(first, _run(model, [7, 8], 40, seed=4, **settings))
+    ended = list(generate(eot_model, [1, 2], 40, temperature=0, stop_at_eot=True, static_cache=True, flush_every=4,
+                          graphs=True))
+    assert len(ended) == 1 and ended[0].tolist() == [EOT_ID]
+    with pytest.raises(ValueError, match="static cache"):
+        next(generate(model, [1], 3, graphs=True))
+
+
+def test_decode_chunks_stop_at_the_first_non_finite_step(model, monkeypatch):
+    """Logits turn NaN at the 7th step, inside a chunk: the tokens before it are yielded, then the error."""
+    _nan_from_call(monkeypatch, "_last_logits", 7)
+    got = []
+    with pytest.raises(GenerationError, match="non-finite logits"):
+        for tokens in generate(model, [1, 2], 20, temperature=0.8, seed=0, flush_every=4, static_cache=True,
+                               graphs=True):
+            got.append(tokens)
+    assert len(got) == 6
+
+
 def test_compiled_decode_step_is_captured_once(model, monkeypatch):
     """Static shapes: torch.compile traces the decode step as one graph and never again, across window slides
     and across calls with a fresh cache (CUDA graphs need exactly this). The backend only counts captures."""
@@ -568,6 +610,28 @@ def test_compiled_cuda_decode_matches_eager(model):
     assert torch.equal(again, _run(gpu, [5, 6, 7], 60, temperature=1.0, seed=4, num_samples=2, compile=True))
     gpu.to(torch.bfloat16)
     assert _run(gpu, [5, 6, 7], 40, temperature=0, compile=True).shape == (1, 40)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_chunks_match_single_steps(model, compile):
+    """Chunks of decode steps captured as CUDA graphs (the step eager or compiled), sampling in the graph: the
+    greedy tokens of single eager steps, across window slides and an end inside a chunk."""
+    gpu = GPT(model.config).eval()
+    gpu.load_state_dict(model.state_dict())
+    gpu.cuda()
+    settings = dict(temperature=0, num_samples=2, static_cache=True, flush_every=4, compile=compile)
+    single = _run(gpu, [5, 6, 7], 61, graphs=False, **settings)
+    stats = GenerationStats()
+    graphed = _run(gpu, [5, 6, 7], 61, graphs=True, stats=stats, **settings)
+    assert stats.graph_error is None and stats.graphed and stats.compiled == compile
+    assert torch.equal(single, graphed)
+    sampled = dict(settings, temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, seed=5, graphs=True)
+    assert torch.equal(_run(gpu, [5, 6, 7], 61, **sampled), _run(gpu, [5, 6, 7], 61, **sampled))
+    gpu.to(torch.bfloat16)
+    stats = GenerationStats()
+    assert _run(gpu, [5, 6, 7], 40, temperature=0, compile=compile, flush_every=4, stats=stats).shape == (1, 40)
+    assert stats.graphed == compile  # compiled on CUDA: graphs by default
 
 
 @pytest.mark.gpu

@@ -148,12 +148,15 @@ def sample_next_token(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick the next token for each row of `logits` (B, V) -> (B,) int64; -1 for a row whose logits are not finite
     (NaN, or overflowing at a vanishing temperature), which `generate` turns into an error at its next flush.
 
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters (top-k keeps every token tied with the k-th,
-    as masking the vocabulary does). Pure: no state but `generator`, from which each row takes one uniform number.
+    as masking the vocabulary does). Pure: no state but `generator`, from which each row takes one uniform number
+    (or `uniform` (B, 1), numbers drawn beforehand: then nothing here waits for the host or draws, as a CUDA graph
+    needs).
     The filters keep a short list of candidates where they can and the draw is an inverse-CDF lookup (float64):
     on CPU a sixth of the cost of a multinomial over the whole vocabulary (2.1 -> 0.3 ms a token with the
     defaults, top-k 200), the same distribution.
@@ -171,12 +174,17 @@ def sample_next_token(
     scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     ids, candidates = _candidates(scaled, top_k, top_p)
     probs = torch.softmax(candidates, dim=-1)  # (B, n)
-    rng_device = generator.device if generator is not None else probs.device
-    wide = torch.float32 if "mps" in (rng_device.type, probs.device.type) else torch.float64  # MPS has no float64
-    uniform = torch.rand((probs.size(0), 1), generator=generator, device=rng_device, dtype=wide)
+    if uniform is None:
+        rng_device = generator.device if generator is not None else probs.device
+        uniform = torch.rand((probs.size(0), 1), generator=generator, device=rng_device,
+                             dtype=_uniform_dtype(rng_device, probs.device))
     pick = draw_from(probs, uniform.to(probs.device))  # (B, 1)
     token = pick if ids is None else ids.gather(-1, pick.clamp(min=0))
     return token.masked_fill(pick < 0, -1).squeeze(-1)
+
+
+def _uniform_dtype(*devices: torch.device) -> torch.dtype:
+    return torch.float32 if any(d.type == "mps" for d in devices) else torch.float64  # MPS has no float64
 
 
 NUCLEUS_SHORTLIST = 1024  # top-p alone first looks for its nucleus among this many of the likeliest tokens
@@ -266,6 +274,8 @@ class GenerationStats:
     window_slides: int = 0
     compiled: bool = False
     compile_error: str | None = None
+    graphed: bool = False  # decode steps replayed as CUDA graphs of several steps (see `_DecodeChunk`)
+    graph_error: str | None = None  # why capturing them failed
     model_passes: int = 0  # look-ahead passes (see `generate`'s lookahead); 0 without it
     guessed_tokens: int = 0  # tokens guessed by look-ahead, and how many of them the draws took
     accepted_tokens: int = 0
@@ -415,9 +425,11 @@ class PromptLookup:
 _COMPILED_STEPS: dict[str, Callable] = {}
 
 
-def _compiled_step(device: torch.device) -> Callable:
-    """`_last_logits` compiled once per process; on CUDA with CUDA graphs ("reduce-overhead")."""
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
+def _compiled_step(device: torch.device, graphs: bool = False) -> Callable:
+    """`_last_logits` compiled once per process and mode. On CUDA without `graphs` torch.compile makes the CUDA
+    graphs itself ("reduce-overhead", one per step); with `graphs` the plain compiled step is captured by
+    `_DecodeChunk`, several steps and the sampling in one graph."""
+    mode = "reduce-overhead" if device.type == "cuda" and not graphs else "default"
     if mode not in _COMPILED_STEPS:
         _COMPILED_STEPS[mode] = torch.compile(_last_logits, mode=mode, fullgraph=True, dynamic=False)
     return _COMPILED_STEPS[mode]
@@ -506,6 +518,7 @@ def generate(
     stats: GenerationStats | None = None,
     flush_every: int | None = None,
     lookahead: bool | None = None,
+    graphs: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,) int64 on CPU, up to `max_new_tokens` times.
 
@@ -519,6 +532,11 @@ def generate(
     once: between flushes nothing waits for the device, so the host queues the next steps while the GPU runs
     the current one. What is yielded, and when the generator returns, is the same for any `flush_every`; at
     most `flush_every - 1` steps past the end are computed and dropped.
+
+    `graphs` (default: on CUDA with the static cache) takes the steps between flushes as one `_DecodeChunk`:
+    sampling included, captured once as a CUDA graph and replayed (off CUDA the chunk runs eagerly). Its random
+    numbers are drawn a chunk at a time, so sampled tokens differ from those of single steps with the same seed
+    (greedy ones do not); a seed still reproduces them.
 
     `lookahead` (default: on for one sample with the cache, off CUDA; eager only) guesses the tokens that follow
     from earlier text (`PromptLookup`) and runs the model over the newest token and the guesses in one pass. Each
@@ -542,6 +560,9 @@ def generate(
     static = compile if static_cache is None else (static_cache or compile)
 
     flush = flush_every or (16 if device.type == "cuda" else 1)
+    graphs = static and device.type == "cuda" if graphs is None else graphs
+    if graphs and not (static and use_cache):
+        raise ValueError("graphs needs the static cache (compile or static_cache)")
     can_look_ahead = use_cache and not static and num_samples == 1
     if lookahead and not can_look_ahead:
         raise ValueError("lookahead needs the KV cache, an eager (not static) step and one sample")
@@ -555,7 +576,7 @@ def generate(
         # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
         # sequence[:, flushed:length] what is not handed out yet. A window jump moves both to the front, so the
         # buffer holds at most a window and a flush however many tokens are asked for.
-        capacity = min(len(prompt) + max_new_tokens, block + flush + 1)
+        capacity = min(len(prompt) + max_new_tokens + (flush if graphs else 0), block + flush + 1)
         sequence = torch.empty((num_samples, capacity), dtype=torch.long, device=device)
         sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
         start, length = 0, len(prompt)
@@ -567,7 +588,7 @@ def generate(
         view = StaticDecodeView(cache) if cache is not None and static else None
         step = _last_logits
         if view is not None and compile:
-            step = _compiled_step(device)
+            step = _compiled_step(device, graphs)
             stats.compiled = True
         current = torch.zeros((num_samples, 1), dtype=torch.long, device=device)  # the token being fed, (B, 1)
         if view is not None:
@@ -579,35 +600,55 @@ def generate(
         ahead = _LookAhead(prompt, stats) if look_ahead else None
 
         head_t = _cpu_head(model)
+        chunk = None
+        if graphs and flush > 1:
+            chunk = _DecodeChunk(step, model, view, current, flush, stats=stats, generator=generator, head_t=head_t,
+                                 sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p),
+                                 penalty=repetition_penalty, seen=seen, finished=finished, first_bad=first_bad,
+                                 stop_at_eot=stop_at_eot)
         if cache is not None:  # one prefill for all samples: they share the prompt
             logits = _last_logits(model, sequence[:1, :length], cache, head_t).expand(num_samples, -1)
         else:
             logits = _last_logits(model, sequence[:, :length], None, head_t)
-        for produced in range(max_new_tokens):
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,), -1: not finite
-            first_bad.masked_fill_((next_token < 0) & ~finished & (first_bad == NEVER), produced)
-            next_token = next_token.clamp(min=0)
-            if stop_at_eot:
-                next_token = next_token.masked_fill(finished, EOT_ID)
-                finished |= next_token == EOT_ID
-            sequence[:, length] = next_token
-            length += 1
-            if ahead is not None:
-                token = int(next_token[0])
-                ahead.guesser.push(token)
-            if seen is not None:
-                seen.scatter_(1, next_token[:, None], True)
-            last = produced == max_new_tokens - 1
-            if produced == 0 or last or length - flushed >= flush:
-                chunk = sequence[:, flushed:length].to("cpu", copy=True)  # (B, n), owned: the only wait for the device
+        produced = 0  # tokens drawn per sample
+        while True:
+            # a whole chunk of steps where the cache has room for all of them (it may run past the end: dropped)
+            chunked = chunk is not None and produced > 0 and cache.pos + flush <= cache.max_tokens
+            if chunked:
+                chunk.step = step
+                chunk.run(logits, produced, cache.pos)
+                step, logits = chunk.step, chunk.logits
+                sequence[:, length : length + flush] = chunk.tokens
+                length += flush
+                produced += flush
+                cache.advance(flush)
+            else:
+                if seen is not None:
+                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+                next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,), -1: not finite
+                first_bad.masked_fill_((next_token < 0) & ~finished & (first_bad == NEVER), produced)
+                next_token = next_token.clamp(min=0)
+                if stop_at_eot:
+                    next_token = next_token.masked_fill(finished, EOT_ID)
+                    finished |= next_token == EOT_ID
+                sequence[:, length] = next_token
+                length += 1
+                produced += 1
+                if ahead is not None:
+                    token = int(next_token[0])
+                    ahead.guesser.push(token)
+                if seen is not None:
+                    seen.scatter_(1, next_token[:, None], True)
+            last = produced >= max_new_tokens
+            if produced == 1 or last or length - flushed >= flush:
+                # (B, n), owned: the only wait for the device; a chunk's steps past the end are dropped
+                unsent = sequence[:, flushed : length - max(0, produced - max_new_tokens)].to("cpu", copy=True)
                 bad_step = int(first_bad.min())  # the device is idle now: no extra wait
                 now = time.perf_counter() - started
-                for i in range(chunk.size(1)):
+                for i in range(unsent.size(1)):
                     if stats.new_tokens >= bad_step:  # the tokens before it were yielded, whatever the flush
                         raise GenerationError(NON_FINITE)
-                    tokens = chunk[:, i]
+                    tokens = unsent[:, i]
                     stats.new_tokens += 1
                     stats.seconds = now
                     if stats.new_tokens == 1:
@@ -618,6 +659,8 @@ def generate(
                 flushed = length
                 if last:
                     return
+            if chunked:  # the chunk fed its last token too: `logits` follow it
+                continue
             if length - start > block:  # the window is full: jump, re-encoding its newest half
                 start = length - keep
                 stats.window_slides += 1
@@ -634,7 +677,7 @@ def generate(
                 logits = _last_logits(model, sequence[:, start:length], None, head_t)
             elif ahead is not None:  # room: the window's and the tokens still to come
                 logits = ahead.next_logits(model, token, cache, head_t,
-                                           min(block - (length - start), max_new_tokens - produced - 2))
+                                           min(block - (length - start), max_new_tokens - produced - 1))
             elif view is None:
                 logits = _last_logits(model, sequence[:, length - 1 : length], cache, head_t)
             else:
@@ -723,6 +766,102 @@ class _LookAhead:
             self.stats.accepted_tokens += self.accepted
         self.rows.clear()
         self.proposed = self.accepted = 0
+
+
+class _DecodeChunk:
+    """`steps` decode steps of `generate` as one unit: each draws the next token of every sample from `logits`,
+    writes it to `tokens[:, i]` and feeds it through the static-shape step, whose logits it keeps for the next.
+
+    Everything a step reads or writes is a tensor at a fixed address (the token fed, the cache position, the step
+    counter, `finished`, `first_bad`, `seen`) and the random numbers are drawn for the whole chunk beforehand, so
+    on CUDA the steps are captured once as one CUDA graph and each later chunk is a single replay: the host queues
+    one launch per `steps` tokens instead of hundreds of kernels per token. The first chunk runs eagerly (it
+    compiles the step and warms up the libraries), the second captures; if capturing fails the chunks run eagerly
+    and `stats.graph_error` says why. Off CUDA the chunks always run eagerly (the same tokens; for tests).
+    """
+
+    def __init__(self, step: Callable, model: GPT, view: StaticDecodeView, current: torch.Tensor, steps: int, *,
+                 sampling: dict[str, float], penalty: float, seen: torch.Tensor | None, finished: torch.Tensor,
+                 first_bad: torch.Tensor, stop_at_eot: bool, generator: torch.Generator,
+                 stats: GenerationStats, head_t: torch.Tensor | None = None) -> None:
+        self.head_t = head_t
+        self.step, self.model, self.view, self.current, self.steps = step, model, view, current, steps
+        self.sampling, self.penalty, self.seen, self.stop_at_eot = sampling, penalty, seen, stop_at_eot
+        self.finished, self.first_bad, self.generator, self.stats = finished, first_bad, generator, stats
+        device, batch = current.device, current.size(0)
+        self.logits = torch.zeros((batch, model.config.vocab_size), dtype=next(model.parameters()).dtype,
+                                  device=device)
+        self.tokens = torch.zeros((batch, steps), dtype=torch.long, device=device)
+        self.uniform = None
+        if sampling["temperature"] > 0:
+            self.uniform = torch.zeros((batch, steps), dtype=_uniform_dtype(device, generator.device),
+                                       device=generator.device)
+        self.counter = torch.zeros((), dtype=torch.long, device=device)  # `produced` of the step being taken
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.chunks = 0
+
+    def run(self, logits: torch.Tensor, produced: int, position: int) -> None:
+        """Take `steps` steps from `logits` (B, V), the `produced`-th token next, fed at cache slot `position`."""
+        if logits is not self.logits:
+            self.logits.copy_(logits)
+        self.counter.fill_(produced)
+        self.view.input_pos.fill_(position)
+        if self.uniform is not None:
+            self.uniform.uniform_(0.0, 1.0, generator=self.generator)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.stream is None:
+            self._take_steps()
+        else:
+            if self.chunks == 1 and self.stats.graph_error is None:
+                self._capture()
+            if self.graph is not None:
+                self.graph.replay()
+            else:  # the first chunk, or capturing failed: on the side stream the graph is captured on
+                self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+                with torch.cuda.stream(self.stream):
+                    self._take_steps()
+                torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        self.chunks += 1
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._take_steps()
+        except Exception as exc:  # any failure means: go on without the graph
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            self.stats.graph_error = f"{type(exc).__name__}: {first_line}"
+            return
+        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        self.graph = graph
+        self.stats.graphed = True
+
+    def _take_steps(self) -> None:
+        uniform = self.uniform.to(self.logits.device) if self.uniform is not None else None
+        for i in range(self.steps):
+            logits = self.logits
+            if self.seen is not None:
+                logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+            token = sample_next_token(logits, **self.sampling,
+                                      uniform=None if uniform is None else uniform[:, i : i + 1])  # (B,), -1: bad
+            self.first_bad.copy_(torch.where((token < 0) & ~self.finished & (self.first_bad == NEVER), self.counter,
+                                             self.first_bad))
+            token = token.clamp(min=0)
+            if self.stop_at_eot:
+                token = token.masked_fill(self.finished, EOT_ID)
+                self.finished |= token == EOT_ID
+            self.tokens[:, i] = token
+            if self.seen is not None:
+                self.seen.scatter_(1, token[:, None], True)
+            self.current.copy_(token[:, None])
+            logits, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
+                                             self.stats, first=self.chunks == 0 and i == 0)
+            self.logits.copy_(logits)
+            self.view.input_pos.add_(1)
+            self.counter.add_(1)
 
 
 def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: StaticDecodeView,
