@@ -50,11 +50,45 @@ def kernel_times(step, model: GPT, steps: int) -> tuple[float, list[tuple[str, f
     return sum(totals.values()) / steps, rows
 
 
+def replay_times(step, model: GPT, steps: int, replays: int = 20) -> tuple[float, float]:
+    """Capture `steps` one-token forward steps (the cache slot moved on inside the graph) as one CUDA graph:
+    (milliseconds to capture it and run it once, median microseconds per token of later replays)."""
+    cache = KVCache(model, 1)
+    view = StaticDecodeView(cache)
+    current = torch.zeros((1, 1), dtype=torch.long, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(model, current, view, None)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(steps):
+            step(model, current, view, None)
+            view.input_pos.add_(1)
+    view.input_pos.fill_(0)
+    graph.replay()
+    torch.cuda.synchronize()
+    setup_ms = (time.perf_counter() - started) * 1e3
+    times = []
+    for _ in range(replays):
+        view.input_pos.fill_(0)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end) * 1e3 / steps)
+    return setup_ms, sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="small")
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per timed generate run")
+    parser.add_argument("--tokens", default="256,2048", help="tokens per timed generate run, comma-separated")
     args = parser.parse_args()
     preset = PRESETS[args.shape]["model"]
     torch.manual_seed(0)
@@ -62,32 +96,48 @@ def main() -> None:
                             block_size=1024)).eval().to("cuda", torch.bfloat16)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gpu = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in gpu), None)
+    peak = next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in gpu), 1e9)
+
+    def use(us: float) -> str:
+        return f"{weight_bytes / us / 1e3 / peak:.0%} of peak bandwidth"
+
     print(f"{gpu}, torch {torch.__version__}; {args.shape} bf16, {weight_bytes / 1e6:.0f} MB of weights; "
           f"peak {peak} GB/s")
+    steps = {"eager": _last_logits, "compiled": _compiled_step(torch.device("cuda"), graphs=True)}
     with torch.inference_mode():
-        for label, step in (("eager", _last_logits), ("compiled", _compiled_step(torch.device("cuda"), graphs=True))):
+        for label, step in steps.items():
             busy, rows = kernel_times(step, model, args.steps)
             print(f"\n{label} step: {busy:.1f} us of kernels per token, {sum(r[2] for r in rows)} launches; "
-                  f"bound {weight_bytes / busy / 1e3 / peak:.0%} of peak bandwidth" if peak else "")
+                  f"bound {use(busy)}")
             for name, us, count in rows[:14]:
                 print(f"  {us:7.1f} us  x{count:<3d} {name}")
-        for label, kwargs in (("compiled, graph of 16 steps", dict(compile=True)),
-                              ("eager step, graph of 16 steps", dict(static_cache=True)),
-                              ("compiled, graph of 64 steps", dict(compile=True, flush_every=64))):
-            for _ in range(2):  # the first run compiles and captures
-                stats = GenerationStats()
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                for _token in generate(model, [1, 2, 3, 4], args.tokens, temperature=0, seed=0, stats=stats,
-                                       **kwargs):
-                    pass
-                torch.cuda.synchronize()
-                seconds = time.perf_counter() - started
-            us = seconds / args.tokens * 1e6
-            print(f"{label}: {us:.1f} us per token ({args.tokens / seconds:,.0f} tokens/s), "
-                  f"{weight_bytes / us / 1e3 / peak:.0%} of peak bandwidth; graphed={stats.graphed} "
-                  f"{stats.graph_error or ''}")
+        print("\nforward steps replayed as one CUDA graph (no sampling):")
+        for label, step in steps.items():
+            for per_graph in (1, 16, 64):
+                setup_ms, us = replay_times(step, model, per_graph)
+                print(f"  {label}, {per_graph:2d} steps per graph: {us:6.1f} us per token ({use(us)}); "
+                      f"capture + first replay {setup_ms:.0f} ms")
+        variants = {"eager, sliced cache, no graphs": dict(static_cache=False),
+                    "eager step, graph of 16 steps": dict(),
+                    "compiled, graph per step (reduce-overhead)": dict(compile=True, graphs=False),
+                    "compiled, graph of 16 steps": dict(compile=True),
+                    "compiled, graph of 64 steps": dict(compile=True, flush_every=64)}
+        print("\ngenerate, greedy from 4 tokens (best of 2 calls; setup, compile excepted, included):")
+        for new_tokens in (int(n) for n in args.tokens.split(",")):
+            for label, kwargs in variants.items():
+                best = float("inf")
+                for _ in range(2):
+                    stats = GenerationStats()
+                    torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    for _token in generate(model, [1, 2, 3, 4], new_tokens, temperature=0, seed=0, stats=stats,
+                                           **kwargs):
+                        pass
+                    torch.cuda.synchronize()
+                    best = min(best, time.perf_counter() - started)
+                us = best / new_tokens * 1e6
+                print(f"  {new_tokens} tokens, {label}: {us:.1f} us per token ({new_tokens / best:,.0f} tokens/s), "
+                      f"{use(us)}; graphed={stats.graphed} {stats.graph_error or ''}")
 
 
 if __name__ == "__main__":

@@ -557,7 +557,9 @@ def generate(
     device = next(model.parameters()).device
     generator = _make_generator(device, seed)
     keep = max(1, block // 2)  # tokens re-encoded when the window jumps
-    static = compile if static_cache is None else (static_cache or compile)
+    # CUDA: the static cache by default, for the CUDA graphs below (look-ahead needs the sliced one)
+    static = compile or (static_cache if static_cache is not None else
+                         device.type == "cuda" and use_cache and not lookahead)
 
     flush = flush_every or (16 if device.type == "cuda" else 1)
     graphs = static and device.type == "cuda" if graphs is None else graphs
@@ -774,10 +776,9 @@ class _DecodeChunk:
 
     Everything a step reads or writes is a tensor at a fixed address (the token fed, the cache position, the step
     counter, `finished`, `first_bad`, `seen`) and the random numbers are drawn for the whole chunk beforehand, so
-    on CUDA the steps are captured once as one CUDA graph and each later chunk is a single replay: the host queues
-    one launch per `steps` tokens instead of hundreds of kernels per token. The first chunk runs eagerly (it
-    compiles the step and warms up the libraries), the second captures; if capturing fails the chunks run eagerly
-    and `stats.graph_error` says why. Off CUDA the chunks always run eagerly (the same tokens; for tests).
+    on CUDA the steps are captured once, at the first chunk, as one CUDA graph and each chunk is a single replay:
+    the host queues one launch per `steps` tokens instead of hundreds of kernels per token. If capturing fails the
+    chunks run eagerly and `stats.graph_error` says why. Off CUDA they always run eagerly (the same tokens; tests).
     """
 
     def __init__(self, step: Callable, model: GPT, view: StaticDecodeView, current: torch.Tensor, steps: int, *,
@@ -809,35 +810,32 @@ class _DecodeChunk:
         self.view.input_pos.fill_(position)
         if self.uniform is not None:
             self.uniform.uniform_(0.0, 1.0, generator=self.generator)
+        if self.graph is None and self.stream is not None and self.chunks == 0:
+            self._capture()
         if self.graph is not None:
             self.graph.replay()
-        elif self.stream is None:
+        else:  # off CUDA, or capturing failed
             self._take_steps()
-        else:
-            if self.chunks == 1 and self.stats.graph_error is None:
-                self._capture()
-            if self.graph is not None:
-                self.graph.replay()
-            else:  # the first chunk, or capturing failed: on the side stream the graph is captured on
-                self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-                with torch.cuda.stream(self.stream):
-                    self._take_steps()
-                torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
         self.chunks += 1
 
     def _capture(self) -> None:
+        """Capture the chunk's steps (recorded, not run) on a side stream, after one step there to warm up its
+        libraries. The warm-up writes the cache slot that the chunk's first step rewrites before reading it."""
         graph = torch.cuda.CUDAGraph()
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        current = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(current)
         try:
+            with torch.cuda.stream(self.stream):
+                self.step(self.model, self.current, self.view, self.head_t)
             with torch.cuda.graph(graph, stream=self.stream):
                 self._take_steps()
         except Exception as exc:  # any failure means: go on without the graph
             first_line = str(exc).splitlines()[0] if str(exc) else ""
             self.stats.graph_error = f"{type(exc).__name__}: {first_line}"
-            return
-        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            graph = None
+        current.wait_stream(self.stream)
         self.graph = graph
-        self.stats.graphed = True
+        self.stats.graphed = graph is not None
 
     def _take_steps(self) -> None:
         uniform = self.uniform.to(self.logits.device) if self.uniform is not None else None
