@@ -113,15 +113,14 @@ def main() -> None:
                 print(f"  {us:7.1f} us  x{count:<3d} {name}")
         print("\nforward steps replayed as one CUDA graph (no sampling):")
         for label, step in steps.items():
-            for per_graph in (1, 16, 64):
+            for per_graph in (1, 16):
                 setup_ms, us = replay_times(step, model, per_graph)
                 print(f"  {label}, {per_graph:2d} steps per graph: {us:6.1f} us per token ({use(us)}); "
                       f"capture + first replay {setup_ms:.0f} ms")
         variants = {"eager, sliced cache, no graphs": dict(static_cache=False),
-                    "eager step, graph of 16 steps": dict(),
-                    "compiled, graph per step (reduce-overhead)": dict(compile=True, graphs=False),
-                    "compiled, graph of 16 steps": dict(compile=True),
-                    "compiled, graph of 64 steps": dict(compile=True, flush_every=64)}
+                    "eager step, a graph per step (default)": dict(),
+                    "compiled, torch.compile's graphs (default)": dict(compile=True),
+                    "compiled, our graph per step": dict(compile=True, graphs=True)}
         print("\ngenerate, greedy from 4 tokens (best of 2 calls; setup, compile excepted, included):")
         for new_tokens in (int(n) for n in args.tokens.split(",")):
             for label, kwargs in variants.items():

@@ -108,11 +108,11 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
             return out[0, len(prompt):].tolist()
         return run
 
-    if compile_decode:  # CUDA: chunks of compiled steps replayed as CUDA graphs; look-ahead is off there
-        return {"tinygpt, compiled, graph of 16 steps": ours(True, compile=True),
-                "tinygpt, eager step, graph of 16 steps": ours(True, static=True),
-                "tinygpt, compiled, graph per step": ours(True, compile=True, graphs=False),
-                "tinygpt, KV cache": ours(True), "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs()}
+    if compile_decode:  # CUDA: steps replayed as CUDA graphs (compiled: torch.compile's); look-ahead is off there
+        return {"tinygpt, KV cache, compiled": ours(True, compile=True),
+                "tinygpt, KV cache": ours(True),
+                "tinygpt, KV cache, no CUDA graphs": ours(True, static=False),
+                "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs()}
     return {"tinygpt, KV cache + look-ahead": ours(True), "tinygpt, KV cache": ours(True, lookahead=False),
             "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs(),
             "HF generate, KV cache + prompt lookup": theirs(lookup=10)}

@@ -110,9 +110,12 @@ def test_static_cache_matches_the_sliced_cache(model):
 
 @pytest.mark.parametrize(("prompt_len", "batch", "new", "flush"), [(1, 1, 23, 4), (5, 2, 50, 4), (3, 3, 61, 5),
                                                                    (2, 1, 7, 8), (20, 2, 30, 3)])
-def test_decode_chunks_give_the_tokens_of_single_steps(model, prompt_len, batch, new, flush):
-    """`graphs`: the steps between flushes run as one chunk (a CUDA graph on CUDA, eagerly here). Greedy tokens are
-    those of single steps, for ends inside a chunk, window slides and samples that stop at <|endoftext|>."""
+@pytest.mark.parametrize("graph_steps", [1, 4])
+def test_decode_chunks_give_the_tokens_of_single_steps(model, monkeypatch, prompt_len, batch, new, flush,
+                                                       graph_steps):
+    """`graphs`: steps run as chunks (a CUDA graph on CUDA, eagerly here). Greedy tokens are those of single
+    steps, for any flush, ends inside a chunk, window slides and samples that stop at <|endoftext|>."""
+    monkeypatch.setattr(sample, "GRAPH_STEPS", graph_steps)
     prompt = list(range(200, 200 + prompt_len))
     settings = dict(temperature=0, num_samples=batch, static_cache=True, flush_every=flush)
     stats = GenerationStats()
@@ -126,7 +129,8 @@ def test_decode_chunks_give_the_tokens_of_single_steps(model, prompt_len, batch,
     assert torch.equal(_run(model, prompt, new, graphs=True, **mixed), _run(model, prompt, new, graphs=True, **mixed))
 
 
-def test_decode_chunks_sample_reproducibly_and_stop_at_eot(model, eot_model):
+def test_decode_chunks_sample_reproducibly_and_stop_at_eot(model, eot_model, monkeypatch):
+    monkeypatch.setattr(sample, "GRAPH_STEPS", 3)
     settings = dict(temperature=1.0, top_k=0, top_p=0.9, num_samples=2, static_cache=True, flush_every=4,
                     graphs=True)
     first = _run(model, [7, 8], 40, seed=3, **settings)
@@ -141,6 +145,7 @@ def test_decode_chunks_sample_reproducibly_and_stop_at_eot(model, eot_model):
 
 def test_decode_chunks_stop_at_the_first_non_finite_step(model, monkeypatch):
     """Logits turn NaN at the 7th step, inside a chunk: the tokens before it are yielded, then the error."""
+    monkeypatch.setattr(sample, "GRAPH_STEPS", 4)
     _nan_from_call(monkeypatch, "_last_logits", 7)
     got = []
     with pytest.raises(GenerationError, match="non-finite logits"):
@@ -613,10 +618,11 @@ def test_compiled_cuda_decode_matches_eager(model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_chunks_match_single_steps(model, compile):
-    """Chunks of decode steps captured as CUDA graphs (the step eager or compiled), sampling in the graph: the
-    greedy tokens of single eager steps, across window slides and an end inside a chunk."""
+@pytest.mark.parametrize(("compile", "graph_steps"), [(False, 1), (True, 4)])
+def test_cuda_graph_chunks_match_single_steps(model, monkeypatch, compile, graph_steps):
+    """Decode steps captured as CUDA graphs (the step eager or compiled, one or several per graph), sampling in
+    the graph: the greedy tokens of single steps, across window slides and an end inside a chunk."""
+    monkeypatch.setattr(sample, "GRAPH_STEPS", graph_steps)
     gpu = GPT(model.config).eval()
     gpu.load_state_dict(model.state_dict())
     gpu.cuda()
@@ -631,7 +637,7 @@ def test_cuda_graph_chunks_match_single_steps(model, compile):
     gpu.to(torch.bfloat16)
     stats = GenerationStats()
     assert _run(gpu, [5, 6, 7], 40, temperature=0, compile=compile, flush_every=4, stats=stats).shape == (1, 40)
-    assert stats.graphed and stats.graph_error is None  # on CUDA: the static cache and graphs by default
+    assert stats.graphed != compile and stats.graph_error is None  # uncompiled on CUDA: graphs by default
 
 
 @pytest.mark.gpu

@@ -424,6 +424,11 @@ class PromptLookup:
 
 _COMPILED_STEPS: dict[str, Callable] = {}
 
+# Decode steps per CUDA graph (see `_DecodeChunk`). On an H200 a graph of 16 or 64 steps replayed no faster per
+# token than a graph of one (GPT-2 small, bf16: 511, 511, 524 us compiled; 711, 720, 746 eager), since the GPU,
+# not the host, is the bottleneck once steps are replayed, while capturing took 16 or 64 times longer.
+GRAPH_STEPS = 1
+
 
 def _compiled_step(device: torch.device, graphs: bool = False) -> Callable:
     """`_last_logits` compiled once per process and mode. On CUDA without `graphs` torch.compile makes the CUDA
@@ -533,10 +538,10 @@ def generate(
     the current one. What is yielded, and when the generator returns, is the same for any `flush_every`; at
     most `flush_every - 1` steps past the end are computed and dropped.
 
-    `graphs` (default: on CUDA with the static cache) takes the steps between flushes as one `_DecodeChunk`:
-    sampling included, captured once as a CUDA graph and replayed (off CUDA the chunk runs eagerly). Its random
-    numbers are drawn a chunk at a time, so sampled tokens differ from those of single steps with the same seed
-    (greedy ones do not); a seed still reproduces them.
+    `graphs` (default: on CUDA with the static cache, uncompiled) takes `GRAPH_STEPS` steps at a time as one
+    `_DecodeChunk`: sampling included, captured once as a CUDA graph and replayed (off CUDA it runs eagerly).
+    Its random numbers are drawn beforehand, so sampled tokens differ from those of the other paths with the same
+    seed (greedy ones do not); a seed still reproduces them.
 
     `lookahead` (default: on for one sample with the cache, off CUDA; eager only) guesses the tokens that follow
     from earlier text (`PromptLookup`) and runs the model over the newest token and the guesses in one pass. Each
@@ -562,7 +567,8 @@ def generate(
                          device.type == "cuda" and use_cache and not lookahead)
 
     flush = flush_every or (16 if device.type == "cuda" else 1)
-    graphs = static and device.type == "cuda" if graphs is None else graphs
+    # compiled, torch.compile's own CUDA graphs ("reduce-overhead") are as fast (docs/performance.md)
+    graphs = static and device.type == "cuda" and not compile if graphs is None else graphs
     if graphs and not (static and use_cache):
         raise ValueError("graphs needs the static cache (compile or static_cache)")
     can_look_ahead = use_cache and not static and num_samples == 1
@@ -578,7 +584,8 @@ def generate(
         # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
         # sequence[:, flushed:length] what is not handed out yet. A window jump moves both to the front, so the
         # buffer holds at most a window and a flush however many tokens are asked for.
-        capacity = min(len(prompt) + max_new_tokens + (flush if graphs else 0), block + flush + 1)
+        steps = GRAPH_STEPS if graphs else 0  # per chunk, which may run past the end
+        capacity = min(len(prompt) + max_new_tokens + steps, block + max(flush, steps) + 1)
         sequence = torch.empty((num_samples, capacity), dtype=torch.long, device=device)
         sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
         start, length = 0, len(prompt)
@@ -603,8 +610,8 @@ def generate(
 
         head_t = _cpu_head(model)
         chunk = None
-        if graphs and flush > 1:
-            chunk = _DecodeChunk(step, model, view, current, flush, stats=stats, generator=generator, head_t=head_t,
+        if graphs:
+            chunk = _DecodeChunk(step, model, view, current, steps, stats=stats, generator=generator, head_t=head_t,
                                  sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p),
                                  penalty=repetition_penalty, seen=seen, finished=finished, first_bad=first_bad,
                                  stop_at_eot=stop_at_eot)
@@ -615,15 +622,15 @@ def generate(
         produced = 0  # tokens drawn per sample
         while True:
             # a whole chunk of steps where the cache has room for all of them (it may run past the end: dropped)
-            chunked = chunk is not None and produced > 0 and cache.pos + flush <= cache.max_tokens
+            chunked = chunk is not None and produced > 0 and cache.pos + steps <= cache.max_tokens
             if chunked:
                 chunk.step = step
                 chunk.run(logits, produced, cache.pos)
                 step, logits = chunk.step, chunk.logits
-                sequence[:, length : length + flush] = chunk.tokens
-                length += flush
-                produced += flush
-                cache.advance(flush)
+                sequence[:, length : length + steps] = chunk.tokens
+                length += steps
+                produced += steps
+                cache.advance(steps)
             else:
                 if seen is not None:
                     logits = apply_repetition_penalty(logits, seen, repetition_penalty)
