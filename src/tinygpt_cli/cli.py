@@ -665,9 +665,10 @@ class _TrainView:
 
 
 # ----------------------------------------------------------------------------------------- generate
-# Compiling the decode step costs ~7 s and then runs 5x faster than eager steps (GPT-2 124M on an H200: 0.57 vs
-# 2.9 ms/token), so it pays from about 3,000 tokens per sample, or in the interactive loop, which reuses it.
-COMPILE_PAYS_FROM_TOKENS = 3000
+# Compiling the decode step costs ~7 s. Uncompiled steps on CUDA are replayed as CUDA graphs too, so compiling
+# saves only 0.12-0.24 ms a token (GPT-2 124M on an H200, bf16: 0.58-0.65 vs 0.76-0.82 ms): it pays from about
+# 50,000 tokens per sample.
+COMPILE_PAYS_FROM_TOKENS = 50_000
 
 
 def _stdin_is_interactive() -> bool:
@@ -723,7 +724,7 @@ def generate(
     ] = "auto",
     compile_mode: Annotated[
         str, typer.Option("--compile", help="auto | on | off: torch.compile the decode step (auto: on CUDA for "
-                          f"the interactive loop and --max-new-tokens {COMPILE_PAYS_FROM_TOKENS} or more).")
+                          f"--max-new-tokens {COMPILE_PAYS_FROM_TOKENS:,} or more).")
     ] = "auto",
     lookahead: Annotated[
         bool | None, typer.Option("--lookahead/--no-lookahead", help="Guess tokens from earlier text and check the "
@@ -761,8 +762,8 @@ def generate(
     settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed if seed is not None else defaults.seed)
     param = next(loaded.model.parameters())
     interactive = text is None and _stdin_is_interactive()
-    use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda" and (
-        interactive or settings["max_new_tokens"] >= COMPILE_PAYS_FROM_TOKENS))
+    use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda"
+                                           and settings["max_new_tokens"] >= COMPILE_PAYS_FROM_TOKENS)
     if lookahead and num_samples > 1:
         raise GenerationError("--lookahead works for one sample: drop --num-samples or --lookahead")
     if lookahead and use_compile:
@@ -835,6 +836,9 @@ class _GenerateView:
         if stats.compile_error and not self.warned:
             self.warned = True
             self.err.print(f"torch.compile unavailable ({stats.compile_error}): decoded eagerly.", markup=False)
+        if stats.graph_error and not self.warned:
+            self.warned = True
+            self.err.print(f"CUDA graphs unavailable ({stats.graph_error}): decoded step by step.", markup=False)
         if self.as_json:
             param = next(self.loaded.model.parameters())
             print(
@@ -857,6 +861,8 @@ class _GenerateView:
                             "device": str(param.device),
                             "dtype": str(param.dtype).split(".")[-1],
                             "compiled": stats.compiled,
+                            # steps replayed as CUDA graphs: ours, or torch.compile's ("reduce-overhead")
+                            "cuda_graphs": stats.graphed or (stats.compiled and param.device.type == "cuda"),
                             "model_passes": stats.model_passes,
                             "guessed_tokens": stats.guessed_tokens,
                             "accepted_tokens": stats.accepted_tokens,
@@ -878,6 +884,7 @@ class _GenerateView:
                 f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
                 f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
                 f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}"
+                f"{' · CUDA graphs' if stats.graphed else ''}"
                 + (f" · look-ahead: {stats.model_passes} passes, {stats.accepted_tokens} of {stats.guessed_tokens} "
                    "guessed tokens taken" if stats.model_passes else ""),
                 markup=False,
