@@ -57,6 +57,35 @@ def test_resume_reproduces_the_uninterrupted_run(with_shakespeare):
         assert _losses(straight.run_dir) == _losses(resumed.run_dir)
 
 
+def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shakespeare, monkeypatch):
+    """A signal in the middle of a long evaluation (train.eval_batches=200) stops it at the next batch: the step's
+    checkpoint is saved without a val loss of its own, and the run resumes to the same end."""
+    from tinygpt_cli import train as train_module
+    from tinygpt_cli.train import StopFlag
+
+    stop = StopFlag()
+    real = train_module.windows_at
+    evaluated = []
+
+    def windows(*args, **kwargs):
+        if not torch.is_grad_enabled():  # an evaluation batch (training batches are drawn with grad on)
+            evaluated.append(1)
+            if len(evaluated) == 3:
+                stop.reason = "interrupted"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "windows_at", windows)
+    config = tiny_config(max_steps=6, eval_interval=3, eval_batches=200)
+    first = train(config, run_name="cut", stop=stop)
+    assert first.stopped == "interrupted" and first.steps == 3 and len(evaluated) == 3
+    assert ckpt.latest_checkpoint(first.run_dir).name == "step_3"
+    rows = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [row for row in rows if row["kind"] == "eval"]  # no val loss from a third of an evaluation
+    monkeypatch.setattr(train_module, "windows_at", real)
+    resumed = train(config, run_name="cut", resume=True)
+    assert resumed.steps == 6 and resumed.stopped == "completed" and resumed.final_val_loss is not None
+
+
 def test_keep_last_prunes_old_checkpoints(with_shakespeare):
     result = train(tiny_config(max_steps=8, eval_interval=2, keep_last=2), run_name="k")
     assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step_6", "step_8"]

@@ -647,14 +647,21 @@ class _Trainer:
             return contextlib.nullcontext()
         return self.forward_model.no_sync()
 
-    def _evaluate(self) -> float:
-        """Mean loss on the fixed val sample; its batches are split over the ranks and summed back."""
+    def _evaluate(self) -> float | None:
+        """Mean loss on the fixed val sample; its batches are split over the ranks and summed back.
+
+        None when a stop (a signal) came during it, in one process: it ends at the next batch rather than after
+        all of them (many with a large train.eval_batches). Several processes finish it, so that every rank
+        takes part in the same collectives."""
         self.model.eval()
         total = torch.zeros(2, device=self.device)
         world, rank = self.info.world_size, self.info.rank
         rounds = -(-len(self.eval_starts) // world)  # every rank runs as many forwards (FSDP gathers in each)
         with torch.no_grad(), autocast_context(self.device, self.dtype):
             for index in range(rank, rounds * world, world):
+                if self.stop and not self.info.enabled:
+                    self.model.train()
+                    return None
                 counted = index < len(self.eval_starts)
                 starts = self.eval_starts[index % len(self.eval_starts)]
                 x, y = windows_at(self.val_tokens, starts, self.block, self.device)
@@ -871,6 +878,8 @@ class _Trainer:
                 raise self._out_of_memory(step == start_step) from None
             if step > int(state.get("step", 0)) and latest_step(self.run_dir) != step:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
+            if not stopped and self.stop:  # a signal during the last evaluation, which it cut short
+                stopped = self.stop.reason or "interrupted"
         metrics.close()
         seconds = time.perf_counter() - self.started
         trained_tokens = (step - start_step) * tokens_per_step
@@ -912,7 +921,13 @@ class _Trainer:
         return TrainingError(f"{what} (diverged): lower train.lr (now {self.tc.lr:g}) and {back}")
 
     def _eval_and_save(self, step: int, metrics: _Metrics) -> None:
-        self.last_val = self._evaluate()
+        val = self._evaluate()
+        if val is None:  # stopped during it: keep the step's work, with the last val loss measured
+            self.emit(TrainEvent("info", step=step, message=f"evaluation of step {step} cut short by the stop; "
+                                                            f"its checkpoint is saved without one"))
+            self._save(step)
+            return
+        self.last_val = val
         if not math.isfinite(self.last_val):  # never save (and point `latest` at) weights that are NaN
             raise self._diverged(f"the val loss is {self.last_val} at step {step}, so that checkpoint is not saved")
         self.best_val = self.last_val if self.best_val is None else min(self.best_val, self.last_val)
