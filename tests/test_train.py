@@ -86,6 +86,29 @@ def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shake
     assert resumed.steps == 6 and resumed.stopped == "completed" and resumed.final_val_loss is not None
 
 
+def test_a_resume_that_changes_the_global_batch_says_so(with_shakespeare):
+    """Another process count, --batch-size or --grad-accum on resume changes the tokens per step: a note, with
+    the --grad-accum that keeps it; the same settings say nothing."""
+    from tinygpt_cli.train import StopFlag
+
+    config = tiny_config(max_steps=6, eval_interval=3, grad_accum=2)
+    stop = StopFlag()
+    train(config, run_name="batch", on_event=_stop_at(2, stop), stop=stop)
+    notes = []
+
+    def collect(event):
+        if event.kind == "info":
+            notes.append(event.message)
+
+    train(tiny_config(max_steps=4, eval_interval=3, grad_accum=2), run_name="batch", resume=True, on_event=collect)
+    assert not [n for n in notes if "sequences per step" in n]
+    train(tiny_config(max_steps=6, eval_interval=3, grad_accum=4), run_name="batch", resume=True, on_event=collect)
+    (note,) = [n for n in notes if "sequences per step" in n]
+    batch = config.train.batch_size
+    assert f"trained with {2 * batch} sequences per step" in note and f"this resume takes {4 * batch}" in note
+    assert note.endswith("--grad-accum 2 keeps it")
+
+
 def test_keep_last_prunes_old_checkpoints(with_shakespeare):
     result = train(tiny_config(max_steps=8, eval_interval=2, keep_last=2), run_name="k")
     assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step_6", "step_8"]

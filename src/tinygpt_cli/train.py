@@ -717,6 +717,7 @@ class _Trainer:
                 f"again from other text: resuming would go on with other data. Tokenize the original source "
                 f"again, or start a new run from these weights with --init-from {self.run_dir.name}"
             )
+        self._note_batch_change()
         step = int(state.get("step", 0))
         if step >= tc.max_steps:
             raise TrainingError(
@@ -729,6 +730,23 @@ class _Trainer:
                 f"run {self.run_dir.name} has seen {self.tokens_seen:,} tokens, its --max-tokens budget of "
                 f"{tc.max_tokens:,}: pass a larger --max-tokens (or --set train.max_tokens=0 for none) to go on"
             )
+
+    def _note_batch_change(self) -> None:
+        """Say so when a resume changes the global batch (another process count, --batch-size or --grad-accum):
+        the run goes on, but each step then sees another number of tokens than before."""
+        saved, world = self.state.get("batch") or {}, int(self.state.get("world_size") or 1)
+        if not saved.get("batch_size") or not saved.get("grad_accum"):
+            return
+        before = int(saved["batch_size"]) * int(saved["grad_accum"]) * world
+        now = self.tc.batch_size * self.tc.grad_accum * self.info.world_size
+        if now == before:
+            return
+        keep = before / (self.tc.batch_size * self.info.world_size)
+        hint = f"; --grad-accum {keep:.0f} keeps it" if keep == int(keep) and keep >= 1 else ""
+        self.emit(TrainEvent("info", message=(
+            f"run {self.run_dir.name} trained with {before} sequences per step ({world} process(es) × "
+            f"{saved['batch_size']} × {saved['grad_accum']} accumulation); this resume takes {now} "
+            f"({self.info.world_size} × {self.tc.batch_size} × {self.tc.grad_accum}){hint}")))
 
     def _token_budget_spent(self) -> bool:
         return bool(self.tc.max_tokens) and self.tokens_seen >= self.tc.max_tokens
