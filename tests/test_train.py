@@ -109,6 +109,18 @@ def test_a_resume_that_changes_the_global_batch_says_so(with_shakespeare):
     assert note.endswith("--grad-accum 2 keeps it")
 
 
+def test_a_stop_before_the_first_log_step_still_reports_the_train_loss(with_shakespeare):
+    """A token budget that ends the run at step 3 of 20, before the first log step (10)."""
+    config = tiny_config(max_steps=20, eval_interval=10, log_interval=10)
+    per_step = config.train.batch_size * config.train.grad_accum * config.model.block_size
+    result = train(tiny_config(max_steps=20, eval_interval=10, log_interval=10, max_tokens=3 * per_step),
+                   run_name="early")
+    assert result.steps == 3 and result.stopped == "token_limit"
+    assert result.final_loss is not None and math.isfinite(result.final_loss)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(result.run_dir)).state
+    assert state["train_loss"] == result.final_loss
+
+
 def test_keep_last_prunes_old_checkpoints(with_shakespeare):
     result = train(tiny_config(max_steps=8, eval_interval=2, keep_last=2), run_name="k")
     assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step_6", "step_8"]

@@ -894,6 +894,13 @@ class _Trainer:
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError on torch >= 2.5, any device
                 metrics.close()
                 raise self._out_of_memory(step == start_step) from None
+            if window_steps:  # stopped between log steps: the train loss of the steps since the last one
+                stats = torch.stack([loss_sum, skipped_in_window])
+                dist.all_reduce(stats)
+                loss_total, skipped_now = stats.tolist()
+                self.skipped += round(skipped_now / info.world_size)
+                if window_steps * info.world_size > skipped_now:
+                    self.last_loss = loss_total / (window_steps * info.world_size - skipped_now)
             if step > int(state.get("step", 0)) and latest_step(self.run_dir) != step:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
             if not stopped and self.stop:  # a signal during the last evaluation, which it cut short
