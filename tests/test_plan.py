@@ -191,6 +191,16 @@ def test_batch_auto_and_overflow_notes():
         P.plan(cfg, device="h1000")
 
 
+def test_an_evaluation_heavier_than_training_is_noted():
+    for size in ("micro", "small"):  # the presets spend little on evaluation
+        assert not [n for n in P.plan(resolve_config(size=size), data="openwebtext", device="h100").notes
+                    if "evaluation" in n]
+    heavy = P.plan(resolve_config(size="micro", overrides=["train.eval_batches=100000"]), data="openwebtext",
+                   device="h100")
+    assert any(n.startswith("evaluation (train.eval_batches=100,000 every 100 steps) is about 100%") for n in
+               heavy.notes)
+
+
 # ----------------------------------------------------------------------------------------------- command line
 def test_plan_command_table_and_json():
     result = invoke("plan", "--size", "small", "--data", "openwebtext", "--fraction", "0.25", "--device", "h100",

@@ -58,7 +58,7 @@ def test_resume_reproduces_the_uninterrupted_run(with_shakespeare):
 
 
 def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shakespeare, monkeypatch):
-    """A signal in the middle of a long evaluation (train.eval_batches=200) stops it at the next batch: the step's
+    """A signal in the middle of a long evaluation (train.eval_batches=30) stops it at the next batch: the step's
     checkpoint is saved without a val loss of its own, and the run resumes to the same end."""
     from tinygpt_cli import train as train_module
     from tinygpt_cli.train import StopFlag
@@ -75,9 +75,12 @@ def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shake
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "windows_at", windows)
-    config = tiny_config(max_steps=6, eval_interval=3, eval_batches=200)
-    first = train(config, run_name="cut", stop=stop)
+    config = tiny_config(max_steps=6, eval_interval=3, eval_batches=30)
+    notes = []
+    first = train(config, run_name="cut", stop=stop,
+                  on_event=lambda event: notes.append(event.message) if event.kind == "info" else None)
     assert first.stopped == "interrupted" and first.steps == 3 and len(evaluated) == 3
+    assert any("lower train.eval_batches or raise train.eval_interval" in note for note in notes)
     assert ckpt.latest_checkpoint(first.run_dir).name == "step_3"
     rows = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not [row for row in rows if row["kind"] == "eval"]  # no val loss from a third of an evaluation

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tinygpt_cli.config import ModelConfig, RunConfig, trains_compiled
+from tinygpt_cli.config import ModelConfig, RunConfig, TrainConfig, trains_compiled
 from tinygpt_cli.errors import ConfigError, DataError
 
 GIB = 2**30
@@ -523,6 +523,18 @@ def _autocast_dtype(cfg_dtype: str, spec: DeviceSpec) -> str:
     return "fp32"
 
 
+def heavy_evaluation_note(tc: TrainConfig, batch_size: int, sequences_per_step: int) -> str | None:
+    """A note when evaluating (train.eval_batches micro-batches, forward only: a third of a training step's work
+    per sequence) takes over a fifth of the work between evaluations; None otherwise. The val sample is the same
+    windows every time, so a larger one buys little."""
+    evaluating = tc.eval_batches * batch_size / 3
+    share = evaluating / (evaluating + tc.eval_interval * sequences_per_step)
+    if share <= 0.2:
+        return None
+    return (f"evaluation (train.eval_batches={tc.eval_batches:,} every {tc.eval_interval:,} steps) is about "
+            f"{share:.0%} of the work: lower train.eval_batches or raise train.eval_interval")
+
+
 def plan(
     cfg: RunConfig,
     *,
@@ -596,6 +608,9 @@ def plan(
 
     evals = -(-tc.max_steps // tc.eval_interval)
     eval_tokens = evals * tc.eval_batches * batch_size * model.block_size  # forward only: a third of the work
+    heavy = heavy_evaluation_note(tc, batch_size, tokens_per_step // model.block_size)
+    if heavy:
+        notes.append(heavy)
     flops = training_flops_per_token(model)
     measurement = None
     if do_measure:

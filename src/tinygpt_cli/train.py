@@ -51,6 +51,7 @@ from tinygpt_cli.plan import (
     checkpoints_kept,
     estimate_memory,
     gpu_spec,
+    heavy_evaluation_note,
     loss_chunk_bytes,
     micro_batch_within,
     resolve_device_spec,
@@ -791,6 +792,9 @@ class _Trainer:
         eval_rng = np.random.default_rng([tc.seed, 2**31])
         self.eval_starts = [eval_rng.integers(0, len(self.val_tokens) - self.block - 1, size=self.batch_size)
                             for _ in range(tc.eval_batches)]
+        heavy = heavy_evaluation_note(tc, self.batch_size, self.batch_size * self.grad_accum * info.world_size)
+        if heavy and info.is_main:
+            self.emit(TrainEvent("info", message=heavy))
         autocast = autocast_context(device, self.dtype)
         self.emit(TrainEvent("start", step=start_step, max_steps=tc.max_steps, tokens=self.tokens_seen, data={
             "run_dir": str(self.run_dir), "dataset": self.dataset.name, "device": str(device),
