@@ -188,6 +188,28 @@ def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
     assert "torch.compile unavailable (RuntimeError: no C++ compiler): decoded eagerly." in result.stderr
 
 
+def test_both_fallbacks_are_reported(run, monkeypatch):
+    """A step that cannot compile and graphs that cannot be captured: each gets its one line on stderr."""
+    from tinygpt_cli import sample
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    real = sample.generate
+
+    def failing_graphs(*args, stats=None, **kwargs):
+        stats.graph_error = "RuntimeError: capture failed"
+        yield from real(*args, stats=stats, **kwargs)
+
+    monkeypatch.setitem(sample._COMPILED_STEPS, "default", broken)
+    monkeypatch.setattr(sample, "generate", failing_graphs)
+    result = generate("ROMEO:", "--compile", "on", "--max-new-tokens", "5", "-v")
+    assert result.exit_code == 0, result.output
+    assert "torch.compile unavailable (RuntimeError: no C++ compiler): decoded eagerly." in result.stderr
+    assert "CUDA graphs unavailable (RuntimeError: capture failed): decoded step by step." in result.stderr
+    assert "CUDA graphs" not in result.stderr.replace("CUDA graphs unavailable", "")  # -v: none were used
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--temperature", "-1"], "--temperature"),
     (["--top-k", "-1"], "--top-k"),

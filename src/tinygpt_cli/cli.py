@@ -729,7 +729,7 @@ def generate(
     lookahead: Annotated[
         bool | None, typer.Option("--lookahead/--no-lookahead", help="Guess tokens from earlier text and check the "
                                   "guesses in one pass: fewer passes, the same tokens up to float rounding (default: "
-                                  "on for one sample, uncompiled, off CUDA).")
+                                  "on for one sample, uncompiled, off CUDA; on CUDA it gives up the CUDA graphs).")
     ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print tokens/s and time to first token on stderr.")
@@ -812,7 +812,7 @@ class _GenerateView:
     def __init__(self, loaded, settings: dict[str, Any], use_compile: bool, as_json: bool, verbose: bool, err) -> None:
         self.loaded, self.settings, self.use_compile = loaded, settings, use_compile
         self.as_json, self.verbose, self.err = as_json, verbose, err
-        self.warned = False
+        self.warned: set[str] = set()  # the warnings given once per command
 
     def once(self, text: str, seed: int, echo_prompt: bool) -> None:
         from tinygpt_cli.sample import sample_text
@@ -833,14 +833,16 @@ class _GenerateView:
             on_start=(lambda: on_text(0, text)) if stream and echo_prompt else None,
         )
         stats = result.stats
-        if stats.compile_error and not self.warned:
-            self.warned = True
+        if stats.compile_error and "compile" not in self.warned:
+            self.warned.add("compile")
             self.err.print(f"torch.compile unavailable ({stats.compile_error}): decoded eagerly.", markup=False)
-        if stats.graph_error and not self.warned:
-            self.warned = True
+        if stats.graph_error and "graphs" not in self.warned:
+            self.warned.add("graphs")
             self.err.print(f"CUDA graphs unavailable ({stats.graph_error}): decoded step by step.", markup=False)
+        param = next(self.loaded.model.parameters())
+        # steps replayed as CUDA graphs: ours, or torch.compile's ("reduce-overhead")
+        cuda_graphs = stats.graphed or (stats.compiled and param.device.type == "cuda")
         if self.as_json:
-            param = next(self.loaded.model.parameters())
             print(
                 json.dumps(
                     {
@@ -861,8 +863,7 @@ class _GenerateView:
                             "device": str(param.device),
                             "dtype": str(param.dtype).split(".")[-1],
                             "compiled": stats.compiled,
-                            # steps replayed as CUDA graphs: ours, or torch.compile's ("reduce-overhead")
-                            "cuda_graphs": stats.graphed or (stats.compiled and param.device.type == "cuda"),
+                            "cuda_graphs": cuda_graphs,
                             "model_passes": stats.model_passes,
                             "guessed_tokens": stats.guessed_tokens,
                             "accepted_tokens": stats.accepted_tokens,
@@ -884,7 +885,7 @@ class _GenerateView:
                 f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
                 f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
                 f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}"
-                f"{' · CUDA graphs' if stats.graphed else ''}"
+                f"{' · CUDA graphs' if cuda_graphs else ''}"
                 + (f" · look-ahead: {stats.model_passes} passes, {stats.accepted_tokens} of {stats.guessed_tokens} "
                    "guessed tokens taken" if stats.model_passes else ""),
                 markup=False,

@@ -274,7 +274,7 @@ class GenerationStats:
     window_slides: int = 0
     compiled: bool = False
     compile_error: str | None = None
-    graphed: bool = False  # decode steps replayed as CUDA graphs of several steps (see `_DecodeChunk`)
+    graphed: bool = False  # decode steps replayed from CUDA graphs of our own (see `_DecodeChunk`)
     graph_error: str | None = None  # why capturing them failed
     model_passes: int = 0  # look-ahead passes (see `generate`'s lookahead); 0 without it
     guessed_tokens: int = 0  # tokens guessed by look-ahead, and how many of them the draws took
@@ -538,10 +538,10 @@ def generate(
     the current one. What is yielded, and when the generator returns, is the same for any `flush_every`; at
     most `flush_every - 1` steps past the end are computed and dropped.
 
-    `graphs` (default: on CUDA with the static cache, uncompiled) takes `GRAPH_STEPS` steps at a time as one
-    `_DecodeChunk`: sampling included, captured once as a CUDA graph and replayed (off CUDA it runs eagerly).
-    Its random numbers are drawn beforehand, so sampled tokens differ from those of the other paths with the same
-    seed (greedy ones do not); a seed still reproduces them.
+    `graphs` (default: on NVIDIA CUDA with the static cache, uncompiled) takes `GRAPH_STEPS` steps at a time as
+    one `_DecodeChunk`: sampling included, captured once as a CUDA graph and replayed (off CUDA it runs eagerly).
+    With one step per graph the tokens are those of the other paths; with several, the random numbers of a chunk
+    are drawn together, so sampled tokens differ from theirs (greedy ones do not) and a seed still repeats them.
 
     `lookahead` (default: on for one sample with the cache, off CUDA; eager only) guesses the tokens that follow
     from earlier text (`PromptLookup`) and runs the model over the newest token and the guesses in one pass. Each
@@ -568,7 +568,8 @@ def generate(
 
     flush = flush_every or (16 if device.type == "cuda" else 1)
     # compiled, torch.compile's own CUDA graphs ("reduce-overhead") are as fast (docs/performance.md)
-    graphs = static and device.type == "cuda" and not compile if graphs is None else graphs
+    if graphs is None:  # HIP graphs (ROCm also says "cuda") are untested
+        graphs = static and device.type == "cuda" and torch.version.hip is None and not compile
     if graphs and not (static and use_cache):
         raise ValueError("graphs needs the static cache (compile or static_cache)")
     can_look_ahead = use_cache and not static and num_samples == 1
@@ -784,7 +785,7 @@ class _DecodeChunk:
     Everything a step reads or writes is a tensor at a fixed address (the token fed, the cache position, the step
     counter, `finished`, `first_bad`, `seen`) and the random numbers are drawn for the whole chunk beforehand, so
     on CUDA the steps are captured once, at the first chunk, as one CUDA graph and each chunk is a single replay:
-    the host queues one launch per `steps` tokens instead of hundreds of kernels per token. If capturing fails the
+    the host queues one graph launch instead of hundreds of kernel launches a token. If capturing fails the
     chunks run eagerly and `stats.graph_error` says why. Off CUDA they always run eagerly (the same tokens; tests).
     """
 
@@ -832,8 +833,9 @@ class _DecodeChunk:
         current = torch.cuda.current_stream(self.stream.device)
         self.stream.wait_stream(current)
         try:
-            with torch.cuda.stream(self.stream):
-                self.step(self.model, self.current, self.view, self.head_t)
+            with torch.cuda.stream(self.stream):  # the step's first call, where it compiles, may fall back
+                _, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
+                                            self.stats, first=True)
             with torch.cuda.graph(graph, stream=self.stream):
                 self._take_steps()
         except Exception as exc:  # any failure means: go on without the graph
