@@ -53,7 +53,9 @@ def test_set_values_are_type_checked():
         # a traceback from AdamW or NumPy, or a NaN that passed every check (found by an audit)
         ("train.beta1=2", r"train\.beta1 must be in \[0, 1\)"),
         ("train.beta2=-0.5", r"train\.beta2 must be in \[0, 1\)"),
-        ("train.seed=-1", r"train\.seed must be 0 or more"),
+        ("train.seed=-1", r"train\.seed must be 0 to 4611686018427387904"),
+        ("train.seed=18446744073709551616", r"train\.seed must be 0 to"),  # a traceback from torch (audit)
+        ("sample.seed=-5", r"sample\.seed must be 0 to"),
         ("train.weight_decay=.nan", r"train\.weight_decay must be a finite number"),
         ("train.grad_clip=.nan", r"train\.grad_clip must be a finite number"),
         ("train.max_minutes=.inf", r"train\.max_minutes must be a finite number"),

@@ -219,6 +219,9 @@ def test_both_fallbacks_are_reported(run, monkeypatch):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--num-samples", "0"], "--num-samples"),
     (["--stop", ""], "--stop needs a non-empty text"),
+    (["--seed", str(2**64)], "--seed must be 0 to"),  # a traceback after the prompt was echoed (audit)
+    (["--seed", "-1"], "--seed must be 0 to"),
+    (["--temperature", "inf"], "--temperature must be at most 1e+06"),  # top-k kept every token (audit)
     (["--dtype", "fp8"], "--dtype must be one of"),
     (["--dtype", "fp16"], "fp16 is not supported on CPU"),
     (["--compile", "maybe"], "--compile must be one of"),
@@ -229,7 +232,9 @@ def test_both_fallbacks_are_reported(run, monkeypatch):
     (["--lookahead", "--compile", "on"], "--lookahead needs the uncompiled decode step: add --compile off"),
 ])
 def test_bad_input_is_one_line(run, args, fragment):
-    assert_one_line_error(generate("x", *args) if "--prompt-file" not in args else generate(*args), fragment)
+    result = generate("x", *args) if "--prompt-file" not in args else generate(*args)
+    assert_one_line_error(result, fragment)
+    assert result.stdout == ""  # not even the prompt
 
 
 def test_bad_prompt_input(run, tmp_path):

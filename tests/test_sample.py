@@ -252,8 +252,29 @@ def test_prompt_longer_than_context(model):
         next(generate(model, [60000], 5))
 
 
+def test_extreme_temperatures_and_penalties_are_not_non_finite_logits(model):
+    """A temperature that is 0 in float32 (1e-50) is greedy, and a repetition penalty that overflows float32
+    saturates: neither is the "damaged checkpoint" error (found by an audit)."""
+    greedy = _run(model, [5, 6, 7], 20, temperature=0)
+    assert torch.equal(_run(model, [5, 6, 7], 20, temperature=1e-50, top_k=0, seed=1), greedy)
+    for penalty in (1e-45, 1e-300, 1e300):
+        assert _run(model, [5, 6, 7], 20, temperature=0.8, repetition_penalty=penalty, seed=1).shape == (1, 20)
+        assert _run(model, [5, 6, 7], 20, temperature=0, repetition_penalty=penalty).shape == (1, 20)
+
+
+def test_a_stop_string_completed_by_the_held_back_end_is_a_stop(model, monkeypatch):
+    """A sample ending in half a UTF-8 character: `finish` releases it as U+FFFD, which completes the stop string
+    U+FFFD, so the sample ends "stop", not "length" (found by an audit)."""
+    encoding = get_encoding()
+    tokens = [encoding.encode_single_token(piece) for piece in (b"ab", b"\xe2", b"\x80")]
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: (torch.tensor([t]) for t in tokens))
+    result = sample_text(model, "x", 3, temperature=0, stop=["\ufffd"])
+    assert result.samples[0].text == "ab" and result.samples[0].stop_reason == "stop"
+
+
 @pytest.mark.parametrize(("kwargs", "flag"), [
-    ({"temperature": -1.0}, "--temperature"), ({"top_k": -1}, "--top-k"), ({"top_p": 0.0}, "--top-p"),
+    ({"temperature": -1.0}, "--temperature"), ({"temperature": float("inf")}, "--temperature"),
+    ({"top_k": -1}, "--top-k"), ({"top_p": 0.0}, "--top-p"),
     ({"repetition_penalty": 0.0}, "--repetition-penalty"), ({"num_samples": 0}, "--num-samples"),
 ])
 def test_bad_settings(model, kwargs, flag):

@@ -758,8 +758,9 @@ def generate(
         "repetition_penalty": repetition_penalty if repetition_penalty is not None else defaults.repetition_penalty,
         "num_samples": num_samples,
     }
-    check_settings(**settings)
-    settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed if seed is not None else defaults.seed)
+    seed = seed if seed is not None else defaults.seed
+    check_settings(**settings, seed=seed)
+    settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed)
     param = next(loaded.model.parameters())
     interactive = text is None and _stdin_is_interactive()
     use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda"

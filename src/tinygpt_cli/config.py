@@ -22,6 +22,10 @@ SCHEDULES = ("cosine", "wsd")
 COMPILE_MODES = ("auto", "on", "off")
 
 
+# Seeds go to torch.manual_seed (64-bit) after small additions (a rank, a prompt's turn): 2**62 leaves room.
+MAX_SEED = 2**62
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """GPT-2 shape. `vocab_size` is padded past GPT-2's 50257 to a multiple of 64 for fast matmuls."""
@@ -89,8 +93,8 @@ class TrainConfig:
         for name in ("max_minutes", "lr", "min_lr", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip"):
             if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
                 raise ConfigError(f"train.{name} must be a finite number (got {getattr(self, name)})")
-        if self.seed < 0:
-            raise ConfigError(f"train.seed must be 0 or more (got {self.seed})")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"train.seed must be 0 to {MAX_SEED} (got {self.seed})")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")
@@ -132,6 +136,8 @@ class SampleConfig:
             raise ConfigError(f"sample.max_new_tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:
             raise ConfigError(f"sample.temperature must be 0 or more (got {self.temperature})")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"sample.seed must be 0 to {MAX_SEED} (got {self.seed})")
         if self.top_k < 0:
             raise ConfigError(f"sample.top_k must be 0 or more (got {self.top_k})")
         if not 0.0 < self.top_p <= 1.0:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from tinygpt_cli.config import MAX_SEED
 from tinygpt_cli.errors import GenerationError
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
@@ -134,11 +135,13 @@ class StaticDecodeView:
 # ----------------------------------------------------------------------------------------------- sampling
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's repetition penalty: the logit of every token already in the text is divided by `penalty` when
-    positive and multiplied by it when negative. logits (B, V) float, seen (B, V) bool -> (B, V)."""
+    positive and multiplied by it when negative. logits (B, V) float, seen (B, V) bool -> (B, V).
+    An extreme penalty saturates at float32's largest values instead of overflowing (NaN stays NaN)."""
     if penalty == 1.0:
         return logits
     logits = logits.float()
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    largest = torch.finfo(torch.float32).max
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(-largest, largest)
     return torch.where(seen[:, : logits.size(1)], penalised, logits)
 
 
@@ -170,8 +173,10 @@ def sample_next_token(
             return torch.from_numpy(best)
         index = logits.argmax(dim=-1, keepdim=True)
         return index.masked_fill(~torch.isfinite(logits.gather(-1, index)), -1).squeeze(-1)
-    # shifted so that the largest is 0: a tiny temperature cannot overflow (it tends to greedy); NaN stays NaN
-    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    # shifted so that the largest is 0: a tiny temperature cannot overflow (it tends to greedy; one that is 0 in
+    # float32 too makes the rest -inf, and the largest stays 0 rather than 0 / 0); NaN stays NaN
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    scaled = torch.where(shifted == 0, shifted, shifted / temperature)
     ids, candidates = _candidates(scaled, top_k, top_p)
     probs = torch.softmax(candidates, dim=-1)  # (B, n)
     if uniform is None:
@@ -186,6 +191,8 @@ def sample_next_token(
 def _uniform_dtype(*devices: torch.device) -> torch.dtype:
     return torch.float32 if any(d.type == "mps" for d in devices) else torch.float64  # MPS has no float64
 
+
+MAX_TEMPERATURE = 1e6  # a distribution flat to within float32 rounding long before this
 
 NUCLEUS_SHORTLIST = 1024  # top-p alone first looks for its nucleus among this many of the likeliest tokens
 TIE_ROOM = 64  # top-k's candidates hold this many more than k, for tokens tied with the k-th
@@ -244,13 +251,18 @@ def draw_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 def check_settings(
-    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float, num_samples: int
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float, num_samples: int,
+    seed: int | None = None,
 ) -> None:
     """Raise GenerationError naming the flag for a value that cannot work."""
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if not temperature >= 0:
         raise GenerationError(f"--temperature must be 0 (greedy) or more (got {temperature})")
+    if not temperature <= MAX_TEMPERATURE:  # past it every logit scales to a tie and top-k would keep them all
+        raise GenerationError(f"--temperature must be at most {MAX_TEMPERATURE:g} (got {temperature})")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise GenerationError(f"--seed must be 0 to {MAX_SEED} (got {seed})")
     if top_k < 0:
         raise GenerationError(f"--top-k must be 0 (off) or more (got {top_k})")
     if not 0.0 < top_p <= 1.0:
@@ -1104,5 +1116,7 @@ def sample_text(
         tail = stream.finish()
         if tail:
             emit(row, tail)
+        if stream.stopped and reasons[row] == "length":  # a stop string completed by the held-back end
+            reasons[row] = "stop"
     samples = [TextSample(s.text, n, r) for s, n, r in zip(streams, counts, reasons, strict=True)]
     return SampleResult(prompt, stats.prompt_tokens or len(prompt_ids), samples, stats)
