@@ -792,9 +792,6 @@ class _Trainer:
         eval_rng = np.random.default_rng([tc.seed, 2**31])
         self.eval_starts = [eval_rng.integers(0, len(self.val_tokens) - self.block - 1, size=self.batch_size)
                             for _ in range(tc.eval_batches)]
-        heavy = heavy_evaluation_note(tc, self.batch_size, self.batch_size * self.grad_accum * info.world_size)
-        if heavy and info.is_main:
-            self.emit(TrainEvent("info", message=heavy))
         autocast = autocast_context(device, self.dtype)
         self.emit(TrainEvent("start", step=start_step, max_steps=tc.max_steps, tokens=self.tokens_seen, data={
             "run_dir": str(self.run_dir), "dataset": self.dataset.name, "device": str(device),
@@ -805,6 +802,9 @@ class _Trainer:
             "unigram_val_loss": unigram, "resumed_from": str(self.checkpoint) if self.checkpoint else None,
             "compiled": self.model is not (self.eval_model), "peak_flops": peak,
         }))
+        heavy = heavy_evaluation_note(tc, self.batch_size, self.batch_size * self.grad_accum * info.world_size)
+        if heavy and info.is_main:
+            self.emit(TrainEvent("info", message=heavy))
         if self.checkpoint is not None:
             _restore_rng(_rank_rng(state, info.rank))  # last, so nothing before the first step draws from it
 
