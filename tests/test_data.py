@@ -85,6 +85,28 @@ def test_jsonl_text_field_and_parquet(workspace):
         data.tokenize(str(workspace / "a.parquet"))
 
 
+@pytest.mark.parametrize(("changed", "change"), [("a.jsonl", "grow"), ("b.jsonl", "grow"), ("a.jsonl", "shrink")])
+def test_a_source_that_changes_while_it_is_read_is_one_error(workspace, monkeypatch, changed, change):
+    """Lines added to or removed from a .jsonl after it was counted: one line that says so (growing the last
+    file was an IndexError traceback; growing or cutting another shifted every later document's split)."""
+    folder = workspace / "corpus"
+    folder.mkdir()
+    for name, start in (("a.jsonl", 0), ("b.jsonl", 20)):
+        (folder / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in _docs(20)[start % 20 :]))
+    real = data.resolve_source
+
+    def counted_then_changed(*args, **kwargs):
+        src = real(*args, **kwargs)
+        path = folder / changed
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines * 2 if change == "grow" else lines[:-3]))
+        return src
+
+    monkeypatch.setattr(data, "resolve_source", counted_then_changed)
+    with pytest.raises(DataError, match=f"{changed} changed while it was being tokenized .*: run tokenize again"):
+        data.tokenize(str(folder), name="changing")
+
+
 def test_single_text_file_is_cut_inside(workspace):
     path = workspace / "book.txt"
     lines = [f"Line {i} of the only book." for i in range(1000)]

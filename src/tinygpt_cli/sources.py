@@ -376,7 +376,8 @@ def iter_documents(
                     if text_file is not None:
                         yield first, code, text_file
             elif doc_file.kind == "jsonl":
-                yield from _jsonl_documents(doc_file.path, src.text_field, first, start, code_of, report)
+                yield from _jsonl_documents(doc_file.path, src.text_field, first, doc_file.documents, start,
+                                            code_of, report)
             else:
                 yield from _parquet_documents(doc_file.path, src.text_field, first, start, codes, report)
         except (OSError, EOFError) as exc:  # a file deleted, unreadable or cut short since it was counted
@@ -385,14 +386,17 @@ def iter_documents(
 
 
 def _jsonl_documents(
-    path: Path, text_field: str, first: int, start: int, code_of: _Codes, report: UndecodableHook
+    path: Path, text_field: str, first: int, count: int, start: int, code_of: _Codes, report: UndecodableHook
 ) -> Iterator[tuple[int, int, str]]:
+    """The documents of the .jsonl at `path`, which held `count` of them (numbered from `first`) when counted."""
     position = first - 1
     with _open_binary(path) as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             position += 1
+            if position >= first + count:  # the split of every document was chosen from the counts
+                raise _changed(path, f"more than the {count:,} documents counted")
             if position < start:
                 continue
             code = code_of(position)
@@ -406,6 +410,13 @@ def _jsonl_documents(
             except json.JSONDecodeError as exc:
                 raise DataError(f"line {line_no} of {path} is not valid JSON ({exc.msg}): fix or remove it") from None
             yield position, code, _text_of(row, text_field, f"line {line_no} of {path}")
+    if position < first + count - 1:
+        raise _changed(path, f"{position - first + 1:,} documents, {count:,} when counted")
+
+
+def _changed(path: Path, how: str) -> DataError:
+    return DataError(f"{path} changed while it was being tokenized ({how}): run tokenize again once it no "
+                     f"longer changes")
 
 
 def _text_of(row: Any, text_field: str, where: str) -> str:
