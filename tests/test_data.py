@@ -107,6 +107,27 @@ def test_a_source_that_changes_while_it_is_read_is_one_error(workspace, monkeypa
         data.tokenize(str(folder), name="changing")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_data_leaves_out_a_dataset_whose_bins_do_not_match_its_meta(with_shakespeare, damage):
+    """A cut or deleted .bin was listed (and shown) as healthy, its size read from meta.json (found by an audit);
+    `train --data` already refused it."""
+    import shutil
+
+    from test_cli import invoke
+
+    copy = with_shakespeare.parent / "copy"
+    shutil.copytree(with_shakespeare, copy)
+    bin_path = copy / ("train.bin" if damage == "truncated" else "val.bin")
+    if damage == "truncated":
+        bin_path.write_bytes(bin_path.read_bytes()[:100])
+    else:
+        bin_path.unlink()
+    listed = invoke("data")
+    assert listed.exit_code == 0 and "shakespeare" in listed.stdout and "copy" not in listed.stdout
+    assert f"note: copy is left out: {bin_path}" in listed.stderr
+    assert_one_line_error(invoke("data", "show", "copy"), str(bin_path))
+
+
 def test_single_text_file_is_cut_inside(workspace):
     path = workspace / "book.txt"
     lines = [f"Line {i} of the only book." for i in range(1000)]
@@ -205,6 +226,7 @@ def test_a_meta_json_of_the_wrong_shape_is_refused_not_a_crash(with_shakespeare,
         data.load_dataset(bad)
     listed = invoke("data")
     assert listed.exit_code == 0 and "shakespeare" in listed.stdout, listed.output
+    assert "note: bad is left out: " in listed.stderr and "re-run `tinygpt tokenize`" in listed.stderr  # audit
     assert invoke("data", "show", "shakespeare").exit_code == 0
     assert_one_line_error(invoke("data", "show", str(bad)), "re-run `tinygpt tokenize`")
     assert invoke("plan", "--size", "micro", "--data", "shakespeare").exit_code == 0

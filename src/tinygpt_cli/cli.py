@@ -1240,10 +1240,15 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
     problems: list[str] = []
     summaries = list_run_summaries(problems)
-    for problem in problems:
-        _stderr_console().print(f"note: {problem}", markup=False)
+    _print_notes(problems)
     _print_listing(summaries, as_json, ("run", "size", "steps", "tokens", "best val loss", "date"), row,
                    f"No runs in {workspace.runs_dir()} yet: train one with `tinygpt train`")
+
+
+def _print_notes(problems: list[str]) -> None:
+    """`runs` and `data`: what they leave out, one note each on stderr."""
+    for problem in problems:
+        _stderr_console().print(f"note: {problem}", markup=False)
 
 
 def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row: Any, empty: str) -> None:
@@ -1299,7 +1304,10 @@ def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         return (s.name, _fmt_int(s.train_tokens), _fmt_int(s.val_tokens), _fmt_int(s.train_documents + s.val_documents),
                 format_bytes(s.bytes), fraction, _when(s.created))
 
-    _print_listing(list_dataset_summaries(), as_json,
+    problems: list[str] = []
+    summaries = list_dataset_summaries(problems)
+    _print_notes(problems)
+    _print_listing(summaries, as_json,
                    ("dataset", "train tokens", "val tokens", "documents", "on disk", "fraction", "created"), row,
                    f"No tokenized data in {workspace.data_dir()} yet: run `tinygpt tokenize`")
 

@@ -749,8 +749,8 @@ class Dataset:
     path: Path
     meta: dict[str, Any]
 
-    def split(self, split: str) -> np.ndarray:
-        """The split's tokens as a read-only uint16 memmap, verified against meta.json."""
+    def check_sizes(self, split: str) -> Path:
+        """The split's file, which must exist with the size meta.json gives (a stat, no reading)."""
         info = self.meta["splits"][split]
         file = self.path / info["file"]
         if not file.is_file():
@@ -761,6 +761,13 @@ class Dataset:
                 f"{file} is {size} bytes but meta.json says {info['bytes']} (truncated or replaced): "
                 f"re-run `tinygpt tokenize` for {self.name}"
             )
+        return file
+
+    def split(self, split: str) -> np.ndarray:
+        """The split's tokens as a read-only uint16 memmap, verified against meta.json."""
+        info = self.meta["splits"][split]
+        file = self.check_sizes(split)
+        size = file.stat().st_size
         check = info["sha256"] if size <= FULL_HASH_LIMIT else info["edge_sha256"]
         actual = _file_sha256(file) if size <= FULL_HASH_LIMIT else _edge_hash(file)
         if actual != check:
@@ -830,8 +837,9 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     return None
 
 
-def list_datasets() -> list[Dataset]:
-    """Complete datasets in the workspace, newest first."""
+def list_datasets(problems: list[str] | None = None) -> list[Dataset]:
+    """Complete datasets in the workspace, newest first. One whose meta.json is damaged, or whose files are missing
+    or not of the sizes it gives, is left out, and what is wrong with it appended to `problems`."""
     root = workspace.data_dir()
     if not root.is_dir():
         return []
@@ -840,9 +848,14 @@ def list_datasets() -> list[Dataset]:
         if meta.parent.name.startswith("."):
             continue
         try:
-            found.append(load_dataset(meta.parent))
-        except DataError:
+            dataset = load_dataset(meta.parent)
+            for split in ("train", "val"):
+                dataset.check_sizes(split)
+        except DataError as exc:
+            if problems is not None:
+                problems.append(f"{meta.parent.name} is left out: {exc}")
             continue
+        found.append(dataset)
     return sorted(found, key=lambda d: (d.meta.get("created", ""), d.path.stat().st_mtime), reverse=True)
 
 

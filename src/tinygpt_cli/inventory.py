@@ -125,11 +125,11 @@ def dataset_summary(meta: dict[str, Any], path: Path) -> DatasetSummary:
     )
 
 
-def list_dataset_summaries() -> list[DatasetSummary]:
-    """Complete tokenized datasets in the workspace, newest first."""
+def list_dataset_summaries(problems: list[str] | None = None) -> list[DatasetSummary]:
+    """Complete tokenized datasets in the workspace, newest first (see `data.list_datasets` for `problems`)."""
     from tinygpt_cli.data import list_datasets
 
-    return [dataset_summary(d.meta, d.path) for d in list_datasets()]
+    return [dataset_summary(d.meta, d.path) for d in list_datasets(problems)]
 
 
 def dataset_meta(spec: str | None) -> tuple[Path, dict[str, Any]]:
@@ -139,4 +139,6 @@ def dataset_meta(spec: str | None) -> tuple[Path, dict[str, Any]]:
     dataset = find_dataset(spec)
     if dataset is None:
         raise DataError("no tokenized dataset in this workspace yet: run `tinygpt tokenize`")
+    for split in ("train", "val"):
+        dataset.check_sizes(split)
     return dataset.path, dataset.meta
