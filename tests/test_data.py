@@ -128,6 +128,25 @@ def test_data_leaves_out_a_dataset_whose_bins_do_not_match_its_meta(with_shakesp
     assert_one_line_error(invoke("data", "show", "copy"), str(bin_path))
 
 
+@pytest.mark.parametrize(("name", "message"), [
+    ("ünï", r"--name 'ünï' is not a plain folder name under data/: .*\(e\.g\. --name n\)"),
+    ("../escape", r"--name '\.\./escape' is not a plain folder name"),
+    ("a/b", r"--name 'a/b' is not a plain folder name .*--name a-b"),
+    ("..", r"--name '\.\.' is not a plain folder name .*--name my-data"),
+    ("", r"--name '' is not a plain folder name"),
+    ("RAW", r"--name RAW is reserved"),
+    ("x" * 101, r"--name is 101 characters long"),
+])
+def test_a_dataset_name_is_used_as_given_or_refused(workspace, name, message):
+    """--name was rewritten without a word ('ünï' -> data/n, '..' -> data/dataset), and '' meant no name, which
+    replaced the source's dataset (found by an audit). Nothing is written for a refused name."""
+    (workspace / "a.txt").write_text("Some text to tokenize.\n" * 50)
+    with pytest.raises(DataError, match=message):
+        data.tokenize(str(workspace / "a.txt"), name=name)
+    assert not (workspace / "data").exists() or not list((workspace / "data").iterdir())
+    assert data.tokenize(str(workspace / "a.txt"), name="my.data_1").path.name == "my.data_1"
+
+
 def test_single_text_file_is_cut_inside(workspace):
     path = workspace / "book.txt"
     lines = [f"Line {i} of the only book." for i in range(1000)]

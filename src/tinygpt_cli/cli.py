@@ -191,7 +191,8 @@ def tokenize(
             "folder or glob. Default: the last download, else the embedded corpus."
         ),
     ] = None,
-    name: Annotated[str | None, typer.Option(help="Dataset name under data/ (default: from the source).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Dataset folder under data/: letters, digits, '.', '_' and '-' (default: from the source).")] = None,
     fraction: Annotated[float, typer.Option(help="Share of the documents to use, chosen by --seed.")] = 1.0,
     val_fraction: Annotated[float, typer.Option(help="Share of the used documents held out for validation.")] = 0.005,
     seed: Annotated[int, typer.Option(help="Seed of the document choice and the split.")] = 0,

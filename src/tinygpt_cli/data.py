@@ -526,11 +526,14 @@ def tokenize(
 
 
 def _output_name(name: str | None, src: Source) -> str:
-    if name:
-        dataset_name = workspace.safe_name(name)
-        if dataset_name == RAW_DIR_NAME:
-            raise DataError(f"--name {RAW_DIR_NAME} is reserved: data/{RAW_DIR_NAME}/ holds downloads; pick another")
-        return dataset_name
+    """The dataset's folder name: `--name` as given (a plain folder name, else an error), or the source's."""
+    if name is not None:
+        problem = workspace.name_problem(name, "data/", "my-data")
+        if problem:
+            raise DataError(problem)
+        if name.lower() == RAW_DIR_NAME:  # also on a filesystem that ignores case
+            raise DataError(f"--name {name} is reserved: data/{RAW_DIR_NAME}/ holds downloads; pick another")
+        return name
     return src.name if src.name != RAW_DIR_NAME else f"{RAW_DIR_NAME}-text"
 
 

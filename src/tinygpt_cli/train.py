@@ -1084,12 +1084,9 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
 
 def check_run_name(name: str) -> None:
     """A new run's name must be one plain folder name under runs/ (no `..`, no slash, nothing hidden)."""
-    if len(name) > 100:
-        raise TrainingError(f"--name is {len(name)} characters long: use at most 100")
-    if workspace.safe_name(name) != name:
-        suggestion = workspace.safe_name(name) if name.strip("-. ") else "my-run"
-        raise TrainingError(f"--name {name!r} is not a plain folder name under runs/: use letters, digits, "
-                            f"'.', '_' and '-' (e.g. --name {suggestion})")
+    problem = workspace.name_problem(name, "runs/", "my-run")
+    if problem:
+        raise TrainingError(problem)
 
 
 def _trained_dataset(run_dir: Path) -> str:

@@ -28,6 +28,18 @@ def safe_name(text: str) -> str:
     return name or "dataset"
 
 
+def name_problem(name: str, under: str, example: str) -> str | None:
+    """Why `name` is not one plain folder name to make under `under` (no `..`, no slash, nothing hidden, at most
+    100 characters), as an error message naming --name; None if it is one."""
+    if len(name) > 100:
+        return f"--name is {len(name)} characters long: use at most 100"
+    if safe_name(name) != name:
+        suggestion = safe_name(name) if name.strip("-. ") else example
+        return (f"--name {name!r} is not a plain folder name under {under}: use letters, digits, '.', '_' and '-' "
+                f"(e.g. --name {suggestion})")
+    return None
+
+
 def free_bytes(path: Path) -> int:
     """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
     probe = Path(path).absolute()
