@@ -545,6 +545,8 @@ def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace):
     rows = workspace / "rows.jsonl"
     _write_jsonl(rows, _docs(10))
     _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--fraction", "0"]), "--fraction must be in (0, 1]")
+    for seed in (str(2**64), "-1"):  # 2**64 wrapped to seed 0 and recorded 2**64 (audit)
+        _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--seed", seed]), "--seed must be 0 to")
     _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--val-fraction", "1"]), "--val-fraction")
     _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--workers", "0"]), "--workers must be at least 1")
     _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--name", "raw"]), "--name raw is reserved")

@@ -272,5 +272,6 @@ def test_download_bad_names_are_one_line_errors(workspace, tmp_path):
     local.write_text('{"text": "hi"}\n')
     _one_line_error(runner.invoke(app, ["download", str(local)]), "is a local path: local files need no download")
     _one_line_error(runner.invoke(app, ["download", "--fraction", "1.5"]), "--fraction must be in (0, 1]")
+    _one_line_error(runner.invoke(app, ["download", "--seed", str(2**64)]), "--seed must be 0 to")
     _one_line_error(runner.invoke(app, ["download", "--max-docs", "0"]), "--max-docs must be at least 1")
     assert not (workspace / "data").exists()

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt_cli import __version__, workspace
+from tinygpt_cli.config import MAX_SEED
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
     EMBEDDED_NAME,
@@ -80,6 +81,12 @@ MAX_NAMED_UNDECODABLE = 20
 
 
 # ----------------------------------------------------------------------------------------------- split
+def check_seed(seed: int) -> None:
+    """A document-choice seed of `tokenize` or `download`: 0 to MAX_SEED (past 64 bits it wrapped silently)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise DataError(f"--seed must be 0 to {MAX_SEED} (got {seed})")
+
+
 def keyed_hash(seed: int, stream: int, start: int, count: int) -> np.ndarray:
     """splitmix64 of (seed, stream, i) for i in start..start+count-1: a fixed pseudo-random number per document."""
     with np.errstate(over="ignore"):
@@ -459,6 +466,7 @@ def tokenize(
         raise DataError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
     if workers is not None and workers < 1:
         raise DataError(f"--workers must be at least 1 (got {workers})")
+    check_seed(seed)
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
     src = resolve_source(source, text_field)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygpt_cli import __version__, workspace
-from tinygpt_cli.data import exclusive, keyed_hash, write_json_atomic
+from tinygpt_cli.data import check_seed, exclusive, keyed_hash, write_json_atomic
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.sources import (
     DOWNLOAD_RECORD,
@@ -143,6 +143,7 @@ def download(
         raise DataError(f"--fraction must be in (0, 1] (got {fraction})")
     if max_docs is not None and max_docs < 1:
         raise DataError(f"--max-docs must be at least 1 (got {max_docs})")
+    check_seed(seed)
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
     entry = _entry_for(name or "openwebtext", config, split, text_field)
