@@ -544,7 +544,9 @@ def test_not_enough_disk_is_refused_before_writing(workspace, monkeypatch):
 def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace):
     rows = workspace / "rows.jsonl"
     _write_jsonl(rows, _docs(10))
-    _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--fraction", "0"]), "--fraction must be in (0, 1]")
+    bad = runner.invoke(app, ["tokenize", str(rows), "--fraction", "0"])
+    _one_line_error(bad, "--fraction must be in (0, 1]")
+    assert bad.stderr.startswith("error:")  # a bar that never started wrote a blank line first (audit)
     for seed in (str(2**64), "-1"):  # 2**64 wrapped to seed 0 and recorded 2**64 (audit)
         _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--seed", seed]), "--seed must be 0 to")
     _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--val-fraction", "1"]), "--val-fraction")

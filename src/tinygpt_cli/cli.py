@@ -176,7 +176,8 @@ class _RateView:
         )
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.task is not None:  # stopping a bar that never started still writes a line break
+            self.progress.stop()
 
 
 @app.command(
