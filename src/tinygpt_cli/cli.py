@@ -142,6 +142,11 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------- tokenize
+def _count(n: int, noun: str) -> str:
+    """'1 document', '2,000 documents'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _fmt_size(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
@@ -283,8 +288,8 @@ def tokenize(
         return
     tokens = train["tokens"] + val["tokens"] - result.resumed_tokens  # this run's work
     print(
-        f"Wrote {result.path}: {_fmt_int(train['tokens'])} train tokens ({_fmt_int(train['documents'])} docs), "
-        f"{_fmt_int(val['tokens'])} val tokens ({_fmt_int(val['documents'])} docs) from "
+        f"Wrote {result.path}: {_fmt_int(train['tokens'])} train tokens ({_count(train['documents'], 'document')}), "
+        f"{_fmt_int(val['tokens'])} val tokens ({_count(val['documents'], 'document')}) from "
         f"{_fmt_size(meta['text_bytes'])} of text in {_fmt_seconds(result.seconds)} "
         f"({tokens / max(result.seconds, 1e-9) / 1e6:.2f}M tokens/s)"
     )
@@ -989,7 +994,7 @@ def eval_command(
         print(
             f"{result.dataset}/{result.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "
             f"{result.bits_per_byte:.4f} bits/byte on {_fmt_int(result.tokens)} tokens "
-            f"({result.text_bytes / 1e6:.2f} MB of text, {which})"
+            f"({format_bytes(result.text_bytes)} of text, {which})"
         )
     if result.recorded_in:
         err.print(f"Recorded in {result.recorded_in}/eval.jsonl and report.md", markup=False)

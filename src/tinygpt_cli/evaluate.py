@@ -460,8 +460,9 @@ def evaluate(
     model: GPT = loaded.model  # type: ignore[assignment]
     windows = window_starts(len(split_tokens), model.config.block_size, tokens)
     total = sum(length for _, length in windows)
+    plural = "" if len(windows) == 1 else "s"
     emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {dataset.name}/{split}: {total:,} tokens in "
-                                   f"{len(windows):,} windows of {model.config.block_size}"))
+                                   f"{len(windows):,} window{plural} of {model.config.block_size}"))
     emit(EvalEvent("start", total=total))
     started = time.perf_counter()
     score = score_tokens(model, split_tokens, max_tokens=tokens, batch_size=batch_size, autocast=autocast,
