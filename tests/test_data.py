@@ -544,6 +544,9 @@ def test_not_enough_disk_is_refused_before_writing(workspace, monkeypatch):
 def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace):
     rows = workspace / "rows.jsonl"
     _write_jsonl(rows, _docs(10))
+    # an unquoted glob, expanded by the shell: click's boxed "unexpected extra argument" before (audit)
+    _one_line_error(runner.invoke(app, ["tokenize", str(rows), str(rows), "--name", "x"]),
+                    "tokenize takes one SOURCE: put the files in one folder, or quote a glob", code=2)
     bad = runner.invoke(app, ["tokenize", str(rows), "--fraction", "0"])
     _one_line_error(bad, "--fraction must be in (0, 1]")
     assert bad.stderr.startswith("error:")  # a bar that never started wrote a blank line first (audit)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer import core as _typer_core
 from typer.core import TyperGroup
 
 from tinygpt_cli import __version__
@@ -36,12 +37,23 @@ def _stdout_console():
     return Console(highlight=False, soft_wrap=True)
 
 
+# click's UsageError: recent Typer carries its own copy of click (typer._click), older Typer uses click itself
+_UsageError = (getattr(_typer_core, "_click", None) or _typer_core.click).exceptions.UsageError
+
+
 class TinyGPTGroup(TyperGroup):
     """Turns library errors into one line and exit code 1, for `tinygpt` and for CliRunner alike."""
 
     def invoke(self, ctx):  # type: ignore[override]
         try:
             return super().invoke(ctx)
+        except _UsageError as exc:  # an unquoted glob that the shell expanded into several sources
+            command = exc.ctx.command.name if exc.ctx is not None else None
+            if command != "tokenize" or "unexpected extra argument" not in exc.message:
+                raise
+            print_error(TinyGPTError("tokenize takes one SOURCE: put the files in one folder, or quote a glob so "
+                                     "that the shell leaves it to tinygpt (tinygpt tokenize 'shards/*.jsonl')"))
+            raise typer.Exit(2) from None
         except TinyGPTError as exc:
             if os.environ.get("TINYGPT_DEBUG"):
                 import traceback
