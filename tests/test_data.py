@@ -147,6 +147,18 @@ def test_a_dataset_name_is_used_as_given_or_refused(workspace, name, message):
     assert data.tokenize(str(workspace / "a.txt"), name="my.data_1").path.name == "my.data_1"
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_byte_order_mark_is_not_text(workspace, monkeypatch, streamed):
+    """A UTF-8 .txt that starts with a byte-order mark gave a U+FEFF token; a .jsonl's was already dropped."""
+    if streamed:  # a file large enough to be read in pieces
+        monkeypatch.setattr(sources, "TXT_WHOLE_BYTES", 64)
+        monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 128)
+    (workspace / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "Line of the book.\n".join("" for _ in range(80)).encode())
+    result = data.tokenize(str(workspace / "bom.txt"), name="bom")
+    text = "".join(get_encoding().decode(_read(result.path / f"{split}.bin").tolist()) for split in ("train", "val"))
+    assert "\ufeff" not in text and text.startswith("Line of the book.")
+
+
 def test_single_text_file_is_cut_inside(workspace):
     path = workspace / "book.txt"
     lines = [f"Line {i} of the only book." for i in range(1000)]

@@ -522,7 +522,7 @@ class TextFile:
         size = path.stat().st_size
         if size <= TXT_WHOLE_BYTES:
             try:
-                return cls(path, size, path.read_bytes().decode("utf-8"))
+                return cls(path, size, path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is no text
             except UnicodeDecodeError:
                 report(str(path))
                 return None
@@ -561,11 +561,15 @@ class TextFile:
         with open(self.path, "rb") as handle:
             handle.seek(begin)
             remaining, carry = end - begin, b""
+            at_start = begin == 0
             while remaining > 0:
                 block = handle.read(min(TXT_PIECE_BYTES, remaining))
                 if not block:
                     break
                 remaining -= len(block)
+                if at_start and block.startswith(codecs.BOM_UTF8):  # a byte-order mark is no text
+                    block = block[len(codecs.BOM_UTF8) :]
+                at_start = False
                 carry += block
                 if remaining > 0:
                     at = _safe_cut(carry, len(carry) - 1)
