@@ -117,6 +117,8 @@ def test_data_leaves_out_a_dataset_whose_bins_do_not_match_its_meta(with_shakesp
 
     copy = with_shakespeare.parent / "copy"
     shutil.copytree(with_shakespeare, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "created": "2099-01-01T00:00:00+00:00"}))  # the newest
     bin_path = copy / ("train.bin" if damage == "truncated" else "val.bin")
     if damage == "truncated":
         bin_path.write_bytes(bin_path.read_bytes()[:100])
@@ -126,6 +128,7 @@ def test_data_leaves_out_a_dataset_whose_bins_do_not_match_its_meta(with_shakesp
     assert listed.exit_code == 0 and "shakespeare" in listed.stdout and "copy" not in listed.stdout
     assert f"note: copy is left out: {bin_path}" in listed.stderr
     assert_one_line_error(invoke("data", "show", "copy"), str(bin_path))
+    assert data.find_dataset(None).path == copy  # still the default, so that using it says what is wrong
 
 
 @pytest.mark.parametrize(("name", "message"), [

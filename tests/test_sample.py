@@ -260,6 +260,9 @@ def test_extreme_temperatures_and_penalties_are_not_non_finite_logits(model):
     for penalty in (1e-45, 1e-300, 1e300):
         assert _run(model, [5, 6, 7], 20, temperature=0.8, repetition_penalty=penalty, seed=1).shape == (1, 20)
         assert _run(model, [5, 6, 7], 20, temperature=0, repetition_penalty=penalty).shape == (1, 20)
+    dead = torch.full((1, 50304), float("-inf"))  # non-finite logits stay an error under any penalty
+    assert sample_next_token(apply_repetition_penalty(dead, torch.ones_like(dead, dtype=torch.bool), 1e-45),
+                             0.0).tolist() == [-1]
 
 
 def test_a_stop_string_completed_by_the_held_back_end_is_a_stop(model, monkeypatch):

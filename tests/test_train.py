@@ -87,6 +87,12 @@ def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shake
     monkeypatch.setattr(train_module, "windows_at", real)
     resumed = train(config, run_name="cut", resume=True)
     assert resumed.steps == 6 and resumed.stopped == "completed" and resumed.final_val_loss is not None
+    # the last step's evaluation is never cut: a run at max_steps could not be resumed to measure it
+    monkeypatch.setattr(train_module, "windows_at", windows)
+    evaluated.clear()
+    stop = StopFlag()
+    last = train(tiny_config(max_steps=3, eval_interval=3, eval_batches=30), run_name="last", stop=stop)
+    assert last.stopped == "completed" and last.final_val_loss is not None and len(evaluated) == 30
 
 
 def test_a_resume_that_changes_the_global_batch_says_so(with_shakespeare):
@@ -112,11 +118,13 @@ def test_a_resume_that_changes_the_global_batch_says_so(with_shakespeare):
     assert note.endswith("--grad-accum 2 keeps it")
 
 
-def test_a_stop_before_the_first_log_step_still_reports_the_train_loss(with_shakespeare):
-    """A token budget that ends the run at step 3 of 20, before the first log step (10)."""
-    config = tiny_config(max_steps=20, eval_interval=10, log_interval=10)
+@pytest.mark.parametrize("eval_interval", [10, 3])
+def test_a_stop_before_the_first_log_step_still_reports_the_train_loss(with_shakespeare, eval_interval):
+    """A token budget that ends the run at step 3 of 20, before the first log step (10): between evaluations,
+    or right after one (whose checkpoint then records it)."""
+    config = tiny_config(max_steps=20, eval_interval=eval_interval, log_interval=10)
     per_step = config.train.batch_size * config.train.grad_accum * config.model.block_size
-    result = train(tiny_config(max_steps=20, eval_interval=10, log_interval=10, max_tokens=3 * per_step),
+    result = train(tiny_config(max_steps=20, eval_interval=eval_interval, log_interval=10, max_tokens=3 * per_step),
                    run_name="early")
     assert result.steps == 3 and result.stopped == "token_limit"
     assert result.final_loss is not None and math.isfinite(result.final_loss)

@@ -848,9 +848,11 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     return None
 
 
-def list_datasets(problems: list[str] | None = None) -> list[Dataset]:
-    """Complete datasets in the workspace, newest first. One whose meta.json is damaged, or whose files are missing
-    or not of the sizes it gives, is left out, and what is wrong with it appended to `problems`."""
+def list_datasets(problems: list[str] | None = None, check_files: bool = False) -> list[Dataset]:
+    """Complete datasets in the workspace, newest first. One whose meta.json is damaged (with `check_files`, or
+    whose files are missing or not of the sizes it gives: the listing) is left out, and what is wrong with it
+    appended to `problems`. Without `check_files` a damaged newest dataset stays the default, so that using it
+    says what is wrong rather than falling back to an older one."""
     root = workspace.data_dir()
     if not root.is_dir():
         return []
@@ -860,7 +862,7 @@ def list_datasets(problems: list[str] | None = None) -> list[Dataset]:
             continue
         try:
             dataset = load_dataset(meta.parent)
-            for split in ("train", "val"):
+            for split in ("train", "val") if check_files else ():
                 dataset.check_sizes(split)
         except DataError as exc:
             if problems is not None:

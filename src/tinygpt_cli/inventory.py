@@ -129,7 +129,7 @@ def list_dataset_summaries(problems: list[str] | None = None) -> list[DatasetSum
     """Complete tokenized datasets in the workspace, newest first (see `data.list_datasets` for `problems`)."""
     from tinygpt_cli.data import list_datasets
 
-    return [dataset_summary(d.meta, d.path) for d in list_datasets(problems)]
+    return [dataset_summary(d.meta, d.path) for d in list_datasets(problems, check_files=True)]
 
 
 def dataset_meta(spec: str | None) -> tuple[Path, dict[str, Any]]:

@@ -528,7 +528,7 @@ def heavy_evaluation_note(tc: TrainConfig, batch_size: int, sequences_per_step: 
     per sequence) takes over a fifth of the work between evaluations; None otherwise. The val sample is the same
     windows every time, so a larger one buys little."""
     evaluating = tc.eval_batches * batch_size / 3
-    share = evaluating / (evaluating + tc.eval_interval * sequences_per_step)
+    share = evaluating / (evaluating + min(tc.eval_interval, tc.max_steps) * sequences_per_step)
     if share <= 0.2:
         return None
     return (f"evaluation (train.eval_batches={tc.eval_batches:,} every {tc.eval_interval:,} steps) is about "

@@ -136,12 +136,13 @@ class StaticDecodeView:
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's repetition penalty: the logit of every token already in the text is divided by `penalty` when
     positive and multiplied by it when negative. logits (B, V) float, seen (B, V) bool -> (B, V).
-    An extreme penalty saturates at float32's largest values instead of overflowing (NaN stays NaN)."""
+    An extreme penalty saturates at float32's largest values instead of overflowing; NaN and ±inf stay."""
     if penalty == 1.0:
         return logits
     logits = logits.float()
     largest = torch.finfo(torch.float32).max
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(-largest, largest)
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    penalised = torch.where(torch.isfinite(logits), penalised.clamp(-largest, largest), penalised)  # inf stays
     return torch.where(seen[:, : logits.size(1)], penalised, logits)
 
 

@@ -648,19 +648,19 @@ class _Trainer:
             return contextlib.nullcontext()
         return self.forward_model.no_sync()
 
-    def _evaluate(self) -> float | None:
+    def _evaluate(self, can_cut: bool = False) -> float | None:
         """Mean loss on the fixed val sample; its batches are split over the ranks and summed back.
 
-        None when a stop (a signal) came during it, in one process: it ends at the next batch rather than after
-        all of them (many with a large train.eval_batches). Several processes finish it, so that every rank
-        takes part in the same collectives."""
+        With `can_cut`, None when a stop (a signal) came during it, in one process: it ends at the next batch
+        rather than after all of them (many with a large train.eval_batches). Several processes finish it, so
+        that every rank takes part in the same collectives."""
         self.model.eval()
         total = torch.zeros(2, device=self.device)
         world, rank = self.info.world_size, self.info.rank
         rounds = -(-len(self.eval_starts) // world)  # every rank runs as many forwards (FSDP gathers in each)
         with torch.no_grad(), autocast_context(self.device, self.dtype):
             for index in range(rank, rounds * world, world):
-                if self.stop and not self.info.enabled:
+                if can_cut and self.stop and not self.info.enabled:
                     self.model.train()
                     return None
                 counted = index < len(self.eval_starts)
@@ -749,6 +749,15 @@ class _Trainer:
             f"{saved['batch_size']} × {saved['grad_accum']} accumulation); this resume takes {now} "
             f"({self.info.world_size} × {self.tc.batch_size} × {self.tc.grad_accum}){hint}")))
 
+    def _window_loss(self, loss_sum: torch.Tensor, skipped: torch.Tensor, steps: int) -> tuple[float | None, float]:
+        """(mean train loss of the `steps` steps since the last log step, or None if all were skipped; skipped
+        steps summed over the ranks), read between log steps. Collective: every rank calls it at the same step."""
+        stats = torch.stack([loss_sum, skipped])
+        dist.all_reduce(stats)
+        loss_total, skipped_now = stats.tolist()
+        good = steps * self.info.world_size - skipped_now
+        return (loss_total / good if good > 0 else None), skipped_now
+
     def _token_budget_spent(self) -> bool:
         return bool(self.tc.max_tokens) and self.tokens_seen >= self.tc.max_tokens
 
@@ -819,6 +828,7 @@ class _Trainer:
         window_began = time.perf_counter()
         window_tokens = 0
         self.session_first_step = start_step
+        self.eval_cut = False  # a stop ended an evaluation early (see `_eval_and_save`)
         self.loop_started = time.perf_counter()
         batches = self._batches(start_step)
         x, y = next(batches)
@@ -890,6 +900,9 @@ class _Trainer:
                                                  elapsed_s=self.elapsed()))
                         window_began, window_tokens, window_steps = time.perf_counter(), 0, 0
                     if step % tc.eval_interval == 0 or step == tc.max_steps:
+                        if window_steps:  # the checkpoint records the train loss of the steps since the last log
+                            self.last_loss = self._window_loss(loss_sum, skipped_in_window, window_steps)[0] \
+                                or self.last_loss
                         self._eval_and_save(step, metrics)
                         window_began = time.perf_counter()  # eval and save time is not training throughput
             except KeyboardInterrupt:
@@ -899,15 +912,12 @@ class _Trainer:
                 metrics.close()
                 raise self._out_of_memory(step == start_step) from None
             if window_steps:  # stopped between log steps: the train loss of the steps since the last one
-                stats = torch.stack([loss_sum, skipped_in_window])
-                dist.all_reduce(stats)
-                loss_total, skipped_now = stats.tolist()
+                loss, skipped_now = self._window_loss(loss_sum, skipped_in_window, window_steps)
+                self.last_loss = loss or self.last_loss
                 self.skipped += round(skipped_now / info.world_size)
-                if window_steps * info.world_size > skipped_now:
-                    self.last_loss = loss_total / (window_steps * info.world_size - skipped_now)
             if step > int(state.get("step", 0)) and latest_step(self.run_dir) != step:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
-            if not stopped and self.stop:  # a signal during the last evaluation, which it cut short
+            if not stopped and self.eval_cut:  # a signal during the last evaluation, which it cut short
                 stopped = self.stop.reason or "interrupted"
         metrics.close()
         seconds = time.perf_counter() - self.started
@@ -950,8 +960,10 @@ class _Trainer:
         return TrainingError(f"{what} (diverged): lower train.lr (now {self.tc.lr:g}) and {back}")
 
     def _eval_and_save(self, step: int, metrics: _Metrics) -> None:
-        val = self._evaluate()
+        # the last step's evaluation always finishes: a run at max_steps cannot be resumed to measure it
+        val = self._evaluate(can_cut=step < self.tc.max_steps)
         if val is None:  # stopped during it: keep the step's work, with the last val loss measured
+            self.eval_cut = True
             self.emit(TrainEvent("info", step=step, message=f"evaluation of step {step} cut short by the stop; "
                                                             f"its checkpoint is saved without one"))
             self._save(step)
