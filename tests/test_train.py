@@ -204,7 +204,7 @@ def test_a_nan_val_loss_is_never_saved_as_the_latest_checkpoint(with_shakespeare
 
     run = workspace / "runs" / "d"
     train(tiny_config(max_steps=2, eval_interval=2), run_name="d")
-    monkeypatch.setattr(_Trainer, "_evaluate", lambda self: float("nan"))
+    monkeypatch.setattr(_Trainer, "_evaluate", lambda self, can_cut=False: float("nan"))
     with pytest.raises(TrainingError, match="val loss is nan at step 4, so that checkpoint is not saved.*"
                                             "lower train.lr .* resume from the last good checkpoint"):
         train(tiny_config(max_steps=4, eval_interval=2), run_name="d", resume=True)
