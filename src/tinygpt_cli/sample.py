@@ -623,12 +623,9 @@ def generate(
         ahead = _LookAhead(prompt, stats) if look_ahead else None
 
         head_t = _cpu_head(model)
-        chunk = None
-        if graphs:
-            chunk = _DecodeChunk(step, model, view, current, steps, stats=stats, generator=generator, head_t=head_t,
-                                 sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p),
-                                 penalty=repetition_penalty, seen=seen, finished=finished, first_bad=first_bad,
-                                 stop_at_eot=stop_at_eot)
+        draw = _Draw(temperature, top_k, top_p, repetition_penalty, seen, finished, first_bad, stop_at_eot,
+                     generator)
+        chunk = _DecodeChunk(step, model, view, current, steps, draw, stats, head_t) if graphs else None
         if cache is not None:  # one prefill for all samples: they share the prompt
             logits = _last_logits(model, sequence[:1, :length], cache, head_t).expand(num_samples, -1)
         else:
@@ -646,22 +643,13 @@ def generate(
                 produced += steps
                 cache.advance(steps)
             else:
-                if seen is not None:
-                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-                next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,), -1: not finite
-                first_bad.masked_fill_((next_token < 0) & ~finished & (first_bad == NEVER), produced)
-                next_token = next_token.clamp(min=0)
-                if stop_at_eot:
-                    next_token = next_token.masked_fill(finished, EOT_ID)
-                    finished |= next_token == EOT_ID
+                next_token = draw.next(logits, produced)
                 sequence[:, length] = next_token
                 length += 1
                 produced += 1
                 if ahead is not None:
                     token = int(next_token[0])
                     ahead.guesser.push(token)
-                if seen is not None:
-                    seen.scatter_(1, next_token[:, None], True)
             last = produced >= max_new_tokens
             if produced == 1 or last or length - flushed >= flush:
                 # (B, n), owned: the only wait for the device; a chunk's steps past the end are dropped
@@ -791,33 +779,60 @@ class _LookAhead:
         self.proposed = self.accepted = 0
 
 
+class _Draw:
+    """How `generate` draws each sample's next token from logits (B, V) and keeps its per-sample state: the
+    repetition penalty and the tokens `seen`, the step of the first non-finite logits (`first_bad`), and the
+    samples `finished` at <|endoftext|>. Every update is in place on device tensors, so a CUDA graph can hold it."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, penalty: float, seen: torch.Tensor | None,
+                 finished: torch.Tensor, first_bad: torch.Tensor, stop_at_eot: bool,
+                 generator: torch.Generator) -> None:
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.penalty, self.seen, self.finished = penalty, seen, finished
+        self.first_bad, self.stop_at_eot, self.generator = first_bad, stop_at_eot, generator
+
+    def next(self, logits: torch.Tensor, step: int | torch.Tensor,
+             uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """The next token of every sample (B,); `step` (a number, or a 0-d device tensor) is the token's index,
+        recorded in `first_bad` where the logits are not finite. `uniform`: numbers drawn beforehand (B, 1)."""
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+        token = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator, uniform)
+        # torch.where, not masked_fill_: a 0-d CUDA tensor as masked_fill_'s value may be read on the host
+        self.first_bad.copy_(torch.where((token < 0) & ~self.finished & (self.first_bad == NEVER), step,
+                                         self.first_bad))
+        token = token.clamp(min=0)
+        if self.stop_at_eot:
+            token = token.masked_fill(self.finished, EOT_ID)
+            self.finished |= token == EOT_ID
+        if self.seen is not None:
+            self.seen.scatter_(1, token[:, None], True)
+        return token
+
+
 class _DecodeChunk:
-    """`steps` decode steps of `generate` as one unit: each draws the next token of every sample from `logits`,
-    writes it to `tokens[:, i]` and feeds it through the static-shape step, whose logits it keeps for the next.
+    """`steps` decode steps of `generate` as one unit: each draws the next token of every sample from `logits`
+    (`_Draw`), writes it to `tokens[:, i]` and feeds it through the static-shape step, whose logits it keeps.
 
     Everything a step reads or writes is a tensor at a fixed address (the token fed, the cache position, the step
-    counter, `finished`, `first_bad`, `seen`) and the random numbers are drawn for the whole chunk beforehand, so
+    counter, the draw's state) and the random numbers are drawn for the whole chunk beforehand, so
     on CUDA the steps are captured once, at the first chunk, as one CUDA graph and each chunk is a single replay:
     the host queues one graph launch instead of hundreds of kernel launches a token. If capturing fails the
     chunks run eagerly and `stats.graph_error` says why. Off CUDA they always run eagerly (the same tokens; tests).
     """
 
-    def __init__(self, step: Callable, model: GPT, view: StaticDecodeView, current: torch.Tensor, steps: int, *,
-                 sampling: dict[str, float], penalty: float, seen: torch.Tensor | None, finished: torch.Tensor,
-                 first_bad: torch.Tensor, stop_at_eot: bool, generator: torch.Generator,
-                 stats: GenerationStats, head_t: torch.Tensor | None = None) -> None:
-        self.head_t = head_t
+    def __init__(self, step: Callable, model: GPT, view: StaticDecodeView, current: torch.Tensor, steps: int,
+                 draw: _Draw, stats: GenerationStats, head_t: torch.Tensor | None = None) -> None:
         self.step, self.model, self.view, self.current, self.steps = step, model, view, current, steps
-        self.sampling, self.penalty, self.seen, self.stop_at_eot = sampling, penalty, seen, stop_at_eot
-        self.finished, self.first_bad, self.generator, self.stats = finished, first_bad, generator, stats
+        self.draw, self.stats, self.head_t = draw, stats, head_t
         device, batch = current.device, current.size(0)
         self.logits = torch.zeros((batch, model.config.vocab_size), dtype=next(model.parameters()).dtype,
                                   device=device)
         self.tokens = torch.zeros((batch, steps), dtype=torch.long, device=device)
         self.uniform = None
-        if sampling["temperature"] > 0:
-            self.uniform = torch.zeros((batch, steps), dtype=_uniform_dtype(device, generator.device),
-                                       device=generator.device)
+        if draw.temperature > 0:
+            rng = draw.generator.device
+            self.uniform = torch.zeros((batch, steps), dtype=_uniform_dtype(device, rng), device=rng)
         self.counter = torch.zeros((), dtype=torch.long, device=device)  # `produced` of the step being taken
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -830,7 +845,7 @@ class _DecodeChunk:
         self.counter.fill_(produced)
         self.view.input_pos.fill_(position)
         if self.uniform is not None:
-            self.uniform.uniform_(0.0, 1.0, generator=self.generator)
+            self.uniform.uniform_(0.0, 1.0, generator=self.draw.generator)
         if self.graph is None and self.stream is not None and self.chunks == 0:
             self._capture()
         if self.graph is not None:
@@ -862,20 +877,8 @@ class _DecodeChunk:
     def _take_steps(self) -> None:
         uniform = self.uniform.to(self.logits.device) if self.uniform is not None else None
         for i in range(self.steps):
-            logits = self.logits
-            if self.seen is not None:
-                logits = apply_repetition_penalty(logits, self.seen, self.penalty)
-            token = sample_next_token(logits, **self.sampling,
-                                      uniform=None if uniform is None else uniform[:, i : i + 1])  # (B,), -1: bad
-            self.first_bad.copy_(torch.where((token < 0) & ~self.finished & (self.first_bad == NEVER), self.counter,
-                                             self.first_bad))
-            token = token.clamp(min=0)
-            if self.stop_at_eot:
-                token = token.masked_fill(self.finished, EOT_ID)
-                self.finished |= token == EOT_ID
+            token = self.draw.next(self.logits, self.counter, None if uniform is None else uniform[:, i : i + 1])
             self.tokens[:, i] = token
-            if self.seen is not None:
-                self.seen.scatter_(1, token[:, None], True)
             self.current.copy_(token[:, None])
             logits, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
                                              self.stats, first=self.chunks == 0 and i == 0)
