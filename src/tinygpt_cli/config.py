@@ -26,6 +26,11 @@ COMPILE_MODES = ("auto", "on", "off")
 MAX_SEED = 2**62
 
 
+def seed_problem(name: str, seed: int) -> str | None:
+    """The error message for a seed out of range, naming its flag or key; None if it is in range."""
+    return None if 0 <= seed <= MAX_SEED else f"{name} must be 0 to {MAX_SEED} (got {seed})"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """GPT-2 shape. `vocab_size` is padded past GPT-2's 50257 to a multiple of 64 for fast matmuls."""
@@ -93,8 +98,8 @@ class TrainConfig:
         for name in ("max_minutes", "lr", "min_lr", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip"):
             if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
                 raise ConfigError(f"train.{name} must be a finite number (got {getattr(self, name)})")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"train.seed must be 0 to {MAX_SEED} (got {self.seed})")
+        if problem := seed_problem("train.seed", self.seed):
+            raise ConfigError(problem)
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")
@@ -136,8 +141,8 @@ class SampleConfig:
             raise ConfigError(f"sample.max_new_tokens must be at least 1 (got {self.max_new_tokens})")
         if self.temperature < 0:
             raise ConfigError(f"sample.temperature must be 0 or more (got {self.temperature})")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"sample.seed must be 0 to {MAX_SEED} (got {self.seed})")
+        if problem := seed_problem("sample.seed", self.seed):
+            raise ConfigError(problem)
         if self.top_k < 0:
             raise ConfigError(f"sample.top_k must be 0 or more (got {self.top_k})")
         if not 0.0 < self.top_p <= 1.0:

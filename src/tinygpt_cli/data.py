@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt_cli import __version__, workspace
-from tinygpt_cli.config import MAX_SEED
+from tinygpt_cli.config import seed_problem
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
     EMBEDDED_NAME,
@@ -82,9 +82,9 @@ MAX_NAMED_UNDECODABLE = 20
 
 # ----------------------------------------------------------------------------------------------- split
 def check_seed(seed: int) -> None:
-    """A document-choice seed of `tokenize` or `download`: 0 to MAX_SEED (past 64 bits it wrapped silently)."""
-    if not 0 <= seed <= MAX_SEED:
-        raise DataError(f"--seed must be 0 to {MAX_SEED} (got {seed})")
+    """A document-choice seed of `tokenize` or `download` (past 64 bits it wrapped silently)."""
+    if problem := seed_problem("--seed", seed):
+        raise DataError(problem)
 
 
 def keyed_hash(seed: int, stream: int, start: int, count: int) -> np.ndarray:
@@ -774,11 +774,16 @@ class Dataset:
             )
         return file
 
+    def check_files(self) -> None:
+        """Both splits' files exist with the sizes meta.json gives (`check_sizes`)."""
+        for split in ("train", "val"):
+            self.check_sizes(split)
+
     def split(self, split: str) -> np.ndarray:
         """The split's tokens as a read-only uint16 memmap, verified against meta.json."""
         info = self.meta["splits"][split]
         file = self.check_sizes(split)
-        size = file.stat().st_size
+        size = info["bytes"]  # what the file measures (checked)
         check = info["sha256"] if size <= FULL_HASH_LIMIT else info["edge_sha256"]
         actual = _file_sha256(file) if size <= FULL_HASH_LIMIT else _edge_hash(file)
         if actual != check:
@@ -862,8 +867,8 @@ def list_datasets(problems: list[str] | None = None, check_files: bool = False) 
             continue
         try:
             dataset = load_dataset(meta.parent)
-            for split in ("train", "val") if check_files else ():
-                dataset.check_sizes(split)
+            if check_files:
+                dataset.check_files()
         except DataError as exc:
             if problems is not None:
                 problems.append(f"{meta.parent.name} is left out: {exc}")

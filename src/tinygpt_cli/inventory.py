@@ -139,6 +139,5 @@ def dataset_meta(spec: str | None) -> tuple[Path, dict[str, Any]]:
     dataset = find_dataset(spec)
     if dataset is None:
         raise DataError("no tokenized dataset in this workspace yet: run `tinygpt tokenize`")
-    for split in ("train", "val"):
-        dataset.check_sizes(split)
+    dataset.check_files()
     return dataset.path, dataset.meta

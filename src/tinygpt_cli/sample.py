@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tinygpt_cli.config import MAX_SEED
+from tinygpt_cli.config import seed_problem
 from tinygpt_cli.errors import GenerationError
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
@@ -262,8 +262,8 @@ def check_settings(
         raise GenerationError(f"--temperature must be 0 (greedy) or more (got {temperature})")
     if not temperature <= MAX_TEMPERATURE:  # past it every logit scales to a tie and top-k would keep them all
         raise GenerationError(f"--temperature must be at most {MAX_TEMPERATURE:g} (got {temperature})")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise GenerationError(f"--seed must be 0 to {MAX_SEED} (got {seed})")
+    if seed is not None and (problem := seed_problem("--seed", seed)):
+        raise GenerationError(problem)
     if top_k < 0:
         raise GenerationError(f"--top-k must be 0 (off) or more (got {top_k})")
     if not 0.0 < top_p <= 1.0:
