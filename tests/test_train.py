@@ -158,6 +158,60 @@ def test_warmup_then_cosine_and_wsd():
     assert learning_rate(99, wsd) == pytest.approx(0.0)
 
 
+def test_a_rewarm_rises_linearly_from_the_last_lr_to_the_schedule():
+    cfg = tiny_config(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4).train
+    base = learning_rate(60, cfg)
+    assert learning_rate(60, cfg, rewarm=(60, 1e-4)) == pytest.approx(1e-4 + (base - 1e-4) / 10)
+    assert learning_rate(64, cfg, rewarm=(60, 1e-4)) == pytest.approx(1e-4 + (learning_rate(64, cfg) - 1e-4) / 2)
+    assert learning_rate(69, cfg, rewarm=(60, 1e-4)) == pytest.approx(learning_rate(69, cfg))
+    assert learning_rate(80, cfg, rewarm=(60, 1e-4)) == learning_rate(80, cfg)
+    assert learning_rate(59, cfg, rewarm=(60, 1e-4)) == learning_rate(59, cfg)
+    no_warmup = tiny_config(max_steps=100, warmup_steps=0, lr=1e-3, min_lr=1e-4).train
+    assert learning_rate(60, no_warmup, rewarm=(60, 1e-4)) == learning_rate(60, no_warmup)
+
+
+def _lrs(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in lines if r["kind"] == "train"}
+
+
+def test_extending_a_finished_run_rewarms_the_lr_instead_of_jumping(with_shakespeare):
+    """A finished cosine run ends at min_lr; a longer --max-steps recomputes the schedule, whose LR at the resume
+    step is far higher. The LR climbs there over train.warmup_steps (a note says so) instead of jumping, and a
+    stop in the middle of that climb resumes onto the same LRs and losses."""
+    from tinygpt_cli.train import StopFlag
+
+    def config(steps):
+        return tiny_config(max_steps=steps, warmup_steps=4, lr=1e-3, min_lr=1e-4, eval_interval=6, log_interval=1)
+
+    for name in ("straight", "split"):
+        train(config(12), run_name=name)
+    notes = []
+
+    def collect(event):
+        if event.kind == "info":
+            notes.append(event.message)
+
+    straight = train(config(24), run_name="straight", resume=True, on_event=collect)
+    (note,) = [n for n in notes if "learning rate" in n]
+    assert "12 to 24 steps" in note and "over the next 4 steps" in note
+    lrs, longer = _lrs(straight.run_dir), config(24).train
+    last = learning_rate(11, config(12).train)  # the LR of the finished run's last step, near min_lr
+    assert lrs[12] == pytest.approx(last) and f"from {last:.1e}" in note
+    assert lrs[13] == pytest.approx(last + (learning_rate(12, longer) - last) / 4)
+    assert lrs[13] < lrs[14] < lrs[15] < lrs[16] == pytest.approx(learning_rate(15, longer))
+    assert lrs[24] == pytest.approx(learning_rate(23, longer))
+
+    stop = StopFlag()
+    first = train(config(24), run_name="split", resume=True, on_event=_stop_at(14, stop), stop=stop)
+    assert first.steps == 14
+    notes.clear()
+    train(config(24), run_name="split", resume=True, on_event=collect)  # same schedule: no new climb, no note
+    assert not [n for n in notes if "learning rate" in n]
+    assert _losses(straight.run_dir) == _losses(first.run_dir)
+    assert _lrs(straight.run_dir) == _lrs(first.run_dir)
+
+
 def test_weight_decay_only_on_matrices():
     from tinygpt_cli.model import GPT
 

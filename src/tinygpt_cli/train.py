@@ -187,8 +187,24 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, sample: int =
 
 
 # ----------------------------------------------------------------------------------------------- schedule
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay."""
+SCHEDULE_KEYS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")
+
+
+def learning_rate(step: int, cfg: TrainConfig, rewarm: tuple[int, float] | None = None) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay.
+
+    `rewarm` = (step s, LR a): from step s the LR climbs linearly from a to the schedule's over warmup_steps
+    steps. A resume that stretches the schedule (a larger --max-steps) sets it, so that a finished run's LR rises
+    from where it ended instead of jumping to the longer schedule's (the re-warming of continued pretraining).
+    """
+    base = _scheduled_lr(step, cfg)
+    if rewarm is None or step < rewarm[0] or step - rewarm[0] >= cfg.warmup_steps:
+        return base
+    start, from_lr = rewarm
+    return from_lr + (base - from_lr) * (step - start + 1) / cfg.warmup_steps
+
+
+def _scheduled_lr(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
@@ -472,6 +488,7 @@ class _Trainer:
             self._check_checkpoint_space()
         torch.manual_seed(tc.seed + 1 + info.rank)  # then each rank its own dropout stream
         self.state: dict[str, Any] = {}
+        self.lr_rewarm: tuple[int, float] | None = None
         if checkpoint is not None:
             loaded = load_checkpoint(checkpoint)
             if vars(loaded.model.config) != vars(cfg.model):
@@ -682,7 +699,8 @@ class _Trainer:
             try:
                 path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, {
                     "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val, "val_loss": self.last_val,
-                    "train_loss": self.last_loss, "lr": learning_rate(max(0, step - 1), self.tc),
+                    "train_loss": self.last_loss, "lr": learning_rate(max(0, step - 1), self.tc, self.lr_rewarm),
+                    "lr_rewarm": self.lr_rewarm,
                     "rng": rng_states[0], "rng_per_rank": rng_states if self.info.enabled else None,
                     "world_size": self.info.world_size, "skipped_steps": self.skipped, "fsdp": self.fsdp,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
@@ -725,12 +743,31 @@ class _Trainer:
                 f"run {self.run_dir.name} is already at step {step} of {tc.max_steps}: pass a larger "
                 f"--max-steps to train it further"
             )
+        self.lr_rewarm = self._resumed_schedule(step)
         self.tokens_seen = int(state.get("tokens_seen", 0))
         if self._token_budget_spent():
             raise TrainingError(
                 f"run {self.run_dir.name} has seen {self.tokens_seen:,} tokens, its --max-tokens budget of "
                 f"{tc.max_tokens:,}: pass a larger --max-tokens (or --set train.max_tokens=0 for none) to go on"
             )
+
+    def _resumed_schedule(self, step: int) -> tuple[int, float] | None:
+        """The LR climb (see `learning_rate`) this resume goes on with. The saved one while the schedule is the
+        run's own; a new one, and a note, when the schedule changed (a larger --max-steps, another train.lr) and
+        its LR at `step` is above the LR the run last trained with."""
+        saved = self.state.get("lr_rewarm")
+        trained = (self.state.get("run_config") or {}).get("train") or {}
+        if all(trained.get(key) == getattr(self.tc, key) for key in SCHEDULE_KEYS):
+            return (int(saved[0]), float(saved[1])) if saved else None
+        last, target = self.state.get("lr"), learning_rate(step, self.tc)
+        if last is None or step < self.tc.warmup_steps or self.tc.warmup_steps == 0 or target <= 1.01 * last:
+            return None
+        was = trained.get("max_steps")
+        span = f"goes from {was} to {self.tc.max_steps} steps" if was != self.tc.max_steps else "changed"
+        self.emit(TrainEvent("info", message=(
+            f"the schedule of run {self.run_dir.name} {span}: the learning rate rises from {last:.1e} to "
+            f"{target:.1e} over the next {self.tc.warmup_steps} steps (train.warmup_steps), then follows it")))
+        return step, float(last)
 
     def _note_batch_change(self) -> None:
         """Say so when a resume changes the global batch (another process count, --batch-size or --grad-accum):
@@ -841,7 +878,7 @@ class _Trainer:
                     stopped = self._stop_reason(step)
                     if stopped:
                         break
-                    lr = learning_rate(step, tc)
+                    lr = learning_rate(step, tc, self.lr_rewarm)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     step_loss = torch.zeros((), device=device)
