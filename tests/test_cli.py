@@ -1,8 +1,10 @@
 """The command line end to end, through CliRunner, including every error path issue #2 names."""
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_SETTINGS, assert_one_line_error
+from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli.cli import app
 
 runner = CliRunner()
@@ -99,6 +102,33 @@ def test_interrupted_training_exits_130(with_shakespeare, monkeypatch):
     result = train_tiny("--name", "i", steps=50)
     assert result.exit_code == 130, result.output
     assert "Interrupted; checkpoint saved. Continue with: tinygpt train --resume --name i" in result.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespeare, workspace, monkeypatch, sig):
+    """The first signal asks for a checkpoint; a second one, here while the step-4 checkpoint is written, aborts:
+    no traceback, one line that says what is kept, 128 + the signal (130 for Ctrl-C, 143 for a scheduler's
+    SIGTERM), and the step-2 checkpoint intact."""
+    from tinygpt_cli import train as train_module
+
+    real = train_module.save_checkpoint
+
+    def signalled_twice(run_dir, step, *args, **kwargs):
+        if step == 4:
+            assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.default_int_handler)  # train's own
+            os.kill(os.getpid(), sig)  # the handler asks for a stop
+            os.kill(os.getpid(), sig)  # and raises here
+        return real(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", signalled_twice)
+    result = train_tiny("--name", "a", steps=50)
+    assert result.exit_code == 128 + sig, result.output
+    assert "Traceback" not in result.output and "Aborted!" not in result.output
+    assert ("Aborted by a second signal: training stopped at once; the last checkpoint (step 2) is intact. "
+            "Continue with: tinygpt train --resume --name a") in result.stderr
+    run = workspace / "runs" / "a"
+    assert ckpt.latest_checkpoint(run).name == "step_2"
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name == "step_4"]
 
 
 def test_config_file_and_json_output(with_shakespeare, tmp_path):

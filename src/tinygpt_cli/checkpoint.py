@@ -153,6 +153,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def latest_step(run_dir: Path) -> int | None:
+    """The step of the run's latest complete checkpoint, or None."""
+    checkpoint = latest_checkpoint(run_dir)
+    return int(checkpoint.name.split("_")[1]) if checkpoint is not None else None
+
+
 def list_runs() -> list[Path]:
     """Run folders that hold at least one checkpoint, most recently written first."""
     root = workspace.runs_dir()

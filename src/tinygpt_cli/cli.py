@@ -539,13 +539,13 @@ def train(
         "train.fsdp": True if fsdp else None,
         "train.init_from": init_from,
     }
-    run_name = name
+    run_name, resumed = name, None
     if resume:
-        run_dir = ckpt.find_run(name)
-        run_name = run_dir.name
+        resumed = ckpt.find_run(name)
+        run_name = resumed.name
         if size is not None or config is not None:
             raise TinyGPTError("--size and --config cannot change a resumed run: use --set for training keys")
-        cfg = resolve_config(overrides=overrides or (), flags=flags, base=run_config_of(run_dir))
+        cfg = resolve_config(overrides=overrides or (), flags=flags, base=run_config_of(resumed))
     else:
         cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
 
@@ -554,6 +554,9 @@ def train(
     view = _TrainView(_stderr_console())
     try:
         result = run_training(cfg, run_name=run_name, resume=resume, on_event=view.on_event, stop=stop)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C/SIGTERM (the first one saves and returns)
+        view.close()
+        raise typer.Exit(_training_aborted(view.run_dir or resumed, exc, is_main)) from None
     finally:
         view.close()
     if not is_main:
@@ -564,6 +567,21 @@ def train(
         _print_train_result(result)
     if result.stopped == "interrupted":  # not a finished run: `train && export` must not go on
         raise typer.Exit(128 + stop.signal if stop.signal else 130)
+
+
+def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: bool) -> int:
+    """Say what a training process stopped at once kept (by a second signal, or by Ctrl-C before train's own
+    handler was in place); return its exit code, 128 + the signal."""
+    from tinygpt_cli import checkpoint as ckpt
+
+    what = "Aborted by a second signal" if hasattr(exc, "signal") else "Interrupted"
+    step = ckpt.latest_step(run_dir) if run_dir is not None else None
+    if is_main:
+        _stderr_console().print(
+            f"{what} before the run's first checkpoint: nothing is kept; start it again" if step is None else
+            f"{what}: training stopped at once; the last checkpoint (step {step}) is intact. Continue with: "
+            f"tinygpt train --resume --name {run_dir.name}")
+    return 128 + getattr(exc, "signal", 2)
 
 
 def _auto_batch(batch_size: str | None) -> bool:
@@ -650,12 +668,14 @@ class _TrainView:
             transient=False,
         )
         self.task = None
+        self.run_dir: Path | None = None  # known from the start event
 
     def on_event(self, event) -> None:
         if event.kind == "info":
             self.console.print(event.message)
         elif event.kind == "start":
             info = event.data
+            self.run_dir = Path(info["run_dir"])
             resumed = f", resumed from {info['resumed_from']}" if info["resumed_from"] else ""
             self.console.print(
                 f"Training {info['parameters'] / 1e6:.1f}M parameters on {info['dataset']} "

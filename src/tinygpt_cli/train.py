@@ -27,6 +27,7 @@ import torch
 from tinygpt_cli import __version__, dist, workspace
 from tinygpt_cli.checkpoint import (
     latest_checkpoint,
+    latest_step,
     load_checkpoint,
     load_optimizer_state,
     read_state,
@@ -280,6 +281,15 @@ def _matmul_peak(size: int, repeats: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- signals
+class SecondSignal(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM while the first one's checkpoint is pending: training stops at once, keeping the
+    last complete checkpoint (writes are atomic). `signal` is the signal's number, for the exit code."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signum
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns. A second signal aborts."""
 
@@ -302,7 +312,7 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         if flag:
-            raise KeyboardInterrupt  # second signal: stop at once
+            raise SecondSignal(signum)  # stop at once
         flag.reason, flag.signal = "interrupted", signum
 
     for sig in previous:
@@ -1086,11 +1096,6 @@ def largest_fitting_batch(model: GPT, start: int, block: int, device: torch.devi
 def _hold(n_bytes: int, device: torch.device) -> torch.Tensor | None:
     """Allocate `n_bytes` on `device` (raises the device's out-of-memory error where they do not fit)."""
     return torch.empty(n_bytes, dtype=torch.uint8, device=device) if n_bytes else None
-
-
-def latest_step(run_dir: Path) -> int | None:
-    checkpoint = latest_checkpoint(run_dir)
-    return int(checkpoint.name.split("_")[1]) if checkpoint is not None else None
 
 
 def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[TrainEvent], None],
