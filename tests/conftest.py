@@ -25,6 +25,8 @@ def assert_one_line_error(result, fragment: str, code: int = 1) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    raw = result.stderr.splitlines()
+    assert raw.index(errors[0]) == 0 or raw[raw.index(errors[0]) - 1].strip(), "a blank line before the error"
     assert fragment in errors[0], errors[0]
     assert "Traceback" not in result.output
 

@@ -2,13 +2,16 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import TINY_SETTINGS, tiny_config
-from tinygpt_cli.cli import torchrun_command
+from tinygpt_cli import checkpoint as ckpt
+from tinygpt_cli.launch import torchrun_command
 from tinygpt_cli.train import train
 
 
@@ -70,8 +73,45 @@ def test_fsdp_matches_one_process_and_resumes(with_shakespeare, workspace):
     assert load_checkpoint(str(workspace / "runs" / "fsdp")).state["step"] == 4  # loads without FSDP too
 
 
-def test_nproc_execs_torchrun_without_the_flag():
+def test_nproc_names_the_torchrun_command_without_the_flag():
     command = torchrun_command(4, ["train", "--size", "small", "--nproc", "4", "--max-steps", "10"])
-    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
-                           "tinygpt_cli", "train", "--size", "small", "--max-steps", "10"]
+    assert command == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "tinygpt_cli", "train", "--size",
+                       "small", "--max-steps", "10"]
     assert "--nproc=2" not in torchrun_command(2, ["train", "--nproc=2"])
+
+
+def _nproc(workspace, *args):
+    """`tinygpt train --nproc 2 ...` as a user starts it: its own launcher, not torchrun."""
+    command = [sys.executable, "-m", "tinygpt_cli", "train", "--nproc", "2", *TINY_SETTINGS, *args]
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    return subprocess.Popen(command, env={**env, "TINYGPT_HOME": str(workspace)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_nproc_says_a_workers_error_once(with_shakespeare, workspace):
+    """Every rank hits the same bad --data: one error line and exit 1, not one per rank and torchrun's
+    traceback."""
+    process = _nproc(workspace, "--data", "nonexist", "--name", "e")
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err
+    assert "\n\n" not in err, err
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [
+        "error: no tokenized dataset named 'nonexist' (known: shakespeare): run `tinygpt tokenize` first"]
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    assert "Launching 2 processes, as `torchrun --standalone --nproc-per-node=2 -m tinygpt_cli train" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_under_nproc_saves_and_exits_with_its_code(with_shakespeare, workspace, sig):
+    """Ctrl-C (or a scheduler's SIGTERM) reaches the launcher: the workers finish their step, rank 0 saves and
+    says how to resume, and the group exits 130/143 with no traceback."""
+    process = _nproc(workspace, "--name", "s", "--max-steps", "100000")
+    run, deadline = workspace / "runs" / "s", time.time() + 120
+    while time.time() < deadline and ckpt.latest_checkpoint(run) is None:
+        time.sleep(0.05)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, err
+    assert "Traceback" not in err and "SignalException" not in err and "death signal" not in err
+    assert "Interrupted; checkpoint saved. Continue with: tinygpt train --resume --name s" in out
+    assert ckpt.latest_step(run) > 2 and ckpt.load_checkpoint(ckpt.latest_checkpoint(run)).state["world_size"] == 2

@@ -89,6 +89,10 @@ def print_error(exc: Exception) -> None:
     """The one-line `error: ...` on stderr (shown under --quiet too)."""
     from rich.markup import escape
 
+    from tinygpt_cli.launch import report_rank_error
+
+    if report_rank_error(str(exc)):  # a worker of `train --nproc`: the launcher says it, once for all ranks
+        return
     _stderr_console(quiet=False).print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
 
 
@@ -180,6 +184,8 @@ class _RateView:
         self.task = None
 
     def start(self, total_bytes: float | None) -> None:
+        if not self.progress.console.is_terminal:  # a transient bar shows nothing there but a blank line at the end
+            return
         self.task = self.progress.add_task("", total=total_bytes or None, rates="")
         self.progress.start()
 
@@ -497,7 +503,7 @@ def train(
     ] = None,
     nproc: Annotated[
         int | None,
-        typer.Option(rich_help_panel=_P_HW, help="Processes on this machine: re-runs itself under torchrun."),
+        typer.Option(rich_help_panel=_P_HW, help="Processes on this machine (DDP), launched as torchrun --standalone would."),
     ] = None,
     fsdp: Annotated[
         bool, typer.Option(rich_help_panel=_P_HW, help="Under torchrun: shard parameters and optimizer state (FSDP2).")
@@ -513,7 +519,10 @@ def train(
 ) -> None:
     """Train a GPT-2 on the last tokenized dataset (the embedded corpus if there is none), with checkpoints."""
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _exec_torchrun(nproc)
+        from tinygpt_cli.launch import launch, torchrun_command
+
+        _stderr_console().print(f"Launching {nproc} processes, as `{' '.join(torchrun_command(nproc, sys.argv[1:]))}`")
+        raise typer.Exit(launch(nproc, sys.argv[1:]))
     from tinygpt_cli import checkpoint as ckpt
     from tinygpt_cli import dist
     from tinygpt_cli.config import resolve_config
@@ -559,13 +568,16 @@ def train(
         raise typer.Exit(_training_aborted(view.run_dir or resumed, exc, is_main)) from None
     finally:
         view.close()
-    if not is_main:
+    interrupted = result.stopped == "interrupted"  # not a finished run: `train && export` must not go on
+    if not is_main:  # every rank exits as rank 0 does
+        if interrupted:
+            raise typer.Exit(128 + stop.signal if stop.signal else 130)
         return
     if as_json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}))
     else:
         _print_train_result(result)
-    if result.stopped == "interrupted":  # not a finished run: `train && export` must not go on
+    if interrupted:
         raise typer.Exit(128 + stop.signal if stop.signal else 130)
 
 
@@ -612,40 +624,6 @@ def _print_train_result(result) -> None:
         }.get(result.stopped, "Stopped")
         more = " --max-tokens N (more than the tokens seen so far)" if result.stopped == "token_limit" else ""
         out.print(f"{why}; checkpoint saved. Continue with: tinygpt train --resume --name {result.run_dir.name}{more}")
-
-
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """The torchrun command line that re-runs `tinygpt <argv>` on `nproc` local processes (--nproc removed)."""
-    args: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--nproc":
-            skip = True
-            continue
-        if arg.startswith("--nproc="):
-            continue
-        args.append(arg)
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "tinygpt_cli",
-        *args,
-    ]
-
-
-def _exec_torchrun(nproc: int) -> None:
-    command = torchrun_command(nproc, sys.argv[1:])
-    _stderr_console().print(f"Launching {nproc} processes: {' '.join(command[1:])}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(command[0], command)
 
 
 class _TrainView:
@@ -700,7 +678,8 @@ class _TrainView:
             self.console.print(f"step {event.step}: val loss {event.val_loss:.4f}")
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.task is not None:  # a Progress never started still ends a line: a blank one before an error
+            self.progress.stop()
 
 
 # ----------------------------------------------------------------------------------------- generate

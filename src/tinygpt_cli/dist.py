@@ -1,7 +1,7 @@
 """Distributed training through torchrun: process-group setup, rank info and the few collectives we use.
 
-tinygpt never launches processes itself beyond exec'ing torchrun (`tinygpt train --nproc N`); torchrun
-sets RANK / LOCAL_RANK / WORLD_SIZE and the rendezvous, and this module reads them.
+torchrun, or `tinygpt train --nproc N` through the same elastic agent (launch.py), sets RANK / LOCAL_RANK /
+WORLD_SIZE and the rendezvous; this module reads them.
 """
 
 from __future__ import annotations

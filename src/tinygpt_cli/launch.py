@@ -1,0 +1,121 @@
+"""`tinygpt train --nproc N`: N processes on this machine, through torch's elastic agent run in this process.
+
+The agent is what `torchrun --standalone` runs, so the workers see the same environment (RANK, WORLD_SIZE, the
+rendezvous). Running it here rather than exec'ing torchrun lets tinygpt speak for the group: a worker's error is
+one line, said once however many ranks hit it, instead of every rank's line and torchrun's traceback; a Ctrl-C or
+SIGTERM exits 130/143 once the workers have saved, instead of exit 1 and a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from tinygpt_cli.errors import TinyGPTError
+
+# Set by the launcher for its workers: a folder where each writes its one-line error as rank-<RANK>.txt.
+RANK_ERRORS_ENV = "TINYGPT_RANK_ERRORS"
+# How long a signalled worker may take to finish its step and save before the agent kills it (torch's own
+# default, 30 s, can be too short for a large model's checkpoint).
+SHUTDOWN_TIMEOUT_S = 600
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """The torchrun command line equivalent to `tinygpt <argv>` on `nproc` local processes (--nproc removed)."""
+    return ["torchrun", "--standalone", f"--nproc-per-node={nproc}", "-m", "tinygpt_cli", *without_nproc(argv)]
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    args: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    return args
+
+
+def report_rank_error(message: str) -> bool:
+    """In a worker of `launch`: leave `message` for the launcher to say (once for all ranks) and return True.
+    Elsewhere (one process, or the user's own torchrun): False, and the caller prints it."""
+    folder, rank = os.environ.get(RANK_ERRORS_ENV), os.environ.get("RANK")
+    if not folder or rank is None:
+        return False
+    try:
+        (Path(folder) / f"rank-{int(rank)}.txt").write_text(message, encoding="utf-8")
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `tinygpt <argv>` (--nproc removed) on `nproc` local processes; return the exit code for the group."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes share the cores
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    with tempfile.TemporaryDirectory(prefix="tinygpt-ranks-") as folder, _quiet_agent():
+        os.environ[RANK_ERRORS_ENV] = folder
+        try:
+            elastic_launch(config, sys.executable)("-m", "tinygpt_cli", *without_nproc(argv))
+            return 0
+        except SignalException as exc:  # the agent passed it on and waited for the workers to save and exit
+            return 128 + int(exc.sigval)
+        except ChildFailedError as exc:
+            return _failed(exc, nproc, Path(folder))
+        except Exception as exc:  # the rendezvous or the agent itself
+            raise TinyGPTError(
+                f"could not start {nproc} processes ({type(exc).__name__}: {exc}); try torchrun yourself: "
+                f"{' '.join(torchrun_command(nproc, argv))}"
+            ) from None
+        finally:
+            os.environ.pop(RANK_ERRORS_ENV, None)
+
+
+def _failed(exc, nproc: int, folder: Path) -> int:
+    """The group's exit code when a worker stopped with one: a signal's, or a TinyGPTError that says why."""
+    messages: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1])):
+        messages.setdefault(path.read_text(encoding="utf-8"), []).append(int(path.stem.split("-")[1]))
+    if len(messages) == 1:  # the workers' own one-line error, the same on every rank that hit it
+        raise TinyGPTError(next(iter(messages)))
+    if messages:
+        raise TinyGPTError(" · ".join(f"rank {', '.join(map(str, ranks))}: {message}"
+                                      for message, ranks in messages.items()))
+    rank, failure = exc.get_first_failure()
+    code = int(failure.exitcode)
+    if code - 128 in (signal.SIGINT, signal.SIGTERM):  # a worker was interrupted, and saved
+        return code
+    what = f"exit code {code}"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            what = f"killed by {signal.Signals(-code).name}"
+    hint = " (the kernel's OOM killer sends it when memory runs out)" if code == -signal.SIGKILL else ""
+    raise TinyGPTError(f"rank {rank} of {nproc} failed ({what}{hint}) and the others were stopped: see its "
+                       f"output above; the last checkpoint is kept, resume with --resume")
+
+
+@contextlib.contextmanager
+def _quiet_agent() -> Iterator[None]:
+    """The agent logs the signal it passes on, each worker it stops and each failure, with tracebacks: tinygpt
+    says what matters. Its loggers set their own levels, so logging is silenced as a whole in this process (the
+    workers are other processes)."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
