@@ -248,8 +248,52 @@ def test_corrupted_checkpoint(with_shakespeare, workspace):
     (step_4 / "model.safetensors").write_bytes(b"\x00" * 64)
     result = invoke("eval", "d", "--tokens", "64")
     assert_one_line_error(result, f"pass an earlier checkpoint ({step_4.parent / 'step_2'}), or delete {step_4}")
+    # train cannot be passed a checkpoint: it is told to delete the damaged one (audit)
+    result = invoke("train", "--resume", "--name", "d", "--max-steps", "6")
+    assert_one_line_error(result, f"delete {step_4} and --resume falls back to step_2")
+    assert "pass an earlier checkpoint" not in result.stderr
     shutil.rmtree(step_4)
     assert invoke("eval", "d", "--tokens", "64").exit_code == 0  # the run falls back to step_2
+
+
+def test_resume_continues_the_named_run_only(with_shakespeare, workspace, tmp_path, monkeypatch):
+    """Audit: `--resume --name /elsewhere/m1` trained the workspace's runs/m1 with /elsewhere/m1's config. A
+    name is the workspace's run even when the current folder holds a folder of that name; a folder outside
+    runs/ is refused, and nothing is trained."""
+    assert train_tiny("--name", "m1", steps=2).exit_code == 0
+    outside = tmp_path / "elsewhere" / "m1"
+    shutil.copytree(workspace / "runs" / "m1", outside)
+    result = invoke("train", "--resume", "--name", str(outside), "--max-steps", "4")
+    assert_one_line_error(result, f"move it into {workspace / 'runs'}")
+    assert ckpt.latest_step(workspace / "runs" / "m1") == 2 and ckpt.latest_step(outside) == 2
+    monkeypatch.chdir(outside.parent)  # ./m1 is the copy; the name m1 is still the workspace's run
+    assert ckpt.find_run("m1") == workspace / "runs" / "m1"
+    assert invoke("train", "--resume", "--name", "m1", "--max-steps", "4").exit_code == 0
+    assert ckpt.latest_step(workspace / "runs" / "m1") == 4 and ckpt.latest_step(outside) == 2
+    assert invoke("train", "--resume", "--name", str(workspace / "runs" / "m1"), "--max-steps", "6").exit_code == 0
+
+
+def test_resume_with_a_damaged_or_missing_config_yaml(with_shakespeare, workspace):
+    """Audit: a damaged config.yaml ended `--resume` in a YAML traceback. It is one line now; a missing one
+    falls back to the config every checkpoint keeps."""
+    assert train_tiny("--name", "y", steps=2).exit_code == 0
+    config = workspace / "runs" / "y" / "config.yaml"
+    config.write_text("size: [\n")
+    assert_one_line_error(invoke("train", "--resume", "--name", "y", "--max-steps", "4"),
+                          f"{config} is not valid YAML")
+    config.unlink()
+    assert invoke("train", "--resume", "--name", "y", "--max-steps", "4").exit_code == 0
+    assert config.is_file()
+
+
+def test_dropout_may_change_on_resume_but_the_shape_may_not(with_shakespeare, workspace):
+    """Audit: --dropout on resume was refused as a change of "model shape"."""
+    assert train_tiny("--name", "dr", steps=2).exit_code == 0
+    ok = invoke("train", "--resume", "--name", "dr", "--max-steps", "4", "--dropout", "0.1")
+    assert ok.exit_code == 0, ok.output
+    assert "dropout: 0.1" in (workspace / "runs" / "dr" / "config.yaml").read_text()
+    assert_one_line_error(invoke("train", "--resume", "--name", "dr", "--max-steps", "6", "--set", "model.n_layer=3"),
+                          "cannot change on resume")
 
 
 def test_foreign_checkpoint(with_shakespeare, workspace):

@@ -182,7 +182,10 @@ def find_run(spec: str | None) -> Path:
             )
         return runs[0]
     path = Path(spec).expanduser()
-    for candidate in (path, workspace.runs_dir() / spec):
+    # a bare name is a run's before it is a folder that happens to sit in the current directory
+    order = (path, workspace.runs_dir() / spec) if len(path.parts) > 1 or path.is_absolute() else \
+        (workspace.runs_dir() / spec, path)
+    for candidate in order:
         if candidate.is_dir():
             return candidate
     raise CheckpointError(f"no run or checkpoint at {spec}: list them with `tinygpt runs`")
@@ -234,7 +237,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint} has no {STATE_FILE}: it is not a tinygpt checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{state_path} is corrupted: {_earlier_advice(checkpoint)}") from None
+        raise DamagedCheckpoint(f"{state_path} is corrupted", checkpoint) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{checkpoint} is not a tinygpt checkpoint (state.json has no tinygpt format tag)")
     return state
@@ -259,7 +262,7 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights} is corrupted ({exc}): {_earlier_advice(checkpoint)}") from None
+        raise DamagedCheckpoint(f"{weights} is corrupted ({exc})", checkpoint) from None
     try:
         model_config = ModelConfig(**json.loads(metadata["model_config"]))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
@@ -283,16 +286,36 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
     return LoadedCheckpoint(checkpoint, model, state, run_config)
 
 
-def _earlier_advice(checkpoint: Path) -> str:
-    """What to do about a damaged checkpoint: the run's previous one, by path, or by removing this one."""
-    found = list_checkpoints(checkpoint.parent.parent) if checkpoint.parent.name == "checkpoints" else []
-    earlier = found[: found.index(checkpoint)] if checkpoint in found else []  # by step, oldest first
-    if not earlier:
-        return "it has no earlier checkpoint to fall back to: train the run again"
-    if latest_checkpoint(checkpoint.parent.parent) != checkpoint:
-        return f"pass an earlier checkpoint ({earlier[-1]})"
-    return (f"pass an earlier checkpoint ({earlier[-1]}), or delete {checkpoint} and the run (and --resume) "
-            f"falls back to it")
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file that cannot be read: `what` is wrong with it; the message adds what to do."""
+
+    def __init__(self, what: str, checkpoint: Path) -> None:
+        self.what, self.checkpoint = what, checkpoint
+        super().__init__(f"{what}: {self.advice()}")
+
+    def _earlier(self) -> Path | None:
+        run = self.checkpoint.parent.parent
+        found = list_checkpoints(run) if self.checkpoint.parent.name == "checkpoints" else []
+        earlier = found[: found.index(self.checkpoint)] if self.checkpoint in found else []  # by step, oldest first
+        return earlier[-1] if earlier else None
+
+    def advice(self) -> str:
+        """For commands that take a checkpoint: the run's previous one, by path, or by removing this one."""
+        earlier = self._earlier()
+        if earlier is None:
+            return "it has no earlier checkpoint to fall back to: train the run again"
+        if latest_checkpoint(self.checkpoint.parent.parent) != self.checkpoint:
+            return f"pass an earlier checkpoint ({earlier})"
+        return (f"pass an earlier checkpoint ({earlier}), or delete {self.checkpoint} and the run (and --resume) "
+                f"falls back to it")
+
+    def resume_advice(self) -> str:
+        """For `train --resume`, which always continues from the latest checkpoint and takes no other."""
+        earlier = self._earlier()
+        if earlier is None:
+            return (f"it has no earlier checkpoint to fall back to: train the run again under another --name "
+                    f"(or delete {self.checkpoint.parent.parent})")
+        return f"delete {self.checkpoint} and --resume falls back to {earlier.name}"
 
 
 def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
@@ -304,4 +327,4 @@ def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint} has no {OPTIMIZER_FILE}: it cannot be resumed exactly") from None
     except Exception as exc:  # torch raises many kinds for a damaged zip
-        raise CheckpointError(f"{path} is corrupted ({type(exc).__name__}): {_earlier_advice(checkpoint)}") from None
+        raise DamagedCheckpoint(f"{path} is corrupted ({type(exc).__name__})", checkpoint) from None

@@ -503,7 +503,7 @@ def train(
     ] = None,
     nproc: Annotated[
         int | None,
-        typer.Option(rich_help_panel=_P_HW, help="Processes on this machine (DDP), launched as torchrun --standalone would."),
+        typer.Option(rich_help_panel=_P_HW, help="Processes on this machine (DDP), as torchrun --standalone."),
     ] = None,
     fsdp: Annotated[
         bool, typer.Option(rich_help_panel=_P_HW, help="Under torchrun: shard parameters and optimizer state (FSDP2).")
@@ -524,7 +524,7 @@ def train(
         _stderr_console().print(f"Launching {nproc} processes, as `{' '.join(torchrun_command(nproc, sys.argv[1:]))}`")
         raise typer.Exit(launch(nproc, sys.argv[1:]))
     from tinygpt_cli import checkpoint as ckpt
-    from tinygpt_cli import dist
+    from tinygpt_cli import dist, workspace
     from tinygpt_cli.config import resolve_config
     from tinygpt_cli.train import StopFlag, run_config_of
     from tinygpt_cli.train import train as run_training
@@ -552,6 +552,10 @@ def train(
     if resume:
         resumed = ckpt.find_run(name)
         run_name = resumed.name
+        if resumed.resolve() != (workspace.runs_dir() / run_name).resolve():
+            raise TinyGPTError(f"--resume continues a run of this workspace's {workspace.runs_dir()}, and {name} is "
+                               f"a folder elsewhere: move it into {workspace.runs_dir()}, or point TINYGPT_HOME at "
+                               f"the workspace that holds it")
         if size is not None or config is not None:
             raise TinyGPTError("--size and --config cannot change a resumed run: use --set for training keys")
         cfg = resolve_config(overrides=overrides or (), flags=flags, base=run_config_of(resumed))

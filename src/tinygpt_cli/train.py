@@ -26,6 +26,7 @@ import torch
 
 from tinygpt_cli import __version__, dist, workspace
 from tinygpt_cli.checkpoint import (
+    DamagedCheckpoint,
     latest_checkpoint,
     latest_step,
     load_checkpoint,
@@ -500,8 +501,9 @@ class _Trainer:
         self.state: dict[str, Any] = {}
         self.lr_rewarm: tuple[int, float] | None = None
         if checkpoint is not None:
-            loaded = load_checkpoint(checkpoint)
-            if vars(loaded.model.config) != vars(cfg.model):
+            with _resume_advice():
+                loaded = load_checkpoint(checkpoint)
+            if replace(loaded.model.config, dropout=cfg.model.dropout) != cfg.model:  # dropout may change
                 raise TrainingError(
                     f"the model shape of {self.run_dir.name} cannot change on resume: drop the model overrides"
                 )
@@ -575,7 +577,8 @@ class _Trainer:
         return model.train()
 
     def _load_optimizer(self, checkpoint: Path) -> None:
-        saved = load_optimizer_state(checkpoint)
+        with _resume_advice():
+            saved = load_optimizer_state(checkpoint)
         if not self.fsdp:
             self.optimizer.load_state_dict(saved)
             return
@@ -1154,11 +1157,33 @@ def _trained_dataset(run_dir: Path) -> str:
         return ""  # a damaged state.json is reported where the checkpoint is loaded
 
 
+@contextlib.contextmanager
+def _resume_advice() -> Iterator[None]:
+    """A damaged checkpoint met by --resume: the advice that fits train, which takes no checkpoint path."""
+    try:
+        yield
+    except DamagedCheckpoint as exc:
+        raise TrainingError(f"{exc.what}: {exc.resume_advice()}") from None
+
+
 def run_config_of(run_dir: Path) -> RunConfig:
-    """The resolved config a run was started with (its config.yaml)."""
+    """The resolved config a run trains with: its config.yaml, else the copy in its latest checkpoint."""
     import yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise TrainingError(f"{run_dir} has no config.yaml: it is not a tinygpt run folder")
-    return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, origin=str(path))
+        checkpoint = latest_checkpoint(run_dir)
+        saved = read_state(checkpoint).get("run_config") if checkpoint is not None else None
+        if not isinstance(saved, dict):
+            raise TrainingError(f"{run_dir} has no config.yaml: it is not a tinygpt run folder")
+        return config_from_dict(saved, origin=str(checkpoint / "state.json"))
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TrainingError(f"{path} is not valid YAML ({first}): fix it, or delete it and the run goes on with "
+                            f"the config its latest checkpoint keeps") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise TrainingError(f"{path} is not a mapping of config sections: fix it, or delete it and the run goes "
+                            f"on with the config its latest checkpoint keeps")
+    return config_from_dict(loaded or {}, origin=str(path))
