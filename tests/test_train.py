@@ -57,6 +57,30 @@ def test_resume_reproduces_the_uninterrupted_run(with_shakespeare):
         assert _losses(straight.run_dir) == _losses(resumed.run_dir)
 
 
+def test_a_resume_in_the_middle_of_a_log_window_logs_the_same_losses(with_shakespeare):
+    """Audit: a run stopped between log steps logged, at the next log step, the mean of the steps after the
+    resume only. The window's sum is saved with the checkpoint (an eval checkpoint or the stop's) and goes on."""
+    from tinygpt_cli.train import StopFlag
+
+    config = tiny_config(max_steps=12, eval_interval=3, log_interval=4)
+    straight = train(config, run_name="straight")
+
+    def stop_at_eval(stop):
+        def on_event(event):
+            if event.kind == "eval" and event.step == 3:
+                stop.reason = "interrupted"
+        return on_event
+
+    stop = StopFlag()
+    first = train(config, run_name="split", on_event=stop_at_eval(stop), stop=stop)
+    assert first.steps == 3
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(first.run_dir)).state
+    assert state["log_window"]["steps"] == 3 and state["skipped_steps"] == 0
+    resumed = train(config, run_name="split", resume=True)
+    assert resumed.steps == 12
+    assert _losses(straight.run_dir) == _losses(resumed.run_dir)
+
+
 def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shakespeare, monkeypatch):
     """A signal in the middle of a long evaluation (train.eval_batches=30) stops it at the next batch: the step's
     checkpoint is saved without a val loss of its own, and the run resumes to the same end."""

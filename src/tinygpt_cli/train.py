@@ -715,7 +715,8 @@ class _Trainer:
                     "train_loss": self.last_loss, "lr": learning_rate(max(0, step - 1), self.tc, self.lr_rewarm),
                     "lr_rewarm": self.lr_rewarm,
                     "rng": rng_states[0], "rng_per_rank": rng_states if self.info.enabled else None,
-                    "world_size": self.info.world_size, "skipped_steps": self.skipped, "fsdp": self.fsdp,
+                    "world_size": self.info.world_size, "skipped_steps": self._skipped_total(), "fsdp": self.fsdp,
+                    "log_window": self.log_window,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
                              "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256")},
                     "batch": {"batch_size": self.batch_size, "grad_accum": self.grad_accum},
@@ -801,12 +802,20 @@ class _Trainer:
 
     def _window_loss(self, loss_sum: torch.Tensor, skipped: torch.Tensor, steps: int) -> tuple[float | None, float]:
         """(mean train loss of the `steps` steps since the last log step, or None if all were skipped; skipped
-        steps summed over the ranks), read between log steps. Collective: every rank calls it at the same step."""
+        steps summed over the ranks), read between log steps. Collective: every rank calls it at the same step.
+
+        Kept as `log_window` for the checkpoint, so a resume goes on with the window's sums and logs what one
+        uninterrupted run does."""
         stats = torch.stack([loss_sum, skipped])
         dist.all_reduce(stats)
         loss_total, skipped_now = stats.tolist()
+        self.log_window = {"steps": steps, "loss_total": loss_total, "skipped": skipped_now}
         good = steps * self.info.world_size - skipped_now
         return (loss_total / good if good > 0 else None), skipped_now
+
+    def _skipped_total(self) -> int:
+        """Skipped steps so far: those of the logged windows and of the window in progress at the last read."""
+        return self.skipped + (round(self.log_window["skipped"] / self.info.world_size) if self.log_window else 0)
 
     def _token_budget_spent(self) -> bool:
         return bool(self.tc.max_tokens) and self.tokens_seen >= self.tc.max_tokens
@@ -875,6 +884,15 @@ class _Trainer:
             self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         loss_sum = torch.zeros((), device=device)
         window_steps = 0
+        self.log_window: dict[str, float] | None = None
+        saved_window = state.get("log_window") if self.checkpoint is not None else None
+        if saved_window and int(state.get("world_size") or 1) == info.world_size:  # go on with its sums
+            window_steps = int(saved_window["steps"])
+            if info.is_main:  # the sums are over all ranks: one rank carries them into the next all-reduce
+                loss_sum.fill_(float(saved_window["loss_total"]))
+                skipped_in_window.fill_(float(saved_window["skipped"]))
+            self.log_window = saved_window
+            self.skipped -= round(float(saved_window["skipped"]) / info.world_size)  # counted again at the log
         window_began = time.perf_counter()
         window_tokens = 0
         self.session_first_step = start_step
@@ -937,6 +955,7 @@ class _Trainer:
                             raise self._diverged(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient")
                         loss_sum.zero_()
                         skipped_in_window.zero_()
+                        self.log_window = None
                         if good_steps > 0:
                             self.last_loss = loss_total / good_steps
                             now = time.perf_counter()
@@ -962,9 +981,7 @@ class _Trainer:
                 metrics.close()
                 raise self._out_of_memory(step == start_step) from None
             if window_steps:  # stopped between log steps: the train loss of the steps since the last one
-                loss, skipped_now = self._window_loss(loss_sum, skipped_in_window, window_steps)
-                self.last_loss = loss or self.last_loss
-                self.skipped += round(skipped_now / info.world_size)
+                self.last_loss = self._window_loss(loss_sum, skipped_in_window, window_steps)[0] or self.last_loss
             if step > int(state.get("step", 0)) and latest_step(self.run_dir) != step:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
             if not stopped and self.eval_cut:  # a signal during the last evaluation, which it cut short
@@ -976,7 +993,7 @@ class _Trainer:
             run_dir=self.run_dir, steps=step, tokens=self.tokens_seen, seconds=seconds,
             tokens_per_s=trained_tokens / max(seconds, 1e-9), final_loss=self.last_loss, final_val_loss=self.last_val,
             best_val_loss=self.best_val, unigram_val_loss=unigram, stopped=stopped or "completed",
-            skipped_steps=self.skipped,
+            skipped_steps=self._skipped_total(),
         )
         report_model = self._report_model()
         if info.is_main:
