@@ -620,7 +620,9 @@ def _print_train_result(result) -> None:
         f"val loss {val} (unigram baseline {result.unigram_val_loss:.4f}), "
         f"{_fmt_seconds(result.seconds)}, {_fmt_int(result.tokens_per_s)} tokens/s"
     )
-    if result.stopped != "completed":
+    if result.stopped == "interrupted" and result.steps == 0:
+        out.print("Interrupted before the first step: nothing was trained or saved.")
+    elif result.stopped != "completed":
         why = {
             "interrupted": "Interrupted",
             "time_limit": "Reached --max-minutes",
