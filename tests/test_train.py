@@ -297,7 +297,8 @@ def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
     train(tiny_config(max_steps=30, eval_interval=30, lr=3e-3), run_name="base")
     scratch = _losses(train(tiny_config(max_steps=2, eval_interval=2), run_name="scratch").run_dir)[0][2]
     cfg = tiny_config(max_steps=2, eval_interval=2, init_from="base")
-    tuned = train(cfg, run_name="tuned")
+    notes = []
+    tuned = train(cfg, run_name="tuned", on_event=lambda e: notes.append(e.message) if e.kind == "info" else None)
     first = _losses(tuned.run_dir)[0][2]
     assert first < scratch - 1.0  # starts where base left off, not from ln(vocab)
     exported = export_model("base", "hf", workspace / "hf-base")
@@ -307,6 +308,10 @@ def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
     assert _losses(via_hf.run_dir)[0][2] == pytest.approx(first, abs=1e-2)
     saved = (tuned.run_dir / "config.yaml").read_text()
     assert "init_from: base" in saved
+    # audit: the run was labelled with --size (micro) though its shape is base's (2 layers × 32, no preset)
+    assert "size: custom" in saved
+    assert "the weights of base are 2 layers × 32 (no preset size): --size micro gives only the training " \
+           "settings" in notes
 
 
 def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch):

@@ -571,7 +571,16 @@ class _Trainer:
         preset_block = PRESETS.get(self.cfg.size, {}).get("model", {}).get("block_size")
         block = self.cfg.model.block_size if self.cfg.model.block_size != preset_block else None
         model, model_cfg = load_pretrained(spec, block_size=block, dropout=self.cfg.model.dropout)
-        self.cfg = replace(self.cfg, model=model_cfg)  # config.yaml records the shape actually trained
+        shape = (model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd)
+        label = next((name for name, preset in PRESETS.items() if shape == tuple(
+            preset["model"].get(key) for key in ("n_layer", "n_head", "n_embd"))), "custom")
+        if label != self.cfg.size:
+            self.emit(TrainEvent("info", message=(
+                f"the weights of {spec} are {model_cfg.n_layer} layers × {model_cfg.n_embd} "
+                f"({'no preset size' if label == 'custom' else label + ' size'}): --size {self.cfg.size} gives "
+                f"only the training settings{'' if label == 'custom' else f' (--size {label} gives its own)'}")))
+        # config.yaml (and runs, report.md) record the shape actually trained and its size
+        self.cfg = replace(self.cfg, size=label, model=model_cfg)
         self.emit(TrainEvent("info", message=f"Starting from {spec}: {model.num_params() / 1e6:.1f}M parameters, "
                                              f"context {model_cfg.block_size}"))
         return model.train()
