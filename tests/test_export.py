@@ -407,20 +407,37 @@ def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, 
 
 def test_cli_export_write_errors_are_one_line(hf_source, workspace, monkeypatch):
     (workspace / "a-file").write_text("x")
-    assert_one_line_error(invoke("export", str(hf_source), "--out", str(workspace / "a-file" / "x")), "cannot write")
+    result = invoke("export", str(hf_source), "--out", str(workspace / "a-file" / "x"))
+    assert_one_line_error(result, "cannot write")
+    assert "free some space" not in result.stderr  # audit: the advice fits the error (here: not a folder)
+    assert "choose another --out" in result.stderr
 
     def disk_full(model, folder, dtype="fp32"):
         (folder / "config.json").write_text("{}")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "write_hf", disk_full)
-    assert_one_line_error(invoke("export", str(hf_source)), "No space left on device")
+    assert_one_line_error(invoke("export", str(hf_source)), "No space left on device): free some space")
     assert not (workspace / "exports").exists()
     if importlib.util.find_spec("onnxscript") is not None:  # the ONNX exporter's catch-all let it through as
         monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: disk_full(None, Path(a[2]).parent))  # "try hf"
         result = invoke("export", str(hf_source), "-f", "onnx")
         assert_one_line_error(result, "cannot write")
         assert "No space left on device" in result.stderr and "try --format hf" not in result.stderr
+
+
+def test_an_earlier_checkpoint_exports_beside_the_latest(with_shakespeare, workspace):
+    """Audit: exporting runs/r/checkpoints/step_2 and then the run wrote both to exports/r-hf (the second
+    refused without --force, or replaced the first with it)."""
+    from tinygpt_cli.train import train
+
+    run = train(tiny_config(max_steps=4, eval_interval=2), run_name="r").run_dir
+    early = invoke("export", str(run / "checkpoints" / "step_2"), "--json")
+    assert early.exit_code == 0, early.output
+    assert json.loads(early.stdout)["path"] == str(workspace / "exports" / "r-step2-hf")
+    latest = invoke("export", "r", "--json")
+    assert latest.exit_code == 0, latest.output
+    assert json.loads(latest.stdout)["path"] == str(workspace / "exports" / "r-hf")
 
 
 def test_generate_and_eval_accept_a_hugging_face_folder(with_shakespeare, tmp_path, workspace):

@@ -19,6 +19,7 @@ The tokenizer files (vocab, merges) are derived from the bundled BPE ranks, so n
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import json
 import logging
@@ -36,7 +37,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from tinygpt_cli import __version__, workspace
-from tinygpt_cli.checkpoint import STATE_FILE, LoadedCheckpoint, fsync_dir, load_checkpoint
+from tinygpt_cli.checkpoint import STATE_FILE, LoadedCheckpoint, fsync_dir, latest_checkpoint, load_checkpoint
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import TinyGPTError
 from tinygpt_cli.model import GPT
@@ -437,10 +438,13 @@ def check_format(fmt: str, dtype: str) -> None:
 
 
 def _source_name(loaded: LoadedCheckpoint) -> str:
+    """The run's name; with the step for a checkpoint other than its latest, which would share the run's path."""
     path = loaded.path
-    if path.parent.name == "checkpoints":  # runs/<name>/checkpoints/step_<N>
-        path = path.parent.parent
-    return workspace.safe_name(path.name)
+    if path.parent.name != "checkpoints":
+        return workspace.safe_name(path.name)
+    run = path.parent.parent  # runs/<name>/checkpoints/step_<N>
+    step = f"-{path.name.replace('_', '')}" if latest_checkpoint(run) != path else ""
+    return workspace.safe_name(f"{run.name}{step}")
 
 
 def default_export_path(name: str, fmt: str, dtype: str) -> Path:
@@ -537,7 +541,9 @@ def export_model(
                 parent.rmdir()
         if isinstance(exc, (OSError, SafetensorError)):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
-            raise ExportError(f"cannot write {target} ({reason}): free some space, or choose another --out") from None
+            full = not isinstance(exc, OSError) or exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            advice = "free some space, or choose another --out" if full else "choose another --out"
+            raise ExportError(f"cannot write {target} ({reason}): {advice}") from None
         raise
     return ExportResult(path=target, format=fmt, dtype=dtype, source=loaded.path, files=_files_under(target))
 
