@@ -1,6 +1,7 @@
 """`tinygpt runs`, `tinygpt runs show`, `tinygpt data`, `tinygpt data show`, and the checkpoint-size estimate."""
 
 import json
+import shutil
 
 from test_cli import assert_one_line_error
 from typer.testing import CliRunner
@@ -42,8 +43,11 @@ def test_runs_and_data_listings(with_shakespeare):
     assert_one_line_error(invoke("runs", "show", str(odd)), "myrun is not a run")  # an empty folder
     (odd / "config.yaml").write_text("model: {}\n")  # a run that has not finished a report
     assert_one_line_error(invoke("runs", "show", str(odd)), "myrun has no report.md yet")
-    import shutil
-
+    finished = result.run_dir.with_name("finished")  # audit: told to resume, which is refused at its last step
+    shutil.copytree(result.run_dir, finished)
+    (finished / "report.md").unlink()
+    assert_one_line_error(invoke("runs", "show", "finished"), "finished reached its last step (2) but has no "
+                          "report.md: `tinygpt eval finished` measures it")
     long_name = "micro-shakespeare-20261126-052233"
     shutil.copytree(result.run_dir, result.run_dir.with_name(long_name))
     piped = runner.invoke(app, ["runs"], env={"COLUMNS": "60"})  # was cut to "micro-shakespea…" when piped

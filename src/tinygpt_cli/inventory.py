@@ -78,7 +78,9 @@ def run_report(spec: str | None) -> tuple[Path, str]:
         WEIGHTS_FILE,
         find_run,
         is_run_folder,
+        latest_checkpoint,
         no_checkpoint_message,
+        read_state,
         run_of_checkpoints,
     )
 
@@ -90,6 +92,13 @@ def run_report(spec: str | None) -> tuple[Path, str]:
         raise CheckpointError(no_checkpoint_message(run_dir))
     report = run_dir / REPORT_FILE
     if not report.is_file():
+        state = read_state(latest) if (latest := latest_checkpoint(run_dir)) is not None else {}
+        step, last = state.get("step", 0), ((state.get("run_config") or {}).get("train") or {}).get("max_steps")
+        if last and step >= last:  # finished, but stopped (a crash, a kill) before the report was written
+            raise CheckpointError(
+                f"{run_dir.name} reached its last step ({step}) but has no {REPORT_FILE}: `tinygpt eval "
+                f"{run_dir.name}` measures it, and `tinygpt train --resume --name {run_dir.name} --max-steps N` "
+                f"with more steps writes a report")
         raise CheckpointError(
             f"{run_dir.name} has no {REPORT_FILE} yet (it is written when training stops): "
             f"finish or resume it with `tinygpt train --resume --name {run_dir.name}`"
