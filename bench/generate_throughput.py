@@ -10,6 +10,9 @@ its Conv1D weights transposed, the vocabulary cut to GPT-2's 50257 (tinygpt neve
 and the greedy tokens of all are compared. Rounds alternate between the contenders so that machine noise
 hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run down).
 
+On CUDA a second compiled contender sets inductor's coordinate_descent_tuning (`sample.DECODE_COMPILE_OPTIONS`),
+which turns each one-row matmul into a tuned Triton reduction instead of a cuBLAS call.
+
 On CPU tinygpt's default is shown with and without look-ahead (`sample.PromptLookup`: guesses from earlier text,
 checked in one pass), and Hugging Face's generate with and without its own prompt lookup. What look-ahead gains
 depends on how repetitive the text is: greedy decoding of random weights loops at once (the best case), so
@@ -29,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from tinygpt_cli import sample
 from tinygpt_cli.config import PRESETS, ModelConfig
 from tinygpt_cli.model import GPT
 from tinygpt_cli.sample import GenerationStats, decode_layout, generate
@@ -82,12 +86,17 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
     prompt_ids = torch.tensor([prompt], device=device)
 
     def ours(use_cache: bool, compile: bool = False, lookahead: bool | None = None, static: bool | None = None,
-             graphs: bool | None = None) -> Callable[[int], list[int]]:
+             graphs: bool | None = None, inductor: dict | None = None) -> Callable[[int], list[int]]:
         def run(new_tokens: int) -> list[int]:
             stats = GenerationStats()
-            tokens = [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=temperature, top_k=top_k,
-                                                  seed=0, use_cache=use_cache, compile=compile, lookahead=lookahead,
-                                                  static_cache=static, graphs=graphs, stats=stats)]
+            sample.DECODE_COMPILE_OPTIONS = inductor or {}
+            try:
+                tokens = [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=temperature,
+                                                      top_k=top_k, seed=0, use_cache=use_cache, compile=compile,
+                                                      lookahead=lookahead, static_cache=static, graphs=graphs,
+                                                      stats=stats)]
+            finally:
+                sample.DECODE_COMPILE_OPTIONS = {}
             run.stats = stats
             return tokens
         return run
@@ -110,6 +119,8 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
 
     if compile_decode:  # CUDA: steps replayed as CUDA graphs (compiled: torch.compile's); look-ahead is off there
         return {"tinygpt, KV cache, compiled": ours(True, compile=True),
+                "tinygpt, KV cache, compiled, CD-tuned GEMV": ours(True, compile=True,
+                                                                   inductor={"coordinate_descent_tuning": True}),
                 "tinygpt, KV cache": ours(True),
                 "tinygpt, KV cache, no CUDA graphs": ours(True, static=False),
                 "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs()}

@@ -57,7 +57,7 @@ EOF
 stage train 230 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt,hf --rounds 5
 stage pytest 200 $PY -m pytest -q -p no:cacheprovider -m gpu -k "${PYTEST_K:-gpu or not gpu}" tests/test_sample.py \
     tests/test_generate_cli.py tests/test_evaluate.py tests/test_gpu.py
-stage generate 110 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3
+stage generate 170 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3  # +60 s: CD tuning
 stage profile 120 $PY bench/decode_profile.py --shape small
 stage micro 100 bash -c '
     export TINYGPT_HOME=/tmp/tinygpt-home; rm -rf $TINYGPT_HOME; mkdir -p $TINYGPT_HOME; cd $TINYGPT_HOME

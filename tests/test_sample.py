@@ -155,6 +155,27 @@ def test_decode_chunks_stop_at_the_first_non_finite_step(model, monkeypatch):
     assert len(got) == 6
 
 
+def test_decode_compile_options_reach_inductor_instead_of_a_mode(model, monkeypatch):
+    """`sample.DECODE_COMPILE_OPTIONS` (the bench's coordinate-descent variant) compiles the step with those
+    inductor options, its own entry beside the plain one; torch.compile refuses a mode with options."""
+    calls = []
+
+    def recording_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(sample, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(sample, "DECODE_COMPILE_OPTIONS", {"coordinate_descent_tuning": True})
+    eager = _run(model, [5, 6, 7], 12, temperature=0)
+    assert torch.equal(_run(model, [5, 6, 7], 12, temperature=0, compile=True), eager)
+    (call,) = calls
+    assert "mode" not in call and call["options"] == {"triton.cudagraphs": False, "coordinate_descent_tuning": True}
+    monkeypatch.setattr(sample, "DECODE_COMPILE_OPTIONS", {})
+    _run(model, [5, 6, 7], 4, temperature=0, compile=True)
+    assert calls[1]["mode"] == "default" and "options" not in calls[1] and len(sample._COMPILED_STEPS) == 2
+
+
 def test_compiled_decode_step_is_captured_once(model, monkeypatch):
     """Static shapes: torch.compile traces the decode step as one graph and never again, across window slides
     and across calls with a fresh cache (CUDA graphs need exactly this). The backend only counts captures."""
@@ -622,6 +643,21 @@ def test_sample_text(model, eot_model):
     assert ended.samples[0].text == "" and ended.samples[0].stop_reason == "eot" and ended.prompt_tokens == 1
     going_on = sample_text(eot_model, "<|endoftext|>", 3, temperature=0, stop_at_eot=False)
     assert going_on.samples[0].text == "<|endoftext|>" * 3 and going_on.prompt_tokens == 1
+
+
+@pytest.mark.gpu
+def test_coordinate_descent_tuned_decode_matches_eager(model, monkeypatch):
+    """The bench's variant (`sample.DECODE_COMPILE_OPTIONS`): one-row matmuls as tuned Triton reductions."""
+    gpu = GPT(model.config).eval()
+    gpu.load_state_dict(model.state_dict())
+    gpu.cuda()
+    eager = _run(gpu, [5, 6, 7], 40, temperature=0)
+    monkeypatch.setattr(sample, "DECODE_COMPILE_OPTIONS", {"coordinate_descent_tuning": True})
+    for graphs in (False, True):
+        stats = GenerationStats()
+        tuned = _run(gpu, [5, 6, 7], 40, temperature=0, compile=True, graphs=graphs, stats=stats)
+        assert stats.compile_error is None and stats.compiled
+        assert torch.equal(eager, tuned)
 
 
 @pytest.mark.gpu

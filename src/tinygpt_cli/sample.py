@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -437,6 +437,12 @@ class PromptLookup:
 
 _COMPILED_STEPS: dict[str, Callable] = {}
 
+# Inductor options for the compiled decode step, none by default. bench/generate_throughput.py tries
+# {"coordinate_descent_tuning": True}: inductor then turns each one-row matmul of a batch-1 step into a tuned
+# Triton reduction that can fuse the bias and what follows, where cuBLAS's kernels read the weights at ~1 TB/s
+# (docs/performance.md). It waits for a GPU to be measured before it can be a default.
+DECODE_COMPILE_OPTIONS: dict[str, Any] = {}
+
 # Decode steps per CUDA graph (see `_DecodeChunk`). On an H200 a graph of 16 or 64 steps replayed no faster per
 # token than a graph of one (GPT-2 small, bf16: 511, 511, 524 us compiled; 711, 720, 746 eager), since the GPU,
 # not the host, is the bottleneck once steps are replayed, while capturing took 16 or 64 times longer.
@@ -448,9 +454,15 @@ def _compiled_step(device: torch.device, graphs: bool = False) -> Callable:
     graphs itself ("reduce-overhead", one per step); with `graphs` the plain compiled step is captured by
     `_DecodeChunk`, several steps and the sampling in one graph."""
     mode = "reduce-overhead" if device.type == "cuda" and not graphs else "default"
-    if mode not in _COMPILED_STEPS:
-        _COMPILED_STEPS[mode] = torch.compile(_last_logits, mode=mode, fullgraph=True, dynamic=False)
-    return _COMPILED_STEPS[mode]
+    if not DECODE_COMPILE_OPTIONS:
+        if mode not in _COMPILED_STEPS:
+            _COMPILED_STEPS[mode] = torch.compile(_last_logits, mode=mode, fullgraph=True, dynamic=False)
+        return _COMPILED_STEPS[mode]
+    key = f"{mode} {sorted(DECODE_COMPILE_OPTIONS.items())}"
+    if key not in _COMPILED_STEPS:  # torch.compile takes a mode or options, not both: reduce-overhead is cudagraphs
+        options = {"triton.cudagraphs": mode == "reduce-overhead", **DECODE_COMPILE_OPTIONS}
+        _COMPILED_STEPS[key] = torch.compile(_last_logits, options=options, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[key]
 
 
 def _make_generator(device: torch.device, seed: int | None) -> torch.Generator:
