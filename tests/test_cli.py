@@ -104,35 +104,52 @@ def test_interrupted_training_exits_130(with_shakespeare, monkeypatch):
     # stopped before its first step: no checkpoint to speak of (audit), and the same command starts it
     assert "Interrupted before the first step: nothing was trained or saved." in result.stdout
     assert "checkpoint saved" not in result.stdout
-    monkeypatch.undo()
-    assert train_tiny("--name", "i", steps=2).exit_code == 0
+    monkeypatch.setattr(train_module, "train", real)
+    again = train_tiny("--name", "i", steps=2)
+    assert again.exit_code == 0, again.output
+    monkeypatch.setattr(train_module, "train", interrupted)  # a resume stopped before its first step
+    resumed = invoke("train", "--resume", "--name", "i", "--max-steps", "4")
+    assert resumed.exit_code == 130 and "checkpoint saved" not in resumed.stdout
+    assert "the run is as it was. Continue with: tinygpt train --resume --name i" in resumed.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespeare, workspace, monkeypatch, sig):
-    """The first signal asks for a checkpoint; a second one, here while the step-4 checkpoint is written, aborts:
-    no traceback, one line that says what is kept, 128 + the signal (130 for Ctrl-C, 143 for a scheduler's
-    SIGTERM), and the step-2 checkpoint intact."""
+    """The first signal asks for a checkpoint; a second one, here while the step-4 checkpoint's files are being
+    written, aborts: no traceback, one line that says what is kept, 128 + the signal (130 for Ctrl-C, 143 for a
+    scheduler's SIGTERM), the step-2 checkpoint intact and nothing of step 4 left. The same signal repeated
+    within a second (one stop sent along two paths) is not a second one."""
     from tinygpt_cli import train as train_module
 
-    real = train_module.save_checkpoint
+    real_save, real_fsync = train_module.save_checkpoint, ckpt._fsync_file
+    sent = []
 
-    def signalled_twice(run_dir, step, *args, **kwargs):
+    def signalled(run_dir, step, *args, **kwargs):
         if step == 4:
             assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.default_int_handler)  # train's own
             os.kill(os.getpid(), sig)  # the handler asks for a stop
-            os.kill(os.getpid(), sig)  # and raises here
-        return real(run_dir, step, *args, **kwargs)
+            os.kill(os.getpid(), sig)  # a repeat at once: ignored
+            sent.append(sig)
+        return real_save(run_dir, step, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", signalled_twice)
+    def fsync_then_signal(path):
+        real_fsync(path)
+        if sent and path.name == "model.safetensors":
+            monkeypatch.setattr(train_module, "REPEAT_WINDOW_S", 0.0)  # as if a second had passed
+            sent.append("in the write")  # the repeat did not abort: the write began
+            os.kill(os.getpid(), sig)  # raises here, in the middle of the write
+
+    monkeypatch.setattr(train_module, "save_checkpoint", signalled)
+    monkeypatch.setattr(ckpt, "_fsync_file", fsync_then_signal)
     result = train_tiny("--name", "a", steps=50)
     assert result.exit_code == 128 + sig, result.output
+    assert sent == [sig, "in the write"]
     assert "Traceback" not in result.output and "Aborted!" not in result.output
     assert ("Aborted by a second signal: training stopped at once; the last checkpoint (step 2) is intact. "
             "Continue with: tinygpt train --resume --name a") in result.stderr
     run = workspace / "runs" / "a"
     assert ckpt.latest_checkpoint(run).name == "step_2"
-    assert not [p for p in (run / "checkpoints").iterdir() if p.name == "step_4"]
+    assert [p.name for p in (run / "checkpoints").iterdir() if "4" in p.name] == []  # no step_4, no temp folder
 
 
 def test_config_file_and_json_output(with_shakespeare, tmp_path):
@@ -272,6 +289,11 @@ def test_resume_continues_the_named_run_only(with_shakespeare, workspace, tmp_pa
     assert ckpt.latest_step(workspace / "runs" / "m1") == 2 and ckpt.latest_step(outside) == 2
     monkeypatch.chdir(outside.parent)  # ./m1 is the copy; the name m1 is still the workspace's run
     assert ckpt.find_run("m1") == workspace / "runs" / "m1"
+    assert ckpt.find_run("./m1").resolve() == outside and ckpt.find_run(str(outside)) == outside
+    monkeypatch.chdir(outside)
+    assert ckpt.find_run(".").resolve() == outside  # review: `.` was the workspace's runs/ folder
+    assert_one_line_error(invoke("train", "--resume", "--name", ".", "--max-steps", "4"), "move it into")
+    monkeypatch.chdir(outside.parent)
     assert invoke("train", "--resume", "--name", "m1", "--max-steps", "4").exit_code == 0
     assert ckpt.latest_step(workspace / "runs" / "m1") == 4 and ckpt.latest_step(outside) == 2
     assert invoke("train", "--resume", "--name", str(workspace / "runs" / "m1"), "--max-steps", "6").exit_code == 0

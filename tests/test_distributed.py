@@ -114,4 +114,43 @@ def test_a_signal_under_nproc_saves_and_exits_with_its_code(with_shakespeare, wo
     assert process.returncode == 128 + sig, err
     assert "Traceback" not in err and "SignalException" not in err and "death signal" not in err
     assert "Interrupted; checkpoint saved. Continue with: tinygpt train --resume --name s" in out
-    assert ckpt.latest_step(run) > 2 and ckpt.load_checkpoint(ckpt.latest_checkpoint(run)).state["world_size"] == 2
+    assert ckpt.latest_step(run) >= 2 and ckpt.load_checkpoint(ckpt.latest_checkpoint(run)).state["world_size"] == 2
+
+
+def test_the_launcher_names_the_cause_of_a_failed_group(tmp_path):
+    """launch._failed on the failures torch's agent reports: the workers' one-line errors once; a rank that died
+    without one (killed by the OOM killer, say) named as the cause even when another rank then wrote an error;
+    an interrupted group's exit code as it is."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from tinygpt_cli.errors import TinyGPTError
+    from tinygpt_cli.launch import _failed
+
+    def failed(*codes):
+        failures = {}
+        for rank, code in enumerate(codes):
+            failures[rank] = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="")
+            time.sleep(0.01)  # the first failure is the earliest
+        return ChildFailedError("tinygpt_cli", failures)
+
+    def said(exc, folder):
+        with pytest.raises(TinyGPTError) as raised:
+            _failed(exc, 2, folder)
+        return str(raised.value)
+
+    for rank in (0, 1):
+        (tmp_path / f"rank-{rank}.txt").write_text("no tokenized dataset named 'x'")
+    assert said(failed(1, 1), tmp_path) == "no tokenized dataset named 'x'"
+    (tmp_path / "rank-1.txt").write_text("another problem")
+    assert said(failed(1, 1), tmp_path) == "rank 0: no tokenized dataset named 'x' · rank 1: another problem"
+    (tmp_path / "rank-1.txt").unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    killed = said(failed(-signal.SIGKILL, -signal.SIGTERM), empty)
+    assert killed.startswith("rank 0 of 2 failed (killed by SIGKILL (the kernel's OOM killer")
+    only_rank_1 = tmp_path / "one"
+    only_rank_1.mkdir()
+    (only_rank_1 / "rank-1.txt").write_text("a knock-on error")
+    assert said(failed(-signal.SIGKILL, 1), only_rank_1).startswith("rank 0 of 2 failed (killed by SIGKILL")
+    assert _failed(failed(130, -signal.SIGTERM), 2, empty) == 130
+    assert said(failed(1, -signal.SIGTERM), empty).startswith("rank 0 of 2 failed (exit code 1)")

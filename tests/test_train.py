@@ -308,10 +308,21 @@ def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
     assert _losses(via_hf.run_dir)[0][2] == pytest.approx(first, abs=1e-2)
     saved = (tuned.run_dir / "config.yaml").read_text()
     assert "init_from: base" in saved
-    # audit: the run was labelled with --size (micro) though its shape is base's (2 layers × 32, no preset)
-    assert "size: custom" in saved
+    # audit: the run was labelled with --size though its shape is the source's. base's shape (2 layers × 32) is
+    # no preset's, so the label stays the --size that gave the training settings, and a note says so
+    assert "size: micro" in saved
     assert "the weights of base are 2 layers × 32 (no preset size): --size micro gives only the training " \
            "settings" in notes
+    notes.clear()
+    from tinygpt_cli.config import resolve_config
+
+    quick = ["train.max_steps=1", "train.eval_batches=1", "train.batch_size=2"]
+    train(resolve_config(size="micro", overrides=quick), run_name="preset")
+    relabelled = train(resolve_config(size="tiny", overrides=[*quick, "train.init_from=preset"]),
+                       on_event=lambda e: notes.append(e.message) if e.kind == "info" else None)
+    assert relabelled.run_dir.name.startswith("micro-")  # the default name takes the weights' size
+    assert "size: micro" in (relabelled.run_dir / "config.yaml").read_text()
+    assert "(micro size): --size tiny gives only the training settings (--size micro gives its own)" in notes[0]
 
 
 def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch):

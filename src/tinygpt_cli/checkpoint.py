@@ -182,10 +182,10 @@ def find_run(spec: str | None) -> Path:
             )
         return runs[0]
     path = Path(spec).expanduser()
-    # a bare name is a run's before it is a folder that happens to sit in the current directory
-    order = (path, workspace.runs_dir() / spec) if len(path.parts) > 1 or path.is_absolute() else \
-        (workspace.runs_dir() / spec, path)
-    for candidate in order:
+    # a bare name is a run's before it is a folder that happens to sit in the current directory; `.`, `./m1`
+    # and any other path are paths
+    bare = spec not in (".", "..") and not any(sep and sep in spec for sep in (os.sep, os.altsep))
+    for candidate in (workspace.runs_dir() / spec, path) if bare else (path,):
         if candidate.is_dir():
             return candidate
     raise CheckpointError(f"no run or checkpoint at {spec}: list them with `tinygpt runs`")

@@ -572,17 +572,17 @@ def train(
         raise typer.Exit(_training_aborted(view.run_dir or resumed, exc, is_main)) from None
     finally:
         view.close()
-    interrupted = result.stopped == "interrupted"  # not a finished run: `train && export` must not go on
-    if not is_main:  # every rank exits as rank 0 does
-        if interrupted:
-            raise typer.Exit(128 + stop.signal if stop.signal else 130)
-        return
-    if as_json:
+    if is_main and as_json:
         print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}))
-    else:
+    elif is_main:
         _print_train_result(result)
-    if interrupted:
-        raise typer.Exit(128 + stop.signal if stop.signal else 130)
+    if result.stopped == "interrupted":  # not a finished run: `train && export` must not go on (on every rank)
+        raise typer.Exit(_signal_exit(stop.signal))
+
+
+def _signal_exit(signum: int | None) -> int:
+    """The exit code of a process stopped by `signum`, as a shell reports it: 130 for SIGINT, 143 for SIGTERM."""
+    return 128 + (signum or 2)
 
 
 def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: bool) -> int:
@@ -597,7 +597,7 @@ def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: boo
             f"{what} before the run's first checkpoint: nothing is kept; start it again" if step is None else
             f"{what}: training stopped at once; the last checkpoint (step {step}) is intact. Continue with: "
             f"tinygpt train --resume --name {run_dir.name}")
-    return 128 + getattr(exc, "signal", 2)
+    return _signal_exit(getattr(exc, "signal", None))
 
 
 def _auto_batch(batch_size: str | None) -> bool:
@@ -620,8 +620,10 @@ def _print_train_result(result) -> None:
         f"val loss {val} (unigram baseline {result.unigram_val_loss:.4f}), "
         f"{_fmt_seconds(result.seconds)}, {_fmt_int(result.tokens_per_s)} tokens/s"
     )
-    if result.stopped == "interrupted" and result.steps == 0:
-        out.print("Interrupted before the first step: nothing was trained or saved.")
+    if result.stopped == "interrupted" and result.steps == result.first_step:
+        out.print("Interrupted before the first step: nothing was trained or saved." if not result.first_step else
+                  f"Interrupted before the first step: the run is as it was. Continue with: tinygpt train --resume "
+                  f"--name {result.run_dir.name}")
     elif result.stopped != "completed":
         why = {
             "interrupted": "Interrupted",

@@ -23,7 +23,7 @@ from tinygpt_cli.errors import TinyGPTError
 # Set by the launcher for its workers: a folder where each writes its one-line error as rank-<RANK>.txt.
 RANK_ERRORS_ENV = "TINYGPT_RANK_ERRORS"
 # How long a signalled worker may take to finish its step and save before the agent kills it (torch's own
-# default, 30 s, can be too short for a large model's checkpoint).
+# default, 30 s, can be too short for a large model's checkpoint). torch >= 2.12 takes it; older ones keep 30 s.
 SHUTDOWN_TIMEOUT_S = 600
 
 
@@ -64,14 +64,15 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: N processes share the cores
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    extra = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S} if "shutdown_timeout" in LaunchConfig.__dataclass_fields__ else {}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, **extra)
     with tempfile.TemporaryDirectory(prefix="tinygpt-ranks-") as folder, _quiet_agent():
-        os.environ[RANK_ERRORS_ENV] = folder
+        # the workers inherit this process's environment: as torchrun, N processes share the cores
+        defaults = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), RANK_ERRORS_ENV: folder}
         try:
-            elastic_launch(config, sys.executable)("-m", "tinygpt_cli", *without_nproc(argv))
+            with _environment(defaults):
+                elastic_launch(config, sys.executable)("-m", "tinygpt_cli", *without_nproc(argv))
             return 0
         except SignalException as exc:  # the agent passed it on and waited for the workers to save and exit
             return 128 + int(exc.sigval)
@@ -82,8 +83,6 @@ def launch(nproc: int, argv: list[str]) -> int:
                 f"could not start {nproc} processes ({type(exc).__name__}: {exc}); try torchrun yourself: "
                 f"{' '.join(torchrun_command(nproc, argv))}"
             ) from None
-        finally:
-            os.environ.pop(RANK_ERRORS_ENV, None)
 
 
 def _failed(exc, nproc: int, folder: Path) -> int:
@@ -91,22 +90,38 @@ def _failed(exc, nproc: int, folder: Path) -> int:
     messages: dict[str, list[int]] = {}
     for path in sorted(folder.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1])):
         messages.setdefault(path.read_text(encoding="utf-8"), []).append(int(path.stem.split("-")[1]))
-    if len(messages) == 1:  # the workers' own one-line error, the same on every rank that hit it
-        raise TinyGPTError(next(iter(messages)))
-    if messages:
-        raise TinyGPTError(" · ".join(f"rank {', '.join(map(str, ranks))}: {message}"
-                                      for message, ranks in messages.items()))
     rank, failure = exc.get_first_failure()
     code = int(failure.exitcode)
-    if code - 128 in (signal.SIGINT, signal.SIGTERM):  # a worker was interrupted, and saved
-        return code
-    what = f"exit code {code}"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            what = f"killed by {signal.Signals(-code).name}"
-    hint = " (the kernel's OOM killer sends it when memory runs out)" if code == -signal.SIGKILL else ""
-    raise TinyGPTError(f"rank {rank} of {nproc} failed ({what}{hint}) and the others were stopped: see its "
-                       f"output above; the last checkpoint is kept, resume with --resume")
+    if not any(rank in ranks for ranks in messages.values()):  # it died without a word: that is the cause
+        if not messages and code - 128 in (signal.SIGINT, signal.SIGTERM):  # it was interrupted, and saved
+            return code
+        what = f"exit code {code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                what = f"killed by {signal.Signals(-code).name}"
+        hint = " (the kernel's OOM killer sends it when memory runs out)" \
+            if code == -getattr(signal, "SIGKILL", 9) else ""
+        raise TinyGPTError(f"rank {rank} of {nproc} failed ({what}{hint}) and the others were stopped: see its "
+                           f"output above")
+    if len(messages) == 1:  # the workers' own one-line error, the same on every rank that hit it
+        raise TinyGPTError(next(iter(messages)))
+    raise TinyGPTError(" · ".join(f"rank {', '.join(map(str, ranks))}: {message}"
+                                  for message, ranks in messages.items()))
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in os.environ (which the agent hands to the workers) for the block, then put back."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager

@@ -454,14 +454,12 @@ def _compiled_step(device: torch.device, graphs: bool = False) -> Callable:
     graphs itself ("reduce-overhead", one per step); with `graphs` the plain compiled step is captured by
     `_DecodeChunk`, several steps and the sampling in one graph."""
     mode = "reduce-overhead" if device.type == "cuda" and not graphs else "default"
-    if not DECODE_COMPILE_OPTIONS:
-        if mode not in _COMPILED_STEPS:
-            _COMPILED_STEPS[mode] = torch.compile(_last_logits, mode=mode, fullgraph=True, dynamic=False)
-        return _COMPILED_STEPS[mode]
-    key = f"{mode} {sorted(DECODE_COMPILE_OPTIONS.items())}"
-    if key not in _COMPILED_STEPS:  # torch.compile takes a mode or options, not both: reduce-overhead is cudagraphs
-        options = {"triton.cudagraphs": mode == "reduce-overhead", **DECODE_COMPILE_OPTIONS}
-        _COMPILED_STEPS[key] = torch.compile(_last_logits, options=options, fullgraph=True, dynamic=False)
+    key, how = mode, {"mode": mode}
+    if DECODE_COMPILE_OPTIONS:  # torch.compile takes a mode or options, not both: reduce-overhead is cudagraphs
+        key = f"{mode} {sorted(DECODE_COMPILE_OPTIONS.items())}"
+        how = {"options": {"triton.cudagraphs": mode == "reduce-overhead", **DECODE_COMPILE_OPTIONS}}
+    if key not in _COMPILED_STEPS:
+        _COMPILED_STEPS[key] = torch.compile(_last_logits, fullgraph=True, dynamic=False, **how)
     return _COMPILED_STEPS[key]
 
 

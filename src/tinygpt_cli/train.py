@@ -95,6 +95,7 @@ class TrainResult:
     unigram_val_loss: float | None
     stopped: str  # "completed" | "interrupted" | "time_limit" | "token_limit"
     skipped_steps: int = 0
+    first_step: int = 0  # the step this call started from (a resume's checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -291,12 +292,19 @@ class SecondSignal(KeyboardInterrupt):
         self.signal = signum
 
 
+# A repeat of the first signal within this many seconds is the same stop said twice, not a second one: a
+# scheduler that signals every process of a job (SLURM's scancel, `kill -- -PGID`) reaches each worker of
+# `train --nproc` directly and again through the launcher, milliseconds apart.
+REPEAT_WINDOW_S = 1.0
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns. A second signal aborts."""
 
     def __init__(self) -> None:
         self.reason = ""
         self.signal = 0  # the signal that set it (0: none, or set another way)
+        self.signalled_at = 0.0  # time.monotonic() of that signal
 
     def __bool__(self) -> bool:
         return bool(self.reason)
@@ -312,9 +320,12 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if flag and signum == flag.signal and now - flag.signalled_at < REPEAT_WINDOW_S:
+            return  # the first signal again, through another path
         if flag:
             raise SecondSignal(signum)  # stop at once
-        flag.reason, flag.signal = "interrupted", signum
+        flag.reason, flag.signal, flag.signalled_at = "interrupted", signum, now
 
     for sig in previous:
         signal.signal(sig, handler)
@@ -476,6 +487,8 @@ class _Trainer:
         self.val_tokens = self.dataset.split("val")
         self._check_data_fits(cfg.model.block_size)
 
+        start = self._init_from(tc.init_from) if tc.init_from and not resume else None
+        cfg = self.cfg  # with the weights' shape and size (init_from), before the default name takes the size
         name = run_name or dist.all_gather_objects(default_run_name(cfg, self.dataset))[0]
         self.run_dir = workspace.runs_dir() / name
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
@@ -488,11 +501,7 @@ class _Trainer:
         if info.is_main:
             _check_writable(self.run_dir)
 
-        if tc.init_from and not resume:
-            self.model = self._init_from(tc.init_from)
-            cfg = self.cfg
-        else:
-            self.model = GPT(cfg.model)
+        self.model = start if start is not None else GPT(cfg.model)
         self.block = self.model.config.block_size
         self._check_data_fits(self.block)
         if info.is_main:
@@ -573,14 +582,15 @@ class _Trainer:
         model, model_cfg = load_pretrained(spec, block_size=block, dropout=self.cfg.model.dropout)
         shape = (model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd)
         label = next((name for name, preset in PRESETS.items() if shape == tuple(
-            preset["model"].get(key) for key in ("n_layer", "n_head", "n_embd"))), "custom")
+            preset["model"].get(key) for key in ("n_layer", "n_head", "n_embd"))), None)
         if label != self.cfg.size:
             self.emit(TrainEvent("info", message=(
                 f"the weights of {spec} are {model_cfg.n_layer} layers × {model_cfg.n_embd} "
-                f"({'no preset size' if label == 'custom' else label + ' size'}): --size {self.cfg.size} gives "
-                f"only the training settings{'' if label == 'custom' else f' (--size {label} gives its own)'}")))
-        # config.yaml (and runs, report.md) record the shape actually trained and its size
-        self.cfg = replace(self.cfg, size=label, model=model_cfg)
+                f"({'no preset size' if label is None else label + ' size'}): --size {self.cfg.size} gives "
+                f"only the training settings{'' if label is None else f' (--size {label} gives its own)'}")))
+        # config.yaml (and runs, report.md, the default run name) record the shape trained and its preset's size;
+        # a shape of no preset keeps the size that chose the training settings, so config.yaml stays a --config
+        self.cfg = replace(self.cfg, size=label or self.cfg.size, model=model_cfg)
         self.emit(TrainEvent("info", message=f"Starting from {spec}: {model.num_params() / 1e6:.1f}M parameters, "
                                              f"context {model_cfg.block_size}"))
         return model.train()
@@ -809,18 +819,20 @@ class _Trainer:
             f"{saved['batch_size']} × {saved['grad_accum']} accumulation); this resume takes {now} "
             f"({self.info.world_size} × {self.tc.batch_size} × {self.tc.grad_accum}){hint}")))
 
-    def _window_loss(self, loss_sum: torch.Tensor, skipped: torch.Tensor, steps: int) -> tuple[float | None, float]:
+    def _window_loss(self, loss_sum: torch.Tensor, skipped: torch.Tensor, bad_run: torch.Tensor,
+                     steps: int) -> tuple[float | None, float, float]:
         """(mean train loss of the `steps` steps since the last log step, or None if all were skipped; skipped
-        steps summed over the ranks), read between log steps. Collective: every rank calls it at the same step.
+        steps and the run of non-finite steps, summed over the ranks), read at a log step, an evaluation or a
+        stop. Collective: every rank calls it at the same step. A host sync.
 
         Kept as `log_window` for the checkpoint, so a resume goes on with the window's sums and logs what one
         uninterrupted run does."""
-        stats = torch.stack([loss_sum, skipped])
+        stats = torch.stack([loss_sum, skipped, bad_run])
         dist.all_reduce(stats)
-        loss_total, skipped_now = stats.tolist()
+        loss_total, skipped_now, bad_now = stats.tolist()
         self.log_window = {"steps": steps, "loss_total": loss_total, "skipped": skipped_now}
         good = steps * self.info.world_size - skipped_now
-        return (loss_total / good if good > 0 else None), skipped_now
+        return (loss_total / good if good > 0 else None), skipped_now, bad_now
 
     def _skipped_total(self) -> int:
         """Skipped steps so far: those of the logged windows and of the window in progress at the last read."""
@@ -952,10 +964,8 @@ class _Trainer:
                     self.tokens_seen += tokens_per_step
                     window_tokens += tokens_per_step
                     if step % tc.log_interval == 0 or step == tc.max_steps:
-                        stats = torch.stack([loss_sum, skipped_in_window, bad_run])
-                        dist.all_reduce(stats)
-                        loss_total, skipped_now, bad_now = stats.tolist()  # the only host sync of the window
-                        good_steps = window_steps * info.world_size - skipped_now
+                        loss, skipped_now, bad_now = self._window_loss(loss_sum, skipped_in_window, bad_run,
+                                                                       window_steps)  # the window's one host sync
                         self.skipped += round(skipped_now / info.world_size)
                         if skipped_now:
                             self.emit(TrainEvent("info", step=step, message=f"{skipped_now / info.world_size:.0f} "
@@ -965,8 +975,8 @@ class _Trainer:
                         loss_sum.zero_()
                         skipped_in_window.zero_()
                         self.log_window = None
-                        if good_steps > 0:
-                            self.last_loss = loss_total / good_steps
+                        if loss is not None:
+                            self.last_loss = loss
                             now = time.perf_counter()
                             rate = window_tokens / max(1e-9, now - window_began)
                             mfu = rate * flops_token / (peak * info.world_size) if peak else None
@@ -979,8 +989,8 @@ class _Trainer:
                         window_began, window_tokens, window_steps = time.perf_counter(), 0, 0
                     if step % tc.eval_interval == 0 or step == tc.max_steps:
                         if window_steps:  # the checkpoint records the train loss of the steps since the last log
-                            self.last_loss = self._window_loss(loss_sum, skipped_in_window, window_steps)[0] \
-                                or self.last_loss
+                            self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run,
+                                                               window_steps)[0] or self.last_loss
                         self._eval_and_save(step, metrics)
                         window_began = time.perf_counter()  # eval and save time is not training throughput
             except KeyboardInterrupt:
@@ -990,7 +1000,8 @@ class _Trainer:
                 metrics.close()
                 raise self._out_of_memory(step == start_step) from None
             if window_steps:  # stopped between log steps: the train loss of the steps since the last one
-                self.last_loss = self._window_loss(loss_sum, skipped_in_window, window_steps)[0] or self.last_loss
+                self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run, window_steps)[0] \
+                    or self.last_loss
             if step > int(state.get("step", 0)) and latest_step(self.run_dir) != step:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
             if not stopped and self.eval_cut:  # a signal during the last evaluation, which it cut short
@@ -1002,7 +1013,7 @@ class _Trainer:
             run_dir=self.run_dir, steps=step, tokens=self.tokens_seen, seconds=seconds,
             tokens_per_s=trained_tokens / max(seconds, 1e-9), final_loss=self.last_loss, final_val_loss=self.last_val,
             best_val_loss=self.best_val, unigram_val_loss=unigram, stopped=stopped or "completed",
-            skipped_steps=self._skipped_total(),
+            skipped_steps=self._skipped_total(), first_step=start_step,
         )
         report_model = self._report_model()
         if info.is_main:
@@ -1199,7 +1210,8 @@ def run_config_of(run_dir: Path) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         checkpoint = latest_checkpoint(run_dir)
-        saved = read_state(checkpoint).get("run_config") if checkpoint is not None else None
+        with _resume_advice():
+            saved = read_state(checkpoint).get("run_config") if checkpoint is not None else None
         if not isinstance(saved, dict):
             raise TrainingError(f"{run_dir} has no config.yaml: it is not a tinygpt run folder")
         return config_from_dict(saved, origin=str(checkpoint / "state.json"))
