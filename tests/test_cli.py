@@ -104,6 +104,7 @@ def test_interrupted_training_exits_130(with_shakespeare, monkeypatch):
     # stopped before its first step: no checkpoint to speak of (audit), and the same command starts it
     assert "Interrupted before the first step: nothing was trained or saved." in result.stdout
     assert "checkpoint saved" not in result.stdout
+    assert not (with_shakespeare.parent.parent / "runs" / "i").exists()  # audit: no empty run folder is left
     monkeypatch.setattr(train_module, "train", real)
     again = train_tiny("--name", "i", steps=2)
     assert again.exit_code == 0, again.output
@@ -310,6 +311,13 @@ def test_resume_with_a_damaged_or_missing_config_yaml(with_shakespeare, workspac
     config.unlink()
     assert invoke("train", "--resume", "--name", "y", "--max-steps", "4").exit_code == 0
     assert config.is_file()
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_a_process_count_below_one_is_refused(with_shakespeare, workspace, count):
+    """Audit: --nproc 0 or -3 fell through to a whole single-process run (500 steps of micro)."""
+    assert_one_line_error(invoke("train", "--nproc", count), f"--nproc must be at least 1 (got {count})")
+    assert not (workspace / "runs").exists() or not list((workspace / "runs").iterdir())
 
 
 def test_dropout_may_change_on_resume_but_the_shape_may_not(with_shakespeare, workspace):

@@ -221,7 +221,7 @@ def test_extending_a_finished_run_rewarms_the_lr_instead_of_jumping(with_shakesp
     assert "12 to 24 steps" in note and "over the next 4 steps" in note
     lrs, longer = _lrs(straight.run_dir), config(24).train
     last = learning_rate(11, config(12).train)  # the LR of the finished run's last step, near min_lr
-    assert lrs[12] == pytest.approx(last) and f"from {last:.1e}" in note
+    assert lrs[12] == pytest.approx(last) and f"from {last:.1e} to {lrs[16]:.1e}" in note
     assert lrs[13] == pytest.approx(last + (learning_rate(12, longer) - last) / 4)
     assert lrs[13] < lrs[14] < lrs[15] < lrs[16] == pytest.approx(learning_rate(15, longer))
     assert lrs[24] == pytest.approx(learning_rate(23, longer))
@@ -234,6 +234,13 @@ def test_extending_a_finished_run_rewarms_the_lr_instead_of_jumping(with_shakesp
     assert not [n for n in notes if "learning rate" in n]
     assert _losses(straight.run_dir) == _losses(first.run_dir)
     assert _lrs(straight.run_dir) == _lrs(first.run_dir)
+
+    # audit: extended by fewer steps than the climb takes, the note promised a climb to the longer schedule's LR
+    notes.clear()
+    short = train(config(26), run_name="straight", resume=True, on_event=collect)
+    (note,) = [n for n in notes if "learning rate" in n]
+    peak = max(_lrs(short.run_dir)[s] for s in (25, 26))
+    assert f"to {peak:.1e} over the next" in note
 
 
 def test_weight_decay_only_on_matrices():

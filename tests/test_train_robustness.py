@@ -131,6 +131,7 @@ def test_out_of_memory_at_the_first_step_is_one_clear_error(with_shakespeare, mo
     monkeypatch.setattr(model_module, "chunked_cross_entropy", out_of_memory)
     with pytest.raises(TrainingError, match=r"micro-batch of 4 × 32 tokens does not fit in cpu memory"):
         train(tiny_config(max_steps=3), run_name="oom")
+    assert not (with_shakespeare.parent.parent / "runs" / "oom").exists()  # nothing half-written: no run folder
 
 
 def test_a_batch_beyond_the_machines_ram_is_refused_before_training(with_shakespeare, workspace):
@@ -138,7 +139,12 @@ def test_a_batch_beyond_the_machines_ram_is_refused_before_training(with_shakesp
     result = invoke("train", *TINY_SETTINGS, "--batch-size", "50000000", "--max-steps", "1", "--name", "huge")
     assert_one_line_error(result, "GiB of RAM")
     assert "--batch-size auto" in result.stderr and "the largest that fits is" in result.stderr
-    assert not (workspace / "runs" / "huge" / "checkpoints").exists()
+    assert not (workspace / "runs" / "huge").exists()  # audit: the empty run folder was left behind
+    (workspace / "runs" / "kept").mkdir(parents=True)
+    (workspace / "runs" / "kept" / "notes.txt").write_text("mine")  # a folder of the user's is never removed
+    result = invoke("train", *TINY_SETTINGS, "--batch-size", "50000000", "--max-steps", "1", "--name", "kept")
+    assert_one_line_error(result, "GiB of RAM")
+    assert [p.name for p in (workspace / "runs" / "kept").iterdir()] == ["notes.txt"]
 
 
 def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_training(with_shakespeare, workspace, monkeypatch):

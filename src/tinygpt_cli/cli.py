@@ -518,6 +518,8 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train a GPT-2 on the last tokenized dataset (the embedded corpus if there is none), with checkpoints."""
+    if nproc is not None and nproc < 1:
+        raise TinyGPTError(f"--nproc must be at least 1 (got {nproc})")
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
         from tinygpt_cli.launch import launch, torchrun_command
 
@@ -596,7 +598,7 @@ def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: boo
         _stderr_console().print(
             f"{what} before the run's first checkpoint: nothing is kept; start it again" if step is None else
             f"{what}: training stopped at once; the last checkpoint (step {step}) is intact. Continue with: "
-            f"tinygpt train --resume --name {run_dir.name}")
+            f"{_resume_command(run_dir.name)}")
     return _signal_exit(getattr(exc, "signal", None))
 
 
@@ -622,8 +624,8 @@ def _print_train_result(result) -> None:
     )
     if result.stopped == "interrupted" and result.steps == result.first_step:
         out.print("Interrupted before the first step: nothing was trained or saved." if not result.first_step else
-                  f"Interrupted before the first step: the run is as it was. Continue with: tinygpt train --resume "
-                  f"--name {result.run_dir.name}")
+                  f"Interrupted before the first step: the run is as it was. Continue with: "
+                  f"{_resume_command(result.run_dir.name)}")
     elif result.stopped != "completed":
         why = {
             "interrupted": "Interrupted",
@@ -631,7 +633,15 @@ def _print_train_result(result) -> None:
             "token_limit": "Reached --max-tokens",
         }.get(result.stopped, "Stopped")
         more = " --max-tokens N (more than the tokens seen so far)" if result.stopped == "token_limit" else ""
-        out.print(f"{why}; checkpoint saved. Continue with: tinygpt train --resume --name {result.run_dir.name}{more}")
+        out.print(f"{why}; checkpoint saved. Continue with: {_resume_command(result.run_dir.name)}{more}")
+
+
+def _resume_command(name: str) -> str:
+    """The command that continues run `name` as it trained: with the same number of processes."""
+    from tinygpt_cli import dist
+
+    world = dist.from_environment().world_size
+    return f"tinygpt train --resume --name {name}" + (f" --nproc {world}" if world > 1 else "")
 
 
 class _TrainView:
@@ -681,6 +691,8 @@ class _TrainView:
                 rate=_fmt_int(event.tokens_per_s or 0),
                 mfu=mfu,
             )
+        elif event.kind == "done" and self.task is not None:  # a stop between log steps: the bar shows it
+            self.progress.update(self.task, completed=event.step)
         elif event.kind == "eval" and self.task is not None:
             self.progress.update(self.task, completed=event.step, val=f"{event.val_loss:.3f}")
             self.console.print(f"step {event.step}: val loss {event.val_loss:.4f}")

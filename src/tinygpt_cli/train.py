@@ -400,6 +400,9 @@ class _Metrics:
             self.handle.close()
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png")  # what a run writes besides checkpoints/
+
+
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -444,10 +447,13 @@ def train(
     """
     info = dist.from_environment()
     owns_group = info.enabled and not torch.distributed.is_initialized()
+    trainer = None
     try:
-        return _Trainer(cfg, info, on_event if info.is_main else None,
-                        stop if stop is not None else StopFlag()).run(run_name, resume)
+        trainer = _Trainer(cfg, info, on_event if info.is_main else None, stop if stop is not None else StopFlag())
+        return trainer.run(run_name, resume)
     finally:
+        if trainer is not None:
+            trainer.drop_if_unstarted()
         if owns_group:
             dist.shutdown()
 
@@ -498,6 +504,7 @@ class _Trainer:
             raise TrainingError(
                 f"run {self.run_dir.name} already exists: pass --resume to continue it or pick another --name"
             )
+        self.new_run = info.is_main and not resume  # its folder goes again if it ends with no checkpoint
         if info.is_main:
             _check_writable(self.run_dir)
 
@@ -569,6 +576,19 @@ class _Trainer:
                     f"the {split} split of {self.dataset.name} has {len(tokens)} tokens, fewer than one context "
                     f"of {block + 1}: lower model.block_size or tokenize more text"
                 )
+
+    def drop_if_unstarted(self) -> None:
+        """A new run that ends without a checkpoint (an error in setup or before the first save, a stop before
+        the first step) leaves no folder behind: only the files a run writes are removed, and only then."""
+        run_dir = getattr(self, "run_dir", None)
+        if not getattr(self, "new_run", False) or run_dir is None or latest_checkpoint(run_dir) is not None:
+            return
+        with contextlib.suppress(OSError):  # best effort, never in the way of the error that ended the run
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        for folder in (run_dir / "checkpoints", run_dir):
+            with contextlib.suppress(OSError):  # not empty: something else is there, and it stays
+                folder.rmdir()
 
     def _init_from(self, spec: str) -> GPT:
         """Weights to start from (fine-tuning / continued pretraining). The model shape is the source's; a
@@ -795,12 +815,20 @@ class _Trainer:
         last, target = self.state.get("lr"), learning_rate(step, self.tc)
         if last is None or step < self.tc.warmup_steps or self.tc.warmup_steps == 0 or target <= 1.01 * last:
             return None
-        was = trained.get("max_steps")
-        span = f"goes from {was} to {self.tc.max_steps} steps" if was != self.tc.max_steps else "changed"
-        self.emit(TrainEvent("info", message=(
-            f"the schedule of run {self.run_dir.name} {span}: the learning rate rises from {last:.1e} to "
-            f"{target:.1e} over the next {self.tc.warmup_steps} steps (train.warmup_steps), then follows it")))
-        return step, float(last)
+        rewarm = (step, float(last))
+        # what the climb reaches within the steps left (a short extension ends before the climb would)
+        climb = [learning_rate(s, self.tc, rewarm) for s in range(step, min(step + self.tc.warmup_steps,
+                                                                            self.tc.max_steps))]
+        peak = max(climb)
+        if peak > 1.01 * last:
+            was = trained.get("max_steps")
+            span = f"goes from {was} to {self.tc.max_steps} steps" if was != self.tc.max_steps else "changed"
+            rise = climb.index(peak) + 1
+            self.emit(TrainEvent("info", message=(
+                f"the schedule of run {self.run_dir.name} {span}: the learning rate rises from {last:.1e} to "
+                f"{peak:.1e} over the next {rise} step{'s' if rise > 1 else ''} (at most train.warmup_steps, "
+                f"{self.tc.warmup_steps}), then follows it")))
+        return rewarm
 
     def _note_batch_change(self) -> None:
         """Say so when a resume changes the global batch (another process count, --batch-size or --grad-accum):
