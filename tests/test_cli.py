@@ -153,6 +153,28 @@ def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespe
     assert [p.name for p in (run / "checkpoints").iterdir() if "4" in p.name] == []  # no step_4, no temp folder
 
 
+def test_the_train_view_outlives_its_terminal():
+    """After a hangup writes to the terminal fail (EIO): the view goes quiet instead of ending the training that
+    the hangup asked to save."""
+    from rich.console import Console
+
+    from tinygpt_cli.cli import _TrainView
+    from tinygpt_cli.train import TrainEvent
+
+    class DeadTerminal:
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+        def flush(self):
+            raise OSError(5, "Input/output error")
+
+    view = _TrainView(Console(file=DeadTerminal(), force_terminal=True))
+    view.on_event(TrainEvent("info", message="a note"))
+    assert view.gone
+    view.on_event(TrainEvent("info", message="another"))  # nothing written, nothing raised
+    view.close()
+
+
 def test_config_file_and_json_output(with_shakespeare, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("size: micro\nmodel: {n_layer: 1, n_head: 2, n_embd: 32, block_size: 16}\n"

@@ -58,7 +58,10 @@ def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, work
     assert len(leftovers) <= 1  # at most the temp folder of the one write that was killed, never a "step_" name
 
 
-def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace, sig):
+    """A scheduler's SIGTERM, or the hangup of a dropped ssh session (SIGHUP, which used to end the run with no
+    save): the step finishes, a checkpoint is saved, and the exit code is 128 + the signal."""
     env = {**os.environ, "TINYGPT_HOME": str(workspace)}
     process = subprocess.Popen(
         _train_command("--name", "t", "--max-steps", "100000", "--set", "train.eval_interval=100000"),
@@ -68,9 +71,9 @@ def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace):
     deadline = time.time() + 60
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, err  # not 0: `train && export` must not go on
+    assert process.returncode == 128 + sig, err  # not 0: `train && export` must not go on
     assert "Continue with: tinygpt train --resume --name t" in out
     state = json.loads((ckpt.latest_checkpoint(workspace / "runs" / "t") / "state.json").read_text())
     assert state["step"] >= 3

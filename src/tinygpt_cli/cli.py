@@ -7,6 +7,7 @@ exit code 1 (the traceback too with TINYGPT_DEBUG=1); usage errors exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -574,10 +575,11 @@ def train(
         raise typer.Exit(_training_aborted(view.run_dir or resumed, exc, is_main)) from None
     finally:
         view.close()
-    if is_main and as_json:
-        print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}))
-    elif is_main:
-        _print_train_result(result)
+    with contextlib.suppress(OSError):  # a terminal that went away (the hangup that stopped it) changes no exit code
+        if is_main and as_json:
+            print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}))
+        elif is_main:
+            _print_train_result(result)
     if result.stopped == "interrupted":  # not a finished run: `train && export` must not go on (on every rank)
         raise typer.Exit(_signal_exit(stop.signal))
 
@@ -665,8 +667,17 @@ class _TrainView:
         )
         self.task = None
         self.run_dir: Path | None = None  # known from the start event
+        self.gone = False
 
     def on_event(self, event) -> None:
+        if self.gone:
+            return
+        try:
+            self._show(event)
+        except OSError:  # the terminal went away (a hangup): training goes on to its checkpoint without a view
+            self.gone = True
+
+    def _show(self, event) -> None:
         if event.kind == "info":
             self.console.print(event.message)
         elif event.kind == "start":
@@ -699,7 +710,8 @@ class _TrainView:
 
     def close(self) -> None:
         if self.task is not None:  # a Progress never started still ends a line: a blank one before an error
-            self.progress.stop()
+            with contextlib.suppress(OSError):  # a terminal that went away
+                self.progress.stop()
 
 
 # ----------------------------------------------------------------------------------------- generate

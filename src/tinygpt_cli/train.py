@@ -299,7 +299,7 @@ REPEAT_WINDOW_S = 1.0
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM: the loop finishes its step, checkpoints and returns. A second signal aborts."""
+    """Set by SIGINT/SIGTERM/SIGHUP: the loop finishes its step, checkpoints and returns. A second signal aborts."""
 
     def __init__(self) -> None:
         self.reason = ""
@@ -317,7 +317,9 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP: the terminal went away (a dropped ssh session); there is no SIGHUP on Windows
+    stops = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+    previous = {sig: signal.getsignal(sig) for sig in stops}
 
     def handler(signum: int, frame: Any) -> None:
         now = time.monotonic()
