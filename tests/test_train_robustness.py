@@ -79,6 +79,33 @@ def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace, sig):
     assert state["step"] >= 3
 
 
+def test_under_nohup_a_hangup_is_still_ignored(with_shakespeare, workspace):
+    """`nohup tinygpt train` starts with SIGHUP ignored, to outlive its terminal: train's handler must not undo
+    that (the run goes on), while SIGTERM still stops it with a checkpoint."""
+    env = {**os.environ, "TINYGPT_HOME": str(workspace)}
+    process = subprocess.Popen(
+        _train_command("--name", "n", "--max-steps", "100000", "--set", "train.eval_interval=100000"),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    metrics = workspace / "runs" / "n" / "metrics.jsonl"
+
+    def logged() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+    deadline = time.time() + 60
+    while time.time() < deadline and logged() < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGHUP)
+    before, deadline = logged(), time.time() + 60
+    while time.time() < deadline and logged() < before + 3:  # still training
+        time.sleep(0.05)
+    assert process.poll() is None and logged() >= before + 3
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+
+
 def test_full_disk_keeps_the_previous_checkpoint(with_shakespeare, monkeypatch):
     import safetensors.torch
 
