@@ -154,3 +154,23 @@ def test_the_launcher_names_the_cause_of_a_failed_group(tmp_path):
     assert said(failed(-signal.SIGKILL, 1), only_rank_1).startswith("rank 0 of 2 failed (killed by SIGKILL")
     assert _failed(failed(130, -signal.SIGTERM), 2, empty) == 130
     assert said(failed(1, -signal.SIGTERM), empty).startswith("rank 0 of 2 failed (exit code 1)")
+
+
+def test_the_launcher_leaves_an_ignored_hangup_ignored(monkeypatch):
+    """Under nohup (SIGHUP ignored) the agent must not catch SIGHUP and pass it on to the workers, which would
+    stop the run when the terminal closes; otherwise it handles what torchrun handles."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from tinygpt_cli.launch import SHUTDOWN_TIMEOUT_S, launch_config
+
+    fields = LaunchConfig.__dataclass_fields__
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)
+    config = launch_config(2)
+    assert config.nproc_per_node == 2 and config.rdzv_backend == "c10d" and config.max_restarts == 0
+    if "shutdown_timeout" in fields:
+        assert config.shutdown_timeout == SHUTDOWN_TIMEOUT_S
+    if "signals_to_handle" in fields:
+        assert "SIGHUP" in config.signals_to_handle
+        monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
+        assert "SIGHUP" not in launch_config(2).signals_to_handle.split(",")
+        assert "SIGTERM" in launch_config(2).signals_to_handle

@@ -62,11 +62,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run `tinygpt <argv>` (--nproc removed) on `nproc` local processes; return the exit code for the group."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    extra = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S} if "shutdown_timeout" in LaunchConfig.__dataclass_fields__ else {}
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, **extra)
+    config = launch_config(nproc)
     with tempfile.TemporaryDirectory(prefix="tinygpt-ranks-") as folder, _quiet_agent():
         # the workers inherit this process's environment: as torchrun, N processes share the cores
         defaults = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), RANK_ERRORS_ENV: folder}
@@ -83,6 +81,21 @@ def launch(nproc: int, argv: list[str]) -> int:
                 f"could not start {nproc} processes ({type(exc).__name__}: {exc}); try torchrun yourself: "
                 f"{' '.join(torchrun_command(nproc, argv))}"
             ) from None
+
+
+def launch_config(nproc: int):
+    """torchrun --standalone's LaunchConfig, with tinygpt's grace for a signalled worker to save (where torch
+    takes one), and without SIGHUP when this process was started ignoring it (nohup: outlive the terminal)."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    fields = LaunchConfig.__dataclass_fields__
+    extra: dict = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S} if "shutdown_timeout" in fields else {}
+    if "signals_to_handle" in fields and getattr(signal, "SIGHUP", None) is not None \
+            and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        handled = fields["signals_to_handle"].default.split(",")
+        extra["signals_to_handle"] = ",".join(name for name in handled if name != "SIGHUP")
+    return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, **extra)
 
 
 def _failed(exc, nproc: int, folder: Path) -> int:
