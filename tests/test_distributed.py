@@ -153,6 +153,7 @@ def test_the_launcher_names_the_cause_of_a_failed_group(tmp_path):
     (only_rank_1 / "rank-1.txt").write_text("a knock-on error")
     assert said(failed(-signal.SIGKILL, 1), only_rank_1).startswith("rank 0 of 2 failed (killed by SIGKILL")
     assert _failed(failed(130, -signal.SIGTERM), 2, empty) == 130
+    assert _failed(failed(129, 129), 2, empty) == 129  # a hangup that reached the workers directly
     assert said(failed(1, -signal.SIGTERM), empty).startswith("rank 0 of 2 failed (exit code 1)")
 
 

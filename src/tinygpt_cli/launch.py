@@ -20,6 +20,10 @@ from pathlib import Path
 
 from tinygpt_cli.errors import TinyGPTError
 
+# The signals training stops on with a checkpoint (train._stop_on_signals), exiting 128 + the signal; no SIGHUP
+# on Windows.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
 # Set by the launcher for its workers: a folder where each writes its one-line error as rank-<RANK>.txt.
 RANK_ERRORS_ENV = "TINYGPT_RANK_ERRORS"
 # How long a signalled worker may take to finish its step and save before the agent kills it (torch's own
@@ -106,7 +110,7 @@ def _failed(exc, nproc: int, folder: Path) -> int:
     rank, failure = exc.get_first_failure()
     code = int(failure.exitcode)
     if not any(rank in ranks for ranks in messages.values()):  # it died without a word: that is the cause
-        if not messages and code - 128 in (signal.SIGINT, signal.SIGTERM):  # it was interrupted, and saved
+        if not messages and code - 128 in STOP_SIGNALS:  # it was interrupted, and saved
             return code
         what = f"exit code {code}"
         if code < 0:

@@ -317,10 +317,11 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    # SIGHUP: the terminal went away (a dropped ssh session); there is no SIGHUP on Windows. A signal the process
-    # was started ignoring stays ignored: `nohup tinygpt train` must outlive its terminal, not stop with it.
-    stops = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
-    previous = {sig: signal.getsignal(sig) for sig in stops if signal.getsignal(sig) != signal.SIG_IGN}
+    from tinygpt_cli.launch import STOP_SIGNALS
+
+    # SIGHUP: the terminal went away (a dropped ssh session). A signal the process was started ignoring stays
+    # ignored: `nohup tinygpt train` must outlive its terminal, not stop with it.
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
 
     def handler(signum: int, frame: Any) -> None:
         now = time.monotonic()
