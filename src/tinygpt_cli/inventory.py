@@ -80,7 +80,6 @@ def run_report(spec: str | None) -> tuple[Path, str]:
         is_run_folder,
         latest_checkpoint,
         no_checkpoint_message,
-        read_state,
         run_of_checkpoints,
     )
 
@@ -92,11 +91,11 @@ def run_report(spec: str | None) -> tuple[Path, str]:
         raise CheckpointError(no_checkpoint_message(run_dir))
     report = run_dir / REPORT_FILE
     if not report.is_file():
-        state = read_state(latest) if (latest := latest_checkpoint(run_dir)) is not None else {}
-        step, last = state.get("step", 0), ((state.get("run_config") or {}).get("train") or {}).get("max_steps")
-        if last and step >= last:  # finished, but stopped (a crash, a kill) before the report was written
+        # finished, but stopped (a crash, a kill) before the report was written: resuming it would be refused
+        summary = run_summary(run_dir) if latest_checkpoint(run_dir) is not None else None
+        if summary and summary.max_steps and summary.steps >= summary.max_steps:
             raise CheckpointError(
-                f"{run_dir.name} reached its last step ({step}) but has no {REPORT_FILE}: `tinygpt eval "
+                f"{run_dir.name} reached its last step ({summary.steps}) but has no {REPORT_FILE}: `tinygpt eval "
                 f"{run_dir.name}` measures it, and `tinygpt train --resume --name {run_dir.name} --max-steps N` "
                 f"with more steps writes a report")
         raise CheckpointError(

@@ -105,8 +105,8 @@ def launch_config(nproc: int):
 def _failed(exc, nproc: int, folder: Path) -> int:
     """The group's exit code when a worker stopped with one: a signal's, or a TinyGPTError that says why."""
     messages: dict[str, list[int]] = {}
-    for path in sorted(folder.glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1])):
-        messages.setdefault(path.read_text(encoding="utf-8"), []).append(int(path.stem.split("-")[1]))
+    for rank_of, path in sorted((int(p.stem.split("-")[1]), p) for p in folder.glob("rank-*.txt")):
+        messages.setdefault(path.read_text(encoding="utf-8"), []).append(rank_of)
     rank, failure = exc.get_first_failure()
     code = int(failure.exitcode)
     if not any(rank in ranks for ranks in messages.values()):  # it died without a word: that is the cause
