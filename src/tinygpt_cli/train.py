@@ -458,6 +458,9 @@ def train(
     finally:
         if trainer is not None:
             trainer.drop_if_unstarted()
+            # the trainer (its DDP wrapper holds the process group) goes before the group is destroyed: gloo's
+            # destructor after destroy_process_group joins threads that wait on a peer that has already left
+            trainer = None
         if owns_group:
             dist.shutdown()
 
@@ -476,6 +479,8 @@ class _Trainer:
         self.dtype = resolve_dtype(self.tc.dtype, self.device)
         self.grad_accum = self.tc.grad_accum
         self.batch_size = self.tc.batch_size
+        self.run_dir: Path | None = None  # known once `run` has named the run
+        self.new_run = False  # a run this call starts: its folder goes again if it ends with no checkpoint
 
     # -------------------------------------------------------------------------------------------- setup
     def run(self, run_name: str | None, resume: bool) -> TrainResult:
@@ -508,7 +513,7 @@ class _Trainer:
             raise TrainingError(
                 f"run {self.run_dir.name} already exists: pass --resume to continue it or pick another --name"
             )
-        self.new_run = info.is_main and not resume  # its folder goes again if it ends with no checkpoint
+        self.new_run = info.is_main and not resume
         if info.is_main:
             _check_writable(self.run_dir)
 
@@ -584,8 +589,8 @@ class _Trainer:
     def drop_if_unstarted(self) -> None:
         """A new run that ends without a checkpoint (an error in setup or before the first save, a stop before
         the first step) leaves no folder behind: only the files a run writes are removed, and only then."""
-        run_dir = getattr(self, "run_dir", None)
-        if not getattr(self, "new_run", False) or run_dir is None or latest_checkpoint(run_dir) is not None:
+        run_dir = self.run_dir
+        if not self.new_run or run_dir is None or latest_checkpoint(run_dir) is not None:
             return
         with contextlib.suppress(OSError):  # best effort, never in the way of the error that ended the run
             for name in RUN_FILES:
