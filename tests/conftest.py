@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# tests/interpreted runs Triton kernels through Triton's interpreter, which must be switched on before Triton is
+# imported: test_kernels.py runs that folder in a process of its own with TRITON_INTERPRET=1.
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpreted"]
+
 # A model small enough to train in seconds on a 2-core CPU, with the real 50304-wide vocabulary.
 TINY_SETTINGS = [
     "--set", "model.n_layer=2", "--set", "model.n_head=2", "--set", "model.n_embd=32",
@@ -84,3 +88,30 @@ def tiny_config(**train: object):
     overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)]
     overrides += [f"train.{key}={value}" for key, value in train.items()]
     return resolve_config(size="micro", overrides=overrides)
+
+
+def fused_test_model(dtype=None, bias: bool = True, **shape):
+    """A small GPT for the decode kernels' tests, its layer norms and biases moved away from 1 and 0 so that a slip
+    in them shows; `shape` overrides ModelConfig fields (by default heads of 12: not a power of two)."""
+    import torch
+
+    from tinygpt_cli.config import ModelConfig
+    from tinygpt_cli.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{"n_layer": 2, "n_head": 4, "n_embd": 48, "block_size": 20, "bias": bias, **shape})
+    model = GPT(cfg).eval().to(dtype or torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def generated(model, prompt, n, **kwargs):
+    """`sample.generate`'s tokens as one (B, n) tensor."""
+    import torch
+
+    from tinygpt_cli.sample import generate
+
+    return torch.stack(list(generate(model, prompt, n, **kwargs)), dim=1)

@@ -286,7 +286,8 @@ class GenerationStats:
     seconds: float = 0.0  # until the last token
     window_slides: int = 0
     compiled: bool = False
-    compile_error: str | None = None
+    fused: bool = False  # decode steps through tinygpt's Triton kernels (see `kernels.FusedDecodeStep`)
+    compile_error: str | None = None  # why the compiled or fused step fell back to eager PyTorch
     graphed: bool = False  # decode steps replayed from CUDA graphs of our own (see `_DecodeChunk`)
     graph_error: str | None = None  # why capturing them failed
     model_passes: int = 0  # look-ahead passes (see `generate`'s lookahead); 0 without it
@@ -547,6 +548,7 @@ def generate(
     flush_every: int | None = None,
     lookahead: bool | None = None,
     graphs: bool | None = None,
+    fused: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, (num_samples,) int64 on CPU, up to `max_new_tokens` times.
 
@@ -570,6 +572,10 @@ def generate(
     from earlier text (`PromptLookup`) and runs the model over the newest token and the guesses in one pass. Each
     token is still drawn from its own logits row, in order, with the same random numbers; a guess whose row is
     used only saves a pass, so the tokens are the same with or without it (up to float rounding of the logits).
+
+    `fused` decodes each step with tinygpt's Triton kernels (`kernels.FusedDecodeStep`: five a layer) on the
+    static cache, replayed as CUDA graphs like the eager step; NVIDIA CUDA only. Its tokens are the eager step's up
+    to float rounding. If its kernels fail to build, decoding goes on eagerly and `stats.compile_error` says why.
     """
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples)
     started = time.perf_counter()
@@ -583,10 +589,12 @@ def generate(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.batch_size, stats.new_tokens = len(prompt), num_samples, 0
     device = next(model.parameters()).device
+    if fused:
+        _check_fused(device, compile, use_cache, lookahead)
     generator = _make_generator(device, seed)
     keep = max(1, block // 2)  # tokens re-encoded when the window jumps
     # CUDA: the static cache by default, for the CUDA graphs below (look-ahead needs the sliced one)
-    static = compile or (static_cache if static_cache is not None else
+    static = compile or fused or (static_cache if static_cache is not None else
                          device.type == "cuda" and use_cache and not lookahead)
 
     flush = flush_every or (16 if device.type == "cuda" else 1)
@@ -623,6 +631,11 @@ def generate(
         if view is not None and compile:
             step = _compiled_step(device, graphs)
             stats.compiled = True
+        elif view is not None and fused:
+            from tinygpt_cli.kernels import FusedDecodeStep
+
+            step = FusedDecodeStep(model, num_samples)
+            stats.fused = True
         current = torch.zeros((num_samples, 1), dtype=torch.long, device=device)  # the token being fed, (B, 1)
         if view is not None:
             mark_static(current)
@@ -714,6 +727,20 @@ def generate(
     finally:  # however it ends (done, stopped, closed early): count the last look-ahead pass too
         if ahead is not None:
             ahead.settle()
+
+
+def _check_fused(device: torch.device, compile: bool, use_cache: bool, lookahead: bool | None) -> None:
+    """Raise GenerationError where `generate(fused=True)` cannot run as asked."""
+    from tinygpt_cli.kernels import unavailable
+
+    if compile:
+        raise GenerationError("the fused decode kernels replace torch.compile's: ask for one of them, not both")
+    if not use_cache or lookahead:
+        raise GenerationError("the fused decode kernels take one token a step through the KV cache: "
+                              "they work without look-ahead and with the cache")
+    reason = unavailable(device)
+    if reason:
+        raise GenerationError(f"the fused decode kernels cannot run here: {reason}")
 
 
 def _all_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head_t: torch.Tensor | None) -> torch.Tensor:
@@ -901,19 +928,20 @@ def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: Static
                  head_t: torch.Tensor | None, stats: GenerationStats, first: bool) -> tuple[torch.Tensor, Callable]:
     """One static decode step -> (logits (B, V), the step to use next time).
 
-    The first call of a compiled step compiles it; if that fails (no Triton, no C++ compiler, a backend
-    torch.compile does not support) decoding goes on eagerly with the same static view, and `stats` says why.
+    The first call of a compiled or fused step builds its kernels; if that fails (no Triton, no C++ compiler, a
+    backend torch.compile does not support, a GPU Triton cannot target) decoding goes on eagerly with the same
+    static view, and `stats` says why.
     """
     if step is _last_logits:
         return step(model, current, view, head_t), step
-    if current.device.type == "cuda":
+    if current.device.type == "cuda" and not stats.fused:
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been consumed
     if not first:
         return step(model, current, view, head_t), step
     try:
         return step(model, current, view, head_t), step
     except Exception as exc:
-        stats.compiled = False
+        stats.compiled = stats.fused = False
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         stats.compile_error = f"{type(exc).__name__}: {first_line}"
         return _last_logits(model, current, view, head_t), _last_logits
@@ -1077,6 +1105,7 @@ def sample_text(
     seed: int | None = None,
     compile: bool = False,
     lookahead: bool | None = None,
+    fused: bool = False,
     on_text: Callable[[int, str], None] | None = None,
     on_start: Callable[[], None] | None = None,
 ) -> SampleResult:
@@ -1100,7 +1129,7 @@ def sample_text(
     tokens = generate(
         model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, num_samples=num_samples, seed=seed, stop_at_eot=stop_at_eot,
-        compile=compile, stats=stats, lookahead=lookahead,
+        compile=compile, stats=stats, lookahead=lookahead, fused=fused,
     )
     emit = on_text or (lambda index, text: None)
     try:

@@ -1,0 +1,260 @@
+"""One decode step of GPT-2 in five Triton kernels per layer, for batch-1 generation on CUDA.
+
+A step at batch 1 reads every weight once, so it should run at the GPU's memory bandwidth. Kernel by kernel it does
+not: PyTorch's step is ~150 small kernels (compiled) or ~220 (eager) and on an H200 it reads the weights at 8-13% of
+the bandwidth (docs/performance.md): each layer norm, bias, GELU, residual add and cache write is a kernel of its
+own, and cuBLAS tiles a one-row product 64 columns wide, so a 768-wide layer's product keeps a third of the GPU busy.
+Here a layer is five kernels, each spread over every multiprocessor:
+
+1. layer norm 1 + the QKV product + bias; the key and value go straight into the cache slot of this step;
+2. attention of the one query over the cached keys (online softmax), every head at once;
+3. the attention output projection + bias + the residual add;
+4. layer norm 2 + the MLP's first product + bias + GELU;
+5. the MLP's second product + bias + the residual add;
+
+plus one kernel for the embeddings and one for the final layer norm + the head. Every product is a matrix-vector
+product over blocks of output rows (`gemv_blocks`), with each block reading its rows whole and recomputing the
+layer norm of its input row, which is cheaper than a kernel of its own at this size.
+
+Values are rounded to the model's dtype where PyTorch's step rounds them (after each layer norm, product, GELU and
+residual add), so in fp32 the step gives PyTorch's logits up to summation order, and in bf16 it gives what an
+eager step gives up to the rounding of sums. `FusedDecodeStep` reads and writes the same static cache as
+`sample.StaticDecodeView`, so `generate` captures it as a CUDA graph like any other step.
+
+Tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before this module is
+imported), which checks what they compute, not how fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+try:  # CUDA builds of torch on Linux ship Triton; CPU builds do not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+if TYPE_CHECKING:
+    from tinygpt_cli.model import GPT
+    from tinygpt_cli.sample import StaticDecodeView
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # what `triton.jit` saw when this module was imported
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why the fused step cannot run on `device`, or None where it can."""
+    if triton is None:
+        return "Triton is not installed (CUDA builds of torch on Linux include it)"
+    if INTERPRETED:
+        return None  # Triton's interpreter runs the kernels on the CPU (tests)
+    if device.type != "cuda" or torch.version.hip is not None:
+        return f"the fused decode kernels run on NVIDIA CUDA GPUs, not {device.type}"
+    return None
+
+
+# Blocks of the products, which a benchmark may sweep (bench/generate_throughput.py --fused-sweep). Each product
+# runs about PROGRAMS_PER_SM blocks of output rows per multiprocessor, BLOCK_K input columns at a time.
+TUNING = {"programs_per_sm": 2, "block_k": 256, "num_warps": 4, "block_s": 64}
+
+
+def gemv_blocks(n_rows: int, n_programs: int) -> int:
+    """Output rows per block for a product with `n_rows` outputs: a power of two from 1 to 64 that gives at least
+    `n_programs` blocks where it can."""
+    rows = 64
+    while rows > 1 and triton.cdiv(n_rows, rows) < n_programs:
+        rows //= 2
+    return rows
+
+
+if triton is not None:
+
+    @triton.jit
+    def _embed(tokens, pos_ptr, wte, wpe, x, C, BLOCK_C: tl.constexpr):
+        """x[b] = wte[tokens[b]] + wpe[pos]; one program per sample."""
+        b = tl.program_id(0)
+        token = tl.load(tokens + b)
+        pos = tl.load(pos_ptr)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            keep = cols < C
+            e = (tl.load(wte + token * C + cols, mask=keep, other=0.0).to(tl.float32)
+                 + tl.load(wpe + pos * C + cols, mask=keep, other=0.0).to(tl.float32))
+            tl.store(x + b * C + cols, e.to(x.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _gelu_tanh(y):
+        # GPT-2's GELU (tanh approximation); tanh(u) = 1 - 2 / (exp(2u) + 1), exact at both ends
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        return 0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+    @triton.jit
+    def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr,
+              N, K, stride_wn, stride_wk, eps, n_head, head_dim, S,
+              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+              RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program.
+
+        g: layer norm of the row (LN), else identity. f: GELU (GELU); `out[b, n] + ...` in place (RESIDUAL).
+        QKV: the outputs are the query (to q_out (B, C)), key and value (to the caches (B, nh, S, hd) at slot pos).
+        """
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        dtype = out.dtype.element_ty
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        x_row = x + b * K
+        mean = 0.0
+        rstd = 1.0
+        if LN:  # two passes over the row, as torch's layer norm: mean, then the variance about it
+            part = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                part += tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            mean = tl.sum(part, axis=0) / K
+            part = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                centred = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) - mean
+                part += tl.where(cols < K, centred * centred, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(part, axis=0) / K + eps)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if LN:
+                xk = (xk - mean) * rstd * tl.load(ln_w + cols, mask=col_ok, other=0.0).to(tl.float32)
+                if LN_BIAS:
+                    xk += tl.load(ln_b + cols, mask=col_ok, other=0.0).to(tl.float32)
+                xk = xk.to(dtype).to(tl.float32)  # the layer norm's output is in the model's dtype
+            tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += tile.to(tl.float32) * xk[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = y.to(dtype)
+        if GELU:
+            y = _gelu_tanh(y.to(tl.float32)).to(dtype)
+        if RESIDUAL:
+            y = (y.to(tl.float32) + tl.load(out + b * N + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+        if QKV:
+            C = N // 3
+            pos = tl.load(pos_ptr)
+            tl.store(q_out + b * C + rows, y, mask=row_ok & (rows < C))
+            kv = rows % C  # the column within the key or the value
+            slot = ((b * n_head + kv // head_dim) * S + pos) * head_dim + kv % head_dim
+            tl.store(k_cache + slot, y, mask=row_ok & (rows >= C) & (rows < 2 * C))
+            tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
+        else:
+            tl.store(out + b * N + rows, y, mask=row_ok)
+
+    @triton.jit
+    def _attend(q, k_cache, v_cache, pos_ptr, y, n_head, head_dim, S, scale,
+                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """y[b, head] = softmax(q k^T * scale) v over the cached slots 0..pos; one program per (sample, head)."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        C = n_head * head_dim
+        pos = tl.load(pos_ptr)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < head_dim
+        query = tl.load(q + b * C + h * head_dim + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        base = (b * n_head + h) * S * head_dim
+        best = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for s0 in range(0, pos + 1, BLOCK_S):
+            slots = s0 + tl.arange(0, BLOCK_S)
+            filled = slots <= pos
+            where = base + slots[:, None] * head_dim + dims[None, :]
+            inside = filled[:, None] & dim_ok[None, :]
+            keys = tl.load(k_cache + where, mask=inside, other=0.0).to(tl.float32)
+            scores = tl.where(filled, tl.sum(keys * query[None, :], axis=1) * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=0))
+            fade = tl.exp(best - new_best)
+            p = tl.exp(scores - new_best)
+            values = tl.load(v_cache + where, mask=inside, other=0.0).to(tl.float32)
+            total = total * fade + tl.sum(p, axis=0)
+            acc = acc * fade + tl.sum(p[:, None] * values, axis=0)
+            best = new_best
+        tl.store(y + b * C + h * head_dim + dims, (acc / total).to(y.dtype.element_ty), mask=dim_ok)
+
+
+class FusedDecodeStep:
+    """A one-token decode step of `model` for `batch` samples through the kernels above: called as
+    `step(model, current, view, head_t)` like `sample._last_logits`, it returns the logits (B, V).
+
+    It owns its activations (allocated once, at fixed addresses, as a CUDA graph needs) and returns the same
+    logits buffer at every call. `view` is the static cache (`sample.StaticDecodeView`): the step writes the new
+    key and value at `view.input_pos` and attends over the slots up to it.
+    """
+
+    def __init__(self, model: GPT, batch: int) -> None:
+        cfg = model.config
+        param = model.transformer.wte.weight
+        self.model, self.batch = model, batch
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+        def buffer(width: int) -> torch.Tensor:
+            return torch.zeros((batch, width), dtype=param.dtype, device=param.device)
+
+        self.x, self.q, self.y = buffer(cfg.n_embd), buffer(cfg.n_embd), buffer(cfg.n_embd)
+        self.hidden, self.logits = buffer(4 * cfg.n_embd), buffer(cfg.vocab_size)
+        if INTERPRETED or param.device.type != "cuda":
+            self.sms = 1
+        else:
+            self.sms = torch.cuda.get_device_properties(param.device).multi_processor_count
+
+    def __call__(self, model: GPT, current: torch.Tensor, view: StaticDecodeView,
+                 head_t: torch.Tensor | None = None) -> torch.Tensor:
+        if model is not self.model or current.size(0) != self.batch:
+            raise ValueError("this fused step was built for another model or batch size")
+        t = model.transformer
+        C = model.config.n_embd
+        pos = view.input_pos
+        _embed[(self.batch,)](current, pos, t.wte.weight, t.wpe.weight, self.x, C,
+                              BLOCK_C=triton.next_power_of_2(min(C, 1024)))
+        for i, block in enumerate(t.h):
+            attn, mlp = block.attn, block.mlp
+            self._product(self.x, attn.c_attn, block.ln_1, None, qkv=(view.k[i], view.v[i], pos))
+            block_s = TUNING["block_s"]
+            _attend[(self.batch, self.n_head)](self.q, view.k[i], view.v[i], pos, self.y, self.n_head, self.head_dim,
+                                              view.k[i].size(2), self.scale,
+                                              BLOCK_D=triton.next_power_of_2(self.head_dim), BLOCK_S=block_s)
+            self._product(self.y, attn.c_proj, None, self.x, residual=True)
+            self._product(self.x, mlp.c_fc, block.ln_2, self.hidden, gelu=True)
+            self._product(self.hidden, mlp.c_proj, None, self.x, residual=True)
+        self._product(self.x, model.lm_head, t.ln_f, self.logits)
+        return self.logits
+
+    def _product(self, x: torch.Tensor, linear: torch.nn.Linear, norm: torch.nn.LayerNorm | None,
+                 out: torch.Tensor | None, *, gelu: bool = False, residual: bool = False,
+                 qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        weight = linear.weight  # (N, K), any strides
+        N, K = weight.shape
+        if INTERPRETED:  # a few large blocks: the interpreter's cost is per program and per operation
+            rows, block_k = min(triton.next_power_of_2(N), 4096), min(triton.next_power_of_2(K), 1024)
+        else:
+            rows = gemv_blocks(N, TUNING["programs_per_sm"] * self.sms)
+            block_k = min(TUNING["block_k"], triton.next_power_of_2(K))
+        k_cache, v_cache, pos = qkv if qkv is not None else (x, x, x)
+        out = out if out is not None else self.q
+        grid = (triton.cdiv(N, rows), self.batch)
+        _gemv[grid](
+            x, weight, linear.bias if linear.bias is not None else weight,
+            norm.weight if norm is not None else weight,
+            norm.bias if norm is not None and norm.bias is not None else weight,
+            out, self.q, k_cache, v_cache, pos,
+            N, K, weight.stride(0), weight.stride(1), norm.eps if norm is not None else 0.0,
+            self.n_head, self.head_dim, k_cache.size(2) if qkv is not None else 1,
+            LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
+            HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
+            BLOCK_N=rows, BLOCK_K=block_k, num_warps=TUNING["num_warps"],
+        )

@@ -1,0 +1,69 @@
+"""The fused decode kernels run on CPU tensors through Triton's interpreter: what they compute, not how fast.
+
+Collected only with TRITON_INTERPRET=1 in the environment before Triton is imported (see conftest.py);
+tests/test_kernels.py runs this folder so, in a process of its own.
+"""
+
+import pytest
+import torch
+
+from conftest import fused_test_model, generated
+from tinygpt_cli import kernels, sample
+from tinygpt_cli.sample import GenerationStats, KVCache, StaticDecodeView
+
+assert kernels.INTERPRETED, "run with TRITON_INTERPRET=1"
+
+
+@pytest.mark.parametrize(("dtype", "batch", "bias"), [(torch.float32, 1, True), (torch.float32, 3, False),
+                                                      (torch.float16, 2, True)])
+def test_fused_step_gives_the_eager_logits_and_cache(dtype, batch, bias):
+    """Head size 12 (not a power of two: masked lanes), a prefix of cached slots and stale memory past it."""
+    model = fused_test_model(dtype, bias)
+    prompt = torch.randint(0, 50257, (1, 6))
+    caches = []
+    for _ in range(2):
+        cache = KVCache(model, batch)
+        sample._last_logits(model, prompt, cache)  # prefill, as generate does: the batch of 1 fills every row
+        caches.append(StaticDecodeView(cache))
+    fused, eager = caches
+    step = kernels.FusedDecodeStep(model, batch)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    with torch.inference_mode():
+        for position in (6, 7, 19):  # 19: the last slot of the context
+            current = torch.randint(0, 50257, (batch, 1))
+            fused.input_pos.fill_(position)
+            eager.input_pos.fill_(position)
+            got = step(model, current, fused).float()
+            want = sample._last_logits(model, current, eager).float()
+            assert got.shape == (batch, model.config.vocab_size)
+            assert torch.allclose(got, want, atol=tolerance, rtol=tolerance), (got - want).abs().max()
+            for layer in range(model.config.n_layer):
+                assert torch.allclose(fused.k[layer].float(), eager.k[layer].float(), atol=tolerance)
+                assert torch.allclose(fused.v[layer].float(), eager.v[layer].float(), atol=tolerance)
+
+
+def test_fused_generate_gives_the_eager_tokens():
+    """Greedy past a window jump, and sampled with a seed: the eager static step's tokens."""
+    model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
+    stats = GenerationStats()
+    greedy = dict(temperature=0, num_samples=2)
+    assert torch.equal(generated(model, [5, 6, 7], 16, fused=True, stats=stats, **greedy),
+                       generated(model, [5, 6, 7], 16, static_cache=True, **greedy))
+    assert stats.fused and stats.compile_error is None and stats.window_slides == 1
+    sampled = dict(temperature=0.9, top_k=40, repetition_penalty=1.3, seed=3)
+    assert torch.equal(generated(model, [9], 8, fused=True, **sampled),
+                       generated(model, [9], 8, static_cache=True, **sampled))
+
+
+def test_fused_step_falls_back_to_eager_when_its_kernels_fail(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this GPU\nmore detail")
+
+    monkeypatch.setattr(kernels.FusedDecodeStep, "__call__", broken)
+    model = fused_test_model(n_layer=1, n_embd=32, n_head=2)
+    stats = GenerationStats()
+    tokens = generated(model, [5, 6, 7], 6, temperature=0, fused=True, stats=stats)
+    assert torch.equal(tokens, generated(model, [5, 6, 7], 6, temperature=0))
+    assert not stats.fused and stats.compile_error == "RuntimeError: no kernel image for this GPU"
+
+
