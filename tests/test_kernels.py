@@ -51,9 +51,10 @@ def test_fused_generate_refuses_what_it_cannot_do(monkeypatch):
 def test_gemv_blocks_cover_the_gpu():
     from tinygpt_cli.kernels import gemv_blocks
 
-    assert gemv_blocks(2304, 264) == 8  # GPT-2 small's QKV on 132 multiprocessors: 288 blocks
-    assert gemv_blocks(768, 264) == 2
-    assert gemv_blocks(50304, 264) == 64  # the head has rows to spare: the largest blocks
+    assert gemv_blocks(2304, 264, 8) == 8  # GPT-2 small's QKV on 132 multiprocessors: 288 blocks
+    assert gemv_blocks(768, 264, 8) == 2
+    assert gemv_blocks(50304, 264, 8) == 8  # the head has rows to spare: as many as a tile holds
+    assert gemv_blocks(50304, 264, 12) == 8 and gemv_blocks(50304, 264, 0) == 1
     assert gemv_blocks(5, 264) == 1
 
 
@@ -73,6 +74,8 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
     def build(kernel, ints, floats, pointers, constants, capability):
         signature = {name: pointer for name in pointers}
         signature.update({name: "*i64" for name in ("tokens", "pos_ptr") if name in kernel.arg_names})
+        signature.update({name: "*fp32" for name in ("part_acc", "part_best", "part_total") if name in signature})
+        signature.update({"counts": "*i32"} if "counts" in signature else {})
         signature.update({name: "i32" for name in ints})
         signature.update({name: "fp32" for name in floats})
         signature.update({name: "constexpr" for name in constants})
@@ -82,8 +85,9 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
 
     for capability in (90, 80):
         build(module._embed, ["C"], [], ["wte", "wpe", "x"], {"BLOCK_C": 1024}, capability)
-        build(module._attend, ["n_head", "head_dim", "S"], ["scale"], ["q", "k_cache", "v_cache", "y"],
-              {"BLOCK_D": 64, "BLOCK_S": module.TUNING["block_s"]}, capability)
+        build(module._attend, ["n_head", "head_dim", "S", "n_split"], ["scale"],
+              ["q", "k_cache", "v_cache", "y", "part_acc", "part_best", "part_total", "counts"],
+              {"BLOCK_D": 64, "BLOCK_S": module.TUNING["block_s"], "SPLITS": 16}, capability)
         gemv_pointers = ["x", "w", "bias", "ln_w", "ln_b", "out", "q_out", "k_cache", "v_cache"]
         gemv_ints = ["N", "K", "stride_wn", "stride_wk", "n_head", "head_dim", "S"]
         for flags in [(True, True, True, False, False, True), (False, False, True, False, True, False),

@@ -57,16 +57,18 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-# Blocks of the products, which a benchmark may sweep (bench/generate_throughput.py --fused-sweep). Each product
-# runs about PROGRAMS_PER_SM blocks of output rows per multiprocessor, BLOCK_K input columns at a time.
-TUNING = {"programs_per_sm": 2, "block_k": 256, "num_warps": 4, "block_s": 64}
+# How the kernels split their work; bench/generate_throughput.py --fused-sweep tries others on a GPU. A product
+# runs in blocks of output rows, at least `programs_per_sm` blocks per multiprocessor where the rows allow it, each
+# block reading `block_k` input columns at a time and at most `tile` weights at once (a larger tile has more
+# loads in flight, and more registers). Attention splits the cached slots into blocks of `block_s`.
+TUNING = {"programs_per_sm": 2, "block_k": 1024, "tile": 8192, "num_warps": 4, "block_s": 64}
 
 
-def gemv_blocks(n_rows: int, n_programs: int) -> int:
-    """Output rows per block for a product with `n_rows` outputs: a power of two from 1 to 64 that gives at least
-    `n_programs` blocks where it can."""
-    rows = 64
-    while rows > 1 and triton.cdiv(n_rows, rows) < n_programs:
+def gemv_blocks(n_rows: int, n_programs: int, most: int = 64) -> int:
+    """Output rows per block for a product with `n_rows` outputs: the largest power of two up to `most` that
+    gives at least `n_programs` blocks, else 1."""
+    rows = 1 << (max(1, most).bit_length() - 1)
+    while rows > 1 and -(-n_rows // rows) < n_programs:
         rows //= 2
     return rows
 
@@ -155,35 +157,47 @@ if triton is not None:
             tl.store(out + b * N + rows, y, mask=row_ok)
 
     @triton.jit
-    def _attend(q, k_cache, v_cache, pos_ptr, y, n_head, head_dim, S, scale,
-                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """y[b, head] = softmax(q k^T * scale) v over the cached slots 0..pos; one program per (sample, head)."""
+    def _attend(q, k_cache, v_cache, pos_ptr, y, part_acc, part_best, part_total, counts,
+                n_head, head_dim, S, n_split, scale,
+                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
+        """y[b, head] = softmax(q k^T * scale) v over the cached slots 0..pos, split over the slots (flash-decoding):
+        program (b, head, i) takes slots i * BLOCK_S ... and writes its partial softmax; the program that finishes
+        a head last combines its partials in split order (so the result does not depend on which finished last)
+        and resets the head's counter for the next step."""
         b = tl.program_id(0)
         h = tl.program_id(1)
+        split = tl.program_id(2)
         C = n_head * head_dim
         pos = tl.load(pos_ptr)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < head_dim
         query = tl.load(q + b * C + h * head_dim + dims, mask=dim_ok, other=0.0).to(tl.float32)
-        base = (b * n_head + h) * S * head_dim
-        best = tl.full((), float("-inf"), tl.float32)
-        total = tl.zeros((), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for s0 in range(0, pos + 1, BLOCK_S):
-            slots = s0 + tl.arange(0, BLOCK_S)
-            filled = slots <= pos
-            where = base + slots[:, None] * head_dim + dims[None, :]
-            inside = filled[:, None] & dim_ok[None, :]
-            keys = tl.load(k_cache + where, mask=inside, other=0.0).to(tl.float32)
-            scores = tl.where(filled, tl.sum(keys * query[None, :], axis=1) * scale, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=0))
-            fade = tl.exp(best - new_best)
-            p = tl.exp(scores - new_best)
-            values = tl.load(v_cache + where, mask=inside, other=0.0).to(tl.float32)
-            total = total * fade + tl.sum(p, axis=0)
-            acc = acc * fade + tl.sum(p[:, None] * values, axis=0)
-            best = new_best
-        tl.store(y + b * C + h * head_dim + dims, (acc / total).to(y.dtype.element_ty), mask=dim_ok)
+        head = b * n_head + h
+        slots = split * BLOCK_S + tl.arange(0, BLOCK_S)
+        filled = slots <= pos
+        where = head * S * head_dim + slots[:, None] * head_dim + dims[None, :]
+        inside = filled[:, None] & dim_ok[None, :]
+        keys = tl.load(k_cache + where, mask=inside, other=0.0).to(tl.float32)
+        values = tl.load(v_cache + where, mask=inside, other=0.0).to(tl.float32)
+        scores = tl.where(filled, tl.sum(keys * query[None, :], axis=1) * scale, float("-inf"))
+        best = tl.max(scores, axis=0)  # -inf for a split past the filled slots
+        p = tl.exp(scores - tl.where(best == float("-inf"), 0.0, best))
+        part = head * n_split + split
+        tl.store(part_acc + part * BLOCK_D + dims, tl.sum(p[:, None] * values, axis=0))
+        tl.store(part_best + part, best)
+        tl.store(part_total + part, tl.sum(p, axis=0))
+        if tl.atomic_add(counts + head, 1, sem="acq_rel") == n_split - 1:  # every other split has written
+            splits = tl.arange(0, SPLITS)
+            split_ok = splits < n_split
+            bests = tl.load(part_best + head * n_split + splits, mask=split_ok, other=float("-inf"),
+                            cache_modifier=".cg")
+            weights = tl.exp(bests - tl.max(bests, axis=0))  # split 0 holds slot 0: the max is finite
+            totals = tl.load(part_total + head * n_split + splits, mask=split_ok, other=0.0, cache_modifier=".cg")
+            accs = tl.load(part_acc + (head * n_split + splits)[:, None] * BLOCK_D + dims[None, :],
+                           mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
+            out = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
+            tl.store(y + b * C + h * head_dim + dims, out.to(y.dtype.element_ty), mask=dim_ok)
+            tl.store(counts + head, 0)
 
 
 class FusedDecodeStep:
@@ -207,6 +221,16 @@ class FusedDecodeStep:
 
         self.x, self.q, self.y = buffer(cfg.n_embd), buffer(cfg.n_embd), buffer(cfg.n_embd)
         self.hidden, self.logits = buffer(4 * cfg.n_embd), buffer(cfg.vocab_size)
+        # attention's partial softmax per (sample, head, split of the cache's slots), and per (sample, head) the
+        # splits done so far (see `_attend`)
+        self.block_s = TUNING["block_s"]
+        self.block_d = triton.next_power_of_2(self.head_dim)
+        self.n_split = triton.cdiv(cfg.block_size, self.block_s)
+        parts = (batch, cfg.n_head, self.n_split)
+        self.part_acc = torch.zeros((*parts, self.block_d), dtype=torch.float32, device=param.device)
+        self.part_best = torch.zeros(parts, dtype=torch.float32, device=param.device)
+        self.part_total = torch.zeros(parts, dtype=torch.float32, device=param.device)
+        self.counts = torch.zeros((batch, cfg.n_head), dtype=torch.int32, device=param.device)
         if INTERPRETED or param.device.type != "cuda":
             self.sms = 1
         else:
@@ -224,10 +248,12 @@ class FusedDecodeStep:
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
             self._product(self.x, attn.c_attn, block.ln_1, None, qkv=(view.k[i], view.v[i], pos))
-            block_s = TUNING["block_s"]
-            _attend[(self.batch, self.n_head)](self.q, view.k[i], view.v[i], pos, self.y, self.n_head, self.head_dim,
-                                              view.k[i].size(2), self.scale,
-                                              BLOCK_D=triton.next_power_of_2(self.head_dim), BLOCK_S=block_s)
+            _attend[(self.batch, self.n_head, self.n_split)](  # the cache holds at most a context of slots
+                self.q, view.k[i], view.v[i], pos, self.y, self.part_acc, self.part_best, self.part_total,
+                self.counts, self.n_head, self.head_dim, view.k[i].size(2), self.n_split, self.scale,
+                BLOCK_D=self.block_d, BLOCK_S=self.block_s, SPLITS=triton.next_power_of_2(self.n_split),
+                num_warps=TUNING["num_warps"],
+            )
             self._product(self.y, attn.c_proj, None, self.x, residual=True)
             self._product(self.x, mlp.c_fc, block.ln_2, self.hidden, gelu=True)
             self._product(self.hidden, mlp.c_proj, None, self.x, residual=True)
@@ -242,8 +268,8 @@ class FusedDecodeStep:
         if INTERPRETED:  # a few large blocks: the interpreter's cost is per program and per operation
             rows, block_k = min(triton.next_power_of_2(N), 4096), min(triton.next_power_of_2(K), 1024)
         else:
-            rows = gemv_blocks(N, TUNING["programs_per_sm"] * self.sms)
             block_k = min(TUNING["block_k"], triton.next_power_of_2(K))
+            rows = gemv_blocks(N, TUNING["programs_per_sm"] * self.sms, TUNING["tile"] // block_k)
         k_cache, v_cache, pos = qkv if qkv is not None else (x, x, x)
         out = out if out is not None else self.q
         grid = (triton.cdiv(N, rows), self.batch)

@@ -14,10 +14,13 @@ from tinygpt_cli.sample import GenerationStats, KVCache, StaticDecodeView
 assert kernels.INTERPRETED, "run with TRITON_INTERPRET=1"
 
 
-@pytest.mark.parametrize(("dtype", "batch", "bias"), [(torch.float32, 1, True), (torch.float32, 3, False),
-                                                      (torch.float16, 2, True)])
-def test_fused_step_gives_the_eager_logits_and_cache(dtype, batch, bias):
-    """Head size 12 (not a power of two: masked lanes), a prefix of cached slots and stale memory past it."""
+@pytest.mark.parametrize(("dtype", "batch", "bias", "block_s"), [(torch.float32, 1, True, 64),
+                                                                  (torch.float32, 3, False, 4),
+                                                                  (torch.float16, 2, True, 8)])
+def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, bias, block_s):
+    """Head size 12 (not a power of two: masked lanes), a prefix of cached slots and stale memory past it, the
+    slots in one block or split over several (attention's partial softmaxes combined)."""
+    monkeypatch.setitem(kernels.TUNING, "block_s", block_s)
     model = fused_test_model(dtype, bias)
     prompt = torch.randint(0, 50257, (1, 6))
     caches = []
@@ -37,13 +40,15 @@ def test_fused_step_gives_the_eager_logits_and_cache(dtype, batch, bias):
             want = sample._last_logits(model, current, eager).float()
             assert got.shape == (batch, model.config.vocab_size)
             assert torch.allclose(got, want, atol=tolerance, rtol=tolerance), (got - want).abs().max()
+            assert not step.counts.any()  # every head's count of splits is reset for the next step
             for layer in range(model.config.n_layer):
                 assert torch.allclose(fused.k[layer].float(), eager.k[layer].float(), atol=tolerance)
                 assert torch.allclose(fused.v[layer].float(), eager.v[layer].float(), atol=tolerance)
 
 
-def test_fused_generate_gives_the_eager_tokens():
+def test_fused_generate_gives_the_eager_tokens(monkeypatch):
     """Greedy past a window jump, and sampled with a seed: the eager static step's tokens."""
+    monkeypatch.setitem(kernels.TUNING, "block_s", 4)
     model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
     stats = GenerationStats()
     greedy = dict(temperature=0, num_samples=2)
