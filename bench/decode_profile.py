@@ -1,21 +1,26 @@
 """Where a decode step's GPU time goes: the kernels of one static-shape decode step of a preset (default `small`,
-bf16, batch 1), eager and compiled, from the PyTorch profiler, against the time a step takes when `generate`
-replays chunks of steps as CUDA graphs.
+bf16, batch 1), eager, compiled and through tinygpt's fused Triton kernels (`kernels.FusedDecodeStep`), from the
+PyTorch profiler, against the time a step takes when `generate` replays chunks of steps as CUDA graphs.
 
 The kernel total is what the GPU is busy with per token; the replayed time per token minus it is what launch gaps,
 sampling and the host still cost. Weight bytes over the kernel total bound the bandwidth use that removing every
 gap could reach with these kernels.
 
-    python bench/decode_profile.py --shape small --steps 64
+`--sweep` also times the fused step replayed from a graph under other `kernels.TUNING` settings (rows per product
+block, input columns per load, warps, attention's block of slots), to pick the defaults on a new GPU.
+
+    python bench/decode_profile.py --shape small --steps 64 --sweep 60
 """
 
 import argparse
+import itertools
 import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tinygpt_cli import kernels
 from tinygpt_cli.config import PRESETS, ModelConfig
 from tinygpt_cli.model import GPT
 from tinygpt_cli.sample import GenerationStats, KVCache, StaticDecodeView, _compiled_step, _last_logits, generate
@@ -89,6 +94,8 @@ def main() -> None:
     parser.add_argument("--shape", default="small")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--tokens", default="256,2048", help="tokens per timed generate run, comma-separated")
+    parser.add_argument("--sweep", type=float, default=0.0, metavar="SECONDS",
+                        help="time the fused step under other kernels.TUNING settings for up to this long")
     args = parser.parse_args()
     preset = PRESETS[args.shape]["model"]
     torch.manual_seed(0)
@@ -103,7 +110,8 @@ def main() -> None:
 
     print(f"{gpu}, torch {torch.__version__}; {args.shape} bf16, {weight_bytes / 1e6:.0f} MB of weights; "
           f"peak {peak} GB/s")
-    steps = {"eager": _last_logits, "compiled": _compiled_step(torch.device("cuda"), graphs=True)}
+    steps = {"eager": _last_logits, "compiled": _compiled_step(torch.device("cuda"), graphs=True),
+             "fused": kernels.FusedDecodeStep(model, 1)}
     with torch.inference_mode():
         for label, step in steps.items():
             busy, rows = kernel_times(step, model, args.steps)
@@ -120,7 +128,8 @@ def main() -> None:
         variants = {"eager, sliced cache, no graphs": dict(static_cache=False),
                     "eager step, a graph per step (default)": dict(),
                     "compiled, torch.compile's graphs (default)": dict(compile=True),
-                    "compiled, our graph per step": dict(compile=True, graphs=True)}
+                    "compiled, our graph per step": dict(compile=True, graphs=True),
+                    "fused kernels, a graph per step": dict(fused=True)}
         print("\ngenerate, greedy from 4 tokens (best of 2 calls; setup, compile excepted, included):")
         for new_tokens in (int(n) for n in args.tokens.split(",")):
             for label, kwargs in variants.items():
@@ -136,8 +145,39 @@ def main() -> None:
                     best = min(best, time.perf_counter() - started)
                 us = best / new_tokens * 1e6
                 print(f"  {new_tokens} tokens, {label}: {us:.1f} us per token ({new_tokens / best:,.0f} tokens/s), "
-                      f"{use(us)}; graphed={stats.graphed} {stats.graph_error or ''}")
+                      f"{use(us)}; graphed={stats.graphed} {stats.graph_error or ''}{stats.compile_error or ''}")
+        if args.sweep:
+            sweep(model, use, args.sweep)
 
+
+def sweep(model: GPT, use, seconds: float) -> None:
+    """The fused step replayed from a one-step graph under other kernels.TUNING settings, best first: every mix of
+    product blocks (programs per SM, tile, warps), then attention's block of slots and the columns per load, until
+    `seconds` have passed (each new setting compiles its kernels)."""
+    default = dict(kernels.TUNING)
+    settings = [dict(default, programs_per_sm=p, tile=t, num_warps=w)
+                for p, t, w in itertools.product((1, 2, 4), (4096, 8192, 16384), (4, 8))]
+    settings += [dict(default, block_s=b) for b in (16, 32, 128)] + [dict(default, block_k=256)]
+    results = []
+    deadline = time.perf_counter() + seconds
+    print(f"\nfused step replayed from a graph, by kernels.TUNING (1 step per graph; up to {seconds:.0f} s):")
+    try:
+        for tuning in settings:
+            if time.perf_counter() > deadline:
+                print(f"  stopped after {len(results)} of {len(settings)} settings")
+                break
+            kernels.TUNING.update(tuning)
+            try:
+                _, us = replay_times(kernels.FusedDecodeStep(model, 1), model, 1)
+            except Exception as exc:  # a setting Triton cannot compile (registers, shared memory)
+                print(f"  {tuning}: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}")
+                continue
+            results.append((us, tuning))
+    finally:
+        kernels.TUNING.update(default)
+    for us, tuning in sorted(results, key=lambda row: row[0])[:12]:
+        changed = {key: value for key, value in tuning.items() if value != default[key]} or "(the default)"
+        print(f"  {us:6.1f} us per token ({use(us)}): {changed}")
 
 if __name__ == "__main__":
     main()

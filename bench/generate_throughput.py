@@ -11,7 +11,8 @@ and the greedy tokens of all are compared. Rounds alternate between the contende
 hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run down).
 
 On CUDA a second compiled contender sets inductor's coordinate_descent_tuning (`sample.DECODE_COMPILE_OPTIONS`),
-which turns each one-row matmul into a tuned Triton reduction instead of a cuBLAS call.
+which turns each one-row matmul into a tuned Triton reduction instead of a cuBLAS call, and a third decodes with
+tinygpt's own fused Triton kernels (`generate(fused=True)`: five kernels a layer).
 
 On CPU tinygpt's default is shown with and without look-ahead (`sample.PromptLookup`: guesses from earlier text,
 checked in one pass), and Hugging Face's generate with and without its own prompt lookup. What look-ahead gains
@@ -86,7 +87,8 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
     prompt_ids = torch.tensor([prompt], device=device)
 
     def ours(use_cache: bool, compile: bool = False, lookahead: bool | None = None, static: bool | None = None,
-             graphs: bool | None = None, inductor: dict | None = None) -> Callable[[int], list[int]]:
+             graphs: bool | None = None, inductor: dict | None = None, fused: bool = False,
+             ) -> Callable[[int], list[int]]:
         def run(new_tokens: int) -> list[int]:
             stats = GenerationStats()
             sample.DECODE_COMPILE_OPTIONS = inductor or {}
@@ -94,7 +96,7 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
                 tokens = [int(t[0]) for t in generate(model, prompt, new_tokens, temperature=temperature,
                                                       top_k=top_k, seed=0, use_cache=use_cache, compile=compile,
                                                       lookahead=lookahead, static_cache=static, graphs=graphs,
-                                                      stats=stats)]
+                                                      fused=fused, stats=stats)]
             finally:
                 sample.DECODE_COMPILE_OPTIONS = {}
             run.stats = stats
@@ -121,6 +123,7 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
         return {"tinygpt, KV cache, compiled": ours(True, compile=True),
                 "tinygpt, KV cache, compiled, CD-tuned GEMV": ours(True, compile=True,
                                                                    inductor={"coordinate_descent_tuning": True}),
+                "tinygpt, KV cache, fused Triton kernels": ours(True, fused=True),
                 "tinygpt, KV cache": ours(True),
                 "tinygpt, KV cache, no CUDA graphs": ours(True, static=False),
                 "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs()}

@@ -5,6 +5,7 @@
 #   3. the @pytest.mark.gpu tests (compile + bf16/fp16, fused loss on CUDA, --batch-size auto, OOM message,
 #      compiled decode in bf16)
 #   4. generation throughput and memory-bandwidth use of `small` in bf16, and where a decode step's GPU time goes
+#      (PyTorch's kernels and tinygpt's fused Triton kernels, with a sweep of the latter's tile settings)
 #   5. the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
 #   6. `tinygpt train --size small` itself for 20 steps of 0.5M tokens: the MFU the training loop reports
 #   7. if time is left: generation sampled as `tinygpt generate` does (temperature 0.8, top-k 200), the compiled
@@ -56,9 +57,9 @@ EOF
 
 stage train 230 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt,hf --rounds 5
 stage pytest 200 $PY -m pytest -q -p no:cacheprovider -m gpu -k "${PYTEST_K:-gpu or not gpu}" tests/test_sample.py \
-    tests/test_generate_cli.py tests/test_evaluate.py tests/test_gpu.py
-stage generate 170 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3  # +60 s: CD tuning
-stage profile 120 $PY bench/decode_profile.py --shape small
+    tests/test_kernels.py tests/test_generate_cli.py tests/test_evaluate.py tests/test_gpu.py
+stage generate 190 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3  # +60 s: CD tuning
+stage profile 200 $PY bench/decode_profile.py --shape small --sweep 60
 stage micro 100 bash -c '
     export TINYGPT_HOME=/tmp/tinygpt-home; rm -rf $TINYGPT_HOME; mkdir -p $TINYGPT_HOME; cd $TINYGPT_HOME
     '"$PY"' -m tinygpt_cli train --size micro --name gpu-micro '"${MICRO_ARGS:-}"' || exit 1

@@ -188,6 +188,24 @@ def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
     assert "torch.compile unavailable (RuntimeError: no C++ compiler): decoded eagerly." in result.stderr
 
 
+def test_fused_kernels_that_fail_fall_back_with_a_warning(run, monkeypatch):
+    """As on a GPU whose Triton cannot build the kernels: the first step falls back to eager PyTorch, said once."""
+    from tinygpt_cli import kernels, sample
+
+    def broken(*args):
+        raise RuntimeError("PTX for sm_70 is not supported")
+
+    monkeypatch.setattr(sample, "check_fused", lambda *args, **kwargs: None)  # let it try on this CPU
+    monkeypatch.setattr(kernels, "unavailable", lambda device: None)
+    monkeypatch.setattr(kernels.FusedDecodeStep, "__init__", lambda self, model, batch: None)
+    monkeypatch.setattr(kernels.FusedDecodeStep, "__call__", broken)
+    result = generate("ROMEO:", "--fused", "--max-new-tokens", "5", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stats"]["fused"] is False
+    assert result.stderr.count("the fused decode kernels failed (RuntimeError: PTX for sm_70 is not supported): "
+                               "decoded eagerly.") == 1
+
+
 def test_both_fallbacks_are_reported(run, monkeypatch):
     """A step that cannot compile and graphs that cannot be captured: each gets its one line on stderr."""
     from tinygpt_cli import sample
@@ -230,6 +248,9 @@ def test_both_fallbacks_are_reported(run, monkeypatch):
     (["--num-samples", "1000000000"], "ask for fewer samples"),
     (["--lookahead", "--num-samples", "2"], "--lookahead works for one sample: drop --num-samples"),
     (["--lookahead", "--compile", "on"], "--lookahead needs the uncompiled decode step: add --compile off"),
+    (["--fused", "--compile", "on"], "--fused replaces the compiled decode step: drop --compile on or --fused"),
+    (["--fused", "--lookahead"], "--fused decodes one token a step: drop --lookahead or --fused"),
+    (["--fused"], "the fused decode kernels cannot run here: "),  # CPU; or no Triton
 ])
 def test_bad_input_is_one_line(run, args, fragment):
     result = generate("x", *args) if "--prompt-file" not in args else generate(*args)
@@ -256,6 +277,18 @@ def test_cuda_without_a_gpu(run):
 
 def test_no_run_at_all(workspace):
     assert_one_line_error(invoke("generate", "hi"), "no trained run")
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_with_the_fused_kernels(run):
+    greedy = ("ROMEO:", "--device", "cuda", "--dtype", "fp32", "--max-new-tokens", "40", "--json", "--temperature",
+              "0")
+    result = generate(*greedy, "--fused")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["stats"]["fused"] and payload["stats"]["cuda_graphs"] and not payload["stats"]["compiled"]
+    assert payload["samples"] == json.loads(generate(*greedy).stdout)["samples"]
+    assert "fused decode kernels" in result.stderr and "failed" not in result.stderr
 
 
 @pytest.mark.gpu

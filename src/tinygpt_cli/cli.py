@@ -781,6 +781,10 @@ def generate(
                                   "guesses in one pass: fewer passes, the same tokens up to float rounding (default: "
                                   "on for one sample, uncompiled, off CUDA; on CUDA it gives up the CUDA graphs).")
     ] = None,
+    fused: Annotated[
+        bool, typer.Option("--fused", help="Decode with tinygpt's fused Triton kernels, five a layer instead of "
+                           "PyTorch's ~150 small kernels a step (NVIDIA GPUs; experimental).")
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print tokens/s and time to first token on stderr.")
     ] = False,
@@ -789,7 +793,7 @@ def generate(
     """Sample text from a trained run (the latest by default), streaming it to stdout."""
     from tinygpt_cli.config import SampleConfig
     from tinygpt_cli.errors import GenerationError
-    from tinygpt_cli.sample import check_settings, load_model, read_prompt, read_stdin_prompt
+    from tinygpt_cli.sample import check_fused, check_settings, load_model, read_prompt, read_stdin_prompt
 
     if compile_mode not in ("auto", "on", "off"):
         raise GenerationError(f"--compile must be one of auto, on, off (got {compile_mode!r})")
@@ -813,18 +817,27 @@ def generate(
     settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed)
     param = next(loaded.model.parameters())
     interactive = text is None and _stdin_is_interactive()
-    use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda"
+    if fused and compile_mode == "on":
+        raise GenerationError("--fused replaces the compiled decode step: drop --compile on or --fused")
+    if fused and lookahead:
+        raise GenerationError("--fused decodes one token a step: drop --lookahead or --fused")
+    if fused:
+        check_fused(param.device)
+    use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda" and not fused
                                            and settings["max_new_tokens"] >= COMPILE_PAYS_FROM_TOKENS)
     if lookahead and num_samples > 1:
         raise GenerationError("--lookahead works for one sample: drop --num-samples or --lookahead")
     if lookahead and use_compile:
         raise GenerationError("--lookahead needs the uncompiled decode step: add --compile off or drop --lookahead")
     settings["lookahead"] = lookahead
+    if fused:
+        settings["fused"] = True
     err = _stderr_console()
     step = loaded.state.get("step")
     err.print(
         f"Sampling from {loaded.path} ({f'step {step}' if step is not None else 'pretrained'}) · {param.device} "
-        f"{str(param.dtype).split('.')[-1]}{' · compiled decode step' if use_compile else ''}",
+        f"{str(param.dtype).split('.')[-1]}{' · compiled decode step' if use_compile else ''}"
+        f"{' · fused decode kernels' if fused else ''}",
         soft_wrap=True,
     )
     view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err)
@@ -886,7 +899,8 @@ class _GenerateView:
         stats = result.stats
         if stats.compile_error and "compile" not in self.warned:
             self.warned.add("compile")
-            self.err.print(f"torch.compile unavailable ({stats.compile_error}): decoded eagerly.", markup=False)
+            what = "the fused decode kernels failed" if self.settings.get("fused") else "torch.compile unavailable"
+            self.err.print(f"{what} ({stats.compile_error}): decoded eagerly.", markup=False)
         if stats.graph_error and "graphs" not in self.warned:
             self.warned.add("graphs")
             self.err.print(f"CUDA graphs unavailable ({stats.graph_error}): decoded step by step.", markup=False)
@@ -914,6 +928,7 @@ class _GenerateView:
                             "device": str(param.device),
                             "dtype": str(param.dtype).split(".")[-1],
                             "compiled": stats.compiled,
+                            "fused": stats.fused,
                             "cuda_graphs": cuda_graphs,
                             "model_passes": stats.model_passes,
                             "guessed_tokens": stats.guessed_tokens,

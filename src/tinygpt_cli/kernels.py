@@ -57,7 +57,7 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-# How the kernels split their work; bench/generate_throughput.py --fused-sweep tries others on a GPU. A product
+# How the kernels split their work; bench/decode_profile.py --sweep tries others on a GPU. A product
 # runs in blocks of output rows, at least `programs_per_sm` blocks per multiprocessor where the rows allow it, each
 # block reading `block_k` input columns at a time and at most `tile` weights at once (a larger tile has more
 # loads in flight, and more registers). Attention splits the cached slots into blocks of `block_s`.

@@ -590,7 +590,7 @@ def generate(
     stats.prompt_tokens, stats.batch_size, stats.new_tokens = len(prompt), num_samples, 0
     device = next(model.parameters()).device
     if fused:
-        _check_fused(device, compile, use_cache, lookahead)
+        check_fused(device, compile, use_cache, lookahead)
     generator = _make_generator(device, seed)
     keep = max(1, block // 2)  # tokens re-encoded when the window jumps
     # CUDA: the static cache by default, for the CUDA graphs below (look-ahead needs the sliced one)
@@ -729,7 +729,8 @@ def generate(
             ahead.settle()
 
 
-def _check_fused(device: torch.device, compile: bool, use_cache: bool, lookahead: bool | None) -> None:
+def check_fused(device: torch.device, compile: bool = False, use_cache: bool = True,
+                lookahead: bool | None = None) -> None:
     """Raise GenerationError where `generate(fused=True)` cannot run as asked."""
     from tinygpt_cli.kernels import unavailable
 
