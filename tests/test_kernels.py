@@ -93,8 +93,9 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
         for flags in [(True, True, True, False, False, True), (False, False, True, False, True, False),
                       (True, True, True, True, False, False), (True, False, False, False, False, False)]:
             constants = dict(zip(["LN", "LN_BIAS", "HAS_BIAS", "GELU", "RESIDUAL", "QKV"], flags, strict=True))
-            constants.update(BLOCK_N=8, BLOCK_K=module.TUNING["block_k"])
-            build(module._gemv, gemv_ints, ["eps"], gemv_pointers, constants, capability)
+            for one_pass in (True, False):
+                constants.update(BLOCK_N=8, BLOCK_K=1024, ONE_PASS=one_pass)
+                build(module._gemv, gemv_ints, ["eps"], gemv_pointers, constants, capability)
 
 
 @pytest.mark.gpu

@@ -59,9 +59,10 @@ def unavailable(device: torch.device) -> str | None:
 
 # How the kernels split their work; bench/decode_profile.py --sweep tries others on a GPU. A product
 # runs in blocks of output rows, at least `programs_per_sm` blocks per multiprocessor where the rows allow it, each
-# block reading `block_k` input columns at a time and at most `tile` weights at once (a larger tile has more
-# loads in flight, and more registers). Attention splits the cached slots into blocks of `block_s`.
-TUNING = {"programs_per_sm": 2, "block_k": 1024, "tile": 8192, "num_warps": 4, "block_s": 64}
+# block reading up to `block_k` input columns at a time (all of them in one pass where they fit) and at most `tile`
+# weights at once (a larger tile has more loads in flight, and more registers). Attention splits the cached
+# slots into blocks of `block_s`. `force_block_k` (tests) sets the columns per pass whatever the rest says.
+TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 64, "force_block_k": 0}
 
 
 def gemv_blocks(n_rows: int, n_programs: int, most: int = 64) -> int:
@@ -95,14 +96,25 @@ if triton is not None:
         return 0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
 
     @triton.jit
+    def _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS: tl.constexpr):
+        """A layer norm's output for the columns `cols` of a row, rounded to the model's dtype as torch's is."""
+        xk = (xk - mean) * rstd * tl.load(ln_w + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if LN_BIAS:
+            xk += tl.load(ln_b + cols, mask=col_ok, other=0.0).to(tl.float32)
+        return tl.where(col_ok, xk.to(dtype).to(tl.float32), 0.0)
+
+    @triton.jit
     def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr,
               N, K, stride_wn, stride_wk, eps, n_head, head_dim, S,
               LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-              RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              ONE_PASS: tl.constexpr):
         """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program.
 
         g: layer norm of the row (LN), else identity. f: GELU (GELU); `out[b, n] + ...` in place (RESIDUAL).
         QKV: the outputs are the query (to q_out (B, C)), key and value (to the caches (B, nh, S, hd) at slot pos).
+        ONE_PASS (BLOCK_K >= K): the weights are requested first, so that reading the row and its layer norm
+        happen while they are on their way; else the row is read BLOCK_K columns at a time, its norm first.
         """
         pid = tl.program_id(0)
         b = tl.program_id(1)
@@ -110,33 +122,43 @@ if triton is not None:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         x_row = x + b * K
-        mean = 0.0
-        rstd = 1.0
-        if LN:  # two passes over the row, as torch's layer norm: mean, then the variance about it
-            part = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                part += tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-            mean = tl.sum(part, axis=0) / K
-            part = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                centred = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) - mean
-                part += tl.where(cols < K, centred * centred, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(part, axis=0) / K + eps)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
+        if ONE_PASS:
+            cols = tl.arange(0, BLOCK_K)
             col_ok = cols < K
-            xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if LN:
-                xk = (xk - mean) * rstd * tl.load(ln_w + cols, mask=col_ok, other=0.0).to(tl.float32)
-                if LN_BIAS:
-                    xk += tl.load(ln_b + cols, mask=col_ok, other=0.0).to(tl.float32)
-                xk = xk.to(dtype).to(tl.float32)  # the layer norm's output is in the model's dtype
             tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            acc += tile.to(tl.float32) * xk[None, :]
+            xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if LN:  # as torch's layer norm: the mean, then the variance about it
+                mean = tl.sum(xk, axis=0) / K
+                centred = tl.where(col_ok, xk - mean, 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
+                xk = _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS)
+            acc = tile.to(tl.float32) * xk[None, :]
+        else:
+            mean = 0.0
+            rstd = 1.0
+            if LN:
+                part = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    cols = k0 + tl.arange(0, BLOCK_K)
+                    part += tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+                mean = tl.sum(part, axis=0) / K
+                part = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    cols = k0 + tl.arange(0, BLOCK_K)
+                    centred = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) - mean
+                    part += tl.where(cols < K, centred * centred, 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(part, axis=0) / K + eps)
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                col_ok = cols < K
+                tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                               mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+                if LN:
+                    xk = _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS)
+                acc += tile.to(tl.float32) * xk[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -270,6 +292,7 @@ class FusedDecodeStep:
         else:
             block_k = min(TUNING["block_k"], triton.next_power_of_2(K))
             rows = gemv_blocks(N, TUNING["programs_per_sm"] * self.sms, TUNING["tile"] // block_k)
+        block_k = TUNING["force_block_k"] or block_k
         k_cache, v_cache, pos = qkv if qkv is not None else (x, x, x)
         out = out if out is not None else self.q
         grid = (triton.cdiv(N, rows), self.batch)
@@ -282,5 +305,5 @@ class FusedDecodeStep:
             self.n_head, self.head_dim, k_cache.size(2) if qkv is not None else 1,
             LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
             HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
-            BLOCK_N=rows, BLOCK_K=block_k, num_warps=TUNING["num_warps"],
+            BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=TUNING["num_warps"],
         )

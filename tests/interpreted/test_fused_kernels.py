@@ -14,13 +14,16 @@ from tinygpt_cli.sample import GenerationStats, KVCache, StaticDecodeView
 assert kernels.INTERPRETED, "run with TRITON_INTERPRET=1"
 
 
-@pytest.mark.parametrize(("dtype", "batch", "bias", "block_s"), [(torch.float32, 1, True, 64),
-                                                                  (torch.float32, 3, False, 4),
-                                                                  (torch.float16, 2, True, 8)])
-def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, bias, block_s):
+@pytest.mark.parametrize(("dtype", "batch", "bias", "block_s", "block_k"), [(torch.float32, 1, True, 64, 0),
+                                                                             (torch.float32, 3, False, 4, 0),
+                                                                             (torch.float32, 2, True, 8, 32),
+                                                                             (torch.float16, 2, True, 8, 0)])
+def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, bias, block_s, block_k):
     """Head size 12 (not a power of two: masked lanes), a prefix of cached slots and stale memory past it, the
-    slots in one block or split over several (attention's partial softmaxes combined)."""
+    slots in one block or split over several (attention's partial softmaxes combined), the rows of the products
+    read in one pass or in blocks of 32 columns (48 and 192 wide: the last block partly masked)."""
     monkeypatch.setitem(kernels.TUNING, "block_s", block_s)
+    monkeypatch.setitem(kernels.TUNING, "force_block_k", block_k)
     model = fused_test_model(dtype, bias)
     prompt = torch.randint(0, 50257, (1, 6))
     caches = []
