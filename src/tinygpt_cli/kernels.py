@@ -17,9 +17,9 @@ product over blocks of output rows (`gemv_blocks`), with each block reading its 
 layer norm of its input row, which is cheaper than a kernel of its own at this size.
 
 Values are rounded to the model's dtype where PyTorch's step rounds them (after each layer norm, product, GELU and
-residual add), so in fp32 the step gives PyTorch's logits up to summation order, and in bf16 it gives what an
-eager step gives up to the rounding of sums. `FusedDecodeStep` reads and writes the same static cache as
-`sample.StaticDecodeView`, so `generate` captures it as a CUDA graph like any other step.
+residual add), so the step gives PyTorch's logits up to float rounding: the order of sums, and on a GPU fast
+approximate square roots and exponentials (as PyTorch's own CUDA kernels use). `FusedDecodeStep` reads and writes
+the same static cache as `sample.StaticDecodeView`, so `generate` captures it as a CUDA graph like any other step.
 
 Tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before this module is
 imported), which checks what they compute, not how fast.
@@ -105,10 +105,10 @@ if triton is not None:
 
     @triton.jit
     def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr,
-              N, K, stride_wn, stride_wk, eps, n_head, head_dim, S,
-              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-              RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              ONE_PASS: tl.constexpr):
+              N, K, stride_wn, stride_wk, eps, n_head, S,
+              HEAD_DIM: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+              GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
         """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program.
 
         g: layer norm of the row (LN), else identity. f: GELU (GELU); `out[b, n] + ...` in place (RESIDUAL).
@@ -126,7 +126,7 @@ if triton is not None:
             cols = tl.arange(0, BLOCK_K)
             col_ok = cols < K
             tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-                           mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                           mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
             xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
             if LN:  # as torch's layer norm: the mean, then the variance about it
                 mean = tl.sum(xk, axis=0) / K
@@ -154,7 +154,7 @@ if triton is not None:
                 cols = k0 + tl.arange(0, BLOCK_K)
                 col_ok = cols < K
                 tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-                               mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                               mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
                 if LN:
                     xk = _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS)
@@ -172,7 +172,7 @@ if triton is not None:
             pos = tl.load(pos_ptr)
             tl.store(q_out + b * C + rows, y, mask=row_ok & (rows < C))
             kv = rows % C  # the column within the key or the value
-            slot = ((b * n_head + kv // head_dim) * S + pos) * head_dim + kv % head_dim
+            slot = ((b * n_head + kv // HEAD_DIM) * S + pos) * HEAD_DIM + kv % HEAD_DIM
             tl.store(k_cache + slot, y, mask=row_ok & (rows >= C) & (rows < 2 * C))
             tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
         else:
@@ -180,8 +180,8 @@ if triton is not None:
 
     @triton.jit
     def _attend(q, k_cache, v_cache, pos_ptr, y, part_acc, part_best, part_total, counts,
-                n_head, head_dim, S, n_split, scale,
-                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
+                n_head, S, n_split, scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
         """y[b, head] = softmax(q k^T * scale) v over the cached slots 0..pos, split over the slots (flash-decoding):
         program (b, head, i) takes slots i * BLOCK_S ... and writes its partial softmax; the program that finishes
         a head last combines its partials in split order (so the result does not depend on which finished last)
@@ -189,15 +189,15 @@ if triton is not None:
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
-        C = n_head * head_dim
+        C = n_head * HEAD_DIM
         pos = tl.load(pos_ptr)
         dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < head_dim
-        query = tl.load(q + b * C + h * head_dim + dims, mask=dim_ok, other=0.0).to(tl.float32)
-        head = b * n_head + h
+        dim_ok = dims < HEAD_DIM
+        query = tl.load(q + b * C + h * HEAD_DIM + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        head = (b * n_head + h).to(tl.int64)  # head * S * HEAD_DIM passes 2**31 for thousands of samples
         slots = split * BLOCK_S + tl.arange(0, BLOCK_S)
         filled = slots <= pos
-        where = head * S * head_dim + slots[:, None] * head_dim + dims[None, :]
+        where = head * S * HEAD_DIM + slots[:, None] * HEAD_DIM + dims[None, :]
         inside = filled[:, None] & dim_ok[None, :]
         keys = tl.load(k_cache + where, mask=inside, other=0.0).to(tl.float32)
         values = tl.load(v_cache + where, mask=inside, other=0.0).to(tl.float32)
@@ -208,6 +208,9 @@ if triton is not None:
         tl.store(part_acc + part * BLOCK_D + dims, tl.sum(p[:, None] * values, axis=0))
         tl.store(part_best + part, best)
         tl.store(part_total + part, tl.sum(p, axis=0))
+        # every thread's stores above happen before the atomic (one thread's) releases them: Triton puts a barrier
+        # there only as a side effect of the reductions, so it is asked for here
+        tl.debug_barrier()
         if tl.atomic_add(counts + head, 1, sem="acq_rel") == n_split - 1:  # every other split has written
             splits = tl.arange(0, SPLITS)
             split_ok = splits < n_split
@@ -218,7 +221,7 @@ if triton is not None:
             accs = tl.load(part_acc + (head * n_split + splits)[:, None] * BLOCK_D + dims[None, :],
                            mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
             out = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
-            tl.store(y + b * C + h * head_dim + dims, out.to(y.dtype.element_ty), mask=dim_ok)
+            tl.store(y + b * C + h * HEAD_DIM + dims, out.to(y.dtype.element_ty), mask=dim_ok)
             tl.store(counts + head, 0)
 
 
@@ -262,6 +265,12 @@ class FusedDecodeStep:
                  head_t: torch.Tensor | None = None) -> torch.Tensor:
         if model is not self.model or current.size(0) != self.batch:
             raise ValueError("this fused step was built for another model or batch size")
+        if self.x.device.type != "cuda":
+            return self._launch(model, current, view)
+        with torch.cuda.device(self.x.device):  # Triton launches on the current device, not the tensors'
+            return self._launch(model, current, view)
+
+    def _launch(self, model: GPT, current: torch.Tensor, view: StaticDecodeView) -> torch.Tensor:
         t = model.transformer
         C = model.config.n_embd
         pos = view.input_pos
@@ -272,9 +281,9 @@ class FusedDecodeStep:
             self._product(self.x, attn.c_attn, block.ln_1, None, qkv=(view.k[i], view.v[i], pos))
             _attend[(self.batch, self.n_head, self.n_split)](  # the cache holds at most a context of slots
                 self.q, view.k[i], view.v[i], pos, self.y, self.part_acc, self.part_best, self.part_total,
-                self.counts, self.n_head, self.head_dim, view.k[i].size(2), self.n_split, self.scale,
-                BLOCK_D=self.block_d, BLOCK_S=self.block_s, SPLITS=triton.next_power_of_2(self.n_split),
-                num_warps=TUNING["num_warps"],
+                self.counts, self.n_head, view.k[i].size(2), self.n_split, self.scale,
+                HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
+                SPLITS=triton.next_power_of_2(self.n_split), num_warps=TUNING["num_warps"],
             )
             self._product(self.y, attn.c_proj, None, self.x, residual=True)
             self._product(self.x, mlp.c_fc, block.ln_2, self.hidden, gelu=True)
@@ -302,8 +311,8 @@ class FusedDecodeStep:
             norm.bias if norm is not None and norm.bias is not None else weight,
             out, self.q, k_cache, v_cache, pos,
             N, K, weight.stride(0), weight.stride(1), norm.eps if norm is not None else 0.0,
-            self.n_head, self.head_dim, k_cache.size(2) if qkv is not None else 1,
-            LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
+            self.n_head, k_cache.size(2) if qkv is not None else 1,
+            HEAD_DIM=self.head_dim, LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
             HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
             BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=TUNING["num_warps"],
         )
