@@ -44,6 +44,9 @@ def test_fused_generate_refuses_what_it_cannot_do(monkeypatch):
     with pytest.raises(GenerationError, match="cannot run here: the fused decode kernels run on NVIDIA CUDA GPUs, "
                                               "not cpu"):
         next(generate(model, [1, 2], 3, fused=True))
+    assert kernels.unavailable(torch.device("cuda")) is None
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "on ROCm they are untested" in kernels.unavailable(torch.device("cuda"))
     monkeypatch.setattr(kernels, "triton", None)
     with pytest.raises(GenerationError, match="Triton is not installed"):
         next(generate(model, [1, 2], 3, fused=True))

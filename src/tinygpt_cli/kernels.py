@@ -52,8 +52,10 @@ def unavailable(device: torch.device) -> str | None:
         return "Triton is not installed (CUDA builds of torch on Linux include it)"
     if INTERPRETED:
         return None  # Triton's interpreter runs the kernels on the CPU (tests)
-    if device.type != "cuda" or torch.version.hip is not None:
+    if device.type != "cuda":
         return f"the fused decode kernels run on NVIDIA CUDA GPUs, not {device.type}"
+    if torch.version.hip is not None:
+        return "the fused decode kernels run on NVIDIA CUDA GPUs; on ROCm they are untested"
     return None
 
 
