@@ -864,8 +864,11 @@ class _DecodeChunk:
         self.step, self.model, self.view, self.current, self.steps = step, model, view, current, steps
         self.draw, self.stats, self.head_t = draw, stats, head_t
         device, batch = current.device, current.size(0)
-        self.logits = torch.zeros((batch, model.config.vocab_size), dtype=next(model.parameters()).dtype,
-                                  device=device)
+        # a step that returns the same buffer at every call (the fused one) is read in place: no copy a token
+        self.logits = getattr(step, "logits", None)
+        if self.logits is None:
+            self.logits = torch.zeros((batch, model.config.vocab_size), dtype=next(model.parameters()).dtype,
+                                      device=device)
         self.tokens = torch.zeros((batch, steps), dtype=torch.long, device=device)
         self.uniform = None
         if draw.temperature > 0:
@@ -920,7 +923,8 @@ class _DecodeChunk:
             self.current.copy_(token[:, None])
             logits, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
                                              self.stats, first=self.chunks == 0 and i == 0)
-            self.logits.copy_(logits)
+            if logits is not self.logits:
+                self.logits.copy_(logits)
             self.view.input_pos.add_(1)
             self.counter.add_(1)
 

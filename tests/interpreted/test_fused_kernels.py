@@ -61,6 +61,12 @@ def test_fused_generate_gives_the_eager_tokens(monkeypatch):
     sampled = dict(temperature=0.9, top_k=40, repetition_penalty=1.3, seed=3)
     assert torch.equal(generated(model, [9], 8, fused=True, **sampled),
                        generated(model, [9], 8, static_cache=True, **sampled))
+    # chunks of 3 steps as on CUDA (run eagerly here), the step's own logits buffer read in place
+    monkeypatch.setattr(sample, "GRAPH_STEPS", 3)
+    stats = GenerationStats()
+    assert torch.equal(generated(model, [5, 6, 7], 16, fused=True, graphs=True, flush_every=4, stats=stats, **greedy),
+                       generated(model, [5, 6, 7], 16, static_cache=True, **greedy))
+    assert stats.fused and stats.compile_error is None
 
 
 def test_fused_step_falls_back_to_eager_when_its_kernels_fail(monkeypatch):
