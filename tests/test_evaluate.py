@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -164,6 +166,33 @@ def test_eval_that_cannot_be_recorded_stops_before_scoring(with_shakespeare, wor
         assert quiet.exit_code == 0, quiet.output
         assert json.loads(quiet.stdout)["recorded_in"] is None
     assert not (run_dir / "report.md").exists() and list((run_dir / "eval.jsonl").iterdir()) == []
+
+
+def test_eval_of_a_run_whose_dataset_is_gone_or_damaged(with_shakespeare, workspace):
+    """It used to score the newest other dataset and record that as the run's result (audit)."""
+    make_run(workspace, dataset="shakespeare")
+    other = workspace / "data" / "other"
+    shutil.copytree(with_shakespeare, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "name": "other"}))
+    os.utime(other / "meta.json", (2e9, 2e9))  # the newest dataset
+    (with_shakespeare / "meta.json").write_text("{")
+    assert_one_line_error(evaluate("--tokens", "64"), "meta.json")
+    shutil.rmtree(with_shakespeare)
+    assert_one_line_error(evaluate("--tokens", "64"), "the run trained on data/shakespeare, which is not in this "
+                                                      "workspace: tokenize it again")
+    assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()
+    result = evaluate("--tokens", "64", "--data", "other", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["dataset"] == "other", result.output
+
+
+def test_eval_records_after_a_cut_last_line(with_shakespeare, workspace):
+    make_run(workspace)
+    records = workspace / "runs" / "tiny" / "eval.jsonl"
+    records.write_text('{"cut')
+    assert evaluate("--tokens", "64").exit_code == 0
+    lines = records.read_text().splitlines()
+    assert lines[0] == '{"cut' and json.loads(lines[1])["kind"] == "loss"
 
 
 def test_eval_keeps_a_redirected_stderr_to_its_lines(with_shakespeare, workspace):

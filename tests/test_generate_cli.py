@@ -16,8 +16,9 @@ from tinygpt_cli.tokenizer import EOT_ID
 BLOCK = 32
 
 
-def make_run(workspace, name="tiny", eot=False):
-    """runs/<name>/checkpoints/step_1 holding a random tiny model (one that always says <|endoftext|> with eot)."""
+def make_run(workspace, name="tiny", eot=False, dataset=""):
+    """runs/<name>/checkpoints/step_1 holding a random tiny model (one that always says <|endoftext|> with eot),
+    trained on `dataset` (default: none named, so eval takes the newest)."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK))
     if eot:  # ln_f outputs <|endoftext|>'s embedding, made the longest: greedy picks it every time
@@ -25,7 +26,8 @@ def make_run(workspace, name="tiny", eot=False):
             model.transformer.wte.weight[EOT_ID] *= 20
             model.transformer.ln_f.weight.zero_()
             model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[EOT_ID])
-    cfg = resolve_config(size="micro", overrides=["sample.temperature=0", "sample.max_new_tokens=12"])
+    cfg = resolve_config(size="micro", overrides=["sample.temperature=0", "sample.max_new_tokens=12",
+                                                  f"data.dataset={dataset}"])
     run_dir = workspace / "runs" / name
     return save_checkpoint(run_dir, 1, model, None, {"run_config": config_to_dict(cfg)})
 

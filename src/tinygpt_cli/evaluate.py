@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import LoadedCheckpoint
 from tinygpt_cli.data import Dataset, find_dataset
 from tinygpt_cli.errors import DataError, TinyGPTError
@@ -401,7 +402,8 @@ def _setup(checkpoint: str | Path | None, device: str, dtype: str) -> tuple[Load
 
 
 def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[EvalEvent], None]) -> Dataset:
-    """--data, else the dataset the run trained on, else the newest one."""
+    """--data, else the dataset the run trained on (an error if it is gone or damaged: figures on other text
+    would be recorded as the run's), else (a model with no run, such as gpt2) the newest one."""
     if data:
         dataset = find_dataset(data)
         assert dataset is not None
@@ -410,10 +412,13 @@ def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[Eva
     candidates = [loaded.run_config.data.dataset if loaded.run_config else None,
                   state_data.get("dataset") if isinstance(state_data, dict) else None]
     trained_on = [name for name in candidates if name]
+    damaged: DataError | None = None
     for name in trained_on:
         try:
             dataset = find_dataset(name)
-        except DataError:
+        except DataError as exc:
+            if (workspace.data_dir() / name).is_dir():
+                damaged = exc
             continue
         recorded = state_data.get("train_sha256") if isinstance(state_data, dict) else None
         current = dataset.meta["splits"]["train"].get("sha256")  # type: ignore[union-attr]
@@ -421,8 +426,11 @@ def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[Eva
             emit(EvalEvent("info", message=f"data/{name} was tokenized again from other text after this run trained "
                                            f"on it: these figures are on the new text."))
         return dataset  # type: ignore[return-value]
+    if damaged is not None:
+        raise damaged
     if trained_on:
-        emit(EvalEvent("info", message=f"The run's dataset {trained_on[-1]!r} is not in this workspace."))
+        raise DataError(f"the run trained on data/{trained_on[-1]}, which is not in this workspace: tokenize it again "
+                        f"with `tinygpt tokenize`, or pass --data NAME|PATH to evaluate on other text")
     dataset = find_dataset(None)
     if dataset is None:
         raise DataError("no tokenized dataset to evaluate on: run `tinygpt tokenize` or pass --data NAME|PATH")
@@ -530,9 +538,15 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def _append(path: Path, text: str) -> None:
-    """Append `text` in one write, flushed to disk: a crash leaves the file as it was or with the whole record."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(text)
+    """Append `text` in one write, flushed to disk: a crash leaves the file as it was or with the whole record.
+    A file whose last line was cut (an earlier crash, an editor) gets a line break first, so the record stays
+    a line of its own."""
+    with open(path, "a+b") as handle:
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                text = "\n" + text
+        handle.write(text.encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
 
