@@ -47,6 +47,9 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # gloo's init can return on one rank while another is still connecting to it: a rank that then fails at
+        # once (a bad --data) and exits broke the other's connection, which printed gloo's error besides ours
+        dist.barrier()
     return device
 
 
