@@ -102,6 +102,18 @@ def test_unreachable_hub_fails_fast_in_one_line(workspace, monkeypatch, hub):
     assert not (workspace / "data").exists()
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "inf", "nan"])
+def test_a_bad_hub_timeout_is_one_line(workspace, monkeypatch, value):
+    """It was a traceback (float('abc'), then urllib's 'Timeout value out of range') (audit)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("TINYGPT_HUB_TIMEOUT", value)
+    result = runner.invoke(app, ["download", "tinystories", "--max-docs", "10"])
+    _one_line_error(result, f"TINYGPT_HUB_TIMEOUT must be a number of seconds above 0 (got {value!r})")
+    monkeypatch.setenv("TINYGPT_HUB_TIMEOUT", " ")
+    assert dl.hub_timeout() == dl.DEFAULT_HUB_TIMEOUT_S
+
+
 def test_the_hub_path_runs_up_to_the_network_call(workspace, monkeypatch):
     """Past tinygpt's own check, the real `datasets` hub call still ends in one clear line, not a retry storm."""
     monkeypatch.setattr(dl, "check_hub", lambda entry: None)

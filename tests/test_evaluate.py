@@ -246,7 +246,8 @@ def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_p
     (["--task", "mmlu"], "unknown task 'mmlu'"),
     (["--task", "hellaswag", "--limit", "0"], "--limit must be at least 1"),
     (["--task", "hellaswag", "--task-data", "nope.jsonl"], "nope.jsonl does not exist"),
-    (["--task", "hellaswag", "--data", "shakespeare"], "--data and --tokens are for the loss"),
+    (["--task", "hellaswag", "--data", "shakespeare"], "--data, --split and --tokens are for the loss"),
+    (["--task", "hellaswag", "--split", "train"], "--data, --split and --tokens are for the loss"),  # was ignored
     (["--limit", "3"], "go with --task hellaswag"),
     (["no-such-run"], " at no-such-run"),
 ])

@@ -974,7 +974,7 @@ def eval_command(
     data_name: Annotated[
         str | None, typer.Option("--data", help="Tokenized dataset name or folder (default: the run's).")
     ] = None,
-    split: Annotated[str, typer.Option(help="Split to score: val | train.")] = "val",
+    split: Annotated[str | None, typer.Option(help="Split to score: val | train (default: val).")] = None,
     tokens: Annotated[
         int | None,
         typer.Option(help="Tokens to score, in evenly spaced windows (default 1,048,576; the whole split if smaller)."),
@@ -1003,8 +1003,9 @@ def eval_command(
 
     if task is None and (task_data is not None or limit is not None):
         raise TinyGPTError("--task-data and --limit go with --task hellaswag")
-    if task is not None and (data_name is not None or tokens is not None):
-        raise TinyGPTError("--data and --tokens are for the loss; a --task reads its own examples (--task-data)")
+    if task is not None and (data_name is not None or tokens is not None or split is not None):
+        raise TinyGPTError("--data, --split and --tokens are for the loss; a --task reads its own examples "
+                           "(--task-data)")
     err = _stderr_console()
     progress = Progress(
         TextColumn("[bold]eval[/]"),
@@ -1034,7 +1035,8 @@ def eval_command(
             result = ev.evaluate_task(run, task=task, task_data=task_data, limit=limit, **common)
         else:
             result = ev.evaluate(
-                run, data=data_name, split=split, tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common
+                run, data=data_name, split=split or "val",
+                tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common,
             )
     finally:
         if bar is not None:

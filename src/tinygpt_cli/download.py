@@ -274,10 +274,24 @@ def check_hub(entry: NamedSource) -> None:
         raise DataError(f"cannot download {entry.name} ({entry.where}): {silence}; {_local_hint(entry)}")
 
 
+def hub_timeout() -> float:
+    """Seconds to wait for the hub: TINYGPT_HUB_TIMEOUT, else DEFAULT_HUB_TIMEOUT_S."""
+    text = os.environ.get("TINYGPT_HUB_TIMEOUT") or ""
+    if not text.strip():
+        return DEFAULT_HUB_TIMEOUT_S
+    try:
+        timeout = float(text)
+    except ValueError:
+        timeout = float("nan")
+    if not 0 < timeout < float("inf"):
+        raise DataError(f"TINYGPT_HUB_TIMEOUT must be a number of seconds above 0 (got {text!r}): fix or unset it")
+    return timeout
+
+
 def hub_silence(hub_id: str) -> str | None:
     """None if the hub answers one quick probe for dataset `hub_id` (within `TINYGPT_HUB_TIMEOUT` seconds), else
     why not, in words. `datasets` itself retries for about a minute before it gives up on an unreachable hub."""
-    timeout = float(os.environ.get("TINYGPT_HUB_TIMEOUT") or DEFAULT_HUB_TIMEOUT_S)
+    timeout = hub_timeout()
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     request = urllib.request.Request(f"{endpoint}/api/datasets/{hub_id}", method="HEAD")
     try:
