@@ -194,6 +194,17 @@ def test_only_non_utf8_is_a_clear_error(workspace):
     assert not [p for p in (workspace / "data").iterdir()]  # no partial folder left
 
 
+def test_a_split_emptied_by_non_utf8_files_names_them(workspace):
+    """It said only 'change --seed or --val-fraction', hiding the skipped file (audit)."""
+    folder = workspace / "two"
+    folder.mkdir()
+    (folder / "good.txt").write_text(_docs(1)[0])
+    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 20)
+    with pytest.raises(DataError, match=r"split came out empty: 1 document\(s\) were skipped as not UTF-8 text "
+                                        r"\(first: .*latin1\.txt\): convert them"):
+        data.tokenize(str(folder))
+
+
 def test_missing_and_empty_inputs(workspace):
     with pytest.raises(DataError, match="does not exist"):
         data.tokenize(str(workspace / "nope"))

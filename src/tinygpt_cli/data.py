@@ -701,6 +701,11 @@ def _check_result(src: Source, splits: dict[str, dict[str, Any]], counters: _Cou
         raise DataError(f"{src.description} holds no text (all documents are empty): check the input")
     if splits["train"]["tokens"] == 0 or splits["val"]["tokens"] == 0:
         empty = "train" if splits["train"]["tokens"] == 0 else "val"
+        if counters.skipped_undecodable:  # the likely cause: say it, as when everything was skipped
+            raise DataError(
+                f"the {empty} split came out empty: {counters.skipped_undecodable} document(s) were skipped as not "
+                f"UTF-8 text (first: {counters.undecodable[0]}): convert them, e.g. iconv -f latin1 -t utf-8"
+            )
         raise DataError(
             f"the {empty} split came out empty (its documents were empty or skipped): "
             f"change --seed or --val-fraction, or add documents"
