@@ -205,6 +205,16 @@ def test_a_split_emptied_by_non_utf8_files_names_them(workspace):
         data.tokenize(str(folder))
 
 
+def test_fraction_of_a_single_document_is_refused(workspace):
+    """It tokenized the whole file and recorded the fraction asked for (audit)."""
+    path = workspace / "one.txt"
+    path.write_text("\n".join(_docs(20)))
+    with pytest.raises(DataError, match="--fraction keeps whole documents, and .*one.txt.* is a single document"):
+        data.tokenize(str(path), fraction=0.5)
+    assert not (workspace / "data").exists() or not list((workspace / "data").iterdir())
+    assert data.tokenize(str(path)).meta["fraction"] == 1.0
+
+
 def test_missing_and_empty_inputs(workspace):
     with pytest.raises(DataError, match="does not exist"):
         data.tokenize(str(workspace / "nope"))

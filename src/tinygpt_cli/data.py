@@ -474,6 +474,9 @@ def tokenize(
     encoding = get_encoding()
     workers = workers or available_cpus()
 
+    if src.documents == 1 and fraction < 1.0:  # it would keep the whole document and record the fraction
+        raise DataError(f"--fraction keeps whole documents, and {src.description} is a single document: drop "
+                        f"--fraction to tokenize all of it, or split it into several files")
     plan = SplitPlan.build(src.documents, fraction, val_fraction, seed)
     total_bytes = int(src.text_bytes * plan.selected_count / max(1, src.documents))
     estimated_tokens = int(total_bytes / _sample_bytes_per_token(src, encoding))
