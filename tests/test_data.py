@@ -503,6 +503,21 @@ def test_killed_run_leaves_nothing_complete_and_resumes_identically(workspace, t
     assert not partial.exists() and resumed.meta["documents"] == clean.meta["documents"]
 
 
+def test_an_interrupt_before_the_first_checkpoint_says_nothing_was_kept(workspace, monkeypatch):
+    """It promised to 'continue where it stopped' with no checkpoint on disk (audit)."""
+    path = workspace / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in _docs(50)))
+
+    def interrupting_write(self, encoded):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data._Partial, "write", interrupting_write)
+    result = runner.invoke(app, ["tokenize", str(path)])
+    assert result.exit_code == 130, result.output
+    assert "Interrupted before the first checkpoint (every 30 s or so): nothing was kept" in result.stderr
+    assert "continue where it stopped" not in result.stderr
+
+
 def test_interrupt_in_the_cli_then_continue_or_restart(workspace, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq

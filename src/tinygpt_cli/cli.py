@@ -275,9 +275,13 @@ def tokenize(
             force=force,
             on_event=on_event,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         view.close()
-        err.print("Interrupted: run the same command again to continue where it stopped (--restart starts over).")
+        if getattr(exc, "saved", True):
+            err.print("Interrupted: run the same command again to continue where it stopped (--restart starts over).")
+        else:
+            err.print("Interrupted before the first checkpoint (every 30 s or so): nothing was kept, and the same "
+                      "command starts over.")
         raise typer.Exit(130) from None
     finally:
         view.close()

@@ -299,6 +299,14 @@ class _Counters:
             self.undecodable.append(where)
 
 
+class TokenizeInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `tokenize`; `saved` tells whether a checkpoint lets the same command continue."""
+
+    def __init__(self, saved: bool) -> None:
+        super().__init__()
+        self.saved = saved
+
+
 class _Partial:
     """`data/.<name>.partial/`: the .bin files being written and `progress.json`, the last consistent point."""
 
@@ -360,6 +368,11 @@ class _Partial:
         splits = {SPLITS[split]: writer.close() for split, writer in self.writers.items()}
         (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
         return splits
+
+    @property
+    def saved(self) -> bool:
+        """Whether a checkpoint of this job is on disk (the same command continues from it)."""
+        return (self.folder / PROGRESS_FILE).is_file()
 
     def abandon(self) -> None:
         for writer in self.writers.values():
@@ -519,12 +532,15 @@ def tokenize(
             raise
         except OSError as exc:
             partial.abandon()
+            again = "it continues where it stopped" if partial.saved else "it starts over (nothing was saved yet)"
             raise DataError(
-                f"cannot write {partial.folder} ({exc.strerror or exc}): fix that and rerun the same command, "
-                f"it continues where it stopped"
+                f"cannot write {partial.folder} ({exc.strerror or exc}): fix that and rerun the same command, {again}"
             ) from exc
+        except KeyboardInterrupt:
+            partial.abandon()  # the partial folder stays, and the same command continues from its checkpoint
+            raise TokenizeInterrupted(partial.saved) from None
         except BaseException:
-            partial.abandon()  # interrupted: the partial folder stays, and the same command continues it
+            partial.abandon()
             raise
     seconds = time.perf_counter() - started
     tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
