@@ -385,6 +385,25 @@ def test_safe_cuts_never_change_tokens(workspace, monkeypatch):
     assert [i for p, _ in pieces for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
 
 
+def test_a_file_of_one_long_line_is_streamed_in_pieces_with_identical_tokens(workspace, monkeypatch):
+    """Without line breaks it was held whole (a 100 MB line took 400 MB, audit): it is cut before a space that
+    starts a word, which cannot change the tokens."""
+    monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 200)
+    enc = get_encoding()
+    rng = np.random.default_rng(1)
+    words = [" word", "  spaced", " Word", "caf\u00e9", " 42", "!?", "'s", " x", ".", " \u00dcber", "\t", " 's",
+             " \u00e9t\u00e9"]
+    text = "".join(rng.choice(words, size=8000))
+    path = workspace / "line.txt"
+    path.write_bytes(text.encode("utf-8"))
+    pieces = list(sources.TextFile(path, path.stat().st_size, None)._pieces(0, path.stat().st_size))
+    assert len(pieces) > 100 and max(len(p.encode()) for p, _ in pieces) <= 400
+    assert "".join(p for p, _ in pieces) == text
+    assert [i for p, _ in pieces for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
+    assert sources.TextFile(path, path.stat().st_size, None)._tail_cut(0.1) in \
+        [i + 1 for i, byte in enumerate(text.encode()) if byte == 0x20]
+
+
 def test_large_text_files_are_streamed_with_identical_tokens(workspace, monkeypatch):
     monkeypatch.setattr(sources, "TXT_WHOLE_BYTES", 10_000)
     monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 3_000)

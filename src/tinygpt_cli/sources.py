@@ -480,21 +480,32 @@ def _parquet_documents(
 
 # ----------------------------------------------------------------------------------------------- .txt files
 def _safe_cut(data: bytes, limit: int) -> int:
-    """An offset <= limit just after a line break with printable, non-space ASCII on both sides, or -1.
+    """An offset <= limit just after a line break with printable, non-space ASCII on both sides, else (a line
+    longer than `data`) just before a single space between printable ASCII and an ASCII letter; or -1.
 
     Cutting text there cannot change GPT-2 BPE tokens: the break is a pre-token of its own either way
-    (no pre-token of the GPT-2 pattern spans a "\\n" between two non-space characters), and the pattern has no
-    look-behind, so the text after the cut is split as before.
+    (no pre-token of the GPT-2 pattern spans a "\\n" between two non-space characters), and a space before a
+    letter starts the pre-token " word" whatever came before it; the pattern has no look-behind, so the text
+    after the cut is split as before.
     """
     at = limit
     while True:
         newline = data.rfind(b"\n", 1, at)
         if newline < 0:
-            return -1
+            break
         before, after = data[newline - 1], data[newline + 1] if newline + 1 < len(data) else 0
         if 0x21 <= before <= 0x7E and 0x21 <= after <= 0x7E:
             return newline + 1
         at = newline
+    at = limit
+    while True:
+        space = data.rfind(b" ", 1, at)
+        if space < 0 or space + 1 >= len(data):
+            return -1
+        before, after = data[space - 1], data[space + 1] | 0x20  # lower-cased
+        if 0x21 <= before <= 0x7E and 0x61 <= after <= 0x7A:
+            return space
+        at = space
 
 
 def cut_tail(text: str, share: float) -> tuple[str, str]:
@@ -579,7 +590,8 @@ class TextFile:
             yield carry.decode("utf-8"), True
 
     def _tail_cut(self, share: float) -> int:
-        """Byte offset just after the line break before the last `share` of the file (or the share itself)."""
+        """Byte offset just after the line break before the last `share` of the file (in a file without one, a
+        space near it, else the share itself at a character boundary)."""
         target = int(self.size * (1.0 - share))
         with open(self.path, "rb") as handle:
             end = target
@@ -590,7 +602,12 @@ class TextFile:
                 if newline >= 0:
                     return begin + newline + 1
                 end = begin
-            handle.seek(target)  # no line break at all: cut at a character boundary
+            begin = max(0, target - TXT_PIECE_BYTES)  # no line break at all: a space, else a character boundary
+            handle.seek(begin)
+            space = handle.read(target - begin).rfind(b" ")
+            if space > 0:
+                return begin + space + 1
+            handle.seek(target)
             while target < self.size and 0x80 <= handle.read(1)[0] < 0xC0:
                 target += 1
         return target
