@@ -215,6 +215,18 @@ def test_fraction_of_a_single_document_is_refused(workspace):
     assert data.tokenize(str(path)).meta["fraction"] == 1.0
 
 
+def test_the_plan_counts_a_jsonl_text_field_not_its_other_fields(workspace):
+    """A .jsonl with a short text and a large other field was planned at its file size: 78 times too much text,
+    and a disk check that could refuse for no reason (audit)."""
+    path = workspace / "heavy.jsonl"
+    rows = [{"text": text[:200], "html": "<p>" + "x" * 5000 + "</p>"} for text in _docs(100)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    events = []
+    result = data.tokenize(str(path), on_event=events.append)
+    planned = next(event for event in events if event.kind == "plan").total_text_bytes
+    assert planned == pytest.approx(result.meta["text_bytes"], rel=0.05) and planned < path.stat().st_size / 10
+
+
 def test_missing_and_empty_inputs(workspace):
     with pytest.raises(DataError, match="does not exist"):
         data.tokenize(str(workspace / "nope"))

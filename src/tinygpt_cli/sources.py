@@ -166,19 +166,35 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _jsonl_stats(path: Path) -> tuple[int, int]:
-    """(non-blank lines, their bytes) of a .jsonl(.gz) file, read as bytes (no decoding, no parsing)."""
+JSONL_SHARE_SAMPLE_BYTES = 1 << 20  # lines parsed to estimate how much of a .jsonl line is its text
+
+
+def _jsonl_stats(path: Path, text_field: str = "text") -> tuple[int, int]:
+    """(non-blank lines, about how many bytes of text they hold) of a .jsonl(.gz) file, read as bytes. The text's
+    share of a line is measured on the first lines (other fields and JSON escapes are no text to tokenize)."""
     count = 0
-    text_bytes = 0
+    line_bytes = sampled = text = 0
     try:
         with _open_binary(path) as handle:
             for line in handle:
                 if line.strip():
                     count += 1
-                    text_bytes += len(line)
+                    line_bytes += len(line)
+                    if sampled < JSONL_SHARE_SAMPLE_BYTES:
+                        sampled += len(line)
+                        text += _text_bytes_of_line(line, text_field)
     except (OSError, EOFError) as exc:
         raise DataError(f"{path} could not be read ({exc}): check the file (a truncated .gz?)") from None
-    return count, text_bytes
+    return count, round(line_bytes * text / sampled) if sampled else 0
+
+
+def _text_bytes_of_line(line: bytes, text_field: str) -> int:
+    """Bytes of the text field of one .jsonl line; the whole line where it cannot be read (errors come later)."""
+    try:
+        value = json.loads(line).get(text_field)
+    except (ValueError, AttributeError):
+        return len(line)
+    return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
 
 
 def _parquet_stats(path: Path, text_field: str) -> tuple[int, int]:
@@ -204,7 +220,7 @@ def _document_file(path: Path, text_field: str = "text") -> DocumentFile:
     size = path.stat().st_size
     if kind == "txt":
         return DocumentFile(path, kind, 1, size, size)
-    documents, text_bytes = _jsonl_stats(path) if kind == "jsonl" else _parquet_stats(path, text_field)
+    documents, text_bytes = _jsonl_stats(path, text_field) if kind == "jsonl" else _parquet_stats(path, text_field)
     return DocumentFile(path, kind, documents, size, text_bytes)
 
 
