@@ -227,6 +227,14 @@ def test_the_plan_counts_a_jsonl_text_field_not_its_other_fields(workspace):
     assert planned == pytest.approx(result.meta["text_bytes"], rel=0.05) and planned < path.stat().st_size / 10
 
 
+def test_a_source_name_keeps_its_letters_without_accents(workspace):
+    from tinygpt_cli.workspace import safe_name
+
+    assert safe_name("über Bücher") == "uber-Bucher" and safe_name("数据") == "dataset"
+    (workspace / "über.txt").write_text("Some text to tokenize.\n" * 50)
+    assert data.tokenize(str(workspace / "über.txt")).path.name == "uber"  # was "ber" (audit)
+
+
 def test_missing_and_empty_inputs(workspace):
     with pytest.raises(DataError, match="does not exist"):
         data.tokenize(str(workspace / "nope"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 from tinygpt_cli.errors import DataError
@@ -23,7 +24,9 @@ def runs_dir() -> Path:
 
 
 def safe_name(text: str) -> str:
-    """A folder name made of letters, digits, '.', '_' and '-' from any user string."""
+    """A folder name made of letters, digits, '.', '_' and '-' from any user string (accents dropped: über ->
+    uber, not ber)."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
     return name or "dataset"
 
