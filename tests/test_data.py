@@ -132,7 +132,7 @@ def test_data_leaves_out_a_dataset_whose_bins_do_not_match_its_meta(with_shakesp
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("ünï", r"--name 'ünï' is not a plain folder name under data/: .*\(e\.g\. --name n\)"),
+    ("ünï", r"--name 'ünï' is not a plain folder name under data/: .*\(e\.g\. --name uni\)"),
     ("../escape", r"--name '\.\./escape' is not a plain folder name"),
     ("a/b", r"--name 'a/b' is not a plain folder name .*--name a-b"),
     ("..", r"--name '\.\.' is not a plain folder name .*--name my-data"),
