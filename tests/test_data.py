@@ -542,6 +542,36 @@ def test_killed_run_leaves_nothing_complete_and_resumes_identically(workspace, t
     assert not partial.exists() and resumed.meta["documents"] == clean.meta["documents"]
 
 
+def test_sigterm_stops_tokenize_like_ctrl_c(workspace):
+    """It died silently with 143 (audit): now it says what was kept, as for Ctrl-C, and the same command resumes."""
+    path = workspace / "rows.jsonl"
+    _write_jsonl(path, _docs(300))
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from tinygpt_cli import data
+        from tinygpt_cli.cli import main
+        data.CHECKPOINT_SECONDS = 0.0
+        data.TASK_TEXT_BYTES = 2_000
+        original, calls = data._Partial.write, []
+        def write(self, encoded):
+            calls.append(1)
+            if len(calls) == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+            original(self, encoded)
+        data._Partial.write = write
+        sys.argv = ["tinygpt", "tokenize", sys.argv[1], "--name", "rows"]
+        main()
+    """)
+    stopped = subprocess.run([sys.executable, "-c", script, str(path)], env=dict(os.environ), capture_output=True,
+                             text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr
+    assert "Interrupted: run the same command again to continue where it stopped" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert (workspace / "data" / ".rows.partial" / "progress.json").is_file()
+    assert not (workspace / "data" / "rows").exists()
+    assert data.tokenize(str(path), name="rows").resumed_documents > 0
+
+
 def test_an_interrupt_before_the_first_checkpoint_says_nothing_was_kept(workspace, monkeypatch):
     """It promised to 'continue where it stopped' with no checkpoint on disk (audit)."""
     path = workspace / "docs.jsonl"

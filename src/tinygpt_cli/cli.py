@@ -263,18 +263,19 @@ def tokenize(
             )
 
     try:
-        result = data.tokenize(
-            source,
-            name=name,
-            fraction=fraction,
-            val_fraction=val_fraction,
-            seed=seed,
-            text_field=text_field,
-            workers=workers,
-            restart=restart,
-            force=force,
-            on_event=on_event,
-        )
+        with _signals_interrupt():
+            result = data.tokenize(
+                source,
+                name=name,
+                fraction=fraction,
+                val_fraction=val_fraction,
+                seed=seed,
+                text_field=text_field,
+                workers=workers,
+                restart=restart,
+                force=force,
+                on_event=on_event,
+            )
     except KeyboardInterrupt as exc:
         view.close()
         if getattr(exc, "saved", True):
@@ -282,7 +283,7 @@ def tokenize(
         else:
             err.print("Interrupted before the first checkpoint (every 30 s or so): nothing was kept, and the same "
                       "command starts over.")
-        raise typer.Exit(130) from None
+        raise typer.Exit(_signal_exit(getattr(exc, "signal", None))) from None
     finally:
         view.close()
     meta = result.meta
@@ -372,21 +373,22 @@ def download(
             )
 
     try:
-        result = fetch(
-            name,
-            fraction=fraction,
-            max_docs=max_docs,
-            seed=seed,
-            config=config,
-            split=split,
-            text_field=text_field,
-            force=force,
-            on_event=on_event,
-        )
-    except KeyboardInterrupt:
+        with _signals_interrupt():
+            result = fetch(
+                name,
+                fraction=fraction,
+                max_docs=max_docs,
+                seed=seed,
+                config=config,
+                split=split,
+                text_field=text_field,
+                force=force,
+                on_event=on_event,
+            )
+    except KeyboardInterrupt as exc:
         view.close()
         err.print("Interrupted: run the same command again to continue (the parts written so far are kept).")
-        raise typer.Exit(130) from None
+        raise typer.Exit(_signal_exit(getattr(exc, "signal", None))) from None
     finally:
         view.close()
     if as_json:
@@ -586,6 +588,41 @@ def train(
             _print_train_result(result)
     if result.stopped == "interrupted":  # not a finished run: `train && export` must not go on (on every rank)
         raise typer.Exit(_signal_exit(stop.signal))
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP turned into Ctrl-C's path (see `_signals_interrupt`); `signal` gives the exit code."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Within: SIGTERM and SIGHUP (unless started ignored, as under nohup) stop a command the way Ctrl-C does,
+    so it keeps what it saved and says so instead of dying silently."""
+    import signal
+    import threading
+
+    from tinygpt_cli.launch import STOP_SIGNALS
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Stopped(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS
+                if sig != signal.SIGINT and signal.getsignal(sig) != signal.SIG_IGN}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _signal_exit(signum: int | None) -> int:

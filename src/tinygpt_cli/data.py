@@ -300,11 +300,12 @@ class _Counters:
 
 
 class TokenizeInterrupted(KeyboardInterrupt):
-    """Ctrl-C during `tokenize`; `saved` tells whether a checkpoint lets the same command continue."""
+    """Ctrl-C (or the CLI's SIGTERM, `signal`) during `tokenize`; `saved`: whether a checkpoint lets the same
+    command continue."""
 
-    def __init__(self, saved: bool) -> None:
+    def __init__(self, saved: bool, signal: int | None = None) -> None:
         super().__init__()
-        self.saved = saved
+        self.saved, self.signal = saved, signal
 
 
 class _Partial:
@@ -536,9 +537,9 @@ def tokenize(
             raise DataError(
                 f"cannot write {partial.folder} ({exc.strerror or exc}): fix that and rerun the same command, {again}"
             ) from exc
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             partial.abandon()  # the partial folder stays, and the same command continues from its checkpoint
-            raise TokenizeInterrupted(partial.saved) from None
+            raise TokenizeInterrupted(partial.saved, getattr(exc, "signal", None)) from None
         except BaseException:
             partial.abandon()
             raise
