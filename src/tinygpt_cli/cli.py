@@ -603,26 +603,14 @@ def _signals_interrupt():
     """Within: SIGTERM and SIGHUP (unless started ignored, as under nohup) stop a command the way Ctrl-C does,
     so it keeps what it saved and says so instead of dying silently."""
     import signal
-    import threading
 
-    from tinygpt_cli.launch import STOP_SIGNALS
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    from tinygpt_cli.launch import STOP_SIGNALS, signals_handled
 
     def handler(signum: int, frame: Any) -> None:
         raise _Stopped(signum)
 
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS
-                if sig != signal.SIGINT and signal.getsignal(sig) != signal.SIG_IGN}
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
+    with signals_handled(handler, tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _signal_exit(signum: int | None) -> int:

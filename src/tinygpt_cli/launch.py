@@ -24,6 +24,26 @@ from tinygpt_cli.errors import TinyGPTError
 # on Windows.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
+
+@contextlib.contextmanager
+def signals_handled(handler, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Within: `handler(signum, frame)` takes `signals`, except one the process was started ignoring (`nohup`'s
+    SIGHUP must not stop it) and except off the main thread, where Python cannot install handlers. The previous
+    handlers come back after."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals if signal.getsignal(sig) != signal.SIG_IGN}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
 # Set by the launcher for its workers: a folder where each writes its one-line error as rank-<RANK>.txt.
 RANK_ERRORS_ENV = "TINYGPT_RANK_ERRORS"
 # How long a signalled worker may take to finish its step and save before the agent kills it (torch's own

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -312,16 +311,9 @@ class StopFlag:
 
 @contextlib.contextmanager
 def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    from tinygpt_cli.launch import STOP_SIGNALS
-
     # SIGHUP: the terminal went away (a dropped ssh session). A signal the process was started ignoring stays
-    # ignored: `nohup tinygpt train` must outlive its terminal, not stop with it.
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
+    # ignored: `nohup tinygpt train` must outlive its terminal, not stop with it (see `signals_handled`).
+    from tinygpt_cli.launch import signals_handled
 
     def handler(signum: int, frame: Any) -> None:
         now = time.monotonic()
@@ -331,13 +323,8 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
             raise SecondSignal(signum)  # stop at once
         flag.reason, flag.signal, flag.signalled_at = "interrupted", signum, now
 
-    for sig in previous:
-        signal.signal(sig, handler)
-    try:
+    with signals_handled(handler):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 # ----------------------------------------------------------------------------------------------- rng
