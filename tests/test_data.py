@@ -238,6 +238,8 @@ def test_a_source_name_keeps_its_letters_without_accents(workspace):
 def test_missing_and_empty_inputs(workspace):
     with pytest.raises(DataError, match="does not exist"):
         data.tokenize(str(workspace / "nope"))
+    with pytest.raises(DataError, match="/dev/null is not a regular file"):  # it said "does not exist" (audit)
+        data.tokenize("/dev/null")
     (workspace / "empty").mkdir()
     with pytest.raises(DataError, match="holds no .txt"):
         data.tokenize(str(workspace / "empty"))

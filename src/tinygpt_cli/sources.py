@@ -246,6 +246,8 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     elif path.is_file():
         candidates = [path]
         name = workspace.safe_name(path.name.split(".")[0])
+    elif path.exists():  # a device, a pipe, a socket
+        raise DataError(f"{spec} is not a regular file: save the text to a .txt/.jsonl/.parquet file and give that")
     else:
         raise DataError(
             f"{spec} does not exist: give a file, a folder or a glob of .txt/.jsonl/.parquet files, "
