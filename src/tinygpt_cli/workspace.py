@@ -24,9 +24,9 @@ def runs_dir() -> Path:
 
 
 def safe_name(text: str) -> str:
-    """A folder name made of letters, digits, '.', '_' and '-' from any user string (accents dropped: über ->
-    uber, not ber)."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    """A folder name made of letters, digits, '.', '_' and '-' from any user string: accents dropped (über ->
+    uber, not ber), anything else outside those a '-' (2023–2024 -> 2023-2024)."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
     return name or "dataset"
 
