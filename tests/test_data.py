@@ -225,12 +225,18 @@ def test_the_plan_counts_a_jsonl_text_field_not_its_other_fields(workspace):
     result = data.tokenize(str(path), on_event=events.append)
     planned = next(event for event in events if event.kind == "plan").total_text_bytes
     assert planned == pytest.approx(result.meta["text_bytes"], rel=0.05) and planned < path.stat().st_size / 10
+    # first lines unlike the rest (empty texts): the lines sampled further on still see the text (review)
+    rows = [{"text": "", "meta": "m" * 1000}] * 1100 + [{"text": "t" * 100_000}] * 100
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    documents, text_bytes = sources._jsonl_stats(path)
+    assert documents == 1200 and text_bytes > 1_000_000
 
 
 def test_a_source_name_keeps_its_letters_without_accents(workspace):
     from tinygpt_cli.workspace import safe_name
 
     assert safe_name("über Bücher") == "uber-Bucher" and safe_name("数据") == "dataset"
+    assert safe_name("2023\u20132024 report") == "2023-2024-report" and safe_name("data\u4e2d\u6587set") == "data-set"
     (workspace / "über.txt").write_text("Some text to tokenize.\n" * 50)
     assert data.tokenize(str(workspace / "über.txt")).path.name == "uber"  # was "ber" (audit)
 
@@ -424,6 +430,17 @@ def test_a_file_of_one_long_line_is_streamed_in_pieces_with_identical_tokens(wor
     assert [i for p, _ in pieces for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
     assert sources.TextFile(path, path.stat().st_size, None)._tail_cut(0.1) in \
         [i + 1 for i, byte in enumerate(text.encode()) if byte == 0x20]
+
+
+def test_a_large_file_of_a_title_and_one_long_line_keeps_val_near_its_share(workspace, monkeypatch):
+    """The first line break before the cut won however far back: a title line put almost all the text in val."""
+    monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 64)
+    text = "Title\n" + "word " * 2000
+    path = workspace / "titled.txt"
+    path.write_text(text)
+    cut = sources.TextFile(path, path.stat().st_size, None)._tail_cut(0.1)
+    assert 0.08 < 1 - cut / len(text) < 0.12 and text[cut - 1] == " "
+    assert cut == len(sources.cut_tail(text, 0.1)[0])  # as a text cut in memory
 
 
 def test_large_text_files_are_streamed_with_identical_tokens(workspace, monkeypatch):

@@ -166,33 +166,36 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-JSONL_SHARE_SAMPLE_BYTES = 1 << 20  # lines parsed to estimate how much of a .jsonl line is its text
+JSONL_SHARE_SAMPLES = 4096  # lines parsed, spread through a .jsonl, to estimate how much of a line is its text
 
 
 def _jsonl_stats(path: Path, text_field: str = "text") -> tuple[int, int]:
     """(non-blank lines, about how many bytes of text they hold) of a .jsonl(.gz) file, read as bytes. The text's
-    share of a line is measured on the first lines (other fields and JSON escapes are no text to tokenize)."""
-    count = 0
-    line_bytes = sampled = text = 0
+    share of a line (other fields and JSON escapes are no text to tokenize) is the mean over the lines found at
+    evenly spaced byte offsets, which weighs each line by its length as the total does."""
+    count = line_bytes = 0
+    size = path.stat().st_size * (4 if path.name.lower().endswith(".gz") else 1)  # .gz: a guess, for the spacing
+    step = max(1, size // JSONL_SHARE_SAMPLES)
+    next_at, shares = 0, []
     try:
         with _open_binary(path) as handle:
             for line in handle:
                 if line.strip():
                     count += 1
                     line_bytes += len(line)
-                    if sampled < JSONL_SHARE_SAMPLE_BYTES:
-                        sampled += len(line)
-                        text += _text_bytes_of_line(line, text_field)
+                    if line_bytes > next_at:  # this line holds the next sampled offset
+                        shares.append(_text_bytes_of_line(line, text_field) / len(line))
+                        next_at += step * (1 + (line_bytes - next_at) // step)
     except (OSError, EOFError) as exc:
         raise DataError(f"{path} could not be read ({exc}): check the file (a truncated .gz?)") from None
-    return count, round(line_bytes * text / sampled) if sampled else 0
+    return count, round(line_bytes * sum(shares) / len(shares)) if shares else 0
 
 
 def _text_bytes_of_line(line: bytes, text_field: str) -> int:
     """Bytes of the text field of one .jsonl line; the whole line where it cannot be read (errors come later)."""
     try:
         value = json.loads(line).get(text_field)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return len(line)
     return len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
 
@@ -608,19 +611,20 @@ class TextFile:
             yield carry.decode("utf-8"), True
 
     def _tail_cut(self, share: float) -> int:
-        """Byte offset just after the line break before the last `share` of the file (in a file without one, a
-        space near it, else the share itself at a character boundary)."""
+        """Byte offset just after the line break before the last `share` of the file, as `cut_tail` cuts a text
+        in memory: where there is none in the second half before it (one long line after a title), a space near
+        it, else the share itself at a character boundary."""
         target = int(self.size * (1.0 - share))
         with open(self.path, "rb") as handle:
             end = target
-            while end > 0:
-                begin = max(0, end - TXT_PIECE_BYTES)
+            while end > target // 2:
+                begin = max(target // 2, end - TXT_PIECE_BYTES)
                 handle.seek(begin)
                 newline = handle.read(end - begin).rfind(b"\n")
                 if newline >= 0:
                     return begin + newline + 1
                 end = begin
-            begin = max(0, target - TXT_PIECE_BYTES)  # no line break at all: a space, else a character boundary
+            begin = max(0, target - TXT_PIECE_BYTES)  # no line break near: a space, else a character boundary
             handle.seek(begin)
             space = handle.read(target - begin).rfind(b" ")
             if space > 0:
