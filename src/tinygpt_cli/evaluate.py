@@ -429,7 +429,8 @@ def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[Eva
     if damaged is not None:
         raise damaged
     if trained_on:
-        raise DataError(f"the run trained on data/{trained_on[-1]}, which is not in this workspace: tokenize it again "
+        where = trained_on[0] if any(sep in trained_on[0] for sep in "/\\") else f"data/{trained_on[0]}"
+        raise DataError(f"the run trained on {where}, which is not in this workspace: tokenize it again "
                         f"with `tinygpt tokenize`, or pass --data NAME|PATH to evaluate on other text")
     dataset = find_dataset(None)
     if dataset is None:
