@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -262,30 +263,25 @@ def tokenize(
                 event.eta_s,
             )
 
-    try:
-        with _signals_interrupt():
-            result = data.tokenize(
-                source,
-                name=name,
-                fraction=fraction,
-                val_fraction=val_fraction,
-                seed=seed,
-                text_field=text_field,
-                workers=workers,
-                restart=restart,
-                force=force,
-                on_event=on_event,
-            )
-    except KeyboardInterrupt as exc:
-        view.close()
+    def interrupted(exc: KeyboardInterrupt) -> str:
         if getattr(exc, "saved", True):
-            err.print("Interrupted: run the same command again to continue where it stopped (--restart starts over).")
-        else:
-            err.print("Interrupted before the first checkpoint (every 30 s or so): nothing was kept, and the same "
-                      "command starts over.")
-        raise typer.Exit(_signal_exit(getattr(exc, "signal", None))) from None
-    finally:
-        view.close()
+            return "Interrupted: run the same command again to continue where it stopped (--restart starts over)."
+        return "Interrupted before the first checkpoint (every 30 s or so): nothing was kept, and the same command " \
+            "starts over."
+
+    with _interruptible(view, err, interrupted):
+        result = data.tokenize(
+            source,
+            name=name,
+            fraction=fraction,
+            val_fraction=val_fraction,
+            seed=seed,
+            text_field=text_field,
+            workers=workers,
+            restart=restart,
+            force=force,
+            on_event=on_event,
+        )
     meta = result.meta
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     skipped = meta["documents"]
@@ -372,25 +368,19 @@ def download(
                 event.eta_s,
             )
 
-    try:
-        with _signals_interrupt():
-            result = fetch(
-                name,
-                fraction=fraction,
-                max_docs=max_docs,
-                seed=seed,
-                config=config,
-                split=split,
-                text_field=text_field,
-                force=force,
-                on_event=on_event,
-            )
-    except KeyboardInterrupt as exc:
-        view.close()
-        err.print("Interrupted: run the same command again to continue (the parts written so far are kept).")
-        raise typer.Exit(_signal_exit(getattr(exc, "signal", None))) from None
-    finally:
-        view.close()
+    with _interruptible(view, err, lambda exc: "Interrupted: run the same command again to continue (the parts "
+                                               "written so far are kept)."):
+        result = fetch(
+            name,
+            fraction=fraction,
+            max_docs=max_docs,
+            seed=seed,
+            config=config,
+            split=split,
+            text_field=text_field,
+            force=force,
+            on_event=on_event,
+        )
     if as_json:
         print(
             json.dumps(
@@ -590,27 +580,27 @@ def train(
         raise typer.Exit(_signal_exit(stop.signal))
 
 
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP turned into Ctrl-C's path (see `_signals_interrupt`); `signal` gives the exit code."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signal = signum
-
-
 @contextlib.contextmanager
-def _signals_interrupt():
-    """Within: SIGTERM and SIGHUP (unless started ignored, as under nohup) stop a command the way Ctrl-C does,
-    so it keeps what it saved and says so instead of dying silently."""
+def _interruptible(view, err, message: Callable[[KeyboardInterrupt], str]) -> Iterator[None]:
+    """Within: Ctrl-C, SIGTERM and SIGHUP (unless started ignored, as under nohup) stop a resumable command
+    (tokenize, download) the same way: its rate view closes, `message(exc)` says what was kept, and it exits
+    128 + the signal. The view is closed however it ends."""
     import signal
 
-    from tinygpt_cli.launch import STOP_SIGNALS, signals_handled
+    from tinygpt_cli.launch import STOP_SIGNALS, Stopped, signals_handled
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Stopped(signum)
+        raise Stopped(signum)
 
-    with signals_handled(handler, tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)):
-        yield
+    try:
+        with signals_handled(handler, tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)):
+            yield
+    except KeyboardInterrupt as exc:
+        view.close()
+        err.print(message(exc))
+        raise typer.Exit(_signal_exit(getattr(exc, "signal", None))) from None
+    finally:
+        view.close()
 
 
 def _signal_exit(signum: int | None) -> int:

@@ -48,6 +48,7 @@ import numpy as np
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import seed_problem
 from tinygpt_cli.errors import DataError
+from tinygpt_cli.launch import Stopped
 from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
     EMBEDDED_NAME,
     RAW_DIR_NAME,
@@ -299,13 +300,13 @@ class _Counters:
             self.undecodable.append(where)
 
 
-class TokenizeInterrupted(KeyboardInterrupt):
+class TokenizeInterrupted(Stopped):
     """Ctrl-C (or the CLI's SIGTERM, `signal`) during `tokenize`; `saved`: whether a checkpoint lets the same
     command continue."""
 
-    def __init__(self, saved: bool, signal: int | None = None) -> None:
-        super().__init__()
-        self.saved, self.signal = saved, signal
+    def __init__(self, saved: bool, signum: int | None = None) -> None:
+        super().__init__(signum)
+        self.saved = saved
 
 
 class _Partial:

@@ -25,6 +25,15 @@ from tinygpt_cli.errors import TinyGPTError
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop by signal `signal` (None: Ctrl-C as Python raises it), taking Ctrl-C's path; the process then exits
+    128 + the signal."""
+
+    def __init__(self, signum: int | None = None) -> None:
+        super().__init__(*(() if signum is None else (signum,)))
+        self.signal = signum
+
+
 @contextlib.contextmanager
 def signals_handled(handler, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
     """Within: `handler(signum, frame)` takes `signals`, except one the process was started ignoring (`nohup`'s

@@ -45,6 +45,7 @@ from tinygpt_cli.config import (
 )
 from tinygpt_cli.data import Dataset, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError
+from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import (
     GIB,
@@ -282,13 +283,9 @@ def _matmul_peak(size: int, repeats: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- signals
-class SecondSignal(KeyboardInterrupt):
+class SecondSignal(Stopped):
     """A second SIGINT/SIGTERM while the first one's checkpoint is pending: training stops at once, keeping the
     last complete checkpoint (writes are atomic). `signal` is the signal's number, for the exit code."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signal = signum
 
 
 # A repeat of the first signal within this many seconds is the same stop said twice, not a second one: a
