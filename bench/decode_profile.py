@@ -6,8 +6,9 @@ The kernel total is what the GPU is busy with per token; the replayed time per t
 sampling and the host still cost. Weight bytes over the kernel total bound the bandwidth use that removing every
 gap could reach with these kernels.
 
-`--sweep` also times the fused step replayed from a graph under other `kernels.TUNING` settings (rows per product
-block, input columns per load, warps, attention's block of slots), to pick the defaults on a new GPU.
+`--sweep` also times the fused step replayed from a graph under other `kernels.TUNING` settings (programmatic
+dependent launch off, rows per product block, input columns per load, warps, attention's block of slots), to pick
+the defaults on a new GPU.
 
     python bench/decode_profile.py --shape small --steps 64 --sweep 60
 """
@@ -110,8 +111,12 @@ def main() -> None:
 
     print(f"{gpu}, torch {torch.__version__}; {args.shape} bf16, {weight_bytes / 1e6:.0f} MB of weights; "
           f"peak {peak} GB/s")
+    fused = kernels.FusedDecodeStep(model, 1)
+    kernels.TUNING["pdl"] = False
     steps = {"eager": _last_logits, "compiled": _compiled_step(torch.device("cuda"), graphs=True),
-             "fused": kernels.FusedDecodeStep(model, 1)}
+             f"fused (programmatic dependent launch: {fused.pdl})": fused,
+             "fused, plain launches": kernels.FusedDecodeStep(model, 1)}
+    kernels.TUNING["pdl"] = True
     with torch.inference_mode():
         for label, step in steps.items():
             busy, rows = kernel_times(step, model, args.steps)
@@ -155,8 +160,8 @@ def sweep(model: GPT, use, seconds: float) -> None:
     product blocks (programs per SM, tile, warps), then attention's block of slots and the columns per load, until
     `seconds` have passed (each new setting compiles its kernels)."""
     default = dict(kernels.TUNING)
-    settings = [dict(default, programs_per_sm=p, tile=t, num_warps=w)
-                for p, t, w in itertools.product((1, 2, 4), (4096, 8192, 16384), (4, 8))]
+    settings = [dict(default, pdl=False)] + [dict(default, programs_per_sm=p, tile=t, num_warps=w)
+                                             for p, t, w in itertools.product((1, 2, 4), (4096, 8192, 16384), (4, 8))]
     settings += [dict(default, block_s=b) for b in (16, 32, 128)] + [dict(default, block_k=256)]
     results = []
     deadline = time.perf_counter() + seconds

@@ -75,6 +75,20 @@ def test_fused_step_launches_on_the_weights_gpu(monkeypatch):
     assert entered == [torch.device("cuda", 1), "ran"]
 
 
+def test_programmatic_dependent_launch_needs_hopper_and_a_triton_that_has_it(monkeypatch):
+    from tinygpt_cli import kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.setattr(kernels, "PDL_SUPPORTED", True)
+    assert kernels.uses_pdl((9, 0)) and kernels.uses_pdl((10, 0))
+    assert not kernels.uses_pdl((8, 9)) and not kernels.uses_pdl((8, 0))
+    monkeypatch.setattr(kernels, "PDL_SUPPORTED", False)
+    assert not kernels.uses_pdl((9, 0))
+    monkeypatch.setattr(kernels, "PDL_SUPPORTED", True)
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # the interpreter has no grid dependency control
+    assert not kernels.uses_pdl((9, 0))
+
+
 def test_gemv_blocks_cover_the_gpu():
     from tinygpt_cli.kernels import gemv_blocks
 
@@ -103,8 +117,9 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
     types = {"tokens": "*i64", "pos_ptr": "*i64", "counts": "*i32", "part_acc": "*fp32", "part_best": "*fp32",
              "part_total": "*fp32", "eps": "fp32", "scale": "fp32"}
 
-    def build(kernel, values, constants, capability):
+    def build(kernel, values, constants, capability, pdl=False):
         """values: an int argument's value (specialised like the JIT), or nothing for a pointer of `dtype`."""
+        constants = {**constants, "PDL": pdl}
         signature, attrs = {}, {}
         for index, name in enumerate(kernel.arg_names):
             value = values.get(name)
@@ -116,7 +131,8 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
             if kind.startswith("*") or (kind == "i32" and value % 16 == 0):
                 attrs[(index,)] = [["tt.divisibility", 16]]
         source = compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-        return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+        options = {"num_warps": 4, **({"launch_pdl": True} if pdl else {})}
+        return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
     C, heads, slots, vocab = 768, 12, 1024, 50304
     for capability in (90, 80):
@@ -136,6 +152,26 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
                 kernel = build(module._gemv, values, constants, capability)
                 if one_pass and dtype != "fp32":  # the weights come in 16-byte loads
                     assert "ld.global.v4" in kernel.asm["ptx"] or "ld.global.L1::evict_first.v4" in kernel.asm["ptx"]
+                if capability == 90 and module.PDL_SUPPORTED:
+                    ptx = build(module._gemv, values, constants, capability, pdl=True).asm["ptx"]
+                    assert_waits_after_the_weights(ptx, one_pass)
+        if capability == 90 and module.PDL_SUPPORTED:
+            for ptx in (build(module._embed, {"C": C}, {"BLOCK_C": 1024}, capability, pdl=True).asm["ptx"],
+                        build(module._attend, {"n_head": heads, "S": slots, "n_split": 16},
+                              {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_S": 64, "SPLITS": 16}, 90, pdl=True).asm["ptx"]):
+                assert_waits_after_the_weights(ptx, False)
+
+
+def assert_waits_after_the_weights(ptx: str, one_pass: bool) -> None:
+    """A kernel built for programmatic dependent launch lets the next kernel launch at once and waits for the one
+    before it ahead of its first read of what that one wrote; only constant weights (loaded evict_first) may be read
+    before, and a one-pass product requests all of its weights there."""
+    launch, wait = ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait")
+    assert 0 < launch < wait, "the kernel must signal its dependents and then wait for its predecessor"
+    before = [line for line in ptx[:wait].splitlines() if "ld.global" in line]
+    assert all("evict_first" in line for line in before), before
+    weights = [line for line in ptx.splitlines() if "ld.global" in line and "evict_first" in line]
+    assert len(before) == (len(weights) if one_pass else 0)
 
 
 @pytest.mark.gpu
@@ -148,6 +184,7 @@ def test_fused_decode_on_cuda_matches_eager():
     fused = generated(model, [5, 6, 7], 40, fused=True, stats=stats, **greedy)
     assert stats.fused and stats.graphed and stats.compile_error is None and stats.graph_error is None
     assert torch.equal(fused, generated(model, [5, 6, 7], 40, **greedy))
+    from tinygpt_cli import kernels
     from tinygpt_cli.kernels import FusedDecodeStep
 
     small = fused_test_model(torch.bfloat16, n_layer=2, n_head=12, n_embd=768, block_size=1024).cuda()
@@ -158,5 +195,12 @@ def test_fused_decode_on_cuda_matches_eager():
             view.input_pos.fill_(0)
         got = FusedDecodeStep(small, 1)(small, current, caches[0]).float()
         want = sample._last_logits(small, current, caches[1]).float()
+        with pytest.MonkeyPatch.context() as patch:  # the same kernels without programmatic dependent launch
+            patch.setitem(kernels.TUNING, "pdl", False)
+            caches[0].input_pos.fill_(0)
+            plain = FusedDecodeStep(small, 1)
+            assert not plain.pdl
+            again = plain(small, current, caches[0]).float()
     assert (got - want).abs().max() < 0.05 * want.abs().max()
     assert int(got.argmax()) == int(want.argmax())
+    assert torch.equal(got, again)

@@ -16,6 +16,10 @@ plus one kernel for the embeddings and one for the final layer norm + the head. 
 product over blocks of output rows (`gemv_blocks`), with each block reading its rows whole and recomputing the
 layer norm of its input row, which is cheaper than a kernel of its own at this size.
 
+On Hopper and newer GPUs the kernels are programmatic dependent launches (`uses_pdl`): each lets the next launch at
+once, and the next requests its weights while the one before finishes, waiting only before it reads what that
+one wrote. The memory system then streams weights across kernel boundaries instead of idling at each.
+
 Values are rounded to the model's dtype where PyTorch's step rounds them (after each layer norm, product, GELU and
 residual add), so the step gives PyTorch's logits up to float rounding: the order of sums, and on a GPU fast
 approximate square roots and exponentials (as PyTorch's own CUDA kernels use). `FusedDecodeStep` reads and writes
@@ -38,6 +42,23 @@ try:  # CUDA builds of torch on Linux ship Triton; CPU builds do not
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+
+try:  # programmatic dependent launch (Triton >= 3.3; the GPU must be a Hopper or newer)
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    PDL_SUPPORTED = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except (ImportError, AttributeError):  # pragma: no cover - depends on the install
+    PDL_SUPPORTED = False
+    if triton is not None:  # the kernels name these in branches that such a Triton never compiles
+
+        @triton.jit
+        def gdc_wait():
+            pass
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
 
 if TYPE_CHECKING:
     from tinygpt_cli.model import GPT
@@ -63,8 +84,16 @@ def unavailable(device: torch.device) -> str | None:
 # runs in blocks of output rows, at least `programs_per_sm` blocks per multiprocessor where the rows allow it, each
 # block reading up to `block_k` input columns at a time (all of them in one pass where they fit) and at most `tile`
 # weights at once (a larger tile has more loads in flight, and more registers). Attention splits the cached
-# slots into blocks of `block_s`. `force_block_k` (tests) sets the columns per pass whatever the rest says.
-TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 64, "force_block_k": 0}
+# slots into blocks of `block_s`. `force_block_k` (tests) sets the columns per pass whatever the rest says. `pdl`:
+# launch each kernel as a programmatic dependent launch where the GPU (Hopper or newer) and Triton allow it.
+TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 64, "force_block_k": 0,
+          "pdl": True}
+
+
+def uses_pdl(capability: tuple[int, int]) -> bool:
+    """Whether kernels launch as programmatic dependent launches on a GPU of this compute capability: Hopper
+    (9.0) and newer run them, and Triton must know the launch option (3.3 and newer)."""
+    return PDL_SUPPORTED and not INTERPRETED and capability >= (9, 0)
 
 
 def gemv_blocks(n_rows: int, n_programs: int, most: int = 64) -> int:
@@ -79,8 +108,11 @@ def gemv_blocks(n_rows: int, n_programs: int, most: int = 64) -> int:
 if triton is not None:
 
     @triton.jit
-    def _embed(tokens, pos_ptr, wte, wpe, x, C, BLOCK_C: tl.constexpr):
+    def _embed(tokens, pos_ptr, wte, wpe, x, C, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
         """x[b] = wte[tokens[b]] + wpe[pos]; one program per sample."""
+        if PDL:  # (see _gemv)
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         token = tl.load(tokens + b)
         pos = tl.load(pos_ptr)
@@ -110,14 +142,22 @@ if triton is not None:
               N, K, stride_wn, stride_wk, eps, n_head, S,
               HEAD_DIM: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
               GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr):
         """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program.
 
         g: layer norm of the row (LN), else identity. f: GELU (GELU); `out[b, n] + ...` in place (RESIDUAL).
         QKV: the outputs are the query (to q_out (B, C)), key and value (to the caches (B, nh, S, hd) at slot pos).
         ONE_PASS (BLOCK_K >= K): the weights are requested first, so that reading the row and its layer norm
         happen while they are on their way; else the row is read BLOCK_K columns at a time, its norm first.
+
+        PDL (a programmatic dependent launch): the next kernel may start as soon as every program here has, and
+        each program reads what an earlier kernel wrote (its row, the cache position, `out` for the residual) only
+        after `gdc_wait`, which returns once the kernel before has finished and its writes are visible. The
+        weights are constant, so a ONE_PASS program requests them before it waits: a kernel's weight reads then
+        overlap the tail of the one before, instead of the GPU's memory idling at every kernel boundary.
         """
+        if PDL:
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         b = tl.program_id(1)
         dtype = out.dtype.element_ty
@@ -129,6 +169,8 @@ if triton is not None:
             col_ok = cols < K
             tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+            if PDL:
+                gdc_wait()
             xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
             if LN:  # as torch's layer norm: the mean, then the variance about it
                 mean = tl.sum(xk, axis=0) / K
@@ -137,6 +179,8 @@ if triton is not None:
                 xk = _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS)
             acc = tile.to(tl.float32) * xk[None, :]
         else:
+            if PDL:
+                gdc_wait()
             mean = 0.0
             rstd = 1.0
             if LN:
@@ -183,11 +227,15 @@ if triton is not None:
     @triton.jit
     def _attend(q, k_cache, v_cache, pos_ptr, y, part_acc, part_best, part_total, counts,
                 n_head, S, n_split, scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+                PDL: tl.constexpr):
         """y[b, head] = softmax(q k^T * scale) v over the cached slots 0..pos, split over the slots (flash-decoding):
         program (b, head, i) takes slots i * BLOCK_S ... and writes its partial softmax; the program that finishes
         a head last combines its partials in split order (so the result does not depend on which finished last)
         and resets the head's counter for the next step."""
+        if PDL:  # (see _gemv)
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -259,9 +307,14 @@ class FusedDecodeStep:
         self.part_total = torch.zeros(parts, dtype=torch.float32, device=param.device)
         self.counts = torch.zeros((batch, cfg.n_head), dtype=torch.int32, device=param.device)
         if INTERPRETED or param.device.type != "cuda":
-            self.sms = 1
+            self.sms, self.pdl = 1, False
         else:
             self.sms = torch.cuda.get_device_properties(param.device).multi_processor_count
+            self.pdl = bool(TUNING["pdl"]) and uses_pdl(torch.cuda.get_device_capability(param.device))
+        # how every kernel is launched: with PDL, each one's `launch_pdl` option and its PDL switch go together
+        self.launch = {"num_warps": TUNING["num_warps"], "PDL": self.pdl}
+        if self.pdl:
+            self.launch["launch_pdl"] = True
 
     def __call__(self, model: GPT, current: torch.Tensor, view: StaticDecodeView,
                  head_t: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,7 +330,7 @@ class FusedDecodeStep:
         C = model.config.n_embd
         pos = view.input_pos
         _embed[(self.batch,)](current, pos, t.wte.weight, t.wpe.weight, self.x, C,
-                              BLOCK_C=triton.next_power_of_2(min(C, 1024)))
+                              BLOCK_C=triton.next_power_of_2(min(C, 1024)), **self.launch)
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
             self._product(self.x, attn.c_attn, block.ln_1, None, qkv=(view.k[i], view.v[i], pos))
@@ -285,7 +338,7 @@ class FusedDecodeStep:
                 self.q, view.k[i], view.v[i], pos, self.y, self.part_acc, self.part_best, self.part_total,
                 self.counts, self.n_head, view.k[i].size(2), self.n_split, self.scale,
                 HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
-                SPLITS=triton.next_power_of_2(self.n_split), num_warps=TUNING["num_warps"],
+                SPLITS=triton.next_power_of_2(self.n_split), **self.launch,
             )
             self._product(self.y, attn.c_proj, None, self.x, residual=True)
             self._product(self.x, mlp.c_fc, block.ln_2, self.hidden, gelu=True)
@@ -316,5 +369,5 @@ class FusedDecodeStep:
             self.n_head, k_cache.size(2) if qkv is not None else 1,
             HEAD_DIM=self.head_dim, LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
             HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
-            BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, num_warps=TUNING["num_warps"],
+            BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, **self.launch,
         )
