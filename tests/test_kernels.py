@@ -115,9 +115,10 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
     if "constexprs" not in inspect.signature(compiler.ASTSource).parameters:
         pytest.skip(f"Triton {triton.__version__}'s ahead-of-time API predates 3.3")
     types = {"tokens": "*i64", "pos_ptr": "*i64", "counts": "*i32", "part_acc": "*fp32", "part_best": "*fp32",
-             "part_total": "*fp32", "eps": "fp32", "scale": "fp32"}
+             "part_total": "*fp32", "eps": "fp32", "scale": "fp32", "picked": "*i64", "step_ptr": "*i64",
+             "finished": "*u8", "first_bad": "*i64", "seen": "*u8", "current": "*i64", "never": "i64"}
 
-    def build(kernel, values, constants, capability, pdl=False):
+    def build(kernel, values, constants, capability, pdl=False, warps=4):
         """values: an int argument's value (specialised like the JIT), or nothing for a pointer of `dtype`."""
         constants = {**constants, "PDL": pdl}
         signature, attrs = {}, {}
@@ -131,7 +132,7 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
             if kind.startswith("*") or (kind == "i32" and value % 16 == 0):
                 attrs[(index,)] = [["tt.divisibility", 16]]
         source = compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
-        options = {"num_warps": 4, **({"launch_pdl": True} if pdl else {})}
+        options = {"num_warps": warps, **({"launch_pdl": True} if pdl else {})}
         return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
     C, heads, slots, vocab = 768, 12, 1024, 50304
@@ -155,6 +156,14 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
                 if capability == 90 and module.PDL_SUPPORTED:
                     ptx = build(module._gemv, values, constants, capability, pdl=True).asm["ptx"]
                     assert_waits_after_the_weights(ptx, one_pass)
+        for greedy in (True, False):
+            draw = dict(values={"stride_logits": vocab, "V": 50257, "stride_seen": vocab, "stride_tokens": 16,
+                                "column": 0, "eot": 50256},
+                        constants={"GREEDY": greedy, "STOP_AT_EOT": True, "SEEN": True,
+                                   "BLOCK_V": module.TUNING["draw_block"]}, warps=module.TUNING["draw_warps"])
+            build(module._draw, **draw, capability=capability)
+            if capability == 90 and module.PDL_SUPPORTED:
+                assert_waits_after_the_weights(build(module._draw, **draw, capability=90, pdl=True).asm["ptx"], False)
         if capability == 90 and module.PDL_SUPPORTED:
             for ptx in (build(module._embed, {"C": C}, {"BLOCK_C": 1024}, capability, pdl=True).asm["ptx"],
                         build(module._attend, {"n_head": heads, "S": slots, "n_split": 16},

@@ -31,6 +31,8 @@ imported), which checks what they compute, not how fast.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import os
 from typing import TYPE_CHECKING
@@ -43,11 +45,13 @@ try:  # CUDA builds of torch on Linux ship Triton; CPU builds do not
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-try:  # programmatic dependent launch (Triton >= 3.3; the GPU must be a Hopper or newer)
+try:  # programmatic dependent launch (Triton >= 3.5; the GPU must be a Hopper or newer)
     from triton.backends.nvidia.compiler import CUDAOptions
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-    PDL_SUPPORTED = "launch_pdl" in CUDAOptions.__dataclass_fields__
+    # 3.4.0 has both, but its gdc_* still take `_builder` where its compiler passes `_semantic`: they do not compile
+    PDL_SUPPORTED = ("launch_pdl" in CUDAOptions.__dataclass_fields__
+                     and "_semantic" in inspect.signature(gdc_wait).parameters)
 except (ImportError, AttributeError):  # pragma: no cover - depends on the install
     PDL_SUPPORTED = False
     if triton is not None:  # the kernels name these in branches that such a Triton never compiles
@@ -86,14 +90,20 @@ def unavailable(device: torch.device) -> str | None:
 # weights at once (a larger tile has more loads in flight, and more registers). Attention splits the cached
 # slots into blocks of `block_s`. `force_block_k` (tests) sets the columns per pass whatever the rest says. `pdl`:
 # launch each kernel as a programmatic dependent launch where the GPU (Hopper or newer) and Triton allow it.
+# `draw_block` and `draw_warps`: the logits a greedy draw (`draw_token`) reads at a time, and its warps.
 TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 64, "force_block_k": 0,
-          "pdl": True}
+          "pdl": True, "draw_block": 16384, "draw_warps": 16}
 
 
 def uses_pdl(capability: tuple[int, int]) -> bool:
     """Whether kernels launch as programmatic dependent launches on a GPU of this compute capability: Hopper
-    (9.0) and newer run them, and Triton must know the launch option (3.3 and newer)."""
+    (9.0) and newer run them, and Triton must have them (3.5 and newer; see PDL_SUPPORTED)."""
     return PDL_SUPPORTED and not INTERPRETED and capability >= (9, 0)
+
+
+def _pdl_on(device: torch.device) -> bool:
+    """Whether kernels on `device` launch as programmatic dependent launches (TUNING["pdl"] and `uses_pdl`)."""
+    return device.type == "cuda" and bool(TUNING["pdl"]) and uses_pdl(torch.cuda.get_device_capability(device))
 
 
 def gemv_blocks(n_rows: int, n_programs: int, most: int = 64) -> int:
@@ -275,6 +285,71 @@ if triton is not None:
             tl.store(counts + head, 0)
 
 
+    @triton.jit
+    def _draw(logits, stride_logits, V, picked, step_ptr, finished, first_bad, seen, stride_seen, tokens,
+              stride_tokens, column, current, never, eot, GREEDY: tl.constexpr, STOP_AT_EOT: tl.constexpr,
+              SEEN: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+        """The next token of sample b (one program each) and its bookkeeping, as `sample._Draw.next` does it
+        followed by the writes of the token to tokens[b, column] and current[b].
+
+        GREEDY: the first largest of logits[b, :V]; -1 (not finite) where the row holds a NaN or +inf or only
+        -inf, which is what torch's argmax then picks. Else the token is read from `picked` (the sampler's).
+        Then: `first_bad[b]` takes the step where the token is -1 (once, and not after the sample finished), the
+        token is clamped to 0, a finished sample gets <|endoftext|> again (STOP_AT_EOT) and `seen` marks it.
+        `finished` and `seen` are bool tensors read as bytes."""
+        if PDL:  # (see _gemv)
+            gdc_launch_dependents()
+            gdc_wait()
+        b = tl.program_id(0)
+        if GREEDY:
+            best = float("-inf")
+            at = 0
+            bad = 0
+            row = logits + b * stride_logits
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                bad = tl.maximum(bad, tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=0))
+                block_best = tl.max(x, axis=0)
+                block_at = tl.min(tl.where(x == block_best, cols, V), axis=0)  # the first of the largest
+                at = tl.where(block_best > best, block_at, at)
+                best = tl.maximum(best, block_best)
+            token = tl.where((bad > 0) | (best == float("-inf")), -1, at).to(tl.int64)
+        else:
+            token = tl.load(picked + b).to(tl.int64)
+        step = tl.load(step_ptr)
+        done = tl.load(finished + b) != 0
+        unseen_bad = (token < 0) & (done == 0) & (tl.load(first_bad + b) == never)
+        tl.store(first_bad + b, step, mask=unseen_bad)
+        token = tl.maximum(token, 0)
+        if STOP_AT_EOT:
+            token = tl.where(done, eot, token)
+            tl.store(finished + b, (done | (token == eot)).to(tl.uint8))
+        if SEEN:
+            tl.store(seen + b * stride_seen + token, 1)
+        tl.store(tokens + b * stride_tokens + column, token)
+        tl.store(current + b, token)
+
+
+def draw_token(logits: torch.Tensor, picked: torch.Tensor | None, step: torch.Tensor, finished: torch.Tensor,
+               first_bad: torch.Tensor, seen: torch.Tensor | None, stop_at_eot: bool, tokens: torch.Tensor,
+               column: int, current: torch.Tensor, *, vocab: int, never: int, eot: int) -> None:
+    """Take a decode step's token (see `_draw`) in one kernel where PyTorch takes about twenty small ones: greedy
+    from `logits` (B, >= vocab) when `picked` is None, else the sampler's `picked` (B,) int64. `step` is the 0-d
+    step counter, `tokens` (B, n) int64 and `current` (B, 1) int64 the buffers the token goes to."""
+    pdl = _pdl_on(logits.device)
+    scratch = finished.view(torch.uint8)  # for the pointers a variant does not read
+    block = TUNING["draw_block"] if not INTERPRETED else triton.next_power_of_2(vocab)
+    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
+        _draw[(tokens.size(0),)](
+            logits, logits.stride(0), vocab, picked if picked is not None else scratch, step,
+            finished.view(torch.uint8), first_bad, seen.view(torch.uint8) if seen is not None else scratch,
+            seen.stride(0) if seen is not None else 0, tokens, tokens.stride(0), column, current, never, eot,
+            GREEDY=picked is None, STOP_AT_EOT=stop_at_eot, SEEN=seen is not None, BLOCK_V=block, PDL=pdl,
+            num_warps=TUNING["draw_warps"], **({"launch_pdl": True} if pdl else {}),
+        )
+
+
 class FusedDecodeStep:
     """A one-token decode step of `model` for `batch` samples through the kernels above: called as
     `step(model, current, view, head_t)` like `sample._last_logits`, it returns the logits (B, V).
@@ -310,7 +385,7 @@ class FusedDecodeStep:
             self.sms, self.pdl = 1, False
         else:
             self.sms = torch.cuda.get_device_properties(param.device).multi_processor_count
-            self.pdl = bool(TUNING["pdl"]) and uses_pdl(torch.cuda.get_device_capability(param.device))
+            self.pdl = _pdl_on(param.device)
         # how every kernel is launched: with PDL, each one's `launch_pdl` option and its PDL switch go together
         self.launch = {"num_warps": TUNING["num_warps"], "PDL": self.pdl}
         if self.pdl:

@@ -14,6 +14,7 @@ step with the same window rule, which is why cached and uncached greedy decoding
 from __future__ import annotations
 
 import codecs
+import copy
 import itertools
 import time
 import weakref
@@ -847,6 +848,20 @@ class _Draw:
             self.seen.scatter_(1, token[:, None], True)
         return token
 
+    def next_into(self, logits: torch.Tensor, step: torch.Tensor, uniform: torch.Tensor | None,
+                  tokens: torch.Tensor, column: int, current: torch.Tensor) -> None:
+        """`next`, writing the token to tokens[:, column] and current (B, 1), its bookkeeping and those writes as
+        one Triton kernel (`kernels.draw_token`), which also picks the greedy token: for the fused decode step."""
+        from tinygpt_cli.kernels import draw_token
+
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+        picked = None
+        if self.temperature > 0:
+            picked = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator, uniform)
+        draw_token(logits, picked, step, self.finished, self.first_bad, self.seen, self.stop_at_eot, tokens, column,
+                   current, vocab=min(VOCAB_SIZE, logits.size(1)), never=NEVER, eot=EOT_ID)
+
 
 class _DecodeChunk:
     """`steps` decode steps of `generate` as one unit: each draws the next token of every sample from `logits`
@@ -875,6 +890,7 @@ class _DecodeChunk:
             rng = draw.generator.device
             self.uniform = torch.zeros((batch, steps), dtype=_uniform_dtype(device, rng), device=rng)
         self.counter = torch.zeros((), dtype=torch.long, device=device)  # `produced` of the step being taken
+        self.fused_draw = stats.fused  # the token drawn by a Triton kernel too (`_Draw.next_into`)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.chunks = 0
@@ -905,6 +921,7 @@ class _DecodeChunk:
             with torch.cuda.stream(self.stream):  # the step's first call, where it compiles, may fall back
                 _, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
                                             self.stats, first=True)
+                self._warm_up_draw()
             with torch.cuda.graph(graph, stream=self.stream):
                 self._take_steps()
         except Exception as exc:  # any failure means: go on without the graph
@@ -915,12 +932,31 @@ class _DecodeChunk:
         self.graph = graph
         self.stats.graphed = graph is not None
 
+    def _warm_up_draw(self) -> None:
+        """Build the draw's kernel before capturing (the first launch compiles it), on copies of its state; if
+        that fails, draw as the other steps do (PyTorch's kernels)."""
+        self.fused_draw = self.fused_draw and self.stats.fused
+        if not self.fused_draw:
+            return
+        state = copy.copy(self.draw)
+        state.finished, state.first_bad = self.draw.finished.clone(), self.draw.first_bad.clone()
+        state.seen = self.draw.seen.clone() if self.draw.seen is not None else None
+        uniform = self.uniform[:, :1].to(self.logits.device) if self.uniform is not None else None
+        try:
+            state.next_into(self.logits, self.counter, uniform, self.tokens.clone(), 0, self.current.clone())
+        except Exception:  # the step's kernels built: a failure here costs only the draw's speed
+            self.fused_draw = False
+
     def _take_steps(self) -> None:
         uniform = self.uniform.to(self.logits.device) if self.uniform is not None else None
         for i in range(self.steps):
-            token = self.draw.next(self.logits, self.counter, None if uniform is None else uniform[:, i : i + 1])
-            self.tokens[:, i] = token
-            self.current.copy_(token[:, None])
+            column = None if uniform is None else uniform[:, i : i + 1]
+            if self.fused_draw and self.stats.fused:
+                self.draw.next_into(self.logits, self.counter, column, self.tokens, i, self.current)
+            else:
+                token = self.draw.next(self.logits, self.counter, column)
+                self.tokens[:, i] = token
+                self.current.copy_(token[:, None])
             logits, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
                                              self.stats, first=self.chunks == 0 and i == 0)
             if logits is not self.logits:

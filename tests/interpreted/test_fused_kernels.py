@@ -50,7 +50,8 @@ def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, 
 
 
 def test_fused_generate_gives_the_eager_tokens(monkeypatch):
-    """Greedy past a window jump, and sampled with a seed: the eager static step's tokens."""
+    """Greedy past a window jump, and sampled with a seed: the eager static step's tokens; in chunks of steps too,
+    where the fused step's tokens are drawn by `kernels.draw_token`."""
     monkeypatch.setitem(kernels.TUNING, "block_s", 4)
     model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
     stats = GenerationStats()
@@ -67,6 +68,9 @@ def test_fused_generate_gives_the_eager_tokens(monkeypatch):
     assert torch.equal(generated(model, [5, 6, 7], 16, fused=True, graphs=True, flush_every=4, stats=stats, **greedy),
                        generated(model, [5, 6, 7], 16, static_cache=True, **greedy))
     assert stats.fused and stats.compile_error is None
+    # and sampled: the chunks' tokens drawn through the fused draw, the same uniform numbers as the eager chunks'
+    assert torch.equal(generated(model, [9], 8, fused=True, graphs=True, num_samples=2, **sampled),
+                       generated(model, [9], 8, static_cache=True, graphs=True, num_samples=2, **sampled))
 
 
 def test_fused_step_falls_back_to_eager_when_its_kernels_fail(monkeypatch):
@@ -81,3 +85,75 @@ def test_fused_step_falls_back_to_eager_when_its_kernels_fail(monkeypatch):
     assert not stats.fused and stats.compile_error == "RuntimeError: no kernel image for this GPU"
 
 
+
+
+@pytest.mark.parametrize("stop_at_eot", [True, False])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_fused_draw_does_what_the_pytorch_draw_does(stop_at_eot, penalty, temperature):
+    """`_Draw.next_into` (one kernel) against `_Draw.next` + the writes of the token, from the same state: tokens,
+    the fed token, `finished`, `first_bad` and `seen`, over rows that are plain, tied, NaN, +inf or all -inf, and
+    samples already finished or already bad."""
+    batch, vocab = 8, 50304
+    torch.manual_seed(1)
+    logits = torch.randn(batch, vocab).to(torch.bfloat16)
+    logits[1, [10, 4000, 50000]] = 9.0  # a tie: the first one wins
+    logits[2, 77] = float("nan")
+    logits[3, 123] = float("inf")
+    logits[4] = float("-inf")
+    logits[5, 50256] = 20.0  # <|endoftext|>
+    logits[6, 50300] = 99.0  # past GPT-2's vocabulary: never drawn
+    logits[7, 5] = float("nan")  # in a sample that has finished: not recorded as bad
+    uniform = torch.rand(batch, 1, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        finished = torch.tensor([False, True, False, False, False, False, False, True])
+        first_bad = torch.full((batch,), sample.NEVER, dtype=torch.long)
+        first_bad[3] = 2  # already bad: kept
+        seen = torch.zeros((batch, vocab), dtype=torch.bool) if penalty != 1.0 else None
+        if seen is not None:
+            seen[:, :300] = True
+        generator = torch.Generator().manual_seed(0)
+        draw = sample._Draw(temperature, 20, 1.0, penalty, seen, finished, first_bad, stop_at_eot, generator)
+        tokens = torch.full((batch, 3), -5, dtype=torch.long)
+        current = torch.full((batch, 1), -5, dtype=torch.long)
+        step = torch.tensor(4)
+        if fused:
+            draw.next_into(logits, step, uniform, tokens, 1, current)
+        else:
+            token = draw.next(logits, step, uniform)
+            tokens[:, 1] = token
+            current.copy_(token[:, None])
+        results.append((tokens, current, finished, first_bad, seen))
+    for got, want in zip(*results, strict=True):
+        assert (got is None and want is None) or torch.equal(got, want), (got, want)
+    tokens = results[0][0]
+    if temperature == 0 and penalty == 1.0:
+        assert tokens[0, 1] == logits[0, :50257].float().argmax() and tokens[6, 1] != 50300
+        assert tokens[1, 1] == (50256 if stop_at_eot else 10) and tokens[2, 1] == 0 and tokens[4, 1] == 0
+        never = sample.NEVER
+        assert results[0][3].tolist() == [never, never, 4, 2, 4, never, never, never]
+
+
+def test_the_draw_kernel_is_built_on_copies_before_capture_and_skipped_if_it_fails(monkeypatch):
+    """`_DecodeChunk._warm_up_draw` (run before a CUDA graph is captured) leaves the draw's state as it was, and
+    a draw kernel that fails to build means the PyTorch draw, not an error."""
+    model = fused_test_model(n_layer=1, n_embd=32, n_head=2)
+    view = StaticDecodeView(KVCache(model, 2))
+    stats = GenerationStats(fused=True)
+    finished, first_bad = torch.tensor([False, True]), torch.full((2,), sample.NEVER)
+    seen = torch.zeros((2, model.config.vocab_size), dtype=torch.bool)
+    draw = sample._Draw(0.0, 0, 1.0, 1.2, seen, finished, first_bad, True, torch.Generator())
+    current = torch.zeros((2, 1), dtype=torch.long)
+    chunk = sample._DecodeChunk(kernels.FusedDecodeStep(model, 2), model, view, current, 2, draw, stats)
+    chunk.logits.copy_(torch.randn_like(chunk.logits))
+    chunk._warm_up_draw()
+    assert chunk.fused_draw
+    assert not finished[0] and not seen.any() and not current.any() and not chunk.tokens.any()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot build")
+
+    monkeypatch.setattr(kernels, "draw_token", broken)
+    chunk._warm_up_draw()
+    assert not chunk.fused_draw
