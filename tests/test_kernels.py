@@ -116,7 +116,8 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
         pytest.skip(f"Triton {triton.__version__}'s ahead-of-time API predates 3.3")
     types = {"tokens": "*i64", "pos_ptr": "*i64", "counts": "*i32", "part_acc": "*fp32", "part_best": "*fp32",
              "part_total": "*fp32", "eps": "fp32", "scale": "fp32", "picked": "*i64", "step_ptr": "*i64",
-             "finished": "*u8", "first_bad": "*i64", "seen": "*u8", "current": "*i64", "never": "i64"}
+             "finished": "*u8", "first_bad": "*i64", "seen": "*u8", "current": "*i64", "never": "i64",
+             "counter": "*i64"}
 
     def build(kernel, values, constants, capability, pdl=False, warps=4):
         """values: an int argument's value (specialised like the JIT), or nothing for a pointer of `dtype`."""
@@ -148,7 +149,7 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
                 block_k = triton.next_power_of_2(K) if one_pass else 256
                 constants = dict(HEAD_DIM=64, LN=norm, LN_BIAS=norm, HAS_BIAS=vocab != N, GELU=gelu,
                                  RESIDUAL=residual, QKV=qkv, BLOCK_N=max(1, 8192 // block_k), BLOCK_K=block_k,
-                                 ONE_PASS=one_pass)
+                                 ONE_PASS=one_pass, ADVANCE=vocab == N)
                 values = {"N": N, "K": K, "stride_wn": K, "stride_wk": 1, "n_head": heads, "S": slots if qkv else 1}
                 kernel = build(module._gemv, values, constants, capability)
                 if one_pass and dtype != "fp32":  # the weights come in 16-byte loads

@@ -148,15 +148,17 @@ if triton is not None:
         return tl.where(col_ok, xk.to(dtype).to(tl.float32), 0.0)
 
     @triton.jit
-    def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr,
+    def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr, counter,
               N, K, stride_wn, stride_wk, eps, n_head, S,
               HEAD_DIM: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
               GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr):
+              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr):
         """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program.
 
         g: layer norm of the row (LN), else identity. f: GELU (GELU); `out[b, n] + ...` in place (RESIDUAL).
         QKV: the outputs are the query (to q_out (B, C)), key and value (to the caches (B, nh, S, hd) at slot pos).
+        ADVANCE (the head, the step's last kernel, which reads neither): one program adds 1 to the cache position
+        and to `counter`, the caller's step counter, for the next step.
         ONE_PASS (BLOCK_K >= K): the weights are requested first, so that reading the row and its layer norm
         happen while they are on their way; else the row is read BLOCK_K columns at a time, its norm first.
 
@@ -233,6 +235,10 @@ if triton is not None:
             tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
         else:
             tl.store(out + b * N + rows, y, mask=row_ok)
+        if ADVANCE:
+            first = (pid == 0) & (b == 0)
+            tl.store(pos_ptr, tl.load(pos_ptr, mask=first, other=0) + 1, mask=first)
+            tl.store(counter, tl.load(counter, mask=first, other=0) + 1, mask=first)
 
     @triton.jit
     def _attend(q, k_cache, v_cache, pos_ptr, y, part_acc, part_best, part_total, counts,
@@ -356,13 +362,16 @@ class FusedDecodeStep:
 
     It owns its activations (allocated once, at fixed addresses, as a CUDA graph needs) and returns the same
     logits buffer at every call. `view` is the static cache (`sample.StaticDecodeView`): the step writes the new
-    key and value at `view.input_pos` and attends over the slots up to it.
+    key and value at `view.input_pos` and attends over the slots up to it. With `advance` set to a 0-d int64
+    tensor, its last kernel also adds 1 to `view.input_pos` and to `advance` (what `generate`'s chunks of steps
+    would otherwise do with two more kernels a step).
     """
 
     def __init__(self, model: GPT, batch: int) -> None:
         cfg = model.config
         param = model.transformer.wte.weight
         self.model, self.batch = model, batch
+        self.advance: torch.Tensor | None = None
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
@@ -418,12 +427,14 @@ class FusedDecodeStep:
             self._product(self.y, attn.c_proj, None, self.x, residual=True)
             self._product(self.x, mlp.c_fc, block.ln_2, self.hidden, gelu=True)
             self._product(self.hidden, mlp.c_proj, None, self.x, residual=True)
-        self._product(self.x, model.lm_head, t.ln_f, self.logits)
+        self._product(self.x, model.lm_head, t.ln_f, self.logits,
+                      advance=(pos, self.advance) if self.advance is not None else None)
         return self.logits
 
     def _product(self, x: torch.Tensor, linear: torch.nn.Linear, norm: torch.nn.LayerNorm | None,
                  out: torch.Tensor | None, *, gelu: bool = False, residual: bool = False,
-                 qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+                 qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 advance: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         weight = linear.weight  # (N, K), any strides
         N, K = weight.shape
         if INTERPRETED:  # a few large blocks: the interpreter's cost is per program and per operation
@@ -433,16 +444,17 @@ class FusedDecodeStep:
             rows = gemv_blocks(N, TUNING["programs_per_sm"] * self.sms, TUNING["tile"] // block_k)
         block_k = TUNING["force_block_k"] or block_k
         k_cache, v_cache, pos = qkv if qkv is not None else (x, x, x)
+        pos, counter = advance if advance is not None else (pos, x)
         out = out if out is not None else self.q
         grid = (triton.cdiv(N, rows), self.batch)
         _gemv[grid](
             x, weight, linear.bias if linear.bias is not None else weight,
             norm.weight if norm is not None else weight,
             norm.bias if norm is not None and norm.bias is not None else weight,
-            out, self.q, k_cache, v_cache, pos,
+            out, self.q, k_cache, v_cache, pos, counter,
             N, K, weight.stride(0), weight.stride(1), norm.eps if norm is not None else 0.0,
             self.n_head, k_cache.size(2) if qkv is not None else 1,
             HEAD_DIM=self.head_dim, LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
             HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
-            BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, **self.launch,
+            BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, ADVANCE=advance is not None, **self.launch,
         )

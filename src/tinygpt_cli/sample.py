@@ -948,6 +948,8 @@ class _DecodeChunk:
             self.fused_draw = False
 
     def _take_steps(self) -> None:
+        if getattr(self.step, "advance", False) is None:  # the fused step moves the position and counter on itself
+            self.step.advance = self.counter  # (not in `_capture`'s warm-up step: the chunk's start stays put)
         uniform = self.uniform.to(self.logits.device) if self.uniform is not None else None
         for i in range(self.steps):
             column = None if uniform is None else uniform[:, i : i + 1]
@@ -961,8 +963,9 @@ class _DecodeChunk:
                                              self.stats, first=self.chunks == 0 and i == 0)
             if logits is not self.logits:
                 self.logits.copy_(logits)
-            self.view.input_pos.add_(1)
-            self.counter.add_(1)
+            if getattr(self.step, "advance", None) is not self.counter:
+                self.view.input_pos.add_(1)
+                self.counter.add_(1)
 
 
 def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: StaticDecodeView,
