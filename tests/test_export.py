@@ -454,3 +454,92 @@ def test_generate_and_eval_accept_a_hugging_face_folder(with_shakespeare, tmp_pa
     assert result.exit_code == 0, result.output
     assert math.isfinite(json.loads(result.stdout)["loss"])
     assert not (folder / "eval.jsonl").exists()  # nothing is written into someone's model folder
+
+
+def test_export_of_a_hub_model_is_named_after_it(tmp_path, workspace, monkeypatch):
+    """Audit: `tinygpt export gpt2` wrote exports/<snapshot commit hash>-hf, named after the hub cache's folder."""
+    from huggingface_hub import constants
+
+    commit = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
+    repo = tmp_path / "hub-cache" / "models--openai-community--gpt2"
+    (repo / "snapshots").mkdir(parents=True)
+    hf_folder(random_model(), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = export.export_model("gpt2", "hf")
+    assert result.path == workspace / "exports" / "gpt2-hf"
+
+
+def test_hf_config_of_wrong_types_is_one_clear_error(tmp_path):
+    """Audit: a null or a string where config.json has a number raised a TypeError/ValueError traceback."""
+    folder = hf_folder(random_model(), tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    for change in ({"layer_norm_epsilon": None}, {"vocab_size": "big"}, {"n_layer": None}):
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(TinyGPTError, match="is not a valid GPT-2 config"):
+            export.load_pretrained(folder)
+        assert_one_line_error(invoke("export", str(folder), "--out", str(tmp_path / "out")), "not a valid GPT-2")
+
+
+def test_export_removes_what_a_killed_export_left(hf_source, workspace, monkeypatch):
+    """Audit: an export killed by SIGTERM/SIGKILL left `.NAME.tmp-PID` (a partial model) that nothing removed;
+    and a short write without an errno (the gguf writer on a full disk) was not called a full disk."""
+    import subprocess
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    shelf = workspace / "exports"
+    stale = shelf / f".src-hf.tmp-{done.pid}"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    alive = shelf / ".src-hf.tmp-1"  # a process that is running: not touched
+    alive.mkdir()
+    assert invoke("export", str(hf_source)).exit_code == 0
+    assert not stale.exists() and alive.exists() and (shelf / "src-hf" / "config.json").is_file()
+
+    def short_write(model, folder, dtype="fp32"):
+        raise OSError("1608224 requested and 57880 written")  # numpy's tofile: no errno
+
+    monkeypatch.setattr(export, "write_hf", short_write)
+    result = invoke("export", str(hf_source), "--out", str(workspace / "other"))
+    assert_one_line_error(result, "requested and 57880 written): free some space")
+
+
+def test_failed_export_removes_every_folder_it_made(hf_source, workspace, monkeypatch):
+    """Audit: a failed export to --out new/a/b/x removed b but left new/a behind."""
+    def fail(model, folder, dtype="fp32"):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_hf", fail)
+    (workspace / "keep").mkdir()
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(workspace / "keep" / "a" / "b" / "x")),
+                          "free some space")
+    assert list((workspace / "keep").iterdir()) == []
+
+
+def test_onnx_export_of_a_one_token_context(tmp_path):
+    """Audit: a model with block_size 1 failed with a bare AssertionError (a Dim with min == max)."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = random_model(n_layer=1, n_head=1, n_embd=8, block_size=1)
+    tmp_path.joinpath("onnx").mkdir()
+    export.write_onnx(model, tmp_path / "onnx")
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = sample_ids(3, 1)
+    (logits,) = session.run(None, {"input_ids": ids.numpy()})
+    np.testing.assert_allclose(logits, tinygpt_logits(model, ids).numpy(), atol=1e-4, rtol=0)
+
+
+def test_a_bare_run_name_is_the_run_not_a_folder_of_that_name_here(tmp_path, workspace):
+    """Audit: after `tinygpt export r --out r` (in the current folder), `tinygpt export r -f gguf` exported that
+    Hugging Face folder, not the run r (whose newer checkpoints were then never exported)."""
+    from tinygpt_cli.checkpoint import save_checkpoint
+
+    run_model, stale_model = random_model(seed=1), random_model(seed=2)
+    save_checkpoint(workspace / "runs" / "r", 1, run_model, None, {"format": "tinygpt", "step": 1})
+    hf_folder(stale_model, tmp_path / "r")  # the test runs in tmp_path: ./r
+    loaded = export.load_model("r")
+    assert loaded.state["format"] == "tinygpt" and loaded.path.parent.parent == workspace / "runs" / "r"
+    assert export.load_model("./r").state["format"] == "huggingface"  # a path is a path

@@ -80,3 +80,40 @@ def test_empty_workspace_listings(workspace):
     assert invoke("data").exit_code == 0 and "No tokenized data" in invoke("data").stderr
     assert json.loads(invoke("runs", "--json").stdout) == [] and json.loads(invoke("data", "--json").stdout) == []
     assert_one_line_error(invoke("runs", "show"), "no trained run")
+
+
+def test_runs_survives_a_state_json_of_wrong_types(workspace):
+    """Audit: one state.json with a null step, a string loss or a non-dict run_config crashed `tinygpt runs` (and
+    `runs --json`) with a traceback. A field of the wrong type reads as missing; a step that is no count makes the
+    run be left out with a note."""
+    good = {"format": "tinygpt", "step": 3, "tokens_seen": 96, "best_val_loss": 5.5, "val_loss": 5.6,
+            "saved_at": "2026-01-01T00:00:00+00:00", "data": {"dataset": "d"},
+            "model_config": {"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8},
+            "run_config": {"size": "micro", "train": {"max_steps": 3}}}
+    cases = {"nullstep": {"step": None}, "strtokens": {"tokens_seen": "many"}, "strloss": {"best_val_loss": "x"},
+             "strconfig": {"run_config": "x"}, "listtrain": {"run_config": {"train": [1]}}, "strdata": {"data": "x"},
+             "intdate": {"saved_at": 5}, "intsize": {"run_config": {"size": 7}},
+             "badmodel": {"model_config": {"n_head": "x"}}}
+    for name, change in cases.items():
+        checkpoint = workspace / "runs" / name / "checkpoints" / "step_3"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "state.json").write_text(json.dumps({**good, **change}))
+        (checkpoint / "model.safetensors").write_bytes(b"")  # not read by the listing
+    listing = invoke("runs")
+    assert listing.exit_code == 0 and "Traceback" not in listing.output, listing.output
+    assert "note: nullstep is left out" in listing.stderr and "note: strtokens is left out" in listing.stderr
+    as_json = {row["name"]: row for row in json.loads(invoke("runs", "--json").stdout)}
+    assert set(as_json) == set(cases) - {"nullstep", "strtokens"}
+    assert as_json["strloss"]["best_val_loss"] is None and as_json["intdate"]["saved_at"] is None
+    assert as_json["intsize"]["size"] is None and as_json["listtrain"]["max_steps"] is None
+    assert as_json["strdata"]["dataset"] is None and as_json["badmodel"]["parameters"] is None
+    assert as_json["strconfig"]["steps"] == 3 and as_json["strconfig"]["tokens"] == 96
+
+
+def test_runs_show_of_a_damaged_report(workspace):
+    """Audit: a report.md with bytes that are not UTF-8 made `tinygpt runs show` fail with a traceback."""
+    run = workspace / "runs" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "report.md").write_bytes(b"# Run r\n\xff\xfe\n")
+    shown = invoke("runs", "show", "r")
+    assert shown.exit_code == 0 and shown.stdout.startswith("# Run r"), shown.output

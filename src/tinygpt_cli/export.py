@@ -408,14 +408,15 @@ def write_onnx(model: GPT, folder: Path, dtype: str = "fp32") -> None:
         model = copy.deepcopy(model).to("cpu", _TORCH_DTYPES[dtype])  # the caller's model stays as it is
     graph = _LogitsModel(model).eval()
     example = torch.zeros((2, min(8, cfg.block_size)), dtype=torch.long)
-    batch = torch.export.Dim("batch", min=1)
-    sequence = torch.export.Dim("sequence", min=1, max=cfg.block_size)
+    axes = {0: torch.export.Dim("batch", min=1)}
+    if cfg.block_size > 1:  # a Dim cannot have min == max: a one-token context is a static axis
+        axes[1] = torch.export.Dim("sequence", min=1, max=cfg.block_size)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with _quiet_torch_onnx(), torch.no_grad():
         try:
             torch.onnx.export(
                 graph, (example,), str(folder / "model.onnx"), input_names=["input_ids"], output_names=["logits"],
-                dynamic_shapes={"input_ids": {0: batch, 1: sequence}}, dynamo=True, verbose=False,
+                dynamic_shapes={"input_ids": axes}, dynamo=True, verbose=False,
                 external_data=weight_bytes > 2**30,
             )
         except OSError:
@@ -440,6 +441,10 @@ def check_format(fmt: str, dtype: str) -> None:
 def _source_name(loaded: LoadedCheckpoint) -> str:
     """The run's name; with the step for a checkpoint other than its latest, which would share the run's path."""
     path = loaded.path
+    state = loaded.state or {}
+    if state.get("format") == "huggingface" and state.get("source") in HUB_MODELS:
+        source = state["source"]
+        return workspace.safe_name(str(source))  # not the hub cache's snapshot folder (a commit hash)
     if path.parent.name != "checkpoints":
         return workspace.safe_name(path.name)
     run = path.parent.parent  # runs/<name>/checkpoints/step_<N>
@@ -507,11 +512,13 @@ def export_model(
     single_file = fmt == "gguf"
 
     parent = target.parent
-    made_parent = not parent.exists()
+    # the folders mkdir will make, deepest first: a failed export removes them again (if still empty)
+    made = [folder for folder in (parent, *parent.parents) if not folder.exists()]
     tmp = parent / f".{target.name}.tmp-{os.getpid()}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
+        _remove_stale_temps(parent, target.name)
         if not single_file:
             tmp.mkdir()
         if fmt == "hf":
@@ -537,15 +544,41 @@ def export_model(
     except BaseException as exc:
         if parent.is_dir():
             _remove(tmp)
-            if made_parent and not any(parent.iterdir()):
-                parent.rmdir()
+        for folder in made:  # deepest first; one that mkdir did not get to does not exist
+            if not folder.is_dir():
+                continue
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
         if isinstance(exc, (OSError, SafetensorError)):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
-            full = not isinstance(exc, OSError) or exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            # numpy's tofile (the gguf writer) reports a full disk as "N requested and M written", with no errno
+            full = not isinstance(exc, OSError) or exc.errno in (errno.ENOSPC, errno.EDQUOT, None)
             advice = "free some space, or choose another --out" if full else "choose another --out"
             raise ExportError(f"cannot write {target} ({reason}): {advice}") from None
         raise
     return ExportResult(path=target, format=fmt, dtype=dtype, source=loaded.path, files=_files_under(target))
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or cannot tell: leave its files alone
+    return True
+
+
+def _remove_stale_temps(parent: Path, name: str) -> None:
+    """Remove `.<name>.tmp-<pid>` left by an export whose process is gone (killed before it could clean up)."""
+    prefix = f".{name}.tmp-"
+    for child in parent.iterdir():
+        pid = child.name[len(prefix):] if child.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(child)
 
 
 def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
@@ -643,6 +676,13 @@ def _config_from_hf(folder: Path, config: dict[str, Any]) -> ModelConfig:
     where = folder / "config.json"
     if config.get("model_type") != "gpt2":
         raise ExportError(f"{where} describes a {config.get('model_type')!r} model; tinygpt loads GPT-2 ('gpt2') only")
+    try:
+        return _checked_config_from_hf(where, config)
+    except (TypeError, ValueError) as exc:  # a null or a string where a number goes
+        raise ExportError(f"{where} is not a valid GPT-2 config ({exc}): re-download or re-export the model") from None
+
+
+def _checked_config_from_hf(where: Path, config: dict[str, Any]) -> ModelConfig:
     n_embd = int(config.get("n_embd", 768))
     checks = [
         (config.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
@@ -713,6 +753,11 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
     if spec is None or str(spec) == "":
         return "tinygpt", None
     path = Path(spec).expanduser()
+    # a bare name is a run's before it is a folder in the current directory (as `checkpoint.find_run` has it): an
+    # export written there with `--out NAME` must not stand in for the run it came from
+    bare = str(spec) not in (".", "..") and not any(sep and sep in str(spec) for sep in (os.sep, os.altsep))
+    if bare and (workspace.runs_dir() / str(spec)).is_dir():
+        return "tinygpt", str(spec)
     if path.is_dir():
         return ("hf", path) if _is_hf_folder(path) else ("tinygpt", path)
     if path.exists():

@@ -35,25 +35,47 @@ class RunSummary:
 
 def run_summary(run_dir: Path) -> RunSummary:
     """Summarise `run_dir` from its latest checkpoint (raises CheckpointError if it has none)."""
-    from tinygpt_cli.checkpoint import latest_checkpoint, no_checkpoint_message, read_state
+    from tinygpt_cli.checkpoint import STATE_FILE, latest_checkpoint, no_checkpoint_message, read_state
     from tinygpt_cli.plan import count_parameters
 
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise CheckpointError(no_checkpoint_message(run_dir))
     state = read_state(checkpoint)
-    run_config: dict[str, Any] = state.get("run_config") or {}
+    counts = {key: state.get(key, 0) for key in ("step", "tokens_seen")}
+    for key, value in counts.items():
+        if not _is_count(value):
+            raise CheckpointError(f"{checkpoint / STATE_FILE} is damaged ({key} is {value!r}, not a count)")
+    run_config = _dict(state.get("run_config"))
     parameters = None
-    with contextlib.suppress(TypeError, ConfigError):
-        parameters = count_parameters(ModelConfig(**state.get("model_config", {})))
-    data = state.get("data") or {}
+    with contextlib.suppress(TypeError, ValueError, ConfigError):
+        parameters = count_parameters(ModelConfig(**_dict(state.get("model_config"))))
+    max_steps = _dict(run_config.get("train")).get("max_steps")
     return RunSummary(
-        name=run_dir.name, path=str(run_dir), size=run_config.get("size"), parameters=parameters,
-        dataset=data.get("dataset"), steps=int(state.get("step", 0)),
-        max_steps=(run_config.get("train") or {}).get("max_steps"), tokens=int(state.get("tokens_seen", 0)),
-        best_val_loss=state.get("best_val_loss"), val_loss=state.get("val_loss"), saved_at=state.get("saved_at"),
-        has_report=(run_dir / REPORT_FILE).is_file(),
+        name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), parameters=parameters,
+        dataset=_str(_dict(state.get("data")).get("dataset")), steps=counts["step"],
+        max_steps=max_steps if _is_count(max_steps) else None, tokens=counts["tokens_seen"],
+        best_val_loss=_number(state.get("best_val_loss")), val_loss=_number(state.get("val_loss")),
+        saved_at=_str(state.get("saved_at")), has_report=(run_dir / REPORT_FILE).is_file(),
     )
+
+
+# state.json is read as written by tinygpt, but a hand-edited or damaged one must not break the whole listing:
+# a field of the wrong type reads as missing (counts that a summary needs make the run be left out instead)
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
@@ -102,7 +124,7 @@ def run_report(spec: str | None) -> tuple[Path, str]:
             f"{run_dir.name} has no {REPORT_FILE} yet (it is written when training stops): "
             f"finish or resume it with `tinygpt train --resume --name {run_dir.name}`"
         )
-    return report, report.read_text(encoding="utf-8")
+    return report, report.read_text(encoding="utf-8", errors="replace")  # a damaged byte is no reason to fail
 
 
 @dataclass(frozen=True)
