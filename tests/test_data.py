@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -772,3 +773,18 @@ def test_the_same_file_typed_another_way_is_the_same_source(workspace, monkeypat
     assert runner.invoke(app, ["tokenize", "a.jsonl", "--text-field", "text"]).exit_code == 0
     monkeypatch.chdir(workspace / "two")
     _one_line_error(runner.invoke(app, ["tokenize", "a.jsonl"]), "data/a already holds a dataset tokenized from")
+
+
+def test_a_dataset_without_a_creation_time_is_listed_not_a_crash(with_shakespeare, workspace):
+    """Audit: "created": null (which meta.json may hold) crashed `data`, `data show` and `train`'s default
+    dataset when sorting the datasets by creation time."""
+    from test_cli import invoke
+
+    copy = workspace / "data" / "s2"
+    shutil.copytree(with_shakespeare, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["created"], meta["name"] = None, "s2"
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert {d.path.name for d in data.list_datasets()} == {"shakespeare", "s2"}
+    listed = invoke("data")
+    assert listed.exit_code == 0 and "s2" in listed.stdout, listed.output

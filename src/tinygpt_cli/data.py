@@ -900,7 +900,7 @@ def list_datasets(problems: list[str] | None = None, check_files: bool = False) 
                 problems.append(f"{meta.parent.name} is left out: {exc}")
             continue
         found.append(dataset)
-    return sorted(found, key=lambda d: (d.meta.get("created", ""), d.path.stat().st_mtime), reverse=True)
+    return sorted(found, key=lambda d: (d.meta.get("created") or "", d.path.stat().st_mtime), reverse=True)
 
 
 def find_dataset(spec: str | None) -> Dataset | None:
