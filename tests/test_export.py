@@ -543,3 +543,34 @@ def test_a_bare_run_name_is_the_run_not_a_folder_of_that_name_here(tmp_path, wor
     loaded = export.load_model("r")
     assert loaded.state["format"] == "tinygpt" and loaded.path.parent.parent == workspace / "runs" / "r"
     assert export.load_model("./r").state["format"] == "huggingface"  # a path is a path
+
+
+def test_sigterm_stops_an_export_like_ctrl_c(hf_source, workspace):
+    """It died silently with 143, leaving a hidden partial model (audit): now it removes it, says so and exits 143,
+    an earlier export at --out kept as it was."""
+    import os
+    import subprocess
+    import textwrap
+
+    earlier = workspace / "exports" / "src-hf"
+    assert invoke("export", str(hf_source)).exit_code == 0
+    before = {path.name: path.read_bytes() for path in earlier.iterdir()}
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from tinygpt_cli import export
+        from tinygpt_cli.cli import main
+        original = export.write_hf
+        def write_hf(model, folder, dtype="fp32"):
+            original(model, folder, dtype)
+            os.kill(os.getpid(), signal.SIGTERM)
+        export.write_hf = write_hf
+        sys.argv = ["tinygpt", "export", sys.argv[1], "--force"]
+        main()
+    """)
+    stopped = subprocess.run([sys.executable, "-c", script, str(hf_source)], env=dict(os.environ),
+                             capture_output=True, text=True, timeout=300, cwd=workspace)
+    assert stopped.returncode == 143, stopped.stderr
+    assert "Interrupted: the export stopped and its partial files were removed." in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert sorted(path.name for path in (workspace / "exports").iterdir()) == ["src-hf"]
+    assert {path.name: path.read_bytes() for path in earlier.iterdir()} == before

@@ -582,9 +582,9 @@ def train(
 
 @contextlib.contextmanager
 def _interruptible(view, err, message: Callable[[KeyboardInterrupt], str]) -> Iterator[None]:
-    """Within: Ctrl-C, SIGTERM and SIGHUP (unless started ignored, as under nohup) stop a resumable command
-    (tokenize, download) the same way: its rate view closes, `message(exc)` says what was kept, and it exits
-    128 + the signal. The view is closed however it ends."""
+    """Within: Ctrl-C, SIGTERM and SIGHUP (unless started ignored, as under nohup) stop a command that cleans up
+    after itself (tokenize, download, export) the same way: its rate view (if any) closes, `message(exc)` says
+    what was kept, and it exits 128 + the signal. The view is closed however it ends."""
     import signal
 
     from tinygpt_cli.launch import STOP_SIGNALS, Stopped, signals_handled
@@ -592,15 +592,16 @@ def _interruptible(view, err, message: Callable[[KeyboardInterrupt], str]) -> It
     def handler(signum: int, frame: Any) -> None:
         raise Stopped(signum)
 
+    close = view.close if view is not None else lambda: None
     try:
         with signals_handled(handler, tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)):
             yield
     except KeyboardInterrupt as exc:
-        view.close()
+        close()
         err.print(message(exc))
         raise typer.Exit(_signal_exit(getattr(exc, "signal", None))) from None
     finally:
-        view.close()
+        close()
 
 
 def _signal_exit(signum: int | None) -> int:
@@ -1105,8 +1106,10 @@ def export(
     from tinygpt_cli.export import check_format, export_model
 
     check_format(fmt, dtype)  # before loading anything
-    _stderr_console().print(f"Exporting {source or 'the latest run'} as {fmt} ({dtype})…", soft_wrap=True)
-    result = export_model(source, fmt, out, dtype, force=force)
+    err = _stderr_console()
+    err.print(f"Exporting {source or 'the latest run'} as {fmt} ({dtype})…", soft_wrap=True)
+    with _interruptible(None, err, lambda exc: "Interrupted: the export stopped and its partial files were removed."):
+        result = export_model(source, fmt, out, dtype, force=force)
     if as_json:
         print(
             json.dumps(
