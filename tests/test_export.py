@@ -574,3 +574,38 @@ def test_sigterm_stops_an_export_like_ctrl_c(hf_source, workspace):
     assert "Traceback" not in stopped.stderr
     assert sorted(path.name for path in (workspace / "exports").iterdir()) == ["src-hf"]
     assert {path.name: path.read_bytes() for path in earlier.iterdir()} == before
+
+
+def test_an_empty_out_folder_is_filled_in_place(hf_source, workspace, tmp_path, monkeypatch):
+    """Audit: `--out .` in an empty folder failed (a rename over the current folder: EBUSY), and `--out` naming the
+    current folder by its path replaced it, leaving the shell in a deleted folder. An empty folder is now filled;
+    a failure part-way empties it again."""
+    import os
+
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    result = invoke("export", str(hf_source), "--out", ".")
+    assert result.exit_code == 0, result.output
+    assert (here / "config.json").is_file() and here.stat().st_ino == inode
+    assert not [p for p in here.parent.iterdir() if p.name.startswith(".")]  # no temp folder left next to it
+    assert export.load_model(str(here)).state["format"] == "huggingface"
+
+    other = tmp_path / "mount"
+    other.mkdir()
+    real, calls = os.replace, []
+
+    def failing(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", failing)
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(other)), "free some space")
+    assert other.is_dir() and list(other.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / "afile").write_text("x")  # it said "cannot write afile/sub (File exists)"
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(tmp_path / "afile" / "sub")),
+                          "afile is a file, not a folder: choose another --out")

@@ -497,7 +497,8 @@ def export_model(
     elif fmt == "onnx":
         _require("onnx", "--format onnx")
         _require("onnxscript", "--format onnx (torch's ONNX exporter)")
-    target = Path(out).expanduser() if out is not None else None
+    # absolute, so that `--out .` has a parent to put the temp folder in and a name
+    target = Path(os.path.abspath(Path(out).expanduser())) if out is not None else None
     if target is not None and fmt == "gguf" and target.suffix != ".gguf":
         target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
     if target is not None:
@@ -528,7 +529,9 @@ def export_model(
         else:
             write_onnx(model, tmp, dtype)
         _fsync_tree(tmp)
-        if target.exists() or target.is_symlink():  # force: swap the new one in, then drop the old one
+        if not single_file and target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+            _fill(target, tmp)  # an empty folder (made by hand, a mount point, the current one) is kept
+        elif target.exists() or target.is_symlink():  # force: swap the new one in, then drop the old one
             old = parent / f".{target.name}.old-{os.getpid()}"
             _remove(old)
             os.replace(target, old)
@@ -560,6 +563,22 @@ def export_model(
     return ExportResult(path=target, format=fmt, dtype=dtype, source=loaded.path, files=_files_under(target))
 
 
+def _fill(folder: Path, tmp: Path) -> None:
+    """Move the files of `tmp` into the empty `folder` (rather than renaming over it, which fails for the current
+    folder and mount points and would drop its permissions), then remove `tmp`; on failure `folder` is emptied."""
+    moved = []
+    try:
+        for child in sorted(tmp.iterdir()):
+            os.replace(child, folder / child.name)
+            moved.append(folder / child.name)
+    except BaseException:
+        for path in moved:
+            _remove(path)
+        raise
+    tmp.rmdir()
+    fsync_dir(folder)
+
+
 def _pid_alive(pid: int) -> bool:
     if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
         return True
@@ -584,6 +603,9 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
 def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
     """Refuse an `--out` that holds something, unless `force` and it is an earlier export (never the source, the
     workspace, the current folder or a folder above them, whatever it looks like)."""
+    above = next((folder for folder in target.parents if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ExportError(f"{above} is a file, not a folder: choose another --out")
     if not _occupied(target):
         return
     if not force:
