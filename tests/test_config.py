@@ -102,3 +102,10 @@ def test_string_keys_keep_on_off_as_text(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  compile: off\n")
     assert resolve_config(config_file=path).train.compile == "off"
+
+
+def test_a_quoted_string_value_is_unquoted_as_the_docs_say():
+    """docs/configuration.md: quote a string YAML would read as something else, `--set "train.compile='off'"`."""
+    assert resolve_config(overrides=["train.compile='off'"]).train.compile == "off"
+    assert resolve_config(overrides=['data.dataset="my data"']).data.dataset == "my data"
+    assert resolve_config(overrides=["data.dataset=it's"]).data.dataset == "it's"  # not a quoted string: as written

@@ -277,3 +277,15 @@ def test_host_memory_respects_a_container_limit(tmp_path, monkeypatch):
 
     (v1 / "memory" / "memory.stat").unlink()
     assert sample.free_memory(__import__("torch").device("cpu")) == 0  # 1 GiB used of a 1 MiB limit
+
+
+def test_processes_on_one_host_share_its_ram_as_train_counts_it(monkeypatch):
+    """`train --nproc N` on a CPU gives each process 1/N of the RAM (`_fit_host_memory`); plan must agree, not
+    call a micro-batch that only fits N times over a fit."""
+    monkeypatch.setattr(P, "_host_memory", lambda: 8 * 2**30)
+    cfg = resolve_config(size="micro")
+    one, four = P.plan(cfg, data="shakespeare", device="cpu"), P.plan(cfg, data="shakespeare", device="cpu", nproc=4)
+    assert four.memory.device_memory == 2 * 2**30 and four.memory.max_batch_size < one.memory.max_batch_size
+    big = replace(cfg, train=replace(cfg.train, batch_size=one.memory.max_batch_size))
+    assert P.plan(big, data="shakespeare", device="cpu").memory.fits
+    assert P.plan(big, data="shakespeare", device="cpu", nproc=4).memory.fits is False

@@ -302,7 +302,15 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {text!r} needs a section and a key, e.g. train.lr=3e-4")
     cls = SECTIONS.get(section)
     if cls is not None and _field_types(cls).get(key) is str:
-        return section, key, raw.strip()
+        text = raw.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # quoted as YAML quotes a string
+            try:
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                unquoted = None
+            if isinstance(unquoted, str):
+                return section, key, unquoted
+        return section, key, text
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -562,6 +562,10 @@ def plan(
     half = dtype != "fp32"
     compiled = trains_compiled(tc.compile, spec.kind)
     notes: list[str] = []
+    if spec.kind in ("cpu", "mps") and nproc > 1 and spec.memory_bytes is not None:
+        # the processes share this machine's RAM: each counts on its share, as `train` checks it
+        spec = replace(spec, memory_bytes=spec.memory_bytes // nproc)
+        notes.append(f"the {nproc} processes share this machine's RAM: the memory per device is each one's share")
 
     batch_size, grad_accum = tc.batch_size, tc.grad_accum
     memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp, compiled)

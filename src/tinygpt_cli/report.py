@@ -104,9 +104,12 @@ def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, f
     val: list[tuple[int, float]] = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:  # a line a crash cut short: the resume that follows drops it
                 continue
-            record = json.loads(line)
+            if not isinstance(record, dict):
+                continue
             kind = record.get("kind")
             value = record.get("loss") if kind == "train" else record.get("val_loss")
             if value is None or not math.isfinite(value):

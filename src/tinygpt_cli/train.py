@@ -234,6 +234,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Set the config's AdamW settings on `optimizer`'s groups (as `make_optimizer` made them): loading a
+    checkpoint's optimizer state also loads the hyperparameters it was saved with, which a resume's
+    --set train.weight_decay / beta1 / beta2 must replace. The LR is set at every step."""
+    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+        group["weight_decay"] = decay
+        group["betas"] = (cfg.beta1, cfg.beta2)
+
+
 # ----------------------------------------------------------------------------------------------- throughput
 def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12*L*T*C."""
@@ -366,17 +375,20 @@ def default_run_name(cfg: RunConfig, dataset: Dataset) -> str:
 class _Metrics:
     """Appends JSON lines to metrics.jsonl, flushed per line so a crash loses nothing logged."""
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True, drop_eval: bool = False) -> None:
         self.path = path
         self.handle = None
         if not enabled:  # ranks other than 0 write nothing
             return
         if resume_step is not None and path.exists():
-            # drop what was logged after the checkpoint we resume from: those steps are trained again
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            # drop what was logged after the checkpoint we resume from: those steps are trained again; and a
+            # line a crash cut short (a kill or a full disk mid-write), which would stop every later reader
+            kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step
+                    and not (drop_eval and record.get("kind") == "eval" and record.get("step") == resume_step)]
             write_text_atomic(path, "".join(line + "\n" for line in kept))
-        self.handle = open(path, "a", encoding="utf-8")
+        # a new run starts its own file: one left by an attempt killed before its first checkpoint is not its own
+        self.handle = open(path, "a" if resume_step is not None else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if self.handle is not None:
@@ -386,6 +398,15 @@ class _Metrics:
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as its record; None for a blank, cut or damaged line."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png")  # what a run writes besides checkpoints/
@@ -613,11 +634,12 @@ class _Trainer:
             saved = load_optimizer_state(checkpoint)
         if not self.fsdp:
             self.optimizer.load_state_dict(saved)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=saved,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=saved,
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        apply_hyperparameters(self.optimizer, self.tc)  # the saved groups carry the run's old settings
 
     def _full_state(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
         """Full (unsharded, CPU) model and optimizer state dicts under FSDP; (None, None) otherwise."""
@@ -748,6 +770,7 @@ class _Trainer:
                     "lr_rewarm": self.lr_rewarm,
                     "rng": rng_states[0], "rng_per_rank": rng_states if self.info.enabled else None,
                     "world_size": self.info.world_size, "skipped_steps": self._skipped_total(), "fsdp": self.fsdp,
+                    "val_pending": self.eval_cut,  # the step's evaluation was cut short: a resume runs it first
                     "log_window": self.log_window,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
                              "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256")},
@@ -761,6 +784,8 @@ class _Trainer:
                     f"could not write the checkpoint of step {step} to {self.run_dir} ({exc.strerror or exc}); "
                     f"the previous checkpoint is intact: free disk space, then resume with --resume"
                 ) from None
+            # config.yaml describes the checkpoints: a resume stopped before its first one leaves the run's as it was
+            write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             self.emit(TrainEvent("checkpoint", step=step, max_steps=self.tc.max_steps, message=str(path)))
         dist.barrier()
 
@@ -781,6 +806,17 @@ class _Trainer:
                 f"run {self.run_dir.name} trained on data/{self.dataset.name} as it was before it was tokenized "
                 f"again from other text: resuming would go on with other data. Tokenize the original source "
                 f"again, or start a new run from these weights with --init-from {self.run_dir.name}"
+            )
+        if recorded and current and recorded != current and trained_on.get("dataset") != self.dataset.name:
+            self.emit(TrainEvent("info", message=(
+                f"run {self.run_dir.name} trained on {trained_on.get('dataset')}; this resume trains on "
+                f"{self.dataset.name}, other text: its val losses (and the best so far) are on another val split")))
+        saved_config = state.get("run_config")
+        trained_from = ((saved_config or {}).get("train") or {}).get("init_from") or ""
+        if isinstance(saved_config, dict) and tc.init_from != trained_from:
+            raise TrainingError(
+                f"--init-from cannot change run {self.run_dir.name} on resume: it goes on from its own checkpoint "
+                f"(started from {trained_from or 'scratch'}); drop --init-from, or start a new run with --name"
             )
         self._note_batch_change()
         step = int(state.get("step", 0))
@@ -892,9 +928,11 @@ class _Trainer:
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.started = time.perf_counter()
         self.eval_model = self.forward_model.module if (info.enabled and not self.fsdp) else self.forward_model
-        if info.is_main:
+        if info.is_main and self.checkpoint is None:  # a resume's goes with its next checkpoint (see `_save`)
             write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
-        metrics = _Metrics(self.run_dir / "metrics.jsonl", start_step if self.checkpoint else None, info.is_main)
+        val_pending = self.checkpoint is not None and bool(state.get("val_pending"))
+        metrics = _Metrics(self.run_dir / "metrics.jsonl", start_step if self.checkpoint else None, info.is_main,
+                           drop_eval=val_pending)
         tokens_per_step = self.batch_size * self.grad_accum * self.block * info.world_size
         flops_token = flops_per_token(self.model)
         peak = device_peak_flops(device, self.dtype)
@@ -947,6 +985,9 @@ class _Trainer:
         self.model.train()
         with _stop_on_signals(self.stop):
             try:
+                if val_pending:  # the evaluation a stop cut short at this step: as the uninterrupted run has it
+                    self._eval_and_save(step, metrics)
+                    window_began = time.perf_counter()
                 while step < tc.max_steps:
                     stopped = self._stop_reason(step)
                     if stopped:
@@ -1036,9 +1077,10 @@ class _Trainer:
             best_val_loss=self.best_val, unigram_val_loss=unigram, stopped=stopped or "completed",
             skipped_steps=self._skipped_total(), first_step=start_step,
         )
-        report_model = self._report_model()
-        if info.is_main:
-            self._write_report(result, report_model)
+        if step > start_step or val_pending:  # a resume stopped before its first step keeps the run's report
+            report_model = self._report_model()
+            if info.is_main:
+                self._write_report(result, report_model)
         self.emit(TrainEvent("done", step=step, max_steps=tc.max_steps, loss=self.last_loss, val_loss=self.last_val,
                              tokens=self.tokens_seen, elapsed_s=self.elapsed(), message=result.stopped))
         return result
@@ -1073,7 +1115,7 @@ class _Trainer:
         if val is None:  # stopped during it: keep the step's work, with the last val loss measured
             self.eval_cut = True
             self.emit(TrainEvent("info", step=step, message=f"evaluation of step {step} cut short by the stop; "
-                                                            f"its checkpoint is saved without one"))
+                                                            f"its checkpoint is saved without one (a resume runs it)"))
             self._save(step)
             return
         self.last_val = val

@@ -1,0 +1,118 @@
+"""What a resume changes and keeps: AdamW settings, a cut evaluation, --init-from, a metrics.jsonl cut by a crash."""
+
+import json
+from dataclasses import replace
+
+import torch
+
+from conftest import tiny_config
+from tinygpt_cli import checkpoint as ckpt
+from tinygpt_cli.report import read_metrics
+from tinygpt_cli.train import train
+
+
+def test_a_resume_applies_the_new_adamw_settings_not_the_checkpoints(with_shakespeare):
+    """Loading the optimizer state loads its param groups too: --set train.weight_decay/beta1/beta2 on a resume
+    must reach the optimizer, as config.yaml says they do."""
+    config = tiny_config(max_steps=2, eval_interval=2)
+    train(config, run_name="r")
+    changed = replace(config, train=replace(config.train, max_steps=3, weight_decay=0.5, beta1=0.8, beta2=0.5))
+    resumed = train(changed, run_name="r", resume=True)
+    saved = torch.load(ckpt.latest_checkpoint(resumed.run_dir) / "optimizer.pt", weights_only=True)
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in saved["param_groups"]] == [(0.5, (0.8, 0.5)),
+                                                                                      (0.0, (0.8, 0.5))]
+
+
+def test_a_resume_drops_a_metrics_line_a_crash_cut_short(with_shakespeare):
+    config = tiny_config(max_steps=4, eval_interval=2, log_interval=1)
+    first = train(replace(config, train=replace(config.train, max_steps=2)), run_name="r")
+    with open(first.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"kind": "train", "step": 3, "lo')  # killed mid-line
+    resumed = train(config, run_name="r", resume=True)
+    rows = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_the_loss_plot_reads_past_a_cut_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "eval", "st\n')
+    assert read_metrics(path) == ([(1, 2.0)], [])
+
+
+def test_a_new_run_does_not_append_to_the_metrics_of_an_attempt_killed_before_its_first_checkpoint(
+        with_shakespeare, workspace):
+    """A run killed (SIGKILL, the OOM killer) before its first checkpoint leaves metrics.jsonl; starting the same
+    --name again must not mix that attempt's records into the new run's."""
+    run = workspace / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 99.0}\n')
+    result = train(tiny_config(max_steps=2, eval_interval=2, log_interval=1), run_name="r")
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert all(r.get("loss") != 99.0 for r in rows)
+
+
+def test_init_from_on_a_resume_is_refused_not_recorded_unused(with_shakespeare, workspace):
+    import pytest
+
+    from tinygpt_cli.errors import TrainingError
+
+    config = tiny_config(max_steps=2, eval_interval=2)
+    train(config, run_name="source")
+    train(config, run_name="r")
+    later = replace(config, train=replace(config.train, max_steps=3, init_from="source"))
+    with pytest.raises(TrainingError, match="--init-from cannot change run r on resume"):
+        train(later, run_name="r", resume=True)
+    assert ckpt.latest_checkpoint(workspace / "runs" / "r").name == "step_2"
+    assert "init_from: ''" in (workspace / "runs" / "r" / "config.yaml").read_text()
+
+
+def test_a_resume_runs_the_evaluation_a_stop_cut_short(with_shakespeare, monkeypatch):
+    """A stop in the middle of step 3's evaluation: the resume measures it before training on, so the val curve,
+    the best val loss and the train losses are those of the uninterrupted run."""
+    from tinygpt_cli import train as train_module
+    from tinygpt_cli.train import StopFlag
+
+    config = tiny_config(max_steps=6, eval_interval=3, eval_batches=4, log_interval=2)
+    straight = train(config, run_name="straight")
+    stop, real, evaluated = StopFlag(), train_module.windows_at, []
+
+    def windows(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            evaluated.append(1)
+            if len(evaluated) == 2:
+                stop.reason = "interrupted"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "windows_at", windows)
+    first = train(config, run_name="cut", stop=stop)
+    assert first.stopped == "interrupted" and first.steps == 3
+    monkeypatch.setattr(train_module, "windows_at", real)
+    resumed = train(config, run_name="cut", resume=True)
+
+    def curve(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["kind"], r["step"], r.get("loss", r.get("val_loss"))) for r in rows]
+
+    assert curve(resumed.run_dir) == curve(straight.run_dir)
+    assert resumed.best_val_loss == straight.best_val_loss
+    state = json.loads((ckpt.latest_checkpoint(resumed.run_dir) / "state.json").read_text())
+    assert not state["val_pending"]
+
+
+def test_a_resume_stopped_before_its_first_step_leaves_the_run_as_it_was(with_shakespeare):
+    """The CLI says "the run is as it was": config.yaml must not take the new --max-steps, nor report.md a
+    session of 0 tokens/s, when nothing was trained."""
+    from tinygpt_cli.train import StopFlag
+
+    config = tiny_config(max_steps=2, eval_interval=2)
+    run = train(config, run_name="r").run_dir
+    before = {name: (run / name).read_text() for name in ("config.yaml", "report.md")}
+    stop = StopFlag()
+    stop.reason = "interrupted"
+    later = replace(config, train=replace(config.train, max_steps=9))
+    result = train(later, run_name="r", resume=True, stop=stop)
+    assert result.stopped == "interrupted" and result.steps == 2
+    assert {name: (run / name).read_text() for name in ("config.yaml", "report.md")} == before
+    resumed = train(later, run_name="r", resume=True)  # and a resume that trains records the new budget
+    assert resumed.steps == 9 and "max_steps: 9" in (run / "config.yaml").read_text()
