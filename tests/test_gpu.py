@@ -28,6 +28,28 @@ def test_compiled_autocast_training(with_shakespeare, dtype):
     assert result.skipped_steps == 0
 
 
+def test_fp16_resume_goes_on_with_the_loss_scale(with_shakespeare):
+    """The GradScaler's scale and growth count are in the checkpoint: a resumed fp16 run is the straight run (it
+    restarted at 65536 before, so its skipped steps and losses drifted from the straight run's)."""
+    import json
+
+    from tinygpt_cli import checkpoint as ckpt
+
+    cfg = tiny_config(max_steps=6, eval_interval=3, log_interval=1, device="cuda", dtype="fp16", compile="off")
+    straight = train(cfg, run_name="straight")
+    train(replace(cfg, train=replace(cfg.train, max_steps=3)), run_name="cut")
+    resumed = train(cfg, run_name="cut", resume=True)
+
+    def saved(run):
+        state = json.loads((ckpt.latest_checkpoint(run.run_dir) / "state.json").read_text())
+        return state["grad_scaler"]
+
+    assert saved(resumed) == saved(straight) and saved(straight)["scale"] > 0
+    rows = [(run.run_dir / "metrics.jsonl").read_text().splitlines() for run in (straight, resumed)]
+    losses = [[json.loads(line).get("loss") for line in lines if '"train"' in line] for lines in rows]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)  # attention's backward may sum in another order
+
+
 def test_fused_cross_entropy_on_cuda_matches_reference():
     torch.manual_seed(0)
     hidden = torch.randn(4, 300, 64, device="cuda", requires_grad=True)

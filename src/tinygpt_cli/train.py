@@ -564,6 +564,8 @@ class _Trainer:
         elif tc.auto_batch:
             self._fit_batch_size()
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        if self.scaler is not None and checkpoint is not None and self.state.get("grad_scaler"):
+            self.scaler.load_state_dict(self.state["grad_scaler"])  # its scale and growth count go on
         try:  # DDP wraps the compiled model before the probe, so dynamo splits the graph at DDP's buckets
             self.forward_model = _maybe_compile(self.model, tc.compile, self.device, self.emit,
                                                 (self.batch_size, self.block), self.dtype,
@@ -771,6 +773,7 @@ class _Trainer:
                     "rng": rng_states[0], "rng_per_rank": rng_states if self.info.enabled else None,
                     "world_size": self.info.world_size, "skipped_steps": self._skipped_total(), "fsdp": self.fsdp,
                     "val_pending": self.eval_cut,  # the step's evaluation was cut short: a resume runs it first
+                    "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16
                     "log_window": self.log_window,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
                              "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256")},
