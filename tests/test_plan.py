@@ -164,11 +164,15 @@ def test_data_from_meta_json_and_defaults(with_shakespeare):
         (with_shakespeare / "val.bin").stat().st_size
     noted = P.plan(resolve_config(size="micro"), data="shakespeare", fraction=0.5, device="cpu")
     assert any("already tokenized" in note for note in noted.notes)
-    assert not any("fewer than one context" in note for note in noted.notes)
+    assert not any("a context of" in note for note in noted.notes)
     val = meta["splits"]["val"]["tokens"]  # a context longer than the val split: train refuses it, plan says so
     long = P.plan(resolve_config(size="micro", overrides=[f"model.block_size={val}"]), device="cpu")
-    assert any(f"the val split of shakespeare has {val:,} tokens, fewer than one context of {val + 1:,}" in note
-               and "`tinygpt train` will refuse it" in note for note in long.notes)
+    assert any(f"the val split of shakespeare has {val:,} tokens, fewer than the {val + 2:,} a context of {val:,} "
+               "needs: `tinygpt train` will refuse it" in note for note in long.notes)
+    # one token more than a context and its targets is what the sampler needs: train refuses it, plan says so
+    edge = P.plan(resolve_config(size="micro", overrides=[f"model.block_size={val - 1}"]), device="cpu")
+    assert any("fewer than the" in note for note in edge.notes)
+    assert P.too_little_data("d", "val", val, val - 2) is None
 
 
 def test_data_errors(workspace):

@@ -57,6 +57,7 @@ from tinygpt_cli.plan import (
     loss_chunk_bytes,
     micro_batch_within,
     resolve_device_spec,
+    too_little_data,
 )
 from tinygpt_cli.report import write_loss_plot, write_report
 
@@ -587,11 +588,9 @@ class _Trainer:
 
     def _check_data_fits(self, block: int) -> None:
         for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
-            if len(tokens) <= block + 1:
-                raise DataError(
-                    f"the {split} split of {self.dataset.name} has {len(tokens)} tokens, fewer than one context "
-                    f"of {block + 1}: lower model.block_size or tokenize more text"
-                )
+            short = too_little_data(self.dataset.name, split, len(tokens), block)
+            if short:
+                raise DataError(short)
 
     def drop_if_unstarted(self) -> None:
         """A new run that ends without a checkpoint (an error in setup or before the first save, a stop before
