@@ -10,11 +10,11 @@ import pytest
 from test_cli import assert_one_line_error
 from typer.testing import CliRunner
 
-from conftest import TINY_SETTINGS
+from conftest import TINY_SETTINGS, tiny_config
 from tinygpt_cli import plan as P
 from tinygpt_cli.cli import app
 from tinygpt_cli.config import ModelConfig, resolve_config
-from tinygpt_cli.errors import ConfigError, DataError
+from tinygpt_cli.errors import ConfigError, DataError, TinyGPTError
 
 runner = CliRunner()
 GPT2 = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
@@ -293,3 +293,26 @@ def test_processes_on_one_host_share_its_ram_as_train_counts_it(monkeypatch):
     big = replace(cfg, train=replace(cfg.train, batch_size=one.memory.max_batch_size))
     assert P.plan(big, data="shakespeare", device="cpu").memory.fits
     assert P.plan(big, data="shakespeare", device="cpu", nproc=4).memory.fits is False
+
+
+def test_plan_takes_the_shape_of_the_weights_train_init_from_starts_from(with_shakespeare, workspace):
+    """Audit: plan planned the --size preset's model while train trains the source's shape; the source is read
+    without loading its weights (a run's checkpoint header, a folder's config.json, a hub name's known shape)."""
+    from tinygpt_cli.export import export_model, pretrained_config
+    from tinygpt_cli.train import train
+
+    train(tiny_config(max_steps=1, eval_interval=1), run_name="base")  # 2 layers × 32, context 32
+    base = P.plan(resolve_config(size="small", overrides=["train.init_from=base"]), data="shakespeare", device="cpu")
+    assert base.model == {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 50304}
+    assert any("starting from base: its shape, 2 layers × 32, context 32" in note for note in base.notes)
+    folder = export_model("base", "hf", workspace / "hf-base").path
+    assert pretrained_config(str(folder)) == pretrained_config("base")
+    gpt2 = P.plan(resolve_config(size="micro", overrides=["train.init_from=gpt2-medium", "model.block_size=256"]),
+                  data="shakespeare", device="cpu")  # offline: the hub name's shape, not a download
+    assert (gpt2.model["n_layer"], gpt2.model["n_embd"], gpt2.model["block_size"]) == (24, 1024, 256)
+    assert gpt2.parameters > 300e6
+    with pytest.raises(TinyGPTError, match="longer than the model's context of 32"):
+        P.plan(resolve_config(size="micro", overrides=["train.init_from=base", "model.block_size=64"]),
+               data="shakespeare", device="cpu")
+    with pytest.raises(TinyGPTError, match="no run, checkpoint or Hugging Face GPT-2 folder at nosuch"):
+        P.plan(resolve_config(size="micro", overrides=["train.init_from=nosuch"]), device="cpu")

@@ -263,10 +263,7 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
         raise CheckpointError(f"{checkpoint} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise DamagedCheckpoint(f"{weights} is corrupted ({exc})", checkpoint) from None
-    try:
-        model_config = ModelConfig(**json.loads(metadata["model_config"]))
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise CheckpointError(f"{weights} carries no valid model config ({exc})") from None
+    model_config = _model_config(metadata, weights)
     model = GPT(model_config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
     got = {k: v.shape for k, v in tensors.items()}
@@ -284,6 +281,31 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
         except ConfigError:
             run_config = None
     return LoadedCheckpoint(checkpoint, model, state, run_config)
+
+
+def _model_config(metadata: dict[str, str], weights: Path) -> ModelConfig:
+    try:
+        return ModelConfig(**json.loads(metadata["model_config"]))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{weights} carries no valid model config ({exc})") from None
+
+
+def checkpoint_model_config(spec: str | Path | None) -> ModelConfig:
+    """The model config of a checkpoint (or a run's latest, as `load_checkpoint` resolves `spec`), read from its
+    weights file's header without loading the weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    checkpoint = resolve_checkpoint(str(spec) if spec is not None else None)
+    weights = checkpoint / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{weights} is corrupted ({exc})", checkpoint) from None
+    return _model_config(metadata, weights)
 
 
 class DamagedCheckpoint(CheckpointError):

@@ -286,6 +286,13 @@ def _merge_section(base: dict[str, dict[str, Any]], section: str, values: Any, o
         base[section][key] = _coerce(f"{section}.{key}", value, types[key])
 
 
+def init_from_block_size(cfg: RunConfig) -> int | None:
+    """The context a run started from other weights (train.init_from) crops them to: the config's
+    model.block_size where it was changed from its preset's value, else None (the weights' own context)."""
+    preset_block = PRESETS.get(cfg.size, {}).get("model", {}).get("block_size")
+    return cfg.model.block_size if cfg.model.block_size != preset_block else None
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`"train.lr=3e-4"` -> ("train", "lr", parsed value).
 

@@ -37,7 +37,14 @@ from safetensors import SafetensorError
 from torch import nn
 
 from tinygpt_cli import __version__, workspace
-from tinygpt_cli.checkpoint import STATE_FILE, LoadedCheckpoint, fsync_dir, latest_checkpoint, load_checkpoint
+from tinygpt_cli.checkpoint import (
+    STATE_FILE,
+    LoadedCheckpoint,
+    checkpoint_model_config,
+    fsync_dir,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import TinyGPTError
 from tinygpt_cli.model import GPT
@@ -56,6 +63,8 @@ HUB_MODELS = {
     "gpt2-large": "openai-community/gpt2-large",  # 774M
     "gpt2-xl": "openai-community/gpt2-xl",  # 1.5B
 }
+HUB_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+              "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd) of each, context 1024
 EXPORT_EXTRA = "pip install 'tinygpt[export]'"
 LAYER_NORM_EPS = 1e-5  # model.py's LayerNorms
 # weights that are nn.Linear (out, in) in tinygpt and Conv1D (in, out) in transformers
@@ -734,10 +743,8 @@ def _checked_config_from_hf(where: Path, config: dict[str, Any]) -> ModelConfig:
         raise ExportError(f"{where} is not a valid GPT-2 config ({exc})") from None
 
 
-def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
-    """A `GPT` (fp32, CPU, eval mode) from a Hugging Face GPT-2 folder: config.json and model.safetensors
-    (or a sharded index, or pytorch_model.bin loaded with weights_only). The vocabulary is padded to 50304."""
-    folder = Path(folder).expanduser()
+def hf_folder_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face GPT-2 folder, from its config.json (the vocabulary padded to 50304)."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -746,7 +753,14 @@ def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
         raise ExportError(f"{folder / 'config.json'} is not valid JSON: re-download or re-export the model") from None
     if not isinstance(config, dict):
         raise ExportError(f"{folder / 'config.json'} is not a JSON object: re-download or re-export the model")
-    cfg = _config_from_hf(folder, config)
+    return _config_from_hf(folder, config)
+
+
+def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
+    """A `GPT` (fp32, CPU, eval mode) from a Hugging Face GPT-2 folder: config.json and model.safetensors
+    (or a sharded index, or pytorch_model.bin loaded with weights_only). The vocabulary is padded to 50304."""
+    folder = Path(folder).expanduser()
+    cfg = hf_folder_config(folder)
     tensors = {}
     for key, value in _read_hf_tensors(folder).items():
         key = key.removeprefix("transformer.")
@@ -794,14 +808,18 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
     )
 
 
-def _adapt(model: GPT, block_size: int | None, dropout: float | None) -> GPT:
-    """`model` with a shorter context (positions cropped) and/or another dropout; the same object if neither."""
-    cfg: ModelConfig = model.config
+def _adapted_config(cfg: ModelConfig, block_size: int | None, dropout: float | None) -> ModelConfig:
+    """`cfg` with a shorter context and/or another dropout (see `load_pretrained`)."""
     if block_size is not None and block_size > cfg.block_size:
         raise ExportError(f"block_size {block_size} is longer than the model's context of {cfg.block_size} tokens: "
                           f"use {cfg.block_size} or less")
-    new = replace(cfg, block_size=block_size or cfg.block_size,
-                  dropout=cfg.dropout if dropout is None else dropout)
+    return replace(cfg, block_size=block_size or cfg.block_size, dropout=cfg.dropout if dropout is None else dropout)
+
+
+def _adapt(model: GPT, block_size: int | None, dropout: float | None) -> GPT:
+    """`model` with a shorter context (positions cropped) and/or another dropout; the same object if neither."""
+    cfg: ModelConfig = model.config
+    new = _adapted_config(cfg, block_size, dropout)
     if new == cfg:
         return model
     state = model.state_dict()
@@ -836,6 +854,22 @@ def load_pretrained(
         model, _ = load_hf_folder(download_gpt2(str(where)))
     model = _adapt(model, block_size, dropout).to(device).eval()
     return model, model.config
+
+
+def pretrained_config(spec: str | Path, *, block_size: int | None = None,
+                      dropout: float | None = None) -> ModelConfig:
+    """The ModelConfig that `load_pretrained(spec, block_size=, dropout=)` gives, read without loading (or
+    downloading) any weights: for `tinygpt plan --set train.init_from=...`."""
+    kind, where = _resolve(spec)
+    if kind == "tinygpt":
+        cfg = checkpoint_model_config(where)  # type: ignore[arg-type]
+    elif kind == "hf":
+        cfg = hf_folder_config(Path(where))  # type: ignore[arg-type]
+    else:
+        n_layer, n_head, n_embd = HUB_SHAPES[str(where)]
+        cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024,
+                          vocab_size=-(-VOCAB_SIZE // 64) * 64, dropout=0.0, bias=True)
+    return _adapted_config(cfg, block_size, dropout)
 
 
 def load_model(spec: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tinygpt_cli.config import ModelConfig, RunConfig, TrainConfig, trains_compiled
+from tinygpt_cli.config import ModelConfig, RunConfig, TrainConfig, init_from_block_size, trains_compiled
 from tinygpt_cli.errors import ConfigError, DataError
 
 GIB = 2**30
@@ -565,12 +565,20 @@ def plan(
     spec = resolve_device_spec(device)
     if spec.kind == "cpu" and cfg.train.dtype == "fp16":
         raise ConfigError("train.dtype fp16 is not supported on CPU: use fp32 or bf16")
+    notes: list[str] = []
+    if cfg.train.init_from:  # train takes the shape of the weights it starts from; so does its plan
+        from tinygpt_cli.export import pretrained_config
+
+        shape = pretrained_config(cfg.train.init_from, block_size=init_from_block_size(cfg),
+                                  dropout=cfg.model.dropout)
+        cfg = replace(cfg, model=shape)
+        notes.append(f"starting from {cfg.train.init_from}: its shape, {shape.n_layer} layers × {shape.n_embd}, "
+                     f"context {shape.block_size}")
     model = cfg.model
     tc = cfg.train
     dtype = _autocast_dtype(tc.dtype, spec)
     half = dtype != "fp32"
     compiled = trains_compiled(tc.compile, spec.kind)
-    notes: list[str] = []
     if spec.kind in ("cpu", "mps") and nproc > 1 and spec.memory_bytes is not None:
         # the processes share this machine's RAM: each counts on its share, as `train` checks it
         spec = replace(spec, memory_bytes=spec.memory_bytes // nproc)

@@ -609,12 +609,11 @@ class _Trainer:
         """Weights to start from (fine-tuning / continued pretraining). The model shape is the source's; a
         shorter context is kept when the config changed model.block_size from its preset's value."""
 
-        from tinygpt_cli.config import PRESETS
+        from tinygpt_cli.config import PRESETS, init_from_block_size
         from tinygpt_cli.export import load_pretrained
 
-        preset_block = PRESETS.get(self.cfg.size, {}).get("model", {}).get("block_size")
-        block = self.cfg.model.block_size if self.cfg.model.block_size != preset_block else None
-        model, model_cfg = load_pretrained(spec, block_size=block, dropout=self.cfg.model.dropout)
+        model, model_cfg = load_pretrained(spec, block_size=init_from_block_size(self.cfg),
+                                           dropout=self.cfg.model.dropout)
         shape = (model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd)
         label = next((name for name, preset in PRESETS.items() if shape == tuple(
             preset["model"].get(key) for key in ("n_layer", "n_head", "n_embd"))), None)
