@@ -291,8 +291,8 @@ if triton is not None:
             tl.store(counts + head, 0)
 
 
-    @triton.jit
-    def _draw(logits, stride_logits, V, picked, step_ptr, finished, first_bad, seen, stride_seen, tokens,
+    @triton.jit(do_not_specialize=["column"])  # one build for every step of a chunk (see _DecodeChunk._capture)
+    def _draw(logits, stride_logits, V, width, picked, step_ptr, finished, first_bad, seen, stride_seen, tokens,
               stride_tokens, column, current, never, eot, GREEDY: tl.constexpr, STOP_AT_EOT: tl.constexpr,
               SEEN: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
         """The next token of sample b (one program each) and its bookkeeping, as `sample._Draw.next` does it
@@ -300,6 +300,7 @@ if triton is not None:
 
         GREEDY: the first largest of logits[b, :V]; -1 (not finite) where the row holds a NaN or +inf or only
         -inf, which is what torch's argmax then picks. Else the token is read from `picked` (the sampler's).
+        The row is read up to its padded `width` (a multiple of 16: 16-byte loads), the columns past V ignored.
         Then: `first_bad[b]` takes the step where the token is -1 (once, and not after the sample finished), the
         token is clamped to 0, a finished sample gets <|endoftext|> again (STOP_AT_EOT) and `seen` marks it.
         `finished` and `seen` are bool tensors read as bytes."""
@@ -314,7 +315,8 @@ if triton is not None:
             row = logits + b * stride_logits
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
-                x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                x = tl.load(row + cols, mask=cols < width, other=float("-inf")).to(tl.float32)
+                x = tl.where(cols < V, x, float("-inf"))
                 bad = tl.maximum(bad, tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=0))
                 block_best = tl.max(x, axis=0)
                 block_at = tl.min(tl.where(x == block_best, cols, V), axis=0)  # the first of the largest
@@ -348,7 +350,7 @@ def draw_token(logits: torch.Tensor, picked: torch.Tensor | None, step: torch.Te
     block = TUNING["draw_block"] if not INTERPRETED else triton.next_power_of_2(vocab)
     with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
         _draw[(tokens.size(0),)](
-            logits, logits.stride(0), vocab, picked if picked is not None else scratch, step,
+            logits, logits.stride(0), vocab, logits.size(1), picked if picked is not None else scratch, step,
             finished.view(torch.uint8), first_bad, seen.view(torch.uint8) if seen is not None else scratch,
             seen.stride(0) if seen is not None else 0, tokens, tokens.stride(0), column, current, never, eot,
             GREEDY=picked is None, STOP_AT_EOT=stop_at_eot, SEEN=seen is not None, BLOCK_V=block, PDL=pdl,

@@ -913,14 +913,21 @@ class _DecodeChunk:
 
     def _capture(self) -> None:
         """Capture the chunk's steps (recorded, not run) on a side stream, after one step there to warm up its
-        libraries. The warm-up writes the cache slot that the chunk's first step rewrites before reading it."""
+        libraries and build its kernels (Triton loads a kernel at its first launch, which a capture refuses), with
+        the options the captured steps use. The warm-up writes the cache slot that the chunk's first step rewrites
+        before reading it; the logits (a fused step's own buffer), the step counter and the cache position it
+        changes are put back."""
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.stream.device)
+        kept = [(buffer, buffer.clone()) for buffer in (self.logits, self.counter, self.view.input_pos)]
+        self._attach_advance()
         self.stream.wait_stream(current)
         try:
             with torch.cuda.stream(self.stream):  # the step's first call, where it compiles, may fall back
                 _, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
                                             self.stats, first=True)
+                for buffer, value in kept:
+                    buffer.copy_(value)
                 self._warm_up_draw()
             with torch.cuda.graph(graph, stream=self.stream):
                 self._take_steps()
@@ -947,9 +954,12 @@ class _DecodeChunk:
         except Exception:  # the step's kernels built: a failure here costs only the draw's speed
             self.fused_draw = False
 
-    def _take_steps(self) -> None:
+    def _attach_advance(self) -> None:
         if getattr(self.step, "advance", False) is None:  # the fused step moves the position and counter on itself
-            self.step.advance = self.counter  # (not in `_capture`'s warm-up step: the chunk's start stays put)
+            self.step.advance = self.counter
+
+    def _take_steps(self) -> None:
+        self._attach_advance()
         uniform = self.uniform.to(self.logits.device) if self.uniform is not None else None
         for i in range(self.steps):
             column = None if uniform is None else uniform[:, i : i + 1]

@@ -157,3 +157,67 @@ def test_the_draw_kernel_is_built_on_copies_before_capture_and_skipped_if_it_fai
     monkeypatch.setattr(kernels, "draw_token", broken)
     chunk._warm_up_draw()
     assert not chunk.fused_draw
+
+
+def test_a_captured_chunk_builds_its_kernels_before_capture_and_starts_where_it_should(monkeypatch):
+    """`_DecodeChunk._capture` on stand-ins for CUDA's streams and graphs (the capture records the steps, a replay
+    runs them): the warm-up step already uses the options of the captured steps (a kernel first launched inside
+    a capture fails: Triton loads it then), and what the warm-up changes (the fused step's logits buffer, which
+    the first draw reads, the step counter, the cache position) is put back, so the tokens are the eager chunks'."""
+    import contextlib
+
+    monkeypatch.setitem(kernels.TUNING, "block_s", 4)
+    monkeypatch.setattr(sample, "GRAPH_STEPS", 3)
+    model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
+    sampled = dict(temperature=0.9, top_k=40, seed=3, num_samples=2, graphs=True)
+    want = generated(model, [9, 4], 10, static_cache=True, **sampled)
+
+    class Stream:
+        device = torch.device("cpu")
+
+        def wait_stream(self, other):
+            pass
+
+    chunks, calls = [], []
+
+    class Graph:
+        def replay(self):
+            chunks[-1]._take_steps()
+
+    @contextlib.contextmanager
+    def capture(graph, stream=None):
+        chunk = chunks[-1]
+        chunk._take_steps = lambda: None  # recorded, not run
+        yield
+        del chunk._take_steps
+
+    original_init, original_call = sample._DecodeChunk.__init__, kernels.FusedDecodeStep.__call__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.stream = Stream()
+        chunks.append(self)
+
+    original_capture, capturing = sample._DecodeChunk._capture, []
+
+    def capture_chunk(self):
+        capturing.append(True)
+        original_capture(self)
+        capturing.clear()
+
+    def call(self, *args, **kwargs):
+        calls.append((bool(capturing), self.advance is not None))
+        return original_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(sample._DecodeChunk, "__init__", init)
+    monkeypatch.setattr(sample._DecodeChunk, "_capture", capture_chunk)
+    monkeypatch.setattr(kernels.FusedDecodeStep, "__call__", call)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    stats = GenerationStats()
+    got = generated(model, [9, 4], 10, fused=True, stats=stats, **sampled)
+    assert stats.graphed and stats.fused and stats.graph_error is None and chunks[-1].fused_draw
+    assert [advance for warm_up, advance in calls if warm_up] == [True]  # one warm-up step, as the chunk's steps
+    assert torch.equal(got, want)
