@@ -73,6 +73,26 @@ def test_fsdp_matches_one_process_and_resumes(with_shakespeare, workspace):
     assert load_checkpoint(str(workspace / "runs" / "fsdp")).state["step"] == 4  # loads without FSDP too
 
 
+@pytest.mark.slow
+def test_a_checkpoint_resumes_with_or_without_fsdp(with_shakespeare, workspace):
+    """Checkpoints hold full weights, so an FSDP run goes on in one process (or under DDP), and a run trained
+    without FSDP goes on under it: same losses as the straight run (the optimizer state follows, keyed by
+    parameter name under FSDP, by position without)."""
+    settings = {"max_steps": 4, "eval_interval": 2, "grad_accum": 2}
+    expected = _train_losses(train(tiny_config(**settings), run_name="single").run_dir)
+    tokens_per_step = 2 * 4 * 32
+    _torchrun(workspace, "--fsdp", "--name", "sharded", "--max-steps", "4", "--set", "train.eval_interval=2",
+              "--max-tokens", str(2 * tokens_per_step))
+    train(tiny_config(**settings), run_name="sharded", resume=True)  # one process: unsharded
+    train(tiny_config(**settings, max_tokens=2 * tokens_per_step), run_name="plain")
+    _torchrun(workspace, "--fsdp", "--name", "plain", "--resume", "--set", "train.max_tokens=0", "--grad-accum", "1")
+    for run in ("sharded", "plain"):
+        got = _train_losses(workspace / "runs" / run)
+        assert [s for s, _ in got] == [s for s, _ in expected]
+        for (_, a), (_, b) in zip(got, expected, strict=True):
+            assert a == pytest.approx(b, abs=2e-4)
+
+
 def test_nproc_names_the_torchrun_command_without_the_flag():
     command = torchrun_command(4, ["train", "--size", "small", "--nproc", "4", "--max-steps", "10"])
     assert command == ["torchrun", "--standalone", "--nproc-per-node=4", "-m", "tinygpt_cli", "train", "--size",
@@ -175,3 +195,88 @@ def test_the_launcher_leaves_an_ignored_hangup_ignored(monkeypatch):
         monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN if sig == signal.SIGHUP else signal.SIG_DFL)
         assert "SIGHUP" not in launch_config(2).signals_to_handle.split(",")
         assert "SIGTERM" in launch_config(2).signals_to_handle
+
+
+def test_the_launcher_names_the_rank_that_said_why_not_its_knock_on(tmp_path):
+    """One rank stops with its own error (bad data on that machine); the other's collective then fails because
+    its peer left and it exits 1 too, seen "first" by the agent (same poll, rank order): the error said is the
+    rank that said why, never "rank 0 failed (exit code 1)" with the cause lost."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from tinygpt_cli.errors import TinyGPTError
+    from tinygpt_cli.launch import PEER_LOST, _failed
+
+    def failed(*codes):
+        failures = {}
+        for rank, code in enumerate(codes):
+            failures[rank] = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="")
+            time.sleep(0.01)
+        return ChildFailedError("tinygpt_cli", failures)
+
+    (tmp_path / "rank-1.txt").write_text("bad data on rank 1")
+    with pytest.raises(TinyGPTError, match="^bad data on rank 1$"):  # rank 0 died of a traceback, no word
+        _failed(failed(1, 1), 2, tmp_path)
+    (tmp_path / "rank-0.txt").write_text(f"{PEER_LOST} (Connection closed by peer): ...")
+    with pytest.raises(TinyGPTError, match="^bad data on rank 1$"):  # rank 0 said it lost its peer
+        _failed(failed(1, 1), 2, tmp_path)
+    (tmp_path / "rank-1.txt").unlink()  # rank 1 was killed without a word: that is the cause
+    with pytest.raises(TinyGPTError, match="^rank 1 of 2 failed \\(killed by SIGKILL"):
+        _failed(failed(1, -signal.SIGKILL), 2, tmp_path)
+
+
+def test_a_collective_whose_peer_left_is_one_line():
+    from tinygpt_cli.errors import TrainingError
+    from tinygpt_cli.launch import PEER_LOST
+    from tinygpt_cli.train import _peer_lost
+
+    lost = _peer_lost(RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                                   "closed by peer [127.0.0.1]:2959. This is typically caused by a remote worker "
+                                   "crashing. Check the logs of the remote worker before reporting an error."))
+    assert isinstance(lost, TrainingError) and str(lost).startswith(PEER_LOST)
+    assert "Connection closed by peer [127.0.0.1]:2959" in str(lost) and "pair.cc" not in str(lost)
+    assert _peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_a_resume_on_more_processes_gives_the_new_ranks_their_own_dropout_stream():
+    from tinygpt_cli.train import _rank_rng
+
+    single = {"rng": {"torch": "rank 0"}, "rng_per_rank": None}
+    assert _rank_rng(single, 0) == {"torch": "rank 0"} and _rank_rng(single, 1) is None
+    two = {"rng": {"torch": "rank 0"}, "rng_per_rank": [{"torch": "rank 0"}, {"torch": "rank 1"}]}
+    assert _rank_rng(two, 1) == {"torch": "rank 1"} and _rank_rng(two, 3) is None
+
+
+def test_a_stray_world_size_is_one_line(monkeypatch):
+    """WORLD_SIZE left in the environment without torchrun's RANK / MASTER_ADDR: one line, not env://'s
+    traceback."""
+    import torch
+
+    from tinygpt_cli import dist
+    from tinygpt_cli.errors import TrainingError
+
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainingError, match="WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not"):
+        dist.init(dist.from_environment(), torch.device("cpu"))
+
+
+def test_a_resume_on_fewer_processes_goes_on_with_the_log_window(with_shakespeare):
+    """A checkpoint between log steps, written by 2 processes, resumed by 1 with twice the accumulation: the
+    next log line is the mean of the whole window, as the uninterrupted run logs it (the saved sums are over 2
+    ranks). Simulated in one process: the window of a 1-process checkpoint rewritten as 2 ranks wrote it."""
+    settings = {"max_steps": 4, "eval_interval": 4, "log_interval": 2}
+    straight = train(tiny_config(**settings), run_name="straight")
+    train(tiny_config(**settings, max_tokens=3 * 4 * 32), run_name="cut")
+    run = straight.run_dir.parent / "cut"
+    state_file = run / "checkpoints" / "step_3" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["log_window"]["steps"] == 1
+    state["world_size"] = 2  # two ranks with the same losses: sums twice as large, per-rank RNG states
+    state["log_window"]["loss_total"] *= 2
+    state["rng_per_rank"] = [state["rng"], state["rng"]]
+    state_file.write_text(json.dumps(state))
+    train(tiny_config(**settings), run_name="cut", resume=True)
+    got, expected = _train_losses(run), _train_losses(straight.run_dir)
+    assert [step for step, _ in got] == [step for step, _ in expected] == [2, 4]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], abs=1e-6)

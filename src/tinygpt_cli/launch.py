@@ -55,6 +55,9 @@ def signals_handled(handler, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterato
 
 # Set by the launcher for its workers: a folder where each writes its one-line error as rank-<RANK>.txt.
 RANK_ERRORS_ENV = "TINYGPT_RANK_ERRORS"
+# How a worker's error starts when one of its collectives failed because another rank left the group (see
+# train.train): a knock-on, never the cause when another rank says why it stopped or died.
+PEER_LOST = "another process of the group stopped"
 # How long a signalled worker may take to finish its step and save before the agent kills it (torch's own
 # default, 30 s, can be too short for a large model's checkpoint). torch >= 2.12 takes it; older ones keep 30 s.
 SHUTDOWN_TIMEOUT_S = 600
@@ -136,10 +139,21 @@ def _failed(exc, nproc: int, folder: Path) -> int:
     messages: dict[str, list[int]] = {}
     for rank_of, path in sorted((int(p.stem.split("-")[1]), p) for p in folder.glob("rank-*.txt")):
         messages.setdefault(path.read_text(encoding="utf-8"), []).append(rank_of)
-    rank, failure = exc.get_first_failure()
+    lost = {r for message, ranks in messages.items() if PEER_LOST in message for r in ranks}
+    causes = {message: ranks for message, ranks in messages.items() if PEER_LOST not in message}
+    said = {r for ranks in causes.values() for r in ranks}
+    # the agent sees the workers' exits in the same poll, in rank order: the "first" failure can be a rank whose
+    # collective failed because another one left (a knock-on), so the earliest that is not one is the cause
+    failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+    rank, failure = next(((r, f) for r, f in failures if r not in lost), failures[0])
     code = int(failure.exitcode)
+    if rank not in said and said and code > 0 and code - 128 not in STOP_SIGNALS:
+        # an error of its own with no word (a traceback), while another rank said why it stopped: that is why
+        rank = next(r for r, _ in failures if r in said) if any(r in said for r, _ in failures) else min(said)
+    if causes:
+        messages = causes
     if not any(rank in ranks for ranks in messages.values()):  # it died without a word: that is the cause
-        if not messages and code - 128 in STOP_SIGNALS:  # it was interrupted, and saved
+        if not causes and code - 128 in STOP_SIGNALS:  # it was interrupted, and saved
             return code
         what = f"exit code {code}"
         if code < 0:

@@ -461,6 +461,11 @@ def train(
     try:
         trainer = _Trainer(cfg, info, on_event if info.is_main else None, stop if stop is not None else StopFlag())
         return trainer.run(run_name, resume)
+    except RuntimeError as exc:  # torch.distributed.DistError included
+        lost = _peer_lost(exc) if info.enabled else None
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         if trainer is not None:
             trainer.drop_if_unstarted()
@@ -469,6 +474,24 @@ def train(
             trainer = None
         if owns_group:
             dist.shutdown()
+
+
+# How gloo (and the c10d store) report a collective whose peer process has gone: another rank's error or death
+# is the cause, said by it (or named by the launcher), and this one's traceback would only bury it.
+_PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                    "failed to recv, got 0 bytes")
+
+
+def _peer_lost(exc: RuntimeError) -> TrainingError | None:
+    """A TrainingError for a collective that failed because another process of the group left; None otherwise."""
+    from tinygpt_cli.launch import PEER_LOST
+
+    text = str(exc)
+    if not any(sign in text for sign in _PEER_LOST_SIGNS):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    detail = first.split("] ", 1)[-1].split(". This is typically", 1)[0]  # gloo's source path and hint go
+    return TrainingError(f"{PEER_LOST} ({detail}): its own error or exit code says why; this rank stopped too")
 
 
 class _Trainer:
@@ -548,9 +571,6 @@ class _Trainer:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16():
             self.emit(TrainEvent("info", message="bf16 on this CPU is emulated (no AVX-512 BF16 or AMX) and much "
                                                  "slower than fp32 (~10× measured): --dtype auto picks fp32 here."))
-        if checkpoint is not None and bool(self.state.get("fsdp")) != self.fsdp:
-            raise TrainingError(f"{checkpoint} was written {'with' if self.state.get('fsdp') else 'without'} "
-                                f"--fsdp: resume it the same way")
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
@@ -632,14 +652,34 @@ class _Trainer:
     def _load_optimizer(self, checkpoint: Path) -> None:
         with _resume_advice():
             saved = load_optimizer_state(checkpoint)
-        if not self.fsdp:
+        # a run written under FSDP keeps its optimizer state keyed by parameter name (a full state dict), one
+        # written without by position (optimizer.state_dict()): either resumes with or without FSDP
+        by_name = any(isinstance(key, str) for key in saved.get("state", {})) or any(
+            isinstance(key, str) for group in saved.get("param_groups", []) for key in group.get("params", []))
+        if not self.fsdp and not by_name:
             self.optimizer.load_state_dict(saved)
         else:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            if not by_name:
+                saved = self._optimizer_state_by_name(saved)
             set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=saved,
                                      options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
         apply_hyperparameters(self.optimizer, self.tc)  # the saved groups carry the run's old settings
+
+    def _optimizer_state_by_name(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """`optimizer.state_dict()` of a run trained without FSDP (parameters numbered in the order of the
+        optimizer's groups, as `make_optimizer` made them) keyed by parameter name instead, as FSDP's full
+        optimizer state dict is."""
+        names = {id(parameter): name for name, parameter in self.model.named_parameters()}
+        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        numbered = [index for group in saved["param_groups"] for index in group["params"]]
+        if len(numbered) != len(order):
+            raise TrainingError("the checkpoint's optimizer state does not match the model's parameters")
+        name_of = dict(zip(numbered, order, strict=True))
+        return {"state": {name_of[index]: value for index, value in saved["state"].items()},
+                "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]}
+                                 for group in saved["param_groups"]]}
 
     def _full_state(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
         """Full (unsharded, CPU) model and optimizer state dicts under FSDP; (None, None) otherwise."""
@@ -955,7 +995,9 @@ class _Trainer:
         if heavy and info.is_main:
             self.emit(TrainEvent("info", message=heavy))
         if self.checkpoint is not None:
-            _restore_rng(_rank_rng(state, info.rank))  # last, so nothing before the first step draws from it
+            rank_rng = _rank_rng(state, info.rank)
+            if rank_rng is not None:
+                _restore_rng(rank_rng)  # last, so nothing before the first step draws from it
 
         # Non-finite steps are skipped without a host sync: fused AdamW reads `found_inf` on the device.
         found_inf = torch.zeros((), device=device)
@@ -967,7 +1009,12 @@ class _Trainer:
         window_steps = 0
         self.log_window: dict[str, float] | None = None
         saved_window = state.get("log_window") if self.checkpoint is not None else None
-        if saved_window and int(state.get("world_size") or 1) == info.world_size:  # go on with its sums
+        if saved_window:  # go on with its sums
+            # they are over the ranks that saved them (per-rank mean losses, skips counted on each rank): another
+            # number of processes takes them scaled to its own, so the window's mean and skips read the same
+            scale = info.world_size / max(1, int(state.get("world_size") or 1))
+            saved_window = {**saved_window, "loss_total": float(saved_window["loss_total"]) * scale,
+                            "skipped": float(saved_window["skipped"]) * scale}
             window_steps = int(saved_window["steps"])
             if info.is_main:  # the sums are over all ranks: one rank carries them into the next all-reduce
                 loss_sum.fill_(float(saved_window["loss_total"]))
@@ -1148,11 +1195,13 @@ class _Trainer:
         }, model)
 
 
-def _rank_rng(state: dict[str, Any], rank: int) -> dict[str, Any]:
+def _rank_rng(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """The RNG state rank `rank` goes on with; None for a rank the checkpoint has none for (a resume on more
+    processes), which keeps its own stream (seed + 1 + rank) rather than repeat rank 0's dropout masks."""
     per_rank = state.get("rng_per_rank")
     if per_rank and rank < len(per_rank):
         return per_rank[rank]
-    return state["rng"]
+    return state["rng"] if rank == 0 else None
 
 
 def _cpu_name() -> str:
