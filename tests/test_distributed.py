@@ -280,3 +280,25 @@ def test_a_resume_on_fewer_processes_goes_on_with_the_log_window(with_shakespear
     got, expected = _train_losses(run), _train_losses(straight.run_dir)
     assert [step for step, _ in got] == [step for step, _ in expected] == [2, 4]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], abs=1e-6)
+
+
+def test_nproc_under_torchrun_or_beside_a_stray_world_size(workspace, monkeypatch):
+    """Audit: `torchrun --nproc-per-node 2 ... train --nproc 4` ran 2 processes without a word, and a WORLD_SIZE
+    left in the environment made `--nproc 2` train one process. A worker is what torchrun starts (RANK,
+    LOCAL_RANK and WORLD_SIZE); a --nproc that disagrees with it is refused, and a stray WORLD_SIZE launches."""
+    from test_cli import assert_one_line_error, invoke
+
+    from tinygpt_cli import launch
+
+    launched = []
+    monkeypatch.setattr(launch, "launch", lambda nproc, argv: launched.append(nproc) or 0)
+    for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert invoke("train", "--nproc", "2").exit_code == 0 and launched == [2]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert_one_line_error(invoke("train", "--nproc", "4"), "--nproc 4, but torchrun started 2 processes on this "
+                                                           "machine: drop --nproc")

@@ -517,7 +517,12 @@ def train(
     """Train a GPT-2 on the last tokenized dataset (the embedded corpus if there is none), with checkpoints."""
     if nproc is not None and nproc < 1:
         raise TinyGPTError(f"--nproc must be at least 1 (got {nproc})")
-    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+    worker = all(name in os.environ for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))  # started by torchrun
+    started = os.environ.get("LOCAL_WORLD_SIZE")
+    if worker and nproc is not None and started is not None and started != str(nproc):
+        raise TinyGPTError(f"--nproc {nproc}, but torchrun started {started} processes on this machine: drop --nproc "
+                           f"when you start tinygpt with torchrun (or run `tinygpt train --nproc {nproc}` alone)")
+    if nproc is not None and nproc > 1 and not worker:
         from tinygpt_cli.launch import launch, torchrun_command
 
         _stderr_console().print(f"Launching {nproc} processes, as `{' '.join(torchrun_command(nproc, sys.argv[1:]))}`")
