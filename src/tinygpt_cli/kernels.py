@@ -12,7 +12,9 @@ Here a layer is five kernels, each spread over every multiprocessor:
 4. layer norm 2 + the MLP's first product + bias + GELU;
 5. the MLP's second product + bias + the residual add;
 
-plus one kernel for the embeddings and one for the final layer norm + the head. Every product is a matrix-vector
+plus one kernel for the embeddings and one for the final layer norm + the head (which also moves the cache position
+and the caller's step counter on, `FusedDecodeStep.advance`); `draw_token` takes the next token from the logits in
+one more. Every product is a matrix-vector
 product over blocks of output rows (`gemv_blocks`), with each block reading its rows whole and recomputing the
 layer norm of its input row, which is cheaper than a kernel of its own at this size.
 
