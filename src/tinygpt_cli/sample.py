@@ -962,11 +962,11 @@ class _DecodeChunk:
         self._attach_advance()
         uniform = self.uniform.to(self.logits.device) if self.uniform is not None else None
         for i in range(self.steps):
-            column = None if uniform is None else uniform[:, i : i + 1]
+            numbers = None if uniform is None else uniform[:, i : i + 1]  # this step's uniform number per sample
             if self.fused_draw and self.stats.fused:
-                self.draw.next_into(self.logits, self.counter, column, self.tokens, i, self.current)
+                self.draw.next_into(self.logits, self.counter, numbers, self.tokens, i, self.current)
             else:
-                token = self.draw.next(self.logits, self.counter, column)
+                token = self.draw.next(self.logits, self.counter, numbers)
                 self.tokens[:, i] = token
                 self.current.copy_(token[:, None])
             logits, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
