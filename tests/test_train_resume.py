@@ -116,3 +116,31 @@ def test_a_resume_stopped_before_its_first_step_leaves_the_run_as_it_was(with_sh
     assert {name: (run / name).read_text() for name in ("config.yaml", "report.md")} == before
     resumed = train(later, run_name="r", resume=True)  # and a resume that trains records the new budget
     assert resumed.steps == 9 and "max_steps: 9" in (run / "config.yaml").read_text()
+
+
+def test_a_resume_goes_on_counting_non_finite_steps_in_a_row(with_shakespeare, workspace, monkeypatch):
+    """Training stops after MAX_BAD_STEPS non-finite steps in a row. The count was not checkpointed: a run that
+    saved after 2 such steps needed 5 more after a resume, where the straight run stops after 3 (audit)."""
+    import pytest
+
+    from tinygpt_cli import model as model_module
+    from tinygpt_cli.errors import TrainingError
+    from tinygpt_cli.train import MAX_BAD_STEPS
+
+    config = tiny_config(max_steps=2, eval_interval=2, log_interval=1)
+    train(config, run_name="r")
+    real = model_module.chunked_cross_entropy
+
+    def nan_when_training(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if torch.is_grad_enabled() else loss  # evaluations stay finite
+
+    monkeypatch.setattr(model_module, "chunked_cross_entropy", nan_when_training)
+    train(replace(config, train=replace(config.train, max_steps=4)), run_name="r", resume=True)  # steps 3, 4 bad
+    state = json.loads((ckpt.latest_checkpoint(workspace / "runs" / "r") / "state.json").read_text())
+    assert state["bad_run"] == 2
+    events = []
+    with pytest.raises(TrainingError, match=f"{MAX_BAD_STEPS} steps in a row had a non-finite loss"):
+        train(replace(config, train=replace(config.train, max_steps=20, eval_interval=20)), run_name="r",
+              resume=True, on_event=events.append)
+    assert [e.step for e in events if e.kind == "info" and "skipped" in e.message] == [5, 6, 7]

@@ -812,6 +812,7 @@ class _Trainer:
                     "world_size": self.info.world_size, "skipped_steps": self._skipped_total(), "fsdp": self.fsdp,
                     "val_pending": self.eval_cut,  # the step's evaluation was cut short: a resume runs it first
                     "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16
+                    "bad_run": int(self.bad_run.item()),  # non-finite steps in a row (MAX_BAD_STEPS stops)
                     "log_window": self.log_window,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
                              "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256")},
@@ -1002,7 +1003,10 @@ class _Trainer:
         # Non-finite steps are skipped without a host sync: fused AdamW reads `found_inf` on the device.
         found_inf = torch.zeros((), device=device)
         skipped_in_window = torch.zeros((), device=device)
-        bad_run = torch.zeros((), device=device)
+        bad_run = torch.zeros((), device=device)  # non-finite steps in a row, up to the last (a resume goes on)
+        if self.checkpoint is not None:
+            bad_run.fill_(float(state.get("bad_run") or 0))
+        self.bad_run = bad_run
         if self.scaler is None:
             self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         loss_sum = torch.zeros((), device=device)
