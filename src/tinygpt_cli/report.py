@@ -99,16 +99,23 @@ def render_loss_plot(train: list[tuple[int, float]], val: list[tuple[int, float]
     return _png(image)
 
 
+def metrics_record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as its record; None for a blank, damaged or cut line (a crash mid-write: the resume
+    that follows drops it)."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     train: list[tuple[int, float]] = []
     val: list[tuple[int, float]] = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line) if line.strip() else None
-            except ValueError:  # a line a crash cut short: the resume that follows drops it
-                continue
-            if not isinstance(record, dict):
+            record = metrics_record(line)
+            if record is None:
                 continue
             kind = record.get("kind")
             value = record.get("loss") if kind == "train" else record.get("val_loss")

@@ -59,7 +59,7 @@ from tinygpt_cli.plan import (
     resolve_device_spec,
     too_little_data,
 )
-from tinygpt_cli.report import write_loss_plot, write_report
+from tinygpt_cli.report import metrics_record, write_loss_plot, write_report
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
@@ -385,7 +385,7 @@ class _Metrics:
             # drop what was logged after the checkpoint we resume from: those steps are trained again; and a
             # line a crash cut short (a kill or a full disk mid-write), which would stop every later reader
             kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step
+                    if (record := metrics_record(line)) is not None and record.get("step", 0) <= resume_step
                     and not (drop_eval and record.get("kind") == "eval" and record.get("step") == resume_step)]
             write_text_atomic(path, "".join(line + "\n" for line in kept))
         # a new run starts its own file: one left by an attempt killed before its first checkpoint is not its own
@@ -399,15 +399,6 @@ class _Metrics:
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
-
-
-def _record(line: str) -> dict[str, Any] | None:
-    """One metrics.jsonl line as its record; None for a blank, cut or damaged line."""
-    try:
-        record = json.loads(line) if line.strip() else None
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png")  # what a run writes besides checkpoints/
