@@ -8,10 +8,12 @@ therefore leaves the previous checkpoint loadable. Loading uses safetensors and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,6 +174,12 @@ def list_runs() -> list[Path]:
     return [run for _, run in sorted(runs, reverse=True)]
 
 
+def is_bare_name(spec: str) -> bool:
+    """Whether `spec` is a bare name, which means a run's before a folder that happens to sit in the current
+    directory; `.`, `./m1` and any other path are paths."""
+    return spec not in (".", "..") and not any(sep and sep in spec for sep in (os.sep, os.altsep))
+
+
 def find_run(spec: str | None) -> Path:
     """A run folder by name or path; None -> the latest run. Raises if there is none."""
     if not spec:
@@ -182,10 +190,7 @@ def find_run(spec: str | None) -> Path:
             )
         return runs[0]
     path = Path(spec).expanduser()
-    # a bare name is a run's before it is a folder that happens to sit in the current directory; `.`, `./m1`
-    # and any other path are paths
-    bare = spec not in (".", "..") and not any(sep and sep in spec for sep in (os.sep, os.altsep))
-    for candidate in (workspace.runs_dir() / spec, path) if bare else (path,):
+    for candidate in (workspace.runs_dir() / spec, path) if is_bare_name(spec) else (path,):
         if candidate.is_dir():
             return candidate
     raise CheckpointError(f"no run or checkpoint at {spec}: list them with `tinygpt runs`")
@@ -245,24 +250,16 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 def load_checkpoint(spec: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load the model (fp32, eval mode) of a checkpoint, a run (its latest checkpoint) or the latest run."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
-
     from tinygpt_cli.model import GPT
 
     checkpoint = resolve_checkpoint(str(spec) if spec is not None else None)
     state = read_state(checkpoint)
     weights = checkpoint / WEIGHTS_FILE
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise CheckpointError(f"{weights} is not a tinygpt model (no tinygpt format tag)")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except FileNotFoundError:
-        raise CheckpointError(f"{checkpoint} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise DamagedCheckpoint(f"{weights} is corrupted ({exc})", checkpoint) from None
+    with _weights_of(checkpoint) as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{weights} is not a tinygpt model (no tinygpt format tag)")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     model_config = _model_config(metadata, weights)
     model = GPT(model_config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
@@ -290,22 +287,30 @@ def _model_config(metadata: dict[str, str], weights: Path) -> ModelConfig:
         raise CheckpointError(f"{weights} carries no valid model config ({exc})") from None
 
 
-def checkpoint_model_config(spec: str | Path | None) -> ModelConfig:
-    """The model config of a checkpoint (or a run's latest, as `load_checkpoint` resolves `spec`), read from its
-    weights file's header without loading the weights."""
+@contextlib.contextmanager
+def _weights_of(checkpoint: Path) -> Iterator[Any]:
+    """The checkpoint's weights file opened with safetensors (its header read, no tensor yet); a missing or
+    unreadable file is a CheckpointError that says so."""
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
 
-    checkpoint = resolve_checkpoint(str(spec) if spec is not None else None)
     weights = checkpoint / WEIGHTS_FILE
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
+            yield handle
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise DamagedCheckpoint(f"{weights} is corrupted ({exc})", checkpoint) from None
-    return _model_config(metadata, weights)
+
+
+def checkpoint_model_config(spec: str | Path | None) -> ModelConfig:
+    """The model config of a checkpoint (or a run's latest, as `load_checkpoint` resolves `spec`), read from its
+    weights file's header without loading the weights."""
+    checkpoint = resolve_checkpoint(str(spec) if spec is not None else None)
+    with _weights_of(checkpoint) as handle:
+        metadata = handle.metadata() or {}
+    return _model_config(metadata, checkpoint / WEIGHTS_FILE)
 
 
 class DamagedCheckpoint(CheckpointError):

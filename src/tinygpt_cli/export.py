@@ -42,6 +42,7 @@ from tinygpt_cli.checkpoint import (
     LoadedCheckpoint,
     checkpoint_model_config,
     fsync_dir,
+    is_bare_name,
     latest_checkpoint,
     load_checkpoint,
 )
@@ -452,8 +453,7 @@ def _source_name(loaded: LoadedCheckpoint) -> str:
     path = loaded.path
     state = loaded.state or {}
     if state.get("format") == "huggingface" and state.get("source") in HUB_MODELS:
-        source = state["source"]
-        return workspace.safe_name(str(source))  # not the hub cache's snapshot folder (a commit hash)
+        return workspace.safe_name(state["source"])  # not the hub cache's snapshot folder (a commit hash)
     if path.parent.name != "checkpoints":
         return workspace.safe_name(path.name)
     run = path.parent.parent  # runs/<name>/checkpoints/step_<N>
@@ -595,7 +595,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:
         return True  # someone else's process, or cannot tell: leave its files alone
     return True
 
@@ -789,10 +789,9 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
     if spec is None or str(spec) == "":
         return "tinygpt", None
     path = Path(spec).expanduser()
-    # a bare name is a run's before it is a folder in the current directory (as `checkpoint.find_run` has it): an
+    # a bare name is a run's before it is a folder in the current directory (as for `checkpoint.find_run`): an
     # export written there with `--out NAME` must not stand in for the run it came from
-    bare = str(spec) not in (".", "..") and not any(sep and sep in str(spec) for sep in (os.sep, os.altsep))
-    if bare and (workspace.runs_dir() / str(spec)).is_dir():
+    if is_bare_name(str(spec)) and (workspace.runs_dir() / str(spec)).is_dir():
         return "tinygpt", str(spec)
     if path.is_dir():
         return ("hf", path) if _is_hf_folder(path) else ("tinygpt", path)
@@ -866,9 +865,8 @@ def pretrained_config(spec: str | Path, *, block_size: int | None = None,
     elif kind == "hf":
         cfg = hf_folder_config(Path(where))  # type: ignore[arg-type]
     else:
-        n_layer, n_head, n_embd = HUB_SHAPES[str(where)]
-        cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024,
-                          vocab_size=-(-VOCAB_SIZE // 64) * 64, dropout=0.0, bias=True)
+        n_layer, n_head, n_embd = HUB_SHAPES[str(where)]  # the rest is ModelConfig's GPT-2 defaults
+        cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024)
     return _adapted_config(cfg, block_size, dropout)
 
 
