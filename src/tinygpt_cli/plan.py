@@ -535,13 +535,14 @@ def heavy_evaluation_note(tc: TrainConfig, batch_size: int, sequences_per_step: 
             f"{share:.0%} of the work: lower train.eval_batches or raise train.eval_interval")
 
 
-def too_little_data(dataset: str, split: str, tokens: int, block: int) -> str | None:
+def too_little_data(dataset: str, split: str, tokens: int, block: int, then: str = "") -> str | None:
     """What is wrong with a split too short to train on: a context of `block` tokens and its targets take
-    block + 1 tokens, and the sampler draws a start below len - block - 1, so a split needs block + 2."""
+    block + 1 tokens, and the sampler draws a start below len - block - 1, so a split needs block + 2. `then`:
+    what follows from it, said before what to do."""
     if tokens >= block + 2:
         return None
     return (f"the {split} split of {dataset} has {tokens:,} tokens, fewer than the {block + 2:,} a context of "
-            f"{block:,} needs: lower model.block_size or tokenize more text")
+            f"{block:,} needs: {then}lower model.block_size or tokenize more text")
 
 
 def plan(
@@ -618,9 +619,10 @@ def plan(
                      f"counts are used; --fraction applies to sources not tokenized yet")
     if data_estimate.origin == "meta.json":  # counted: the same check `train` makes before its first step
         for split, tokens in (("train", data_estimate.train_tokens), ("val", data_estimate.val_tokens)):
-            short = too_little_data(data_estimate.name, split, tokens, model.block_size)
+            short = too_little_data(data_estimate.name, split, tokens, model.block_size,
+                                    then="`tinygpt train` will refuse it; ")
             if short:
-                notes.append(short.replace(": lower", ": `tinygpt train` will refuse it; lower"))
+                notes.append(short)
     epochs = budget / data_estimate.train_tokens if data_estimate.train_tokens else math.inf
     if epochs > 1:
         notes.append(f"the budget is {epochs:.1f} passes over the training tokens: repeating data helps little "
