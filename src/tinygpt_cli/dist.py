@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tinygpt_cli.errors import TrainingError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -44,15 +46,11 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
     if not dist.is_initialized():
         missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:  # WORLD_SIZE left in the environment (another tool, a scheduler), not set by torchrun
-            from tinygpt_cli.errors import TrainingError
-
             raise TrainingError(
                 f"WORLD_SIZE={info.world_size} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                 f"not: start several processes with --nproc N or torchrun, or unset WORLD_SIZE for one")
     if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
-            from tinygpt_cli.errors import TrainingError
-
             raise TrainingError(
                 f"{os.environ.get('LOCAL_WORLD_SIZE') or info.local_rank + 1} processes on this machine, but only "
                 f"{torch.cuda.device_count()} CUDA GPU(s) are visible: use --nproc {torch.cuda.device_count()} "

@@ -149,7 +149,7 @@ def _failed(exc, nproc: int, folder: Path) -> int:
     code = int(failure.exitcode)
     if rank not in said and said and code > 0 and code - 128 not in STOP_SIGNALS:
         # an error of its own with no word (a traceback), while another rank said why it stopped: that is why
-        rank = next(r for r, _ in failures if r in said) if any(r in said for r, _ in failures) else min(said)
+        rank = next((r for r, _ in failures if r in said), min(said))
     if causes:
         messages = causes
     if not any(rank in ranks for ranks in messages.values()):  # it died without a word: that is the cause
