@@ -103,9 +103,16 @@ def uses_pdl(capability: tuple[int, int]) -> bool:
     return PDL_SUPPORTED and not INTERPRETED and capability >= (9, 0)
 
 
-def _pdl_on(device: torch.device) -> bool:
-    """Whether kernels on `device` launch as programmatic dependent launches (TUNING["pdl"] and `uses_pdl`)."""
-    return device.type == "cuda" and bool(TUNING["pdl"]) and uses_pdl(torch.cuda.get_device_capability(device))
+def _launch_options(device: torch.device, num_warps: int) -> dict[str, object]:
+    """How a kernel is launched on `device`: its warps, and its PDL switch with the matching `launch_pdl` option
+    (programmatic dependent launch where TUNING["pdl"] and `uses_pdl` allow it)."""
+    pdl = device.type == "cuda" and bool(TUNING["pdl"]) and uses_pdl(torch.cuda.get_device_capability(device))
+    return {"num_warps": num_warps, "PDL": pdl, **({"launch_pdl": True} if pdl else {})}
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` made current for the launches: Triton launches on the current CUDA device, not the tensors'."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def gemv_blocks(n_rows: int, n_programs: int, most: int = 64) -> int:
@@ -347,16 +354,15 @@ def draw_token(logits: torch.Tensor, picked: torch.Tensor | None, step: torch.Te
     """Take a decode step's token (see `_draw`) in one kernel where PyTorch takes about twenty small ones: greedy
     from `logits` (B, >= vocab) when `picked` is None, else the sampler's `picked` (B,) int64. `step` is the 0-d
     step counter, `tokens` (B, n) int64 and `current` (B, 1) int64 the buffers the token goes to."""
-    pdl = _pdl_on(logits.device)
     scratch = finished.view(torch.uint8)  # for the pointers a variant does not read
     block = TUNING["draw_block"] if not INTERPRETED else triton.next_power_of_2(vocab)
-    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
+    with _on(logits.device):
         _draw[(tokens.size(0),)](
             logits, logits.stride(0), vocab, logits.size(1), picked if picked is not None else scratch, step,
             finished.view(torch.uint8), first_bad, seen.view(torch.uint8) if seen is not None else scratch,
             seen.stride(0) if seen is not None else 0, tokens, tokens.stride(0), column, current, never, eot,
-            GREEDY=picked is None, STOP_AT_EOT=stop_at_eot, SEEN=seen is not None, BLOCK_V=block, PDL=pdl,
-            num_warps=TUNING["draw_warps"], **({"launch_pdl": True} if pdl else {}),
+            GREEDY=picked is None, STOP_AT_EOT=stop_at_eot, SEEN=seen is not None, BLOCK_V=block,
+            **_launch_options(logits.device, TUNING["draw_warps"]),
         )
 
 
@@ -395,22 +401,17 @@ class FusedDecodeStep:
         self.part_total = torch.zeros(parts, dtype=torch.float32, device=param.device)
         self.counts = torch.zeros((batch, cfg.n_head), dtype=torch.int32, device=param.device)
         if INTERPRETED or param.device.type != "cuda":
-            self.sms, self.pdl = 1, False
+            self.sms = 1
         else:
             self.sms = torch.cuda.get_device_properties(param.device).multi_processor_count
-            self.pdl = _pdl_on(param.device)
-        # how every kernel is launched: with PDL, each one's `launch_pdl` option and its PDL switch go together
-        self.launch = {"num_warps": TUNING["num_warps"], "PDL": self.pdl}
-        if self.pdl:
-            self.launch["launch_pdl"] = True
+        self.launch = _launch_options(param.device, TUNING["num_warps"])  # every kernel's
+        self.pdl = bool(self.launch["PDL"])
 
     def __call__(self, model: GPT, current: torch.Tensor, view: StaticDecodeView,
                  head_t: torch.Tensor | None = None) -> torch.Tensor:
         if model is not self.model or current.size(0) != self.batch:
             raise ValueError("this fused step was built for another model or batch size")
-        if self.x.device.type != "cuda":
-            return self._launch(model, current, view)
-        with torch.cuda.device(self.x.device):  # Triton launches on the current device, not the tensors'
+        with _on(self.x.device):
             return self._launch(model, current, view)
 
     def _launch(self, model: GPT, current: torch.Tensor, view: StaticDecodeView) -> torch.Tensor:
