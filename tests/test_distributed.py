@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -302,3 +303,33 @@ def test_nproc_under_torchrun_or_beside_a_stray_world_size(workspace, monkeypatc
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert_one_line_error(invoke("train", "--nproc", "4"), "--nproc 4, but torchrun started 2 processes on this "
                                                            "machine: drop --nproc")
+
+
+_THREADS_AFTER_TRAINING = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config
+from tinygpt_cli.train import train
+
+train(tiny_config(max_steps=2, eval_interval=2, fsdp=True), run_name="threads")
+names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))
+print(f"rank {os.environ['RANK']}: {names}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads a process's threads from /proc")
+def test_training_leaves_no_backend_threads_behind(with_shakespeare, workspace, tmp_path):
+    """When train() returns, the gloo group's threads have been joined. FSDP's device mesh (held by DTensor's
+    caches for the life of the process) kept the group alive until interpreter teardown, where joining those
+    threads could abort a finished rank ('terminate called without an active exception', seen once in CI)."""
+    script = tmp_path / "threads.py"
+    script.write_text(_THREADS_AFTER_TRAINING)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               str(Path(__file__).parent)]
+    env = {**os.environ, "TINYGPT_HOME": str(workspace), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
+    assert len(reports) == 2, done.stdout
+    assert all("gloo" not in line for line in reports), reports

@@ -6,6 +6,7 @@ WORLD_SIZE and the rendezvous; this module reads them.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,31 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the process group, and let its backend's threads end now rather than at interpreter teardown."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _release_meshes()
+
+
+def _release_meshes() -> None:
+    """Drop the process groups that device meshes still hold once the group is destroyed.
+
+    FSDP2 shards over a DeviceMesh, which (torch >= 2.10) keeps its process groups in `_pg_registry`, and
+    DTensor's sharding caches keep the mesh for the life of the process. The gloo group then outlived
+    destroy_process_group, and its threads were joined during interpreter teardown, which now and then aborted a
+    rank that had finished its work ("terminate called without an active exception"). Older meshes look groups
+    up by name in c10d's registry, which destroy_process_group clears; they need nothing here.
+    """
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if issubclass(type(obj), DeviceMesh):  # not isinstance: that asks deprecated proxies for __class__
+            registry = getattr(obj, "_pg_registry", None)
+            if isinstance(registry, dict):
+                registry.clear()
+    gc.collect()  # the sharded model's reference cycles hold the group too
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
