@@ -333,3 +333,35 @@ def test_training_leaves_no_backend_threads_behind(with_shakespeare, workspace, 
     reports = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
     assert len(reports) == 2, done.stdout
     assert all("gloo" not in line for line in reports), reports
+
+
+_OWN_WORKSPACE_PER_RANK = """
+import os, shutil, sys
+home = os.path.join(sys.argv[1], f"node{os.environ['RANK']}")
+if not os.path.isdir(home):
+    shutil.copytree(os.path.join(sys.argv[1], "node0"), home)
+os.environ["TINYGPT_HOME"] = home
+sys.argv = ["tinygpt", *sys.argv[2:]]
+from tinygpt_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_a_filesystem_end_together(with_shakespeare, workspace, tmp_path):
+    """Two machines without a shared filesystem: only rank 0's sees the checkpoints. A run that stops (here by
+    --max-tokens) at a step it has just evaluated and saved ends there on every rank, instead of a rank that sees
+    no checkpoint starting a save of its own that the others never join."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    workspace.rename(nodes / "node0")
+    script = tmp_path / "per_rank.py"
+    script.write_text(_OWN_WORKSPACE_PER_RANK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               str(nodes), "train", *TINY_SETTINGS, "--name", "apart", "--max-steps", "6",
+               "--max-tokens", str(4 * 2 * 4 * 32)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ckpt.latest_step(nodes / "node0" / "runs" / "apart") == 4
+    assert not (nodes / "node1" / "runs" / "apart").exists()

@@ -27,7 +27,6 @@ from tinygpt_cli import __version__, dist, workspace
 from tinygpt_cli.checkpoint import (
     DamagedCheckpoint,
     latest_checkpoint,
-    latest_step,
     load_checkpoint,
     load_optimizer_state,
     read_state,
@@ -821,6 +820,7 @@ class _Trainer:
             write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             self.emit(TrainEvent("checkpoint", step=step, max_steps=self.tc.max_steps, message=str(path)))
         dist.barrier()
+        self.saved_step = step
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -1020,6 +1020,9 @@ class _Trainer:
         window_tokens = 0
         self.session_first_step = start_step
         self.eval_cut = False  # a stop ended an evaluation early (see `_eval_and_save`)
+        # the step of the last checkpoint, kept on every rank: only rank 0's filesystem need hold the checkpoints,
+        # and every rank must agree whether a stop saves (a collective)
+        self.saved_step = start_step
         self.loop_started = time.perf_counter()
         batches = self._batches(start_step)
         x, y = next(batches)
@@ -1107,7 +1110,7 @@ class _Trainer:
             if window_steps:  # stopped between log steps: the train loss of the steps since the last one
                 self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run, window_steps)[0] \
                     or self.last_loss
-            if step > int(state.get("step", 0)) and latest_step(self.run_dir) != step:
+            if step != self.saved_step:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
             if not stopped and self.eval_cut:  # a signal during the last evaluation, which it cut short
                 stopped = self.stop.reason or "interrupted"
