@@ -365,3 +365,22 @@ def test_ranks_that_do_not_share_a_filesystem_end_together(with_shakespeare, wor
     assert done.returncode == 0, done.stderr[-3000:]
     assert ckpt.latest_step(nodes / "node0" / "runs" / "apart") == 4
     assert not (nodes / "node1" / "runs" / "apart").exists()
+
+
+@pytest.mark.slow
+def test_a_machine_without_the_tokenized_data_says_so(workspace, tmp_path):
+    """With no data anywhere, rank 0 tokenizes the embedded corpus into its workspace; a rank on a machine that
+    does not share it says what to do instead of failing an assert."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    workspace.rename(nodes / "node0")
+    (nodes / "node1").mkdir()
+    script = tmp_path / "per_rank.py"
+    script.write_text(_OWN_WORKSPACE_PER_RANK)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               str(nodes), "train", *TINY_SETTINGS, "--name", "apart", "--max-steps", "1"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "on this machine (rank 0 tokenized its own): run tinygpt tokenize on every machine" in done.stderr
+    assert "AssertionError" not in done.stderr

@@ -424,7 +424,9 @@ def prepare_dataset(cfg: RunConfig, on_event: Callable[[TrainEvent], None], info
             tokenize(None)
         dist.barrier()
         dataset = find_dataset(None)
-        assert dataset is not None
+        if dataset is None:  # another machine, which does not share rank 0's workspace
+            raise TrainingError(f"no tokenized data in {workspace.data_dir()} on this machine (rank 0 tokenized "
+                                f"its own): run tinygpt tokenize on every machine, or share TINYGPT_HOME")
     return dataset
 
 
