@@ -264,7 +264,7 @@ def tokenize(
             )
 
     def interrupted(exc: KeyboardInterrupt) -> str:
-        if getattr(exc, "saved", True):
+        if getattr(exc, "saved", False):  # raised before any work (planning): nothing to continue
             return "Interrupted: run the same command again to continue where it stopped (--restart starts over)."
         return "Interrupted before the first checkpoint (every 30 s or so): nothing was kept, and the same command " \
             "starts over."
@@ -1420,7 +1420,7 @@ def data_show(
         return
     splits = meta.get("splits", {})
     source = meta.get("source") or {}
-    print(f"{meta.get('name', path.name)}  ({path})")
+    print(f"{path.name}  ({path})")
     print(
         f"  source     {source.get('spec')} ({source.get('kind')}), fraction {meta.get('fraction')}, "
         f"seed {meta.get('seed')}, val fraction {meta.get('val_fraction')}"

@@ -485,6 +485,10 @@ def tokenize(
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
     src = resolve_source(source, text_field)
+    if src.left_out:  # a folder of .json.gz shards plus a README.txt was the README alone, silently
+        emit(TokenizeEvent("info", message=f"left out {len(src.left_out):,} file(s) that are not .txt, .jsonl, "
+                           f".jsonl.gz or .parquet (first: {src.left_out[0]}); JSON lines in .json(.gz) files are "
+                           f"read once renamed .jsonl(.gz)"))
     dataset_name = _output_name(name, src)
     encoding = get_encoding()
     workers = workers or available_cpus()
@@ -493,6 +497,9 @@ def tokenize(
         raise DataError(f"--fraction keeps whole documents, and {src.description} is a single document: drop "
                         f"--fraction to tokenize all of it, or split it into several files")
     plan = SplitPlan.build(src.documents, fraction, val_fraction, seed)
+    if plan.val_count >= plan.selected_count > 1:  # no seed can help: say so before any work
+        raise DataError(f"--val-fraction {val_fraction:g} puts all {plan.selected_count:,} documents used in the val "
+                        f"split, leaving none to train on: lower --val-fraction, or add documents")
     total_bytes = int(src.text_bytes * plan.selected_count / max(1, src.documents))
     estimated_tokens = int(total_bytes / _sample_bytes_per_token(src, encoding))
 
@@ -510,6 +517,7 @@ def tokenize(
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256}
     with exclusive(out_root / f".{dataset_name}.lock", f"data/{dataset_name}"):
+        _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
         partial = _Partial(partial_dir, job)
@@ -534,12 +542,16 @@ def tokenize(
             raise
         except OSError as exc:
             partial.abandon()
+            if not partial.saved:  # nothing to continue from: its .bin files would only hold the disk a full disk needs
+                shutil.rmtree(partial.folder, ignore_errors=True)
             again = "it continues where it stopped" if partial.saved else "it starts over (nothing was saved yet)"
             raise DataError(
                 f"cannot write {partial.folder} ({exc.strerror or exc}): fix that and rerun the same command, {again}"
             ) from exc
         except KeyboardInterrupt as exc:
             partial.abandon()  # the partial folder stays, and the same command continues from its checkpoint
+            if not partial.saved:  # "nothing was kept": then nothing is left on disk either
+                shutil.rmtree(partial.folder, ignore_errors=True)
             raise TokenizeInterrupted(partial.saved, getattr(exc, "signal", None)) from None
         except BaseException:
             partial.abandon()
@@ -768,6 +780,27 @@ def _check_not_another_source(folder: Path, src: Source) -> None:
         )
 
 
+def _check_replaceable(folder: Path, src: Source) -> None:
+    """Refuse to publish over what is not a tokenized dataset: `_replace_dir` deletes the folder it replaces, and
+    `data/<name>/` may hold the user's own files, even the text being tokenized (`tinygpt tokenize data/books`)."""
+    if not os.path.lexists(folder):
+        return
+    if not folder.is_dir():
+        raise DataError(f"data/{folder.name} exists and is not a folder: move it away or pick another --name")
+    inside = folder.resolve()
+    for doc_file in src.files:
+        if inside in doc_file.path.resolve().parents:
+            raise DataError(
+                f"{doc_file.path} is inside data/{folder.name}, which this tokenize would replace: "
+                f"pick another --name, or move the text out of data/{folder.name}"
+            )
+    if not (folder / "meta.json").is_file() and any(folder.iterdir()):
+        raise DataError(
+            f"data/{folder.name} exists and is not a tokenized dataset (no meta.json), so it is not replaced: "
+            f"pick another --name, or move that folder away"
+        )
+
+
 def _replace_dir(new: Path, final: Path) -> None:
     """Move a completed folder into place, replacing an older one only after the new one is whole."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -841,6 +874,8 @@ def load_dataset(path: Path) -> Dataset:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{meta_path} is corrupted: re-run `tinygpt tokenize`") from None
+    except OSError as exc:  # unreadable (permissions, I/O error): one dataset, not the whole listing
+        raise DataError(f"{meta_path} cannot be read ({exc.strerror or exc}): check its permissions") from None
     if not isinstance(meta, dict):
         raise DataError(f"{meta_path} is corrupted (not a JSON object): re-run `tinygpt tokenize`")
     tokenizer = meta.get("tokenizer")
@@ -850,7 +885,7 @@ def load_dataset(path: Path) -> Dataset:
     problem = _meta_problem(meta)
     if problem:
         raise DataError(f"{meta_path} is corrupted ({problem}): re-run `tinygpt tokenize`")
-    return Dataset(meta.get("name", path.name), path, meta)
+    return Dataset(path.name, path, meta)  # the folder's name: what `data show`, `train --data` and `eval` take
 
 
 def _is_count(value: Any) -> bool:

@@ -174,7 +174,8 @@ def _usable_record(folder: Path, identity: dict[str, Any]) -> dict[str, Any] | N
             f"pass --force to replace it, or repeat those settings"
         )
     if record is None and folder.exists() and any(folder.iterdir()):
-        raise DataError(f"{folder} exists but is not a tinygpt download: move it away or pass --force")
+        raise DataError(f"{folder} exists but is not a tinygpt download (or its {DOWNLOAD_RECORD} is damaged): "
+                        f"move it away or pass --force")
     return record
 
 
@@ -189,6 +190,10 @@ def _entry_for(name: str, config: str | None, split: str | None, text_field: str
                 f"or give a Hugging Face dataset id such as owner/name"
             )
         folder_name = workspace.safe_name(name.split("/")[1] + (f"-{config}" if config else ""))
+        if folder_name in REGISTRY or folder_name.lower() == RAW_DIR_NAME:
+            # `tokenize shakespeare` is the embedded corpus and data/raw/<registry name>/ that corpus's download:
+            # a hub dataset of that name gets the owner in its folder name instead of silently sharing it
+            folder_name = workspace.safe_name(name.replace("/", "--") + (f"-{config}" if config else ""))
         return NamedSource(folder_name, name, hub_id=name, config=config, split=split or "train",
                            text_field=text_field or "text")
     changes = {k: v for k, v in {"config": config, "split": split, "text_field": text_field}.items() if v}
@@ -225,6 +230,11 @@ def _now() -> str:
 
 def _record_embedded(entry: NamedSource, folder: Path, started: float) -> DownloadResult:
     """The embedded corpus needs no network; recording it makes it the last download (what tokenize picks)."""
+    old = read_download_record(folder)
+    if (old is not None and old.get("kind") != "embedded") or \
+            (old is None and folder.is_dir() and any(p.name != DOWNLOAD_RECORD for p in folder.iterdir())):
+        raise DataError(f"{folder} holds another download, not the embedded corpus: move it away (the embedded "
+                        f"corpus needs no download: `tinygpt tokenize {entry.name}` uses it)")
     folder.mkdir(parents=True, exist_ok=True)
     record = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "name": entry.name, "kind": "embedded",
               "where": entry.where, "title": entry.title, "license": entry.license, "complete": True,
@@ -355,6 +365,9 @@ def _shard_documents(stream, entry: NamedSource, skip: int) -> Iterator[tuple[st
     article: list[str] = []
     for batch in stream.iter(batch_size=STREAM_BATCH_ROWS):
         for value in batch[entry.text_field]:
+            if value is not None and not isinstance(value, str):  # it was kept as "": hours of empty documents
+                raise DataError(f"column {entry.text_field!r} of {entry.where} holds {type(value).__name__} values, "
+                                f"not text: pass --text-field NAME (a column of text)")
             text = value if isinstance(value, str) else ""
             if entry.join != "wikitext":
                 rows += 1

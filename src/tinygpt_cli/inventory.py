@@ -148,7 +148,7 @@ def dataset_summary(meta: dict[str, Any], path: Path) -> DatasetSummary:
     train, val = splits.get("train", {}), splits.get("val", {})
     source = meta.get("source") or {}
     return DatasetSummary(
-        name=meta.get("name", path.name), path=str(path), source=source.get("spec"), fraction=meta.get("fraction"),
+        name=path.name, path=str(path), source=source.get("spec"), fraction=meta.get("fraction"),
         train_tokens=int(train.get("tokens", 0)), val_tokens=int(val.get("tokens", 0)),
         train_documents=int(train.get("documents", 0)), val_documents=int(val.get("documents", 0)),
         bytes=int(train.get("bytes", 0)) + int(val.get("bytes", 0)), created=meta.get("created"),

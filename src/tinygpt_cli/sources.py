@@ -137,6 +137,7 @@ class Source:
     files: tuple[DocumentFile, ...]
     text_field: str = "text"
     provenance: dict[str, Any] = field(default_factory=dict)  # a download's record, for meta.json
+    left_out: tuple[str, ...] = ()  # files of a folder or glob that are none of TEXT_SUFFIXES (`tokenize` says so)
 
     @property
     def documents(self) -> int:
@@ -235,6 +236,20 @@ def embedded_source() -> Source:
     return Source(EMBEDDED_NAME, "the embedded Shakespeare corpus (42 works)", "embedded", files)
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted, following symlinked folders (a corpus of shards linked in from other
+    disks; `Path.rglob` skips them silently, where a `**` glob follows them), each real folder once."""
+    found, seen = [], set()
+    for where, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen:  # a link back up the tree, or a second link to the same folder
+            folders[:] = []
+            continue
+        seen.add(real)
+        found.extend(Path(where) / name for name in names)
+    return sorted(p for p in found if p.is_file())
+
+
 def local_source(spec: str, text_field: str = "text") -> Source:
     """A file, a folder (searched recursively) or a glob of .txt / .jsonl(.gz) / .parquet files."""
     path = Path(spec).expanduser()
@@ -244,7 +259,7 @@ def local_source(spec: str, text_field: str = "text") -> Source:
             raise DataError(f"no file matches {spec}: check the pattern")
         name = workspace.safe_name(Path(spec.split("*")[0]).name or "glob")
     elif path.is_dir():
-        candidates = sorted(p for p in path.rglob("*") if p.is_file())
+        candidates = _files_under(path)
         name = workspace.safe_name(path.resolve().name)
     elif path.is_file():
         candidates = [path]
@@ -256,7 +271,12 @@ def local_source(spec: str, text_field: str = "text") -> Source:
             f"{spec} does not exist: give a file, a folder or a glob of .txt/.jsonl/.parquet files, "
             f"or a downloaded dataset (tinygpt download --list)"
         )
-    usable = [p for p in candidates if p.is_file() and _kind_of(p) is not None]
+    usable, seen = [], set()
+    for p in candidates:  # a file reached twice (a `**` glob through a symlink loop) is one file, read once
+        if p.is_file() and _kind_of(p) is not None and (real := os.path.realpath(p)) not in seen:
+            seen.add(real)
+            usable.append(p)
+    left_out = tuple(str(p) for p in candidates if p.is_file() and _kind_of(p) is None)
     if not usable:
         raise DataError(
             f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
@@ -264,7 +284,7 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     files = tuple(_document_file(p, text_field) for p in usable)
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
-    return Source(name, str(spec), "local", files, text_field)
+    return Source(name, str(spec), "local", files, text_field, left_out=left_out)
 
 
 # ----------------------------------------------------------------------------------------------- downloads
@@ -279,7 +299,35 @@ def read_download_record(folder: Path) -> dict[str, Any] | None:
         record = json.loads((folder / DOWNLOAD_RECORD).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return record if isinstance(record, dict) and record.get("format") == "tinygpt-download" else None
+    if not isinstance(record, dict) or record.get("format") != "tinygpt-download" or _record_problem(record):
+        return None
+    return record
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a download.json that commands read (a damaged or hand-edited one is
+    treated as no record, not a traceback), or None."""
+    progress = record.get("progress")
+    keys = ("documents",) if record.get("kind") == "embedded" else \
+        ("documents", "rows", "text_bytes", "shards_done", "shard_rows")
+    if not isinstance(progress, dict) or not all(_is_count(progress.get(key)) for key in keys):
+        return "progress"
+    files = record.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("file"), str) for f in files):
+        return "files"
+    selection = record.get("selection", {})
+    if not isinstance(selection, dict) or not isinstance(selection.get("fraction", 1.0), (int, float)):
+        return "selection"
+    if record.get("kind") != "embedded":
+        shards = record.get("shards")
+        if not isinstance(shards, dict) or not _is_count(shards.get("count")) or \
+                not isinstance(shards.get("order"), list) or not isinstance(record.get("identity"), dict):
+            return "shards"
+    return None
 
 
 def downloads() -> list[dict[str, Any]]:
@@ -340,6 +388,9 @@ def resolve_source(spec: str | None, text_field: str = "text") -> Source:
     """
     if spec is None or spec == EMBEDDED_NAME:
         return embedded_source()
+    if not spec.strip():  # "" is the current folder to pathlib: an unset shell variable would tokenize it
+        raise DataError("SOURCE is empty: give a file, folder, glob or downloaded dataset, or leave it out "
+                        "to tokenize the last download (else the embedded corpus)")
     if spec == workspace.safe_name(spec) and read_download_record(raw_dir() / spec) is not None:
         return downloaded_source(spec)
     if Path(spec).expanduser().exists() or any(ch in spec for ch in "*?["):
@@ -465,8 +516,13 @@ def _parquet_documents(
             f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}): pass --text-field NAME"
         )
     column_type = schema.field(text_field).type
-    is_binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
-    if not (is_binary or pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+    if pa.types.is_dictionary(column_type):  # a categorical column (pandas "category"): its values are the text
+        column_type = column_type.value_type
+    is_text = pa.types.is_string(column_type) or pa.types.is_large_string(column_type) or \
+        getattr(pa.types, "is_string_view", lambda t: False)(column_type)
+    is_binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type) or \
+        getattr(pa.types, "is_binary_view", lambda t: False)(column_type)
+    if not (is_binary or is_text):
         raise DataError(f"column {text_field!r} of {path} holds {column_type}, not text: pass --text-field NAME")
     metadata = parquet.metadata
     position = first
@@ -500,27 +556,59 @@ def _parquet_documents(
 
 
 # ----------------------------------------------------------------------------------------------- .txt files
-def _safe_cut(data: bytes, limit: int) -> int:
-    """An offset <= limit just after a line break with printable, non-space ASCII on both sides, else (a line
-    longer than `data`) just before a single space between printable ASCII and an ASCII letter; or -1.
+def _solid_before(data: bytes, end: int) -> bool:
+    """Whether the character that ends at byte `end` of `data` (valid UTF-8) is not whitespace."""
+    byte = data[end - 1]
+    if byte < 0x80:
+        return 0x21 <= byte <= 0x7E
+    start = end - 1
+    while start > 0 and end - start < 4 and 0x80 <= data[start] < 0xC0:
+        start -= 1
+    try:
+        char = data[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(char) == 1 and not char.isspace()
+
+
+def _solid_after(data: bytes, start: int) -> bool:
+    """Whether the character that starts at byte `start` of `data` is whole there and not whitespace."""
+    if start >= len(data):
+        return False
+    byte = data[start]
+    if byte < 0x80:
+        return 0x21 <= byte <= 0x7E
+    size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+    try:
+        char = data[start : start + size].decode("utf-8")
+    except UnicodeDecodeError:  # cut short by the end of `data`: not known yet
+        return False
+    return len(char) == 1 and not char.isspace()
+
+
+def _safe_cut(data: bytes, limit: int, floor: int = 1) -> int:
+    """An offset in floor..limit just after a line break with a non-whitespace character on both sides (any
+    script: Cyrillic or CJK text has line breaks too), else (a line longer than `data`) just before a single
+    space between printable ASCII and an ASCII letter; or -1. Offsets below `floor` are not looked at (the
+    caller already did), so that streaming a file that has no cut point costs linear, not quadratic, time.
 
     Cutting text there cannot change GPT-2 BPE tokens: the break is a pre-token of its own either way
-    (no pre-token of the GPT-2 pattern spans a "\\n" between two non-space characters), and a space before a
+    (no pre-token of the GPT-2 pattern spans a "\\n" between two non-whitespace characters), and a space before a
     letter starts the pre-token " word" whatever came before it; the pattern has no look-behind, so the text
     after the cut is split as before.
     """
+    floor = max(1, floor)
     at = limit
     while True:
-        newline = data.rfind(b"\n", 1, at)
+        newline = data.rfind(b"\n", floor, at)
         if newline < 0:
             break
-        before, after = data[newline - 1], data[newline + 1] if newline + 1 < len(data) else 0
-        if 0x21 <= before <= 0x7E and 0x21 <= after <= 0x7E:
+        if _solid_before(data, newline) and _solid_after(data, newline + 1):
             return newline + 1
         at = newline
     at = limit
     while True:
-        space = data.rfind(b" ", 1, at)
+        space = data.rfind(b" ", floor, at)
         if space < 0 or space + 1 >= len(data):
             return -1
         before, after = data[space - 1], data[space + 1] | 0x20  # lower-cased
@@ -602,9 +690,10 @@ class TextFile:
                 if at_start and block.startswith(codecs.BOM_UTF8):  # a byte-order mark is no text
                     block = block[len(codecs.BOM_UTF8) :]
                 at_start = False
+                floor = len(carry) - 8  # what came before was looked at already (8: a character's bytes each side)
                 carry += block
                 if remaining > 0:
-                    at = _safe_cut(carry, len(carry) - 1)
+                    at = _safe_cut(carry, len(carry) - 1, floor)
                     if at > 0:
                         yield carry[:at].decode("utf-8"), False
                         carry = carry[at:]

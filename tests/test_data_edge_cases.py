@@ -1,0 +1,217 @@
+"""Data pipeline edge cases: what `download`, `tokenize` and `data` do with folders, links, odd columns and records."""
+
+import json
+import pathlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import assert_one_line_error
+from tinygpt_cli import data, sources
+from tinygpt_cli import download as dl
+from tinygpt_cli.cli import app
+from tinygpt_cli.errors import DataError
+from tinygpt_cli.tokenizer import get_encoding
+
+runner = CliRunner()
+
+
+def _jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def test_tokenizing_a_folder_under_data_never_deletes_it(workspace):
+    """`tinygpt tokenize data/books` published data/books over the source and deleted the user's files."""
+    books = workspace / "data" / "books"
+    books.mkdir(parents=True)
+    (books / "a.txt").write_text("All the world's a stage.\nAnd all the men and women merely players.\n" * 50)
+    (books / "notes.md").write_text("my notes")
+    for extra in ([], ["--force"]):
+        assert_one_line_error(runner.invoke(app, ["tokenize", str(books), *extra]), "is inside data/books")
+    assert sorted(p.name for p in books.iterdir()) == ["a.txt", "notes.md"]
+    assert not list((workspace / "data").glob(".books*"))
+
+
+def test_a_folder_that_is_not_a_dataset_is_not_replaced(workspace, tmp_path):
+    mine = workspace / "data" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "keep.bin").write_bytes(b"precious")
+    rows = _jsonl(tmp_path / "rows.jsonl", [f"document {i}" for i in range(10)])
+    assert_one_line_error(runner.invoke(app, ["tokenize", str(rows), "--name", "mine", "--force"]),
+                          "is not a tokenized dataset (no meta.json)")
+    assert (mine / "keep.bin").read_bytes() == b"precious"
+    assert runner.invoke(app, ["tokenize", str(rows), "--name", "rows"]).exit_code == 0
+    assert runner.invoke(app, ["tokenize", str(rows), "--name", "rows", "--seed", "1"]).exit_code == 0  # a dataset
+
+
+def test_an_empty_source_is_an_error_not_the_current_folder(workspace):
+    assert_one_line_error(runner.invoke(app, ["tokenize", ""]), "SOURCE is empty")
+    assert not (workspace / "data").exists() or not any((workspace / "data").iterdir())
+
+
+def test_non_latin_text_files_are_streamed_in_pieces_with_identical_tokens(workspace, monkeypatch):
+    """Lines of Cyrillic (or CJK) text had no cut point (neighbours had to be ASCII): the whole file was held in
+    memory and every piece rescanned all of it, quadratic time."""
+    monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 300)
+    text = "".join(f"Строка номер {i}: привет, мир.\n日本語のテキスト\u3000\n\u00a0отступ\n" for i in range(400))
+    path = workspace / "ru.txt"
+    path.write_bytes(text.encode("utf-8"))
+    pieces = list(sources.TextFile(path, path.stat().st_size, None)._pieces(0, path.stat().st_size))
+    assert len(pieces) > 50
+    assert "".join(p for p, _ in pieces) == text
+    enc = get_encoding()
+    assert [i for p, _ in pieces for i in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
+
+
+def test_safe_cut_only_looks_past_its_floor():
+    data_ = b"x" * 100 + b"a\nb" + b"y" * 100
+    assert sources._safe_cut(data_, len(data_) - 1) == 102
+    assert sources._safe_cut(data_, len(data_) - 1, floor=150) == -1
+
+
+@pytest.mark.parametrize("column", [
+    pa.array(["first text", "second text", "third"], type=pa.dictionary(pa.int32(), pa.string())),
+    pytest.param(pa.array(["first text", "second text", "third"], type=getattr(pa, "string_view", pa.string)()),
+                 id="string_view"),
+])
+def test_categorical_and_view_text_columns_are_text(workspace, column):
+    path = workspace / "cat.parquet"
+    pq.write_table(pa.table({"text": column}), path)
+    result = data.tokenize(str(path))
+    assert result.meta["documents"]["selected"] == 3 and result.meta["splits"]["train"]["tokens"] > 0
+
+
+def test_a_hub_dataset_named_like_a_registry_entry_gets_its_own_folder(workspace, tmp_path, monkeypatch):
+    """`download someone/shakespeare` wrote data/raw/shakespeare/: `tokenize` then silently took the embedded
+    corpus, and `download shakespeare` overwrote the record of the download."""
+    import datasets
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": [f"my own document {i} " * 10 for i in range(20)]}), path)
+    monkeypatch.setattr(dl, "check_hub", lambda entry: None)
+    monkeypatch.setattr(dl, "_open_stream", lambda entry: datasets.load_dataset(
+        "parquet", data_files=[str(path)], split="train", streaming=True))
+    result = dl.download("someone/shakespeare")
+    assert result.path.name != "shakespeare"
+    spec, _ = sources.default_source_spec()
+    assert sources.resolve_source(spec).kind == "download"
+    # a folder written that way by an earlier version is not overwritten by the embedded corpus's record
+    other = sources.raw_dir() / "shakespeare"
+    result.path.rename(other)
+    with pytest.raises(DataError, match="holds another download"):
+        dl.download("shakespeare")
+    assert json.loads((other / "download.json").read_text())["kind"] == "hub"
+
+
+@pytest.mark.parametrize("record", [
+    {"format": "tinygpt-download", "name": "tinystories", "complete": True},
+    {"format": "tinygpt-download", "name": "tinystories", "complete": False, "progress": 5},
+    {"format": "tinygpt-download", "name": "tinystories", "complete": True, "files": "x",
+     "progress": {"documents": 1, "rows": 1, "text_bytes": 1, "shards_done": 1, "shard_rows": 0}},
+])
+def test_a_damaged_download_record_is_no_traceback(workspace, record):
+    folder = workspace / "data" / "raw" / "tinystories"
+    folder.mkdir(parents=True)
+    (folder / "download.json").write_text(json.dumps(record))
+    listed = runner.invoke(app, ["download", "--list"])
+    assert listed.exit_code == 0 and "Traceback" not in listed.output, listed.output
+    assert_one_line_error(runner.invoke(app, ["tokenize", "tinystories"]), "tinystories is not downloaded")
+    assert_one_line_error(runner.invoke(app, ["download", "tinystories"]), "")
+
+
+def test_an_unreadable_meta_json_leaves_one_dataset_out_not_the_listing(workspace, tmp_path, monkeypatch):
+    for name in ("good", "locked"):
+        assert runner.invoke(app, ["tokenize", str(_jsonl(tmp_path / f"{name}.jsonl", ["a b", "c d", "e f"])),
+                                   "--name", name]).exit_code == 0
+    read_text = pathlib.Path.read_text
+
+    def unreadable(self, *args, **kwargs):
+        if self.name == "meta.json" and self.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", unreadable)
+    listed = runner.invoke(app, ["data", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [d["name"] for d in json.loads(listed.stdout)] == ["good"]
+    assert "locked is left out" in listed.stderr and "cannot be read" in listed.stderr
+
+
+def test_a_renamed_dataset_is_listed_and_shown_by_its_folder_name(workspace, tmp_path):
+    assert runner.invoke(app, ["tokenize", str(_jsonl(tmp_path / "r.jsonl", ["a b", "c d", "e f"])),
+                               "--name", "old"]).exit_code == 0
+    (workspace / "data" / "old").rename(workspace / "data" / "new")
+    shown = runner.invoke(app, ["data", "show", "new"])
+    assert shown.exit_code == 0 and shown.stdout.startswith("new  ("), shown.output
+    assert data.find_dataset("new").name == "new"
+
+
+def test_a_val_fraction_that_takes_every_document_is_refused_up_front(workspace, tmp_path):
+    rows = _jsonl(tmp_path / "rows.jsonl", [f"document {i}" for i in range(10)])
+    assert_one_line_error(runner.invoke(app, ["tokenize", str(rows), "--val-fraction", "0.99"]),
+                          "lower --val-fraction")
+
+
+def test_a_folder_source_follows_symlinked_subfolders_like_a_glob(workspace, tmp_path):
+    """`Path.rglob` skipped symlinked folders silently (a `**` glob follows them): shards linked in from
+    another disk were left out of the dataset."""
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    corpus.mkdir()
+    elsewhere.mkdir()
+    _jsonl(corpus / "a.jsonl", [f"here {i}" for i in range(5)])
+    _jsonl(elsewhere / "b.jsonl", [f"there {i}" for i in range(7)])
+    (corpus / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (corpus / "loop").symlink_to(corpus, target_is_directory=True)  # visited once, not forever
+    assert sources.local_source(str(corpus)).documents == 12
+    assert sources.local_source(str(corpus / "**" / "*.jsonl")).documents == 12
+
+
+def test_files_of_other_types_in_a_folder_are_named_not_silently_left_out(workspace, tmp_path):
+    """A folder of .json.gz shards plus a README.txt was tokenized as the README alone, without a word."""
+    corpus = tmp_path / "c4"
+    (corpus / "en").mkdir(parents=True)
+    _jsonl(corpus / "en" / "c4-train.00000.json", [f"page {i}" for i in range(50)])
+    (corpus / "README.txt").write_text("The C4 corpus, see its card.\nThree lines.\nOf text.\n")
+    result = runner.invoke(app, ["tokenize", str(corpus)])
+    assert result.exit_code == 0, result.output
+    assert "Left out 1 file(s)" in result.stderr and "c4-train.00000.json" in result.stderr
+
+
+def test_an_interrupt_that_kept_nothing_leaves_nothing(workspace, tmp_path, monkeypatch):
+    """'nothing was kept', yet data/.NAME.partial/ stayed with its .bin files (on a full disk, the space needed)."""
+    rows = _jsonl(tmp_path / "rows.jsonl", [f"document {i}" for i in range(50)])
+
+    def interrupting_write(self, encoded):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data._Partial, "write", interrupting_write)
+    result = runner.invoke(app, ["tokenize", str(rows)])
+    assert result.exit_code == 130 and "nothing was kept" in result.stderr
+    assert not (workspace / "data" / ".rows.partial").exists()
+
+
+def test_a_download_of_a_column_that_is_not_text_is_refused_not_kept_empty(workspace, tmp_path, monkeypatch):
+    """A list column was stored as empty documents; only tokenize said, much later, 'holds no text'."""
+    path = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({"text": [[f"turn {i}", "reply"] for i in range(30)]}), path)
+    monkeypatch.setitem(sources.REGISTRY, "chat", sources.NamedSource(
+        "chat", "a chat corpus", builder="parquet", data_files=(str(path),), documents=30))
+    with pytest.raises(DataError, match="holds list values, not text: pass --text-field"):
+        dl.download("chat")
+
+
+def test_an_interrupt_while_planning_does_not_promise_to_continue(workspace, tmp_path, monkeypatch):
+    """Ctrl-C while a large corpus was being counted said 'run the same command again to continue where it
+    stopped': nothing had started."""
+    rows = _jsonl(tmp_path / "rows.jsonl", [f"document {i}" for i in range(10)])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_sample_bytes_per_token", interrupted)
+    result = runner.invoke(app, ["tokenize", str(rows)])
+    assert result.exit_code == 130
+    assert "continue where it stopped" not in result.stderr and "nothing was kept" in result.stderr
