@@ -1067,7 +1067,7 @@ def eval_command(
         if bar is not None:
             progress.stop()
     if as_json:
-        print(json.dumps(vars(result)))
+        print(json.dumps(ev.json_safe(result), allow_nan=False))
         return
     which = f"step {result.step}" if result.step is not None else "pretrained"
     if isinstance(result, ev.TaskResult):
@@ -1078,7 +1078,8 @@ def eval_command(
     else:
         print(
             f"{result.dataset}/{result.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "
-            f"{result.bits_per_byte:.4f} bits/byte on {_fmt_int(result.tokens)} tokens "
+            f"{'n/a' if result.bits_per_byte is None else f'{result.bits_per_byte:.4f}'} bits/byte on "
+            f"{_fmt_int(result.tokens)} tokens "
             f"({format_bytes(result.text_bytes)} of text, {which})"
         )
     if result.recorded_in:

@@ -73,7 +73,7 @@ class LossResult:
     window_tokens: int  # the model's context
     loss: float
     perplexity: float
-    bits_per_byte: float
+    bits_per_byte: float | None  # None where no text byte was scored (only <|endoftext|> targets)
     seconds: float
     device: str
     dtype: str
@@ -481,7 +481,7 @@ def evaluate(
         checkpoint=str(loaded.path), step=loaded.state.get("step"), dataset=dataset.name, split=split,
         tokens=score.tokens, text_bytes=score.text_bytes, windows=score.windows,
         window_tokens=model.config.block_size, loss=loss, perplexity=math.exp(min(loss, 700.0)),
-        bits_per_byte=score.text_nats / math.log(2) / max(1, score.text_bytes),
+        bits_per_byte=score.text_nats / math.log(2) / score.text_bytes if score.text_bytes else None,
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
     )
     if record and _recorded(loaded):
@@ -557,7 +557,7 @@ def _report_section(result: LossResult | TaskResult, when: str) -> str:
         title = f"loss on {result.dataset}/{result.split}"
         rows = [
             ("loss", f"{result.loss:.4f}"), ("perplexity", f"{result.perplexity:.2f}"),
-            ("bits per byte", f"{result.bits_per_byte:.4f}"),
+            ("bits per byte", f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"),
             ("scored", f"{result.tokens:,} tokens ({result.text_bytes:,} bytes of text) in {result.windows:,} "
                        f"windows of {result.window_tokens}"),
         ]
@@ -591,16 +591,22 @@ def _check_recordable(loaded: LoadedCheckpoint) -> None:
             raise TinyGPTError(f"cannot record the result in {folder} ({path.name} is not writable): {_UNRECORDABLE}")
 
 
+def json_safe(result: LossResult | TaskResult) -> dict[str, Any]:
+    """The result's fields with a non-finite number (the NaN loss of a damaged checkpoint) as None: strict JSON
+    has no NaN or Infinity, and parsers other than Python's reject them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()}
+
+
 def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Path:
     """Append `result` to `eval.jsonl` and `report.md` of the checkpoint's run; returns the run folder."""
     checkpoint = Path(checkpoint)
     folder = run_dir_of(checkpoint)
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    record = {"time": when, **{k: v for k, v in asdict(result).items() if k != "recorded_in"}}
+    record = {"time": when, **{k: v for k, v in json_safe(result).items() if k != "recorded_in"}}
     try:
         report = folder / "report.md"
         header = "" if report.exists() else f"# Run {folder.name}\n"
-        _append(folder / "eval.jsonl", json.dumps(record) + "\n")
+        _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
         _append(report, header + _report_section(result, when))
     except OSError as exc:
         raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {_UNRECORDABLE}") from None

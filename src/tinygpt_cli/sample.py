@@ -269,8 +269,9 @@ def check_settings(
         raise GenerationError(f"--top-k must be 0 (off) or more (got {top_k})")
     if not 0.0 < top_p <= 1.0:
         raise GenerationError(f"--top-p must be in (0, 1] (got {top_p})")
-    if not repetition_penalty > 0:
-        raise GenerationError(f"--repetition-penalty must be more than 0; 1 is off (got {repetition_penalty})")
+    if not 0 < repetition_penalty < float("inf"):  # inf turns a logit of exactly 0 into NaN (0 * inf)
+        raise GenerationError(f"--repetition-penalty must be a finite number more than 0; 1 is off "
+                              f"(got {repetition_penalty})")
     if num_samples < 1:
         raise GenerationError(f"--num-samples must be at least 1 (got {num_samples})")
 
@@ -1014,47 +1015,51 @@ class TextStream:
         self.stop = tuple(s for s in stop if s)
         self._longest = max((len(s) for s in self.stop), default=0)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buffer = ""  # everything decoded so far
-        self._released = 0  # characters of _buffer handed out
-        self._searched = 0  # stop strings cannot start before this index
+        # Released text is kept as pieces and what is held back as a short string, so that a push costs the size
+        # of the new piece, not of everything so far (`+=` on one growing string made long samples quadratic).
+        # A stop string never starts in released text (the held-back tail is the longest that could start one),
+        # so only the held-back text is searched.
+        self._parts: list[str] = []  # the text released so far, in pieces
+        self._pending = ""  # decoded, not released yet: at most the longest stop string and one token's text
         self.stopped = False
 
     @property
     def text(self) -> str:
         """The text released so far."""
-        return self._buffer[: self._released]
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def push(self, data: bytes) -> str:
         """Add one token's bytes; returns the newly released text (possibly empty)."""
         if self.stopped:
             return ""
-        self._buffer += self._decoder.decode(data)
+        self._pending += self._decoder.decode(data)
         return self._release(final=False)
 
     def finish(self) -> str:
         """End of generation: release what is held (an incomplete character becomes U+FFFD)."""
         if self.stopped:
             return ""
-        self._buffer += self._decoder.decode(b"", final=True)
+        self._pending += self._decoder.decode(b"", final=True)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        hits = [i for s in self.stop if (i := self._buffer.find(s, self._searched)) >= 0]
+        hits = [i for s in self.stop if (i := self._pending.find(s)) >= 0]
         if hits:
             self.stopped = True
             end = min(hits)
         else:
-            self._searched = max(0, len(self._buffer) - self._longest + 1)
-            end = len(self._buffer) if final else len(self._buffer) - self._held_back()
-        out = self._buffer[self._released : end]
-        self._released = max(self._released, end)
+            end = len(self._pending) if final else len(self._pending) - self._held_back()
+        out, self._pending = self._pending[:end], self._pending[end:]
+        if out:
+            self._parts.append(out)
         return out
 
     def _held_back(self) -> int:
-        """Length of the longest unreleased tail that is a proper prefix of a stop string."""
-        unreleased = len(self._buffer) - self._released
-        for size in range(min(self._longest - 1, unreleased), 0, -1):
-            tail = self._buffer[-size:]
+        """Length of the longest held tail that is a proper prefix of a stop string."""
+        for size in range(min(self._longest - 1, len(self._pending)), 0, -1):
+            tail = self._pending[-size:]
             if any(s.startswith(tail) for s in self.stop):
                 return size
         return 0
@@ -1113,7 +1118,7 @@ def read_prompt(path: str | Path) -> str:
         return read_stdin_prompt()
     path = Path(path).expanduser()
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")  # as it is: no newline translation (\r\n stays), as from stdin
     except FileNotFoundError:
         raise GenerationError(f"prompt file {path} does not exist: check the --prompt-file path") from None
     except UnicodeDecodeError:

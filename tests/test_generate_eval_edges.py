@@ -1,0 +1,86 @@
+"""generate and eval edge cases: long streams, CRLF prompt files, non-finite settings and results, strict JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from test_generate_cli import cli_invoke, make_run
+
+from conftest import assert_one_line_error
+from tinygpt_cli.sample import TextStream, read_prompt
+
+
+def test_text_stream_is_linear_in_the_text_length():
+    """Each push used to copy everything decoded so far (`self._buffer += ...`): long samples were quadratic."""
+    def run(n: int) -> float:
+        stream = TextStream(["\n\nTHE END"])
+        started = time.perf_counter()
+        for _ in range(n):
+            stream.push(b" abc")
+        assert len(stream.text) == 4 * n
+        return time.perf_counter() - started
+
+    run(1000)
+    small, large = run(10_000), run(320_000)
+    assert large < 32 * small * 4  # 32x the tokens: about 32x the time (quadratic was over 300x here)
+
+
+def test_text_stream_stop_strings_across_pushes():
+    stream = TextStream(["aab", "xyz"])
+    out = [stream.push(piece) for piece in (b"a", b"a", b"a", b"b", b"c")]
+    assert "".join(out) == "a" and stream.stopped and stream.text == "a"
+    other = TextStream(["abc", "x"])
+    assert other.push(b"..ab") == ".." and other.push(b"x") == "ab" and other.stopped
+
+
+def test_prompt_file_keeps_crlf_as_stdin_does(tmp_path, monkeypatch):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"ROMEO:\r\nJULIET:\r\n")
+    assert read_prompt(path) == "ROMEO:\r\nJULIET:\r\n"
+
+
+def test_infinite_repetition_penalty_is_refused(workspace):
+    make_run(workspace)
+    result = cli_invoke("generate", "x", "--repetition-penalty", "inf")
+    assert_one_line_error(result, "--repetition-penalty must be a finite number")
+
+
+def _tiny_dataset(workspace, name: str) -> None:
+    """A one-line source: its val split is one token then <|endoftext|>, so only the separator is scored."""
+    from tinygpt_cli.data import tokenize
+
+    source = workspace / f"{name}.txt"
+    source.write_text("Hi\n", encoding="utf-8")
+    tokenize(str(source), name=name)
+
+
+def test_eval_of_only_separators_has_no_bits_per_byte_and_strict_json(workspace):
+    make_run(workspace)
+    _tiny_dataset(workspace, "eots")
+    result = cli_invoke("eval", "--data", "eots", "--json")
+    assert result.exit_code == 0, result.output
+    strict = lambda c: pytest.fail(f"non-standard JSON {c}")  # noqa: E731
+    payload = json.loads(result.stdout, parse_constant=strict)
+    assert payload["text_bytes"] == 0 and payload["bits_per_byte"] is None  # was 0.0
+    line = (workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1]
+    json.loads(line, parse_constant=strict)
+
+
+def test_eval_of_a_nan_model_writes_strict_json(workspace, with_shakespeare):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = make_run(workspace)
+    weights = checkpoint / "model.safetensors"
+    with safe_open(str(weights), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(weights))
+    tensors["transformer.ln_f.weight"][0] = float("nan")
+    save_file(tensors, str(weights), metadata=metadata)
+    result = cli_invoke("eval", "--tokens", "64", "--json")
+    assert result.exit_code == 0, result.output
+    strict = lambda c: pytest.fail(f"non-standard JSON {c}")  # noqa: E731
+    assert json.loads(result.stdout, parse_constant=strict)["loss"] is None
+    json.loads((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1], parse_constant=strict)
