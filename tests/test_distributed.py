@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,6 +342,7 @@ home = os.path.join(sys.argv[1], f"node{os.environ['RANK']}")
 if not os.path.isdir(home):
     shutil.copytree(os.path.join(sys.argv[1], "node0"), home)
 os.environ["TINYGPT_HOME"] = home
+exec(os.environ.get(f"TINYGPT_TEST_RANK{os.environ['RANK']}", ""))  # what differs on this rank's machine
 sys.argv = ["tinygpt", *sys.argv[2:]]
 from tinygpt_cli.cli import main
 main()
@@ -355,14 +357,8 @@ def test_ranks_that_do_not_share_a_filesystem_end_together(with_shakespeare, wor
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     workspace.rename(nodes / "node0")
-    script = tmp_path / "per_rank.py"
-    script.write_text(_OWN_WORKSPACE_PER_RANK)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-               str(nodes), "train", *TINY_SETTINGS, "--name", "apart", "--max-steps", "6",
-               "--max-tokens", str(4 * 2 * 4 * 32)]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, err = _apart(tmp_path, "--name", "apart", "--max-steps", "6", "--max-tokens", str(4 * 2 * 4 * 32))
+    assert code == 0, err[-3000:]
     assert ckpt.latest_step(nodes / "node0" / "runs" / "apart") == 4
     assert not (nodes / "node1" / "runs" / "apart").exists()
 
@@ -375,12 +371,123 @@ def test_a_machine_without_the_tokenized_data_says_so(workspace, tmp_path):
     nodes.mkdir()
     workspace.rename(nodes / "node0")
     (nodes / "node1").mkdir()
+    code, _, err = _apart(tmp_path, "--name", "apart", "--max-steps", "1")
+    assert code != 0
+    assert "on this machine (rank 0 tokenized its own): run tinygpt tokenize on every machine" in err
+    assert "AssertionError" not in err
+
+
+def _apart(tmp_path, *args, rank_code=None, timeout=150):
+    """`tinygpt train <args>` on 2 ranks that each have their own workspace, nodes/node<rank> (node1 a copy of
+    node0 unless the test made it), as on two machines without a shared filesystem; `rank_code` {rank: code} runs
+    on that rank first (what differs on its machine). Returns (exit code, stdout, stderr); a group that hangs is
+    killed, its workers included (they outlive torchrun), and the test fails."""
     script = tmp_path / "per_rank.py"
     script.write_text(_OWN_WORKSPACE_PER_RANK)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-               str(nodes), "train", *TINY_SETTINGS, "--name", "apart", "--max-steps", "1"]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode != 0
-    assert "on this machine (rank 0 tokenized its own): run tinygpt tokenize on every machine" in done.stderr
-    assert "AssertionError" not in done.stderr
+               str(tmp_path / "nodes"), "train", *TINY_SETTINGS, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           **{f"TINYGPT_TEST_RANK{rank}": code for rank, code in (rank_code or {}).items()}}
+    out_path, err_path = tmp_path / "apart.out", tmp_path / "apart.err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:  # files: a pipe would wait for stray workers
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            hung = True
+        else:
+            hung = False
+    _kill_processes_running(script)
+    if hung:
+        pytest.fail("the ranks did not end together (one waits in a collective the other never joins): "
+                    + err_path.read_text()[-2000:])
+    return process.returncode, out_path.read_text(), err_path.read_text()
+
+
+def _kill_processes_running(script: Path) -> None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(script).encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+@pytest.mark.slow
+def test_rank_0_tokenizes_while_another_machine_already_has_the_data(workspace, tmp_path, shakespeare_tokens):
+    """Rank 0's workspace has no data, another machine's has: rank 0 tokenizes and waits for the others, who must
+    wait with it (they skipped the barrier and hung in DDP's setup)."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    workspace.rename(nodes / "node0")
+    shutil.copytree(shakespeare_tokens, nodes / "node1" / "data" / "shakespeare")
+    code, _, err = _apart(tmp_path, "--name", "t", "--max-steps", "2")
+    assert code == 0, err[-3000:]
+    assert ckpt.latest_step(nodes / "node0" / "runs" / "t") == 2
+
+
+@pytest.mark.slow
+def test_a_run_folder_on_another_machine_does_not_refuse_a_new_run(with_shakespeare, workspace, tmp_path):
+    """Only rank 0's runs/ holds the run's checkpoints: another machine's own old run of that name (never
+    shared) must not stop a new one (rank 1 refused alone while rank 0 went on)."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    shutil.copytree(workspace, nodes / "node0")
+    train(tiny_config(max_steps=2), run_name="again")  # in this test's workspace, which becomes rank 1's
+    workspace.rename(nodes / "node1")
+    code, _, err = _apart(tmp_path, "--name", "again", "--max-steps", "2")
+    assert code == 0, err[-3000:]
+    assert ckpt.latest_step(nodes / "node0" / "runs" / "again") == 2
+
+
+@pytest.mark.slow
+def test_batch_size_auto_is_the_same_on_machines_with_other_memory(with_shakespeare, workspace, tmp_path):
+    """--batch-size auto on machines with different RAM: every rank takes the smallest micro-batch that fits
+    anywhere (under FSDP a rank with more micro-steps than another hung in its all-gathers)."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    workspace.rename(nodes / "node0")
+    small = "import tinygpt_cli.plan as plan; plan._host_memory = lambda: 100_000_000"  # fits 2 of the 4 per rank
+    code, out, err = _apart(tmp_path, "--name", "auto", "--max-steps", "2", "--fsdp", "--batch-size", "auto",
+                            rank_code={1: small})
+    assert code == 0, err[-3000:]
+    assert "micro-batch 2 × 2 accumulation steps" in err + out
+    state = json.loads((nodes / "node0" / "runs" / "auto" / "checkpoints" / "step_2" / "state.json").read_text())
+    assert state["batch"] == {"batch_size": 2, "grad_accum": 2}
+
+
+@pytest.mark.slow
+def test_a_machine_without_a_compiler_makes_every_rank_run_eagerly(with_shakespeare, workspace, tmp_path):
+    """torch.compile fails on one machine only (no C++ compiler there): all ranks run eagerly (that rank alone
+    wrapped the model in DDP again, a collective the others never joined)."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    workspace.rename(nodes / "node0")
+    code, _, err = _apart(tmp_path, "--name", "eager", "--max-steps", "2", "--compile", "on",
+                          rank_code={1: "os.environ['CXX'] = '/bin/false'"}, timeout=300)
+    assert code == 0, err[-3000:]
+    assert "torch.compile unavailable" in err
+    assert ckpt.latest_step(nodes / "node0" / "runs" / "eager") == 2
+
+
+@pytest.mark.slow
+def test_a_stale_copy_of_the_run_folder_stops_a_resume_on_every_rank(with_shakespeare, workspace, tmp_path):
+    """Resume on two machines where the second holds an older copy of the run: every rank says so, instead of
+    rank 1 going on from step 2 while rank 0 goes on from step 4 (their collectives paired off wrongly: mixed
+    gradients, then a lost connection)."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    settings = {"max_steps": 6, "eval_interval": 2}
+    train(tiny_config(**settings, max_tokens=2 * 4 * 32), run_name="r")
+    shutil.copytree(workspace, nodes / "node1")  # the copy, taken at step 2
+    train(tiny_config(**settings, max_tokens=4 * 4 * 32), run_name="r", resume=True)
+    workspace.rename(nodes / "node0")
+    code, _, err = _apart(tmp_path, "--name", "r", "--resume", "--set", "train.max_tokens=0")
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and len(set(errors)) == 1, err[-3000:]
+    assert "from different checkpoints (r step 4, r step 2, by rank)" in errors[0]
+    assert ckpt.latest_step(nodes / "node0" / "runs" / "r") == 4

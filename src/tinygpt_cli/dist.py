@@ -6,8 +6,10 @@ WORLD_SIZE and the rendezvous; this module reads them.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,3 +115,37 @@ def all_gather_objects(value: Any) -> list[Any]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (`value` itself in a single process)."""
+    return all_gather_objects(value)[0]
+
+
+def agree(error: Exception | None) -> None:
+    """Raise on every rank the error any rank met while setting up on its own (the lowest rank's), so that no rank
+    goes on into a collective that another one never joins. In a single process, `error` as it is."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    messages = all_gather_objects(None if error is None else str(error))
+    rank, message = next(((r, m) for r, m in enumerate(messages) if m is not None), (None, None))
+    if message is None:
+        return
+    # the same words on every rank, so the launcher says them once
+    raise TrainingError(message if rank == 0 else f"rank {rank}: {message}") from None
+
+
+@contextlib.contextmanager
+def agreed() -> Iterator[None]:
+    """Within: a TinyGPTError raised on some ranks only is raised on every rank at the end of the block (see
+    `agree`). Only for a block with no collective in it."""
+    from tinygpt_cli.errors import TinyGPTError
+
+    error: Exception | None = None
+    try:
+        yield
+    except TinyGPTError as exc:
+        error = exc
+    agree(error)

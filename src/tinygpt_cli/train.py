@@ -415,18 +415,36 @@ def _check_writable(run_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- main loop
 def prepare_dataset(cfg: RunConfig, on_event: Callable[[TrainEvent], None], info: dist.DistInfo) -> Dataset:
-    """The dataset to train on; with none in the workspace, rank 0 tokenizes the embedded corpus first."""
-    dataset = find_dataset(cfg.data.dataset or None)
-    if dataset is None:
-        if info.is_main:
-            on_event(TrainEvent("info", message="No tokenized data yet: "
-                                "tokenizing the embedded Shakespeare corpus first."))
-            tokenize(None)
-        dist.barrier()
-        dataset = find_dataset(None)
+    """The dataset to train on; with none in the workspace, rank 0 tokenizes the embedded corpus first.
+
+    Under torchrun rank 0's workspace decides, and every rank agrees before any goes on: whether to tokenize (a
+    collective waits for it), and which dataset "the last tokenized" is. Another machine, which may not share rank
+    0's filesystem, must hold the same data (the same name and train split) or every rank stops with one error."""
+    dataset = None
+    with dist.agreed():
+        dataset = find_dataset(cfg.data.dataset or None)
+    tokenized = dist.from_main(dataset is None)
+    if tokenized:
+        with dist.agreed():
+            if info.is_main:
+                on_event(TrainEvent("info", message="No tokenized data yet: "
+                                    "tokenizing the embedded Shakespeare corpus first."))
+                tokenize(None)
+        if dataset is None:
+            dataset = find_dataset(None)
+    main_name, main_sha = dist.from_main((dataset.name, dataset.meta["splits"]["train"].get("sha256"))
+                                         if dataset is not None else (None, None))
+    with dist.agreed():
+        if dataset is not None and dataset.name != main_name and not cfg.data.dataset:
+            dataset = find_dataset(main_name) if (workspace.data_dir() / main_name).is_dir() else None
         if dataset is None:  # another machine, which does not share rank 0's workspace
-            raise TrainingError(f"no tokenized data in {workspace.data_dir()} on this machine (rank 0 tokenized "
-                                f"its own): run tinygpt tokenize on every machine, or share TINYGPT_HOME")
+            raise TrainingError(f"no tokenized dataset {main_name} in {workspace.data_dir()} on this machine (rank 0 "
+                                f"{'tokenized its own' if tokenized else 'trains on it'}): run tinygpt tokenize "
+                                f"on every machine, or share TINYGPT_HOME")
+        sha = dataset.meta["splits"]["train"].get("sha256")
+        if dataset.name != main_name or (sha and main_sha and sha != main_sha):
+            raise TrainingError(f"rank {info.rank} would train on other data ({dataset.name}) than rank 0 "
+                                f"({main_name}): every machine needs the same tokenized dataset")
     return dataset
 
 
@@ -506,56 +524,73 @@ class _Trainer:
     # -------------------------------------------------------------------------------------------- setup
     def run(self, run_name: str | None, resume: bool) -> TrainResult:
         cfg, tc, info = self.cfg, self.tc, self.info
+        if info.enabled:  # --dtype auto is each machine's pick: fp16 (a GradScaler) beside bf16 mixes scaled gradients
+            dtypes = dist.all_gather_objects(str(self.dtype).split(".")[-1])
+            if len(set(dtypes)) > 1 and "float16" in dtypes:
+                raise TrainingError(f"the ranks would compute in {', '.join(dtypes)} (by rank; --dtype {tc.dtype} "
+                                    f"on other hardware): pass one --dtype that every machine has, e.g. fp32")
         torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        if run_name is not None and not resume:
-            check_run_name(run_name)
-        if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
-            cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
+        # Under torchrun each rank reads its own machine's files (which need not be rank 0's) until the first
+        # collective: an error met by some ranks only is raised by all of them (dist.agreed), never left to a rank
+        # that goes on into a collective alone.
+        with dist.agreed():
+            if run_name is not None and not resume:
+                check_run_name(run_name)
+            if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
+                cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
         self.dataset = prepare_dataset(cfg, self.emit, info)
-        if not cfg.data.dataset:  # config.yaml names the data, so a resume or a rerun finds the same
-            in_workspace = self.dataset.path.resolve().parent == workspace.data_dir().resolve()
-            cfg = self._with_dataset(self.dataset.path.name if in_workspace else str(self.dataset.path))
-        self.train_tokens = self.dataset.split("train")
-        self.val_tokens = self.dataset.split("val")
-        self._check_data_fits(cfg.model.block_size)
-
-        start = self._init_from(tc.init_from) if tc.init_from and not resume else None
+        with dist.agreed():
+            if not cfg.data.dataset:  # config.yaml names the data, so a resume or a rerun finds the same
+                in_workspace = self.dataset.path.resolve().parent == workspace.data_dir().resolve()
+                cfg = self._with_dataset(self.dataset.path.name if in_workspace else str(self.dataset.path))
+            self.train_tokens = self.dataset.split("train")
+            self.val_tokens = self.dataset.split("val")
+            self._check_data_fits(cfg.model.block_size)
+            start = self._init_from(tc.init_from) if tc.init_from and not resume else None
         cfg = self.cfg  # with the weights' shape and size (init_from), before the default name takes the size
         name = run_name or dist.all_gather_objects(default_run_name(cfg, self.dataset))[0]
         self.run_dir = workspace.runs_dir() / name
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
-        if resume and checkpoint is None:
-            raise TrainingError(f"{self.run_dir} has no checkpoint to resume from: start it without --resume")
-        if not resume and latest_checkpoint(self.run_dir) is not None:
-            raise TrainingError(
-                f"run {self.run_dir.name} already exists: pass --resume to continue it or pick another --name"
-            )
-        self.new_run = info.is_main and not resume
-        if info.is_main:
-            _check_writable(self.run_dir)
-
-        self.model = start if start is not None else GPT(cfg.model)
-        self.block = self.model.config.block_size
-        self._check_data_fits(self.block)
-        if info.is_main:
-            self._check_checkpoint_space()
-        torch.manual_seed(tc.seed + 1 + info.rank)  # then each rank its own dropout stream
-        self.state: dict[str, Any] = {}
-        self.lr_rewarm: tuple[int, float] | None = None
-        if checkpoint is not None:
-            with _resume_advice():
-                loaded = load_checkpoint(checkpoint)
-            if replace(loaded.model.config, dropout=cfg.model.dropout) != cfg.model:  # dropout may change
+        with dist.agreed():
+            checkpoint = latest_checkpoint(self.run_dir) if resume else None
+            if resume and checkpoint is None:
+                raise TrainingError(f"{self.run_dir} has no checkpoint to resume from: start it without --resume")
+            # a new run's checkpoints are rank 0's alone: another machine's runs/ (not shared) does not count
+            if not resume and info.is_main and latest_checkpoint(self.run_dir) is not None:
                 raise TrainingError(
-                    f"the model shape of {self.run_dir.name} cannot change on resume: drop the model overrides"
+                    f"run {self.run_dir.name} already exists: pass --resume to continue it or pick another --name"
                 )
-            self.model.load_state_dict(loaded.model.state_dict())
-            self.state = loaded.state
-            self._check_resumable()  # before the device, the compile and anything written
+            self.new_run = info.is_main and not resume
+            if info.is_main:
+                _check_writable(self.run_dir)
+
+            self.model = start if start is not None else GPT(cfg.model)
+            self.block = self.model.config.block_size
+            self._check_data_fits(self.block)
+            if info.is_main:
+                self._check_checkpoint_space()
+            torch.manual_seed(tc.seed + 1 + info.rank)  # then each rank its own dropout stream
+            self.state: dict[str, Any] = {}
+            self.lr_rewarm: tuple[int, float] | None = None
+            if checkpoint is not None:
+                with _resume_advice():
+                    loaded = load_checkpoint(checkpoint)
+                if replace(loaded.model.config, dropout=cfg.model.dropout) != cfg.model:  # dropout may change
+                    raise TrainingError(
+                        f"the model shape of {self.run_dir.name} cannot change on resume: drop the model overrides"
+                    )
+                self.model.load_state_dict(loaded.model.state_dict())
+                self.state = loaded.state
+                self._check_resumable()  # before the device, the compile and anything written
+        if resume and info.enabled:  # each rank loaded its own machine's copy: the same checkpoint, or none goes on
+            held = dist.all_gather_objects(f"{self.run_dir.name} step {int(self.state.get('step', 0))}")
+            if len(set(held)) > 1:  # a machine with a stale copy of the run folder, or another "latest run"
+                raise TrainingError(
+                    f"the ranks would resume from different checkpoints ({', '.join(held)}, by rank): every "
+                    f"machine needs rank 0's run folder (a shared filesystem, or a fresh copy)")
         self.model.to(self.device)
         self.fsdp = tc.fsdp and info.enabled
         if tc.fsdp and not info.enabled:
@@ -572,10 +607,13 @@ class _Trainer:
         self.optimizer = make_optimizer(self.model, tc, self.device)
         if checkpoint is not None:
             self._load_optimizer(checkpoint)
-        if self.device.type != "cuda":
-            self._fit_host_memory()
-        elif tc.auto_batch:
-            self._fit_batch_size()
+        with dist.agreed():  # the machines' memory may differ: every rank takes the same micro-batch, or none
+            if self.device.type != "cuda":
+                largest = self._fit_host_memory()
+            else:
+                largest = self._largest_batch(self.batch_size) if tc.auto_batch else None
+        if tc.auto_batch:
+            self._fit_batch_size(largest)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         if self.scaler is not None and checkpoint is not None and self.state.get("grad_scaler"):
             self.scaler.load_state_dict(self.state["grad_scaler"])  # its scale and growth count go on
@@ -703,11 +741,11 @@ class _Trainer:
             ballast = loss_chunk_bytes(self.model.config, 1, self.dtype != torch.float32, compiled=True)
         return largest_fitting_batch(self.model, start, self.block, self.device, self.dtype, ballast)
 
-    def _fit_batch_size(self, largest: int | None = None) -> None:
-        """--batch-size auto: the largest micro-batch (dividing the global batch) that fits; on CUDA measured by
-        trial steps, else `largest` from the estimate."""
+    def _fit_batch_size(self, largest: int | None) -> None:
+        """--batch-size auto: the largest micro-batch (dividing the global batch) that fits, `largest` (None: any)
+        on this rank; the smallest of the ranks' (collective), so that all run the same micro-steps."""
         global_batch = self.batch_size * self.grad_accum
-        largest = self._largest_batch(self.batch_size) if largest is None else largest
+        largest = min(self.batch_size if each is None else each for each in dist.all_gather_objects(largest))
         fitting = micro_batch_within(self.batch_size, global_batch, largest)
         if fitting != self.batch_size:
             self.batch_size = fitting
@@ -715,14 +753,15 @@ class _Trainer:
             self.emit(TrainEvent("info", message=f"--batch-size auto: micro-batch {fitting} × "
                                                  f"{self.grad_accum} accumulation steps (global batch {global_batch})"))
 
-    def _fit_host_memory(self) -> None:
+    def _fit_host_memory(self) -> int | None:
         """CPU/MPS: past the machine's RAM an allocation is not an exception but the OOM killer (exit 137, not a
         word), so the micro-batch is checked against plan's estimate before anything runs. --batch-size auto takes
-        the largest that fits; an explicit one whose estimate exceeds the RAM itself is refused."""
+        the largest that fits (returned, for `_fit_batch_size`); an explicit one whose estimate exceeds the RAM
+        itself is refused."""
 
         spec = resolve_device_spec(self.device.type)
         if spec.memory_bytes is None:
-            return
+            return None
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes on this machine share its RAM
         spec = replace(spec, memory_bytes=spec.memory_bytes // local)
         memory = estimate_memory(self.model.config, self.batch_size, spec, self.dtype != torch.float32,
@@ -732,14 +771,15 @@ class _Trainer:
             raise TrainingError(f"not even a micro-batch of 1 × {self.block} tokens fits in this machine's "
                                 f"{ram / GIB:.1f} GiB of RAM: use a smaller --size or model.block_size")
         if self.tc.auto_batch:
-            self._fit_batch_size(memory.max_batch_size)
-        elif memory.total > ram:
+            return memory.max_batch_size
+        if memory.total > ram:
             raise TrainingError(
                 f"a micro-batch of {self.batch_size} × {self.block} tokens needs about {memory.total / GIB:,.1f} GiB "
                 f"to train, more than this machine's {ram / GIB:.1f} GiB of RAM; the largest that fits is "
                 f"{memory.max_batch_size}: use --batch-size {memory.max_batch_size} (or --batch-size auto, which "
                 f"keeps the global batch)"
             )
+        return None
 
     # -------------------------------------------------------------------------------------------- pieces
     def _batches(self, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -794,6 +834,7 @@ class _Trainer:
         """Checkpoint on rank 0 (every rank's RNG state included); the other ranks wait for it."""
         rng_states = dist.all_gather_objects(_rng_state())
         model_state, optimizer_state = self._full_state()  # collective under FSDP: every rank takes part
+        error: TrainingError | None = None
         if self.info.is_main:
             try:
                 path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, {
@@ -814,14 +855,16 @@ class _Trainer:
                     "tinygpt_version": __version__,
                 }, keep_last=self.tc.keep_last, model_state=model_state, optimizer_state=optimizer_state)
             except OSError as exc:
-                raise TrainingError(
+                error = TrainingError(
                     f"could not write the checkpoint of step {step} to {self.run_dir} ({exc.strerror or exc}); "
                     f"the previous checkpoint is intact: free disk space, then resume with --resume"
-                ) from None
-            # config.yaml describes the checkpoints: a resume stopped before its first one leaves the run's as it was
-            write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-            self.emit(TrainEvent("checkpoint", step=step, max_steps=self.tc.max_steps, message=str(path)))
-        dist.barrier()
+                )
+            else:
+                # config.yaml describes the checkpoints: a resume stopped before its first one leaves the run's as
+                # it was
+                write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+                self.emit(TrainEvent("checkpoint", step=step, max_steps=self.tc.max_steps, message=str(path)))
+        dist.agree(error)  # the others wait for it, and stop with rank 0's error rather than a lost connection
         self.saved_step = step
 
     def elapsed(self) -> float:
@@ -1153,8 +1196,9 @@ class _Trainer:
 
     def _diverged(self, what: str) -> TrainingError:
         """The error that stops a run whose weights went non-finite, with what to do about it."""
-        back = ("resume from the last good checkpoint with --resume" if latest_checkpoint(self.run_dir) is not None
-                else "start the run again")
+        # the step of the last save, known on every rank (only rank 0's filesystem need hold the checkpoints)
+        saved = getattr(self, "saved_step", 0) > 0
+        back = "resume from the last good checkpoint with --resume" if saved else "start the run again"
         return TrainingError(f"{what} (diverged): lower train.lr (now {self.tc.lr:g}) and {back}")
 
     def _eval_and_save(self, step: int, metrics: _Metrics) -> None:
@@ -1175,7 +1219,8 @@ class _Trainer:
         self.emit(TrainEvent("eval", step=step, max_steps=self.tc.max_steps, val_loss=self.last_val,
                              tokens=self.tokens_seen, elapsed_s=self.elapsed()))
         if self.info.is_main:
-            write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            with contextlib.suppress(OSError):  # a picture: a full disk is said by the checkpoint that follows
+                write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         self._save(step)
 
     def _report_model(self) -> torch.nn.Module:
@@ -1270,6 +1315,7 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
         emit(TrainEvent("info", message="torch.compile is not supported on MPS: running eagerly."))
         return wrap(model)
     model.fused_loss = False
+    failure: Exception | None = None
     try:
         wrapped = wrap(torch.compile(model, dynamic=False))
         # two tensors, as in the loop: one passed twice would be guarded as an alias and compiled again at step 1
@@ -1278,15 +1324,21 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
             with autocast_context(device, dtype):
                 _, loss = wrapped(idx, targets)
             loss.backward()
-        return wrapped
     except torch.cuda.OutOfMemoryError:  # the caller says which batch fits
         raise
     except Exception as exc:  # Triton missing, no C++ compiler, unsupported platform, ...
-        model.fused_loss = True
-        emit(TrainEvent("info", message=f"torch.compile unavailable ({type(exc).__name__}): running eagerly."))
-        return wrap(model)
+        failure = exc
     finally:
         model.zero_grad(set_to_none=True)
+    # every rank compiled, or every rank runs eagerly: a rank whose machine lacks the compiler must not wrap (DDP,
+    # a collective) again alone. (The probe under DDP's no_sync runs no collective, so all ranks get here.)
+    failed = dist.all_gather_objects(None if failure is None else type(failure).__name__)
+    reason = next((name for name in failed if name is not None), None)
+    if reason is None:
+        return wrapped
+    model.fused_loss = True
+    emit(TrainEvent("info", message=f"torch.compile unavailable ({reason}): running eagerly."))
+    return wrap(model)
 
 
 def check_run_name(name: str) -> None:
