@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tinygpt_cli.errors import TrainingError
+from tinygpt_cli.errors import TinyGPTError, TrainingError
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,6 @@ def agree(error: Exception | None) -> None:
 def agreed() -> Iterator[None]:
     """Within: a TinyGPTError raised on some ranks only is raised on every rank at the end of the block (see
     `agree`). Only for a block with no collective in it."""
-    from tinygpt_cli.errors import TinyGPTError
-
     error: Exception | None = None
     try:
         yield
