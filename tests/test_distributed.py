@@ -491,3 +491,18 @@ def test_a_stale_copy_of_the_run_folder_stops_a_resume_on_every_rank(with_shakes
     assert len(errors) == 2 and len(set(errors)) == 1, err[-3000:]
     assert "from different checkpoints (r step 4, r step 2, by rank)" in errors[0]
     assert ckpt.latest_step(nodes / "node0" / "runs" / "r") == 4
+
+
+@pytest.mark.slow
+def test_machines_started_with_other_settings_stop_together(with_shakespeare, workspace, tmp_path):
+    """Another config on one machine (an edited config file, a flag left out): every rank says so before
+    training, instead of one rank training a step more than the others and waiting for them forever."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    workspace.rename(nodes / "node0")
+    code, _, err = _apart(tmp_path, "--name", "mixed", "--max-steps", "2",
+                          rank_code={1: "sys.argv += ['--set', 'train.eval_interval=1']"})
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and len(set(errors)) == 1, err[-3000:]
+    assert "other settings than rank 0 (train.eval_interval)" in errors[0]

@@ -529,6 +529,7 @@ class _Trainer:
             if len(set(dtypes)) > 1 and "float16" in dtypes:
                 raise TrainingError(f"the ranks would compute in {', '.join(dtypes)} (by rank; --dtype {tc.dtype} "
                                     f"on other hardware): pass one --dtype that every machine has, e.g. fp32")
+            _check_same_settings(cfg)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -1339,6 +1340,23 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
     model.fused_loss = True
     emit(TrainEvent("info", message=f"torch.compile unavailable ({reason}): running eagerly."))
     return wrap(model)
+
+
+def _check_same_settings(cfg: RunConfig) -> None:
+    """Every rank must run rank 0's settings (machines started with another config file or flag would part ways
+    at the first evaluation or the last step, one waiting for the other forever): all ranks stop if not."""
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in tree.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return items
+
+    settings = dist.all_gather_objects(flat(config_to_dict(cfg)))
+    differ = sorted({key for other in settings[1:] for key in settings[0].keys() | other.keys()
+                     if settings[0].get(key) != other.get(key)})
+    if differ:
+        raise TrainingError(f"some ranks were started with other settings than rank 0 ({', '.join(differ)}): "
+                            f"start every machine with the same command and config file")
 
 
 def check_run_name(name: str) -> None:
