@@ -303,3 +303,10 @@ def test_generate_on_cuda_compiled_in_bf16(run):
         payload = json.loads(result.stdout)
         assert payload["stats"]["compiled"] == (mode == "on") and payload["stats"]["dtype"] in ("bfloat16", "float16")
         assert payload["stats"]["cuda_graphs"]
+
+
+def test_piped_stdin_is_read_before_the_model_is_loaded(workspace):
+    """Bad stdin is said at once, not after loading a model (minutes for a large one): here there is none."""
+    result = generate(input=b"caf\xe9")
+    assert_one_line_error(result, "standard input is not UTF-8 text")
+    assert "Sampling from" not in result.output

@@ -827,6 +827,9 @@ def generate(
     if any(not text for text in stop or ()):
         raise GenerationError("--stop needs a non-empty text")
     text = read_prompt(prompt_file) if prompt_file is not None else prompt
+    interactive = text is None and _stdin_is_interactive()
+    if text is None and not interactive:  # piped: read (and a bad one said) before a model loads, maybe minutes
+        text = read_stdin_prompt()
     loaded = load_model(run, device or "auto", dtype)
     defaults = loaded.run_config.sample if loaded.run_config else SampleConfig()
     settings: dict[str, Any] = {
@@ -841,7 +844,6 @@ def generate(
     check_settings(**settings, seed=seed)
     settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed)
     param = next(loaded.model.parameters())
-    interactive = text is None and _stdin_is_interactive()
     if fused and compile_mode == "on":
         raise GenerationError("--fused replaces the compiled decode step: drop --compile on or --fused")
     if fused and lookahead:
@@ -867,7 +869,7 @@ def generate(
     )
     view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err)
     if not interactive:
-        view.once(text if text is not None else read_stdin_prompt(), settings["seed"], echo_prompt=True)
+        view.once(text, settings["seed"], echo_prompt=True)
         return
     err.print("Type a prompt and press Enter; Ctrl-C cuts a sample short, Ctrl-D leaves.")
     # stdout may be a file (`> samples.jsonl`): the prompt and the line breaks of the loop go to the terminal then
