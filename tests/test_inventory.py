@@ -117,3 +117,14 @@ def test_runs_show_of_a_damaged_report(workspace):
     (run / "report.md").write_bytes(b"# Run r\n\xff\xfe\n")
     shown = invoke("runs", "show", "r")
     assert shown.exit_code == 0 and shown.stdout.startswith("# Run r"), shown.output
+
+
+def test_a_document_split_between_train_and_val_counts_once(tmp_path):
+    """A one-document source gives val the tail of that document: the listing says 1 document, not 2."""
+    from tinygpt_cli.inventory import dataset_summary
+
+    meta = {"documents": {"in_source": 1, "selected": 1},
+            "splits": {"train": {"tokens": 90, "documents": 1}, "val": {"tokens": 10, "documents": 1}}}
+    assert dataset_summary(meta, tmp_path / "one").documents == 1
+    older = {"splits": {"train": {"documents": 4}, "val": {"documents": 1}}}  # no "documents": the splits' sum
+    assert dataset_summary(older, tmp_path / "old").documents == 5

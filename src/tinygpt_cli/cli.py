@@ -1398,7 +1398,7 @@ def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
     def row(s) -> tuple[str, ...]:
         fraction = f"{s.fraction:g}" if s.fraction is not None else ""
-        return (s.name, _fmt_int(s.train_tokens), _fmt_int(s.val_tokens), _fmt_int(s.train_documents + s.val_documents),
+        return (s.name, _fmt_int(s.train_tokens), _fmt_int(s.val_tokens), _fmt_int(s.documents),
                 format_bytes(s.bytes), fraction, _when(s.created))
 
     problems: list[str] = []

@@ -139,6 +139,7 @@ class DatasetSummary:
     val_tokens: int
     train_documents: int
     val_documents: int
+    documents: int  # selected from the source: one whose tail went to val counts once, unlike the splits' sum
     bytes: int  # train.bin + val.bin
     created: str | None
 
@@ -147,10 +148,14 @@ def dataset_summary(meta: dict[str, Any], path: Path) -> DatasetSummary:
     splits = meta.get("splits", {})
     train, val = splits.get("train", {}), splits.get("val", {})
     source = meta.get("source") or {}
+    counts = meta.get("documents")
+    selected = counts.get("selected") if isinstance(counts, dict) else None
     return DatasetSummary(
         name=path.name, path=str(path), source=source.get("spec"), fraction=meta.get("fraction"),
         train_tokens=int(train.get("tokens", 0)), val_tokens=int(val.get("tokens", 0)),
         train_documents=int(train.get("documents", 0)), val_documents=int(val.get("documents", 0)),
+        documents=selected if isinstance(selected, int) else
+        int(train.get("documents", 0)) + int(val.get("documents", 0)),
         bytes=int(train.get("bytes", 0)) + int(val.get("bytes", 0)), created=meta.get("created"),
     )
 
