@@ -376,10 +376,18 @@ class _Partial:
         """Whether a checkpoint of this job is on disk (the same command continues from it)."""
         return (self.folder / PROGRESS_FILE).is_file()
 
-    def abandon(self) -> None:
+    def release(self) -> None:
+        """Close the writers' files, finished or not (an error or a stop)."""
         for writer in self.writers.values():
             with contextlib.suppress(OSError):
                 writer.handle.close()
+
+    def abandon(self, keep_progress: bool = True) -> None:
+        """Close the writers and remove the folder, unless it holds progress the same command continues from
+        (and `keep_progress`): "nothing was kept" leaves nothing on disk, nor holds the space a full disk needs."""
+        self.release()
+        if not (keep_progress and self.saved):
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -537,24 +545,19 @@ def tokenize(
             write_json_atomic(partial.folder / "meta.json", meta)
             _replace_dir(partial.folder, final_dir)
         except DataError:
-            partial.abandon()
-            shutil.rmtree(partial.folder, ignore_errors=True)  # bad input: retrying cannot help; leave nothing
+            partial.abandon(keep_progress=False)  # bad input: retrying cannot help; leave nothing
             raise
         except OSError as exc:
             partial.abandon()
-            if not partial.saved:  # nothing to continue from: its .bin files would only hold the disk a full disk needs
-                shutil.rmtree(partial.folder, ignore_errors=True)
             again = "it continues where it stopped" if partial.saved else "it starts over (nothing was saved yet)"
             raise DataError(
                 f"cannot write {partial.folder} ({exc.strerror or exc}): fix that and rerun the same command, {again}"
             ) from exc
         except KeyboardInterrupt as exc:
-            partial.abandon()  # the partial folder stays, and the same command continues from its checkpoint
-            if not partial.saved:  # "nothing was kept": then nothing is left on disk either
-                shutil.rmtree(partial.folder, ignore_errors=True)
+            partial.abandon()  # a checkpoint stays, and the same command continues from it
             raise TokenizeInterrupted(partial.saved, getattr(exc, "signal", None)) from None
         except BaseException:
-            partial.abandon()
+            partial.release()
             raise
     seconds = time.perf_counter() - started
     tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
