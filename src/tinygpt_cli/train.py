@@ -1197,9 +1197,7 @@ class _Trainer:
 
     def _diverged(self, what: str) -> TrainingError:
         """The error that stops a run whose weights went non-finite, with what to do about it."""
-        # the step of the last save, known on every rank (only rank 0's filesystem need hold the checkpoints)
-        saved = getattr(self, "saved_step", 0) > 0
-        back = "resume from the last good checkpoint with --resume" if saved else "start the run again"
+        back = "resume from the last good checkpoint with --resume" if self.saved_step > 0 else "start the run again"
         return TrainingError(f"{what} (diverged): lower train.lr (now {self.tc.lr:g}) and {back}")
 
     def _eval_and_save(self, step: int, metrics: _Metrics) -> None:
