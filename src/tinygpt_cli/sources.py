@@ -271,12 +271,15 @@ def local_source(spec: str, text_field: str = "text") -> Source:
             f"{spec} does not exist: give a file, a folder or a glob of .txt/.jsonl/.parquet files, "
             f"or a downloaded dataset (tinygpt download --list)"
         )
-    usable, seen = [], set()
-    for p in candidates:  # a file reached twice (a `**` glob through a symlink loop) is one file, read once
-        if p.is_file() and _kind_of(p) is not None and (real := os.path.realpath(p)) not in seen:
+    usable, left_out, seen = [], [], set()
+    for p in candidates:
+        if not p.is_file():
+            continue
+        if _kind_of(p) is None:
+            left_out.append(str(p))
+        elif (real := os.path.realpath(p)) not in seen:  # reached twice (a `**` glob through a link loop): read once
             seen.add(real)
             usable.append(p)
-    left_out = tuple(str(p) for p in candidates if p.is_file() and _kind_of(p) is None)
     if not usable:
         raise DataError(
             f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
@@ -284,7 +287,7 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     files = tuple(_document_file(p, text_field) for p in usable)
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
-    return Source(name, str(spec), "local", files, text_field, left_out=left_out)
+    return Source(name, str(spec), "local", files, text_field, left_out=tuple(left_out))
 
 
 # ----------------------------------------------------------------------------------------------- downloads
