@@ -1,5 +1,6 @@
 """Data pipeline edge cases: what `download`, `tokenize` and `data` do with folders, links, odd columns and records."""
 
+import codecs
 import json
 import pathlib
 
@@ -215,3 +216,27 @@ def test_an_interrupt_while_planning_does_not_promise_to_continue(workspace, tmp
     result = runner.invoke(app, ["tokenize", str(rows)])
     assert result.exit_code == 130
     assert "continue where it stopped" not in result.stderr and "nothing was kept" in result.stderr
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_text_marked_as_utf16_or_utf32_is_read(workspace, encoding):
+    """Windows PowerShell's `>` writes UTF-16 with a byte-order mark: such a file was skipped as 'not UTF-8' with
+    advice to convert from latin1. A marked UTF-16/32 file now reads as the same text in UTF-8 does."""
+    text = "".join(f"Ligne {i}: café, crème brûlée — ünïcödé.\n" for i in range(300))
+    bom = {"utf-16": b"", "utf-16-be": codecs.BOM_UTF16_BE, "utf-32": b""}[encoding]
+    (workspace / "wide.txt").write_bytes(bom + text.encode(encoding))
+    (workspace / "plain.txt").write_bytes(text.encode("utf-8"))
+    wide = data.tokenize(str(workspace / "wide.txt"), name="wide")
+    plain = data.tokenize(str(workspace / "plain.txt"), name="plain")
+    assert wide.skipped_undecodable == []
+    for split in ("train", "val"):
+        assert (wide.path / f"{split}.bin").read_bytes() == (plain.path / f"{split}.bin").read_bytes()
+
+
+def test_a_large_utf16_file_is_named_with_the_right_conversion(workspace, monkeypatch):
+    """Too large to read whole, a UTF-16 file is skipped; the advice converts from UTF-16, not from latin1."""
+    monkeypatch.setattr(sources, "TXT_WHOLE_BYTES", 64)
+    path = workspace / "wide.txt"
+    path.write_bytes("Line of the book.\n".join("" for _ in range(80)).encode("utf-16"))
+    with pytest.raises(DataError, match=r"wide\.txt is not UTF-8 text .*iconv -f utf-16 -t utf-8"):
+        data.tokenize(str(path), name="wide")

@@ -41,6 +41,15 @@ def test_prompt_file_keeps_crlf_as_stdin_does(tmp_path, monkeypatch):
     assert read_prompt(path) == "ROMEO:\r\nJULIET:\r\n"
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_a_prompt_file_with_a_byte_order_mark_is_its_text(tmp_path, encoding):
+    """A UTF-8 mark became a U+FEFF token at the head of the prompt, and a UTF-16 file (Notepad's "Unicode",
+    PowerShell's `>`) was refused as not UTF-8."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("ROMEO: café\n".encode(encoding))
+    assert read_prompt(path) == "ROMEO: café\n"
+
+
 def test_infinite_repetition_penalty_is_refused(workspace):
     make_run(workspace)
     result = cli_invoke("generate", "x", "--repetition-penalty", "inf")

@@ -57,6 +57,7 @@ from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of e
     Source,
     TextFile,
     available_cpus,
+    conversion_advice,
     cut_tail,
     default_source_spec,
     embedded_source,
@@ -732,7 +733,7 @@ def _check_result(src: Source, splits: dict[str, dict[str, Any]], counters: _Cou
             first = counters.undecodable[0]
             raise DataError(
                 f"{first} is not UTF-8 text ({counters.skipped_undecodable} document(s) skipped): "
-                f"convert it, e.g. iconv -f latin1 -t utf-8"
+                f"convert it, e.g. {conversion_advice(first)}"
             )
         raise DataError(f"{src.description} holds no text (all documents are empty): check the input")
     if splits["train"]["tokens"] == 0 or splits["val"]["tokens"] == 0:
@@ -740,7 +741,8 @@ def _check_result(src: Source, splits: dict[str, dict[str, Any]], counters: _Cou
         if counters.skipped_undecodable:  # the likely cause: say it, as when everything was skipped
             raise DataError(
                 f"the {empty} split came out empty: {counters.skipped_undecodable} document(s) were skipped as not "
-                f"UTF-8 text (first: {counters.undecodable[0]}): convert them, e.g. iconv -f latin1 -t utf-8"
+                f"UTF-8 text (first: {counters.undecodable[0]}): convert them, e.g. "
+                f"{conversion_advice(counters.undecodable[0])}"
             )
         raise DataError(
             f"the {empty} split came out empty (its documents were empty or skipped): "

@@ -30,6 +30,7 @@ from tinygpt_cli.config import seed_problem
 from tinygpt_cli.errors import GenerationError
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
+from tinygpt_cli.sources import decode_text
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE
 
 if TYPE_CHECKING:
@@ -1118,7 +1119,7 @@ def read_prompt(path: str | Path) -> str:
         return read_stdin_prompt()
     path = Path(path).expanduser()
     try:
-        return path.read_bytes().decode("utf-8")  # as it is: no newline translation (\r\n stays), as from stdin
+        return decode_text(path.read_bytes())  # as it is: no newline translation (\r\n stays), as from stdin
     except FileNotFoundError:
         raise GenerationError(f"prompt file {path} does not exist: check the --prompt-file path") from None
     except UnicodeDecodeError:
@@ -1135,7 +1136,7 @@ def read_stdin_prompt() -> str:
     if stream is None:  # replaced by a text-only stream (tests, notebooks): already decoded
         return sys.stdin.read()
     try:
-        return stream.read().decode("utf-8")
+        return decode_text(stream.read())
     except UnicodeDecodeError:
         raise GenerationError("standard input is not UTF-8 text: convert it, e.g. iconv -t utf-8") from None
 

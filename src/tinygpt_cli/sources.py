@@ -7,7 +7,8 @@ path order; a `.txt` file is one document, a non-blank line of a `.jsonl`(.gz) f
 
 Undecodable text, the policy `tinygpt tokenize` documents:
 
-* a `.txt` file that is not valid UTF-8 is skipped whole and named (it is one document);
+* a `.txt` file is UTF-8, or UTF-16/32 that begins with a byte-order mark (read whole, so up to
+  `TXT_WHOLE_BYTES`); one that is neither is skipped whole and named (it is one document);
 * a `.jsonl` line that is not valid UTF-8 is skipped and named `file:line` (the other lines are kept);
 * `.parquet` string columns are UTF-8 by construction; a binary column is decoded as UTF-8, row by row, with
   the same rule;
@@ -43,6 +44,36 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 TXT_WHOLE_BYTES = 32 * 1024 * 1024  # .txt files up to this size are read at once; larger ones are streamed
 TXT_PIECE_BYTES = 4 * 1024 * 1024  # the pieces a large .txt file is streamed in
 PARQUET_BATCH_ROWS = 1024
+
+# Byte-order marks a text file may begin with and the codec each names, UTF-32's first (its little-endian mark
+# begins with UTF-16's). Windows tools write them: Notepad's "Unicode" and PowerShell's `>` mean marked UTF-16.
+_BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def text_codec(head: bytes) -> str:
+    """The codec of text that begins with `head` (its first 4 bytes will do): UTF-8 unless a byte-order mark says
+    otherwise. Each codec named drops the mark, which is no text."""
+    return next((codec for mark, codec in _BYTE_ORDER_MARKS if head.startswith(mark)), "utf-8")
+
+
+def decode_text(raw: bytes) -> str:
+    """The text of a file's bytes: UTF-8, or UTF-16/32 where a byte-order mark says so. Raises UnicodeDecodeError."""
+    return raw.decode(text_codec(raw[:4]))
+
+
+def conversion_advice(where: str) -> str:
+    """How to make the file named in `where` (a path, or `path:line`) UTF-8: iconv from the codec its mark names,
+    else from latin1 (the likeliest unmarked one)."""
+    try:
+        with open(where, "rb") as handle:
+            codec = text_codec(handle.read(4))
+    except OSError:  # `path:line` of a .jsonl, or gone
+        codec = "utf-8"
+    source = codec if codec in ("utf-16", "utf-32") else "latin1"
+    return f"iconv -f {source} -t utf-8"
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -645,11 +676,11 @@ class TextFile:
         size = path.stat().st_size
         if size <= TXT_WHOLE_BYTES:
             try:
-                return cls(path, size, path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is no text
+                return cls(path, size, decode_text(path.read_bytes()))
             except UnicodeDecodeError:
                 report(str(path))
                 return None
-        decoder = codecs.getincrementaldecoder("utf-8")()
+        decoder = codecs.getincrementaldecoder("utf-8")()  # streamed in UTF-8 pieces: a UTF-16 file is reported
         try:  # validate first, so a bad byte late in the file cannot leave half a document behind
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(TXT_PIECE_BYTES), b""):
