@@ -506,3 +506,23 @@ def test_machines_started_with_other_settings_stop_together(with_shakespeare, wo
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and len(set(errors)) == 1, err[-3000:]
     assert "other settings than rank 0 (train.eval_interval)" in errors[0]
+
+
+def test_more_cpu_processes_than_cores_is_warned(workspace, monkeypatch):
+    """`--nproc 8` on a 2-core machine without a GPU ran 8 processes on 2 cores, each slower than one alone, without
+    a word. It still runs (gloo is how DDP is tried on a laptop) but says what to expect."""
+    from test_cli import invoke
+
+    from tinygpt_cli import launch, sources
+
+    launched = []
+    monkeypatch.setattr(launch, "launch", lambda nproc, argv: launched.append(nproc) or 0)
+    monkeypatch.setattr(sources, "available_cpus", lambda: 2)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    result = invoke("train", "--nproc", "4")
+    assert result.exit_code == 0 and launched == [4]
+    assert "--nproc 4 on 2 CPU cores" in " ".join(result.stderr.split())
+    result = invoke("train", "--nproc", "2")
+    assert result.exit_code == 0 and "CPU cores" not in result.stderr

@@ -523,8 +523,15 @@ def train(
         raise TinyGPTError(f"--nproc {nproc}, but torchrun started {started} processes on this machine: drop --nproc "
                            f"when you start tinygpt with torchrun (or run `tinygpt train --nproc {nproc}` alone)")
     if nproc is not None and nproc > 1 and not worker:
-        from tinygpt_cli.launch import launch, torchrun_command
+        import torch
 
+        from tinygpt_cli.launch import launch, torchrun_command
+        from tinygpt_cli.sources import available_cpus
+
+        cores = available_cpus()
+        if nproc > cores and (not torch.cuda.is_available() or str(device).lower() == "cpu"):
+            _stderr_console().print(f"[yellow]--nproc {nproc} on {cores} CPU cores: the processes share them, so each "
+                                    f"step takes longer than with --nproc {cores}[/yellow]")
         _stderr_console().print(f"Launching {nproc} processes, as `{' '.join(torchrun_command(nproc, sys.argv[1:]))}`")
         raise typer.Exit(launch(nproc, sys.argv[1:]))
     from tinygpt_cli import checkpoint as ckpt
