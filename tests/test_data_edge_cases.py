@@ -240,3 +240,39 @@ def test_a_large_utf16_file_is_named_with_the_right_conversion(workspace, monkey
     path.write_bytes("Line of the book.\n".join("" for _ in range(80)).encode("utf-16"))
     with pytest.raises(DataError, match=r"wide\.txt is not UTF-8 text .*iconv -f utf-16 -t utf-8"):
         data.tokenize(str(path), name="wide")
+
+
+def test_a_linked_dataset_folder_is_tokenized_where_it_points(workspace, tmp_path):
+    """`data/big -> /mnt/disk/big` (a dataset kept on a larger disk): tokenizing it again wrote the new dataset
+    beside the link, on the workspace's disk, and put a real folder in the link's place."""
+    elsewhere = tmp_path / "disk"
+    elsewhere.mkdir()
+    (workspace / "a.txt").write_text(_docs_text(40))
+    data.tokenize(str(workspace / "a.txt"), name="big")
+    (workspace / "data" / "big").rename(elsewhere / "big")
+    (workspace / "data" / "big").symlink_to(elsewhere / "big", target_is_directory=True)
+    (workspace / "a.txt").write_text(_docs_text(60))
+    result = data.tokenize(str(workspace / "a.txt"), name="big", force=True)
+    link = workspace / "data" / "big"
+    assert link.is_symlink() and link.resolve() == (elsewhere / "big").resolve()
+    assert result.meta["text_bytes"] == len(_docs_text(60).encode())
+    assert data.find_dataset("big").meta["text_bytes"] == result.meta["text_bytes"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["big"]  # no partial or old folder left there
+    assert sorted(p.name for p in (workspace / "data").iterdir() if not p.name.startswith(".")) == ["big"]
+
+
+def test_a_dangling_dataset_link_is_named(workspace, tmp_path):
+    """A link to an unmounted disk: nothing is created at the missing mount point."""
+    (workspace / "a.txt").write_text(_docs_text(40))
+    (workspace / "data").mkdir()
+    (workspace / "data" / "big").symlink_to(tmp_path / "unmounted" / "big", target_is_directory=True)
+    with pytest.raises(DataError, match=r"data/big links to .*unmounted/big, whose folder does not exist"):
+        data.tokenize(str(workspace / "a.txt"), name="big")
+    assert not (tmp_path / "unmounted").exists()
+    (tmp_path / "unmounted").mkdir()  # mounted, and the dataset not there yet: it is made where the link points
+    data.tokenize(str(workspace / "a.txt"), name="big")
+    assert (workspace / "data" / "big").is_symlink() and (tmp_path / "unmounted" / "big" / "meta.json").is_file()
+
+
+def _docs_text(lines: int) -> str:
+    return "".join(f"Line {i} of a book that is long enough to cut.\n" for i in range(lines))

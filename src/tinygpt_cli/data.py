@@ -518,9 +518,10 @@ def tokenize(
     except OSError as exc:
         raise DataError(f"cannot create {out_root} ({exc.strerror or exc}): choose a writable TINYGPT_HOME") from None
     final_dir = out_root / dataset_name
-    partial_dir = out_root / f".{dataset_name}.partial"  # an earlier run's files there count as written
+    home = _where_published(final_dir)
+    partial_dir = home.with_name(f".{home.name}.partial")  # an earlier run's files there count as written
     written = sum(f.stat().st_size for f in partial_dir.glob("*.bin")) if partial_dir.is_dir() else 0
-    workspace.check_disk(out_root, 2 * estimated_tokens - written,
+    workspace.check_disk(home.parent, 2 * estimated_tokens - written,
                          f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                          "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
@@ -544,7 +545,7 @@ def tokenize(
             _check_result(src, splits, counters)
             meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
             write_json_atomic(partial.folder / "meta.json", meta)
-            _replace_dir(partial.folder, final_dir)
+            _replace_dir(partial.folder, home)
         except DataError:
             partial.abandon(keep_progress=False)  # bad input: retrying cannot help; leave nothing
             raise
@@ -788,7 +789,7 @@ def _check_not_another_source(folder: Path, src: Source) -> None:
 def _check_replaceable(folder: Path, src: Source) -> None:
     """Refuse to publish over what is not a tokenized dataset: `_replace_dir` deletes the folder it replaces, and
     `data/<name>/` may hold the user's own files, even the text being tokenized (`tinygpt tokenize data/books`)."""
-    if not os.path.lexists(folder):
+    if not folder.exists():  # nothing there, or a link to a dataset still to be made
         return
     if not folder.is_dir():
         raise DataError(f"data/{folder.name} exists and is not a folder: move it away or pick another --name")
@@ -804,6 +805,18 @@ def _check_replaceable(folder: Path, src: Source) -> None:
             f"data/{folder.name} exists and is not a tokenized dataset (no meta.json), so it is not replaced: "
             f"pick another --name, or move that folder away"
         )
+
+
+def _where_published(folder: Path) -> Path:
+    """The real folder a dataset is written to: `data/<name>` itself, or where it links (a dataset kept on another
+    disk), so that the new dataset is written on that disk and the link stays."""
+    if not folder.is_symlink():
+        return folder
+    target = folder.resolve()
+    if not target.parent.is_dir():  # an unmounted disk: make nothing at its mount point
+        raise DataError(f"data/{folder.name} links to {target}, whose folder does not exist: mount that disk, or "
+                        f"remove the link to tokenize into the workspace")
+    return target
 
 
 def _replace_dir(new: Path, final: Path) -> None:
