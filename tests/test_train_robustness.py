@@ -284,3 +284,39 @@ def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
     events = []
     evaluate("r", tokens=256, on_event=events.append, record=False)  # eval goes on, but says so
     assert any("tokenized again from other text" in (event.message or "") for event in events)
+
+
+def test_a_run_another_process_is_training_is_refused(with_shakespeare, workspace):
+    """Two trainings of one run (a job requeued while the first still runs, a second terminal) wrote the same
+    checkpoints and metrics.jsonl; two new runs of one name both passed the 'already exists' check."""
+    from tinygpt_cli.data import exclusive
+
+    train(tiny_config(max_steps=2, eval_interval=1000), run_name="busy")
+    run = workspace / "runs" / "busy"
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")}
+    with exclusive(workspace / "runs" / ".busy.lock", "runs/busy"):  # what a training of it holds
+        with pytest.raises(TrainingError, match="another tinygpt process is training run busy: wait for it"):
+            train(tiny_config(max_steps=4, eval_interval=1000), run_name="busy", resume=True)
+        with exclusive(workspace / "runs" / ".fresh.lock", "runs/fresh"), \
+                pytest.raises(TrainingError, match="another tinygpt process is training run fresh"):
+            train(tiny_config(max_steps=2), run_name="fresh")
+    assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert not (workspace / "runs" / "fresh").exists()
+    assert train(tiny_config(max_steps=4, eval_interval=1000), run_name="busy", resume=True).steps == 4
+    assert sorted(p.name for p in (workspace / "runs").iterdir()) == ["busy"]  # the lock goes with the training
+
+
+def test_a_filesystem_without_locks_does_not_block(workspace, monkeypatch):
+    """flock fails with ENOLCK or EOPNOTSUPP on some shared filesystems (NFS without a lock daemon, Lustre
+    without -o flock): that was reported as 'another tinygpt process is writing', and nothing could run."""
+    import fcntl
+
+    from tinygpt_cli.data import exclusive
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with exclusive(workspace / ".x.lock", "data/x"):
+        pass
+    assert not (workspace / ".x.lock").exists()

@@ -47,7 +47,7 @@ import numpy as np
 
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import seed_problem
-from tinygpt_cli.errors import DataError
+from tinygpt_cli.errors import DataError, TinyGPTError
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
     EMBEDDED_NAME,
@@ -392,8 +392,10 @@ class _Partial:
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an advisory lock so two runs never write the same output (a no-op where fcntl is missing)."""
+def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None) -> Iterator[None]:
+    """Hold an advisory lock so two runs never write the same output, else raise `busy` (by default: another
+    process is writing `what`). A no-op where there are no locks: Windows (no fcntl), and shared filesystems
+    mounted without them (NFS with no lock daemon, Lustre without -o flock)."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -407,9 +409,11 @@ def exclusive(lock_path: Path, what: str) -> Iterator[None]:
                             f"choose a writable TINYGPT_HOME") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held
             handle.close()
-            raise DataError(f"another tinygpt process is writing {what}: wait for it to finish") from None
+            raise busy or DataError(f"another tinygpt process is writing {what}: wait for it to finish") from None
+        except OSError:  # ENOLCK, EOPNOTSUPP: this filesystem has no locks; go on unguarded, as on Windows
+            break
         try:  # the holder before us may have removed the file between our open and our lock: lock the new one
             if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
                 break

@@ -42,7 +42,7 @@ from tinygpt_cli.config import (
     dump_yaml,
     trains_compiled,
 )
-from tinygpt_cli.data import Dataset, find_dataset, tokenize
+from tinygpt_cli.data import Dataset, exclusive, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
@@ -479,6 +479,7 @@ def train(
     finally:
         if trainer is not None:
             trainer.drop_if_unstarted()
+            trainer.held.close()
             # the trainer (its DDP wrapper holds the process group) goes before the group is destroyed: gloo's
             # destructor after destroy_process_group joins threads that wait on a peer that has already left
             trainer = None
@@ -520,6 +521,7 @@ class _Trainer:
         self.batch_size = self.tc.batch_size
         self.run_dir: Path | None = None  # known once `run` has named the run
         self.new_run = False  # a run this call starts: its folder goes again if it ends with no checkpoint
+        self.held = contextlib.ExitStack()  # rank 0's lock on the run, until train() returns
 
     # -------------------------------------------------------------------------------------------- setup
     def run(self, run_name: str | None, resume: bool) -> TrainResult:
@@ -556,6 +558,8 @@ class _Trainer:
         name = run_name or dist.all_gather_objects(default_run_name(cfg, self.dataset))[0]
         self.run_dir = workspace.runs_dir() / name
         with dist.agreed():
+            if info.is_main:
+                self._hold_run(resume)
             checkpoint = latest_checkpoint(self.run_dir) if resume else None
             if resume and checkpoint is None:
                 raise TrainingError(f"{self.run_dir} has no checkpoint to resume from: start it without --resume")
@@ -626,6 +630,18 @@ class _Trainer:
             raise self._out_of_memory(True) from None
         self.checkpoint = checkpoint
         return self._loop()
+
+    def _hold_run(self, resume: bool) -> None:
+        """One training of a run at a time: a second (a job requeued while the first still runs, another
+        terminal) would write the same checkpoints and metrics, and two new runs of one name would both start."""
+        runs, name = self.run_dir.parent, self.run_dir.name
+        try:
+            runs.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"cannot write to {runs} ({exc.strerror}): choose a writable TINYGPT_HOME") from None
+        busy = TrainingError(f"another tinygpt process is training run {name}: wait for it to finish"
+                             + ("" if resume else ", or pick another --name"))
+        self.held.enter_context(exclusive(runs / f".{name}.lock", f"runs/{name}", busy))
 
     def _check_checkpoint_space(self) -> None:
         """The checkpoints this run keeps at its peak must fit on the disk, less those it already holds (resume):
