@@ -238,7 +238,9 @@ def test_an_unforeseen_write_error_is_one_line(workspace, monkeypatch, tmp_path)
 
     monkeypatch.setattr(data, "tokenize", full)
     assert_one_line_error(invoke("tokenize"), "No space left on device")
-    lock = data.exclusive(tmp_path / "no-such-folder" / ".lock", "x")
+    from tinygpt_cli.workspace import exclusive
+
+    lock = exclusive(tmp_path / "no-such-folder" / ".lock", "x")
     with pytest.raises(data.DataError, match="cannot write to .*choose a writable TINYGPT_HOME"), lock:
         pass
 

@@ -128,3 +128,46 @@ def test_a_document_split_between_train_and_val_counts_once(tmp_path):
     assert dataset_summary(meta, tmp_path / "one").documents == 1
     older = {"splits": {"train": {"documents": 4}, "val": {"documents": 1}}}  # no "documents": the splits' sum
     assert dataset_summary(older, tmp_path / "old").documents == 5
+
+
+def test_a_run_being_trained_says_so(with_shakespeare, workspace):
+    """`tinygpt runs` could not tell a run training now from one that stopped, and `runs show` told a user to
+    resume a run that was still training (which would have written beside it)."""
+    from tinygpt_cli import workspace as ws
+
+    train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="live")
+    report = workspace / "runs" / "live" / "report.md"
+    report.unlink()  # as while it trains: the report is written when it stops
+    lock = ws.run_lock(workspace / "runs" / "live")
+    assert not ws.held(lock)
+    with ws.exclusive(lock, "runs/live"):  # what a training of it holds
+        assert ws.held(lock)
+        [summary] = list_run_summaries()
+        assert summary.training
+        assert "live (training)" in invoke("runs").stdout
+        assert json.loads(invoke("runs", "--json").stdout)[0]["training"] is True
+        assert_one_line_error(invoke("runs", "show", "live"), "live is training now: its report.md is written when "
+                                                              "it stops")
+    assert not ws.held(lock) and not list_run_summaries()[0].training
+    assert "resume it with `tinygpt train --resume --name live`" in invoke("runs", "show", "live").stderr
+
+
+def test_a_lock_is_taken_even_while_another_process_looks_at_it(workspace, monkeypatch):
+    """`held` locks the file for an instant to look: a training that starts in that instant waits for it rather
+    than failing as if another training held the run."""
+    import fcntl
+
+    from tinygpt_cli import workspace as ws
+
+    real = fcntl.flock
+    tries = []
+
+    def busy_once(handle, operation):
+        tries.append(operation)
+        if len(tries) == 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", busy_once)
+    with ws.exclusive(workspace / ".x.lock", "runs/x"):
+        assert len(tries) == 2

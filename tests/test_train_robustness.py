@@ -289,7 +289,7 @@ def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
 def test_a_run_another_process_is_training_is_refused(with_shakespeare, workspace):
     """Two trainings of one run (a job requeued while the first still runs, a second terminal) wrote the same
     checkpoints and metrics.jsonl; two new runs of one name both passed the 'already exists' check."""
-    from tinygpt_cli.data import exclusive
+    from tinygpt_cli.workspace import exclusive
 
     train(tiny_config(max_steps=2, eval_interval=1000), run_name="busy")
     run = workspace / "runs" / "busy"
@@ -311,7 +311,7 @@ def test_a_filesystem_without_locks_does_not_block(workspace, monkeypatch):
     without -o flock): that was reported as 'another tinygpt process is writing', and nothing could run."""
     import fcntl
 
-    from tinygpt_cli.data import exclusive
+    from tinygpt_cli.workspace import exclusive
 
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, "No locks available")

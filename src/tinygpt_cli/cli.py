@@ -1332,7 +1332,8 @@ def _loss(value: float | None) -> str:
     epilog="Examples:  tinygpt runs  ·  tinygpt runs --json  ·  tinygpt runs show  ·  tinygpt runs show my-run",
 )
 def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """List the runs in the workspace: name, size, steps, tokens, best val loss, date (newest first)."""
+    """List the runs in the workspace: name (and whether it is training now), size, steps, tokens, best val loss,
+    date (newest first)."""
     if ctx.invoked_subcommand is not None:
         return
     from tinygpt_cli import workspace
@@ -1340,7 +1341,8 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
     def row(s) -> tuple[str, ...]:
         steps = f"{s.steps:,}/{s.max_steps:,}" if s.max_steps else f"{s.steps:,}"
-        return s.name, s.size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at)
+        name = f"{s.name} (training)" if s.training else s.name
+        return name, s.size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at)
 
     problems: list[str] = []
     summaries = list_run_summaries(problems)

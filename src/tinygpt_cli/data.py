@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ import numpy as np
 
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import seed_problem
-from tinygpt_cli.errors import DataError, TinyGPTError
+from tinygpt_cli.errors import DataError
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
     EMBEDDED_NAME,
@@ -391,42 +391,6 @@ class _Partial:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None) -> Iterator[None]:
-    """Hold an advisory lock so two runs never write the same output, else raise `busy` (by default: another
-    process is writing `what`). A no-op where there are no locks: Windows (no fcntl), and shared filesystems
-    mounted without them (NFS with no lock daemon, Lustre without -o flock)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    while True:
-        try:
-            handle = open(lock_path, "a+")
-        except OSError as exc:
-            raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
-                            f"choose a writable TINYGPT_HOME") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # held
-            handle.close()
-            raise busy or DataError(f"another tinygpt process is writing {what}: wait for it to finish") from None
-        except OSError:  # ENOLCK, EOPNOTSUPP: this filesystem has no locks; go on unguarded, as on Windows
-            break
-        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
-            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        handle.close()
-    try:
-        yield
-    finally:
-        lock_path.unlink(missing_ok=True)
-        handle.close()
-
-
 # ----------------------------------------------------------------------------------------------- tokenize
 @dataclass
 class TokenizeResult:
@@ -530,7 +494,7 @@ def tokenize(
                          "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256}
-    with exclusive(out_root / f".{dataset_name}.lock", f"data/{dataset_name}"):
+    with workspace.exclusive(out_root / f".{dataset_name}.lock", f"data/{dataset_name}"):
         _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygpt_cli import __version__, workspace
-from tinygpt_cli.data import check_seed, exclusive, keyed_hash, write_json_atomic
+from tinygpt_cli.data import check_seed, keyed_hash, write_json_atomic
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.sources import (
     DOWNLOAD_RECORD,
@@ -158,7 +158,7 @@ def download(
             return _already(entry, folder, record, target, started, emit)  # no network needed
     check_hub(entry)  # fail fast, before anything is written
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(folder.parent / f".{entry.name}.lock", f"data/{RAW_DIR_NAME}/{entry.name}"):
+    with workspace.exclusive(folder.parent / f".{entry.name}.lock", f"data/{RAW_DIR_NAME}/{entry.name}"):
         if force and folder.exists():
             shutil.rmtree(folder)
         record = _usable_record(folder, identity)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tinygpt_cli import workspace
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import CheckpointError, ConfigError, DataError
 
@@ -31,6 +32,7 @@ class RunSummary:
     val_loss: float | None
     saved_at: str | None  # ISO 8601 (UTC) time the latest checkpoint was written
     has_report: bool
+    training: bool  # a tinygpt process is training it now (it holds the run's lock)
 
 
 def run_summary(run_dir: Path) -> RunSummary:
@@ -57,6 +59,7 @@ def run_summary(run_dir: Path) -> RunSummary:
         max_steps=max_steps if _is_count(max_steps) else None, tokens=counts["tokens_seen"],
         best_val_loss=_number(state.get("best_val_loss")), val_loss=_number(state.get("val_loss")),
         saved_at=_str(state.get("saved_at")), has_report=(run_dir / REPORT_FILE).is_file(),
+        training=workspace.held(workspace.run_lock(run_dir)),
     )
 
 
@@ -112,6 +115,9 @@ def run_report(spec: str | None) -> tuple[Path, str]:
     if not is_run_folder(run_dir):
         raise CheckpointError(no_checkpoint_message(run_dir))
     report = run_dir / REPORT_FILE
+    if not report.is_file() and workspace.held(workspace.run_lock(run_dir)):
+        raise CheckpointError(f"{run_dir.name} is training now: its report.md is written when it stops "
+                              f"(`tinygpt runs` shows how far it is)")
     if not report.is_file():
         # finished, but stopped (a crash, a kill) before the report was written: resuming it would be refused
         summary = run_summary(run_dir) if latest_checkpoint(run_dir) is not None else None

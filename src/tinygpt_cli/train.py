@@ -42,7 +42,7 @@ from tinygpt_cli.config import (
     dump_yaml,
     trains_compiled,
 )
-from tinygpt_cli.data import Dataset, exclusive, find_dataset, tokenize
+from tinygpt_cli.data import Dataset, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
@@ -641,7 +641,7 @@ class _Trainer:
             raise TrainingError(f"cannot write to {runs} ({exc.strerror}): choose a writable TINYGPT_HOME") from None
         busy = TrainingError(f"another tinygpt process is training run {name}: wait for it to finish"
                              + ("" if resume else ", or pick another --name"))
-        self.held.enter_context(exclusive(runs / f".{name}.lock", f"runs/{name}", busy))
+        self.held.enter_context(workspace.exclusive(workspace.run_lock(self.run_dir), f"runs/{name}", busy))
 
     def _check_checkpoint_space(self) -> None:
         """The checkpoints this run keeps at its peak must fit on the disk, less those it already holds (resume):

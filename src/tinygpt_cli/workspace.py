@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import time
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
-from tinygpt_cli.errors import DataError
+from tinygpt_cli.errors import DataError, TinyGPTError
 
 
 def root() -> Path:
@@ -21,6 +24,76 @@ def data_dir() -> Path:
 
 def runs_dir() -> Path:
     return root() / "runs"
+
+
+def run_lock(run_dir: Path) -> Path:
+    """The lock a training of `run_dir` holds while it runs: `runs/.<name>.lock`, beside the run."""
+    return run_dir.with_name(f".{run_dir.name}.lock")
+
+
+# How long taking a lock waits out a holder that only looks (`held` locks for an instant) before it is "busy".
+LOOK_GRACE_S = 1.0
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None) -> Iterator[None]:
+    """Hold an advisory lock so two runs never write the same output, else raise `busy` (by default: another
+    process is writing `what`). A no-op where there are no locks: Windows (no fcntl), and shared filesystems
+    mounted without them (NFS with no lock daemon, Lustre without -o flock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    deadline = time.monotonic() + LOOK_GRACE_S
+    while True:
+        try:
+            handle = open(lock_path, "a+")
+        except OSError as exc:
+            raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
+                            f"choose a writable TINYGPT_HOME") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: by a writer, or for an instant by `held`
+            handle.close()
+            if time.monotonic() >= deadline:
+                raise busy or DataError(f"another tinygpt process is writing {what}: wait for it to finish") from None
+            time.sleep(0.02)
+            continue
+        except OSError:  # ENOLCK, EOPNOTSUPP: this filesystem has no locks; go on unguarded, as on Windows
+            break
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
+
+
+def held(lock_path: Path) -> bool:
+    """Whether a process holds `lock_path` (an `exclusive` lock) now; False where there are no locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return False
+    try:
+        handle = open(lock_path, "rb")
+    except OSError:  # none: nothing holds it
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # no locks on this filesystem
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def safe_name(text: str) -> str:
