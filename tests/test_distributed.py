@@ -263,6 +263,22 @@ def test_a_stray_world_size_is_one_line(monkeypatch):
         dist.init(dist.from_environment(), torch.device("cpu"))
 
 
+def test_several_processes_on_mps_is_one_line(monkeypatch):
+    """A Mac's GPU under --nproc 2: gloo has no MPS tensors, and the ranks failed inside DDP with torch's error."""
+    import torch
+
+    from tinygpt_cli import dist
+    from tinygpt_cli.errors import TrainingError
+
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(TrainingError, match="MPS is one GPU that processes cannot share: train in one process "
+                                            r"\(drop --nproc\), or pass --device cpu"):
+        dist.init(dist.DistInfo(rank=1, local_rank=1, world_size=2), torch.device("mps"))
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_resume_on_fewer_processes_goes_on_with_the_log_window(with_shakespeare):
     """A checkpoint between log steps, written by 2 processes, resumed by 1 with twice the accumulation: the
     next log line is the mean of the whole window, as the uninterrupted run logs it (the saved sums are over 2

@@ -52,6 +52,9 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
             raise TrainingError(
                 f"WORLD_SIZE={info.world_size} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                 f"not: start several processes with --nproc N or torchrun, or unset WORLD_SIZE for one")
+    if device.type == "mps":  # gloo has no MPS tensors, and there is one such GPU to a machine
+        raise TrainingError("MPS is one GPU that processes cannot share: train in one process (drop --nproc), or "
+                            "pass --device cpu to train on the CPU cores")
     if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
             raise TrainingError(
