@@ -269,7 +269,7 @@ def test_bad_prompt_input(run, tmp_path):
     assert_one_line_error(too_long, "shorten the prompt")
     assert too_long.stdout == ""  # nothing echoed before the error
     assert_one_line_error(generate(input=b"caf\xe9 au lait"), "standard input is not UTF-8 text")
-    assert_one_line_error(generate("--prompt-file", "-", input=b"\xff\xfe"), "standard input is not UTF-8 text")
+    assert_one_line_error(generate("--prompt-file", "-", input=b"\xff\xfa"), "standard input is not UTF-8 text")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
