@@ -467,9 +467,22 @@ def test_the_cpu_peak_is_measured_once_per_process_and_thread_count(monkeypatch)
 
     calls = []
     monkeypatch.setattr(train_module, "_CPU_PEAK", {})
-    monkeypatch.setattr(train_module, "_matmul_peak", lambda size, repeats: calls.append(size) or 1e11)
+    monkeypatch.setattr(train_module, "_matmul_peak", lambda size, repeats, dtype: calls.append(dtype) or 1e11)
     assert train_module.measured_cpu_peak() == train_module.measured_cpu_peak() == 1e11
-    assert calls == [2048]
+    assert calls == [torch.float32]
+    train_module.measured_cpu_peak(torch.bfloat16)  # bf16 training: MFU against bf16 matmuls (it read 83%)
+    assert calls == [torch.float32, torch.bfloat16]
+
+
+def test_auto_dtype_on_any_cpu_is_fp32(monkeypatch):
+    """`--dtype auto` took bf16 autocast on a CPU with AVX-512 BF16, where it measured no faster than fp32 (a
+    2-core EPYC: 1,290 against 1,371 tokens/s on micro), lost precision, and made train, plan and generate disagree
+    (plan estimated fp32, generate cast its weights to bf16). Every command now takes fp32 on a CPU for auto."""
+    from tinygpt_cli import train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
+    assert train_module.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert train_module.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_emulated_bf16_on_cpu_is_said(with_shakespeare, monkeypatch):
