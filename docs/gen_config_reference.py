@@ -50,8 +50,9 @@ train:
   lr: 6.0e-4
 ```
 
-`--set` values are read as YAML: quote a string YAML would read as something else, e.g.
-`--set "train.compile='off'"` (bare `off` is YAML's false), or use the named flag, `--compile off`.
+`--set` values of number and boolean keys are read as YAML (`3e-4`, `true`); a string key keeps the text as
+written, so `--set train.compile=off` is the string `off`. In a YAML file a bare `off` is YAML's false: quote it
+(`compile: 'off'`), though `train.compile` also takes the boolean.
 """
 
 

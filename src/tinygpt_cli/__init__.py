@@ -2,7 +2,8 @@
 
 The command line is `tinygpt`; the same functions are the Python API::
 
-    from tinygpt_cli import train, generate, tokenize
+    from tinygpt_cli import generate, tokenize
+    from tinygpt_cli.train import train  # `from tinygpt_cli import train` is the module tinygpt_cli.train
 
 Heavy modules (torch) load on first use, so `import tinygpt_cli` stays cheap.
 """
