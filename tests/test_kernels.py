@@ -47,8 +47,11 @@ def test_fused_generate_refuses_what_it_cannot_do(monkeypatch):
     assert kernels.unavailable(torch.device("cuda")) is None
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert "on ROCm they are untested" in kernels.unavailable(torch.device("cuda"))
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(kernels, "triton", None)
-    with pytest.raises(GenerationError, match="Triton is not installed"):
+    assert "Triton is not installed" in kernels.unavailable(torch.device("cuda"))
+    # a CPU build of torch has no Triton either: that there is no GPU is the reason to give (audit)
+    with pytest.raises(GenerationError, match="run on NVIDIA CUDA GPUs, not cpu"):
         next(generate(model, [1, 2], 3, fused=True))
 
 
