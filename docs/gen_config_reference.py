@@ -35,7 +35,8 @@ naming the preset it starts from. It is built in this order, each step overridin
 3. **`--set section.key=value`** (repeatable), e.g. `--set train.lr=3e-4 --set model.dropout=0.1`;
 4. **named flags** of the command (`--lr`, `--batch-size`, `--max-steps`, `--device`, ...).
 
-An unknown section or key, or a value of the wrong type, is an error that names the key. The resolved config is
+An unknown section or key, a value of the wrong type, or a key given twice in one file (YAML would keep the last
+without a word; a second `train:` section would drop the first) is an error that names the key. The resolved config is
 saved as `runs/<name>/config.yaml` and `--resume` starts from it. Worked examples: [`examples/`](../examples).
 
 ```yaml

@@ -63,6 +63,18 @@ class TinyGPTGroup(TyperGroup):
                 traceback.print_exc()
             print_error(exc)
             raise typer.Exit(1) from None
+        except (MemoryError, RuntimeError) as exc:  # an allocation the machine refused: a model shape too large
+            if not _allocation_failed(exc):
+                raise
+            if os.environ.get("TINYGPT_DEBUG"):
+                import traceback
+
+                traceback.print_exc()
+            print_error(TinyGPTError(
+                "out of memory: an allocation did not fit in this machine's memory (a model shape, e.g. "
+                "model.n_embd, model.n_layer or model.vocab_size, or a batch too large): check the sizes with "
+                "`tinygpt plan` and use smaller ones"))
+            raise typer.Exit(1) from None
         except OSError as exc:  # a full disk or a read-only folder that no check above foresaw: still one line
             advice = _OS_ADVICE.get(exc.errno or 0)
             if advice is None:
@@ -74,6 +86,14 @@ class TinyGPTGroup(TyperGroup):
             where = f" ({exc.filename})" if exc.filename else ""
             print_error(TinyGPTError(f"{exc.strerror}{where}: {advice}"))
             raise typer.Exit(1) from None
+
+
+def _allocation_failed(exc: BaseException) -> bool:
+    """Whether `exc` is the host's or a device's refusal of an allocation (not some other RuntimeError)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 _NOT_ALLOWED = "check the file's permissions, or point TINYGPT_HOME (or --out) at a folder you can write"
@@ -522,24 +542,6 @@ def train(
     if worker and nproc is not None and started is not None and started != str(nproc):
         raise TinyGPTError(f"--nproc {nproc}, but torchrun started {started} processes on this machine: drop --nproc "
                            f"when you start tinygpt with torchrun (or run `tinygpt train --nproc {nproc}` alone)")
-    if nproc is not None and nproc > 1 and not worker:
-        import torch
-
-        from tinygpt_cli.launch import launch, torchrun_command
-        from tinygpt_cli.sources import available_cpus
-
-        cores = available_cpus()
-        if nproc > cores and (not torch.cuda.is_available() or str(device).lower() == "cpu"):
-            _stderr_console().print(f"[yellow]--nproc {nproc} on {cores} CPU cores: the processes share them, so each "
-                                    f"step takes longer than with --nproc {cores}[/yellow]")
-        _stderr_console().print(f"Launching {nproc} processes, as `{' '.join(torchrun_command(nproc, sys.argv[1:]))}`")
-        raise typer.Exit(launch(nproc, sys.argv[1:]))
-    from tinygpt_cli import checkpoint as ckpt
-    from tinygpt_cli import dist, workspace
-    from tinygpt_cli.config import resolve_config
-    from tinygpt_cli.train import StopFlag, run_config_of
-    from tinygpt_cli.train import train as run_training
-
     auto_batch = _auto_batch(batch_size)
     flags: dict[str, Any] = {
         "data.dataset": data_name,
@@ -559,6 +561,28 @@ def train(
         "train.fsdp": True if fsdp else None,
         "train.init_from": init_from,
     }
+    if nproc is not None and nproc > 1 and not worker:
+        import torch
+
+        from tinygpt_cli.config import resolve_config
+        from tinygpt_cli.launch import launch, torchrun_command
+        from tinygpt_cli.sources import available_cpus
+
+        if not resume:  # a bad value is said once, here, before N processes each import torch to say it
+            resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
+
+        cores = available_cpus()
+        if nproc > cores and (not torch.cuda.is_available() or str(device).lower() == "cpu"):
+            _stderr_console().print(f"[yellow]--nproc {nproc} on {cores} CPU cores: the processes share them, so each "
+                                    f"step takes longer than with --nproc {cores}[/yellow]")
+        _stderr_console().print(f"Launching {nproc} processes, as `{' '.join(torchrun_command(nproc, sys.argv[1:]))}`")
+        raise typer.Exit(launch(nproc, sys.argv[1:]))
+    from tinygpt_cli import checkpoint as ckpt
+    from tinygpt_cli import dist, workspace
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.train import StopFlag, run_config_of
+    from tinygpt_cli.train import train as run_training
+
     run_name, resumed = name, None
     if resume:
         resumed = ckpt.find_run(name)

@@ -22,6 +22,12 @@ SCHEDULES = ("cosine", "wsd")
 COMPILE_MODES = ("auto", "on", "off")
 
 
+# The hottest temperature a sample takes: the distribution is flat to within float32 rounding long before it
+MAX_TEMPERATURE = 1e6
+# train.eval_batches micro-batches are drawn up front (their start offsets held for the whole run): a bound keeps
+# a typo such as 1e9 from filling the RAM before the first step (the OOM killer, not an error)
+MAX_EVAL_BATCHES = 100_000
+
 # Seeds go to torch.manual_seed (64-bit) after small additions (a rank, a prompt's turn): 2**62 leaves room.
 MAX_SEED = 2**62
 
@@ -106,6 +112,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1 (got {getattr(self, name)})")
+        if self.eval_batches > MAX_EVAL_BATCHES:
+            raise ConfigError(f"train.eval_batches must be at most {MAX_EVAL_BATCHES:,} (got {self.eval_batches:,}): "
+                              f"the val sample is drawn up front; a few dozen micro-batches give a steady val loss")
         for name in ("warmup_steps", "keep_last", "max_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
@@ -139,17 +148,20 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"sample.max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise ConfigError(f"sample.temperature must be 0 or more (got {self.temperature})")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN too: it passes `< 0`, and generate refuses it
+            raise ConfigError(
+                f"sample.temperature must be 0 (greedy) to {MAX_TEMPERATURE:g} (got {self.temperature})"
+            )
         if problem := seed_problem("sample.seed", self.seed):
             raise ConfigError(problem)
         if self.top_k < 0:
             raise ConfigError(f"sample.top_k must be 0 or more (got {self.top_k})")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"sample.top_p must be in (0, 1] (got {self.top_p})")
-        if not self.repetition_penalty > 0:
+        if not 0 < self.repetition_penalty < math.inf:  # inf turns a logit of exactly 0 into NaN (0 * inf)
             raise ConfigError(
-                f"sample.repetition_penalty must be more than 0; 1 is off (got {self.repetition_penalty})"
+                f"sample.repetition_penalty must be a finite number more than 0; 1 is off "
+                f"(got {self.repetition_penalty})"
             )
 
 
@@ -325,13 +337,44 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one without a word:
+    a second `train:` section would drop every key of the first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may repeat
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if repeated:
+                    raise ConfigError(
+                        f"repeats the key {key!r} (line {key_node.start_mark.line + 1}): keep one of them, "
+                        f"since only the last would count"
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: pass the YAML file itself to --config")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: check the --config path")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # a SafeLoader
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path} {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config file {path} is not valid YAML ({first}): fix it or drop --config") from None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tinygpt_cli.config import seed_problem
+from tinygpt_cli.config import MAX_TEMPERATURE, seed_problem
 from tinygpt_cli.errors import GenerationError
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
@@ -195,7 +195,6 @@ def _uniform_dtype(*devices: torch.device) -> torch.dtype:
     return torch.float32 if any(d.type == "mps" for d in devices) else torch.float64  # MPS has no float64
 
 
-MAX_TEMPERATURE = 1e6  # a distribution flat to within float32 rounding long before this
 
 NUCLEUS_SHORTLIST = 1024  # top-p alone first looks for its nucleus among this many of the likeliest tokens
 TIE_ROOM = 64  # top-k's candidates hold this many more than k, for tokens tied with the k-th

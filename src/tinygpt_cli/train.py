@@ -34,6 +34,7 @@ from tinygpt_cli.checkpoint import (
     write_text_atomic,
 )
 from tinygpt_cli.config import (
+    ModelConfig,
     RunConfig,
     TrainConfig,
     compile_wanted,
@@ -521,6 +522,7 @@ class _Trainer:
         self.batch_size = self.tc.batch_size
         self.run_dir: Path | None = None  # known once `run` has named the run
         self.new_run = False  # a run this call starts: its folder goes again if it ends with no checkpoint
+        self.preexisting: set[str] = set()  # RUN_FILES that were in a new run's folder before it: never removed
         self.held = contextlib.ExitStack()  # rank 0's lock on the run, until train() returns
 
     # -------------------------------------------------------------------------------------------- setup
@@ -568,10 +570,15 @@ class _Trainer:
                 raise TrainingError(
                     f"run {self.run_dir.name} already exists: pass --resume to continue it or pick another --name"
                 )
+            if not resume and info.is_main:
+                self._check_unused_folder()
             self.new_run = info.is_main and not resume
             if info.is_main:
                 _check_writable(self.run_dir)
 
+            # CPU/MPS: past the RAM the OOM killer ends the process without a word, building the model included
+            host_largest = self._fit_host_memory(start.config if start is not None else cfg.model) \
+                if self.device.type != "cuda" else None
             self.model = start if start is not None else GPT(cfg.model)
             self.block = self.model.config.block_size
             self._check_data_fits(self.block)
@@ -612,10 +619,9 @@ class _Trainer:
         self.optimizer = make_optimizer(self.model, tc, self.device)
         if checkpoint is not None:
             self._load_optimizer(checkpoint)
-        with dist.agreed():  # the machines' memory may differ: every rank takes the same micro-batch, or none
-            if self.device.type != "cuda":
-                largest = self._fit_host_memory()
-            else:
+        largest = host_largest
+        if self.device.type == "cuda":
+            with dist.agreed():  # the machines' memory may differ: every rank takes the same micro-batch, or none
                 largest = self._largest_batch(self.batch_size) if tc.auto_batch else None
         if tc.auto_batch:
             self._fit_batch_size(largest)
@@ -643,6 +649,19 @@ class _Trainer:
                              + ("" if resume else ", or pick another --name"))
         self.held.enter_context(workspace.exclusive(workspace.run_lock(self.run_dir), f"runs/{name}", busy))
 
+    def _check_unused_folder(self) -> None:
+        """A new run writes its files (`RUN_FILES`) into its folder, and removes the ones it wrote if it stops
+        before its first checkpoint. An earlier run's results there (its checkpoints deleted: a report, a loss
+        plot, evaluations, logged metrics) are refused rather than written over; other files stay as they are, and
+        what a start killed before it logged anything left (config.yaml, an empty metrics.jsonl) is replaced."""
+        run_dir = self.run_dir
+        self.preexisting = {name for name in RUN_FILES if (run_dir / name).exists()}
+        results = [name for name in ("eval.jsonl", "loss.png", "metrics.jsonl", "report.md")
+                   if (run_dir / name).exists() and (name != "metrics.jsonl" or (run_dir / name).stat().st_size)]
+        if results:
+            raise TrainingError(f"{run_dir} holds an earlier run's results ({', '.join(results)}) but no checkpoint "
+                                f"to resume: pick another --name, or move or delete those files first")
+
     def _check_checkpoint_space(self) -> None:
         """The checkpoints this run keeps at its peak must fit on the disk, less those it already holds (resume):
         told now, not when the first one fails to save hours in."""
@@ -666,7 +685,7 @@ class _Trainer:
         if not self.new_run or run_dir is None or latest_checkpoint(run_dir) is not None:
             return
         with contextlib.suppress(OSError):  # best effort, never in the way of the error that ended the run
-            for name in RUN_FILES:
+            for name in set(RUN_FILES) - self.preexisting:
                 (run_dir / name).unlink(missing_ok=True)
         for folder in (run_dir / "checkpoints", run_dir):
             with contextlib.suppress(OSError):  # not empty: something else is there, and it stays
@@ -770,31 +789,34 @@ class _Trainer:
             self.emit(TrainEvent("info", message=f"--batch-size auto: micro-batch {fitting} × "
                                                  f"{self.grad_accum} accumulation steps (global batch {global_batch})"))
 
-    def _fit_host_memory(self) -> int | None:
+    def _fit_host_memory(self, model: ModelConfig) -> int | None:
         """CPU/MPS: past the machine's RAM an allocation is not an exception but the OOM killer (exit 137, not a
-        word), so the micro-batch is checked against plan's estimate before anything runs. --batch-size auto takes
-        the largest that fits (returned, for `_fit_batch_size`); an explicit one whose estimate exceeds the RAM
-        itself is refused."""
+        word), so the model and micro-batch are checked against plan's estimate before the model is built.
+        --batch-size auto takes the largest that fits (returned, for `_fit_batch_size`); an explicit one whose
+        estimate exceeds the RAM itself is refused."""
 
         spec = resolve_device_spec(self.device.type)
         if spec.memory_bytes is None:
             return None
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes on this machine share its RAM
         spec = replace(spec, memory_bytes=spec.memory_bytes // local)
-        memory = estimate_memory(self.model.config, self.batch_size, spec, self.dtype != torch.float32,
-                                 self.info.world_size, self.fsdp, trains_compiled(self.tc.compile, self.device.type))
+        memory = estimate_memory(model, self.batch_size, spec, self.dtype != torch.float32, self.info.world_size,
+                                 self.tc.fsdp and self.info.enabled, trains_compiled(self.tc.compile, self.device.type))
         ram = spec.memory_bytes
         if not memory.max_batch_size:
-            raise TrainingError(f"not even a micro-batch of 1 × {self.block} tokens fits in this machine's "
-                                f"{ram / GIB:.1f} GiB of RAM: use a smaller --size or model.block_size")
+            states = memory.weights + memory.gradients + memory.optimizer
+            raise TrainingError(f"not even a micro-batch of 1 × {model.block_size} tokens fits in this machine's "
+                                f"{ram / GIB:.1f} GiB of RAM (the model's weights, gradients and AdamW state alone "
+                                f"take {states / GIB:,.1f} GiB): use a smaller --size or model shape, which "
+                                f"`tinygpt plan` sizes")
         if self.tc.auto_batch:
             return memory.max_batch_size
         if memory.total > ram:
             raise TrainingError(
-                f"a micro-batch of {self.batch_size} × {self.block} tokens needs about {memory.total / GIB:,.1f} GiB "
-                f"to train, more than this machine's {ram / GIB:.1f} GiB of RAM; the largest that fits is "
-                f"{memory.max_batch_size}: use --batch-size {memory.max_batch_size} (or --batch-size auto, which "
-                f"keeps the global batch)"
+                f"a micro-batch of {self.batch_size} × {model.block_size} tokens needs about "
+                f"{memory.total / GIB:,.1f} GiB to train, more than this machine's {ram / GIB:.1f} GiB of RAM; the "
+                f"largest that fits is {memory.max_batch_size}: use --batch-size {memory.max_batch_size} (or "
+                f"--batch-size auto, which keeps the global batch)"
             )
         return None
 

@@ -1,0 +1,130 @@
+"""Configuration edges found by an audit: each was accepted silently, or ended in a traceback, or lost files."""
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_SETTINGS, assert_one_line_error
+from tinygpt_cli.cli import app
+from tinygpt_cli.config import resolve_config
+from tinygpt_cli.errors import ConfigError
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("train:\n  lr: 0.01\n  lr: 0.02\n", "'lr'", 3),  # the second one won without a word
+        ("train:\n  lr: 0.01\ntrain:\n  max_steps: 5\n", "'train'", 3),  # and dropped every key of the first
+    ],
+)
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, text, key, line):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"c\.yaml repeats the key {key} \(line {line}\): keep one"):
+        resolve_config(config_file=path)
+
+
+def test_yaml_anchors_and_merges_still_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: &m {n_layer: 2}\nsample:\n  <<: {seed: 3, top_k: 5}\n  seed: 4\n")
+    cfg = resolve_config(config_file=path)  # a key beside a merge overrides the merged one: not a repeat
+    assert cfg.model.n_layer == 2 and cfg.sample.seed == 4 and cfg.sample.top_k == 5
+
+
+def test_a_folder_as_config_is_named_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder: pass the YAML file itself"):
+        resolve_config(config_file=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # saved into the run's config.yaml, then every `tinygpt generate` of the run failed naming --temperature
+        ("sample.temperature=.nan", r"sample\.temperature must be 0 \(greedy\) to 1e\+06 \(got nan\)"),
+        ("sample.temperature=.inf", r"sample\.temperature must be 0 \(greedy\) to 1e\+06"),
+        ("sample.temperature=2e6", r"sample\.temperature must be 0 \(greedy\) to 1e\+06"),
+        ("sample.repetition_penalty=.inf", r"sample\.repetition_penalty must be a finite number more than 0"),
+        # drawn up front: 1e9 filled the RAM before the first step (the OOM killer, or a MemoryError traceback)
+        ("train.eval_batches=1e9", r"train\.eval_batches must be at most 100,000"),
+    ],
+)
+def test_sample_and_eval_values_that_cannot_work_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(overrides=[override])
+
+
+def test_train_into_a_folder_with_files_but_no_checkpoint_is_refused_and_keeps_them(workspace):
+    """A run refused in setup removed config.yaml, metrics.jsonl, report.md and loss.png of the folder it was
+    named after (an earlier run whose checkpoints were deleted), as if they were its own."""
+    folder = workspace / "runs" / "old"
+    folder.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "report.md"):
+        (folder / name).write_text(f"earlier {name}\n")
+    result = invoke("train", *TINY_SETTINGS, "--max-steps", "1", "--batch-size", "100000000", "--name", "old")
+    assert_one_line_error(result, "holds an earlier run's results (metrics.jsonl, report.md) but no checkpoint "
+                                  "to resume: pick another --name")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "metrics.jsonl", "report.md"]
+    assert (folder / "report.md").read_text() == "earlier report.md\n"
+
+
+@pytest.mark.parametrize("shape", [["model.vocab_size=1e12"], ["model.n_layer=8000", "model.n_embd=256"]])
+def test_a_model_too_large_for_the_ram_is_refused_before_it_is_built(with_shakespeare, workspace, monkeypatch,
+                                                                     shape):
+    """Audit: model.vocab_size=1e12 ended in the allocator's RuntimeError traceback; a deep model whose layers
+    each fit (8000 × 256 wide, ~25 GB) would have been built layer by layer into the OOM killer."""
+    from tinygpt_cli import train as train_module
+
+    def never(cfg):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(train_module, "GPT", never)
+    overrides = [arg for setting in shape for arg in ("--set", setting)]
+    result = invoke("train", *TINY_SETTINGS, "--max-steps", "1", "--device", "cpu", *overrides, "--name", "huge")
+    assert_one_line_error(result, "not even a micro-batch of 1 × 32 tokens fits in this machine's")
+    assert "AdamW state alone take" in result.stderr and "tinygpt plan" in result.stderr
+    assert not (workspace / "runs" / "huge").exists()
+
+
+def test_an_allocation_the_machine_refuses_is_one_line(with_shakespeare, workspace, monkeypatch):
+    """What no estimate foresaw (another process took the RAM): the allocator's RuntimeError was a traceback."""
+    from tinygpt_cli import train as train_module
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 128000000000000 bytes")
+
+    monkeypatch.setattr(train_module, "make_optimizer", refused)
+    result = invoke("train", *TINY_SETTINGS, "--max-steps", "1", "--device", "cpu", "--name", "refused")
+    assert_one_line_error(result, "out of memory: an allocation did not fit in this machine's memory")
+    assert not (workspace / "runs" / "refused").exists()
+
+
+def test_nproc_checks_the_config_before_launching(workspace, monkeypatch):
+    """A bad value was found by each of the N launched processes (each importing torch) instead of once."""
+    from tinygpt_cli import launch
+
+    launched = []
+    monkeypatch.setattr(launch, "launch", lambda nproc, argv: launched.append(nproc) or 0)
+    for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert_one_line_error(invoke("train", "--nproc", "2", "--set", "train.lr=fast"), "train.lr must be float")
+    assert_one_line_error(invoke("train", "--nproc", "2", "--lr", "nan"), "train.lr must be a finite number")
+    assert launched == []
+    assert invoke("train", "--nproc", "2").exit_code == 0 and launched == [2]
+
+
+def test_a_config_of_the_users_in_the_run_folder_is_never_removed(with_shakespeare, workspace):
+    """`--config runs/exp/config.yaml --name exp`: a start refused in setup removed config.yaml as its own."""
+    folder = workspace / "runs" / "exp"
+    folder.mkdir(parents=True)
+    mine = "# my settings\ntrain:\n  max_steps: 1\n"
+    (folder / "config.yaml").write_text(mine)
+    result = invoke("train", *TINY_SETTINGS, "--config", str(folder / "config.yaml"), "--batch-size", "100000000",
+                    "--name", "exp")
+    assert_one_line_error(result, "GiB of RAM")
+    assert (folder / "config.yaml").read_text() == mine
