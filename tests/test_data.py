@@ -681,7 +681,7 @@ def test_not_enough_disk_is_refused_before_writing(workspace, monkeypatch):
     assert result.exit_code == 0, result.output
 
 
-def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace):
+def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace, monkeypatch):
     rows = workspace / "rows.jsonl"
     _write_jsonl(rows, _docs(10))
     # an unquoted glob, expanded by the shell: click's boxed "unexpected extra argument" before (audit)
@@ -694,6 +694,10 @@ def test_tokenize_cli_bad_inputs_are_one_line_errors(workspace):
         _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--seed", seed]), "--seed must be 0 to")
     _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--val-fraction", "1"]), "--val-fraction")
     _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--workers", "0"]), "--workers must be at least 1")
+    # audit: 100000 threads, each with two tasks of text in flight, for a CPU-bound encoder on a few cores
+    monkeypatch.setattr(data, "available_cpus", lambda: 3)
+    _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--workers", "100000"]),
+                    "--workers 100000 is more than 3 cores can use (encoding is CPU-bound): use at most 12")
     _one_line_error(runner.invoke(app, ["tokenize", str(rows), "--name", "raw"]), "--name raw is reserved")
     _one_line_error(runner.invoke(app, ["tokenize", "tinystories"]),
                     "tinystories is not downloaded yet: run `tinygpt download tinystories` first")

@@ -468,7 +468,11 @@ def tokenize(
                            f"read once renamed .jsonl(.gz)"))
     dataset_name = _output_name(name, src)
     encoding = get_encoding()
-    workers = workers or available_cpus()
+    cores = available_cpus()
+    if workers is not None and workers > 4 * cores:  # each holds two tasks of text, and none runs faster for it
+        raise DataError(f"--workers {workers} is more than {cores} cores can use (encoding is CPU-bound): use at "
+                        f"most {4 * cores}, or leave it out for {cores}")
+    workers = workers or cores
 
     if src.documents == 1 and fraction < 1.0:  # it would keep the whole document and record the fraction
         raise DataError(f"--fraction keeps whole documents, and {src.description} is a single document: drop "
