@@ -485,6 +485,18 @@ def test_auto_dtype_on_any_cpu_is_fp32(monkeypatch):
     assert train_module.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 
+def test_a_warmup_longer_than_the_run_is_said(with_shakespeare):
+    """`--size small --max-steps 100` warms up over 700 steps: the LR reached 14% of train.lr, without a word."""
+    events = []
+    train(tiny_config(max_steps=3, eval_interval=1000, warmup_steps=30), run_name="w", on_event=events.append)
+    notes = [e.message for e in events if e.kind == "info" and "warmup" in (e.message or "")]
+    assert notes == ["train.warmup_steps is 30, and the run is 3 steps: the learning rate climbs to 10% of "
+                     "train.lr and never decays; e.g. --set train.warmup_steps=1 warms up over a tenth of it."]
+    events.clear()
+    train(tiny_config(max_steps=30, eval_interval=1000, warmup_steps=3), run_name="w2", on_event=events.append)
+    assert not [e for e in events if e.kind == "info" and "warmup" in (e.message or "")]
+
+
 def test_emulated_bf16_on_cpu_is_said(with_shakespeare, monkeypatch):
     """--dtype bf16 trained ~10x slower than fp32 on a CPU without native bf16, without a word (audit)."""
     from tinygpt_cli import train as train_module

@@ -610,6 +610,12 @@ class _Trainer:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16():
             self.emit(TrainEvent("info", message="bf16 on this CPU is emulated (no AVX-512 BF16 or AMX) and much "
                                                  "slower than fp32 (~10× measured): --dtype auto trains in fp32."))
+        if checkpoint is None and tc.warmup_steps >= tc.max_steps:  # e.g. --size small (700) --max-steps 100
+            peak = learning_rate(tc.max_steps - 1, tc) / tc.lr
+            self.emit(TrainEvent("info", message=f"train.warmup_steps is {tc.warmup_steps}, and the run is "
+                                                 f"{tc.max_steps} steps: the learning rate climbs to {peak:.0%} of "
+                                                 f"train.lr and never decays; e.g. --set train.warmup_steps="
+                                                 f"{max(1, tc.max_steps // 10)} warms up over a tenth of it."))
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
