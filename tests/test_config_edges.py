@@ -3,10 +3,11 @@
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY_SETTINGS, assert_one_line_error
+from conftest import TINY_SETTINGS, assert_one_line_error, tiny_config
 from tinygpt_cli.cli import app
 from tinygpt_cli.config import resolve_config
 from tinygpt_cli.errors import ConfigError
+from tinygpt_cli.train import train
 
 runner = CliRunner()
 
@@ -66,8 +67,8 @@ def test_train_into_a_folder_with_files_but_no_checkpoint_is_refused_and_keeps_t
     for name in ("config.yaml", "metrics.jsonl", "report.md"):
         (folder / name).write_text(f"earlier {name}\n")
     result = invoke("train", *TINY_SETTINGS, "--max-steps", "1", "--batch-size", "100000000", "--name", "old")
-    assert_one_line_error(result, "holds an earlier run's results (metrics.jsonl, report.md) but no checkpoint "
-                                  "to resume: pick another --name")
+    assert_one_line_error(result, "holds an earlier run's results (report.md) but no checkpoint to resume: pick "
+                                  "another --name")
     assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "metrics.jsonl", "report.md"]
     assert (folder / "report.md").read_text() == "earlier report.md\n"
 
@@ -100,8 +101,14 @@ def test_an_allocation_the_machine_refuses_is_one_line(with_shakespeare, workspa
 
     monkeypatch.setattr(train_module, "make_optimizer", refused)
     result = invoke("train", *TINY_SETTINGS, "--max-steps", "1", "--device", "cpu", "--name", "refused")
-    assert_one_line_error(result, "out of memory: an allocation did not fit in this machine's memory")
+    assert_one_line_error(result, "out of memory: an allocation did not fit in this machine's memory: the model "
+                                  "shape")
     assert not (workspace / "runs" / "refused").exists()
+    from tinygpt_cli import data  # advice for the command that ran: a tokenize has no model shape (review)
+
+    monkeypatch.setattr(data, "tokenize", lambda *args, **kwargs: (_ for _ in ()).throw(MemoryError()))
+    assert_one_line_error(invoke("tokenize"), "out of memory: an allocation did not fit in this machine's memory: "
+                                              "close what else uses the memory")
 
 
 def test_nproc_checks_the_config_before_launching(workspace, monkeypatch):
@@ -128,3 +135,27 @@ def test_a_config_of_the_users_in_the_run_folder_is_never_removed(with_shakespea
                     "--name", "exp")
     assert_one_line_error(result, "GiB of RAM")
     assert (folder / "config.yaml").read_text() == mine
+
+
+class Boom(Exception):
+    """An error of the caller's, mid-run."""
+
+
+@pytest.mark.parametrize("logged", ["", '{"step": 10, "loss": 5.1}\n'])
+def test_a_failed_start_after_a_killed_one_leaves_nothing_behind(with_shakespeare, workspace, logged):
+    """A start killed before its first checkpoint (the OOM killer, a preemption) left config.yaml and metrics.jsonl;
+    the next start replaces them (it was refused once they held a logged step), and if it then fails before its
+    first checkpoint its own files must go, else the start after it is refused as 'an earlier run's results'."""
+    folder = workspace / "runs" / "again"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("leftover\n")
+    (folder / "metrics.jsonl").write_text(logged)
+
+    def fail_on_step(event):
+        if event.kind == "step":
+            raise Boom
+
+    with pytest.raises(Boom):
+        train(tiny_config(max_steps=50, eval_interval=1000, log_interval=1), run_name="again", on_event=fail_on_step)
+    assert not folder.exists(), sorted(p.name for p in folder.iterdir())
+    assert train(tiny_config(max_steps=2, eval_interval=1000), run_name="again").steps == 2

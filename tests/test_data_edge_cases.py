@@ -276,3 +276,25 @@ def test_a_dangling_dataset_link_is_named(workspace, tmp_path):
 
 def _docs_text(lines: int) -> str:
     return "".join(f"Line {i} of a book that is long enough to cut.\n" for i in range(lines))
+
+
+def test_a_link_to_another_dataset_of_the_workspace_is_not_replaced_under_its_name(workspace):
+    """`data/latest -> books`: `tokenize --name latest --force` wrote the new data into data/books (its meta
+    naming it `latest`), under the lock of `latest` alone, sharing `.books.partial` with a tokenize of books."""
+    (workspace / "a.txt").write_text("".join(f"Line {i} of a book that is long enough.\n" for i in range(300)))
+    (workspace / "b.txt").write_text("".join(f"Other {i} text, a different book here.\n" for i in range(300)))
+    data.tokenize(str(workspace / "a.txt"), name="books")
+    before = (workspace / "data" / "books" / "train.bin").read_bytes()
+    (workspace / "data" / "latest").symlink_to("books", target_is_directory=True)
+    with pytest.raises(DataError, match="data/latest links to data/books, another dataset of this workspace"):
+        data.tokenize(str(workspace / "b.txt"), name="latest", force=True)
+    assert (workspace / "data" / "books" / "train.bin").read_bytes() == before
+
+
+def test_a_link_that_loops_is_one_error(workspace):
+    (workspace / "a.txt").write_text("".join(f"Line {i} of a book that is long enough.\n" for i in range(300)))
+    (workspace / "data").mkdir()
+    (workspace / "data" / "x").symlink_to("y")
+    (workspace / "data" / "y").symlink_to("x")
+    with pytest.raises(DataError, match="data/x is a link that loops"):
+        data.tokenize(str(workspace / "a.txt"), name="x")

@@ -277,6 +277,19 @@ def test_several_processes_on_mps_is_one_line(monkeypatch):
                                             r"\(drop --nproc\), or pass --device cpu"):
         dist.init(dist.DistInfo(rank=1, local_rank=1, world_size=2), torch.device("mps"))
     assert not torch.distributed.is_initialized()
+    # `tinygpt train --nproc 2` on a Mac says it once, before launching workers that would each fail alike
+    from test_cli import assert_one_line_error, invoke
+
+    from tinygpt_cli import launch
+    from tinygpt_cli import train as train_module
+
+    launched = []
+    monkeypatch.setattr(launch, "launch", lambda nproc, argv: launched.append(nproc) or 0)
+    monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("mps"))
+    for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert_one_line_error(invoke("train", "--nproc", "2"), "MPS is one GPU that processes cannot share")
+    assert launched == []
 
 
 def test_a_resume_on_fewer_processes_goes_on_with_the_log_window(with_shakespeare):

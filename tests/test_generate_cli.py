@@ -78,7 +78,7 @@ def test_repetition_penalty_defaults_from_the_run_config(workspace):
     assert json.loads(result.stdout)["settings"]["repetition_penalty"] == 1.3
     flagged = generate("ROMEO:", "--json", "--repetition-penalty", "1")
     assert json.loads(flagged.stdout)["settings"]["repetition_penalty"] == 1.0
-    with pytest.raises(ConfigError, match="sample.repetition_penalty must be more than 0"):
+    with pytest.raises(ConfigError, match="sample.repetition_penalty must be a finite number more than 0"):
         resolve_config(overrides=["sample.repetition_penalty=0"])
 
 

@@ -63,17 +63,16 @@ class TinyGPTGroup(TyperGroup):
                 traceback.print_exc()
             print_error(exc)
             raise typer.Exit(1) from None
-        except (MemoryError, RuntimeError) as exc:  # an allocation the machine refused: a model shape too large
+        except (MemoryError, RuntimeError) as exc:  # an allocation the machine refused that no estimate foresaw
             if not _allocation_failed(exc):
                 raise
             if os.environ.get("TINYGPT_DEBUG"):
                 import traceback
 
                 traceback.print_exc()
-            print_error(TinyGPTError(
-                "out of memory: an allocation did not fit in this machine's memory (a model shape, e.g. "
-                "model.n_embd, model.n_layer or model.vocab_size, or a batch too large): check the sizes with "
-                "`tinygpt plan` and use smaller ones"))
+            advice = _MEMORY_ADVICE.get(ctx.invoked_subcommand or "", "close what else uses the memory, or give "
+                                                                        "the command less at once")
+            print_error(TinyGPTError(f"out of memory: an allocation did not fit in this machine's memory: {advice}"))
             raise typer.Exit(1) from None
         except OSError as exc:  # a full disk or a read-only folder that no check above foresaw: still one line
             advice = _OS_ADVICE.get(exc.errno or 0)
@@ -86,6 +85,13 @@ class TinyGPTGroup(TyperGroup):
             where = f" ({exc.filename})" if exc.filename else ""
             print_error(TinyGPTError(f"{exc.strerror}{where}: {advice}"))
             raise typer.Exit(1) from None
+
+
+_MEMORY_ADVICE = {
+    "train": "the model shape (model.n_embd, model.n_layer, model.vocab_size) or the batch is too large, or other "
+             "programs hold the memory: check the sizes with `tinygpt plan` and use smaller ones",
+    "generate": "ask for fewer --num-samples, or sample from a smaller model",
+}
 
 
 def _allocation_failed(exc: BaseException) -> bool:
@@ -571,6 +577,11 @@ def train(
         if not resume:  # a bad value is said once, here, before N processes each import torch to say it
             resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
 
+        from tinygpt_cli.dist import MPS_ALONE
+        from tinygpt_cli.train import resolve_device
+
+        if str(device or "auto").lower() in ("auto", "mps") and resolve_device(device or "auto").type == "mps":
+            raise TinyGPTError(MPS_ALONE)  # said once, before N workers each import torch to fail alike
         cores = available_cpus()
         if nproc > cores and (not torch.cuda.is_available() or str(device).lower() == "cpu"):
             _stderr_console().print(f"[yellow]--nproc {nproc} on {cores} CPU cores: the processes share them, so each "

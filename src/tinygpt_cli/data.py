@@ -498,7 +498,8 @@ def tokenize(
                          "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256}
-    with workspace.exclusive(out_root / f".{dataset_name}.lock", f"data/{dataset_name}"):
+    # the lock goes beside the folder written (a link's target): another name or workspace linked there shares it
+    with workspace.exclusive(home.with_name(f".{home.name}.lock"), f"data/{dataset_name}"):
         _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
@@ -784,7 +785,13 @@ def _where_published(folder: Path) -> Path:
     disk), so that the new dataset is written on that disk and the link stays."""
     if not folder.is_symlink():
         return folder
-    target = folder.resolve()
+    try:
+        target = folder.resolve()
+    except (OSError, RuntimeError):  # a link that loops (RuntimeError before Python 3.13)
+        raise DataError(f"data/{folder.name} is a link that loops: remove it, or point it at a folder") from None
+    if target.parent == folder.parent.resolve() and target.name != folder.name:  # another name for a dataset here
+        raise DataError(f"data/{folder.name} links to data/{target.name}, another dataset of this workspace, which "
+                        f"this tokenize would replace: pass --name {target.name}, or remove the link")
     if not target.parent.is_dir():  # an unmounted disk: make nothing at its mount point
         raise DataError(f"data/{folder.name} links to {target}, whose folder does not exist: mount that disk, or "
                         f"remove the link to tokenize into the workspace")

@@ -42,6 +42,10 @@ def from_environment() -> DistInfo:
     return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
 
 
+MPS_ALONE = ("MPS is one GPU that processes cannot share: train in one process (drop --nproc), or pass --device "
+             "cpu to train on the CPU cores")
+
+
 def init(info: DistInfo, device: torch.device) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo elsewhere); returns this rank's device."""
     if not info.enabled:
@@ -53,8 +57,7 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
                 f"WORLD_SIZE={info.world_size} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                 f"not: start several processes with --nproc N or torchrun, or unset WORLD_SIZE for one")
     if device.type == "mps":  # gloo has no MPS tensors, and there is one such GPU to a machine
-        raise TrainingError("MPS is one GPU that processes cannot share: train in one process (drop --nproc), or "
-                            "pass --device cpu to train on the CPU cores")
+        raise TrainingError(MPS_ALONE)
     if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
             raise TrainingError(

@@ -30,7 +30,7 @@ from tinygpt_cli.config import MAX_TEMPERATURE, seed_problem
 from tinygpt_cli.errors import GenerationError
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
-from tinygpt_cli.sources import decode_text
+from tinygpt_cli.sources import conversion_advice, decode_text
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE
 
 if TYPE_CHECKING:
@@ -1122,7 +1122,8 @@ def read_prompt(path: str | Path) -> str:
     except FileNotFoundError:
         raise GenerationError(f"prompt file {path} does not exist: check the --prompt-file path") from None
     except UnicodeDecodeError:
-        raise GenerationError(f"prompt file {path} is not UTF-8 text: convert it, e.g. iconv -t utf-8") from None
+        raise GenerationError(f"prompt file {path} is not UTF-8 text: convert it, e.g. "
+                              f"{conversion_advice(str(path))}") from None
     except OSError as exc:
         raise GenerationError(f"cannot read prompt file {path} ({exc.strerror}): check the path") from None
 

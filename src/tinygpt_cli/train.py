@@ -658,12 +658,11 @@ class _Trainer:
     def _check_unused_folder(self) -> None:
         """A new run writes its files (`RUN_FILES`) into its folder, and removes the ones it wrote if it stops
         before its first checkpoint. An earlier run's results there (its checkpoints deleted: a report, a loss
-        plot, evaluations, logged metrics) are refused rather than written over; other files stay as they are, and
-        what a start killed before it logged anything left (config.yaml, an empty metrics.jsonl) is replaced."""
+        plot, evaluations) are refused rather than written over. What a start killed before its first checkpoint
+        left (config.yaml, metrics.jsonl) is replaced, as `_Metrics` does; other files stay as they are."""
         run_dir = self.run_dir
         self.preexisting = {name for name in RUN_FILES if (run_dir / name).exists()}
-        results = [name for name in ("eval.jsonl", "loss.png", "metrics.jsonl", "report.md")
-                   if (run_dir / name).exists() and (name != "metrics.jsonl" or (run_dir / name).stat().st_size)]
+        results = [name for name in ("eval.jsonl", "loss.png", "report.md") if (run_dir / name).exists()]
         if results:
             raise TrainingError(f"{run_dir} holds an earlier run's results ({', '.join(results)}) but no checkpoint "
                                 f"to resume: pick another --name, or move or delete those files first")
@@ -797,7 +796,8 @@ class _Trainer:
 
     def _fit_host_memory(self, model: ModelConfig) -> int | None:
         """CPU/MPS: past the machine's RAM an allocation is not an exception but the OOM killer (exit 137, not a
-        word), so the model and micro-batch are checked against plan's estimate before the model is built.
+        word), so the model and micro-batch are checked against plan's estimate before the model is built (an
+        --init-from model is loaded first: its source's size is what a user picked).
         --batch-size auto takes the largest that fits (returned, for `_fit_batch_size`); an explicit one whose
         estimate exceeds the RAM itself is refused."""
 
@@ -1056,6 +1056,7 @@ class _Trainer:
         val_pending = self.checkpoint is not None and bool(state.get("val_pending"))
         metrics = _Metrics(self.run_dir / "metrics.jsonl", start_step if self.checkpoint else None, info.is_main,
                            drop_eval=val_pending)
+        self.preexisting -= {"config.yaml", "metrics.jsonl"}  # written over: this run's own now, to drop with it
         tokens_per_step = self.batch_size * self.grad_accum * self.block * info.world_size
         flops_token = flops_per_token(self.model)
         peak = device_peak_flops(device, self.dtype)
