@@ -803,7 +803,7 @@ def generate(
         str | None,
         typer.Argument(
             help='Text to continue; "" starts a fresh document. Without one: --prompt-file, else stdin '
-            "when piped, else an interactive prompt loop (Ctrl-D leaves)."
+            "when piped, else an interactive prompt loop (Ctrl-D leaves; Ctrl-Z, Enter on Windows)."
         ),
     ] = None,
     run: Annotated[
@@ -913,7 +913,7 @@ def generate(
     if not interactive:
         view.once(text, settings["seed"], echo_prompt=True)
         return
-    err.print("Type a prompt and press Enter; Ctrl-C cuts a sample short, Ctrl-D leaves.")
+    err.print(f"Type a prompt and press Enter; Ctrl-C cuts a sample short, {_end_of_input()} leaves.")
     # stdout may be a file (`> samples.jsonl`): the prompt and the line breaks of the loop go to the terminal then
     chrome = sys.stdout if sys.stdout.isatty() else sys.stderr
     turn = 0
@@ -1485,8 +1485,31 @@ def data_show(
     )
 
 
+def _end_of_input() -> str:
+    """The keys that end a console's input."""
+    return "Ctrl-Z then Enter" if sys.platform == "win32" else "Ctrl-D"
+
+
+def _encodable_streams() -> None:
+    """Let stdout and stderr take any text. Redirected to a file or a pipe on Windows they use the ANSI code page
+    (cp1252, ...), strictly on stdout, which has no → or ≈ nor most of what a model writes: `tinygpt --help > f`
+    and `tinygpt generate ... | more` failed with UnicodeEncodeError. There they write UTF-8, as in Python's UTF-8
+    mode; elsewhere a stream whose encoding is not UTF-8 replaces what it cannot encode. (A Windows console is
+    UTF-8 already.)"""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding.startswith("utf") or not callable(getattr(stream, "reconfigure", None)):
+            continue
+        with contextlib.suppress(ValueError, OSError):  # a stream that cannot change now: leave it as it is
+            if sys.platform == "win32":
+                stream.reconfigure(encoding="utf-8", errors="replace")
+            else:
+                stream.reconfigure(errors="replace")
+
+
 def main() -> None:
     """Console-script entry point."""
+    _encodable_streams()
     app()
 
 

@@ -390,7 +390,7 @@ def _write_part(path: Path, texts: list[str]) -> int:
 
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table({"text": pa.array(texts, type=pa.large_string())}), tmp, compression="zstd")
-    with open(tmp, "rb") as handle:
+    with open(tmp, "rb+") as handle:  # writable: Windows flushes no read-only handle (EBADF)
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     return path.stat().st_size

@@ -255,7 +255,7 @@ def score_examples(
             y[row, n - scored : n] = sequence[-scored:] if scored else []
         with autocast or contextlib.nullcontext():
             nats = token_nats(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-        totals = nats.double().sum(dim=1).cpu()
+        totals = nats.cpu().double().sum(dim=1)  # on the host: MPS has no float64
         counts = torch.from_numpy((y >= 0).sum(axis=1)).clamp(min=1)
         offset = 0
         for example in group:

@@ -478,7 +478,7 @@ def _files_under(path: Path) -> dict[str, int]:
 def _fsync_tree(path: Path) -> None:
     for child in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if child.is_file():
-            with open(child, "rb") as handle:
+            with open(child, "rb+") as handle:  # writable: Windows flushes no read-only handle (EBADF)
                 os.fsync(handle.fileno())
         else:
             fsync_dir(child)

@@ -21,8 +21,16 @@ from pathlib import Path
 from tinygpt_cli.errors import TinyGPTError
 
 # The signals training stops on with a checkpoint (train._stop_on_signals), exiting 128 + the signal; no SIGHUP
-# on Windows.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# on Windows, where Ctrl+Break is SIGBREAK (its default action ends the process at once, checkpoint or not).
+STOP_SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals of STOP_SIGNAL_NAMES this platform has."""
+    return tuple(getattr(signal, name) for name in STOP_SIGNAL_NAMES if hasattr(signal, name))
+
+
+STOP_SIGNALS = stop_signals()
 
 
 class Stopped(KeyboardInterrupt):
@@ -113,6 +121,11 @@ def launch(nproc: int, argv: list[str]) -> int:
         except ChildFailedError as exc:
             return _failed(exc, nproc, Path(folder))
         except Exception as exc:  # the rendezvous or the agent itself
+            if "libuv" in str(exc):  # Windows wheels of torch: TCPStore without libuv, torchrun alike
+                raise TinyGPTError(
+                    f"could not start {nproc} processes: this PyTorch build has no libuv, which its launcher (and "
+                    f"torchrun) needs: train in one process (drop --nproc), or under Linux or WSL"
+                ) from None
             raise TinyGPTError(
                 f"could not start {nproc} processes ({type(exc).__name__}: {exc}); try torchrun yourself: "
                 f"{' '.join(torchrun_command(nproc, argv))}"

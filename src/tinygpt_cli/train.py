@@ -234,6 +234,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
+def skips_on_device(device: torch.device) -> bool:
+    """Whether fused AdamW on `device` honours `optimizer.found_inf`, skipping a non-finite step on the device.
+    MPS's is not known to: its first versions refuse a found_inf, and one that takes it without honouring it would
+    apply a non-finite step. There the loop skips the step itself, after a host sync (MPS only)."""
+    return device.type != "mps"
+
+
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
     """Set the config's AdamW settings on `optimizer`'s groups (as `make_optimizer` made them): loading a
     checkpoint's optimizer state also loads the hyperparameters it was saved with, which a resume's
@@ -518,6 +525,9 @@ class _Trainer:
         self.stop = stop
         self.device = dist.init(info, resolve_device(self.tc.device))
         self.dtype = resolve_dtype(self.tc.dtype, self.device)
+        if self.dtype == torch.float16 and self.device.type == "mps":  # GradScaler("cuda") would disable itself
+            raise TrainingError("--dtype fp16 trains with a CUDA gradient scaler, which MPS has not: use fp32 (or "
+                                "bf16) on MPS")
         self.grad_accum = self.tc.grad_accum
         self.batch_size = self.tc.batch_size
         self.run_dir: Path | None = None  # known once `run` has named the run
@@ -1089,7 +1099,8 @@ class _Trainer:
         if self.checkpoint is not None:
             bad_run.fill_(float(state.get("bad_run") or 0))
         self.bad_run = bad_run
-        if self.scaler is None:
+        on_device = skips_on_device(device)
+        if self.scaler is None and on_device:
             self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         loss_sum = torch.zeros((), device=device)
         window_steps = 0
@@ -1153,7 +1164,8 @@ class _Trainer:
                         self.scaler.update()
                     else:
                         found_inf.copy_(bad.float())
-                        self.optimizer.step()
+                        if on_device or not bool(bad):  # MPS: skipped here (a sync per step)
+                            self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped_in_window += bad.float()
                     bad_run.mul_((bad).float()).add_(bad.float())

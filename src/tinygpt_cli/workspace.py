@@ -96,11 +96,17 @@ def held(lock_path: Path) -> bool:
         return False
 
 
+# DOS device names: Windows opens the device for a file or folder so named, with any extension (nul.txt)
+_WINDOWS_DEVICES = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\.|$)", re.IGNORECASE)
+
+
 def safe_name(text: str) -> str:
     """A folder name made of letters, digits, '.', '_' and '-' from any user string: accents dropped (über ->
-    uber, not ber), anything else outside those a '-' (2023–2024 -> 2023-2024)."""
+    uber, not ber), anything else outside those a '-' (2023–2024 -> 2023-2024); a Windows device name (nul, aux.txt)
+    gets a '_' after its stem, on every platform, so that a workspace can move between them."""
     text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    name = _WINDOWS_DEVICES.sub(lambda m: m.group(1) + "_" + m.group(2), name)
     return name or "dataset"
 
 
@@ -109,6 +115,9 @@ def name_problem(name: str, under: str, example: str) -> str | None:
     100 characters), as an error message naming --name; None if it is one."""
     if len(name) > 100:
         return f"--name is {len(name)} characters long: use at most 100"
+    if _WINDOWS_DEVICES.match(name):
+        return (f"--name {name} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension), "
+                f"no folder name there: pick another (e.g. --name {safe_name(name)})")
     if safe_name(name) != name:
         suggestion = safe_name(name) if name.strip("-. ") else example
         return (f"--name {name!r} is not a plain folder name under {under}: use letters, digits, '.', '_' and '-' "

@@ -1,0 +1,210 @@
+"""What differs on Windows and on macOS (MPS), simulated on Linux: a platform name, a missing device, an encoding."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from tinygpt_cli import workspace
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+# ------------------------------------------------------------------------------------------------ console encoding
+def test_help_redirected_to_a_legacy_code_page_does_not_crash():
+    """Windows writes a redirected stdout in the ANSI code page, strictly: `tinygpt --help > f` raised
+    UnicodeEncodeError on the → of the help text."""
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONPATH": SRC}
+    done = subprocess.run([sys.executable, "-m", "tinygpt_cli", "--help"], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"tokenize" in done.stdout
+
+
+def test_a_non_utf8_stream_on_windows_writes_utf8(monkeypatch):
+    from tinygpt_cli import cli
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="cp1252", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stream)
+    monkeypatch.setattr(sys, "platform", "win32")
+    cli._encodable_streams()
+    print("tokenize → train ≈ 你好")
+    stream.flush()
+    assert raw.getvalue().decode("utf-8").strip() == "tokenize → train ≈ 你好"
+
+
+# ------------------------------------------------------------------------------------------------ MPS
+def test_fused_adamw_found_inf_is_left_alone_on_mps():
+    from tinygpt_cli.train import skips_on_device
+
+    assert skips_on_device(torch.device("cpu")) and skips_on_device(torch.device("cuda"))
+    assert not skips_on_device(torch.device("mps"))
+
+
+def test_non_finite_steps_are_skipped_where_fused_adamw_takes_no_found_inf(with_shakespeare, monkeypatch):
+    """MPS's fused AdamW asserts found_inf is None (torch 2.4) or ignores it: training must not hand it one, and
+    must skip a non-finite step itself."""
+    from tinygpt_cli import model as model_module
+    from tinygpt_cli import train as train_module
+    from tinygpt_cli.errors import TrainingError
+
+    steps = []
+    real_step = torch.optim.AdamW.step
+
+    def mps_like_step(self, *args, **kwargs):
+        assert getattr(self, "found_inf", None) is None, "found_inf on MPS"  # as torch 2.4's _fused_adamw
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", mps_like_step)
+    monkeypatch.setattr(train_module, "skips_on_device", lambda device: False)
+    result = train_module.train(tiny_config(max_steps=2, eval_interval=1000), run_name="finite")
+    assert result.steps == 2 and len(steps) == 2  # finite steps are taken
+
+    steps.clear()
+    monkeypatch.setattr(model_module, "chunked_cross_entropy",
+                        lambda *args, **kwargs: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingError, match="non-finite loss or gradient"):
+        train_module.train(tiny_config(max_steps=20, eval_interval=1000), run_name="nan")
+    assert steps == []  # every step was non-finite: none reached the optimizer
+
+
+class _MPSLike:
+    """A tensor as MPS has it: no float64 (`.double()` raises as torch's MPS backend does)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def double(self):
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+
+    def cpu(self):
+        return self.tensor
+
+
+def test_task_scoring_takes_nats_off_an_mps_device_before_float64(monkeypatch):
+    from tinygpt_cli import evaluate
+    from tinygpt_cli.config import ModelConfig
+    from tinygpt_cli.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50304)).eval()
+    real = evaluate.token_nats
+    monkeypatch.setattr(evaluate, "token_nats", lambda *args: _MPSLike(real(*args)))
+    examples = [evaluate.Example("Some words", ("one", "two two"), 1)]
+    accuracy, accuracy_norm = evaluate.score_examples(model, examples)
+    assert accuracy in (0.0, 1.0) and accuracy_norm in (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ Windows names
+@pytest.mark.parametrize("name", ["nul", "CON", "aux.txt", "com1", "Lpt9.data"])
+def test_windows_device_names_are_no_folder_names(name):
+    assert workspace.safe_name(name) != name
+    assert "device name on Windows" in workspace.name_problem(name, "data/", "my-data")
+    assert workspace.name_problem(workspace.safe_name(name), "data/", "my-data") is None
+
+
+@pytest.mark.parametrize("name", ["console", "nullable", "auxiliary", "com10", "lpt", "my-con"])
+def test_names_that_only_start_like_a_device_stay(name):
+    assert workspace.safe_name(name) == name and workspace.name_problem(name, "data/", "x") is None
+
+
+def test_a_dataset_named_after_a_file_called_like_a_device(workspace, tmp_path):
+    from tinygpt_cli.sources import resolve_source
+
+    text = tmp_path / "aux.txt"
+    text.write_text("To be, or not to be.\n" * 50, encoding="utf-8")
+    assert resolve_source(str(text), "text").name == "aux_"
+
+
+# ------------------------------------------------------------------------------------------------ Windows signals
+def test_ctrl_break_stops_like_ctrl_c_where_there_is_one(monkeypatch):
+    from tinygpt_cli import launch
+
+    monkeypatch.delattr(signal, "SIGHUP", raising=False)
+    monkeypatch.setattr(signal, "SIGBREAK", 21, raising=False)
+    assert launch.stop_signals() == (signal.SIGINT, signal.SIGTERM, 21)
+
+
+# ------------------------------------------------------------------------------------------------ Windows --nproc
+def test_a_launcher_without_libuv_says_what_to_do(monkeypatch):
+    import torch.distributed.launcher.api as launcher_api
+
+    from tinygpt_cli.errors import TinyGPTError
+    from tinygpt_cli.launch import launch
+
+    def no_libuv(config, entrypoint):
+        raise RuntimeError("use_libuv was requested but PyTorch was built without libuv support, run with "
+                           "USE_LIBUV=0 to disable it.")
+
+    monkeypatch.setattr(launcher_api, "elastic_launch", no_libuv)
+    with pytest.raises(TinyGPTError, match="no libuv.*drop --nproc") as caught:
+        launch(2, ["train", "--nproc", "2"])
+    assert "torchrun yourself" not in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------------ Windows fsync
+@pytest.fixture
+def windows_fsync(monkeypatch):
+    """os.fsync as Windows has it: _commit -> FlushFileBuffers, which needs a handle with write access (EBADF)."""
+    import errno
+    import fcntl
+
+    real = os.fsync
+
+    def fsync(fd):
+        if not os.path.isdir(f"/proc/self/fd/{fd}") and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_export_flushes_its_files_through_writable_handles(with_shakespeare, workspace, windows_fsync):
+    from tinygpt_cli.export import export_model
+    from tinygpt_cli.train import train
+
+    train(tiny_config(max_steps=1, eval_interval=1), run_name="r")
+    result = export_model("r", "hf", workspace / "exported")
+    assert (result.path / "model.safetensors").is_file()
+
+
+def test_a_downloaded_part_is_flushed_through_a_writable_handle(tmp_path, windows_fsync):
+    pytest.importorskip("pyarrow")
+    from tinygpt_cli.download import _write_part
+
+    assert _write_part(tmp_path / "part-0.parquet", ["one", "two"]) > 0
+
+
+def test_the_prompt_loop_names_the_windows_end_of_input(workspace, monkeypatch):
+    from test_generate_cli import generate, make_run
+
+    from tinygpt_cli import cli
+
+    assert cli._end_of_input() == "Ctrl-D"
+    with monkeypatch.context() as patch:  # only here: rich keeps a console made while the platform looked like win32
+        patch.setattr(sys, "platform", "win32")
+        windows = cli._end_of_input()
+    assert windows == "Ctrl-Z then Enter"
+    make_run(workspace)
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    monkeypatch.setattr(cli, "_end_of_input", lambda: windows)
+    result = generate("--max-new-tokens", "2", input="ROMEO:\n")
+    assert result.exit_code == 0, result.output
+    assert "Ctrl-Z then Enter leaves" in result.stderr
+
+
+def test_fp16_training_on_mps_is_refused_rather_than_unscaled(with_shakespeare, monkeypatch):
+    """GradScaler("cuda") on a Mac warns and disables itself: fp16 gradients would underflow, unscaled."""
+    from tinygpt_cli import train as train_module
+    from tinygpt_cli.errors import TrainingError
+
+    monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("mps"))
+    with pytest.raises(TrainingError, match="fp16 .* MPS"):
+        train_module.train(tiny_config(max_steps=1, dtype="fp16", device="mps"), run_name="half")
