@@ -59,6 +59,13 @@ def test_set_values_are_type_checked():
         ("train.weight_decay=.nan", r"train\.weight_decay must be a finite number"),
         ("train.grad_clip=.nan", r"train\.grad_clip must be a finite number"),
         ("train.max_minutes=.inf", r"train\.max_minutes must be a finite number"),
+        # saved into the run's config.yaml, then every `tinygpt generate` of the run failed naming --temperature
+        ("sample.temperature=.nan", r"sample\.temperature must be 0 \(greedy\) to 1e\+06 \(got nan\)"),
+        ("sample.temperature=.inf", r"sample\.temperature must be 0 \(greedy\) to 1e\+06"),
+        ("sample.temperature=2e6", r"sample\.temperature must be 0 \(greedy\) to 1e\+06"),
+        ("sample.repetition_penalty=.inf", r"sample\.repetition_penalty must be a finite number more than 0"),
+        # drawn up front: 1e9 filled the RAM before the first step (the OOM killer, or a MemoryError traceback)
+        ("train.eval_batches=1e9", r"train\.eval_batches must be at most 100,000"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
