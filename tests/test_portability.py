@@ -208,3 +208,45 @@ def test_fp16_training_on_mps_is_refused_rather_than_unscaled(with_shakespeare, 
     monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("mps"))
     with pytest.raises(TrainingError, match="fp16 .* MPS"):
         train_module.train(tiny_config(max_steps=1, dtype="fp16", device="mps"), run_name="half")
+
+
+# ------------------------------------------------------------------------------------------------ Windows locks
+class _FakeMsvcrt:
+    """msvcrt's byte-range locks as Windows keeps them: per open handle, refused (EACCES) to any other handle."""
+
+    LK_UNLCK, LK_NBLCK = 0, 2
+
+    def __init__(self):
+        self.holders: dict[int, int] = {}  # file (inode) -> fd holding byte 0
+
+    def locking(self, fd, mode, nbytes):
+        import errno
+
+        assert nbytes == 1 and os.lseek(fd, 0, os.SEEK_CUR) == 0  # byte 0
+        inode = os.fstat(fd).st_ino
+        if mode == self.LK_UNLCK:
+            assert self.holders.pop(inode) == fd
+        elif self.holders.setdefault(inode, fd) != fd:
+            raise OSError(errno.EACCES, "Permission denied")
+
+
+def test_locks_on_windows_use_byte_range_locks(workspace, monkeypatch):
+    """fcntl is missing on Windows, and locks were a no-op there: two trainings of one run went unguarded and
+    `tinygpt runs` never showed a run as training."""
+    import tinygpt_cli.workspace as ws
+    from tinygpt_cli.errors import TrainingError
+
+    fake = _FakeMsvcrt()
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError, as on Windows
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    monkeypatch.setattr(ws, "LOOK_GRACE_S", 0.05)
+    lock = ws.run_lock(workspace / "runs" / "x")
+    lock.parent.mkdir(parents=True)
+    assert not ws.held(lock)
+    with ws.exclusive(lock, "runs/x"):
+        assert ws.held(lock) and fake.holders  # a look does not take it away
+        with pytest.raises(TrainingError, match="busy"), ws.exclusive(lock, "runs/x", TrainingError("busy")):
+            pass
+    assert not fake.holders and not lock.exists() and not ws.held(lock)
+    with ws.exclusive(lock, "runs/x"):  # free again
+        pass

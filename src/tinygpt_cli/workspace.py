@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tinygpt_cli.errors import DataError, TinyGPTError
 
@@ -38,13 +40,8 @@ LOOK_GRACE_S = 1.0
 @contextlib.contextmanager
 def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None) -> Iterator[None]:
     """Hold an advisory lock so two runs never write the same output, else raise `busy` (by default: another
-    process is writing `what`). A no-op where there are no locks: Windows (no fcntl), and shared filesystems
-    mounted without them (NFS with no lock daemon, Lustre without -o flock)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
+    process is writing `what`). fcntl's flock on POSIX, a byte-range lock (msvcrt) on Windows; a no-op on a
+    shared filesystem mounted without locks (NFS with no lock daemon, Lustre without -o flock)."""
     deadline = time.monotonic() + LOOK_GRACE_S
     while True:
         try:
@@ -52,48 +49,94 @@ def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None) -> I
         except OSError as exc:
             raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
                             f"choose a writable TINYGPT_HOME") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # held: by a writer, or for an instant by `held`
+        locked = _try_lock(handle)
+        if locked is False:  # held: by a writer, or for an instant by `held`
             handle.close()
             if time.monotonic() >= deadline:
                 raise busy or DataError(f"another tinygpt process is writing {what}: wait for it to finish") from None
             time.sleep(0.02)
             continue
-        except OSError:  # ENOLCK, EOPNOTSUPP: this filesystem has no locks; go on unguarded, as on Windows
+        if locked is None:  # no locks here: go on unguarded
             break
         try:  # the holder before us may have removed the file between our open and our lock: lock the new one
             if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
                 break
         except FileNotFoundError:
             pass
+        _unlock(handle)
         handle.close()
     try:
         yield
     finally:
-        lock_path.unlink(missing_ok=True)
-        handle.close()
+        if _posix_locks():  # removed while still held: a newcomer that opened it sees the inode change
+            lock_path.unlink(missing_ok=True)
+            handle.close()
+        else:  # Windows removes no open file: release, close, then remove it unless another has it open already
+            if locked:
+                with contextlib.suppress(OSError):
+                    _unlock(handle)
+            handle.close()
+            with contextlib.suppress(OSError):
+                lock_path.unlink(missing_ok=True)
 
 
 def held(lock_path: Path) -> bool:
     """Whether a process holds `lock_path` (an `exclusive` lock) now; False where there are no locks."""
     try:
-        import fcntl
-    except ImportError:  # Windows
-        return False
-    try:
         handle = open(lock_path, "rb")
     except OSError:  # none: nothing holds it
         return False
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:  # no locks on this filesystem
-            return False
-        fcntl.flock(handle, fcntl.LOCK_UN)
+        locked = _try_lock(handle, shared=True)
+        if locked:
+            _unlock(handle)
+        return locked is False
+
+
+def _posix_locks() -> bool:
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # Windows
         return False
+    return True
+
+
+def _try_lock(handle: Any, shared: bool = False) -> bool | None:
+    """Lock `handle`'s file without waiting: True when locked, False when another holds it, None where there are no
+    locks (a filesystem without them, a platform with neither fcntl nor msvcrt). Windows has no shared lock: a
+    look takes byte 0 for an instant too."""
+    if _posix_locks():
+        import fcntl
+
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:  # ENOLCK, EOPNOTSUPP
+            return None
+        return True
+    try:
+        import msvcrt
+    except ImportError:
+        return None
+    handle.seek(0)  # a lock covers bytes from the file position: byte 0, whether or not the file has it
+    try:
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError as exc:
+        return False if exc.errno == errno.EACCES else None
+    return True
+
+
+def _unlock(handle: Any) -> None:
+    if _posix_locks():
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    import msvcrt
+
+    handle.seek(0)
+    msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 # DOS device names: Windows opens the device for a file or folder so named, with any extension (nul.txt)
