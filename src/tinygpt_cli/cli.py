@@ -571,17 +571,16 @@ def train(
         import torch
 
         from tinygpt_cli.config import resolve_config
+        from tinygpt_cli.dist import MPS_ALONE
         from tinygpt_cli.launch import launch, torchrun_command
         from tinygpt_cli.sources import available_cpus
-
-        if not resume:  # a bad value is said once, here, before N processes each import torch to say it
-            resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
-
-        from tinygpt_cli.dist import MPS_ALONE
         from tinygpt_cli.train import resolve_device
 
+        # what every worker would refuse alike is said once, here, before N processes each import torch to say it
+        if not resume:
+            resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
         if str(device or "auto").lower() in ("auto", "mps") and resolve_device(device or "auto").type == "mps":
-            raise TinyGPTError(MPS_ALONE)  # said once, before N workers each import torch to fail alike
+            raise TinyGPTError(MPS_ALONE)
         cores = available_cpus()
         if nproc > cores and (not torch.cuda.is_available() or str(device).lower() == "cpu"):
             _stderr_console().print(f"[yellow]--nproc {nproc} on {cores} CPU cores: the processes share them, so each "
