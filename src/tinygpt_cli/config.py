@@ -337,31 +337,30 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def _unique_key_loader():
-    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one without a word:
-    a second `train:` section would drop every key of the first)."""
+def _repeated_key(root: Any) -> tuple[str, int] | None:
+    """The first key given twice in one mapping of a composed YAML document, and its line (PyYAML keeps the last
+    one without a word: a second `train:` section would drop every key of the first). A merge (`<<: *anchor`)
+    may repeat the keys it brings in."""
     import yaml
 
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may repeat
+    pending, seen_nodes = [root], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen_nodes:  # an alias is the node it names: look once
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = set()
+            for key, value in node.value:
+                pending += [key, value]
+                if key.tag == "tag:yaml.org,2002:merge" or not isinstance(key, yaml.ScalarNode):
                     continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    repeated = key in seen
-                    seen.add(key)
-                except TypeError:  # an unhashable key: the base class says so
-                    break
-                if repeated:
-                    raise ConfigError(
-                        f"repeats the key {key!r} (line {key_node.start_mark.line + 1}): keep one of them, "
-                        f"since only the last would count"
-                    )
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
+                if (key.tag, key.value) in keys:
+                    return key.value, key.start_mark.line + 1
+                keys.add((key.tag, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            pending += node.value
+    return None
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -372,12 +371,15 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: check the --config path")
     try:
-        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # a SafeLoader
-    except ConfigError as exc:
-        raise ConfigError(f"config file {path} {exc}") from None
+        text = path.read_text(encoding="utf-8")
+        repeated = _repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        loaded = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config file {path} is not valid YAML ({first}): fix it or drop --config") from None
+    if repeated:
+        raise ConfigError(f"config file {path} repeats the key {repeated[0]!r} (line {repeated[1]}): keep one of "
+                          f"them, since only the last would count")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
