@@ -62,7 +62,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush `path` to the disk, through a writable handle (Windows flushes no read-only one: EBADF)."""
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 
@@ -98,12 +99,12 @@ def save_checkpoint(
         tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k != TIED_KEY}
         metadata = {"format": FORMAT, "tinygpt_version": __version__, "model_config": json.dumps(vars(config))}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
-        _fsync_file(tmp / WEIGHTS_FILE)
+        fsync_file(tmp / WEIGHTS_FILE)
         if optimizer_state is None and optimizer is not None:
             optimizer_state = optimizer.state_dict()
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-            _fsync_file(tmp / OPTIMIZER_FILE)
+            fsync_file(tmp / OPTIMIZER_FILE)
         full_state = {"format": FORMAT, "step": step, "model_config": vars(config), **state}
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:
             json.dump(full_state, handle, indent=2)

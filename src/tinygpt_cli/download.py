@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygpt_cli import __version__, workspace
+from tinygpt_cli.checkpoint import fsync_file
 from tinygpt_cli.data import check_seed, keyed_hash, write_json_atomic
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.sources import (
@@ -390,8 +391,7 @@ def _write_part(path: Path, texts: list[str]) -> int:
 
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table({"text": pa.array(texts, type=pa.large_string())}), tmp, compression="zstd")
-    with open(tmp, "rb+") as handle:  # writable: Windows flushes no read-only handle (EBADF)
-        os.fsync(handle.fileno())
+    fsync_file(tmp)
     os.replace(tmp, path)
     return path.stat().st_size
 

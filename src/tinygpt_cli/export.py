@@ -42,6 +42,7 @@ from tinygpt_cli.checkpoint import (
     LoadedCheckpoint,
     checkpoint_model_config,
     fsync_dir,
+    fsync_file,
     is_bare_name,
     latest_checkpoint,
     load_checkpoint,
@@ -478,8 +479,7 @@ def _files_under(path: Path) -> dict[str, int]:
 def _fsync_tree(path: Path) -> None:
     for child in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if child.is_file():
-            with open(child, "rb+") as handle:  # writable: Windows flushes no read-only handle (EBADF)
-                os.fsync(handle.fileno())
+            fsync_file(child)
         else:
             fsync_dir(child)
 
