@@ -138,7 +138,7 @@ def test_a_run_being_trained_says_so(with_shakespeare, workspace):
     train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="live")
     report = workspace / "runs" / "live" / "report.md"
     report.unlink()  # as while it trains: the report is written when it stops
-    lock = ws.run_lock(workspace / "runs" / "live")
+    lock = ws.lock_of(workspace / "runs" / "live")
     assert not ws.held(lock)
     with ws.exclusive(lock, "runs/live"):  # what a training of it holds
         assert ws.held(lock)

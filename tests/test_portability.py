@@ -240,7 +240,7 @@ def test_locks_on_windows_use_byte_range_locks(workspace, monkeypatch):
     monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError, as on Windows
     monkeypatch.setitem(sys.modules, "msvcrt", fake)
     monkeypatch.setattr(ws, "LOOK_GRACE_S", 0.05)
-    lock = ws.run_lock(workspace / "runs" / "x")
+    lock = ws.lock_of(workspace / "runs" / "x")
     lock.parent.mkdir(parents=True)
     assert not ws.held(lock)
     with ws.exclusive(lock, "runs/x"):

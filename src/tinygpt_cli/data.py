@@ -499,7 +499,7 @@ def tokenize(
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256}
     # the lock goes beside the folder written (a link's target): another name or workspace linked there shares it
-    with workspace.exclusive(home.with_name(f".{home.name}.lock"), f"data/{dataset_name}"):
+    with workspace.exclusive(workspace.lock_of(home), f"data/{dataset_name}"):
         _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)

@@ -159,7 +159,7 @@ def download(
             return _already(entry, folder, record, target, started, emit)  # no network needed
     check_hub(entry)  # fail fast, before anything is written
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with workspace.exclusive(folder.parent / f".{entry.name}.lock", f"data/{RAW_DIR_NAME}/{entry.name}"):
+    with workspace.exclusive(workspace.lock_of(folder), f"data/{RAW_DIR_NAME}/{entry.name}"):
         if force and folder.exists():
             shutil.rmtree(folder)
         record = _usable_record(folder, identity)

@@ -59,7 +59,7 @@ def run_summary(run_dir: Path) -> RunSummary:
         max_steps=max_steps if _is_count(max_steps) else None, tokens=counts["tokens_seen"],
         best_val_loss=_number(state.get("best_val_loss")), val_loss=_number(state.get("val_loss")),
         saved_at=_str(state.get("saved_at")), has_report=(run_dir / REPORT_FILE).is_file(),
-        training=workspace.held(workspace.run_lock(run_dir)),
+        training=workspace.held(workspace.lock_of(run_dir)),
     )
 
 
@@ -115,7 +115,7 @@ def run_report(spec: str | None) -> tuple[Path, str]:
     if not is_run_folder(run_dir):
         raise CheckpointError(no_checkpoint_message(run_dir))
     report = run_dir / REPORT_FILE
-    if not report.is_file() and workspace.held(workspace.run_lock(run_dir)):
+    if not report.is_file() and workspace.held(workspace.lock_of(run_dir)):
         raise CheckpointError(f"{run_dir.name} is training now: its report.md is written when it stops "
                               f"(`tinygpt runs` shows how far it is)")
     if not report.is_file():

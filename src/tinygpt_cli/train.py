@@ -663,7 +663,7 @@ class _Trainer:
             raise TrainingError(f"cannot write to {runs} ({exc.strerror}): choose a writable TINYGPT_HOME") from None
         busy = TrainingError(f"another tinygpt process is training run {name}: wait for it to finish"
                              + ("" if resume else ", or pick another --name"))
-        self.held.enter_context(workspace.exclusive(workspace.run_lock(self.run_dir), f"runs/{name}", busy))
+        self.held.enter_context(workspace.exclusive(workspace.lock_of(self.run_dir), f"runs/{name}", busy))
 
     def _check_unused_folder(self) -> None:
         """A new run writes its files (`RUN_FILES`) into its folder, and removes the ones it wrote if it stops

@@ -28,9 +28,10 @@ def runs_dir() -> Path:
     return root() / "runs"
 
 
-def run_lock(run_dir: Path) -> Path:
-    """The lock a training of `run_dir` holds while it runs: `runs/.<name>.lock`, beside the run."""
-    return run_dir.with_name(f".{run_dir.name}.lock")
+def lock_of(folder: Path) -> Path:
+    """The lock a command writing `folder` holds (`exclusive`): `.<name>.lock` beside it, e.g. `runs/.<name>.lock`
+    while a run trains, `data/.<name>.lock` while a dataset is tokenized."""
+    return folder.with_name(f".{folder.name}.lock")
 
 
 # How long taking a lock waits out a holder that only looks (`held` locks for an instant) before it is "busy".
