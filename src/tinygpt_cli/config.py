@@ -32,6 +32,12 @@ MAX_EVAL_BATCHES = 100_000
 MAX_SEED = 2**62
 
 
+def is_count(value: Any) -> bool:
+    """Whether a value read from a JSON file (state.json, meta.json, download.json) is a count: an int >= 0, not a
+    bool. Such files are read as tinygpt wrote them, but a damaged or hand-edited one must not give a traceback."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def seed_problem(name: str, seed: int) -> str | None:
     """The error message for a seed out of range, naming its flag or key; None if it is in range."""
     return None if 0 <= seed <= MAX_SEED else f"{name} must be 0 to {MAX_SEED} (got {seed})"

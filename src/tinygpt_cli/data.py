@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt_cli import __version__, workspace
-from tinygpt_cli.config import seed_problem
+from tinygpt_cli.config import is_count, seed_problem
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
@@ -885,10 +885,6 @@ def load_dataset(path: Path) -> Dataset:
     return Dataset(path.name, path, meta)  # the folder's name: what `data show`, `train --data` and `eval` take
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _meta_problem(meta: dict[str, Any]) -> str | None:
     """What is wrong with the fields of a meta.json that commands read, or None."""
     splits = meta.get("splits")
@@ -899,14 +895,14 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
         if not isinstance(info, dict) or not isinstance(info.get("file"), str):
             return f"no {split} split"
         for key in ("tokens", "bytes", "documents"):
-            if not _is_count(info.get(key)):
+            if not is_count(info.get(key)):
                 return f"splits.{split}.{key} is not a count"
     kinds = {"name": str, "source": dict, "documents": dict, "created": str, "fraction": (int, float),
              "val_fraction": (int, float)}
     for key, kind in kinds.items():
         if key in meta and meta[key] is not None and not isinstance(meta[key], kind):
             return f"{key} has the wrong type"
-    if "text_bytes" in meta and not _is_count(meta["text_bytes"]):
+    if "text_bytes" in meta and not is_count(meta["text_bytes"]):
         return "text_bytes is not a count"
     return None
 

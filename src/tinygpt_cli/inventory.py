@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygpt_cli import workspace
-from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.config import ModelConfig, is_count
 from tinygpt_cli.errors import CheckpointError, ConfigError, DataError
 
 REPORT_FILE = "report.md"
@@ -46,7 +46,7 @@ def run_summary(run_dir: Path) -> RunSummary:
     state = read_state(checkpoint)
     counts = {key: state.get(key, 0) for key in ("step", "tokens_seen")}
     for key, value in counts.items():
-        if not _is_count(value):
+        if not is_count(value):
             raise CheckpointError(f"{checkpoint / STATE_FILE} is damaged ({key} is {value!r}, not a count)")
     run_config = _dict(state.get("run_config"))
     parameters = None
@@ -56,7 +56,7 @@ def run_summary(run_dir: Path) -> RunSummary:
     return RunSummary(
         name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), parameters=parameters,
         dataset=_str(_dict(state.get("data")).get("dataset")), steps=counts["step"],
-        max_steps=max_steps if _is_count(max_steps) else None, tokens=counts["tokens_seen"],
+        max_steps=max_steps if is_count(max_steps) else None, tokens=counts["tokens_seen"],
         best_val_loss=_number(state.get("best_val_loss")), val_loss=_number(state.get("val_loss")),
         saved_at=_str(state.get("saved_at")), has_report=(run_dir / REPORT_FILE).is_file(),
         training=workspace.held(workspace.lock_of(run_dir)),
@@ -65,10 +65,6 @@ def run_summary(run_dir: Path) -> RunSummary:
 
 # state.json is read as written by tinygpt, but a hand-edited or damaged one must not break the whole listing:
 # a field of the wrong type reads as missing (counts that a summary needs make the run be left out instead)
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt_cli import workspace
+from tinygpt_cli.config import is_count
 from tinygpt_cli.errors import DataError
 
 EMBEDDED_NAME = "shakespeare"
@@ -338,17 +339,13 @@ def read_download_record(folder: Path) -> dict[str, Any] | None:
     return record
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _record_problem(record: dict[str, Any]) -> str | None:
     """What is wrong with the fields of a download.json that commands read (a damaged or hand-edited one is
     treated as no record, not a traceback), or None."""
     progress = record.get("progress")
     keys = ("documents",) if record.get("kind") == "embedded" else \
         ("documents", "rows", "text_bytes", "shards_done", "shard_rows")
-    if not isinstance(progress, dict) or not all(_is_count(progress.get(key)) for key in keys):
+    if not isinstance(progress, dict) or not all(is_count(progress.get(key)) for key in keys):
         return "progress"
     files = record.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("file"), str) for f in files):
@@ -358,7 +355,7 @@ def _record_problem(record: dict[str, Any]) -> str | None:
         return "selection"
     if record.get("kind") != "embedded":
         shards = record.get("shards")
-        if not isinstance(shards, dict) or not _is_count(shards.get("count")) or \
+        if not isinstance(shards, dict) or not is_count(shards.get("count")) or \
                 not isinstance(shards.get("order"), list) or not isinstance(record.get("identity"), dict):
             return "shards"
     return None
