@@ -122,7 +122,7 @@ def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespe
     within a second (one stop sent along two paths) is not a second one."""
     from tinygpt_cli import train as train_module
 
-    real_save, real_fsync = train_module.save_checkpoint, ckpt._fsync_file
+    real_save, real_fsync = train_module.save_checkpoint, ckpt.fsync_file
     sent = []
 
     def signalled(run_dir, step, *args, **kwargs):
@@ -141,7 +141,7 @@ def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespe
             os.kill(os.getpid(), sig)  # raises here, in the middle of the write
 
     monkeypatch.setattr(train_module, "save_checkpoint", signalled)
-    monkeypatch.setattr(ckpt, "_fsync_file", fsync_then_signal)
+    monkeypatch.setattr(ckpt, "fsync_file", fsync_then_signal)
     result = train_tiny("--name", "a", steps=50)
     assert result.exit_code == 128 + sig, result.output
     assert sent == [sig, "in the write"]
