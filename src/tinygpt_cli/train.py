@@ -532,7 +532,8 @@ class _Trainer:
         self.batch_size = self.tc.batch_size
         self.run_dir: Path | None = None  # known once `run` has named the run
         self.new_run = False  # a run this call starts: its folder goes again if it ends with no checkpoint
-        self.preexisting: set[str] = set()  # RUN_FILES that were in a new run's folder before it: never removed
+        self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
+        self.fsdp = self.tc.fsdp and info.enabled
         self.held = contextlib.ExitStack()  # rank 0's lock on the run, until train() returns
 
     # -------------------------------------------------------------------------------------------- setup
@@ -614,7 +615,6 @@ class _Trainer:
                     f"the ranks would resume from different checkpoints ({', '.join(held)}, by rank): every "
                     f"machine needs rank 0's run folder (a shared filesystem, or a fresh copy)")
         self.model.to(self.device)
-        self.fsdp = tc.fsdp and info.enabled
         if tc.fsdp and not info.enabled:
             self.emit(TrainEvent("info", message="--fsdp needs several processes (torchrun): training unsharded."))
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16():
@@ -671,7 +671,6 @@ class _Trainer:
         plot, evaluations) are refused rather than written over. What a start killed before its first checkpoint
         left (config.yaml, metrics.jsonl) is replaced, as `_Metrics` does; other files stay as they are."""
         run_dir = self.run_dir
-        self.preexisting = {name for name in RUN_FILES if (run_dir / name).exists()}
         results = [name for name in ("eval.jsonl", "loss.png", "report.md") if (run_dir / name).exists()]
         if results:
             raise TrainingError(f"{run_dir} holds an earlier run's results ({', '.join(results)}) but no checkpoint "
@@ -700,7 +699,7 @@ class _Trainer:
         if not self.new_run or run_dir is None or latest_checkpoint(run_dir) is not None:
             return
         with contextlib.suppress(OSError):  # best effort, never in the way of the error that ended the run
-            for name in set(RUN_FILES) - self.preexisting:
+            for name in RUN_FILES if self.wrote_files else ():  # before, those there are not this run's
                 (run_dir / name).unlink(missing_ok=True)
         for folder in (run_dir / "checkpoints", run_dir):
             with contextlib.suppress(OSError):  # not empty: something else is there, and it stays
@@ -817,7 +816,7 @@ class _Trainer:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes on this machine share its RAM
         spec = replace(spec, memory_bytes=spec.memory_bytes // local)
         memory = estimate_memory(model, self.batch_size, spec, self.dtype != torch.float32, self.info.world_size,
-                                 self.tc.fsdp and self.info.enabled, trains_compiled(self.tc.compile, self.device.type))
+                                 self.fsdp, trains_compiled(self.tc.compile, self.device.type))
         ram = spec.memory_bytes
         if not memory.max_batch_size:
             states = memory.weights + memory.gradients + memory.optimizer
@@ -1066,7 +1065,7 @@ class _Trainer:
         val_pending = self.checkpoint is not None and bool(state.get("val_pending"))
         metrics = _Metrics(self.run_dir / "metrics.jsonl", start_step if self.checkpoint else None, info.is_main,
                            drop_eval=val_pending)
-        self.preexisting -= {"config.yaml", "metrics.jsonl"}  # written over: this run's own now, to drop with it
+        self.wrote_files = True  # config.yaml and metrics.jsonl written over: this run's own now, to drop with it
         tokens_per_step = self.batch_size * self.grad_accum * self.block * info.world_size
         flops_token = flops_per_token(self.model)
         peak = device_peak_flops(device, self.dtype)
