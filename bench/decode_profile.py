@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="256,2048", help="tokens per timed generate run, comma-separated")
     parser.add_argument("--sweep", type=float, default=0.0, metavar="SECONDS",
                         help="time the fused step under other kernels.TUNING settings for up to this long")
+    parser.add_argument("--no-fused", action="store_true", help="leave the fused Triton kernels out")
     args = parser.parse_args()
     preset = PRESETS[args.shape]["model"]
     torch.manual_seed(0)
@@ -111,17 +112,18 @@ def main() -> None:
 
     print(f"{gpu}, torch {torch.__version__}; {args.shape} bf16, {weight_bytes / 1e6:.0f} MB of weights; "
           f"peak {peak} GB/s")
-    fused = kernels.FusedDecodeStep(model, 1)
-    kernels.TUNING["pdl"] = False
-    steps = {"eager": _last_logits, "compiled": _compiled_step(torch.device("cuda"), graphs=True),
-             f"fused (programmatic dependent launch: {fused.pdl})": fused,
-             "fused, plain launches": kernels.FusedDecodeStep(model, 1)}
-    kernels.TUNING["pdl"] = True
+    steps = {"eager": _last_logits, "compiled": _compiled_step(torch.device("cuda"), graphs=True)}
+    if not args.no_fused:
+        fused = kernels.FusedDecodeStep(model, 1)
+        kernels.TUNING["pdl"] = False
+        steps[f"fused (programmatic dependent launch: {fused.pdl})"] = fused
+        steps["fused, plain launches"] = kernels.FusedDecodeStep(model, 1)
+        kernels.TUNING["pdl"] = True
     with torch.inference_mode():
         for label, step in steps.items():
             busy, rows = kernel_times(step, model, args.steps)
             print(f"\n{label} step: {busy:.1f} us of kernels per token, {sum(r[2] for r in rows)} launches; "
-                  f"bound {use(busy)}")
+                  f"bound {use(busy)}", flush=True)
             for name, us, count in rows[:14]:
                 print(f"  {us:7.1f} us  x{count:<3d} {name}")
         print("\nforward steps replayed as one CUDA graph (no sampling):")
@@ -129,13 +131,15 @@ def main() -> None:
             for per_graph in (1, 16):
                 setup_ms, us = replay_times(step, model, per_graph)
                 print(f"  {label}, {per_graph:2d} steps per graph: {us:6.1f} us per token ({use(us)}); "
-                      f"capture + first replay {setup_ms:.0f} ms")
+                      f"capture + first replay {setup_ms:.0f} ms", flush=True)
         variants = {"eager, sliced cache, no graphs": dict(static_cache=False),
                     "eager step, a graph per step (default)": dict(),
                     "compiled, torch.compile's graphs (default)": dict(compile=True),
                     "compiled, our graph per step": dict(compile=True, graphs=True),
                     "fused kernels, a graph per step": dict(fused=True),
                     "fused kernels, a graph per 8 steps": dict(fused=True, graph_steps=8)}
+        if args.no_fused:
+            variants = {label: kwargs for label, kwargs in variants.items() if "fused" not in label}
         print("\ngenerate, greedy from 4 tokens (best of 2 calls; setup, compile excepted, included):")
         for new_tokens in (int(n) for n in args.tokens.split(",")):
             for label, kwargs in variants.items():
@@ -153,9 +157,10 @@ def main() -> None:
                     best = min(best, time.perf_counter() - started)
                 us = best / new_tokens * 1e6
                 print(f"  {new_tokens} tokens, {label}: {us:.1f} us per token ({new_tokens / best:,.0f} tokens/s), "
-                      f"{use(us)}; graphed={stats.graphed} {stats.graph_error or ''}{stats.compile_error or ''}")
+                      f"{use(us)}; graphed={stats.graphed} {stats.graph_error or ''}{stats.compile_error or ''}",
+                      flush=True)
         sample.GRAPH_STEPS = 1
-        if args.sweep:
+        if args.sweep and not args.no_fused:
             sweep(model, use, args.sweep)
 
 

@@ -162,6 +162,9 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
     error = check_same_logits(model, hf, device)
     runs = contenders(model, hf, prompt, device, compile_decode=device.type == "cuda",
                       temperature=args.temperature, top_k=args.top_k)
+    skipped = [word.strip() for word in args.skip.split(",") if word.strip()]
+    runs = {name: run for name, run in runs.items()
+            if name == "tinygpt, KV cache" or not any(word in name for word in skipped)}  # the reference stays
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"\n{shape}: {cfg.n_layer} layers × {cfg.n_embd} wide, {cfg.n_head} heads, "
           f"{model.num_params() / 1e6:.1f}M parameters ({weight_bytes / 1e6:.0f} MB), context {cfg.block_size}; "
@@ -230,6 +233,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="ROMEO:\nWhat light through yonder window breaks?\n",
                         help="with --run: the prompt text")
     parser.add_argument("--peak-bandwidth", type=float, default=None, help="GB/s, for the utilisation on a GPU")
+    parser.add_argument("--skip", default="", help="comma-separated words: leave out the contenders named with any")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

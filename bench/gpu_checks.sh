@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issues #4 and #5 in one go, sized for a single ~9-minute call on a lent H100/H200:
-#   1. the device's measured bf16 matmul rate and copy bandwidth (the ceilings the figures are read against)
+#   1. the device's measured bf16 matmul rate and copy bandwidth (the ceilings the figures are read against), then
+#      the fused decode kernels against the eager step (bench/fused_check.py; compute-sanitizer where they fail)
 #   2. training throughput of the `small` (124M) preset vs transformers' GPT2LMHeadModel, MFU, step memory
 #   3. the @pytest.mark.gpu tests (compile + bf16/fp16, fused loss on CUDA, --batch-size auto, OOM message,
 #      compiled decode in bf16)
@@ -31,7 +32,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit (never past th
     echo "=== $name (limit ${limit}s)"
     local began=$(date +%s)
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "=== $name: rc=$? in $(( $(date +%s) - began ))s"
+    LAST_RC=$?
+    echo "=== $name: rc=$LAST_RC in $(( $(date +%s) - began ))s"
 }
 
 stage info 40 $PY - <<'EOF'
@@ -55,11 +57,23 @@ s = timed(lambda: y.copy_(x), 10)
 print(f"device copy: {2 * x.numel() * 4 / s / 1e12:.2f} TB/s (read + write)")
 EOF
 
+# the fused decode kernels against the eager step first: a fault in a kernel would end a later stage's process, so
+# where this fails the later stages leave the fused kernels out, and compute-sanitizer looks for a bad access
+LAST_RC=0
+stage fused 120 $PY bench/fused_check.py
+NO_FUSED=()
+if (( LAST_RC != 0 )); then
+    NO_FUSED=(--no-fused)
+    GEN_SKIP="${GEN_SKIP:+$GEN_SKIP,}fused"
+    stage sanitize 120 compute-sanitizer --tool memcheck $PY bench/fused_check.py --layers 2 --steps 3 --no-timing
+fi
 stage train 230 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt,hf --rounds 5
+stage profile 200 $PY bench/decode_profile.py --shape small --sweep "${SWEEP:-60}" --tokens "${PROFILE_TOKENS:-256,2048}" \
+    "${NO_FUSED[@]}"
+# GEN_SKIP="CD-tuned" leaves out the contender whose compile takes longest
+stage generate 190 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3 --skip "${GEN_SKIP:-}"
 stage pytest 200 $PY -m pytest -q -p no:cacheprovider -m gpu -k "${PYTEST_K:-gpu or not gpu}" tests/test_sample.py \
     tests/test_kernels.py tests/test_generate_cli.py tests/test_evaluate.py tests/test_gpu.py
-stage generate 190 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3  # +60 s: CD tuning
-stage profile 200 $PY bench/decode_profile.py --shape small --sweep 60
 stage micro 100 bash -c '
     export TINYGPT_HOME=/tmp/tinygpt-home; rm -rf $TINYGPT_HOME; mkdir -p $TINYGPT_HOME; cd $TINYGPT_HOME
     '"$PY"' -m tinygpt_cli train --size micro --name gpu-micro '"${MICRO_ARGS:-}"' || exit 1
@@ -85,6 +99,8 @@ stage train-cudnn 120 $PY bench/train_throughput.py --sizes small --device cuda 
     for name in info train train-fused train-b32 train-cudnn; do
         [[ -f $OUT/$name.log ]] && grep -E "TFLOP|TB/s|NVIDIA|^torch|^small|^device" "$OUT/$name.log"
     done
+    [[ -f $OUT/fused.log ]] && grep -vE "Warning|warn" "$OUT/fused.log" | tail -n 20
+    [[ -f $OUT/sanitize.log ]] && grep -E "ERROR|Invalid|at .* in |SUMMARY|fused check" "$OUT/sanitize.log" | head -n 20
     [[ -f $OUT/pytest.log ]] && tail -n 15 "$OUT/pytest.log"
     [[ -f $OUT/generate.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate.log"
     [[ -f $OUT/generate-sampled.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate-sampled.log"

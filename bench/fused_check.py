@@ -1,0 +1,131 @@
+"""First look at tinygpt's fused decode kernels on a real GPU: does the step compute the eager step's logits and
+cache, with and without programmatic dependent launch, and how fast does it replay from a CUDA graph?
+
+Runs GPT-2 `small`'s shape (random weights whose layer norms and biases are moved off 1 and 0, so that a slip in
+them shows) in bf16 and in fp32, teacher-forced: at every step both steps get the eager step's greedy token, and
+the logits and the cache slots written so far are compared. Prints one line per check and `fused check: OK` or
+`fused check: FAILED (...)` last, exiting non-zero on a failure, so that `bench/gpu_checks.sh` can leave the
+fused contenders out of the later stages (a fault in a kernel would end their processes).
+
+    python bench/fused_check.py                  # small, bf16 and fp32, 48 steps each, then graph replay times
+    python bench/fused_check.py --layers 2 --steps 4 --no-timing   # small enough for compute-sanitizer
+"""
+
+import argparse
+import sys
+
+import torch
+
+from tinygpt_cli import kernels, sample
+from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.model import GPT
+from tinygpt_cli.sample import KVCache, StaticDecodeView
+
+PEAK_BANDWIDTH_GBS = {"H100": 3350, "H200": 4800}
+DEVICE = torch.device("cuda")  # --device cpu with TRITON_INTERPRET=1 checks this script without a GPU
+
+
+def build(dtype: torch.dtype, layers: int, width: int = 768) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=layers, n_head=width // 64, n_embd=width, block_size=1024)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model.to(DEVICE, dtype)
+
+
+def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
+    """Teacher-forced steps of the fused and the eager step side by side: the problems found (none: [])."""
+    kernels.TUNING["pdl"] = pdl
+    try:
+        fused = kernels.FusedDecodeStep(model, 1)
+    finally:
+        kernels.TUNING["pdl"] = True
+    mine, theirs = StaticDecodeView(KVCache(model, 1)), StaticDecodeView(KVCache(model, 1))
+    for buffer in (*mine.k, *mine.v):  # poisoned: a slot the step should write and does not, or reads and should
+        buffer.fill_(float("nan"))  # not, shows (the eager step needs zeros there: it weighs them by 0)
+    token = torch.tensor([[464]], device=DEVICE)
+    problems, worst, agree = [], 0.0, 0
+    with torch.inference_mode():
+        for position in range(steps):
+            for view in (mine, theirs):
+                view.input_pos.fill_(position)
+            fused.logits.fill_(float("nan"))
+            got = fused(model, token, mine).float()
+            want = sample._last_logits(model, token, theirs).float()
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            if not torch.isfinite(want).all():
+                problems.append(f"step {position}: the eager step's logits are not finite")
+                break
+            if not torch.isfinite(got).all():
+                problems.append(f"step {position}: {int((~torch.isfinite(got)).sum())} logits not finite")
+                break
+            error = float((got - want).abs().max() / want.abs().max())
+            worst = max(worst, error)
+            agree += int(got.argmax()) == int(want.argmax())
+            token = want.argmax(dim=-1, keepdim=True)
+        for layer in range(model.config.n_layer):
+            for name, a, b in (("key", mine.k[layer], theirs.k[layer]), ("value", mine.v[layer], theirs.v[layer])):
+                a, b = a[:, :, :steps].float(), b[:, :, :steps].float()
+                if not torch.isfinite(a).all():
+                    problems.append(f"layer {layer} {name}s: slots left unwritten or not finite")
+                elif float((a - b).abs().max()) > tolerance * max(float(b.abs().max()), 1e-6):
+                    problems.append(f"layer {layer} {name}s differ by {float((a - b).abs().max()):.3g}")
+    if worst > tolerance:
+        problems.append(f"logits differ by up to {worst:.2e} of their largest (tolerance {tolerance:g})")
+    print(f"  {next(model.parameters()).dtype!s:15s} pdl={fused.pdl!s:5s} {steps} steps: largest logit "
+          f"difference {worst:.2e} of the largest logit, same greedy token at {agree}/{steps} steps"
+          f"{'; ' + '; '.join(problems) if problems else ''}", flush=True)
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--width", type=int, default=768, help="n_embd (heads of 64)")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    reason = kernels.unavailable(DEVICE)
+    if reason:
+        raise SystemExit(f"fused check: FAILED ({reason})")
+    gpu = DEVICE.type == "cuda"
+    print(f"{torch.cuda.get_device_name() if gpu else DEVICE}, torch {torch.__version__}, triton "
+          f"{getattr(kernels.triton, '__version__', '?')}; programmatic dependent launch supported: "
+          f"{gpu and kernels.uses_pdl(torch.cuda.get_device_capability())}", flush=True)
+    problems = []
+    for dtype, tolerance in ((torch.bfloat16, 0.05), (torch.float32, 2e-3)):
+        model = build(dtype, args.layers, args.width)
+        for pdl in (True, False):
+            problems += compare(model, args.steps, pdl, tolerance)
+    if gpu and not args.no_timing and not problems:
+        from decode_profile import replay_times  # bench/ is on sys.path when run as a script
+
+        model = build(torch.bfloat16, args.layers, args.width)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        peak = next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in torch.cuda.get_device_name()), 1e9)
+        print(f"one step replayed from a CUDA graph ({weight_bytes / 1e6:.0f} MB of bf16 weights, peak {peak} GB/s):")
+        with torch.inference_mode():
+            for label, make in (("eager PyTorch step", lambda: sample._last_logits),
+                                ("fused, programmatic dependent launch", lambda: kernels.FusedDecodeStep(model, 1)),
+                                ("fused, plain launches", lambda: kernels.FusedDecodeStep(model, 1))):
+                kernels.TUNING["pdl"] = "plain" not in label
+                try:
+                    _, us = replay_times(make(), model, 1, replays=50)
+                finally:
+                    kernels.TUNING["pdl"] = True
+                print(f"  {label}: {us:.1f} us per token, {weight_bytes / us / 1e3 / peak:.0%} of peak bandwidth",
+                      flush=True)
+    if problems:
+        print(f"fused check: FAILED ({len(problems)} problems)")
+        sys.exit(1)
+    print("fused check: OK")
+
+
+if __name__ == "__main__":
+    main()
