@@ -56,9 +56,10 @@ def kernel_times(step, model: GPT, steps: int) -> tuple[float, list[tuple[str, f
     return sum(totals.values()) / steps, rows
 
 
-def replay_times(step, model: GPT, steps: int, replays: int = 20) -> tuple[float, float]:
+def replay_times(step, model: GPT, steps: int, replays: int = 20, position: int = 0) -> tuple[float, float]:
     """Capture `steps` one-token forward steps (the cache slot moved on inside the graph) as one CUDA graph:
-    (milliseconds to capture it and run it once, median microseconds per token of later replays)."""
+    (milliseconds to capture it and run it once, median microseconds per token of later replays), each replay
+    starting at the cache slot `position`."""
     cache = KVCache(model, 1)
     view = StaticDecodeView(cache)
     current = torch.zeros((1, 1), dtype=torch.long, device="cuda")
@@ -74,13 +75,13 @@ def replay_times(step, model: GPT, steps: int, replays: int = 20) -> tuple[float
         for _ in range(steps):
             step(model, current, view, None)
             view.input_pos.add_(1)
-    view.input_pos.fill_(0)
+    view.input_pos.fill_(position)
     graph.replay()
     torch.cuda.synchronize()
     setup_ms = (time.perf_counter() - started) * 1e3
     times = []
     for _ in range(replays):
-        view.input_pos.fill_(0)
+        view.input_pos.fill_(position)
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         graph.replay()
@@ -133,10 +134,10 @@ def main() -> None:
                 print(f"  {label}, {per_graph:2d} steps per graph: {us:6.1f} us per token ({use(us)}); "
                       f"capture + first replay {setup_ms:.0f} ms", flush=True)
         variants = {"eager, sliced cache, no graphs": dict(static_cache=False),
-                    "eager step, a graph per step (default)": dict(),
-                    "compiled, torch.compile's graphs (default)": dict(compile=True),
+                    "eager step, a graph per step (--no-fused)": dict(),
+                    "compiled, torch.compile's graphs (--compile on)": dict(compile=True),
                     "compiled, our graph per step": dict(compile=True, graphs=True),
-                    "fused kernels, a graph per step": dict(fused=True),
+                    "fused kernels, a graph per step (default)": dict(fused=True),
                     "fused kernels, a graph per 8 steps": dict(fused=True, graph_steps=8)}
         if args.no_fused:
             variants = {label: kwargs for label, kwargs in variants.items() if "fused" not in label}

@@ -81,6 +81,26 @@ def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
     return problems
 
 
+def sweep_block_s(model: GPT, blocks: str) -> None:
+    """The fused step replayed from a graph at several cache positions under each of attention's blocks of slots
+    (`kernels.TUNING["block_s"]`: the cache is split into 1024 / block_s parts, combined by the last to finish)."""
+    from decode_profile import replay_times
+
+    positions = (0, 255, 511, 1023)
+    print(f"fused step (us per token) by attention's block of slots, at cache positions {positions}:")
+    default = kernels.TUNING["block_s"]
+    with torch.inference_mode():
+        for block_s in (int(b) for b in blocks.split(",")):
+            kernels.TUNING["block_s"] = block_s
+            try:
+                step = kernels.FusedDecodeStep(model, 1)
+                times = [replay_times(step, model, 1, replays=30, position=p)[1] for p in positions]
+            finally:
+                kernels.TUNING["block_s"] = default
+            print(f"  block_s {block_s:5d}: " + "  ".join(f"{us:6.1f}" for us in times)
+                  + f"   mean {sum(times) / len(times):6.1f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
@@ -88,6 +108,8 @@ def main() -> None:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--width", type=int, default=768, help="n_embd (heads of 64)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sweep-block-s", default="", metavar="LIST",
+                        help="then time attention's blocks of slots, e.g. 32,64,128,256,1024")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -124,7 +146,12 @@ def main() -> None:
     if problems:
         print(f"fused check: FAILED ({len(problems)} problems)")
         sys.exit(1)
-    print("fused check: OK")
+    print("fused check: OK", flush=True)
+    if gpu and args.sweep_block_s:
+        try:  # a measurement only: the check above has passed
+            sweep_block_s(build(torch.bfloat16, args.layers, args.width), args.sweep_block_s)
+        except Exception as exc:
+            print(f"block_s sweep: {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

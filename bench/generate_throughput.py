@@ -2,17 +2,19 @@
 `GPT2LMHeadModel.generate` (with its own KV cache), on the same random weights, in the same run.
 
 The workload of issue #5: 256 new tokens from a 16-token prompt, batch 1, greedy; fp32 on CPU, the weights cast to
-bf16 on CUDA (where tinygpt's decode step is also torch.compiled into a CUDA graph). Each shape keeps the preset's
-layers, heads and width but gets a 1024-position table, so that the 272 tokens fit one window (Hugging Face's
-GPT-2 cannot slide a window). tinygpt's weights are stored as `tinygpt generate` loads them on CPU (column-major,
-see `sample.decode_layout`). The Hugging Face model is built from tinygpt's state dict: the same parameter names,
-its Conv1D weights transposed, the vocabulary cut to GPT-2's 50257 (tinygpt never samples the padding ids either),
-and the greedy tokens of all are compared. Rounds alternate between the contenders so that machine noise
-hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run down).
+bf16 on CUDA (where tinygpt decodes with its fused Triton kernels by default, each step a CUDA graph). Each shape
+keeps the preset's layers, heads and width but gets a 1024-position table, so that the 272 tokens fit one window
+(Hugging Face's GPT-2 cannot slide a window). tinygpt's weights are stored as `tinygpt generate` loads them on CPU
+(column-major, see `sample.decode_layout`). The Hugging Face model is built from tinygpt's state dict: the same
+parameter names, its Conv1D weights transposed, the vocabulary cut to GPT-2's 50257 (tinygpt never samples the
+padding ids either), and the greedy tokens of all are compared. Rounds alternate between the contenders so that
+machine noise hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run
+down).
 
-On CUDA a second compiled contender sets inductor's coordinate_descent_tuning (`sample.DECODE_COMPILE_OPTIONS`),
-which turns each one-row matmul into a tuned Triton reduction instead of a cuBLAS call, and a third decodes with
-tinygpt's own fused Triton kernels (`generate(fused=True)`: five kernels a layer).
+On CUDA the first contender is the default, tinygpt's own fused Triton kernels (`generate(fused=True)`: five
+kernels a layer); then the step compiled by torch.compile (`--compile on`), the same with inductor's
+coordinate_descent_tuning (`sample.DECODE_COMPILE_OPTIONS`: each one-row matmul a tuned Triton reduction instead of
+a cuBLAS call), and PyTorch's eager step replayed as CUDA graphs (`--no-fused`). `--skip` leaves some out.
 
 On CPU tinygpt's default is shown with and without look-ahead (`sample.PromptLookup`: guesses from earlier text,
 checked in one pass), and Hugging Face's generate with and without its own prompt lookup. What look-ahead gains
@@ -120,10 +122,10 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
         return run
 
     if compile_decode:  # CUDA: steps replayed as CUDA graphs (compiled: torch.compile's); look-ahead is off there
-        return {"tinygpt, KV cache, compiled": ours(True, compile=True),
+        return {"tinygpt, KV cache, fused Triton kernels": ours(True, fused=True),
+                "tinygpt, KV cache, compiled": ours(True, compile=True),
                 "tinygpt, KV cache, compiled, CD-tuned GEMV": ours(True, compile=True,
                                                                    inductor={"coordinate_descent_tuning": True}),
-                "tinygpt, KV cache, fused Triton kernels": ours(True, fused=True),
                 "tinygpt, KV cache": ours(True),
                 "tinygpt, KV cache, no CUDA graphs": ours(True, static=False),
                 "tinygpt, no cache": ours(False), "HF generate, KV cache": theirs()}

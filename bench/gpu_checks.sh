@@ -60,7 +60,7 @@ EOF
 # the fused decode kernels against the eager step first: a fault in a kernel would end a later stage's process, so
 # where this fails the later stages leave the fused kernels out, and compute-sanitizer looks for a bad access
 LAST_RC=0
-stage fused 120 $PY bench/fused_check.py
+stage fused 120 $PY bench/fused_check.py --sweep-block-s "${BLOCK_S_SWEEP:-}"
 NO_FUSED=()
 if (( LAST_RC != 0 )); then
     NO_FUSED=(--no-fused)
@@ -99,7 +99,7 @@ stage train-cudnn 120 $PY bench/train_throughput.py --sizes small --device cuda 
     for name in info train train-fused train-b32 train-cudnn; do
         [[ -f $OUT/$name.log ]] && grep -E "TFLOP|TB/s|NVIDIA|^torch|^small|^device" "$OUT/$name.log"
     done
-    [[ -f $OUT/fused.log ]] && grep -vE "Warning|warn" "$OUT/fused.log" | tail -n 20
+    [[ -f $OUT/fused.log ]] && grep -vE "Warning|warn" "$OUT/fused.log" | tail -n 30
     [[ -f $OUT/sanitize.log ]] && grep -E "ERROR|Invalid|at .* in |SUMMARY|fused check" "$OUT/sanitize.log" | head -n 20
     [[ -f $OUT/pytest.log ]] && tail -n 15 "$OUT/pytest.log"
     [[ -f $OUT/generate.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate.log"

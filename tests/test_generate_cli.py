@@ -190,22 +190,27 @@ def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
     assert "torch.compile unavailable (RuntimeError: no C++ compiler): decoded eagerly." in result.stderr
 
 
-def test_fused_kernels_that_fail_fall_back_with_a_warning(run, monkeypatch):
-    """As on a GPU whose Triton cannot build the kernels: the first step falls back to eager PyTorch, said once."""
+@pytest.mark.parametrize("asked", [["--fused"], [], ["--no-fused"]])
+def test_fused_kernels_that_fail_fall_back_with_a_warning(run, monkeypatch, asked):
+    """As on a GPU whose Triton cannot build the kernels: the first step falls back to eager PyTorch, said once.
+    Where they would run, they are the default; --no-fused leaves them out."""
     from tinygpt_cli import kernels, sample
 
     def broken(*args):
         raise RuntimeError("PTX for sm_70 is not supported")
 
     monkeypatch.setattr(sample, "check_fused", lambda *args, **kwargs: None)  # let it try on this CPU
+    monkeypatch.setattr(sample, "fused_by_default", lambda *args: True)  # as on a GPU
     monkeypatch.setattr(kernels, "unavailable", lambda device: None)
     monkeypatch.setattr(kernels.FusedDecodeStep, "__init__", lambda self, model, batch: None)
     monkeypatch.setattr(kernels.FusedDecodeStep, "__call__", broken)
-    result = generate("ROMEO:", "--fused", "--max-new-tokens", "5", "--json")
+    result = generate("ROMEO:", *asked, "--max-new-tokens", "5", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["stats"]["fused"] is False
+    tried = asked != ["--no-fused"]
+    assert ("fused decode kernels" in result.stderr) == tried
     assert result.stderr.count("the fused decode kernels failed (RuntimeError: PTX for sm_70 is not supported): "
-                               "decoded eagerly.") == 1
+                               "decoded eagerly.") == tried
 
 
 def test_both_fallbacks_are_reported(run, monkeypatch):
@@ -283,25 +288,30 @@ def test_no_run_at_all(workspace):
 
 @pytest.mark.gpu
 def test_generate_on_cuda_with_the_fused_kernels(run):
-    greedy = ("ROMEO:", "--device", "cuda", "--dtype", "fp32", "--max-new-tokens", "40", "--json", "--temperature",
-              "0")
-    result = generate(*greedy, "--fused")
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    assert payload["stats"]["fused"] and payload["stats"]["cuda_graphs"] and not payload["stats"]["compiled"]
-    assert payload["samples"] == json.loads(generate(*greedy).stdout)["samples"]
-    assert "fused decode kernels" in result.stderr and "failed" not in result.stderr
+    """The default on CUDA: the tokens of the PyTorch step in fp32, greedy and sampled."""
+    for sampling in (("--temperature", "0"), ("--temperature", "0.9", "--top-k", "20", "--seed", "3")):
+        asked = ("ROMEO:", "--device", "cuda", "--dtype", "fp32", "--max-new-tokens", "40", "--json", *sampling)
+        result = generate(*asked)
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.stdout)
+        assert payload["stats"]["fused"] and payload["stats"]["cuda_graphs"] and not payload["stats"]["compiled"]
+        assert "fused decode kernels" in result.stderr and "failed" not in result.stderr
+        plain = generate(*asked, "--no-fused")
+        assert not json.loads(plain.stdout)["stats"]["fused"] and "fused" not in plain.stderr
+        assert payload["samples"] == json.loads(plain.stdout)["samples"]
 
 
 @pytest.mark.gpu
 def test_generate_on_cuda_compiled_in_bf16(run):
-    """--compile auto compiles only where it pays (very long generation); either way steps replay as CUDA graphs."""
+    """--compile on compiles (and leaves the fused kernels out); auto does not, but uses the fused kernels; either
+    way steps replay as CUDA graphs."""
     for mode in ("on", "auto"):
         result = generate("ROMEO:", "--device", "cuda", "--max-new-tokens", "50", "--json", "--temperature", "0",
                           "--compile", mode)
         assert result.exit_code == 0, result.output
         payload = json.loads(result.stdout)
         assert payload["stats"]["compiled"] == (mode == "on") and payload["stats"]["dtype"] in ("bfloat16", "float16")
+        assert payload["stats"]["fused"] == (mode == "auto")
         assert payload["stats"]["cuda_graphs"]
 
 

@@ -191,31 +191,35 @@ def assert_waits_after_the_weights(ptx: str, one_pass: bool) -> None:
 
 @pytest.mark.gpu
 def test_fused_decode_on_cuda_matches_eager():
-    """Real kernels, captured as CUDA graphs: fp32 gives the eager greedy tokens across a window jump; bf16 gives
-    logits within bf16 rounding of the eager step's, and GPT-2 small's shape runs."""
+    """Real kernels, captured as CUDA graphs: fp32 gives the eager greedy and seeded sampled tokens across a window
+    jump; bf16 and fp16 give logits within their rounding of the eager step's, and GPT-2 small's shape runs."""
     model = fused_test_model(block_size=24).cuda()
     stats = GenerationStats()
     greedy = dict(temperature=0, num_samples=2, flush_every=4)
     fused = generated(model, [5, 6, 7], 40, fused=True, stats=stats, **greedy)
     assert stats.fused and stats.graphed and stats.compile_error is None and stats.graph_error is None
     assert torch.equal(fused, generated(model, [5, 6, 7], 40, **greedy))
+    sampled = dict(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, seed=5, num_samples=3)
+    assert torch.equal(generated(model, [5, 6, 7], 40, fused=True, **sampled),
+                       generated(model, [5, 6, 7], 40, **sampled))
     from tinygpt_cli import kernels
     from tinygpt_cli.kernels import FusedDecodeStep
 
-    small = fused_test_model(torch.bfloat16, n_layer=2, n_head=12, n_embd=768, block_size=1024).cuda()
-    caches = [StaticDecodeView(KVCache(small, 1)) for _ in range(2)]
-    current = torch.tensor([[464]], device="cuda")
-    with torch.inference_mode():
-        for view in caches:
-            view.input_pos.fill_(0)
-        got = FusedDecodeStep(small, 1)(small, current, caches[0]).float()
-        want = sample._last_logits(small, current, caches[1]).float()
-        with pytest.MonkeyPatch.context() as patch:  # the same kernels without programmatic dependent launch
-            patch.setitem(kernels.TUNING, "pdl", False)
-            caches[0].input_pos.fill_(0)
-            plain = FusedDecodeStep(small, 1)
-            assert not plain.pdl
-            again = plain(small, current, caches[0]).float()
-    assert (got - want).abs().max() < 0.05 * want.abs().max()
-    assert int(got.argmax()) == int(want.argmax())
-    assert torch.equal(got, again)
+    for dtype in (torch.bfloat16, torch.float16):
+        small = fused_test_model(dtype, n_layer=2, n_head=12, n_embd=768, block_size=1024).cuda()
+        caches = [StaticDecodeView(KVCache(small, 1)) for _ in range(2)]
+        current = torch.tensor([[464]], device="cuda")
+        with torch.inference_mode():
+            for view in caches:
+                view.input_pos.fill_(0)
+            got = FusedDecodeStep(small, 1)(small, current, caches[0]).float()
+            want = sample._last_logits(small, current, caches[1]).float()
+            with pytest.MonkeyPatch.context() as patch:  # the same kernels without programmatic dependent launch
+                patch.setitem(kernels.TUNING, "pdl", False)
+                caches[0].input_pos.fill_(0)
+                plain = FusedDecodeStep(small, 1)
+                assert not plain.pdl
+                again = plain(small, current, caches[0]).float()
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+        assert int(got.argmax()) == int(want.argmax())
+        assert torch.equal(got, again)

@@ -645,6 +645,20 @@ def test_sample_text(model, eot_model):
     assert going_on.samples[0].text == "<|endoftext|>" * 3 and going_on.prompt_tokens == 1
 
 
+def test_fused_kernels_are_the_default_where_they_run(monkeypatch):
+    from tinygpt_cli import kernels
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(kernels, "unavailable", lambda device: None)
+    assert sample.fused_by_default(cuda)
+    assert not sample.fused_by_default(cuda, compile=True)
+    assert not sample.fused_by_default(cuda, lookahead=True)
+    assert not sample.fused_by_default(torch.device("cpu"))
+    assert not sample.fused_by_default(torch.device("mps"))
+    monkeypatch.setattr(kernels, "unavailable", lambda device: "Triton is not installed")
+    assert not sample.fused_by_default(cuda)
+
+
 @pytest.mark.gpu
 def test_coordinate_descent_tuned_decode_matches_eager(model, monkeypatch):
     """The bench's variant (`sample.DECODE_COMPILE_OPTIONS`): one-row matmuls as tuned Triton reductions."""

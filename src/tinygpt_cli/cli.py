@@ -839,8 +839,8 @@ def generate(
         str, typer.Option(help="auto | fp32 | bf16 | fp16: the weights' dtype (auto: bf16/fp16 on CUDA, else fp32).")
     ] = "auto",
     compile_mode: Annotated[
-        str, typer.Option("--compile", help="auto | on | off: torch.compile the decode step (auto: on CUDA for "
-                          f"--max-new-tokens {COMPILE_PAYS_FROM_TOKENS:,} or more).")
+        str, typer.Option("--compile", help="auto | on | off: torch.compile the decode step (auto: on CUDA without "
+                          f"the fused kernels, for --max-new-tokens {COMPILE_PAYS_FROM_TOKENS:,} or more).")
     ] = "auto",
     lookahead: Annotated[
         bool | None, typer.Option("--lookahead/--no-lookahead", help="Guess tokens from earlier text and check the "
@@ -848,9 +848,10 @@ def generate(
                                   "on for one sample, uncompiled, off CUDA; on CUDA it gives up the CUDA graphs).")
     ] = None,
     fused: Annotated[
-        bool, typer.Option("--fused", help="Decode with tinygpt's fused Triton kernels, five a layer instead of "
-                           "PyTorch's ~150 small kernels a step (NVIDIA GPUs; experimental).")
-    ] = False,
+        bool | None, typer.Option("--fused/--no-fused", help="Decode with tinygpt's fused Triton kernels, five a "
+                                  "layer instead of PyTorch's ~150 small kernels a step (default: on NVIDIA GPUs where "
+                                  "Triton runs, unless --compile on or --lookahead).")
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print tokens/s and time to first token on stderr.")
     ] = False,
@@ -859,7 +860,14 @@ def generate(
     """Sample text from a trained run (the latest by default), streaming it to stdout."""
     from tinygpt_cli.config import SampleConfig
     from tinygpt_cli.errors import GenerationError
-    from tinygpt_cli.sample import check_fused, check_settings, load_model, read_prompt, read_stdin_prompt
+    from tinygpt_cli.sample import (
+        check_fused,
+        check_settings,
+        fused_by_default,
+        load_model,
+        read_prompt,
+        read_stdin_prompt,
+    )
 
     if compile_mode not in ("auto", "on", "off"):
         raise GenerationError(f"--compile must be one of auto, on, off (got {compile_mode!r})")
@@ -891,6 +899,8 @@ def generate(
         raise GenerationError("--fused decodes one token a step: drop --lookahead or --fused")
     if fused:
         check_fused(param.device)
+    elif fused is None:
+        fused = fused_by_default(param.device, compile_mode == "on", lookahead)
     use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda" and not fused
                                            and settings["max_new_tokens"] >= COMPILE_PAYS_FROM_TOKENS)
     if lookahead and num_samples > 1:
