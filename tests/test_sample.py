@@ -650,11 +650,16 @@ def test_fused_kernels_are_the_default_where_they_run(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(kernels, "unavailable", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert sample.fused_by_default(cuda)
     assert not sample.fused_by_default(cuda, compile=True)
     assert not sample.fused_by_default(cuda, lookahead=True)
     assert not sample.fused_by_default(torch.device("cpu"))
     assert not sample.fused_by_default(torch.device("mps"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: not tested there
+    assert not sample.fused_by_default(cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert sample.fused_by_default(cuda)
     monkeypatch.setattr(kernels, "unavailable", lambda device: "Triton is not installed")
     assert not sample.fused_by_default(cuda)
 

@@ -849,8 +849,8 @@ def generate(
     ] = None,
     fused: Annotated[
         bool | None, typer.Option("--fused/--no-fused", help="Decode with tinygpt's fused Triton kernels, five a "
-                                  "layer instead of PyTorch's ~150 small kernels a step (default: on NVIDIA GPUs where "
-                                  "Triton runs, unless --compile on or --lookahead).")
+                                  "layer instead of PyTorch's ~150 small kernels a step (default: on NVIDIA GPUs from "
+                                  "Ampere on, with Triton, unless --compile on or --lookahead).")
     ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Print tokens/s and time to first token on stderr.")

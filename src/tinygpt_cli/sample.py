@@ -746,15 +746,19 @@ def check_fused(device: torch.device, compile: bool = False, use_cache: bool = T
         raise GenerationError(f"the fused decode kernels cannot run here: {reason}")
 
 
+FUSED_FROM_CAPABILITY = (8, 0)  # the oldest GPUs the fused kernels are built for in the tests (Ampere)
+
+
 def fused_by_default(device: torch.device, compile: bool = False, lookahead: bool | None = None) -> bool:
     """Whether `tinygpt generate` decodes with the fused kernels when neither --fused nor --no-fused is given: on
-    an NVIDIA GPU where they run (on an H200, GPT-2 small in bf16 decoded 2.5x as many tokens/s as with the compiled
-    step; docs/performance.md), unless the compiled step or look-ahead was asked for."""
+    an NVIDIA GPU where they run (GPT-2 small in bf16 decoded 2.2-2.5x as many tokens/s as with the compiled step
+    on an H100 and an H200; docs/performance.md), unless the compiled step or look-ahead was asked for. Older
+    GPUs than the tests build the kernels for (Turing and before) keep PyTorch's step; --fused still tries them."""
     if device.type != "cuda" or compile or lookahead:
         return False
     from tinygpt_cli.kernels import unavailable
 
-    return unavailable(device) is None
+    return unavailable(device) is None and torch.cuda.get_device_capability(device) >= FUSED_FROM_CAPABILITY
 
 
 def _all_logits(model: GPT, idx: torch.Tensor, cache: KVCache, head_t: torch.Tensor | None) -> torch.Tensor:
