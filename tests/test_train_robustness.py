@@ -61,11 +61,13 @@ def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, work
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace, sig):
     """A scheduler's SIGTERM, or the hangup of a dropped ssh session (SIGHUP, which used to end the run with no
-    save): the step finishes, a checkpoint is saved, and the exit code is 128 + the signal."""
+    save): the step finishes, a checkpoint is saved, and the exit code is 128 + the signal. The run starts with
+    the signal's default action even where the tests run under nohup, whose ignored SIGHUP train must keep."""
     env = {**os.environ, "TINYGPT_HOME": str(workspace)}
     process = subprocess.Popen(
         _train_command("--name", "t", "--max-steps", "100000", "--set", "train.eval_interval=100000"),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )
     metrics = workspace / "runs" / "t" / "metrics.jsonl"
     deadline = time.time() + 60
