@@ -200,7 +200,7 @@ def test_fused_kernels_that_fail_fall_back_with_a_warning(run, monkeypatch, aske
         raise RuntimeError("PTX for sm_70 is not supported")
 
     monkeypatch.setattr(sample, "check_fused", lambda *args, **kwargs: None)  # let it try on this CPU
-    monkeypatch.setattr(sample, "fused_by_default", lambda *args: True)  # as on a GPU
+    monkeypatch.setattr(sample, "fused_by_default", lambda device, compile=False, lookahead=None: True)  # a GPU
     monkeypatch.setattr(kernels, "unavailable", lambda device: None)
     monkeypatch.setattr(kernels.FusedDecodeStep, "__init__", lambda self, model, batch: None)
     monkeypatch.setattr(kernels.FusedDecodeStep, "__call__", broken)
@@ -211,6 +211,33 @@ def test_fused_kernels_that_fail_fall_back_with_a_warning(run, monkeypatch, aske
     assert ("fused decode kernels" in result.stderr) == tried
     assert result.stderr.count("the fused decode kernels failed (RuntimeError: PTX for sm_70 is not supported): "
                                "decoded eagerly.") == tried
+    assert ("--no-fused skips them." in result.stderr) == (asked == [])  # the way out, where they were not asked for
+
+
+@pytest.mark.parametrize(("fused", "compile_mode", "lookahead", "tokens", "samples", "plan"), [
+    (None, "auto", None, 100, 1, (True, False)),  # the default on a GPU that runs them
+    (None, "auto", None, 60_000, 1, (True, False)),  # not compiled as well: the fused step replaces that
+    (False, "auto", None, 60_000, 1, (False, True)),  # without them, a long run compiles, as before
+    (False, "auto", None, 100, 1, (False, False)),
+    (None, "on", None, 100, 1, (False, True)),  # --compile on: the compiled step, and no error
+    (None, "off", None, 100, 4, (True, False)),
+    (None, "auto", True, 100, 1, (False, False)),  # --lookahead: PyTorch's step, and no error
+    (None, "auto", False, 100, 1, (True, False)),
+    (True, "off", None, 100, 1, (True, False)),
+])
+def test_the_decode_plan_on_a_gpu(monkeypatch, fused, compile_mode, lookahead, tokens, samples, plan):
+    """Which decode step `generate` takes on CUDA for each combination of --fused, --compile and --lookahead
+    (a GPU faked: the decision reads only the device type, its capability and whether Triton runs)."""
+    from tinygpt_cli import cli, kernels
+
+    monkeypatch.setattr(kernels, "unavailable", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert cli._decode_plan(torch.device("cuda"), fused, compile_mode, lookahead, tokens, samples) == plan
+    on_cpu = (False, compile_mode == "on")  # never the fused kernels; compiled only when asked
+    assert cli._decode_plan(torch.device("cpu"), None, compile_mode, lookahead, tokens, samples) == on_cpu
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: PyTorch's step
+    assert cli._decode_plan(torch.device("cuda"), None, "auto", None, 100, 1) == (False, False)
+    assert cli._decode_plan(torch.device("cuda"), True, "auto", None, 100, 1) == (True, False)  # --fused: tried
 
 
 def test_both_fallbacks_are_reported(run, monkeypatch):

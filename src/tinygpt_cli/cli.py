@@ -791,6 +791,31 @@ def _stdin_is_interactive() -> bool:
     return sys.stdin.isatty()
 
 
+def _decode_plan(device, fused: bool | None, compile_mode: str, lookahead: bool | None, max_new_tokens: int,
+                 num_samples: int) -> tuple[bool, bool]:
+    """(fused, compiled): the decode step `tinygpt generate` uses on `device` for these options; a combination that
+    cannot run is a GenerationError. `fused` None: the fused kernels where `sample.fused_by_default` says they
+    run. `compile_mode` auto compiles on CUDA without the fused kernels, from COMPILE_PAYS_FROM_TOKENS tokens."""
+    from tinygpt_cli.errors import GenerationError
+    from tinygpt_cli.sample import check_fused, fused_by_default
+
+    if fused and compile_mode == "on":
+        raise GenerationError("--fused replaces the compiled decode step: drop --compile on or --fused")
+    if fused and lookahead:
+        raise GenerationError("--fused decodes one token a step: drop --lookahead or --fused")
+    if fused:
+        check_fused(device)
+    elif fused is None:
+        fused = fused_by_default(device, compile_mode == "on", lookahead)
+    use_compile = compile_mode == "on" or (compile_mode == "auto" and device.type == "cuda" and not fused
+                                           and max_new_tokens >= COMPILE_PAYS_FROM_TOKENS)
+    if lookahead and num_samples > 1:
+        raise GenerationError("--lookahead works for one sample: drop --num-samples or --lookahead")
+    if lookahead and use_compile:
+        raise GenerationError("--lookahead needs the uncompiled decode step: add --compile off or drop --lookahead")
+    return fused, use_compile
+
+
 @app.command(
     epilog='Examples:  tinygpt generate "To be, or not to be"  ·  '
     'tinygpt generate "ROMEO:" --num-samples 3 --temperature 0.9 --seed 7  ·  '
@@ -860,14 +885,7 @@ def generate(
     """Sample text from a trained run (the latest by default), streaming it to stdout."""
     from tinygpt_cli.config import SampleConfig
     from tinygpt_cli.errors import GenerationError
-    from tinygpt_cli.sample import (
-        check_fused,
-        check_settings,
-        fused_by_default,
-        load_model,
-        read_prompt,
-        read_stdin_prompt,
-    )
+    from tinygpt_cli.sample import check_settings, load_model, read_prompt, read_stdin_prompt
 
     if compile_mode not in ("auto", "on", "off"):
         raise GenerationError(f"--compile must be one of auto, on, off (got {compile_mode!r})")
@@ -893,23 +911,10 @@ def generate(
     check_settings(**settings, seed=seed)
     settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed)
     param = next(loaded.model.parameters())
-    if fused and compile_mode == "on":
-        raise GenerationError("--fused replaces the compiled decode step: drop --compile on or --fused")
-    if fused and lookahead:
-        raise GenerationError("--fused decodes one token a step: drop --lookahead or --fused")
-    if fused:
-        check_fused(param.device)
-    elif fused is None:
-        fused = fused_by_default(param.device, compile_mode == "on", lookahead)
-    use_compile = compile_mode == "on" or (compile_mode == "auto" and param.device.type == "cuda" and not fused
-                                           and settings["max_new_tokens"] >= COMPILE_PAYS_FROM_TOKENS)
-    if lookahead and num_samples > 1:
-        raise GenerationError("--lookahead works for one sample: drop --num-samples or --lookahead")
-    if lookahead and use_compile:
-        raise GenerationError("--lookahead needs the uncompiled decode step: add --compile off or drop --lookahead")
-    settings["lookahead"] = lookahead
-    if fused:
-        settings["fused"] = True
+    asked_fused = fused
+    fused, use_compile = _decode_plan(param.device, fused, compile_mode, lookahead, settings["max_new_tokens"],
+                                      num_samples)
+    settings.update(lookahead=lookahead, fused=fused)
     err = _stderr_console()
     step = loaded.state.get("step")
     err.print(
@@ -918,7 +923,7 @@ def generate(
         f"{' · fused decode kernels' if fused else ''}",
         soft_wrap=True,
     )
-    view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err)
+    view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err, fused_by_default=asked_fused is None)
     if not interactive:
         view.once(text, settings["seed"], echo_prompt=True)
         return
@@ -951,10 +956,12 @@ def generate(
 class _GenerateView:
     """Runs one prompt through `sample_text` and renders it: streamed text, sample blocks, or JSON."""
 
-    def __init__(self, loaded, settings: dict[str, Any], use_compile: bool, as_json: bool, verbose: bool, err) -> None:
+    def __init__(self, loaded, settings: dict[str, Any], use_compile: bool, as_json: bool, verbose: bool, err,
+                 fused_by_default: bool = False) -> None:
         self.loaded, self.settings, self.use_compile = loaded, settings, use_compile
         self.as_json, self.verbose, self.err = as_json, verbose, err
         self.warned: set[str] = set()  # the warnings given once per command
+        self.fused_by_default = fused_by_default  # not asked for: a failure of the fused kernels says how to skip them
 
     def once(self, text: str, seed: int, echo_prompt: bool) -> None:
         from tinygpt_cli.sample import sample_text
@@ -978,7 +985,8 @@ class _GenerateView:
         if stats.compile_error and "compile" not in self.warned:
             self.warned.add("compile")
             what = "the fused decode kernels failed" if self.settings.get("fused") else "torch.compile unavailable"
-            self.err.print(f"{what} ({stats.compile_error}): decoded eagerly.", markup=False)
+            hint = " --no-fused skips them." if self.settings.get("fused") and self.fused_by_default else ""
+            self.err.print(f"{what} ({stats.compile_error}): decoded eagerly.{hint}", markup=False)
         if stats.graph_error and "graphs" not in self.warned:
             self.warned.add("graphs")
             self.err.print(f"CUDA graphs unavailable ({stats.graph_error}): decoded step by step.", markup=False)

@@ -751,13 +751,15 @@ FUSED_FROM_CAPABILITY = (8, 0)  # the oldest GPUs the fused kernels are built fo
 
 def fused_by_default(device: torch.device, compile: bool = False, lookahead: bool | None = None) -> bool:
     """Whether `tinygpt generate` decodes with the fused kernels when neither --fused nor --no-fused is given: on
-    an NVIDIA GPU where they run (GPT-2 small in bf16 decoded 2.2-2.5x as many tokens/s as with the compiled step
+    an NVIDIA GPU where they run (GPT-2 small in bf16 decoded 2.0-2.7x as many tokens/s as with the compiled step
     on an H100 and an H200; docs/performance.md), unless the compiled step or look-ahead was asked for. Older
     GPUs than the tests build the kernels for (Turing and before) keep PyTorch's step; --fused still tries them."""
     if device.type != "cuda" or compile or lookahead:
         return False
-    from tinygpt_cli.kernels import unavailable
+    from tinygpt_cli.kernels import INTERPRETED, unavailable
 
+    if INTERPRETED:  # TRITON_INTERPRET=1: Triton runs kernels on the CPU, far slower than PyTorch's step on the GPU
+        return False
     return unavailable(device) is None and torch.cuda.get_device_capability(device) >= FUSED_FROM_CAPABILITY
 
 
