@@ -142,9 +142,10 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
     C, heads, slots, vocab = 768, 12, 1024, 50304
     for capability in (90, 80):
         build(module._embed, {"C": C}, {"BLOCK_C": 1024}, capability)
-        splits = slots // module.TUNING["block_s"]
+        splits = triton.cdiv(slots, module.TUNING["block_s"])  # as FusedDecodeStep launches it
         build(module._attend, {"n_head": heads, "S": slots, "n_split": splits},
-              {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_S": module.TUNING["block_s"], "SPLITS": splits}, capability)
+              {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_S": module.TUNING["block_s"],
+               "SPLITS": triton.next_power_of_2(splits)}, capability)
         products = [(3 * C, C, True, False, False, True), (C, C, False, False, True, False),
                     (4 * C, C, True, True, False, False), (C, 4 * C, False, False, True, False),
                     (vocab, C, True, False, False, False)]

@@ -49,6 +49,31 @@ def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, 
                 assert torch.allclose(fused.v[layer].float(), eager.v[layer].float(), atol=tolerance)
 
 
+def test_fused_step_under_the_default_tuning():
+    """The settings a GPU runs (kernels.TUNING as shipped: attention in blocks of 128 slots) over a context of three
+    blocks, the last one partly used: the eager logits and cache at slots in the first, the second and the last."""
+    model = fused_test_model(block_size=300)
+    prompt = torch.randint(0, 50257, (1, 6))
+    caches = []
+    for _ in range(2):
+        cache = KVCache(model, 1)
+        sample._last_logits(model, prompt, cache)
+        caches.append(StaticDecodeView(cache))
+    fused, eager = caches
+    step = kernels.FusedDecodeStep(model, 1)
+    assert step.n_split == 3
+    with torch.inference_mode():
+        for position in (6, 200, 299):
+            current = torch.randint(0, 50257, (1, 1))
+            fused.input_pos.fill_(position)
+            eager.input_pos.fill_(position)
+            got, want = step(model, current, fused), sample._last_logits(model, current, eager)
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    for layer in range(model.config.n_layer):
+        assert torch.allclose(fused.k[layer], eager.k[layer], atol=1e-5)
+        assert torch.allclose(fused.v[layer], eager.v[layer], atol=1e-5)
+
+
 def test_fused_generate_gives_the_eager_tokens(monkeypatch):
     """Greedy past a window jump, and sampled with a seed: the eager static step's tokens; in chunks of steps too,
     where the fused step's tokens are drawn by `kernels.draw_token`."""
