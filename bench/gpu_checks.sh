@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #4 and #5 in one go, sized for a single ~9-minute call on a lent H100/H200:
-#   1. the device's measured bf16 matmul rate and copy bandwidth (the ceilings the figures are read against), then
-#      the fused decode kernels against the eager step (bench/fused_check.py; compute-sanitizer where they fail)
-#   2. training throughput of the `small` (124M) preset vs transformers' GPT2LMHeadModel, MFU, step memory
-#   3. the @pytest.mark.gpu tests (compile + bf16/fp16, fused loss on CUDA, --batch-size auto, OOM message,
-#      compiled decode in bf16)
-#   4. generation throughput and memory-bandwidth use of `small` in bf16, and where a decode step's GPU time goes
-#      (PyTorch's kernels and tinygpt's fused Triton kernels, with a sweep of the latter's tile settings)
-#   5. the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
-#   6. `tinygpt train --size small` itself for 20 steps of 0.5M tokens: the MFU the training loop reports
-#   7. if time is left: generation sampled as `tinygpt generate` does (temperature 0.8, top-k 200), the compiled
-#      model with the fused loss head kept, `small` at micro-batch 32, cuDNN attention
+# The GPU checks of issues #4 and #5 in one go, sized for a single ~9-minute call on a lent H100/H200, in this
+# order (each a stage with a time limit, never past BUDGET seconds in all):
+#   info       the device's measured bf16 matmul rate and copy bandwidth (the ceilings the figures are read against)
+#   fused      the fused decode kernels against the eager step (bench/fused_check.py; BLOCK_S_SWEEP=32,64,128 times
+#              attention's block of slots); where it fails, `sanitize` runs compute-sanitizer on a small case and
+#              the later stages leave the fused kernels out
+#   train      training throughput of the `small` (124M) preset vs transformers' GPT2LMHeadModel, MFU, step memory
+#   profile    where a decode step's GPU time goes (PyTorch's kernels and the fused ones), `generate` variants, and
+#              a sweep of the fused kernels' settings (SWEEP seconds)
+#   generate   generation throughput and memory-bandwidth use of `small` in bf16 against transformers (GEN_SKIP
+#              leaves contenders out)
+#   pytest     the @pytest.mark.gpu tests (compile + bf16/fp16, fused loss and decode kernels, --batch-size auto,
+#              OOM message, the CLI's decode paths); PYTEST_K narrows them (pytest -k)
+#   micro      the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
+#   train-loop `tinygpt train --size small` itself for 20 steps of 0.5M tokens: the MFU the training loop reports
+#   then, if time is left: generation sampled as `tinygpt generate` does (temperature 0.8, top-k 200), the compiled
+#   model with the fused loss head kept, `small` at micro-batch 32, cuDNN attention
 # Run from the repository root; logs go to $OUT (default /tmp/tinygpt-gpu), a summary is printed last.
-# STAGES="train generate" runs only those stages; PYTEST_K narrows the GPU tests (pytest -k).
+# STAGES="train generate" runs only those stages.
 # Needs only what the CUDA image has (torch, transformers, typer, rich, tiktoken, pytest): src/ is used in place.
 set -u
 OUT=${OUT:-/tmp/tinygpt-gpu}

@@ -90,11 +90,11 @@ def unavailable(device: torch.device) -> str | None:
 # output rows, at least `programs_per_sm` blocks per multiprocessor where the rows allow it, each block reading up to
 # `block_k` input columns at a time (all of them in one pass where they fit) and at most `tile` weights at once (a
 # larger tile has more loads in flight, and more registers). Attention splits the cached slots into blocks of
-# `block_s` (measured on an H100 and an H200: 128 beat 32, 64 and 256, by up to 4% against 64 at a full cache;
-# docs/performance.md). The product settings were the sweep's best on the H200, within 4% of it on the H100.
-# `force_block_k` (tests) sets the columns per pass whatever the rest says. `pdl`: launch each kernel as a
-# programmatic dependent launch where the GPU (Hopper or newer) and Triton allow it. `draw_block` and `draw_warps`:
-# the logits a greedy draw (`draw_token`) reads at a time, and its warps.
+# `block_s` (128: on an H100 it beat 32, 64 and 256 at cache positions 0 to 1023, 4% faster than 64 at a full cache;
+# on an H200, at position 0 only, 9% faster than 64; docs/performance.md). The product settings were the sweep's best
+# on the H200, within 4% of it on the H100. `force_block_k` (tests) sets the columns per pass whatever the rest says.
+# `pdl`: launch each kernel as a programmatic dependent launch where the GPU (Hopper or newer) and Triton allow it.
+# `draw_block` and `draw_warps`: the logits a greedy draw (`draw_token`) reads at a time, and its warps.
 TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 128, "force_block_k": 0,
           "pdl": True, "draw_block": 16384, "draw_warps": 16}
 
