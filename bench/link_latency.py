@@ -96,45 +96,46 @@ def timed_graph(record, replays: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def measured(record, values: torch.Tensor, sms: int, pairs: int) -> tuple[float, bool]:
+    """(median microseconds of a graph of `record()`, whether one more run leaves every value at `pairs`)."""
+    values.zero_()
+    us = timed_graph(record)
+    values.zero_()
+    record()
+    torch.cuda.synchronize()
+    return us, bool((values[:sms] == pairs).all())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--links", type=int, default=62)
     args = parser.parse_args()
+    pairs = args.links // 2  # a link reads, the next writes back
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     pdl = kernels.uses_pdl(torch.cuda.get_device_capability())
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, Triton {triton.__version__}, PDL available: {pdl}; "
-          f"{args.links} links")
+          f"{2 * pairs} links")
     values = torch.zeros(2 * sms, dtype=torch.int32, device="cuda")
     for use_pdl in (False, True) if pdl else (False,):
         options = {"num_warps": 4, "PDL": use_pdl, **({"launch_pdl": True} if use_pdl else {})}
 
         def chain(options=options):
-            for _ in range(args.links // 2):
+            for _ in range(pairs):
                 _link[(sms,)](values, sms, **options)
                 _copy_back[(sms,)](values, sms, **options)
 
-        values.zero_()
-        us = timed_graph(chain)
-        values.zero_()
-        chain()
-        torch.cuda.synchronize()
-        ok = bool((values[:sms] == args.links // 2).all())
-        print(f"  kernels in a graph, PDL {use_pdl!s:5s}: {us / (args.links // 2 * 2):5.2f} us a link "
-              f"({us:.1f} us for {args.links // 2 * 2}); result {'right' if ok else 'WRONG'}", flush=True)
+        us, ok = measured(chain, values, sms, pairs)
+        print(f"  kernels in a graph, PDL {use_pdl!s:5s}: {us / (2 * pairs):5.2f} us a link ({us:.1f} us in all); "
+              f"result {'right' if ok else 'WRONG'}", flush=True)
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def persistent():
         counter.zero_()
-        _persistent[(sms,)](values, counter, sms, args.links // 2, num_warps=4)
+        _persistent[(sms,)](values, counter, sms, pairs, num_warps=4)
 
-    values.zero_()
-    us = timed_graph(persistent)
-    values.zero_()
-    persistent()
-    torch.cuda.synchronize()
-    ok = bool((values[:sms] == args.links // 2).all())
-    print(f"  one persistent kernel, grid barriers: {us / args.links:5.2f} us a barrier ({us:.1f} us for "
-          f"{args.links // 2 * 2}, the counter's reset included); result {'right' if ok else 'WRONG'}", flush=True)
+    us, ok = measured(persistent, values, sms, pairs)
+    print(f"  one persistent kernel, grid barriers: {us / (2 * pairs):5.2f} us a barrier ({us:.1f} us in all, the "
+          f"counter's reset included); result {'right' if ok else 'WRONG'}", flush=True)
 
 
 if __name__ == "__main__":
