@@ -23,8 +23,25 @@ def _train_command(*extra: str) -> list[str]:
     return [sys.executable, "-m", "tinygpt_cli", "train", *TINY_SETTINGS, *extra]
 
 
+@pytest.fixture
+def reaped():
+    """`reaped(process)` returns the process, and kills it when the test ends if it is still running (a failed
+    assertion, a timeout): a 100,000-step training must never outlive its test and slow the rest of the suite."""
+    processes = []
+
+    def keep(process: subprocess.Popen) -> subprocess.Popen:
+        processes.append(process)
+        return process
+
+    yield keep
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.slow
-def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, workspace):
+def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, workspace, reaped):
     """SIGKILL a training process at random moments (checkpointing every step); every time the latest
     checkpoint loads and the run resumes, and in the end it completes."""
     rng = random.Random(0)
@@ -33,8 +50,8 @@ def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, work
     resume: list[str] = []
     kills = 0
     for _ in range(4):
-        process = subprocess.Popen(_train_command(*args, *resume), env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = reaped(subprocess.Popen(_train_command(*args, *resume), env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.time() + 60
         run = workspace / "runs" / "k"
         while time.time() < deadline and ckpt.latest_checkpoint(run) is None:  # wait for a first checkpoint
@@ -59,16 +76,16 @@ def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, work
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace, sig):
+def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace, sig, reaped):
     """A scheduler's SIGTERM, or the hangup of a dropped ssh session (SIGHUP, which used to end the run with no
     save): the step finishes, a checkpoint is saved, and the exit code is 128 + the signal. The run starts with
     the signal's default action even where the tests run under nohup, whose ignored SIGHUP train must keep."""
     env = {**os.environ, "TINYGPT_HOME": str(workspace)}
-    process = subprocess.Popen(
+    process = reaped(subprocess.Popen(
         _train_command("--name", "t", "--max-steps", "100000", "--set", "train.eval_interval=100000"),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
-    )
+    ))
     metrics = workspace / "runs" / "t" / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -81,15 +98,15 @@ def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace, sig):
     assert state["step"] >= 3
 
 
-def test_under_nohup_a_hangup_is_still_ignored(with_shakespeare, workspace):
+def test_under_nohup_a_hangup_is_still_ignored(with_shakespeare, workspace, reaped):
     """`nohup tinygpt train` starts with SIGHUP ignored, to outlive its terminal: train's handler must not undo
     that (the run goes on), while SIGTERM still stops it with a checkpoint."""
     env = {**os.environ, "TINYGPT_HOME": str(workspace)}
-    process = subprocess.Popen(
+    process = reaped(subprocess.Popen(
         _train_command("--name", "n", "--max-steps", "100000", "--set", "train.eval_interval=100000"),
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
-    )
+    ))
     metrics = workspace / "runs" / "n" / "metrics.jsonl"
 
     def logged() -> int:
