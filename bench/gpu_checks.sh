@@ -7,6 +7,8 @@
 #              the later stages leave the fused kernels out
 #   links      what one dependent link of a decode step costs: a kernel boundary (with and without PDL) against a
 #              grid-wide barrier inside one persistent kernel (bench/link_latency.py)
+#   persistent a prototype of the decode step as one persistent kernel (bench/persistent_decode.py), checked
+#              against the eager step and timed against the fused kernels
 #   train      training throughput of the `small` (124M) preset vs transformers' GPT2LMHeadModel, MFU, step memory
 #   profile    where a decode step's GPU time goes (PyTorch's kernels and the fused ones), `generate` variants, and
 #              a sweep of the fused kernels' settings (SWEEP seconds)
@@ -75,6 +77,7 @@ if (( LAST_RC != 0 )); then
     stage sanitize 120 compute-sanitizer --tool memcheck $PY bench/fused_check.py --layers 2 --steps 3 --no-timing
 fi
 stage links 60 $PY bench/link_latency.py --links 62
+stage persistent 120 $PY bench/persistent_decode.py  # a prototype: checked against the eager step, then timed
 stage train 230 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt,hf --rounds 5
 stage profile 200 $PY bench/decode_profile.py --shape small --sweep "${SWEEP:-60}" --tokens "${PROFILE_TOKENS:-256,2048}" \
     "${NO_FUSED[@]}"
@@ -109,6 +112,7 @@ stage train-cudnn 120 $PY bench/train_throughput.py --sizes small --device cuda 
     done
     [[ -f $OUT/fused.log ]] && grep -vE "Warning|warn" "$OUT/fused.log" | tail -n 30
     [[ -f $OUT/links.log ]] && grep -E "link|barrier|SMs" "$OUT/links.log"
+    [[ -f $OUT/persistent.log ]] && grep -E "steps,|persistent|us per token|Error" "$OUT/persistent.log"
     [[ -f $OUT/sanitize.log ]] && grep -E "ERROR|Invalid|at .* in |SUMMARY|fused check" "$OUT/sanitize.log" | head -n 20
     [[ -f $OUT/pytest.log ]] && tail -n 15 "$OUT/pytest.log"
     [[ -f $OUT/generate.log ]] && grep -E "^\||^small|bandwidth" "$OUT/generate.log"

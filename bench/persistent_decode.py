@@ -1,0 +1,349 @@
+"""A prototype, not part of tinygpt: GPT-2's batch-1 decode step as ONE persistent Triton kernel whose programs
+meet at grid-wide barriers in memory instead of at 62 kernel boundaries (`kernels.FusedDecodeStep`).
+
+Why: the fused step reads the weights at 34% of an H100's bandwidth, and what is left is latency per dependent
+link (docs/performance.md). If a barrier costs less than a kernel boundary (`bench/link_latency.py` measures
+both), this shape of step is the way to the issue's 50%. Each stage's programs request their first weights
+before they wait at the barrier, so the weights stream while the previous stage finishes.
+
+Stages per layer: LN1 + QKV (the key and value into the cache) | attention partials over blocks of cached slots |
+the partials combined, the output projection, bias and residual | LN2 + FC + GELU | the MLP's projection, bias
+and residual; then LN_f + the vocabulary head. Work items (blocks of output rows, or a head's block of slots) are
+dealt to the programs round-robin.
+
+The barrier needs every program resident at once: the grid is sized from the multiprocessor count (nothing else
+may occupy the GPU; a stage times out in bench/gpu_checks.sh rather than hang). With TRITON_INTERPRET=1 (CPU),
+where programs run one after another and a barrier could never be passed, each stage is launched on its own
+instead (`staged`), which checks what the kernel computes:
+
+    TRITON_INTERPRET=1 python bench/persistent_decode.py --device cpu --layers 2 --width 128 --steps 5 --block-s 2
+    python bench/persistent_decode.py                       # GPU: checked against the eager step, then timed
+"""
+
+import argparse
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from tinygpt_cli import kernels, sample
+from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.model import GPT
+from tinygpt_cli.sample import KVCache, StaticDecodeView
+
+STAGES_PER_LAYER = 5
+
+
+@triton.jit
+def _arrive_and_wait(counter, target, GRID_SYNC: tl.constexpr):
+    """Arrive at the grid barrier (after all of this program's stores), then wait for `target` arrivals."""
+    if GRID_SYNC:
+        tl.debug_barrier()
+        tl.atomic_add(counter, 1, sem="release", scope="gpu")
+        seen = tl.load(counter, volatile=True)
+        while seen < target:
+            seen = tl.load(counter, volatile=True)
+        tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+
+@triton.jit
+def _layer_norm(xk, col_ok, cols, ln_w, ln_b, eps, C, dtype):
+    mean = tl.sum(xk, axis=0) / C
+    centred = tl.where(col_ok, xk - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps)
+    return kernels._normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, True)
+
+
+@triton.jit
+def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr, b_pr, ln1_w, ln1_b, ln2_w,
+          ln2_b, lnf_w, lnf_b, head_w, k_cache, v_cache, x, q, hidden, logits, part_acc, part_best, part_total,
+          counter, n_layer, S, V, eps, scale, n_split, first_stage, last_stage,
+          C: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_4C: tl.constexpr,
+          BLOCK_H: tl.constexpr, ROWS: tl.constexpr, ROWS_PR: tl.constexpr, BLOCK_S: tl.constexpr,
+          SPLITS: tl.constexpr, GRID_SYNC: tl.constexpr):
+    """Stages first_stage .. last_stage - 1 of one decode step (all of them: 5 * n_layer + 1, with GRID_SYNC)."""
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    dtype = x.dtype.element_ty
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    cols4 = tl.arange(0, BLOCK_4C)
+    col4_ok = cols4 < 4 * C
+    rows8 = tl.arange(0, ROWS)
+    pos = tl.load(pos_ptr)
+    heads = tl.arange(0, BLOCK_H)
+    head_ok = heads < H
+    dims = tl.arange(0, D)
+    splits = tl.arange(0, SPLITS)
+    split_ok = splits < n_split
+    for layer in range(n_layer):
+        g = layer * 5
+        # ---- LN1 + QKV: 3C rows; the key and value go to this layer's cache slot
+        if (g >= first_stage) & (g < last_stage):
+            n_items = tl.cdiv(3 * C, ROWS)
+            for item in range(p, n_items, P):
+                rows = item * ROWS + rows8
+                row_ok = rows < 3 * C
+                tile = tl.load(w_qkv + layer * 3 * C * C + rows[:, None] * C + cols[None, :],
+                               mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                if (item == p) & (g > 0):
+                    _arrive_and_wait(counter, g * P, GRID_SYNC)
+                if layer == 0:
+                    token = tl.load(token_ptr)
+                    xk = (tl.load(wte + token * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+                          + tl.load(wpe + pos * C + cols, mask=col_ok, other=0.0).to(tl.float32))
+                    xk = tl.where(col_ok, xk.to(dtype).to(tl.float32), 0.0)
+                    if item == 0:  # the residual stream starts here
+                        tl.store(x + cols, xk.to(dtype), mask=col_ok)
+                else:
+                    xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                xn = _layer_norm(xk, col_ok, cols, ln1_w + layer * C, ln1_b + layer * C, eps, C, dtype)
+                y = tl.sum(tile.to(tl.float32) * xn[None, :], axis=1)
+                y = (y + tl.load(b_qkv + layer * 3 * C + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+                tl.store(q + rows, y, mask=row_ok & (rows < C))
+                kv = rows % C
+                slot = ((layer * H + kv // D) * S + pos) * D + kv % D
+                tl.store(k_cache + slot, y, mask=row_ok & (rows >= C) & (rows < 2 * C))
+                tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
+            if (p >= n_items) & (g > 0):
+                _arrive_and_wait(counter, g * P, GRID_SYNC)
+        # ---- attention: a partial softmax per (head, block of slots)
+        if (g + 1 >= first_stage) & (g + 1 < last_stage):
+            n_items = H * n_split
+            if p >= n_items:
+                _arrive_and_wait(counter, (g + 1) * P, GRID_SYNC)
+            for item in range(p, n_items, P):
+                if item == p:
+                    _arrive_and_wait(counter, (g + 1) * P, GRID_SYNC)
+                h = item // n_split
+                split = item % n_split
+                query = tl.load(q + h * D + dims, cache_modifier=".cg").to(tl.float32)
+                slots = split * BLOCK_S + tl.arange(0, BLOCK_S)
+                filled = slots <= pos
+                where = ((layer * H + h) * S + slots[:, None]) * D + dims[None, :]
+                keys = tl.load(k_cache + where, mask=filled[:, None], other=0.0, cache_modifier=".cg")
+                values = tl.load(v_cache + where, mask=filled[:, None], other=0.0, cache_modifier=".cg")
+                scores = tl.where(filled, tl.sum(keys.to(tl.float32) * query[None, :], axis=1) * scale,
+                                  float("-inf"))
+                best = tl.max(scores, axis=0)
+                e = tl.exp(scores - tl.where(best == float("-inf"), 0.0, best))
+                tl.store(part_acc + item * D + dims, tl.sum(e[:, None] * values.to(tl.float32), axis=0))
+                tl.store(part_best + item, best)
+                tl.store(part_total + item, tl.sum(e, axis=0))
+        # ---- the partials combined (every item recomputes all heads: 24 KB from L2), projection + residual
+        if (g + 2 >= first_stage) & (g + 2 < last_stage):
+            n_items = tl.cdiv(C, ROWS)
+            for item in range(p, n_items, P):
+                rows = item * ROWS + rows8
+                row_ok = rows < C
+                wcols = heads[None, :, None] * D + dims[None, None, :]
+                tile = tl.load(w_o + layer * C * C + rows[:, None, None] * C + wcols,
+                               mask=row_ok[:, None, None] & head_ok[None, :, None], other=0.0)
+                if item == p:
+                    _arrive_and_wait(counter, (g + 2) * P, GRID_SYNC)
+                part = heads[:, None] * n_split + splits[None, :]
+                part_ok = head_ok[:, None] & split_ok[None, :]
+                bests = tl.load(part_best + part, mask=part_ok, other=float("-inf"), cache_modifier=".cg")
+                weights = tl.exp(bests - tl.max(bests, axis=1)[:, None])
+                weights = tl.where(part_ok, weights, 0.0)
+                totals = tl.load(part_total + part, mask=part_ok, other=0.0, cache_modifier=".cg")
+                accs = tl.load(part_acc + part[:, :, None] * D + dims[None, None, :], mask=part_ok[:, :, None],
+                               other=0.0, cache_modifier=".cg")
+                denominator = tl.sum(weights * totals, axis=1)
+                att = tl.sum(weights[:, :, None] * accs, axis=1) / tl.where(head_ok, denominator, 1.0)[:, None]
+                att = tl.where(head_ok[:, None], att.to(dtype).to(tl.float32), 0.0)  # (BLOCK_H, D)
+                y = tl.sum(tl.sum(tile.to(tl.float32) * att[None, :, :], axis=2), axis=1)
+                y = (y + tl.load(b_o + layer * C + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+                y = (y.to(tl.float32) + tl.load(x + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+                     .to(tl.float32)).to(dtype)
+                tl.store(x + rows, y, mask=row_ok)
+            if p >= n_items:
+                _arrive_and_wait(counter, (g + 2) * P, GRID_SYNC)
+        # ---- LN2 + FC + GELU
+        if (g + 3 >= first_stage) & (g + 3 < last_stage):
+            n_items = tl.cdiv(4 * C, ROWS)
+            for item in range(p, n_items, P):
+                rows = item * ROWS + rows8
+                row_ok = rows < 4 * C
+                tile = tl.load(w_fc + layer * 4 * C * C + rows[:, None] * C + cols[None, :],
+                               mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                if item == p:
+                    _arrive_and_wait(counter, (g + 3) * P, GRID_SYNC)
+                xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                xn = _layer_norm(xk, col_ok, cols, ln2_w + layer * C, ln2_b + layer * C, eps, C, dtype)
+                y = tl.sum(tile.to(tl.float32) * xn[None, :], axis=1)
+                y = (y + tl.load(b_fc + layer * 4 * C + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+                y = kernels._gelu_tanh(y.to(tl.float32)).to(dtype)
+                tl.store(hidden + rows, y, mask=row_ok)
+            if p >= n_items:
+                _arrive_and_wait(counter, (g + 3) * P, GRID_SYNC)
+        # ---- the MLP's projection + residual
+        if (g + 4 >= first_stage) & (g + 4 < last_stage):
+            n_items = tl.cdiv(C, ROWS_PR)
+            for item in range(p, n_items, P):
+                rows = item * ROWS_PR + tl.arange(0, ROWS_PR)
+                row_ok = rows < C
+                tile = tl.load(w_pr + layer * 4 * C * C + rows[:, None] * (4 * C) + cols4[None, :],
+                               mask=row_ok[:, None] & col4_ok[None, :], other=0.0)
+                if item == p:
+                    _arrive_and_wait(counter, (g + 4) * P, GRID_SYNC)
+                hk = tl.load(hidden + cols4, mask=col4_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                y = tl.sum(tile.to(tl.float32) * hk[None, :], axis=1)
+                y = (y + tl.load(b_pr + layer * C + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+                y = (y.to(tl.float32) + tl.load(x + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+                     .to(tl.float32)).to(dtype)
+                tl.store(x + rows, y, mask=row_ok)
+            if p >= n_items:
+                _arrive_and_wait(counter, (g + 4) * P, GRID_SYNC)
+    # ---- LN_f + the head
+    g = n_layer * 5
+    if (g >= first_stage) & (g < last_stage):
+        n_items = tl.cdiv(V, ROWS)
+        for item in range(p, n_items, P):
+            rows = item * ROWS + rows8
+            row_ok = rows < V
+            tile = tl.load(head_w + rows[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                           other=0.0)
+            if item == p:
+                _arrive_and_wait(counter, g * P, GRID_SYNC)
+            xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            xn = _layer_norm(xk, col_ok, cols, lnf_w, lnf_b, eps, C, dtype)
+            y = tl.sum(tile.to(tl.float32) * xn[None, :], axis=1).to(dtype)
+            tl.store(logits + rows, y, mask=row_ok)
+        if p >= n_items:
+            _arrive_and_wait(counter, g * P, GRID_SYNC)
+
+
+class PersistentStep:
+    """The prototype's decode step for a batch of 1: `step(token (1, 1), pos (1,))` -> logits (1, V), with its own
+    stacked copies of the weights and its own cache (L, H, S, D)."""
+
+    def __init__(self, model: GPT, programs: int, staged: bool, block_s: int = 128) -> None:
+        cfg, t = model.config, model.transformer
+        blocks = list(t.h)
+        self.model, self.programs, self.staged = model, programs, staged
+        self.C, self.H = cfg.n_embd, cfg.n_head
+        self.D = cfg.n_embd // cfg.n_head
+
+        def stack(get):
+            return torch.stack([get(block).detach() for block in blocks]).contiguous()
+
+        self.w = dict(w_qkv=stack(lambda b: b.attn.c_attn.weight), b_qkv=stack(lambda b: b.attn.c_attn.bias),
+                      w_o=stack(lambda b: b.attn.c_proj.weight), b_o=stack(lambda b: b.attn.c_proj.bias),
+                      w_fc=stack(lambda b: b.mlp.c_fc.weight), b_fc=stack(lambda b: b.mlp.c_fc.bias),
+                      w_pr=stack(lambda b: b.mlp.c_proj.weight), b_pr=stack(lambda b: b.mlp.c_proj.bias),
+                      ln1_w=stack(lambda b: b.ln_1.weight), ln1_b=stack(lambda b: b.ln_1.bias),
+                      ln2_w=stack(lambda b: b.ln_2.weight), ln2_b=stack(lambda b: b.ln_2.bias))
+        param = t.wte.weight
+        self.S = cfg.block_size
+        self.block_s = min(block_s, triton.next_power_of_2(self.S))
+        self.n_split = triton.cdiv(self.S, self.block_s)
+        self.k = torch.zeros((cfg.n_layer, self.H, self.S, self.D), dtype=param.dtype, device=param.device)
+        self.v = torch.zeros_like(self.k)
+
+        def buffer(n, dtype=param.dtype):
+            return torch.zeros(n, dtype=dtype, device=param.device)
+
+        self.x, self.q, self.hidden = buffer(self.C), buffer(self.C), buffer(4 * self.C)
+        self.logits = buffer(cfg.vocab_size)
+        parts = self.H * self.n_split
+        self.part_acc = buffer(parts * self.D, torch.float32)
+        self.part_best, self.part_total = buffer(parts, torch.float32), buffer(parts, torch.float32)
+        self.counter = buffer(1, torch.int32)
+        self.eps = float(blocks[0].ln_1.eps)
+
+    def __call__(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        t, cfg = self.model.transformer, self.model.config
+        n_stages = STAGES_PER_LAYER * cfg.n_layer + 1
+        ranges = [(g, g + 1) for g in range(n_stages)] if self.staged else [(0, n_stages)]
+        for first, last in ranges:
+            if not self.staged:
+                self.counter.zero_()
+            _step[(self.programs,)](
+                token, pos, t.wte.weight, t.wpe.weight, *self.w.values(), t.ln_f.weight, t.ln_f.bias,
+                self.model.lm_head.weight, self.k, self.v, self.x, self.q, self.hidden, self.logits,
+                self.part_acc, self.part_best, self.part_total, self.counter, cfg.n_layer, self.S, cfg.vocab_size,
+                self.eps, 1.0 / self.D ** 0.5, self.n_split, first, last,
+                C=self.C, H=self.H, D=self.D, BLOCK_C=triton.next_power_of_2(self.C),
+                BLOCK_4C=triton.next_power_of_2(4 * self.C), BLOCK_H=triton.next_power_of_2(self.H), ROWS=8,
+                ROWS_PR=2, BLOCK_S=self.block_s, SPLITS=triton.next_power_of_2(self.n_split),
+                GRID_SYNC=not self.staged, num_warps=4,
+            )
+        return self.logits[None, :]
+
+
+def check(model: GPT, step: PersistentStep, steps: int, tolerance: float, device: torch.device) -> list[str]:
+    """Teacher-forced steps beside the eager step: the problems found."""
+    eager = StaticDecodeView(KVCache(model, 1))
+    token = torch.tensor([[464]], device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    problems, worst = [], 0.0
+    with torch.inference_mode():
+        for position in range(steps):
+            pos.fill_(position)
+            eager.input_pos.fill_(position)
+            got = step(token, pos).float()
+            want = sample._last_logits(model, token, eager).float()
+            if not torch.isfinite(got).all():
+                problems.append(f"step {position}: logits not finite")
+                break
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+            token = want.argmax(dim=-1, keepdim=True)
+        for layer in range(model.config.n_layer):
+            for name, mine, theirs in (("keys", step.k[layer], eager.k[layer][0]),
+                                       ("values", step.v[layer], eager.v[layer][0])):
+                error = float((mine[:, :steps].float() - theirs[:, :steps].float()).abs().max())
+                if error > tolerance * max(float(theirs[:, :steps].abs().max()), 1e-6):
+                    problems.append(f"layer {layer} {name} differ by {error:.3g}")
+    if worst > tolerance:
+        problems.append(f"logits differ by up to {worst:.2e} of the largest")
+    print(f"  {steps} steps, {next(model.parameters()).dtype}: largest logit difference {worst:.2e}"
+          f"{'; ' + '; '.join(problems) if problems else ''}", flush=True)
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=768, help="n_embd (heads of 64)")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--programs-per-sm", type=int, default=1)
+    parser.add_argument("--block-s", type=int, default=128, help="cached slots per attention item")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=args.layers, n_head=args.width // 64, n_embd=args.width, block_size=1024 if gpu else 64)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if gpu else 4
+    problems = []
+    for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 0.05)) if gpu else ((torch.float32, 2e-3),):
+        model = model.to(device, dtype)
+        problems += check(model, PersistentStep(model, sms * args.programs_per_sm, not gpu, args.block_s),
+                          args.steps, tolerance, device)
+    if problems:
+        print(f"persistent check: FAILED ({len(problems)} problems)")
+        sys.exit(1)
+    print("persistent check: OK", flush=True)
+    if gpu:
+        from decode_profile import replay_times
+
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        persistent = PersistentStep(model, sms * args.programs_per_sm, staged=False)
+        with torch.inference_mode():
+            for label, step in (("fused kernels (the default)", kernels.FusedDecodeStep(model, 1)),
+                                ("persistent prototype", lambda m, current, view, head_t=None:
+                                 persistent(current, view.input_pos))):
+                _, us = replay_times(step, model, 1, replays=50)
+                print(f"  {label}: {us:.1f} us per token, {weight_bytes / us / 1e3:.0f} GB/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
