@@ -36,11 +36,20 @@ STAGES_PER_LAYER = 5
 
 
 @triton.jit
-def _arrive_and_wait(counter, target, GRID_SYNC: tl.constexpr):
-    """Arrive at the grid barrier (after all of this program's stores), then wait for `target` arrivals."""
+def _arrive(counter, GRID_SYNC: tl.constexpr):
+    """Arrive at the grid barrier, once every thread of this program has stored its part of the stage before: one
+    release add. Programs arrive before they request the next stage's weights, as the release (MEMBAR.ALL.GPU +
+    RED in the SASS for sm_90) orders the program's earlier loads too, and so may hold the arrival until a tile
+    requested before it has landed; requested after it, the tile streams while the program spins in `_wait`."""
     if GRID_SYNC:
         tl.debug_barrier()
         tl.atomic_add(counter, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(counter, target, GRID_SYNC: tl.constexpr):
+    """Wait until `target` arrivals were counted; what the others stored before arriving is then visible."""
+    if GRID_SYNC:
         seen = tl.load(counter, volatile=True)
         while seen < target:
             seen = tl.load(counter, volatile=True)
@@ -83,13 +92,15 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
         # ---- LN1 + QKV: 3C rows; the key and value go to this layer's cache slot
         if (g >= first_stage) & (g < last_stage):
             n_items = tl.cdiv(3 * C, ROWS)
+            if g > 0:
+                _arrive(counter, GRID_SYNC)
             for item in range(p, n_items, P):
                 rows = item * ROWS + rows8
                 row_ok = rows < 3 * C
                 tile = tl.load(w_qkv + layer * 3 * C * C + rows[:, None] * C + cols[None, :],
                                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 if (item == p) & (g > 0):
-                    _arrive_and_wait(counter, g * P, GRID_SYNC)
+                    _wait(counter, g * P, GRID_SYNC)
                 if layer == 0:
                     token = tl.load(token_ptr)
                     xk = (tl.load(wte + token * C + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -108,15 +119,13 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
                 tl.store(k_cache + slot, y, mask=row_ok & (rows >= C) & (rows < 2 * C))
                 tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
             if (p >= n_items) & (g > 0):
-                _arrive_and_wait(counter, g * P, GRID_SYNC)
+                _wait(counter, g * P, GRID_SYNC)
         # ---- attention: a partial softmax per (head, block of slots)
         if (g + 1 >= first_stage) & (g + 1 < last_stage):
             n_items = H * n_split
-            if p >= n_items:
-                _arrive_and_wait(counter, (g + 1) * P, GRID_SYNC)
+            _arrive(counter, GRID_SYNC)
+            _wait(counter, (g + 1) * P, GRID_SYNC)  # no weights to request first
             for item in range(p, n_items, P):
-                if item == p:
-                    _arrive_and_wait(counter, (g + 1) * P, GRID_SYNC)
                 h = item // n_split
                 split = item % n_split
                 query = tl.load(q + h * D + dims, cache_modifier=".cg").to(tl.float32)
@@ -135,6 +144,7 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
         # ---- the partials combined (every item recomputes all heads: 24 KB from L2), projection + residual
         if (g + 2 >= first_stage) & (g + 2 < last_stage):
             n_items = tl.cdiv(C, ROWS)
+            _arrive(counter, GRID_SYNC)
             for item in range(p, n_items, P):
                 rows = item * ROWS + rows8
                 row_ok = rows < C
@@ -142,7 +152,7 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
                 tile = tl.load(w_o + layer * C * C + rows[:, None, None] * C + wcols,
                                mask=row_ok[:, None, None] & head_ok[None, :, None], other=0.0)
                 if item == p:
-                    _arrive_and_wait(counter, (g + 2) * P, GRID_SYNC)
+                    _wait(counter, (g + 2) * P, GRID_SYNC)
                 part = heads[:, None] * n_split + splits[None, :]
                 part_ok = head_ok[:, None] & split_ok[None, :]
                 bests = tl.load(part_best + part, mask=part_ok, other=float("-inf"), cache_modifier=".cg")
@@ -160,17 +170,18 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
                      .to(tl.float32)).to(dtype)
                 tl.store(x + rows, y, mask=row_ok)
             if p >= n_items:
-                _arrive_and_wait(counter, (g + 2) * P, GRID_SYNC)
+                _wait(counter, (g + 2) * P, GRID_SYNC)
         # ---- LN2 + FC + GELU
         if (g + 3 >= first_stage) & (g + 3 < last_stage):
             n_items = tl.cdiv(4 * C, ROWS)
+            _arrive(counter, GRID_SYNC)
             for item in range(p, n_items, P):
                 rows = item * ROWS + rows8
                 row_ok = rows < 4 * C
                 tile = tl.load(w_fc + layer * 4 * C * C + rows[:, None] * C + cols[None, :],
                                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 if item == p:
-                    _arrive_and_wait(counter, (g + 3) * P, GRID_SYNC)
+                    _wait(counter, (g + 3) * P, GRID_SYNC)
                 xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                 xn = _layer_norm(xk, col_ok, cols, ln2_w + layer * C, ln2_b + layer * C, eps, C, dtype)
                 y = tl.sum(tile.to(tl.float32) * xn[None, :], axis=1)
@@ -178,17 +189,18 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
                 y = kernels._gelu_tanh(y.to(tl.float32)).to(dtype)
                 tl.store(hidden + rows, y, mask=row_ok)
             if p >= n_items:
-                _arrive_and_wait(counter, (g + 3) * P, GRID_SYNC)
+                _wait(counter, (g + 3) * P, GRID_SYNC)
         # ---- the MLP's projection + residual
         if (g + 4 >= first_stage) & (g + 4 < last_stage):
             n_items = tl.cdiv(C, ROWS_PR)
+            _arrive(counter, GRID_SYNC)
             for item in range(p, n_items, P):
                 rows = item * ROWS_PR + tl.arange(0, ROWS_PR)
                 row_ok = rows < C
                 tile = tl.load(w_pr + layer * 4 * C * C + rows[:, None] * (4 * C) + cols4[None, :],
                                mask=row_ok[:, None] & col4_ok[None, :], other=0.0)
                 if item == p:
-                    _arrive_and_wait(counter, (g + 4) * P, GRID_SYNC)
+                    _wait(counter, (g + 4) * P, GRID_SYNC)
                 hk = tl.load(hidden + cols4, mask=col4_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                 y = tl.sum(tile.to(tl.float32) * hk[None, :], axis=1)
                 y = (y + tl.load(b_pr + layer * C + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
@@ -196,24 +208,25 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
                      .to(tl.float32)).to(dtype)
                 tl.store(x + rows, y, mask=row_ok)
             if p >= n_items:
-                _arrive_and_wait(counter, (g + 4) * P, GRID_SYNC)
+                _wait(counter, (g + 4) * P, GRID_SYNC)
     # ---- LN_f + the head
     g = n_layer * 5
     if (g >= first_stage) & (g < last_stage):
         n_items = tl.cdiv(V, ROWS)
+        _arrive(counter, GRID_SYNC)
         for item in range(p, n_items, P):
             rows = item * ROWS + rows8
             row_ok = rows < V
             tile = tl.load(head_w + rows[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                            other=0.0)
             if item == p:
-                _arrive_and_wait(counter, g * P, GRID_SYNC)
+                _wait(counter, g * P, GRID_SYNC)
             xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
             xn = _layer_norm(xk, col_ok, cols, lnf_w, lnf_b, eps, C, dtype)
             y = tl.sum(tile.to(tl.float32) * xn[None, :], axis=1).to(dtype)
             tl.store(logits + rows, y, mask=row_ok)
         if p >= n_items:
-            _arrive_and_wait(counter, g * P, GRID_SYNC)
+            _wait(counter, g * P, GRID_SYNC)
 
 
 class PersistentStep:
@@ -224,6 +237,7 @@ class PersistentStep:
         cfg, t = model.config, model.transformer
         blocks = list(t.h)
         self.model, self.programs, self.staged = model, programs, staged
+        self.cooperative = not staged  # cleared where a CUDA graph cannot capture a cooperative launch
         self.C, self.H = cfg.n_embd, cfg.n_head
         self.D = cfg.n_embd // cfg.n_head
 
@@ -270,6 +284,9 @@ class PersistentStep:
                 BLOCK_4C=triton.next_power_of_2(4 * self.C), BLOCK_H=triton.next_power_of_2(self.H), ROWS=8,
                 ROWS_PR=2, BLOCK_S=self.block_s, SPLITS=triton.next_power_of_2(self.n_split),
                 GRID_SYNC=not self.staged, num_warps=4,
+                # a cooperative launch: the driver refuses a grid that cannot be resident all at once (a hang at
+                # the first barrier otherwise), e.g. --programs-per-sm 3 or more at ~254 registers a thread
+                **({"launch_cooperative_grid": True} if self.cooperative else {}),
             )
         return self.logits[None, :]
 
@@ -286,6 +303,9 @@ def check(model: GPT, step: PersistentStep, steps: int, tolerance: float, device
             eager.input_pos.fill_(position)
             got = step(token, pos).float()
             want = sample._last_logits(model, token, eager).float()
+            arrivals, expected = int(step.counter[0]), STAGES_PER_LAYER * model.config.n_layer * step.programs
+            if not step.staged and arrivals != expected:  # every program arrives once at each stage after the first
+                problems.append(f"step {position}: {arrivals} arrivals at the grid barriers, not {expected}")
             if not torch.isfinite(got).all():
                 problems.append(f"step {position}: logits not finite")
                 break
@@ -312,6 +332,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--programs-per-sm", type=int, default=1)
     parser.add_argument("--block-s", type=int, default=128, help="cached slots per attention item")
+    parser.add_argument("--positions", default="0,512",
+                        help="cache slots to time the steps at, comma-separated (attention reads the slots up to it)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -338,11 +360,21 @@ def main() -> None:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         persistent = PersistentStep(model, sms * args.programs_per_sm, staged=False)
         with torch.inference_mode():
-            for label, step in (("fused kernels (the default)", kernels.FusedDecodeStep(model, 1)),
-                                ("persistent prototype", lambda m, current, view, head_t=None:
-                                 persistent(current, view.input_pos))):
-                _, us = replay_times(step, model, 1, replays=50)
-                print(f"  {label}: {us:.1f} us per token, {weight_bytes / us / 1e3:.0f} GB/s", flush=True)
+            for position in (int(p) for p in args.positions.split(",")):
+                for label, step in (("fused kernels (the default)", kernels.FusedDecodeStep(model, 1)),
+                                    ("persistent prototype", lambda m, current, view, head_t=None:
+                                     persistent(current, view.input_pos))):
+                    try:
+                        _, us = replay_times(step, model, 1, replays=50, position=position)
+                    except RuntimeError as exc:  # a capture that refuses the cooperative launch: without it
+                        if not persistent.cooperative or label.startswith("fused"):
+                            raise
+                        print(f"  (a graph with the cooperative launch failed: {str(exc).splitlines()[0][:100]}; "
+                              "timed without it)", flush=True)
+                        persistent.cooperative = False
+                        _, us = replay_times(step, model, 1, replays=50, position=position)
+                    print(f"  {label}, slot {position}: {us:.1f} us per token, {weight_bytes / us / 1e3:.0f} GB/s "
+                          f"(the weights' bytes only)", flush=True)
 
 
 if __name__ == "__main__":
