@@ -23,6 +23,7 @@ import argparse
 import torch
 import triton
 import triton.language as tl
+from persistent_decode import _arrive, _wait  # bench/ is on sys.path when run as a script
 
 from tinygpt_cli import kernels
 
@@ -53,14 +54,10 @@ def _copy_back(values, n, PDL: tl.constexpr):
 @triton.jit
 def _grid_barrier(counter, target):
     """Every program of the grid arrives (one atomic, after all of this program's threads have stored), then
-    waits until `target` arrivals were counted; what the others stored before arriving is then visible."""
-    tl.debug_barrier()
-    tl.atomic_add(counter, 1, sem="release", scope="gpu")
-    seen = tl.load(counter, volatile=True)
-    while seen < target:
-        seen = tl.load(counter, volatile=True)
-    tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
+    waits until `target` arrivals were counted; what the others stored before arriving is then visible. The
+    barrier of bench/persistent_decode.py, whose stages split the two halves."""
+    _arrive(counter, True)
+    _wait(counter, target, True)
 
 
 @triton.jit

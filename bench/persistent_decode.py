@@ -66,6 +66,24 @@ def _layer_norm(xk, col_ok, cols, ln_w, ln_b, eps, C, dtype):
 
 
 @triton.jit
+def _rows_of(w, item, n_rows, width, cols, col_ok, ROWS: tl.constexpr):
+    """Work item `item` of a product over `n_rows` rows of `width` columns: (its rows, which are real, their
+    weights)."""
+    rows = item * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    tile = tl.load(w + rows[:, None] * width + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return rows, row_ok, tile
+
+
+@triton.jit
+def _add_to_stream(y, bias, x, rows, row_ok, dtype):
+    """x[rows] += y + bias, rounded to the model's dtype after each add as torch's step rounds it."""
+    y = (y + tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+    y = (y.to(tl.float32) + tl.load(x + rows, mask=row_ok, other=0.0, cache_modifier=".cg").to(tl.float32)).to(dtype)
+    tl.store(x + rows, y, mask=row_ok)
+
+
+@triton.jit
 def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr, b_pr, ln1_w, ln1_b, ln2_w,
           ln2_b, lnf_w, lnf_b, head_w, k_cache, v_cache, x, q, hidden, logits, part_acc, part_best, part_total,
           counter, n_layer, S, V, eps, scale, n_split, first_stage, last_stage,
@@ -95,10 +113,7 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
             if g > 0:
                 _arrive(counter, GRID_SYNC)
             for item in range(p, n_items, P):
-                rows = item * ROWS + rows8
-                row_ok = rows < 3 * C
-                tile = tl.load(w_qkv + layer * 3 * C * C + rows[:, None] * C + cols[None, :],
-                               mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                rows, row_ok, tile = _rows_of(w_qkv + layer * 3 * C * C, item, 3 * C, C, cols, col_ok, ROWS)
                 if (item == p) & (g > 0):
                     _wait(counter, g * P, GRID_SYNC)
                 if layer == 0:
@@ -165,10 +180,7 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
                 att = tl.sum(weights[:, :, None] * accs, axis=1) / tl.where(head_ok, denominator, 1.0)[:, None]
                 att = tl.where(head_ok[:, None], att.to(dtype).to(tl.float32), 0.0)  # (BLOCK_H, D)
                 y = tl.sum(tl.sum(tile.to(tl.float32) * att[None, :, :], axis=2), axis=1)
-                y = (y + tl.load(b_o + layer * C + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
-                y = (y.to(tl.float32) + tl.load(x + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-                     .to(tl.float32)).to(dtype)
-                tl.store(x + rows, y, mask=row_ok)
+                _add_to_stream(y, b_o + layer * C, x, rows, row_ok, dtype)
             if p >= n_items:
                 _wait(counter, (g + 2) * P, GRID_SYNC)
         # ---- LN2 + FC + GELU
@@ -176,10 +188,7 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
             n_items = tl.cdiv(4 * C, ROWS)
             _arrive(counter, GRID_SYNC)
             for item in range(p, n_items, P):
-                rows = item * ROWS + rows8
-                row_ok = rows < 4 * C
-                tile = tl.load(w_fc + layer * 4 * C * C + rows[:, None] * C + cols[None, :],
-                               mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                rows, row_ok, tile = _rows_of(w_fc + layer * 4 * C * C, item, 4 * C, C, cols, col_ok, ROWS)
                 if item == p:
                     _wait(counter, (g + 3) * P, GRID_SYNC)
                 xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -195,18 +204,12 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
             n_items = tl.cdiv(C, ROWS_PR)
             _arrive(counter, GRID_SYNC)
             for item in range(p, n_items, P):
-                rows = item * ROWS_PR + tl.arange(0, ROWS_PR)
-                row_ok = rows < C
-                tile = tl.load(w_pr + layer * 4 * C * C + rows[:, None] * (4 * C) + cols4[None, :],
-                               mask=row_ok[:, None] & col4_ok[None, :], other=0.0)
+                rows, row_ok, tile = _rows_of(w_pr + layer * 4 * C * C, item, C, 4 * C, cols4, col4_ok, ROWS_PR)
                 if item == p:
                     _wait(counter, (g + 4) * P, GRID_SYNC)
                 hk = tl.load(hidden + cols4, mask=col4_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-                y = tl.sum(tile.to(tl.float32) * hk[None, :], axis=1)
-                y = (y + tl.load(b_pr + layer * C + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
-                y = (y.to(tl.float32) + tl.load(x + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-                     .to(tl.float32)).to(dtype)
-                tl.store(x + rows, y, mask=row_ok)
+                _add_to_stream(tl.sum(tile.to(tl.float32) * hk[None, :], axis=1), b_pr + layer * C, x, rows, row_ok,
+                               dtype)
             if p >= n_items:
                 _wait(counter, (g + 4) * P, GRID_SYNC)
     # ---- LN_f + the head
@@ -215,10 +218,7 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
         n_items = tl.cdiv(V, ROWS)
         _arrive(counter, GRID_SYNC)
         for item in range(p, n_items, P):
-            rows = item * ROWS + rows8
-            row_ok = rows < V
-            tile = tl.load(head_w + rows[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                           other=0.0)
+            rows, row_ok, tile = _rows_of(head_w, item, V, C, cols, col_ok, ROWS)
             if item == p:
                 _wait(counter, g * P, GRID_SYNC)
             xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
