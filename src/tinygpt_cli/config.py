@@ -377,9 +377,13 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: check the --config path")
     try:
-        text = path.read_text(encoding="utf-8")
-        repeated = _repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
-        loaded = yaml.safe_load(text)
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        try:  # one parse: the node tree is checked for repeated keys, then built into Python values
+            node = loader.get_single_node()
+            repeated = _repeated_key(node)
+            loaded = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config file {path} is not valid YAML ({first}): fix it or drop --config") from None

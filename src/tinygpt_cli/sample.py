@@ -195,7 +195,6 @@ def _uniform_dtype(*devices: torch.device) -> torch.dtype:
     return torch.float32 if any(d.type == "mps" for d in devices) else torch.float64  # MPS has no float64
 
 
-
 NUCLEUS_SHORTLIST = 1024  # top-p alone first looks for its nucleus among this many of the likeliest tokens
 TIE_ROOM = 64  # top-k's candidates hold this many more than k, for tokens tied with the k-th
 
