@@ -15,24 +15,26 @@ import argparse
 import sys
 
 import torch
+from decode_profile import PEAK_BANDWIDTH_GBS, replay_times  # bench/ is on sys.path when run as a script
 
 from tinygpt_cli import kernels, sample
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.model import GPT
 from tinygpt_cli.sample import KVCache, StaticDecodeView
 
-PEAK_BANDWIDTH_GBS = {"H100": 3350, "H200": 4800}
 DEVICE = torch.device("cuda")  # --device cpu with TRITON_INTERPRET=1 checks this script without a GPU
 
 
-def build(dtype: torch.dtype, layers: int, width: int = 768) -> GPT:
+def build(dtype: torch.dtype, layers: int, width: int = 768, block_size: int = 1024,
+          device: torch.device | None = None) -> GPT:
+    """GPT-2's shape (heads of 64) with seeded random weights, its layer norms and biases moved off 1 and 0."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=layers, n_head=width // 64, n_embd=width, block_size=1024)).eval()
+    model = GPT(ModelConfig(n_layer=layers, n_head=width // 64, n_embd=width, block_size=block_size)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "ln_" in name or name.endswith("bias"):
                 param.add_(0.1 * torch.randn_like(param))
-    return model.to(DEVICE, dtype)
+    return model.to(device or DEVICE, dtype)
 
 
 def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
@@ -84,8 +86,6 @@ def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
 def sweep_block_s(model: GPT, blocks: str) -> None:
     """The fused step replayed from a graph at several cache positions under each of attention's blocks of slots
     (`kernels.TUNING["block_s"]`: the cache is split into 1024 / block_s parts, combined by the last to finish)."""
-    from decode_profile import replay_times
-
     positions = (0, 255, 511, 1023)
     print(f"fused step (us per token) by attention's block of slots, at cache positions {positions}:")
     default = kernels.TUNING["block_s"]
@@ -126,8 +126,6 @@ def main() -> None:
         for pdl in (True, False):
             problems += compare(model, args.steps, pdl, tolerance)
     if gpu and not args.no_timing and not problems:
-        from decode_profile import replay_times  # bench/ is on sys.path when run as a script
-
         model = build(torch.bfloat16, args.layers, args.width)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         peak = next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in torch.cuda.get_device_name()), 1e9)

@@ -26,9 +26,10 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from decode_profile import replay_times  # bench/ is on sys.path when run as a script
+from fused_check import build
 
 from tinygpt_cli import kernels, sample
-from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.model import GPT
 from tinygpt_cli.sample import KVCache, StaticDecodeView
 
@@ -337,17 +338,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=args.layers, n_head=args.width // 64, n_embd=args.width, block_size=1024 if gpu else 64)
-    model = GPT(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "ln_" in name or name.endswith("bias"):
-                param.add_(0.1 * torch.randn_like(param))
     sms = torch.cuda.get_device_properties(0).multi_processor_count if gpu else 4
     problems = []
     for dtype, tolerance in ((torch.float32, 2e-3), (torch.bfloat16, 0.05)) if gpu else ((torch.float32, 2e-3),):
-        model = model.to(device, dtype)
+        model = build(dtype, args.layers, args.width, 1024 if gpu else 64, device)
         problems += check(model, PersistentStep(model, sms * args.programs_per_sm, not gpu, args.block_s),
                           args.steps, tolerance, device)
     if problems:
@@ -355,8 +349,6 @@ def main() -> None:
         sys.exit(1)
     print("persistent check: OK", flush=True)
     if gpu:
-        from decode_profile import replay_times
-
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         persistent = PersistentStep(model, sms * args.programs_per_sm, staged=False)
         with torch.inference_mode():
