@@ -7,7 +7,8 @@ own, and cuBLAS tiles a one-row product 64 columns wide, so a 768-wide layer's p
 Here a layer is five kernels, each spread over every multiprocessor:
 
 1. layer norm 1 + the QKV product + bias; the key and value go straight into the cache slot of this step;
-2. attention of the one query over the cached keys (online softmax), every head at once;
+2. attention of the one query over the cached keys (online softmax), every head at once, over only the blocks of
+   slots that the context fills (one block: no combine of partial softmaxes);
 3. the attention output projection + bias + the residual add;
 4. layer norm 2 + the MLP's first product + bias + GELU;
 5. the MLP's second product + bias + the residual add;
@@ -257,50 +258,59 @@ if triton is not None:
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                 PDL: tl.constexpr):
         """y[b, head] = softmax(q k^T * scale) v over the cached slots 0..pos, split over the slots (flash-decoding):
-        program (b, head, i) takes slots i * BLOCK_S ... and writes its partial softmax; the program that finishes
-        a head last combines its partials in split order (so the result does not depend on which finished last)
-        and resets the head's counter for the next step."""
+        program (b, head, i) takes slots i * BLOCK_S ... . Only the blocks that hold a filled slot take part (the
+        grid is sized for a full cache, as a CUDA graph needs); the others return at once. Where one block holds
+        them all, its program writes the result itself. Else each writes its partial softmax, and the program that
+        finishes a head last combines the partials in split order (so the result does not depend on which
+        finished last) and resets the head's counter for the next step."""
         if PDL:  # (see _gemv)
             gdc_launch_dependents()
             gdc_wait()
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
-        C = n_head * HEAD_DIM
         pos = tl.load(pos_ptr)
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < HEAD_DIM
-        query = tl.load(q + b * C + h * HEAD_DIM + dims, mask=dim_ok, other=0.0).to(tl.float32)
-        head = (b * n_head + h).to(tl.int64)  # head * S * HEAD_DIM passes 2**31 for thousands of samples
-        slots = split * BLOCK_S + tl.arange(0, BLOCK_S)
-        filled = slots <= pos
-        where = head * S * HEAD_DIM + slots[:, None] * HEAD_DIM + dims[None, :]
-        inside = filled[:, None] & dim_ok[None, :]
-        keys = tl.load(k_cache + where, mask=inside, other=0.0).to(tl.float32)
-        values = tl.load(v_cache + where, mask=inside, other=0.0).to(tl.float32)
-        scores = tl.where(filled, tl.sum(keys * query[None, :], axis=1) * scale, float("-inf"))
-        best = tl.max(scores, axis=0)  # -inf for a split past the filled slots
-        p = tl.exp(scores - tl.where(best == float("-inf"), 0.0, best))
-        part = head * n_split + split
-        tl.store(part_acc + part * BLOCK_D + dims, tl.sum(p[:, None] * values, axis=0))
-        tl.store(part_best + part, best)
-        tl.store(part_total + part, tl.sum(p, axis=0))
-        # every thread's stores above happen before the atomic (one thread's) releases them: Triton puts a barrier
-        # there only as a side effect of the reductions, so it is asked for here
-        tl.debug_barrier()
-        if tl.atomic_add(counts + head, 1, sem="acq_rel") == n_split - 1:  # every other split has written
-            splits = tl.arange(0, SPLITS)
-            split_ok = splits < n_split
-            bests = tl.load(part_best + head * n_split + splits, mask=split_ok, other=float("-inf"),
-                            cache_modifier=".cg")
-            weights = tl.exp(bests - tl.max(bests, axis=0))  # split 0 holds slot 0: the max is finite
-            totals = tl.load(part_total + head * n_split + splits, mask=split_ok, other=0.0, cache_modifier=".cg")
-            accs = tl.load(part_acc + (head * n_split + splits)[:, None] * BLOCK_D + dims[None, :],
-                           mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
-            out = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
-            tl.store(y + b * C + h * HEAD_DIM + dims, out.to(y.dtype.element_ty), mask=dim_ok)
-            tl.store(counts + head, 0)
-
+        active = pos // BLOCK_S + 1  # the blocks holding slots 0..pos
+        if split < active:
+            C = n_head * HEAD_DIM
+            dims = tl.arange(0, BLOCK_D)
+            dim_ok = dims < HEAD_DIM
+            query = tl.load(q + b * C + h * HEAD_DIM + dims, mask=dim_ok, other=0.0).to(tl.float32)
+            head = (b * n_head + h).to(tl.int64)  # head * S * HEAD_DIM passes 2**31 for thousands of samples
+            slots = split * BLOCK_S + tl.arange(0, BLOCK_S)
+            filled = slots <= pos
+            where = head * S * HEAD_DIM + slots[:, None] * HEAD_DIM + dims[None, :]
+            inside = filled[:, None] & dim_ok[None, :]
+            keys = tl.load(k_cache + where, mask=inside, other=0.0).to(tl.float32)
+            values = tl.load(v_cache + where, mask=inside, other=0.0).to(tl.float32)
+            scores = tl.where(filled, tl.sum(keys * query[None, :], axis=1) * scale, float("-inf"))
+            best = tl.max(scores, axis=0)  # finite: the block holds a filled slot
+            p = tl.exp(scores - best)
+            acc = tl.sum(p[:, None] * values, axis=0)
+            total = tl.sum(p, axis=0)
+            if active == 1:  # the combine of one partial is this
+                tl.store(y + b * C + h * HEAD_DIM + dims, (acc / total).to(y.dtype.element_ty), mask=dim_ok)
+            else:
+                part = head * n_split + split
+                tl.store(part_acc + part * BLOCK_D + dims, acc)
+                tl.store(part_best + part, best)
+                tl.store(part_total + part, total)
+                # every thread's stores above happen before the atomic (one thread's) releases them: Triton puts a
+                # barrier there only as a side effect of the reductions, so it is asked for here
+                tl.debug_barrier()
+                if tl.atomic_add(counts + head, 1, sem="acq_rel") == active - 1:  # every other block has written
+                    splits = tl.arange(0, SPLITS)
+                    split_ok = splits < active
+                    bests = tl.load(part_best + head * n_split + splits, mask=split_ok, other=float("-inf"),
+                                    cache_modifier=".cg")
+                    weights = tl.exp(bests - tl.max(bests, axis=0))  # 0 for the splits not taking part
+                    totals = tl.load(part_total + head * n_split + splits, mask=split_ok, other=0.0,
+                                     cache_modifier=".cg")
+                    accs = tl.load(part_acc + (head * n_split + splits)[:, None] * BLOCK_D + dims[None, :],
+                                   mask=split_ok[:, None], other=0.0, cache_modifier=".cg")
+                    out = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
+                    tl.store(y + b * C + h * HEAD_DIM + dims, out.to(y.dtype.element_ty), mask=dim_ok)
+                    tl.store(counts + head, 0)
 
     @triton.jit(do_not_specialize=["column"])  # one build for every step of a chunk (see _DecodeChunk._capture)
     def _draw(logits, stride_logits, V, width, picked, step_ptr, finished, first_bad, seen, stride_seen, tokens,

@@ -51,7 +51,9 @@ def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, 
 
 def test_fused_step_under_the_default_tuning():
     """The settings a GPU runs (kernels.TUNING as shipped: attention in blocks of 128 slots) over a context of three
-    blocks, the last one partly used: the eager logits and cache at slots in the first, the second and the last."""
+    blocks, the last one partly used: the eager logits and cache at slots in the first, the second and the last.
+    Attention works only on the blocks that hold filled slots: in the first block alone it writes no partial
+    softmax (the partials, poisoned with NaN first, are left as they were), in the second the third's are left."""
     model = fused_test_model(block_size=300)
     prompt = torch.randint(0, 50257, (1, 6))
     caches = []
@@ -63,12 +65,17 @@ def test_fused_step_under_the_default_tuning():
     step = kernels.FusedDecodeStep(model, 1)
     assert step.n_split == 3
     with torch.inference_mode():
-        for position in (6, 200, 299):
+        for position, blocks in ((6, 1), (200, 2), (299, 3)):
             current = torch.randint(0, 50257, (1, 1))
             fused.input_pos.fill_(position)
             eager.input_pos.fill_(position)
+            for partial in (step.part_acc, step.part_best, step.part_total):
+                partial.fill_(float("nan"))
             got, want = step(model, current, fused), sample._last_logits(model, current, eager)
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+            written = step.part_total[0, 0].isfinite()  # (splits,) for the last layer's first head
+            assert written.tolist() == [blocks > 1 and i < blocks for i in range(3)], written
+            assert not step.counts.any()
     for layer in range(model.config.n_layer):
         assert torch.allclose(fused.k[layer], eager.k[layer], atol=1e-5)
         assert torch.allclose(fused.v[layer], eager.v[layer], atol=1e-5)
