@@ -143,6 +143,57 @@ def test_decode_chunks_sample_reproducibly_and_stop_at_eot(model, eot_model, mon
         next(generate(model, [1], 3, graphs=True))
 
 
+def test_decode_chunks_hand_out_a_flush_once_the_next_is_queued(model, monkeypatch):
+    """Between chunks a flush is copied out and handed out at the next flush, so the device has a flush's steps
+    queued while the caller takes the tokens; the first token comes at once and the last flush with the rest. The
+    tokens are those of immediate flushes."""
+    monkeypatch.setattr(sample, "GRAPH_STEPS", 1)
+    real, steps = sample._static_step, []
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "_static_step", counted)
+    settings = dict(temperature=0, static_cache=True, flush_every=4)
+    queued = []  # steps taken when each token reached the caller
+    got = []
+    for tokens in generate(model, [1, 2], 17, graphs=True, **settings):
+        queued.append(len(steps))
+        got.append(tokens)
+    assert torch.equal(torch.stack(got, dim=1), _run(model, [1, 2], 17, graphs=False, **settings))
+    # token 1 after the prefill alone; tokens 2-5 (the flush of step 5) once the flush of step 9 is queued, ...
+    assert queued == [0] + [9] * 4 + [13] * 4 + [17] * 8
+
+
+def test_decode_chunks_leave_the_counter_and_position_to_the_chunk_before(model, monkeypatch):
+    """A chunk that follows another one does not set its step counter and cache position again (two kernels a
+    chunk): the chunk before left them where they should be. After a window jump they are set."""
+    monkeypatch.setattr(sample, "GRAPH_STEPS", 2)
+    fills, real = [], torch.Tensor.fill_
+
+    def counted(self, value):
+        fills.append(value)
+        return real(self, value)
+
+    monkeypatch.setattr(torch.Tensor, "fill_", counted)
+    run, chunk_fills = sample._DecodeChunk.run, []
+
+    def run_counted(self, logits, produced, position):
+        before = len(fills)
+        run(self, logits, produced, position)
+        chunk_fills.append(len(fills) - before)
+
+    monkeypatch.setattr(sample._DecodeChunk, "run", run_counted)
+    stats = GenerationStats()
+    settings = dict(temperature=0, static_cache=True, flush_every=4)
+    chunked = _run(model, [3, 4, 5], 40, graphs=True, stats=stats, **settings)
+    assert torch.equal(chunked, _run(model, [3, 4, 5], 40, graphs=False, **settings))
+    assert stats.window_slides >= 1
+    assert chunk_fills[0] == 2 and chunk_fills.count(2) == 1 + stats.window_slides
+    assert chunk_fills.count(0) == len(chunk_fills) - chunk_fills.count(2)
+
+
 def test_decode_chunks_stop_at_the_first_non_finite_step(model, monkeypatch):
     """Logits turn NaN at the 7th step, inside a chunk: the tokens before it are yielded, then the error."""
     monkeypatch.setattr(sample, "GRAPH_STEPS", 4)

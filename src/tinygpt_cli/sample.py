@@ -18,7 +18,7 @@ import copy
 import itertools
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -561,8 +561,10 @@ def generate(
 
     Tokens reach the host `flush_every` steps at a time (default: 16 on CUDA, 1 elsewhere), the first one at
     once: between flushes nothing waits for the device, so the host queues the next steps while the GPU runs
-    the current one. What is yielded, and when the generator returns, is the same for any `flush_every`; at
-    most `flush_every - 1` steps past the end are computed and dropped.
+    the current one. Between chunks of steps (`graphs`) a flush's tokens are copied out without waiting, and
+    handed out at the next flush: the GPU then has a flush's steps queued while the caller takes them, instead
+    of idling. What is yielded, and when the generator returns, is the same for any `flush_every`; at most
+    `2 * flush_every - 1` steps past the end are computed and dropped.
 
     `graphs` (default: on NVIDIA CUDA with the static cache, uncompiled) takes `GRAPH_STEPS` steps at a time as
     one `_DecodeChunk`: sampling included, captured once as a CUDA graph and replayed (off CUDA it runs eagerly).
@@ -643,7 +645,8 @@ def generate(
         finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
         first_bad = torch.full((num_samples,), NEVER, dtype=torch.long, device=device)  # step of non-finite logits
         static_steps = 0
-        flushed = length  # sequence[:, :flushed] has been handed out (the prompt counts as handed out)
+        flushed = length  # sequence[:, :flushed] is copied out (the prompt counts as handed out)
+        pending: _HostCopy | None = None  # a flush copied out but not handed out yet
         ahead = _LookAhead(prompt, stats) if look_ahead else None
 
         head_t = _cpu_head(model)
@@ -676,22 +679,20 @@ def generate(
                     ahead.guesser.push(token)
             last = produced >= max_new_tokens
             if produced == 1 or last or length - flushed >= flush:
-                # (B, n), owned: the only wait for the device; a chunk's steps past the end are dropped
-                unsent = sequence[:, flushed : length - max(0, produced - max_new_tokens)].to("cpu", copy=True)
-                bad_step = int(first_bad.min())  # the device is idle now: no extra wait
-                now = time.perf_counter() - started
-                for i in range(unsent.size(1)):
-                    if stats.new_tokens >= bad_step:  # the tokens before it were yielded, whatever the flush
-                        raise GenerationError(NON_FINITE)
-                    tokens = unsent[:, i]
-                    stats.new_tokens += 1
-                    stats.seconds = now
-                    if stats.new_tokens == 1:
-                        stats.time_to_first_token_s = now
-                    yield tokens
-                    if stop_at_eot and bool((tokens == EOT_ID).all()):
-                        return
+                # a chunk's steps past the end are dropped
+                copied = _HostCopy(sequence[:, flushed : length - max(0, produced - max_new_tokens)], first_bad)
                 flushed = length
+                # between chunks, the flush before this one is handed out now and this one at the next: the GPU
+                # has this flush's steps to run meanwhile (the wait is for the copy queued a flush ago)
+                if chunked and not last:
+                    earlier, pending = pending, copied
+                    if earlier is not None and (yield from _hand_out(earlier, stats, started, stop_at_eot)):
+                        return
+                    continue
+                for out in (pending, copied):
+                    if out is not None and (yield from _hand_out(out, stats, started, stop_at_eot)):
+                        return
+                pending = None
                 if last:
                     return
             if chunked:  # the chunk fed its last token too: `logits` follow it
@@ -728,6 +729,47 @@ def generate(
     finally:  # however it ends (done, stopped, closed early): count the last look-ahead pass too
         if ahead is not None:
             ahead.settle()
+
+
+class _HostCopy:
+    """The tokens of a flush (B, n) and `first_bad` (B,) copied to the host. On CUDA the copies are queued
+    without waiting (to pinned memory) and `wait` waits for them alone; elsewhere they are made at once."""
+
+    def __init__(self, tokens: torch.Tensor, first_bad: torch.Tensor) -> None:
+        self.event = None
+        if tokens.device.type == "cuda":
+            self.tokens, self.first_bad = tokens.to("cpu", non_blocking=True), first_bad.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tokens, self.first_bad = tokens.to("cpu", copy=True), first_bad.to("cpu", copy=True)
+
+    def wait(self) -> tuple[torch.Tensor, int]:
+        """(the tokens (B, n), the first step whose logits were not finite, or NEVER)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens, int(self.first_bad.min())
+
+
+def _hand_out(copied: _HostCopy, stats: GenerationStats, started: float,
+              stop_at_eot: bool) -> Generator[torch.Tensor, None, bool]:
+    """Yield a flush's tokens one step at a time, counting them in `stats`; raise at the first step whose logits
+    were not finite (the tokens before it are yielded, whatever the flush). Returns True when every sample has
+    ended (`stop_at_eot`)."""
+    unsent, bad_step = copied.wait()
+    now = time.perf_counter() - started
+    for i in range(unsent.size(1)):
+        if stats.new_tokens >= bad_step:
+            raise GenerationError(NON_FINITE)
+        tokens = unsent[:, i]
+        stats.new_tokens += 1
+        stats.seconds = now
+        if stats.new_tokens == 1:
+            stats.time_to_first_token_s = now
+        yield tokens
+        if stop_at_eot and bool((tokens == EOT_ID).all()):
+            return True
+    return False
 
 
 def check_fused(device: torch.device, compile: bool = False, use_cache: bool = True,
@@ -911,13 +953,16 @@ class _DecodeChunk:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.chunks = 0
+        self.then: tuple[int, int] | None = None  # (step counter, cache position) where the last chunk left them
 
     def run(self, logits: torch.Tensor, produced: int, position: int) -> None:
         """Take `steps` steps from `logits` (B, V), the `produced`-th token next, fed at cache slot `position`."""
         if logits is not self.logits:
             self.logits.copy_(logits)
-        self.counter.fill_(produced)
-        self.view.input_pos.fill_(position)
+        if (produced, position) != self.then:  # else the chunk before left them there: two kernels fewer a chunk
+            self.counter.fill_(produced)
+            self.view.input_pos.fill_(position)
+        self.then = (produced + self.steps, position + self.steps)
         if self.uniform is not None:
             self.uniform.uniform_(0.0, 1.0, generator=self.draw.generator)
         if self.graph is None and self.stream is not None and self.chunks == 0:
