@@ -203,6 +203,14 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
         stats = getattr(run, "stats", None)
         if stats is not None and (stats.graph_error or stats.compile_error):
             print(f"{name}: {stats.graph_error or stats.compile_error}")
+    if device.type == "cuda":  # where tinygpt's time per call goes: setup before the first token, capture, steady
+        print("| tinygpt contender | first token ms | graph capture ms | tokens/s after the first |")
+        print("|---|---|---|---|")
+        for name, run in runs.items():
+            stats = getattr(run, "stats", None)
+            if stats is not None:
+                print(f"| {name} | {stats.time_to_first_token_s * 1e3:.1f} | {stats.capture_s * 1e3:.1f} | "
+                      f"{stats.decode_tokens_per_s:,.1f} |")
     look = getattr(runs[default], "stats", None)
     if look is not None and look.model_passes:
         print(f"look-ahead: {look.model_passes} model passes for {args.new_tokens} tokens, {look.accepted_tokens} of "

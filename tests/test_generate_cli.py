@@ -92,6 +92,7 @@ def test_json_verbose_and_batches(run):
     assert payload["stats"]["new_tokens"] == 40 and payload["stats"]["num_samples"] == 3
     assert payload["stats"]["window_slides"] >= 1  # 3 + 40 tokens in a 32-token context
     assert payload["stats"]["cuda_graphs"] is False and payload["stats"]["compiled"] is False
+    assert payload["stats"]["graph_capture_s"] == 0
     assert payload["settings"]["stop_at_eot"] is False and payload["stats"]["tokens_per_s"] > 0
     assert "tokens/s decoding" in result.stderr and "first token after" in result.stderr
     greedy = [json.loads(generate("ROMEO: ROMEO: ROMEO:", "--max-new-tokens", "60", "--temperature", "0", "--json",
@@ -322,6 +323,7 @@ def test_generate_on_cuda_with_the_fused_kernels(run):
         assert result.exit_code == 0, result.output
         payload = json.loads(result.stdout)
         assert payload["stats"]["fused"] and payload["stats"]["cuda_graphs"] and not payload["stats"]["compiled"]
+        assert 0 < payload["stats"]["graph_capture_s"] < 30
         assert "fused decode kernels" in result.stderr and "failed" not in result.stderr
         plain = generate(*asked, "--no-fused")
         assert not json.loads(plain.stdout)["stats"]["fused"] and "fused" not in plain.stderr

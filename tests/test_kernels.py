@@ -74,6 +74,7 @@ def test_fused_step_launches_on_the_weights_gpu(monkeypatch):
     step = object.__new__(kernels.FusedDecodeStep)
     model = object()
     step.model, step.batch, step.x = model, 1, SimpleNamespace(device=torch.device("cuda", 1))
+    step.advance, step.built_advancing = None, False
     step(model, torch.zeros((1, 1), dtype=torch.long), None)
     assert entered == [torch.device("cuda", 1), "ran"]
 

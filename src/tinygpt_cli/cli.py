@@ -1016,6 +1016,7 @@ class _GenerateView:
                             "compiled": stats.compiled,
                             "fused": stats.fused,
                             "cuda_graphs": cuda_graphs,
+                            "graph_capture_s": stats.capture_s,
                             "model_passes": stats.model_passes,
                             "guessed_tokens": stats.guessed_tokens,
                             "accepted_tokens": stats.accepted_tokens,
@@ -1038,6 +1039,7 @@ class _GenerateView:
                 f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
                 f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}"
                 f"{' · CUDA graphs' if cuda_graphs else ''}"
+                f"{f' (captured in {stats.capture_s * 1000:.0f} ms)' if stats.graphed else ''}"
                 + (f" · look-ahead: {stats.model_passes} passes, {stats.accepted_tokens} of {stats.guessed_tokens} "
                    "guessed tokens taken" if stats.model_passes else ""),
                 markup=False,

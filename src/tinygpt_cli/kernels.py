@@ -418,13 +418,16 @@ class FusedDecodeStep:
             self.sms = torch.cuda.get_device_properties(param.device).multi_processor_count
         self.launch = _launch_options(param.device, TUNING["num_warps"])  # every kernel's
         self.pdl = bool(self.launch["PDL"])
+        self.built_advancing = False  # the kernels of a step with `advance` set have run (are built and loaded)
 
     def __call__(self, model: GPT, current: torch.Tensor, view: StaticDecodeView,
                  head_t: torch.Tensor | None = None) -> torch.Tensor:
         if model is not self.model or current.size(0) != self.batch:
             raise ValueError("this fused step was built for another model or batch size")
         with _on(self.x.device):
-            return self._launch(model, current, view)
+            logits = self._launch(model, current, view)
+        self.built_advancing |= self.advance is not None
+        return logits
 
     def _launch(self, model: GPT, current: torch.Tensor, view: StaticDecodeView) -> torch.Tensor:
         t = model.transformer

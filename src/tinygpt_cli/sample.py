@@ -291,6 +291,7 @@ class GenerationStats:
     compile_error: str | None = None  # why the compiled or fused step fell back to eager PyTorch
     graphed: bool = False  # decode steps replayed from CUDA graphs of our own (see `_DecodeChunk`)
     graph_error: str | None = None  # why capturing them failed
+    capture_s: float = 0.0  # host time spent capturing them (the GPU's work is queued, not waited for)
     model_passes: int = 0  # look-ahead passes (see `generate`'s lookahead); 0 without it
     guessed_tokens: int = 0  # tokens guessed by look-ahead, and how many of them the draws took
     accepted_tokens: int = 0
@@ -954,6 +955,9 @@ class _DecodeChunk:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.chunks = 0
         self.then: tuple[int, int] | None = None  # (step counter, cache position) where the last chunk left them
+        # a fused step moves the position and counter on from its first call, which builds the kernels the
+        # chunk's steps use; `generate` refills both before any step outside a chunk
+        self._attach_advance()
 
     def run(self, logits: torch.Tensor, produced: int, position: int) -> None:
         """Take `steps` steps from `logits` (B, V), the `produced`-th token next, fed at cache slot `position`."""
@@ -978,18 +982,22 @@ class _DecodeChunk:
         libraries and build its kernels (Triton loads a kernel at its first launch, which a capture refuses), with
         the options the captured steps use. The warm-up writes the cache slot that the chunk's first step rewrites
         before reading it; the logits (a fused step's own buffer), the step counter and the cache position it
-        changes are put back."""
+        changes are put back. A fused step whose kernels have run as the chunk runs them (`generate` takes one
+        step before the first chunk) needs no warm-up step: only its draw's kernel is built first."""
+        began = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.stream.device)
         kept = [(buffer, buffer.clone()) for buffer in (self.logits, self.counter, self.view.input_pos)]
         self._attach_advance()
         self.stream.wait_stream(current)
         try:
-            with torch.cuda.stream(self.stream):  # the step's first call, where it compiles, may fall back
-                _, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
-                                            self.stats, first=True)
-                for buffer, value in kept:
-                    buffer.copy_(value)
+            with torch.cuda.stream(self.stream):
+                if not (self.stats.fused and getattr(self.step, "built_advancing", False)):
+                    # the step's first call, where it compiles, may fall back
+                    _, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
+                                                self.stats, first=True)
+                    for buffer, value in kept:
+                        buffer.copy_(value)
                 self._warm_up_draw()
             with torch.cuda.graph(graph, stream=self.stream):
                 self._take_steps()
@@ -1000,6 +1008,7 @@ class _DecodeChunk:
         current.wait_stream(self.stream)
         self.graph = graph
         self.stats.graphed = graph is not None
+        self.stats.capture_s = time.perf_counter() - began
 
     def _warm_up_draw(self) -> None:
         """Build the draw's kernel before capturing (the first launch compiles it), on copies of its state; if
