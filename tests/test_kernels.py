@@ -121,7 +121,8 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
     types = {"tokens": "*i64", "pos_ptr": "*i64", "counts": "*i32", "part_acc": "*fp32", "part_best": "*fp32",
              "part_total": "*fp32", "eps": "fp32", "scale": "fp32", "picked": "*i64", "step_ptr": "*i64",
              "finished": "*u8", "first_bad": "*i64", "seen": "*u8", "current": "*i64", "never": "i64",
-             "counter": "*i64", "column": "i32"}  # column: not specialised (do_not_specialize)
+             "counter": "*i64", "column": "i32",  # column: not specialised (do_not_specialize)
+             "uniform": "*fp64", "temperature": "fp32", "part_mass": "*fp64", "part_at": "*i32", "part_bad": "*i32"}
 
     def build(kernel, values, constants, capability, pdl=False, warps=4):
         """values: an int argument's value (specialised like the JIT), or nothing for a pointer of `dtype`."""
@@ -163,13 +164,15 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
                 if capability == 90 and module.PDL_SUPPORTED:
                     ptx = build(module._gemv, values, constants, capability, pdl=True).asm["ptx"]
                     assert_waits_after_the_weights(ptx, one_pass)
-        for greedy in (True, False):
+        for mode, top_k in ((0, False), (1, False), (2, True), (2, False)):  # greedy, picked, sampled
             draw = dict(values={"stride_logits": vocab, "V": 50257, "width": vocab, "stride_seen": vocab,
-                                "stride_tokens": 16, "eot": 50256},
-                        constants={"GREEDY": greedy, "STOP_AT_EOT": True, "SEEN": True,
-                                   "BLOCK_V": module.TUNING["draw_block"]}, warps=module.TUNING["draw_warps"])
+                                "stride_tokens": 16, "eot": 50256, "stride_uniform": 16, "stride_bounds": 200,
+                                "n_bounds": 200},
+                        constants={"MODE": mode, "TOP_K": top_k, "DIVIDE": False, "STOP_AT_EOT": True, "SEEN": True,
+                                   "BLOCK_V": module.TUNING["draw_block"], "BOUNDS": 256, "PARTS": 32},
+                        warps=module.TUNING["draw_warps"])
             built = build(module._draw, **draw, capability=capability)
-            if greedy and dtype != "fp32":  # the logits come in 16-byte loads (the padded width is a multiple of 16)
+            if mode != 1 and dtype != "fp32":  # the logits come in 16-byte loads (the padded width: a multiple of 16)
                 assert ".v4" in built.asm["ptx"]
             if capability == 90 and module.PDL_SUPPORTED:
                 assert_waits_after_the_weights(build(module._draw, **draw, capability=90, pdl=True).asm["ptx"], False)
@@ -195,7 +198,8 @@ def assert_waits_after_the_weights(ptx: str, one_pass: bool) -> None:
 @pytest.mark.gpu
 def test_fused_decode_on_cuda_matches_eager():
     """Real kernels, captured as CUDA graphs: fp32 gives the eager greedy and seeded sampled tokens across a window
-    jump; bf16 and fp16 give logits within their rounding of the eager step's, and GPT-2 small's shape runs."""
+    jump (sampled by PyTorch's sampler, and by the draw kernel itself); bf16 and fp16 give logits within their
+    rounding of the eager step's, and GPT-2 small's shape runs."""
     model = fused_test_model(block_size=24).cuda()
     stats = GenerationStats()
     greedy = dict(temperature=0, num_samples=2, flush_every=4)
@@ -205,6 +209,11 @@ def test_fused_decode_on_cuda_matches_eager():
     sampled = dict(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, seed=5, num_samples=3)
     assert torch.equal(generated(model, [5, 6, 7], 40, fused=True, **sampled),
                        generated(model, [5, 6, 7], 40, **sampled))
+    # sampled by the draw kernel itself (no top-p), as `tinygpt generate` samples by default, and with top-k off
+    for top_k in (200, 0):
+        sampled = dict(temperature=0.8, top_k=top_k, seed=6, num_samples=3)
+        assert torch.equal(generated(model, [5, 6, 7], 40, fused=True, **sampled),
+                           generated(model, [5, 6, 7], 40, **sampled))
     from tinygpt_cli import kernels
     from tinygpt_cli.kernels import FusedDecodeStep
 

@@ -15,9 +15,10 @@ Here a layer is five kernels, each spread over every multiprocessor:
 
 plus one kernel for the embeddings and one for the final layer norm + the head (which also moves the cache position
 and the caller's step counter on, `FusedDecodeStep.advance`); `draw_token` takes the next token from the logits in
-one more. Every product is a matrix-vector
-product over blocks of output rows (`gemv_blocks`), with each block reading its rows whole and recomputing the
-layer norm of its input row, which is cheaper than a kernel of its own at this size.
+one more, greedy or sampled (temperature and top-k, after one PyTorch top-k for the k-th largest logit), with its
+bookkeeping. Every product is a matrix-vector product over blocks of output rows (`gemv_blocks`), with each block
+reading its rows whole and recomputing the layer norm of its input row, which is cheaper than a kernel of its own at
+this size.
 
 On Hopper and newer GPUs the kernels are programmatic dependent launches (`uses_pdl`): each lets the next launch at
 once, and the next requests its weights while the one before finishes, waiting only before it reads what that
@@ -95,9 +96,9 @@ def unavailable(device: torch.device) -> str | None:
 # on an H200, at position 0 only, 9% faster than 64; docs/performance.md). The product settings were the sweep's best
 # on the H200, within 4% of it on the H100. `force_block_k` (tests) sets the columns per pass whatever the rest says.
 # `pdl`: launch each kernel as a programmatic dependent launch where the GPU (Hopper or newer) and Triton allow it.
-# `draw_block` and `draw_warps`: the logits a greedy draw (`draw_token`) reads at a time, and its warps.
+# `draw_block` and `draw_warps`: the logits each program of a draw (`draw_token`) reads, and its warps.
 TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 128, "force_block_k": 0,
-          "pdl": True, "draw_block": 16384, "draw_warps": 16}
+          "pdl": True, "draw_block": 2048, "draw_warps": 4}
 
 
 def uses_pdl(capability: tuple[int, int]) -> bool:
@@ -312,15 +313,56 @@ if triton is not None:
                     tl.store(y + b * C + h * HEAD_DIM + dims, out.to(y.dtype.element_ty), mask=dim_ok)
                     tl.store(counts + head, 0)
 
-    @triton.jit(do_not_specialize=["column"])  # one build for every step of a chunk (see _DecodeChunk._capture)
-    def _draw(logits, stride_logits, V, width, picked, step_ptr, finished, first_bad, seen, stride_seen, tokens,
-              stride_tokens, column, current, never, eot, GREEDY: tl.constexpr, STOP_AT_EOT: tl.constexpr,
-              SEEN: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
-        """The next token of sample b (one program each) and its bookkeeping, as `sample._Draw.next` does it
-        followed by the writes of the token to tokens[b, column] and current[b].
+    @triton.jit
+    def _scaled(x, m, temperature, DIVIDE: tl.constexpr):
+        """`sample_next_token`'s logits before its filters: shifted so that the largest is 0, over the temperature
+        (as PyTorch divides by a number: on CUDA times its reciprocal (`temperature` is then that), else divided),
+        the largest kept at 0."""
+        shifted = x - m
+        scaled = shifted / temperature if DIVIDE else shifted * temperature
+        return tl.where(shifted == 0, shifted, scaled)
 
-        GREEDY: the first largest of logits[b, :V]; -1 (not finite) where the row holds a NaN or +inf or only
-        -inf, which is what torch's argmax then picks. Else the token is read from `picked` (the sampler's).
+    @triton.jit
+    def _draw_slice(row, cols, V, width, bounds, n_bounds, temperature, MODE: tl.constexpr, TOP_K: tl.constexpr,
+                    DIVIDE: tl.constexpr, BOUNDS: tl.constexpr):
+        """The logits of columns `cols` of a row as the draw sees them (f32, -inf past V), whether any is NaN or
+        +inf, and for a sampled draw the weight of each, exp(its scaled logit), 0 where top-k filters it out:
+        `bounds` holds the row's largest logit and, with TOP_K, its k largest, of which the smallest is the k-th."""
+        x = tl.load(row + cols, mask=cols < width, other=float("-inf")).to(tl.float32)
+        x = tl.where(cols < V, x, float("-inf"))
+        bad = tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
+        weight = x
+        if MODE == 2:
+            ends = tl.arange(0, BOUNDS)
+            top = tl.load(bounds + ends, mask=ends < n_bounds, other=float("-inf")).to(tl.float32)
+            m = tl.max(top, axis=0)
+            scaled = _scaled(x, m, temperature, DIVIDE)
+            if TOP_K:  # below the k-th largest is out; a monotone scaling keeps the k-th the k-th
+                kth = _scaled(tl.min(tl.where(ends < n_bounds, top, float("inf")), axis=0), m, temperature, DIVIDE)
+                scaled = tl.where(scaled < kth, float("-inf"), scaled)
+            weight = tl.where(m == float("-inf"), 0.0, tl.exp(scaled))
+        return x, bad, weight
+
+    @triton.jit(do_not_specialize=["column"])  # one build for every step of a chunk (see _DecodeChunk._capture)
+    def _draw(logits, stride_logits, V, width, picked, uniform, stride_uniform, bounds, stride_bounds, n_bounds,
+              temperature, part_mass, part_at, part_bad, counts, step_ptr, finished, first_bad, seen, stride_seen,
+              tokens, stride_tokens, column, current, never, eot, MODE: tl.constexpr, TOP_K: tl.constexpr,
+              DIVIDE: tl.constexpr, STOP_AT_EOT: tl.constexpr, SEEN: tl.constexpr, BLOCK_V: tl.constexpr,
+              BOUNDS: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr):
+        """The next token of sample b and its bookkeeping, as `sample._Draw.next` does it followed by the writes of
+        the token to tokens[b, column] and current[b]. Programs (b, j) take a slice of BLOCK_V logits each; the
+        one that finishes a sample's slices last takes its token from theirs (slices in order, so the token does
+        not depend on which finished last) and resets the sample's count for the next draw.
+
+        MODE 0, greedy: the first largest of logits[b, :V]; -1 (not finite) where the row holds a NaN or +inf or
+        only -inf, which is what torch's argmax then picks.
+        MODE 1: the token is read from `picked` (the sampler's; one slice).
+        MODE 2, sampled (temperature, top-k, no top-p): as `sample.sample_next_token` samples on CUDA, where the
+        whole vocabulary is masked: the token at which the running sum of the weights (`_draw_slice`), in token
+        order, passes uniform[b] times their total; -1 where the row holds a NaN or +inf or only -inf. The sums
+        are float64 here and PyTorch's are the float32 probabilities summed in float64, so the two part only
+        where the uniform number falls within rounding of a token's edge. A token of weight 0 is never drawn.
+
         The row is read up to its padded `width` (a multiple of 16: 16-byte loads), the columns past V ignored.
         Then: `first_bad[b]` takes the step where the token is -1 (once, and not after the sample finished), the
         token is clamped to 0, a finished sample gets <|endoftext|> again (STOP_AT_EOT) and `seen` marks it.
@@ -329,52 +371,126 @@ if triton is not None:
             gdc_launch_dependents()
             gdc_wait()
         b = tl.program_id(0)
-        if GREEDY:
-            best = float("-inf")
-            at = 0
-            bad = 0
-            row = logits + b * stride_logits
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + tl.arange(0, BLOCK_V)
-                x = tl.load(row + cols, mask=cols < width, other=float("-inf")).to(tl.float32)
-                x = tl.where(cols < V, x, float("-inf"))
-                bad = tl.maximum(bad, tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=0))
-                block_best = tl.max(x, axis=0)
-                block_at = tl.min(tl.where(x == block_best, cols, V), axis=0)  # the first of the largest
-                at = tl.where(block_best > best, block_at, at)
-                best = tl.maximum(best, block_best)
-            token = tl.where((bad > 0) | (best == float("-inf")), -1, at).to(tl.int64)
-        else:
+        n_parts = tl.num_programs(1)
+        row = logits + b * stride_logits
+        bound = bounds + b * stride_bounds
+        last = True
+        if MODE == 1:
             token = tl.load(picked + b).to(tl.int64)
-        step = tl.load(step_ptr)
-        done = tl.load(finished + b) != 0
-        unseen_bad = (token < 0) & (done == 0) & (tl.load(first_bad + b) == never)
-        tl.store(first_bad + b, step, mask=unseen_bad)
-        token = tl.maximum(token, 0)
-        if STOP_AT_EOT:
-            token = tl.where(done, eot, token)
-            tl.store(finished + b, (done | (token == eot)).to(tl.uint8))
-        if SEEN:
-            tl.store(seen + b * stride_seen + token, 1)
-        tl.store(tokens + b * stride_tokens + column, token)
-        tl.store(current + b, token)
+        else:
+            j = tl.program_id(1)
+            cols = j * BLOCK_V + tl.arange(0, BLOCK_V)
+            x, bad, weight = _draw_slice(row, cols, V, width, bound, n_bounds, temperature, MODE, TOP_K, DIVIDE,
+                                         BOUNDS)
+            part = b * n_parts + j
+            if MODE == 0:
+                best = tl.max(x, axis=0)
+                tl.store(part_mass + part, best.to(tl.float64))
+                tl.store(part_at + part, tl.min(tl.where(x == best, cols, V), axis=0))  # the first of the largest
+            else:
+                tl.store(part_mass + part, tl.sum(weight.to(tl.float64), axis=0))
+                tl.store(part_at + part, tl.max(tl.where(weight > 0, cols, -1), axis=0))  # the last with weight
+            tl.store(part_bad + part, bad)
+            tl.debug_barrier()  # (see _attend)
+            last = tl.atomic_add(counts + b, 1, sem="acq_rel") == n_parts - 1
+        if last:
+            if MODE != 1:
+                parts = tl.arange(0, PARTS)
+                part_ok = parts < n_parts
+                masses = tl.load(part_mass + b * n_parts + parts, mask=part_ok, other=0.0, cache_modifier=".cg")
+                ats = tl.load(part_at + b * n_parts + parts, mask=part_ok, other=-1, cache_modifier=".cg")
+                any_bad = tl.max(tl.load(part_bad + b * n_parts + parts, mask=part_ok, other=0,
+                                         cache_modifier=".cg"), axis=0)
+                tl.store(counts + b, 0)
+                if MODE == 0:
+                    bests = tl.where(part_ok, masses, float("-inf"))
+                    best_all = tl.max(bests, axis=0)
+                    at = tl.min(tl.where(part_ok & (bests == best_all), ats, V), axis=0)
+                    token = tl.where((any_bad > 0) | (best_all == float("-inf")), -1, at).to(tl.int64)
+                else:
+                    total = tl.sum(masses, axis=0)
+                    target = tl.load(uniform + b * stride_uniform).to(tl.float64) * total
+                    # the first slice whose running sum passes the target, and the sum before it
+                    k = tl.min(tl.where(part_ok & (tl.cumsum(masses, axis=0) > target), parts, PARTS), axis=0)
+                    k = tl.minimum(k, n_parts - 1)  # none, by rounding: the last slice (holding the last weight)
+                    before = tl.sum(tl.where(parts < k, masses, 0.0), axis=0)
+                    within = k * BLOCK_V + tl.arange(0, BLOCK_V)
+                    _, _, weights = _draw_slice(row, within, V, width, bound, n_bounds, temperature, MODE, TOP_K,
+                                                DIVIDE, BOUNDS)
+                    passed = (before + tl.cumsum(weights.to(tl.float64), axis=0) > target) & (weights > 0)
+                    at = tl.min(tl.where(passed, within, V), axis=0)
+                    at = tl.where(at == V, tl.max(tl.where(weights > 0, within, -1), axis=0), at)  # (rounding)
+                    at = tl.where(at < 0, tl.max(ats, axis=0), at)
+                    token = tl.where((any_bad > 0) | (total <= 0) | (total != total), -1, at).to(tl.int64)
+            step = tl.load(step_ptr)
+            done = tl.load(finished + b) != 0
+            unseen_bad = (token < 0) & (done == 0) & (tl.load(first_bad + b) == never)
+            tl.store(first_bad + b, step, mask=unseen_bad)
+            token = tl.maximum(token, 0)
+            if STOP_AT_EOT:
+                token = tl.where(done, eot, token)
+                tl.store(finished + b, (done | (token == eot)).to(tl.uint8))
+            if SEEN:
+                tl.store(seen + b * stride_seen + token, 1)
+            tl.store(tokens + b * stride_tokens + column, token)
+            tl.store(current + b, token)
+
+
+FUSED_TOP_K = 1024  # the largest top-k `draw_token` samples with (it reads the k largest logits in each program)
+
+
+class DrawScratch:
+    """What the programs of `draw_token` leave for the last of a sample's: per (sample, slice of the vocabulary)
+    the slice's largest logit or total weight, the column found, whether it held a NaN or +inf; and per sample
+    the slices done so far (reset to 0 by the last). Allocated once, for CUDA graphs."""
+
+    def __init__(self, batch: int, vocab: int, device: torch.device) -> None:
+        self.block = TUNING["draw_block"] if not INTERPRETED else min(TUNING["draw_block"], 1 << 16)
+        self.parts = triton.cdiv(vocab, self.block)
+        self.vocab = vocab
+        self.mass = torch.zeros((batch, self.parts), dtype=torch.float64, device=device)
+        self.at = torch.zeros((batch, self.parts), dtype=torch.int32, device=device)
+        self.bad = torch.zeros((batch, self.parts), dtype=torch.int32, device=device)
+        self.counts = torch.zeros(batch, dtype=torch.int32, device=device)
+
+
+def samples_in_kernel(temperature: float, top_k: int, top_p: float, vocab: int) -> bool:
+    """Whether `draw_token` samples itself with these settings (else it takes the token PyTorch's sampler picked):
+    temperature > 0, no top-p, top-k off or up to FUSED_TOP_K."""
+    return temperature > 0 and top_p >= 1.0 and (top_k == 0 or top_k >= vocab or top_k <= FUSED_TOP_K)
 
 
 def draw_token(logits: torch.Tensor, picked: torch.Tensor | None, step: torch.Tensor, finished: torch.Tensor,
                first_bad: torch.Tensor, seen: torch.Tensor | None, stop_at_eot: bool, tokens: torch.Tensor,
-               column: int, current: torch.Tensor, *, vocab: int, never: int, eot: int) -> None:
-    """Take a decode step's token (see `_draw`) in one kernel where PyTorch takes about twenty small ones: greedy
-    from `logits` (B, >= vocab) when `picked` is None, else the sampler's `picked` (B,) int64. `step` is the 0-d
-    step counter, `tokens` (B, n) int64 and `current` (B, 1) int64 the buffers the token goes to."""
-    scratch = finished.view(torch.uint8)  # for the pointers a variant does not read
-    block = TUNING["draw_block"] if not INTERPRETED else triton.next_power_of_2(vocab)
+               column: int, current: torch.Tensor, scratch: DrawScratch, *, never: int, eot: int,
+               temperature: float = 0.0, top_k: int = 0, uniform: torch.Tensor | None = None) -> None:
+    """Take a decode step's token (see `_draw`) where PyTorch takes about twenty small kernels (forty sampled):
+    greedy from `logits` (B, >= vocab) when `picked` is None and `temperature` is 0; the sampler's `picked` (B,)
+    int64; or sampled here from `logits` at `temperature` with `top_k` (see `samples_in_kernel`) and `uniform`
+    (B, 1), one number in [0, 1) a sample. `step` is the 0-d step counter, `tokens` (B, n) int64 and `current`
+    (B, 1) int64 the buffers the token goes to, `scratch` the programs' (`DrawScratch` for B and the vocabulary)."""
+    vocab = scratch.vocab
+    unused = finished.view(torch.uint8)  # for the pointers a variant does not read
+    mode = 1 if picked is not None else 2 if temperature > 0 else 0
+    bounds, top = unused, False
+    if mode == 2:
+        top = 0 < top_k < vocab
+        # the k largest logits (their smallest is the k-th) or the largest alone: one PyTorch op
+        bounds = (torch.topk(logits[:, :vocab], top_k, dim=-1, sorted=False).values if top else
+                  logits[:, :vocab].amax(dim=-1, keepdim=True))
+    divide = logits.device.type != "cuda"  # as PyTorch divides by a number there (see `_scaled`)
+    t = temperature if divide else float(torch.tensor(1.0) / torch.tensor(temperature or 1.0))
     with _on(logits.device):
-        _draw[(tokens.size(0),)](
-            logits, logits.stride(0), vocab, logits.size(1), picked if picked is not None else scratch, step,
-            finished.view(torch.uint8), first_bad, seen.view(torch.uint8) if seen is not None else scratch,
-            seen.stride(0) if seen is not None else 0, tokens, tokens.stride(0), column, current, never, eot,
-            GREEDY=picked is None, STOP_AT_EOT=stop_at_eot, SEEN=seen is not None, BLOCK_V=block,
-            **_launch_options(logits.device, TUNING["draw_warps"]),
+        _draw[(tokens.size(0), 1 if mode == 1 else scratch.parts)](
+            logits, logits.stride(0), vocab, logits.size(1), picked if picked is not None else unused,
+            uniform if uniform is not None else scratch.mass, uniform.stride(0) if uniform is not None else 0,
+            bounds, bounds.stride(0) if mode == 2 else 0, bounds.size(-1) if mode == 2 else 0, t,
+            scratch.mass, scratch.at, scratch.bad, scratch.counts, step, finished.view(torch.uint8), first_bad,
+            seen.view(torch.uint8) if seen is not None else unused, seen.stride(0) if seen is not None else 0, tokens,
+            tokens.stride(0), column, current, never, eot, MODE=mode, TOP_K=top, DIVIDE=divide,
+            STOP_AT_EOT=stop_at_eot, SEEN=seen is not None, BLOCK_V=scratch.block,
+            BOUNDS=triton.next_power_of_2(bounds.size(-1)) if mode == 2 else 1,
+            PARTS=triton.next_power_of_2(scratch.parts), **_launch_options(logits.device, TUNING["draw_warps"]),
         )
 
 

@@ -35,6 +35,7 @@ from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE
 
 if TYPE_CHECKING:
     from tinygpt_cli.checkpoint import LoadedCheckpoint
+    from tinygpt_cli.kernels import DrawScratch
 
 
 # ----------------------------------------------------------------------------------------------- the cache
@@ -197,6 +198,9 @@ def _uniform_dtype(*devices: torch.device) -> torch.dtype:
 
 NUCLEUS_SHORTLIST = 1024  # top-p alone first looks for its nucleus among this many of the likeliest tokens
 TIE_ROOM = 64  # top-k's candidates hold this many more than k, for tokens tied with the k-th
+# The short lists of candidates on CPU (below). Tests turn them off to sample on CPU as on a GPU, where the fused
+# draw (`kernels.draw_token`) samples the same way.
+CPU_SHORTLISTS = True
 
 
 def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -210,7 +214,7 @@ def _candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.T
     that in microseconds, and checking would make the host wait for the device at every token.
     """
     vocab = logits.size(-1)
-    on_cpu = logits.device.type == "cpu"
+    on_cpu = logits.device.type == "cpu" and CPU_SHORTLISTS
     ids = None
     if top_k and top_k < vocab:
         if on_cpu and top_k + TIE_ROOM < vocab:
@@ -889,6 +893,7 @@ class _Draw:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.penalty, self.seen, self.finished = penalty, seen, finished
         self.first_bad, self.stop_at_eot, self.generator = first_bad, stop_at_eot, generator
+        self.scratch: DrawScratch | None = None  # `next_into`'s
 
     def next(self, logits: torch.Tensor, step: int | torch.Tensor,
              uniform: torch.Tensor | None = None) -> torch.Tensor:
@@ -912,15 +917,26 @@ class _Draw:
                   tokens: torch.Tensor, column: int, current: torch.Tensor) -> None:
         """`next`, writing the token to tokens[:, column] and current (B, 1), its bookkeeping and those writes as
         one Triton kernel (`kernels.draw_token`), which also picks the greedy token: for the fused decode step."""
-        from tinygpt_cli.kernels import draw_token
+        from tinygpt_cli.kernels import draw_token, samples_in_kernel
 
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+        scratch = self.scratch_for(logits)
         picked = None
-        if self.temperature > 0:
+        if self.temperature > 0 and (uniform is None or not samples_in_kernel(self.temperature, self.top_k,
+                                                                              self.top_p, scratch.vocab)):
             picked = sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator, uniform)
         draw_token(logits, picked, step, self.finished, self.first_bad, self.seen, self.stop_at_eot, tokens, column,
-                   current, vocab=min(VOCAB_SIZE, logits.size(1)), never=NEVER, eot=EOT_ID)
+                   current, scratch, never=NEVER, eot=EOT_ID, temperature=self.temperature, top_k=self.top_k,
+                   uniform=uniform)
+
+    def scratch_for(self, logits: torch.Tensor) -> DrawScratch:
+        """The working memory of `kernels.draw_token` for these logits (B, V), made once."""
+        from tinygpt_cli.kernels import DrawScratch
+
+        if self.scratch is None:
+            self.scratch = DrawScratch(logits.size(0), min(VOCAB_SIZE, logits.size(1)), logits.device)
+        return self.scratch
 
 
 class _DecodeChunk:
@@ -1016,6 +1032,7 @@ class _DecodeChunk:
         self.fused_draw = self.fused_draw and self.stats.fused
         if not self.fused_draw:
             return
+        self.draw.scratch_for(self.logits)  # shared with the copy: made outside the capture
         state = copy.copy(self.draw)
         state.finished, state.first_bad = self.draw.finished.clone(), self.draw.first_bad.clone()
         state.seen = self.draw.seen.clone() if self.draw.seen is not None else None

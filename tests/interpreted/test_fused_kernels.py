@@ -83,7 +83,8 @@ def test_fused_step_under_the_default_tuning():
 
 def test_fused_generate_gives_the_eager_tokens(monkeypatch):
     """Greedy past a window jump, and sampled with a seed: the eager static step's tokens; in chunks of steps too,
-    where the fused step's tokens are drawn by `kernels.draw_token`."""
+    where the fused step's tokens are drawn by `kernels.draw_token` (sampling as on a GPU: the whole vocabulary)."""
+    monkeypatch.setattr(sample, "CPU_SHORTLISTS", False)
     monkeypatch.setitem(kernels.TUNING, "block_s", 4)
     model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
     stats = GenerationStats()
@@ -167,6 +168,40 @@ def test_fused_draw_does_what_the_pytorch_draw_does(stop_at_eot, penalty, temper
         assert results[0][3].tolist() == [never, never, 4, 2, 4, never, never, never]
 
 
+@pytest.mark.parametrize(("dtype", "block", "vocab"), [(torch.bfloat16, 2048, 50304), (torch.float32, 256, 4096)])
+def test_the_fused_draw_samples_as_pytorch_samples_on_a_gpu(monkeypatch, dtype, block, vocab):
+    """`kernels.draw_token` sampling itself (temperature, top-k, no top-p) against `sample_next_token` as it
+    samples on a GPU (the whole vocabulary masked, CPU_SHORTLISTS off), from the same uniform numbers: the same
+    token, over top-k off, 1, 20, 1024 and the whole vocabulary, temperatures from 0.05 to 3, ties at the k-th
+    largest, -inf logits and a vocabulary (GPT-2's, or 4096 tokens) split into slices of `block` (the programs of
+    a sample). Settings it does not sample with (top-p, k > 1024) take the PyTorch sampler's token."""
+    monkeypatch.setattr(sample, "CPU_SHORTLISTS", False)
+    monkeypatch.setitem(kernels.TUNING, "draw_block", block)
+    batch = 6
+    torch.manual_seed(2)
+    logits = (torch.randn(batch, vocab) * 2).to(dtype)
+    logits[1, 1000:1040] = logits[1].float().max()  # 40 tied at the top: top-20 keeps all of them
+    logits[2, ::3] = float("-inf")
+    logits[3, 7] = 12.0  # nearly certain
+    logits[4] = logits[4].float().round().to(dtype)  # thousands of ties everywhere
+    draws = 0
+    for top_k, top_p, temperature in ((0, 1.0, 1.0), (1, 1.0, 0.8), (20, 1.0, 0.8), (20, 1.0, 0.05), (1024, 1.0, 3.0),
+                                      (60000, 1.0, 0.7), (20, 0.9, 0.8), (2000, 1.0, 0.8)):
+        for seed in range(2):
+            uniform = torch.rand(batch, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            want = sample.sample_next_token(logits, temperature, top_k, top_p, None, uniform)
+            finished = torch.zeros(batch, dtype=torch.bool)
+            draw = sample._Draw(temperature, top_k, top_p, 1.0, None, finished, torch.full((batch,), sample.NEVER),
+                                False, torch.Generator())
+            tokens, current = torch.zeros((batch, 1), dtype=torch.long), torch.zeros((batch, 1), dtype=torch.long)
+            draw.next_into(logits, torch.tensor(0), uniform, tokens, 0, current)
+            assert torch.equal(tokens[:, 0], want), (top_k, top_p, temperature, seed, tokens[:, 0], want)
+            draws += batch
+    assert draws == 8 * 2 * batch
+    assert kernels.samples_in_kernel(0.8, 20, 1.0, 50257) and not kernels.samples_in_kernel(0.8, 20, 0.9, 50257)
+    assert not kernels.samples_in_kernel(0.8, 2000, 1.0, 50257) and kernels.samples_in_kernel(0.8, 0, 1.0, 50257)
+
+
 def test_the_draw_kernel_is_built_on_copies_before_capture_and_skipped_if_it_fails(monkeypatch):
     """`_DecodeChunk._warm_up_draw` (run before a CUDA graph is captured) leaves the draw's state as it was, and
     a draw kernel that fails to build means the PyTorch draw, not an error."""
@@ -200,6 +235,7 @@ def test_a_captured_chunk_builds_its_kernels_before_capture_and_starts_where_it_
 
     monkeypatch.setitem(kernels.TUNING, "block_s", 4)
     monkeypatch.setattr(sample, "GRAPH_STEPS", 3)
+    monkeypatch.setattr(sample, "CPU_SHORTLISTS", False)  # sample as on a GPU, as the fused draw does
     model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
     sampled = dict(temperature=0.9, top_k=40, seed=3, num_samples=2, graphs=True)
     want = generated(model, [9, 4], 10, static_cache=True, **sampled)
