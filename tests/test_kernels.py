@@ -143,20 +143,19 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
 
     C, heads, slots, vocab = 768, 12, 1024, 50304
     for capability in (90, 80):
-        build(module._embed, {"C": C}, {"BLOCK_C": 1024}, capability)
         splits = triton.cdiv(slots, module.TUNING["block_s"])  # as FusedDecodeStep launches it
         build(module._attend, {"n_head": heads, "S": slots, "n_split": splits},
               {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_S": module.TUNING["block_s"],
                "SPLITS": triton.next_power_of_2(splits)}, capability)
-        products = [(3 * C, C, True, False, False, True), (C, C, False, False, True, False),
-                    (4 * C, C, True, True, False, False), (C, 4 * C, False, False, True, False),
-                    (vocab, C, True, False, False, False)]
-        for N, K, norm, gelu, residual, qkv in products:
+        products = [(3 * C, C, True, False, False, True, True), (3 * C, C, True, False, False, True, False),
+                    (C, C, False, False, True, False, False), (4 * C, C, True, True, False, False, False),
+                    (C, 4 * C, False, False, True, False, False), (vocab, C, True, False, False, False, False)]
+        for N, K, norm, gelu, residual, qkv, embed in products:
             for one_pass in (True, False):
                 block_k = triton.next_power_of_2(K) if one_pass else 256
                 constants = dict(HEAD_DIM=64, LN=norm, LN_BIAS=norm, HAS_BIAS=vocab != N, GELU=gelu,
                                  RESIDUAL=residual, QKV=qkv, BLOCK_N=max(1, 8192 // block_k), BLOCK_K=block_k,
-                                 ONE_PASS=one_pass, ADVANCE=vocab == N)
+                                 ONE_PASS=one_pass, ADVANCE=vocab == N, EMBED=embed)
                 values = {"N": N, "K": K, "stride_wn": K, "stride_wk": 1, "n_head": heads, "S": slots if qkv else 1}
                 kernel = build(module._gemv, values, constants, capability)
                 if one_pass and dtype != "fp32":  # the weights come in 16-byte loads
@@ -177,10 +176,9 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
             if capability == 90 and module.PDL_SUPPORTED:
                 assert_waits_after_the_weights(build(module._draw, **draw, capability=90, pdl=True).asm["ptx"], False)
         if capability == 90 and module.PDL_SUPPORTED:
-            for ptx in (build(module._embed, {"C": C}, {"BLOCK_C": 1024}, capability, pdl=True).asm["ptx"],
-                        build(module._attend, {"n_head": heads, "S": slots, "n_split": 16},
-                              {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_S": 64, "SPLITS": 16}, 90, pdl=True).asm["ptx"]):
-                assert_waits_after_the_weights(ptx, False)
+            attend = build(module._attend, {"n_head": heads, "S": slots, "n_split": 16},
+                           {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_S": 64, "SPLITS": 16}, 90, pdl=True).asm["ptx"]
+            assert_waits_after_the_weights(attend, False)
 
 
 def assert_waits_after_the_weights(ptx: str, one_pass: bool) -> None:

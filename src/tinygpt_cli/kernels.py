@@ -6,14 +6,15 @@ the bandwidth (docs/performance.md): each layer norm, bias, GELU, residual add a
 own, and cuBLAS tiles a one-row product 64 columns wide, so a 768-wide layer's product keeps a third of the GPU busy.
 Here a layer is five kernels, each spread over every multiprocessor:
 
-1. layer norm 1 + the QKV product + bias; the key and value go straight into the cache slot of this step;
+1. layer norm 1 + the QKV product + bias; the key and value go straight into the cache slot of this step (the
+   first layer's also embeds the token, and stores the embedding as the residual stream);
 2. attention of the one query over the cached keys (online softmax), every head at once, over only the blocks of
    slots that the context fills (one block: no combine of partial softmaxes);
 3. the attention output projection + bias + the residual add;
 4. layer norm 2 + the MLP's first product + bias + GELU;
 5. the MLP's second product + bias + the residual add;
 
-plus one kernel for the embeddings and one for the final layer norm + the head (which also moves the cache position
+plus one kernel for the final layer norm + the head (which also moves the cache position
 and the caller's step counter on, `FusedDecodeStep.advance`); `draw_token` takes the next token from the logits in
 one more, greedy or sampled (temperature and top-k, after one PyTorch top-k for the k-th largest logit), with its
 bookkeeping. Every product is a matrix-vector product over blocks of output rows (`gemv_blocks`), with each block
@@ -131,20 +132,18 @@ def gemv_blocks(n_rows: int, n_programs: int, most: int = 64) -> int:
 if triton is not None:
 
     @triton.jit
-    def _embed(tokens, pos_ptr, wte, wpe, x, C, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
-        """x[b] = wte[tokens[b]] + wpe[pos]; one program per sample."""
-        if PDL:  # (see _gemv)
-            gdc_launch_dependents()
-            gdc_wait()
-        b = tl.program_id(0)
-        token = tl.load(tokens + b)
-        pos = tl.load(pos_ptr)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            keep = cols < C
-            e = (tl.load(wte + token * C + cols, mask=keep, other=0.0).to(tl.float32)
-                 + tl.load(wpe + pos * C + cols, mask=keep, other=0.0).to(tl.float32))
-            tl.store(x + b * C + cols, e.to(x.dtype.element_ty), mask=keep)
+    def _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED: tl.constexpr):
+        """Columns `cols` of a product's input row (f32): the row at x_row, or with EMBED the model's input,
+        wte[tokens[b]] + wpe[pos] rounded to the model's dtype (the first layer's QKV product, which also stores
+        it as the residual stream)."""
+        if EMBED:
+            token = tl.load(tokens + b)
+            pos = tl.load(pos_ptr)
+            e = (tl.load(wte + token * K + cols, mask=col_ok, other=0.0).to(tl.float32)
+                 + tl.load(wpe + pos * K + cols, mask=col_ok, other=0.0).to(tl.float32))
+            return e.to(dtype).to(tl.float32)
+        else:
+            return tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
 
     @triton.jit
     def _gelu_tanh(y):
@@ -161,17 +160,20 @@ if triton is not None:
         return tl.where(col_ok, xk.to(dtype).to(tl.float32), 0.0)
 
     @triton.jit
-    def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr, counter,
+    def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr, counter, tokens, wte, wpe,
               N, K, stride_wn, stride_wk, eps, n_head, S,
               HEAD_DIM: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
               GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr):
+              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr,
+              EMBED: tl.constexpr):
         """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program.
 
         g: layer norm of the row (LN), else identity. f: GELU (GELU); `out[b, n] + ...` in place (RESIDUAL).
         QKV: the outputs are the query (to q_out (B, C)), key and value (to the caches (B, nh, S, hd) at slot pos).
         ADVANCE (the head, the step's last kernel, which reads neither): one program adds 1 to the cache position
         and to `counter`, the caller's step counter, for the next step.
+        EMBED (the first layer's QKV): the input row is the embedding of tokens[b] at the cache position
+        (`_input`), which the first program also stores to x, the residual stream.
         ONE_PASS (BLOCK_K >= K): the weights are requested first, so that reading the row and its layer norm
         happen while they are on their way; else the row is read BLOCK_K columns at a time, its norm first.
 
@@ -196,7 +198,10 @@ if triton is not None:
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
             if PDL:
                 gdc_wait()
-            xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+            xk = _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
+            if EMBED:  # the residual stream starts here
+                if pid == 0:
+                    tl.store(x_row + cols, xk.to(dtype), mask=col_ok)
             if LN:  # as torch's layer norm: the mean, then the variance about it
                 mean = tl.sum(xk, axis=0) / K
                 centred = tl.where(col_ok, xk - mean, 0.0)
@@ -212,12 +217,12 @@ if triton is not None:
                 part = tl.zeros((BLOCK_K,), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     cols = k0 + tl.arange(0, BLOCK_K)
-                    part += tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+                    part += _input(x_row, cols, cols < K, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
                 mean = tl.sum(part, axis=0) / K
                 part = tl.zeros((BLOCK_K,), dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     cols = k0 + tl.arange(0, BLOCK_K)
-                    centred = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) - mean
+                    centred = _input(x_row, cols, cols < K, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED) - mean
                     part += tl.where(cols < K, centred * centred, 0.0)
                 rstd = 1.0 / tl.sqrt(tl.sum(part, axis=0) / K + eps)
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -226,7 +231,10 @@ if triton is not None:
                 col_ok = cols < K
                 tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                                mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-                xk = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+                xk = _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
+                if EMBED:
+                    if pid == 0:
+                        tl.store(x_row + cols, xk.to(dtype), mask=col_ok)
                 if LN:
                     xk = _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS)
                 acc += tile.to(tl.float32) * xk[None, :]
@@ -547,13 +555,11 @@ class FusedDecodeStep:
 
     def _launch(self, model: GPT, current: torch.Tensor, view: StaticDecodeView) -> torch.Tensor:
         t = model.transformer
-        C = model.config.n_embd
         pos = view.input_pos
-        _embed[(self.batch,)](current, pos, t.wte.weight, t.wpe.weight, self.x, C,
-                              BLOCK_C=triton.next_power_of_2(min(C, 1024)), **self.launch)
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
-            self._product(self.x, attn.c_attn, block.ln_1, None, qkv=(view.k[i], view.v[i], pos))
+            self._product(self.x, attn.c_attn, block.ln_1, None, qkv=(view.k[i], view.v[i], pos),
+                          embed=(current, t.wte.weight, t.wpe.weight) if i == 0 else None)
             _attend[(self.batch, self.n_head, self.n_split)](  # the cache holds at most a context of slots
                 self.q, view.k[i], view.v[i], pos, self.y, self.part_acc, self.part_best, self.part_total,
                 self.counts, self.n_head, view.k[i].size(2), self.n_split, self.scale,
@@ -570,7 +576,8 @@ class FusedDecodeStep:
     def _product(self, x: torch.Tensor, linear: torch.nn.Linear, norm: torch.nn.LayerNorm | None,
                  out: torch.Tensor | None, *, gelu: bool = False, residual: bool = False,
                  qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                 advance: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 advance: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 embed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         weight = linear.weight  # (N, K), any strides
         N, K = weight.shape
         if INTERPRETED:  # a few large blocks: the interpreter's cost is per program and per operation
@@ -582,15 +589,17 @@ class FusedDecodeStep:
         k_cache, v_cache, pos = qkv if qkv is not None else (x, x, x)
         pos, counter = advance if advance is not None else (pos, x)
         out = out if out is not None else self.q
+        tokens, wte, wpe = embed if embed is not None else (counter, weight, weight)
         grid = (triton.cdiv(N, rows), self.batch)
         _gemv[grid](
             x, weight, linear.bias if linear.bias is not None else weight,
             norm.weight if norm is not None else weight,
             norm.bias if norm is not None and norm.bias is not None else weight,
-            out, self.q, k_cache, v_cache, pos, counter,
+            out, self.q, k_cache, v_cache, pos, counter, tokens, wte, wpe,
             N, K, weight.stride(0), weight.stride(1), norm.eps if norm is not None else 0.0,
             self.n_head, k_cache.size(2) if qkv is not None else 1,
             HEAD_DIM=self.head_dim, LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
             HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
-            BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, ADVANCE=advance is not None, **self.launch,
+            BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, ADVANCE=advance is not None,
+            EMBED=embed is not None, **self.launch,
         )
