@@ -138,29 +138,36 @@ def main() -> None:
                     "compiled, torch.compile's graphs (--compile on)": dict(compile=True),
                     "compiled, our graph per step": dict(compile=True, graphs=True),
                     "fused kernels, a graph per step (default)": dict(fused=True),
-                    "fused kernels, a graph per 8 steps": dict(fused=True, graph_steps=8)}
+                    "fused kernels, a graph per 8 steps": dict(fused=True, graph_steps=8),
+                    # sampled as `tinygpt generate` samples by default: by the draw kernel, then by PyTorch's sampler
+                    "fused kernels, sampled (temperature 0.8, top-k 200)": dict(fused=True, temperature=0.8,
+                                                                                top_k=200),
+                    "fused kernels, sampled by PyTorch's sampler": dict(fused=True, temperature=0.8, top_k=200,
+                                                                        fused_top_k=0)}
         if args.no_fused:
             variants = {label: kwargs for label, kwargs in variants.items() if "fused" not in label}
-        print("\ngenerate, greedy from 4 tokens (best of 2 calls; setup, compile excepted, included):")
+        print("\ngenerate from 4 tokens, greedy unless said (best of 2 calls; setup, compile excepted, included):")
         for new_tokens in (int(n) for n in args.tokens.split(",")):
             for label, kwargs in variants.items():
-                kwargs = dict(kwargs)
+                kwargs = dict(temperature=0, seed=0) | kwargs
                 sample.GRAPH_STEPS = kwargs.pop("graph_steps", 1)  # host work per replay over more tokens
+                kernels.FUSED_TOP_K = kwargs.pop("fused_top_k", 1024)  # 0: top-k sampling by PyTorch's sampler
                 best = float("inf")
                 for _ in range(2):
                     stats = GenerationStats()
                     torch.cuda.synchronize()
                     started = time.perf_counter()
-                    for _token in generate(model, [1, 2, 3, 4], new_tokens, temperature=0, seed=0, stats=stats,
-                                           **kwargs):
+                    for _token in generate(model, [1, 2, 3, 4], new_tokens, stats=stats, **kwargs):
                         pass
                     torch.cuda.synchronize()
                     best = min(best, time.perf_counter() - started)
                 us = best / new_tokens * 1e6
                 print(f"  {new_tokens} tokens, {label}: {us:.1f} us per token ({new_tokens / best:,.0f} tokens/s), "
-                      f"{use(us)}; graphed={stats.graphed} {stats.graph_error or ''}{stats.compile_error or ''}",
+                      f"{use(us)}; first token {stats.time_to_first_token_s * 1e3:.1f} ms, "
+                      f"capture {stats.capture_s * 1e3:.1f} ms, "
+                      f"graphed={stats.graphed} {stats.graph_error or ''}{stats.compile_error or ''}",
                       flush=True)
-        sample.GRAPH_STEPS = 1
+        sample.GRAPH_STEPS, kernels.FUSED_TOP_K = 1, 1024
         if args.sweep and not args.no_fused:
             sweep(model, use, args.sweep)
 
