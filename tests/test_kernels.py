@@ -121,7 +121,7 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
     types = {"tokens": "*i64", "pos_ptr": "*i64", "counts": "*i32", "part_acc": "*fp32", "part_best": "*fp32",
              "part_total": "*fp32", "eps": "fp32", "scale": "fp32", "picked": "*i64", "step_ptr": "*i64",
              "finished": "*u8", "first_bad": "*i64", "seen": "*u8", "current": "*i64", "never": "i64",
-             "counter": "*i64", "column": "i32",  # column: not specialised (do_not_specialize)
+             "counter": "*i64", "column": "i32", "uniform_at": "i32",  # not specialised (do_not_specialize)
              "uniform": "*fp64", "temperature": "fp32", "part_mass": "*fp64", "part_at": "*i32", "part_bad": "*i32"}
 
     def build(kernel, values, constants, capability, pdl=False, warps=4):

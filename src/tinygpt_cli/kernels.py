@@ -199,7 +199,7 @@ if triton is not None:
             if PDL:
                 gdc_wait()
             xk = _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
-            if EMBED:  # the residual stream starts here
+            if EMBED:  # noqa: SIM102 (resolved at build time; the inner test at run time) the residual stream starts
                 if pid == 0:
                     tl.store(x_row + cols, xk.to(dtype), mask=col_ok)
             if LN:  # as torch's layer norm: the mean, then the variance about it
@@ -232,7 +232,7 @@ if triton is not None:
                 tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                                mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
                 xk = _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
-                if EMBED:
+                if EMBED:  # noqa: SIM102 (as above)
                     if pid == 0:
                         tl.store(x_row + cols, xk.to(dtype), mask=col_ok)
                 if LN:
@@ -351,10 +351,12 @@ if triton is not None:
             weight = tl.where(m == float("-inf"), 0.0, tl.exp(scaled))
         return x, bad, weight
 
-    @triton.jit(do_not_specialize=["column"])  # one build for every step of a chunk (see _DecodeChunk._capture)
-    def _draw(logits, stride_logits, V, width, picked, uniform, stride_uniform, bounds, stride_bounds, n_bounds,
-              temperature, part_mass, part_at, part_bad, counts, step_ptr, finished, first_bad, seen, stride_seen,
-              tokens, stride_tokens, column, current, never, eot, MODE: tl.constexpr, TOP_K: tl.constexpr,
+    # one build for every step of a chunk (see _DecodeChunk._capture): the column and the uniform numbers' offset
+    # (their pointer is the base of the chunk's tensor, not step i's column, which is 8-byte aligned at odd i)
+    @triton.jit(do_not_specialize=["column", "uniform_at"])
+    def _draw(logits, stride_logits, V, width, picked, uniform, uniform_at, stride_uniform, bounds, stride_bounds,
+              n_bounds, temperature, part_mass, part_at, part_bad, counts, step_ptr, finished, first_bad, seen,
+              stride_seen, tokens, stride_tokens, column, current, never, eot, MODE: tl.constexpr, TOP_K: tl.constexpr,
               DIVIDE: tl.constexpr, STOP_AT_EOT: tl.constexpr, SEEN: tl.constexpr, BLOCK_V: tl.constexpr,
               BOUNDS: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr):
         """The next token of sample b and its bookkeeping, as `sample._Draw.next` does it followed by the writes of
@@ -417,10 +419,10 @@ if triton is not None:
                     token = tl.where((any_bad > 0) | (best_all == float("-inf")), -1, at).to(tl.int64)
                 else:
                     total = tl.sum(masses, axis=0)
-                    target = tl.load(uniform + b * stride_uniform).to(tl.float64) * total
+                    target = tl.load(uniform + uniform_at + b * stride_uniform).to(tl.float64) * total
                     # the first slice whose running sum passes the target, and the sum before it
                     k = tl.min(tl.where(part_ok & (tl.cumsum(masses, axis=0) > target), parts, PARTS), axis=0)
-                    k = tl.minimum(k, n_parts - 1)  # none, by rounding: the last slice (holding the last weight)
+                    k = tl.minimum(k, n_parts - 1)  # none, by rounding: the last slice, and the fallbacks below
                     before = tl.sum(tl.where(parts < k, masses, 0.0), axis=0)
                     within = k * BLOCK_V + tl.arange(0, BLOCK_V)
                     _, _, weights = _draw_slice(row, within, V, width, bound, n_bounds, temperature, MODE, TOP_K,
@@ -488,10 +490,18 @@ def draw_token(logits: torch.Tensor, picked: torch.Tensor | None, step: torch.Te
                   logits[:, :vocab].amax(dim=-1, keepdim=True))
     divide = logits.device.type != "cuda"  # as PyTorch divides by a number there (see `_scaled`)
     t = temperature if divide else float(torch.tensor(1.0) / torch.tensor(temperature or 1.0))
+    # the uniform numbers as the base of their storage and an offset: Triton specialises a pointer on its 16-byte
+    # alignment, and a chunk's steps pass the columns of one float64 tensor (see `_draw`)
+    uniform_at, uniform_base = 0, scratch.mass
+    if mode == 2:
+        if uniform is None:
+            raise ValueError("draw_token samples from `uniform` numbers: pass them, or the token picked")
+        uniform_at = uniform.storage_offset()
+        uniform_base = uniform.as_strided((uniform.untyped_storage().nbytes() // uniform.element_size(),), (1,), 0)
     with _on(logits.device):
         _draw[(tokens.size(0), 1 if mode == 1 else scratch.parts)](
             logits, logits.stride(0), vocab, logits.size(1), picked if picked is not None else unused,
-            uniform if uniform is not None else scratch.mass, uniform.stride(0) if uniform is not None else 0,
+            uniform_base, uniform_at, uniform.stride(0) if mode == 2 else 0,
             bounds, bounds.stride(0) if mode == 2 else 0, bounds.size(-1) if mode == 2 else 0, t,
             scratch.mass, scratch.at, scratch.bad, scratch.counts, step, finished.view(torch.uint8), first_bad,
             seen.view(torch.uint8) if seen is not None else unused, seen.stride(0) if seen is not None else 0, tokens,

@@ -292,3 +292,48 @@ def test_a_captured_chunk_builds_its_kernels_before_capture_and_starts_where_it_
     assert calls[0] == (False, True) and not any(warm_up for warm_up, advance in calls)
     assert 0 < stats.capture_s < 60
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])  # the kernel samples itself; PyTorch's sampler picks
+def test_the_chunks_draws_run_the_draw_kernel_built_before_capture(monkeypatch, top_p):
+    """Every draw of a chunk's steps launches the draw kernel as Triton's JIT specialised it for the warm-up
+    before the capture (a new variant would be built and loaded inside the capture, which fails): in particular
+    the uniform numbers of step i, a column of the chunk's (B, steps) float64 tensor, 8-byte aligned at odd i."""
+    real = kernels._draw
+    skip = set(real.kwargs["do_not_specialize"])  # (the interpreter's function keeps the decorator's arguments)
+    keys = []
+
+    def specialised(arg):  # what Triton's JIT specialises a build on: a pointer's 16-byte alignment, an int's
+        if isinstance(arg, torch.Tensor):  # being 1 or a multiple of 16, the type of the rest
+            return "ptr", str(arg.dtype), arg.data_ptr() % 16 == 0
+        if isinstance(arg, bool) or not isinstance(arg, int):
+            return type(arg).__name__
+        return "int", arg == 1, arg % 16 == 0
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                key = tuple(specialised(arg) if name not in skip else None
+                            for name, arg in zip(real.arg_names, args, strict=False))
+                keys.append((key, tuple(sorted(kwargs.items()))))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "_draw", Recorder())
+    monkeypatch.setattr(sample, "CPU_SHORTLISTS", False)
+    model = fused_test_model(n_layer=1, n_embd=32, n_head=2)
+    view = StaticDecodeView(KVCache(model, 2))
+    view.input_pos.fill_(3)
+    stats = GenerationStats(fused=True)
+    finished, first_bad = torch.tensor([False, False]), torch.full((2,), sample.NEVER)
+    draw = sample._Draw(0.8, 20, top_p, 1.0, None, finished, first_bad, True, torch.Generator().manual_seed(1))
+    current = torch.zeros((2, 1), dtype=torch.long)
+    chunk = sample._DecodeChunk(kernels.FusedDecodeStep(model, 2), model, view, current, 3, draw, stats)
+    chunk.logits.copy_(torch.randn_like(chunk.logits))
+    chunk.uniform.uniform_(0.0, 1.0, generator=draw.generator)
+    chunk._warm_up_draw()
+    assert chunk.fused_draw
+    built = set(keys)
+    keys.clear()
+    chunk._take_steps()
+    assert len(keys) == 3 and set(keys) <= built, [k for k in keys if k not in built]
