@@ -210,8 +210,10 @@ def test_fused_decode_on_cuda_matches_eager():
     # sampled by the draw kernel itself (no top-p), as `tinygpt generate` samples by default, and with top-k off
     for top_k in (200, 0):
         sampled = dict(temperature=0.8, top_k=top_k, seed=6, num_samples=3)
-        assert torch.equal(generated(model, [5, 6, 7], 40, fused=True, **sampled),
+        stats = GenerationStats()
+        assert torch.equal(generated(model, [5, 6, 7], 40, fused=True, stats=stats, **sampled),
                            generated(model, [5, 6, 7], 40, **sampled))
+        assert stats.graphed and stats.graph_error is None  # (an eager fallback would give the same tokens)
     from tinygpt_cli import kernels
     from tinygpt_cli.kernels import FusedDecodeStep
 
