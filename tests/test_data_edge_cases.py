@@ -226,11 +226,22 @@ def test_text_marked_as_utf16_or_utf32_is_read(workspace, encoding):
     bom = {"utf-16": b"", "utf-16-be": codecs.BOM_UTF16_BE, "utf-32": b""}[encoding]
     (workspace / "wide.txt").write_bytes(bom + text.encode(encoding))
     (workspace / "plain.txt").write_bytes(text.encode("utf-8"))
-    wide = data.tokenize(str(workspace / "wide.txt"), name="wide")
-    plain = data.tokenize(str(workspace / "plain.txt"), name="plain")
+    plans = []
+
+    def planned(event):
+        if event.kind == "plan":
+            plans.append(event)
+
+    wide = data.tokenize(str(workspace / "wide.txt"), name="wide", on_event=planned)
+    plain = data.tokenize(str(workspace / "plain.txt"), name="plain", on_event=planned)
     assert wide.skipped_undecodable == []
     for split in ("train", "val"):
         assert (wide.path / f"{split}.bin").read_bytes() == (plain.path / f"{split}.bin").read_bytes()
+    # the plan counts the text as UTF-8, as it is encoded: the token estimate (which sizes the disk check) and the
+    # progress total were the UTF-16/32 bytes, up to 4x the text
+    (wide_plan, plain_plan) = plans
+    assert abs(wide_plan.total_text_bytes - plain_plan.total_text_bytes) <= 0.01 * plain_plan.total_text_bytes
+    assert abs(wide_plan.estimated_tokens - plain_plan.estimated_tokens) <= 0.01 * plain_plan.estimated_tokens
 
 
 def test_a_large_utf16_file_is_named_with_the_right_conversion(workspace, monkeypatch):

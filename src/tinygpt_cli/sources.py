@@ -250,12 +250,30 @@ def _parquet_stats(path: Path, text_field: str) -> tuple[int, int]:
     return metadata.num_rows, text_bytes
 
 
+TEXT_BYTES_SAMPLE = 64 * 1024  # the head of a UTF-16/32 .txt file decoded to size its text in UTF-8
+
+
+def _txt_text_bytes(path: Path, size: int) -> int:
+    """About how many bytes of UTF-8 a .txt file's text is, as it is encoded: its size, or for UTF-16/32 (a
+    byte-order mark) its size times the UTF-8 bytes per file byte of its head (1/2 to 1/4 for ASCII)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(TEXT_BYTES_SAMPLE)
+    except OSError:  # reported when the file is read
+        return size
+    codec = text_codec(head[:4])
+    if codec not in ("utf-16", "utf-32") or len(head) <= 4:
+        return size
+    text = codecs.getincrementaldecoder(codec)(errors="replace").decode(head)  # a cut character waits: not counted
+    return int(size * len(text.encode("utf-8", "surrogatepass")) / len(head))
+
+
 def _document_file(path: Path, text_field: str = "text") -> DocumentFile:
     kind = _kind_of(path)
     assert kind is not None
     size = path.stat().st_size
     if kind == "txt":
-        return DocumentFile(path, kind, 1, size, size)
+        return DocumentFile(path, kind, 1, size, _txt_text_bytes(path, size))
     documents, text_bytes = _jsonl_stats(path, text_field) if kind == "jsonl" else _parquet_stats(path, text_field)
     return DocumentFile(path, kind, documents, size, text_bytes)
 
