@@ -166,6 +166,39 @@ def test_decode_chunks_hand_out_a_flush_once_the_next_is_queued(model, monkeypat
     assert queued == [0] + [9] * 4 + [13] * 4 + [17] * 8
 
 
+def test_a_flush_copied_from_a_second_gpu_waits_for_that_gpus_stream(monkeypatch):
+    """The copies of a flush are queued on the current stream of the tokens' GPU; the event that `wait` waits
+    for must be recorded there, not on the current device's stream (cuda:0 for a model on cuda:1), or the host
+    reads the pinned tokens before they have arrived."""
+    recorded = []
+
+    def current_stream(device=None):  # as torch: no device means the current one (cuda:0 here)
+        return ("stream", torch.device("cuda", 0) if device is None else torch.device(device))
+
+    class Event:
+        def record(self, stream=None):  # torch.cuda.Event.record: current_stream() when no stream is given
+            recorded.append(stream if stream is not None else current_stream())
+
+        def synchronize(self):
+            pass
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+        def __init__(self, value):
+            self.value = value
+
+        def to(self, *args, **kwargs):
+            return self.value
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    copied = sample._HostCopy(OnSecondGpu(torch.tensor([[7, 8]])), OnSecondGpu(torch.tensor([sample.NEVER])))
+    assert recorded == [("stream", torch.device("cuda", 1))]
+    tokens, bad_step = copied.wait()
+    assert tokens.tolist() == [[7, 8]] and bad_step == sample.NEVER
+
+
 def test_decode_chunks_leave_the_counter_and_position_to_the_chunk_before(model, monkeypatch):
     """A chunk that follows another one does not set its step counter and cache position again (two kernels a
     chunk): the chunk before left them where they should be. After a window jump they are set."""

@@ -568,8 +568,8 @@ def generate(
     once: between flushes nothing waits for the device, so the host queues the next steps while the GPU runs
     the current one. Between chunks of steps (`graphs`) a flush's tokens are copied out without waiting, and
     handed out at the next flush: the GPU then has a flush's steps queued while the caller takes them, instead
-    of idling. What is yielded, and when the generator returns, is the same for any `flush_every`; at most
-    `2 * flush_every - 1` steps past the end are computed and dropped.
+    of idling. What is yielded, and when the generator returns, is the same for any `flush_every`; at most two
+    flushes of steps past the end (`2 * flush_every - 1` with one step a chunk) are computed and dropped.
 
     `graphs` (default: on NVIDIA CUDA with the static cache, uncompiled) takes `GRAPH_STEPS` steps at a time as
     one `_DecodeChunk`: sampling included, captured once as a CUDA graph and replayed (off CUDA it runs eagerly).
@@ -745,7 +745,9 @@ class _HostCopy:
         if tokens.device.type == "cuda":
             self.tokens, self.first_bad = tokens.to("cpu", non_blocking=True), first_bad.to("cpu", non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            # on the stream the copies were queued on, the tokens' GPU's: `record()` takes the current device's,
+            # which is another GPU for a model on cuda:1 (nothing here makes that GPU current)
+            self.event.record(torch.cuda.current_stream(tokens.device))
         else:
             self.tokens, self.first_bad = tokens.to("cpu", copy=True), first_bad.to("cpu", copy=True)
 
