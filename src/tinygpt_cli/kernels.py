@@ -535,6 +535,10 @@ class FusedDecodeStep:
             return torch.zeros((batch, width), dtype=param.dtype, device=param.device)
 
         self.x, self.q, self.y = buffer(cfg.n_embd), buffer(cfg.n_embd), buffer(cfg.n_embd)
+        # the embedding is read a token's row at a time: a copy where the table is not row-major (the tied
+        # table laid out for CPU decoding by `sample.decode_layout`, then moved to the GPU)
+        wte = model.transformer.wte.weight
+        self.wte = wte if wte.stride(1) == 1 and wte.stride(0) == cfg.n_embd else wte.contiguous()
         self.hidden, self.logits = buffer(4 * cfg.n_embd), buffer(cfg.vocab_size)
         # attention's partial softmax per (sample, head, split of the cache's slots), and per (sample, head) the
         # splits done so far (see `_attend`)
@@ -569,7 +573,7 @@ class FusedDecodeStep:
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
             self._product(self.x, attn.c_attn, block.ln_1, None, qkv=(view.k[i], view.v[i], pos),
-                          embed=(current, t.wte.weight, t.wpe.weight) if i == 0 else None)
+                          embed=(current, self.wte, t.wpe.weight) if i == 0 else None)
             _attend[(self.batch, self.n_head, self.n_split)](  # the cache holds at most a context of slots
                 self.q, view.k[i], view.v[i], pos, self.y, self.part_acc, self.part_best, self.part_total,
                 self.counts, self.n_head, view.k[i].size(2), self.n_split, self.scale,

@@ -81,6 +81,22 @@ def test_fused_step_under_the_default_tuning():
         assert torch.allclose(fused.v[layer], eager.v[layer], atol=1e-5)
 
 
+def test_fused_step_takes_weights_laid_out_for_cpu_decoding():
+    """`sample.decode_layout` stores every Linear weight column-major, the head's too, and so the embedding table
+    tied to it; a model laid out so and then moved to a GPU keeps those strides. The products read any strides,
+    and the embedding is read from a row-major copy: the eager logits."""
+    model = sample.decode_layout(fused_test_model(block_size=12))
+    assert model.transformer.wte.weight.stride(1) != 1
+    caches = [StaticDecodeView(KVCache(model, 1)) for _ in range(2)]
+    step = kernels.FusedDecodeStep(model, 1)
+    current = torch.tensor([[1000]])
+    with torch.inference_mode():
+        for view in caches:
+            view.input_pos.fill_(3)
+        got, want = step(model, current, caches[0]), sample._last_logits(model, current, caches[1])
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
 def test_fused_generate_gives_the_eager_tokens(monkeypatch):
     """Greedy past a window jump, and sampled with a seed: the eager static step's tokens; in chunks of steps too,
     where the fused step's tokens are drawn by `kernels.draw_token` (sampling as on a GPU: the whole vocabulary)."""
