@@ -115,13 +115,19 @@ def test_interrupted_training_exits_130(with_shakespeare, monkeypatch):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespeare, workspace, monkeypatch, sig):
+def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespeare, workspace, monkeypatch, request,
+                                                                   sig):
     """The first signal asks for a checkpoint; a second one, here while the step-4 checkpoint's files are being
     written, aborts: no traceback, one line that says what is kept, 128 + the signal (130 for Ctrl-C, 143 for a
     scheduler's SIGTERM), the step-2 checkpoint intact and nothing of step 4 left. The same signal repeated
     within a second (one stop sent along two paths) is not a second one."""
     from tinygpt_cli import train as train_module
 
+    inherited = signal.getsignal(sig)
+    if inherited == signal.SIG_IGN:  # a job started in the background (`&`, nohup) ignores Ctrl-C, which train
+        # rightly keeps ignored: the signal as a terminal's process has it
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        request.addfinalizer(lambda: signal.signal(sig, inherited))
     real_save, real_fsync = train_module.save_checkpoint, ckpt.fsync_file
     sent = []
 
