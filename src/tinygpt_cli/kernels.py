@@ -455,7 +455,7 @@ class DrawScratch:
     the slices done so far (reset to 0 by the last). Allocated once, for CUDA graphs."""
 
     def __init__(self, batch: int, vocab: int, device: torch.device) -> None:
-        self.block = TUNING["draw_block"] if not INTERPRETED else min(TUNING["draw_block"], 1 << 16)
+        self.block = TUNING["draw_block"]
         self.parts = triton.cdiv(vocab, self.block)
         self.vocab = vocab
         self.mass = torch.zeros((batch, self.parts), dtype=torch.float64, device=device)
@@ -474,7 +474,7 @@ def draw_token(logits: torch.Tensor, picked: torch.Tensor | None, step: torch.Te
                first_bad: torch.Tensor, seen: torch.Tensor | None, stop_at_eot: bool, tokens: torch.Tensor,
                column: int, current: torch.Tensor, scratch: DrawScratch, *, never: int, eot: int,
                temperature: float = 0.0, top_k: int = 0, uniform: torch.Tensor | None = None) -> None:
-    """Take a decode step's token (see `_draw`) where PyTorch takes about twenty small kernels (forty sampled):
+    """Take a decode step's token (see `_draw`) where PyTorch takes about twenty small kernels, more to sample:
     greedy from `logits` (B, >= vocab) when `picked` is None and `temperature` is 0; the sampler's `picked` (B,)
     int64; or sampled here from `logits` at `temperature` with `top_k` (see `samples_in_kernel`) and `uniform`
     (B, 1), one number in [0, 1) a sample. `step` is the 0-d step counter, `tokens` (B, n) int64 and `current`
