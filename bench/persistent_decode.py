@@ -4,7 +4,9 @@ meet at grid-wide barriers in memory instead of at 62 kernel boundaries (`kernel
 Why: the fused step reads the weights at 34% of an H100's bandwidth, and what is left is latency per dependent
 link (docs/performance.md). If a barrier costs less than a kernel boundary (`bench/link_latency.py` measures
 both), this shape of step is the way to the issue's 50%. Each stage's programs request their first weights
-before they wait at the barrier, so the weights stream while the previous stage finishes.
+before they wait at the barrier, so the weights stream while the previous stage finishes, and each program
+requests its next item's weights before it works on the current one (two tiles in flight: the head is 48 items
+a program for GPT-2 on 132 multiprocessors).
 
 Stages per layer: LN1 + QKV (the key and value into the cache) | attention partials over blocks of cached slots |
 the partials combined, the output projection, bias and residual | LN2 + FC + GELU | the MLP's projection, bias
@@ -67,13 +69,18 @@ def _layer_norm(xk, col_ok, cols, ln_w, ln_b, eps, C, dtype):
 
 
 @triton.jit
-def _rows_of(w, item, n_rows, width, cols, col_ok, ROWS: tl.constexpr):
-    """Work item `item` of a product over `n_rows` rows of `width` columns: (its rows, which are real, their
-    weights)."""
+def _rows_of(item, n_rows, ROWS: tl.constexpr):
+    """Work item `item` of a product over `n_rows` rows: (its rows, which are real)."""
     rows = item * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_rows
-    tile = tl.load(w + rows[:, None] * width + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    return rows, row_ok, tile
+    return rows, rows < n_rows
+
+
+@triton.jit
+def _tile_of(w, item, n_rows, width, cols, col_ok, ROWS: tl.constexpr):
+    """The weights of work item `item` (ROWS rows of `width` columns); nothing is read for an item past the
+    last, so a program requests its next item's tile without checking (two tiles in flight: see `_step`)."""
+    rows, row_ok = _rows_of(item, n_rows, ROWS)
+    return tl.load(w + rows[:, None] * width + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -99,7 +106,6 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
     col_ok = cols < C
     cols4 = tl.arange(0, BLOCK_4C)
     col4_ok = cols4 < 4 * C
-    rows8 = tl.arange(0, ROWS)
     pos = tl.load(pos_ptr)
     heads = tl.arange(0, BLOCK_H)
     head_ok = heads < H
@@ -111,12 +117,15 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
         # ---- LN1 + QKV: 3C rows; the key and value go to this layer's cache slot
         if (g >= first_stage) & (g < last_stage):
             n_items = tl.cdiv(3 * C, ROWS)
+            w = w_qkv + layer * 3 * C * C
             if g > 0:
                 _arrive(counter, GRID_SYNC)
+            tile = _tile_of(w, p, 3 * C, C, cols, col_ok, ROWS)
+            if g > 0:
+                _wait(counter, g * P, GRID_SYNC)
             for item in range(p, n_items, P):
-                rows, row_ok, tile = _rows_of(w_qkv + layer * 3 * C * C, item, 3 * C, C, cols, col_ok, ROWS)
-                if (item == p) & (g > 0):
-                    _wait(counter, g * P, GRID_SYNC)
+                rows, row_ok = _rows_of(item, 3 * C, ROWS)
+                following = _tile_of(w, item + P, 3 * C, C, cols, col_ok, ROWS)  # requested before this one's work
                 if layer == 0:
                     token = tl.load(token_ptr)
                     xk = (tl.load(wte + token * C + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -134,8 +143,7 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
                 slot = ((layer * H + kv // D) * S + pos) * D + kv % D
                 tl.store(k_cache + slot, y, mask=row_ok & (rows >= C) & (rows < 2 * C))
                 tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
-            if (p >= n_items) & (g > 0):
-                _wait(counter, g * P, GRID_SYNC)
+                tile = following
         # ---- attention: a partial softmax per (head, block of slots)
         if (g + 1 >= first_stage) & (g + 1 < last_stage):
             n_items = H * n_split
@@ -161,14 +169,16 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
         if (g + 2 >= first_stage) & (g + 2 < last_stage):
             n_items = tl.cdiv(C, ROWS)
             _arrive(counter, GRID_SYNC)
+            wcols = heads[None, :, None] * D + dims[None, None, :]
+            rows, row_ok = _rows_of(p, C, ROWS)
+            tile = tl.load(w_o + layer * C * C + rows[:, None, None] * C + wcols,
+                           mask=row_ok[:, None, None] & head_ok[None, :, None], other=0.0)
+            _wait(counter, (g + 2) * P, GRID_SYNC)
             for item in range(p, n_items, P):
-                rows = item * ROWS + rows8
-                row_ok = rows < C
-                wcols = heads[None, :, None] * D + dims[None, None, :]
-                tile = tl.load(w_o + layer * C * C + rows[:, None, None] * C + wcols,
-                               mask=row_ok[:, None, None] & head_ok[None, :, None], other=0.0)
-                if item == p:
-                    _wait(counter, (g + 2) * P, GRID_SYNC)
+                rows, row_ok = _rows_of(item, C, ROWS)
+                next_rows, next_ok = _rows_of(item + P, C, ROWS)
+                following = tl.load(w_o + layer * C * C + next_rows[:, None, None] * C + wcols,
+                                    mask=next_ok[:, None, None] & head_ok[None, :, None], other=0.0)
                 part = heads[:, None] * n_split + splits[None, :]
                 part_ok = head_ok[:, None] & split_ok[None, :]
                 bests = tl.load(part_best + part, mask=part_ok, other=float("-inf"), cache_modifier=".cg")
@@ -182,52 +192,53 @@ def _step(token_ptr, pos_ptr, wte, wpe, w_qkv, b_qkv, w_o, b_o, w_fc, b_fc, w_pr
                 att = tl.where(head_ok[:, None], att.to(dtype).to(tl.float32), 0.0)  # (BLOCK_H, D)
                 y = tl.sum(tl.sum(tile.to(tl.float32) * att[None, :, :], axis=2), axis=1)
                 _add_to_stream(y, b_o + layer * C, x, rows, row_ok, dtype)
-            if p >= n_items:
-                _wait(counter, (g + 2) * P, GRID_SYNC)
+                tile = following
         # ---- LN2 + FC + GELU
         if (g + 3 >= first_stage) & (g + 3 < last_stage):
             n_items = tl.cdiv(4 * C, ROWS)
+            w = w_fc + layer * 4 * C * C
             _arrive(counter, GRID_SYNC)
+            tile = _tile_of(w, p, 4 * C, C, cols, col_ok, ROWS)
+            _wait(counter, (g + 3) * P, GRID_SYNC)
             for item in range(p, n_items, P):
-                rows, row_ok, tile = _rows_of(w_fc + layer * 4 * C * C, item, 4 * C, C, cols, col_ok, ROWS)
-                if item == p:
-                    _wait(counter, (g + 3) * P, GRID_SYNC)
+                rows, row_ok = _rows_of(item, 4 * C, ROWS)
+                following = _tile_of(w, item + P, 4 * C, C, cols, col_ok, ROWS)
                 xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                 xn = _layer_norm(xk, col_ok, cols, ln2_w + layer * C, ln2_b + layer * C, eps, C, dtype)
                 y = tl.sum(tile.to(tl.float32) * xn[None, :], axis=1)
                 y = (y + tl.load(b_fc + layer * 4 * C + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
                 y = kernels._gelu_tanh(y.to(tl.float32)).to(dtype)
                 tl.store(hidden + rows, y, mask=row_ok)
-            if p >= n_items:
-                _wait(counter, (g + 3) * P, GRID_SYNC)
+                tile = following
         # ---- the MLP's projection + residual
         if (g + 4 >= first_stage) & (g + 4 < last_stage):
             n_items = tl.cdiv(C, ROWS_PR)
+            w = w_pr + layer * 4 * C * C
             _arrive(counter, GRID_SYNC)
+            tile = _tile_of(w, p, C, 4 * C, cols4, col4_ok, ROWS_PR)
+            _wait(counter, (g + 4) * P, GRID_SYNC)
             for item in range(p, n_items, P):
-                rows, row_ok, tile = _rows_of(w_pr + layer * 4 * C * C, item, C, 4 * C, cols4, col4_ok, ROWS_PR)
-                if item == p:
-                    _wait(counter, (g + 4) * P, GRID_SYNC)
+                rows, row_ok = _rows_of(item, C, ROWS_PR)
+                following = _tile_of(w, item + P, C, 4 * C, cols4, col4_ok, ROWS_PR)
                 hk = tl.load(hidden + cols4, mask=col4_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                 _add_to_stream(tl.sum(tile.to(tl.float32) * hk[None, :], axis=1), b_pr + layer * C, x, rows, row_ok,
                                dtype)
-            if p >= n_items:
-                _wait(counter, (g + 4) * P, GRID_SYNC)
+                tile = following
     # ---- LN_f + the head
     g = n_layer * 5
     if (g >= first_stage) & (g < last_stage):
         n_items = tl.cdiv(V, ROWS)
         _arrive(counter, GRID_SYNC)
+        tile = _tile_of(head_w, p, V, C, cols, col_ok, ROWS)
+        _wait(counter, g * P, GRID_SYNC)
+        xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        xn = _layer_norm(xk, col_ok, cols, lnf_w, lnf_b, eps, C, dtype)  # once: 48 items a program for GPT-2
         for item in range(p, n_items, P):
-            rows, row_ok, tile = _rows_of(head_w, item, V, C, cols, col_ok, ROWS)
-            if item == p:
-                _wait(counter, g * P, GRID_SYNC)
-            xk = tl.load(x + cols, mask=col_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            xn = _layer_norm(xk, col_ok, cols, lnf_w, lnf_b, eps, C, dtype)
+            rows, row_ok = _rows_of(item, V, ROWS)
+            following = _tile_of(head_w, item + P, V, C, cols, col_ok, ROWS)
             y = tl.sum(tile.to(tl.float32) * xn[None, :], axis=1).to(dtype)
             tl.store(logits + rows, y, mask=row_ok)
-        if p >= n_items:
-            _wait(counter, g * P, GRID_SYNC)
+            tile = following
 
 
 class PersistentStep:
