@@ -168,8 +168,74 @@ def main() -> None:
                       f"graphed={stats.graphed} {stats.graph_error or ''}{stats.compile_error or ''}",
                       flush=True)
         sample.GRAPH_STEPS, kernels.FUSED_TOP_K = 1, 1024
+        if not args.no_fused:
+            draw_times(model.config.vocab_size)
         if args.sweep and not args.no_fused:
             sweep(model, use, args.sweep)
+
+
+def draw_times(width: int, reps: int = 32) -> None:
+    """One token's draw for a batch of 1, replayed from a CUDA graph of `reps` draws: `kernels.draw_token` greedy
+    and sampling itself (temperature 0.8, top-k 200, as `tinygpt generate` samples by default: one torch.topk and
+    the kernel) under a few slice sizes and warps, against PyTorch's sampler picking the token the kernel then
+    records (how the fused path sampled before)."""
+    logits = torch.randn((1, width), device="cuda").to(torch.bfloat16)
+    step = torch.zeros((), dtype=torch.long, device="cuda")
+    finished = torch.zeros(1, dtype=torch.bool, device="cuda")
+    first_bad = torch.full((1,), sample.NEVER, dtype=torch.long, device="cuda")
+    tokens = torch.zeros((1, 1), dtype=torch.long, device="cuda")
+    current = torch.zeros((1, 1), dtype=torch.long, device="cuda")
+    uniform = torch.rand((1, 1), dtype=torch.float64, device="cuda")
+    vocab = min(width, sample.VOCAB_SIZE)
+
+    def timed(draw) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            draw()  # builds the kernels
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(reps):
+                draw()
+        times = []
+        for _ in range(10):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end) * 1e3 / reps)
+        return sorted(times)[len(times) // 2]
+
+    def drawn(scratch, temperature: float, picked_by_pytorch: bool = False):
+        def draw() -> None:
+            picked = (sample.sample_next_token(logits, temperature, 200, 1.0, None, uniform)
+                      if picked_by_pytorch else None)
+            kernels.draw_token(logits, picked, step, finished, first_bad, None, False, tokens, 0, current, scratch,
+                               never=sample.NEVER, eot=sample.EOT_ID, temperature=temperature, top_k=200,
+                               uniform=uniform)
+        return draw
+
+    print(f"\none token's draw (batch 1, {width} bf16 logits), replayed from a graph of {reps} draws:")
+    default = dict(kernels.TUNING)
+    try:
+        with torch.inference_mode():
+            for block, warps in ((2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8)):
+                kernels.TUNING.update(draw_block=block, draw_warps=warps)
+                scratch = kernels.DrawScratch(1, vocab, torch.device("cuda"))
+                greedy, sampled = timed(drawn(scratch, 0.0)), timed(drawn(scratch, 0.8))
+                mark = " (the default)" if (block, warps) == (default["draw_block"], default["draw_warps"]) else ""
+                print(f"  slices of {block:5d}, {warps} warps{mark}: greedy {greedy:6.1f} us, "
+                      f"sampled {sampled:6.1f} us", flush=True)
+            kernels.TUNING.update(default)
+            scratch = kernels.DrawScratch(1, vocab, torch.device("cuda"))
+            print(f"  PyTorch's sampler, then the kernel's bookkeeping (the fused path before): "
+                  f"{timed(drawn(scratch, 0.8, picked_by_pytorch=True)):6.1f} us", flush=True)
+    except Exception as exc:  # a setting Triton cannot build: say so, and go on to the sweep
+        print(f"  draw timing: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}")
+    finally:
+        kernels.TUNING.update(default)
 
 
 def sweep(model: GPT, use, seconds: float) -> None:

@@ -10,8 +10,9 @@
 #   persistent a prototype of the decode step as one persistent kernel (bench/persistent_decode.py), checked
 #              against the eager step and timed against the fused kernels
 #   train      training throughput of the `small` (124M) preset vs transformers' GPT2LMHeadModel, MFU, step memory
-#   profile    where a decode step's GPU time goes (PyTorch's kernels and the fused ones), `generate` variants, and
-#              a sweep of the fused kernels' settings (SWEEP seconds)
+#   profile    where a decode step's GPU time goes (PyTorch's kernels and the fused ones), `generate` variants
+#              (greedy, and sampled by the draw kernel and by PyTorch's sampler), a token's draw under a few slice
+#              sizes, and a sweep of the fused kernels' settings (SWEEP seconds)
 #   generate   generation throughput and memory-bandwidth use of `small` in bf16 against transformers (GEN_SKIP
 #              leaves contenders out)
 #   pytest     the @pytest.mark.gpu tests (compile + bf16/fp16, fused loss and decode kernels, --batch-size auto,
