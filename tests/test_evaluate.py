@@ -320,3 +320,58 @@ def test_eval_on_cuda(with_shakespeare, workspace, hellaswag_file):
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
     bf16 = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--device", "cuda")
     assert bf16.exit_code == 0, bf16.output
+
+
+# ------------------------------------------------------------------------------------------------ audit (eval)
+def test_eval_of_an_empty_split_is_one_line(with_shakespeare, workspace):
+    """numpy cannot map an empty file: eval of an empty split was a ValueError traceback (audit)."""
+    import hashlib
+
+    make_run(workspace)
+    empty = workspace / "data" / "empty"
+    shutil.copytree(with_shakespeare, empty)
+    (empty / "val.bin").write_bytes(b"")
+    meta = json.loads((empty / "meta.json").read_text())
+    meta["splits"]["val"].update(tokens=0, bytes=0, sha256=hashlib.sha256(b"").hexdigest())
+    (empty / "meta.json").write_text(json.dumps(meta))
+    assert_one_line_error(evaluate("--data", "empty", "--tokens", "64"), "the val split of empty has fewer than 2")
+    assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()
+
+
+def test_eval_of_a_checkpoint_by_a_relative_path_records_in_its_run(with_shakespeare, workspace, monkeypatch):
+    """`tinygpt eval step_1` from inside checkpoints/ (or `.` from inside the checkpoint) recorded into the
+    checkpoint folder, which pruning deletes, under a relative checkpoint path (audit)."""
+    checkpoint = make_run(workspace)
+    run_dir = workspace / "runs" / "tiny"
+    for cwd, spec in ((checkpoint.parent, checkpoint.name), (checkpoint, ".")):
+        monkeypatch.chdir(cwd)
+        result = evaluate(spec, "--tokens", "64", "--json")
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.stdout)
+        assert payload["checkpoint"] == str(checkpoint) and payload["recorded_in"] == str(run_dir)
+    assert not (checkpoint / "eval.jsonl").exists() and not (checkpoint / "report.md").exists()
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["checkpoint"] for r in records] == [str(checkpoint)] * 2
+
+
+def test_hellaswag_hub_id_is_not_read_from_a_local_folder(workspace, hellaswag_file, tmp_path, monkeypatch,
+                                                          request):
+    """`datasets.load_dataset("hellaswag")` reads ./hellaswag/ when there is one: offline, any folder of that name
+    in the working directory was scored and recorded as "hellaswag (validation)" (audit)."""
+    import datasets
+
+    make_run(workspace)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # not the user's cache
+    verbosity = datasets.logging.get_verbosity()  # its "using the cached version" warnings: an earlier test's stderr
+    datasets.logging.set_verbosity_error()
+    request.addfinalizer(lambda: datasets.logging.set_verbosity(verbosity))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hellaswag").mkdir()
+    shutil.copy(hellaswag_file, tmp_path / "hellaswag" / "validation.jsonl")
+    assert_one_line_error(evaluate("--task", "hellaswag", "--limit", "2"), "could not load HellaSwag")
+    # ... nor from the cache `datasets` keeps of such a folder under the name "hellaswag", from anywhere
+    assert len(datasets.load_dataset("hellaswag", split="validation")) == 4
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert_one_line_error(evaluate("--task", "hellaswag", "--limit", "2"), "4 examples, not HellaSwag's 10,042")

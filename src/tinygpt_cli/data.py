@@ -847,6 +847,8 @@ class Dataset:
                 f"{file} does not match its meta.json hash (corrupted or from another dataset): "
                 f"re-run `tinygpt tokenize` for {self.name}"
             )
+        if size == 0:  # numpy cannot map an empty file ("cannot mmap an empty file"): callers check the length
+            return np.zeros(0, dtype=np.uint16)
         return np.memmap(file, dtype=np.uint16, mode="r")
 
     def summary(self) -> dict[str, Any]:

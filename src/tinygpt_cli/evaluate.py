@@ -46,6 +46,7 @@ BATCH_TOKENS = 16384  # tokens per forward pass by default
 HEAD_CHUNK = 512  # rows of (rows x vocab) fp32 logits held at once: 100 MB
 TASKS = ("hellaswag",)
 HELLASWAG_HUB_IDS = ("Rowan/hellaswag", "hellaswag")
+HELLASWAG_VAL_EXAMPLES = 10042  # HellaSwag's validation split: a copy of another size is not HellaSwag
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SPLITS = ("val", "train")
 
@@ -337,10 +338,16 @@ def _hub_rows(limit: int | None) -> tuple[list[Any], str]:
     problems = [silence] if silence else []
     with _cache_only(silence is not None):  # no answer: a cached copy, at once, instead of a minute of retries
         for hub_id in HELLASWAG_HUB_IDS:
+            if Path(hub_id).exists():  # `datasets` would read a local folder of that name instead of the hub
+                problems.append(f"{hub_id}: a local folder of that name shadows the hub id")
+                continue
             try:
                 table = datasets.load_dataset(hub_id, split="validation")
             except Exception as exc:  # offline, a renamed repo, a script-based copy: try the next id
                 problems.append(f"{hub_id}: {type(exc).__name__}")
+                continue
+            if len(table) != HELLASWAG_VAL_EXAMPLES:  # a local folder `datasets` read once under that name and cached
+                problems.append(f"{hub_id}: {len(table):,} examples, not HellaSwag's {HELLASWAG_VAL_EXAMPLES:,}")
                 continue
             if limit is not None:
                 table = table.select(range(min(limit, len(table))))
@@ -478,7 +485,7 @@ def evaluate(
                          on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_)))
     loss = score.nats / max(1, score.tokens)
     result = LossResult(
-        checkpoint=str(loaded.path), step=loaded.state.get("step"), dataset=dataset.name, split=split,
+        checkpoint=os.path.abspath(loaded.path), step=loaded.state.get("step"), dataset=dataset.name, split=split,
         tokens=score.tokens, text_bytes=score.text_bytes, windows=score.windows,
         window_tokens=model.config.block_size, loss=loss, perplexity=math.exp(min(loss, 700.0)),
         bits_per_byte=score.text_nats / math.log(2) / score.text_bytes if score.text_bytes else None,
@@ -522,7 +529,7 @@ def evaluate_task(
         on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_, unit="examples")),
     )
     result = TaskResult(
-        checkpoint=str(loaded.path), step=loaded.state.get("step"), task=task, source=source,
+        checkpoint=os.path.abspath(loaded.path), step=loaded.state.get("step"), task=task, source=source,
         examples=len(examples), accuracy=accuracy, accuracy_norm=accuracy_norm,
         accuracy_norm_stderr=math.sqrt(accuracy_norm * (1 - accuracy_norm) / max(1, len(examples))),
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
@@ -534,7 +541,10 @@ def evaluate_task(
 
 # ----------------------------------------------------------------------------------------------- records
 def run_dir_of(checkpoint: Path) -> Path:
-    """The run folder of `runs/<name>/checkpoints/step_<N>`; a checkpoint elsewhere is its own record folder."""
+    """The run folder of `runs/<name>/checkpoints/step_<N>`; a checkpoint elsewhere is its own record folder.
+    A relative path (`step_20` from inside checkpoints/, `.` from inside the checkpoint) is made absolute first:
+    its parent's name is not in it."""
+    checkpoint = Path(os.path.abspath(checkpoint))
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
