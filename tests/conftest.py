@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Hugging Face's caches of their own, empty: a copy of a dataset the user has cached (HellaSwag) must not reach
+# the tests, and the tests' loads of local fixtures must not fill the user's cache.
+_HF_HOME = tempfile.mkdtemp(prefix="tinygpt-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+os.environ["HF_HOME"] = _HF_HOME
+for _cache in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    os.environ.pop(_cache, None)
 
 # tests/interpreted runs Triton kernels through Triton's interpreter, which must be switched on before Triton is
 # imported: test_kernels.py runs that folder in a process of its own with TRITON_INTERPRET=1.
