@@ -1073,7 +1073,8 @@ def eval_command(
         typer.Option("--task-data", help="The task's examples from a local .jsonl/.json/.parquet instead of the hub."),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N examples of the task.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass (default: ~16K tokens).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass; with --task, examples (of 4 "
+                                                        "sequences each). Default: ~16K tokens.")] = None,
     device: ModelDeviceOpt = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA).")] = "auto",
     record: Annotated[
