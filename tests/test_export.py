@@ -608,3 +608,29 @@ def test_an_empty_out_folder_is_filled_in_place(hf_source, workspace, tmp_path, 
     (tmp_path / "afile").write_text("x")  # it said "cannot write afile/sub (File exists)"
     assert_one_line_error(invoke("export", str(hf_source), "--out", str(tmp_path / "afile" / "sub")),
                           "afile is a file, not a folder: choose another --out")
+
+
+def test_export_of_the_current_folder_is_named_after_it(hf_source, workspace, monkeypatch):
+    """Audit: `tinygpt export .` inside a model folder (or a run, or a checkpoint) wrote exports/dataset-hf:
+    the name came from Path(".").name, which is empty."""
+    monkeypatch.chdir(hf_source)
+    result = invoke("export", ".", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["path"] == str(workspace / "exports" / "src-hf")
+
+
+def test_export_removes_the_replaced_export_a_killed_force_left(hf_source, workspace):
+    """Audit: an export killed while --force deleted the export it replaced left `.NAME.old-PID` (the whole old
+    model) that no later export removed, though docs/export.md says a killed export's leftovers are."""
+    import subprocess
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    shelf = workspace / "exports"
+    stale = shelf / f".src-hf.old-{done.pid}"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"the previous export")
+    alive = shelf / ".src-hf.old-1"  # a process that is running: not touched
+    alive.mkdir()
+    assert invoke("export", str(hf_source)).exit_code == 0
+    assert not stale.exists() and alive.exists() and (shelf / "src-hf" / "config.json").is_file()
