@@ -314,6 +314,14 @@ def test_no_run_at_all(workspace):
     assert_one_line_error(invoke("generate", "hi"), "no trained run")
 
 
+def test_a_run_whose_checkpoints_lost_their_weights_is_not_called_untrained(run):
+    """Its only checkpoint's model.safetensors deleted (a cleanup, a full disk's copy), a run was said to hold 'no
+    checkpoint yet: train it' (audit): it names the incomplete checkpoint and what it lacks."""
+    (run / "model.safetensors").unlink()
+    assert_one_line_error(generate("hi", "--run", "tiny"),
+                          "no complete checkpoint: checkpoints/step_1 lacks model.safetensors")
+
+
 @pytest.mark.gpu
 def test_generate_on_cuda_with_the_fused_kernels(run):
     """The default on CUDA: the tokens of the PyTorch step in fp32, greedy and sampled."""

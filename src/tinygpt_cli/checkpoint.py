@@ -223,6 +223,14 @@ def is_run_folder(path: Path) -> bool:
 def no_checkpoint_message(path: Path) -> str:
     """Why `path` has no checkpoint to use: a run that has not saved one yet, or a folder that is no run."""
     if is_run_folder(path):
+        root = path / "checkpoints"
+        steps = sorted((int(m.group(1)), child) for child in root.iterdir() if (m := _STEP_DIR.match(child.name))) \
+            if root.is_dir() else []
+        if steps:  # saved once, then a file went missing: not a run to train from scratch
+            newest = steps[-1][1]
+            lacking = " and ".join(name for name in (WEIGHTS_FILE, STATE_FILE) if not (newest / name).is_file())
+            return (f"{path} has no complete checkpoint: checkpoints/{newest.name} lacks {lacking or 'files'}; "
+                    f"restore it, or train a new run under another --name")
         return f"{path} holds no checkpoint yet: train it with `tinygpt train`"
     return (f"{path} is not a run, checkpoint or model folder (no checkpoints/, state.json or config.json): "
             f"list runs with `tinygpt runs`")
