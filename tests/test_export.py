@@ -634,3 +634,23 @@ def test_export_removes_the_replaced_export_a_killed_force_left(hf_source, works
     alive.mkdir()
     assert invoke("export", str(hf_source)).exit_code == 0
     assert not stale.exists() and alive.exists() and (shelf / "src-hf" / "config.json").is_file()
+
+
+def test_an_interrupt_after_the_export_is_in_place_says_it_is_complete(hf_source, workspace, monkeypatch):
+    """Audit: Ctrl-C while --force removed the replaced export (or while the folder was synced), after the new one
+    was in place, said 'the export stopped and its partial files were removed'. It says the export is complete,
+    and still exits 130."""
+    assert invoke("export", str(hf_source)).exit_code == 0
+    real = export.fsync_dir
+
+    def interrupted(path):
+        real(path)
+        if Path(path) == workspace / "exports":  # the last sync, of the folder the export was renamed into
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "fsync_dir", interrupted)
+    result = invoke("export", str(hf_source), "--force")
+    target = workspace / "exports" / "src-hf"
+    assert result.exit_code == 130
+    assert f"Interrupted after the export was written: {target} is complete." in result.stderr
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()

@@ -1178,7 +1178,12 @@ def export(
     check_format(fmt, dtype)  # before loading anything
     err = _stderr_console()
     err.print(f"Exporting {source or 'the latest run'} as {fmt} ({dtype})…", soft_wrap=True)
-    with _interruptible(None, err, lambda exc: "Interrupted: the export stopped and its partial files were removed."):
+    def stopped(exc: KeyboardInterrupt) -> str:
+        written = getattr(exc, "export_written", None)
+        return (f"Interrupted after the export was written: {written} is complete." if written else
+                "Interrupted: the export stopped and its partial files were removed.")
+
+    with _interruptible(None, err, stopped):
         result = export_model(source, fmt, out, dtype, force=force)
     if as_json:
         print(

@@ -525,6 +525,7 @@ def export_model(
     # the folders mkdir will make, deepest first: a failed export removes them again (if still empty)
     made = [folder for folder in (parent, *parent.parents) if not folder.exists()]
     tmp = parent / f".{target.name}.tmp-{os.getpid()}"
+    placed = False  # the new export is at `target`: what follows only tidies up
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
@@ -549,11 +550,16 @@ def export_model(
             except BaseException:
                 os.replace(old, target)
                 raise
-            _remove(old)
+            placed = True
+            _remove(old)  # (killed here, the next export of this name removes it)
         else:
             os.replace(tmp, target)
+            placed = True
         fsync_dir(parent)
     except BaseException as exc:
+        if placed and isinstance(exc, KeyboardInterrupt):  # a stop after the export was written: it is complete
+            exc.export_written = target
+            raise
         if parent.is_dir():
             _remove(tmp)
         for folder in made:  # deepest first; one that mkdir did not get to does not exist
