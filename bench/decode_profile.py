@@ -79,16 +79,22 @@ def replay_times(step, model: GPT, steps: int, replays: int = 20, position: int 
     graph.replay()
     torch.cuda.synchronize()
     setup_ms = (time.perf_counter() - started) * 1e3
+    return setup_ms, median_replay_us(graph, steps, replays, before=lambda: view.input_pos.fill_(position))
+
+
+def median_replay_us(graph: torch.cuda.CUDAGraph, per_replay: int, replays: int, before=None) -> float:
+    """Median microseconds per item of `graph`'s replays, `per_replay` items each; `before` runs ahead of each."""
     times = []
     for _ in range(replays):
-        view.input_pos.fill_(position)
+        if before is not None:
+            before()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / steps)
-    return setup_ms, sorted(times)[len(times) // 2]
+        times.append(begin.elapsed_time(end) * 1e3 / per_replay)
+    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -198,15 +204,7 @@ def draw_times(width: int, reps: int = 32) -> None:
         with torch.cuda.graph(graph, stream=stream):
             for _ in range(reps):
                 draw()
-        times = []
-        for _ in range(10):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(begin.elapsed_time(end) * 1e3 / reps)
-        return sorted(times)[len(times) // 2]
+        return median_replay_us(graph, reps, 10)
 
     def drawn(scratch, temperature: float, picked_by_pytorch: bool = False):
         def draw() -> None:

@@ -485,18 +485,7 @@ def test_hf_config_of_wrong_types_is_one_clear_error(tmp_path):
 def test_export_removes_what_a_killed_export_left(hf_source, workspace, monkeypatch):
     """Audit: an export killed by SIGTERM/SIGKILL left `.NAME.tmp-PID` (a partial model) that nothing removed;
     and a short write without an errno (the gguf writer on a full disk) was not called a full disk."""
-    import subprocess
-
-    done = subprocess.Popen([sys.executable, "-c", "pass"])
-    done.wait()
-    shelf = workspace / "exports"
-    stale = shelf / f".src-hf.tmp-{done.pid}"
-    stale.mkdir(parents=True)
-    (stale / "model.safetensors").write_bytes(b"partial")
-    alive = shelf / ".src-hf.tmp-1"  # a process that is running: not touched
-    alive.mkdir()
-    assert invoke("export", str(hf_source)).exit_code == 0
-    assert not stale.exists() and alive.exists() and (shelf / "src-hf" / "config.json").is_file()
+    assert_leftovers_of_dead_exports_removed(hf_source, workspace, "tmp")
 
     def short_write(model, folder, dtype="fp32"):
         raise OSError("1608224 requested and 57880 written")  # numpy's tofile: no errno
@@ -622,15 +611,21 @@ def test_export_of_the_current_folder_is_named_after_it(hf_source, workspace, mo
 def test_export_removes_the_replaced_export_a_killed_force_left(hf_source, workspace):
     """Audit: an export killed while --force deleted the export it replaced left `.NAME.old-PID` (the whole old
     model) that no later export removed, though docs/export.md says a killed export's leftovers are."""
+    assert_leftovers_of_dead_exports_removed(hf_source, workspace, "old")
+
+
+def assert_leftovers_of_dead_exports_removed(hf_source, workspace, kind: str) -> None:
+    """`.src-hf.<kind>-PID` of a process that has ended is removed by the next export of that name; one of a
+    process that is running (pid 1) is not touched."""
     import subprocess
 
     done = subprocess.Popen([sys.executable, "-c", "pass"])
     done.wait()
     shelf = workspace / "exports"
-    stale = shelf / f".src-hf.old-{done.pid}"
+    stale = shelf / f".src-hf.{kind}-{done.pid}"
     stale.mkdir(parents=True)
-    (stale / "model.safetensors").write_bytes(b"the previous export")
-    alive = shelf / ".src-hf.old-1"  # a process that is running: not touched
+    (stale / "model.safetensors").write_bytes(b"left behind")
+    alive = shelf / f".src-hf.{kind}-1"
     alive.mkdir()
     assert invoke("export", str(hf_source)).exit_code == 0
     assert not stale.exists() and alive.exists() and (shelf / "src-hf" / "config.json").is_file()
