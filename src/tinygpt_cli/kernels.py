@@ -199,8 +199,8 @@ if triton is not None:
             if PDL:
                 gdc_wait()
             xk = _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
-            if EMBED:  # noqa: SIM102 (resolved at build time; the inner test at run time) the residual stream starts
-                if pid == 0:
+            if EMBED:  # noqa: SIM102 (a test made when the kernel is built, around one made when it runs)
+                if pid == 0:  # the residual stream starts here
                     tl.store(x_row + cols, xk.to(dtype), mask=col_ok)
             if LN:  # as torch's layer norm: the mean, then the variance about it
                 mean = tl.sum(xk, axis=0) / K
