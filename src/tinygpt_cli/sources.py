@@ -258,11 +258,14 @@ def _txt_text_bytes(path: Path, size: int) -> int:
     byte-order mark) its size times the UTF-8 bytes per file byte of its head (1/2 to 1/4 for ASCII)."""
     try:
         with open(path, "rb") as handle:
+            codec = text_codec(handle.read(4))  # a UTF-8 file (nearly all): nothing more is read
+            if codec not in ("utf-16", "utf-32"):
+                return size
+            handle.seek(0)
             head = handle.read(TEXT_BYTES_SAMPLE)
     except OSError:  # reported when the file is read
         return size
-    codec = text_codec(head[:4])
-    if codec not in ("utf-16", "utf-32") or len(head) <= 4:
+    if len(head) <= 4:
         return size
     text = codecs.getincrementaldecoder(codec)(errors="replace").decode(head)  # a cut character waits: not counted
     return int(size * len(text.encode("utf-8", "surrogatepass")) / len(head))
