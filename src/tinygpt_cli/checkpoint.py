@@ -123,17 +123,19 @@ def save_checkpoint(
     return final
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (by step)."""
+def _step_folders(run_dir: Path) -> list[Path]:
+    """A run's `checkpoints/step_<N>` folders, complete or not, oldest first (by step)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / STATE_FILE).is_file() and (child / WEIGHTS_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+    found = [(int(match.group(1)), child) for child in root.iterdir() if (match := _STEP_DIR.match(child.name))]
+    return [child for _, child in sorted(found)]
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (by step)."""
+    return [child for child in _step_folders(run_dir)
+            if (child / STATE_FILE).is_file() and (child / WEIGHTS_FILE).is_file()]
 
 
 def prune_checkpoints(root: Path, keep_last: int, protect: Path) -> None:
@@ -223,11 +225,9 @@ def is_run_folder(path: Path) -> bool:
 def no_checkpoint_message(path: Path) -> str:
     """Why `path` has no checkpoint to use: a run that has not saved one yet, or a folder that is no run."""
     if is_run_folder(path):
-        root = path / "checkpoints"
-        steps = sorted((int(m.group(1)), child) for child in root.iterdir() if (m := _STEP_DIR.match(child.name))) \
-            if root.is_dir() else []
+        steps = _step_folders(path)
         if steps:  # saved once, then a file went missing: not a run to train from scratch
-            newest = steps[-1][1]
+            newest = steps[-1]
             lacking = " and ".join(name for name in (WEIGHTS_FILE, STATE_FILE) if not (newest / name).is_file())
             return (f"{path} has no complete checkpoint: checkpoints/{newest.name} lacks {lacking or 'files'}; "
                     f"restore it, or train a new run under another --name")
@@ -238,10 +238,13 @@ def no_checkpoint_message(path: Path) -> str:
 
 @dataclass
 class LoadedCheckpoint:
-    path: Path
+    path: Path  # absolute, whatever the spec: a relative one (`.`, `step_20`) names neither its folder nor its run
     model: torch.nn.Module
     state: dict[str, Any]
     run_config: RunConfig | None
+
+    def __post_init__(self) -> None:
+        self.path = Path(os.path.abspath(self.path))
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

@@ -485,7 +485,7 @@ def evaluate(
                          on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_)))
     loss = score.nats / max(1, score.tokens)
     result = LossResult(
-        checkpoint=os.path.abspath(loaded.path), step=loaded.state.get("step"), dataset=dataset.name, split=split,
+        checkpoint=str(loaded.path), step=loaded.state.get("step"), dataset=dataset.name, split=split,
         tokens=score.tokens, text_bytes=score.text_bytes, windows=score.windows,
         window_tokens=model.config.block_size, loss=loss, perplexity=math.exp(min(loss, 700.0)),
         bits_per_byte=score.text_nats / math.log(2) / score.text_bytes if score.text_bytes else None,
@@ -529,7 +529,7 @@ def evaluate_task(
         on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_, unit="examples")),
     )
     result = TaskResult(
-        checkpoint=os.path.abspath(loaded.path), step=loaded.state.get("step"), task=task, source=source,
+        checkpoint=str(loaded.path), step=loaded.state.get("step"), task=task, source=source,
         examples=len(examples), accuracy=accuracy, accuracy_norm=accuracy_norm,
         accuracy_norm_stderr=math.sqrt(accuracy_norm * (1 - accuracy_norm) / max(1, len(examples))),
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
@@ -541,10 +541,8 @@ def evaluate_task(
 
 # ----------------------------------------------------------------------------------------------- records
 def run_dir_of(checkpoint: Path) -> Path:
-    """The run folder of `runs/<name>/checkpoints/step_<N>`; a checkpoint elsewhere is its own record folder.
-    A relative path (`step_20` from inside checkpoints/, `.` from inside the checkpoint) is made absolute first:
-    its parent's name is not in it."""
-    checkpoint = Path(os.path.abspath(checkpoint))
+    """The run folder of `runs/<name>/checkpoints/step_<N>` (an absolute path, as `LoadedCheckpoint.path` is); a
+    checkpoint elsewhere is its own record folder."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 

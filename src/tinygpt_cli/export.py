@@ -451,7 +451,7 @@ def check_format(fmt: str, dtype: str) -> None:
 
 def _source_name(loaded: LoadedCheckpoint) -> str:
     """The run's name; with the step for a checkpoint other than its latest, which would share the run's path."""
-    path = Path(os.path.abspath(loaded.path))  # `tinygpt export .` in a run or model folder: its own name
+    path = loaded.path  # absolute: `tinygpt export .` in a run or model folder is named after it
     state = loaded.state or {}
     if state.get("format") == "huggingface" and state.get("source") in HUB_MODELS:
         return workspace.safe_name(state["source"])  # not the hub cache's snapshot folder (a commit hash)
@@ -609,11 +609,11 @@ def _pid_alive(pid: int) -> bool:
 def _remove_stale_temps(parent: Path, name: str) -> None:
     """Remove `.<name>.tmp-<pid>` (a partial export) and `.<name>.old-<pid>` (the export a `--force` was replacing)
     left by an export whose process is gone (killed before it could clean up)."""
-    for prefix in (f".{name}.tmp-", f".{name}.old-"):
-        for child in parent.iterdir():
-            pid = child.name[len(prefix):] if child.name.startswith(prefix) else ""
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                _remove(child)
+    for child in parent.iterdir():
+        kind, _, pid = child.name.removeprefix(f".{name}.").partition("-")
+        if kind in ("tmp", "old") and child.name.startswith(f".{name}.") and pid.isdigit() \
+                and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(child)
 
 
 def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
