@@ -975,7 +975,8 @@ class _DecodeChunk:
         self.then: tuple[int, int] | None = None  # (step counter, cache position) where the last chunk left them
         # a fused step moves the position and counter on from its first call, which builds the kernels the
         # chunk's steps use; `generate` refills both before any step outside a chunk
-        self._attach_advance()
+        if getattr(step, "advance", False) is None:
+            step.advance = self.counter
 
     def run(self, logits: torch.Tensor, produced: int, position: int) -> None:
         """Take `steps` steps from `logits` (B, V), the `produced`-th token next, fed at cache slot `position`."""
@@ -1005,13 +1006,13 @@ class _DecodeChunk:
         began = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.stream.device)
-        kept = [(buffer, buffer.clone()) for buffer in (self.logits, self.counter, self.view.input_pos)]
-        self._attach_advance()
+        warm_up = not (self.stats.fused and getattr(self.step, "built_advancing", False))
+        kept = [(buffer, buffer.clone()) for buffer in (self.logits, self.counter, self.view.input_pos)] \
+            if warm_up else []
         self.stream.wait_stream(current)
         try:
             with torch.cuda.stream(self.stream):
-                if not (self.stats.fused and getattr(self.step, "built_advancing", False)):
-                    # the step's first call, where it compiles, may fall back
+                if warm_up:  # the step's first call, where it compiles, may fall back
                     _, self.step = _static_step(self.step, self.model, self.current, self.view, self.head_t,
                                                 self.stats, first=True)
                     for buffer, value in kept:
@@ -1044,12 +1045,7 @@ class _DecodeChunk:
         except Exception:  # the step's kernels built: a failure here costs only the draw's speed
             self.fused_draw = False
 
-    def _attach_advance(self) -> None:
-        if getattr(self.step, "advance", False) is None:  # the fused step moves the position and counter on itself
-            self.step.advance = self.counter
-
     def _take_steps(self) -> None:
-        self._attach_advance()
         uniform = self.uniform.to(self.logits.device) if self.uniform is not None else None
         for i in range(self.steps):
             numbers = None if uniform is None else uniform[:, i : i + 1]  # this step's uniform number per sample
