@@ -537,8 +537,7 @@ class FusedDecodeStep:
         self.x, self.q, self.y = buffer(cfg.n_embd), buffer(cfg.n_embd), buffer(cfg.n_embd)
         # the embedding is read a token's row at a time: a copy where the table is not row-major (the tied
         # table laid out for CPU decoding by `sample.decode_layout`, then moved to the GPU)
-        wte = model.transformer.wte.weight
-        self.wte = wte if wte.stride(1) == 1 and wte.stride(0) == cfg.n_embd else wte.contiguous()
+        self.wte = param.contiguous()  # itself where it is row-major
         self.hidden, self.logits = buffer(4 * cfg.n_embd), buffer(cfg.vocab_size)
         # attention's partial softmax per (sample, head, split of the cache's slots), and per (sample, head) the
         # splits done so far (see `_attend`)
