@@ -9,6 +9,10 @@ fused contenders out of the later stages (a fault in a kernel would end their pr
 
     python bench/fused_check.py                  # small, bf16 and fp32, 48 steps each, then graph replay times
     python bench/fused_check.py --layers 2 --steps 4 --no-timing   # small enough for compute-sanitizer
+    python bench/fused_check.py --sweep "attend_in_qkv=0;tail_block_s=32"   # then time other kernels.TUNING
+
+The checks run under the shipped kernels.TUNING, with and without programmatic dependent launch, and with
+attention as a kernel of its own (`attend_in_qkv` off) as well as the QKV product's tail.
 """
 
 import argparse
@@ -37,13 +41,14 @@ def build(dtype: torch.dtype, layers: int, width: int = 768, block_size: int = 1
     return model.to(device or DEVICE, dtype)
 
 
-def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
+def compare(model: GPT, steps: int, pdl: bool, tolerance: float, in_qkv: bool = True) -> list[str]:
     """Teacher-forced steps of the fused and the eager step side by side: the problems found (none: [])."""
-    kernels.TUNING["pdl"] = pdl
+    default = dict(kernels.TUNING)
+    kernels.TUNING.update(pdl=pdl, attend_in_qkv=in_qkv)
     try:
         fused = kernels.FusedDecodeStep(model, 1)
     finally:
-        kernels.TUNING["pdl"] = True
+        kernels.TUNING.update(default)
     mine, theirs = StaticDecodeView(KVCache(model, 1)), StaticDecodeView(KVCache(model, 1))
     for buffer in (*mine.k, *mine.v):  # poisoned: a slot the step should write and does not, or reads and should
         buffer.fill_(float("nan"))  # not, shows (the eager step needs zeros there: it weighs them by 0)
@@ -77,28 +82,42 @@ def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
                     problems.append(f"layer {layer} {name}s differ by {float((a - b).abs().max()):.3g}")
     if worst > tolerance:
         problems.append(f"logits differ by up to {worst:.2e} of their largest (tolerance {tolerance:g})")
-    print(f"  {next(model.parameters()).dtype!s:15s} pdl={fused.pdl!s:5s} {steps} steps: largest logit "
+    print(f"  {next(model.parameters()).dtype!s:15s} pdl={fused.pdl!s:5s} attention "
+          f"{'in QKV' if fused.attend_in_qkv else 'own   '} {steps} steps: largest logit "
           f"difference {worst:.2e} of the largest logit, same greedy token at {agree}/{steps} steps"
           f"{'; ' + '; '.join(problems) if problems else ''}", flush=True)
     return problems
 
 
-def sweep_block_s(model: GPT, blocks: str) -> None:
-    """The fused step replayed from a graph at several cache positions under each of attention's blocks of slots
-    (`kernels.TUNING["block_s"]`: the cache is split into 1024 / block_s parts, combined by the last to finish)."""
-    positions = (0, 255, 511, 1023)
-    print(f"fused step (us per token) by attention's block of slots, at cache positions {positions}:")
-    default = kernels.TUNING["block_s"]
+def parse_settings(text: str) -> list[dict[str, int]]:
+    """"attend_in_qkv=0;tail_block_s=32,block_s=64" -> [{"attend_in_qkv": 0}, {"tail_block_s": 32, "block_s": 64}]:
+    changes to kernels.TUNING, one group each."""
+    groups = []
+    for group in filter(None, (part.strip() for part in text.split(";"))):
+        changes = dict(item.split("=", 1) for item in group.split(","))
+        unknown = set(changes) - set(kernels.TUNING)
+        if unknown:
+            raise SystemExit(f"unknown kernels.TUNING keys: {', '.join(sorted(unknown))}")
+        groups.append({key.strip(): int(value) for key, value in changes.items()})
+    return groups
+
+
+def sweep(model: GPT, groups: list[dict[str, int]]) -> None:
+    """The fused step replayed from a graph at several cache positions under the shipped kernels.TUNING and under
+    each group of changes to it (attention's blocks of slots, attention as the QKV product's tail or not, ...)."""
+    positions = (0, 127, 255, 511, 1023)
+    print(f"fused step (us per token) by kernels.TUNING, at cache positions {positions}:")
+    default = dict(kernels.TUNING)
     with torch.inference_mode():
-        for block_s in (int(b) for b in blocks.split(",")):
-            kernels.TUNING["block_s"] = block_s
+        for changes in [{}, *groups]:
+            kernels.TUNING.update(changes)
             try:
                 step = kernels.FusedDecodeStep(model, 1)
                 times = [replay_times(step, model, 1, replays=30, position=p)[1] for p in positions]
             finally:
-                kernels.TUNING["block_s"] = default
-            print(f"  block_s {block_s:5d}: " + "  ".join(f"{us:6.1f}" for us in times)
-                  + f"   mean {sum(times) / len(times):6.1f}", flush=True)
+                kernels.TUNING.update(default)
+            print("  " + "  ".join(f"{us:6.1f}" for us in times) + f"   mean {sum(times) / len(times):6.1f}  "
+                  + (str(changes) if changes else "(shipped)"), flush=True)
 
 
 def main() -> None:
@@ -108,9 +127,11 @@ def main() -> None:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--width", type=int, default=768, help="n_embd (heads of 64)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--sweep-block-s", default="", metavar="LIST",
-                        help="then time attention's blocks of slots, e.g. 32,64,128,256,1024")
+    parser.add_argument("--sweep", default="", metavar="SETTINGS",
+                        help="then time the step at several cache positions under the shipped kernels.TUNING and "
+                             "each group of changes to it, e.g. 'attend_in_qkv=0;block_s=64,attend_in_qkv=0'")
     args = parser.parse_args()
+    groups = parse_settings(args.sweep)
     global DEVICE
     DEVICE = torch.device(args.device)
     reason = kernels.unavailable(DEVICE)
@@ -123,8 +144,8 @@ def main() -> None:
     problems = []
     for dtype, tolerance in ((torch.bfloat16, 0.05), (torch.float32, 2e-3)):
         model = build(dtype, args.layers, args.width)
-        for pdl in (True, False):
-            problems += compare(model, args.steps, pdl, tolerance)
+        for pdl, in_qkv in ((True, True), (False, True), (True, False)):
+            problems += compare(model, args.steps, pdl, tolerance, in_qkv)
     if gpu and not args.no_timing and not problems:
         model = build(torch.bfloat16, args.layers, args.width)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -145,11 +166,11 @@ def main() -> None:
         print(f"fused check: FAILED ({len(problems)} problems)")
         sys.exit(1)
     print("fused check: OK", flush=True)
-    if gpu and args.sweep_block_s:
+    if gpu and groups:
         try:  # a measurement only: the check above has passed
-            sweep_block_s(build(torch.bfloat16, args.layers, args.width), args.sweep_block_s)
+            sweep(build(torch.bfloat16, args.layers, args.width), groups)
         except Exception as exc:
-            print(f"block_s sweep: {type(exc).__name__}: {exc}")
+            print(f"sweep: {type(exc).__name__}: {exc}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 # The GPU checks of issues #4 and #5 in one go, sized for a single ~9-minute call on a lent H100/H200, in this
 # order (each a stage with a time limit, never past BUDGET seconds in all):
 #   info       the device's measured bf16 matmul rate and copy bandwidth (the ceilings the figures are read against)
-#   fused      the fused decode kernels against the eager step (bench/fused_check.py; BLOCK_S_SWEEP=32,64,128 times
-#              attention's block of slots); where it fails, `sanitize` runs compute-sanitizer on a small case and
-#              the later stages leave the fused kernels out
+#   fused      the fused decode kernels against the eager step (bench/fused_check.py; FUSED_SWEEP="block_s=64;
+#              attend_in_qkv=0" then times the step at five cache positions under those kernels.TUNING changes);
+#              where it fails, `sanitize` runs compute-sanitizer on a small case and the later stages leave the fused
+#              kernels out
 #   links      what one dependent link of a decode step costs: a kernel boundary (with and without PDL) against a
 #              grid-wide barrier inside one persistent kernel (bench/link_latency.py)
 #   persistent a prototype of the decode step as one persistent kernel (bench/persistent_decode.py), checked
@@ -70,7 +71,7 @@ EOF
 # the fused decode kernels against the eager step first: a fault in a kernel would end a later stage's process, so
 # where this fails the later stages leave the fused kernels out, and compute-sanitizer looks for a bad access
 LAST_RC=0
-stage fused 120 $PY bench/fused_check.py --sweep-block-s "${BLOCK_S_SWEEP:-}"
+stage fused 120 $PY bench/fused_check.py --sweep "${FUSED_SWEEP:-}"
 NO_FUSED=()
 if (( LAST_RC != 0 )); then
     NO_FUSED=(--no-fused)

@@ -150,12 +150,14 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
         products = [(3 * C, C, True, False, False, True, True), (3 * C, C, True, False, False, True, False),
                     (C, C, False, False, True, False, False), (4 * C, C, True, True, False, False, False),
                     (C, 4 * C, False, False, True, False, False), (vocab, C, True, False, False, False, False)]
-        for N, K, norm, gelu, residual, qkv, embed in products:
+        for (N, K, norm, gelu, residual, qkv, embed), attend in [(p, False) for p in products] + [
+                (p, True) for p in products if p[5]]:  # attention as the QKV product's tail, and not
             for one_pass in (True, False):
                 block_k = triton.next_power_of_2(K) if one_pass else 256
                 constants = dict(HEAD_DIM=64, LN=norm, LN_BIAS=norm, HAS_BIAS=vocab != N, GELU=gelu,
                                  RESIDUAL=residual, QKV=qkv, BLOCK_N=max(1, 8192 // block_k), BLOCK_K=block_k,
-                                 ONE_PASS=one_pass, ADVANCE=vocab == N, EMBED=embed)
+                                 ONE_PASS=one_pass, ADVANCE=vocab == N, EMBED=embed, ATTEND=attend, BLOCK_D=64,
+                                 BLOCK_S=module.TUNING["tail_block_s"])
                 values = {"N": N, "K": K, "stride_wn": K, "stride_wk": 1, "n_head": heads, "S": slots if qkv else 1}
                 kernel = build(module._gemv, values, constants, capability)
                 if one_pass and dtype != "fp32":  # the weights come in 16-byte loads
