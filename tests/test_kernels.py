@@ -206,6 +206,10 @@ def test_fused_decode_on_cuda_matches_eager():
     fused = generated(model, [5, 6, 7], 40, fused=True, stats=stats, **greedy)
     assert stats.fused and stats.graphed and stats.compile_error is None and stats.graph_error is None
     assert torch.equal(fused, generated(model, [5, 6, 7], 40, **greedy))
+    again = GenerationStats()  # the next call replays the graph the first captured, from another prompt
+    assert torch.equal(generated(model, [8, 9], 30, fused=True, stats=again, **greedy),
+                       generated(model, [8, 9], 30, **greedy))
+    assert again.fused and again.graphed and again.capture_s == 0
     sampled = dict(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, seed=5, num_samples=3)
     assert torch.equal(generated(model, [5, 6, 7], 40, fused=True, **sampled),
                        generated(model, [5, 6, 7], 40, **sampled))

@@ -227,6 +227,63 @@ def test_decode_chunks_leave_the_counter_and_position_to_the_chunk_before(model,
     assert chunk_fills.count(0) == len(chunk_fills) - chunk_fills.count(2)
 
 
+def test_a_later_call_takes_the_decoder_an_earlier_one_built(monkeypatch):
+    """With `graphs`, the cache, the draw's state and the chunk (on CUDA its captured graph) are kept on the model
+    for its next call with the same settings, reset, not built again: the same tokens as calls that build their
+    own, whatever the prompt and length (a window jump too). Other settings, weights changed in place, or a call
+    while another is running build anew; an idle decoder holds no reference to the model, which can be freed."""
+    import gc
+    import weakref
+
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+    made, real = [], sample._DecodeChunk.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(sample._DecodeChunk, "__init__", counted)
+    settings = dict(temperature=0.9, top_k=20, repetition_penalty=1.3, stop_at_eot=True, num_samples=2,
+                    static_cache=True, flush_every=3)
+
+    def both(net, prompt, n, **extra):  # (kept decoder, built for the call)
+        return (_run(net, prompt, n, graphs=True, **{**settings, **extra}),
+                _run(net, prompt, n, graphs=False, **{**settings, **extra}))
+
+    for prompt, n, seed in (([5, 6, 7], 20, 4), ([9], 45, 5), ([5, 6, 7], 20, 4)):
+        kept, fresh = both(model, prompt, n, seed=seed)
+        assert torch.equal(kept, fresh)
+    assert len(made) == 1
+    decoder = sample._KEPT[model]
+    assert not decoder.busy and decoder.chunk.model is None
+    with torch.inference_mode():  # as a call whose samples all ended, or went non-finite at once, leaves them
+        decoder.finished.fill_(True)
+        decoder.first_bad.fill_(0)
+    kept, fresh = both(model, [5, 6, 7], 20, seed=4)
+    assert torch.equal(kept, fresh) and len(made) == 1
+    kept, fresh = both(model, [1, 2], 10, seed=1, temperature=0.5)  # another temperature: another decoder
+    assert torch.equal(kept, fresh) and len(made) == 2 and sample._KEPT[model] is not decoder
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(3.0)  # trained, say: the weights' version moves on
+    kept, fresh = both(model, [1, 2], 10, seed=1, temperature=0.5)
+    assert torch.equal(kept, fresh) and len(made) == 3
+    # a call while another is running on the kept decoder builds its own, and leaves the kept one where it is
+    running = generate(model, [3, 4], 12, graphs=True, seed=2, **settings)
+    first = next(running)  # (the first temperature again: a decoder built anew)
+    decoder = sample._KEPT[model]
+    assert decoder.busy and len(made) == 4
+    inner, fresh = both(model, [8], 15, seed=3)
+    assert torch.equal(inner, fresh) and len(made) == 5 and sample._KEPT[model] is decoder
+    rest = torch.stack([first, *running], dim=1)
+    assert torch.equal(rest, _run(model, [3, 4], 12, graphs=False, seed=2, **settings))
+    assert not decoder.busy
+    alive = weakref.ref(model)
+    del model, decoder, made[:]  # (the chunks of the calls that built their own hold the model)
+    gc.collect()
+    assert alive() is None and len(sample._KEPT) == 0
+
+
 def test_decode_chunks_stop_at_the_first_non_finite_step(model, monkeypatch):
     """Logits turn NaN at the 7th step, inside a chunk: the tokens before it are yielded, then the error."""
     monkeypatch.setattr(sample, "GRAPH_STEPS", 4)

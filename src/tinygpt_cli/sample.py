@@ -529,6 +529,57 @@ def _memory_error(num_samples: int, need: int, limit: str, use_cache: bool = Tru
     )
 
 
+@dataclass
+class _KeptDecoder:
+    """What a `generate` call with CUDA graphs (`_DecodeChunk`) builds on the device: the cache, the token fed,
+    the draw and its state, the step and the chunk with its captured graph. It is kept for the model's next call
+    with the same settings, which then neither allocates them nor captures again: only resets them. One per model,
+    held as long as the model is (idle, it keeps no reference to the model); a call while another is running on
+    it builds its own. `key`: `_decoder_key`."""
+
+    key: tuple
+    cache: KVCache
+    view: StaticDecodeView
+    current: torch.Tensor
+    finished: torch.Tensor
+    first_bad: torch.Tensor
+    seen: torch.Tensor | None
+    draw: _Draw
+    chunk: _DecodeChunk
+    stats: GenerationStats
+    busy: bool = True
+
+    def take(self, model: GPT) -> None:
+        self.busy = True
+        self.chunk.model = model
+        if hasattr(self.chunk.step, "model"):  # a fused step
+            self.chunk.step.model = model
+
+    def let_go(self) -> None:
+        self.busy = False
+        self.chunk.model = None  # type: ignore[assignment]
+        if hasattr(self.chunk.step, "model"):
+            self.chunk.step.model = None
+
+
+_KEPT: weakref.WeakKeyDictionary[GPT, _KeptDecoder] = weakref.WeakKeyDictionary()
+
+
+def _decoder_key(model: GPT, *settings: Any, fused: bool, compile: bool) -> tuple:
+    """What a captured chunk depends on besides its buffers: the call's settings (the draw's are in the graph), the
+    module-level switches it was built under, and where the weights are and their in-place versions (a weight
+    replaced, moved or trained since makes a new decoder)."""
+    weights = tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    switches: tuple = (GRAPH_STEPS, CPU_SHORTLISTS, _last_logits)  # (the eager step: tests replace it)
+    if fused:
+        from tinygpt_cli import kernels
+
+        switches += (kernels.FUSED_TOP_K, tuple(sorted(kernels.TUNING.items())))
+    if compile:
+        switches += (tuple(sorted(DECODE_COMPILE_OPTIONS.items())),)
+    return (*settings, fused, compile, switches, weights)
+
+
 NON_FINITE = ("the model produced non-finite logits (NaN or infinity): the checkpoint may be damaged, or it overflows "
               "in this dtype (try --dtype fp32)")
 NEVER = 2**62  # `first_bad` of a sample whose logits stayed finite
@@ -581,7 +632,7 @@ def generate(
     token is still drawn from its own logits row, in order, with the same random numbers; a guess whose row is
     used only saves a pass, so the tokens are the same with or without it (up to float rounding of the logits).
 
-    `fused` decodes each step with tinygpt's Triton kernels (`kernels.FusedDecodeStep`: five a layer) on the
+    `fused` decodes each step with tinygpt's Triton kernels (`kernels.FusedDecodeStep`: four a layer) on the
     static cache, replayed as CUDA graphs like the eager step; NVIDIA CUDA only. Its tokens are the eager step's up
     to float rounding. If its kernels fail to build, decoding goes on eagerly and `stats.compile_error` says why.
     """
@@ -615,8 +666,16 @@ def generate(
     if lookahead and not can_look_ahead:
         raise ValueError("lookahead needs the KV cache, an eager (not static) step and one sample")
     look_ahead = can_look_ahead and device.type != "cuda" if lookahead is None else lookahead
+    # the previous call's decoder, where it was built for these settings and no other call is using it
+    key = _decoder_key(model, num_samples, temperature, top_k, top_p, repetition_penalty, stop_at_eot,
+                       fused=fused, compile=compile) if graphs else None
+    kept = _KEPT.get(model) if graphs else None
+    if kept is not None and not kept.busy and kept.key != key:
+        del _KEPT[model]  # other settings: its memory goes before this call's is counted
+    if kept is not None and (kept.busy or kept.key != key):
+        kept = None
     need = generation_memory(model, num_samples, use_cache, repetition_penalty != 1.0)
-    free = free_memory(device)
+    free = free_memory(device) if kept is None else None
     if free is not None and need > free:
         raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}", use_cache)
     ahead: _LookAhead | None = None
@@ -629,35 +688,56 @@ def generate(
         sequence = torch.empty((num_samples, capacity), dtype=torch.long, device=device)
         sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
         start, length = 0, len(prompt)
-        seen = None
-        if repetition_penalty != 1.0:
-            seen = torch.zeros((num_samples, model.config.vocab_size), dtype=torch.bool, device=device)
-            seen[:, sequence[0, :length]] = True
-        cache = KVCache(model, num_samples) if use_cache else None
-        view = StaticDecodeView(cache) if cache is not None and static else None
-        step = _last_logits
-        if view is not None and compile:
-            step = _compiled_step(device, graphs)
-            stats.compiled = True
-        elif view is not None and fused:
-            from tinygpt_cli.kernels import FusedDecodeStep
+        head_t = _cpu_head(model)
+        if kept is not None:  # as the previous call left them: reset
+            kept.take(model)
+            cache, view, current, chunk, draw = kept.cache, kept.view, kept.current, kept.chunk, kept.draw
+            finished, first_bad, seen, step = kept.finished, kept.first_bad, kept.seen, kept.chunk.step
+            cache.reset()
+            for buffer in (*cache.k, *cache.v):  # as a new view's: the eager step weighs empty slots by 0
+                buffer.zero_()
+            finished.zero_()
+            first_bad.fill_(NEVER)
+            if seen is not None:
+                seen.zero_()
+                seen[:, sequence[0, :length]] = True
+            draw.generator = generator
+            chunk.stats, chunk.head_t, chunk.then = stats, head_t, None
+            for name in ("compiled", "fused", "compile_error", "graphed", "graph_error"):
+                setattr(stats, name, getattr(kept.stats, name))
+            kept.stats = stats
+        else:
+            seen = None
+            if repetition_penalty != 1.0:
+                seen = torch.zeros((num_samples, model.config.vocab_size), dtype=torch.bool, device=device)
+                seen[:, sequence[0, :length]] = True
+            cache = KVCache(model, num_samples) if use_cache else None
+            view = StaticDecodeView(cache) if cache is not None and static else None
+            step = _last_logits
+            if view is not None and compile:
+                step = _compiled_step(device, graphs)
+                stats.compiled = True
+            elif view is not None and fused:
+                from tinygpt_cli.kernels import FusedDecodeStep
 
-            step = FusedDecodeStep(model, num_samples)
-            stats.fused = True
-        current = torch.zeros((num_samples, 1), dtype=torch.long, device=device)  # the token being fed, (B, 1)
-        if view is not None:
-            mark_static(current)
-        finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        first_bad = torch.full((num_samples,), NEVER, dtype=torch.long, device=device)  # step of non-finite logits
+                step = FusedDecodeStep(model, num_samples)
+                stats.fused = True
+            current = torch.zeros((num_samples, 1), dtype=torch.long, device=device)  # the token fed, (B, 1)
+            if view is not None:
+                mark_static(current)
+            finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+            first_bad = torch.full((num_samples,), NEVER, dtype=torch.long, device=device)  # non-finite logits' step
+            draw = _Draw(temperature, top_k, top_p, repetition_penalty, seen, finished, first_bad, stop_at_eot,
+                         generator)
+            chunk = _DecodeChunk(step, model, view, current, steps, draw, stats, head_t) if graphs else None
+            if chunk is not None and model not in _KEPT:
+                assert key is not None and cache is not None and view is not None
+                kept = _KEPT[model] = _KeptDecoder(key, cache, view, current, finished, first_bad, seen, draw, chunk,
+                                                   stats)
         static_steps = 0
         flushed = length  # sequence[:, :flushed] is copied out (the prompt counts as handed out)
         pending: _HostCopy | None = None  # a flush copied out but not handed out yet
         ahead = _LookAhead(prompt, stats) if look_ahead else None
-
-        head_t = _cpu_head(model)
-        draw = _Draw(temperature, top_k, top_p, repetition_penalty, seen, finished, first_bad, stop_at_eot,
-                     generator)
-        chunk = _DecodeChunk(step, model, view, current, steps, draw, stats, head_t) if graphs else None
         if cache is not None:  # one prefill for all samples: they share the prompt
             logits = _last_logits(model, sequence[:1, :length], cache, head_t).expand(num_samples, -1)
         else:
@@ -734,6 +814,8 @@ def generate(
     finally:  # however it ends (done, stopped, closed early): count the last look-ahead pass too
         if ahead is not None:
             ahead.settle()
+        if kept is not None:  # the next call may take it
+            kept.let_go()
 
 
 class _HostCopy:
