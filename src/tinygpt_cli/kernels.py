@@ -1,18 +1,19 @@
-"""One decode step of GPT-2 in five Triton kernels per layer, for batch-1 generation on CUDA.
+"""One decode step of GPT-2 in four Triton kernels per layer, for batch-1 generation on CUDA.
 
 A step at batch 1 reads every weight once, so it should run at the GPU's memory bandwidth. Kernel by kernel it does
 not: PyTorch's step is ~150 small kernels (compiled) or ~220 (eager) and on an H200 it reads the weights at 8-13% of
 the bandwidth (docs/performance.md): each layer norm, bias, GELU, residual add and cache write is a kernel of its
 own, and cuBLAS tiles a one-row product 64 columns wide, so a 768-wide layer's product keeps a third of the GPU busy.
-Here a layer is five kernels, each spread over every multiprocessor:
+Here a layer is four kernels, each spread over every multiprocessor:
 
 1. layer norm 1 + the QKV product + bias; the key and value go straight into the cache slot of this step (the
-   first layer's also embeds the token, and stores the embedding as the residual stream);
-2. attention of the one query over the cached keys (online softmax), every head at once, over only the blocks of
-   slots that the context fills (one block: no combine of partial softmaxes);
-3. the attention output projection + bias + the residual add;
-4. layer norm 2 + the MLP's first product + bias + GELU;
-5. the MLP's second product + bias + the residual add;
+   first layer's also embeds the token, and stores the embedding as the residual stream); then attention of the one
+   query over the cached keys (online softmax over the filled slots), each head's by the last of the blocks of rows
+   computing its query, key and value to finish (`kernels.TUNING["attend_in_qkv"]`; else attention is a kernel of
+   its own, over blocks of slots in parallel, partial softmaxes combined);
+2. the attention output projection + bias + the residual add;
+3. layer norm 2 + the MLP's first product + bias + GELU;
+4. the MLP's second product + bias + the residual add;
 
 plus one kernel for the final layer norm + the head (which also moves the cache position
 and the caller's step counter on, `FusedDecodeStep.advance`); `draw_token` takes the next token from the logits in
