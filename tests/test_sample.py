@@ -237,6 +237,7 @@ def test_a_later_call_takes_the_decoder_an_earlier_one_built(monkeypatch):
 
     torch.manual_seed(1)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+    others = len(sample._KEPT)  # the decoders of the other tests' models
     made, real = [], sample._DecodeChunk.__init__
 
     def counted(self, *args, **kwargs):
@@ -244,8 +245,26 @@ def test_a_later_call_takes_the_decoder_an_earlier_one_built(monkeypatch):
         real(self, *args, **kwargs)
 
     monkeypatch.setattr(sample._DecodeChunk, "__init__", counted)
+    runs, real_run = [], sample._DecodeChunk.run
+
+    def run(self, logits, produced, position):
+        runs.append(produced)
+        real_run(self, logits, produced, position)
+
+    monkeypatch.setattr(sample._DecodeChunk, "run", run)
     settings = dict(temperature=0.9, top_k=20, repetition_penalty=1.3, stop_at_eot=True, num_samples=2,
                     static_cache=True, flush_every=3)
+    # a kept decoder's chunk takes the first step too (no step outside a chunk), and the first token comes at once
+    tokens = generate(model, [4], 8, graphs=True, seed=0, **settings)
+    next(tokens)
+    assert runs == []  # a first call: drawn before any chunk, and the step after it is not a chunk's
+    assert len(list(tokens)) == 7 and runs == list(range(1, 8))
+    tokens = generate(model, [4], 8, graphs=True, seed=0, **settings)
+    next(tokens)
+    assert runs[7:] == [0]
+    tokens.close()
+    runs.clear()
+    assert len(made) == 1
 
     def both(net, prompt, n, **extra):  # (kept decoder, built for the call)
         return (_run(net, prompt, n, graphs=True, **{**settings, **extra}),
@@ -254,7 +273,7 @@ def test_a_later_call_takes_the_decoder_an_earlier_one_built(monkeypatch):
     for prompt, n, seed in (([5, 6, 7], 20, 4), ([9], 45, 5), ([5, 6, 7], 20, 4)):
         kept, fresh = both(model, prompt, n, seed=seed)
         assert torch.equal(kept, fresh)
-    assert len(made) == 1
+    assert len(made) == 1 and runs.count(0) == 3
     decoder = sample._KEPT[model]
     assert not decoder.busy and decoder.chunk.model is None
     with torch.inference_mode():  # as a call whose samples all ended, or went non-finite at once, leaves them
@@ -281,7 +300,7 @@ def test_a_later_call_takes_the_decoder_an_earlier_one_built(monkeypatch):
     alive = weakref.ref(model)
     del model, decoder, made[:]  # (the chunks of the calls that built their own hold the model)
     gc.collect()
-    assert alive() is None and len(sample._KEPT) == 0
+    assert alive() is None and len(sample._KEPT) == others
 
 
 def test_decode_chunks_stop_at_the_first_non_finite_step(model, monkeypatch):

@@ -745,7 +745,11 @@ def generate(
         produced = 0  # tokens drawn per sample
         while True:
             # a whole chunk of steps where the cache has room for all of them (it may run past the end: dropped)
-            chunked = chunk is not None and produced > 0 and cache.pos + steps <= cache.max_tokens
+            # the first token too where the chunk has run before (a decoder kept from an earlier call: its graph is
+            # captured) and takes one step (more would draw the random numbers in other groups than a first call);
+            # else the first is drawn at once, and the step after it builds the kernels the capture needs
+            chunked = chunk is not None and (produced > 0 or (chunk.chunks > 0 and steps == 1)) and \
+                cache.pos + steps <= cache.max_tokens
             if chunked:
                 chunk.step = step
                 chunk.run(logits, produced, cache.pos)
@@ -768,8 +772,9 @@ def generate(
                 copied = _HostCopy(sequence[:, flushed : length - max(0, produced - max_new_tokens)], first_bad)
                 flushed = length
                 # between chunks, the flush before this one is handed out now and this one at the next: the GPU
-                # has this flush's steps to run meanwhile (the wait is for the copy queued a flush ago)
-                if chunked and not last:
+                # has this flush's steps to run meanwhile (the wait is for the copy queued a flush ago); the first
+                # token is handed out at once
+                if chunked and not last and produced > steps:
                     earlier, pending = pending, copied
                     if earlier is not None and (yield from _hand_out(earlier, stats, started, stop_at_eot)):
                         return
