@@ -237,16 +237,13 @@ def draw_times(width: int, reps: int = 32) -> None:
 
 
 def sweep(model: GPT, use, seconds: float) -> None:
-    """The fused step replayed from a one-step graph under other kernels.TUNING settings, best first: plain
-    launches, attention as a kernel of its own and the tail's blocks of slots, every mix of product blocks (programs
-    per SM, tile, warps), then attention's own kernel's blocks of slots and the columns per load, until `seconds`
-    have passed (each new setting compiles its kernels)."""
+    """The fused step replayed from a one-step graph under other kernels.TUNING settings, best first: every mix of
+    product blocks (programs per SM, tile, warps), then attention's block of slots and the columns per load, until
+    `seconds` have passed (each new setting compiles its kernels)."""
     default = dict(kernels.TUNING)
-    settings = [dict(default, pdl=False), dict(default, attend_in_qkv=False)]
-    settings += [dict(default, tail_block_s=b) for b in (32, 128)]
-    settings += [dict(default, programs_per_sm=p, tile=t, num_warps=w)
-                 for p, t, w in itertools.product((1, 2, 4), (4096, 8192, 16384), (4, 8))]
-    settings += [dict(default, block_s=b, attend_in_qkv=False) for b in (32, 64)] + [dict(default, block_k=256)]
+    settings = [dict(default, pdl=False)] + [dict(default, programs_per_sm=p, tile=t, num_warps=w)
+                                             for p, t, w in itertools.product((1, 2, 4), (4096, 8192, 16384), (4, 8))]
+    settings += [dict(default, block_s=b) for b in (16, 32, 128)] + [dict(default, block_k=256)]
     results = []
     deadline = time.perf_counter() + seconds
     print(f"\nfused step replayed from a graph, by kernels.TUNING (1 step per graph; up to {seconds:.0f} s):")

@@ -9,10 +9,9 @@ fused contenders out of the later stages (a fault in a kernel would end their pr
 
     python bench/fused_check.py                  # small, bf16 and fp32, 48 steps each, then graph replay times
     python bench/fused_check.py --layers 2 --steps 4 --no-timing   # small enough for compute-sanitizer
-    python bench/fused_check.py --sweep "attend_in_qkv=0;tail_block_s=32"   # then time other kernels.TUNING
+    python bench/fused_check.py --sweep "block_s=64;num_warps=8"   # then time other kernels.TUNING
 
-The checks run under the shipped kernels.TUNING, with and without programmatic dependent launch, and with
-attention as a kernel of its own (`attend_in_qkv` off) as well as the QKV product's tail.
+The checks run under the shipped kernels.TUNING, with and without programmatic dependent launch.
 """
 
 import argparse
@@ -41,14 +40,13 @@ def build(dtype: torch.dtype, layers: int, width: int = 768, block_size: int = 1
     return model.to(device or DEVICE, dtype)
 
 
-def compare(model: GPT, steps: int, pdl: bool, tolerance: float, in_qkv: bool = True) -> list[str]:
+def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
     """Teacher-forced steps of the fused and the eager step side by side: the problems found (none: [])."""
-    default = dict(kernels.TUNING)
-    kernels.TUNING.update(pdl=pdl, attend_in_qkv=in_qkv)
+    kernels.TUNING["pdl"] = pdl
     try:
         fused = kernels.FusedDecodeStep(model, 1)
     finally:
-        kernels.TUNING.update(default)
+        kernels.TUNING["pdl"] = True
     mine, theirs = StaticDecodeView(KVCache(model, 1)), StaticDecodeView(KVCache(model, 1))
     for buffer in (*mine.k, *mine.v):  # poisoned: a slot the step should write and does not, or reads and should
         buffer.fill_(float("nan"))  # not, shows (the eager step needs zeros there: it weighs them by 0)
@@ -82,16 +80,15 @@ def compare(model: GPT, steps: int, pdl: bool, tolerance: float, in_qkv: bool = 
                     problems.append(f"layer {layer} {name}s differ by {float((a - b).abs().max()):.3g}")
     if worst > tolerance:
         problems.append(f"logits differ by up to {worst:.2e} of their largest (tolerance {tolerance:g})")
-    print(f"  {next(model.parameters()).dtype!s:15s} pdl={fused.pdl!s:5s} attention "
-          f"{'in QKV' if fused.attend_in_qkv else 'own   '} {steps} steps: largest logit "
+    print(f"  {next(model.parameters()).dtype!s:15s} pdl={fused.pdl!s:5s} {steps} steps: largest logit "
           f"difference {worst:.2e} of the largest logit, same greedy token at {agree}/{steps} steps"
           f"{'; ' + '; '.join(problems) if problems else ''}", flush=True)
     return problems
 
 
 def parse_settings(text: str) -> list[dict[str, int]]:
-    """"attend_in_qkv=0;tail_block_s=32,block_s=64" -> [{"attend_in_qkv": 0}, {"tail_block_s": 32, "block_s": 64}]:
-    changes to kernels.TUNING, one group each."""
+    """"block_s=64;block_s=32,num_warps=8" -> [{"block_s": 64}, {"block_s": 32, "num_warps": 8}]: changes to
+    kernels.TUNING, one group each."""
     groups = []
     for group in filter(None, (part.strip() for part in text.split(";"))):
         changes = dict(item.split("=", 1) for item in group.split(","))
@@ -104,7 +101,7 @@ def parse_settings(text: str) -> list[dict[str, int]]:
 
 def sweep(model: GPT, groups: list[dict[str, int]]) -> None:
     """The fused step replayed from a graph at several cache positions under the shipped kernels.TUNING and under
-    each group of changes to it (attention's blocks of slots, attention as the QKV product's tail or not, ...)."""
+    each group of changes to it (attention's blocks of slots, the products' warps, ...)."""
     positions = (0, 127, 255, 511, 1023)
     print(f"fused step (us per token) by kernels.TUNING, at cache positions {positions}:")
     default = dict(kernels.TUNING)
@@ -129,7 +126,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sweep", default="", metavar="SETTINGS",
                         help="then time the step at several cache positions under the shipped kernels.TUNING and "
-                             "each group of changes to it, e.g. 'attend_in_qkv=0;block_s=64,attend_in_qkv=0'")
+                             "each group of changes to it, e.g. 'block_s=64;block_s=256,num_warps=8'")
     args = parser.parse_args()
     groups = parse_settings(args.sweep)
     global DEVICE
@@ -144,8 +141,8 @@ def main() -> None:
     problems = []
     for dtype, tolerance in ((torch.bfloat16, 0.05), (torch.float32, 2e-3)):
         model = build(dtype, args.layers, args.width)
-        for pdl, in_qkv in ((True, True), (False, True), (True, False)):
-            problems += compare(model, args.steps, pdl, tolerance, in_qkv)
+        for pdl in (True, False):
+            problems += compare(model, args.steps, pdl, tolerance)
     if gpu and not args.no_timing and not problems:
         model = build(torch.bfloat16, args.layers, args.width)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

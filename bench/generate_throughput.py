@@ -11,8 +11,9 @@ padding ids either), and the greedy tokens of all are compared. Rounds alternate
 machine noise hits all alike, and each one's best round is reported (noise on a shared machine only ever slows a run
 down).
 
-On CUDA the first contender is the default, tinygpt's own fused Triton kernels (`generate(fused=True)`: four
-kernels a layer), in a call that builds its decoder and captures its CUDA graph; then the same in a call after one
+On CUDA the first contender is the default, tinygpt's own fused Triton kernels (`generate(fused=True)`: five
+kernels a layer), in a call that builds its decoder and captures its CUDA graph (as the first call of a process
+does: every contender's timed call starts with no decoder kept from another); then the same in a call after one
 with the same settings (a loop of calls: it takes that call's decoder, nothing allocated or captured), the step
 compiled by torch.compile (`--compile on`), the same with inductor's
 coordinate_descent_tuning (`sample.DECODE_COMPILE_OPTIONS`: each one-row matmul a tuned Triton reduction instead of
@@ -109,7 +110,7 @@ def contenders(model: GPT, hf, prompt: list[int], device: torch.device, compile_
             run.stats = stats
             return tokens
         if later:
-            run.prepare = lambda: run(1)
+            run.prepare = lambda: run(4)  # (a first token, then chunks of steps: the graph is captured)
         return run
 
     def theirs(lookup: int = 0) -> Callable[[int], list[int]]:
@@ -182,7 +183,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
     estimate: dict[str, float] = {}
     warmup_tokens = min(16, args.new_tokens)
     for name, run in runs.items():  # warm-up (and the compile), timed to spot the slow contenders
-        getattr(run, "prepare", lambda: None)()
+        getattr(run, "prepare", sample._KEPT.clear)()  # a decoder kept for this call's settings, or none
         sync(device)
         started = time.perf_counter()
         run(warmup_tokens)
@@ -194,7 +195,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
         for name, run in runs.items():
             if round_ > 0 and estimate[name] > args.slow_seconds:  # one timed round of a slow contender
                 continue
-            getattr(run, "prepare", lambda: None)()
+            getattr(run, "prepare", sample._KEPT.clear)()
             sync(device)
             started = time.perf_counter()
             tokens[name] = run(args.new_tokens)

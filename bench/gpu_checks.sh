@@ -3,7 +3,7 @@
 # order (each a stage with a time limit, never past BUDGET seconds in all):
 #   info       the device's measured bf16 matmul rate and copy bandwidth (the ceilings the figures are read against)
 #   fused      the fused decode kernels against the eager step (bench/fused_check.py; FUSED_SWEEP="block_s=64;
-#              attend_in_qkv=0" then times the step at five cache positions under those kernels.TUNING changes);
+#              num_warps=8" then times the step at five cache positions under those kernels.TUNING changes);
 #              where it fails, `sanitize` runs compute-sanitizer on a small case and the later stages leave the fused
 #              kernels out
 #   links      what one dependent link of a decode step costs: a kernel boundary (with and without PDL) against a

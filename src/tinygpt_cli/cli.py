@@ -873,7 +873,7 @@ def generate(
                                   "on for one sample, uncompiled, off CUDA; on CUDA it gives up the CUDA graphs).")
     ] = None,
     fused: Annotated[
-        bool | None, typer.Option("--fused/--no-fused", help="Decode with tinygpt's fused Triton kernels, four a "
+        bool | None, typer.Option("--fused/--no-fused", help="Decode with tinygpt's fused Triton kernels, five a "
                                   "layer instead of PyTorch's ~150 small kernels a step (default: on NVIDIA GPUs from "
                                   "Ampere on, with Triton, unless --compile on or --lookahead).")
     ] = None,

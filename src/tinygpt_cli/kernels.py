@@ -1,19 +1,18 @@
-"""One decode step of GPT-2 in four Triton kernels per layer, for batch-1 generation on CUDA.
+"""One decode step of GPT-2 in five Triton kernels per layer, for batch-1 generation on CUDA.
 
 A step at batch 1 reads every weight once, so it should run at the GPU's memory bandwidth. Kernel by kernel it does
 not: PyTorch's step is ~150 small kernels (compiled) or ~220 (eager) and on an H200 it reads the weights at 8-13% of
 the bandwidth (docs/performance.md): each layer norm, bias, GELU, residual add and cache write is a kernel of its
 own, and cuBLAS tiles a one-row product 64 columns wide, so a 768-wide layer's product keeps a third of the GPU busy.
-Here a layer is four kernels, each spread over every multiprocessor:
+Here a layer is five kernels, each spread over every multiprocessor:
 
 1. layer norm 1 + the QKV product + bias; the key and value go straight into the cache slot of this step (the
-   first layer's also embeds the token, and stores the embedding as the residual stream); then attention of the one
-   query over the cached keys (online softmax over the filled slots), each head's by the last of the blocks of rows
-   computing its query, key and value to finish (`kernels.TUNING["attend_in_qkv"]`; else attention is a kernel of
-   its own, over blocks of slots in parallel, partial softmaxes combined);
-2. the attention output projection + bias + the residual add;
-3. layer norm 2 + the MLP's first product + bias + GELU;
-4. the MLP's second product + bias + the residual add;
+   first layer's also embeds the token, and stores the embedding as the residual stream);
+2. attention of the one query over the cached keys (online softmax), every head at once, over only the blocks of
+   slots that the context fills (one block: no combine of partial softmaxes);
+3. the attention output projection + bias + the residual add;
+4. layer norm 2 + the MLP's first product + bias + GELU;
+5. the MLP's second product + bias + the residual add;
 
 plus one kernel for the final layer norm + the head (which also moves the cache position
 and the caller's step counter on, `FusedDecodeStep.advance`); `draw_token` takes the next token from the logits in
@@ -99,11 +98,8 @@ def unavailable(device: torch.device) -> str | None:
 # on the H200, within 4% of it on the H100. `force_block_k` (tests) sets the columns per pass whatever the rest says.
 # `pdl`: launch each kernel as a programmatic dependent launch where the GPU (Hopper or newer) and Triton allow it.
 # `draw_block` and `draw_warps`: the logits each program of a draw (`draw_token`) reads, and its warps.
-# `attend_in_qkv`: attention is the tail of the QKV product (the last of a head's blocks of rows to finish attends
-# for that head, over the filled slots in blocks of `tail_block_s`) instead of a kernel of its own: a dependent
-# link fewer a layer, where a block of rows lies within one head (see `FusedDecodeStep._product`).
 TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 128, "force_block_k": 0,
-          "pdl": True, "draw_block": 2048, "draw_warps": 4, "attend_in_qkv": True, "tail_block_s": 64}
+          "pdl": True, "draw_block": 2048, "draw_warps": 4}
 
 
 def uses_pdl(capability: tuple[int, int]) -> bool:
@@ -164,43 +160,12 @@ if triton is not None:
         return tl.where(col_ok, xk.to(dtype).to(tl.float32), 0.0)
 
     @triton.jit
-    def _attend_head(q, k_cache, v_cache, y, b, h, pos, n_head, S, scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """y[b, h] = softmax(q k^T * scale) v over the cached slots 0..pos of head h, in blocks of BLOCK_S slots
-        with a running (online) softmax, by one program. What it reads was written by other programs of the same
-        kernel, released to it by an atomic: it reads through L2 (.cg), past its multiprocessor's L1."""
-        C = n_head * HEAD_DIM
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < HEAD_DIM
-        query = tl.load(q + b * C + h * HEAD_DIM + dims, mask=dim_ok, other=0.0, cache_modifier=".cg")
-        query = query.to(tl.float32)
-        head = (b * n_head + h).to(tl.int64)
-        best = float("-inf")
-        total = 0.0
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for start in range(0, pos + 1, BLOCK_S):
-            slots = start + tl.arange(0, BLOCK_S)
-            filled = slots <= pos
-            where = head * S * HEAD_DIM + slots[:, None] * HEAD_DIM + dims[None, :]
-            inside = filled[:, None] & dim_ok[None, :]
-            keys = tl.load(k_cache + where, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float32)
-            values = tl.load(v_cache + where, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float32)
-            scores = tl.where(filled, tl.sum(keys * query[None, :], axis=1) * scale, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=0))  # finite: the block holds a filled slot
-            kept = tl.exp(best - new_best)  # 0 at the first block
-            p = tl.exp(scores - new_best)
-            acc = acc * kept + tl.sum(p[:, None] * values, axis=0)
-            total = total * kept + tl.sum(p, axis=0)
-            best = new_best
-        tl.store(y + b * C + h * HEAD_DIM + dims, (acc / total).to(y.dtype.element_ty), mask=dim_ok)
-
-    @triton.jit
-    def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr, counter, tokens, wte, wpe, y_out, counts,
-              N, K, stride_wn, stride_wk, eps, n_head, S, scale,
+    def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr, counter, tokens, wte, wpe,
+              N, K, stride_wn, stride_wk, eps, n_head, S,
               HEAD_DIM: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
               GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr,
-              EMBED: tl.constexpr, ATTEND: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+              EMBED: tl.constexpr):
         """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program.
 
         g: layer norm of the row (LN), else identity. f: GELU (GELU); `out[b, n] + ...` in place (RESIDUAL).
@@ -209,10 +174,6 @@ if triton is not None:
         and to `counter`, the caller's step counter, for the next step.
         EMBED (the first layer's QKV): the input row is the embedding of tokens[b] at the cache position
         (`_input`), which the first program also stores to x, the residual stream.
-        ATTEND (QKV, with BLOCK_N dividing HEAD_DIM: each program's rows lie within one head's query, key or
-        value): each program counts itself in counts[b, head] once its rows are stored, and the last of the head's
-        3 * HEAD_DIM / BLOCK_N programs attends for it (`_attend_head`, into y_out) and resets the count: attention
-        without a kernel of its own.
         ONE_PASS (BLOCK_K >= K): the weights are requested first, so that reading the row and its layer norm
         happen while they are on their way; else the row is read BLOCK_K columns at a time, its norm first.
 
@@ -293,15 +254,6 @@ if triton is not None:
             slot = ((b * n_head + kv // HEAD_DIM) * S + pos) * HEAD_DIM + kv % HEAD_DIM
             tl.store(k_cache + slot, y, mask=row_ok & (rows >= C) & (rows < 2 * C))
             tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
-            if ATTEND:
-                h = (pid * BLOCK_N % C) // HEAD_DIM  # the head of every row here
-                count = counts + b * n_head + h
-                # every thread's stores above happen before the atomic releases them (see `_attend`)
-                tl.debug_barrier()
-                if tl.atomic_add(count, 1, sem="acq_rel") == 3 * (HEAD_DIM // BLOCK_N) - 1:  # the head's last
-                    _attend_head(q_out, k_cache, v_cache, y_out, b, h, pos, n_head, S, scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_S)
-                    tl.store(count, 0)
         else:
             tl.store(out + b * N + rows, y, mask=row_ok)
         if ADVANCE:
@@ -597,8 +549,6 @@ class FusedDecodeStep:
         self.part_best = torch.zeros(parts, dtype=torch.float32, device=param.device)
         self.part_total = torch.zeros(parts, dtype=torch.float32, device=param.device)
         self.counts = torch.zeros((batch, cfg.n_head), dtype=torch.int32, device=param.device)
-        # attention as the QKV product's tail (`_gemv`'s ATTEND), in blocks of `tail_block_s` slots
-        self.attend_in_qkv, self.tail_block_s = bool(TUNING["attend_in_qkv"]), TUNING["tail_block_s"]
         if INTERPRETED or param.device.type != "cuda":
             self.sms = 1
         else:
@@ -623,13 +573,12 @@ class FusedDecodeStep:
             attn, mlp = block.attn, block.mlp
             self._product(self.x, attn.c_attn, block.ln_1, None, qkv=(view.k[i], view.v[i], pos),
                           embed=(current, self.wte, t.wpe.weight) if i == 0 else None)
-            if not self.attend_in_qkv:
-                _attend[(self.batch, self.n_head, self.n_split)](  # the cache holds at most a context of slots
-                    self.q, view.k[i], view.v[i], pos, self.y, self.part_acc, self.part_best, self.part_total,
-                    self.counts, self.n_head, view.k[i].size(2), self.n_split, self.scale,
-                    HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
-                    SPLITS=triton.next_power_of_2(self.n_split), **self.launch,
-                )
+            _attend[(self.batch, self.n_head, self.n_split)](  # the cache holds at most a context of slots
+                self.q, view.k[i], view.v[i], pos, self.y, self.part_acc, self.part_best, self.part_total,
+                self.counts, self.n_head, view.k[i].size(2), self.n_split, self.scale,
+                HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
+                SPLITS=triton.next_power_of_2(self.n_split), **self.launch,
+            )
             self._product(self.y, attn.c_proj, None, self.x, residual=True)
             self._product(self.x, mlp.c_fc, block.ln_2, self.hidden, gelu=True)
             self._product(self.hidden, mlp.c_proj, None, self.x, residual=True)
@@ -650,9 +599,6 @@ class FusedDecodeStep:
             block_k = min(TUNING["block_k"], triton.next_power_of_2(K))
             rows = gemv_blocks(N, TUNING["programs_per_sm"] * self.sms, TUNING["tile"] // block_k)
         block_k = TUNING["force_block_k"] or block_k
-        attend = qkv is not None and self.attend_in_qkv
-        if attend:  # a block of rows within one head: the largest power of two dividing the head's size at most
-            rows = min(rows, self.head_dim & -self.head_dim)
         k_cache, v_cache, pos = qkv if qkv is not None else (x, x, x)
         pos, counter = advance if advance is not None else (pos, x)
         out = out if out is not None else self.q
@@ -662,12 +608,11 @@ class FusedDecodeStep:
             x, weight, linear.bias if linear.bias is not None else weight,
             norm.weight if norm is not None else weight,
             norm.bias if norm is not None and norm.bias is not None else weight,
-            out, self.q, k_cache, v_cache, pos, counter, tokens, wte, wpe, self.y, self.counts,
+            out, self.q, k_cache, v_cache, pos, counter, tokens, wte, wpe,
             N, K, weight.stride(0), weight.stride(1), norm.eps if norm is not None else 0.0,
-            self.n_head, k_cache.size(2) if qkv is not None else 1, self.scale,
+            self.n_head, k_cache.size(2) if qkv is not None else 1,
             HEAD_DIM=self.head_dim, LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
             HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
             BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, ADVANCE=advance is not None,
-            EMBED=embed is not None, ATTEND=attend, BLOCK_D=self.block_d, BLOCK_S=self.tail_block_s,
-            **self.launch,
+            EMBED=embed is not None, **self.launch,
         )

@@ -632,7 +632,7 @@ def generate(
     token is still drawn from its own logits row, in order, with the same random numbers; a guess whose row is
     used only saves a pass, so the tokens are the same with or without it (up to float rounding of the logits).
 
-    `fused` decodes each step with tinygpt's Triton kernels (`kernels.FusedDecodeStep`: four a layer) on the
+    `fused` decodes each step with tinygpt's Triton kernels (`kernels.FusedDecodeStep`: five a layer) on the
     static cache, replayed as CUDA graphs like the eager step; NVIDIA CUDA only. Its tokens are the eager step's up
     to float rounding. If its kernels fail to build, decoding goes on eagerly and `stats.compile_error` says why.
     """

@@ -14,19 +14,15 @@ from tinygpt_cli.sample import GenerationStats, KVCache, StaticDecodeView
 assert kernels.INTERPRETED, "run with TRITON_INTERPRET=1"
 
 
-@pytest.mark.parametrize(("dtype", "batch", "bias", "block_s", "block_k", "in_qkv"),
-                         [(torch.float32, 1, True, 64, 0, False), (torch.float32, 3, False, 4, 0, False),
-                          (torch.float32, 2, True, 8, 32, False), (torch.float16, 2, True, 8, 0, False),
-                          (torch.float32, 3, False, 4, 0, True), (torch.float32, 2, True, 8, 32, True),
-                          (torch.float16, 2, True, 64, 0, True)])
-def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, bias, block_s, block_k, in_qkv):
+@pytest.mark.parametrize(("dtype", "batch", "bias", "block_s", "block_k"), [(torch.float32, 1, True, 64, 0),
+                                                                             (torch.float32, 3, False, 4, 0),
+                                                                             (torch.float32, 2, True, 8, 32),
+                                                                             (torch.float16, 2, True, 8, 0)])
+def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, bias, block_s, block_k):
     """Head size 12 (not a power of two: masked lanes), a prefix of cached slots and stale memory past it, the
-    slots in one block or split over several (attention's own kernel: partial softmaxes combined; as the QKV
-    product's tail: one running softmax), the rows of the products read in one pass or in blocks of 32 columns
-    (48 and 192 wide: the last block partly masked)."""
+    slots in one block or split over several (attention's partial softmaxes combined), the rows of the products
+    read in one pass or in blocks of 32 columns (48 and 192 wide: the last block partly masked)."""
     monkeypatch.setitem(kernels.TUNING, "block_s", block_s)
-    monkeypatch.setitem(kernels.TUNING, "tail_block_s", block_s)
-    monkeypatch.setitem(kernels.TUNING, "attend_in_qkv", in_qkv)
     monkeypatch.setitem(kernels.TUNING, "force_block_k", block_k)
     model = fused_test_model(dtype, bias)
     prompt = torch.randint(0, 50257, (1, 6))
@@ -53,17 +49,11 @@ def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, 
                 assert torch.allclose(fused.v[layer].float(), eager.v[layer].float(), atol=tolerance)
 
 
-@pytest.mark.parametrize("in_qkv", [True, False])
-def test_fused_step_under_the_default_tuning(monkeypatch, in_qkv):
-    """The settings a GPU runs (kernels.TUNING as shipped) over a context of 300 slots: the eager logits and cache
-    at slots in the first, the second and the third of attention's blocks of 128. As the QKV product's tail
-    (shipped), attention runs over blocks of 64 slots (1, 4 and 5 of them here) and never writes the partials of
-    attention's own kernel. That kernel works only on the blocks that hold filled slots: in the first block alone
-    it writes no partial softmax (the partials, poisoned with NaN first, are left as they were), in the second
-    the third's are left."""
-    if not in_qkv:
-        monkeypatch.setitem(kernels.TUNING, "attend_in_qkv", False)
-    assert kernels.TUNING["tail_block_s"] == 64 and kernels.TUNING["block_s"] == 128
+def test_fused_step_under_the_default_tuning():
+    """The settings a GPU runs (kernels.TUNING as shipped: attention in blocks of 128 slots) over a context of three
+    blocks, the last one partly used: the eager logits and cache at slots in the first, the second and the last.
+    Attention works only on the blocks that hold filled slots: in the first block alone it writes no partial
+    softmax (the partials, poisoned with NaN first, are left as they were), in the second the third's are left."""
     model = fused_test_model(block_size=300)
     prompt = torch.randint(0, 50257, (1, 6))
     caches = []
@@ -84,7 +74,7 @@ def test_fused_step_under_the_default_tuning(monkeypatch, in_qkv):
             got, want = step(model, current, fused), sample._last_logits(model, current, eager)
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
             written = step.part_total[0, 0].isfinite()  # (splits,) for the last layer's first head
-            assert written.tolist() == [not in_qkv and blocks > 1 and i < blocks for i in range(3)], written
+            assert written.tolist() == [blocks > 1 and i < blocks for i in range(3)], written
             assert not step.counts.any()
     for layer in range(model.config.n_layer):
         assert torch.allclose(fused.k[layer], eager.k[layer], atol=1e-5)
