@@ -1,5 +1,7 @@
 """Generation at the token level: the KV cache (sliced and static), sampling, windows, stop rules, text streams."""
 
+import threading
+
 import pytest
 import torch
 
@@ -301,6 +303,64 @@ def test_a_later_call_takes_the_decoder_an_earlier_one_built(monkeypatch):
     del model, decoder, made[:]  # (the chunks of the calls that built their own hold the model)
     gc.collect()
     assert alive() is None and len(sample._KEPT) == others
+
+
+def test_two_threads_never_take_the_same_kept_decoder(monkeypatch):
+    """Two calls on one model from two threads: the kept decoder is checked (idle) and taken in two steps, and
+    torch releases the GIL in between; both must not take it (they would share the cache and the draw state)."""
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+    settings = dict(temperature=0.9, top_k=20, num_samples=2, static_cache=True, graphs=True)
+    _run(model, [5, 6], 4, seed=0, **settings)  # builds the decoder, kept idle
+    barrier = threading.Barrier(2, timeout=20)
+    real_memory, waiting = sample.generation_memory, [2]
+
+    def meeting(*args, **kwargs):  # both calls have looked at the kept decoder before either goes on
+        if waiting[0] > 0:
+            waiting[0] -= 1
+            barrier.wait()
+        return real_memory(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generation_memory", meeting)
+    used: dict[int, set[int]] = {}
+    real_run = sample._DecodeChunk.run
+
+    def run(self, *args):
+        used.setdefault(threading.get_ident(), set()).add(id(self))
+        real_run(self, *args)
+
+    monkeypatch.setattr(sample._DecodeChunk, "run", run)
+    results, errors = {}, []
+
+    def call(seed):
+        try:
+            results[seed] = _run(model, [5, 6, 7], 20, seed=seed, **settings)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(used) == 2 and not set.intersection(*used.values())
+    for seed in (1, 2):
+        assert torch.equal(results[seed], _run(model, [5, 6, 7], 20, seed=seed, **{**settings, "graphs": False}))
+    assert not sample._KEPT[model].busy
+
+
+def test_weights_made_in_inference_mode_can_be_kept():
+    """A model built (or moved, or converted) under torch.inference_mode has inference tensors as weights, which
+    track no version: `_decoder_key` must not ask for one (on CUDA `generate` crashed with graphs, its default)."""
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+    settings = dict(temperature=0.9, top_k=20, num_samples=2, static_cache=True)
+    sample._decoder_key(model, 1, fused=False, compile=False)
+    kept = _run(model, [5, 6, 7], 10, seed=3, graphs=True, **settings)
+    assert torch.equal(_run(model, [5, 6, 7], 10, seed=3, graphs=True, **settings), kept)
+    assert torch.equal(_run(model, [5, 6, 7], 10, seed=3, graphs=False, **settings), kept)
 
 
 def test_decode_chunks_stop_at_the_first_non_finite_step(model, monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import copy
 import itertools
+import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -351,6 +352,9 @@ def _cpu_head(model: GPT) -> torch.Tensor | None:
     weight = model.lm_head.weight
     if weight.device.type != "cpu":
         return None
+    if weight.is_inference():  # made under torch.inference_mode: no version to tell an in-place change by
+        with torch.no_grad():
+            return weight.detach().t().contiguous()
     key = (weight.data_ptr(), weight._version, weight.dtype)
     held = _HEAD_COPIES.get(model)
     if held is None or held[0] != key:
@@ -563,13 +567,18 @@ class _KeptDecoder:
 
 
 _KEPT: weakref.WeakKeyDictionary[GPT, _KeptDecoder] = weakref.WeakKeyDictionary()
+_KEPT_LOCK = threading.Lock()  # a decoder is looked at and taken (marked busy) at once: calls in other threads
 
 
-def _decoder_key(model: GPT, *settings: Any, fused: bool, compile: bool) -> tuple:
+def _decoder_key(model: GPT, *settings: Any, fused: bool, compile: bool) -> tuple | None:
     """What a captured chunk depends on besides its buffers: the call's settings (the draw's are in the graph), the
     module-level switches it was built under, and where the weights are and their in-place versions (a weight
-    replaced, moved or trained since makes a new decoder)."""
-    weights = tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    replaced, moved or trained since makes a new decoder). None where that cannot be told: weights made under
+    torch.inference_mode track no version (such a model's decoder is not kept)."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if any(t.is_inference() for t in tensors):
+        return None
+    weights = tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in tensors)
     switches: tuple = (GRAPH_STEPS, CPU_SHORTLISTS, _last_logits)  # (the eager step: tests replace it)
     if fused:
         from tinygpt_cli import kernels
@@ -577,7 +586,7 @@ def _decoder_key(model: GPT, *settings: Any, fused: bool, compile: bool) -> tupl
         switches += (kernels.FUSED_TOP_K, tuple(sorted(kernels.TUNING.items())))
     if compile:
         switches += (tuple(sorted(DECODE_COMPILE_OPTIONS.items())),)
-    return (*settings, fused, compile, switches, weights)
+    return (*settings, fused, compile, model.training, switches, weights)  # (training: dropout in the graph)
 
 
 NON_FINITE = ("the model produced non-finite logits (NaN or infinity): the checkpoint may be damaged, or it overflows "
@@ -669,12 +678,15 @@ def generate(
     # the previous call's decoder, where it was built for these settings and no other call is using it
     key = _decoder_key(model, num_samples, temperature, top_k, top_p, repetition_penalty, stop_at_eot,
                        fused=fused, compile=compile) if graphs else None
-    kept = _KEPT.get(model) if graphs else None
-    if kept is not None and not kept.busy and kept.key != key:
-        del _KEPT[model]  # other settings: its memory goes before this call's is counted
-    if kept is not None and (kept.busy or kept.key != key):
-        kept = None
     need = generation_memory(model, num_samples, use_cache, repetition_penalty != 1.0)
+    with _KEPT_LOCK:  # taken here, before another thread's call can look at it (nothing raises until `try`)
+        kept = _KEPT.get(model) if key is not None else None
+        if kept is not None and not kept.busy and kept.key != key:
+            del _KEPT[model]  # other settings: its memory goes before this call's is counted
+        if kept is not None and (kept.busy or kept.key != key):
+            kept = None
+        if kept is not None:
+            kept.busy = True
     free = free_memory(device) if kept is None else None
     if free is not None and need > free:
         raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}", use_cache)
@@ -730,10 +742,12 @@ def generate(
             draw = _Draw(temperature, top_k, top_p, repetition_penalty, seen, finished, first_bad, stop_at_eot,
                          generator)
             chunk = _DecodeChunk(step, model, view, current, steps, draw, stats, head_t) if graphs else None
-            if chunk is not None and model not in _KEPT:
-                assert key is not None and cache is not None and view is not None
-                kept = _KEPT[model] = _KeptDecoder(key, cache, view, current, finished, first_bad, seen, draw, chunk,
-                                                   stats)
+            if chunk is not None and key is not None:
+                assert cache is not None and view is not None
+                with _KEPT_LOCK:
+                    if model not in _KEPT:
+                        kept = _KEPT[model] = _KeptDecoder(key, cache, view, current, finished, first_bad, seen,
+                                                           draw, chunk, stats)
         static_steps = 0
         flushed = length  # sequence[:, :flushed] is copied out (the prompt counts as handed out)
         pending: _HostCopy | None = None  # a flush copied out but not handed out yet
