@@ -152,6 +152,29 @@ def test_eval_loss_records_and_is_deterministic(with_shakespeare, workspace):
     assert train_split["split"] == "train" and train_split["tokens"] == 128
 
 
+def test_two_evals_racing_to_make_a_report_title_it_once(tmp_path, monkeypatch):
+    """Two evals of one run that finish together both found no report.md and both wrote its title. The title now
+    goes with the write that creates the file (an exclusive create); the other appends its section only."""
+    from pathlib import Path
+
+    from tinygpt_cli import evaluate as module
+
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    result = module.LossResult(checkpoint=str(run_dir / "checkpoints" / "step_000001"), step=1, dataset="d",
+                               split="val", tokens=10, text_bytes=40, windows=1, window_tokens=32, loss=1.0,
+                               perplexity=math.e, bits_per_byte=0.5, seconds=1.0, device="cpu", dtype="fp32")
+    report = run_dir / "report.md"
+    real_exists = Path.exists
+    # the other eval makes the file after this one looked for it (as if looking came first)
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == report else real_exists(self))
+    for _ in range(2):
+        module.record_result(run_dir / "checkpoints" / "step_000001", result)
+    text = report.read_text()
+    assert text.startswith("# Run tiny\n") and text.count("# Run tiny") == 1
+    assert text.count("## Evaluation: loss on d/val") == 2
+
+
 def test_eval_that_cannot_be_recorded_stops_before_scoring(with_shakespeare, workspace, hellaswag_file):
     """A run folder eval cannot append to was found out only after scoring, and the result was lost (audit);
     --no-record scores without writing."""

@@ -546,10 +546,23 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
-def _append(path: Path, text: str) -> None:
+def _append(path: Path, text: str, title: str = "") -> None:
     """Append `text` in one write, flushed to disk: a crash leaves the file as it was or with the whole record.
     A file whose last line was cut (an earlier crash, an editor) gets a line break first, so the record stays
-    a line of its own."""
+    a line of its own. `title` starts the file where this write makes it: the file is made by an exclusive
+    create, so of two processes appending at once one writes the title."""
+    if title:
+        try:
+            made = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_BINARY", 0),
+                           0o666)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(made, "wb") as handle:
+                handle.write((title + text).encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            return
     with open(path, "a+b") as handle:
         if handle.tell() > 0:
             handle.seek(-1, os.SEEK_END)
@@ -612,10 +625,8 @@ def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Pa
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {"time": when, **{k: v for k, v in json_safe(result).items() if k != "recorded_in"}}
     try:
-        report = folder / "report.md"
-        header = "" if report.exists() else f"# Run {folder.name}\n"
         _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
-        _append(report, header + _report_section(result, when))
+        _append(folder / "report.md", _report_section(result, when), title=f"# Run {folder.name}\n")
     except OSError as exc:
         raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {_UNRECORDABLE}") from None
     return folder
