@@ -56,13 +56,14 @@ def kernel_times(step, model: GPT, steps: int) -> tuple[float, list[tuple[str, f
     return sum(totals.values()) / steps, rows
 
 
-def replay_times(step, model: GPT, steps: int, replays: int = 20, position: int = 0) -> tuple[float, float]:
+def replay_times(step, model: GPT, steps: int, replays: int = 20, position: int = 0,
+                 batch: int = 1) -> tuple[float, float]:
     """Capture `steps` one-token forward steps (the cache slot moved on inside the graph) as one CUDA graph:
-    (milliseconds to capture it and run it once, median microseconds per token of later replays), each replay
-    starting at the cache slot `position`."""
-    cache = KVCache(model, 1)
+    (milliseconds to capture it and run it once, median microseconds per step of later replays), each replay
+    starting at the cache slot `position`; `batch` samples a step (the step built for them)."""
+    cache = KVCache(model, batch)
     view = StaticDecodeView(cache)
-    current = torch.zeros((1, 1), dtype=torch.long, device="cuda")
+    current = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

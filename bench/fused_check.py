@@ -40,17 +40,19 @@ def build(dtype: torch.dtype, layers: int, width: int = 768, block_size: int = 1
     return model.to(device or DEVICE, dtype)
 
 
-def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
-    """Teacher-forced steps of the fused and the eager step side by side: the problems found (none: [])."""
-    kernels.TUNING["pdl"] = pdl
+def compare(model: GPT, steps: int, pdl: bool, tolerance: float, batch: int = 1, samples: int = 1) -> list[str]:
+    """Teacher-forced steps of the fused and the eager step side by side, `batch` samples fed other tokens (the
+    eager step's greedy ones), up to `samples` of them a block of the products: the problems found (none: [])."""
+    default = dict(kernels.TUNING)
+    kernels.TUNING.update(pdl=pdl, samples_per_program=samples)
     try:
-        fused = kernels.FusedDecodeStep(model, 1)
+        fused = kernels.FusedDecodeStep(model, batch)
     finally:
-        kernels.TUNING["pdl"] = True
-    mine, theirs = StaticDecodeView(KVCache(model, 1)), StaticDecodeView(KVCache(model, 1))
+        kernels.TUNING.update(default)
+    mine, theirs = StaticDecodeView(KVCache(model, batch)), StaticDecodeView(KVCache(model, batch))
     for buffer in (*mine.k, *mine.v):  # poisoned: a slot the step should write and does not, or reads and should
         buffer.fill_(float("nan"))  # not, shows (the eager step needs zeros there: it weighs them by 0)
-    token = torch.tensor([[464]], device=DEVICE)
+    token = torch.arange(464, 464 + batch, device=DEVICE)[:, None]
     problems, worst, agree = [], 0.0, 0
     with torch.inference_mode():
         for position in range(steps):
@@ -69,7 +71,7 @@ def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
                 break
             error = float((got - want).abs().max() / want.abs().max())
             worst = max(worst, error)
-            agree += int(got.argmax()) == int(want.argmax())
+            agree += bool((got.argmax(dim=-1) == want.argmax(dim=-1)).all())
             token = want.argmax(dim=-1, keepdim=True)
         for layer in range(model.config.n_layer):
             for name, a, b in (("key", mine.k[layer], theirs.k[layer]), ("value", mine.v[layer], theirs.v[layer])):
@@ -80,7 +82,8 @@ def compare(model: GPT, steps: int, pdl: bool, tolerance: float) -> list[str]:
                     problems.append(f"layer {layer} {name}s differ by {float((a - b).abs().max()):.3g}")
     if worst > tolerance:
         problems.append(f"logits differ by up to {worst:.2e} of their largest (tolerance {tolerance:g})")
-    print(f"  {next(model.parameters()).dtype!s:15s} pdl={fused.pdl!s:5s} {steps} steps: largest logit "
+    print(f"  {next(model.parameters()).dtype!s:15s} pdl={fused.pdl!s:5s} batch {batch} ({fused.samples} a block) "
+          f"{steps} steps: largest logit "
           f"difference {worst:.2e} of the largest logit, same greedy token at {agree}/{steps} steps"
           f"{'; ' + '; '.join(problems) if problems else ''}", flush=True)
     return problems
@@ -99,18 +102,19 @@ def parse_settings(text: str) -> list[dict[str, int]]:
     return groups
 
 
-def sweep(model: GPT, groups: list[dict[str, int]]) -> None:
+def sweep(model: GPT, groups: list[dict[str, int]], batch: int = 1) -> None:
     """The fused step replayed from a graph at several cache positions under the shipped kernels.TUNING and under
     each group of changes to it (attention's blocks of slots, the products' warps, ...)."""
     positions = (0, 127, 255, 511, 1023)
-    print(f"fused step (us per token) by kernels.TUNING, at cache positions {positions}:")
+    print(f"fused step (us per step of {batch} sample{'s' if batch > 1 else ''}) by kernels.TUNING, at cache "
+          f"positions {positions}:")
     default = dict(kernels.TUNING)
     with torch.inference_mode():
         for changes in [{}, *groups]:
             kernels.TUNING.update(changes)
             try:
-                step = kernels.FusedDecodeStep(model, 1)
-                times = [replay_times(step, model, 1, replays=30, position=p)[1] for p in positions]
+                step = kernels.FusedDecodeStep(model, batch)
+                times = [replay_times(step, model, 1, replays=30, position=p, batch=batch)[1] for p in positions]
             finally:
                 kernels.TUNING.update(default)
             print("  " + "  ".join(f"{us:6.1f}" for us in times) + f"   mean {sum(times) / len(times):6.1f}  "
@@ -124,6 +128,8 @@ def main() -> None:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--width", type=int, default=768, help="n_embd (heads of 64)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="samples a step (the checks run at batch 1 too, the sweep at this batch only)")
     parser.add_argument("--sweep", default="", metavar="SETTINGS",
                         help="then time the step at several cache positions under the shipped kernels.TUNING and "
                              "each group of changes to it, e.g. 'block_s=64;block_s=256,num_warps=8'")
@@ -143,6 +149,8 @@ def main() -> None:
         model = build(dtype, args.layers, args.width)
         for pdl in (True, False):
             problems += compare(model, args.steps, pdl, tolerance)
+        for samples in sorted({1, min(4, args.batch)}) if args.batch > 1 else ():
+            problems += compare(model, args.steps, True, tolerance, args.batch, samples)
     if gpu and not args.no_timing and not problems:
         model = build(torch.bfloat16, args.layers, args.width)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -165,7 +173,7 @@ def main() -> None:
     print("fused check: OK", flush=True)
     if gpu and groups:
         try:  # a measurement only: the check above has passed
-            sweep(build(torch.bfloat16, args.layers, args.width), groups)
+            sweep(build(torch.bfloat16, args.layers, args.width), groups, args.batch)
         except Exception as exc:
             print(f"sweep: {type(exc).__name__}: {exc}")
 

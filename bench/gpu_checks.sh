@@ -3,7 +3,8 @@
 # order (each a stage with a time limit, never past BUDGET seconds in all):
 #   info       the device's measured bf16 matmul rate and copy bandwidth (the ceilings the figures are read against)
 #   fused      the fused decode kernels against the eager step (bench/fused_check.py; FUSED_SWEEP="block_s=64;
-#              num_warps=8" then times the step at five cache positions under those kernels.TUNING changes);
+#              num_warps=8" then times the step at five cache positions under those kernels.TUNING changes, at
+#              FUSED_BATCH samples a step, which are checked too, also several a block of the products);
 #              where it fails, `sanitize` runs compute-sanitizer on a small case and the later stages leave the fused
 #              kernels out
 #   links      what one dependent link of a decode step costs: a kernel boundary (with and without PDL) against a
@@ -71,7 +72,7 @@ EOF
 # the fused decode kernels against the eager step first: a fault in a kernel would end a later stage's process, so
 # where this fails the later stages leave the fused kernels out, and compute-sanitizer looks for a bad access
 LAST_RC=0
-stage fused 120 $PY bench/fused_check.py --sweep "${FUSED_SWEEP:-}"
+stage fused 120 $PY bench/fused_check.py --sweep "${FUSED_SWEEP:-}" --batch "${FUSED_BATCH:-1}"
 NO_FUSED=()
 if (( LAST_RC != 0 )); then
     NO_FUSED=(--no-fused)

@@ -151,11 +151,12 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
                     (C, C, False, False, True, False, False), (4 * C, C, True, True, False, False, False),
                     (C, 4 * C, False, False, True, False, False), (vocab, C, True, False, False, False, False)]
         for N, K, norm, gelu, residual, qkv, embed in products:
-            for one_pass in (True, False):
+            # several samples a block (kernels.TUNING["samples_per_program"]) for bf16 in one pass
+            for one_pass, samples in ((True, 1), (False, 1), *([(True, 4)] if dtype == "bf16" else [])):
                 block_k = triton.next_power_of_2(K) if one_pass else 256
                 constants = dict(HEAD_DIM=64, LN=norm, LN_BIAS=norm, HAS_BIAS=vocab != N, GELU=gelu,
                                  RESIDUAL=residual, QKV=qkv, BLOCK_N=max(1, 8192 // block_k), BLOCK_K=block_k,
-                                 ONE_PASS=one_pass, ADVANCE=vocab == N, EMBED=embed)
+                                 ONE_PASS=one_pass, ADVANCE=vocab == N, EMBED=embed, SAMPLES=samples)
                 values = {"N": N, "K": K, "stride_wn": K, "stride_wk": 1, "n_head": heads, "S": slots if qkv else 1}
                 kernel = build(module._gemv, values, constants, capability)
                 if one_pass and dtype != "fp32":  # the weights come in 16-byte loads

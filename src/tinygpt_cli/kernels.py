@@ -98,8 +98,11 @@ def unavailable(device: torch.device) -> str | None:
 # on the H200, within 4% of it on the H100. `force_block_k` (tests) sets the columns per pass whatever the rest says.
 # `pdl`: launch each kernel as a programmatic dependent launch where the GPU (Hopper or newer) and Triton allow it.
 # `draw_block` and `draw_warps`: the logits each program of a draw (`draw_token`) reads, and its warps.
+# `samples_per_program`: with several samples (`--num-samples`), a product's block takes up to this many of them
+# (the largest number that divides the batch), so that it reads its weights once for them all; 1 (a block a sample)
+# until a GPU has timed more.
 TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 128, "force_block_k": 0,
-          "pdl": True, "draw_block": 2048, "draw_warps": 4}
+          "pdl": True, "draw_block": 2048, "draw_warps": 4, "samples_per_program": 1}
 
 
 def uses_pdl(capability: tuple[int, int]) -> bool:
@@ -165,8 +168,10 @@ if triton is not None:
               HEAD_DIM: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
               GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr,
-              EMBED: tl.constexpr):
-        """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program.
+              EMBED: tl.constexpr, SAMPLES: tl.constexpr):
+        """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program and its
+        SAMPLES samples b (program (i, j) takes samples j * SAMPLES ...: a ONE_PASS program reads its weights once
+        for all of them, where a program a sample would read them once a sample).
 
         g: layer norm of the row (LN), else identity. f: GELU (GELU); `out[b, n] + ...` in place (RESIDUAL).
         QKV: the outputs are the query (to q_out (B, C)), key and value (to the caches (B, nh, S, hd) at slot pos).
@@ -186,78 +191,79 @@ if triton is not None:
         if PDL:
             gdc_launch_dependents()
         pid = tl.program_id(0)
-        b = tl.program_id(1)
         dtype = out.dtype.element_ty
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        x_row = x + b * K
         if ONE_PASS:
             cols = tl.arange(0, BLOCK_K)
             col_ok = cols < K
             tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-            if PDL:
-                gdc_wait()
-            xk = _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
-            if EMBED:  # noqa: SIM102 (a test made when the kernel is built, around one made when it runs)
-                if pid == 0:  # the residual stream starts here
-                    tl.store(x_row + cols, xk.to(dtype), mask=col_ok)
-            if LN:  # as torch's layer norm: the mean, then the variance about it
-                mean = tl.sum(xk, axis=0) / K
-                centred = tl.where(col_ok, xk - mean, 0.0)
-                rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
-                xk = _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS)
-            acc = tile.to(tl.float32) * xk[None, :]
-        else:
-            if PDL:
-                gdc_wait()
-            mean = 0.0
-            rstd = 1.0
-            if LN:
-                part = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    cols = k0 + tl.arange(0, BLOCK_K)
-                    part += _input(x_row, cols, cols < K, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
-                mean = tl.sum(part, axis=0) / K
-                part = tl.zeros((BLOCK_K,), dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    cols = k0 + tl.arange(0, BLOCK_K)
-                    centred = _input(x_row, cols, cols < K, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED) - mean
-                    part += tl.where(cols < K, centred * centred, 0.0)
-                rstd = 1.0 / tl.sqrt(tl.sum(part, axis=0) / K + eps)
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
-                col_ok = cols < K
-                tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
-                               mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if PDL:
+            gdc_wait()
+        for i in tl.static_range(SAMPLES):  # the samples of this program, one tile of weights for all of them
+            b = tl.program_id(1) * SAMPLES + i
+            x_row = x + b * K
+            if ONE_PASS:
                 xk = _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
-                if EMBED:  # noqa: SIM102 (as above)
-                    if pid == 0:
+                if EMBED:  # noqa: SIM102 (a test made when the kernel is built, around one made when it runs)
+                    if pid == 0:  # the residual stream starts here
                         tl.store(x_row + cols, xk.to(dtype), mask=col_ok)
-                if LN:
+                if LN:  # as torch's layer norm: the mean, then the variance about it
+                    mean = tl.sum(xk, axis=0) / K
+                    centred = tl.where(col_ok, xk - mean, 0.0)
+                    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
                     xk = _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS)
-                acc += tile.to(tl.float32) * xk[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = y.to(dtype)
-        if GELU:
-            y = _gelu_tanh(y.to(tl.float32)).to(dtype)
-        if RESIDUAL:
-            y = (y.to(tl.float32) + tl.load(out + b * N + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
-        if QKV:
-            C = N // 3
-            pos = tl.load(pos_ptr)
-            tl.store(q_out + b * C + rows, y, mask=row_ok & (rows < C))
-            kv = rows % C  # the column within the key or the value
-            slot = ((b * n_head + kv // HEAD_DIM) * S + pos) * HEAD_DIM + kv % HEAD_DIM
-            tl.store(k_cache + slot, y, mask=row_ok & (rows >= C) & (rows < 2 * C))
-            tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
-        else:
-            tl.store(out + b * N + rows, y, mask=row_ok)
+                acc = tile.to(tl.float32) * xk[None, :]
+            else:
+                mean = 0.0
+                rstd = 1.0
+                if LN:
+                    part = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                    for k0 in range(0, K, BLOCK_K):
+                        cols = k0 + tl.arange(0, BLOCK_K)
+                        part += _input(x_row, cols, cols < K, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
+                    mean = tl.sum(part, axis=0) / K
+                    part = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                    for k0 in range(0, K, BLOCK_K):
+                        cols = k0 + tl.arange(0, BLOCK_K)
+                        centred = _input(x_row, cols, cols < K, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED) - mean
+                        part += tl.where(cols < K, centred * centred, 0.0)
+                    rstd = 1.0 / tl.sqrt(tl.sum(part, axis=0) / K + eps)
+                acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    cols = k0 + tl.arange(0, BLOCK_K)
+                    col_ok = cols < K
+                    part_tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                                        mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                                        eviction_policy="evict_first")
+                    xk = _input(x_row, cols, col_ok, tokens, b, pos_ptr, wte, wpe, K, dtype, EMBED)
+                    if EMBED:  # noqa: SIM102 (as above)
+                        if pid == 0:
+                            tl.store(x_row + cols, xk.to(dtype), mask=col_ok)
+                    if LN:
+                        xk = _normalized(xk, col_ok, cols, mean, rstd, ln_w, ln_b, dtype, LN_BIAS)
+                    acc += part_tile.to(tl.float32) * xk[None, :]
+            y = tl.sum(acc, axis=1)
+            if HAS_BIAS:
+                y += tl.load(bias + rows, mask=row_ok, other=0.0).to(tl.float32)
+            y = y.to(dtype)
+            if GELU:
+                y = _gelu_tanh(y.to(tl.float32)).to(dtype)
+            if RESIDUAL:
+                y = (y.to(tl.float32) + tl.load(out + b * N + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype)
+            if QKV:
+                C = N // 3
+                pos = tl.load(pos_ptr)
+                tl.store(q_out + b * C + rows, y, mask=row_ok & (rows < C))
+                kv = rows % C  # the column within the key or the value
+                slot = ((b * n_head + kv // HEAD_DIM) * S + pos) * HEAD_DIM + kv % HEAD_DIM
+                tl.store(k_cache + slot, y, mask=row_ok & (rows >= C) & (rows < 2 * C))
+                tl.store(v_cache + slot, y, mask=row_ok & (rows >= 2 * C))
+            else:
+                tl.store(out + b * N + rows, y, mask=row_ok)
         if ADVANCE:
-            first = (pid == 0) & (b == 0)
+            first = (pid == 0) & (tl.program_id(1) == 0)
             tl.store(pos_ptr, tl.load(pos_ptr, mask=first, other=0) + 1, mask=first)
             tl.store(counter, tl.load(counter, mask=first, other=0) + 1, mask=first)
 
@@ -554,6 +560,8 @@ class FusedDecodeStep:
         else:
             self.sms = torch.cuda.get_device_properties(param.device).multi_processor_count
         self.launch = _launch_options(param.device, TUNING["num_warps"])  # every kernel's
+        # the samples a product's block takes: the largest divisor of the batch up to the setting
+        self.samples = max(n for n in range(1, max(1, TUNING["samples_per_program"]) + 1) if batch % n == 0)
         self.pdl = bool(self.launch["PDL"])
         self.built_advancing = False  # the kernels of a step with `advance` set have run (are built and loaded)
 
@@ -603,7 +611,7 @@ class FusedDecodeStep:
         pos, counter = advance if advance is not None else (pos, x)
         out = out if out is not None else self.q
         tokens, wte, wpe = embed if embed is not None else (counter, weight, weight)
-        grid = (triton.cdiv(N, rows), self.batch)
+        grid = (triton.cdiv(N, rows), self.batch // self.samples)
         _gemv[grid](
             x, weight, linear.bias if linear.bias is not None else weight,
             norm.weight if norm is not None else weight,
@@ -614,5 +622,5 @@ class FusedDecodeStep:
             HEAD_DIM=self.head_dim, LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
             HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
             BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, ADVANCE=advance is not None,
-            EMBED=embed is not None, **self.launch,
+            EMBED=embed is not None, SAMPLES=self.samples, **self.launch,
         )

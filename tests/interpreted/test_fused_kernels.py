@@ -14,16 +14,19 @@ from tinygpt_cli.sample import GenerationStats, KVCache, StaticDecodeView
 assert kernels.INTERPRETED, "run with TRITON_INTERPRET=1"
 
 
-@pytest.mark.parametrize(("dtype", "batch", "bias", "block_s", "block_k"), [(torch.float32, 1, True, 64, 0),
-                                                                             (torch.float32, 3, False, 4, 0),
-                                                                             (torch.float32, 2, True, 8, 32),
-                                                                             (torch.float16, 2, True, 8, 0)])
-def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, bias, block_s, block_k):
+@pytest.mark.parametrize(("dtype", "batch", "bias", "block_s", "block_k", "samples"),
+                         [(torch.float32, 1, True, 64, 0, 1), (torch.float32, 3, False, 4, 0, 1),
+                          (torch.float32, 2, True, 8, 32, 1), (torch.float16, 2, True, 8, 0, 1),
+                          (torch.float32, 4, True, 8, 0, 4), (torch.float32, 3, False, 4, 32, 3),
+                          (torch.float16, 6, True, 8, 0, 4)])
+def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, bias, block_s, block_k, samples):
     """Head size 12 (not a power of two: masked lanes), a prefix of cached slots and stale memory past it, the
     slots in one block or split over several (attention's partial softmaxes combined), the rows of the products
-    read in one pass or in blocks of 32 columns (48 and 192 wide: the last block partly masked)."""
+    read in one pass or in blocks of 32 columns (48 and 192 wide: the last block partly masked), a block of rows
+    a sample or several samples a block (6 samples, up to 4 a block: 3)."""
     monkeypatch.setitem(kernels.TUNING, "block_s", block_s)
     monkeypatch.setitem(kernels.TUNING, "force_block_k", block_k)
+    monkeypatch.setitem(kernels.TUNING, "samples_per_program", samples)
     model = fused_test_model(dtype, bias)
     prompt = torch.randint(0, 50257, (1, 6))
     caches = []
@@ -33,6 +36,7 @@ def test_fused_step_gives_the_eager_logits_and_cache(monkeypatch, dtype, batch, 
         caches.append(StaticDecodeView(cache))
     fused, eager = caches
     step = kernels.FusedDecodeStep(model, batch)
+    assert step.samples == min(samples, 3 if batch == 6 else batch)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     with torch.inference_mode():
         for position in (6, 7, 19):  # 19: the last slot of the context
@@ -97,11 +101,14 @@ def test_fused_step_takes_weights_laid_out_for_cpu_decoding():
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
 
 
-def test_fused_generate_gives_the_eager_tokens(monkeypatch):
+@pytest.mark.parametrize("samples", [1, 2])
+def test_fused_generate_gives_the_eager_tokens(monkeypatch, samples):
     """Greedy past a window jump, and sampled with a seed: the eager static step's tokens; in chunks of steps too,
-    where the fused step's tokens are drawn by `kernels.draw_token` (sampling as on a GPU: the whole vocabulary)."""
+    where the fused step's tokens are drawn by `kernels.draw_token` (sampling as on a GPU: the whole vocabulary);
+    a block of the products a sample, or two samples a block."""
     monkeypatch.setattr(sample, "CPU_SHORTLISTS", False)
     monkeypatch.setitem(kernels.TUNING, "block_s", 4)
+    monkeypatch.setitem(kernels.TUNING, "samples_per_program", samples)
     model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
     stats = GenerationStats()
     greedy = dict(temperature=0, num_samples=2)
