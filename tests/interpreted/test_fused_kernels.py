@@ -360,3 +360,29 @@ def test_the_chunks_draws_run_the_draw_kernel_built_before_capture(monkeypatch, 
     keys.clear()
     chunk._take_steps()
     assert len(keys) == 3 and set(keys) <= built, [k for k in keys if k not in built]
+
+
+@pytest.mark.parametrize(("num_samples", "samples", "block_k"), [(3, 3, 0), (6, 4, 16)])
+def test_fused_generate_several_samples_a_block_gives_the_eager_tokens(monkeypatch, num_samples, samples, block_k):
+    """Several samples a block of the products (3; 6 at up to 4 a block: 3), sampled so that the samples part (a
+    product that mixed them up would show), past a window jump, in one pass or in blocks of 16 columns."""
+    monkeypatch.setattr(sample, "CPU_SHORTLISTS", False)
+    monkeypatch.setitem(kernels.TUNING, "block_s", 4)
+    monkeypatch.setitem(kernels.TUNING, "force_block_k", block_k)
+    monkeypatch.setitem(kernels.TUNING, "samples_per_program", samples)
+    model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
+    stats = GenerationStats()
+    sampled = dict(temperature=1.5, seed=5, num_samples=num_samples)
+    got = generated(model, [5, 6, 7], 14, fused=True, stats=stats, **sampled)
+    want = generated(model, [5, 6, 7], 14, static_cache=True, **sampled)
+    assert stats.fused and stats.compile_error is None and stats.window_slides >= 1
+    assert len({tuple(row) for row in want.tolist()}) > 1  # the samples part
+    assert torch.equal(got, want), (got, want)
+    # in chunks of 3 steps (the last product moves the cache slot and the step counter on: once a step), the
+    # tokens drawn by the fused draw
+    monkeypatch.setattr(sample, "GRAPH_STEPS", 3)
+    stats = GenerationStats()
+    got = generated(model, [5, 6, 7], 14, fused=True, graphs=True, flush_every=4, stats=stats, **sampled)
+    want = generated(model, [5, 6, 7], 14, static_cache=True, graphs=True, **sampled)
+    assert stats.fused and stats.compile_error is None and stats.window_slides >= 1
+    assert torch.equal(got, want), (got, want)
