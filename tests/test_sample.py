@@ -279,8 +279,8 @@ def test_a_later_call_takes_the_decoder_an_earlier_one_built(monkeypatch):
     decoder = sample._KEPT[model]
     assert not decoder.busy and decoder.chunk.model is None
     with torch.inference_mode():  # as a call whose samples all ended, or went non-finite at once, leaves them
-        decoder.finished.fill_(True)
-        decoder.first_bad.fill_(0)
+        decoder.chunk.draw.finished.fill_(True)
+        decoder.chunk.draw.first_bad.fill_(0)
     kept, fresh = both(model, [5, 6, 7], 20, seed=4)
     assert torch.equal(kept, fresh) and len(made) == 1
     kept, fresh = both(model, [1, 2], 10, seed=1, temperature=0.5)  # another temperature: another decoder

@@ -543,21 +543,31 @@ class _KeptDecoder:
 
     key: tuple
     cache: KVCache
-    view: StaticDecodeView
-    current: torch.Tensor
-    finished: torch.Tensor
-    first_bad: torch.Tensor
-    seen: torch.Tensor | None
-    draw: _Draw
-    chunk: _DecodeChunk
+    chunk: _DecodeChunk  # with the static view, the token fed, the step and the draw (with its state)
     stats: GenerationStats
     busy: bool = True
 
-    def take(self, model: GPT) -> None:
-        self.busy = True
-        self.chunk.model = model
-        if hasattr(self.chunk.step, "model"):  # a fused step
-            self.chunk.step.model = model
+    def take(self, model: GPT, stats: GenerationStats, generator: torch.Generator, head_t: torch.Tensor | None,
+             prompt: torch.Tensor) -> None:
+        """Make it this call's, as a call that builds its own would find it: an empty cache, no sample finished
+        or non-finite, the `prompt`'s tokens seen, the call's generator and `stats` (told how the steps run)."""
+        chunk, draw = self.chunk, self.chunk.draw
+        chunk.model = model
+        if hasattr(chunk.step, "model"):  # a fused step
+            chunk.step.model = model
+        self.cache.reset()
+        for buffer in (*self.cache.k, *self.cache.v):  # as a new view's: the eager step weighs empty slots by 0
+            buffer.zero_()
+        draw.finished.zero_()
+        draw.first_bad.fill_(NEVER)
+        if draw.seen is not None:
+            draw.seen.zero_()
+            draw.seen[:, prompt] = True
+        draw.generator = generator
+        chunk.stats, chunk.head_t, chunk.then = stats, head_t, None
+        for name in ("compiled", "fused", "compile_error", "graphed", "graph_error"):
+            setattr(stats, name, getattr(self.stats, name))
+        self.stats = stats
 
     def let_go(self) -> None:
         self.busy = False
@@ -701,23 +711,10 @@ def generate(
         sequence[:, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
         start, length = 0, len(prompt)
         head_t = _cpu_head(model)
-        if kept is not None:  # as the previous call left them: reset
-            kept.take(model)
-            cache, view, current, chunk, draw = kept.cache, kept.view, kept.current, kept.chunk, kept.draw
-            finished, first_bad, seen, step = kept.finished, kept.first_bad, kept.seen, kept.chunk.step
-            cache.reset()
-            for buffer in (*cache.k, *cache.v):  # as a new view's: the eager step weighs empty slots by 0
-                buffer.zero_()
-            finished.zero_()
-            first_bad.fill_(NEVER)
-            if seen is not None:
-                seen.zero_()
-                seen[:, sequence[0, :length]] = True
-            draw.generator = generator
-            chunk.stats, chunk.head_t, chunk.then = stats, head_t, None
-            for name in ("compiled", "fused", "compile_error", "graphed", "graph_error"):
-                setattr(stats, name, getattr(kept.stats, name))
-            kept.stats = stats
+        if kept is not None:
+            kept.take(model, stats, generator, head_t, sequence[0, :length])
+            cache, chunk, draw = kept.cache, kept.chunk, kept.chunk.draw
+            view, current, step, first_bad = chunk.view, chunk.current, chunk.step, draw.first_bad
         else:
             seen = None
             if repetition_penalty != 1.0:
@@ -746,8 +743,7 @@ def generate(
                 assert cache is not None and view is not None
                 with _KEPT_LOCK:
                     if model not in _KEPT:
-                        kept = _KEPT[model] = _KeptDecoder(key, cache, view, current, finished, first_bad, seen,
-                                                           draw, chunk, stats)
+                        kept = _KEPT[model] = _KeptDecoder(key, cache, chunk, stats)
         static_steps = 0
         flushed = length  # sequence[:, :flushed] is copied out (the prompt counts as handed out)
         pending: _HostCopy | None = None  # a flush copied out but not handed out yet
