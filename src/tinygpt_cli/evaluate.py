@@ -551,19 +551,15 @@ def _append(path: Path, text: str, title: str = "") -> None:
     A file whose last line was cut (an earlier crash, an editor) gets a line break first, so the record stays
     a line of its own. `title` starts the file where this write makes it: the file is made by an exclusive
     create, so of two processes appending at once one writes the title."""
+    made = None
     if title:
         try:
-            made = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_BINARY", 0),
-                           0o666)
+            made = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                                     | getattr(os, "O_BINARY", 0), 0o666), "wb")
+            text = title + text
         except FileExistsError:
             pass
-        else:
-            with os.fdopen(made, "wb") as handle:
-                handle.write((title + text).encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            return
-    with open(path, "a+b") as handle:
+    with made or open(path, "a+b") as handle:
         if handle.tell() > 0:
             handle.seek(-1, os.SEEK_END)
             if handle.read(1) != b"\n":
