@@ -14,6 +14,7 @@ the defaults on a new GPU.
 """
 
 import argparse
+import contextlib
 import itertools
 import time
 from collections import defaultdict
@@ -54,6 +55,17 @@ def kernel_times(step, model: GPT, steps: int) -> tuple[float, list[tuple[str, f
     rows = sorted(((name[:90], us / steps, counts[name] // steps) for name, us in totals.items()),
                   key=lambda row: -row[1])
     return sum(totals.values()) / steps, rows
+
+
+@contextlib.contextmanager
+def tuned(**changes):
+    """kernels.TUNING with `changes` inside the block, as it was after (the fused step reads it when built)."""
+    default = dict(kernels.TUNING)
+    kernels.TUNING.update(changes)
+    try:
+        yield
+    finally:
+        kernels.TUNING.update(default)
 
 
 def replay_times(step, model: GPT, steps: int, replays: int = 20, position: int = 0,
@@ -123,10 +135,9 @@ def main() -> None:
     steps = {"eager": _last_logits, "compiled": _compiled_step(torch.device("cuda"), graphs=True)}
     if not args.no_fused:
         fused = kernels.FusedDecodeStep(model, 1)
-        kernels.TUNING["pdl"] = False
         steps[f"fused (programmatic dependent launch: {fused.pdl})"] = fused
-        steps["fused, plain launches"] = kernels.FusedDecodeStep(model, 1)
-        kernels.TUNING["pdl"] = True
+        with tuned(pdl=False):
+            steps["fused, plain launches"] = kernels.FusedDecodeStep(model, 1)
     with torch.inference_mode():
         for label, step in steps.items():
             busy, rows = kernel_times(step, model, args.steps)
@@ -217,24 +228,21 @@ def draw_times(width: int, reps: int = 32) -> None:
         return draw
 
     print(f"\none token's draw (batch 1, {width} bf16 logits), replayed from a graph of {reps} draws:")
-    default = dict(kernels.TUNING)
+    default = (kernels.TUNING["draw_block"], kernels.TUNING["draw_warps"])
     try:
         with torch.inference_mode():
             for block, warps in ((2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8)):
-                kernels.TUNING.update(draw_block=block, draw_warps=warps)
-                scratch = kernels.DrawScratch(1, vocab, torch.device("cuda"))
-                greedy, sampled = timed(drawn(scratch, 0.0)), timed(drawn(scratch, 0.8))
-                mark = " (the default)" if (block, warps) == (default["draw_block"], default["draw_warps"]) else ""
+                with tuned(draw_block=block, draw_warps=warps):
+                    scratch = kernels.DrawScratch(1, vocab, torch.device("cuda"))
+                    greedy, sampled = timed(drawn(scratch, 0.0)), timed(drawn(scratch, 0.8))
+                mark = " (the default)" if (block, warps) == default else ""
                 print(f"  slices of {block:5d}, {warps} warps{mark}: greedy {greedy:6.1f} us, "
                       f"sampled {sampled:6.1f} us", flush=True)
-            kernels.TUNING.update(default)
             scratch = kernels.DrawScratch(1, vocab, torch.device("cuda"))
             print(f"  PyTorch's sampler, then the kernel's bookkeeping (the fused path before): "
                   f"{timed(drawn(scratch, 0.8, picked_by_pytorch=True)):6.1f} us", flush=True)
     except Exception as exc:  # a setting Triton cannot build: say so, and go on to the sweep
         print(f"  draw timing: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}")
-    finally:
-        kernels.TUNING.update(default)
 
 
 def sweep(model: GPT, use, seconds: float) -> None:
@@ -248,20 +256,17 @@ def sweep(model: GPT, use, seconds: float) -> None:
     results = []
     deadline = time.perf_counter() + seconds
     print(f"\nfused step replayed from a graph, by kernels.TUNING (1 step per graph; up to {seconds:.0f} s):")
-    try:
-        for tuning in settings:
-            if time.perf_counter() > deadline:
-                print(f"  stopped after {len(results)} of {len(settings)} settings")
-                break
-            kernels.TUNING.update(tuning)
-            try:
+    for tuning in settings:
+        if time.perf_counter() > deadline:
+            print(f"  stopped after {len(results)} of {len(settings)} settings")
+            break
+        try:
+            with tuned(**tuning):
                 _, us = replay_times(kernels.FusedDecodeStep(model, 1), model, 1)
-            except Exception as exc:  # a setting Triton cannot compile (registers, shared memory)
-                print(f"  {tuning}: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}")
-                continue
-            results.append((us, tuning))
-    finally:
-        kernels.TUNING.update(default)
+        except Exception as exc:  # a setting Triton cannot compile (registers, shared memory)
+            print(f"  {tuning}: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}")
+            continue
+        results.append((us, tuning))
     for us, tuning in sorted(results, key=lambda row: row[0])[:12]:
         changed = {key: value for key, value in tuning.items() if value != default[key]} or "(the default)"
         print(f"  {us:6.1f} us per token ({use(us)}): {changed}")

@@ -18,7 +18,7 @@ import argparse
 import sys
 
 import torch
-from decode_profile import PEAK_BANDWIDTH_GBS, replay_times  # bench/ is on sys.path when run as a script
+from decode_profile import PEAK_BANDWIDTH_GBS, replay_times, tuned  # bench/ is on sys.path when run as a script
 
 from tinygpt_cli import kernels, sample
 from tinygpt_cli.config import ModelConfig
@@ -43,12 +43,8 @@ def build(dtype: torch.dtype, layers: int, width: int = 768, block_size: int = 1
 def compare(model: GPT, steps: int, pdl: bool, tolerance: float, batch: int = 1, samples: int = 1) -> list[str]:
     """Teacher-forced steps of the fused and the eager step side by side, `batch` samples fed other tokens (the
     eager step's greedy ones), up to `samples` of them a block of the products: the problems found (none: [])."""
-    default = dict(kernels.TUNING)
-    kernels.TUNING.update(pdl=pdl, samples_per_program=samples)
-    try:
+    with tuned(pdl=pdl, samples_per_program=samples):
         fused = kernels.FusedDecodeStep(model, batch)
-    finally:
-        kernels.TUNING.update(default)
     mine, theirs = StaticDecodeView(KVCache(model, batch)), StaticDecodeView(KVCache(model, batch))
     for buffer in (*mine.k, *mine.v):  # poisoned: a slot the step should write and does not, or reads and should
         buffer.fill_(float("nan"))  # not, shows (the eager step needs zeros there: it weighs them by 0)
@@ -108,15 +104,11 @@ def sweep(model: GPT, groups: list[dict[str, int]], batch: int = 1) -> None:
     positions = (0, 127, 255, 511, 1023)
     print(f"fused step (us per step of {batch} sample{'s' if batch > 1 else ''}) by kernels.TUNING, at cache "
           f"positions {positions}:")
-    default = dict(kernels.TUNING)
     with torch.inference_mode():
         for changes in [{}, *groups]:
-            kernels.TUNING.update(changes)
-            try:
+            with tuned(**changes):
                 step = kernels.FusedDecodeStep(model, batch)
                 times = [replay_times(step, model, 1, replays=30, position=p, batch=batch)[1] for p in positions]
-            finally:
-                kernels.TUNING.update(default)
             print("  " + "  ".join(f"{us:6.1f}" for us in times) + f"   mean {sum(times) / len(times):6.1f}  "
                   + (str(changes) if changes else "(shipped)"), flush=True)
 
@@ -163,11 +155,8 @@ def main() -> None:
             for label, make in (("eager PyTorch step", lambda: sample._last_logits),
                                 ("fused, programmatic dependent launch", lambda: kernels.FusedDecodeStep(model, 1)),
                                 ("fused, plain launches", lambda: kernels.FusedDecodeStep(model, 1))):
-                kernels.TUNING["pdl"] = "plain" not in label
-                try:
+                with tuned(pdl="plain" not in label):
                     _, us = replay_times(make(), model, 1, replays=50)
-                finally:
-                    kernels.TUNING["pdl"] = True
                 print(f"  {label}: {us:.1f} us per token, {weight_bytes / us / 1e3 / peak:.0%} of peak bandwidth",
                       flush=True)
     if problems:
