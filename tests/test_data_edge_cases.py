@@ -309,3 +309,17 @@ def test_a_link_that_loops_is_one_error(workspace):
     (workspace / "data" / "y").symlink_to("x")
     with pytest.raises(DataError, match="data/x is a link that loops"):
         data.tokenize(str(workspace / "a.txt"), name="x")
+
+
+@pytest.mark.parametrize("token", [50257, 50300, 65535])  # past the vocabulary, in the model's padding, the top
+def test_a_split_with_a_token_past_the_vocabulary_is_refused(with_shakespeare, workspace, token):
+    """Token files made by hand with ids GPT-2 does not have gave an index error deep in the model (on CUDA a
+    device-side assert), or were trained on as the model's padding rows (audit)."""
+    from conftest import hand_made_dataset
+
+    hand_made_dataset(with_shakespeare, workspace / "data" / "mine", "val", 7, token)
+    dataset = data.find_dataset("mine")
+    assert len(dataset.split("train")) > 0  # the other split is fine
+    expected = rf"token id {token} at token 7, past the end of GPT-2.s vocabulary \(ids 0 to 50,256\).*tokenize`"
+    with pytest.raises(DataError, match=expected):
+        dataset.split("val")

@@ -398,3 +398,19 @@ def test_hellaswag_hub_id_is_not_read_from_a_local_folder(workspace, hellaswag_f
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert_one_line_error(evaluate("--task", "hellaswag", "--limit", "2"), "4 examples, not HellaSwag's 10,042")
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_eval_of_token_ids_past_the_vocabulary_is_one_line(with_shakespeare, workspace, monkeypatch, scanned):
+    """A hand-made val.bin with an id GPT-2 does not have was an index-error traceback (audit). A file small
+    enough to be hashed whole is scanned when opened; a larger one (only its edges hashed) is checked a window at
+    a time, before the window reaches the model."""
+    from conftest import hand_made_dataset
+    from tinygpt_cli import data
+
+    make_run(workspace)
+    if not scanned:
+        monkeypatch.setattr(data, "FULL_HASH_LIMIT", 0)
+    hand_made_dataset(with_shakespeare, workspace / "data" / "mine", "val", 1, 50257)
+    assert_one_line_error(evaluate("--data", "mine", "--tokens", "64"), "token id 50257 at token 1, past")
+    assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()

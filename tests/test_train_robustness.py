@@ -339,3 +339,36 @@ def test_a_filesystem_without_locks_does_not_block(workspace, monkeypatch):
     with exclusive(workspace / ".x.lock", "data/x"):
         pass
     assert not (workspace / ".x.lock").exists()
+
+
+def test_token_ids_past_the_vocabulary_are_refused_before_a_run_starts(with_shakespeare, workspace):
+    """A hand-made train.bin with an id GPT-2 does not have: an index error in the loss at some step (on CUDA a
+    device-side assert), or, in the embedding's padding rows, trained on without a word (audit)."""
+    from conftest import hand_made_dataset
+
+    hand_made_dataset(with_shakespeare, workspace / "data" / "mine", "train", 5000, 50300)
+    result = invoke("train", *TINY_SETTINGS, "--data", "mine", "--max-steps", "2", "--name", "r")
+    assert_one_line_error(result, "token id 50300 at token 5000")
+    assert not (workspace / "runs" / "r").exists()
+
+
+def test_a_window_past_the_vocabulary_mid_run_keeps_the_steps_done(with_shakespeare, workspace, monkeypatch):
+    """A train.bin too large to be scanned whole (only its edges hashed) is checked a window at a time: a bad
+    window mid-run is one clear error, and the steps trained before it are saved."""
+    from tinygpt_cli import data
+    from tinygpt_cli import train as train_module
+    from tinygpt_cli.errors import DataError
+
+    monkeypatch.setattr(data, "FULL_HASH_LIMIT", 0)
+    real_get_batch = train_module.get_batch
+    calls = []
+
+    def get_batch(tokens, *args):  # from the 4th batch on, every window holds an id past the vocabulary
+        calls.append(1)
+        return real_get_batch(tokens if len(calls) < 4 else tokens.astype("uint16") * 0 + 50257, *args)
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    with pytest.raises(DataError, match="token id 50257 at token"):
+        train(tiny_config(max_steps=10, eval_interval=1000), run_name="r")
+    # batch 1 is the first step's, batches 2 and 3 are fetched during steps 1 and 2: step 3's fetch fails
+    assert ckpt.read_state(ckpt.latest_checkpoint(workspace / "runs" / "r"))["step"] == 2

@@ -849,12 +849,29 @@ class Dataset:
             )
         if size == 0:  # numpy cannot map an empty file ("cannot mmap an empty file"): callers check the length
             return np.zeros(0, dtype=np.uint16)
-        return np.memmap(file, dtype=np.uint16, mode="r")
+        tokens = np.memmap(file, dtype=np.uint16, mode="r")
+        if size <= FULL_HASH_LIMIT:  # read whole for the hash just now: a scan costs little more. Larger files
+            check_vocabulary(tokens)  # are checked a window at a time as they are read (`check_vocabulary`)
+        return tokens
 
     def summary(self) -> dict[str, Any]:
         splits = self.meta["splits"]
         return {"name": self.name, "path": str(self.path),
                 "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"]}
+
+
+def check_vocabulary(tokens: np.ndarray, first: int = 0) -> None:
+    """A DataError unless every id in `tokens` (a split's memmap, or a slice of one from token `first`) is one of
+    GPT-2's. `tinygpt tokenize` writes no other; a file made by hand or by another tool may, and an id past the
+    vocabulary is an index error deep in the model (on CUDA a device-side assert that ends the process), or one
+    of the embedding's padding rows, trained on without a word."""
+    if len(tokens) == 0 or int(tokens.max()) < VOCAB_SIZE:
+        return
+    index = int(np.argmax(np.asarray(tokens) >= VOCAB_SIZE))
+    where = getattr(tokens, "filename", None) or "the token file"
+    raise DataError(f"{where} holds token id {int(tokens[index])} at token {first + index}, past the end of "
+                    f"GPT-2's vocabulary (ids 0 to {VOCAB_SIZE - 1:,}), so it was not written by `tinygpt tokenize`: "
+                    f"tokenize the text again with `tinygpt tokenize`")
 
 
 def _file_sha256(path: Path) -> str:

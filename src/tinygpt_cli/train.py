@@ -43,7 +43,7 @@ from tinygpt_cli.config import (
     dump_yaml,
     trains_compiled,
 )
-from tinygpt_cli.data import Dataset, find_dataset, tokenize
+from tinygpt_cli.data import Dataset, check_vocabulary, find_dataset, tokenize
 from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
@@ -60,6 +60,7 @@ from tinygpt_cli.plan import (
     too_little_data,
 )
 from tinygpt_cli.report import metrics_record, write_loss_plot, write_report
+from tinygpt_cli.tokenizer import VOCAB_SIZE
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
@@ -171,6 +172,9 @@ def windows_at(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows of `block_size + 1` tokens at `starts` -> inputs x (B, T), targets y (B, T) on `device`."""
     window = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+    if window.max() >= VOCAB_SIZE:  # a split too large to be scanned when opened (`Dataset.split`)
+        row = int(np.argmax((window >= VOCAB_SIZE).any(axis=1)))
+        check_vocabulary(tokens[starts[row] : starts[row] + block_size + 1], int(starts[row]))
     # contiguous, so every batch has the strides of the compile probe (a strided view would be compiled again)
     x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))
@@ -1129,6 +1133,7 @@ class _Trainer:
         x, y = next(batches)
         step = start_step
         stopped = ""
+        failure: DataError | None = None
         self.model.train()
         with _stop_on_signals(self.stop):
             try:
@@ -1206,6 +1211,11 @@ class _Trainer:
             except KeyboardInterrupt:
                 metrics.close()
                 raise
+            except DataError as exc:  # a window past the vocabulary (`windows_at`): the steps done are kept below
+                if info.enabled:  # a save is collective, and the other ranks go on into the step's all-reduce
+                    metrics.close()
+                    raise
+                failure = exc
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError on torch >= 2.5, any device
                 metrics.close()
                 raise self._out_of_memory(step == start_step) from None
@@ -1217,6 +1227,8 @@ class _Trainer:
             if not stopped and self.eval_cut:  # a signal during the last evaluation, which it cut short
                 stopped = self.stop.reason or "interrupted"
         metrics.close()
+        if failure is not None:
+            raise failure
         seconds = time.perf_counter() - self.started
         trained_tokens = (step - start_step) * tokens_per_step
         result = TrainResult(
