@@ -17,6 +17,9 @@
 #              sizes, and a sweep of the fused kernels' settings (SWEEP seconds)
 #   generate   generation throughput and memory-bandwidth use of `small` in bf16 against transformers (GEN_SKIP
 #              leaves contenders out)
+#   generate-large  the same for GPT-2 medium and large (GEN_LARGE_SHAPES, default "medium,large"), the fused
+#              kernels against PyTorch's eager step in CUDA graphs only: what the bandwidth use is where a step's
+#              bytes, not its chain of dependent kernels, take most of its time
 #   pytest     the @pytest.mark.gpu tests (compile + bf16/fp16, fused loss and decode kernels, --batch-size auto,
 #              OOM message, the CLI's decode paths); PYTEST_K narrows them (pytest -k)
 #   micro      the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
@@ -86,6 +89,8 @@ stage profile 200 $PY bench/decode_profile.py --shape small --sweep "${SWEEP:-60
     "${NO_FUSED[@]}"
 # GEN_SKIP="CD-tuned" leaves out the contender whose compile takes longest
 stage generate 190 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3 --skip "${GEN_SKIP:-}"
+stage generate-large 150 $PY bench/generate_throughput.py --device cuda --shapes "${GEN_LARGE_SHAPES:-medium,large}" \
+    --rounds 2 --skip "compiled,no cache,no CUDA graphs,HF"
 stage pytest 200 $PY -m pytest -q -p no:cacheprovider -m gpu -k "${PYTEST_K:-gpu or not gpu}" tests/test_sample.py \
     tests/test_kernels.py tests/test_generate_cli.py tests/test_evaluate.py tests/test_gpu.py
 stage micro 100 bash -c '
