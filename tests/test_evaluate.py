@@ -414,3 +414,16 @@ def test_eval_of_token_ids_past_the_vocabulary_is_one_line(with_shakespeare, wor
     hand_made_dataset(with_shakespeare, workspace / "data" / "mine", "val", 1, 50257)
     assert_one_line_error(evaluate("--data", "mine", "--tokens", "64"), "token id 50257 at token 1, past")
     assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()
+
+
+def test_eval_counts_one_window_and_one_example_in_the_singular(with_shakespeare, workspace, hellaswag_file):
+    """'in 1 windows of 32', 'on 1 examples' (audit)."""
+    make_run(workspace)
+    result = evaluate("--tokens", "1")
+    assert result.exit_code == 0, result.output
+    assert "in 1 window of" in result.stderr
+    assert "in 1 window of" in (workspace / "runs" / "tiny" / "report.md").read_text()
+    result = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert "on 1 example (zero-shot" in result.stdout and ": 1 example from" in result.stderr
+    assert "| examples | 1 example from" in (workspace / "runs" / "tiny" / "report.md").read_text()

@@ -77,7 +77,7 @@ def test_eval_of_only_separators_has_no_bits_per_byte_and_strict_json(workspace)
     json.loads(line, parse_constant=strict)
 
 
-def test_eval_of_a_nan_model_writes_strict_json(workspace, with_shakespeare):
+def test_eval_of_a_nan_model_writes_strict_json_and_says_why(workspace, with_shakespeare):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -92,4 +92,15 @@ def test_eval_of_a_nan_model_writes_strict_json(workspace, with_shakespeare):
     assert result.exit_code == 0, result.output
     strict = lambda c: pytest.fail(f"non-standard JSON {c}")  # noqa: E731
     assert json.loads(result.stdout, parse_constant=strict)["loss"] is None
+    assert "non-finite logits" in result.stderr
+    json.loads((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1], parse_constant=strict)
+    # HellaSwag took argmin over NaN scores, ending 0, and reported a made-up accuracy (1.0 where every label was 0)
+    task = workspace / "hellaswag.jsonl"
+    task.write_text("".join(json.dumps({"ctx": f"A man puts flour in bowl {i}. He", "label": 0, "endings": [
+        "adds eggs.", "drives away.", "sings to it.", "paints."]}) + "\n" for i in range(4)))
+    result = cli_invoke("eval", "--task", "hellaswag", "--task-data", str(task), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout, parse_constant=strict)
+    assert payload["accuracy"] is None and payload["accuracy_norm"] is None, payload
+    assert "non-finite logits" in result.stderr
     json.loads((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1], parse_constant=strict)

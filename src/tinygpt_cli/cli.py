@@ -1137,7 +1137,7 @@ def eval_command(
     if isinstance(result, ev.TaskResult):
         print(
             f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "
-            f"acc {result.accuracy:.4f} on {_fmt_int(result.examples)} examples (zero-shot, {which})"
+            f"acc {result.accuracy:.4f} on {ev.counted(result.examples, 'example')} (zero-shot, {which})"
         )
     else:
         print(

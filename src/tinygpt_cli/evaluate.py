@@ -239,6 +239,7 @@ def score_examples(
     device = next(model.parameters()).device
     batch_size = batch_size or max(1, BATCH_TOKENS // (4 * block))
     correct = correct_norm = 0
+    finite = True
     for first in range(0, len(examples), batch_size):
         group = examples[first : first + batch_size]
         rows: list[tuple[list[int], int]] = []  # (tokens, how many of the last ones are the ending)
@@ -258,6 +259,7 @@ def score_examples(
         with autocast or contextlib.nullcontext():
             nats = token_nats(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
         totals = nats.cpu().double().sum(dim=1)  # on the host: MPS has no float64
+        finite &= bool(torch.isfinite(totals).all())  # argmin over NaN picks ending 0: a made-up accuracy
         counts = torch.from_numpy((y >= 0).sum(axis=1)).clamp(min=1)
         offset = 0
         for example in group:
@@ -268,7 +270,17 @@ def score_examples(
         if on_progress is not None:
             on_progress(min(first + batch_size, len(examples)), len(examples))
     n = max(1, len(examples))
+    if not finite:  # a damaged or diverged model: no accuracy, as its loss is NaN (`evaluate`)
+        return math.nan, math.nan
     return correct / n, correct_norm / n
+
+
+def _say_if_non_finite(figure: float, emit: Callable[[EvalEvent], None]) -> None:
+    """An info line saying why a figure is NaN (it is recorded so: null in the JSON)."""
+    if not math.isfinite(figure):
+        from tinygpt_cli.sample import NON_FINITE
+
+        emit(EvalEvent("info", message=f"{NON_FINITE[0].upper()}{NON_FINITE[1:]}; its figures are NaN"))
 
 
 # ----------------------------------------------------------------------------------------------- HellaSwag data
@@ -477,14 +489,14 @@ def evaluate(
     model: GPT = loaded.model  # type: ignore[assignment]
     windows = window_starts(len(split_tokens), model.config.block_size, tokens)
     total = sum(length for _, length in windows)
-    plural = "" if len(windows) == 1 else "s"
     emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {dataset.name}/{split}: {total:,} tokens in "
-                                   f"{len(windows):,} window{plural} of {model.config.block_size}"))
+                                   f"{counted(len(windows), 'window')} of {model.config.block_size}"))
     emit(EvalEvent("start", total=total))
     started = time.perf_counter()
     score = score_tokens(model, split_tokens, max_tokens=tokens, batch_size=batch_size, autocast=autocast,
                          on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_)))
     loss = score.nats / max(1, score.tokens)
+    _say_if_non_finite(loss, emit)
     result = LossResult(
         checkpoint=str(loaded.path), step=loaded.state.get("step"), dataset=dataset.name, split=split,
         tokens=score.tokens, text_bytes=score.text_bytes, windows=score.windows,
@@ -522,13 +534,15 @@ def evaluate_task(
     if record:
         _check_recordable(loaded)
     model: GPT = loaded.model  # type: ignore[assignment]
-    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {task}: {len(examples):,} examples from {source}"))
+    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {task}: {counted(len(examples), 'example')} "
+                                   f"from {source}"))
     emit(EvalEvent("start", total=len(examples), unit="examples"))
     started = time.perf_counter()
     accuracy, accuracy_norm = score_examples(
         model, examples, batch_size=batch_size, autocast=autocast,
         on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_, unit="examples")),
     )
+    _say_if_non_finite(accuracy, emit)
     result = TaskResult(
         checkpoint=str(loaded.path), step=loaded.state.get("step"), task=task, source=source,
         examples=len(examples), accuracy=accuracy, accuracy_norm=accuracy_norm,
@@ -570,20 +584,26 @@ def _append(path: Path, text: str, title: str = "") -> None:
         os.fsync(handle.fileno())
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 window', '2 windows', '1,024 windows'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _report_section(result: LossResult | TaskResult, when: str) -> str:
     if isinstance(result, LossResult):
         title = f"loss on {result.dataset}/{result.split}"
         rows = [
             ("loss", f"{result.loss:.4f}"), ("perplexity", f"{result.perplexity:.2f}"),
             ("bits per byte", f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"),
-            ("scored", f"{result.tokens:,} tokens ({result.text_bytes:,} bytes of text) in {result.windows:,} "
-                       f"windows of {result.window_tokens}"),
+            ("scored", f"{result.tokens:,} tokens ({result.text_bytes:,} bytes of text) in "
+                       f"{counted(result.windows, 'window')} of {result.window_tokens}"),
         ]
     else:
         title = f"{result.task} (zero-shot)"
         rows = [
             ("accuracy (length-normalised)", f"{result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f}"),
-            ("accuracy", f"{result.accuracy:.4f}"), ("examples", f"{result.examples:,} from {result.source}"),
+            ("accuracy", f"{result.accuracy:.4f}"),
+            ("examples", f"{counted(result.examples, 'example')} from {result.source}"),
         ]
     rows += [("checkpoint", f"`{result.checkpoint}` (step {result.step})"),
              ("device", f"{result.device} {result.dtype}, {result.seconds:.1f} s")]
