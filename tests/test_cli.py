@@ -287,6 +287,26 @@ def test_folders_that_are_not_runs_get_the_right_advice(with_shakespeare, worksp
     assert_one_line_error(invoke("runs", "show", "nosuch"), "list them with `tinygpt runs`")
 
 
+def test_runs_show_of_a_checkpoint_outside_a_run_shows_what_eval_wrote_there(with_shakespeare, workspace, tmp_path):
+    """A checkpoint copied out of its run keeps its own eval records; `runs show` on it named its grandparent
+    ("/ is not a run") instead of showing them (audit). In a run, a checkpoint still shows its run's report."""
+    assert train_tiny("--name", "r", steps=2).exit_code == 0
+    checkpoint = workspace / "runs" / "r" / "checkpoints" / "step_2"
+    inside = invoke("runs", "show", str(checkpoint))
+    assert inside.exit_code == 0 and inside.stdout == invoke("runs", "show", "r").stdout
+    os.chdir(checkpoint.parent)  # (the test's folder is restored by the workspace fixture's monkeypatch)
+    assert invoke("runs", "show", "step_2").stdout == inside.stdout  # a relative checkpoint path
+    os.chdir(checkpoint)
+    assert invoke("runs", "show", ".").stdout == inside.stdout
+    lone = tmp_path / "lone"
+    shutil.copytree(checkpoint, lone)
+    assert_one_line_error(invoke("runs", "show", str(lone)), f"`tinygpt eval {lone}` writes one")
+    assert invoke("eval", str(lone), "--tokens", "64").exit_code == 0
+    shown = invoke("runs", "show", str(lone))
+    assert shown.exit_code == 0, shown.output
+    assert "Evaluation: loss on shakespeare/val" in shown.stdout
+
+
 def test_corrupted_checkpoint(with_shakespeare, workspace):
     assert train_tiny("--name", "c", steps=2).exit_code == 0
     weights = workspace / "runs" / "c" / "checkpoints" / "step_2" / "model.safetensors"

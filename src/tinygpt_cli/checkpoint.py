@@ -217,6 +217,14 @@ def run_of_checkpoints(path: Path) -> Path:
     return path.parent if path.name == "checkpoints" and is_run_folder(path.parent) else path
 
 
+def record_folder(checkpoint: Path) -> Path:
+    """Where the records of `checkpoint` (eval's eval.jsonl and report.md) go: the run folder of
+    `runs/<name>/checkpoints/step_<N>`; a checkpoint elsewhere is its own record folder. Absolute, whatever the
+    path given: a relative one (`.`, `step_20`) names neither its folder nor its run."""
+    checkpoint = Path(os.path.abspath(checkpoint))
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
 def is_run_folder(path: Path) -> bool:
     """Whether `path` looks like a training run: its config.yaml or its checkpoints/ folder."""
     return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()

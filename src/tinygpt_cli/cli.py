@@ -1437,9 +1437,11 @@ def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row
 
 @runs_app.command("show", epilog="Examples:  tinygpt runs show  ·  tinygpt runs show my-run")
 def runs_show(
-    run: Annotated[str | None, typer.Argument(help="Run name or folder (default: the latest run).")] = None,
+    run: Annotated[str | None, typer.Argument(
+        help="Run name or folder, or a checkpoint folder (default: the latest run).")] = None,
 ) -> None:
-    """Print a run's report.md (config, data, hardware, time, losses, a sample)."""
+    """Print a run's report.md (config, data, hardware, time, losses, a sample, evals). A checkpoint outside a run
+    has its own, of the evals run on it."""
     from tinygpt_cli.inventory import run_report
 
     _, text = run_report(run)

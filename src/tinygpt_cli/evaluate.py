@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt_cli import workspace
-from tinygpt_cli.checkpoint import LoadedCheckpoint
+from tinygpt_cli.checkpoint import LoadedCheckpoint, record_folder
 from tinygpt_cli.data import Dataset, check_vocabulary, find_dataset
 from tinygpt_cli.errors import DataError, TinyGPTError
 from tinygpt_cli.model import GPT
@@ -555,12 +555,6 @@ def evaluate_task(
 
 
 # ----------------------------------------------------------------------------------------------- records
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run folder of `runs/<name>/checkpoints/step_<N>` (an absolute path, as `LoadedCheckpoint.path` is); a
-    checkpoint elsewhere is its own record folder."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-
-
 def _append(path: Path, text: str, title: str = "") -> None:
     """Append `text` in one write, flushed to disk: a crash leaves the file as it was or with the whole record.
     A file whose last line was cut (an earlier crash, an editor) gets a line break first, so the record stays
@@ -623,7 +617,7 @@ def _check_recordable(loaded: LoadedCheckpoint) -> None:
     """Refuse up front, not after minutes of scoring, a run folder the result could not be appended to."""
     if not _recorded(loaded):
         return
-    folder = run_dir_of(loaded.path)
+    folder = record_folder(loaded.path)
     for path in (folder / "eval.jsonl", folder / "report.md"):
         if path.is_dir() or not os.access(path if path.exists() else folder, os.W_OK):
             raise TinyGPTError(f"cannot record the result in {folder} ({path.name} is not writable): {_UNRECORDABLE}")
@@ -638,7 +632,7 @@ def json_safe(result: LossResult | TaskResult) -> dict[str, Any]:
 def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Path:
     """Append `result` to `eval.jsonl` and `report.md` of the checkpoint's run; returns the run folder."""
     checkpoint = Path(checkpoint)
-    folder = run_dir_of(checkpoint)
+    folder = record_folder(checkpoint)
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {"time": when, **{k: v for k, v in json_safe(result).items() if k != "recorded_in"}}
     try:

@@ -101,12 +101,20 @@ def run_report(spec: str | None) -> tuple[Path, str]:
         is_run_folder,
         latest_checkpoint,
         no_checkpoint_message,
+        record_folder,
         run_of_checkpoints,
     )
 
     run_dir = find_run(spec)
     if (run_dir / STATE_FILE).is_file() or (run_dir / WEIGHTS_FILE).is_file():  # a checkpoint folder
-        run_dir = run_dir.parent.parent  # runs/<name>/checkpoints/step_N -> runs/<name>
+        folder = record_folder(run_dir)  # runs/<name>/checkpoints/step_N -> runs/<name>
+        if folder == run_dir:  # a checkpoint outside a run: its own eval records
+            report = run_dir / REPORT_FILE
+            if not report.is_file():
+                raise CheckpointError(f"{run_dir} is a checkpoint outside a run, with no {REPORT_FILE}: "
+                                      f"`tinygpt eval {run_dir}` writes one")
+            return report, report.read_text(encoding="utf-8", errors="replace")
+        run_dir = folder
     run_dir = run_of_checkpoints(run_dir)
     if not is_run_folder(run_dir):
         raise CheckpointError(no_checkpoint_message(run_dir))
