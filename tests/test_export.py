@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -139,6 +140,11 @@ def test_trained_run_exports_to_transformers_and_back(with_shakespeare, tmp_path
     result = invoke("export", "r", "--out", str(tmp_path / "hf"))
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"Wrote {tmp_path / 'hf'} (hf, fp32,") and "model.safetensors" in result.stdout
+    if os.name == "posix":  # safetensors made its files 0600 where every other file followed the umask (audit)
+        modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "hf").iterdir()}
+        assert set(modes.values()) == {(tmp_path / "hf" / "config.json").stat().st_mode & 0o777}, modes
+        checkpoint = run / "checkpoints" / "step_4"
+        assert {path.stat().st_mode & 0o777 for path in checkpoint.iterdir()} == {modes["config.json"]}
     ours = export.load_model("r").model
     theirs = load_transformers(tmp_path / "hf")
     prompt = get_encoding().encode_ordinary("ROMEO:\nWhat light")

@@ -47,6 +47,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file in this process: 0o666 less the umask."""
+    try:  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, the file then given the mode every other file a command writes has: safetensors
+    makes its files 0600, unreadable to the group and others an export or a run is shared with."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, _new_file_mode())
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -85,7 +107,6 @@ def save_checkpoint(
     (FSDP gathers full state dicts first).
     """
     import torch
-    from safetensors.torch import save_file
 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -98,7 +119,7 @@ def save_checkpoint(
         weights = model_state if model_state is not None else model.state_dict()
         tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k != TIED_KEY}
         metadata = {"format": FORMAT, "tinygpt_version": __version__, "model_config": json.dumps(vars(config))}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata)
         fsync_file(tmp / WEIGHTS_FILE)
         if optimizer_state is None and optimizer is not None:
             optimizer_state = optimizer.state_dict()

@@ -46,6 +46,7 @@ from tinygpt_cli.checkpoint import (
     is_bare_name,
     latest_checkpoint,
     load_checkpoint,
+    save_safetensors,
 )
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import TinyGPTError
@@ -278,11 +279,9 @@ def hf_state_dict(model: GPT, dtype: str = "fp32") -> dict[str, torch.Tensor]:
 
 def write_hf(model: GPT, folder: Path, dtype: str = "fp32") -> None:
     """Write a Hugging Face GPT-2 folder (config, weights, generation config, tokenizer) into `folder`."""
-    from safetensors.torch import save_file
-
     cfg: ModelConfig = model.config
-    save_file(hf_state_dict(model, dtype), str(folder / _HF_WEIGHTS),
-              metadata={"format": "pt", "tinygpt_version": __version__})
+    save_safetensors(hf_state_dict(model, dtype), folder / _HF_WEIGHTS,
+                     {"format": "pt", "tinygpt_version": __version__})
     texts = {
         "config.json": json.dumps(hf_config(cfg, dtype), indent=2) + "\n",
         "generation_config.json": json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}, indent=2) + "\n",
