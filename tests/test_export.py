@@ -303,7 +303,21 @@ def test_init_from_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(TinyGPTError, match=r"cannot download gpt2-medium \(openai-community/gpt2-medium\)") as info:
         export.load_pretrained("gpt2-medium")
     assert "\n" not in str(info.value) and "connect to the internet" in str(info.value)
+    # the hub's message was cut at 160 characters mid-word ("To enable repo look-ups a)"): its first sentence only
+    assert "local_files_only" not in str(info.value) and "has been disabled.): connect" in str(info.value)
     assert_one_line_error(invoke("export", "gpt2"), "cannot download gpt2")
+
+
+@pytest.mark.parametrize(("message", "most", "expected"), [
+    ("", 0, "ValueError"), ("\n  first line\nsecond", 0, "first line"),
+    ("One sentence. Another one.", 0, "One sentence. Another one."),
+    ("One sentence. Another one.", 40, "One sentence."),
+    ("a.b.c path/x.y no stop", 40, "a.b.c path/x.y no stop"), ("word " * 20, 23, "word word word word…"),
+    ("x" * 50, 10, "x" * 10 + "…")])
+def test_first_line_of_an_exception(message, most, expected):
+    from tinygpt_cli.errors import first_line
+
+    assert first_line(ValueError(message), most=most) == expected
 
 
 def test_import_rejects_what_it_cannot_represent(tmp_path):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinygpt_cli.errors import ConfigError
+from tinygpt_cli.errors import ConfigError, first_line
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -385,8 +385,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
         finally:
             loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"config file {path} is not valid YAML ({first}): fix it or drop --config") from None
+        raise ConfigError(f"config file {path} is not valid YAML ({first_line(exc)}): fix it or drop --config") \
+            from None
     if repeated:
         raise ConfigError(f"config file {path} repeats the key {repeated[0]!r} (line {repeated[1]}): keep one of "
                           f"them, since only the last would count")

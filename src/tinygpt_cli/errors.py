@@ -28,3 +28,18 @@ class GenerationError(TinyGPTError):
 
 class TrainingError(TinyGPTError):
     """Training cannot start or cannot continue."""
+
+
+def first_line(exc: BaseException, most: int = 0) -> str:
+    """An exception's own message as one line for a message of ours: its first line (the type's name where it has
+    none). With `most`, the first sentence only, cut at a word within `most` characters: a library's long advice
+    (such as to pass `local_files_only=False`) is not what a user of ours should do."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if most:
+        end = line.find(". ")
+        line = line[: end + 1] if end > 0 else line
+        if len(line) > most:
+            cut = line.rfind(" ", 0, most)
+            line = line[: cut if cut > 0 else most].rstrip(" ,;:") + "…"
+    return line

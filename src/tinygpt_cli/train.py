@@ -44,7 +44,7 @@ from tinygpt_cli.config import (
     trains_compiled,
 )
 from tinygpt_cli.data import Dataset, check_vocabulary, find_dataset, tokenize
-from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError
+from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError, first_line
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import (
@@ -512,8 +512,7 @@ def _peer_lost(exc: RuntimeError) -> TrainingError | None:
     text = str(exc)
     if not any(sign in text for sign in _PEER_LOST_SIGNS):
         return None
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    detail = first.split("] ", 1)[-1].split(". This is typically", 1)[0]  # gloo's source path and hint go
+    detail = first_line(exc).split("] ", 1)[-1].split(". This is typically", 1)[0]  # gloo's source path and hint go
     return TrainingError(f"{PEER_LOST} ({detail}): its own error or exit code says why; this rank stopped too")
 
 
@@ -1467,9 +1466,8 @@ def run_config_of(run_dir: Path) -> RunConfig:
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TrainingError(f"{path} is not valid YAML ({first}): fix it, or delete it and the run goes on with "
-                            f"the config its latest checkpoint keeps") from None
+        raise TrainingError(f"{path} is not valid YAML ({first_line(exc)}): fix it, or delete it and the run goes "
+                            f"on with the config its latest checkpoint keeps") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise TrainingError(f"{path} is not a mapping of config sections: fix it, or delete it and the run goes "
                             f"on with the config its latest checkpoint keeps")
