@@ -411,6 +411,8 @@ def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, 
     assert sorted(p.name for p in shelf.iterdir()) == ["model.gguf", "notes.txt"]
 
     assert_one_line_error(invoke("export", str(hf_source), "--out", str(shelf), "--force"), "not an earlier export")
+    # without --force it advised "pass --force to replace it", which --force then refused (audit)
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(shelf)), "not an earlier export")
     older = workspace / "older"  # a gguf folder export of before: model.gguf alone (and a tool's hidden cache)
     (older / ".cache").mkdir(parents=True)
     (older / "model.gguf").write_bytes((shelf / "model.gguf").read_bytes())
@@ -422,6 +424,7 @@ def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, 
     (run / "config.yaml").write_text("model: {}\n")
     for out in (workspace / "runs", workspace, tmp_path, ".", hf_source, hf_source.parent):
         assert_one_line_error(invoke("export", str(hf_source), "--out", str(out), "--force"), "--force only replaces")
+        assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "--force only replaces")
     assert (run / "config.yaml").is_file() and (hf_source / "config.json").is_file() and (shelf / "notes.txt").is_file()
 
 

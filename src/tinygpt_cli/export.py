@@ -509,8 +509,9 @@ def export_model(
     target = Path(os.path.abspath(Path(out).expanduser())) if out is not None else None
     if target is not None and fmt == "gguf" and target.suffix != ".gguf":
         target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
-    if target is not None:
-        _check_out(target, force)
+    if target is not None:  # before the model loads; again after, with the checkpoint a run name stands for
+        spec = Path(source).expanduser() if source is not None else None
+        _check_out(target, force, spec if spec is not None and spec.exists() else None)
 
     loaded = load_model(source)
     model = loaded.model
@@ -623,8 +624,6 @@ def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
         raise ExportError(f"{above} is a file, not a folder: choose another --out")
     if not _occupied(target):
         return
-    if not force:
-        raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
     here = target.resolve()
     guarded = [Path.cwd(), workspace.root(), *([source] if source is not None else [])]
     if any(here == kept or here in kept.parents for kept in (path.resolve() for path in guarded)):
@@ -634,6 +633,8 @@ def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
         raise ExportError(f"{target} is not an earlier export: --force only replaces a .gguf file or an export "
                           "folder (config.json, model.onnx or model.gguf; no subfolders, no checkpoint); "
                           "choose another --out")
+    if not force:  # (advised only where it would replace the export)
+        raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
 
 
 def _is_export(path: Path) -> bool:
