@@ -170,6 +170,23 @@ def test_a_folder_source_follows_symlinked_subfolders_like_a_glob(workspace, tmp
     assert sources.local_source(str(corpus / "**" / "*.jsonl")).documents == 12
 
 
+def test_a_folder_a_glob_matches_is_read_as_a_folder_source_is(workspace, tmp_path):
+    """`tokenize 'corpus/*'` dropped a matched subfolder without a word, where `tokenize corpus` reads it: its
+    files were neither read nor named among those left out (audit)."""
+    corpus = tmp_path / "corpus"
+    (corpus / "more" / "deeper").mkdir(parents=True)
+    _jsonl(corpus / "a.jsonl", [f"here {i}" for i in range(5)])
+    _jsonl(corpus / "more" / "b.jsonl", [f"there {i}" for i in range(7)])
+    _jsonl(corpus / "more" / "deeper" / "c.jsonl", [f"below {i}" for i in range(3)])
+    (corpus / "more" / "notes.md").write_text("mine")
+    assert sources.local_source(str(corpus)).documents == 15
+    matched = sources.local_source(str(corpus / "*"))
+    assert matched.documents == 15 and matched.left_out == (str(corpus / "more" / "notes.md"),)
+    assert sources.local_source(str(corpus / "m*")).documents == 10
+    everything = sources.local_source(str(corpus / "**"))  # files reached twice are read and named once
+    assert everything.documents == 15 and everything.left_out == matched.left_out
+
+
 def test_files_of_other_types_in_a_folder_are_named_not_silently_left_out(workspace, tmp_path):
     """A folder of .json.gz shards plus a README.txt was tokenized as the README alone, without a word."""
     corpus = tmp_path / "c4"

@@ -307,9 +307,11 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     """A file, a folder (searched recursively) or a glob of .txt / .jsonl(.gz) / .parquet files."""
     path = Path(spec).expanduser()
     if any(ch in spec for ch in "*?["):
-        candidates = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
-        if not candidates:
+        matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        if not matches:
             raise DataError(f"no file matches {spec}: check the pattern")
+        # a folder it matches is read as a folder source is (`corpus/*` as `corpus`)
+        candidates = [file for match in matches for file in (_files_under(match) if match.is_dir() else [match])]
         name = workspace.safe_name(Path(spec.split("*")[0]).name or "glob")
     elif path.is_dir():
         candidates = _files_under(path)
@@ -326,13 +328,11 @@ def local_source(spec: str, text_field: str = "text") -> Source:
         )
     usable, left_out, seen = [], [], set()
     for p in candidates:
-        if not p.is_file():
+        real = os.path.realpath(p)
+        if not p.is_file() or real in seen:  # reached twice (a `**` glob, a link loop): read or named once
             continue
-        if _kind_of(p) is None:
-            left_out.append(str(p))
-        elif (real := os.path.realpath(p)) not in seen:  # reached twice (a `**` glob through a link loop): read once
-            seen.add(real)
-            usable.append(p)
+        seen.add(real)
+        (usable if _kind_of(p) is not None else left_out).append(p)
     if not usable:
         raise DataError(
             f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
@@ -340,7 +340,7 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     files = tuple(_document_file(p, text_field) for p in usable)
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
-    return Source(name, str(spec), "local", files, text_field, left_out=tuple(left_out))
+    return Source(name, str(spec), "local", files, text_field, left_out=tuple(map(str, left_out)))
 
 
 # ----------------------------------------------------------------------------------------------- downloads
