@@ -305,6 +305,24 @@ def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
     assert any("tokenized again from other text" in (event.message or "") for event in events)
 
 
+def test_a_resume_refused_for_retokenized_data_says_how_to_make_it_again(with_shakespeare, workspace):
+    """The same source tokenized again with another --fraction replaces the dataset (no --force: it is the same
+    source), and the resume is refused; it said "tokenize the original source again" without the settings. It
+    gives the command that makes the exact bytes again (tokenizing is deterministic), and that command works."""
+    import shlex
+
+    assert invoke("tokenize", "shakespeare", "--val-fraction", "0.05", "--seed", "3").exit_code == 0
+    train(tiny_config(max_steps=2, eval_interval=1000), run_name="r")
+    assert invoke("tokenize", "shakespeare", "--fraction", "0.5").exit_code == 0
+    refused = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
+    assert_one_line_error(refused, "make it again with `tinygpt tokenize shakespeare --name shakespeare "
+                                   "--fraction 1.0 --val-fraction 0.05 --seed 3`")
+    command = refused.stderr.split("make it again with `")[1].split("`")[0]
+    assert invoke(*shlex.split(command)[1:]).exit_code == 0
+    resumed = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+
+
 def test_a_run_another_process_is_training_is_refused(with_shakespeare, workspace):
     """Two trainings of one run (a job requeued while the first still runs, a second terminal) wrote the same
     checkpoints and metrics.jsonl; two new runs of one name both passed the 'already exists' check."""

@@ -34,6 +34,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import time
 from collections import deque
@@ -872,6 +873,23 @@ def check_vocabulary(tokens: np.ndarray, first: int = 0) -> None:
     raise DataError(f"{where} holds token id {int(tokens[index])} at token {first + index}, past the end of "
                     f"GPT-2's vocabulary (ids 0 to {VOCAB_SIZE - 1:,}), so it was not written by `tinygpt tokenize`: "
                     f"tokenize the text again with `tinygpt tokenize`")
+
+
+def remake_command(dataset: Dataset) -> str | None:
+    """The `tinygpt tokenize` command that makes `dataset` again byte for byte (tokenizing is deterministic given
+    the source and these settings: a dataset replaced by other settings can be made again), or None where its
+    meta.json does not record them."""
+    source, settings = dataset.meta.get("source"), [dataset.meta.get(k) for k in ("fraction", "val_fraction", "seed")]
+    spec = (source.get("location") or source.get("spec")) if isinstance(source, dict) else None
+    if not isinstance(spec, str) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in settings):
+        return None
+    fraction, val_fraction, seed = settings
+    words = ["tinygpt", "tokenize", spec, "--name", dataset.name, "--fraction", repr(float(fraction)),
+             "--val-fraction", repr(float(val_fraction)), "--seed", str(int(seed))]
+    text_field = source.get("text_field")
+    if isinstance(text_field, str) and text_field != "text":
+        words += ["--text-field", text_field]
+    return shlex.join(words)
 
 
 def _file_sha256(path: Path) -> str:

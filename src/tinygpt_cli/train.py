@@ -43,7 +43,7 @@ from tinygpt_cli.config import (
     dump_yaml,
     trains_compiled,
 )
-from tinygpt_cli.data import Dataset, check_vocabulary, find_dataset, tokenize
+from tinygpt_cli.data import Dataset, check_vocabulary, find_dataset, remake_command, tokenize
 from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError, first_line
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
@@ -905,7 +905,8 @@ class _Trainer:
                     "bad_run": int(self.bad_run.item()),  # non-finite steps in a row (MAX_BAD_STEPS stops)
                     "log_window": self.log_window,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
-                             "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256")},
+                             "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256"),
+                             "remake": remake_command(self.dataset)},
                     "batch": {"batch_size": self.batch_size, "grad_accum": self.grad_accum},
                     "run_config": config_to_dict(self.cfg), "elapsed_s": self.elapsed(),
                     "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -937,10 +938,13 @@ class _Trainer:
         trained_on = state.get("data") or {}
         recorded, current = trained_on.get("train_sha256"), self.dataset.meta["splits"]["train"].get("sha256")
         if trained_on.get("dataset") == self.dataset.name and recorded and current and recorded != current:
+            remake = trained_on.get("remake")
+            again = f"make it again with `{remake}`" if isinstance(remake, str) else \
+                "tokenize the original source again with the settings it had"
             raise TrainingError(
                 f"run {self.run_dir.name} trained on data/{self.dataset.name} as it was before it was tokenized "
-                f"again from other text: resuming would go on with other data. Tokenize the original source "
-                f"again, or start a new run from these weights with --init-from {self.run_dir.name}"
+                f"again from other text or with other settings: resuming would go on with other data. {again}, "
+                f"or start a new run from these weights with --init-from {self.run_dir.name}"
             )
         if recorded and current and recorded != current and trained_on.get("dataset") != self.dataset.name:
             self.emit(TrainEvent("info", message=(
