@@ -170,6 +170,11 @@ def test_trained_run_exports_to_transformers_and_back(with_shakespeare, tmp_path
     torch.testing.assert_close(tinygpt_logits(cropped, ids[:, :16]), tinygpt_logits(ours, ids[:, :16]))
     with pytest.raises(TinyGPTError, match="longer than the model's context"):
         export.load_pretrained(run, block_size=64)
+    # `--out r` beside the run r: the name is the run's, so the folder it wrote is an export --force may replace
+    assert invoke("export", "r", "--out", "r").exit_code == 0
+    assert_one_line_error(invoke("export", "r", "--out", "r"), "already exists: pass --force")
+    again = invoke("export", "r", "--out", "r", "--force")
+    assert again.exit_code == 0, again.output
 
 
 # ------------------------------------------------------------------------------------------------ GGUF

@@ -509,9 +509,8 @@ def export_model(
     target = Path(os.path.abspath(Path(out).expanduser())) if out is not None else None
     if target is not None and fmt == "gguf" and target.suffix != ".gguf":
         target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
-    if target is not None:  # before the model loads; again after, with the checkpoint a run name stands for
-        spec = Path(source).expanduser() if source is not None else None
-        _check_out(target, force, spec if spec is not None and spec.exists() else None)
+    if target is not None:  # before the model loads; again after, with the checkpoint it loaded
+        _check_out(target, force, _source_folder(source))
 
     loaded = load_model(source)
     model = loaded.model
@@ -812,6 +811,15 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
         f"no run, checkpoint or Hugging Face GPT-2 folder at {spec}, and it is not one of {', '.join(HUB_MODELS)}: "
         f"list runs with `tinygpt runs`"
     )
+
+
+def _source_folder(spec: str | Path | None) -> Path | None:
+    """The folder `load_model(spec)` reads from (a run's, for a run's name), where it is known before loading;
+    None for the latest run or a hub name."""
+    kind, where = _resolve(spec)
+    if kind == "hub" or where is None:
+        return None
+    return where if isinstance(where, Path) else workspace.runs_dir() / where
 
 
 def _adapted_config(cfg: ModelConfig, block_size: int | None, dropout: float | None) -> ModelConfig:
