@@ -170,6 +170,7 @@ class Source:
     text_field: str = "text"
     provenance: dict[str, Any] = field(default_factory=dict)  # a download's record, for meta.json
     left_out: tuple[str, ...] = ()  # files of a folder or glob that are none of TEXT_SUFFIXES (`tokenize` says so)
+    left_out_folders: tuple[str, ...] = ()  # folders a glob matches, which it does not read (`tokenize` says so)
 
     @property
     def documents(self) -> int:
@@ -307,11 +308,9 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     """A file, a folder (searched recursively) or a glob of .txt / .jsonl(.gz) / .parquet files."""
     path = Path(spec).expanduser()
     if any(ch in spec for ch in "*?["):
-        matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
-        if not matches:
+        candidates = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        if not candidates:
             raise DataError(f"no file matches {spec}: check the pattern")
-        # a folder it matches is read as a folder source is (`corpus/*` as `corpus`)
-        candidates = [file for match in matches for file in (_files_under(match) if match.is_dir() else [match])]
         name = workspace.safe_name(Path(spec.split("*")[0]).name or "glob")
     elif path.is_dir():
         candidates = _files_under(path)
@@ -326,13 +325,18 @@ def local_source(spec: str, text_field: str = "text") -> Source:
             f"{spec} does not exist: give a file, a folder or a glob of .txt/.jsonl/.parquet files, "
             f"or a downloaded dataset (tinygpt download --list)"
         )
-    usable, left_out, seen = [], [], set()
+    usable, others, read = [], {}, set()
     for p in candidates:
-        real = os.path.realpath(p)
-        if not p.is_file() or real in seen:  # reached twice (a `**` glob, a link loop): read or named once
+        if not p.is_file():
             continue
-        seen.add(real)
-        (usable if _kind_of(p) is not None else left_out).append(p)
+        real = os.path.realpath(p)
+        if _kind_of(p) is None:
+            others.setdefault(real, p)
+        elif real not in read:  # reached twice (a `**` glob, a link loop, links named .jsonl): read once
+            read.add(real)
+            usable.append(p)
+    left_out = [p for real, p in others.items() if real not in read]  # named once, unless read under a usable name
+    folders = [str(p) for p in candidates if p.is_dir()]  # a glob reads the files it matches (tokenize names these)
     if not usable:
         raise DataError(
             f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
@@ -340,7 +344,8 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     files = tuple(_document_file(p, text_field) for p in usable)
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
-    return Source(name, str(spec), "local", files, text_field, left_out=tuple(map(str, left_out)))
+    return Source(name, str(spec), "local", files, text_field, left_out=tuple(map(str, left_out)),
+                  left_out_folders=tuple(folders))
 
 
 # ----------------------------------------------------------------------------------------------- downloads
