@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from test_cli import invoke
@@ -386,7 +387,28 @@ def test_a_window_past_the_vocabulary_mid_run_keeps_the_steps_done(with_shakespe
         return real_get_batch(tokens if len(calls) < 4 else tokens.astype("uint16") * 0 + 50257, *args)
 
     monkeypatch.setattr(train_module, "get_batch", get_batch)
-    with pytest.raises(DataError, match="token id 50257 at token"):
+    with pytest.raises(DataError, match="token id 50257 at token.*the 2 steps trained are saved.*--init-from r"):
         train(tiny_config(max_steps=10, eval_interval=1000), run_name="r")
     # batch 1 is the first step's, batches 2 and 3 are fetched during steps 1 and 2: step 3's fetch fails
     assert ckpt.read_state(ckpt.latest_checkpoint(workspace / "runs" / "r"))["step"] == 2
+
+
+def test_a_val_sample_past_the_vocabulary_is_refused_before_the_first_step(with_shakespeare, workspace,
+                                                                            monkeypatch):
+    """The fixed val sample of a val.bin too large to be scanned whole failed at the first evaluation, mid-run,
+    and the checkpoint it saved said its evaluation was done (review): its windows are checked before step 1."""
+    from conftest import hand_made_dataset
+    from tinygpt_cli import data
+
+    monkeypatch.setattr(data, "FULL_HASH_LIMIT", 0)
+    bad = hand_made_dataset(with_shakespeare, workspace / "data" / "mine", "val", 0, 50300)
+    tokens = np.fromfile(bad / "val.bin", dtype=np.uint16)
+    tokens[::40] = 50300  # in every window of 32
+    tokens.tofile(bad / "val.bin")
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["splits"]["val"]["edge_sha256"] = data._edge_hash(bad / "val.bin")
+    (bad / "meta.json").write_text(json.dumps(meta))
+    result = invoke("train", *TINY_SETTINGS, "--data", "mine", "--max-steps", "4", "--name", "r")
+    assert_one_line_error(result, "token id 50300 at token")
+    assert "steps trained are saved" not in result.stderr
+    assert not (workspace / "runs" / "r").exists()

@@ -167,14 +167,21 @@ def get_batch(
     return windows_at(tokens, rng.integers(0, len(tokens) - block_size - 1, size=batch_size), block_size, device)
 
 
+def checked_windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> np.ndarray:
+    """The windows of `block_size + 1` tokens at `starts` (B, T+1) int64, each id checked to be one of GPT-2's: a
+    split too large to be scanned when opened (`Dataset.split`) is checked as it is read."""
+    window = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    if window.max() >= VOCAB_SIZE:
+        row = int(np.argmax((window >= VOCAB_SIZE).any(axis=1)))
+        check_vocabulary(tokens[starts[row] : starts[row] + block_size + 1], int(starts[row]))
+    return window
+
+
 def windows_at(
     tokens: np.ndarray, starts: np.ndarray, block_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The windows of `block_size + 1` tokens at `starts` -> inputs x (B, T), targets y (B, T) on `device`."""
-    window = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-    if window.max() >= VOCAB_SIZE:  # a split too large to be scanned when opened (`Dataset.split`)
-        row = int(np.argmax((window >= VOCAB_SIZE).any(axis=1)))
-        check_vocabulary(tokens[starts[row] : starts[row] + block_size + 1], int(starts[row]))
+    window = checked_windows(tokens, starts, block_size)
     # contiguous, so every batch has the strides of the compile probe (a strided view would be compiled again)
     x = torch.from_numpy(np.ascontiguousarray(window[:, :-1]))
     y = torch.from_numpy(np.ascontiguousarray(window[:, 1:]))
@@ -1080,6 +1087,8 @@ class _Trainer:
         eval_rng = np.random.default_rng([tc.seed, 2**31])
         self.eval_starts = [eval_rng.integers(0, len(self.val_tokens) - self.block - 1, size=self.batch_size)
                             for _ in range(tc.eval_batches)]
+        for starts in self.eval_starts:  # read at every evaluation: a bad id is an error now, not mid-run
+            checked_windows(self.val_tokens, starts, self.block)
         autocast = autocast_context(device, self.dtype)
         self.emit(TrainEvent("start", step=start_step, max_steps=tc.max_steps, tokens=self.tokens_seen, data={
             "run_dir": str(self.run_dir), "dataset": self.dataset.name, "device": str(device),
@@ -1230,8 +1239,10 @@ class _Trainer:
             if not stopped and self.eval_cut:  # a signal during the last evaluation, which it cut short
                 stopped = self.stop.reason or "interrupted"
         metrics.close()
-        if failure is not None:
-            raise failure
+        if failure is not None:  # the same window comes at the same step of a resume: the data must change first
+            saved = f"; the {step} steps trained are saved: once it is tokenized again, go on from them with " \
+                f"`tinygpt train --init-from {self.run_dir.name}`" if step > 0 else ""
+            raise DataError(f"{failure}{saved}") from None
         seconds = time.perf_counter() - self.started
         trained_tokens = (step - start_step) * tokens_per_step
         result = TrainResult(
