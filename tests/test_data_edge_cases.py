@@ -190,6 +190,17 @@ def test_a_folder_a_glob_matches_is_named_not_silently_dropped(workspace, tmp_pa
     assert sources.local_source(str(corpus)).documents == 12
 
 
+def test_a_path_with_glob_characters_that_exists_is_taken_as_it_is(workspace, tmp_path):
+    """`tokenize 'Books [2023]/c.jsonl'` was taken for a pattern ([2023]: one of four characters) that matched
+    nothing: the command `train --resume` prints to make a dataset again failed for such a folder (review)."""
+    books = tmp_path / "Books [2023]"
+    books.mkdir()
+    _jsonl(books / "c.jsonl", [f"line {i}" for i in range(4)])
+    assert sources.local_source(str(books / "c.jsonl")).documents == 4
+    assert sources.local_source(str(books)).documents == 4
+    assert sources.local_source(str(tmp_path / "Books [[]2023]" / "*.jsonl")).documents == 4  # a pattern still
+
+
 def test_a_link_with_a_usable_name_to_a_file_left_out_is_read(workspace, tmp_path):
     """A .json.gz shard linked as .jsonl.gz (the advice for JSON lines in .json files) was read before the dedup of
     files reached twice counted the link as the left-out original (review): a file is read once, and named as left

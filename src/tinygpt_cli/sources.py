@@ -307,7 +307,7 @@ def _files_under(folder: Path) -> list[Path]:
 def local_source(spec: str, text_field: str = "text") -> Source:
     """A file, a folder (searched recursively) or a glob of .txt / .jsonl(.gz) / .parquet files."""
     path = Path(spec).expanduser()
-    if any(ch in spec for ch in "*?["):
+    if any(ch in spec for ch in "*?[") and not path.exists():  # a path that exists is itself, brackets or not
         candidates = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
         if not candidates:
             raise DataError(f"no file matches {spec}: check the pattern")
