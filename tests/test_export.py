@@ -318,6 +318,8 @@ def test_init_from_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
     ("One sentence. Another one.", 0, "One sentence. Another one."),
     ("One sentence. Another one.", 40, "One sentence."),
     ("a.b.c path/x.y no stop", 40, "a.b.c path/x.y no stop"), ("word " * 20, 23, "word word word word…"),
+    ("Could not reach the Hub (e.g. a proxy). Check it.", 80, "Could not reach the Hub (e.g. a proxy)."),
+    ("Error 2. retry later", 80, "Error 2. retry later"),
     ("x" * 50, 10, "x" * 10 + "…")])
 def test_first_line_of_an_exception(message, most, expected):
     from tinygpt_cli.errors import first_line

@@ -37,9 +37,19 @@ def first_line(exc: BaseException, most: int = 0) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     if most:
-        end = line.find(". ")
-        line = line[: end + 1] if end > 0 else line
+        line = line[: _sentence_end(line)]
         if len(line) > most:
             cut = line.rfind(" ", 0, most)
             line = line[: cut if cut > 0 else most].rstrip(" ,;:") + "…"
     return line
+
+
+def _sentence_end(line: str) -> int:
+    """Where the first sentence of `line` ends: after a full stop outside brackets that a space and a capital
+    letter follow ("(e.g. a proxy)" and "Error 2. retry" go on), else the whole line."""
+    depth = 0
+    for i, ch in enumerate(line):
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "." and depth <= 0 and line[i + 1 : i + 2] == " " and line[i + 2 : i + 3].isupper():
+            return i + 1
+    return len(line)
