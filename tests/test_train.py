@@ -507,3 +507,37 @@ def test_emulated_bf16_on_cpu_is_said(with_shakespeare, monkeypatch):
     train(cfg, run_name="b", on_event=events.append)
     assert any("bf16 on this CPU is emulated" in (e.message or "") for e in events)
 
+
+
+def test_tokens_per_second_leaves_out_evaluations_between_log_steps(with_shakespeare, workspace, monkeypatch):
+    """The rate divided every token since the last log by the time since the last evaluation: with evaluations
+    every 3 steps and logs every 4, it read up to 4× too fast, and MFU over 100% (audit). A clock that moves 1 s a
+    batch fetched and 100 s an evaluation: every logged rate is the steps' tokens over their seconds."""
+    import time as time_module
+
+    from tinygpt_cli import train as train_module
+
+    clock = [0.0]
+
+    def perf_counter():  # a microsecond a reading, so that nothing divides by zero
+        clock[0] += 1e-6
+        return clock[0]
+
+    monkeypatch.setattr(time_module, "perf_counter", perf_counter)
+    real_get_batch, real_eval = train_module.get_batch, train_module._Trainer._eval_and_save
+
+    def get_batch(*args):
+        clock[0] += 1.0
+        return real_get_batch(*args)
+
+    def eval_and_save(self, *args):
+        real_eval(self, *args)
+        clock[0] += 100.0
+
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    monkeypatch.setattr(train_module._Trainer, "_eval_and_save", eval_and_save)
+    train(tiny_config(max_steps=12, eval_interval=3, log_interval=4), run_name="r")
+    rows = [json.loads(line) for line in (workspace / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    rates = [row["tokens_per_s"] for row in rows if row["kind"] == "train"]
+    per_step = 4 * 32  # train.batch_size × model.block_size of the tiny config, one batch a step
+    assert len(rates) == 3 and all(0.75 * per_step <= rate <= per_step for rate in rates), rates

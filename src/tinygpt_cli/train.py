@@ -1218,8 +1218,10 @@ class _Trainer:
                         if window_steps:  # the checkpoint records the train loss of the steps since the last log
                             self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run,
                                                                window_steps)[0] or self.last_loss
+                        paused = time.perf_counter()
                         self._eval_and_save(step, metrics)
-                        window_began = time.perf_counter()  # eval and save time is not training throughput
+                        # eval and save time is not training throughput: the window's steps before it still count
+                        window_began += time.perf_counter() - paused
             except KeyboardInterrupt:
                 metrics.close()
                 raise
