@@ -126,8 +126,12 @@ def test_under_nohup_a_hangup_is_still_ignored(with_shakespeare, workspace, reap
     assert process.returncode == 128 + signal.SIGTERM, err
 
 
-def test_full_disk_keeps_the_previous_checkpoint(with_shakespeare, monkeypatch):
+@pytest.mark.parametrize("safetensors_error", [False, True])
+def test_full_disk_keeps_the_previous_checkpoint(with_shakespeare, monkeypatch, safetensors_error):
+    """safetensors reports a full disk as a SafetensorError ("... (os error 28)"), not an OSError: a real full disk
+    was a 63-line traceback (audit)."""
     import safetensors.torch
+    from safetensors import SafetensorError
 
     real_save = safetensors.torch.save_file
     calls = {"n": 0}
@@ -135,6 +139,8 @@ def test_full_disk_keeps_the_previous_checkpoint(with_shakespeare, monkeypatch):
     def failing_save(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] >= 2:
+            if safetensors_error:
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(*args, **kwargs)
 
@@ -412,3 +418,18 @@ def test_a_val_sample_past_the_vocabulary_is_refused_before_the_first_step(with_
     assert_one_line_error(result, "token id 50300 at token")
     assert "steps trained are saved" not in result.stderr
     assert not (workspace / "runs" / "r").exists()
+
+
+def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk while writing loss.png left runs/<name>/.loss.png.tmp-<pid> behind for good (audit)."""
+    (tmp_path / "run").mkdir()
+    target = tmp_path / "run" / "loss.png"
+    target.write_bytes(b"old")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.write_bytes_atomic(target, b"new")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["loss.png"] and target.read_bytes() == b"old"

@@ -62,21 +62,33 @@ def _new_file_mode() -> int:
 
 def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
     """safetensors' `save_file`, the file then given the mode every other file a command writes has: safetensors
-    makes its files 0600, unreadable to the group and others an export or a run is shared with."""
+    makes its files 0600, unreadable to the group and others an export or a run is shared with. Its I/O errors
+    (a full disk) are raised as the OSError they are, which callers turn into one line of advice."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:  # a full disk is "... I/O error: No space left on device (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
     os.chmod(path, _new_file_mode())
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: the old file stays, and no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
