@@ -340,6 +340,10 @@ def test_import_rejects_what_it_cannot_represent(tmp_path):
         config_path.write_text(json.dumps({**config, **change}))
         with pytest.raises(TinyGPTError, match=re.escape(fragment)):
             export.load_pretrained(folder)
+    config_path.write_text("{}")  # "describes a None model" (audit)
+    with pytest.raises(TinyGPTError, match="config.json names no model_type: re-download or re-export"):
+        export.load_pretrained(folder)
+    config_path.write_text(json.dumps(config))
     with pytest.raises(TinyGPTError, match="not one of gpt2, gpt2-medium"):
         export.load_pretrained("no-such-model")
     (folder / "model.safetensors").unlink()

@@ -711,6 +711,8 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def _config_from_hf(folder: Path, config: dict[str, Any]) -> ModelConfig:
     where = folder / "config.json"
+    if "model_type" not in config:  # `{}`: a config being written, or emptied
+        raise ExportError(f"{where} names no model_type: re-download or re-export the model (GPT-2, 'gpt2')")
     if config.get("model_type") != "gpt2":
         raise ExportError(f"{where} describes a {config.get('model_type')!r} model; tinygpt loads GPT-2 ('gpt2') only")
     try:
