@@ -212,9 +212,13 @@ def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_training(with_sh
     one = plan.checkpoint_bytes(cfg.model)
     assert plan.checkpoints_kept(6, 2, 1) == 2 and plan.checkpoints_kept(6, 2, 0) == 3
     monkeypatch.setattr(ws, "free_bytes", lambda path: int(1.5 * one))
-    with pytest.raises(Exception, match=r"run disk \(its checkpoints\) needs about .* of disk, .* free"):
+    with pytest.raises(Exception, match=r"run disk \(its checkpoints\) needs about .* of disk, .* free") as info:
         train(cfg, run_name="disk")
+    assert "--keep-last" not in str(info.value)  # it is 1: advised where it could not help (audit)
     assert not list((workspace / "runs" / "disk").glob("checkpoints/step_*"))
+    monkeypatch.setattr(ws, "free_bytes", lambda path: int(2.5 * one))
+    with pytest.raises(Exception, match=r"keep fewer with --keep-last 1,"):  # keep all (3) does not fit; 1 does
+        train(tiny_config(max_steps=6, eval_interval=2, keep_last=0), run_name="disk")
     monkeypatch.setattr(ws, "free_bytes", lambda path: int(2.5 * one))
     assert train(cfg, run_name="disk2").steps == 6
 

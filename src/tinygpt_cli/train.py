@@ -692,9 +692,13 @@ class _Trainer:
         tc = self.tc
         folder = self.run_dir / "checkpoints"
         held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
-        need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last) * checkpoint_bytes(self.model.config)
+        size = checkpoint_bytes(self.model.config)
+        need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last) * size
+        fits = (workspace.free_bytes(self.run_dir) + held) // size - 1  # the most --keep-last that fits (N + 1)
+        fewer = f"keep fewer with --keep-last {fits}, " if fits >= 1 and (fits < tc.keep_last or not tc.keep_last) \
+            else ""  # (a smaller --keep-last is advised only where one fits)
         workspace.check_disk(self.run_dir, need - held, f"run {self.run_dir.name} (its checkpoints)",
-                             "free some space, keep fewer with --keep-last N, or set TINYGPT_HOME to a larger disk")
+                             f"free some space, {fewer}or set TINYGPT_HOME to a larger disk")
 
     def _check_data_fits(self, block: int) -> None:
         for split, tokens in (("train", self.train_tokens), ("val", self.val_tokens)):
