@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 
 from tinygpt_cli import __version__
 from tinygpt_cli.errors import TinyGPTError
-from tinygpt_cli.workspace import format_bytes
+from tinygpt_cli.workspace import counted, format_bytes
 
 _QUIET = False  # set by `tinygpt --quiet`: no progress or status lines (errors and results still show)
 
@@ -1137,7 +1137,7 @@ def eval_command(
     if isinstance(result, ev.TaskResult):
         print(
             f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "
-            f"acc {result.accuracy:.4f} on {ev.counted(result.examples, 'example')} (zero-shot, {which})"
+            f"acc {result.accuracy:.4f} on {counted(result.examples, 'example')} (zero-shot, {which})"
         )
     else:
         print(

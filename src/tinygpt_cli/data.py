@@ -464,10 +464,10 @@ def tokenize(
     started = time.perf_counter()
     src = resolve_source(source, text_field)
     if src.left_out_folders:  # `corpus/*` read corpus/'s files and dropped its subfolders without a word
-        count = len(src.left_out_folders)
-        emit(TokenizeEvent("info", message=f"left out {count:,} folder{'' if count == 1 else 's'} the pattern "
-                           f"matched ({src.left_out_folders[0]}{', ...' if count > 1 else ''}): a glob reads the "
-                           f"files it matches; pass the folder itself to read everything under it"))
+        folders = src.left_out_folders
+        emit(TokenizeEvent("info", message=f"left out {workspace.counted(len(folders), 'folder')} the pattern "
+                           f"matched ({folders[0]}{', ...' if len(folders) > 1 else ''}): a glob reads the files "
+                           f"it matches; pass the folder itself to read everything under it"))
     if src.left_out:  # a folder of .json.gz shards plus a README.txt was the README alone, silently
         emit(TokenizeEvent("info", message=f"left out {len(src.left_out):,} file(s) that are not .txt, .jsonl, "
                            f".jsonl.gz or .parquet (first: {src.left_out[0]}); JSON lines in .json(.gz) files are "

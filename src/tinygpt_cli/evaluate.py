@@ -490,7 +490,7 @@ def evaluate(
     windows = window_starts(len(split_tokens), model.config.block_size, tokens)
     total = sum(length for _, length in windows)
     emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {dataset.name}/{split}: {total:,} tokens in "
-                                   f"{counted(len(windows), 'window')} of {model.config.block_size}"))
+                                   f"{workspace.counted(len(windows), 'window')} of {model.config.block_size}"))
     emit(EvalEvent("start", total=total))
     started = time.perf_counter()
     score = score_tokens(model, split_tokens, max_tokens=tokens, batch_size=batch_size, autocast=autocast,
@@ -534,7 +534,7 @@ def evaluate_task(
     if record:
         _check_recordable(loaded)
     model: GPT = loaded.model  # type: ignore[assignment]
-    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {task}: {counted(len(examples), 'example')} "
+    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {task}: {workspace.counted(len(examples), 'example')} "
                                    f"from {source}"))
     emit(EvalEvent("start", total=len(examples), unit="examples"))
     started = time.perf_counter()
@@ -578,11 +578,6 @@ def _append(path: Path, text: str, title: str = "") -> None:
         os.fsync(handle.fileno())
 
 
-def counted(n: int, noun: str) -> str:
-    """'1 window', '2 windows', '1,024 windows'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 def _report_section(result: LossResult | TaskResult, when: str) -> str:
     if isinstance(result, LossResult):
         title = f"loss on {result.dataset}/{result.split}"
@@ -590,14 +585,14 @@ def _report_section(result: LossResult | TaskResult, when: str) -> str:
             ("loss", f"{result.loss:.4f}"), ("perplexity", f"{result.perplexity:.2f}"),
             ("bits per byte", f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"),
             ("scored", f"{result.tokens:,} tokens ({result.text_bytes:,} bytes of text) in "
-                       f"{counted(result.windows, 'window')} of {result.window_tokens}"),
+                       f"{workspace.counted(result.windows, 'window')} of {result.window_tokens}"),
         ]
     else:
         title = f"{result.task} (zero-shot)"
         rows = [
             ("accuracy (length-normalised)", f"{result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f}"),
             ("accuracy", f"{result.accuracy:.4f}"),
-            ("examples", f"{counted(result.examples, 'example')} from {result.source}"),
+            ("examples", f"{workspace.counted(result.examples, 'example')} from {result.source}"),
         ]
     rows += [("checkpoint", f"`{result.checkpoint}` (step {result.step})"),
              ("device", f"{result.device} {result.dtype}, {result.seconds:.1f} s")]

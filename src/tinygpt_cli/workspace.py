@@ -177,6 +177,11 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 window', '2 windows', '1,024 windows' (nouns with a plain plural)."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def format_bytes(n: int) -> str:
     """1.2 GB, 3.4 MB, 5.6 kB or 78 B."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
