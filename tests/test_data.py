@@ -311,7 +311,8 @@ def test_a_meta_json_of_the_wrong_shape_is_refused_not_a_crash(with_shakespeare,
     listed = invoke("data")
     assert listed.exit_code == 0 and "shakespeare" in listed.stdout, listed.output
     assert "note: bad is left out: " in listed.stderr and "re-run `tinygpt tokenize`" in listed.stderr  # audit
-    assert invoke("data", "show", "shakespeare").exit_code == 0
+    shown = invoke("data", "show", "shakespeare")
+    assert shown.exit_code == 0 and " tokens, 1 document, " in shown.stdout, shown.output  # val: was "1 documents"
     assert_one_line_error(invoke("data", "show", str(bad)), "re-run `tinygpt tokenize`")
     assert invoke("plan", "--size", "micro", "--data", "shakespeare").exit_code == 0
 

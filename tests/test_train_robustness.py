@@ -174,8 +174,9 @@ def test_report_and_loss_plot(with_shakespeare):
     png = (result.run_dir / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     report = (result.run_dir / "report.md").read_text()
-    for needle in ("# Run rep", "final val loss", "unigram baseline", "## Sample", "## Config", "tokens/s"):
-        assert needle in report
+    for needle in ("# Run rep", "final val loss", "unigram baseline", "## Sample", "## Config", "tokens/s",
+                   " 1 process "):  # was "1 process(es)"
+        assert needle in report, needle
 
 
 def test_out_of_memory_at_the_first_step_is_one_clear_error(with_shakespeare, monkeypatch):

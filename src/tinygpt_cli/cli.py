@@ -186,11 +186,6 @@ def _fmt_seconds(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------- tokenize
-def _count(n: int, noun: str) -> str:
-    """'1 document', '2,000 documents'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 def _fmt_size(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
@@ -334,8 +329,8 @@ def tokenize(
         return
     tokens = train["tokens"] + val["tokens"] - result.resumed_tokens  # this run's work
     print(
-        f"Wrote {result.path}: {_fmt_int(train['tokens'])} train tokens ({_count(train['documents'], 'document')}), "
-        f"{_fmt_int(val['tokens'])} val tokens ({_count(val['documents'], 'document')}) from "
+        f"Wrote {result.path}: {_fmt_int(train['tokens'])} train tokens ({counted(train['documents'], 'document')}), "
+        f"{_fmt_int(val['tokens'])} val tokens ({counted(val['documents'], 'document')}) from "
         f"{_fmt_size(meta['text_bytes'])} of text in {_fmt_seconds(result.seconds)} "
         f"({tokens / max(result.seconds, 1e-9) / 1e6:.2f}M tokens/s)"
     )
@@ -1502,8 +1497,9 @@ def data_show(
     for split in ("train", "val"):
         info = splits.get(split, {})
         print(
-            f"  {split:<10} {_fmt_int(info.get('tokens', 0))} tokens, {_fmt_int(info.get('documents', 0))} "
-            f"documents, {format_bytes(info.get('bytes', 0))}, sha256 {str(info.get('sha256', ''))[:16]}…"
+            f"  {split:<10} {_fmt_int(info.get('tokens', 0))} tokens, "
+            f"{counted(int(info.get('documents', 0)), 'document')}, {format_bytes(info.get('bytes', 0))}, "
+            f"sha256 {str(info.get('sha256', ''))[:16]}…"
         )
     tokenizer = meta.get("tokenizer") or {}
     print(

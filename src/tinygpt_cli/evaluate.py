@@ -367,7 +367,7 @@ def _hub_rows(limit: int | None) -> tuple[list[Any], str]:
             return list(table), f"{hub_id} (validation)"
     raise DataError(
         f"could not load HellaSwag from the Hugging Face hub ({'; '.join(problems)}): go online once to cache it, "
-        f"or pass --task-data PATH to a local .jsonl/.parquet with ctx, endings and label"
+        f"or pass --task-data PATH to a local .jsonl/.json/.parquet with ctx, endings and label"
     )
 
 

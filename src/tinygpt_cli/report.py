@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt_cli.checkpoint import write_bytes_atomic, write_text_atomic
+from tinygpt_cli.workspace import counted
 
 # 3x5 pixel glyphs, one string of 15 bits per character, row by row
 _GLYPHS = {
@@ -167,9 +168,9 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         f"{cfg.model.n_embd}, context {cfg.model.block_size} |",
         f"| data | {dataset['name']}: {dataset['train_tokens']:,} train / {dataset['val_tokens']:,} val tokens |",
         f"| hardware | {hardware['device_name']} · {hardware['device']} {hardware['dtype']} · "
-        f"{hardware['world_size']} process(es) · torch {hardware['torch']} |",
+        f"{counted(hardware['world_size'], 'process', 'processes')} · torch {hardware['torch']} |",
         f"| batch | {hardware['batch_size']} sequences × {hardware['grad_accum']} accumulation × "
-        f"{hardware['world_size']} process(es) |",
+        f"{counted(hardware['world_size'], 'process', 'processes')} |",
         f"| time (this session) | {result.seconds:.0f} s |",
         f"| throughput | {result.tokens_per_s:,.0f} tokens/s |",
         f"| final train loss | {fmt(result.final_loss)} |",

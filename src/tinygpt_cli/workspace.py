@@ -177,9 +177,9 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def counted(n: int, noun: str) -> str:
-    """'1 window', '2 windows', '1,024 windows' (nouns with a plain plural)."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """'1 window', '2 windows', '1,024 windows'; `plural` where it is not the noun and an s ('processes')."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def format_bytes(n: int) -> str:
