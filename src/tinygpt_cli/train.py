@@ -693,11 +693,14 @@ class _Trainer:
         folder = self.run_dir / "checkpoints"
         held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
         size = checkpoint_bytes(self.model.config)
-        need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last) * size
-        fits = (workspace.free_bytes(self.run_dir) + held) // size - 1  # the most --keep-last that fits (N + 1)
+        need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last) * size - held
+        free = workspace.free_bytes(self.run_dir)
+        if need <= free:
+            return
+        fits = (free + held) // size - 1  # the most --keep-last that fits (N + 1): advised only where one does
         fewer = f"keep fewer with --keep-last {fits}, " if fits >= 1 and (fits < tc.keep_last or not tc.keep_last) \
-            else ""  # (a smaller --keep-last is advised only where one fits)
-        workspace.check_disk(self.run_dir, need - held, f"run {self.run_dir.name} (its checkpoints)",
+            else ""
+        workspace.check_disk(self.run_dir, need, f"run {self.run_dir.name} (its checkpoints)",
                              f"free some space, {fewer}or set TINYGPT_HOME to a larger disk")
 
     def _check_data_fits(self, block: int) -> None:
