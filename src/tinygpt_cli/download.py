@@ -38,7 +38,7 @@ from typing import Any
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.checkpoint import fsync_file
 from tinygpt_cli.data import check_seed, keyed_hash, write_json_atomic
-from tinygpt_cli.errors import DataError
+from tinygpt_cli.errors import DataError, first_line
 from tinygpt_cli.sources import (
     DOWNLOAD_RECORD,
     EMBEDDED_NAME,
@@ -325,10 +325,10 @@ def _open_stream(entry: NamedSource):
         return datasets.load_dataset(entry.builder, data_files=list(entry.data_files or ()), split=entry.split,
                                      streaming=True)
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if "scripts are no longer supported" in first_line:
-            first_line = "it still needs a loading script, which datasets>=4 cannot run"
-        raise DataError(f"cannot open {entry.where} with `datasets` ({first_line}); "
+        reason = first_line(exc)
+        if "scripts are no longer supported" in reason:
+            reason = "it still needs a loading script, which datasets>=4 cannot run"
+        raise DataError(f"cannot open {entry.where} with `datasets` ({reason}); "
                         + (_local_hint(entry) if entry.kind == "hub" else "check the files")) from exc
 
 
@@ -497,8 +497,7 @@ def _fetch(entry: NamedSource, folder: Path, record: dict[str, Any] | None, iden
     except (DataError, KeyboardInterrupt):
         raise
     except Exception as exc:  # the network went away mid-stream: what is written stays, the rerun continues
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"the download of {entry.name} stopped ({first_line}): rerun `tinygpt download "
+        raise DataError(f"the download of {entry.name} stopped ({first_line(exc)}): rerun `tinygpt download "
                         f"{entry.name}` to continue from document {record['progress']['documents']:,}") from exc
     flush()
     record.update(complete=True, exhausted=not stopped, completed=_now())

@@ -44,6 +44,12 @@ def first_line(exc: BaseException, most: int = 0) -> str:
     return line
 
 
+def described(exc: BaseException, most: int = 0) -> str:
+    """'Type: its first line' (`first_line`), or the type alone where the exception has no message."""
+    name = type(exc).__name__
+    return f"{name}: {first_line(exc, most)}" if str(exc).strip() else name
+
+
 def _sentence_end(line: str) -> int:
     """Where the first sentence of `line` ends: after a full stop outside brackets that a space and a capital
     letter follow ("(e.g. a proxy)" and "Error 2. retry" go on), else the whole line."""

@@ -49,7 +49,7 @@ from tinygpt_cli.checkpoint import (
     save_safetensors,
 )
 from tinygpt_cli.config import ModelConfig
-from tinygpt_cli.errors import TinyGPTError, first_line
+from tinygpt_cli.errors import TinyGPTError, described
 from tinygpt_cli.model import GPT
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
 
@@ -432,8 +432,7 @@ def write_onnx(model: GPT, folder: Path, dtype: str = "fp32") -> None:
         except OSError:
             raise  # a full disk or an unwritable folder: export_model says so
         except Exception as exc:  # the exporter raises many kinds; one line is what a user can act on
-            raise ExportError(f"ONNX export failed ({type(exc).__name__}: {first_line(exc)}): try --format hf") \
-                from None
+            raise ExportError(f"ONNX export failed ({described(exc)}): try --format hf") from None
     for name, text in tokenizer_files(cfg.block_size).items():
         (folder / name).write_text(text, encoding="utf-8")
 
@@ -682,8 +681,7 @@ def download_gpt2(name: str) -> Path:
         return Path(snapshot_download(repo, allow_patterns=["config.json", "generation_config.json", _HF_WEIGHTS]))
     except Exception as exc:  # offline mode, no network, no such file: all mean "not available here"
         raise ExportError(
-            f"cannot download {name} ({repo}) from the Hugging Face Hub ({type(exc).__name__}: "
-            f"{first_line(exc, most=160)}): "
+            f"cannot download {name} ({repo}) from the Hugging Face Hub ({described(exc, most=160)}): "
             "connect to the internet (and unset HF_HUB_OFFLINE), or pass a local Hugging Face GPT-2 folder"
         ) from None
 

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tinygpt_cli.errors import TinyGPTError
+from tinygpt_cli.errors import TinyGPTError, described
 
 # The signals training stops on with a checkpoint (train._stop_on_signals), exiting 128 + the signal; no SIGHUP
 # on Windows, where Ctrl+Break is SIGBREAK (its default action ends the process at once, checkpoint or not).
@@ -127,7 +127,7 @@ def launch(nproc: int, argv: list[str]) -> int:
                     f"torchrun) needs: train in one process (drop --nproc), or under Linux or WSL"
                 ) from None
             raise TinyGPTError(
-                f"could not start {nproc} processes ({type(exc).__name__}: {exc}); try torchrun yourself: "
+                f"could not start {nproc} processes ({described(exc)}); try torchrun yourself: "
                 f"{' '.join(torchrun_command(nproc, argv))}"
             ) from None
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tinygpt_cli.config import MAX_TEMPERATURE, seed_problem
-from tinygpt_cli.errors import GenerationError
+from tinygpt_cli.errors import GenerationError, described
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
 from tinygpt_cli.sources import conversion_advice, decode_text
@@ -1118,8 +1118,7 @@ class _DecodeChunk:
             with torch.cuda.graph(graph, stream=self.stream):
                 self._take_steps()
         except Exception as exc:  # any failure means: go on without the graph
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            self.stats.graph_error = f"{type(exc).__name__}: {first_line}"
+            self.stats.graph_error = described(exc)
             graph = None
         current.wait_stream(self.stream)
         self.graph = graph
@@ -1179,8 +1178,7 @@ def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: Static
         return step(model, current, view, head_t), step
     except Exception as exc:
         stats.compiled = stats.fused = False
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        stats.compile_error = f"{type(exc).__name__}: {first_line}"
+        stats.compile_error = described(exc)
         return _last_logits(model, current, view, head_t), _last_logits
 
 
