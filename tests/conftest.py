@@ -90,9 +90,10 @@ def with_shakespeare(workspace: Path, shakespeare_tokens: Path) -> Path:
     return target
 
 
-def hand_made_dataset(source: Path, folder: Path, split: str, position: int, token: int) -> Path:
-    """A copy of the tokenized dataset `source` at `folder` whose `split` holds `token` at `position`, with
-    meta.json's hashes made to match: a dataset made by hand (or by another tool), which no hash check catches."""
+def hand_made_dataset(source: Path, folder: Path, split: str, position: int | slice, token: int) -> Path:
+    """A copy of the tokenized dataset `source` at `folder` whose `split` holds `token` at `position` (or at each
+    position of a slice), with meta.json's hashes made to match: a dataset made by hand (or by another tool),
+    which no hash check catches."""
     import hashlib
     import json
 
