@@ -880,6 +880,15 @@ def check_vocabulary(tokens: np.ndarray, first: int = 0) -> None:
                     f"tokenize the text again with `tinygpt tokenize`")
 
 
+def token_window(tokens: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """tokens[start:stop] as int64, checked against the vocabulary as it is read (`check_vocabulary`): how training
+    and eval read a split too large to be scanned when opened (`Dataset.split`)."""
+    window = np.asarray(tokens[start:stop], dtype=np.int64)
+    if len(window) and window.max() >= VOCAB_SIZE:
+        check_vocabulary(tokens[start:stop], start)
+    return window
+
+
 def remake_command(dataset: Dataset) -> str | None:
     """The `tinygpt tokenize` command that makes `dataset` again byte for byte (tokenizing is deterministic given
     the source and these settings: a dataset replaced by other settings can be made again), or None where its

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import LoadedCheckpoint, record_folder
-from tinygpt_cli.data import Dataset, check_vocabulary, find_dataset
+from tinygpt_cli.data import Dataset, find_dataset, token_window
 from tinygpt_cli.errors import DataError, TinyGPTError
 from tinygpt_cli.model import GPT
 from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
@@ -199,8 +199,7 @@ def score_tokens(
         x = np.zeros((len(group), width), dtype=np.int64)
         y = np.full((len(group), width), -1, dtype=np.int64)
         for row, (start, length) in enumerate(group):
-            check_vocabulary(tokens[start : start + length + 1], start)  # a split too large to scan when opened
-            chunk = np.asarray(tokens[start : start + length + 1], dtype=np.int64)
+            chunk = token_window(tokens, start, start + length + 1)
             x[row, :length] = chunk[:-1]
             y[row, :length] = chunk[1:]
         with autocast or contextlib.nullcontext():

@@ -43,7 +43,7 @@ from tinygpt_cli.config import (
     dump_yaml,
     trains_compiled,
 )
-from tinygpt_cli.data import Dataset, check_vocabulary, find_dataset, remake_command, tokenize
+from tinygpt_cli.data import Dataset, find_dataset, remake_command, token_window, tokenize
 from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError, first_line
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
@@ -60,7 +60,6 @@ from tinygpt_cli.plan import (
     too_little_data,
 )
 from tinygpt_cli.report import metrics_record, write_loss_plot, write_report
-from tinygpt_cli.tokenizer import VOCAB_SIZE
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
@@ -168,13 +167,9 @@ def get_batch(
 
 
 def checked_windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> np.ndarray:
-    """The windows of `block_size + 1` tokens at `starts` (B, T+1) int64, each id checked to be one of GPT-2's: a
-    split too large to be scanned when opened (`Dataset.split`) is checked as it is read."""
-    window = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
-    if window.max() >= VOCAB_SIZE:
-        row = int(np.argmax((window >= VOCAB_SIZE).any(axis=1)))
-        check_vocabulary(tokens[starts[row] : starts[row] + block_size + 1], int(starts[row]))
-    return window
+    """The windows of `block_size + 1` tokens at `starts` (B, T+1) int64, each checked as it is read
+    (`data.token_window`)."""
+    return np.stack([token_window(tokens, int(s), int(s) + block_size + 1) for s in starts])
 
 
 def windows_at(
