@@ -325,9 +325,11 @@ def local_source(spec: str, text_field: str = "text") -> Source:
             f"{spec} does not exist: give a file, a folder or a glob of .txt/.jsonl/.parquet files, "
             f"or a downloaded dataset (tinygpt download --list)"
         )
-    usable, others, read = [], {}, set()
+    usable, others, read, folders = [], {}, set(), []
     for p in candidates:
         if not p.is_file():
+            if p.is_dir():  # a glob reads the files it matches: `tokenize` names the folders it matched
+                folders.append(str(p))
             continue
         real = os.path.realpath(p)
         if _kind_of(p) is None:
@@ -336,7 +338,6 @@ def local_source(spec: str, text_field: str = "text") -> Source:
             read.add(real)
             usable.append(p)
     left_out = [p for real, p in others.items() if real not in read]  # named once, unless read under a usable name
-    folders = [str(p) for p in candidates if p.is_dir()]  # a glob reads the files it matches (tokenize names these)
     if not usable:
         raise DataError(
             f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
