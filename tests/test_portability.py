@@ -250,3 +250,19 @@ def test_locks_on_windows_use_byte_range_locks(workspace, monkeypatch):
     assert not fake.holders and not lock.exists() and not ws.held(lock)
     with ws.exclusive(lock, "runs/x"):  # free again
         pass
+
+
+# ------------------------------------------------------------------------------------------------ packaging
+def test_every_file_the_package_reads_is_in_its_wheel():
+    """A wheel (`pipx install tinygpt`) holds the package's modules and only the other files that
+    pyproject.toml's package-data names: a new asset left out of it would work from a clone and fail installed."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
+        "package-data"]["tinygpt_cli"]
+    package = root / "src" / "tinygpt_cli"
+    shipped = {p for pattern in patterns for p in package.glob(pattern)}
+    files = {p for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
+    assert files - shipped == set(), "add these to [tool.setuptools.package-data] in pyproject.toml"
+    assert {"r50k_base.tiktoken", "LICENSE-shakespeare.txt"} <= {p.name for p in shipped}
+    assert len([p for p in shipped if p.parent.name == "shakespeare"]) == 42
