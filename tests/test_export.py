@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -261,6 +263,54 @@ def test_gguf_tensor_types():
     for kind, rtol in ((types.F16, 1e-3), (types.BF16, 1 / 128)):
         stored = gguf.quants.dequantize(gguf.quants.quantize(weight, kind), kind).reshape(weight.shape)
         np.testing.assert_allclose(stored, weight, rtol=rtol, atol=1e-7)  # atol: fp16 subnormals
+
+
+
+def _llama_cpp(tool: str) -> str | None:
+    """A llama.cpp program: in $TINYGPT_LLAMA_CPP (its build/bin folder) or on PATH."""
+    folder = os.environ.get("TINYGPT_LLAMA_CPP")
+    found = Path(folder) / tool if folder else None
+    return str(found) if found is not None and found.is_file() else shutil.which(tool)
+
+
+def _perplexity_as_llama_cpp_scores(model: GPT, ids: list[int], n_ctx: int) -> float:
+    """llama-perplexity's figure: the text cut into chunks of n_ctx tokens, each chunk's second half scored (the
+    token after each of positions n_ctx/2 .. n_ctx-2), no BOS put in (the export's add_bos_token is false)."""
+    nll, count = 0.0, 0
+    for c in range(len(ids) // n_ctx):
+        chunk = torch.tensor([ids[c * n_ctx:(c + 1) * n_ctx]])
+        logp = torch.log_softmax(tinygpt_logits(model, chunk)[0].double(), -1)
+        for j in range(n_ctx // 2, n_ctx - 1):
+            nll -= logp[j, chunk[0, j + 1]].item()
+            count += 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "q8_0"])
+def test_llama_cpp_scores_the_gguf_as_tinygpt_does(tmp_path, dtype):
+    """The export run by llama.cpp itself, where it is built (not in CI: no binding installs from a wheel here):
+    its perplexity over mixed-script text, which also goes through its tokenizer, is tinygpt's."""
+    tool = _llama_cpp("llama-perplexity")
+    if tool is None:
+        pytest.skip("llama.cpp's llama-perplexity is not built: set TINYGPT_LLAMA_CPP to its build/bin folder")
+    pytest.importorskip("gguf")
+    model = random_model()
+    with torch.no_grad():  # logits spread over several nats (random ones are all but uniform)
+        model.transformer.wte.weight.mul_(25)
+    text = (MIXED_TEXT + "ROMEO: But, soft! what light through yonder window breaks? It is the east.\n") * 6
+    ids = get_encoding().encode_ordinary(text)
+    export.write_gguf(model, tmp_path / "m.gguf", dtype, name="tiny")
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    n_ctx = TINY["block_size"]
+    run = subprocess.run([tool, "-m", str(tmp_path / "m.gguf"), "-f", str(tmp_path / "text.txt"), "-c", str(n_ctx),
+                          "-b", str(n_ctx), "-t", "2"], capture_output=True, text=True, timeout=300)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
+    assert run.returncode == 0 and found, (run.stdout + run.stderr)[-2000:]
+    expected = _perplexity_as_llama_cpp_scores(model, ids, n_ctx)
+    # far from uniform (50257), so that a misplaced norm or a wrong token moves the figure
+    assert abs(math.log(expected / VOCAB_SIZE)) > 1
+    rtol = {"fp32": 1e-5, "fp16": 1e-3, "q8_0": 1e-2}[dtype]
+    assert float(found.group(1)) == pytest.approx(expected, rel=rtol)
 
 
 # ------------------------------------------------------------------------------------------------ ONNX
