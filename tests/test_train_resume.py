@@ -33,6 +33,19 @@ def test_a_resume_drops_a_metrics_line_a_crash_cut_short(with_shakespeare):
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
+
+def test_a_resume_removes_what_saves_killed_mid_write_left(with_shakespeare):
+    """A save killed by SIGKILL (a scheduler's grace period ending during the last save) leaves its temporary
+    step folder, as large as a checkpoint, and its `latest` file: the next training of the run removes them."""
+    config = tiny_config(max_steps=2, eval_interval=2)
+    run = train(replace(config, train=replace(config.train, max_steps=1)), run_name="r").run_dir
+    folder = run / "checkpoints"
+    (folder / ".tmp-step_2-4242").mkdir()
+    (folder / ".tmp-step_2-4242" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (folder / ".latest.tmp-4242").write_text("step_2\n")
+    train(config, run_name="r", resume=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_1", "step_2"]
+
 def test_the_loss_plot_reads_past_a_cut_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "eval", "st\n')

@@ -102,6 +102,20 @@ def fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove what saves killed mid-write (SIGKILL, a power cut) left in the run's checkpoints folder: the
+    temporary step folders and `latest` files of `save_checkpoint`, which a later run never reads. Only the
+    process that holds the run (train's lock) calls this: no save of another is under way."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if child.name.startswith(".tmp-step_") and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        elif child.name.startswith(f".{LATEST_FILE}.tmp-"):
+            child.unlink(missing_ok=True)
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,

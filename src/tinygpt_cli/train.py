@@ -30,6 +30,7 @@ from tinygpt_cli.checkpoint import (
     load_checkpoint,
     load_optimizer_state,
     read_state,
+    remove_leftovers,
     save_checkpoint,
     write_text_atomic,
 )
@@ -578,6 +579,7 @@ class _Trainer:
         with dist.agreed():
             if info.is_main:
                 self._hold_run(resume)
+                remove_leftovers(self.run_dir)  # of saves killed mid-write: they would count as space held
             checkpoint = latest_checkpoint(self.run_dir) if resume else None
             if resume and checkpoint is None:
                 raise TrainingError(f"{self.run_dir} has no checkpoint to resume from: start it without --resume")
