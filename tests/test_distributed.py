@@ -13,6 +13,7 @@ import pytest
 
 from conftest import TINY_SETTINGS, tiny_config
 from tinygpt_cli import checkpoint as ckpt
+from tinygpt_cli import workspace as workspace_module
 from tinygpt_cli.launch import torchrun_command
 from tinygpt_cli.train import train
 
@@ -138,6 +139,45 @@ def test_a_signal_under_nproc_saves_and_exits_with_its_code(with_shakespeare, wo
     assert "Interrupted; checkpoint saved. Continue with: tinygpt train --resume --name s --nproc 2" in out
     assert ckpt.latest_step(run) >= 2 and ckpt.load_checkpoint(ckpt.latest_checkpoint(run)).state["world_size"] == 2
 
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended while being read
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a parent's death signal is Linux's")
+def test_workers_stop_and_save_when_their_launcher_is_killed(with_shakespeare, workspace):
+    """Audit: `kill -9` of the `--nproc` launcher (or the OOM killer choosing it) left its workers training on,
+    adopted by init, holding the run's lock, with no terminal to stop them. They now take its death as a
+    scheduler's SIGTERM: finish the step, save, exit, and the run resumes."""
+    process = _nproc(workspace, "--name", "o", "--max-steps", "100000")
+    run, deadline = workspace / "runs" / "o", time.time() + 120
+    while time.time() < deadline and ckpt.latest_checkpoint(run) is None:
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert len(workers) == 2, workers
+    before = ckpt.latest_step(run)
+    process.kill()
+    process.wait(timeout=60)
+    deadline = time.time() + 120
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    left = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    process.communicate(timeout=60)  # the workers held its pipes
+    assert left == [], "the workers outlived their launcher"
+    assert ckpt.latest_step(run) > before  # rank 0 saved the step it was on
+    assert not workspace_module.held(workspace_module.lock_of(run))  # the run is free to resume
 
 def test_the_launcher_names_the_cause_of_a_failed_group(tmp_path):
     """launch._failed on the failures torch's agent reports: the workers' one-line errors once; a rank that died

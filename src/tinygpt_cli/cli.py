@@ -539,6 +539,10 @@ def train(
     if nproc is not None and nproc < 1:
         raise TinyGPTError(f"--nproc must be at least 1 (got {nproc})")
     worker = all(name in os.environ for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))  # started by torchrun
+    if worker:
+        from tinygpt_cli.launch import stop_with_launcher
+
+        stop_with_launcher()
     started = os.environ.get("LOCAL_WORLD_SIZE")
     if worker and nproc is not None and started is not None and started != str(nproc):
         raise TinyGPTError(f"--nproc {nproc}, but torchrun started {started} processes on this machine: drop --nproc "

@@ -63,6 +63,8 @@ def signals_handled(handler, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterato
 
 # Set by the launcher for its workers: a folder where each writes its one-line error as rank-<RANK>.txt.
 RANK_ERRORS_ENV = "TINYGPT_RANK_ERRORS"
+# Set by the launcher for its workers: its process id (see `stop_with_launcher`).
+LAUNCHER_PID_ENV = "TINYGPT_LAUNCHER_PID"
 # How a worker's error starts when one of its collectives failed because another rank left the group (see
 # train.train): a knock-on, never the cause when another rank says why it stopped or died.
 PEER_LOST = "another process of the group stopped"
@@ -102,6 +104,26 @@ def report_rank_error(message: str) -> bool:
     return True
 
 
+def stop_with_launcher() -> None:
+    """In a worker started by torchrun or `launch`, on Linux: take the death of the process that started it as a
+    SIGTERM. A launcher killed at once (SIGKILL, the OOM killer) forwards no signal, and its workers went on
+    training, adopted by init, holding the run's lock, with no terminal to stop them; now they finish the step,
+    save and exit, as on a scheduler's SIGTERM. Elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG: the parent's death signals this
+            return
+    except (OSError, AttributeError):  # no C library to ask (a static Python)
+        return
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if launcher.isdigit() and os.getppid() != int(launcher):  # it died before the call above: nothing will tell
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `tinygpt <argv>` (--nproc removed) on `nproc` local processes; return the exit code for the group."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -111,7 +133,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     config = launch_config(nproc)
     with tempfile.TemporaryDirectory(prefix="tinygpt-ranks-") as folder, _quiet_agent():
         # the workers inherit this process's environment: as torchrun, N processes share the cores
-        defaults = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), RANK_ERRORS_ENV: folder}
+        defaults = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), RANK_ERRORS_ENV: folder,
+                    LAUNCHER_PID_ENV: str(os.getpid())}
         try:
             with _environment(defaults):
                 elastic_launch(config, sys.executable)("-m", "tinygpt_cli", *without_nproc(argv))
