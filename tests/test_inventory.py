@@ -41,13 +41,34 @@ def test_runs_and_data_listings(with_shakespeare):
     odd = result.run_dir.parent.parent / "ck" / "checkpoints" / "myrun"  # a run in a folder named checkpoints
     odd.mkdir(parents=True)
     assert_one_line_error(invoke("runs", "show", str(odd)), "myrun is not a run")  # an empty folder
-    (odd / "config.yaml").write_text("model: {}\n")  # a run that has not finished a report
-    assert_one_line_error(invoke("runs", "show", str(odd)), "myrun has no report.md yet")
+    (odd / "config.yaml").write_text("model: {}\n")  # killed before its first checkpoint: nothing to resume
+    assert_one_line_error(invoke("runs", "show", str(odd)), "myrun holds no checkpoint yet: train it with "
+                          "`tinygpt train`")
     finished = result.run_dir.with_name("finished")  # audit: told to resume, which is refused at its last step
     shutil.copytree(result.run_dir, finished)
     (finished / "report.md").unlink()
     assert_one_line_error(invoke("runs", "show", "finished"), "finished reached its last step (2) but has no "
                           "report.md: `tinygpt eval finished` measures it")
+    # audit: a run killed (kill -9) before its report: said "no report.md yet", as if it were still training
+    killed = result.run_dir.with_name("killed")
+    shutil.copytree(result.run_dir, killed)
+    (killed / "report.md").unlink()
+    state_path = killed / "checkpoints" / "step_2" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["run_config"]["train"]["max_steps"] = 5
+    state_path.write_text(json.dumps(state))
+    assert_one_line_error(invoke("runs", "show", "killed"), "killed stopped at step 2 of 5 without writing its "
+                          "report.md (killed, or a crash): `tinygpt train --resume --name killed` goes on")
+    # audit: a resume killed after a checkpoint showed the report of the stop before it, as if it were the run's
+    stale = result.run_dir.with_name("stale")
+    shutil.copytree(result.run_dir, stale)
+    (stale / "report.md").write_text((stale / "report.md").read_text().replace("at step 2 (", "at step 1 ("))
+    shown = invoke("runs", "show", "stale")
+    assert shown.exit_code == 0 and "Stopped: completed at step 1 (" in shown.stdout  # (a copy of "listed")
+    assert shown.stderr.strip() == ("note: this report is of step 1, and the run's latest checkpoint is step 2, "
+                                    "saved since without a report (killed, or a crash): `tinygpt train --resume "
+                                    "--name stale` goes on and writes one")
+    assert invoke("runs", "show", "listed").stderr == ""
     long_name = "micro-shakespeare-20261126-052233"
     shutil.copytree(result.run_dir, result.run_dir.with_name(long_name))
     piped = runner.invoke(app, ["runs"], env={"COLUMNS": "60"})  # was cut to "micro-shakespea…" when piped

@@ -1443,7 +1443,8 @@ def runs_show(
     has its own, of the evals run on it."""
     from tinygpt_cli.inventory import run_report
 
-    _, text = run_report(run)
+    _, text, note = run_report(run)
+    _print_notes([note] if note else [])
     print(text.rstrip("\n"))
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,14 +93,16 @@ def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
     return summaries
 
 
-def run_report(spec: str | None) -> tuple[Path, str]:
-    """(path, text) of a run's report.md; `spec` is a run name or folder, None the latest run."""
+def run_report(spec: str | None) -> tuple[Path, str, str | None]:
+    """(path, text, note) of a run's report.md; `spec` is a run name or folder, None the latest run. The note
+    (else None) says where the report is of an earlier stop than the run's latest checkpoint."""
     from tinygpt_cli.checkpoint import (
         STATE_FILE,
         WEIGHTS_FILE,
         find_run,
         is_run_folder,
         latest_checkpoint,
+        latest_step,
         no_checkpoint_message,
         record_folder,
         run_of_checkpoints,
@@ -113,28 +116,37 @@ def run_report(spec: str | None) -> tuple[Path, str]:
             if not report.is_file():
                 raise CheckpointError(f"{run_dir} is a checkpoint outside a run, with no {REPORT_FILE}: "
                                       f"`tinygpt eval {run_dir}` writes one")
-            return report, report.read_text(encoding="utf-8", errors="replace")
+            return report, report.read_text(encoding="utf-8", errors="replace"), None
         run_dir = folder
     run_dir = run_of_checkpoints(run_dir)
     if not is_run_folder(run_dir):
         raise CheckpointError(no_checkpoint_message(run_dir))
     report = run_dir / REPORT_FILE
-    if not report.is_file() and workspace.held(workspace.lock_of(run_dir)):
+    training = workspace.held(workspace.lock_of(run_dir))
+    if not report.is_file() and training:
         raise CheckpointError(f"{run_dir.name} is training now: its report.md is written when it stops "
                               f"(`tinygpt runs` shows how far it is)")
+    resume = f"`tinygpt train --resume --name {run_dir.name}`"
     if not report.is_file():
-        # finished, but stopped (a crash, a kill) before the report was written: resuming it would be refused
-        summary = run_summary(run_dir) if latest_checkpoint(run_dir) is not None else None
-        if summary and summary.max_steps and summary.steps >= summary.max_steps:
+        if latest_checkpoint(run_dir) is None:  # stopped before its first checkpoint: nothing to resume
+            raise CheckpointError(no_checkpoint_message(run_dir))
+        summary = run_summary(run_dir)  # stopped (a kill, a crash) before the report was written
+        if summary.max_steps and summary.steps >= summary.max_steps:  # where resuming it would be refused
             raise CheckpointError(
                 f"{run_dir.name} reached its last step ({summary.steps}) but has no {REPORT_FILE}: `tinygpt eval "
                 f"{run_dir.name}` measures it, and `tinygpt train --resume --name {run_dir.name} --max-steps N` "
                 f"with more steps writes a report")
-        raise CheckpointError(
-            f"{run_dir.name} has no {REPORT_FILE} yet (it is written when training stops): "
-            f"finish or resume it with `tinygpt train --resume --name {run_dir.name}`"
-        )
-    return report, report.read_text(encoding="utf-8", errors="replace")  # a damaged byte is no reason to fail
+        of = f" of {summary.max_steps}" if summary.max_steps else ""
+        raise CheckpointError(f"{run_dir.name} stopped at step {summary.steps}{of} without writing its {REPORT_FILE} "
+                              f"(killed, or a crash): {resume} goes on and writes one")
+    text = report.read_text(encoding="utf-8", errors="replace")  # a damaged byte is no reason to fail
+    reported, latest = re.search(r"^Stopped: \S+ at step (\d+) ", text, re.M), latest_step(run_dir)
+    note = None
+    if reported and latest is not None and int(reported.group(1)) < latest:  # a resume after it, cut short
+        note = (f"this report is of step {reported.group(1)}, and the run's latest checkpoint is step {latest}, "
+                + ("which is training now" if training else
+                   f"saved since without a report (killed, or a crash): {resume} goes on and writes one"))
+    return report, text, note
 
 
 @dataclass(frozen=True)
