@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from tinygpt_cli.config import PRESETS, config_from_dict, config_to_dict, dump_yaml, resolve_config
+from tinygpt_cli.config import MIN_LR_RATIO, PRESETS, config_from_dict, config_to_dict, dump_yaml, resolve_config
 from tinygpt_cli.errors import ConfigError
 
 
@@ -116,3 +116,27 @@ def test_a_quoted_string_value_is_unquoted_as_the_docs_say():
     assert resolve_config(overrides=["train.compile='off'"]).train.compile == "off"
     assert resolve_config(overrides=['data.dataset="my data"']).data.dataset == "my data"
     assert resolve_config(overrides=["data.dataset=it's"]).data.dataset == "it's"  # not a quoted string: as written
+
+
+def test_min_lr_follows_an_lr_given_without_one(tmp_path):
+    """Audit: `--lr 1e-4` on micro (min_lr 2e-4 from the preset) failed on a key the user never set. The presets'
+    floor is a tenth of their peak: where lr is given (flag, --set or file) and min_lr is not, it stays a tenth."""
+    assert resolve_config(size="micro", flags={"train.lr": 1e-4}).train.min_lr == pytest.approx(1e-5)
+    assert resolve_config(size="small", overrides=["train.lr=1e-3"]).train.min_lr == pytest.approx(1e-4)
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 5.0e-4\n")
+    assert resolve_config(config_file=path).train.min_lr == pytest.approx(5e-5)
+    # given anywhere, min_lr is kept as given, and its own check names both keys and what to do
+    path.write_text("train:\n  min_lr: 0.0\n")
+    assert resolve_config(config_file=path, flags={"train.lr": 1e-4}).train.min_lr == 0.0
+    assert resolve_config(size="micro", overrides=["train.min_lr=3e-5"], flags={"train.lr": 1e-4}).train.min_lr == 3e-5
+    for name in PRESETS:  # the presets' own pairs
+        train = resolve_config(size=name).train
+        assert train.min_lr == pytest.approx(train.lr * MIN_LR_RATIO)
+    with pytest.raises(ConfigError, match=r"^train.min_lr \(3e-04\) must be at most train.lr \(1e-04\): lower it "
+                                          r"too, e.g. --set train.min_lr=1e-05$"):
+        resolve_config(size="micro", overrides=["train.min_lr=3e-4"], flags={"train.lr": 1e-4})
+    # a resumed run's saved config names min_lr: a lower --lr keeps it, and the check says what to do
+    saved = resolve_config(size="micro")
+    with pytest.raises(ConfigError, match=r"--set train.min_lr=1e-05"):
+        resolve_config(base=saved, flags={"train.lr": 1e-4})

@@ -505,7 +505,7 @@ def train(
     grad_accum: Annotated[
         int | None, typer.Option(rich_help_panel=_P_OPT, help="Micro-batches per optimizer step.")
     ] = None,
-    lr: Annotated[float | None, typer.Option(rich_help_panel=_P_OPT, help="Peak learning rate.")] = None,
+    lr: Annotated[float | None, typer.Option(rich_help_panel=_P_OPT, help="Peak learning rate (train.min_lr follows at a tenth of it unless set).")] = None,
     dropout: Annotated[
         float | None, typer.Option(rich_help_panel=_P_WHAT, help="Dropout (0 for pretraining; ~0.1 to fine-tune).")
     ] = None,

@@ -27,6 +27,8 @@ MAX_TEMPERATURE = 1e6
 # train.eval_batches micro-batches are drawn up front (their start offsets held for the whole run): a bound keeps
 # a typo such as 1e9 from filling the RAM before the first step (the OOM killer, not an error)
 MAX_EVAL_BATCHES = 100_000
+# train.min_lr over train.lr in every preset, and where a config gives lr alone (nanoGPT's and Chinchilla's floor)
+MIN_LR_RATIO = 0.1
 
 # Seeds go to torch.manual_seed (64-bit) after small additions (a rank, a prompt's turn): 2**62 leaves room.
 MAX_SEED = 2**62
@@ -89,7 +91,7 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     init_from: str = ""  # start from these weights: gpt2[-medium|-large|-xl], a HF folder or a tinygpt run
     lr: float = 2e-3  # peak learning rate
-    min_lr: float = 2e-4  # floor reached at the end of the schedule
+    min_lr: float = 2e-4  # floor reached at the end of the schedule; where lr is given and this is not, lr / 10
     warmup_steps: int = 50  # steps of linear LR warmup up to lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
@@ -126,8 +128,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"train.lr must be a positive number (got {self.lr})")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"train.min_lr must be between 0 and train.lr (got {self.min_lr})")
+        if self.min_lr < 0:
+            raise ConfigError(f"train.min_lr must be 0 or more (got {self.min_lr})")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr:.0e}) must be at most train.lr ({self.lr:.0e}): lower it "
+                              f"too, e.g. --set train.min_lr={self.lr * MIN_LR_RATIO:.0e}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"train.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if self.max_minutes < 0:
@@ -422,22 +427,35 @@ def resolve_config(
     merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for section, values in PRESETS[chosen].items():
         _merge_section(merged, section, values, f"preset {chosen}")
+    given: set[str] = set()
     for section, values in file_values.items():
         _merge_section(merged, section, values, origin)
-    return _finish(chosen, merged, overrides, flags)
+        given.update(f"{section}.{key}" for key in values)
+    return _finish(chosen, merged, overrides, flags, given)
 
 
 def _finish(
-    size: str, merged: dict[str, dict[str, Any]], overrides: Iterable[str], flags: Mapping[str, Any] | None
+    size: str, merged: dict[str, dict[str, Any]], overrides: Iterable[str], flags: Mapping[str, Any] | None,
+    given: set[str] | None = None,
 ) -> RunConfig:
+    """The RunConfig of `merged` with the overrides and flags on top. `given` (a new run's keys set by its file;
+    None for a resumed run, whose saved config names every key) lets train.min_lr follow a train.lr given
+    without it, as in the presets: a tenth of it."""
+    given = set(given) if given is not None else None
     for text in overrides:
         section, key, value = parse_override(text)
         _merge_section(merged, section, {key: value}, "--set")
+        if given is not None:
+            given.add(f"{section}.{key}")
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
         section, key = dotted.split(".", 1)
         _merge_section(merged, section, {key: value}, f"--{key.replace('_', '-')}")
+        if given is not None:
+            given.add(dotted)
+    if given is not None and "train.lr" in given and "train.min_lr" not in given:
+        merged["train"]["min_lr"] = merged["train"]["lr"] * MIN_LR_RATIO
     return RunConfig(size=size, **{name: SECTIONS[name](**values) for name, values in merged.items()})
 
 
