@@ -78,6 +78,11 @@ def test_resume_continues_the_latest_run(with_shakespeare, workspace):
     assert "resumed from" in result.stderr
     state = json.loads((workspace / "runs" / "r" / "checkpoints" / "step_4" / "state.json").read_text())
     assert state["step"] == 4
+    # audit: --resume added to the command that started the run was refused for its --size, which changes nothing
+    assert invoke("train", "--resume", "--size", "micro", "--max-steps", "5").exit_code == 0
+    assert_one_line_error(invoke("train", "--resume", "--size", "tiny", "--max-steps", "6"),
+                          "run r is micro: --size tiny cannot change a resumed run (drop --size; --set changes "
+                          "training keys)")
 
 
 def test_train_summary_before_the_first_log_and_after_a_token_budget(with_shakespeare, workspace):

@@ -505,7 +505,8 @@ def train(
     grad_accum: Annotated[
         int | None, typer.Option(rich_help_panel=_P_OPT, help="Micro-batches per optimizer step.")
     ] = None,
-    lr: Annotated[float | None, typer.Option(rich_help_panel=_P_OPT, help="Peak learning rate (train.min_lr follows at a tenth of it unless set).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        rich_help_panel=_P_OPT, help="Peak learning rate (train.min_lr follows at a tenth of it unless set).")] = None,
     dropout: Annotated[
         float | None, typer.Option(rich_help_panel=_P_WHAT, help="Dropout (0 for pretraining; ~0.1 to fine-tune).")
     ] = None,
@@ -600,9 +601,13 @@ def train(
             raise TinyGPTError(f"--resume continues a run of this workspace's {workspace.runs_dir()}, and {name} is "
                                f"a folder elsewhere: move it into {workspace.runs_dir()}, or point TINYGPT_HOME at "
                                f"the workspace that holds it")
-        if size is not None or config is not None:
-            raise TinyGPTError("--size and --config cannot change a resumed run: use --set for training keys")
-        cfg = resolve_config(overrides=overrides or (), flags=flags, base=run_config_of(resumed))
+        base = run_config_of(resumed)
+        if size is not None and size != base.size:  # the run's own (--resume added to the command that started it)
+            raise TinyGPTError(f"run {run_name} is {base.size}: --size {size} cannot change a resumed run (drop "
+                               f"--size; --set changes training keys)")
+        if config is not None:
+            raise TinyGPTError("--config cannot change a resumed run: use --set for training keys")
+        cfg = resolve_config(overrides=overrides or (), flags=flags, base=base)
     else:
         cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
 
