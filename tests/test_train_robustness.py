@@ -431,3 +431,20 @@ def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space left"):
         ckpt.write_bytes_atomic(target, b"new")
     assert sorted(p.name for p in target.parent.iterdir()) == ["loss.png"] and target.read_bytes() == b"old"
+
+
+def test_latest_names_a_checkpoint_of_its_own_run_only(tmp_path):
+    """Audit: a `latest` edited to `../../other/checkpoints/step_20` made one run load and resume another's
+    checkpoint. The pointer names a step folder of its run; anything else falls back to the highest step."""
+    for run in ("a", "b"):
+        for step in (1, 2):
+            folder = tmp_path / run / "checkpoints" / f"step_{step}"
+            folder.mkdir(parents=True)
+            (folder / ckpt.STATE_FILE).write_text("{}")
+            (folder / ckpt.WEIGHTS_FILE).write_bytes(b"")
+    pointer = tmp_path / "a" / "checkpoints" / ckpt.LATEST_FILE
+    pointer.write_text("step_1\n")
+    assert ckpt.latest_checkpoint(tmp_path / "a") == tmp_path / "a" / "checkpoints" / "step_1"
+    for elsewhere in ("../../b/checkpoints/step_2", str(tmp_path / "b" / "checkpoints" / "step_2"), "."):
+        pointer.write_text(elsewhere + "\n")
+        assert ckpt.latest_checkpoint(tmp_path / "a") == tmp_path / "a" / "checkpoints" / "step_2"

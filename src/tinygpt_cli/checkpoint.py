@@ -195,11 +195,13 @@ def prune_checkpoints(root: Path, keep_last: int, protect: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` points to, else the highest complete step, else None."""
+    """The checkpoint `latest` points to (a step folder of this run: nothing elsewhere), else the highest
+    complete step, else None."""
     pointer = run_dir / "checkpoints" / LATEST_FILE
     if pointer.is_file():
-        target = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
-        if (target / STATE_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
+        named = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        target = run_dir / "checkpoints" / named
+        if _STEP_DIR.match(named) and (target / STATE_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
             return target
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
