@@ -357,3 +357,69 @@ def test_piped_stdin_is_read_before_the_model_is_loaded(workspace):
     result = generate(input=b"caf\xe9")
     assert_one_line_error(result, "standard input is not UTF-8 text")
     assert "Sampling from" not in result.output
+
+
+def test_prompts_that_are_not_utf8_are_one_line_each(run, monkeypatch):
+    """Audit: a prompt argument with bytes that are not UTF-8 (kept by Python as lone surrogates) reached stdout
+    as the raw bytes, or failed with a traceback writing them; in the prompt loop such a line ended the session
+    with a traceback. An argument is refused before the model loads; in the loop the line is, and the loop goes
+    on. So does a Ctrl-C at the prompt, as at Python's own (Ctrl-D leaves)."""
+    import builtins
+
+    assert_one_line_error(generate("ab\udcffcd", "--run", "nosuch"), "the prompt is not UTF-8 text: set the "
+                          "terminal to UTF-8, or convert the text (iconv -t utf-8) into a --prompt-file")
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    said = iter([KeyboardInterrupt(), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "ab\udcff",
+                 "ROMEO:", EOFError()])
+
+    def typed(prompt=""):
+        answer = next(said)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(builtins, "input", typed)
+    result = generate("--max-new-tokens", "4", "--json")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == ["ROMEO:"]
+    assert result.stderr.count("error: that line is not UTF-8 text: set the terminal to UTF-8") == 2
+
+
+def test_a_sample_cut_short_leaves_json_lines_whole(run, monkeypatch):
+    """Audit: Ctrl-C during a sample in the loop wrote a bare line break to stdout, so `--json > out.jsonl` got a
+    blank line among its JSON ones. Only a streamed sample's line is ended there."""
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    calls = {"n": 0}
+
+    def once(self, text, seed, echo_prompt):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # cut short before its JSON line was printed
+        print(json.dumps({"prompt": text}))
+
+    monkeypatch.setattr(cli._GenerateView, "once", once)
+    result = generate("--json", input="first\nsecond\n")
+    assert result.exit_code == 0 and result.stdout == '{"prompt": "second"}\n'
+
+
+def test_settings_are_checked_before_the_model_loads_and_stats_show_under_quiet(run):
+    """Audit: a bad --temperature waited for the checkpoint to load (minutes for a large one) before it was said;
+    `--quiet generate -v` printed no stats, which -v asks for."""
+    assert_one_line_error(generate("hi", "--temperature", "-1", "--run", "nosuch"), "--temperature must be 0")
+    quiet = cli_invoke("--quiet", "generate", "ROMEO:", "--max-new-tokens", "3", "-v")
+    assert quiet.exit_code == 0 and "tokens/s decoding" in quiet.stderr and "Sampling from" not in quiet.stderr
+
+
+def test_closed_standard_streams_are_no_traceback(run, workspace):
+    """Audit: `generate <&-` (no prompt, stdin closed) and `generate "Hi" >&-` failed with AttributeError on None.
+    A closed stdin reads as empty (a fresh document, as </dev/null), a closed stdout discards."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TINYGPT_HOME": str(workspace)}
+    for args, closed in (([], 0), (["Hi"], 1)):
+        done = subprocess.run([sys.executable, "-m", "tinygpt_cli", "generate", *args, "--max-new-tokens", "3"],
+                              env=env, capture_output=closed == 0, text=True, timeout=120,
+                              pass_fds=(), preexec_fn=lambda fd=closed: os.close(fd))
+        assert done.returncode == 0, done.stderr

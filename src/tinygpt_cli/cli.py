@@ -856,7 +856,8 @@ def generate(
         float | None, typer.Option(help="Make tokens already in the text less likely (1 = off; 1.1-1.3 breaks loops).")
     ] = None,
     stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="End a sample at this text, left out (repeatable).")
+        list[str] | None, typer.Option("--stop", help="End a sample at this text, left out (repeatable; as "
+                                       "typed: in bash, $'\\n' is a line break).")
     ] = None,
     ignore_eot: Annotated[
         bool, typer.Option("--ignore-eot", help="Go on past <|endoftext|> instead of ending the sample there.")
@@ -898,19 +899,27 @@ def generate(
     if any(not text for text in stop or ()):
         raise GenerationError("--stop needs a non-empty text")
     text = read_prompt(prompt_file) if prompt_file is not None else prompt
+    if prompt is not None:
+        _check_utf8(prompt, "the prompt is not UTF-8 text: set the terminal to UTF-8, or convert the text (iconv -t "
+                            "utf-8) into a --prompt-file")
     interactive = text is None and _stdin_is_interactive()
     if text is None and not interactive:  # piped: read (and a bad one said) before a model loads, maybe minutes
         text = read_stdin_prompt()
+
+    def chosen(defaults: SampleConfig) -> dict[str, Any]:
+        return {
+            "max_new_tokens": max_new_tokens if max_new_tokens is not None else defaults.max_new_tokens,
+            "temperature": temperature if temperature is not None else defaults.temperature,
+            "top_k": top_k if top_k is not None else defaults.top_k,
+            "top_p": top_p if top_p is not None else defaults.top_p,
+            "repetition_penalty": repetition_penalty if repetition_penalty is not None else defaults.repetition_penalty,
+            "num_samples": num_samples,
+        }
+
+    check_settings(**chosen(SampleConfig()), seed=seed)  # what was given, before a model loads (maybe minutes)
     loaded = load_model(run, device or "auto", dtype)
     defaults = loaded.run_config.sample if loaded.run_config else SampleConfig()
-    settings: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens if max_new_tokens is not None else defaults.max_new_tokens,
-        "temperature": temperature if temperature is not None else defaults.temperature,
-        "top_k": top_k if top_k is not None else defaults.top_k,
-        "top_p": top_p if top_p is not None else defaults.top_p,
-        "repetition_penalty": repetition_penalty if repetition_penalty is not None else defaults.repetition_penalty,
-        "num_samples": num_samples,
-    }
+    settings = chosen(defaults)
     seed = seed if seed is not None else defaults.seed
     check_settings(**settings, seed=seed)
     settings.update(stop=list(stop or ()), stop_at_eot=not ignore_eot, seed=seed)
@@ -934,6 +943,9 @@ def generate(
     err.print(f"Type a prompt and press Enter; Ctrl-C cuts a sample short, {_end_of_input()} leaves.")
     # stdout may be a file (`> samples.jsonl`): the prompt and the line breaks of the loop go to the terminal then
     chrome = sys.stdout if sys.stdout.isatty() else sys.stderr
+    with contextlib.suppress(ImportError):  # line editing and history for input(), where Python has them
+        import readline  # noqa: F401
+    not_utf8 = "that line is not UTF-8 text: set the terminal to UTF-8"
     turn = 0
     while True:
         try:
@@ -943,18 +955,39 @@ def generate(
                 chrome.write("> ")
                 chrome.flush()
                 line = input()
-        except (EOFError, KeyboardInterrupt):
+            _check_utf8(line, not_utf8)  # a terminal's other encoding, read with surrogateescape
+        except EOFError:
             chrome.write("\n")
             return
+        except KeyboardInterrupt:  # at the prompt: a fresh one, as at Python's own (Ctrl-D leaves)
+            chrome.write("\n")
+            continue
+        except (UnicodeDecodeError, GenerationError) as exc:  # read strictly, or with surrogateescape
+            print_error(GenerationError(not_utf8) if isinstance(exc, UnicodeDecodeError) else exc)
+            continue
         if not line.strip():
             continue
         try:  # a new seed per prompt, so asking again gives another sample
             view.once(line, settings["seed"] + turn, echo_prompt=False)
-        except KeyboardInterrupt:  # the sample was cut short: end its line where the samples go
-            sys.stdout.write("\n")
+        except KeyboardInterrupt:  # the sample was cut short: end its streamed line where the samples go
+            if view.streams or chrome is sys.stdout:
+                sys.stdout.write("\n")
+            if chrome is not sys.stdout:  # and the terminal's, where the next prompt goes
+                chrome.write("\n")
         except TinyGPTError as exc:  # one bad prompt (too long, ...) does not end the session
             print_error(exc)
         turn += 1
+
+
+def _check_utf8(text: str, message: str) -> None:
+    """Raise GenerationError(message) where `text` holds bytes that were not UTF-8: Python keeps those of the
+    command line and of a terminal in another encoding as lone surrogates, which no UTF-8 output can hold."""
+    from tinygpt_cli.errors import GenerationError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GenerationError(message) from None
 
 
 class _GenerateView:
@@ -966,11 +999,12 @@ class _GenerateView:
         self.as_json, self.verbose, self.err = as_json, verbose, err
         self.warned: set[str] = set()  # the warnings given once per command
         self.fused_by_default = fused_by_default  # not asked for: a failure of the fused kernels says how to skip them
+        self.streams = self.settings["num_samples"] == 1 and not as_json  # a sample's text goes out as it comes
 
     def once(self, text: str, seed: int, echo_prompt: bool) -> None:
         from tinygpt_cli.sample import sample_text
 
-        stream = self.settings["num_samples"] == 1 and not self.as_json
+        stream = self.streams
 
         def on_text(index: int, piece: str) -> None:
             sys.stdout.write(piece)
@@ -1036,8 +1070,8 @@ class _GenerateView:
                 if index:
                     print(f"\n--- sample {index + 1} ---")
                 print((text if echo_prompt else "") + sample.text)
-        if self.verbose:
-            self.err.print(
+        if self.verbose:  # asked for: shown under --quiet too
+            _stderr_console(quiet=False).print(
                 f"{stats.prompt_tokens} prompt tokens · {stats.new_tokens} new tokens × {stats.batch_size} · "
                 f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
                 f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
@@ -1540,8 +1574,17 @@ def _encodable_streams() -> None:
                 stream.reconfigure(errors="replace")
 
 
+def _closed_streams_as_null() -> None:
+    """A standard stream the command was started without (`<&-`, `>&-`: Python's sys.stdin/stdout/stderr are
+    then None) reads as empty or discards, as /dev/null, instead of an AttributeError on None."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
+
+
 def main() -> None:
     """Console-script entry point."""
+    _closed_streams_as_null()
     _encodable_streams()
     app()
 
