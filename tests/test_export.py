@@ -528,6 +528,7 @@ def test_generate_and_eval_accept_a_hugging_face_folder(with_shakespeare, tmp_pa
     folder = hf_folder(model, tmp_path / "hf")
     out = invoke("generate", "To be", "--model", str(folder), "--max-new-tokens", "5", "--temperature", "0")
     assert out.exit_code == 0, out.output
+    assert f"Sampling from {folder} (Hugging Face weights)" in out.stderr  # audit: "pretrained", for any folder
     enc = get_encoding()
     expected = export.load_model(folder).model
     ids = torch.tensor([enc.encode_ordinary("To be")])

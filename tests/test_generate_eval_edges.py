@@ -93,6 +93,8 @@ def test_eval_of_a_nan_model_writes_strict_json_and_says_why(workspace, with_sha
     strict = lambda c: pytest.fail(f"non-standard JSON {c}")  # noqa: E731
     assert json.loads(result.stdout, parse_constant=strict)["loss"] is None
     assert "non-finite logits" in result.stderr
+    # audit: damaged weights in fp32 (this CPU's dtype) were told to try --dtype fp32 as if they overflowed
+    assert "may be damaged (an earlier one may be whole), or in fp16 or bf16 it overflows" in result.stderr
     json.loads((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1], parse_constant=strict)
     # HellaSwag took argmin over NaN scores, ending 0, and reported a made-up accuracy (1.0 where every label was 0)
     task = workspace / "hellaswag.jsonl"

@@ -931,7 +931,8 @@ def generate(
     err = _stderr_console()
     step = loaded.state.get("step")
     err.print(
-        f"Sampling from {loaded.path} ({f'step {step}' if step is not None else 'pretrained'}) · {param.device} "
+        f"Sampling from {loaded.path} ({f'step {step}' if step is not None else 'Hugging Face weights'}) · "
+        f"{param.device} "
         f"{str(param.dtype).split('.')[-1]}{' · compiled decode step' if use_compile else ''}"
         f"{' · fused decode kernels' if fused else ''}",
         soft_wrap=True,

@@ -599,8 +599,8 @@ def _decoder_key(model: GPT, *settings: Any, fused: bool, compile: bool) -> tupl
     return (*settings, fused, compile, model.training, switches, weights)  # (training: dropout in the graph)
 
 
-NON_FINITE = ("the model produced non-finite logits (NaN or infinity): the checkpoint may be damaged, or it overflows "
-              "in this dtype (try --dtype fp32)")
+NON_FINITE = ("the model produced non-finite logits (NaN or infinity): the checkpoint may be damaged (an earlier one "
+              "may be whole), or in fp16 or bf16 it overflows (try --dtype fp32)")
 NEVER = 2**62  # `first_bad` of a sample whose logits stayed finite
 
 
