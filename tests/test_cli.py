@@ -1,5 +1,6 @@
 """The command line end to end, through CliRunner, including every error path issue #2 names."""
 
+import importlib
 import json
 import os
 import re
@@ -95,7 +96,7 @@ def test_train_summary_before_the_first_log_and_after_a_token_budget(with_shakes
 
 
 def test_interrupted_training_exits_130(with_shakespeare, monkeypatch):
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
 
     real = train_module.train
 
@@ -126,7 +127,7 @@ def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespe
     written, aborts: no traceback, one line that says what is kept, 128 + the signal (130 for Ctrl-C, 143 for a
     scheduler's SIGTERM), the step-2 checkpoint intact and nothing of step 4 left. The same signal repeated
     within a second (one stop sent along two paths) is not a second one."""
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
 
     inherited = signal.getsignal(sig)
     if inherited == signal.SIG_IGN:  # a job started in the background (`&`, nohup) ignores Ctrl-C, which train

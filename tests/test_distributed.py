@@ -1,5 +1,6 @@
 """DDP through torchrun with 2 CPU processes (gloo): same losses as one process accumulating gradients."""
 
+import importlib
 import json
 import os
 import shutil
@@ -321,7 +322,7 @@ def test_several_processes_on_mps_is_one_line(monkeypatch):
     from test_cli import assert_one_line_error, invoke
 
     from tinygpt_cli import launch
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
 
     launched = []
     monkeypatch.setattr(launch, "launch", lambda nproc, argv: launched.append(nproc) or 0)

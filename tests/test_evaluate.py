@@ -1,5 +1,6 @@
 """`tinygpt eval`: loss / perplexity / bits per byte on token files, and HellaSwag on a local fixture."""
 
+import importlib
 import json
 import math
 import os
@@ -157,7 +158,7 @@ def test_two_evals_racing_to_make_a_report_title_it_once(tmp_path, monkeypatch):
     goes with the write that creates the file (an exclusive create); the other appends its section only."""
     from pathlib import Path
 
-    from tinygpt_cli import evaluate as module
+    module = importlib.import_module("tinygpt_cli.evaluate")
 
     run_dir = tmp_path / "runs" / "tiny"
     (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)

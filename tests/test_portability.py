@@ -1,5 +1,6 @@
 """What differs on Windows and on macOS (MPS), simulated on Linux: a platform name, a missing device, an encoding."""
 
+import importlib
 import io
 import os
 import signal
@@ -51,7 +52,7 @@ def test_non_finite_steps_are_skipped_where_fused_adamw_takes_no_found_inf(with_
     """MPS's fused AdamW asserts found_inf is None (torch 2.4) or ignores it: training must not hand it one, and
     must skip a non-finite step itself."""
     from tinygpt_cli import model as model_module
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
     from tinygpt_cli.errors import TrainingError
 
     steps = []
@@ -89,7 +90,7 @@ class _MPSLike:
 
 
 def test_task_scoring_takes_nats_off_an_mps_device_before_float64(monkeypatch):
-    from tinygpt_cli import evaluate
+    evaluate = importlib.import_module("tinygpt_cli.evaluate")
     from tinygpt_cli.config import ModelConfig
     from tinygpt_cli.model import GPT
 
@@ -202,7 +203,7 @@ def test_the_prompt_loop_names_the_windows_end_of_input(workspace, monkeypatch):
 
 def test_fp16_training_on_mps_is_refused_rather_than_unscaled(with_shakespeare, monkeypatch):
     """GradScaler("cuda") on a Mac warns and disables itself: fp16 gradients would underflow, unscaled."""
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
     from tinygpt_cli.errors import TrainingError
 
     monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("mps"))

@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 
@@ -84,7 +85,7 @@ def test_a_resume_in_the_middle_of_a_log_window_logs_the_same_losses(with_shakes
 def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shakespeare, monkeypatch):
     """A signal in the middle of a long evaluation (train.eval_batches=30) stops it at the next batch: the step's
     checkpoint is saved without a val loss of its own, and the run resumes to the same end."""
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
     from tinygpt_cli.train import StopFlag
 
     stop = StopFlag()
@@ -443,7 +444,7 @@ def test_the_probe_runs_through_the_ddp_wrapper_without_gradient_sync(monkeypatc
 
 def test_the_largest_fitting_batch_leaves_room_for_the_compiled_loss(monkeypatch):
     """The trial runs eagerly with the fused loss and holds the whole-logits loss's bytes beside it."""
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
     from tinygpt_cli.config import ModelConfig
     from tinygpt_cli.model import GPT
 
@@ -463,7 +464,7 @@ def test_the_largest_fitting_batch_leaves_room_for_the_compiled_loss(monkeypatch
 
 
 def test_the_cpu_peak_is_measured_once_per_process_and_thread_count(monkeypatch):
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
 
     calls = []
     monkeypatch.setattr(train_module, "_CPU_PEAK", {})
@@ -478,7 +479,7 @@ def test_auto_dtype_on_any_cpu_is_fp32(monkeypatch):
     """`--dtype auto` took bf16 autocast on a CPU with AVX-512 BF16, where it measured no faster than fp32 (a
     2-core EPYC: 1,290 against 1,371 tokens/s on micro), lost precision, and made train, plan and generate disagree
     (plan estimated fp32, generate cast its weights to bf16). Every command now takes fp32 on a CPU for auto."""
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
 
     monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
     assert train_module.resolve_dtype("auto", torch.device("cpu")) == torch.float32
@@ -499,7 +500,7 @@ def test_a_warmup_longer_than_the_run_is_said(with_shakespeare):
 
 def test_emulated_bf16_on_cpu_is_said(with_shakespeare, monkeypatch):
     """--dtype bf16 trained ~10x slower than fp32 on a CPU without native bf16, without a word (audit)."""
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
 
     monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
     events = []
@@ -515,7 +516,7 @@ def test_tokens_per_second_leaves_out_evaluations_between_log_steps(with_shakesp
     batch fetched and 100 s an evaluation: every logged rate is the steps' tokens over their seconds."""
     import time as time_module
 
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
 
     clock = [0.0]
 

@@ -1,5 +1,6 @@
 """What a resume changes and keeps: AdamW settings, a cut evaluation, --init-from, a metrics.jsonl cut by a crash."""
 
+import importlib
 import json
 from dataclasses import replace
 
@@ -83,7 +84,7 @@ def test_init_from_on_a_resume_is_refused_not_recorded_unused(with_shakespeare, 
 def test_a_resume_runs_the_evaluation_a_stop_cut_short(with_shakespeare, monkeypatch):
     """A stop in the middle of step 3's evaluation: the resume measures it before training on, so the val curve,
     the best val loss and the train losses are those of the uninterrupted run."""
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
     from tinygpt_cli.train import StopFlag
 
     config = tiny_config(max_steps=6, eval_interval=3, eval_batches=4, log_interval=2)

@@ -1,6 +1,7 @@
 """Never lose work: kill -9 at random moments, full disks, unwritable folders, time and token limits."""
 
 import errno
+import importlib
 import json
 import os
 import random
@@ -385,7 +386,7 @@ def test_a_window_past_the_vocabulary_mid_run_keeps_the_steps_done(with_shakespe
     """A train.bin too large to be scanned whole (only its edges hashed) is checked a window at a time: a bad
     window mid-run is one clear error, and the steps trained before it are saved."""
     from tinygpt_cli import data
-    from tinygpt_cli import train as train_module
+    train_module = importlib.import_module("tinygpt_cli.train")
     from tinygpt_cli.errors import DataError
 
     monkeypatch.setattr(data, "FULL_HASH_LIMIT", 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
 import os
 import sys
@@ -1127,7 +1128,7 @@ def eval_command(
     run = model if model is not None else run
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tinygpt_cli import evaluate as ev
+    ev = importlib.import_module("tinygpt_cli.evaluate")  # (the package's `evaluate` is the function)
 
     if task is None and (task_data is not None or limit is not None):
         raise TinyGPTError("--task-data and --limit go with --task hellaswag")

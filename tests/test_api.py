@@ -1,0 +1,49 @@
+"""The Python API (`from tinygpt_cli import ...`): what a notebook imports and calls, as the package's docstring
+shows it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY_SETTINGS
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_public_names_are_the_functions_whatever_was_imported_before():
+    """Audit: `tinygpt_cli.train` was the function on first use and the module `tinygpt_cli.train` once anything
+    had imported that (`from tinygpt_cli import evaluate` was always the module). Checked in fresh processes,
+    both orders; `import tinygpt_cli` still imports no torch."""
+    script = """
+import importlib, inspect, sys
+import tinygpt_cli
+assert "torch" not in sys.modules
+if sys.argv[1] == "modules first":
+    import tinygpt_cli.train, tinygpt_cli.evaluate
+    from tinygpt_cli.train import TrainResult
+from tinygpt_cli import evaluate, export_model, generate, sample_text, tokenize, train
+importlib.import_module("tinygpt_cli.train")
+for f in (train, evaluate, export_model, generate, sample_text, tokenize, tinygpt_cli.train, tinygpt_cli.evaluate):
+    assert inspect.isfunction(f), f
+assert train.__module__ == "tinygpt_cli.train" and evaluate.__module__ == "tinygpt_cli.evaluate"
+assert inspect.ismodule(importlib.import_module("tinygpt_cli.train"))
+assert {"train", "evaluate", "sample_text", "resolve_config"} <= set(dir(tinygpt_cli))
+"""
+    for order in ("modules first", "names first"):
+        done = subprocess.run([sys.executable, "-c", script, order], capture_output=True, text=True,
+                              env={"PYTHONPATH": SRC}, timeout=120)
+        assert done.returncode == 0, (order, done.stderr[-2000:])
+
+
+def test_the_notebook_example_runs(with_shakespeare, workspace):
+    """The package docstring's example, on the tiny model."""
+    from tinygpt_cli import evaluate, export_model, load_checkpoint, resolve_config, sample_text, train
+
+    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=2"]
+    result = train(resolve_config(size="micro", overrides=overrides), run_name="notebook")
+    assert result.steps == 2
+    model = load_checkpoint("notebook").model
+    text = sample_text(model, "ROMEO:", 5, seed=1).samples[0].text
+    assert isinstance(text, str) and text
+    assert evaluate("notebook", tokens=64).loss > 0
+    assert export_model("notebook", out=workspace / "hf").path == workspace / "hf"
