@@ -47,3 +47,40 @@ def test_the_notebook_example_runs(with_shakespeare, workspace):
     assert isinstance(text, str) and text
     assert evaluate("notebook", tokens=64).loss > 0
     assert export_model("notebook", out=workspace / "hf").path == workspace / "hf"
+
+
+def test_natural_arguments_work_or_are_one_clear_error(with_shakespeare, workspace, tmp_path):
+    """Audit: arguments a notebook passes naturally failed with bare Python errors or did something else:
+    a Path to tokenize, a str config file, one --set as a str, a str stop (split into its characters), text to
+    generate, a seed past 64 bits, a dict for a config, a device this machine lacks."""
+    import pytest
+    import torch
+
+    from tinygpt_cli import TinyGPTError, generate, load_checkpoint, resolve_config, sample_text, tokenize, train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some text to tokenize. " * 200)
+    assert tokenize(corpus, name="frompath").name == "frompath"
+    with pytest.raises(TinyGPTError, match="one source"):
+        tokenize([corpus / "a.txt"], name="fromlist")
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  max_steps: 7\n")
+    assert resolve_config(config_file=str(config)).train.max_steps == 7
+    assert resolve_config(overrides="train.max_steps=5").train.max_steps == 5
+    with pytest.raises(TinyGPTError, match="takes a RunConfig"):
+        train({"size": "micro"})
+    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=1"]
+    train(resolve_config(size="micro", overrides=overrides), run_name="api")
+    model = load_checkpoint("api").model
+    whole = sample_text(model, "ROMEO:", 8, temperature=0, stop=["\n\n"]).samples[0]
+    assert sample_text(model, "ROMEO:", 8, temperature=0, stop="\n\n").samples[0] == whole
+    with pytest.raises(TinyGPTError, match="for text, sample_text"):
+        next(generate(model, "ROMEO:", 3))
+    with pytest.raises(TinyGPTError, match="--seed"):
+        sample_text(model, "ROMEO:", 3, seed=2**70)
+    with pytest.raises(TinyGPTError, match="lookahead needs"):
+        sample_text(model, "ROMEO:", 3, lookahead=True, num_samples=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(TinyGPTError, match="cannot move"):
+            load_checkpoint("api", device="cuda")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import ModelConfig, RunConfig, config_from_dict
-from tinygpt_cli.errors import CheckpointError, ConfigError
+from tinygpt_cli.errors import CheckpointError, ConfigError, first_line
 
 if TYPE_CHECKING:  # torch loads only where tensors are read or written, so listing runs stays instant
     import torch
@@ -339,7 +339,11 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
             f"{weights} does not match its model config (missing or misshapen: {', '.join(missing) or 'shapes'})"
         )
     model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
-    model.to(device).eval()
+    try:
+        model.to(device).eval()
+    except (AssertionError, RuntimeError) as exc:  # torch's "not compiled with CUDA enabled", a missing MPS
+        raise CheckpointError(f"cannot move the model to {device} ({first_line(exc)}): load it on a device this "
+                              f"machine has, such as cpu") from None
     run_config = None
     if isinstance(state.get("run_config"), dict):
         try:

@@ -404,16 +404,20 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 def resolve_config(
     size: str | None = None,
-    config_file: Path | None = None,
-    overrides: Iterable[str] = (),
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] | str = (),
     flags: Mapping[str, Any] | None = None,
     base: RunConfig | None = None,
 ) -> RunConfig:
     """Build a RunConfig: preset < YAML file < `--set` overrides < `flags` ({"train.lr": 3e-4, ...}).
 
     `size` picks the preset; a YAML file may also name one with a top-level `size:` key (the flag wins).
-    `base` (a resumed run's saved config) replaces the preset and the file.
+    `base` (a resumed run's saved config) replaces the preset and the file. `overrides` may be one string.
     """
+    if isinstance(overrides, str):  # one override, not its characters
+        overrides = [overrides]
+    if config_file is not None:
+        config_file = Path(config_file)
     if base is not None:
         merged = {name: dict(values) for name, values in config_to_dict(base).items() if name != "size"}
         return _finish(base.size, merged, overrides, flags)

@@ -432,7 +432,7 @@ class TokenizeEvent:
 
 
 def tokenize(
-    source: str | None = None,
+    source: str | os.PathLike | None = None,
     *,
     name: str | None = None,
     fraction: float = 1.0,
@@ -453,6 +453,11 @@ def tokenize(
     """
     from tinygpt_cli.tokenizer import get_encoding
 
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if source is not None and not isinstance(source, str):  # a list of files, say
+        raise DataError(f"tokenize takes one source, not a {type(source).__name__}: a file, a folder, a glob "
+                        f"('corpus/*.txt') or a dataset name; put several files in one folder")
     if not 0.0 < fraction <= 1.0:
         raise DataError(f"--fraction must be in (0, 1] (got {fraction})")
     if not 0.0 < val_fraction < 1.0:

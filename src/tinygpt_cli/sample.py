@@ -655,7 +655,10 @@ def generate(
     static cache, replayed as CUDA graphs like the eager step; NVIDIA CUDA only. Its tokens are the eager step's up
     to float rounding. If its kernels fail to build, decoding goes on eagerly and `stats.compile_error` says why.
     """
-    check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples)
+    if isinstance(prompt, (str, bytes)):
+        raise GenerationError("generate takes the prompt's token ids: for text, sample_text takes it and returns "
+                              "text")
+    check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples, seed)
     started = time.perf_counter()
     block = model.config.block_size
     prompt = list(prompt) or [EOT_ID]
@@ -683,7 +686,7 @@ def generate(
         raise ValueError("graphs needs the static cache (compile or static_cache)")
     can_look_ahead = use_cache and not static and num_samples == 1
     if lookahead and not can_look_ahead:
-        raise ValueError("lookahead needs the KV cache, an eager (not static) step and one sample")
+        raise GenerationError("lookahead needs the KV cache, an eager (not compiled or static) step and one sample")
     look_ahead = can_look_ahead and device.type != "cuda" if lookahead is None else lookahead
     # the previous call's decoder, where it was built for these settings and no other call is using it
     key = _decoder_key(model, num_samples, temperature, top_k, top_p, repetition_penalty, stop_at_eot,
@@ -1358,6 +1361,7 @@ def sample_text(
     """
     from tinygpt_cli.tokenizer import get_encoding
 
+    stop = [stop] if isinstance(stop, str) else list(stop)  # one text, not its characters
     if any(not s for s in stop):
         raise GenerationError("--stop needs a non-empty text")
     encoding = get_encoding()

@@ -480,6 +480,9 @@ def train(
     With `resume`, continues the run `run_name` (else the latest run) from its latest checkpoint.
     Under torchrun every rank calls this; only rank 0 reports events and writes files.
     """
+    if not isinstance(cfg, RunConfig):
+        raise TrainingError(f"train takes a RunConfig, not a {type(cfg).__name__}: build one with "
+                            f"resolve_config(size=..., overrides=[...])")
     info = dist.from_environment()
     owns_group = info.enabled and not torch.distributed.is_initialized()
     trainer = None
