@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY_SETTINGS
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -84,3 +86,26 @@ def test_natural_arguments_work_or_are_one_clear_error(with_shakespeare, workspa
     if not torch.cuda.is_available():
         with pytest.raises(TinyGPTError, match="cannot move"):
             load_checkpoint("api", device="cuda")
+
+
+def test_a_resume_from_python_goes_on_with_the_runs_own_config(with_shakespeare):
+    """Audit: `train(cfg, resume=True)` with a cfg from a preset silently trained on with the preset's batch and
+    warmup (the CLI builds a resume's config from the run's). With no cfg, a resume takes the run's own."""
+    from tinygpt_cli import TinyGPTError, resolve_config, train
+    from tinygpt_cli.train import StopFlag
+
+    stop = StopFlag()
+
+    def on_event(event):
+        if event.kind == "step" and event.step >= 2:
+            stop.reason = "interrupted"
+
+    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=4"]
+    first = train(resolve_config(size="micro", overrides=overrides), run_name="r", on_event=on_event, stop=stop)
+    assert first.stopped == "interrupted" and first.steps == 2
+    events = []
+    resumed = train(run_name="r", resume=True, on_event=events.append)
+    assert resumed.steps == 4 and resumed.stopped == "completed"
+    assert not any("sequences per step" in (event.message or "") for event in events)  # the run's own batch
+    with pytest.raises(TinyGPTError, match="resume=True"):
+        train()

@@ -26,6 +26,7 @@ import torch
 from tinygpt_cli import __version__, dist, workspace
 from tinygpt_cli.checkpoint import (
     DamagedCheckpoint,
+    find_run,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
@@ -468,7 +469,7 @@ def _quiet(event: TrainEvent) -> None:
 
 
 def train(
-    cfg: RunConfig,
+    cfg: RunConfig | None = None,
     *,
     run_name: str | None = None,
     resume: bool = False,
@@ -477,9 +478,18 @@ def train(
 ) -> TrainResult:
     """Train a GPT-2 as `cfg` says, writing `runs/<name>/`. Returns at max_steps/max_tokens/max_minutes or on a stop.
 
-    With `resume`, continues the run `run_name` (else the latest run) from its latest checkpoint.
+    With `resume`, continues the run `run_name` (else the latest run) from its latest checkpoint, with the run's
+    own config when `cfg` is None. A `cfg` given replaces it whole (training keys may change, the model's shape
+    may not): `resolve_config(base=run_config_of(run_dir), overrides=["train.max_steps=N"])` changes one key, as
+    `tinygpt train --resume --max-steps N` does. `stop` is set (`reason`) to end the run with a checkpoint.
     Under torchrun every rank calls this; only rank 0 reports events and writes files.
     """
+    if cfg is None and resume:  # the run's own config, as `tinygpt train --resume` takes it
+        run_dir = find_run(run_name)
+        cfg, run_name = run_config_of(run_dir), run_dir.name
+    if cfg is None:
+        raise TrainingError("train needs a RunConfig, built with resolve_config(size=..., overrides=[...]), or "
+                            "resume=True to go on with a run's own")
     if not isinstance(cfg, RunConfig):
         raise TrainingError(f"train takes a RunConfig, not a {type(cfg).__name__}: build one with "
                             f"resolve_config(size=..., overrides=[...])")
