@@ -1,5 +1,6 @@
 """Generation at the token level: the KV cache (sliced and static), sampling, windows, stop rules, text streams."""
 
+import copy
 import threading
 
 import pytest
@@ -440,6 +441,19 @@ def test_decode_layout_changes_memory_order_only(model):
         torch.testing.assert_close(relaid(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(_run(relaid, [1, 2, 3], 30, temperature=0), _run(model, [1, 2, 3], 30, temperature=0))
 
+
+
+def test_the_cpu_head_copy_follows_a_change_through_data(model):
+    """Audit: a head changed through `.data` (an EMA, an initialisation) moves no version, and the next call
+    sampled with the old head's copy against the new embeddings."""
+    model = copy.deepcopy(model)  # (the module's model is shared)
+    before = _run(model, [1, 2, 3], 8, temperature=0)
+    with torch.no_grad():
+        model.lm_head.weight.data.mul_(-1)
+    fresh = GPT(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(_run(model, [1, 2, 3], 8, temperature=0), _run(fresh, [1, 2, 3], 8, temperature=0))
+    assert not torch.equal(_run(model, [1, 2, 3], 8, temperature=0), before)
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
 @pytest.mark.parametrize("vocab", [50304, 50257, 3 * sample.HEAD_BLOCK, sample.HEAD_BLOCK + 7])
