@@ -780,7 +780,7 @@ def test_look_ahead_off_where_it_cannot_help(model):
         stats = GenerationStats()
         _run(model, [7, 7, 7], 30, temperature=0, stats=stats, **kwargs)
         assert stats.model_passes == 0 and stats.guessed_tokens == 0
-        with pytest.raises(ValueError, match="lookahead needs"):
+        with pytest.raises(GenerationError, match="lookahead needs"):
             next(generate(model, [7, 7, 7], 30, lookahead=True, **kwargs))
 
 
