@@ -109,3 +109,33 @@ def test_a_resume_from_python_goes_on_with_the_runs_own_config(with_shakespeare)
     assert not any("sequences per step" in (event.message or "") for event in events)  # the run's own batch
     with pytest.raises(TinyGPTError, match="resume=True"):
         train()
+
+
+def test_train_leaves_the_callers_random_streams_and_tf32_as_they_were(with_shakespeare):
+    """Audit: train reseeded torch's global random stream (and a resume numpy's and Python's), and turned TF32 on
+    for the rest of the process: a notebook's own seeding and fp32 precision were changed under it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from tinygpt_cli import resolve_config, train
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    def seeded():
+        torch.manual_seed(5)
+        np.random.seed(5)
+        random.seed(5)
+
+    seeded()
+    expected = draws()
+    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=2"]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    for resume in (False, True):
+        seeded()
+        cfg = resolve_config(size="micro", overrides=[*overrides, f"train.max_steps={3 if resume else 2}"])
+        train(cfg, run_name="r", resume=resume)
+        assert draws() == expected
+        assert torch.backends.cuda.matmul.allow_tf32 == tf32

@@ -493,6 +493,29 @@ def train(
     if not isinstance(cfg, RunConfig):
         raise TrainingError(f"train takes a RunConfig, not a {type(cfg).__name__}: build one with "
                             f"resolve_config(size=..., overrides=[...])")
+    with _callers_state_kept():
+        return _train(cfg, run_name, resume, on_event, stop)
+
+
+@contextlib.contextmanager
+def _callers_state_kept() -> Iterator[None]:
+    """The caller's random streams (torch's on the CPU, numpy's, Python's) and TF32 switches come back as they were
+    when `train` returns: it seeds the streams (and a resume restores the run's) and turns TF32 on, which in a
+    notebook would change its own seeded draws and the precision of its fp32 work after. (CUDA's streams are left:
+    saving them would start a context on every visible GPU.)"""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callable[[TrainEvent], None] | None,
+           stop: StopFlag | None) -> TrainResult:
     info = dist.from_environment()
     owns_group = info.enabled and not torch.distributed.is_initialized()
     trainer = None
