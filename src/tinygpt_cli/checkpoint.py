@@ -295,6 +295,9 @@ def no_checkpoint_message(path: Path) -> str:
 
 @dataclass
 class LoadedCheckpoint:
+    """A model loaded by `load_checkpoint` (or `export.load_model`): where from, the model (eval mode), its
+    state.json (step, losses, ...) and the run's config (None for a Hugging Face model)."""
+
     path: Path  # absolute, whatever the spec: a relative one (`.`, `step_20`) names neither its folder nor its run
     model: torch.nn.Module
     state: dict[str, Any]

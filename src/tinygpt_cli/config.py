@@ -178,6 +178,9 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """Everything a run is made of: the preset's name and the model, data, train and sample sections. Build one
+    with `resolve_config`; docs/configuration.md lists every key."""
+
     size: str = "micro"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

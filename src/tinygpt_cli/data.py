@@ -395,6 +395,9 @@ class _Partial:
 # ----------------------------------------------------------------------------------------------- tokenize
 @dataclass
 class TokenizeResult:
+    """What `tokenize` wrote: the dataset's name, its folder (`train.bin`, `val.bin`) and its `meta.json`, which
+    holds the counts; the documents it skipped; its time and threads; what an interrupted earlier call had done."""
+
     name: str
     path: Path
     meta: dict[str, Any]

@@ -64,6 +64,10 @@ class EvalEvent:
 
 @dataclass
 class LossResult:
+    """What `evaluate` measured: the checkpoint and data scored, the mean loss (nats a token), perplexity and bits
+    per byte (comparable across tokenizers), how much was scored and how fast; `recorded_in` is the run folder
+    whose report.md and eval.jsonl got the result (None: not recorded)."""
+
     checkpoint: str
     step: int | None
     dataset: str
@@ -88,6 +92,9 @@ class LossResult:
 
 @dataclass
 class TaskResult:
+    """What `evaluate_task` measured: the zero-shot accuracy on a multiple-choice task (HellaSwag), by total and
+    by length-normalised log-likelihood, with the standard error of the latter."""
+
     checkpoint: str
     step: int | None
     task: str

@@ -91,6 +91,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2: learned positions, pre-LayerNorm blocks, tanh-GELU MLPs and a head tied to the token embedding, with
+    Hugging Face's parameter names. `forward(idx, targets=None, kv_cache=None)` -> (logits, loss)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg

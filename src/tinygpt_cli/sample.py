@@ -1254,6 +1254,8 @@ class TextStream:
 
 @dataclass
 class TextSample:
+    """One sample of `sample_text`: its text, its tokens and why it ended."""
+
     text: str  # the continuation, without the prompt, the stop string or <|endoftext|>
     tokens: int  # tokens generated for it
     stop_reason: str  # "eot" | "stop" | "length"
@@ -1261,6 +1263,9 @@ class TextSample:
 
 @dataclass
 class SampleResult:
+    """What `sample_text` returns: the prompt, its length in tokens, the samples (one per `num_samples`) and the
+    generation's timings (`GenerationStats`: tokens/s, time to first token, ...)."""
+
     prompt: str
     prompt_tokens: int
     samples: list[TextSample]

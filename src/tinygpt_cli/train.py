@@ -87,6 +87,9 @@ class TrainEvent:
 
 @dataclass
 class TrainResult:
+    """What `train` did: the run's folder, steps and tokens in all, this call's time and rate, the last train
+    loss, the last and best val loss (nats), the val loss of a unigram model (the baseline) and why it stopped."""
+
     run_dir: Path
     steps: int
     tokens: int
