@@ -132,10 +132,30 @@ def test_train_leaves_the_callers_random_streams_and_tf32_as_they_were(with_shak
     seeded()
     expected = draws()
     overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=2"]
-    tf32 = torch.backends.cuda.matmul.allow_tf32
     for resume in (False, True):
         seeded()
         cfg = resolve_config(size="micro", overrides=[*overrides, f"train.max_steps={3 if resume else 2}"])
         train(cfg, run_name="r", resume=resume)
         assert draws() == expected
-        assert torch.backends.cuda.matmul.allow_tf32 == tf32
+
+
+def test_train_takes_a_caller_on_torchs_newer_precision_switches(with_shakespeare, workspace):
+    """Review: reading the legacy TF32 switch after a caller set torch's newer `fp32_precision` raises ("mix of
+    the legacy and new APIs"), which made train fail on any device. A fresh process, as the switch is global."""
+    import os
+
+    import torch
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision switches")
+    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=1"]
+    script = f"""
+import torch
+from tinygpt_cli import resolve_config, train
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+train(resolve_config(size="micro", overrides={overrides!r}), run_name="p")
+assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": SRC, "TINYGPT_HOME": str(workspace)})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -488,8 +488,7 @@ def train(
     Under torchrun every rank calls this; only rank 0 reports events and writes files.
     """
     if cfg is None and resume:  # the run's own config, as `tinygpt train --resume` takes it
-        run_dir = find_run(run_name)
-        cfg, run_name = run_config_of(run_dir), run_dir.name
+        cfg = run_config_of(find_run(run_name))
     if cfg is None:
         raise TrainingError("train needs a RunConfig, built with resolve_config(size=..., overrides=[...]), or "
                             "resume=True to go on with a run's own")
@@ -502,19 +501,33 @@ def train(
 
 @contextlib.contextmanager
 def _callers_state_kept() -> Iterator[None]:
-    """The caller's random streams (torch's on the CPU, numpy's, Python's) and TF32 switches come back as they were
-    when `train` returns: it seeds the streams (and a resume restores the run's) and turns TF32 on, which in a
-    notebook would change its own seeded draws and the precision of its fp32 work after. (CUDA's streams are left:
-    saving them would start a context on every visible GPU.)"""
+    """The caller's random streams (torch's on the CPU, numpy's, Python's) come back as they were when `train`
+    returns: it seeds them (and a resume restores the run's), which in a notebook would change its own seeded
+    draws after. (CUDA's streams are left: saving them would start a context on every visible GPU.)"""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with torch.random.fork_rng(devices=[]):
         try:
             yield
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@contextlib.contextmanager
+def _tf32_while_training() -> Iterator[None]:
+    """TF32 matmuls and convolutions while training on CUDA (fp32 work on tensor cores), the caller's switches back
+    after: left on, a notebook's own fp32 work would run at TF32's precision. A caller on torch's newer
+    `fp32_precision` switches, which refuse a read of these, keeps its own choice."""
+    try:
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # "mix of the legacy and new APIs"
+        yield
+        return
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callable[[TrainEvent], None] | None,
@@ -579,7 +592,7 @@ class _Trainer:
         self.new_run = False  # a run this call starts: its folder goes again if it ends with no checkpoint
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
         self.fsdp = self.tc.fsdp and info.enabled
-        self.held = contextlib.ExitStack()  # rank 0's lock on the run, until train() returns
+        self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
 
     # -------------------------------------------------------------------------------------------- setup
     def run(self, run_name: str | None, resume: bool) -> TrainResult:
@@ -592,8 +605,7 @@ class _Trainer:
             _check_same_settings(cfg)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            self.held.enter_context(_tf32_while_training())
 
         # Under torchrun each rank reads its own machine's files (which need not be rank 0's) until the first
         # collective: an error met by some ranks only is raised by all of them (dist.agreed), never left to a rank
