@@ -1,6 +1,7 @@
 """The Python API (`from tinygpt_cli import ...`): what a notebook imports and calls, as the package's docstring
 shows it."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_natural_arguments_work_or_are_one_clear_error(with_shakespeare, workspa
             load_checkpoint("api", device="cuda")
 
 
-def test_a_resume_from_python_goes_on_with_the_runs_own_config(with_shakespeare):
+def test_a_resume_from_python_goes_on_with_the_runs_own_config(with_shakespeare, tmp_path):
     """Audit: `train(cfg, resume=True)` with a cfg from a preset silently trained on with the preset's batch and
     warmup (the CLI builds a resume's config from the run's). With no cfg, a resume takes the run's own."""
     from tinygpt_cli import TinyGPTError, resolve_config, train
@@ -103,6 +104,9 @@ def test_a_resume_from_python_goes_on_with_the_runs_own_config(with_shakespeare)
     overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=4"]
     first = train(resolve_config(size="micro", overrides=overrides), run_name="r", on_event=on_event, stop=stop)
     assert first.stopped == "interrupted" and first.steps == 2
+    elsewhere = tmp_path / "elsewhere" / "other"  # review: by path, it resumed runs/other (or nothing)
+    shutil.copytree(first.run_dir, elsewhere)
+    assert train(run_name=str(elsewhere), resume=True).run_dir.resolve() == elsewhere.resolve()
     events = []
     resumed = train(run_name="r", resume=True, on_event=events.append)
     assert resumed.steps == 4 and resumed.stopped == "completed"
