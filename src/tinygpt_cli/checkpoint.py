@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import ModelConfig, RunConfig, config_from_dict
-from tinygpt_cli.errors import CheckpointError, ConfigError, first_line
+from tinygpt_cli.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # torch loads only where tensors are read or written, so listing runs stays instant
     import torch
@@ -322,6 +322,8 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 def load_checkpoint(spec: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load the model (fp32, eval mode) of a checkpoint, a run (its latest checkpoint) or the latest run."""
+    import torch
+
     from tinygpt_cli.model import GPT
 
     checkpoint = resolve_checkpoint(str(spec) if spec is not None else None)
@@ -342,11 +344,12 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
             f"{weights} does not match its model config (missing or misshapen: {', '.join(missing) or 'shapes'})"
         )
     model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
-    try:
-        model.to(device).eval()
-    except (AssertionError, RuntimeError) as exc:  # torch's "not compiled with CUDA enabled", a missing MPS
-        raise CheckpointError(f"cannot move the model to {device} ({first_line(exc)}): load it on a device this "
-                              f"machine has, such as cpu") from None
+    kind = torch.device(device).type
+    if (kind == "cuda" and not torch.cuda.is_available()) or \
+            (kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())):
+        raise CheckpointError(f"cannot move the model to {device}: this machine has no {kind.upper()} device; load "
+                              f"it on one it has, such as cpu")
+    model.to(device).eval()
     run_config = None
     if isinstance(state.get("run_config"), dict):
         try:
