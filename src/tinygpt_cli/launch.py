@@ -108,8 +108,11 @@ def stop_with_launcher() -> None:
     """In a worker started by torchrun or `launch`, on Linux: take the death of the process that started it as a
     SIGTERM. A launcher killed at once (SIGKILL, the OOM killer) forwards no signal, and its workers went on
     training, adopted by init, holding the run's lock, with no terminal to stop them; now they finish the step,
-    save and exit, as on a scheduler's SIGTERM. Elsewhere nothing happens."""
-    if not sys.platform.startswith("linux"):
+    save and exit, as on a scheduler's SIGTERM. Only under an elastic agent (TORCHELASTIC_RUN_ID): a process
+    given RANK and the rest by a script of one's own keeps its own parent's fate. Elsewhere nothing happens.
+    (A launcher killed while its workers save after its own SIGTERM makes this a second signal: they stop at once,
+    keeping the checkpoint before.)"""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     import ctypes
 
@@ -120,8 +123,13 @@ def stop_with_launcher() -> None:
     except (OSError, AttributeError):  # no C library to ask (a static Python)
         return
     launcher = os.environ.get(LAUNCHER_PID_ENV, "")
-    if launcher.isdigit() and os.getppid() != int(launcher):  # it died before the call above: nothing will tell
-        os.kill(os.getpid(), signal.SIGTERM)
+    if launcher.isdigit() and os.getppid() != int(launcher):  # started through a wrapper, or the launcher died
+        try:  # before the call above, when nothing would tell
+            os.kill(int(launcher), 0)
+        except ProcessLookupError:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except OSError:  # there, but another user's: a pid reused
+            pass
 
 
 def launch(nproc: int, argv: list[str]) -> int:
