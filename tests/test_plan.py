@@ -2,6 +2,7 @@
 the JSON output and the error paths."""
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -219,6 +220,10 @@ def test_plan_command_table_and_json():
     assert data["parameters"] == 124_475_904 and data["flops_per_token"] == 855_383_040
     assert data["device"]["key"] == "a100" and data["memory"]["fits"] is True
     assert data["tokens_per_s"] == pytest.approx(312e12 * 0.4 / 855_383_040)
+    # audit: small's budget over the embedded corpus read "30414.88 epochs", the one count without separators
+    result = invoke("plan", "--size", "small", "--data", "shakespeare")
+    assert result.exit_code == 0 and re.search(r"\(\d{1,3},\d{3}\.\d\d epochs\)", result.stdout), result.stdout
+    assert re.search(r"the budget is \d{1,3},\d{3}\.\d passes", result.stdout)
 
 
 def test_plan_command_errors(workspace):

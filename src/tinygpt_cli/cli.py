@@ -1299,7 +1299,7 @@ def _plan_table(p) -> Any:
     table.add_row(
         "budget",
         f"{_fmt_int(p.max_steps)} steps = {_fmt_count(p.budget_tokens)} tokens "
-        f"({p.epochs:.2f} epochs); Chinchilla-optimal: {_fmt_count(p.chinchilla_tokens)} "
+        f"({p.epochs:,.2f} epochs); Chinchilla-optimal: {_fmt_count(p.chinchilla_tokens)} "
         f"({p.budget_tokens / p.chinchilla_tokens:.2g}×)",
     )
     device = f"{p.nproc} × {p.device.name}" if p.nproc > 1 else p.device.name

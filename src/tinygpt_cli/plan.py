@@ -625,7 +625,7 @@ def plan(
                 notes.append(short)
     epochs = budget / data_estimate.train_tokens if data_estimate.train_tokens else math.inf
     if epochs > 1:
-        notes.append(f"the budget is {epochs:.1f} passes over the training tokens: repeating data helps little "
+        notes.append(f"the budget is {epochs:,.1f} passes over the training tokens: repeating data helps little "
                      f"past ~4 passes (and overfits a small corpus sooner)")
 
     evals = -(-tc.max_steps // tc.eval_interval)
