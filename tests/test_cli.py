@@ -49,6 +49,10 @@ def test_tokenize_train_generate(workspace):
     result = invoke("tokenize")
     assert result.exit_code == 0, result.output
     assert "Wrote" in result.stdout and "val tokens" in result.stdout
+    assert re.search(r"of text in \d+(\.\d)?s \(", result.stdout)  # audit: a second's work read "in 0s"
+    from tinygpt_cli.cli import _fmt_seconds
+
+    assert [_fmt_seconds(t) for t in (0.34, 9.96, 12.5, 75, 3725)] == ["0.3s", "10.0s", "12s", "1m15s", "1h02m"]
     result = train_tiny("--name", "first")
     assert result.exit_code == 0, result.output
     assert "val loss" in result.stdout and "unigram baseline" in result.stdout

@@ -178,6 +178,8 @@ def _fmt_int(n: float) -> str:
 
 
 def _fmt_seconds(seconds: float) -> str:
+    if seconds < 10:  # "0s" for a quick tokenize read as nothing done
+        return f"{seconds:.1f}s"
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"
