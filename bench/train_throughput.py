@@ -23,7 +23,7 @@ import torch
 
 from tinygpt_cli.config import resolve_config
 from tinygpt_cli.model import GPT
-from tinygpt_cli.train import device_peak_flops, flops_per_token
+from tinygpt_cli.training import device_peak_flops, flops_per_token
 
 
 def build_hf(cfg):

@@ -15,21 +15,20 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def test_public_names_are_the_functions_whatever_was_imported_before():
     """Audit: `tinygpt_cli.train` was the function on first use and the module `tinygpt_cli.train` once anything
-    had imported that (`from tinygpt_cli import evaluate` was always the module). Checked in fresh processes,
-    both orders; `import tinygpt_cli` still imports no torch."""
+    had imported that (`from tinygpt_cli import evaluate` was always the module). The modules are now
+    `training` and `evaluation`: checked in fresh processes, both orders; `import tinygpt_cli` imports no torch."""
     script = """
-import importlib, inspect, sys
+import inspect, sys
 import tinygpt_cli
 assert "torch" not in sys.modules
 if sys.argv[1] == "modules first":
-    import tinygpt_cli.train, tinygpt_cli.evaluate
-    from tinygpt_cli.train import TrainResult
+    import tinygpt_cli.training, tinygpt_cli.evaluation
 from tinygpt_cli import evaluate, export_model, generate, sample_text, tokenize, train
-importlib.import_module("tinygpt_cli.train")
+import tinygpt_cli.training as training
+from tinygpt_cli import evaluation
 for f in (train, evaluate, export_model, generate, sample_text, tokenize, tinygpt_cli.train, tinygpt_cli.evaluate):
     assert inspect.isfunction(f), f
-assert train.__module__ == "tinygpt_cli.train" and evaluate.__module__ == "tinygpt_cli.evaluate"
-assert inspect.ismodule(importlib.import_module("tinygpt_cli.train"))
+assert train is training.train and evaluate is evaluation.evaluate and inspect.ismodule(training)
 assert {"train", "evaluate", "sample_text", "resolve_config"} <= set(dir(tinygpt_cli))
 """
     for order in ("modules first", "names first"):
@@ -93,7 +92,7 @@ def test_a_resume_from_python_goes_on_with_the_runs_own_config(with_shakespeare,
     """Audit: `train(cfg, resume=True)` with a cfg from a preset silently trained on with the preset's batch and
     warmup (the CLI builds a resume's config from the run's). With no cfg, a resume takes the run's own."""
     from tinygpt_cli import TinyGPTError, resolve_config, train
-    from tinygpt_cli.train import StopFlag
+    from tinygpt_cli.training import StopFlag
 
     stop = StopFlag()
 

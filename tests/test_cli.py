@@ -1,6 +1,5 @@
 """The command line end to end, through CliRunner, including every error path issue #2 names."""
 
-import importlib
 import json
 import os
 import re
@@ -100,7 +99,7 @@ def test_train_summary_before_the_first_log_and_after_a_token_budget(with_shakes
 
 
 def test_interrupted_training_exits_130(with_shakespeare, monkeypatch):
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     real = train_module.train
 
@@ -131,7 +130,7 @@ def test_a_second_signal_aborts_at_once_with_the_signals_exit_code(with_shakespe
     written, aborts: no traceback, one line that says what is kept, 128 + the signal (130 for Ctrl-C, 143 for a
     scheduler's SIGTERM), the step-2 checkpoint intact and nothing of step 4 left. The same signal repeated
     within a second (one stop sent along two paths) is not a second one."""
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     inherited = signal.getsignal(sig)
     if inherited == signal.SIG_IGN:  # a job started in the background (`&`, nohup) ignores Ctrl-C, which train
@@ -175,7 +174,7 @@ def test_the_train_view_outlives_its_terminal():
     from rich.console import Console
 
     from tinygpt_cli.cli import _TrainView
-    from tinygpt_cli.train import TrainEvent
+    from tinygpt_cli.training import TrainEvent
 
     class DeadTerminal:
         def write(self, text):
@@ -265,7 +264,7 @@ def test_a_device_that_is_not_there_is_one_line(with_shakespeare, workspace):
     """generate and eval passed --device straight to torch: tracebacks for 'tpu', 'CPU', 'cuda:0', 'meta'."""
     import torch
 
-    from tinygpt_cli.train import resolve_device
+    from tinygpt_cli.training import resolve_device
 
     assert train_tiny("--name", "d", steps=1).exit_code == 0
     assert_one_line_error(invoke("generate", "hi", "--device", "tpu"), "unknown device 'tpu': use auto, cpu")

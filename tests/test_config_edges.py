@@ -1,6 +1,5 @@
 """Configuration edges found by an audit: each was accepted silently, or ended in a traceback, or lost files."""
 
-import importlib
 
 import pytest
 from typer.testing import CliRunner
@@ -9,7 +8,7 @@ from conftest import TINY_SETTINGS, assert_one_line_error, tiny_config
 from tinygpt_cli.cli import app
 from tinygpt_cli.config import resolve_config
 from tinygpt_cli.errors import ConfigError
-from tinygpt_cli.train import train
+from tinygpt_cli.training import train
 
 runner = CliRunner()
 
@@ -63,7 +62,7 @@ def test_a_model_too_large_for_the_ram_is_refused_before_it_is_built(with_shakes
                                                                      shape):
     """Audit: model.vocab_size=1e12 ended in the allocator's RuntimeError traceback; a deep model whose layers
     each fit (8000 × 256 wide, ~25 GB) would have been built layer by layer into the OOM killer."""
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     def never(cfg):
         raise AssertionError("the model was built")
@@ -78,7 +77,7 @@ def test_a_model_too_large_for_the_ram_is_refused_before_it_is_built(with_shakes
 
 def test_an_allocation_the_machine_refuses_is_one_line(with_shakespeare, workspace, monkeypatch):
     """What no estimate foresaw (another process took the RAM): the allocator's RuntimeError was a traceback."""
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     def refused(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "

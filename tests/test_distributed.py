@@ -1,6 +1,5 @@
 """DDP through torchrun with 2 CPU processes (gloo): same losses as one process accumulating gradients."""
 
-import importlib
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from conftest import TINY_SETTINGS, tiny_config
 from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli import workspace as workspace_module
 from tinygpt_cli.launch import torchrun_command
-from tinygpt_cli.train import train
+from tinygpt_cli.training import train
 
 
 def _train_losses(run_dir):
@@ -270,7 +269,7 @@ def test_the_launcher_names_the_rank_that_said_why_not_its_knock_on(tmp_path):
 def test_a_collective_whose_peer_left_is_one_line():
     from tinygpt_cli.errors import TrainingError
     from tinygpt_cli.launch import PEER_LOST
-    from tinygpt_cli.train import _peer_lost
+    from tinygpt_cli.training import _peer_lost
 
     lost = _peer_lost(RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
                                    "closed by peer [127.0.0.1]:2959. This is typically caused by a remote worker "
@@ -281,7 +280,7 @@ def test_a_collective_whose_peer_left_is_one_line():
 
 
 def test_a_resume_on_more_processes_gives_the_new_ranks_their_own_dropout_stream():
-    from tinygpt_cli.train import _rank_rng
+    from tinygpt_cli.training import _rank_rng
 
     single = {"rng": {"torch": "rank 0"}, "rng_per_rank": None}
     assert _rank_rng(single, 0) == {"torch": "rank 0"} and _rank_rng(single, 1) is None
@@ -322,7 +321,7 @@ def test_several_processes_on_mps_is_one_line(monkeypatch):
     from test_cli import assert_one_line_error, invoke
 
     from tinygpt_cli import launch
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     launched = []
     monkeypatch.setattr(launch, "launch", lambda nproc, argv: launched.append(nproc) or 0)
@@ -380,7 +379,7 @@ _THREADS_AFTER_TRAINING = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 from conftest import tiny_config
-from tinygpt_cli.train import train
+from tinygpt_cli.training import train
 
 train(tiny_config(max_steps=2, eval_interval=2, fsdp=True), run_name="threads")
 names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))

@@ -1,6 +1,5 @@
 """`tinygpt eval`: loss / perplexity / bits per byte on token files, and HellaSwag on a local fixture."""
 
-import importlib
 import json
 import math
 import os
@@ -14,7 +13,7 @@ from test_generate_cli import cli_invoke, make_run
 
 from conftest import assert_one_line_error
 from tinygpt_cli.config import ModelConfig
-from tinygpt_cli.evaluate import Example, score_examples, score_tokens, token_nats, window_starts
+from tinygpt_cli.evaluation import Example, score_examples, score_tokens, token_nats, window_starts
 from tinygpt_cli.model import GPT
 from tinygpt_cli.tokenizer import EOT_ID, get_encoding
 
@@ -122,7 +121,7 @@ def _reference_hellaswag(model, examples):
 
 
 def test_hellaswag_scoring_matches_a_reference(model):
-    from tinygpt_cli.evaluate import _example_from_row
+    from tinygpt_cli.evaluation import _example_from_row
 
     examples = [_example_from_row(row, "test") for row in HELLASWAG_ROWS] * 3
     examples += [Example("Some words", ("one", "two two", "three three three"), label) for label in range(3)]
@@ -158,7 +157,7 @@ def test_two_evals_racing_to_make_a_report_title_it_once(tmp_path, monkeypatch):
     goes with the write that creates the file (an exclusive create); the other appends its section only."""
     from pathlib import Path
 
-    module = importlib.import_module("tinygpt_cli.evaluate")
+    from tinygpt_cli import evaluation as module
 
     run_dir = tmp_path / "runs" / "tiny"
     (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
@@ -239,7 +238,7 @@ def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tinygpt_cli.evaluate import load_hellaswag
+    from tinygpt_cli.evaluation import load_hellaswag
 
     make_run(workspace)
     result = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--json")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tinygpt_cli.config import resolve_config
-from tinygpt_cli.train import train
+from tinygpt_cli.training import train
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CPU_EXAMPLES = {"micro_cpu.yaml", "shakespeare_tiny.yaml"}  # trained here for 2 steps

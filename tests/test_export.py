@@ -136,7 +136,7 @@ def test_hf_export_half_precision(tmp_path):
 def test_trained_run_exports_to_transformers_and_back(with_shakespeare, tmp_path):
     """A trained run: CLI export, same logits and greedy tokens in transformers, and a lossless round trip."""
     from tinygpt_cli.sample import generate
-    from tinygpt_cli.train import train
+    from tinygpt_cli.training import train
 
     run = train(tiny_config(max_steps=4, eval_interval=4), run_name="r").run_dir
     result = invoke("export", "r", "--out", str(tmp_path / "hf"))
@@ -512,7 +512,7 @@ def test_cli_export_write_errors_are_one_line(hf_source, workspace, monkeypatch)
 def test_an_earlier_checkpoint_exports_beside_the_latest(with_shakespeare, workspace):
     """Audit: exporting runs/r/checkpoints/step_2 and then the run wrote both to exports/r-hf (the second
     refused without --force, or replaced the first with it)."""
-    from tinygpt_cli.train import train
+    from tinygpt_cli.training import train
 
     run = train(tiny_config(max_steps=4, eval_interval=2), run_name="r").run_dir
     early = invoke("export", str(run / "checkpoints" / "step_2"), "--json")

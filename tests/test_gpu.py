@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from tinygpt_cli.errors import TrainingError
 from tinygpt_cli.model import chunked_cross_entropy
-from tinygpt_cli.train import train
+from tinygpt_cli.training import train
 
 pytestmark = pytest.mark.gpu
 

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from tinygpt_cli.cli import app
 from tinygpt_cli.inventory import list_dataset_summaries, list_run_summaries
 from tinygpt_cli.plan import checkpoint_bytes
-from tinygpt_cli.train import train
+from tinygpt_cli.training import train
 
 runner = CliRunner()
 

@@ -92,7 +92,7 @@ def test_gpt2_124m_time_on_8_h100s_by_hand():
 @pytest.mark.parametrize("bias", [True, False])
 def test_counts_match_the_model_and_train_flops(bias):
     from tinygpt_cli.model import GPT
-    from tinygpt_cli.train import flops_per_token
+    from tinygpt_cli.training import flops_per_token
 
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=48, bias=bias)
     model = GPT(cfg)
@@ -134,7 +134,7 @@ def test_activation_formula_matches_what_autograd_saves(half):
 def test_device_peaks_agree_with_train(monkeypatch):
     import torch
 
-    from tinygpt_cli.train import device_peak_flops
+    from tinygpt_cli.training import device_peak_flops
 
     for spec in P.DEVICES.values():
         if spec.cuda_name:
@@ -304,7 +304,7 @@ def test_plan_takes_the_shape_of_the_weights_train_init_from_starts_from(with_sh
     """Audit: plan planned the --size preset's model while train trains the source's shape; the source is read
     without loading its weights (a run's checkpoint header, a folder's config.json, a hub name's known shape)."""
     from tinygpt_cli.export import export_model, pretrained_config
-    from tinygpt_cli.train import train
+    from tinygpt_cli.training import train
 
     train(tiny_config(max_steps=1, eval_interval=1), run_name="base")  # 2 layers × 32, context 32
     base = P.plan(resolve_config(size="small", overrides=["train.init_from=base"]), data="shakespeare", device="cpu")

@@ -1,6 +1,5 @@
 """What differs on Windows and on macOS (MPS), simulated on Linux: a platform name, a missing device, an encoding."""
 
-import importlib
 import io
 import os
 import signal
@@ -42,7 +41,7 @@ def test_a_non_utf8_stream_on_windows_writes_utf8(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ MPS
 def test_fused_adamw_found_inf_is_left_alone_on_mps():
-    from tinygpt_cli.train import skips_on_device
+    from tinygpt_cli.training import skips_on_device
 
     assert skips_on_device(torch.device("cpu")) and skips_on_device(torch.device("cuda"))
     assert not skips_on_device(torch.device("mps"))
@@ -52,7 +51,7 @@ def test_non_finite_steps_are_skipped_where_fused_adamw_takes_no_found_inf(with_
     """MPS's fused AdamW asserts found_inf is None (torch 2.4) or ignores it: training must not hand it one, and
     must skip a non-finite step itself."""
     from tinygpt_cli import model as model_module
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
     from tinygpt_cli.errors import TrainingError
 
     steps = []
@@ -90,7 +89,7 @@ class _MPSLike:
 
 
 def test_task_scoring_takes_nats_off_an_mps_device_before_float64(monkeypatch):
-    evaluate = importlib.import_module("tinygpt_cli.evaluate")
+    from tinygpt_cli import evaluation as evaluate
     from tinygpt_cli.config import ModelConfig
     from tinygpt_cli.model import GPT
 
@@ -169,7 +168,7 @@ def windows_fsync(monkeypatch):
 
 def test_export_flushes_its_files_through_writable_handles(with_shakespeare, workspace, windows_fsync):
     from tinygpt_cli.export import export_model
-    from tinygpt_cli.train import train
+    from tinygpt_cli.training import train
 
     train(tiny_config(max_steps=1, eval_interval=1), run_name="r")
     result = export_model("r", "hf", workspace / "exported")
@@ -203,7 +202,7 @@ def test_the_prompt_loop_names_the_windows_end_of_input(workspace, monkeypatch):
 
 def test_fp16_training_on_mps_is_refused_rather_than_unscaled(with_shakespeare, monkeypatch):
     """GradScaler("cuda") on a Mac warns and disables itself: fp16 gradients would underflow, unscaled."""
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
     from tinygpt_cli.errors import TrainingError
 
     monkeypatch.setattr(train_module, "resolve_device", lambda name: torch.device("mps"))

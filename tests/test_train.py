@@ -1,4 +1,3 @@
-import importlib
 import json
 import math
 
@@ -8,7 +7,7 @@ import torch
 from conftest import tiny_config
 from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli.errors import CheckpointError, TrainingError
-from tinygpt_cli.train import learning_rate, make_optimizer, train
+from tinygpt_cli.training import learning_rate, make_optimizer, train
 
 
 def _losses(run_dir):
@@ -43,7 +42,7 @@ def test_resume_reproduces_the_uninterrupted_run(with_shakespeare):
     """8 straight steps vs 4 + SIGINT-style stop + resume + 4: identical train and val losses."""
     from dataclasses import replace
 
-    from tinygpt_cli.train import StopFlag
+    from tinygpt_cli.training import StopFlag
 
     plain = tiny_config(max_steps=8, eval_interval=4)
     with_dropout = replace(plain, model=replace(plain.model, dropout=0.1))  # exercises the saved torch RNG
@@ -61,7 +60,7 @@ def test_resume_reproduces_the_uninterrupted_run(with_shakespeare):
 def test_a_resume_in_the_middle_of_a_log_window_logs_the_same_losses(with_shakespeare):
     """Audit: a run stopped between log steps logged, at the next log step, the mean of the steps after the
     resume only. The window's sum is saved with the checkpoint (an eval checkpoint or the stop's) and goes on."""
-    from tinygpt_cli.train import StopFlag
+    from tinygpt_cli.training import StopFlag
 
     config = tiny_config(max_steps=12, eval_interval=3, log_interval=4)
     straight = train(config, run_name="straight")
@@ -85,8 +84,8 @@ def test_a_resume_in_the_middle_of_a_log_window_logs_the_same_losses(with_shakes
 def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shakespeare, monkeypatch):
     """A signal in the middle of a long evaluation (train.eval_batches=30) stops it at the next batch: the step's
     checkpoint is saved without a val loss of its own, and the run resumes to the same end."""
-    train_module = importlib.import_module("tinygpt_cli.train")
-    from tinygpt_cli.train import StopFlag
+    from tinygpt_cli import training as train_module
+    from tinygpt_cli.training import StopFlag
 
     stop = StopFlag()
     real = train_module.windows_at
@@ -123,7 +122,7 @@ def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shake
 def test_a_resume_that_changes_the_global_batch_says_so(with_shakespeare):
     """Another process count, --batch-size or --grad-accum on resume changes the tokens per step: a note, with
     the --grad-accum that keeps it; the same settings say nothing."""
-    from tinygpt_cli.train import StopFlag
+    from tinygpt_cli.training import StopFlag
 
     config = tiny_config(max_steps=6, eval_interval=3, grad_accum=2)
     stop = StopFlag()
@@ -204,7 +203,7 @@ def test_extending_a_finished_run_rewarms_the_lr_instead_of_jumping(with_shakesp
     """A finished cosine run ends at min_lr; a longer --max-steps recomputes the schedule, whose LR at the resume
     step is far higher. The LR climbs there over train.warmup_steps (a note says so) instead of jumping, and a
     stop in the middle of that climb resumes onto the same LRs and losses."""
-    from tinygpt_cli.train import StopFlag
+    from tinygpt_cli.training import StopFlag
 
     def config(steps):
         return tiny_config(max_steps=steps, warmup_steps=4, lr=1e-3, min_lr=1e-4, eval_interval=6, log_interval=1)
@@ -286,7 +285,7 @@ def test_training_stops_on_repeated_non_finite_loss(with_shakespeare, monkeypatc
 def test_a_nan_val_loss_is_never_saved_as_the_latest_checkpoint(with_shakespeare, workspace, monkeypatch):
     """--lr 1e9 trained finite steps into NaN weights: step_3 was saved, `latest` pointed at it, and the report's
     sample then failed blaming the dtype (found by an audit)."""
-    from tinygpt_cli.train import _Trainer
+    from tinygpt_cli.training import _Trainer
 
     run = workspace / "runs" / "d"
     train(tiny_config(max_steps=2, eval_interval=2), run_name="d")
@@ -413,7 +412,7 @@ def test_the_probe_runs_through_the_ddp_wrapper_without_gradient_sync(monkeypatc
 
     from tinygpt_cli.config import ModelConfig
     from tinygpt_cli.model import GPT
-    from tinygpt_cli.train import _maybe_compile
+    from tinygpt_cli.training import _maybe_compile
 
     class FakeDDP(torch.nn.Module):
         def __init__(self, module):
@@ -444,7 +443,7 @@ def test_the_probe_runs_through_the_ddp_wrapper_without_gradient_sync(monkeypatc
 
 def test_the_largest_fitting_batch_leaves_room_for_the_compiled_loss(monkeypatch):
     """The trial runs eagerly with the fused loss and holds the whole-logits loss's bytes beside it."""
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
     from tinygpt_cli.config import ModelConfig
     from tinygpt_cli.model import GPT
 
@@ -464,7 +463,7 @@ def test_the_largest_fitting_batch_leaves_room_for_the_compiled_loss(monkeypatch
 
 
 def test_the_cpu_peak_is_measured_once_per_process_and_thread_count(monkeypatch):
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     calls = []
     monkeypatch.setattr(train_module, "_CPU_PEAK", {})
@@ -479,7 +478,7 @@ def test_auto_dtype_on_any_cpu_is_fp32(monkeypatch):
     """`--dtype auto` took bf16 autocast on a CPU with AVX-512 BF16, where it measured no faster than fp32 (a
     2-core EPYC: 1,290 against 1,371 tokens/s on micro), lost precision, and made train, plan and generate disagree
     (plan estimated fp32, generate cast its weights to bf16). Every command now takes fp32 on a CPU for auto."""
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: True)
     assert train_module.resolve_dtype("auto", torch.device("cpu")) == torch.float32
@@ -500,7 +499,7 @@ def test_a_warmup_longer_than_the_run_is_said(with_shakespeare):
 
 def test_emulated_bf16_on_cpu_is_said(with_shakespeare, monkeypatch):
     """--dtype bf16 trained ~10x slower than fp32 on a CPU without native bf16, without a word (audit)."""
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
     events = []
@@ -516,7 +515,7 @@ def test_tokens_per_second_leaves_out_evaluations_between_log_steps(with_shakesp
     batch fetched and 100 s an evaluation: every logged rate is the steps' tokens over their seconds."""
     import time as time_module
 
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
 
     clock = [0.0]
 

@@ -1,6 +1,5 @@
 """What a resume changes and keeps: AdamW settings, a cut evaluation, --init-from, a metrics.jsonl cut by a crash."""
 
-import importlib
 import json
 from dataclasses import replace
 
@@ -9,7 +8,7 @@ import torch
 from conftest import tiny_config
 from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli.report import read_metrics
-from tinygpt_cli.train import train
+from tinygpt_cli.training import train
 
 
 def test_a_resume_applies_the_new_adamw_settings_not_the_checkpoints(with_shakespeare):
@@ -84,8 +83,8 @@ def test_init_from_on_a_resume_is_refused_not_recorded_unused(with_shakespeare, 
 def test_a_resume_runs_the_evaluation_a_stop_cut_short(with_shakespeare, monkeypatch):
     """A stop in the middle of step 3's evaluation: the resume measures it before training on, so the val curve,
     the best val loss and the train losses are those of the uninterrupted run."""
-    train_module = importlib.import_module("tinygpt_cli.train")
-    from tinygpt_cli.train import StopFlag
+    from tinygpt_cli import training as train_module
+    from tinygpt_cli.training import StopFlag
 
     config = tiny_config(max_steps=6, eval_interval=3, eval_batches=4, log_interval=2)
     straight = train(config, run_name="straight")
@@ -117,7 +116,7 @@ def test_a_resume_runs_the_evaluation_a_stop_cut_short(with_shakespeare, monkeyp
 def test_a_resume_stopped_before_its_first_step_leaves_the_run_as_it_was(with_shakespeare):
     """The CLI says "the run is as it was": config.yaml must not take the new --max-steps, nor report.md a
     session of 0 tokens/s, when nothing was trained."""
-    from tinygpt_cli.train import StopFlag
+    from tinygpt_cli.training import StopFlag
 
     config = tiny_config(max_steps=2, eval_interval=2)
     run = train(config, run_name="r").run_dir
@@ -139,7 +138,7 @@ def test_a_resume_goes_on_counting_non_finite_steps_in_a_row(with_shakespeare, w
 
     from tinygpt_cli import model as model_module
     from tinygpt_cli.errors import TrainingError
-    from tinygpt_cli.train import MAX_BAD_STEPS
+    from tinygpt_cli.training import MAX_BAD_STEPS
 
     config = tiny_config(max_steps=2, eval_interval=2, log_interval=1)
     train(config, run_name="r")

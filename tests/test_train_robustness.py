@@ -1,7 +1,6 @@
 """Never lose work: kill -9 at random moments, full disks, unwritable folders, time and token limits."""
 
 import errno
-import importlib
 import json
 import os
 import random
@@ -17,7 +16,7 @@ from test_cli import invoke
 from conftest import TINY_SETTINGS, assert_one_line_error, tiny_config
 from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli.errors import TrainingError
-from tinygpt_cli.train import train
+from tinygpt_cli.training import train
 
 
 def _train_command(*extra: str) -> list[str]:
@@ -310,7 +309,7 @@ def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
     data.tokenize(str(other), name="shakespeare", force=True)
     with pytest.raises(TrainingError, match="tokenized again from other text.*--init-from r"):
         train(tiny_config(max_steps=4), run_name="r", resume=True)
-    from tinygpt_cli.evaluate import evaluate
+    from tinygpt_cli.evaluation import evaluate
 
     events = []
     evaluate("r", tokens=256, on_event=events.append, record=False)  # eval goes on, but says so
@@ -386,7 +385,7 @@ def test_a_window_past_the_vocabulary_mid_run_keeps_the_steps_done(with_shakespe
     """A train.bin too large to be scanned whole (only its edges hashed) is checked a window at a time: a bad
     window mid-run is one clear error, and the steps trained before it are saved."""
     from tinygpt_cli import data
-    train_module = importlib.import_module("tinygpt_cli.train")
+    from tinygpt_cli import training as train_module
     from tinygpt_cli.errors import DataError
 
     monkeypatch.setattr(data, "FULL_HASH_LIMIT", 0)

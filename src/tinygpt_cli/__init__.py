@@ -10,15 +10,14 @@ The command line is `tinygpt`; the same functions are the Python API::
     print(sample_text(model, "ROMEO:", 40).samples[0].text)
     print(evaluate("notebook").loss)
 
-Heavy modules (torch) load on first use, so `import tinygpt_cli` stays cheap. The modules named like their
-functions (`tinygpt_cli.train`, `tinygpt_cli.evaluate`) are `importlib.import_module("tinygpt_cli.train")`.
+Heavy modules (torch) load on first use, so `import tinygpt_cli` stays cheap. `train` and `evaluate` live in the
+modules `tinygpt_cli.training` and `tinygpt_cli.evaluation`: a module named like its function would take the
+function's place in the package once imported.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -35,10 +34,10 @@ _LAZY = {
     "get_encoding": "tokenizer",
     "tokenize": "data",
     "GPT": "model",
-    "train": "train",
+    "train": "training",
     "generate": "sample",
     "sample_text": "sample",
-    "evaluate": "evaluate",
+    "evaluate": "evaluation",
     "export_model": "export",
     "load_checkpoint": "checkpoint",
 }
@@ -56,16 +55,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
-
-class _Package(types.ModuleType):
-    """The package, whose public names stay its functions. Importing a submodule binds it as an attribute of its
-    package, so the module `tinygpt_cli.train`, once anything imported it, took the place of the function `train`
-    (`from tinygpt_cli import train` gave the function or the module, by what ran before)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name and value.__name__ == f"{__name__}.{name}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import json
 import os
 import sys
@@ -577,7 +576,7 @@ def train(
         from tinygpt_cli.dist import MPS_ALONE
         from tinygpt_cli.launch import launch, torchrun_command
         from tinygpt_cli.sources import available_cpus
-        from tinygpt_cli.train import resolve_device
+        from tinygpt_cli.training import resolve_device
 
         # what every worker would refuse alike is said once, here, before N processes each import torch to say it
         if not resume:
@@ -593,8 +592,8 @@ def train(
     from tinygpt_cli import checkpoint as ckpt
     from tinygpt_cli import dist, workspace
     from tinygpt_cli.config import resolve_config
-    from tinygpt_cli.train import StopFlag, run_config_of
-    from tinygpt_cli.train import train as run_training
+    from tinygpt_cli.training import StopFlag, run_config_of
+    from tinygpt_cli.training import train as run_training
 
     run_name, resumed = name, None
     if resume:
@@ -1130,7 +1129,7 @@ def eval_command(
     run = model if model is not None else run
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    ev = importlib.import_module("tinygpt_cli.evaluate")  # (the package's `evaluate` is the function)
+    from tinygpt_cli import evaluation as ev
 
     if task is None and (task_data is not None or limit is not None):
         raise TinyGPTError("--task-data and --limit go with --task hellaswag")

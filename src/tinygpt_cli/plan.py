@@ -404,7 +404,7 @@ def measure(cfg: RunConfig, micro_steps: int = 3, warmup: int = 1) -> Measuremen
     import torch
 
     from tinygpt_cli.model import GPT
-    from tinygpt_cli.train import (
+    from tinygpt_cli.training import (
         _cpu_name,
         _maybe_compile,
         autocast_context,

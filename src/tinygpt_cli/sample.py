@@ -1289,7 +1289,7 @@ def load_model(spec: str | Path | None = None, device: str = "auto", dtype: str 
     Casting the weights, rather than autocasting, halves what each decode step reads from memory.
     """
     from tinygpt_cli.export import load_model as load_any  # runs, checkpoints, HF GPT-2 folders, hub names
-    from tinygpt_cli.train import resolve_device, resolve_dtype
+    from tinygpt_cli.training import resolve_device, resolve_dtype
 
     if dtype not in DTYPES:
         raise GenerationError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")

@@ -415,7 +415,7 @@ def load_hellaswag(path: str | Path | None = None, limit: int | None = None) -> 
 
 # ----------------------------------------------------------------------------------------------- commands
 def _setup(checkpoint: str | Path | None, device: str, dtype: str) -> tuple[LoadedCheckpoint, Any, str]:
-    from tinygpt_cli.train import autocast_context, resolve_device, resolve_dtype
+    from tinygpt_cli.training import autocast_context, resolve_device, resolve_dtype
 
     if dtype not in DTYPES:
         raise DataError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
