@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from tinygpt_cli.config import MIN_LR_RATIO, PRESETS, config_from_dict, config_to_dict, dump_yaml, resolve_config
+from tinygpt_cli.config import MIN_LR_DIVISOR, PRESETS, config_from_dict, config_to_dict, dump_yaml, resolve_config
 from tinygpt_cli.errors import ConfigError
 
 
@@ -123,6 +123,7 @@ def test_min_lr_follows_an_lr_given_without_one(tmp_path):
     floor is a tenth of their peak: where lr is given (flag, --set or file) and min_lr is not, it stays a tenth."""
     assert resolve_config(size="micro", flags={"train.lr": 1e-4}).train.min_lr == pytest.approx(1e-5)
     assert resolve_config(size="small", overrides=["train.lr=1e-3"]).train.min_lr == pytest.approx(1e-4)
+    assert resolve_config(overrides=["train.lr=3e-3"]).train.min_lr == 3e-4  # (review: not 0.00030000000000000003)
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 5.0e-4\n")
     assert resolve_config(config_file=path).train.min_lr == pytest.approx(5e-5)
@@ -132,9 +133,9 @@ def test_min_lr_follows_an_lr_given_without_one(tmp_path):
     assert resolve_config(size="micro", overrides=["train.min_lr=3e-5"], flags={"train.lr": 1e-4}).train.min_lr == 3e-5
     for name in PRESETS:  # the presets' own pairs
         train = resolve_config(size=name).train
-        assert train.min_lr == pytest.approx(train.lr * MIN_LR_RATIO)
-    with pytest.raises(ConfigError, match=r"^train.min_lr \(3e-04\) must be at most train.lr \(1e-04\): lower it "
-                                          r"too, e.g. --set train.min_lr=1e-05$"):
+        assert train.min_lr == pytest.approx(train.lr / MIN_LR_DIVISOR)
+    with pytest.raises(ConfigError, match=r"^train.min_lr \(0.0003\) must be at most train.lr \(0.0001\): lower "
+                                          r"it too, e.g. --set train.min_lr=1e-05$"):
         resolve_config(size="micro", overrides=["train.min_lr=3e-4"], flags={"train.lr": 1e-4})
     # a resumed run's saved config names min_lr: a lower --lr keeps it, and the check says what to do
     saved = resolve_config(size="micro")

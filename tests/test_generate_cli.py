@@ -368,6 +368,7 @@ def test_prompts_that_are_not_utf8_are_one_line_each(run, monkeypatch):
 
     assert_one_line_error(generate("ab\udcffcd", "--run", "nosuch"), "the prompt is not UTF-8 text: set the "
                           "terminal to UTF-8, or convert the text (iconv -t utf-8) into a --prompt-file")
+    assert_one_line_error(generate("ab", "--stop", "\udcff", "--run", "nosuch"), "--stop is not UTF-8 text")
     monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
     said = iter([KeyboardInterrupt(), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "ab\udcff",
                  "ROMEO:", EOFError()])

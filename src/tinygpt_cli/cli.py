@@ -900,6 +900,8 @@ def generate(
         raise GenerationError("give the prompt as an argument or with --prompt-file, not both")
     if any(not text for text in stop or ()):
         raise GenerationError("--stop needs a non-empty text")
+    for text in stop or ():  # it could never match UTF-8 output
+        _check_utf8(text, "--stop is not UTF-8 text: set the terminal to UTF-8")
     text = read_prompt(prompt_file) if prompt_file is not None else prompt
     if prompt is not None:
         _check_utf8(prompt, "the prompt is not UTF-8 text: set the terminal to UTF-8, or convert the text (iconv -t "

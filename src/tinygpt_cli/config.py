@@ -27,8 +27,8 @@ MAX_TEMPERATURE = 1e6
 # train.eval_batches micro-batches are drawn up front (their start offsets held for the whole run): a bound keeps
 # a typo such as 1e9 from filling the RAM before the first step (the OOM killer, not an error)
 MAX_EVAL_BATCHES = 100_000
-# train.min_lr over train.lr in every preset, and where a config gives lr alone (nanoGPT's and Chinchilla's floor)
-MIN_LR_RATIO = 0.1
+# train.lr over train.min_lr in every preset, and where a config gives lr alone (nanoGPT's and Chinchilla's floor)
+MIN_LR_DIVISOR = 10
 
 # Seeds go to torch.manual_seed (64-bit) after small additions (a rank, a prompt's turn): 2**62 leaves room.
 MAX_SEED = 2**62
@@ -91,7 +91,7 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     init_from: str = ""  # start from these weights: gpt2[-medium|-large|-xl], a HF folder or a tinygpt run
     lr: float = 2e-3  # peak learning rate
-    min_lr: float = 2e-4  # floor reached at the end of the schedule; where lr is given and this is not, lr / 10
+    min_lr: float = 2e-4  # floor at the end of the schedule; lr / 10 where a file, --set or --lr gives lr alone
     warmup_steps: int = 50  # steps of linear LR warmup up to lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
@@ -131,8 +131,8 @@ class TrainConfig:
         if self.min_lr < 0:
             raise ConfigError(f"train.min_lr must be 0 or more (got {self.min_lr})")
         if self.min_lr > self.lr:
-            raise ConfigError(f"train.min_lr ({self.min_lr:.0e}) must be at most train.lr ({self.lr:.0e}): lower it "
-                              f"too, e.g. --set train.min_lr={self.lr * MIN_LR_RATIO:.0e}")
+            raise ConfigError(f"train.min_lr ({self.min_lr:g}) must be at most train.lr ({self.lr:g}): lower it "
+                              f"too, e.g. --set train.min_lr={self.lr / MIN_LR_DIVISOR:g}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"train.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if self.max_minutes < 0:
@@ -462,7 +462,8 @@ def _finish(
         if given is not None:
             given.add(dotted)
     if given is not None and "train.lr" in given and "train.min_lr" not in given:
-        merged["train"]["min_lr"] = merged["train"]["lr"] * MIN_LR_RATIO
+        # rounded as written: 3e-3 / 10 is 0.00030000000000000003 in binary, which config.yaml would keep
+        merged["train"]["min_lr"] = float(f"{merged['train']['lr'] / MIN_LR_DIVISOR:.12g}")
     return RunConfig(size=size, **{name: SECTIONS[name](**values) for name, values in merged.items()})
 
 
