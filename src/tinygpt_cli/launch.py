@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tinygpt_cli.errors import TinyGPTError, described
 
-# The signals training stops on with a checkpoint (train._stop_on_signals), exiting 128 + the signal; no SIGHUP
+# The signals training stops on with a checkpoint (training._stop_on_signals), exiting 128 + the signal; no SIGHUP
 # on Windows, where Ctrl+Break is SIGBREAK (its default action ends the process at once, checkpoint or not).
 STOP_SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
 
@@ -66,7 +66,7 @@ RANK_ERRORS_ENV = "TINYGPT_RANK_ERRORS"
 # Set by the launcher for its workers: its process id (see `stop_with_launcher`).
 LAUNCHER_PID_ENV = "TINYGPT_LAUNCHER_PID"
 # How a worker's error starts when one of its collectives failed because another rank left the group (see
-# train.train): a knock-on, never the cause when another rank says why it stopped or died.
+# training.train): a knock-on, never the cause when another rank says why it stopped or died.
 PEER_LOST = "another process of the group stopped"
 # How long a signalled worker may take to finish its step and save before the agent kills it (torch's own
 # default, 30 s, can be too short for a large model's checkpoint). torch >= 2.12 takes it; older ones keep 30 s.
