@@ -162,3 +162,21 @@ assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": SRC, "TINYGPT_HOME": str(workspace)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_dtypes_are_taken_as_torch_names_them_too(with_shakespeare):
+    """Audit: `load_model(..., dtype=torch.float16)` or "float16" was refused ("--dtype must be one of auto, fp32,
+    bf16, fp16"): a notebook names dtypes as torch does."""
+    import pytest
+    import torch
+
+    from tinygpt_cli import TinyGPTError, evaluate, resolve_config, train
+    from tinygpt_cli.sample import load_model
+
+    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=1"]
+    train(resolve_config(size="micro", overrides=overrides), run_name="d")
+    for given, want in ((torch.bfloat16, torch.bfloat16), ("float32", torch.float32), ("bf16", torch.bfloat16)):
+        assert next(load_model("d", "cpu", given).model.parameters()).dtype == want
+    assert evaluate("d", tokens=64, dtype=torch.float32, record=False).dtype == "float32"
+    with pytest.raises(TinyGPTError, match="--dtype must be one of auto, fp32, bf16, fp16"):
+        load_model("d", "cpu", "fp8")

@@ -18,6 +18,14 @@ from tinygpt_cli.errors import ConfigError, first_line
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+_TORCH_DTYPE_NAMES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+
+
+def dtype_choice(value: object) -> str:
+    """A dtype as DTYPES names it, from that name, torch's ("bfloat16") or a torch.dtype; anything else as it is,
+    for the caller's check to refuse."""
+    text = str(value).removeprefix("torch.")
+    return _TORCH_DTYPE_NAMES.get(text, text)
 SCHEDULES = ("cosine", "wsd")
 COMPILE_MODES = ("auto", "on", "off")
 

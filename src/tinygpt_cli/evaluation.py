@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import LoadedCheckpoint, record_folder
+from tinygpt_cli.config import DTYPES, dtype_choice
 from tinygpt_cli.data import Dataset, find_dataset, token_window
 from tinygpt_cli.errors import DataError, TinyGPTError
 from tinygpt_cli.model import GPT
@@ -47,7 +48,6 @@ HEAD_CHUNK = 512  # rows of (rows x vocab) fp32 logits held at once: 100 MB
 TASKS = ("hellaswag",)
 HELLASWAG_HUB_IDS = ("Rowan/hellaswag", "hellaswag")
 HELLASWAG_VAL_EXAMPLES = 10042  # HellaSwag's validation split: a copy of another size is not HellaSwag
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 SPLITS = ("val", "train")
 
 
@@ -414,9 +414,11 @@ def load_hellaswag(path: str | Path | None = None, limit: int | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------------------- commands
-def _setup(checkpoint: str | Path | None, device: str, dtype: str) -> tuple[LoadedCheckpoint, Any, str]:
+def _setup(checkpoint: str | Path | None, device: str, dtype: str | torch.dtype
+           ) -> tuple[LoadedCheckpoint, Any, str]:
     from tinygpt_cli.training import autocast_context, resolve_device, resolve_dtype
 
+    dtype = dtype_choice(dtype)  # torch's names too
     if dtype not in DTYPES:
         raise DataError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_device = resolve_device(device)
@@ -472,7 +474,7 @@ def evaluate(
     tokens: int | None = DEFAULT_TOKENS,
     batch_size: int | None = None,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     on_event: Callable[[EvalEvent], None] | None = None,
     record: bool = True,
 ) -> LossResult:
@@ -523,7 +525,7 @@ def evaluate_task(
     limit: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str | torch.dtype = "auto",
     on_event: Callable[[EvalEvent], None] | None = None,
     record: bool = True,
 ) -> TaskResult:

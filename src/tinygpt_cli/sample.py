@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tinygpt_cli.config import MAX_TEMPERATURE, seed_problem
+from tinygpt_cli.config import DTYPES, MAX_TEMPERATURE, dtype_choice, seed_problem
 from tinygpt_cli.errors import GenerationError, described
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
@@ -1279,10 +1279,10 @@ def encode_prompt(prompt: str) -> list[int]:
     return get_encoding().encode(prompt, allowed_special={EOT_TOKEN}, disallowed_special=())
 
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
-def load_model(spec: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> LoadedCheckpoint:
+def load_model(spec: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype = "auto"
+               ) -> LoadedCheckpoint:
     """Load a checkpoint (a run's latest; the latest run's by default) for generation, in eval mode, its weights
     cast to `dtype` (auto: bf16 on CUDA GPUs that have it, else fp16 there; fp32 elsewhere) on `device`.
 
@@ -1291,6 +1291,7 @@ def load_model(spec: str | Path | None = None, device: str = "auto", dtype: str 
     from tinygpt_cli.export import load_model as load_any  # runs, checkpoints, HF GPT-2 folders, hub names
     from tinygpt_cli.training import resolve_device, resolve_dtype
 
+    dtype = dtype_choice(dtype)  # torch's names too
     if dtype not in DTYPES:
         raise GenerationError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_device = resolve_device(device)
