@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import LoadedCheckpoint, record_folder
-from tinygpt_cli.config import DTYPES, dtype_choice
 from tinygpt_cli.data import Dataset, find_dataset, token_window
 from tinygpt_cli.errors import DataError, TinyGPTError
 from tinygpt_cli.model import GPT
@@ -418,9 +417,6 @@ def _setup(checkpoint: str | Path | None, device: str, dtype: str | torch.dtype
            ) -> tuple[LoadedCheckpoint, Any, str]:
     from tinygpt_cli.training import autocast_context, resolve_device, resolve_dtype
 
-    dtype = dtype_choice(dtype)  # torch's names too
-    if dtype not in DTYPES:
-        raise DataError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     from tinygpt_cli.export import load_model as load_any  # runs, checkpoints, HF GPT-2 folders, hub names

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tinygpt_cli.config import DTYPES, MAX_TEMPERATURE, dtype_choice, seed_problem
+from tinygpt_cli.config import MAX_TEMPERATURE, seed_problem
 from tinygpt_cli.errors import GenerationError, described
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
@@ -1291,9 +1291,6 @@ def load_model(spec: str | Path | None = None, device: str = "auto", dtype: str 
     from tinygpt_cli.export import load_model as load_any  # runs, checkpoints, HF GPT-2 folders, hub names
     from tinygpt_cli.training import resolve_device, resolve_dtype
 
-    dtype = dtype_choice(dtype)  # torch's names too
-    if dtype not in DTYPES:
-        raise GenerationError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     loaded = load_any(spec, device=torch_device)
