@@ -413,8 +413,10 @@ def load_hellaswag(path: str | Path | None = None, limit: int | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------------------- commands
-def _setup(checkpoint: str | Path | None, device: str, dtype: str | torch.dtype
+def _setup(checkpoint: str | Path | None, device: str, dtype: str | torch.dtype, record: bool
            ) -> tuple[LoadedCheckpoint, Any, str]:
+    """The model to score (on `device`), its autocast and the dtype's name; with `record`, checked to be one
+    whose results can be recorded."""
     from tinygpt_cli.training import autocast_context, resolve_device, resolve_dtype
 
     torch_device = resolve_device(device)
@@ -422,6 +424,8 @@ def _setup(checkpoint: str | Path | None, device: str, dtype: str | torch.dtype
     from tinygpt_cli.export import load_model as load_any  # runs, checkpoints, HF GPT-2 folders, hub names
 
     loaded = load_any(checkpoint, device=torch_device)
+    if record:
+        _check_recordable(loaded)
     return loaded, autocast_context(torch_device, torch_dtype), str(torch_dtype).split(".")[-1]
 
 
@@ -483,9 +487,7 @@ def evaluate(
         raise DataError(f"--tokens must be at least 1 (got {tokens})")
     if batch_size is not None and batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
-    loaded, autocast, dtype_name = _setup(checkpoint, device, dtype)
-    if record:
-        _check_recordable(loaded)
+    loaded, autocast, dtype_name = _setup(checkpoint, device, dtype, record)
     dataset = _run_dataset(loaded, data, emit)
     split_tokens = dataset.split(split)
     if len(split_tokens) < 2:
@@ -534,9 +536,7 @@ def evaluate_task(
     if batch_size is not None and batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
     examples, source = load_hellaswag(task_data, limit)
-    loaded, autocast, dtype_name = _setup(checkpoint, device, dtype)
-    if record:
-        _check_recordable(loaded)
+    loaded, autocast, dtype_name = _setup(checkpoint, device, dtype, record)
     model: GPT = loaded.model  # type: ignore[assignment]
     emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {task}: {workspace.counted(len(examples), 'example')} "
                                    f"from {source}"))
