@@ -5,7 +5,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,10 @@ atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HOME"] = _HF_HOME
 for _cache in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
     os.environ.pop(_cache, None)
+# The tests' local servers are reached directly: through a proxy that a CI machine sets, its answer (a 502) would
+# count as the server's.
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = ",".join(filter(None, [os.environ.get(_var), "127.0.0.1", "localhost"]))
 
 # tests/interpreted runs Triton kernels through Triton's interpreter, which must be switched on before Triton is
 # imported: test_kernels.py runs that folder in a process of its own with TRITON_INTERPRET=1.
@@ -42,6 +49,26 @@ def assert_one_line_error(result, fragment: str, code: int = 1) -> None:
     assert raw.index(errors[0]) == 0 or raw[raw.index(errors[0]) - 1].strip(), "a blank line before the error"
     assert fragment in errors[0], errors[0]
     assert "Traceback" not in result.output
+
+
+# How long a test waits for a process it started to reach a state (a checkpoint, a logged step). Generous: the
+# wait ends as soon as the state is reached, and a loaded 2-core machine takes a while to import torch.
+WAIT_S = 300.0
+
+
+def wait_for(process: subprocess.Popen, reached: Callable[[], object], what: str, timeout: float = WAIT_S) -> None:
+    """Poll `reached()` until it is true. The test fails here, saying so, if `process` ends first or the time runs
+    out, rather than going on to signal a process still importing or to read a checkpoint that is not there."""
+    deadline = time.monotonic() + timeout
+    while not reached():
+        if process.poll() is not None:
+            if reached():  # just before it ended
+                return
+            _, err = process.communicate()
+            pytest.fail(f"the process ended (exit {process.returncode}) before {what}: {err or ''}"[-4000:])
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def pytest_collection_modifyitems(config, items):

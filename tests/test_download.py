@@ -75,7 +75,7 @@ def test_offline_hub_fails_fast_in_one_line(workspace):
     result = runner.invoke(app, ["download"])  # openwebtext, with HF_HUB_OFFLINE=1 (conftest)
     _one_line_error(result, "cannot download openwebtext (Skylion007/openwebtext)")
     assert "tinygpt tokenize PATH" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 30  # a retry storm takes minutes; slack for a loaded machine
     assert not (workspace / "data").exists()
 
 
@@ -98,7 +98,7 @@ def test_unreachable_hub_fails_fast_in_one_line(workspace, monkeypatch, hub):
         silent.close()
     _one_line_error(result, f"no answer from the Hugging Face hub at {endpoint}")
     assert "roneneldan/TinyStories" in result.stderr and "tinygpt tokenize PATH" in result.stderr
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 30  # a retry storm takes minutes; slack for a loaded machine
     assert not (workspace / "data").exists()
 
 
@@ -120,7 +120,7 @@ def test_the_hub_path_runs_up_to_the_network_call(workspace, monkeypatch):
     started = time.perf_counter()
     with pytest.raises(DataError, match=r"cannot open roneneldan/TinyStories with `datasets` \(.+\); fetch its files"):
         dl.download("tinystories", max_docs=10)
-    assert time.perf_counter() - started < 15
+    assert time.perf_counter() - started < 60
     assert not (workspace / "data" / "raw" / "tinystories").exists()
 
 

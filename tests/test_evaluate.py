@@ -197,8 +197,8 @@ def test_eval_of_a_run_whose_dataset_is_gone_or_damaged(with_shakespeare, worksp
     other = workspace / "data" / "other"
     shutil.copytree(with_shakespeare, other)
     meta = json.loads((other / "meta.json").read_text())
-    (other / "meta.json").write_text(json.dumps({**meta, "name": "other"}))
-    os.utime(other / "meta.json", (2e9, 2e9))  # the newest dataset
+    (other / "meta.json").write_text(json.dumps({**meta, "name": "other", "created": "2099-01-01T00:00:00+00:00"}))
+    os.utime(other, (4e9, 4e9))  # the newest dataset, by either key `list_datasets` sorts on
     (with_shakespeare / "meta.json").write_text("{")
     assert_one_line_error(evaluate("--tokens", "64"), "meta.json")
     shutil.rmtree(with_shakespeare)
@@ -326,7 +326,7 @@ def test_hellaswag_with_an_unreachable_hub_fails_fast(workspace, monkeypatch):
     started = time.perf_counter()
     result = evaluate("--task", "hellaswag", "--limit", "5")
     assert_one_line_error(result, "no answer from the Hugging Face hub at http://127.0.0.1:9")
-    assert "--task-data PATH" in result.stderr and time.perf_counter() - started < 10
+    assert "--task-data PATH" in result.stderr and time.perf_counter() - started < 30  # not minutes of retries
 
 
 def test_nothing_to_evaluate(workspace):

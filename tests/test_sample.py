@@ -240,6 +240,7 @@ def test_a_later_call_takes_the_decoder_an_earlier_one_built(monkeypatch):
 
     torch.manual_seed(1)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=BLOCK)).eval()
+    gc.collect()  # (another test's model that only a cycle held would go at the end's collect, not counted)
     others = len(sample._KEPT)  # the decoders of the other tests' models
     made, real = [], sample._DecodeChunk.__init__
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_cli import invoke
 
-from conftest import TINY_SETTINGS, assert_one_line_error, tiny_config
+from conftest import TINY_SETTINGS, assert_one_line_error, tiny_config, wait_for
 from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli.errors import TrainingError
 from tinygpt_cli.training import train
@@ -48,14 +48,15 @@ def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, work
     env = {**os.environ, "TINYGPT_HOME": str(workspace)}
     args = ["--name", "k", "--max-steps", "60", "--set", "train.eval_interval=1", "--set", "train.eval_batches=1"]
     resume: list[str] = []
-    kills = 0
+    kills, saved = 0, 0
+    run = workspace / "runs" / "k"
     for _ in range(4):
+        if saved == 60:
+            break
         process = reaped(subprocess.Popen(_train_command(*args, *resume), env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.time() + 60
-        run = workspace / "runs" / "k"
-        while time.time() < deadline and ckpt.latest_checkpoint(run) is None:  # wait for a first checkpoint
-            time.sleep(0.05)
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        # past the imports and the resume, into training: the kill lands among its steps and saves
+        wait_for(process, lambda saved=saved: (ckpt.latest_step(run) or 0) > saved, "a new checkpoint")
         time.sleep(rng.uniform(0.0, 1.5))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
@@ -64,11 +65,13 @@ def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, work
         latest = ckpt.latest_checkpoint(run)
         assert latest is not None
         loaded = ckpt.load_checkpoint(str(run))
-        assert loaded.state["step"] >= 1
+        assert loaded.state["step"] > saved
+        saved = loaded.state["step"]
         ckpt.load_optimizer_state(latest)
         resume = ["--resume"]
     assert kills >= 2
-    finished = subprocess.run(_train_command(*args, "--resume"), env=env, capture_output=True, text=True)
+    finished = subprocess.run(_train_command(*args, "--resume"), env=env, capture_output=True, text=True,
+                              timeout=600)
     assert finished.returncode == 0, finished.stderr
     assert json.loads((workspace / "runs" / "k" / "checkpoints" / "step_60" / "state.json").read_text())["step"] == 60
     leftovers = [p.name for p in (workspace / "runs" / "k" / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -87,9 +90,7 @@ def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace, sig, r
         preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     ))
     metrics = workspace / "runs" / "t" / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.05)
+    wait_for(process, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, "3 logged steps")
     process.send_signal(sig)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + sig, err  # not 0: `train && export` must not go on
@@ -112,14 +113,11 @@ def test_under_nohup_a_hangup_is_still_ignored(with_shakespeare, workspace, reap
     def logged() -> int:
         return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
-    deadline = time.time() + 60
-    while time.time() < deadline and logged() < 3:
-        time.sleep(0.05)
+    wait_for(process, lambda: logged() >= 3, "3 logged steps")
     process.send_signal(signal.SIGHUP)
-    before, deadline = logged(), time.time() + 60
-    while time.time() < deadline and logged() < before + 3:  # still training
-        time.sleep(0.05)
-    assert process.poll() is None and logged() >= before + 3
+    before = logged()
+    wait_for(process, lambda: logged() >= before + 3, "3 steps logged after the hangup")  # still training
+    assert process.poll() is None
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, err
