@@ -36,6 +36,29 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _commands(group, path=()):
+    """Every command under a click group, as (its words, the command)."""
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_help_of_every_command_reads_cleanly():
+    """A flag's help row showed a type, `--json <bool>`, as if it took a value (recent Typer); a command's one-line
+    summary broke where its docstring's source line did (`tinygpt runs --help`)."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    for words, command in [((), root), *_commands(root)]:
+        result = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (words, result.output)
+        assert "<bool>" not in result.stdout, words
+        assert "\n" not in (command.help or "").split("\n\n")[0].strip(), words
+    typed = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"}).stdout
+    assert re.search(r"--seed +<int>", typed) and re.search(r"--json +Print the result as JSON", typed)
+
+
 def test_version_and_module_entry_point():
     from tinygpt_cli import __version__
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from typer import core as _typer_core
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from tinygpt_cli import __version__
 from tinygpt_cli.errors import TinyGPTError
@@ -43,7 +43,27 @@ def _stdout_console():
 _UsageError = (getattr(_typer_core, "_click", None) or _typer_core.click).exceptions.UsageError
 
 
-class TinyGPTGroup(TyperGroup):
+class _FlagsTakeNoValue:
+    """Recent Typer prints each flag's type where a value would go (`--json <bool>`), as if it took one: a flag's
+    type column is left empty."""
+
+    def get_params(self, ctx):  # type: ignore[no-untyped-def]
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
     """Turns library errors into one line and exit code 1, for `tinygpt` and for CliRunner alike."""
 
     def invoke(self, ctx):  # type: ignore[override]
@@ -229,6 +249,7 @@ class _RateView:
 
 
 @app.command(
+    cls=_Command,
     epilog="Examples:  tinygpt tokenize  ·  tinygpt tokenize openwebtext --fraction 0.25  ·  "
     "tinygpt tokenize books/ --name books  ·  tinygpt tokenize 'shards/*.jsonl.gz' --text-field body"
 )
@@ -340,6 +361,7 @@ def tokenize(
 
 # ----------------------------------------------------------------------------------------- download
 @app.command(
+    cls=_Command,
     epilog="Examples:  tinygpt download --list  ·  tinygpt download tinystories --max-docs 200000  ·  "
     "tinygpt download openwebtext --fraction 0.25  ·  tinygpt download owner/name --text-field content"
 )
@@ -465,6 +487,7 @@ def _print_table(table) -> None:
 
 # ----------------------------------------------------------------------------------------- train
 @app.command(
+    cls=_Command,
     epilog="Examples:  tinygpt train --size micro  ·  tinygpt train --resume  ·  "
     "tinygpt train --size tiny --set train.lr=1e-3 --max-steps 2000"
 )
@@ -823,6 +846,7 @@ def _decode_plan(device, fused: bool | None, compile_mode: str, lookahead: bool 
 
 
 @app.command(
+    cls=_Command,
     epilog='Examples:  tinygpt generate "To be, or not to be"  ·  '
     'tinygpt generate "ROMEO:" --num-samples 3 --temperature 0.9 --seed 7  ·  '
     "tinygpt generate --prompt-file scene.txt --stop $'\\n\\n' --json  ·  "
@@ -1092,6 +1116,7 @@ class _GenerateView:
 # ----------------------------------------------------------------------------------------- eval
 @app.command(
     "eval",
+    cls=_Command,
     epilog="Examples:  tinygpt eval  ·  tinygpt eval my-run --data owt --tokens 200000  ·  "
     "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task hellaswag --task-data hs_val.jsonl",
 )
@@ -1195,6 +1220,7 @@ def eval_command(
 
 # ----------------------------------------------------------------------------------------- export
 @app.command(
+    cls=_Command,
     epilog="Examples:  tinygpt export  ·  tinygpt export my-run --format gguf --dtype q8_0  ·  "
     "tinygpt export --format onnx --out model-onnx  ·  tinygpt export gpt2 --format gguf"
 )
@@ -1331,6 +1357,7 @@ def _plan_table(p) -> Any:
 
 
 @app.command(
+    cls=_Command,
     epilog="Examples:  tinygpt plan --size small --data openwebtext --fraction 0.25 --device h100  ·  "
     "tinygpt plan --size small --device a100 --nproc 8 --grad-accum 4 --json  ·  "
     "tinygpt plan --size micro --measure"
@@ -1408,6 +1435,7 @@ def plan(
 
 # ----------------------------------------------------------------------------------------- runs, data
 runs_app = typer.Typer(
+    cls=_Group,
     help="List the runs in the workspace; `tinygpt runs show NAME` prints a run's report.",
     no_args_is_help=False,
     rich_markup_mode="rich",
@@ -1478,13 +1506,14 @@ def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row
     _print_table(table)
 
 
-@runs_app.command("show", epilog="Examples:  tinygpt runs show  ·  tinygpt runs show my-run")
+@runs_app.command("show", cls=_Command, epilog="Examples:  tinygpt runs show  ·  tinygpt runs show my-run")
 def runs_show(
     run: Annotated[str | None, typer.Argument(
         help="Run name or folder, or a checkpoint folder (default: the latest run).")] = None,
 ) -> None:
-    """Print a run's report.md (config, data, hardware, time, losses, a sample, evals). A checkpoint outside a run
-    has its own, of the evals run on it."""
+    """Print a run's report.md: config, data, hardware, time, losses, a sample, evals.
+
+    A checkpoint outside a run has its own, of the evals run on it."""
     from tinygpt_cli.inventory import run_report
 
     _, text, note = run_report(run)
@@ -1493,6 +1522,7 @@ def runs_show(
 
 
 data_app = typer.Typer(
+    cls=_Group,
     help="List the tokenized datasets in the workspace; `tinygpt data show NAME` for one.",
     no_args_is_help=False,
     rich_markup_mode="rich",
@@ -1524,7 +1554,7 @@ def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                    f"No tokenized data in {workspace.data_dir()} yet: run `tinygpt tokenize`")
 
 
-@data_app.command("show", epilog="Examples:  tinygpt data show  ·  tinygpt data show shakespeare --json")
+@data_app.command("show", cls=_Command, epilog="Examples:  tinygpt data show  ·  tinygpt data show shakespeare --json")
 def data_show(
     name: Annotated[str | None, typer.Argument(help="Dataset name or folder (default: the newest).")] = None,
     as_json: JsonOpt = False,
