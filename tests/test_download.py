@@ -102,6 +102,30 @@ def test_unreachable_hub_fails_fast_in_one_line(workspace, monkeypatch, hub):
     assert not (workspace / "data").exists()
 
 
+def test_the_hub_probe_trusts_what_the_hub_client_trusts(monkeypatch):
+    """A python.org Mac Python has no certificates until the user installs them: the probe failed the TLS check
+    and said the hub did not answer, where `datasets`, with certifi's certificates, would have downloaded (audit)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    seen = []
+
+    def refused(request, timeout, context):
+        seen.append(context)
+        raise urllib.error.URLError(ssl.SSLCertVerificationError(1, "certificate verify failed"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", refused)
+    assert dl.hub_silence("roneneldan/TinyStories") is None  # an answer, which `datasets` goes on to judge
+    assert seen[0].cert_store_stats()["x509_ca"] > 0  # certifi's bundle, not an empty system store
+
+    def silent(request, timeout, context):
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", silent)
+    assert "no answer from the Hugging Face hub" in dl.hub_silence("roneneldan/TinyStories")
+
+
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "inf", "nan"])
 def test_a_bad_hub_timeout_is_one_line(workspace, monkeypatch, value):
     """It was a traceback (float('abc'), then urllib's 'Timeout value out of range') (audit)."""

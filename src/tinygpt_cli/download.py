@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -306,13 +307,24 @@ def hub_silence(hub_id: str) -> str | None:
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     request = urllib.request.Request(f"{endpoint}/api/datasets/{hub_id}", method="HEAD")
     try:
-        urllib.request.urlopen(request, timeout=timeout).close()
+        urllib.request.urlopen(request, timeout=timeout, context=_tls_context()).close()
     except urllib.error.HTTPError:
         return None  # the hub answered (a 401/404 is for `datasets` to explain)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):  # something answered: whether to trust it is for `datasets`, with
+            return None  # its own certificates, to say (a python.org Mac Python has none of its own installed)
         return f"no answer from the Hugging Face hub at {endpoint} ({reason}; waited at most {timeout:g}s)"
     return None
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The certificates the hub's own client trusts (certifi's, which `datasets` installs), else the system's."""
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def _open_stream(entry: NamedSource):
