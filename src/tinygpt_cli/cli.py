@@ -21,7 +21,7 @@ from typer import core as _typer_core
 from typer.core import TyperCommand, TyperGroup
 
 from tinygpt_cli import __version__
-from tinygpt_cli.errors import TinyGPTError
+from tinygpt_cli.errors import TinyGPTError, allocation_failed
 from tinygpt_cli.workspace import counted, format_bytes
 
 _QUIET = False  # set by `tinygpt --quiet`: no progress or status lines (errors and results still show)
@@ -84,7 +84,7 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
             print_error(exc)
             raise typer.Exit(1) from None
         except (MemoryError, RuntimeError) as exc:  # an allocation the machine refused that no estimate foresaw
-            if not _allocation_failed(exc):
+            if not allocation_failed(exc):
                 raise
             if os.environ.get("TINYGPT_DEBUG"):
                 import traceback
@@ -112,14 +112,6 @@ _MEMORY_ADVICE = {
              "programs hold the memory: check the sizes with `tinygpt plan` and use smaller ones",
     "generate": "ask for fewer --num-samples, or sample from a smaller model",
 }
-
-
-def _allocation_failed(exc: BaseException) -> bool:
-    """Whether `exc` is the host's or a device's refusal of an allocation (not some other RuntimeError)."""
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc)
-    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 _NOT_ALLOWED = "check the file's permissions, or point TINYGPT_HOME (or --out) at a folder you can write"

@@ -59,3 +59,16 @@ def _sentence_end(line: str) -> int:
         if ch == "." and depth <= 0 and line[i + 1 : i + 2] == " " and line[i + 2 : i + 3].isupper():
             return i + 1
     return len(line)
+
+
+# How the allocators word a refusal: glibc's (Linux) and macOS's errno text, Windows' CPU allocator, and CUDA's
+# and MPS's errors.
+_REFUSED_ALLOCATION = ("can't allocate memory", "not enough memory", "out of memory")
+
+
+def allocation_failed(exc: BaseException) -> bool:
+    """Whether `exc` is the host's or a device's refusal of an allocation (not some other RuntimeError)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(words in text for words in _REFUSED_ALLOCATION)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tinygpt_cli.config import MAX_TEMPERATURE, seed_problem
-from tinygpt_cli.errors import GenerationError, described
+from tinygpt_cli.errors import GenerationError, allocation_failed, described
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
 from tinygpt_cli.sources import conversion_advice, decode_text
@@ -521,14 +521,6 @@ def free_memory(device: torch.device) -> int | None:
     return available
 
 
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` is an allocation that failed (CUDA, MPS or the CPU allocator)."""
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
-
-
 def _memory_error(num_samples: int, need: int, limit: str, use_cache: bool = True) -> GenerationError:
     held = "KV cache" if use_cache else "activations"
     return GenerationError(
@@ -830,7 +822,7 @@ def generate(
                 static_steps += 1
                 cache.advance(1)
     except Exception as exc:  # an allocation the estimate did not foresee
-        if not out_of_memory(exc):
+        if not allocation_failed(exc):
             raise
         raise _memory_error(num_samples, need, f"{device.type} could allocate", use_cache) from None
     finally:  # however it ends (done, stopped, closed early): count the last look-ahead pass too
