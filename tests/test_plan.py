@@ -258,6 +258,29 @@ def test_plan_help_names_every_device():
     assert set(P.DEVICE_CHOICES) <= set(re.findall(r"[a-z0-9-]+", device_help))
 
 
+def test_host_memory_on_windows(monkeypatch):
+    """Windows has no os.sysconf: its RAM was unknown, so plan could not say whether a run fits and train skipped
+    its RAM check (portability review). It comes from GlobalMemoryStatusEx."""
+    import ctypes
+    import sys
+    from types import SimpleNamespace
+
+    def status(reference):
+        memory = reference._obj
+        assert memory.dwLength == ctypes.sizeof(memory) == 64  # what Windows checks before filling it in
+        memory.ullTotalPhys = 16 * 2**30
+        return 1
+
+    monkeypatch.delattr(P.os, "sysconf")
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(P, "cgroup_memory", lambda: None)
+    monkeypatch.setattr(ctypes, "windll", SimpleNamespace(kernel32=SimpleNamespace(GlobalMemoryStatusEx=status)),
+                        raising=False)
+    assert P._host_memory() == 16 * 2**30
+    monkeypatch.setattr(ctypes.windll.kernel32, "GlobalMemoryStatusEx", lambda reference: 0)  # the call failed
+    assert P._host_memory() is None
+
+
 def test_host_memory_respects_a_container_limit(tmp_path, monkeypatch):
     """In a container the cgroup's limit, not the host's RAM, is what a run can use (v2 and v1 layouts)."""
     v2 = tmp_path / "v2"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -102,11 +103,32 @@ def _host_memory() -> int | None:
     try:
         physical = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
-        physical = None
+        physical = _windows_memory() if sys.platform == "win32" else None
     container = cgroup_memory()
     if container is None:
         return physical
     return container[0] if physical is None else min(physical, container[0])
+
+
+def _windows_memory() -> int | None:
+    """Windows' physical RAM in bytes (it has no sysconf), from GlobalMemoryStatusEx; None if the call fails."""
+    import ctypes
+
+    class MemoryStatus(ctypes.Structure):  # MEMORYSTATUSEX
+        _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32),
+                    ("ullTotalPhys", ctypes.c_uint64), ("ullAvailPhys", ctypes.c_uint64),
+                    ("ullTotalPageFile", ctypes.c_uint64), ("ullAvailPageFile", ctypes.c_uint64),
+                    ("ullTotalVirtual", ctypes.c_uint64), ("ullAvailVirtual", ctypes.c_uint64),
+                    ("ullAvailExtendedVirtual", ctypes.c_uint64)]
+
+    status = MemoryStatus()
+    status.dwLength = ctypes.sizeof(MemoryStatus)
+    try:
+        if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
+            return None
+    except (AttributeError, OSError):
+        return None
+    return int(status.ullTotalPhys) or None
 
 
 def gpu_spec(name: str, memory: int) -> DeviceSpec:
