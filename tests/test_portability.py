@@ -210,6 +210,34 @@ def test_fp16_training_on_mps_is_refused_rather_than_unscaled(with_shakespeare, 
         train_module.train(tiny_config(max_steps=1, dtype="fp16", device="mps"), run_name="half")
 
 
+def test_plan_refuses_the_dtypes_train_refuses_on_a_mac():
+    """plan planned an fp16 run on MPS that train then refused (and measured it with the scaler train avoids)."""
+    from tinygpt_cli.errors import ConfigError
+    from tinygpt_cli.plan import plan
+
+    for device, dtype in [("mps", "fp16"), ("cpu", "fp16")]:
+        with pytest.raises(ConfigError, match=f"fp16 .*{device.upper()}"):
+            plan(tiny_config(dtype=dtype), device=device)
+    assert plan(tiny_config(dtype="bf16"), device="mps").parameters > 0
+
+
+def test_bf16_on_mps_needs_a_torch_and_macos_that_have_it(monkeypatch):
+    """torch 2.5 turned MPS autocast off for bf16 with a warning (the run trained in fp32, saying bf16) and macOS 13
+    has no bf16 on the GPU at all: refused in one line there, for training and for loading a model alike."""
+    from tinygpt_cli import training
+    from tinygpt_cli.errors import TrainingError
+
+    mps = torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (14, 0))
+    assert training.resolve_dtype("bf16", mps) == torch.bfloat16
+    assert training.resolve_dtype("fp16", mps) == torch.float16  # generation's weights: no scaler involved
+    for version, macos in [("2.5.1", 14), ("2.13.0", 13)]:
+        monkeypatch.setattr(torch, "__version__", version)
+        monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor, m=macos: major <= m)
+        with pytest.raises(TrainingError, match=r"bf16 on Apple's GPU \(MPS\) needs macOS 14 and torch 2.6"):
+            training.resolve_dtype("bf16", mps, training=True)
+
+
 # ------------------------------------------------------------------------------------------------ Windows locks
 class _FakeMsvcrt:
     """msvcrt's byte-range locks as Windows keeps them: per open handle, refused (EACCES) to any other handle."""

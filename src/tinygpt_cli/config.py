@@ -26,6 +26,18 @@ def dtype_choice(value: object) -> str:
     for the caller's check to refuse."""
     text = str(value).removeprefix("torch.")
     return _TORCH_DTYPE_NAMES.get(text, text)
+
+
+def dtype_refusal(dtype: str, device_kind: str, training: bool) -> str | None:
+    """Why `dtype` (as DTYPES names it) cannot run on a `device_kind` ("cpu", "cuda", "mps") device, else None.
+    Without torch: `plan` asks too."""
+    if dtype == "fp16" and device_kind == "cpu":
+        return "--dtype fp16 is not supported on CPU: use fp32 or bf16"
+    if dtype == "fp16" and device_kind == "mps" and training:  # GradScaler("cuda") would disable itself
+        return "--dtype fp16 trains with a CUDA gradient scaler, which MPS has not: use fp32 (or bf16) on MPS"
+    return None
+
+
 SCHEDULES = ("cosine", "wsd")
 COMPILE_MODES = ("auto", "on", "off")
 

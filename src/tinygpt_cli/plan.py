@@ -16,7 +16,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tinygpt_cli.config import ModelConfig, RunConfig, TrainConfig, init_from_block_size, trains_compiled
+from tinygpt_cli.config import (
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    dtype_refusal,
+    init_from_block_size,
+    trains_compiled,
+)
 from tinygpt_cli.errors import ConfigError, DataError
 
 GIB = 2**30
@@ -437,7 +444,7 @@ def measure(cfg: RunConfig, micro_steps: int = 3, warmup: int = 1) -> Measuremen
 
     tc = cfg.train
     device = resolve_device(tc.device)
-    dtype = resolve_dtype(tc.dtype, device)
+    dtype = resolve_dtype(tc.dtype, device, training=True)
     T = cfg.model.block_size
     batch = tc.batch_size
     if device.type == "cpu":
@@ -586,8 +593,9 @@ def plan(
     if do_measure and device not in ("auto", "cuda", "cpu", "mps"):
         raise ConfigError(f"--measure runs on this machine: use --device auto (or cpu) instead of {device}")
     spec = resolve_device_spec(device)
-    if spec.kind == "cpu" and cfg.train.dtype == "fp16":
-        raise ConfigError("train.dtype fp16 is not supported on CPU: use fp32 or bf16")
+    refusal = dtype_refusal(cfg.train.dtype, spec.kind, training=True)  # the run train would refuse
+    if refusal:
+        raise ConfigError(refusal)
     notes: list[str] = []
     if cfg.train.init_from:  # train takes the shape of the weights it starts from; so does its plan
         from tinygpt_cli.export import pretrained_config

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ from tinygpt_cli.config import (
     config_from_dict,
     config_to_dict,
     dtype_choice,
+    dtype_refusal,
     dump_yaml,
     trains_compiled,
 )
@@ -129,9 +131,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str | torch.dtype, device: torch.device, training: bool = False) -> torch.dtype:
     """Autocast compute dtype. auto: bf16 on CUDA GPUs that have it (else fp16), fp32 elsewhere. `name` is one of
-    DTYPES, or as torch names it ("bfloat16", torch.float16).
+    DTYPES, or as torch names it ("bfloat16", torch.float16). `training` refuses what trains wrongly on `device`.
 
     On a CPU auto is fp32 whatever it has: bf16 autocast measured no faster on a 2-core EPYC with AVX-512 BF16
     (micro: 1,290 tokens/s against fp32's 1,371, medians of 3 alternating runs) and costs precision; where the CPU
@@ -144,10 +146,23 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    if dtype == torch.float16 and device.type == "cpu":
-        raise TrainingError("--dtype fp16 is not supported on CPU: use fp32 or bf16")
-    return dtype
+    refusal = dtype_refusal(name, device.type, training)
+    if refusal:
+        raise TrainingError(refusal)
+    if name == "bf16" and device.type == "mps" and not _mps_has_bf16():
+        raise TrainingError("--dtype bf16 on Apple's GPU (MPS) needs macOS 14 and torch 2.6 or later: use fp32, or "
+                            "upgrade")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _mps_has_bf16() -> bool:
+    """Whether MPS computes in bf16 here: macOS 14 has it, and torch's autocast takes it on MPS from 2.6 (2.5 turned
+    autocast off with a warning, training in fp32 while the run said bf16)."""
+    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    try:
+        return version >= (2, 6) and bool(torch.backends.mps.is_macos_or_newer(14, 0))
+    except (AttributeError, RuntimeError):  # no MPS backend to ask
+        return False
 
 
 def cpu_has_native_bf16() -> bool:
@@ -588,10 +603,7 @@ class _Trainer:
         self.emit = on_event or _quiet
         self.stop = stop
         self.device = dist.init(info, resolve_device(self.tc.device))
-        self.dtype = resolve_dtype(self.tc.dtype, self.device)
-        if self.dtype == torch.float16 and self.device.type == "mps":  # GradScaler("cuda") would disable itself
-            raise TrainingError("--dtype fp16 trains with a CUDA gradient scaler, which MPS has not: use fp32 (or "
-                                "bf16) on MPS")
+        self.dtype = resolve_dtype(self.tc.dtype, self.device, training=True)
         self.grad_accum = self.tc.grad_accum
         self.batch_size = self.tc.batch_size
         self.run_dir: Path | None = None  # known once `run` has named the run
