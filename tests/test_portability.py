@@ -238,6 +238,23 @@ def test_bf16_on_mps_needs_a_torch_and_macos_that_have_it(monkeypatch):
             training.resolve_dtype("bf16", mps, training=True)
 
 
+def test_a_resume_on_mps_goes_on_with_the_gpus_random_state(monkeypatch):
+    """Only the CPU's and CUDA's random states were saved: a resumed run on a Mac drew other dropout masks."""
+    import json
+
+    from tinygpt_cli import training
+
+    kept = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: kept.clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    state = json.loads(json.dumps(training._rng_state(torch.device("mps"))))  # as the checkpoint keeps it
+    training._restore_rng(state)
+    assert len(restored) == 1 and torch.equal(restored[0], kept)
+    assert "mps" not in training._rng_state(torch.device("cpu"))
+
+
 # ------------------------------------------------------------------------------------------------ Windows locks
 class _FakeMsvcrt:
     """msvcrt's byte-range locks as Windows keeps them: per open handle, refused (EACCES) to any other handle."""

@@ -374,7 +374,8 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------- rng
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The random state a resume goes on from: the CPU's, numpy's, Python's, and the device's own (CUDA, MPS)."""
     state = {
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
         "numpy": _jsonable(np.random.get_state()),
@@ -382,6 +383,8 @@ def _rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
+    if device is not None and device.type == "mps":  # dropout's masks on a Mac's GPU
+        state["mps"] = base64.b64encode(torch.mps.get_rng_state().numpy().tobytes()).decode("ascii")
     return state
 
 
@@ -404,6 +407,8 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(
             [torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()) for s in state["cuda"]]
         )
+    if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["mps"]), dtype=np.uint8).copy()))
 
 
 # ----------------------------------------------------------------------------------------------- run folder
@@ -969,7 +974,7 @@ class _Trainer:
 
     def _save(self, step: int) -> None:
         """Checkpoint on rank 0 (every rank's RNG state included); the other ranks wait for it."""
-        rng_states = dist.all_gather_objects(_rng_state())
+        rng_states = dist.all_gather_objects(_rng_state(self.device))
         model_state, optimizer_state = self._full_state()  # collective under FSDP: every rank takes part
         error: TrainingError | None = None
         if self.info.is_main:
