@@ -255,6 +255,34 @@ def test_a_resume_on_mps_goes_on_with_the_gpus_random_state(monkeypatch):
     assert "mps" not in training._rng_state(torch.device("cpu"))
 
 
+def test_a_rename_waits_out_a_scanner_holding_the_file_on_windows(tmp_path, monkeypatch):
+    """A virus scanner opens each file just written, for a moment, and Windows then refuses to rename it: a saved
+    checkpoint failed as if the disk were full (portability review). The rename is tried again there, briefly."""
+    source, target = tmp_path / "new", tmp_path / "final"
+    source.write_text("x")
+    real, refusals = os.replace, []
+
+    def held_open(a, b):
+        if len(refusals) < 3:
+            refusals.append(a)
+            raise PermissionError(13, "The process cannot access the file because it is being used")
+        real(a, b)
+
+    monkeypatch.setattr(os, "replace", held_open)
+    monkeypatch.setattr(workspace.time, "sleep", lambda seconds: None)
+    with pytest.raises(PermissionError):  # elsewhere a refusal is the file's permissions: said at once
+        workspace.replace(source, target)
+    assert len(refusals) == 1
+    monkeypatch.setattr(sys, "platform", "win32")
+    workspace.replace(source, target)
+    assert target.read_text() == "x" and len(refusals) == 3
+    refusals.clear()
+    monkeypatch.setattr(workspace, "REPLACE_PATIENCE_S", 0.1)  # held for good: the error, after the wait
+    target.rename(source)
+    with pytest.raises(PermissionError):
+        workspace.replace(source, target)
+
+
 # ------------------------------------------------------------------------------------------------ Windows locks
 class _FakeMsvcrt:
     """msvcrt's byte-range locks as Windows keeps them: per open handle, refused (EACCES) to any other handle."""

@@ -85,7 +85,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        workspace.replace(tmp, path)
     except BaseException:  # a full disk, a signal: the old file stays, and no temporary file is left behind
         tmp.unlink(missing_ok=True)
         raise
@@ -160,7 +160,7 @@ def save_checkpoint(
         fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        workspace.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -745,7 +745,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    workspace.replace(tmp, path)
 
 
 def _source_of(src: Source) -> dict[str, Any]:
@@ -816,8 +816,8 @@ def _replace_dir(new: Path, final: Path) -> None:
     """Move a completed folder into place, replacing an older one only after the new one is whole."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
-        os.replace(final, old)
-    os.replace(new, final)
+        workspace.replace(final, old)
+    workspace.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -404,7 +404,7 @@ def _write_part(path: Path, texts: list[str]) -> int:
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.table({"text": pa.array(texts, type=pa.large_string())}), tmp, compression="zstd")
     fsync_file(tmp)
-    os.replace(tmp, path)
+    workspace.replace(tmp, path)
     return path.stat().st_size
 
 

@@ -542,16 +542,16 @@ def export_model(
         elif target.exists() or target.is_symlink():  # force: swap the new one in, then drop the old one
             old = parent / f".{target.name}.old-{os.getpid()}"
             _remove(old)
-            os.replace(target, old)
+            workspace.replace(target, old)
             try:
-                os.replace(tmp, target)
+                workspace.replace(tmp, target)
             except BaseException:
-                os.replace(old, target)
+                workspace.replace(old, target)
                 raise
             placed = True
             _remove(old)  # (killed here, the next export of this name removes it)
         else:
-            os.replace(tmp, target)
+            workspace.replace(tmp, target)
             placed = True
         fsync_dir(parent)
     except BaseException as exc:
@@ -582,7 +582,7 @@ def _fill(folder: Path, tmp: Path) -> None:
     moved = []
     try:
         for child in sorted(tmp.iterdir()):
-            os.replace(child, folder / child.name)
+            workspace.replace(child, folder / child.name)
             moved.append(folder / child.name)
     except BaseException:
         for path in moved:

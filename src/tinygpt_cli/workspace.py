@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import sys
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -142,6 +143,26 @@ def _unlock(handle: Any) -> None:
 
 # DOS device names: Windows opens the device for a file or folder so named, with any extension (nul.txt)
 _WINDOWS_DEVICES = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\.|$)", re.IGNORECASE)
+
+
+# Windows refuses to replace or rename what another process holds open, and a virus scanner or the search indexer
+# opens each file just written, for a moment: a rename is tried again for up to this long there.
+REPLACE_PATIENCE_S = 2.0
+
+
+def replace(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """`os.replace`, tried again for REPLACE_PATIENCE_S on Windows while the file or folder is briefly held open."""
+    waited, pause = 0.0, 0.05
+    while True:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if sys.platform != "win32" or waited >= REPLACE_PATIENCE_S:
+                raise
+        time.sleep(pause)
+        waited += pause
+        pause = min(2 * pause, 0.5)
 
 
 def safe_name(text: str) -> str:
