@@ -283,6 +283,38 @@ def test_a_rename_waits_out_a_scanner_holding_the_file_on_windows(tmp_path, monk
         workspace.replace(source, target)
 
 
+def test_an_export_killed_on_windows_leaves_nothing_for_good(tmp_path, monkeypatch):
+    """Off POSIX every process counted as running, so the folders of a killed export stayed forever (portability
+    review). Windows is asked whether the process runs, without os.kill (which would terminate it there)."""
+    import ctypes
+
+    from tinygpt_cli import export
+
+    running, ended, denied = 100, 200, 300
+
+    class Kernel32:
+        def OpenProcess(self, access, inherit, pid):  # as Windows names it
+            Kernel32.error = 5 if pid == denied else 87
+            return pid if pid in (running, ended) else 0
+
+        def GetExitCodeProcess(self, handle, code):
+            code._obj.value = 259 if handle == running else 1
+            return 1
+
+        def CloseHandle(self, handle):
+            return 1
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error: Kernel32(), raising=False)
+    monkeypatch.setattr(ctypes, "get_last_error", lambda: Kernel32.error, raising=False)  # Windows only
+    monkeypatch.setattr(os, "kill", lambda *args: pytest.fail("os.kill terminates a process on Windows"))
+    exports = tmp_path / "exports"
+    for pid in (running, ended, denied, 400):
+        (exports / f".m.tmp-{pid}").mkdir(parents=True)
+    export._remove_stale_temps(exports, "m")
+    assert sorted(p.name for p in exports.iterdir()) == [f".m.tmp-{running}", f".m.tmp-{denied}"]
+
+
 # ------------------------------------------------------------------------------------------------ Windows locks
 class _FakeMsvcrt:
     """msvcrt's byte-range locks as Windows keeps them: per open handle, refused (EACCES) to any other handle."""

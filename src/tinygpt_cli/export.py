@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -593,7 +594,9 @@ def _fill(folder: Path, tmp: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+    if sys.platform == "win32":  # os.kill(pid, 0) terminates the process there
+        return _windows_pid_alive(pid)
+    if os.name != "posix":
         return True
     try:
         os.kill(pid, 0)
@@ -602,6 +605,24 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # someone else's process, or cannot tell: leave its files alone
     return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs, asked of Windows without touching it; True when it cannot tell."""
+    import ctypes
+
+    try:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return True
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process (else denied: it runs)
+    try:
+        code = ctypes.c_ulong()
+        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _remove_stale_temps(parent: Path, name: str) -> None:
