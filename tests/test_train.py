@@ -330,6 +330,18 @@ def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
     assert relabelled.run_dir.name.startswith("micro-")  # the default name takes the weights' size
     assert "size: micro" in (relabelled.run_dir / "config.yaml").read_text()
     assert "(micro size): --size tiny gives only the training settings (--size micro gives its own)" in notes[0]
+    # audit: a shape the command asked for was dropped without a word, the weights trained as they are
+    wider = tiny_config(max_steps=1, init_from="base")
+    wider = replace(wider, model=replace(wider.model, n_layer=3))
+    with pytest.raises(TrainingError, match=r"^--init-from base trains its weights' shape \(2 layers, 2 heads, 32 "
+                                            r"wide\), not model.n_layer=3: drop those settings"):
+        train(wider, run_name="wider")
+    assert not (workspace / "runs" / "wider").exists()
+    from tinygpt_cli.errors import ConfigError
+    from tinygpt_cli.plan import plan
+
+    with pytest.raises(ConfigError, match="not model.n_layer=3"):
+        plan(wider)
 
 
 def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch):

@@ -339,6 +339,20 @@ def init_from_block_size(cfg: RunConfig) -> int | None:
     return cfg.model.block_size if cfg.model.block_size != preset_block else None
 
 
+def init_from_conflict(cfg: RunConfig, weights: ModelConfig) -> str | None:
+    """Why a run cannot start from weights of shape `weights` (train.init_from): a model key the config changed
+    from its preset's value (by --set or a file) to another than the weights have. They would train as they are,
+    the change ignored. None if there is none."""
+    preset = ModelConfig(**PRESETS.get(cfg.size, {}).get("model", {}))
+    changed = [f"model.{key}={getattr(cfg.model, key)}" for key in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
+               if getattr(cfg.model, key) != getattr(preset, key) and getattr(cfg.model, key) != getattr(weights, key)]
+    if not changed:
+        return None
+    return (f"--init-from {cfg.train.init_from} trains its weights' shape ({weights.n_layer} layers, {weights.n_head} "
+            f"heads, {weights.n_embd} wide), not {', '.join(changed)}: drop those settings, or train a new model "
+            f"without --init-from")
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`"train.lr=3e-4"` -> ("train", "lr", parsed value).
 
