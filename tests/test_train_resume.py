@@ -1,6 +1,7 @@
 """What a resume changes and keeps: AdamW settings, a cut evaluation, --init-from, a metrics.jsonl cut by a crash."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import torch
@@ -157,3 +158,22 @@ def test_a_resume_goes_on_counting_non_finite_steps_in_a_row(with_shakespeare, w
         train(replace(config, train=replace(config.train, max_steps=20, eval_interval=20)), run_name="r",
               resume=True, on_event=events.append)
     assert [e.step for e in events if e.kind == "info" and "skipped" in e.message] == [5, 6, 7]
+
+
+def test_a_dataset_given_by_a_relative_path_is_found_from_any_folder(with_shakespeare, workspace, tmp_path,
+                                                                      monkeypatch):
+    """`--data ../corpora/b` was kept as typed in config.yaml: a resume or an eval from another folder found no
+    such dataset (audit). The run names it by absolute path."""
+    from test_cli import invoke, train_tiny
+
+    outside = tmp_path / "corpora" / "b"
+    shutil.copytree(with_shakespeare, outside)
+    shutil.rmtree(with_shakespeare)
+    monkeypatch.chdir(tmp_path / "corpora")
+    assert train_tiny("--data", "b", "--name", "y", steps=2).exit_code == 0
+    config = (workspace / "runs" / "y" / "config.yaml").read_text()
+    assert f"dataset: {outside}" in config, config
+    monkeypatch.chdir(workspace)
+    resumed = invoke("train", "--resume", "--name", "y", "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+    assert invoke("eval", "y", "--tokens", "64").exit_code == 0

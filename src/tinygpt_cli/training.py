@@ -640,9 +640,12 @@ class _Trainer:
                 cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
         self.dataset = prepare_dataset(cfg, self.emit, info)
         with dist.agreed():
-            if not cfg.data.dataset:  # config.yaml names the data, so a resume or a rerun finds the same
-                in_workspace = self.dataset.path.resolve().parent == workspace.data_dir().resolve()
-                cfg = self._with_dataset(self.dataset.path.name if in_workspace else str(self.dataset.path))
+            # config.yaml names the data so that a resume, an eval or a rerun finds the same from any folder: by
+            # name in the workspace, else by absolute path (a relative --data PATH held only from where it was typed)
+            in_workspace = self.dataset.path.resolve().parent == workspace.data_dir().resolve()
+            named = self.dataset.path.name if in_workspace else str(self.dataset.path.resolve())
+            if cfg.data.dataset != named:
+                cfg = self._with_dataset(named)
             self.train_tokens = self.dataset.split("train")
             self.val_tokens = self.dataset.split("val")
             self._check_data_fits(cfg.model.block_size)
