@@ -137,7 +137,15 @@ def test_min_lr_follows_an_lr_given_without_one(tmp_path):
     with pytest.raises(ConfigError, match=r"^train.min_lr \(0.0003\) must be at most train.lr \(0.0001\): lower "
                                           r"it too, e.g. --set train.min_lr=1e-05$"):
         resolve_config(size="micro", overrides=["train.min_lr=3e-4"], flags={"train.lr": 1e-4})
-    # a resumed run's saved config names min_lr: a lower --lr keeps it, and the check says what to do
+    # a resumed run whose min_lr followed its lr goes on following a new --lr (audit: `--resume --lr 1e-2` kept
+    # 2e-4, a 50x decay, as --lr's help does not say); one that set its own keeps it, and the check says what to do
     saved = resolve_config(size="micro")
+    assert resolve_config(base=saved, flags={"train.lr": 1e-2}).train.min_lr == 1e-3
+    assert resolve_config(base=saved, flags={"train.lr": 1e-4}).train.min_lr == 1e-5
+    assert resolve_config(base=saved, overrides=["train.min_lr=0"], flags={"train.lr": 1e-4}).train.min_lr == 0
+    assert resolve_config(base=saved, overrides=["train.warmup_steps=5"]).train.min_lr == saved.train.min_lr
+    own = resolve_config(size="micro", overrides=["train.min_lr=0"])
+    assert resolve_config(base=own, flags={"train.lr": 1e-2}).train.min_lr == 0
+    own = resolve_config(size="micro", overrides=["train.min_lr=3e-4"])
     with pytest.raises(ConfigError, match=r"--set train.min_lr=1e-05"):
-        resolve_config(base=saved, flags={"train.lr": 1e-4})
+        resolve_config(base=own, flags={"train.lr": 1e-4})

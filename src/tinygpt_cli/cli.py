@@ -523,7 +523,9 @@ def train(
         int | None, typer.Option(rich_help_panel=_P_OPT, help="Micro-batches per optimizer step.")
     ] = None,
     lr: Annotated[float | None, typer.Option(
-        rich_help_panel=_P_OPT, help="Peak learning rate (train.min_lr follows at a tenth of it unless set).")] = None,
+        rich_help_panel=_P_OPT,
+        help="Peak learning rate (train.min_lr follows at a tenth of it unless set, here or by the run resumed).")
+    ] = None,
     dropout: Annotated[
         float | None, typer.Option(rich_help_panel=_P_WHAT, help="Dropout (0 for pretraining; ~0.1 to fine-tune).")
     ] = None,

@@ -457,7 +457,9 @@ def resolve_config(
         config_file = Path(config_file)
     if base is not None:
         merged = {name: dict(values) for name, values in config_to_dict(base).items() if name != "size"}
-        return _finish(base.size, merged, overrides, flags)
+        # a run whose min_lr followed its lr goes on following a new --lr; one that set its own keeps it
+        followed = base.train.min_lr == _following_min_lr(base.train.lr)
+        return _finish(base.size, merged, overrides, flags, set() if followed else None)
     file_values = load_yaml(config_file) if config_file is not None else {}
     origin = str(config_file) if config_file is not None else ""
     file_size = file_values.pop("size", None)
@@ -475,13 +477,19 @@ def resolve_config(
     return _finish(chosen, merged, overrides, flags, given)
 
 
+def _following_min_lr(lr: float) -> float:
+    """train.min_lr where it follows train.lr: a tenth of it, rounded as written (3e-3 / 10 is
+    0.00030000000000000003 in binary, which config.yaml would keep)."""
+    return float(f"{lr / MIN_LR_DIVISOR:.12g}")
+
+
 def _finish(
     size: str, merged: dict[str, dict[str, Any]], overrides: Iterable[str], flags: Mapping[str, Any] | None,
     given: set[str] | None = None,
 ) -> RunConfig:
-    """The RunConfig of `merged` with the overrides and flags on top. `given` (a new run's keys set by its file;
-    None for a resumed run, whose saved config names every key) lets train.min_lr follow a train.lr given
-    without it, as in the presets: a tenth of it."""
+    """The RunConfig of `merged` with the overrides and flags on top. `given` (the keys a new run's file set; none
+    for a resumed run whose min_lr followed its lr; None for one that set its own) lets train.min_lr follow a
+    train.lr given without it, as in the presets: a tenth of it."""
     given = set(given) if given is not None else None
     for text in overrides:
         section, key, value = parse_override(text)
@@ -496,8 +504,7 @@ def _finish(
         if given is not None:
             given.add(dotted)
     if given is not None and "train.lr" in given and "train.min_lr" not in given:
-        # rounded as written: 3e-3 / 10 is 0.00030000000000000003 in binary, which config.yaml would keep
-        merged["train"]["min_lr"] = float(f"{merged['train']['lr'] / MIN_LR_DIVISOR:.12g}")
+        merged["train"]["min_lr"] = _following_min_lr(merged["train"]["lr"])
     return RunConfig(size=size, **{name: SECTIONS[name](**values) for name, values in merged.items()})
 
 
