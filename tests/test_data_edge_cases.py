@@ -216,6 +216,20 @@ def test_a_link_with_a_usable_name_to_a_file_left_out_is_read(workspace, tmp_pat
         assert source.documents == 6 and source.left_out == (str(corpus / "README.md"),)
 
 
+def test_a_folder_source_leaves_out_hidden_files_and_folders_as_a_glob_does(workspace, tmp_path):
+    """.git/ was read, and the copies Jupyter keeps in .ipynb_checkpoints/ put documents in twice (audit)."""
+    corpus = tmp_path / "notes"
+    for where in ("", ".git", ".ipynb_checkpoints", "sub"):
+        (corpus / where).mkdir(parents=True, exist_ok=True)
+    _jsonl(corpus / "a.jsonl", [f"note {i}" for i in range(5)])
+    _jsonl(corpus / "sub" / "b.jsonl", [f"more {i}" for i in range(3)])
+    _jsonl(corpus / ".ipynb_checkpoints" / "a-checkpoint.jsonl", [f"note {i}" for i in range(5)])
+    (corpus / ".git" / "description.txt").write_text("Unnamed repository\n")
+    _jsonl(corpus / ".draft.jsonl", ["unfinished"])
+    assert sources.local_source(str(corpus)).documents == 8
+    assert sources.local_source(str(corpus / "**" / "*")).documents == 8  # the same as the glob
+
+
 def test_files_of_other_types_in_a_folder_are_named_not_silently_left_out(workspace, tmp_path):
     """A folder of .json.gz shards plus a README.txt was tokenized as the README alone, without a word."""
     corpus = tmp_path / "c4"

@@ -292,7 +292,9 @@ def embedded_source() -> Source:
 
 def _files_under(folder: Path) -> list[Path]:
     """Every file under `folder`, sorted, following symlinked folders (a corpus of shards linked in from other
-    disks; `Path.rglob` skips them silently, where a `**` glob follows them), each real folder once."""
+    disks; `Path.rglob` skips them silently, where a `**` glob follows them), each real folder once. Hidden files
+    and folders are left out, as a glob leaves them: .git/, or the copies in .ipynb_checkpoints/, which would put
+    each notebook's text in twice, likely once in each split."""
     found, seen = [], set()
     for where, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(where)
@@ -300,7 +302,8 @@ def _files_under(folder: Path) -> list[Path]:
             folders[:] = []
             continue
         seen.add(real)
-        found.extend(Path(where) / name for name in names)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found.extend(Path(where) / name for name in names if not name.startswith("."))
     return sorted(p for p in found if p.is_file())
 
 
