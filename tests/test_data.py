@@ -197,12 +197,13 @@ def test_only_non_utf8_is_a_clear_error(workspace):
 
 def test_a_split_emptied_by_non_utf8_files_names_them(workspace):
     """It said only 'change --seed or --val-fraction', hiding the skipped file (audit)."""
-    folder = workspace / "two"
+    folder = workspace / "ten"  # enough documents to split whole ones: the good one is in one split alone
     folder.mkdir()
     (folder / "good.txt").write_text(_docs(1)[0])
-    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 20)
-    with pytest.raises(DataError, match=r"split came out empty: 1 document\(s\) were skipped as not UTF-8 text "
-                                        r"\(first: .*latin1\.txt\): convert them"):
+    for i in range(9):
+        (folder / f"latin1-{i}.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 20)
+    with pytest.raises(DataError, match=r"split came out empty: 9 document\(s\) were skipped as not UTF-8 text "
+                                        r"\(first: .*latin1-0\.txt\): convert them"):
         data.tokenize(str(folder))
 
 
@@ -366,7 +367,7 @@ def _reference_split(n: int, fraction: float, val_fraction: float, seed: int):
     k = min(n, max(1, round(n * fraction)))
     selected = np.zeros(n, dtype=bool)
     selected[np.argsort(h1, kind="stable")[:k]] = True
-    v = max(1, round(k * val_fraction)) if k > 1 else 0
+    v = max(1, round(k * val_fraction)) if k >= data.FEW_DOCUMENTS else 0  # fewer: each is cut instead
     candidates = np.flatnonzero(selected)
     in_val = np.zeros(n, dtype=bool)
     in_val[candidates[np.argsort(data.keyed_hash(seed, 2, 0, n)[candidates], kind="stable")[:v]]] = True
@@ -454,16 +455,57 @@ def test_large_text_files_are_streamed_with_identical_tokens(workspace, monkeypa
     folder.mkdir()
     for i, text in enumerate(works):
         (folder / f"{i}.txt").write_text(text)
-    result = data.tokenize(str(folder), val_fraction=0.5)
+    result = data.tokenize(str(folder), val_fraction=0.5)  # two documents: each is cut, its last half val
     enc = get_encoding()
-    assert sorted(_read(result.path / f"{s}.bin").tolist() for s in ("train", "val")) == \
-        sorted([*enc.encode_ordinary(t), EOT_ID] for t in works)
+    heads, tails = (enc.decode(_read(result.path / f"{s}.bin").tolist()).split("<|endoftext|>")[:-1]
+                    for s in ("train", "val"))
+    assert [head + tail for head, tail in zip(heads, tails, strict=True)] == works
+    assert all(0.4 < len(tail) / len(work) < 0.6 for tail, work in zip(tails, works, strict=True))
+    assert _read(result.path / "train.bin").tolist() == [i for h in heads for i in [*enc.encode_ordinary(h), EOT_ID]]
     single = data.tokenize(str(folder / "0.txt"))  # one large document: the val tail is cut while streaming
     train = enc.decode(_read(single.path / "train.bin").tolist())
     val = enc.decode(_read(single.path / "val.bin").tolist())
     assert train.endswith("<|endoftext|>") and val.endswith("<|endoftext|>")
     assert (train + val).replace("<|endoftext|>", "") == works[0]
     assert 0.08 < len(val) / len(works[0]) < 0.12 and train[-len("<|endoftext|>") - 1] == "\n"
+
+
+def test_a_few_long_documents_are_each_cut_for_val(workspace):
+    """A folder of 4 books put one whole book in val, a quarter of the text for --val-fraction 0.005; 9 files of
+    which one was most of the text put 97% in val (audit). With fewer than 10 documents each is cut instead."""
+    works = [f.path.read_text()[:30_000] for f in sources.embedded_source().files[:4]]
+    folder = workspace / "books"
+    folder.mkdir()
+    for i, text in enumerate(works):
+        (folder / f"{i}.txt").write_text(text)
+    result = data.tokenize(str(folder), name="books")
+    splits = result.meta["splits"]
+    share = splits["val"]["tokens"] / (splits["train"]["tokens"] + splits["val"]["tokens"])
+    assert 0.08 < share < 0.12 and splits["val"]["documents"] == splits["train"]["documents"] == 4
+    assert "fewer than 10" in result.meta["split_rule"]
+    enc = get_encoding()
+    heads, tails = (enc.decode(_read(result.path / f"{s}.bin").tolist()).split("<|endoftext|>")[:-1]
+                    for s in ("train", "val"))
+    assert sorted(head + tail for head, tail in zip(heads, tails, strict=True)) == sorted(works)
+    assert all(head.endswith("\n") for head in heads)  # cut at line breaks
+
+
+def test_a_long_document_that_falls_in_val_gets_a_note(workspace):
+    """With 10 documents or more whole ones go to val: where the one drawn is most of the text, tokenize says so."""
+    _, in_val = data.plan_split(12, 1.0, 0.005, 5)
+    long_one = int(np.flatnonzero(in_val)[0])
+    folder = workspace / "notes"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.txt").write_text("A line of text.\n" * (2000 if i == long_one else 20))
+    events = []
+    data.tokenize(str(folder), seed=5, on_event=events.append)
+    notes = [e.message for e in events if e.kind == "info"]
+    assert any(n.startswith("val holds 90% of the tokens (1 document of 12), for --val-fraction 0.005: a long "
+                            "document fell in val") for n in notes), notes
+    events.clear()
+    data.tokenize(str(folder), seed=6, name="fair", on_event=events.append)  # a short one drawn: no note
+    assert [e.message for e in events if e.kind == "info"] == []
 
 
 def test_undecodable_lines_surrogates_and_empty_documents(workspace):

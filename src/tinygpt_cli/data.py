@@ -7,8 +7,9 @@ The train/val split is by whole document and depends only on the source, `--frac
   .parquet; see `sources.py`) and two keyed hashes of `(seed, i)`;
 * `--fraction f` keeps the `max(1, round(n*f))` documents with the lowest *selection* hash;
 * of those, the `max(1, round(m*val_fraction))` with the lowest *split* hash form the val split;
-* a source that holds a single document (one .txt file) is split inside it instead: its last
-  `max(val_fraction, 0.1)` share, cut at a line break, is the val split.
+* a source of fewer than `FEW_DOCUMENTS` documents used (one .txt file, a folder of a few books) is split
+  inside each instead: the last `max(val_fraction, 0.1)` share of every document, cut at a line break, is the
+  val split. A whole document in val would be a quarter of 4 books' text, whatever --val-fraction asked.
 
 The hashes are splitmix64, a bijection, so no two documents tie and "the k lowest" is "at most the k-th lowest
 value": the pipeline finds that threshold in two streaming passes and then decides each document on its own,
@@ -73,7 +74,9 @@ META_FORMAT = "tinygpt-tokens"
 META_VERSION = 1
 FULL_HASH_LIMIT = 256 * 1024 * 1024  # files up to this size are fully re-hashed before training
 EDGE_BYTES = 1024 * 1024  # larger files: size + sha256 of their first and last MiB
-SINGLE_DOC_MIN_VAL = 0.1
+FEW_DOCUMENTS = 10  # fewer used: each document is cut for val instead of whole documents going to val
+CUT_MIN_VAL = 0.1  # the least share of each document that a cut puts in val: enough text to measure a loss on
+LOPSIDED_VAL_SHARE = 0.2  # whole documents that put more of the tokens in val than this get a note
 TASK_TEXT_BYTES = 1024 * 1024  # text per encoding task: what bounds memory, with 2 tasks in flight per worker
 CHECKPOINT_SECONDS = 30.0  # how much work a killed run can lose
 SAMPLE_TEXT_BYTES = 256 * 1024  # text encoded up front to estimate the token count
@@ -137,7 +140,7 @@ class SplitPlan:
     @classmethod
     def build(cls, n_documents: int, fraction: float, val_fraction: float, seed: int) -> SplitPlan:
         selected_count = min(n_documents, max(1, round(n_documents * fraction)))
-        val_count = max(1, round(selected_count * val_fraction)) if selected_count > 1 else 0
+        val_count = max(1, round(selected_count * val_fraction)) if selected_count >= FEW_DOCUMENTS else 0
         top = 2**64 - 1
         select_below = top
         if selected_count < n_documents:
@@ -155,8 +158,9 @@ class SplitPlan:
         return cls(n_documents, selected_count, val_count, seed, select_below, val_below)
 
     @property
-    def single_document(self) -> bool:
-        return self.selected_count == 1
+    def cuts_documents(self) -> bool:
+        """Whether each document is cut for val (few of them) rather than whole documents going to val."""
+        return self.selected_count < FEW_DOCUMENTS
 
     def codes(self, lo: int, hi: int) -> np.ndarray:
         """int8 codes of the documents lo..hi-1."""
@@ -177,7 +181,8 @@ def plan_split(n_documents: int, fraction: float, val_fraction: float, seed: int
 SPLIT_RULE = (
     "documents numbered in source order; keep the max(1, round(n*fraction)) with the lowest "
     "splitmix64(seed, 1, i); of those the max(1, round(m*val_fraction)) with the lowest splitmix64(seed, 2, i) "
-    "are val; a single-document source is cut at the line break before its last max(val_fraction, 0.1)"
+    "are val; with fewer than 10 kept, none is, and each is cut at the line break before its last "
+    "max(val_fraction, 0.1), that tail val"
 )
 
 
@@ -492,7 +497,7 @@ def tokenize(
         raise DataError(f"--fraction keeps whole documents, and {src.description} is a single document: drop "
                         f"--fraction to tokenize all of it, or split it into several files")
     plan = SplitPlan.build(src.documents, fraction, val_fraction, seed)
-    if plan.val_count >= plan.selected_count > 1:  # no seed can help: say so before any work
+    if plan.val_count >= plan.selected_count and not plan.cuts_documents:  # no seed can help: say so first
         raise DataError(f"--val-fraction {val_fraction:g} puts all {plan.selected_count:,} documents used in the val "
                         f"split, leaving none to train on: lower --val-fraction, or add documents")
     total_bytes = int(src.text_bytes * plan.selected_count / max(1, src.documents))
@@ -530,6 +535,9 @@ def tokenize(
             _run_pipeline(src, plan, partial, counters, encoding, workers, val_fraction, emit, total_bytes)
             splits = partial.close()
             _check_result(src, splits, counters)
+            lopsided = _lopsided_val(splits, plan, val_fraction)
+            if lopsided:
+                emit(TokenizeEvent("info", message=lopsided))
             meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
             write_json_atomic(partial.folder / "meta.json", meta)
             _replace_dir(partial.folder, home)
@@ -632,7 +640,7 @@ def _run_pipeline(
         if item_bytes >= TASK_TEXT_BYTES:
             submit(position + 1 if finishes_document else position)
 
-    single_share = max(val_fraction, SINGLE_DOC_MIN_VAL) if plan.single_document else None
+    tail_share = max(val_fraction, CUT_MIN_VAL) if plan.cuts_documents else None
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinygpt-encode") as pool:
         try:
             for position, code, document in iter_documents(src, plan.codes, counters.position,
@@ -650,14 +658,14 @@ def _run_pipeline(
                         counters.skipped_empty += 1
                         counters.documents += 1
                         continue
-                    for piece, segment, last in document.segments(single_share):
-                        finishes = last and (single_share is None or segment == 1)
+                    for piece, segment, last in document.segments(tail_share):
+                        finishes = last and (tail_share is None or segment == 1)
                         add(piece, VAL if segment or code == VAL else TRAIN, last, finishes, position)
                 elif not document.strip():
                     counters.skipped_empty += 1
                     counters.documents += 1
-                elif single_share is not None:
-                    head, tail = cut_tail(document, single_share)
+                elif tail_share is not None:
+                    head, tail = cut_tail(document, tail_share)
                     add(head, TRAIN, True, False, position)
                     add(tail, VAL, True, True, position)
                 else:
@@ -736,6 +744,18 @@ def _check_result(src: Source, splits: dict[str, dict[str, Any]], counters: _Cou
             f"the {empty} split came out empty (its documents were empty or skipped): "
             f"change --seed or --val-fraction, or add documents"
         )
+
+
+def _lopsided_val(splits: dict[str, dict[str, Any]], plan: SplitPlan, val_fraction: float) -> str | None:
+    """A note where whole documents put far more in val than --val-fraction asked (one long document among short
+    ones): the loss would be measured on most of the text, trained on little of it. None where the share is fair."""
+    val, total = splits["val"]["tokens"], splits["train"]["tokens"] + splits["val"]["tokens"]
+    share = val / max(1, total)
+    if plan.cuts_documents or share <= max(LOPSIDED_VAL_SHARE, 4 * val_fraction):
+        return None
+    return (f"val holds {share:.0%} of the tokens ({workspace.counted(splits['val']['documents'], 'document')} of "
+            f"{plan.selected_count:,}), for --val-fraction {val_fraction:g}: a long document fell in val. Cut long "
+            f"documents into several files, or try another --seed")
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
