@@ -292,20 +292,23 @@ def test_an_export_killed_on_windows_leaves_nothing_for_good(tmp_path, monkeypat
 
     running, ended, denied = 100, 200, 300
 
-    class Kernel32:
-        def OpenProcess(self, access, inherit, pid):  # as Windows names it
-            Kernel32.error = 5 if pid == denied else 87
-            return pid if pid in (running, ended) else 0
+    class Kernel32:  # its functions as ctypes has them: objects whose restype and argtypes can be set
+        error = 0
 
-        def GetExitCodeProcess(self, handle, code):
-            code._obj.value = 259 if handle == running else 1
-            return 1
+        def __init__(self):
+            def open_process(access, inherit, pid):
+                Kernel32.error = 5 if pid == denied else 87
+                return pid if pid in (running, ended) else None  # a c_void_p NULL reads as None
 
-        def CloseHandle(self, handle):
-            return 1
+            def exit_code(handle, code):
+                code._obj.value = 259 if handle == running else 1
+                return 1
+
+            self.OpenProcess, self.GetExitCodeProcess, self.CloseHandle = open_process, exit_code, lambda h: 1
 
     monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error: Kernel32(), raising=False)
+    kernel32 = Kernel32()
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error: kernel32, raising=False)
     monkeypatch.setattr(ctypes, "get_last_error", lambda: Kernel32.error, raising=False)  # Windows only
     monkeypatch.setattr(os, "kill", lambda *args: pytest.fail("os.kill terminates a process on Windows"))
     exports = tmp_path / "exports"
@@ -313,6 +316,7 @@ def test_an_export_killed_on_windows_leaves_nothing_for_good(tmp_path, monkeypat
         (exports / f".m.tmp-{pid}").mkdir(parents=True)
     export._remove_stale_temps(exports, "m")
     assert sorted(p.name for p in exports.iterdir()) == [f".m.tmp-{running}", f".m.tmp-{denied}"]
+    assert kernel32.OpenProcess.restype is ctypes.c_void_p  # a 64-bit handle, not cut to an int
 
 
 # ------------------------------------------------------------------------------------------------ Windows locks

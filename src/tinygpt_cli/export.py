@@ -615,6 +615,10 @@ def _windows_pid_alive(pid: int) -> bool:
         kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
     except (AttributeError, OSError):
         return True
+    kernel32.OpenProcess.restype = ctypes.c_void_p  # a HANDLE is pointer-sized: the default int would cut it
+    kernel32.OpenProcess.argtypes = (ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32)
+    kernel32.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong))
+    kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
     if not handle:
         return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process (else denied: it runs)
