@@ -26,10 +26,17 @@ def test_runs_and_data_listings(with_shakespeare):
     assert (summary.name, summary.size, summary.steps, summary.max_steps) == ("listed", "micro", 2, 2)
     assert summary.tokens == result.tokens and summary.best_val_loss == result.best_val_loss
     assert summary.dataset == "shakespeare" and summary.has_report and summary.saved_at
+    assert summary.shape == "custom 2×32"  # micro's settings, not its 4×128 shape
+    from tinygpt_cli.config import ModelConfig
+    from tinygpt_cli.inventory import _shape
+
+    assert _shape(ModelConfig(n_layer=4, n_head=4, n_embd=128), "micro") == "4×128"
+    assert _shape(ModelConfig(n_layer=4, n_head=4, n_embd=128), "tiny") == "custom 4×128"
 
     listing = invoke("runs")
     assert listing.exit_code == 0, listing.output
     assert "listed" in listing.stdout and f"{result.best_val_loss:.4f}" in listing.stdout
+    assert "custom 2×32" in listing.stdout and "micro" not in listing.stdout  # audit: it said micro
     as_json = json.loads(invoke("runs", "--json").stdout)
     assert as_json[0]["name"] == "listed" and as_json[0]["steps"] == 2
     report = invoke("runs", "show", "listed")

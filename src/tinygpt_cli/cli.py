@@ -1467,7 +1467,8 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     def row(s) -> tuple[str, ...]:
         steps = f"{s.steps:,}/{s.max_steps:,}" if s.max_steps else f"{s.steps:,}"
         name = f"{s.name} (training)" if s.training else s.name
-        return name, s.size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at)
+        size = s.size if s.shape is None or not s.shape.startswith("custom") else s.shape  # not "micro" for 2×64
+        return name, size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at)
 
     problems: list[str] = []
     summaries = list_run_summaries(problems)

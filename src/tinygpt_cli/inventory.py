@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygpt_cli import workspace
-from tinygpt_cli.config import ModelConfig, is_count
+from tinygpt_cli.config import PRESETS, ModelConfig, is_count
 from tinygpt_cli.errors import CheckpointError, ConfigError, DataError
 
 REPORT_FILE = "report.md"
@@ -23,7 +23,8 @@ class RunSummary:
 
     name: str
     path: str
-    size: str | None
+    size: str | None  # the preset that gave its settings (config.yaml's `size`)
+    shape: str | None  # "4×128": layers × width, "custom 2×64" where no preset has it or not its size's
     parameters: int | None
     dataset: str | None
     steps: int
@@ -50,18 +51,27 @@ def run_summary(run_dir: Path) -> RunSummary:
         if not is_count(value):
             raise CheckpointError(f"{checkpoint / STATE_FILE} is damaged ({key} is {value!r}, not a count)")
     run_config = _dict(state.get("run_config"))
-    parameters = None
+    parameters, shape = None, None
     with contextlib.suppress(TypeError, ValueError, ConfigError):
-        parameters = count_parameters(ModelConfig(**_dict(state.get("model_config"))))
+        model = ModelConfig(**_dict(state.get("model_config")))
+        parameters = count_parameters(model)
+        shape = _shape(model, _str(run_config.get("size")))
     max_steps = _dict(run_config.get("train")).get("max_steps")
     return RunSummary(
-        name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), parameters=parameters,
+        name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), shape=shape, parameters=parameters,
         dataset=_str(_dict(state.get("data")).get("dataset")), steps=counts["step"],
         max_steps=max_steps if is_count(max_steps) else None, tokens=counts["tokens_seen"],
         best_val_loss=_number(state.get("best_val_loss")), val_loss=_number(state.get("val_loss")),
         saved_at=_str(state.get("saved_at")), has_report=(run_dir / REPORT_FILE).is_file(),
         training=workspace.held(workspace.lock_of(run_dir)),
     )
+
+
+def _shape(model: ModelConfig, size: str | None) -> str:
+    """Layers × width, marked custom where it is not the shape of the preset `size` (a run of --set model.*)."""
+    preset = PRESETS.get(size or "", {}).get("model", {})
+    own = (model.n_layer, model.n_head, model.n_embd) == tuple(preset.get(k) for k in ("n_layer", "n_head", "n_embd"))
+    return f"{'' if own else 'custom '}{model.n_layer}×{model.n_embd}"
 
 
 # state.json is read as written by tinygpt, but a hand-edited or damaged one must not break the whole listing:
