@@ -135,15 +135,28 @@ def test_prompt_from_a_file_stdin_or_nothing(run, tmp_path):
 
 def test_interactive_prompt_loop(run, monkeypatch):
     """stdout here is not a terminal (`> out.jsonl`): it gets the answers only, the "> " prompts go to stderr. A
-    prompt that fails (too long) is an error line, and the loop goes on."""
+    prompt that fails is an error line, and the loop goes on; one longer than the context goes on from its end."""
+    from tinygpt_cli import sample
+    from tinygpt_cli.errors import GenerationError
+
     monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
-    result = generate("--max-new-tokens", "4", "--json", input="ROMEO:\n\n" + "word " * 40 + "\nJULIET:\n")
+    real = sample.sample_text
+
+    def failing(model, prompt, *args, **kwargs):
+        if prompt == "FAIL":
+            raise GenerationError("that prompt failed")
+        return real(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "sample_text", failing)
+    result = generate("--max-new-tokens", "4", "--json", input="ROMEO:\n\nFAIL\n" + "word " * 40 + "\nJULIET:\n")
     assert result.exit_code == 0, result.output
-    assert "Ctrl-D leaves" in result.stderr and result.stderr.count("> ") >= 4
+    assert "Ctrl-D leaves" in result.stderr and result.stderr.count("> ") >= 5
     answers = [json.loads(line) for line in result.stdout.splitlines()]  # every line is JSON
-    assert [answer["prompt"] for answer in answers] == ["ROMEO:", "JULIET:"]  # the empty line is skipped
-    assert answers[1]["settings"]["seed"] == answers[0]["settings"]["seed"] + 2  # the failed prompt had a turn
-    assert "error: the prompt is" in result.stderr and "context is 32: shorten the prompt" in result.stderr
+    assert [answer["prompt"] for answer in answers] == ["ROMEO:", "word " * 40, "JULIET:"]  # no empty line
+    assert answers[2]["settings"]["seed"] == answers[0]["settings"]["seed"] + 3  # the failed prompt had a turn
+    assert "error: that prompt failed" in result.stderr
+    assert (answers[1]["prompt_tokens"], answers[1]["prompt_tokens_dropped"]) == (32, 9)  # "word", 39 " word", " "
+    assert "the prompt is 41 tokens, more than the model's context: it went on from the last 32" in result.stderr
     text = generate("--max-new-tokens", "4", input="ROMEO:\n")
     assert text.exit_code == 0 and "> " not in text.stdout and "ROMEO:" not in text.stdout and text.stdout.strip()
 
@@ -298,9 +311,12 @@ def test_bad_prompt_input(run, tmp_path):
     latin.write_bytes("caf\xe9".encode("latin-1"))
     assert_one_line_error(generate("--prompt-file", str(latin)), "is not UTF-8 text")
     assert_one_line_error(generate("x", "--prompt-file", str(latin)), "not both")
-    too_long = generate("word " * 40)
-    assert_one_line_error(too_long, "shorten the prompt")
-    assert too_long.stdout == ""  # nothing echoed before the error
+    too_long = generate("word " * 40, "--max-new-tokens", "3", "--temperature", "0")  # continued from its end
+    assert too_long.exit_code == 0 and too_long.stdout.startswith("word " * 40), too_long.output
+    end = " word" * 31 + " "  # its last 32 tokens, alone
+    cut = generate(end, "--max-new-tokens", "3", "--temperature", "0")
+    assert too_long.stdout.removeprefix("word " * 40) == cut.stdout.removeprefix(end)
+    assert "more than the model's context: it went on from the last 32" in too_long.stderr
     assert_one_line_error(generate(input=b"caf\xe9 au lait"), "standard input is not UTF-8 text")
     assert_one_line_error(generate("--prompt-file", "-", input=b"\xff\xfa"), "standard input is not UTF-8 text")
 

@@ -1043,6 +1043,9 @@ class _GenerateView:
             on_start=(lambda: on_text(0, text)) if stream and echo_prompt else None,
         )
         stats = result.stats
+        if result.prompt_dropped:
+            self.err.print(f"the prompt is {result.prompt_tokens + result.prompt_dropped:,} tokens, more than the "
+                           f"model's context: it went on from the last {result.prompt_tokens:,}", markup=False)
         if stats.compile_error and "compile" not in self.warned:
             self.warned.add("compile")
             what = "the fused decode kernels failed" if self.settings.get("fused") else "torch.compile unavailable"
@@ -1062,6 +1065,7 @@ class _GenerateView:
                         "step": self.loaded.state.get("step"),
                         "prompt": text,
                         "prompt_tokens": result.prompt_tokens,
+                        "prompt_tokens_dropped": result.prompt_dropped,
                         "samples": [vars(sample) for sample in result.samples],
                         "settings": {**self.settings, "seed": seed},
                         "stats": {

@@ -1256,12 +1256,14 @@ class TextSample:
 @dataclass
 class SampleResult:
     """What `sample_text` returns: the prompt, its length in tokens, the samples (one per `num_samples`) and the
-    generation's timings (`GenerationStats`: tokens/s, time to first token, ...)."""
+    generation's timings (`GenerationStats`: tokens/s, time to first token, ...). A prompt longer than the model's
+    context is continued from its end: `prompt_dropped` says how many of its first tokens the model did not see."""
 
     prompt: str
     prompt_tokens: int
     samples: list[TextSample]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    prompt_dropped: int = 0
 
 
 def encode_prompt(prompt: str) -> list[int]:
@@ -1354,7 +1356,9 @@ def sample_text(
     """Continue `prompt` `num_samples` times (one batch) and return the texts.
 
     `on_text(sample_index, text)` receives each sample's text as soon as it is safe to show (see TextStream);
-    `on_start()` is called once the prompt is known to fit the context, before any generation.
+    `on_start()` is called once the settings are checked, before any generation. A prompt longer than the model's
+    context is continued from its last `block_size` tokens, as the window slides during generation (nanoGPT crops
+    so too); the result says how many were dropped.
     A sample ends at `<|endoftext|>` (unless `stop_at_eot` is False), at the first of the `stop` strings, or after
     `max_new_tokens`; the batch ends when every sample has.
     """
@@ -1365,7 +1369,8 @@ def sample_text(
         raise GenerationError("--stop needs a non-empty text")
     encoding = get_encoding()
     prompt_ids = encode_prompt(prompt)
-    check_prompt_fits(prompt_ids, model)
+    dropped = max(0, len(prompt_ids) - model.config.block_size)
+    prompt_ids = prompt_ids[dropped:]
     if on_start is not None:  # the prompt is valid: a caller may show it now
         on_start()
     stats = GenerationStats()
@@ -1405,4 +1410,4 @@ def sample_text(
         if stream.stopped and reasons[row] == "length":  # a stop string completed by the held-back end
             reasons[row] = "stop"
     samples = [TextSample(s.text, n, r) for s, n, r in zip(streams, counts, reasons, strict=True)]
-    return SampleResult(prompt, stats.prompt_tokens or len(prompt_ids), samples, stats)
+    return SampleResult(prompt, stats.prompt_tokens or len(prompt_ids), samples, stats, dropped)
