@@ -997,7 +997,7 @@ def generate(
                 sys.stdout.write("\n")
             if chrome is not sys.stdout:  # and the terminal's, where the next prompt goes
                 chrome.write("\n")
-        except TinyGPTError as exc:  # one bad prompt (too long, ...) does not end the session
+        except TinyGPTError as exc:  # one prompt that fails (out of memory, ...) does not end the session
             print_error(exc)
         turn += 1
 
