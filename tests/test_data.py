@@ -508,6 +508,18 @@ def test_a_long_document_that_falls_in_val_gets_a_note(workspace):
     assert [e.message for e in events if e.kind == "info"] == []
 
 
+def test_documents_too_short_to_cut_leave_no_empty_val(workspace):
+    """Three one-letter documents, each cut for val, left a val split of end-of-text tokens alone (review)."""
+    path = workspace / "tiny.jsonl"
+    _write_jsonl(path, ["a", "b", "c"])
+    with pytest.raises(DataError, match="the val split came out empty"):
+        data.tokenize(str(path))
+    _write_jsonl(path, [f"A sentence of text, number {i}." for i in range(9)])  # cut at a word: a note says so
+    events = []
+    data.tokenize(str(path), on_event=events.append)
+    assert any("too short to cut finely" in e.message for e in events if e.kind == "info")
+
+
 def test_undecodable_lines_surrogates_and_empty_documents(workspace):
     path = workspace / "mixed.jsonl"
     good = [json.dumps({"text": t}).encode() for t in _docs(20)]
@@ -603,6 +615,29 @@ def test_killed_run_leaves_nothing_complete_and_resumes_identically(workspace, t
         assert (resumed.path / f"{split}.bin").read_bytes() == (clean.path / f"{split}.bin").read_bytes()
         assert resumed.meta["splits"][split] == {**clean.meta["splits"][split]}
     assert not partial.exists() and resumed.meta["documents"] == clean.meta["documents"]
+
+
+def test_a_partial_tokenized_under_another_split_rule_starts_over(workspace, tmp_path, monkeypatch):
+    """A tokenize killed before an upgrade that changed the split rule resumed under the new one: its dataset held
+    documents split by two rules, and meta.json named one (review)."""
+    path = workspace / "rows.jsonl"
+    _write_jsonl(path, _docs(300))
+    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(data, "TASK_TEXT_BYTES", 2_000)
+    real, calls = data._Partial.write, []
+
+    def interrupted(self, encoded):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        real(self, encoded)
+
+    monkeypatch.setattr(data._Partial, "write", interrupted)
+    with pytest.raises(data.TokenizeInterrupted):
+        data.tokenize(str(path), name="rows")
+    monkeypatch.setattr(data._Partial, "write", real)
+    monkeypatch.setattr(data, "SPLIT_RULE", data.SPLIT_RULE + " (a later version's)")
+    assert data.tokenize(str(path), name="rows").resumed_documents == 0
 
 
 def test_sigterm_stops_tokenize_like_ctrl_c(workspace):

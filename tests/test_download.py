@@ -119,11 +119,14 @@ def test_the_hub_probe_trusts_what_the_hub_client_trusts(monkeypatch):
     assert dl.hub_silence("roneneldan/TinyStories") is None  # an answer, which `datasets` goes on to judge
     assert seen[0].cert_store_stats()["x509_ca"] > 0  # certifi's bundle, not an empty system store
 
-    def silent(request, timeout, context):
-        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+    for silence in (ConnectionRefusedError(111, "Connection refused"),
+                    ssl.SSLEOFError(8, "EOF occurred in violation of protocol")):  # a middlebox that cuts TLS
 
-    monkeypatch.setattr(urllib.request, "urlopen", silent)
-    assert "no answer from the Hugging Face hub" in dl.hub_silence("roneneldan/TinyStories")
+        def silent(request, timeout, context, silence=silence):
+            raise urllib.error.URLError(silence)
+
+        monkeypatch.setattr(urllib.request, "urlopen", silent)
+        assert "no answer from the Hugging Face hub" in dl.hub_silence("roneneldan/TinyStories")
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "inf", "nan"])

@@ -228,6 +228,7 @@ def test_bf16_on_mps_needs_a_torch_and_macos_that_have_it(monkeypatch):
     from tinygpt_cli.errors import TrainingError
 
     mps = torch.device("mps")
+    monkeypatch.setattr(torch, "__version__", "2.6.0")  # (the tests may run on an older torch)
     monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (14, 0))
     assert training.resolve_dtype("bf16", mps) == torch.bfloat16
     assert training.resolve_dtype("fp16", mps) == torch.float16  # generation's weights: no scaler involved

@@ -177,3 +177,16 @@ def test_a_dataset_given_by_a_relative_path_is_found_from_any_folder(with_shakes
     resumed = invoke("train", "--resume", "--name", "y", "--max-steps", "3")
     assert resumed.exit_code == 0, resumed.output
     assert invoke("eval", "y", "--tokens", "64").exit_code == 0
+
+
+def test_a_linked_dataset_in_the_workspace_keeps_its_name(with_shakespeare, workspace, tmp_path):
+    """A dataset linked into data/ (kept on another disk) was recorded by its target's path (review): a re-pointed
+    link then left the run looking for a path that had moved."""
+    from test_cli import train_tiny
+
+    elsewhere = tmp_path / "disk2" / "shakespeare"
+    elsewhere.parent.mkdir()
+    shutil.move(with_shakespeare, elsewhere)
+    with_shakespeare.symlink_to(elsewhere, target_is_directory=True)
+    assert train_tiny("--data", "shakespeare", "--name", "linked", steps=1).exit_code == 0
+    assert "dataset: shakespeare\n" in (workspace / "runs" / "linked" / "config.yaml").read_text()

@@ -54,7 +54,7 @@ def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, work
         if saved == 60:
             break
         process = reaped(subprocess.Popen(_train_command(*args, *resume), env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         # past the imports and the resume, into training: the kill lands among its steps and saves
         wait_for(process, lambda saved=saved: (ckpt.latest_step(run) or 0) > saved, "a new checkpoint")
         time.sleep(rng.uniform(0.0, 1.5))

@@ -111,7 +111,7 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     init_from: str = ""  # start from these weights: gpt2[-medium|-large|-xl], a HF folder or a tinygpt run
     lr: float = 2e-3  # peak learning rate
-    min_lr: float = 2e-4  # floor at the end of the schedule; lr / 10 where a file, --set or --lr gives lr alone
+    min_lr: float = 2e-4  # the schedule's floor; lr / 10 where lr is given alone (so on a resume, if it was lr / 10)
     warmup_steps: int = 50  # steps of linear LR warmup up to lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying

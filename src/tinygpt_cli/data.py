@@ -516,7 +516,8 @@ def tokenize(
                          f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                          "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
-           "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256}
+           "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256,
+           "split_rule": SPLIT_RULE}  # a partial of another version's rule starts over: no dataset of two rules
     # the lock goes beside the folder written (a link's target): another name or workspace linked there shares it
     with workspace.exclusive(workspace.lock_of(home), f"data/{dataset_name}"):
         _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
@@ -732,8 +733,9 @@ def _check_result(src: Source, splits: dict[str, dict[str, Any]], counters: _Cou
                 f"convert it, e.g. {conversion_advice(first)}"
             )
         raise DataError(f"{src.description} holds no text (all documents are empty): check the input")
-    if splits["train"]["tokens"] == 0 or splits["val"]["tokens"] == 0:
-        empty = "train" if splits["train"]["tokens"] == 0 else "val"
+    text_tokens = {name: split["tokens"] - split["documents"] for name, split in splits.items()}  # less the EOTs
+    if text_tokens["train"] == 0 or text_tokens["val"] == 0:  # (tails cut from one-letter documents: EOTs alone)
+        empty = "train" if text_tokens["train"] == 0 else "val"
         if counters.skipped_undecodable:  # the likely cause: say it, as when everything was skipped
             raise DataError(
                 f"the {empty} split came out empty: {counters.skipped_undecodable} document(s) were skipped as not "
@@ -751,11 +753,12 @@ def _lopsided_val(splits: dict[str, dict[str, Any]], plan: SplitPlan, val_fracti
     ones): the loss would be measured on most of the text, trained on little of it. None where the share is fair."""
     val, total = splits["val"]["tokens"], splits["train"]["tokens"] + splits["val"]["tokens"]
     share = val / max(1, total)
-    if plan.cuts_documents or share <= max(LOPSIDED_VAL_SHARE, 4 * val_fraction):
+    if share <= max(LOPSIDED_VAL_SHARE, 4 * val_fraction):
         return None
+    why = ("its documents are too short to cut finely: give more text" if plan.cuts_documents else
+           "a long document fell in val. Cut long documents into several files, or try another --seed")
     return (f"val holds {share:.0%} of the tokens ({workspace.counted(splits['val']['documents'], 'document')} of "
-            f"{plan.selected_count:,}), for --val-fraction {val_fraction:g}: a long document fell in val. Cut long "
-            f"documents into several files, or try another --seed")
+            f"{plan.selected_count:,}), for --val-fraction {val_fraction:g}: {why}")
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -312,8 +312,8 @@ def hub_silence(hub_id: str) -> str | None:
         return None  # the hub answered (a 401/404 is for `datasets` to explain)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        if isinstance(reason, ssl.SSLError):  # something answered: whether to trust it is for `datasets`, with
-            return None  # its own certificates, to say (a python.org Mac Python has none of its own installed)
+        if isinstance(reason, ssl.SSLCertVerificationError):  # the hub answered, with a certificate that only
+            return None  # `datasets`, with its own, can judge (a python.org Mac Python has none installed)
         return f"no answer from the Hugging Face hub at {endpoint} ({reason}; waited at most {timeout:g}s)"
     return None
 

@@ -642,8 +642,9 @@ class _Trainer:
         with dist.agreed():
             # config.yaml names the data so that a resume, an eval or a rerun finds the same from any folder: by
             # name in the workspace, else by absolute path (a relative --data PATH held only from where it was typed)
-            in_workspace = self.dataset.path.resolve().parent == workspace.data_dir().resolve()
-            named = self.dataset.path.name if in_workspace else str(self.dataset.path.resolve())
+            where = Path(os.path.abspath(self.dataset.path))  # a link in data/ stays a name: not its target
+            in_workspace = where.parent.resolve() == workspace.data_dir().resolve()
+            named = where.name if in_workspace else str(where)
             if cfg.data.dataset != named:
                 cfg = self._with_dataset(named)
             self.train_tokens = self.dataset.split("train")
