@@ -7,6 +7,7 @@ so exporting is a transpose of the Conv1D weights and nothing else. Linear layer
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Protocol
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.tokenizer import VOCAB_SIZE
 
 
 class KVCacheLike(Protocol):
@@ -162,6 +164,9 @@ class GPT(nn.Module):
 
         With `targets` (B, T): the mean cross-entropy over positions whose target is not -1, and no logits
         (with `fused_loss` the (B, T, vocab) fp32 logits are never kept whole; see `chunked_cross_entropy`).
+        The softmax is over GPT-2's 50257 ids, as in evaluation and sampling: the rows that pad the embedding
+        take no probability (zero rows, as a Hugging Face GPT-2 is padded on loading, would take nearly all of it
+        from its logits of about -60).
         Without: logits (B, T, vocab) — the caller slices `[:, -1]` when it only needs the last position.
         """
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
@@ -170,7 +175,8 @@ class GPT(nn.Module):
         if self.fused_loss:
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, V): bf16 under autocast; compiled, the upcast below fuses into the loss
-        return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return None, F.cross_entropy(logits[..., :VOCAB_SIZE].flatten(0, 1).float(), targets.flatten(),
+                                     ignore_index=-1)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -184,12 +190,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, chunk_tokens, grad_enabled):  # type: ignore[override]
         n_tokens = hidden.size(0)
         valid = targets != -1  # (N,)
         count = valid.sum().clamp(min=1)
         inv_count = 1.0 / count.float()
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad stays True under no_grad (an evaluation would compute the gradients too), and forward
+        # itself always runs without grad: the caller's grad mode comes as `grad_enabled`
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        # fp16 autocast would run the gradient matmuls in fp16, where a rare token's row, scaled by 1/count before
+        # the GradScaler's factor comes in, underflows to zero: they run in fp32 then (bf16 has fp32's range)
+        exact_grads = torch.autocast(hidden.device.type, enabled=False) if _autocast_fp16(hidden.device.type) \
+            else contextlib.nullcontext()
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -200,6 +212,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             keep = valid[begin : begin + chunk_tokens]  # (n,)
             safe_targets = targets[begin : begin + chunk_tokens].clamp(min=0)[:, None]  # (n, 1)
             logits = _chunk_logits(h, weight, workspace)  # (n, V) fp32
+            logits[:, VOCAB_SIZE:] = float("-inf")  # the padding rows: no probability, so no gradient
             probs, nll = _softmax_and_nll_(logits, safe_targets, h, weight, sync_free=not on_cpu)
             total = total + (nll * keep).sum()
             if need_grad:
@@ -207,15 +220,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=probs.dtype))
                 scale = (keep * inv_count)[:, None]  # (n, 1)
                 grad_logits = probs.to(weight.dtype)
-                grad_hidden[begin : begin + chunk_tokens] = ((grad_logits @ weight) * scale).to(hidden.dtype)
-                grad_weight.add_(grad_logits.t() @ (h.to(weight.dtype) * scale))
+                with exact_grads:
+                    grad_hidden[begin : begin + chunk_tokens] = ((grad_logits @ weight) * scale).to(hidden.dtype)
+                    grad_weight.add_(grad_logits.t() @ (h.to(weight.dtype) * scale))
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output).to(grad_weight.dtype), None, None
+        return grad_hidden * grad_output, (grad_weight * grad_output).to(grad_weight.dtype), None, None, None
 
 
 def _softmax_and_nll_(logits: torch.Tensor, targets: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
@@ -236,7 +250,7 @@ def _softmax_and_nll_(logits: torch.Tensor, targets: torch.Tensor, hidden: torch
     nll = -target_probs.log()
     lost = (target_probs < torch.finfo(torch.float32).tiny).nonzero().squeeze(1)  # 0 or subnormal: imprecise
     if lost.numel():
-        exact = (hidden[lost] @ weight.t()).float()
+        exact = (hidden[lost] @ weight[:VOCAB_SIZE].t()).float()
         nll[lost] = torch.logsumexp(exact, 1) - exact.gather(1, targets[lost]).squeeze(1)
     return probs, nll
 
@@ -264,6 +278,15 @@ def _cpu_workspace(rows: int, weight: torch.Tensor) -> torch.Tensor | None:
     return buffer
 
 
+def _autocast_fp16(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` with fp16 as its dtype."""
+    try:
+        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    except (AttributeError, TypeError, RuntimeError):  # torch < 2.4's per-device functions
+        return torch.is_autocast_enabled() and device_type == "cuda" and \
+            torch.get_autocast_gpu_dtype() == torch.float16
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:
     if workspace is not None and h.dtype == torch.float32:
         return torch.mm(h, weight.t(), out=workspace[: h.size(0)])
@@ -279,4 +302,5 @@ def chunked_cross_entropy(
     hidden (B, T, C), head_weight (V, C), targets (B, T). Returns a scalar fp32 tensor.
     """
     flat_hidden = hidden.reshape(-1, hidden.size(-1))  # (N, C)
-    return _FusedLinearCrossEntropy.apply(flat_hidden, head_weight, targets.reshape(-1), chunk_tokens)
+    return _FusedLinearCrossEntropy.apply(flat_hidden, head_weight, targets.reshape(-1), chunk_tokens,
+                                          torch.is_grad_enabled())
