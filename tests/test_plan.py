@@ -141,7 +141,10 @@ def test_device_peaks_agree_with_train(monkeypatch):
             gpu_name = f"NVIDIA {spec.cuda_name}"
             monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=gpu_name: name)
             assert device_peak_flops(torch.device("cuda"), torch.bfloat16) == spec.peak_flops, spec.key
-            assert device_peak_flops(torch.device("cuda"), torch.float32) == spec.peak_flops / 2, spec.key
+            assert device_peak_flops(torch.device("cuda"), torch.float32) == spec.peak(False), spec.key
+    # fp32 is TF32, half the bf16 rate, from Ampere on; a V100 or a T4 has no TF32 (ML review: 62.5 TF read)
+    assert P.DEVICES["a100"].peak(False) == 156e12 and P.DEVICES["v100"].peak(False) == 15.7e12
+    assert P.gpu_spec("NVIDIA L40", 0).key == "l40" and P.gpu_spec("NVIDIA L40S", 0).key == "l40s"  # not the L4
     assert P.gpu_spec("NVIDIA H100 PCIe", 80 * 2**30).key == "h100-pcie"
     assert P.gpu_spec("NVIDIA H100 80GB HBM3", 79 * 2**30).key == "h100"
     assert P.gpu_spec("NVIDIA A10G", 24 * 2**30).key == "a10g" and P.gpu_spec("NVIDIA GH200 480GB", 0).key == "gh200"

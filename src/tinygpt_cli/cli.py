@@ -1383,7 +1383,7 @@ def plan(
         str,
         typer.Option(
             help="auto (this machine) | cuda | cpu | mps | h100 | h100-pcie | h100-nvl | h200 | gh200 | a100 "
-            "| a100-40 | l40s | a10g | a10 | l4 | rtx4090 | rtx3090 | v100 | t4."  # plan.DEVICE_CHOICES (tested)
+            "| a100-40 | l40s | l40 | a10g | a10 | l4 | rtx4090 | rtx3090 | v100 | t4."  # plan.DEVICE_CHOICES (tested)
         ),
     ] = "auto",
     nproc: Annotated[int, typer.Option(help="Processes (GPUs) training together.")] = 1,

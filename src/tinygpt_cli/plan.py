@@ -50,6 +50,13 @@ class DeviceSpec:
     peak_flops: float | None
     bf16: bool = True  # False: autocast runs fp16 with a gradient scaler (T4, V100)
     cuda_name: str = ""  # what torch.cuda.get_device_name() contains for this GPU
+    fp32_flops: float | None = None  # fp32 without TF32 (before Ampere); None: TF32, half the bf16 rate
+
+    def peak(self, half: bool) -> float | None:
+        """The peak FLOP/s of a run in bf16/fp16 (`half`) or in fp32 (TF32 from Ampere on, plain fp32 before)."""
+        if self.peak_flops is None or half:
+            return self.peak_flops
+        return self.fp32_flops if self.fp32_flops is not None else self.peak_flops / 2
 
 
 # Datasheet figures (dense, no sparsity); `train.device_peak_flops` reads its MFU peaks from here too.
@@ -64,13 +71,15 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec("a100", "NVIDIA A100 80GB", "cuda", 80 * GIB, 312e12, cuda_name="A100"),
         DeviceSpec("a100-40", "NVIDIA A100 40GB", "cuda", 40 * GIB, 312e12, cuda_name="A100"),
         DeviceSpec("l40s", "NVIDIA L40S 48GB", "cuda", 48 * GIB, 362e12, cuda_name="L40S"),
+        DeviceSpec("l40", "NVIDIA L40 48GB", "cuda", 48 * GIB, 181e12, cuda_name="L40"),  # not the L4's figure
         DeviceSpec("a10g", "NVIDIA A10G 24GB", "cuda", 24 * GIB, 125e12, cuda_name="A10G"),
         DeviceSpec("a10", "NVIDIA A10 24GB", "cuda", 24 * GIB, 125e12, cuda_name="A10"),
         DeviceSpec("l4", "NVIDIA L4 24GB", "cuda", 24 * GIB, 121e12, cuda_name="L4"),
         DeviceSpec("rtx4090", "NVIDIA GeForce RTX 4090 24GB", "cuda", 24 * GIB, 165e12, cuda_name="RTX 4090"),
         DeviceSpec("rtx3090", "NVIDIA GeForce RTX 3090 24GB", "cuda", 24 * GIB, 71e12, cuda_name="RTX 3090"),
-        DeviceSpec("v100", "NVIDIA V100 32GB", "cuda", 32 * GIB, 125e12, bf16=False, cuda_name="V100"),
-        DeviceSpec("t4", "NVIDIA T4 16GB", "cuda", 16 * GIB, 65e12, bf16=False, cuda_name="T4"),
+        DeviceSpec("v100", "NVIDIA V100 32GB", "cuda", 32 * GIB, 125e12, bf16=False, cuda_name="V100",
+                   fp32_flops=15.7e12),
+        DeviceSpec("t4", "NVIDIA T4 16GB", "cuda", 16 * GIB, 65e12, bf16=False, cuda_name="T4", fp32_flops=8.1e12),
         DeviceSpec("cpu", "this machine's CPU", "cpu", None, None),
         DeviceSpec("mps", "Apple GPU (MPS)", "mps", None, None),
     )
@@ -536,7 +545,7 @@ class Plan:
     checkpoint_disk_bytes: int
     memory: MemoryEstimate
     mfu: float | None
-    peak_flops: float | None  # per device, for this dtype (fp32: the TF32 rate, half the bf16 one)
+    peak_flops: float | None  # per device, for this dtype (fp32: the TF32 rate, half the bf16 one, from Ampere on)
     tokens_per_s: float | None  # all processes together
     seconds: float | None  # training + periodic evaluation (checkpoint writes not counted)
     time_basis: str  # "peak × MFU" | "measured" | "unknown"
@@ -686,7 +695,7 @@ def plan(
             notes.append(f"measured on one process; × {nproc} assumes perfect scaling")
     elif spec.peak_flops is not None:
         used_mfu = mfu if mfu is not None else DEFAULT_GPU_MFU
-        peak = spec.peak_flops if half else spec.peak_flops / 2  # fp32 runs as TF32 at half the bf16 rate
+        peak = spec.peak(half)
         rate, basis = peak * used_mfu * nproc / flops, "peak × MFU"
     else:
         notes.append(f"no peak FLOP/s is known for {spec.name}: add --measure for tokens/s and time")

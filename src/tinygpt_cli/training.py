@@ -293,10 +293,7 @@ def flops_per_token(model: GPT) -> float:
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Peak FLOP/s for MFU: the datasheet figure for known GPUs (`plan.DEVICES`); on CPU a measured fp32 rate."""
     if device.type == "cuda":
-        peak = gpu_spec(torch.cuda.get_device_name(device), 0).peak_flops
-        if peak is None:
-            return None
-        return peak if dtype != torch.float32 else peak / 2  # tf32 runs at half the bf16 rate
+        return gpu_spec(torch.cuda.get_device_name(device), 0).peak(dtype != torch.float32)
     if device.type == "cpu":
         return measured_cpu_peak(dtype)
     return None
