@@ -172,9 +172,11 @@ def test_existing_run_needs_resume(with_shakespeare):
 def test_warmup_then_cosine_and_wsd():
     cfg = tiny_config(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4).train
     assert learning_rate(0, cfg) == pytest.approx(1e-4)
-    assert learning_rate(9, cfg) == pytest.approx(1e-3)
-    assert learning_rate(55, cfg) == pytest.approx(5.5e-4)
-    assert learning_rate(100, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == learning_rate(10, cfg) == pytest.approx(1e-3)
+    # the last step trained (99) is at min_lr: it was 1.003e-4, min_lr coming at step 100, which never trains
+    assert learning_rate(99, cfg) == pytest.approx(1e-4, rel=1e-12)
+    for k in range(0, 90, 7):  # the cosine is symmetric about its midpoint between steps 10 and 99
+        assert learning_rate(10 + k, cfg) + learning_rate(99 - k, cfg) == pytest.approx(1.1e-3)
     wsd = tiny_config(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=0, schedule="wsd", decay_fraction=0.2).train
     assert learning_rate(50, wsd) == pytest.approx(1e-3)
     assert learning_rate(79, wsd) == pytest.approx(1e-3)
@@ -553,3 +555,17 @@ def test_tokens_per_second_leaves_out_evaluations_between_log_steps(with_shakesp
     rates = [row["tokens_per_s"] for row in rows if row["kind"] == "train"]
     per_step = 4 * 32  # train.batch_size × model.block_size of the tiny config, one batch a step
     assert len(rates) == 3 and all(0.75 * per_step <= rate <= per_step for rate in rates), rates
+
+
+def test_every_window_of_the_split_is_drawn_the_last_included():
+    """The last start (len - block - 1) was never drawn, so the split's last token was never a target (ML review)."""
+    import numpy as np
+
+    from tinygpt_cli.training import get_batch, unigram_loss
+
+    tokens = np.arange(10, dtype=np.uint16)  # block 8: starts 0 and 1
+    x, y = get_batch(tokens, 200, 8, np.random.default_rng(0), torch.device("cpu"))
+    assert set(x[:, 0].tolist()) == {0, 1} and y[:, -1].max() == 9
+    # the unigram baseline smooths over GPT-2's 50257 ids, not all 65536 a uint16 holds
+    train_ids, val_ids = np.array([5] * 99, dtype=np.uint16), np.array([5], dtype=np.uint16)
+    assert unigram_loss(train_ids, val_ids) == pytest.approx(-math.log(100 / (99 + 50257)))

@@ -66,6 +66,7 @@ from tinygpt_cli.plan import (
     too_little_data,
 )
 from tinygpt_cli.report import metrics_record, write_loss_plot, write_report
+from tinygpt_cli.tokenizer import VOCAB_SIZE
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 
@@ -188,8 +189,9 @@ def _batch_generator(seed: int, step: int, micro: int, rank: int = 0) -> np.rand
 def get_batch(
     tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of `block_size + 1` tokens -> inputs x (B, T) and next-token targets y (B, T)."""
-    return windows_at(tokens, rng.integers(0, len(tokens) - block_size - 1, size=batch_size), block_size, device)
+    """Random windows of `block_size + 1` tokens -> inputs x (B, T) and next-token targets y (B, T). Every start
+    is drawn, the last one (len - block_size - 1) included."""
+    return windows_at(tokens, rng.integers(0, len(tokens) - block_size, size=batch_size), block_size, device)
 
 
 def checked_windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> np.ndarray:
@@ -212,13 +214,15 @@ def windows_at(
 
 
 def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, sample: int = 20_000_000) -> float:
-    """Cross-entropy (nats/token) of val under the train unigram distribution (add-one smoothed).
+    """Cross-entropy (nats/token) of val under the train unigram distribution (add-one smoothed over GPT-2's
+    50257 ids: not the 65536 a uint16 holds, whose extra mass made the baseline easier to beat).
 
     The loss a model reaches by learning token frequencies alone: a trained model must beat it.
     """
-    counts = np.bincount(np.asarray(train_tokens[:sample]), minlength=65536).astype(np.float64) + 1.0
+    train_ids, val_ids = np.asarray(train_tokens[:sample]), np.asarray(val_tokens[:sample])
+    counts = np.bincount(train_ids[train_ids < VOCAB_SIZE], minlength=VOCAB_SIZE) + 1.0
     log_probs = np.log(counts / counts.sum())
-    return float(-log_probs[np.asarray(val_tokens[:sample])].mean())
+    return float(-log_probs[val_ids[val_ids < VOCAB_SIZE]].mean())  # (an id past them is the reader's to report)
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -249,7 +253,7 @@ def _scheduled_lr(step: int, cfg: TrainConfig) -> float:
             return cfg.lr
         progress = min(1.0, (step - decay_start + 1) / decay_steps)
         return cfg.lr + progress * (cfg.min_lr - cfg.lr)
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    span = max(1, cfg.max_steps - 1 - cfg.warmup_steps)  # the last step trained, max_steps - 1, is at min_lr
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
@@ -1167,7 +1171,7 @@ class _Trainer:
         peak = device_peak_flops(device, self.dtype)
         unigram = unigram_loss(self.train_tokens, self.val_tokens)
         eval_rng = np.random.default_rng([tc.seed, 2**31])
-        self.eval_starts = [eval_rng.integers(0, len(self.val_tokens) - self.block - 1, size=self.batch_size)
+        self.eval_starts = [eval_rng.integers(0, len(self.val_tokens) - self.block, size=self.batch_size)
                             for _ in range(tc.eval_batches)]
         for starts in self.eval_starts:  # read at every evaluation: a bad id is an error now, not mid-run
             checked_windows(self.val_tokens, starts, self.block)
