@@ -617,22 +617,29 @@ def test_killed_run_leaves_nothing_complete_and_resumes_identically(workspace, t
     assert not partial.exists() and resumed.meta["documents"] == clean.meta["documents"]
 
 
+def _interrupt_write(monkeypatch, nth: int):
+    """Checkpoint after every task, and raise KeyboardInterrupt (Ctrl-C) at the `nth` write; returns the real
+    write, to put back for the run that continues."""
+    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 0.0)
+    real, calls = data._Partial.write, []
+
+    def interrupting_write(self, encoded):
+        calls.append(1)
+        if len(calls) == nth:
+            raise KeyboardInterrupt
+        real(self, encoded)
+
+    monkeypatch.setattr(data._Partial, "write", interrupting_write)
+    return real
+
+
 def test_a_partial_tokenized_under_another_split_rule_starts_over(workspace, tmp_path, monkeypatch):
     """A tokenize killed before an upgrade that changed the split rule resumed under the new one: its dataset held
     documents split by two rules, and meta.json named one (review)."""
     path = workspace / "rows.jsonl"
     _write_jsonl(path, _docs(300))
-    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 0.0)
     monkeypatch.setattr(data, "TASK_TEXT_BYTES", 2_000)
-    real, calls = data._Partial.write, []
-
-    def interrupted(self, encoded):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        real(self, encoded)
-
-    monkeypatch.setattr(data._Partial, "write", interrupted)
+    real = _interrupt_write(monkeypatch, 10)
     with pytest.raises(data.TokenizeInterrupted):
         data.tokenize(str(path), name="rows")
     monkeypatch.setattr(data._Partial, "write", real)
@@ -692,18 +699,8 @@ def test_interrupt_in_the_cli_then_continue_or_restart(workspace, monkeypatch):
     texts = _docs(200)
     path = workspace / "rows.parquet"
     pq.write_table(pa.table({"text": texts}), path, row_group_size=37)  # resume lands inside row groups
-    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 0.0)
     monkeypatch.setattr(data, "TASK_TEXT_BYTES", 3_000)
-    original_write = data._Partial.write
-    calls = []
-
-    def interrupting_write(self, encoded):
-        calls.append(1)
-        if len(calls) == 12:
-            raise KeyboardInterrupt
-        original_write(self, encoded)
-
-    monkeypatch.setattr(data._Partial, "write", interrupting_write)
+    original_write = _interrupt_write(monkeypatch, 12)
     result = runner.invoke(app, ["tokenize", str(path), "--seed", "2"])
     assert result.exit_code == 130, result.output
     assert "Interrupted: run the same command again" in result.stderr
@@ -719,9 +716,7 @@ def test_interrupt_in_the_cli_then_continue_or_restart(workspace, monkeypatch):
     clean = data.tokenize(str(path), name="clean", seed=2)
     assert (workspace / "data" / "rows" / "train.bin").read_bytes() == (clean.path / "train.bin").read_bytes()
     # an interrupted run with other settings is discarded, not mixed in
-    monkeypatch.setattr(data._Partial, "write", interrupting_write)
-    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 0.0)
-    calls.clear()
+    _interrupt_write(monkeypatch, 12)
     assert runner.invoke(app, ["tokenize", str(path), "--name", "x", "--seed", "2"]).exit_code == 130
     monkeypatch.setattr(data._Partial, "write", original_write)
     monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 30.0)
