@@ -78,6 +78,29 @@ def test_kill_minus_9_always_leaves_a_loadable_checkpoint(with_shakespeare, work
     assert leftovers == []  # what the saves killed mid-write left was removed by the next training
 
 
+def test_a_sigterm_before_the_first_step_says_what_is_kept(with_shakespeare, workspace):
+    """A scheduler's SIGTERM while the run was loading its data (or compiling) killed it without a word: exit 143,
+    nothing said. It is said as for Ctrl-C there, and the run's folder, with no checkpoint, is gone."""
+    script = (
+        "import os, signal, sys\n"
+        "from tinygpt_cli import training\n"
+        "from tinygpt_cli.cli import main\n"
+        "real = training.prepare_dataset\n"
+        "def signalled(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*args, **kwargs)\n"
+        "training.prepare_dataset = signalled\n"
+        "sys.argv = ['tinygpt', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    stopped = subprocess.run([sys.executable, "-c", script, "train", *TINY_SETTINGS, "--name", "early",
+                              "--max-steps", "5"], env={**os.environ, "TINYGPT_HOME": str(workspace)},
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert "Interrupted before the run's first checkpoint: nothing is kept; start it again" in stopped.stderr
+    assert "Traceback" not in stopped.stderr and not (workspace / "runs" / "early").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_finishes_the_step_and_saves(with_shakespeare, workspace, sig, reaped):
     """A scheduler's SIGTERM, or the hangup of a dropped ssh session (SIGHUP, which used to end the run with no

@@ -636,8 +636,9 @@ def train(
     stop = StopFlag()
     view = _TrainView(_stderr_console())
     try:
-        result = run_training(cfg, run_name=run_name, resume=resume, on_event=view.on_event, stop=stop)
-    except KeyboardInterrupt as exc:  # a second Ctrl-C/SIGTERM (the first one saves and returns)
+        with _stopped_outside_the_loop(stop):
+            result = run_training(cfg, run_name=run_name, resume=resume, on_event=view.on_event, stop=stop)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C/SIGTERM (the first one saves and returns), or one before
         view.close()
         raise typer.Exit(_training_aborted(view.run_dir or resumed, exc, is_main)) from None
     finally:
@@ -680,12 +681,33 @@ def _signal_exit(signum: int | None) -> int:
     return 128 + (signum or 2)
 
 
+@contextlib.contextmanager
+def _stopped_outside_the_loop(stop) -> Iterator[None]:
+    """SIGTERM and SIGHUP before train's loop (loading, compiling) or after it (the report) stop it as Ctrl-C does
+    there, with a line that says what is kept; they killed it silently (143). In the loop train's own handler
+    takes them, to save first. The first stop's signal again within REPEAT_WINDOW_S is that stop, said twice."""
+    import signal
+    import time
+
+    from tinygpt_cli.launch import STOP_SIGNALS, Stopped, signals_handled
+    from tinygpt_cli.training import REPEAT_WINDOW_S
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop and signum == stop.signal and time.monotonic() - stop.signalled_at < REPEAT_WINDOW_S:
+            return
+        raise Stopped(signum)
+
+    with signals_handled(handler, tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)):
+        yield
+
+
 def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: bool) -> int:
-    """Say what a training process stopped at once kept (by a second signal, or by Ctrl-C before train's own
+    """Say what a training process stopped at once kept (by a second signal, or by a stop before train's own
     handler was in place); return its exit code, 128 + the signal."""
     from tinygpt_cli import checkpoint as ckpt
+    from tinygpt_cli.training import SecondSignal
 
-    what = "Aborted by a second signal" if hasattr(exc, "signal") else "Interrupted"
+    what = "Aborted by a second signal" if isinstance(exc, SecondSignal) else "Interrupted"
     step = ckpt.latest_step(run_dir) if run_dir is not None else None
     if is_main:
         _stderr_console().print(
