@@ -1,7 +1,8 @@
 """Corpora in, token files out: `tokenize()` writes `data/<name>/{train,val}.bin` + `meta.json`.
 
 Token files are raw little-endian uint16 GPT-2 ids, each document followed by `<|endoftext|>` (50256).
-The train/val split is by whole document and depends only on the source, `--fraction` and `--seed`:
+The train/val split is by whole document (inside each, for a source of few) and depends only on the source,
+`--fraction`, `--val-fraction` and `--seed`:
 
 * every document has a position `i` in the source (files in sorted order; lines of a .jsonl; rows of a
   .parquet; see `sources.py`) and two keyed hashes of `(seed, i)`;
