@@ -344,9 +344,10 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
             f"{weights} does not match its model config (missing or misshapen: {', '.join(missing) or 'shapes'})"
         )
     model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
+    from tinygpt_cli.training import device_present
+
     kind = torch.device(device).type
-    if (kind == "cuda" and not torch.cuda.is_available()) or \
-            (kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())):
+    if not device_present(kind):
         raise CheckpointError(f"cannot move the model to {device}: this machine has no {kind.upper()} device; load "
                               f"it on one it has, such as cpu")
     model.to(device).eval()

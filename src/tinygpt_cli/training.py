@@ -110,6 +110,16 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- devices
+def device_present(kind: str) -> bool:
+    """Whether this machine has a CUDA or MPS device that torch can use (`kind` "cuda", "mps"); other kinds, the
+    CPU's among them, are torch's to check."""
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return True
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against what is there."""
     name = str(name).strip().lower()  # a torch.device too
@@ -117,17 +127,13 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if kind not in ("auto", "cpu", "cuda", "mps") or (":" in name and (kind == "auto" or not index.isdecimal())):
         raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
+        return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if device_present(kind)))
+    if kind == "cuda" and not device_present("cuda"):
         raise TrainingError(f"--device {name} was asked for but no CUDA GPU is visible: use --device auto or cpu")
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise TrainingError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if kind == "mps" and not device_present("mps"):
         raise TrainingError("--device mps was asked for but MPS is not available: use --device auto or cpu")
     return torch.device(name)
 
@@ -408,7 +414,7 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(
             [torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()) for s in state["cuda"]]
         )
-    if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if "mps" in state and device_present("mps"):
         torch.mps.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["mps"]), dtype=np.uint8).copy()))
 
 
