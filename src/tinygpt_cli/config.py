@@ -339,6 +339,13 @@ def init_from_block_size(cfg: RunConfig) -> int | None:
     return cfg.model.block_size if cfg.model.block_size != preset_block else None
 
 
+def preset_of(model: ModelConfig) -> str | None:
+    """The preset whose shape (layers, heads, width) `model` has, else None."""
+    shape = (model.n_layer, model.n_head, model.n_embd)
+    return next((name for name, preset in PRESETS.items()
+                 if shape == tuple(preset["model"].get(key) for key in ("n_layer", "n_head", "n_embd"))), None)
+
+
 def init_from_conflict(cfg: RunConfig, weights: ModelConfig) -> str | None:
     """Why a run cannot start from weights of shape `weights` (train.init_from): a model key the config changed
     from its preset's value (by --set or a file) to another than the weights have. They would train as they are,

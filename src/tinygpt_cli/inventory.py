@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygpt_cli import workspace
-from tinygpt_cli.config import PRESETS, ModelConfig, is_count
+from tinygpt_cli.config import ModelConfig, is_count, preset_of
 from tinygpt_cli.errors import CheckpointError, ConfigError, DataError
 
 REPORT_FILE = "report.md"
@@ -69,9 +69,7 @@ def run_summary(run_dir: Path) -> RunSummary:
 
 def _shape(model: ModelConfig, size: str | None) -> str:
     """Layers × width, marked custom where it is not the shape of the preset `size` (a run of --set model.*)."""
-    preset = PRESETS.get(size or "", {}).get("model", {})
-    own = (model.n_layer, model.n_head, model.n_embd) == tuple(preset.get(k) for k in ("n_layer", "n_head", "n_embd"))
-    return f"{'' if own else 'custom '}{model.n_layer}×{model.n_embd}"
+    return f"{'' if size is not None and preset_of(model) == size else 'custom '}{model.n_layer}×{model.n_embd}"
 
 
 # state.json is read as written by tinygpt, but a hand-edited or damaged one must not break the whole listing:

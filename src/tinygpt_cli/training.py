@@ -808,7 +808,7 @@ class _Trainer:
         """Weights to start from (fine-tuning / continued pretraining). The model shape is the source's; a
         shorter context is kept when the config changed model.block_size from its preset's value."""
 
-        from tinygpt_cli.config import PRESETS, init_from_block_size, init_from_conflict
+        from tinygpt_cli.config import init_from_block_size, init_from_conflict, preset_of
         from tinygpt_cli.export import load_pretrained
 
         model, model_cfg = load_pretrained(spec, block_size=init_from_block_size(self.cfg),
@@ -816,9 +816,7 @@ class _Trainer:
         conflict = init_from_conflict(self.cfg, model_cfg)
         if conflict:
             raise TrainingError(conflict)
-        shape = (model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd)
-        label = next((name for name, preset in PRESETS.items() if shape == tuple(
-            preset["model"].get(key) for key in ("n_layer", "n_head", "n_embd"))), None)
+        label = preset_of(model_cfg)
         if label != self.cfg.size:
             self.emit(TrainEvent("info", message=(
                 f"the weights of {spec} are {model_cfg.n_layer} layers × {model_cfg.n_embd} "
