@@ -280,11 +280,7 @@ def _cpu_workspace(rows: int, weight: torch.Tensor) -> torch.Tensor | None:
 
 def _autocast_fp16(device_type: str) -> bool:
     """Whether autocast is on for `device_type` with fp16 as its dtype."""
-    try:
-        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
-    except (AttributeError, TypeError, RuntimeError):  # torch < 2.4's per-device functions
-        return torch.is_autocast_enabled() and device_type == "cuda" and \
-            torch.get_autocast_gpu_dtype() == torch.float16
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:

@@ -1273,8 +1273,6 @@ def encode_prompt(prompt: str) -> list[int]:
     return get_encoding().encode(prompt, allowed_special={EOT_TOKEN}, disallowed_special=())
 
 
-
-
 def load_model(spec: str | Path | None = None, device: str = "auto", dtype: str | torch.dtype = "auto"
                ) -> LoadedCheckpoint:
     """Load a checkpoint (a run's latest; the latest run's by default) for generation, in eval mode, its weights
