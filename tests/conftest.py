@@ -37,6 +37,7 @@ TINY_SETTINGS = [
     "--set", "model.block_size=32", "--set", "train.batch_size=4", "--set", "train.eval_interval=2",
     "--set", "train.eval_batches=2", "--set", "train.log_interval=1", "--set", "train.warmup_steps=2",
 ]
+TINY_OVERRIDES = TINY_SETTINGS[1::2]  # the same, as resolve_config's overrides
 
 
 def assert_one_line_error(result, fragment: str, code: int = 1) -> None:
@@ -143,8 +144,7 @@ def tiny_config(**train: object):
     """A RunConfig for the tiny test model; keyword arguments override train.* keys."""
     from tinygpt_cli.config import resolve_config
 
-    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)]
-    overrides += [f"train.{key}={value}" for key, value in train.items()]
+    overrides = [*TINY_OVERRIDES, *(f"train.{key}={value}" for key, value in train.items())]
     return resolve_config(size="micro", overrides=overrides)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_SETTINGS
+from conftest import TINY_OVERRIDES
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -41,7 +41,7 @@ def test_the_notebook_example_runs(with_shakespeare, workspace):
     """The package docstring's example, on the tiny model."""
     from tinygpt_cli import evaluate, export_model, load_checkpoint, resolve_config, sample_text, train
 
-    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=2"]
+    overrides = [*TINY_OVERRIDES, "train.max_steps=2"]
     result = train(resolve_config(size="micro", overrides=overrides), run_name="notebook")
     assert result.steps == 2
     model = load_checkpoint("notebook").model
@@ -72,7 +72,7 @@ def test_natural_arguments_work_or_are_one_clear_error(with_shakespeare, workspa
     assert resolve_config(overrides="train.max_steps=5").train.max_steps == 5
     with pytest.raises(TinyGPTError, match="takes a RunConfig"):
         train({"size": "micro"})
-    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=1"]
+    overrides = [*TINY_OVERRIDES, "train.max_steps=1"]
     train(resolve_config(size="micro", overrides=overrides), run_name="api")
     model = load_checkpoint("api").model
     whole = sample_text(model, "ROMEO:", 8, temperature=0, stop=["\n\n"]).samples[0]
@@ -100,7 +100,7 @@ def test_a_resume_from_python_goes_on_with_the_runs_own_config(with_shakespeare,
         if event.kind == "step" and event.step >= 2:
             stop.reason = "interrupted"
 
-    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=4"]
+    overrides = [*TINY_OVERRIDES, "train.max_steps=4"]
     first = train(resolve_config(size="micro", overrides=overrides), run_name="r", on_event=on_event, stop=stop)
     assert first.stopped == "interrupted" and first.steps == 2
     elsewhere = tmp_path / "elsewhere" / "other"  # review: by path, it resumed runs/other (or nothing)
@@ -134,7 +134,7 @@ def test_train_leaves_the_callers_random_streams_and_tf32_as_they_were(with_shak
 
     seeded()
     expected = draws()
-    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=2"]
+    overrides = [*TINY_OVERRIDES, "train.max_steps=2"]
     for resume in (False, True):
         seeded()
         cfg = resolve_config(size="micro", overrides=[*overrides, f"train.max_steps={3 if resume else 2}"])
@@ -151,7 +151,7 @@ def test_train_takes_a_caller_on_torchs_newer_precision_switches(with_shakespear
 
     if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision switches")
-    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=1"]
+    overrides = [*TINY_OVERRIDES, "train.max_steps=1"]
     script = f"""
 import torch
 from tinygpt_cli import resolve_config, train
@@ -173,7 +173,7 @@ def test_dtypes_are_taken_as_torch_names_them_too(with_shakespeare):
     from tinygpt_cli import TinyGPTError, evaluate, resolve_config, train
     from tinygpt_cli.sample import load_model
 
-    overrides = [TINY_SETTINGS[i + 1] for i in range(0, len(TINY_SETTINGS), 2)] + ["train.max_steps=1"]
+    overrides = [*TINY_OVERRIDES, "train.max_steps=1"]
     train(resolve_config(size="micro", overrides=overrides), run_name="d")
     for given, want in ((torch.bfloat16, torch.bfloat16), ("float32", torch.float32), ("bf16", torch.bfloat16)):
         assert next(load_model("d", "cpu", given).model.parameters()).dtype == want
