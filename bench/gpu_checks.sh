@@ -92,7 +92,7 @@ stage generate 190 $PY bench/generate_throughput.py --device cuda --shapes small
 stage generate-large 150 $PY bench/generate_throughput.py --device cuda --shapes "${GEN_LARGE_SHAPES:-medium,large}" \
     --rounds 2 --skip "compiled,no cache,no CUDA graphs,HF"
 stage pytest 200 $PY -m pytest -q -p no:cacheprovider -m gpu -k "${PYTEST_K:-gpu or not gpu}" tests/test_sample.py \
-    tests/test_kernels.py tests/test_generate_cli.py tests/test_evaluate.py tests/test_gpu.py
+    tests/test_kernels.py tests/test_generate_cli.py tests/test_evaluate.py tests/test_gpu.py tests/test_model.py
 stage micro 100 bash -c '
     export TINYGPT_HOME=/tmp/tinygpt-home; rm -rf $TINYGPT_HOME; mkdir -p $TINYGPT_HOME; cd $TINYGPT_HOME
     '"$PY"' -m tinygpt_cli train --size micro --name gpu-micro '"${MICRO_ARGS:-}"' || exit 1

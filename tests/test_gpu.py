@@ -21,7 +21,10 @@ pytestmark = pytest.mark.gpu
 def test_compiled_autocast_training(with_shakespeare, dtype):
     cfg = tiny_config(max_steps=6, eval_interval=3, device="cuda", dtype=dtype, compile="on")
     events = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     result = train(cfg, run_name=f"gpu-{dtype}", on_event=events.append)
+    # TF32 is on while training only: left on, the caller's own fp32 work would run at TF32's precision
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
     start = next(e for e in events if e.kind == "start")
     assert start.data["device"].startswith("cuda") and start.data["compiled"]
     assert result.stopped == "completed" and result.final_val_loss < 11.0
@@ -55,7 +58,8 @@ def test_fused_cross_entropy_on_cuda_matches_reference():
     hidden = torch.randn(4, 300, 64, device="cuda", requires_grad=True)
     weight = (torch.randn(50304, 64, device="cuda") * 0.05).requires_grad_()
     targets = torch.randint(0, 50257, (4, 300), device="cuda")
-    ref = F.cross_entropy((hidden @ weight.t()).view(-1, 50304), targets.view(-1))
+    # the softmax is over GPT-2's 50257 ids: the 47 rows that pad the head take no probability
+    ref = F.cross_entropy((hidden @ weight[:50257].t()).view(-1, 50257), targets.view(-1))
     ref.backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

@@ -130,39 +130,47 @@ def test_fused_cross_entropy_is_exact_when_a_target_probability_underflows(gap):
         torch.testing.assert_close(probs, torch.softmax(flat_hidden @ weight.t(), 1))
 
 
+# the CPU cases, and on a GPU the compiled model the CUDA trainer runs (the slice of the logits and the fused
+# head's masking as inductor traces them)
+ON_DEVICES = [("cpu", False), pytest.param("cuda", False, marks=pytest.mark.gpu),
+              pytest.param("cuda", True, marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device,compiled", ON_DEVICES)
 @pytest.mark.parametrize("fused", [True, False])
-def test_the_training_loss_gives_the_padding_rows_no_probability(fused):
+def test_the_training_loss_gives_the_padding_rows_no_probability(fused, device, compiled):
     """A GPT-2 loaded from Hugging Face has its embedding padded with zero rows, whose logit 0 is far above GPT-2's
     real logits (about -60): the training loss gave them nearly all the probability, 56 nats where eval said 11,
     and fine-tuning chased that (ML review). Training, evaluation and sampling now share the 50257-way softmax."""
     from tinygpt_cli.evaluation import token_nats
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).to(device)
     with torch.no_grad():
         model.lm_head.weight[50257:] = 0.0
         model.transformer.ln_f.bias.fill_(-3.0)  # every real logit far below the padding's 0
         model.lm_head.weight[:50257] = model.lm_head.weight[:50257].abs() * 3
     model.fused_loss = fused
-    x, y = torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16))
-    _, loss = model(x, y)
+    x, y = (torch.randint(0, 50257, (2, 16), device=device) for _ in range(2))
+    _, loss = (torch.compile(model) if compiled else model)(x, y)
     loss.backward()
     assert loss.item() == pytest.approx(token_nats(model, x, y).mean().item(), rel=1e-5)
     assert model.lm_head.weight.grad[50257:].abs().max() == 0  # nothing pulls on rows no token uses
 
 
-def test_fused_loss_gradients_keep_rare_tokens_under_fp16_autocast():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_loss_gradients_keep_rare_tokens_under_fp16_autocast(device):
     """Under fp16 autocast the head's gradient matmuls ran in fp16 on rows scaled by 1/count: a rare token's row
     underflowed to 0 before the GradScaler's factor came in (ML review). They run in fp32 there."""
     torch.manual_seed(0)
     n, width = 4096, 32
-    hidden = torch.randn(n, width)
-    weight = torch.randn(50304, width) * 0.02
-    targets = torch.randint(0, 1000, (n,))
+    hidden = torch.randn(n, width, device=device)
+    weight = torch.randn(50304, width, device=device) * 0.02
+    targets = torch.randint(0, 1000, (n,), device=device)
 
     def head_grad(autocast: bool) -> torch.Tensor:
         w = weight.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.float16, enabled=autocast):
             loss = chunked_cross_entropy(hidden, w, targets, chunk_tokens=1024)
         (loss * 65536.0).backward()  # as a GradScaler scales it
         return w.grad / 65536.0
