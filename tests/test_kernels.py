@@ -152,25 +152,18 @@ def test_kernels_compile_for_hopper_and_ampere(dtype):
                     (C, 4 * C, False, False, True, False, False), (vocab, C, True, False, False, False, False)]
         for N, K, norm, gelu, residual, qkv, embed in products:
             # several samples a block (kernels.TUNING["samples_per_program"]) for bf16 in one pass
-            # the next products' weights asked of L2 (kernels.TUNING["l2_prefetch"]): 128 lines a program or none
-            for one_pass, samples, lines in ((True, 1, 128), (True, 1, 0), (False, 1, 128),
-                                             *([(True, 4, 64)] if dtype == "bf16" else [])):
+            for one_pass, samples in ((True, 1), (False, 1), *([(True, 4)] if dtype == "bf16" else [])):
                 block_k = triton.next_power_of_2(K) if one_pass else 256
                 constants = dict(HEAD_DIM=64, LN=norm, LN_BIAS=norm, HAS_BIAS=vocab != N, GELU=gelu,
                                  RESIDUAL=residual, QKV=qkv, BLOCK_N=max(1, 8192 // block_k), BLOCK_K=block_k,
-                                 ONE_PASS=one_pass, ADVANCE=vocab == N, EMBED=embed, SAMPLES=samples,
-                                 PREFETCH=lines, LINE=32 if dtype == "fp32" else 64)
-                values = {"N": N, "K": K, "stride_wn": K, "stride_wk": 1, "n_head": heads, "S": slots if qkv else 1,
-                          "ahead_n": 4 * C * C}
+                                 ONE_PASS=one_pass, ADVANCE=vocab == N, EMBED=embed, SAMPLES=samples)
+                values = {"N": N, "K": K, "stride_wn": K, "stride_wk": 1, "n_head": heads, "S": slots if qkv else 1}
                 kernel = build(module._gemv, values, constants, capability)
                 if one_pass and dtype != "fp32":  # the weights come in 16-byte loads
                     assert "ld.global.v4" in kernel.asm["ptx"] or "ld.global.L1::evict_first.v4" in kernel.asm["ptx"]
-                assert ("prefetch.global.L2" in kernel.asm["ptx"]) == bool(lines)
                 if capability == 90 and module.PDL_SUPPORTED:
                     ptx = build(module._gemv, values, constants, capability, pdl=True).asm["ptx"]
                     assert_waits_after_the_weights(ptx, one_pass)
-                    if lines:  # asked for before the wait, so that they come while the kernel before finishes
-                        assert ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
         for mode, top_k in ((0, False), (1, False), (2, True), (2, False)):  # greedy, picked, sampled
             draw = dict(values={"stride_logits": vocab, "V": 50257, "width": vocab, "stride_seen": vocab,
                                 "stride_tokens": 16, "eot": 50256, "stride_uniform": 16, "stride_bounds": 200,
@@ -250,28 +243,3 @@ def test_fused_decode_on_cuda_matches_eager():
         assert (got - want).abs().max() < 0.05 * want.abs().max()
         assert int(got.argmax()) == int(want.argmax())
         assert torch.equal(got, again)
-
-
-def test_each_product_asks_l2_for_a_later_ones_weights():
-    """kernels.TUNING["l2_prefetch"]: a product asks L2 for the weights of the one `distance` after it in the step,
-    round to the next step's after the head, whose 77 MB would not stay in L2; the lines cover them, a power of two
-    a program."""
-    from tinygpt_cli.kernels import prefetch_plan
-
-    C = 768
-    weights = [torch.empty(n, k, device="meta") for _ in range(12) for n, k in ((3 * C, C), (C, C), (4 * C, C),
-                                                                                 (C, 4 * C))]
-    weights.append(torch.empty(50304, C, device="meta"))
-    assert prefetch_plan(weights, 0, 2, 2, 288) == (2, 128)  # QKV asks for the MLP's first: 36,864 lines / 288
-    assert prefetch_plan(weights, 2, 1, 2, 384) == (3, 128)  # (4.7 MB over 384 programs: 96, up to 128)
-    assert prefetch_plan(weights, 1, 1, 4, 384) == (2, 256)  # fp32: twice the lines
-    assert prefetch_plan(weights, 46, 2, 2, 384) == (None, 0)  # never the head
-    assert prefetch_plan(weights, 47, 2, 2, 384) == (0, 128)  # the next step's first QKV
-    assert prefetch_plan(weights, 48, 2, 2, 6288) == (1, 2)  # the head, for the next step's second product
-    assert prefetch_plan(weights, 5, 0, 2, 288) == (None, 0)
-    assert prefetch_plan(weights, 5, 49, 2, 288) == (None, 0)  # itself
-    weights[9] = weights[9].t()  # not one block of memory in order
-    assert prefetch_plan(weights, 7, 2, 2, 288) == (None, 0)
-    lines, programs = 36864, 288
-    _, each = prefetch_plan(weights, 0, 2, 2, programs)
-    assert each * programs >= lines and (each // 2) * programs < lines

@@ -101,10 +101,8 @@ def unavailable(device: torch.device) -> str | None:
 # `samples_per_program`: with several samples (`--num-samples`), a product's block takes up to this many of them
 # (the largest number that divides the batch), so that it reads its weights once for them all; 1 (a block a sample)
 # until a GPU has timed more.
-# `l2_prefetch`: each product of a step asks L2 for the weights of the product this many after it (0: none; the
-# head's 77 MB, more than L2 holds, is never asked for), which then come from L2 rather than device memory.
 TUNING = {"programs_per_sm": 2, "block_k": 8192, "tile": 8192, "num_warps": 4, "block_s": 128, "force_block_k": 0,
-          "pdl": True, "draw_block": 2048, "draw_warps": 4, "samples_per_program": 1, "l2_prefetch": 2}
+          "pdl": True, "draw_block": 2048, "draw_warps": 4, "samples_per_program": 1}
 
 
 def uses_pdl(capability: tuple[int, int]) -> bool:
@@ -165,19 +163,12 @@ if triton is not None:
         return tl.where(col_ok, xk.to(dtype).to(tl.float32), 0.0)
 
     @triton.jit
-    def _prefetch_l2(pointers):
-        """Ask L2 for the 128-byte lines at `pointers` (PTX `prefetch.global.L2`), not waiting for them."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [pointers],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _gemv(x, w, bias, ln_w, ln_b, out, q_out, k_cache, v_cache, pos_ptr, counter, tokens, wte, wpe,
-              N, K, stride_wn, stride_wk, eps, n_head, S, ahead, ahead_n,
+              N, K, stride_wn, stride_wk, eps, n_head, S,
               HEAD_DIM: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
               GELU: tl.constexpr, RESIDUAL: tl.constexpr, QKV: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr,
-              ADVANCE: tl.constexpr, EMBED: tl.constexpr, SAMPLES: tl.constexpr, PREFETCH: tl.constexpr,
-              LINE: tl.constexpr):
+              BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr,
+              EMBED: tl.constexpr, SAMPLES: tl.constexpr):
         """out[b, n] = f(sum_k g(x[b])[k] * w[n, k] + bias[n]) for the BLOCK_N rows n of this program and its
         SAMPLES samples b (program (i, j) takes samples j * SAMPLES ...: a ONE_PASS program reads its weights once
         for all of them, where a program a sample would read them once a sample).
@@ -196,11 +187,6 @@ if triton is not None:
         after `gdc_wait`, which returns once the kernel before has finished and its writes are visible. The
         weights are constant, so a ONE_PASS program requests them before it waits: a kernel's weight reads then
         overlap the tail of the one before, instead of the GPU's memory idling at every kernel boundary.
-
-        PREFETCH (lines a program, 0 for none): the programs ask L2 for the `ahead_n` elements at `ahead`, the
-        weights of a product further down the step (TUNING["l2_prefetch"]), LINE elements (128 bytes) a line, and go
-        on without waiting for them: the memory streams those while this kernel and the ones between run, so that
-        product finds its weights in L2 rather than waiting on device memory.
         """
         if PDL:
             gdc_launch_dependents()
@@ -213,10 +199,6 @@ if triton is not None:
             col_ok = cols < K
             tile = tl.load(w + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
                            mask=row_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-        if PREFETCH:
-            first = (tl.program_id(1) * tl.num_programs(0) + pid) * PREFETCH
-            at = (first + tl.arange(0, PREFETCH)) * LINE
-            _prefetch_l2(ahead + tl.where(at < ahead_n, at, 0))  # past the end: the first line again, harmless
         if PDL:
             gdc_wait()
         for i in tl.static_range(SAMPLES):  # the samples of this program, one tile of weights for all of them
@@ -581,10 +563,6 @@ class FusedDecodeStep:
         # the samples a product's block takes: the largest divisor of the batch up to the setting
         self.samples = max(n for n in range(1, max(1, TUNING["samples_per_program"]) + 1) if batch % n == 0)
         self.pdl = bool(self.launch["PDL"])
-        # the step's products in their order, and where each is in it (for TUNING["l2_prefetch"])
-        self.chain = [c for b in model.transformer.h for c in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-        self.chain.append(model.lm_head)
-        self.order = {id(c): i for i, c in enumerate(self.chain)}
         self.built_advancing = False  # the kernels of a step with `advance` set have run (are built and loaded)
 
     def __call__(self, model: GPT, current: torch.Tensor, view: StaticDecodeView,
@@ -634,42 +612,15 @@ class FusedDecodeStep:
         out = out if out is not None else self.q
         tokens, wte, wpe = embed if embed is not None else (counter, weight, weight)
         grid = (triton.cdiv(N, rows), self.batch // self.samples)
-        ahead, lines = self._ahead(linear, weight.element_size(), grid[0] * grid[1])
         _gemv[grid](
             x, weight, linear.bias if linear.bias is not None else weight,
             norm.weight if norm is not None else weight,
             norm.bias if norm is not None and norm.bias is not None else weight,
             out, self.q, k_cache, v_cache, pos, counter, tokens, wte, wpe,
             N, K, weight.stride(0), weight.stride(1), norm.eps if norm is not None else 0.0,
-            self.n_head, k_cache.size(2) if qkv is not None else 1, ahead, ahead.numel() if lines else 0,
+            self.n_head, k_cache.size(2) if qkv is not None else 1,
             HEAD_DIM=self.head_dim, LN=norm is not None, LN_BIAS=norm is not None and norm.bias is not None,
             HAS_BIAS=linear.bias is not None, GELU=gelu, RESIDUAL=residual, QKV=qkv is not None,
             BLOCK_N=rows, BLOCK_K=block_k, ONE_PASS=block_k >= K, ADVANCE=advance is not None,
-            EMBED=embed is not None, SAMPLES=self.samples, PREFETCH=lines, LINE=128 // weight.element_size(),
-            **self.launch,
+            EMBED=embed is not None, SAMPLES=self.samples, **self.launch,
         )
-
-    def _ahead(self, linear: torch.nn.Linear, element_size: int, programs: int) -> tuple[torch.Tensor, int]:
-        """The weights that `linear`'s product asks L2 for and the lines each of its `programs` asks for (see
-        `prefetch_plan`); (its own weights, 0) for none, and on the CPU, where there is no L2 to ask."""
-        if INTERPRETED or self.x.device.type != "cuda":
-            return linear.weight, 0
-        weights = [c.weight for c in self.chain]
-        target, lines = prefetch_plan(weights, self.order[id(linear)], TUNING["l2_prefetch"], element_size, programs)
-        return (linear.weight, 0) if target is None else (weights[target], lines)
-
-
-def prefetch_plan(weights: list[torch.Tensor], index: int, distance: int, element_size: int,
-                  programs: int) -> tuple[int | None, int]:
-    """Which of a step's products' `weights` (in launch order, the head last) product `index` asks L2 for: the one
-    `distance` after it, round to the next step's first ones after the head. And the 128-byte lines each of its
-    `programs` asks for (a power of two: they cover the weights, the rest ask again for the first line).
-    (None, 0) for none: a distance of 0, the head (its weights are more than L2 holds, and it reads them at the
-    memory's rate anyway), the product's own weights, or weights not laid out in one block of memory."""
-    if not distance:
-        return None, 0
-    target = (index + distance) % len(weights)
-    if target in (index, len(weights) - 1) or not weights[target].is_contiguous():
-        return None, 0
-    lines = triton.cdiv(weights[target].numel() * element_size, 128)
-    return target, triton.next_power_of_2(triton.cdiv(lines, programs))
