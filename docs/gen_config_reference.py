@@ -51,6 +51,9 @@ train:
   lr: 6.0e-4
 ```
 
+The **default** column below is what a run gets where nothing sets a key: the `micro` preset's value where a
+preset sets it (marked *(preset)*; the other presets' are in [Presets](#presets)), else the same for every preset.
+
 `--set` values of number and boolean keys are read as YAML (`3e-4`, `true`); a string key keeps the text as
 written, so `--set train.compile=off` is the string `off`. In a YAML file a bare `off` is YAML's false: quote it
 (`compile: 'off'`), though `train.compile` also takes the boolean.
@@ -89,14 +92,21 @@ def _cell(text: str) -> str:
 
 
 def section_table(section: str, cls: type) -> list[str]:
+    """The keys of a section with the values a run gets where nothing sets them: the default preset's (a
+    dataclass default that every preset overrides is never what a run gets), marked where a preset sets them."""
+    from tinygpt_cli.config import PRESETS, resolve_config
+
     comments = field_comments(cls)
     types = typing.get_type_hints(cls)
     doc = inspect.getdoc(cls) or ""
+    resolved = getattr(resolve_config(), section)
+    by_preset = {key for preset in PRESETS.values() for key in preset.get(section, {})}
     lines = [f"## `{section}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         if f.name not in comments:
             raise SystemExit(f"{cls.__name__}.{f.name} has no comment in config.py: add `  # what it means`")
-        lines.append(f"| `{section}.{f.name}` | {_type_name(types[f.name])} | {_default(f.default)} | "
+        default = _default(getattr(resolved, f.name)) + (" (preset)" if f.name in by_preset else "")
+        lines.append(f"| `{section}.{f.name}` | {_type_name(types[f.name])} | {default} | "
                      f"{_cell(comments[f.name])} |")
     return [*lines, ""]
 
@@ -110,7 +120,7 @@ def presets_table() -> list[str]:
              "tied embedding once, with the vocabulary padded to 50304. Tokens per step are for one process",
              "(`train.grad_accum` is per process: see [GPUs and distributed training](gpus-and-distributed.md)).",
              "", "| preset | layers × width, heads | context | parameters | micro-batch × accumulation | "
-             "tokens/step | steps | lr |", "|---|---|---|---|---|---|---|---|"]
+             "tokens/step | steps | lr | warmup | eval every, batches |", "|---|---|---|---|---|---|---|---|---|---|"]
     from tinygpt_cli.config import PRESETS
 
     for name in PRESETS:
@@ -119,7 +129,7 @@ def presets_table() -> list[str]:
         tokens = t.batch_size * t.grad_accum * m.block_size
         lines.append(f"| `{name}` | {m.n_layer} × {m.n_embd}, {m.n_head} | {m.block_size} | "
                      f"{count_parameters(m) / 1e6:.1f}M | {t.batch_size} × {t.grad_accum} | {tokens:,} | "
-                     f"{t.max_steps:,} | {t.lr:g} |")
+                     f"{t.max_steps:,} | {t.lr:g} | {t.warmup_steps} | {t.eval_interval}, {t.eval_batches} |")
     return [*lines, ""]
 
 
