@@ -865,3 +865,94 @@ def test_a_dataset_without_a_creation_time_is_listed_not_a_crash(with_shakespear
     assert {d.path.name for d in data.list_datasets()} == {"shakespeare", "s2"}
     listed = invoke("data")
     assert listed.exit_code == 0 and "s2" in listed.stdout, listed.output
+
+
+def test_a_stop_while_publishing_waits_for_the_dataset_to_be_in_place(workspace):
+    """A stop between setting the old dataset aside and moving the new one in removed the new one as "nothing was
+    kept" and left the old one hidden as data/.rows.old-PID, with no data/rows (audit): the stop now waits."""
+    old, new = workspace / "old.jsonl", workspace / "new.jsonl"
+    _write_jsonl(old, _docs(60))
+    _write_jsonl(new, _docs(80))
+    data.tokenize(str(old), name="rows")
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from tinygpt_cli import data, workspace
+        from tinygpt_cli.cli import main
+        real = workspace.replace
+        def replace(src, dst):
+            real(src, dst)
+            if ".old-" in str(dst):  # the old dataset set aside, the new one not yet in its place
+                os.kill(os.getpid(), signal.SIGTERM)
+        data.workspace.replace = replace
+        sys.argv = ["tinygpt", "tokenize", sys.argv[1], "--name", "rows", "--force"]
+        main()
+    """)
+    stopped = subprocess.run([sys.executable, "-c", script, str(new)], env=dict(os.environ), capture_output=True,
+                             text=True, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "it was finished first, and is complete" in stopped.stderr and "nothing was kept" not in stopped.stderr
+    root = workspace / "data"
+    assert data.find_dataset("rows").meta["source"] == data.tokenize(str(new), name="clean").meta["source"]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".rows")) == []
+    assert sorted(p.name for p in (root / "rows").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+class _Killed(BaseException):
+    """A process killed at once (SIGKILL, a power cut): no handler of the process runs."""
+
+
+@pytest.mark.parametrize("killed_at", ["set aside", "meta.json", "published"])
+def test_a_tokenize_killed_while_publishing_is_put_right_by_the_same_command(workspace, monkeypatch, killed_at):
+    """Killed (1) after setting the old dataset aside, (2) after its work and before publishing, (3) after publishing
+    and before the old copy went: the same command finishes the job without tokenizing again, and nothing set
+    aside stays behind. Before, (2) lost the whole run (its checkpoint was deleted first) and (1) and (3) left a
+    hidden copy of the old dataset for good (audit)."""
+    old, new = workspace / "old.jsonl", workspace / "new.jsonl"
+    _write_jsonl(old, _docs(60))
+    _write_jsonl(new, _docs(80))
+    data.tokenize(str(old), name="rows")
+    root = workspace / "data"
+    real_replace, real_json = data.workspace.replace, data.write_json_atomic
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if (killed_at == "set aside" and ".old-" in str(dst)) or (killed_at == "published" and dst.name == "rows"):
+            raise _Killed
+
+    def write_json(path, value):
+        if killed_at == "meta.json" and path.name == "meta.json":
+            raise _Killed
+        real_json(path, value)
+
+    monkeypatch.setattr(data.workspace, "replace", replace)
+    monkeypatch.setattr(data, "write_json_atomic", write_json)
+    with pytest.raises(_Killed):
+        data.tokenize(str(new), name="rows", force=True)
+    monkeypatch.setattr(data.workspace, "replace", real_replace)
+    monkeypatch.setattr(data, "write_json_atomic", real_json)
+    if killed_at == "set aside":  # train --data rows says what happened and what to do
+        with pytest.raises(DataError, match=r"data/rows was being replaced when a tokenize was killed: run that"):
+            data.find_dataset("rows")
+    again = data.tokenize(str(new), name="rows", force=True)
+    if killed_at != "published":
+        assert again.resumed_documents == again.meta["documents"]["selected"]  # nothing tokenized twice
+    clean = data.tokenize(str(new), name="clean")
+    assert (again.path / "train.bin").read_bytes() == (clean.path / "train.bin").read_bytes()
+    assert again.meta["splits"] == clean.meta["splits"]
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".rows.") and p.name != ".rows.lock"]
+    assert sorted(p.name for p in (root / "rows").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_the_dataset_a_killed_publish_set_aside_comes_back(workspace):
+    """Only the set-aside copy left (no new dataset waiting): the next tokenize of that name puts it back first."""
+    old = workspace / "old.jsonl"
+    _write_jsonl(old, _docs(60))
+    first = data.tokenize(str(old), name="rows")
+    before = (first.path / "train.bin").read_bytes()
+    first.path.rename(first.path.with_name(".rows.old-12345"))
+    other = workspace / "other.jsonl"
+    _write_jsonl(other, _docs(70))
+    with pytest.raises(DataError, match="already holds a dataset tokenized from"):  # it is back, and guarded
+        data.tokenize(str(other), name="rows")
+    assert (first.path / "train.bin").read_bytes() == before
+    assert not (workspace / "data" / ".rows.old-12345").exists()

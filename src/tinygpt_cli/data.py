@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import json
 import os
@@ -51,7 +52,7 @@ import numpy as np
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import is_count, seed_problem
 from tinygpt_cli.errors import DataError
-from tinygpt_cli.launch import Stopped
+from tinygpt_cli.launch import Stopped, stops_held
 from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
     EMBEDDED_NAME,
     RAW_DIR_NAME,
@@ -375,9 +376,9 @@ class _Partial:
                                                           "counters": asdict(counters)})
 
     def close(self) -> dict[str, dict[str, Any]]:
-        splits = {SPLITS[split]: writer.close() for split, writer in self.writers.items()}
-        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
-        return splits
+        """Close the finished .bin files. `progress.json` stays until the dataset is published (`_publish`): a
+        process killed before then leaves a checkpoint at the end, which the same command publishes."""
+        return {SPLITS[split]: writer.close() for split, writer in self.writers.items()}
 
     @property
     def saved(self) -> bool:
@@ -521,6 +522,7 @@ def tokenize(
            "split_rule": SPLIT_RULE}  # a partial of another version's rule starts over: no dataset of two rules
     # the lock goes beside the folder written (a link's target): another name or workspace linked there shares it
     with workspace.exclusive(workspace.lock_of(home), f"data/{dataset_name}"):
+        _finish_killed_publish(home, partial_dir)
         _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
@@ -535,14 +537,21 @@ def tokenize(
                                estimated_tokens=estimated_tokens, resumed_documents=resumed_documents,
                                workers=workers))
             _run_pipeline(src, plan, partial, counters, encoding, workers, val_fraction, emit, total_bytes)
-            splits = partial.close()
-            _check_result(src, splits, counters)
-            lopsided = _lopsided_val(splits, plan, val_fraction)
-            if lopsided:
-                emit(TokenizeEvent("info", message=lopsided))
-            meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
-            write_json_atomic(partial.folder / "meta.json", meta)
-            _replace_dir(partial.folder, home)
+            partial.checkpoint(counters)  # the end is a checkpoint too: a process killed from here on loses nothing
+            # a stop from here on waits for the dataset to be published: cut in two, it would leave neither the old
+            # dataset nor the new one in place (audit)
+            with stops_held() as stops:
+                splits = partial.close()
+                _check_result(src, splits, counters)
+                lopsided = _lopsided_val(splits, plan, val_fraction)
+                if lopsided:
+                    emit(TokenizeEvent("info", message=lopsided))
+                meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
+                write_json_atomic(partial.folder / "meta.json", meta)
+                _publish(partial.folder, home)
+            if stops:
+                emit(TokenizeEvent("info", message=f"stopped as data/{dataset_name} was being put in place: it "
+                                                    f"was finished first, and is complete"))
         except DataError:
             partial.abandon(keep_progress=False)  # bad input: retrying cannot help; leave nothing
             raise
@@ -798,7 +807,7 @@ def _check_not_another_source(folder: Path, src: Source) -> None:
 
 
 def _check_replaceable(folder: Path, src: Source) -> None:
-    """Refuse to publish over what is not a tokenized dataset: `_replace_dir` deletes the folder it replaces, and
+    """Refuse to publish over what is not a tokenized dataset: `_publish` deletes the folder it replaces, and
     `data/<name>/` may hold the user's own files, even the text being tokenized (`tinygpt tokenize data/books`)."""
     if not folder.exists():  # nothing there, or a link to a dataset still to be made
         return
@@ -836,13 +845,33 @@ def _where_published(folder: Path) -> Path:
     return target
 
 
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move a completed folder into place, replacing an older one only after the new one is whole."""
+def _old_copies(final: Path) -> list[Path]:
+    """The datasets that publishing in `final`'s place set aside (`_publish`), oldest first."""
+    return sorted(final.parent.glob(glob.escape(f".{final.name}") + ".old-*"), key=lambda path: path.stat().st_mtime)
+
+
+def _publish(new: Path, final: Path) -> None:
+    """Move a completed dataset folder into place, replacing an older one only after the new one is whole; the
+    checkpoint it was written under goes last."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         workspace.replace(final, old)
     workspace.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
+    (final / PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def _finish_killed_publish(final: Path, partial: Path) -> None:
+    """Put right what a tokenize killed while publishing (SIGKILL, a power cut) left: the dataset it was replacing
+    set aside as `.NAME.old-PID` with none in its place goes back, unless the finished new one waits in `partial`
+    (this tokenize resumes and publishes it); once a dataset is in place, the copies set aside go."""
+    olds = _old_copies(final)
+    if not final.exists() and olds and not partial.is_dir():
+        workspace.replace(olds.pop(), final)
+    if final.exists():
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+        (final / PROGRESS_FILE).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -1025,6 +1054,9 @@ def find_dataset(spec: str | None) -> Dataset | None:
     named = workspace.data_dir() / spec
     if named.is_dir() and spec != RAW_DIR_NAME:
         return load_dataset(named)
+    if workspace.name_problem(spec, "data/", spec) is None and _old_copies(named):
+        raise DataError(f"data/{spec} was being replaced when a tokenize was killed: run that `tinygpt tokenize "
+                        f"... --name {spec}` again to finish it (the dataset it replaced is kept until then)")
     known = ", ".join(d.path.name for d in list_datasets()) or "none yet"
     raise DataError(f"no tokenized dataset named {spec!r} (known: {known}): run `tinygpt tokenize` first")
 

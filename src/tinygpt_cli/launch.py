@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tinygpt_cli.errors import TinyGPTError, described
 
@@ -60,6 +61,20 @@ def signals_handled(handler, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterato
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+@contextlib.contextmanager
+def stops_held() -> Iterator[list[int]]:
+    """Within: Ctrl-C, SIGTERM and SIGHUP are noted, not acted on, so that steps that must not be cut in two
+    (publishing a finished folder in place of an old one) run to their end; the list yields the signals received.
+    SIGKILL cannot be held: what such steps leave must still be recoverable."""
+    received: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    with signals_handled(note):
+        yield received
+
 
 # Set by the launcher for its workers: a folder where each writes its one-line error as rank-<RANK>.txt.
 RANK_ERRORS_ENV = "TINYGPT_RANK_ERRORS"
