@@ -734,3 +734,46 @@ def test_an_interrupt_after_the_export_is_in_place_says_it_is_complete(hf_source
     assert result.exit_code == 130
     assert f"Interrupted after the export was written: {target} is complete." in result.stderr
     assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def test_an_export_killed_while_filling_a_folder_is_finished_by_the_same_command(hf_source, workspace, tmp_path):
+    """SIGKILL while an export moved its files one by one into an empty folder left a part of it (config and
+    weights, no tokenizer) that tinygpt loaded and `export` called 'already exists' (audit): the folder now lists
+    the files until all are in, the loader refuses it, and the same command finishes the export."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "out"
+    out.mkdir()
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from pathlib import Path
+        from tinygpt_cli import export
+        from tinygpt_cli.cli import main
+        real, moved, out = export.workspace.replace, [], Path(sys.argv[2])
+        def replace(src, dst):
+            real(src, dst)
+            if Path(dst).parent == out:
+                moved.append(dst)
+                if len(moved) == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)  # no handler runs: a crash, the OOM killer
+        export.workspace.replace = replace
+        sys.argv = ["tinygpt", "export", sys.argv[1], "--out", sys.argv[2]]
+        main()
+    """)
+    killed = subprocess.run([sys.executable, "-c", script, str(hf_source), str(out)], env=dict(os.environ),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "config.json").is_file() and (out / export.FILLING).is_file()
+    with pytest.raises(export.ExportError, match="killed while its files were moved in: run that `tinygpt export`"):
+        export.load_model(str(out))
+    again = invoke("export", str(hf_source), "--out", str(out))
+    assert again.exit_code == 0, again.output
+    clean = invoke("export", str(hf_source), "--out", str(tmp_path / "clean"))
+    assert clean.exit_code == 0, clean.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left either
+    assert export.load_model(str(out)).state["format"] == "huggingface"

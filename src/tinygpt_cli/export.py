@@ -510,6 +510,7 @@ def export_model(
     if target is not None and fmt == "gguf" and target.suffix != ".gguf":
         target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
     if target is not None:  # before the model loads; again after, with the checkpoint it loaded
+        _undo_killed_fill(target)
         _check_out(target, force, _source_folder(source))
 
     loaded = load_model(source)
@@ -517,6 +518,7 @@ def export_model(
     name = _source_name(loaded)
     if target is None:
         target = default_export_path(name, fmt, dtype)
+        _undo_killed_fill(target)
     _check_out(target, force, loaded.path)
     single_file = fmt == "gguf"
 
@@ -577,20 +579,46 @@ def export_model(
     return ExportResult(path=target, format=fmt, dtype=dtype, source=loaded.path, files=_files_under(target))
 
 
+# In a folder an export is moving its files into (`_fill`): their names, until all of them are there.
+FILLING = ".tinygpt-export-filling"
+
+
 def _fill(folder: Path, tmp: Path) -> None:
     """Move the files of `tmp` into the empty `folder` (rather than renaming over it, which fails for the current
-    folder and mount points and would drop its permissions), then remove `tmp`; on failure `folder` is emptied."""
-    moved = []
+    folder and mount points and would drop its permissions), then remove `tmp`; on failure `folder` is emptied.
+    Until the last is in, `folder` lists them in FILLING: a process killed before then (SIGKILL) leaves a part of
+    an export that loads as a model but lacks its tokenizer, which `_undo_killed_fill` and the loader see."""
+    names = sorted(child.name for child in tmp.iterdir())
+    marker = folder / FILLING
+    moved = [marker]
     try:
-        for child in sorted(tmp.iterdir()):
-            workspace.replace(child, folder / child.name)
-            moved.append(folder / child.name)
+        marker.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+        fsync_file(marker)
+        fsync_dir(folder)
+        for name in names:
+            workspace.replace(tmp / name, folder / name)
+            moved.append(folder / name)
+        tmp.rmdir()
+        fsync_dir(folder)  # every file is in before the list goes
+        marker.unlink()
     except BaseException:
         for path in moved:
             _remove(path)
         raise
-    tmp.rmdir()
     fsync_dir(folder)
+
+
+def _undo_killed_fill(folder: Path) -> None:
+    """Empty a folder that an export killed while moving its files in (`_fill`) left part-filled: the files it
+    lists go, then the list, so the folder is as that export found it, and this export fills it."""
+    try:
+        names = (folder / FILLING).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return  # none (the usual case), or not ours to read
+    for name in names:
+        if name and Path(name).name == name and name not in (".", ".."):
+            _remove(folder / name)
+    _remove(folder / FILLING)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -791,6 +819,9 @@ def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
     """A `GPT` (fp32, CPU, eval mode) from a Hugging Face GPT-2 folder: config.json and model.safetensors
     (or a sharded index, or pytorch_model.bin loaded with weights_only). The vocabulary is padded to 50304."""
     folder = Path(folder).expanduser()
+    if (folder / FILLING).exists():
+        raise ExportError(f"{folder} is part of an export that was killed while its files were moved in: run that "
+                          "`tinygpt export` again to finish it")
     cfg = hf_folder_config(folder)
     tensors = {}
     for key, value in _read_hf_tensors(folder).items():
