@@ -175,6 +175,32 @@ def test_two_evals_racing_to_make_a_report_title_it_once(tmp_path, monkeypatch):
     assert text.count("## Evaluation: loss on d/val") == 2
 
 
+def test_a_stop_while_recording_waits_for_both_files(tmp_path, monkeypatch):
+    """A stop between the eval.jsonl append and the report.md one left a result in one and not the other (audit):
+    the stop now waits for both, and the finished evaluation is not lost."""
+    import os
+    import signal
+
+    from tinygpt_cli import evaluation as module
+
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    result = module.LossResult(checkpoint=str(run_dir / "checkpoints" / "step_000001"), step=1, dataset="d",
+                               split="val", tokens=10, text_bytes=40, windows=1, window_tokens=32, loss=1.0,
+                               perplexity=math.e, bits_per_byte=0.5, seconds=1.0, device="cpu", dtype="fp32")
+    real = module._append
+
+    def append_then_stop(path, text, **kwargs):
+        real(path, text, **kwargs)
+        if path.name == "eval.jsonl":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right between the two
+
+    monkeypatch.setattr(module, "_append", append_then_stop)
+    module.record_result(run_dir / "checkpoints" / "step_000001", result)
+    assert len((run_dir / "eval.jsonl").read_text().splitlines()) == 1
+    assert (run_dir / "report.md").read_text().count("## Evaluation: loss on d/val") == 1
+
+
 def test_eval_that_cannot_be_recorded_stops_before_scoring(with_shakespeare, workspace, hellaswag_file):
     """A run folder eval cannot append to was found out only after scoring, and the result was lost (audit);
     --no-record scores without writing."""

@@ -38,6 +38,7 @@ from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import LoadedCheckpoint, record_folder
 from tinygpt_cli.data import Dataset, find_dataset, token_window
 from tinygpt_cli.errors import DataError, TinyGPTError
+from tinygpt_cli.launch import stops_held
 from tinygpt_cli.model import GPT
 from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
 
@@ -635,8 +636,9 @@ def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Pa
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {"time": when, **{k: v for k, v in json_safe(result).items() if k != "recorded_in"}}
     try:
-        _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
-        _append(folder / "report.md", _report_section(result, when), title=f"# Run {folder.name}\n")
+        with stops_held():  # a stop waits for both: cut in two, eval.jsonl would hold a result report.md lacks
+            _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
+            _append(folder / "report.md", _report_section(result, when), title=f"# Run {folder.name}\n")
     except OSError as exc:
         raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {_UNRECORDABLE}") from None
     return folder
