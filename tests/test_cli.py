@@ -284,6 +284,25 @@ def test_an_unforeseen_write_error_is_one_line(workspace, monkeypatch, tmp_path)
         pass
 
 
+def test_a_path_the_file_system_refuses_is_one_line(with_shakespeare, workspace, tmp_path):
+    """A name or path too long for the file system, or a link that loops, gave a traceback on most commands: the
+    error handler knew only full, read-only and forbidden (bad-input audit)."""
+    long = "a" * 300
+    for args in (("eval", long), ("generate", "hi", "--run", long), ("train", "--data", long),
+                 ("train", "--init-from", long), ("runs", "show", long), ("data", "show", long),
+                 ("tokenize", str(tmp_path / f"{long}.txt")), ("plan", "--config", str(tmp_path / f"{long}.yaml")),
+                 ("eval", "--task", "hellaswag", "--task-data", str(tmp_path / f"{long}.jsonl"))):
+        assert_one_line_error(invoke(*args), "use a shorter name or path")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    source = tmp_path / "src"
+    from test_export import hf_folder, random_model
+
+    hf_folder(random_model(), source)
+    assert_one_line_error(invoke("export", str(source), "--out", str(tmp_path / "loop1")), "link")
+    assert_one_line_error(invoke("export", str(source), "--out", str(tmp_path / f"{long}")), "shorter name")
+
+
 def test_a_device_that_is_not_there_is_one_line(with_shakespeare, workspace):
     """generate and eval passed --device straight to torch: tracebacks for 'tpu', 'CPU', 'cuda:0', 'meta'."""
     import torch

@@ -84,6 +84,9 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
             print_error(exc)
             raise typer.Exit(1) from None
         except (MemoryError, RuntimeError) as exc:  # an allocation the machine refused that no estimate foresaw
+            if isinstance(exc, RuntimeError) and str(exc).startswith(_LINK_LOOP):
+                print_error(TinyGPTError(f"{exc}: {_OS_ADVICE[errno.ELOOP]}"))
+                raise typer.Exit(1) from None
             if not allocation_failed(exc):
                 raise
             if os.environ.get("TINYGPT_DEBUG"):
@@ -122,7 +125,12 @@ _OS_ADVICE = {
     errno.EROFS: "point TINYGPT_HOME (or --out) at a writable folder",
     errno.EACCES: _NOT_ALLOWED,
     errno.EPERM: _NOT_ALLOWED,
+    # a path the file system refuses before any check could look at it
+    errno.ENAMETOOLONG: "use a shorter name or path",
+    errno.ELOOP: "a link in that path points back at itself: fix or remove the link",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: check the path",
 }
+_LINK_LOOP = "Symlink loop"  # how Path.resolve says ELOOP before Python 3.13 (a RuntimeError)
 
 
 def print_error(exc: Exception) -> None:
