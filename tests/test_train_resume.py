@@ -190,3 +190,39 @@ def test_a_linked_dataset_in_the_workspace_keeps_its_name(with_shakespeare, work
     with_shakespeare.symlink_to(elsewhere, target_is_directory=True)
     assert train_tiny("--data", "shakespeare", "--name", "linked", steps=1).exit_code == 0
     assert "dataset: shakespeare\n" in (workspace / "runs" / "linked" / "config.yaml").read_text()
+
+
+def test_a_resume_into_checkpoints_it_cannot_write_stops_before_training(with_shakespeare, monkeypatch):
+    """A read-only checkpoints/ was found out at the first save, every step before it lost, and the advice was to
+    free disk space (bad-input audit): it is refused up front, and a save that still fails says what stopped it."""
+    import errno
+    from pathlib import Path
+
+    import pytest
+
+    from tinygpt_cli import training
+    from tinygpt_cli.errors import TrainingError
+
+    config = tiny_config(max_steps=4, eval_interval=2, log_interval=1)
+    first = train(replace(config, train=replace(config.train, max_steps=2)), run_name="r")
+    metrics = (first.run_dir / "metrics.jsonl").read_text()
+    real = Path.write_bytes
+
+    def read_only(self, data):  # as chmod a-w would, for any user root included
+        if self.parent.name == "checkpoints":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    with pytest.raises(TrainingError, match=r"cannot write to .*checkpoints \(Permission denied\): make it writable"):
+        train(config, run_name="r", resume=True)
+    assert (first.run_dir / "metrics.jsonl").read_text() == metrics  # no step was trained
+    monkeypatch.setattr(Path, "write_bytes", real)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(training, "save_checkpoint", refused)
+    with pytest.raises(TrainingError, match=r"intact: make .* writable, then resume") as caught:
+        train(config, run_name="r", resume=True)
+    assert "free disk space" not in str(caught.value)

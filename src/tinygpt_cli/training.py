@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as _dt
+import errno
 import json
 import math
 import os
@@ -456,13 +457,29 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png")  # what a 
 
 
 def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise TrainingError(f"cannot write to {run_dir} ({exc.strerror}): choose a writable TINYGPT_HOME") from None
+    """Refuse before any step a run folder, or a resumed run's checkpoints/, that a checkpoint could not be
+    written to: found out at the first save, every step before it was lost (audit)."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        try:
+            if folder == run_dir:
+                folder.mkdir(parents=True, exist_ok=True)
+            elif not folder.is_dir():
+                continue  # made at the first save, in the run folder just checked
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise TrainingError(f"cannot write to {folder} ({exc.strerror}): make it writable, or choose a writable "
+                                f"TINYGPT_HOME") from None
+
+
+def _unsaved_advice(exc: OSError, run_dir: Path) -> str:
+    """What to do about a checkpoint that could not be written, by what stopped it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space, then resume with --resume"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {run_dir} and its checkpoints/ writable, then resume with --resume"
+    return "fix that, then resume with --resume"
 
 
 # ----------------------------------------------------------------------------------------------- main loop
@@ -1012,7 +1029,7 @@ class _Trainer:
             except OSError as exc:
                 error = TrainingError(
                     f"could not write the checkpoint of step {step} to {self.run_dir} ({exc.strerror or exc}); "
-                    f"the previous checkpoint is intact: free disk space, then resume with --resume"
+                    f"the previous checkpoint is intact: {_unsaved_advice(exc, self.run_dir)}"
                 )
             else:
                 # config.yaml describes the checkpoints: a resume stopped before its first one leaves the run's as
