@@ -200,3 +200,30 @@ def test_a_lock_is_taken_even_while_another_process_looks_at_it(workspace, monke
     monkeypatch.setattr(fcntl, "flock", busy_once)
     with ws.exclusive(workspace / ".x.lock", "runs/x"):
         assert len(tries) == 2
+
+
+def test_the_latest_run_with_a_file_missing_is_not_passed_over_in_silence(with_shakespeare, workspace):
+    """Newest run s2 lost its state.json: `train --resume`, `generate` and `runs show` took the older s1 without a
+    word, and `runs` left s2 out silently; `train --resume --name s2` then said to start it without --resume, which
+    refuses the folder (bad-input audit). Each now names s2 and what it lacks."""
+    import os
+    import time
+
+    from test_cli import invoke
+
+    config = tiny_config(max_steps=2, eval_interval=2)
+    train(config, run_name="s1")
+    time.sleep(0.05)
+    s2 = train(config, run_name="s2").run_dir
+    state = s2 / "checkpoints" / "step_2" / "state.json"
+    state.unlink()
+    os.utime(s2 / "checkpoints" / "step_2")  # newer than s1's, whatever the file system's time resolution
+    lacks = "has no complete checkpoint: checkpoints/step_2 lacks state.json"
+    for args in (("train", "--resume", "--max-steps", "3"), ("generate", "hi", "--max-new-tokens", "2"),
+                 ("runs", "show"), ("eval",)):
+        assert_one_line_error(invoke(*args), lacks)
+    assert_one_line_error(invoke("train", "--resume", "--name", "s2", "--max-steps", "3"), lacks)
+    listed = invoke("runs")
+    assert listed.exit_code == 0 and "s1" in listed.stdout
+    assert f"note: s2 is left out: {s2} {lacks}" in listed.stderr
+    assert invoke("generate", "hi", "--run", "s1", "--max-new-tokens", "2").exit_code == 0  # named: it is used

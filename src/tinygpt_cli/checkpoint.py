@@ -170,7 +170,7 @@ def save_checkpoint(
     return final
 
 
-def _step_folders(run_dir: Path) -> list[Path]:
+def step_folders(run_dir: Path) -> list[Path]:
     """A run's `checkpoints/step_<N>` folders, complete or not, oldest first (by step)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
@@ -181,7 +181,7 @@ def _step_folders(run_dir: Path) -> list[Path]:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first (by step)."""
-    return [child for child in _step_folders(run_dir)
+    return [child for child in step_folders(run_dir)
             if (child / STATE_FILE).is_file() and (child / WEIGHTS_FILE).is_file()]
 
 
@@ -226,6 +226,20 @@ def list_runs() -> list[Path]:
     return [run for _, run in sorted(runs, reverse=True)]
 
 
+def incomplete_runs() -> list[Path]:
+    """Run folders that saved checkpoints but hold no complete one now (a file went missing), most recently
+    written first: `list_runs` leaves them out, and what picks the latest run must not pass over one in silence."""
+    root = workspace.runs_dir()
+    if not root.is_dir():
+        return []
+    found = []
+    for run in root.iterdir():
+        steps = step_folders(run) if run.is_dir() and not run.name.startswith(".") else []
+        if steps and latest_checkpoint(run) is None:
+            found.append((steps[-1].stat().st_mtime, run))
+    return [run for _, run in sorted(found, reverse=True)]
+
+
 def is_bare_name(spec: str) -> bool:
     """Whether `spec` is a bare name, which means a run's before a folder that happens to sit in the current
     directory; `.`, `./m1` and any other path are paths."""
@@ -236,6 +250,11 @@ def find_run(spec: str | None) -> Path:
     """A run folder by name or path; None -> the latest run. Raises if there is none."""
     if not spec:
         runs = list_runs()
+        damaged = incomplete_runs()
+        if damaged and (not runs or (step_folders(damaged[0])[-1].stat().st_mtime
+                                     > latest_checkpoint(runs[0]).stat().st_mtime)):  # type: ignore[union-attr]
+            raise CheckpointError(f"the latest run: {no_checkpoint_message(damaged[0])}; or name another run "
+                                  f"(`tinygpt runs` lists them)")
         if not runs:
             raise CheckpointError(
                 f"no trained run in {workspace.runs_dir()}: train one with `tinygpt train --size micro`"
@@ -282,7 +301,7 @@ def is_run_folder(path: Path) -> bool:
 def no_checkpoint_message(path: Path) -> str:
     """Why `path` has no checkpoint to use: a run that has not saved one yet, or a folder that is no run."""
     if is_run_folder(path):
-        steps = _step_folders(path)
+        steps = step_folders(path)
         if steps:  # saved once, then a file went missing: not a run to train from scratch
             newest = steps[-1]
             lacking = " and ".join(name for name in (WEIGHTS_FILE, STATE_FILE) if not (newest / name).is_file())

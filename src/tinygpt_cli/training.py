@@ -32,9 +32,11 @@ from tinygpt_cli.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
+    no_checkpoint_message,
     read_state,
     remove_leftovers,
     save_checkpoint,
+    step_folders,
     write_text_atomic,
 )
 from tinygpt_cli.config import (
@@ -684,7 +686,8 @@ class _Trainer:
                 remove_leftovers(self.run_dir)  # of saves killed mid-write: they would count as space held
             checkpoint = latest_checkpoint(self.run_dir) if resume else None
             if resume and checkpoint is None:
-                raise TrainingError(f"{self.run_dir} has no checkpoint to resume from: start it without --resume")
+                raise TrainingError(no_checkpoint_message(self.run_dir) if step_folders(self.run_dir) else
+                                    f"{self.run_dir} has no checkpoint to resume from: start it without --resume")
             # a new run's checkpoints are rank 0's alone: another machine's runs/ (not shared) does not count
             if not resume and info.is_main and latest_checkpoint(self.run_dir) is not None:
                 raise TrainingError(
