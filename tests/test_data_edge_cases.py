@@ -383,3 +383,36 @@ def test_a_split_with_a_token_past_the_vocabulary_is_refused(with_shakespeare, w
     expected = rf"token id {token} at token 7, past the end of GPT-2.s vocabulary \(ids 0 to 50,256\).*tokenize`"
     with pytest.raises(DataError, match=expected):
         dataset.split("val")
+
+
+def test_unreadable_inputs_are_called_unreadable(workspace, tmp_path, monkeypatch):
+    """A folder that could not be read was passed over in silence (a tokenize of it said it held no text file),
+    and an unreadable .jsonl was blamed on a truncated .gz (bad-input audit)."""
+    import os
+
+    from tinygpt_cli import sources
+
+    books = tmp_path / "books"
+    (books / "locked").mkdir(parents=True)
+    (books / "a.txt").write_text("some text\n" * 50)
+    (books / "locked" / "b.txt").write_text("more text\n" * 50)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as chmod 000 would, for any user root included
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"cannot read the folder .*locked \(Permission denied\): check its perm"):
+        sources.local_source(str(books))
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "hello"}\n')
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sources, "_open_binary", refused)
+    with pytest.raises(DataError, match=r"rows.jsonl could not be read \(Permission denied\): check its permissions"):
+        sources.local_source(str(rows))

@@ -117,7 +117,8 @@ _MEMORY_ADVICE = {
 }
 
 
-_NOT_ALLOWED = "check the file's permissions, or point TINYGPT_HOME (or --out) at a folder you can write"
+_NOT_ALLOWED = ("check the permissions of that file or folder; to write elsewhere, point TINYGPT_HOME (or --out) at "
+                "a folder you can write")
 _FULL = "free some space, or point TINYGPT_HOME (or --out) at a larger disk"
 _OS_ADVICE = {
     errno.ENOSPC: _FULL,

@@ -220,6 +220,8 @@ def _jsonl_stats(path: Path, text_field: str = "text") -> tuple[int, int]:
                     if line_bytes > next_at:  # this line holds the next sampled offset
                         shares.append(_text_bytes_of_line(line, text_field) / len(line))
                         next_at += step * (1 + (line_bytes - next_at) // step)
+    except PermissionError as exc:
+        raise DataError(f"{path} could not be read ({exc.strerror}): check its permissions") from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path} could not be read ({exc}): check the file (a truncated .gz?)") from None
     return count, round(line_bytes * sum(shares) / len(shares)) if shares else 0
@@ -296,7 +298,12 @@ def _files_under(folder: Path) -> list[Path]:
     and folders are left out, as a glob leaves them: .git/, or the copies in .ipynb_checkpoints/, which would put
     each notebook's text in twice, likely once in each split."""
     found, seen = [], set()
-    for where, folders, names in os.walk(folder, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:  # os.walk passed over such a folder in silence: its files left out
+        raise DataError(f"cannot read the folder {exc.filename} ({exc.strerror}): check its permissions, or move "
+                        f"it out of {folder}")
+
+    for where, folders, names in os.walk(folder, followlinks=True, onerror=unreadable):
         real = os.path.realpath(where)
         if real in seen:  # a link back up the tree, or a second link to the same folder
             folders[:] = []
