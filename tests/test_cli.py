@@ -303,6 +303,43 @@ def test_a_path_the_file_system_refuses_is_one_line(with_shakespeare, workspace,
     assert_one_line_error(invoke("export", str(source), "--out", str(tmp_path / f"{long}")), "shorter name")
 
 
+def test_an_unreadable_input_file_is_one_line(with_shakespeare, workspace, tmp_path, monkeypatch):
+    """Click's own readable check of --config, --prompt-file and --task-data printed a boxed six-line usage error
+    (exit 2), where a missing file got one line (bad-input audit): the reading is tinygpt's, and so is the error."""
+    import builtins
+    import os
+    from pathlib import Path
+
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("train:\n  lr: 0.001\n")
+    real_access, real_open, real_path_open = os.access, builtins.open, Path.open
+
+    def access(path, mode, *args, **kwargs):  # what click asks (root may read anything: ask as a user would)
+        return False if Path(path) == locked and mode & os.R_OK else real_access(path, mode, *args, **kwargs)
+
+    def refuse(path) -> None:
+        if isinstance(path, (str, os.PathLike)) and Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def builtin_open(file, *args, **kwargs):
+        refuse(file)
+        return real_open(file, *args, **kwargs)
+
+    def path_open(self, *args, **kwargs):
+        refuse(self)
+        return real_path_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(builtins, "open", builtin_open)
+    monkeypatch.setattr(Path, "open", path_open)
+    for args in (("plan", "--config", str(locked)), ("train", "--config", str(locked)),
+                 ("generate", "--prompt-file", str(locked)),
+                 ("eval", "--task", "hellaswag", "--task-data", str(locked))):
+        result = invoke(*args)
+        assert result.exit_code != 2 and "is not readable" not in result.output, (args, result.output)
+        assert_one_line_error(result, "Permission denied")
+
+
 def test_a_device_that_is_not_there_is_one_line(with_shakespeare, workspace):
     """generate and eval passed --device straight to torch: tracebacks for 'tpu', 'CPU', 'cuda:0', 'meta'."""
     import torch

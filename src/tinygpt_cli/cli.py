@@ -499,7 +499,8 @@ def train(
         str | None, typer.Option(rich_help_panel=_P_WHAT, help="Preset: micro, tiny, small (124M), medium, large, xl.")
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", rich_help_panel=_P_WHAT, help="YAML file with model/data/train sections.")
+        Path | None, typer.Option("--config", rich_help_panel=_P_WHAT, readable=False,
+                                  help="YAML file with model/data/train sections.")
     ] = None,
     overrides: Annotated[
         list[str] | None,
@@ -897,7 +898,8 @@ def generate(
         ),
     ] = None,
     prompt_file: Annotated[
-        Path | None, typer.Option("--prompt-file", help="Read the prompt from this file ('-': stdin), as it is.")
+        Path | None, typer.Option("--prompt-file", readable=False,
+                                  help="Read the prompt from this file ('-': stdin), as it is.")
     ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens per sample; past the context the window slides.")
@@ -1169,7 +1171,8 @@ def eval_command(
     task: Annotated[str | None, typer.Option(help="A benchmark instead of the loss: hellaswag.")] = None,
     task_data: Annotated[
         Path | None,
-        typer.Option("--task-data", help="The task's examples from a local .jsonl/.json/.parquet instead of the hub."),
+        typer.Option("--task-data", readable=False,
+                     help="The task's examples from a local .jsonl/.json/.parquet instead of the hub."),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N examples of the task.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass; with --task, examples (of 4 "
@@ -1395,7 +1398,8 @@ def _plan_table(p) -> Any:
 )
 def plan(
     size: Annotated[str | None, typer.Option(help="Preset: micro, tiny, small (124M), medium, large, xl.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML file with model/data/train sections.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", readable=False,
+                                                help="YAML file with model/data/train sections.")] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4 (repeatable).")
     ] = None,
