@@ -227,3 +227,47 @@ def test_the_latest_run_with_a_file_missing_is_not_passed_over_in_silence(with_s
     assert listed.exit_code == 0 and "s1" in listed.stdout
     assert f"note: s2 is left out: {s2} {lacks}" in listed.stderr
     assert invoke("generate", "hi", "--run", "s1", "--max-new-tokens", "2").exit_code == 0  # named: it is used
+
+
+def test_an_unreadable_weights_file_is_called_unreadable(with_shakespeare, workspace, monkeypatch):
+    """safetensors says "No such file" of a model.safetensors it may not open (seen as a user, chmod 000): the
+    checkpoint was called incomplete, its file there (bad-input audit)."""
+    import safetensors.torch
+
+    from test_cli import invoke
+
+    train(tiny_config(max_steps=2, eval_interval=2), run_name="s1")
+    real = safetensors.torch.safe_open
+
+    def refused(path, *args, **kwargs):
+        if str(path).endswith("model.safetensors"):
+            raise FileNotFoundError(f"No such file or directory: {path}")  # what safetensors raises for EACCES
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "safe_open", refused)
+    assert_one_line_error(invoke("generate", "hi", "--run", "s1", "--max-new-tokens", "2"),
+                          "model.safetensors cannot be read: check its permissions")
+
+
+def test_a_run_folder_that_cannot_be_read_is_left_out_of_the_listing(with_shakespeare, workspace, monkeypatch):
+    """One unreadable run folder (chmod 000) ended `tinygpt runs` with an error; the others are listed now."""
+    from pathlib import Path
+
+    from test_cli import invoke
+
+    config = tiny_config(max_steps=2, eval_interval=2)
+    train(config, run_name="s1")
+    locked = train(config, run_name="s2").run_dir
+    real = Path.iterdir
+
+    def iterdir(self):  # as chmod 000 would, for any user root included
+        if locked in (self, *self.parents):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    monkeypatch.setattr(Path, "is_file", lambda self: False if locked in self.parents else Path.exists(self)
+                        and not Path.is_dir(self))
+    listed = invoke("runs")
+    assert listed.exit_code == 0 and "s1" in listed.stdout, listed.output
+    assert "note: s2 is left out: it cannot be read (Permission denied)" in listed.stderr

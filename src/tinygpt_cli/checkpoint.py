@@ -213,16 +213,21 @@ def latest_step(run_dir: Path) -> int | None:
     return int(checkpoint.name.split("_")[1]) if checkpoint is not None else None
 
 
-def list_runs() -> list[Path]:
-    """Run folders that hold at least one checkpoint, most recently written first."""
+def list_runs(problems: list[str] | None = None) -> list[Path]:
+    """Run folders that hold at least one checkpoint, most recently written first. One that cannot be read is
+    left out (and said in `problems`), not the end of the listing."""
     root = workspace.runs_dir()
     if not root.is_dir():
         return []
     runs = []
     for run in root.iterdir():
-        checkpoint = latest_checkpoint(run) if run.is_dir() else None
-        if checkpoint is not None:
-            runs.append((checkpoint.stat().st_mtime, run))
+        try:
+            checkpoint = latest_checkpoint(run) if run.is_dir() else None
+            if checkpoint is not None:
+                runs.append((checkpoint.stat().st_mtime, run))
+        except OSError as exc:
+            if problems is not None:
+                problems.append(f"{run.name} is left out: it cannot be read ({exc.strerror}): check its permissions")
     return [run for _, run in sorted(runs, reverse=True)]
 
 
@@ -234,9 +239,12 @@ def incomplete_runs() -> list[Path]:
         return []
     found = []
     for run in root.iterdir():
-        steps = step_folders(run) if run.is_dir() and not run.name.startswith(".") else []
-        if steps and latest_checkpoint(run) is None:
-            found.append((steps[-1].stat().st_mtime, run))
+        try:
+            steps = step_folders(run) if run.is_dir() and not run.name.startswith(".") else []
+            if steps and latest_checkpoint(run) is None:
+                found.append((steps[-1].stat().st_mtime, run))
+        except OSError:  # unreadable: `list_runs` says so
+            continue
     return [run for _, run in sorted(found, reverse=True)]
 
 
@@ -398,7 +406,11 @@ def _weights_of(checkpoint: Path) -> Iterator[Any]:
         with safe_open(str(weights), framework="pt", device="cpu") as handle:
             yield handle
     except FileNotFoundError:
+        if weights.is_file():  # safetensors says "No such file" of a file it may not open
+            raise CheckpointError(f"{weights} cannot be read: check its permissions") from None
         raise CheckpointError(f"{checkpoint} has no {WEIGHTS_FILE}: the checkpoint is incomplete") from None
+    except PermissionError:
+        raise CheckpointError(f"{weights} cannot be read: check its permissions") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise DamagedCheckpoint(f"{weights} is corrupted ({exc})", checkpoint) from None
 

@@ -92,7 +92,7 @@ def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
     from tinygpt_cli.checkpoint import incomplete_runs, list_runs, no_checkpoint_message
 
     summaries = []
-    for run_dir in list_runs():
+    for run_dir in list_runs(problems):
         try:
             summaries.append(run_summary(run_dir))
         except CheckpointError as exc:  # a damaged state.json
