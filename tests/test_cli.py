@@ -340,6 +340,25 @@ def test_an_unreadable_input_file_is_one_line(with_shakespeare, workspace, tmp_p
         assert_one_line_error(result, "Permission denied")
 
 
+def test_endless_or_odd_inputs_are_one_line(with_shakespeare, workspace, tmp_path, monkeypatch):
+    """`--prompt-file /dev/zero` read until the memory ran out, then blamed --num-samples; `--config /dev/zero`
+    was said not to exist; a TINYGPT_HOME that is a file listed as an empty workspace (bad-input audit)."""
+    from tinygpt_cli import sample
+
+    monkeypatch.setattr(sample, "PROMPT_MAX_BYTES", 1 << 16)  # /dev/zero would take 64 MiB to reach the limit
+    train = invoke("train", "--max-steps", "1", "--name", "r", "--set", "model.n_layer=1", "--set",
+                   "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.block_size=32")
+    assert train.exit_code == 0, train.output
+    assert_one_line_error(invoke("generate", "--run", "r", "--prompt-file", "/dev/zero"),
+                          "/dev/zero holds more than 0 MiB (or never ends)")
+    assert_one_line_error(invoke("plan", "--config", "/dev/zero"), "/dev/zero is not a regular file")
+    home = tmp_path / "afile"
+    home.write_text("x")
+    monkeypatch.setenv("TINYGPT_HOME", str(home))
+    for args in (("runs",), ("data",), ("generate", "hi")):
+        assert_one_line_error(invoke(*args), f"TINYGPT_HOME={home} is a file, not a folder")
+
+
 def test_a_device_that_is_not_there_is_one_line(with_shakespeare, workspace):
     """generate and eval passed --device straight to torch: tracebacks for 'tpu', 'CPU', 'cuda:0', 'meta'."""
     import torch

@@ -423,6 +423,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder: pass the YAML file itself to --config")
+    if path.exists() and not path.is_file():  # a device (/dev/zero), a pipe: no file to read a config from
+        raise ConfigError(f"config file {path} is not a regular file: save the YAML to a file and pass that")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: check the --config path")
     try:

@@ -1300,7 +1300,8 @@ def read_prompt(path: str | Path) -> str:
         return read_stdin_prompt()
     path = Path(path).expanduser()
     try:
-        return decode_text(path.read_bytes())  # as it is: no newline translation (\r\n stays), as from stdin
+        with path.open("rb") as handle:  # as it is: no newline translation (\r\n stays), as from stdin
+            return decode_text(_bounded_prompt(handle.read(PROMPT_MAX_BYTES + 1), f"prompt file {path}"))
     except FileNotFoundError:
         raise GenerationError(f"prompt file {path} does not exist: check the --prompt-file path") from None
     except UnicodeDecodeError:
@@ -1318,9 +1319,21 @@ def read_stdin_prompt() -> str:
     if stream is None:  # replaced by a text-only stream (tests, notebooks): already decoded
         return sys.stdin.read()
     try:
-        return decode_text(stream.read())
+        return decode_text(_bounded_prompt(stream.read(PROMPT_MAX_BYTES + 1), "standard input"))
     except UnicodeDecodeError:
         raise GenerationError("standard input is not UTF-8 text: convert it, e.g. iconv -t utf-8") from None
+
+
+# The most of a prompt read: far more than any context holds (the prompt is cropped to its end), and an endless
+# input (/dev/zero, `yes |`) stops here instead of filling the memory.
+PROMPT_MAX_BYTES = 64 << 20
+
+
+def _bounded_prompt(data: bytes, what: str) -> bytes:
+    if len(data) > PROMPT_MAX_BYTES:
+        raise GenerationError(f"{what} holds more than {PROMPT_MAX_BYTES >> 20} MiB (or never ends): a prompt is cut "
+                              f"to the model's context anyway, so pass its last part")
+    return data
 
 
 def check_prompt_fits(prompt_ids: Sequence[int], model: GPT) -> None:

@@ -18,7 +18,12 @@ from tinygpt_cli.errors import DataError, TinyGPTError
 
 
 def root() -> Path:
-    return Path(os.environ.get("TINYGPT_HOME") or Path.cwd())
+    """The workspace: $TINYGPT_HOME, else the current folder. A TINYGPT_HOME that is a file is an error (every
+    listing read it as an empty workspace, "No runs yet")."""
+    home = os.environ.get("TINYGPT_HOME")
+    if home and os.path.exists(home) and not os.path.isdir(home):
+        raise TinyGPTError(f"TINYGPT_HOME={home} is a file, not a folder: point it at a folder (made if missing)")
+    return Path(home or Path.cwd())
 
 
 def data_dir() -> Path:
