@@ -233,7 +233,6 @@ def test_an_unreadable_weights_file_is_called_unreadable(with_shakespeare, works
     """safetensors says "No such file" of a model.safetensors it may not open (seen as a user, chmod 000): the
     checkpoint was called incomplete, its file there (bad-input audit)."""
     import safetensors.torch
-
     from test_cli import invoke
 
     train(tiny_config(max_steps=2, eval_interval=2), run_name="s1")

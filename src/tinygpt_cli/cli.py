@@ -311,6 +311,9 @@ def tokenize(
             )
 
     def interrupted(exc: KeyboardInterrupt) -> str:
+        written = getattr(exc, "written", None)
+        if written is not None:
+            return f"Interrupted as the dataset was put in place: it was finished first, and {written} is complete."
         if getattr(exc, "saved", False):  # raised before any work (planning): nothing to continue
             return "Interrupted: run the same command again to continue where it stopped (--restart starts over)."
         return "Interrupted before the first checkpoint (every 30 s or so): nothing was kept, and the same command " \
@@ -1221,14 +1224,21 @@ def eval_command(
 
     common = {"batch_size": batch_size, "device": device or "auto", "dtype": dtype, "on_event": on_event,
               "record": record}
+
+    def stopped(exc: KeyboardInterrupt) -> str:
+        recorded = getattr(exc, "recorded_in", None)
+        return (f"Interrupted after the result was recorded in {recorded}/eval.jsonl and report.md." if recorded else
+                "Interrupted: nothing was recorded.")
+
     try:
-        if task is not None:
-            result = ev.evaluate_task(run, task=task, task_data=task_data, limit=limit, **common)
-        else:
-            result = ev.evaluate(
-                run, data=data_name, split=split or "val",
-                tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common,
-            )
+        with _interruptible(None, err, stopped):
+            if task is not None:
+                result = ev.evaluate_task(run, task=task, task_data=task_data, limit=limit, **common)
+            else:
+                result = ev.evaluate(
+                    run, data=data_name, split=split or "val",
+                    tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common,
+                )
     finally:
         if bar is not None:
             progress.stop()

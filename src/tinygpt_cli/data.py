@@ -311,11 +311,12 @@ class _Counters:
 
 class TokenizeInterrupted(Stopped):
     """Ctrl-C (or the CLI's SIGTERM, `signal`) during `tokenize`; `saved`: whether a checkpoint lets the same
-    command continue."""
+    command continue; `written`: the dataset, complete, where the stop came as it was put in place."""
 
-    def __init__(self, saved: bool, signum: int | None = None) -> None:
+    def __init__(self, saved: bool, signum: int | None = None, written: Path | None = None) -> None:
         super().__init__(signum)
         self.saved = saved
+        self.written = written
 
 
 class _Partial:
@@ -549,9 +550,8 @@ def tokenize(
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
                 write_json_atomic(partial.folder / "meta.json", meta)
                 _publish(partial.folder, home)
-            if stops:
-                emit(TokenizeEvent("info", message=f"stopped as data/{dataset_name} was being put in place: it "
-                                                    f"was finished first, and is complete"))
+            if stops:  # the stop, now that it cannot cut the dataset in two (`tokenize && train` must not go on)
+                raise TokenizeInterrupted(False, stops[0], written=final_dir)
         except DataError:
             partial.abandon(keep_progress=False)  # bad input: retrying cannot help; leave nothing
             raise
@@ -562,6 +562,8 @@ def tokenize(
                 f"cannot write {partial.folder} ({exc.strerror or exc}): fix that and rerun the same command, {again}"
             ) from exc
         except KeyboardInterrupt as exc:
+            if isinstance(exc, TokenizeInterrupted) and exc.written is not None:  # the dataset is in place
+                raise
             partial.abandon()  # a checkpoint stays, and the same command continues from it
             raise TokenizeInterrupted(partial.saved, getattr(exc, "signal", None)) from None
         except BaseException:
@@ -847,7 +849,13 @@ def _where_published(folder: Path) -> Path:
 
 def _old_copies(final: Path) -> list[Path]:
     """The datasets that publishing in `final`'s place set aside (`_publish`), oldest first."""
-    return sorted(final.parent.glob(glob.escape(f".{final.name}") + ".old-*"), key=lambda path: path.stat().st_mtime)
+    def written(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:  # removed since the glob saw it
+            return 0.0
+
+    return sorted(final.parent.glob(glob.escape(f".{final.name}") + ".old-*"), key=written)
 
 
 def _publish(new: Path, final: Path) -> None:
@@ -857,7 +865,8 @@ def _publish(new: Path, final: Path) -> None:
     if final.exists():
         workspace.replace(final, old)
     workspace.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
+    for copy in [old, *_old_copies(final)]:  # a killed publish's too (another process id), once this one is in
+        shutil.rmtree(copy, ignore_errors=True)
     (final / PROGRESS_FILE).unlink(missing_ok=True)
 
 
@@ -1054,7 +1063,7 @@ def find_dataset(spec: str | None) -> Dataset | None:
     named = workspace.data_dir() / spec
     if named.is_dir() and spec != RAW_DIR_NAME:
         return load_dataset(named)
-    if workspace.name_problem(spec, "data/", spec) is None and _old_copies(named):
+    if workspace.name_problem(spec, "data/", spec) is None and _old_copies(_where_published(named)):
         raise DataError(f"data/{spec} was being replaced when a tokenize was killed: run that `tinygpt tokenize "
                         f"... --name {spec}` again to finish it (the dataset it replaced is kept until then)")
     known = ", ".join(d.path.name for d in list_datasets()) or "none yet"

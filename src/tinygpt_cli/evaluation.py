@@ -38,7 +38,7 @@ from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import LoadedCheckpoint, record_folder
 from tinygpt_cli.data import Dataset, find_dataset, token_window
 from tinygpt_cli.errors import DataError, TinyGPTError
-from tinygpt_cli.launch import stops_held
+from tinygpt_cli.launch import Stopped, stops_held
 from tinygpt_cli.model import GPT
 from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
 
@@ -636,9 +636,13 @@ def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Pa
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {"time": when, **{k: v for k, v in json_safe(result).items() if k != "recorded_in"}}
     try:
-        with stops_held():  # a stop waits for both: cut in two, eval.jsonl would hold a result report.md lacks
+        with stops_held() as stops:  # a stop waits for both: cut in two, eval.jsonl would hold a result report.md lacks
             _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
             _append(folder / "report.md", _report_section(result, when), title=f"# Run {folder.name}\n")
     except OSError as exc:
         raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {_UNRECORDABLE}") from None
+    if stops:  # then the stop (a caller's loop of evaluations ends there), saying where the result went
+        stopped = Stopped(stops[0])
+        stopped.recorded_in = folder  # type: ignore[attr-defined]
+        raise stopped
     return folder
