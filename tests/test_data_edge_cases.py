@@ -404,8 +404,22 @@ def test_unreadable_inputs_are_called_unreadable(workspace, tmp_path, monkeypatc
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    with pytest.raises(DataError, match=r"cannot read the folder .*locked \(Permission denied\): check its perm"):
-        sources.local_source(str(books))
+    source = sources.local_source(str(books))  # the rest is read, and the locked folder named
+    assert [f.path.name for f in source.files] == ["a.txt"]
+    assert source.unreadable_folders == (f"{books / 'locked'} (Permission denied)",)
+    events = []
+    data.tokenize(str(books), name="books", on_event=events.append)
+    assert any("left out 1 folder it cannot read" in e.message and "locked (Permission denied)" in e.message
+               for e in events if e.kind == "info")
+    only = tmp_path / "only"
+    (only / "locked").mkdir(parents=True)
+    (only / "locked" / "c.txt").write_text("text\n")
+    with pytest.raises(DataError, match=r"holds no .* file it can read \(it cannot read .*locked \(Permission"):
+        sources.local_source(str(only))  # all of it locked
+    monkeypatch.setattr(os, "scandir", lambda path=".": scandir(path) if not str(path).endswith("books")
+                        else (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))))
+    with pytest.raises(DataError, match=r"cannot read the folder .*books \(Permission denied\): check its perm"):
+        sources.local_source(str(books))  # the folder given itself
     monkeypatch.setattr(os, "scandir", real_scandir)
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "hello"}\n')

@@ -777,3 +777,17 @@ def test_an_export_killed_while_filling_a_folder_is_finished_by_the_same_command
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left either
     assert export.load_model(str(out)).state["format"] == "huggingface"
+
+
+def test_an_export_still_filling_a_folder_is_left_alone(hf_source, workspace, tmp_path):
+    """The list a fill writes named no owner, so a second export to the folder took a running fill for a killed
+    one and deleted its files (review): a fill whose process is alive is left alone, and the folder refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / export.FILLING).write_text(f"{os.getppid()}\nconfig.json\nmodel.safetensors\n")  # a live process
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists")
+    assert (out / "config.json").read_text() == "{}"
+    (out / export.FILLING).write_text("999999999\nconfig.json\nmodel.safetensors\n")  # no such process
+    assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
+    assert not (out / export.FILLING).exists() and (out / "tokenizer.json").is_file()

@@ -270,3 +270,21 @@ def test_a_run_folder_that_cannot_be_read_is_left_out_of_the_listing(with_shakes
     listed = invoke("runs")
     assert listed.exit_code == 0 and "s1" in listed.stdout, listed.output
     assert "note: s2 is left out: it cannot be read (Permission denied)" in listed.stderr
+
+
+def test_freeing_space_in_an_old_run_does_not_make_it_the_latest(with_shakespeare, workspace):
+    """Deleting an old run's weights (to free disk space) touched its step folder, which then counted as the newest:
+    every command without a run named failed on it (review). What counts is when a run last trained."""
+    import time
+
+    from test_cli import invoke
+
+    config = tiny_config(max_steps=2, eval_interval=2)
+    old = train(config, run_name="old").run_dir
+    time.sleep(0.05)
+    train(config, run_name="new")
+    time.sleep(0.05)
+    (old / "checkpoints" / "step_2" / "model.safetensors").unlink()
+    shown = invoke("runs", "show")
+    assert shown.exit_code == 0 and "new" in shown.stdout, shown.output
+    assert "note: old is left out" in invoke("runs").stderr

@@ -231,21 +231,32 @@ def list_runs(problems: list[str] | None = None) -> list[Path]:
     return [run for _, run in sorted(runs, reverse=True)]
 
 
-def incomplete_runs() -> list[Path]:
-    """Run folders that saved checkpoints but hold no complete one now (a file went missing), most recently
-    written first: `list_runs` leaves them out, and what picks the latest run must not pass over one in silence."""
+def incomplete_runs() -> list[tuple[float, Path]]:
+    """Run folders that saved checkpoints but hold no complete one now (a file went missing), with when they
+    last trained (their metrics.jsonl's time: deleting a file changes its step folder's, as freeing disk space in
+    an old run would), most recent first: `list_runs` leaves them out, and what picks the latest run must not pass
+    over a newer one in silence."""
     root = workspace.runs_dir()
     if not root.is_dir():
         return []
     found = []
     for run in root.iterdir():
         try:
-            steps = step_folders(run) if run.is_dir() and not run.name.startswith(".") else []
-            if steps and latest_checkpoint(run) is None:
-                found.append((steps[-1].stat().st_mtime, run))
-        except OSError:  # unreadable: `list_runs` says so
+            if step_folders(run) and latest_checkpoint(run) is None:
+                found.append(((run / "metrics.jsonl").stat().st_mtime, run))
+        except OSError:  # unreadable (`list_runs` says so), or no metrics.jsonl to date it by
             continue
-    return [run for _, run in sorted(found, reverse=True)]
+    return sorted(found, reverse=True)
+
+
+def _trained_at(run: Path) -> float:
+    """When a run last trained: its metrics.jsonl's time, else its latest checkpoint's (0 where it is gone)."""
+    for path in (run / "metrics.jsonl", latest_checkpoint(run)):
+        try:
+            return path.stat().st_mtime if path is not None else 0.0
+        except OSError:
+            continue
+    return 0.0
 
 
 def is_bare_name(spec: str) -> bool:
@@ -259,9 +270,8 @@ def find_run(spec: str | None) -> Path:
     if not spec:
         runs = list_runs()
         damaged = incomplete_runs()
-        if damaged and (not runs or (step_folders(damaged[0])[-1].stat().st_mtime
-                                     > latest_checkpoint(runs[0]).stat().st_mtime)):  # type: ignore[union-attr]
-            raise CheckpointError(f"the latest run: {no_checkpoint_message(damaged[0])}; or name another run "
+        if damaged and (not runs or damaged[0][0] > _trained_at(runs[0])):
+            raise CheckpointError(f"the latest run: {no_checkpoint_message(damaged[0][1])}; or name another run "
                                   f"(`tinygpt runs` lists them)")
         if not runs:
             raise CheckpointError(

@@ -484,6 +484,11 @@ def tokenize(
         emit(TokenizeEvent("info", message=f"left out {workspace.counted(len(folders), 'folder')} the pattern "
                            f"matched ({folders[0]}{', ...' if len(folders) > 1 else ''}): a glob reads the files "
                            f"it matches; pass the folder itself to read everything under it"))
+    if src.unreadable_folders:  # os.walk passed over them without a word (lost+found at a disk's root, say)
+        folders = src.unreadable_folders
+        emit(TokenizeEvent("info", message=f"left out {workspace.counted(len(folders), 'folder')} it cannot read "
+                           f"({folders[0]}{', ...' if len(folders) > 1 else ''}): check the permissions to include "
+                           f"them"))
     if src.left_out:  # a folder of .json.gz shards plus a README.txt was the README alone, silently
         emit(TokenizeEvent("info", message=f"left out {len(src.left_out):,} file(s) that are not .txt, .jsonl, "
                            f".jsonl.gz or .parquet (first: {src.left_out[0]}); JSON lines in .json(.gz) files are "

@@ -579,7 +579,7 @@ def export_model(
     return ExportResult(path=target, format=fmt, dtype=dtype, source=loaded.path, files=_files_under(target))
 
 
-# In a folder an export is moving its files into (`_fill`): their names, until all of them are there.
+# In a folder an export is moving its files into (`_fill`): its process id, then their names, until all are there.
 FILLING = ".tinygpt-export-filling"
 
 
@@ -592,7 +592,7 @@ def _fill(folder: Path, tmp: Path) -> None:
     marker = folder / FILLING
     moved = [marker]
     try:
-        marker.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+        marker.write_text(f"{os.getpid()}\n" + "".join(f"{name}\n" for name in names), encoding="utf-8")
         fsync_file(marker)
         fsync_dir(folder)
         for name in names:
@@ -610,11 +610,14 @@ def _fill(folder: Path, tmp: Path) -> None:
 
 def _undo_killed_fill(folder: Path) -> None:
     """Empty a folder that an export killed while moving its files in (`_fill`) left part-filled: the files it
-    lists go, then the list, so the folder is as that export found it, and this export fills it."""
+    lists go, then the list, so the folder is as that export found it, and this export fills it. One still
+    filling it (its process alive) is left alone: the folder is then not empty, which `_check_out` refuses."""
     try:
-        names = (folder / FILLING).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        pid, *names = (folder / FILLING).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, ValueError):
         return  # none (the usual case), or not ours to read
+    if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+        return
     for name in names:
         if name and Path(name).name == name and name not in (".", ".."):
             _remove(folder / name)

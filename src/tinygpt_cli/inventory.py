@@ -99,7 +99,8 @@ def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
             if problems is not None:
                 problems.append(f"{run_dir.name} is left out: {exc}")
     if problems is not None:  # a file of each of its checkpoints went missing
-        problems += [f"{run_dir.name} is left out: {no_checkpoint_message(run_dir)}" for run_dir in incomplete_runs()]
+        problems += [f"{run_dir.name} is left out: {no_checkpoint_message(run_dir)}"
+                     for _, run_dir in incomplete_runs()]
     return summaries
 
 

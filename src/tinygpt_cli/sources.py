@@ -171,6 +171,7 @@ class Source:
     provenance: dict[str, Any] = field(default_factory=dict)  # a download's record, for meta.json
     left_out: tuple[str, ...] = ()  # files of a folder or glob that are none of TEXT_SUFFIXES (`tokenize` says so)
     left_out_folders: tuple[str, ...] = ()  # folders a glob matches, which it does not read (`tokenize` says so)
+    unreadable_folders: tuple[str, ...] = ()  # folders under a folder source it may not read (`tokenize` says so)
 
     @property
     def documents(self) -> int:
@@ -292,18 +293,20 @@ def embedded_source() -> Source:
     return Source(EMBEDDED_NAME, "the embedded Shakespeare corpus (42 works)", "embedded", files)
 
 
-def _files_under(folder: Path) -> list[Path]:
+def _files_under(folder: Path) -> tuple[list[Path], list[str]]:
     """Every file under `folder`, sorted, following symlinked folders (a corpus of shards linked in from other
     disks; `Path.rglob` skips them silently, where a `**` glob follows them), each real folder once. Hidden files
     and folders are left out, as a glob leaves them: .git/, or the copies in .ipynb_checkpoints/, which would put
-    each notebook's text in twice, likely once in each split."""
-    found, seen = [], set()
+    each notebook's text in twice, likely once in each split. Also returned: the folders below it that cannot be
+    read (`lost+found` at a disk's root; os.walk passed over them in silence), as "path (why)"."""
+    found, seen, unreadable = [], set(), []
 
-    def unreadable(exc: OSError) -> None:  # os.walk passed over such a folder in silence: its files left out
-        raise DataError(f"cannot read the folder {exc.filename} ({exc.strerror}): check its permissions, or move "
-                        f"it out of {folder}")
+    def note(exc: OSError) -> None:
+        if Path(exc.filename) == Path(folder):  # the folder given itself
+            raise DataError(f"cannot read the folder {folder} ({exc.strerror}): check its permissions")
+        unreadable.append(f"{exc.filename} ({exc.strerror})")
 
-    for where, folders, names in os.walk(folder, followlinks=True, onerror=unreadable):
+    for where, folders, names in os.walk(folder, followlinks=True, onerror=note):
         real = os.path.realpath(where)
         if real in seen:  # a link back up the tree, or a second link to the same folder
             folders[:] = []
@@ -311,19 +314,20 @@ def _files_under(folder: Path) -> list[Path]:
         seen.add(real)
         folders[:] = [name for name in folders if not name.startswith(".")]
         found.extend(Path(where) / name for name in names if not name.startswith("."))
-    return sorted(p for p in found if p.is_file())
+    return sorted(p for p in found if p.is_file()), unreadable
 
 
 def local_source(spec: str, text_field: str = "text") -> Source:
     """A file, a folder (searched recursively) or a glob of .txt / .jsonl(.gz) / .parquet files."""
     path = Path(spec).expanduser()
+    unreadable: list[str] = []
     if any(ch in spec for ch in "*?[") and not path.exists():  # a path that exists is itself, brackets or not
         candidates = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
         if not candidates:
             raise DataError(f"no file matches {spec}: check the pattern")
         name = workspace.safe_name(Path(spec.split("*")[0]).name or "glob")
     elif path.is_dir():
-        candidates = _files_under(path)
+        candidates, unreadable = _files_under(path)
         name = workspace.safe_name(path.resolve().name)
     elif path.is_file():
         candidates = [path]
@@ -349,14 +353,15 @@ def local_source(spec: str, text_field: str = "text") -> Source:
             usable.append(p)
     left_out = [p for real, p in others.items() if real not in read]  # named once, unless read under a usable name
     if not usable:
+        locked = f" it can read (it cannot read {unreadable[0]})" if unreadable else ""
         raise DataError(
-            f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file: point tokenize at your text files"
+            f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file{locked}: point tokenize at your text files"
         )
     files = tuple(_document_file(p, text_field) for p in usable)
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
     return Source(name, str(spec), "local", files, text_field, left_out=tuple(map(str, left_out)),
-                  left_out_folders=tuple(folders))
+                  left_out_folders=tuple(folders), unreadable_folders=tuple(unreadable))
 
 
 # ----------------------------------------------------------------------------------------------- downloads
