@@ -52,7 +52,7 @@ train:
 ```
 
 The **default** column below is what a run gets where nothing sets a key: the `micro` preset's value where a
-preset sets it (marked *(preset)*; the other presets' are in [Presets](#presets)), else the same for every preset.
+preset sets it (marked "(preset)"; the other presets' are in [Presets](#presets)), else the same for every preset.
 
 `--set` values of number and boolean keys are read as YAML (`3e-4`, `true`); a string key keeps the text as
 written, so `--set train.compile=off` is the string `off`. In a YAML file a bare `off` is YAML's false: quote it
