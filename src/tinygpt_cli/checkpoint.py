@@ -213,40 +213,37 @@ def latest_step(run_dir: Path) -> int | None:
     return int(checkpoint.name.split("_")[1]) if checkpoint is not None else None
 
 
-def list_runs(problems: list[str] | None = None) -> list[Path]:
-    """Run folders that hold at least one checkpoint, most recently written first. One that cannot be read is
-    left out (and said in `problems`), not the end of the listing."""
+def _scan_runs(problems: list[str] | None = None) -> tuple[list[Path], list[tuple[float, Path]]]:
+    """One pass over runs/: the run folders that hold a complete checkpoint, the most recently written first;
+    and those that saved checkpoints but hold no complete one now (a file went missing), with when they last
+    trained (their metrics.jsonl's time: deleting a file changes its step folder's, as freeing disk space in an
+    old run would), the most recent first. A folder that cannot be read is left out (and said in `problems`)."""
     root = workspace.runs_dir()
     if not root.is_dir():
-        return []
-    runs = []
+        return [], []
+    complete, incomplete = [], []
     for run in root.iterdir():
         try:
             checkpoint = latest_checkpoint(run) if run.is_dir() else None
             if checkpoint is not None:
-                runs.append((checkpoint.stat().st_mtime, run))
+                complete.append((checkpoint.stat().st_mtime, run))
+            elif run.is_dir() and step_folders(run) and (run / "metrics.jsonl").is_file():
+                incomplete.append(((run / "metrics.jsonl").stat().st_mtime, run))
         except OSError as exc:
             if problems is not None:
                 problems.append(f"{run.name} is left out: it cannot be read ({exc.strerror}): check its permissions")
-    return [run for _, run in sorted(runs, reverse=True)]
+    return [run for _, run in sorted(complete, reverse=True)], sorted(incomplete, reverse=True)
+
+
+def list_runs(problems: list[str] | None = None) -> list[Path]:
+    """Run folders that hold at least one checkpoint, most recently written first (see `_scan_runs`)."""
+    return _scan_runs(problems)[0]
 
 
 def incomplete_runs() -> list[tuple[float, Path]]:
-    """Run folders that saved checkpoints but hold no complete one now (a file went missing), with when they
-    last trained (their metrics.jsonl's time: deleting a file changes its step folder's, as freeing disk space in
-    an old run would), most recent first: `list_runs` leaves them out, and what picks the latest run must not pass
-    over a newer one in silence."""
-    root = workspace.runs_dir()
-    if not root.is_dir():
-        return []
-    found = []
-    for run in root.iterdir():
-        try:
-            if step_folders(run) and latest_checkpoint(run) is None:
-                found.append(((run / "metrics.jsonl").stat().st_mtime, run))
-        except OSError:  # unreadable (`list_runs` says so), or no metrics.jsonl to date it by
-            continue
-    return sorted(found, reverse=True)
+    """Runs with checkpoints of which none is complete now, and when they last trained (see `_scan_runs`):
+    `list_runs` leaves them out, and what picks the latest run must not pass over a newer one in silence."""
+    return _scan_runs()[1]
 
 
 def _trained_at(run: Path) -> float:
@@ -268,8 +265,7 @@ def is_bare_name(spec: str) -> bool:
 def find_run(spec: str | None) -> Path:
     """A run folder by name or path; None -> the latest run. Raises if there is none."""
     if not spec:
-        runs = list_runs()
-        damaged = incomplete_runs()
+        runs, damaged = _scan_runs()
         if damaged and (not runs or damaged[0][0] > _trained_at(runs[0])):
             raise CheckpointError(f"the latest run: {no_checkpoint_message(damaged[0][1])}; or name another run "
                                   f"(`tinygpt runs` lists them)")
