@@ -196,8 +196,13 @@ def test_a_stop_while_recording_waits_for_both_files(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right between the two
 
     monkeypatch.setattr(module, "_append", append_then_stop)
-    with pytest.raises(KeyboardInterrupt) as stopped:  # then the stop: a caller's loop of evaluations ends
-        module.record_result(run_dir / "checkpoints" / "step_000001", result)
+    # Ctrl-C as an interactive Python takes it (a process started in the background of a shell ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:  # then the stop: a caller's loop of evaluations ends
+            module.record_result(run_dir / "checkpoints" / "step_000001", result)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.value.recorded_in == run_dir
     assert len((run_dir / "eval.jsonl").read_text().splitlines()) == 1
     assert (run_dir / "report.md").read_text().count("## Evaluation: loss on d/val") == 1

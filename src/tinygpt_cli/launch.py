@@ -62,6 +62,7 @@ def signals_handled(handler, signals: tuple[int, ...] = STOP_SIGNALS) -> Iterato
         for sig, old in previous.items():
             signal.signal(sig, old)
 
+
 @contextlib.contextmanager
 def stops_held() -> Iterator[list[int]]:
     """Within: Ctrl-C, SIGTERM and SIGHUP are noted, not acted on, so that steps that must not be cut in two
