@@ -170,6 +170,18 @@ def save_checkpoint(
     return final
 
 
+def device_present(kind: str) -> bool:
+    """Whether this machine has a CUDA or MPS device that torch can use (`kind` "cuda", "mps"); other kinds, the
+    CPU's among them, are torch's to check."""
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return True
+
+
 def step_folders(run_dir: Path) -> list[Path]:
     """A run's `checkpoints/step_<N>` folders, complete or not, oldest first (by step)."""
     root = run_dir / "checkpoints"
@@ -377,8 +389,6 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
             f"{weights} does not match its model config (missing or misshapen: {', '.join(missing) or 'shapes'})"
         )
     model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
-    from tinygpt_cli.training import device_present
-
     kind = torch.device(device).type
     if not device_present(kind):
         raise CheckpointError(f"cannot move the model to {device}: this machine has no {kind.upper()} device; load "

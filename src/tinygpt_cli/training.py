@@ -28,6 +28,7 @@ import torch
 from tinygpt_cli import __version__, dist, workspace
 from tinygpt_cli.checkpoint import (
     DamagedCheckpoint,
+    device_present,
     find_run,
     latest_checkpoint,
     load_checkpoint,
@@ -113,16 +114,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- devices
-def device_present(kind: str) -> bool:
-    """Whether this machine has a CUDA or MPS device that torch can use (`kind` "cuda", "mps"); other kinds, the
-    CPU's among them, are torch's to check."""
-    if kind == "cuda":
-        return torch.cuda.is_available()
-    if kind == "mps":
-        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return True
-
-
 def resolve_device(name: str | torch.device) -> torch.device:
     """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against what is there."""
     name = str(name).strip().lower()  # a torch.device too
