@@ -225,7 +225,7 @@ def latest_step(run_dir: Path) -> int | None:
     return int(checkpoint.name.split("_")[1]) if checkpoint is not None else None
 
 
-def _scan_runs(problems: list[str] | None = None) -> tuple[list[Path], list[tuple[float, Path]]]:
+def scan_runs(problems: list[str] | None = None) -> tuple[list[Path], list[tuple[float, Path]]]:
     """One pass over runs/: the run folders that hold a complete checkpoint, the most recently written first;
     and those that saved checkpoints but hold no complete one now (a file went missing), with when they last
     trained (their metrics.jsonl's time: deleting a file changes its step folder's, as freeing disk space in an
@@ -248,23 +248,17 @@ def _scan_runs(problems: list[str] | None = None) -> tuple[list[Path], list[tupl
 
 
 def list_runs(problems: list[str] | None = None) -> list[Path]:
-    """Run folders that hold at least one checkpoint, most recently written first (see `_scan_runs`)."""
-    return _scan_runs(problems)[0]
-
-
-def incomplete_runs() -> list[tuple[float, Path]]:
-    """Runs with checkpoints of which none is complete now, and when they last trained (see `_scan_runs`):
-    `list_runs` leaves them out, and what picks the latest run must not pass over a newer one in silence."""
-    return _scan_runs()[1]
+    """Run folders that hold at least one checkpoint, most recently written first (see `scan_runs`)."""
+    return scan_runs(problems)[0]
 
 
 def _trained_at(run: Path) -> float:
     """When a run last trained: its metrics.jsonl's time, else its latest checkpoint's (0 where it is gone)."""
-    for path in (run / "metrics.jsonl", latest_checkpoint(run)):
-        try:
-            return path.stat().st_mtime if path is not None else 0.0
-        except OSError:
-            continue
+    with contextlib.suppress(OSError):
+        return (run / "metrics.jsonl").stat().st_mtime
+    checkpoint = latest_checkpoint(run)
+    with contextlib.suppress(OSError):
+        return checkpoint.stat().st_mtime if checkpoint is not None else 0.0
     return 0.0
 
 
@@ -277,7 +271,7 @@ def is_bare_name(spec: str) -> bool:
 def find_run(spec: str | None) -> Path:
     """A run folder by name or path; None -> the latest run. Raises if there is none."""
     if not spec:
-        runs, damaged = _scan_runs()
+        runs, damaged = scan_runs()
         if damaged and (not runs or damaged[0][0] > _trained_at(runs[0])):
             raise CheckpointError(f"the latest run: {no_checkpoint_message(damaged[0][1])}; or name another run "
                                   f"(`tinygpt runs` lists them)")

@@ -89,18 +89,18 @@ def _number(value: Any) -> float | None:
 def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
     """Every run in the workspace that holds a checkpoint, most recently written first. A run whose latest
     checkpoint cannot be read is left out, and what is wrong with it appended to `problems`."""
-    from tinygpt_cli.checkpoint import incomplete_runs, list_runs, no_checkpoint_message
+    from tinygpt_cli.checkpoint import no_checkpoint_message, scan_runs
 
+    runs, incomplete = scan_runs(problems)
     summaries = []
-    for run_dir in list_runs(problems):
+    for run_dir in runs:
         try:
             summaries.append(run_summary(run_dir))
         except CheckpointError as exc:  # a damaged state.json
             if problems is not None:
                 problems.append(f"{run_dir.name} is left out: {exc}")
     if problems is not None:  # a file of each of its checkpoints went missing
-        problems += [f"{run_dir.name} is left out: {no_checkpoint_message(run_dir)}"
-                     for _, run_dir in incomplete_runs()]
+        problems += [f"{run_dir.name} is left out: {no_checkpoint_message(run_dir)}" for _, run_dir in incomplete]
     return summaries
 
 

@@ -452,18 +452,17 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png")  # what a 
 def _check_writable(run_dir: Path) -> None:
     """Refuse before any step a run folder, or a resumed run's checkpoints/, that a checkpoint could not be
     written to: found out at the first save, every step before it was lost (audit)."""
-    for folder in (run_dir, run_dir / "checkpoints"):
-        try:
-            if folder == run_dir:
-                folder.mkdir(parents=True, exist_ok=True)
-            elif not folder.is_dir():
-                continue  # made at the first save, in the run folder just checked
-            probe = folder / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as exc:
-            raise TrainingError(f"cannot write to {folder} ({exc.strerror}): make it writable, or choose a writable "
-                                f"TINYGPT_HOME") from None
+    folder = run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, run_dir / "checkpoints"):
+            if folder.is_dir():  # checkpoints/ is made at the first save, in the run folder checked first
+                probe = folder / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"ok")
+                probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"cannot write to {folder} ({exc.strerror}): make it writable, or choose a writable "
+                            f"TINYGPT_HOME") from None
 
 
 def _unsaved_advice(exc: OSError, run_dir: Path) -> str:
