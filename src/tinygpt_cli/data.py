@@ -480,15 +480,11 @@ def tokenize(
     started = time.perf_counter()
     src = resolve_source(source, text_field)
     if src.left_out_folders:  # `corpus/*` read corpus/'s files and dropped its subfolders without a word
-        folders = src.left_out_folders
-        emit(TokenizeEvent("info", message=f"left out {workspace.counted(len(folders), 'folder')} the pattern "
-                           f"matched ({folders[0]}{', ...' if len(folders) > 1 else ''}): a glob reads the files "
-                           f"it matches; pass the folder itself to read everything under it"))
+        emit(TokenizeEvent("info", message=f"left out {_folders(src.left_out_folders, 'the pattern matched')}: a "
+                           f"glob reads the files it matches; pass the folder itself to read everything under it"))
     if src.unreadable_folders:  # os.walk passed over them without a word (lost+found at a disk's root, say)
-        folders = src.unreadable_folders
-        emit(TokenizeEvent("info", message=f"left out {workspace.counted(len(folders), 'folder')} it cannot read "
-                           f"({folders[0]}{', ...' if len(folders) > 1 else ''}): check the permissions to include "
-                           f"them"))
+        emit(TokenizeEvent("info", message=f"left out {_folders(src.unreadable_folders, 'it cannot read')}: check "
+                           f"the permissions to include them"))
     if src.left_out:  # a folder of .json.gz shards plus a README.txt was the README alone, silently
         emit(TokenizeEvent("info", message=f"left out {len(src.left_out):,} file(s) that are not .txt, .jsonl, "
                            f".jsonl.gz or .parquet (first: {src.left_out[0]}); JSON lines in .json(.gz) files are "
@@ -582,6 +578,11 @@ def tokenize(
                        seconds=seconds))
     return TokenizeResult(dataset_name, final_dir, meta, counters.skipped_empty, list(counters.undecodable),
                           seconds, resumed_documents, workers, resumed_tokens)
+
+
+def _folders(folders: tuple[str, ...], which: str) -> str:
+    """`N folder(s) <which> (the first, ...)` for a note."""
+    return f"{workspace.counted(len(folders), 'folder')} {which} ({folders[0]}{', ...' if len(folders) > 1 else ''})"
 
 
 def _output_name(name: str | None, src: Source) -> str:
@@ -870,7 +871,13 @@ def _publish(new: Path, final: Path) -> None:
     if final.exists():
         workspace.replace(final, old)
     workspace.replace(new, final)
-    for copy in [old, *_old_copies(final)]:  # a killed publish's too (another process id), once this one is in
+    _drop_set_aside(final)  # its own copy, and a killed publish's (another process id)
+
+
+def _drop_set_aside(final: Path) -> None:
+    """With a dataset in place at `final`: remove the copies publishing set aside, then the checkpoint it was
+    written under."""
+    for copy in _old_copies(final):
         shutil.rmtree(copy, ignore_errors=True)
     (final / PROGRESS_FILE).unlink(missing_ok=True)
 
@@ -881,11 +888,9 @@ def _finish_killed_publish(final: Path, partial: Path) -> None:
     (this tokenize resumes and publishes it); once a dataset is in place, the copies set aside go."""
     olds = _old_copies(final)
     if not final.exists() and olds and not partial.is_dir():
-        workspace.replace(olds.pop(), final)
+        workspace.replace(olds[-1], final)
     if final.exists():
-        for old in olds:
-            shutil.rmtree(old, ignore_errors=True)
-        (final / PROGRESS_FILE).unlink(missing_ok=True)
+        _drop_set_aside(final)
 
 
 # ----------------------------------------------------------------------------------------------- reading

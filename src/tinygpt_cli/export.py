@@ -510,7 +510,6 @@ def export_model(
     if target is not None and fmt == "gguf" and target.suffix != ".gguf":
         target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
     if target is not None:  # before the model loads; again after, with the checkpoint it loaded
-        _undo_killed_fill(target)
         _check_out(target, force, _source_folder(source))
 
     loaded = load_model(source)
@@ -518,7 +517,6 @@ def export_model(
     name = _source_name(loaded)
     if target is None:
         target = default_export_path(name, fmt, dtype)
-        _undo_killed_fill(target)
     _check_out(target, force, loaded.path)
     single_file = fmt == "gguf"
 
@@ -672,7 +670,9 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
 
 def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
     """Refuse an `--out` that holds something, unless `force` and it is an earlier export (never the source, the
-    workspace, the current folder or a folder above them, whatever it looks like)."""
+    workspace, the current folder or a folder above them, whatever it looks like). What a killed export left
+    filling it goes first (`_undo_killed_fill`): the folder is then as that export found it."""
+    _undo_killed_fill(target)
     above = next((folder for folder in target.parents if folder.exists()), None)
     if above is not None and not above.is_dir():
         raise ExportError(f"{above} is a file, not a folder: choose another --out")
