@@ -670,16 +670,9 @@ def _interruptible(view, err, message: Callable[[KeyboardInterrupt], str]) -> It
     """Within: Ctrl-C, SIGTERM and SIGHUP (unless started ignored, as under nohup) stop a command that cleans up
     after itself (tokenize, download, export) the same way: its rate view (if any) closes, `message(exc)` says
     what was kept, and it exits 128 + the signal. The view is closed however it ends."""
-    import signal
-
-    from tinygpt_cli.launch import STOP_SIGNALS, Stopped, signals_handled
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Stopped(signum)
-
     close = view.close if view is not None else lambda: None
     try:
-        with signals_handled(handler, tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)):
+        with _stops_as_ctrl_c():
             yield
     except KeyboardInterrupt as exc:
         close()
@@ -695,23 +688,31 @@ def _signal_exit(signum: int | None) -> int:
 
 
 @contextlib.contextmanager
-def _stopped_outside_the_loop(stop) -> Iterator[None]:
-    """SIGTERM and SIGHUP before train's loop (loading, compiling) or after it (the report) stop it as Ctrl-C does
-    there, with a line that says what is kept; they killed it silently (143). In the loop train's own handler
-    takes them, to save first. The first stop's signal again within REPEAT_WINDOW_S is that stop, said twice."""
+def _stops_as_ctrl_c(repeated: Callable[[int], bool] = lambda signum: False) -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP (unless started ignored, as under nohup) raise as Ctrl-C does (`Stopped`, which
+    carries the signal), except a signal `repeated` says is an earlier stop's again."""
     import signal
-    import time
 
     from tinygpt_cli.launch import STOP_SIGNALS, Stopped, signals_handled
-    from tinygpt_cli.training import REPEAT_WINDOW_S
 
     def handler(signum: int, frame: Any) -> None:
-        if stop and signum == stop.signal and time.monotonic() - stop.signalled_at < REPEAT_WINDOW_S:
-            return
-        raise Stopped(signum)
+        if not repeated(signum):
+            raise Stopped(signum)
 
     with signals_handled(handler, tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)):
         yield
+
+
+def _stopped_outside_the_loop(stop) -> contextlib.AbstractContextManager:
+    """SIGTERM and SIGHUP before train's loop (loading, compiling) or after it (the report) stop it as Ctrl-C does
+    there, with a line that says what is kept; they killed it silently (143). In the loop train's own handler
+    takes them, to save first. The first stop's signal again within REPEAT_WINDOW_S is that stop, said twice."""
+    import time
+
+    from tinygpt_cli.training import REPEAT_WINDOW_S
+
+    return _stops_as_ctrl_c(lambda signum: bool(stop) and signum == stop.signal
+                            and time.monotonic() - stop.signalled_at < REPEAT_WINDOW_S)
 
 
 def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: bool) -> int:
