@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +223,20 @@ def test_eval_that_cannot_be_recorded_stops_before_scoring(with_shakespeare, wor
         assert quiet.exit_code == 0, quiet.output
         assert json.loads(quiet.stdout)["recorded_in"] is None
     assert not (run_dir / "report.md").exists() and list((run_dir / "eval.jsonl").iterdir()) == []
+
+
+def test_eval_into_a_read_only_run_folder_stops_before_scoring(with_shakespeare, workspace, monkeypatch):
+    """With eval.jsonl and report.md writable but their folder not, the check passed and the record failed after
+    scoring: report.md's lock is a file made in the folder (a root user bypasses chmod, so os.access is faked)."""
+    make_run(workspace)
+    run_dir = workspace / "runs" / "tiny"
+    evaluate("--tokens", "64")  # both files exist now
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == run_dir else real(path, mode))
+    result = evaluate("--tokens", "64")
+    assert_one_line_error(result, "cannot record the result in")
+    assert "the folder is not writable" in result.stderr and "--no-record" in result.stderr
+    assert len((run_dir / "eval.jsonl").read_text().splitlines()) == 1
 
 
 def test_eval_of_a_run_whose_dataset_is_gone_or_damaged(with_shakespeare, workspace):

@@ -268,6 +268,40 @@ def test_report_keeps_evaluation_sections_across_a_resume(with_shakespeare):
     assert "Stopped: completed at step 6" in text and text.count("## Evaluation: loss on shakespeare/val") == 1
 
 
+def test_an_eval_recorded_while_training_writes_its_report_is_kept(with_shakespeare, monkeypatch):
+    """Training's final report.md rewrite read the eval sections, then replaced the file: an eval of the same run
+    that appended in between wrote into the file being replaced, and its section was gone (eval.jsonl kept it).
+    Both writes now take the report's lock, so the eval's append lands in the new file."""
+    import math
+    import threading
+
+    from tinygpt_cli import evaluation, report
+
+    first = train(tiny_config(max_steps=2, eval_interval=2), run_name="race")
+    checkpoint = ckpt.step_folders(first.run_dir)[-1]
+    result = evaluation.LossResult(checkpoint=str(checkpoint), step=2, dataset="d", split="val", tokens=10,
+                                   text_bytes=40, windows=1, window_tokens=32, loss=1.0, perplexity=math.e,
+                                   bits_per_byte=0.5, seconds=1.0, device="cpu", dtype="fp32")
+    real = report._evaluation_sections
+    racers = []
+
+    def sections_while_an_eval_records(path):
+        sections = real(path)
+        racer = threading.Thread(target=evaluation.record_result, args=(checkpoint, result))
+        racer.start()
+        racers.append(racer)
+        racer.join(0.5)  # the eval appends now, between the read and the replace, unless a lock makes it wait
+        return sections
+
+    monkeypatch.setattr(report, "_evaluation_sections", sections_while_an_eval_records)
+    train(tiny_config(max_steps=4, eval_interval=2), run_name="race", resume=True)
+    racers[0].join(10)
+    assert not racers[0].is_alive()
+    text = (first.run_dir / "report.md").read_text()
+    assert "Stopped: completed at step 4" in text and text.count("## Evaluation: loss on d/val") == 1
+    assert len((first.run_dir / "eval.jsonl").read_text().splitlines()) == 1
+
+
 def test_a_resume_with_nothing_to_do_is_an_error_that_changes_nothing(with_shakespeare, workspace):
     """It used to exit 0 having done nothing, rewrite config.yaml with the lower --max-steps and mark the run
     completed; after --max-tokens, the printed resume command stopped again at once, forever."""

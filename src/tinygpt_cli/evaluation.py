@@ -40,6 +40,7 @@ from tinygpt_cli.data import Dataset, find_dataset, token_window
 from tinygpt_cli.errors import DataError, TinyGPTError
 from tinygpt_cli.launch import Stopped, stops_held
 from tinygpt_cli.model import GPT
+from tinygpt_cli.report import report_lock
 from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
 
 DEFAULT_TOKENS = 1 << 20  # tokens scored by default: 1,048,576, or the whole split if it is smaller
@@ -619,8 +620,10 @@ def _check_recordable(loaded: LoadedCheckpoint) -> None:
         return
     folder = record_folder(loaded.path)
     for path in (folder / "eval.jsonl", folder / "report.md"):
-        if path.is_dir() or not os.access(path if path.exists() else folder, os.W_OK):
+        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
             raise TinyGPTError(f"cannot record the result in {folder} ({path.name} is not writable): {_UNRECORDABLE}")
+    if not os.access(folder, os.W_OK):  # where a first record, and report.md's lock, are made
+        raise TinyGPTError(f"cannot record the result in {folder} (the folder is not writable): {_UNRECORDABLE}")
 
 
 def json_safe(result: LossResult | TaskResult) -> dict[str, Any]:
@@ -636,7 +639,8 @@ def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Pa
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     record = {"time": when, **{k: v for k, v in json_safe(result).items() if k != "recorded_in"}}
     try:
-        with stops_held() as stops:  # a stop waits for both: cut in two, eval.jsonl would hold a result report.md lacks
+        # a stop waits for both: cut in two, eval.jsonl would hold a result report.md lacks
+        with stops_held() as stops, report_lock(folder):
             _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
             _append(folder / "report.md", _report_section(result, when), title=f"# Run {folder.name}\n")
     except OSError as exc:

@@ -5,6 +5,7 @@ The plot is drawn with numpy and written as a PNG with zlib, so no plotting libr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -15,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import write_bytes_atomic, write_text_atomic
-from tinygpt_cli.workspace import counted
 
 # 3x5 pixel glyphs, one string of 15 bits per character, row by row
 _GLYPHS = {
@@ -168,9 +169,9 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         f"{cfg.model.n_embd}, context {cfg.model.block_size} |",
         f"| data | {dataset['name']}: {dataset['train_tokens']:,} train / {dataset['val_tokens']:,} val tokens |",
         f"| hardware | {hardware['device_name']} · {hardware['device']} {hardware['dtype']} · "
-        f"{counted(hardware['world_size'], 'process', 'processes')} · torch {hardware['torch']} |",
+        f"{workspace.counted(hardware['world_size'], 'process', 'processes')} · torch {hardware['torch']} |",
         f"| batch | {hardware['batch_size']} sequences × {hardware['grad_accum']} accumulation × "
-        f"{counted(hardware['world_size'], 'process', 'processes')} |",
+        f"{workspace.counted(hardware['world_size'], 'process', 'processes')} |",
         f"| time (this session) | {result.seconds:.0f} s |",
         f"| throughput | {result.tokens_per_s:,.0f} tokens/s |",
         f"| final train loss | {fmt(result.final_loss)} |",
@@ -193,7 +194,18 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         "```",
         "",
     ]
-    write_text_atomic(run_dir / "report.md", "\n".join(lines) + _evaluation_sections(run_dir / "report.md"))
+    with report_lock(run_dir):  # an eval appending between the read and the replace would be lost
+        write_text_atomic(run_dir / "report.md", "\n".join(lines) + _evaluation_sections(run_dir / "report.md"))
+
+
+# How long a write of report.md waits for another to finish: each holds the lock for one append or one rewrite.
+REPORT_PATIENCE_S = 30.0
+
+
+def report_lock(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock that `train`'s rewrite of a run's report.md and `eval`'s appends to it take, one at a time."""
+    return workspace.exclusive(workspace.lock_of(run_dir / "report.md"), f"{run_dir.name}/report.md",
+                               patience_s=REPORT_PATIENCE_S)
 
 
 def _evaluation_sections(report: Path) -> str:

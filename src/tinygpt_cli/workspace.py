@@ -45,11 +45,13 @@ LOOK_GRACE_S = 1.0
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None) -> Iterator[None]:
+def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None,
+              patience_s: float = LOOK_GRACE_S) -> Iterator[None]:
     """Hold an advisory lock so two runs never write the same output, else raise `busy` (by default: another
-    process is writing `what`). fcntl's flock on POSIX, a byte-range lock (msvcrt) on Windows; a no-op on a
-    shared filesystem mounted without locks (NFS with no lock daemon, Lustre without -o flock)."""
-    deadline = time.monotonic() + LOOK_GRACE_S
+    process is writing `what`) once it has been held for `patience_s`. fcntl's flock on POSIX, a byte-range lock
+    (msvcrt) on Windows; a no-op on a shared filesystem mounted without locks (NFS with no lock daemon, Lustre
+    without -o flock)."""
+    deadline = time.monotonic() + patience_s
     while True:
         try:
             handle = open(lock_path, "a+")
