@@ -476,6 +476,40 @@ def test_the_largest_fitting_batch_leaves_room_for_the_compiled_loss(monkeypatch
     assert model.fused_loss is False and all(p.grad is None for p in model.parameters())
 
 
+def test_a_failed_batch_trial_frees_its_memory_before_the_next(monkeypatch):
+    """After an out-of-memory trial its ballast and input stayed bound while the cache was emptied and while the
+    halved trial allocated its own: `--batch-size auto` could reject a batch that fits (code review)."""
+    import gc
+    import weakref
+
+    from tinygpt_cli import training as train_module
+    from tinygpt_cli.config import ModelConfig
+    from tinygpt_cli.model import GPT
+
+    trials, alive_at_start = [], []
+
+    def hold(n_bytes, device):
+        gc.disable()  # freed by reference counts, as the CUDA caching allocator needs: not by a later collection
+        alive_at_start.append(sum(ref() is not None for ref in trials))
+        ballast = torch.empty(n_bytes, dtype=torch.uint8)
+        trials.append(weakref.ref(ballast))
+        return ballast
+
+    class OutOfMemoryAbove2(GPT):
+        def forward(self, idx, targets=None):
+            if idx.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().forward(idx, targets)
+
+    monkeypatch.setattr(train_module, "_hold", hold)
+    model = OutOfMemoryAbove2(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    try:
+        fits = train_module.largest_fitting_batch(model, 16, 8, torch.device("cpu"), torch.float32, 100)
+    finally:
+        gc.enable()
+    assert fits == 2 and alive_at_start == [0, 0, 0, 0]
+
+
 def test_the_cpu_peak_is_measured_once_per_process_and_thread_count(monkeypatch):
     from tinygpt_cli import training as train_module
 

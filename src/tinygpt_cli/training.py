@@ -1456,22 +1456,29 @@ def largest_fitting_batch(model: GPT, start: int, block: int, device: torch.devi
     batch = start
     try:
         while batch >= 1:
-            try:
-                ballast = _hold(batch * block * ballast_per_token, device)
-                x = torch.zeros(batch, block, dtype=torch.long, device=device)
-                with autocast_context(device, dtype):
-                    _, loss = model(x, x)
-                loss.backward()
-                del ballast
+            if _batch_fits(model, batch, block, device, dtype, ballast_per_token):
                 return batch
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                batch //= 2
-            finally:
-                model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()  # the trial's tensors died with its frame: the next trial has their memory
+            batch //= 2
     finally:
         model.fused_loss = fused
     raise TrainingError("not even a micro-batch of 1 fits in GPU memory: use a smaller --size or model.block_size")
+
+
+def _batch_fits(model: GPT, batch: int, block: int, device: torch.device, dtype: torch.dtype,
+                ballast_per_token: int) -> bool:
+    """One trial of `largest_fitting_batch`, in a frame of its own so that what it allocated is freed on return."""
+    try:
+        ballast = _hold(batch * block * ballast_per_token, device)  # noqa: F841 (held through the trial)
+        x = torch.zeros(batch, block, dtype=torch.long, device=device)
+        with autocast_context(device, dtype):
+            _, loss = model(x, x)
+        loss.backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def _hold(n_bytes: int, device: torch.device) -> torch.Tensor | None:
