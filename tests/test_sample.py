@@ -105,6 +105,17 @@ def test_too_many_samples_for_memory(model, monkeypatch):
         next(generate(model, [1, 2], 5, num_samples=3))
 
 
+def test_on_start_comes_only_once_generation_is_under_way(model):
+    """`on_start` (the CLI echoes the prompt there) ran before `generate` checked anything: a refused setting still
+    put the prompt on stdout before its error (code review)."""
+    started = []
+    with pytest.raises(GenerationError, match="--num-samples 1000000000 needs about"):
+        sample.sample_text(model, "hi", 5, num_samples=10**9, on_start=lambda: started.append(True))
+    assert started == []
+    sample.sample_text(model, "hi", 2, on_start=lambda: started.append(True))
+    assert started == [True]
+
+
 def test_static_cache_matches_the_sliced_cache(model):
     stats = GenerationStats()
     sliced = _run(model, [3, 1, 4, 1, 5], 50, temperature=0, num_samples=2)

@@ -1367,9 +1367,9 @@ def sample_text(
     """Continue `prompt` `num_samples` times (one batch) and return the texts.
 
     `on_text(sample_index, text)` receives each sample's text as soon as it is safe to show (see TextStream);
-    `on_start()` is called once the settings are checked, before any generation. A prompt longer than the model's
-    context is continued from its last `block_size` tokens, as the window slides during generation (nanoGPT crops
-    so too); the result says how many were dropped.
+    `on_start()` is called once the settings are checked and the first token is drawn, before any text. A prompt
+    longer than the model's context is continued from its last `block_size` tokens, as the window slides during
+    generation (nanoGPT crops so too); the result says how many were dropped.
     A sample ends at `<|endoftext|>` (unless `stop_at_eot` is False), at the first of the `stop` strings, or after
     `max_new_tokens`; the batch ends when every sample has.
     """
@@ -1382,8 +1382,6 @@ def sample_text(
     prompt_ids = encode_prompt(prompt)
     dropped = max(0, len(prompt_ids) - model.config.block_size)
     prompt_ids = prompt_ids[dropped:]
-    if on_start is not None:  # the prompt is valid: a caller may show it now
-        on_start()
     stats = GenerationStats()
     tokens = generate(
         model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -1393,6 +1391,8 @@ def sample_text(
     emit = on_text or (lambda index, text: None)
     try:
         first = next(tokens)  # the settings are checked and memory allocated before any per-sample state
+        if on_start is not None:  # generation is under way: a caller may show the prompt now
+            on_start()
         streams = [TextStream(stop) for _ in range(num_samples)]
         reasons = ["length"] * num_samples
         counts = [0] * num_samples
