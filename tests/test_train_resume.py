@@ -1,13 +1,16 @@
 """What a resume changes and keeps: AdamW settings, a cut evaluation, --init-from, a metrics.jsonl cut by a crash."""
 
 import json
+import os
 import shutil
 from dataclasses import replace
 
+import pytest
 import torch
 
 from conftest import tiny_config
 from tinygpt_cli import checkpoint as ckpt
+from tinygpt_cli.errors import CheckpointError
 from tinygpt_cli.report import read_metrics
 from tinygpt_cli.training import train
 
@@ -46,6 +49,45 @@ def test_a_resume_removes_what_saves_killed_mid_write_left(with_shakespeare):
     (folder / ".latest.tmp-4242").write_text("step_2\n")
     train(config, run_name="r", resume=True)
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_1", "step_2"]
+
+def test_a_re_save_of_a_step_always_leaves_one_whole_copy_of_it(with_shakespeare, monkeypatch):
+    """A re-save of the same step (a resume of a run stopped in its evaluation) deleted the old step folder before
+    renaming the new one in: a kill between the two left the run with no checkpoint at all (audit). The old one is
+    now set aside until the new one is in place."""
+    run = train(tiny_config(max_steps=1, eval_interval=1), run_name="r").run_dir
+    folder = run / "checkpoints"
+    seen = []
+    real = ckpt.workspace.replace
+
+    def replace_and_look(source, target):
+        if os.path.basename(target) == "step_1":
+            whole = [p for p in folder.iterdir() if p.name == "step_1" or p.name.startswith(".old-step_1-")]
+            seen.append([p.name.split("-")[0] for p in whole if (p / "state.json").is_file()])
+        real(source, target)
+
+    monkeypatch.setattr(ckpt.workspace, "replace", replace_and_look)
+    loaded = ckpt.load_checkpoint(folder / "step_1")
+    ckpt.save_checkpoint(run, 1, loaded.model, None, {"seen": "again"}, keep_last=1)
+    assert seen == [[".old"]]
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_1"]
+    assert json.loads((folder / "step_1" / "state.json").read_text())["seen"] == "again"
+
+
+def test_a_step_set_aside_by_a_killed_re_save_is_put_back(with_shakespeare, workspace):
+    """Killed between setting the old step aside and renaming the new one in: the run's next training puts the
+    set-aside copy back (it is whole) instead of finding no checkpoint; eval and generate say what to run."""
+    config = tiny_config(max_steps=2, eval_interval=1)
+    run = train(replace(config, train=replace(config.train, max_steps=1)), run_name="r").run_dir
+    folder = run / "checkpoints"
+    (folder / "step_1").rename(folder / ".old-step_1-4242")
+    (folder / ".tmp-step_1-4242").mkdir()  # the new copy, whole or not: not trusted
+    killed = r"step_1 was being saved again when its training was killed.*--resume --name r"
+    with pytest.raises(CheckpointError, match=killed):
+        ckpt.load_checkpoint(run)
+    resumed = train(config, run_name="r", resume=True)
+    assert resumed.steps == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_1", "step_2"]
+
 
 def test_the_loss_plot_reads_past_a_cut_line(tmp_path):
     path = tmp_path / "metrics.jsonl"

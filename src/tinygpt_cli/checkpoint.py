@@ -32,6 +32,7 @@ LATEST_FILE = "latest"
 FORMAT = "tinygpt"
 TIED_KEY = "lm_head.weight"  # shares storage with transformer.wte.weight; not stored twice
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_SET_ASIDE = re.compile(r"^\.old-(step_\d+)-\d+$")  # a step a re-save of it set aside: save_checkpoint
 
 
 def fsync_dir(path: Path) -> None:
@@ -104,16 +105,23 @@ def fsync_file(path: Path) -> None:
 
 def remove_leftovers(run_dir: Path) -> None:
     """Remove what saves killed mid-write (SIGKILL, a power cut) left in the run's checkpoints folder: the
-    temporary step folders and `latest` files of `save_checkpoint`, which a later run never reads. Only the
+    temporary step folders and `latest` files of `save_checkpoint`, which a later run never reads, and the copy of
+    a step that a re-save of it set aside: put back where the new copy never arrived, else removed. Only the
     process that holds the run (train's lock) calls this: no save of another is under way."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return
     for child in root.iterdir():
-        if child.name.startswith(".tmp-step_") and child.is_dir() and not child.is_symlink():
+        if child.is_symlink() or not child.is_dir():
+            if child.name.startswith(f".{LATEST_FILE}.tmp-"):
+                child.unlink(missing_ok=True)
+        elif child.name.startswith(".tmp-step_"):
             shutil.rmtree(child, ignore_errors=True)
-        elif child.name.startswith(f".{LATEST_FILE}.tmp-"):
-            child.unlink(missing_ok=True)
+        elif match := _SET_ASIDE.match(child.name):
+            if (root / match.group(1)).exists():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                workspace.replace(child, root / match.group(1))
 
 
 def save_checkpoint(
@@ -138,6 +146,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}-{os.getpid()}"
+    aside: Path | None = None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -158,13 +167,18 @@ def save_checkpoint(
             handle.flush()
             os.fsync(handle.fileno())
         fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+        if final.exists():  # a re-save of the same step (after a resume): the old copy stays whole until replaced
+            aside = root / f".old-{final.name}-{os.getpid()}"
+            workspace.replace(final, aside)
         workspace.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and not final.exists():
+            workspace.replace(aside, final)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     write_text_atomic(root / LATEST_FILE, final.name + "\n")
     prune_checkpoints(root, keep_last, protect=final)
     return final
@@ -321,6 +335,12 @@ def is_run_folder(path: Path) -> bool:
 def no_checkpoint_message(path: Path) -> str:
     """Why `path` has no checkpoint to use: a run that has not saved one yet, or a folder that is no run."""
     if is_run_folder(path):
+        aside = sorted(p.name for p in (path / "checkpoints").glob(".old-step_*") if _SET_ASIDE.match(p.name))
+        if aside:  # a re-save killed between setting the step aside and renaming its new copy in
+            step = _SET_ASIDE.match(aside[-1]).group(1)  # type: ignore[union-attr]
+            return (f"{path}: its checkpoint {step} was being saved again when its training was killed; "
+                    f"`tinygpt train --resume --name {path.name}` puts it back (or rename checkpoints/{aside[-1]} "
+                    f"to {step})")
         steps = step_folders(path)
         if steps:  # saved once, then a file went missing: not a run to train from scratch
             newest = steps[-1]
