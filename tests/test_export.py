@@ -791,3 +791,21 @@ def test_an_export_still_filling_a_folder_is_left_alone(hf_source, workspace, tm
     (out / export.FILLING).write_text("999999999\nconfig.json\nmodel.safetensors\n")  # no such process
     assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
     assert not (out / export.FILLING).exists() and (out / "tokenizer.json").is_file()
+
+
+def test_an_export_finished_by_another_meanwhile_is_not_replaced_without_force(hf_source, workspace, tmp_path,
+                                                                               monkeypatch):
+    """Two exports to one --out, started together, both said "Wrote": the one to finish second swapped its folder
+    over the other's, without --force (audit). It now checks --out again before it swaps."""
+    out = tmp_path / "out"
+    real = export.write_hf
+
+    def write_while_another_finishes(model, folder, dtype):
+        real(model, folder, dtype)
+        out.mkdir()
+        (out / "config.json").write_text('{"other": true}')
+
+    monkeypatch.setattr(export, "write_hf", write_while_another_finishes)
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists: pass --force")
+    assert (out / "config.json").read_text() == '{"other": true}'
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # its temp folder is gone

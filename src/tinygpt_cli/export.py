@@ -541,6 +541,7 @@ def export_model(
         if not single_file and target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
             _fill(target, tmp)  # an empty folder (made by hand, a mount point, the current one) is kept
         elif target.exists() or target.is_symlink():  # force: swap the new one in, then drop the old one
+            _check_out(target, force, loaded.path)  # again: another export may have written it since the first look
             old = parent / f".{target.name}.old-{os.getpid()}"
             _remove(old)
             workspace.replace(target, old)
