@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_config
 from tinygpt_cli import checkpoint as ckpt
-from tinygpt_cli.errors import CheckpointError
+from tinygpt_cli.errors import CheckpointError, TrainingError
 from tinygpt_cli.report import read_metrics
 from tinygpt_cli.training import train
 
@@ -87,6 +87,33 @@ def test_a_step_set_aside_by_a_killed_re_save_is_put_back(with_shakespeare, work
     resumed = train(config, run_name="r", resume=True)
     assert resumed.steps == 2
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_1", "step_2"]
+
+
+def test_runs_started_together_without_a_name_get_names_of_their_own(with_shakespeare, workspace, monkeypatch):
+    """Two `tinygpt train` without --name started in the same second took the same default name: one was refused
+    as "training run X ... pick another --name", a name its user never chose (audit). A default name that is
+    taken, by a run that trains or one that is done, now gets -2, -3."""
+    from tinygpt_cli import training
+    from tinygpt_cli import workspace as ws
+
+    monkeypatch.setattr(training, "default_run_name", lambda cfg, dataset: "same-second")
+    config = tiny_config(max_steps=1, eval_interval=1)
+    (workspace / "runs").mkdir(parents=True, exist_ok=True)
+    with ws.exclusive(ws.lock_of(workspace / "runs" / "same-second"), "runs/same-second"):  # one trains now
+        assert train(config).run_dir.name == "same-second-2"
+    assert train(config).run_dir.name == "same-second"
+    assert train(config).run_dir.name == "same-second-3"  # -2 and the base are done runs now
+    with pytest.raises(TrainingError, match="run same-second-2 already exists"):  # a name given is that name
+        train(config, run_name="same-second-2")
+
+
+def test_a_resume_without_a_name_goes_on_with_the_latest_run(with_shakespeare):
+    """train(resume=True) took the latest run's config, as its docstring says, then looked for a checkpoint under a
+    new default name and said there was nothing to resume."""
+    config = tiny_config(max_steps=1, eval_interval=1)
+    first = train(config, run_name="latest")
+    resumed = train(replace(config, train=replace(config.train, max_steps=2)), resume=True)
+    assert resumed.run_dir == first.run_dir and resumed.steps == 2
 
 
 def test_the_loss_plot_reads_past_a_cut_line(tmp_path):

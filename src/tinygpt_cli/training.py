@@ -11,6 +11,7 @@ import base64
 import contextlib
 import datetime as _dt
 import errno
+import itertools
 import json
 import math
 import os
@@ -418,6 +419,10 @@ def default_run_name(cfg: RunConfig, dataset: Dataset) -> str:
     return workspace.safe_name(f"{cfg.size}-{dataset.name}-{stamp}")
 
 
+class _RunBusy(TrainingError):
+    """Another process holds the run's lock: it trains that run now."""
+
+
 class _Metrics:
     """Appends JSON lines to metrics.jsonl, flushed per line so a crash loses nothing logged."""
 
@@ -529,6 +534,8 @@ def train(
     `tinygpt train --resume --max-steps N` does. `stop` is set (`reason`) to end the run with a checkpoint.
     Under torchrun every rank calls this; only rank 0 reports events and writes files.
     """
+    if resume and run_name is None:  # the latest run
+        run_name = find_run(None).name
     if cfg is None and resume:  # the run's own config, as `tinygpt train --resume` takes it
         cfg = run_config_of(find_run(run_name))
     if cfg is None:
@@ -668,11 +675,16 @@ class _Trainer:
             self._check_data_fits(cfg.model.block_size)
             start = self._init_from(tc.init_from) if tc.init_from and not resume else None
         cfg = self.cfg  # with the weights' shape and size (init_from), before the default name takes the size
-        name = run_name or dist.all_gather_objects(default_run_name(cfg, self.dataset))[0]
+        name = run_name
+        if name is None:  # a new run (train() names the run a resume takes): rank 0 claims a free name, held
+            with dist.agreed():
+                claimed = self._claim_default_name(cfg) if info.is_main else None
+            name = dist.all_gather_objects(claimed)[0]
         self.run_dir = workspace.runs_dir() / name
         with dist.agreed():
             if info.is_main:
-                self._hold_run(resume)
+                if run_name is not None:
+                    self._hold_run(resume)
                 remove_leftovers(self.run_dir)  # of saves killed mid-write: they would count as space held
             checkpoint = latest_checkpoint(self.run_dir) if resume else None
             if resume and checkpoint is None:
@@ -755,7 +767,7 @@ class _Trainer:
         self.checkpoint = checkpoint
         return self._loop()
 
-    def _hold_run(self, resume: bool) -> None:
+    def _hold_run(self, resume: bool, stack: contextlib.ExitStack | None = None) -> None:
         """One training of a run at a time: a second (a job requeued while the first still runs, another
         terminal) would write the same checkpoints and metrics, and two new runs of one name would both start."""
         runs, name = self.run_dir.parent, self.run_dir.name
@@ -763,9 +775,28 @@ class _Trainer:
             runs.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrainingError(f"cannot write to {runs} ({exc.strerror}): choose a writable TINYGPT_HOME") from None
-        busy = TrainingError(f"another tinygpt process is training run {name}: wait for it to finish"
-                             + ("" if resume else ", or pick another --name"))
-        self.held.enter_context(workspace.exclusive(workspace.lock_of(self.run_dir), f"runs/{name}", busy))
+        busy = _RunBusy(f"another tinygpt process is training run {name}: wait for it to finish"
+                        + ("" if resume else ", or pick another --name"))
+        (stack or self.held).enter_context(workspace.exclusive(workspace.lock_of(self.run_dir), f"runs/{name}", busy))
+
+    def _claim_default_name(self, cfg: RunConfig) -> str:
+        """`default_run_name` for a new run, held (`_hold_run`). Where it is taken, by a run training now or one
+        whose folder is there (two started in one second, a loop of runs), the first free of -2, -3, ..."""
+        base = default_run_name(cfg, self.dataset)
+        for number in itertools.count(1):
+            self.run_dir = workspace.runs_dir() / (base if number == 1 else f"{base}-{number}")
+            if self.run_dir.exists():
+                continue
+            with contextlib.ExitStack() as attempt:
+                try:
+                    self._hold_run(False, attempt)
+                except _RunBusy:
+                    continue
+                if self.run_dir.exists():  # made by a run that held the name until a moment ago
+                    continue
+                self.held.enter_context(attempt.pop_all())
+                return self.run_dir.name
+        raise AssertionError("unreachable: itertools.count does not end")
 
     def _check_unused_folder(self) -> None:
         """A new run writes its files (`RUN_FILES`) into its folder, and removes the ones it wrote if it stops
