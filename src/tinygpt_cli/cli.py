@@ -514,7 +514,8 @@ def train(
     ] = None,
     name: Annotated[
         str | None,
-        typer.Option("--name", rich_help_panel=_P_RUN, help="Run name under runs/ (default: size-data-time)."),
+        typer.Option("--name", rich_help_panel=_P_RUN,
+                     help="Run name under runs/ (default: size-data-time, then -2, -3 where taken)."),
     ] = None,
     resume: Annotated[
         bool, typer.Option(rich_help_panel=_P_RUN, help="Continue --name (else the latest run) from its checkpoint.")
