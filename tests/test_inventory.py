@@ -181,6 +181,24 @@ def test_a_run_being_trained_says_so(with_shakespeare, workspace):
     assert "live reached its last step (2) but has no report.md" in after and "training now" not in after
 
 
+def test_a_report_of_evaluations_only_is_shown_with_what_the_run_is_doing(with_shakespeare, workspace):
+    """An eval during training makes report.md with its section alone: `runs show` printed that as the run's
+    report, with no word that it trains (or was killed), and `runs --json` said has_report (audit)."""
+    from tinygpt_cli import workspace as ws
+
+    train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="live")
+    report = workspace / "runs" / "live" / "report.md"
+    report.write_text("# Run live\n\n## Evaluation: loss on shakespeare/val · now\n\n| loss | 9.9 |\n")
+    with ws.exclusive(ws.lock_of(workspace / "runs" / "live"), "runs/live"):  # what a training of it holds
+        shown = invoke("runs", "show", "live")
+        assert shown.exit_code == 0 and "## Evaluation: loss on shakespeare/val" in shown.stdout
+        assert "note: live is training now: its report.md is written when it stops" in shown.stderr
+    shown = invoke("runs", "show", "live")
+    assert shown.exit_code == 0 and "## Evaluation: loss on shakespeare/val" in shown.stdout
+    assert "note: live reached its last step (2) but has no training report" in shown.stderr
+    assert json.loads(invoke("runs", "--json").stdout)[0]["has_report"] is False
+
+
 def test_a_lock_is_taken_even_while_another_process_looks_at_it(workspace, monkeypatch):
     """`held` locks the file for an instant to look: a training that starts in that instant waits for it rather
     than failing as if another training held the run."""

@@ -62,7 +62,7 @@ def run_summary(run_dir: Path) -> RunSummary:
         dataset=_str(_dict(state.get("data")).get("dataset")), steps=counts["step"],
         max_steps=max_steps if is_count(max_steps) else None, tokens=counts["tokens_seen"],
         best_val_loss=_number(state.get("best_val_loss")), val_loss=_number(state.get("val_loss")),
-        saved_at=_str(state.get("saved_at")), has_report=(run_dir / REPORT_FILE).is_file(),
+        saved_at=_str(state.get("saved_at")), has_report=has_training_report(run_dir),
         training=workspace.held(workspace.lock_of(run_dir)),
     )
 
@@ -106,13 +106,13 @@ def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
 
 def run_report(spec: str | None) -> tuple[Path, str, str | None]:
     """(path, text, note) of a run's report.md; `spec` is a run name or folder, None the latest run. The note
-    (else None) says where the report is of an earlier stop than the run's latest checkpoint."""
+    (else None) says where the report is of an earlier stop than the run's latest checkpoint, or where report.md
+    holds no report of training (an eval's sections alone): why not, and what to run."""
     from tinygpt_cli.checkpoint import (
         STATE_FILE,
         WEIGHTS_FILE,
         find_run,
         is_run_folder,
-        latest_checkpoint,
         latest_step,
         no_checkpoint_message,
         record_folder,
@@ -134,30 +134,54 @@ def run_report(spec: str | None) -> tuple[Path, str, str | None]:
         raise CheckpointError(no_checkpoint_message(run_dir))
     report = run_dir / REPORT_FILE
     training = workspace.held(workspace.lock_of(run_dir))
-    if not report.is_file() and training:
-        raise CheckpointError(f"{run_dir.name} is training now: its report.md is written when it stops "
-                              f"(`tinygpt runs` shows how far it is)")
     resume = f"`tinygpt train --resume --name {run_dir.name}`"
-    if not report.is_file():
-        if latest_checkpoint(run_dir) is None:  # stopped before its first checkpoint: nothing to resume
-            raise CheckpointError(no_checkpoint_message(run_dir))
-        summary = run_summary(run_dir)  # stopped (a kill, a crash) before the report was written
-        if summary.max_steps and summary.steps >= summary.max_steps:  # where resuming it would be refused
-            raise CheckpointError(
-                f"{run_dir.name} reached its last step ({summary.steps}) but has no {REPORT_FILE}: `tinygpt eval "
-                f"{run_dir.name}` measures it, and `tinygpt train --resume --name {run_dir.name} --max-steps N` "
-                f"with more steps writes a report")
-        of = f" of {summary.max_steps}" if summary.max_steps else ""
-        raise CheckpointError(f"{run_dir.name} stopped at step {summary.steps}{of} without writing its {REPORT_FILE} "
-                              f"(killed, or a crash): {resume} goes on and writes one")
-    text = report.read_text(encoding="utf-8", errors="replace")  # a damaged byte is no reason to fail
-    reported, latest = re.search(r"^Stopped: \S+ at step (\d+) ", text, re.M), latest_step(run_dir)
+    text = report.read_text(encoding="utf-8", errors="replace") if report.is_file() else None  # damaged bytes: shown
+    reported, latest = _reported_step(text), latest_step(run_dir)
+    if reported is None:  # no report of training: none yet, or what `tinygpt eval` appended alone, shown with why
+        why = _no_training_report(run_dir, training, resume, REPORT_FILE if text is None else
+                                  f"training report (its {REPORT_FILE} holds no more)")
+        if text is None:
+            raise CheckpointError(why)
+        return report, text, why
     note = None
-    if reported and latest is not None and int(reported.group(1)) < latest:  # a resume after it, cut short
-        note = (f"this report is of step {reported.group(1)}, and the run's latest checkpoint is step {latest}, "
+    if latest is not None and reported < latest:  # a resume after it, cut short
+        note = (f"this report is of step {reported}, and the run's latest checkpoint is step {latest}, "
                 + ("which is training now" if training else
                    f"saved since without a report (killed, or a crash): {resume} goes on and writes one"))
     return report, text, note
+
+
+def _reported_step(text: str | None) -> int | None:
+    """The step a report.md of training says the run stopped at; None for none (or one of evaluations only)."""
+    found = re.search(r"^Stopped: \S+ at step (\d+) ", text or "", re.M)
+    return int(found.group(1)) if found else None
+
+
+def has_training_report(run_dir: Path) -> bool:
+    """Whether the run's report.md is training's (an eval during training makes one of its sections alone)."""
+    try:
+        return _reported_step((run_dir / REPORT_FILE).read_text(encoding="utf-8", errors="replace")) is not None
+    except OSError:
+        return False
+
+
+def _no_training_report(run_dir: Path, training: bool, resume: str, lacking: str) -> str:
+    """Why a run has no report of its training (`lacking` names what it lacks), and what to run."""
+    from tinygpt_cli.checkpoint import latest_checkpoint, no_checkpoint_message
+
+    if training:
+        return (f"{run_dir.name} is training now: its {REPORT_FILE} is written when it stops (`tinygpt runs` shows "
+                f"how far it is)")
+    if latest_checkpoint(run_dir) is None:  # stopped before its first checkpoint: nothing to resume
+        return no_checkpoint_message(run_dir)
+    summary = run_summary(run_dir)  # stopped (a kill, a crash) before the report was written
+    if summary.max_steps and summary.steps >= summary.max_steps:  # where resuming it would be refused
+        return (f"{run_dir.name} reached its last step ({summary.steps}) but has no {lacking}: `tinygpt eval "
+                f"{run_dir.name}` measures it, and `tinygpt train --resume --name {run_dir.name} --max-steps N` "
+                f"with more steps writes a report")
+    of = f" of {summary.max_steps}" if summary.max_steps else ""
+    return (f"{run_dir.name} stopped at step {summary.steps}{of} without writing its {lacking} (killed, or a crash): "
+            f"{resume} goes on and writes one")
 
 
 @dataclass(frozen=True)
