@@ -255,6 +255,30 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
 
 
+def test_a_checkpoint_pruned_while_it_is_loaded_gives_way_to_the_new_latest(with_shakespeare, monkeypatch):
+    """With --keep-last 1, eval or generate of a run that trains could find step N, then meet it pruned: "has no
+    model.safetensors: the checkpoint is incomplete" (audit). The load looks up the run's latest again, once."""
+    import shutil
+
+    run = train(tiny_config(max_steps=2, eval_interval=1, keep_last=0), run_name="pruned").run_dir
+    (run / "checkpoints" / "latest").write_text("step_1\n")
+    real = ckpt.resolve_checkpoint
+
+    def found_then_pruned(spec):
+        found = real(spec)
+        if found.name == "step_1":  # the training saves step 2, points latest at it and prunes step 1
+            (run / "checkpoints" / "latest").write_text("step_2\n")
+            shutil.rmtree(found)
+        return found
+
+    monkeypatch.setattr(ckpt, "resolve_checkpoint", found_then_pruned)
+    loaded = ckpt.load_checkpoint("pruned")
+    assert loaded.path.name == "step_2" and loaded.state["step"] == 2
+    shutil.rmtree(run / "checkpoints" / "step_2")  # gone for good: the error, not a loop
+    with pytest.raises(CheckpointError):
+        ckpt.load_checkpoint(run / "checkpoints" / "step_2")
+
+
 def test_corrupted_and_foreign_checkpoints(with_shakespeare, workspace):
     result = train(tiny_config(max_steps=2), run_name="c")
     weights = result.run_dir / "checkpoints" / "step_2" / "model.safetensors"

@@ -385,14 +385,18 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
 
     from tinygpt_cli.model import GPT
 
-    checkpoint = resolve_checkpoint(str(spec) if spec is not None else None)
-    state = read_state(checkpoint)
+    spec = str(spec) if spec is not None else None
+    checkpoint = resolve_checkpoint(spec)
+    try:
+        state, metadata, tensors = _read_checkpoint(checkpoint)
+    except CheckpointError:
+        # a run's latest checkpoint, pruned by its training (--keep-last) between finding it and reading it
+        newer = resolve_checkpoint(spec)
+        if newer == checkpoint:
+            raise
+        checkpoint = newer
+        state, metadata, tensors = _read_checkpoint(checkpoint)
     weights = checkpoint / WEIGHTS_FILE
-    with _weights_of(checkpoint) as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise CheckpointError(f"{weights} is not a tinygpt model (no tinygpt format tag)")
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     model_config = _model_config(metadata, weights)
     model = GPT(model_config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
@@ -415,6 +419,17 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
         except ConfigError:
             run_config = None
     return LoadedCheckpoint(checkpoint, model, state, run_config)
+
+
+def _read_checkpoint(checkpoint: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, torch.Tensor]]:
+    """A checkpoint's state.json, its weights' metadata and its tensors."""
+    state = read_state(checkpoint)
+    with _weights_of(checkpoint) as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{checkpoint / WEIGHTS_FILE} is not a tinygpt model (no tinygpt format tag)")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    return state, metadata, tensors
 
 
 def _model_config(metadata: dict[str, str], weights: Path) -> ModelConfig:
