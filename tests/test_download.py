@@ -207,6 +207,26 @@ def test_interrupted_download_continues_where_it_stopped(workspace, fixture_sour
     assert _texts(resumed) == _texts(dl.download("fixture", max_docs=120, seed=2))
 
 
+def test_a_full_disk_mid_download_says_to_free_space(workspace, fixture_source, monkeypatch):
+    """A write that failed for a full disk was reported as the network stopping: "rerun to continue", which fails
+    again the same way (code review). The advice now follows the errno, and the rerun still continues."""
+    import errno
+
+    monkeypatch.setattr(dl, "PIECE_DOCUMENTS", 15)
+    original, calls = dl._write_part, []
+
+    def full_on_the_third(path, texts):
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, texts)
+
+    monkeypatch.setattr(dl, "_write_part", full_on_the_third)
+    result = runner.invoke(app, ["download", "fixture", "--max-docs", "120", "--seed", "2"])
+    _one_line_error(result, "No space left on device")
+    assert "free some space" in result.stderr and "tinygpt download fixture` to continue" in result.stderr
+
+
 def test_finished_download_is_not_fetched_again(workspace, fixture_source, monkeypatch):
     first = dl.download("fixture", fraction=0.5)
     monkeypatch.setattr(dl, "_open_stream", lambda entry: pytest.fail("fetched again"))

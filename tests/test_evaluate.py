@@ -239,6 +239,24 @@ def test_eval_into_a_read_only_run_folder_stops_before_scoring(with_shakespeare,
     assert len((run_dir / "eval.jsonl").read_text().splitlines()) == 1
 
 
+def test_eval_that_meets_a_full_disk_says_to_free_space(with_shakespeare, workspace, monkeypatch):
+    """A full disk while recording said "make the run folder writable" (code review)."""
+    import errno
+
+    from tinygpt_cli import evaluation
+
+    make_run(workspace)
+
+    def full(path, text, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluation, "_append", full)
+    result = evaluate("--tokens", "64")
+    assert_one_line_error(result, "cannot record the result in")
+    assert "No space left on device" in result.stderr and "free some space" in result.stderr
+    assert "writable" not in result.stderr
+
+
 def test_eval_of_a_run_whose_dataset_is_gone_or_damaged(with_shakespeare, workspace):
     """It used to score the newest other dataset and record that as the run's result (audit)."""
     make_run(workspace, dataset="shakespeare")

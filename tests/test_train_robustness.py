@@ -179,6 +179,23 @@ def test_unwritable_runs_folder_fails_before_training(with_shakespeare, workspac
         train(tiny_config(max_steps=2), run_name="x")
 
 
+def test_a_full_disk_before_training_says_to_free_space(with_shakespeare, workspace, monkeypatch):
+    """The write probe before any step said "make it writable" for a full disk too (code review)."""
+    from pathlib import Path
+
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name.startswith(".write-test-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(TrainingError, match=r"\(No space left on device\): free some space") as caught:
+        train(tiny_config(max_steps=2), run_name="x")
+    assert "writable" not in str(caught.value)
+
+
 def test_time_and_token_limits_stop_with_a_checkpoint(with_shakespeare):
     result = train(tiny_config(max_steps=1000, eval_interval=1000, max_tokens=3 * 4 * 32), run_name="tokens")
     assert result.stopped == "token_limit" and result.steps == 3

@@ -21,7 +21,16 @@ from typer import core as _typer_core
 from typer.core import TyperCommand, TyperGroup
 
 from tinygpt_cli import __version__
-from tinygpt_cli.errors import TinyGPTError, allocation_failed
+from tinygpt_cli.errors import (
+    BAD_PATH,
+    DENIED,
+    FULL,
+    PATH_ADVICE,
+    READ_ONLY,
+    TinyGPTError,
+    allocation_failed,
+    os_problem,
+)
 from tinygpt_cli.workspace import counted, format_bytes
 
 _QUIET = False  # set by `tinygpt --quiet`: no progress or status lines (errors and results still show)
@@ -85,7 +94,7 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
             raise typer.Exit(1) from None
         except (MemoryError, RuntimeError) as exc:  # an allocation the machine refused that no estimate foresaw
             if isinstance(exc, RuntimeError) and str(exc).startswith(_LINK_LOOP):
-                print_error(TinyGPTError(f"{exc}: {_OS_ADVICE[errno.ELOOP]}"))
+                print_error(TinyGPTError(f"{exc}: {PATH_ADVICE[errno.ELOOP]}"))
                 raise typer.Exit(1) from None
             if not allocation_failed(exc):
                 raise
@@ -98,7 +107,7 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
             print_error(TinyGPTError(f"out of memory: an allocation did not fit in this machine's memory: {advice}"))
             raise typer.Exit(1) from None
         except OSError as exc:  # a full disk or a read-only folder that no check above foresaw: still one line
-            advice = _OS_ADVICE.get(exc.errno or 0)
+            advice = _os_advice(exc)
             if advice is None:
                 raise
             if os.environ.get("TINYGPT_DEBUG"):
@@ -120,17 +129,13 @@ _MEMORY_ADVICE = {
 _NOT_ALLOWED = ("check the permissions of that file or folder; to write elsewhere, point TINYGPT_HOME (or --out) at "
                 "a folder you can write")
 _FULL = "free some space, or point TINYGPT_HOME (or --out) at a larger disk"
-_OS_ADVICE = {
-    errno.ENOSPC: _FULL,
-    errno.EDQUOT: _FULL,
-    errno.EROFS: "point TINYGPT_HOME (or --out) at a writable folder",
-    errno.EACCES: _NOT_ALLOWED,
-    errno.EPERM: _NOT_ALLOWED,
-    # a path the file system refuses before any check could look at it
-    errno.ENAMETOOLONG: "use a shorter name or path",
-    errno.ELOOP: "a link in that path points back at itself: fix or remove the link",
-    errno.ENOTDIR: "a part of that path is a file, not a folder: check the path",
-}
+_OS_ADVICE = {FULL: _FULL, READ_ONLY: "point TINYGPT_HOME (or --out) at a writable folder", DENIED: _NOT_ALLOWED}
+
+
+def _os_advice(exc: OSError) -> str | None:
+    """What to do about an OSError no command foresaw, by its errno; None for one this does not know."""
+    problem = os_problem(exc)
+    return PATH_ADVICE[exc.errno] if problem == BAD_PATH else _OS_ADVICE.get(problem or "")
 _LINK_LOOP = "Symlink loop"  # how Path.resolve says ELOOP before Python 3.13 (a RuntimeError)
 
 

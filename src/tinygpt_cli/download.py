@@ -39,7 +39,7 @@ from typing import Any
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.checkpoint import fsync_file
 from tinygpt_cli.data import check_seed, keyed_hash, write_json_atomic
-from tinygpt_cli.errors import DataError, first_line
+from tinygpt_cli.errors import FULL, DataError, first_line, os_problem
 from tinygpt_cli.sources import (
     DOWNLOAD_RECORD,
     EMBEDDED_NAME,
@@ -508,8 +508,9 @@ def _fetch(entry: NamedSource, folder: Path, record: dict[str, Any] | None, iden
                 position["shards_done"], position["shard_rows"] = k + 1, 0
     except (DataError, KeyboardInterrupt):
         raise
-    except Exception as exc:  # the network went away mid-stream: what is written stays, the rerun continues
-        raise DataError(f"the download of {entry.name} stopped ({first_line(exc)}): rerun `tinygpt download "
+    except Exception as exc:  # the network went away mid-stream, or the disk filled: what is written stays
+        first = "free some space (or set TINYGPT_HOME to a larger disk), then " if os_problem(exc) == FULL else ""
+        raise DataError(f"the download of {entry.name} stopped ({first_line(exc)}): {first}rerun `tinygpt download "
                         f"{entry.name}` to continue from document {record['progress']['documents']:,}") from exc
     flush()
     record.update(complete=True, exhausted=not stopped, completed=_now())

@@ -5,6 +5,8 @@ Every message says what is wrong *and* what to do about it.
 
 from __future__ import annotations
 
+import errno
+
 
 class TinyGPTError(Exception):
     """Base class of every error tinygpt reports to a user."""
@@ -72,3 +74,24 @@ def allocation_failed(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(words in text for words in _REFUSED_ALLOCATION)
+
+
+# What an OSError's errno says is wrong, for advice each command words for where it met it.
+FULL, READ_ONLY, DENIED, BAD_PATH = "full", "read-only", "denied", "path"
+_OS_PROBLEMS = {
+    errno.ENOSPC: FULL, errno.EDQUOT: FULL,  # a full disk, a user's quota spent
+    errno.EROFS: READ_ONLY,
+    errno.EACCES: DENIED, errno.EPERM: DENIED,
+    errno.ENAMETOOLONG: BAD_PATH, errno.ELOOP: BAD_PATH, errno.ENOTDIR: BAD_PATH,  # refused before any check looks
+}
+PATH_ADVICE = {
+    errno.ENAMETOOLONG: "use a shorter name or path",
+    errno.ELOOP: "a link in that path points back at itself: fix or remove the link",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: check the path",
+}
+
+
+def os_problem(exc: BaseException) -> str | None:
+    """FULL, READ_ONLY, DENIED or BAD_PATH for an OSError whose errno says so (else None: another error, or an
+    errno not known here)."""
+    return _OS_PROBLEMS.get(exc.errno or 0) if isinstance(exc, OSError) else None

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import LoadedCheckpoint, record_folder
 from tinygpt_cli.data import Dataset, find_dataset, token_window
-from tinygpt_cli.errors import DataError, TinyGPTError
+from tinygpt_cli.errors import FULL, DataError, TinyGPTError, os_problem
 from tinygpt_cli.launch import Stopped, stops_held
 from tinygpt_cli.model import GPT
 from tinygpt_cli.report import report_lock
@@ -644,7 +644,8 @@ def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Pa
             _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
             _append(folder / "report.md", _report_section(result, when), title=f"# Run {folder.name}\n")
     except OSError as exc:
-        raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {_UNRECORDABLE}") from None
+        advice = "free some space, or pass --no-record" if os_problem(exc) == FULL else _UNRECORDABLE
+        raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {advice}") from None
     if stops:  # then the stop (a caller's loop of evaluations ends there), saying where the result went
         stopped = Stopped(stops[0])
         stopped.recorded_in = folder  # type: ignore[attr-defined]

@@ -19,7 +19,6 @@ The tokenizer files (vocab, merges) are derived from the bundled BPE ranks, so n
 from __future__ import annotations
 
 import copy
-import errno
 import functools
 import json
 import logging
@@ -50,7 +49,7 @@ from tinygpt_cli.checkpoint import (
     save_safetensors,
 )
 from tinygpt_cli.config import ModelConfig
-from tinygpt_cli.errors import TinyGPTError, described
+from tinygpt_cli.errors import FULL, TinyGPTError, described, os_problem
 from tinygpt_cli.model import GPT
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
 
@@ -571,7 +570,7 @@ def export_model(
         if isinstance(exc, (OSError, SafetensorError)):
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
             # numpy's tofile (the gguf writer) reports a full disk as "N requested and M written", with no errno
-            full = not isinstance(exc, OSError) or exc.errno in (errno.ENOSPC, errno.EDQUOT, None)
+            full = not isinstance(exc, OSError) or exc.errno is None or os_problem(exc) == FULL
             advice = "free some space, or choose another --out" if full else "choose another --out"
             raise ExportError(f"cannot write {target} ({reason}): {advice}") from None
         raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as _dt
-import errno
 import itertools
 import json
 import math
@@ -55,7 +54,7 @@ from tinygpt_cli.config import (
     trains_compiled,
 )
 from tinygpt_cli.data import Dataset, find_dataset, remake_command, token_window, tokenize
-from tinygpt_cli.errors import DataError, TinyGPTError, TrainingError, first_line
+from tinygpt_cli.errors import DENIED, FULL, READ_ONLY, DataError, TinyGPTError, TrainingError, first_line, os_problem
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import (
@@ -466,15 +465,17 @@ def _check_writable(run_dir: Path) -> None:
                 probe.write_bytes(b"ok")
                 probe.unlink()
     except OSError as exc:
-        raise TrainingError(f"cannot write to {folder} ({exc.strerror}): make it writable, or choose a writable "
-                            f"TINYGPT_HOME") from None
+        advice = ("free some space, or choose a TINYGPT_HOME on a larger disk" if os_problem(exc) == FULL else
+                  "make it writable, or choose a writable TINYGPT_HOME")
+        raise TrainingError(f"cannot write to {folder} ({exc.strerror}): {advice}") from None
 
 
 def _unsaved_advice(exc: OSError, run_dir: Path) -> str:
     """What to do about a checkpoint that could not be written, by what stopped it."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    problem = os_problem(exc)
+    if problem == FULL:
         return "free disk space, then resume with --resume"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if problem in (DENIED, READ_ONLY):
         return f"make {run_dir} and its checkpoints/ writable, then resume with --resume"
     return "fix that, then resume with --resume"
 
