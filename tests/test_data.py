@@ -958,3 +958,17 @@ def test_the_dataset_a_killed_publish_set_aside_comes_back(workspace):
         data.tokenize(str(other), name="rows")
     assert (first.path / "train.bin").read_bytes() == before
     assert not (workspace / "data" / ".rows.old-12345").exists()
+
+
+def test_a_bare_name_means_the_workspace_dataset_before_a_folder_here(with_shakespeare, workspace):
+    """A folder of the same name in the current directory was taken first (a half-copied dataset, a user's own
+    "shakespeare/"), where runs take a bare name as the workspace's (code review); ./NAME still names the folder."""
+    here = workspace.parent / "shakespeare"  # the workspace fixture works in the folder above its home
+    here.mkdir()
+    (here / "meta.json").write_text("{}")
+    assert data.find_dataset("shakespeare").path == workspace / "data" / "shakespeare"
+    with pytest.raises(DataError):
+        data.find_dataset("./shakespeare")
+    shutil.rmtree(workspace / "data" / "shakespeare")
+    with pytest.raises(DataError):  # no dataset of that name: the folder here, as a path, is what is meant
+        data.find_dataset("shakespeare")

@@ -276,12 +276,6 @@ def _trained_at(run: Path) -> float:
     return 0.0
 
 
-def is_bare_name(spec: str) -> bool:
-    """Whether `spec` is a bare name, which means a run's before a folder that happens to sit in the current
-    directory; `.`, `./m1` and any other path are paths."""
-    return spec not in (".", "..") and not any(sep and sep in spec for sep in (os.sep, os.altsep))
-
-
 def find_run(spec: str | None) -> Path:
     """A run folder by name or path; None -> the latest run. Raises if there is none."""
     if not spec:
@@ -295,7 +289,7 @@ def find_run(spec: str | None) -> Path:
             )
         return runs[0]
     path = Path(spec).expanduser()
-    for candidate in (workspace.runs_dir() / spec, path) if is_bare_name(spec) else (path,):
+    for candidate in (workspace.runs_dir() / spec, path) if workspace.is_bare_name(spec) else (path,):
         if candidate.is_dir():
             return candidate
     raise CheckpointError(f"no run or checkpoint at {spec}: list them with `tinygpt runs`")

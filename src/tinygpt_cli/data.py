@@ -1063,15 +1063,19 @@ def list_datasets(problems: list[str] | None = None, check_files: bool = False) 
 
 
 def find_dataset(spec: str | None) -> Dataset | None:
-    """A dataset by name or folder path; `None`/"" -> the newest one, or None if there is none."""
+    """A dataset by name (the workspace's, before a folder of that name here) or folder path; `None`/"" -> the newest
+    one, or None if there is none."""
     if not spec:
         datasets = list_datasets()
         return datasets[0] if datasets else None
     candidate = Path(spec).expanduser()
+    named = workspace.data_dir() / spec
+    in_workspace = named.is_dir() and spec != RAW_DIR_NAME
+    if in_workspace and workspace.is_bare_name(spec):  # as runs: the workspace's before a folder here of that name
+        return load_dataset(named)
     if (candidate / "meta.json").is_file():
         return load_dataset(candidate)
-    named = workspace.data_dir() / spec
-    if named.is_dir() and spec != RAW_DIR_NAME:
+    if in_workspace:
         return load_dataset(named)
     if workspace.name_problem(spec, "data/", spec) is None and _old_copies(_where_published(named)):
         raise DataError(f"data/{spec} was being replaced when a tokenize was killed: run that `tinygpt tokenize "

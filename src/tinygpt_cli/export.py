@@ -43,7 +43,6 @@ from tinygpt_cli.checkpoint import (
     checkpoint_model_config,
     fsync_dir,
     fsync_file,
-    is_bare_name,
     latest_checkpoint,
     load_checkpoint,
     save_safetensors,
@@ -856,7 +855,7 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
     path = Path(spec).expanduser()
     # a bare name is a run's before it is a folder in the current directory (as for `checkpoint.find_run`): an
     # export written there with `--out NAME` must not stand in for the run it came from
-    if is_bare_name(str(spec)) and (workspace.runs_dir() / str(spec)).is_dir():
+    if workspace.is_bare_name(str(spec)) and (workspace.runs_dir() / str(spec)).is_dir():
         return "tinygpt", str(spec)
     if path.is_dir():
         return ("hf", path) if _is_hf_folder(path) else ("tinygpt", path)

@@ -34,6 +34,12 @@ def runs_dir() -> Path:
     return root() / "runs"
 
 
+def is_bare_name(spec: str) -> bool:
+    """Whether `spec` is a bare name, which means a run's or a dataset's in the workspace before a folder that
+    happens to sit in the current directory; `.`, `./m1` and any other path are paths."""
+    return spec not in (".", "..") and not any(sep and sep in spec for sep in (os.sep, os.altsep))
+
+
 def lock_of(folder: Path) -> Path:
     """The lock a command writing `folder` holds (`exclusive`): `.<name>.lock` beside it, e.g. `runs/.<name>.lock`
     while a run trains, `data/.<name>.lock` while a dataset is tokenized."""
