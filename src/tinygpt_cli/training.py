@@ -595,6 +595,8 @@ def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callabl
         raise lost from None
     finally:
         if trainer is not None:
+            if trainer.metrics is not None:  # closed before the files are removed (Windows removes no open file)
+                trainer.metrics.close()
             trainer.drop_if_unstarted()
             trainer.held.close()
             # the trainer (its DDP wrapper holds the process group) goes before the group is destroyed: gloo's
@@ -637,6 +639,7 @@ class _Trainer:
         self.batch_size = self.tc.batch_size
         self.run_dir: Path | None = None  # known once `run` has named the run
         self.new_run = False  # a run this call starts: its folder goes again if it ends with no checkpoint
+        self.metrics: _Metrics | None = None
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
         self.fsdp = self.tc.fsdp and info.enabled
         self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
@@ -1211,6 +1214,7 @@ class _Trainer:
         val_pending = self.checkpoint is not None and bool(state.get("val_pending"))
         metrics = _Metrics(self.run_dir / "metrics.jsonl", start_step if self.checkpoint else None, info.is_main,
                            drop_eval=val_pending)
+        self.metrics = metrics  # closed by train() whatever ends the loop
         self.wrote_files = True  # config.yaml and metrics.jsonl written over: this run's own now, to drop with it
         tokens_per_step = self.batch_size * self.grad_accum * self.block * info.world_size
         flops_token = flops_per_token(self.model)
@@ -1354,16 +1358,11 @@ class _Trainer:
                         self._eval_and_save(step, metrics)
                         # eval and save time is not training throughput: the window's steps before it still count
                         window_began += time.perf_counter() - paused
-            except KeyboardInterrupt:
-                metrics.close()
-                raise
             except DataError as exc:  # a window past the vocabulary (`windows_at`): the steps done are kept below
                 if info.enabled:  # a save is collective, and the other ranks go on into the step's all-reduce
-                    metrics.close()
                     raise
                 failure = exc
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError on torch >= 2.5, any device
-                metrics.close()
                 raise self._out_of_memory(step == start_step) from None
             if window_steps:  # stopped between log steps: the train loss of the steps since the last one
                 self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run, window_steps)[0] \
@@ -1372,7 +1371,6 @@ class _Trainer:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
             if not stopped and self.eval_cut:  # a signal during the last evaluation, which it cut short
                 stopped = self.stop.reason or "interrupted"
-        metrics.close()
         if failure is not None:  # the same window comes at the same step of a resume: the data must change first
             saved = f"; the {step} steps trained are saved: once it is tokenized again, go on from them with " \
                 f"`tinygpt train --init-from {self.run_dir.name}`" if step > 0 else ""
