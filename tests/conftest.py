@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # assigned: a shell that exported 0 must not send the tests online
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.pop("HF_ENDPOINT", None)
 # Hugging Face's caches of their own, empty: a copy of a dataset the user has cached (HellaSwag) must not reach
 # the tests, and the tests' loads of local fixtures must not fill the user's cache.
 _HF_HOME = tempfile.mkdtemp(prefix="tinygpt-tests-hf-")

@@ -109,13 +109,14 @@ def _reference_hellaswag(model, examples):
         totals, means = [], []
         for ending in example.endings:
             context, tail = encoding.encode_ordinary(example.context), encoding.encode_ordinary(" " + ending)
-            sequence = torch.tensor(context + tail)[None]
+            sequence = torch.tensor(context + tail)[None, -(model.config.block_size + 1):]  # cut from the left
+            scored = min(len(tail), sequence.shape[1] - 1)
             with torch.no_grad():
                 logits, _ = model(sequence[:, :-1])
             log_probs = torch.log_softmax(logits[0], dim=-1).gather(1, sequence[0, 1:, None]).squeeze(1)
-            nats = -log_probs[-len(tail):].sum().item()
+            nats = -log_probs[-scored:].sum().item()
             totals.append(nats)
-            means.append(nats / len(tail))
+            means.append(nats / scored)
         correct += int(np.argmin(totals) == example.label)
         correct_norm += int(np.argmin(means) == example.label)
     return correct / len(examples), correct_norm / len(examples)
@@ -127,9 +128,14 @@ def test_hellaswag_scoring_matches_a_reference(model):
     examples = [_example_from_row(row, "test") for row in HELLASWAG_ROWS] * 3
     examples += [Example("Some words", ("one", "two two", "three three three"), label) for label in range(3)]
     assert score_examples(model, examples, batch_size=3) == pytest.approx(_reference_hellaswag(model, examples))
-    long = Example("word " * 40, ("a much longer ending " * 5, "short"), 1)  # cut from the left to fit
-    accuracy, accuracy_norm = score_examples(model, [long])
-    assert accuracy in (0.0, 1.0) and accuracy_norm in (0.0, 1.0)
+    # longer than the context (32): cut from the left, so that the endings are what is scored (a test that took any
+    # accuracy let a cut from the right pass, which scores the context alike for every ending)
+    words = get_encoding().decode(list(range(1000, 1400))).split()
+    long = [Example(" ".join(words[i * 9 : i * 9 + 40]), tuple(" ".join(words[i * 7 + j * 3 : i * 7 + j * 3 + 2 + j])
+                                                              for j in range(4)), i % 4) for i in range(12)]
+    reference = _reference_hellaswag(model, long)
+    assert score_examples(model, long, batch_size=5) == pytest.approx(reference)
+    assert reference != (0.25, 0.25)  # where every ending scored alike, the first (label 0) would be chosen
 
 
 # ------------------------------------------------------------------------------------------------ the command

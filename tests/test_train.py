@@ -374,8 +374,23 @@ def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch
     from tinygpt_cli.errors import TinyGPTError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TinyGPTError, match="gpt2"):
+    with pytest.raises(TinyGPTError, match=r"cannot download gpt2 \(openai-community/gpt2\).*connect to the internet"):
         train(tiny_config(max_steps=2, init_from="gpt2"), run_name="g")
+
+
+def test_tf32_is_on_while_training_and_the_callers_after(monkeypatch):
+    """Switched on for CUDA runs only, so no CPU test saw the switches put back (test audit): the context itself
+    works without a GPU, after a return and after an error."""
+    from tinygpt_cli import training as train_module
+
+    for matmul, cudnn in ((False, False), (False, True)):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        with train_module._tf32_while_training():
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (matmul, cudnn)
+        with pytest.raises(ValueError), train_module._tf32_while_training():
+            raise ValueError("a failed run")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (matmul, cudnn)
 
 
 def test_compiled_training_probes_the_real_step_and_keeps_the_curve(with_shakespeare, monkeypatch):
