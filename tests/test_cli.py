@@ -121,6 +121,41 @@ def test_train_summary_before_the_first_log_and_after_a_token_budget(with_shakes
     assert_one_line_error(invoke("train", "--resume", "--name", "b"), "pass a larger --max-tokens")
 
 
+def test_train_flags_reach_the_run_and_a_time_limit_says_how_to_go_on(with_shakespeare, workspace):
+    """--max-minutes, --keep-last and --grad-accum were never given on a command line in a test (test audit): a
+    typo in the flags' keys would have passed."""
+    import yaml
+
+    result = train_tiny("--name", "t", "--max-minutes", "0.0001", "--keep-last", "1", "--grad-accum", "2",
+                        "--set", "train.eval_interval=1", steps=100000)
+    assert result.exit_code == 0, result.output
+    assert "Reached --max-minutes; checkpoint saved. Continue with: tinygpt train --resume --name t" in result.stdout
+    run = workspace / "runs" / "t"
+    train_config = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (train_config["max_minutes"], train_config["keep_last"], train_config["grad_accum"]) == (0.0001, 1, 2)
+    assert len(ckpt.list_checkpoints(run)) == 1
+
+
+def test_resume_refusals_change_nothing(with_shakespeare, workspace, tmp_path):
+    """Refusals no test reached (test audit): a --config on a resume, a checkpoint without its optimizer state
+    (which said it "cannot be resumed exactly" and not what to do), and eval given both RUN and --model."""
+    assert train_tiny("--name", "r", steps=2).exit_code == 0
+    run = workspace / "runs" / "r"
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  lr: 0.001\n")
+    assert_one_line_error(invoke("train", "--resume", "--name", "r", "--config", str(config), "--max-steps", "4"),
+                          "--config cannot change a resumed run: use --set for training keys")
+    (run / "checkpoints" / "step_2" / "optimizer.pt").unlink()
+    assert_one_line_error(invoke("train", "--resume", "--name", "r", "--max-steps", "4"),
+                          "has no optimizer.pt: it cannot be resumed exactly; start a new run from its weights "
+                          "with `tinygpt train --init-from r --name NEW`")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    advised = train_tiny("--init-from", "r", "--name", "new", steps=1)
+    assert advised.exit_code == 0, advised.output
+    assert_one_line_error(invoke("eval", "r", "--model", "gpt2"), "give either RUN or --model, not both")
+
+
 def test_interrupted_training_exits_130(with_shakespeare, monkeypatch):
     from tinygpt_cli import training as train_module
 

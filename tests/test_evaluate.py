@@ -263,6 +263,23 @@ def test_eval_that_meets_a_full_disk_says_to_free_space(with_shakespeare, worksp
     assert "writable" not in result.stderr
 
 
+def test_eval_stopped_while_scoring_exits_130_and_records_nothing(with_shakespeare, workspace, monkeypatch):
+    """Ctrl-C (or SIGTERM) during the scoring: nothing half-recorded, and the exit says so (test audit: never run)."""
+    from tinygpt_cli import evaluation
+
+    make_run(workspace)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "score_tokens", interrupted)
+    result = evaluate("--tokens", "64")
+    assert result.exit_code == 130 and "Interrupted: nothing was recorded." in result.stderr
+    assert "Traceback" not in result.output
+    assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()
+    assert not (workspace / "runs" / "tiny" / "report.md").exists()
+
+
 def test_eval_of_a_run_whose_dataset_is_gone_or_damaged(with_shakespeare, workspace):
     """It used to score the newest other dataset and record that as the run's result (audit)."""
     make_run(workspace, dataset="shakespeare")

@@ -502,6 +502,9 @@ def load_optimizer_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{checkpoint} has no {OPTIMIZER_FILE}: it cannot be resumed exactly") from None
+        run = record_folder(checkpoint)  # where the checkpoint is a run's, --init-from takes the run's name
+        source = run.name if run.parent == workspace.runs_dir() else str(checkpoint)
+        raise CheckpointError(f"{checkpoint} has no {OPTIMIZER_FILE}: it cannot be resumed exactly; start a new run "
+                              f"from its weights with `tinygpt train --init-from {source} --name NEW`") from None
     except Exception as exc:  # torch raises many kinds for a damaged zip
         raise DamagedCheckpoint(f"{path} is corrupted ({type(exc).__name__})", checkpoint) from None
