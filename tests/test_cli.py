@@ -556,3 +556,11 @@ def test_quiet_keeps_results_and_errors_only(with_shakespeare):
     assert result.stderr.strip() == "" and "Run " in result.stdout
     assert_one_line_error(invoke("-q", "generate", "x", "--run", "missing"), "no run, checkpoint")
     assert invoke("train", *TINY_SETTINGS, "--max-steps", "2", "--name", "loud").stderr.strip() != ""
+
+
+def test_tinygpt_debug_adds_the_traceback_to_the_one_line_error(workspace):
+    plain = invoke("generate", "hi", "--run", "nowhere")
+    assert plain.exit_code == 1 and "Traceback" not in plain.stderr
+    debug = runner.invoke(app, ["generate", "hi", "--run", "nowhere"], env={"COLUMNS": "160", "TINYGPT_DEBUG": "1"})
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr and debug.stderr.rstrip().endswith(
+        plain.stderr.rstrip().splitlines()[-1])

@@ -249,7 +249,7 @@ def test_weight_decay_only_on_matrices():
     from tinygpt_cli.model import GPT
 
     cfg = tiny_config()
-    optimizer = make_optimizer(GPT(cfg.model), cfg.train, torch.device("cpu"))
+    optimizer = make_optimizer(GPT(cfg.model), cfg.train)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == cfg.train.weight_decay and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])

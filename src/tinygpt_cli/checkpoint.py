@@ -261,11 +261,6 @@ def scan_runs(problems: list[str] | None = None) -> tuple[list[Path], list[tuple
     return [run for _, run in sorted(complete, reverse=True)], sorted(incomplete, reverse=True)
 
 
-def list_runs(problems: list[str] | None = None) -> list[Path]:
-    """Run folders that hold at least one checkpoint, most recently written first (see `scan_runs`)."""
-    return scan_runs(problems)[0]
-
-
 def _trained_at(run: Path) -> float:
     """When a run last trained: its metrics.jsonl's time, else its latest checkpoint's (0 where it is gone)."""
     with contextlib.suppress(OSError):

@@ -86,10 +86,7 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
                                      "that the shell leaves it to tinygpt (tinygpt tokenize 'shards/*.jsonl')"))
             raise typer.Exit(2) from None
         except TinyGPTError as exc:
-            if os.environ.get("TINYGPT_DEBUG"):
-                import traceback
-
-                traceback.print_exc()
+            _debug_traceback()
             print_error(exc)
             raise typer.Exit(1) from None
         except (MemoryError, RuntimeError) as exc:  # an allocation the machine refused that no estimate foresaw
@@ -98,10 +95,7 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
                 raise typer.Exit(1) from None
             if not allocation_failed(exc):
                 raise
-            if os.environ.get("TINYGPT_DEBUG"):
-                import traceback
-
-                traceback.print_exc()
+            _debug_traceback()
             advice = _MEMORY_ADVICE.get(ctx.invoked_subcommand or "", "close what else uses the memory, or give "
                                                                         "the command less at once")
             print_error(TinyGPTError(f"out of memory: an allocation did not fit in this machine's memory: {advice}"))
@@ -110,13 +104,18 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
             advice = _os_advice(exc)
             if advice is None:
                 raise
-            if os.environ.get("TINYGPT_DEBUG"):
-                import traceback
-
-                traceback.print_exc()
+            _debug_traceback()
             where = f" ({exc.filename})" if exc.filename else ""
             print_error(TinyGPTError(f"{exc.strerror}{where}: {advice}"))
             raise typer.Exit(1) from None
+
+
+def _debug_traceback() -> None:
+    """The traceback of the error being handled, on stderr, with TINYGPT_DEBUG=1 (for a bug report)."""
+    if os.environ.get("TINYGPT_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
 
 
 _MEMORY_ADVICE = {
@@ -194,7 +193,6 @@ _P_HW = "Hardware"
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed → same result).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.")]
 ModelDeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
-RunOpt = Annotated[str | None, typer.Option("--run", help="Run name or folder (default: the latest run).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
@@ -319,7 +317,7 @@ def tokenize(
         written = getattr(exc, "written", None)
         if written is not None:
             return f"Interrupted as the dataset was put in place: it was finished first, and {written} is complete."
-        if getattr(exc, "saved", False):  # raised before any work (planning): nothing to continue
+        if getattr(exc, "saved", False):  # a checkpoint of the work so far is on disk: the same command goes on
             return "Interrupted: run the same command again to continue where it stopped (--restart starts over)."
         return "Interrupted before the first checkpoint (every 30 s or so): nothing was kept, and the same command " \
             "starts over."

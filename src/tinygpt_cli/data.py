@@ -1084,7 +1084,3 @@ def find_dataset(spec: str | None) -> Dataset | None:
     raise DataError(f"no tokenized dataset named {spec!r} (known: {known}): run `tinygpt tokenize` first")
 
 
-def as_dict(result: TokenizeResult) -> dict[str, Any]:
-    out = asdict(result)
-    out["path"] = str(result.path)
-    return out

@@ -118,11 +118,6 @@ def all_gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def from_main(value: Any) -> Any:
     """Rank 0's `value` on every rank (`value` itself in a single process)."""
     return all_gather_objects(value)[0]

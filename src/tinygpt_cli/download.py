@@ -41,6 +41,7 @@ from tinygpt_cli.checkpoint import fsync_file
 from tinygpt_cli.data import check_seed, keyed_hash, write_json_atomic
 from tinygpt_cli.errors import FULL, DataError, first_line, os_problem
 from tinygpt_cli.sources import (
+    DEFAULT_DOWNLOAD,
     DOWNLOAD_RECORD,
     EMBEDDED_NAME,
     RAW_DIR_NAME,
@@ -148,7 +149,7 @@ def download(
     check_seed(seed)
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
-    entry = _entry_for(name or "openwebtext", config, split, text_field)
+    entry = _entry_for(name or DEFAULT_DOWNLOAD, config, split, text_field)
     folder = raw_dir() / entry.name
     if entry.kind == "embedded":
         return _record_embedded(entry, folder, started)

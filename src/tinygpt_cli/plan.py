@@ -1,7 +1,7 @@
 """Know before you spend: parameters, FLOPs, data, disk, memory and time of a run, before it starts.
 
 `plan(cfg, data=..., device=..., nproc=...) -> Plan` is arithmetic on the config alone: this module does not
-import torch unless asked to measure (`measure=True`) or to detect the local GPU (`device="auto"|"cuda"`).
+import torch unless asked to measure (`do_measure=True`) or to detect the local GPU (`device="auto"|"cuda"`).
 Every formula is spelled out in `docs/planning.md`; the per-layer activation bytes were read off the tensors
 autograd saves for one forward pass of this repository's model (see `tests/test_plan.py`).
 """
@@ -461,7 +461,7 @@ def measure(cfg: RunConfig, micro_steps: int = 3, warmup: int = 1) -> Measuremen
         batch = max(1, min(batch, CPU_MEASURE_TOKENS // T))
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
-    optimizer = make_optimizer(model, tc, device)
+    optimizer = make_optimizer(model, tc)
     notes: list[str] = []
     compiled = _maybe_compile(model, tc.compile, device, lambda event: notes.append(event.message), (batch, T),
                               dtype)

@@ -143,10 +143,6 @@ REGISTRY: dict[str, NamedSource] = {
 }
 
 
-def named_source(name: str) -> NamedSource | None:
-    return REGISTRY.get(name)
-
-
 # ----------------------------------------------------------------------------------------------- sources
 @dataclass(frozen=True)
 class DocumentFile:

@@ -258,7 +258,7 @@ def _scheduled_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and LayerNorms undecayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -750,7 +750,7 @@ class _Trainer:
             for block in self.model.transformer.h:  # one all-gather per block, the tied embedding at the root
                 fully_shard(block)
             fully_shard(self.model)
-        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.optimizer = make_optimizer(self.model, tc)
         if checkpoint is not None:
             self._load_optimizer(checkpoint)
         largest = host_largest
