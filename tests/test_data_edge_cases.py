@@ -430,3 +430,29 @@ def test_unreadable_inputs_are_called_unreadable(workspace, tmp_path, monkeypatc
     monkeypatch.setattr(sources, "_open_binary", refused)
     with pytest.raises(DataError, match=r"rows.jsonl could not be read \(Permission denied\): check its permissions"):
         sources.local_source(str(rows))
+
+
+def test_an_atomic_json_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """meta.json's and download.json's writer used a fixed `.tmp` name and left it behind when the disk filled
+    (code review); it now shares the checkpoints' writer, as download's parquet parts do."""
+    import errno
+    import json
+    import os
+
+    from tinygpt_cli import data, download
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    path = folder / "meta.json"
+    data.write_json_atomic(path, {"v": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        data.write_json_atomic(path, {"v": 2})
+    with pytest.raises(OSError):
+        download._write_part(folder / "part-00000.parquet", ["some text"])
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json"]

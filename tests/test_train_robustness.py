@@ -501,7 +501,7 @@ def test_an_atomic_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(OSError, match="No space left"):
-        ckpt.write_bytes_atomic(target, b"new")
+        ckpt.workspace.write_bytes_atomic(target, b"new")
     assert sorted(p.name for p in target.parent.iterdir()) == ["loss.png"] and target.read_bytes() == b"old"
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import ModelConfig, RunConfig, config_from_dict
 from tinygpt_cli.errors import CheckpointError, ConfigError
+from tinygpt_cli.workspace import fsync_dir, fsync_file, write_text_atomic
 
 if TYPE_CHECKING:  # torch loads only where tensors are read or written, so listing runs stays instant
     import torch
@@ -33,19 +34,6 @@ FORMAT = "tinygpt"
 TIED_KEY = "lm_head.weight"  # shares storage with transformer.wte.weight; not stored twice
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SET_ASIDE = re.compile(r"^\.old-(step_\d+)-\d+$")  # a step a re-save of it set aside: save_checkpoint
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _new_file_mode() -> int:
@@ -76,31 +64,6 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
     os.chmod(path, _new_file_mode())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        workspace.replace(tmp, path)
-    except BaseException:  # a full disk, a signal: the old file stays, and no temporary file is left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def fsync_file(path: Path) -> None:
-    """Flush `path` to the disk, through a writable handle (Windows flushes no read-only one: EBADF)."""
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
 
 
 def remove_leftovers(run_dir: Path) -> None:

@@ -780,13 +780,7 @@ def _lopsided_val(splits: dict[str, dict[str, Any]], plan: SplitPlan, val_fracti
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    workspace.replace(tmp, path)
+    workspace.write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _source_of(src: Source) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from tinygpt_cli import __version__, workspace
-from tinygpt_cli.checkpoint import fsync_file
 from tinygpt_cli.data import check_seed, keyed_hash, write_json_atomic
 from tinygpt_cli.errors import FULL, DataError, first_line, os_problem
 from tinygpt_cli.sources import (
@@ -402,10 +401,8 @@ def _write_part(path: Path, texts: list[str]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table({"text": pa.array(texts, type=pa.large_string())}), tmp, compression="zstd")
-    fsync_file(tmp)
-    workspace.replace(tmp, path)
+    with workspace.atomic_path(path) as tmp:
+        pq.write_table(pa.table({"text": pa.array(texts, type=pa.large_string())}), tmp, compression="zstd")
     return path.stat().st_size
 
 

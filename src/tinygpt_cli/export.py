@@ -41,8 +41,6 @@ from tinygpt_cli.checkpoint import (
     STATE_FILE,
     LoadedCheckpoint,
     checkpoint_model_config,
-    fsync_dir,
-    fsync_file,
     latest_checkpoint,
     load_checkpoint,
     save_safetensors,
@@ -51,6 +49,7 @@ from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import FULL, TinyGPTError, described, os_problem
 from tinygpt_cli.model import GPT
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
+from tinygpt_cli.workspace import fsync_dir, fsync_file
 
 FORMATS = ("hf", "gguf", "onnx")
 # dtypes each format can hold; onnxruntime has no bf16 kernels for GPT-2's ops on CPU, so ONNX stops at fp16

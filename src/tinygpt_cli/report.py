@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt_cli import workspace
-from tinygpt_cli.checkpoint import write_bytes_atomic, write_text_atomic
+from tinygpt_cli.workspace import write_bytes_atomic, write_text_atomic
 
 # 3x5 pixel glyphs, one string of 15 bits per character, row by row
 _GLYPHS = {

@@ -38,7 +38,6 @@ from tinygpt_cli.checkpoint import (
     remove_leftovers,
     save_checkpoint,
     step_folders,
-    write_text_atomic,
 )
 from tinygpt_cli.config import (
     DTYPES,
@@ -71,6 +70,7 @@ from tinygpt_cli.plan import (
 )
 from tinygpt_cli.report import metrics_record, write_loss_plot, write_report
 from tinygpt_cli.tokenizer import VOCAB_SIZE
+from tinygpt_cli.workspace import write_text_atomic
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 

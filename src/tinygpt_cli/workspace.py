@@ -178,6 +178,52 @@ def replace(source: str | os.PathLike, target: str | os.PathLike) -> None:
         pause = min(2 * pause, 0.5)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush `path` to the disk, through a writable handle (Windows flushes no read-only one: EBADF)."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk, where the platform can (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the caller to write. Then it is flushed and renamed over `path`, so that
+    readers see the old file or the new one, never a mix; on a failure (a full disk, a signal) it is removed and
+    `path` is as it was."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
 def safe_name(text: str) -> str:
     """A folder name made of letters, digits, '.', '_' and '-' from any user string: accents dropped (über ->
     uber, not ber), anything else outside those a '-' (2023–2024 -> 2023-2024); a Windows device name (nul, aux.txt)
