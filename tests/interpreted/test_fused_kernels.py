@@ -112,8 +112,8 @@ def test_fused_generate_gives_the_eager_tokens(monkeypatch, samples):
     model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
     stats = GenerationStats()
     greedy = dict(temperature=0, num_samples=2)
-    assert torch.equal(generated(model, [5, 6, 7], 16, fused=True, stats=stats, **greedy),
-                       generated(model, [5, 6, 7], 16, static_cache=True, **greedy))
+    assert torch.equal(generated(model, [5, 6, 7], 11, fused=True, stats=stats, **greedy),
+                       generated(model, [5, 6, 7], 11, static_cache=True, **greedy))
     assert stats.fused and stats.compile_error is None and stats.window_slides == 1
     sampled = dict(temperature=0.9, top_k=40, repetition_penalty=1.3, seed=3)
     assert torch.equal(generated(model, [9], 8, fused=True, **sampled),
@@ -121,8 +121,8 @@ def test_fused_generate_gives_the_eager_tokens(monkeypatch, samples):
     # chunks of 3 steps as on CUDA (run eagerly here), the step's own logits buffer read in place
     monkeypatch.setattr(sample, "GRAPH_STEPS", 3)
     stats = GenerationStats()
-    assert torch.equal(generated(model, [5, 6, 7], 16, fused=True, graphs=True, flush_every=4, stats=stats, **greedy),
-                       generated(model, [5, 6, 7], 16, static_cache=True, **greedy))
+    assert torch.equal(generated(model, [5, 6, 7], 11, fused=True, graphs=True, flush_every=4, stats=stats, **greedy),
+                       generated(model, [5, 6, 7], 11, static_cache=True, **greedy))
     assert stats.fused and stats.compile_error is None
     # and sampled: the chunks' tokens drawn through the fused draw, the same uniform numbers as the eager chunks'
     assert torch.equal(generated(model, [9], 8, fused=True, graphs=True, num_samples=2, **sampled),
@@ -373,8 +373,8 @@ def test_fused_generate_several_samples_a_block_gives_the_eager_tokens(monkeypat
     model = fused_test_model(n_layer=1, n_embd=32, n_head=2, block_size=12)
     stats = GenerationStats()
     sampled = dict(temperature=1.5, seed=5, num_samples=num_samples)
-    got = generated(model, [5, 6, 7], 14, fused=True, stats=stats, **sampled)
-    want = generated(model, [5, 6, 7], 14, static_cache=True, **sampled)
+    got = generated(model, [5, 6, 7], 11, fused=True, stats=stats, **sampled)
+    want = generated(model, [5, 6, 7], 11, static_cache=True, **sampled)
     assert stats.fused and stats.compile_error is None and stats.window_slides >= 1
     assert len({tuple(row) for row in want.tolist()}) > 1  # the samples part
     assert torch.equal(got, want), (got, want)
@@ -382,7 +382,7 @@ def test_fused_generate_several_samples_a_block_gives_the_eager_tokens(monkeypat
     # tokens drawn by the fused draw
     monkeypatch.setattr(sample, "GRAPH_STEPS", 3)
     stats = GenerationStats()
-    got = generated(model, [5, 6, 7], 14, fused=True, graphs=True, flush_every=4, stats=stats, **sampled)
-    want = generated(model, [5, 6, 7], 14, static_cache=True, graphs=True, **sampled)
+    got = generated(model, [5, 6, 7], 11, fused=True, graphs=True, flush_every=4, stats=stats, **sampled)
+    want = generated(model, [5, 6, 7], 11, static_cache=True, graphs=True, **sampled)
     assert stats.fused and stats.compile_error is None and stats.window_slides >= 1
     assert torch.equal(got, want), (got, want)
