@@ -196,6 +196,32 @@ def test_a_full_disk_before_training_says_to_free_space(with_shakespeare, worksp
     assert "writable" not in str(caught.value)
 
 
+def test_two_runs_in_a_fresh_workspace_tokenize_the_corpus_once(workspace, monkeypatch):
+    """Two trains started together in a fresh workspace both tokenized the corpus: the second waited a second for
+    the first's lock, then failed with "another tinygpt process is writing data/shakespeare" (audit). It now waits
+    for that tokenize and trains on what it made."""
+    import threading
+
+    from tinygpt_cli import data
+
+    real_open, opened = data._Partial.open, []
+
+    def slow_open(self, restart):
+        opened.append(self.folder.name)
+        time.sleep(2.5)  # longer than the lock's grace: the second finds the first at work
+        return real_open(self, restart)
+
+    monkeypatch.setattr(data._Partial, "open", slow_open)
+    first = threading.Thread(target=data.tokenize, args=(None,))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not opened and time.monotonic() < deadline:  # the first tokenize holds the lock now
+        time.sleep(0.01)
+    result = train(tiny_config(max_steps=1, eval_interval=1), run_name="second")
+    first.join(60)
+    assert result.steps == 1 and opened == [".shakespeare.partial"]
+
+
 def test_time_and_token_limits_stop_with_a_checkpoint(with_shakespeare):
     result = train(tiny_config(max_steps=1000, eval_interval=1000, max_tokens=3 * 4 * 32), run_name="tokens")
     assert result.stopped == "token_limit" and result.steps == 3

@@ -46,6 +46,20 @@ def lock_of(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.lock")
 
 
+class Busy(DataError):
+    """Another process holds the lock at `lock_path` (`exclusive`): it is writing what the lock guards."""
+
+    def __init__(self, message: str, lock_path: Path) -> None:
+        super().__init__(message)
+        self.lock_path = lock_path
+
+
+def wait_until_free(lock_path: Path, poll_s: float = 0.2) -> None:
+    """Wait while a process holds `lock_path` (however long its work takes: it ends, or its process does)."""
+    while held(lock_path):
+        time.sleep(poll_s)
+
+
 # How long taking a lock waits out a holder that only looks (`held` locks for an instant) before it is "busy".
 LOOK_GRACE_S = 1.0
 
@@ -68,7 +82,8 @@ def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None,
         if locked is False:  # held: by a writer, or for an instant by `held`
             handle.close()
             if time.monotonic() >= deadline:
-                raise busy or DataError(f"another tinygpt process is writing {what}: wait for it to finish") from None
+                raise busy or Busy(f"another tinygpt process is writing {what}: wait for it to finish",
+                                   lock_path) from None
             time.sleep(0.02)
             continue
         if locked is None:  # no locks here: go on unguarded
