@@ -198,8 +198,11 @@ def test_interrupted_download_continues_where_it_stopped(workspace, fixture_sour
     assert not record["complete"] and record["progress"]["documents"] == 60 and len(record["files"]) == 4
     _one_line_error(runner.invoke(app, ["tokenize", "fixture"]), "the download of fixture is not finished")
     monkeypatch.setattr(dl, "_write_part", original)
+    killed_part = workspace / "data" / "raw" / "fixture" / ".part-00004.parquet.tmp-4242"  # a SIGKILL mid-part
+    killed_part.write_bytes(b"\0" * 1000)
     opened = _shards_opened(monkeypatch)
     resumed = dl.download("fixture", max_docs=120, seed=2)
+    assert not killed_part.exists()
     order = resumed.record["shards"]["order"]
     assert opened == [order[1], order[2]]  # shard order[0] was done; order[1] continues after its 10th row
     assert resumed.fetched_documents == 60 and resumed.documents == 120

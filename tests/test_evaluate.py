@@ -245,6 +245,19 @@ def test_eval_into_a_read_only_run_folder_stops_before_scoring(with_shakespeare,
     assert len((run_dir / "eval.jsonl").read_text().splitlines()) == 1
 
 
+def test_eval_whose_report_lock_stays_held_says_what_to_do(with_shakespeare, workspace, monkeypatch):
+    """A lock that could not be taken lost the finished score with "choose a writable TINYGPT_HOME" (review)."""
+    from tinygpt_cli import report
+    from tinygpt_cli import workspace as ws
+
+    make_run(workspace)
+    monkeypatch.setattr(report, "REPORT_PATIENCE_S", 0.1)
+    with ws.exclusive(ws.lock_of(workspace / "runs" / "tiny" / "report.md"), "report.md"):
+        result = evaluate("--tokens", "64")
+    assert_one_line_error(result, "cannot record the result in")
+    assert "is writing tiny/report.md" in result.stderr and "--no-record" in result.stderr
+
+
 def test_eval_that_meets_a_full_disk_says_to_free_space(with_shakespeare, workspace, monkeypatch):
     """A full disk while recording said "make the run folder writable" (code review)."""
     import errno

@@ -306,3 +306,11 @@ def test_freeing_space_in_an_old_run_does_not_make_it_the_latest(with_shakespear
     shown = invoke("runs", "show")
     assert shown.exit_code == 0 and "new" in shown.stdout, shown.output
     assert "note: old is left out" in invoke("runs").stderr
+
+
+def test_a_stop_reason_with_spaces_is_still_a_training_report():
+    """StopFlag's reason is the caller's: "paused by notebook" hid the report as if none had been written (review)."""
+    from tinygpt_cli import inventory
+
+    assert inventory._reported_step("# Run r\n\nStopped: paused by notebook at step 3 (384 tokens seen).\n") == 3
+    assert inventory._reported_step("# Run r\n\n## Evaluation: loss on d/val · now\n") is None

@@ -274,9 +274,35 @@ def test_a_checkpoint_pruned_while_it_is_loaded_gives_way_to_the_new_latest(with
     monkeypatch.setattr(ckpt, "resolve_checkpoint", found_then_pruned)
     loaded = ckpt.load_checkpoint("pruned")
     assert loaded.path.name == "step_2" and loaded.state["step"] == 2
-    shutil.rmtree(run / "checkpoints" / "step_2")  # gone for good: the error, not a loop
-    with pytest.raises(CheckpointError):
+    (run / "checkpoints" / "step_2" / "state.json").write_text("{damaged")  # found again: the error, once
+    calls = []
+    monkeypatch.setattr(ckpt, "resolve_checkpoint", lambda spec: calls.append(spec) or real(spec))
+    with pytest.raises(CheckpointError, match="state.json is corrupted"):
         ckpt.load_checkpoint(run / "checkpoints" / "step_2")
+    assert len(calls) == 2
+
+
+def test_metrics_are_closed_however_a_new_run_ends(with_shakespeare, workspace, monkeypatch):
+    """metrics.jsonl stayed open when an error the loop did not name ended a run (code review); train() now closes
+    it, before a run that saved nothing removes its files (Windows removes no open file)."""
+    from tinygpt_cli import training as train_module
+
+    handles = []
+    real_init = train_module._Metrics.__init__
+
+    def kept(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        handles.append(self.handle)
+
+    def failing(self, step, metrics):
+        raise TrainingError("a failure the loop does not name")
+
+    monkeypatch.setattr(train_module._Metrics, "__init__", kept)
+    monkeypatch.setattr(train_module._Trainer, "_eval_and_save", failing)
+    with pytest.raises(TrainingError, match="does not name"):
+        train(tiny_config(max_steps=2, eval_interval=1), run_name="closed")
+    assert handles and all(handle.closed for handle in handles)
+    assert not (workspace / "runs" / "closed").exists()  # no checkpoint: its files went with it
 
 
 def test_corrupted_and_foreign_checkpoints(with_shakespeare, workspace):

@@ -75,18 +75,24 @@ def test_a_re_save_of_a_step_always_leaves_one_whole_copy_of_it(with_shakespeare
 
 def test_a_step_set_aside_by_a_killed_re_save_is_put_back(with_shakespeare, workspace):
     """Killed between setting the old step aside and renaming the new one in: the run's next training puts the
-    set-aside copy back (it is whole) instead of finding no checkpoint; eval and generate say what to run."""
-    config = tiny_config(max_steps=2, eval_interval=1)
-    run = train(replace(config, train=replace(config.train, max_steps=1)), run_name="r").run_dir
+    set-aside copy back (it is whole) instead of finding no checkpoint; eval, generate and `runs` say what to run,
+    rather than take an older step in silence (review)."""
+    from test_cli import invoke
+
+    config = tiny_config(max_steps=3, eval_interval=1)
+    run = train(replace(config, train=replace(config.train, max_steps=2)), run_name="r").run_dir
     folder = run / "checkpoints"
-    (folder / "step_1").rename(folder / ".old-step_1-4242")
-    (folder / ".tmp-step_1-4242").mkdir()  # the new copy, whole or not: not trusted
-    killed = r"step_1 was being saved again when its training was killed.*--resume --name r"
+    (folder / "step_2").rename(folder / ".old-step_2-4242")
+    (folder / ".tmp-step_2-4242").mkdir()  # the new copy, whole or not: not trusted
+    killed = r"step_2 was being saved again when its training was killed.*--resume --name r"
     with pytest.raises(CheckpointError, match=killed):
         ckpt.load_checkpoint(run)
+    with pytest.raises(CheckpointError, match=killed):  # the latest run
+        ckpt.load_checkpoint(None)
+    assert "step_2 was being saved again" in invoke("runs").stderr
     resumed = train(config, run_name="r", resume=True)
-    assert resumed.steps == 2
-    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_1", "step_2"]
+    assert resumed.steps == 3 and resumed.first_step == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_1", "step_2", "step_3"]
 
 
 def test_runs_started_together_without_a_name_get_names_of_their_own(with_shakespeare, workspace, monkeypatch):

@@ -185,15 +185,25 @@ def prune_checkpoints(root: Path, keep_last: int, protect: Path) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint `latest` points to (a step folder of this run: nothing elsewhere), else the highest
-    complete step, else None."""
+    complete step, else None. None too where the step `latest` names was set aside by a re-save of it that was
+    killed: it is whole, and the run's next training puts it back (`remove_leftovers`), so an older step is not
+    its latest."""
     pointer = run_dir / "checkpoints" / LATEST_FILE
     if pointer.is_file():
         named = pointer.read_text(encoding="utf-8", errors="replace").strip()
         target = run_dir / "checkpoints" / named
         if _STEP_DIR.match(named) and (target / STATE_FILE).is_file() and (target / WEIGHTS_FILE).is_file():
             return target
+        if _STEP_DIR.match(named) and not target.exists() and _set_aside(run_dir, named):
+            return None
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+def _set_aside(run_dir: Path, step: str = "step_*") -> list[Path]:
+    """The copies of `step` (any step by default) that re-saves of them set aside and did not finish."""
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob(f".old-{step}-*") if _SET_ASIDE.match(p.name)) if root.is_dir() else []
 
 
 def latest_step(run_dir: Path) -> int | None:
@@ -216,7 +226,7 @@ def scan_runs(problems: list[str] | None = None) -> tuple[list[Path], list[tuple
             checkpoint = latest_checkpoint(run) if run.is_dir() else None
             if checkpoint is not None:
                 complete.append((checkpoint.stat().st_mtime, run))
-            elif run.is_dir() and step_folders(run) and (run / "metrics.jsonl").is_file():
+            elif run.is_dir() and (step_folders(run) or _set_aside(run)) and (run / "metrics.jsonl").is_file():
                 incomplete.append(((run / "metrics.jsonl").stat().st_mtime, run))
         except OSError as exc:
             if problems is not None:
@@ -287,12 +297,12 @@ def is_run_folder(path: Path) -> bool:
 def no_checkpoint_message(path: Path) -> str:
     """Why `path` has no checkpoint to use: a run that has not saved one yet, or a folder that is no run."""
     if is_run_folder(path):
-        aside = sorted(p.name for p in (path / "checkpoints").glob(".old-step_*") if _SET_ASIDE.match(p.name))
+        aside = _set_aside(path)
         if aside:  # a re-save killed between setting the step aside and renaming its new copy in
-            step = _SET_ASIDE.match(aside[-1]).group(1)  # type: ignore[union-attr]
+            step = _SET_ASIDE.match(aside[-1].name).group(1)  # type: ignore[union-attr]
             return (f"{path}: its checkpoint {step} was being saved again when its training was killed; "
-                    f"`tinygpt train --resume --name {path.name}` puts it back (or rename checkpoints/{aside[-1]} "
-                    f"to {step})")
+                    f"`tinygpt train --resume --name {path.name}` puts it back (or rename checkpoints/"
+                    f"{aside[-1].name} to {step})")
         steps = step_folders(path)
         if steps:  # saved once, then a file went missing: not a run to train from scratch
             newest = steps[-1]

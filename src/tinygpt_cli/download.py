@@ -163,6 +163,8 @@ def download(
     with workspace.exclusive(workspace.lock_of(folder), f"data/{RAW_DIR_NAME}/{entry.name}"):
         if force and folder.exists():
             shutil.rmtree(folder)
+        for left in folder.glob(".*.tmp-*"):  # a part or record a killed download was writing (atomic_path)
+            left.unlink(missing_ok=True)
         record = _usable_record(folder, identity)
         return _fetch(entry, folder, record, identity, fraction, max_docs, seed, started, emit)
 

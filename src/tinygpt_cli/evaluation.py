@@ -646,6 +646,8 @@ def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Pa
     except OSError as exc:
         advice = "free some space, or pass --no-record" if os_problem(exc) == FULL else _UNRECORDABLE
         raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {advice}") from None
+    except DataError as exc:  # report.md's lock: not made (an inode quota), or held past its patience
+        raise TinyGPTError(f"cannot record the result in {folder} ({exc}): {_UNRECORDABLE}") from None
     if stops:  # then the stop (a caller's loop of evaluations ends there), saying where the result went
         stopped = Stopped(stops[0])
         stopped.recorded_in = folder  # type: ignore[attr-defined]

@@ -153,7 +153,7 @@ def run_report(spec: str | None) -> tuple[Path, str, str | None]:
 
 def _reported_step(text: str | None) -> int | None:
     """The step a report.md of training says the run stopped at; None for none (or one of evaluations only)."""
-    found = re.search(r"^Stopped: \S+ at step (\d+) ", text or "", re.M)
+    found = re.search(r"^Stopped: .+? at step (\d+) \(", text or "", re.M)  # a stop reason may have spaces
     return int(found.group(1)) if found else None
 
 

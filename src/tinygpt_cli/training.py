@@ -689,11 +689,16 @@ class _Trainer:
                 claimed = self._claim_default_name(cfg) if info.is_main else None
             name = dist.all_gather_objects(claimed)[0]
         self.run_dir = workspace.runs_dir() / name
-        with dist.agreed():
+        with dist.agreed():  # its own block: every rank looks for the latest checkpoint once rank 0 has tidied
             if info.is_main:
                 if run_name is not None:
                     self._hold_run(resume)
-                remove_leftovers(self.run_dir)  # of saves killed mid-write: they would count as space held
+                try:  # of saves killed mid-write: they would count as space held, or hide a step set aside
+                    remove_leftovers(self.run_dir)
+                except OSError as exc:
+                    raise TrainingError(f"cannot tidy {self.run_dir / 'checkpoints'} after a killed save "
+                                        f"({exc.strerror}): make it writable") from None
+        with dist.agreed():
             checkpoint = latest_checkpoint(self.run_dir) if resume else None
             if resume and checkpoint is None:
                 raise TrainingError(no_checkpoint_message(self.run_dir) if step_folders(self.run_dir) else
