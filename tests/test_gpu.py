@@ -90,6 +90,21 @@ def test_auto_batch_fits_and_keeps_the_global_batch(with_shakespeare):
     assert result.stopped == "completed"
 
 
+def test_the_batch_found_is_the_largest_that_fits_on_its_own():
+    """A failed trial's ballast and input stayed alive through the next trial, which could then fail for memory
+    the failed one still held (code review): the batch found must be one whose double does not fit even alone."""
+    from tinygpt_cli.model import GPT
+    from tinygpt_cli.training import _batch_fits, largest_fitting_batch
+
+    cfg, batch = _huge_batch_config()
+    model = GPT(cfg.model).cuda()
+    ballast = 4 * cfg.model.vocab_size  # the compiled loss's fp32 logits, as `train` holds them
+    fits = largest_fitting_batch(model, batch, 1024, torch.device("cuda"), torch.bfloat16, ballast)
+    assert 1 <= fits < batch
+    torch.cuda.empty_cache()
+    assert not _batch_fits(model, 2 * fits, 1024, torch.device("cuda"), torch.bfloat16, ballast)
+
+
 def test_explicit_batch_that_does_not_fit_names_the_largest_that_does(with_shakespeare):
     cfg, _ = _huge_batch_config()
     with pytest.raises(TrainingError, match=r"does not fit in cuda memory; the largest that fits is \d+"):
