@@ -496,11 +496,15 @@ def prepare_dataset(cfg: RunConfig, on_event: Callable[[TrainEvent], None], info
             if info.is_main:
                 on_event(TrainEvent("info", message="No tokenized data yet: "
                                     "tokenizing the embedded Shakespeare corpus first."))
-                try:
-                    tokenize(None)
-                except workspace.Busy as busy:  # another train (or tokenize) in this fresh workspace makes it
-                    on_event(TrainEvent("info", message="Another tinygpt process is tokenizing it: waiting for it."))
-                    workspace.wait_until_free(busy.lock_path)
+                while True:
+                    try:
+                        tokenize(None)
+                        break
+                    except workspace.Busy as busy:  # another train (or tokenize) in this fresh workspace makes it
+                        on_event(TrainEvent("info", message="Another tinygpt process is tokenizing it: waiting."))
+                        workspace.wait_until_free(busy.lock_path)
+                        if find_dataset(None) is not None:  # else it stopped part-way: go on from where it was
+                            break
         if dataset is None:
             dataset = find_dataset(None)
     main_name, main_sha = dist.from_main((dataset.name, dataset.meta["splits"]["train"].get("sha256"))
