@@ -200,3 +200,18 @@ def test_the_planned_loss_chunk_is_the_models():
     from tinygpt_cli import model, plan
 
     assert plan.LOSS_CHUNK_TOKENS == model.LOSS_CHUNK_TOKENS
+
+
+def test_the_fused_loss_on_cpu_makes_no_second_head_sized_array():
+    """Each chunk's head gradient was a product of its own (vocabulary × width, fp32) added in: on a 2-core CPU with
+    GPT-2 small's width, 147 MiB that `plan` did not count (audit). It is accumulated in place now."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab, width, tokens = 50304, 64, 300
+    hidden = torch.randn(tokens, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        chunked_cross_entropy(hidden, weight, torch.randint(0, 50257, (tokens,)), chunk_tokens=128)
+    head_sized = [e.name for e in prof.events()
+                  if e.name in ("aten::mm", "aten::matmul") and e.cpu_memory_usage >= vocab * width * 4]
+    assert head_sized == []

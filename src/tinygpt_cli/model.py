@@ -222,7 +222,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits = probs.to(weight.dtype)
                 with exact_grads:
                     grad_hidden[begin : begin + chunk_tokens] = ((grad_logits @ weight) * scale).to(hidden.dtype)
-                    grad_weight.add_(grad_logits.t() @ (h.to(weight.dtype) * scale))
+                    if on_cpu:  # in place: no second vocabulary × width fp32 array, which counts against the RAM
+                        grad_weight.addmm_(grad_logits.t(), h.to(weight.dtype) * scale)
+                    else:  # under autocast, a half-precision product (addmm_ in place would run in fp32)
+                        grad_weight.add_(grad_logits.t() @ (h.to(weight.dtype) * scale))
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / count
 
