@@ -2,6 +2,7 @@
 the JSON output and the error paths."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -72,6 +73,20 @@ def test_gpt2_124m_memory_by_hand():
     assert fp32.activations_per_sequence == 1024 * (12 * (64 * 768 + 4 * 12 + 16) + 8 * 768 + 16)
 
 
+def test_a_host_estimate_counts_the_process_itself():
+    """On a CPU plan's total was 34-48% under the run's peak RSS (audit): torch and tinygpt take ~0.37 GiB before
+    the first tensor, and the allocator keeps what it freed. A CPU or MPS estimate counts HOST_RUNTIME_BYTES; a
+    CUDA one does not (its device holds none of that; the reserve covers the CUDA context)."""
+    cpu = P.DeviceSpec("cpu", "a CPU", "cpu", 24 * P.GIB, None)
+    host = P.estimate_memory(GPT2_PADDED, 4, cpu, half=False)
+    device = P.estimate_memory(GPT2_PADDED, 4, P.DEVICES["h100"], half=False)
+    assert host.runtime == P.HOST_RUNTIME_BYTES and device.runtime == 0
+    assert host.total - device.total == P.HOST_RUNTIME_BYTES
+    dropout = P.estimate_memory(replace(GPT2_PADDED, dropout=0.1), 4, cpu, half=False)
+    unfused = P.activation_bytes_per_token(replace(GPT2_PADDED, dropout=0.1), False, fused_attention=False)
+    assert dropout.activations_per_sequence == math.ceil(1024 * unfused)
+
+
 def test_gpt2_124m_time_on_8_h100s_by_hand():
     cfg = resolve_config(size="small", overrides=["train.grad_accum=2"])
     plan = P.plan(cfg, data="openwebtext", fraction=0.25, device="h100", nproc=8)
@@ -102,13 +117,17 @@ def test_counts_match_the_model_and_train_flops(bias):
 
 
 @pytest.mark.parametrize("half", [False, True])
-def test_activation_formula_matches_what_autograd_saves(half):
-    """Bytes of the distinct tensors autograd keeps for backward in one forward of the real model (CPU)."""
+@pytest.mark.parametrize(("shape", "dropout"), [((4, 64, 64), 0.0), ((4, 64, 64), 0.1), ((3, 48, 40), 0.1)])
+def test_activation_formula_matches_what_autograd_saves(half, shape, dropout):
+    """Bytes of the distinct tensors autograd keeps for backward in one forward of the real model (CPU). With
+    dropout, the CPU's attention takes PyTorch's unfused path, which keeps its T×T probabilities: 2.3× the memory
+    plan said (audit)."""
     import torch
 
     from tinygpt_cli.model import GPT
 
-    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
+    n_head, n_embd, block_size = shape
+    cfg = ModelConfig(n_layer=2, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout)
     model = GPT(cfg)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -124,7 +143,9 @@ def test_activation_formula_matches_what_autograd_saves(half):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=half)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         model(idx, idx)
-    expected = B * cfg.block_size * P.activation_bytes_per_token(cfg, half)
+    fused = P.fused_attention(cfg, "cpu")
+    assert fused == (dropout == 0)
+    expected = B * cfg.block_size * P.activation_bytes_per_token(cfg, half, fused_attention=fused)
     expected += 4 * cfg.vocab_size * cfg.n_embd  # the fused loss's head gradient
     expected += 2 * 12 * cfg.n_layer * cfg.n_embd**2 if half else 0  # autocast's bf16 weight copies
     expected += 8 * cfg.block_size  # the position ids
@@ -347,3 +368,18 @@ def test_plan_takes_the_shape_of_the_weights_train_init_from_starts_from(with_sh
                data="shakespeare", device="cpu")
     with pytest.raises(TinyGPTError, match="no run, checkpoint or Hugging Face GPT-2 folder at nosuch"):
         P.plan(resolve_config(size="micro", overrides=["train.init_from=nosuch"]), device="cpu")
+
+
+def test_a_train_command_line_plans_as_it_is(workspace):
+    """`tinygpt plan` refused train's --dropout, --keep-last, --max-tokens, --max-minutes, --compile and
+    --init-from (audit), though each changes a plan; and it said "1 layers"."""
+    base = json.loads(invoke("plan", "--size", "micro", "--device", "cpu", "--json").stdout)
+    flags = ["--dropout", "0.1", "--keep-last", "1", "--max-tokens", "100000", "--max-minutes", "5", "--compile",
+             "off"]
+    planned = invoke("plan", "--size", "micro", "--device", "cpu", "--json", *flags)
+    assert planned.exit_code == 0, planned.output
+    got = json.loads(planned.stdout)
+    assert got["budget_tokens"] < base["budget_tokens"] and got["checkpoints_on_disk"] == 2
+    assert got["memory"]["activations_per_sequence"] > base["memory"]["activations_per_sequence"]
+    one = invoke("plan", "--size", "micro", "--set", "model.n_layer=1", "--set", "model.n_head=1", "--device", "cpu")
+    assert "micro: 1 layer × " in one.stdout and ", 1 head, " in one.stdout

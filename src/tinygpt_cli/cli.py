@@ -194,6 +194,18 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same s
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.")]
 ModelDeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+# train's options that change a plan too: `tinygpt plan` takes them, so that a train command line plans as it is
+MaxTokensOpt = Annotated[
+    int | None, typer.Option(rich_help_panel=_P_BUDGET, help="Stop with a checkpoint after this many tokens.")]
+MaxMinutesOpt = Annotated[
+    float | None, typer.Option(rich_help_panel=_P_BUDGET, help="Stop with a checkpoint after this many minutes.")]
+DropoutOpt = Annotated[
+    float | None, typer.Option(rich_help_panel=_P_WHAT, help="Dropout (0 for pretraining; ~0.1 to fine-tune).")]
+KeepLastOpt = Annotated[
+    int | None, typer.Option(rich_help_panel=_P_RUN, help="Checkpoints to keep (older ones are pruned).")]
+CompileOpt = Annotated[str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.")]
+InitFromOpt = Annotated[str | None, typer.Option(
+    rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.")]
 
 
 def _fmt_int(n: float) -> str:
@@ -526,12 +538,8 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option(rich_help_panel=_P_BUDGET, help="Optimizer steps to train in all.")
     ] = None,
-    max_tokens: Annotated[
-        int | None, typer.Option(rich_help_panel=_P_BUDGET, help="Stop with a checkpoint after this many tokens.")
-    ] = None,
-    max_minutes: Annotated[
-        float | None, typer.Option(rich_help_panel=_P_BUDGET, help="Stop with a checkpoint after this many minutes.")
-    ] = None,
+    max_tokens: MaxTokensOpt = None,
+    max_minutes: MaxMinutesOpt = None,
     batch_size: Annotated[
         str | None,
         typer.Option(
@@ -545,19 +553,13 @@ def train(
         rich_help_panel=_P_OPT,
         help="Peak learning rate (train.min_lr follows at a tenth of it unless set, here or by the run resumed).")
     ] = None,
-    dropout: Annotated[
-        float | None, typer.Option(rich_help_panel=_P_WHAT, help="Dropout (0 for pretraining; ~0.1 to fine-tune).")
-    ] = None,
-    keep_last: Annotated[
-        int | None, typer.Option(rich_help_panel=_P_RUN, help="Checkpoints to keep (older ones are pruned).")
-    ] = None,
+    dropout: DropoutOpt = None,
+    keep_last: KeepLastOpt = None,
     device: DeviceOpt = None,
     dtype: Annotated[
         str | None, typer.Option(rich_help_panel=_P_HW, help="auto | fp32 | bf16 | fp16 (autocast).")
     ] = None,
-    compile_mode: Annotated[
-        str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.")
-    ] = None,
+    compile_mode: CompileOpt = None,
     nproc: Annotated[
         int | None,
         typer.Option(rich_help_panel=_P_HW, help="Processes on this machine (DDP), as torchrun --standalone."),
@@ -565,12 +567,7 @@ def train(
     fsdp: Annotated[
         bool, typer.Option(rich_help_panel=_P_HW, help="Under torchrun: shard parameters and optimizer state (FSDP2).")
     ] = False,
-    init_from: Annotated[
-        str | None,
-        typer.Option(
-            rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run."
-        ),
-    ] = None,
+    init_from: InitFromOpt = None,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1340,13 +1337,16 @@ def _plan_table(p) -> Any:
     """The rows of `tinygpt plan`, as a rich Table."""
     from rich.table import Table
 
+    from tinygpt_cli import workspace
+
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     m, d, mem = p.model, p.data, p.memory
     table.add_row(
         "model",
-        f"{p.size}: {m['n_layer']} layers × {m['n_embd']}, {m['n_head']} heads, "
+        f"{p.size}: {workspace.counted(m['n_layer'], 'layer')} × {m['n_embd']}, "
+        f"{workspace.counted(m['n_head'], 'head')}, "
         f"context {m['block_size']}, vocabulary {m['vocab_size']}",
     )
     table.add_row("parameters", f"{_fmt_int(p.parameters)} ({_fmt_int(p.non_embedding_parameters)} non-embedding)")
@@ -1387,10 +1387,11 @@ def _plan_table(p) -> Any:
     table.add_row("memory per device", f"{_gib(mem.total)}{of}{fits}")
     states = mem.weights + mem.gradients + mem.optimizer
     extra = mem.autocast_weight_copies + mem.ddp_buckets + mem.fsdp_gathered + mem.head_gradient + mem.loss_chunk
+    runtime = f", the process itself {_gib(mem.runtime)}" if mem.runtime else ""
     table.add_row(
         "  of which",
         f"weights + gradients + AdamW {_gib(states)}, activations {_gib(mem.activations)} "
-        f"({mem.activations_per_sequence / 2**20:.0f} MiB/sequence), buffers {_gib(extra)}",
+        f"({mem.activations_per_sequence / 2**20:.0f} MiB/sequence), buffers {_gib(extra)}{runtime}",
     )
     if mem.max_batch_size is not None:
         table.add_row("largest micro-batch", str(mem.max_batch_size))
@@ -1447,6 +1448,12 @@ def plan(
     measure: Annotated[
         bool, typer.Option("--measure", help="Time a few real training steps here instead of assuming an MFU.")
     ] = False,
+    max_tokens: MaxTokensOpt = None,
+    max_minutes: MaxMinutesOpt = None,
+    dropout: DropoutOpt = None,
+    keep_last: KeepLastOpt = None,
+    compile_mode: CompileOpt = None,
+    init_from: InitFromOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Estimate a run before spending on it: parameters, FLOPs, data, disk, memory, micro-batch and time."""
@@ -1460,7 +1467,13 @@ def plan(
         "train.auto_batch": True if auto_batch else None,
         "train.grad_accum": grad_accum,
         "train.max_steps": max_steps,
+        "train.max_tokens": max_tokens,
+        "train.max_minutes": max_minutes,
         "train.dtype": dtype,
+        "model.dropout": dropout,
+        "train.keep_last": keep_last,
+        "train.compile": compile_mode,
+        "train.init_from": init_from,
     }
     cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
     if measure:

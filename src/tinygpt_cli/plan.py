@@ -35,6 +35,9 @@ CHECKPOINT_OVERHEAD_BYTES = 200_000  # safetensors header, optimizer.pt pickle f
 CUDA_RESERVE_BYTES = GIB  # CUDA context, cuBLAS workspace and allocator slack, on top of 5% of the memory
 CUDA_RESERVE_SHARE = 0.05
 HOST_USABLE_SHARE = 0.9  # CPU/MPS: share of the machine's RAM a run may count on
+# CPU/MPS: the process itself, in the RAM a run counts on: torch and tinygpt imported (0.37 GiB measured on Linux)
+# and what the allocator keeps of memory freed during a step (0.15-0.23 GiB)
+HOST_RUNTIME_BYTES = GIB // 2
 DEFAULT_VAL_FRACTION = 0.005  # `tinygpt tokenize`'s default, used to split a source not tokenized yet
 
 
@@ -227,19 +230,28 @@ def checkpoints_kept(max_steps: int, eval_interval: int, keep_last: int) -> int:
     return evals if not keep_last or evals <= keep_last else keep_last + 1
 
 
+def fused_attention(model: ModelConfig, kind: str) -> bool:
+    """Whether training's attention runs as one fused kernel, keeping no T×T probabilities for backward. A CPU
+    with attention dropout takes PyTorch's unfused path (measured: see `activation_bytes_per_token`)."""
+    return not (kind == "cpu" and model.dropout > 0)
+
+
 def activation_bytes_per_token(model: ModelConfig, half: bool, fused_attention: bool = True) -> float:
     """Bytes autograd keeps per token of a micro-batch between forward and backward (eager mode).
 
     Per layer, under bf16/fp16 autocast: 36·C + 4·nh + 16 — the two LayerNorms' fp32 inputs (2 × 4C) and
     mean/rstd (2 × 8), the bf16 inputs of c_attn (2C), c_fc (2C) and the MLP's c_proj (8C), q/k/v (6C), the
     attention output (2C, also attn.c_proj's input), the GELU input (8C) and the attention's log-sum-exp (4·nh).
-    In fp32: 64·C + 4·nh + 16. Without a fused attention kernel (SDPA's math path) add the T×T probabilities,
-    6·nh·T (half) or 4·nh·T (fp32). Dropout > 0 adds two masks per layer. Once per model: ln_f's input and
-    the loss's gradient buffer for the hidden states (fp32, 8·C), ln_f's statistics and the token ids (16).
+    In fp32: 64·C + 4·nh + 16. Dropout > 0 adds two masks per layer. Without a fused attention kernel (SDPA's
+    math path) add the T×T probabilities: with dropout (a CPU's), 12·nh·T + 8·C (half) or 2·C (fp32) - 4·nh,
+    read off the tensors autograd saves; without, 6·nh·T (half) or 4·nh·T (fp32). Once per model: ln_f's input
+    and the loss's gradient buffer for the hidden states (fp32, 8·C), ln_f's statistics and the token ids (16).
     """
     C, nh, T = model.n_embd, model.n_head, model.block_size
     per_layer = (36 * C if half else 64 * C) + 4 * nh + 16
-    if not fused_attention:
+    if not fused_attention and model.dropout > 0:
+        per_layer += 12 * nh * T + (8 if half else 2) * C - 4 * nh
+    elif not fused_attention:
         per_layer += (6 if half else 4) * nh * T
     if model.dropout > 0:
         per_layer += 2 * C * (2 if half else 4)
@@ -269,6 +281,7 @@ class MemoryEstimate:
     fsdp_gathered: int  # FSDP: unsharded root + two blocks' parameters and gradients in flight
     head_gradient: int  # the fused loss holds the head's fp32 gradient (V×C) from forward to backward
     loss_chunk: int
+    runtime: int  # CPU/MPS: the process itself (HOST_RUNTIME_BYTES); 0 on CUDA, whose reserve covers its context
     activations: int
     activations_per_sequence: int
     total: int
@@ -307,8 +320,10 @@ def estimate_memory(
         root = params - model.n_layer * layer_parameters(model)
         gathered = 4 * root + 2 * 2 * 4 * layer_parameters(model)
     head = 0 if compiled else 4 * model.vocab_size * model.n_embd  # the fused loss's fp32 head gradient
-    per_sequence = math.ceil(activation_bytes_per_token(model, half) * model.block_size)
-    fixed = weights + gradients + optimizer + copies + ddp + gathered + head
+    per_sequence = math.ceil(activation_bytes_per_token(model, half, fused_attention(model, spec.kind))
+                             * model.block_size)
+    runtime = HOST_RUNTIME_BYTES if spec.kind in ("cpu", "mps") else 0
+    fixed = weights + gradients + optimizer + copies + ddp + gathered + head + runtime
 
     def total_for(batch: int) -> int:
         return fixed + batch * per_sequence + loss_chunk_bytes(model, batch * model.block_size, half, compiled)
@@ -330,7 +345,7 @@ def estimate_memory(
     return MemoryEstimate(
         batch_size=batch_size, weights=weights, gradients=gradients, optimizer=optimizer,
         autocast_weight_copies=copies, ddp_buckets=ddp, fsdp_gathered=gathered, head_gradient=head,
-        loss_chunk=loss_chunk_bytes(model, batch_size * model.block_size, half, compiled),
+        loss_chunk=loss_chunk_bytes(model, batch_size * model.block_size, half, compiled), runtime=runtime,
         activations=batch_size * per_sequence, activations_per_sequence=per_sequence, total=total,
         device_memory=spec.memory_bytes, usable_memory=usable,
         fits=None if usable is None else total <= usable, max_batch_size=max_batch,
