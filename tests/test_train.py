@@ -305,6 +305,19 @@ def test_metrics_are_closed_however_a_new_run_ends(with_shakespeare, workspace, 
     assert not (workspace / "runs" / "closed").exists()  # no checkpoint: its files went with it
 
 
+def test_cpu_mfu_never_reads_over_100_percent(with_shakespeare, monkeypatch):
+    """A CPU's peak is measured on two matmul shapes at the start; a run whose own matmuls went faster (GPT-2
+    small's head shape, a quieter moment) read 102% MFU (audit). The best rate seen is the peak from then on."""
+    from tinygpt_cli import training as train_module
+
+    monkeypatch.setattr(train_module, "measured_cpu_peak", lambda dtype: 1e3)  # far under any real rate
+    events = []
+    train(tiny_config(max_steps=4, eval_interval=4, log_interval=1), run_name="mfu", on_event=events.append)
+    readings = [e.mfu for e in events if e.kind == "step"]
+    assert readings and all(0 < mfu <= 1.0 for mfu in readings)
+    assert readings[0] == pytest.approx(1.0)
+
+
 def test_corrupted_and_foreign_checkpoints(with_shakespeare, workspace):
     result = train(tiny_config(max_steps=2), run_name="c")
     weights = result.run_dir / "checkpoints" / "step_2" / "model.safetensors"

@@ -1355,6 +1355,8 @@ class _Trainer:
                             self.last_loss = loss
                             now = time.perf_counter()
                             rate = window_tokens / max(1e-9, now - window_began)
+                            if peak and device.type == "cpu" and rate * flops_token > peak * info.world_size:
+                                peak = rate * flops_token / info.world_size  # the best rate seen is the peak
                             mfu = rate * flops_token / (peak * info.world_size) if peak else None
                             metrics.write({"kind": "train", "step": step, "loss": self.last_loss, "lr": lr,
                                            "tokens": self.tokens_seen, "tokens_per_s": rate, "mfu": mfu,
