@@ -531,7 +531,9 @@ def test_batch_size_auto_is_the_same_on_machines_with_other_memory(with_shakespe
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     workspace.rename(nodes / "node0")
-    small = "import tinygpt_cli.plan as plan; plan._host_memory = lambda: 100_000_000"  # fits 2 of the 4 per rank
+    # fits 2 of the 4 per rank, beside each of the 2 processes of the machine itself
+    small = ("import tinygpt_cli.plan as plan; "
+             "plan._host_memory = lambda: 100_000_000 + 2 * int(plan.HOST_RUNTIME_BYTES / plan.HOST_USABLE_SHARE)")
     code, out, err = _apart(tmp_path, "--name", "auto", "--max-steps", "2", "--fsdp", "--batch-size", "auto",
                             rank_code={1: small})
     assert code == 0, err[-3000:]

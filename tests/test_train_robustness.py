@@ -288,10 +288,12 @@ def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_training(with_sh
 
 
 def test_batch_size_auto_on_cpu_takes_the_largest_that_fits(with_shakespeare, monkeypatch):
-    """With 150 MB of RAM the tiny model's micro-batch of 64 becomes one that fits, the global batch kept."""
+    """With 150 MB of RAM beside the process itself, the tiny model's micro-batch of 64 becomes one that fits, the
+    global batch kept."""
     from tinygpt_cli import plan
 
-    monkeypatch.setattr(plan, "_host_memory", lambda: 150 * 2**20)
+    process = int(plan.HOST_RUNTIME_BYTES / plan.HOST_USABLE_SHARE)
+    monkeypatch.setattr(plan, "_host_memory", lambda: 150 * 2**20 + process)
     events = []
     cfg = tiny_config(max_steps=1, eval_interval=1, batch_size=64, grad_accum=1, auto_batch=True)
     result = train(cfg, run_name="auto", on_event=events.append)
