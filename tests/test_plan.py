@@ -383,3 +383,13 @@ def test_a_train_command_line_plans_as_it_is(workspace):
     assert got["memory"]["activations_per_sequence"] > base["memory"]["activations_per_sequence"]
     one = invoke("plan", "--size", "micro", "--set", "model.n_layer=1", "--set", "model.n_head=1", "--device", "cpu")
     assert "micro: 1 layer × " in one.stdout and ", 1 head, " in one.stdout
+
+
+def test_a_source_not_tokenized_yet_gets_the_val_split_tokenize_makes(workspace):
+    """tokenize splits by document, with at least one val document: the embedded corpus's 42 give one of them to
+    val, 42,757 tokens, where plan said 0.5% of the tokens, 7,850 (audit)."""
+    shakespeare = P.estimate_data("shakespeare")
+    assert shakespeare.val_tokens == round(1_570_000 / 42)  # one document of 42, by their mean size
+    assert shakespeare.train_tokens + shakespeare.val_tokens == 1_570_000
+    web = P.estimate_data("openwebtext", fraction=0.25)  # ~2M documents: the share of tokens is the share of them
+    assert web.val_tokens == pytest.approx(0.005 * round(9_040_000_000 * 0.25), rel=1e-4)

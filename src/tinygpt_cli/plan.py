@@ -384,6 +384,19 @@ def _registry() -> dict[str, Any]:
     return REGISTRY
 
 
+def _val_share(documents: int, fraction: float, val_fraction: float) -> float:
+    """The share of a source's tokens that `tinygpt tokenize` puts in val, documents taken at their mean size: its
+    split is by document, at least one (`data.SplitPlan`), or with few documents the tail of each."""
+    from tinygpt_cli.data import CUT_MIN_VAL, FEW_DOCUMENTS
+
+    if not documents:
+        return val_fraction
+    kept = min(documents, max(1, round(documents * fraction)))
+    if kept < FEW_DOCUMENTS:
+        return max(val_fraction, CUT_MIN_VAL)
+    return max(1, round(kept * val_fraction)) / kept
+
+
 def estimate_data(spec: str | None, fraction: float | None = None) -> DataEstimate:
     """`spec`: a tokenized dataset (name or folder), a known source (`tinygpt download` names), or None.
 
@@ -419,7 +432,7 @@ def estimate_data(spec: str | None, fraction: float | None = None) -> DataEstima
                         f"({', '.join(registry)})")
     share = 1.0 if fraction is None else fraction
     tokens = round(source.tokens * share)
-    val = round(tokens * DEFAULT_VAL_FRACTION)
+    val = round(tokens * _val_share(source.documents, share, DEFAULT_VAL_FRACTION))
     text_bytes = int(source.text_bytes * share)
     download = None
     if source.kind != "embedded":
