@@ -135,6 +135,8 @@ def _os_advice(exc: OSError) -> str | None:
     """What to do about an OSError no command foresaw, by its errno; None for one this does not know."""
     problem = os_problem(exc)
     return PATH_ADVICE[exc.errno] if problem == BAD_PATH else _OS_ADVICE.get(problem or "")
+
+
 _LINK_LOOP = "Symlink loop"  # how Path.resolve says ELOOP before Python 3.13 (a RuntimeError)
 
 
@@ -1337,16 +1339,13 @@ def _plan_table(p) -> Any:
     """The rows of `tinygpt plan`, as a rich Table."""
     from rich.table import Table
 
-    from tinygpt_cli import workspace
-
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     m, d, mem = p.model, p.data, p.memory
     table.add_row(
         "model",
-        f"{p.size}: {workspace.counted(m['n_layer'], 'layer')} × {m['n_embd']}, "
-        f"{workspace.counted(m['n_head'], 'head')}, "
+        f"{p.size}: {counted(m['n_layer'], 'layer')} × {m['n_embd']}, {counted(m['n_head'], 'head')}, "
         f"context {m['block_size']}, vocabulary {m['vocab_size']}",
     )
     table.add_row("parameters", f"{_fmt_int(p.parameters)} ({_fmt_int(p.non_embedding_parameters)} non-embedding)")

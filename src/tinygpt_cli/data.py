@@ -141,8 +141,7 @@ class SplitPlan:
 
     @classmethod
     def build(cls, n_documents: int, fraction: float, val_fraction: float, seed: int) -> SplitPlan:
-        selected_count = min(n_documents, max(1, round(n_documents * fraction)))
-        val_count = max(1, round(selected_count * val_fraction)) if selected_count >= FEW_DOCUMENTS else 0
+        selected_count, val_count = split_counts(n_documents, fraction, val_fraction)
         top = 2**64 - 1
         select_below = top
         if selected_count < n_documents:
@@ -172,6 +171,12 @@ class SplitPlan:
         if self.val_count:
             codes[selected & (keyed_hash(self.seed, 2, lo, count) <= np.uint64(self.val_below))] = 2
         return codes
+
+
+def split_counts(n_documents: int, fraction: float, val_fraction: float) -> tuple[int, int]:
+    """(documents kept, of those in val) by SPLIT_RULE; val 0 where each kept document is cut for val instead."""
+    selected = min(n_documents, max(1, round(n_documents * fraction)))
+    return selected, max(1, round(selected * val_fraction)) if selected >= FEW_DOCUMENTS else 0
 
 
 def plan_split(n_documents: int, fraction: float, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -138,7 +138,7 @@ def run_report(spec: str | None) -> tuple[Path, str, str | None]:
     text = report.read_text(encoding="utf-8", errors="replace") if report.is_file() else None  # damaged bytes: shown
     reported, latest = _reported_step(text), latest_step(run_dir)
     if reported is None:  # no report of training: none yet, or what `tinygpt eval` appended alone, shown with why
-        why = _no_training_report(run_dir, training, resume, REPORT_FILE if text is None else
+        why = _no_training_report(run_dir, training, latest, resume, REPORT_FILE if text is None else
                                   f"training report (its {REPORT_FILE} holds no more)")
         if text is None:
             raise CheckpointError(why)
@@ -165,14 +165,15 @@ def has_training_report(run_dir: Path) -> bool:
         return False
 
 
-def _no_training_report(run_dir: Path, training: bool, resume: str, lacking: str) -> str:
-    """Why a run has no report of its training (`lacking` names what it lacks), and what to run."""
-    from tinygpt_cli.checkpoint import latest_checkpoint, no_checkpoint_message
+def _no_training_report(run_dir: Path, training: bool, latest: int | None, resume: str, lacking: str) -> str:
+    """Why a run (its latest checkpoint's step `latest`) has no report of its training (`lacking` names what it
+    lacks), and what to run."""
+    from tinygpt_cli.checkpoint import no_checkpoint_message
 
     if training:
         return (f"{run_dir.name} is training now: its {REPORT_FILE} is written when it stops (`tinygpt runs` shows "
                 f"how far it is)")
-    if latest_checkpoint(run_dir) is None:  # stopped before its first checkpoint: nothing to resume
+    if latest is None:  # stopped before its first checkpoint: nothing to resume
         return no_checkpoint_message(run_dir)
     summary = run_summary(run_dir)  # stopped (a kill, a crash) before the report was written
     if summary.max_steps and summary.steps >= summary.max_steps:  # where resuming it would be refused

@@ -387,14 +387,12 @@ def _registry() -> dict[str, Any]:
 def _val_share(documents: int, fraction: float, val_fraction: float) -> float:
     """The share of a source's tokens that `tinygpt tokenize` puts in val, documents taken at their mean size: its
     split is by document, at least one (`data.SplitPlan`), or with few documents the tail of each."""
-    from tinygpt_cli.data import CUT_MIN_VAL, FEW_DOCUMENTS
+    from tinygpt_cli.data import CUT_MIN_VAL, split_counts
 
     if not documents:
         return val_fraction
-    kept = min(documents, max(1, round(documents * fraction)))
-    if kept < FEW_DOCUMENTS:
-        return max(val_fraction, CUT_MIN_VAL)
-    return max(1, round(kept * val_fraction)) / kept
+    kept, val = split_counts(documents, fraction, val_fraction)
+    return val / kept if val else max(val_fraction, CUT_MIN_VAL)
 
 
 def estimate_data(spec: str | None, fraction: float | None = None) -> DataEstimate:
