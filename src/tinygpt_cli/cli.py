@@ -22,7 +22,6 @@ from typer.core import TyperCommand, TyperGroup
 
 from tinygpt_cli import __version__
 from tinygpt_cli.errors import (
-    BAD_PATH,
     DENIED,
     FULL,
     PATH_ADVICE,
@@ -133,8 +132,7 @@ _OS_ADVICE = {FULL: _FULL, READ_ONLY: "point TINYGPT_HOME (or --out) at a writab
 
 def _os_advice(exc: OSError) -> str | None:
     """What to do about an OSError no command foresaw, by its errno; None for one this does not know."""
-    problem = os_problem(exc)
-    return PATH_ADVICE[exc.errno] if problem == BAD_PATH else _OS_ADVICE.get(problem or "")
+    return PATH_ADVICE.get(exc.errno) or _OS_ADVICE.get(os_problem(exc) or "")
 
 
 _LINK_LOOP = "Symlink loop"  # how Path.resolve says ELOOP before Python 3.13 (a RuntimeError)
@@ -585,24 +583,14 @@ def train(
     if worker and nproc is not None and started is not None and started != str(nproc):
         raise TinyGPTError(f"--nproc {nproc}, but torchrun started {started} processes on this machine: drop --nproc "
                            f"when you start tinygpt with torchrun (or run `tinygpt train --nproc {nproc}` alone)")
-    auto_batch = _auto_batch(batch_size)
     flags: dict[str, Any] = {
+        **_run_flags(batch_size, grad_accum, max_steps, max_tokens, max_minutes, dtype, dropout, keep_last,
+                     compile_mode, init_from),
         "data.dataset": data_name,
-        "train.max_steps": max_steps,
-        "train.max_tokens": max_tokens,
-        "train.max_minutes": max_minutes,
-        "train.batch_size": None if auto_batch else batch_size,
-        "train.auto_batch": True if auto_batch else None,
-        "train.grad_accum": grad_accum,
         "train.lr": lr,
-        "model.dropout": dropout,
-        "train.keep_last": keep_last,
         "train.device": device,
-        "train.dtype": dtype,
-        "train.compile": compile_mode,
         "train.seed": seed,
         "train.fsdp": True if fsdp else None,
-        "train.init_from": init_from,
     }
     if nproc is not None and nproc > 1 and not worker:
         import torch
@@ -732,6 +720,26 @@ def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: boo
             f"{what}: training stopped at once; the last checkpoint (step {step}) is intact. Continue with: "
             f"{_resume_command(run_dir.name)}")
     return _signal_exit(getattr(exc, "signal", None))
+
+
+def _run_flags(batch_size: str | None, grad_accum: int | None, max_steps: int | None, max_tokens: int | None,
+               max_minutes: float | None, dtype: str | None, dropout: float | None, keep_last: int | None,
+               compile_mode: str | None, init_from: str | None) -> dict[str, Any]:
+    """The config keys of the options `train` and `plan` share: a train command line plans as it is."""
+    auto_batch = _auto_batch(batch_size)
+    return {
+        "train.batch_size": None if auto_batch else batch_size,
+        "train.auto_batch": True if auto_batch else None,
+        "train.grad_accum": grad_accum,
+        "train.max_steps": max_steps,
+        "train.max_tokens": max_tokens,
+        "train.max_minutes": max_minutes,
+        "train.dtype": dtype,
+        "model.dropout": dropout,
+        "train.keep_last": keep_last,
+        "train.compile": compile_mode,
+        "train.init_from": init_from,
+    }
 
 
 def _auto_batch(batch_size: str | None) -> bool:
@@ -1460,20 +1468,8 @@ def plan(
     from tinygpt_cli.plan import plan as make_plan
     from tinygpt_cli.plan import plan_to_dict
 
-    auto_batch = _auto_batch(batch_size)
-    flags: dict[str, Any] = {
-        "train.batch_size": None if auto_batch else batch_size,
-        "train.auto_batch": True if auto_batch else None,
-        "train.grad_accum": grad_accum,
-        "train.max_steps": max_steps,
-        "train.max_tokens": max_tokens,
-        "train.max_minutes": max_minutes,
-        "train.dtype": dtype,
-        "model.dropout": dropout,
-        "train.keep_last": keep_last,
-        "train.compile": compile_mode,
-        "train.init_from": init_from,
-    }
+    flags = _run_flags(batch_size, grad_accum, max_steps, max_tokens, max_minutes, dtype, dropout, keep_last,
+                       compile_mode, init_from)
     cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
     if measure:
         _stderr_console().print("Measuring a few training steps on this machine…")

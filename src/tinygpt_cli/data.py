@@ -556,8 +556,6 @@ def tokenize(
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
                 write_json_atomic(partial.folder / "meta.json", meta)
                 _publish(partial.folder, home)
-            if stops:  # the stop, now that it cannot cut the dataset in two (`tokenize && train` must not go on)
-                raise TokenizeInterrupted(False, stops[0], written=final_dir)
         except DataError:
             partial.abandon(keep_progress=False)  # bad input: retrying cannot help; leave nothing
             raise
@@ -568,13 +566,13 @@ def tokenize(
                 f"cannot write {partial.folder} ({exc.strerror or exc}): fix that and rerun the same command, {again}"
             ) from exc
         except KeyboardInterrupt as exc:
-            if isinstance(exc, TokenizeInterrupted) and exc.written is not None:  # the dataset is in place
-                raise
             partial.abandon()  # a checkpoint stays, and the same command continues from it
             raise TokenizeInterrupted(partial.saved, getattr(exc, "signal", None)) from None
         except BaseException:
             partial.release()
             raise
+        if stops:  # the stop, now that it cannot cut the dataset in two (`tokenize && train` must not go on)
+            raise TokenizeInterrupted(False, stops[0], written=final_dir)
     seconds = time.perf_counter() - started
     tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
     emit(TokenizeEvent("done", source=src.description, documents=plan.selected_count,
@@ -870,13 +868,13 @@ def _publish(new: Path, final: Path) -> None:
     if final.exists():
         workspace.replace(final, old)
     workspace.replace(new, final)
-    _drop_set_aside(final)  # its own copy, and a killed publish's (another process id)
+    _drop_set_aside(final, _old_copies(final))  # its own copy, and a killed publish's (another process id)
 
 
-def _drop_set_aside(final: Path) -> None:
-    """With a dataset in place at `final`: remove the copies publishing set aside, then the checkpoint it was
-    written under."""
-    for copy in _old_copies(final):
+def _drop_set_aside(final: Path, olds: list[Path]) -> None:
+    """With a dataset in place at `final`: remove the copies publishing set aside (`olds`), then the checkpoint it
+    was written under."""
+    for copy in olds:
         shutil.rmtree(copy, ignore_errors=True)
     (final / PROGRESS_FILE).unlink(missing_ok=True)
 
@@ -887,9 +885,9 @@ def _finish_killed_publish(final: Path, partial: Path) -> None:
     (this tokenize resumes and publishes it); once a dataset is in place, the copies set aside go."""
     olds = _old_copies(final)
     if not final.exists() and olds and not partial.is_dir():
-        workspace.replace(olds[-1], final)
+        workspace.replace(olds.pop(), final)
     if final.exists():
-        _drop_set_aside(final)
+        _drop_set_aside(final, olds)
 
 
 # ----------------------------------------------------------------------------------------------- reading

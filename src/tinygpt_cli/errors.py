@@ -77,13 +77,13 @@ def allocation_failed(exc: BaseException) -> bool:
 
 
 # What an OSError's errno says is wrong, for advice each command words for where it met it.
-FULL, READ_ONLY, DENIED, BAD_PATH = "full", "read-only", "denied", "path"
+FULL, READ_ONLY, DENIED = "full", "read-only", "denied"
 _OS_PROBLEMS = {
     errno.ENOSPC: FULL, errno.EDQUOT: FULL,  # a full disk, a user's quota spent
     errno.EROFS: READ_ONLY,
     errno.EACCES: DENIED, errno.EPERM: DENIED,
-    errno.ENAMETOOLONG: BAD_PATH, errno.ELOOP: BAD_PATH, errno.ENOTDIR: BAD_PATH,  # refused before any check looks
 }
+# A path the file system refuses before any check looks at it: the advice is the same wherever it is met.
 PATH_ADVICE = {
     errno.ENAMETOOLONG: "use a shorter name or path",
     errno.ELOOP: "a link in that path points back at itself: fix or remove the link",
@@ -92,6 +92,6 @@ PATH_ADVICE = {
 
 
 def os_problem(exc: BaseException) -> str | None:
-    """FULL, READ_ONLY, DENIED or BAD_PATH for an OSError whose errno says so (else None: another error, or an
-    errno not known here)."""
+    """FULL, READ_ONLY or DENIED for an OSError whose errno says so (else None: another error, or an errno not
+    known here)."""
     return _OS_PROBLEMS.get(exc.errno or 0) if isinstance(exc, OSError) else None

@@ -691,7 +691,7 @@ class _Trainer:
         if name is None:  # a new run (train() names the run a resume takes): rank 0 claims a free name, held
             with dist.agreed():
                 claimed = self._claim_default_name(cfg) if info.is_main else None
-            name = dist.all_gather_objects(claimed)[0]
+            name = dist.from_main(claimed)
         self.run_dir = workspace.runs_dir() / name
         with dist.agreed():  # its own block: every rank looks for the latest checkpoint once rank 0 has tidied
             if info.is_main:

@@ -54,10 +54,10 @@ class Busy(DataError):
         self.lock_path = lock_path
 
 
-def wait_until_free(lock_path: Path, poll_s: float = 0.2) -> None:
+def wait_until_free(lock_path: Path) -> None:
     """Wait while a process holds `lock_path` (however long its work takes: it ends, or its process does)."""
     while held(lock_path):
-        time.sleep(poll_s)
+        time.sleep(0.2)
 
 
 # How long taking a lock waits out a holder that only looks (`held` locks for an instant) before it is "busy".
