@@ -1,5 +1,6 @@
 """Export to Hugging Face / GGUF / ONNX and import back: every format written, read back and compared, offline."""
 
+import errno
 import importlib.util
 import json
 import math
@@ -809,3 +810,38 @@ def test_an_export_finished_by_another_meanwhile_is_not_replaced_without_force(h
     assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists: pass --force")
     assert (out / "config.json").read_text() == '{"other": true}'
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # its temp folder is gone
+
+
+def test_a_gguf_written_by_another_meanwhile_is_not_replaced_without_force(hf_source, workspace, tmp_path,
+                                                                           monkeypatch):
+    """Two gguf exports to one file, started together, both found it absent, and the rename of the one to finish
+    second replaced the other's file without --force (left alone in session 19). A new file is now linked into
+    place, which fails where one is there already."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "out" / "m.gguf"
+    out.parent.mkdir()
+    def another_finishes_first(real):  # between the last look at --out and the move into place
+        def move(source, target):
+            if Path(target) == out and not out.exists():
+                out.write_bytes(b"other")
+            real(source, target)
+        return move
+
+    monkeypatch.setattr(export.workspace, "replace", another_finishes_first(export.workspace.replace))
+    monkeypatch.setattr(export.os, "link", another_finishes_first(os.link))
+    assert_one_line_error(invoke("export", str(hf_source), "--format", "gguf", "--out", str(out)),
+                          "already exists: pass --force")
+    assert out.read_bytes() == b"other"
+    assert [p.name for p in out.parent.iterdir()] == ["m.gguf"]  # its temp file is gone
+
+
+def test_a_gguf_is_renamed_into_place_where_the_filesystem_has_no_hard_links(hf_source, workspace, tmp_path,
+                                                                            monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    pytest.importorskip("gguf")
+    monkeypatch.setattr(export.os, "link", no_links)
+    out = tmp_path / "out" / "m.gguf"
+    assert invoke("export", str(hf_source), "--format", "gguf", "--out", str(out)).exit_code == 0
+    assert out.stat().st_size > 1000 and [p.name for p in out.parent.iterdir()] == ["m.gguf"]

@@ -550,7 +550,7 @@ def export_model(
             placed = True
             _remove(old)  # (killed here, the next export of this name removes it)
         else:
-            workspace.replace(tmp, target)
+            _place_new(tmp, target)
             placed = True
         fsync_dir(parent)
     except BaseException as exc:
@@ -664,6 +664,29 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
         if kind in ("tmp", "old") and child.name.startswith(f".{name}.") and pid.isdigit() \
                 and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             _remove(child)
+
+
+def _place_new(tmp: Path, target: Path) -> None:
+    """Move `tmp` to `target`, found absent, without replacing what another export put there since the look: a
+    file is linked in (which fails where one exists) then unlinked, a folder renamed (which fails onto one that
+    holds files). A filesystem without hard links gets the rename."""
+    try:
+        if tmp.is_dir():
+            workspace.replace(tmp, target)
+            return
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (FAT, some network shares)
+            workspace.replace(tmp, target)
+            return
+        tmp.unlink()
+    except OSError:
+        if _occupied(target):
+            raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out "
+                              "(another export wrote it meanwhile)") from None
+        raise
 
 
 def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
