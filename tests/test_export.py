@@ -362,6 +362,18 @@ def test_init_from_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
     # the hub's message was cut at 160 characters mid-word ("To enable repo look-ups a)"): its first sentence only
     assert "local_files_only" not in str(info.value) and "has been disabled.): connect" in str(info.value)
     assert_one_line_error(invoke("export", "gpt2"), "cannot download gpt2")
+    # audit: "pass a local Hugging Face GPT-2 folder" said not how to get one, and "unset HF_HUB_OFFLINE" was said
+    # where it was not set
+    assert "connect to the internet and unset HF_HUB_OFFLINE, or on a machine that has it run `tinygpt export " \
+           "gpt2-medium --out gpt2-medium-hf`, copy that folder here and pass it instead" in str(info.value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
+    with pytest.raises(TinyGPTError, match=r"Network is unreachable\): connect to the internet, or on a machine"):
+        export.load_pretrained("gpt2")
 
 
 @pytest.mark.parametrize(("message", "most", "expected"), [

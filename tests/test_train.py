@@ -409,6 +409,83 @@ def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
         plan(wider)
 
 
+def test_init_from_honours_a_model_setting_given_even_where_it_is_the_presets(with_shakespeare, workspace):
+    """Audit: with --init-from, a model key the command line set to its preset's value was taken for the preset's
+    and dropped: `--size micro --set model.block_size=128` trained at the weights' context, and a shape asked for
+    trained as the weights' without a word. A setting given is now honoured (a shorter context) or refused."""
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.errors import TinyGPTError
+    from tinygpt_cli.plan import plan
+
+    train(tiny_config(max_steps=1, eval_interval=1), run_name="base")  # 2 layers × 32, context 32
+    quick = ["train.max_steps=1", "train.eval_batches=1", "train.batch_size=2", "train.init_from=base"]
+    for setting, refusal in (("model.block_size=128", "longer than the model's context of 32"),
+                             ("model.n_layer=4", r"not model.n_layer=4: drop those settings")):
+        cfg = resolve_config(size="micro", overrides=[*quick, setting])  # micro's own block_size and n_layer
+        with pytest.raises(TinyGPTError, match=refusal):
+            train(cfg, run_name="tuned")
+        with pytest.raises(TinyGPTError, match=refusal):
+            plan(cfg, device="cpu")
+    assert not (workspace / "runs" / "tuned").exists()
+
+
+def test_init_from_fine_tunes_at_a_twentieth_of_the_presets_lr_unless_told(with_shakespeare, workspace):
+    """Audit: `--init-from gpt2` with no --lr trained GPT-2 at micro's pretraining rate, 2e-3 (67 times what
+    examples/finetune_from_gpt2.yaml uses), which overwrites what the weights know. A run started from weights
+    takes a twentieth of the peak lr of its weights' preset (GPT-2 small: 3e-5) unless the lr is given."""
+    import yaml
+
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.plan import plan
+
+    quick = ["train.max_steps=1", "train.eval_batches=1", "train.batch_size=2", "model.block_size=32"]
+    train(resolve_config(size="micro", overrides=quick), run_name="base")  # micro's shape: lr 2e-3
+    notes = []
+    tuned = train(resolve_config(size="micro", overrides=[*quick, "train.init_from=base"]), run_name="tuned",
+                  on_event=lambda e: notes.append(e.message) if e.kind == "info" else None)
+    saved = yaml.safe_load((tuned.run_dir / "config.yaml").read_text())["train"]
+    assert (saved["lr"], saved["min_lr"]) == (1e-4, 1e-5)
+    assert any("fine-tuning at lr 0.0001, a twentieth of the micro preset's 0.002" in note for note in notes)
+    told = train(resolve_config(size="micro", overrides=[*quick, "train.init_from=base", "train.lr=5e-4"]),
+                 run_name="told")
+    saved = yaml.safe_load((told.run_dir / "config.yaml").read_text())["train"]
+    assert (saved["lr"], saved["min_lr"]) == (5e-4, 5e-5)
+    kept_floor = train(resolve_config(size="micro", overrides=[*quick, "train.init_from=base", "train.min_lr=0"]),
+                       run_name="floor")
+    assert yaml.safe_load((kept_floor.run_dir / "config.yaml").read_text())["train"]["min_lr"] == 0
+    # gpt2's shape is small's: plan shows that size (it said "micro") and the fine-tuning rate (offline: no weights)
+    planned = plan(resolve_config(size="micro", overrides=["train.init_from=gpt2"]), device="cpu")
+    assert planned.size == "small"
+    assert any("fine-tuning at lr 3e-05, a twentieth of the small preset's 0.0006" in note for note in planned.notes)
+
+
+def test_init_from_is_recorded_so_that_it_names_the_same_weights_from_any_folder(with_shakespeare, workspace,
+                                                                                 tmp_path, monkeypatch):
+    """Audit: config.yaml kept --init-from as typed, relative to the folder it was typed in: the run's config.yaml
+    given back as --config from another folder failed ("no run ... at exports/base-hf"), and a resume naming the
+    same folder by its absolute path was refused. report.md did not say where the run started from."""
+    import yaml
+
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.export import export_model
+
+    train(tiny_config(max_steps=1, eval_interval=1), run_name="base")
+    folder = export_model("base", "hf", workspace / "exp" / "base-hf").path
+    monkeypatch.chdir(workspace)
+    tuned = train(tiny_config(max_steps=1, eval_interval=1, init_from="exp/base-hf"), run_name="tuned")
+    assert yaml.safe_load((tuned.run_dir / "config.yaml").read_text())["train"]["init_from"] == str(folder)
+    assert f"| started from | {folder} |" in (tuned.run_dir / "report.md").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = train(resolve_config(config_file=tuned.run_dir / "config.yaml"), run_name="again")
+    assert yaml.safe_load((again.run_dir / "config.yaml").read_text())["train"]["init_from"] == str(folder)
+    train(tiny_config(max_steps=2, eval_interval=1, init_from=str(folder)), run_name="tuned", resume=True)
+    assert ckpt.latest_checkpoint(tuned.run_dir).name == "step_2"
+    named = train(tiny_config(max_steps=1, eval_interval=1, init_from="base"), run_name="named")
+    assert "init_from: base\n" in (named.run_dir / "config.yaml").read_text()  # a run's name stays a name
+
+
 def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch):
     from tinygpt_cli.errors import TinyGPTError
 

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ class TrainConfig:
     auto_batch: bool = False  # shrink the micro-batch to what fits (CUDA: trial steps; CPU/MPS: the estimate)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     init_from: str = ""  # start from these weights: gpt2[-medium|-large|-xl], a HF folder or a tinygpt run
-    lr: float = 2e-3  # peak learning rate
+    lr: float = 2e-3  # peak learning rate; not given with init_from: the weights' preset's over 20 (small: 3e-5)
     min_lr: float = 2e-4  # the schedule's floor; lr / 10 where lr is given alone (so on a resume, if it was lr / 10)
     warmup_steps: int = 50  # steps of linear LR warmup up to lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
@@ -206,6 +206,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # the "section.key"s a file, --set or a flag gave (not the preset), where `resolve_config` built a new run's
+    # config; None where unknown (built by hand, or a run's saved config). Not part of config.yaml.
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
 
 SECTIONS: dict[str, type] = {
@@ -332,11 +335,20 @@ def _merge_section(base: dict[str, dict[str, Any]], section: str, values: Any, o
         base[section][key] = _coerce(f"{section}.{key}", value, types[key])
 
 
+def _given(cfg: RunConfig, dotted: str) -> bool:
+    """Whether `cfg`'s "section.key" was given (a file, --set, a flag) rather than left to the preset; where that
+    is not known (`cfg.given` None), whether it differs from the preset's value."""
+    if cfg.given is not None:
+        return dotted in cfg.given
+    section, key = dotted.split(".")
+    preset = SECTIONS[section](**PRESETS.get(cfg.size, {}).get(section, {}))
+    return getattr(getattr(cfg, section), key) != getattr(preset, key)
+
+
 def init_from_block_size(cfg: RunConfig) -> int | None:
     """The context a run started from other weights (train.init_from) crops them to: the config's
-    model.block_size where it was changed from its preset's value, else None (the weights' own context)."""
-    preset_block = PRESETS.get(cfg.size, {}).get("model", {}).get("block_size")
-    return cfg.model.block_size if cfg.model.block_size != preset_block else None
+    model.block_size where it was given, else None (the weights' own context)."""
+    return cfg.model.block_size if _given(cfg, "model.block_size") else None
 
 
 def preset_of(model: ModelConfig) -> str | None:
@@ -347,17 +359,50 @@ def preset_of(model: ModelConfig) -> str | None:
 
 
 def init_from_conflict(cfg: RunConfig, weights: ModelConfig) -> str | None:
-    """Why a run cannot start from weights of shape `weights` (train.init_from): a model key the config changed
-    from its preset's value (by --set or a file) to another than the weights have. They would train as they are,
-    the change ignored. None if there is none."""
-    preset = ModelConfig(**PRESETS.get(cfg.size, {}).get("model", {}))
+    """Why a run cannot start from weights of shape `weights` (train.init_from): a model key the config gave
+    (a file, --set) another value than the weights have. They would train as they are, the setting ignored. None
+    if there is none."""
     changed = [f"model.{key}={getattr(cfg.model, key)}" for key in ("n_layer", "n_head", "n_embd", "vocab_size", "bias")
-               if getattr(cfg.model, key) != getattr(preset, key) and getattr(cfg.model, key) != getattr(weights, key)]
+               if _given(cfg, f"model.{key}") and getattr(cfg.model, key) != getattr(weights, key)]
     if not changed:
         return None
     return (f"--init-from {cfg.train.init_from} trains its weights' shape ({weights.n_layer} layers, {weights.n_head} "
             f"heads, {weights.n_embd} wide), not {', '.join(changed)}: drop those settings, or train a new model "
             f"without --init-from")
+
+
+# A run started from trained weights (train.init_from) without a train.lr of its own peaks at its weights' preset's
+# lr over this: GPT-2 small's 6e-4 gives 3e-5, the rate nanoGPT fine-tunes GPT-2 at. A pretraining rate (micro's
+# 2e-3 is the default size's) overwrites what the weights know within a few hundred steps.
+FINE_TUNE_LR_DIVISOR = 20
+
+
+def start_from(cfg: RunConfig, weights: ModelConfig) -> tuple[RunConfig, list[str]]:
+    """The config a run trains with when it starts from weights of shape `weights` (train.init_from), and notes on
+    what that changed: the weights' shape, labelled with their preset's size (else the size that chose the
+    training settings, so that config.yaml stays a --config), and a fine-tuning lr unless train.lr was given.
+    A ConfigError where the config gave a shape the weights do not have (`init_from_conflict`)."""
+    conflict = init_from_conflict(cfg, weights)
+    if conflict:
+        raise ConfigError(conflict)
+    label = preset_of(weights)
+    notes = []
+    if label != cfg.size:
+        notes.append(f"the weights of {cfg.train.init_from} are {weights.n_layer} layers × {weights.n_embd} "
+                     f"({'no preset size' if label is None else label + ' size'}): --size {cfg.size} gives only the "
+                     f"training settings{'' if label is None else f' (--size {label} gives its own)'}")
+    tc = cfg.train
+    if not _given(cfg, "train.lr"):
+        size = label or cfg.size
+        pretraining = PRESETS[size]["train"]["lr"]
+        lr = float(f"{pretraining / FINE_TUNE_LR_DIVISOR:.12g}")
+        min_lr = tc.min_lr if _given(cfg, "train.min_lr") else _following_min_lr(lr)
+        if min_lr > lr:  # a floor given above the fine-tuning rate: the rate is the floor, constant
+            lr = min_lr
+        tc = replace(tc, lr=lr, min_lr=min_lr)
+        notes.append(f"fine-tuning at lr {lr:g}, a twentieth of the {size} preset's {pretraining:g}, so that the "
+                     f"weights are nudged rather than overwritten: --lr sets another")
+    return replace(cfg, size=label or cfg.size, model=weights, train=tc), notes
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -468,7 +513,7 @@ def resolve_config(
         merged = {name: dict(values) for name, values in config_to_dict(base).items() if name != "size"}
         # a run whose min_lr followed its lr goes on following a new --lr; one that set its own keeps it
         followed = base.train.min_lr == _following_min_lr(base.train.lr)
-        return _finish(base.size, merged, overrides, flags, set() if followed else None)
+        return _finish(base.size, merged, overrides, flags, set() if followed else None, new_run=False)
     file_values = load_yaml(config_file) if config_file is not None else {}
     origin = str(config_file) if config_file is not None else ""
     file_size = file_values.pop("size", None)
@@ -494,7 +539,7 @@ def _following_min_lr(lr: float) -> float:
 
 def _finish(
     size: str, merged: dict[str, dict[str, Any]], overrides: Iterable[str], flags: Mapping[str, Any] | None,
-    given: set[str] | None = None,
+    given: set[str] | None = None, new_run: bool = True,
 ) -> RunConfig:
     """The RunConfig of `merged` with the overrides and flags on top. `given` (the keys a new run's file set; none
     for a resumed run whose min_lr followed its lr; None for one that set its own) lets train.min_lr follow a
@@ -514,11 +559,14 @@ def _finish(
             given.add(dotted)
     if given is not None and "train.lr" in given and "train.min_lr" not in given:
         merged["train"]["min_lr"] = _following_min_lr(merged["train"]["lr"])
-    return RunConfig(size=size, **{name: SECTIONS[name](**values) for name, values in merged.items()})
+    return RunConfig(size=size, **{name: SECTIONS[name](**values) for name, values in merged.items()},
+                     given=frozenset(given) if new_run and given is not None else None)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    values = dataclasses.asdict(cfg)
+    del values["given"]
+    return values
 
 
 def config_from_dict(values: Mapping[str, Any], origin: str = "saved config") -> RunConfig:

@@ -757,9 +757,13 @@ def download_gpt2(name: str) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=["config.json", "generation_config.json", _HF_WEIGHTS]))
     except Exception as exc:  # offline mode, no network, no such file: all mean "not available here"
+        from huggingface_hub import constants
+
+        offline = " and unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else ""
         raise ExportError(
             f"cannot download {name} ({repo}) from the Hugging Face Hub ({described(exc, most=160)}): "
-            "connect to the internet (and unset HF_HUB_OFFLINE), or pass a local Hugging Face GPT-2 folder"
+            f"connect to the internet{offline}, or on a machine that has it run `tinygpt export {name} --out "
+            f"{name}-hf`, copy that folder here and pass it instead of {name}"
         ) from None
 
 
@@ -891,6 +895,17 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
         f"no run, checkpoint or Hugging Face GPT-2 folder at {spec}, and it is not one of {', '.join(HUB_MODELS)}: "
         f"list runs with `tinygpt runs`"
     )
+
+
+def source_record(spec: str) -> str:
+    """How a run's config.yaml names the weights it started from (train.init_from), so that it names them from any
+    folder: a run (a path under runs/) or a hub name as given, a folder by its absolute path; `spec` as given where
+    it names nothing."""
+    try:
+        kind, where = _resolve(spec)
+    except ExportError:
+        return spec
+    return str(where) if kind == "hub" or isinstance(where, str) else os.path.abspath(where)
 
 
 def _source_folder(spec: str | Path | None) -> Path | None:

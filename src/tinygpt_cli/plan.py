@@ -22,7 +22,7 @@ from tinygpt_cli.config import (
     TrainConfig,
     dtype_refusal,
     init_from_block_size,
-    init_from_conflict,
+    start_from,
     trains_compiled,
 )
 from tinygpt_cli.errors import ConfigError, DataError
@@ -638,12 +638,10 @@ def plan(
 
         shape = pretrained_config(cfg.train.init_from, block_size=init_from_block_size(cfg),
                                   dropout=cfg.model.dropout)
-        conflict = init_from_conflict(cfg, shape)
-        if conflict:
-            raise ConfigError(conflict)
-        cfg = replace(cfg, model=shape)
+        cfg, started = start_from(cfg, shape)
         notes.append(f"starting from {cfg.train.init_from}: its shape, {shape.n_layer} layers × {shape.n_embd}, "
                      f"context {shape.block_size}")
+        notes += started
     model = cfg.model
     tc = cfg.train
     dtype = _autocast_dtype(tc.dtype, spec)

@@ -167,6 +167,7 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         "|---|---|",
         f"| model | {cfg.size}: {model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers × "
         f"{cfg.model.n_embd}, context {cfg.model.block_size} |",
+        *([f"| started from | {cfg.train.init_from} |"] if cfg.train.init_from else []),
         f"| data | {dataset['name']}: {dataset['train_tokens']:,} train / {dataset['val_tokens']:,} val tokens |",
         f"| hardware | {hardware['device_name']} · {hardware['device']} {hardware['dtype']} · "
         f"{workspace.counted(hardware['world_size'], 'process', 'processes')} · torch {hardware['torch']} |",

@@ -53,7 +53,17 @@ from tinygpt_cli.config import (
     trains_compiled,
 )
 from tinygpt_cli.data import Dataset, find_dataset, remake_command, token_window, tokenize
-from tinygpt_cli.errors import DENIED, FULL, READ_ONLY, DataError, TinyGPTError, TrainingError, first_line, os_problem
+from tinygpt_cli.errors import (
+    DENIED,
+    FULL,
+    READ_ONLY,
+    ConfigError,
+    DataError,
+    TinyGPTError,
+    TrainingError,
+    first_line,
+    os_problem,
+)
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import (
@@ -686,7 +696,7 @@ class _Trainer:
             self.val_tokens = self.dataset.split("val")
             self._check_data_fits(cfg.model.block_size)
             start = self._init_from(tc.init_from) if tc.init_from and not resume else None
-        cfg = self.cfg  # with the weights' shape and size (init_from), before the default name takes the size
+        cfg, tc = self.cfg, self.tc  # with the weights' shape, size and lr (init_from), before the name takes the size
         name = run_name
         if name is None:  # a new run (train() names the run a resume takes): rank 0 claims a free name, held
             with dist.agreed():
@@ -863,26 +873,22 @@ class _Trainer:
                 folder.rmdir()
 
     def _init_from(self, spec: str) -> GPT:
-        """Weights to start from (fine-tuning / continued pretraining). The model shape is the source's; a
-        shorter context is kept when the config changed model.block_size from its preset's value."""
+        """Weights to start from (fine-tuning / continued pretraining), and the config they train with
+        (`config.start_from`: their shape, a shorter context where model.block_size was given, a fine-tuning lr)."""
 
-        from tinygpt_cli.config import init_from_block_size, init_from_conflict, preset_of
-        from tinygpt_cli.export import load_pretrained
+        from tinygpt_cli.config import init_from_block_size, start_from
+        from tinygpt_cli.export import load_pretrained, source_record
 
         model, model_cfg = load_pretrained(spec, block_size=init_from_block_size(self.cfg),
                                            dropout=self.cfg.model.dropout)
-        conflict = init_from_conflict(self.cfg, model_cfg)
-        if conflict:
-            raise TrainingError(conflict)
-        label = preset_of(model_cfg)
-        if label != self.cfg.size:
-            self.emit(TrainEvent("info", message=(
-                f"the weights of {spec} are {model_cfg.n_layer} layers × {model_cfg.n_embd} "
-                f"({'no preset size' if label is None else label + ' size'}): --size {self.cfg.size} gives "
-                f"only the training settings{'' if label is None else f' (--size {label} gives its own)'}")))
-        # config.yaml (and runs, report.md, the default run name) record the shape trained and its preset's size;
-        # a shape of no preset keeps the size that chose the training settings, so config.yaml stays a --config
-        self.cfg = replace(self.cfg, size=label or self.cfg.size, model=model_cfg)
+        try:
+            self.cfg, notes = start_from(self.cfg, model_cfg)
+        except ConfigError as exc:
+            raise TrainingError(str(exc)) from None
+        self.cfg = replace(self.cfg, train=replace(self.cfg.train, init_from=source_record(spec)))
+        self.tc = self.cfg.train
+        for note in notes:
+            self.emit(TrainEvent("info", message=note))
         self.emit(TrainEvent("info", message=f"Starting from {spec}: {model.num_params() / 1e6:.1f}M parameters, "
                                              f"context {model_cfg.block_size}"))
         return model.train()
@@ -1107,7 +1113,11 @@ class _Trainer:
                 f"{self.dataset.name}, other text: its val losses (and the best so far) are on another val split")))
         saved_config = state.get("run_config")
         trained_from = ((saved_config or {}).get("train") or {}).get("init_from") or ""
-        if isinstance(saved_config, dict) and tc.init_from != trained_from:
+        from tinygpt_cli.export import source_record
+
+        # the same weights named another way (a relative path, an older run's record) are no change
+        if isinstance(saved_config, dict) and tc.init_from != trained_from and (
+                not tc.init_from or not trained_from or source_record(tc.init_from) != source_record(trained_from)):
             raise TrainingError(
                 f"--init-from cannot change run {self.run_dir.name} on resume: it goes on from its own checkpoint "
                 f"(started from {trained_from or 'scratch'}); drop --init-from, or start a new run with --name"
