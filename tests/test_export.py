@@ -857,3 +857,34 @@ def test_a_gguf_is_renamed_into_place_where_the_filesystem_has_no_hard_links(hf_
     out = tmp_path / "out" / "m.gguf"
     assert invoke("export", str(hf_source), "--format", "gguf", "--out", str(out)).exit_code == 0
     assert out.stat().st_size > 1000 and [p.name for p in out.parent.iterdir()] == ["m.gguf"]
+
+
+def test_exports_tinygpt_cannot_load_back_say_so_and_a_run_named_export_loads(hf_source, workspace, tmp_path):
+    """Audit: `eval model.gguf` said "is a file: pass the folder that holds the model" (there is none), an onnx
+    export "not a run, checkpoint or model folder", and an hf export written into runs/ and named bare "has no
+    state.json: not a tinygpt checkpoint" (while its path loaded)."""
+    pytest.importorskip("gguf")
+    gguf_file = export.export_model(hf_source, "gguf", tmp_path / "m.gguf").path
+    for spec in (gguf_file, ):
+        with pytest.raises(TinyGPTError, match=r"m.gguf is a gguf export, which tinygpt writes but does not load: "
+                                               r"pass the run it came from, or an hf export"):
+            export.load_model(spec)
+    onnx_folder = tmp_path / "m-onnx"
+    onnx_folder.mkdir()
+    (onnx_folder / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(TinyGPTError, match=r"m-onnx is an onnx export, which tinygpt writes but does not load"):
+        export.load_model(onnx_folder)
+    shutil.copytree(hf_source, workspace / "runs" / "as-hf")
+    loaded = export.load_model("as-hf")
+    assert loaded.state["format"] == "huggingface" and loaded.path == workspace / "runs" / "as-hf"
+
+
+def test_a_null_in_config_json_names_the_key(tmp_path):
+    """Audit: `"n_positions": null` gave Python's "int() argument must be a string ... not 'NoneType'"."""
+    folder = hf_folder(random_model(), tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    config["n_positions"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TinyGPTError, match=r"config.json is not a valid GPT-2 config \(n_positions is null\): "
+                                           r"re-download or re-export the model"):
+        export.load_model(folder)

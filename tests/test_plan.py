@@ -370,6 +370,14 @@ def test_plan_takes_the_shape_of_the_weights_train_init_from_starts_from(with_sh
         P.plan(resolve_config(size="micro", overrides=["train.init_from=nosuch"]), device="cpu")
 
 
+def test_the_budget_row_counts_the_steps_max_tokens_leaves(workspace):
+    """Audit: `plan --max-tokens 100000` said "500 steps = 100.35k tokens", where the run stops after 49."""
+    result = invoke("plan", "--size", "micro", "--device", "cpu", "--max-tokens", "100000")
+    assert result.exit_code == 0, result.output
+    assert "49 of 500 steps (train.max_tokens) = 100.35k tokens" in " ".join(result.stdout.split())
+    assert "500 steps = 1.02M tokens" in " ".join(invoke("plan", "--size", "micro", "--device", "cpu").stdout.split())
+
+
 def test_a_train_command_line_plans_as_it_is(workspace):
     """`tinygpt plan` refused train's --dropout, --keep-last, --max-tokens, --max-minutes, --compile and
     --init-from (audit), though each changes a plan; and it said "1 layers"."""

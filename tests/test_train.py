@@ -694,7 +694,15 @@ def test_a_warmup_longer_than_the_run_is_said(with_shakespeare):
     train(tiny_config(max_steps=3, eval_interval=1000, warmup_steps=30), run_name="w", on_event=events.append)
     notes = [e.message for e in events if e.kind == "info" and "warmup" in (e.message or "")]
     assert notes == ["train.warmup_steps is 30, and the run is 3 steps: the learning rate climbs to 10% of "
-                     "train.lr and never decays; e.g. --set train.warmup_steps=1 warms up over a tenth of it."]
+                     "train.lr and never decays; e.g. --set train.warmup_steps=1."]
+    events.clear()
+    # audit: "the run is 1 steps", and a warmup of 1 advised where it was 1 already
+    train(tiny_config(max_steps=1, eval_interval=1000, warmup_steps=1), run_name="w1", on_event=events.append)
+    assert not [e for e in events if e.kind == "info" and "warmup" in (e.message or "")]
+    train(tiny_config(max_steps=20, eval_interval=1000, warmup_steps=30), run_name="w20", on_event=events.append)
+    assert [e.message for e in events if e.kind == "info" and "warmup" in (e.message or "")] == [
+        "train.warmup_steps is 30, and the run is 20 steps: the learning rate climbs to 67% of train.lr and never "
+        "decays; e.g. --set train.warmup_steps=2 warms up over a tenth of it."]
     events.clear()
     train(tiny_config(max_steps=30, eval_interval=1000, warmup_steps=3), run_name="w2", on_event=events.append)
     assert not [e for e in events if e.kind == "info" and "warmup" in (e.message or "")]

@@ -722,6 +722,14 @@ def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: boo
     return _signal_exit(getattr(exc, "signal", None))
 
 
+def _budget_steps(p: Any) -> str:
+    """The steps a plan trains: max_steps, or those train.max_tokens stops it after."""
+    steps = p.budget_tokens // p.tokens_per_step
+    if steps < p.max_steps:
+        return f"{_fmt_int(steps)} of {_fmt_int(p.max_steps)} steps (train.max_tokens)"
+    return f"{_fmt_int(p.max_steps)} steps"
+
+
 def _run_flags(batch_size: str | None, grad_accum: int | None, max_steps: int | None, max_tokens: int | None,
                max_minutes: float | None, dtype: str | None, dropout: float | None, keep_last: int | None,
                compile_mode: str | None, init_from: str | None) -> dict[str, Any]:
@@ -1383,7 +1391,7 @@ def _plan_table(p) -> Any:
     )
     table.add_row(
         "budget",
-        f"{_fmt_int(p.max_steps)} steps = {_fmt_count(p.budget_tokens)} tokens "
+        f"{_budget_steps(p)} = {_fmt_count(p.budget_tokens)} tokens "
         f"({p.epochs:,.2f} epochs); Chinchilla-optimal: {_fmt_count(p.chinchilla_tokens)} "
         f"({p.budget_tokens / p.chinchilla_tokens:.2g}×)",
     )

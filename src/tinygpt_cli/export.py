@@ -794,10 +794,17 @@ def _config_from_hf(folder: Path, config: dict[str, Any]) -> ModelConfig:
         raise ExportError(f"{where} names no model_type: re-download or re-export the model (GPT-2, 'gpt2')")
     if config.get("model_type") != "gpt2":
         raise ExportError(f"{where} describes a {config.get('model_type')!r} model; tinygpt loads GPT-2 ('gpt2') only")
+    nulls = [key for key, value in config.items() if value is None and key in _HF_NUMBERS]
     try:
+        if nulls:
+            raise ValueError(f"{nulls[0]} is null")
         return _checked_config_from_hf(where, config)
-    except (TypeError, ValueError) as exc:  # a null or a string where a number goes
+    except (TypeError, ValueError) as exc:  # a string where a number goes
         raise ExportError(f"{where} is not a valid GPT-2 config ({exc}): re-download or re-export the model") from None
+
+
+# config.json keys that tinygpt reads as numbers (n_inner may be null: 4 × n_embd)
+_HF_NUMBERS = ("n_layer", "n_head", "n_embd", "n_positions", "n_ctx", "vocab_size", "layer_norm_epsilon")
 
 
 def _checked_config_from_hf(where: Path, config: dict[str, Any]) -> ModelConfig:
@@ -882,7 +889,14 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
     # a bare name is a run's before it is a folder in the current directory (as for `checkpoint.find_run`): an
     # export written there with `--out NAME` must not stand in for the run it came from
     if workspace.is_bare_name(str(spec)) and (workspace.runs_dir() / str(spec)).is_dir():
-        return "tinygpt", str(spec)
+        in_runs = workspace.runs_dir() / str(spec)  # an hf export written there loads as one
+        return ("hf", in_runs) if _is_hf_folder(in_runs) else ("tinygpt", str(spec))
+    written = "gguf" if path.suffix == ".gguf" and path.is_file() else \
+        "onnx" if (path / "model.onnx").is_file() and not (path / "config.json").exists() else None
+    if written:
+        article = "an" if written == "onnx" else "a"
+        raise ExportError(f"{spec} is {article} {written} export, which tinygpt writes but does not load: pass the "
+                          "run it came from, or an hf export (`tinygpt export RUN --format hf`)")
     if path.is_dir():
         return ("hf", path) if _is_hf_folder(path) else ("tinygpt", path)
     if path.exists():

@@ -761,12 +761,14 @@ class _Trainer:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16():
             self.emit(TrainEvent("info", message="bf16 on this CPU is emulated (no AVX-512 BF16 or AMX) and much "
                                                  "slower than fp32 (~10× measured): --dtype auto trains in fp32."))
-        if checkpoint is None and tc.warmup_steps >= tc.max_steps:  # e.g. --size small (700) --max-steps 100
-            peak = learning_rate(tc.max_steps - 1, tc) / tc.lr
+        shorter = max(1, tc.max_steps // 10)  # a warmup to offer: a tenth of the run
+        if checkpoint is None and tc.warmup_steps >= tc.max_steps and shorter < tc.warmup_steps:
+            peak = learning_rate(tc.max_steps - 1, tc) / tc.lr  # e.g. --size small (700) --max-steps 100
+            tenth = " warms up over a tenth of it" if tc.max_steps >= 10 else ""
             self.emit(TrainEvent("info", message=f"train.warmup_steps is {tc.warmup_steps}, and the run is "
-                                                 f"{tc.max_steps} steps: the learning rate climbs to {peak:.0%} of "
-                                                 f"train.lr and never decays; e.g. --set train.warmup_steps="
-                                                 f"{max(1, tc.max_steps // 10)} warms up over a tenth of it."))
+                                                 f"{workspace.counted(tc.max_steps, 'step')}: the learning rate "
+                                                 f"climbs to {peak:.0%} of train.lr and never decays; e.g. --set "
+                                                 f"train.warmup_steps={shorter}{tenth}."))
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
