@@ -378,6 +378,16 @@ def test_the_budget_row_counts_the_steps_max_tokens_leaves(workspace):
     assert "500 steps = 1.02M tokens" in " ".join(invoke("plan", "--size", "micro", "--device", "cpu").stdout.split())
 
 
+def test_plan_takes_trains_fsdp_flag(workspace):
+    """Docs audit: `train --fsdp` had no `plan --fsdp`; it went through --set alone."""
+    def weights(*flags):
+        result = invoke("plan", "--size", "small", "--device", "h100", "--nproc", "8", "--json", *flags)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["memory"]["weights"]
+
+    assert weights("--fsdp") == weights("--set", "train.fsdp=true") == weights() // 8
+
+
 def test_a_train_command_line_plans_as_it_is(workspace):
     """`tinygpt plan` refused train's --dropout, --keep-last, --max-tokens, --max-minutes, --compile and
     --init-from (audit), though each changes a plan; and it said "1 layers"."""

@@ -206,6 +206,8 @@ KeepLastOpt = Annotated[
 CompileOpt = Annotated[str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.")]
 InitFromOpt = Annotated[str | None, typer.Option(
     rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.")]
+FsdpOpt = Annotated[bool, typer.Option(
+    rich_help_panel=_P_HW, help="Under torchrun: shard parameters and optimizer state (FSDP2).")]
 
 
 def _fmt_int(n: float) -> str:
@@ -564,9 +566,7 @@ def train(
         int | None,
         typer.Option(rich_help_panel=_P_HW, help="Processes on this machine (DDP), as torchrun --standalone."),
     ] = None,
-    fsdp: Annotated[
-        bool, typer.Option(rich_help_panel=_P_HW, help="Under torchrun: shard parameters and optimizer state (FSDP2).")
-    ] = False,
+    fsdp: FsdpOpt = False,
     init_from: InitFromOpt = None,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
@@ -585,12 +585,11 @@ def train(
                            f"when you start tinygpt with torchrun (or run `tinygpt train --nproc {nproc}` alone)")
     flags: dict[str, Any] = {
         **_run_flags(batch_size, grad_accum, max_steps, max_tokens, max_minutes, dtype, dropout, keep_last,
-                     compile_mode, init_from),
+                     compile_mode, init_from, fsdp),
         "data.dataset": data_name,
         "train.lr": lr,
         "train.device": device,
         "train.seed": seed,
-        "train.fsdp": True if fsdp else None,
     }
     if nproc is not None and nproc > 1 and not worker:
         import torch
@@ -732,7 +731,7 @@ def _budget_steps(p: Any) -> str:
 
 def _run_flags(batch_size: str | None, grad_accum: int | None, max_steps: int | None, max_tokens: int | None,
                max_minutes: float | None, dtype: str | None, dropout: float | None, keep_last: int | None,
-               compile_mode: str | None, init_from: str | None) -> dict[str, Any]:
+               compile_mode: str | None, init_from: str | None, fsdp: bool) -> dict[str, Any]:
     """The config keys of the options `train` and `plan` share: a train command line plans as it is."""
     auto_batch = _auto_batch(batch_size)
     return {
@@ -747,6 +746,7 @@ def _run_flags(batch_size: str | None, grad_accum: int | None, max_steps: int | 
         "train.keep_last": keep_last,
         "train.compile": compile_mode,
         "train.init_from": init_from,
+        "train.fsdp": True if fsdp else None,
     }
 
 
@@ -1469,6 +1469,7 @@ def plan(
     keep_last: KeepLastOpt = None,
     compile_mode: CompileOpt = None,
     init_from: InitFromOpt = None,
+    fsdp: FsdpOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Estimate a run before spending on it: parameters, FLOPs, data, disk, memory, micro-batch and time."""
@@ -1477,7 +1478,7 @@ def plan(
     from tinygpt_cli.plan import plan_to_dict
 
     flags = _run_flags(batch_size, grad_accum, max_steps, max_tokens, max_minutes, dtype, dropout, keep_last,
-                       compile_mode, init_from)
+                       compile_mode, init_from, fsdp)
     cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
     if measure:
         _stderr_console().print("Measuring a few training steps on this machine…")
