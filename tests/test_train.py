@@ -486,6 +486,25 @@ def test_init_from_is_recorded_so_that_it_names_the_same_weights_from_any_folder
     assert "init_from: base\n" in (named.run_dir / "config.yaml").read_text()  # a run's name stays a name
 
 
+def test_a_fine_tune_measures_the_val_loss_it_starts_from(with_shakespeare, workspace):
+    """Audit: metrics.jsonl of a fine-tune had no point before its first step (nanoGPT evaluates iteration 0),
+    so nothing showed what it gained. Its step 0 is the source's val loss; a run from scratch has none."""
+    base = train(tiny_config(max_steps=4, eval_interval=4), run_name="base")
+    first = json.loads((base.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kind"] == "train"
+    events = []
+    tuned = train(tiny_config(max_steps=2, eval_interval=2, init_from="base"), run_name="tuned",
+                  on_event=events.append)
+    rows = [json.loads(line) for line in (tuned.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kind"] == "eval" and rows[0]["step"] == 0 and rows[0]["tokens"] == 0
+    assert rows[0]["val_loss"] == pytest.approx(base.final_val_loss, abs=1e-4)  # the same weights, the same sample
+    assert [e.step for e in events if e.kind == "eval"] == [0, 2]
+    assert tuned.best_val_loss == tuned.final_val_loss  # the start is no checkpoint's
+    train(tiny_config(max_steps=4, eval_interval=2, init_from="base"), run_name="tuned", resume=True)
+    rows = [json.loads(line) for line in (tuned.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
+
+
 def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch):
     from tinygpt_cli.errors import TinyGPTError
 

@@ -1313,6 +1313,9 @@ class _Trainer:
                 if val_pending:  # the evaluation a stop cut short at this step: as the uninterrupted run has it
                     self._eval_and_save(step, metrics)
                     window_began = time.perf_counter()
+                if start_step == 0 and tc.init_from:  # where a fine-tune starts: its weights' val loss (no save)
+                    self._evaluate_start(metrics)
+                    window_began = time.perf_counter()
                 while step < tc.max_steps:
                     stopped = self._stop_reason(step)
                     if stopped:
@@ -1462,6 +1465,17 @@ class _Trainer:
             with contextlib.suppress(OSError):  # a picture: a full disk is said by the checkpoint that follows
                 write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         self._save(step)
+
+    def _evaluate_start(self, metrics: _Metrics) -> None:
+        """The val loss of the weights a run starts from (train.init_from), at step 0, as nanoGPT measures its
+        iteration 0: the curve then shows what the fine-tune gained. It is no checkpoint's: the best val loss and
+        the report's figures stay those of the steps trained."""
+        val = self._evaluate(can_cut=True)
+        if val is None:
+            return
+        metrics.write({"kind": "eval", "step": 0, "val_loss": val, "tokens": 0, "elapsed_s": self.elapsed()})
+        self.emit(TrainEvent("eval", step=0, max_steps=self.tc.max_steps, val_loss=val, tokens=0,
+                             elapsed_s=self.elapsed()))
 
     def _report_model(self) -> torch.nn.Module:
         """A model rank 0 can sample from alone: under FSDP an unsharded CPU copy (collective to build)."""
