@@ -172,7 +172,9 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None
-        if self.fused_loss:
+        # traced by torch.compile, the whole-logits loss below, which inductor fuses; the fused one is a Python loop
+        # of large matmuls for eager runs (is_compiling is cheap: no torch._dynamo import for eager use)
+        if self.fused_loss and not torch.compiler.is_compiling():
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, V): bf16 under autocast; compiled, the upcast below fuses into the loss
         return None, F.cross_entropy(logits[..., :VOCAB_SIZE].flatten(0, 1).float(), targets.flatten(),
@@ -292,7 +294,6 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, workspace: torch.Tensor
     return (h @ weight.t()).float()
 
 
-@torch.compiler.disable  # a python loop of large matmuls; compiling it buys nothing and breaks tracing
 def chunked_cross_entropy(
     hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS
 ) -> torch.Tensor:
