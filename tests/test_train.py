@@ -505,6 +505,15 @@ def test_a_fine_tune_measures_the_val_loss_it_starts_from(with_shakespeare, work
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
 
 
+def test_train_lets_go_of_the_cpu_logits_buffer(with_shakespeare):
+    """CPU audit: the fused loss's reused (2048 × 50304) fp32 buffer, 412 MB for micro, stayed alive after train()
+    returned, held by a notebook or script that trains and then does other work."""
+    from tinygpt_cli import model as model_module
+
+    train(tiny_config(max_steps=1, eval_interval=1), run_name="b")
+    assert not model_module._CPU_WORKSPACE
+
+
 def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch):
     from tinygpt_cli.errors import TinyGPTError
 

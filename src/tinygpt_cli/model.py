@@ -283,6 +283,11 @@ def _cpu_workspace(rows: int, weight: torch.Tensor) -> torch.Tensor | None:
     return buffer
 
 
+def release_cpu_workspace() -> None:
+    """Drop the buffer `_cpu_workspace` keeps between chunks and steps (at the end of a training run)."""
+    _CPU_WORKSPACE.clear()
+
+
 def _autocast_fp16(device_type: str) -> bool:
     """Whether autocast is on for `device_type` with fp16 as its dtype."""
     return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16

@@ -65,7 +65,7 @@ from tinygpt_cli.errors import (
     os_problem,
 )
 from tinygpt_cli.launch import Stopped
-from tinygpt_cli.model import GPT
+from tinygpt_cli.model import GPT, release_cpu_workspace
 from tinygpt_cli.plan import (
     GIB,
     checkpoint_bytes,
@@ -617,6 +617,7 @@ def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callabl
                 trainer.metrics.close()
             trainer.drop_if_unstarted()
             trainer.held.close()
+            release_cpu_workspace()  # the fused loss's logits buffer (412 MB for micro) goes with the run
             # the trainer (its DDP wrapper holds the process group) goes before the group is destroyed: gloo's
             # destructor after destroy_process_group joins threads that wait on a peer that has already left
             trainer = None
