@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # torch._dynamo imported after the group is made (fused AdamW's constructor imports it) keeps the FSDP
+        # mesh's group alive past destroy_process_group, and gloo's threads then lived on to interpreter teardown
+        # (see `_release_meshes`); imported before, it does not. (Nothing else of tinygpt imports it at start.)
+        importlib.import_module("torch._dynamo")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
         # gloo's init can return on one rank while another is still connecting to it: a rank that then fails at
