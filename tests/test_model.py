@@ -243,3 +243,29 @@ def test_a_compiled_model_with_the_fused_loss_traces_the_whole_logits_loss():
     traced.backward()
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.lm_head.weight.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_the_fused_loss_in_two_threads_at_once_gives_each_its_own_figure():
+    """Library audit: the CPU logits buffer was one per process, so two threads (a notebook widget, a web app)
+    computing a loss at once wrote each other's logits: 36 of 60 losses were wrong. Each thread has its own."""
+    import threading
+
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 64, 16) for _ in range(2)]
+    weight = torch.randn(50304, 16) * 0.1
+    targets = [torch.randint(0, 50257, (2, 64)) for _ in range(2)]
+    expected = [chunked_cross_entropy(hidden[i], weight, targets[i]).item() for i in range(2)]
+    got: list[list[float]] = [[], []]
+
+    def work(i: int) -> None:
+        for _ in range(40):
+            got[i].append(chunked_cross_entropy(hidden[i], weight, targets[i]).item())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        assert got[i] == pytest.approx([expected[i]] * 40, rel=1e-6)
+    model_module.release_cpu_workspace()

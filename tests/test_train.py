@@ -511,7 +511,39 @@ def test_train_lets_go_of_the_cpu_logits_buffer(with_shakespeare):
     from tinygpt_cli import model as model_module
 
     train(tiny_config(max_steps=1, eval_interval=1), run_name="b")
-    assert not model_module._CPU_WORKSPACE
+    assert not model_module._CPU_WORKSPACE.by_shape
+
+
+def test_a_second_train_in_one_process_at_once_is_refused(with_shakespeare):
+    """Library audit: two train() calls at once in threads of one process gave wrong losses (10.79 and 6.90 where
+    each alone gives 10.72): torch's random stream, which seeds the weights and draws dropout, is the process's.
+    The second is refused with what to do, and the first goes on unharmed."""
+    import threading
+
+    alone = train(tiny_config(max_steps=2, eval_interval=2), run_name="alone").final_loss
+    inside, leave = threading.Event(), threading.Event()
+    results = {}
+
+    def hold(event):
+        if event.kind == "step":
+            inside.set()
+            leave.wait(60)
+
+    worker = threading.Thread(target=lambda: results.setdefault("first", train(
+        tiny_config(max_steps=2, eval_interval=2, log_interval=1), run_name="first", on_event=hold)))
+    worker.start()
+    assert inside.wait(60)
+    try:
+        with pytest.raises(TrainingError, match=r"^another train\(\) is running in this process: torch's random "
+                                                r"state is the process's, so two at once would change each "
+                                                r"other's results; run them one after another, or in separate "
+                                                r"processes$"):
+            train(tiny_config(max_steps=2, eval_interval=2), run_name="second")
+    finally:
+        leave.set()
+        worker.join(120)
+    assert results["first"].final_loss == pytest.approx(alone, rel=1e-6)
+    train(tiny_config(max_steps=2, eval_interval=2), run_name="third")  # one after another is fine
 
 
 def test_init_from_gpt2_offline_is_one_clear_error(with_shakespeare, monkeypatch):

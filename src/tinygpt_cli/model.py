@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Protocol
 
 import torch
@@ -264,7 +265,14 @@ def _softmax_and_nll_(logits: torch.Tensor, targets: torch.Tensor, hidden: torch
 # over the head's weight and its gradient; 2048 was fastest on the 2-core CI CPU (vs 256, 512, 1024).
 LOSS_CHUNK_TOKENS = 2048
 
-_CPU_WORKSPACE: dict[tuple, torch.Tensor] = {}
+class _ThreadBuffers(threading.local):
+    """One thread's reused CPU logits buffer: threads computing losses at once must not share one."""
+
+    def __init__(self) -> None:
+        self.by_shape: dict[tuple, torch.Tensor] = {}
+
+
+_CPU_WORKSPACE = _ThreadBuffers()
 
 
 def _cpu_workspace(rows: int, weight: torch.Tensor) -> torch.Tensor | None:
@@ -276,16 +284,17 @@ def _cpu_workspace(rows: int, weight: torch.Tensor) -> torch.Tensor | None:
     if weight.dtype != torch.float32:
         return None
     key = (rows, weight.size(0))
-    buffer = _CPU_WORKSPACE.get(key)
+    held = _CPU_WORKSPACE.by_shape
+    buffer = held.get(key)
     if buffer is None:
-        _CPU_WORKSPACE.clear()
-        buffer = _CPU_WORKSPACE[key] = torch.empty(key, dtype=torch.float32)
+        held.clear()
+        buffer = held[key] = torch.empty(key, dtype=torch.float32)
     return buffer
 
 
 def release_cpu_workspace() -> None:
-    """Drop the buffer `_cpu_workspace` keeps between chunks and steps (at the end of a training run)."""
-    _CPU_WORKSPACE.clear()
+    """Drop the buffer `_cpu_workspace` keeps for this thread between chunks and steps (at a run's end)."""
+    _CPU_WORKSPACE.by_shape.clear()
 
 
 def _autocast_fp16(device_type: str) -> bool:

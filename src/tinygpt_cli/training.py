@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -563,8 +564,20 @@ def train(
     if not isinstance(cfg, RunConfig):
         raise TrainingError(f"train takes a RunConfig, not a {type(cfg).__name__}: build one with "
                             f"resolve_config(size=..., overrides=[...])")
-    with _callers_state_kept():
-        return _train(cfg, run_name, resume, on_event, stop)
+    if not _ONE_AT_A_TIME.acquire(blocking=False):
+        raise TrainingError("another train() is running in this process: torch's random state is the process's, so "
+                            "two at once would change each other's results; run them one after another, or in "
+                            "separate processes")
+    try:
+        with _callers_state_kept():
+            return _train(cfg, run_name, resume, on_event, stop)
+    finally:
+        _ONE_AT_A_TIME.release()
+
+
+# train() in one thread of a process at a time: it seeds torch's process-wide random stream (the weights, dropout)
+# and puts the caller's back after, which another thread's run would see change under it.
+_ONE_AT_A_TIME = threading.Lock()
 
 
 @contextlib.contextmanager
