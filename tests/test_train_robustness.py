@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -548,3 +549,47 @@ def test_latest_names_a_checkpoint_of_its_own_run_only(tmp_path):
     for elsewhere in ("../../b/checkpoints/step_2", str(tmp_path / "b" / "checkpoints" / "step_2"), "."):
         pointer.write_text(elsewhere + "\n")
         assert ckpt.latest_checkpoint(tmp_path / "a") == tmp_path / "a" / "checkpoints" / "step_2"
+
+
+_SWEEP = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config
+from tinygpt_cli.training import train
+
+def first_step_terms(event):
+    if event.kind == "step" and event.step == 1 and not os.environ.get("TERMED"):
+        os.environ["TERMED"] = "1"
+        os.kill(os.getpid(), signal.SIG{sig})
+
+if {own_handler}:
+    signal.signal(signal.SIG{sig}, lambda signum, frame: (print("caller's handler", flush=True), sys.exit(3)))
+for lr in (1e-3, 2e-3):
+    result = train(tiny_config(max_steps=4, eval_interval=4, log_interval=1, lr=lr), run_name=f"lr{{lr}}",
+                   on_event=first_step_terms)
+    print("returned", result.stopped, flush=True)
+print("swept", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("sig", "own_handler"), [("TERM", False), ("HUP", False), ("TERM", True), ("INT", False)])
+def test_a_script_calling_train_is_told_of_a_sigterm(with_shakespeare, workspace, tmp_path, sig, own_handler):
+    """Library audit: in a script (a sweep), SIGTERM from `docker stop` or `scancel` ended the current run with a
+    checkpoint, and train() returned "interrupted" to a loop that started the next, until SIGKILL came. Once the
+    checkpoint is saved, SIGTERM and SIGHUP now go on to the caller's handler (by default: the process ends, as
+    the signal means); Ctrl-C still returns "interrupted", for a notebook."""
+    script = tmp_path / "sweep.py"
+    script.write_text(_SWEEP.format(sig=sig, own_handler=own_handler))
+    done = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
+                          env={**os.environ, "TINYGPT_HOME": str(workspace)}, timeout=300)
+    saved = ckpt.latest_checkpoint(workspace / "runs" / "lr0.001")
+    assert saved is not None and saved.name == "step_1"  # the signal's step, saved before anything else
+    if sig == "INT":
+        assert done.returncode == 0 and done.stdout.splitlines() == ["returned interrupted", "returned completed",
+                                                                    "swept"], done.stdout + done.stderr
+    elif own_handler:
+        assert done.returncode == 3 and done.stdout.splitlines() == ["caller's handler"], done.stdout + done.stderr
+    else:
+        assert done.returncode == -getattr(signal, f"SIG{sig}"), done.stdout + done.stderr
+        assert done.stdout == ""
+    assert not (workspace / "runs" / "lr0.002").exists() or sig == "INT"

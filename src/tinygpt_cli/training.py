@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -552,7 +553,10 @@ def train(
     own config when `cfg` is None. A `cfg` given replaces it whole (training keys may change, the model's shape
     may not): `resolve_config(base=run_config_of(run_dir), overrides=["train.max_steps=N"])` changes one key, as
     `tinygpt train --resume --max-steps N` does. `stop` is set (`reason`) to end the run with a checkpoint.
-    Under torchrun every rank calls this; only rank 0 reports events and writes files.
+    Ctrl-C (SIGINT) ends the run with a checkpoint and returns, `stopped` "interrupted"; SIGTERM and SIGHUP do
+    too, then, unless the caller passed its own `stop` (and so reads `stop.signal`), go on to the caller's handler
+    (by default the process ends, as the signal asks: a script's loop must not start the next run). Under
+    torchrun every rank calls this; only rank 0 reports events and writes files.
     """
     if resume and run_name is None:  # the latest run
         run_name = find_run(None).name
@@ -568,11 +572,21 @@ def train(
         raise TrainingError("another train() is running in this process: torch's random state is the process's, so "
                             "two at once would change each other's results; run them one after another, or in "
                             "separate processes")
+    own_stop = stop is None
+    stop = stop if stop is not None else StopFlag()
     try:
         with _callers_state_kept():
-            return _train(cfg, run_name, resume, on_event, stop)
+            result = _train(cfg, run_name, resume, on_event, stop)
     finally:
         _ONE_AT_A_TIME.release()
+    if own_stop and stop.signal in _ENDING_SIGNALS:  # the checkpoint is saved: the signal's own meaning now
+        signal.raise_signal(stop.signal)
+    return result
+
+
+# Signals that ask the process to end (a scheduler, `docker stop`, a closed terminal): after its checkpoint, train()
+# passes them on to the caller's handlers. Ctrl-C only returns, which a notebook cell wants.
+_ENDING_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 # train() in one thread of a process at a time: it seeds torch's process-wide random stream (the weights, dropout)
@@ -612,12 +626,12 @@ def _tf32_while_training() -> Iterator[None]:
 
 
 def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callable[[TrainEvent], None] | None,
-           stop: StopFlag | None) -> TrainResult:
+           stop: StopFlag) -> TrainResult:
     info = dist.from_environment()
     owns_group = info.enabled and not torch.distributed.is_initialized()
     trainer = None
     try:
-        trainer = _Trainer(cfg, info, on_event if info.is_main else None, stop if stop is not None else StopFlag())
+        trainer = _Trainer(cfg, info, on_event if info.is_main else None, stop)
         return trainer.run(run_name, resume)
     except RuntimeError as exc:  # torch.distributed.DistError included
         lost = _peer_lost(exc) if info.enabled else None
