@@ -142,6 +142,30 @@ def test_train_leaves_the_callers_random_streams_and_tf32_as_they_were(with_shak
         assert draws() == expected
 
 
+def test_loading_evaluating_exporting_and_planning_leave_the_callers_random_stream(with_shakespeare, workspace):
+    """Library audit: load_checkpoint (and evaluate, export_model, sample's loads, which call it) built a randomly
+    initialised GPT before its weights replaced it, which moved a notebook's seeded torch draws; plan's --measure
+    reseeded the stream and kept the 412 MB CPU logits buffer."""
+    import torch
+
+    from tinygpt_cli import evaluate, export_model, load_checkpoint, resolve_config, train
+    from tinygpt_cli import model as model_module
+    from tinygpt_cli.plan import plan
+
+    cfg = resolve_config(size="micro", overrides=[*TINY_OVERRIDES, "train.max_steps=1"])
+    train(cfg, run_name="r")
+    torch.manual_seed(5)
+    expected = torch.rand(3).tolist()
+    exported = export_model("r", "hf", workspace / "hf").path
+    for call in (lambda: load_checkpoint("r"), lambda: evaluate("r", tokens=64, record=False),
+                 lambda: evaluate(str(exported), tokens=64),
+                 lambda: export_model("r", "hf", workspace / "hf2"), lambda: plan(cfg, do_measure=True)):
+        torch.manual_seed(5)
+        call()
+        assert torch.rand(3).tolist() == expected
+    assert not model_module._CPU_WORKSPACE.by_shape
+
+
 def test_train_takes_a_caller_on_torchs_newer_precision_switches(with_shakespeare, workspace):
     """Review: reading the legacy TF32 switch after a caller set torch's newer `fp32_precision` raises ("mix of
     the legacy and new APIs"), which made train fail on any device. A fresh process, as the switch is global."""

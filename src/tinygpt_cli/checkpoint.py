@@ -345,7 +345,7 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
     """Load the model (fp32, eval mode) of a checkpoint, a run (its latest checkpoint) or the latest run."""
     import torch
 
-    from tinygpt_cli.model import GPT
+    from tinygpt_cli.model import gpt_to_load
 
     spec = str(spec) if spec is not None else None
     checkpoint = resolve_checkpoint(spec)
@@ -360,7 +360,7 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
         state, metadata, tensors = _read_checkpoint(checkpoint)
     weights = checkpoint / WEIGHTS_FILE
     model_config = _model_config(metadata, weights)
-    model = GPT(model_config)
+    model = gpt_to_load(model_config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
     got = {k: v.shape for k, v in tensors.items()}
     if expected != got:

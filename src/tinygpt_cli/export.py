@@ -47,7 +47,7 @@ from tinygpt_cli.checkpoint import (
 )
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import FULL, TinyGPTError, described, os_problem
-from tinygpt_cli.model import GPT
+from tinygpt_cli.model import GPT, gpt_to_load
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
 from tinygpt_cli.workspace import fsync_dir, fsync_file
 
@@ -870,7 +870,7 @@ def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
     wte = tensors.get("transformer.wte.weight")
     if wte is not None and wte.size(0) < cfg.vocab_size:
         tensors["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(cfg.vocab_size - wte.size(0), wte.size(1))])
-    model = GPT(cfg)
+    model = gpt_to_load(cfg)
     expected = {key: value.shape for key, value in model.state_dict().items() if key != "lm_head.weight"}
     got = {key: value.shape for key, value in tensors.items()}
     if expected != got:
@@ -948,7 +948,7 @@ def _adapt(model: GPT, block_size: int | None, dropout: float | None) -> GPT:
     state = model.state_dict()
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: new.block_size]
     state.pop("lm_head.weight", None)
-    adapted = GPT(new)
+    adapted = gpt_to_load(new)
     adapted.load_state_dict(state, strict=False)
     return adapted.train(model.training)
 

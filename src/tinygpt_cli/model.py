@@ -182,6 +182,13 @@ class GPT(nn.Module):
                                      ignore_index=-1)
 
 
+def gpt_to_load(cfg: ModelConfig) -> GPT:
+    """A GPT whose weights a checkpoint or a folder is about to replace, built without drawing from the caller's
+    random stream (its random initialisation would move a notebook's seeded draws)."""
+    with torch.random.fork_rng(devices=[]):
+        return GPT(cfg)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` that never holds all (N, V) logits and needs no backward pass
     over them: each chunk's softmax is turned into its gradient in place, right after the loss is read.

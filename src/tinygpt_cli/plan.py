@@ -465,7 +465,20 @@ CPU_MEASURE_TOKENS = 2048  # tokens per measured micro-step on CPU (a 124M model
 
 def measure(cfg: RunConfig, micro_steps: int = 3, warmup: int = 1) -> Measurement:
     """Time `micro_steps` forward+backward micro-steps and one optimizer step of `cfg` on this machine, after
-    `warmup` whole steps (compilation, first allocations). Random tokens; nothing is written."""
+    `warmup` whole steps (compilation, first allocations). Random tokens; nothing is written, and the caller's
+    random stream and memory are as they were."""
+    import torch
+
+    from tinygpt_cli.model import release_cpu_workspace
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _measure(cfg, micro_steps, warmup)
+    finally:
+        release_cpu_workspace()
+
+
+def _measure(cfg: RunConfig, micro_steps: int, warmup: int) -> Measurement:
     import torch
 
     from tinygpt_cli.model import GPT
