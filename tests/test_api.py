@@ -166,6 +166,39 @@ def test_loading_evaluating_exporting_and_planning_leave_the_callers_random_stre
     assert not model_module._CPU_WORKSPACE.by_shape
 
 
+def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
+    """Library audit: a run's name where a model goes gave "AttributeError: 'str' object has no attribute
+    'config'", a 2-D tensor prompt "Boolean value of Tensor with more than one value is ambiguous", a float id was
+    taken, `train(stop=threading.Event())` failed after the whole setup, and `run_config_of("runs/r")` (the
+    docstring's recipe with a string) raised a TypeError."""
+    import threading
+
+    import torch
+
+    from tinygpt_cli import TinyGPTError, generate, load_checkpoint, resolve_config, sample_text, train
+    from tinygpt_cli.training import run_config_of
+
+    cfg = resolve_config(size="micro", overrides=[*TINY_OVERRIDES, "train.max_steps=1"])
+    train(cfg, run_name="r")
+    model = load_checkpoint("r").model
+    for call, fragment in (
+            (lambda: sample_text("r", "Hi", 2), r"sample_text takes a GPT model \(load_checkpoint\(RUN\)\.model\), "
+                                               r"not a str"),
+            (lambda: list(generate(load_checkpoint("r"), [1], 2)), "generate takes a GPT model .*not a "
+                                                                   "LoadedCheckpoint"),
+            (lambda: sample_text(model, None, 2), "sample_text takes the prompt as text, not a NoneType"),
+            (lambda: list(generate(model, torch.tensor([[1, 2]]), 2)), "the prompt's token ids must be whole numbers"),
+            (lambda: list(generate(model, [1.5], 2)), "the prompt's token ids must be whole numbers"),
+            (lambda: train(cfg, run_name="s", stop=threading.Event()), "stop takes a StopFlag"),
+    ):
+        with pytest.raises(TinyGPTError, match=fragment):
+            call()
+    assert not (workspace / "runs" / "s").exists()
+    train(cfg, run_name="s")  # a refused call holds nothing a later one needs
+    assert list(generate(model, torch.tensor([1, 2]), 2, seed=0)) == list(generate(model, [1, 2], 2, seed=0))
+    assert run_config_of(str(workspace / "runs" / "r")) == run_config_of(workspace / "runs" / "r")
+
+
 def test_train_takes_a_caller_on_torchs_newer_precision_switches(with_shakespeare, workspace):
     """Review: reading the legacy TF32 switch after a caller set torch's newer `fp32_precision` raises ("mix of
     the legacy and new APIs"), which made train fail on any device. A fresh process, as the switch is global."""

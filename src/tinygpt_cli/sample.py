@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import copy
 import itertools
+import operator
 import threading
 import time
 import weakref
@@ -600,6 +601,13 @@ NON_FINITE = ("the model produced non-finite logits (NaN or infinity): the check
 NEVER = 2**62  # `first_bad` of a sample whose logits stayed finite
 
 
+def check_model(model: Any, caller: str) -> None:
+    """A GenerationError unless `model` is a model to sample from (a GPT, or a module holding one's config)."""
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+        raise GenerationError(f"{caller} takes a GPT model (load_checkpoint(RUN).model), not a "
+                              f"{type(model).__name__}")
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -651,13 +659,18 @@ def generate(
     static cache, replayed as CUDA graphs like the eager step; NVIDIA CUDA only. Its tokens are the eager step's up
     to float rounding. If its kernels fail to build, decoding goes on eagerly and `stats.compile_error` says why.
     """
+    check_model(model, "generate")
     if isinstance(prompt, (str, bytes)):
         raise GenerationError("generate takes the prompt's token ids: for text, sample_text takes it and returns "
                               "text")
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples, seed)
     started = time.perf_counter()
     block = model.config.block_size
-    prompt = list(prompt) or [EOT_ID]
+    try:  # ints, numpy's, or a 1-D tensor's elements
+        prompt = [operator.index(token) for token in prompt] or [EOT_ID]
+    except TypeError:
+        raise GenerationError("the prompt's token ids must be whole numbers (a list of ints, or a 1-D tensor)") \
+            from None
     if flush_every is not None and flush_every < 1:
         raise ValueError(f"flush_every must be at least 1 (got {flush_every})")
     check_prompt_fits(prompt, model)
@@ -1375,6 +1388,10 @@ def sample_text(
     """
     from tinygpt_cli.tokenizer import get_encoding
 
+    check_model(model, "sample_text")
+    if not isinstance(prompt, str):
+        raise GenerationError(f"sample_text takes the prompt as text, not a {type(prompt).__name__}: generate "
+                              "takes token ids")
     stop = [stop] if isinstance(stop, str) else list(stop)  # one text, not its characters
     if any(not s for s in stop):
         raise GenerationError("--stop needs a non-empty text")

@@ -568,6 +568,9 @@ def train(
     if not isinstance(cfg, RunConfig):
         raise TrainingError(f"train takes a RunConfig, not a {type(cfg).__name__}: build one with "
                             f"resolve_config(size=..., overrides=[...])")
+    if stop is not None and not isinstance(stop, StopFlag):
+        raise TrainingError(f"stop takes a StopFlag (tinygpt_cli.training.StopFlag: set its reason to stop), not a "
+                            f"{type(stop).__name__}")
     if not _ONE_AT_A_TIME.acquire(blocking=False):
         raise TrainingError("another train() is running in this process: torch's random state is the process's, so "
                             "two at once would change each other's results; run them one after another, or in "
@@ -1674,10 +1677,11 @@ def _resume_advice() -> Iterator[None]:
         raise TrainingError(f"{exc.what}: {exc.resume_advice()}") from None
 
 
-def run_config_of(run_dir: Path) -> RunConfig:
+def run_config_of(run_dir: str | Path) -> RunConfig:
     """The resolved config a run trains with: its config.yaml, else the copy in its latest checkpoint."""
     import yaml
 
+    run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not path.is_file():
         checkpoint = latest_checkpoint(run_dir)
