@@ -429,6 +429,40 @@ def test_init_from_honours_a_model_setting_given_even_where_it_is_the_presets(wi
     assert not (workspace / "runs" / "tuned").exists()
 
 
+def test_what_counts_as_given_for_init_from(with_shakespeare, workspace):
+    """Review: `given` held every key of a --config file, so a run's own config.yaml (which lists every key) given
+    back with --init-from gpt2 fine-tuned at its pretraining lr, and a micro one refused gpt2's shape; and a config
+    changed with dataclasses.replace after resolve_config kept the old `given`, so a context and an lr set that way
+    were dropped. --set and flags count where they equal the preset; a file's values and later edits where they
+    differ from it."""
+    from dataclasses import replace
+
+    import yaml
+
+    from tinygpt_cli.config import dump_yaml, init_from_block_size, resolve_config, start_from
+    from tinygpt_cli.export import pretrained_config
+
+    gpt2 = pretrained_config("gpt2")
+    saved = workspace / "saved.yaml"
+    saved.write_text(dump_yaml(resolve_config(size="small")))
+    cfg, notes = start_from(resolve_config(config_file=saved, overrides=["train.init_from=gpt2"]), gpt2)
+    assert cfg.train.lr == 3e-5 and any("fine-tuning at lr 3e-05" in note for note in notes)
+    micro = workspace / "micro.yaml"
+    micro.write_text(dump_yaml(resolve_config(size="micro")))
+    start_from(resolve_config(config_file=micro, overrides=["train.init_from=gpt2"]), gpt2)  # not refused
+    edited = resolve_config(size="small")
+    edited = replace(edited, model=replace(edited.model, block_size=256),
+                     train=replace(edited.train, init_from="gpt2", lr=1e-4))
+    assert init_from_block_size(edited) == 256
+    assert start_from(edited, gpt2)[0].train.lr == 1e-4
+    own = workspace / "own.yaml"
+    own.write_text(yaml.safe_dump({"size": "small", "train": {"lr": 3e-5, "init_from": "gpt2"}}))
+    assert start_from(resolve_config(config_file=own), gpt2)[0].train.lr == 3e-5
+    floor = start_from(resolve_config(size="small", overrides=["train.init_from=gpt2", "train.min_lr=1e-4"]), gpt2)
+    assert (floor[0].train.lr, floor[0].train.min_lr) == (1e-4, 1e-4)
+    assert any("fine-tuning at a constant lr 0.0001, the train.min_lr given" in note for note in floor[1])
+
+
 def test_init_from_fine_tunes_at_a_twentieth_of_the_presets_lr_unless_told(with_shakespeare, workspace):
     """Audit: `--init-from gpt2` with no --lr trained GPT-2 at micro's pretraining rate, 2e-3 (67 times what
     examples/finetune_from_gpt2.yaml uses), which overwrites what the weights know. A run started from weights
@@ -445,7 +479,7 @@ def test_init_from_fine_tunes_at_a_twentieth_of_the_presets_lr_unless_told(with_
                   on_event=lambda e: notes.append(e.message) if e.kind == "info" else None)
     saved = yaml.safe_load((tuned.run_dir / "config.yaml").read_text())["train"]
     assert (saved["lr"], saved["min_lr"]) == (1e-4, 1e-5)
-    assert any("fine-tuning at lr 0.0001, a twentieth of the micro preset's 0.002" in note for note in notes)
+    assert any("fine-tuning at lr 0.0001, the micro preset's 0.002 over 20" in note for note in notes)
     told = train(resolve_config(size="micro", overrides=[*quick, "train.init_from=base", "train.lr=5e-4"]),
                  run_name="told")
     saved = yaml.safe_load((told.run_dir / "config.yaml").read_text())["train"]
@@ -456,7 +490,7 @@ def test_init_from_fine_tunes_at_a_twentieth_of_the_presets_lr_unless_told(with_
     # gpt2's shape is small's: plan shows that size (it said "micro") and the fine-tuning rate (offline: no weights)
     planned = plan(resolve_config(size="micro", overrides=["train.init_from=gpt2"]), device="cpu")
     assert planned.size == "small"
-    assert any("fine-tuning at lr 3e-05, a twentieth of the small preset's 0.0006" in note for note in planned.notes)
+    assert any("fine-tuning at lr 3e-05, the small preset's 0.0006 over 20" in note for note in planned.notes)
 
 
 def test_init_from_is_recorded_so_that_it_names_the_same_weights_from_any_folder(with_shakespeare, workspace,

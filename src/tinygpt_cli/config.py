@@ -206,8 +206,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    # the "section.key"s a file, --set or a flag gave (not the preset), where `resolve_config` built a new run's
-    # config; None where unknown (built by hand, or a run's saved config). Not part of config.yaml.
+    # the "section.key"s --set or a flag gave, where `resolve_config` built a new run's config (see `_given`);
+    # None where unknown (built by hand, or a run's saved config). Not part of config.yaml.
     given: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
 
@@ -336,10 +336,11 @@ def _merge_section(base: dict[str, dict[str, Any]], section: str, values: Any, o
 
 
 def _given(cfg: RunConfig, dotted: str) -> bool:
-    """Whether `cfg`'s "section.key" was given (a file, --set, a flag) rather than left to the preset; where that
-    is not known (`cfg.given` None), whether it differs from the preset's value."""
-    if cfg.given is not None:
-        return dotted in cfg.given
+    """Whether `cfg`'s "section.key" was chosen rather than left to the preset: given by --set or a flag (even as
+    the preset's value), or different from the preset's value (a file's, which may be a run's config.yaml that
+    lists every key; an edit made with dataclasses.replace)."""
+    if cfg.given is not None and dotted in cfg.given:
+        return True
     section, key = dotted.split(".")
     preset = SECTIONS[section](**PRESETS.get(cfg.size, {}).get(section, {}))
     return getattr(getattr(cfg, section), key) != getattr(preset, key)
@@ -398,10 +399,14 @@ def start_from(cfg: RunConfig, weights: ModelConfig) -> tuple[RunConfig, list[st
         lr = float(f"{pretraining / FINE_TUNE_LR_DIVISOR:.12g}")
         min_lr = tc.min_lr if _given(cfg, "train.min_lr") else _following_min_lr(lr)
         if min_lr > lr:  # a floor given above the fine-tuning rate: the rate is the floor, constant
-            lr = min_lr
-        tc = replace(tc, lr=lr, min_lr=min_lr)
-        notes.append(f"fine-tuning at lr {lr:g}, a twentieth of the {size} preset's {pretraining:g}, so that the "
-                     f"weights are nudged rather than overwritten: --lr sets another")
+            tc = replace(tc, lr=min_lr, min_lr=min_lr)
+            notes.append(f"fine-tuning at a constant lr {min_lr:g}, the train.min_lr given (above the "
+                         f"{size} preset's {pretraining:g} over {FINE_TUNE_LR_DIVISOR}): --lr sets the peak")
+        else:
+            tc = replace(tc, lr=lr, min_lr=min_lr)
+            notes.append(f"fine-tuning at lr {lr:g}, the {size} preset's {pretraining:g} over "
+                         f"{FINE_TUNE_LR_DIVISOR}, so that the weights are nudged rather than overwritten: --lr "
+                         f"sets another")
     return replace(cfg, size=label or cfg.size, model=weights, train=tc), notes
 
 
@@ -545,22 +550,23 @@ def _finish(
     for a resumed run whose min_lr followed its lr; None for one that set its own) lets train.min_lr follow a
     train.lr given without it, as in the presets: a tenth of it."""
     given = set(given) if given is not None else None
+    typed: set[str] = set()  # what the command line gave (`RunConfig.given`)
     for text in overrides:
         section, key, value = parse_override(text)
         _merge_section(merged, section, {key: value}, "--set")
-        if given is not None:
-            given.add(f"{section}.{key}")
+        typed.add(f"{section}.{key}")
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
         section, key = dotted.split(".", 1)
         _merge_section(merged, section, {key: value}, f"--{key.replace('_', '-')}")
-        if given is not None:
-            given.add(dotted)
+        typed.add(dotted)
+    if given is not None:
+        given |= typed
     if given is not None and "train.lr" in given and "train.min_lr" not in given:
         merged["train"]["min_lr"] = _following_min_lr(merged["train"]["lr"])
     return RunConfig(size=size, **{name: SECTIONS[name](**values) for name, values in merged.items()},
-                     given=frozenset(given) if new_run and given is not None else None)
+                     given=frozenset(typed) if new_run else None)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
