@@ -516,8 +516,13 @@ def test_init_from_is_recorded_so_that_it_names_the_same_weights_from_any_folder
     assert yaml.safe_load((again.run_dir / "config.yaml").read_text())["train"]["init_from"] == str(folder)
     train(tiny_config(max_steps=2, eval_interval=1, init_from=str(folder)), run_name="tuned", resume=True)
     assert ckpt.latest_checkpoint(tuned.run_dir).name == "step_2"
+    monkeypatch.chdir(workspace)  # review: a resume naming it relatively wrote the relative name back
+    train(tiny_config(max_steps=3, eval_interval=1, init_from="exp/base-hf"), run_name="tuned", resume=True)
+    assert yaml.safe_load((tuned.run_dir / "config.yaml").read_text())["train"]["init_from"] == str(folder)
     named = train(tiny_config(max_steps=1, eval_interval=1, init_from="base"), run_name="named")
     assert "init_from: base\n" in (named.run_dir / "config.yaml").read_text()  # a run's name stays a name
+    # review: the same run named by its path was refused on resume as another source
+    train(tiny_config(max_steps=2, eval_interval=1, init_from="runs/base"), run_name="named", resume=True)
 
 
 def test_a_fine_tune_measures_the_val_loss_it_starts_from(with_shakespeare, workspace):

@@ -913,13 +913,28 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
 
 def source_record(spec: str) -> str:
     """How a run's config.yaml names the weights it started from (train.init_from), so that it names them from any
-    folder: a run (a path under runs/) or a hub name as given, a folder by its absolute path; `spec` as given where
-    it names nothing."""
+    folder: a run's name or a hub name as given, a folder by its absolute path; `spec` as given where it names
+    nothing."""
     try:
         kind, where = _resolve(spec)
     except ExportError:
         return spec
     return str(where) if kind == "hub" or isinstance(where, str) else os.path.abspath(where)
+
+
+def same_source(first: str, second: str) -> bool:
+    """Whether two --init-from specs name the same weights (a run by its name or its path, a folder relatively or
+    not); specs that name nothing here are the same only as text."""
+    def where(spec: str) -> str:
+        try:
+            kind, found = _resolve(spec)
+        except ExportError:
+            return spec
+        if kind == "hub":
+            return f"hub:{found}"
+        return str((workspace.runs_dir() / found if isinstance(found, str) else found).resolve())
+
+    return first == second or where(first) == where(second)
 
 
 def _source_folder(spec: str | Path | None) -> Path | None:

@@ -1146,15 +1146,19 @@ class _Trainer:
                 f"{self.dataset.name}, other text: its val losses (and the best so far) are on another val split")))
         saved_config = state.get("run_config")
         trained_from = ((saved_config or {}).get("train") or {}).get("init_from") or ""
-        from tinygpt_cli.export import source_record
+        from tinygpt_cli.export import same_source
 
-        # the same weights named another way (a relative path, an older run's record) are no change
+        # the same weights named another way (a relative path, a run by its path) are no change, and the run keeps
+        # its own record of them
         if isinstance(saved_config, dict) and tc.init_from != trained_from and (
-                not tc.init_from or not trained_from or source_record(tc.init_from) != source_record(trained_from)):
+                not tc.init_from or not trained_from or not same_source(tc.init_from, trained_from)):
             raise TrainingError(
                 f"--init-from cannot change run {self.run_dir.name} on resume: it goes on from its own checkpoint "
                 f"(started from {trained_from or 'scratch'}); drop --init-from, or start a new run with --name"
             )
+        if isinstance(saved_config, dict) and tc.init_from != trained_from:  # the same, named as the run named it
+            self.cfg = replace(self.cfg, train=replace(self.cfg.train, init_from=trained_from))
+            self.tc = self.cfg.train
         self._note_batch_change()
         step = int(state.get("step", 0))
         if step >= tc.max_steps:
