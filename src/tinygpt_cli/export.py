@@ -18,6 +18,7 @@ The tokenizer files (vocab, merges) are derived from the bundled BPE ranks, so n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -681,12 +682,13 @@ def _place_new(tmp: Path, target: Path) -> None:
         except OSError:  # no hard links here (FAT, some network shares)
             workspace.replace(tmp, target)
             return
-        tmp.unlink()
     except OSError:
         if _occupied(target):
             raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out "
                               "(another export wrote it meanwhile)") from None
         raise
+    with contextlib.suppress(OSError):  # the export is in place; a temp name left is swept by the next export
+        tmp.unlink()
 
 
 def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
