@@ -388,6 +388,14 @@ def test_plan_takes_trains_fsdp_flag(workspace):
     assert weights("--fsdp") == weights("--set", "train.fsdp=true") == weights() // 8
 
 
+def test_plan_takes_trains_lr_flag_which_its_fine_tuning_note_names(workspace):
+    """Review: plan's fine-tuning note said "--lr sets another", and plan had no --lr."""
+    told = invoke("plan", "--init-from", "gpt2", "--device", "cpu", "--lr", "1e-4")
+    assert told.exit_code == 0, told.output
+    assert "fine-tuning at lr" not in told.stdout
+    assert "--lr sets another" in invoke("plan", "--init-from", "gpt2", "--device", "cpu").stdout
+
+
 def test_a_train_command_line_plans_as_it_is(workspace):
     """`tinygpt plan` refused train's --dropout, --keep-last, --max-tokens, --max-minutes, --compile and
     --init-from (audit), though each changes a plan; and it said "1 layers"."""

@@ -206,6 +206,9 @@ KeepLastOpt = Annotated[
 CompileOpt = Annotated[str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.")]
 InitFromOpt = Annotated[str | None, typer.Option(
     rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.")]
+LrOpt = Annotated[float | None, typer.Option(
+    rich_help_panel=_P_OPT,
+    help="Peak learning rate (train.min_lr follows at a tenth of it unless set, here or by the run resumed).")]
 FsdpOpt = Annotated[bool, typer.Option(
     rich_help_panel=_P_HW, help="Under torchrun: shard parameters and optimizer state (FSDP2).")]
 
@@ -551,10 +554,7 @@ def train(
     grad_accum: Annotated[
         int | None, typer.Option(rich_help_panel=_P_OPT, help="Micro-batches per optimizer step.")
     ] = None,
-    lr: Annotated[float | None, typer.Option(
-        rich_help_panel=_P_OPT,
-        help="Peak learning rate (train.min_lr follows at a tenth of it unless set, here or by the run resumed).")
-    ] = None,
+    lr: LrOpt = None,
     dropout: DropoutOpt = None,
     keep_last: KeepLastOpt = None,
     device: DeviceOpt = None,
@@ -585,9 +585,8 @@ def train(
                            f"when you start tinygpt with torchrun (or run `tinygpt train --nproc {nproc}` alone)")
     flags: dict[str, Any] = {
         **_run_flags(batch_size, grad_accum, max_steps, max_tokens, max_minutes, dtype, dropout, keep_last,
-                     compile_mode, init_from, fsdp),
+                     compile_mode, init_from, fsdp, lr),
         "data.dataset": data_name,
-        "train.lr": lr,
         "train.device": device,
         "train.seed": seed,
     }
@@ -731,7 +730,7 @@ def _budget_steps(p: Any) -> str:
 
 def _run_flags(batch_size: str | None, grad_accum: int | None, max_steps: int | None, max_tokens: int | None,
                max_minutes: float | None, dtype: str | None, dropout: float | None, keep_last: int | None,
-               compile_mode: str | None, init_from: str | None, fsdp: bool) -> dict[str, Any]:
+               compile_mode: str | None, init_from: str | None, fsdp: bool, lr: float | None) -> dict[str, Any]:
     """The config keys of the options `train` and `plan` share: a train command line plans as it is."""
     auto_batch = _auto_batch(batch_size)
     return {
@@ -747,6 +746,7 @@ def _run_flags(batch_size: str | None, grad_accum: int | None, max_steps: int | 
         "train.compile": compile_mode,
         "train.init_from": init_from,
         "train.fsdp": True if fsdp else None,
+        "train.lr": lr,
     }
 
 
@@ -1470,6 +1470,7 @@ def plan(
     compile_mode: CompileOpt = None,
     init_from: InitFromOpt = None,
     fsdp: FsdpOpt = False,
+    lr: LrOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Estimate a run before spending on it: parameters, FLOPs, data, disk, memory, micro-batch and time."""
@@ -1478,7 +1479,7 @@ def plan(
     from tinygpt_cli.plan import plan_to_dict
 
     flags = _run_flags(batch_size, grad_accum, max_steps, max_tokens, max_minutes, dtype, dropout, keep_last,
-                       compile_mode, init_from, fsdp)
+                       compile_mode, init_from, fsdp, lr)
     cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
     if measure:
         _stderr_console().print("Measuring a few training steps on this machine…")
