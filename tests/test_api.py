@@ -182,12 +182,18 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
     train(cfg, run_name="r")
     model = load_checkpoint("r").model
     for call, fragment in (
-            (lambda: sample_text("r", "Hi", 2), r"sample_text takes a GPT model \(load_checkpoint\(RUN\)\.model\), "
-                                               r"not a str"),
-            (lambda: list(generate(load_checkpoint("r"), [1], 2)), "generate takes a GPT model .*not a "
+            (lambda: sample_text("r", "Hi", 2), r"sample_text takes a tinygpt GPT model "
+                                               r"\(load_checkpoint\(RUN\)\.model\), not a str"),
+            (lambda: list(generate(load_checkpoint("r"), [1], 2)), "generate takes a tinygpt GPT model .*not a "
                                                                    "LoadedCheckpoint"),
             (lambda: sample_text(model, None, 2), "sample_text takes the prompt as text, not a NoneType"),
-            (lambda: list(generate(model, torch.tensor([[1, 2]]), 2)), "the prompt's token ids must be whole numbers"),
+            (lambda: list(generate(model, torch.tensor([[1, 2]]), 2)), r"1-D, not 2-D \(for a \(1, N\) batch of one, "
+                                                                       r"pass ids\[0\]\)"),
+            (lambda: list(generate(model, torch.tensor([[1], [2]]), 2)), "1-D, not 2-D"),
+            (lambda: list(generate(model, [True, 2], 2)), "not True/False"),
+            (lambda: sample_text(torch.nn.Linear(1, 1), "Hi", 2), "takes a tinygpt GPT model"),
+            (lambda: sample_text(torch.nn.parallel.DistributedDataParallel.__new__(
+                torch.nn.parallel.DistributedDataParallel), "Hi", 2), "takes a tinygpt GPT model"),
             (lambda: list(generate(model, [1.5], 2)), "the prompt's token ids must be whole numbers"),
             (lambda: train(cfg, run_name="s", stop=threading.Event()), "stop takes a StopFlag"),
     ):

@@ -544,6 +544,26 @@ def test_a_fine_tune_measures_the_val_loss_it_starts_from(with_shakespeare, work
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2, 4]
 
 
+def test_a_non_finite_start_is_said_and_kept_out_of_metrics(with_shakespeare, workspace, monkeypatch):
+    """Review: weights that score NaN at step 0 wrote a bare NaN (not JSON) into metrics.jsonl without a word."""
+    from tinygpt_cli.training import _Trainer
+
+    train(tiny_config(max_steps=1, eval_interval=1), run_name="base")
+    real, calls = _Trainer._evaluate, []
+
+    def nan_first(self, can_cut=False):
+        calls.append(1)
+        return float("nan") if len(calls) == 1 else real(self, can_cut)
+
+    monkeypatch.setattr(_Trainer, "_evaluate", nan_first)
+    events = []
+    tuned = train(tiny_config(max_steps=1, eval_interval=1, init_from="base"), run_name="t", on_event=events.append)
+    rows = [json.loads(line) for line in (tuned.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [1]
+    assert any("the val loss of base is nan: its weights hold non-finite values" in (e.message or "")
+               for e in events)
+
+
 def test_train_lets_go_of_the_cpu_logits_buffer(with_shakespeare):
     """CPU audit: the fused loss's reused (2048 × 50304) fp32 buffer, 412 MB for micro, stayed alive after train()
     returned, held by a notebook or script that trains and then does other work."""

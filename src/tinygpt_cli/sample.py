@@ -602,10 +602,14 @@ NEVER = 2**62  # `first_bad` of a sample whose logits stayed finite
 
 
 def check_model(model: Any, caller: str) -> None:
-    """A GenerationError unless `model` is a model to sample from (a GPT, or a module holding one's config)."""
-    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
-        raise GenerationError(f"{caller} takes a GPT model (load_checkpoint(RUN).model), not a "
-                              f"{type(model).__name__}")
+    """A GenerationError unless `model` is a model to sample from: a GPT, or a module holding one's config (as
+    torch.compile's wrapper does)."""
+    if isinstance(model, torch.nn.Module) and hasattr(getattr(model, "config", None), "block_size"):
+        return
+    inner = getattr(model, "module", None)  # DDP and FSDP wrappers
+    hint = ": pass its .module" if isinstance(inner, torch.nn.Module) and hasattr(inner, "config") else ""
+    raise GenerationError(f"{caller} takes a tinygpt GPT model (load_checkpoint(RUN).model), not a "
+                          f"{type(model).__name__}{hint}")
 
 
 @torch.inference_mode()
@@ -666,8 +670,14 @@ def generate(
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples, seed)
     started = time.perf_counter()
     block = model.config.block_size
+    if getattr(prompt, "ndim", 1) != 1:  # a tensor or array of (1, N) ids, as a tokenizer returns for one text
+        raise GenerationError(f"generate takes one prompt's token ids, 1-D, not {prompt.ndim}-D (for a (1, N) batch "
+                              "of one, pass ids[0])")
+    given = list(prompt)
+    if getattr(prompt, "dtype", None) in (torch.bool, np.bool_) or any(isinstance(t, (bool, np.bool_)) for t in given):
+        raise GenerationError("the prompt's token ids must be whole numbers, not True/False")
     try:  # ints, numpy's, or a 1-D tensor's elements
-        prompt = [operator.index(token) for token in prompt] or [EOT_ID]
+        prompt = [operator.index(token) for token in given] or [EOT_ID]
     except TypeError:
         raise GenerationError("the prompt's token ids must be whole numbers (a list of ints, or a 1-D tensor)") \
             from None

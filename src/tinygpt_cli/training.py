@@ -645,9 +645,11 @@ def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callabl
         if trainer is not None:
             if trainer.metrics is not None:  # closed before the files are removed (Windows removes no open file)
                 trainer.metrics.close()
-            trainer.drop_if_unstarted()
-            trainer.held.close()
-            release_cpu_workspace()  # the fused loss's logits buffer (412 MB for micro) goes with the run
+            try:
+                trainer.drop_if_unstarted()
+                trainer.held.close()
+            finally:
+                release_cpu_workspace()  # the fused loss's logits buffer (412 MB for micro) goes with the run
             # the trainer (its DDP wrapper holds the process group) goes before the group is destroyed: gloo's
             # destructor after destroy_process_group joins threads that wait on a peer that has already left
             trainer = None
@@ -1507,6 +1509,10 @@ class _Trainer:
         the report's figures stay those of the steps trained."""
         val = self._evaluate(can_cut=True)
         if val is None:
+            return
+        if not math.isfinite(val):  # metrics.jsonl is strict JSON; the weights' first steps will say more
+            self.emit(TrainEvent("info", step=0, message=f"the val loss of {self.tc.init_from} is {val}: its "
+                                                         "weights hold non-finite values"))
             return
         metrics.write({"kind": "eval", "step": 0, "val_loss": val, "tokens": 0, "elapsed_s": self.elapsed()})
         self.emit(TrainEvent("eval", step=0, max_steps=self.tc.max_steps, val_loss=val, tokens=0,
