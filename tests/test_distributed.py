@@ -417,6 +417,39 @@ def test_training_leaves_no_backend_threads_behind(with_shakespeare, workspace, 
     assert all("gloo" not in line for line in reports), reports
 
 
+_ONE_RANK_TERMED = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config
+from tinygpt_cli.training import train
+
+def on_event(event):
+    if event.kind == "step" and event.step == 1 and os.environ["RANK"] == "0":
+        os.kill(os.getpid(), signal.SIGTERM)  # this rank alone; the other stops by agreement
+
+for lr in (1e-3, 2e-3):
+    result = train(tiny_config(max_steps=4, eval_interval=4, log_interval=1, lr=lr), run_name=f"lr{lr}",
+                   on_event=on_event)
+    print(f"rank {os.environ['RANK']} returned {result.stopped}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_rank_of_a_library_run_ends_every_rank(with_shakespeare, workspace, tmp_path):
+    """Review: a train() stopped by a SIGTERM to one process of the group went on to the caller's handler on that
+    rank only; the others, stopped by agreement, returned and started the sweep's next run, to wait on a peer that
+    had gone. Every rank now learns the signal."""
+    script = tmp_path / "termed.py"
+    script.write_text(_ONE_RANK_TERMED)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               str(Path(__file__).parent)]
+    env = {**os.environ, "TINYGPT_HOME": str(workspace), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert "returned" not in done.stdout, done.stdout + done.stderr[-2000:]
+    assert done.returncode != 0
+    assert not (workspace / "runs" / "lr0.002").exists()
+
+
 _OWN_WORKSPACE_PER_RANK = """
 import os, shutil, sys
 home = os.path.join(sys.argv[1], f"node{os.environ['RANK']}")

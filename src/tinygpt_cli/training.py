@@ -1252,10 +1252,12 @@ class _Trainer:
             code = 2  # wall time of this invocation (a scheduler slot), after at least one step
         elif self._token_budget_spent():
             code = 1
-        if self.info.enabled:
-            code = int(dist.all_reduce(torch.tensor([code], device=self.device), op="max").item())
+        signum = self.stop.signal if self.stop else 0
+        if self.info.enabled:  # with the signal, so that every rank passes it on after (see `train`)
+            code, signum = (int(value) for value in dist.all_reduce(
+                torch.tensor([code, signum], device=self.device), op="max").tolist())
         if code == 3 and not self.stop:
-            self.stop.reason = "interrupted"
+            self.stop.reason, self.stop.signal = "interrupted", signum
         return {0: "", 1: "token_limit", 2: "time_limit", 3: self.stop.reason or "interrupted"}[code]
 
     # -------------------------------------------------------------------------------------------- loop
