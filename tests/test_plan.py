@@ -386,6 +386,10 @@ def test_plan_takes_trains_fsdp_flag(workspace):
         return json.loads(result.stdout)["memory"]["weights"]
 
     assert weights("--fsdp") == weights("--set", "train.fsdp=true") == weights() // 8
+    sharded = workspace / "sharded.yaml"
+    sharded.write_text("train:\n  fsdp: true\n")
+    # review: --no-fsdp was a no-op against a config file's fsdp: true
+    assert weights("--config", str(sharded), "--no-fsdp") == weights() == 8 * weights("--config", str(sharded))
 
 
 def test_plan_takes_trains_lr_flag_which_its_fine_tuning_note_names(workspace):

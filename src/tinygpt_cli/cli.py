@@ -209,8 +209,9 @@ InitFromOpt = Annotated[str | None, typer.Option(
 LrOpt = Annotated[float | None, typer.Option(
     rich_help_panel=_P_OPT,
     help="Peak learning rate (train.min_lr follows at a tenth of it unless set, here or by the run resumed).")]
-FsdpOpt = Annotated[bool, typer.Option(
-    rich_help_panel=_P_HW, help="Under torchrun: shard parameters and optimizer state (FSDP2).")]
+FsdpOpt = Annotated[bool | None, typer.Option(
+    "--fsdp/--no-fsdp", rich_help_panel=_P_HW,
+    help="Under torchrun: shard parameters and optimizer state (FSDP2). Default: the config's train.fsdp.")]
 
 
 def _fmt_int(n: float) -> str:
@@ -566,7 +567,7 @@ def train(
         int | None,
         typer.Option(rich_help_panel=_P_HW, help="Processes on this machine (DDP), as torchrun --standalone."),
     ] = None,
-    fsdp: FsdpOpt = False,
+    fsdp: FsdpOpt = None,
     init_from: InitFromOpt = None,
     seed: SeedOpt = None,
     as_json: JsonOpt = False,
@@ -730,7 +731,8 @@ def _budget_steps(p: Any) -> str:
 
 def _run_flags(batch_size: str | None, grad_accum: int | None, max_steps: int | None, max_tokens: int | None,
                max_minutes: float | None, dtype: str | None, dropout: float | None, keep_last: int | None,
-               compile_mode: str | None, init_from: str | None, fsdp: bool, lr: float | None) -> dict[str, Any]:
+               compile_mode: str | None, init_from: str | None, fsdp: bool | None, lr: float | None
+               ) -> dict[str, Any]:
     """The config keys of the options `train` and `plan` share: a train command line plans as it is."""
     auto_batch = _auto_batch(batch_size)
     return {
@@ -745,7 +747,7 @@ def _run_flags(batch_size: str | None, grad_accum: int | None, max_steps: int | 
         "train.keep_last": keep_last,
         "train.compile": compile_mode,
         "train.init_from": init_from,
-        "train.fsdp": True if fsdp else None,
+        "train.fsdp": fsdp,
         "train.lr": lr,
     }
 
@@ -1469,7 +1471,7 @@ def plan(
     keep_last: KeepLastOpt = None,
     compile_mode: CompileOpt = None,
     init_from: InitFromOpt = None,
-    fsdp: FsdpOpt = False,
+    fsdp: FsdpOpt = None,
     lr: LrOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
