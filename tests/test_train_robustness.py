@@ -554,6 +554,9 @@ def test_latest_names_a_checkpoint_of_its_own_run_only(tmp_path):
 _SWEEP = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
+# as an interactive shell starts a script: not with the ignored Ctrl-C and hangup of a nohup or background job
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from conftest import tiny_config
 from tinygpt_cli.training import train
 
