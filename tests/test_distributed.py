@@ -642,3 +642,18 @@ def test_more_cpu_processes_than_cores_is_warned(workspace, monkeypatch):
     assert "--nproc 4 on 2 CPU cores" in " ".join(result.stderr.split())
     result = invoke("train", "--nproc", "2")
     assert result.exit_code == 0 and "CPU cores" not in result.stderr
+
+
+def test_the_quiet_agent_puts_back_the_callers_logging_disable():
+    """Library audit: the launcher's silence ended with logging.disable(NOTSET), dropping a caller's own level."""
+    import logging
+
+    from tinygpt_cli.launch import _quiet_agent
+
+    logging.disable(logging.INFO)
+    try:
+        with _quiet_agent():
+            assert logging.root.manager.disable == logging.CRITICAL
+        assert logging.root.manager.disable == logging.INFO
+    finally:
+        logging.disable(logging.NOTSET)

@@ -907,3 +907,11 @@ def test_a_null_in_config_json_names_the_key(tmp_path):
     with pytest.raises(TinyGPTError, match=r"config.json is not a valid GPT-2 config \(n_positions is null\): "
                                            r"re-download or re-export the model"):
         export.load_model(folder)
+
+
+def test_eval_of_a_hugging_face_folder_names_it(hf_source, with_shakespeare):
+    """Fine-tune audit: the figures of any Hugging Face folder were labelled "pretrained", a fine-tuned export's
+    too; they name the model given."""
+    result = invoke("eval", str(hf_source), "--tokens", "64")
+    assert result.exit_code == 0, result.output
+    assert f"of text, {hf_source})" in " ".join(result.stdout.split()) and "pretrained" not in result.stdout

@@ -1267,7 +1267,7 @@ def eval_command(
     if as_json:
         print(json.dumps(ev.json_safe(result), allow_nan=False))
         return
-    which = f"step {result.step}" if result.step is not None else "pretrained"
+    which = f"step {result.step}" if result.step is not None else str(run)  # a Hugging Face folder, or gpt2
     if isinstance(result, ev.TaskResult):
         print(
             f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "

@@ -249,8 +249,9 @@ def _quiet_agent() -> Iterator[None]:
     """The agent logs the signal it passes on, each worker it stops and each failure, with tracebacks: tinygpt
     says what matters. Its loggers set their own levels, so logging is silenced as a whole in this process (the
     workers are other processes)."""
+    before = logging.root.manager.disable  # the caller's own `logging.disable` level, put back after
     logging.disable(logging.CRITICAL)
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
