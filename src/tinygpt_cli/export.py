@@ -926,15 +926,13 @@ def source_record(spec: str) -> str:
 
 def same_source(first: str, second: str) -> bool:
     """Whether two --init-from specs name the same weights (a run by its name or its path, a folder relatively or
-    not); specs that name nothing here are the same only as text."""
+    not); hub names, none (""), and specs that name nothing here are the same only as text."""
     def where(spec: str) -> str:
         try:
-            kind, found = _resolve(spec)
+            folder = _source_folder(spec)
         except ExportError:
             return spec
-        if kind == "hub":
-            return f"hub:{found}"
-        return str((workspace.runs_dir() / found if isinstance(found, str) else found).resolve())
+        return spec if folder is None else str(folder.resolve())
 
     return first == second or where(first) == where(second)
 

@@ -1152,8 +1152,7 @@ class _Trainer:
 
         # the same weights named another way (a relative path, a run by its path) are no change, and the run keeps
         # its own record of them
-        if isinstance(saved_config, dict) and tc.init_from != trained_from and (
-                not tc.init_from or not trained_from or not same_source(tc.init_from, trained_from)):
+        if isinstance(saved_config, dict) and not same_source(tc.init_from, trained_from):
             raise TrainingError(
                 f"--init-from cannot change run {self.run_dir.name} on resume: it goes on from its own checkpoint "
                 f"(started from {trained_from or 'scratch'}); drop --init-from, or start a new run with --name"
