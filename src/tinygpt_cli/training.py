@@ -1495,10 +1495,7 @@ class _Trainer:
         if not math.isfinite(self.last_val):  # never save (and point `latest` at) weights that are NaN
             raise self._diverged(f"the val loss is {self.last_val} at step {step}, so that checkpoint is not saved")
         self.best_val = self.last_val if self.best_val is None else min(self.best_val, self.last_val)
-        metrics.write({"kind": "eval", "step": step, "val_loss": self.last_val, "tokens": self.tokens_seen,
-                       "elapsed_s": self.elapsed()})
-        self.emit(TrainEvent("eval", step=step, max_steps=self.tc.max_steps, val_loss=self.last_val,
-                             tokens=self.tokens_seen, elapsed_s=self.elapsed()))
+        self._record_eval(step, self.last_val, metrics)
         if self.info.is_main:
             with contextlib.suppress(OSError):  # a picture: a full disk is said by the checkpoint that follows
                 write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
@@ -1515,8 +1512,13 @@ class _Trainer:
             self.emit(TrainEvent("info", step=0, message=f"the val loss of {self.tc.init_from} is {val}: its "
                                                          "weights hold non-finite values"))
             return
-        metrics.write({"kind": "eval", "step": 0, "val_loss": val, "tokens": 0, "elapsed_s": self.elapsed()})
-        self.emit(TrainEvent("eval", step=0, max_steps=self.tc.max_steps, val_loss=val, tokens=0,
+        self._record_eval(0, val, metrics)
+
+    def _record_eval(self, step: int, val: float, metrics: _Metrics) -> None:
+        """A val loss into metrics.jsonl and to the caller's events."""
+        metrics.write({"kind": "eval", "step": step, "val_loss": val, "tokens": self.tokens_seen,
+                       "elapsed_s": self.elapsed()})
+        self.emit(TrainEvent("eval", step=step, max_steps=self.tc.max_steps, val_loss=val, tokens=self.tokens_seen,
                              elapsed_s=self.elapsed()))
 
     def _report_model(self) -> torch.nn.Module:
