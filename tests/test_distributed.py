@@ -33,6 +33,16 @@ def _torchrun(workspace, *args):
     return done
 
 
+def _torchrun_script(workspace, tmp_path, text):
+    """The Python `text` run on 2 ranks by torchrun, with the tests' folder as its argv[1] (for conftest)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(text)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               str(Path(__file__).parent)]
+    env = {**os.environ, "TINYGPT_HOME": str(workspace), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_with_accumulation_and_resume(with_shakespeare, workspace):
     single = train(tiny_config(max_steps=6, eval_interval=3, grad_accum=2), run_name="single")
@@ -405,12 +415,7 @@ def test_training_leaves_no_backend_threads_behind(with_shakespeare, workspace, 
     """When train() returns, the gloo group's threads have been joined. FSDP's device mesh (held by DTensor's
     caches for the life of the process) kept the group alive until interpreter teardown, where joining those
     threads could abort a finished rank ('terminate called without an active exception', seen once in CI)."""
-    script = tmp_path / "threads.py"
-    script.write_text(_THREADS_AFTER_TRAINING)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-               str(Path(__file__).parent)]
-    env = {**os.environ, "TINYGPT_HOME": str(workspace), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = _torchrun_script(workspace, tmp_path, _THREADS_AFTER_TRAINING)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [line for line in done.stdout.splitlines() if line.startswith("rank ")]
     assert len(reports) == 2, done.stdout
@@ -439,12 +444,7 @@ def test_a_sigterm_to_one_rank_of_a_library_run_ends_every_rank(with_shakespeare
     """Review: a train() stopped by a SIGTERM to one process of the group went on to the caller's handler on that
     rank only; the others, stopped by agreement, returned and started the sweep's next run, to wait on a peer that
     had gone. Every rank now learns the signal."""
-    script = tmp_path / "termed.py"
-    script.write_text(_ONE_RANK_TERMED)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-               str(Path(__file__).parent)]
-    env = {**os.environ, "TINYGPT_HOME": str(workspace), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = _torchrun_script(workspace, tmp_path, _ONE_RANK_TERMED)
     assert "returned" not in done.stdout, done.stdout + done.stderr[-2000:]
     assert done.returncode != 0
     assert not (workspace / "runs" / "lr0.002").exists()
