@@ -570,6 +570,11 @@ def train(
     fsdp: FsdpOpt = None,
     init_from: InitFromOpt = None,
     seed: SeedOpt = None,
+    log_to: Annotated[
+        str | None,
+        typer.Option("--log-to", rich_help_panel=_P_RUN,
+                     help="Mirror the metrics to tensorboard, wandb, or both (tensorboard,wandb); none to stop."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a GPT-2 on the last tokenized dataset (the embedded corpus if there is none), with checkpoints."""
@@ -590,6 +595,7 @@ def train(
         "data.dataset": data_name,
         "train.device": device,
         "train.seed": seed,
+        "train.log_to": log_to,
     }
     if nproc is not None and nproc > 1 and not worker:
         import torch

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tinygpt_cli.errors import ConfigError, first_line
+from tinygpt_cli.trackers import parse as parse_trackers
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -127,8 +128,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast compute dtype; weights stay fp32)
     compile: str = "auto"  # auto | on | off (auto: on for CUDA)
+    log_to: str = ""  # mirror metrics.jsonl to tensorboard, wandb, or both (comma-separated); "" = neither
 
     def __post_init__(self) -> None:
+        parse_trackers(self.log_to)
         for name in ("max_minutes", "lr", "min_lr", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip"):
             if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
                 raise ConfigError(f"train.{name} must be a finite number (got {getattr(self, name)})")

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -82,6 +83,9 @@ from tinygpt_cli.plan import (
 )
 from tinygpt_cli.report import metrics_record, write_loss_plot, write_report
 from tinygpt_cli.tokenizer import VOCAB_SIZE
+from tinygpt_cli.trackers import Trackers
+from tinygpt_cli.trackers import check_installed as check_trackers_installed
+from tinygpt_cli.trackers import parse as parse_trackers
 from tinygpt_cli.workspace import write_text_atomic
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
@@ -440,6 +444,7 @@ class _Metrics:
     def __init__(self, path: Path, resume_step: int | None, enabled: bool = True, drop_eval: bool = False) -> None:
         self.path = path
         self.handle = None
+        self.trackers: Trackers | None = None  # TensorBoard / wandb: each record goes to them too
         if not enabled:  # ranks other than 0 write nothing
             return
         if resume_step is not None and path.exists():
@@ -456,6 +461,8 @@ class _Metrics:
         if self.handle is not None:
             self.handle.write(json.dumps(record) + "\n")
             self.handle.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def close(self) -> None:
         if self.handle is not None:
@@ -645,6 +652,8 @@ def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callabl
         if trainer is not None:
             if trainer.metrics is not None:  # closed before the files are removed (Windows removes no open file)
                 trainer.metrics.close()
+            if trainer.trackers is not None:  # a wandb run ended by an error is marked failed
+                trainer.trackers.close(failed=sys.exc_info()[0] is not None)
             try:
                 trainer.drop_if_unstarted()
                 trainer.held.close()
@@ -691,6 +700,7 @@ class _Trainer:
         self.run_dir: Path | None = None  # known once `run` has named the run
         self.new_run = False  # a run this call starts: its folder goes again if it ends with no checkpoint
         self.metrics: _Metrics | None = None
+        self.trackers: Trackers | None = None  # rank 0's, where train.log_to names any
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
         self.fsdp = self.tc.fsdp and info.enabled
         self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
@@ -714,6 +724,8 @@ class _Trainer:
         with dist.agreed():
             if run_name is not None and not resume:
                 check_run_name(run_name)
+            if info.is_main:  # a tracker's package is missing: said before the data, the model or a step
+                check_trackers_installed(parse_trackers(tc.log_to))
             if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
                 cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
         self.dataset = prepare_dataset(cfg, self.emit, info)
@@ -903,6 +915,8 @@ class _Trainer:
         with contextlib.suppress(OSError):  # best effort, never in the way of the error that ended the run
             for name in RUN_FILES if self.wrote_files else ():  # before, those there are not this run's
                 (run_dir / name).unlink(missing_ok=True)
+        if self.trackers is not None:
+            self.trackers.remove_created()
         for folder in (run_dir / "checkpoints", run_dir):
             with contextlib.suppress(OSError):  # not empty: something else is there, and it stays
                 folder.rmdir()
@@ -1107,6 +1121,7 @@ class _Trainer:
                     "run_config": config_to_dict(self.cfg), "elapsed_s": self.elapsed(),
                     "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "tinygpt_version": __version__,
+                    "trackers": self.trackers.state() if self.trackers is not None else None,  # a resume goes on
                 }, keep_last=self.tc.keep_last, model_state=model_state, optimizer_state=optimizer_state)
             except OSError as exc:
                 error = TrainingError(
@@ -1279,6 +1294,11 @@ class _Trainer:
                            drop_eval=val_pending)
         self.metrics = metrics  # closed by train() whatever ends the loop
         self.wrote_files = True  # config.yaml and metrics.jsonl written over: this run's own now, to drop with it
+        if info.is_main and parse_trackers(tc.log_to):
+            self.trackers = metrics.trackers = Trackers(
+                parse_trackers(tc.log_to), self.run_dir, config_to_dict(cfg), dump_yaml(cfg),
+                start_step if self.checkpoint else None, state.get("trackers"),
+                note=lambda message: self.emit(TrainEvent("info", message=message)))
         tokens_per_step = self.batch_size * self.grad_accum * self.block * info.world_size
         flops_token = flops_per_token(self.model)
         peak = device_peak_flops(device, self.dtype)
