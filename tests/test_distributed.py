@@ -48,8 +48,10 @@ def test_two_processes_match_one_with_accumulation_and_resume(with_shakespeare, 
     single = train(tiny_config(max_steps=6, eval_interval=3, grad_accum=2), run_name="single")
     expected = _train_losses(single.run_dir)
 
-    done = _torchrun(workspace, "--name", "ddp", "--max-steps", "6", "--set", "train.eval_interval=3")
+    done = _torchrun(workspace, "--name", "ddp", "--max-steps", "6", "--set", "train.eval_interval=3",
+                     "--log-to", "tensorboard")
     assert done.stdout.count("Run ") == 1  # only rank 0 reports
+    assert len(list((workspace / "runs" / "ddp" / "tensorboard").glob("events.out.tfevents.*"))) == 1  # and logs
     got = _train_losses(workspace / "runs" / "ddp")
     assert [s for s, _ in got] == [s for s, _ in expected]
     for (_, a), (_, b) in zip(got, expected, strict=True):
