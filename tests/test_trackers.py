@@ -202,3 +202,21 @@ def test_wandb_offline_through_the_real_package(with_shakespeare, workspace, tmp
     assert done.returncode == 0, done.stderr
     runs = list((workspace / "runs" / "offline" / trackers.WANDB_DIR).glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_wandb_that_cannot_start_on_rank_0_stops_every_rank_with_one_line(with_shakespeare, workspace, tmp_path):
+    pytest.importorskip("wandb")
+    home = tmp_path / "user"  # no ~/.netrc, no wandb settings: no API key
+    home.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_") and
+           key != "OMP_NUM_THREADS"}
+    env.update(HOME=str(home), WANDB_MODE="online", WANDB_CONFIG_DIR=str(home / "wandb"), TINYGPT_HOME=str(workspace))
+    done = subprocess.run([sys.executable, "-m", "tinygpt_cli", "train", "--nproc", "2", *TINY_SETTINGS,
+                           "--max-steps", "2", "--log-to", "wandb", "--name", "nokey"],
+                          env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "wandb could not start a run" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+    assert not (workspace / "runs" / "nokey").exists()

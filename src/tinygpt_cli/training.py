@@ -1294,11 +1294,12 @@ class _Trainer:
                            drop_eval=val_pending)
         self.metrics = metrics  # closed by train() whatever ends the loop
         self.wrote_files = True  # config.yaml and metrics.jsonl written over: this run's own now, to drop with it
-        if info.is_main and parse_trackers(tc.log_to):
-            self.trackers = metrics.trackers = Trackers(
-                parse_trackers(tc.log_to), self.run_dir, config_to_dict(cfg), dump_yaml(cfg),
-                start_step if self.checkpoint else None, state.get("trackers"),
-                note=lambda message: self.emit(TrainEvent("info", message=message)))
+        with dist.agreed():  # a wandb that cannot start stops every rank, not rank 0 alone
+            if info.is_main and parse_trackers(tc.log_to):
+                self.trackers = metrics.trackers = Trackers(
+                    parse_trackers(tc.log_to), self.run_dir, config_to_dict(cfg), dump_yaml(cfg),
+                    start_step if self.checkpoint else None, state.get("trackers"),
+                    note=lambda message: self.emit(TrainEvent("info", message=message)))
         tokens_per_step = self.batch_size * self.grad_accum * self.block * info.world_size
         flops_token = flops_per_token(self.model)
         peak = device_peak_flops(device, self.dtype)
