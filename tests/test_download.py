@@ -337,3 +337,34 @@ def test_download_bad_names_are_one_line_errors(workspace, tmp_path):
     _one_line_error(runner.invoke(app, ["download", "--seed", str(2**64)]), "--seed must be 0 to")
     _one_line_error(runner.invoke(app, ["download", "--max-docs", "0"]), "--max-docs must be at least 1")
     assert not (workspace / "data").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--text-field", "id"]])
+def test_a_download_that_stops_mid_file_exits(workspace, tmp_path, extra):
+    """Audit: a download that left its stream mid-file (a small --max-docs, or an error) aborted at exit
+    ("terminate called without an active exception", 134) or hung there for good: Arrow's reading threads wait
+    for the interpreter's lock during its teardown. The command exits with its own code, at once."""
+    import os
+    import subprocess
+    import sys
+
+    files = tmp_path / "rowgroups"
+    files.mkdir()
+    text = [f"document {row} " + "lorem ipsum dolor sit amet " * 75 for row in range(5000)]
+    pq.write_table(pa.table({"id": list(range(5000)), "text": text}), files / "train-0.parquet", row_group_size=1000)
+    script = tmp_path / "download.py"
+    script.write_text(
+        "import sys\n"
+        "from tinygpt_cli import cli, sources\n"
+        f"sources.REGISTRY['rg'] = sources.NamedSource('rg', 'row groups', builder='parquet', data_files=("
+        f"{str(files / 'train-0.parquet')!r},), license='CC0-1.0', documents=5000, text_bytes=10_000_000)\n"
+        "sys.argv = ['tinygpt', 'download', 'rg', *sys.argv[1:]]\n"
+        "cli.main()\n")
+    done = subprocess.run([sys.executable, str(script), "--max-docs", "10", *extra], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "TINYGPT_HOME": str(workspace)})
+    assert done.returncode == (1 if extra else 0), done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+    if extra:
+        assert done.stderr.strip().splitlines()[-1].startswith("error: column 'id'")
+    else:
+        assert (workspace / "data" / "raw" / "rg" / "download.json").is_file()

@@ -440,3 +440,21 @@ def test_closed_standard_streams_are_no_traceback(run, workspace):
                               env=env, capture_output=closed == 0, text=True, timeout=120,
                               pass_fds=(), preexec_fn=lambda fd=closed: os.close(fd))
         assert done.returncode == 0, done.stderr
+
+
+def test_a_reader_that_goes_away_ends_generate_as_sigpipe_would_not_as_an_error(run, workspace):
+    """Audit: `generate ... | head -c 10` exited 1, the code of an error, so `set -o pipefail` scripts took it for
+    one. It now exits 141 (128 + SIGPIPE, as `yes | head` does), quietly."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TINYGPT_HOME": str(workspace)}
+    process = subprocess.Popen([sys.executable, "-m", "tinygpt_cli", "generate", "Hi", "--max-new-tokens", "400",
+                                "--ignore-eot", "--temperature", "1", "--num-samples", "40"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.read(5)
+    process.stdout.close()  # the reader goes away with most of the text still to come
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 141, err
+    assert "Traceback" not in err and "error" not in err.lower()

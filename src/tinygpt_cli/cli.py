@@ -1698,7 +1698,37 @@ def main() -> None:
     """Console-script entry point."""
     _closed_streams_as_null()
     _encodable_streams()
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        code = _exit_status(exc.code)
+        if "tinygpt_cli.download" in sys.modules and sys.modules["tinygpt_cli.download"].STREAMS_OPENED:
+            _exit_now(code)  # (see download.STREAMS_OPENED)
+        raise SystemExit(code) from None
+
+
+def _exit_status(code: object) -> int | object:
+    """The exit status, with 141 (128 + SIGPIPE, as `yes | head` gives) where the reader of stdout went away
+    (`tinygpt generate ... | head`): Typer (and click) then swap in a PacifyFlushWrapper and exit 1, an error's code.
+    (By the class's name: Typer vendors its own click, and click's is private from 8.2.)"""
+    if code == 1 and type(sys.stdout).__name__.lstrip("_") == "PacifyFlushWrapper":
+        return 128 + 13
+    return code
+
+
+def _exit_now(code: object) -> None:
+    """End the process with `code` at once, its output flushed, skipping the interpreter's teardown."""
+    import logging
+
+    if code is not None and not isinstance(code, int):  # sys.exit("text") prints the text and exits 1
+        with contextlib.suppress(Exception):
+            print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -329,10 +329,19 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
+# Whether this process opened a `datasets` stream. Arrow reads one on threads of its own that call back into
+# Python, and a stream left mid-file (--max-docs, an error) made the interpreter's exit abort ("terminate called
+# without an active exception") or hang for good waiting on them: the CLI's `main` then ends the process once its
+# output is flushed, without that teardown.
+STREAMS_OPENED = False
+
+
 def _open_stream(entry: NamedSource):
     """The split as a streaming `datasets.IterableDataset` (for the hub, this is the network call)."""
     import datasets
 
+    global STREAMS_OPENED
+    STREAMS_OPENED = True
     try:
         if entry.kind == "hub":
             return datasets.load_dataset(entry.hub_id, entry.config, split=entry.split, streaming=True)
