@@ -456,3 +456,41 @@ def test_an_atomic_json_write_that_fails_leaves_the_old_file_and_no_temporary(tm
         download._write_part(folder / "part-00000.parquet", ["some text"])
     assert json.loads(path.read_text()) == {"v": 1}
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json"]
+
+
+def test_a_source_that_fails_to_read_part_way_keeps_the_progress_made(workspace, monkeypatch):
+    """Audit: an I/O error reading the source (an NFS or USB hiccup) deleted every checkpoint, as bad input does,
+    though the same command could go on: it now keeps them, says so, and the rerun continues to the same data."""
+    import errno
+    import json
+
+    from typer.testing import CliRunner
+
+    from tinygpt_cli import data, sources
+    from tinygpt_cli.cli import app
+
+    path = workspace / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}: " + "word " * 40}) + "\n" for i in range(400)))
+    monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(data, "TASK_TEXT_BYTES", 2_000)
+    original, calls = sources._jsonl_documents, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)  # the first read is tokenize's sample of the text (its tokens per byte)
+        for count, item in enumerate(original(*args, **kwargs)):
+            if count == 300 and len(calls) > 1:
+                raise OSError(errno.EIO, "Input/output error")
+            yield item
+
+    monkeypatch.setattr(sources, "_jsonl_documents", failing)
+    result = CliRunner().invoke(app, ["tokenize", str(path), "--name", "rows"])
+    assert_one_line_error(result, "cannot read")
+    assert "(Input/output error): check the file and rerun the same command, it continues where it stopped" in \
+        result.stderr
+    assert (workspace / "data" / ".rows.partial" / "progress.json").is_file()
+    monkeypatch.setattr(sources, "_jsonl_documents", original)
+    again = data.tokenize(str(path), name="rows")
+    assert again.resumed_documents > 0
+    whole = data.tokenize(str(path), name="whole")
+    for split in ("train", "val"):
+        assert (again.path / f"{split}.bin").read_bytes() == (whole.path / f"{split}.bin").read_bytes()

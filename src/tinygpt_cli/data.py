@@ -59,6 +59,7 @@ from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of e
     TEXT_SUFFIXES,
     DocumentFile,
     Source,
+    SourceUnreadable,
     TextFile,
     available_cpus,
     conversion_advice,
@@ -556,6 +557,10 @@ def tokenize(
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
                 write_json_atomic(partial.folder / "meta.json", meta)
                 _publish(partial.folder, home)
+        except SourceUnreadable as exc:  # an NFS or USB hiccup at hour 9 must not cost the first 9 hours
+            partial.abandon()
+            again = "it continues where it stopped" if partial.saved else "it starts over (nothing was saved yet)"
+            raise DataError(f"{exc} the same command, {again}") from None
         except DataError:
             partial.abandon(keep_progress=False)  # bad input: retrying cannot help; leave nothing
             raise

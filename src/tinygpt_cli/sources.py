@@ -54,6 +54,12 @@ _BYTE_ORDER_MARKS = (
 )
 
 
+class SourceUnreadable(DataError):
+    """A source file that could not be read part way (an I/O error, a file deleted or cut short since it was
+    counted): the same command may succeed later, so the progress made is kept. A file changed since is found
+    out by the resume (its fingerprint), which then starts over."""
+
+
 def text_codec(head: bytes) -> str:
     """The codec of text that begins with `head` (its first 4 bytes will do): UTF-8 unless a byte-order mark says
     otherwise. Each codec named drops the mark, which is no text."""
@@ -523,7 +529,7 @@ def iter_documents(
                 yield from _parquet_documents(doc_file.path, src.text_field, first, start, codes, report)
         except (OSError, EOFError) as exc:  # a file deleted, unreadable or cut short since it was counted
             reason = getattr(exc, "strerror", None) or exc
-            raise DataError(f"cannot read {doc_file.path} ({reason}): check the file and rerun") from None
+            raise SourceUnreadable(f"cannot read {doc_file.path} ({reason}): check the file and rerun") from None
 
 
 def _jsonl_documents(
