@@ -494,3 +494,20 @@ def test_a_source_that_fails_to_read_part_way_keeps_the_progress_made(workspace,
     whole = data.tokenize(str(path), name="whole")
     for split in ("train", "val"):
         assert (again.path / f"{split}.bin").read_bytes() == (whole.path / f"{split}.bin").read_bytes()
+
+
+def test_a_long_document_cut_for_val_keeps_the_val_fraction_asked(workspace, monkeypatch):
+    """Audit: one file (or a few) put at least a tenth of its text in val whatever --val-fraction said: a 5 GB
+    input.txt lost 500 MB of training text. The floor is now a tenth or CUT_MIN_VAL_BYTES, whichever is less:
+    enough to measure a loss on, and a short book still keeps its tenth."""
+    monkeypatch.setattr(data, "CUT_MIN_VAL_BYTES", 20_000)
+    line = "the quick brown fox jumps over the lazy dog, and then it sleeps.\n"
+    long = workspace / "long.txt"
+    long.write_text(line * 8_000)  # 520 kB: 20 kB of it is 3.8%
+    short = workspace / "short.txt"
+    short.write_text(line * 300)  # 20 kB: a tenth
+    for path, val_fraction, share in ((long, 0.005, 0.038), (long, 0.2, 0.2), (short, 0.005, 0.1)):
+        result = data.tokenize(str(path), name=f"{path.stem}-{val_fraction}", val_fraction=val_fraction)
+        splits = result.meta["splits"]
+        got = splits["val"]["tokens"] / (splits["train"]["tokens"] + splits["val"]["tokens"])
+        assert got == pytest.approx(share, rel=0.1), (path.name, val_fraction)

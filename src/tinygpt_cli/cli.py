@@ -288,7 +288,7 @@ def tokenize(
     fraction: Annotated[float, typer.Option(help="Share of the documents to use, chosen by --seed.")] = 1.0,
     val_fraction: Annotated[float, typer.Option(
         help="Share of the used documents held out for validation (under 10 documents: of each one's end, at least "
-             "0.1).")] = 0.005,
+             "0.1 of it or 1 MiB).")] = 0.005,
     seed: Annotated[int, typer.Option(help="Seed of the document choice and the split.")] = 0,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet.")] = "text",
     workers: Annotated[int | None, typer.Option(help="Tokenizer threads (default: all cores).")] = None,

@@ -9,8 +9,9 @@ The train/val split is by whole document (inside each, for a source of few) and 
 * `--fraction f` keeps the `max(1, round(n*f))` documents with the lowest *selection* hash;
 * of those, the `max(1, round(m*val_fraction))` with the lowest *split* hash form the val split;
 * a source of fewer than `FEW_DOCUMENTS` documents used (one .txt file, a folder of a few books) is split
-  inside each instead: the last `max(val_fraction, 0.1)` share of every document, cut at a line break, is the
-  val split. A whole document in val would be a quarter of 4 books' text, whatever --val-fraction asked.
+  inside each instead: the last `cut_share` of every document, cut at a line break, is the val split:
+  --val-fraction, or enough text to measure a loss on where that is more (a tenth of a short document, 1 MiB of a
+  long one). A whole document in val would be a quarter of 4 books' text, whatever --val-fraction asked.
 
 The hashes are splitmix64, a bijection, so no two documents tie and "the k lowest" is "at most the k-th lowest
 value": the pipeline finds that threshold in two streaming passes and then decides each document on its own,
@@ -78,7 +79,8 @@ META_VERSION = 1
 FULL_HASH_LIMIT = 256 * 1024 * 1024  # files up to this size are fully re-hashed before training
 EDGE_BYTES = 1024 * 1024  # larger files: size + sha256 of their first and last MiB
 FEW_DOCUMENTS = 10  # fewer used: each document is cut for val instead of whole documents going to val
-CUT_MIN_VAL = 0.1  # the least share of each document that a cut puts in val: enough text to measure a loss on
+CUT_MIN_VAL = 0.1  # the least share of a cut document's text in val (of one under CUT_MIN_VAL_BYTES / 0.1) ...
+CUT_MIN_VAL_BYTES = 1024 * 1024  # ... or this much of it, where that is more than --val-fraction: enough to measure
 LOPSIDED_VAL_SHARE = 0.2  # whole documents that put more of the tokens in val than this get a note
 TASK_TEXT_BYTES = 1024 * 1024  # text per encoding task: what bounds memory, with 2 tasks in flight per worker
 CHECKPOINT_SECONDS = 30.0  # how much work a killed run can lose
@@ -180,6 +182,13 @@ def split_counts(n_documents: int, fraction: float, val_fraction: float) -> tupl
     return selected, max(1, round(selected * val_fraction)) if selected >= FEW_DOCUMENTS else 0
 
 
+def cut_share(val_fraction: float, text_bytes: int) -> float:
+    """The share of a document that a cut puts in val (`SplitPlan.cuts_documents`): --val-fraction, raised to
+    enough text to measure a loss on, CUT_MIN_VAL of a short document or CUT_MIN_VAL_BYTES of a long one (a 5 GB
+    file keeps --val-fraction 0.005 of itself for val, not a tenth)."""
+    return max(val_fraction, min(CUT_MIN_VAL, CUT_MIN_VAL_BYTES / max(1, text_bytes)))
+
+
 def plan_split(n_documents: int, fraction: float, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(selected, in_val) boolean masks over the source's documents. See the module docstring."""
     codes = SplitPlan.build(n_documents, fraction, val_fraction, seed).codes(0, n_documents)
@@ -190,7 +199,7 @@ SPLIT_RULE = (
     "documents numbered in source order; keep the max(1, round(n*fraction)) with the lowest "
     "splitmix64(seed, 1, i); of those the max(1, round(m*val_fraction)) with the lowest splitmix64(seed, 2, i) "
     "are val; with fewer than 10 kept, none is, and each is cut at the line break before its last "
-    "max(val_fraction, 0.1), that tail val"
+    "max(val_fraction, min(0.1, 1 MiB / its bytes)), that tail val"
 )
 
 
@@ -667,7 +676,7 @@ def _run_pipeline(
         if item_bytes >= TASK_TEXT_BYTES:
             submit(position + 1 if finishes_document else position)
 
-    tail_share = max(val_fraction, CUT_MIN_VAL) if plan.cuts_documents else None
+    cuts = plan.cuts_documents
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinygpt-encode") as pool:
         try:
             for position, code, document in iter_documents(src, plan.codes, counters.position,
@@ -685,14 +694,15 @@ def _run_pipeline(
                         counters.skipped_empty += 1
                         counters.documents += 1
                         continue
+                    tail_share = cut_share(val_fraction, document.size) if cuts else None
                     for piece, segment, last in document.segments(tail_share):
                         finishes = last and (tail_share is None or segment == 1)
                         add(piece, VAL if segment or code == VAL else TRAIN, last, finishes, position)
                 elif not document.strip():
                     counters.skipped_empty += 1
                     counters.documents += 1
-                elif tail_share is not None:
-                    head, tail = cut_tail(document, tail_share)
+                elif cuts:
+                    head, tail = cut_tail(document, cut_share(val_fraction, len(document)))
                     add(head, TRAIN, True, False, position)
                     add(tail, VAL, True, True, position)
                 else:

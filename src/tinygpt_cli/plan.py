@@ -384,15 +384,15 @@ def _registry() -> dict[str, Any]:
     return REGISTRY
 
 
-def _val_share(documents: int, fraction: float, val_fraction: float) -> float:
+def _val_share(documents: int, fraction: float, val_fraction: float, text_bytes: int) -> float:
     """The share of a source's tokens that `tinygpt tokenize` puts in val, documents taken at their mean size: its
     split is by document, at least one (`data.SplitPlan`), or with few documents the tail of each."""
-    from tinygpt_cli.data import CUT_MIN_VAL, split_counts
+    from tinygpt_cli.data import cut_share, split_counts
 
     if not documents:
         return val_fraction
     kept, val = split_counts(documents, fraction, val_fraction)
-    return val / kept if val else max(val_fraction, CUT_MIN_VAL)
+    return val / kept if val else cut_share(val_fraction, text_bytes // documents)
 
 
 def estimate_data(spec: str | None, fraction: float | None = None) -> DataEstimate:
@@ -430,7 +430,7 @@ def estimate_data(spec: str | None, fraction: float | None = None) -> DataEstima
                         f"({', '.join(registry)})")
     share = 1.0 if fraction is None else fraction
     tokens = round(source.tokens * share)
-    val = round(tokens * _val_share(source.documents, share, DEFAULT_VAL_FRACTION))
+    val = round(tokens * _val_share(source.documents, share, DEFAULT_VAL_FRACTION, source.text_bytes))
     text_bytes = int(source.text_bytes * share)
     download = None
     if source.kind != "embedded":
