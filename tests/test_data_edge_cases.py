@@ -511,3 +511,27 @@ def test_a_long_document_cut_for_val_keeps_the_val_fraction_asked(workspace, mon
         splits = result.meta["splits"]
         got = splits["val"]["tokens"] / (splits["train"]["tokens"] + splits["val"]["tokens"])
         assert got == pytest.approx(share, rel=0.1), (path.name, val_fraction)
+
+
+def test_a_val_split_too_small_to_measure_is_said_at_tokenize_and_train_names_the_fix(workspace):
+    """Audit: 200 short documents made a val split of one document (11 tokens here) without a word; `train` then
+    refused it advising a smaller context or more text, when --val-fraction is what fixes it."""
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.training import train
+
+    path = workspace / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Note {i}: the fox ran home at dusk."}) + "\n" for i in range(200)))
+    events = []
+    result = data.tokenize(str(path), name="short", on_event=events.append)
+    val = result.meta["splits"]["val"]["tokens"]
+    notes = [event.message for event in events if event.kind == "info"]
+    assert [note for note in notes if note.startswith(f"val holds only {val:,} of ")] == [
+        f"val holds only {val:,} of {val + result.meta['splits']['train']['tokens']:,} tokens (1 document): too few "
+        "for a steady val loss, fewer than a context of 1,024 (GPT-2's) needs; raise --val-fraction (e.g. "
+        "--val-fraction 0.25) or give more text"]
+    with pytest.raises(DataError, match=r"the val split of short has \d+ tokens, fewer than the 130 a context "
+                                            r"of 128 needs: re-tokenize with a larger --val-fraction"):
+        train(resolve_config(size="micro", overrides=["data.dataset=short", "train.max_steps=1"]))
+    shakespeare = []
+    data.tokenize(None, on_event=shakespeare.append)  # the embedded corpus: 42,757 val tokens, nothing to say
+    assert not any("val holds only" in event.message for event in shakespeare if event.kind == "info")

@@ -81,6 +81,7 @@ EDGE_BYTES = 1024 * 1024  # larger files: size + sha256 of their first and last 
 FEW_DOCUMENTS = 10  # fewer used: each document is cut for val instead of whole documents going to val
 CUT_MIN_VAL = 0.1  # the least share of a cut document's text in val (of one under CUT_MIN_VAL_BYTES / 0.1) ...
 CUT_MIN_VAL_BYTES = 1024 * 1024  # ... or this much of it, where that is more than --val-fraction: enough to measure
+THIN_VAL_TOKENS = 8192  # a val split under this many tokens gets a note: a loss on it says little
 LOPSIDED_VAL_SHARE = 0.2  # whole documents that put more of the tokens in val than this get a note
 TASK_TEXT_BYTES = 1024 * 1024  # text per encoding task: what bounds memory, with 2 tasks in flight per worker
 CHECKPOINT_SECONDS = 30.0  # how much work a killed run can lose
@@ -560,9 +561,9 @@ def tokenize(
             with stops_held() as stops:
                 splits = partial.close()
                 _check_result(src, splits, counters)
-                lopsided = _lopsided_val(splits, plan, val_fraction)
-                if lopsided:
-                    emit(TokenizeEvent("info", message=lopsided))
+                for note in (_lopsided_val(splits, plan, val_fraction), _thin_val(splits, val_fraction)):
+                    if note:
+                        emit(TokenizeEvent("info", message=note))
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
                 write_json_atomic(partial.folder / "meta.json", meta)
                 _publish(partial.folder, home)
@@ -795,6 +796,20 @@ def _lopsided_val(splits: dict[str, dict[str, Any]], plan: SplitPlan, val_fracti
            "a long document fell in val. Cut long documents into several files, or try another --seed")
     return (f"val holds {share:.0%} of the tokens ({workspace.counted(splits['val']['documents'], 'document')} of "
             f"{plan.selected_count:,}), for --val-fraction {val_fraction:g}: {why}")
+
+
+def _thin_val(splits: dict[str, dict[str, Any]], val_fraction: float) -> str | None:
+    """A note where val is too small to measure a loss on (a few short documents of a few hundred: one whole
+    document is val), said now rather than by `train`, which needs a context and its targets from it."""
+    val, total = splits["val"]["tokens"], splits["train"]["tokens"] + splits["val"]["tokens"]
+    if val >= THIN_VAL_TOKENS or not val:
+        return None
+    context = ", fewer than a context of 1,024 (GPT-2's) needs" if val < 1024 + 2 else ""
+    larger = min(0.25, val_fraction * 2 * THIN_VAL_TOKENS / val)
+    more = f"raise --val-fraction (e.g. --val-fraction {larger:.2g}) or give more text" if larger > val_fraction \
+        else "give more text"
+    return (f"val holds only {val:,} of {total:,} tokens ({workspace.counted(splits['val']['documents'], 'document')})"
+            f": too few for a steady val loss{context}; {more}")
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -619,8 +619,10 @@ def too_little_data(dataset: str, split: str, tokens: int, block: int, then: str
     what follows from it, said before what to do."""
     if tokens >= block + 2:
         return None
+    more = "re-tokenize with a larger --val-fraction, lower model.block_size, or tokenize more text" \
+        if split == "val" else "lower model.block_size or tokenize more text"
     return (f"the {split} split of {dataset} has {tokens:,} tokens, fewer than the {block + 2:,} a context of "
-            f"{block:,} needs: {then}lower model.block_size or tokenize more text")
+            f"{block:,} needs: {then}{more}")
 
 
 def plan(
