@@ -535,3 +535,17 @@ def test_a_val_split_too_small_to_measure_is_said_at_tokenize_and_train_names_th
     shakespeare = []
     data.tokenize(None, on_event=shakespeare.append)  # the embedded corpus: 42,757 val tokens, nothing to say
     assert not any("val holds only" in event.message for event in shakespeare if event.kind == "info")
+
+
+def test_a_folder_of_only_unreadable_kinds_says_what_it_found_and_how_to_read_it(workspace):
+    """Audit: a folder of C4's .json.gz and The Pile's .jsonl.zst files was refused as holding 'no .txt, .jsonl,
+    .jsonl.gz or .parquet file', without the rename hint tokenize gives where one usable file is beside them."""
+    folder = workspace / "corpus"
+    folder.mkdir()
+    (folder / "c4-train.00000-of-01024.json.gz").write_bytes(b"\x1f\x8b")
+    (folder / "pile-00.jsonl.zst").write_bytes(b"(\xb5/\xfd")
+    result = runner.invoke(app, ["tokenize", str(folder)])
+    assert_one_line_error(result, "holds no .txt, .jsonl, .jsonl.gz or .parquet file (it holds 2 other file(s), "
+                                  "first: ")
+    assert "rename JSON lines files .json(.gz) to .jsonl(.gz); unpack the .zst files (e.g. `zstd -d`, `xz -d`) or " \
+           "pack them as .jsonl.gz" in result.stderr

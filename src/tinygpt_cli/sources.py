@@ -71,6 +71,19 @@ def decode_text(raw: bytes) -> str:
     return raw.decode(text_codec(raw[:4]))
 
 
+def _other_files_advice(files: list[Path]) -> str:
+    """What makes files tokenize cannot read readable, for the kinds corpora ship in (C4's .json.gz, The Pile's
+    and SlimPajama's .jsonl.zst); "" for others."""
+    names = [path.name.lower() for path in files]
+    advice = []
+    if any(name.endswith((".json", ".json.gz")) for name in names):
+        advice.append("rename JSON lines files .json(.gz) to .jsonl(.gz)")
+    packed = sorted({name.rsplit(".", 1)[-1] for name in names if name.endswith((".zst", ".xz", ".bz2", ".lz4"))})
+    if packed:
+        advice.append(f"unpack the .{', .'.join(packed)} files (e.g. `zstd -d`, `xz -d`) or pack them as .jsonl.gz")
+    return "; ".join(advice)
+
+
 def conversion_advice(where: str) -> str:
     """How to make the file named in `where` (a path, or `path:line`) UTF-8: iconv from the codec its mark names,
     else from latin1 (the likeliest unmarked one)."""
@@ -356,9 +369,9 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     left_out = [p for real, p in others.items() if real not in read]  # named once, unless read under a usable name
     if not usable:
         locked = f" it can read (it cannot read {unreadable[0]})" if unreadable else ""
-        raise DataError(
-            f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file{locked}: point tokenize at your text files"
-        )
+        found = f" (it holds {len(left_out):,} other file(s), first: {left_out[0]})" if left_out and not locked else ""
+        raise DataError(f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file{locked}{found}: "
+                        f"{_other_files_advice(left_out) or 'point tokenize at your text files'}")
     files = tuple(_document_file(p, text_field) for p in usable)
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
