@@ -99,6 +99,10 @@ def test_json_verbose_and_batches(run):
                                   "--verbose", flag).stdout) for flag in ("--lookahead", "--no-lookahead")]
     assert greedy[0]["samples"] == greedy[1]["samples"] and greedy[1]["stats"]["model_passes"] == 0
     assert 0 < greedy[0]["stats"]["model_passes"] <= 60 and greedy[0]["settings"]["lookahead"] is True
+    # the mode that ran, not the flag as given (audit: null where it was left to the default)
+    assert payload["settings"]["lookahead"] is False and greedy[1]["settings"]["lookahead"] is False
+    default = json.loads(generate("ROMEO:", "--max-new-tokens", "5", "--json").stdout)
+    assert default["settings"]["lookahead"] is True  # one sample on a CPU
     blocks = generate("ROMEO:", "--max-new-tokens", "5", "--num-samples", "3", "--temperature", "1")
     assert blocks.stdout.count("ROMEO:") == 3 and "--- sample 3 ---" in blocks.stdout
 

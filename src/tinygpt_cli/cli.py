@@ -1133,7 +1133,7 @@ class _GenerateView:
                         "prompt_tokens": result.prompt_tokens,
                         "prompt_tokens_dropped": result.prompt_dropped,
                         "samples": [vars(sample) for sample in result.samples],
-                        "settings": {**self.settings, "seed": seed},
+                        "settings": {**self.settings, "seed": seed, "lookahead": stats.lookahead},
                         "stats": {
                             "new_tokens": stats.new_tokens,
                             "num_samples": stats.batch_size,

@@ -298,6 +298,7 @@ class GenerationStats:
     graphed: bool = False  # decode steps replayed from CUDA graphs of our own (see `_DecodeChunk`)
     graph_error: str | None = None  # why capturing them failed
     capture_s: float = 0.0  # host time spent capturing them (the GPU's work is queued, not waited for)
+    lookahead: bool = False  # whether look-ahead decoded (`generate`'s lookahead, resolved where None)
     model_passes: int = 0  # look-ahead passes (see `generate`'s lookahead); 0 without it
     guessed_tokens: int = 0  # tokens guessed by look-ahead, and how many of them the draws took
     accepted_tokens: int = 0
@@ -707,6 +708,7 @@ def generate(
     if lookahead and not can_look_ahead:
         raise GenerationError("lookahead needs the KV cache, an eager (not compiled or static) step and one sample")
     look_ahead = can_look_ahead and device.type != "cuda" if lookahead is None else lookahead
+    stats.lookahead = look_ahead
     # the previous call's decoder, where it was built for these settings and no other call is using it
     key = _decoder_key(model, num_samples, temperature, top_k, top_p, repetition_penalty, stop_at_eot,
                        fused=fused, compile=compile) if graphs else None
