@@ -529,3 +529,25 @@ def test_eval_counts_one_window_and_one_example_in_the_singular(with_shakespeare
     assert result.exit_code == 0, result.output
     assert "on 1 example (zero-shot" in result.stdout and ": 1 example from" in result.stderr
     assert "| examples | 1 example from" in (workspace / "runs" / "tiny" / "report.md").read_text()
+
+
+def test_eval_records_a_task_file_by_its_absolute_path_and_takes_hf_split_and_file_names(
+        with_shakespeare, workspace, hellaswag_file, monkeypatch):
+    """Audit: --task-data typed relative was recorded so in eval.jsonl (meaningless from another folder);
+    --split validation (Hugging Face's name) was refused; --data naming a text file or a split's .bin said 'no
+    tokenized dataset named ...: run tinygpt tokenize first', naming neither the file nor the command."""
+    make_run(workspace)
+    monkeypatch.chdir(hellaswag_file.parent)
+    result = evaluate("--task", "hellaswag", "--task-data", hellaswag_file.name, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["source"] == str(hellaswag_file.resolve())
+    record = json.loads((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1])
+    assert record["source"] == str(hellaswag_file.resolve())
+    named = evaluate("--split", "validation", "--tokens", "64", "--json")
+    assert named.exit_code == 0, named.output
+    assert json.loads(named.stdout)["split"] == "val"
+    name = hellaswag_file.name
+    assert_one_line_error(evaluate("--data", name), f"{name} is a file, not a tokenized dataset: tokenize it first "
+                          f"(`tinygpt tokenize {name} --name NAME`)")
+    assert_one_line_error(evaluate("--data", str(with_shakespeare / "val.bin")),
+                          f"is one split of a tokenized dataset: name the dataset, its folder {with_shakespeare}")

@@ -1194,7 +1194,8 @@ def eval_command(
     data_name: Annotated[
         str | None, typer.Option("--data", help="Tokenized dataset name or folder (default: the run's).")
     ] = None,
-    split: Annotated[str | None, typer.Option(help="Split to score: val | train (default: val).")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Split to score: val (or validation) | train (default: val).")] = None,
     tokens: Annotated[
         int | None,
         typer.Option(help="Tokens to score, in evenly spaced windows (default 1,048,576; the whole split if smaller)."),

@@ -1107,6 +1107,12 @@ def find_dataset(spec: str | None) -> Dataset | None:
     if workspace.name_problem(spec, "data/", spec) is None and _old_copies(_where_published(named)):
         raise DataError(f"data/{spec} was being replaced when a tokenize was killed: run that `tinygpt tokenize "
                         f"... --name {spec}` again to finish it (the dataset it replaced is kept until then)")
+    if candidate.is_file() and candidate.suffix == ".bin" and (candidate.parent / "meta.json").is_file():
+        raise DataError(f"{spec} is one split of a tokenized dataset: name the dataset, its folder "
+                        f"{candidate.parent}")
+    if candidate.is_file():
+        raise DataError(f"{spec} is a file, not a tokenized dataset: tokenize it first (`tinygpt tokenize {spec} "
+                        f"--name NAME`), then name NAME")
     known = ", ".join(d.path.name for d in list_datasets()) or "none yet"
     raise DataError(f"no tokenized dataset named {spec!r} (known: {known}): run `tinygpt tokenize` first")
 

@@ -404,7 +404,7 @@ def load_hellaswag(path: str | Path | None = None, limit: int | None = None) -> 
     """
     if path is not None:
         path = Path(path).expanduser()
-        rows, source = _read_rows(path), str(path)
+        rows, source = _read_rows(path), str(path.resolve())  # eval.jsonl names it from any folder
         if limit is not None:
             rows = rows[:limit]
     else:
@@ -483,6 +483,7 @@ def evaluate(
     """Loss, perplexity and bits per byte of a checkpoint (a run's latest; the latest run's by default) on a
     tokenized dataset's split. `data`: a dataset name or folder (default: the one the run trained on)."""
     emit = on_event or (lambda event: None)
+    split = {"validation": "val"}.get(split, split)  # Hugging Face's name of it
     if split not in SPLITS:
         raise DataError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
     if tokens is not None and tokens < 1:
