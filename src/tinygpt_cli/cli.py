@@ -942,14 +942,16 @@ def generate(
         float | None, typer.Option(help="Make tokens already in the text less likely (1 = off; 1.1-1.3 breaks loops).")
     ] = None,
     stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="End a sample at this text, left out (repeatable; as "
-                                       "typed: in bash, $'\\n' is a line break).")
+        list[str] | None, typer.Option("--stop", help="End a sample at this text, left out; looked for in the "
+                                       "generated text, not the prompt (repeatable; as typed: in bash, $'\\n' is a "
+                                       "line break).")
     ] = None,
     ignore_eot: Annotated[
         bool, typer.Option("--ignore-eot", help="Go on past <|endoftext|> instead of ending the sample there.")
     ] = False,
     num_samples: Annotated[int, typer.Option(help="Independent samples, decoded as one batch.")] = 1,
-    seed: SeedOpt = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Random seed: the same seed, device, dtype and --num-samples give the same text.")] = None,
     device: ModelDeviceOpt = None,
     dtype: Annotated[
         str, typer.Option(help="auto | fp32 | bf16 | fp16: the weights' dtype (auto: bf16/fp16 on CUDA, else fp32).")
