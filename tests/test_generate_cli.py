@@ -462,3 +462,34 @@ def test_a_reader_that_goes_away_ends_generate_as_sigpipe_would_not_as_an_error(
     _, err = process.communicate(timeout=300)
     assert process.returncode == 141, err
     assert "Traceback" not in err and "error" not in err.lower()
+
+
+def test_ctrl_c_prints_what_a_batch_or_json_had_made_marked_interrupted(run, monkeypatch):
+    """Audit: Ctrl-C with --json or --num-samples 2 printed nothing at all, where a streamed sample keeps what it
+    showed: what the samples had is printed, each not ended then marked "interrupted", and the exit is 130."""
+    from tinygpt_cli import sample
+
+    original, pushes = sample.TextStream.push, []
+
+    def push(self, data):
+        pushes.append(1)
+        if len(pushes) == 9:
+            raise KeyboardInterrupt
+        return original(self, data)
+
+    monkeypatch.setattr(sample.TextStream, "push", push)
+    args = ("ROMEO:", "--max-new-tokens", "30", "--num-samples", "2", "--ignore-eot", "--temperature", "0")
+    result = generate(*args, "--json")
+    assert result.exit_code == 130, result.output
+    payload = json.loads(result.stdout)
+    assert [s["stop_reason"] for s in payload["samples"]] == ["interrupted", "interrupted"]
+    assert [s["tokens"] for s in payload["samples"]] == [5, 4] and payload["samples"][0]["text"]
+    pushes.clear()
+    blocks = generate(*args)
+    assert blocks.exit_code == 130
+    assert blocks.stdout.startswith("--- sample 1 ---\nROMEO:") and "\n--- sample 2 ---\nROMEO:" in blocks.stdout
+    with pytest.raises(KeyboardInterrupt) as caught:  # the library still raises it, with the result so far
+        pushes.clear()
+        sample.sample_text(sample.load_model(str(run), "cpu", "fp32").model, "ROMEO:", 30, num_samples=2,
+                           stop_at_eot=False, temperature=0)
+    assert [s.stop_reason for s in caught.value.partial.samples] == ["interrupted", "interrupted"]

@@ -1101,15 +1101,21 @@ class _GenerateView:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        result = sample_text(
-            self.loaded.model,
-            text,
-            **{**self.settings, "seed": seed},
-            compile=self.use_compile,
-            on_text=on_text if stream else None,
-            # the prompt is echoed once it is known to fit: nothing reaches stdout before an error
-            on_start=(lambda: on_text(0, text)) if stream and echo_prompt else None,
-        )
+        try:
+            result = sample_text(
+                self.loaded.model,
+                text,
+                **{**self.settings, "seed": seed},
+                compile=self.use_compile,
+                on_text=on_text if stream else None,
+                # the prompt is echoed once it is known to fit: nothing reaches stdout before an error
+                on_start=(lambda: on_text(0, text)) if stream and echo_prompt else None,
+            )
+        except KeyboardInterrupt as exc:  # what a batch or --json had made is printed, marked "interrupted"
+            partial = getattr(exc, "partial", None)
+            if partial is not None and not stream:
+                self._render(partial, text, seed, echo_prompt)
+            raise
         stats = result.stats
         if result.prompt_dropped:
             self.err.print(f"the prompt is {result.prompt_tokens + result.prompt_dropped:,} tokens, more than the "
@@ -1122,8 +1128,25 @@ class _GenerateView:
         if stats.graph_error and "graphs" not in self.warned:
             self.warned.add("graphs")
             self.err.print(f"CUDA graphs unavailable ({stats.graph_error}): decoded step by step.", markup=False)
+        cuda_graphs = self._render(result, text, seed, echo_prompt)
+        if self.verbose:  # asked for: shown under --quiet too
+            _stderr_console(quiet=False).print(
+                f"{stats.prompt_tokens} prompt tokens · {stats.new_tokens} new tokens × {stats.batch_size} · "
+                f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
+                f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
+                f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}"
+                f"{' · CUDA graphs' if cuda_graphs else ''}"
+                f"{f' (captured in {stats.capture_s * 1000:.0f} ms)' if stats.graphed else ''}"
+                + (f" · look-ahead: {stats.model_passes} passes, {stats.accepted_tokens} of {stats.guessed_tokens} "
+                   "guessed tokens taken" if stats.model_passes else ""),
+                markup=False,
+            )
+
+    def _render(self, result, text: str, seed: int, echo_prompt: bool) -> bool:
+        """Print `result` to stdout as --json, sample blocks, or the end of a streamed line; whether CUDA graphs
+        (ours, or torch.compile's "reduce-overhead") replayed its steps."""
+        stats = result.stats
         param = next(self.loaded.model.parameters())
-        # steps replayed as CUDA graphs: ours, or torch.compile's ("reduce-overhead")
         cuda_graphs = stats.graphed or (stats.compiled and param.device.type == "cuda")
         if self.as_json:
             print(
@@ -1157,26 +1180,14 @@ class _GenerateView:
                     }
                 )
             )
-        elif stream:
+        elif self.streams:
             sys.stdout.write("\n")
             sys.stdout.flush()
         else:
-            for index, sample in enumerate(result.samples):
-                if index:
-                    print(f"\n--- sample {index + 1} ---")
+            for index, sample in enumerate(result.samples):  # each one headed: a script splits on the headers
+                print(f"{chr(10) if index else ''}--- sample {index + 1} ---")
                 print((text if echo_prompt else "") + sample.text)
-        if self.verbose:  # asked for: shown under --quiet too
-            _stderr_console(quiet=False).print(
-                f"{stats.prompt_tokens} prompt tokens · {stats.new_tokens} new tokens × {stats.batch_size} · "
-                f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
-                f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
-                f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}"
-                f"{' · CUDA graphs' if cuda_graphs else ''}"
-                f"{f' (captured in {stats.capture_s * 1000:.0f} ms)' if stats.graphed else ''}"
-                + (f" · look-ahead: {stats.model_passes} passes, {stats.accepted_tokens} of {stats.guessed_tokens} "
-                   "guessed tokens taken" if stats.model_passes else ""),
-                markup=False,
-            )
+        return cuda_graphs
 
 
 # ----------------------------------------------------------------------------------------- eval

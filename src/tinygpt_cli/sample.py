@@ -1275,7 +1275,7 @@ class TextSample:
 
     text: str  # the continuation, without the prompt, the stop string or <|endoftext|>
     tokens: int  # tokens generated for it
-    stop_reason: str  # "eot" | "stop" | "length"
+    stop_reason: str  # "eot" | "stop" | "length"; "interrupted" in a KeyboardInterrupt's `partial`
 
 
 @dataclass
@@ -1396,7 +1396,8 @@ def sample_text(
     longer than the model's context is continued from its last `block_size` tokens, as the window slides during
     generation (nanoGPT crops so too); the result says how many were dropped.
     A sample ends at `<|endoftext|>` (unless `stop_at_eot` is False), at the first of the `stop` strings, or after
-    `max_new_tokens`; the batch ends when every sample has.
+    `max_new_tokens`; the batch ends when every sample has. A KeyboardInterrupt (Ctrl-C) is raised as it came, its
+    `partial` the result so far, the samples not ended then "interrupted".
     """
     from tinygpt_cli.tokenizer import get_encoding
 
@@ -1418,14 +1419,29 @@ def sample_text(
         compile=compile, stats=stats, lookahead=lookahead, fused=fused,
     )
     emit = on_text or (lambda index, text: None)
+    streams: list[TextStream] = []  # per sample, made once `generate` has checked num_samples against memory
+    reasons: list[str] = []
+    counts: list[int] = []
+    done: list[bool] = []
+
+    def result(interrupted: bool = False) -> SampleResult:
+        for row, stream in enumerate(streams):
+            tail = stream.finish()
+            if tail and not interrupted:  # (cut short: the caller has stopped showing text)
+                emit(row, tail)
+            if stream.stopped and reasons[row] == "length":  # a stop string completed by the held-back end
+                reasons[row] = "stop"
+            elif interrupted and not done[row]:
+                reasons[row] = "interrupted"
+        samples = [TextSample(s.text, n, r) for s, n, r in zip(streams, counts, reasons, strict=True)]
+        return SampleResult(prompt, stats.prompt_tokens or len(prompt_ids), samples, stats, dropped)
+
     try:
         first = next(tokens)  # the settings are checked and memory allocated before any per-sample state
         if on_start is not None:  # generation is under way: a caller may show the prompt now
             on_start()
         streams = [TextStream(stop) for _ in range(num_samples)]
-        reasons = ["length"] * num_samples
-        counts = [0] * num_samples
-        done = [False] * num_samples
+        reasons[:], counts[:], done[:] = ["length"] * num_samples, [0] * num_samples, [False] * num_samples
         for step_tokens in itertools.chain([first], tokens):
             for row, token in enumerate(step_tokens.tolist()):
                 if done[row]:
@@ -1441,13 +1457,10 @@ def sample_text(
                     done[row], reasons[row] = True, "stop"
             if all(done):
                 break
+    except KeyboardInterrupt as exc:  # Ctrl-C: still raised, with what the samples had (`exc.partial`)
+        if streams:
+            exc.partial = result(interrupted=True)  # type: ignore[attr-defined]
+        raise
     finally:
         tokens.close()
-    for row, stream in enumerate(streams):
-        tail = stream.finish()
-        if tail:
-            emit(row, tail)
-        if stream.stopped and reasons[row] == "length":  # a stop string completed by the held-back end
-            reasons[row] = "stop"
-    samples = [TextSample(s.text, n, r) for s, n, r in zip(streams, counts, reasons, strict=True)]
-    return SampleResult(prompt, stats.prompt_tokens or len(prompt_ids), samples, stats, dropped)
+    return result()
