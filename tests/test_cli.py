@@ -86,7 +86,8 @@ def test_tokenize_train_generate(workspace):
     again = invoke("generate", "To be, or not to be", "--max-new-tokens", "12", "--seed", "3")
     assert again.stdout == result.stdout
     many = invoke("generate", "ROMEO:", "--max-new-tokens", "5", "--num-samples", "3", "--run", "first")
-    assert many.exit_code == 0 and many.stdout.count("ROMEO:") == 3 and "--- sample 1 ---" in many.stdout and "--- sample 3 ---" in many.stdout
+    assert many.exit_code == 0 and many.stdout.count("ROMEO:") == 3 \
+        and "--- sample 1 ---" in many.stdout and "--- sample 3 ---" in many.stdout
 
 
 def test_train_tokenizes_the_embedded_corpus_first(workspace):

@@ -596,3 +596,19 @@ def test_a_script_calling_train_is_told_of_a_sigterm(with_shakespeare, workspace
         assert done.returncode == -getattr(signal, f"SIG{sig}"), done.stdout + done.stderr
         assert done.stdout == ""
     assert not (workspace / "runs" / "lr0.002").exists() or sig == "INT"
+
+
+def test_a_reader_that_goes_away_leaves_training_to_finish_and_save(with_shakespeare, workspace, reaped):
+    """Audit: `tinygpt train ... 2>&1 | tee log` whose tee died, or an ssh session without a tty that dropped (no
+    SIGHUP, only a broken pipe): rich exited 1 at the next line printed, the eval line of a step whose checkpoint
+    was about to be saved, losing every step since the last one. Training goes on without a view and saves."""
+    env = {**os.environ, "TINYGPT_HOME": str(workspace)}
+    process = reaped(subprocess.Popen(
+        _train_command("--name", "p", "--max-steps", "8", "--set", "train.eval_interval=4"),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGPIPE, signal.SIG_IGN),  # as Python starts: EPIPE, not death
+    ))
+    assert process.stdout.readline().startswith(("Training", "train.", "No tokenized"))
+    process.stdout.close()  # the reader goes away before the first evaluation
+    assert process.wait(timeout=300) == 0
+    assert ckpt.latest_step(workspace / "runs" / "p") == 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import sys
@@ -36,15 +37,43 @@ _QUIET = False  # set by `tinygpt --quiet`: no progress or status lines (errors 
 
 
 def _stderr_console(quiet: bool | None = None):
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True, quiet=_QUIET if quiet is None else quiet)
+    return _console_class()(stderr=True, highlight=False, soft_wrap=True, quiet=_QUIET if quiet is None else quiet)
 
 
 def _stdout_console():
+    return _console_class()(highlight=False, soft_wrap=True)
+
+
+@functools.cache
+def _console_class():
+    """rich's Console, but a reader that goes away (`| head`, a dead `tee`, an ssh session without a tty that
+    dropped) raises BrokenPipeError, an OSError, where rich exits 1 at once: training then goes on to its
+    checkpoints without a view, as it does when the terminal hangs up, instead of dying before the save its eval
+    line was printed for (audit). What is written after that is dropped."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    class QuietOnBrokenPipe(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            _drop_output_like(self.file)
+            raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
+
+    return QuietOnBrokenPipe
+
+
+def _drop_output_like(broken) -> None:
+    """Point the standard streams that write where `broken` does at /dev/null (as rich does with stdout), so that
+    nothing later, nor Python's flush at exit, fails on it again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a stream with no descriptor (tests, notebooks)
+        broken_file = os.fstat(broken.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                fd = stream.fileno()
+                same = os.fstat(fd)
+                if (same.st_dev, same.st_ino) == (broken_file.st_dev, broken_file.st_ino):
+                    os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 # click's UsageError: recent Typer carries its own copy of click (typer._click), older Typer uses click itself
