@@ -612,3 +612,24 @@ def test_a_reader_that_goes_away_leaves_training_to_finish_and_save(with_shakesp
     process.stdout.close()  # the reader goes away before the first evaluation
     assert process.wait(timeout=300) == 0
     assert ckpt.latest_step(workspace / "runs" / "p") == 8
+
+
+def test_a_log_file_gets_plain_progress_lines_instead_of_silence(with_shakespeare, workspace, monkeypatch):
+    """Audit: with stderr redirected (nohup, a scheduler's log, ssh without a tty) train printed nothing between
+    evaluations but a final bar cut at 80 columns, and tokenize nothing between its plan and its end. A plain
+    line comes every PLAIN_PROGRESS_S instead (0 here: every update), with the run's end and an ETA."""
+    from tinygpt_cli import cli
+
+    monkeypatch.setattr(cli, "PLAIN_PROGRESS_S", 0.0)
+    result = invoke("train", "--size", "micro", *TINY_SETTINGS, "--max-steps", "4", "--name", "logged")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("step ") and "/4 (" in line]
+    assert lines[0].startswith("step 1/4 (25.0%) · loss ") and " tok/s · " in lines[0] and " · ETA " in lines[0]
+    assert lines[-1].startswith("step 4/4 (100.0%) · loss ") and "val " in lines[-1]
+    assert "━" not in result.stderr  # no bar drawn in a log
+    text = workspace / "big.txt"
+    text.write_text("A line of a long book.\n" * 200_000)
+    tokenized = invoke("tokenize", str(text), "--name", "big")
+    assert tokenized.exit_code == 0, tokenized.output
+    assert any(line.startswith("tokenize: ") and "% · " in line and "MB of text" in line and "tok/s" in line
+               for line in tokenized.stderr.splitlines()), tokenized.stderr

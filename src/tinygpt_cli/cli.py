@@ -263,12 +263,35 @@ def _fmt_size(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
+# Where stderr is not a terminal (`> train.log 2>&1`, nohup, a scheduler's log, ssh without a tty) no bar is
+# drawn: a plain progress line is printed this often instead, so that `tail -f` shows a long job moving
+PLAIN_PROGRESS_S = 60.0
+
+
+class _PlainClock:
+    """When the next plain progress line is due (`PLAIN_PROGRESS_S` after the last, the first one after the start)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.monotonic
+        self.last = self.now()
+
+    def due(self) -> bool:
+        if self.now() - self.last < PLAIN_PROGRESS_S:
+            return False
+        self.last = self.now()
+        return True
+
+
 class _RateView:
-    """A transient bar on stderr over text bytes, with rates and ETA as the library computes them."""
+    """A transient bar on stderr over text bytes, with rates and ETA as the library computes them; in a log (not
+    a terminal), a plain line every PLAIN_PROGRESS_S."""
 
     def __init__(self, console, label: str) -> None:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
+        self.label, self.console, self.total, self.clock = label, console, None, _PlainClock()
         self.progress = Progress(
             TextColumn(f"[bold]{label}[/]"),
             BarColumn(),
@@ -280,16 +303,22 @@ class _RateView:
         self.task = None
 
     def start(self, total_bytes: float | None) -> None:
+        self.total, self.clock = total_bytes, _PlainClock()
         if not self.progress.console.is_terminal:  # a transient bar shows nothing there but a blank line at the end
             return
         self.task = self.progress.add_task("", total=total_bytes or None, rates="")
         self.progress.start()
 
     def update(self, done_bytes: float, rates: list[str], eta_s: float | None) -> None:
+        eta = f" · ETA {_fmt_seconds(eta_s)}" if eta_s is not None else ""
         if self.task is None:
+            if not self.progress.console.is_terminal and self.clock.due():
+                done = f"{min(1.0, done_bytes / self.total):.1%} · " if self.total else ""
+                with contextlib.suppress(OSError):  # a log whose reader went away: the work goes on
+                    self.console.print(f"{self.label}: {done}{_fmt_size(done_bytes)} of text · {' · '.join(rates)}"
+                                       f"{eta}", markup=False)
             return
         total = self.progress.tasks[self.task].total
-        eta = f" · ETA {_fmt_seconds(eta_s)}" if eta_s is not None else ""
         self.progress.update(
             self.task, completed=min(done_bytes, total) if total else done_bytes, rates=" · ".join(rates) + eta
         )
@@ -851,6 +880,11 @@ class _TrainView:
         self.task = None
         self.run_dir: Path | None = None  # known from the start event
         self.gone = False
+        self.plain = not console.is_terminal  # a log: plain lines every PLAIN_PROGRESS_S, no bar
+        self.clock = _PlainClock()
+        self.first: tuple[float, int] = (0.0, 0)  # (time, step) of this invocation's start
+        self.shown = {"loss": "…", "val": "…", "rate": "…", "mfu": ""}
+        self.step = 0
 
     def on_event(self, event) -> None:
         if self.gone:
@@ -875,24 +909,40 @@ class _TrainView:
             self.task = self.progress.add_task(
                 "train", total=event.max_steps, completed=event.step, loss="…", val="…", rate="…", mfu=""
             )
-            self.progress.start()
+            self.first, self.clock, self.step = (self.clock.now(), event.step), _PlainClock(), event.step
+            if not self.plain:
+                self.progress.start()
         elif event.kind == "step" and self.task is not None:
             mfu = f" · MFU {event.mfu:.0%}" if event.mfu is not None else ""
-            self.progress.update(
-                self.task,
-                completed=event.step,
-                loss=f"{event.loss:.3f}",
-                rate=_fmt_int(event.tokens_per_s or 0),
-                mfu=mfu,
-            )
+            self.shown.update(loss=f"{event.loss:.3f}", rate=_fmt_int(event.tokens_per_s or 0), mfu=mfu)
+            self.progress.update(self.task, completed=event.step, **self.shown)
+            self._plain_line(event, due=self.clock.due())
         elif event.kind == "done" and self.task is not None:  # a stop between log steps: the bar shows it
             self.progress.update(self.task, completed=event.step)
+            self._plain_line(event, due=event.step != self.step)  # where the log's last line left it
         elif event.kind == "eval" and self.task is not None:
-            self.progress.update(self.task, completed=event.step, val=f"{event.val_loss:.3f}")
-            self.console.print(f"step {event.step}: val loss {event.val_loss:.4f}")
+            self.shown["val"] = f"{event.val_loss:.3f}"
+            self.progress.update(self.task, completed=event.step, **self.shown)
+            self.console.print(f"step {event.step:,}: val loss {event.val_loss:.4f}")
+
+    def _plain_line(self, event, due: bool) -> None:
+        """In a log: `step 1,200/19,073 (6.3%) · loss 3.412 · val 3.502 · 52,331 tok/s · MFU 41% · 1h02m · ETA
+        5h10m`, the ETA from this invocation's steps per second."""
+        if not self.plain or not due:
+            return
+        self.step = event.step
+        began_at, began_step = self.first
+        elapsed = self.clock.now() - began_at
+        rate = (event.step - began_step) / elapsed if elapsed > 0 else 0.0
+        eta = f" · ETA {_fmt_seconds((event.max_steps - event.step) / rate)}" if rate > 0 else ""
+        shown = self.shown
+        self.console.print(
+            f"step {event.step:,}/{event.max_steps:,} ({event.step / max(1, event.max_steps):.1%}) · loss "
+            f"{shown['loss']} · val {shown['val']} · {shown['rate']} tok/s{shown['mfu']} · {_fmt_seconds(elapsed)}"
+            f"{eta}", markup=False)
 
     def close(self) -> None:
-        if self.task is not None:  # a Progress never started still ends a line: a blank one before an error
+        if self.task is not None and not self.plain:  # a Progress never started still ends a line: a blank one
             with contextlib.suppress(OSError):  # a terminal that went away
                 self.progress.stop()
 
