@@ -98,15 +98,21 @@ def test_a_new_run_in_a_folder_left_by_a_killed_start_shows_only_its_own_points(
 class _FakeWandb:
     """Stands in for the wandb package: records what tinygpt asks of it."""
 
-    def __init__(self, fail_init: Exception | None = None, fail_log_at: int | None = None):
+    def __init__(self, fail_init: Exception | None = None, fail_log_at: int | None = None, mode: str = "online"):
         self.inits: list[dict] = []
         self.logged: list[dict] = []
         self.finished: list[int] = []
+        self.torn_down = 0
         self.fail_init, self.fail_log_at = fail_init, fail_log_at
         self.module = types.ModuleType("wandb")
         self.module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
         self.module.init = self.init
         self.module.Settings = lambda **kw: kw
+        self.module.setup = lambda: types.SimpleNamespace(settings=types.SimpleNamespace(mode=mode))
+        self.module.teardown = self.teardown
+
+    def teardown(self):
+        self.torn_down += 1
 
     def init(self, **kwargs):
         if self.fail_init is not None:
@@ -152,7 +158,7 @@ def test_wandb_gets_every_record_and_a_resume_continues_the_same_run(with_shakes
             stop.reason = "interrupted"
 
     run = train(config, run_name="wb", on_event=stop_at_3, stop=stop).run_dir
-    assert fake.inits[0]["project"] == "tinygpt" and fake.inits[0]["name"] == "wb"
+    assert fake.inits[0]["project"] == "tinygpt" and fake.inits[0]["name"] == fake.inits[0]["group"] == "wb"
     assert fake.inits[0]["id"] is None and fake.inits[0]["dir"] == str(run)
     assert fake.inits[0]["config"]["train"]["max_steps"] == 4
     state = json.loads((run / "checkpoints" / "step_3" / "state.json").read_text())
@@ -179,15 +185,44 @@ def test_a_tracker_that_fails_mid_run_is_dropped_and_training_goes_on(with_shake
                      "line"]
     assert {data["step"] for data in fake.logged} == {1}
     assert fake.finished == [1]  # closed as failed when it was dropped, and only then
+    # a checkpoint after the failure still names the W&B run, so that a resume goes on in it (review)
+    state = json.loads((result.run_dir / "checkpoints" / "step_4" / "state.json").read_text())
+    assert state["trackers"] == {"wandb_id": "run1"}
     assert max(record["step"] for record in _records(result.run_dir)) == 4
 
 
+def test_an_offline_resume_is_a_new_wandb_run_of_the_same_group(with_shakespeare, fake_wandb):
+    """Review: offline, W&B cannot continue a run; a resume under the same id made a second offline folder of it,
+    which `wandb sync` wrote over the first. Each invocation is its own run, all in the tinygpt run's group."""
+    fake = fake_wandb(mode="offline")
+    config = tiny_config(max_steps=4, log_to="wandb")
+    stop = StopFlag()
+
+    def stop_at_2(event):
+        if event.kind == "step" and event.step == 2:
+            stop.reason = "interrupted"
+
+    train(config, run_name="off", on_event=stop_at_2, stop=stop)
+    train(config, run_name="off", resume=True)
+    assert [(init["id"], init["resume"], init["group"]) for init in fake.inits] == [(None, None, "off")] * 2
+
+
+def test_a_yaml_list_of_trackers_and_a_bare_no_are_read(workspace, tmp_path):
+    from tinygpt_cli.config import resolve_config
+
+    path = tmp_path / "run.yaml"
+    for text, expected in (("[tensorboard, wandb]", "tensorboard,wandb"), ("no", "none")):
+        path.write_text(f"train:\n  log_to: {text}\n")
+        assert resolve_config(size="micro", config_file=path).train.log_to == expected
+
+
 def test_wandb_that_cannot_start_stops_the_run_before_its_first_step(with_shakespeare, workspace, fake_wandb):
-    fake_wandb(fail_init=RuntimeError("No API key configured. Use `wandb login` to log in."))
+    fake = fake_wandb(fail_init=RuntimeError("No API key configured. Use `wandb login` to log in."))
     result = runner.invoke(app, ["train", "--size", "micro", *TINY_SETTINGS, "--max-steps", "2",
                                  "--log-to", "tensorboard,wandb", "--name", "nokey"])
     assert_one_line_error(result, "wandb could not start a run (No API key configured.")
     assert "WANDB_MODE=offline" in result.stderr
+    assert fake.torn_down == 1  # wandb's exit hook would print after the error line, naming the removed folder
     assert not (workspace / "runs" / "nokey").exists()  # nor the tensorboard folder started before it
 
 

@@ -317,6 +317,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         return str(value)
     elif kind is str and isinstance(value, bool) and key.endswith(".compile"):
         return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+    elif key == "train.log_to" and isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return ",".join(value)  # log_to: [tensorboard, wandb]
+    elif key == "train.log_to" and value is False:
+        return "none"  # log_to: no
     raise ConfigError(f"{key} must be {kind.__name__} (got {value!r})")
 
 

@@ -9,6 +9,7 @@ note: the training goes on, and metrics.jsonl still has every line.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -32,7 +33,8 @@ def parse(value: str) -> tuple[str, ...]:
         return ()
     unknown = [name for name in names if name not in TRACKERS]
     if unknown:
-        raise ConfigError(f"train.log_to takes {', '.join(TRACKERS)} or both, comma-separated (got {value!r})")
+        raise ConfigError(f"train.log_to takes {', '.join(TRACKERS)} or both, comma-separated, or none (got "
+                          f"{value!r})")
     return tuple(name for name in TRACKERS if name in names)
 
 
@@ -87,15 +89,22 @@ class _WandB:
         import wandb
 
         try:
+            # Offline, W&B cannot continue a run: a resumed id made a second offline folder of that id, which
+            # `wandb sync` wrote over the first. There each invocation is a run of its own; the run's group holds
+            # them all, online too.
+            offline = wandb.setup().settings.mode in ("offline", "dryrun")
+            run_id = None if offline else run_id
             self.run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, name=run_dir.name, id=run_id,
-                resume="allow" if run_id else None, dir=str(run_dir), config=config,
-                settings=wandb.Settings(console="off", quiet=True),  # the terminal stays tinygpt's
+                project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, name=run_dir.name, group=run_dir.name,
+                id=run_id, resume="allow" if run_id else None, dir=str(run_dir), config=config,
+                settings=wandb.Settings(console="off", quiet=True),  # (its own lines say where the run goes)
             )
         except Exception as exc:  # wandb's UsageError (no API key), a CommError (no network), …
+            with contextlib.suppress(Exception):  # its exit hook would print after the error, naming a folder gone
+                wandb.teardown()
             raise TrainingError(
-                f"wandb could not start a run ({_first_line(exc)}): `wandb login` first, or set WANDB_MODE=offline "
-                f"to log into {run_dir / WANDB_DIR} and `wandb sync` it later"
+                f"wandb could not start a run ({_first_line(exc)}): log in (`wandb login`) and check the network, or "
+                f"set WANDB_MODE=offline to log into {run_dir / WANDB_DIR} and `wandb sync` it later"
             ) from None
         # every series against the run's step, which a resume logs again from its checkpoint on: wandb's own step
         # only grows, and would drop those lines
@@ -127,6 +136,7 @@ class Trackers:
         names = tuple(names)
         self.note = note
         self.active: list[Any] = []
+        self.saved: dict[str, Any] = {}  # what checkpoints keep: a tracker dropped mid-run keeps its run id
         folders = {"tensorboard": TENSORBOARD_DIR, "wandb": WANDB_DIR}
         self.created = [run_dir / folders[name] for name in names if not (run_dir / folders[name]).exists()]
         try:
@@ -136,6 +146,7 @@ class Trackers:
                 else:
                     run_id = (state or {}).get("wandb_id") if resume_step is not None else None
                     self.active.append(_WandB(run_dir, config, run_id))
+                self.saved.update(self.active[-1].state())
         except BaseException:  # a later one failed to start: the earlier ones go, with what they wrote
             self.close(failed=True)
             self.remove_created()
@@ -152,10 +163,7 @@ class Trackers:
                 self._close_one(tracker, failed=True)
 
     def state(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for tracker in self.active:
-            merged.update(tracker.state())
-        return merged
+        return dict(self.saved)
 
     def close(self, failed: bool = False) -> None:
         active, self.active = self.active, []
