@@ -130,7 +130,8 @@ def test_train_flags_reach_the_run_and_a_time_limit_says_how_to_go_on(with_shake
     result = train_tiny("--name", "t", "--max-minutes", "0.0001", "--keep-last", "1", "--grad-accum", "2",
                         "--set", "train.eval_interval=1", steps=100000)
     assert result.exit_code == 0, result.output
-    assert "Reached --max-minutes; checkpoint saved. Continue with: tinygpt train --resume --name t" in result.stdout
+    assert "Reached --max-minutes; checkpoint saved. Continue with: tinygpt train --resume --name t (it stops " \
+        "again after --max-minutes of training: add --max-minutes 0 to lift that)" in result.stdout
     run = workspace / "runs" / "t"
     train_config = yaml.safe_load((run / "config.yaml").read_text())["train"]
     assert (train_config["max_minutes"], train_config["keep_last"], train_config["grad_accum"]) == (0.0001, 1, 2)

@@ -714,7 +714,7 @@ def train(
         if is_main and as_json:
             print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}))
         elif is_main:
-            _print_train_result(result)
+            _print_train_result(result, stop.signal)
     if result.stopped == "interrupted":  # not a finished run: `train && export` must not go on (on every rank)
         raise typer.Exit(_signal_exit(stop.signal))
 
@@ -827,7 +827,7 @@ def _auto_batch(batch_size: str | None) -> bool:
     return False
 
 
-def _print_train_result(result) -> None:
+def _print_train_result(result, signum: int | None = None) -> None:
     out = _stdout_console()
     val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"  # none logged yet
@@ -842,12 +842,26 @@ def _print_train_result(result) -> None:
                   f"{_resume_command(result.run_dir.name)}")
     elif result.stopped != "completed":
         why = {
-            "interrupted": "Interrupted",
+            "interrupted": f"Interrupted{_by_signal(signum)}",
             "time_limit": "Reached --max-minutes",
             "token_limit": "Reached --max-tokens",
         }.get(result.stopped, "Stopped")
-        more = " --max-tokens N (more than the tokens seen so far)" if result.stopped == "token_limit" else ""
+        more = {"token_limit": " --max-tokens N (more than the tokens seen so far)",
+                # the limit is the run's (config.yaml): every resume stops after as long again, as a scheduler's slot
+                "time_limit": " (it stops again after --max-minutes of training: add --max-minutes 0 to lift that)",
+                }.get(result.stopped, "")
         out.print(f"{why}; checkpoint saved. Continue with: {_resume_command(result.run_dir.name)}{more}")
+
+
+def _by_signal(signum: int | None) -> str:
+    """' by SIGTERM' (a scheduler's time limit), ' by SIGHUP' (a dropped terminal); '' for Ctrl-C or none."""
+    import signal
+
+    if signum is None or signum == signal.SIGINT:
+        return ""
+    with contextlib.suppress(ValueError):
+        return f" by {signal.Signals(signum).name}"
+    return ""
 
 
 def _resume_command(name: str) -> str:

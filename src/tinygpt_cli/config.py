@@ -107,7 +107,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps in all; the LR schedule spans them
     max_tokens: int = 0  # stop (with a checkpoint) after this many tokens; 0 = no limit
-    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time of one invocation; 0 = none
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this long training in one invocation; 0 = none
     auto_batch: bool = False  # shrink the micro-batch to what fits (CUDA: trial steps; CPU/MPS: the estimate)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     init_from: str = ""  # start from these weights: gpt2[-medium|-large|-xl], a HF folder or a tinygpt run
