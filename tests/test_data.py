@@ -689,7 +689,8 @@ def test_an_interrupt_before_the_first_checkpoint_says_nothing_was_kept(workspac
     monkeypatch.setattr(data._Partial, "write", interrupting_write)
     result = runner.invoke(app, ["tokenize", str(path)])
     assert result.exit_code == 130, result.output
-    assert "Interrupted before the first checkpoint (every 30 s or so): nothing was kept" in result.stderr
+    assert "Interrupted before the first checkpoint (after 30 s or so, between documents: a single .txt file is " \
+           "one document): nothing was kept" in result.stderr
     assert "continue where it stopped" not in result.stderr
 
 

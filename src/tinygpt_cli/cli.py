@@ -395,8 +395,8 @@ def tokenize(
             return f"Interrupted as the dataset was put in place: it was finished first, and {written} is complete."
         if getattr(exc, "saved", False):  # a checkpoint of the work so far is on disk: the same command goes on
             return "Interrupted: run the same command again to continue where it stopped (--restart starts over)."
-        return "Interrupted before the first checkpoint (every 30 s or so): nothing was kept, and the same command " \
-            "starts over."
+        return "Interrupted before the first checkpoint (after 30 s or so, between documents: a single .txt file " \
+            "is one document): nothing was kept, and the same command starts over."
 
     with _interruptible(view, err, interrupted):
         result = data.tokenize(

@@ -21,11 +21,13 @@ Streaming and memory: documents are read in order, grouped into tasks of about `
 encoded by `workers` threads (tiktoken's Rust encoder releases the GIL), at most `2 * workers` tasks in flight;
 results are appended in task order, so the output is byte-identical whatever the number of workers.
 
-Atomic and resumable: everything is written to `data/.<name>.partial/`, and every `CHECKPOINT_SECONDS` the
-pipeline drains, fsyncs the .bin files and records the position reached in `progress.json`. A killed run
-leaves only that hidden folder; rerunning the same command truncates the .bin files to the recorded point and
-continues; other settings (or `restart=True`) start over. The folder is renamed to `data/<name>/` only when
-complete, with `meta.json` holding a sha256 per file so `train` refuses a truncated or foreign `.bin`.
+Atomic and resumable: everything is written to `data/.<name>.partial/`, and at the first document boundary
+every `CHECKPOINT_SECONDS` the pipeline drains, fsyncs the .bin files and records the position reached in
+`progress.json` (a checkpoint falls between documents: one long .txt file is a single document, read whole).
+A killed run leaves only that hidden folder; rerunning the same command truncates the .bin files to the
+recorded point and continues; other settings (or `restart=True`) start over. The folder is renamed to
+`data/<name>/` only when complete, with `meta.json` holding a sha256 per file so `train` refuses a truncated or
+foreign `.bin`.
 
 Empty documents are skipped and counted; undecodable text is handled as `sources.py` documents.
 """
