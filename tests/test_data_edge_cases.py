@@ -549,3 +549,25 @@ def test_a_folder_of_only_unreadable_kinds_says_what_it_found_and_how_to_read_it
                                   "first: ")
     assert "rename JSON lines files .json(.gz) to .jsonl(.gz); unpack the .zst files (e.g. `zstd -d`, `xz -d`) or " \
            "pack them as .jsonl.gz" in result.stderr
+
+
+def test_a_dataset_snapshot_folder_is_tokenized_from_its_train_files(workspace):
+    """Audit: a Hugging Face snapshot folder (data/train-*.parquet beside validation-* and test-*), as `download`'s
+    offline advice has users fetch, was read whole: its test split went into training, silently."""
+    folder = workspace / "snapshot"
+    (folder / "data").mkdir(parents=True)
+    for split, rows in (("train", 30), ("validation", 5), ("test", 5)):
+        pq.write_table(pa.table({"text": [f"{split} document {i}: some words here." for i in range(rows)]}),
+                       folder / "data" / f"{split}-00000-of-00001.parquet")
+    (folder / "README.md").write_text("# card\n")
+    events = []
+    result = data.tokenize(str(folder), name="snap", on_event=events.append)
+    assert result.meta["documents"]["in_source"] == 30
+    notes = [e.message for e in events if e.kind == "info" and "other splits" in e.message]
+    assert len(notes) == 1 and notes[0].startswith("left out 2 file(s) of the corpus's other splits (first: ")
+    assert sources.local_source(str(folder / "data" / "test-00000-of-00001.parquet")).documents == 5  # named: read
+    plain = workspace / "plain"  # no train files: a folder is read whole, whatever its files are called
+    plain.mkdir()
+    for name in ("test-notes.txt", "dev-log.txt"):
+        (plain / name).write_text("Some text.\n")
+    assert sources.local_source(str(plain)).documents == 2

@@ -503,6 +503,10 @@ def tokenize(
     if src.unreadable_folders:  # os.walk passed over them without a word (lost+found at a disk's root, say)
         emit(TokenizeEvent("info", message=f"left out {_folders(src.unreadable_folders, 'it cannot read')}: check "
                            f"the permissions to include them"))
+    if src.other_splits:  # a snapshot's test split silently trained on (audit)
+        emit(TokenizeEvent("info", message=f"left out {len(src.other_splits):,} file(s) of the corpus's other "
+                           f"splits (first: {src.other_splits[0]}): a folder with train files is tokenized from "
+                           f"those; name a file or a glob to read others"))
     if src.left_out:  # a folder of .json.gz shards plus a README.txt was the README alone, silently
         emit(TokenizeEvent("info", message=f"left out {len(src.left_out):,} file(s) that are not .txt, .jsonl, "
                            f".jsonl.gz or .parquet (first: {src.left_out[0]}); JSON lines in .json(.gz) files are "

@@ -187,6 +187,7 @@ class Source:
     left_out: tuple[str, ...] = ()  # files of a folder or glob that are none of TEXT_SUFFIXES (`tokenize` says so)
     left_out_folders: tuple[str, ...] = ()  # folders a glob matches, which it does not read (`tokenize` says so)
     unreadable_folders: tuple[str, ...] = ()  # folders under a folder source it may not read (`tokenize` says so)
+    other_splits: tuple[str, ...] = ()  # a snapshot folder's validation/test files, not read (`tokenize` says so)
 
     @property
     def documents(self) -> int:
@@ -332,6 +333,17 @@ def _files_under(folder: Path) -> tuple[list[Path], list[str]]:
     return sorted(p for p in found if p.is_file()), unreadable
 
 
+OTHER_SPLITS = ("validation", "valid", "val", "test", "dev")  # a corpus's held-out splits, by their usual names
+
+
+def _split_of(path: Path, root: Path) -> str | None:
+    """The split a file of a dataset snapshot names, by its name's first word (`train-00000-of-00004.parquet`,
+    `validation.jsonl`, `test_0.txt`) or a folder's below `root` (`data/train/part-0.parquet`); None for others."""
+    words = [path.name.lower().split(".")[0].replace("_", "-").split("-")[0]]
+    words += [part.lower() for part in path.relative_to(root).parts[:-1]]
+    return next((word for word in words if word == "train" or word in OTHER_SPLITS), None)
+
+
 def local_source(spec: str, text_field: str = "text") -> Source:
     """A file, a folder (searched recursively) or a glob of .txt / .jsonl(.gz) / .parquet files."""
     path = Path(spec).expanduser()
@@ -367,6 +379,12 @@ def local_source(spec: str, text_field: str = "text") -> Source:
             read.add(real)
             usable.append(p)
     left_out = [p for real, p in others.items() if real not in read]  # named once, unless read under a usable name
+    other_splits: list[Path] = []
+    if path.is_dir():  # a Hugging Face snapshot (data/train-*.parquet beside validation-* and test-*): train only
+        splits = {p: _split_of(p, path) for p in usable}
+        if "train" in splits.values() and any(split in OTHER_SPLITS for split in splits.values()):
+            other_splits = [p for p in usable if splits[p] in OTHER_SPLITS]
+            usable = [p for p in usable if splits[p] not in OTHER_SPLITS]
     if not usable:
         locked = f" it can read (it cannot read {unreadable[0]})" if unreadable else ""
         found = f" (it holds {len(left_out):,} other file(s), first: {left_out[0]})" if left_out and not locked else ""
@@ -376,7 +394,8 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
     return Source(name, str(spec), "local", files, text_field, left_out=tuple(map(str, left_out)),
-                  left_out_folders=tuple(folders), unreadable_folders=tuple(unreadable))
+                  left_out_folders=tuple(folders), unreadable_folders=tuple(unreadable),
+                  other_splits=tuple(map(str, other_splits)))
 
 
 # ----------------------------------------------------------------------------------------------- downloads
