@@ -571,3 +571,28 @@ def test_a_dataset_snapshot_folder_is_tokenized_from_its_train_files(workspace):
     for name in ("test-notes.txt", "dev-log.txt"):
         (plain / name).write_text("Some text.\n")
     assert sources.local_source(str(plain)).documents == 2
+
+
+def test_tokenizing_the_same_unchanged_source_again_does_nothing(workspace):
+    """Audit: `tokenize && train` in a script re-tokenized the whole corpus every time. The same source files,
+    unchanged, with the same settings, find the dataset up to date; a changed file, other settings or --restart
+    tokenize again."""
+    import os
+
+    path = workspace / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}: " + "word " * 30}) + "\n" for i in range(50)))
+    first = data.tokenize(str(path), name="rows")
+    assert not first.unchanged
+    events = []
+    again = runner.invoke(app, ["tokenize", str(path), "--name", "rows"])
+    assert again.exit_code == 0, again.output
+    assert "Up to date: " in again.stdout and "nothing to do (--restart tokenizes it again)" in again.stderr
+    assert data.tokenize(str(path), name="rows", on_event=events.append).unchanged
+    assert not any(event.kind == "plan" for event in events)  # no work planned, none done
+    assert not data.tokenize(str(path), name="rows", seed=1).unchanged  # other settings
+    assert not data.tokenize(str(path), name="rows", seed=1, restart=True).unchanged
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the file changed since
+    assert not data.tokenize(str(path), name="rows", seed=1).unchanged
+    (workspace / "data" / "rows" / "val.bin").write_bytes(b"\0\0")  # a damaged dataset is made again
+    assert not data.tokenize(str(path), name="rows", seed=1).unchanged

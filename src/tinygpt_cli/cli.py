@@ -350,7 +350,9 @@ def tokenize(
     seed: Annotated[int, typer.Option(help="Seed of the document choice and the split.")] = 0,
     text_field: Annotated[str, typer.Option(help="Field/column holding the text in .jsonl/.parquet.")] = "text",
     workers: Annotated[int | None, typer.Option(help="Tokenizer threads (default: all cores).")] = None,
-    restart: Annotated[bool, typer.Option(help="Discard an interrupted run's progress and start over.")] = False,
+    restart: Annotated[bool, typer.Option(
+        help="Discard an interrupted run's progress and start over; tokenize again a dataset that is up to date."
+    )] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a dataset of this name tokenized from another source.")
     ] = False,
@@ -430,10 +432,15 @@ def tokenize(
                     "resumed_documents": result.resumed_documents,
                     "resumed_tokens": result.resumed_tokens,
                     "workers": result.workers,
+                    "unchanged": result.unchanged,
                     **meta,
                 }
             )
         )
+        return
+    if result.unchanged:
+        print(f"Up to date: {result.path}, {_fmt_int(train['tokens'])} train tokens, {_fmt_int(val['tokens'])} val "
+              f"tokens (tokenized {meta.get('created', '?')})")
         return
     tokens = train["tokens"] + val["tokens"] - result.resumed_tokens  # this run's work
     print(

@@ -433,6 +433,7 @@ class TokenizeResult:
     resumed_documents: int = 0  # documents an interrupted earlier run had already done
     workers: int = 0
     resumed_tokens: int = 0  # tokens it had written (not this run's work)
+    unchanged: bool = False  # the dataset was already this tokenization (same files, unchanged, same settings)
 
 
 @dataclass(frozen=True)
@@ -538,15 +539,22 @@ def tokenize(
     home = _where_published(final_dir)
     partial_dir = home.with_name(f".{home.name}.partial")  # an earlier run's files there count as written
     written = sum(f.stat().st_size for f in partial_dir.glob("*.bin")) if partial_dir.is_dir() else 0
-    workspace.check_disk(home.parent, 2 * estimated_tokens - written,
-                         f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
-                         "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256,
            "split_rule": SPLIT_RULE}  # a partial of another version's rule starts over: no dataset of two rules
     # the lock goes beside the folder written (a link's target): another name or workspace linked there shares it
     with workspace.exclusive(workspace.lock_of(home), f"data/{dataset_name}"):
         _finish_killed_publish(home, partial_dir)
+        done = None if restart else _already_tokenized(final_dir, job)
+        if done is not None:  # `tokenize && train` in a script: the second time, nothing to redo
+            emit(TokenizeEvent("info", message=f"data/{dataset_name} is already {src.description} tokenized with "
+                                               f"these settings, its files unchanged since: nothing to do (--restart "
+                                               f"tokenizes it again)"))
+            return TokenizeResult(dataset_name, final_dir, done.meta, seconds=time.perf_counter() - started,
+                                  workers=workers, unchanged=True)
+        workspace.check_disk(home.parent, 2 * estimated_tokens - written,
+                             f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
+                             "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
         _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
@@ -571,6 +579,7 @@ def tokenize(
                     if note:
                         emit(TokenizeEvent("info", message=note))
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
+                meta["job"] = job  # what made it: the same job again finds it done (`_already_tokenized`)
                 write_json_atomic(partial.folder / "meta.json", meta)
                 _publish(partial.folder, home)
         except SourceUnreadable as exc:  # an NFS or USB hiccup at hour 9 must not cost the first 9 hours
@@ -602,6 +611,21 @@ def tokenize(
                        seconds=seconds))
     return TokenizeResult(dataset_name, final_dir, meta, counters.skipped_empty, list(counters.undecodable),
                           seconds, resumed_documents, workers, resumed_tokens)
+
+
+def _already_tokenized(final_dir: Path, job: dict[str, Any]) -> Dataset | None:
+    """The dataset in `final_dir` where this same job made it (the same source files, by path, size and
+    modification time, and the same settings) and its token files are whole; None otherwise."""
+    if not (final_dir / "meta.json").is_file():
+        return None
+    try:
+        dataset = load_dataset(final_dir)
+        if dataset.meta.get("job") != json.loads(json.dumps(job)):
+            return None
+        dataset.check_files()
+    except (DataError, OSError, ValueError):
+        return None
+    return dataset
 
 
 def _folders(folders: tuple[str, ...], which: str) -> str:
