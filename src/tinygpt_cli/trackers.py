@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tinygpt_cli.errors import ConfigError, TrainingError
+from tinygpt_cli.errors import ConfigError, TrainingError, first_line
 
 TRACKERS = ("tensorboard", "wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -103,7 +103,7 @@ class _WandB:
             with contextlib.suppress(Exception):  # its exit hook would print after the error, naming a folder gone
                 wandb.teardown()
             raise TrainingError(
-                f"wandb could not start a run ({_first_line(exc)}): log in (`wandb login`) and check the network, or "
+                f"wandb could not start a run ({first_line(exc)}): log in (`wandb login`) and check the network, or "
                 f"set WANDB_MODE=offline to log into {run_dir / WANDB_DIR} and `wandb sync` it later"
             ) from None
         # every series against the run's step, which a resume logs again from its checkpoint on: wandb's own step
@@ -119,11 +119,6 @@ class _WandB:
 
     def state(self) -> dict[str, Any]:
         return {"wandb_id": self.run.id}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class Trackers:
@@ -158,7 +153,7 @@ class Trackers:
                 tracker.log(record)
             except Exception as exc:  # the training is worth more than its chart
                 self.active.remove(tracker)
-                self.note(f"{tracker.name} stopped logging ({_first_line(exc)}); training goes on, and "
+                self.note(f"{tracker.name} stopped logging ({first_line(exc)}); training goes on, and "
                           f"metrics.jsonl has every line")
                 self._close_one(tracker, failed=True)
 
@@ -174,7 +169,7 @@ class Trackers:
         try:
             tracker.close(failed)
         except Exception as exc:
-            self.note(f"{tracker.name} did not close cleanly ({_first_line(exc)})")
+            self.note(f"{tracker.name} did not close cleanly ({first_line(exc)})")
 
     def remove_created(self) -> None:
         """Remove the folders these trackers made (a new run that ends with no checkpoint leaves nothing)."""
