@@ -1158,8 +1158,8 @@ def generate(
             continue
         if not line.strip():
             continue
-        try:  # a new seed per prompt, so asking again gives another sample
-            view.once(line, settings["seed"] + turn, echo_prompt=False)
+        try:  # a new seed per prompt, so asking again gives another sample; a file gets the prompt with its sample
+            view.once(line, settings["seed"] + turn, echo_prompt=chrome is not sys.stdout)
         except KeyboardInterrupt:  # the sample was cut short: end its streamed line where the samples go
             if view.streams or chrome is sys.stdout:
                 sys.stdout.write("\n")
