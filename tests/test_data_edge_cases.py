@@ -596,3 +596,18 @@ def test_tokenizing_the_same_unchanged_source_again_does_nothing(workspace):
     assert not data.tokenize(str(path), name="rows", seed=1).unchanged
     (workspace / "data" / "rows" / "val.bin").write_bytes(b"\0\0")  # a damaged dataset is made again
     assert not data.tokenize(str(path), name="rows", seed=1).unchanged
+
+
+def test_a_file_where_the_dataset_or_its_partial_folder_goes(workspace):
+    """Audit: a file named data/NAME failed with 'Not a directory (data/NAME/progress.json)' instead of saying
+    what is in the way; a file named data/.NAME.partial failed every rerun ('fix that and rerun'), as nothing
+    removed it."""
+    text = workspace / "a.txt"
+    text.write_text("Hello world.\n" * 20)
+    (workspace / "data").mkdir()
+    (workspace / "data" / "g").write_text("mine")
+    assert_one_line_error(runner.invoke(app, ["tokenize", str(text), "--name", "g"]),
+                          "data/g exists and is not a folder: move it away or pick another --name")
+    assert (workspace / "data" / "g").read_text() == "mine"
+    (workspace / "data" / ".h.partial").write_text("")
+    assert data.tokenize(str(text), name="h").meta["splits"]["train"]["tokens"] > 0

@@ -352,6 +352,8 @@ class _Partial:
         if saved is None:
             if self.folder.exists():
                 note = f"starting over: discarded the unfinished output of an earlier run ({why})"
+            if self.folder.is_file():  # its own hidden name: a file there is debris
+                self.folder.unlink()
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
             self.writers = {split: _SplitWriter(self.folder / f"{name}.bin") for split, name in SPLITS.items()}
@@ -943,6 +945,8 @@ def _finish_killed_publish(final: Path, partial: Path) -> None:
     """Put right what a tokenize killed while publishing (SIGKILL, a power cut) left: the dataset it was replacing
     set aside as `.NAME.old-PID` with none in its place goes back, unless the finished new one waits in `partial`
     (this tokenize resumes and publishes it); once a dataset is in place, the copies set aside go."""
+    if final.exists() and not final.is_dir():  # said here, before a path inside it fails with ENOTDIR
+        raise DataError(f"data/{final.name} exists and is not a folder: move it away or pick another --name")
     olds = _old_copies(final)
     if not final.exists() and olds and not partial.is_dir():
         workspace.replace(olds.pop(), final)
