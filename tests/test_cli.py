@@ -117,7 +117,8 @@ def test_train_summary_before_the_first_log_and_after_a_token_budget(with_shakes
     result = train_tiny("--name", "b", "--max-tokens", "128", "--set", "train.log_interval=10", steps=100)  # 1 step
     assert result.exit_code == 0, result.output
     # the loss of the one step, though no log step came; no val loss yet, said as "n/a" ("nan" reads as diverged)
-    assert re.search(r"step 1, train loss \d+\.\d{4}, val loss n/a", result.stdout) and "nan" not in result.stdout
+    assert re.search(r": step 1 of 100, train loss \d+\.\d{4}, val loss n/a", result.stdout)  # "of": how far
+    assert "nan" not in result.stdout
     assert "Continue with: tinygpt train --resume --name b --max-tokens N" in result.stdout
     assert_one_line_error(invoke("train", "--resume", "--name", "b"), "pass a larger --max-tokens")
 

@@ -838,8 +838,9 @@ def _print_train_result(result, signum: int | None = None) -> None:
     out = _stdout_console()
     val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"  # none logged yet
+    of_steps = f" of {result.max_steps:,}" if 0 < result.steps < result.max_steps else ""  # how far a stop left it
     out.print(
-        f"Run {result.run_dir}: step {result.steps}, train loss {loss}, "
+        f"Run {result.run_dir}: step {result.steps:,}{of_steps}, train loss {loss}, "
         f"val loss {val} (unigram baseline {result.unigram_val_loss:.4f}), "
         f"{_fmt_seconds(result.seconds)}, {_fmt_int(result.tokens_per_s)} tokens/s"
     )

@@ -127,6 +127,7 @@ class TrainResult:
     stopped: str  # "completed" | "interrupted" | "time_limit" | "token_limit"
     skipped_steps: int = 0
     first_step: int = 0  # the step this call started from (a resume's checkpoint)
+    max_steps: int = 0  # the run's train.max_steps
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -1471,7 +1472,7 @@ class _Trainer:
             run_dir=self.run_dir, steps=step, tokens=self.tokens_seen, seconds=seconds,
             tokens_per_s=trained_tokens / max(seconds, 1e-9), final_loss=self.last_loss, final_val_loss=self.last_val,
             best_val_loss=self.best_val, unigram_val_loss=unigram, stopped=stopped or "completed",
-            skipped_steps=self._skipped_total(), first_step=start_step,
+            skipped_steps=self._skipped_total(), first_step=start_step, max_steps=tc.max_steps,
         )
         if step > start_step or val_pending:  # a resume stopped before its first step keeps the run's report
             report_model = self._report_model()
