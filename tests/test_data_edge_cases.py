@@ -586,7 +586,8 @@ def test_tokenizing_the_same_unchanged_source_again_does_nothing(workspace):
     events = []
     again = runner.invoke(app, ["tokenize", str(path), "--name", "rows"])
     assert again.exit_code == 0, again.output
-    assert "Up to date: " in again.stdout and "nothing to do (--restart tokenizes it again)" in again.stderr
+    assert "Up to date: " in again.stdout and "Nothing to do: data/rows is already " in again.stderr
+    assert "(--restart tokenizes it again)" in again.stderr
     assert data.tokenize(str(path), name="rows", on_event=events.append).unchanged
     assert not any(event.kind == "plan" for event in events)  # no work planned, none done
     assert not data.tokenize(str(path), name="rows", seed=1).unchanged  # other settings

@@ -549,8 +549,8 @@ def tokenize(
         _finish_killed_publish(home, partial_dir)
         done = None if restart else _already_tokenized(final_dir, job)
         if done is not None:  # `tokenize && train` in a script: the second time, nothing to redo
-            emit(TokenizeEvent("info", message=f"data/{dataset_name} is already {src.description} tokenized with "
-                                               f"these settings, its files unchanged since: nothing to do (--restart "
+            emit(TokenizeEvent("info", message=f"nothing to do: data/{dataset_name} is already {src.description} "
+                                               f"tokenized with these settings, its files unchanged since (--restart "
                                                f"tokenizes it again)"))
             return TokenizeResult(dataset_name, final_dir, done.meta, seconds=time.perf_counter() - started,
                                   workers=workers, unchanged=True)
