@@ -590,6 +590,11 @@ def test_tokenizing_the_same_unchanged_source_again_does_nothing(workspace):
     assert "(--restart tokenizes it again)" in again.stderr
     assert data.tokenize(str(path), name="rows", on_event=events.append).unchanged
     assert not any(event.kind == "plan" for event in events)  # no work planned, none done
+    other = workspace / "other.jsonl"  # review: the up-to-date one is "the last tokenized" again, for train
+    other.write_text(path.read_text())
+    data.tokenize(str(other), name="other")
+    assert data.find_dataset(None).name == "other"
+    assert data.tokenize(str(path), name="rows").unchanged and data.find_dataset(None).name == "rows"
     assert not data.tokenize(str(path), name="rows", seed=1).unchanged  # other settings
     assert not data.tokenize(str(path), name="rows", seed=1, restart=True).unchanged
     stat = path.stat()

@@ -549,6 +549,9 @@ def tokenize(
         _finish_killed_publish(home, partial_dir)
         done = None if restart else _already_tokenized(final_dir, job)
         if done is not None:  # `tokenize && train` in a script: the second time, nothing to redo
+            # ... and it is "the last tokenized" again, as the work would have made it: train and plan take it
+            done.meta["confirmed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            write_json_atomic(final_dir / "meta.json", done.meta)
             emit(TokenizeEvent("info", message=f"nothing to do: data/{dataset_name} is already {src.description} "
                                                f"tokenized with these settings, its files unchanged since (--restart "
                                                f"tokenizes it again)"))
@@ -581,7 +584,7 @@ def tokenize(
                     if note:
                         emit(TokenizeEvent("info", message=note))
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
-                meta["job"] = job  # what made it: the same job again finds it done (`_already_tokenized`)
+                meta["job_sha256"] = _job_digest(job)  # what made it: the same job again finds it up to date
                 write_json_atomic(partial.folder / "meta.json", meta)
                 _publish(partial.folder, home)
         except SourceUnreadable as exc:  # an NFS or USB hiccup at hour 9 must not cost the first 9 hours
@@ -622,12 +625,18 @@ def _already_tokenized(final_dir: Path, job: dict[str, Any]) -> Dataset | None:
         return None
     try:
         dataset = load_dataset(final_dir)
-        if dataset.meta.get("job") != json.loads(json.dumps(job)):
+        if dataset.meta.get("job_sha256") != _job_digest(job):
             return None
         dataset.check_files()
     except (DataError, OSError, ValueError):
         return None
     return dataset
+
+
+def _job_digest(job: dict[str, Any]) -> str:
+    """sha256 of a tokenize job (every source file's path, size, time and documents, and the settings): a
+    corpus of thousands of shards records 64 characters, not a line per shard."""
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
 
 def _folders(folders: tuple[str, ...], which: str) -> str:
@@ -1120,7 +1129,9 @@ def list_datasets(problems: list[str] | None = None, check_files: bool = False) 
                 problems.append(f"{meta.parent.name} is left out: {exc}")
             continue
         found.append(dataset)
-    return sorted(found, key=lambda d: (d.meta.get("created") or "", d.path.stat().st_mtime), reverse=True)
+    # "the last tokenized": made, or found up to date by a tokenize (`confirmed`), last
+    return sorted(found, key=lambda d: (max(d.meta.get("created") or "", d.meta.get("confirmed") or ""),
+                                        d.path.stat().st_mtime), reverse=True)
 
 
 def find_dataset(spec: str | None) -> Dataset | None:
