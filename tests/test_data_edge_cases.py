@@ -617,3 +617,19 @@ def test_a_file_where_the_dataset_or_its_partial_folder_goes(workspace):
     assert (workspace / "data" / "g").read_text() == "mine"
     (workspace / "data" / ".h.partial").write_text("")
     assert data.tokenize(str(text), name="h").meta["splits"]["train"]["tokens"] > 0
+
+
+def test_the_thin_val_note_of_a_cut_document_suggests_a_fraction_that_changes_it(workspace):
+    """Review: a 40 kB file's val is the tenth cut from its end whatever a smaller --val-fraction says, yet the note
+    suggested 0.07, which changed nothing, and called the tail '1 document'."""
+    path = workspace / "small.txt"
+    path.write_text("".join(f"line {i} of a small book, with some words.\n" for i in range(900)))
+    events = []
+    data.tokenize(str(path), name="small", on_event=events.append)
+    note = next(e.message for e in events if e.kind == "info" and e.message.startswith("val holds only"))
+    assert "(the end of each document)" in note
+    suggested = float(note.split("e.g. --val-fraction ")[1].split(")")[0])
+    assert suggested > 0.1  # above the tenth the cut already takes
+    raised = data.tokenize(str(path), name="raised", val_fraction=suggested).meta["splits"]["val"]["tokens"]
+    first = data.find_dataset("small").meta["splits"]["val"]["tokens"]
+    assert raised > 1.5 * first

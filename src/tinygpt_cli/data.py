@@ -580,7 +580,7 @@ def tokenize(
             with stops_held() as stops:
                 splits = partial.close()
                 _check_result(src, splits, counters)
-                for note in (_lopsided_val(splits, plan, val_fraction), _thin_val(splits, val_fraction)):
+                for note in (_lopsided_val(splits, plan, val_fraction), _thin_val(splits, plan, val_fraction)):
                     if note:
                         emit(TokenizeEvent("info", message=note))
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
@@ -744,7 +744,7 @@ def _run_pipeline(
                     counters.skipped_empty += 1
                     counters.documents += 1
                 elif cuts:
-                    head, tail = cut_tail(document, cut_share(val_fraction, len(document)))
+                    head, tail = cut_tail(document, cut_share(val_fraction, len(document.encode("utf-8", "replace"))))
                     add(head, TRAIN, True, False, position)
                     add(tail, VAL, True, True, position)
                 else:
@@ -839,18 +839,21 @@ def _lopsided_val(splits: dict[str, dict[str, Any]], plan: SplitPlan, val_fracti
             f"{plan.selected_count:,}), for --val-fraction {val_fraction:g}: {why}")
 
 
-def _thin_val(splits: dict[str, dict[str, Any]], val_fraction: float) -> str | None:
+def _thin_val(splits: dict[str, dict[str, Any]], plan: SplitPlan, val_fraction: float) -> str | None:
     """A note where val is too small to measure a loss on (a few short documents of a few hundred: one whole
     document is val), said now rather than by `train`, which needs a context and its targets from it."""
     val, total = splits["val"]["tokens"], splits["train"]["tokens"] + splits["val"]["tokens"]
     if val >= THIN_VAL_TOKENS or not val:
         return None
     context = ", fewer than a context of 1,024 (GPT-2's) needs" if val < 1024 + 2 else ""
-    larger = min(0.25, val_fraction * 2 * THIN_VAL_TOKENS / val)
-    more = f"raise --val-fraction (e.g. --val-fraction {larger:.2g}) or give more text" if larger > val_fraction \
+    # the share val holds now: --val-fraction of the documents, or where they are cut, what `cut_share` raised it to
+    share = val / total if plan.cuts_documents else val_fraction
+    larger = min(0.25, share * 2 * THIN_VAL_TOKENS / val)
+    more = f"raise --val-fraction (e.g. --val-fraction {larger:.2g}) or give more text" if larger > share * 1.1 \
         else "give more text"
-    return (f"val holds only {val:,} of {total:,} tokens ({workspace.counted(splits['val']['documents'], 'document')})"
-            f": too few for a steady val loss{context}; {more}")
+    what = "the end of each document" if plan.cuts_documents else \
+        workspace.counted(splits["val"]["documents"], "document")
+    return f"val holds only {val:,} of {total:,} tokens ({what}): too few for a steady val loss{context}; {more}"
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
