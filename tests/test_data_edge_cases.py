@@ -633,3 +633,22 @@ def test_the_thin_val_note_of_a_cut_document_suggests_a_fraction_that_changes_it
     raised = data.tokenize(str(path), name="raised", val_fraction=suggested).meta["splits"]["val"]["tokens"]
     first = data.find_dataset("small").meta["splits"]["val"]["tokens"]
     assert raised > 1.5 * first
+
+
+def test_a_tokenize_whose_log_reader_goes_away_still_writes_its_dataset(workspace):
+    """Review: a reader of tokenize's output that went away (`tokenize ... 2>&1 | true`) was taken for a failed
+    write of the dataset: 'cannot write .NAME.partial', exit 1, and a finished dataset abandoned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    text = workspace / "book.txt"
+    text.write_text("A line of a long book.\n" * 20_000)
+    process = subprocess.Popen([sys.executable, "-m", "tinygpt_cli", "tokenize", str(text), "--name", "book"],
+                               env={**os.environ, "TINYGPT_HOME": str(workspace)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGPIPE,
+                                                                                         signal.SIG_IGN))
+    process.stdout.close()  # gone before the first line
+    assert process.wait(timeout=300) == 0  # the work is done; what it would have said is dropped
+    assert (workspace / "data" / "book" / "meta.json").is_file()

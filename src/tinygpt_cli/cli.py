@@ -263,6 +263,16 @@ def _fmt_size(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
+def _output_may_go(on_event: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`on_event`, but a reader of its output that goes away (the console's BrokenPipeError, after which it drops
+    what follows) does not stop the work reported on: tokenize took it for a failed write of its dataset."""
+    def guarded(event: Any) -> None:
+        with contextlib.suppress(OSError):
+            on_event(event)
+
+    return guarded
+
+
 # Where stderr is not a terminal (`> train.log 2>&1`, nohup, a scheduler's log, ssh without a tty) no bar is
 # drawn: a plain progress line is printed this often instead, so that `tail -f` shows a long job moving
 PLAIN_PROGRESS_S = 60.0
@@ -411,7 +421,7 @@ def tokenize(
             workers=workers,
             restart=restart,
             force=force,
-            on_event=on_event,
+            on_event=_output_may_go(on_event),
         )
     meta = result.meta
     train, val = meta["splits"]["train"], meta["splits"]["val"]
@@ -516,7 +526,7 @@ def download(
             split=split,
             text_field=text_field,
             force=force,
-            on_event=on_event,
+            on_event=_output_may_go(on_event),
         )
     if as_json:
         print(
