@@ -339,7 +339,7 @@ def test_download_bad_names_are_one_line_errors(workspace, tmp_path):
     assert not (workspace / "data").exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--text-field", "id"]])
+@pytest.mark.parametrize("extra", [[], ["--text-field", "id"], ["crash"]])
 def test_a_download_that_stops_mid_file_exits(workspace, tmp_path, extra):
     """Audit: a download that left its stream mid-file (a small --max-docs, or an error) aborted at exit
     ("terminate called without an active exception", 134) or hung there for good: Arrow's reading threads wait
@@ -358,13 +358,20 @@ def test_a_download_that_stops_mid_file_exits(workspace, tmp_path, extra):
         "from tinygpt_cli import cli, sources\n"
         f"sources.REGISTRY['rg'] = sources.NamedSource('rg', 'row groups', builder='parquet', data_files=("
         f"{str(files / 'train-0.parquet')!r},), license='CC0-1.0', documents=5000, text_bytes=10_000_000)\n"
+        "if sys.argv[-1] == 'crash':  # an error of ours, not a TinyGPTError (review)\n"
+        "    from tinygpt_cli import download\n"
+        "    def crash(*args, **kwargs): raise RuntimeError('a bug')\n"
+        "    download._write_part = crash\n"
+        "    sys.argv.pop()\n"
         "sys.argv = ['tinygpt', 'download', 'rg', *sys.argv[1:]]\n"
         "cli.main()\n")
     done = subprocess.run([sys.executable, str(script), "--max-docs", "10", *extra], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "TINYGPT_HOME": str(workspace)})
     assert done.returncode == (1 if extra else 0), done.stderr[-2000:]
     assert "terminate called" not in done.stderr
-    if extra:
+    if extra == ["crash"]:
+        assert "RuntimeError: a bug" in done.stderr  # its traceback, then out
+    elif extra:
         assert done.stderr.strip().splitlines()[-1].startswith("error: column 'id'")
     else:
         assert (workspace / "data" / "raw" / "rg" / "download.json").is_file()

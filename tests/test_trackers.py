@@ -255,3 +255,14 @@ def test_a_wandb_that_cannot_start_on_rank_0_stops_every_rank_with_one_line(with
     assert len(errors) == 1 and "wandb could not start a run" in errors[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
     assert not (workspace / "runs" / "nokey").exists()
+
+
+def test_a_run_that_succeeds_inside_the_callers_except_block_is_not_marked_failed(with_shakespeare, fake_wandb):
+    """Review: whether the run failed was read from sys.exc_info() in a `finally`, which also sees an exception
+    the caller is handling: a notebook's train() inside an `except` marked a good W&B run failed."""
+    fake = fake_wandb()
+    try:
+        raise ValueError("the caller's own")
+    except ValueError:
+        train(tiny_config(max_steps=2, log_to="wandb"), run_name="inside")
+    assert fake.finished == [0]

@@ -1827,9 +1827,22 @@ def main() -> None:
         app()
     except SystemExit as exc:
         code = _exit_status(exc.code)
-        if "tinygpt_cli.download" in sys.modules and sys.modules["tinygpt_cli.download"].STREAMS_OPENED:
-            _exit_now(code)  # (see download.STREAMS_OPENED)
+        if _streams_opened():
+            _exit_now(code)
         raise SystemExit(code) from None
+    except BaseException:  # an error of ours that escaped: its traceback, then the same way out
+        if _streams_opened():
+            import traceback
+
+            traceback.print_exc()
+            _exit_now(1)
+        raise
+
+
+def _streams_opened() -> bool:
+    """Whether a `datasets` stream was opened, whose Arrow threads can hang the interpreter's teardown (see
+    download.STREAMS_OPENED): the process then ends with `_exit_now`, skipping it."""
+    return "tinygpt_cli.download" in sys.modules and sys.modules["tinygpt_cli.download"].STREAMS_OPENED
 
 
 def _exit_status(code: object) -> int | object:

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -641,9 +640,12 @@ def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callabl
     info = dist.from_environment()
     owns_group = info.enabled and not torch.distributed.is_initialized()
     trainer = None
+    finished = False  # (not sys.exc_info() in `finally`: that also sees an exception the caller is handling)
     try:
         trainer = _Trainer(cfg, info, on_event if info.is_main else None, stop)
-        return trainer.run(run_name, resume)
+        result = trainer.run(run_name, resume)
+        finished = True
+        return result
     except RuntimeError as exc:  # torch.distributed.DistError included
         lost = _peer_lost(exc) if info.enabled else None
         if lost is None:
@@ -654,7 +656,7 @@ def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callabl
             if trainer.metrics is not None:  # closed before the files are removed (Windows removes no open file)
                 trainer.metrics.close()
             if trainer.trackers is not None:  # a wandb run ended by an error is marked failed
-                trainer.trackers.close(failed=sys.exc_info()[0] is not None)
+                trainer.trackers.close(failed=not finished)
             try:
                 trainer.drop_if_unstarted()
                 trainer.held.close()
