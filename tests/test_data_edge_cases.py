@@ -652,3 +652,14 @@ def test_a_tokenize_whose_log_reader_goes_away_still_writes_its_dataset(workspac
     process.stdout.close()  # gone before the first line
     assert process.wait(timeout=300) == 0  # the work is done; what it would have said is dropped
     assert (workspace / "data" / "book" / "meta.json").is_file()
+
+
+def test_the_split_a_snapshot_file_names(tmp_path):
+    """Review: the file name's first word beat the folder (train/test-results.txt was test), ordinary names were
+    caught (Dev-notes.txt), and common ones were missed (TinyStories-valid.txt, c4-validation.*)."""
+    cases = {"train/test-results.txt": "train", "Dev-notes.txt": None, "TinyStories-valid.txt": "valid",
+             "TinyStories-train.txt": "train", "c4-validation.00000-of-00008.json.gz": "validation",
+             "data/train-00000-of-00004.parquet": "train", "test_0.txt": "test", "contest-2019.txt": None,
+             "val/part-0.parquet": "val"}
+    for name, split in cases.items():
+        assert sources._split_of(tmp_path / name, tmp_path) == split, name

@@ -25,6 +25,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -333,15 +334,19 @@ def _files_under(folder: Path) -> tuple[list[Path], list[str]]:
     return sorted(p for p in found if p.is_file()), unreadable
 
 
-OTHER_SPLITS = ("validation", "valid", "val", "test", "dev")  # a corpus's held-out splits, by their usual names
+OTHER_SPLITS = ("validation", "valid", "val", "test")  # a corpus's held-out splits, by their usual names
 
 
 def _split_of(path: Path, root: Path) -> str | None:
-    """The split a file of a dataset snapshot names, by its name's first word (`train-00000-of-00004.parquet`,
-    `validation.jsonl`, `test_0.txt`) or a folder's below `root` (`data/train/part-0.parquet`); None for others."""
-    words = [path.name.lower().split(".")[0].replace("_", "-").split("-")[0]]
-    words += [part.lower() for part in path.relative_to(root).parts[:-1]]
-    return next((word for word in words if word == "train" or word in OTHER_SPLITS), None)
+    """The split a file of a dataset snapshot names: the innermost folder below `root` named for one
+    (`data/train/part-0.parquet`), else the first word of its name that is one (`train-00000-of-00004.parquet`,
+    `TinyStories-valid.txt`, `c4-validation.00000-of-00008.json.gz`, `test_0.txt`); None for others."""
+    splits = ("train", *OTHER_SPLITS)
+    folders = [part.lower() for part in path.relative_to(root).parts[:-1] if part.lower() in splits]
+    if folders:
+        return folders[-1]
+    words = re.split(r"[-_.]", path.name.lower())
+    return next((word for word in words if word in splits), None)
 
 
 def local_source(spec: str, text_field: str = "text") -> Source:
