@@ -567,3 +567,22 @@ def test_tinygpt_debug_adds_the_traceback_to_the_one_line_error(workspace):
     debug = runner.invoke(app, ["generate", "hi", "--run", "nowhere"], env={"COLUMNS": "160", "TINYGPT_DEBUG": "1"})
     assert debug.exit_code == 1 and "Traceback" in debug.stderr and debug.stderr.rstrip().endswith(
         plain.stderr.rstrip().splitlines()[-1])
+
+
+def test_a_stop_whose_message_cannot_be_printed_keeps_its_exit_code():
+    """Review: a command stopped by SIGTERM whose log reader had gone too printed its 'Interrupted' line into the
+    broken pipe, and the BrokenPipeError made the exit 141 instead of 143."""
+    import signal
+
+    import typer
+
+    from tinygpt_cli import cli
+    from tinygpt_cli.launch import Stopped
+
+    class Gone:
+        def print(self, *args, **kwargs):
+            raise BrokenPipeError(32, "the reader of the output went away")
+
+    with pytest.raises(typer.Exit) as exited, cli._interruptible(None, Gone(), lambda exc: "Interrupted"):
+        raise Stopped(signal.SIGTERM)
+    assert exited.value.exit_code == 143

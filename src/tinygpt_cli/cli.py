@@ -746,11 +746,13 @@ def _interruptible(view, err, message: Callable[[KeyboardInterrupt], str]) -> It
         with _stops_as_ctrl_c():
             yield
     except KeyboardInterrupt as exc:
-        close()
-        err.print(message(exc))
+        with contextlib.suppress(OSError):  # a reader gone too (a dropped ssh session): the exit code still says why
+            close()
+            err.print(message(exc))
         raise typer.Exit(_signal_exit(getattr(exc, "signal", None))) from None
     finally:
-        close()
+        with contextlib.suppress(OSError):
+            close()
 
 
 def _signal_exit(signum: int | None) -> int:
@@ -795,10 +797,11 @@ def _training_aborted(run_dir: Path | None, exc: KeyboardInterrupt, is_main: boo
     what = "Aborted by a second signal" if isinstance(exc, SecondSignal) else "Interrupted"
     step = ckpt.latest_step(run_dir) if run_dir is not None else None
     if is_main:
-        _stderr_console().print(
-            f"{what} before the run's first checkpoint: nothing is kept; start it again" if step is None else
-            f"{what}: training stopped at once; the last checkpoint (step {step}) is intact. Continue with: "
-            f"{_resume_command(run_dir.name)}")
+        with contextlib.suppress(OSError):  # a reader gone too: the exit code still says why
+            _stderr_console().print(
+                f"{what} before the run's first checkpoint: nothing is kept; start it again" if step is None else
+                f"{what}: training stopped at once; the last checkpoint (step {step}) is intact. Continue with: "
+                f"{_resume_command(run_dir.name)}")
     return _signal_exit(getattr(exc, "signal", None))
 
 
