@@ -546,6 +546,7 @@ def tokenize(
            "split_rule": SPLIT_RULE}  # a partial of another version's rule starts over: no dataset of two rules
     # the lock goes beside the folder written (a link's target): another name or workspace linked there shares it
     with workspace.exclusive(workspace.lock_of(home), f"data/{dataset_name}"):
+        _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         _finish_killed_publish(home, partial_dir)
         done = None if restart else _already_tokenized(final_dir, job)
         if done is not None:  # `tokenize && train` in a script: the second time, nothing to redo
@@ -560,7 +561,6 @@ def tokenize(
         workspace.check_disk(home.parent, 2 * estimated_tokens - written,
                              f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                              "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
-        _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
         partial = _Partial(partial_dir, job)
@@ -957,8 +957,6 @@ def _finish_killed_publish(final: Path, partial: Path) -> None:
     """Put right what a tokenize killed while publishing (SIGKILL, a power cut) left: the dataset it was replacing
     set aside as `.NAME.old-PID` with none in its place goes back, unless the finished new one waits in `partial`
     (this tokenize resumes and publishes it); once a dataset is in place, the copies set aside go."""
-    if final.exists() and not final.is_dir():  # said here, before a path inside it fails with ENOTDIR
-        raise DataError(f"data/{final.name} exists and is not a folder: move it away or pick another --name")
     olds = _old_copies(final)
     if not final.exists() and olds and not partial.is_dir():
         workspace.replace(olds.pop(), final)
