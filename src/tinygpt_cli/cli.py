@@ -263,14 +263,21 @@ def _fmt_size(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
-def _output_may_go(on_event: Callable[[Any], None]) -> Callable[[Any], None]:
-    """`on_event`, but a reader of its output that goes away (the console's BrokenPipeError, after which it drops
-    what follows) does not stop the work reported on: tokenize took it for a failed write of its dataset."""
-    def guarded(event: Any) -> None:
-        with contextlib.suppress(OSError):
-            on_event(event)
+class _ShownWhileOutputLasts:
+    """An event callback that shows events until its output fails (OSError: a terminal that hung up, a reader that
+    went away), then drops them: the work reported on goes on without a view. tokenize took a broken pipe for a
+    failed write of its dataset; train died before the save its eval line was printed for."""
 
-    return guarded
+    def __init__(self, show: Callable[[Any], None]) -> None:
+        self.show, self.gone = show, False
+
+    def __call__(self, event: Any) -> None:
+        if self.gone:
+            return
+        try:
+            self.show(event)
+        except OSError:
+            self.gone = True
 
 
 # Where stderr is not a terminal (`> train.log 2>&1`, nohup, a scheduler's log, ssh without a tty) no bar is
@@ -302,6 +309,7 @@ class _RateView:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
         self.label, self.console, self.total, self.clock = label, console, None, _PlainClock()
+        self.plain = not console.is_terminal  # a log: plain lines, no bar (a transient one leaves only a blank line)
         self.progress = Progress(
             TextColumn(f"[bold]{label}[/]"),
             BarColumn(),
@@ -314,7 +322,7 @@ class _RateView:
 
     def start(self, total_bytes: float | None) -> None:
         self.total, self.clock = total_bytes, _PlainClock()
-        if not self.progress.console.is_terminal:  # a transient bar shows nothing there but a blank line at the end
+        if self.plain:
             return
         self.task = self.progress.add_task("", total=total_bytes or None, rates="")
         self.progress.start()
@@ -322,7 +330,7 @@ class _RateView:
     def update(self, done_bytes: float, rates: list[str], eta_s: float | None) -> None:
         eta = f" · ETA {_fmt_seconds(eta_s)}" if eta_s is not None else ""
         if self.task is None:
-            if not self.progress.console.is_terminal and self.clock.due():
+            if self.plain and self.clock.due():
                 done = f"{min(1.0, done_bytes / self.total):.1%} · " if self.total else ""
                 with contextlib.suppress(OSError):  # a log whose reader went away: the work goes on
                     self.console.print(f"{self.label}: {done}{_fmt_size(done_bytes)} of text · {' · '.join(rates)}"
@@ -421,7 +429,7 @@ def tokenize(
             workers=workers,
             restart=restart,
             force=force,
-            on_event=_output_may_go(on_event),
+            on_event=_ShownWhileOutputLasts(on_event),
         )
     meta = result.meta
     train, val = meta["splits"]["train"], meta["splits"]["val"]
@@ -526,7 +534,7 @@ def download(
             split=split,
             text_field=text_field,
             force=force,
-            on_event=_output_may_go(on_event),
+            on_event=_ShownWhileOutputLasts(on_event),
         )
     if as_json:
         print(
@@ -914,20 +922,16 @@ class _TrainView:
         )
         self.task = None
         self.run_dir: Path | None = None  # known from the start event
-        self.gone = False
+        self.on_event = _ShownWhileOutputLasts(self._show)  # a hangup: training goes on to its checkpoint
         self.plain = not console.is_terminal  # a log: plain lines every PLAIN_PROGRESS_S, no bar
         self.clock = _PlainClock()
         self.first: tuple[float, int] = (0.0, 0)  # (time, step) of this invocation's start
         self.shown = {"loss": "…", "val": "…", "rate": "…", "mfu": ""}
         self.step = 0
 
-    def on_event(self, event) -> None:
-        if self.gone:
-            return
-        try:
-            self._show(event)
-        except OSError:  # the terminal went away (a hangup): training goes on to its checkpoint without a view
-            self.gone = True
+    @property
+    def gone(self) -> bool:
+        return self.on_event.gone
 
     def _show(self, event) -> None:
         if event.kind == "info":

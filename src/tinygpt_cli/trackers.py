@@ -20,7 +20,6 @@ from typing import Any
 from tinygpt_cli.errors import ConfigError, TrainingError, first_line
 
 TRACKERS = ("tensorboard", "wandb")
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 TENSORBOARD_DIR = "tensorboard"  # runs/<name>/tensorboard/: `tensorboard --logdir runs` shows every run
 WANDB_DIR = "wandb"  # runs/<name>/wandb/: wandb's own files (offline runs to `wandb sync`)
 WANDB_PROJECT = "tinygpt"  # where WANDB_PROJECT does not name one
@@ -41,7 +40,7 @@ def parse(value: str) -> tuple[str, ...]:
 def check_installed(names: Iterable[str]) -> None:
     """A TrainingError naming the install command for a tracker whose package is missing: said before the run
     spends anything, not at its first log line."""
-    missing = [_PACKAGES[name] for name in names if importlib.util.find_spec(_PACKAGES[name]) is None]
+    missing = [name for name in names if importlib.util.find_spec(name) is None]  # (each is its package's name)
     if missing:
         packages = " ".join(missing)
         raise TrainingError(f"--log-to {','.join(names)} needs {packages}, which is not installed: `pip install "

@@ -1288,7 +1288,6 @@ class _Trainer:
         self.last_val: float | None = state.get("val_loss")
         self.skipped = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
-        self.started = time.perf_counter()  # (again once the trackers have started: their start-up is not training)
         self.eval_model = self.forward_model.module if (info.enabled and not self.fsdp) else self.forward_model
         if info.is_main and self.checkpoint is None:  # a resume's goes with its next checkpoint (see `_save`)
             write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
@@ -1298,12 +1297,13 @@ class _Trainer:
         self.metrics = metrics  # closed by train() whatever ends the loop
         self.wrote_files = True  # config.yaml and metrics.jsonl written over: this run's own now, to drop with it
         with dist.agreed():  # a wandb that cannot start stops every rank, not rank 0 alone
-            if info.is_main and parse_trackers(tc.log_to):
+            trackers = parse_trackers(tc.log_to)
+            if info.is_main and trackers:
                 self.trackers = metrics.trackers = Trackers(
-                    parse_trackers(tc.log_to), self.run_dir, config_to_dict(cfg), dump_yaml(cfg),
+                    trackers, self.run_dir, config_to_dict(cfg), dump_yaml(cfg),
                     start_step if self.checkpoint else None, state.get("trackers"),
                     note=lambda message: self.emit(TrainEvent("info", message=message)))
-        self.started = time.perf_counter()
+        self.started = time.perf_counter()  # after the trackers: their start-up is not training time
         tokens_per_step = self.batch_size * self.grad_accum * self.block * info.world_size
         flops_token = flops_per_token(self.model)
         peak = device_peak_flops(device, self.dtype)
