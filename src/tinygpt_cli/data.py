@@ -71,6 +71,7 @@ from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of e
     embedded_source,
     iter_documents,
     local_source,
+    other_files_advice,
     resolve_source,
     source_fingerprint,
 )
@@ -511,9 +512,9 @@ def tokenize(
                            f"splits (first: {src.other_splits[0]}): a folder with train files is tokenized from "
                            f"those; name a file or a glob to read others"))
     if src.left_out:  # a folder of .json.gz shards plus a README.txt was the README alone, silently
+        advice = other_files_advice([Path(path) for path in src.left_out])
         emit(TokenizeEvent("info", message=f"left out {len(src.left_out):,} file(s) that are not .txt, .jsonl, "
-                           f".jsonl.gz or .parquet (first: {src.left_out[0]}); JSON lines in .json(.gz) files are "
-                           f"read once renamed .jsonl(.gz)"))
+                           f".jsonl.gz or .parquet (first: {src.left_out[0]}){'; ' + advice if advice else ''}"))
     dataset_name = _output_name(name, src)
     encoding = get_encoding()
     cores = available_cpus()

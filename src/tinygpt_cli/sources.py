@@ -72,9 +72,9 @@ def decode_text(raw: bytes) -> str:
     return raw.decode(text_codec(raw[:4]))
 
 
-def _other_files_advice(files: list[Path]) -> str:
+def other_files_advice(files: list[Path]) -> str:
     """What makes files tokenize cannot read readable, for the kinds corpora ship in (C4's .json.gz, The Pile's
-    and SlimPajama's .jsonl.zst); "" for others."""
+    and SlimPajama's .jsonl.zst); "" for others. Said where a folder holds only such files, and beside usable ones."""
     names = [path.name.lower() for path in files]
     advice = []
     if any(name.endswith((".json", ".json.gz")) for name in names):
@@ -394,7 +394,7 @@ def local_source(spec: str, text_field: str = "text") -> Source:
         locked = f" it can read (it cannot read {unreadable[0]})" if unreadable else ""
         found = f" (it holds {len(left_out):,} other file(s), first: {left_out[0]})" if left_out and not locked else ""
         raise DataError(f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet file{locked}{found}: "
-                        f"{_other_files_advice(left_out) or 'point tokenize at your text files'}")
+                        f"{other_files_advice(left_out) or 'point tokenize at your text files'}")
     files = tuple(_document_file(p, text_field) for p in usable)
     if sum(f.documents for f in files) == 0:
         raise DataError(f"{spec} is empty: it holds no documents to tokenize")
