@@ -1,4 +1,7 @@
 import hashlib
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +43,26 @@ def test_corrupted_ranks_are_refused(monkeypatch):
             tokenizer.load_ranks()
     finally:
         tokenizer.load_ranks.cache_clear()
+
+
+def test_ranks_with_crlf_line_ends_still_load(monkeypatch):
+    """An install built from a checkout that turned LF into CRLF (Git for Windows' default) holds the same ranks."""
+    tokenizer.load_ranks.cache_clear()
+    crlf = tokenizer.ranks_bytes().replace(b"\n", b"\r\n")
+    monkeypatch.setattr(tokenizer, "ranks_bytes", lambda: crlf)
+    try:
+        ranks = tokenizer.load_ranks()
+    finally:
+        tokenizer.load_ranks.cache_clear()
+    assert ranks == tokenizer.load_ranks()
+
+
+def test_a_checkout_keeps_the_package_data_byte_for_byte():
+    """.gitattributes: git converts no line ends in the assets, whatever core.autocrlf says."""
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs git and a git checkout")
+    assets = ["src/tinygpt_cli/assets/r50k_base.tiktoken", "src/tinygpt_cli/assets/shakespeare/hamlet_gut.txt"]
+    shown = subprocess.run(["git", "check-attr", "text", "--", *assets], cwd=root, capture_output=True, text=True,
+                           check=True).stdout
+    assert shown.count("text: unset") == len(assets), shown

@@ -32,6 +32,9 @@ def load_ranks() -> dict[bytes, int]:
     """token bytes -> rank, after checking the file's sha256."""
     raw = ranks_bytes()
     digest = hashlib.sha256(raw).hexdigest()
+    if digest != RANKS_SHA256 and b"\r\n" in raw:  # an install built from a checkout with CRLF line ends
+        raw = raw.replace(b"\r\n", b"\n")
+        digest = hashlib.sha256(raw).hexdigest()
     if digest != RANKS_SHA256:
         raise DataError(
             f"the bundled GPT-2 ranks file is corrupted (sha256 {digest[:12]}…): reinstall tinygpt"
