@@ -357,6 +357,22 @@ def test_several_processes_on_mps_is_one_line(monkeypatch):
     assert launched == []
 
 
+def test_several_gpus_without_nccl_is_one_line(monkeypatch):
+    """Windows builds of torch have no NCCL: each rank died in init_process_group with torch's traceback."""
+    import torch
+
+    from tinygpt_cli import dist
+    from tinygpt_cli.errors import TrainingError
+
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(TrainingError, match=r"no NCCL, which training on several GPUs needs .*drop --nproc"):
+        dist.init(dist.DistInfo(rank=0, local_rank=0, world_size=2), torch.device("cuda", 0))
+    assert not torch.distributed.is_initialized()
+
+
 def test_a_resume_on_fewer_processes_goes_on_with_the_log_window(with_shakespeare):
     """A checkpoint between log steps, written by 2 processes, resumed by 1 with twice the accumulation: the
     next log line is the mean of the whole window, as the uninterrupted run logs it (the saved sums are over 2

@@ -1,5 +1,6 @@
 """What differs on Windows and on macOS (MPS), simulated on Linux: a platform name, a missing device, an encoding."""
 
+import contextlib
 import io
 import os
 import signal
@@ -237,6 +238,27 @@ def test_bf16_on_mps_needs_a_torch_and_macos_that_have_it(monkeypatch):
         monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor, m=macos: major <= m)
         with pytest.raises(TrainingError, match=r"bf16 on Apple's GPU \(MPS\) needs macOS 14 and torch 2.6"):
             training.resolve_dtype("bf16", mps, training=True)
+
+
+def test_torch_2_4_on_a_mac_has_no_mps_autocast_to_ask_about_or_use(monkeypatch):
+    """torch 2.4 (the floor) raises "unknown device type for autocast" for MPS: the loss's fp16 question crashed
+    every fp32 train and eval on a Mac there, and `eval --dtype fp16` reached torch's error."""
+    from tinygpt_cli import model, training
+    from tinygpt_cli.errors import TrainingError
+
+    def no_mps_autocast(device_type):
+        if device_type == "mps":
+            raise RuntimeError("unknown device type for autocast in get_autocast_dispatch_key_from_device_type")
+        return False
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", no_mps_autocast)
+    assert model._autocast_fp16("mps") is False
+    monkeypatch.setattr(torch, "__version__", "2.4.1")
+    assert isinstance(training.autocast_context(torch.device("mps"), torch.float32), contextlib.nullcontext)
+    with pytest.raises(TrainingError, match=r"--dtype fp16 on Apple's GPU \(MPS\) needs torch 2.5"):
+        training.autocast_context(torch.device("mps"), torch.float16)
+    monkeypatch.setattr(torch, "__version__", "2.5.0")
+    assert training.autocast_context(torch.device("cpu"), torch.bfloat16) is not None
 
 
 def test_a_resume_on_mps_goes_on_with_the_gpus_random_state(monkeypatch):

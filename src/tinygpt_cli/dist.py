@@ -60,6 +60,9 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
     if device.type == "mps":  # gloo has no MPS tensors, and there is one such GPU to a machine
         raise TrainingError(MPS_ALONE)
     if device.type == "cuda":
+        if not dist.is_nccl_available():  # Windows builds of torch have none
+            raise TrainingError("this build of torch has no NCCL, which training on several GPUs needs (Windows "
+                                "builds have none): train on one GPU (drop --nproc), or on Linux or WSL2")
         if info.local_rank >= torch.cuda.device_count():
             raise TrainingError(
                 f"{os.environ.get('LOCAL_WORLD_SIZE') or info.local_rank + 1} processes on this machine, but only "

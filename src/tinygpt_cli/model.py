@@ -305,8 +305,12 @@ def release_cpu_workspace() -> None:
 
 
 def _autocast_fp16(device_type: str) -> bool:
-    """Whether autocast is on for `device_type` with fp16 as its dtype."""
-    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    """Whether autocast is on for `device_type` with fp16 as its dtype (False where torch has no autocast for that
+    device: MPS before torch 2.5 raises on the question)."""
+    try:
+        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    except RuntimeError:
+        return False
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, workspace: torch.Tensor | None) -> torch.Tensor:

@@ -175,11 +175,14 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device, training: bool 
 def _mps_has_bf16() -> bool:
     """Whether MPS computes in bf16 here: macOS 14 has it, and torch's autocast takes it on MPS from 2.6 (2.5 turned
     autocast off with a warning, training in fp32 while the run said bf16)."""
-    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
     try:
-        return version >= (2, 6) and bool(torch.backends.mps.is_macos_or_newer(14, 0))
+        return _torch_at_least(2, 6) and bool(torch.backends.mps.is_macos_or_newer(14, 0))
     except (AttributeError, RuntimeError):  # no MPS backend to ask
         return False
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    return tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2]) >= (major, minor)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -194,6 +197,10 @@ def cpu_has_native_bf16() -> bool:
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     if dtype == torch.float32:
         return contextlib.nullcontext()
+    if device.type == "mps" and not _torch_at_least(2, 5):  # torch.autocast("mps") came with 2.5
+        name = "fp16" if dtype == torch.float16 else "bf16"
+        raise TrainingError(f"--dtype {name} on Apple's GPU (MPS) needs torch 2.5 or later: use --dtype fp32, or "
+                            f"upgrade torch")
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
