@@ -947,6 +947,34 @@ def test_a_tokenize_killed_while_publishing_is_put_right_by_the_same_command(wor
     assert sorted(p.name for p in (root / "rows").iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
+def test_a_dataset_in_use_on_windows_is_replaced_by_the_same_command_later(workspace, monkeypatch):
+    """Windows cannot set data/NAME aside while a train or eval has its train.bin mapped: that was reported as
+    "cannot write data/.NAME.partial (Access is denied)", which is not the cause, and the work is kept."""
+    old, new = workspace / "old.jsonl", workspace / "new.jsonl"
+    _write_jsonl(old, _docs(60))
+    _write_jsonl(new, _docs(80))
+    before = (data.tokenize(str(old), name="rows").path / "train.bin").read_bytes()
+    real_replace = data.workspace.replace
+
+    def in_use(src, dst):
+        if src.name == "rows":
+            raise PermissionError(13, "Access is denied", str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data.sys, "platform", "win32")
+    monkeypatch.setattr(data.workspace, "replace", in_use)
+    with pytest.raises(DataError, match=r"^data/rows is open in another program \(a `tinygpt train` or `eval` "
+                                        r"reading it\?\), and Windows replaces no folder in use: when that ends, "
+                                        r"rerun the same command, it continues where it stopped$"):
+        data.tokenize(str(new), name="rows", force=True)
+    assert (workspace / "data" / "rows" / "train.bin").read_bytes() == before
+    monkeypatch.setattr(data.workspace, "replace", real_replace)
+    again = data.tokenize(str(new), name="rows", force=True)
+    assert again.resumed_documents == again.meta["documents"]["selected"]  # published, not tokenized again
+    assert (again.path / "train.bin").read_bytes() == (data.tokenize(str(new), name="clean").path /
+                                                        "train.bin").read_bytes()
+
+
 def test_the_dataset_a_killed_publish_set_aside_comes_back(workspace):
     """Only the set-aside copy left (no new dataset waiting): the next tokenize of that name puts it back first."""
     old = workspace / "old.jsonl"

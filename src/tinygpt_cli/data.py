@@ -42,6 +42,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -936,12 +937,23 @@ def _old_copies(final: Path) -> list[Path]:
     return sorted(final.parent.glob(glob.escape(f".{final.name}") + ".old-*"), key=written)
 
 
+class DatasetInUse(SourceUnreadable):
+    """Windows renames no folder holding a file another process has open (a `train` or `eval` reading its
+    train.bin): the finished dataset stays where it was written, and the same command publishes it later."""
+
+
 def _publish(new: Path, final: Path) -> None:
     """Move a completed dataset folder into place, replacing an older one only after the new one is whole; the
     checkpoint it was written under goes last."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
-        workspace.replace(final, old)
+        try:
+            workspace.replace(final, old)
+        except PermissionError as exc:
+            if sys.platform != "win32":
+                raise
+            raise DatasetInUse(f"data/{final.name} is open in another program (a `tinygpt train` or `eval` reading "
+                               f"it?), and Windows replaces no folder in use: when that ends, rerun") from exc
     workspace.replace(new, final)
     _drop_set_aside(final, _old_copies(final))  # its own copy, and a killed publish's (another process id)
 
