@@ -40,6 +40,69 @@ def test_a_non_utf8_stream_on_windows_writes_utf8(monkeypatch):
     assert raw.getvalue().decode("utf-8").strip() == "tokenize → train ≈ 你好"
 
 
+class _WindowsClosedPipe(io.RawIOBase):
+    """A pipe whose reader went away, as Windows reports it: EINVAL, not EPIPE, for every write while the
+    descriptor is still that pipe (once it points at the null device, writes go there)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data) -> int:
+        import stat
+
+        if stat.S_ISFIFO(os.fstat(self.fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        return len(data)
+
+
+@pytest.mark.parametrize("args", [("download", "--list"), ("generate", "Hi", "--max-new-tokens", "5")])
+def test_a_reader_gone_on_windows_exits_as_sigpipe_quietly(workspace, monkeypatch, capfd, args):
+    """`tinygpt runs | more` quit early on Windows: the write fails with EINVAL, which rich and click take for an
+    error (they know EPIPE only): a traceback, then "Exception ignored" at exit, and exit 1 or 120 instead of 141.
+    (A table through rich, and generate's text streamed through sys.stdout.)"""
+    from test_generate_cli import make_run
+
+    from tinygpt_cli import cli
+
+    make_run(workspace)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    broken = io.TextIOWrapper(io.BufferedWriter(_WindowsClosedPipe(write_end)), encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["tinygpt", *args])
+    monkeypatch.setattr(sys, "stdout", broken)
+    monkeypatch.setattr(cli, "_on_windows", lambda: True)  # (sys.platform faked breaks imports made meanwhile)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 141
+    broken.flush()  # what Python does at exit: the descriptor now points at the null device
+    assert not stat_is_pipe(write_end)
+    assert "Traceback" not in capfd.readouterr().err
+    os.close(write_end)
+
+
+def stat_is_pipe(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISFIFO(os.fstat(fd).st_mode)
+
+
+def test_einval_that_is_no_closed_pipe_stays_an_error(monkeypatch):
+    """EINVAL for a path (Windows' answer to a name with ':' in it) is not a reader gone, nor is EINVAL elsewhere."""
+    from tinygpt_cli import cli
+
+    monkeypatch.setattr(cli, "_on_windows", lambda: True)
+    assert not cli._reader_went_away(OSError(22, "Invalid argument", "C:/runs/a:b"))
+    monkeypatch.setattr(cli, "_on_windows", lambda: False)
+    assert not cli._reader_went_away(OSError(22, "Invalid argument"))
+    assert cli._reader_went_away(BrokenPipeError(32, "Broken pipe"))
+
+
 # ------------------------------------------------------------------------------------------------ MPS
 def test_fused_adamw_found_inf_is_left_alone_on_mps():
     from tinygpt_cli.training import skips_on_device

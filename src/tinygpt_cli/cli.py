@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,14 @@ def _console_class():
     from rich.console import Console
 
     class QuietOnBrokenPipe(Console):
+        def _check_buffer(self) -> None:  # rich takes only BrokenPipeError for a reader gone; Windows says EINVAL
+            try:
+                super()._check_buffer()
+            except OSError as exc:
+                if not _reader_went_away(exc):
+                    raise
+                self.on_broken_pipe()
+
         def on_broken_pipe(self) -> None:
             self.quiet = True
             _drop_output_like(self.file)
@@ -65,15 +74,52 @@ def _drop_output_like(broken) -> None:
     """Point the standard streams that write where `broken` does at /dev/null (as rich does with stdout), so that
     nothing later, nor Python's flush at exit, fails on it again."""
     with contextlib.suppress(OSError, ValueError, AttributeError):  # a stream with no descriptor (tests, notebooks)
-        broken_file = os.fstat(broken.fileno())
+        broken_fd = broken.fileno()
+        broken_file = os.fstat(broken_fd)
         devnull = os.open(os.devnull, os.O_WRONLY)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 fd = stream.fileno()
                 same = os.fstat(fd)
-                if (same.st_dev, same.st_ino) == (broken_file.st_dev, broken_file.st_ino):
+                # Windows gives pipes and consoles no inode (0): there only the broken stream itself is known
+                if fd == broken_fd or (broken_file.st_ino and (same.st_dev, same.st_ino) == (broken_file.st_dev,
+                                                                                            broken_file.st_ino)):
                     os.dup2(devnull, fd)
         os.close(devnull)
+
+
+def _reader_went_away(exc: OSError) -> bool:
+    """Whether `exc`, raised by a write of the output, says its reader went away (`| head`): EPIPE, or on Windows
+    EINVAL from a write to a pipe (how Windows reports a closed pipe, where click and rich expect EPIPE)."""
+    if exc.errno == errno.EPIPE:
+        return True
+    if not _on_windows() or exc.errno != errno.EINVAL or exc.filename is not None:
+        return False
+    return any(_is_pipe(stream) for stream in (sys.stdout, sys.stderr))
+
+
+def _on_windows() -> bool:
+    return sys.platform == "win32"
+
+
+def _is_pipe(stream) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _as_broken_pipe(exc: OSError) -> BrokenPipeError:
+    """Windows' EINVAL for a pipe whose reader went away, as the BrokenPipeError click takes for one (its exit then
+    becomes 141); the standard stream that cannot be written is pointed at the null device first, so that Python's
+    flush at exit does not fail on it again."""
+    for stream in (sys.stdout, sys.stderr):
+        if _is_pipe(stream):
+            try:
+                stream.flush()
+            except OSError:
+                _drop_output_like(stream)
+    return BrokenPipeError(errno.EPIPE, "the reader of the output went away")
 
 
 # click's UsageError: recent Typer carries its own copy of click (typer._click), older Typer uses click itself
@@ -129,6 +175,8 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
             print_error(TinyGPTError(f"out of memory: an allocation did not fit in this machine's memory: {advice}"))
             raise typer.Exit(1) from None
         except OSError as exc:  # a full disk or a read-only folder that no check above foresaw: still one line
+            if exc.errno != errno.EPIPE and _reader_went_away(exc):
+                raise _as_broken_pipe(exc) from None
             advice = _os_advice(exc)
             if advice is None:
                 raise
