@@ -103,6 +103,17 @@ def test_einval_that_is_no_closed_pipe_stays_an_error(monkeypatch):
     assert cli._reader_went_away(BrokenPipeError(32, "Broken pipe"))
 
 
+def test_commands_to_copy_are_quoted_for_the_platforms_shell(monkeypatch):
+    """The "make it again with `tinygpt tokenize ...`" advice single-quoted a Windows path ('C:\\My Data\\x.txt'),
+    quotes that cmd.exe hands to the program as part of the name."""
+    from tinygpt_cli import data
+
+    words = ["tinygpt", "tokenize", "C:\\My Data\\x.txt", "--name", "x"]
+    assert data.command_line(words) == "tinygpt tokenize 'C:\\My Data\\x.txt' --name x"
+    monkeypatch.setattr(data.sys, "platform", "win32")
+    assert data.command_line(words) == 'tinygpt tokenize "C:\\My Data\\x.txt" --name x'
+
+
 # ------------------------------------------------------------------------------------------------ MPS
 def test_fused_adamw_found_inf_is_left_alone_on_mps():
     from tinygpt_cli.training import skips_on_device
@@ -252,8 +263,8 @@ def test_the_prompt_loop_names_the_windows_end_of_input(workspace, monkeypatch):
     from tinygpt_cli import cli
 
     assert cli._end_of_input() == "Ctrl-D"
-    with monkeypatch.context() as patch:  # only here: rich keeps a console made while the platform looked like win32
-        patch.setattr(sys, "platform", "win32")
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "_on_windows", lambda: True)
         windows = cli._end_of_input()
     assert windows == "Ctrl-Z then Enter"
     make_run(workspace)
@@ -262,6 +273,24 @@ def test_the_prompt_loop_names_the_windows_end_of_input(workspace, monkeypatch):
     result = generate("--max-new-tokens", "2", input="ROMEO:\n")
     assert result.exit_code == 0, result.output
     assert "Ctrl-Z then Enter leaves" in result.stderr
+
+
+def test_git_bash_says_that_it_reads_the_prompt_from_standard_input(workspace, monkeypatch):
+    """Git Bash's window (mintty) is a pipe to a Windows program, so a bare `tinygpt generate` waited on standard
+    input without a word, where a console opens the prompt loop."""
+    from test_generate_cli import generate, make_run
+
+    from tinygpt_cli import cli
+
+    make_run(workspace)
+    monkeypatch.setattr(cli, "_on_windows", lambda: True)
+    monkeypatch.setenv("MSYSTEM", "MINGW64")
+    result = generate("--max-new-tokens", "2", input="ROMEO:")
+    assert result.exit_code == 0, result.output
+    assert "Reading the prompt from standard input until it ends" in result.stderr and "winpty" in result.stderr
+    assert result.stdout.startswith("ROMEO:")
+    monkeypatch.delenv("MSYSTEM")
+    assert "Reading the prompt" not in generate("--max-new-tokens", "2", input="ROMEO:").stderr
 
 
 def test_fp16_training_on_mps_is_refused_rather_than_unscaled(with_shakespeare, monkeypatch):

@@ -1160,6 +1160,10 @@ def generate(
                             "utf-8) into a --prompt-file")
     interactive = text is None and _stdin_is_interactive()
     if text is None and not interactive:  # piped: read (and a bad one said) before a model loads, maybe minutes
+        if _on_windows() and os.environ.get("MSYSTEM"):  # Git Bash's window is no console to Windows programs
+            _stderr_console().print("Reading the prompt from standard input until it ends (Git Bash's window is no "
+                                    "console to tinygpt): give the prompt as an argument, or start `winpty tinygpt "
+                                    "generate` for the prompt loop")
         text = read_stdin_prompt()
 
     def chosen(defaults: SampleConfig) -> dict[str, Any]:
@@ -1846,7 +1850,7 @@ def data_show(
 
 def _end_of_input() -> str:
     """The keys that end a console's input."""
-    return "Ctrl-Z then Enter" if sys.platform == "win32" else "Ctrl-D"
+    return "Ctrl-Z then Enter" if _on_windows() else "Ctrl-D"
 
 
 def _encodable_streams() -> None:

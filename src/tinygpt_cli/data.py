@@ -42,6 +42,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections import deque
@@ -1067,7 +1068,13 @@ def remake_command(dataset: Dataset) -> str | None:
     text_field = source.get("text_field")
     if isinstance(text_field, str) and text_field != "text":
         words += ["--text-field", text_field]
-    return shlex.join(words)
+    return command_line(words)
+
+
+def command_line(words: list[str]) -> str:
+    """`words` as one command line to copy into this platform's shell: POSIX quoting ('C:\\x' would reach a
+    Windows program with its quotes), or on Windows the double quotes that cmd and PowerShell take."""
+    return subprocess.list2cmdline(words) if sys.platform == "win32" else shlex.join(words)
 
 
 def _file_sha256(path: Path) -> str:
