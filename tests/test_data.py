@@ -129,7 +129,10 @@ def test_data_leaves_out_a_dataset_whose_bins_do_not_match_its_meta(with_shakesp
     listed = invoke("data")
     assert listed.exit_code == 0 and "shakespeare" in listed.stdout and "copy" not in listed.stdout
     assert f"note: copy is left out: {bin_path}" in listed.stderr
-    assert_one_line_error(invoke("data", "show", "copy"), str(bin_path))
+    shown = invoke("data", "show", "copy")  # its meta.json still says where it came from, and how to remake it
+    assert shown.exit_code == 0 and shown.stdout.startswith("copy  (")
+    assert f"note: {bin_path}" in shown.stderr
+    assert "make it again with `tinygpt tokenize shakespeare --name copy --fraction 1.0" in shown.stderr
     assert data.find_dataset(None).path == copy  # still the default, so that using it says what is wrong
 
 

@@ -1,8 +1,10 @@
 """`tinygpt runs`, `tinygpt runs show`, `tinygpt data`, `tinygpt data show`, and the checkpoint-size estimate."""
 
 import json
+import re
 import shutil
 
+import pytest
 from test_cli import assert_one_line_error
 from typer.testing import CliRunner
 
@@ -172,8 +174,9 @@ def test_a_run_being_trained_says_so(with_shakespeare, workspace):
         assert ws.held(lock)
         [summary] = list_run_summaries()
         assert summary.training
-        assert "live (training)" in invoke("runs").stdout
-        assert json.loads(invoke("runs", "--json").stdout)[0]["training"] is True
+        assert re.search(r"│ live +│ training +│", invoke("runs").stdout)
+        listed = json.loads(invoke("runs", "--json").stdout)[0]
+        assert listed["training"] is True and listed["status"] == "training"
         assert_one_line_error(invoke("runs", "show", "live"), "live is training now: its report.md is written when "
                                                               "it stops")
     assert not ws.held(lock) and not list_run_summaries()[0].training
@@ -314,3 +317,116 @@ def test_a_stop_reason_with_spaces_is_still_a_training_report():
 
     assert inventory._reported_step("# Run r\n\nStopped: paused by notebook at step 3 (384 tokens seen).\n") == 3
     assert inventory._reported_step("# Run r\n\n## Evaluation: loss on d/val · now\n") is None
+
+
+def _stop_at(step: int):
+    """A StopFlag and an on_event that sets it at `step`, as Ctrl-C there would."""
+    from tinygpt_cli.training import StopFlag
+
+    stop = StopFlag()
+
+    def on_event(event):
+        if event.kind == "step" and event.step >= step:
+            stop.reason = "interrupted"
+
+    return stop, on_event
+
+
+def test_each_run_says_how_it_ended(with_shakespeare, workspace):
+    """Audit: a finished run, one stopped by Ctrl-C, one stopped by its token budget and one killed after a
+    checkpoint (its report of an earlier stop) read alike; a run training or killed before its first checkpoint
+    was not listed at all, though it holds its name."""
+    from tinygpt_cli import workspace as ws
+
+    cfg = tiny_config(max_steps=2, eval_batches=1, batch_size=2, eval_interval=1, log_interval=1)
+    train(cfg, run_name="done")
+    stop, on_event = _stop_at(1)
+    train(tiny_config(max_steps=4, eval_batches=1, batch_size=2, log_interval=1), run_name="cut", stop=stop,
+          on_event=on_event)
+    train(tiny_config(max_steps=4, max_tokens=1, eval_batches=1, batch_size=2), run_name="budget")
+    killed = train(tiny_config(max_steps=4, eval_batches=1, batch_size=2, eval_interval=1, log_interval=1),
+                   run_name="killed").run_dir
+    shutil.rmtree(killed / "checkpoints" / "step_4")  # its last save went, and its report is of step 4: as if a
+    (killed / "checkpoints" / "latest").unlink()  # resume from step 3 had been killed after saving step 3 again
+    starting, dead = workspace / "runs" / "starting", workspace / "runs" / "dead"
+    for folder in (starting, dead):  # what a run holds before its first checkpoint
+        folder.mkdir()
+        shutil.copy(killed / "config.yaml", folder / "config.yaml")
+    (starting / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 3, "tokens": 192}) + "\n")
+    (dead / "metrics.jsonl").write_text("")
+    with ws.exclusive(ws.lock_of(starting), "runs/starting"):
+        listed = {entry["name"]: entry for entry in json.loads(invoke("runs", "--json").stdout)}
+        table = invoke("runs").stdout
+    assert {name: entry["status"] for name, entry in listed.items()} == {
+        "done": "finished", "cut": "interrupted", "budget": "token limit", "killed": "killed",
+        "starting": "starting", "dead": "no checkpoint"}
+    assert (listed["starting"]["steps"], listed["starting"]["tokens"], listed["starting"]["max_steps"]) == (3, 192, 4)
+    assert listed["dead"]["steps"] == 0 and listed["dead"]["saved_at"] is None
+    assert list(listed)[:2] == ["starting", "dead"]  # what has no checkpoint yet comes first, training first
+    for name, status in (("cut", "interrupted"), ("budget", "token limit"), ("starting", "starting")):
+        assert re.search(rf"│ {name} +│ {status} +│", table), table
+    assert invoke("runs", "show", "cut").exit_code == 0
+
+
+def test_the_latest_run_is_the_one_saved_last_not_the_newest_files(with_shakespeare, workspace):
+    """Audit: runs were ordered by their checkpoint folder's time, which deleting an old run's optimizer.pt (to
+    free disk) or copying runs (cp -r, scp, unzip) changes: `train --resume`, `generate`, `eval` and `export` then
+    took an old run for the latest."""
+    import os
+
+    from tinygpt_cli.checkpoint import find_run
+
+    cfg = tiny_config(max_steps=2, eval_batches=1, batch_size=2)
+    old = train(cfg, run_name="old").run_dir
+    state = old / "checkpoints" / "step_2" / "state.json"
+    saved = json.loads(state.read_text())
+    saved["saved_at"] = "2026-01-01T00:00:00+00:00"
+    state.write_text(json.dumps(saved))
+    train(cfg, run_name="new")
+    (old / "checkpoints" / "step_2" / "optimizer.pt").unlink()  # freeing disk: the folder's time is now
+    os.utime(old / "checkpoints" / "step_2")
+    assert find_run(None).name == "new"
+    assert [entry["name"] for entry in json.loads(invoke("runs", "--json").stdout)] == ["new", "old"]
+
+
+def test_a_link_to_a_run_is_not_a_second_run_and_shares_its_lock(with_shakespeare, workspace):
+    """Audit: `runs/alias -> r` was listed twice, and `train --resume --name alias` ran beside a training of r
+    (their locks were .alias.lock and .r.lock): checkpoints of both interleaved and metrics.jsonl lost steps. A
+    link whose folder is gone (a disk not mounted) was left out without a word."""
+    from tinygpt_cli import workspace as ws
+    from tinygpt_cli.errors import TrainingError
+
+    cfg = tiny_config(max_steps=2, eval_batches=1, batch_size=2)
+    run = train(cfg, run_name="r").run_dir
+    (run.parent / "alias").symlink_to("r")
+    (run.parent / "gone").symlink_to(workspace / "elsewhere" / "moved")
+    assert ws.lock_of(run.parent / "alias") == ws.lock_of(run)
+    listed = invoke("runs", "--json")
+    assert [entry["name"] for entry in json.loads(listed.stdout)] == ["r"]
+    assert "note: gone is left out: it links to" in listed.stderr and "which is missing" in listed.stderr
+    with ws.exclusive(ws.lock_of(run), "runs/r"), \
+            pytest.raises(TrainingError, match="another tinygpt process is training run alias"):  # r trains
+        train(tiny_config(max_steps=4, eval_batches=1, batch_size=2), run_name="alias", resume=True)
+
+
+def test_a_listing_never_cuts_a_run_name(with_shakespeare, workspace, monkeypatch):
+    """Audit: a narrow terminal showed `r-runni…`, and a piped listing cut names past 200 columns: the name is the
+    cell a user copies into the next command."""
+    import io
+
+    from rich.console import Console
+
+    from tinygpt_cli import cli
+
+    long_name = "a-run-with-a-long-name-" + "x" * 70
+    cfg = tiny_config(max_steps=2, eval_batches=1, batch_size=2)
+    train(cfg, run_name="short-one")
+    train(cfg, run_name=long_name)
+    assert long_name in invoke("runs").stdout  # piped: one line per row at the table's own width
+    narrow = io.StringIO()
+    monkeypatch.setattr(cli, "_stdout_console", lambda: Console(file=narrow, width=60, force_terminal=True,
+                                                                color_system=None))
+    assert invoke("runs").exit_code == 0
+    shown = narrow.getvalue()
+    names = [line.split("│")[1].strip() for line in shown.splitlines() if line.startswith("│")]
+    assert not any("…" in cell for cell in names) and long_name + "short-one" in "".join(names)  # folded

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -430,6 +431,23 @@ def test_a_resume_refused_for_retokenized_data_says_how_to_make_it_again(with_sh
     refused = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
     assert_one_line_error(refused, "make it again with `tinygpt tokenize shakespeare --name shakespeare "
                                    "--fraction 1.0 --val-fraction 0.05 --seed 3`")
+    command = refused.stderr.split("make it again with `")[1].split("`")[0]
+    assert invoke(*shlex.split(command)[1:]).exit_code == 0
+    resumed = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_resume_whose_dataset_was_deleted_says_how_to_make_it_again(with_shakespeare, workspace):
+    """Audit: with data/NAME deleted (to free disk), the resume said "run `tinygpt tokenize` first", and a bare
+    tokenize makes the embedded corpus, not the run's data: the run's checkpoint holds the command that makes it."""
+    import shlex
+
+    assert invoke("tokenize", "shakespeare", "--name", "mine", "--val-fraction", "0.05").exit_code == 0
+    train(tiny_config(max_steps=2, eval_interval=1000), run_name="r")
+    shutil.rmtree(workspace / "data" / "mine")
+    refused = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
+    assert_one_line_error(refused, "run r trained on data/mine, which is gone: make it again with `tinygpt tokenize "
+                                   "shakespeare --name mine --fraction 1.0 --val-fraction 0.05 --seed ")
     command = refused.stderr.split("make it again with `")[1].split("`")[0]
     assert invoke(*shlex.split(command)[1:]).exit_code == 0
     resumed = invoke("train", "--resume", "--name", "r", "--max-steps", "3")

@@ -9,6 +9,7 @@ therefore leaves the previous checkpoint loadable. Loading uses safetensors and
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import os
 import re
@@ -212,26 +213,64 @@ def latest_step(run_dir: Path) -> int | None:
     return int(checkpoint.name.split("_")[1]) if checkpoint is not None else None
 
 
-def scan_runs(problems: list[str] | None = None) -> tuple[list[Path], list[tuple[float, Path]]]:
-    """One pass over runs/: the run folders that hold a complete checkpoint, the most recently written first;
-    and those that saved checkpoints but hold no complete one now (a file went missing), with when they last
-    trained (their metrics.jsonl's time: deleting a file changes its step folder's, as freeing disk space in an
-    old run would), the most recent first. A folder that cannot be read is left out (and said in `problems`)."""
+@dataclass
+class RunScan:
+    """What runs/ holds (`scan_runs`)."""
+
+    complete: list[Path]  # run folders with a complete checkpoint, the one that trained last first
+    incomplete: list[tuple[float, Path]]  # saved checkpoints, none complete now (a file went missing): (when, run)
+    unsaved: list[Path]  # run folders that have saved no checkpoint yet: starting now, or killed before the first
+
+
+def scan_runs(problems: list[str] | None = None) -> RunScan:
+    """One pass over runs/. Runs are ordered by when their latest checkpoint was saved (state.json's `saved_at`),
+    not by file times, which a copy (`cp -r`, scp, unzip) or freeing disk space in an old run (deleting its
+    optimizer.pt) changes; a run that holds no complete checkpoint by when it last trained (its metrics.jsonl's
+    time). A link in runs/ to another run there is that run under a second name, and left out. A folder that cannot
+    be read, and a link to a folder that is gone, are left out and said in `problems`."""
     root = workspace.runs_dir()
+    scan = RunScan([], [], [])
     if not root.is_dir():
-        return [], []
-    complete, incomplete = [], []
+        return scan
+    complete = []
     for run in root.iterdir():
         try:
-            checkpoint = latest_checkpoint(run) if run.is_dir() else None
+            if run.is_symlink() and not run.exists():
+                if problems is not None:
+                    problems.append(f"{run.name} is left out: it links to {os.readlink(run)}, which is missing (a disk "
+                                    f"not mounted, or a folder moved): mount or restore it, or remove the link")
+                continue
+            if not run.is_dir() or _alias(run, root):
+                continue
+            checkpoint = latest_checkpoint(run)
             if checkpoint is not None:
-                complete.append((checkpoint.stat().st_mtime, run))
-            elif run.is_dir() and (step_folders(run) or _set_aside(run)) and (run / "metrics.jsonl").is_file():
-                incomplete.append(((run / "metrics.jsonl").stat().st_mtime, run))
+                complete.append((_saved_at(checkpoint), run))
+            elif (step_folders(run) or _set_aside(run)) and (run / "metrics.jsonl").is_file():
+                scan.incomplete.append(((run / "metrics.jsonl").stat().st_mtime, run))
+            elif (run / "config.yaml").is_file() and not run.name.startswith("."):
+                scan.unsaved.append(run)
         except OSError as exc:
             if problems is not None:
                 problems.append(f"{run.name} is left out: it cannot be read ({exc.strerror}): check its permissions")
-    return [run for _, run in sorted(complete, reverse=True)], sorted(incomplete, reverse=True)
+    scan.complete = [run for _, run in sorted(complete, key=lambda pair: pair[0], reverse=True)]
+    scan.incomplete.sort(key=lambda pair: pair[0], reverse=True)
+    scan.unsaved.sort(key=lambda run: run.name)
+    return scan
+
+
+def _alias(run: Path, root: Path) -> bool:
+    """Whether `run` is a link to another folder of runs/ (`root`), which is listed under its own name."""
+    if not run.is_symlink():
+        return False
+    target = run.resolve()
+    return target.parent == root.resolve() and target.name != run.name
+
+
+def _saved_at(checkpoint: Path) -> float:
+    """When `checkpoint` was saved, as its state.json says; its folder's time where that says nothing usable."""
+    with contextlib.suppress(CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return _dt.datetime.fromisoformat(read_state(checkpoint)["saved_at"]).timestamp()
+    return checkpoint.stat().st_mtime
 
 
 def _trained_at(run: Path) -> float:
@@ -247,7 +286,8 @@ def _trained_at(run: Path) -> float:
 def find_run(spec: str | None) -> Path:
     """A run folder by name or path; None -> the latest run. Raises if there is none."""
     if not spec:
-        runs, damaged = scan_runs()
+        scan = scan_runs()
+        runs, damaged = scan.complete, scan.incomplete
         if damaged and (not runs or damaged[0][0] > _trained_at(runs[0])):
             raise CheckpointError(f"the latest run: {no_checkpoint_message(damaged[0][1])}; or name another run "
                                   f"(`tinygpt runs` lists them)")

@@ -638,8 +638,8 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
 def _print_table(table) -> None:
     """A table on stdout; piped, wide enough that no cell (a run name to copy) is cut."""
     console = _stdout_console()
-    if not console.is_terminal:  # no terminal width to respect: one line per row
-        console.width = 200
+    if not console.is_terminal:  # no terminal width to respect: one line per row, at the table's own width
+        console.width = 100_000
     console.print(table)
 
 
@@ -1723,8 +1723,8 @@ def _loss(value: float | None) -> str:
     epilog="Examples:  tinygpt runs  ·  tinygpt runs --json  ·  tinygpt runs show  ·  tinygpt runs show my-run",
 )
 def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """List the runs in the workspace: name (and whether it is training now), size, steps, tokens, best val loss,
-    date (newest first)."""
+    """List the runs in the workspace: name, status (training, finished, interrupted, time limit, token limit,
+    killed, starting, no checkpoint), size, steps, tokens, best val loss, date (the last saved first)."""
     if ctx.invoked_subcommand is not None:
         return
     from tinygpt_cli import workspace
@@ -1732,14 +1732,14 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
     def row(s) -> tuple[str, ...]:
         steps = f"{s.steps:,}/{s.max_steps:,}" if s.max_steps else f"{s.steps:,}"
-        name = f"{s.name} (training)" if s.training else s.name
         size = s.size if s.shape is None or not s.shape.startswith("custom") else s.shape  # not "micro" for 2×64
-        return name, size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss), _when(s.saved_at)
+        return (s.name, s.status, size or "?", steps, _fmt_count(s.tokens), _loss(s.best_val_loss),
+                _when(s.saved_at))
 
     problems: list[str] = []
     summaries = list_run_summaries(problems)
     _print_notes(problems)
-    _print_listing(summaries, as_json, ("run", "size", "steps", "tokens", "best val loss", "date"), row,
+    _print_listing(summaries, as_json, ("run", "status", "size", "steps", "tokens", "best val loss", "saved"), row,
                    f"No runs in {workspace.runs_dir()} yet: train one with `tinygpt train`")
 
 
@@ -1761,9 +1761,14 @@ def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row
     if not summaries:
         _stderr_console().print(empty)
         return
-    table = Table(*columns)
-    for summary in summaries:
-        table.add_row(*row(summary))
+    from rich.table import Column
+
+    rows = [row(summary) for summary in summaries]
+    # the name is what a user copies: never cut it to an ellipsis (a narrow terminal folds it onto a second line)
+    name = Column(columns[0], overflow="fold", min_width=min(max(len(r[0]) for r in rows), 24))
+    table = Table(name, *columns[1:])
+    for cells in rows:
+        table.add_row(*cells)
     _print_table(table)
 
 
@@ -1823,7 +1828,8 @@ def data_show(
     """Print a tokenized dataset's meta.json: source, tokenizer, split rule, counts and hashes."""
     from tinygpt_cli.inventory import dataset_meta
 
-    path, meta = dataset_meta(name)
+    path, meta, problem = dataset_meta(name)
+    _print_notes([problem] if problem else [])
     if as_json:
         print(json.dumps(meta))
         return

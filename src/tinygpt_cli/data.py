@@ -992,14 +992,23 @@ class Dataset:
         info = self.meta["splits"][split]
         file = self.path / info["file"]
         if not file.is_file():
-            raise DataError(f"{file} is missing: re-run `tinygpt tokenize` for {self.name}")
+            raise DataError(f"{file} is missing: {self.remake_advice()}")
         size = file.stat().st_size
         if size != info["bytes"]:
             raise DataError(
                 f"{file} is {size} bytes but meta.json says {info['bytes']} (truncated or replaced): "
-                f"re-run `tinygpt tokenize` for {self.name}"
+                f"{self.remake_advice()}"
             )
         return file
+
+    def remake_advice(self, restart: bool = False) -> str:
+        """What to run to make this dataset again: the command that made it, where its meta.json records one
+        (`remake_command`; with --restart where its files look whole and are not); `restart` for files whose sizes
+        are right and contents are not, which a plain tokenize takes for up to date."""
+        command = remake_command(self)
+        if command is None:
+            return f"re-run `tinygpt tokenize` for {self.name}"
+        return f"make it again with `{command}{' --restart' if restart else ''}`"
 
     def check_files(self) -> None:
         """Both splits' files exist with the sizes meta.json gives (`check_sizes`)."""
@@ -1016,7 +1025,7 @@ class Dataset:
         if actual != check:
             raise DataError(
                 f"{file} does not match its meta.json hash (corrupted or from another dataset): "
-                f"re-run `tinygpt tokenize` for {self.name}"
+                f"{self.remake_advice(restart=True)}"
             )
         if size == 0:  # numpy cannot map an empty file ("cannot mmap an empty file"): callers check the length
             return np.zeros(0, dtype=np.uint16)

@@ -35,6 +35,15 @@ class RunSummary:
     saved_at: str | None  # ISO 8601 (UTC) time the latest checkpoint was written
     has_report: bool
     training: bool  # a tinygpt process is training it now (it holds the run's lock)
+    status: str  # one of STATUSES
+
+
+# what `tinygpt runs` says of a run: training now; finished (its last step); stopped by Ctrl-C or a signal, or by
+# --max-minutes / --max-tokens, and saved; killed (a SIGKILL, a crash, a power cut: its latest checkpoint has no
+# report); starting (training, no checkpoint yet); no checkpoint (it stopped before saving one)
+STATUSES = ("training", "finished", "interrupted", "time limit", "token limit", "killed", "starting", "no checkpoint")
+_STOP_STATUS = {"completed": "finished", "interrupted": "interrupted", "time_limit": "time limit",
+                "token_limit": "token limit"}
 
 
 def run_summary(run_dir: Path) -> RunSummary:
@@ -57,14 +66,86 @@ def run_summary(run_dir: Path) -> RunSummary:
         parameters = count_parameters(model)
         shape = _shape(model, _str(run_config.get("size")))
     max_steps = _dict(run_config.get("train")).get("max_steps")
+    max_steps = max_steps if is_count(max_steps) else None
+    report = _report_text(run_dir)
+    training = workspace.held(workspace.lock_of(run_dir))
     return RunSummary(
         name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), shape=shape, parameters=parameters,
-        dataset=_str(_dict(state.get("data")).get("dataset")), steps=counts["step"],
-        max_steps=max_steps if is_count(max_steps) else None, tokens=counts["tokens_seen"],
-        best_val_loss=_number(state.get("best_val_loss")), val_loss=_number(state.get("val_loss")),
-        saved_at=_str(state.get("saved_at")), has_report=has_training_report(run_dir),
-        training=workspace.held(workspace.lock_of(run_dir)),
+        dataset=_str(_dict(state.get("data")).get("dataset")), steps=counts["step"], max_steps=max_steps,
+        tokens=counts["tokens_seen"], best_val_loss=_number(state.get("best_val_loss")),
+        val_loss=_number(state.get("val_loss")), saved_at=_str(state.get("saved_at")),
+        has_report=_reported_step(report) is not None, training=training,
+        status=_status(training, counts["step"], max_steps, report),
     )
+
+
+def _status(training: bool, step: int, max_steps: int | None, report: str | None) -> str:
+    """A run's STATUSES entry, from its lock, its latest checkpoint's step and its report.md: a report of that
+    step says why it stopped; none of it means that the process that saved it died before its report."""
+    if training:
+        return "training"
+    if max_steps is not None and step >= max_steps:
+        return "finished"
+    if _reported_step(report) == step:
+        found = re.search(r"^Stopped: (.+?) at step \d+ \(", report or "", re.M)
+        return _STOP_STATUS.get(found.group(1) if found else "", "killed")
+    return "killed"
+
+
+def _report_text(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / REPORT_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def unsaved_run_summary(run_dir: Path) -> RunSummary:
+    """A run folder with no checkpoint yet, from its config.yaml and its metrics.jsonl's last training record:
+    starting (training now), or stopped before its first save."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        loaded = None
+    config = _dict(loaded)
+    parameters, shape = None, None
+    with contextlib.suppress(TypeError, ValueError, ConfigError):
+        model = ModelConfig(**_dict(config.get("model")))
+        from tinygpt_cli.plan import count_parameters
+
+        parameters = count_parameters(model)
+        shape = _shape(model, _str(config.get("size")))
+    last = _last_train_record(run_dir / "metrics.jsonl")
+    max_steps = _dict(config.get("train")).get("max_steps")
+    training = workspace.held(workspace.lock_of(run_dir))
+    return RunSummary(
+        name=run_dir.name, path=str(run_dir), size=_str(config.get("size")), shape=shape, parameters=parameters,
+        dataset=_str(_dict(config.get("data")).get("dataset")) or None,
+        steps=last.get("step", 0) if is_count(last.get("step")) else 0,
+        max_steps=max_steps if is_count(max_steps) else None,
+        tokens=last.get("tokens", 0) if is_count(last.get("tokens")) else 0, best_val_loss=None, val_loss=None,
+        saved_at=None, has_report=False, training=training, status="starting" if training else "no checkpoint",
+    )
+
+
+def _last_train_record(metrics: Path) -> dict[str, Any]:
+    """The last `"kind": "train"` record of a metrics.jsonl (read from its end), or {}."""
+    import json
+
+    try:
+        with open(metrics, "rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - 16384))
+            lines = handle.read().splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("kind") == "train":
+                return record
+    return {}
 
 
 def _shape(model: ModelConfig, size: str | None) -> str:
@@ -87,20 +168,22 @@ def _number(value: Any) -> float | None:
 
 
 def list_run_summaries(problems: list[str] | None = None) -> list[RunSummary]:
-    """Every run in the workspace that holds a checkpoint, most recently written first. A run whose latest
-    checkpoint cannot be read is left out, and what is wrong with it appended to `problems`."""
+    """Every run in the workspace: those that have saved no checkpoint yet first (starting, or stopped before their
+    first), then those that hold one, the one saved last first. A run whose latest checkpoint cannot be read is
+    left out, and what is wrong with it appended to `problems`."""
     from tinygpt_cli.checkpoint import no_checkpoint_message, scan_runs
 
-    runs, incomplete = scan_runs(problems)
-    summaries = []
-    for run_dir in runs:
+    scan = scan_runs(problems)
+    summaries = [unsaved_run_summary(run_dir) for run_dir in scan.unsaved]
+    summaries.sort(key=lambda summary: not summary.training)  # starting now, then the ones killed before a save
+    for run_dir in scan.complete:
         try:
             summaries.append(run_summary(run_dir))
         except CheckpointError as exc:  # a damaged state.json
             if problems is not None:
                 problems.append(f"{run_dir.name} is left out: {exc}")
     if problems is not None:  # a file of each of its checkpoints went missing
-        problems += [f"{run_dir.name} is left out: {no_checkpoint_message(run_dir)}" for _, run_dir in incomplete]
+        problems += [f"{run_dir.name} is left out: {no_checkpoint_message(run_dir)}" for _, run_dir in scan.incomplete]
     return summaries
 
 
@@ -155,14 +238,6 @@ def _reported_step(text: str | None) -> int | None:
     """The step a report.md of training says the run stopped at; None for none (or one of evaluations only)."""
     found = re.search(r"^Stopped: .+? at step (\d+) \(", text or "", re.M)  # a stop reason may have spaces
     return int(found.group(1)) if found else None
-
-
-def has_training_report(run_dir: Path) -> bool:
-    """Whether the run's report.md is training's (an eval during training makes one of its sections alone)."""
-    try:
-        return _reported_step((run_dir / REPORT_FILE).read_text(encoding="utf-8", errors="replace")) is not None
-    except OSError:
-        return False
 
 
 def _no_training_report(run_dir: Path, training: bool, latest: int | None, resume: str, lacking: str) -> str:
@@ -225,12 +300,17 @@ def list_dataset_summaries(problems: list[str] | None = None) -> list[DatasetSum
     return [dataset_summary(d.meta, d.path) for d in list_datasets(problems, check_files=True)]
 
 
-def dataset_meta(spec: str | None) -> tuple[Path, dict[str, Any]]:
-    """(folder, meta.json) of a tokenized dataset by name or folder; None: the newest one."""
+def dataset_meta(spec: str | None) -> tuple[Path, dict[str, Any], str | None]:
+    """(folder, meta.json, problem) of a tokenized dataset by name or folder; None: the newest one. `problem` says
+    what is wrong with its token files (missing, or not of the sizes meta.json gives) and how to make them again,
+    else None: its meta.json is still worth showing (where it came from, with what settings)."""
     from tinygpt_cli.data import find_dataset
 
     dataset = find_dataset(spec)
     if dataset is None:
         raise DataError("no tokenized dataset in this workspace yet: run `tinygpt tokenize`")
-    dataset.check_files()
-    return dataset.path, dataset.meta
+    try:
+        dataset.check_files()
+    except DataError as exc:
+        return dataset.path, dataset.meta, str(exc)
+    return dataset.path, dataset.meta, None

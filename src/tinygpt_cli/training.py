@@ -738,7 +738,14 @@ class _Trainer:
                 check_trackers_installed(parse_trackers(tc.log_to))
             if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
                 cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
-        self.dataset = prepare_dataset(cfg, self.emit, info)
+        try:
+            self.dataset = prepare_dataset(cfg, self.emit, info)
+        except DataError:
+            advice = _gone_dataset_advice(workspace.runs_dir() / run_name, cfg.data.dataset) if resume and run_name \
+                else None
+            if advice is None:
+                raise
+            raise DataError(advice) from None
         with dist.agreed():
             # config.yaml names the data so that a resume, an eval or a rerun finds the same from any folder: by
             # name in the workspace, else by absolute path (a relative --data PATH held only from where it was typed)
@@ -1704,13 +1711,31 @@ def check_run_name(name: str) -> None:
 
 def _trained_dataset(run_dir: Path) -> str:
     """The dataset a run's latest checkpoint trained on ("" if it does not say, or there is none)."""
+    return str(_trained_data(run_dir).get("dataset") or "")
+
+
+def _trained_data(run_dir: Path) -> dict[str, Any]:
+    """What a run's latest checkpoint says of its data (state.json's `data`), or {}."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        return ""
+        return {}
     try:
-        return str((read_state(checkpoint).get("data") or {}).get("dataset") or "")
+        data = read_state(checkpoint).get("data")
     except TinyGPTError:
-        return ""  # a damaged state.json is reported where the checkpoint is loaded
+        return {}  # a damaged state.json is reported where the checkpoint is loaded
+    return data if isinstance(data, dict) else {}
+
+
+def _gone_dataset_advice(run_dir: Path, spec: str) -> str | None:
+    """For a resume whose dataset `spec` is not in the workspace: the command that makes it again, byte for byte
+    (`data.remake_command`, kept in the run's checkpoint), where the run recorded one."""
+    trained = _trained_data(run_dir)
+    remake = trained.get("remake")
+    if not spec or trained.get("dataset") != spec or not isinstance(remake, str) or \
+            (workspace.data_dir() / spec).exists():
+        return None
+    return (f"run {run_dir.name} trained on data/{spec}, which is gone: make it again with `{remake}` (the same "
+            f"tokens: tokenizing is deterministic), then resume")
 
 
 @contextlib.contextmanager

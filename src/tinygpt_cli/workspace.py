@@ -42,7 +42,10 @@ def is_bare_name(spec: str) -> bool:
 
 def lock_of(folder: Path) -> Path:
     """The lock a command writing `folder` holds (`exclusive`): `.<name>.lock` beside it, e.g. `runs/.<name>.lock`
-    while a run trains, `data/.<name>.lock` while a dataset is tokenized."""
+    while a run trains, `data/.<name>.lock` while a dataset is tokenized. A link's is its target's: two names of
+    one folder (`runs/alias -> r`) share the lock that keeps two writers of it apart."""
+    if folder.is_symlink():
+        folder = folder.resolve()
     return folder.with_name(f".{folder.name}.lock")
 
 
