@@ -469,6 +469,31 @@ def test_cli_export_failure_leaves_nothing(hf_source, workspace, monkeypatch):
     assert list((workspace / "keep").iterdir()) == []
 
 
+def test_force_never_replaces_a_folder_of_ones_own_that_holds_a_config_json(hf_source, workspace):
+    """Audit: any folder with a config.json and no subfolder counted as an earlier export, so `--out myapp --force`
+    deleted myapp/main.py, and a model folder another tool saved was replaced whole."""
+    app_folder, other_model = workspace / "myapp", workspace / "their-model"
+    for folder in (app_folder, other_model):
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    (app_folder / "main.py").write_text("print(1)\n")
+    (other_model / "model.safetensors").write_bytes(b"weights")
+    for folder in (app_folder, other_model):
+        assert_one_line_error(invoke("export", str(hf_source), "--out", str(folder), "--force"),
+                              "is not an earlier export")
+    assert (app_folder / "main.py").read_text() == "print(1)\n" and (other_model / "model.safetensors").exists()
+    ours = workspace / "ours"
+    assert invoke("export", str(hf_source), "--out", str(ours)).exit_code == 0
+    assert invoke("export", str(hf_source), "--out", str(ours), "--force", "--dtype", "fp16").exit_code == 0
+    assert json.loads((ours / "config.json").read_text())["torch_dtype"] == "float16"
+    (ours / "NOTES.md").write_text("mine")  # a file of one's own added to an export: no longer only an export
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(ours), "--force"), "is not an earlier export")
+    from tinygpt_cli import export
+
+    assert export._is_export(workspace / "Model.GGUF") is True  # a file: the suffix in any case
+    assert set(export.tokenizer_files(8)) == set(export.TOKENIZER_FILES)
+
+
 def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, tmp_path):
     """--force swaps an earlier export for the new one; it never deletes a folder that is not an export (runs/, the
     workspace, the current folder, the source), and a gguf folder --out keeps its other files."""
@@ -797,10 +822,10 @@ def test_an_export_still_filling_a_folder_is_left_alone(hf_source, workspace, tm
     one and deleted its files (review): a fill whose process is alive is left alone, and the folder refused."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"tinygpt_version": "0"}')
     (out / export.FILLING).write_text(f"{os.getppid()}\nconfig.json\nmodel.safetensors\n")  # a live process
     assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists")
-    assert (out / "config.json").read_text() == "{}"
+    assert (out / "config.json").read_text() == '{"tinygpt_version": "0"}'
     (out / export.FILLING).write_text("999999999\nconfig.json\nmodel.safetensors\n")  # no such process
     assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
     assert not (out / export.FILLING).exists() and (out / "tokenizer.json").is_file()
@@ -816,11 +841,11 @@ def test_an_export_finished_by_another_meanwhile_is_not_replaced_without_force(h
     def write_while_another_finishes(model, folder, dtype):
         real(model, folder, dtype)
         out.mkdir()
-        (out / "config.json").write_text('{"other": true}')
+        (out / "config.json").write_text('{"other": true, "tinygpt_version": "0"}')
 
     monkeypatch.setattr(export, "write_hf", write_while_another_finishes)
     assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists: pass --force")
-    assert (out / "config.json").read_text() == '{"other": true}'
+    assert (out / "config.json").read_text() == '{"other": true, "tinygpt_version": "0"}'
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # its temp folder is gone
 
 

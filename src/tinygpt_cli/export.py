@@ -171,6 +171,9 @@ def bpe_merges() -> tuple[tuple[str, str], ...]:
     return tuple(merges)
 
 
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def tokenizer_files(model_max_length: int) -> dict[str, str]:
     """The Hugging Face GPT-2 tokenizer files (name -> text): vocab.json, merges.txt, tokenizer.json,
     tokenizer_config.json, special_tokens_map.json. Ids are those of tinygpt's tokenizer."""
@@ -207,13 +210,13 @@ def tokenizer_files(model_max_length: int) -> dict[str, str]:
         "added_tokens_decoder": {str(EOT_ID): {key: value for key, value in eot.items() if key != "id"}},
         **special,
     }
-    return {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False),
-        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer.json": json.dumps(tokenizer_json, ensure_ascii=False),
-        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
-        "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
-    }
+    return dict(zip(TOKENIZER_FILES, (
+        json.dumps(vocab, ensure_ascii=False),
+        "#version: 0.2\n" + "\n".join(merges) + "\n",
+        json.dumps(tokenizer_json, ensure_ascii=False),
+        json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+        json.dumps(special, indent=2) + "\n",
+    ), strict=True))
 
 
 # ----------------------------------------------------------------------------------------- Hugging Face
@@ -707,24 +710,40 @@ def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
         raise ExportError(f"{target} holds the model being exported, the workspace or the current folder: "
                           "--force only replaces an earlier export; choose another --out")
     if not _is_export(target):
-        raise ExportError(f"{target} is not an earlier export: --force only replaces a .gguf file or an export "
-                          "folder (config.json, model.onnx or model.gguf; no subfolders, no checkpoint); "
-                          "choose another --out")
+        raise ExportError(f"{target} is not an earlier export: --force only replaces a .gguf file or a folder "
+                          "of an export's files alone (a tinygpt config.json, model.onnx or model.gguf, and the "
+                          "files exported with them); choose another --out")
     if not force:  # (advised only where it would replace the export)
         raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
 
 
+# every file an export folder may hold: the hf format's, the onnx format's, and model.gguf (an older gguf export)
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "model.onnx", "model.onnx.data",
+                          "model.gguf", *TOKENIZER_FILES})
+
+
 def _is_export(path: Path) -> bool:
-    """Whether `path` looks like what `export_model` writes: a .gguf file, a folder of files with config.json or
-    model.onnx that is not a tinygpt checkpoint, or a folder that holds model.gguf alone (an older gguf export).
-    Hidden entries (tools' caches, e.g. `.cache/`) are allowed; any other subfolder is not."""
+    """Whether `path` is what `export_model` writes: a .gguf file, or a folder of an export's files alone
+    (EXPORT_FILES): an hf export (its config.json says tinygpt wrote it: another tool's model folder is not one),
+    an onnx export, or model.gguf alone (an older gguf export). Hidden entries (tools' caches, e.g. `.cache/`) are
+    allowed; any other file or folder is not (a folder of one's own with a config.json in it was replaced whole)."""
     if not path.is_dir() or path.is_symlink():
-        return path.suffix == ".gguf"
-    visible = [child for child in path.iterdir() if not child.name.startswith(".")]
-    names = {child.name for child in visible}
-    if any(child.is_dir() for child in visible) or STATE_FILE in names:
+        return path.suffix.lower() == ".gguf"
+    names = {child.name for child in path.iterdir() if not child.name.startswith(".")}
+    if not names <= EXPORT_FILES or any((path / name).is_dir() for name in names):
         return False
-    return bool(names & {"config.json", "model.onnx"}) or names == {"model.gguf"}
+    if "config.json" in names:
+        return _written_by_tinygpt(path / "config.json")
+    return "model.onnx" in names or names == {"model.gguf"}
+
+
+def _written_by_tinygpt(config: Path) -> bool:
+    """Whether an hf config.json is one `hf_config` wrote (it records `tinygpt_version`)."""
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(loaded, dict) and "tinygpt_version" in loaded
 
 
 def _occupied(path: Path) -> bool:
