@@ -1,5 +1,6 @@
 """Export to Hugging Face / GGUF / ONNX and import back: every format written, read back and compared, offline."""
 
+import collections
 import errno
 import importlib.util
 import json
@@ -349,6 +350,44 @@ def test_import_openai_layout(tmp_path):
     assert cfg.vocab_size == 50304 and cfg.dropout == 0.0 and cfg.bias
     ids = sample_ids(2, 32)
     torch.testing.assert_close(tinygpt_logits(loaded, ids), tinygpt_logits(model, ids), atol=1e-6, rtol=0)
+
+
+def test_import_sharded_bin_and_refuse_what_is_no_state_dict(tmp_path):
+    """Audit: older gpt2-large/xl fine-tunes are sharded pytorch_model-*.bin files with an index, which was "no GPT-2
+    weights"; a .bin holding a whole training checkpoint ({"model": ..., "step": 3}) crashed with AttributeError,
+    and one pickling an object torch's safe loader refuses with a traceback."""
+    model = random_model()
+    reference = hf_folder(model, tmp_path / "ours")
+    state = export.hf_state_dict(model)
+    names = sorted(state)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text((reference / "config.json").read_text())
+    weight_map = {}
+    for number, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        shard = f"pytorch_model-0000{number}-of-00002.bin"
+        torch.save({name: state[name] for name in part}, folder / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    loaded, _ = export.load_pretrained(folder)
+    ids = sample_ids(2, 32)
+    torch.testing.assert_close(tinygpt_logits(loaded, ids), tinygpt_logits(model, ids), atol=1e-6, rtol=0)
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    (whole / "config.json").write_text((reference / "config.json").read_text())
+    torch.save({"model": state, "step": 3}, whole / "pytorch_model.bin")
+    with pytest.raises(TinyGPTError, match="are not a model's state dict"):
+        export.load_pretrained(whole)
+    unsafe = {"h.0.weight": torch.zeros(1), "extra": collections.OrderedDict(a=_Unsafe())}
+    torch.save(unsafe, whole / "pytorch_model.bin")
+    with pytest.raises(TinyGPTError, match=r"cannot be read \(UnpicklingError\)"):
+        export.load_pretrained(whole)
+    assert_one_line_error(invoke("export", str(whole)), "cannot be read (UnpicklingError)")
+
+
+class _Unsafe:
+    """An object torch's weights_only loader refuses to build."""
 
 
 def test_init_from_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):

@@ -76,6 +76,7 @@ _HF_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _HF_WEIGHTS = "model.safetensors"
 _HF_INDEX = "model.safetensors.index.json"
 _HF_BIN = "pytorch_model.bin"
+_HF_BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 class ExportError(TinyGPTError):
@@ -789,24 +790,41 @@ def download_gpt2(name: str) -> Path:
 
 
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Hugging Face folder: model.safetensors, or its shards (an index), or pytorch_model.bin, or
+    its shards (older large models are saved so). A .bin is unpickled with torch's weights_only loader: no code of
+    the file's runs. What cannot be read, or is no flat name -> tensor map, is one line."""
+    import pickle
+
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    def load_bin(path: Path) -> dict[str, torch.Tensor]:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    tensors: dict[str, torch.Tensor] | None = None
     try:
-        if (folder / _HF_WEIGHTS).is_file():
-            return load_file(str(folder / _HF_WEIGHTS))
-        if (folder / _HF_INDEX).is_file():
-            shards = sorted(set(json.loads((folder / _HF_INDEX).read_text(encoding="utf-8"))["weight_map"].values()))
-            tensors: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                tensors.update(load_file(str(folder / shard)))
-            return tensors
-        if (folder / _HF_BIN).is_file():
-            return torch.load(folder / _HF_BIN, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
+        for weights, index, load in ((_HF_WEIGHTS, _HF_INDEX, lambda path: load_file(str(path))),
+                                     (_HF_BIN, _HF_BIN_INDEX, load_bin)):
+            if (folder / weights).is_file():
+                tensors = load(folder / weights)
+            elif (folder / index).is_file():
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+                tensors = {}
+                for shard in sorted(set(weight_map.values())):
+                    tensors.update(load(folder / shard))
+            if tensors is not None:
+                break
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError,
+            pickle.UnpicklingError) as exc:  # weights_only refusing an object is an UnpicklingError
         raise ExportError(f"the weights in {folder} cannot be read ({type(exc).__name__}): re-download or re-export "
-                          "the model") from None
-    raise ExportError(f"{folder} has no {_HF_WEIGHTS}, {_HF_INDEX} or {_HF_BIN}: it holds no GPT-2 weights")
+                          "the model (`save_pretrained` writes model.safetensors)") from None
+    if tensors is None:
+        raise ExportError(f"{folder} has no {_HF_WEIGHTS} or {_HF_BIN} (nor a sharded one's index): it holds no "
+                          f"GPT-2 weights")
+    if not isinstance(tensors, dict) or not all(isinstance(value, torch.Tensor) for value in tensors.values()):
+        raise ExportError(f"the weights in {folder} are not a model's state dict (names to tensors): a training "
+                          f"checkpoint saved whole? Load it and save the model with `save_pretrained`")
+    return tensors
 
 
 def _config_from_hf(folder: Path, config: dict[str, Any]) -> ModelConfig:
