@@ -101,3 +101,28 @@ def test_eval_of_a_nan_model_writes_strict_json_and_says_why(workspace, with_sha
     assert payload["accuracy"] is None and payload["accuracy_norm"] is None, payload
     assert "non-finite logits" in result.stderr
     json.loads((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1], parse_constant=strict)
+
+
+def test_a_checkpoint_of_a_newer_tinygpt_or_a_damaged_header_says_what_to_do(workspace):
+    """Audit: model settings a newer tinygpt added, and a header whose model config does not parse, both said
+    "carries no valid model config (...)" and nothing to do."""
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+    from test_cli import assert_one_line_error, invoke
+    from test_generate_cli import make_run
+
+    weights = make_run(workspace) / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(weights))
+    newer = {**json.loads(metadata["model_config"]), "rope": True}
+    save_file(tensors, str(weights), metadata={**metadata, "model_config": json.dumps(newer),
+                                               "tinygpt_version": "99.0.0"})
+    for command in (("export", "tiny"), ("generate", "Hi", "--max-new-tokens", "2")):
+        assert_one_line_error(invoke(*command), "was written by tinygpt 99.0.0, with model settings this version "
+                                                "(")
+    assert "(rope): upgrade tinygpt" in invoke("export", "tiny").stderr
+    save_file(tensors, str(weights), metadata={**metadata, "model_config": '{"n_layer": 2,'})
+    assert_one_line_error(invoke("export", "tiny"), "carries no valid model config (JSONDecodeError: ")
+    assert "it has no earlier checkpoint to fall back to: train the run again" in invoke("export", "tiny").stderr

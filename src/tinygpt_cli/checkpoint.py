@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import ModelConfig, RunConfig, config_from_dict
-from tinygpt_cli.errors import CheckpointError, ConfigError
+from tinygpt_cli.errors import CheckpointError, ConfigError, described
 from tinygpt_cli.workspace import fsync_dir, fsync_file, write_text_atomic
 
 if TYPE_CHECKING:  # torch loads only where tensors are read or written, so listing runs stays instant
@@ -435,10 +435,29 @@ def _read_checkpoint(checkpoint: Path) -> tuple[dict[str, Any], dict[str, str], 
 
 
 def _model_config(metadata: dict[str, str], weights: Path) -> ModelConfig:
+    """The ModelConfig a weights file's header records. Keys this version does not know are a newer tinygpt's
+    (upgrade); a header that does not parse is damage (DamagedCheckpoint: an earlier checkpoint may serve)."""
     try:
-        return ModelConfig(**json.loads(metadata["model_config"]))
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise CheckpointError(f"{weights} carries no valid model config ({exc})") from None
+        fields = json.loads(metadata["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamagedCheckpoint(f"{weights} carries no valid model config ({described(exc)})",
+                                weights.parent) from None
+    unknown = sorted(set(fields) - set(ModelConfig.__dataclass_fields__)) if isinstance(fields, dict) else []
+    written_by = metadata.get("tinygpt_version")
+    if unknown and written_by and _version_key(written_by) > _version_key(__version__):
+        raise CheckpointError(f"{weights} was written by tinygpt {written_by}, with model settings this version "
+                              f"({__version__}) does not have ({', '.join(unknown)}): upgrade tinygpt "
+                              f"(pip install -U tinygpt)")
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise DamagedCheckpoint(f"{weights} carries no valid model config ({described(exc)})",
+                                weights.parent) from None
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """A version's leading numbers, to compare (`2.0.0` > `0.1.0`)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 @contextlib.contextmanager
