@@ -533,6 +533,31 @@ def test_force_never_replaces_a_folder_of_ones_own_that_holds_a_config_json(hf_s
     assert set(export.tokenizer_files(8)) == set(export.TOKENIZER_FILES)
 
 
+def test_weights_with_nan_are_not_exported(workspace, tmp_path):
+    """Audit: bytes flipped inside a model.safetensors (its data: safetensors checks only the header) exported
+    without a word, NaN in wte, to load everywhere as a broken model."""
+    model = random_model()
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[3, 5] = float("nan")
+    source = hf_folder(model, tmp_path / "diverged")
+    assert_one_line_error(invoke("export", str(source), "--out", str(tmp_path / "out")),
+                          "hold NaN or infinite values (transformer.h.1.mlp.c_fc.weight): the run diverged or the "
+                          "file is damaged")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_named_like_a_file_of_the_format(hf_source, workspace, tmp_path):
+    """Audit: `--format gguf --out Model.GGUF` made a folder Model.GGUF/ holding model.gguf (the suffix was
+    compared case-sensitively), and `--format onnx --out model.onnx` a folder named model.onnx."""
+    pytest.importorskip("gguf")
+    written = invoke("export", str(hf_source), "-f", "gguf", "--out", str(tmp_path / "Model.GGUF"))
+    assert written.exit_code == 0, written.output
+    assert (tmp_path / "Model.GGUF").is_file()
+    assert_one_line_error(invoke("export", str(hf_source), "-f", "onnx", "--out", str(tmp_path / "m.onnx")),
+                          "--format onnx writes a folder (model.onnx beside the tokenizer files), not the file m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, tmp_path):
     """--force swaps an earlier export for the new one; it never deletes a folder that is not an export (runs/, the
     workspace, the current folder, the source), and a gguf folder --out keeps its other files."""

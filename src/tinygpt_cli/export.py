@@ -509,13 +509,17 @@ def export_model(
         _require("onnxscript", "--format onnx (torch's ONNX exporter)")
     # absolute, so that `--out .` has a parent to put the temp folder in and a name
     target = Path(os.path.abspath(Path(out).expanduser())) if out is not None else None
-    if target is not None and fmt == "gguf" and target.suffix != ".gguf":
+    if target is not None and fmt == "gguf" and target.suffix.lower() != ".gguf":
         target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
+    if target is not None and fmt == "onnx" and target.suffix.lower() == ".onnx":
+        raise ExportError(f"--format onnx writes a folder (model.onnx beside the tokenizer files), not the file "
+                          f"{target.name}: give --out a folder, e.g. --out {target.with_suffix('')}-onnx")
     if target is not None:  # before the model loads; again after, with the checkpoint it loaded
         _check_out(target, force, _source_folder(source))
 
     loaded = load_model(source)
     model = loaded.model
+    _check_finite(model, loaded.path)
     name = _source_name(loaded)
     if target is None:
         target = default_export_path(name, fmt, dtype)
@@ -693,6 +697,16 @@ def _place_new(tmp: Path, target: Path) -> None:
         raise
     with contextlib.suppress(OSError):  # the export is in place; a temp name left is swept by the next export
         tmp.unlink()
+
+
+def _check_finite(model: GPT, source: Path | None) -> None:
+    """Refuse weights with NaN or infinite values (a run that diverged, a weights file damaged inside: safetensors
+    checks its header, not its data), which would export without a word and load everywhere as a broken model."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise ExportError(f"the weights of {source or 'the model'} hold NaN or infinite values ({name}): "
+                                  f"the run diverged or the file is damaged; export an earlier checkpoint")
 
 
 def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
@@ -930,7 +944,7 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
     if workspace.is_bare_name(str(spec)) and (workspace.runs_dir() / str(spec)).is_dir():
         in_runs = workspace.runs_dir() / str(spec)  # an hf export written there loads as one
         return ("hf", in_runs) if _is_hf_folder(in_runs) else ("tinygpt", str(spec))
-    written = "gguf" if path.suffix == ".gguf" and path.is_file() else \
+    written = "gguf" if path.suffix.lower() == ".gguf" and path.is_file() else \
         "onnx" if (path / "model.onnx").is_file() and not (path / "config.json").exists() else None
     if written:
         article = "an" if written == "onnx" else "a"
