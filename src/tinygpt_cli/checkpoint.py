@@ -385,7 +385,7 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
     """Load the model (fp32, eval mode) of a checkpoint, a run (its latest checkpoint) or the latest run."""
     import torch
 
-    from tinygpt_cli.model import gpt_to_load
+    from tinygpt_cli.model import gpt_to_load, load_weights
 
     spec = str(spec) if spec is not None else None
     checkpoint = resolve_checkpoint(spec)
@@ -408,7 +408,7 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
         raise CheckpointError(
             f"{weights} does not match its model config (missing or misshapen: {', '.join(missing) or 'shapes'})"
         )
-    model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
+    load_weights(model, tensors)  # lm_head.weight is tied to wte
     kind = torch.device(device).type
     if not device_present(kind):
         raise CheckpointError(f"cannot move the model to {device}: this machine has no {kind.upper()} device; load "

@@ -48,7 +48,7 @@ from tinygpt_cli.checkpoint import (
 )
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import FULL, TinyGPTError, described, os_problem
-from tinygpt_cli.model import GPT, gpt_to_load
+from tinygpt_cli.model import GPT, gpt_to_load, load_weights
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
 from tinygpt_cli.workspace import fsync_dir, fsync_file
 
@@ -930,7 +930,7 @@ def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
         wrong = sorted(key for key in expected.keys() | got.keys() if expected.get(key) != got.get(key))
         raise ExportError(f"the weights in {folder} do not match its config.json "
                           f"(missing, extra or misshapen: {', '.join(wrong[:3])})")
-    model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte
+    load_weights(model, tensors)  # lm_head.weight is tied to wte
     return model.eval(), cfg
 
 
@@ -1014,9 +1014,7 @@ def _adapt(model: GPT, block_size: int | None, dropout: float | None) -> GPT:
     state = model.state_dict()
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: new.block_size]
     state.pop("lm_head.weight", None)
-    adapted = gpt_to_load(new)
-    adapted.load_state_dict(state, strict=False)
-    return adapted.train(model.training)
+    return load_weights(gpt_to_load(new), state).train(model.training)
 
 
 def load_pretrained(

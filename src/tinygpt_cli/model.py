@@ -183,10 +183,22 @@ class GPT(nn.Module):
 
 
 def gpt_to_load(cfg: ModelConfig) -> GPT:
-    """A GPT whose weights a checkpoint or a folder is about to replace, built without drawing from the caller's
-    random stream (its random initialisation would move a notebook's seeded draws)."""
-    with torch.random.fork_rng(devices=[]):
+    """A GPT whose weights a checkpoint or a folder is about to give it (`load_weights`), built on the meta device:
+    nothing is allocated nor initialised only to be overwritten (initialising a 1.5B model takes seconds), and
+    nothing is drawn from the caller's random stream (a notebook's seeded draws stay)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         return GPT(cfg)
+
+
+def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> GPT:
+    """Give `model`, a `gpt_to_load` model, the weights `tensors` (every parameter but the tied head, their names
+    and shapes checked by the caller), copied into fp32 parameters of its own: no tensor of a file's memory map
+    outlives the load (Windows deletes no mapped file, and a run prunes its old checkpoints)."""
+    model.lm_head.weight = None  # no storage of its own, even for a moment: it is wte's
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as GPT() ties them
+    model.load_state_dict(tensors, strict=False)
+    return model
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
