@@ -430,3 +430,39 @@ def test_a_listing_never_cuts_a_run_name(with_shakespeare, workspace, monkeypatc
     shown = narrow.getvalue()
     names = [line.split("│")[1].strip() for line in shown.splitlines() if line.startswith("│")]
     assert not any("…" in cell for cell in names) and long_name + "short-one" in "".join(names)  # folded
+
+
+def test_listings_say_what_a_missing_workspace_or_a_mistyped_name_is(with_shakespeare, workspace, monkeypatch,
+                                                                      tmp_path):
+    """Audit: TINYGPT_HOME=/nonexistent (a typo, a disk not mounted) listed as an empty workspace, and so did a file
+    where runs/ goes; `runs show` of a mistyped name gave no suggestion, and `data show` listed every name."""
+    train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="r-finished")
+    assert_one_line_error(invoke("runs", "show", "r-finshed"), "no run or checkpoint at r-finshed (did you mean "
+                                                               "r-finished?)")
+    assert_one_line_error(invoke("data", "show", "shakespear"), "no tokenized dataset named 'shakespear' (did you "
+                                                                "mean shakespeare?)")
+    monkeypatch.setenv("TINYGPT_HOME", str(tmp_path / "nonexistent"))
+    for command in ("runs", "data"):
+        listed = invoke(command)
+        assert listed.exit_code == 0 and f"No workspace at {tmp_path / 'nonexistent'} (TINYGPT_HOME): it does " \
+            "not exist" in listed.stderr
+    monkeypatch.setenv("TINYGPT_HOME", str(tmp_path))
+    (tmp_path / "runs").write_text("")
+    assert "runs is a file, not the folder of runs: move it aside" in invoke("runs").stderr
+
+
+def test_an_interrupted_tokenize_is_said_where_its_dataset_is_looked_for(workspace):
+    """Audit: a tokenize killed part way left data/.NAME.partial (65 MB there), which `tinygpt data` did not show,
+    and `data show NAME` said "no tokenized dataset named NAME ... run `tinygpt tokenize` first"."""
+    from tinygpt_cli import workspace as ws
+
+    partial = workspace / "data" / ".big.partial"
+    partial.mkdir(parents=True)
+    (partial / "train.bin").write_bytes(b"\0" * 4096)
+    listed = invoke("data")
+    assert "note: an interrupted tokenize of big waits in data/.big.partial (4.1 kB written): run the same " \
+        "`tinygpt tokenize ... --name big` again to finish it" in listed.stderr
+    assert_one_line_error(invoke("data", "show", "big"), "data/big is not finished: an interrupted tokenize of it "
+                                                         "waits in")
+    with ws.exclusive(ws.lock_of(workspace / "data" / "big"), "data/big"):
+        assert "note: big is being tokenized now (4.1 kB written so far" in invoke("data").stderr

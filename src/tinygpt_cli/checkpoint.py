@@ -300,7 +300,8 @@ def find_run(spec: str | None) -> Path:
     for candidate in (workspace.runs_dir() / spec, path) if workspace.is_bare_name(spec) else (path,):
         if candidate.is_dir():
             return candidate
-    raise CheckpointError(f"no run or checkpoint at {spec}: list them with `tinygpt runs`")
+    close = workspace.close_names(spec, workspace.runs_dir())
+    raise CheckpointError(f"no run or checkpoint at {spec}{close}: list them with `tinygpt runs`")
 
 
 def resolve_checkpoint(spec: str | None) -> Path:

@@ -1740,7 +1740,19 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     summaries = list_run_summaries(problems)
     _print_notes(problems)
     _print_listing(summaries, as_json, ("run", "status", "size", "steps", "tokens", "best val loss", "saved"), row,
-                   f"No runs in {workspace.runs_dir()} yet: train one with `tinygpt train`")
+                   _nothing_in(workspace.runs_dir(), "runs", "train one with `tinygpt train`"))
+
+
+def _nothing_in(folder: Path, what: str, how: str) -> str:
+    """What an empty listing of `folder` says: a TINYGPT_HOME that does not exist (a typo, a disk not mounted) or
+    a file where the folder goes is no empty workspace."""
+    home = os.environ.get("TINYGPT_HOME")
+    if home and not os.path.exists(home):
+        return (f"No workspace at {home} (TINYGPT_HOME): it does not exist. Point TINYGPT_HOME at your workspace, "
+                f"or {how} to start one there")
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not the folder of {what}: move it aside"
+    return f"No {what} in {folder} yet: {how}"
 
 
 def _print_notes(problems: list[str]) -> None:
@@ -1817,7 +1829,7 @@ def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     _print_notes(problems)
     _print_listing(summaries, as_json,
                    ("dataset", "train tokens", "val tokens", "documents", "on disk", "fraction", "created"), row,
-                   f"No tokenized data in {workspace.data_dir()} yet: run `tinygpt tokenize`")
+                   _nothing_in(workspace.data_dir(), "tokenized data", "run `tinygpt tokenize`"))
 
 
 @data_app.command("show", cls=_Command, epilog="Examples:  tinygpt data show  ·  tinygpt data show shakespeare --json")

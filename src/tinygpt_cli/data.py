@@ -1141,11 +1141,22 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
 def list_datasets(problems: list[str] | None = None, check_files: bool = False) -> list[Dataset]:
     """Complete datasets in the workspace, newest first. One whose meta.json is damaged (with `check_files`, or
     whose files are missing or not of the sizes it gives: the listing) is left out, and what is wrong with it
-    appended to `problems`. Without `check_files` a damaged newest dataset stays the default, so that using it
-    says what is wrong rather than falling back to an older one."""
+    appended to `problems`, as is each interrupted tokenize that waits to be finished. Without `check_files` a
+    damaged newest dataset stays the default, so that using it says what is wrong rather than falling back to an
+    older one."""
     root = workspace.data_dir()
     if not root.is_dir():
         return []
+    if problems is not None:
+        for partial in sorted(root.glob(".*.partial")):
+            name = partial.name[1:].removesuffix(".partial")
+            written = workspace.format_bytes(sum(f.stat().st_size for f in partial.glob("*.bin") if f.is_file()))
+            if workspace.held(workspace.lock_of(partial.with_name(name))):
+                problems.append(f"{name} is being tokenized now ({written} written so far, in data/{partial.name})")
+            else:
+                problems.append(f"an interrupted tokenize of {name} waits in data/{partial.name} ({written} "
+                                f"written): run the same `tinygpt tokenize ... --name {name}` again to finish it, or "
+                                f"delete that folder")
     found = []
     for meta in root.glob("*/meta.json"):
         if meta.parent.name.startswith("."):
@@ -1188,7 +1199,14 @@ def find_dataset(spec: str | None) -> Dataset | None:
     if candidate.is_file():
         raise DataError(f"{spec} is a file, not a tokenized dataset: tokenize it first (`tinygpt tokenize {spec} "
                         f"--name NAME`), then name NAME")
-    known = ", ".join(d.path.name for d in list_datasets()) or "none yet"
-    raise DataError(f"no tokenized dataset named {spec!r} (known: {known}): run `tinygpt tokenize` first")
+    partial = _where_published(named).with_name(f".{named.name}.partial") if workspace.is_bare_name(spec) else None
+    if partial is not None and partial.is_dir():
+        raise DataError(f"data/{spec} is not finished: an interrupted tokenize of it waits in {partial}: run that "
+                        f"`tinygpt tokenize ... --name {spec}` again to finish it")
+    names = [d.path.name for d in list_datasets()]
+    close = workspace.close_names(spec, workspace.data_dir())
+    known = close or (f" (known: {', '.join(names[:8])}{', …' if len(names) > 8 else ''})" if names else
+                      " (none yet)")
+    raise DataError(f"no tokenized dataset named {spec!r}{known}: run `tinygpt tokenize` first")
 
 

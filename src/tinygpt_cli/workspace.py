@@ -26,6 +26,18 @@ def root() -> Path:
     return Path(home or Path.cwd())
 
 
+def close_names(spec: str, folder: Path) -> str:
+    """` (did you mean A or B?)` where `folder` holds names close to a mistyped `spec`, else ""."""
+    import difflib
+
+    try:
+        names = [child.name for child in folder.iterdir() if not child.name.startswith(".")]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(Path(spec).name, names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def data_dir() -> Path:
     return root() / "data"
 
