@@ -98,7 +98,7 @@ def test_gpt2_124m_time_on_8_h100s_by_hand():
     assert plan.seconds == pytest.approx((plan.budget_tokens + eval_tokens / 3) / plan.tokens_per_s)
     assert plan.data.origin == "registry" and plan.data.train_tokens + plan.data.val_tokens == 2_260_000_000
     assert plan.data.token_file_bytes == 2 * 2_260_000_000
-    assert plan.checkpoints_on_disk == 3 + 1  # keep_last, and one more while a new one is written
+    assert plan.checkpoints_on_disk == 3 + 1 + 1  # keep_last, one more while a new one is written, the best's
     short = P.plan(resolve_config(size="micro", overrides=["train.max_steps=200"]), data="shakespeare", device="cpu")
     assert short.checkpoints_on_disk == 2  # two evaluations, nothing pruned
 
@@ -409,7 +409,7 @@ def test_a_train_command_line_plans_as_it_is(workspace):
     planned = invoke("plan", "--size", "micro", "--device", "cpu", "--json", *flags)
     assert planned.exit_code == 0, planned.output
     got = json.loads(planned.stdout)
-    assert got["budget_tokens"] < base["budget_tokens"] and got["checkpoints_on_disk"] == 2
+    assert got["budget_tokens"] < base["budget_tokens"] and got["checkpoints_on_disk"] == 3  # 1 + new + best
     assert got["memory"]["activations_per_sequence"] > base["memory"]["activations_per_sequence"]
     one = invoke("plan", "--size", "micro", "--set", "model.n_layer=1", "--set", "model.n_head=1", "--device", "cpu")
     assert "micro: 1 layer × " in one.stdout and ", 1 head, " in one.stdout

@@ -157,8 +157,34 @@ def test_a_stop_before_the_first_log_step_still_reports_the_train_loss(with_shak
 
 
 def test_keep_last_prunes_old_checkpoints(with_shakespeare):
-    result = train(tiny_config(max_steps=8, eval_interval=2, keep_last=2), run_name="k")
+    result = train(tiny_config(max_steps=8, eval_interval=2, keep_last=2, keep_best=False), run_name="k")
     assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step_6", "step_8"]
+
+
+def test_the_best_checkpoint_is_kept_past_keep_last(with_shakespeare, monkeypatch):
+    """Audit: keep_last pruned by step alone, so the checkpoint of the best val loss (the one to use after a run
+    that overfits or diverges late) was deleted, while the listing still showed its loss. It is kept (and named in
+    state.json, the report and `tinygpt runs --json`), and a resume goes on keeping it."""
+    import json
+
+    from tinygpt_cli import training
+    from tinygpt_cli.inventory import list_run_summaries
+
+    losses = iter([3.0, 1.0, 2.0, 2.5, 2.2, 2.1, 2.4, 0.5])
+    monkeypatch.setattr(training._Trainer, "_evaluate", lambda self, can_cut=False: next(losses))
+    result = train(tiny_config(max_steps=5, eval_interval=1, keep_last=1), run_name="best")
+    assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step_2", "step_5"]
+    assert result.best_step == 2 and result.best_val_loss == 1.0
+    assert json.loads((result.run_dir / "checkpoints" / "step_5" / "state.json").read_text())["best_step"] == 2
+    assert "(best 1.0000 at step 2)" in (result.run_dir / "report.md").read_text()
+    assert list_run_summaries()[0].best_step == 2
+    resumed = train(tiny_config(max_steps=7, eval_interval=1, keep_last=1), run_name="best", resume=True)
+    assert [p.name for p in ckpt.list_checkpoints(resumed.run_dir)] == ["step_2", "step_7"]
+    later = train(tiny_config(max_steps=8, eval_interval=1, keep_last=1), run_name="best", resume=True)
+    assert [p.name for p in ckpt.list_checkpoints(later.run_dir)] == ["step_8"] and later.best_step == 8
+    losses = iter([3.0, 1.0, 2.0])
+    plain = train(tiny_config(max_steps=3, eval_interval=1, keep_last=1, keep_best=False), run_name="plain")
+    assert [p.name for p in ckpt.list_checkpoints(plain.run_dir)] == ["step_3"]
 
 
 def test_existing_run_needs_resume(with_shakespeare):

@@ -282,11 +282,14 @@ def test_checkpoints_that_cannot_fit_on_disk_are_refused_before_training(with_sh
     with pytest.raises(Exception, match=r"run disk \(its checkpoints\) needs about .* of disk, .* free") as info:
         train(cfg, run_name="disk")
     assert "--keep-last" not in str(info.value)  # it is 1: advised where it could not help (audit)
+    monkeypatch.setattr(ws, "free_bytes", lambda path: int(2.5 * one))  # the last and a new one, not the best's
+    with pytest.raises(Exception, match=r"free some space, keep no checkpoint for the best val loss beside the last "
+                                        r"ones \(--set train.keep_best=false\), or set TINYGPT_HOME"):
+        train(cfg, run_name="disk")
     assert not list((workspace / "runs" / "disk").glob("checkpoints/step_*"))
-    monkeypatch.setattr(ws, "free_bytes", lambda path: int(2.5 * one))
-    with pytest.raises(Exception, match=r"keep fewer with --keep-last 1,"):  # keep all (3) does not fit; 1 does
-        train(tiny_config(max_steps=6, eval_interval=2, keep_last=0), run_name="disk")
-    monkeypatch.setattr(ws, "free_bytes", lambda path: int(2.5 * one))
+    monkeypatch.setattr(ws, "free_bytes", lambda path: int(3.5 * one))
+    with pytest.raises(Exception, match=r"keep fewer with --keep-last 1,"):  # keep all (4) does not fit; 1 does
+        train(tiny_config(max_steps=8, eval_interval=2, keep_last=0), run_name="disk")  # (1, a new one, the best's)
     assert train(cfg, run_name="disk2").steps == 6
 
 

@@ -98,8 +98,10 @@ def save_checkpoint(
     *,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    keep: tuple[Path, ...] = (),
 ) -> Path:
-    """Write checkpoint `step` of `model` (the raw module, not a compiled/DDP wrapper) atomically.
+    """Write checkpoint `step` of `model` (the raw module, not a compiled/DDP wrapper) atomically; then prune the
+    checkpoints older than the last `keep_last`, except those in `keep` (the best one).
 
     `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()` when given
     (FSDP gathers full state dicts first).
@@ -144,7 +146,7 @@ def save_checkpoint(
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     write_text_atomic(root / LATEST_FILE, final.name + "\n")
-    prune_checkpoints(root, keep_last, protect=final)
+    prune_checkpoints(root, keep_last, protect=(final, *keep))
     return final
 
 
@@ -175,12 +177,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
             if (child / STATE_FILE).is_file() and (child / WEIGHTS_FILE).is_file()]
 
 
-def prune_checkpoints(root: Path, keep_last: int, protect: Path) -> None:
+def prune_checkpoints(root: Path, keep_last: int, protect: tuple[Path, ...]) -> None:
+    """Remove the checkpoints of `root` older than the last `keep_last` (0: none), but not those in `protect`."""
     if keep_last <= 0:
         return
     checkpoints = list_checkpoints(root.parent)
     for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
-        if old != protect:
+        if old not in protect:
             shutil.rmtree(old, ignore_errors=True)
 
 

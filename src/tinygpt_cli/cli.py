@@ -279,7 +279,8 @@ MaxMinutesOpt = Annotated[
 DropoutOpt = Annotated[
     float | None, typer.Option(rich_help_panel=_P_WHAT, help="Dropout (0 for pretraining; ~0.1 to fine-tune).")]
 KeepLastOpt = Annotated[
-    int | None, typer.Option(rich_help_panel=_P_RUN, help="Checkpoints to keep (older ones are pruned).")]
+    int | None, typer.Option(rich_help_panel=_P_RUN,
+                             help="Checkpoints to keep (older ones are pruned; the best val loss's is kept too).")]
 CompileOpt = Annotated[str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.")]
 InitFromOpt = Annotated[str | None, typer.Option(
     rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.")]

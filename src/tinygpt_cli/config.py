@@ -124,6 +124,7 @@ class TrainConfig:
     eval_batches: int = 20  # micro-batches in the fixed val sample
     log_interval: int = 10  # steps between loss readings (each costs a host sync)
     keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete; 0 = keep all
+    keep_best: bool = True  # keep the checkpoint of the best val loss too, however old (keep_last prunes by step)
     seed: int = 1337  # initialisation, batches and dropout (each rank adds its rank); 0 or more
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast compute dtype; weights stay fp32)

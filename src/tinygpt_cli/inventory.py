@@ -36,6 +36,7 @@ class RunSummary:
     has_report: bool
     training: bool  # a tinygpt process is training it now (it holds the run's lock)
     status: str  # one of STATUSES
+    best_step: int | None = None  # the step of the best val loss (train.keep_best keeps its checkpoint)
 
 
 # what `tinygpt runs` says of a run: training now; finished (its last step); stopped by Ctrl-C or a signal, or by
@@ -76,6 +77,7 @@ def run_summary(run_dir: Path) -> RunSummary:
         val_loss=_number(state.get("val_loss")), saved_at=_str(state.get("saved_at")),
         has_report=_reported_step(report) is not None, training=training,
         status=_status(training, counts["step"], max_steps, report),
+        best_step=state.get("best_step") if is_count(state.get("best_step")) else None,
     )
 
 

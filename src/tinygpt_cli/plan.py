@@ -223,11 +223,11 @@ def checkpoint_bytes(model: ModelConfig) -> int:
     return 12 * count_parameters(model) + CHECKPOINT_OVERHEAD_BYTES
 
 
-def checkpoints_kept(max_steps: int, eval_interval: int, keep_last: int) -> int:
+def checkpoints_kept(max_steps: int, eval_interval: int, keep_last: int, keep_best: bool = False) -> int:
     """Checkpoints on disk at the peak of a run: one per evaluation, or with `keep_last` that many + 1 (a new one
-    is complete before the oldest goes), once there are that many."""
+    is complete before the oldest goes), once there are that many, and the best val loss's with `keep_best`."""
     evals = -(-max_steps // eval_interval)
-    return evals if not keep_last or evals <= keep_last else keep_last + 1
+    return min(evals, keep_last + 1 + keep_best) if keep_last else evals
 
 
 def fused_attention(model: ModelConfig, kind: str) -> bool:
@@ -742,7 +742,7 @@ def plan(
     if seconds is not None and tc.max_minutes and seconds > tc.max_minutes * 60:
         notes.append(f"train.max_minutes={tc.max_minutes:g} stops the run before its budget")
 
-    kept = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last)
+    kept = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last, tc.keep_best)
     params = count_parameters(model)
     return Plan(
         size=cfg.size,

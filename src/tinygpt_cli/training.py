@@ -127,6 +127,7 @@ class TrainResult:
     skipped_steps: int = 0
     first_step: int = 0  # the step this call started from (a resume's checkpoint)
     max_steps: int = 0  # the run's train.max_steps
+    best_step: int | None = None  # the step of the best val loss (its checkpoint is kept with train.keep_best)
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -907,13 +908,16 @@ class _Trainer:
         folder = self.run_dir / "checkpoints"
         held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
         size = checkpoint_bytes(self.model.config)
-        need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last) * size - held
+        need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last, tc.keep_best) * size - held
         free = workspace.free_bytes(self.run_dir)
         if need <= free:
             return
-        fits = (free + held) // size - 1  # the most --keep-last that fits (N + 1): advised only where one does
+        fits = (free + held) // size - 1 - tc.keep_best  # the most --keep-last that fits (N + 1 + the best's)
         fewer = f"keep fewer with --keep-last {fits}, " if fits >= 1 and (fits < tc.keep_last or not tc.keep_last) \
             else ""
+        without_best = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last) * size - held
+        if tc.keep_best and not fewer and without_best <= free:
+            fewer = "keep no checkpoint for the best val loss beside the last ones (--set train.keep_best=false), "
         workspace.check_disk(self.run_dir, need, f"run {self.run_dir.name} (its checkpoints)",
                              f"free some space, {fewer}or set TINYGPT_HOME to a larger disk")
 
@@ -1114,6 +1118,12 @@ class _Trainer:
         dist.all_reduce(total)
         return float(total[0] / total[1])
 
+    def _best_checkpoint(self) -> tuple[Path, ...]:
+        """The checkpoint pruning keeps besides the last train.keep_last: the best val loss's (train.keep_best)."""
+        if not self.tc.keep_best or self.best_step is None:
+            return ()
+        return (self.run_dir / "checkpoints" / f"step_{self.best_step}",)
+
     def _save(self, step: int) -> None:
         """Checkpoint on rank 0 (every rank's RNG state included); the other ranks wait for it."""
         rng_states = dist.all_gather_objects(_rng_state(self.device))
@@ -1122,7 +1132,8 @@ class _Trainer:
         if self.info.is_main:
             try:
                 path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, {
-                    "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val, "val_loss": self.last_val,
+                    "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val, "best_step": self.best_step,
+                    "val_loss": self.last_val,
                     "train_loss": self.last_loss, "lr": learning_rate(max(0, step - 1), self.tc, self.lr_rewarm),
                     "lr_rewarm": self.lr_rewarm,
                     "rng": rng_states[0], "rng_per_rank": rng_states if self.info.enabled else None,
@@ -1139,7 +1150,8 @@ class _Trainer:
                     "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "tinygpt_version": __version__,
                     "trackers": self.trackers.state() if self.trackers is not None else None,  # a resume goes on
-                }, keep_last=self.tc.keep_last, model_state=model_state, optimizer_state=optimizer_state)
+                }, keep_last=self.tc.keep_last, model_state=model_state, optimizer_state=optimizer_state,
+                    keep=self._best_checkpoint())
             except OSError as exc:
                 error = TrainingError(
                     f"could not write the checkpoint of step {step} to {self.run_dir} ({exc.strerror or exc}); "
@@ -1298,6 +1310,7 @@ class _Trainer:
         start_step = int(state.get("step", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best_val: float | None = state.get("best_val_loss")
+        self.best_step: int | None = state.get("best_step")
         self.last_loss: float | None = state.get("train_loss")
         self.last_val: float | None = state.get("val_loss")
         self.skipped = int(state.get("skipped_steps", 0))
@@ -1489,6 +1502,7 @@ class _Trainer:
             tokens_per_s=trained_tokens / max(seconds, 1e-9), final_loss=self.last_loss, final_val_loss=self.last_val,
             best_val_loss=self.best_val, unigram_val_loss=unigram, stopped=stopped or "completed",
             skipped_steps=self._skipped_total(), first_step=start_step, max_steps=tc.max_steps,
+            best_step=self.best_step,
         )
         if step > start_step or val_pending:  # a resume stopped before its first step keeps the run's report
             report_model = self._report_model()
@@ -1533,6 +1547,8 @@ class _Trainer:
         self.last_val = val
         if not math.isfinite(self.last_val):  # never save (and point `latest` at) weights that are NaN
             raise self._diverged(f"the val loss is {self.last_val} at step {step}, so that checkpoint is not saved")
+        if self.best_val is None or self.last_val < self.best_val:
+            self.best_step = step
         self.best_val = self.last_val if self.best_val is None else min(self.best_val, self.last_val)
         self._record_eval(step, self.last_val, metrics)
         if self.info.is_main:
