@@ -586,3 +586,33 @@ def test_a_stop_whose_message_cannot_be_printed_keeps_its_exit_code():
     with pytest.raises(typer.Exit) as exited, cli._interruptible(None, Gone(), lambda exc: "Interrupted"):
         raise Stopped(signal.SIGTERM)
     assert exited.value.exit_code == 143
+
+
+def test_auto_resume_starts_a_run_then_goes_on_with_it(with_shakespeare, workspace):
+    """A job script submitted again and again needed a shell test to choose between starting and --resume (which
+    refused the --config that started the run); --auto-resume is one command for both."""
+    yaml_file = workspace / "run.yaml"
+    yaml_file.write_text("train:\n  lr: 0.001\n")
+    job = ("--config", str(yaml_file), "--name", "job", "--auto-resume")
+    first = train_tiny(*job, steps=2)
+    assert first.exit_code == 0, first.output
+    (workspace / "runs" / "job" / "report.md").unlink()  # written again by the resume that trains
+    again = train_tiny(*job, steps=4)
+    assert again.exit_code == 0, again.output
+    assert "resumed from" in again.stderr and "note:" not in again.stderr
+    assert json.loads((workspace / "runs" / "job" / "checkpoints" / "step_4" / "state.json").read_text())["step"] == 4
+    yaml_file.write_text("train:\n  lr: 0.002\n")  # edited since: the run keeps its own, and says so
+    edited = train_tiny(*job, steps=5)
+    assert edited.exit_code == 0, edited.output
+    assert "note: run job goes on with its own train.lr, not those --config gives now; change one with --set " \
+        "(--set train.lr=0.002)" in edited.stderr
+    yaml_file.write_text("model:\n  bias: false\n")
+    assert_one_line_error(train_tiny(*job, steps=6), "run job is another model than --size/--config describe now")
+    assert_one_line_error(train_tiny("--auto-resume", steps=2), "--auto-resume needs --name")
+    assert_one_line_error(train_tiny("--auto-resume", "--resume", "--name", "job", steps=2), "drop --resume")
+    unsaved = workspace / "runs" / "killed-early"  # stopped before its first checkpoint: started (again)
+    unsaved.mkdir()
+    (unsaved / "config.yaml").write_text("model: {}\n")
+    fresh = train_tiny("--name", "killed-early", "--auto-resume", steps=2)
+    assert fresh.exit_code == 0, fresh.output
+    assert "resumed from" not in fresh.stderr

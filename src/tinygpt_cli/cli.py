@@ -8,6 +8,7 @@ exit code 1 (the traceback too with TINYGPT_DEBUG=1); usage errors exit 2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
@@ -673,6 +674,11 @@ def train(
     resume: Annotated[
         bool, typer.Option(rich_help_panel=_P_RUN, help="Continue --name (else the latest run) from its checkpoint.")
     ] = False,
+    auto_resume: Annotated[
+        bool, typer.Option("--auto-resume", rich_help_panel=_P_RUN,
+                           help="Continue --name if it has a checkpoint, else start it: one command for a job that "
+                                "is submitted again and again.")
+    ] = False,
     max_steps: Annotated[
         int | None, typer.Option(rich_help_panel=_P_BUDGET, help="Optimizer steps to train in all.")
     ] = None,
@@ -755,6 +761,8 @@ def train(
     from tinygpt_cli.training import StopFlag, run_config_of
     from tinygpt_cli.training import train as run_training
 
+    if auto_resume:
+        resume = _resume_where_saved(name, resume)
     run_name, resumed = name, None
     if resume:
         resumed = ckpt.find_run(name)
@@ -764,12 +772,20 @@ def train(
                                f"a folder elsewhere: move it into {workspace.runs_dir()}, or point TINYGPT_HOME at "
                                f"the workspace that holds it")
         base = run_config_of(resumed)
-        if size is not None and size != base.size:  # the run's own (--resume added to the command that started it)
+        started = None
+        if auto_resume and (size is not None or config is not None):  # the command that started it, again
+            started = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
+            if dataclasses.replace(started.model, dropout=base.model.dropout) != base.model:  # its shape
+                raise TinyGPTError(f"run {run_name} is another model than --size/--config describe now: resume it "
+                                   f"with its own (drop them), or start another --name")
+        elif size is not None and size != base.size:  # the run's own (--resume added to the command that started it)
             raise TinyGPTError(f"run {run_name} is {base.size}: --size {size} cannot change a resumed run (drop "
                                f"--size; --set changes training keys)")
-        if config is not None:
+        elif config is not None:
             raise TinyGPTError("--config cannot change a resumed run: use --set for training keys")
         cfg = resolve_config(overrides=overrides or (), flags=flags, base=base)
+        if started is not None:
+            _note_settings_kept(run_name, config, started, cfg)
     else:
         cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
 
@@ -940,6 +956,40 @@ def _by_signal(signum: int | None) -> str:
     with contextlib.suppress(ValueError):
         return f" by {signal.Signals(signum).name}"
     return ""
+
+
+def _resume_where_saved(name: str | None, resume: bool) -> bool:
+    """`train --auto-resume`: whether run `name` is to be resumed (it has saved a checkpoint, or step folders that
+    --resume then says what is wrong with) rather than started."""
+    from tinygpt_cli import checkpoint as ckpt
+    from tinygpt_cli import workspace
+    from tinygpt_cli.training import check_run_name
+
+    if resume:
+        raise TinyGPTError("--auto-resume resumes a run that has a checkpoint: drop --resume")
+    if not name:
+        raise TinyGPTError("--auto-resume needs --name: the run to start, and to go on with once it has a checkpoint")
+    check_run_name(name)
+    run_dir = workspace.runs_dir() / name
+    return ckpt.latest_checkpoint(run_dir) is not None or bool(ckpt.step_folders(run_dir))
+
+
+def _note_settings_kept(run_name: str, config: Path | None, started: Any, resumed: Any) -> None:
+    """`--auto-resume` of a run with its starting command's --config: the training and data keys the file (edited
+    since) gives otherwise than the run has are not applied; said, with the --set that would apply one."""
+    from tinygpt_cli import dist
+    from tinygpt_cli.config import config_to_dict, load_yaml
+
+    in_file = load_yaml(config) if config is not None else {}
+    now, kept = config_to_dict(started), config_to_dict(resumed)
+    changed = [f"{section}.{key}" for section in ("train", "data") for key in in_file.get(section) or {}
+               if key in now[section] and kept[section].get(key) != now[section][key]]
+    if changed and dist.from_environment().is_main:
+        first = changed[0]
+        section, key = first.split(".")
+        _stderr_console().print(
+            f"note: run {run_name} goes on with its own {', '.join(changed)}, not those --config gives now; change "
+            f"one with --set (--set {first}={now[section][key]})", markup=False)
 
 
 def _resume_command(name: str) -> str:
