@@ -380,13 +380,36 @@ def test_the_latest_run_is_the_one_saved_last_not_the_newest_files(with_shakespe
     old = train(cfg, run_name="old").run_dir
     state = old / "checkpoints" / "step_2" / "state.json"
     saved = json.loads(state.read_text())
-    saved["saved_at"] = "2026-01-01T00:00:00+00:00"
+    saved["saved_at"] = "2000-01-01T00:00:00+00:00"
     state.write_text(json.dumps(saved))
     train(cfg, run_name="new")
     (old / "checkpoints" / "step_2" / "optimizer.pt").unlink()  # freeing disk: the folder's time is now
     os.utime(old / "checkpoints" / "step_2")
     assert find_run(None).name == "new"
     assert [entry["name"] for entry in json.loads(invoke("runs", "--json").stdout)] == ["new", "old"]
+
+
+def test_a_run_stopped_by_an_error_is_failed_not_killed(with_shakespeare, workspace, monkeypatch):
+    """Review: a run that diverged (or ran out of memory, met bad data, could not save) wrote no report and was
+    listed as "killed", as if a SIGKILL had stopped it; resuming it with the same settings fails again."""
+    from tinygpt_cli import training
+    from tinygpt_cli.errors import TrainingError
+
+    losses = iter([5.0, float("nan")])
+    monkeypatch.setattr(training._Trainer, "_evaluate", lambda self, can_cut=False: next(losses))
+    with pytest.raises(TrainingError, match="diverged"):
+        train(tiny_config(max_steps=4, eval_interval=1, eval_batches=1, batch_size=2), run_name="div")
+    [listed] = json.loads(invoke("runs", "--json").stdout)
+    assert listed["status"] == "failed" and listed["steps"] == 1
+    last = json.loads((workspace / "runs" / "div" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "failed" and "diverged" in last["error"] and last["step"] == 1
+    losses = iter([4.0, 3.0, 2.0])  # resumed (with other settings): the failure line goes, the run goes on
+    train(tiny_config(max_steps=3, eval_interval=1, eval_batches=1, batch_size=2), run_name="div", resume=True)
+    lines = (workspace / "runs" / "div" / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["kind"] for line in lines]
+    assert "failed" not in kinds and json.loads(invoke("runs", "--json").stdout)[0]["status"] == "finished"
+    refused = invoke("train", "--resume", "--name", "div", "--max-steps", "2")  # a refusal to resume is no failure
+    assert refused.exit_code == 1 and json.loads(invoke("runs", "--json").stdout)[0]["status"] == "finished"
 
 
 def test_a_link_to_a_run_is_not_a_second_run_and_shares_its_lock(with_shakespeare, workspace):
@@ -401,6 +424,11 @@ def test_a_link_to_a_run_is_not_a_second_run_and_shares_its_lock(with_shakespear
     (run.parent / "alias").symlink_to("r")
     (run.parent / "gone").symlink_to(workspace / "elsewhere" / "moved")
     assert ws.lock_of(run.parent / "alias") == ws.lock_of(run)
+    elsewhere = workspace.parent / "other-disk" / "big"  # a run kept on another disk: its lock stays in runs/
+    elsewhere.mkdir(parents=True)
+    (run.parent / "big").symlink_to(elsewhere)
+    assert ws.lock_of(run.parent / "big") == run.parent / ".big.lock"
+    (run.parent / "big").unlink()
     listed = invoke("runs", "--json")
     assert [entry["name"] for entry in json.loads(listed.stdout)] == ["r"]
     assert "note: gone is left out: it links to" in listed.stderr and "which is missing" in listed.stderr
@@ -456,6 +484,13 @@ def test_an_interrupted_tokenize_is_said_where_its_dataset_is_looked_for(workspa
     and `data show NAME` said "no tokenized dataset named NAME ... run `tinygpt tokenize` first"."""
     from tinygpt_cli import workspace as ws
 
+    far = workspace.parent / "disk2" / "huge"  # a dataset kept on another disk: its partial is beside the target
+    far.parent.mkdir()
+    (workspace / "data").mkdir()
+    (workspace / "data" / "huge").symlink_to(far)
+    (far.parent / ".huge.partial").mkdir()
+    assert_one_line_error(invoke("data", "show", "huge"), "data/huge is not finished: an interrupted tokenize of "
+                                                          "it waits in")
     partial = workspace / "data" / ".big.partial"
     partial.mkdir(parents=True)
     (partial / "train.bin").write_bytes(b"\0" * 4096)

@@ -100,6 +100,7 @@ def test_einval_that_is_no_closed_pipe_stays_an_error(monkeypatch):
     assert not cli._reader_went_away(OSError(22, "Invalid argument", "C:/runs/a:b"))
     monkeypatch.setattr(cli, "_on_windows", lambda: False)
     assert not cli._reader_went_away(OSError(22, "Invalid argument"))
+    assert cli._as_broken_pipe() is None  # (review) no standard stream that fails: the EINVAL is another error's
     assert cli._reader_went_away(BrokenPipeError(32, "Broken pipe"))
 
 

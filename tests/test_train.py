@@ -182,6 +182,13 @@ def test_the_best_checkpoint_is_kept_past_keep_last(with_shakespeare, monkeypatc
     assert [p.name for p in ckpt.list_checkpoints(resumed.run_dir)] == ["step_2", "step_7"]
     later = train(tiny_config(max_steps=8, eval_interval=1, keep_last=1), run_name="best", resume=True)
     assert [p.name for p in ckpt.list_checkpoints(later.run_dir)] == ["step_8"] and later.best_step == 8
+    state_file = later.run_dir / "checkpoints" / "step_8" / "state.json"  # a run saved before best_step was kept
+    state = json.loads(state_file.read_text())
+    del state["best_step"]
+    state_file.write_text(json.dumps(state))
+    losses = iter([0.9, 0.8])
+    old = train(tiny_config(max_steps=10, eval_interval=1, keep_last=1), run_name="best", resume=True)
+    assert old.best_step == 8 and [p.name for p in ckpt.list_checkpoints(old.run_dir)] == ["step_8", "step_10"]
     losses = iter([3.0, 1.0, 2.0])
     plain = train(tiny_config(max_steps=3, eval_interval=1, keep_last=1, keep_best=False), run_name="plain")
     assert [p.name for p in ckpt.list_checkpoints(plain.run_dir)] == ["step_3"]

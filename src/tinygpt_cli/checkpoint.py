@@ -243,11 +243,11 @@ def scan_runs(problems: list[str] | None = None) -> RunScan:
                     problems.append(f"{run.name} is left out: it links to {os.readlink(run)}, which is missing (a disk "
                                     f"not mounted, or a folder moved): mount or restore it, or remove the link")
                 continue
-            if not run.is_dir() or _alias(run, root):
+            if not run.is_dir() or workspace.sibling_target(run) is not None:  # a second name of a run listed
                 continue
             checkpoint = latest_checkpoint(run)
             if checkpoint is not None:
-                complete.append((_saved_at(checkpoint), run))
+                complete.append(((_saved_at(checkpoint), checkpoint.stat().st_mtime_ns), run))
             elif (step_folders(run) or _set_aside(run)) and (run / "metrics.jsonl").is_file():
                 scan.incomplete.append(((run / "metrics.jsonl").stat().st_mtime, run))
             elif (run / "config.yaml").is_file() and not run.name.startswith("."):
@@ -259,14 +259,6 @@ def scan_runs(problems: list[str] | None = None) -> RunScan:
     scan.incomplete.sort(key=lambda pair: pair[0], reverse=True)
     scan.unsaved.sort(key=lambda run: run.name)
     return scan
-
-
-def _alias(run: Path, root: Path) -> bool:
-    """Whether `run` is a link to another folder of runs/ (`root`), which is listed under its own name."""
-    if not run.is_symlink():
-        return False
-    target = run.resolve()
-    return target.parent == root.resolve() and target.name != run.name
 
 
 def _saved_at(checkpoint: Path) -> float:
@@ -448,7 +440,7 @@ def _model_config(metadata: dict[str, str], weights: Path) -> ModelConfig:
                                 weights.parent) from None
     unknown = sorted(set(fields) - set(ModelConfig.__dataclass_fields__)) if isinstance(fields, dict) else []
     written_by = metadata.get("tinygpt_version")
-    if unknown and written_by and _version_key(written_by) > _version_key(__version__):
+    if unknown and written_by and version_key(written_by) > version_key(__version__):
         raise CheckpointError(f"{weights} was written by tinygpt {written_by}, with model settings this version "
                               f"({__version__}) does not have ({', '.join(unknown)}): upgrade tinygpt "
                               f"(pip install -U tinygpt)")
@@ -459,8 +451,8 @@ def _model_config(metadata: dict[str, str], weights: Path) -> ModelConfig:
                                 weights.parent) from None
 
 
-def _version_key(version: str) -> tuple[int, ...]:
-    """A version's leading numbers, to compare (`2.0.0` > `0.1.0`)."""
+def version_key(version: str) -> tuple[int, ...]:
+    """A version's leading numbers, to compare (`2.0.0` > `0.1.0`; `2.6.0+cu124` is (2, 6, 0))."""
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 

@@ -58,6 +58,8 @@ def _console_class():
         def _check_buffer(self) -> None:  # rich takes only BrokenPipeError for a reader gone; Windows says EINVAL
             try:
                 super()._check_buffer()
+            except BrokenPipeError:  # rich's own handler raised it (on_broken_pipe below)
+                raise
             except OSError as exc:
                 if not _reader_went_away(exc):
                     raise
@@ -110,17 +112,20 @@ def _is_pipe(stream) -> bool:
         return False
 
 
-def _as_broken_pipe(exc: OSError) -> BrokenPipeError:
+def _as_broken_pipe() -> BrokenPipeError | None:
     """Windows' EINVAL for a pipe whose reader went away, as the BrokenPipeError click takes for one (its exit then
-    becomes 141); the standard stream that cannot be written is pointed at the null device first, so that Python's
-    flush at exit does not fail on it again."""
+    becomes 141), where a standard stream that is a pipe cannot be written indeed (None where each can: the EINVAL
+    was another error's, said as it is). The stream that cannot be written is pointed at the null device, so that
+    Python's flush at exit does not fail on it again."""
+    broken = False
     for stream in (sys.stdout, sys.stderr):
         if _is_pipe(stream):
             try:
                 stream.flush()
             except OSError:
                 _drop_output_like(stream)
-    return BrokenPipeError(errno.EPIPE, "the reader of the output went away")
+                broken = True
+    return BrokenPipeError(errno.EPIPE, "the reader of the output went away") if broken else None
 
 
 # click's UsageError: recent Typer carries its own copy of click (typer._click), older Typer uses click itself
@@ -176,8 +181,9 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
             print_error(TinyGPTError(f"out of memory: an allocation did not fit in this machine's memory: {advice}"))
             raise typer.Exit(1) from None
         except OSError as exc:  # a full disk or a read-only folder that no check above foresaw: still one line
-            if exc.errno != errno.EPIPE and _reader_went_away(exc):
-                raise _as_broken_pipe(exc) from None
+            gone = _as_broken_pipe() if exc.errno != errno.EPIPE and _reader_went_away(exc) else None
+            if gone is not None:
+                raise gone from None
             advice = _os_advice(exc)
             if advice is None:
                 raise

@@ -918,7 +918,7 @@ def _where_published(folder: Path) -> Path:
         target = folder.resolve()
     except (OSError, RuntimeError):  # a link that loops (RuntimeError before Python 3.13)
         raise DataError(f"data/{folder.name} is a link that loops: remove it, or point it at a folder") from None
-    if target.parent == folder.parent.resolve() and target.name != folder.name:  # another name for a dataset here
+    if workspace.sibling_target(folder) is not None:  # another name for a dataset here
         raise DataError(f"data/{folder.name} links to data/{target.name}, another dataset of this workspace, which "
                         f"this tokenize would replace: pass --name {target.name}, or remove the link")
     if not target.parent.is_dir():  # an unmounted disk: make nothing at its mount point
@@ -1150,7 +1150,10 @@ def list_datasets(problems: list[str] | None = None, check_files: bool = False) 
     if problems is not None:
         for partial in sorted(root.glob(".*.partial")):
             name = partial.name[1:].removesuffix(".partial")
-            written = workspace.format_bytes(sum(f.stat().st_size for f in partial.glob("*.bin") if f.is_file()))
+            try:
+                written = workspace.format_bytes(sum(f.stat().st_size for f in partial.glob("*.bin")))
+            except OSError:  # published (or removed) just now
+                continue
             if workspace.held(workspace.lock_of(partial.with_name(name))):
                 problems.append(f"{name} is being tokenized now ({written} written so far, in data/{partial.name})")
             else:
@@ -1199,7 +1202,11 @@ def find_dataset(spec: str | None) -> Dataset | None:
     if candidate.is_file():
         raise DataError(f"{spec} is a file, not a tokenized dataset: tokenize it first (`tinygpt tokenize {spec} "
                         f"--name NAME`), then name NAME")
-    partial = _where_published(named).with_name(f".{named.name}.partial") if workspace.is_bare_name(spec) else None
+    partial = None
+    if workspace.is_bare_name(spec) and workspace.name_problem(spec, "data/", spec) is None:
+        with contextlib.suppress(DataError):  # a link that loops, or to a disk not mounted: no partial there
+            home = _where_published(named)
+            partial = home.with_name(f".{home.name}.partial")
     if partial is not None and partial.is_dir():
         raise DataError(f"data/{spec} is not finished: an interrupted tokenize of it waits in {partial}: run that "
                         f"`tinygpt tokenize ... --name {spec}` again to finish it")

@@ -511,7 +511,7 @@ def export_model(
     target = Path(os.path.abspath(Path(out).expanduser())) if out is not None else None
     if target is not None and fmt == "gguf" and target.suffix.lower() != ".gguf":
         target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
-    if target is not None and fmt == "onnx" and target.suffix.lower() == ".onnx":
+    if target is not None and fmt == "onnx" and target.suffix.lower() == ".onnx" and not target.is_dir():
         raise ExportError(f"--format onnx writes a folder (model.onnx beside the tokenizer files), not the file "
                           f"{target.name}: give --out a folder, e.g. --out {target.with_suffix('')}-onnx")
     if target is not None:  # before the model loads; again after, with the checkpoint it loaded

@@ -40,9 +40,11 @@ class RunSummary:
 
 
 # what `tinygpt runs` says of a run: training now; finished (its last step); stopped by Ctrl-C or a signal, or by
-# --max-minutes / --max-tokens, and saved; killed (a SIGKILL, a crash, a power cut: its latest checkpoint has no
-# report); starting (training, no checkpoint yet); no checkpoint (it stopped before saving one)
-STATUSES = ("training", "finished", "interrupted", "time limit", "token limit", "killed", "starting", "no checkpoint")
+# --max-minutes / --max-tokens, and saved; failed (stopped on an error: diverged, out of memory, bad data, a
+# checkpoint it could not write; metrics.jsonl's last line says which); killed (a SIGKILL, a power cut: its latest
+# checkpoint has no report); starting (training, no checkpoint yet); no checkpoint (it stopped before saving one)
+STATUSES = ("training", "finished", "interrupted", "time limit", "token limit", "failed", "killed", "starting",
+            "no checkpoint")
 _STOP_STATUS = {"completed": "finished", "interrupted": "interrupted", "time_limit": "time limit",
                 "token_limit": "token limit"}
 
@@ -70,20 +72,22 @@ def run_summary(run_dir: Path) -> RunSummary:
     max_steps = max_steps if is_count(max_steps) else None
     report = _report_text(run_dir)
     training = workspace.held(workspace.lock_of(run_dir))
+    failed = _last_record(run_dir / "metrics.jsonl").get("kind") == "failed"
     return RunSummary(
         name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), shape=shape, parameters=parameters,
         dataset=_str(_dict(state.get("data")).get("dataset")), steps=counts["step"], max_steps=max_steps,
         tokens=counts["tokens_seen"], best_val_loss=_number(state.get("best_val_loss")),
         val_loss=_number(state.get("val_loss")), saved_at=_str(state.get("saved_at")),
         has_report=_reported_step(report) is not None, training=training,
-        status=_status(training, counts["step"], max_steps, report),
+        status=_status(training, counts["step"], max_steps, report, failed),
         best_step=state.get("best_step") if is_count(state.get("best_step")) else None,
     )
 
 
-def _status(training: bool, step: int, max_steps: int | None, report: str | None) -> str:
-    """A run's STATUSES entry, from its lock, its latest checkpoint's step and its report.md: a report of that
-    step says why it stopped; none of it means that the process that saved it died before its report."""
+def _status(training: bool, step: int, max_steps: int | None, report: str | None, failed: bool = False) -> str:
+    """A run's STATUSES entry, from its lock, its latest checkpoint's step, its report.md and whether
+    metrics.jsonl ends with a failure (`failed`): a report of that step says why it stopped; none of it means that
+    training stopped on an error (failed) or that its process died (killed) before writing one."""
     if training:
         return "training"
     if max_steps is not None and step >= max_steps:
@@ -91,7 +95,7 @@ def _status(training: bool, step: int, max_steps: int | None, report: str | None
     if _reported_step(report) == step:
         found = re.search(r"^Stopped: (.+?) at step \d+ \(", report or "", re.M)
         return _STOP_STATUS.get(found.group(1) if found else "", "killed")
-    return "killed"
+    return "failed" if failed else "killed"
 
 
 def _report_text(run_dir: Path) -> str | None:
@@ -118,7 +122,8 @@ def unsaved_run_summary(run_dir: Path) -> RunSummary:
 
         parameters = count_parameters(model)
         shape = _shape(model, _str(config.get("size")))
-    last = _last_train_record(run_dir / "metrics.jsonl")
+    metrics = run_dir / "metrics.jsonl"
+    last = _last_record(metrics, "train")
     max_steps = _dict(config.get("train")).get("max_steps")
     training = workspace.held(workspace.lock_of(run_dir))
     return RunSummary(
@@ -127,13 +132,15 @@ def unsaved_run_summary(run_dir: Path) -> RunSummary:
         steps=last.get("step", 0) if is_count(last.get("step")) else 0,
         max_steps=max_steps if is_count(max_steps) else None,
         tokens=last.get("tokens", 0) if is_count(last.get("tokens")) else 0, best_val_loss=None, val_loss=None,
-        saved_at=None, has_report=False, training=training, status="starting" if training else "no checkpoint",
+        saved_at=None, has_report=False, training=training,
+        status="starting" if training else "failed" if _last_record(metrics).get("kind") == "failed" else
+        "no checkpoint",
     )
 
 
-def _last_train_record(metrics: Path) -> dict[str, Any]:
-    """The last `"kind": "train"` record of a metrics.jsonl (read from its end), or {}."""
-    import json
+def _last_record(metrics: Path, kind: str | None = None) -> dict[str, Any]:
+    """The last record of a metrics.jsonl (of `kind`, where given), read from its end; {} where there is none."""
+    from tinygpt_cli.report import metrics_record
 
     try:
         with open(metrics, "rb") as handle:
@@ -143,10 +150,9 @@ def _last_train_record(metrics: Path) -> dict[str, Any]:
     except OSError:
         return {}
     for line in reversed(lines):
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and record.get("kind") == "train":
-                return record
+        record = metrics_record(line.decode("utf-8", errors="replace"))
+        if record is not None and (kind is None or record.get("kind") == kind):
+            return record
     return {}
 
 

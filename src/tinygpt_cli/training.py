@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import threading
 import time
@@ -40,6 +39,7 @@ from tinygpt_cli.checkpoint import (
     remove_leftovers,
     save_checkpoint,
     step_folders,
+    version_key,
 )
 from tinygpt_cli.config import (
     DTYPES,
@@ -183,7 +183,7 @@ def _mps_has_bf16() -> bool:
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
-    return tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2]) >= (major, minor)
+    return version_key(torch.__version__) >= (major, minor)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -460,17 +460,22 @@ class _Metrics:
             # line a crash cut short (a kill or a full disk mid-write), which would stop every later reader
             kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
                     if (record := metrics_record(line)) is not None and record.get("step", 0) <= resume_step
+                    and record.get("kind") != "failed"  # the resume goes on past that failure
                     and not (drop_eval and record.get("kind") == "eval" and record.get("step") == resume_step)]
             write_text_atomic(path, "".join(line + "\n" for line in kept))
         # a new run starts its own file: one left by an attempt killed before its first checkpoint is not its own
         self.handle = open(path, "a" if resume_step is not None else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
+        self.note(record)
+        if self.trackers is not None:
+            self.trackers.log(record)
+
+    def note(self, record: dict[str, Any]) -> None:
+        """A line for metrics.jsonl alone (not a metric the trackers plot)."""
         if self.handle is not None:
             self.handle.write(json.dumps(record) + "\n")
             self.handle.flush()
-        if self.trackers is not None:
-            self.trackers.log(record)
 
     def close(self) -> None:
         if self.handle is not None:
@@ -654,11 +659,14 @@ def _train(cfg: RunConfig, run_name: str | None, resume: bool, on_event: Callabl
         result = trainer.run(run_name, resume)
         finished = True
         return result
-    except RuntimeError as exc:  # torch.distributed.DistError included
-        lost = _peer_lost(exc) if info.enabled else None
-        if lost is None:
-            raise
-        raise lost from None
+    except Exception as exc:
+        # torch.distributed.DistError (a RuntimeError) of a peer that left: that peer's error says why
+        lost = _peer_lost(exc) if info.enabled and isinstance(exc, RuntimeError) else None
+        if trainer is not None:
+            trainer.note_failure(lost or exc)
+        if lost is not None:
+            raise lost from None
+        raise
     finally:
         if trainer is not None:
             if trainer.metrics is not None:  # closed before the files are removed (Windows removes no open file)
@@ -1118,6 +1126,14 @@ class _Trainer:
         dist.all_reduce(total)
         return float(total[0] / total[1])
 
+    def note_failure(self, exc: BaseException) -> None:
+        """metrics.jsonl's last line says that the run stopped on an error, and which (`tinygpt runs`: failed):
+        a run that diverged, ran out of memory, met bad data or could not save is no run killed from outside."""
+        if getattr(self, "looping", False) and self.metrics is not None:
+            with contextlib.suppress(OSError):
+                self.metrics.note({"kind": "failed", "step": getattr(self, "saved_step", None),
+                                   "error": first_line(exc)})
+
     def _best_checkpoint(self) -> tuple[Path, ...]:
         """The checkpoint pruning keeps besides the last train.keep_last: the best val loss's (train.keep_best)."""
         if not self.tc.keep_best or self.best_step is None:
@@ -1311,6 +1327,9 @@ class _Trainer:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best_val: float | None = state.get("best_val_loss")
         self.best_step: int | None = state.get("best_step")
+        if self.best_step is None and self.best_val is not None:  # a checkpoint of before train.keep_best
+            self.best_step = _step_of_val_loss(self.run_dir, self.best_val)
+        self.looping = True  # a failure from here on is the run's (`note_failure`), not a refusal to start it
         self.last_loss: float | None = state.get("train_loss")
         self.last_val: float | None = state.get("val_loss")
         self.skipped = int(state.get("skipped_steps", 0))
@@ -1723,6 +1742,23 @@ def check_run_name(name: str) -> None:
     problem = workspace.name_problem(name, "runs/", "my-run")
     if problem:
         raise TrainingError(problem)
+
+
+def _step_of_val_loss(run_dir: Path, loss: float) -> int | None:
+    """The step whose checkpoint holds val loss `loss`, from metrics.jsonl's evaluations (a run saved before
+    state.json recorded best_step), where that checkpoint is still there; else None."""
+    from tinygpt_cli.report import metrics_record
+
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        record = metrics_record(line)
+        if record is not None and record.get("kind") == "eval" and record.get("val_loss") == loss and \
+                isinstance(record.get("step"), int) and (run_dir / "checkpoints" / f"step_{record['step']}").is_dir():
+            return record["step"]
+    return None
 
 
 def _trained_dataset(run_dir: Path) -> str:

@@ -54,11 +54,23 @@ def is_bare_name(spec: str) -> bool:
 
 def lock_of(folder: Path) -> Path:
     """The lock a command writing `folder` holds (`exclusive`): `.<name>.lock` beside it, e.g. `runs/.<name>.lock`
-    while a run trains, `data/.<name>.lock` while a dataset is tokenized. A link's is its target's: two names of
-    one folder (`runs/alias -> r`) share the lock that keeps two writers of it apart."""
-    if folder.is_symlink():
-        folder = folder.resolve()
+    while a run trains, `data/.<name>.lock` while a dataset is tokenized. A link to another entry of the same
+    folder takes that entry's: two names of one run (`runs/alias -> r`) share the lock that keeps two writers of it
+    apart. (A link elsewhere, a run kept on another disk, keeps its lock here, where the workspace is writable.)"""
+    folder = sibling_target(folder) or folder
     return folder.with_name(f".{folder.name}.lock")
+
+
+def sibling_target(path: Path) -> Path | None:
+    """The entry of its own folder that a link `path` names under another name (`runs/alias -> r`: the same run
+    twice); None for anything else (no link, a link elsewhere, a link that is broken or loops)."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError):  # a loop (RuntimeError before Python 3.13)
+        return None
+    return target if target.parent == path.parent.resolve() and target.name != path.name else None
 
 
 class Busy(DataError):
