@@ -77,6 +77,8 @@ def test_a_reader_gone_on_windows_exits_as_sigpipe_quietly(workspace, monkeypatc
     monkeypatch.setattr(sys, "argv", ["tinygpt", *args])
     monkeypatch.setattr(sys, "stdout", broken)
     monkeypatch.setattr(cli, "_on_windows", lambda: True)  # (sys.platform faked breaks imports made meanwhile)
+    # after a test that opened a `datasets` stream main() ends the process with os._exit: pytest's own, here
+    monkeypatch.setattr(cli, "_streams_opened", lambda: False)
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 141
