@@ -422,35 +422,24 @@ def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
     assert any("tokenized again from other text" in (event.message or "") for event in events)
 
 
-def test_a_resume_refused_for_retokenized_data_says_how_to_make_it_again(with_shakespeare, workspace):
+@pytest.mark.parametrize("gone", ["tokenized again", "deleted"])
+def test_a_resume_whose_data_changed_says_how_to_make_it_again(with_shakespeare, workspace, gone):
     """The same source tokenized again with another --fraction replaces the dataset (no --force: it is the same
-    source), and the resume is refused; it said "tokenize the original source again" without the settings. It
-    gives the command that makes the exact bytes again (tokenizing is deterministic), and that command works."""
+    source), and the resume is refused; it said "tokenize the original source again" without the settings. With
+    data/NAME deleted (to free disk) it said "run `tinygpt tokenize` first", and a bare tokenize makes the embedded
+    corpus, not the run's data (audit). Both give the command that makes the exact bytes again (tokenizing is
+    deterministic, and the run's checkpoint keeps it), and that command works."""
     import shlex
 
-    assert invoke("tokenize", "shakespeare", "--val-fraction", "0.05", "--seed", "3").exit_code == 0
+    assert invoke("tokenize", "shakespeare", "--name", "mine", "--val-fraction", "0.05", "--seed", "3").exit_code == 0
     train(tiny_config(max_steps=2, eval_interval=1000), run_name="r")
-    assert invoke("tokenize", "shakespeare", "--fraction", "0.5").exit_code == 0
+    if gone == "deleted":
+        shutil.rmtree(workspace / "data" / "mine")
+    else:
+        assert invoke("tokenize", "shakespeare", "--name", "mine", "--fraction", "0.5").exit_code == 0
     refused = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
-    assert_one_line_error(refused, "make it again with `tinygpt tokenize shakespeare --name shakespeare "
-                                   "--fraction 1.0 --val-fraction 0.05 --seed 3`")
-    command = refused.stderr.split("make it again with `")[1].split("`")[0]
-    assert invoke(*shlex.split(command)[1:]).exit_code == 0
-    resumed = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
-    assert resumed.exit_code == 0, resumed.output
-
-
-def test_a_resume_whose_dataset_was_deleted_says_how_to_make_it_again(with_shakespeare, workspace):
-    """Audit: with data/NAME deleted (to free disk), the resume said "run `tinygpt tokenize` first", and a bare
-    tokenize makes the embedded corpus, not the run's data: the run's checkpoint holds the command that makes it."""
-    import shlex
-
-    assert invoke("tokenize", "shakespeare", "--name", "mine", "--val-fraction", "0.05").exit_code == 0
-    train(tiny_config(max_steps=2, eval_interval=1000), run_name="r")
-    shutil.rmtree(workspace / "data" / "mine")
-    refused = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
-    assert_one_line_error(refused, "run r trained on data/mine, which is gone: make it again with `tinygpt tokenize "
-                                   "shakespeare --name mine --fraction 1.0 --val-fraction 0.05 --seed ")
+    assert_one_line_error(refused, f"{'which is gone: ' if gone == 'deleted' else ''}make it again with `tinygpt "
+                                   f"tokenize shakespeare --name mine --fraction 1.0 --val-fraction 0.05 --seed 3`")
     command = refused.stderr.split("make it again with `")[1].split("`")[0]
     assert invoke(*shlex.split(command)[1:]).exit_code == 0
     resumed = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
