@@ -424,6 +424,8 @@ def test_a_link_to_a_run_is_not_a_second_run_and_shares_its_lock(with_shakespear
     (run.parent / "alias").symlink_to("r")
     (run.parent / "gone").symlink_to(workspace / "elsewhere" / "moved")
     assert ws.lock_of(run.parent / "alias") == ws.lock_of(run)
+    resumed = train(tiny_config(max_steps=3, eval_batches=1, batch_size=2), run_name="alias", resume=True)
+    assert resumed.run_dir == run and (run / "report.md").read_text().startswith("# Run r\n")  # (review) not alias
     elsewhere = workspace.parent / "other-disk" / "big"  # a run kept on another disk: its lock stays in runs/
     elsewhere.mkdir(parents=True)
     (run.parent / "big").symlink_to(elsewhere)
@@ -433,7 +435,7 @@ def test_a_link_to_a_run_is_not_a_second_run_and_shares_its_lock(with_shakespear
     assert [entry["name"] for entry in json.loads(listed.stdout)] == ["r"]
     assert "note: gone is left out: it links to" in listed.stderr and "which is missing" in listed.stderr
     with ws.exclusive(ws.lock_of(run), "runs/r"), \
-            pytest.raises(TrainingError, match="another tinygpt process is training run alias"):  # r trains
+            pytest.raises(TrainingError, match="another tinygpt process is training run r:"):  # r trains
         train(tiny_config(max_steps=4, eval_batches=1, batch_size=2), run_name="alias", resume=True)
 
 

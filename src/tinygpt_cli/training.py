@@ -773,7 +773,8 @@ class _Trainer:
             with dist.agreed():
                 claimed = self._claim_default_name(cfg) if info.is_main else None
             name = dist.from_main(claimed)
-        self.run_dir = workspace.runs_dir() / name
+        alias_of = workspace.sibling_target(workspace.runs_dir() / name)  # `runs/alias -> r`: run r, so named
+        self.run_dir = workspace.runs_dir() / (alias_of.name if alias_of is not None else name)
         with dist.agreed():  # its own block: every rank looks for the latest checkpoint once rank 0 has tidied
             if info.is_main:
                 if run_name is not None:
