@@ -616,3 +616,28 @@ def test_auto_resume_starts_a_run_then_goes_on_with_it(with_shakespeare, workspa
     fresh = train_tiny("--name", "killed-early", "--auto-resume", steps=2)
     assert fresh.exit_code == 0, fresh.output
     assert "resumed from" not in fresh.stderr
+
+
+def test_auto_resume_of_a_fine_tune_a_finished_run_and_an_edited_dropout(with_shakespeare, workspace):
+    """Audit: a fine-tune (--init-from with --size) under --auto-resume failed on every run after its first ("another
+    model": the run has its weights' shape, not the preset's); a finished run exited 1, so a job submitted once more
+    was marked failed; an edited model.dropout was dropped without a note; a changed shape named no key."""
+    assert train_tiny("--name", "base", steps=2).exit_code == 0
+    job = ("--init-from", "base", "--size", "micro", "--name", "ft", "--auto-resume")
+    first = invoke("train", *job, "--max-steps", "2", "--batch-size", "2", "--set", "train.eval_interval=2",
+                   "--set", "train.eval_batches=1")
+    assert first.exit_code == 0, first.output
+    again = invoke("train", *job, "--max-steps", "3", "--batch-size", "2", "--set", "train.eval_interval=2",
+                   "--set", "train.eval_batches=1")
+    assert again.exit_code == 0 and "resumed from" in again.stderr, again.output
+    done = invoke("train", *job, "--max-steps", "3", "--batch-size", "2")
+    assert done.exit_code == 0 and "Run ft is complete (3 steps): nothing to train" in done.stderr, done.output
+    yaml_file = workspace / "run.yaml"
+    yaml_file.write_text("model:\n  dropout: 0.0\n")
+    assert train_tiny("--config", str(yaml_file), "--name", "dr", "--auto-resume", steps=2).exit_code == 0
+    yaml_file.write_text("model:\n  dropout: 0.2\n")
+    noted = train_tiny("--config", str(yaml_file), "--name", "dr", "--auto-resume", steps=3)
+    assert noted.exit_code == 0 and "goes on with its own model.dropout" in noted.stderr, noted.output
+    yaml_file.write_text("model:\n  bias: false\n")
+    assert_one_line_error(train_tiny("--config", str(yaml_file), "--name", "dr", "--auto-resume", steps=4),
+                          "(model.bias True → False)")

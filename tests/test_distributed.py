@@ -676,3 +676,27 @@ def test_the_quiet_agent_puts_back_the_callers_logging_disable():
         assert logging.root.manager.disable == logging.INFO
     finally:
         logging.disable(logging.NOTSET)
+
+
+@pytest.mark.slow
+def test_auto_resume_on_machines_that_do_not_share_runs_is_one_line(with_shakespeare, workspace, tmp_path):
+    """Audit: --auto-resume decides on each machine from its own runs/: rank 0 resumed, rank 1 (no copy of the run)
+    started fresh, and DDP died with a 100-line traceback ("Rank 1 has 28 params, while rank 0 has ... 26"); the
+    ranks' check of the checkpoint they hold was entered by the resuming ranks only."""
+    train(tiny_config(max_steps=2, eval_interval=2), run_name="split")
+    other = tmp_path / "machine1"  # rank 1's workspace: the same data, no runs
+    (other / "data").mkdir(parents=True)
+    shutil.copytree(workspace / "data" / "shakespeare", other / "data" / "shakespeare")
+    wrapper = tmp_path / "rank.sh"
+    wrapper.write_text(f'#!/bin/sh\n[ "$RANK" = 1 ] && export TINYGPT_HOME={other}\n'
+                       f'exec {sys.executable} -m tinygpt_cli "$@"\n')
+    wrapper.chmod(0o755)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+               str(wrapper), "train", *TINY_SETTINGS, "--name", "split", "--auto-resume", "--max-steps", "4",
+               "--data", "shakespeare"]
+    env = {**os.environ, "TINYGPT_HOME": str(workspace), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "error: the ranks would resume from different checkpoints (split step 2, split: no checkpoint (a new " \
+        "run), by rank)" in done.stderr
+    assert "DDP expects same model" not in done.stderr  # (torchrun's own launcher adds its ChildFailedError)

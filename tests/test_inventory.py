@@ -459,7 +459,7 @@ def test_a_listing_never_cuts_a_run_name(with_shakespeare, workspace, monkeypatc
     assert invoke("runs").exit_code == 0
     shown = narrow.getvalue()
     names = [line.split("│")[1].strip() for line in shown.splitlines() if line.startswith("│")]
-    assert not any("…" in cell for cell in names) and long_name + "short-one" in "".join(names)  # folded
+    assert "…" not in shown and long_name + "short-one" in "".join(names)  # folded: no cell cut, status included
 
 
 def test_listings_say_what_a_missing_workspace_or_a_mistyped_name_is(with_shakespeare, workspace, monkeypatch,
@@ -503,3 +503,30 @@ def test_an_interrupted_tokenize_is_said_where_its_dataset_is_looked_for(workspa
                                                          "waits in")
     with ws.exclusive(ws.lock_of(workspace / "data" / "big"), "data/big"):
         assert "note: big is being tokenized now (4.1 kB written so far" in invoke("data").stderr
+
+
+def test_a_session_killed_before_it_saved_is_killed_whatever_the_checkpoint_said(with_shakespeare, workspace):
+    """Audit: a finished run resumed for more steps and killed (SIGKILL) before its next checkpoint still read
+    `finished 40/40` (an interrupted one `interrupted`): metrics.jsonl went on past the checkpoint."""
+    run = train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="more").run_dir
+    with open(run / "metrics.jsonl", "a") as metrics:  # what a resumed session logged before it was killed
+        metrics.write(json.dumps({"kind": "train", "step": 3, "loss": 9.0, "tokens": 999}) + "\n")
+    assert json.loads(invoke("runs", "--json").stdout)[0]["status"] == "killed"
+
+
+def test_a_checkpoint_folder_is_found_from_outside_the_workspace(with_shakespeare, workspace, tmp_path,
+                                                                  monkeypatch):
+    """Audit: README's `tinygpt generate --run runs/NAME/checkpoints/step_N` worked only from the workspace folder
+    (the path was taken from the current one), and `NAME/checkpoints/step_N` was refused ("did you mean st2?")."""
+    from tinygpt_cli.checkpoint import find_run
+
+    train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="r2")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    step = workspace / "runs" / "r2" / "checkpoints" / "step_2"
+    assert find_run("runs/r2/checkpoints/step_2") == step and find_run("r2/checkpoints/step_2") == step
+    shown = invoke("generate", "--run", "r2/checkpoints/step_2", "Hi", "--max-new-tokens", "2")
+    assert shown.exit_code == 0, shown.output
+    assert_one_line_error(invoke("runs", "show", "r2/checkpoints/step_9"), "no run or checkpoint at "
+                                                                          "r2/checkpoints/step_9: list them")

@@ -389,7 +389,9 @@ def test_a_nan_val_loss_is_never_saved_as_the_latest_checkpoint(with_shakespeare
     train(tiny_config(max_steps=2, eval_interval=2), run_name="d")
     monkeypatch.setattr(_Trainer, "_evaluate", lambda self, can_cut=False: float("nan"))
     with pytest.raises(TrainingError, match="val loss is nan at step 4, so that checkpoint is not saved.*"
-                                            "lower train.lr .* resume from the last good checkpoint"):
+                                            r"lower train.lr .* resume from its last checkpoint \(step 2: "
+                                            r"`tinygpt train --resume --name d --lr 0.0002`\), or start a new run "
+                                            r"from an earlier one \(--init-from runs/d/checkpoints/step_N\)"):
         train(tiny_config(max_steps=4, eval_interval=2), run_name="d", resume=True)
     assert ckpt.latest_checkpoint(run).name == "step_2" and not (run / "checkpoints" / "step_4").exists()
 

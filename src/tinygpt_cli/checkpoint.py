@@ -292,10 +292,14 @@ def find_run(spec: str | None) -> Path:
             )
         return runs[0]
     path = Path(spec).expanduser()
-    for candidate in (workspace.runs_dir() / spec, path) if workspace.is_bare_name(spec) else (path,):
+    bare = workspace.is_bare_name(spec)
+    # a relative path is tried from here, then from the workspace (`runs/r/checkpoints/step_N` from any folder) and
+    # its runs/ (`r/checkpoints/step_N`)
+    within = () if path.is_absolute() else (workspace.root() / path, workspace.runs_dir() / path)
+    for candidate in (workspace.runs_dir() / spec, path) if bare else (path, *within):
         if candidate.is_dir():
             return candidate
-    close = workspace.close_names(spec, workspace.runs_dir())
+    close = workspace.close_names(spec, workspace.runs_dir()) if bare else ""
     raise CheckpointError(f"no run or checkpoint at {spec}{close}: list them with `tinygpt runs`")
 
 

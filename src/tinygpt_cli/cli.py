@@ -8,7 +8,6 @@ exit code 1 (the traceback too with TINYGPT_DEBUG=1); usage errors exit 2.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import functools
 import json
@@ -781,9 +780,13 @@ def train(
         started = None
         if auto_resume and (size is not None or config is not None):  # the command that started it, again
             started = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
-            if dataclasses.replace(started.model, dropout=base.model.dropout) != base.model:  # its shape
-                raise TinyGPTError(f"run {run_name} is another model than --size/--config describe now: resume it "
-                                   f"with its own (drop them), or start another --name")
+            differ = [f"model.{key} {getattr(base.model, key)} → {getattr(started.model, key)}"
+                      for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+                      if getattr(started.model, key) != getattr(base.model, key)]
+            if differ and not started.train.init_from:  # (a fine-tune took its weights' shape, not the preset's)
+                raise TinyGPTError(f"run {run_name} is another model than --size/--config describe now "
+                                   f"({', '.join(differ)}): resume it with its own (drop them), or start another "
+                                   f"--name")
         elif size is not None and size != base.size:  # the run's own (--resume added to the command that started it)
             raise TinyGPTError(f"run {run_name} is {base.size}: --size {size} cannot change a resumed run (drop "
                                f"--size; --set changes training keys)")
@@ -792,6 +795,11 @@ def train(
         cfg = resolve_config(overrides=overrides or (), flags=flags, base=base)
         if started is not None:
             _note_settings_kept(run_name, config, started, cfg)
+        if auto_resume and _finished(resumed, cfg.train.max_steps):  # a job submitted once more: nothing failed
+            if dist.from_environment().is_main:
+                _stderr_console().print(f"Run {run_name} is complete ({cfg.train.max_steps:,} steps): nothing to "
+                                        f"train; a larger --max-steps goes on with it")
+            raise typer.Exit(0)
     else:
         cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
 
@@ -980,16 +988,27 @@ def _resume_where_saved(name: str | None, resume: bool) -> bool:
     return ckpt.latest_checkpoint(run_dir) is not None or bool(ckpt.step_folders(run_dir))
 
 
+def _finished(run_dir: Path, max_steps: int) -> bool:
+    """Whether the latest checkpoint of `run_dir` is at `max_steps` or past it."""
+    from tinygpt_cli.checkpoint import latest_step
+
+    step = latest_step(run_dir)
+    return step is not None and step >= max_steps
+
+
 def _note_settings_kept(run_name: str, config: Path | None, started: Any, resumed: Any) -> None:
-    """`--auto-resume` of a run with its starting command's --config: the training and data keys the file (edited
-    since) gives otherwise than the run has are not applied; said, with the --set that would apply one."""
+    """`--auto-resume` of a run with its starting command's --config: the keys the file (edited since) gives
+    otherwise than the run has (training, data, sampling, and the model's dropout: its shape is checked) are not
+    applied; said, with the --set that would apply one."""
     from tinygpt_cli import dist
     from tinygpt_cli.config import config_to_dict, load_yaml
 
     in_file = load_yaml(config) if config is not None else {}
     now, kept = config_to_dict(started), config_to_dict(resumed)
-    changed = [f"{section}.{key}" for section in ("train", "data") for key in in_file.get(section) or {}
-               if key in now[section] and kept[section].get(key) != now[section][key]]
+    changed = [f"{section}.{key}" for section in ("model", "train", "data", "sample")
+               for key in in_file.get(section) or {}
+               if key in now[section] and kept[section].get(key) != now[section][key]
+               and (section != "model" or key == "dropout")]
     if changed and dist.from_environment().is_main:
         first = changed[0]
         section, key = first.split(".")
@@ -1781,7 +1800,7 @@ def _loss(value: float | None) -> str:
 )
 def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """List the runs in the workspace: name, status (training, finished, interrupted, time limit, token limit,
-    killed, starting, no checkpoint), size, steps, tokens, best val loss, date (the last saved first)."""
+    failed, killed, starting, no checkpoint), size, steps, tokens, best val loss, date (the last saved first)."""
     if ctx.invoked_subcommand is not None:
         return
     from tinygpt_cli import workspace
@@ -1833,9 +1852,11 @@ def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row
     from rich.table import Column
 
     rows = [row(summary) for summary in summaries]
-    # the name is what a user copies: never cut it to an ellipsis (a narrow terminal folds it onto a second line)
-    name = Column(columns[0], overflow="fold", min_width=min(max(len(r[0]) for r in rows), 24))
-    table = Table(name, *columns[1:])
+    # no cell is cut to an ellipsis: a narrow terminal folds it onto more lines. The name (what a user copies) keeps
+    # a width of its own, and the status its longest word
+    widths = [min(max(len(r[0]) for r in rows), 24), max(len(word) for r in rows for word in r[1].split() or [""])]
+    table = Table(*(Column(header, overflow="fold", min_width=widths[i] if i < 2 else None)
+                    for i, header in enumerate(columns)))
     for cells in rows:
         table.add_row(*cells)
     _print_table(table)

@@ -954,8 +954,8 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
         return ("hf", path) if _is_hf_folder(path) else ("tinygpt", path)
     if path.exists():
         raise ExportError(f"{spec} is a file: pass the folder that holds the model (config.json or state.json)")
-    if (workspace.runs_dir() / str(spec)).is_dir():
-        return "tinygpt", str(spec)
+    if not path.is_absolute() and any((folder / path).is_dir() for folder in (workspace.runs_dir(), workspace.root())):
+        return "tinygpt", str(spec)  # `r/checkpoints/step_N`, `runs/r/...` from outside the workspace: find_run's
     if str(spec) in HUB_MODELS:
         return "hub", str(spec)
     raise ExportError(

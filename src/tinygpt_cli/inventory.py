@@ -72,24 +72,32 @@ def run_summary(run_dir: Path) -> RunSummary:
     max_steps = max_steps if is_count(max_steps) else None
     report = _report_text(run_dir)
     training = workspace.held(workspace.lock_of(run_dir))
-    failed = _last_record(run_dir / "metrics.jsonl").get("kind") == "failed"
+    last = _last_record(run_dir / "metrics.jsonl")
+    failed = last.get("kind") == "failed"
+    # trained past its latest checkpoint (a resumed session that has not saved yet, or one killed before it did)
+    ahead = last.get("step") if is_count(last.get("step")) and last["step"] > counts["step"] else None
     return RunSummary(
         name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), shape=shape, parameters=parameters,
-        dataset=_str(_dict(state.get("data")).get("dataset")), steps=counts["step"], max_steps=max_steps,
+        dataset=_str(_dict(state.get("data")).get("dataset")),
+        steps=ahead if ahead is not None and training else counts["step"], max_steps=max_steps,
         tokens=counts["tokens_seen"], best_val_loss=_number(state.get("best_val_loss")),
         val_loss=_number(state.get("val_loss")), saved_at=_str(state.get("saved_at")),
         has_report=_reported_step(report) is not None, training=training,
-        status=_status(training, counts["step"], max_steps, report, failed),
+        status=_status(training, counts["step"], max_steps, report, failed, ahead is not None),
         best_step=state.get("best_step") if is_count(state.get("best_step")) else None,
     )
 
 
-def _status(training: bool, step: int, max_steps: int | None, report: str | None, failed: bool = False) -> str:
-    """A run's STATUSES entry, from its lock, its latest checkpoint's step, its report.md and whether
-    metrics.jsonl ends with a failure (`failed`): a report of that step says why it stopped; none of it means that
-    training stopped on an error (failed) or that its process died (killed) before writing one."""
+def _status(training: bool, step: int, max_steps: int | None, report: str | None, failed: bool = False,
+            ahead: bool = False) -> str:
+    """A run's STATUSES entry, from its lock, its latest checkpoint's step, its report.md, whether metrics.jsonl
+    ends with a failure (`failed`) and whether it logged steps past that checkpoint (`ahead`: a session that died
+    before saving them, killed). A report of that step says why it stopped; none of it means that training stopped
+    on an error (failed) or that its process died (killed) before writing one."""
     if training:
         return "training"
+    if ahead:
+        return "killed"
     if max_steps is not None and step >= max_steps:
         return "finished"
     if _reported_step(report) == step:

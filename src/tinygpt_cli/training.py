@@ -821,10 +821,11 @@ class _Trainer:
                 self.model.load_state_dict(loaded.model.state_dict())
                 self.state = loaded.state
                 self._check_resumable()  # before the device, the compile and anything written
-        if resume and info.enabled:  # each rank loaded its own machine's copy: the same checkpoint, or none goes on
-            held = dist.all_gather_objects(f"{self.run_dir.name} step {int(self.state.get('step', 0))}")
-            if len(set(held)) > 1:  # a machine with a stale copy of the run folder, or another "latest run"
-                raise TrainingError(
+        if info.enabled:  # each rank loaded its own machine's copy (or none): the same checkpoint, or none goes on
+            held = dist.all_gather_objects(f"{self.run_dir.name} step {int(self.state.get('step', 0))}" if resume
+                                           else f"{self.run_dir.name}: no checkpoint (a new run)")
+            if len(set(held)) > 1:  # a machine with a stale copy of the run folder, or another "latest run", or
+                raise TrainingError(  # none (--auto-resume decides on each machine, from its own runs/)
                     f"the ranks would resume from different checkpoints ({', '.join(held)}, by rank): every "
                     f"machine needs rank 0's run folder (a shared filesystem, or a fresh copy)")
         self.model.to(self.device)
@@ -1552,8 +1553,14 @@ class _Trainer:
 
     def _diverged(self, what: str) -> TrainingError:
         """The error that stops a run whose weights went non-finite, with what to do about it."""
-        back = "resume from the last good checkpoint with --resume" if self.saved_step > 0 else "start the run again"
-        return TrainingError(f"{what} (diverged): lower train.lr (now {self.tc.lr:g}) and {back}")
+        name, lower = self.run_dir.name, f"{self.tc.lr / 10:g}"
+        if self.saved_step == 0:
+            return TrainingError(f"{what} (diverged): lower train.lr (now {self.tc.lr:g}; e.g. --lr {lower}) and start "
+                                 f"the run again")
+        return TrainingError(f"{what} (diverged): lower train.lr (now {self.tc.lr:g}) and resume from its last "
+                             f"checkpoint (step {self.saved_step}: `tinygpt train --resume --name {name} --lr "
+                             f"{lower}`), or start a new run from an earlier one (--init-from "
+                             f"runs/{name}/checkpoints/step_N)")
 
     def _eval_and_save(self, step: int, metrics: _Metrics) -> None:
         # the last step's evaluation always finishes: a run at max_steps cannot be resumed to measure it
