@@ -378,6 +378,20 @@ def test_the_budget_row_counts_the_steps_max_tokens_leaves(workspace):
     assert "500 steps = 1.02M tokens" in " ".join(invoke("plan", "--size", "micro", "--device", "cpu").stdout.split())
 
 
+def test_plan_says_when_the_checkpoints_will_not_fit_on_the_disk(workspace, monkeypatch):
+    """Audit: `tinygpt plan --size large` printed 46.4 GB of checkpoints with 45.2 GB free, and said nothing of it;
+    `train` then refused to start."""
+    from tinygpt_cli import workspace as ws
+
+    monkeypatch.setattr(ws, "free_bytes", lambda path: 10**15)  # (whatever this machine has free)
+    planned = json.loads(invoke("plan", "--size", "large", "--device", "h100", "--json").stdout)
+    assert not any(note.startswith("its checkpoints need") for note in planned["notes"])
+    monkeypatch.setattr(ws, "free_bytes", lambda path: planned["checkpoint_disk_bytes"] - 1)
+    tight = json.loads(invoke("plan", "--size", "large", "--device", "h100", "--json").stdout)
+    assert any(note.startswith("its checkpoints need about ") and "`tinygpt train` will refuse it" in note
+               for note in tight["notes"])
+
+
 def test_plan_takes_trains_fsdp_flag(workspace):
     """Docs audit: `train --fsdp` had no `plan --fsdp`; it went through --set alone."""
     def weights(*flags):

@@ -223,6 +223,22 @@ def checkpoint_bytes(model: ModelConfig) -> int:
     return 12 * count_parameters(model) + CHECKPOINT_OVERHEAD_BYTES
 
 
+def _checkpoint_disk_note(need: int) -> str | None:
+    """Where a run's checkpoints (`need` bytes at the peak) would not fit on the workspace's disk: what `train`
+    refuses before its first step, said in the plan."""
+    from tinygpt_cli import workspace
+
+    try:
+        runs, free = workspace.runs_dir(), workspace.free_bytes(workspace.runs_dir())
+    except OSError:
+        return None
+    if need <= free:
+        return None
+    return (f"its checkpoints need about {workspace.format_bytes(need)} of disk, {workspace.format_bytes(free)} free "
+            f"on {runs}: `tinygpt train` will refuse it; free some space, keep fewer (--keep-last N), or set "
+            f"TINYGPT_HOME to a larger disk")
+
+
 def checkpoints_kept(max_steps: int, eval_interval: int, keep_last: int, keep_best: bool = False) -> int:
     """Checkpoints on disk at the peak of a run: one per evaluation, or with `keep_last` that many + 1 (a new one
     is complete before the oldest goes), once there are that many, and the best val loss's with `keep_best`."""
@@ -743,6 +759,9 @@ def plan(
         notes.append(f"train.max_minutes={tc.max_minutes:g} stops the run before its budget")
 
     kept = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last, tc.keep_best)
+    disk_note = _checkpoint_disk_note(kept * checkpoint_bytes(model))
+    if disk_note:
+        notes.append(disk_note)
     params = count_parameters(model)
     return Plan(
         size=cfg.size,
