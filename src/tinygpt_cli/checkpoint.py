@@ -291,16 +291,21 @@ def find_run(spec: str | None) -> Path:
                 f"no trained run in {workspace.runs_dir()}: train one with `tinygpt train --size micro`"
             )
         return runs[0]
-    path = Path(spec).expanduser()
-    bare = workspace.is_bare_name(spec)
-    # a relative path is tried from here, then from the workspace (`runs/r/checkpoints/step_N` from any folder) and
-    # its runs/ (`r/checkpoints/step_N`)
-    within = () if path.is_absolute() else (workspace.root() / path, workspace.runs_dir() / path)
-    for candidate in (workspace.runs_dir() / spec, path) if bare else (path, *within):
+    for candidate in run_candidates(spec):
         if candidate.is_dir():
             return candidate
-    close = workspace.close_names(spec, workspace.runs_dir()) if bare else ""
+    close = workspace.close_names(spec, workspace.runs_dir()) if workspace.is_bare_name(spec) else ""
     raise CheckpointError(f"no run or checkpoint at {spec}{close}: list them with `tinygpt runs`")
+
+
+def run_candidates(spec: str) -> tuple[Path, ...]:
+    """Where `spec` may name a run or checkpoint folder, in order: a bare name is the workspace's run before a
+    folder here; a relative path is tried from here, then from the workspace (`runs/r/checkpoints/step_N` from any
+    folder) and its runs/ (`r/checkpoints/step_N`)."""
+    path = Path(spec).expanduser()
+    if workspace.is_bare_name(spec):
+        return workspace.runs_dir() / spec, path
+    return (path,) if path.is_absolute() else (path, workspace.root() / path, workspace.runs_dir() / path)
 
 
 def resolve_checkpoint(spec: str | None) -> Path:

@@ -781,8 +781,8 @@ def train(
         if auto_resume and (size is not None or config is not None):  # the command that started it, again
             started = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
             differ = [f"model.{key} {getattr(base.model, key)} → {getattr(started.model, key)}"
-                      for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
-                      if getattr(started.model, key) != getattr(base.model, key)]
+                      for key in vars(base.model) if key != "dropout"  # the shape (dropout may change)
+                      and getattr(started.model, key) != getattr(base.model, key)]
             if differ and not started.train.init_from:  # (a fine-tune took its weights' shape, not the preset's)
                 raise TinyGPTError(f"run {run_name} is another model than --size/--config describe now "
                                    f"({', '.join(differ)}): resume it with its own (drop them), or start another "

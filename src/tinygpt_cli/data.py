@@ -542,7 +542,7 @@ def tokenize(
         raise DataError(f"cannot create {out_root} ({exc.strerror or exc}): choose a writable TINYGPT_HOME") from None
     final_dir = out_root / dataset_name
     home = _where_published(final_dir)
-    partial_dir = home.with_name(f".{home.name}.partial")  # an earlier run's files there count as written
+    partial_dir = _partial_of(home)  # an earlier run's files there count as written
     written = sum(f.stat().st_size for f in partial_dir.glob("*.bin")) if partial_dir.is_dir() else 0
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256,
@@ -927,6 +927,11 @@ def _where_published(folder: Path) -> Path:
     return target
 
 
+def _partial_of(home: Path) -> Path:
+    """Where a tokenize of the dataset folder `home` (`_where_published`) writes until it is done."""
+    return home.with_name(f".{home.name}.partial")
+
+
 def _old_copies(final: Path) -> list[Path]:
     """The datasets that publishing in `final`'s place set aside (`_publish`), oldest first."""
     def written(path: Path) -> float:
@@ -1205,8 +1210,7 @@ def find_dataset(spec: str | None) -> Dataset | None:
     partial = None
     if workspace.is_bare_name(spec) and workspace.name_problem(spec, "data/", spec) is None:
         with contextlib.suppress(DataError):  # a link that loops, or to a disk not mounted: no partial there
-            home = _where_published(named)
-            partial = home.with_name(f".{home.name}.partial")
+            partial = _partial_of(_where_published(named))
     if partial is not None and partial.is_dir():
         raise DataError(f"data/{spec} is not finished: an interrupted tokenize of it waits in {partial}: run that "
                         f"`tinygpt tokenize ... --name {spec}` again to finish it")

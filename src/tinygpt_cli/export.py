@@ -44,6 +44,7 @@ from tinygpt_cli.checkpoint import (
     checkpoint_model_config,
     latest_checkpoint,
     load_checkpoint,
+    run_candidates,
     save_safetensors,
 )
 from tinygpt_cli.config import ModelConfig
@@ -954,7 +955,7 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
         return ("hf", path) if _is_hf_folder(path) else ("tinygpt", path)
     if path.exists():
         raise ExportError(f"{spec} is a file: pass the folder that holds the model (config.json or state.json)")
-    if not path.is_absolute() and any((folder / path).is_dir() for folder in (workspace.runs_dir(), workspace.root())):
+    if any(candidate.is_dir() for candidate in run_candidates(str(spec))):
         return "tinygpt", str(spec)  # `r/checkpoints/step_N`, `runs/r/...` from outside the workspace: find_run's
     if str(spec) in HUB_MODELS:
         return "hub", str(spec)

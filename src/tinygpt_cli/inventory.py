@@ -52,7 +52,6 @@ _STOP_STATUS = {"completed": "finished", "interrupted": "interrupted", "time_lim
 def run_summary(run_dir: Path) -> RunSummary:
     """Summarise `run_dir` from its latest checkpoint (raises CheckpointError if it has none)."""
     from tinygpt_cli.checkpoint import STATE_FILE, latest_checkpoint, no_checkpoint_message, read_state
-    from tinygpt_cli.plan import count_parameters
 
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
@@ -63,16 +62,11 @@ def run_summary(run_dir: Path) -> RunSummary:
         if not is_count(value):
             raise CheckpointError(f"{checkpoint / STATE_FILE} is damaged ({key} is {value!r}, not a count)")
     run_config = _dict(state.get("run_config"))
-    parameters, shape = None, None
-    with contextlib.suppress(TypeError, ValueError, ConfigError):
-        model = ModelConfig(**_dict(state.get("model_config")))
-        parameters = count_parameters(model)
-        shape = _shape(model, _str(run_config.get("size")))
-    max_steps = _dict(run_config.get("train")).get("max_steps")
-    max_steps = max_steps if is_count(max_steps) else None
+    parameters, shape = _model_facts(state.get("model_config"), run_config)
+    max_steps = _count_or_none(_dict(run_config.get("train")).get("max_steps"))
     report = _report_text(run_dir)
     training = workspace.held(workspace.lock_of(run_dir))
-    last = _last_record(run_dir / "metrics.jsonl")
+    last = _last_record(_tail_records(run_dir / "metrics.jsonl"))
     failed = last.get("kind") == "failed"
     # trained past its latest checkpoint (a resumed session that has not saved yet, or one killed before it did)
     ahead = last.get("step") if is_count(last.get("step")) and last["step"] > counts["step"] else None
@@ -84,7 +78,7 @@ def run_summary(run_dir: Path) -> RunSummary:
         val_loss=_number(state.get("val_loss")), saved_at=_str(state.get("saved_at")),
         has_report=_reported_step(report) is not None, training=training,
         status=_status(training, counts["step"], max_steps, report, failed, ahead is not None),
-        best_step=state.get("best_step") if is_count(state.get("best_step")) else None,
+        best_step=_count_or_none(state.get("best_step")),
     )
 
 
@@ -123,31 +117,34 @@ def unsaved_run_summary(run_dir: Path) -> RunSummary:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         loaded = None
     config = _dict(loaded)
-    parameters, shape = None, None
-    with contextlib.suppress(TypeError, ValueError, ConfigError):
-        model = ModelConfig(**_dict(config.get("model")))
-        from tinygpt_cli.plan import count_parameters
-
-        parameters = count_parameters(model)
-        shape = _shape(model, _str(config.get("size")))
-    metrics = run_dir / "metrics.jsonl"
-    last = _last_record(metrics, "train")
-    max_steps = _dict(config.get("train")).get("max_steps")
+    parameters, shape = _model_facts(config.get("model"), config)
+    records = _tail_records(run_dir / "metrics.jsonl")
+    last = _last_record(records, "train")
     training = workspace.held(workspace.lock_of(run_dir))
     return RunSummary(
         name=run_dir.name, path=str(run_dir), size=_str(config.get("size")), shape=shape, parameters=parameters,
-        dataset=_str(_dict(config.get("data")).get("dataset")) or None,
-        steps=last.get("step", 0) if is_count(last.get("step")) else 0,
-        max_steps=max_steps if is_count(max_steps) else None,
-        tokens=last.get("tokens", 0) if is_count(last.get("tokens")) else 0, best_val_loss=None, val_loss=None,
+        dataset=_str(_dict(config.get("data")).get("dataset")) or None, steps=_count_or_none(last.get("step")) or 0,
+        max_steps=_count_or_none(_dict(config.get("train")).get("max_steps")),
+        tokens=_count_or_none(last.get("tokens")) or 0, best_val_loss=None, val_loss=None,
         saved_at=None, has_report=False, training=training,
-        status="starting" if training else "failed" if _last_record(metrics).get("kind") == "failed" else
+        status="starting" if training else "failed" if _last_record(records).get("kind") == "failed" else
         "no checkpoint",
     )
 
 
-def _last_record(metrics: Path, kind: str | None = None) -> dict[str, Any]:
-    """The last record of a metrics.jsonl (of `kind`, where given), read from its end; {} where there is none."""
+def _model_facts(model_config: Any, run_config: dict[str, Any]) -> tuple[int | None, str | None]:
+    """(parameters, shape) of a saved model config (state.json's or config.yaml's), or Nones where it is no valid
+    one; the shape marked custom where it is not the preset's that `run_config` names (`_shape`)."""
+    from tinygpt_cli.plan import count_parameters
+
+    with contextlib.suppress(TypeError, ValueError, ConfigError):
+        model = ModelConfig(**_dict(model_config))
+        return count_parameters(model), _shape(model, _str(run_config.get("size")))
+    return None, None
+
+
+def _tail_records(metrics: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl's last 16 KB, the last first (what a listing needs: it reads no whole log)."""
     from tinygpt_cli.report import metrics_record
 
     try:
@@ -156,12 +153,18 @@ def _last_record(metrics: Path, kind: str | None = None) -> dict[str, Any]:
             handle.seek(max(0, handle.tell() - 16384))
             lines = handle.read().splitlines()
     except OSError:
-        return {}
-    for line in reversed(lines):
-        record = metrics_record(line.decode("utf-8", errors="replace"))
-        if record is not None and (kind is None or record.get("kind") == kind):
-            return record
-    return {}
+        return []
+    records = (metrics_record(line.decode("utf-8", errors="replace")) for line in reversed(lines))
+    return [record for record in records if record is not None]
+
+
+def _last_record(records: list[dict[str, Any]], kind: str | None = None) -> dict[str, Any]:
+    """The first of `records` (`_tail_records`: the last logged) of `kind` where given; {} where there is none."""
+    return next((record for record in records if kind is None or record.get("kind") == kind), {})
+
+
+def _count_or_none(value: Any) -> int | None:
+    return value if is_count(value) else None
 
 
 def _shape(model: ModelConfig, size: str | None) -> str:

@@ -80,7 +80,7 @@ from tinygpt_cli.plan import (
     resolve_device_spec,
     too_little_data,
 )
-from tinygpt_cli.report import metrics_record, write_loss_plot, write_report
+from tinygpt_cli.report import metrics_record, read_metrics, write_loss_plot, write_report
 from tinygpt_cli.tokenizer import VOCAB_SIZE
 from tinygpt_cli.trackers import Trackers
 from tinygpt_cli.trackers import check_installed as check_trackers_installed
@@ -718,6 +718,8 @@ class _Trainer:
         self.batch_size = self.tc.batch_size
         self.run_dir: Path | None = None  # known once `run` has named the run
         self.new_run = False  # a run this call starts: its folder goes again if it ends with no checkpoint
+        self.looping = False  # from the step loop's start a failure is the run's (`note_failure`)
+        self.saved_step: int | None = None  # the step of the checkpoint last saved (the loop's start, at first)
         self.metrics: _Metrics | None = None
         self.trackers: Trackers | None = None  # rank 0's, where train.log_to names any
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
@@ -1131,10 +1133,9 @@ class _Trainer:
     def note_failure(self, exc: BaseException) -> None:
         """metrics.jsonl's last line says that the run stopped on an error, and which (`tinygpt runs`: failed):
         a run that diverged, ran out of memory, met bad data or could not save is no run killed from outside."""
-        if getattr(self, "looping", False) and self.metrics is not None:
+        if self.looping and self.metrics is not None:
             with contextlib.suppress(OSError):
-                self.metrics.note({"kind": "failed", "step": getattr(self, "saved_step", None),
-                                   "error": first_line(exc)})
+                self.metrics.note({"kind": "failed", "step": self.saved_step, "error": first_line(exc)})
 
     def _best_checkpoint(self) -> tuple[Path, ...]:
         """The checkpoint pruning keeps besides the last train.keep_last: the best val loss's (train.keep_best)."""
@@ -1331,7 +1332,7 @@ class _Trainer:
         self.best_step: int | None = state.get("best_step")
         if self.best_step is None and self.best_val is not None:  # a checkpoint of before train.keep_best
             self.best_step = _step_of_val_loss(self.run_dir, self.best_val)
-        self.looping = True  # a failure from here on is the run's (`note_failure`), not a refusal to start it
+        self.looping = True  # a failure from here on is the run's, not a refusal to start it
         self.last_loss: float | None = state.get("train_loss")
         self.last_val: float | None = state.get("val_loss")
         self.skipped = int(state.get("skipped_steps", 0))
@@ -1575,8 +1576,7 @@ class _Trainer:
         if not math.isfinite(self.last_val):  # never save (and point `latest` at) weights that are NaN
             raise self._diverged(f"the val loss is {self.last_val} at step {step}, so that checkpoint is not saved")
         if self.best_val is None or self.last_val < self.best_val:
-            self.best_step = step
-        self.best_val = self.last_val if self.best_val is None else min(self.best_val, self.last_val)
+            self.best_val, self.best_step = self.last_val, step
         self._record_eval(step, self.last_val, metrics)
         if self.info.is_main:
             with contextlib.suppress(OSError):  # a picture: a full disk is said by the checkpoint that follows
@@ -1755,18 +1755,12 @@ def check_run_name(name: str) -> None:
 def _step_of_val_loss(run_dir: Path, loss: float) -> int | None:
     """The step whose checkpoint holds val loss `loss`, from metrics.jsonl's evaluations (a run saved before
     state.json recorded best_step), where that checkpoint is still there; else None."""
-    from tinygpt_cli.report import metrics_record
-
     try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
+        _, evals = read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, UnicodeDecodeError):
         return None
-    for line in reversed(lines):
-        record = metrics_record(line)
-        if record is not None and record.get("kind") == "eval" and record.get("val_loss") == loss and \
-                isinstance(record.get("step"), int) and (run_dir / "checkpoints" / f"step_{record['step']}").is_dir():
-            return record["step"]
-    return None
+    return next((step for step, value in reversed(evals)
+                 if value == loss and (run_dir / "checkpoints" / f"step_{step}").is_dir()), None)
 
 
 def _trained_dataset(run_dir: Path) -> str:
