@@ -14,6 +14,7 @@ from test_generate_cli import cli_invoke, make_run
 
 from conftest import assert_one_line_error
 from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.errors import TinyGPTError
 from tinygpt_cli.evaluation import Example, score_examples, score_tokens, token_nats, window_starts
 from tinygpt_cli.model import GPT
 from tinygpt_cli.tokenizer import EOT_ID, get_encoding
@@ -39,6 +40,15 @@ HELLASWAG_ROWS = [
 ]
 
 
+# Passages in LAMBADA's schema (the hub's copy: one `text` each, its last word the target).
+LAMBADA_ROWS = [
+    {"text": "She opened the door and called for the dog. After a minute the dog came running to the"},
+    {"text": "He poured the tea and said that the tea was too hot to drink, so she waited for the tea"},
+    {"text": "The ship left the harbour at dawn. By noon the sailors could no longer see the harbour"},
+    {"text": "Ça va? She said it again, smiling: ça va, ça va, naïve"},
+]
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -49,6 +59,13 @@ def model():
 def hellaswag_file(tmp_path):
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in HELLASWAG_ROWS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def lambada_file(tmp_path):
+    path = tmp_path / "lambada_test.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in LAMBADA_ROWS), encoding="utf-8")
     return path
 
 
@@ -123,9 +140,9 @@ def _reference_hellaswag(model, examples):
 
 
 def test_hellaswag_scoring_matches_a_reference(model):
-    from tinygpt_cli.evaluation import _example_from_row
+    from tinygpt_cli.evaluation import _hellaswag_example
 
-    examples = [_example_from_row(row, "test") for row in HELLASWAG_ROWS] * 3
+    examples = [_hellaswag_example(row, "test") for row in HELLASWAG_ROWS] * 3
     examples += [Example("Some words", ("one", "two two", "three three three"), label) for label in range(3)]
     assert score_examples(model, examples, batch_size=3) == pytest.approx(_reference_hellaswag(model, examples))
     # longer than the context (32): cut from the left, so that the endings are what is scored (a test that took any
@@ -328,6 +345,108 @@ def test_eval_keeps_a_redirected_stderr_to_its_lines(with_shakespeare, workspace
     assert result.exit_code == 0 and "" not in result.stderr.splitlines(), repr(result.stderr)
 
 
+def _reference_lambada(model, examples):
+    """Straightforward: one full forward per passage; the word's nats, and whether each of its tokens is the
+    argmax over GPT-2's vocabulary."""
+    encoding = get_encoding()
+    correct, nats = 0, 0.0
+    for example in examples:
+        context, word = encoding.encode_ordinary(example.context), encoding.encode_ordinary(" " + example.endings[0])
+        sequence = torch.tensor(context + word)[None, -(model.config.block_size + 1):]
+        scored = min(len(word), sequence.shape[1] - 1)
+        with torch.no_grad():
+            logits, _ = model(sequence[:, :-1])
+        logits = logits[0, -scored:, :50257]
+        targets = sequence[0, -scored:]
+        nats += -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum().item()
+        correct += int(bool((logits.argmax(dim=-1) == targets).all()))
+    return correct / len(examples), math.exp(nats / len(examples))
+
+
+def _always_predicting(token: int) -> GPT:
+    """A model whose first choice is `token` after any context: ln_f outputs a constant that only that token's
+    (tied) embedding row points along."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[token] = 0.0
+        model.transformer.wte.weight[token, 0] = 10.0
+    return model
+
+
+def test_lambada_scoring_matches_a_reference(model):
+    from tinygpt_cli.evaluation import _lambada_example, score_last_words
+
+    examples = [_lambada_example(row, "test") for row in LAMBADA_ROWS] * 2
+    words = get_encoding().decode(list(range(1000, 1400))).split()  # passages longer than the window: cut left
+    examples += [Example(" ".join(words[i * 9 : i * 9 + 40]), (words[i * 9 + 40],), 0) for i in range(5)]
+    accuracy, perplexity = score_last_words(model, examples, batch_size=3)
+    assert (accuracy, perplexity) == pytest.approx(_reference_lambada(model, examples))
+    # the accuracy counts words every token of which is the first choice: " the" is, " thethe" (" the" + "the")
+    # is not, though its first token is
+    the = get_encoding().encode_ordinary(" the")
+    assert len(the) == 1 and len(get_encoding().encode_ordinary(" thethe")) == 2
+    picks = [Example("We walked to", (word,), 0) for word in ("the", "thethe", "a", "the", "The")]
+    always = _always_predicting(the[0])
+    assert score_last_words(always, picks, batch_size=2)[0] == pytest.approx(0.4)
+    assert _reference_lambada(always, picks)[0] == pytest.approx(0.4)
+
+
+def test_lambada_rows():
+    from tinygpt_cli.evaluation import _lambada_example
+
+    example = _lambada_example({"text": "The cat sat on the mat \n"}, "test")
+    assert (example.context, example.endings, example.label) == ("The cat sat on the", ("mat",), 0)
+    for row, fragment in (({"text": 5}, "needs a text 'text' field"), ("a passage", "needs a text 'text' field"),
+                          ({"text": "alone"}, "has no last word"), ({"text": "   "}, "has no last word")):
+        with pytest.raises(TinyGPTError, match=fragment):
+            _lambada_example(row, "example 1")
+
+
+def test_eval_lambada_from_local_files(workspace, lambada_file, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tinygpt_cli.evaluation import load_task
+
+    make_run(workspace)
+    result = evaluate("--task", "lambada_openai", "--task-data", str(lambada_file), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    examples, _ = load_task("lambada_openai", lambada_file)
+    torch.manual_seed(0)  # make_run's weights are the fixture's
+    expected = _reference_lambada(GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval(), examples)
+    assert (payload["accuracy"], payload["perplexity"]) == pytest.approx(expected)
+    assert payload["accuracy_norm"] is None and payload["accuracy_norm_stderr"] is None
+    assert payload["examples"] == 4 and payload["task"] == "lambada_openai"
+    text = evaluate("--task", "LAMBADA_OpenAI", "--task-data", str(lambada_file), "--limit", "2")
+    assert text.exit_code == 0, text.output
+    assert "lambada_openai: acc 0.0000 ± 0.0000 · perplexity " in text.stdout and "on 2 examples" in text.stdout
+    parquet = tmp_path / "lambada.parquet"
+    pq.write_table(pa.Table.from_pylist(LAMBADA_ROWS), parquet)
+    assert load_task("lambada_openai", parquet)[0] == examples
+    records = [json.loads(line) for line in (workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["examples"]) for r in records] == [("lambada_openai", 4), ("lambada_openai", 2)]
+    assert records[0]["perplexity"] == pytest.approx(expected[1])
+    report = (workspace / "runs" / "tiny" / "report.md").read_text()
+    assert "## Evaluation: lambada_openai (zero-shot)" in report and "| perplexity (of the last word) |" in report
+
+
+def test_lambada_offline_without_a_local_copy(workspace, lambada_file, tmp_path):
+    make_run(workspace)
+    result = evaluate("--task", "lambada_openai", "--limit", "5")
+    assert_one_line_error(result, "could not load LAMBADA (OpenAI's version) from the Hugging Face hub")
+    assert "with text (the passage, its last word the target)" in result.stderr
+    hellaswag_shaped = tmp_path / "hs.jsonl"
+    hellaswag_shaped.write_text(json.dumps(HELLASWAG_ROWS[0]) + "\n", encoding="utf-8")
+    assert_one_line_error(evaluate("--task", "lambada_openai", "--task-data", str(hellaswag_shaped)),
+                          "needs a text 'text' field (LAMBADA's schema")
+    assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()
+
+
 def test_eval_a_checkpoint_folder_and_a_dataset_path(with_shakespeare, workspace):
     checkpoint = make_run(workspace)
     result = evaluate(str(checkpoint), "--data", str(with_shakespeare), "--tokens", "64", "--json")
@@ -340,13 +459,13 @@ def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tinygpt_cli.evaluation import load_hellaswag
+    from tinygpt_cli.evaluation import load_task
 
     make_run(workspace)
     result = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    examples, _ = load_hellaswag(hellaswag_file)
+    examples, _ = load_task("hellaswag", hellaswag_file)
     torch.manual_seed(0)  # make_run's weights are the fixture's
     expected = _reference_hellaswag(GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval(), examples)
     assert (payload["accuracy"], payload["accuracy_norm"]) == pytest.approx(expected)
@@ -356,7 +475,7 @@ def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_p
     parquet = tmp_path / "hs.parquet"
     pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items() if k != "ctx"} | {"label": str(row["label"])}
                                          for row in HELLASWAG_ROWS]), parquet)
-    assert load_hellaswag(parquet)[0] == examples  # ctx rebuilt from ctx_a + ctx_b
+    assert load_task("hellaswag", parquet)[0] == examples  # ctx rebuilt from ctx_a + ctx_b
     records = (workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in records] == ["task", "task"]
     assert "## Evaluation: hellaswag (zero-shot)" in (workspace / "runs" / "tiny" / "report.md").read_text()
@@ -373,7 +492,8 @@ def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_p
     (["--task", "hellaswag", "--task-data", "nope.jsonl"], "nope.jsonl does not exist"),
     (["--task", "hellaswag", "--data", "shakespeare"], "--data, --split and --tokens are for the loss"),
     (["--task", "hellaswag", "--split", "train"], "--data, --split and --tokens are for the loss"),  # was ignored
-    (["--limit", "3"], "go with --task hellaswag"),
+    (["--limit", "3"], "go with --task (hellaswag | lambada_openai)"),
+    (["--task", "lambada"], "unknown task 'lambada': choose one of hellaswag, lambada_openai"),
     (["no-such-run"], " at no-such-run"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(with_shakespeare, workspace, args, fragment):
@@ -438,13 +558,17 @@ def test_nothing_to_evaluate(workspace):
 
 
 @pytest.mark.gpu
-def test_eval_on_cuda(with_shakespeare, workspace, hellaswag_file):
+def test_eval_on_cuda(with_shakespeare, workspace, hellaswag_file, lambada_file):
     make_run(workspace)
     cpu = json.loads(evaluate("--tokens", "1000", "--json", "--device", "cpu").stdout)
     gpu = json.loads(evaluate("--tokens", "1000", "--json", "--device", "cuda", "--dtype", "fp32").stdout)
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
     bf16 = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--device", "cuda")
     assert bf16.exit_code == 0, bf16.output
+    lambada = [evaluate("--task", "lambada_openai", "--task-data", str(lambada_file), "--json", *args)
+               for args in (("--device", "cpu"), ("--device", "cuda", "--dtype", "fp32"))]
+    assert json.loads(lambada[1].stdout)["perplexity"] == pytest.approx(json.loads(lambada[0].stdout)["perplexity"],
+                                                                        rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ audit (eval)

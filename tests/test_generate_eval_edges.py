@@ -101,6 +101,15 @@ def test_eval_of_a_nan_model_writes_strict_json_and_says_why(workspace, with_sha
     assert payload["accuracy"] is None and payload["accuracy_norm"] is None, payload
     assert "non-finite logits" in result.stderr
     json.loads((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1], parse_constant=strict)
+    # LAMBADA's greedy picks over NaN logits would count as misses: an accuracy of 0 that is not one
+    task = workspace / "lambada.jsonl"
+    task.write_text("".join(json.dumps({"text": f"The baker sold bread {i} to the"}) + "\n" for i in range(3)))
+    result = cli_invoke("eval", "--task", "lambada_openai", "--task-data", str(task), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout, parse_constant=strict)
+    assert payload["accuracy"] is None and payload["perplexity"] is None and payload["accuracy_stderr"] is None
+    assert "non-finite logits" in result.stderr
+    json.loads((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()[-1], parse_constant=strict)
 
 
 def test_a_checkpoint_of_a_newer_tinygpt_or_a_damaged_header_says_what_to_do(workspace):

@@ -1441,7 +1441,8 @@ class _GenerateView:
     "eval",
     cls=_Command,
     epilog="Examples:  tinygpt eval  ·  tinygpt eval my-run --data owt --tokens 200000  ·  "
-    "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task hellaswag --task-data hs_val.jsonl",
+    "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task lambada_openai  ·  "
+    "tinygpt eval --task hellaswag --task-data hs_val.jsonl",
 )
 def eval_command(
     run: Annotated[
@@ -1459,15 +1460,18 @@ def eval_command(
         int | None,
         typer.Option(help="Tokens to score, in evenly spaced windows (default 1,048,576; the whole split if smaller)."),
     ] = None,
-    task: Annotated[str | None, typer.Option(help="A benchmark instead of the loss: hellaswag.")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="A zero-shot benchmark instead of the loss: hellaswag | lambada_openai.")
+    ] = None,
     task_data: Annotated[
         Path | None,
         typer.Option("--task-data", readable=False,
                      help="The task's examples from a local .jsonl/.json/.parquet instead of the hub."),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N examples of the task.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass; with --task, examples (of 4 "
-                                                        "sequences each). Default: ~16K tokens.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass; with --task, examples "
+                                                        "(HellaSwag's of 4 sequences each). Default: ~16K tokens.")
+                          ] = None,
     device: ModelDeviceOpt = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA).")] = "auto",
     record: Annotated[
@@ -1475,7 +1479,7 @@ def eval_command(
     ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure a run: loss, perplexity and bits per byte on a split, or zero-shot HellaSwag accuracy."""
+    """Measure a run: loss, perplexity and bits per byte on a split, or zero-shot HellaSwag or LAMBADA accuracy."""
     if model is not None and run is not None:
         raise TinyGPTError("give either RUN or --model, not both")
     run = model if model is not None else run
@@ -1484,7 +1488,7 @@ def eval_command(
     from tinygpt_cli import evaluation as ev
 
     if task is None and (task_data is not None or limit is not None):
-        raise TinyGPTError("--task-data and --limit go with --task hellaswag")
+        raise TinyGPTError(f"--task-data and --limit go with --task ({' | '.join(ev.TASKS)})")
     if task is not None and (data_name is not None or tokens is not None or split is not None):
         raise TinyGPTError("--data, --split and --tokens are for the loss; a --task reads its own examples "
                            "(--task-data)")
@@ -1534,7 +1538,12 @@ def eval_command(
         print(json.dumps(ev.json_safe(result), allow_nan=False))
         return
     which = f"step {result.step}" if result.step is not None else str(run)  # a Hugging Face folder, or gpt2
-    if isinstance(result, ev.TaskResult):
+    if isinstance(result, ev.TaskResult) and result.perplexity is not None:
+        print(
+            f"{result.task}: acc {result.accuracy:.4f} ± {result.accuracy_stderr:.4f} · perplexity "
+            f"{result.perplexity:.2f} on {counted(result.examples, 'example')} (zero-shot, {which})"
+        )
+    elif isinstance(result, ev.TaskResult):
         print(
             f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "
             f"acc {result.accuracy:.4f} on {counted(result.examples, 'example')} (zero-shot, {which})"

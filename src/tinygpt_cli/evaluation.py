@@ -1,4 +1,4 @@
-"""Evaluation: loss, perplexity and bits per byte on token files, and zero-shot HellaSwag.
+"""Evaluation: loss, perplexity and bits per byte on token files, and zero-shot HellaSwag and LAMBADA.
 
 Loss (`evaluate`): the split is cut into consecutive windows of the model's context; every window scores each of
 its tokens given the ones before it in the window. With `tokens` below the split's size, that many tokens' worth
@@ -8,10 +8,15 @@ included, as in training's val loss); perplexity = exp(loss); bits per byte = th
 (separators left out) / ln 2 / the UTF-8 bytes those tokens decode to. Bits per byte does not depend on the
 tokenizer, so it compares models that do not share one.
 
-HellaSwag (`evaluate_task`): each example is a context and four endings. Every ending is scored by the
-log-likelihood of its tokens after the context (`" " + ending`, contexts cut from the left to fit the window);
-`accuracy` picks the ending with the highest total, `accuracy_norm` the highest mean per token - the number
-nanoGPT and llm.c report (GPT-2 124M: about 0.29).
+Zero-shot tasks (`evaluate_task`) score continuations: the log-likelihood of a continuation's tokens after its
+context (contexts cut from the left to fit the window).
+- HellaSwag: each example is a context and four endings (`" " + ending`); `accuracy` picks the ending with the
+  highest total, `accuracy_norm` the highest mean per token - the number nanoGPT and llm.c report (GPT-2 124M:
+  about 0.29).
+- LAMBADA (OpenAI's version, `lambada_openai`): each example is a passage whose last word is to be predicted;
+  the context is the text before the last space, the continuation `" " + word`. `accuracy` counts the words whose
+  every token is the model's first choice (greedy), `perplexity` is exp of the mean over examples of the word's
+  nats - the definitions of EleutherAI's lm-evaluation-harness (GPT-2 124M: 0.3256 and 40.06 there).
 
 Results are appended to the run's `eval.jsonl` (one JSON object each) and `report.md`.
 """
@@ -46,9 +51,6 @@ from tinygpt_cli.tokenizer import EOT_ID, VOCAB_SIZE
 DEFAULT_TOKENS = 1 << 20  # tokens scored by default: 1,048,576, or the whole split if it is smaller
 BATCH_TOKENS = 16384  # tokens per forward pass by default
 HEAD_CHUNK = 512  # rows of (rows x vocab) fp32 logits held at once: 100 MB
-TASKS = ("hellaswag",)
-HELLASWAG_HUB_IDS = ("Rowan/hellaswag", "hellaswag")
-HELLASWAG_VAL_EXAMPLES = 10042  # HellaSwag's validation split: a copy of another size is not HellaSwag
 SPLITS = ("val", "train")
 
 
@@ -93,17 +95,20 @@ class LossResult:
 
 @dataclass
 class TaskResult:
-    """What `evaluate_task` measured: the zero-shot accuracy on a multiple-choice task (HellaSwag), by total and
-    by length-normalised log-likelihood, with the standard error of the latter."""
+    """What `evaluate_task` measured: the zero-shot accuracy on a task, with its standard error. HellaSwag adds the
+    length-normalised accuracy (and its standard error), LAMBADA the perplexity of the last word; a figure a task
+    does not have is None."""
 
     checkpoint: str
     step: int | None
     task: str
     source: str  # where the examples came from (a hub id or a file)
     examples: int
-    accuracy: float  # highest total log-likelihood
-    accuracy_norm: float  # highest mean log-likelihood per token
-    accuracy_norm_stderr: float
+    accuracy: float  # HellaSwag: the ending of highest total log-likelihood; LAMBADA: the word greedy decoding gives
+    accuracy_stderr: float
+    accuracy_norm: float | None  # HellaSwag: the ending of highest mean log-likelihood per token
+    accuracy_norm_stderr: float | None
+    perplexity: float | None  # LAMBADA: exp(mean nats of the last word)
     seconds: float
     device: str
     dtype: str
@@ -113,7 +118,8 @@ class TaskResult:
 
 @dataclass(frozen=True)
 class Example:
-    """A multiple-choice example: `context` followed by one of `endings`; `label` is the right one."""
+    """A task's example: `context` followed by one of `endings`; `label` is the right one (a completion task such
+    as LAMBADA has one ending, the right one)."""
 
     context: str
     endings: tuple[str, ...]
@@ -153,9 +159,17 @@ def token_nats(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     is over GPT-2's 50,257 tokens: the rows that pad the embedding to 50304 are never sampled nor exported, so
     a loss that gave them probability would not be the loss of the model people use (or of its exports).
     """
+    return _head_scores(model, x, y, greedy=False)[0]
+
+
+def _head_scores(model: GPT, x: torch.Tensor, y: torch.Tensor, greedy: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_nats`, and with `greedy` whether each target is the model's first choice (B, T) bool (False where
+    y is -1)."""
     hidden = model.hidden_states(x).flatten(0, 1)  # (N, C)
     targets = y.flatten()  # (N,)
     nats = torch.zeros(targets.numel(), dtype=torch.float32, device=x.device)
+    hits = torch.zeros(targets.numel(), dtype=torch.bool, device=x.device) if greedy else None
     weight = model.lm_head.weight[:VOCAB_SIZE]
     for begin in range(0, targets.numel(), HEAD_CHUNK):
         rows = slice(begin, begin + HEAD_CHUNK)
@@ -163,7 +177,9 @@ def token_nats(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         target = targets[rows]
         picked = logits.gather(1, target.clamp(min=0)[:, None]).squeeze(1)
         nats[rows] = torch.where(target >= 0, torch.logsumexp(logits, dim=-1) - picked, 0.0)
-    return nats.view_as(y)
+        if hits is not None:
+            hits[rows] = (logits.argmax(dim=-1) == target) & (target >= 0)
+    return nats.view_as(y), None if hits is None else hits.view_as(y)
 
 
 def window_starts(n_tokens: int, block: int, max_tokens: int | None) -> list[tuple[int, int]]:
@@ -192,8 +208,6 @@ def score_tokens(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> TokenScore:
     """Score `tokens` (a 1-D array of ids) in windows of the model's context; see `window_starts`."""
-    import contextlib
-
     block = model.config.block_size
     windows = window_starts(len(tokens), block, max_tokens)
     total = sum(length for _, length in windows)
@@ -230,6 +244,30 @@ def _encode(text: str) -> list[int]:
     return get_encoding().encode_ordinary(text)
 
 
+def _score_continuations(model: GPT, rows: Sequence[tuple[list[int], list[int]]], autocast: Any, greedy: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Score (context ids, continuation ids) pairs in one forward pass: each continuation's total nats (float64,
+    on the host: MPS has no float64), its scored token count, and with `greedy` whether every one of its tokens
+    was the model's first choice. A pair longer than the window loses tokens from the left, so that what is
+    scored is the continuation."""
+    block = model.config.block_size
+    device = next(model.parameters()).device
+    cut = [((context + continuation)[-(block + 1) :], len(continuation)) for context, continuation in rows]
+    width = max(len(sequence) - 1 for sequence, _ in cut)
+    x = np.zeros((len(cut), width), dtype=np.int64)
+    y = np.full((len(cut), width), -1, dtype=np.int64)
+    for row, (sequence, wanted) in enumerate(cut):
+        n = len(sequence) - 1
+        scored = min(wanted, n)
+        x[row, :n] = sequence[:-1]
+        y[row, n - scored : n] = sequence[-scored:] if scored else []
+    with autocast or contextlib.nullcontext():
+        nats, hits = _head_scores(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), greedy)
+    scored_tokens = torch.from_numpy((y >= 0).sum(axis=1))
+    all_hit = None if hits is None else hits.cpu().sum(dim=1) == scored_tokens
+    return nats.cpu().double().sum(dim=1), scored_tokens, all_hit
+
+
 @torch.inference_mode()
 def score_examples(
     model: GPT,
@@ -239,35 +277,17 @@ def score_examples(
     autocast: Any = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float]:
-    """(accuracy, accuracy_norm) of `examples` zero-shot; see the module docstring."""
-    import contextlib
-
-    block = model.config.block_size
-    device = next(model.parameters()).device
-    batch_size = batch_size or max(1, BATCH_TOKENS // (4 * block))
+    """(accuracy, accuracy_norm) of multiple-choice `examples` (HellaSwag) zero-shot; see the module docstring."""
+    batch_size = batch_size or max(1, BATCH_TOKENS // (4 * model.config.block_size))
     correct = correct_norm = 0
     finite = True
     for first in range(0, len(examples), batch_size):
         group = examples[first : first + batch_size]
-        rows: list[tuple[list[int], int]] = []  # (tokens, how many of the last ones are the ending)
-        for example in group:
-            context = _encode(example.context) or [EOT_ID]
-            for ending in example.endings:
-                ending_ids = _encode(" " + ending)
-                sequence = (context + ending_ids)[-(block + 1) :]
-                rows.append((sequence, min(len(ending_ids), len(sequence) - 1)))
-        width = max(len(sequence) - 1 for sequence, _ in rows)
-        x = np.zeros((len(rows), width), dtype=np.int64)
-        y = np.full((len(rows), width), -1, dtype=np.int64)
-        for row, (sequence, scored) in enumerate(rows):
-            n = len(sequence) - 1
-            x[row, :n] = sequence[:-1]
-            y[row, n - scored : n] = sequence[-scored:] if scored else []
-        with autocast or contextlib.nullcontext():
-            nats = token_nats(model, torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-        totals = nats.cpu().double().sum(dim=1)  # on the host: MPS has no float64
+        rows = [(_encode(example.context) or [EOT_ID], _encode(" " + ending))
+                for example in group for ending in example.endings]
+        totals, counts, _ = _score_continuations(model, rows, autocast, greedy=False)
         finite &= bool(torch.isfinite(totals).all())  # argmin over NaN picks ending 0: a made-up accuracy
-        counts = torch.from_numpy((y >= 0).sum(axis=1)).clamp(min=1)
+        counts = counts.clamp(min=1)
         offset = 0
         for example in group:
             choices = slice(offset, offset + len(example.endings))
@@ -282,6 +302,35 @@ def score_examples(
     return correct / n, correct_norm / n
 
 
+@torch.inference_mode()
+def score_last_words(
+    model: GPT,
+    examples: Sequence[Example],
+    *,
+    batch_size: int | None = None,
+    autocast: Any = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[float, float]:
+    """(accuracy, perplexity) of completion `examples` (LAMBADA: each one's single ending is the word to predict)
+    zero-shot; see the module docstring."""
+    batch_size = batch_size or max(1, BATCH_TOKENS // model.config.block_size)
+    correct = 0
+    nats = 0.0
+    for first in range(0, len(examples), batch_size):
+        group = examples[first : first + batch_size]
+        rows = [(_encode(example.context) or [EOT_ID], _encode(" " + example.endings[0])) for example in group]
+        totals, _, all_hit = _score_continuations(model, rows, autocast, greedy=True)
+        assert all_hit is not None
+        nats += float(totals.sum())
+        correct += int(all_hit.sum())
+        if on_progress is not None:
+            on_progress(min(first + batch_size, len(examples)), len(examples))
+    n = max(1, len(examples))
+    if not math.isfinite(nats):  # a damaged or diverged model: its greedy picks are argmax over NaN
+        return math.nan, math.nan
+    return correct / n, math.exp(min(nats / n, 700.0))
+
+
 def _say_if_non_finite(figure: float, emit: Callable[[EvalEvent], None]) -> None:
     """An info line saying why a figure is NaN (it is recorded so: null in the JSON)."""
     if not math.isfinite(figure):
@@ -290,8 +339,8 @@ def _say_if_non_finite(figure: float, emit: Callable[[EvalEvent], None]) -> None
         emit(EvalEvent("info", message=f"{NON_FINITE[0].upper()}{NON_FINITE[1:]}; its figures are NaN"))
 
 
-# ----------------------------------------------------------------------------------------------- HellaSwag data
-def _example_from_row(row: Any, where: str) -> Example:
+# ----------------------------------------------------------------------------------------------- task data
+def _hellaswag_example(row: Any, where: str) -> Example:
     if not isinstance(row, dict):
         raise DataError(f"{where} is not an object with ctx, endings and label: check the file")
     context = row.get("ctx")
@@ -310,6 +359,50 @@ def _example_from_row(row: Any, where: str) -> Example:
     if not 0 <= label < len(endings):
         raise DataError(f"{where} has label {label} but {len(endings)} endings")
     return Example(context, tuple(endings), label)
+
+
+def _lambada_example(row: Any, where: str) -> Example:
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        raise DataError(f"{where} needs a text 'text' field (LAMBADA's schema: the passage, its last word the target)")
+    context, _, word = text.rstrip().rpartition(" ")
+    if not context.strip() or not word:
+        raise DataError(f"{where} has no last word after a passage to predict it from: check the file")
+    return Example(context, (word,), 0)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A zero-shot benchmark: the copies of it on the Hugging Face hub (id, config) tried in turn, the split
+    scored and its size (a copy of another size is not the benchmark), the fields a local file needs, how a row
+    becomes an Example, and how examples are scored."""
+
+    name: str
+    title: str
+    hub: tuple[tuple[str, str | None], ...]
+    split: str
+    size: int
+    schema: str
+    example: Callable[[Any, str], Example]
+    completion: bool  # one ending, the right one (scored by `score_last_words`), not multiple choice
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task("hellaswag", "HellaSwag", (("Rowan/hellaswag", None), ("hellaswag", None)), "validation", 10042,
+             "ctx (or ctx_a/ctx_b), endings and label", _hellaswag_example, completion=False),
+        Task("lambada_openai", "LAMBADA (OpenAI's version)", (("EleutherAI/lambada_openai", "default"),), "test",
+             5153, "text (the passage, its last word the target)", _lambada_example, completion=True),
+    )
+}
+
+
+def find_task(name: str) -> Task:
+    task = TASKS.get(name.strip().lower())
+    if task is None:
+        raise DataError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return task
 
 
 def _read_rows(path: Path) -> list[Any]:
@@ -347,34 +440,34 @@ def _read_rows(path: Path) -> list[Any]:
     raise DataError(f"task data {path} is not .jsonl, .json or .parquet: convert it to one of those")
 
 
-def _hub_rows(limit: int | None) -> tuple[list[Any], str]:
+def _hub_rows(task: Task, limit: int | None) -> tuple[list[Any], str]:
     try:
         import datasets
     except ImportError:
         raise DataError("the `datasets` package is missing: pip install datasets, or pass --task-data PATH") from None
     from tinygpt_cli.download import hub_offline, hub_silence
 
-    silence = None if hub_offline() else hub_silence(HELLASWAG_HUB_IDS[0])
+    silence = None if hub_offline() else hub_silence(task.hub[0][0])
     problems = [silence] if silence else []
     with _cache_only(silence is not None):  # no answer: a cached copy, at once, instead of a minute of retries
-        for hub_id in HELLASWAG_HUB_IDS:
+        for hub_id, config in task.hub:
             if Path(hub_id).exists():  # `datasets` would read a local folder of that name instead of the hub
                 problems.append(f"{hub_id}: a local folder of that name shadows the hub id")
                 continue
             try:
-                table = datasets.load_dataset(hub_id, split="validation")
+                table = datasets.load_dataset(hub_id, config, split=task.split)
             except Exception as exc:  # offline, a renamed repo, a script-based copy: try the next id
                 problems.append(f"{hub_id}: {type(exc).__name__}")
                 continue
-            if len(table) != HELLASWAG_VAL_EXAMPLES:  # a local folder `datasets` read once under that name and cached
-                problems.append(f"{hub_id}: {len(table):,} examples, not HellaSwag's {HELLASWAG_VAL_EXAMPLES:,}")
+            if len(table) != task.size:  # a local folder `datasets` read once under that name and cached
+                problems.append(f"{hub_id}: {len(table):,} examples, not {task.title}'s {task.size:,}")
                 continue
             if limit is not None:
                 table = table.select(range(min(limit, len(table))))
-            return list(table), f"{hub_id} (validation)"
+            return list(table), f"{hub_id} ({task.split})"
     raise DataError(
-        f"could not load HellaSwag from the Hugging Face hub ({'; '.join(problems)}): go online once to cache it, "
-        f"or pass --task-data PATH to a local .jsonl/.json/.parquet with ctx, endings and label"
+        f"could not load {task.title} from the Hugging Face hub ({'; '.join(problems)}): go online once to cache "
+        f"it, or pass --task-data PATH to a local .jsonl/.json/.parquet with {task.schema}"
     )
 
 
@@ -396,22 +489,24 @@ def _cache_only(active: bool) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def load_hellaswag(path: str | Path | None = None, limit: int | None = None) -> tuple[list[Example], str]:
-    """HellaSwag's validation examples (the first `limit`) and where they came from.
+def load_task(task: str | Task, path: str | Path | None = None, limit: int | None = None
+              ) -> tuple[list[Example], str]:
+    """A task's examples (the first `limit`) and where they came from.
 
-    `path`: a local .jsonl/.json/.parquet in HellaSwag's schema (ctx or ctx_a/ctx_b, endings, label);
-    None: the Hugging Face hub through `datasets` (cached after the first download).
+    `path`: a local .jsonl/.json/.parquet in the task's schema (HellaSwag: ctx or ctx_a/ctx_b, endings, label;
+    LAMBADA: text); None: the Hugging Face hub through `datasets` (cached after the first download).
     """
+    task = task if isinstance(task, Task) else find_task(task)
     if path is not None:
         path = Path(path).expanduser()
         rows, source = _read_rows(path), str(path.resolve())  # eval.jsonl names it from any folder
         if limit is not None:
             rows = rows[:limit]
     else:
-        rows, source = _hub_rows(limit)
+        rows, source = _hub_rows(task, limit)
     if not rows:
         raise DataError(f"{source} holds no examples: check the file")
-    return [_example_from_row(row, f"example {i + 1} of {source}") for i, row in enumerate(rows)], source
+    return [task.example(row, f"example {i + 1} of {source}") for i, row in enumerate(rows)], source
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -530,30 +625,34 @@ def evaluate_task(
     on_event: Callable[[EvalEvent], None] | None = None,
     record: bool = True,
 ) -> TaskResult:
-    """Zero-shot accuracy of a checkpoint on a benchmark (`task`: hellaswag), on the first `limit` examples."""
+    """Zero-shot accuracy of a checkpoint on a benchmark (`task`: hellaswag | lambada_openai), on the first
+    `limit` examples; `task_data`: a local copy of them instead of the hub's."""
     emit = on_event or (lambda event: None)
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    spec = find_task(task)
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1 (got {limit})")
     if batch_size is not None and batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
-    examples, source = load_hellaswag(task_data, limit)
+    examples, source = load_task(spec, task_data, limit)
     loaded, autocast, dtype_name = _setup(checkpoint, device, dtype, record)
     model: GPT = loaded.model  # type: ignore[assignment]
-    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {task}: {workspace.counted(len(examples), 'example')} "
-                                   f"from {source}"))
+    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {spec.name}: "
+                                   f"{workspace.counted(len(examples), 'example')} from {source}"))
     emit(EvalEvent("start", total=len(examples), unit="examples"))
     started = time.perf_counter()
-    accuracy, accuracy_norm = score_examples(
+    scorer = score_last_words if spec.completion else score_examples
+    accuracy, second = scorer(
         model, examples, batch_size=batch_size, autocast=autocast,
         on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_, unit="examples")),
     )
     _say_if_non_finite(accuracy, emit)
+    n = max(1, len(examples))
     result = TaskResult(
-        checkpoint=str(loaded.path), step=loaded.state.get("step"), task=task, source=source,
-        examples=len(examples), accuracy=accuracy, accuracy_norm=accuracy_norm,
-        accuracy_norm_stderr=math.sqrt(accuracy_norm * (1 - accuracy_norm) / max(1, len(examples))),
+        checkpoint=str(loaded.path), step=loaded.state.get("step"), task=spec.name, source=source,
+        examples=len(examples), accuracy=accuracy, accuracy_stderr=math.sqrt(accuracy * (1 - accuracy) / n),
+        accuracy_norm=None if spec.completion else second,
+        accuracy_norm_stderr=None if spec.completion else math.sqrt(second * (1 - second) / n),
+        perplexity=second if spec.completion else None,
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
     )
     if record and _recorded(loaded):
@@ -594,11 +693,18 @@ def _report_section(result: LossResult | TaskResult, when: str) -> str:
             ("scored", f"{result.tokens:,} tokens ({result.text_bytes:,} bytes of text) in "
                        f"{workspace.counted(result.windows, 'window')} of {result.window_tokens}"),
         ]
+    elif result.perplexity is not None:
+        title = f"{result.task} (zero-shot)"
+        rows = [
+            ("accuracy (last word, greedy)", f"{result.accuracy:.4f} ± {result.accuracy_stderr:.4f}"),
+            ("perplexity (of the last word)", f"{result.perplexity:.2f}"),
+            ("examples", f"{workspace.counted(result.examples, 'example')} from {result.source}"),
+        ]
     else:
         title = f"{result.task} (zero-shot)"
         rows = [
             ("accuracy (length-normalised)", f"{result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f}"),
-            ("accuracy", f"{result.accuracy:.4f}"),
+            ("accuracy", f"{result.accuracy:.4f} ± {result.accuracy_stderr:.4f}"),
             ("examples", f"{workspace.counted(result.examples, 'example')} from {result.source}"),
         ]
     rows += [("checkpoint", f"`{result.checkpoint}` (step {result.step})"),
