@@ -530,3 +530,110 @@ def test_a_checkpoint_folder_is_found_from_outside_the_workspace(with_shakespear
     assert shown.exit_code == 0, shown.output
     assert_one_line_error(invoke("runs", "show", "r2/checkpoints/step_9"), "no run or checkpoint at "
                                                                           "r2/checkpoints/step_9: list them")
+
+
+# ------------------------------------------------------------------------------------------------ runs rm, data rm
+def _two_runs():
+    cfg = tiny_config(max_steps=2, eval_batches=1, batch_size=2)
+    return train(cfg, run_name="a").run_dir, train(cfg, run_name="b").run_dir
+
+
+def test_runs_rm_asks_then_deletes_whole_runs(with_shakespeare, workspace, monkeypatch):
+    from tinygpt_cli import cli
+
+    a, b = _two_runs()
+    (a.parent / "alias").symlink_to("b")
+    # stdin not a terminal, no --yes: nothing deleted, and it says how
+    assert_one_line_error(invoke("runs", "rm", "a"), "nothing deleted: pass --yes to delete without being asked")
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    declined = runner.invoke(app, ["runs", "rm", "a"], input="n\n")
+    assert declined.exit_code == 1 and "Nothing deleted." in declined.output and a.is_dir()
+    assert "runs/a: finished, step 2/2, best val loss" in declined.output and "1 checkpoint" in declined.output
+    done = runner.invoke(app, ["runs", "rm", "a"], input="y\n")
+    assert done.exit_code == 0, done.output
+    assert "Deleted runs/a" in done.output and not a.exists()
+    # a second name of a run: only the link goes; and a path into runs/ names a run as well as its name
+    linked = invoke("runs", "rm", "alias", str(b.parent / "alias"), "--yes")
+    assert linked.exit_code == 0, linked.output
+    assert "a second name of runs/b: only the link goes" in linked.stderr and "Deleted runs/alias (the link)" in \
+        linked.stderr
+    assert not (b.parent / "alias").is_symlink() and b.is_dir()
+    assert [s.name for s in list_run_summaries()] == ["b"]
+    assert invoke("runs", "rm", "b", "-y").exit_code == 0
+    assert sorted(p.name for p in b.parent.iterdir()) == []  # no lock nor a hidden folder left behind
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("nosuch", "no run named 'nosuch'"),
+    ("bb", "no run named 'bb' (did you mean"),
+    ("/tmp", "/tmp is not in"),
+    (".b.lock", "is not something `tinygpt runs` lists"),
+])
+def test_runs_rm_of_what_is_not_a_run_deletes_nothing(with_shakespeare, workspace, spec, fragment):
+    cfg = tiny_config(max_steps=1, eval_batches=1, batch_size=2)
+    run = train(cfg, run_name="b").run_dir
+    result = invoke("runs", "rm", "b", spec, "--yes")  # all are checked before any goes
+    assert_one_line_error(result, fragment)
+    assert run.is_dir()
+
+
+def test_a_run_or_dataset_in_use_is_not_deleted(with_shakespeare, workspace):
+    from tinygpt_cli import workspace as ws
+
+    a, _ = _two_runs()
+    with ws.exclusive(ws.lock_of(a), "runs/a"):  # what a training of it holds
+        assert_one_line_error(invoke("runs", "rm", "a", "--yes"), "runs/a is training now: stop it first")
+        assert_one_line_error(invoke("data", "rm", "shakespeare", "--yes"),
+                              "run a is training on data/shakespeare now")
+    with ws.exclusive(ws.lock_of(with_shakespeare), "data/shakespeare"):  # what a tokenize of it holds
+        assert_one_line_error(invoke("data", "rm", "shakespeare", "--yes"), "data/shakespeare is being tokenized now")
+    assert a.is_dir() and (with_shakespeare / "meta.json").is_file()
+
+
+def test_data_rm_names_the_runs_that_need_it_and_takes_an_interrupted_tokenize_along(with_shakespeare, workspace):
+    _two_runs()
+    tokens = sum(json.loads((with_shakespeare / "meta.json").read_text())["splits"][s]["tokens"] for s in ("train",
+                                                                                                          "val"))
+    partial = with_shakespeare.with_name(".shakespeare.partial")
+    partial.mkdir()
+    (partial / "train.bin").write_bytes(b"\0" * 64)
+    result = invoke("data", "rm", "shakespeare", "--yes")
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"data/shakespeare: {tokens:,} tokens, an interrupted tokenize of it, [\d.]+ [kM]B\n",
+                     result.stderr), result.stderr
+    assert "2 runs trained on it (b, a): resuming one, or `tinygpt eval` of one without --data, will need it " \
+           "tokenized again" in result.stderr
+    assert sorted(p.name for p in with_shakespeare.parent.iterdir()) == []
+    assert_one_line_error(invoke("data", "rm", "shakespeare", "--yes"), "no tokenized dataset named 'shakespeare'")
+    assert_one_line_error(invoke("data", "rm", "raw"), "data/raw holds downloaded corpora")
+
+
+def test_a_deletion_killed_halfway_is_never_listed_and_is_finished_by_the_next(with_shakespeare, workspace):
+    a, _ = _two_runs()
+    leftover = a.parent / ".removing-4242-0"  # what `runs rm` of a left when SIGKILLed mid-delete
+    a.rename(leftover)
+    assert [s.name for s in list_run_summaries()] == ["b"]
+    assert invoke("runs", "--json").stderr == ""  # not a run, nor a note
+    assert invoke("runs", "rm", "b", "--yes").exit_code == 0
+    assert not leftover.exists()
+
+
+def test_ctrl_c_during_a_deletion_finishes_that_one_and_keeps_the_rest(with_shakespeare, workspace, monkeypatch):
+    import os
+    import signal
+
+    from tinygpt_cli import inventory
+
+    a, b = _two_runs()
+    real = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first run's files are being deleted
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(inventory.shutil, "rmtree", interrupted)
+    result = invoke("runs", "rm", "b", "a", "--yes")
+    assert result.exit_code == 130, result.output
+    assert "Interrupted: deleted runs/b; kept runs/a." in result.stderr
+    assert not b.exists() and a.is_dir()
+    assert [p.name for p in a.parent.iterdir()] == ["a"]

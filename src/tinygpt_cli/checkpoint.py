@@ -237,6 +237,8 @@ def scan_runs(problems: list[str] | None = None) -> RunScan:
         return scan
     complete = []
     for run in root.iterdir():
+        if run.name.startswith("."):  # no run name starts with a dot: locks, and a deletion's folder (`runs rm`)
+            continue
         try:
             if run.is_symlink() and not run.exists():
                 if problems is not None:
@@ -250,7 +252,7 @@ def scan_runs(problems: list[str] | None = None) -> RunScan:
                 complete.append(((_saved_at(checkpoint), checkpoint.stat().st_mtime_ns), run))
             elif (step_folders(run) or _set_aside(run)) and (run / "metrics.jsonl").is_file():
                 scan.incomplete.append(((run / "metrics.jsonl").stat().st_mtime, run))
-            elif (run / "config.yaml").is_file() and not run.name.startswith("."):
+            elif (run / "config.yaml").is_file():
                 scan.unsaved.append(run)
         except OSError as exc:
             if problems is not None:

@@ -277,6 +277,7 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same s
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.")]
 ModelDeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking (needed where stdin is no terminal).")]
 # train's options that change a plan too: `tinygpt plan` takes them, so that a train command line plans as it is
 MaxTokensOpt = Annotated[
     int | None, typer.Option(rich_help_panel=_P_BUDGET, help="Stop with a checkpoint after this many tokens.")]
@@ -1781,7 +1782,8 @@ def plan(
 # ----------------------------------------------------------------------------------------- runs, data
 runs_app = typer.Typer(
     cls=_Group,
-    help="List the runs in the workspace; `tinygpt runs show NAME` prints a run's report.",
+    help="List the runs in the workspace; `tinygpt runs show NAME` prints a run's report, `tinygpt runs rm NAME` "
+    "deletes one.",
     no_args_is_help=False,
     rich_markup_mode="rich",
 )
@@ -1886,9 +1888,59 @@ def runs_show(
     print(text.rstrip("\n"))
 
 
+@runs_app.command("rm", cls=_Command,
+                  epilog="Examples:  tinygpt runs rm old-run  ·  tinygpt runs rm try-1 try-2 --yes")
+def runs_rm(
+    names: Annotated[list[str], typer.Argument(help="Runs to delete, by the names `tinygpt runs` lists.")],
+    yes: YesOpt = False,
+) -> None:
+    """Delete runs: their checkpoints, logs, reports and evals. One that is training now is refused."""
+    from tinygpt_cli.inventory import plan_run_removal
+
+    _remove([plan_run_removal(name) for name in dict.fromkeys(names)], yes)
+
+
+def _remove(removals: list, yes: bool) -> None:
+    """`runs rm` and `data rm`: say what goes, ask (unless --yes), then delete each; all checked before any goes."""
+    from tinygpt_cli.inventory import remove
+
+    err = _stderr_console()
+    for removal in removals:
+        err.print(f"{removal.what}: {removal.detail}", markup=False)
+        for note in removal.notes:
+            err.print(f"  note: {note}", markup=False)
+    if not yes:
+        if not _stdin_is_interactive():
+            raise TinyGPTError("nothing deleted: pass --yes to delete without being asked (stdin is not a terminal)")
+        freed = format_bytes(sum(removal.bytes for removal in removals))
+        try:
+            confirmed = typer.confirm(f"Delete {'it' if len(removals) == 1 else f'these {len(removals)}'} "
+                                      f"({freed})?", default=False, err=True)
+        except typer.Abort:  # Ctrl-D, Ctrl-C at the prompt
+            confirmed = False
+        if not confirmed:
+            err.print("Nothing deleted.")
+            raise typer.Exit(1)
+    done: list[str] = []
+
+    def stopped(exc: KeyboardInterrupt) -> str:  # each deletion runs to its end: the ones after it are kept
+        done.extend([exc.removed] if hasattr(exc, "removed") else [])
+        kept = [removal.what for removal in removals if removal.what not in done]
+        return (f"Interrupted: {'deleted ' + ', '.join(done) if done else 'nothing deleted'}"
+                f"{'; kept ' + ', '.join(kept) if kept else ''}.")
+
+    with _interruptible(None, err, stopped):
+        for removal in removals:
+            remove(removal)
+            done.append(removal.what)
+            err.print(f"Deleted {removal.what}" + (" (the link)" if removal.link else
+                                                    f", {format_bytes(removal.bytes)} freed"), markup=False)
+
+
 data_app = typer.Typer(
     cls=_Group,
-    help="List the tokenized datasets in the workspace; `tinygpt data show NAME` for one.",
+    help="List the tokenized datasets in the workspace; `tinygpt data show NAME` for one, `tinygpt data rm NAME` "
+    "deletes one.",
     no_args_is_help=False,
     rich_markup_mode="rich",
 )
@@ -1951,6 +2003,20 @@ def data_show(
         f"  tokenizer  {tokenizer.get('name')} (vocabulary {tokenizer.get('vocab_size')}), created "
         f"{_when(meta.get('created'))}"
     )
+
+
+@data_app.command("rm", cls=_Command,
+                  epilog="Examples:  tinygpt data rm owt-test  ·  tinygpt data rm a b --yes")
+def data_rm(
+    names: Annotated[list[str], typer.Argument(help="Datasets to delete, by the names `tinygpt data` lists.")],
+    yes: YesOpt = False,
+) -> None:
+    """Delete tokenized datasets, with an interrupted tokenize of each; downloads in data/raw are not touched.
+
+    One being tokenized, or that a run is training on now, is refused."""
+    from tinygpt_cli.inventory import plan_dataset_removal
+
+    _remove([plan_dataset_removal(name) for name in dict.fromkeys(names)], yes)
 
 
 def _end_of_input() -> str:

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,3 +335,184 @@ def dataset_meta(spec: str | None) -> tuple[Path, dict[str, Any], str | None]:
     except DataError as exc:
         return dataset.path, dataset.meta, str(exc)
     return dataset.path, dataset.meta, None
+
+
+# ----------------------------------------------------------------------------------------------- removal
+@dataclass(frozen=True)
+class Removal:
+    """What `tinygpt runs rm` / `data rm` deletes for one name: `path` (a folder; for a link only the link goes),
+    `extra` (what belongs with it: a dataset's interrupted tokenize and the copies a publish set aside), the bytes
+    that frees, a line saying what it is, and notes on what depends on it."""
+
+    what: str  # "runs/NAME" or "data/NAME"
+    path: Path
+    link: bool
+    extra: tuple[Path, ...]
+    bytes: int
+    detail: str
+    notes: tuple[str, ...] = ()
+
+
+# what a deletion renames a folder to first (`.removing-PID-N`, no other name: nothing that looks for `.NAME.partial`
+# or `.NAME.old-*` can take it for one): listings skip hidden names, so a run or dataset is listed whole or not at
+# all, and a deletion killed halfway leaves a hidden folder that the next `rm` in that folder finishes
+_REMOVING = ".removing-"
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path`, links not followed (what deleting it frees)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def _entry(spec: str, folder: Path, kind: str) -> Path:
+    """The entry of `folder` (runs/ or data/) that `spec` names: a name as the listing shows it, or a path to it."""
+    if workspace.is_bare_name(spec):
+        path = folder / spec
+    else:
+        given = Path(spec).expanduser().absolute()
+        try:
+            inside = given.parent.resolve() == folder.resolve()
+        except (OSError, RuntimeError):
+            inside = False
+        if not inside:
+            raise DataError(f"{spec} is not in {folder}: `tinygpt {kind} rm` deletes only what `tinygpt {kind}` "
+                            f"lists; delete other folders yourself")
+        path = folder / given.name
+    if path.name.startswith(".") or path.name in ("", ".", ".."):
+        raise DataError(f"{spec} is not something `tinygpt {kind}` lists: name one it does")
+    return path
+
+
+def _link_detail(path: Path) -> str:
+    sibling = workspace.sibling_target(path)
+    if sibling is not None:
+        return f"a second name of {sibling.parent.name}/{sibling.name}: only the link goes, the run stays"
+    target = os.readlink(path)
+    if not path.exists():
+        return f"a link to {target}, which is missing: only the link goes"
+    return f"a link to {target}: only the link goes, the folder it names stays"
+
+
+def plan_run_removal(spec: str) -> Removal:
+    """What deleting the run `spec` (a name from `tinygpt runs`, or a path into runs/) would remove; raises a one-line
+    error for one that is not there, or that is training now."""
+    from tinygpt_cli.checkpoint import latest_checkpoint, step_folders
+
+    root = workspace.runs_dir()
+    path = _entry(spec, root, "runs")
+    what = f"runs/{path.name}"
+    if not path.is_symlink() and not path.exists():
+        raise DataError(f"no run named {path.name!r}{workspace.close_names(path.name, root)}: list them with "
+                        f"`tinygpt runs`")
+    if workspace.held(workspace.lock_of(path)):
+        raise DataError(f"{what} is training now: stop it first (Ctrl-C where it runs, or end its job), then delete it")
+    if path.is_symlink():
+        return Removal(what, path, True, (), 0, _link_detail(path))
+    if not path.is_dir():
+        raise DataError(f"{what} is a file, not a run: move or delete it yourself")
+    size = _tree_bytes(path)
+    try:
+        summary = run_summary(path) if latest_checkpoint(path) is not None else unsaved_run_summary(path)
+        steps = f"{summary.steps:,}/{summary.max_steps:,}" if summary.max_steps else f"{summary.steps:,}"
+        facts = [summary.status, f"step {steps}"]
+        if summary.best_val_loss is not None:
+            facts.append(f"best val loss {summary.best_val_loss:.4f}")
+    except (CheckpointError, OSError):  # a damaged state.json: deleting it is still what was asked
+        facts = ["unreadable checkpoint"]
+    kept = len(step_folders(path))
+    facts.append(f"{workspace.counted(kept, 'checkpoint')}, {workspace.format_bytes(size)}")
+    return Removal(what, path, False, (), size, ", ".join(facts))
+
+
+def plan_dataset_removal(spec: str) -> Removal:
+    """What deleting the tokenized dataset `spec` (a name from `tinygpt data`, or a path into data/) would remove,
+    with an interrupted tokenize of it and copies set aside; raises a one-line error for one that is not there, or
+    that a tokenize is writing or a training reading now. The runs that trained on it are named in the notes."""
+    from tinygpt_cli.data import _old_copies, _partial_of
+    from tinygpt_cli.sources import RAW_DIR_NAME
+
+    root = workspace.data_dir()
+    path = _entry(spec, root, "data")
+    what = f"data/{path.name}"
+    if path.name == RAW_DIR_NAME:
+        raise DataError(f"data/{RAW_DIR_NAME} holds downloaded corpora, not a tokenized dataset: delete "
+                        f"data/{RAW_DIR_NAME}/NAME yourself (a tokenized dataset does not need its download)")
+    if workspace.held(workspace.lock_of(path)):
+        raise DataError(f"{what} is being tokenized now: stop that `tinygpt tokenize` first, then delete it")
+    linked = path.is_symlink()
+    extra = () if linked else (_partial_of(path), *_old_copies(path))
+    extra = tuple(p for p in extra if p.is_dir())
+    if not linked and not path.exists() and not extra:
+        raise DataError(f"no tokenized dataset named {path.name!r}{workspace.close_names(path.name, root)}: list them "
+                        f"with `tinygpt data`")
+    if not linked and path.exists() and not path.is_dir():
+        raise DataError(f"{what} is a file, not a tokenized dataset: move or delete it yourself")
+    users = [s for s in list_run_summaries() if s.dataset == path.name]
+    training = [s.name for s in users if s.training]
+    if training:
+        raise DataError(f"run {training[0]} is training on {what} now: wait for it to end or stop it, then delete it")
+    notes = []
+    if users:
+        names = ", ".join(s.name for s in users[:6]) + (", …" if len(users) > 6 else "")
+        notes.append(f"{workspace.counted(len(users), 'run')} trained on it ({names}): resuming one, or `tinygpt "
+                     f"eval` of one without --data, will need it tokenized again")
+    if linked:
+        return Removal(what, path, True, (), 0, _link_detail(path).replace("the run stays", "the dataset stays"),
+                       tuple(notes))
+    size = sum(_tree_bytes(p) for p in (path, *extra) if p.is_dir())
+    facts = []
+    if path.is_dir():
+        try:
+            from tinygpt_cli.data import load_dataset
+
+            summary = dataset_summary(load_dataset(path).meta, path)
+            facts.append(f"{summary.train_tokens + summary.val_tokens:,} tokens")
+        except DataError:
+            facts.append("damaged")
+    if any(p.name.endswith(".partial") for p in extra):
+        facts.append("an interrupted tokenize of it")
+    facts.append(workspace.format_bytes(size))
+    return Removal(what, path, False, extra, size, ", ".join(facts), tuple(notes))
+
+
+def remove(removal: Removal) -> None:
+    """Delete what `removal` names, holding the lock a training (of a run) or a tokenize (of a dataset) takes, so
+    that neither starts on it meanwhile. The folder is first renamed to a hidden name in one step, so no listing or
+    command sees it half deleted; Ctrl-C and SIGTERM wait for the end. A deletion killed halfway leaves that hidden
+    folder, which the next `rm` in the same folder removes."""
+    from tinygpt_cli.launch import Stopped, stops_held
+
+    folder = removal.path.parent
+    busy = DataError(f"{removal.what} is in use now (a training or tokenize started on it): wait, then delete it")
+    with workspace.exclusive(workspace.lock_of(removal.path), removal.what, busy), stops_held() as stops:
+        for left in folder.glob(f"{_REMOVING}*"):  # earlier deletions that were killed
+            shutil.rmtree(left, ignore_errors=True)
+        if removal.link:
+            removal.path.unlink(missing_ok=True)
+        else:
+            doomed = []
+            for index, path in enumerate((removal.path, *removal.extra)):
+                if not path.is_dir():
+                    continue
+                hidden = folder / f"{_REMOVING}{os.getpid()}-{index}"
+                try:
+                    workspace.replace(path, hidden)
+                except PermissionError:  # Windows renames no folder holding a file another program has open
+                    raise DataError(f"{removal.what} is open in another program (a `tinygpt generate` or `eval`?): "
+                                    f"close it, then delete it") from None
+                doomed.append(hidden)
+            for hidden in doomed:
+                shutil.rmtree(hidden, ignore_errors=True)
+            left = [hidden for hidden in doomed if hidden.exists()]
+            if left:
+                raise DataError(f"{removal.what} is out of the listing, but {left[0]} could not be deleted whole "
+                                f"(permissions?): delete it yourself")
+    if stops:  # then the stop, saying that this deletion was finished
+        stopped = Stopped(stops[0])
+        stopped.removed = removal.what  # type: ignore[attr-defined]
+        raise stopped
