@@ -304,6 +304,22 @@ def test_usage_error_exits_2(workspace):
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["train", "--max-steps", "many"], "Invalid value for '--max-steps'"),
+    (["generate", "--bogus"], "No such option: --bogus (Possible options: --verbose); `tinygpt generate -h` lists"),
+    (["eval", "--tokens"], "Option '--tokens' requires an argument; `tinygpt eval -h` lists what it takes"),
+    (["--bogus"], "No such option: --bogus; `tinygpt -h` lists what it takes"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["runs", "rm"], "Missing argument 'names'; `tinygpt runs rm -h` lists what it takes"),
+])
+def test_a_command_line_that_cannot_be_parsed_is_one_line(workspace, args, fragment):
+    """Terminal audit: Typer printed a usage line and a boxed panel, wrapped at the terminal's width, where every
+    other error is one `error:` line a CI log can be searched for."""
+    result = invoke(*args)
+    assert_one_line_error(result, fragment, code=2)
+    assert "╭" not in result.stderr and "Usage:" not in result.stderr
+
+
 def test_an_unforeseen_write_error_is_one_line(workspace, monkeypatch, tmp_path):
     """A full disk or read-only folder that no command checks for printed a traceback (found by an audit)."""
     import errno
@@ -641,3 +657,77 @@ def test_auto_resume_of_a_fine_tune_a_finished_run_and_an_edited_dropout(with_sh
     yaml_file.write_text("model:\n  bias: false\n")
     assert_one_line_error(train_tiny("--config", str(yaml_file), "--name", "dr", "--auto-resume", steps=4),
                           "(model.bias True → False)")
+
+
+def test_progress_animates_only_on_a_terminal_that_redraws(with_shakespeare, workspace):
+    """Terminal audit: under FORCE_COLOR a pipe counts as a terminal to rich, and a train log filled with redrawn
+    frames (60 kB in 36 s, never a newline), the plain once-a-minute lines never printed; under TERM=dumb a real
+    terminal, which shows no redraw, got no progress at all. Both get the plain lines."""
+    import io
+
+    from rich.console import Console
+
+    from tinygpt_cli import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert cli._animated(Console(file=Terminal(), force_terminal=True, _environ={"TERM": "xterm"}))
+    assert not cli._animated(Console(file=io.StringIO(), force_terminal=True))  # FORCE_COLOR, into a pipe
+    assert not cli._animated(Console(file=Terminal(), force_terminal=True, _environ={"TERM": "dumb"}))
+    result = runner.invoke(app, ["train", "--size", "micro", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
+                                 "--set", "model.n_head=2", "--set", "model.block_size=16", "--max-steps", "2",
+                                 "--set", "train.batch_size=2", "--set", "train.eval_batches=1"],
+                           env={"FORCE_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "\x1b[2K" not in result.stderr and "\r" not in result.stderr  # no redrawn frames
+    assert "step 2/2 (100.0%) · loss " in result.stderr  # the plain line where the run ended
+
+
+def test_eval_says_how_far_it_got_in_a_log(with_shakespeare, workspace, monkeypatch):
+    """Terminal audit: with stderr in a log, eval printed nothing between its first line and its result, however
+    long it took (the default million tokens, or HellaSwag on a large model)."""
+    from test_generate_cli import make_run
+
+    from tinygpt_cli import cli
+
+    make_run(workspace)
+    monkeypatch.setattr(cli, "PLAIN_PROGRESS_S", 0.0)
+    result = invoke("eval", "--tokens", "320", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert "eval: 64/320 tokens (20%)" in result.stderr and "eval: 256/320 tokens (80%)" in result.stderr
+
+
+def test_text_from_the_user_is_printed_as_it_is(workspace, tmp_path):
+    """Terminal audit: stderr parsed what it printed as rich markup: `[best]` in a path vanished from the line
+    that named it, and a path with `[/]` in it ended tokenize with a MarkupError traceback."""
+    folder = tmp_path / "x[" / "]y [best]"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("To be, or not to be, that is the question. " * 200, encoding="utf-8")
+    result = invoke("tokenize", str(folder), "--name", "odd")
+    assert result.exit_code == 0, result.output
+    assert str(folder) in result.stdout + result.stderr
+
+
+def test_the_corpus_list_never_cuts_a_source_id(monkeypatch):
+    """Terminal audit: in an 80-column terminal `download --list` showed `Skylion…` and `CDLA-Sh…`: the hub id a
+    user types for `download owner/name`, and the license, were cut."""
+    import io
+
+    from rich.console import Console
+
+    from tinygpt_cli import cli
+    from tinygpt_cli.sources import REGISTRY
+
+    for width in (80, 60):
+        screen = io.StringIO()
+        monkeypatch.setattr(cli, "_stdout_console", lambda screen=screen, width=width: Console(
+            file=screen, width=width, force_terminal=True, markup=False, highlight=False))
+        result = invoke("download", "--list")
+        assert result.exit_code == 0, result.output
+        shown = screen.getvalue()
+        assert "…" not in shown
+        assert all(entry.name in shown for entry in REGISTRY.values()), shown
+        if width == 80:
+            assert all(entry.hub_id in shown for entry in REGISTRY.values() if entry.hub_id), shown

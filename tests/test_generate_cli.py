@@ -496,3 +496,40 @@ def test_ctrl_c_prints_what_a_batch_or_json_had_made_marked_interrupted(run, mon
         sample.sample_text(sample.load_model(str(run), "cpu", "fp32").model, "ROMEO:", 30, num_samples=2,
                            stop_at_eot=False, temperature=0)
     assert [s.stop_reason for s in caught.value.partial.samples] == ["interrupted", "interrupted"]
+
+
+def test_utf8_prompts_read_under_a_c_locale_are_recovered(run, monkeypatch):
+    """Terminal audit: under LANG=C (a bare ssh or cron environment; PYTHONUTF8=0) Python keeps a UTF-8 argument's
+    bytes as lone surrogates, and `generate "café"` was refused as "not UTF-8 text", which it was. The bytes are
+    the UTF-8 they were, in the argument, in --stop and in the prompt loop."""
+    import builtins
+
+    result = generate("caf\udcc3\udca9", "--stop", "\udce2\udc9c\udc93", "--max-new-tokens", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt"] == "café"
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    said = iter(["na\udcc3\udcafve", EOFError()])
+
+    def typed(prompt=""):
+        answer = next(said)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(builtins, "input", typed)
+    looped = generate("--max-new-tokens", "2", "--json")
+    assert looped.exit_code == 0, looped.output
+    assert [json.loads(line)["prompt"] for line in looped.stdout.splitlines()] == ["naïve"]
+
+
+def test_a_stdout_that_cannot_write_the_text_is_said(run):
+    """Terminal audit: under an ASCII or latin-1 stdout the samples' other characters printed as '?' without a
+    word. It is said once, on stderr; --json (ASCII-escaped) is not lossy and gets no note."""
+    from typer.testing import CliRunner
+
+    ascii_out = CliRunner(charset="ascii").invoke(cli.app, ["generate", "ab", "--max-new-tokens", "2"])
+    assert ascii_out.exit_code == 0, ascii_out.output
+    assert "note: stdout writes ascii, which lacks most of what a model can write" in ascii_out.stderr
+    as_json = CliRunner(charset="ascii").invoke(cli.app, ["generate", "ab", "--max-new-tokens", "2", "--json"])
+    assert as_json.exit_code == 0 and "note: stdout" not in as_json.stderr
+    assert "note: stdout" not in generate("ab", "--max-new-tokens", "2").stderr

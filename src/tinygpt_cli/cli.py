@@ -37,12 +37,27 @@ from tinygpt_cli.workspace import counted, format_bytes
 _QUIET = False  # set by `tinygpt --quiet`: no progress or status lines (errors and results still show)
 
 
+# Markup off: what they print holds user text (paths, prompts, names), and `shards/[a-z].jsonl` would lose its
+# brackets, `x[/]y` end in rich's MarkupError; a line that styles itself passes markup=True with escape()d text
 def _stderr_console(quiet: bool | None = None):
-    return _console_class()(stderr=True, highlight=False, soft_wrap=True, quiet=_QUIET if quiet is None else quiet)
+    return _console_class()(stderr=True, highlight=False, soft_wrap=True, markup=False,
+                            quiet=_QUIET if quiet is None else quiet)
 
 
 def _stdout_console():
-    return _console_class()(highlight=False, soft_wrap=True)
+    return _console_class()(highlight=False, soft_wrap=True, markup=False)
+
+
+def _animated(console) -> bool:
+    """Whether a progress bar can redraw in place on `console`: a terminal that is one (rich calls a pipe one
+    under FORCE_COLOR or TTY_COMPATIBLE, whose log would fill with redrawn frames) and is not TERM=dumb (which
+    shows no redraw at all). Elsewhere progress is plain lines every PLAIN_PROGRESS_S."""
+    if not console.is_terminal or console.is_dumb_terminal:
+        return False
+    try:
+        return bool(console.file.isatty())
+    except (AttributeError, ValueError, OSError):  # a file object without a descriptor, or a closed one
+        return False
 
 
 @functools.cache
@@ -151,19 +166,42 @@ class _Group(_FlagsTakeNoValue, TyperGroup):
     pass
 
 
+def _usage_error(exc: Exception, root: Any = None) -> Exception:
+    """A command line that cannot be parsed, as one error line (not Typer's boxed usage) and exit code 2; `root`:
+    the program's context, which knows the command an error without one of its own was met in. `tinygpt` alone
+    (its help, printed already) is left as it is."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        return exc
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        words = ctx.command_path.split()[1:]  # the program's own name as `tinygpt`, whatever ran it
+    else:
+        words = [root.invoked_subcommand] if root is not None and root.invoked_subcommand else []
+    command = " ".join(["tinygpt", *words])
+    if words[-1:] == ["tokenize"] and "unexpected extra argument" in getattr(exc, "message", ""):
+        print_error(TinyGPTError("tokenize takes one SOURCE: put the files in one folder, or quote a glob so "
+                                 "that the shell leaves it to tinygpt (tinygpt tokenize 'shards/*.jsonl')"))
+    else:
+        message = exc.format_message().rstrip(".")  # type: ignore[attr-defined]
+        print_error(TinyGPTError(f"{message}; `{command} -h` lists what it takes"))
+    return typer.Exit(2)
+
+
 class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
-    """Turns library errors into one line and exit code 1, for `tinygpt` and for CliRunner alike."""
+    """Turns library errors into one line and exit code 1, and command lines that cannot be parsed into one line
+    and exit code 2, for `tinygpt` and for CliRunner alike."""
+
+    def make_context(self, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        try:  # the program's own options (`tinygpt --bogus`) are parsed here, before any command is invoked
+            return super().make_context(*args, **kwargs)
+        except _UsageError as exc:
+            raise _usage_error(exc) from None
 
     def invoke(self, ctx):  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except _UsageError as exc:  # an unquoted glob that the shell expanded into several sources
-            command = exc.ctx.command.name if exc.ctx is not None else None
-            if command != "tokenize" or "unexpected extra argument" not in exc.message:
-                raise
-            print_error(TinyGPTError("tokenize takes one SOURCE: put the files in one folder, or quote a glob so "
-                                     "that the shell leaves it to tinygpt (tinygpt tokenize 'shards/*.jsonl')"))
-            raise typer.Exit(2) from None
+        except _UsageError as exc:
+            raise _usage_error(exc, ctx) from None
         except TinyGPTError as exc:
             _debug_traceback()
             print_error(exc)
@@ -365,7 +403,7 @@ class _RateView:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
         self.label, self.console, self.total, self.clock = label, console, None, _PlainClock()
-        self.plain = not console.is_terminal  # a log: plain lines, no bar (a transient one leaves only a blank line)
+        self.plain = not _animated(console)  # a log: plain lines, no bar (a transient one leaves only a blank line)
         self.progress = Progress(
             TextColumn(f"[bold]{label}[/]"),
             BarColumn(),
@@ -390,7 +428,7 @@ class _RateView:
                 done = f"{min(1.0, done_bytes / self.total):.1%} · " if self.total else ""
                 with contextlib.suppress(OSError):  # a log whose reader went away: the work goes on
                     self.console.print(f"{self.label}: {done}{_fmt_size(done_bytes)} of text · {' · '.join(rates)}"
-                                       f"{eta}", markup=False)
+                                       f"{eta}")
             return
         total = self.progress.tasks[self.task].total
         self.progress.update(
@@ -621,25 +659,28 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows))
         return
+    from rich.measure import Measurement
     from rich.table import Table
 
-    table = Table(title="Named corpora (sizes approximate, whole split)", title_justify="left")
+    title = "Named corpora (sizes approximate, whole split)"
+    table = Table(title=title, title_justify="left")
     for column in ("name", "source", "documents", "text", "tokens", "license", "here"):
-        table.add_column(
-            column,
-            justify="right" if column in ("documents", "text", "tokens") else "left",
-            no_wrap=column in ("name", "documents", "text", "tokens"),
-        )
-    for row in rows:
-        table.add_row(
-            row["name"],
-            row["where"],
-            _fmt_int(row["documents"]),
-            _fmt_size(row["text_bytes"]),
-            f"{row['tokens'] / 1e9:.2f}B" if row["tokens"] >= 1e8 else f"{row['tokens'] / 1e6:.1f}M",
-            row["license"],
-            row["status"],
-        )
+        table.add_column(column, justify="right" if column in ("documents", "text", "tokens") else "left")
+    cells = [(row["name"], row["where"], _fmt_int(row["documents"]), _fmt_size(row["text_bytes"]),
+              f"{row['tokens'] / 1e9:.2f}B" if row["tokens"] >= 1e8 else f"{row['tokens'] / 1e6:.1f}M",
+              row["license"], row["status"]) for row in rows]
+    for row_cells in cells:
+        table.add_row(*row_cells)
+    console = _stdout_console()
+    if console.is_terminal and Measurement.get(console, console.options.update_width(1 << 20), table).maximum \
+            > console.width:
+        # a terminal too narrow for the table: a block per corpus, so that no source id (what `download owner/name`
+        # takes) or license is cut or broken across lines
+        console.print(title)
+        for name, where, documents, text, tokens, license_, status in cells:
+            console.print(f"\n{name}  {where}{f'  ({status})' if status else ''}\n  {documents} documents · {text} · "
+                          f"{tokens} tokens · {license_}")
+        return
     _print_table(table)
 
 
@@ -758,7 +799,7 @@ def train(
         cores = available_cpus()
         if nproc > cores and (not torch.cuda.is_available() or str(device).lower() == "cpu"):
             _stderr_console().print(f"[yellow]--nproc {nproc} on {cores} CPU cores: the processes share them, so each "
-                                    f"step takes longer than with --nproc {cores}[/yellow]")
+                                    f"step takes longer than with --nproc {cores}[/yellow]", markup=True)
         _stderr_console().print(f"Launching {nproc} processes, as `{' '.join(torchrun_command(nproc, sys.argv[1:]))}`")
         raise typer.Exit(launch(nproc, sys.argv[1:]))
     from tinygpt_cli import checkpoint as ckpt
@@ -1015,7 +1056,7 @@ def _note_settings_kept(run_name: str, config: Path | None, started: Any, resume
         section, key = first.split(".")
         _stderr_console().print(
             f"note: run {run_name} goes on with its own {', '.join(changed)}, not those --config gives now; change "
-            f"one with --set (--set {first}={now[section][key]})", markup=False)
+            f"one with --set (--set {first}={now[section][key]})")
 
 
 def _resume_command(name: str) -> str:
@@ -1048,7 +1089,7 @@ class _TrainView:
         self.task = None
         self.run_dir: Path | None = None  # known from the start event
         self.on_event = _ShownWhileOutputLasts(self._show)  # a hangup: training goes on to its checkpoint
-        self.plain = not console.is_terminal  # a log: plain lines every PLAIN_PROGRESS_S, no bar
+        self.plain = not _animated(console)  # a log: plain lines every PLAIN_PROGRESS_S, no bar
         self.clock = _PlainClock()
         self.first: tuple[float, int] = (0.0, 0)  # (time, step) of this invocation's start
         self.shown = {"loss": "…", "val": "…", "rate": "…", "mfu": ""}
@@ -1103,7 +1144,7 @@ class _TrainView:
         self.console.print(
             f"step {event.step:,}/{event.max_steps:,} ({event.step / max(1, event.max_steps):.1%}) · loss "
             f"{shown['loss']} · val {shown['val']} · {shown['rate']} tok/s{shown['mfu']} · {_fmt_seconds(elapsed)}"
-            f"{eta}", markup=False)
+            f"{eta}")
 
     def close(self) -> None:
         if self.task is not None and not self.plain:  # a Progress never started still ends a line: a blank one
@@ -1229,12 +1270,11 @@ def generate(
         raise GenerationError("give the prompt as an argument or with --prompt-file, not both")
     if any(not text for text in stop or ()):
         raise GenerationError("--stop needs a non-empty text")
-    for text in stop or ():  # it could never match UTF-8 output
-        _check_utf8(text, "--stop is not UTF-8 text: set the terminal to UTF-8")
-    text = read_prompt(prompt_file) if prompt_file is not None else prompt
+    stop = [_utf8_text(text, "--stop is not UTF-8 text: set the terminal to UTF-8") for text in stop or ()]
     if prompt is not None:
-        _check_utf8(prompt, "the prompt is not UTF-8 text: set the terminal to UTF-8, or convert the text (iconv -t "
-                            "utf-8) into a --prompt-file")
+        prompt = _utf8_text(prompt, "the prompt is not UTF-8 text: set the terminal to UTF-8, or convert the text "
+                                    "(iconv -t utf-8) into a --prompt-file")
+    text = read_prompt(prompt_file) if prompt_file is not None else prompt
     interactive = text is None and _stdin_is_interactive()
     if text is None and not interactive:  # piped: read (and a bad one said) before a model loads, maybe minutes
         if _on_windows() and os.environ.get("MSYSTEM"):  # Git Bash's window is no console to Windows programs
@@ -1274,6 +1314,10 @@ def generate(
         f"{' · fused decode kernels' if fused else ''}",
         soft_wrap=True,
     )
+    lossy = None if as_json else _lossy_encoding(sys.stdout)  # --json escapes what is not ASCII
+    if lossy:
+        err.print(f"note: stdout writes {lossy}, which lacks most of what a model can write: those characters print "
+                  f"as '?'. A UTF-8 locale (or PYTHONIOENCODING=utf-8) keeps them.")
     view = _GenerateView(loaded, settings, use_compile, as_json, verbose, err, fused_by_default=asked_fused is None)
     if not interactive:
         view.once(text, settings["seed"], echo_prompt=True)
@@ -1293,7 +1337,7 @@ def generate(
                 chrome.write("> ")
                 chrome.flush()
                 line = input()
-            _check_utf8(line, not_utf8)  # a terminal's other encoding, read with surrogateescape
+            line = _utf8_text(line, not_utf8, sys.stdin.encoding or "utf-8")  # read with surrogateescape
         except EOFError:
             chrome.write("\n")
             return
@@ -1317,14 +1361,21 @@ def generate(
         turn += 1
 
 
-def _check_utf8(text: str, message: str) -> None:
-    """Raise GenerationError(message) where `text` holds bytes that were not UTF-8: Python keeps those of the
-    command line and of a terminal in another encoding as lone surrogates, which no UTF-8 output can hold."""
+def _utf8_text(text: str, message: str, encoding: str | None = None) -> str:
+    """`text` as UTF-8 text. Python keeps the bytes of the command line (or of a terminal, read in `encoding`) that
+    its locale's encoding could not decode as lone surrogates: those are the UTF-8 they were where the locale is C
+    or ASCII and the terminal UTF-8 anyway (a bare ssh or cron environment), else GenerationError(message)."""
     from tinygpt_cli.errors import GenerationError
 
     try:
         text.encode("utf-8")
+        return text
     except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(text) if encoding is None else text.encode(encoding, "surrogateescape")
+        return raw.decode("utf-8")
+    except (UnicodeError, LookupError):
         raise GenerationError(message) from None
 
 
@@ -1366,15 +1417,15 @@ class _GenerateView:
         stats = result.stats
         if result.prompt_dropped:
             self.err.print(f"the prompt is {result.prompt_tokens + result.prompt_dropped:,} tokens, more than the "
-                           f"model's context: it went on from the last {result.prompt_tokens:,}", markup=False)
+                           f"model's context: it went on from the last {result.prompt_tokens:,}")
         if stats.compile_error and "compile" not in self.warned:
             self.warned.add("compile")
             what = "the fused decode kernels failed" if self.settings.get("fused") else "torch.compile unavailable"
             hint = " --no-fused skips them." if self.settings.get("fused") and self.fused_by_default else ""
-            self.err.print(f"{what} ({stats.compile_error}): decoded eagerly.{hint}", markup=False)
+            self.err.print(f"{what} ({stats.compile_error}): decoded eagerly.{hint}")
         if stats.graph_error and "graphs" not in self.warned:
             self.warned.add("graphs")
-            self.err.print(f"CUDA graphs unavailable ({stats.graph_error}): decoded step by step.", markup=False)
+            self.err.print(f"CUDA graphs unavailable ({stats.graph_error}): decoded step by step.")
         cuda_graphs = self._render(result, text, seed, echo_prompt)
         if self.verbose:  # asked for: shown under --quiet too
             _stderr_console(quiet=False).print(
@@ -1386,7 +1437,6 @@ class _GenerateView:
                 f"{f' (captured in {stats.capture_s * 1000:.0f} ms)' if stats.graphed else ''}"
                 + (f" · look-ahead: {stats.model_passes} passes, {stats.accepted_tokens} of {stats.guessed_tokens} "
                    "guessed tokens taken" if stats.model_passes else ""),
-                markup=False,
             )
 
     def _render(self, result, text: str, seed: int, echo_prompt: bool) -> bool:
@@ -1504,16 +1554,19 @@ def eval_command(
         transient=True,
     )
     bar = None
+    clock = _PlainClock()
 
     def on_event(event: ev.EvalEvent) -> None:
         nonlocal bar
         if event.kind == "info":
-            err.print(event.message, markup=False)
-        elif event.kind == "start" and err.is_terminal:  # a redirected stderr gets the lines, not a bar
+            err.print(event.message)
+        elif event.kind == "start" and _animated(err):  # a log gets a plain line now and then, not a bar
             bar = progress.add_task("eval", total=max(1, event.total), unit=event.unit)
             progress.start()
         elif event.kind == "progress" and bar is not None:
             progress.update(bar, completed=event.done)
+        elif event.kind == "progress" and event.done < event.total and clock.due():
+            err.print(f"eval: {event.done:,}/{event.total:,} {event.unit} ({event.done / event.total:.0%})")
 
     common = {"batch_size": batch_size, "device": device or "auto", "dtype": dtype, "on_event": on_event,
               "record": record}
@@ -1557,7 +1610,7 @@ def eval_command(
             f"({format_bytes(result.text_bytes)} of text, {which})"
         )
     if result.recorded_in:
-        err.print(f"Recorded in {result.recorded_in}/eval.jsonl and report.md", markup=False)
+        err.print(f"Recorded in {result.recorded_in}/eval.jsonl and report.md")
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -1845,7 +1898,7 @@ def _nothing_in(folder: Path, what: str, how: str) -> str:
 def _print_notes(problems: list[str]) -> None:
     """`runs` and `data`: what they leave out, one note each on stderr."""
     for problem in problems:
-        _stderr_console().print(f"note: {problem}", markup=False)
+        _stderr_console().print(f"note: {problem}")
 
 
 def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row: Any, empty: str) -> None:
@@ -1906,9 +1959,9 @@ def _remove(removals: list, yes: bool) -> None:
 
     err = _stderr_console()
     for removal in removals:
-        err.print(f"{removal.what}: {removal.detail}", markup=False)
+        err.print(f"{removal.what}: {removal.detail}")
         for note in removal.notes:
-            err.print(f"  note: {note}", markup=False)
+            err.print(f"  note: {note}")
     if not yes:
         if not _stdin_is_interactive():
             raise TinyGPTError("nothing deleted: pass --yes to delete without being asked (stdin is not a terminal)")
@@ -1934,7 +1987,7 @@ def _remove(removals: list, yes: bool) -> None:
             remove(removal)
             done.append(removal.what)
             err.print(f"Deleted {removal.what}" + (" (the link)" if removal.link else
-                                                    f", {format_bytes(removal.bytes)} freed"), markup=False)
+                                                    f", {format_bytes(removal.bytes)} freed"))
 
 
 data_app = typer.Typer(
@@ -2024,6 +2077,13 @@ def _end_of_input() -> str:
     return "Ctrl-Z then Enter" if _on_windows() else "Ctrl-D"
 
 
+def _lossy_encoding(stream: Any) -> str | None:
+    """The encoding of `stream` where it is not a UTF (ASCII under LANG=C without Python's UTF-8 mode, latin-1, a
+    Windows code page): `_encodable_streams` has it replace what it cannot encode. None for UTF-8."""
+    encoding = getattr(stream, "encoding", None) or ""
+    return None if encoding.lower().replace("-", "").replace("_", "").startswith("utf") else encoding or None
+
+
 def _encodable_streams() -> None:
     """Let stdout and stderr take any text. Redirected to a file or a pipe on Windows they use the ANSI code page
     (cp1252, ...), strictly on stdout, which has no → or ≈ nor most of what a model writes: `tinygpt --help > f`
@@ -2031,8 +2091,7 @@ def _encodable_streams() -> None:
     mode; elsewhere a stream whose encoding is not UTF-8 replaces what it cannot encode. (A Windows console is
     UTF-8 already.)"""
     for stream in (sys.stdout, sys.stderr):
-        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
-        if encoding.startswith("utf") or not callable(getattr(stream, "reconfigure", None)):
+        if not _lossy_encoding(stream) or not callable(getattr(stream, "reconfigure", None)):
             continue
         with contextlib.suppress(ValueError, OSError):  # a stream that cannot change now: leave it as it is
             if sys.platform == "win32":
