@@ -731,3 +731,25 @@ def test_the_corpus_list_never_cuts_a_source_id(monkeypatch):
         assert all(entry.name in shown for entry in REGISTRY.values()), shown
         if width == 80:
             assert all(entry.hub_id in shown for entry in REGISTRY.values() if entry.hub_id), shown
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a POSIX pipe and /dev/null")
+def test_help_into_a_pipe_closed_early_exits_as_sigpipe_would():
+    """Terminal audit: `tinygpt --help | head -1` exited 1, an error's code, where rich (Typer's console) met the
+    broken pipe: it points stdout at /dev/null and exits 1. It exits 141, as `generate | head` does."""
+    for args in (["--help"], ["generate", "--help"]):
+        process = subprocess.Popen([sys.executable, "-m", "tinygpt_cli", *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        process.stdout.close()  # the reader is gone before the first line is written
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 141, err
+        assert "Traceback" not in err
+
+
+def test_plan_into_a_pipe_is_one_line_a_row_without_padding(workspace):
+    """Terminal audit: piped, `plan` folded its rows at 80 columns and padded every line with spaces to the widest."""
+    result = invoke("plan", "--size", "small")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(line == line.rstrip() for line in lines)
+    assert any(line.startswith("model") and line.endswith("context 1024, vocabulary 50304") for line in lines)

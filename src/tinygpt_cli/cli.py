@@ -687,9 +687,13 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
 def _print_table(table) -> None:
     """A table on stdout; piped, wide enough that no cell (a run name to copy) is cut."""
     console = _stdout_console()
-    if not console.is_terminal:  # no terminal width to respect: one line per row, at the table's own width
-        console.width = 100_000
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+        return
+    console.width = 100_000  # no terminal width to respect: one line per row, at the table's own width
+    with console.capture() as captured:
+        console.print(table)
+    console.print("\n".join(line.rstrip() for line in captured.get().splitlines()))  # no padding to the widest row
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -1826,8 +1830,8 @@ def plan(
     if as_json:
         print(json.dumps(plan_to_dict(result)))
         return
+    _print_table(_plan_table(result))  # piped: no row folded at 80 columns
     out = _stdout_console()
-    out.print(_plan_table(result))
     for note in result.notes:
         out.print(f"• {note}")
 
@@ -2112,6 +2116,8 @@ def main() -> None:
     """Console-script entry point."""
     _closed_streams_as_null()
     _encodable_streams()
+    global _STDOUT_PIPE
+    _STDOUT_PIPE = _fd_identity(1, pipe=True)
     try:
         app()
     except SystemExit as exc:
@@ -2138,9 +2144,34 @@ def _exit_status(code: object) -> int | object:
     """The exit status, with 141 (128 + SIGPIPE, as `yes | head` gives) where the reader of stdout went away
     (`tinygpt generate ... | head`): Typer (and click) then swap in a PacifyFlushWrapper and exit 1, an error's code.
     (By the class's name: Typer vendors its own click, and click's is private from 8.2.)"""
-    if code == 1 and type(sys.stdout).__name__.lstrip("_") == "PacifyFlushWrapper":
+    if code == 1 and (type(sys.stdout).__name__.lstrip("_") == "PacifyFlushWrapper" or _stdout_went_to_null()):
         return 128 + 13
     return code
+
+
+_STDOUT_PIPE: tuple[int, int] | None = None  # the pipe stdout was when the command started (device, inode)
+
+
+def _fd_identity(fd: int, pipe: bool = False) -> tuple[int, int] | None:
+    """(device, inode) of what descriptor `fd` is open on (only a pipe, with `pipe`); None if it is not open."""
+    import stat
+
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if not pipe or stat.S_ISFIFO(info.st_mode) else None
+
+
+def _stdout_went_to_null() -> bool:
+    """Whether rich, printing help or a table into a pipe whose reader went away, pointed stdout at the null device
+    and exited 1 (rich's own broken-pipe handling, in Typer's console as well as ours)."""
+    if _STDOUT_PIPE is None or os.name != "posix":
+        return False
+    with contextlib.suppress(OSError):
+        null = os.stat(os.devnull)
+        return _fd_identity(1) == (null.st_dev, null.st_ino)
+    return False
 
 
 def _exit_now(code: object) -> None:
