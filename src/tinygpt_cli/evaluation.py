@@ -268,16 +268,10 @@ def _score_continuations(model: GPT, rows: Sequence[tuple[list[int], list[int]]]
     return nats.cpu().double().sum(dim=1), scored_tokens, all_hit
 
 
-@torch.inference_mode()
-def score_examples(
-    model: GPT,
-    examples: Sequence[Example],
-    *,
-    batch_size: int | None = None,
-    autocast: Any = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[float, float]:
-    """(accuracy, accuracy_norm) of multiple-choice `examples` (HellaSwag) zero-shot; see the module docstring."""
+def _choice_sums(model: GPT, examples: Sequence[Example], batch_size: int | None, autocast: Any,
+                 on_progress: Callable[[int, int], None] | None) -> tuple[float, float]:
+    """Multiple choice (HellaSwag): how many examples the ending of highest total log-likelihood gets right, and
+    how many the one of highest mean per token; NaN, NaN where a score is not finite."""
     batch_size = batch_size or max(1, BATCH_TOKENS // (4 * model.config.block_size))
     correct = correct_norm = 0
     finite = True
@@ -296,23 +290,15 @@ def score_examples(
             correct_norm += int(int((totals[choices] / counts[choices]).argmin()) == example.label)
         if on_progress is not None:
             on_progress(min(first + batch_size, len(examples)), len(examples))
-    n = max(1, len(examples))
     if not finite:  # a damaged or diverged model: no accuracy, as its loss is NaN (`evaluate`)
         return math.nan, math.nan
-    return correct / n, correct_norm / n
+    return float(correct), float(correct_norm)
 
 
-@torch.inference_mode()
-def score_last_words(
-    model: GPT,
-    examples: Sequence[Example],
-    *,
-    batch_size: int | None = None,
-    autocast: Any = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[float, float]:
-    """(accuracy, perplexity) of completion `examples` (LAMBADA: each one's single ending is the word to predict)
-    zero-shot; see the module docstring."""
+def _last_word_sums(model: GPT, examples: Sequence[Example], batch_size: int | None, autocast: Any,
+                    on_progress: Callable[[int, int], None] | None) -> tuple[float, float]:
+    """Completion (LAMBADA: each example's one ending is the word to predict): how many words greedy decoding gets
+    whole, and the nats of the words in all; NaN, NaN where a score is not finite."""
     batch_size = batch_size or max(1, BATCH_TOKENS // model.config.block_size)
     correct = 0
     nats = 0.0
@@ -325,10 +311,62 @@ def score_last_words(
         correct += int(all_hit.sum())
         if on_progress is not None:
             on_progress(min(first + batch_size, len(examples)), len(examples))
-    n = max(1, len(examples))
     if not math.isfinite(nats):  # a damaged or diverged model: its greedy picks are argmax over NaN
         return math.nan, math.nan
-    return correct / n, math.exp(min(nats / n, 700.0))
+    return float(correct), nats
+
+
+@torch.inference_mode()
+def task_sums(
+    task: Task,
+    model: GPT,
+    examples: Sequence[Example],
+    *,
+    batch_size: int | None = None,
+    autocast: Any = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[float, float]:
+    """A task's two sums over `examples` zero-shot (HellaSwag: right by total, right by mean per token; LAMBADA:
+    words right, nats of the words), NaN where the model's scores are not: sums of shards add up, so that several
+    processes can each score a share (`task_figures` turns them into the figures). See the module docstring."""
+    scorer = _last_word_sums if task.completion else _choice_sums
+    return scorer(model, examples, batch_size, autocast, on_progress)
+
+
+def task_figures(task: Task, sums: Sequence[float], n: int) -> dict[str, float | None]:
+    """A task's figures (TaskResult's accuracy, accuracy_stderr, accuracy_norm, accuracy_norm_stderr and
+    perplexity; None where the task has no such figure) from `task_sums` over `n` examples."""
+    n = max(1, n)
+
+    def stderr(p: float) -> float:
+        return math.sqrt(p * (1 - p) / n)
+
+    accuracy = sums[0] / n
+    figures: dict[str, float | None] = {"accuracy": accuracy, "accuracy_stderr": stderr(accuracy),
+                                        "accuracy_norm": None, "accuracy_norm_stderr": None, "perplexity": None}
+    if task.completion:
+        figures["perplexity"] = math.exp(min(sums[1] / n, 700.0))
+    else:
+        figures["accuracy_norm"] = sums[1] / n
+        figures["accuracy_norm_stderr"] = stderr(sums[1] / n)
+    return figures
+
+
+def score_examples(model: GPT, examples: Sequence[Example], *, batch_size: int | None = None, autocast: Any = None,
+                   on_progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:
+    """(accuracy, accuracy_norm) of multiple-choice `examples` (HellaSwag) zero-shot."""
+    figures = task_figures(TASKS["hellaswag"], task_sums(TASKS["hellaswag"], model, examples, batch_size=batch_size,
+                                                         autocast=autocast, on_progress=on_progress), len(examples))
+    return figures["accuracy"], figures["accuracy_norm"]  # type: ignore[return-value]
+
+
+def score_last_words(model: GPT, examples: Sequence[Example], *, batch_size: int | None = None, autocast: Any = None,
+                     on_progress: Callable[[int, int], None] | None = None) -> tuple[float, float]:
+    """(accuracy, perplexity) of completion `examples` (LAMBADA) zero-shot."""
+    task = TASKS["lambada_openai"]
+    figures = task_figures(task, task_sums(task, model, examples, batch_size=batch_size, autocast=autocast,
+                                           on_progress=on_progress), len(examples))
+    return figures["accuracy"], figures["perplexity"]  # type: ignore[return-value]
 
 
 def _say_if_non_finite(figure: float, emit: Callable[[EvalEvent], None]) -> None:
@@ -640,19 +678,15 @@ def evaluate_task(
                                    f"{workspace.counted(len(examples), 'example')} from {source}"))
     emit(EvalEvent("start", total=len(examples), unit="examples"))
     started = time.perf_counter()
-    scorer = score_last_words if spec.completion else score_examples
-    accuracy, second = scorer(
-        model, examples, batch_size=batch_size, autocast=autocast,
+    sums = task_sums(
+        spec, model, examples, batch_size=batch_size, autocast=autocast,
         on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_, unit="examples")),
     )
-    _say_if_non_finite(accuracy, emit)
-    n = max(1, len(examples))
+    figures = task_figures(spec, sums, len(examples))
+    _say_if_non_finite(sums[0], emit)
     result = TaskResult(
         checkpoint=str(loaded.path), step=loaded.state.get("step"), task=spec.name, source=source,
-        examples=len(examples), accuracy=accuracy, accuracy_stderr=math.sqrt(accuracy * (1 - accuracy) / n),
-        accuracy_norm=None if spec.completion else second,
-        accuracy_norm_stderr=None if spec.completion else math.sqrt(second * (1 - second) / n),
-        perplexity=second if spec.completion else None,
+        examples=len(examples), **figures,  # type: ignore[arg-type]
         seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
     )
     if record and _recorded(loaded):
