@@ -700,3 +700,33 @@ def test_auto_resume_on_machines_that_do_not_share_runs_is_one_line(with_shakesp
     assert "error: the ranks would resume from different checkpoints (split step 2, split: no checkpoint (a new " \
         "run), by rank)" in done.stderr
     assert "DDP expects same model" not in done.stderr  # (torchrun's own launcher adds its ChildFailedError)
+
+
+@pytest.mark.slow
+def test_a_task_scored_during_ddp_training_adds_up_the_ranks_shares(with_shakespeare, workspace, tmp_path):
+    """train.eval_task under DDP: each rank scores its share of the examples (7: 4 and 3) and the sums are added,
+    giving the figures of `tinygpt eval --task` on the checkpoint. FSDP, whose weights are whole only inside the
+    step, refuses it in one line."""
+    from test_evaluate import LAMBADA_ROWS
+
+    from tinygpt_cli.evaluation import evaluate_task
+
+    data = tmp_path / "lambada.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in LAMBADA_ROWS * 2), encoding="utf-8")
+    task = ["--set", "train.eval_task=lambada_openai", "--set", f"train.eval_task_data={data}",
+            "--set", "train.eval_task_limit=7"]
+    _torchrun(workspace, "--name", "ddp", "--max-steps", "2", *task)
+    run = workspace / "runs" / "ddp"
+    [record] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "lambada_openai"]
+    expected = evaluate_task(run / "checkpoints" / "step_2", task="lambada_openai", task_data=data, limit=7,
+                             record=False)
+    assert record["examples"] == 7
+    assert (record["accuracy"], record["perplexity"]) == pytest.approx((expected.accuracy, expected.perplexity))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "tinygpt_cli",
+               "train", *TINY_SETTINGS, "--fsdp", "--name", "sharded", "--max-steps", "2", *task]
+    env = {**os.environ, "TINYGPT_HOME": str(workspace), "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "train.eval_task does not run under --fsdp" in refused.stderr
+    assert not (workspace / "runs" / "sharded").exists()

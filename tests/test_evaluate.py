@@ -675,3 +675,11 @@ def test_eval_records_a_task_file_by_its_absolute_path_and_takes_hf_split_and_fi
                           f"(`tinygpt tokenize {name} --name NAME`)")
     assert_one_line_error(evaluate("--data", str(with_shakespeare / "val.bin")),
                           f"is one split of a tokenized dataset: name the dataset, its folder {with_shakespeare}")
+
+
+def test_the_config_names_the_tasks_evaluation_has():
+    """config.EVAL_TASKS (checked by TrainConfig, which must not import torch) is evaluation.TASKS' names."""
+    from tinygpt_cli.config import EVAL_TASKS
+    from tinygpt_cli.evaluation import TASKS
+
+    assert tuple(TASKS) == EVAL_TASKS

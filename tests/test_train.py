@@ -920,3 +920,59 @@ def test_every_window_of_the_split_is_drawn_the_last_included():
     # the unigram baseline smooths over GPT-2's 50257 ids, not all 65536 a uint16 holds
     train_ids, val_ids = np.array([5] * 99, dtype=np.uint16), np.array([5], dtype=np.uint16)
     assert unigram_loss(train_ids, val_ids) == pytest.approx(-math.log(100 / (99 + 50257)))
+
+
+# ------------------------------------------------------------------------------------------------ train.eval_task
+def _task_file(tmp_path, task):
+    from test_evaluate import HELLASWAG_ROWS, LAMBADA_ROWS
+
+    rows = LAMBADA_ROWS if task == "lambada_openai" else HELLASWAG_ROWS
+    path = tmp_path / f"{task}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows * 2), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("task", ["lambada_openai", "hellaswag"])
+def test_a_task_scored_during_training_is_the_eval_of_its_checkpoint(with_shakespeare, workspace, tmp_path, task):
+    """train.eval_task scores HellaSwag or LAMBADA at each evaluation, as llm.c does HellaSwag: into metrics.jsonl
+    (and so the trackers) and the progress lines, the same figures `tinygpt eval --task` gives that checkpoint."""
+    from test_cli import invoke
+
+    from tinygpt_cli.evaluation import evaluate_task
+
+    data = _task_file(tmp_path, task)
+    result = invoke("train", "--size", "micro", "--name", "t", "--max-steps", "4",
+                    *[arg for key in ("n_layer=2", "n_head=2", "n_embd=32", "block_size=32") for arg in
+                      ("--set", f"model.{key}")],
+                    "--set", "train.batch_size=4", "--set", "train.eval_interval=2", "--set", "train.eval_batches=2",
+                    "--set", f"train.eval_task={task}", "--set", f"train.eval_task_data={data}",
+                    "--set", "train.eval_task_limit=6")
+    assert result.exit_code == 0, result.output
+    run = workspace / "runs" / "t"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if r["kind"] == task]
+    assert [r["step"] for r in scored] == [2, 4] and all(r["examples"] == 6 for r in scored)
+    for record in scored:
+        expected = evaluate_task(run / "checkpoints" / f"step_{record['step']}", task=task, task_data=data, limit=6,
+                                 record=False)
+        figure = "perplexity" if task == "lambada_openai" else "accuracy_norm"
+        assert (record["accuracy"], record[figure]) == pytest.approx((expected.accuracy, getattr(expected, figure)))
+    assert f"Scoring {task} zero-shot at each evaluation: 6 examples from {data}" in result.stderr
+    shown = "perplexity" if task == "lambada_openai" else "acc_norm"
+    assert f"step 4: {task}: " in result.stderr and shown in result.stderr and "on 6 examples" in result.stderr
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [
+    (["train.eval_task=mmlu"], "train.eval_task must be one of hellaswag, lambada_openai, or empty for none"),
+    (["train.eval_task_limit=5"], "train.eval_task_limit and train.eval_task_data go with train.eval_task"),
+    (["train.eval_task=hellaswag", "train.eval_task_limit=-1"], "train.eval_task_limit must be 0 or more"),
+    (["train.eval_task=hellaswag"], "could not load HellaSwag from the Hugging Face hub"),  # offline, no copy
+    (["train.eval_task=lambada_openai", "train.eval_task_data=nope.jsonl"], "nope.jsonl does not exist"),
+])
+def test_a_task_that_cannot_be_scored_stops_training_before_it_starts(with_shakespeare, workspace, settings,
+                                                                       fragment):
+    from test_cli import assert_one_line_error, invoke
+
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    assert_one_line_error(invoke("train", "--size", "micro", "--name", "t", "--max-steps", "2", *sets), fragment)
+    assert not (workspace / "runs" / "t").exists()

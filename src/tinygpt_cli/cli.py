@@ -8,9 +8,11 @@ exit code 1 (the traceback too with TINYGPT_DEBUG=1); usage errors exit 2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import json
+import math
 import os
 import stat
 import sys
@@ -1133,6 +1135,8 @@ class _TrainView:
             self.shown["val"] = f"{event.val_loss:.3f}"
             self.progress.update(self.task, completed=event.step, **self.shown)
             self.console.print(f"step {event.step:,}: val loss {event.val_loss:.4f}")
+        elif event.kind == "task":
+            self.console.print(f"step {event.step:,}: {_task_line(event.data)} ({event.data['seconds']:.0f}s)")
 
     def _plain_line(self, event, due: bool) -> None:
         """In a log: `step 1,200/19,073 (6.3%) · loss 3.412 · val 3.502 · 52,331 tok/s · MFU 41% · 1h02m · ETA
@@ -1154,6 +1158,23 @@ class _TrainView:
         if self.task is not None and not self.plain:  # a Progress never started still ends a line: a blank one
             with contextlib.suppress(OSError):  # a terminal that went away
                 self.progress.stop()
+
+
+def _task_line(figures: dict[str, Any]) -> str:
+    """`hellaswag: acc_norm 0.2950 ± 0.0046 · acc 0.2880 on 10,042 examples`, `lambada_openai: acc 0.3256 ± 0.0065 ·
+    perplexity 40.06 on 5,153 examples`: a task's figures (a TaskResult's fields, or a metrics.jsonl record's)."""
+
+    def figure(key: str, digits: int = 4) -> str:
+        value = figures.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+    name = figures.get("task") or figures.get("kind")
+    examples = counted(int(figures.get("examples") or 0), "example")
+    if figures.get("perplexity") is not None or "accuracy_norm" not in figures:  # a completion task (LAMBADA)
+        return (f"{name}: acc {figure('accuracy')} ± {figure('accuracy_stderr')} · perplexity "
+                f"{figure('perplexity', 2)} on {examples}")
+    return (f"{name}: acc_norm {figure('accuracy_norm')} ± {figure('accuracy_norm_stderr')} · acc "
+            f"{figure('accuracy')} on {examples}")
 
 
 # ----------------------------------------------------------------------------------------- generate
@@ -1596,16 +1617,8 @@ def eval_command(
         print(json.dumps(ev.json_safe(result), allow_nan=False))
         return
     which = f"step {result.step}" if result.step is not None else str(run)  # a Hugging Face folder, or gpt2
-    if isinstance(result, ev.TaskResult) and result.perplexity is not None:
-        print(
-            f"{result.task}: acc {result.accuracy:.4f} ± {result.accuracy_stderr:.4f} · perplexity "
-            f"{result.perplexity:.2f} on {counted(result.examples, 'example')} (zero-shot, {which})"
-        )
-    elif isinstance(result, ev.TaskResult):
-        print(
-            f"{result.task}: acc_norm {result.accuracy_norm:.4f} ± {result.accuracy_norm_stderr:.4f} · "
-            f"acc {result.accuracy:.4f} on {counted(result.examples, 'example')} (zero-shot, {which})"
-        )
+    if isinstance(result, ev.TaskResult):
+        print(f"{_task_line(dataclasses.asdict(result))} (zero-shot, {which})")
     else:
         print(
             f"{result.dataset}/{result.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "
@@ -2154,8 +2167,6 @@ _STDOUT_PIPE: tuple[int, int] | None = None  # the pipe stdout was when the comm
 
 def _fd_identity(fd: int, pipe: bool = False) -> tuple[int, int] | None:
     """(device, inode) of what descriptor `fd` is open on (only a pipe, with `pipe`); None if it is not open."""
-    import stat
-
     try:
         info = os.fstat(fd)
     except OSError:

@@ -41,6 +41,7 @@ def dtype_refusal(dtype: str, device_kind: str, training: bool) -> str | None:
 
 SCHEDULES = ("cosine", "wsd")
 COMPILE_MODES = ("auto", "on", "off")
+EVAL_TASKS = ("hellaswag", "lambada_openai")  # evaluation.TASKS, named here where torch is not imported
 
 
 # The hottest temperature a sample takes: the distribution is flat to within float32 rounding long before it
@@ -122,6 +123,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100  # steps between val-loss evaluations (and checkpoints)
     eval_batches: int = 20  # micro-batches in the fixed val sample
+    eval_task: str = ""  # also score a zero-shot task at each evaluation: hellaswag | lambada_openai; "" = none
+    eval_task_limit: int = 0  # the task's first N examples; 0 = all (HellaSwag 10,042, LAMBADA 5,153)
+    eval_task_data: str = ""  # the task's examples from a local .jsonl/.json/.parquet instead of the hub
     log_interval: int = 10  # steps between loss readings (each costs a host sync)
     keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete; 0 = keep all
     keep_best: bool = True  # keep the checkpoint of the best val loss too, however old (keep_last prunes by step)
@@ -147,7 +151,13 @@ class TrainConfig:
         if self.eval_batches > MAX_EVAL_BATCHES:
             raise ConfigError(f"train.eval_batches must be at most {MAX_EVAL_BATCHES:,} (got {self.eval_batches:,}): "
                               f"the val sample is drawn up front; a few dozen micro-batches give a steady val loss")
-        for name in ("warmup_steps", "keep_last", "max_tokens"):
+        if self.eval_task and self.eval_task not in EVAL_TASKS:
+            raise ConfigError(f"train.eval_task must be one of {', '.join(EVAL_TASKS)}, or empty for none "
+                              f"(got {self.eval_task!r})")
+        if (self.eval_task_limit or self.eval_task_data) and not self.eval_task:
+            raise ConfigError("train.eval_task_limit and train.eval_task_data go with train.eval_task: name the task "
+                              f"({' | '.join(EVAL_TASKS)})")
+        for name in ("warmup_steps", "keep_last", "max_tokens", "eval_task_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -93,7 +93,8 @@ MAX_BAD_STEPS = 5  # consecutive non-finite steps before training stops
 # ----------------------------------------------------------------------------------------------- events
 @dataclass(frozen=True)
 class TrainEvent:
-    """What `train` reports. `kind`: info | start | step | eval | checkpoint | done."""
+    """What `train` reports. `kind`: info | start | step | eval | task (train.eval_task's figures, in `data`) |
+    checkpoint | done."""
 
     kind: str
     step: int = 0
@@ -725,6 +726,7 @@ class _Trainer:
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
         self.fsdp = self.tc.fsdp and info.enabled
         self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
+        self.task: tuple[Any, list[Any]] | None = None  # train.eval_task: (evaluation.Task, its examples)
 
     # -------------------------------------------------------------------------------------------- setup
     def run(self, run_name: str | None, resume: bool) -> TrainResult:
@@ -749,6 +751,9 @@ class _Trainer:
                 check_trackers_installed(parse_trackers(tc.log_to))
             if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
                 cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
+        if tc.eval_task:  # its examples (the hub's, or a file's) before the data and the model: a problem is said
+            with dist.agreed():  # before minutes of tokenizing or loading
+                self.task = self._load_task()
         try:
             self.dataset = prepare_dataset(cfg, self.emit, info)
         except DataError:
@@ -870,6 +875,21 @@ class _Trainer:
             raise self._out_of_memory(True) from None
         self.checkpoint = checkpoint
         return self._loop()
+
+    def _load_task(self) -> tuple[Any, list[Any]]:
+        """train.eval_task's examples, to score at each evaluation (`_score_task`)."""
+        from tinygpt_cli.evaluation import find_task, load_task
+
+        tc = self.tc
+        if self.fsdp:
+            raise TrainingError(f"train.eval_task does not run under --fsdp (the sharded weights are whole only inside "
+                                f"the training step): drop it, and score the checkpoints with `tinygpt eval --task "
+                                f"{tc.eval_task}`")
+        task = find_task(tc.eval_task)
+        examples, source = load_task(task, tc.eval_task_data or None, tc.eval_task_limit or None)
+        self.emit(TrainEvent("info", message=f"Scoring {task.name} zero-shot at each evaluation: "
+                                             f"{workspace.counted(len(examples), 'example')} from {source}"))
+        return task, examples
 
     def _hold_run(self, resume: bool, stack: contextlib.ExitStack | None = None) -> None:
         """One training of a run at a time: a second (a job requeued while the first still runs, another
@@ -1582,6 +1602,38 @@ class _Trainer:
             with contextlib.suppress(OSError):  # a picture: a full disk is said by the checkpoint that follows
                 write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         self._save(step)
+        if self.task is not None:  # after the checkpoint: a stop or a failure during it loses no step
+            self._score_task(step, metrics)
+
+    def _score_task(self, step: int, metrics: _Metrics) -> None:
+        """train.eval_task, zero-shot, on the weights of `step`: each rank scores its share of the examples and the
+        sums are added up. The plain module scores them (no compile, whose shapes they would change, nor DDP). One
+        process that is stopping skips it: its checkpoint is saved, and `tinygpt eval --task` scores it later."""
+        from tinygpt_cli.evaluation import task_figures, task_sums
+
+        if self.stop and not self.info.enabled:
+            return
+        task, examples = self.task  # type: ignore[misc]
+        mine = examples[self.info.rank :: self.info.world_size]
+        started = time.perf_counter()
+        self.model.eval()
+        try:
+            sums = task_sums(task, self.model, mine, autocast=autocast_context(self.device, self.dtype)) \
+                if mine else (0.0, 0.0)
+        finally:
+            self.model.train()
+        if self.info.enabled:
+            total = torch.tensor(sums, dtype=torch.float64, device=self.device)
+            dist.all_reduce(total)
+            sums = tuple(total.tolist())
+        figures = {key: value for key, value in task_figures(task, sums, len(examples)).items() if value is not None}
+        record = {"kind": task.name, "step": step,
+                  **{key: value if math.isfinite(value) else None for key, value in figures.items()},
+                  "examples": len(examples), "seconds": time.perf_counter() - started, "tokens": self.tokens_seen,
+                  "elapsed_s": self.elapsed()}
+        metrics.write(record)  # metrics.jsonl, and `<task>/accuracy` ... to the trackers
+        self.emit(TrainEvent("task", step=step, max_steps=self.tc.max_steps, tokens=self.tokens_seen,
+                             elapsed_s=self.elapsed(), data=record))
 
     def _evaluate_start(self, metrics: _Metrics) -> None:
         """The val loss of the weights a run starts from (train.init_from), at step 0, as nanoGPT measures its
