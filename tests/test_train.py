@@ -960,6 +960,8 @@ def test_a_task_scored_during_training_is_the_eval_of_its_checkpoint(with_shakes
     assert f"Scoring {task} zero-shot at each evaluation: 6 examples from {data}" in result.stderr
     shown = "perplexity" if task == "lambada_openai" else "acc_norm"
     assert f"step 4: {task}: " in result.stderr and shown in result.stderr and "on 6 examples" in result.stderr
+    report = (run / "report.md").read_text()
+    assert f"| {task} (zero-shot, train.eval_task) | " in report and "on 6 examples at step 4 |" in report
 
 
 @pytest.mark.parametrize(("settings", "fragment"), [

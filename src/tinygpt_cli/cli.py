@@ -12,7 +12,6 @@ import dataclasses
 import errno
 import functools
 import json
-import math
 import os
 import stat
 import sys
@@ -1136,7 +1135,9 @@ class _TrainView:
             self.progress.update(self.task, completed=event.step, **self.shown)
             self.console.print(f"step {event.step:,}: val loss {event.val_loss:.4f}")
         elif event.kind == "task":
-            self.console.print(f"step {event.step:,}: {_task_line(event.data)} ({event.data['seconds']:.0f}s)")
+            from tinygpt_cli.report import task_line
+
+            self.console.print(f"step {event.step:,}: {task_line(event.data)} ({event.data['seconds']:.0f}s)")
 
     def _plain_line(self, event, due: bool) -> None:
         """In a log: `step 1,200/19,073 (6.3%) · loss 3.412 · val 3.502 · 52,331 tok/s · MFU 41% · 1h02m · ETA
@@ -1158,23 +1159,6 @@ class _TrainView:
         if self.task is not None and not self.plain:  # a Progress never started still ends a line: a blank one
             with contextlib.suppress(OSError):  # a terminal that went away
                 self.progress.stop()
-
-
-def _task_line(figures: dict[str, Any]) -> str:
-    """`hellaswag: acc_norm 0.2950 ± 0.0046 · acc 0.2880 on 10,042 examples`, `lambada_openai: acc 0.3256 ± 0.0065 ·
-    perplexity 40.06 on 5,153 examples`: a task's figures (a TaskResult's fields, or a metrics.jsonl record's)."""
-
-    def figure(key: str, digits: int = 4) -> str:
-        value = figures.get(key)
-        return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
-
-    name = figures.get("task") or figures.get("kind")
-    examples = counted(int(figures.get("examples") or 0), "example")
-    if figures.get("perplexity") is not None or "accuracy_norm" not in figures:  # a completion task (LAMBADA)
-        return (f"{name}: acc {figure('accuracy')} ± {figure('accuracy_stderr')} · perplexity "
-                f"{figure('perplexity', 2)} on {examples}")
-    return (f"{name}: acc_norm {figure('accuracy_norm')} ± {figure('accuracy_norm_stderr')} · acc "
-            f"{figure('accuracy')} on {examples}")
 
 
 # ----------------------------------------------------------------------------------------- generate
@@ -1618,7 +1602,9 @@ def eval_command(
         return
     which = f"step {result.step}" if result.step is not None else str(run)  # a Hugging Face folder, or gpt2
     if isinstance(result, ev.TaskResult):
-        print(f"{_task_line(dataclasses.asdict(result))} (zero-shot, {which})")
+        from tinygpt_cli.report import task_line
+
+        print(f"{task_line(dataclasses.asdict(result))} (zero-shot, {which})")
     else:
         print(
             f"{result.dataset}/{result.split}: loss {result.loss:.4f} · perplexity {result.perplexity:.2f} · "

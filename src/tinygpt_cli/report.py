@@ -149,6 +149,23 @@ def _sample_text(model: Any, max_new_tokens: int = 80) -> str:
     return get_encoding().decode([i for i in ids if i < 50257])
 
 
+def task_line(figures: dict[str, Any]) -> str:
+    """`hellaswag: acc_norm 0.2950 ± 0.0046 · acc 0.2880 on 10,042 examples`, `lambada_openai: acc 0.3256 ± 0.0065 ·
+    perplexity 40.06 on 5,153 examples`: a task's figures (a TaskResult's fields, or a metrics.jsonl record's)."""
+
+    def figure(key: str, digits: int = 4) -> str:
+        value = figures.get(key)
+        return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+    name = figures.get("task") or figures.get("kind")
+    examples = workspace.counted(int(figures.get("examples") or 0), "example")
+    if figures.get("perplexity") is not None or "accuracy_norm" not in figures:  # a completion task (LAMBADA)
+        return (f"{name}: acc {figure('accuracy')} ± {figure('accuracy_stderr')} · perplexity "
+                f"{figure('perplexity', 2)} on {examples}")
+    return (f"{name}: acc_norm {figure('accuracy_norm')} ± {figure('accuracy_norm_stderr')} · acc "
+            f"{figure('accuracy')} on {examples}")
+
+
 def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], hardware: dict[str, Any],
                  model: Any) -> None:
     """runs/<name>/report.md: config, data, hardware, time, throughput, final losses and a sample."""
@@ -179,6 +196,8 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         f"| final val loss | {fmt(result.final_val_loss)} (best {fmt(result.best_val_loss)}"
         f"{f' at step {result.best_step}' if result.best_step is not None else ''}) |",
         f"| unigram baseline | {fmt(result.unigram_val_loss)} |",
+        *([f"| {task['kind']} (zero-shot, train.eval_task) | {task_line(task).split(': ', 1)[1]} at step "
+           f"{task['step']} |"] if (task := _last_task(run_dir, cfg.train.eval_task)) else []),
         f"| skipped non-finite steps | {result.skipped_steps} |",
         "",
         "![loss](loss.png)",
@@ -198,6 +217,17 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
     ]
     with report_lock(run_dir):  # an eval appending between the read and the replace would be lost
         write_text_atomic(run_dir / "report.md", "\n".join(lines) + _evaluation_sections(run_dir / "report.md"))
+
+
+def _last_task(run_dir: Path, name: str) -> dict[str, Any] | None:
+    """metrics.jsonl's last record of train.eval_task `name` (none without one)."""
+    found = None
+    if name and (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            record = metrics_record(line)
+            if record is not None and record.get("kind") == name:
+                found = record
+    return found
 
 
 # How long a write of report.md waits for another to finish: each holds the lock for one append or one rewrite.
