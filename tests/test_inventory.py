@@ -628,12 +628,13 @@ def test_ctrl_c_during_a_deletion_finishes_that_one_and_keeps_the_rest(with_shak
     real = shutil.rmtree
 
     def interrupted(path, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first run's files are being deleted
+        # a stop while the first run's files are being deleted (SIGTERM: a background job ignores SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(inventory.shutil, "rmtree", interrupted)
     result = invoke("runs", "rm", "b", "a", "--yes")
-    assert result.exit_code == 130, result.output
+    assert result.exit_code == 143, result.output
     assert "Interrupted: deleted runs/b; kept runs/a." in result.stderr
     assert not b.exists() and a.is_dir()
     assert [p.name for p in a.parent.iterdir()] == ["a"]
