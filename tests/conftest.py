@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import io
 import os
 import shutil
 import subprocess
@@ -174,3 +175,10 @@ def generated(model, prompt, n, **kwargs):
     from tinygpt_cli.sample import generate
 
     return torch.stack(list(generate(model, prompt, n, **kwargs)), dim=1)
+
+
+class FakeTerminal(io.StringIO):
+    """A file that rich, and tinygpt's own check, take for a terminal (it says isatty), for a Console to print to."""
+
+    def isatty(self) -> bool:
+        return True

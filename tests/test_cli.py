@@ -310,7 +310,7 @@ def test_usage_error_exits_2(workspace):
     (["eval", "--tokens"], "Option '--tokens' requires an argument; `tinygpt eval -h` lists what it takes"),
     (["--bogus"], "No such option: --bogus; `tinygpt -h` lists what it takes"),
     (["nosuch"], "No such command 'nosuch'"),
-    (["runs", "rm"], "Missing argument 'names'; `tinygpt runs rm -h` lists what it takes"),
+    (["runs", "rm"], "Missing argument 'NAME'; `tinygpt runs rm -h` lists what it takes"),
 ])
 def test_a_command_line_that_cannot_be_parsed_is_one_line(workspace, args, fragment):
     """Terminal audit: Typer printed a usage line and a boxed panel, wrapped at the terminal's width, where every
@@ -713,15 +713,14 @@ def test_text_from_the_user_is_printed_as_it_is(workspace, tmp_path):
 def test_the_corpus_list_never_cuts_a_source_id(monkeypatch):
     """Terminal audit: in an 80-column terminal `download --list` showed `Skylion…` and `CDLA-Sh…`: the hub id a
     user types for `download owner/name`, and the license, were cut."""
-    import io
-
     from rich.console import Console
 
+    from conftest import FakeTerminal
     from tinygpt_cli import cli
     from tinygpt_cli.sources import REGISTRY
 
     for width in (80, 60):
-        screen = io.StringIO()
+        screen = FakeTerminal()
         monkeypatch.setattr(cli, "_stdout_console", lambda screen=screen, width=width: Console(
             file=screen, width=width, force_terminal=True, markup=False, highlight=False))
         result = invoke("download", "--list")
@@ -753,3 +752,28 @@ def test_plan_into_a_pipe_is_one_line_a_row_without_padding(workspace):
     lines = result.stdout.splitlines()
     assert all(line == line.rstrip() for line in lines)
     assert any(line.startswith("model") and line.endswith("context 1024, vocabulary 50304") for line in lines)
+
+
+def test_an_error_after_the_output_went_away_keeps_its_exit_code(monkeypatch):
+    """Review: once tinygpt itself had pointed a gone reader's stream at /dev/null (a training whose `| head` had
+    ended goes on), the error it ended with exited 141, as if only the pipe had closed. Only rich's own exit on a
+    broken pipe (Typer's help) is 141."""
+    from tinygpt_cli import cli
+
+    null = os.stat(os.devnull)
+    monkeypatch.setattr(cli, "_STDOUT_PIPE", (1, 2))
+    monkeypatch.setattr(cli, "_fd_identity", lambda fd, pipe=False: (null.st_dev, null.st_ino))
+    monkeypatch.setattr(cli, "_OUTPUT_DROPPED", False)
+    assert cli._exit_status(1) == (141 if os.name == "posix" else 1)
+    monkeypatch.setattr(cli, "_OUTPUT_DROPPED", True)
+    assert cli._exit_status(1) == 1
+
+
+def test_text_with_colons_is_not_read_as_emoji_codes():
+    """Review: with markup off rich still turned `:cat:` in a path or a note into an emoji."""
+    from tinygpt_cli import cli
+
+    for console in (cli._stderr_console(), cli._stdout_console()):
+        with console.capture() as captured:
+            console.print("note: shards/x:cat:y and [bold]z[/bold]")
+        assert captured.get() == "note: shards/x:cat:y and [bold]z[/bold]\n"

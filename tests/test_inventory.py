@@ -442,10 +442,9 @@ def test_a_link_to_a_run_is_not_a_second_run_and_shares_its_lock(with_shakespear
 def test_a_listing_never_cuts_a_run_name(with_shakespeare, workspace, monkeypatch):
     """Audit: a narrow terminal showed `r-runni…`, and a piped listing cut names past 200 columns: the name is the
     cell a user copies into the next command."""
-    import io
-
     from rich.console import Console
 
+    from conftest import FakeTerminal
     from tinygpt_cli import cli
 
     long_name = "a-run-with-a-long-name-" + "x" * 70
@@ -453,7 +452,7 @@ def test_a_listing_never_cuts_a_run_name(with_shakespeare, workspace, monkeypatc
     train(cfg, run_name="short-one")
     train(cfg, run_name=long_name)
     assert long_name in invoke("runs").stdout  # piped: one line per row at the table's own width
-    narrow = io.StringIO()
+    narrow = FakeTerminal()
     monkeypatch.setattr(cli, "_stdout_console", lambda: Console(file=narrow, width=60, force_terminal=True,
                                                                 color_system=None))
     assert invoke("runs").exit_code == 0
@@ -553,6 +552,8 @@ def test_runs_rm_asks_then_deletes_whole_runs(with_shakespeare, workspace, monke
     assert done.exit_code == 0, done.output
     assert "Deleted runs/a" in done.output and not a.exists()
     # a second name of a run: only the link goes; and a path into runs/ names a run as well as its name
+    assert "note: runs/alias links to it and will point at nothing: delete it too" in \
+        invoke("runs", "rm", "b").stderr  # review: the link was left dangling without a word
     linked = invoke("runs", "rm", "alias", str(b.parent / "alias"), "--yes")
     assert linked.exit_code == 0, linked.output
     assert "a second name of runs/b: only the link goes" in linked.stderr and "Deleted runs/alias (the link)" in \
@@ -564,6 +565,8 @@ def test_runs_rm_asks_then_deletes_whole_runs(with_shakespeare, workspace, monke
 
 
 @pytest.mark.parametrize(("spec", "fragment"), [
+    ("", "an empty name names nothing"),  # review: `runs rm "$NAME"` with NAME unset deleted all of runs/
+    (" ", "an empty name names nothing"),
     ("nosuch", "no run named 'nosuch'"),
     ("bb", "no run named 'bb' (did you mean"),
     ("/tmp", "/tmp is not in"),
@@ -575,6 +578,10 @@ def test_runs_rm_of_what_is_not_a_run_deletes_nothing(with_shakespeare, workspac
     result = invoke("runs", "rm", "b", spec, "--yes")  # all are checked before any goes
     assert_one_line_error(result, fragment)
     assert run.is_dir()
+    with_shakespeare = workspace / "data" / "shakespeare"
+    if not spec.strip():
+        assert_one_line_error(invoke("data", "rm", spec, "--yes"), fragment)
+        assert (with_shakespeare / "meta.json").is_file()
 
 
 def test_a_run_or_dataset_in_use_is_not_deleted(with_shakespeare, workspace):
@@ -609,13 +616,20 @@ def test_data_rm_names_the_runs_that_need_it_and_takes_an_interrupted_tokenize_a
 
 
 def test_a_deletion_killed_halfway_is_never_listed_and_is_finished_by_the_next(with_shakespeare, workspace):
+    import os
+    import subprocess
+
     a, _ = _two_runs()
-    leftover = a.parent / ".removing-4242-0"  # what `runs rm` of a left when SIGKILLed mid-delete
+    dead = subprocess.Popen(["true"])  # a process that has ended: its deletion was killed
+    dead.wait()
+    leftover = a.parent / f".removing-{dead.pid}-0"  # what `runs rm` of a left when SIGKILLed mid-delete
     a.rename(leftover)
+    ongoing = a.parent / f".removing-{os.getpid()}-7"  # another `rm` deleting now (review): not its to sweep
+    ongoing.mkdir()
     assert [s.name for s in list_run_summaries()] == ["b"]
     assert invoke("runs", "--json").stderr == ""  # not a run, nor a note
     assert invoke("runs", "rm", "b", "--yes").exit_code == 0
-    assert not leftover.exists()
+    assert not leftover.exists() and ongoing.is_dir()
 
 
 def test_ctrl_c_during_a_deletion_finishes_that_one_and_keeps_the_rest(with_shakespeare, workspace, monkeypatch):

@@ -978,3 +978,56 @@ def test_a_task_that_cannot_be_scored_stops_training_before_it_starts(with_shake
     sets = [arg for setting in settings for arg in ("--set", setting)]
     assert_one_line_error(invoke("train", "--size", "micro", "--name", "t", "--max-steps", "2", *sets), fragment)
     assert not (workspace / "runs" / "t").exists()
+
+
+def test_a_task_file_given_relative_is_found_from_any_folder_on_resume(with_shakespeare, workspace, tmp_path,
+                                                                        monkeypatch):
+    """Review: train.eval_task_data typed relative was kept so in config.yaml, and a resume from another folder
+    stopped at "task data lam.jsonl does not exist: check the --task-data path" (an option train does not have)."""
+    from conftest import TINY_OVERRIDES
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.training import run_config_of
+
+    data = _task_file(tmp_path, "lambada_openai")
+    monkeypatch.chdir(tmp_path)
+    settings = [*TINY_OVERRIDES, "train.eval_task=lambada_openai", f"train.eval_task_data={data.name}"]
+    train(resolve_config(size="micro", overrides=[*settings, "train.max_steps=2"]), run_name="rel")
+    run = workspace / "runs" / "rel"
+    assert run_config_of(run).train.eval_task_data == str(data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = train(resolve_config(config_file=run / "config.yaml", overrides=["train.max_steps=4"]), run_name="rel",
+                    resume=True)
+    assert resumed.steps == 4
+    with pytest.raises(Exception, match="check the train.eval_task_data path"):
+        train(resolve_config(size="micro", overrides=[*settings, "train.max_steps=2"]), run_name="rel2")
+
+
+def test_a_stop_while_a_task_is_scored_ends_the_scoring_not_the_checkpoint(with_shakespeare, workspace, tmp_path,
+                                                                            monkeypatch):
+    """Review: Ctrl-C during train.eval_task's scoring (all of HellaSwag on a CPU: minutes) waited for all of it.
+    One process ends it at the next batch; the step's checkpoint was saved before it began."""
+    from conftest import TINY_OVERRIDES
+    from tinygpt_cli import evaluation
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.training import StopFlag
+
+    data = _task_file(tmp_path, "lambada_openai")
+    stop = StopFlag()
+    real = evaluation._score_continuations
+
+    def scoring(*args, **kwargs):
+        stop.reason = "interrupted"  # Ctrl-C as the first batch is scored
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_score_continuations", scoring)
+    events = []
+    cfg = resolve_config(size="micro", overrides=[*TINY_OVERRIDES, "train.eval_task=lambada_openai",
+                                                  f"train.eval_task_data={data}", "train.max_steps=6"])
+    result = train(cfg, run_name="cut", stop=stop, on_event=events.append)
+    assert result.stopped == "interrupted" and result.steps == 2
+    assert "lambada_openai of step 2 cut short by the stop" in " ".join(e.message for e in events)
+    kinds = [json.loads(line)["kind"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "lambada_openai" not in kinds
+    assert ckpt.latest_checkpoint(result.run_dir).name == "step_2"

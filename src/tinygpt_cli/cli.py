@@ -41,24 +41,30 @@ _QUIET = False  # set by `tinygpt --quiet`: no progress or status lines (errors 
 # Markup off: what they print holds user text (paths, prompts, names), and `shards/[a-z].jsonl` would lose its
 # brackets, `x[/]y` end in rich's MarkupError; a line that styles itself passes markup=True with escape()d text
 def _stderr_console(quiet: bool | None = None):
-    return _console_class()(stderr=True, highlight=False, soft_wrap=True, markup=False,
+    return _console_class()(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False,
                             quiet=_QUIET if quiet is None else quiet)
 
 
 def _stdout_console():
-    return _console_class()(highlight=False, soft_wrap=True, markup=False)
+    return _console_class()(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
-def _animated(console) -> bool:
-    """Whether a progress bar can redraw in place on `console`: a terminal that is one (rich calls a pipe one
-    under FORCE_COLOR or TTY_COMPATIBLE, whose log would fill with redrawn frames) and is not TERM=dumb (which
-    shows no redraw at all). Elsewhere progress is plain lines every PLAIN_PROGRESS_S."""
-    if not console.is_terminal or console.is_dumb_terminal:
+def _on_terminal(console) -> bool:
+    """Whether `console` writes to a terminal: one rich takes for one (not NO_TTY) that is one (rich calls a pipe
+    one under FORCE_COLOR or TTY_COMPATIBLE). A table then fits its width; in a pipe it is one line a row."""
+    if not console.is_terminal:
         return False
     try:
         return bool(console.file.isatty())
     except (AttributeError, ValueError, OSError):  # a file object without a descriptor, or a closed one
         return False
+
+
+def _animated(console) -> bool:
+    """Whether a progress bar can redraw in place on `console`: a terminal (`_on_terminal`: under FORCE_COLOR a log
+    would fill with redrawn frames) that is not TERM=dumb (which shows no redraw at all). Elsewhere progress is
+    plain lines every PLAIN_PROGRESS_S."""
+    return _on_terminal(console) and not console.is_dumb_terminal
 
 
 @functools.cache
@@ -88,9 +94,14 @@ def _console_class():
     return QuietOnBrokenPipe
 
 
+_OUTPUT_DROPPED = False  # `_drop_output_like` pointed a stream at /dev/null: the command went on, its exit is its own
+
+
 def _drop_output_like(broken) -> None:
     """Point the standard streams that write where `broken` does at /dev/null (as rich does with stdout), so that
     nothing later, nor Python's flush at exit, fails on it again."""
+    global _OUTPUT_DROPPED
+    _OUTPUT_DROPPED = True
     with contextlib.suppress(OSError, ValueError, AttributeError):  # a stream with no descriptor (tests, notebooks)
         broken_fd = broken.fileno()
         broken_file = os.fstat(broken_fd)
@@ -673,7 +684,7 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
     for row_cells in cells:
         table.add_row(*row_cells)
     console = _stdout_console()
-    if console.is_terminal and Measurement.get(console, console.options.update_width(1 << 20), table).maximum \
+    if _on_terminal(console) and Measurement.get(console, console.options.update_width(1 << 20), table).maximum \
             > console.width:
         # a terminal too narrow for the table: a block per corpus, so that no source id (what `download owner/name`
         # takes) or license is cut or broken across lines
@@ -688,7 +699,7 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
 def _print_table(table) -> None:
     """A table on stdout; piped, wide enough that no cell (a run name to copy) is cut."""
     console = _stdout_console()
-    if console.is_terminal:
+    if _on_terminal(console):
         console.print(table)
         return
     console.width = 100_000  # no terminal width to respect: one line per row, at the table's own width
@@ -1947,7 +1958,8 @@ def runs_show(
 @runs_app.command("rm", cls=_Command,
                   epilog="Examples:  tinygpt runs rm old-run  ·  tinygpt runs rm try-1 try-2 --yes")
 def runs_rm(
-    names: Annotated[list[str], typer.Argument(help="Runs to delete, by the names `tinygpt runs` lists.")],
+    names: Annotated[list[str], typer.Argument(metavar="NAME", help="Runs to delete, by the names `tinygpt runs` "
+                                                                    "lists.")],
     yes: YesOpt = False,
 ) -> None:
     """Delete runs: their checkpoints, logs, reports and evals. One that is training now is refused."""
@@ -2064,7 +2076,8 @@ def data_show(
 @data_app.command("rm", cls=_Command,
                   epilog="Examples:  tinygpt data rm owt-test  ·  tinygpt data rm a b --yes")
 def data_rm(
-    names: Annotated[list[str], typer.Argument(help="Datasets to delete, by the names `tinygpt data` lists.")],
+    names: Annotated[list[str], typer.Argument(metavar="NAME", help="Datasets to delete, by the names `tinygpt "
+                                                                    "data` lists.")],
     yes: YesOpt = False,
 ) -> None:
     """Delete tokenized datasets, with an interrupted tokenize of each; downloads in data/raw are not touched.
@@ -2161,9 +2174,10 @@ def _fd_identity(fd: int, pipe: bool = False) -> tuple[int, int] | None:
 
 
 def _stdout_went_to_null() -> bool:
-    """Whether rich, printing help or a table into a pipe whose reader went away, pointed stdout at the null device
-    and exited 1 (rich's own broken-pipe handling, in Typer's console as well as ours)."""
-    if _STDOUT_PIPE is None or os.name != "posix":
+    """Whether rich, printing help into a pipe whose reader went away, pointed stdout at the null device and exited 1
+    (rich's own broken-pipe handling, in Typer's console). Not where ours did (`_drop_output_like`): such a command
+    goes on without its output (a training), and an error it ends with keeps its code."""
+    if _STDOUT_PIPE is None or os.name != "posix" or _OUTPUT_DROPPED:
         return False
     with contextlib.suppress(OSError):
         null = os.stat(os.devnull)

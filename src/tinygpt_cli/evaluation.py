@@ -443,12 +443,12 @@ def find_task(name: str) -> Task:
     return task
 
 
-def _read_rows(path: Path) -> list[Any]:
+def _read_rows(path: Path, option: str = "--task-data") -> list[Any]:
     name = path.name.lower()
     if path.is_dir():
-        raise DataError(f"task data {path} is a folder: pass the file (.jsonl, .json or .parquet) with --task-data")
+        raise DataError(f"task data {path} is a folder: pass the file (.jsonl, .json or .parquet) with {option}")
     if not path.is_file():
-        raise DataError(f"task data {path} does not exist: check the --task-data path")
+        raise DataError(f"task data {path} does not exist: check the {option} path")
     try:
         if name.endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -527,17 +527,18 @@ def _cache_only(active: bool) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def load_task(task: str | Task, path: str | Path | None = None, limit: int | None = None
-              ) -> tuple[list[Example], str]:
-    """A task's examples (the first `limit`) and where they came from.
+def load_task(task: str | Task, path: str | Path | None = None, limit: int | None = None,
+              option: str = "--task-data") -> tuple[list[Example], str]:
+    """A task's examples (the first `limit`) and where they came from (a file by its absolute path).
 
     `path`: a local .jsonl/.json/.parquet in the task's schema (HellaSwag: ctx or ctx_a/ctx_b, endings, label;
-    LAMBADA: text); None: the Hugging Face hub through `datasets` (cached after the first download).
+    LAMBADA: text), given by `option` (named by its errors); None: the Hugging Face hub through `datasets` (cached
+    after the first download).
     """
     task = task if isinstance(task, Task) else find_task(task)
     if path is not None:
         path = Path(path).expanduser()
-        rows, source = _read_rows(path), str(path.resolve())  # eval.jsonl names it from any folder
+        rows, source = _read_rows(path, option), str(path.resolve())  # eval.jsonl names it from any folder
         if limit is not None:
             rows = rows[:limit]
     else:

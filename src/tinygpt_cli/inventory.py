@@ -371,6 +371,8 @@ def _tree_bytes(path: Path) -> int:
 
 def _entry(spec: str, folder: Path, kind: str) -> Path:
     """The entry of `folder` (runs/ or data/) that `spec` names: a name as the listing shows it, or a path to it."""
+    if not spec.strip():  # `runs rm "$NAME"` with NAME unset: folder / "" is the folder itself
+        raise DataError(f"an empty name names nothing `tinygpt {kind}` lists: give a name it does")
     if workspace.is_bare_name(spec):
         path = folder / spec
     else:
@@ -383,7 +385,7 @@ def _entry(spec: str, folder: Path, kind: str) -> Path:
             raise DataError(f"{spec} is not in {folder}: `tinygpt {kind} rm` deletes only what `tinygpt {kind}` "
                             f"lists; delete other folders yourself")
         path = folder / given.name
-    if path.name.startswith(".") or path.name in ("", ".", ".."):
+    if path.name.startswith(".") or path.name in ("", ".", "..") or path.parent != folder:  # C:name on Windows
         raise DataError(f"{spec} is not something `tinygpt {kind}` lists: name one it does")
     return path
 
@@ -426,7 +428,18 @@ def plan_run_removal(spec: str) -> Removal:
         facts = ["unreadable checkpoint"]
     kept = len(step_folders(path))
     facts.append(f"{workspace.counted(kept, 'checkpoint')}, {workspace.format_bytes(size)}")
-    return Removal(what, path, False, (), size, ", ".join(facts))
+    return Removal(what, path, False, (), size, ", ".join(facts), _links_to(path))
+
+
+def _links_to(path: Path) -> tuple[str, ...]:
+    """A note naming the other names of `path` in its folder (`runs/alias -> r`), which its deletion leaves
+    pointing at nothing."""
+    with contextlib.suppress(OSError):
+        links = sorted(entry.name for entry in path.parent.iterdir() if workspace.sibling_target(entry) == path)
+        if links:
+            return (f"{', '.join(f'{path.parent.name}/{name}' for name in links)} links to it and will point at "
+                    f"nothing: delete {'it' if len(links) == 1 else 'them'} too",)
+    return ()
 
 
 def plan_dataset_removal(spec: str) -> Removal:
@@ -464,6 +477,7 @@ def plan_dataset_removal(spec: str) -> Removal:
     if linked:
         return Removal(what, path, True, (), 0, _link_detail(path).replace("the run stays", "the dataset stays"),
                        tuple(notes))
+    notes += _links_to(path)
     size = sum(_tree_bytes(p) for p in (path, *extra) if p.is_dir())
     facts = []
     if path.is_dir():
@@ -490,8 +504,9 @@ def remove(removal: Removal) -> None:
     folder = removal.path.parent
     busy = DataError(f"{removal.what} is in use now (a training or tokenize started on it): wait, then delete it")
     with workspace.exclusive(workspace.lock_of(removal.path), removal.what, busy), stops_held() as stops:
-        for left in folder.glob(f"{_REMOVING}*"):  # earlier deletions that were killed
-            shutil.rmtree(left, ignore_errors=True)
+        for left in folder.glob(f"{_REMOVING}*"):  # earlier deletions that were killed (not one going on now)
+            if not _alive(left.name[len(_REMOVING):].split("-")[0]):
+                shutil.rmtree(left, ignore_errors=True)
         if removal.link:
             removal.path.unlink(missing_ok=True)
         else:
@@ -516,3 +531,17 @@ def remove(removal: Removal) -> None:
         stopped = Stopped(stops[0])
         stopped.removed = removal.what  # type: ignore[attr-defined]
         raise stopped
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` (digits) runs now; on Windows, where a probe by signal would end it, False (a deletion
+    there that meets another's folder only fails to finish it)."""
+    if not pid.isdigit() or os.name != "posix":
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True

@@ -703,6 +703,10 @@ def _peer_lost(exc: RuntimeError) -> TrainingError | None:
     return TrainingError(f"{PEER_LOST} ({detail}): its own error or exit code says why; this rank stopped too")
 
 
+class _TaskCut(Exception):
+    """A stop came while train.eval_task was being scored (one process): the scoring ends there."""
+
+
 class _Trainer:
     """One training run: setup in `run`, the step loop in `_loop`."""
 
@@ -886,7 +890,11 @@ class _Trainer:
                                 f"the training step): drop it, and score the checkpoints with `tinygpt eval --task "
                                 f"{tc.eval_task}`")
         task = find_task(tc.eval_task)
-        examples, source = load_task(task, tc.eval_task_data or None, tc.eval_task_limit or None)
+        examples, source = load_task(task, tc.eval_task_data or None, tc.eval_task_limit or None,
+                                     option="train.eval_task_data")
+        if tc.eval_task_data and source != tc.eval_task_data:  # config.yaml names the file from any folder (a resume)
+            self.cfg = replace(self.cfg, train=replace(tc, eval_task_data=source))
+            self.tc = self.cfg.train
         self.emit(TrainEvent("info", message=f"Scoring {task.name} zero-shot at each evaluation: "
                                              f"{workspace.counted(len(examples), 'example')} from {source}"))
         return task, examples
@@ -1616,10 +1624,20 @@ class _Trainer:
         task, examples = self.task  # type: ignore[misc]
         mine = examples[self.info.rank :: self.info.world_size]
         started = time.perf_counter()
+
+        def cut_if_stopping(done: int, total: int) -> None:  # one process: a stop ends it at the next batch
+            if self.stop and not self.info.enabled:
+                raise _TaskCut
+
         self.model.eval()
         try:
-            sums = task_sums(task, self.model, mine, autocast=autocast_context(self.device, self.dtype)) \
-                if mine else (0.0, 0.0)
+            sums = task_sums(task, self.model, mine, autocast=autocast_context(self.device, self.dtype),
+                             on_progress=cut_if_stopping) if mine else (0.0, 0.0)
+        except _TaskCut:
+            self.emit(TrainEvent("info", step=step, message=f"{task.name} of step {step} cut short by the stop (its "
+                                                            f"checkpoint is saved: `tinygpt eval --task {task.name}` "
+                                                            f"scores it)"))
+            return
         finally:
             self.model.train()
         if self.info.enabled:
