@@ -347,11 +347,17 @@ def test_eval_keeps_a_redirected_stderr_to_its_lines(with_shakespeare, workspace
 
 def _reference_lambada(model, examples):
     """Straightforward: one full forward per passage; the word's nats, and whether each of its tokens is the
-    argmax over GPT-2's vocabulary."""
+    argmax over GPT-2's vocabulary. Tokenized as lm-evaluation-harness's `_encode_pair`: the context's closing
+    whitespace goes with the word, whose tokens are the whole text's past the context's."""
     encoding = get_encoding()
     correct, nats = 0, 0.0
     for example in examples:
-        context, word = encoding.encode_ordinary(example.context), encoding.encode_ordinary(" " + example.endings[0])
+        text, target = example.context, " " + example.endings[0]
+        trailing = len(text) - len(text.rstrip())
+        if trailing:
+            text, target = text[:-trailing], text[-trailing:] + target
+        context = encoding.encode_ordinary(text)
+        word = encoding.encode_ordinary(text + target)[len(context):]
         sequence = torch.tensor(context + word)[None, -(model.config.block_size + 1):]
         scored = min(len(word), sequence.shape[1] - 1)
         with torch.no_grad():
@@ -383,6 +389,8 @@ def test_lambada_scoring_matches_a_reference(model):
     examples = [_lambada_example(row, "test") for row in LAMBADA_ROWS] * 2
     words = get_encoding().decode(list(range(1000, 1400))).split()  # passages longer than the window: cut left
     examples += [Example(" ".join(words[i * 9 : i * 9 + 40]), (words[i * 9 + 40],), 0) for i in range(5)]
+    # review: whitespace that ends the context goes with the word, as lm-evaluation-harness tokenizes it
+    examples += [_lambada_example({"text": text}, "test") for text in ("It was  hot", "line one\n second")]
     accuracy, perplexity = score_last_words(model, examples, batch_size=3)
     assert (accuracy, perplexity) == pytest.approx(_reference_lambada(model, examples))
     # the accuracy counts words every token of which is the first choice: " the" is, " thethe" (" the" + "the")
@@ -398,10 +406,11 @@ def test_lambada_scoring_matches_a_reference(model):
 def test_lambada_rows():
     from tinygpt_cli.evaluation import _lambada_example
 
-    example = _lambada_example({"text": "The cat sat on the mat \n"}, "test")
-    assert (example.context, example.endings, example.label) == ("The cat sat on the", ("mat",), 0)
+    example = _lambada_example({"text": "The cat sat on the  mat"}, "test")  # as the harness splits it
+    assert (example.context, example.endings, example.label) == ("The cat sat on the ", ("mat",), 0)
     for row, fragment in (({"text": 5}, "needs a text 'text' field"), ("a passage", "needs a text 'text' field"),
-                          ({"text": "alone"}, "has no last word"), ({"text": "   "}, "has no last word")):
+                          ({"text": "alone"}, "has no last word"), ({"text": "   "}, "has no last word"),
+                          ({"text": "ends with a space "}, "has no last word")):
         with pytest.raises(TinyGPTError, match=fragment):
             _lambada_example(row, "example 1")
 

@@ -14,7 +14,8 @@ context (contexts cut from the left to fit the window).
   highest total, `accuracy_norm` the highest mean per token - the number nanoGPT and llm.c report (GPT-2 124M:
   about 0.29).
 - LAMBADA (OpenAI's version, `lambada_openai`): each example is a passage whose last word is to be predicted;
-  the context is the text before the last space, the continuation `" " + word`. `accuracy` counts the words whose
+  the context is the text before the last space, the continuation `" " + word`, tokenized as the harness does
+  (`_encode_pair`). `accuracy` counts the words whose
   every token is the model's first choice (greedy), `perplexity` is exp of the mean over examples of the word's
   nats - the definitions of EleutherAI's lm-evaluation-harness (GPT-2 124M: 0.3256 and 40.06 there).
 
@@ -244,6 +245,20 @@ def _encode(text: str) -> list[int]:
     return get_encoding().encode_ordinary(text)
 
 
+def _encode_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness makes them, so that LAMBADA's figures are its
+    figures: whitespace that ends the context moves to the continuation, whose ids are those of the whole text
+    past the context's; an empty context is <|endoftext|>. (HellaSwag encodes the ending apart, as nanoGPT and
+    llm.c do.)"""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = _encode(context)
+    if not context_ids:
+        return [EOT_ID], _encode(continuation)
+    return context_ids, _encode(context + continuation)[len(context_ids) :]
+
+
 def _score_continuations(model: GPT, rows: Sequence[tuple[list[int], list[int]]], autocast: Any, greedy: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Score (context ids, continuation ids) pairs in one forward pass: each continuation's total nats (float64,
@@ -304,7 +319,7 @@ def _last_word_sums(model: GPT, examples: Sequence[Example], batch_size: int | N
     nats = 0.0
     for first in range(0, len(examples), batch_size):
         group = examples[first : first + batch_size]
-        rows = [(_encode(example.context) or [EOT_ID], _encode(" " + example.endings[0])) for example in group]
+        rows = [_encode_pair(example.context, " " + example.endings[0]) for example in group]
         totals, _, all_hit = _score_continuations(model, rows, autocast, greedy=True)
         assert all_hit is not None
         nats += float(totals.sum())
@@ -403,8 +418,9 @@ def _lambada_example(row: Any, where: str) -> Example:
     text = row.get("text") if isinstance(row, dict) else None
     if not isinstance(text, str):
         raise DataError(f"{where} needs a text 'text' field (LAMBADA's schema: the passage, its last word the target)")
-    context, _, word = text.rstrip().rpartition(" ")
-    if not context.strip() or not word:
+    words = text.split(" ")  # as lm-evaluation-harness splits it: the context is the text before the last space
+    context, word = " ".join(words[:-1]), words[-1]
+    if not context.strip() or not word.strip():
         raise DataError(f"{where} has no last word after a passage to predict it from: check the file")
     return Example(context, (word,), 0)
 
