@@ -652,3 +652,11 @@ def test_ctrl_c_during_a_deletion_finishes_that_one_and_keeps_the_rest(with_shak
     assert "Interrupted: deleted runs/b; kept runs/a." in result.stderr
     assert not b.exists() and a.is_dir()
     assert [p.name for p in a.parent.iterdir()] == ["a"]
+
+
+def test_the_report_names_the_model_as_the_listing_does(with_shakespeare, workspace):
+    """The report said "micro: 0.1M parameters, 2 layers × 32" of a run that `tinygpt runs` lists as custom 2×32:
+    micro's settings, not its shape."""
+    run = train(tiny_config(max_steps=1, eval_interval=1, eval_batches=1, batch_size=2), run_name="c").run_dir
+    assert "| model | custom (from micro): " in (run / "report.md").read_text()
+    assert list_run_summaries()[0].shape == "custom 2×32"

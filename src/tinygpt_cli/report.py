@@ -168,8 +168,9 @@ def task_line(figures: dict[str, Any]) -> str:
 
 def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], hardware: dict[str, Any],
                  model: Any) -> None:
-    """runs/<name>/report.md: config, data, hardware, time, throughput, final losses and a sample."""
-    from tinygpt_cli.config import dump_yaml
+    """runs/<name>/report.md: config, data, hardware, time, throughput, final losses and a sample. The model is
+    named by its preset where it has that preset's shape, else custom, as `tinygpt runs` does."""
+    from tinygpt_cli.config import dump_yaml, preset_of
 
     def fmt(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "n/a"
@@ -182,8 +183,9 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         "",
         "| | |",
         "|---|---|",
-        f"| model | {cfg.size}: {model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers × "
-        f"{cfg.model.n_embd}, context {cfg.model.block_size} |",
+        f"| model | {cfg.size if preset_of(cfg.model) == cfg.size else f'custom (from {cfg.size})'}: "
+        f"{model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers × {cfg.model.n_embd}, context "
+        f"{cfg.model.block_size} |",
         *([f"| started from | {cfg.train.init_from} |"] if cfg.train.init_from else []),
         f"| data | {dataset['name']}: {dataset['train_tokens']:,} train / {dataset['val_tokens']:,} val tokens |",
         f"| hardware | {hardware['device_name']} · {hardware['device']} {hardware['dtype']} · "
