@@ -375,3 +375,26 @@ def test_a_download_that_stops_mid_file_exits(workspace, tmp_path, extra):
         assert done.stderr.strip().splitlines()[-1].startswith("error: column 'id'")
     else:
         assert (workspace / "data" / "raw" / "rg" / "download.json").is_file()
+
+
+def test_data_rm_download_deletes_a_download_and_names_what_was_made_from_it(workspace, fixture_source):
+    """A 40 GB download outlives its tokenizing: `tinygpt data rm --download NAME` deletes it (data rm of a dataset
+    never touches data/raw, and said to delete it by hand)."""
+    from tinygpt_cli import workspace as ws
+
+    assert runner.invoke(app, ["download", "fixture"]).exit_code == 0
+    assert runner.invoke(app, ["tokenize", "fixture", "--name", "fx"]).exit_code == 0
+    folder = workspace / "data" / "raw" / "fixture"
+    with ws.exclusive(ws.lock_of(folder), "data/raw/fixture"):  # what a download of it holds
+        _one_line_error(runner.invoke(app, ["data", "rm", "--download", "fixture", "--yes"]),
+                        "data/raw/fixture is being downloaded now")
+    _one_line_error(runner.invoke(app, ["data", "rm", "--download", "nosuch", "--yes"]),
+                    "no download named 'nosuch' (here: fixture)")
+    _one_line_error(runner.invoke(app, ["data", "rm", "raw"]), "`tinygpt data rm --download NAME` deletes one")
+    result = runner.invoke(app, ["data", "rm", "--download", "fixture", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "data/raw/fixture: complete download, " in result.stderr
+    assert "data/fx was tokenized from it: it keeps working, but tokenizing again needs the download again" in \
+        result.stderr
+    assert not folder.exists() and (workspace / "data" / "fx" / "meta.json").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == []

@@ -2074,18 +2074,22 @@ def data_show(
 
 
 @data_app.command("rm", cls=_Command,
-                  epilog="Examples:  tinygpt data rm owt-test  ·  tinygpt data rm a b --yes")
+                  epilog="Examples:  tinygpt data rm owt-test  ·  tinygpt data rm a b --yes  ·  "
+                  "tinygpt data rm --download openwebtext")
 def data_rm(
     names: Annotated[list[str], typer.Argument(metavar="NAME", help="Datasets to delete, by the names `tinygpt "
                                                                     "data` lists.")],
+    download: Annotated[bool, typer.Option("--download", help="Delete downloads (data/raw/NAME, as `tinygpt download "
+                                                              "--list` shows them) instead.")] = False,
     yes: YesOpt = False,
 ) -> None:
-    """Delete tokenized datasets, with an interrupted tokenize of each; downloads in data/raw are not touched.
+    """Delete tokenized datasets, with an interrupted tokenize of each; with --download, downloaded corpora.
 
-    One being tokenized, or that a run is training on now, is refused."""
-    from tinygpt_cli.inventory import plan_dataset_removal
+    One being tokenized or downloaded, or that a run is training on now, is refused."""
+    from tinygpt_cli.inventory import plan_dataset_removal, plan_download_removal
 
-    _remove([plan_dataset_removal(name) for name in dict.fromkeys(names)], yes)
+    plan = plan_download_removal if download else plan_dataset_removal
+    _remove([plan(name) for name in dict.fromkeys(names)], yes)
 
 
 def _end_of_input() -> str:

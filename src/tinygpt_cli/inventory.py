@@ -369,10 +369,12 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _entry(spec: str, folder: Path, kind: str) -> Path:
-    """The entry of `folder` (runs/ or data/) that `spec` names: a name as the listing shows it, or a path to it."""
+def _entry(spec: str, folder: Path, kind: str, listing: str = "") -> Path:
+    """The entry of `folder` (runs/, data/ or data/raw/) that `spec` names: a name as the listing shows it, or a
+    path to it. `tinygpt {kind} rm` deletes what `listing` (default `tinygpt {kind}`) lists."""
+    listing = listing or f"tinygpt {kind}"
     if not spec.strip():  # `runs rm "$NAME"` with NAME unset: folder / "" is the folder itself
-        raise DataError(f"an empty name names nothing `tinygpt {kind}` lists: give a name it does")
+        raise DataError(f"an empty name names nothing `{listing}` lists: give a name it does")
     if workspace.is_bare_name(spec):
         path = folder / spec
     else:
@@ -382,11 +384,11 @@ def _entry(spec: str, folder: Path, kind: str) -> Path:
         except (OSError, RuntimeError):
             inside = False
         if not inside:
-            raise DataError(f"{spec} is not in {folder}: `tinygpt {kind} rm` deletes only what `tinygpt {kind}` "
-                            f"lists; delete other folders yourself")
+            raise DataError(f"{spec} is not in {folder}: `tinygpt {kind} rm` deletes only what `{listing}` lists; "
+                            f"delete other folders yourself")
         path = folder / given.name
     if path.name.startswith(".") or path.name in ("", ".", "..") or path.parent != folder:  # C:name on Windows
-        raise DataError(f"{spec} is not something `tinygpt {kind}` lists: name one it does")
+        raise DataError(f"{spec} is not something `{listing}` lists: name one it does")
     return path
 
 
@@ -453,8 +455,8 @@ def plan_dataset_removal(spec: str) -> Removal:
     path = _entry(spec, root, "data")
     what = f"data/{path.name}"
     if path.name == RAW_DIR_NAME:
-        raise DataError(f"data/{RAW_DIR_NAME} holds downloaded corpora, not a tokenized dataset: delete "
-                        f"data/{RAW_DIR_NAME}/NAME yourself (a tokenized dataset does not need its download)")
+        raise DataError(f"data/{RAW_DIR_NAME} holds downloaded corpora, not a tokenized dataset: `tinygpt data rm "
+                        f"--download NAME` deletes one (a tokenized dataset does not need its download)")
     if workspace.held(workspace.lock_of(path)):
         raise DataError(f"{what} is being tokenized now: stop that `tinygpt tokenize` first, then delete it")
     linked = path.is_symlink()
@@ -492,6 +494,37 @@ def plan_dataset_removal(spec: str) -> Removal:
         facts.append("an interrupted tokenize of it")
     facts.append(workspace.format_bytes(size))
     return Removal(what, path, False, extra, size, ", ".join(facts), tuple(notes))
+
+
+def plan_download_removal(spec: str) -> Removal:
+    """What deleting the download `spec` (data/raw/NAME: `tinygpt download --list` says which are here) would
+    remove; raises a one-line error for one that is not there or is being downloaded now. The datasets tokenized
+    from it are named in the notes: they keep working, but tokenizing one again needs the download again."""
+    from tinygpt_cli.data import list_datasets
+    from tinygpt_cli.sources import RAW_DIR_NAME, read_download_record
+
+    root = workspace.data_dir() / RAW_DIR_NAME
+    path = _entry(spec, root, "data", "tinygpt download --list")
+    what = f"data/{RAW_DIR_NAME}/{path.name}"
+    if workspace.held(workspace.lock_of(path)):
+        raise DataError(f"{what} is being downloaded now: stop that `tinygpt download` first, then delete it")
+    if not path.is_symlink() and not path.is_dir():
+        here = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []
+        known = f" (here: {', '.join(here)})" if here else " (none here)"
+        raise DataError(f"no download named {path.name!r}{known}: `tinygpt download --list` shows them")
+    users = [d.path.name for d in list_datasets() if str((d.meta.get("source") or {}).get("spec")) in
+             (path.name, str(path), str(path.resolve()))]
+    notes = [f"{', '.join(f'data/{name}' for name in users)} {'was' if len(users) == 1 else 'were'} tokenized from "
+             f"it: {'it keeps' if len(users) == 1 else 'they keep'} working, but tokenizing again needs the download "
+             f"again"] if users else []
+    if path.is_symlink():
+        return Removal(what, path, True, (), 0, _link_detail(path).replace("the run stays", "the download stays"),
+                       tuple(notes))
+    record = read_download_record(path)
+    state = "no download.json" if record is None else "complete" if record.get("complete") else "partial"
+    size = _tree_bytes(path)
+    return Removal(what, path, False, (), size, f"{state} download, {workspace.format_bytes(size)}", tuple(notes))
 
 
 def remove(removal: Removal) -> None:
