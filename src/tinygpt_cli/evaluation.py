@@ -166,20 +166,23 @@ def token_nats(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _head_scores(model: GPT, x: torch.Tensor, y: torch.Tensor, greedy: bool
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_nats`, and with `greedy` whether each target is the model's first choice (B, T) bool (False where
-    y is -1)."""
+    y is -1). The head runs on the scored positions only: a task scores a few tokens after a long context, and the
+    (positions x 50,257) logits of the context were most of its time."""
     hidden = model.hidden_states(x).flatten(0, 1)  # (N, C)
     targets = y.flatten()  # (N,)
     nats = torch.zeros(targets.numel(), dtype=torch.float32, device=x.device)
     hits = torch.zeros(targets.numel(), dtype=torch.bool, device=x.device) if greedy else None
+    scored = (targets >= 0).nonzero().squeeze(1)
+    hidden, targets = hidden[scored], targets[scored]
     weight = model.lm_head.weight[:VOCAB_SIZE]
     for begin in range(0, targets.numel(), HEAD_CHUNK):
         rows = slice(begin, begin + HEAD_CHUNK)
         logits = F.linear(hidden[rows], weight).float()  # (n, V)
         target = targets[rows]
-        picked = logits.gather(1, target.clamp(min=0)[:, None]).squeeze(1)
-        nats[rows] = torch.where(target >= 0, torch.logsumexp(logits, dim=-1) - picked, 0.0)
+        where = scored[rows]
+        nats[where] = torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)
         if hits is not None:
-            hits[rows] = (logits.argmax(dim=-1) == target) & (target >= 0)
+            hits[where] = logits.argmax(dim=-1) == target
     return nats.view_as(y), None if hits is None else hits.view_as(y)
 
 
