@@ -421,13 +421,7 @@ def test_eval_lambada_from_local_files(workspace, lambada_file, tmp_path):
 
     from tinygpt_cli.evaluation import load_task
 
-    make_run(workspace)
-    result = evaluate("--task", "lambada_openai", "--task-data", str(lambada_file), "--json")
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    examples, _ = load_task("lambada_openai", lambada_file)
-    torch.manual_seed(0)  # make_run's weights are the fixture's
-    expected = _reference_lambada(GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval(), examples)
+    payload, expected, examples = _eval_task_json(workspace, "lambada_openai", lambada_file, _reference_lambada)
     assert (payload["accuracy"], payload["perplexity"]) == pytest.approx(expected)
     assert payload["accuracy_norm"] is None and payload["accuracy_norm_stderr"] is None
     assert payload["examples"] == 4 and payload["task"] == "lambada_openai"
@@ -456,6 +450,20 @@ def test_lambada_offline_without_a_local_copy(workspace, lambada_file, tmp_path)
     assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()
 
 
+def _eval_task_json(workspace, task, path, reference):
+    """`tinygpt eval --task TASK --task-data PATH --json` of make_run's model: (its JSON, `reference` of the same
+    model on the same examples, the examples)."""
+    from tinygpt_cli.evaluation import load_task
+
+    make_run(workspace)
+    result = evaluate("--task", task, "--task-data", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    examples, _ = load_task(task, path)
+    torch.manual_seed(0)  # make_run's weights are the fixture's
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval()
+    return json.loads(result.stdout), reference(model, examples), examples
+
+
 def test_eval_a_checkpoint_folder_and_a_dataset_path(with_shakespeare, workspace):
     checkpoint = make_run(workspace)
     result = evaluate(str(checkpoint), "--data", str(with_shakespeare), "--tokens", "64", "--json")
@@ -470,13 +478,7 @@ def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_p
 
     from tinygpt_cli.evaluation import load_task
 
-    make_run(workspace)
-    result = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--json")
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    examples, _ = load_task("hellaswag", hellaswag_file)
-    torch.manual_seed(0)  # make_run's weights are the fixture's
-    expected = _reference_hellaswag(GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)).eval(), examples)
+    payload, expected, examples = _eval_task_json(workspace, "hellaswag", hellaswag_file, _reference_hellaswag)
     assert (payload["accuracy"], payload["accuracy_norm"]) == pytest.approx(expected)
     assert payload["examples"] == 4 and payload["task"] == "hellaswag" and payload["source"] == str(hellaswag_file)
     text = evaluate("--task", "hellaswag", "--task-data", str(hellaswag_file), "--limit", "2")

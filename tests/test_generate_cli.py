@@ -37,6 +37,23 @@ def run(workspace):
     return make_run(workspace)
 
 
+def _typed_at_the_prompt(monkeypatch, *answers):
+    """The prompt loop (stdin a terminal) reads `answers` in turn, as if typed; an exception is raised where one is
+    (EOFError: Ctrl-D)."""
+    import builtins
+
+    said = iter(answers)
+
+    def typed(prompt=""):
+        answer = next(said)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    monkeypatch.setattr(builtins, "input", typed)
+
+
 def generate(*args, input=None):
     return cli_invoke("generate", *args, input=input)
 
@@ -387,22 +404,13 @@ def test_prompts_that_are_not_utf8_are_one_line_each(run, monkeypatch):
     as the raw bytes, or failed with a traceback writing them; in the prompt loop such a line ended the session
     with a traceback. An argument is refused before the model loads; in the loop the line is, and the loop goes
     on. So does a Ctrl-C at the prompt, as at Python's own (Ctrl-D leaves)."""
-    import builtins
 
     assert_one_line_error(generate("ab\udcffcd", "--run", "nosuch"), "the prompt is not UTF-8 text: set the "
                           "terminal to UTF-8, or convert the text (iconv -t utf-8) into a --prompt-file")
     assert_one_line_error(generate("ab", "--stop", "\udcff", "--run", "nosuch"), "--stop is not UTF-8 text")
-    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
-    said = iter([KeyboardInterrupt(), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "ab\udcff",
-                 "ROMEO:", EOFError()])
-
-    def typed(prompt=""):
-        answer = next(said)
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
-
-    monkeypatch.setattr(builtins, "input", typed)
+    _typed_at_the_prompt(monkeypatch, KeyboardInterrupt(),
+                         UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "ab\udcff", "ROMEO:",
+                         EOFError())
     result = generate("--max-new-tokens", "4", "--json")
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == ["ROMEO:"]
@@ -502,21 +510,11 @@ def test_utf8_prompts_read_under_a_c_locale_are_recovered(run, monkeypatch):
     """Terminal audit: under LANG=C (a bare ssh or cron environment; PYTHONUTF8=0) Python keeps a UTF-8 argument's
     bytes as lone surrogates, and `generate "café"` was refused as "not UTF-8 text", which it was. The bytes are
     the UTF-8 they were, in the argument, in --stop and in the prompt loop."""
-    import builtins
 
     result = generate("caf\udcc3\udca9", "--stop", "\udce2\udc9c\udc93", "--max-new-tokens", "2", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["prompt"] == "café"
-    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
-    said = iter(["na\udcc3\udcafve", EOFError()])
-
-    def typed(prompt=""):
-        answer = next(said)
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
-
-    monkeypatch.setattr(builtins, "input", typed)
+    _typed_at_the_prompt(monkeypatch, "na\udcc3\udcafve", EOFError())
     looped = generate("--max-new-tokens", "2", "--json")
     assert looped.exit_code == 0, looped.output
     assert [json.loads(line)["prompt"] for line in looped.stdout.splitlines()] == ["naïve"]
