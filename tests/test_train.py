@@ -962,6 +962,8 @@ def test_a_task_scored_during_training_is_the_eval_of_its_checkpoint(with_shakes
     assert f"step 4: {task}: " in result.stderr and shown in result.stderr and "on 6 examples" in result.stderr
     report = (run / "report.md").read_text()
     assert f"| {task} (zero-shot, train.eval_task) | " in report and "on 6 examples at step 4 |" in report
+    listed = json.loads(invoke("runs", "--json").stdout)[0]["task"]  # for a sweep's `runs --json | jq`
+    assert listed == scored[-1]
 
 
 @pytest.mark.parametrize(("settings", "fragment"), [

@@ -39,6 +39,7 @@ class RunSummary:
     training: bool  # a tinygpt process is training it now (it holds the run's lock)
     status: str  # one of STATUSES
     best_step: int | None = None  # the step of the best val loss (train.keep_best keeps its checkpoint)
+    task: dict[str, Any] | None = None  # train.eval_task's last figures: metrics.jsonl's record of it, as logged
 
 
 # what `tinygpt runs` says of a run: training now; finished (its last step); stopped by Ctrl-C or a signal, or by
@@ -68,7 +69,8 @@ def run_summary(run_dir: Path) -> RunSummary:
     max_steps = _count_or_none(_dict(run_config.get("train")).get("max_steps"))
     report = _report_text(run_dir)
     training = workspace.held(workspace.lock_of(run_dir))
-    last = _last_record(_tail_records(run_dir / "metrics.jsonl"))
+    records = _tail_records(run_dir / "metrics.jsonl")
+    last = _last_record(records)
     failed = last.get("kind") == "failed"
     # trained past its latest checkpoint (a resumed session that has not saved yet, or one killed before it did)
     ahead = last.get("step") if is_count(last.get("step")) and last["step"] > counts["step"] else None
@@ -81,6 +83,7 @@ def run_summary(run_dir: Path) -> RunSummary:
         has_report=_reported_step(report) is not None, training=training,
         status=_status(training, counts["step"], max_steps, report, failed, ahead is not None),
         best_step=_count_or_none(state.get("best_step")),
+        task=_last_record(records, _str(_dict(run_config.get("train")).get("eval_task")) or "-") or None,
     )
 
 
