@@ -81,10 +81,28 @@ def _summary(name: str) -> str:
     return group.get_command(ctx, name).get_short_help_str(limit=200)
 
 
+def renderers() -> str:
+    """The versions of what draws the help (Typer's layout and rich's boxes change between releases): the pages are
+    a snapshot of them, named in the index."""
+    from importlib.metadata import version
+
+    return f"typer {version('typer')}, rich {version('rich')}"
+
+
+RENDERED_WITH = re.compile(r"^Rendered with (typer [^,]+, rich \S+)\.$", re.M)
+
+
+def snapshot_renderers() -> str | None:
+    """The versions the pages on disk were rendered with (None: an index without the line)."""
+    index = OUT / "README.md"
+    found = RENDERED_WITH.search(index.read_text(encoding="utf-8")) if index.is_file() else None
+    return found.group(1) if found else None
+
+
 def render() -> dict[Path, str]:
     """Every page's path and text."""
     pages: dict[Path, str] = {}
-    index = ["# Command reference", "", HEADER.format(path="<command>"), "",
+    index = ["# Command reference", "", HEADER.format(path="<command>"), "", f"Rendered with {renderers()}.", "",
              "Each page is the command's `--help`, word for word. Start with [getting started](../getting-started.md).",
              "", "| command | what it does |", "|---|---|"]
     for name, subcommands in commands().items():

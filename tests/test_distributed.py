@@ -730,3 +730,18 @@ def test_a_task_scored_during_ddp_training_adds_up_the_ranks_shares(with_shakesp
     assert refused.returncode != 0
     assert "train.eval_task does not run under --fsdp" in refused.stderr
     assert not (workspace / "runs" / "sharded").exists()
+
+
+def test_fsdp2_is_found_where_torch_2_4_keeps_it(monkeypatch):
+    """Lowest-versions audit: `from torch.distributed.fsdp import fully_shard` exists from torch 2.6; pyproject
+    allows 2.4, which keeps FSDP2 in torch.distributed._composable.fsdp, so --fsdp failed there on an import."""
+    import types
+
+    from tinygpt_cli.training import fsdp2_fully_shard
+
+    assert callable(fsdp2_fully_shard())
+    old_home = types.ModuleType("torch.distributed._composable.fsdp")  # torch 2.4's layout
+    old_home.fully_shard = lambda module: module
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", types.ModuleType("torch.distributed.fsdp"))
+    monkeypatch.setitem(sys.modules, "torch.distributed._composable.fsdp", old_home)
+    assert fsdp2_fully_shard() is old_home.fully_shard

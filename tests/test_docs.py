@@ -19,6 +19,9 @@ def _load(name: str):
 
 def test_command_pages_match_help():
     gen = _load("gen_command_docs")
+    if gen.snapshot_renderers() != gen.renderers():  # lowest-versions audit: other releases draw other boxes
+        pytest.skip(f"docs/commands is a snapshot of the help as {gen.snapshot_renderers()} render it "
+                    f"(here: {gen.renderers()})")
     pages = gen.render()
     names = set(gen.commands())
     assert {"plan", "runs", "data", "train", "tokenize", "generate"} <= names

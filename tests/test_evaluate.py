@@ -627,7 +627,9 @@ def test_hellaswag_hub_id_is_not_read_from_a_local_folder(workspace, hellaswag_f
     request.addfinalizer(lambda: datasets.logging.set_verbosity(verbosity))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hellaswag").mkdir()
-    shutil.copy(hellaswag_file, tmp_path / "hellaswag" / "validation.jsonl")
+    (tmp_path / "hellaswag" / "validation.jsonl").write_text(  # labels as text, as the hub stores them: datasets
+        "".join(json.dumps({**row, "label": str(row["label"])}) + "\n" for row in HELLASWAG_ROWS),  # < 4.7 reads no
+        encoding="utf-8")  # column that mixes "0" and 2
     assert_one_line_error(evaluate("--task", "hellaswag", "--limit", "2"), "could not load HellaSwag")
     # ... nor from the cache `datasets` keeps of such a folder under the name "hellaswag", from anywhere
     assert len(datasets.load_dataset("hellaswag", split="validation")) == 4

@@ -1004,3 +1004,16 @@ def test_eval_of_a_hugging_face_folder_names_it(hf_source, with_shakespeare):
     result = invoke("eval", str(hf_source), "--tokens", "64")
     assert result.exit_code == 0, result.output
     assert f"of text, {hf_source})" in " ".join(result.stdout.split()) and "pretrained" not in result.stdout
+
+
+def test_onnx_on_a_torch_without_its_exporter_is_one_line(workspace, monkeypatch):
+    """Lowest-versions audit: torch.onnx.export(dynamo=True, dynamic_shapes=...) needs torch 2.5, and pyproject
+    allows 2.4, where the export failed with the exporter's TypeError. It is said before anything loads."""
+    import pytest
+
+    from tinygpt_cli import export
+
+    monkeypatch.setattr(export.torch, "__version__", "2.4.1+cpu")
+    with pytest.raises(export.ExportError, match=r"--format onnx needs torch 2.5 or newer \(this is 2.4.1\+cpu\)"):
+        export.check_format("onnx", "fp32")
+    export.check_format("hf", "fp32")  # the other formats do not need it

@@ -46,6 +46,7 @@ from tinygpt_cli.checkpoint import (
     load_checkpoint,
     run_candidates,
     save_safetensors,
+    version_key,
 )
 from tinygpt_cli.config import ModelConfig
 from tinygpt_cli.errors import FULL, TinyGPTError, described, os_problem
@@ -449,6 +450,9 @@ def check_format(fmt: str, dtype: str) -> None:
     if dtype not in FORMAT_DTYPES[fmt]:
         choices = ", ".join(FORMAT_DTYPES[fmt])
         raise ExportError(f"--format {fmt} cannot hold {dtype!r} weights: choose one of {choices}")
+    if fmt == "onnx" and version_key(torch.__version__) < (2, 5):  # torch.onnx.export(dynamo=True, dynamic_shapes)
+        raise ExportError(f"--format onnx needs torch 2.5 or newer (this is {torch.__version__}): upgrade torch, or "
+                          f"export --format hf")
 
 
 def _source_name(loaded: LoadedCheckpoint) -> str:

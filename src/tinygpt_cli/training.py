@@ -295,6 +295,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
+def fsdp2_fully_shard() -> Any:
+    """FSDP2's `fully_shard`: in torch.distributed.fsdp from torch 2.6, in torch.distributed._composable.fsdp before
+    (pyproject allows torch 2.4)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef]
+    return fully_shard
+
+
 def skips_on_device(device: torch.device) -> bool:
     """Whether fused AdamW on `device` honours `optimizer.found_inf`, skipping a non-finite step on the device.
     MPS's is not known to: its first versions refuse a found_inf, and one that takes it without honouring it would
@@ -854,7 +864,7 @@ class _Trainer:
                                                  f"climbs to {peak:.0%} of train.lr and never decays; e.g. --set "
                                                  f"train.warmup_steps={shorter}{tenth}."))
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            fully_shard = fsdp2_fully_shard()
 
             for block in self.model.transformer.h:  # one all-gather per block, the tied embedding at the root
                 fully_shard(block)
