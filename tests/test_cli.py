@@ -307,9 +307,9 @@ def test_usage_error_exits_2(workspace):
 
 @pytest.mark.parametrize(("args", "fragment", "command"), [
     (["train", "--max-steps", "many"], "Invalid value for '--max-steps'", "tinygpt train"),
-    (["generate", "--bogus"], "No such option: --bogus", "tinygpt generate"),
+    (["generate", "--bogus"], "No such option", "tinygpt generate"),
     (["eval", "--tokens"], "Option '--tokens' requires an argument", "tinygpt eval"),
-    (["--bogus"], "No such option: --bogus", "tinygpt"),
+    (["--bogus"], "No such option", "tinygpt"),
     (["nosuch"], "No such command 'nosuch'", "tinygpt"),
     (["runs", "rm"], "Missing argument 'NAME'", "tinygpt runs rm"),
 ])
@@ -320,6 +320,7 @@ def test_a_command_line_that_cannot_be_parsed_is_one_line(workspace, args, fragm
     result = invoke(*args)
     assert_one_line_error(result, fragment, code=2)
     assert result.stderr.rstrip().endswith(f"; `{command} -h` lists what it takes"), result.stderr
+    assert "--bogus" in result.stderr or "--bogus" not in args
     assert "╭" not in result.stderr and "Usage:" not in result.stderr
 
 
