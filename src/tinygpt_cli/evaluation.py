@@ -295,8 +295,8 @@ def _choice_sums(model: GPT, examples: Sequence[Example], batch_size: int | None
     finite = True
     for first in range(0, len(examples), batch_size):
         group = examples[first : first + batch_size]
-        rows = [(_encode(example.context) or [EOT_ID], _encode(" " + ending))
-                for example in group for ending in example.endings]
+        rows = [(context, _encode(" " + ending)) for example in group
+                for context in [_encode(example.context) or [EOT_ID]] for ending in example.endings]  # once each
         totals, counts, _ = _score_continuations(model, rows, autocast, greedy=False)
         finite &= bool(torch.isfinite(totals).all())  # argmin over NaN picks ending 0: a made-up accuracy
         counts = counts.clamp(min=1)

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -626,48 +625,12 @@ def _undo_killed_fill(folder: Path) -> None:
         pid, *names = (folder / FILLING).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, ValueError):
         return  # none (the usual case), or not ours to read
-    if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+    if not pid.isdigit() or (int(pid) != os.getpid() and workspace.pid_alive(int(pid))):
         return
     for name in names:
         if name and Path(name).name == name and name not in (".", ".."):
             _remove(folder / name)
     _remove(folder / FILLING)
-
-
-def _pid_alive(pid: int) -> bool:
-    if sys.platform == "win32":  # os.kill(pid, 0) terminates the process there
-        return _windows_pid_alive(pid)
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # someone else's process, or cannot tell: leave its files alone
-    return True
-
-
-def _windows_pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs, asked of Windows without touching it; True when it cannot tell."""
-    import ctypes
-
-    try:
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        return True
-    kernel32.OpenProcess.restype = ctypes.c_void_p  # a HANDLE is pointer-sized: the default int would cut it
-    kernel32.OpenProcess.argtypes = (ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32)
-    kernel32.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong))
-    kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process (else denied: it runs)
-    try:
-        code = ctypes.c_ulong()
-        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
-    finally:
-        kernel32.CloseHandle(handle)
 
 
 def _remove_stale_temps(parent: Path, name: str) -> None:
@@ -676,7 +639,7 @@ def _remove_stale_temps(parent: Path, name: str) -> None:
     for child in parent.iterdir():
         kind, _, pid = child.name.removeprefix(f".{name}.").partition("-")
         if kind in ("tmp", "old") and child.name.startswith(f".{name}.") and pid.isdigit() \
-                and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                and int(pid) != os.getpid() and not workspace.pid_alive(int(pid)):
             _remove(child)
 
 

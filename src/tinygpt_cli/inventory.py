@@ -362,16 +362,6 @@ class Removal:
 _REMOVING = ".removing-"
 
 
-def _tree_bytes(path: Path) -> int:
-    """Bytes of the files under `path`, links not followed (what deleting it frees)."""
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(folder, name)).st_size
-    return total
-
-
 def _entry(spec: str, folder: Path, kind: str, listing: str = "") -> Path:
     """The entry of `folder` (runs/, data/ or data/raw/) that `spec` names: a name as the listing shows it, or a
     path to it. `tinygpt {kind} rm` deletes what `listing` (default `tinygpt {kind}`) lists."""
@@ -395,10 +385,11 @@ def _entry(spec: str, folder: Path, kind: str, listing: str = "") -> Path:
     return path
 
 
-def _link_detail(path: Path) -> str:
+def _link_detail(path: Path, kept: str) -> str:
+    """What `rm` of the link `path` does; `kept` names what it links to (run, dataset, download)."""
     sibling = workspace.sibling_target(path)
     if sibling is not None:
-        return f"a second name of {sibling.parent.name}/{sibling.name}: only the link goes, the run stays"
+        return f"a second name of {sibling.parent.name}/{sibling.name}: only the link goes, the {kept} stays"
     target = os.readlink(path)
     if not path.exists():
         return f"a link to {target}, which is missing: only the link goes"
@@ -419,10 +410,10 @@ def plan_run_removal(spec: str) -> Removal:
     if workspace.held(workspace.lock_of(path)):
         raise DataError(f"{what} is training now: stop it first (Ctrl-C where it runs, or end its job), then delete it")
     if path.is_symlink():
-        return Removal(what, path, True, (), 0, _link_detail(path))
+        return Removal(what, path, True, (), 0, _link_detail(path, "run"))
     if not path.is_dir():
         raise DataError(f"{what} is a file, not a run: move or delete it yourself")
-    size = _tree_bytes(path)
+    size = workspace.tree_bytes(path)
     try:
         summary = run_summary(path) if latest_checkpoint(path) is not None else unsaved_run_summary(path)
         steps = f"{summary.steps:,}/{summary.max_steps:,}" if summary.max_steps else f"{summary.steps:,}"
@@ -480,10 +471,10 @@ def plan_dataset_removal(spec: str) -> Removal:
         notes.append(f"{workspace.counted(len(users), 'run')} trained on it ({names}): resuming one, or `tinygpt "
                      f"eval` of one without --data, will need it tokenized again")
     if linked:
-        return Removal(what, path, True, (), 0, _link_detail(path).replace("the run stays", "the dataset stays"),
+        return Removal(what, path, True, (), 0, _link_detail(path, "dataset"),
                        tuple(notes))
     notes += _links_to(path)
-    size = sum(_tree_bytes(p) for p in (path, *extra) if p.is_dir())
+    size = sum(workspace.tree_bytes(p) for p in (path, *extra) if p.is_dir())
     facts = []
     if path.is_dir():
         try:
@@ -522,11 +513,11 @@ def plan_download_removal(spec: str) -> Removal:
              f"it: {'it keeps' if len(users) == 1 else 'they keep'} working, but tokenizing again needs the download "
              f"again"] if users else []
     if path.is_symlink():
-        return Removal(what, path, True, (), 0, _link_detail(path).replace("the run stays", "the download stays"),
+        return Removal(what, path, True, (), 0, _link_detail(path, "download"),
                        tuple(notes))
     record = read_download_record(path)
     state = "no download.json" if record is None else "complete" if record.get("complete") else "partial"
-    size = _tree_bytes(path)
+    size = workspace.tree_bytes(path)
     return Removal(what, path, False, (), size, f"{state} download, {workspace.format_bytes(size)}", tuple(notes))
 
 
@@ -541,7 +532,8 @@ def remove(removal: Removal) -> None:
     busy = DataError(f"{removal.what} is in use now (a training or tokenize started on it): wait, then delete it")
     with workspace.exclusive(workspace.lock_of(removal.path), removal.what, busy), stops_held() as stops:
         for left in folder.glob(f"{_REMOVING}*"):  # earlier deletions that were killed (not one going on now)
-            if not _alive(left.name[len(_REMOVING):].split("-")[0]):
+            pid = left.name[len(_REMOVING):].split("-")[0]
+            if not pid.isdigit() or not workspace.pid_alive(int(pid)):
                 shutil.rmtree(left, ignore_errors=True)
         if removal.link:
             removal.path.unlink(missing_ok=True)
@@ -568,16 +560,3 @@ def remove(removal: Removal) -> None:
         stopped.removed = removal.what  # type: ignore[attr-defined]
         raise stopped
 
-
-def _alive(pid: str) -> bool:
-    """Whether process `pid` (digits) runs now; on Windows, where a probe by signal would end it, False (a deletion
-    there that meets another's folder only fails to finish it)."""
-    if not pid.isdigit() or os.name != "posix":
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True

@@ -956,7 +956,7 @@ class _Trainer:
         told now, not when the first one fails to save hours in."""
         tc = self.tc
         folder = self.run_dir / "checkpoints"
-        held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+        held = workspace.tree_bytes(folder)
         size = checkpoint_bytes(self.model.config)
         need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last, tc.keep_best) * size - held
         free = workspace.free_bytes(self.run_dir)

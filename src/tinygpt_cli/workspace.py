@@ -291,6 +291,54 @@ def name_problem(name: str, under: str, example: str) -> str | None:
     return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs now; True when that cannot be told (someone else's process, an unknown
+    platform): what it left is then left alone. Used to tidy after exports and deletions that were killed."""
+    if sys.platform == "win32":  # os.kill(pid, 0) terminates the process there
+        return _windows_pid_alive(pid)
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process, or cannot tell: leave its files alone
+    return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs, asked of Windows without touching it; True when it cannot tell."""
+    import ctypes
+
+    try:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return True
+    kernel32.OpenProcess.restype = ctypes.c_void_p  # a HANDLE is pointer-sized: the default int would cut it
+    kernel32.OpenProcess.argtypes = (ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32)
+    kernel32.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong))
+    kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process (else denied: it runs)
+    try:
+        code = ctypes.c_ulong()
+        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path`, links not followed (what deleting it frees, what a run's checkpoints hold)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
 def free_bytes(path: Path) -> int:
     """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
     probe = Path(path).absolute()
