@@ -71,6 +71,18 @@ def test_two_processes_match_one_with_accumulation_and_resume(with_shakespeare, 
 
 
 @pytest.mark.slow
+def test_muon_under_ddp_matches_one_process(with_shakespeare, workspace):
+    """Every rank orthogonalizes the same all-reduced gradients: its weights stay those of one process."""
+    single = train(tiny_config(max_steps=4, eval_interval=4, grad_accum=2, optimizer="muon"), run_name="single")
+    _torchrun(workspace, "--name", "ddp", "--max-steps", "4", "--set", "train.eval_interval=4",
+              "--set", "train.optimizer=muon")
+    got, expected = _train_losses(workspace / "runs" / "ddp"), _train_losses(single.run_dir)
+    assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=2e-4)
+
+
+@pytest.mark.slow
 def test_fsdp_matches_one_process_and_resumes(with_shakespeare, workspace):
     single = train(tiny_config(max_steps=4, eval_interval=2, grad_accum=2), run_name="single")
     tokens_per_step = 2 * 4 * 32

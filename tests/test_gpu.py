@@ -17,12 +17,14 @@ from tinygpt_cli.training import train
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_compiled_autocast_training(with_shakespeare, dtype):
-    cfg = tiny_config(max_steps=6, eval_interval=3, device="cuda", dtype=dtype, compile="on")
+def test_compiled_autocast_training(with_shakespeare, dtype, optimizer):
+    """Muon under fp16 steps through GradScaler's found_inf; its Newton-Schulz runs in bf16 on CUDA."""
+    cfg = tiny_config(max_steps=6, eval_interval=3, device="cuda", dtype=dtype, compile="on", optimizer=optimizer)
     events = []
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    result = train(cfg, run_name=f"gpu-{dtype}", on_event=events.append)
+    result = train(cfg, run_name=f"gpu-{dtype}-{optimizer}", on_event=events.append)
     # TF32 is on while training only: left on, the caller's own fp32 work would run at TF32's precision
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
     start = next(e for e in events if e.kind == "start")

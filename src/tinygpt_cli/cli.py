@@ -1124,7 +1124,8 @@ class _TrainView:
             resumed = f", resumed from {info['resumed_from']}" if info["resumed_from"] else ""
             self.console.print(
                 f"Training {info['parameters'] / 1e6:.1f}M parameters on {info['dataset']} "
-                f"({_fmt_int(info['train_tokens'])} train tokens) · {info['device']} {info['dtype']} · "
+                f"({_fmt_int(info['train_tokens'])} train tokens) · {info['device']} {info['dtype']}"
+                f"{' · Muon + AdamW' if info.get('optimizer') == 'muon' else ''} · "
                 f"{_fmt_int(info['tokens_per_step'])} tokens/step → {info['run_dir']}{resumed}"
             )
             self.task = self.progress.add_task(
@@ -1725,7 +1726,7 @@ def _plan_table(p) -> Any:
     table.add_row("disk: data", disk)
     table.add_row(
         "disk: checkpoints",
-        f"{format_bytes(p.checkpoint_bytes)} each (12 bytes/parameter) × "
+        f"{format_bytes(p.checkpoint_bytes)} each ({p.checkpoint_bytes / p.parameters:.0f} bytes/parameter) × "
         f"{p.checkpoints_on_disk} at most = {format_bytes(p.checkpoint_disk_bytes)}",
     )
     procs = f" × {p.nproc} processes" if p.nproc > 1 else ""
@@ -1750,7 +1751,8 @@ def _plan_table(p) -> Any:
     runtime = f", the process itself {_gib(mem.runtime)}" if mem.runtime else ""
     table.add_row(
         "  of which",
-        f"weights + gradients + AdamW {_gib(states)}, activations {_gib(mem.activations)} "
+        f"weights + gradients + {'AdamW' if p.optimizer == 'adamw' else 'AdamW/Muon'} {_gib(states)}, "
+        f"activations {_gib(mem.activations)} "
         f"({mem.activations_per_sequence / 2**20:.0f} MiB/sequence), buffers {_gib(extra)}{runtime}",
     )
     if mem.max_batch_size is not None:

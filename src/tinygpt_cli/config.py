@@ -40,6 +40,7 @@ def dtype_refusal(dtype: str, device_kind: str, training: bool) -> str | None:
 
 
 SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 COMPILE_MODES = ("auto", "on", "off")
 EVAL_TASKS = ("hellaswag", "lambada_openai")  # evaluation.TASKS, named here where torch is not imported
 
@@ -117,7 +118,10 @@ class TrainConfig:
     warmup_steps: int = 50  # steps of linear LR warmup up to lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
-    weight_decay: float = 0.1  # AdamW decay of 2-D weights; biases and LayerNorms are not decayed
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
+    muon_lr: float = 0.02  # muon: the matrices' peak LR, on the schedule lr follows (min_lr scales alike)
+    muon_momentum: float = 0.95  # muon: momentum (Nesterov) of the matrices' updates
+    weight_decay: float = 0.1  # decoupled decay of 2-D weights; biases and LayerNorms are not decayed
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
@@ -137,12 +141,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         parse_trackers(self.log_to)
-        for name in ("max_minutes", "lr", "min_lr", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip"):
+        for name in ("max_minutes", "lr", "min_lr", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip",
+                     "muon_lr", "muon_momentum"):
             if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
                 raise ConfigError(f"train.{name} must be a finite number (got {getattr(self, name)})")
         if problem := seed_problem("train.seed", self.seed):
             raise ConfigError(problem)
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
@@ -176,6 +181,12 @@ class TrainConfig:
         _check_choice("train.device", self.device, DEVICES)
         _check_choice("train.dtype", self.dtype, DTYPES)
         _check_choice("train.schedule", self.schedule, SCHEDULES)
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        if self.muon_lr <= 0:
+            raise ConfigError(f"train.muon_lr must be a positive number (got {self.muon_lr})")
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError("train.optimizer=muon does not run under --fsdp (Newton-Schulz needs each matrix whole, "
+                              "and FSDP shards them): drop --fsdp to train with DDP, or use train.optimizer=adamw")
         _check_choice("train.compile", self.compile, COMPILE_MODES)
 
 
@@ -425,6 +436,11 @@ def start_from(cfg: RunConfig, weights: ModelConfig) -> tuple[RunConfig, list[st
             notes.append(f"fine-tuning at lr {lr:g}, the {size} preset's {pretraining:g} over "
                          f"{FINE_TUNE_LR_DIVISOR}, so that the weights are nudged rather than overwritten: --lr "
                          f"sets another")
+    if tc.optimizer == "muon" and not _given(cfg, "train.muon_lr"):
+        muon_lr = float(f"{tc.muon_lr / FINE_TUNE_LR_DIVISOR:.12g}")
+        tc = replace(tc, muon_lr=muon_lr)
+        notes.append(f"Muon's matrices fine-tune at train.muon_lr {muon_lr:g}, its pretraining rate over "
+                     f"{FINE_TUNE_LR_DIVISOR}: --set train.muon_lr=... sets another")
     return replace(cfg, size=label or cfg.size, model=weights, train=tc), notes
 
 

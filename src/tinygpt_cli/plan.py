@@ -218,9 +218,17 @@ def training_flops_per_token(model: ModelConfig) -> float:
     return 6.0 * (count_parameters(model, non_embedding=True) + head) + attention
 
 
-def checkpoint_bytes(model: ModelConfig) -> int:
-    """One checkpoint: fp32 weights (4 B/param) + AdamW's two fp32 moments (8 B/param) + small files."""
-    return 12 * count_parameters(model) + CHECKPOINT_OVERHEAD_BYTES
+def optimizer_state_bytes(model: ModelConfig, optimizer: str = "adamw") -> int:
+    """The optimizer's fp32 state: AdamW's two moments (8 B/param); with train.optimizer=muon, Muon's one momentum
+    (4 B/param) for the blocks' matrices (`optim.muon_parameters`: 12·C² a layer) and AdamW's for the rest."""
+    params = count_parameters(model)
+    muon = 12 * model.n_layer * model.n_embd**2 if optimizer == "muon" else 0
+    return 8 * (params - muon) + 4 * muon
+
+
+def checkpoint_bytes(model: ModelConfig, optimizer: str = "adamw") -> int:
+    """One checkpoint: fp32 weights (4 B/param) + the optimizer's state (AdamW: 8 B/param) + small files."""
+    return 4 * count_parameters(model) + optimizer_state_bytes(model, optimizer) + CHECKPOINT_OVERHEAD_BYTES
 
 
 def _checkpoint_disk_note(need: int) -> str | None:
@@ -291,7 +299,7 @@ class MemoryEstimate:
     batch_size: int
     weights: int  # fp32 parameters, 4 B/param (sharded under FSDP)
     gradients: int  # fp32, 4 B/param
-    optimizer: int  # AdamW's two fp32 moments, 8 B/param
+    optimizer: int  # AdamW's two fp32 moments, 8 B/param (Muon's matrices: one, 4 B/param)
     autocast_weight_copies: int  # bf16/fp16 copies of the matmul weights autocast keeps for backward
     ddp_buckets: int  # DDP's gradient buckets (4 B/param) when several processes run without FSDP
     fsdp_gathered: int  # FSDP: unsharded root + two blocks' parameters and gradients in flight
@@ -317,7 +325,7 @@ def _usable(spec: DeviceSpec) -> int | None:
 
 def estimate_memory(
     model: ModelConfig, batch_size: int, spec: DeviceSpec, half: bool, nproc: int = 1, fsdp: bool = False,
-    compiled: bool = False,
+    compiled: bool = False, optimizer_kind: str = "adamw",
 ) -> MemoryEstimate:
     """Peak memory of a training step on one device: states + saved activations + transient buffers.
 
@@ -327,7 +335,8 @@ def estimate_memory(
     params = count_parameters(model)
     sharded = fsdp and nproc > 1
     shards = nproc if sharded else 1
-    weights, gradients, optimizer = 4 * params // shards, 4 * params // shards, 8 * params // shards
+    weights, gradients = 4 * params // shards, 4 * params // shards
+    optimizer = optimizer_state_bytes(model, optimizer_kind) // shards
     matmul_params = 12 * model.n_layer * model.n_embd**2
     copies = 2 * matmul_params if half else 0
     ddp = 4 * params if nproc > 1 and not sharded else 0
@@ -498,11 +507,11 @@ def _measure(cfg: RunConfig, micro_steps: int, warmup: int) -> Measurement:
     import torch
 
     from tinygpt_cli.model import GPT
+    from tinygpt_cli.optim import make_optimizer
     from tinygpt_cli.training import (
         _cpu_name,
         _maybe_compile,
         autocast_context,
-        make_optimizer,
         resolve_device,
         resolve_dtype,
     )
@@ -549,7 +558,7 @@ def _measure(cfg: RunConfig, micro_steps: int, warmup: int) -> Measurement:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):  # whole steps: compiles, allocates gradients, AdamW state and the loss buffers
+    for _ in range(warmup):  # whole steps: compiles, allocates gradients, optimizer state and the loss buffers
         micro_step()
         optimizer_step()
     sync()
@@ -588,6 +597,7 @@ class Plan:
     device: DeviceSpec
     nproc: int
     dtype: str  # bf16 | fp16 | fp32: the autocast dtype the estimate assumes
+    optimizer: str  # train.optimizer: adamw | muon
     batch_size: int  # micro-batch per process
     grad_accum: int
     tokens_per_step: int  # batch_size × grad_accum × block_size × nproc
@@ -684,7 +694,7 @@ def plan(
         notes.append(f"the {nproc} processes share this machine's RAM: the memory per device is each one's share")
 
     batch_size, grad_accum = tc.batch_size, tc.grad_accum
-    memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp, compiled)
+    memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp, compiled, tc.optimizer)
     if tc.auto_batch and memory.max_batch_size:
         global_batch = batch_size * grad_accum
         fitting = micro_batch_within(batch_size, global_batch, memory.max_batch_size)
@@ -692,7 +702,7 @@ def plan(
             notes.append(f"--batch-size auto: micro-batch {fitting} × {global_batch // fitting} accumulation steps "
                          f"(global batch {global_batch})")
             batch_size, grad_accum = fitting, global_batch // fitting
-            memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp, compiled)
+            memory = estimate_memory(model, batch_size, spec, half, nproc, tc.fsdp, compiled, tc.optimizer)
     if memory.fits is False:
         if memory.max_batch_size:
             notes.append(f"micro-batch {batch_size} does not fit: the largest that does is "
@@ -759,7 +769,8 @@ def plan(
         notes.append(f"train.max_minutes={tc.max_minutes:g} stops the run before its budget")
 
     kept = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last, tc.keep_best)
-    disk_note = _checkpoint_disk_note(kept * checkpoint_bytes(model))
+    one_checkpoint = checkpoint_bytes(model, tc.optimizer)
+    disk_note = _checkpoint_disk_note(kept * one_checkpoint)
     if disk_note:
         notes.append(disk_note)
     params = count_parameters(model)
@@ -768,10 +779,10 @@ def plan(
         model={"n_layer": model.n_layer, "n_head": model.n_head, "n_embd": model.n_embd,
                "block_size": model.block_size, "vocab_size": model.vocab_size},
         parameters=params, non_embedding_parameters=count_parameters(model, non_embedding=True),
-        flops_per_token=flops, device=spec, nproc=nproc, dtype=dtype, batch_size=batch_size,
+        flops_per_token=flops, device=spec, nproc=nproc, dtype=dtype, optimizer=tc.optimizer, batch_size=batch_size,
         grad_accum=grad_accum, tokens_per_step=tokens_per_step, max_steps=tc.max_steps, budget_tokens=budget,
-        data=data_estimate, epochs=epochs, checkpoint_bytes=checkpoint_bytes(model), checkpoints_on_disk=kept,
-        checkpoint_disk_bytes=kept * checkpoint_bytes(model), memory=memory, mfu=used_mfu, peak_flops=peak,
+        data=data_estimate, epochs=epochs, checkpoint_bytes=one_checkpoint, checkpoints_on_disk=kept,
+        checkpoint_disk_bytes=kept * one_checkpoint, memory=memory, mfu=used_mfu, peak_flops=peak,
         tokens_per_s=rate, seconds=seconds, time_basis=basis, chinchilla_tokens=CHINCHILLA_TOKENS_PER_PARAM * params,
         measurement=measurement, notes=notes,
     )

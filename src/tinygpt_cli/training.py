@@ -68,6 +68,7 @@ from tinygpt_cli.errors import (
 )
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT, release_cpu_workspace
+from tinygpt_cli.optim import apply_hyperparameters, make_optimizer, set_learning_rate
 from tinygpt_cli.plan import (
     GIB,
     checkpoint_bytes,
@@ -283,18 +284,6 @@ def _scheduled_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and LayerNorms undecayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # fused: one kernel for all parameters (on CPU too: 15x faster than foreach on the 2-core CI machine), and
-    # it reads `optimizer.found_inf` on the device, which lets the loop skip non-finite steps without a sync
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
-
-
 def fsdp2_fully_shard() -> Any:
     """FSDP2's `fully_shard`: in torch.distributed.fsdp from torch 2.6, in torch.distributed._composable.fsdp before
     (pyproject allows torch 2.4)."""
@@ -310,15 +299,6 @@ def skips_on_device(device: torch.device) -> bool:
     MPS's is not known to: its first versions refuse a found_inf, and one that takes it without honouring it would
     apply a non-finite step. There the loop skips the step itself, after a host sync (MPS only)."""
     return device.type != "mps"
-
-
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """Set the config's AdamW settings on `optimizer`'s groups (as `make_optimizer` made them): loading a
-    checkpoint's optimizer state also loads the hyperparameters it was saved with, which a resume's
-    --set train.weight_decay / beta1 / beta2 must replace. The LR is set at every step."""
-    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
-        group["weight_decay"] = decay
-        group["betas"] = (cfg.beta1, cfg.beta2)
 
 
 # ----------------------------------------------------------------------------------------------- throughput
@@ -957,7 +937,7 @@ class _Trainer:
         tc = self.tc
         folder = self.run_dir / "checkpoints"
         held = workspace.tree_bytes(folder)
-        size = checkpoint_bytes(self.model.config)
+        size = checkpoint_bytes(self.model.config, tc.optimizer)
         need = checkpoints_kept(tc.max_steps, tc.eval_interval, tc.keep_last, tc.keep_best) * size - held
         free = workspace.free_bytes(self.run_dir)
         if need <= free:
@@ -1100,12 +1080,13 @@ class _Trainer:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes on this machine share its RAM
         spec = replace(spec, memory_bytes=spec.memory_bytes // local)
         memory = estimate_memory(model, self.batch_size, spec, self.dtype != torch.float32, self.info.world_size,
-                                 self.fsdp, trains_compiled(self.tc.compile, self.device.type))
+                                 self.fsdp, trains_compiled(self.tc.compile, self.device.type), self.tc.optimizer)
         ram = spec.memory_bytes
         if not memory.max_batch_size:
             states = memory.weights + memory.gradients + memory.optimizer
             raise TrainingError(f"not even a micro-batch of 1 × {model.block_size} tokens fits in this machine's "
-                                f"{ram / GIB:.1f} GiB of RAM (the model's weights, gradients and AdamW state alone "
+                                f"{ram / GIB:.1f} GiB of RAM (the model's weights, gradients and "
+                                f"{'AdamW and Muon' if self.tc.optimizer == 'muon' else 'AdamW'} state alone "
                                 f"take {states / GIB:,.1f} GiB): use a smaller --size or model shape, which "
                                 f"`tinygpt plan` sizes")
         if self.tc.auto_batch:
@@ -1258,6 +1239,13 @@ class _Trainer:
                 f"--init-from cannot change run {self.run_dir.name} on resume: it goes on from its own checkpoint "
                 f"(started from {trained_from or 'scratch'}); drop --init-from, or start a new run with --name"
             )
+        trained_with = ((saved_config or {}).get("train") or {}).get("optimizer") or "adamw"
+        if isinstance(saved_config, dict) and tc.optimizer != trained_with:
+            raise TrainingError(
+                f"train.optimizer cannot change run {self.run_dir.name} on resume: its checkpoint holds "
+                f"{trained_with}'s state; drop --set train.optimizer, or start a new run from its weights with "
+                f"--init-from {self.run_dir.name} --set train.optimizer={tc.optimizer}"
+            )
         if isinstance(saved_config, dict) and tc.init_from != trained_from:  # the same, named as the run named it
             self.cfg = replace(self.cfg, train=replace(self.cfg.train, init_from=trained_from))
             self.tc = self.cfg.train
@@ -1408,7 +1396,7 @@ class _Trainer:
             "batch_size": self.batch_size, "grad_accum": self.grad_accum,
             "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
             "unigram_val_loss": unigram, "resumed_from": str(self.checkpoint) if self.checkpoint else None,
-            "compiled": self.model is not (self.eval_model), "peak_flops": peak,
+            "compiled": self.model is not (self.eval_model), "peak_flops": peak, "optimizer": tc.optimizer,
         }))
         heavy = heavy_evaluation_note(tc, self.batch_size, self.batch_size * self.grad_accum * info.world_size)
         if heavy and info.is_main:
@@ -1471,8 +1459,7 @@ class _Trainer:
                     if stopped:
                         break
                     lr = learning_rate(step, tc, self.lr_rewarm)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
+                    set_learning_rate(self.optimizer, lr, tc)
                     step_loss = torch.zeros((), device=device)
                     for micro in range(self.grad_accum):
                         last_micro = micro == self.grad_accum - 1

@@ -1,0 +1,159 @@
+"""The optimizers `train` builds: AdamW (the default), or Muon for the blocks' weight matrices beside AdamW.
+
+Muon (momentum orthogonalized by Newton-Schulz, Jordan et al. 2024, as the nanoGPT speedruns and nanochat train)
+updates each hidden weight matrix by the nearest semi-orthogonal matrix to its momentum: every direction of the
+update moves by the same amount, where Adam's elementwise steps let a few directions dominate. Embeddings, the tied
+head, biases and LayerNorms stay with AdamW. One optimizer object holds both kinds of groups, so that the training
+loop, GradScaler, checkpoints and DDP see one optimizer whichever is chosen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tinygpt_cli.config import TrainConfig
+
+# the quintic Newton-Schulz iteration's coefficients (Jordan et al.): they push every singular value of a matrix
+# scaled to norm 1 into about [0.7, 1.2] in five steps, which is as orthogonal as the update needs to be
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 5
+MUON_STACK = 8  # matrices of one shape orthogonalized together: fewer, larger kernels, a bounded extra copy
+
+
+def orthogonalize(matrices: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
+    """Approximately U V^T of each matrix U S V^T in `matrices` (..., rows, cols): its singular values moved
+    near 1. In bf16 on CUDA (the iteration is stable in it, and it runs on the tensor cores); fp32 elsewhere,
+    where bf16 matmuls are often emulated."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrices.to(torch.bfloat16 if matrices.is_cuda else torch.float32)
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    if not wide:
+        x = x.mT
+    return x.to(matrices.dtype)
+
+
+def muon_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The weight matrices Muon trains: the blocks' attention (fused q, k, v apart) and MLP matmuls, as (the
+    q/k/v weights, the others). The embeddings and the tied head are not hidden matrices: they stay with AdamW."""
+    qkv, others = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or parameter.dim() != 2 or ".h." not in f".{name}":
+            continue
+        (qkv if name.endswith("attn.c_attn.weight") else others).append(parameter)
+    return qkv, others
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """AdamW over the groups without a "muon" key; Muon over those with one ("split": the matrix stacks that many
+    square blocks along its rows, orthogonalized apart, as c_attn's q, k and v).
+
+    Muon's step on a (rows, cols) weight: momentum m = μ m + g; the update is orthogonalize(g + μ m) (Nesterov)
+    scaled by √max(1, rows/cols), so that the update's RMS per element is about lr / √cols whatever the shape;
+    decoupled weight decay multiplies the weight by 1 - lr·wd first. A `found_inf` set on the optimizer (the
+    training loop's non-finite step, or GradScaler's) leaves weights and momenta untouched without a host sync,
+    as fused AdamW does.
+    """
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        groups = self.param_groups
+        self.param_groups = [group for group in groups if not group.get("muon")]
+        try:
+            loss = super().step(closure)
+        finally:
+            self.param_groups = groups
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)  # GradScaler's, where its gradients were not unscaled
+        with torch.no_grad():
+            for group in groups:
+                if group.get("muon"):
+                    self._muon_step(group, found_inf, grad_scale)
+        return loss
+
+    def _muon_step(self, group: dict[str, Any], found_inf: torch.Tensor | None,
+                   grad_scale: torch.Tensor | None) -> None:
+        momentum, lr, decay, split = group["momentum"], group["lr"], group["weight_decay"], group.get("split", 1)
+        pending: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for parameter in group["params"]:
+            grad = parameter.grad
+            if grad is None:
+                continue
+            if grad_scale is not None:
+                grad = grad / grad_scale
+            state = self.state[parameter]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+                # steps taken, as AdamW's state has them (its loading code reads a "step" in every state)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
+            state["step"] += 1
+            buffer = state["momentum_buffer"]
+            new_buffer = buffer * momentum + grad
+            direction = grad + momentum * new_buffer  # Nesterov
+            pending.setdefault(parameter.shape, []).append((parameter, buffer, new_buffer, direction))
+        for (rows, cols), same in pending.items():
+            scale = lr * max(1.0, rows / split / cols) ** 0.5
+            for first in range(0, len(same), MUON_STACK):  # the layers' matrices of one shape in one iteration
+                chunk = same[first:first + MUON_STACK]
+                stacked = torch.stack([direction for *_, direction in chunk])
+                blocks = orthogonalize(stacked.reshape(len(chunk) * split, rows // split, cols))
+                for (parameter, buffer, new_buffer, _), update in zip(chunk, blocks.reshape(stacked.shape).unbind(0),
+                                                                       strict=True):
+                    update = update * scale
+                    if decay:
+                        update = update + (lr * decay) * parameter
+                    if found_inf is not None:  # where, not a product: a NaN times 0 is NaN
+                        skip = found_inf > 0
+                        new_buffer = torch.where(skip, buffer, new_buffer)
+                        update = torch.where(skip, torch.zeros_like(update), update)
+                    buffer.copy_(new_buffer)
+                    parameter.sub_(update)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and LayerNorms undecayed.
+    train.optimizer=muon: the blocks' matrices in Muon groups instead (`MuonAdamW`), decayed alike."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    qkv, matrices = muon_parameters(model) if cfg.optimizer == "muon" else ([], [])
+    by_muon = {id(p) for p in qkv + matrices}
+    rest = [p for p in params if id(p) not in by_muon]
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # fused: one kernel for all parameters (on CPU too: 15x faster than foreach on the 2-core CI machine), and
+    # it reads `optimizer.found_inf` on the device, which lets the loop skip non-finite steps without a sync
+    options = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": 1e-8, "fused": True}
+    if cfg.optimizer != "muon":
+        return torch.optim.AdamW(groups, **options)
+    muon = {"muon": True, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "weight_decay": cfg.weight_decay}
+    groups += [group for group in ({"params": matrices, **muon}, {"params": qkv, **muon, "split": 3})
+               if group["params"]]
+    return MuonAdamW(groups, **options)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig) -> None:
+    """The schedule's LR for this step on every group: Muon's groups at the same point of the schedule, scaled
+    from train.lr to train.muon_lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * cfg.muon_lr / cfg.lr if group.get("muon") else lr
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Set the config's settings on `optimizer`'s groups (as `make_optimizer` made them): loading a checkpoint's
+    optimizer state also loads the hyperparameters it was saved with, which a resume's --set train.weight_decay /
+    beta1 / beta2 / muon_momentum must replace. The LR is set at every step."""
+    adam = [group for group in optimizer.param_groups if not group.get("muon")]
+    for group, decay in zip(adam, (cfg.weight_decay, 0.0), strict=True):  # decayed first (`make_optimizer`)
+        group["weight_decay"] = decay
+        group["betas"] = (cfg.beta1, cfg.beta2)
+    for group in optimizer.param_groups:
+        if group.get("muon"):
+            group["momentum"] = cfg.muon_momentum
+            group["weight_decay"] = cfg.weight_decay
