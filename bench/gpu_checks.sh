@@ -24,6 +24,8 @@
 #              OOM message, the CLI's decode paths); PYTEST_K narrows them (pytest -k)
 #   micro      the whole `tinygpt train --size micro` → generate → eval on the embedded corpus
 #   train-loop `tinygpt train --size small` itself for 20 steps of 0.5M tokens: the MFU the training loop reports
+#              (SMALL_ARGS="--set train.optimizer=muon" for Muon's)
+#   optimizer  what an optimizer step of `small` costs, AdamW against Muon + AdamW (bench/optimizer_step.py)
 #   then, if time is left: generation sampled as `tinygpt generate` does (temperature 0.8, top-k 200), the compiled
 #   model with the fused loss head kept, `small` at micro-batch 32, cuDNN attention
 # Run from the repository root; logs go to $OUT (default /tmp/tinygpt-gpu), a summary is printed last.
@@ -105,6 +107,7 @@ stage train-loop 120 bash -c '
     '"$PY"' -m tinygpt_cli train --size small --name gpu-small --max-steps 20 '"${SMALL_ARGS:-}"' \
         --set train.log_interval=5 --set train.eval_interval=20 --set train.eval_batches=2 || exit 1
     grep "\"train\"" runs/gpu-small/metrics.jsonl'
+stage optimizer 60 $PY bench/optimizer_step.py --sizes small --device cuda --dtype bf16 --rounds 5
 stage generate-sampled 90 $PY bench/generate_throughput.py --device cuda --shapes small --rounds 3 \
     --temperature 0.8 --top-k 200
 stage train-fused 120 $PY bench/train_throughput.py --sizes small --device cuda --contenders tinygpt-fused --rounds 3
@@ -115,7 +118,7 @@ stage train-cudnn 120 $PY bench/train_throughput.py --sizes small --device cuda 
 
 {
     echo "### summary ($(( $(date +%s) - T0 ))s)"
-    for name in info train train-fused train-b32 train-cudnn; do
+    for name in info train optimizer train-fused train-b32 train-cudnn; do
         [[ -f $OUT/$name.log ]] && grep -E "TFLOP|TB/s|NVIDIA|^torch|^small|^device" "$OUT/$name.log"
     done
     [[ -f $OUT/fused.log ]] && grep -vE "Warning|warn" "$OUT/fused.log" | tail -n 30

@@ -31,10 +31,12 @@ def orthogonalize(matrices: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> t
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the smaller Gram matrix
         x = x.mT
+    x = x.reshape(-1, *x.shape[-2:])  # a batch of matrices, for bmm
     x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm at most 1
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    for _ in range(steps):  # x <- a x + (b G + c G^2) x, G = x x^T, the sums inside the matmuls
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(*matrices.shape[:-2], *x.shape[-2:])
     if not wide:
         x = x.mT
     return x.to(matrices.dtype)
