@@ -169,6 +169,9 @@ def test_a_muon_run_learns_and_resumes_exactly(with_shakespeare):
     assert losses(straight.run_dir) == losses(resumed.run_dir)
     saved = torch.load(ckpt.latest_checkpoint(resumed.run_dir) / "optimizer.pt", weights_only=True)
     assert [bool(group.get("muon")) for group in saved["param_groups"]] == [False, False, True, True]
+    assert ("| optimizer | Muon for the blocks' matrices (lr 0.02 on the same schedule) + AdamW, cosine from lr "
+            "0.002 to 0.0002 |") in (resumed.run_dir / "report.md").read_text()
+    assert "| optimizer | AdamW, cosine from lr 0.002 to 0.0002 |" in (adamw.run_dir / "report.md").read_text()
 
 
 def test_a_resume_cannot_change_the_optimizer(with_shakespeare):
@@ -232,3 +235,24 @@ def test_a_resume_applies_new_muon_settings_not_the_checkpoints(with_shakespeare
     groups = saved["param_groups"]
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups[:2]] == [(0.5, (0.7, 0.95)), (0.0, (0.7, 0.95))]
     assert [(g["weight_decay"], g["momentum"]) for g in groups[2:]] == [(0.5, 0.8), (0.5, 0.8)]
+
+
+def test_the_cli_names_muon_and_refuses_it_on_a_resume_of_an_adamw_run(with_shakespeare, workspace):
+    from typer.testing import CliRunner
+
+    from conftest import TINY_SETTINGS, assert_one_line_error
+    from tinygpt_cli.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, list(args))
+
+    started = invoke("train", *TINY_SETTINGS, "--max-steps", "2", "--set", "train.optimizer=muon", "--name", "m")
+    assert started.exit_code == 0, started.output
+    assert "cpu float32 · Muon + AdamW · 128 tokens/step" in started.output
+    assert invoke("train", *TINY_SETTINGS, "--max-steps", "2", "--name", "a").exit_code == 0
+    refused = invoke("train", "--resume", "--name", "a", "--max-steps", "4", "--set", "train.optimizer=muon")
+    assert_one_line_error(refused, "train.optimizer cannot change run a on resume")
+    assert (workspace / "runs" / "a" / "checkpoints" / "latest").read_text().strip() == "step_2"
+    fsdp = invoke("train", *TINY_SETTINGS, "--fsdp", "--set", "train.optimizer=muon", "--name", "f")
+    assert_one_line_error(fsdp, "train.optimizer=muon does not run under --fsdp")
+    assert not (workspace / "runs" / "f").exists()

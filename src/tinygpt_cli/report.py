@@ -166,6 +166,14 @@ def task_line(figures: dict[str, Any]) -> str:
             f"{figure('accuracy')} on {examples}")
 
 
+def optimizer_line(tc: Any) -> str:
+    """The optimizer and its schedule in words: "AdamW, cosine from lr 0.002 to 0.0002"."""
+    schedule = f"{tc.schedule} from lr {tc.lr:g} to {tc.min_lr:g}"
+    if tc.optimizer == "muon":
+        return f"Muon for the blocks' matrices (lr {tc.muon_lr:g} on the same schedule) + AdamW, {schedule}"
+    return f"AdamW, {schedule}"
+
+
 def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], hardware: dict[str, Any],
                  model: Any) -> None:
     """runs/<name>/report.md: config, data, hardware, time, throughput, final losses and a sample. The model is
@@ -192,6 +200,7 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         f"{workspace.counted(hardware['world_size'], 'process', 'processes')} · torch {hardware['torch']} |",
         f"| batch | {hardware['batch_size']} sequences × {hardware['grad_accum']} accumulation × "
         f"{workspace.counted(hardware['world_size'], 'process', 'processes')} |",
+        f"| optimizer | {optimizer_line(cfg.train)} |",
         f"| time (this session) | {result.seconds:.0f} s |",
         f"| throughput | {result.tokens_per_s:,.0f} tokens/s |",
         f"| final train loss | {fmt(result.final_loss)} |",
