@@ -11,9 +11,9 @@ from tinygpt_cli import optim
 from tinygpt_cli.config import ModelConfig, resolve_config, start_from
 from tinygpt_cli.errors import ConfigError, TrainingError
 from tinygpt_cli.model import GPT
-from tinygpt_cli.optim import MuonAdamW, make_optimizer, orthogonalize, set_learning_rate
+from tinygpt_cli.optim import MuonAdamW, make_optimizer, muon_schedule, orthogonalize, set_learning_rate
 from tinygpt_cli.plan import checkpoint_bytes, optimizer_state_bytes
-from tinygpt_cli.training import StopFlag, train
+from tinygpt_cli.training import StopFlag, learning_rate, train
 
 
 def _with_singular_values(rows, cols, values, seed):
@@ -69,9 +69,13 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest():
     assert type(plain) is torch.optim.AdamW and len(plain.param_groups) == 2
 
 
-def test_the_schedule_scales_muons_lr_from_train_lr_to_muon_lr():
-    _, optimizer, tc = _muon_model(lr=1e-3, muon_lr=0.05)
-    set_learning_rate(optimizer, 5e-4, tc)  # halfway down the schedule
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_muons_schedule_is_train_lrs_scaled_to_muon_lr(schedule):
+    _, optimizer, tc = _muon_model(lr=1e-3, min_lr=2e-4, muon_lr=0.05, schedule=schedule, max_steps=40,
+                                   warmup_steps=5)
+    for step in (0, 3, 5, 20, 33, 39, 45):
+        assert learning_rate(step, muon_schedule(tc)) == pytest.approx(learning_rate(step, tc) * 50, rel=1e-9)
+    set_learning_rate(optimizer, 5e-4, 0.025)
     assert [group["lr"] for group in optimizer.param_groups] == [5e-4, 5e-4, 0.025, 0.025]
 
 
@@ -92,7 +96,7 @@ def test_a_muon_step_is_nesterov_momentum_orthogonalized_per_block(stack, monkey
     """Per matrix, whether the layers' matrices of a shape are orthogonalized one by one or stacked."""
     monkeypatch.setattr(optim, "MUON_STACK", stack)
     model, optimizer, tc = _muon_model()
-    set_learning_rate(optimizer, tc.lr, tc)
+    set_learning_rate(optimizer, tc.lr, tc.muon_lr)
     fc, qkv = model.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].attn.c_attn.weight
     start = {"fc": fc.detach().clone(), "qkv": qkv.detach().clone()}
     generator = torch.Generator().manual_seed(3)
@@ -126,11 +130,24 @@ def test_a_skipped_step_leaves_weights_and_momenta_as_they_were():
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert all(torch.equal(optimizer.state[p]["momentum_buffer"], momenta[id(p)])
                for p in optimizer.state if id(p) in momenta)
+    assert {float(state["step"]) for state in optimizer.state.values()} == {1.0}  # AdamW's and Muon's counts alike
     for parameter in model.parameters():
         parameter.grad = torch.ones_like(parameter)
     optimizer.found_inf = torch.zeros(())
     optimizer.step()
     assert not torch.equal(model.transformer.h[0].mlp.c_fc.weight, before["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_step_hooks_run_once_a_step():
+    """torch wraps AdamW.step for hooks once a plain AdamW exists: Muon's step must not run them a second time."""
+    model, optimizer, _ = _muon_model()
+    make_optimizer(model, tiny_config().train)  # a plain AdamW: AdamW.step is wrapped from now on
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append(len(opt.param_groups)))
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    assert calls == [4]
 
 
 def test_gradients_still_scaled_by_gradscaler_are_unscaled_first():
@@ -194,7 +211,16 @@ def test_a_resume_cannot_change_the_optimizer(with_shakespeare):
 ])
 def test_bad_muon_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
-        resolve_config(overrides=[override])
+        resolve_config(overrides=["train.optimizer=muon", override])
+
+
+def test_muon_settings_without_muon_are_refused_not_ignored():
+    with pytest.raises(ConfigError, match=r"^train.muon_lr goes with train.optimizer=muon, which this run does not "
+                                          r"use: add --set train.optimizer=muon, or drop it$"):
+        resolve_config(overrides=["train.muon_lr=0.01"])
+    with pytest.raises(ConfigError, match="train.muon_lr and train.muon_momentum go with"):
+        resolve_config(overrides=["train.muon_momentum=0.9", "train.muon_lr=0.01"])
+    assert resolve_config(overrides=["train.muon_lr=0.01", "train.optimizer=muon"]).train.muon_lr == 0.01
 
 
 def test_muon_is_refused_under_fsdp():
@@ -256,3 +282,24 @@ def test_the_cli_names_muon_and_refuses_it_on_a_resume_of_an_adamw_run(with_shak
     fsdp = invoke("train", *TINY_SETTINGS, "--fsdp", "--set", "train.optimizer=muon", "--name", "f")
     assert_one_line_error(fsdp, "train.optimizer=muon does not run under --fsdp")
     assert not (workspace / "runs" / "f").exists()
+
+
+def test_a_longer_schedule_climbs_muons_lr_from_where_it_ended(with_shakespeare):
+    """A resume with a larger --max-steps re-warms Muon's LR from its last, as it re-warms AdamW's, instead of
+    jumping to the longer schedule's; both are in metrics.jsonl."""
+    import json
+
+    config = tiny_config(max_steps=6, eval_interval=6, warmup_steps=2, optimizer="muon")
+    events = []
+    run = train(config, run_name="r").run_dir
+    train(replace(config, train=replace(config.train, max_steps=12)), run_name="r", resume=True,
+          on_event=events.append)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    muon = {row["step"]: row["muon_lr"] for row in rows if row["kind"] == "train"}
+    lr = {row["step"]: row["lr"] for row in rows if row["kind"] == "train"}
+    assert muon[6] == pytest.approx(2e-3)  # the floor: min_lr / lr of muon_lr
+    longer = muon_schedule(replace(config.train, max_steps=12))
+    assert muon[7] < learning_rate(6, longer) and muon[7] > muon[6]  # climbing, not jumped
+    assert muon[8] == pytest.approx(learning_rate(7, longer))  # there after warmup_steps
+    assert all(muon[step] == pytest.approx(lr[step] * 10) for step in (6, 8, 9, 12))
+    assert any("Muon's learning rate rises from 2.0e-03" in getattr(e, "message", "") for e in events)

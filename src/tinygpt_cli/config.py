@@ -121,7 +121,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     muon_lr: float = 0.02  # muon: the matrices' peak LR, on the schedule lr follows (min_lr scales alike)
     muon_momentum: float = 0.95  # muon: momentum (Nesterov) of the matrices' updates
-    weight_decay: float = 0.1  # decoupled decay of 2-D weights; biases and LayerNorms are not decayed
+    weight_decay: float = 0.1  # decoupled decay of 2-D weights, by LR × this a step; not biases and LayerNorms
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
@@ -595,6 +595,12 @@ def _finish(
         section, key = dotted.split(".", 1)
         _merge_section(merged, section, {key: value}, f"--{key.replace('_', '-')}")
         typed.add(dotted)
+    if merged["train"].get("optimizer", "adamw") != "muon":
+        unused = sorted(key for key in typed if key in ("train.muon_lr", "train.muon_momentum"))
+        if unused:
+            raise ConfigError(f"{' and '.join(unused)} go{'es' if len(unused) == 1 else ''} with train.optimizer=muon, "
+                              f"which this run does not use: "
+                              f"add --set train.optimizer=muon, or drop {'them' if len(unused) > 1 else 'it'}")
     if given is not None:
         given |= typed
     if given is not None and "train.lr" in given and "train.min_lr" not in given:

@@ -9,6 +9,7 @@ loop, GradScaler, checkpoints and DDP see one optimizer whichever is chosen.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -68,7 +69,7 @@ class MuonAdamW(torch.optim.AdamW):
         groups = self.param_groups
         self.param_groups = [group for group in groups if not group.get("muon")]
         try:
-            loss = super().step(closure)
+            loss = _adamw_step()(self, closure)
         finally:
             self.param_groups = groups
         found_inf = getattr(self, "found_inf", None)
@@ -76,46 +77,53 @@ class MuonAdamW(torch.optim.AdamW):
         with torch.no_grad():
             for group in groups:
                 if group.get("muon"):
-                    self._muon_step(group, found_inf, grad_scale)
+                    self._muon_step(group, None if found_inf is None else found_inf > 0, grad_scale)
         return loss
 
-    def _muon_step(self, group: dict[str, Any], found_inf: torch.Tensor | None,
-                   grad_scale: torch.Tensor | None) -> None:
+    def _muon_step(self, group: dict[str, Any], skip: torch.Tensor | None, grad_scale: torch.Tensor | None) -> None:
         momentum, lr, decay, split = group["momentum"], group["lr"], group["weight_decay"], group.get("split", 1)
-        pending: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        by_shape: dict[torch.Size, list[torch.Tensor]] = {}
         for parameter in group["params"]:
-            grad = parameter.grad
-            if grad is None:
-                continue
-            if grad_scale is not None:
-                grad = grad / grad_scale
-            state = self.state[parameter]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-                # steps taken, as AdamW's state has them (its loading code reads a "step" in every state)
-                state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
-            state["step"] += 1
-            buffer = state["momentum_buffer"]
-            new_buffer = buffer * momentum + grad
-            direction = grad + momentum * new_buffer  # Nesterov
-            pending.setdefault(parameter.shape, []).append((parameter, buffer, new_buffer, direction))
-        for (rows, cols), same in pending.items():
+            if parameter.grad is not None:
+                by_shape.setdefault(parameter.shape, []).append(parameter)
+        for (rows, cols), same in by_shape.items():
             scale = lr * max(1.0, rows / split / cols) ** 0.5
-            for first in range(0, len(same), MUON_STACK):  # the layers' matrices of one shape in one iteration
+            # the layers' matrices of one shape orthogonalized together, a chunk at a time: the new momenta and
+            # directions of one chunk are what the step holds beside the state
+            for first in range(0, len(same), MUON_STACK):
                 chunk = same[first:first + MUON_STACK]
-                stacked = torch.stack([direction for *_, direction in chunk])
+                momenta, directions = [], []
+                for parameter in chunk:
+                    grad = parameter.grad if grad_scale is None else parameter.grad / grad_scale
+                    state = self.state[parameter]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+                        # steps taken, as AdamW's state has them (its loading code reads a "step" in every state)
+                        state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
+                    state["step"] += 1 if skip is None else (~skip).float()
+                    momenta.append(state["momentum_buffer"] * momentum + grad)
+                    directions.append(grad + momentum * momenta[-1])  # Nesterov
+                stacked = torch.stack(directions)
+                del directions
                 blocks = orthogonalize(stacked.reshape(len(chunk) * split, rows // split, cols))
-                for (parameter, buffer, new_buffer, _), update in zip(chunk, blocks.reshape(stacked.shape).unbind(0),
-                                                                       strict=True):
+                for parameter, new_momentum, update in zip(chunk, momenta, blocks.reshape(stacked.shape).unbind(0),
+                                                           strict=True):
                     update = update * scale
                     if decay:
                         update = update + (lr * decay) * parameter
-                    if found_inf is not None:  # where, not a product: a NaN times 0 is NaN
-                        skip = found_inf > 0
-                        new_buffer = torch.where(skip, buffer, new_buffer)
+                    buffer = self.state[parameter]["momentum_buffer"]
+                    if skip is not None:  # where, not a product: a NaN times 0 is NaN
+                        new_momentum = torch.where(skip, buffer, new_momentum)
                         update = torch.where(skip, torch.zeros_like(update), update)
-                    buffer.copy_(new_buffer)
+                    buffer.copy_(new_momentum)
                     parameter.sub_(update)
+
+
+def _adamw_step() -> Any:
+    """AdamW's own step. torch wraps an optimizer class's `step` for its hooks and profiler once an instance of it
+    exists: MuonAdamW's is wrapped so, and AdamW's wrapper would run the hooks a second time, on AdamW's groups."""
+    step = torch.optim.AdamW.step
+    return getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -140,11 +148,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return MuonAdamW(groups, **options)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, cfg: TrainConfig) -> None:
-    """The schedule's LR for this step on every group: Muon's groups at the same point of the schedule, scaled
-    from train.lr to train.muon_lr."""
+def muon_schedule(cfg: TrainConfig) -> TrainConfig:
+    """The schedule of Muon's LR: train.lr's (warmup, shape, steps), peaking at train.muon_lr, its floor min_lr
+    scaled alike. `training.learning_rate` of it is train.muon_lr / train.lr times the AdamW LR, but a resume
+    climbs it from the Muon LR the run last had, as it climbs the AdamW LR from its own."""
+    return replace(cfg, lr=cfg.muon_lr, min_lr=cfg.min_lr * cfg.muon_lr / cfg.lr)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, muon_lr: float | None = None) -> None:
+    """This step's LR on every group: `lr` on AdamW's, `muon_lr` on Muon's."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * cfg.muon_lr / cfg.lr if group.get("muon") else lr
+        group["lr"] = muon_lr if group.get("muon") else lr
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:

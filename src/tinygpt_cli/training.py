@@ -68,7 +68,7 @@ from tinygpt_cli.errors import (
 )
 from tinygpt_cli.launch import Stopped
 from tinygpt_cli.model import GPT, release_cpu_workspace
-from tinygpt_cli.optim import apply_hyperparameters, make_optimizer, set_learning_rate
+from tinygpt_cli.optim import apply_hyperparameters, make_optimizer, muon_schedule, set_learning_rate
 from tinygpt_cli.plan import (
     GIB,
     checkpoint_bytes,
@@ -812,6 +812,7 @@ class _Trainer:
             torch.manual_seed(tc.seed + 1 + info.rank)  # then each rank its own dropout stream
             self.state: dict[str, Any] = {}
             self.lr_rewarm: tuple[int, float] | None = None
+            self.muon_rewarm: tuple[int, float] | None = None  # Muon's LR climb (train.optimizer=muon)
             if checkpoint is not None:
                 with _resume_advice():
                     loaded = load_checkpoint(checkpoint)
@@ -1174,6 +1175,7 @@ class _Trainer:
                     "val_loss": self.last_val,
                     "train_loss": self.last_loss, "lr": learning_rate(max(0, step - 1), self.tc, self.lr_rewarm),
                     "lr_rewarm": self.lr_rewarm,
+                    "muon_lr": self._muon_lr(max(0, step - 1)), "muon_lr_rewarm": self.muon_rewarm,
                     "rng": rng_states[0], "rng_per_rank": rng_states if self.info.enabled else None,
                     "world_size": self.info.world_size, "skipped_steps": self._skipped_total(), "fsdp": self.fsdp,
                     "val_pending": self.eval_cut,  # the step's evaluation was cut short: a resume runs it first
@@ -1257,6 +1259,8 @@ class _Trainer:
                 f"--max-steps to train it further"
             )
         self.lr_rewarm = self._resumed_schedule(step)
+        if tc.optimizer == "muon":
+            self.muon_rewarm = self._resumed_schedule(step, muon=True)
         self.tokens_seen = int(state.get("tokens_seen", 0))
         if self._token_budget_spent():
             raise TrainingError(
@@ -1264,28 +1268,38 @@ class _Trainer:
                 f"{tc.max_tokens:,}: pass a larger --max-tokens (or --set train.max_tokens=0 for none) to go on"
             )
 
-    def _resumed_schedule(self, step: int) -> tuple[int, float] | None:
+    def _muon_lr(self, step: int) -> float | None:
+        """Muon's LR at optimizer step `step` (None without Muon): its own schedule and climb (`muon_schedule`)."""
+        if self.tc.optimizer != "muon":
+            return None
+        return learning_rate(step, muon_schedule(self.tc), self.muon_rewarm)
+
+    def _resumed_schedule(self, step: int, muon: bool = False) -> tuple[int, float] | None:
         """The LR climb (see `learning_rate`) this resume goes on with. The saved one while the schedule is the
         run's own; a new one, and a note, when the schedule changed (a larger --max-steps, another train.lr) and
-        its LR at `step` is above the LR the run last trained with."""
-        saved = self.state.get("lr_rewarm")
+        its LR at `step` is above the LR the run last trained with. `muon`: the same for Muon's LR, from the Muon
+        LR the run last trained with (a new train.muon_lr, or train.lr, changes its schedule too)."""
+        saved = self.state.get("muon_lr_rewarm" if muon else "lr_rewarm")
         trained = (self.state.get("run_config") or {}).get("train") or {}
-        if all(trained.get(key) == getattr(self.tc, key) for key in SCHEDULE_KEYS):
+        if all(trained.get(key) == getattr(self.tc, key) for key in SCHEDULE_KEYS + (("muon_lr",) if muon else ())):
             return (int(saved[0]), float(saved[1])) if saved else None
-        last, target = self.state.get("lr"), learning_rate(step, self.tc)
+        schedule = muon_schedule(self.tc) if muon else self.tc
+        last, target = self.state.get("muon_lr" if muon else "lr"), learning_rate(step, schedule)
         if last is None or step < self.tc.warmup_steps or self.tc.warmup_steps == 0 or target <= 1.01 * last:
             return None
         rewarm = (step, float(last))
         # what the climb reaches within the steps left (a short extension ends before the climb would)
-        climb = [learning_rate(s, self.tc, rewarm) for s in range(step, min(step + self.tc.warmup_steps,
-                                                                            self.tc.max_steps))]
+        climb = [learning_rate(s, schedule, rewarm) for s in range(step, min(step + self.tc.warmup_steps,
+                                                                             self.tc.max_steps))]
         peak = max(climb)
         if peak > 1.01 * last:
             was = trained.get("max_steps")
             span = f"goes from {was} to {self.tc.max_steps} steps" if was != self.tc.max_steps else "changed"
             rise = climb.index(peak) + 1
+            whose = "Muon's" if muon else "the"
             self.emit(TrainEvent("info", message=(
-                f"the schedule of run {self.run_dir.name} {span}: the learning rate rises from {last:.1e} to "
+                f"the schedule of run {self.run_dir.name} {span}: {whose} learning rate "
+                f"rises from {last:.1e} to "
                 f"{peak:.1e} over the next {rise} step{'s' if rise > 1 else ''} (at most train.warmup_steps, "
                 f"{self.tc.warmup_steps}), then follows it")))
         return rewarm
@@ -1459,7 +1473,8 @@ class _Trainer:
                     if stopped:
                         break
                     lr = learning_rate(step, tc, self.lr_rewarm)
-                    set_learning_rate(self.optimizer, lr, tc)
+                    muon_lr = self._muon_lr(step)
+                    set_learning_rate(self.optimizer, lr, muon_lr)
                     step_loss = torch.zeros((), device=device)
                     for micro in range(self.grad_accum):
                         last_micro = micro == self.grad_accum - 1
@@ -1511,6 +1526,7 @@ class _Trainer:
                                 peak = rate * flops_token / info.world_size  # the best rate seen is the peak
                             mfu = rate * flops_token / (peak * info.world_size) if peak else None
                             metrics.write({"kind": "train", "step": step, "loss": self.last_loss, "lr": lr,
+                                           **({"muon_lr": muon_lr} if muon_lr is not None else {}),
                                            "tokens": self.tokens_seen, "tokens_per_s": rate, "mfu": mfu,
                                            "elapsed_s": self.elapsed()})
                             self.emit(TrainEvent("step", step=step, max_steps=tc.max_steps, loss=self.last_loss,
