@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,21 @@ LAMBADA_ROWS = [
 ]
 
 
+# Made-up questions in AI2 ARC's schema: labels A-E or 1-4, three to five choices.
+ARC_ROWS = [
+    {"id": "q1", "question": "Which of these is a source of light?",
+     "choices": {"text": ["a rock", "the Sun", "a shadow", "a puddle"], "label": ["A", "B", "C", "D"]},
+     "answerKey": "B"},
+    {"id": "q2", "question": "What do plants need to make food?",
+     "choices": {"text": ["sunlight", "sand", "noise"], "label": ["A", "B", "C"]}, "answerKey": "A"},
+    {"id": "q3", "question": "Water freezes at what temperature in degrees Celsius?",
+     "choices": {"text": ["100", "50", "0", "-40"], "label": ["1", "2", "3", "4"]}, "answerKey": "3"},
+    {"id": "q4", "question": "Which tool measures mass?",
+     "choices": {"text": ["a ruler", "a balance", "a thermometer", "a clock", "a compass"],
+                 "label": ["A", "B", "C", "D", "E"]}, "answerKey": "B"},
+]
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -59,6 +75,13 @@ def model():
 def hellaswag_file(tmp_path):
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in HELLASWAG_ROWS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def arc_file(tmp_path):
+    path = tmp_path / "arc_easy_test.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ARC_ROWS), encoding="utf-8")
     return path
 
 
@@ -118,8 +141,9 @@ def test_score_tokens_loss_and_bits_per_byte(model):
     assert budget.tokens == 64 and budget.windows == 2
 
 
-def _reference_hellaswag(model, examples):
-    """Straightforward: one full forward per ending, log-softmax, sum / mean over the ending's tokens."""
+def _reference_hellaswag(model, examples, per_character=False):
+    """Straightforward: one full forward per ending, log-softmax, sum / mean over the ending's tokens (or, as
+    lm-evaluation-harness's acc_norm, over its characters)."""
     encoding = get_encoding()
     correct = correct_norm = 0
     for example in examples:
@@ -133,7 +157,7 @@ def _reference_hellaswag(model, examples):
             log_probs = torch.log_softmax(logits[0], dim=-1).gather(1, sequence[0, 1:, None]).squeeze(1)
             nats = -log_probs[-scored:].sum().item()
             totals.append(nats)
-            means.append(nats / scored)
+            means.append(nats / (len(ending) if per_character else scored))
         correct += int(np.argmin(totals) == example.label)
         correct_norm += int(np.argmin(means) == example.label)
     return correct / len(examples), correct_norm / len(examples)
@@ -503,8 +527,8 @@ def test_eval_hellaswag_from_local_files(workspace, hellaswag_file, model, tmp_p
     (["--task", "hellaswag", "--task-data", "nope.jsonl"], "nope.jsonl does not exist"),
     (["--task", "hellaswag", "--data", "shakespeare"], "--data, --split and --tokens are for the loss"),
     (["--task", "hellaswag", "--split", "train"], "--data, --split and --tokens are for the loss"),  # was ignored
-    (["--limit", "3"], "go with --task (hellaswag | lambada_openai)"),
-    (["--task", "lambada"], "unknown task 'lambada': choose one of hellaswag, lambada_openai"),
+    (["--limit", "3"], "go with --task (hellaswag | lambada_openai | arc_easy | arc_challenge)"),
+    (["--task", "lambada"], "unknown task 'lambada': choose one of hellaswag, lambada_openai, arc_easy, arc_challenge"),
     (["no-such-run"], " at no-such-run"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(with_shakespeare, workspace, args, fragment):
@@ -569,7 +593,7 @@ def test_nothing_to_evaluate(workspace):
 
 
 @pytest.mark.gpu
-def test_eval_on_cuda(with_shakespeare, workspace, hellaswag_file, lambada_file):
+def test_eval_on_cuda(with_shakespeare, workspace, hellaswag_file, lambada_file, arc_file):
     make_run(workspace)
     cpu = json.loads(evaluate("--tokens", "1000", "--json", "--device", "cpu").stdout)
     gpu = json.loads(evaluate("--tokens", "1000", "--json", "--device", "cuda", "--dtype", "fp32").stdout)
@@ -580,6 +604,9 @@ def test_eval_on_cuda(with_shakespeare, workspace, hellaswag_file, lambada_file)
                for args in (("--device", "cpu"), ("--device", "cuda", "--dtype", "fp32"))]
     assert json.loads(lambada[1].stdout)["perplexity"] == pytest.approx(json.loads(lambada[0].stdout)["perplexity"],
                                                                         rel=1e-3)
+    arc = [json.loads(evaluate("--task", "arc_easy", "--task-data", str(arc_file), "--json", *args).stdout)
+           for args in (("--device", "cpu"), ("--device", "cuda", "--dtype", "fp32"))]
+    assert (arc[1]["accuracy"], arc[1]["accuracy_norm"]) == (arc[0]["accuracy"], arc[0]["accuracy_norm"])
 
 
 # ------------------------------------------------------------------------------------------------ audit (eval)
@@ -723,3 +750,70 @@ def test_the_head_runs_on_the_scored_positions_only(model, monkeypatch):
     reference = F.cross_entropy(logits[..., :50257].flatten(0, 1), y.flatten(), ignore_index=-1,
                                 reduction="none").view(2, 20)
     torch.testing.assert_close(nats, reference, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ ARC
+def test_arc_rows():
+    from tinygpt_cli.evaluation import _arc_example
+
+    examples = [_arc_example(row, "test") for row in ARC_ROWS]
+    assert examples[0] == Example("Question: Which of these is a source of light?\nAnswer:",
+                                  ("a rock", "the Sun", "a shadow", "a puddle"), 1)
+    assert [(len(e.endings), e.label) for e in examples] == [(4, 1), (3, 0), (4, 2), (5, 1)]
+    assert _arc_example({**ARC_ROWS[2], "answerKey": 3}, "test").label == 2  # a local file's number
+    for row, fragment in (({**ARC_ROWS[0], "answerKey": "E"}, "has answerKey 'E', not one of its choices' labels "
+                                                                "(A, B, C, D)"),
+                          ({"question": "Q?", "choices": ["a", "b"], "answerKey": "A"}, "(ARC's schema)"),
+                          ({**ARC_ROWS[0], "choices": {"text": ["a"], "label": ["A"]}}, "(ARC's schema)"),
+                          ("a question", "needs a text 'question'")):
+        with pytest.raises(TinyGPTError, match=re.escape(fragment)):
+            _arc_example(row, "example 1")
+
+
+def test_arc_scoring_normalises_by_characters_as_the_harness_does(model):
+    from tinygpt_cli.evaluation import TASKS, task_figures, task_sums
+
+    task = TASKS["arc_easy"]
+    examples = [_arc_example_of(row) for row in ARC_ROWS] * 2
+    # endings whose token and character counts rank differently: the two normalisations pick differently
+    examples += [Example("Question: Pick one.\nAnswer:", ("aaaaaaaaaaaaaaaa", "a b c d", "zzzzzzzz zzzz"), label)
+                 for label in range(3)]
+    figures = task_figures(task, task_sums(task, model, examples, batch_size=3), len(examples))
+    expected = _reference_hellaswag(model, examples, per_character=True)
+    assert (figures["accuracy"], figures["accuracy_norm"]) == pytest.approx(expected)
+    assert figures["accuracy_norm"] != pytest.approx(_reference_hellaswag(model, examples)[1])
+    assert figures["perplexity"] is None and figures["accuracy_norm_stderr"] is not None
+
+
+def _arc_example_of(row):
+    from tinygpt_cli.evaluation import _arc_example
+
+    return _arc_example(row, "test")
+
+
+def test_eval_arc_from_local_files(workspace, arc_file, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tinygpt_cli.evaluation import load_task
+
+    payload, expected, examples = _eval_task_json(
+        workspace, "arc_easy", arc_file, lambda model, examples: _reference_hellaswag(model, examples, True))
+    assert (payload["accuracy"], payload["accuracy_norm"]) == pytest.approx(expected)
+    assert payload["examples"] == 4 and payload["task"] == "arc_easy" and payload["perplexity"] is None
+    text = evaluate("--task", "ARC_Challenge", "--task-data", str(arc_file), "--limit", "2")
+    assert text.exit_code == 0, text.output
+    assert "arc_challenge: acc_norm" in text.stdout and "on 2 examples" in text.stdout
+    parquet = tmp_path / "arc.parquet"  # the hub's layout: choices a struct of two lists
+    pq.write_table(pa.Table.from_pylist(ARC_ROWS), parquet)
+    assert load_task("arc_challenge", parquet)[0] == examples
+    records = [json.loads(line) for line in (workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["examples"]) for r in records] == [("arc_easy", 4), ("arc_challenge", 2)]
+    assert "## Evaluation: arc_easy (zero-shot)" in (workspace / "runs" / "tiny" / "report.md").read_text()
+
+
+def test_arc_offline_without_a_local_copy(workspace):
+    make_run(workspace)
+    result = evaluate("--task", "arc_easy", "--limit", "5")
+    assert_one_line_error(result, "could not load ARC-Easy from the Hugging Face hub (allenai/ai2_arc: ")
+    assert "with question, choices (text and label lists) and answerKey" in result.stderr

@@ -967,7 +967,8 @@ def test_a_task_scored_during_training_is_the_eval_of_its_checkpoint(with_shakes
 
 
 @pytest.mark.parametrize(("settings", "fragment"), [
-    (["train.eval_task=mmlu"], "train.eval_task must be one of hellaswag, lambada_openai, or empty for none"),
+    (["train.eval_task=mmlu"], "train.eval_task must be one of hellaswag, lambada_openai, arc_easy, arc_challenge, "
+                               "or empty for none"),
     (["train.eval_task_limit=5"], "train.eval_task_limit and train.eval_task_data go with train.eval_task"),
     (["train.eval_task=hellaswag", "train.eval_task_limit=-1"], "train.eval_task_limit must be 0 or more"),
     (["train.eval_task=hellaswag"], "could not load HellaSwag from the Hugging Face hub"),  # offline, no copy

@@ -1513,7 +1513,8 @@ class _GenerateView:
     "eval",
     cls=_Command,
     epilog="Examples:  tinygpt eval  ·  tinygpt eval my-run --data owt --tokens 200000  ·  "
-    "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task lambada_openai  ·  "
+    "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task lambada_openai  ·  tinygpt eval --task "
+    "arc_easy  ·  "
     "tinygpt eval --task hellaswag --task-data hs_val.jsonl",
 )
 def eval_command(
@@ -1533,7 +1534,8 @@ def eval_command(
         typer.Option(help="Tokens to score, in evenly spaced windows (default 1,048,576; the whole split if smaller)."),
     ] = None,
     task: Annotated[
-        str | None, typer.Option(help="A zero-shot benchmark instead of the loss: hellaswag | lambada_openai.")
+        str | None, typer.Option(help="A zero-shot benchmark instead of the loss: hellaswag | lambada_openai | "
+                                      "arc_easy | arc_challenge.")
     ] = None,
     task_data: Annotated[
         Path | None,
@@ -1542,7 +1544,8 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score only the first N examples of the task.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass; with --task, examples "
-                                                        "(HellaSwag's of 4 sequences each). Default: ~16K tokens.")
+                                                        "(HellaSwag's of 4 sequences each, ARC's of 3-5). Default: "
+                                                        "~16K tokens.")
                           ] = None,
     device: ModelDeviceOpt = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast; auto: bf16 on CUDA).")] = "auto",

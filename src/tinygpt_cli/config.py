@@ -42,7 +42,7 @@ def dtype_refusal(dtype: str, device_kind: str, training: bool) -> str | None:
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 COMPILE_MODES = ("auto", "on", "off")
-EVAL_TASKS = ("hellaswag", "lambada_openai")  # evaluation.TASKS, named here where torch is not imported
+EVAL_TASKS = ("hellaswag", "lambada_openai", "arc_easy", "arc_challenge")  # evaluation.TASKS, without torch
 
 
 # The hottest temperature a sample takes: the distribution is flat to within float32 rounding long before it
@@ -127,8 +127,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100  # steps between val-loss evaluations (and checkpoints)
     eval_batches: int = 20  # micro-batches in the fixed val sample
-    eval_task: str = ""  # also score a zero-shot task at each evaluation: hellaswag | lambada_openai; "" = none
-    eval_task_limit: int = 0  # the task's first N examples; 0 = all (HellaSwag 10,042, LAMBADA 5,153)
+    eval_task: str = ""  # also score a zero-shot task at each evaluation (as `tinygpt eval --task`); "" = none
+    eval_task_limit: int = 0  # the task's first N examples; 0 = all (HellaSwag 10,042, LAMBADA 5,153, ARC-Easy 2,376)
     eval_task_data: str = ""  # the task's examples from a local .jsonl/.json/.parquet instead of the hub
     log_interval: int = 10  # steps between loss readings (each costs a host sync)
     keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete; 0 = keep all

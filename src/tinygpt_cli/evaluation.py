@@ -1,4 +1,4 @@
-"""Evaluation: loss, perplexity and bits per byte on token files, and zero-shot HellaSwag and LAMBADA.
+"""Evaluation: loss, perplexity and bits per byte on token files, and zero-shot HellaSwag, ARC and LAMBADA.
 
 Loss (`evaluate`): the split is cut into consecutive windows of the model's context; every window scores each of
 its tokens given the ones before it in the window. With `tokens` below the split's size, that many tokens' worth
@@ -13,6 +13,10 @@ context (contexts cut from the left to fit the window).
 - HellaSwag: each example is a context and four endings (`" " + ending`); `accuracy` picks the ending with the
   highest total, `accuracy_norm` the highest mean per token - the number nanoGPT and llm.c report (GPT-2 124M:
   about 0.29).
+- ARC-Easy and ARC-Challenge (`arc_easy`, `arc_challenge`, AI2's grade-school science questions, test splits):
+  the context is `"Question: " + question + "\nAnswer:"`, each of the 3-5 choices `" " + choice`, as
+  lm-evaluation-harness asks them; `accuracy_norm` is its `acc_norm`, the highest log-likelihood per character of
+  the choice.
 - LAMBADA (OpenAI's version, `lambada_openai`): each example is a passage whose last word is to be predicted;
   the context is the text before the last space, the continuation `" " + word`, tokenized as the harness does
   (`_encode_pair`). `accuracy` counts the words whose
@@ -287,9 +291,10 @@ def _score_continuations(model: GPT, rows: Sequence[tuple[list[int], list[int]]]
 
 
 def _choice_sums(model: GPT, examples: Sequence[Example], batch_size: int | None, autocast: Any,
-                 on_progress: Callable[[int, int], None] | None) -> tuple[float, float]:
-    """Multiple choice (HellaSwag): how many examples the ending of highest total log-likelihood gets right, and
-    how many the one of highest mean per token; NaN, NaN where a score is not finite."""
+                 on_progress: Callable[[int, int], None] | None, per_character: bool = False) -> tuple[float, float]:
+    """Multiple choice (HellaSwag, ARC): how many examples the ending of highest total log-likelihood gets right,
+    and how many the one of highest mean per token (`per_character`: per character of the ending, as
+    lm-evaluation-harness normalises); NaN, NaN where a score is not finite."""
     batch_size = batch_size or max(1, BATCH_TOKENS // (4 * model.config.block_size))
     correct = correct_norm = 0
     finite = True
@@ -300,6 +305,9 @@ def _choice_sums(model: GPT, examples: Sequence[Example], batch_size: int | None
         totals, counts, _ = _score_continuations(model, rows, autocast, greedy=False)
         finite &= bool(torch.isfinite(totals).all())  # argmin over NaN picks ending 0: a made-up accuracy
         counts = counts.clamp(min=1)
+        if per_character:
+            counts = torch.tensor([max(1, len(ending)) for example in group for ending in example.endings],
+                                  dtype=totals.dtype)
         offset = 0
         for example in group:
             choices = slice(offset, offset + len(example.endings))
@@ -347,8 +355,9 @@ def task_sums(
     """A task's two sums over `examples` zero-shot (HellaSwag: right by total, right by mean per token; LAMBADA:
     words right, nats of the words), NaN where the model's scores are not: sums of shards add up, so that several
     processes can each score a share (`task_figures` turns them into the figures). See the module docstring."""
-    scorer = _last_word_sums if task.completion else _choice_sums
-    return scorer(model, examples, batch_size, autocast, on_progress)
+    if task.completion:
+        return _last_word_sums(model, examples, batch_size, autocast, on_progress)
+    return _choice_sums(model, examples, batch_size, autocast, on_progress, task.per_character)
 
 
 def task_figures(task: Task, sums: Sequence[float], n: int) -> dict[str, float | None]:
@@ -417,6 +426,22 @@ def _hellaswag_example(row: Any, where: str) -> Example:
     return Example(context, tuple(endings), label)
 
 
+def _arc_example(row: Any, where: str) -> Example:
+    """An AI2 ARC question as lm-evaluation-harness asks it: "Question: ...\nAnswer:", each choice after a space."""
+    question = row.get("question") if isinstance(row, dict) else None
+    choices = row.get("choices") if isinstance(row, dict) else None
+    texts = choices.get("text") if isinstance(choices, dict) else None
+    labels = choices.get("label") if isinstance(choices, dict) else None
+    if not isinstance(question, str) or not isinstance(texts, (list, tuple)) or not isinstance(labels, (list, tuple)) \
+            or len(texts) < 2 or len(texts) != len(labels) or not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{where} needs a text 'question' and 'choices' with lists 'text' and 'label' (ARC's schema)")
+    key, names = str(row.get("answerKey")), [str(label) for label in labels]  # "A".."E" or "1".."5"
+    if key not in names:
+        raise DataError(f"{where} has answerKey {row.get('answerKey')!r}, not one of its choices' labels "
+                        f"({', '.join(names)})")
+    return Example(f"Question: {question}\nAnswer:", tuple(texts), names.index(key))
+
+
 def _lambada_example(row: Any, where: str) -> Example:
     text = row.get("text") if isinstance(row, dict) else None
     if not isinstance(text, str):
@@ -426,6 +451,9 @@ def _lambada_example(row: Any, where: str) -> Example:
     if not context.strip() or not word.strip():
         raise DataError(f"{where} has no last word after a passage to predict it from: check the file")
     return Example(context, (word,), 0)
+
+
+ARC_SCHEMA = "question, choices (text and label lists) and answerKey"
 
 
 @dataclass(frozen=True)
@@ -442,6 +470,7 @@ class Task:
     schema: str
     example: Callable[[Any, str], Example]
     completion: bool  # one ending, the right one (scored by `score_last_words`), not multiple choice
+    per_character: bool = False  # accuracy_norm by the mean per character of the ending, not per token
 
 
 TASKS = {
@@ -451,6 +480,10 @@ TASKS = {
              "ctx (or ctx_a/ctx_b), endings and label", _hellaswag_example, completion=False),
         Task("lambada_openai", "LAMBADA (OpenAI's version)", (("EleutherAI/lambada_openai", "default"),), "test",
              5153, "text (the passage, its last word the target)", _lambada_example, completion=True),
+        Task("arc_easy", "ARC-Easy", (("allenai/ai2_arc", "ARC-Easy"),), "test", 2376, ARC_SCHEMA, _arc_example,
+             completion=False, per_character=True),
+        Task("arc_challenge", "ARC-Challenge", (("allenai/ai2_arc", "ARC-Challenge"),), "test", 1172, ARC_SCHEMA,
+             _arc_example, completion=False, per_character=True),
     )
 }
 
@@ -683,7 +716,7 @@ def evaluate_task(
     on_event: Callable[[EvalEvent], None] | None = None,
     record: bool = True,
 ) -> TaskResult:
-    """Zero-shot accuracy of a checkpoint on a benchmark (`task`: hellaswag | lambada_openai), on the first
+    """Zero-shot accuracy of a checkpoint on a benchmark (`task`: a name in TASKS), on the first
     `limit` examples; `task_data`: a local copy of them instead of the hub's."""
     emit = on_event or (lambda event: None)
     spec = find_task(task)
