@@ -761,10 +761,21 @@ def test_arc_rows():
                                   ("a rock", "the Sun", "a shadow", "a puddle"), 1)
     assert [(len(e.endings), e.label) for e in examples] == [(4, 1), (3, 0), (4, 2), (5, 1)]
     assert _arc_example({**ARC_ROWS[2], "answerKey": 3}, "test").label == 2  # a local file's number
+    two = {"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}}
     for row, fragment in (({**ARC_ROWS[0], "answerKey": "E"}, "has answerKey 'E', not one of its choices' labels "
                                                                 "(A, B, C, D)"),
                           ({"question": "Q?", "choices": ["a", "b"], "answerKey": "A"}, "(ARC's schema)"),
-                          ({**ARC_ROWS[0], "choices": {"text": ["a"], "label": ["A"]}}, "(ARC's schema)"),
+                          ({**two, "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "A"},
+                           "has 1 choice(s): a question needs 2 or more"),
+                          ({**two, "choices": {"text": ["a", "b", "c"], "label": ["A", "B"]}, "answerKey": "A"},
+                           "has 3 choice texts but 2 labels"),
+                          # review: a missing answerKey matched a null label ("None" == "None")
+                          ({**two, "choices": {"text": ["a", "b"], "label": ["A", None]}},
+                           "choice 2 needs a text and a label (got 'b', None)"),
+                          (two, "has no usable answerKey (None)"),
+                          ({**two, "answerKey": True}, "has no usable answerKey (True)"),
+                          ({**two, "choices": {"text": ["a", None], "label": ["A", "B"]}, "answerKey": "A"},
+                           "choice 2 needs a text and a label (got None, 'B')"),
                           ("a question", "needs a text 'question'")):
         with pytest.raises(TinyGPTError, match=re.escape(fragment)):
             _arc_example(row, "example 1")
@@ -783,6 +794,9 @@ def test_arc_scoring_normalises_by_characters_as_the_harness_does(model):
     assert (figures["accuracy"], figures["accuracy_norm"]) == pytest.approx(expected)
     assert figures["accuracy_norm"] != pytest.approx(_reference_hellaswag(model, examples)[1])
     assert figures["perplexity"] is None and figures["accuracy_norm_stderr"] is not None
+    # review: an empty choice is never the per-character pick, as the harness's log-likelihood / 0 = -inf has it
+    empty = [Example("Question: Pick one.\nAnswer:", ("", ending), 1) for ending in ("😀", "中", "Ω", "x")]
+    assert task_figures(task, task_sums(task, model, empty), len(empty))["accuracy_norm"] == 1.0
 
 
 def _arc_example_of(row):
@@ -816,4 +830,5 @@ def test_arc_offline_without_a_local_copy(workspace):
     make_run(workspace)
     result = evaluate("--task", "arc_easy", "--limit", "5")
     assert_one_line_error(result, "could not load ARC-Easy from the Hugging Face hub (allenai/ai2_arc: ")
+    assert "; ai2_arc: " in result.stderr  # the older id, as older harness versions cached it, is tried too
     assert "with question, choices (text and label lists) and answerKey" in result.stderr

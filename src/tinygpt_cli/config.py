@@ -128,7 +128,7 @@ class TrainConfig:
     eval_interval: int = 100  # steps between val-loss evaluations (and checkpoints)
     eval_batches: int = 20  # micro-batches in the fixed val sample
     eval_task: str = ""  # also score a zero-shot task at each evaluation (as `tinygpt eval --task`); "" = none
-    eval_task_limit: int = 0  # the task's first N examples; 0 = all (HellaSwag 10,042, LAMBADA 5,153, ARC-Easy 2,376)
+    eval_task_limit: int = 0  # the task's first N examples; 0 = all (HellaSwag 10,042, LAMBADA 5,153, ARC 2,376/1,172)
     eval_task_data: str = ""  # the task's examples from a local .jsonl/.json/.parquet instead of the hub
     log_interval: int = 10  # steps between loss readings (each costs a host sync)
     keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete; 0 = keep all

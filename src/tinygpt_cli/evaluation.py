@@ -100,18 +100,18 @@ class LossResult:
 
 @dataclass
 class TaskResult:
-    """What `evaluate_task` measured: the zero-shot accuracy on a task, with its standard error. HellaSwag adds the
-    length-normalised accuracy (and its standard error), LAMBADA the perplexity of the last word; a figure a task
-    does not have is None."""
+    """What `evaluate_task` measured: the zero-shot accuracy on a task, with its standard error. HellaSwag and ARC
+    add the length-normalised accuracy (and its standard error), LAMBADA the perplexity of the last word; a figure a
+    task does not have is None."""
 
     checkpoint: str
     step: int | None
     task: str
     source: str  # where the examples came from (a hub id or a file)
     examples: int
-    accuracy: float  # HellaSwag: the ending of highest total log-likelihood; LAMBADA: the word greedy decoding gives
+    accuracy: float  # the ending of highest total log-likelihood; LAMBADA: the word greedy decoding gives
     accuracy_stderr: float
-    accuracy_norm: float | None  # HellaSwag: the ending of highest mean log-likelihood per token
+    accuracy_norm: float | None  # the ending of highest log-likelihood per token (HellaSwag), per character (ARC)
     accuracy_norm_stderr: float | None
     perplexity: float | None  # LAMBADA: exp(mean nats of the last word)
     seconds: float
@@ -305,8 +305,8 @@ def _choice_sums(model: GPT, examples: Sequence[Example], batch_size: int | None
         totals, counts, _ = _score_continuations(model, rows, autocast, greedy=False)
         finite &= bool(torch.isfinite(totals).all())  # argmin over NaN picks ending 0: a made-up accuracy
         counts = counts.clamp(min=1)
-        if per_character:
-            counts = torch.tensor([max(1, len(ending)) for example in group for ending in example.endings],
+        if per_character:  # an empty choice: nats / 0 = inf, never picked (the harness's log-likelihood / 0 = -inf)
+            counts = torch.tensor([float(len(ending)) for example in group for ending in example.endings],
                                   dtype=totals.dtype)
         offset = 0
         for example in group:
@@ -352,9 +352,10 @@ def task_sums(
     autocast: Any = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float]:
-    """A task's two sums over `examples` zero-shot (HellaSwag: right by total, right by mean per token; LAMBADA:
-    words right, nats of the words), NaN where the model's scores are not: sums of shards add up, so that several
-    processes can each score a share (`task_figures` turns them into the figures). See the module docstring."""
+    """A task's two sums over `examples` zero-shot (HellaSwag, ARC: right by total, right by mean per token or per
+    character; LAMBADA: words right, nats of the words), NaN where the model's scores are not: sums of shards add
+    up, so that several processes can each score a share (`task_figures` turns them into the figures). See the
+    module docstring."""
     if task.completion:
         return _last_word_sums(model, examples, batch_size, autocast, on_progress)
     return _choice_sums(model, examples, batch_size, autocast, on_progress, task.per_character)
@@ -432,14 +433,27 @@ def _arc_example(row: Any, where: str) -> Example:
     choices = row.get("choices") if isinstance(row, dict) else None
     texts = choices.get("text") if isinstance(choices, dict) else None
     labels = choices.get("label") if isinstance(choices, dict) else None
-    if not isinstance(question, str) or not isinstance(texts, (list, tuple)) or not isinstance(labels, (list, tuple)) \
-            or len(texts) < 2 or len(texts) != len(labels) or not all(isinstance(t, str) for t in texts):
+    if not isinstance(question, str) or not isinstance(texts, (list, tuple)) or not isinstance(labels, (list, tuple)):
         raise DataError(f"{where} needs a text 'question' and 'choices' with lists 'text' and 'label' (ARC's schema)")
-    key, names = str(row.get("answerKey")), [str(label) for label in labels]  # "A".."E" or "1".."5"
-    if key not in names:
-        raise DataError(f"{where} has answerKey {row.get('answerKey')!r}, not one of its choices' labels "
-                        f"({', '.join(names)})")
-    return Example(f"Question: {question}\nAnswer:", tuple(texts), names.index(key))
+    if len(texts) != len(labels):
+        raise DataError(f"{where} has {len(texts)} choice texts but {len(labels)} labels: check the file")
+    if len(texts) < 2:
+        raise DataError(f"{where} has {len(texts)} choice(s): a question needs 2 or more (ARC's have 3 to 5)")
+    for number, (text, label) in enumerate(zip(texts, labels, strict=True), 1):
+        if not isinstance(text, str) or not _label_like(label):
+            raise DataError(f"{where}: choice {number} needs a text and a label (got {text!r}, {label!r})")
+    key = row.get("answerKey")
+    if not _label_like(key):
+        raise DataError(f"{where} has no usable answerKey ({key!r}): ARC's test split is answered")
+    names = [str(label) for label in labels]  # "A".."E" or "1".."5"; a local file may hold numbers
+    if str(key) not in names:
+        raise DataError(f"{where} has answerKey {key!r}, not one of its choices' labels ({', '.join(names)})")
+    return Example(f"Question: {question}\nAnswer:", tuple(texts), names.index(str(key)))
+
+
+def _label_like(value: Any) -> bool:
+    """A choice's label or an answer key: a text, or a whole number (not a bool)."""
+    return (isinstance(value, str) and bool(value.strip())) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _lambada_example(row: Any, where: str) -> Example:
@@ -480,10 +494,10 @@ TASKS = {
              "ctx (or ctx_a/ctx_b), endings and label", _hellaswag_example, completion=False),
         Task("lambada_openai", "LAMBADA (OpenAI's version)", (("EleutherAI/lambada_openai", "default"),), "test",
              5153, "text (the passage, its last word the target)", _lambada_example, completion=True),
-        Task("arc_easy", "ARC-Easy", (("allenai/ai2_arc", "ARC-Easy"),), "test", 2376, ARC_SCHEMA, _arc_example,
-             completion=False, per_character=True),
-        Task("arc_challenge", "ARC-Challenge", (("allenai/ai2_arc", "ARC-Challenge"),), "test", 1172, ARC_SCHEMA,
-             _arc_example, completion=False, per_character=True),
+        Task("arc_easy", "ARC-Easy", (("allenai/ai2_arc", "ARC-Easy"), ("ai2_arc", "ARC-Easy")), "test", 2376,
+             ARC_SCHEMA, _arc_example, completion=False, per_character=True),
+        Task("arc_challenge", "ARC-Challenge", (("allenai/ai2_arc", "ARC-Challenge"), ("ai2_arc", "ARC-Challenge")),
+             "test", 1172, ARC_SCHEMA, _arc_example, completion=False, per_character=True),
     )
 }
 
@@ -530,11 +544,11 @@ def _read_rows(path: Path, option: str = "--task-data") -> list[Any]:
     raise DataError(f"task data {path} is not .jsonl, .json or .parquet: convert it to one of those")
 
 
-def _hub_rows(task: Task, limit: int | None) -> tuple[list[Any], str]:
+def _hub_rows(task: Task, limit: int | None, option: str = "--task-data") -> tuple[list[Any], str]:
     try:
         import datasets
     except ImportError:
-        raise DataError("the `datasets` package is missing: pip install datasets, or pass --task-data PATH") from None
+        raise DataError(f"the `datasets` package is missing: pip install datasets, or {_local_copy(option)}") from None
     from tinygpt_cli.download import hub_offline, hub_silence
 
     silence = None if hub_offline() else hub_silence(task.hub[0][0])
@@ -557,8 +571,13 @@ def _hub_rows(task: Task, limit: int | None) -> tuple[list[Any], str]:
             return list(table), f"{hub_id} ({task.split})"
     raise DataError(
         f"could not load {task.title} from the Hugging Face hub ({'; '.join(problems)}): go online once to cache "
-        f"it, or pass --task-data PATH to a local .jsonl/.json/.parquet with {task.schema}"
+        f"it, or {_local_copy(option)} to a local .jsonl/.json/.parquet with {task.schema}"
     )
+
+
+def _local_copy(option: str) -> str:
+    """How to name a local copy of a task's examples: the command's option or the config key."""
+    return f"pass {option} PATH" if option.startswith("--") else f"set {option}=PATH"
 
 
 @contextlib.contextmanager
@@ -583,9 +602,9 @@ def load_task(task: str | Task, path: str | Path | None = None, limit: int | Non
               option: str = "--task-data") -> tuple[list[Example], str]:
     """A task's examples (the first `limit`) and where they came from (a file by its absolute path).
 
-    `path`: a local .jsonl/.json/.parquet in the task's schema (HellaSwag: ctx or ctx_a/ctx_b, endings, label;
-    LAMBADA: text), given by `option` (named by its errors); None: the Hugging Face hub through `datasets` (cached
-    after the first download).
+    `path`: a local .jsonl/.json/.parquet in the task's schema (`Task.schema`: HellaSwag's ctx or ctx_a/ctx_b,
+    endings, label; LAMBADA's text; ARC's question, choices, answerKey), given by `option` (named by its errors);
+    None: the Hugging Face hub through `datasets` (cached after the first download).
     """
     task = task if isinstance(task, Task) else find_task(task)
     if path is not None:
@@ -594,7 +613,7 @@ def load_task(task: str | Task, path: str | Path | None = None, limit: int | Non
         if limit is not None:
             rows = rows[:limit]
     else:
-        rows, source = _hub_rows(task, limit)
+        rows, source = _hub_rows(task, limit, option)
     if not rows:
         raise DataError(f"{source} holds no examples: check the file")
     return [task.example(row, f"example {i + 1} of {source}") for i, row in enumerate(rows)], source
