@@ -1554,8 +1554,7 @@ def eval_command(
     ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure a run: loss, perplexity and bits per byte on a split, or zero-shot HellaSwag, ARC or LAMBADA
-    accuracy."""
+    """Measure a run: loss, perplexity and bits per byte on a split, or zero-shot HellaSwag, ARC or LAMBADA."""
     if model is not None and run is not None:
         raise TinyGPTError("give either RUN or --model, not both")
     run = model if model is not None else run
