@@ -832,3 +832,13 @@ def test_arc_offline_without_a_local_copy(workspace):
     assert_one_line_error(result, "could not load ARC-Easy from the Hugging Face hub (allenai/ai2_arc: ")
     assert "; ai2_arc: " in result.stderr  # the older id, as older harness versions cached it, is tried too
     assert "with question, choices (text and label lists) and answerKey" in result.stderr
+
+
+def test_task_standard_errors_are_the_harness_sample_ones():
+    """lm-evaluation-harness's stderr of a mean of 0/1 scores uses the sample variance: √(p(1 - p) / (n - 1))."""
+    from tinygpt_cli.evaluation import TASKS, task_figures
+
+    figures = task_figures(TASKS["arc_easy"], (3.0, 1.0), 4)
+    assert figures["accuracy_stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert figures["accuracy_norm_stderr"] == pytest.approx(math.sqrt(0.25 * 0.75 / 3))
+    assert task_figures(TASKS["hellaswag"], (1.0, 1.0), 1)["accuracy_stderr"] == 0.0

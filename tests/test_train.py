@@ -973,7 +973,7 @@ def test_a_task_scored_during_training_is_the_eval_of_its_checkpoint(with_shakes
     (["train.eval_task=hellaswag", "train.eval_task_limit=-1"], "train.eval_task_limit must be 0 or more"),
     (["train.eval_task=hellaswag"], "could not load HellaSwag from the Hugging Face hub"),  # offline, no copy
     # review: it named eval's --task-data, not the setting that takes a local copy in training
-    (["train.eval_task=arc_challenge"], "cache it, or set train.eval_task_data=PATH to a local .jsonl/.json/.parquet"),
+    (["train.eval_task=ARC_Challenge"], "cache it, or set train.eval_task_data=PATH to a local .jsonl/.json/.parquet"),
     (["train.eval_task=lambada_openai", "train.eval_task_data=nope.jsonl"], "nope.jsonl does not exist"),
 ])
 def test_a_task_that_cannot_be_scored_stops_training_before_it_starts(with_shakespeare, workspace, settings,

@@ -140,6 +140,7 @@ class TrainConfig:
     log_to: str = ""  # mirror metrics.jsonl to tensorboard, wandb, or both (comma-separated); "" = neither
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "eval_task", self.eval_task.strip().lower())  # as `tinygpt eval --task` reads it
         parse_trackers(self.log_to)
         for name in ("max_minutes", "lr", "min_lr", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip",
                      "muon_lr", "muon_momentum"):

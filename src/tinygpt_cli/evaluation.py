@@ -366,8 +366,8 @@ def task_figures(task: Task, sums: Sequence[float], n: int) -> dict[str, float |
     perplexity; None where the task has no such figure) from `task_sums` over `n` examples."""
     n = max(1, n)
 
-    def stderr(p: float) -> float:
-        return math.sqrt(p * (1 - p) / n)
+    def stderr(p: float) -> float:  # of the mean of n 0/1 scores, with the sample variance, as the harness has it
+        return math.sqrt(p * (1 - p) / max(1, n - 1))
 
     accuracy = sums[0] / n
     figures: dict[str, float | None] = {"accuracy": accuracy, "accuracy_stderr": stderr(accuracy),
