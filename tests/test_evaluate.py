@@ -842,3 +842,50 @@ def test_task_standard_errors_are_the_harness_sample_ones():
     assert figures["accuracy_stderr"] == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
     assert figures["accuracy_norm_stderr"] == pytest.approx(math.sqrt(0.25 * 0.75 / 3))
     assert task_figures(TASKS["hellaswag"], (1.0, 1.0), 1)["accuracy_stderr"] == 0.0
+
+
+def test_several_tasks_in_one_eval(workspace, monkeypatch):
+    """`--task arc_easy,hellaswag` (or `all`) scores each in turn: a line (or a JSON object) and a record each."""
+    from tinygpt_cli import evaluation as ev
+
+    rows = {"hellaswag": HELLASWAG_ROWS, "lambada_openai": LAMBADA_ROWS, "arc_easy": ARC_ROWS,
+            "arc_challenge": ARC_ROWS[:3]}
+    monkeypatch.setattr(ev, "_hub_rows", lambda task, limit, option="--task-data": (
+        rows[task.name][:limit], f"hub/{task.name}"))
+    make_run(workspace)
+    result = evaluate("--task", "ARC_Easy, hellaswag", "--json")
+    assert result.exit_code == 0, result.output
+    payloads = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(p["task"], p["examples"], p["source"]) for p in payloads] == [("arc_easy", 4, "hub/arc_easy"),
+                                                                           ("hellaswag", 4, "hub/hellaswag")]
+    text = evaluate("--task", "all", "--limit", "2")
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(ev.TASKS) and all("on 2 examples" in line for line in lines)
+    assert text.stderr.count("Recorded in") == 4
+    records = [json.loads(line) for line in (workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["arc_easy", "hellaswag", *ev.TASKS]
+    for args, fragment in ((["--task", "arc_easy,mmlu"], "unknown task 'mmlu': choose one of hellaswag"),
+                           (["--task", ","], "unknown task ','"),
+                           (["--task", "arc_easy,hellaswag", "--task-data", "x.jsonl"],
+                            "--task-data is one task's examples: give it with one --task, not 2")):
+        assert_one_line_error(evaluate(*args), fragment)
+    assert len((workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()) == 6  # nothing more
+
+
+def test_several_tasks_on_a_terminal_draw_a_bar_each(workspace, monkeypatch):
+    from rich.console import Console
+
+    from conftest import FakeTerminal
+    from tinygpt_cli import cli
+    from tinygpt_cli import evaluation as ev
+
+    monkeypatch.setattr(ev, "_hub_rows", lambda task, limit, option="--task-data": (ARC_ROWS[:limit], "hub"))
+    screen = FakeTerminal()
+    monkeypatch.setattr(cli, "_stderr_console", lambda quiet=None: Console(
+        file=screen, width=80, force_terminal=True, markup=False, highlight=False))
+    make_run(workspace)
+    result = evaluate("--task", "arc_easy,arc_challenge", "--limit", "3")
+    assert result.exit_code == 0, result.output
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["arc_easy", "arc_challenge"]
+    assert screen.getvalue().count("Recorded in") == 2 and "━" in screen.getvalue()  # the bars were drawn

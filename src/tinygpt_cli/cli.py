@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -1514,7 +1514,7 @@ class _GenerateView:
     cls=_Command,
     epilog="Examples:  tinygpt eval  ·  tinygpt eval my-run --data owt --tokens 200000  ·  "
     "tinygpt eval --task hellaswag --limit 500  ·  tinygpt eval --task lambada_openai  ·  tinygpt eval --task "
-    "arc_easy  ·  "
+    "arc_easy,arc_challenge  ·  tinygpt eval --task all --limit 500  ·  "
     "tinygpt eval --task hellaswag --task-data hs_val.jsonl",
 )
 def eval_command(
@@ -1535,7 +1535,7 @@ def eval_command(
     ] = None,
     task: Annotated[
         str | None, typer.Option(help="A zero-shot benchmark instead of the loss: hellaswag | lambada_openai | "
-                                      "arc_easy | arc_challenge.")
+                                      "arc_easy | arc_challenge; several comma-separated, or all.")
     ] = None,
     task_data: Annotated[
         Path | None,
@@ -1567,6 +1567,9 @@ def eval_command(
     if task is not None and (data_name is not None or tokens is not None or split is not None):
         raise TinyGPTError("--data, --split and --tokens are for the loss; a --task reads its own examples "
                            "(--task-data)")
+    tasks = _task_names(task, ev.TASKS) if task is not None else []
+    if len(tasks) > 1 and task_data is not None:
+        raise TinyGPTError(f"--task-data is one task's examples: give it with one --task, not {len(tasks)}")
     err = _stderr_console()
     progress = Progress(
         TextColumn("[bold]eval[/]"),
@@ -1600,10 +1603,22 @@ def eval_command(
         return (f"Interrupted after the result was recorded in {recorded}/eval.jsonl and report.md." if recorded else
                 "Interrupted: nothing was recorded.")
 
+    if len(tasks) > 1:  # each scored, printed and recorded in turn: an interrupt keeps the ones done
+        for name in tasks:
+            with _interruptible(None, err, stopped):
+                try:
+                    result = ev.evaluate_task(run, task=name, limit=limit, **common)
+                finally:
+                    if bar is not None:
+                        progress.stop()
+                        progress.remove_task(bar)
+                        bar = None
+            _print_eval(result, run, as_json, err)
+        return
     try:
         with _interruptible(None, err, stopped):
-            if task is not None:
-                result = ev.evaluate_task(run, task=task, task_data=task_data, limit=limit, **common)
+            if tasks:
+                result = ev.evaluate_task(run, task=tasks[0], task_data=task_data, limit=limit, **common)
             else:
                 result = ev.evaluate(
                     run, data=data_name, split=split or "val",
@@ -1612,6 +1627,25 @@ def eval_command(
     finally:
         if bar is not None:
             progress.stop()
+    _print_eval(result, run, as_json, err)
+
+
+def _task_names(spec: str, known: Collection[str]) -> list[str]:
+    """--task's tasks: one name, several comma-separated, or `all`; every one checked before any is scored."""
+    names = [name.strip().lower() for name in spec.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(known)
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise TinyGPTError(f"unknown task {(unknown[0] if unknown else spec)!r}: choose one of {', '.join(known)}, "
+                           f"several comma-separated, or all")
+    return list(dict.fromkeys(names))
+
+
+def _print_eval(result: Any, run: str | None, as_json: bool, err: Any) -> None:
+    """One evaluation's line (or JSON object) on stdout, and where it was recorded on stderr."""
+    from tinygpt_cli import evaluation as ev
+
     if as_json:
         print(json.dumps(ev.json_safe(result), allow_nan=False))
         return
