@@ -852,8 +852,12 @@ def test_several_tasks_in_one_eval(workspace, monkeypatch):
             "arc_challenge": ARC_ROWS[:3]}
     monkeypatch.setattr(ev, "_hub_rows", lambda task, limit, option="--task-data": (
         rows[task.name][:limit], f"hub/{task.name}"))
+    setups = []
+    real_setup = ev._setup
+    monkeypatch.setattr(ev, "_setup", lambda *args: setups.append(args) or real_setup(*args))
     make_run(workspace)
     result = evaluate("--task", "ARC_Easy, hellaswag", "--json")
+    assert len(setups) == 1  # the model is loaded once for both (review)
     assert result.exit_code == 0, result.output
     payloads = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(p["task"], p["examples"], p["source"]) for p in payloads] == [("arc_easy", 4, "hub/arc_easy"),
@@ -865,6 +869,8 @@ def test_several_tasks_in_one_eval(workspace, monkeypatch):
     assert text.stderr.count("Recorded in") == 4
     records = [json.loads(line) for line in (workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()]
     assert [r["task"] for r in records] == ["arc_easy", "hellaswag", *ev.TASKS]
+    assert [json.loads(line)["task"] for line in evaluate("--task", "arc_easy,all", "--json", "--limit", "1",
+                                                            "--no-record").stdout.splitlines()] == list(ev.TASKS)
     for args, fragment in ((["--task", "arc_easy,mmlu"], "unknown task 'mmlu': choose one of hellaswag"),
                            (["--task", ","], "unknown task ','"),
                            (["--task", "arc_easy,hellaswag", "--task-data", "x.jsonl"],
@@ -889,3 +895,43 @@ def test_several_tasks_on_a_terminal_draw_a_bar_each(workspace, monkeypatch):
     assert result.exit_code == 0, result.output
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["arc_easy", "arc_challenge"]
     assert screen.getvalue().count("Recorded in") == 2 and "━" in screen.getvalue()  # the bars were drawn
+
+
+def test_an_interrupt_between_tasks_says_which_were_recorded(workspace, monkeypatch):
+    """Review: a Ctrl-C during the second task said "nothing was recorded" though the first one was."""
+    from tinygpt_cli import evaluation as ev
+
+    scored = []
+
+    def rows(task, limit, option="--task-data"):
+        return (HELLASWAG_ROWS if task.name == "hellaswag" else ARC_ROWS)[:limit], "hub"
+
+    real_sums = ev.task_sums
+
+    def interrupt_the_second(task, *args, **kwargs):
+        scored.append(task.name)
+        if len(scored) == 2:
+            raise KeyboardInterrupt
+        return real_sums(task, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "_hub_rows", rows)
+    monkeypatch.setattr(ev, "task_sums", interrupt_the_second)
+    make_run(workspace)
+    result = evaluate("--task", "arc_easy,arc_challenge,hellaswag", "--limit", "2")
+    assert result.exit_code == 130
+    assert result.stdout.splitlines()[0].startswith("arc_easy: acc_norm")
+    assert "Interrupted: arc_easy recorded, the task under way not." in result.stderr
+    records = [json.loads(line) for line in (workspace / "runs" / "tiny" / "eval.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["arc_easy"]
+
+
+def test_every_tasks_examples_load_before_any_is_scored(workspace, monkeypatch):
+    """Review: offline, `--task arc_easy,hellaswag` scored and recorded ARC, then stopped at HellaSwag's copy."""
+    from tinygpt_cli import evaluation as ev
+
+    real = ev._hub_rows
+    monkeypatch.setattr(ev, "_hub_rows", lambda task, limit, option="--task-data": (
+        (ARC_ROWS[:limit], "hub") if task.name == "arc_easy" else real(task, limit, option)))
+    make_run(workspace)
+    assert_one_line_error(evaluate("--task", "arc_easy,hellaswag"), "could not load HellaSwag")
+    assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()

@@ -1542,7 +1542,7 @@ def eval_command(
         typer.Option("--task-data", readable=False,
                      help="The task's examples from a local .jsonl/.json/.parquet instead of the hub."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Score only the first N examples of the task.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N examples of the task (of each).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass; with --task, examples "
                                                         "(HellaSwag's of 4 sequences each, ARC's of 3-5). Default: "
                                                         "~16K tokens.")
@@ -1568,8 +1568,6 @@ def eval_command(
         raise TinyGPTError("--data, --split and --tokens are for the loss; a --task reads its own examples "
                            "(--task-data)")
     tasks = _task_names(task, ev.TASKS) if task is not None else []
-    if len(tasks) > 1 and task_data is not None:
-        raise TinyGPTError(f"--task-data is one task's examples: give it with one --task, not {len(tasks)}")
     err = _stderr_console()
     progress = Progress(
         TextColumn("[bold]eval[/]"),
@@ -1598,22 +1596,33 @@ def eval_command(
     common = {"batch_size": batch_size, "device": device or "auto", "dtype": dtype, "on_event": on_event,
               "record": record}
 
+    done: list[str] = []  # the tasks scored and recorded before an interrupt
+
     def stopped(exc: KeyboardInterrupt) -> str:
         recorded = getattr(exc, "recorded_in", None)
-        return (f"Interrupted after the result was recorded in {recorded}/eval.jsonl and report.md." if recorded else
-                "Interrupted: nothing was recorded.")
+        if recorded:
+            return f"Interrupted after the result was recorded in {recorded}/eval.jsonl and report.md."
+        if done:
+            return f"Interrupted: {', '.join(done)} recorded, the task under way not."
+        return "Interrupted: nothing was recorded."
 
-    if len(tasks) > 1:  # each scored, printed and recorded in turn: an interrupt keeps the ones done
-        for name in tasks:
+    def show(result: Any) -> None:  # each task's line as it is done, the next task's bar after it
+        nonlocal bar
+        if bar is not None:
+            progress.stop()
+            progress.remove_task(bar)
+            bar = None
+        _print_eval(result, run, as_json, err)
+        if result.recorded_in:
+            done.append(result.task)
+
+    if len(tasks) > 1:  # one model load; every task's examples first, then each scored, printed, recorded
+        try:
             with _interruptible(None, err, stopped):
-                try:
-                    result = ev.evaluate_task(run, task=name, limit=limit, **common)
-                finally:
-                    if bar is not None:
-                        progress.stop()
-                        progress.remove_task(bar)
-                        bar = None
-            _print_eval(result, run, as_json, err)
+                ev.evaluate_tasks(run, tasks=tasks, task_data=task_data, limit=limit, on_result=show, **common)
+        finally:
+            if bar is not None:
+                progress.stop()
         return
     try:
         with _interruptible(None, err, stopped):
@@ -1633,7 +1642,7 @@ def eval_command(
 def _task_names(spec: str, known: Collection[str]) -> list[str]:
     """--task's tasks: one name, several comma-separated, or `all`; every one checked before any is scored."""
     names = [name.strip().lower() for name in spec.split(",") if name.strip()]
-    if names == ["all"]:
+    if "all" in names:
         return list(known)
     unknown = [name for name in names if name not in known]
     if unknown or not names:

@@ -737,33 +737,60 @@ def evaluate_task(
 ) -> TaskResult:
     """Zero-shot accuracy of a checkpoint on a benchmark (`task`: a name in TASKS), on the first
     `limit` examples; `task_data`: a local copy of them instead of the hub's."""
+    return evaluate_tasks(checkpoint, tasks=[task], task_data=task_data, limit=limit, batch_size=batch_size,
+                          device=device, dtype=dtype, on_event=on_event, record=record)[0]
+
+
+def evaluate_tasks(
+    checkpoint: str | Path | None = None,
+    *,
+    tasks: Sequence[str],
+    task_data: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    on_event: Callable[[EvalEvent], None] | None = None,
+    record: bool = True,
+    on_result: Callable[[TaskResult], None] | None = None,
+) -> list[TaskResult]:
+    """`evaluate_task` of several tasks with one load of the model: every task's examples are loaded first (a
+    missing copy stops it before anything is scored), then each is scored and recorded in turn, `on_result`
+    called with each as it is done (an interrupt keeps the ones before). `task_data` goes with one task."""
     emit = on_event or (lambda event: None)
-    spec = find_task(task)
+    specs = [find_task(task) for task in tasks]
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1 (got {limit})")
     if batch_size is not None and batch_size < 1:
         raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
-    examples, source = load_task(spec, task_data, limit)
+    if task_data is not None and len(specs) > 1:
+        raise DataError(f"--task-data is one task's examples: give it with one --task, not {len(specs)}")
+    loaded_tasks = [load_task(spec, task_data, limit) for spec in specs]
     loaded, autocast, dtype_name = _setup(checkpoint, device, dtype, record)
     model: GPT = loaded.model  # type: ignore[assignment]
-    emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {spec.name}: "
-                                   f"{workspace.counted(len(examples), 'example')} from {source}"))
-    emit(EvalEvent("start", total=len(examples), unit="examples"))
-    started = time.perf_counter()
-    sums = task_sums(
-        spec, model, examples, batch_size=batch_size, autocast=autocast,
-        on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_, unit="examples")),
-    )
-    figures = task_figures(spec, sums, len(examples))
-    _say_if_non_finite(sums[0], emit)
-    result = TaskResult(
-        checkpoint=str(loaded.path), step=loaded.state.get("step"), task=spec.name, source=source,
-        examples=len(examples), **figures,  # type: ignore[arg-type]
-        seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
-    )
-    if record and _recorded(loaded):
-        result.recorded_in = str(record_result(loaded.path, result))
-    return result
+    results = []
+    for spec, (examples, source) in zip(specs, loaded_tasks, strict=True):
+        emit(EvalEvent("info", message=f"Evaluating {loaded.path} on {spec.name}: "
+                                       f"{workspace.counted(len(examples), 'example')} from {source}"))
+        emit(EvalEvent("start", total=len(examples), unit="examples"))
+        started = time.perf_counter()
+        sums = task_sums(
+            spec, model, examples, batch_size=batch_size, autocast=autocast,
+            on_progress=lambda done, all_: emit(EvalEvent("progress", done=done, total=all_, unit="examples")),
+        )
+        figures = task_figures(spec, sums, len(examples))
+        _say_if_non_finite(sums[0], emit)
+        result = TaskResult(
+            checkpoint=str(loaded.path), step=loaded.state.get("step"), task=spec.name, source=source,
+            examples=len(examples), **figures,  # type: ignore[arg-type]
+            seconds=time.perf_counter() - started, device=str(next(model.parameters()).device), dtype=dtype_name,
+        )
+        if record and _recorded(loaded):
+            result.recorded_in = str(record_result(loaded.path, result))
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------- records

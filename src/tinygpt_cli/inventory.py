@@ -83,7 +83,8 @@ def run_summary(run_dir: Path) -> RunSummary:
         has_report=_reported_step(report) is not None, training=training,
         status=_status(training, counts["step"], max_steps, report, failed, ahead is not None),
         best_step=_count_or_none(state.get("best_step")),
-        task=_last_record(records, _str(_dict(run_config.get("train")).get("eval_task")) or "-") or None,
+        task=_last_record(records, (_str(_dict(run_config.get("train")).get("eval_task")) or "").strip().lower()
+                          or "-") or None,
     )
 
 
