@@ -723,22 +723,10 @@ def evaluate(
     return result
 
 
-def evaluate_task(
-    checkpoint: str | Path | None = None,
-    *,
-    task: str = "hellaswag",
-    task_data: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    dtype: str | torch.dtype = "auto",
-    on_event: Callable[[EvalEvent], None] | None = None,
-    record: bool = True,
-) -> TaskResult:
-    """Zero-shot accuracy of a checkpoint on a benchmark (`task`: a name in TASKS), on the first
-    `limit` examples; `task_data`: a local copy of them instead of the hub's."""
-    return evaluate_tasks(checkpoint, tasks=[task], task_data=task_data, limit=limit, batch_size=batch_size,
-                          device=device, dtype=dtype, on_event=on_event, record=record)[0]
+def evaluate_task(checkpoint: str | Path | None = None, *, task: str = "hellaswag", **options: Any) -> TaskResult:
+    """Zero-shot accuracy of a checkpoint on a benchmark (`task`: a name in TASKS), on the first `limit` examples;
+    `task_data`: a local copy of them instead of the hub's. `options`: those of `evaluate_tasks`."""
+    return evaluate_tasks(checkpoint, tasks=[task], **options)[0]
 
 
 def evaluate_tasks(
