@@ -1606,37 +1606,26 @@ def eval_command(
             return f"Interrupted: {', '.join(done)} recorded, the task under way not."
         return "Interrupted: nothing was recorded."
 
-    def show(result: Any) -> None:  # each task's line as it is done, the next task's bar after it
+    def show(result: Any) -> None:  # each result as it is done (a task's), the next task's bar after it
         nonlocal bar
         if bar is not None:
             progress.stop()
             progress.remove_task(bar)
             bar = None
         _print_eval(result, run, as_json, err)
-        if result.recorded_in:
+        if result.recorded_in and isinstance(result, ev.TaskResult):
             done.append(result.task)
 
-    if len(tasks) > 1:  # one model load; every task's examples first, then each scored, printed, recorded
-        try:
-            with _interruptible(None, err, stopped):
-                ev.evaluate_tasks(run, tasks=tasks, task_data=task_data, limit=limit, on_result=show, **common)
-        finally:
-            if bar is not None:
-                progress.stop()
-        return
     try:
         with _interruptible(None, err, stopped):
-            if tasks:
-                result = ev.evaluate_task(run, task=tasks[0], task_data=task_data, limit=limit, **common)
+            if tasks:  # one model load; every task's examples first, then each scored, shown and recorded
+                ev.evaluate_tasks(run, tasks=tasks, task_data=task_data, limit=limit, on_result=show, **common)
             else:
-                result = ev.evaluate(
-                    run, data=data_name, split=split or "val",
-                    tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common,
-                )
+                show(ev.evaluate(run, data=data_name, split=split or "val",
+                                 tokens=tokens if tokens is not None else ev.DEFAULT_TOKENS, **common))
     finally:
         if bar is not None:
             progress.stop()
-    _print_eval(result, run, as_json, err)
 
 
 def _task_names(spec: str, known: Collection[str]) -> list[str]:

@@ -304,10 +304,11 @@ def _choice_sums(model: GPT, examples: Sequence[Example], batch_size: int | None
                 for context in [_encode(example.context) or [EOT_ID]] for ending in example.endings]  # once each
         totals, counts, _ = _score_continuations(model, rows, autocast, greedy=False)
         finite &= bool(torch.isfinite(totals).all())  # argmin over NaN picks ending 0: a made-up accuracy
-        counts = counts.clamp(min=1)
         if per_character:  # an empty choice: nats / 0 = inf, never picked (the harness's log-likelihood / 0 = -inf)
             counts = torch.tensor([float(len(ending)) for example in group for ending in example.endings],
                                   dtype=totals.dtype)
+        else:
+            counts = counts.clamp(min=1)
         offset = 0
         for example in group:
             choices = slice(offset, offset + len(example.endings))

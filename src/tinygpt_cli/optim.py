@@ -9,6 +9,7 @@ loop, GradScaler, checkpoints and DDP see one optimizer whichever is chosen.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Any
 
@@ -148,6 +149,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return MuonAdamW(groups, **options)
 
 
+@functools.lru_cache(maxsize=4)  # read at every step: a lookup, not a new config validated each time
 def muon_schedule(cfg: TrainConfig) -> TrainConfig:
     """The schedule of Muon's LR: train.lr's (warmup, shape, steps), peaking at train.muon_lr, its floor min_lr
     scaled alike. `training.learning_rate` of it is train.muon_lr / train.lr times the AdamW LR, but a resume

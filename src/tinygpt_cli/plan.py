@@ -185,6 +185,11 @@ def resolve_device_spec(key: str) -> DeviceSpec:
 
 
 # ----------------------------------------------------------------------------------------------- arithmetic
+def matrix_parameters(model: ModelConfig) -> int:
+    """The blocks' matmul weights, 12·C² a layer: what autocast copies to half precision and Muon trains."""
+    return 12 * model.n_layer * model.n_embd**2
+
+
 def layer_parameters(model: ModelConfig) -> int:
     """One transformer block: 12·C² matmul weights, 9·C of biases (with `bias`) and two LayerNorms (2·2·C)."""
     C = model.n_embd
@@ -220,9 +225,9 @@ def training_flops_per_token(model: ModelConfig) -> float:
 
 def optimizer_state_bytes(model: ModelConfig, optimizer: str = "adamw") -> int:
     """The optimizer's fp32 state: AdamW's two moments (8 B/param); with train.optimizer=muon, Muon's one momentum
-    (4 B/param) for the blocks' matrices (`optim.muon_parameters`: 12·C² a layer) and AdamW's for the rest."""
+    (4 B/param) for the blocks' matrices (`optim.muon_parameters`) and AdamW's for the rest."""
     params = count_parameters(model)
-    muon = 12 * model.n_layer * model.n_embd**2 if optimizer == "muon" else 0
+    muon = matrix_parameters(model) if optimizer == "muon" else 0
     return 8 * (params - muon) + 4 * muon
 
 
@@ -337,8 +342,7 @@ def estimate_memory(
     shards = nproc if sharded else 1
     weights, gradients = 4 * params // shards, 4 * params // shards
     optimizer = optimizer_state_bytes(model, optimizer_kind) // shards
-    matmul_params = 12 * model.n_layer * model.n_embd**2
-    copies = 2 * matmul_params if half else 0
+    copies = 2 * matrix_parameters(model) if half else 0
     ddp = 4 * params if nproc > 1 and not sharded else 0
     gathered = 0
     if sharded:  # FSDP2 keeps the root (embeddings, ln_f) gathered and prefetches the next block
