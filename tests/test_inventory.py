@@ -660,3 +660,85 @@ def test_the_report_names_the_model_as_the_listing_does(with_shakespeare, worksp
     run = train(tiny_config(max_steps=1, eval_interval=1, eval_batches=1, batch_size=2), run_name="c").run_dir
     assert "| model | custom (from micro): " in (run / "report.md").read_text()
     assert list_run_summaries()[0].shape == "custom 2×32"
+
+
+# ------------------------------------------------------------------------------------------------ runs compare
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """A rich table's rows (one line each) by their first cell: the other cells, stripped."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in re.split(r"[│┃]", line)[1:-1]]
+        if cells:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_runs_compare_sets_runs_side_by_side(with_shakespeare, workspace, tmp_path):
+    from tinygpt_cli.inventory import compare_runs, val_loss_at
+    from tinygpt_cli.report import read_metrics
+
+    long = train(tiny_config(max_steps=4, eval_interval=2, eval_batches=1, batch_size=2), run_name="long").run_dir
+    short = train(tiny_config(max_steps=2, eval_interval=2, eval_batches=1, batch_size=2, lr="0.01"),
+                  run_name="short").run_dir
+    assert invoke("eval", "short", "--tokens", "256").exit_code == 0  # an eval.jsonl measure, for one run alone
+
+    comparison = compare_runs(["long", "short"])
+    assert [run.summary.name for run in comparison.runs] == ["long", "short"]
+    # what differs: lr (and min_lr, which follows it) and the steps; the rest is counted, not shown
+    assert comparison.differing == ["train.max_steps", "train.lr", "train.min_lr"]
+    assert comparison.same == len(comparison.runs[0].config) - 3 and comparison.same > 30
+    for run, folder in zip(comparison.runs, (long, short), strict=True):
+        _, evals = read_metrics(folder / "metrics.jsonl")
+        assert [(step, loss) for step, _, loss in run.val_curve] == evals
+        assert run.train_loss is not None and run.tokens_per_s > 0 and run.elapsed_s > 0
+    # the longer run is also read at the tokens the shorter one reached: the figure that compares them fairly
+    assert comparison.common_tokens == comparison.runs[1].val_curve[-1][1] < comparison.runs[0].val_curve[-1][1]
+    assert val_loss_at(comparison.runs[0], comparison.common_tokens) == comparison.runs[0].val_curve[0][2]
+    assert list(comparison.runs[1].measures) == ["loss shakespeare/val"] and not comparison.runs[0].measures
+
+    shown = invoke("runs", "compare", "long", str(short))  # a name and a folder
+    assert shown.exit_code == 0, shown.output
+    rows = _table_rows(shown.stdout)
+    assert rows[""] == ["long", "short"]  # a column a run, in the order named
+    assert rows["train.lr"] == ["0.002", "0.01"] and rows["status"] == ["finished", "finished"]
+    assert [row for row in rows if row.startswith("val loss at ")] == ["val loss at 128 tokens"]  # 2 steps × 2 × 32
+    assert rows["loss shakespeare/val"][0] == "" and re.fullmatch(r"\d+\.\d{4} · \d\.\d{4} bits/byte \(step 2\)",
+                                                                   rows["loss shakespeare/val"][1])
+    assert "other settings are the same in all" in shown.stderr
+    as_json = json.loads(invoke("runs", "compare", "long", "short", "--json").stdout)
+    assert as_json["differing"] == comparison.differing and as_json["common_tokens"] == comparison.common_tokens
+    assert [run["val_loss_at_common_tokens"] for run in as_json["runs"]] == [
+        val_loss_at(run, comparison.common_tokens) for run in comparison.runs]
+    assert as_json["runs"][0]["summary"]["name"] == "long" and as_json["runs"][1]["config"]["train.lr"] == 0.01
+
+    plot = tmp_path / "val.png"
+    drawn = invoke("runs", "compare", "long", "short", "--plot", str(plot))
+    assert drawn.exit_code == 0 and f"Plot written to {plot}" in drawn.stderr
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_runs_compare_refuses_what_it_cannot_compare(with_shakespeare, workspace, tmp_path):
+    cfg = tiny_config(max_steps=2, eval_batches=1, batch_size=2)
+    one = train(cfg, run_name="one").run_dir
+    assert_one_line_error(invoke("runs", "compare", "one"), "name two runs or more", code=2)
+    assert_one_line_error(invoke("runs", "compare", "one", "nosuch"), "no run or checkpoint at nosuch")
+    assert_one_line_error(invoke("runs", "compare", "one", str(one)), "are the same run: name each run once")
+    assert_one_line_error(invoke("runs", "compare", "one", str(one / "checkpoints" / "step_2")),
+                          "is a checkpoint, not a run")
+    assert_one_line_error(invoke("runs", "compare", "one", "one", "--plot", str(tmp_path / "val.jpg")),
+                          "does not end in .png", code=2)
+    # a run killed before its first checkpoint is compared from its config.yaml; a plot with no val loss is refused
+    unsaved = one.with_name("unsaved")
+    unsaved.mkdir()
+    shutil.copy(one / "config.yaml", unsaved / "config.yaml")
+    compared = invoke("runs", "compare", "one", "unsaved")
+    assert compared.exit_code == 0 and _table_rows(compared.stdout)["status"] == ["finished", "no checkpoint"]
+    assert "Every setting is the same in all." in compared.stderr
+    lonely = unsaved.with_name("lonely")
+    lonely.mkdir()
+    shutil.copy(one / "config.yaml", lonely / "config.yaml")
+    assert_one_line_error(invoke("runs", "compare", "lonely", "unsaved", "--plot", str(tmp_path / "v.png")),
+                          "none of these runs has evaluated yet")
+    for target in (tmp_path / "missing" / "v.png",):  # no folder to write it in: one line, no file
+        assert_one_line_error(invoke("runs", "compare", "one", "unsaved", "--plot", str(target)), "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == []

@@ -1886,8 +1886,8 @@ def plan(
 # ----------------------------------------------------------------------------------------- runs, data
 runs_app = typer.Typer(
     cls=_Group,
-    help="List the runs in the workspace; `tinygpt runs show NAME` prints a run's report, `tinygpt runs rm NAME` "
-    "deletes one.",
+    help="List the runs in the workspace; `tinygpt runs show NAME` prints a run's report, `tinygpt runs compare A B` "
+    "sets runs side by side, `tinygpt runs rm NAME` deletes one.",
     no_args_is_help=False,
     rich_markup_mode="rich",
 )
@@ -1990,6 +1990,135 @@ def runs_show(
     _, text, note = run_report(run)
     _print_notes([note] if note else [])
     print(text.rstrip("\n"))
+
+
+@runs_app.command("compare", cls=_Command,
+                  epilog="Examples:  tinygpt runs compare adamw-run muon-run  ·  tinygpt runs compare a b c --plot "
+                  "val.png  ·  tinygpt runs compare a b --json")
+def runs_compare(
+    names: Annotated[list[str], typer.Argument(metavar="RUN", help="Two runs or more, by the names `tinygpt runs` "
+                                                                   "lists (or their folders).")],
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Also draw their val loss against tokens into this .png file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Runs side by side: their losses, speed and evals, and the settings in which they differ."""
+    from tinygpt_cli.inventory import compare_runs
+
+    if len(names) < 2:
+        raise typer.BadParameter("name two runs or more (`tinygpt runs` lists them)", param_hint="RUN")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{plot} does not end in .png: name the image file to write, e.g. val.png",
+                                 param_hint="--plot")
+    comparison = compare_runs(names)
+    if plot is not None:
+        _write_comparison_plot(comparison, plot)
+    if as_json:
+        from dataclasses import asdict
+
+        from tinygpt_cli.inventory import val_loss_at
+        from tinygpt_cli.workspace import strict_json
+
+        print(json.dumps(strict_json({
+            "runs": [{**asdict(run), "val_loss_at_common_tokens": None if comparison.common_tokens is None else
+                      val_loss_at(run, comparison.common_tokens)} for run in comparison.runs],
+            "differing": comparison.differing, "same": comparison.same,
+            "common_tokens": comparison.common_tokens}), allow_nan=False))
+    else:
+        from tinygpt_cli.workspace import counted
+
+        _print_table(_comparison_table(comparison))
+        sys.stdout.flush()  # the table, then the note under it, where both go to one terminal or file
+        same = comparison.same
+        _stderr_console().print(f"{counted(same, 'other setting')} {'is' if same == 1 else 'are'} the same in all."
+                                if comparison.differing else "Every setting is the same in all.")
+    if plot is not None:
+        _stderr_console().print(f"Plot written to {plot}")
+
+
+def _comparison_table(comparison: Any) -> Any:
+    """`runs compare`: one column a run; the results, then the settings that differ (the best loss in bold)."""
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    from tinygpt_cli.inventory import val_loss_at
+    from tinygpt_cli.report import task_line
+
+    runs = comparison.runs
+    table = Table(Column("", style="bold"), *(Column(run.summary.name, overflow="fold") for run in runs))
+
+    def losses(label: str, values: list[float | None], suffix: list[str] | None = None) -> None:
+        present = [value for value in values if value is not None]
+        best = min(present) if len(present) > 1 else None
+        table.add_row(label, *(
+            "n/a" if value is None else Text.assemble((f"{value:.4f}", "bold green" if value == best else ""), extra)
+            for value, extra in zip(values, suffix or [""] * len(values), strict=True)))
+
+    def row(label: str, cells: list[str]) -> None:
+        table.add_row(label, *cells)
+
+    row("status", [run.summary.status for run in runs])
+    row("model", [f"{run.summary.size or '?'} {run.summary.shape or ''} · "
+                  f"{_fmt_count(run.summary.parameters) if run.summary.parameters else '?'} parameters"
+                  for run in runs])
+    row("data", [run.summary.dataset or "?" for run in runs])
+    row("steps", [f"{run.summary.steps:,}/{run.summary.max_steps:,}" if run.summary.max_steps else
+                  f"{run.summary.steps:,}" for run in runs])
+    row("tokens", [_fmt_count(run.summary.tokens) for run in runs])
+    losses("train loss", [run.train_loss for run in runs])
+    losses("val loss", [run.val_curve[-1][2] if run.val_curve else run.summary.val_loss for run in runs])
+    losses("best val loss", [run.summary.best_val_loss for run in runs],
+           [f" (step {run.summary.best_step:,})" if run.summary.best_step is not None else "" for run in runs])
+    if comparison.common_tokens is not None:
+        losses(f"val loss at {_fmt_count(comparison.common_tokens)} tokens",
+               [val_loss_at(run, comparison.common_tokens) for run in runs])
+    row("training time", [_fmt_seconds(run.elapsed_s) if run.elapsed_s is not None else "n/a" for run in runs])
+    row("tokens/s", [_fmt_count(run.tokens_per_s) if run.tokens_per_s is not None else "n/a" for run in runs])
+    row("MFU", [f"{run.mfu:.1%}" if run.mfu is not None else "n/a" for run in runs])
+    for measure in dict.fromkeys(key for run in runs for key in run.measures):
+        cells = []
+        for run in runs:
+            record = run.measures.get(measure)
+            if record is None:
+                cells.append("")
+                continue
+            at = f" (step {record['step']:,})" if isinstance(record.get("step"), int) else ""
+            if measure.startswith("loss "):
+                loss, bpb = record.get("loss"), record.get("bits_per_byte")
+                cells.append(("n/a" if loss is None else f"{loss:.4f}")
+                             + ("" if bpb is None else f" · {bpb:.4f} bits/byte") + at)
+            else:
+                cells.append(task_line(record).split(": ", 1)[-1] + at)
+        row(measure, cells)
+    if comparison.differing:
+        table.add_section()
+        for key in comparison.differing:
+            row(key, ["" if key not in run.config else _setting(run.config[key]) for run in runs])
+    return table
+
+
+def _setting(value: Any) -> str:
+    """A setting's value as config.yaml writes it ('' for an empty string: none)."""
+    if value == "":
+        return "''"
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _write_comparison_plot(comparison: Any, path: Path) -> None:
+    from tinygpt_cli.report import render_comparison_plot
+    from tinygpt_cli.workspace import write_bytes_atomic
+
+    if path.is_dir():
+        raise TinyGPTError(f"{path} is a folder: name the .png file to write, e.g. {path / 'val.png'}")
+    curves = [(run.summary.name, [(tokens, loss) for _, tokens, loss in run.val_curve]) for run in comparison.runs]
+    if not any(points for _, points in curves):
+        raise TinyGPTError("none of these runs has evaluated yet (no val loss in their metrics.jsonl): nothing to "
+                           "plot; compare them without --plot")
+    try:
+        write_bytes_atomic(path, render_comparison_plot(curves))
+    except OSError as exc:
+        raise TinyGPTError(f"cannot write {path}: {exc.strerror or exc}: name a .png file in a folder you can "
+                           f"write") from None
 
 
 @runs_app.command("rm", cls=_Command,

@@ -616,6 +616,14 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return values
 
 
+def flat_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A (saved) config's nested sections as one dict of dotted keys: {"train.lr": 0.002, ...}, in its order."""
+    items: dict[str, Any] = {}
+    for key, value in tree.items():
+        items.update(flat_config(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {f"{prefix}{key}": value})
+    return items
+
+
 def config_from_dict(values: Mapping[str, Any], origin: str = "saved config") -> RunConfig:
     """Rebuild a RunConfig from `config_to_dict` output (e.g. a run's config.yaml), type-checked."""
     merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}

@@ -858,7 +858,7 @@ def _check_recordable(loaded: LoadedCheckpoint) -> None:
 def json_safe(result: LossResult | TaskResult) -> dict[str, Any]:
     """The result's fields with a non-finite number (the NaN loss of a damaged checkpoint) as None: strict JSON
     has no NaN or Infinity, and parsers other than Python's reject them."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(result).items()}
+    return workspace.strict_json(asdict(result))
 
 
 def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Path:

@@ -286,6 +286,122 @@ def _no_training_report(run_dir: Path, training: bool, latest: int | None, resum
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """One run as `tinygpt runs compare` shows it: its summary, its settings and what it measured."""
+
+    summary: RunSummary
+    config: dict[str, Any]  # its settings as dotted keys ("train.lr"), from its latest checkpoint (else config.yaml)
+    train_loss: float | None  # the last train loss logged
+    tokens_per_s: float | None  # the median of the rates logged (the first steps' compile does not drag it down)
+    mfu: float | None  # the median of the MFUs logged
+    elapsed_s: float | None  # training time over all its sessions, to its latest checkpoint
+    val_curve: list[tuple[int, int, float]]  # (step, tokens, val loss) of each evaluation in metrics.jsonl
+    measures: dict[str, dict[str, Any]]  # the latest record of each measure: "hellaswag", "loss shakespeare/val"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    runs: list[RunRecord]
+    differing: list[str]  # the settings (dotted keys) whose values are not the same in all runs
+    same: int  # how many are
+    common_tokens: int | None  # where the runs trained on different numbers of tokens: the most all have reached
+
+
+def compare_runs(specs: list[str]) -> Comparison:
+    """`tinygpt runs compare`: two or more runs (names or folders) side by side."""
+    from tinygpt_cli.checkpoint import find_run, run_of_checkpoints
+
+    if len(specs) < 2:
+        raise ConfigError("name two runs or more to compare (`tinygpt runs` lists them), e.g. `tinygpt runs compare "
+                          "run-a run-b`")
+    folders: dict[Path, str] = {}
+    for spec in specs:
+        run_dir = run_of_checkpoints(find_run(spec)).resolve()
+        if run_dir in folders:
+            raise ConfigError(f"{spec} and {folders[run_dir]} are the same run: name each run once")
+        folders[run_dir] = spec
+    runs = [run_record(run_dir) for run_dir in folders]
+    keys = list(dict.fromkeys(key for run in runs for key in run.config))
+    differing = [key for key in keys if len({repr(run.config.get(key)) for run in runs}) > 1]
+    reached = [run.val_curve[-1][1] for run in runs if run.val_curve]
+    common = min(reached) if len(reached) == len(runs) and len(set(reached)) > 1 else None
+    return Comparison(runs, differing, len(keys) - len(differing), common)
+
+
+def run_record(run_dir: Path) -> RunRecord:
+    """What `compare_runs` shows of one run folder (raises CheckpointError where it is no run)."""
+    import statistics
+
+    import yaml
+
+    from tinygpt_cli.checkpoint import (
+        STATE_FILE,
+        WEIGHTS_FILE,
+        is_run_folder,
+        latest_checkpoint,
+        no_checkpoint_message,
+        read_state,
+    )
+    from tinygpt_cli.config import config_from_dict, config_to_dict, flat_config
+    from tinygpt_cli.report import metrics_record
+
+    if (run_dir / STATE_FILE).is_file() or (run_dir / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is a checkpoint, not a run: compare runs by the names `tinygpt runs` lists")
+    if not is_run_folder(run_dir):
+        raise CheckpointError(no_checkpoint_message(run_dir))
+    checkpoint = latest_checkpoint(run_dir)
+    state = read_state(checkpoint) if checkpoint is not None else {}
+    summary = run_summary(run_dir) if checkpoint is not None else unsaved_run_summary(run_dir)
+    saved = _dict(state.get("run_config"))
+    if not saved:
+        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
+            saved = _dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
+    try:  # a key added since the run was trained reads as the default it trained with
+        config = flat_config(config_to_dict(config_from_dict(saved)))
+    except (ConfigError, TypeError, ValueError):  # a run of another version of tinygpt: its keys as they are
+        config = flat_config(saved)
+    records = _records(run_dir / "metrics.jsonl", metrics_record)
+    last = step = None
+    curve: list[tuple[int, int, float]] = []
+    rates: list[float] = []
+    mfus: list[float] = []
+    measures: dict[str, dict[str, Any]] = {}
+    for record in records:
+        kind, step = record.get("kind"), _count_or_none(record.get("step"))
+        if kind == "train":
+            last = record
+            rates += [rate for rate in (_number(record.get("tokens_per_s")),) if rate is not None]
+            mfus += [mfu for mfu in (_number(record.get("mfu")),) if mfu is not None]
+        elif kind == "eval" and step is not None and _number(record.get("val_loss")) is not None:
+            curve.append((step, _count_or_none(record.get("tokens")) or 0, float(record["val_loss"])))
+        elif isinstance(kind, str) and kind not in ("failed",):  # train.eval_task's figures
+            measures[kind] = record
+    for record in _records(run_dir / "eval.jsonl", metrics_record):  # `tinygpt eval`: after training's own
+        if record.get("kind") == "task" and isinstance(record.get("task"), str):
+            measures[record["task"]] = record
+        elif record.get("kind") == "loss":
+            measures[f"loss {record.get('dataset')}/{record.get('split')}"] = record
+    return RunRecord(
+        summary=summary, config=config, train_loss=_number((last or {}).get("loss")),
+        tokens_per_s=statistics.median(rates) if rates else None, mfu=statistics.median(mfus) if mfus else None,
+        elapsed_s=_number(state.get("elapsed_s")), val_curve=curve, measures=measures)
+
+
+def _records(path: Path, parse: Any) -> list[dict[str, Any]]:
+    """A .jsonl file's records in order (a damaged or cut line left out); [] where it cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [record for record in map(parse, lines) if record is not None]
+
+
+def val_loss_at(run: RunRecord, tokens: int) -> float | None:
+    """The val loss of `run`'s last evaluation at or before `tokens` tokens (None before its first)."""
+    return next((loss for _, seen, loss in reversed(run.val_curve) if seen <= tokens), None)
+
+
+@dataclass(frozen=True)
 class DatasetSummary:
     """One tokenized dataset, from its meta.json."""
 

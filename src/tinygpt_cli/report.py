@@ -27,7 +27,12 @@ _GLYPHS = {
     "a": "000011101101011", "e": "000111111100111", "i": "010000010010010", "k": "100101110101101",
     "l": "010010010010010", "n": "000110101101101", "o": "000111101101111", "p": "000111101111100",
     "r": "000111100100100", "s": "000111110011111", "t": "010111010010011", "v": "000101101101010",
-    " ": "000000000000000",
+    " ": "000000000000000", "b": "100100111101111", "c": "000111100100111", "d": "001001111101111",
+    "f": "011010111010010", "g": "111100101101111", "h": "100100111101101", "j": "001000001101111",
+    "m": "000111111101101", "q": "000111101111001", "u": "000101101101111", "w": "000101101111111",
+    "x": "101101010101101", "y": "101101111001111", "z": "111001010100111", "_": "000000000000111",
+    "/": "001001010100100", ":": "000010000010000", "(": "010100100100010", ")": "010001001001010",
+    "+": "000010111010000", ",": "000000000010100", "=": "000111000111000",
 }
 _TRAIN_COLOUR = (31, 119, 180)
 _VAL_COLOUR = (214, 39, 40)
@@ -69,36 +74,71 @@ def _line(image: np.ndarray, points: list[tuple[float, float]], colour: tuple[in
         image[int(y) - 1 : int(y) + 2, int(x) - 1 : int(x) + 2] = colour
 
 
-def render_loss_plot(train: list[tuple[int, float]], val: list[tuple[int, float]],
-                     width: int = 640, height: int = 400) -> bytes:
-    """A PNG of loss against step: train in blue, val in red, with min/max labels on both axes."""
+# one colour per run in `tinygpt runs compare --plot` (the tab10 palette), in the order the runs are named
+_RUN_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def _short(value: float) -> str:
+    """An axis label: 1234567 -> 1.23m, 65536 -> 65.5k, 500 -> 500."""
+    for limit, suffix in ((1e9, "g"), (1e6, "m"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:g}"
+
+
+def _render_curves(series: list[tuple[list[tuple[float, float]], tuple[int, int, int]]],
+                   legend: list[list[tuple[str, tuple[int, int, int]]]], x_label: str, width: int = 640,
+                   height: int = 400) -> bytes:
+    """A PNG of lines of (x, loss) points, each in its colour, with min/max labels on both axes and `legend` above
+    the frame: one row of (label, colour) pairs per entry."""
+    top = 16 + 14 * len(legend)
+    height += top - 30
     image = np.full((height, width, 3), 255, dtype=np.uint8)
-    left, right, top, bottom = 70, width - 20, 30, height - 40
-    everything = train + val
+    left, right, bottom = 70, width - 20, height - 40
+    everything = [point for points, _ in series for point in points]
     if everything:
-        max_step = max(step for step, _ in everything) or 1
+        max_x = max(x for x, _ in everything) or 1
         losses = [loss for _, loss in everything]
         low, high = min(losses), max(losses)
         if high - low < 1e-6:
             low, high = low - 0.5, high + 0.5
 
-        def place(step: float, loss: float) -> tuple[float, float]:
-            return (left + (right - left) * step / max_step, bottom - (bottom - top) * (loss - low) / (high - low))
+        def place(x: float, loss: float) -> tuple[float, float]:
+            return (left + (right - left) * x / max_x, bottom - (bottom - top) * (loss - low) / (high - low))
 
-        for series, colour in ((train, _TRAIN_COLOUR), (val, _VAL_COLOUR)):
-            if series:
-                _line(image, [place(s, v) for s, v in series], colour)
+        for points, colour in series:
+            if points:
+                _line(image, [place(x, v) for x, v in points], colour)
         _text(image, 4, top - 4, f"{high:.2f}", _AXIS_COLOUR)
         _text(image, 4, bottom - 6, f"{low:.2f}", _AXIS_COLOUR)
-        _text(image, right - 4 * 2 * len(str(max_step)), bottom + 10, str(max_step), _AXIS_COLOUR)
+        _text(image, right - 4 * 2 * len(_short(max_x)), bottom + 10, _short(max_x), _AXIS_COLOUR)
     image[top:bottom, left] = _AXIS_COLOUR
     image[bottom, left:right] = _AXIS_COLOUR
     _text(image, left, bottom + 10, "0", _AXIS_COLOUR)
-    _text(image, (left + right) // 2 - 16, bottom + 10, "step", _AXIS_COLOUR)
-    _text(image, left + 10, 8, "train", _TRAIN_COLOUR)
-    _text(image, left + 70, 8, "val", _VAL_COLOUR)
-    _text(image, left + 110, 8, "loss", _AXIS_COLOUR)
+    _text(image, (left + right) // 2 - 4 * len(x_label), bottom + 10, x_label, _AXIS_COLOUR)
+    for row, entries in enumerate(legend):
+        x = left + 10
+        for label, colour in entries:
+            _text(image, x, 8 + 14 * row, label, colour)
+            x += 8 * len(label) + 12
     return _png(image)
+
+
+def render_loss_plot(train: list[tuple[int, float]], val: list[tuple[int, float]],
+                     width: int = 640, height: int = 400) -> bytes:
+    """A PNG of loss against step: train in blue, val in red, with min/max labels on both axes."""
+    return _render_curves([(train, _TRAIN_COLOUR), (val, _VAL_COLOUR)],
+                          [[("train", _TRAIN_COLOUR), ("val", _VAL_COLOUR), ("loss", _AXIS_COLOUR)]], "step",
+                          width, height)
+
+
+def render_comparison_plot(curves: list[tuple[str, list[tuple[int, float]]]], x_label: str = "tokens") -> bytes:
+    """A PNG of several runs' val loss against tokens (or steps): one colour each, named above the frame."""
+    colours = [_RUN_COLOURS[index % len(_RUN_COLOURS)] for index in range(len(curves))]
+    return _render_curves([(points, colour) for (_, points), colour in zip(curves, colours, strict=True)],
+                          [[(name, colour)] for (name, _), colour in zip(curves, colours, strict=True)]
+                          + [[(f"val loss against {x_label}", _AXIS_COLOUR)]], x_label)
 
 
 def metrics_record(line: str) -> dict[str, Any] | None:

@@ -52,6 +52,7 @@ from tinygpt_cli.config import (
     dtype_choice,
     dtype_refusal,
     dump_yaml,
+    flat_config,
     trains_compiled,
 )
 from tinygpt_cli.data import Dataset, find_dataset, remake_command, token_window, tokenize
@@ -1814,13 +1815,7 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
 def _check_same_settings(cfg: RunConfig) -> None:
     """Every rank must run rank 0's settings (machines started with another config file or flag would part ways
     at the first evaluation or the last step, one waiting for the other forever): all ranks stop if not."""
-    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        items: dict[str, Any] = {}
-        for key, value in tree.items():
-            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return items
-
-    settings = dist.all_gather_objects(flat(config_to_dict(cfg)))
+    settings = dist.all_gather_objects(flat_config(config_to_dict(cfg)))
     differ = sorted({key for other in settings[1:] for key in settings[0].keys() | other.keys()
                      if settings[0].get(key) != other.get(key)})
     if differ:

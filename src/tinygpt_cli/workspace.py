@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import re
 import shutil
@@ -345,6 +346,18 @@ def free_bytes(path: Path) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
+
+
+def strict_json(value: Any) -> Any:
+    """`value` (dicts, lists, tuples of JSON values) with each non-finite float as None, for `json.dumps(...,
+    allow_nan=False)`: strict JSON has no NaN or Infinity, and parsers other than Python's reject them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def counted(n: int, noun: str, plural: str = "") -> str:
