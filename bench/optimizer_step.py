@@ -7,18 +7,24 @@ time as a share of the micro-step. Gradients stay fixed: the step's cost does no
 
     python bench/optimizer_step.py                              # micro and tiny on this machine
     python bench/optimizer_step.py --sizes small --device cuda --dtype bf16
+
+Under torchrun (`torchrun --standalone --nproc-per-node 2 bench/optimizer_step.py`) the ranks share Muon's
+Newton-Schulz work, as under DDP training; a third column times every rank orthogonalizing every matrix itself
+(the split turned off), in the same rounds. Rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import replace
 
 import torch
 
+from tinygpt_cli import optim
 from tinygpt_cli.config import resolve_config
 from tinygpt_cli.model import GPT
 from tinygpt_cli.optim import make_optimizer
@@ -41,7 +47,8 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, rounds: int, ba
     cfg = resolve_config(size=size)
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device)
-    optimizers = {kind: make_optimizer(model, replace(cfg.train, optimizer=kind)) for kind in ("adamw", "muon")}
+    kinds = ("adamw", "muon", "muon unsplit") if _world() > 1 else ("adamw", "muon")
+    optimizers = {kind: make_optimizer(model, replace(cfg.train, optimizer=kind.split()[0])) for kind in kinds}
     batch = batch or cfg.train.batch_size
     x = torch.randint(0, 50257, (batch, cfg.model.block_size), device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -58,13 +65,20 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, rounds: int, ba
 
     def optimizer_step(kind: str):
         def run() -> None:
-            optimizers[kind].step()
+            if kind == "muon unsplit":  # every rank orthogonalizes every matrix, as one process does
+                split, optim._ranks = optim._ranks, lambda: (1, 0)
+                try:
+                    optimizers[kind].step()
+                finally:
+                    optim._ranks = split
+            else:
+                optimizers[kind].step()
         return run
 
-    times: dict[str, list[float]] = {"adamw": [], "muon": [], "micro-step": []}
+    times: dict[str, list[float]] = {kind: [] for kind in (*kinds, "micro-step")}
     for round_ in range(rounds + 1):  # the first round warms up (state allocation, kernels), not counted
         took = {"micro-step": _timed(micro_step, device)}
-        for kind in ("adamw", "muon"):
+        for kind in kinds:
             for name, parameter in model.named_parameters():
                 parameter.grad = grads[name]
             took[kind] = _timed(optimizer_step(kind), device)
@@ -77,6 +91,11 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, rounds: int, ba
     return {kind: statistics.median(values) for kind, values in times.items()} | {"batch": batch}
 
 
+def _world() -> int:
+    distributed = torch.distributed
+    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="micro,tiny")
@@ -87,14 +106,27 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    print(f"torch {torch.__version__}, {device}, {args.dtype}, {args.rounds} rounds, medians")
-    print(f"{'size':<7} {'batch':>5} {'micro-step':>11} {'AdamW step':>11} {'Muon step':>10} {'Muon/AdamW':>11} "
-          f"{'extra/micro-step':>17}")
+
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    split = _world() > 1
+    show = print if main_rank else (lambda *_: None)
+    show(f"torch {torch.__version__}, {device}, {args.dtype}, {args.rounds} rounds, medians, {_world()} rank(s)")
+    show(f"{'size':<7} {'batch':>5} {'micro-step':>11} {'AdamW step':>11} {'Muon step':>10} "
+         + (f"{'Muon unsplit':>13} " if split else "") + f"{'Muon/AdamW':>11} {'extra/micro-step':>17}")
     for size in args.sizes.split(","):
         got = measure(size, device, dtype, args.rounds, args.batch)
         extra = (got["muon"] - got["adamw"]) / got["micro-step"]
-        print(f"{size:<7} {got['batch']:>5} {got['micro-step'] * 1e3:>9.1f}ms {got['adamw'] * 1e3:>9.2f}ms "
-              f"{got['muon'] * 1e3:>8.2f}ms {got['muon'] / got['adamw']:>10.2f}× {extra:>16.1%}")
+        show(f"{size:<7} {got['batch']:>5} {got['micro-step'] * 1e3:>9.1f}ms {got['adamw'] * 1e3:>9.2f}ms "
+             f"{got['muon'] * 1e3:>8.2f}ms " + (f"{got['muon unsplit'] * 1e3:>11.2f}ms " if split else "")
+             + f"{got['muon'] / got['adamw']:>10.2f}× {extra:>16.1%}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -82,6 +82,57 @@ def test_muon_under_ddp_matches_one_process(with_shakespeare, workspace):
         assert a == pytest.approx(b, abs=2e-4)
 
 
+def test_muon_splits_the_orthogonalization_across_ranks(workspace, tmp_path):
+    """Under DDP each rank orthogonalizes its share of the matrices and gathers the others': two ranks each do
+    half the Newton-Schulz work, and both end with one process's weights and momenta (5 matrices of a shape: 3 and
+    2, the short share padded)."""
+    script = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from tinygpt_cli import optim
+
+def model():
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleDict({"h": torch.nn.ModuleList(
+        torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"c_attn": torch.nn.Linear(8, 24)}),
+                             "mlp": torch.nn.Linear(8, 16)}) for _ in range(5))})
+    for parameter in blocks.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    return blocks
+
+def weights(cfg, module):
+    opt = optim.make_optimizer(module, cfg)
+    for _ in range(2):
+        opt.step()
+    return {name: p.detach().clone() for name, p in module.named_parameters()}, opt
+
+from tinygpt_cli.config import TrainConfig
+cfg = TrainConfig(optimizer="muon", max_steps=10)
+dist.init_process_group("gloo")
+counted = []
+original = optim.orthogonalize
+optim.orthogonalize = lambda matrices: counted.append(matrices.shape[0]) or original(matrices)
+split, opt = weights(cfg, model())
+dist.destroy_process_group()
+mine = sum(counted)
+one, one_opt = weights(cfg, model())  # no process group now: one process's step
+ok = all(torch.allclose(split[name], one[name], atol=1e-6) for name in one)
+ok &= all(torch.allclose(opt.state[a]["momentum_buffer"], one_opt.state[b]["momentum_buffer"])
+          for a, b in zip(opt.param_groups[2]["params"], one_opt.param_groups[2]["params"]))
+print(json.dumps({"rank": int(os.environ["RANK"]), "mine": mine, "all": sum(counted) - mine, "same": bool(ok)}))
+"""
+    done = _torchrun_script(workspace, tmp_path, "import sys; sys.path.insert(0, sys.argv[1])\n" + script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    # per step: c_attn's 5 weights (24×8, as 3 blocks each) and the MLP's 5 (16×8): rank 0 orthogonalizes 3 of
+    # each, rank 1 two and a zero pad; one process all 5. Two steps
+    assert [r["mine"] for r in results] == [2 * (3 * 3 + 3), 2 * (3 * 3 + 3)]
+    assert [r["all"] for r in results] == [2 * (5 * 3 + 5)] * 2
+    assert all(r["same"] for r in results), results
+
+
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_resumes(with_shakespeare, workspace):
     single = train(tiny_config(max_steps=4, eval_interval=2, grad_accum=2), run_name="single")

@@ -83,41 +83,69 @@ class MuonAdamW(torch.optim.AdamW):
 
     def _muon_step(self, group: dict[str, Any], skip: torch.Tensor | None, grad_scale: torch.Tensor | None) -> None:
         momentum, lr, decay, split = group["momentum"], group["lr"], group["weight_decay"], group.get("split", 1)
+        world, rank = _ranks()
         by_shape: dict[torch.Size, list[torch.Tensor]] = {}
         for parameter in group["params"]:
             if parameter.grad is not None:
                 by_shape.setdefault(parameter.shape, []).append(parameter)
         for (rows, cols), same in by_shape.items():
             scale = lr * max(1.0, rows / split / cols) ** 0.5
-            # the layers' matrices of one shape orthogonalized together, a chunk at a time: the new momenta and
-            # directions of one chunk are what the step holds beside the state
-            for first in range(0, len(same), MUON_STACK):
-                chunk = same[first:first + MUON_STACK]
-                momenta, directions = [], []
-                for parameter in chunk:
-                    grad = parameter.grad if grad_scale is None else parameter.grad / grad_scale
-                    state = self.state[parameter]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-                        # steps taken, as AdamW's state has them (its loading code reads a "step" in every state)
-                        state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
-                    state["step"] += 1 if skip is None else (~skip).float()
-                    momenta.append(state["momentum_buffer"] * momentum + grad)
-                    directions.append(grad + momentum * momenta[-1])  # Nesterov
+            # the layers' matrices of one shape orthogonalized together, a chunk at a time: the directions of one
+            # chunk are what the step holds beside the state. Under DDP each rank orthogonalizes its share of a
+            # chunk (the gradients are the same everywhere) and the ranks gather the others' shares: N ranks do
+            # the work of one, and every rank applies the same bytes whatever its GPU
+            for first in range(0, len(same), MUON_STACK * world):
+                chunk = same[first:first + MUON_STACK * world]
+                share = -(-len(chunk) // world)
+                mine = chunk[rank * share:(rank + 1) * share]
+                directions = [self._direction(parameter, momentum, grad_scale) for parameter in mine]
+                directions += [torch.zeros_like(chunk[0])] * (share - len(mine))  # the last rank's short share
                 stacked = torch.stack(directions)
                 del directions
-                blocks = orthogonalize(stacked.reshape(len(chunk) * split, rows // split, cols))
-                for parameter, new_momentum, update in zip(chunk, momenta, blocks.reshape(stacked.shape).unbind(0),
-                                                           strict=True):
+                updates = orthogonalize(stacked.reshape(share * split, rows // split, cols)).reshape(stacked.shape)
+                del stacked
+                if world > 1:
+                    shares = [torch.empty_like(updates) for _ in range(world)]
+                    torch.distributed.all_gather(shares, updates.contiguous())
+                    updates = torch.cat(shares)
+                for parameter, update in zip(chunk, updates.unbind(0)[:len(chunk)], strict=True):
+                    buffer = self._momentum(parameter)
+                    self.state[parameter]["step"] += 1 if skip is None else (~skip).float()
+                    new_momentum = buffer * momentum + self._grad(parameter, grad_scale)
                     update = update * scale
                     if decay:
                         update = update + (lr * decay) * parameter
-                    buffer = self.state[parameter]["momentum_buffer"]
                     if skip is not None:  # where, not a product: a NaN times 0 is NaN
                         new_momentum = torch.where(skip, buffer, new_momentum)
                         update = torch.where(skip, torch.zeros_like(update), update)
                     buffer.copy_(new_momentum)
                     parameter.sub_(update)
+
+    @staticmethod
+    def _grad(parameter: torch.Tensor, grad_scale: torch.Tensor | None) -> torch.Tensor:
+        return parameter.grad if grad_scale is None else parameter.grad / grad_scale
+
+    def _direction(self, parameter: torch.Tensor, momentum: float, grad_scale: torch.Tensor | None) -> torch.Tensor:
+        """What Muon orthogonalizes (Nesterov): the gradient plus the momentum's share of the new momentum."""
+        grad = self._grad(parameter, grad_scale)
+        return grad + momentum * (self._momentum(parameter) * momentum + grad)
+
+    def _momentum(self, parameter: torch.Tensor) -> torch.Tensor:
+        """The parameter's momentum buffer, made (zeros) at its first step with the step count AdamW's state has
+        (its loading code reads a "step" in every state)."""
+        state = self.state[parameter]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
+        return state["momentum_buffer"]
+
+
+def _ranks() -> tuple[int, int]:
+    """(world size, rank) of the process group the training runs in; (1, 0) in one process."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size(), distributed.get_rank()
+    return 1, 0
 
 
 def _adamw_step() -> Any:
