@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import TINY_SETTINGS, tiny_config
 from tinygpt_cli import checkpoint as ckpt
 from tinygpt_cli.errors import CheckpointError, TrainingError
 from tinygpt_cli.training import learning_rate, make_optimizer, train
@@ -967,8 +967,11 @@ def test_a_task_scored_during_training_is_the_eval_of_its_checkpoint(with_shakes
 
 
 @pytest.mark.parametrize(("settings", "fragment"), [
-    (["train.eval_task=mmlu"], "train.eval_task must be one of hellaswag, lambada_openai, arc_easy, arc_challenge, "
-                               "or empty for none"),
+    (["train.eval_task=mmlu"], "train.eval_task: unknown task 'mmlu': choose one of hellaswag, lambada_openai, "
+                               "arc_easy, arc_challenge, several comma-separated, or all"),
+    (["train.eval_task=hellaswag,mmlu"], "train.eval_task: unknown task 'mmlu'"),
+    (["train.eval_task=all", "train.eval_task_data=h.jsonl"], "train.eval_task_data is one task's examples, and "
+     "train.eval_task names several (hellaswag,lambada_openai,arc_easy,arc_challenge): name one task with its file"),
     (["train.eval_task_limit=5"], "train.eval_task_limit and train.eval_task_data go with train.eval_task"),
     (["train.eval_task=hellaswag", "train.eval_task_limit=-1"], "train.eval_task_limit must be 0 or more"),
     (["train.eval_task=hellaswag"], "could not load HellaSwag from the Hugging Face hub"),  # offline, no copy
@@ -983,6 +986,38 @@ def test_a_task_that_cannot_be_scored_stops_training_before_it_starts(with_shake
     sets = [arg for setting in settings for arg in ("--set", setting)]
     assert_one_line_error(invoke("train", "--size", "micro", "--name", "t", "--max-steps", "2", *sets), fragment)
     assert not (workspace / "runs" / "t").exists()
+
+
+def test_several_tasks_are_scored_at_each_evaluation(with_shakespeare, workspace, monkeypatch):
+    """train.eval_task=a,b (or all), as `tinygpt eval --task` takes them: each task is loaded before training and
+    scored at each evaluation, in the order named, into metrics.jsonl, the report and `runs --json`."""
+    from test_cli import invoke
+    from test_evaluate import ARC_ROWS, LAMBADA_ROWS
+
+    from tinygpt_cli import evaluation
+    from tinygpt_cli.config import TrainConfig
+
+    assert TrainConfig(eval_task=" ARC_easy, hellaswag,arc_easy").eval_task == "arc_easy,hellaswag"
+    assert TrainConfig(eval_task="all").eval_task == "hellaswag,lambada_openai,arc_easy,arc_challenge"
+    hub = {"lambada_openai": LAMBADA_ROWS, "arc_challenge": ARC_ROWS}  # the hub, as a cached copy gives it
+    loaded = []
+    monkeypatch.setattr(evaluation, "_hub_rows", lambda task, limit, option: (
+        loaded.append(task.name) or hub[task.name][:limit], f"hub {task.name}"))
+    result = invoke("train", *TINY_SETTINGS, "--name", "t", "--max-steps", "4",
+                    "--set", "train.eval_task=arc_challenge,lambada_openai", "--set", "train.eval_task_limit=3")
+    assert result.exit_code == 0, result.output
+    assert loaded == ["arc_challenge", "lambada_openai"]  # once each, before the first step
+    run = workspace / "runs" / "t"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [(r["kind"], r["step"]) for r in records if r["kind"] not in ("train", "eval")]
+    assert scored == [("arc_challenge", 2), ("lambada_openai", 2), ("arc_challenge", 4), ("lambada_openai", 4)]
+    assert "step 4: arc_challenge: acc_norm" in result.stderr and "step 4: lambada_openai: acc" in result.stderr
+    report = (run / "report.md").read_text()
+    rows = [line.split(" |")[0] for line in report.splitlines() if "(zero-shot, train.eval_task)" in line]
+    assert rows == ["| arc_challenge (zero-shot, train.eval_task)", "| lambada_openai (zero-shot, train.eval_task)"]
+    listed = json.loads(invoke("runs", "--json").stdout)[0]
+    last = {kind: record for record in records if (kind := record["kind"]) not in ("train", "eval")}
+    assert listed["tasks"] == [last["arc_challenge"], last["lambada_openai"]] and listed["task"] == listed["tasks"][0]
 
 
 def test_a_task_file_given_relative_is_found_from_any_folder_on_resume(with_shakespeare, workspace, tmp_path,

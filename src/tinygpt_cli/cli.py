@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -1567,7 +1567,9 @@ def eval_command(
     if task is not None and (data_name is not None or tokens is not None or split is not None):
         raise TinyGPTError("--data, --split and --tokens are for the loss; a --task reads its own examples "
                            "(--task-data)")
-    tasks = _task_names(task, ev.TASKS) if task is not None else []
+    from tinygpt_cli.config import task_names
+
+    tasks = task_names(task) if task is not None else []
     err = _stderr_console()
     progress = Progress(
         TextColumn("[bold]eval[/]"),
@@ -1626,18 +1628,6 @@ def eval_command(
     finally:
         if bar is not None:
             progress.stop()
-
-
-def _task_names(spec: str, known: Collection[str]) -> list[str]:
-    """--task's tasks: one name, several comma-separated, or `all`; every one checked before any is scored."""
-    names = [name.strip().lower() for name in spec.split(",") if name.strip()]
-    if "all" in names:
-        return list(known)
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise TinyGPTError(f"unknown task {(unknown[0] if unknown else spec)!r}: choose one of {', '.join(known)}, "
-                           f"several comma-separated, or all")
-    return list(dict.fromkeys(names))
 
 
 def _print_eval(result: Any, run: str | None, as_json: bool, err: Any) -> None:

@@ -22,6 +22,19 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 _TORCH_DTYPE_NAMES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 
 
+def task_names(spec: str, option: str = "--task") -> list[str]:
+    """The zero-shot tasks `spec` names: one, several comma-separated, or `all`; an unknown name is an error."""
+    names = [name.strip().lower() for name in spec.split(",") if name.strip()]
+    if "all" in names:
+        return list(EVAL_TASKS)
+    unknown = [name for name in names if name not in EVAL_TASKS]
+    if unknown or not names:
+        raise ConfigError(f"{'' if option == '--task' else f'{option}: '}unknown task "
+                          f"{(unknown[0] if unknown else spec)!r}: choose one of {', '.join(EVAL_TASKS)}, several "
+                          f"comma-separated, or all")
+    return list(dict.fromkeys(names))
+
+
 def dtype_choice(value: object) -> str:
     """A dtype as DTYPES names it, from that name, torch's ("bfloat16") or a torch.dtype; anything else as it is,
     for the caller's check to refuse."""
@@ -127,9 +140,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100  # steps between val-loss evaluations (and checkpoints)
     eval_batches: int = 20  # micro-batches in the fixed val sample
-    eval_task: str = ""  # also score a zero-shot task at each evaluation (as `tinygpt eval --task`); "" = none
-    eval_task_limit: int = 0  # the task's first N examples; 0 = all (HellaSwag 10,042, LAMBADA 5,153, ARC 2,376/1,172)
-    eval_task_data: str = ""  # the task's examples from a local .jsonl/.json/.parquet instead of the hub
+    eval_task: str = ""  # zero-shot tasks scored at each evaluation, as `tinygpt eval --task` (a,b or all); "" = none
+    eval_task_limit: int = 0  # each task's first N examples; 0 = all (HellaSwag 10,042, LAMBADA 5,153, ARC 2,376/1,172)
+    eval_task_data: str = ""  # one task's examples from a local .jsonl/.json/.parquet instead of the hub
     log_interval: int = 10  # steps between loss readings (each costs a host sync)
     keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete; 0 = keep all
     keep_best: bool = True  # keep the checkpoint of the best val loss too, however old (keep_last prunes by step)
@@ -140,7 +153,10 @@ class TrainConfig:
     log_to: str = ""  # mirror metrics.jsonl to tensorboard, wandb, or both (comma-separated); "" = neither
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "eval_task", self.eval_task.strip().lower())  # as `tinygpt eval --task` reads it
+        if self.eval_task.strip():  # as `tinygpt eval --task` reads it: a,b or all, kept as the names it means
+            object.__setattr__(self, "eval_task", ",".join(task_names(self.eval_task, "train.eval_task")))
+        else:
+            object.__setattr__(self, "eval_task", "")
         parse_trackers(self.log_to)
         for name in ("max_minutes", "lr", "min_lr", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip",
                      "muon_lr", "muon_momentum"):
@@ -157,12 +173,13 @@ class TrainConfig:
         if self.eval_batches > MAX_EVAL_BATCHES:
             raise ConfigError(f"train.eval_batches must be at most {MAX_EVAL_BATCHES:,} (got {self.eval_batches:,}): "
                               f"the val sample is drawn up front; a few dozen micro-batches give a steady val loss")
-        if self.eval_task and self.eval_task not in EVAL_TASKS:
-            raise ConfigError(f"train.eval_task must be one of {', '.join(EVAL_TASKS)}, or empty for none "
-                              f"(got {self.eval_task!r})")
         if (self.eval_task_limit or self.eval_task_data) and not self.eval_task:
             raise ConfigError("train.eval_task_limit and train.eval_task_data go with train.eval_task: name the task "
                               f"({' | '.join(EVAL_TASKS)})")
+        if self.eval_task_data and "," in self.eval_task:
+            raise ConfigError(f"train.eval_task_data is one task's examples, and train.eval_task names several "
+                              f"({self.eval_task}): name one task with its file, or drop train.eval_task_data to "
+                              f"read each from the hub")
         for name in ("warmup_steps", "keep_last", "max_tokens", "eval_task_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")

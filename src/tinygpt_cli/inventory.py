@@ -39,7 +39,8 @@ class RunSummary:
     training: bool  # a tinygpt process is training it now (it holds the run's lock)
     status: str  # one of STATUSES
     best_step: int | None = None  # the step of the best val loss (train.keep_best keeps its checkpoint)
-    task: dict[str, Any] | None = None  # train.eval_task's last figures: metrics.jsonl's record of it, as logged
+    task: dict[str, Any] | None = None  # train.eval_task's first task's last figures: metrics.jsonl's record
+    tasks: list[dict[str, Any]] | None = None  # the last record of each task train.eval_task names, in its order
 
 
 # what `tinygpt runs` says of a run: training now; finished (its last step); stopped by Ctrl-C or a signal, or by
@@ -74,6 +75,8 @@ def run_summary(run_dir: Path) -> RunSummary:
     failed = last.get("kind") == "failed"
     # trained past its latest checkpoint (a resumed session that has not saved yet, or one killed before it did)
     ahead = last.get("step") if is_count(last.get("step")) and last["step"] > counts["step"] else None
+    named = (_str(_dict(run_config.get("train")).get("eval_task")) or "").strip().lower()
+    tasks = [record for record in (_last_record(records, name) for name in named.split(",") if name) if record]
     return RunSummary(
         name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), shape=shape, parameters=parameters,
         dataset=_str(_dict(state.get("data")).get("dataset")),
@@ -83,8 +86,7 @@ def run_summary(run_dir: Path) -> RunSummary:
         has_report=_reported_step(report) is not None, training=training,
         status=_status(training, counts["step"], max_steps, report, failed, ahead is not None),
         best_step=_count_or_none(state.get("best_step")),
-        task=_last_record(records, (_str(_dict(run_config.get("train")).get("eval_task")) or "").strip().lower()
-                          or "-") or None,
+        task=tasks[0] if tasks else None, tasks=tasks or None,
     )
 
 

@@ -247,8 +247,8 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         f"| final val loss | {fmt(result.final_val_loss)} (best {fmt(result.best_val_loss)}"
         f"{f' at step {result.best_step}' if result.best_step is not None else ''}) |",
         f"| unigram baseline | {fmt(result.unigram_val_loss)} |",
-        *([f"| {task['kind']} (zero-shot, train.eval_task) | {task_line(task).split(': ', 1)[1]} at step "
-           f"{task['step']} |"] if (task := _last_task(run_dir, cfg.train.eval_task)) else []),
+        *(f"| {task['kind']} (zero-shot, train.eval_task) | {task_line(task).split(': ', 1)[1]} at step "
+          f"{task['step']} |" for task in _last_tasks(run_dir, cfg.train.eval_task)),
         f"| skipped non-finite steps | {result.skipped_steps} |",
         "",
         "![loss](loss.png)",
@@ -270,15 +270,17 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         write_text_atomic(run_dir / "report.md", "\n".join(lines) + _evaluation_sections(run_dir / "report.md"))
 
 
-def _last_task(run_dir: Path, name: str) -> dict[str, Any] | None:
-    """metrics.jsonl's last record of train.eval_task `name` (none without one)."""
-    found = None
-    if name and (run_dir / "metrics.jsonl").is_file():
+def _last_tasks(run_dir: Path, names: str) -> list[dict[str, Any]]:
+    """metrics.jsonl's last record of each task train.eval_task names (`names`: comma-separated), in its order;
+    a task not scored yet has none."""
+    found: dict[str, dict[str, Any]] = {}
+    wanted = [name for name in names.split(",") if name]
+    if wanted and (run_dir / "metrics.jsonl").is_file():
         for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
             record = metrics_record(line)
-            if record is not None and record.get("kind") == name:
-                found = record
-    return found
+            if record is not None and record.get("kind") in wanted:
+                found[record["kind"]] = record
+    return [found[name] for name in wanted if name in found]
 
 
 # How long a write of report.md waits for another to finish: each holds the lock for one append or one rewrite.

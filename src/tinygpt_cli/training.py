@@ -721,7 +721,7 @@ class _Trainer:
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
         self.fsdp = self.tc.fsdp and info.enabled
         self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
-        self.task: tuple[Any, list[Any]] | None = None  # train.eval_task: (evaluation.Task, its examples)
+        self.tasks: list[tuple[Any, list[Any]]] = []  # train.eval_task's: (evaluation.Task, its examples) each
 
     # -------------------------------------------------------------------------------------------- setup
     def run(self, run_name: str | None, resume: bool) -> TrainResult:
@@ -746,9 +746,9 @@ class _Trainer:
                 check_trackers_installed(parse_trackers(tc.log_to))
             if resume and run_name and not cfg.data.dataset:  # "the last tokenized" means the one it trained on
                 cfg = self._with_dataset(_trained_dataset(workspace.runs_dir() / run_name))
-        if tc.eval_task:  # its examples (the hub's, or a file's) before the data and the model: a problem is said
+        if tc.eval_task:  # their examples (the hub's, or a file's) before the data and the model: a problem is said
             with dist.agreed():  # before minutes of tokenizing or loading
-                self.task = self._load_task()
+                self.tasks = self._load_tasks()
         try:
             self.dataset = prepare_dataset(cfg, self.emit, info)
         except DataError:
@@ -872,8 +872,8 @@ class _Trainer:
         self.checkpoint = checkpoint
         return self._loop()
 
-    def _load_task(self) -> tuple[Any, list[Any]]:
-        """train.eval_task's examples, to score at each evaluation (`_score_task`)."""
+    def _load_tasks(self) -> list[tuple[Any, list[Any]]]:
+        """train.eval_task's tasks and their examples, to score at each evaluation (`_score_tasks`)."""
         from tinygpt_cli.evaluation import find_task, load_task
 
         tc = self.tc
@@ -881,15 +881,18 @@ class _Trainer:
             raise TrainingError(f"train.eval_task does not run under --fsdp (the sharded weights are whole only inside "
                                 f"the training step): drop it, and score the checkpoints with `tinygpt eval --task "
                                 f"{tc.eval_task}`")
-        task = find_task(tc.eval_task)
-        examples, source = load_task(task, tc.eval_task_data or None, tc.eval_task_limit or None,
-                                     option="train.eval_task_data")
-        if tc.eval_task_data and source != tc.eval_task_data:  # config.yaml names the file from any folder (a resume)
-            self.cfg = replace(self.cfg, train=replace(tc, eval_task_data=source))
-            self.tc = self.cfg.train
-        self.emit(TrainEvent("info", message=f"Scoring {task.name} zero-shot at each evaluation: "
-                                             f"{workspace.counted(len(examples), 'example')} from {source}"))
-        return task, examples
+        tasks = []
+        for name in tc.eval_task.split(","):  # all loaded before any step: a missing one is said first
+            task = find_task(name)
+            examples, source = load_task(task, tc.eval_task_data or None, tc.eval_task_limit or None,
+                                         option="train.eval_task_data")
+            if tc.eval_task_data and source != tc.eval_task_data:  # config.yaml names the file from any folder
+                self.cfg = replace(self.cfg, train=replace(tc, eval_task_data=source))
+                self.tc = self.cfg.train
+            self.emit(TrainEvent("info", message=f"Scoring {task.name} zero-shot at each evaluation: "
+                                                 f"{workspace.counted(len(examples), 'example')} from {source}"))
+            tasks.append((task, examples))
+        return tasks
 
     def _hold_run(self, resume: bool, stack: contextlib.ExitStack | None = None) -> None:
         """One training of a run at a time: a second (a job requeued while the first still runs, another
@@ -1624,18 +1627,19 @@ class _Trainer:
             with contextlib.suppress(OSError):  # a picture: a full disk is said by the checkpoint that follows
                 write_loss_plot(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         self._save(step)
-        if self.task is not None:  # after the checkpoint: a stop or a failure during it loses no step
-            self._score_task(step, metrics)
+        for task, examples in self.tasks:  # after the checkpoint: a stop or a failure during them loses no step
+            if not self._score_task(task, examples, step, metrics):
+                break
 
-    def _score_task(self, step: int, metrics: _Metrics) -> None:
-        """train.eval_task, zero-shot, on the weights of `step`: each rank scores its share of the examples and the
-        sums are added up. The plain module scores them (no compile, whose shapes they would change, nor DDP). One
-        process that is stopping skips it: its checkpoint is saved, and `tinygpt eval --task` scores it later."""
+    def _score_task(self, task: Any, examples: list[Any], step: int, metrics: _Metrics) -> bool:
+        """A task of train.eval_task, zero-shot, on the weights of `step`: each rank scores its share of the examples
+        and the sums are added up. The plain module scores them (no compile, whose shapes they would change, nor
+        DDP). One process that is stopping skips it, and says False (the tasks after it are skipped too): its
+        checkpoint is saved, and `tinygpt eval --task` scores it later."""
         from tinygpt_cli.evaluation import task_figures, task_sums
 
         if self.stop and not self.info.enabled:
-            return
-        task, examples = self.task  # type: ignore[misc]
+            return False
         mine = examples[self.info.rank :: self.info.world_size]
         started = time.perf_counter()
 
@@ -1651,7 +1655,7 @@ class _Trainer:
             self.emit(TrainEvent("info", step=step, message=f"{task.name} of step {step} cut short by the stop (its "
                                                             f"checkpoint is saved: `tinygpt eval --task {task.name}` "
                                                             f"scores it)"))
-            return
+            return False
         finally:
             self.model.train()
         if self.info.enabled:
@@ -1666,6 +1670,7 @@ class _Trainer:
         metrics.write(record)  # metrics.jsonl, and `<task>/accuracy` ... to the trackers
         self.emit(TrainEvent("task", step=step, max_steps=self.tc.max_steps, tokens=self.tokens_seen,
                              elapsed_s=self.elapsed(), data=record))
+        return True
 
     def _evaluate_start(self, metrics: _Metrics) -> None:
         """The val loss of the weights a run starts from (train.init_from), at step 0, as nanoGPT measures its
