@@ -584,6 +584,26 @@ def test_runs_rm_of_what_is_not_a_run_deletes_nothing(with_shakespeare, workspac
         assert (with_shakespeare / "meta.json").is_file()
 
 
+def test_rm_refuses_a_folder_of_the_users_own_files(workspace):
+    """QA: `data rm mystuff --yes` deleted data/mystuff, the user's raw text kept in data/ (it said "damaged"), and
+    `runs rm notes` a folder of notes in runs/: neither is listed, so neither is deleted. An empty folder goes."""
+    for folder, kind, fragment in (("data", "data", "is not a tokenized dataset (no meta.json, train.bin or val.bin"),
+                                   ("runs", "runs", "is not a run (no config.yaml or checkpoints/")):
+        mine = workspace / folder / "mystuff"
+        mine.mkdir(parents=True)
+        (mine / "corpus.txt").write_text("precious")
+        assert_one_line_error(invoke(kind, "rm", "mystuff", "--yes"), fragment)
+        assert (mine / "corpus.txt").read_text() == "precious"
+        empty = workspace / folder / "empty"
+        empty.mkdir()
+        assert invoke(kind, "rm", "empty", "--yes").exit_code == 0 and not empty.exists()
+    damaged = workspace / "data" / "damaged"  # tinygpt's files, its meta.json lost: still deleted
+    damaged.mkdir()
+    (damaged / "train.bin").write_bytes(b"\0\0")
+    removed = invoke("data", "rm", "damaged", "--yes")
+    assert removed.exit_code == 0 and "damaged" in removed.stderr and not damaged.exists()
+
+
 def test_a_run_or_dataset_in_use_is_not_deleted(with_shakespeare, workspace):
     from tinygpt_cli import workspace as ws
 

@@ -532,6 +532,11 @@ def plan_run_removal(spec: str) -> Removal:
         return Removal(what, path, True, (), 0, _link_detail(path, "run"))
     if not path.is_dir():
         raise DataError(f"{what} is a file, not a run: move or delete it yourself")
+    from tinygpt_cli.checkpoint import is_run_folder
+
+    if not is_run_folder(path) and _holds_anything(path):  # the user's own files, kept in runs/
+        raise DataError(f"{what} is not a run (no config.yaml or checkpoints/: `tinygpt runs` does not list it), so "
+                        f"nothing was deleted: move or delete it yourself")
     size = workspace.tree_bytes(path)
     try:
         summary = run_summary(path) if latest_checkpoint(path) is not None else unsaved_run_summary(path)
@@ -544,6 +549,14 @@ def plan_run_removal(spec: str) -> Removal:
     kept = len(step_folders(path))
     facts.append(f"{workspace.counted(kept, 'checkpoint')}, {workspace.format_bytes(size)}")
     return Removal(what, path, False, (), size, ", ".join(facts), _links_to(path))
+
+
+def _holds_anything(folder: Path) -> bool:
+    """Whether `folder` holds any file or folder (one that cannot be read counts as holding some)."""
+    try:
+        return any(True for _ in folder.iterdir())
+    except OSError:
+        return True
 
 
 def _links_to(path: Path) -> tuple[str, ...]:
@@ -580,6 +593,10 @@ def plan_dataset_removal(spec: str) -> Removal:
                         f"with `tinygpt data`")
     if not linked and path.exists() and not path.is_dir():
         raise DataError(f"{what} is a file, not a tokenized dataset: move or delete it yourself")
+    if not linked and path.is_dir() and _holds_anything(path) and \
+            not any((path / name).exists() for name in ("meta.json", "train.bin", "val.bin")):
+        raise DataError(f"{what} is not a tokenized dataset (no meta.json, train.bin or val.bin: `tinygpt data` does "
+                        f"not list it), so nothing was deleted: move or delete it yourself")
     users = [s for s in list_run_summaries() if s.dataset == path.name]
     training = [s.name for s in users if s.training]
     if training:
