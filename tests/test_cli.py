@@ -324,6 +324,15 @@ def test_a_command_line_that_cannot_be_parsed_is_one_line(workspace, args, fragm
     assert "╭" not in result.stderr and "Usage:" not in result.stderr
 
 
+def test_the_usage_hint_names_tinygpt_when_run_as_a_module(workspace):
+    """QA: `python -m tinygpt_cli train --bogus` said "`tinygpt -m tinygpt_cli train -h` lists what it takes", a
+    command that does not work (click's command path starts with `python -m tinygpt_cli`)."""
+    done = subprocess.run([sys.executable, "-m", "tinygpt_cli", "runs", "show", "--bogus"], capture_output=True,
+                          text=True, env={**os.environ, "TINYGPT_HOME": str(workspace)})
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: No such option: --bogus; `tinygpt runs show -h` lists what it takes"
+
+
 def test_an_unforeseen_write_error_is_one_line(workspace, monkeypatch, tmp_path):
     """A full disk or read-only folder that no command checks for printed a traceback (found by an audit)."""
     import errno

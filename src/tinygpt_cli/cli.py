@@ -185,8 +185,11 @@ def _usage_error(exc: Exception, root: Any = None) -> Exception:
     if type(exc).__name__ == "NoArgsIsHelpError":
         return exc
     ctx = getattr(exc, "ctx", None)
-    if ctx is not None:
-        words = ctx.command_path.split()[1:]  # the program's own name as `tinygpt`, whatever ran it
+    if ctx is not None:  # the commands' names under the program's, which is `tinygpt` whatever ran it (not the
+        words = []  # `python -m tinygpt_cli` of command_path)
+        while ctx.parent is not None:
+            words.insert(0, ctx.info_name)
+            ctx = ctx.parent
     else:
         words = [root.invoked_subcommand] if root is not None and root.invoked_subcommand else []
     command = " ".join(["tinygpt", *words])
