@@ -464,6 +464,30 @@ def test_init_from_honours_a_model_setting_given_even_where_it_is_the_presets(wi
     assert not (workspace / "runs" / "tuned").exists()
 
 
+def test_init_from_checks_the_data_against_the_weights_context_not_the_presets(with_shakespeare, workspace,
+                                                                               tmp_path):
+    """QA: `--init-from RUN --size micro` on a dataset whose val split holds 34 to 129 tokens was refused for micro's
+    context of 128 ("fewer than the 130 a context of 128 needs"), though the run trains at its weights' context of
+    32; with more data the same command trained at 32. A context given is still checked before the weights load."""
+    from tinygpt_cli.config import resolve_config
+    from tinygpt_cli.data import tokenize
+    from tinygpt_cli.errors import DataError
+    from tinygpt_cli.training import run_config_of
+
+    train(tiny_config(max_steps=1, eval_interval=1), run_name="base")  # 2 layers × 32, context 32
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Document {i} says a few plain words about the weather today."})
+                            + "\n" for i in range(400)))
+    made = tokenize(str(docs), name="small", val_fraction=0.01)
+    assert 34 <= made.meta["splits"]["val"]["tokens"] < 130, made.meta["splits"]
+    quick = ["train.max_steps=1", "train.eval_batches=1", "train.batch_size=2", "train.init_from=base",
+             "data.dataset=small"]
+    result = train(resolve_config(size="micro", overrides=quick), run_name="tuned")
+    assert result.steps == 1 and run_config_of(result.run_dir).model.block_size == 32
+    with pytest.raises(DataError, match="fewer than the 130 a context of 128 needs"):
+        train(resolve_config(size="micro", overrides=[*quick, "model.block_size=128"]), run_name="longer")
+
+
 def test_what_counts_as_given_for_init_from(with_shakespeare, workspace):
     """Review: `given` held every key of a --config file, so a run's own config.yaml (which lists every key) given
     back with --init-from gpt2 fine-tuned at its pretraining lr, and a micro one refused gpt2's shape; and a config

@@ -53,6 +53,7 @@ from tinygpt_cli.config import (
     dtype_refusal,
     dump_yaml,
     flat_config,
+    init_from_block_size,
     trains_compiled,
 )
 from tinygpt_cli.data import Dataset, find_dataset, remake_command, token_window, tokenize
@@ -767,8 +768,10 @@ class _Trainer:
                 cfg = self._with_dataset(named)
             self.train_tokens = self.dataset.split("train")
             self.val_tokens = self.dataset.split("val")
-            self._check_data_fits(cfg.model.block_size)
-            start = self._init_from(tc.init_from) if tc.init_from and not resume else None
+            starting = bool(tc.init_from) and not resume
+            if not starting or init_from_block_size(cfg) is not None:  # else the weights' context: checked on load
+                self._check_data_fits(cfg.model.block_size)
+            start = self._init_from(tc.init_from) if starting else None
         cfg, tc = self.cfg, self.tc  # with the weights' shape, size and lr (init_from), before the name takes the size
         name = run_name
         if name is None:  # a new run (train() names the run a resume takes): rank 0 claims a free name, held
@@ -981,7 +984,7 @@ class _Trainer:
         """Weights to start from (fine-tuning / continued pretraining), and the config they train with
         (`config.start_from`: their shape, a shorter context where model.block_size was given, a fine-tuning lr)."""
 
-        from tinygpt_cli.config import init_from_block_size, start_from
+        from tinygpt_cli.config import start_from
         from tinygpt_cli.export import load_pretrained, source_record
 
         model, model_cfg = load_pretrained(spec, block_size=init_from_block_size(self.cfg),
