@@ -856,10 +856,15 @@ def train(
         cfg = resolve_config(overrides=overrides or (), flags=flags, base=base)
         if started is not None:
             _note_settings_kept(run_name, config, started, cfg)
-        if auto_resume and _finished(resumed, cfg.train.max_steps):  # a job submitted once more: nothing failed
+        from tinygpt_cli.checkpoint import latest_step
+
+        reached = latest_step(resumed) if auto_resume else None
+        if reached is not None and reached >= cfg.train.max_steps:  # a job submitted once more: nothing failed
             if dist.from_environment().is_main:
-                _stderr_console().print(f"Run {run_name} is complete ({cfg.train.max_steps:,} steps): nothing to "
-                                        f"train; a larger --max-steps goes on with it")
+                where = f"is complete ({reached:,} steps)" if reached == cfg.train.max_steps else \
+                    f"is at step {reached:,}, past --max-steps {cfg.train.max_steps:,}"
+                _stderr_console().print(f"Run {run_name} {where}: nothing to train; a --max-steps above "
+                                        f"{reached:,} goes on with it")
             raise typer.Exit(0)
     else:
         cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
@@ -1047,14 +1052,6 @@ def _resume_where_saved(name: str | None, resume: bool) -> bool:
     check_run_name(name)
     run_dir = workspace.runs_dir() / name
     return ckpt.latest_checkpoint(run_dir) is not None or bool(ckpt.step_folders(run_dir))
-
-
-def _finished(run_dir: Path, max_steps: int) -> bool:
-    """Whether the latest checkpoint of `run_dir` is at `max_steps` or past it."""
-    from tinygpt_cli.checkpoint import latest_step
-
-    step = latest_step(run_dir)
-    return step is not None and step >= max_steps
 
 
 def _note_settings_kept(run_name: str, config: Path | None, started: Any, resumed: Any) -> None:
