@@ -53,6 +53,17 @@ def test_runs_and_data_listings(with_shakespeare):
     (odd / "config.yaml").write_text("model: {}\n")  # killed before its first checkpoint: nothing to resume
     assert_one_line_error(invoke("runs", "show", str(odd)), "myrun holds no checkpoint yet: train it with "
                           "`tinygpt train`")
+    early = result.run_dir.with_name("early")  # QA: "train it with `tinygpt train`" named no run, no settings
+    early.mkdir()
+    shutil.copy(result.run_dir / "config.yaml", early / "config.yaml")
+    assert_one_line_error(invoke("runs", "show", "early"), "early holds no checkpoint yet (stopped before its "
+                          f"first): start it again with `tinygpt train --config {early / 'config.yaml'} --name "
+                          "early`, or delete it with `tinygpt runs rm early`")
+    exported = result.run_dir.parent.parent / "my-gpt"  # QA: "no ... config.json" of a folder that holds one
+    exported.mkdir()
+    (exported / "config.json").write_text("{}")
+    assert_one_line_error(invoke("runs", "show", str(exported)), "my-gpt is a model folder (config.json), not a "
+                          "run: it has no checkpoints or report; `tinygpt eval")
     finished = result.run_dir.with_name("finished")  # audit: told to resume, which is refused at its last step
     shutil.copytree(result.run_dir, finished)
     (finished / "report.md").unlink()

@@ -356,7 +356,14 @@ def no_checkpoint_message(path: Path) -> str:
             lacking = " and ".join(name for name in (WEIGHTS_FILE, STATE_FILE) if not (newest / name).is_file())
             return (f"{path} has no complete checkpoint: checkpoints/{newest.name} lacks {lacking or 'files'}; "
                     f"restore it, or train a new run under another --name")
+        if (path / "config.yaml").is_file() and os.path.abspath(path.parent) == os.path.abspath(workspace.runs_dir()):
+            return (f"{path} holds no checkpoint yet (stopped before its first): start it again with `tinygpt "
+                    f"train --config {path / 'config.yaml'} --name {path.name}`, or delete it with `tinygpt runs rm "
+                    f"{path.name}`")
         return f"{path} holds no checkpoint yet: train it with `tinygpt train`"
+    if (path / "config.json").is_file():  # an export, or a Hugging Face download
+        return (f"{path} is a model folder (config.json), not a run: it has no checkpoints or report; `tinygpt eval "
+                f"{path}` measures it and `tinygpt generate --model {path}` samples from it")
     return (f"{path} is not a run, checkpoint or model folder (no checkpoints/, state.json or config.json): "
             f"list runs with `tinygpt runs`")
 
