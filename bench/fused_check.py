@@ -131,7 +131,7 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     reason = kernels.unavailable(DEVICE)
     if reason:
-        raise SystemExit(f"fused check: FAILED ({reason})")
+        raise SystemExit(f"fused check: FAILED (the fused decode kernels: {reason})")
     gpu = DEVICE.type == "cuda"
     print(f"{torch.cuda.get_device_name() if gpu else DEVICE}, torch {torch.__version__}, triton "
           f"{getattr(kernels.triton, '__version__', '?')}; programmatic dependent launch supported: "

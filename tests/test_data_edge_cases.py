@@ -549,6 +549,13 @@ def test_a_folder_of_only_unreadable_kinds_says_what_it_found_and_how_to_read_it
                                   "first: ")
     assert "rename JSON lines files .json(.gz) to .jsonl(.gz); unpack the .zst files (e.g. `zstd -d`, `xz -d`) or " \
            "pack them as .jsonl.gz" in result.stderr
+    # QA: one such file was said to hold "no .txt ... file (it holds 1 other file(s), first: bad.csv)", as a folder
+    assert_one_line_error(runner.invoke(app, ["tokenize", str(folder / "pile-00.jsonl.zst")]),
+                          "pile-00.jsonl.zst is not a .txt, .jsonl, .jsonl.gz or .parquet file: unpack the .zst")
+    (folder / "table.csv").write_text("a,b\n")
+    assert_one_line_error(runner.invoke(app, ["tokenize", str(folder / "table.csv")]),
+                          "table.csv is not a .txt, .jsonl, .jsonl.gz or .parquet file: save the text as one of "
+                          "those and give that")
 
 
 def test_a_dataset_snapshot_folder_is_tokenized_from_its_train_files(workspace):

@@ -322,7 +322,8 @@ def test_both_fallbacks_are_reported(run, monkeypatch):
     (["--lookahead", "--compile", "on"], "--lookahead needs the uncompiled decode step: add --compile off"),
     (["--fused", "--compile", "on"], "--fused replaces the compiled decode step: drop --compile on or --fused"),
     (["--fused", "--lookahead"], "--fused decodes one token a step: drop --lookahead or --fused"),
-    (["--fused"], "the fused decode kernels cannot run here: "),  # CPU; or no Triton
+    (["--fused"], "the fused decode kernels cannot run here ("),  # CPU; or no Triton
+    (["--fused"], "): generate without them (drop --fused"),  # QA: it said what, not what to do
 ])
 def test_bad_input_is_one_line(run, args, fragment):
     result = generate("x", *args) if "--prompt-file" not in args else generate(*args)

@@ -41,8 +41,8 @@ def test_fused_generate_refuses_what_it_cannot_do(monkeypatch):
         with pytest.raises(GenerationError, match=message):
             next(generate(model, [1, 2], 3, fused=True, **kwargs))
     monkeypatch.setattr(kernels, "INTERPRETED", False)
-    with pytest.raises(GenerationError, match="cannot run here: the fused decode kernels run on NVIDIA CUDA GPUs, "
-                                              "not cpu"):
+    with pytest.raises(GenerationError, match=r"cannot run here \(they run on NVIDIA CUDA GPUs, not cpu\): "
+                                              r"generate without them \(drop --fused"):
         next(generate(model, [1, 2], 3, fused=True))
     assert kernels.unavailable(torch.device("cuda")) is None
     monkeypatch.setattr(torch.version, "hip", "6.2")

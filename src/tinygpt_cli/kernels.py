@@ -81,9 +81,9 @@ def unavailable(device: torch.device) -> str | None:
     if INTERPRETED and triton is not None:
         return None  # Triton's interpreter runs the kernels on the CPU (tests)
     if device.type != "cuda":
-        return f"the fused decode kernels run on NVIDIA CUDA GPUs, not {device.type}"
+        return f"they run on NVIDIA CUDA GPUs, not {device.type}"
     if torch.version.hip is not None:
-        return "the fused decode kernels run on NVIDIA CUDA GPUs; on ROCm they are untested"
+        return "they run on NVIDIA CUDA GPUs; on ROCm they are untested"
     if triton is None:
         return "Triton is not installed (CUDA builds of torch on Linux include it)"
     return None

@@ -912,7 +912,8 @@ def check_fused(device: torch.device, compile: bool = False, use_cache: bool = T
                               "they work without look-ahead and with the cache")
     reason = unavailable(device)
     if reason:
-        raise GenerationError(f"the fused decode kernels cannot run here: {reason}")
+        raise GenerationError(f"the fused decode kernels cannot run here ({reason}): generate without them (drop "
+                              f"--fused; fused=False)")
 
 
 FUSED_FROM_CAPABILITY = (8, 0)  # the oldest GPUs the fused kernels are built for in the tests (Ampere)

@@ -390,6 +390,9 @@ def local_source(spec: str, text_field: str = "text") -> Source:
         if "train" in splits.values() and any(split in OTHER_SPLITS for split in splits.values()):
             other_splits = [p for p in usable if splits[p] in OTHER_SPLITS]
             usable = [p for p in usable if splits[p] not in OTHER_SPLITS]
+    if not usable and path.is_file():  # one file, of another kind
+        raise DataError(f"{spec} is not a .txt, .jsonl, .jsonl.gz or .parquet file: "
+                        f"{other_files_advice([path]) or 'save the text as one of those and give that'}")
     if not usable:
         locked = f" it can read (it cannot read {unreadable[0]})" if unreadable else ""
         found = f" (it holds {len(left_out):,} other file(s), first: {left_out[0]})" if left_out and not locked else ""
