@@ -222,6 +222,24 @@ def get_batch(
     return windows_at(tokens, rng.integers(0, len(tokens) - block_size, size=batch_size), block_size, device)
 
 
+# The val sample's windows are drawn from this seed, not train.seed: runs of other seeds, and of other micro-batch
+# sizes (whose sample is the same stream of windows, cut into batches of their size), are measured on the same text
+VAL_SAMPLE_SEED = 0x7661_6C  # "val"
+VAL_SAMPLE = "fixed-windows"  # state.json's data.val_sample: a run saved without it drew its sample from its seed
+
+
+def val_sample_starts(tokens: int, block_size: int, batch_size: int, batches: int,
+                      legacy_seed: int | None = None) -> list[np.ndarray]:
+    """The starts of the val sample's windows, `batches` micro-batches of `batch_size`, in a split of `tokens`
+    tokens: the first batch_size × batches of one fixed stream. `legacy_seed`: the sample a run saved before that
+    drew (each batch from its train.seed), so that its val curve goes on comparable after a resume."""
+    if legacy_seed is not None:
+        legacy = np.random.default_rng([legacy_seed, 2**31])
+        return [legacy.integers(0, tokens - block_size, size=batch_size) for _ in range(batches)]
+    stream = np.random.default_rng(VAL_SAMPLE_SEED).integers(0, tokens - block_size, size=batch_size * batches)
+    return list(stream.reshape(batches, batch_size))
+
+
 def checked_windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> np.ndarray:
     """The windows of `block_size + 1` tokens at `starts` (B, T+1) int64, each checked as it is read
     (`data.token_window`)."""
@@ -722,6 +740,7 @@ class _Trainer:
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
         self.fsdp = self.tc.fsdp and info.enabled
         self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
+        self.val_sample: str | None = VAL_SAMPLE  # None: a resumed run's sample of its seed (`val_sample_starts`)
         self.tasks: list[tuple[Any, list[Any]]] = []  # train.eval_task's: (evaluation.Task, its examples) each
 
     # -------------------------------------------------------------------------------------------- setup
@@ -1190,6 +1209,7 @@ class _Trainer:
                     "bad_run": int(self.bad_run.item()),  # non-finite steps in a row (MAX_BAD_STEPS stops)
                     "log_window": self.log_window,
                     "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
+                             **({"val_sample": self.val_sample} if self.val_sample else {}),
                              "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256"),
                              "remake": remake_command(self.dataset)},
                     "batch": {"batch_size": self.batch_size, "grad_accum": self.grad_accum},
@@ -1404,9 +1424,10 @@ class _Trainer:
         flops_token = flops_per_token(self.model)
         peak = device_peak_flops(device, self.dtype)
         unigram = unigram_loss(self.train_tokens, self.val_tokens)
-        eval_rng = np.random.default_rng([tc.seed, 2**31])
-        self.eval_starts = [eval_rng.integers(0, len(self.val_tokens) - self.block, size=self.batch_size)
-                            for _ in range(tc.eval_batches)]
+        legacy = self.checkpoint is not None and "val_sample" not in (state.get("data") or {})
+        self.eval_starts = val_sample_starts(len(self.val_tokens), self.block, self.batch_size, tc.eval_batches,
+                                             tc.seed if legacy else None)
+        self.val_sample = None if legacy else VAL_SAMPLE
         for starts in self.eval_starts:  # read at every evaluation: a bad id is an error now, not mid-run
             checked_windows(self.val_tokens, starts, self.block)
         autocast = autocast_context(device, self.dtype)
