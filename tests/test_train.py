@@ -80,6 +80,15 @@ def test_a_resume_in_the_middle_of_a_log_window_logs_the_same_losses(with_shakes
     resumed = train(config, run_name="split", resume=True)
     assert resumed.steps == 12
     assert _losses(straight.run_dir) == _losses(resumed.run_dir)
+    # each log step has the window's mean gradient norm (before clipping), carried across the resume as the loss
+    norms = [_grad_norms(run) for run in (straight.run_dir, resumed.run_dir)]
+    assert norms[0] == norms[1] and [step for step, _ in norms[0]] == [4, 8, 12]
+    assert all(0 < norm < math.inf for _, norm in norms[0])
+
+
+def _grad_norms(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["grad_norm"]) for r in lines if r["kind"] == "train"]
 
 
 def test_a_stop_during_an_evaluation_cuts_it_short_and_keeps_the_step(with_shakespeare, monkeypatch):

@@ -1349,19 +1349,23 @@ class _Trainer:
             f"({self.info.world_size} × {self.tc.batch_size} × {self.tc.grad_accum}){hint}")))
 
     def _window_loss(self, loss_sum: torch.Tensor, skipped: torch.Tensor, bad_run: torch.Tensor,
-                     steps: int) -> tuple[float | None, float, float]:
+                     norm_sum: torch.Tensor, steps: int) -> tuple[float | None, float, float, float | None]:
         """(mean train loss of the `steps` steps since the last log step, or None if all were skipped; skipped
-        steps and the run of non-finite steps, summed over the ranks), read at a log step, an evaluation or a
-        stop. Collective: every rank calls it at the same step. A host sync.
+        steps and the run of non-finite steps, summed over the ranks; the steps' mean gradient norm, before
+        clipping), read at a log step, an evaluation or a stop. Collective: every rank calls it at the same step.
+        A host sync.
 
         Kept as `log_window` for the checkpoint, so a resume goes on with the window's sums and logs what one
         uninterrupted run does."""
-        stats = torch.stack([loss_sum, skipped, bad_run])
+        stats = torch.stack([loss_sum, skipped, bad_run, norm_sum])
         dist.all_reduce(stats)
-        loss_total, skipped_now, bad_now = stats.tolist()
-        self.log_window = {"steps": steps, "loss_total": loss_total, "skipped": skipped_now}
+        loss_total, skipped_now, bad_now, norm_total = stats.tolist()
+        self.log_window = {"steps": steps, "loss_total": loss_total, "skipped": skipped_now,
+                           "grad_norm_total": norm_total}
         good = steps * self.info.world_size - skipped_now
-        return (loss_total / good if good > 0 else None), skipped_now, bad_now
+        if good <= 0:
+            return None, skipped_now, bad_now, None
+        return loss_total / good, skipped_now, bad_now, norm_total / good
 
     def _skipped_total(self) -> int:
         """Skipped steps so far: those of the logged windows and of the window in progress at the last read."""
@@ -1459,6 +1463,7 @@ class _Trainer:
         if self.scaler is None and on_device:
             self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         loss_sum = torch.zeros((), device=device)
+        norm_sum = torch.zeros((), device=device)  # the window's gradient norms (before clipping), as loss_sum
         window_steps = 0
         self.log_window: dict[str, float] | None = None
         saved_window = state.get("log_window") if self.checkpoint is not None else None
@@ -1467,11 +1472,13 @@ class _Trainer:
             # number of processes takes them scaled to its own, so the window's mean and skips read the same
             scale = info.world_size / max(1, int(state.get("world_size") or 1))
             saved_window = {**saved_window, "loss_total": float(saved_window["loss_total"]) * scale,
-                            "skipped": float(saved_window["skipped"]) * scale}
+                            "skipped": float(saved_window["skipped"]) * scale,
+                            "grad_norm_total": float(saved_window.get("grad_norm_total") or 0.0) * scale}
             window_steps = int(saved_window["steps"])
             if info.is_main:  # the sums are over all ranks: one rank carries them into the next all-reduce
                 loss_sum.fill_(float(saved_window["loss_total"]))
                 skipped_in_window.fill_(float(saved_window["skipped"]))
+                norm_sum.fill_(float(saved_window["grad_norm_total"]))
             self.log_window = saved_window
             self.skipped -= round(float(saved_window["skipped"]) / info.world_size)  # counted again at the log
         window_began = time.perf_counter()
@@ -1530,13 +1537,14 @@ class _Trainer:
                     skipped_in_window += bad.float()
                     bad_run.mul_((bad).float()).add_(bad.float())
                     loss_sum += torch.where(bad, torch.zeros_like(step_loss), step_loss)
+                    norm_sum += torch.where(bad, torch.zeros_like(step_loss), grad_norm.float())
                     step += 1
                     window_steps += 1
                     self.tokens_seen += tokens_per_step
                     window_tokens += tokens_per_step
                     if step % tc.log_interval == 0 or step == tc.max_steps:
-                        loss, skipped_now, bad_now = self._window_loss(loss_sum, skipped_in_window, bad_run,
-                                                                       window_steps)  # the window's one host sync
+                        loss, skipped_now, bad_now, grad_norm_mean = self._window_loss(
+                            loss_sum, skipped_in_window, bad_run, norm_sum, window_steps)  # the window's one host sync
                         self.skipped += round(skipped_now / info.world_size)
                         if skipped_now:
                             self.emit(TrainEvent("info", step=step, message=f"{skipped_now / info.world_size:.0f} "
@@ -1544,6 +1552,7 @@ class _Trainer:
                         if bad_now / info.world_size >= MAX_BAD_STEPS:
                             raise self._diverged(f"{MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient")
                         loss_sum.zero_()
+                        norm_sum.zero_()
                         skipped_in_window.zero_()
                         self.log_window = None
                         if loss is not None:
@@ -1553,7 +1562,8 @@ class _Trainer:
                             if peak and device.type == "cpu" and rate * flops_token > peak * info.world_size:
                                 peak = rate * flops_token / info.world_size  # the best rate seen is the peak
                             mfu = rate * flops_token / (peak * info.world_size) if peak else None
-                            metrics.write({"kind": "train", "step": step, "loss": self.last_loss, "lr": lr,
+                            metrics.write({"kind": "train", "step": step, "loss": self.last_loss,
+                                           "grad_norm": grad_norm_mean, "lr": lr,
                                            **({"muon_lr": muon_lr} if muon_lr is not None else {}),
                                            "tokens": self.tokens_seen, "tokens_per_s": rate, "mfu": mfu,
                                            "elapsed_s": self.elapsed()})
@@ -1563,7 +1573,7 @@ class _Trainer:
                         window_began, window_tokens, window_steps = time.perf_counter(), 0, 0
                     if step % tc.eval_interval == 0 or step == tc.max_steps:
                         if window_steps:  # the checkpoint records the train loss of the steps since the last log
-                            self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run,
+                            self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run, norm_sum,
                                                                window_steps)[0] or self.last_loss
                         paused = time.perf_counter()
                         self._eval_and_save(step, metrics)
@@ -1576,8 +1586,8 @@ class _Trainer:
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError on torch >= 2.5, any device
                 raise self._out_of_memory(step == start_step) from None
             if window_steps:  # stopped between log steps: the train loss of the steps since the last one
-                self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run, window_steps)[0] \
-                    or self.last_loss
+                self.last_loss = self._window_loss(loss_sum, skipped_in_window, bad_run, norm_sum,
+                                                   window_steps)[0] or self.last_loss
             if step != self.saved_step:
                 self._save(step)  # stopped between evals (signal, time or token limit): keep the work
             if not stopped and self.eval_cut:  # a signal during the last evaluation, which it cut short
