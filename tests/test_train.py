@@ -1136,3 +1136,16 @@ def test_the_val_sample_is_the_same_whatever_the_seed_or_micro_batch(with_shakes
     train(tiny_config(max_steps=4, seed=1), run_name="one", resume=True)
     assert drawn[-1][-1] == 1
     assert "val_sample" not in json.loads((one.run_dir / "checkpoints" / "step_4" / "state.json").read_text())["data"]
+
+
+def test_the_same_run_twice_writes_the_same_weights_file(with_shakespeare, workspace):
+    """QA: two runs with the same seed wrote model.safetensors files that differed at byte 27 (safetensors writes
+    its metadata in a Rust HashMap's order, which changes at each save), so a reproduction could not be checked
+    with sha256. The tensors were equal; now the files are too."""
+    import hashlib
+
+    digests = set()
+    for name in ("first", "second", "third"):
+        run_dir = train(tiny_config(max_steps=1, eval_interval=1), run_name=name).run_dir
+        digests.add(hashlib.sha256((run_dir / "checkpoints" / "step_1" / "model.safetensors").read_bytes()).digest())
+    assert len(digests) == 1

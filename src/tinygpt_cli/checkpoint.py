@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,27 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+    _sort_metadata(path)
     os.chmod(path, _new_file_mode())
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file `path` in place with its metadata in sorted order: safetensors
+    writes it in the order of a Rust HashMap, which changes from one save to the next, so that two runs with the same
+    weights wrote files that differed (a reproduction checked with sha256 failed). The header keeps its length."""
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        metadata = header.get("__metadata__")
+        if not metadata:
+            return
+        header = {"__metadata__": dict(sorted(metadata.items())),
+                  **{key: value for key, value in header.items() if key != "__metadata__"}}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # another writer's spelling of the same header: left as it is
+            return
+        handle.seek(8)
+        handle.write(text.ljust(length))  # safetensors pads its header with spaces too
 
 
 def remove_leftovers(run_dir: Path) -> None:
