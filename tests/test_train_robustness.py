@@ -407,6 +407,8 @@ def test_a_resume_goes_on_with_the_data_it_trained_on(with_shakespeare, workspac
 
 def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
     """tokenize --force could swap the text under a run; resuming went on with the other data without a word."""
+    import shlex
+
     from tinygpt_cli import data
 
     train(tiny_config(max_steps=2, eval_interval=1000), run_name="r")
@@ -420,6 +422,15 @@ def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
     events = []
     evaluate("r", tokens=256, on_event=events.append, record=False)  # eval goes on, but says so
     assert any("tokenized again from other text" in (event.message or "") for event in events)
+    shown = invoke("eval", "r", "--tokens", "256", "--no-record")  # QA: the command line said nothing of it
+    assert shown.exit_code == 0 and "tokenized again from other text" in shown.stderr, shown.output
+    # QA: the command it gives failed ("data/shakespeare already holds a dataset tokenized from other.txt"): the
+    # text it must replace came from another source, which tokenize replaces with --force alone
+    refused = invoke("train", "--resume", "--name", "r", "--max-steps", "4")
+    command = refused.stderr.split("make it again with `")[1].split("`")[0]
+    assert command.endswith(" --force")
+    assert invoke(*shlex.split(command)[1:]).exit_code == 0
+    assert invoke("train", "--resume", "--name", "r", "--max-steps", "4").exit_code == 0
 
 
 @pytest.mark.parametrize("gone", ["tokenized again", "deleted"])
@@ -439,7 +450,8 @@ def test_a_resume_whose_data_changed_says_how_to_make_it_again(with_shakespeare,
         assert invoke("tokenize", "shakespeare", "--name", "mine", "--fraction", "0.5").exit_code == 0
     refused = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
     assert_one_line_error(refused, f"{'which is gone: ' if gone == 'deleted' else ''}make it again with `tinygpt "
-                                   f"tokenize shakespeare --name mine --fraction 1.0 --val-fraction 0.05 --seed 3`")
+                                   f"tokenize shakespeare --name mine --fraction 1.0 --val-fraction 0.05 --seed 3"
+                                   f"{'`' if gone == 'deleted' else ' --force`'}")
     command = refused.stderr.split("make it again with `")[1].split("`")[0]
     assert invoke(*shlex.split(command)[1:]).exit_code == 0
     resumed = invoke("train", "--resume", "--name", "r", "--max-steps", "3")

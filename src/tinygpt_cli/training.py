@@ -1246,8 +1246,9 @@ class _Trainer:
         recorded, current = trained_on.get("train_sha256"), self.dataset.meta["splits"]["train"].get("sha256")
         if trained_on.get("dataset") == self.dataset.name and recorded and current and recorded != current:
             remake = trained_on.get("remake")
-            again = f"make it again with `{remake}`" if isinstance(remake, str) else \
-                "tokenize the original source again with the settings it had"
+            # --force: the name holds the other text now (made from another source, tokenize asks for it)
+            again = f"make it again with `{remake} --force`" if isinstance(remake, str) else \
+                "tokenize the original source again with the settings it had (--force replaces the other text)"
             raise TrainingError(
                 f"run {self.run_dir.name} trained on data/{self.dataset.name} as it was before it was tokenized "
                 f"again from other text or with other settings: resuming would go on with other data. {again}, "
