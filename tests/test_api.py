@@ -203,6 +203,16 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
     train(cfg, run_name="s")  # a refused call holds nothing a later one needs
     assert list(generate(model, torch.tensor([1, 2]), 2, seed=0)) == list(generate(model, [1, 2], 2, seed=0))
     assert run_config_of(str(workspace / "runs" / "r")) == run_config_of(workspace / "runs" / "r")
+    # QA: a run's name (as every other call takes) was "r has no config.yaml: it is not a tinygpt run folder", and
+    # the function train's docstring points at was not in the package's names
+    import tinygpt_cli
+
+    assert tinygpt_cli.run_config_of("r") == run_config_of(workspace / "runs" / "r")
+    for flags, fragment in (({"lr": 1e-3}, r"flags take dotted keys, section first .* not 'lr'"),  # a ValueError
+                            ({"train.lrr": 1}, "unknown config key train.lrr in flags: "),  # it said "in --lrr"
+                            ({"train.lr": "fast"}, "train.lr must be float")):
+        with pytest.raises(TinyGPTError, match=fragment):
+            resolve_config(flags=flags)
 
 
 def test_train_takes_a_caller_on_torchs_newer_precision_switches(with_shakespeare, workspace):

@@ -35,6 +35,7 @@ _LAZY = {
     "tokenize": "data",
     "GPT": "model",
     "train": "training",
+    "run_config_of": "training",
     "generate": "sample",
     "sample_text": "sample",
     "evaluate": "evaluation",

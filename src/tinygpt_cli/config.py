@@ -610,8 +610,11 @@ def _finish(
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
-        section, key = dotted.split(".", 1)
-        _merge_section(merged, section, {key: value}, f"--{key.replace('_', '-')}")
+        section, dot, key = str(dotted).partition(".")
+        if not dot:
+            raise ConfigError(f"flags take dotted keys, section first ({{'train.lr': 3e-4}}), not {dotted!r}")
+        known = section in SECTIONS and key in _field_types(SECTIONS[section])  # a flag of the command line
+        _merge_section(merged, section, {key: value}, f"--{key.replace('_', '-')}" if known else "flags")
         typed.add(dotted)
     if merged["train"].get("optimizer", "adamw") != "muon":
         unused = sorted(key for key in typed if key in ("train.muon_lr", "train.muon_momentum"))

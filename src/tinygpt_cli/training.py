@@ -1920,10 +1920,13 @@ def _resume_advice() -> Iterator[None]:
 
 
 def run_config_of(run_dir: str | Path) -> RunConfig:
-    """The resolved config a run trains with: its config.yaml, else the copy in its latest checkpoint."""
+    """The resolved config a run trains with: its config.yaml, else the copy in its latest checkpoint. `run_dir`:
+    the run's folder, or its name in the workspace (as `tinygpt runs` lists it)."""
     import yaml
 
-    run_dir = Path(run_dir)
+    from tinygpt_cli.checkpoint import run_candidates
+
+    run_dir = next((path for path in run_candidates(str(run_dir)) if path.is_dir()), Path(run_dir))
     path = run_dir / "config.yaml"
     if not path.is_file():
         checkpoint = latest_checkpoint(run_dir)
