@@ -1008,6 +1008,8 @@ def test_a_task_scored_during_training_is_the_eval_of_its_checkpoint(with_shakes
      "train.eval_task names several (hellaswag,lambada_openai,arc_easy,arc_challenge): name one task with its file"),
     (["train.eval_task_limit=5"], "train.eval_task_limit and train.eval_task_data go with train.eval_task"),
     (["train.eval_task=hellaswag", "train.eval_task_limit=-1"], "train.eval_task_limit must be 0 or more"),
+    (["train.eval_task_limit=-1"], "train.eval_task_limit must be 0 or more"),  # QA: "go with train.eval_task"
+    (["train.grad_clip=-1"], "train.grad_clip must be 0 or more (got -1; 0 turns it off)"),  # QA: named both keys
     (["train.eval_task=hellaswag"], "could not load HellaSwag from the Hugging Face hub"),  # offline, no copy
     # review: it named eval's --task-data, not the setting that takes a local copy in training
     (["train.eval_task=ARC_Challenge"], "cache it, or set train.eval_task_data=PATH to a local .jsonl/.json/.parquet"),

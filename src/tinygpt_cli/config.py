@@ -173,6 +173,9 @@ class TrainConfig:
         if self.eval_batches > MAX_EVAL_BATCHES:
             raise ConfigError(f"train.eval_batches must be at most {MAX_EVAL_BATCHES:,} (got {self.eval_batches:,}): "
                               f"the val sample is drawn up front; a few dozen micro-batches give a steady val loss")
+        for name in ("warmup_steps", "keep_last", "max_tokens", "eval_task_limit"):  # before what they go with
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
         if (self.eval_task_limit or self.eval_task_data) and not self.eval_task:
             raise ConfigError("train.eval_task_limit and train.eval_task_data go with train.eval_task: name the task "
                               f"({' | '.join(EVAL_TASKS)})")
@@ -180,9 +183,6 @@ class TrainConfig:
             raise ConfigError(f"train.eval_task_data is one task's examples, and train.eval_task names several "
                               f"({self.eval_task}): name one task with its file, or drop train.eval_task_data to "
                               f"read each from the hub")
-        for name in ("warmup_steps", "keep_last", "max_tokens", "eval_task_limit"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"train.lr must be a positive number (got {self.lr})")
         if self.min_lr < 0:
@@ -194,8 +194,9 @@ class TrainConfig:
             raise ConfigError(f"train.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if self.max_minutes < 0:
             raise ConfigError(f"train.max_minutes must be 0 (no limit) or more (got {self.max_minutes})")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("train.grad_clip and train.weight_decay must be 0 or more")
+        for name in ("grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name):g}; 0 turns it off)")
         _check_choice("train.device", self.device, DEVICES)
         _check_choice("train.dtype", self.dtype, DTYPES)
         _check_choice("train.schedule", self.schedule, SCHEDULES)
