@@ -317,6 +317,7 @@ def test_both_fallbacks_are_reported(run, monkeypatch):
     (["--compile", "maybe"], "--compile must be one of"),
     (["--prompt-file", "missing.txt"], "missing.txt does not exist"),
     (["--run", "nope"], " at nope"),
+    (["--run", "tiny1"], " at tiny1 (did you mean tiny?)"),  # QA: runs rm had the suggestion, generate not
     (["--num-samples", "1000000000"], "ask for fewer samples"),
     (["--lookahead", "--num-samples", "2"], "--lookahead works for one sample: drop --num-samples"),
     (["--lookahead", "--compile", "on"], "--lookahead needs the uncompiled decode step: add --compile off"),

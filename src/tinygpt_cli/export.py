@@ -926,9 +926,10 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
         return "tinygpt", str(spec)  # `r/checkpoints/step_N`, `runs/r/...` from outside the workspace: find_run's
     if str(spec) in HUB_MODELS:
         return "hub", str(spec)
+    close = workspace.close_names(str(spec), workspace.runs_dir()) if workspace.is_bare_name(str(spec)) else ""
     raise ExportError(
-        f"no run, checkpoint or Hugging Face GPT-2 folder at {spec}, and it is not one of {', '.join(HUB_MODELS)}: "
-        f"list runs with `tinygpt runs`"
+        f"no run, checkpoint or Hugging Face GPT-2 folder at {spec}{close}, and it is not one of "
+        f"{', '.join(HUB_MODELS)}: list runs with `tinygpt runs`"
     )
 
 
