@@ -238,6 +238,11 @@ def test_plan_command_table_and_json():
     for fragment in ("124,475,904", "85,056,000", "memory per device", "largest micro-batch", "wall time",
                      "Chinchilla"):
         assert fragment in result.stdout
+    assert "model                small: 12 layers × 768" in result.stdout
+    # QA: a shape that is not the preset's (here from --set; a run's config.yaml beside --size alike) was labelled
+    # with the preset's name, as if the model were tiny
+    custom = invoke("plan", "--size", "tiny", "--set", "model.n_layer=4", "--device", "h100")
+    assert custom.exit_code == 0 and "model                custom (from tiny): 4 layers × 384" in custom.stdout
     result = invoke("plan", "--size", "small", "--data", "openwebtext", "--device", "a100", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

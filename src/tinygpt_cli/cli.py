@@ -1729,10 +1729,13 @@ def _plan_table(p) -> Any:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
+    from tinygpt_cli.config import ModelConfig, preset_of
+
     m, d, mem = p.model, p.data, p.memory
+    size = p.size if preset_of(ModelConfig(**m)) == p.size else f"custom (from {p.size})"  # as report.md names it
     table.add_row(
         "model",
-        f"{p.size}: {counted(m['n_layer'], 'layer')} × {m['n_embd']}, {counted(m['n_head'], 'head')}, "
+        f"{size}: {counted(m['n_layer'], 'layer')} × {m['n_embd']}, {counted(m['n_head'], 'head')}, "
         f"context {m['block_size']}, vocabulary {m['vocab_size']}",
     )
     table.add_row("parameters", f"{_fmt_int(p.parameters)} ({_fmt_int(p.non_embedding_parameters)} non-embedding)")
