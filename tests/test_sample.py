@@ -88,7 +88,7 @@ def test_memory_does_not_grow_with_max_new_tokens(model, use_cache):
 def test_too_many_samples_for_memory(model, monkeypatch):
     """Checked against free memory before anything is allocated; an allocation that fails anyway (memory the
     estimate did not see) gets the same message instead of a traceback."""
-    with pytest.raises(GenerationError, match=r"--num-samples 1000000000 needs about .* GB .*ask for fewer samples"):
+    with pytest.raises(GenerationError, match=r"--num-samples 1000000000 needs about .* GiB .*ask for fewer samples"):
         next(generate(model, [1, 2], 5, num_samples=10**9))
     monkeypatch.setattr(sample, "free_memory", lambda device: None)
 
@@ -976,5 +976,5 @@ def test_sampling_and_memory_checks_on_cuda(model):
     device = torch.device("cuda")
     assert 0 < sample.free_memory(device) <= torch.cuda.get_device_properties(device).total_memory
     gpu = GPT(model.config).eval().cuda()
-    with pytest.raises(GenerationError, match="GB free on cuda: ask for fewer samples"):
+    with pytest.raises(GenerationError, match="GiB free on cuda: ask for fewer samples"):
         next(generate(gpu, [1, 2], 5, num_samples=10**9))

@@ -526,7 +526,7 @@ def free_memory(device: torch.device) -> int | None:
 def _memory_error(num_samples: int, need: int, limit: str, use_cache: bool = True) -> GenerationError:
     held = "KV cache" if use_cache else "activations"
     return GenerationError(
-        f"--num-samples {num_samples} needs about {need / 1e9:,.1f} GB (the {held} and logits of every sample), "
+        f"--num-samples {num_samples} needs about {need / 2**30:,.1f} GiB (the {held} and logits of every sample), "
         f"more than {limit}: ask for fewer samples"
     )
 
@@ -723,7 +723,7 @@ def generate(
             kept.busy = True
     free = free_memory(device) if kept is None else None
     if free is not None and need > free:
-        raise _memory_error(num_samples, need, f"the {free / 1e9:.1f} GB free on {device.type}", use_cache)
+        raise _memory_error(num_samples, need, f"the {free / 2**30:.1f} GiB free on {device.type}", use_cache)
     ahead: _LookAhead | None = None
     try:
         # sequence[:, start:length] is what the model sees (the cache holds all of it but the newest token) and
