@@ -406,6 +406,29 @@ def test_a_nan_val_loss_is_never_saved_as_the_latest_checkpoint(with_shakespeare
     assert ckpt.latest_checkpoint(run).name == "step_2" and not (run / "checkpoints" / "step_4").exists()
 
 
+def test_a_fine_tune_records_the_checkpoint_it_started_from(with_shakespeare, workspace):
+    """QA: config.yaml said `init_from: base` alone, so after base trained on, the same config started from other
+    weights without a word, and `runs rm base` did not say that a run had started from it. The checkpoint loaded is
+    pinned when the run starts and recorded (state.json, report.md, the start line); a resume keeps it."""
+    from test_cli import invoke
+
+    base = train(tiny_config(max_steps=2, eval_interval=1), run_name="base").run_dir
+    notes = []
+    tuned = train(tiny_config(max_steps=1, init_from="base"), run_name="tuned",
+                  on_event=lambda e: notes.append(e.message) if e.kind == "info" else None)
+    pinned = str(base / "checkpoints" / "step_2")
+    assert ckpt.read_state(ckpt.latest_checkpoint(tuned.run_dir))["init_from_checkpoint"] == pinned
+    assert any(note.startswith("Starting from base (base's step_2): ") for note in notes if note)
+    assert f"| started from | base (checkpoint {pinned}) |" in (tuned.run_dir / "report.md").read_text()
+    train(tiny_config(max_steps=3, eval_interval=1), run_name="base", resume=True)  # base trains on: not pinned
+    train(tiny_config(max_steps=2, init_from="base"), run_name="tuned", resume=True)
+    assert ckpt.read_state(ckpt.latest_checkpoint(tuned.run_dir))["init_from_checkpoint"] == pinned
+    assert f"(checkpoint {pinned})" in (tuned.run_dir / "report.md").read_text()
+    shown = invoke("runs", "rm", "base")  # stdin is no terminal: says what goes, deletes nothing
+    assert "note: 1 run started from it (tuned): their config.yaml names weights that go with it" in shown.stderr
+    assert base.is_dir()
+
+
 def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
     from dataclasses import replace
 

@@ -43,6 +43,7 @@ from tinygpt_cli.checkpoint import (
     checkpoint_model_config,
     latest_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
     run_candidates,
     save_safetensors,
     version_key,
@@ -1010,6 +1011,14 @@ def load_pretrained(
         model, _ = load_hf_folder(download_gpt2(str(where)))
     model = _adapt(model, block_size, dropout).to(device).eval()
     return model, model.config
+
+
+def pretrained_checkpoint(spec: str | Path) -> Path | None:
+    """The checkpoint folder `load_pretrained(spec)` would read for a tinygpt run or checkpoint (a run's latest now),
+    absolute, so that a fine-tune records the very weights it started from; None for a Hugging Face folder or a hub
+    name. Raises a TinyGPTError where `spec` names nothing."""
+    kind, where = _resolve(spec)
+    return Path(os.path.abspath(resolve_checkpoint(str(where)))) if kind == "tinygpt" and where is not None else None
 
 
 def pretrained_config(spec: str | Path, *, block_size: int | None = None,

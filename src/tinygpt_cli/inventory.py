@@ -548,7 +548,31 @@ def plan_run_removal(spec: str) -> Removal:
         facts = ["unreadable checkpoint"]
     kept = len(step_folders(path))
     facts.append(f"{workspace.counted(kept, 'checkpoint')}, {workspace.format_bytes(size)}")
-    return Removal(what, path, False, (), size, ", ".join(facts), _links_to(path))
+    return Removal(what, path, False, (), size, ", ".join(facts), _links_to(path) + _started_from(path))
+
+
+def _started_from(path: Path) -> tuple[str, ...]:
+    """A note naming the runs that started from the run `path` (its name, its folder or one of its checkpoints as
+    their train.init_from): their config.yaml names weights its deletion takes away."""
+    import yaml
+
+    mine = os.path.abspath(path)
+    children = []
+    with contextlib.suppress(OSError):
+        for run_dir in sorted(path.parent.iterdir()):
+            if run_dir.name.startswith(".") or os.path.abspath(run_dir) == mine:
+                continue
+            with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
+                spec = _str(_dict(_dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
+                                  .get("train")).get("init_from")) or ""
+                where = os.path.abspath(spec) if os.path.isabs(spec) else os.path.abspath(path.parent / spec)
+                if spec and (where == mine or where.startswith(mine + os.sep)):
+                    children.append(run_dir.name)
+    if not children:
+        return ()
+    names = ", ".join(children[:6]) + (", …" if len(children) > 6 else "")
+    return (f"{workspace.counted(len(children), 'run')} started from it ({names}): their config.yaml names weights "
+            f"that go with it (each keeps its own checkpoints)",)
 
 
 def _holds_anything(folder: Path) -> bool:

@@ -215,9 +215,10 @@ def optimizer_line(tc: Any) -> str:
 
 
 def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], hardware: dict[str, Any],
-                 model: Any) -> None:
+                 model: Any, started_from: str | None = None) -> None:
     """runs/<name>/report.md: config, data, hardware, time, throughput, final losses and a sample. The model is
-    named by its preset where it has that preset's shape, else custom, as `tinygpt runs` does."""
+    named by its preset where it has that preset's shape, else custom, as `tinygpt runs` does. `started_from`: the
+    checkpoint folder train.init_from loaded, where it named a tinygpt run or checkpoint."""
     from tinygpt_cli.config import dump_yaml, preset_of
 
     def fmt(value: float | None) -> str:
@@ -234,7 +235,9 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         f"| model | {cfg.size if preset_of(cfg.model) == cfg.size else f'custom (from {cfg.size})'}: "
         f"{model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers × {cfg.model.n_embd}, context "
         f"{cfg.model.block_size} |",
-        *([f"| started from | {cfg.train.init_from} |"] if cfg.train.init_from else []),
+        *([f"| started from | {cfg.train.init_from}"
+           f"{f' (checkpoint {started_from})' if started_from and started_from != cfg.train.init_from else ''} |"]
+          if cfg.train.init_from else []),
         f"| data | {dataset['name']}: {dataset['train_tokens']:,} train / {dataset['val_tokens']:,} val tokens |",
         f"| hardware | {hardware['device_name']} · {hardware['device']} {hardware['dtype']} · "
         f"{workspace.counted(hardware['world_size'], 'process', 'processes')} · torch {hardware['torch']} |",

@@ -740,6 +740,7 @@ class _Trainer:
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
         self.fsdp = self.tc.fsdp and info.enabled
         self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
+        self.init_checkpoint: str | None = None  # the checkpoint folder train.init_from loaded (a tinygpt one)
         self.val_sample: str | None = VAL_SAMPLE  # None: a resumed run's sample of its seed (`val_sample_starts`)
         self.tasks: list[tuple[Any, list[Any]]] = []  # train.eval_task's: (evaluation.Task, its examples) each
 
@@ -845,6 +846,8 @@ class _Trainer:
                     )
                 self.model.load_state_dict(loaded.model.state_dict())
                 self.state = loaded.state
+                pinned = self.state.get("init_from_checkpoint")
+                self.init_checkpoint = pinned if isinstance(pinned, str) else None  # kept by every checkpoint
                 self._check_resumable()  # before the device, the compile and anything written
         if info.enabled:  # each rank loaded its own machine's copy (or none): the same checkpoint, or none goes on
             held = dist.all_gather_objects(f"{self.run_dir.name} step {int(self.state.get('step', 0))}" if resume
@@ -1004,10 +1007,13 @@ class _Trainer:
         (`config.start_from`: their shape, a shorter context where model.block_size was given, a fine-tuning lr)."""
 
         from tinygpt_cli.config import start_from
-        from tinygpt_cli.export import load_pretrained, source_record
+        from tinygpt_cli.export import load_pretrained, pretrained_checkpoint, source_record
 
-        model, model_cfg = load_pretrained(spec, block_size=init_from_block_size(self.cfg),
+        # a run's latest checkpoint, pinned: the weights loaded are those recorded, though the run trains on
+        pinned = pretrained_checkpoint(spec)
+        model, model_cfg = load_pretrained(pinned or spec, block_size=init_from_block_size(self.cfg),
                                            dropout=self.cfg.model.dropout)
+        self.init_checkpoint = str(pinned) if pinned is not None else None
         try:
             self.cfg, notes = start_from(self.cfg, model_cfg)
         except ConfigError as exc:
@@ -1016,8 +1022,10 @@ class _Trainer:
         self.tc = self.cfg.train
         for note in notes:
             self.emit(TrainEvent("info", message=note))
-        self.emit(TrainEvent("info", message=f"Starting from {spec}: {model.num_params() / 1e6:.1f}M parameters, "
-                                             f"context {model_cfg.block_size}"))
+        its = f" ({pinned.parent.parent.name}'s {pinned.name})" if pinned is not None and \
+            pinned.parent.name == "checkpoints" else ""
+        self.emit(TrainEvent("info", message=f"Starting from {spec}{its}: {model.num_params() / 1e6:.1f}M "
+                                             f"parameters, context {model_cfg.block_size}"))
         return model.train()
 
     def _load_optimizer(self, checkpoint: Path) -> None:
@@ -1214,6 +1222,7 @@ class _Trainer:
                              "remake": remake_command(self.dataset)},
                     "batch": {"batch_size": self.batch_size, "grad_accum": self.grad_accum},
                     "run_config": config_to_dict(self.cfg), "elapsed_s": self.elapsed(),
+                    "init_from_checkpoint": self.init_checkpoint,
                     "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "tinygpt_version": __version__,
                     "trackers": self.trackers.state() if self.trackers is not None else None,  # a resume goes on
@@ -1741,7 +1750,7 @@ class _Trainer:
             "device": str(self.device), "dtype": str(self.dtype).split(".")[-1], "world_size": self.info.world_size,
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name(),
             "torch": torch.__version__, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-        }, model)
+        }, model, self.init_checkpoint)
 
 
 def _rank_rng(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
