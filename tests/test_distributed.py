@@ -84,8 +84,9 @@ def test_muon_under_ddp_matches_one_process(with_shakespeare, workspace):
 
 def test_muon_splits_the_orthogonalization_across_ranks(workspace, tmp_path):
     """Under DDP each rank orthogonalizes its share of the matrices and gathers the others': two ranks each do
-    half the Newton-Schulz work, and both end with one process's weights and momenta (5 matrices of a shape: 3 and
-    2, the short share padded)."""
+    half the Newton-Schulz work, and both end with one process's weights and momenta (12 matrices of a shape: a
+    chunk of 8, 4 each, then one of 4, 2 each). A chunk gathers 8 matrices at most, as one process stacks them
+    (review: it was 8 × the ranks, the gathered copy growing with them)."""
     script = """
 import json, os, sys
 import torch
@@ -96,7 +97,7 @@ def model():
     torch.manual_seed(0)
     blocks = torch.nn.ModuleDict({"h": torch.nn.ModuleList(
         torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"c_attn": torch.nn.Linear(8, 24)}),
-                             "mlp": torch.nn.Linear(8, 16)}) for _ in range(5))})
+                             "mlp": torch.nn.Linear(8, 16)}) for _ in range(12))})
     for parameter in blocks.parameters():
         parameter.grad = torch.randn_like(parameter)
     return blocks
@@ -115,22 +116,24 @@ original = optim.orthogonalize
 optim.orthogonalize = lambda matrices: counted.append(matrices.shape[0]) or original(matrices)
 split, opt = weights(cfg, model())
 dist.destroy_process_group()
-mine = sum(counted)
+mine, largest = sum(counted), max(counted)
 one, one_opt = weights(cfg, model())  # no process group now: one process's step
 ok = all(torch.allclose(split[name], one[name], atol=1e-6) for name in one)
 ok &= all(torch.allclose(opt.state[a]["momentum_buffer"], one_opt.state[b]["momentum_buffer"])
           for a, b in zip(opt.param_groups[2]["params"], one_opt.param_groups[2]["params"]))
-print(json.dumps({"rank": int(os.environ["RANK"]), "mine": mine, "all": sum(counted) - mine, "same": bool(ok)}))
+print(json.dumps({"rank": int(os.environ["RANK"]), "mine": mine, "all": sum(counted) - mine, "same": bool(ok),
+                  "largest": largest}))
 """
     done = _torchrun_script(workspace, tmp_path, "import sys; sys.path.insert(0, sys.argv[1])\n" + script)
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
                      key=lambda r: r["rank"])
-    # per step: c_attn's 5 weights (24×8, as 3 blocks each) and the MLP's 5 (16×8): rank 0 orthogonalizes 3 of
-    # each, rank 1 two and a zero pad; one process all 5. Two steps
-    assert [r["mine"] for r in results] == [2 * (3 * 3 + 3), 2 * (3 * 3 + 3)]
-    assert [r["all"] for r in results] == [2 * (5 * 3 + 5)] * 2
+    # per step: c_attn's 12 weights (24×8, as 3 blocks each) and the MLP's 12 (16×8): each rank orthogonalizes
+    # 4 + 2 of each, one process all 12. Two steps. No call takes more than one process's 8 matrices' blocks
+    assert [r["mine"] for r in results] == [2 * (6 * 3 + 6)] * 2
+    assert [r["all"] for r in results] == [2 * (12 * 3 + 12)] * 2
     assert all(r["same"] for r in results), results
+    assert all(r["largest"] == 4 * 3 for r in results)  # a rank's share of a chunk of 8 c_attn weights
 
 
 @pytest.mark.slow

@@ -21,7 +21,9 @@ from tinygpt_cli.config import TrainConfig
 # scaled to norm 1 into about [0.7, 1.2] in five steps, which is as orthogonal as the update needs to be
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
-MUON_STACK = 8  # matrices of one shape orthogonalized together: fewer, larger kernels, a bounded extra copy
+# matrices of one shape orthogonalized together (under DDP, gathered together): fewer, larger kernels, a bounded
+# extra copy
+MUON_STACK = 8
 
 
 def orthogonalize(matrices: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
@@ -94,8 +96,9 @@ class MuonAdamW(torch.optim.AdamW):
             # chunk are what the step holds beside the state. Under DDP each rank orthogonalizes its share of a
             # chunk (the gradients are the same everywhere) and the ranks gather the others' shares: N ranks do
             # the work of one, and every rank applies the same bytes whatever its GPU
-            for first in range(0, len(same), MUON_STACK * world):
-                chunk = same[first:first + MUON_STACK * world]
+            per_chunk = max(MUON_STACK, world)  # the gathered updates held at once: about MUON_STACK matrices
+            for first in range(0, len(same), per_chunk):
+                chunk = same[first:first + per_chunk]
                 share = -(-len(chunk) // world)
                 mine = chunk[rank * share:(rank + 1) * share]
                 directions = [self._direction(parameter, momentum, grad_scale) for parameter in mine]
@@ -104,10 +107,10 @@ class MuonAdamW(torch.optim.AdamW):
                 del directions
                 updates = orthogonalize(stacked.reshape(share * split, rows // split, cols)).reshape(stacked.shape)
                 del stacked
-                if world > 1:
-                    shares = [torch.empty_like(updates) for _ in range(world)]
-                    torch.distributed.all_gather(shares, updates.contiguous())
-                    updates = torch.cat(shares)
+                if world > 1:  # into one buffer: no list of shares, no copy of them
+                    gathered = updates.new_empty((world * share, rows, cols))
+                    _gather_into(gathered, updates.contiguous())
+                    updates = gathered
                 for parameter, update in zip(chunk, updates.unbind(0)[:len(chunk)], strict=True):
                     buffer = self._momentum(parameter)
                     self.state[parameter]["step"] += 1 if skip is None else (~skip).float()
@@ -138,6 +141,14 @@ class MuonAdamW(torch.optim.AdamW):
             state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
             state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
         return state["momentum_buffer"]
+
+
+def _gather_into(output: torch.Tensor, mine: torch.Tensor) -> None:
+    """Every rank's `mine`, in rank order, into `output`: all_gather_single, the name newer torch gives
+    all_gather_into_tensor (which it deprecates), else that."""
+    distributed = torch.distributed
+    gather = getattr(distributed, "all_gather_single", None) or distributed.all_gather_into_tensor
+    gather(output, mine)
 
 
 def _ranks() -> tuple[int, int]:
