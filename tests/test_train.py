@@ -84,6 +84,24 @@ def test_a_resume_in_the_middle_of_a_log_window_logs_the_same_losses(with_shakes
     norms = [_grad_norms(run) for run in (straight.run_dir, resumed.run_dir)]
     assert norms[0] == norms[1] and [step for step, _ in norms[0]] == [4, 8, 12]
     assert all(0 < norm < math.inf for _, norm in norms[0])
+    # review: a checkpoint saved before the norms were summed resumed its window with a sum of 0 and logged a norm
+    # too low (2/3 of it); that window's norm is unknown, so null, and the next windows' are right again
+    stop = StopFlag()
+    train(config, run_name="old", on_event=stop_at_eval(stop), stop=stop)
+    state_file = ckpt.latest_checkpoint(workspace_run("old")) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["log_window"]["grad_norm_total"]
+    state_file.write_text(json.dumps(state))
+    train(config, run_name="old", resume=True)
+    old = _grad_norms(workspace_run("old"))
+    assert old == [(4, None), *norms[0][1:]]
+    assert _losses(workspace_run("old")) == _losses(straight.run_dir)
+
+
+def workspace_run(name):
+    from tinygpt_cli import workspace
+
+    return workspace.runs_dir() / name
 
 
 def _grad_norms(run_dir):

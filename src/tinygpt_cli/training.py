@@ -740,6 +740,7 @@ class _Trainer:
         self.wrote_files = False  # RUN_FILES are this run's own once its loop has written them: removed with it
         self.fsdp = self.tc.fsdp and info.enabled
         self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
+        self.norm_unknown = False  # the log window's gradient norms were not all summed (`_loop`)
         self.init_checkpoint: str | None = None  # the checkpoint folder train.init_from loaded (a tinygpt one)
         self.val_sample: str | None = VAL_SAMPLE  # None: a resumed run's sample of its seed (`val_sample_starts`)
         self.tasks: list[tuple[Any, list[Any]]] = []  # train.eval_task's: (evaluation.Task, its examples) each
@@ -1371,11 +1372,11 @@ class _Trainer:
         dist.all_reduce(stats)
         loss_total, skipped_now, bad_now, norm_total = stats.tolist()
         self.log_window = {"steps": steps, "loss_total": loss_total, "skipped": skipped_now,
-                           "grad_norm_total": norm_total}
+                           **({} if self.norm_unknown else {"grad_norm_total": norm_total})}
         good = steps * self.info.world_size - skipped_now
         if good <= 0:
             return None, skipped_now, bad_now, None
-        return loss_total / good, skipped_now, bad_now, norm_total / good
+        return loss_total / good, skipped_now, bad_now, None if self.norm_unknown else norm_total / good
 
     def _skipped_total(self) -> int:
         """Skipped steps so far: those of the logged windows and of the window in progress at the last read."""
@@ -1477,6 +1478,8 @@ class _Trainer:
         window_steps = 0
         self.log_window: dict[str, float] | None = None
         saved_window = state.get("log_window") if self.checkpoint is not None else None
+        # a window saved before gradient norms were summed: its norm is unknown (null) at its log step, not low
+        self.norm_unknown = bool(saved_window) and "grad_norm_total" not in saved_window
         if saved_window:  # go on with its sums
             # they are over the ranks that saved them (per-rank mean losses, skips counted on each rank): another
             # number of processes takes them scaled to its own, so the window's mean and skips read the same
@@ -1565,6 +1568,7 @@ class _Trainer:
                         norm_sum.zero_()
                         skipped_in_window.zero_()
                         self.log_window = None
+                        self.norm_unknown = False
                         if loss is not None:
                             self.last_loss = loss
                             now = time.perf_counter()
