@@ -47,7 +47,7 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, rounds: int, ba
     cfg = resolve_config(size=size)
     torch.manual_seed(0)
     model = GPT(cfg.model).to(device)
-    kinds = ("adamw", "muon", "muon unsplit") if _world() > 1 else ("adamw", "muon")
+    kinds = ("adamw", "muon", "muon unsplit") if optim._ranks()[0] > 1 else ("adamw", "muon")
     optimizers = {kind: make_optimizer(model, replace(cfg.train, optimizer=kind.split()[0])) for kind in kinds}
     batch = batch or cfg.train.batch_size
     x = torch.randint(0, 50257, (batch, cfg.model.block_size), device=device)
@@ -91,11 +91,6 @@ def measure(size: str, device: torch.device, dtype: torch.dtype, rounds: int, ba
     return {kind: statistics.median(values) for kind, values in times.items()} | {"batch": batch}
 
 
-def _world() -> int:
-    distributed = torch.distributed
-    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="micro,tiny")
@@ -106,17 +101,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    split = _world() > 1
+    world = optim._ranks()[0]
+    split = world > 1
     show = print if main_rank else (lambda *_: None)
-    show(f"torch {torch.__version__}, {device}, {args.dtype}, {args.rounds} rounds, medians, {_world()} rank(s)")
+    show(f"torch {torch.__version__}, {device}, {args.dtype}, {args.rounds} rounds, medians, {world} rank(s)")
     show(f"{'size':<7} {'batch':>5} {'micro-step':>11} {'AdamW step':>11} {'Muon step':>10} "
          + (f"{'Muon unsplit':>13} " if split else "") + f"{'Muon/AdamW':>11} {'extra/micro-step':>17}")
     for size in args.sizes.split(","):

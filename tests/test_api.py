@@ -208,6 +208,8 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
     import tinygpt_cli
 
     assert tinygpt_cli.run_config_of("r") == run_config_of(workspace / "runs" / "r")
+    with pytest.raises(TinyGPTError, match=r"no run or checkpoint at r2 \(did you mean r\?\)"):
+        run_config_of("r2")
     for flags, fragment in (({"lr": 1e-3}, r"flags take dotted keys, section first .* not 'lr'"),  # a ValueError
                             ({"train.lrr": 1}, "unknown config key train.lrr in flags: "),  # it said "in --lrr"
                             ({"train.lr": "fast"}, "train.lr must be float")):

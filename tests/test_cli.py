@@ -663,7 +663,7 @@ def test_auto_resume_of_a_fine_tune_a_finished_run_and_an_edited_dropout(with_sh
     assert done.exit_code == 0 and "Run ft is complete (3 steps): nothing to train" in done.stderr, done.output
     past = invoke("train", *job, "--max-steps", "2", "--batch-size", "2")  # QA: it said "complete (2 steps)"
     assert past.exit_code == 0, past.output
-    assert "Run ft is at step 3, past --max-steps 2: nothing to train; a --max-steps above 3 goes on" in past.stderr
+    assert "Run ft is at step 3, past max_steps 2: nothing to train; a --max-steps above 3 goes on" in past.stderr
     yaml_file = workspace / "run.yaml"
     yaml_file.write_text("model:\n  dropout: 0.0\n")
     assert train_tiny("--config", str(yaml_file), "--name", "dr", "--auto-resume", steps=2).exit_code == 0

@@ -773,3 +773,43 @@ def test_runs_compare_refuses_what_it_cannot_compare(with_shakespeare, workspace
     for target in (tmp_path / "missing" / "v.png",):  # no folder to write it in: one line, no file
         assert_one_line_error(invoke("runs", "compare", "one", "unsaved", "--plot", str(target)), "cannot write")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == []
+
+
+def test_runs_compare_reads_damaged_records_as_missing(with_shakespeare, workspace):
+    """Review: a value of the wrong type in eval.jsonl was a traceback ("Unknown format code 'f'"), an Infinity
+    val loss in metrics.jsonl flattened every curve of the plot, and a run whose config.yaml could not be read was
+    shown with the defaults as its settings."""
+    from tinygpt_cli.inventory import compare_runs
+
+    one = train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="one").run_dir
+    two = shutil.copytree(one, one.with_name("two"))
+    with open(two / "eval.jsonl", "a") as handle:
+        handle.write(json.dumps({"kind": "loss", "dataset": "x", "split": "val", "loss": "bad", "step": 2,
+                                 "bits_per_byte": "no"}) + "\n")
+        handle.write(json.dumps({"kind": "task", "task": "arc_easy", "accuracy": "hi", "examples": "many",
+                                 "step": "two"}) + "\n")
+    with open(two / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "eval", "step": 3, "val_loss": Infinity, "tokens": 999}\n')
+    shown = invoke("runs", "compare", "one", "two")
+    assert shown.exit_code == 0, shown.output
+    rows = _table_rows(shown.stdout)
+    assert rows["loss x/val"] == ["", "n/a (step 2)"]
+    assert rows["arc_easy"] == ["", "acc n/a ± n/a · perplexity n/a on 0 examples"]
+    assert compare_runs(["one", "two"]).runs[1].val_curve == compare_runs(["one", "two"]).runs[0].val_curve
+    unsaved = one.with_name("unsaved")
+    unsaved.mkdir()
+    (unsaved / "config.yaml").write_text("[not a mapping\n")
+    comparison = compare_runs(["one", "unsaved"])
+    assert comparison.runs[1].config == {} and comparison.differing == list(comparison.runs[0].config)
+
+
+def test_val_loss_at_reads_between_evaluations(with_shakespeare, workspace):
+    """Review: "val loss at N tokens" took each run's last evaluation at or before N: a run evaluated at 96 and
+    192 tokens was read at 96 under a label of 128. It reads the line between the evaluations either side."""
+    from tinygpt_cli.inventory import RunRecord, val_loss_at
+
+    run = RunRecord(summary=None, config={}, train_loss=None, tokens_per_s=None, mfu=None, elapsed_s=None,
+                    val_curve=[(1, 96, 6.0), (2, 192, 5.0)], measures={})
+    assert val_loss_at(run, 128) == pytest.approx(6.0 - 1 / 3)
+    assert (val_loss_at(run, 96), val_loss_at(run, 192)) == (6.0, 5.0)
+    assert val_loss_at(run, 64) is None and val_loss_at(run, 200) is None

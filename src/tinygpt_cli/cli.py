@@ -862,7 +862,7 @@ def train(
         if reached is not None and reached >= cfg.train.max_steps:  # a job submitted once more: nothing failed
             if dist.from_environment().is_main:
                 where = f"is complete ({reached:,} steps)" if reached == cfg.train.max_steps else \
-                    f"is at step {reached:,}, past --max-steps {cfg.train.max_steps:,}"
+                    f"is at step {reached:,}, past max_steps {cfg.train.max_steps:,}"
                 _stderr_console().print(f"Run {run_name} {where}: nothing to train; a --max-steps above "
                                         f"{reached:,} goes on with it")
             raise typer.Exit(0)
@@ -1729,10 +1729,10 @@ def _plan_table(p) -> Any:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    from tinygpt_cli.config import ModelConfig, preset_of
+    from tinygpt_cli.config import ModelConfig, size_label
 
     m, d, mem = p.model, p.data, p.memory
-    size = p.size if preset_of(ModelConfig(**m)) == p.size else f"custom (from {p.size})"  # as report.md names it
+    size = size_label(p.size, ModelConfig(**m))  # as report.md names it
     table.add_row(
         "model",
         f"{size}: {counted(m['n_layer'], 'layer')} × {m['n_embd']}, {counted(m['n_head'], 'head')}, "
@@ -2034,7 +2034,8 @@ def _comparison_table(comparison: Any) -> Any:
     from rich.table import Column, Table
     from rich.text import Text
 
-    from tinygpt_cli.inventory import val_loss_at
+    from tinygpt_cli.config import is_count
+    from tinygpt_cli.inventory import number_or_none, val_loss_at
     from tinygpt_cli.report import task_line
 
     runs = comparison.runs
@@ -2075,13 +2076,15 @@ def _comparison_table(comparison: Any) -> Any:
             if record is None:
                 cells.append("")
                 continue
-            at = f" (step {record['step']:,})" if isinstance(record.get("step"), int) else ""
+            at = f" (step {record['step']:,})" if is_count(record.get("step")) else ""
             if measure.startswith("loss "):
-                loss, bpb = record.get("loss"), record.get("bits_per_byte")
+                loss, bpb = number_or_none(record.get("loss")), number_or_none(record.get("bits_per_byte"))
                 cells.append(("n/a" if loss is None else f"{loss:.4f}")
                              + ("" if bpb is None else f" · {bpb:.4f} bits/byte") + at)
-            else:
-                cells.append(task_line(record).split(": ", 1)[-1] + at)
+            else:  # a damaged record's fields of the wrong type read as missing
+                figures = {key: value for key, value in record.items() if key in ("task", "kind")
+                           or number_or_none(value) is not None}
+                cells.append(task_line(figures).split(": ", 1)[-1] + at)
         row(measure, cells)
     if comparison.differing:
         table.add_section()

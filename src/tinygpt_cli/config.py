@@ -407,6 +407,12 @@ def preset_of(model: ModelConfig) -> str | None:
                  if shape == tuple(preset["model"].get(key) for key in ("n_layer", "n_head", "n_embd"))), None)
 
 
+def size_label(size: str, model: ModelConfig) -> str:
+    """How a model is named beside its config's preset `size`: the preset's name where it has that preset's shape,
+    else "custom (from SIZE)" (a run of --set model.*, or of a file's model section)."""
+    return size if preset_of(model) == size else f"custom (from {size})"
+
+
 def init_from_conflict(cfg: RunConfig, weights: ModelConfig) -> str | None:
     """Why a run cannot start from weights of shape `weights` (train.init_from): a model key the config gave
     (a file, --set) another value than the weights have. They would train as they are, the setting ignored. None

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -81,8 +82,8 @@ def run_summary(run_dir: Path) -> RunSummary:
         name=run_dir.name, path=str(run_dir), size=_str(run_config.get("size")), shape=shape, parameters=parameters,
         dataset=_str(_dict(state.get("data")).get("dataset")),
         steps=ahead if ahead is not None and training else counts["step"], max_steps=max_steps,
-        tokens=counts["tokens_seen"], best_val_loss=_number(state.get("best_val_loss")),
-        val_loss=_number(state.get("val_loss")), saved_at=_str(state.get("saved_at")),
+        tokens=counts["tokens_seen"], best_val_loss=number_or_none(state.get("best_val_loss")),
+        val_loss=number_or_none(state.get("val_loss")), saved_at=_str(state.get("saved_at")),
         has_report=_reported_step(report) is not None, training=training,
         status=_status(training, counts["step"], max_steps, report, failed, ahead is not None),
         best_step=_count_or_none(state.get("best_step")),
@@ -190,7 +191,7 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _number(value: Any) -> float | None:
+def number_or_none(value: Any) -> float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -345,7 +346,7 @@ def run_record(run_dir: Path) -> RunRecord:
         read_state,
     )
     from tinygpt_cli.config import config_from_dict, config_to_dict, flat_config
-    from tinygpt_cli.report import metrics_record
+    from tinygpt_cli.report import metrics_records
 
     if (run_dir / STATE_FILE).is_file() or (run_dir / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{run_dir} is a checkpoint, not a run: compare runs by the names `tinygpt runs` lists")
@@ -359,10 +360,10 @@ def run_record(run_dir: Path) -> RunRecord:
         with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
             saved = _dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
     try:  # a key added since the run was trained reads as the default it trained with
-        config = flat_config(config_to_dict(config_from_dict(saved)))
+        config = flat_config(config_to_dict(config_from_dict(saved))) if saved else {}  # none read: none shown
     except (ConfigError, TypeError, ValueError):  # a run of another version of tinygpt: its keys as they are
         config = flat_config(saved)
-    records = _records(run_dir / "metrics.jsonl", metrics_record)
+    records = metrics_records(run_dir / "metrics.jsonl")
     last = step = None
     curve: list[tuple[int, int, float]] = []
     rates: list[float] = []
@@ -372,35 +373,31 @@ def run_record(run_dir: Path) -> RunRecord:
         kind, step = record.get("kind"), _count_or_none(record.get("step"))
         if kind == "train":
             last = record
-            rates += [rate for rate in (_number(record.get("tokens_per_s")),) if rate is not None]
-            mfus += [mfu for mfu in (_number(record.get("mfu")),) if mfu is not None]
-        elif kind == "eval" and step is not None and _number(record.get("val_loss")) is not None:
-            curve.append((step, _count_or_none(record.get("tokens")) or 0, float(record["val_loss"])))
+            rates += [rate for rate in (number_or_none(record.get("tokens_per_s")),) if rate is not None]
+            mfus += [mfu for mfu in (number_or_none(record.get("mfu")),) if mfu is not None]
+        elif kind == "eval" and step is not None and (loss := number_or_none(record.get("val_loss"))) is not None \
+                and math.isfinite(loss):  # a damaged line's Infinity would flatten every curve of the plot
+            curve.append((step, _count_or_none(record.get("tokens")) or 0, float(loss)))
         elif isinstance(kind, str) and kind not in ("failed",):  # train.eval_task's figures
             measures[kind] = record
-    for record in _records(run_dir / "eval.jsonl", metrics_record):  # `tinygpt eval`: after training's own
+    for record in metrics_records(run_dir / "eval.jsonl"):  # `tinygpt eval`: after training's own
         if record.get("kind") == "task" and isinstance(record.get("task"), str):
             measures[record["task"]] = record
         elif record.get("kind") == "loss":
             measures[f"loss {record.get('dataset')}/{record.get('split')}"] = record
     return RunRecord(
-        summary=summary, config=config, train_loss=_number((last or {}).get("loss")),
+        summary=summary, config=config, train_loss=number_or_none((last or {}).get("loss")),
         tokens_per_s=statistics.median(rates) if rates else None, mfu=statistics.median(mfus) if mfus else None,
-        elapsed_s=_number(state.get("elapsed_s")), val_curve=curve, measures=measures)
-
-
-def _records(path: Path, parse: Any) -> list[dict[str, Any]]:
-    """A .jsonl file's records in order (a damaged or cut line left out); [] where it cannot be read."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    return [record for record in map(parse, lines) if record is not None]
+        elapsed_s=number_or_none(state.get("elapsed_s")), val_curve=curve, measures=measures)
 
 
 def val_loss_at(run: RunRecord, tokens: int) -> float | None:
-    """The val loss of `run`'s last evaluation at or before `tokens` tokens (None before its first)."""
-    return next((loss for _, seen, loss in reversed(run.val_curve) if seen <= tokens), None)
+    """`run`'s val loss at `tokens` tokens: its evaluation there, else the straight line between the evaluations
+    either side (runs whose evaluations fall at other token counts are read at the same one); None outside them."""
+    for (_, before, low), (_, after, high) in zip(run.val_curve, run.val_curve[1:], strict=False):
+        if before <= tokens <= after and after > before:
+            return low + (high - low) * (tokens - before) / (after - before)
+    return next((loss for _, seen, loss in run.val_curve if seen == tokens), None)
 
 
 @dataclass(frozen=True)

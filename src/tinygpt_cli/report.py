@@ -28,9 +28,9 @@ _GLYPHS = {
     "l": "010010010010010", "n": "000110101101101", "o": "000111101101111", "p": "000111101111100",
     "r": "000111100100100", "s": "000111110011111", "t": "010111010010011", "v": "000101101101010",
     " ": "000000000000000", "b": "100100111101111", "c": "000111100100111", "d": "001001111101111",
-    "f": "011010111010010", "g": "111100101101111", "h": "100100111101101", "j": "001000001101111",
-    "m": "000111111101101", "q": "000111101111001", "u": "000101101101111", "w": "000101101111111",
-    "x": "101101010101101", "y": "101101111001111", "z": "111001010100111", "_": "000000000000111",
+    "f": "011010111010010", "g": "000011101011110", "h": "100100111101101", "j": "001000001101111",
+    "m": "000111111101101", "q": "000011101011001", "u": "000101101101111", "w": "000101101111111",
+    "x": "000000101010101", "y": "000101101011110", "z": "000111001100111", "_": "000000000000111",
     "/": "001001010100100", ":": "000010000010000", "(": "010100100100010", ")": "010001001001010",
     "+": "000010111010000", ",": "000000000010100", "=": "000111000111000",
 }
@@ -151,19 +151,25 @@ def metrics_record(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def metrics_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a .jsonl file (metrics.jsonl, eval.jsonl) in order, a damaged or cut line left out; [] where
+    there is no file, or none that can be read."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [record for record in map(metrics_record, lines) if record is not None]
+
+
 def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     train: list[tuple[int, float]] = []
     val: list[tuple[int, float]] = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = metrics_record(line)
-            if record is None:
-                continue
-            kind = record.get("kind")
-            value = record.get("loss") if kind == "train" else record.get("val_loss")
-            if value is None or not math.isfinite(value):
-                continue
-            (train if kind == "train" else val).append((record["step"], value))
+    for record in metrics_records(path):
+        kind = record.get("kind")
+        value = record.get("loss") if kind == "train" else record.get("val_loss")
+        if value is None or not math.isfinite(value):
+            continue
+        (train if kind == "train" else val).append((record["step"], value))
     return train, val
 
 
@@ -219,7 +225,7 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
     """runs/<name>/report.md: config, data, hardware, time, throughput, final losses and a sample. The model is
     named by its preset where it has that preset's shape, else custom, as `tinygpt runs` does. `started_from`: the
     checkpoint folder train.init_from loaded, where it named a tinygpt run or checkpoint."""
-    from tinygpt_cli.config import dump_yaml, preset_of
+    from tinygpt_cli.config import dump_yaml, size_label
 
     def fmt(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "n/a"
@@ -232,7 +238,7 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         "",
         "| | |",
         "|---|---|",
-        f"| model | {cfg.size if preset_of(cfg.model) == cfg.size else f'custom (from {cfg.size})'}: "
+        f"| model | {size_label(cfg.size, cfg.model)}: "
         f"{model.num_params() / 1e6:.1f}M parameters, {cfg.model.n_layer} layers × {cfg.model.n_embd}, context "
         f"{cfg.model.block_size} |",
         *([f"| started from | {cfg.train.init_from}"
@@ -276,13 +282,9 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
 def _last_tasks(run_dir: Path, names: str) -> list[dict[str, Any]]:
     """metrics.jsonl's last record of each task train.eval_task names (`names`: comma-separated), in its order;
     a task not scored yet has none."""
-    found: dict[str, dict[str, Any]] = {}
     wanted = [name for name in names.split(",") if name]
-    if wanted and (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            record = metrics_record(line)
-            if record is not None and record.get("kind") in wanted:
-                found[record["kind"]] = record
+    found = {record["kind"]: record for record in (metrics_records(run_dir / "metrics.jsonl") if wanted else [])
+             if record.get("kind") in wanted}
     return [found[name] for name in wanted if name in found]
 
 

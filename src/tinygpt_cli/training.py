@@ -899,7 +899,7 @@ class _Trainer:
         return self._loop()
 
     def _load_tasks(self) -> list[tuple[Any, list[Any]]]:
-        """train.eval_task's tasks and their examples, to score at each evaluation (`_score_tasks`)."""
+        """train.eval_task's tasks and their examples, to score at each evaluation (`_score_task`)."""
         from tinygpt_cli.evaluation import find_task, load_task
 
         tc = self.tc
@@ -1937,9 +1937,10 @@ def run_config_of(run_dir: str | Path) -> RunConfig:
     the run's folder, or its name in the workspace (as `tinygpt runs` lists it)."""
     import yaml
 
-    from tinygpt_cli.checkpoint import run_candidates
+    from tinygpt_cli.checkpoint import find_run, run_candidates
 
-    run_dir = next((path for path in run_candidates(str(run_dir)) if path.is_dir()), Path(run_dir))
+    found = next((path for path in run_candidates(str(run_dir)) if path.is_dir()), None)
+    run_dir = found if found is not None else find_run(str(run_dir))  # none: "no run ... (did you mean ...)"
     path = run_dir / "config.yaml"
     if not path.is_file():
         checkpoint = latest_checkpoint(run_dir)
