@@ -431,7 +431,7 @@ def test_a_train_command_line_plans_as_it_is(workspace):
     assert got["budget_tokens"] < base["budget_tokens"] and got["checkpoints_on_disk"] == 3  # 1 + new + best
     assert got["memory"]["activations_per_sequence"] > base["memory"]["activations_per_sequence"]
     one = invoke("plan", "--size", "micro", "--set", "model.n_layer=1", "--set", "model.n_head=1", "--device", "cpu")
-    assert "micro: 1 layer × " in one.stdout and ", 1 head, " in one.stdout
+    assert "custom (from micro): 1 layer × " in one.stdout and ", 1 head, " in one.stdout
 
 
 def test_a_source_not_tokenized_yet_gets_the_val_split_tokenize_makes(workspace):
