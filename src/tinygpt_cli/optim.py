@@ -65,7 +65,8 @@ class MuonAdamW(torch.optim.AdamW):
     scaled by √max(1, rows/cols), so that the update's RMS per element is about lr / √cols whatever the shape;
     decoupled weight decay multiplies the weight by 1 - lr·wd first. A `found_inf` set on the optimizer (the
     training loop's non-finite step, or GradScaler's) leaves weights and momenta untouched without a host sync,
-    as fused AdamW does.
+    as fused AdamW does. In an initialized process group it takes the gradients to be the same on every rank (DDP's,
+    after its all-reduce) and shares the orthogonalization among the ranks: every rank must step together.
     """
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
