@@ -2081,10 +2081,8 @@ def _comparison_table(comparison: Any) -> Any:
                 loss, bpb = number_or_none(record.get("loss")), number_or_none(record.get("bits_per_byte"))
                 cells.append(("n/a" if loss is None else f"{loss:.4f}")
                              + ("" if bpb is None else f" · {bpb:.4f} bits/byte") + at)
-            else:  # a damaged record's fields of the wrong type read as missing
-                figures = {key: value for key, value in record.items() if key in ("task", "kind")
-                           or number_or_none(value) is not None}
-                cells.append(task_line(figures).split(": ", 1)[-1] + at)
+            else:
+                cells.append(task_line(record).split(": ", 1)[-1] + at)
         row(measure, cells)
     if comparison.differing:
         table.add_section()

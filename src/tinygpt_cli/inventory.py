@@ -119,13 +119,7 @@ def _report_text(run_dir: Path) -> str | None:
 def unsaved_run_summary(run_dir: Path) -> RunSummary:
     """A run folder with no checkpoint yet, from its config.yaml and its metrics.jsonl's last training record:
     starting (training now), or stopped before its first save."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        loaded = None
-    config = _dict(loaded)
+    config = _config_yaml(run_dir)
     parameters, shape = _model_facts(config.get("model"), config)
     records = _tail_records(run_dir / "metrics.jsonl")
     last = _last_record(records, "train")
@@ -139,6 +133,17 @@ def unsaved_run_summary(run_dir: Path) -> RunSummary:
         status="starting" if training else "failed" if _last_record(records).get("kind") == "failed" else
         "no checkpoint",
     )
+
+
+def _config_yaml(run_dir: Path) -> dict[str, Any]:
+    """A run's config.yaml as a mapping; {} where it is missing, cannot be read or is no mapping (a listing shows
+    what it can)."""
+    import yaml
+
+    try:
+        return _dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
 
 
 def _model_facts(model_config: Any, run_config: dict[str, Any]) -> tuple[int | None, str | None]:
@@ -335,8 +340,6 @@ def run_record(run_dir: Path) -> RunRecord:
     """What `compare_runs` shows of one run folder (raises CheckpointError where it is no run)."""
     import statistics
 
-    import yaml
-
     from tinygpt_cli.checkpoint import (
         STATE_FILE,
         WEIGHTS_FILE,
@@ -355,16 +358,13 @@ def run_record(run_dir: Path) -> RunRecord:
     checkpoint = latest_checkpoint(run_dir)
     state = read_state(checkpoint) if checkpoint is not None else {}
     summary = run_summary(run_dir) if checkpoint is not None else unsaved_run_summary(run_dir)
-    saved = _dict(state.get("run_config"))
-    if not saved:
-        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
-            saved = _dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
+    saved = _dict(state.get("run_config")) or _config_yaml(run_dir)
     try:  # a key added since the run was trained reads as the default it trained with
         config = flat_config(config_to_dict(config_from_dict(saved))) if saved else {}  # none read: none shown
     except (ConfigError, TypeError, ValueError):  # a run of another version of tinygpt: its keys as they are
         config = flat_config(saved)
     records = metrics_records(run_dir / "metrics.jsonl")
-    last = step = None
+    last = None
     curve: list[tuple[int, int, float]] = []
     rates: list[float] = []
     mfus: list[float] = []
@@ -515,7 +515,7 @@ def _link_detail(path: Path, kept: str) -> str:
 def plan_run_removal(spec: str) -> Removal:
     """What deleting the run `spec` (a name from `tinygpt runs`, or a path into runs/) would remove; raises a one-line
     error for one that is not there, or that is training now."""
-    from tinygpt_cli.checkpoint import latest_checkpoint, step_folders
+    from tinygpt_cli.checkpoint import is_run_folder, latest_checkpoint, step_folders
 
     root = workspace.runs_dir()
     path = _entry(spec, root, "runs")
@@ -529,8 +529,6 @@ def plan_run_removal(spec: str) -> Removal:
         return Removal(what, path, True, (), 0, _link_detail(path, "run"))
     if not path.is_dir():
         raise DataError(f"{what} is a file, not a run: move or delete it yourself")
-    from tinygpt_cli.checkpoint import is_run_folder
-
     if not is_run_folder(path) and _holds_anything(path):  # the user's own files, kept in runs/
         raise DataError(f"{what} is not a run (no config.yaml or checkpoints/: `tinygpt runs` does not list it), so "
                         f"nothing was deleted: move or delete it yourself")
@@ -551,20 +549,16 @@ def plan_run_removal(spec: str) -> Removal:
 def _started_from(path: Path) -> tuple[str, ...]:
     """A note naming the runs that started from the run `path` (its name, its folder or one of its checkpoints as
     their train.init_from): their config.yaml names weights its deletion takes away."""
-    import yaml
-
     mine = os.path.abspath(path)
     children = []
     with contextlib.suppress(OSError):
         for run_dir in sorted(path.parent.iterdir()):
             if run_dir.name.startswith(".") or os.path.abspath(run_dir) == mine:
                 continue
-            with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
-                spec = _str(_dict(_dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
-                                  .get("train")).get("init_from")) or ""
-                where = os.path.abspath(spec) if os.path.isabs(spec) else os.path.abspath(path.parent / spec)
-                if spec and (where == mine or where.startswith(mine + os.sep)):
-                    children.append(run_dir.name)
+            spec = _str(_dict(_config_yaml(run_dir).get("train")).get("init_from")) or ""
+            where = os.path.abspath(path.parent / spec)  # an absolute spec is itself
+            if spec and (where == mine or where.startswith(mine + os.sep)):
+                children.append(run_dir.name)
     if not children:
         return ()
     names = ", ".join(children[:6]) + (", …" if len(children) > 6 else "")

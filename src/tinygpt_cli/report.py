@@ -204,7 +204,8 @@ def task_line(figures: dict[str, Any]) -> str:
         return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
 
     name = figures.get("task") or figures.get("kind")
-    examples = workspace.counted(int(figures.get("examples") or 0), "example")
+    count = figures.get("examples")  # a damaged record's field of another type reads as none
+    examples = workspace.counted(count if isinstance(count, int) and not isinstance(count, bool) else 0, "example")
     if figures.get("perplexity") is not None or "accuracy_norm" not in figures:  # a completion task (LAMBADA)
         return (f"{name}: acc {figure('accuracy')} ± {figure('accuracy_stderr')} · perplexity "
                 f"{figure('perplexity', 2)} on {examples}")

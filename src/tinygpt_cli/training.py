@@ -1336,8 +1336,7 @@ class _Trainer:
             rise = climb.index(peak) + 1
             whose = "Muon's" if muon else "the"
             self.emit(TrainEvent("info", message=(
-                f"the schedule of run {self.run_dir.name} {span}: {whose} learning rate "
-                f"rises from {last:.1e} to "
+                f"the schedule of run {self.run_dir.name} {span}: {whose} learning rate rises from {last:.1e} to "
                 f"{peak:.1e} over the next {rise} step{'s' if rise > 1 else ''} (at most train.warmup_steps, "
                 f"{self.tc.warmup_steps}), then follows it")))
         return rewarm
@@ -1937,10 +1936,9 @@ def run_config_of(run_dir: str | Path) -> RunConfig:
     the run's folder, or its name in the workspace (as `tinygpt runs` lists it)."""
     import yaml
 
-    from tinygpt_cli.checkpoint import find_run, run_candidates
+    from tinygpt_cli.checkpoint import find_run
 
-    found = next((path for path in run_candidates(str(run_dir)) if path.is_dir()), None)
-    run_dir = found if found is not None else find_run(str(run_dir))  # none: "no run ... (did you mean ...)"
+    run_dir = find_run(str(run_dir))  # a name or a folder; none: "no run ... (did you mean ...)"
     path = run_dir / "config.yaml"
     if not path.is_file():
         checkpoint = latest_checkpoint(run_dir)
