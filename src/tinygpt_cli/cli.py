@@ -1730,6 +1730,7 @@ def _plan_table(p) -> Any:
     table.add_column(style="bold")
     table.add_column()
     from tinygpt_cli.config import ModelConfig, size_label
+    from tinygpt_cli.plan import passes_text
 
     m, d, mem = p.model, p.data, p.memory
     size = size_label(p.size, ModelConfig(**m))  # as report.md names it
@@ -1766,7 +1767,7 @@ def _plan_table(p) -> Any:
     table.add_row(
         "budget",
         f"{_budget_steps(p)} = {_fmt_count(p.budget_tokens)} tokens "
-        f"({p.epochs:,.2f} epochs); Chinchilla-optimal: {_fmt_count(p.chinchilla_tokens)} "
+        f"({passes_text(p.epochs)} epochs); Chinchilla-optimal: {_fmt_count(p.chinchilla_tokens)} "
         f"({p.budget_tokens / p.chinchilla_tokens:.2g}×)",
     )
     device = f"{p.nproc} × {p.device.name}" if p.nproc > 1 else p.device.name

@@ -93,6 +93,11 @@ DEVICE_CHOICES = ("auto", "cuda", *DEVICES)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
+def passes_text(passes: float) -> str:
+    """How many times a budget reads its data, to the digits that count: 0.25, 3.4, but 210,167 (not 210,167.0)."""
+    return f"{passes:.2f}" if passes < 10 else f"{passes:.1f}" if passes < 100 else f"{passes:,.0f}"
+
+
 def cgroup_memory(root: Path | None = None) -> tuple[int, int] | None:
     """(limit, usage) in bytes of the memory cgroup at `root` (v2, else v1) when it sets a limit: a container's
     RAM. Usage leaves out reclaimable page cache (inactive files), as docker and the kubelet count it. None
@@ -737,8 +742,8 @@ def plan(
                 notes.append(short)
     epochs = budget / data_estimate.train_tokens if data_estimate.train_tokens else math.inf
     if epochs > 1:
-        notes.append(f"the budget is {epochs:,.1f} passes over the training tokens: repeating data helps little "
-                     f"past ~4 passes (and overfits a small corpus sooner)")
+        notes.append(f"the budget is {passes_text(epochs)} passes over the training tokens: repeating data helps "
+                     f"little past ~4 passes (and overfits a small corpus sooner)")
 
     evals = -(-tc.max_steps // tc.eval_interval)
     eval_tokens = evals * tc.eval_batches * batch_size * model.block_size  # forward only: a third of the work
