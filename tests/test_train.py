@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_SETTINGS, tiny_config
 from tinygpt_cli import checkpoint as ckpt
-from tinygpt_cli.errors import CheckpointError, TrainingError
+from tinygpt_cli.errors import CheckpointError, ConfigError, TrainingError
 from tinygpt_cli.training import learning_rate, make_optimizer, train
 
 
@@ -1179,6 +1179,42 @@ def test_the_val_sample_is_the_same_whatever_the_seed_or_micro_batch(with_shakes
     train(tiny_config(max_steps=4, seed=1), run_name="one", resume=True)
     assert drawn[-1][-1] == 1
     assert "val_sample" not in json.loads((one.run_dir / "checkpoints" / "step_4" / "state.json").read_text())["data"]
+
+
+def test_data_seed_orders_the_batches_apart_from_the_weights_seed(with_shakespeare, workspace, monkeypatch):
+    """QA: one seed set both the initial weights and the batch order, so a study of either alone (the same weights
+    on other batches; other weights on the same batches) could not be run. train.data_seed orders the batches;
+    unset (-1), it is train.seed, as before."""
+    from safetensors.torch import load_file
+
+    from tinygpt_cli import training
+
+    drawn: list[tuple[str, int]] = []
+    original = training._batch_generator
+    name = ""
+    monkeypatch.setattr(training, "_batch_generator",
+                        lambda seed, *rest: drawn.append((name, seed)) or original(seed, *rest))
+
+    def run(run_name: str, **keys):
+        nonlocal name
+        name = run_name
+        return train(tiny_config(max_steps=1, eval_interval=1, lr=1e-12, min_lr=0.0, warmup_steps=0, **keys),
+                     run_name=run_name).run_dir
+
+    def weights(run_dir):
+        return load_file(str(run_dir / "checkpoints" / "step_1" / "model.safetensors"))
+
+    plain = run("plain", seed=5)
+    same_weights = run("same-weights", seed=5, data_seed=9)
+    same_batches = run("same-batches", seed=6, data_seed=5)
+    assert {seed for run_name, seed in drawn if run_name == "plain"} == {5}  # unset: train.seed, as before
+    assert {seed for run_name, seed in drawn if run_name == "same-weights"} == {9}
+    assert {seed for run_name, seed in drawn if run_name == "same-batches"} == {5}
+    first, second, third = weights(plain), weights(same_weights), weights(same_batches)  # lr 1e-12: initial weights
+    assert all(torch.allclose(first[key], second[key], rtol=0, atol=1e-9) for key in first)
+    assert not torch.equal(first["transformer.wte.weight"], third["transformer.wte.weight"])
+    with pytest.raises(ConfigError, match=r"train\.data_seed must be -1 \(train\.seed\) or 0 to"):
+        tiny_config(data_seed=-2)
 
 
 def test_the_same_run_twice_writes_the_same_weights_file(with_shakespeare, workspace):

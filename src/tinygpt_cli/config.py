@@ -146,11 +146,17 @@ class TrainConfig:
     log_interval: int = 10  # steps between loss readings (each costs a host sync)
     keep_last: int = 3  # checkpoints kept; older ones are pruned after a new one is complete; 0 = keep all
     keep_best: bool = True  # keep the checkpoint of the best val loss too, however old (keep_last prunes by step)
-    seed: int = 1337  # initialisation, batches and dropout (each rank adds its rank); 0 or more
+    seed: int = 1337  # initialisation and dropout (each rank adds its rank), and batches unless data_seed; 0 or more
+    data_seed: int = -1  # the order of the training batches; -1 = train.seed (set it to vary one without the other)
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast compute dtype; weights stay fp32)
     compile: str = "auto"  # auto | on | off (auto: on for CUDA)
     log_to: str = ""  # mirror metrics.jsonl to tensorboard, wandb, or both (comma-separated); "" = neither
+
+    @property
+    def batch_seed(self) -> int:
+        """The seed of the training batches' order: train.data_seed, or train.seed where it is unset."""
+        return self.seed if self.data_seed == -1 else self.data_seed
 
     def __post_init__(self) -> None:
         if self.eval_task.strip():  # as `tinygpt eval --task` reads it: a,b or all, kept as the names it means
@@ -164,6 +170,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be a finite number (got {getattr(self, name)})")
         if problem := seed_problem("train.seed", self.seed):
             raise ConfigError(problem)
+        if self.data_seed != -1 and seed_problem("train.data_seed", self.data_seed):
+            raise ConfigError(f"train.data_seed must be -1 (train.seed) or 0 to {MAX_SEED} (got {self.data_seed})")
         for name in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")

@@ -1144,7 +1144,7 @@ class _Trainer:
         step = start_step
         while True:
             for micro in range(self.grad_accum):
-                rng = _batch_generator(self.tc.seed, step, micro * world + rank)
+                rng = _batch_generator(self.tc.batch_seed, step, micro * world + rank)
                 yield get_batch(self.train_tokens, self.batch_size, self.block, rng, self.device)
             step += 1
 
@@ -1217,7 +1217,8 @@ class _Trainer:
                     "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16
                     "bad_run": int(self.bad_run.item()),  # non-finite steps in a row (MAX_BAD_STEPS stops)
                     "log_window": self.log_window,
-                    "data": {"dataset": self.dataset.name, "sampler": "random-windows(seed, step, micro*world+rank)",
+                    "data": {"dataset": self.dataset.name,
+                             "sampler": "random-windows(data_seed, step, micro*world+rank)",
                              **({"val_sample": self.val_sample} if self.val_sample else {}),
                              "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256"),
                              "remake": remake_command(self.dataset)},
