@@ -748,6 +748,54 @@ def test_runs_compare_sets_runs_side_by_side(with_shakespeare, workspace, tmp_pa
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_runs_compare_reads_a_pattern_as_one_column_of_mean_and_spread(with_shakespeare, workspace, tmp_path):
+    """QA (researcher): a gap of 0.02 between two runs may be the seed's doing; nanoGPT and llm.c leave the repeats to
+    a spreadsheet. A pattern (`'lr0.01-*'`) takes the runs it matches as one column: mean ± sample std, the
+    settings that vary inside it listed."""
+    import statistics
+
+    from tinygpt_cli.inventory import compare_runs
+
+    for lr, seeds in (("0.002", (1, 2, 3)), ("0.01", (1, 2))):
+        for seed in seeds:
+            train(tiny_config(max_steps=2, eval_interval=2, eval_batches=1, batch_size=2, lr=lr, seed=seed),
+                  run_name=f"lr{lr}-s{seed}")
+    comparison = compare_runs(["lr0.002-*", "lr0.01-*"])
+    assert [(group.label, [run.summary.name for run in group.runs]) for group in comparison.groups] == [
+        ("lr0.002-*", ["lr0.002-s1", "lr0.002-s2", "lr0.002-s3"]), ("lr0.01-*", ["lr0.01-s1", "lr0.01-s2"])]
+    assert [run.summary.name for run in comparison.runs] == ["lr0.002-s1", "lr0.002-s2", "lr0.002-s3", "lr0.01-s1",
+                                                               "lr0.01-s2"]
+    assert comparison.differing == ["train.lr", "train.min_lr", "train.seed"]
+
+    shown = invoke("runs", "compare", "lr0.002-*", "lr0.01-*")
+    assert shown.exit_code == 0, shown.output
+    rows = _table_rows(shown.stdout)
+    assert rows[""] == ["lr0.002-* (3 runs)", "lr0.01-* (2 runs)"]
+    assert rows["train.seed"] == ["1 · 2 · 3", "1 · 2"] and rows["train.lr"] == ["0.002", "0.01"]
+    assert rows["status"] == ["3 finished", "2 finished"] and rows["steps"] == ["2/2", "2/2"]
+    for cell, group in zip(rows["val loss"], comparison.groups, strict=True):
+        finals = [run.val_curve[-1][2] for run in group.runs]
+        assert cell == f"{statistics.fmean(finals):.4f} ± {statistics.stdev(finals):.4f}"
+    as_json = json.loads(invoke("runs", "compare", "lr0.002-*", "lr0.01-*", "--json").stdout)
+    first = as_json["groups"][0]
+    assert first["label"] == "lr0.002-*" and first["runs"] == ["lr0.002-s1", "lr0.002-s2", "lr0.002-s3"]
+    finals = [run.val_curve[-1][2] for run in comparison.groups[0].runs]
+    assert first["val_loss"] == {"mean": pytest.approx(statistics.fmean(finals)),
+                                 "std": pytest.approx(statistics.stdev(finals)), "n": 3}
+    assert len(as_json["runs"]) == 5
+
+    # a pattern beside a run; a pattern of one run is that run's column; a run in two columns is refused
+    assert_one_line_error(invoke("runs", "compare", "lr0.002-s1", "lr0.002-*"),
+                          "lr0.002-s1 and lr0.002-* both take lr0.002-s1: name each run once")
+    pair = _table_rows(invoke("runs", "compare", "lr0.002-s[1]", "lr0.01-*").stdout)
+    assert pair[""] == ["lr0.002-s1", "lr0.01-* (2 runs)"] and re.fullmatch(r"\d+\.\d{4}", pair["val loss"][0])
+    assert_one_line_error(invoke("runs", "compare", "lr0.002-s1", "nothing-*"),
+                          "no run matches nothing-*: `tinygpt runs` lists them")
+    plot = tmp_path / "groups.png"
+    drawn = invoke("runs", "compare", "lr0.002-*", "lr0.01-*", "--plot", str(plot))
+    assert drawn.exit_code == 0 and plot.read_bytes().startswith(b"\x89PNG")
+
+
 def test_runs_compare_refuses_what_it_cannot_compare(with_shakespeare, workspace, tmp_path):
     cfg = tiny_config(max_steps=2, eval_batches=1, batch_size=2)
     one = train(cfg, run_name="one").run_dir

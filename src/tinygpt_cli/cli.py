@@ -1988,10 +1988,12 @@ def runs_show(
 
 @runs_app.command("compare", cls=_Command,
                   epilog="Examples:  tinygpt runs compare adamw-run muon-run  ·  tinygpt runs compare a b c --plot "
-                  "val.png  ·  tinygpt runs compare a b --json")
+                  "val.png  ·  tinygpt runs compare 'lr3e-3-*' 'lr1e-3-*'  ·  tinygpt runs compare a b --json")
 def runs_compare(
     names: Annotated[list[str], typer.Argument(metavar="RUN", help="Two runs or more, by the names `tinygpt runs` "
-                                                                   "lists (or their folders).")],
+                                                                   "lists (or their folders); a quoted pattern, "
+                                                                   "'lr3e-3-*', is one column of the runs it "
+                                                                   "matches (mean ± std).")],
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Also draw their val loss against tokens into this .png file.")] = None,
     as_json: JsonOpt = False,
@@ -2013,9 +2015,22 @@ def runs_compare(
         from tinygpt_cli.inventory import val_loss_at
         from tinygpt_cli.workspace import strict_json
 
+        def at_common(run: Any) -> float | None:
+            return None if comparison.common_tokens is None else val_loss_at(run, comparison.common_tokens)
+
+        def stats(values: list[float | None]) -> dict[str, Any] | None:
+            spread = _spread(values)
+            return None if spread is None else dict(zip(("mean", "std", "n"), spread, strict=True))
+
         print(json.dumps(strict_json({
-            "runs": [{**asdict(run), "val_loss_at_common_tokens": None if comparison.common_tokens is None else
-                      val_loss_at(run, comparison.common_tokens)} for run in comparison.runs],
+            "runs": [{**asdict(run), "val_loss_at_common_tokens": at_common(run)} for run in comparison.runs],
+            "groups": [{"label": group.label, "runs": [run.summary.name for run in group.runs],
+                        "train_loss": stats([run.train_loss for run in group.runs]),
+                        "val_loss": stats([run.val_curve[-1][2] if run.val_curve else run.summary.val_loss
+                                           for run in group.runs]),
+                        "best_val_loss": stats([run.summary.best_val_loss for run in group.runs]),
+                        "val_loss_at_common_tokens": stats([at_common(run) for run in group.runs])}
+                       for group in comparison.groups],
             "differing": comparison.differing, "same": comparison.same,
             "common_tokens": comparison.common_tokens}), allow_nan=False))
     else:
@@ -2031,7 +2046,10 @@ def runs_compare(
 
 
 def _comparison_table(comparison: Any) -> Any:
-    """`runs compare`: one column a run; the results, then the settings that differ (the best loss in bold)."""
+    """`runs compare`: one column a run, or a pattern's runs (their mean ± sample std); the results, then the
+    settings that differ (the best loss in bold)."""
+    from collections import Counter
+
     from rich.table import Column, Table
     from rich.text import Text
 
@@ -2039,57 +2057,95 @@ def _comparison_table(comparison: Any) -> Any:
     from tinygpt_cli.inventory import number_or_none, val_loss_at
     from tinygpt_cli.report import task_line
 
-    runs = comparison.runs
-    table = Table(Column("", style="bold"), *(Column(run.summary.name, overflow="fold") for run in runs))
+    groups = comparison.groups
+    table = Table(Column("", style="bold"), *(
+        Column(group.runs[0].summary.name if len(group.runs) == 1 else f"{group.label} ({len(group.runs)} runs)",
+               overflow="fold") for group in groups))
 
-    def losses(label: str, values: list[float | None], suffix: list[str] | None = None) -> None:
-        present = [value for value in values if value is not None]
+    def losses(label: str, value_of: Callable[[Any], float | None], suffix: Callable[[Any], str] | None = None,
+               digits: int = 4) -> None:
+        spreads = [_spread([value_of(run) for run in group.runs]) for group in groups]
+        present = [spread[0] for spread in spreads if spread is not None]
         best = min(present) if len(present) > 1 else None
-        table.add_row(label, *(
-            "n/a" if value is None else Text.assemble((f"{value:.4f}", "bold green" if value == best else ""), extra)
-            for value, extra in zip(values, suffix or [""] * len(values), strict=True)))
-
-    def row(label: str, cells: list[str]) -> None:
+        cells: list[Any] = []
+        for group, spread in zip(groups, spreads, strict=True):
+            if spread is None:
+                cells.append("n/a")
+                continue
+            mean, std, count = spread
+            extra = suffix(group.runs[0]) if suffix and len(group.runs) == 1 else ""
+            if std is not None:
+                extra = f" ± {std:.{digits}f}{extra}"
+            if count < len(group.runs):
+                extra += f" ({count} of {len(group.runs)})"
+            cells.append(Text.assemble((f"{mean:.{digits}f}", "bold green" if mean == best else ""), extra))
         table.add_row(label, *cells)
 
-    row("status", [run.summary.status for run in runs])
-    row("model", [f"{run.summary.size or '?'} {run.summary.shape or ''} · "
-                  f"{_fmt_count(run.summary.parameters) if run.summary.parameters else '?'} parameters"
-                  for run in runs])
-    row("data", [run.summary.dataset or "?" for run in runs])
-    row("steps", [f"{run.summary.steps:,}/{run.summary.max_steps:,}" if run.summary.max_steps else
-                  f"{run.summary.steps:,}" for run in runs])
-    row("tokens", [_fmt_count(run.summary.tokens) for run in runs])
-    losses("train loss", [run.train_loss for run in runs])
-    losses("val loss", [run.val_curve[-1][2] if run.val_curve else run.summary.val_loss for run in runs])
-    losses("best val loss", [run.summary.best_val_loss for run in runs],
-           [f" (step {run.summary.best_step:,})" if run.summary.best_step is not None else "" for run in runs])
+    def row(label: str, text_of: Callable[[Any], str]) -> None:  # the distinct values of a group's runs
+        table.add_row(label, *(" · ".join(dict.fromkeys(text_of(run) for run in group.runs)) for group in groups))
+
+    def mean_row(label: str, value_of: Callable[[Any], float | None], shown: Callable[[float], str]) -> None:
+        cells = []
+        for group in groups:
+            values = [value for run in group.runs if (value := value_of(run)) is not None]
+            cells.append(shown(sum(values) / len(values)) if values else "n/a")
+        table.add_row(label, *cells)
+
+    table.add_row("status", *(group.runs[0].summary.status if len(group.runs) == 1 else " · ".join(
+        f"{count} {status}" for status, count in Counter(run.summary.status for run in group.runs).items())
+        for group in groups))
+    row("model", lambda run: f"{run.summary.size or '?'} {run.summary.shape or ''} · "
+                             f"{_fmt_count(run.summary.parameters) if run.summary.parameters else '?'} parameters")
+    row("data", lambda run: run.summary.dataset or "?")
+    row("steps", lambda run: f"{run.summary.steps:,}/{run.summary.max_steps:,}" if run.summary.max_steps else
+        f"{run.summary.steps:,}")
+    row("tokens", lambda run: _fmt_count(run.summary.tokens))
+    losses("train loss", lambda run: run.train_loss)
+    losses("val loss", lambda run: run.val_curve[-1][2] if run.val_curve else run.summary.val_loss)
+    losses("best val loss", lambda run: run.summary.best_val_loss,
+           lambda run: f" (step {run.summary.best_step:,})" if run.summary.best_step is not None else "")
     if comparison.common_tokens is not None:
         losses(f"val loss at {_fmt_count(comparison.common_tokens)} tokens",
-               [val_loss_at(run, comparison.common_tokens) for run in runs])
-    row("training time", [_fmt_seconds(run.elapsed_s) if run.elapsed_s is not None else "n/a" for run in runs])
-    row("tokens/s", [_fmt_count(run.tokens_per_s) if run.tokens_per_s is not None else "n/a" for run in runs])
-    row("MFU", [f"{run.mfu:.1%}" if run.mfu is not None else "n/a" for run in runs])
-    for measure in dict.fromkeys(key for run in runs for key in run.measures):
-        cells = []
-        for run in runs:
-            record = run.measures.get(measure)
-            if record is None:
-                cells.append("")
-                continue
-            at = f" (step {record['step']:,})" if is_count(record.get("step")) else ""
-            if measure.startswith("loss "):
-                loss, bpb = number_or_none(record.get("loss")), number_or_none(record.get("bits_per_byte"))
-                cells.append(("n/a" if loss is None else f"{loss:.4f}")
-                             + ("" if bpb is None else f" · {bpb:.4f} bits/byte") + at)
-            else:
-                cells.append(task_line(record).split(": ", 1)[-1] + at)
-        row(measure, cells)
+               lambda run: val_loss_at(run, comparison.common_tokens))
+    mean_row("training time", lambda run: run.elapsed_s, _fmt_seconds)
+    mean_row("tokens/s", lambda run: run.tokens_per_s, _fmt_count)
+    mean_row("MFU", lambda run: run.mfu, lambda mfu: f"{mfu:.1%}")
+    for measure in dict.fromkeys(key for run in comparison.runs for key in run.measures):
+        if all(len(group.runs) == 1 for group in groups):  # each run's record as `tinygpt eval` prints it
+            cells = []
+            for group in groups:
+                record = group.runs[0].measures.get(measure)
+                if record is None:
+                    cells.append("")
+                    continue
+                at = f" (step {record['step']:,})" if is_count(record.get("step")) else ""
+                if measure.startswith("loss "):
+                    loss, bpb = number_or_none(record.get("loss")), number_or_none(record.get("bits_per_byte"))
+                    cells.append(("n/a" if loss is None else f"{loss:.4f}")
+                                 + ("" if bpb is None else f" · {bpb:.4f} bits/byte") + at)
+                else:
+                    cells.append(task_line(record).split(": ", 1)[-1] + at)
+            table.add_row(measure, *cells)
+        else:  # a pattern's runs: the mean of each one's headline figure (a loss, or an accuracy)
+            figure = "loss" if measure.startswith("loss ") else "accuracy_norm" if any(
+                "accuracy_norm" in run.measures.get(measure, {}) for run in comparison.runs) else "accuracy"
+            losses(f"{measure} {figure.replace('accuracy_norm', 'acc_norm').replace('accuracy', 'acc')}",
+                   lambda run: number_or_none(run.measures.get(measure, {}).get(figure)))  # noqa: B023 (used now)
     if comparison.differing:
         table.add_section()
         for key in comparison.differing:
-            row(key, ["" if key not in run.config else _setting(run.config[key]) for run in runs])
+            row(key, lambda run: "" if key not in run.config else _setting(run.config[key]))  # noqa: B023
     return table
+
+
+def _spread(values: list[float | None]) -> tuple[float, float | None, int] | None:
+    """(mean, sample standard deviation or None for one value, count) of the values present; None for none."""
+    import statistics
+
+    present = [value for value in values if value is not None]
+    if not present:
+        return None
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None, len(present)
 
 
 def _setting(value: Any) -> str:
@@ -2105,8 +2161,10 @@ def _write_comparison_plot(comparison: Any, path: Path) -> None:
 
     if path.is_dir():
         raise TinyGPTError(f"{path} is a folder: name the .png file to write, e.g. {path / 'val.png'}")
-    curves = [(run.summary.name, [(tokens, loss) for _, tokens, loss in run.val_curve]) for run in comparison.runs]
-    if not any(points for _, points in curves):
+    curves = [(group.runs[0].summary.name if len(group.runs) == 1 else f"{group.label} ({len(group.runs)} runs)",
+               [[(tokens, loss) for _, tokens, loss in run.val_curve] for run in group.runs])
+              for group in comparison.groups]
+    if not any(points for _, lines in curves for points in lines):
         raise TinyGPTError("none of these runs has evaluated yet (no val loss in their metrics.jsonl): nothing to "
                            "plot; compare them without --plot")
     try:

@@ -308,11 +308,21 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
-class Comparison:
+class RunGroup:
+    """A column of `runs compare`: one run, or the runs a pattern matched (repeats of one setting with other seeds,
+    read as a mean and a spread)."""
+
+    label: str  # the pattern as given, or the run's name
     runs: list[RunRecord]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    runs: list[RunRecord]  # every run compared, in the order of the columns
     differing: list[str]  # the settings (dotted keys) whose values are not the same in all runs
     same: int  # how many are
     common_tokens: int | None  # where the runs trained on different numbers of tokens: the most all have reached
+    groups: list[RunGroup]  # the columns: a run each, or a pattern's runs
 
 
 def compare_runs(specs: list[str]) -> Comparison:
@@ -322,18 +332,44 @@ def compare_runs(specs: list[str]) -> Comparison:
     if len(specs) < 2:
         raise ConfigError("name two runs or more to compare (`tinygpt runs` lists them), e.g. `tinygpt runs compare "
                           "run-a run-b`")
-    folders: dict[Path, str] = {}
+    folders: dict[Path, tuple[str, bool]] = {}  # each run's spec, and whether that is a pattern
+    columns: list[tuple[str, list[Path]]] = []
     for spec in specs:
-        run_dir = run_of_checkpoints(find_run(spec)).resolve()
-        if run_dir in folders:
-            raise ConfigError(f"{spec} and {folders[run_dir]} are the same run: name each run once")
-        folders[run_dir] = spec
-    runs = [run_record(run_dir) for run_dir in folders]
+        matched = _matching_runs(spec)
+        found = matched if matched is not None else [run_of_checkpoints(find_run(spec)).resolve()]
+        for run_dir in found:
+            if run_dir in folders:
+                before, pattern = folders[run_dir]
+                same = f"both take {run_dir.name}" if pattern or matched is not None else "are the same run"
+                raise ConfigError(f"{before} and {spec} {same}: name each run once")
+            folders[run_dir] = (spec, matched is not None)
+        columns.append((spec if len(found) > 1 else found[0].name, found))
+    records = {run_dir: run_record(run_dir) for run_dir in folders}
+    groups = [RunGroup(label, [records[run_dir] for run_dir in found]) for label, found in columns]
+    runs = [run for group in groups for run in group.runs]
     keys = list(dict.fromkeys(key for run in runs for key in run.config))
     differing = [key for key in keys if len({repr(run.config.get(key)) for run in runs}) > 1]
     reached = [run.val_curve[-1][1] for run in runs if run.val_curve]
     common = min(reached) if len(reached) == len(runs) and len(set(reached)) > 1 else None
-    return Comparison(runs, differing, len(keys) - len(differing), common)
+    return Comparison(runs, differing, len(keys) - len(differing), common, groups)
+
+
+def _matching_runs(spec: str) -> list[Path] | None:
+    """The workspace's run folders whose names a pattern (`lr0.01-*`, `s[1-3]`) matches, by name; None where `spec`
+    is no pattern: a path, or a name without * ? [ (or a run of that very name)."""
+    import fnmatch
+
+    from tinygpt_cli.checkpoint import scan_runs
+
+    if not workspace.is_bare_name(spec) or not any(char in spec for char in "*?[") \
+            or (workspace.runs_dir() / spec).is_dir():
+        return None
+    scan = scan_runs()
+    candidates = [*scan.complete, *(run for _, run in scan.incomplete), *scan.unsaved]
+    matched = sorted((run for run in candidates if fnmatch.fnmatchcase(run.name, spec)), key=lambda run: run.name)
+    if not matched:
+        raise CheckpointError(f"no run matches {spec}: `tinygpt runs` lists them")
+    return [run.resolve() for run in matched]
 
 
 def run_record(run_dir: Path) -> RunRecord:

@@ -32,7 +32,8 @@ _GLYPHS = {
     "m": "000111111101101", "q": "000011101011001", "u": "000101101101111", "w": "000101101111111",
     "x": "000000101010101", "y": "000101101011110", "z": "000111001100111", "_": "000000000000111",
     "/": "001001010100100", ":": "000010000010000", "(": "010100100100010", ")": "010001001001010",
-    "+": "000010111010000", ",": "000000000010100", "=": "000111000111000",
+    "+": "000010111010000", ",": "000000000010100", "=": "000111000111000", "*": "000101010101000",
+    "?": "111001010000010", "[": "110100100100110", "]": "011001001001011",
 }
 _TRAIN_COLOUR = (31, 119, 180)
 _VAL_COLOUR = (214, 39, 40)
@@ -133,10 +134,12 @@ def render_loss_plot(train: list[tuple[int, float]], val: list[tuple[int, float]
                           width, height)
 
 
-def render_comparison_plot(curves: list[tuple[str, list[tuple[int, float]]]], x_label: str = "tokens") -> bytes:
-    """A PNG of several runs' val loss against tokens (or steps): one colour each, named above the frame."""
+def render_comparison_plot(curves: list[tuple[str, list[list[tuple[int, float]]]]], x_label: str = "tokens") -> bytes:
+    """A PNG of several runs' val loss against tokens (or steps): one colour a name, named above the frame; a name's
+    lines are its runs (a pattern's repeats)."""
     colours = [_RUN_COLOURS[index % len(_RUN_COLOURS)] for index in range(len(curves))]
-    return _render_curves([(points, colour) for (_, points), colour in zip(curves, colours, strict=True)],
+    return _render_curves([(points, colour) for (_, lines), colour in zip(curves, colours, strict=True)
+                           for points in lines],
                           [[(name, colour)] for (name, _), colour in zip(curves, colours, strict=True)]
                           + [[(f"val loss against {x_label}", _AXIS_COLOUR)]], x_label)
 
