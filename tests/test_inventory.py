@@ -783,6 +783,11 @@ def test_runs_compare_reads_a_pattern_as_one_column_of_mean_and_spread(with_shak
     assert first["val_loss"] == {"mean": pytest.approx(statistics.fmean(finals)),
                                  "std": pytest.approx(statistics.stdev(finals)), "n": 3}
     assert len(as_json["runs"]) == 5
+    # an eval of some runs: each column reads the mean of those that have it, and says how many of its runs do
+    for name in ("lr0.01-s1", "lr0.01-s2", "lr0.002-s2"):
+        assert invoke("eval", name, "--tokens", "256").exit_code == 0
+    evals = _table_rows(invoke("runs", "compare", "lr0.002-*", "lr0.01-*").stdout)["loss shakespeare/val loss"]
+    assert re.fullmatch(r"\d+\.\d{4} \(1 of 3\)", evals[0]) and re.fullmatch(r"\d+\.\d{4} ± \d\.\d{4}", evals[1])
 
     # a pattern beside a run; a pattern of one run is that run's column; a run in two columns is refused
     assert_one_line_error(invoke("runs", "compare", "lr0.002-s1", "lr0.002-*"),
