@@ -526,11 +526,77 @@ def test_force_never_replaces_a_folder_of_ones_own_that_holds_a_config_json(hf_s
     assert invoke("export", str(hf_source), "--out", str(ours), "--force", "--dtype", "fp16").exit_code == 0
     assert json.loads((ours / "config.json").read_text())["torch_dtype"] == "float16"
     (ours / "NOTES.md").write_text("mine")  # a file of one's own added to an export: no longer only an export
-    assert_one_line_error(invoke("export", str(hf_source), "--out", str(ours), "--force"), "is not an earlier export")
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(ours), "--force"),
+                          "is not an earlier export (it holds NOTES.md)")
     from tinygpt_cli import export
 
-    assert export._is_export(workspace / "Model.GGUF") is True  # a file: the suffix in any case
+    assert export._not_an_export(workspace / "Model.GGUF") is None  # a file: the suffix in any case
     assert set(export.tokenizer_files(8)) == set(export.TOKENIZER_FILES)
+
+
+def test_force_keeps_a_git_clone_and_refuses_weights_another_tool_saved_over_an_export(hf_source, workspace):
+    """QA: `--force` into an export kept in a git clone (to push to the Hub) swapped the folder whole and the
+    repository's history went with it; and a model fine-tuned in transformers and saved over an export (its
+    config.json copies tinygpt_version) was taken for an export and replaced. The folder's hidden entries are now
+    kept, and weights another tool saved make it no export."""
+    from safetensors.torch import load_file, save_file
+
+    repo = workspace / "repo"
+    assert invoke("export", str(hf_source), "--out", str(repo)).exit_code == 0
+    (repo / ".git").mkdir()
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (repo / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    replaced = invoke("export", str(hf_source), "--out", str(repo), "--force", "--dtype", "fp16")
+    assert replaced.exit_code == 0, replaced.output
+    assert (repo / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n" and (repo / ".gitattributes").is_file()
+    assert json.loads((repo / "config.json").read_text())["torch_dtype"] == "float16"
+    assert sorted(p.name for p in repo.iterdir() if p.name.startswith(".")) == [".git", ".gitattributes"]
+    clone = workspace / "clone"  # a fresh clone of an empty model repository: only hidden entries, so free
+    (clone / ".git").mkdir(parents=True)
+    assert invoke("export", str(hf_source), "--out", str(clone)).exit_code == 0
+    assert (clone / "config.json").is_file() and (clone / ".git").is_dir()
+
+    weights = repo / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})  # as save_pretrained writes it
+    before = weights.read_bytes()
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(repo), "--force"),
+                          "its model.safetensors was saved by another tool since")
+    assert weights.read_bytes() == before
+
+
+def test_an_existing_folder_on_another_filesystem_is_filled_from_a_temp_folder_inside_it(hf_source, workspace,
+                                                                                        monkeypatch):
+    """QA: `--out` an empty mount point (a Docker volume at /out), which docs/export.md says is filled file by file,
+    always failed with "Invalid cross-device link": the files were written beside it, on the parent's filesystem,
+    and renamed in. They are written inside it now."""
+    mount = workspace / "volume"
+    mount.mkdir()
+    real = os.replace
+
+    def across_filesystems(src, dst):
+        if (mount in Path(src).parents) != (mount in Path(dst).parents):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", across_filesystems)
+    for extra in ((), ("--force", "--dtype", "fp16")):  # into the empty folder, then over that export
+        result = invoke("export", str(hf_source), "--out", str(mount), *extra)
+        assert result.exit_code == 0, result.output
+    assert export.load_model(str(mount)).state["format"] == "huggingface"
+    assert not [p.name for p in mount.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in workspace.iterdir() if p.name.startswith(".volume")]
+
+
+def test_weights_beyond_fp16s_range_are_not_exported_as_infinities(workspace, tmp_path):
+    """QA: a weight of 1e6 exported with --dtype fp16 became inf in the safetensors and the gguf, without a word."""
+    model = random_model()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e6
+    source = hf_folder(model, tmp_path / "big")
+    assert_one_line_error(invoke("export", str(source), "--dtype", "fp16", "--out", str(tmp_path / "half")),
+                          "transformer.h.0.mlp.c_fc.weight holds 1e+06, beyond fp16's range (±65504)")
+    assert not (tmp_path / "half").exists()
+    assert invoke("export", str(source), "--dtype", "bf16", "--out", str(tmp_path / "brain")).exit_code == 0
 
 
 def test_weights_with_nan_are_not_exported(workspace, tmp_path):
@@ -879,6 +945,46 @@ def test_an_export_killed_while_filling_a_folder_is_finished_by_the_same_command
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left either
     assert export.load_model(str(out)).state["format"] == "huggingface"
+
+
+@pytest.mark.parametrize("phase", ["setaside", "tmp"])
+def test_a_force_killed_while_replacing_an_export_in_place_brings_the_earlier_back(hf_source, workspace, tmp_path,
+                                                                                    phase):
+    """An export filled in place (a folder of its own hidden entries: `.git`) moves the earlier export aside before
+    moving the new one in. Killed part-way through either (SIGKILL), the next export to the folder puts the earlier
+    export back as it was, and then refuses it without --force, as before the kill."""
+    import signal
+    import textwrap
+
+    out = tmp_path / "out"
+    assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
+    (out / ".git").mkdir()
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from pathlib import Path
+        from tinygpt_cli import export
+        from tinygpt_cli.cli import main
+        real, moved, phase = export.workspace.replace, [], sys.argv[3]
+        def replace(src, dst):
+            real(src, dst)
+            if f".tinygpt-export.{phase}-" in str(src) + str(dst) and Path(dst).suffix != "":
+                moved.append(dst)
+                if len(moved) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        export.workspace.replace = replace
+        sys.argv = ["tinygpt", "export", sys.argv[1], "--out", sys.argv[2], "--force", "--dtype", "fp16"]
+        main()
+    """)
+    killed = subprocess.run([sys.executable, "-c", script, str(hf_source), str(out), phase], env=dict(os.environ),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists: pass --force")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".git"]
+    assert invoke("export", str(hf_source), "--out", str(out), "--force", "--dtype", "fp16").exit_code == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".git"]
 
 
 def test_an_export_still_filling_a_folder_is_left_alone(hf_source, workspace, tmp_path):

@@ -524,7 +524,7 @@ def export_model(
 
     loaded = load_model(source)
     model = loaded.model
-    _check_finite(model, loaded.path)
+    _check_finite(model, loaded.path, dtype)
     name = _source_name(loaded)
     if target is None:
         target = default_export_path(name, fmt, dtype)
@@ -534,12 +534,16 @@ def export_model(
     parent = target.parent
     # the folders mkdir will make, deepest first: a failed export removes them again (if still empty)
     made = [folder for folder in (parent, *parent.parents) if not folder.exists()]
-    tmp = parent / f".{target.name}.tmp-{os.getpid()}"
+    # a folder that exists (made by hand, a mount point, the current one, an earlier export in a git clone) is
+    # filled in place, its own hidden entries kept: the temp folder is inside it, on its filesystem
+    in_place = not single_file and target.is_dir() and not target.is_symlink()
+    home, temp_name = (target, IN_PLACE) if in_place else (parent, target.name)
+    tmp = home / f".{temp_name}.tmp-{os.getpid()}"
     placed = False  # the new export is at `target`: what follows only tidies up
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
-        _remove_stale_temps(parent, target.name)
+        _remove_stale_temps(home, temp_name)
         if not single_file:
             tmp.mkdir()
         if fmt == "hf":
@@ -549,8 +553,10 @@ def export_model(
         else:
             write_onnx(model, tmp, dtype)
         _fsync_tree(tmp)
-        if not single_file and target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
-            _fill(target, tmp)  # an empty folder (made by hand, a mount point, the current one) is kept
+        if in_place:
+            _check_out(target, force, loaded.path)  # again: another export may have written it since the first look
+            _fill(target, tmp)
+            placed = True
         elif target.exists() or target.is_symlink():  # force: swap the new one in, then drop the old one
             _check_out(target, force, loaded.path)  # again: another export may have written it since the first look
             old = parent / f".{target.name}.old-{os.getpid()}"
@@ -591,17 +597,33 @@ def export_model(
 
 # In a folder an export is moving its files into (`_fill`): its process id, then their names, until all are there.
 FILLING = ".tinygpt-export-filling"
+# An export filling a folder in place names its hidden entries `.tinygpt-export.<kind>-<pid>`: `tmp` (the files
+# being written), `setaside` (an earlier export's files being moved out of the way) and `old` (all of them, out of
+# the way: kept until the new export is complete, then removed).
+IN_PLACE = "tinygpt-export"
 
 
 def _fill(folder: Path, tmp: Path) -> None:
-    """Move the files of `tmp` into the empty `folder` (rather than renaming over it, which fails for the current
-    folder and mount points and would drop its permissions), then remove `tmp`; on failure `folder` is emptied.
-    Until the last is in, `folder` lists them in FILLING: a process killed before then (SIGKILL) leaves a part of
-    an export that loads as a model but lacks its tokenizer, which `_undo_killed_fill` and the loader see."""
+    """Move the files of `tmp` into `folder` (rather than renaming over it, which fails for the current folder and
+    mount points, would drop its permissions and its hidden entries, such as a git clone's `.git`), then remove
+    `tmp`. An earlier export there (`--force`) is first moved aside, whole, into `.tinygpt-export.old-<pid>`, and
+    removed once the new one is in; on failure the new files go and the earlier ones come back. Until the last is
+    in, `folder` lists the new files in FILLING: a process killed before then (SIGKILL) leaves a part of an export
+    that loads as a model but lacks its tokenizer, which `_undo_killed_fill` (which also brings an earlier export
+    back) and the loader see."""
     names = sorted(child.name for child in tmp.iterdir())
+    earlier = sorted(child.name for child in folder.iterdir() if not child.name.startswith("."))
     marker = folder / FILLING
-    moved = [marker]
+    setting_aside = folder / f".{IN_PLACE}.setaside-{os.getpid()}"
+    aside = folder / f".{IN_PLACE}.old-{os.getpid()}"
+    moved: list[Path] = []
     try:
+        if earlier:  # all of it aside, then renamed as one: a kill part-way leaves `setaside`, which is moved back
+            setting_aside.mkdir()
+            for name in earlier:
+                workspace.replace(folder / name, setting_aside / name)
+            fsync_dir(setting_aside)
+            workspace.replace(setting_aside, aside)
         marker.write_text(f"{os.getpid()}\n" + "".join(f"{name}\n" for name in names), encoding="utf-8")
         fsync_file(marker)
         fsync_dir(folder)
@@ -614,24 +636,58 @@ def _fill(folder: Path, tmp: Path) -> None:
     except BaseException:
         for path in moved:
             _remove(path)
+        for kept in (setting_aside, aside):
+            _move_back(kept, folder)
+        _remove(marker)
         raise
     fsync_dir(folder)
+    _remove(aside)  # (killed here, the next export to this folder removes it)
+
+
+def _move_back(kept: Path, folder: Path) -> None:
+    """Move an earlier export's files, set aside in `kept`, back into `folder`, and remove `kept`."""
+    if not kept.is_dir():
+        return
+    for child in kept.iterdir():
+        if not (folder / child.name).exists():
+            workspace.replace(child, folder / child.name)
+    _remove(kept)
 
 
 def _undo_killed_fill(folder: Path) -> None:
-    """Empty a folder that an export killed while moving its files in (`_fill`) left part-filled: the files it
-    lists go, then the list, so the folder is as that export found it, and this export fills it. One still
-    filling it (its process alive) is left alone: the folder is then not empty, which `_check_out` refuses."""
+    """Put back a folder that an export killed while moving its files in (`_fill`) left part-filled: the files it
+    lists go, then the list, and an earlier export it had moved aside comes back, so the folder is as that export
+    found it, and this export fills it. One still filling it (its process alive) is left alone: the folder is then
+    not empty, which `_check_out` refuses."""
+    def dead(kind: str) -> list[Path]:  # the hidden entries of that kind left by exports no longer running
+        try:
+            children = list(folder.iterdir())
+        except OSError:
+            return []
+        found = []
+        for child in children:
+            named, _, pid = child.name.removeprefix(f".{IN_PLACE}.").partition("-")
+            if named == kind and child.name.startswith(f".{IN_PLACE}.") and pid.isdigit() \
+                    and int(pid) != os.getpid() and not workspace.pid_alive(int(pid)):
+                found.append(child)
+        return found
+
+    for child in dead("setaside"):  # killed while setting an earlier export aside: it comes back
+        _move_back(child, folder)
+    for child in dead("tmp"):  # killed while writing its files
+        _remove(child)
     try:
         pid, *names = (folder / FILLING).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, ValueError):
-        return  # none (the usual case), or not ours to read
-    if not pid.isdigit() or (int(pid) != os.getpid() and workspace.pid_alive(int(pid))):
-        return
-    for name in names:
-        if name and Path(name).name == name and name not in (".", ".."):
-            _remove(folder / name)
-    _remove(folder / FILLING)
+        pid, names = "", []  # none (the usual case), or not ours to read
+    if pid.isdigit() and (int(pid) == os.getpid() or not workspace.pid_alive(int(pid))):
+        for name in names:
+            if name and Path(name).name == name and name not in (".", ".."):
+                _remove(folder / name)
+        _move_back(folder / f".{IN_PLACE}.old-{pid}", folder)
+        _remove(folder / FILLING)
+    for child in dead("old"):  # killed after the new export was complete: the one it replaced
+        _remove(child)
 
 
 def _remove_stale_temps(parent: Path, name: str) -> None:
@@ -668,14 +724,22 @@ def _place_new(tmp: Path, target: Path) -> None:
         tmp.unlink()
 
 
-def _check_finite(model: GPT, source: Path | None) -> None:
+FP16_MAX = 65504.0  # the largest finite float16
+
+
+def _check_finite(model: GPT, source: Path | None, dtype: str = "fp32") -> None:
     """Refuse weights with NaN or infinite values (a run that diverged, a weights file damaged inside: safetensors
-    checks its header, not its data), which would export without a word and load everywhere as a broken model."""
+    checks its header, not its data), which would export without a word and load everywhere as a broken model; and
+    for fp16, weights beyond its range, which the cast would turn into infinities."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not bool(torch.isfinite(param).all()):
                 raise ExportError(f"the weights of {source or 'the model'} hold NaN or infinite values ({name}): "
                                   f"the run diverged or the file is damaged; export an earlier checkpoint")
+            largest = float(param.abs().max()) if dtype == "fp16" and param.numel() else 0.0
+            if largest > FP16_MAX:
+                raise ExportError(f"{name} holds {largest:.4g}, beyond fp16's range (±{FP16_MAX:.0f}), which would "
+                                  f"export as infinity: export with --dtype bf16 or fp32")
 
 
 def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
@@ -693,10 +757,11 @@ def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
     if any(here == kept or here in kept.parents for kept in (path.resolve() for path in guarded)):
         raise ExportError(f"{target} holds the model being exported, the workspace or the current folder: "
                           "--force only replaces an earlier export; choose another --out")
-    if not _is_export(target):
-        raise ExportError(f"{target} is not an earlier export: --force only replaces a .gguf file or a folder "
-                          "of an export's files alone (a tinygpt config.json, model.onnx or model.gguf, and the "
-                          "files exported with them); choose another --out")
+    problem = _not_an_export(target)
+    if problem:
+        raise ExportError(f"{target} is not an earlier export ({problem}): --force only replaces a .gguf file or a "
+                          "folder of an export's files alone (a tinygpt config.json, model.onnx or model.gguf, and "
+                          "the files exported with them); choose another --out")
     if not force:  # (advised only where it would replace the export)
         raise ExportError(f"{target} already exists: pass --force to replace it, or choose another --out")
 
@@ -706,19 +771,27 @@ EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safete
                           "model.gguf", *TOKENIZER_FILES})
 
 
-def _is_export(path: Path) -> bool:
-    """Whether `path` is what `export_model` writes: a .gguf file, or a folder of an export's files alone
-    (EXPORT_FILES): an hf export (its config.json says tinygpt wrote it: another tool's model folder is not one),
-    an onnx export, or model.gguf alone (an older gguf export). Hidden entries (tools' caches, e.g. `.cache/`) are
-    allowed; any other file or folder is not (a folder of one's own with a config.json in it was replaced whole)."""
-    if not path.is_dir() or path.is_symlink():
-        return path.suffix.lower() == ".gguf"
+def _not_an_export(path: Path) -> str | None:
+    """Why `path` is not what `export_model` writes, in a few words; None where it is: a .gguf file, or a folder of
+    an export's files alone (EXPORT_FILES): an hf export (its config.json and weights say tinygpt wrote them:
+    another tool's model folder is not one, nor one that transformers' `save_pretrained` wrote over an export, which
+    copies config.json's keys but not the weights' metadata), an onnx export, or model.gguf alone (an older gguf
+    export). Hidden entries (a git clone's `.git`, tools' caches) are the folder's own, kept by an export."""
+    if path.is_symlink():
+        return None if path.suffix.lower() == ".gguf" else "it is a link"
+    if not path.is_dir():
+        return None if path.suffix.lower() == ".gguf" else "it is a file"
     names = {child.name for child in path.iterdir() if not child.name.startswith(".")}
-    if not names <= EXPORT_FILES or any((path / name).is_dir() for name in names):
-        return False
+    stray = sorted(name for name in names if name not in EXPORT_FILES or (path / name).is_dir())
+    if stray:
+        return f"it holds {stray[0]}" + (f" and {workspace.counted(len(stray) - 1, 'more')}" if len(stray) > 1 else "")
     if "config.json" in names:
-        return _written_by_tinygpt(path / "config.json")
-    return "model.onnx" in names or names == {"model.gguf"}
+        if not _written_by_tinygpt(path / "config.json"):
+            return "its config.json is another tool's"
+        if _HF_WEIGHTS in names and not _weights_by_tinygpt(path / _HF_WEIGHTS):
+            return f"its {_HF_WEIGHTS} was saved by another tool since, e.g. transformers' save_pretrained"
+        return None
+    return None if "model.onnx" in names or names == {"model.gguf"} else "it holds no model file"
 
 
 def _written_by_tinygpt(config: Path) -> bool:
@@ -730,10 +803,22 @@ def _written_by_tinygpt(config: Path) -> bool:
     return isinstance(loaded, dict) and "tinygpt_version" in loaded
 
 
+def _weights_by_tinygpt(weights: Path) -> bool:
+    """Whether a model.safetensors is one `write_hf` wrote (its header's metadata records `tinygpt_version`)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return "tinygpt_version" in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 (a damaged or cut file: not known to be ours)
+        return False
+
+
 def _occupied(path: Path) -> bool:
-    """Whether writing to `path` would replace something (an empty folder, e.g. made by hand, is free)."""
+    """Whether writing to `path` would replace something (a folder that holds nothing but hidden entries, e.g.
+    made by hand or a git clone of a model repository, is free: an export fills it and keeps them)."""
     if path.is_dir() and not path.is_symlink():
-        return any(path.iterdir())
+        return any(not child.name.startswith(".") for child in path.iterdir())
     return path.exists() or path.is_symlink()
 
 
