@@ -810,7 +810,7 @@ def _weights_by_tinygpt(weights: Path) -> bool:
     try:
         with safe_open(str(weights), framework="pt") as handle:
             return "tinygpt_version" in (handle.metadata() or {})
-    except Exception:  # noqa: BLE001 (a damaged or cut file: not known to be ours)
+    except Exception:  # a damaged or cut file: not known to be ours
         return False
 
 
