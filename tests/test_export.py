@@ -622,6 +622,17 @@ def test_an_out_named_like_a_file_of_the_format(hf_source, workspace, tmp_path):
     assert_one_line_error(invoke("export", str(hf_source), "-f", "onnx", "--out", str(tmp_path / "m.onnx")),
                           "--format onnx writes a folder (model.onnx beside the tokenizer files), not the file m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+    # QA: --format hf into foo.gguf made a folder named foo.gguf; --out "" and "   " were the current folder and a
+    # folder named by three spaces, an empty SOURCE the latest run; --dtype FP16 was refused for its case
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(tmp_path / "foo.gguf")),
+                          "--format hf writes a folder, and foo.gguf names a GGUF file: pass --format gguf")
+    for blank in ("", "   "):
+        assert_one_line_error(invoke("export", str(hf_source), "--out", blank), "--out", code=2)
+        assert_one_line_error(invoke("export", blank), "is empty: name a run", code=2)
+    assert not (tmp_path / "foo.gguf").exists() and not list(Path.cwd().glob("   "))
+    cased = invoke("export", str(hf_source), "--format", "HF", "--dtype", "FP16", "--out", str(tmp_path / "cased"))
+    assert cased.exit_code == 0, cased.output
+    assert json.loads((tmp_path / "cased" / "config.json").read_text())["torch_dtype"] == "float16"
 
 
 def test_cli_export_force_replaces_only_an_earlier_export(hf_source, workspace, tmp_path):

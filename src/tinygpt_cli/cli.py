@@ -1669,7 +1669,7 @@ def export(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers) | gguf (llama.cpp) | onnx.")] = "hf",
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--out", "-o", help="Output folder (gguf: a .gguf file or a folder; default: under exports/)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (hf, gguf) | q8_0 (gguf).")] = "fp32",
@@ -1679,6 +1679,14 @@ def export(
     """Export a model for Hugging Face transformers, llama.cpp (GGUF) or ONNX Runtime."""
     from tinygpt_cli.export import check_format, export_model
 
+    # a script's empty variable (`--out "$DIR"`) is a mistake, not the current folder or the latest run
+    if out is not None and not out.strip():
+        raise typer.BadParameter("is empty: name a folder (gguf: or a .gguf file), or leave --out out for one under "
+                                 "exports/", param_hint="--out")
+    if source is not None and not source.strip():
+        raise typer.BadParameter("is empty: name a run, checkpoint or model folder, or leave it out for the latest "
+                                 "run", param_hint="SOURCE")
+    fmt, dtype = fmt.lower(), dtype.lower()
     check_format(fmt, dtype)  # before loading anything
     err = _stderr_console()
     err.print(f"Exporting {source or 'the latest run'} as {fmt} ({dtype})…", soft_wrap=True)

@@ -516,6 +516,9 @@ def export_model(
     target = Path(os.path.abspath(Path(out).expanduser())) if out is not None else None
     if target is not None and fmt == "gguf" and target.suffix.lower() != ".gguf":
         target = target / "model.gguf"  # a folder gets model.gguf; what else it holds stays
+    if target is not None and fmt != "gguf" and target.suffix.lower() == ".gguf" and not target.is_dir():
+        raise ExportError(f"--format {fmt} writes a folder, and {target.name} names a GGUF file: pass --format gguf, "
+                          f"or give --out a folder, e.g. --out {target.with_suffix('')}-{fmt}")
     if target is not None and fmt == "onnx" and target.suffix.lower() == ".onnx" and not target.is_dir():
         raise ExportError(f"--format onnx writes a folder (model.onnx beside the tokenizer files), not the file "
                           f"{target.name}: give --out a folder, e.g. --out {target.with_suffix('')}-onnx")
