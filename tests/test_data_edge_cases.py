@@ -170,6 +170,32 @@ def test_a_folder_source_follows_symlinked_subfolders_like_a_glob(workspace, tmp
     assert sources.local_source(str(corpus / "**" / "*.jsonl")).documents == 12
 
 
+def test_a_recursive_glob_over_two_link_loops_ends(workspace, tmp_path):
+    """QA: `tokenize '**/*.jsonl'` in a tree with two links back up it (`a/up -> ..`, `self -> .`) ran at full CPU
+    for 10 minutes and more, printing nothing: Python's glob follows every link. It is walked as a folder is now,
+    each real folder once, and matched as glob matches (`*` within a name, `[0-9]` a range, hidden ones left out)."""
+    import subprocess
+    import sys
+
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / ".hidden").mkdir()
+    for name in ("a/x.jsonl", "a/b/y.jsonl", "z.jsonl", ".hidden/h.jsonl", "a/b/n5.txt", "a/b/nA.txt"):
+        _jsonl(tree / name, [f"text of {name}"])
+    (tree / "a" / "up").symlink_to("..", target_is_directory=True)
+    (tree / "self").symlink_to(".", target_is_directory=True)
+    script = ("import sys; from tinygpt_cli import sources; "
+              "print(sorted(d.path.relative_to(sys.argv[1]).as_posix() for d in "
+              "sources.local_source(sys.argv[1] + '/' + sys.argv[2]).files))")
+    for pattern, expected in (("**/*.jsonl", ["a/b/y.jsonl", "a/x.jsonl", "z.jsonl"]),
+                              ("a/**/n[0-9].txt", ["a/b/n5.txt"]), ("**/n[!0-9].txt", ["a/b/nA.txt"]),
+                              ("a/*/y.jsonl", ["a/b/y.jsonl"])):
+        listed = subprocess.run([sys.executable, "-c", script, str(tree), pattern], capture_output=True, text=True,
+                                timeout=120)
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.strip() == repr(expected), pattern
+
+
 def test_a_folder_a_glob_matches_is_named_not_silently_dropped(workspace, tmp_path):
     """`tokenize 'corpus/*'` dropped a matched subfolder without a word (audit). A glob reads the files it matches
     (reading the folders too would change what an existing command reads: a project's venv/ of LICENSE.txt
@@ -311,6 +337,20 @@ def test_a_large_utf16_file_is_named_with_the_right_conversion(workspace, monkey
     path.write_bytes("Line of the book.\n".join("" for _ in range(80)).encode("utf-16"))
     with pytest.raises(DataError, match=r"wide\.txt is not UTF-8 text .*iconv -f utf-16 -t utf-8"):
         data.tokenize(str(path), name="wide")
+
+
+@pytest.mark.parametrize("whole_bytes", [None, 64])
+def test_utf16_without_its_mark_is_named_not_tokenized_as_text(workspace, monkeypatch, whole_bytes):
+    """QA: a UTF-16LE .txt without a byte-order mark is valid UTF-8 (each ASCII letter then a NUL), so it went in as
+    'h\\x00e\\x00l\\x00…', once as the whole val split. A NUL is no text: the file is skipped and named, with the
+    iconv line for its byte order; read whole or streamed."""
+    if whole_bytes:
+        monkeypatch.setattr(sources, "TXT_WHOLE_BYTES", whole_bytes)
+    for name, codec, source in (("le.txt", "utf-16-le", "utf-16le"), ("be.txt", "utf-16-be", "utf-16be")):
+        path = workspace / name
+        path.write_bytes(" ".join(f"Line {i} of the book." for i in range(40)).encode(codec))
+        with pytest.raises(DataError, match=rf"{name.replace('.', r'[.]')} is not UTF-8 text .*iconv -f {source} -t"):
+            data.tokenize(str(path), name=name.split(".")[0])
 
 
 def test_a_linked_dataset_folder_is_tokenized_where_it_points(workspace, tmp_path):

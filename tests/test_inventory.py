@@ -628,6 +628,27 @@ def test_a_run_or_dataset_in_use_is_not_deleted(with_shakespeare, workspace):
     assert a.is_dir() and (with_shakespeare / "meta.json").is_file()
 
 
+def test_a_dataset_runs_trained_on_is_tokenized_again_only_with_force(with_shakespeare, workspace):
+    """QA: `tokenize --force` replaced the dataset a run was training on (`data rm` refuses to delete it), which
+    then finished on deleted files and could not resume; and the same source with other settings replaced one that
+    runs had trained on without a word."""
+    from tinygpt_cli import workspace as ws
+
+    a, _ = _two_runs()
+    meta = (with_shakespeare / "meta.json").read_bytes()
+    with ws.exclusive(ws.lock_of(a), "runs/a"):
+        for force in ((), ("--force",)):
+            assert_one_line_error(invoke("tokenize", "--fraction", "0.5", *force),
+                                  "run a is training on data/shakespeare now: wait for it to end or stop it")
+    assert_one_line_error(invoke("tokenize", "--fraction", "0.5"),
+                          "2 runs trained on data/shakespeare (b, a), and these settings would make other data of it")
+    assert (with_shakespeare / "meta.json").read_bytes() == meta
+    assert invoke("tokenize").exit_code == 0  # the same settings: up to date, nothing changes under them
+    forced = invoke("tokenize", "--fraction", "0.5", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((with_shakespeare / "meta.json").read_text())["fraction"] == 0.5
+
+
 def test_data_rm_names_the_runs_that_need_it_and_takes_an_interrupted_tokenize_along(with_shakespeare, workspace):
     _two_runs()
     tokens = sum(json.loads((with_shakespeare / "meta.json").read_text())["splits"][s]["tokens"] for s in ("train",

@@ -564,6 +564,7 @@ def tokenize(
         workspace.check_disk(home.parent, 2 * estimated_tokens - written,
                              f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                              "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
+        _check_not_in_use(final_dir, force)  # a run reads it now, or trained on it: it would change under them
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
         partial = _Partial(partial_dir, job)
@@ -870,6 +871,27 @@ def _source_of(src: Source) -> dict[str, Any]:
     return {"kind": src.kind, "spec": src.description if local else src.name,
             "location": str(Path(src.description).expanduser().resolve()) if local else None,
             "text_field": src.text_field if src.kind != "embedded" else None}
+
+
+def _check_not_in_use(folder: Path, force: bool) -> None:
+    """Refuse to replace a dataset a run is training on now (even with --force, as `data rm` refuses to delete
+    it: the run would go on reading the old files, deleted, and could not resume on the new ones), and, without
+    --force, one that runs trained on: tokenized with other settings it would no longer be theirs, and resuming
+    one would need it made again as it was."""
+    from tinygpt_cli.inventory import list_run_summaries
+
+    if not (folder / "meta.json").is_file():
+        return
+    users = [summary for summary in list_run_summaries() if summary.dataset == folder.name]
+    training = [summary.name for summary in users if summary.training]
+    if training:
+        raise DataError(f"run {training[0]} is training on data/{folder.name} now: wait for it to end or stop it "
+                        f"before tokenizing it again, or pick another --name")
+    if users and not force:
+        names = ", ".join(summary.name for summary in users[:3]) + (", …" if len(users) > 3 else "")
+        raise DataError(f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} ({names}), and these "
+                        f"settings would make other data of it (resuming one would need it tokenized again as it "
+                        f"was): pick another --name, or pass --force to replace it")
 
 
 def _check_not_another_source(folder: Path, src: Source) -> None:

@@ -90,10 +90,13 @@ def conversion_advice(where: str) -> str:
     else from latin1 (the likeliest unmarked one)."""
     try:
         with open(where, "rb") as handle:
-            codec = text_codec(handle.read(4))
+            head = handle.read(4)
     except OSError:  # `path:line` of a .jsonl, or gone
-        codec = "utf-8"
+        head = b""
+    codec = text_codec(head)
     source = codec if codec in ("utf-16", "utf-32") else "latin1"
+    if codec == "utf-8" and b"\0" in head:  # UTF-16 without a mark: ASCII's NULs say which byte order
+        source = "utf-16le" if head[1:2] == b"\0" else "utf-16be"
     return f"iconv -f {source} -t utf-8"
 
 
@@ -334,6 +337,46 @@ def _files_under(folder: Path) -> tuple[list[Path], list[str]]:
     return sorted(p for p in found if p.is_file()), unreadable
 
 
+def _recursive_glob(pattern: Path) -> tuple[list[Path], list[str]]:
+    """The files a `**` glob matches, found by walking the folder before its first wildcard as `_files_under`
+    walks a folder given (each real folder once, hidden ones left out, as glob leaves them): Python's glob follows
+    every link, so a tree with two links back up it (`a/up -> ..`, `self -> .`) took it forever. Returned as
+    `_files_under` returns them."""
+    parts = pattern.parts
+    fixed = next((index for index, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    if not base.is_dir():
+        return [], []
+    regex = re.compile("".join(_glob_part(part, last=index == len(parts) - 1)
+                               for index, part in enumerate(parts[fixed:], start=fixed)))
+    files, unreadable = _files_under(base)
+    return [path for path in files if regex.fullmatch(path.relative_to(base).as_posix())], unreadable
+
+
+def _glob_part(part: str, last: bool) -> str:
+    """One folder or file name of a glob as a regular expression over a relative posix path: `**` is any number of
+    folders (any path, last), `*` and `?` stay within a name, `[...]` is a set (`[!...]` its complement)."""
+    if part == "**":
+        return ".*" if last else "(?:[^/]+/)*"
+    out, index = [], 0
+    while index < len(part):
+        char = part[index]
+        close = part.find("]", index + 2) if char == "[" else -1
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif close > 0:
+            body = part[index + 1:close].replace("\\", "\\\\")  # ranges (0-9) stay ranges
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else
+                              "\\" + body if body.startswith("^") else body) + "]")
+            index = close
+        else:
+            out.append(re.escape(char))
+        index += 1
+    return "".join(out) + ("" if last else "/")
+
+
 OTHER_SPLITS = ("validation", "valid", "val", "test")  # a corpus's held-out splits, by their usual names
 
 
@@ -354,7 +397,10 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     path = Path(spec).expanduser()
     unreadable: list[str] = []
     if any(ch in spec for ch in "*?[") and not path.exists():  # a path that exists is itself, brackets or not
-        candidates = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        if "**" in path.as_posix():  # walked as a folder is: glob's `**` follows link loops without end
+            candidates, unreadable = _recursive_glob(path)
+        else:
+            candidates = [Path(p) for p in sorted(glob.glob(str(path)))]
         if not candidates:
             raise DataError(f"no file matches {spec}: check the pattern")
         name = workspace.safe_name(Path(spec.split("*")[0]).name or "glob")
@@ -757,14 +803,19 @@ class TextFile:
         size = path.stat().st_size
         if size <= TXT_WHOLE_BYTES:
             try:
-                return cls(path, size, decode_text(path.read_bytes()))
+                text = decode_text(path.read_bytes())
             except UnicodeDecodeError:
+                text = "\0"
+            if "\0" in text:  # NUL is no text: UTF-16 without its mark (each ASCII letter then a NUL) decodes
                 report(str(path))
                 return None
+            return cls(path, size, text)
         decoder = codecs.getincrementaldecoder("utf-8")()  # streamed in UTF-8 pieces: a UTF-16 file is reported
         try:  # validate first, so a bad byte late in the file cannot leave half a document behind
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(TXT_PIECE_BYTES), b""):
+                    if b"\0" in block:
+                        raise UnicodeDecodeError("utf-8", block, block.index(b"\0"), len(block), "NUL is no text")
                     decoder.decode(block)
                 decoder.decode(b"", final=True)
         except UnicodeDecodeError:
