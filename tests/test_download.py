@@ -2,6 +2,7 @@
 `datasets` streaming loaders, and the hub path itself is exercised up to the network call."""
 
 import json
+import re
 import time
 
 import pyarrow as pa
@@ -68,6 +69,19 @@ def test_list_shows_the_named_sources(workspace):
     rows = json.loads(runner.invoke(app, ["download", "--list", "--json"]).stdout)
     assert {r["name"] for r in rows} >= {"openwebtext", "tinystories", "fineweb-edu", "wikitext-103", "shakespeare"}
     assert all(r["license"] and r["documents"] and r["text_bytes"] for r in rows)
+
+
+def test_list_shows_downloads_of_other_hub_datasets_too(workspace, fixture_source, monkeypatch):
+    """QA: `download --list`, which the README says shows what is downloaded, listed the named corpora only: a
+    `download owner/name` (which `tokenize` takes, and `data rm --download` deletes) was not in it."""
+    dl.download("fixture", max_docs=50)
+    monkeypatch.delitem(sources.REGISTRY, "fixture")  # as `download owner/name` of a dataset not named here
+    rows = {row["name"]: row for row in json.loads(runner.invoke(app, ["download", "--list", "--json"]).stdout)}
+    assert rows["fixture"]["status"] == "downloaded: 50 docs" and rows["fixture"]["documents"] is None
+    shown = runner.invoke(app, ["download", "--list"], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    line = next(line for line in shown.stdout.splitlines() if "fixture" in line)
+    assert re.search(r"fixture .*│ +\? │ +\? │ +\? │ CC0-1.0 +│ downloaded: 50 docs", line), line
 
 
 def test_offline_hub_fails_fast_in_one_line(workspace):

@@ -681,8 +681,12 @@ def _print_catalog(rows: list[dict[str, Any]], as_json: bool) -> None:
     table = Table(title=title, title_justify="left")
     for column in ("name", "source", "documents", "text", "tokens", "license", "here"):
         table.add_column(column, justify="right" if column in ("documents", "text", "tokens") else "left")
-    cells = [(row["name"], row["where"], _fmt_int(row["documents"]), _fmt_size(row["text_bytes"]),
-              f"{row['tokens'] / 1e9:.2f}B" if row["tokens"] >= 1e8 else f"{row['tokens'] / 1e6:.1f}M",
+    def tokens(count: int | None) -> str:
+        return "?" if count is None else f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.1f}M"
+
+    # a download of another hub dataset has no known sizes: "?"
+    cells = [(row["name"], row["where"], "?" if row["documents"] is None else _fmt_int(row["documents"]),
+              "?" if row["text_bytes"] is None else _fmt_size(row["text_bytes"]), tokens(row["tokens"]),
               row["license"], row["status"]) for row in rows]
     for row_cells in cells:
         table.add_row(*row_cells)

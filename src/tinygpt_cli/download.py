@@ -107,20 +107,26 @@ class DownloadResult:
 def catalog() -> list[dict[str, Any]]:
     """The named sources with their approximate sizes and what the workspace holds of each (for --list)."""
     have = {r.get("name"): r for r in downloads()}
+
+    def status_of(record: dict[str, Any] | None) -> str:
+        if record is None:
+            return ""
+        progress = record.get("progress") if isinstance(record.get("progress"), dict) else {}
+        documents = progress.get("documents")
+        count = f": {documents:,} docs" if isinstance(documents, int) else ""
+        return ("downloaded" if record.get("complete") else "partial") + count
+
     rows = []
     for entry in REGISTRY.values():
-        record = have.get(entry.name)
-        if entry.kind == "embedded":
-            status = "embedded"
-        elif record is None:
-            status = ""
-        elif record.get("complete"):
-            status = f"downloaded: {record['progress']['documents']:,} docs"
-        else:
-            status = f"partial: {record['progress']['documents']:,} docs"
         rows.append({"name": entry.name, "title": entry.title, "where": entry.where, "license": entry.license,
                      "documents": entry.documents, "text_bytes": entry.text_bytes, "tokens": entry.tokens,
-                     "status": status})
+                     "status": "embedded" if entry.kind == "embedded" else status_of(have.get(entry.name))})
+    for name, record in have.items():  # downloads of other hub datasets (`download owner/name`): sizes unknown
+        if name not in REGISTRY and isinstance(name, str):
+            rows.append({"name": name, "title": record.get("title") or name,
+                         "where": record.get("where") or record.get("hub_id") or "?",
+                         "license": record.get("license") or "see its card", "documents": None,
+                         "text_bytes": None, "tokens": None, "status": status_of(record)})
     return rows
 
 
