@@ -1618,7 +1618,7 @@ def eval_command(
             progress.stop()
             progress.remove_task(bar)
             bar = None
-        _print_eval(result, run, as_json, err)
+        _print_eval(result, run, as_json, err, record)
         if result.recorded_in and isinstance(result, ev.TaskResult):
             done.append(result.task)
 
@@ -1634,8 +1634,8 @@ def eval_command(
             progress.stop()
 
 
-def _print_eval(result: Any, run: str | None, as_json: bool, err: Any) -> None:
-    """One evaluation's line (or JSON object) on stdout, and where it was recorded on stderr."""
+def _print_eval(result: Any, run: str | None, as_json: bool, err: Any, record: bool = True) -> None:
+    """One evaluation's line (or JSON object) on stdout, and where it was recorded (or why not) on stderr."""
     from tinygpt_cli import evaluation as ev
 
     if as_json:
@@ -1655,6 +1655,8 @@ def _print_eval(result: Any, run: str | None, as_json: bool, err: Any) -> None:
         )
     if result.recorded_in:
         err.print(f"Recorded in {result.recorded_in}/eval.jsonl and report.md")
+    elif record:  # a model folder or a hub name: no run to keep it
+        err.print(f"Not recorded: {run} is no tinygpt run (results go to a run's eval.jsonl and report.md)")
 
 
 # ----------------------------------------------------------------------------------------- export
