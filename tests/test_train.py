@@ -469,8 +469,9 @@ def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
     # audit: the run was labelled with --size though its shape is the source's. base's shape (2 layers × 32) is
     # no preset's, so the label stays the --size that gave the training settings, and a note says so
     assert "size: micro" in saved
-    assert "the weights of base are 2 layers × 32 (no preset size): --size micro gives only the training " \
-           "settings" in notes
+    # (QA: "--size micro gives only…" read as if --size had been given, where it was the default)
+    assert "the weights of base are 2 layers × 32 (no preset size): the training settings are the micro preset's " \
+           "(--size chooses them)" in notes
     notes.clear()
     from tinygpt_cli.config import resolve_config
 
@@ -480,7 +481,8 @@ def test_init_from_a_run_and_an_exported_hf_folder(with_shakespeare, workspace):
                        on_event=lambda e: notes.append(e.message) if e.kind == "info" else None)
     assert relabelled.run_dir.name.startswith("micro-")  # the default name takes the weights' size
     assert "size: micro" in (relabelled.run_dir / "config.yaml").read_text()
-    assert "(micro size): --size tiny gives only the training settings (--size micro gives its own)" in notes[0]
+    assert "(micro size): the training settings are the tiny preset's (--size chooses them; --size micro for its " \
+           "own)" in notes[0]
     # audit: a shape the command asked for was dropped without a word, the weights trained as they are
     wider = tiny_config(max_steps=1, init_from="base")
     wider = replace(wider, model=replace(wider.model, n_layer=3))

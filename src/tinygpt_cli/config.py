@@ -451,9 +451,10 @@ def start_from(cfg: RunConfig, weights: ModelConfig) -> tuple[RunConfig, list[st
     label = preset_of(weights)
     notes = []
     if label != cfg.size:
+        own = "" if label is None else f"; --size {label} for its own"
         notes.append(f"the weights of {cfg.train.init_from} are {weights.n_layer} layers × {weights.n_embd} "
-                     f"({'no preset size' if label is None else label + ' size'}): --size {cfg.size} gives only the "
-                     f"training settings{'' if label is None else f' (--size {label} gives its own)'}")
+                     f"({'no preset size' if label is None else label + ' size'}): the training settings are the "
+                     f"{cfg.size} preset's (--size chooses them{own})")
     tc = cfg.train
     if not _given(cfg, "train.lr"):
         size = label or cfg.size
