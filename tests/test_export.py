@@ -795,6 +795,18 @@ def test_a_bare_run_name_is_the_run_not_a_folder_of_that_name_here(tmp_path, wor
     loaded = export.load_model("r")
     assert loaded.state["format"] == "tinygpt" and loaded.path.parent.parent == workspace / "runs" / "r"
     assert export.load_model("./r").state["format"] == "huggingface"  # a path is a path
+    # QA: ... a tinygpt checkpoint folder too: `./r` (or `r/`, as a shell completes it) loaded the run r's latest
+    # checkpoint, and `eval ./r` recorded its result in that run
+    shutil.rmtree(tmp_path / "r")
+    save_checkpoint(tmp_path / "copies" / "r", 7, stale_model, None, {"format": "tinygpt", "step": 7})
+    shutil.copytree(tmp_path / "copies" / "r" / "checkpoints" / "step_7", tmp_path / "r")
+    for spec in ("./r", "r/"):
+        loaded = export.load_model(spec)
+        assert loaded.state["step"] == 7 and loaded.path == tmp_path / "r", spec
+    from tinygpt_cli.checkpoint import checkpoint_model_config, load_checkpoint
+
+    assert load_checkpoint(Path("r")).state["step"] == 7 and load_checkpoint("r").state["step"] == 1  # a Path: a path
+    assert checkpoint_model_config(Path("./r")) == stale_model.config
 
 
 def test_sigterm_stops_an_export_like_ctrl_c(hf_source, workspace):

@@ -416,13 +416,21 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+def spec_text(spec: str | Path | None) -> str | None:
+    """A run or checkpoint given as text or as a Path, as text `find_run` reads: a Path is a path, so a relative
+    one of one part (`Path("./m1")` is `m1`, which as text is the run m1) is made absolute."""
+    if isinstance(spec, Path) and not spec.is_absolute() and workspace.is_bare_name(str(spec)):
+        return os.path.abspath(spec)
+    return str(spec) if spec is not None else None
+
+
 def load_checkpoint(spec: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load the model (fp32, eval mode) of a checkpoint, a run (its latest checkpoint) or the latest run."""
     import torch
 
     from tinygpt_cli.model import gpt_to_load, load_weights
 
-    spec = str(spec) if spec is not None else None
+    spec = spec_text(spec)
     checkpoint = resolve_checkpoint(spec)
     try:
         state, metadata, tensors = _read_checkpoint(checkpoint)
@@ -519,7 +527,7 @@ def _weights_of(checkpoint: Path) -> Iterator[Any]:
 def checkpoint_model_config(spec: str | Path | None) -> ModelConfig:
     """The model config of a checkpoint (or a run's latest, as `load_checkpoint` resolves `spec`), read from its
     weights file's header without loading the weights."""
-    checkpoint = resolve_checkpoint(str(spec) if spec is not None else None)
+    checkpoint = resolve_checkpoint(spec_text(spec))
     with _weights_of(checkpoint) as handle:
         metadata = handle.metadata() or {}
     return _model_config(metadata, checkpoint / WEIGHTS_FILE)

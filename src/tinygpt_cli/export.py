@@ -1007,8 +1007,8 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
         article = "an" if written == "onnx" else "a"
         raise ExportError(f"{spec} is {article} {written} export, which tinygpt writes but does not load: pass the "
                           "run it came from, or an hf export (`tinygpt export RUN --format hf`)")
-    if path.is_dir():
-        return ("hf", path) if _is_hf_folder(path) else ("tinygpt", path)
+    if path.is_dir():  # absolute: `./r` and `r/` as text are "r", a bare name, which is the run r's
+        return ("hf", path) if _is_hf_folder(path) else ("tinygpt", Path(os.path.abspath(path)))
     if path.exists():
         raise ExportError(f"{spec} is a file: pass the folder that holds the model (config.json or state.json)")
     if any(candidate.is_dir() for candidate in run_candidates(str(spec))):
