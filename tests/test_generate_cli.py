@@ -312,6 +312,7 @@ def test_both_fallbacks_are_reported(run, monkeypatch):
     (["--seed", str(2**64)], "--seed must be 0 to"),  # a traceback after the prompt was echoed (audit)
     (["--seed", "-1"], "--seed must be 0 to"),
     (["--temperature", "inf"], "--temperature must be at most 1e+06"),  # top-k kept every token (audit)
+    (["--temperature", "nan"], "--temperature must be a number"),  # QA: "must be 0 or more (got nan)"
     (["--dtype", "fp8"], "--dtype must be one of"),
     (["--dtype", "fp16"], "fp16 is not supported on CPU"),
     (["--compile", "maybe"], "--compile must be one of"),
@@ -330,6 +331,22 @@ def test_bad_input_is_one_line(run, args, fragment):
     result = generate("x", *args) if "--prompt-file" not in args else generate(*args)
     assert_one_line_error(result, fragment)
     assert result.stdout == ""  # not even the prompt
+
+
+def test_the_interactive_loops_seed_wraps_past_the_largest(run, monkeypatch):
+    """QA: started at the largest seed, the loop's second prompt failed with a seed the user never typed."""
+    from tinygpt_cli.config import MAX_SEED
+
+    monkeypatch.setattr(cli, "_stdin_is_interactive", lambda: True)
+    result = generate("--max-new-tokens", "2", "--json", "--seed", str(MAX_SEED), input="ROMEO:\nJULIET:\n")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["settings"]["seed"] for line in result.stdout.splitlines()] == [MAX_SEED, 0]
+
+
+def test_an_empty_run_is_refused_not_taken_for_the_latest(run):
+    """QA: `--run ""` (a script's unset variable) sampled from the latest run without a word; `eval ""` too."""
+    assert_one_line_error(generate("x", "--run", ""), "--run", code=2)
+    assert_one_line_error(invoke("eval", " "), "is empty: name a run", code=2)
 
 
 def test_bad_prompt_input(run, tmp_path):

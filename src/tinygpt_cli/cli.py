@@ -1285,10 +1285,11 @@ def generate(
     as_json: JsonOpt = False,
 ) -> None:
     """Sample text from a trained run (the latest by default), streaming it to stdout."""
-    from tinygpt_cli.config import SampleConfig
+    from tinygpt_cli.config import MAX_SEED, SampleConfig
     from tinygpt_cli.errors import GenerationError
     from tinygpt_cli.sample import check_settings, load_model, read_prompt, read_stdin_prompt
 
+    _refuse_blank(run, "--run", _LATEST_RUN_HINT)
     if compile_mode not in ("auto", "on", "off"):
         raise GenerationError(f"--compile must be one of auto, on, off (got {compile_mode!r})")
     if prompt is not None and prompt_file is not None:
@@ -1375,7 +1376,8 @@ def generate(
         if not line.strip():
             continue
         try:  # a new seed per prompt, so asking again gives another sample; a file gets the prompt with its sample
-            view.once(line, settings["seed"] + turn, echo_prompt=chrome is not sys.stdout)
+            # (past the largest seed it wraps to 0: a seed the user typed never goes out of range)
+            view.once(line, (settings["seed"] + turn) % (MAX_SEED + 1), echo_prompt=chrome is not sys.stdout)
         except KeyboardInterrupt:  # the sample was cut short: end its streamed line where the samples go
             if view.streams or chrome is sys.stdout:
                 sys.stdout.write("\n")
@@ -1454,7 +1456,8 @@ class _GenerateView:
         cuda_graphs = self._render(result, text, seed, echo_prompt)
         if self.verbose:  # asked for: shown under --quiet too
             _stderr_console(quiet=False).print(
-                f"{stats.prompt_tokens} prompt tokens · {stats.new_tokens} new tokens × {stats.batch_size} · "
+                f"{counted(stats.prompt_tokens, 'prompt token')} · {counted(stats.new_tokens, 'new token')} × "
+                f"{stats.batch_size} · "
                 f"first token after {stats.time_to_first_token_s * 1000:.0f} ms · "
                 f"{stats.decode_tokens_per_s:,.1f} tokens/s decoding ({stats.tokens_per_s:,.1f} overall) · "
                 f"{stats.seconds:.2f} s{' · compiled' if stats.compiled else ''}"
@@ -1561,6 +1564,8 @@ def eval_command(
     """Measure a run: loss, perplexity and bits per byte on a split, or zero-shot HellaSwag, ARC or LAMBADA."""
     if model is not None and run is not None:
         raise TinyGPTError("give either RUN or --model, not both")
+    _refuse_blank(run, "RUN", _LATEST_RUN_HINT)
+    _refuse_blank(model, "--model", _LATEST_RUN_HINT)
     run = model if model is not None else run
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -1659,6 +1664,15 @@ def _print_eval(result: Any, run: str | None, as_json: bool, err: Any, record: b
         err.print(f"Not recorded: {run} is no tinygpt run (results go to a run's eval.jsonl and report.md)")
 
 
+_LATEST_RUN_HINT = "name a run, checkpoint or model folder, or leave it out for the latest run"
+
+
+def _refuse_blank(value: str | None, param_hint: str, what: str) -> None:
+    """A script's empty variable (`--run "$RUN"`) is a mistake, not the latest run or the current folder."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter(f"is empty: {what}", param_hint=param_hint)
+
+
 # ----------------------------------------------------------------------------------------- export
 @app.command(
     cls=_Command,
@@ -1685,13 +1699,8 @@ def export(
     """Export a model for Hugging Face transformers, llama.cpp (GGUF) or ONNX Runtime."""
     from tinygpt_cli.export import check_format, export_model
 
-    # a script's empty variable (`--out "$DIR"`) is a mistake, not the current folder or the latest run
-    if out is not None and not out.strip():
-        raise typer.BadParameter("is empty: name a folder (gguf: or a .gguf file), or leave --out out for one under "
-                                 "exports/", param_hint="--out")
-    if source is not None and not source.strip():
-        raise typer.BadParameter("is empty: name a run, checkpoint or model folder, or leave it out for the latest "
-                                 "run", param_hint="SOURCE")
+    _refuse_blank(out, "--out", "name a folder (gguf: or a .gguf file), or leave --out out for one under exports/")
+    _refuse_blank(source, "SOURCE", _LATEST_RUN_HINT)
     fmt, dtype = fmt.lower(), dtype.lower()
     check_format(fmt, dtype)  # before loading anything
     err = _stderr_console()

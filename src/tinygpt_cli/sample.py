@@ -16,6 +16,7 @@ from __future__ import annotations
 import codecs
 import copy
 import itertools
+import math
 import operator
 import threading
 import time
@@ -264,6 +265,8 @@ def check_settings(
     """Raise GenerationError naming the flag for a value that cannot work."""
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if math.isnan(temperature):
+        raise GenerationError("--temperature must be a number: 0 (greedy) or more (got nan)")
     if not temperature >= 0:
         raise GenerationError(f"--temperature must be 0 (greedy) or more (got {temperature})")
     if not temperature <= MAX_TEMPERATURE:  # past it every logit scales to a tie and top-k would keep them all
