@@ -807,6 +807,12 @@ def test_a_bare_run_name_is_the_run_not_a_folder_of_that_name_here(tmp_path, wor
 
     assert load_checkpoint(Path("r")).state["step"] == 7 and load_checkpoint("r").state["step"] == 1  # a Path: a path
     assert checkpoint_model_config(Path("./r")) == stale_model.config
+    # QA: a checkpoint that is not there said "no run, checkpoint or Hugging Face GPT-2 folder at …", not which are
+    save_checkpoint(workspace / "runs" / "r", 3, run_model, None, {"format": "tinygpt", "step": 3})
+    assert_one_line_error(invoke("eval", "r/checkpoints/step_7"),
+                          f"no checkpoint step_7 in {workspace / 'runs' / 'r' / 'checkpoints'} (it holds step_1, "
+                          f"step_3): name one of those")
+    assert export.load_model(str(workspace / "runs" / "r" / "checkpoints" / "latest")).state["step"] == 3  # the pointer
 
 
 def test_sigterm_stops_an_export_like_ctrl_c(hf_source, workspace):

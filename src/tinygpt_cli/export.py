@@ -46,6 +46,7 @@ from tinygpt_cli.checkpoint import (
     resolve_checkpoint,
     run_candidates,
     save_safetensors,
+    step_folders,
     version_key,
 )
 from tinygpt_cli.config import ModelConfig
@@ -1009,12 +1010,20 @@ def _resolve(spec: str | Path | None) -> tuple[str, Path | str | None]:
                           "run it came from, or an hf export (`tinygpt export RUN --format hf`)")
     if path.is_dir():  # absolute: `./r` and `r/` as text are "r", a bare name, which is the run r's
         return ("hf", path) if _is_hf_folder(path) else ("tinygpt", Path(os.path.abspath(path)))
+    if path.is_file() and path.name == "latest" and path.parent.name == "checkpoints":  # the pointer: its run's
+        return "tinygpt", Path(os.path.abspath(path.parent.parent))
     if path.exists():
         raise ExportError(f"{spec} is a file: pass the folder that holds the model (config.json or state.json)")
     if any(candidate.is_dir() for candidate in run_candidates(str(spec))):
         return "tinygpt", str(spec)  # `r/checkpoints/step_N`, `runs/r/...` from outside the workspace: find_run's
     if str(spec) in HUB_MODELS:
         return "hub", str(spec)
+    for candidate in run_candidates(str(spec)):  # `RUN/checkpoints/step_7` that is not there: the ones that are
+        if candidate.parent.name == "checkpoints" and candidate.parent.is_dir():
+            steps = [folder.name for folder in step_folders(candidate.parent.parent)]
+            held = f"it holds {', '.join(steps[-6:])}" if steps else "it holds none"
+            raise ExportError(f"no checkpoint {candidate.name} in {candidate.parent} ({held}): name one of those, or "
+                              f"the run for its latest")
     close = workspace.close_names(str(spec), workspace.runs_dir()) if workspace.is_bare_name(str(spec)) else ""
     raise ExportError(
         f"no run, checkpoint or Hugging Face GPT-2 folder at {spec}{close}, and it is not one of "
