@@ -556,6 +556,20 @@ def test_bad_task_data(workspace, tmp_path, content, fragment):
     assert_one_line_error(evaluate("--task", "hellaswag", "--task-data", str(other)), "not .jsonl, .json or .parquet")
 
 
+def test_task_data_with_a_byte_order_mark_or_its_examples_under_a_key(workspace, tmp_path):
+    """QA: a .jsonl starting with a UTF-8 byte-order mark (which tokenize reads) failed with json's "Unexpected UTF-8
+    BOM"; a .json of {"data": [...]} said "example 1 needs a text 'ctx'" rather than what was wrong."""
+    make_run(workspace)
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(row) + "\n" for row in HELLASWAG_ROWS).encode())
+    result = evaluate("--task", "hellaswag", "--task-data", str(marked), "--no-record")
+    assert result.exit_code == 0, result.output
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": HELLASWAG_ROWS}), encoding="utf-8")
+    assert_one_line_error(evaluate("--task", "hellaswag", "--task-data", str(wrapped)),
+                          "is an object holding its examples under 'data': give a list of examples, e.g. `jq '.data'")
+
+
 def test_task_data_that_is_a_folder(workspace, tmp_path):
     make_run(workspace)
     assert_one_line_error(evaluate("--task", "hellaswag", "--task-data", str(tmp_path)), "is a folder: pass the file")

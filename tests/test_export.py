@@ -1139,8 +1139,11 @@ def test_eval_of_a_hugging_face_folder_names_it(hf_source, with_shakespeare):
     result = invoke("eval", str(hf_source), "--tokens", "64")
     assert result.exit_code == 0, result.output
     assert f"of text, {hf_source})" in " ".join(result.stdout.split()) and "pretrained" not in result.stdout
-    # QA: it recorded nothing and did not say so, where a run's result says where it went
+    # QA: it recorded nothing and did not say so, where a run's result says where it went; and it took the last
+    # tokenized dataset without a word
     assert f"Not recorded: {hf_source} is no tinygpt run" in " ".join(result.stderr.split())
+    assert "src names no dataset it trained on: evaluating on the last tokenized, data/shakespeare (--data picks " \
+           "another)" in " ".join(result.stderr.split())
 
 
 def test_onnx_on_a_torch_without_its_exporter_is_one_line(workspace, monkeypatch):

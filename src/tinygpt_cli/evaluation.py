@@ -521,7 +521,7 @@ def _read_rows(path: Path, option: str = "--task-data") -> list[Any]:
             import pyarrow.parquet as pq
 
             return pq.read_table(path).to_pylist()
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows tools write one) is no JSON
         if name.endswith(".jsonl"):
             rows = []
             for line_no, line in enumerate(text.splitlines(), 1):
@@ -533,6 +533,12 @@ def _read_rows(path: Path, option: str = "--task-data") -> list[Any]:
             return rows
         if name.endswith(".json"):
             loaded = json.loads(text)
+            if isinstance(loaded, dict):  # one example, or the examples under a key ({"data": [...]})
+                key = next((key for key, value in loaded.items() if isinstance(value, list) and value
+                            and all(isinstance(item, dict) for item in value)), None)
+                if key is not None:
+                    raise DataError(f"task data {path} is an object holding its examples under {key!r}: give a list "
+                                    f"of examples, e.g. `jq '.{key}' {path.name} > examples.json`")
             return loaded if isinstance(loaded, list) else [loaded]
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"task data {path} could not be read ({type(exc).__name__}): check the file") from None
@@ -671,6 +677,8 @@ def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[Eva
     dataset = find_dataset(None)
     if dataset is None:
         raise DataError("no tokenized dataset to evaluate on: run `tinygpt tokenize` or pass --data NAME|PATH")
+    emit(EvalEvent("info", message=f"{loaded.path.name} names no dataset it trained on: evaluating on the last "
+                                   f"tokenized, data/{dataset.path.name} (--data picks another)"))
     return dataset
 
 
