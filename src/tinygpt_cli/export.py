@@ -557,10 +557,14 @@ def export_model(
         else:
             write_onnx(model, tmp, dtype)
         _fsync_tree(tmp)
-        if in_place:
-            _check_out(target, force, loaded.path)  # again: another export may have written it since the first look
-            _fill(target, tmp)
-            placed = True
+        if in_place:  # one export at a time fills a folder (a second waits a moment, then is refused)
+            busy = ExportError(f"another export is writing into {target} now: wait for it to finish, or choose "
+                               f"another --out")
+            with workspace.exclusive(target / IN_PLACE_LOCK, str(target), busy):
+                _check_out(target, force, loaded.path, locked=True)  # again: another may have written it meanwhile
+                replaced = _fill(target, tmp)
+                placed = True
+                _remove(replaced)  # (killed here, the next export to this folder removes it)
         elif target.exists() or target.is_symlink():  # force: swap the new one in, then drop the old one
             _check_out(target, force, loaded.path)  # again: another export may have written it since the first look
             old = parent / f".{target.name}.old-{os.getpid()}"
@@ -603,18 +607,20 @@ def export_model(
 FILLING = ".tinygpt-export-filling"
 # An export filling a folder in place names its hidden entries `.tinygpt-export.<kind>-<pid>`: `tmp` (the files
 # being written), `setaside` (an earlier export's files being moved out of the way) and `old` (all of them, out of
-# the way: kept until the new export is complete, then removed).
+# the way: kept until the new export is complete, then removed); and holds `.tinygpt-export.lock` while it fills.
 IN_PLACE = "tinygpt-export"
+IN_PLACE_LOCK = f".{IN_PLACE}.lock"
 
 
-def _fill(folder: Path, tmp: Path) -> None:
+def _fill(folder: Path, tmp: Path) -> Path:
     """Move the files of `tmp` into `folder` (rather than renaming over it, which fails for the current folder and
     mount points, would drop its permissions and its hidden entries, such as a git clone's `.git`), then remove
-    `tmp`. An earlier export there (`--force`) is first moved aside, whole, into `.tinygpt-export.old-<pid>`, and
-    removed once the new one is in; on failure the new files go and the earlier ones come back. Until the last is
-    in, `folder` lists the new files in FILLING: a process killed before then (SIGKILL) leaves a part of an export
-    that loads as a model but lacks its tokenizer, which `_undo_killed_fill` (which also brings an earlier export
-    back) and the loader see."""
+    `tmp`; the caller holds IN_PLACE_LOCK. An earlier export there (`--force`) is first moved aside, whole, into
+    `.tinygpt-export.old-<pid>`, which is returned for the caller to remove once it has the export as complete; on
+    failure the new files go and the earlier ones come back. From before the first move until the last new file is
+    in, `folder` lists the new files in FILLING: a process killed then (SIGKILL) leaves a folder that
+    `_undo_killed_fill` puts back as it found it, and that the loader refuses (transformers would load a part that
+    lacks its tokenizer)."""
     names = sorted(child.name for child in tmp.iterdir())
     earlier = sorted(child.name for child in folder.iterdir() if not child.name.startswith("."))
     marker = folder / FILLING
@@ -622,15 +628,17 @@ def _fill(folder: Path, tmp: Path) -> None:
     aside = folder / f".{IN_PLACE}.old-{os.getpid()}"
     moved: list[Path] = []
     try:
-        if earlier:  # all of it aside, then renamed as one: a kill part-way leaves `setaside`, which is moved back
+        if earlier:  # made before the list: beside it, it says the files listed may still be the earlier export's
             setting_aside.mkdir()
+        marker.write_text(f"{os.getpid()}\n" + "".join(f"{name}\n" for name in names), encoding="utf-8")
+        fsync_file(marker)
+        fsync_dir(folder)
+        if earlier:  # all of it aside, then renamed as one: the new files move in only after that
             for name in earlier:
                 workspace.replace(folder / name, setting_aside / name)
             fsync_dir(setting_aside)
             workspace.replace(setting_aside, aside)
-        marker.write_text(f"{os.getpid()}\n" + "".join(f"{name}\n" for name in names), encoding="utf-8")
-        fsync_file(marker)
-        fsync_dir(folder)
+            fsync_dir(folder)
         for name in names:
             workspace.replace(tmp / name, folder / name)
             moved.append(folder / name)
@@ -645,7 +653,7 @@ def _fill(folder: Path, tmp: Path) -> None:
         _remove(marker)
         raise
     fsync_dir(folder)
-    _remove(aside)  # (killed here, the next export to this folder removes it)
+    return aside
 
 
 def _move_back(kept: Path, folder: Path) -> None:
@@ -659,38 +667,45 @@ def _move_back(kept: Path, folder: Path) -> None:
 
 
 def _undo_killed_fill(folder: Path) -> None:
-    """Put back a folder that an export killed while moving its files in (`_fill`) left part-filled: the files it
-    lists go, then the list, and an earlier export it had moved aside comes back, so the folder is as that export
-    found it, and this export fills it. One still filling it (its process alive) is left alone: the folder is then
-    not empty, which `_check_out` refuses."""
-    def dead(kind: str) -> list[Path]:  # the hidden entries of that kind left by exports no longer running
-        try:
+    """Put back a folder that an export killed while moving its files in (`_fill`) left part-filled: an earlier
+    export it was setting aside comes back where it was; else the new files it lists go, and an earlier export it
+    had set aside comes back. Then the list goes, and what else a killed export left (its temp folder; an earlier
+    export it had replaced, completely). The folder is then as that export found it, and this export fills it. A
+    fill still under way (its process alive) is left alone: its files stay, which `_check_out` refuses."""
+
+    def leftovers(kind: str) -> list[Path]:  # of exports no longer running (this process's own, bar its temp
+        try:  # folder, are of an earlier process that had its number: a container's pid 1)
             children = list(folder.iterdir())
         except OSError:
             return []
         found = []
         for child in children:
             named, _, pid = child.name.removeprefix(f".{IN_PLACE}.").partition("-")
-            if named == kind and child.name.startswith(f".{IN_PLACE}.") and pid.isdigit() \
-                    and int(pid) != os.getpid() and not workspace.pid_alive(int(pid)):
+            if named == kind and child.name.startswith(f".{IN_PLACE}.") and pid.isdigit() and \
+                    ((int(pid) == os.getpid() and kind != "tmp") or not workspace.pid_alive(int(pid))):
                 found.append(child)
         return found
 
-    for child in dead("setaside"):  # killed while setting an earlier export aside: it comes back
-        _move_back(child, folder)
-    for child in dead("tmp"):  # killed while writing its files
-        _remove(child)
     try:
         pid, *names = (folder / FILLING).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError, ValueError):
         pid, names = "", []  # none (the usual case), or not ours to read
     if pid.isdigit() and (int(pid) == os.getpid() or not workspace.pid_alive(int(pid))):
-        for name in names:
-            if name and Path(name).name == name and name not in (".", ".."):
-                _remove(folder / name)
-        _move_back(folder / f".{IN_PLACE}.old-{pid}", folder)
+        setting_aside = folder / f".{IN_PLACE}.setaside-{pid}"
+        if setting_aside.is_dir():  # killed while setting the earlier export aside: the names listed are its files
+            _move_back(setting_aside, folder)
+        else:
+            for name in names:
+                if name and Path(name).name == name and name not in (".", ".."):
+                    _remove(folder / name)
+            _move_back(folder / f".{IN_PLACE}.old-{pid}", folder)
         _remove(folder / FILLING)
-    for child in dead("old"):  # killed after the new export was complete: the one it replaced
+    if not (folder / FILLING).exists():  # (a fill under way keeps what it set aside)
+        for child in leftovers("setaside"):
+            _move_back(child, folder)
+        for child in leftovers("old"):  # killed after the new export was complete: the one it replaced
+            _remove(child)
+    for child in leftovers("tmp"):  # killed while writing its files
         _remove(child)
 
 
@@ -746,11 +761,16 @@ def _check_finite(model: GPT, source: Path | None, dtype: str = "fp32") -> None:
                                   f"export as infinity: export with --dtype bf16 or fp32")
 
 
-def _check_out(target: Path, force: bool, source: Path | None = None) -> None:
+def _check_out(target: Path, force: bool, source: Path | None = None, locked: bool = False) -> None:
     """Refuse an `--out` that holds something, unless `force` and it is an earlier export (never the source, the
     workspace, the current folder or a folder above them, whatever it looks like). What a killed export left
-    filling it goes first (`_undo_killed_fill`): the folder is then as that export found it."""
-    _undo_killed_fill(target)
+    filling it goes first (`_undo_killed_fill`), unless another export is filling it now (it holds IN_PLACE_LOCK;
+    `locked`: this one does): the folder is then as that export found it."""
+    if locked or not workspace.held(target / IN_PLACE_LOCK):
+        _undo_killed_fill(target)
+        if not locked:  # a lock file a killed export left (`exclusive` copes with one removed under it)
+            with contextlib.suppress(OSError):
+                (target / IN_PLACE_LOCK).unlink(missing_ok=True)
     above = next((folder for folder in target.parents if folder.exists()), None)
     if above is not None and not above.is_dir():
         raise ExportError(f"{above} is a file, not a folder: choose another --out")
@@ -793,6 +813,9 @@ def _not_an_export(path: Path) -> str | None:
         if not _written_by_tinygpt(path / "config.json"):
             return "its config.json is another tool's"
         if _HF_WEIGHTS in names and not _weights_by_tinygpt(path / _HF_WEIGHTS):
+            if _is_lfs_pointer(path / _HF_WEIGHTS):  # a clone made without git-lfs
+                return (f"its {_HF_WEIGHTS} is a Git LFS pointer, not weights: `git lfs pull` there to see what it "
+                        f"holds, or delete it")
             return f"its {_HF_WEIGHTS} was saved by another tool since, e.g. transformers' save_pretrained"
         return None
     return None if "model.onnx" in names or names == {"model.gguf"} else "it holds no model file"
@@ -815,6 +838,15 @@ def _weights_by_tinygpt(weights: Path) -> bool:
         with safe_open(str(weights), framework="pt") as handle:
             return "tinygpt_version" in (handle.metadata() or {})
     except Exception:  # a damaged or cut file: not known to be ours
+        return False
+
+
+def _is_lfs_pointer(path: Path) -> bool:
+    """Whether a file is a Git LFS pointer (what a clone without git-lfs holds in place of a large file)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(24) == b"version https://git-lfs."
+    except OSError:
         return False
 
 
