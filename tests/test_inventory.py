@@ -640,13 +640,33 @@ def test_a_dataset_runs_trained_on_is_tokenized_again_only_with_force(with_shake
         for force in ((), ("--force",)):
             assert_one_line_error(invoke("tokenize", "--fraction", "0.5", *force),
                                   "run a is training on data/shakespeare now: wait for it to end or stop it")
-    assert_one_line_error(invoke("tokenize", "--fraction", "0.5"),
-                          "2 runs trained on data/shakespeare (b, a), and these settings would make other data of it")
+    refused = invoke("tokenize", "--fraction", "0.5", "--seed", "3")
+    assert_one_line_error(refused, "2 runs trained on data/shakespeare (")
+    assert re.search(r"\((a, b|b, a)\), and --fraction 0.5 \(it was made with 1\.0\); --seed 3 \(it was made with 0\) "
+                     r"makes other data of it", refused.stderr.replace("\n", " ")), refused.stderr
     assert (with_shakespeare / "meta.json").read_bytes() == meta
     assert invoke("tokenize").exit_code == 0  # the same settings: up to date, nothing changes under them
+    assert invoke("tokenize", "--restart").exit_code == 0  # review: refused, though it makes the same data again
     forced = invoke("tokenize", "--fraction", "0.5", "--force")
     assert forced.exit_code == 0, forced.output
     assert json.loads((with_shakespeare / "meta.json").read_text())["fraction"] == 0.5
+    # review: runs that trained on the version replaced no longer hold it back
+    assert invoke("tokenize", "--fraction", "0.25").exit_code == 0
+
+
+def test_a_dataset_whose_source_changed_is_made_again_with_a_note_for_its_runs(workspace):
+    """The same settings over a source that changed make the dataset again (it is the user's text), and say that
+    the runs that trained on it can no longer resume on it."""
+    source = workspace / "corp.txt"
+    source.write_text("".join(f"Line {i} of a small corpus, with words enough to train on.\n" for i in range(400)))
+    assert invoke("tokenize", str(source), "--name", "corp").exit_code == 0
+    train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="on-corp")
+    source.write_text("A line put first since.\n" + source.read_text())  # in train (a line appended may land in val)
+    again = invoke("tokenize", str(source), "--name", "corp")
+    assert again.exit_code == 0, again.output
+    assert "The text of data/corp changed (its source did) since 1 run trained on it (on-corp): resuming one is " \
+           "refused" in \
+        " ".join(again.stderr.split()), again.stderr
 
 
 def test_data_rm_names_the_runs_that_need_it_and_takes_an_interrupted_tokenize_along(with_shakespeare, workspace):

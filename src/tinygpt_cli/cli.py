@@ -481,7 +481,8 @@ def tokenize(
         help="Discard an interrupted run's progress and start over; tokenize again a dataset that is up to date."
     )] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace a dataset of this name tokenized from another source.")
+        bool, typer.Option("--force", help="Replace a dataset of this name tokenized from another source, or "
+                                           "with other settings where runs trained on it.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:

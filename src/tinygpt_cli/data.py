@@ -564,7 +564,8 @@ def tokenize(
         workspace.check_disk(home.parent, 2 * estimated_tokens - written,
                              f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                              "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
-        _check_not_in_use(final_dir, force)  # a run reads it now, or trained on it: it would change under them
+        # a run reads it now, or trained on it: it would change under them
+        _check_not_in_use(final_dir, src, {"fraction": fraction, "val_fraction": val_fraction, "seed": seed}, force)
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
         partial = _Partial(partial_dir, job)
@@ -590,7 +591,10 @@ def tokenize(
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
                 meta["job_sha256"] = _job_digest(job)  # what made it: the same job again finds it up to date
                 write_json_atomic(partial.folder / "meta.json", meta)
+                changed = _note_changed_under(final_dir, meta)
                 _publish(partial.folder, home)
+                if changed:
+                    emit(TokenizeEvent("info", message=changed))
         except SourceUnreadable as exc:  # an NFS or USB hiccup at hour 9 must not cost the first 9 hours
             partial.abandon()
             again = "it continues where it stopped" if partial.saved else "it starts over (nothing was saved yet)"
@@ -873,25 +877,58 @@ def _source_of(src: Source) -> dict[str, Any]:
             "text_field": src.text_field if src.kind != "embedded" else None}
 
 
-def _check_not_in_use(folder: Path, force: bool) -> None:
+def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force: bool) -> None:
     """Refuse to replace a dataset a run is training on now (even with --force, as `data rm` refuses to delete
     it: the run would go on reading the old files, deleted, and could not resume on the new ones), and, without
-    --force, one that runs trained on: tokenized with other settings it would no longer be theirs, and resuming
-    one would need it made again as it was."""
-    from tinygpt_cli.inventory import list_run_summaries
+    --force, to make other data of one that runs trained on (`settings`: --fraction, --val-fraction, --seed and
+    --text-field asked for now, which differ from the ones it was made with): resuming one would need it tokenized
+    again as it was. The same settings over a source that changed go ahead: `_note_changed_under` says so."""
+    from tinygpt_cli.inventory import runs_on_dataset
 
     if not (folder / "meta.json").is_file():
         return
-    users = [summary for summary in list_run_summaries() if summary.dataset == folder.name]
+    users = runs_on_dataset(folder)
     training = [summary.name for summary in users if summary.training]
     if training:
         raise DataError(f"run {training[0]} is training on data/{folder.name} now: wait for it to end or stop it "
                         f"before tokenizing it again, or pick another --name")
-    if users and not force:
+    if not users or force:
+        return
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    old = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    differ = [f"{flag} {settings[key]:g} (it was made with {meta.get(key)})" for key, flag in
+              (("fraction", "--fraction"), ("val_fraction", "--val-fraction"), ("seed", "--seed"))
+              if meta.get(key) is not None and meta.get(key) != settings[key]]
+    if src.kind != "embedded" and old.get("text_field") not in (None, src.text_field):
+        differ.append(f"--text-field {src.text_field} (it was made with {old.get('text_field')})")
+    if differ:
         names = ", ".join(summary.name for summary in users[:3]) + (", …" if len(users) > 3 else "")
-        raise DataError(f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} ({names}), and these "
-                        f"settings would make other data of it (resuming one would need it tokenized again as it "
-                        f"was): pick another --name, or pass --force to replace it")
+        raise DataError(f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} ({names}), and "
+                        f"{'; '.join(differ)} makes other data of it (resuming one would need it tokenized again as "
+                        f"it was): pick another --name, or pass --force to replace it")
+
+
+def _note_changed_under(folder: Path, meta: dict[str, Any]) -> str | None:
+    """What to say where the dataset about to replace `folder`'s (`meta`: the new one's) holds other text than the
+    one runs trained on, with the same settings (its source changed since): they cannot resume on it."""
+    from tinygpt_cli.inventory import runs_on_dataset
+
+    if not (folder / "meta.json").is_file():
+        return None
+    users = runs_on_dataset(folder)
+    try:
+        before = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["splits"]["train"].get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not users or before == meta["splits"]["train"].get("sha256"):
+        return None
+    names = ", ".join(summary.name for summary in users[:3]) + (", …" if len(users) > 3 else "")
+    return (f"the text of data/{folder.name} changed (its source did) since {workspace.counted(len(users), 'run')} "
+            f"trained on it ({names}): resuming one is refused; `tinygpt train --init-from RUN` goes on from its "
+            f"weights")
 
 
 def _check_not_another_source(folder: Path, src: Source) -> None:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -621,6 +622,32 @@ def _links_to(path: Path) -> tuple[str, ...]:
     return ()
 
 
+def runs_on_dataset(folder: Path) -> list[RunSummary]:
+    """The runs of this workspace that trained on the tokenized dataset `folder` (newest first): those that name it,
+    less those whose latest checkpoint recorded another train split (they trained on a dataset of that name made
+    from other text, replaced since, or elsewhere: `--data PATH`) and those that stopped before any step."""
+    from tinygpt_cli.checkpoint import latest_checkpoint, read_state
+
+    try:
+        current = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["splits"]["train"].get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        current = None
+    users = []
+    for summary in list_run_summaries():
+        if summary.dataset != folder.name or (summary.steps == 0 and not summary.training):
+            continue
+        checkpoint = latest_checkpoint(Path(summary.path))
+        try:
+            data = read_state(checkpoint).get("data") if checkpoint is not None else None
+        except (CheckpointError, OSError, ValueError):
+            data = None
+        recorded = data.get("train_sha256") if isinstance(data, dict) else None
+        if recorded and current and recorded != current:
+            continue
+        users.append(summary)
+    return users
+
+
 def plan_dataset_removal(spec: str) -> Removal:
     """What deleting the tokenized dataset `spec` (a name from `tinygpt data`, or a path into data/) would remove,
     with an interrupted tokenize of it and copies set aside; raises a one-line error for one that is not there, or
@@ -648,7 +675,7 @@ def plan_dataset_removal(spec: str) -> Removal:
             not any((path / name).exists() for name in ("meta.json", "train.bin", "val.bin")):
         raise DataError(f"{what} is not a tokenized dataset (no meta.json, train.bin or val.bin: `tinygpt data` does "
                         f"not list it), so nothing was deleted: move or delete it yourself")
-    users = [s for s in list_run_summaries() if s.dataset == path.name]
+    users = runs_on_dataset(path)
     training = [s.name for s in users if s.training]
     if training:
         raise DataError(f"run {training[0]} is training on {what} now: wait for it to end or stop it, then delete it")
