@@ -90,14 +90,23 @@ def conversion_advice(where: str) -> str:
     else from latin1 (the likeliest unmarked one)."""
     try:
         with open(where, "rb") as handle:
-            head = handle.read(4)
+            head = handle.read(4096)
     except OSError:  # `path:line` of a .jsonl, or gone
         head = b""
     codec = text_codec(head)
-    source = codec if codec in ("utf-16", "utf-32") else "latin1"
-    if codec == "utf-8" and b"\0" in head:  # UTF-16 without a mark: ASCII's NULs say which byte order
-        source = "utf-16le" if head[1:2] == b"\0" else "utf-16be"
+    source = codec if codec in ("utf-16", "utf-32") else unmarked_utf16(head) or "latin1"
     return f"iconv -f {source} -t utf-8"
+
+
+def unmarked_utf16(head: bytes) -> str | None:
+    """"utf-16le" or "utf-16be" where the bytes a file begins with are UTF-16 without a byte-order mark (mostly
+    ASCII text, so every other byte is NUL, at odd or even offsets): valid UTF-8 too, which would put
+    'h\\x00e\\x00l\\x00…' in a dataset. None for text (a few NULs, say padding after a crash, do not count)."""
+    odd, even = head[1::2].count(0), head[0::2].count(0)
+    pairs = len(head) // 2
+    if pairs < 2 or max(odd, even) < 0.4 * pairs or min(odd, even) > 0.1 * pairs:
+        return None
+    return "utf-16le" if odd > even else "utf-16be"
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -802,11 +811,13 @@ class TextFile:
     def open(cls, path: Path, report: UndecodableHook) -> TextFile | None:
         size = path.stat().st_size
         if size <= TXT_WHOLE_BYTES:
+            raw = path.read_bytes()
             try:
-                text = decode_text(path.read_bytes())
+                marked = text_codec(raw[:4]) != "utf-8"
+                text = decode_text(raw) if marked or not unmarked_utf16(raw[:4096]) else None
             except UnicodeDecodeError:
-                text = "\0"
-            if "\0" in text:  # NUL is no text: UTF-16 without its mark (each ASCII letter then a NUL) decodes
+                text = None
+            if text is None:
                 report(str(path))
                 return None
             return cls(path, size, text)
@@ -814,8 +825,9 @@ class TextFile:
         try:  # validate first, so a bad byte late in the file cannot leave half a document behind
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(TXT_PIECE_BYTES), b""):
-                    if b"\0" in block:
-                        raise UnicodeDecodeError("utf-8", block, block.index(b"\0"), len(block), "NUL is no text")
+                    first = handle.tell() == len(block)
+                    if first and text_codec(block[:4]) == "utf-8" and unmarked_utf16(block[:4096]):
+                        raise UnicodeDecodeError("utf-8", block, 0, 1, "UTF-16 without its byte-order mark")
                     decoder.decode(block)
                 decoder.decode(b"", final=True)
         except UnicodeDecodeError:
