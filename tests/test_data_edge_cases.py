@@ -194,6 +194,18 @@ def test_a_recursive_glob_over_two_link_loops_ends(workspace, tmp_path):
                                 timeout=120)
         assert listed.returncode == 0, listed.stderr
         assert listed.stdout.strip() == repr(expected), pattern
+    # review: a folder reached by a link matched only under the name the walk met first; a set backwards ([z-a]) was
+    # a traceback; a wildcard before the ** walked everything from the current folder
+    (tmp_path / "shards" / "v2").mkdir(parents=True)
+    _jsonl(tmp_path / "shards" / "v2" / "s.jsonl", ["a shard"])
+    (tree / "train").symlink_to(tmp_path / "shards" / "v2", target_is_directory=True)
+    (tree / "v2").symlink_to(tmp_path / "shards" / "v2", target_is_directory=True)
+    for pattern in ("**/v2/*.jsonl", "**/train/*.jsonl"):
+        assert [f.path.name for f in sources.local_source(str(tree / pattern)).files] == ["s.jsonl"], pattern
+    with pytest.raises(DataError, match="no file matches"):
+        sources.local_source(str(tree / "**" / "[z-a].jsonl"))
+    assert sorted(f.path.name for f in sources.local_source(str(tmp_path / "tr*" / "**" / "*.jsonl")).files) == [
+        "s.jsonl", "x.jsonl", "y.jsonl", "z.jsonl"]
 
 
 def test_a_folder_a_glob_matches_is_named_not_silently_dropped(workspace, tmp_path):

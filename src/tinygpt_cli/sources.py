@@ -21,6 +21,7 @@ Skipped documents keep their number, so the split of the others does not move.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import gzip
 import json
@@ -324,11 +325,12 @@ def embedded_source() -> Source:
 
 def _files_under(folder: Path) -> tuple[list[Path], list[str]]:
     """Every file under `folder`, sorted, following symlinked folders (a corpus of shards linked in from other
-    disks; `Path.rglob` skips them silently, where a `**` glob follows them), each real folder once. Hidden files
+    disks; `Path.rglob` skips them silently, where a `**` glob follows them), a loop (a link back up the tree) once;
+    a folder two links reach is listed under both names (`local_source` reads each real file once). Hidden files
     and folders are left out, as a glob leaves them: .git/, or the copies in .ipynb_checkpoints/, which would put
     each notebook's text in twice, likely once in each split. Also returned: the folders below it that cannot be
     read (`lost+found` at a disk's root; os.walk passed over them in silence), as "path (why)"."""
-    found, seen, unreadable = [], set(), []
+    found, reals, unreadable = [], {}, []
 
     def note(exc: OSError) -> None:
         if Path(exc.filename) == Path(folder):  # the folder given itself
@@ -336,54 +338,45 @@ def _files_under(folder: Path) -> tuple[list[Path], list[str]]:
         unreadable.append(f"{exc.filename} ({exc.strerror})")
 
     for where, folders, names in os.walk(folder, followlinks=True, onerror=note):
-        real = os.path.realpath(where)
-        if real in seen:  # a link back up the tree, or a second link to the same folder
-            folders[:] = []
+        real = reals[where] = os.path.realpath(where)
+        above, ancestors = os.path.dirname(where), set()
+        while above in reals:  # (os.walk goes top-down: every folder above this one was walked before it)
+            ancestors.add(reals[above])
+            above = os.path.dirname(above)
+        if real in ancestors:  # a link back up the tree: a loop, walked once (a second link to a folder elsewhere
+            folders[:] = []    # is walked under its own name too, its files read once: `local_source` by realpath)
             continue
-        seen.add(real)
         folders[:] = [name for name in folders if not name.startswith(".")]
         found.extend(Path(where) / name for name in names if not name.startswith("."))
     return sorted(p for p in found if p.is_file()), unreadable
 
 
 def _recursive_glob(pattern: Path) -> tuple[list[Path], list[str]]:
-    """The files a `**` glob matches, found by walking the folder before its first wildcard as `_files_under`
-    walks a folder given (each real folder once, hidden ones left out, as glob leaves them): Python's glob follows
-    every link, so a tree with two links back up it (`a/up -> ..`, `self -> .`) took it forever. Returned as
+    """The files a `**` glob matches, found by walking each folder the part before its first `**` matches (a plain
+    glob) as `_files_under` walks a folder given (a link loop walked once, hidden entries left out, as glob leaves
+    them), each file's path below it matched name by name (`**`: any number of folders): Python's glob follows every
+    link, so a tree with two links back up it (`a/up -> ..`, `self -> .`) took it forever. Returned as
     `_files_under` returns them."""
     parts = pattern.parts
-    fixed = next((index for index, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
-    base = Path(*parts[:fixed]) if fixed else Path(".")
-    if not base.is_dir():
-        return [], []
-    regex = re.compile("".join(_glob_part(part, last=index == len(parts) - 1)
-                               for index, part in enumerate(parts[fixed:], start=fixed)))
-    files, unreadable = _files_under(base)
-    return [path for path in files if regex.fullmatch(path.relative_to(base).as_posix())], unreadable
+    cut = parts.index("**")
+    prefix = Path(*parts[:cut]) if cut else Path(".")
+    bases = [Path(found) for found in sorted(glob.glob(str(prefix)))] if glob.has_magic(str(prefix)) else [prefix]
+    files, unreadable = [], []
+    for base in (base for base in bases if base.is_dir()):
+        found, problems = _files_under(base)
+        files += [path for path in found if _matches(path.relative_to(base).parts, parts[cut:])]
+        unreadable += problems
+    return files, unreadable
 
 
-def _glob_part(part: str, last: bool) -> str:
-    """One folder or file name of a glob as a regular expression over a relative posix path: `**` is any number of
-    folders (any path, last), `*` and `?` stay within a name, `[...]` is a set (`[!...]` its complement)."""
-    if part == "**":
-        return ".*" if last else "(?:[^/]+/)*"
-    out, index = [], 0
-    while index < len(part):
-        char = part[index]
-        close = part.find("]", index + 2) if char == "[" else -1
-        if char == "*":
-            out.append("[^/]*")
-        elif char == "?":
-            out.append("[^/]")
-        elif close > 0:
-            body = part[index + 1:close].replace("\\", "\\\\")  # ranges (0-9) stay ranges
-            out.append("[" + ("^" + body[1:] if body.startswith("!") else
-                              "\\" + body if body.startswith("^") else body) + "]")
-            index = close
-        else:
-            out.append(re.escape(char))
-        index += 1
-    return "".join(out) + ("" if last else "/")
+def _matches(names: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether a relative path's names match a glob's, one by one as glob matches them (`fnmatch`: `*`, `?` and
+    `[...]` within a name), where `**` is any number of names, none included."""
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(_matches(names[start:], pattern[1:]) for start in range(len(names) + 1))
+    return bool(names) and fnmatch.fnmatchcase(names[0], pattern[0]) and _matches(names[1:], pattern[1:])
 
 
 OTHER_SPLITS = ("validation", "valid", "val", "test")  # a corpus's held-out splits, by their usual names
@@ -406,7 +399,7 @@ def local_source(spec: str, text_field: str = "text") -> Source:
     path = Path(spec).expanduser()
     unreadable: list[str] = []
     if any(ch in spec for ch in "*?[") and not path.exists():  # a path that exists is itself, brackets or not
-        if "**" in path.as_posix():  # walked as a folder is: glob's `**` follows link loops without end
+        if "**" in path.parts:  # walked as a folder is: glob's `**` follows link loops without end
             candidates, unreadable = _recursive_glob(path)
         else:
             candidates = [Path(p) for p in sorted(glob.glob(str(path)))]
