@@ -829,6 +829,19 @@ def test_runs_compare_reads_a_pattern_as_one_column_of_mean_and_spread(with_shak
         assert invoke("eval", name, "--tokens", "256").exit_code == 0
     evals = _table_rows(invoke("runs", "compare", "lr0.002-*", "lr0.01-*").stdout)["loss shakespeare/val loss"]
     assert re.fullmatch(r"\d+\.\d{4} \(1 of 3\)", evals[0]) and re.fullmatch(r"\d+\.\d{4} ± \d\.\d{4}", evals[1])
+    # review: an accuracy's best is the highest, where a loss's is the lowest (it bolded the lowest accuracy)
+    from tinygpt_cli.cli import _comparison_table
+
+    for name, accuracy in (("lr0.002-s1", 0.30), ("lr0.01-s1", 0.25)):
+        with open(workspace / "runs" / name / "eval.jsonl", "a") as handle:
+            handle.write(json.dumps({"kind": "task", "task": "hellaswag", "accuracy_norm": accuracy,
+                                     "accuracy": accuracy, "examples": 10, "step": 2}) + "\n")
+    table = _comparison_table(compare_runs(["lr0.002-*", "lr0.01-*"]))
+    row = [str(cell.plain if hasattr(cell, "plain") else cell) for cell in table.columns[0]._cells].index(
+        "hellaswag acc_norm")
+    cells = [column._cells[row] for column in table.columns[1:]]
+    assert [cell.plain for cell in cells] == ["0.3000 (1 of 3)", "0.2500 (1 of 2)"]
+    assert [str(span.style) for span in cells[0].spans] == ["bold green"] and not cells[1].spans
 
     # a pattern beside a run; a pattern of one run is that run's column; a run in two columns is refused
     assert_one_line_error(invoke("runs", "compare", "lr0.002-s1", "lr0.002-*"),

@@ -2087,10 +2087,10 @@ def _comparison_table(comparison: Any) -> Any:
                overflow="fold") for group in groups))
 
     def losses(label: str, value_of: Callable[[Any], float | None], suffix: Callable[[Any], str] | None = None,
-               digits: int = 4) -> None:
+               digits: int = 4, higher_is_better: bool = False) -> None:
         spreads = [_spread([value_of(run) for run in group.runs]) for group in groups]
         present = [spread[0] for spread in spreads if spread is not None]
-        best = min(present) if len(present) > 1 else None
+        best = (max if higher_is_better else min)(present) if len(present) > 1 else None
         cells: list[Any] = []
         for group, spread in zip(groups, spreads, strict=True):
             if spread is None:
@@ -2112,7 +2112,8 @@ def _comparison_table(comparison: Any) -> Any:
         cells = []
         for group in groups:
             values = [value for run in group.runs if (value := value_of(run)) is not None]
-            cells.append(shown(sum(values) / len(values)) if values else "n/a")
+            some = f" ({len(values)} of {len(group.runs)})" if 0 < len(values) < len(group.runs) else ""
+            cells.append(shown(sum(values) / len(values)) + some if values else "n/a")
         table.add_row(label, *cells)
 
     table.add_row("status", *(group.runs[0].summary.status if len(group.runs) == 1 else " · ".join(
@@ -2154,7 +2155,8 @@ def _comparison_table(comparison: Any) -> Any:
             figure = "loss" if measure.startswith("loss ") else "accuracy_norm" if any(
                 "accuracy_norm" in run.measures.get(measure, {}) for run in comparison.runs) else "accuracy"
             losses(f"{measure} {figure.replace('accuracy_norm', 'acc_norm').replace('accuracy', 'acc')}",
-                   lambda run: number_or_none(run.measures.get(measure, {}).get(figure)))  # noqa: B023 (used now)
+                   lambda run: number_or_none(run.measures.get(measure, {}).get(figure)),  # noqa: B023 (used now)
+                   higher_is_better=figure != "loss")
     if comparison.differing:
         table.add_section()
         for key in comparison.differing:

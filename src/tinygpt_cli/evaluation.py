@@ -677,7 +677,11 @@ def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[Eva
     dataset = find_dataset(None)
     if dataset is None:
         raise DataError("no tokenized dataset to evaluate on: run `tinygpt tokenize` or pass --data NAME|PATH")
-    emit(EvalEvent("info", message=f"{loaded.path.name} names no dataset it trained on: evaluating on the last "
+    from tinygpt_cli.export import HUB_MODELS
+
+    source = loaded.state.get("source")  # gpt2 (its path is the hub cache's snapshot, a commit hash)
+    named = source if source in HUB_MODELS else loaded.path.name
+    emit(EvalEvent("info", message=f"{named} names no dataset it trained on: evaluating on the last "
                                    f"tokenized, data/{dataset.path.name} (--data picks another)"))
     return dataset
 

@@ -95,6 +95,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 def passes_text(passes: float) -> str:
     """How many times a budget reads its data, to the digits that count: 0.25, 3.4, but 210,167 (not 210,167.0)."""
+    if passes < 0.01:  # a sliver of the data: its first digits (0.0012), not 0.00
+        return f"{passes:.2g}"
     return f"{passes:.2f}" if passes < 10 else f"{passes:.1f}" if passes < 100 else f"{passes:,.0f}"
 
 
