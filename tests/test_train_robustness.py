@@ -435,11 +435,11 @@ def test_a_resume_on_a_replaced_dataset_is_refused(with_shakespeare, workspace):
 
 @pytest.mark.parametrize("gone", ["tokenized again", "deleted"])
 def test_a_resume_whose_data_changed_says_how_to_make_it_again(with_shakespeare, workspace, gone):
-    """The same source tokenized again with another --fraction replaces the dataset (no --force: it is the same
-    source), and the resume is refused; it said "tokenize the original source again" without the settings. With
-    data/NAME deleted (to free disk) it said "run `tinygpt tokenize` first", and a bare tokenize makes the embedded
-    corpus, not the run's data (audit). Both give the command that makes the exact bytes again (tokenizing is
-    deterministic, and the run's checkpoint keeps it), and that command works."""
+    """The same source tokenized again with another --fraction replaces the dataset (with --force, as a run trained
+    on it: without, that is refused now), and the resume is refused; it said "tokenize the original source again"
+    without the settings. With data/NAME deleted (to free disk) it said "run `tinygpt tokenize` first", and a bare
+    tokenize makes the embedded corpus, not the run's data (audit). Both give the command that makes the exact
+    bytes again (tokenizing is deterministic, and the run's checkpoint keeps it), and that command works."""
     import shlex
 
     assert invoke("tokenize", "shakespeare", "--name", "mine", "--val-fraction", "0.05", "--seed", "3").exit_code == 0
@@ -447,7 +447,10 @@ def test_a_resume_whose_data_changed_says_how_to_make_it_again(with_shakespeare,
     if gone == "deleted":
         shutil.rmtree(workspace / "data" / "mine")
     else:
-        assert invoke("tokenize", "shakespeare", "--name", "mine", "--fraction", "0.5").exit_code == 0
+        assert_one_line_error(invoke("tokenize", "shakespeare", "--name", "mine", "--fraction", "0.5"),
+                              "1 run trained on data/mine (r), and --fraction 0.5 (it was made with 1.0); "
+                              "--val-fraction 0.005 (it was made with 0.05); --seed 0 (it was made with 3) makes other")
+        assert invoke("tokenize", "shakespeare", "--name", "mine", "--fraction", "0.5", "--force").exit_code == 0
     refused = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
     assert_one_line_error(refused, f"{'which is gone: ' if gone == 'deleted' else ''}make it again with `tinygpt "
                                    f"tokenize shakespeare --name mine --fraction 1.0 --val-fraction 0.05 --seed 3"
