@@ -1020,6 +1020,63 @@ def test_a_force_killed_while_replacing_an_export_in_place_brings_the_earlier_ba
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".git"]
 
 
+def test_an_export_cut_twice_or_by_ctrl_c_mid_move_still_brings_the_earlier_back(hf_source, workspace, tmp_path,
+                                                                                   monkeypatch):
+    """Review: Ctrl-C just after a new file moved in (before it was noted) left that file over the earlier export's
+    (a mixed export the loader took); a kill while a killed fill was being undone left the earlier export's files
+    beside the list of new ones, which the next export deleted; an empty list (a kill as it was created) was never
+    cleared. Each now ends with the earlier export back as it was."""
+    import signal
+    import textwrap
+
+    out = tmp_path / "out"
+    assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
+    (out / ".git").mkdir()
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def as_before() -> None:
+        assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists: pass --force")
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".git"]
+
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from tinygpt_cli import export
+        from tinygpt_cli.cli import main
+        real, moved, phase, kill_at = export.workspace.replace, [], sys.argv[3], int(sys.argv[4])
+        def replace(src, dst):
+            real(src, dst)
+            if f".tinygpt-export.{phase}-" in str(src) + str(dst):
+                moved.append(dst)
+                if len(moved) == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        export.workspace.replace = replace
+        sys.argv = ["tinygpt", "export", sys.argv[1], "--out", sys.argv[2], "--force", "--dtype", "fp16"]
+        main()
+    """)
+    for phase, kill_at in (("tmp", 3), ("setaside", 3)):  # a fill killed, then the export undoing it killed too
+        killed = subprocess.run([sys.executable, "-c", script, str(hf_source), str(out), phase, str(kill_at)],
+                                env=dict(os.environ), capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+    as_before()
+
+    real, moved_in = export.workspace.replace, []
+
+    def interrupted(src, dst):
+        real(src, dst)
+        if ".tinygpt-export.tmp-" in str(src):
+            moved_in.append(dst)
+            if len(moved_in) == 2:
+                raise KeyboardInterrupt  # as a signal lands just after the rename, before the next line
+
+    monkeypatch.setattr(export.workspace, "replace", interrupted)
+    assert invoke("export", str(hf_source), "--out", str(out), "--force", "--dtype", "fp16").exit_code == 130
+    monkeypatch.setattr(export.workspace, "replace", real)
+    as_before()
+    (out / export.FILLING).write_text("")  # killed as it was created
+    as_before()
+
+
 def test_an_export_filling_a_folder_keeps_a_second_out(hf_source, workspace, tmp_path):
     """Review: a folder holding only a fill's hidden entries looked free, so a second export could fill it at the
     same time (each unlinking the other's list). A fill holds a lock in the folder: a second export waits a moment,

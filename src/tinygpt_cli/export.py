@@ -478,9 +478,11 @@ def default_export_path(name: str, fmt: str, dtype: str) -> Path:
 
 
 def _files_under(path: Path) -> dict[str, int]:
+    """The files of an export and their sizes (a folder filled in place: not its own hidden entries, a `.git`)."""
     if path.is_file():
         return {path.name: path.stat().st_size}
-    return {str(child.relative_to(path)): child.stat().st_size for child in sorted(path.rglob("*")) if child.is_file()}
+    return {str(child.relative_to(path)): child.stat().st_size for child in sorted(path.rglob("*"))
+            if child.is_file() and not any(part.startswith(".") for part in child.relative_to(path).parts)}
 
 
 def _fsync_tree(path: Path) -> None:
@@ -547,7 +549,8 @@ def export_model(
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
-        _remove_stale_temps(home, temp_name)
+        if not in_place:  # (in place, `_undo_killed_fill` takes them, under the lock, after what it must restore)
+            _remove_stale_temps(home, temp_name)
         if not single_file:
             tmp.mkdir()
         if fmt == "hf":
@@ -564,6 +567,7 @@ def export_model(
                 _check_out(target, force, loaded.path, locked=True)  # again: another may have written it meanwhile
                 replaced = _fill(target, tmp)
                 placed = True
+                fsync_dir(target)
                 _remove(replaced)  # (killed here, the next export to this folder removes it)
         elif target.exists() or target.is_symlink():  # force: swap the new one in, then drop the old one
             _check_out(target, force, loaded.path)  # again: another export may have written it since the first look
@@ -617,8 +621,8 @@ def _fill(folder: Path, tmp: Path) -> Path:
     mount points, would drop its permissions and its hidden entries, such as a git clone's `.git`), then remove
     `tmp`; the caller holds IN_PLACE_LOCK. An earlier export there (`--force`) is first moved aside, whole, into
     `.tinygpt-export.old-<pid>`, which is returned for the caller to remove once it has the export as complete; on
-    failure the new files go and the earlier ones come back. From before the first move until the last new file is
-    in, `folder` lists the new files in FILLING: a process killed then (SIGKILL) leaves a folder that
+    failure the new files go and the earlier ones come back (`_restore`). From before the first move until the last
+    new file is in, `folder` lists the new files in FILLING: a process killed then (SIGKILL) leaves a folder that
     `_undo_killed_fill` puts back as it found it, and that the loader refuses (transformers would load a part that
     lacks its tokenizer)."""
     names = sorted(child.name for child in tmp.iterdir())
@@ -626,7 +630,6 @@ def _fill(folder: Path, tmp: Path) -> Path:
     marker = folder / FILLING
     setting_aside = folder / f".{IN_PLACE}.setaside-{os.getpid()}"
     aside = folder / f".{IN_PLACE}.old-{os.getpid()}"
-    moved: list[Path] = []
     try:
         if earlier:  # made before the list: beside it, it says the files listed may still be the earlier export's
             setting_aside.mkdir()
@@ -641,40 +644,51 @@ def _fill(folder: Path, tmp: Path) -> Path:
             fsync_dir(folder)
         for name in names:
             workspace.replace(tmp / name, folder / name)
-            moved.append(folder / name)
         tmp.rmdir()
         fsync_dir(folder)  # every file is in before the list goes
         marker.unlink()
     except BaseException:
-        for path in moved:
-            _remove(path)
-        for kept in (setting_aside, aside):
-            _move_back(kept, folder)
-        _remove(marker)
+        _restore(folder, str(os.getpid()), names)
         raise
-    fsync_dir(folder)
     return aside
 
 
+def _restore(folder: Path, pid: str, names: list[str]) -> None:
+    """Put `folder` back as the fill of process `pid`, which listed the new files `names`, found it. Each step can be
+    cut (a kill, a second Ctrl-C) and the next call goes on from there: while the earlier export is being moved
+    back it sits in `setaside-<pid>`, which says the names listed are its own files, not new ones."""
+    setting_aside = folder / f".{IN_PLACE}.setaside-{pid}"
+    aside = folder / f".{IN_PLACE}.old-{pid}"
+    if not setting_aside.is_dir():  # the earlier export is wholly aside (or there is none): the new files go
+        for name in names:
+            if name and Path(name).name == name and name not in (".", ".."):
+                _remove(folder / name)
+        if aside.is_dir():
+            workspace.replace(aside, setting_aside)
+    _move_back(setting_aside, folder)
+    _remove(folder / FILLING)
+    _remove(setting_aside)
+
+
 def _move_back(kept: Path, folder: Path) -> None:
-    """Move an earlier export's files, set aside in `kept`, back into `folder`, and remove `kept`."""
+    """Move an earlier export's files, set aside in `kept`, back into `folder` (over a new file of that name)."""
     if not kept.is_dir():
         return
     for child in kept.iterdir():
-        if not (folder / child.name).exists():
-            workspace.replace(child, folder / child.name)
-    _remove(kept)
+        if (folder / child.name).is_dir() and not (folder / child.name).is_symlink():
+            _remove(folder / child.name)
+        workspace.replace(child, folder / child.name)
 
 
 def _undo_killed_fill(folder: Path) -> None:
-    """Put back a folder that an export killed while moving its files in (`_fill`) left part-filled: an earlier
-    export it was setting aside comes back where it was; else the new files it lists go, and an earlier export it
-    had set aside comes back. Then the list goes, and what else a killed export left (its temp folder; an earlier
-    export it had replaced, completely). The folder is then as that export found it, and this export fills it. A
-    fill still under way (its process alive) is left alone: its files stay, which `_check_out` refuses."""
+    """Put back a folder that an export killed while moving its files in (`_fill`) left part-filled (`_restore`),
+    then what else killed exports left (a temp folder; an earlier export set aside with no list beside it, which
+    comes back; one replaced by a complete export, which goes): the folder is then as that export found it, and
+    this export fills it. The caller holds IN_PLACE_LOCK, so no fill is under way; a list whose writer died before
+    it wrote its number (empty) is one too."""
 
-    def leftovers(kind: str) -> list[Path]:  # of exports no longer running (this process's own, bar its temp
-        try:  # folder, are of an earlier process that had its number: a container's pid 1)
+    def leftovers(kind: str) -> list[Path]:  # (this process's own, bar its temp folder, are of an earlier
+        try:  # process that had its number: a container's pid 1)
             children = list(folder.iterdir())
         except OSError:
             return []
@@ -687,22 +701,15 @@ def _undo_killed_fill(folder: Path) -> None:
         return found
 
     try:
-        pid, *names = (folder / FILLING).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError, ValueError):
-        pid, names = "", []  # none (the usual case), or not ours to read
-    if pid.isdigit() and (int(pid) == os.getpid() or not workspace.pid_alive(int(pid))):
-        setting_aside = folder / f".{IN_PLACE}.setaside-{pid}"
-        if setting_aside.is_dir():  # killed while setting the earlier export aside: the names listed are its files
-            _move_back(setting_aside, folder)
-        else:
-            for name in names:
-                if name and Path(name).name == name and name not in (".", ".."):
-                    _remove(folder / name)
-            _move_back(folder / f".{IN_PLACE}.old-{pid}", folder)
-        _remove(folder / FILLING)
+        pid, *names = (folder / FILLING).read_text(encoding="utf-8").splitlines() or [""]
+    except (OSError, UnicodeDecodeError):
+        pid, names = None, []  # none (the usual case), or not ours to read
+    if pid is not None and (not pid.isdigit() or int(pid) == os.getpid() or not workspace.pid_alive(int(pid))):
+        _restore(folder, pid if pid.isdigit() else "", names)
     if not (folder / FILLING).exists():  # (a fill under way keeps what it set aside)
         for child in leftovers("setaside"):
             _move_back(child, folder)
+            _remove(child)
         for child in leftovers("old"):  # killed after the new export was complete: the one it replaced
             _remove(child)
     for child in leftovers("tmp"):  # killed while writing its files
@@ -766,11 +773,12 @@ def _check_out(target: Path, force: bool, source: Path | None = None, locked: bo
     workspace, the current folder or a folder above them, whatever it looks like). What a killed export left
     filling it goes first (`_undo_killed_fill`), unless another export is filling it now (it holds IN_PLACE_LOCK;
     `locked`: this one does): the folder is then as that export found it."""
-    if locked or not workspace.held(target / IN_PLACE_LOCK):
+    if locked:
         _undo_killed_fill(target)
-        if not locked:  # a lock file a killed export left (`exclusive` copes with one removed under it)
-            with contextlib.suppress(OSError):
-                (target / IN_PLACE_LOCK).unlink(missing_ok=True)
+    elif target.is_dir() and not target.is_symlink():  # under the lock, where no other export holds it now
+        # held (a fill under way: left alone), or a folder one cannot write: nothing to undo
+        with contextlib.suppress(TinyGPTError), workspace.exclusive(target / IN_PLACE_LOCK, str(target), patience_s=0):
+            _undo_killed_fill(target)
     above = next((folder for folder in target.parents if folder.exists()), None)
     if above is not None and not above.is_dir():
         raise ExportError(f"{above} is a file, not a folder: choose another --out")
