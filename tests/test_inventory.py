@@ -650,8 +650,14 @@ def test_a_dataset_runs_trained_on_is_tokenized_again_only_with_force(with_shake
     forced = invoke("tokenize", "--fraction", "0.5", "--force")
     assert forced.exit_code == 0, forced.output
     assert json.loads((with_shakespeare / "meta.json").read_text())["fraction"] == 0.5
-    # review: runs that trained on the version replaced no longer hold it back
+    # review: runs that trained on the version replaced no longer hold it back, nor a run that saved no checkpoint
+    early = workspace / "runs" / "early"
+    shutil.copytree(a, early)
+    shutil.rmtree(early / "checkpoints")
     assert invoke("tokenize", "--fraction", "0.25").exit_code == 0
+    train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="c")  # on the 0.25 version
+    big_seed = invoke("tokenize", "--fraction", "0.25", "--seed", "123456789")  # was "1.23457e+08"
+    assert_one_line_error(big_seed, "--seed 123456789 (it was made with 0)")
 
 
 def test_a_dataset_whose_source_changed_is_made_again_with_a_note_for_its_runs(workspace):
@@ -664,8 +670,7 @@ def test_a_dataset_whose_source_changed_is_made_again_with_a_note_for_its_runs(w
     source.write_text("A line put first since.\n" + source.read_text())  # in train (a line appended may land in val)
     again = invoke("tokenize", str(source), "--name", "corp")
     assert again.exit_code == 0, again.output
-    assert "The text of data/corp changed (its source did) since 1 run trained on it (on-corp): resuming one is " \
-           "refused" in \
+    assert "1 run trained on data/corp as it was (on-corp): it holds other text now, so resuming one is refused" in \
         " ".join(again.stderr.split()), again.stderr
 
 

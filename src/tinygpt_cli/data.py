@@ -899,10 +899,11 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
     except (OSError, ValueError):
         return
     old = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-    differ = [f"{flag} {settings[key]:g} (it was made with {meta.get(key)})" for key, flag in
+    differ = [f"{flag} {settings[key]} (it was made with {meta.get(key)})" for key, flag in
               (("fraction", "--fraction"), ("val_fraction", "--val-fraction"), ("seed", "--seed"))
               if meta.get(key) is not None and meta.get(key) != settings[key]]
-    if src.kind != "embedded" and old.get("text_field") not in (None, src.text_field):
+    fields = any(document.kind != "txt" for document in src.files)  # a .txt has no field to name
+    if fields and old.get("text_field") not in (None, src.text_field):
         differ.append(f"--text-field {src.text_field} (it was made with {old.get('text_field')})")
     if differ:
         names = ", ".join(summary.name for summary in users[:3]) + (", …" if len(users) > 3 else "")
@@ -913,7 +914,8 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
 
 def _note_changed_under(folder: Path, meta: dict[str, Any]) -> str | None:
     """What to say where the dataset about to replace `folder`'s (`meta`: the new one's) holds other text than the
-    one runs trained on, with the same settings (its source changed since): they cannot resume on it."""
+    one runs trained on (its source changed since, or --force made it with other settings): they cannot resume on
+    it."""
     from tinygpt_cli.inventory import runs_on_dataset
 
     if not (folder / "meta.json").is_file():
@@ -926,9 +928,8 @@ def _note_changed_under(folder: Path, meta: dict[str, Any]) -> str | None:
     if not users or before == meta["splits"]["train"].get("sha256"):
         return None
     names = ", ".join(summary.name for summary in users[:3]) + (", …" if len(users) > 3 else "")
-    return (f"the text of data/{folder.name} changed (its source did) since {workspace.counted(len(users), 'run')} "
-            f"trained on it ({names}): resuming one is refused; `tinygpt train --init-from RUN` goes on from its "
-            f"weights")
+    return (f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} as it was ({names}): it holds "
+            f"other text now, so resuming one is refused; `tinygpt train --init-from RUN` goes on from its weights")
 
 
 def _check_not_another_source(folder: Path, src: Source) -> None:

@@ -625,7 +625,8 @@ def _links_to(path: Path) -> tuple[str, ...]:
 def runs_on_dataset(folder: Path) -> list[RunSummary]:
     """The runs of this workspace that trained on the tokenized dataset `folder` (newest first): those that name it,
     less those whose latest checkpoint recorded another train split (they trained on a dataset of that name made
-    from other text, replaced since, or elsewhere: `--data PATH`) and those that stopped before any step."""
+    from other text, replaced since, or elsewhere: `--data PATH`) and those that saved no checkpoint; one training
+    now counts whatever it recorded."""
     from tinygpt_cli.checkpoint import latest_checkpoint, read_state
 
     try:
@@ -634,11 +635,16 @@ def runs_on_dataset(folder: Path) -> list[RunSummary]:
         current = None
     users = []
     for summary in list_run_summaries():
-        if summary.dataset != folder.name or (summary.steps == 0 and not summary.training):
+        if summary.dataset != folder.name:
+            continue
+        if summary.training:  # it reads data/<name> now, whatever it trained on before
+            users.append(summary)
             continue
         checkpoint = latest_checkpoint(Path(summary.path))
+        if checkpoint is None:  # stopped before its first checkpoint: nothing to resume
+            continue
         try:
-            data = read_state(checkpoint).get("data") if checkpoint is not None else None
+            data = read_state(checkpoint).get("data")
         except (CheckpointError, OSError, ValueError):
             data = None
         recorded = data.get("train_sha256") if isinstance(data, dict) else None

@@ -323,10 +323,11 @@ def embedded_source() -> Source:
     return Source(EMBEDDED_NAME, "the embedded Shakespeare corpus (42 works)", "embedded", files)
 
 
-def _files_under(folder: Path) -> tuple[list[Path], list[str]]:
+def _files_under(folder: Path, loops_only: bool = False) -> tuple[list[Path], list[str]]:
     """Every file under `folder`, sorted, following symlinked folders (a corpus of shards linked in from other
-    disks; `Path.rglob` skips them silently, where a `**` glob follows them), a loop (a link back up the tree) once;
-    a folder two links reach is listed under both names (`local_source` reads each real file once). Hidden files
+    disks; `Path.rglob` skips them silently, where a `**` glob follows them), each real folder once; with
+    `loops_only` (a `**` glob, which matches names) a folder two links reach is listed under both names, a loop (a
+    link back up the tree) still once (`local_source` reads each real file once). Hidden files
     and folders are left out, as a glob leaves them: .git/, or the copies in .ipynb_checkpoints/, which would put
     each notebook's text in twice, likely once in each split. Also returned: the folders below it that cannot be
     read (`lost+found` at a disk's root; os.walk passed over them in silence), as "path (why)"."""
@@ -337,14 +338,20 @@ def _files_under(folder: Path) -> tuple[list[Path], list[str]]:
             raise DataError(f"cannot read the folder {folder} ({exc.strerror}): check its permissions")
         unreadable.append(f"{exc.filename} ({exc.strerror})")
 
+    seen: set[str] = set()
     for where, folders, names in os.walk(folder, followlinks=True, onerror=note):
         real = reals[where] = os.path.realpath(where)
-        above, ancestors = os.path.dirname(where), set()
-        while above in reals:  # (os.walk goes top-down: every folder above this one was walked before it)
-            ancestors.add(reals[above])
-            above = os.path.dirname(above)
-        if real in ancestors:  # a link back up the tree: a loop, walked once (a second link to a folder elsewhere
-            folders[:] = []    # is walked under its own name too, its files read once: `local_source` by realpath)
+        if loops_only:
+            above, ancestors = os.path.dirname(where), set()
+            while above in reals:  # (os.walk goes top-down: every folder above this one was walked before it)
+                ancestors.add(reals[above])
+                above = os.path.dirname(above)
+            repeated = real in ancestors  # a link back up the tree
+        else:
+            repeated = real in seen  # a link back up the tree, or a second link to the same folder
+            seen.add(real)
+        if repeated:
+            folders[:] = []
             continue
         folders[:] = [name for name in folders if not name.startswith(".")]
         found.extend(Path(where) / name for name in names if not name.startswith("."))
@@ -363,7 +370,7 @@ def _recursive_glob(pattern: Path) -> tuple[list[Path], list[str]]:
     bases = [Path(found) for found in sorted(glob.glob(str(prefix)))] if glob.has_magic(str(prefix)) else [prefix]
     files, unreadable = [], []
     for base in (base for base in bases if base.is_dir()):
-        found, problems = _files_under(base)
+        found, problems = _files_under(base, loops_only=True)
         files += [path for path in found if _matches(path.relative_to(base).parts, parts[cut:])]
         unreadable += problems
     return files, unreadable
