@@ -979,23 +979,14 @@ def test_an_export_killed_while_filling_a_folder_is_finished_by_the_same_command
     assert export.load_model(str(out)).state["format"] == "huggingface"
 
 
-@pytest.mark.parametrize(("phase", "kill_at"), [("setaside", 1), ("setaside", 2), ("old", 1), ("tmp", 2)])
-def test_a_force_killed_while_replacing_an_export_in_place_brings_the_earlier_back(hf_source, workspace, tmp_path,
-                                                                                    phase, kill_at):
-    """An export filled in place (a folder of its own hidden entries: `.git`) moves the earlier export aside before
-    moving the new one in. Killed part-way through either (SIGKILL), or just as the earlier export is set aside
-    whole (review: with no list yet, the next export took it for one replaced and deleted it), the next export to
-    the folder puts the earlier export back as it was, and then refuses it without --force, as before the kill."""
+def _force_export_killed_at(hf_source: Path, out: Path, phase: str, kill_at: int) -> None:
+    """`export --force --dtype fp16` into `out`, SIGKILLed just after its `kill_at`-th move of a file into or out of
+    `.tinygpt-export.<phase>-<pid>` (phase "old": the earlier export renamed to it, set aside whole)."""
     import signal
     import textwrap
 
-    out = tmp_path / "out"
-    assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
-    (out / ".git").mkdir()
-    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     script = textwrap.dedent("""
         import os, signal, sys
-        from pathlib import Path
         from tinygpt_cli import export
         from tinygpt_cli.cli import main
         real, moved, phase, kill_at = export.workspace.replace, [], sys.argv[3], int(sys.argv[4])
@@ -1012,6 +1003,21 @@ def test_a_force_killed_while_replacing_an_export_in_place_brings_the_earlier_ba
     killed = subprocess.run([sys.executable, "-c", script, str(hf_source), str(out), phase, str(kill_at)],
                             env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+@pytest.mark.parametrize(("phase", "kill_at"), [("setaside", 1), ("setaside", 2), ("old", 1), ("tmp", 2)])
+def test_a_force_killed_while_replacing_an_export_in_place_brings_the_earlier_back(hf_source, workspace, tmp_path,
+                                                                                    phase, kill_at):
+    """An export filled in place (a folder of its own hidden entries: `.git`) moves the earlier export aside before
+    moving the new one in. Killed part-way through either (SIGKILL), or just as the earlier export is set aside
+    whole (review: with no list yet, the next export took it for one replaced and deleted it), the next export to
+    the folder puts the earlier export back as it was, and then refuses it without --force, as before the kill."""
+
+    out = tmp_path / "out"
+    assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
+    (out / ".git").mkdir()
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _force_export_killed_at(hf_source, out, phase, kill_at)
     assert_one_line_error(invoke("export", str(hf_source), "--out", str(out)), "already exists: pass --force")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".git"]
@@ -1026,8 +1032,6 @@ def test_an_export_cut_twice_or_by_ctrl_c_mid_move_still_brings_the_earlier_back
     (a mixed export the loader took); a kill while a killed fill was being undone left the earlier export's files
     beside the list of new ones, which the next export deleted; an empty list (a kill as it was created) was never
     cleared. Each now ends with the earlier export back as it was."""
-    import signal
-    import textwrap
 
     out = tmp_path / "out"
     assert invoke("export", str(hf_source), "--out", str(out)).exit_code == 0
@@ -1039,25 +1043,8 @@ def test_an_export_cut_twice_or_by_ctrl_c_mid_move_still_brings_the_earlier_back
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == earlier
         assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".git"]
 
-    script = textwrap.dedent("""
-        import os, signal, sys
-        from tinygpt_cli import export
-        from tinygpt_cli.cli import main
-        real, moved, phase, kill_at = export.workspace.replace, [], sys.argv[3], int(sys.argv[4])
-        def replace(src, dst):
-            real(src, dst)
-            if f".tinygpt-export.{phase}-" in str(src) + str(dst):
-                moved.append(dst)
-                if len(moved) == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-        export.workspace.replace = replace
-        sys.argv = ["tinygpt", "export", sys.argv[1], "--out", sys.argv[2], "--force", "--dtype", "fp16"]
-        main()
-    """)
     for phase, kill_at in (("tmp", 3), ("setaside", 3)):  # a fill killed, then the export undoing it killed too
-        killed = subprocess.run([sys.executable, "-c", script, str(hf_source), str(out), phase, str(kill_at)],
-                                env=dict(os.environ), capture_output=True, text=True, timeout=300)
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        _force_export_killed_at(hf_source, out, phase, kill_at)
     as_before()
 
     real, moved_in = export.workspace.replace, []
