@@ -1062,6 +1062,17 @@ def test_an_export_cut_twice_or_by_ctrl_c_mid_move_still_brings_the_earlier_back
     as_before()
     (out / export.FILLING).write_text("")  # killed as it was created
     as_before()
+    real_mkdir = Path.mkdir
+
+    def no_room(path, *args, **kwargs):  # the folder that sets the earlier export aside cannot be made
+        if ".tinygpt-export.setaside-" in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_room)
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(out), "--force"), "free some space")
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    as_before()  # review: the failure "restored" the fill, deleting the earlier export's files of the new names
 
 
 def test_an_export_filling_a_folder_keeps_a_second_out(hf_source, workspace, tmp_path):

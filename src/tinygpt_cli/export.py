@@ -630,10 +630,12 @@ def _fill(folder: Path, tmp: Path) -> Path:
     marker = folder / FILLING
     setting_aside = folder / f".{IN_PLACE}.setaside-{os.getpid()}"
     aside = folder / f".{IN_PLACE}.old-{os.getpid()}"
+    listed = False  # until the list is written, nothing has moved: a failure removes what was made, no more
     try:
         if earlier:  # made before the list: beside it, it says the files listed may still be the earlier export's
             setting_aside.mkdir()
         marker.write_text(f"{os.getpid()}\n" + "".join(f"{name}\n" for name in names), encoding="utf-8")
+        listed = True
         fsync_file(marker)
         fsync_dir(folder)
         if earlier:  # all of it aside, then renamed as one: the new files move in only after that
@@ -648,7 +650,11 @@ def _fill(folder: Path, tmp: Path) -> Path:
         fsync_dir(folder)  # every file is in before the list goes
         marker.unlink()
     except BaseException:
-        _restore(folder, str(os.getpid()), names)
+        if listed:
+            _restore(folder, str(os.getpid()), names)
+        else:  # (the earlier export's files, named like the new ones, are still in place: none is removed)
+            _remove(marker)
+            _remove(setting_aside)
         raise
     return aside
 
