@@ -574,6 +574,10 @@ def test_prompt_longer_than_context(with_shakespeare):
 def test_unknown_dataset_for_training(with_shakespeare, workspace):
     assert_one_line_error(invoke("train", "--data", "owt"), "no tokenized dataset named 'owt'")
     assert not (workspace / "runs").exists()
+    # QA: a named corpus not downloaded said "run `tinygpt tokenize` first", which makes the embedded corpus
+    assert_one_line_error(invoke("train", "--data", "openwebtext"),
+                          "make it with `tinygpt download openwebtext && tinygpt tokenize openwebtext`")
+    assert_one_line_error(invoke("train", "--data", "mine"), "make it with `tinygpt tokenize SOURCE --name mine`")
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

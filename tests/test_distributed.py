@@ -198,7 +198,8 @@ def test_nproc_says_a_workers_error_once(with_shakespeare, workspace):
     assert process.returncode == 1, err
     assert "\n\n" not in err, err
     assert [line for line in err.splitlines() if "error" in line.lower()] == [
-        "error: no tokenized dataset named 'nonexist' (known: shakespeare): run `tinygpt tokenize` first"]
+        "error: no tokenized dataset named 'nonexist' (known: shakespeare): make it with `tinygpt tokenize SOURCE "
+        "--name nonexist`"]
     assert "Traceback" not in err and "ChildFailedError" not in err
     assert "Launching 2 processes, as `torchrun --standalone --nproc-per-node=2 -m tinygpt_cli train" in err
 

@@ -855,9 +855,29 @@ def test_runs_compare_reads_a_pattern_as_one_column_of_mean_and_spread(with_shak
     assert pair[""] == ["lr0.002-s1", "lr0.01-* (2 runs)"] and re.fullmatch(r"\d+\.\d{4}", pair["val loss"][0])
     assert_one_line_error(invoke("runs", "compare", "lr0.002-s1", "nothing-*"),
                           "no run matches nothing-*: `tinygpt runs` lists them")
+    # QA: one pattern of three runs said "name two runs or more"
+    assert_one_line_error(invoke("runs", "compare", "lr0.002-*"),
+                          "lr0.002-* is one column (3 runs): name a second run or pattern to compare it with")
     plot = tmp_path / "groups.png"
     drawn = invoke("runs", "compare", "lr0.002-*", "lr0.01-*", "--plot", str(plot))
     assert drawn.exit_code == 0 and plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_runs_compare_shows_the_train_loss_a_stop_between_log_steps_saved(with_shakespeare, workspace):
+    """QA: stopped between log steps (Ctrl-C, --max-minutes), the summary and the report gave the loss of the steps
+    since the last log, and `runs compare` the older one metrics.jsonl logged, beside the later step."""
+    from tinygpt_cli.checkpoint import latest_checkpoint, read_state
+    from tinygpt_cli.inventory import compare_runs
+    from tinygpt_cli.report import metrics_records
+
+    stopped = train(tiny_config(max_steps=8, log_interval=2, eval_interval=100, eval_batches=1, batch_size=2,
+                                max_tokens=3 * 2 * 32), run_name="stopped")
+    assert stopped.steps == 3
+    logged = [r["loss"] for r in metrics_records(stopped.run_dir / "metrics.jsonl") if r.get("kind") == "train"]
+    saved = read_state(latest_checkpoint(stopped.run_dir))["train_loss"]
+    assert saved == stopped.final_loss and saved != logged[-1]
+    train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="other")
+    assert compare_runs(["stopped", "other"]).runs[0].train_loss == saved
 
 
 def test_runs_compare_refuses_what_it_cannot_compare(with_shakespeare, workspace, tmp_path):

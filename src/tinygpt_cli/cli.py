@@ -2025,7 +2025,7 @@ def runs_compare(
     """Runs side by side: their losses, speed and evals, and the settings in which they differ."""
     from tinygpt_cli.inventory import compare_runs
 
-    if len(names) < 2:
+    if len(names) < 2 and not any(char in names[0] for char in "*?["):  # a pattern may be several
         raise typer.BadParameter("name two runs or more (`tinygpt runs` lists them)", param_hint="RUN")
     if plot is not None and plot.suffix.lower() != ".png":
         raise typer.BadParameter(f"{plot} does not end in .png: name the image file to write, e.g. val.png",

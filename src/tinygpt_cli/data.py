@@ -1278,6 +1278,15 @@ def find_dataset(spec: str | None) -> Dataset | None:
     close = workspace.close_names(spec, workspace.data_dir())
     known = close or (f" (known: {', '.join(names[:8])}{', …' if len(names) > 8 else ''})" if names else
                       " (none yet)")
-    raise DataError(f"no tokenized dataset named {spec!r}{known}: run `tinygpt tokenize` first")
+    from tinygpt_cli.sources import REGISTRY, downloads
+
+    downloaded = {record.get("name") for record in downloads() if record.get("complete")}
+    if spec in downloaded:  # downloaded, not tokenized yet
+        make = f"`tinygpt tokenize {spec}`"
+    elif spec in REGISTRY and REGISTRY[spec].kind != "embedded":  # a named corpus: it is fetched first
+        make = f"`tinygpt download {spec} && tinygpt tokenize {spec}`"
+    else:
+        make = f"`tinygpt tokenize SOURCE --name {spec}`"
+    raise DataError(f"no tokenized dataset named {spec!r}{known}: make it with {make}")
 
 

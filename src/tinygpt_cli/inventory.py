@@ -330,9 +330,6 @@ def compare_runs(specs: list[str]) -> Comparison:
     """`tinygpt runs compare`: two or more runs (names or folders) side by side."""
     from tinygpt_cli.checkpoint import find_run, run_of_checkpoints
 
-    if len(specs) < 2:
-        raise ConfigError("name two runs or more to compare (`tinygpt runs` lists them), e.g. `tinygpt runs compare "
-                          "run-a run-b`")
     folders: dict[Path, tuple[str, bool]] = {}  # each run's spec, and whether that is a pattern
     columns: list[tuple[str, list[Path]]] = []
     for spec in specs:
@@ -345,6 +342,12 @@ def compare_runs(specs: list[str]) -> Comparison:
                 raise ConfigError(f"{before} and {spec} {same}: name each run once")
             folders[run_dir] = (spec, matched is not None)
         columns.append((spec if len(found) > 1 else found[0].name, found))
+    if len(columns) < 2:
+        label, found = columns[0] if columns else ("", [])
+        raise ConfigError(f"{label} is one column ({workspace.counted(len(found), 'run')}): name a second run or "
+                          f"pattern to compare it with, or its runs one by one to see them side by side"
+                          if len(found) > 1 else "name two runs or more to compare (`tinygpt runs` lists them), "
+                          "e.g. `tinygpt runs compare run-a run-b`")
     records = {run_dir: run_record(run_dir) for run_dir in folders}
     groups = [RunGroup(label, [records[run_dir] for run_dir in found]) for label, found in columns]
     runs = [run for group in groups for run in group.runs]
@@ -422,8 +425,12 @@ def run_record(run_dir: Path) -> RunRecord:
             measures[record["task"]] = record
         elif record.get("kind") == "loss":
             measures[f"loss {record.get('dataset')}/{record.get('split')}"] = record
+    # the latest checkpoint's: a stop between log steps saves the loss of the steps since the last, which
+    # metrics.jsonl has no line for (the summary and the report show it too)
+    saved_loss = number_or_none(state.get("train_loss"))
     return RunRecord(
-        summary=summary, config=config, train_loss=number_or_none((last or {}).get("loss")),
+        summary=summary, config=config,
+        train_loss=saved_loss if saved_loss is not None else number_or_none((last or {}).get("loss")),
         tokens_per_s=statistics.median(rates) if rates else None, mfu=statistics.median(mfus) if mfus else None,
         elapsed_s=number_or_none(state.get("elapsed_s")), val_curve=curve, measures=measures)
 
