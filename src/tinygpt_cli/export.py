@@ -694,17 +694,7 @@ def _undo_killed_fill(folder: Path) -> None:
     it wrote its number (empty) is one too."""
 
     def leftovers(kind: str) -> list[Path]:  # (this process's own, bar its temp folder, are of an earlier
-        try:  # process that had its number: a container's pid 1)
-            children = list(folder.iterdir())
-        except OSError:
-            return []
-        found = []
-        for child in children:
-            named, _, pid = child.name.removeprefix(f".{IN_PLACE}.").partition("-")
-            if named == kind and child.name.startswith(f".{IN_PLACE}.") and pid.isdigit() and \
-                    ((int(pid) == os.getpid() and kind != "tmp") or not workspace.pid_alive(int(pid))):
-                found.append(child)
-        return found
+        return _left_by_dead(folder, IN_PLACE, (kind,), own=kind != "tmp")  # process that had its number: pid 1)
 
     try:
         pid, *names = (folder / FILLING).read_text(encoding="utf-8").splitlines() or [""]
@@ -722,14 +712,27 @@ def _undo_killed_fill(folder: Path) -> None:
         _remove(child)
 
 
+def _left_by_dead(folder: Path, name: str, kinds: tuple[str, ...], own: bool = False) -> list[Path]:
+    """The entries `.<name>.<kind>-<pid>` of `folder` that exports no longer running left; `own`: this process's
+    number counts as one of those (an earlier process that had it)."""
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return []
+    found = []
+    for child in children:
+        kind, _, pid = child.name.removeprefix(f".{name}.").partition("-")
+        if kind in kinds and child.name.startswith(f".{name}.") and pid.isdigit() and \
+                (own if int(pid) == os.getpid() else not workspace.pid_alive(int(pid))):
+            found.append(child)
+    return found
+
+
 def _remove_stale_temps(parent: Path, name: str) -> None:
     """Remove `.<name>.tmp-<pid>` (a partial export) and `.<name>.old-<pid>` (the export a `--force` was replacing)
     left by an export whose process is gone (killed before it could clean up)."""
-    for child in parent.iterdir():
-        kind, _, pid = child.name.removeprefix(f".{name}.").partition("-")
-        if kind in ("tmp", "old") and child.name.startswith(f".{name}.") and pid.isdigit() \
-                and int(pid) != os.getpid() and not workspace.pid_alive(int(pid)):
-            _remove(child)
+    for child in _left_by_dead(parent, name, ("tmp", "old")):
+        _remove(child)
 
 
 def _place_new(tmp: Path, target: Path) -> None:
