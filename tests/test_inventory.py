@@ -377,6 +377,11 @@ def test_each_run_says_how_it_ended(with_shakespeare, workspace):
     for name, status in (("cut", "interrupted"), ("budget", "token limit"), ("starting", "starting")):
         assert re.search(rf"│ {name} +│ {status} +│", table), table
     assert invoke("runs", "show", "cut").exit_code == 0
+    report = workspace / "runs" / "budget" / "report.md"  # QA: it said "Stopped: token_limit", an identifier
+    assert "Stopped: token limit at step 1 (" in report.read_text()
+    report.write_text(report.read_text().replace("Stopped: token limit", "Stopped: token_limit"))  # an older one
+    assert {entry["name"]: entry["status"] for entry in json.loads(invoke("runs", "--json").stdout)}["budget"] == \
+        "token limit"
 
 
 def test_the_latest_run_is_the_one_saved_last_not_the_newest_files(with_shakespeare, workspace):

@@ -461,6 +461,24 @@ def test_a_resume_whose_data_changed_says_how_to_make_it_again(with_shakespeare,
     assert resumed.exit_code == 0, resumed.output
 
 
+def test_a_resume_whose_source_text_changed_does_not_offer_the_same_command(with_shakespeare, workspace):
+    """QA: the source file edited and tokenized again (same settings), the refusal offered the tokenize command that
+    had made the current data: it said "Nothing to do", and the resume was refused again, in a loop. It now says
+    the source's text changed."""
+    book = workspace / "book.txt"
+    book.write_text("Hello world, this is a line of text.\n" * 2000, encoding="utf-8")
+    assert invoke("tokenize", str(book)).exit_code == 0
+    assert invoke("train", "--data", "book", "--name", "r", "--max-steps", "2", *TINY_SETTINGS,
+                  "--set", "train.eval_interval=1000").exit_code == 0
+    book.write_text("Changed first line. " + book.read_text(encoding="utf-8"), encoding="utf-8")
+    assert invoke("tokenize", str(book)).exit_code == 0
+    refused = invoke("train", "--resume", "--name", "r", "--max-steps", "3")
+    assert_one_line_error(refused, f"the text of {book} changed since run r trained on data/book: put back the text "
+                                   f"it had and tokenize it again, or start a new run from these weights with "
+                                   f"--init-from r")
+    assert "make it again" not in refused.stderr
+
+
 def test_a_run_another_process_is_training_is_refused(with_shakespeare, workspace):
     """Two trainings of one run (a job requeued while the first still runs, a second terminal) wrote the same
     checkpoints and metrics.jsonl; two new runs of one name both passed the 'already exists' check."""

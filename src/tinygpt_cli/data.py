@@ -1128,13 +1128,20 @@ def token_window(tokens: np.ndarray, start: int, stop: int) -> np.ndarray:
     return window
 
 
+def remake_source(dataset: Dataset) -> str | None:
+    """What `dataset` was tokenized from, as `tinygpt tokenize` takes it (a path, or a download's name)."""
+    source = dataset.meta.get("source")
+    spec = (source.get("location") or source.get("spec")) if isinstance(source, dict) else None
+    return spec if isinstance(spec, str) else None
+
+
 def remake_command(dataset: Dataset) -> str | None:
     """The `tinygpt tokenize` command that makes `dataset` again byte for byte (tokenizing is deterministic given
     the source and these settings: a dataset replaced by other settings can be made again), or None where its
     meta.json does not record them."""
     source, settings = dataset.meta.get("source"), [dataset.meta.get(k) for k in ("fraction", "val_fraction", "seed")]
-    spec = (source.get("location") or source.get("spec")) if isinstance(source, dict) else None
-    if not isinstance(spec, str) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in settings):
+    spec = remake_source(dataset)
+    if spec is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in settings):
         return None
     fraction, val_fraction, seed = settings
     words = ["tinygpt", "tokenize", spec, "--name", dataset.name, "--fraction", repr(float(fraction)),

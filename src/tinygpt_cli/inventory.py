@@ -51,8 +51,8 @@ class RunSummary:
 # checkpoint has no report); starting (training, no checkpoint yet); no checkpoint (it stopped before saving one)
 STATUSES = ("training", "finished", "interrupted", "time limit", "token limit", "failed", "killed", "starting",
             "no checkpoint")
-_STOP_STATUS = {"completed": "finished", "interrupted": "interrupted", "time_limit": "time limit",
-                "token_limit": "token limit"}
+_STOP_STATUS = {"completed": "finished", "interrupted": "interrupted", "time limit": "time limit",
+                "token limit": "token limit", "time_limit": "time limit", "token_limit": "token limit"}  # and older
 
 
 def run_summary(run_dir: Path) -> RunSummary:

@@ -238,7 +238,8 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
     lines = [
         f"# Run {run_dir.name}",
         "",
-        f"Stopped: {result.stopped} at step {result.steps} ({result.tokens:,} tokens seen).",
+        # "time limit", as `tinygpt runs` says it (the listing reads the line back; older reports say time_limit)
+        f"Stopped: {result.stopped.replace('_', ' ')} at step {result.steps} ({result.tokens:,} tokens seen).",
         "",
         "| | |",
         "|---|---|",

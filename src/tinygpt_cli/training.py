@@ -56,7 +56,7 @@ from tinygpt_cli.config import (
     init_from_block_size,
     trains_compiled,
 )
-from tinygpt_cli.data import Dataset, find_dataset, remake_command, token_window, tokenize
+from tinygpt_cli.data import Dataset, find_dataset, remake_command, remake_source, token_window, tokenize
 from tinygpt_cli.errors import (
     DENIED,
     FULL,
@@ -1257,12 +1257,18 @@ class _Trainer:
         recorded, current = trained_on.get("train_sha256"), self.dataset.meta["splits"]["train"].get("sha256")
         if trained_on.get("dataset") == self.dataset.name and recorded and current and recorded != current:
             remake = trained_on.get("remake")
+            if isinstance(remake, str) and remake == remake_command(self.dataset):  # the same source and settings:
+                source = remake_source(self.dataset)  # its text is what changed, which that command cannot undo
+                raise TrainingError(
+                    f"the text of {source} changed since run {self.run_dir.name} trained on "
+                    f"data/{self.dataset.name}: put back the text it had and tokenize it again, or start a new run "
+                    f"from these weights with --init-from {self.run_dir.name}")
             # --force: the name holds the other text now (made from another source, tokenize asks for it)
             again = f"make it again with `{remake} --force`" if isinstance(remake, str) else \
                 "tokenize the original source again with the settings it had (--force replaces the other text)"
             raise TrainingError(
                 f"run {self.run_dir.name} trained on data/{self.dataset.name} as it was before it was tokenized "
-                f"again from other text or with other settings: resuming would go on with other data. {again}, "
+                f"again from other text or with other settings: resuming would go on with other data: {again}, "
                 f"or start a new run from these weights with --init-from {self.run_dir.name}"
             )
         if recorded and current and recorded != current and trained_on.get("dataset") != self.dataset.name:
