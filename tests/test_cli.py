@@ -289,6 +289,7 @@ def test_tokenize_non_utf8_file(workspace, tmp_path):
 
 def test_unknown_preset_and_config_key(with_shakespeare, workspace):
     assert_one_line_error(invoke("train", "--size", "huge"), "unknown size 'huge'")
+    assert_one_line_error(invoke("train", "--size", ""), "--size is empty: choose one of micro")  # QA: it was micro
     assert_one_line_error(invoke("train", "--set", "train.warmup=3"), "unknown config key train.warmup")
     assert not (workspace / "runs").exists()
 

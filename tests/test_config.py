@@ -149,3 +149,18 @@ def test_min_lr_follows_an_lr_given_without_one(tmp_path):
     own = resolve_config(size="micro", overrides=["train.min_lr=3e-4"])
     with pytest.raises(ConfigError, match=r"--set train.min_lr=1e-05"):
         resolve_config(base=own, flags={"train.lr": 1e-4})
+
+
+def test_an_unreadable_config_file_says_to_make_it_readable(workspace, monkeypatch):
+    """QA: a --config of mode 000 got the write advice ("point TINYGPT_HOME at a folder you can write")."""
+    from pathlib import Path
+
+    path = workspace / "noread.yaml"
+    path.write_text("train:\n  max_steps: 3\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)  # root reads a file of mode 000
+    with pytest.raises(ConfigError, match=r"noread.yaml cannot be read \(Permission denied\): make it readable"):
+        resolve_config(config_file=path)

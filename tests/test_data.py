@@ -141,6 +141,7 @@ def test_data_leaves_out_a_dataset_whose_bins_do_not_match_its_meta(with_shakesp
     ("../escape", r"--name '\.\./escape' is not a plain folder name"),
     ("a/b", r"--name 'a/b' is not a plain folder name .*--name a-b"),
     ("..", r"--name '\.\.' is not a plain folder name .*--name my-data"),
+    ("名前", r"--name '名前' is not a plain folder name .*--name my-data"),  # QA: it suggested "dataset"
     ("", r"--name '' is not a plain folder name"),
     ("RAW", r"--name RAW is reserved"),
     ("x" * 101, r"--name is 101 characters long"),
@@ -153,6 +154,21 @@ def test_a_dataset_name_is_used_as_given_or_refused(workspace, name, message):
         data.tokenize(str(workspace / "a.txt"), name=name)
     assert not (workspace / "data").exists() or not list((workspace / "data").iterdir())
     assert data.tokenize(str(workspace / "a.txt"), name="my.data_1").path.name == "my.data_1"
+
+
+def test_a_dataset_that_is_not_there_by_a_name_no_dataset_can_have(with_shakespeare, workspace):
+    """QA: `data show raw` said to make it with `tokenize SOURCE --name raw`, which is refused (data/raw holds the
+    downloads); `data show ..` read data/.. and said to run tokenize; a path said to make it with --name PATH."""
+    from conftest import assert_one_line_error
+    from test_cli import invoke
+
+    (workspace / "data" / "raw").mkdir()
+    assert_one_line_error(invoke("data", "show", "raw"), "data/raw holds downloads, not a tokenized dataset (known: "
+                                                         "shakespeare): tokenize a download with `tinygpt tokenize NAME`")
+    for spec in ("..", "./nope/x"):
+        assert_one_line_error(invoke("data", "show", spec), f"no tokenized dataset at {spec} (known: shakespeare): "
+                                                            f"name a dataset of `tinygpt data`, or a folder")
+    assert_one_line_error(invoke("data", "show", "nope"), "make it with `tinygpt tokenize SOURCE --name nope`")
 
 
 @pytest.mark.parametrize("streamed", [False, True])

@@ -713,7 +713,7 @@ def test_machines_started_with_other_settings_stop_together(with_shakespeare, wo
 def test_more_cpu_processes_than_cores_is_warned(workspace, monkeypatch):
     """`--nproc 8` on a 2-core machine without a GPU ran 8 processes on 2 cores, each slower than one alone, without
     a word. It still runs (gloo is how DDP is tried on a laptop) but says what to expect."""
-    from test_cli import invoke
+    from test_cli import assert_one_line_error, invoke
 
     from tinygpt_cli import launch, sources
 
@@ -728,6 +728,15 @@ def test_more_cpu_processes_than_cores_is_warned(workspace, monkeypatch):
     assert "--nproc 4 on 2 CPU cores" in " ".join(result.stderr.split())
     result = invoke("train", "--nproc", "2")
     assert result.exit_code == 0 and "CPU cores" not in result.stderr
+    # QA: --nproc 1000 started workers for minutes, each loading torch, and left one hanging
+    assert_one_line_error(invoke("train", "--nproc", "1000"), "--nproc 1000 is more processes than 2 CPU cores can "
+                                                              "run: use at most 8")
+    assert launched == [4, 2]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    assert_one_line_error(invoke("train", "--nproc", "4"), "--nproc 4, but only 2 CUDA GPU(s) are visible: use "
+                                                           "--nproc 2 (one process per GPU)")
+    assert invoke("train", "--nproc", "2").exit_code == 0 and launched == [4, 2, 2]
 
 
 def test_the_quiet_agent_puts_back_the_callers_logging_disable():

@@ -344,6 +344,8 @@ def test_not_enough_disk_is_refused_before_fetching(workspace, fixture_source, m
 
 def test_download_bad_names_are_one_line_errors(workspace, tmp_path):
     _one_line_error(runner.invoke(app, ["download", "nosuch"]), "unknown dataset 'nosuch': pick one of openwebtext")
+    for name in ("../x", "owner/", "/x", "a b/c", "o/-x"):  # QA: the first two went to the hub, as a URL
+        _one_line_error(runner.invoke(app, ["download", name]), f"unknown dataset {name!r}: pick one of")
     local = tmp_path / "corpus.jsonl"
     local.write_text('{"text": "hi"}\n')
     _one_line_error(runner.invoke(app, ["download", str(local)]), "is a local path: local files need no download")

@@ -528,6 +528,10 @@ def test_force_never_replaces_a_folder_of_ones_own_that_holds_a_config_json(hf_s
     (ours / "NOTES.md").write_text("mine")  # a file of one's own added to an export: no longer only an export
     assert_one_line_error(invoke("export", str(hf_source), "--out", str(ours), "--force"),
                           "is not an earlier export (it holds NOTES.md)")
+    (ours / "TODO.md").write_text("mine")
+    (ours / "run.py").write_text("mine")
+    assert_one_line_error(invoke("export", str(hf_source), "--out", str(ours), "--force"),
+                          "is not an earlier export (it holds NOTES.md and 2 more)")  # QA: "2 mores"
     from tinygpt_cli import export
 
     assert export._not_an_export(workspace / "Model.GGUF") is None  # a file: the suffix in any case

@@ -347,6 +347,7 @@ def test_an_empty_run_is_refused_not_taken_for_the_latest(run):
     """QA: `--run ""` (a script's unset variable) sampled from the latest run without a word; `eval ""` too."""
     assert_one_line_error(generate("x", "--run", ""), "--run", code=2)
     assert_one_line_error(invoke("eval", " "), "is empty: name a run", code=2)
+    assert_one_line_error(invoke("eval", "--split", ""), "--split", code=2)  # QA: it meant val without a word
 
 
 def test_bad_prompt_input(run, tmp_path):

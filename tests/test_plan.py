@@ -262,6 +262,8 @@ def test_plan_command_errors(workspace):
     assert_one_line_error(invoke("plan", "--data", "nosuch"), "unknown data 'nosuch'")
     assert_one_line_error(invoke("plan", "--data", "openwebtext", "--fraction", "2"), "--fraction must be in")
     assert_one_line_error(invoke("plan", "--mfu", "1.5", "--device", "h100"), "--mfu must be in")
+    assert_one_line_error(invoke("plan", "--mfu", "1e-300", "--device", "h100"), "--mfu must be in [0.001, 1]")  # QA
+    assert_one_line_error(invoke("plan", "--mfu", "0.5", "--measure"), "give one of them")
     assert_one_line_error(invoke("plan", "--measure", "--device", "h100"), "--measure runs on this machine")
     assert_one_line_error(invoke("plan", "--size", "huge"), "unknown size 'huge'")
 

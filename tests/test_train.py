@@ -341,6 +341,10 @@ def test_a_checkpoint_pruned_while_it_is_loaded_gives_way_to_the_new_latest(with
     with pytest.raises(CheckpointError, match="state.json is corrupted"):
         ckpt.load_checkpoint(run / "checkpoints" / "step_2")
     assert len(calls) == 2
+    (run / "checkpoints" / "step_2" / "state.json").write_text("[]")  # QA: JSON, no record: it gave no advice
+    with pytest.raises(CheckpointError, match=r"state.json is corrupted \(it holds a list, not the checkpoint's "
+                                              r"record\): "):
+        ckpt.read_state(run / "checkpoints" / "step_2")
 
 
 def test_metrics_are_closed_however_a_new_run_ends(with_shakespeare, workspace, monkeypatch):

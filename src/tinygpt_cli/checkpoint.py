@@ -411,7 +411,10 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{checkpoint} has no {STATE_FILE}: it is not a tinygpt checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DamagedCheckpoint(f"{state_path} is corrupted", checkpoint) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict):  # JSON, but no object: damaged, as a cut file is (the advice falls back a step)
+        raise DamagedCheckpoint(f"{state_path} is corrupted (it holds a {type(state).__name__}, not the checkpoint's "
+                                f"record)", checkpoint)
+    if state.get("format") != FORMAT:
         raise CheckpointError(f"{checkpoint} is not a tinygpt checkpoint (state.json has no tinygpt format tag)")
     return state
 

@@ -821,7 +821,14 @@ def train(
         if str(device or "auto").lower() in ("auto", "mps") and resolve_device(device or "auto").type == "mps":
             raise TinyGPTError(MPS_ALONE)
         cores = available_cpus()
-        if nproc > cores and (not torch.cuda.is_available() or str(device).lower() == "cpu"):
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() and str(device).lower() != "cpu" else 0
+        if gpus and nproc > gpus and str(device or "auto").lower() in ("auto", "cuda"):  # said once, not by each
+            raise TinyGPTError(f"--nproc {nproc}, but only {gpus} CUDA GPU(s) are visible: use --nproc {gpus} (one "
+                               f"process per GPU)")
+        if not gpus and nproc > 4 * cores:  # each loads torch and the model; the start-up alone takes minutes
+            raise TinyGPTError(f"--nproc {nproc} is more processes than {cores} CPU cores can run: use at most "
+                               f"{4 * cores}")
+        if nproc > cores and not gpus:
             _stderr_console().print(f"[yellow]--nproc {nproc} on {cores} CPU cores: the processes share them, so each "
                                     f"step takes longer than with --nproc {cores}[/yellow]", markup=True)
         _stderr_console().print(f"Launching {nproc} processes, as `{' '.join(torchrun_command(nproc, sys.argv[1:]))}`")
@@ -1567,6 +1574,7 @@ def eval_command(
         raise TinyGPTError("give either RUN or --model, not both")
     _refuse_blank(run, "RUN", _LATEST_RUN_HINT)
     _refuse_blank(model, "--model", _LATEST_RUN_HINT)
+    _refuse_blank(split, "--split", "name val or train (left out: val)")
     run = model if model is not None else run
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

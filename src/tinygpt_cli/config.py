@@ -546,14 +546,22 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: check the --config path")
     try:
-        loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (Permission denied): make it readable (chmod +r) or "
+                          f"copy it somewhere you can read") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({first_line(exc)}): fix it or drop --config") \
+            from None
+    try:
+        loader = yaml.SafeLoader(text)
         try:  # one parse: the node tree is checked for repeated keys, then built into Python values
             node = loader.get_single_node()
             repeated = _repeated_key(node)
             loaded = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML ({first_line(exc)}): fix it or drop --config") \
             from None
     if repeated:
@@ -590,6 +598,8 @@ def resolve_config(
     file_values = load_yaml(config_file) if config_file is not None else {}
     origin = str(config_file) if config_file is not None else ""
     file_size = file_values.pop("size", None)
+    if size is not None and not size.strip():  # `--size ""` (an unset shell variable) is no preset
+        raise ConfigError(f"--size is empty: choose one of {', '.join(PRESETS)}")
     chosen = size or (str(file_size) if file_size is not None else "micro")
     if chosen not in PRESETS:
         raise ConfigError(f"unknown size {chosen!r}: choose one of {', '.join(PRESETS)}")

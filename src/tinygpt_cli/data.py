@@ -1258,14 +1258,15 @@ def find_dataset(spec: str | None) -> Dataset | None:
         return datasets[0] if datasets else None
     candidate = Path(spec).expanduser()
     named = workspace.data_dir() / spec
-    in_workspace = named.is_dir() and spec != RAW_DIR_NAME
+    plain = workspace.name_problem(spec, "data/", spec) is None  # `..` is a folder of data/, and no dataset name
+    in_workspace = named.is_dir() and spec != RAW_DIR_NAME and plain
     if in_workspace and workspace.is_bare_name(spec):  # as runs: the workspace's before a folder here of that name
         return load_dataset(named)
     if (candidate / "meta.json").is_file():
         return load_dataset(candidate)
     if in_workspace:
         return load_dataset(named)
-    if workspace.name_problem(spec, "data/", spec) is None and _old_copies(_where_published(named)):
+    if plain and _old_copies(_where_published(named)):
         raise DataError(f"data/{spec} was being replaced when a tokenize was killed: run that `tinygpt tokenize "
                         f"... --name {spec}` again to finish it (the dataset it replaced is kept until then)")
     if candidate.is_file() and candidate.suffix == ".bin" and (candidate.parent / "meta.json").is_file():
@@ -1275,18 +1276,24 @@ def find_dataset(spec: str | None) -> Dataset | None:
         raise DataError(f"{spec} is a file, not a tokenized dataset: tokenize it first (`tinygpt tokenize {spec} "
                         f"--name NAME`), then name NAME")
     partial = None
-    if workspace.is_bare_name(spec) and workspace.name_problem(spec, "data/", spec) is None:
+    if workspace.is_bare_name(spec) and plain:
         with contextlib.suppress(DataError):  # a link that loops, or to a disk not mounted: no partial there
             partial = _partial_of(_where_published(named))
     if partial is not None and partial.is_dir():
         raise DataError(f"data/{spec} is not finished: an interrupted tokenize of it waits in {partial}: run that "
                         f"`tinygpt tokenize ... --name {spec}` again to finish it")
     names = [d.path.name for d in list_datasets()]
-    close = workspace.close_names(spec, workspace.data_dir())
-    known = close or (f" (known: {', '.join(names[:8])}{', …' if len(names) > 8 else ''})" if names else
-                      " (none yet)")
+    listed = f" (known: {', '.join(names[:8])}{', …' if len(names) > 8 else ''})" if names else " (none yet)"
+    close = workspace.close_names(spec, workspace.data_dir()) if spec != RAW_DIR_NAME else ""  # raw: data/raw
+    known = close or listed
     from tinygpt_cli.sources import REGISTRY, downloads
 
+    if spec == RAW_DIR_NAME:  # `tokenize ... --name raw` is refused: that folder holds the downloads
+        raise DataError(f"data/{RAW_DIR_NAME} holds downloads, not a tokenized dataset{known}: tokenize a download "
+                        f"with `tinygpt tokenize NAME` and name its dataset")
+    if not plain:  # a path that is no dataset folder, or a name no dataset can have: no command makes it
+        raise DataError(f"no tokenized dataset at {spec}{known}: name a dataset of `tinygpt data`, or a folder "
+                        f"holding a meta.json")
     downloaded = {record.get("name") for record in downloads() if record.get("complete")}
     if spec in downloaded:  # downloaded, not tokenized yet
         make = f"`tinygpt tokenize {spec}`"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import shutil
 import ssl
 import time
@@ -194,7 +195,9 @@ def _entry_for(name: str, config: str | None, split: str | None, text_field: str
     if entry is None:
         if Path(name).expanduser().exists():
             raise DataError(f"{name} is a local path: local files need no download, run `tinygpt tokenize {name}`")
-        if name.count("/") != 1 or name.startswith("/"):
+        owner, _, repo = name.partition("/")
+        hub_part = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the hub's owner and repository names
+        if name.count("/") != 1 or not hub_part.fullmatch(owner) or not hub_part.fullmatch(repo) or ".." in name:
             raise DataError(
                 f"unknown dataset {name!r}: pick one of {', '.join(REGISTRY)} (see `tinygpt download --list`), "
                 f"or give a Hugging Face dataset id such as owner/name"

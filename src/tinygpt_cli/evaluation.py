@@ -424,7 +424,8 @@ def _hellaswag_example(row: Any, where: str) -> Example:
         raise DataError(f"{where} has no usable label ({raw!r}): use HellaSwag's validation split, which is labelled")
     label = int(raw)
     if not 0 <= label < len(endings):
-        raise DataError(f"{where} has label {label} but {len(endings)} endings")
+        raise DataError(f"{where} has label {label} but {len(endings)} endings: the label is the right ending's "
+                        f"index, 0 to {len(endings) - 1}; fix it, or leave the example out")
     return Example(context, tuple(endings), label)
 
 

@@ -825,7 +825,8 @@ def _not_an_export(path: Path) -> str | None:
     names = {child.name for child in path.iterdir() if not child.name.startswith(".")}
     stray = sorted(name for name in names if name not in EXPORT_FILES or (path / name).is_dir())
     if stray:
-        return f"it holds {stray[0]}" + (f" and {workspace.counted(len(stray) - 1, 'more')}" if len(stray) > 1 else "")
+        more = f" and {workspace.counted(len(stray) - 1, 'more', 'more')}" if len(stray) > 1 else ""
+        return f"it holds {stray[0]}{more}"
     if "config.json" in names:
         if not _written_by_tinygpt(path / "config.json"):
             return "its config.json is another tool's"

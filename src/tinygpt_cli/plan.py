@@ -29,6 +29,7 @@ from tinygpt_cli.errors import ConfigError, DataError
 
 GIB = 2**30
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens ≈ 20 × parameters
+MIN_MFU = 0.001  # `--mfu`'s floor: a tenth of a percent
 DEFAULT_GPU_MFU = 0.40  # compiled, bf16: `small` measured 45% on an H200; smaller models and GPUs get less
 LOSS_CHUNK_TOKENS = 2048  # = model.LOSS_CHUNK_TOKENS (plan imports no torch): the most logits the loss holds
 CHECKPOINT_OVERHEAD_BYTES = 200_000  # safetensors header, optimizer.pt pickle framing, state.json (RNG states)
@@ -675,8 +676,11 @@ def plan(
     """The plan of training `cfg` on `data` with `nproc` processes of `device`. See `docs/planning.md`."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (got {nproc})")
-    if mfu is not None and not 0.0 < mfu <= 1.0:
-        raise ConfigError(f"--mfu must be in (0, 1] (got {mfu})")
+    if mfu is not None and not MIN_MFU <= mfu <= 1.0:  # below it a plan is hundreds of digits of years
+        raise ConfigError(f"--mfu must be in [{MIN_MFU:g}, 1] (got {mfu:g}): 0.40 is typical of a compiled GPU run")
+    if mfu is not None and do_measure:
+        raise ConfigError("--mfu is what the time assumes without --measure, which times real steps instead: give "
+                          "one of them")
     device = device.strip().lower()
     if do_measure and device not in ("auto", "cuda", "cpu", "mps"):
         raise ConfigError(f"--measure runs on this machine: use --device auto (or cpu) instead of {device}")

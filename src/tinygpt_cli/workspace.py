@@ -286,7 +286,8 @@ def name_problem(name: str, under: str, example: str) -> str | None:
         return (f"--name {name} is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension), "
                 f"no folder name there: pick another (e.g. --name {safe_name(name)})")
     if safe_name(name) != name:
-        suggestion = safe_name(name) if name.strip("-. ") else example
+        plain = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")  # what is left of it (名前: nothing)
+        suggestion = safe_name(name) if plain else example
         return (f"--name {name!r} is not a plain folder name under {under}: use letters, digits, '.', '_' and '-' "
                 f"(e.g. --name {suggestion})")
     return None
