@@ -164,3 +164,13 @@ def test_an_unreadable_config_file_says_to_make_it_readable(workspace, monkeypat
     monkeypatch.setattr(Path, "read_text", denied)  # root reads a file of mode 000
     with pytest.raises(ConfigError, match=r"noread.yaml cannot be read \(Permission denied\): make it readable"):
         resolve_config(config_file=path)
+
+
+def test_choices_are_read_in_any_case():
+    """QA: `--device CPU` was taken, `--dtype BF16`, `--compile ON` and `train.optimizer=Muon` refused."""
+    cfg = resolve_config(overrides=["train.dtype=BF16", "train.compile=ON", "train.optimizer=Muon",
+                                    "train.schedule=WSD", "train.device= CPU "])
+    tc = cfg.train
+    assert (tc.dtype, tc.compile, tc.optimizer, tc.schedule, tc.device) == ("bf16", "on", "muon", "wsd", "cpu")
+    with pytest.raises(ConfigError, match="train.dtype must be one of auto, fp32, bf16, fp16 \\(got 'bf17'\\)"):
+        resolve_config(overrides=["train.dtype=BF17"])

@@ -159,12 +159,14 @@ def test_a_dataset_name_is_used_as_given_or_refused(workspace, name, message):
 def test_a_dataset_that_is_not_there_by_a_name_no_dataset_can_have(with_shakespeare, workspace):
     """QA: `data show raw` said to make it with `tokenize SOURCE --name raw`, which is refused (data/raw holds the
     downloads); `data show ..` read data/.. and said to run tokenize; a path said to make it with --name PATH."""
-    from conftest import assert_one_line_error
     from test_cli import invoke
 
+    from conftest import assert_one_line_error
+
     (workspace / "data" / "raw").mkdir()
-    assert_one_line_error(invoke("data", "show", "raw"), "data/raw holds downloads, not a tokenized dataset (known: "
-                                                         "shakespeare): tokenize a download with `tinygpt tokenize NAME`")
+    assert_one_line_error(invoke("data", "show", "raw"), "data/raw holds downloads, not a tokenized dataset "
+                                                         "(known: shakespeare): tokenize a download with `tinygpt "
+                                                         "tokenize NAME`")
     for spec in ("..", "./nope/x"):
         assert_one_line_error(invoke("data", "show", spec), f"no tokenized dataset at {spec} (known: shakespeare): "
                                                             f"name a dataset of `tinygpt data`, or a folder")

@@ -301,3 +301,32 @@ def test_a_resume_into_checkpoints_it_cannot_write_stops_before_training(with_sh
     with pytest.raises(TrainingError, match=r"intact: make .* writable, then resume") as caught:
         train(config, run_name="r", resume=True)
     assert "free disk space" not in str(caught.value)
+
+
+def test_a_run_started_from_a_run_draws_the_batches_after_its_own(with_shakespeare, workspace, monkeypatch):
+    """QA: `train --init-from a` drew its batches from step 0 of the stream run a drew, with the same seed, so a
+    continued pretraining re-spent its first steps on windows its weights had learned (its train loss read below the
+    split's mean). It goes on from a's step now, through resumes and chains, and says so."""
+    from tinygpt_cli import training
+
+    train(tiny_config(max_steps=6, eval_interval=1000), run_name="a")
+    drawn = []
+    real = training._batch_generator
+    monkeypatch.setattr(training, "_batch_generator",
+                        lambda seed, step, micro, rank=0: drawn.append(step) or real(seed, step, micro, rank))
+    notes = []
+    train(tiny_config(init_from="a", max_steps=3, eval_interval=1000), run_name="b",
+          on_event=lambda event: notes.append(event.message or ""))
+    assert drawn[0] == 6 and min(drawn) == 6
+    assert any("its batches go on from step 6 of the stream that run drew" in note for note in notes)
+    state = ckpt.read_state(ckpt.latest_checkpoint(workspace / "runs" / "b"))
+    assert state["data"]["step_offset"] == 6 and "step_offset + step" in state["data"]["sampler"]
+    drawn.clear()
+    train(tiny_config(init_from="a", max_steps=5, eval_interval=1000), run_name="b", resume=True)
+    assert drawn[0] == 6 + 3  # a resume keeps the offset
+    drawn.clear()
+    train(tiny_config(init_from="b", max_steps=2, eval_interval=1000), run_name="c")
+    assert drawn[0] == 6 + 5  # b's step 5, past a's 6
+    drawn.clear()
+    train(tiny_config(max_steps=2, eval_interval=1000), run_name="fresh")
+    assert drawn[0] == 0

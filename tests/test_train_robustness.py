@@ -245,6 +245,27 @@ def test_report_and_loss_plot(with_shakespeare):
         assert needle in report, needle
 
 
+def test_the_reports_sample_takes_the_runs_sample_settings(with_shakespeare, monkeypatch):
+    """QA: report.md's sample was always 80 tokens at temperature 0.8, top-k 200, whatever the run's sample.*
+    settings, which `tinygpt generate` of the run takes."""
+    from tinygpt_cli import sample
+
+    asked = []
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: asked.append((args[2], kwargs)) or real(
+        *args, **kwargs))
+    from dataclasses import replace
+
+    from tinygpt_cli.config import SampleConfig
+
+    cfg = replace(tiny_config(max_steps=1, eval_interval=1000), sample=SampleConfig(
+        max_new_tokens=7, temperature=0.0, top_k=0, top_p=0.9, repetition_penalty=1.2, seed=5))
+    train(cfg, run_name="greedy")
+    tokens, kwargs = asked[-1]
+    assert tokens == 7 and (kwargs["temperature"], kwargs["top_k"], kwargs["top_p"], kwargs["repetition_penalty"],
+                            kwargs["seed"]) == (0.0, 0, 0.9, 1.2, 5)
+
+
 def test_out_of_memory_at_the_first_step_is_one_clear_error(with_shakespeare, monkeypatch):
     from tinygpt_cli import model as model_module
 

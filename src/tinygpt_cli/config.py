@@ -159,6 +159,10 @@ class TrainConfig:
         return self.seed if self.data_seed == -1 else self.data_seed
 
     def __post_init__(self) -> None:
+        for name in ("device", "dtype", "schedule", "optimizer", "compile"):  # BF16, Muon: as --device CPU is read
+            value = getattr(self, name)
+            if isinstance(value, str) and value != value.strip().lower():
+                object.__setattr__(self, name, value.strip().lower())
         if self.eval_task.strip():  # as `tinygpt eval --task` reads it: a,b or all, kept as the names it means
             object.__setattr__(self, "eval_task", ",".join(task_names(self.eval_task, "train.eval_task")))
         else:

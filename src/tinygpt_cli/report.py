@@ -12,12 +12,15 @@ import math
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tinygpt_cli import workspace
 from tinygpt_cli.workspace import write_bytes_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from tinygpt_cli.config import SampleConfig
 
 # 3x5 pixel glyphs, one string of 15 bits per character, row by row
 _GLYPHS = {
@@ -181,8 +184,9 @@ def write_loss_plot(metrics_path: Path, png_path: Path) -> None:
     write_bytes_atomic(png_path, render_loss_plot(train, val))
 
 
-def _sample_text(model: Any, max_new_tokens: int = 80) -> str:
-    """A short sample from a fresh document, for the report (fixed seed, so reruns agree)."""
+def _sample_text(model: Any, settings: SampleConfig, longest: int = 80) -> str:
+    """A short sample from a fresh document, for the report: as `tinygpt generate` samples from the run (its sample.*
+    settings and seed, so reruns agree), at most `longest` tokens."""
     import torch
 
     from tinygpt_cli.sample import generate
@@ -192,7 +196,10 @@ def _sample_text(model: Any, max_new_tokens: int = 80) -> str:
     model.eval()
     try:
         with torch.no_grad():
-            ids = [int(t[0]) for t in generate(model, [EOT_ID], max_new_tokens, temperature=0.8, top_k=200, seed=0)]
+            ids = [int(t[0]) for t in generate(
+                model, [EOT_ID], min(longest, settings.max_new_tokens), temperature=settings.temperature,
+                top_k=settings.top_k, top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+                seed=settings.seed)]
     finally:
         model.train(was_training)
     return get_encoding().decode([i for i in ids if i < 50257])
@@ -234,7 +241,7 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
     def fmt(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else "n/a"
 
-    sample = _sample_text(model)
+    sample = _sample_text(model, cfg.sample)
     lines = [
         f"# Run {run_dir.name}",
         "",

@@ -214,6 +214,17 @@ def _batch_generator(seed: int, step: int, micro: int, rank: int = 0) -> np.rand
     return np.random.default_rng([seed, step, micro, rank])
 
 
+def stream_position(checkpoint: Path | None) -> int:
+    """Where the batch stream of a run started from tinygpt `checkpoint` (train.init_from) begins: past the steps
+    that checkpoint's run drew (its step, plus its own offset where it too started from one). Drawn again from
+    step 0, with the same seed, a continued pretraining re-spent its first steps on batches its weights had learned
+    (QA: the train loss read below the split's mean). 0 for weights of elsewhere (gpt2, a Hugging Face folder)."""
+    if checkpoint is None:
+        return 0
+    state = read_state(checkpoint)
+    return int(state.get("step") or 0) + int((state.get("data") or {}).get("step_offset") or 0)
+
+
 def get_batch(
     tokens: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -742,6 +753,7 @@ class _Trainer:
         self.held = contextlib.ExitStack()  # until train() returns: rank 0's lock on the run, CUDA's TF32
         self.norm_unknown = False  # the log window's gradient norms were not all summed (`_loop`)
         self.init_checkpoint: str | None = None  # the checkpoint folder train.init_from loaded (a tinygpt one)
+        self.step_offset = 0  # the batch stream's step at this run's step 0: a run it started from trained on those
         self.val_sample: str | None = VAL_SAMPLE  # None: a resumed run's sample of its seed (`val_sample_starts`)
         self.tasks: list[tuple[Any, list[Any]]] = []  # train.eval_task's: (evaluation.Task, its examples) each
 
@@ -847,6 +859,7 @@ class _Trainer:
                     )
                 self.model.load_state_dict(loaded.model.state_dict())
                 self.state = loaded.state
+                self.step_offset = int((self.state.get("data") or {}).get("step_offset") or 0)
                 pinned = self.state.get("init_from_checkpoint")
                 self.init_checkpoint = pinned if isinstance(pinned, str) else None  # kept by every checkpoint
                 self._check_resumable()  # before the device, the compile and anything written
@@ -1015,6 +1028,7 @@ class _Trainer:
         model, model_cfg = load_pretrained(pinned or spec, block_size=init_from_block_size(self.cfg),
                                            dropout=self.cfg.model.dropout)
         self.init_checkpoint = str(pinned) if pinned is not None else None
+        self.step_offset = stream_position(pinned)
         try:
             self.cfg, notes = start_from(self.cfg, model_cfg)
         except ConfigError as exc:
@@ -1025,8 +1039,10 @@ class _Trainer:
             self.emit(TrainEvent("info", message=note))
         its = f" ({pinned.parent.parent.name}'s {pinned.name})" if pinned is not None and \
             pinned.parent.name == "checkpoints" else ""
+        onward = f"; its batches go on from step {self.step_offset:,} of the stream that run drew (not again from " \
+            f"its first)" if self.step_offset else ""
         self.emit(TrainEvent("info", message=f"Starting from {spec}{its}: {model.num_params() / 1e6:.1f}M "
-                                             f"parameters, context {model_cfg.block_size}"))
+                                             f"parameters, context {model_cfg.block_size}{onward}"))
         return model.train()
 
     def _load_optimizer(self, checkpoint: Path) -> None:
@@ -1144,7 +1160,7 @@ class _Trainer:
         step = start_step
         while True:
             for micro in range(self.grad_accum):
-                rng = _batch_generator(self.tc.batch_seed, step, micro * world + rank)
+                rng = _batch_generator(self.tc.batch_seed, self.step_offset + step, micro * world + rank)
                 yield get_batch(self.train_tokens, self.batch_size, self.block, rng, self.device)
             step += 1
 
@@ -1218,7 +1234,8 @@ class _Trainer:
                     "bad_run": int(self.bad_run.item()),  # non-finite steps in a row (MAX_BAD_STEPS stops)
                     "log_window": self.log_window,
                     "data": {"dataset": self.dataset.name,
-                             "sampler": "random-windows(data_seed, step, micro*world+rank)",
+                             "sampler": "random-windows(data_seed, step_offset + step, micro*world+rank)",
+                             "step_offset": self.step_offset,
                              **({"val_sample": self.val_sample} if self.val_sample else {}),
                              "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256"),
                              "remake": remake_command(self.dataset)},
