@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, tiny_config
 from tinygpt_cli import data
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.tokenizer import EOT_ID, get_encoding
@@ -994,6 +994,68 @@ def test_a_dataset_in_use_on_windows_is_replaced_by_the_same_command_later(works
     assert again.resumed_documents == again.meta["documents"]["selected"]  # published, not tokenized again
     assert (again.path / "train.bin").read_bytes() == (data.tokenize(str(new), name="clean").path /
                                                         "train.bin").read_bytes()
+
+
+def test_a_run_started_on_a_dataset_while_it_is_tokenized_again_keeps_it(workspace, monkeypatch):
+    """QA: `tokenize --force` checked for runs training on the dataset at its start only; a `train` started a moment
+    later trained on the old text, which the tokenize then replaced: the run could not resume. The finished dataset
+    now waits, and the same command puts it in place once the run ends."""
+    from types import SimpleNamespace
+
+    from tinygpt_cli import inventory
+
+    old, new = workspace / "old.jsonl", workspace / "new.jsonl"
+    _write_jsonl(old, _docs(60))
+    _write_jsonl(new, _docs(80))
+    before = (data.tokenize(str(old), name="rows").path / "train.bin").read_bytes()
+    asked = []
+
+    def users(folder):  # none at the tokenize's start; one training by the time it is done
+        asked.append(folder)
+        return [SimpleNamespace(name="late", training=True)] if len(asked) > 1 else []
+
+    monkeypatch.setattr(inventory, "runs_on_dataset", users)
+    with pytest.raises(DataError, match=r"^run late started training on data/rows while it was tokenized again, and "
+                                        r"the new text would change under it: the new dataset is finished and waits; "
+                                        r"once that run ends, rerun the same command, it continues where it stopped$"):
+        data.tokenize(str(new), name="rows", force=True)
+    assert (workspace / "data" / "rows" / "train.bin").read_bytes() == before
+    monkeypatch.setattr(inventory, "runs_on_dataset", lambda folder: [])
+    again = data.tokenize(str(new), name="rows", force=True)
+    assert again.resumed_documents == again.meta["documents"]["selected"]  # published, not tokenized again
+
+
+def test_train_waits_for_a_tokenize_of_its_dataset_under_way(with_shakespeare, workspace):
+    """The other order: a train started while `tokenize --force` of its dataset runs waits for it, and trains on
+    what it leaves."""
+    import threading
+    import time
+
+    from tinygpt_cli import workspace as ws
+    from tinygpt_cli.training import train
+
+    taken, release = threading.Event(), threading.Event()
+
+    def tokenizing():
+        with ws.exclusive(ws.lock_of(workspace / "data" / "shakespeare"), "data/shakespeare"):
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=tokenizing)
+    holder.start()
+    taken.wait(10)
+    timer = threading.Timer(1.5, release.set)
+    timer.start()
+    notes = []
+    began = time.monotonic()
+    try:
+        train(tiny_config(max_steps=1, eval_interval=1000), run_name="waits",
+              on_event=lambda event: notes.append(event.message or ""))
+    finally:
+        release.set()
+        holder.join()
+    assert time.monotonic() - began >= 1.4
+    assert "data/shakespeare is being tokenized again by another tinygpt process: waiting for it to end." in notes
 
 
 def test_the_dataset_a_killed_publish_set_aside_comes_back(workspace):

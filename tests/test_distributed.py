@@ -302,6 +302,11 @@ def test_the_launcher_names_the_cause_of_a_failed_group(tmp_path):
     empty.mkdir()
     killed = said(failed(-signal.SIGKILL, -signal.SIGTERM), empty)
     assert killed.startswith("rank 0 of 2 failed (killed by SIGKILL (the kernel's OOM killer")
+    # QA: it said "see its output above" of a rank that printed nothing, and not how to go on
+    assert killed.endswith("(what it printed, if anything, is above); the checkpoints saved before are kept: the "
+                           "same command with --resume goes on from the last")
+    # a stop while the ranks join the group ends them by the signal itself (`dist.signals_end_the_process`)
+    assert _failed(failed(-signal.SIGINT, -signal.SIGTERM), 2, empty) == 130
     only_rank_1 = tmp_path / "one"
     only_rank_1.mkdir()
     (only_rank_1 / "rank-1.txt").write_text("a knock-on error")
@@ -821,3 +826,50 @@ def test_fsdp2_is_found_where_torch_2_4_keeps_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", types.ModuleType("torch.distributed.fsdp"))
     monkeypatch.setitem(sys.modules, "torch.distributed._composable.fsdp", old_home)
     assert fsdp2_fully_shard() is old_home.fully_shard
+
+
+def test_a_stop_while_joining_the_group_ends_the_rank_at_once(tmp_path):
+    """QA: Ctrl-C (or SIGTERM) while one rank was still starting left the other blocked in gloo's connect, in C++,
+    where the handlers tinygpt had set (Python's) never ran: the launcher waited its whole grace, ten minutes, then
+    exited without a word. While it joins the group a stop signal now ends the rank at once."""
+    import socket
+
+    with socket.socket() as probe:  # a free port: rank 1 never comes, so rank 0 waits in the join
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = (
+        "import signal, sys, torch\n"
+        "from tinygpt_cli import dist\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(99))  # as the CLI's handler, which cannot run there\n"
+        "print('joining', flush=True)\n"
+        "dist.init(dist.from_environment(), torch.device('cpu'))\n"
+    )
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "joining"
+        time.sleep(3)  # in the join: torch imported, the store listening
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_the_handlers_come_back_after_the_join():
+    from tinygpt_cli.dist import signals_end_the_process
+
+    def mine(signum, frame):
+        return None
+
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        with signals_end_the_process():
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -167,7 +167,12 @@ def test_a_resume_that_changes_the_global_batch_says_so(with_shakespeare):
     (note,) = [n for n in notes if "sequences per step" in n]
     batch = config.train.batch_size
     assert f"trained with {2 * batch} sequences per step" in note and f"this resume takes {4 * batch}" in note
-    assert note.endswith("--grad-accum 2 keeps it")
+    assert note.endswith("--grad-accum 2 keeps it") and "(1 process × " in note
+    notes.clear()  # QA: where no --grad-accum keeps it (4 sequences a step, now 6 a micro-batch), a smaller one
+    train(tiny_config(max_steps=7, eval_interval=3, grad_accum=1, batch_size=batch + 2), run_name="batch",
+          resume=True, on_event=collect)
+    (note,) = [n for n in notes if "sequences per step" in n]
+    assert note.endswith(f"--batch-size {batch} --grad-accum 4 keeps it"), note
 
 
 @pytest.mark.parametrize("eval_interval", [10, 3])

@@ -541,7 +541,7 @@ def tokenize(
     except OSError as exc:
         raise DataError(f"cannot create {out_root} ({exc.strerror or exc}): choose a writable TINYGPT_HOME") from None
     final_dir = out_root / dataset_name
-    home = _where_published(final_dir)
+    home = where_published(final_dir)
     partial_dir = _partial_of(home)  # an earlier run's files there count as written
     written = sum(f.stat().st_size for f in partial_dir.glob("*.bin")) if partial_dir.is_dir() else 0
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
@@ -591,6 +591,7 @@ def tokenize(
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
                 meta["job_sha256"] = _job_digest(job)  # what made it: the same job again finds it up to date
                 write_json_atomic(partial.folder / "meta.json", meta)
+                _check_none_started(final_dir, meta)
                 changed = _note_changed_under(final_dir, meta)
                 _publish(partial.folder, home)
                 if changed:
@@ -912,6 +913,26 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
                         f"it was): pick another --name, or pass --force to replace it")
 
 
+def _check_none_started(folder: Path, meta: dict[str, Any]) -> None:
+    """Before the finished dataset (`meta`: its) replaces `folder`'s with other text: refuse where a run started
+    training on that one since the tokenize began (`_check_not_in_use` saw none then; QA: `tokenize --force` and a
+    `train` started a moment later, which could not resume). The new one waits, finished: the same command puts it
+    in place once the run ends."""
+    from tinygpt_cli.inventory import runs_on_dataset
+
+    if not (folder / "meta.json").is_file():
+        return
+    training = [summary.name for summary in runs_on_dataset(folder) if summary.training]
+    try:
+        before = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["splits"]["train"].get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        before = None
+    if training and before != meta["splits"]["train"].get("sha256"):
+        raise DatasetInUse(f"run {training[0]} started training on data/{folder.name} while it was tokenized again, "
+                           f"and the new text would change under it: the new dataset is finished and waits; once "
+                           f"that run ends, rerun")
+
+
 def _note_changed_under(folder: Path, meta: dict[str, Any]) -> str | None:
     """What to say where the dataset about to replace `folder`'s (`meta`: the new one's) holds other text than the
     one runs trained on (its source changed since, or --force made it with other settings): they cannot resume on
@@ -969,7 +990,7 @@ def _check_replaceable(folder: Path, src: Source) -> None:
         )
 
 
-def _where_published(folder: Path) -> Path:
+def where_published(folder: Path) -> Path:
     """The real folder a dataset is written to: `data/<name>` itself, or where it links (a dataset kept on another
     disk), so that the new dataset is written on that disk and the link stays."""
     if not folder.is_symlink():
@@ -988,7 +1009,7 @@ def _where_published(folder: Path) -> Path:
 
 
 def _partial_of(home: Path) -> Path:
-    """Where a tokenize of the dataset folder `home` (`_where_published`) writes until it is done."""
+    """Where a tokenize of the dataset folder `home` (`where_published`) writes until it is done."""
     return home.with_name(f".{home.name}.partial")
 
 
@@ -1266,7 +1287,7 @@ def find_dataset(spec: str | None) -> Dataset | None:
         return load_dataset(candidate)
     if in_workspace:
         return load_dataset(named)
-    if plain and _old_copies(_where_published(named)):
+    if plain and _old_copies(where_published(named)):
         raise DataError(f"data/{spec} was being replaced when a tokenize was killed: run that `tinygpt tokenize "
                         f"... --name {spec}` again to finish it (the dataset it replaced is kept until then)")
     if candidate.is_file() and candidate.suffix == ".bin" and (candidate.parent / "meta.json").is_file():
@@ -1278,7 +1299,7 @@ def find_dataset(spec: str | None) -> Dataset | None:
     partial = None
     if workspace.is_bare_name(spec) and plain:
         with contextlib.suppress(DataError):  # a link that loops, or to a disk not mounted: no partial there
-            partial = _partial_of(_where_published(named))
+            partial = _partial_of(where_published(named))
     if partial is not None and partial.is_dir():
         raise DataError(f"data/{spec} is not finished: an interrupted tokenize of it waits in {partial}: run that "
                         f"`tinygpt tokenize ... --name {spec}` again to finish it")

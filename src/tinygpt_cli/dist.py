@@ -76,11 +76,37 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
         # (see `_release_meshes`); imported before, it does not. (Nothing else of tinygpt imports it at start.)
         importlib.import_module("torch._dynamo")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-        # gloo's init can return on one rank while another is still connecting to it: a rank that then fails at
-        # once (a bad --data) and exits broke the other's connection, which printed gloo's error besides ours
-        dist.barrier()
+        with signals_end_the_process():
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            # gloo's init can return on one rank while another is still connecting to it: a rank that then fails
+            # at once (a bad --data) and exits broke the other's connection, which printed gloo's error besides ours
+            dist.barrier()
     return device
+
+
+@contextlib.contextmanager
+def signals_end_the_process() -> Iterator[None]:
+    """Within: Ctrl-C, SIGTERM and SIGHUP end this process at once, as their default does. Joining the group waits
+    in C++ for every rank (up to its timeout, 30 minutes), where Python's handlers, which run between bytecodes, never
+    get to run: a stop while a slow rank was still starting hung until the launcher's grace ran out (QA: ten
+    minutes, then an exit with no word). Nothing is saved before the group is joined, so nothing is lost."""
+    import signal
+    import threading
+
+    from tinygpt_cli.launch import STOP_SIGNALS
+
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's to set
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    changed = {sig: handler for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)}
+    for sig in changed:  # one ignored (nohup's SIGHUP) stays ignored
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in changed.items():
+            signal.signal(sig, handler)
 
 
 def shutdown() -> None:

@@ -215,14 +215,17 @@ def _failed(exc, nproc: int, folder: Path) -> int:
     if not any(rank in ranks for ranks in messages.values()):  # it died without a word: that is the cause
         if not causes and code - 128 in STOP_SIGNALS:  # it was interrupted, and saved
             return code
+        if not causes and -code in STOP_SIGNALS:  # stopped while joining the group: at once, nothing to save yet
+            return 128 - code
         what = f"exit code {code}"
         if code < 0:
             with contextlib.suppress(ValueError):
                 what = f"killed by {signal.Signals(-code).name}"
         hint = " (the kernel's OOM killer sends it when memory runs out)" \
             if code == -getattr(signal, "SIGKILL", 9) else ""
-        raise TinyGPTError(f"rank {rank} of {nproc} failed ({what}{hint}) and the others were stopped: see its "
-                           f"output above")
+        raise TinyGPTError(f"rank {rank} of {nproc} failed ({what}{hint}) and the others were stopped (what it "
+                           f"printed, if anything, is above); the checkpoints saved before are kept: the same "
+                           f"command with --resume goes on from the last")
     if len(messages) == 1:  # the workers' own one-line error, the same on every rank that hit it
         raise TinyGPTError(next(iter(messages)))
     raise TinyGPTError(" · ".join(f"rank {', '.join(map(str, ranks))}: {message}"

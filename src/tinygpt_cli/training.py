@@ -56,7 +56,15 @@ from tinygpt_cli.config import (
     init_from_block_size,
     trains_compiled,
 )
-from tinygpt_cli.data import Dataset, find_dataset, remake_command, remake_source, token_window, tokenize
+from tinygpt_cli.data import (
+    Dataset,
+    find_dataset,
+    remake_command,
+    remake_source,
+    token_window,
+    tokenize,
+    where_published,
+)
 from tinygpt_cli.errors import (
     DENIED,
     FULL,
@@ -544,6 +552,13 @@ def prepare_dataset(cfg: RunConfig, on_event: Callable[[TrainEvent], None], info
     dataset = None
     with dist.agreed():
         dataset = find_dataset(cfg.data.dataset or None)
+        if dataset is not None and workspace.held(lock := workspace.lock_of(where_published(dataset.path))):
+            # a tokenize of it again (or a `data rm`) is under way: what it leaves is what to train on (QA: a
+            # `tokenize --force` put other text under a run started a moment after it, which could not resume)
+            on_event(TrainEvent("info", message=f"data/{dataset.name} is being tokenized again by another tinygpt "
+                                                f"process: waiting for it to end."))
+            workspace.wait_until_free(lock)
+            dataset = find_dataset(cfg.data.dataset or None)
     tokenized = dist.from_main(dataset is None)
     if tokenized:
         with dist.agreed():
@@ -1375,10 +1390,16 @@ class _Trainer:
         now = self.tc.batch_size * self.tc.grad_accum * self.info.world_size
         if now == before:
             return
-        keep = before / (self.tc.batch_size * self.info.world_size)
-        hint = f"; --grad-accum {keep:.0f} keeps it" if keep == int(keep) and keep >= 1 else ""
+        world_now = self.info.world_size
+        # the accumulation alone, else the largest micro-batch up to this one that the step divides into (QA: with
+        # no --grad-accum to offer, it offered nothing)
+        split = next(((b, before // (b * world_now)) for b in range(self.tc.batch_size, 0, -1)
+                      if before % (b * world_now) == 0), None)
+        hint = "" if split is None else f"; --grad-accum {split[1]} keeps it" if split[0] == self.tc.batch_size \
+            else f"; --batch-size {split[0]} --grad-accum {split[1]} keeps it"
+        processes = workspace.counted(world, "process", "processes")
         self.emit(TrainEvent("info", message=(
-            f"run {self.run_dir.name} trained with {before} sequences per step ({world} process(es) × "
+            f"run {self.run_dir.name} trained with {before} sequences per step ({processes} × "
             f"{saved['batch_size']} × {saved['grad_accum']} accumulation); this resume takes {now} "
             f"({self.info.world_size} × {self.tc.batch_size} × {self.tc.grad_accum}){hint}")))
 
