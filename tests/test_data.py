@@ -171,6 +171,10 @@ def test_a_dataset_that_is_not_there_by_a_name_no_dataset_can_have(with_shakespe
         assert_one_line_error(invoke("data", "show", spec), f"no tokenized dataset at {spec} (known: shakespeare): "
                                                             f"name a dataset of `tinygpt data`, or a folder")
     assert_one_line_error(invoke("data", "show", "nope"), "make it with `tinygpt tokenize SOURCE --name nope`")
+    # review: a trailing slash, and a folder named by hand that `tinygpt data` lists, are still found
+    shutil.copytree(workspace / "data" / "shakespeare", workspace / "data" / "my data")
+    for spec in ("shakespeare/", "my data"):
+        assert invoke("data", "show", spec).exit_code == 0, spec
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -1055,7 +1059,34 @@ def test_train_waits_for_a_tokenize_of_its_dataset_under_way(with_shakespeare, w
         release.set()
         holder.join()
     assert time.monotonic() - began >= 1.4
-    assert "data/shakespeare is being tokenized again by another tinygpt process: waiting for it to end." in notes
+    assert "data/shakespeare is being written by another tinygpt process (a tokenize, or a data rm): waiting for it " \
+           "to end." in notes
+
+
+def test_a_dataset_replaced_while_a_run_starts_is_not_trained_on(workspace, monkeypatch):
+    """Review: a `tokenize --force` that looked for runs on the dataset before a starting run's config.yaml named it
+    saw none and replaced it; the run trained on the text it had read, and could not resume. It is refused at its
+    first step now, and leaves no run behind."""
+    from tinygpt_cli import training
+    from tinygpt_cli.errors import TrainingError
+
+    old, new = workspace / "old.jsonl", workspace / "new.jsonl"
+    _write_jsonl(old, _docs(60))
+    _write_jsonl(new, _docs(80))
+    data.tokenize(str(old), name="rows")
+    real = training._Trainer._loop
+
+    def replaced_first(self):
+        data.tokenize(str(new), name="rows", force=True)
+        return real(self)
+
+    monkeypatch.setattr(training._Trainer, "_loop", replaced_first)
+    with pytest.raises(TrainingError, match=r"data/rows was tokenized again while this run was starting, after it "
+                                            r"had read the text: start it again to train on the new text"):
+        training.train(tiny_config(max_steps=1, eval_interval=1000), run_name="r")
+    assert not (workspace / "runs" / "r").exists()
+    monkeypatch.setattr(training._Trainer, "_loop", real)
+    assert training.train(tiny_config(max_steps=1, eval_interval=1000), run_name="r").steps == 1
 
 
 def test_the_dataset_a_killed_publish_set_aside_comes_back(workspace):

@@ -303,8 +303,8 @@ def test_the_launcher_names_the_cause_of_a_failed_group(tmp_path):
     killed = said(failed(-signal.SIGKILL, -signal.SIGTERM), empty)
     assert killed.startswith("rank 0 of 2 failed (killed by SIGKILL (the kernel's OOM killer")
     # QA: it said "see its output above" of a rank that printed nothing, and not how to go on
-    assert killed.endswith("(what it printed, if anything, is above); the checkpoints saved before are kept: the "
-                           "same command with --resume goes on from the last")
+    assert killed.endswith("(what it printed, if anything, is above); a checkpoint saved before is kept: `tinygpt "
+                           "train --resume --name RUN` goes on from it (a command with --auto-resume: run it again)")
     # a stop while the ranks join the group ends them by the signal itself (`dist.signals_end_the_process`)
     assert _failed(failed(-signal.SIGINT, -signal.SIGTERM), 2, empty) == 130
     only_rank_1 = tmp_path / "one"

@@ -1279,8 +1279,10 @@ def find_dataset(spec: str | None) -> Dataset | None:
         return datasets[0] if datasets else None
     candidate = Path(spec).expanduser()
     named = workspace.data_dir() / spec
-    plain = workspace.name_problem(spec, "data/", spec) is None  # `..` is a folder of data/, and no dataset name
-    in_workspace = named.is_dir() and spec != RAW_DIR_NAME and plain
+    plain = workspace.name_problem(spec, "data/", spec) is None  # a name `tokenize --name` could make
+    # `..` is a folder of data/ and no dataset; `shakespeare/`, or a folder named by hand (`my data`), still are
+    bare = spec.rstrip("/\\")
+    in_workspace = named.is_dir() and bare not in (RAW_DIR_NAME, ".", "..", "")
     if in_workspace and workspace.is_bare_name(spec):  # as runs: the workspace's before a folder here of that name
         return load_dataset(named)
     if (candidate / "meta.json").is_file():
@@ -1309,7 +1311,7 @@ def find_dataset(spec: str | None) -> Dataset | None:
     known = close or listed
     from tinygpt_cli.sources import REGISTRY, downloads
 
-    if spec == RAW_DIR_NAME:  # `tokenize ... --name raw` is refused: that folder holds the downloads
+    if bare == RAW_DIR_NAME:  # `tokenize ... --name raw` is refused: that folder holds the downloads
         raise DataError(f"data/{RAW_DIR_NAME} holds downloads, not a tokenized dataset{known}: tokenize a download "
                         f"with `tinygpt tokenize NAME` and name its dataset")
     if not plain:  # a path that is no dataset folder, or a name no dataset can have: no command makes it

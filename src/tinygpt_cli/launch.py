@@ -224,8 +224,8 @@ def _failed(exc, nproc: int, folder: Path) -> int:
         hint = " (the kernel's OOM killer sends it when memory runs out)" \
             if code == -getattr(signal, "SIGKILL", 9) else ""
         raise TinyGPTError(f"rank {rank} of {nproc} failed ({what}{hint}) and the others were stopped (what it "
-                           f"printed, if anything, is above); the checkpoints saved before are kept: the same "
-                           f"command with --resume goes on from the last")
+                           f"printed, if anything, is above); a checkpoint saved before is kept: `tinygpt train "
+                           f"--resume --name RUN` goes on from it (a command with --auto-resume: run it again)")
     if len(messages) == 1:  # the workers' own one-line error, the same on every rank that hit it
         raise TinyGPTError(next(iter(messages)))
     raise TinyGPTError(" · ".join(f"rank {', '.join(map(str, ranks))}: {message}"

@@ -222,15 +222,16 @@ def _batch_generator(seed: int, step: int, micro: int, rank: int = 0) -> np.rand
     return np.random.default_rng([seed, step, micro, rank])
 
 
-def stream_position(checkpoint: Path | None) -> int:
-    """Where the batch stream of a run started from tinygpt `checkpoint` (train.init_from) begins: past the steps
-    that checkpoint's run drew (its step, plus its own offset where it too started from one). Drawn again from
-    step 0, with the same seed, a continued pretraining re-spent its first steps on batches its weights had learned
-    (QA: the train loss read below the split's mean). 0 for weights of elsewhere (gpt2, a Hugging Face folder)."""
-    if checkpoint is None:
+def stream_position(state: dict[str, Any] | None) -> int:
+    """Where the batch stream of a run started from a tinygpt checkpoint (train.init_from; `state`: its state.json)
+    begins: past the steps that checkpoint's run drew (its step, plus its own offset where it too started from one).
+    Drawn again from step 0, with the same seed, a continued pretraining re-spent its first steps on batches its
+    weights had learned (QA: the train loss read below the split's mean). 0 for weights of elsewhere (None: gpt2, a
+    Hugging Face folder)."""
+    if state is None:
         return 0
-    state = read_state(checkpoint)
-    return int(state.get("step") or 0) + int((state.get("data") or {}).get("step_offset") or 0)
+    data = state.get("data") if isinstance(state.get("data"), dict) else {}
+    return int(state.get("step") or 0) + int(data.get("step_offset") or 0)
 
 
 def get_batch(
@@ -555,8 +556,8 @@ def prepare_dataset(cfg: RunConfig, on_event: Callable[[TrainEvent], None], info
         if dataset is not None and workspace.held(lock := workspace.lock_of(where_published(dataset.path))):
             # a tokenize of it again (or a `data rm`) is under way: what it leaves is what to train on (QA: a
             # `tokenize --force` put other text under a run started a moment after it, which could not resume)
-            on_event(TrainEvent("info", message=f"data/{dataset.name} is being tokenized again by another tinygpt "
-                                                f"process: waiting for it to end."))
+            on_event(TrainEvent("info", message=f"data/{dataset.name} is being written by another tinygpt process "
+                                                f"(a tokenize, or a data rm): waiting for it to end."))
             workspace.wait_until_free(lock)
             dataset = find_dataset(cfg.data.dataset or None)
     tokenized = dist.from_main(dataset is None)
@@ -820,6 +821,8 @@ class _Trainer:
             if not starting or init_from_block_size(cfg) is not None:  # else the weights' context: checked on load
                 self._check_data_fits(cfg.model.block_size)
             start = self._init_from(tc.init_from) if starting else None
+        # every rank draws from rank 0's position (a checkpoint saved between the ranks' reads moves it: review)
+        self.step_offset = dist.from_main(self.step_offset)
         cfg, tc = self.cfg, self.tc  # with the weights' shape, size and lr (init_from), before the name takes the size
         name = run_name
         if name is None:  # a new run (train() names the run a resume takes): rank 0 claims a free name, held
@@ -1040,10 +1043,11 @@ class _Trainer:
 
         # a run's latest checkpoint, pinned: the weights loaded are those recorded, though the run trains on
         pinned = pretrained_checkpoint(spec)
+        source = read_state(pinned) if pinned is not None else None  # before the weights: a prune may take it after
+        self.step_offset = stream_position(source)
         model, model_cfg = load_pretrained(pinned or spec, block_size=init_from_block_size(self.cfg),
                                            dropout=self.cfg.model.dropout)
         self.init_checkpoint = str(pinned) if pinned is not None else None
-        self.step_offset = stream_position(pinned)
         try:
             self.cfg, notes = start_from(self.cfg, model_cfg)
         except ConfigError as exc:
@@ -1054,8 +1058,10 @@ class _Trainer:
             self.emit(TrainEvent("info", message=note))
         its = f" ({pinned.parent.parent.name}'s {pinned.name})" if pinned is not None and \
             pinned.parent.name == "checkpoints" else ""
+        trained_on = (source or {}).get("data")
+        same_data = isinstance(trained_on, dict) and trained_on.get("dataset") == self.dataset.name
         onward = f"; its batches go on from step {self.step_offset:,} of the stream that run drew (not again from " \
-            f"its first)" if self.step_offset else ""
+            f"its first)" if self.step_offset and same_data else ""
         self.emit(TrainEvent("info", message=f"Starting from {spec}{its}: {model.num_params() / 1e6:.1f}M "
                                              f"parameters, context {model_cfg.block_size}{onward}"))
         return model.train()
@@ -1345,6 +1351,19 @@ class _Trainer:
                 f"{tc.max_tokens:,}: pass a larger --max-tokens (or --set train.max_tokens=0 for none) to go on"
             )
 
+    def _check_data_unchanged(self) -> None:
+        """Refuse to train on a dataset replaced since it was read: a `tokenize --force` that looked for runs on it
+        before this one's config.yaml named it saw none, and may have put other text in place since (review). The
+        run would train on the text it read and record it, and its resume be refused."""
+        try:
+            now = json.loads((self.dataset.path / "meta.json").read_text(encoding="utf-8"))["splits"]["train"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # gone or unreadable: the next read of it says what is wrong
+        if isinstance(now, dict) and now.get("sha256") != self.dataset.meta["splits"]["train"].get("sha256"):
+            again = "resume it again" if self.checkpoint is not None else "start it again"
+            raise TrainingError(f"data/{self.dataset.name} was tokenized again while this run was starting, after it "
+                                f"had read the text: {again} to train on the new text")
+
     def _muon_lr(self, step: int) -> float | None:
         """Muon's LR at optimizer step `step` (None without Muon): its own schedule and climb (`muon_schedule`)."""
         if self.tc.optimizer != "muon":
@@ -1471,6 +1490,8 @@ class _Trainer:
                            drop_eval=val_pending)
         self.metrics = metrics  # closed by train() whatever ends the loop
         self.wrote_files = True  # config.yaml and metrics.jsonl written over: this run's own now, to drop with it
+        with dist.agreed():  # config.yaml names the dataset now: a tokenize of it from here on sees this run
+            self._check_data_unchanged()
         with dist.agreed():  # a wandb that cannot start stops every rank, not rank 0 alone
             trackers = parse_trackers(tc.log_to)
             if info.is_main and trackers:
