@@ -1833,7 +1833,7 @@ def _plan_table(p) -> Any:
     cls=_Command,
     epilog="Examples:  tinygpt plan --size small --data openwebtext --fraction 0.25 --device h100  ·  "
     "tinygpt plan --size small --device a100 --nproc 8 --grad-accum 4 --json  ·  "
-    "tinygpt plan --size micro --measure"
+    "tinygpt plan --size micro --measure  ·  tinygpt plan --size small --find-lr"
 )
 def plan(
     size: Annotated[str | None, typer.Option(help="Preset: micro, tiny, small (124M), medium, large, xl.")] = None,
@@ -1871,6 +1871,13 @@ def plan(
     measure: Annotated[
         bool, typer.Option("--measure", help="Time a few real training steps here instead of assuming an MFU.")
     ] = False,
+    find_lr: Annotated[
+        bool, typer.Option("--find-lr", help="Sweep the LR up over a short trial here (a range test) and suggest "
+                           "a peak --lr; nothing is written.")
+    ] = False,
+    find_lr_steps: Annotated[int, typer.Option(help="--find-lr: steps in the sweep.")] = 100,
+    start_lr: Annotated[float, typer.Option(help="--find-lr: the LR of its first step.")] = 1e-6,
+    end_lr: Annotated[float, typer.Option(help="--find-lr: the LR of its last step.")] = 1.0,
     max_tokens: MaxTokensOpt = None,
     max_minutes: MaxMinutesOpt = None,
     dropout: DropoutOpt = None,
@@ -1889,6 +1896,9 @@ def plan(
     flags = _run_flags(batch_size, grad_accum, max_steps, max_tokens, max_minutes, dtype, dropout, keep_last,
                        compile_mode, init_from, fsdp, lr)
     cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
+    if find_lr:
+        _find_lr(cfg, data_name, device, nproc, measure, find_lr_steps, start_lr, end_lr, as_json)
+        return
     if measure:
         _stderr_console().print("Measuring a few training steps on this machine…")
     result = make_plan(
@@ -1907,6 +1917,90 @@ def plan(
     out = _stdout_console()
     for note in result.notes:
         out.print(f"• {note}")
+
+
+def _find_lr(cfg: Any, data_name: str | None, device: str, nproc: int, measure: bool, steps: int, start_lr: float,
+             end_lr: float, as_json: bool) -> None:
+    """`tinygpt plan --find-lr`: the range test (`lrfind.find_lr`) with a bar, then its curve and suggestion."""
+    from dataclasses import asdict, replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from tinygpt_cli.lrfind import check_sweep, find_lr
+
+    if measure:
+        raise TinyGPTError("--find-lr and --measure are two trials: run one at a time")
+    if device.strip().lower() not in ("auto", "cuda", "cpu", "mps"):
+        raise TinyGPTError(f"--find-lr runs on this machine: use --device auto (or cpu, cuda, mps) instead of "
+                           f"{device}")
+    if nproc < 1:
+        raise TinyGPTError(f"--nproc must be at least 1 (got {nproc})")
+    check_sweep(steps, start_lr, end_lr)  # before the data and the model
+    tc = replace(cfg.train, device=device.strip().lower(), grad_accum=cfg.train.grad_accum * nproc)
+    cfg = replace(cfg, train=tc, data=replace(cfg.data, dataset=data_name or cfg.data.dataset))
+    err = _stderr_console()
+    if nproc > 1:
+        err.print(f"One process here: {nproc}× the micro-batches a step (grad_accum {tc.grad_accum}), so that a "
+                  f"step takes as many tokens as on {nproc} processes.")
+    progress = Progress(TextColumn("[bold]find-lr[/]"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[now]}"), console=err, transient=True)
+    bar = progress.add_task("find-lr", total=steps, now="") if _animated(err) else None
+    clock = _PlainClock()
+
+    def on_point(point: Any) -> None:
+        now = f"lr {point.lr:.2g} · loss {point.smoothed:.3f}"  # the running loss, as the stop test reads it
+        if bar is not None:
+            progress.update(bar, completed=point.step + 1, now=now)
+        elif clock.due():
+            err.print(f"find-lr: {point.step + 1}/{steps} · {now}")
+
+    err.print(f"Sweeping the LR from {start_lr:.2g} to {end_lr:.2g} over {steps} steps on this machine (nothing "
+              f"is saved)…")
+    with _interruptible(None, err, lambda exc: "Interrupted: nothing was written."):
+        if bar is not None:
+            progress.start()
+        try:
+            sweep = find_lr(cfg, steps=steps, start_lr=start_lr, end_lr=end_lr, on_point=on_point,
+                            on_info=lambda message: err.print(message[:1].upper() + message[1:]))
+        finally:
+            progress.stop()
+    if as_json:
+        print(json.dumps(asdict(sweep)))
+        return
+    _print_sweep(sweep)
+
+
+def _print_sweep(sweep: Any) -> None:
+    """A range test's curve at a dozen LRs, then what it suggests."""
+    from rich.table import Table
+
+    from tinygpt_cli.lrfind import DIVERGED
+
+    out = _stdout_console()
+    points = sweep.points
+    shown = sorted({round(i * (len(points) - 1) / 11) for i in range(12)}) if len(points) > 12 else \
+        list(range(len(points)))
+    lowest = min(range(len(points)), key=lambda i: points[i].smoothed) if points else None
+    if lowest is not None and lowest not in shown:
+        shown = sorted({*shown, lowest})
+    table = Table("step", "lr", "loss", "smoothed", title=f"LR sweep: {sweep.device}, {sweep.dtype}, "
+                  f"{_fmt_int(sweep.tokens_per_step)} tokens a step, {_fmt_seconds(sweep.seconds)}",
+                  title_justify="left")
+    for i in shown:
+        point = points[i]
+        mark = " ← lowest" if i == lowest else ""
+        table.add_row(str(point.step + 1), f"{point.lr:.2e}", f"{point.loss:.4f}", f"{point.smoothed:.4f}{mark}")
+    _print_table(table)
+    if sweep.diverged:
+        out.print(f"• the sweep stopped at LR {points[-1].lr:.2g}, where the loss climbed back past where it "
+                  f"started (or to {DIVERGED:g}× its lowest)" if points else "• the first loss was not finite")
+    for note in sweep.notes:
+        out.print(f"• {note}")
+    if sweep.suggested_lr is not None:
+        muon = f" --set train.muon_lr={sweep.suggested_muon_lr:.2g}" if sweep.suggested_muon_lr else ""
+        out.print(f"Suggested peak LR: --lr {sweep.suggested_lr:.2g}{muon} (the smoothed loss fell fastest at "
+                  f"{sweep.steepest_lr:.2g} and was lowest at {sweep.lowest_lr:.2g}; the suggestion is the first, kept "
+                  f"within a tenth to a half of the second)")
 
 
 # ----------------------------------------------------------------------------------------- runs, data
