@@ -445,3 +445,11 @@ def test_a_source_not_tokenized_yet_gets_the_val_split_tokenize_makes(workspace)
     assert shakespeare.train_tokens + shakespeare.val_tokens == 1_570_000
     web = P.estimate_data("openwebtext", fraction=0.25)  # ~2M documents: the share of tokens is the share of them
     assert web.val_tokens == pytest.approx(0.005 * round(9_040_000_000 * 0.25), rel=1e-4)
+
+
+def test_huge_counts_read_at_a_glance():
+    """QA: `--batch-size 99999999999` printed a budget of 6400000.00B tokens."""
+    from tinygpt_cli.cli import _fmt_count
+
+    assert [_fmt_count(n) for n in (12, 1_200, 7.89e6, 4.56e9, 1.23e12, 6.4e15)] == \
+        ["12", "1.20k", "7.89M", "4.56B", "1.23T", "6.40e+15"]

@@ -1748,7 +1748,10 @@ def _gib(n: float) -> str:
 
 
 def _fmt_count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    """1.23T, 4.56B, 7.89M, 1.20k, 12: a count to read at a glance (past 1,000T, in powers of ten)."""
+    if abs(n) >= 1e15:
+        return f"{n:.2e}"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return f"{n:.0f}"
