@@ -1876,7 +1876,7 @@ def plan(
     ] = False,
     find_lr: Annotated[
         bool, typer.Option("--find-lr", help="Sweep the LR up over a short trial here (a range test) and suggest "
-                           "a peak --lr; nothing is written.")
+                           "a peak --lr; no run or checkpoint is written.")
     ] = False,
     find_lr_steps: Annotated[int, typer.Option(help="--find-lr: steps in the sweep.")] = 100,
     start_lr: Annotated[float, typer.Option(help="--find-lr: the LR of its first step.")] = 1e-6,
@@ -1939,7 +1939,9 @@ def _find_lr(cfg: Any, data_name: str | None, device: str, nproc: int, measure: 
     if nproc < 1:
         raise TinyGPTError(f"--nproc must be at least 1 (got {nproc})")
     check_sweep(steps, start_lr, end_lr)  # before the data and the model
-    tc = replace(cfg.train, device=device.strip().lower(), grad_accum=cfg.train.grad_accum * nproc)
+    chosen = device.strip().lower()  # left at auto: the config's train.device, as train takes it
+    tc = replace(cfg.train, device=chosen if chosen != "auto" else cfg.train.device,
+                 grad_accum=cfg.train.grad_accum * nproc)
     cfg = replace(cfg, train=tc, data=replace(cfg.data, dataset=data_name or cfg.data.dataset))
     err = _stderr_console()
     if nproc > 1:
@@ -1957,9 +1959,9 @@ def _find_lr(cfg: Any, data_name: str | None, device: str, nproc: int, measure: 
         elif clock.due():
             err.print(f"find-lr: {point.step + 1}/{steps} · {now}")
 
-    err.print(f"Sweeping the LR from {start_lr:.2g} to {end_lr:.2g} over {steps} steps on this machine (nothing "
-              f"is saved)…")
-    with _interruptible(None, err, lambda exc: "Interrupted: nothing was written."):
+    err.print(f"Sweeping the LR from {start_lr:.2g} to {end_lr:.2g} over {steps} steps on this machine (no run or "
+              f"checkpoint is saved)…")
+    with _interruptible(None, err, lambda exc: "Interrupted: no run or checkpoint was written."):
         if bar is not None:
             progress.start()
         try:
@@ -1994,9 +1996,11 @@ def _print_sweep(sweep: Any) -> None:
         mark = " ← lowest" if i == lowest else ""
         table.add_row(str(point.step + 1), f"{point.lr:.2e}", f"{point.loss:.4f}", f"{point.smoothed:.4f}{mark}")
     _print_table(table)
-    if sweep.diverged:
+    if sweep.stopped == "climbed":
         out.print(f"• the sweep stopped at LR {points[-1].lr:.2g}, where the loss climbed back past where it "
-                  f"started (or to {DIVERGED:g}× its lowest)" if points else "• the first loss was not finite")
+                  f"started (or to {DIVERGED:g}× its lowest)")
+    elif sweep.stopped == "non-finite" and points:
+        out.print(f"• the sweep stopped after LR {points[-1].lr:.2g}: the next step's loss was not finite")
     for note in sweep.notes:
         out.print(f"• {note}")
     if sweep.suggested_lr is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 SMOOTHING = 0.9  # the running loss (an exponential moving average, debiased) that the stop test reads
 DIVERGED = 4.0  # the sweep ends once the running loss is this many times its lowest, or back above its first
+CLEAR_FALL = 0.05  # ... once it had fallen this share below its first (before that, noise can carry it above)
+CLEAR_FALL_SIGMAS = 4.0  # a fall of fewer batch-to-batch sigmas than this says nothing: no suggestion
 SETTLE_STEPS = 5  # steps before the stop test: the first losses of fresh weights swing
 WINDOW_SHARE = 0.05  # the curve read for the suggestion: each loss averaged with its neighbours, 5% of the steps
 MIN_STEPS = 10
@@ -58,12 +61,12 @@ class LRSweep:
     points: list[LRPoint]
     start_lr: float
     end_lr: float
-    steps: int  # asked for; len(points) is fewer where the loss diverged first
+    steps: int  # asked for; len(points) is fewer where the sweep stopped first
     lowest_lr: float | None  # where the smoothed loss was lowest
     steepest_lr: float | None  # where it fell fastest (against log LR)
     suggested_lr: float | None  # steepest_lr, kept within [lowest_lr / 10, lowest_lr / 2]
     suggested_muon_lr: float | None  # train.optimizer=muon: suggested_lr at train.muon_lr's ratio to train.lr
-    diverged: bool
+    stopped: str  # "" (every step taken) | "climbed" (the loss climbed back, or far past its lowest) | "non-finite"
     tokens_per_step: int
     device: str
     dtype: str
@@ -87,23 +90,31 @@ def check_sweep(steps: int, start_lr: float, end_lr: float) -> None:
         raise ConfigError(f"--find-lr takes {MIN_STEPS} to {MAX_STEPS:,} steps (got {steps}); 100 is usual")
 
 
-def suggest(points: list[LRPoint], diverged: bool, end_lr: float) -> tuple[float | None, float | None, list[str]]:
-    """(the LR of the lowest smoothed loss, of its steepest fall, notes) of a sweep's points."""
+def suggest(points: list[LRPoint], stopped: str, end_lr: float) -> tuple[float | None, float | None, list[str]]:
+    """(the LR of the lowest smoothed loss, of its steepest fall, notes) of a sweep's points (`stopped`: why it ended
+    before its last step, if it did)."""
     notes: list[str] = []
+    if not points:
+        return None, None, ["the first loss was not finite: with --dtype fp16 try bf16 or fp32; else check the data"]
     if len(points) < MIN_STEPS:
-        at = f", at LR {points[-1].lr:.2g}" if points else ""
-        return None, None, [f"the loss diverged after {len(points)} step(s){at}: the sweep says nothing; start it "
+        return None, None, [f"the loss {'became non-finite' if stopped == 'non-finite' else 'climbed'} after "
+                            f"{len(points)} step(s), at LR {points[-1].lr:.2g}: the sweep says nothing; start it "
                             f"lower (--start-lr)"]
     lowest = min(points, key=lambda point: point.smoothed)
-    if lowest.smoothed >= points[0].smoothed:
-        notes.append("the loss never fell below its first value: the sweep says nothing; try more steps, or a "
-                     "higher --end-lr")
+    upto = points[: points.index(lowest) + 1]
+    # the losses' scatter from batch to batch up to the lowest point (the climb after it is no noise): from the
+    # median step-to-step change, robust to the trend (the median of |a - b| of two draws is 0.954 of their sigma)
+    changes = [abs(b.loss - a.loss) for a, b in itertools.pairwise(upto if len(upto) > 2 else points)]
+    noise = statistics.median(changes) / 0.954
+    fall = points[0].smoothed - lowest.smoothed
+    if fall <= CLEAR_FALL_SIGMAS * noise:  # the lowest of many noisy means sits a sigma or two below the first
+        notes.append(f"the loss never fell clearly below its first values (by {fall:.3g}, against a step-to-step "
+                     f"scatter of {noise:.2g}): the sweep says nothing; try more steps, or a higher --end-lr")
         return None, None, notes
-    if lowest is points[-1] and not diverged:
+    if lowest is points[-1] and not stopped:
         notes.append(f"the loss was still falling at the last LR ({end_lr:.2g}): the best LR may be higher; try a "
                      f"higher --end-lr")
     # the steepest fall, by finite differences over log LR, left of the lowest point (beyond it the loss climbs)
-    upto = points[: points.index(lowest) + 1]
     slopes = [(b.smoothed - a.smoothed) / (math.log(b.lr) - math.log(a.lr)) for a, b in itertools.pairwise(upto)]
     steepest = upto[slopes.index(min(slopes))].lr if slopes else None
     return lowest.lr, steepest, notes
@@ -120,112 +131,141 @@ def suggested_peak(lowest: float | None, steepest: float | None) -> float | None
 def find_lr(cfg: RunConfig, *, steps: int = 100, start_lr: float = 1e-6, end_lr: float = 1.0,
             on_point: Callable[[LRPoint], None] | None = None,
             on_info: Callable[[str], None] | None = None) -> LRSweep:
-    """Run the range test of `cfg` on this machine (one process) and return its curve and suggestion."""
+    """Run the range test of `cfg` on this machine (one process) and return its curve and suggestion. It writes no
+    run; as `train`, it tokenizes the embedded corpus first where the workspace holds no dataset."""
+    import torch
+
+    from tinygpt_cli import training
+    from tinygpt_cli.model import release_cpu_workspace
+
+    check_sweep(steps, start_lr, end_lr)
+    if not training._ONE_AT_A_TIME.acquire(blocking=False):  # torch's random state is the process's, as train's
+        raise TrainingError("a train() or find_lr() is running in this process: run them one after another")
+    try:
+        device = training.resolve_device(cfg.train.device)
+        cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+        tf32 = training._tf32_while_training() if device.type == "cuda" else contextlib.nullcontext()
+        with tf32, torch.random.fork_rng(devices=cuda):  # every GPU's stream: manual_seed sets them all
+            try:
+                return _sweep(cfg, device, steps, start_lr, end_lr, on_point, on_info or (lambda message: None))
+            finally:
+                release_cpu_workspace()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # the sweep's model, gradients and optimizer state are gone now
+    finally:
+        training._ONE_AT_A_TIME.release()
+
+
+def _sweep(cfg: RunConfig, device, steps: int, start_lr: float, end_lr: float,
+           on_point: Callable[[LRPoint], None] | None, say: Callable[[str], None]) -> LRSweep:
     import torch
 
     from tinygpt_cli import dist
-    from tinygpt_cli.model import GPT, release_cpu_workspace
+    from tinygpt_cli.model import GPT
     from tinygpt_cli.optim import make_optimizer, set_learning_rate
+    from tinygpt_cli.plan import micro_batch_within
     from tinygpt_cli.training import (
         TrainEvent,
         _batch_generator,
         _maybe_compile,
-        _tf32_while_training,
         autocast_context,
         get_batch,
+        largest_step_batch,
         prepare_dataset,
-        resolve_device,
         resolve_dtype,
     )
-
-    check_sweep(steps, start_lr, end_lr)
-    say = on_info or (lambda message: None)
 
     def emit(event: TrainEvent) -> None:
         if event.kind == "info" and event.message:
             say(event.message)
 
     tc = cfg.train
-    device = resolve_device(tc.device)
     dtype = resolve_dtype(tc.dtype, device, training=True)
     dataset = prepare_dataset(cfg, emit, dist.DistInfo())
     tokens = dataset.split("train")
-    tf32 = _tf32_while_training() if device.type == "cuda" else contextlib.nullcontext()
-    with tf32, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(tc.seed)
-        offset = 0  # where the batch stream starts: past the steps a run started from drew (as train does)
-        if tc.init_from:
-            model, cfg, offset = _start_from(cfg, say)
-            tc = cfg.train
-        else:
-            model = GPT(cfg.model)
-        block = model.config.block_size
-        if len(tokens) <= block + 1:
-            raise TrainingError(f"{dataset.name}'s train split has {len(tokens):,} tokens, fewer than a window of "
-                                f"{block + 1}: lower model.block_size or tokenize more text")
-        model.to(device).train()
-        optimizer = make_optimizer(model, tc)
-        muon_ratio = tc.muon_lr / tc.lr if tc.optimizer == "muon" else None
-        try:  # a micro-batch that does not fit is said as train says it
-            forward = _maybe_compile(model, tc.compile, device, emit, (tc.batch_size, block), dtype)
-            scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-            lrs: list[float] = []
-            losses: list[float] = []
-            average, best, first, diverged = 0.0, math.inf, math.inf, False
-            began = time.perf_counter()
-            for step in range(steps):
-                lr = sweep_lr_at(step, steps, start_lr, end_lr)
-                set_learning_rate(optimizer, lr, lr * muon_ratio if muon_ratio is not None else None)
-                step_loss = torch.zeros((), device=device)
-                for micro in range(tc.grad_accum):
-                    x, y = get_batch(tokens, tc.batch_size, block,
-                                     _batch_generator(tc.batch_seed, offset + step, micro), device)
-                    with autocast_context(device, dtype):
-                        _, loss = forward(x, y)
-                    scaled = loss / tc.grad_accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    step_loss += loss.detach().float() / tc.grad_accum
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                value = float(step_loss)  # a host sync a step: a trial of a hundred steps, not a run
-                if not math.isfinite(value):
-                    diverged = True
-                    break
-                lrs.append(lr)
-                losses.append(value)
-                average = SMOOTHING * average + (1 - SMOOTHING) * value
-                running = average / (1 - SMOOTHING ** (step + 1))
-                if on_point is not None:
-                    on_point(LRPoint(step, lr, value, running))
-                first = running if step == 0 else first
-                best = min(best, running)
-                if step >= SETTLE_STEPS and running > min(DIVERGED * best, first):
-                    diverged = True  # too high: the loss climbed back to where it started, or far past its lowest
-                    break
-            seconds = time.perf_counter() - began
-        except torch.cuda.OutOfMemoryError:
-            raise TrainingError(f"a micro-batch of {tc.batch_size} sequences of {block} tokens does not fit in "
-                                f"{device}'s memory: lower --batch-size and raise --grad-accum (the same tokens a "
-                                f"step)") from None
-        finally:
-            del optimizer
-            release_cpu_workspace()
+    torch.manual_seed(tc.seed)
+    offset = 0  # where the batch stream starts: past the steps a run started from drew (as train does)
+    if tc.init_from:
+        model, cfg, offset = _start_from(cfg, say)
+        tc = cfg.train
+    else:
+        model = GPT(cfg.model)
+    block = model.config.block_size
+    if len(tokens) <= block + 1:
+        raise TrainingError(f"{dataset.name}'s train split has {len(tokens):,} tokens, fewer than a window of "
+                            f"{block + 1}: lower model.block_size or tokenize more text")
+    model.to(device).train()
+    batch, accum = tc.batch_size, tc.grad_accum
+    if tc.auto_batch and device.type == "cuda":  # --batch-size auto: the micro-batch train would take, same tokens
+        batch = micro_batch_within(batch, batch * accum, largest_step_batch(model, batch, block, device, dtype,
+                                                                            tc.compile))
+        accum = tc.batch_size * tc.grad_accum // batch
+    optimizer = make_optimizer(model, tc)
+    muon_ratio = tc.muon_lr / tc.lr if tc.optimizer == "muon" else None
+    lrs: list[float] = []
+    losses: list[float] = []
+    average, best, first, stop = 0.0, math.inf, math.inf, ""
+    out_of_memory = False
+    began = time.perf_counter()
+    try:
+        forward = _maybe_compile(model, tc.compile, device, emit, (batch, block), dtype)
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        for step in range(steps):
+            lr = sweep_lr_at(step, steps, start_lr, end_lr)
+            set_learning_rate(optimizer, lr, lr * muon_ratio if muon_ratio is not None else None)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = get_batch(tokens, batch, block, _batch_generator(tc.batch_seed, offset + step, micro), device)
+                with autocast_context(device, dtype):
+                    _, loss = forward(x, y)
+                scaled = loss / accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                step_loss += loss.detach().float() / accum
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            value = float(step_loss)  # a host sync a step: a trial of a hundred steps, not a run
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            elif math.isfinite(value) and bool(torch.isfinite(norm)):  # as train, a non-finite step is skipped
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(value):
+                stop = "non-finite"
+                break
+            lrs.append(lr)
+            losses.append(value)
+            average = SMOOTHING * average + (1 - SMOOTHING) * value
+            running = average / (1 - SMOOTHING ** (step + 1))
+            if on_point is not None:
+                on_point(LRPoint(step, lr, value, running))
+            first = running if step == 0 else first
+            best = min(best, running)
+            fell = best < first * (1 - CLEAR_FALL)  # a flat, noisy start can wander above its first loss
+            if step >= SETTLE_STEPS and (running > DIVERGED * best or (fell and running > first)):
+                stop = "climbed"  # too high: back above where it started after a clear fall, or far past its lowest
+                break
+    except torch.cuda.OutOfMemoryError:  # raised below, out of this frame: its tensors go with it
+        out_of_memory = True
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - began
+    if out_of_memory:
+        del optimizer, model
+        torch.cuda.empty_cache()
+        raise TrainingError(f"a micro-batch of {batch} sequences of {block} tokens does not fit in {device}'s "
+                            f"memory: lower --batch-size and raise --grad-accum (the same tokens a step), or "
+                            f"--batch-size auto")
     points = [LRPoint(step, lr, loss, smoothed) for step, (lr, loss, smoothed)
               in enumerate(zip(lrs, losses, centred_means(losses, steps), strict=True))]
-    lowest, steepest, notes = suggest(points, diverged, end_lr)
+    lowest, steepest, notes = suggest(points, stop, end_lr)
     suggested = suggested_peak(lowest, steepest)
     return LRSweep(
         points=points, start_lr=start_lr, end_lr=end_lr, steps=steps, lowest_lr=lowest, steepest_lr=steepest,
         suggested_lr=suggested, suggested_muon_lr=suggested * muon_ratio if suggested and muon_ratio else None,
-        diverged=diverged, tokens_per_step=tc.batch_size * tc.grad_accum * block, device=str(device),
-        dtype=str(dtype).split(".")[-1], seconds=seconds, notes=notes)
+        stopped=stop, tokens_per_step=batch * accum * block, device=str(device), dtype=str(dtype).split(".")[-1],
+        seconds=seconds, notes=notes)
 
 
 def _start_from(cfg: RunConfig, say: Callable[[str], None]):

@@ -1122,11 +1122,7 @@ class _Trainer:
         return DistributedDataParallel(model, device_ids=device_ids)
 
     def _largest_batch(self, start: int) -> int:
-        """The largest micro-batch from `start` down (halving) whose training step fits, compiled or not."""
-        ballast = 0
-        if compile_wanted(self.tc.compile, self.device.type):
-            ballast = loss_chunk_bytes(self.model.config, 1, self.dtype != torch.float32, compiled=True)
-        return largest_fitting_batch(self.model, start, self.block, self.device, self.dtype, ballast)
+        return largest_step_batch(self.model, start, self.block, self.device, self.dtype, self.tc.compile)
 
     def _fit_batch_size(self, largest: int | None) -> None:
         """--batch-size auto: the largest micro-batch (dividing the global batch) that fits, `largest` (None: any)
@@ -1841,6 +1837,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def largest_step_batch(model: GPT, start: int, block: int, device: torch.device, dtype: torch.dtype,
+                       compile_mode: str) -> int:
+    """The largest micro-batch from `start` down (halving) whose training step fits, compiled (`compile_mode`) or
+    not: what --batch-size auto takes on CUDA."""
+    ballast = 0
+    if compile_wanted(compile_mode, device.type):
+        ballast = loss_chunk_bytes(model.config, 1, dtype != torch.float32, compiled=True)
+    return largest_fitting_batch(model, start, block, device, dtype, ballast)
 
 
 def largest_fitting_batch(model: GPT, start: int, block: int, device: torch.device, dtype: torch.dtype,
