@@ -73,6 +73,10 @@ def test_a_curve_that_says_nothing_suggests_nothing():
     assert lowest == pytest.approx(lrs[-1]) and "still falling" in notes[0] and "--end-lr" in notes[0]
     lowest, _, notes = L.suggest(points_of(lrs[:3], [10.0, 9.0, 30.0]), stopped="climbed", end_lr=1e-3)
     assert lowest is None and "climbed after 3 step(s)" in notes[0] and "--start-lr" in notes[0]
+    # QA: a short sweep with a clean fall and a lowest point said nothing (it needed 10 points)
+    lowest, _, notes = L.suggest(points_of(lrs[:9], [10.8, 10.7, 10.4, 9.8, 9.0, 8.7, 9.4, 12.0, 20.0]),
+                                 stopped="climbed", end_lr=1e-3)
+    assert lowest == pytest.approx(lrs[5]) and notes == []
     assert "not finite" in L.suggest([], stopped="non-finite", end_lr=1e-3)[2][0]
 
 
@@ -160,4 +164,6 @@ def test_plan_find_lr_refusals(workspace):
     assert_one_line_error(runner.invoke(app, ["plan", "--find-lr", "--find-lr-steps", "3"]), "10 to 10,000 steps")
     assert_one_line_error(runner.invoke(app, ["plan", "--find-lr", "--start-lr", "1", "--end-lr", "0.1"]),
                           "must be above --start-lr")
+    for flag, value in (("--mfu", "5"), ("--fraction", "7")):  # QA: taken without a word
+        assert_one_line_error(runner.invoke(app, ["plan", "--find-lr", flag, value]), f"{flag} is for the estimate")
     assert not (workspace / "data").exists()  # refused before any data was tokenized

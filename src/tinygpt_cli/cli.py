@@ -1900,6 +1900,9 @@ def plan(
                        compile_mode, init_from, fsdp, lr)
     cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
     if find_lr:
+        if mfu is not None or fraction is not None:  # the estimate's: the sweep trains on a tokenized dataset
+            raise TinyGPTError(f"{'--mfu' if mfu is not None else '--fraction'} is for the estimate; --find-lr trains "
+                               f"here on a tokenized dataset: drop it")
         _find_lr(cfg, data_name, device, nproc, measure, find_lr_steps, start_lr, end_lr, as_json)
         return
     if measure:

@@ -34,6 +34,7 @@ CLEAR_FALL_SIGMAS = 4.0  # a fall of fewer batch-to-batch sigmas than this says 
 SETTLE_STEPS = 5  # steps before the stop test: the first losses of fresh weights swing
 WINDOW_SHARE = 0.05  # the curve read for the suggestion: each loss averaged with its neighbours, 5% of the steps
 MIN_STEPS = 10
+MIN_POINTS = 5  # a curve of fewer says nothing
 MAX_STEPS = 10_000
 
 
@@ -96,7 +97,7 @@ def suggest(points: list[LRPoint], stopped: str, end_lr: float) -> tuple[float |
     notes: list[str] = []
     if not points:
         return None, None, ["the first loss was not finite: with --dtype fp16 try bf16 or fp32; else check the data"]
-    if len(points) < MIN_STEPS:
+    if len(points) < MIN_POINTS:
         return None, None, [f"the loss {'became non-finite' if stopped == 'non-finite' else 'climbed'} after "
                             f"{len(points)} step(s), at LR {points[-1].lr:.2g}: the sweep says nothing; start it "
                             f"lower (--start-lr)"]
