@@ -114,17 +114,21 @@ def test_explicit_batch_that_does_not_fit_names_the_largest_that_does(with_shake
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_find_lr_on_cuda_compiled(with_shakespeare, dtype):
-    """plan --find-lr's sweep on CUDA: compiled, under autocast (fp16 through GradScaler), --batch-size auto; TF32
-    and the caller's CUDA random state put back, and its memory given back."""
+def test_find_lr_on_cuda_compiled(with_shakespeare, dtype, monkeypatch):
+    """plan --find-lr's sweep on CUDA: compiled, under autocast (fp16 through GradScaler), --batch-size auto (a
+    micro-batch of 24 fitting: 16 × 4 keeps the 64); TF32 and the caller's CUDA random state put back, and its
+    memory given back."""
+    from tinygpt_cli import training
     from tinygpt_cli.lrfind import find_lr
 
+    monkeypatch.setattr(training, "largest_step_batch", lambda *args: 24)
     before = torch.cuda.memory_allocated()
     state = torch.cuda.get_rng_state()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     cfg = tiny_config(device="cuda", dtype=dtype, compile="on", batch_size=64, auto_batch="true")
     sweep = find_lr(cfg, steps=30, start_lr=1e-5, end_lr=10.0)
     assert sweep.device.startswith("cuda") and len(sweep.points) >= 10
+    assert sweep.tokens_per_step == 64 * cfg.model.block_size
     assert sweep.suggested_lr is not None and 1e-5 < sweep.suggested_lr < 10.0
     assert torch.equal(torch.cuda.get_rng_state(), state) and torch.backends.cuda.matmul.allow_tf32 == tf32
     assert torch.cuda.memory_allocated() <= before + (1 << 20)

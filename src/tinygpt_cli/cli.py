@@ -1983,6 +1983,7 @@ def _print_sweep(sweep: Any) -> None:
     from rich.table import Table
 
     from tinygpt_cli.lrfind import DIVERGED
+    from tinygpt_cli.training import MAX_BAD_STEPS
 
     out = _stdout_console()
     points = sweep.points
@@ -2003,7 +2004,8 @@ def _print_sweep(sweep: Any) -> None:
         out.print(f"• the sweep stopped at LR {points[-1].lr:.2g}, where the loss climbed back past where it "
                   f"started (or to {DIVERGED:g}× its lowest)")
     elif sweep.stopped == "non-finite" and points:
-        out.print(f"• the sweep stopped after LR {points[-1].lr:.2g}: the next step's loss was not finite")
+        out.print(f"• the sweep stopped after LR {points[-1].lr:.2g}: the loss, or its gradients {MAX_BAD_STEPS} steps "
+                  f"in a row, were no longer finite")
     for note in sweep.notes:
         out.print(f"• {note}")
     if sweep.suggested_lr is not None:

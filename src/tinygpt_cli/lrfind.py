@@ -29,8 +29,7 @@ if TYPE_CHECKING:
 
 SMOOTHING = 0.9  # the running loss (an exponential moving average, debiased) that the stop test reads
 DIVERGED = 4.0  # the sweep ends once the running loss is this many times its lowest, or back above its first
-CLEAR_FALL = 0.05  # ... once it had fallen this share below its first (before that, noise can carry it above)
-CLEAR_FALL_SIGMAS = 4.0  # a fall of fewer batch-to-batch sigmas than this says nothing: no suggestion
+CLEAR_FALL_SIGMAS = 4.0  # a fall of fewer batch-to-batch sigmas says nothing: no stop "back above", no suggestion
 SETTLE_STEPS = 5  # steps before the stop test: the first losses of fresh weights swing
 WINDOW_SHARE = 0.05  # the curve read for the suggestion: each loss averaged with its neighbours, 5% of the steps
 MIN_STEPS = 10
@@ -67,7 +66,7 @@ class LRSweep:
     steepest_lr: float | None  # where it fell fastest (against log LR)
     suggested_lr: float | None  # steepest_lr, kept within [lowest_lr / 10, lowest_lr / 2]
     suggested_muon_lr: float | None  # train.optimizer=muon: suggested_lr at train.muon_lr's ratio to train.lr
-    stopped: str  # "" (every step taken) | "climbed" (the loss climbed back, or far past its lowest) | "non-finite"
+    stopped: str  # "completed" | "climbed" (the loss climbed back, or far past its lowest) | "non-finite"
     tokens_per_step: int
     device: str
     dtype: str
@@ -103,16 +102,13 @@ def suggest(points: list[LRPoint], stopped: str, end_lr: float) -> tuple[float |
                             f"lower (--start-lr)"]
     lowest = min(points, key=lambda point: point.smoothed)
     upto = points[: points.index(lowest) + 1]
-    # the losses' scatter from batch to batch up to the lowest point (the climb after it is no noise): from the
-    # median step-to-step change, robust to the trend (the median of |a - b| of two draws is 0.954 of their sigma)
-    changes = [abs(b.loss - a.loss) for a, b in itertools.pairwise(upto if len(upto) > 2 else points)]
-    noise = statistics.median(changes) / 0.954
+    noise = scatter([point.loss for point in (upto if len(upto) > 2 else points)])  # up to the lowest: no climb
     fall = points[0].smoothed - lowest.smoothed
     if fall <= CLEAR_FALL_SIGMAS * noise:  # the lowest of many noisy means sits a sigma or two below the first
         notes.append(f"the loss never fell clearly below its first values (by {fall:.3g}, against a step-to-step "
                      f"scatter of {noise:.2g}): the sweep says nothing; try more steps, or a higher --end-lr")
         return None, None, notes
-    if lowest is points[-1] and not stopped:
+    if lowest is points[-1] and stopped == "completed":
         notes.append(f"the loss was still falling at the last LR ({end_lr:.2g}): the best LR may be higher; try a "
                      f"higher --end-lr")
     # the steepest fall, by finite differences over log LR, left of the lowest point (beyond it the loss climbs)
@@ -163,14 +159,10 @@ def _sweep(cfg: RunConfig, device, steps: int, start_lr: float, end_lr: float,
 
     from tinygpt_cli import dist
     from tinygpt_cli.model import GPT
-    from tinygpt_cli.optim import make_optimizer, set_learning_rate
+    from tinygpt_cli.optim import make_optimizer
     from tinygpt_cli.plan import micro_batch_within
     from tinygpt_cli.training import (
         TrainEvent,
-        _batch_generator,
-        _maybe_compile,
-        autocast_context,
-        get_batch,
         largest_step_batch,
         prepare_dataset,
         resolve_dtype,
@@ -203,11 +195,45 @@ def _sweep(cfg: RunConfig, device, steps: int, start_lr: float, end_lr: float,
         accum = tc.batch_size * tc.grad_accum // batch
     optimizer = make_optimizer(model, tc)
     muon_ratio = tc.muon_lr / tc.lr if tc.optimizer == "muon" else None
+    began = time.perf_counter()
+    try:
+        lrs, losses, stop = _steps(model, optimizer, tc, tokens, offset, batch, accum, device, dtype, emit, steps,
+                                   start_lr, end_lr, muon_ratio, on_point)
+    except torch.cuda.OutOfMemoryError:  # its frame, which held the step's tensors, is gone once this block ends
+        out_of_memory = True
+    else:
+        out_of_memory = False
+    seconds = time.perf_counter() - began
+    if out_of_memory:
+        del optimizer, model
+        torch.cuda.empty_cache()
+        auto = "" if tc.auto_batch else ", or --batch-size auto"
+        raise TrainingError(f"a micro-batch of {batch} sequences of {block} tokens does not fit in {device}'s "
+                            f"memory: lower --batch-size and raise --grad-accum (the same tokens a step){auto}")
+    points = [LRPoint(step, lr, loss, smoothed) for step, (lr, loss, smoothed)
+              in enumerate(zip(lrs, losses, centred_means(losses, steps), strict=True))]
+    lowest, steepest, notes = suggest(points, stop, end_lr)
+    suggested = suggested_peak(lowest, steepest)
+    return LRSweep(
+        points=points, start_lr=start_lr, end_lr=end_lr, steps=steps, lowest_lr=lowest, steepest_lr=steepest,
+        suggested_lr=suggested, suggested_muon_lr=suggested * muon_ratio if suggested and muon_ratio else None,
+        stopped=stop, tokens_per_step=batch * accum * block, device=str(device), dtype=str(dtype).split(".")[-1],
+        seconds=seconds, notes=notes)
+
+
+def _steps(model, optimizer, tc, tokens, offset: int, batch: int, accum: int, device, dtype, emit, steps: int,
+           start_lr: float, end_lr: float, muon_ratio: float | None,
+           on_point: Callable[[LRPoint], None] | None) -> tuple[list[float], list[float], str]:
+    """The sweep's steps, as `train` takes them: (each step's LR, its loss, why it stopped early or "completed")."""
+    import torch
+
+    from tinygpt_cli.optim import set_learning_rate
+    from tinygpt_cli.training import MAX_BAD_STEPS, _batch_generator, _maybe_compile, autocast_context, get_batch
+
     lrs: list[float] = []
     losses: list[float] = []
-    average, best, first, stop = 0.0, math.inf, math.inf, ""
-    out_of_memory = False
-    began = time.perf_counter()
+    average, best, first, skipped = 0.0, math.inf, math.inf, 0
+    block = model.config.block_size
     try:
         forward = _maybe_compile(model, tc.compile, device, emit, (batch, block), dtype)
         scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -226,47 +252,43 @@ def _sweep(cfg: RunConfig, device, steps: int, start_lr: float, end_lr: float,
                 scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
             value = float(step_loss)  # a host sync a step: a trial of a hundred steps, not a run
+            finite = math.isfinite(value) and bool(torch.isfinite(norm))
             if scaler is not None:
-                scaler.step(optimizer)
+                scaler.step(optimizer)  # skips a step whose gradients overflowed, and lowers its scale
                 scaler.update()
-            elif math.isfinite(value) and bool(torch.isfinite(norm)):  # as train, a non-finite step is skipped
+            elif finite:  # as train, a non-finite step is skipped
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if not math.isfinite(value):
-                stop = "non-finite"
-                break
+            skipped = 0 if finite else skipped + 1
+            if not math.isfinite(value) or skipped >= MAX_BAD_STEPS:  # as train, that many in a row: too high
+                return lrs, losses, "non-finite"
             lrs.append(lr)
             losses.append(value)
             average = SMOOTHING * average + (1 - SMOOTHING) * value
             running = average / (1 - SMOOTHING ** (step + 1))
             if on_point is not None:
                 on_point(LRPoint(step, lr, value, running))
-            first = running if step == 0 else first
+            if step < SETTLE_STEPS:
+                continue
+            if step == SETTLE_STEPS:  # where it starts: the mean of the first steps, not one noisy loss
+                first = sum(losses) / len(losses)
             best = min(best, running)
-            fell = best < first * (1 - CLEAR_FALL)  # a flat, noisy start can wander above its first loss
-            if step >= SETTLE_STEPS and (running > DIVERGED * best or (fell and running > first)):
-                stop = "climbed"  # too high: back above where it started after a clear fall, or far past its lowest
-                break
-    except torch.cuda.OutOfMemoryError:  # raised below, out of this frame: its tensors go with it
-        out_of_memory = True
+            # a flat, noisy start wanders about its mean: "back above it" counts once the loss clearly fell
+            fell = best < first - CLEAR_FALL_SIGMAS * scatter(losses)
+            if running > DIVERGED * best or (fell and running > first):
+                return lrs, losses, "climbed"  # too high: back above its start after a clear fall, or far past
+        return lrs, losses, "completed"
     finally:
         optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - began
-    if out_of_memory:
-        del optimizer, model
-        torch.cuda.empty_cache()
-        raise TrainingError(f"a micro-batch of {batch} sequences of {block} tokens does not fit in {device}'s "
-                            f"memory: lower --batch-size and raise --grad-accum (the same tokens a step), or "
-                            f"--batch-size auto")
-    points = [LRPoint(step, lr, loss, smoothed) for step, (lr, loss, smoothed)
-              in enumerate(zip(lrs, losses, centred_means(losses, steps), strict=True))]
-    lowest, steepest, notes = suggest(points, stop, end_lr)
-    suggested = suggested_peak(lowest, steepest)
-    return LRSweep(
-        points=points, start_lr=start_lr, end_lr=end_lr, steps=steps, lowest_lr=lowest, steepest_lr=steepest,
-        suggested_lr=suggested, suggested_muon_lr=suggested * muon_ratio if suggested and muon_ratio else None,
-        stopped=stop, tokens_per_step=batch * accum * block, device=str(device), dtype=str(dtype).split(".")[-1],
-        seconds=seconds, notes=notes)
+
+
+def scatter(losses: list[float]) -> float:
+    """The losses' batch-to-batch sigma, from the median second difference (|a - 2b + c| has a sigma of √6 of
+    theirs, and cancels a steady fall or climb: a first difference counted the fall itself as noise)."""
+    if len(losses) < 3:
+        return 0.0
+    seconds = [abs(a - 2 * b + c) for a, b, c in zip(losses, losses[1:], losses[2:], strict=False)]
+    return statistics.median(seconds) / (0.6745 * math.sqrt(6))
 
 
 def _start_from(cfg: RunConfig, say: Callable[[str], None]):
