@@ -1933,12 +1933,11 @@ def _find_lr(cfg: Any, data_name: str | None, device: str, nproc: int, measure: 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from tinygpt_cli.lrfind import check_sweep, find_lr
+    from tinygpt_cli.plan import check_here
 
     if measure:
         raise TinyGPTError("--find-lr and --measure are two trials: run one at a time")
-    if device.strip().lower() not in ("auto", "cuda", "cpu", "mps"):
-        raise TinyGPTError(f"--find-lr runs on this machine: use --device auto (or cpu, cuda, mps) instead of "
-                           f"{device}")
+    check_here("--find-lr", device)
     if nproc < 1:
         raise TinyGPTError(f"--nproc must be at least 1 (got {nproc})")
     check_sweep(steps, start_lr, end_lr)  # before the data and the model

@@ -591,8 +591,7 @@ def tokenize(
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
                 meta["job_sha256"] = _job_digest(job)  # what made it: the same job again finds it up to date
                 write_json_atomic(partial.folder / "meta.json", meta)
-                _check_none_started(final_dir, meta)
-                changed = _note_changed_under(final_dir, meta)
+                changed = _check_publishable(final_dir, meta)
                 _publish(partial.folder, home)
                 if changed:
                     emit(TokenizeEvent("info", message=changed))
@@ -883,7 +882,7 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
     it: the run would go on reading the old files, deleted, and could not resume on the new ones), and, without
     --force, to make other data of one that runs trained on (`settings`: --fraction, --val-fraction, --seed and
     --text-field asked for now, which differ from the ones it was made with): resuming one would need it tokenized
-    again as it was. The same settings over a source that changed go ahead: `_note_changed_under` says so."""
+    again as it was. The same settings over a source that changed go ahead: `_check_publishable` says so."""
     from tinygpt_cli.inventory import runs_on_dataset
 
     if not (folder / "meta.json").is_file():
@@ -907,50 +906,46 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
     if fields and old.get("text_field") not in (None, src.text_field):
         differ.append(f"--text-field {src.text_field} (it was made with {old.get('text_field')})")
     if differ:
-        names = ", ".join(summary.name for summary in users[:3]) + (", …" if len(users) > 3 else "")
-        raise DataError(f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} ({names}), and "
-                        f"{'; '.join(differ)} makes other data of it (resuming one would need it tokenized again as "
-                        f"it was): pick another --name, or pass --force to replace it")
+        raise DataError(f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} "
+                        f"({run_names(users)}), and {'; '.join(differ)} makes other data of it (resuming one "
+                        f"would need it tokenized again as it was): pick another --name, or pass --force to replace "
+                        f"it")
 
 
-def _check_none_started(folder: Path, meta: dict[str, Any]) -> None:
+def _check_publishable(folder: Path, meta: dict[str, Any]) -> str | None:
     """Before the finished dataset (`meta`: its) replaces `folder`'s with other text: refuse where a run started
     training on that one since the tokenize began (`_check_not_in_use` saw none then; QA: `tokenize --force` and a
-    `train` started a moment later, which could not resume). The new one waits, finished: the same command puts it
-    in place once the run ends."""
-    from tinygpt_cli.inventory import runs_on_dataset
-
-    if not (folder / "meta.json").is_file():
-        return
-    training = [summary.name for summary in runs_on_dataset(folder) if summary.training]
-    try:
-        before = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["splits"]["train"].get("sha256")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        before = None
-    if training and before != meta["splits"]["train"].get("sha256"):
-        raise DatasetInUse(f"run {training[0]} started training on data/{folder.name} while it was tokenized again, "
-                           f"and the new text would change under it: the new dataset is finished and waits; once "
-                           f"that run ends, rerun")
-
-
-def _note_changed_under(folder: Path, meta: dict[str, Any]) -> str | None:
-    """What to say where the dataset about to replace `folder`'s (`meta`: the new one's) holds other text than the
-    one runs trained on (its source changed since, or --force made it with other settings): they cannot resume on
-    it."""
+    `train` started a moment later, which could not resume): the new one waits, finished, and the same command puts
+    it in place once the run ends. Else what to say of the runs that trained on the old text (its source changed
+    since, or --force made it with other settings): they cannot resume on it."""
     from tinygpt_cli.inventory import runs_on_dataset
 
     if not (folder / "meta.json").is_file():
         return None
     users = runs_on_dataset(folder)
+    if not users or train_sha256(folder) == meta["splits"]["train"].get("sha256"):
+        return None
+    training = [summary.name for summary in users if summary.training]
+    if training:
+        raise DatasetInUse(f"run {training[0]} started training on data/{folder.name} while it was tokenized again, "
+                           f"and the new text would change under it: the new dataset is finished and waits; once "
+                           f"that run ends, rerun")
+    return (f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} as it was ({run_names(users)}): it "
+            f"holds other text now, so resuming one is refused; `tinygpt train --init-from RUN` goes on from its "
+            f"weights")
+
+
+def train_sha256(folder: Path) -> str | None:
+    """The train split's hash in the meta.json of dataset `folder`; None where there is none to read."""
     try:
-        before = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["splits"]["train"].get("sha256")
+        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))["splits"]["train"].get("sha256")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not users or before == meta["splits"]["train"].get("sha256"):
-        return None
-    names = ", ".join(summary.name for summary in users[:3]) + (", …" if len(users) > 3 else "")
-    return (f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} as it was ({names}): it holds "
-            f"other text now, so resuming one is refused; `tinygpt train --init-from RUN` goes on from its weights")
+
+
+def run_names(runs: list[Any]) -> str:
+    """'a, b, c, …': the first three of `runs` (RunSummary) by name."""
+    return ", ".join(summary.name for summary in runs[:3]) + (", …" if len(runs) > 3 else "")
 
 
 def _check_not_another_source(folder: Path, src: Source) -> None:

@@ -481,8 +481,9 @@ def _files_under(path: Path) -> dict[str, int]:
     """The files of an export and their sizes (a folder filled in place: not its own hidden entries, a `.git`)."""
     if path.is_file():
         return {path.name: path.stat().st_size}
-    return {str(child.relative_to(path)): child.stat().st_size for child in sorted(path.rglob("*"))
-            if child.is_file() and not any(part.startswith(".") for part in child.relative_to(path).parts)}
+    # an export is flat (`_not_an_export` refuses a folder in one): a walk of a `.git` beside it would be wasted
+    return {child.name: child.stat().st_size for child in sorted(path.iterdir())
+            if child.is_file() and not child.name.startswith(".")}
 
 
 def _fsync_tree(path: Path) -> None:

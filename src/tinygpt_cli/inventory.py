@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -52,7 +51,7 @@ class RunSummary:
 STATUSES = ("training", "finished", "interrupted", "time limit", "token limit", "failed", "killed", "starting",
             "no checkpoint")
 _STOP_STATUS = {"completed": "finished", "interrupted": "interrupted", "time limit": "time limit",
-                "token limit": "token limit", "time_limit": "time limit", "token_limit": "token limit"}  # and older
+                "token limit": "token limit"}  # read with "_" as " ": older reports say time_limit
 
 
 def run_summary(run_dir: Path) -> RunSummary:
@@ -106,7 +105,7 @@ def _status(training: bool, step: int, max_steps: int | None, report: str | None
         return "finished"
     if _reported_step(report) == step:
         found = re.search(r"^Stopped: (.+?) at step \d+ \(", report or "", re.M)
-        return _STOP_STATUS.get(found.group(1) if found else "", "killed")
+        return _STOP_STATUS.get(found.group(1).replace("_", " ") if found else "", "killed")
     return "failed" if failed else "killed"
 
 
@@ -635,11 +634,9 @@ def runs_on_dataset(folder: Path) -> list[RunSummary]:
     from other text, replaced since, or elsewhere: `--data PATH`) and those that saved no checkpoint; one training
     now counts whatever it recorded."""
     from tinygpt_cli.checkpoint import latest_checkpoint, read_state
+    from tinygpt_cli.data import train_sha256
 
-    try:
-        current = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["splits"]["train"].get("sha256")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        current = None
+    current = train_sha256(folder)
     users = []
     for summary in list_run_summaries():
         if summary.dataset != folder.name:

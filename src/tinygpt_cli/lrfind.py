@@ -32,7 +32,7 @@ DIVERGED = 4.0  # the sweep ends once the running loss is this many times its lo
 CLEAR_FALL_SIGMAS = 4.0  # a fall of fewer batch-to-batch sigmas says nothing: no stop "back above", no suggestion
 SETTLE_STEPS = 5  # steps before the stop test: the first losses of fresh weights swing
 WINDOW_SHARE = 0.05  # the curve read for the suggestion: each loss averaged with its neighbours, 5% of the steps
-MIN_STEPS = 10
+MIN_STEPS = 10  # --find-lr-steps: from this many
 MIN_POINTS = 5  # a curve of fewer says nothing
 MAX_STEPS = 10_000
 
@@ -160,7 +160,7 @@ def _sweep(cfg: RunConfig, device, steps: int, start_lr: float, end_lr: float,
     from tinygpt_cli import dist
     from tinygpt_cli.model import GPT
     from tinygpt_cli.optim import make_optimizer
-    from tinygpt_cli.plan import micro_batch_within
+    from tinygpt_cli.plan import micro_batch_within, too_little_data
     from tinygpt_cli.training import (
         TrainEvent,
         largest_step_batch,
@@ -184,9 +184,9 @@ def _sweep(cfg: RunConfig, device, steps: int, start_lr: float, end_lr: float,
     else:
         model = GPT(cfg.model)
     block = model.config.block_size
-    if len(tokens) <= block + 1:
-        raise TrainingError(f"{dataset.name}'s train split has {len(tokens):,} tokens, fewer than a window of "
-                            f"{block + 1}: lower model.block_size or tokenize more text")
+    short = too_little_data(dataset.name, "train", len(tokens), block)  # as train refuses it
+    if short:
+        raise TrainingError(short)
     model.to(device).train()
     batch, accum = tc.batch_size, tc.grad_accum
     if tc.auto_batch and device.type == "cuda":  # --batch-size auto: the micro-batch train would take, same tokens

@@ -663,6 +663,13 @@ def too_little_data(dataset: str, split: str, tokens: int, block: int, then: str
             f"{block:,} needs: {then}{more}")
 
 
+def check_here(flag: str, device: str) -> None:
+    """A trial of `flag` (--measure, --find-lr) runs on this machine: `device` must be one of its own, not a GPU of
+    the table to plan for."""
+    if device.strip().lower() not in ("auto", "cuda", "cpu", "mps"):
+        raise ConfigError(f"{flag} runs on this machine: use --device auto (or cpu, cuda, mps) instead of {device}")
+
+
 def plan(
     cfg: RunConfig,
     *,
@@ -682,8 +689,8 @@ def plan(
         raise ConfigError("--mfu is what the time assumes without --measure, which times real steps instead: give "
                           "one of them")
     device = device.strip().lower()
-    if do_measure and device not in ("auto", "cuda", "cpu", "mps"):
-        raise ConfigError(f"--measure runs on this machine: use --device auto (or cpu) instead of {device}")
+    if do_measure:
+        check_here("--measure", device)
     spec = resolve_device_spec(device)
     refusal = dtype_refusal(cfg.train.dtype, spec.kind, training=True)  # the run train would refuse
     if refusal:

@@ -110,6 +110,11 @@ def unmarked_utf16(head: bytes) -> str | None:
     return "utf-16le" if odd > even else "utf-16be"
 
 
+def _unmarked_utf16_text(head: bytes) -> bool:
+    """Whether a .txt that begins with `head` is UTF-16 without its byte-order mark (no mark, NULs every other byte)."""
+    return text_codec(head[:4]) == "utf-8" and unmarked_utf16(head[:4096]) is not None
+
+
 # ----------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class NamedSource:
@@ -813,8 +818,7 @@ class TextFile:
         if size <= TXT_WHOLE_BYTES:
             raw = path.read_bytes()
             try:
-                marked = text_codec(raw[:4]) != "utf-8"
-                text = decode_text(raw) if marked or not unmarked_utf16(raw[:4096]) else None
+                text = None if _unmarked_utf16_text(raw) else decode_text(raw)
             except UnicodeDecodeError:
                 text = None
             if text is None:
@@ -824,9 +828,8 @@ class TextFile:
         decoder = codecs.getincrementaldecoder("utf-8")()  # streamed in UTF-8 pieces: a UTF-16 file is reported
         try:  # validate first, so a bad byte late in the file cannot leave half a document behind
             with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(TXT_PIECE_BYTES), b""):
-                    first = handle.tell() == len(block)
-                    if first and text_codec(block[:4]) == "utf-8" and unmarked_utf16(block[:4096]):
+                for index, block in enumerate(iter(lambda: handle.read(TXT_PIECE_BYTES), b"")):
+                    if index == 0 and _unmarked_utf16_text(block):
                         raise UnicodeDecodeError("utf-8", block, 0, 1, "UTF-16 without its byte-order mark")
                     decoder.decode(block)
                 decoder.decode(b"", final=True)

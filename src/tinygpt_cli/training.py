@@ -63,6 +63,7 @@ from tinygpt_cli.data import (
     remake_source,
     token_window,
     tokenize,
+    train_sha256,
     where_published,
 )
 from tinygpt_cli.errors import (
@@ -1351,11 +1352,8 @@ class _Trainer:
         """Refuse to train on a dataset replaced since it was read: a `tokenize --force` that looked for runs on it
         before this one's config.yaml named it saw none, and may have put other text in place since (review). The
         run would train on the text it read and record it, and its resume be refused."""
-        try:
-            now = json.loads((self.dataset.path / "meta.json").read_text(encoding="utf-8"))["splits"]["train"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # gone or unreadable: the next read of it says what is wrong
-        if isinstance(now, dict) and now.get("sha256") != self.dataset.meta["splits"]["train"].get("sha256"):
+        now = train_sha256(self.dataset.path)  # None: gone or unreadable, which the next read of it says
+        if now is not None and now != self.dataset.meta["splits"]["train"].get("sha256"):
             again = "resume it again" if self.checkpoint is not None else "start it again"
             raise TrainingError(f"data/{self.dataset.name} was tokenized again while this run was starting, after it "
                                 f"had read the text: {again} to train on the new text")
