@@ -142,10 +142,13 @@ def find_lr(cfg: RunConfig, *, steps: int = 100, start_lr: float = 1e-6, end_lr:
         device = training.resolve_device(cfg.train.device)
         cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
         tf32 = training._tf32_while_training() if device.type == "cuda" else contextlib.nullcontext()
+        mps_state = torch.mps.get_rng_state() if device.type == "mps" else None  # fork_rng forks one device type
         with tf32, torch.random.fork_rng(devices=cuda):  # every GPU's stream: manual_seed sets them all
             try:
                 return _sweep(cfg, device, steps, start_lr, end_lr, on_point, on_info or (lambda message: None))
             finally:
+                if mps_state is not None:
+                    torch.mps.set_rng_state(mps_state)
                 release_cpu_workspace()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # the sweep's model, gradients and optimizer state are gone now
