@@ -474,6 +474,19 @@ def test_cli_export_gguf_json(hf_source, workspace):
     assert "model.gguf" in into_folder.stdout
 
 
+def test_export_names_a_package_that_is_installed_but_does_not_import(hf_source, workspace, tmp_path, monkeypatch):
+    broken = tmp_path / "site" / "gguf"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("libggml.so: cannot open shared object file")\n')
+    monkeypatch.delitem(sys.modules, "gguf", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(TinyGPTError, match=r"gguf is installed but does not import \(libggml.so: cannot") as caught:
+        export.export_model(hf_source, "gguf")
+    assert isinstance(caught.value.__cause__, ImportError)  # TINYGPT_DEBUG=1 shows where it failed
+    assert "pip install --force-reinstall gguf" in str(caught.value)
+    assert not (workspace / "exports").exists()
+
+
 def test_cli_export_errors(hf_source, workspace, monkeypatch):
     assert_one_line_error(invoke("export"), "no trained run")
     assert_one_line_error(invoke("export", str(hf_source), "--format", "tflite"), "unknown export format 'tflite'")
@@ -481,7 +494,13 @@ def test_cli_export_errors(hf_source, workspace, monkeypatch):
     assert_one_line_error(invoke("export", str(hf_source), "--dtype", "q8_0"), "choose one of fp32, fp16, bf16")
     assert_one_line_error(invoke("export", str(workspace / "nowhere")), "no run, checkpoint or Hugging Face")
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if the [export] extra were not installed
-    assert_one_line_error(invoke("export", str(hf_source), "-f", "gguf"), "needs the gguf package: pip install gguf")
+    assert_one_line_error(invoke("export", str(hf_source), "-f", "gguf"),
+                          "needs gguf, which is not installed: `pip install gguf` "
+                          "(with pipx: `pipx inject tinygpt gguf`)")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    assert_one_line_error(invoke("export", str(hf_source), "-f", "onnx"),
+                          "needs onnx and onnxscript, which are not installed: `pip install onnx onnxscript`")
     with pytest.raises(TinyGPTError, match=re.escape("pip install 'tinygpt[export]'")):
         export.export_model(hf_source, "gguf")
     assert not (workspace / "exports").exists()

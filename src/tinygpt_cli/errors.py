@@ -32,6 +32,12 @@ class TrainingError(TinyGPTError):
     """Training cannot start or cannot continue."""
 
 
+def install_advice(packages: str) -> str:
+    """The command that adds `packages` to the environment tinygpt runs in, with pip or, for a pipx install of
+    tinygpt (whose environment has no pip of its own on the PATH), pipx inject."""
+    return f"`pip install {packages}` (with pipx: `pipx inject tinygpt {packages}`)"
+
+
 def first_line(exc: BaseException, most: int = 0) -> str:
     """An exception's own message as one line for a message of ours: its first line (the type's name where it has
     none). With `most`, the first sentence only, cut at a word within `most` characters: a library's long advice

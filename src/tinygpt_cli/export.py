@@ -50,7 +50,7 @@ from tinygpt_cli.checkpoint import (
     version_key,
 )
 from tinygpt_cli.config import ModelConfig
-from tinygpt_cli.errors import FULL, TinyGPTError, described, os_problem
+from tinygpt_cli.errors import FULL, TinyGPTError, described, first_line, install_advice, os_problem
 from tinygpt_cli.model import GPT, gpt_to_load, load_weights
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
 from tinygpt_cli.workspace import fsync_dir, fsync_file
@@ -298,14 +298,26 @@ def write_hf(model: GPT, folder: Path, dtype: str = "fp32") -> None:
 
 
 # ----------------------------------------------------------------------------------------- GGUF
-def _require(module: str, what: str):
+def _require(what: str, *modules: str):
+    """Import `modules` for `what` and return the last, or an ExportError naming every one that is missing (or the
+    one that is installed but does not import, with its error) and the command that installs it."""
     import importlib
+    import importlib.util
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ExportError(f"{what} needs the {module} package: pip install {module} "
-                          f"(every export format: {EXPORT_EXTRA})") from None
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        verb = "are" if len(missing) > 1 else "is"
+        raise ExportError(f"{what} needs {' and '.join(missing)}, which {verb} not installed: "
+                          f"{install_advice(' '.join(missing))}; every export format's: {EXPORT_EXTRA}")
+    imported = None
+    for module in modules:
+        try:
+            imported = importlib.import_module(module)
+        except ImportError as exc:  # the package is there, yet one of its own imports fails
+            raise ExportError(f"{what}: {module} is installed but does not import ({first_line(exc, 160)}): "
+                              f"reinstall it: `pip install --force-reinstall {module}` (with pipx: "
+                              f"`pipx runpip tinygpt install --force-reinstall {module}`)") from exc
+    return imported
 
 
 def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
@@ -346,7 +358,7 @@ def gguf_tensor_type(name: str, shape: tuple[int, ...], dtype: str):
 
 def write_gguf(model: GPT, path: Path, dtype: str = "fp32", name: str = "tinygpt") -> None:
     """Write `model` and the GPT-2 tokenizer as one GGUF file for llama.cpp (`gpt2` architecture)."""
-    gguf = _require("gguf", "--format gguf")
+    gguf = _require("--format gguf", "gguf")
     cfg: ModelConfig = model.config
     file_types = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -416,8 +428,7 @@ def write_onnx(model: GPT, folder: Path, dtype: str = "fp32") -> None:
 
     Weights go to `model.onnx.data` beside it when they pass 1 GiB (ONNX's protobuf stops at 2 GiB).
     """
-    _require("onnx", "--format onnx")
-    _require("onnxscript", "--format onnx (torch's ONNX exporter)")
+    _require("--format onnx", "onnx", "onnxscript")  # onnxscript: torch's ONNX exporter
     cfg: ModelConfig = model.config
     weight = next(model.parameters())
     if weight.device.type != "cpu" or weight.dtype != _TORCH_DTYPES[dtype] or model.training:
@@ -512,10 +523,9 @@ def export_model(
     """
     check_format(fmt, dtype)
     if fmt == "gguf":
-        _require("gguf", "--format gguf")
+        _require("--format gguf", "gguf")
     elif fmt == "onnx":
-        _require("onnx", "--format onnx")
-        _require("onnxscript", "--format onnx (torch's ONNX exporter)")
+        _require("--format onnx", "onnx", "onnxscript")
     # absolute, so that `--out .` has a parent to put the temp folder in and a name
     target = Path(os.path.abspath(Path(out).expanduser())) if out is not None else None
     if target is not None and fmt == "gguf" and target.suffix.lower() != ".gguf":

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tinygpt_cli.errors import ConfigError, TrainingError, first_line
+from tinygpt_cli.errors import ConfigError, TrainingError, first_line, install_advice
 
 TRACKERS = ("tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"  # runs/<name>/tensorboard/: `tensorboard --logdir runs` shows every run
@@ -43,8 +43,8 @@ def check_installed(names: Iterable[str]) -> None:
     missing = [name for name in names if importlib.util.find_spec(name) is None]  # (each is its package's name)
     if missing:
         packages = " ".join(missing)
-        raise TrainingError(f"--log-to {','.join(names)} needs {packages}, which is not installed: `pip install "
-                            f"{packages}` (with pipx: `pipx inject tinygpt {packages}`), or drop --log-to")
+        raise TrainingError(f"--log-to {','.join(names)} needs {packages}, which is not installed: "
+                            f"{install_advice(packages)}, or drop --log-to")
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
