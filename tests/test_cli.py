@@ -798,3 +798,17 @@ def test_text_with_colons_is_not_read_as_emoji_codes():
         with console.capture() as captured:
             console.print("note: shards/x:cat:y and [bold]z[/bold]")
         assert captured.get() == "note: shards/x:cat:y and [bold]z[/bold]\n"
+
+
+def test_a_tilde_in_tinygpt_home_is_the_users_home(tmp_path, monkeypatch):
+    """TINYGPT_HOME='~/tg' (quoted in a shell, or set in a Dockerfile or .env file) made a folder named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("TINYGPT_HOME", "~/tg")
+    monkeypatch.chdir(tmp_path)
+    assert "No workspace at " + str(tmp_path / "user" / "tg") in invoke("runs").output
+    (tmp_path / "user" / "tg" / "data" / "d").mkdir(parents=True)
+    (tmp_path / "user" / "tg" / "data" / "d" / "input.txt").write_text("hello world " * 500)
+    result = invoke("tokenize", str(tmp_path / "user" / "tg" / "data" / "d" / "input.txt"), "--name", "words")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "user" / "tg" / "data" / "words" / "train.bin").is_file()
+    assert not (tmp_path / "~").exists()

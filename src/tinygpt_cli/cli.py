@@ -2068,7 +2068,9 @@ def runs(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 def _nothing_in(folder: Path, what: str, how: str) -> str:
     """What an empty listing of `folder` says: a TINYGPT_HOME that does not exist (a typo, a disk not mounted) or
     a file where the folder goes is no empty workspace."""
-    home = os.environ.get("TINYGPT_HOME")
+    from tinygpt_cli.workspace import home_setting
+
+    home = home_setting()
     if home and not os.path.exists(home):
         return (f"No workspace at {home} (TINYGPT_HOME): it does not exist. Point TINYGPT_HOME at your workspace, "
                 f"or {how} to start one there")

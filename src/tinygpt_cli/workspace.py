@@ -18,10 +18,17 @@ from typing import Any
 from tinygpt_cli.errors import DataError, TinyGPTError
 
 
+def home_setting() -> str | None:
+    """$TINYGPT_HOME with a leading `~` expanded (a value quoted in a shell, or set in a Dockerfile, systemd unit or
+    .env file, arrives unexpanded and made a folder named `~`), or None where it is unset or empty."""
+    home = os.environ.get("TINYGPT_HOME")
+    return os.path.expanduser(home) if home else None
+
+
 def root() -> Path:
     """The workspace: $TINYGPT_HOME, else the current folder. A TINYGPT_HOME that is a file is an error (every
     listing read it as an empty workspace, "No runs yet")."""
-    home = os.environ.get("TINYGPT_HOME")
+    home = home_setting()
     if home and os.path.exists(home) and not os.path.isdir(home):
         raise TinyGPTError(f"TINYGPT_HOME={home} is a file, not a folder: point it at a folder (made if missing)")
     return Path(home or Path.cwd())
