@@ -127,6 +127,19 @@ class Boom(Exception):
     """An error of the caller's, mid-run."""
 
 
+def test_a_start_killed_during_its_first_checkpoint_is_replaced_by_the_same_command(with_shakespeare, workspace):
+    """Chaos QA: a SIGKILL between the first evaluation's loss plot and its checkpoint left loss.png, and the same
+    command, --resume and `runs show`'s advice each refused the name ('an earlier run's results (loss.png)')."""
+    folder = workspace / "runs" / "w"
+    (folder / "checkpoints" / ".tmp-step_4-999").mkdir(parents=True)
+    (folder / "config.yaml").write_text("leftover\n")
+    (folder / "metrics.jsonl").write_text('{"step": 2, "loss": 10.9}\n{"kind": "val", "step": 4, "loss": 10.8}\n')
+    (folder / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert train(tiny_config(max_steps=2, eval_interval=1000), run_name="w").steps == 2
+    assert (folder / "checkpoints" / "latest").exists() and (folder / "report.md").exists()
+    assert not (folder / "checkpoints" / ".tmp-step_4-999").exists()
+
+
 @pytest.mark.parametrize("logged", ["", '{"step": 10, "loss": 5.1}\n'])
 def test_a_failed_start_after_a_killed_one_leaves_nothing_behind(with_shakespeare, workspace, logged):
     """A start killed before its first checkpoint (the OOM killer, a preemption) left config.yaml and metrics.jsonl;

@@ -985,11 +985,12 @@ class _Trainer:
 
     def _check_unused_folder(self) -> None:
         """A new run writes its files (`RUN_FILES`) into its folder, and removes the ones it wrote if it stops
-        before its first checkpoint. An earlier run's results there (its checkpoints deleted: a report, a loss
-        plot, evaluations) are refused rather than written over. What a start killed before its first checkpoint
-        left (config.yaml, metrics.jsonl) is replaced, as `_Metrics` does; other files stay as they are."""
+        before its first checkpoint. An earlier run's results there (its checkpoints deleted: a report,
+        evaluations) are refused rather than written over. What a start killed before its first checkpoint left
+        (config.yaml, metrics.jsonl, and the plot of it that an evaluation draws just before that checkpoint) is
+        replaced, as `_Metrics` does; other files stay as they are."""
         run_dir = self.run_dir
-        results = [name for name in ("eval.jsonl", "loss.png", "report.md") if (run_dir / name).exists()]
+        results = [name for name in ("eval.jsonl", "report.md") if (run_dir / name).exists()]
         if results:
             raise TrainingError(f"{run_dir} holds an earlier run's results ({', '.join(results)}) but no checkpoint "
                                 f"to resume: pick another --name, or move or delete those files first")
