@@ -812,3 +812,15 @@ def test_a_tilde_in_tinygpt_home_is_the_users_home(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "user" / "tg" / "data" / "words" / "train.bin").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_auto_resume_of_a_finished_run_killed_before_its_report_writes_it(with_shakespeare, workspace):
+    """--auto-resume of a run at its last step exited 0 ('complete') even when the kill had left it no report."""
+    job = ("--name", "job", "--auto-resume")
+    assert train_tiny(*job, steps=2).exit_code == 0
+    report = workspace / "runs" / "job" / "report.md"
+    report.unlink()
+    again = train_tiny(*job, steps=2)
+    assert again.exit_code == 0, again.output
+    assert "no step trained; report: " in again.stdout and report.is_file()
+    assert "is complete (2 steps): nothing to train" in train_tiny(*job, steps=2).stderr

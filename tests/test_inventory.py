@@ -64,11 +64,12 @@ def test_runs_and_data_listings(with_shakespeare):
     (exported / "config.json").write_text("{}")
     assert_one_line_error(invoke("runs", "show", str(exported)), "my-gpt is a model folder (config.json), not a "
                           "run: it has no checkpoints or report; `tinygpt eval")
-    finished = result.run_dir.with_name("finished")  # audit: told to resume, which is refused at its last step
+    finished = result.run_dir.with_name("finished")  # audit: told to resume, which was refused at its last step
     shutil.copytree(result.run_dir, finished)
     (finished / "report.md").unlink()
     assert_one_line_error(invoke("runs", "show", "finished"), "finished reached its last step (2) but has no "
-                          "report.md: `tinygpt eval finished` measures it")
+                          "report.md (killed, or a crash): `tinygpt train --resume --name finished` writes it, and "
+                          "`tinygpt eval finished` measures the run")
     # audit: a run killed (kill -9) before its report: said "no report.md yet", as if it were still training
     killed = result.run_dir.with_name("killed")
     shutil.copytree(result.run_dir, killed)

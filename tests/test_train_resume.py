@@ -330,3 +330,37 @@ def test_a_run_started_from_a_run_draws_the_batches_after_its_own(with_shakespea
     drawn.clear()
     train(tiny_config(max_steps=2, eval_interval=1000), run_name="fresh")
     assert drawn[0] == 0
+
+
+def test_a_resume_of_a_run_killed_before_its_report_writes_the_report(with_shakespeare, workspace):
+    """Chaos QA: a run killed after its last checkpoint and before report.md (or whose report was of an earlier
+    stop) could only get one by training more steps: --resume said 'already at step 8 of 8', though `runs show` and
+    the troubleshooting guide said a resume writes it."""
+    from tinygpt_cli.inventory import reported_step, run_report
+
+    config = tiny_config(max_steps=4, eval_interval=2, log_interval=1)
+    run = train(config, run_name="r").run_dir
+    report, metrics = run / "report.md", (run / "metrics.jsonl").read_text()
+    first = report.read_text()
+    report.unlink()  # the kill
+    events = []
+    again = train(config, run_name="r", resume=True, on_event=events.append)
+    assert (again.steps, again.first_step, again.stopped) == (4, 4, "completed")
+    assert any("was stopped before it wrote its report.md: writing it now" in (e.message or "") for e in events)
+    text = report.read_text()
+    assert text.splitlines()[:10] == first.splitlines()[:10]  # the same run, step, losses and settings
+    assert "none trained: this session wrote the report" in text and "tokens/s (the median logged)" in text
+    assert (run / "metrics.jsonl").read_text() == metrics  # nothing trained, logged or saved
+    assert ckpt.latest_checkpoint(run).name == "step_4" and not list((run / "checkpoints").glob(".*"))
+    assert run_report("r")[2] is None and reported_step(run) == 4
+    with pytest.raises(TrainingError, match="already at step 4 of 4"):  # now there is nothing left to do
+        train(config, run_name="r", resume=True)
+
+    budget = 3 * 4 * 32  # the same for a run that ended at its --max-tokens, with a report of an earlier stop
+    limited = replace(config, train=replace(config.train, max_steps=1000, max_tokens=budget))
+    train(replace(limited, train=replace(limited.train, max_tokens=budget // 3)), run_name="t")
+    train(limited, run_name="t", resume=True)
+    tokens_run = workspace / "runs" / "t"
+    (tokens_run / "report.md").write_text((tokens_run / "report.md").read_text().replace("at step 3", "at step 1"))
+    assert train(limited, run_name="t", resume=True).stopped == "token_limit"
+    assert reported_step(tokens_run) == 3

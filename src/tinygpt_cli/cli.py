@@ -869,9 +869,11 @@ def train(
         if started is not None:
             _note_settings_kept(run_name, config, started, cfg)
         from tinygpt_cli.checkpoint import latest_step
+        from tinygpt_cli.inventory import reported_step
 
         reached = latest_step(resumed) if auto_resume else None
-        if reached is not None and reached >= cfg.train.max_steps:  # a job submitted once more: nothing failed
+        if reached is not None and reached >= cfg.train.max_steps and reported_step(resumed) == reached:
+            # a job submitted once more: nothing failed (one killed before its report goes on to write it)
             if dist.from_environment().is_main:
                 where = f"is complete ({reached:,} steps)" if reached == cfg.train.max_steps else \
                     f"is at step {reached:,}, past max_steps {cfg.train.max_steps:,}"
@@ -1017,10 +1019,13 @@ def _print_train_result(result, signum: int | None = None) -> None:
     val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"  # none logged yet
     of_steps = f" of {result.max_steps:,}" if 0 < result.steps < result.max_steps else ""  # how far a stop left it
+    # a session that trained no step has no rate: it stopped at once, or wrote the report a kill left unwritten
+    rate = f"{_fmt_seconds(result.seconds)}, {_fmt_int(result.tokens_per_s)} tokens/s" \
+        if result.steps > result.first_step else "no step trained" + (
+            f"; report: {result.run_dir / 'report.md'}" if result.stopped != "interrupted" else "")
     out.print(
         f"Run {result.run_dir}: step {result.steps:,}{of_steps}, train loss {loss}, "
-        f"val loss {val} (unigram baseline {result.unigram_val_loss:.4f}), "
-        f"{_fmt_seconds(result.seconds)}, {_fmt_int(result.tokens_per_s)} tokens/s"
+        f"val loss {val} (unigram baseline {result.unigram_val_loss:.4f}), {rate}"
     )
     if result.stopped == "interrupted" and result.steps == result.first_step:
         out.print("Interrupted before the first step: nothing was trained or saved." if not result.first_step else

@@ -267,6 +267,11 @@ def run_report(spec: str | None) -> tuple[Path, str, str | None]:
     return report, text, note
 
 
+def reported_step(run_dir: Path) -> int | None:
+    """The step the run's report.md says it stopped at; None where it has no report of training."""
+    return _reported_step(_report_text(run_dir))
+
+
 def _reported_step(text: str | None) -> int | None:
     """The step a report.md of training says the run stopped at; None for none (or one of evaluations only)."""
     found = re.search(r"^Stopped: .+? at step (\d+) \(", text or "", re.M)  # a stop reason may have spaces
@@ -284,10 +289,9 @@ def _no_training_report(run_dir: Path, training: bool, latest: int | None, resum
     if latest is None:  # stopped before its first checkpoint: nothing to resume
         return no_checkpoint_message(run_dir)
     summary = run_summary(run_dir)  # stopped (a kill, a crash) before the report was written
-    if summary.max_steps and summary.steps >= summary.max_steps:  # where resuming it would be refused
-        return (f"{run_dir.name} reached its last step ({summary.steps}) but has no {lacking}: `tinygpt eval "
-                f"{run_dir.name}` measures it, and `tinygpt train --resume --name {run_dir.name} --max-steps N` "
-                f"with more steps writes a report")
+    if summary.max_steps and summary.steps >= summary.max_steps:  # a resume writes the report, training nothing
+        return (f"{run_dir.name} reached its last step ({summary.steps}) but has no {lacking} (killed, or a crash): "
+                f"{resume} writes it, and `tinygpt eval {run_dir.name}` measures the run")
     of = f" of {summary.max_steps}" if summary.max_steps else ""
     return (f"{run_dir.name} stopped at step {summary.steps}{of} without writing its {lacking} (killed, or a crash): "
             f"{resume} goes on and writes one")

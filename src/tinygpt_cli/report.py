@@ -262,8 +262,7 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
         f"| batch | {hardware['batch_size']} sequences × {hardware['grad_accum']} accumulation × "
         f"{workspace.counted(hardware['world_size'], 'process', 'processes')} |",
         f"| optimizer | {optimizer_line(cfg.train)} |",
-        f"| time (this session) | {result.seconds:.0f} s |",
-        f"| throughput | {result.tokens_per_s:,.0f} tokens/s |",
+        *_time_rows(run_dir, result),
         f"| final train loss | {fmt(result.final_loss)} |",
         f"| final val loss | {fmt(result.final_val_loss)} (best {fmt(result.best_val_loss)}"
         f"{f' at step {result.best_step}' if result.best_step is not None else ''}) |",
@@ -289,6 +288,19 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
     ]
     with report_lock(run_dir):  # an eval appending between the read and the replace would be lost
         write_text_atomic(run_dir / "report.md", "\n".join(lines) + _evaluation_sections(run_dir / "report.md"))
+
+
+def _time_rows(run_dir: Path, result: Any) -> list[str]:
+    """The report's time and throughput: this session's, or where it trained no step (it wrote the report of a run
+    killed before writing one) the median rate metrics.jsonl logged."""
+    if result.steps > result.first_step:
+        return [f"| time (this session) | {result.seconds:.0f} s |",
+                f"| throughput | {result.tokens_per_s:,.0f} tokens/s |"]
+    rates = sorted(record["tokens_per_s"] for record in metrics_records(run_dir / "metrics.jsonl")
+                   if record.get("kind", "train") == "train" and isinstance(record.get("tokens_per_s"), (int, float)))
+    rate = f"{rates[len(rates) // 2]:,.0f} tokens/s (the median logged)" if rates else "n/a"
+    return ["| time (this session) | none trained: this session wrote the report of a run stopped before it |",
+            f"| throughput | {rate} |"]
 
 
 def _last_tasks(run_dir: Path, names: str) -> list[dict[str, Any]]:

@@ -773,6 +773,7 @@ class _Trainer:
         self.step_offset = 0  # the batch stream's step at this run's step 0: a run it started from trained on those
         self.val_sample: str | None = VAL_SAMPLE  # None: a resumed run's sample of its seed (`val_sample_starts`)
         self.tasks: list[tuple[Any, list[Any]]] = []  # train.eval_task's: (evaluation.Task, its examples) each
+        self.report_only = False  # a resume of a run at its end that was killed before writing its report
 
     # -------------------------------------------------------------------------------------------- setup
     def run(self, run_name: str | None, resume: bool) -> TrainResult:
@@ -882,6 +883,7 @@ class _Trainer:
                 pinned = self.state.get("init_from_checkpoint")
                 self.init_checkpoint = pinned if isinstance(pinned, str) else None  # kept by every checkpoint
                 self._check_resumable()  # before the device, the compile and anything written
+        self.report_only = dist.from_main(self.report_only)
         if info.enabled:  # each rank loaded its own machine's copy (or none): the same checkpoint, or none goes on
             held = dist.all_gather_objects(f"{self.run_dir.name} step {int(self.state.get('step', 0))}" if resume
                                            else f"{self.run_dir.name}: no checkpoint (a new run)")
@@ -1334,6 +1336,17 @@ class _Trainer:
             self.tc = self.cfg.train
         self._note_batch_change()
         step = int(state.get("step", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        if step >= tc.max_steps or self._token_budget_spent():
+            from tinygpt_cli.inventory import reported_step
+
+            # killed between its last checkpoint and its report (rank 0's report: the others take its word, below)
+            if not self.info.is_main or reported_step(self.run_dir) != step:
+                self.report_only = True
+                self.emit(TrainEvent("info", message=(
+                    f"run {self.run_dir.name} has trained all it was to (step {step}) but was stopped before it "
+                    f"wrote its report.md: writing it now (a larger --max-steps or --max-tokens trains it further)")))
+                return
         if step >= tc.max_steps:
             raise TrainingError(
                 f"run {self.run_dir.name} is already at step {step} of {tc.max_steps}: pass a larger "
@@ -1342,7 +1355,6 @@ class _Trainer:
         self.lr_rewarm = self._resumed_schedule(step)
         if tc.optimizer == "muon":
             self.muon_rewarm = self._resumed_schedule(step, muon=True)
-        self.tokens_seen = int(state.get("tokens_seen", 0))
         if self._token_budget_spent():
             raise TrainingError(
                 f"run {self.run_dir.name} has seen {self.tokens_seen:,} tokens, its --max-tokens budget of "
@@ -1679,7 +1691,9 @@ class _Trainer:
             skipped_steps=self._skipped_total(), first_step=start_step, max_steps=tc.max_steps,
             best_step=self.best_step,
         )
-        if step > start_step or val_pending:  # a resume stopped before its first step keeps the run's report
+        # a resume stopped before its first step keeps the run's report; one of a run at its end writes the report
+        # its kill left unwritten
+        if step > start_step or val_pending or self.report_only:
             report_model = self._report_model()
             if info.is_main:
                 self._write_report(result, report_model)
