@@ -951,3 +951,75 @@ def test_val_loss_at_reads_between_evaluations(with_shakespeare, workspace):
     assert val_loss_at(run, 128) == pytest.approx(6.0 - 1 / 3)
     assert (val_loss_at(run, 96), val_loss_at(run, 192)) == (6.0, 5.0)
     assert val_loss_at(run, 64) is None and val_loss_at(run, 200) is None
+
+
+def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_runs(workspace):
+    """Upgrade QA: the same tokenize command, run by a version whose rule cuts a source of fewer than 10 documents
+    otherwise, replaced the dataset its runs trained on without --force, and their resume then blamed the text."""
+    from tinygpt_cli import checkpoint as ckpt
+    from tinygpt_cli.errors import TrainingError
+    folder = workspace / "three"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"book{i}.txt").write_text("".join(f"Book {i}, line {n}: words to train on.\n" for n in range(300)))
+    assert invoke("tokenize", str(folder), "--name", "three").exit_code == 0
+    train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="on-three")
+    meta_file = workspace / "data" / "three" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["split_rule"] = "documents numbered in source order; ...; a single-document source is cut at the line " \
+                         "break before its last max(val_fraction, 0.1)"  # an earlier version's
+    del meta["job_sha256"]
+    meta_file.write_text(json.dumps(meta))
+    before = meta_file.read_bytes()
+    refused = invoke("tokenize", str(folder), "--name", "three")
+    assert_one_line_error(refused, "1 run trained on data/three (on-three), and this version of tinygpt, which cuts "
+                                   "a source of so few documents into train and val otherwise")
+    assert "pass --force to replace it" in refused.stderr and meta_file.read_bytes() == before
+    assert invoke("tokenize", str(folder), "--name", "three", "--force").exit_code == 0
+    state_file = ckpt.latest_checkpoint(workspace / "runs" / "on-three") / "state.json"
+    state = json.loads(state_file.read_text())
+    state["data"].update(split_rule="an earlier version's rule", train_sha256="0" * 64)  # as if trained on its cut
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TrainingError, match="run on-three trained on data/three as an earlier tinygpt cut its few "
+                                            "documents into train and val, and this one cuts them otherwise"):
+        train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="on-three", resume=True)
+    many = workspace / "many"  # 10 documents or more are split whole by every version's rule: no refusal
+    many.mkdir()
+    for i in range(12):
+        (many / f"part{i}.txt").write_text("".join(f"Part {i}, line {n}: words to train on.\n" for n in range(60)))
+    assert invoke("tokenize", str(many), "--name", "many").exit_code == 0
+    train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="on-many")
+    meta_file = workspace / "data" / "many" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["split_rule"] = "an earlier version's rule"
+    del meta["job_sha256"]
+    meta_file.write_text(json.dumps(meta))
+    assert invoke("tokenize", str(many), "--name", "many").exit_code == 0
+
+
+def test_a_run_saved_before_its_data_was_hashed_is_told_its_text_may_have_changed(workspace):
+    """Upgrade QA: a checkpoint of an earlier tinygpt records no hash of its train split; tokenize said resuming it
+    was refused, and the resume then trained on the new text without a word."""
+    from tinygpt_cli import checkpoint as ckpt
+
+    source = workspace / "corp.txt"
+    source.write_text("".join(f"Line {i} of a small corpus, with words enough to train on.\n" for i in range(400)))
+    assert invoke("tokenize", str(source), "--name", "corp").exit_code == 0
+    run = train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="old").run_dir
+    state_file = ckpt.latest_checkpoint(run) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["data"]["train_sha256"]  # as an earlier version saved it
+    state["saved_at"] = "2026-01-01T00:00:00+00:00"
+    state_file.write_text(json.dumps(state))
+    source.write_text("A line put first since.\n" + source.read_text())
+    again = invoke("tokenize", str(source), "--name", "corp")
+    assert again.exit_code == 0, again.output
+    said = " ".join(again.stderr.split())
+    assert "1 run trained on data/corp as it was, saved by an earlier tinygpt that recorded no hash of the text " \
+           "(old): resuming one goes on with the new text" in said and "refused" not in said
+    events = []
+    resumed = train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="old", resume=True,
+                    on_event=events.append)
+    assert resumed.steps == 2
+    assert any("was saved by an earlier tinygpt, which recorded no hash of the text it trained on, and data/corp "
+               "was tokenized again since" in (event.message or "") for event in events)

@@ -565,7 +565,8 @@ def tokenize(
                              f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                              "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
         # a run reads it now, or trained on it: it would change under them
-        _check_not_in_use(final_dir, src, {"fraction": fraction, "val_fraction": val_fraction, "seed": seed}, force)
+        _check_not_in_use(final_dir, src, {"fraction": fraction, "val_fraction": val_fraction, "seed": seed}, force,
+                          plan.cuts_documents)
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
         partial = _Partial(partial_dir, job)
@@ -877,12 +878,13 @@ def _source_of(src: Source) -> dict[str, Any]:
             "text_field": src.text_field if src.kind != "embedded" else None}
 
 
-def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force: bool) -> None:
+def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force: bool, cuts: bool) -> None:
     """Refuse to replace a dataset a run is training on now (even with --force, as `data rm` refuses to delete
     it: the run would go on reading the old files, deleted, and could not resume on the new ones), and, without
     --force, to make other data of one that runs trained on (`settings`: --fraction, --val-fraction, --seed and
-    --text-field asked for now, which differ from the ones it was made with): resuming one would need it tokenized
-    again as it was. The same settings over a source that changed go ahead: `_check_publishable` says so."""
+    --text-field asked for now, which differ from the ones it was made with; or, where the split `cuts` documents
+    for val, an earlier version's SPLIT_RULE that cut them otherwise): resuming one would need it tokenized again
+    as it was. The same settings over a source that changed go ahead: `_check_publishable` says so."""
     from tinygpt_cli.inventory import runs_on_dataset
 
     if not (folder / "meta.json").is_file():
@@ -905,6 +907,9 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
     fields = any(document.kind != "txt" for document in src.files)  # a .txt has no field to name
     if fields and old.get("text_field") not in (None, src.text_field):
         differ.append(f"--text-field {src.text_field} (it was made with {old.get('text_field')})")
+    if cuts and meta.get("split_rule") != SPLIT_RULE:  # a source of fewer than 10 documents (the rule's last part)
+        differ.append("this version of tinygpt, which cuts a source of so few documents into train and val "
+                      "otherwise than the one that made it (meta.json's split_rule),")
     if differ:
         raise DataError(f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} "
                         f"({run_names(users)}), and {'; '.join(differ)} makes other data of it (resuming one "
@@ -930,9 +935,19 @@ def _check_publishable(folder: Path, meta: dict[str, Any]) -> str | None:
         raise DatasetInUse(f"run {training[0]} started training on data/{folder.name} while it was tokenized again, "
                            f"and the new text would change under it: the new dataset is finished and waits; once "
                            f"that run ends, rerun")
-    return (f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} as it was ({run_names(users)}): it "
-            f"holds other text now, so resuming one is refused; `tinygpt train --init-from RUN` goes on from its "
-            f"weights")
+    from tinygpt_cli.inventory import recorded_train_sha256
+
+    unrecorded = [summary for summary in users if not recorded_train_sha256(Path(summary.path))]
+    recorded = [summary for summary in users if summary not in unrecorded]
+    notes = [f"{workspace.counted(len(recorded), 'run')} trained on data/{folder.name} as it was "
+             f"({run_names(recorded)}): it holds other text now, so resuming one is refused; `tinygpt train "
+             f"--init-from RUN` goes on from its weights"] if recorded else []
+    if unrecorded:  # saved by an earlier tinygpt: a resume cannot tell, and goes on with the new text (it says so)
+        notes.append(f"{workspace.counted(len(unrecorded), 'run')} trained on data/{folder.name} as it was, saved by "
+                     f"an earlier tinygpt that recorded no hash of the text ({run_names(unrecorded)}): resuming one "
+                     f"goes on with the new text; `tinygpt train --init-from RUN --name NEW` starts anew from its "
+                     f"weights")
+    return "; ".join(notes)
 
 
 def train_sha256(folder: Path) -> str | None:

@@ -57,6 +57,7 @@ from tinygpt_cli.config import (
     trains_compiled,
 )
 from tinygpt_cli.data import (
+    FEW_DOCUMENTS,
     Dataset,
     find_dataset,
     remake_command,
@@ -1259,7 +1260,8 @@ class _Trainer:
                              "step_offset": self.step_offset,
                              **({"val_sample": self.val_sample} if self.val_sample else {}),
                              "next_step": step, "train_sha256": self.dataset.meta["splits"]["train"].get("sha256"),
-                             "remake": remake_command(self.dataset)},
+                             "remake": remake_command(self.dataset),
+                             "split_rule": self.dataset.meta.get("split_rule")},
                     "batch": {"batch_size": self.batch_size, "grad_accum": self.grad_accum},
                     "run_config": config_to_dict(self.cfg), "elapsed_s": self.elapsed(),
                     "init_from_checkpoint": self.init_checkpoint,
@@ -1297,10 +1299,20 @@ class _Trainer:
             remake = trained_on.get("remake")
             if isinstance(remake, str) and remake == remake_command(self.dataset):  # the same source and settings:
                 source = remake_source(self.dataset)  # its text is what changed, which that command cannot undo
+                documents = (self.dataset.meta.get("documents") or {}).get("selected")
+                few = isinstance(documents, int) and documents < FEW_DOCUMENTS  # cut for val: SPLIT_RULE's last part
+                trained_rule, rule_now = trained_on.get("split_rule"), self.dataset.meta.get("split_rule")
+                if few and trained_rule and trained_rule != rule_now:
+                    raise TrainingError(
+                        f"run {self.run_dir.name} trained on data/{self.dataset.name} as an earlier tinygpt cut its "
+                        f"few documents into train and val, and this one cuts them otherwise: go on from these "
+                        f"weights in a new run with --init-from {self.run_dir.name}")
+                rule = ", or an earlier tinygpt cut its few documents into train and val otherwise" \
+                    if few and not trained_rule else ""  # a checkpoint from before the rule was recorded
                 raise TrainingError(
                     f"the text of {source} changed since run {self.run_dir.name} trained on "
-                    f"data/{self.dataset.name}: put back the text it had and tokenize it again, or start a new run "
-                    f"from these weights with --init-from {self.run_dir.name}")
+                    f"data/{self.dataset.name}{rule}: put back the text it had and tokenize it again, or start a "
+                    f"new run from these weights with --init-from {self.run_dir.name}")
             # --force: the name holds the other text now (made from another source, tokenize asks for it)
             again = f"make it again with `{remake} --force`" if isinstance(remake, str) else \
                 "tokenize the original source again with the settings it had (--force replaces the other text)"
@@ -1309,6 +1321,13 @@ class _Trainer:
                 f"again from other text or with other settings: resuming would go on with other data: {again}, "
                 f"or start a new run from these weights with --init-from {self.run_dir.name}"
             )
+        made, saved = self.dataset.meta.get("created"), state.get("saved_at")
+        if not recorded and trained_on.get("dataset") == self.dataset.name and _later(made, saved):
+            self.emit(TrainEvent("info", message=(  # an earlier tinygpt's checkpoint: the text may be another now
+                f"run {self.run_dir.name} was saved by an earlier tinygpt, which recorded no hash of the text it "
+                f"trained on, and data/{self.dataset.name} was tokenized again since ({made}): if its text changed, "
+                f"this resume goes on with the new text (`tinygpt train --init-from {self.run_dir.name} --name NEW` "
+                f"starts a new run from these weights instead)")))
         if recorded and current and recorded != current and trained_on.get("dataset") != self.dataset.name:
             self.emit(TrainEvent("info", message=(
                 f"run {self.run_dir.name} trained on {trained_on.get('dataset')}; this resume trains on "
@@ -1829,6 +1848,14 @@ class _Trainer:
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name(),
             "torch": torch.__version__, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
         }, model, self.init_checkpoint)
+
+
+def _later(first: Any, second: Any) -> bool:
+    """Whether ISO time `first` is after `second` (False where either is missing or not a time)."""
+    try:
+        return _dt.datetime.fromisoformat(first) > _dt.datetime.fromisoformat(second)
+    except (TypeError, ValueError):
+        return False
 
 
 def _rank_rng(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
