@@ -749,6 +749,17 @@ def test_interrupt_in_the_cli_then_continue_or_restart(workspace, monkeypatch):
     monkeypatch.setattr(data, "CHECKPOINT_SECONDS", 30.0)
     other = runner.invoke(app, ["tokenize", str(path), "--name", "x", "--seed", "3"])
     assert other.exit_code == 0 and "Starting over" in other.stderr
+    assert "(other settings or changed input files)" in " ".join(other.stderr.split())
+    # upgrade QA: one an earlier version left is discarded for that, not for "other settings or changed input files"
+    _interrupt_write(monkeypatch, 12)
+    assert runner.invoke(app, ["tokenize", str(path), "--name", "v", "--seed", "2"]).exit_code == 130
+    progress = workspace / "data" / ".v.partial" / "progress.json"
+    saved = json.loads(progress.read_text())
+    saved["job"]["split_rule"] = "an earlier version's rule"
+    progress.write_text(json.dumps(saved))
+    monkeypatch.setattr(data._Partial, "write", original_write)
+    upgraded = runner.invoke(app, ["tokenize", str(path), "--name", "v", "--seed", "2"])
+    assert upgraded.exit_code == 0 and "made by another version of tinygpt" in " ".join(upgraded.stderr.split())
     assert (workspace / "data" / "x" / "val.bin").read_bytes() == \
         (data.tokenize(str(path), name="y", seed=3).path / "val.bin").read_bytes()
 

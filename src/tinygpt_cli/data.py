@@ -374,8 +374,12 @@ class _Partial:
             saved = json.loads((self.folder / PROGRESS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None, "it stopped before its first checkpoint"
-        if not isinstance(saved, dict) or saved.get("job") != self.job:
-            return None, "other settings or changed input files"
+        job = saved.get("job") if isinstance(saved, dict) else None
+        if job != self.job:
+            upgraded = isinstance(job, dict) and any(job.get(key) != self.job[key] for key in
+                                                     ("format", "split_rule", "tokenizer"))
+            return None, ("made by another version of tinygpt, which splits or stores it otherwise" if upgraded else
+                          "other settings or changed input files")
         try:
             _Counters(**saved["counters"])
             for name in SPLITS.values():
