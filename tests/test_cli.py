@@ -824,3 +824,21 @@ def test_auto_resume_of_a_finished_run_killed_before_its_report_writes_it(with_s
     assert again.exit_code == 0, again.output
     assert "no step trained; report: " in again.stdout and report.is_file()
     assert "is complete (2 steps): nothing to train" in train_tiny(*job, steps=2).stderr
+
+
+@pytest.mark.parametrize(("signum", "code"), [(None, 130), (signal.SIGTERM, 143)])
+def test_a_stop_during_the_first_ones_cleanup_exits_128_plus_the_signal(monkeypatch, signum, code):
+    """Chaos QA: a second Ctrl-C while tokenize or export --force cleaned up after the first escaped as a
+    KeyboardInterrupt, and the process died by the signal (-2 to a subprocess caller), not with exit 130."""
+    from tinygpt_cli import cli
+    from tinygpt_cli.launch import Stopped
+
+    raised = KeyboardInterrupt() if signum is None else Stopped(signum)
+
+    def app():
+        raise raised
+
+    monkeypatch.setattr(cli, "app", app)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == code

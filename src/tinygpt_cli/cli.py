@@ -2506,6 +2506,13 @@ def main() -> None:
         if _streams_opened():
             _exit_now(code)
         raise SystemExit(code) from None
+    except KeyboardInterrupt as exc:  # a second stop while the first one's cleanup ran (which says what is kept)
+        import signal
+
+        code = 128 + (getattr(exc, "signal", None) or signal.SIGINT)  # 130, as the first stop exits
+        if _streams_opened():
+            _exit_now(code)
+        raise SystemExit(code) from None
     except BaseException:  # an error of ours that escaped: its traceback, then the same way out
         if _streams_opened():
             import traceback
