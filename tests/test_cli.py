@@ -842,3 +842,29 @@ def test_a_stop_during_the_first_ones_cleanup_exits_128_plus_the_signal(monkeypa
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == code
+
+
+def _completions(words: str) -> list[str]:
+    """What `tinygpt` offers on TAB after `words` (bash), as the shell asks it."""
+    typed = words.split()
+    env = {"_TINYGPT_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(typed) - (0 if words.endswith(" ") else 1))}
+    result = runner.invoke(app, [], env=env, prog_name="tinygpt")
+    assert result.exit_code == 0, result.output
+    return result.output.split()
+
+
+def test_tab_completes_presets_runs_datasets_and_choices(with_shakespeare, workspace, monkeypatch):
+    """Packaging QA: `tinygpt export --format <TAB>` and `train --size <TAB>` offered nothing."""
+    assert _completions("tinygpt train --size m") == ["medium", "micro"]
+    assert _completions("tinygpt export --format ") == ["gguf", "hf", "onnx"]
+    assert _completions("tinygpt eval --task arc") == ["arc_challenge", "arc_easy"]
+    assert _completions("tinygpt train --data ") == ["shakespeare"]
+    assert _completions("tinygpt download tiny") == ["tinystories"]
+    (workspace / "runs" / "alpha" / "checkpoints").mkdir(parents=True)
+    (workspace / "runs" / ".hidden").mkdir()
+    assert _completions("tinygpt runs show ") == ["alpha"]
+    assert _completions("tinygpt generate --run ") == ["alpha", "gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl"]
+    assert _completions("tinygpt data rm x") == []  # none: the shell completes file names instead
+    monkeypatch.setenv("TINYGPT_HOME", str(workspace / "nowhere"))  # no workspace there: nothing, and no error
+    assert _completions("tinygpt runs show ") == []

@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -326,9 +326,71 @@ _P_RUN = "Run folder"
 _P_BUDGET = "Budget"
 _P_OPT = "Optimisation"
 _P_HW = "Hardware"
+
+
+def _completion(names: Callable[[], Iterable[str]]) -> Callable[[str], list[str]]:
+    """A Typer autocompletion (run only when the shell asks, on TAB): the values of `names()` that start with what
+    is typed; none where they cannot be read, and the shell then completes file names (a run or dataset folder)."""
+    def complete(incomplete: str) -> list[str]:
+        try:
+            return sorted(name for name in names() if name.startswith(incomplete))
+        except Exception:  # an error printed into the command line being typed would be worse than none
+            return []
+    return complete
+
+
+def _folders_in(folder: Path, marker: str | None = None) -> list[str]:
+    """The names of `folder`'s folders (not hidden), those holding `marker` where given."""
+    return [child.name for child in folder.iterdir() if child.is_dir() and not child.name.startswith(".")
+            and (marker is None or (child / marker).is_file())]
+
+
+def _run_names() -> list[str]:
+    from tinygpt_cli import workspace
+
+    return _folders_in(workspace.runs_dir())
+
+
+def _model_names() -> list[str]:
+    """Runs, and the Hugging Face GPT-2 checkpoints by name (export's list: torch is imported, on TAB only)."""
+    from tinygpt_cli.export import HUB_MODELS
+
+    return [*_run_names(), *HUB_MODELS]
+
+
+def _dataset_names() -> list[str]:
+    from tinygpt_cli import workspace
+
+    return _folders_in(workspace.data_dir(), "meta.json")
+
+
+def _sizes() -> list[str]:
+    from tinygpt_cli.config import PRESETS
+
+    return list(PRESETS)
+
+
+def _task_names() -> list[str]:
+    from tinygpt_cli.evaluation import TASKS
+
+    return [*TASKS, "all"]
+
+
+def _corpus_names() -> list[str]:
+    from tinygpt_cli.sources import REGISTRY
+
+    return list(REGISTRY)
+
+
+def _choices(*values: str) -> Callable[[str], list[str]]:
+    return _completion(lambda: values)
+
+
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed → same result).")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.")]
-ModelDeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.",
+                                               autocompletion=_choices("auto", "cpu", "cuda", "mps"))]
+ModelDeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.",
+                                                    autocompletion=_choices("auto", "cpu", "cuda", "mps"))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking (needed where stdin is no terminal).")]
 # train's options that change a plan too: `tinygpt plan` takes them, so that a train command line plans as it is
@@ -341,9 +403,11 @@ DropoutOpt = Annotated[
 KeepLastOpt = Annotated[
     int | None, typer.Option(rich_help_panel=_P_RUN,
                              help="Checkpoints to keep (older ones are pruned; the best val loss's is kept too).")]
-CompileOpt = Annotated[str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.")]
+CompileOpt = Annotated[str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.",
+                                                autocompletion=_choices("auto", "on", "off"))]
 InitFromOpt = Annotated[str | None, typer.Option(
-    rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.")]
+    rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.",
+    autocompletion=_completion(_model_names))]
 LrOpt = Annotated[float | None, typer.Option(
     rich_help_panel=_P_OPT,
     help="Peak learning rate (train.min_lr follows at a tenth of it unless set, here or by the run resumed).")]
@@ -588,7 +652,8 @@ def tokenize(
 def download(
     name: Annotated[
         str | None,
-        typer.Argument(help="A name from --list (default: openwebtext) or a Hugging Face dataset id, owner/name."),
+        typer.Argument(help="A name from --list (default: openwebtext) or a Hugging Face dataset id, owner/name.",
+                       autocompletion=_completion(_corpus_names)),
     ] = None,
     list_sources: Annotated[bool, typer.Option("--list", help="Show the named corpora and their sizes.")] = False,
     fraction: Annotated[float, typer.Option(help="Share of the rows to fetch; the rest is never downloaded.")] = 1.0,
@@ -724,7 +789,8 @@ def _print_table(table) -> None:
 )
 def train(
     size: Annotated[
-        str | None, typer.Option(rich_help_panel=_P_WHAT, help="Preset: micro, tiny, small (124M), medium, large, xl.")
+        str | None, typer.Option(rich_help_panel=_P_WHAT, help="Preset: micro, tiny, small (124M), medium, large, xl.",
+                                 autocompletion=_completion(_sizes))
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", rich_help_panel=_P_WHAT, readable=False,
@@ -735,7 +801,8 @@ def train(
         typer.Option("--set", rich_help_panel=_P_WHAT, help="Override a key: --set train.lr=3e-4 (repeatable)."),
     ] = None,
     data_name: Annotated[
-        str | None, typer.Option("--data", rich_help_panel=_P_WHAT, help="Tokenized dataset (default: the last one).")
+        str | None, typer.Option("--data", rich_help_panel=_P_WHAT, help="Tokenized dataset (default: the last one).",
+                                 autocompletion=_completion(_dataset_names))
     ] = None,
     name: Annotated[
         str | None,
@@ -1248,6 +1315,7 @@ def generate(
             "--model",
             help="Run name or folder, a checkpoint folder, a Hugging Face GPT-2 folder "
             "or gpt2[-medium|-large|-xl] (default: the latest run).",
+            autocompletion=_completion(_model_names),
         ),
     ] = None,
     prompt_file: Annotated[
@@ -1539,13 +1607,16 @@ class _GenerateView:
 )
 def eval_command(
     run: Annotated[
-        str | None, typer.Argument(help="Run name or folder, or a checkpoint folder (default: the latest run).")
+        str | None, typer.Argument(help="Run name or folder, or a checkpoint folder (default: the latest run).",
+                                   autocompletion=_completion(_run_names))
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="Instead of RUN: a Hugging Face GPT-2 folder or gpt2[-medium|…].")
+        str | None, typer.Option("--model", help="Instead of RUN: a Hugging Face GPT-2 folder or gpt2[-medium|…].",
+                                 autocompletion=_completion(_model_names))
     ] = None,
     data_name: Annotated[
-        str | None, typer.Option("--data", help="Tokenized dataset name or folder (default: the run's).")
+        str | None, typer.Option("--data", help="Tokenized dataset name or folder (default: the run's).",
+                                 autocompletion=_completion(_dataset_names))
     ] = None,
     split: Annotated[
         str | None, typer.Option(help="Split to score: val (or validation) | train (default: val).")] = None,
@@ -1555,7 +1626,8 @@ def eval_command(
     ] = None,
     task: Annotated[
         str | None, typer.Option(help="A zero-shot benchmark instead of the loss: hellaswag | lambada_openai | "
-                                      "arc_easy | arc_challenge; several comma-separated, or all.")
+                                      "arc_easy | arc_challenge; several comma-separated, or all.",
+                                 autocompletion=_completion(_task_names))
     ] = None,
     task_data: Annotated[
         Path | None,
@@ -1698,15 +1770,18 @@ def export(
         str | None,
         typer.Argument(
             help="Run name or folder, checkpoint folder, Hugging Face GPT-2 folder, or gpt2…gpt2-xl "
-            "(default: the latest run)."
+            "(default: the latest run).",
+            autocompletion=_completion(_model_names),
         ),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers) | gguf (llama.cpp) | onnx.")] = "hf",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers) | gguf (llama.cpp) | onnx.",
+                                     autocompletion=_choices("hf", "gguf", "onnx"))] = "hf",
     out: Annotated[
         str | None,
         typer.Option("--out", "-o", help="Output folder (gguf: a .gguf file or a folder; default: under exports/)."),
     ] = None,
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (hf, gguf) | q8_0 (gguf).")] = "fp32",
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (hf, gguf) | q8_0 (gguf).",
+                                       autocompletion=_choices("fp32", "fp16", "bf16", "q8_0"))] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is an earlier export.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -2118,7 +2193,8 @@ def _print_listing(summaries: list, as_json: bool, columns: tuple[str, ...], row
 @runs_app.command("show", cls=_Command, epilog="Examples:  tinygpt runs show  ·  tinygpt runs show my-run")
 def runs_show(
     run: Annotated[str | None, typer.Argument(
-        help="Run name or folder, or a checkpoint folder (default: the latest run).")] = None,
+        help="Run name or folder, or a checkpoint folder (default: the latest run).",
+        autocompletion=_completion(_run_names))] = None,
 ) -> None:
     """Print a run's report.md: config, data, hardware, time, losses, a sample, evals.
 
@@ -2137,7 +2213,8 @@ def runs_compare(
     names: Annotated[list[str], typer.Argument(metavar="RUN", help="Two runs or more, by the names `tinygpt runs` "
                                                                    "lists (or their folders); a quoted pattern, "
                                                                    "'lr3e-3-*', is one column of the runs it "
-                                                                   "matches (mean ± std).")],
+                                                                   "matches (mean ± std).",
+                                               autocompletion=_completion(_run_names))],
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Also draw their val loss against tokens into this .png file.")] = None,
     as_json: JsonOpt = False,
@@ -2324,7 +2401,7 @@ def _write_comparison_plot(comparison: Any, path: Path) -> None:
                   epilog="Examples:  tinygpt runs rm old-run  ·  tinygpt runs rm try-1 try-2 --yes")
 def runs_rm(
     names: Annotated[list[str], typer.Argument(metavar="NAME", help="Runs to delete, by the names `tinygpt runs` "
-                                                                    "lists.")],
+                                                                    "lists.", autocompletion=_completion(_run_names))],
     yes: YesOpt = False,
 ) -> None:
     """Delete runs: their checkpoints, logs, reports and evals. One that is training now is refused."""
@@ -2406,7 +2483,8 @@ def data_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 @data_app.command("show", cls=_Command, epilog="Examples:  tinygpt data show  ·  tinygpt data show shakespeare --json")
 def data_show(
-    name: Annotated[str | None, typer.Argument(help="Dataset name or folder (default: the newest).")] = None,
+    name: Annotated[str | None, typer.Argument(help="Dataset name or folder (default: the newest).",
+                                               autocompletion=_completion(_dataset_names))] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a tokenized dataset's meta.json: source, tokenizer, split rule, counts and hashes."""
@@ -2443,7 +2521,8 @@ def data_show(
                   "tinygpt data rm --download openwebtext")
 def data_rm(
     names: Annotated[list[str], typer.Argument(metavar="NAME", help="Datasets to delete, by the names `tinygpt "
-                                                                    "data` lists.")],
+                                                                    "data` lists.",
+                                               autocompletion=_completion(_dataset_names))],
     download: Annotated[bool, typer.Option("--download", help="Delete downloads (data/raw/NAME, as `tinygpt download "
                                                               "--list` shows them) instead.")] = False,
     yes: YesOpt = False,
