@@ -58,6 +58,14 @@ def described(exc: BaseException, most: int = 0) -> str:
     return f"{name}: {first_line(exc, most)}" if str(exc).strip() else name
 
 
+def compile_failure(exc: BaseException) -> str:
+    """Why torch.compile failed, for the note that says the work goes on eagerly: the error's first line, and what
+    to install where a C++ compiler is missing (on CPU, Inductor builds C++: `CXX=/nonexistent` says only
+    InductorError otherwise)."""
+    text = described(exc, 200)
+    return f"{text}; install g++ or clang to compile on CPU" if "C++ compiler" in str(exc) else text
+
+
 def _sentence_end(line: str) -> int:
     """Where the first sentence of `line` ends: after a full stop outside brackets that a space and a capital
     letter follow ("(e.g. a proxy)" and "Error 2. retry" go on), else the whole line."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tinygpt_cli.config import MAX_TEMPERATURE, seed_problem
-from tinygpt_cli.errors import GenerationError, allocation_failed, described
+from tinygpt_cli.errors import GenerationError, allocation_failed, compile_failure, described
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
 from tinygpt_cli.sources import conversion_advice, decode_text
@@ -1206,7 +1206,7 @@ def _static_step(step: Callable, model: GPT, current: torch.Tensor, view: Static
         return step(model, current, view, head_t), step
     except Exception as exc:
         stats.compiled = stats.fused = False
-        stats.compile_error = described(exc)
+        stats.compile_error = compile_failure(exc)
         return _last_logits(model, current, view, head_t), _last_logits
 
 

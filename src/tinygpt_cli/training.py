@@ -75,6 +75,7 @@ from tinygpt_cli.errors import (
     DataError,
     TinyGPTError,
     TrainingError,
+    compile_failure,
     first_line,
     os_problem,
 )
@@ -1967,7 +1968,7 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
         model.zero_grad(set_to_none=True)
     # every rank compiled, or every rank runs eagerly: a rank whose machine lacks the compiler must not wrap (DDP,
     # a collective) again alone. (The probe under DDP's no_sync runs no collective, so all ranks get here.)
-    failed = dist.all_gather_objects(None if failure is None else type(failure).__name__)
+    failed = dist.all_gather_objects(None if failure is None else compile_failure(failure))
     reason = next((name for name in failed if name is not None), None)
     if reason is None:
         return wrapped
