@@ -794,6 +794,14 @@ def test_runs_compare_sets_runs_side_by_side(with_shakespeare, workspace, tmp_pa
         val_loss_at(run, comparison.common_tokens) for run in comparison.runs]
     assert as_json["runs"][0]["summary"]["name"] == "long" and as_json["runs"][1]["config"]["train.lr"] == 0.01
 
+    from tinygpt_cli import checkpoint as ckpt
+
+    state_file = ckpt.latest_checkpoint(long) / "state.json"  # upgrade QA: an earlier version saved the dataset as
+    state = json.loads(state_file.read_text())               # given, "" for the last tokenized, which compare
+    state["run_config"]["data"]["dataset"] = ""              # showed as a setting that differs
+    state_file.write_text(json.dumps(state))
+    assert compare_runs(["long", "short"]).runs[0].config["data.dataset"] == "shakespeare"
+
     plot = tmp_path / "val.png"
     drawn = invoke("runs", "compare", "long", "short", "--plot", str(plot))
     assert drawn.exit_code == 0 and f"Plot written to {plot}" in drawn.stderr

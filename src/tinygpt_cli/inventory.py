@@ -406,6 +406,8 @@ def run_record(run_dir: Path) -> RunRecord:
         config = flat_config(config_to_dict(config_from_dict(saved))) if saved else {}  # none read: none shown
     except (ConfigError, TypeError, ValueError):  # a run of another version of tinygpt: its keys as they are
         config = flat_config(saved)
+    if config.get("data.dataset") == "" and summary.dataset:  # "the last tokenized" when it started: the one it took
+        config["data.dataset"] = summary.dataset
     records = metrics_records(run_dir / "metrics.jsonl")
     last = None
     curve: list[tuple[int, int, float]] = []
