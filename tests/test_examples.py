@@ -39,3 +39,27 @@ def test_cpu_example_trains(with_shakespeare, name):
     result = train(cfg, run_name=Path(name).stem)
     assert result.steps == 2 and result.stopped == "completed"
     assert result.final_val_loss is not None and (result.run_dir / "report.md").is_file()
+
+
+def test_the_docs_example_paths_work_from_any_folder(tmp_path, monkeypatch):
+    """Packaging QA: the docs' `--config examples/NAME.yaml` needs a clone; a pipx install has no examples/ folder,
+    so the shipped examples (the wheel's tinygpt_cli.examples, examples/ here) answer where no such file is."""
+    from tinygpt_cli.config import ConfigError, config_path, shipped_examples
+
+    assert {name: path.resolve() for name, path in shipped_examples().items()} == {
+        path.name: path.resolve() for path in EXAMPLES.glob("*.yaml")}
+    monkeypatch.chdir(tmp_path)
+    for spec in ("examples/micro_cpu.yaml", "micro_cpu.yaml", "micro_cpu"):
+        assert config_path(Path(spec)).resolve() == (EXAMPLES / "micro_cpu.yaml").resolve()
+        assert resolve_config(config_file=Path(spec)).size == "micro"
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "micro_cpu.yaml").write_text("size: tiny\n")  # a file of the user's own wins
+    assert resolve_config(config_file=Path("examples/micro_cpu.yaml")).size == "tiny"
+    for missing in ("elsewhere/micro_cpu.yaml", str(tmp_path / "micro_cpu.yaml"), "examples/nope.yaml"):
+        with pytest.raises(ConfigError, match=r"does not exist: check the --config path \(the examples that come "
+                                              r"with tinygpt: examples/finetune_from_gpt2.yaml, "):
+            resolve_config(config_file=Path(missing))
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+: and the wheel installs them as that package
+    setuptools = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    assert setuptools["package-dir"]["tinygpt_cli.examples"] == "examples"
+    assert "tinygpt_cli.examples" in setuptools["packages"] and setuptools["package-data"]["tinygpt_cli.examples"]

@@ -386,6 +386,7 @@ def _choices(*values: str) -> Callable[[str], list[str]]:
     return _completion(lambda: values)
 
 
+_CONFIG_HELP = "YAML file with model/data/train sections, or a shipped example: examples/NAME.yaml."
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed → same result).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.",
                                                autocompletion=_choices("auto", "cpu", "cuda", "mps"))]
@@ -794,7 +795,7 @@ def train(
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", rich_help_panel=_P_WHAT, readable=False,
-                                  help="YAML file with model/data/train sections.")
+                                  help=_CONFIG_HELP)
     ] = None,
     overrides: Annotated[
         list[str] | None,
@@ -1921,7 +1922,7 @@ def _plan_table(p) -> Any:
 def plan(
     size: Annotated[str | None, typer.Option(help="Preset: micro, tiny, small (124M), medium, large, xl.")] = None,
     config: Annotated[Path | None, typer.Option("--config", readable=False,
-                                                help="YAML file with model/data/train sections.")] = None,
+                                                help=_CONFIG_HELP)] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4 (repeatable).")
     ] = None,

@@ -540,15 +540,39 @@ def _repeated_key(root: Any) -> tuple[str, int] | None:
     return None
 
 
+def shipped_examples() -> dict[str, Path]:
+    """The example configs that come with tinygpt, by file name: the wheel's tinygpt_cli/examples (examples/ of the
+    repository, installed there), else examples/ beside src/ in a clone (an editable install, or src on the path)."""
+    package = Path(__file__).resolve().parent
+    folder = next((folder for folder in (package / "examples", package.parents[1] / "examples") if folder.is_dir()),
+                  None)
+    try:
+        return {path.name: path for path in sorted(folder.glob("*.yaml"))} if folder is not None else {}
+    except OSError:
+        return {}
+
+
+def config_path(path: Path) -> Path:
+    """`--config PATH` as given, or, where no such file is here, the shipped example it names (`examples/NAME.yaml`,
+    `NAME.yaml` or `NAME`): the docs' commands run from a pipx install, which has no examples/ folder."""
+    if path.exists() or path.is_absolute() or path.parent not in (Path("."), Path("examples")):
+        return path
+    examples = shipped_examples()
+    return examples.get(path.name) or examples.get(f"{path.name}.yaml") or path
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    path = config_path(path)
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder: pass the YAML file itself to --config")
     if path.exists() and not path.is_file():  # a device (/dev/zero), a pipe: no file to read a config from
         raise ConfigError(f"config file {path} is not a regular file: save the YAML to a file and pass that")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: check the --config path")
+        shipped = ", ".join(f"examples/{name}" for name in shipped_examples())
+        raise ConfigError(f"config file {path} does not exist: check the --config path"
+                          + (f" (the examples that come with tinygpt: {shipped})" if shipped else ""))
     try:
         text = path.read_text(encoding="utf-8")
     except PermissionError:
