@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from typer.testing import CliRunner
@@ -826,22 +827,30 @@ def test_auto_resume_of_a_finished_run_killed_before_its_report_writes_it(with_s
     assert "is complete (2 steps): nothing to train" in train_tiny(*job, steps=2).stderr
 
 
-@pytest.mark.parametrize(("signum", "code"), [(None, 130), (signal.SIGTERM, 143)])
-def test_a_stop_during_the_first_ones_cleanup_exits_128_plus_the_signal(monkeypatch, signum, code):
-    """Chaos QA: a second Ctrl-C while tokenize or export --force cleaned up after the first escaped as a
-    KeyboardInterrupt, and the process died by the signal (-2 to a subprocess caller), not with exit 130."""
-    from tinygpt_cli import cli
-    from tinygpt_cli.launch import Stopped
+@pytest.mark.parametrize(("signum", "code"), [(None, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_stop_that_escapes_a_command_exits_128_plus_its_signal_and_nothing_cuts_the_exit(tmp_path, signum, code):
+    """Chaos QA: a second Ctrl-C while tokenize or export --force cleaned up after the first escaped the command
+    (Typer makes that exit 130, whatever the signal) and one landing during the interpreter's teardown killed the
+    process by the signal (-2 to a subprocess caller) instead of exit 130."""
+    script = tmp_path / "stop.py"
+    script.write_text(textwrap.dedent(f"""
+        import atexit, signal, sys
+        from tinygpt_cli import inventory, cli
+        from tinygpt_cli.launch import Stopped
 
-    raised = KeyboardInterrupt() if signum is None else Stopped(signum)
+        def stopped(*args, **kwargs):
+            raise Stopped({signum}) if {signum} is not None else KeyboardInterrupt()
 
-    def app():
-        raise raised
-
-    monkeypatch.setattr(cli, "app", app)
-    with pytest.raises(SystemExit) as exited:
+        inventory.list_dataset_summaries = stopped
+        # what a signal during the teardown meets: ignored, not the default action that kills the process
+        atexit.register(lambda: print("late signals ignored:", signal.getsignal(signal.SIGINT) is signal.SIG_IGN))
+        sys.argv = ["tinygpt", "data"]
         cli.main()
-    assert exited.value.code == code
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TINYGPT_HOME": str(tmp_path)})
+    assert done.returncode == code, done.stderr
+    assert "late signals ignored: True" in done.stdout
 
 
 def _completions(words: str) -> list[str]:

@@ -2580,16 +2580,16 @@ def main() -> None:
     global _STDOUT_PIPE
     _STDOUT_PIPE = _fd_identity(1, pipe=True)
     try:
-        app()
+        try:
+            app()
+        except KeyboardInterrupt as exc:  # one outside a command (Typer makes one inside it Exit(130))
+            raise SystemExit(130) from exc
     except SystemExit as exc:
         code = _exit_status(exc.code)
-        if _streams_opened():
-            _exit_now(code)
-        raise SystemExit(code) from None
-    except KeyboardInterrupt as exc:  # a second stop while the first one's cleanup ran (which says what is kept)
-        import signal
-
-        code = 128 + (getattr(exc, "signal", None) or signal.SIGINT)  # 130, as the first stop exits
+        if code == 130:  # a stop that escaped the command, perhaps by SIGTERM or SIGHUP: 128 + its signal
+            code = 128 + _stop_signal_of(exc)
+        if isinstance(code, int) and code > 128:  # stopping: a second signal during the teardown must not make it
+            _ignore_stop_signals()                # a death by that signal (-2 to a subprocess caller), not 130
         if _streams_opened():
             _exit_now(code)
         raise SystemExit(code) from None
@@ -2600,6 +2600,31 @@ def main() -> None:
             traceback.print_exc()
             _exit_now(1)
         raise
+
+
+def _stop_signal_of(exc: BaseException) -> int:
+    """The signal of the stop (launch.Stopped: SIGTERM, SIGHUP) an exit of 130 came from, else SIGINT (Ctrl-C)."""
+    import signal
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, KeyboardInterrupt):
+            return getattr(cause, "signal", None) or signal.SIGINT
+        cause = cause.__cause__ or cause.__context__
+    return signal.SIGINT
+
+
+def _ignore_stop_signals() -> None:
+    """From here the process only exits: Ctrl-C, SIGTERM and SIGHUP no longer cut it short (SIGKILL still ends it)."""
+    import signal
+
+    from tinygpt_cli.launch import STOP_SIGNALS
+
+    for signum in STOP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):  # off the main thread (tests), or a platform without it
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _streams_opened() -> bool:
