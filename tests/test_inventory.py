@@ -966,6 +966,7 @@ def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_ru
     otherwise, replaced the dataset its runs trained on without --force, and their resume then blamed the text."""
     from tinygpt_cli import checkpoint as ckpt
     from tinygpt_cli.errors import TrainingError
+
     folder = workspace / "three"
     folder.mkdir()
     for i in range(3):
@@ -977,13 +978,22 @@ def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_ru
     meta["split_rule"] = "documents numbered in source order; ...; a single-document source is cut at the line " \
                          "break before its last max(val_fraction, 0.1)"  # an earlier version's
     del meta["job_sha256"]
+    meta["splits"]["train"]["sha256"] = "0" * 64  # the old rule made other data, which the run trained on
     meta_file.write_text(json.dumps(meta))
+    state_file = ckpt.latest_checkpoint(workspace / "runs" / "on-three") / "state.json"
+    state = json.loads(state_file.read_text())
+    state["data"]["train_sha256"] = "0" * 64
+    state_file.write_text(json.dumps(state))
     before = meta_file.read_bytes()
     refused = invoke("tokenize", str(folder), "--name", "three")
-    assert_one_line_error(refused, "1 run trained on data/three (on-three), and this version of tinygpt, which cuts "
-                                   "a source of so few documents into train and val otherwise")
-    assert "pass --force to replace it" in refused.stderr and meta_file.read_bytes() == before
-    assert invoke("tokenize", str(folder), "--name", "three", "--force").exit_code == 0
+    assert_one_line_error(refused, "1 run trained on data/three (on-three), and this version of tinygpt cuts a "
+                                   "source of so few documents into train and val otherwise than the one that made it")
+    assert "the new dataset is finished and waits; rerun with --force to put it in place" in \
+        " ".join(refused.stderr.split()) and meta_file.read_bytes() == before
+    forced = invoke("tokenize", str(folder), "--name", "three", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "Resuming an interrupted run" in forced.stderr  # the finished one, not tokenized again
+    assert json.loads(meta_file.read_text())["split_rule"] != meta["split_rule"]
     state_file = ckpt.latest_checkpoint(workspace / "runs" / "on-three") / "state.json"
     state = json.loads(state_file.read_text())
     state["data"].update(split_rule="an earlier version's rule", train_sha256="0" * 64)  # as if trained on its cut
@@ -1003,6 +1013,16 @@ def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_ru
     del meta["job_sha256"]
     meta_file.write_text(json.dumps(meta))
     assert invoke("tokenize", str(many), "--name", "many").exit_code == 0
+    # review: one document of up to 10 MiB is cut as the earlier rules cut it: the same data, no refusal
+    (many / "part0.txt").rename(workspace / "one.txt")
+    assert invoke("tokenize", str(workspace / "one.txt"), "--name", "one").exit_code == 0
+    train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="on-one")
+    meta_file = workspace / "data" / "one" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["split_rule"] = "an earlier version's rule"
+    del meta["job_sha256"]
+    meta_file.write_text(json.dumps(meta))
+    assert invoke("tokenize", str(workspace / "one.txt"), "--name", "one").exit_code == 0
 
 
 def test_a_run_saved_before_its_data_was_hashed_is_told_its_text_may_have_changed(workspace):

@@ -569,8 +569,7 @@ def tokenize(
                              f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                              "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
         # a run reads it now, or trained on it: it would change under them
-        _check_not_in_use(final_dir, src, {"fraction": fraction, "val_fraction": val_fraction, "seed": seed}, force,
-                          plan.cuts_documents)
+        _check_not_in_use(final_dir, src, {"fraction": fraction, "val_fraction": val_fraction, "seed": seed}, force)
         if not force:  # under the lock: another tokenize cannot publish in between
             _check_not_another_source(final_dir, src)
         partial = _Partial(partial_dir, job)
@@ -596,10 +595,13 @@ def tokenize(
                 meta = _meta(dataset_name, src, plan, fraction, val_fraction, seed, counters, splits)
                 meta["job_sha256"] = _job_digest(job)  # what made it: the same job again finds it up to date
                 write_json_atomic(partial.folder / "meta.json", meta)
-                changed = _check_publishable(final_dir, meta)
+                changed = _check_publishable(final_dir, meta, force)
                 _publish(partial.folder, home)
                 if changed:
                     emit(TokenizeEvent("info", message=changed))
+        except SplitRuleChanged as exc:  # finished, it waits for --force
+            partial.abandon()
+            raise DataError(str(exc)) from None
         except SourceUnreadable as exc:  # an NFS or USB hiccup at hour 9 must not cost the first 9 hours
             partial.abandon()
             again = "it continues where it stopped" if partial.saved else "it starts over (nothing was saved yet)"
@@ -882,13 +884,13 @@ def _source_of(src: Source) -> dict[str, Any]:
             "text_field": src.text_field if src.kind != "embedded" else None}
 
 
-def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force: bool, cuts: bool) -> None:
+def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force: bool) -> None:
     """Refuse to replace a dataset a run is training on now (even with --force, as `data rm` refuses to delete
     it: the run would go on reading the old files, deleted, and could not resume on the new ones), and, without
     --force, to make other data of one that runs trained on (`settings`: --fraction, --val-fraction, --seed and
-    --text-field asked for now, which differ from the ones it was made with; or, where the split `cuts` documents
-    for val, an earlier version's SPLIT_RULE that cut them otherwise): resuming one would need it tokenized again
-    as it was. The same settings over a source that changed go ahead: `_check_publishable` says so."""
+    --text-field asked for now, which differ from the ones it was made with): resuming one would need it tokenized
+    again as it was. The same settings over a source that changed go ahead: `_check_publishable` says so, and
+    holds back the data an earlier version's split rule made otherwise."""
     from tinygpt_cli.inventory import runs_on_dataset
 
     if not (folder / "meta.json").is_file():
@@ -900,10 +902,7 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
                         f"before tokenizing it again, or pick another --name")
     if not users or force:
         return
-    try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
+    meta = _meta_of(folder)
     old = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     differ = [f"{flag} {settings[key]} (it was made with {meta.get(key)})" for key, flag in
               (("fraction", "--fraction"), ("val_fraction", "--val-fraction"), ("seed", "--seed"))
@@ -911,9 +910,6 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
     fields = any(document.kind != "txt" for document in src.files)  # a .txt has no field to name
     if fields and old.get("text_field") not in (None, src.text_field):
         differ.append(f"--text-field {src.text_field} (it was made with {old.get('text_field')})")
-    if cuts and meta.get("split_rule") != SPLIT_RULE:  # a source of fewer than 10 documents (the rule's last part)
-        differ.append("this version of tinygpt, which cuts a source of so few documents into train and val "
-                      "otherwise than the one that made it (meta.json's split_rule),")
     if differ:
         raise DataError(f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} "
                         f"({run_names(users)}), and {'; '.join(differ)} makes other data of it (resuming one "
@@ -921,12 +917,14 @@ def _check_not_in_use(folder: Path, src: Source, settings: dict[str, Any], force
                         f"it")
 
 
-def _check_publishable(folder: Path, meta: dict[str, Any]) -> str | None:
+def _check_publishable(folder: Path, meta: dict[str, Any], force: bool) -> str | None:
     """Before the finished dataset (`meta`: its) replaces `folder`'s with other text: refuse where a run started
     training on that one since the tokenize began (`_check_not_in_use` saw none then; QA: `tokenize --force` and a
     `train` started a moment later, which could not resume): the new one waits, finished, and the same command puts
-    it in place once the run ends. Else what to say of the runs that trained on the old text (its source changed
-    since, or --force made it with other settings): they cannot resume on it."""
+    it in place once the run ends. Without --force, refuse too where the old one was cut by an earlier version's
+    SPLIT_RULE, which cut a source of fewer than 10 documents otherwise (upgrade QA): the same command made other
+    data, and --force puts it in place. Else what to say of the runs that trained on the old text (its source
+    changed since, or --force made it with other settings): they cannot resume on it."""
     from tinygpt_cli.inventory import runs_on_dataset
 
     if not (folder / "meta.json").is_file():
@@ -939,6 +937,14 @@ def _check_publishable(folder: Path, meta: dict[str, Any]) -> str | None:
         raise DatasetInUse(f"run {training[0]} started training on data/{folder.name} while it was tokenized again, "
                            f"and the new text would change under it: the new dataset is finished and waits; once "
                            f"that run ends, rerun")
+    if not force and meta["documents"]["selected"] < FEW_DOCUMENTS and _meta_of(folder).get("split_rule") != \
+            meta["split_rule"]:
+        raise SplitRuleChanged(
+            f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} ({run_names(users)}), and this "
+            f"version of tinygpt cuts a source of so few documents into train and val otherwise than the one that "
+            f"made it (meta.json's split_rule), so the same command made other data of it: the new dataset is "
+            f"finished and waits; rerun with --force to put it in place (those runs then go on only from their "
+            f"weights: `tinygpt train --init-from RUN --name NEW`), or pick another --name")
     from tinygpt_cli.inventory import recorded_train_sha256
 
     unrecorded = [summary for summary in users if not recorded_train_sha256(Path(summary.path))]
@@ -957,9 +963,18 @@ def _check_publishable(folder: Path, meta: dict[str, Any]) -> str | None:
 def train_sha256(folder: Path) -> str | None:
     """The train split's hash in the meta.json of dataset `folder`; None where there is none to read."""
     try:
-        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))["splits"]["train"].get("sha256")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return _meta_of(folder)["splits"]["train"].get("sha256")
+    except (KeyError, TypeError, AttributeError):
         return None
+
+
+def _meta_of(folder: Path) -> dict[str, Any]:
+    """The meta.json of dataset `folder` as it is ({} where there is none to read)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def run_names(runs: list[Any]) -> str:
@@ -970,9 +985,8 @@ def run_names(runs: list[Any]) -> str:
 def _check_not_another_source(folder: Path, src: Source) -> None:
     """Refuse to replace a dataset tokenized from another source: runs that trained on it would go on silently
     with other data. The same source (other settings, `--text-field` included, or a re-run) may replace it."""
-    try:
-        old = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["source"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    old = _meta_of(folder).get("source")
+    if not isinstance(old, dict):
         return  # nothing there, or nothing readable to protect
     new = _source_of(src)
     where = "location" if old.get("location") else "spec"  # datasets from before `location` was recorded
@@ -1036,6 +1050,11 @@ def _old_copies(final: Path) -> list[Path]:
             return 0.0
 
     return sorted(final.parent.glob(glob.escape(f".{final.name}") + ".old-*"), key=written)
+
+
+class SplitRuleChanged(SourceUnreadable):
+    """The finished dataset is other data than the one runs trained on, by an earlier version's split rule: it
+    waits, finished, for the same command with --force (`_check_publishable`)."""
 
 
 class DatasetInUse(SourceUnreadable):
