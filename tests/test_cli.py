@@ -825,6 +825,17 @@ def test_auto_resume_of_a_finished_run_killed_before_its_report_writes_it(with_s
     assert again.exit_code == 0, again.output
     assert "no step trained; report: " in again.stdout and report.is_file()
     assert "is complete (2 steps): nothing to train" in train_tiny(*job, steps=2).stderr
+    # review: a run at its --max-tokens budget, submitted again, exited 1 ("has seen N tokens, its budget")
+    budget = ("--name", "budget", "--auto-resume", "--max-tokens", "64")
+    assert train_tiny(*budget, steps=100).exit_code == 0
+    again = train_tiny(*budget, steps=100)
+    assert again.exit_code == 0, again.output
+    assert "Run budget has seen 128 tokens, its --max-tokens budget: nothing to train; a larger --max-tokens goes " \
+           "on with it" in " ".join(again.stderr.split())
+    (workspace / "runs" / "budget" / "report.md").unlink()
+    written = train_tiny(*budget, steps=100)
+    assert written.exit_code == 0 and "no step trained; report: " in written.stdout
+    assert "checkpoint saved" not in written.stdout and "a larger --max-tokens trains it further" in written.stderr
 
 
 @pytest.mark.parametrize(("signum", "code"), [(None, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])

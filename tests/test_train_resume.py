@@ -349,7 +349,7 @@ def test_a_resume_of_a_run_killed_before_its_report_writes_the_report(with_shake
     assert any("was stopped before it wrote its report.md: writing it now" in (e.message or "") for e in events)
     text = report.read_text()
     assert text.splitlines()[:10] == first.splitlines()[:10]  # the same run, step, losses and settings
-    assert "none trained: this session wrote the report" in text and "tokens/s (the median logged)" in text
+    assert "| time (this session) | no step trained |" in text and "tokens/s (the median logged)" in text
     assert (run / "metrics.jsonl").read_text() == metrics  # nothing trained, logged or saved
     assert ckpt.latest_checkpoint(run).name == "step_4" and not list((run / "checkpoints").glob(".*"))
     assert run_report("r")[2] is None and reported_step(run) == 4

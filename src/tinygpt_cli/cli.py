@@ -940,13 +940,18 @@ def train(
         from tinygpt_cli.inventory import reported_step
 
         reached = latest_step(resumed) if auto_resume else None
-        if reached is not None and reached >= cfg.train.max_steps and reported_step(resumed) == reached:
-            # a job submitted once more: nothing failed (one killed before its report goes on to write it)
+        seen = _tokens_seen(resumed) if reached is not None and cfg.train.max_tokens else 0
+        spent = bool(cfg.train.max_tokens) and seen >= cfg.train.max_tokens
+        # one killed before its report goes on to write it (in one process: only rank 0 is sure to have report.md)
+        written = dist.from_environment().enabled or reported_step(resumed) == reached
+        if reached is not None and (reached >= cfg.train.max_steps or spent) and written:
+            # a job submitted once more: nothing failed
             if dist.from_environment().is_main:
-                where = f"is complete ({reached:,} steps)" if reached == cfg.train.max_steps else \
+                where = f"has seen {seen:,} tokens, its --max-tokens budget" if spent else \
+                    f"is complete ({reached:,} steps)" if reached == cfg.train.max_steps else \
                     f"is at step {reached:,}, past max_steps {cfg.train.max_steps:,}"
-                _stderr_console().print(f"Run {run_name} {where}: nothing to train; a --max-steps above "
-                                        f"{reached:,} goes on with it")
+                more = "a larger --max-tokens" if spent else f"a --max-steps above {reached:,}"
+                _stderr_console().print(f"Run {run_name} {where}: nothing to train; {more} goes on with it")
             raise typer.Exit(0)
     else:
         cfg = resolve_config(size=size, config_file=config, overrides=overrides or (), flags=flags)
@@ -1082,6 +1087,16 @@ def _auto_batch(batch_size: str | None) -> bool:
     return False
 
 
+def _tokens_seen(run_dir: Path) -> int:
+    """The tokens a run's latest checkpoint has seen (0 where it cannot be read: the resume says why)."""
+    from tinygpt_cli.checkpoint import latest_checkpoint, read_state
+
+    try:
+        return int(read_state(latest_checkpoint(run_dir)).get("tokens_seen") or 0)
+    except (TinyGPTError, OSError, TypeError, ValueError):
+        return 0
+
+
 def _print_train_result(result, signum: int | None = None) -> None:
     out = _stdout_console()
     val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
@@ -1099,7 +1114,7 @@ def _print_train_result(result, signum: int | None = None) -> None:
         out.print("Interrupted before the first step: nothing was trained or saved." if not result.first_step else
                   f"Interrupted before the first step: the run is as it was. Continue with: "
                   f"{_resume_command(result.run_dir.name)}")
-    elif result.stopped != "completed":
+    elif result.stopped != "completed" and result.steps > result.first_step:  # (none: it wrote a report alone)
         why = {
             "interrupted": f"Interrupted{_by_signal(signum)}",
             "time_limit": "Reached --max-minutes",

@@ -292,15 +292,14 @@ def write_report(run_dir: Path, cfg: Any, result: Any, dataset: dict[str, Any], 
 
 def _time_rows(run_dir: Path, result: Any) -> list[str]:
     """The report's time and throughput: this session's, or where it trained no step (it wrote the report of a run
-    killed before writing one) the median rate metrics.jsonl logged."""
+    killed before writing one, or ran the evaluation a stop had cut) the median rate metrics.jsonl logged."""
     if result.steps > result.first_step:
         return [f"| time (this session) | {result.seconds:.0f} s |",
                 f"| throughput | {result.tokens_per_s:,.0f} tokens/s |"]
     rates = sorted(record["tokens_per_s"] for record in metrics_records(run_dir / "metrics.jsonl")
                    if record.get("kind", "train") == "train" and isinstance(record.get("tokens_per_s"), (int, float)))
     rate = f"{rates[len(rates) // 2]:,.0f} tokens/s (the median logged)" if rates else "n/a"
-    return ["| time (this session) | none trained: this session wrote the report of a run stopped before it |",
-            f"| throughput | {rate} |"]
+    return ["| time (this session) | no step trained |", f"| throughput | {rate} |"]
 
 
 def _last_tasks(run_dir: Path, names: str) -> list[dict[str, Any]]:

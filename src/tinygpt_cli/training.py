@@ -917,16 +917,18 @@ class _Trainer:
         if checkpoint is not None:
             self._load_optimizer(checkpoint)
         largest = host_largest
+        auto_batch = tc.auto_batch and not self.report_only  # (a session that writes a report trains no step)
         if self.device.type == "cuda":
             with dist.agreed():  # the machines' memory may differ: every rank takes the same micro-batch, or none
-                largest = self._largest_batch(self.batch_size) if tc.auto_batch else None
-        if tc.auto_batch:
+                largest = self._largest_batch(self.batch_size) if auto_batch else None
+        if auto_batch:
             self._fit_batch_size(largest)
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         if self.scaler is not None and checkpoint is not None and self.state.get("grad_scaler"):
             self.scaler.load_state_dict(self.state["grad_scaler"])  # its scale and growth count go on
         try:  # DDP wraps the compiled model before the probe, so dynamo splits the graph at DDP's buckets
-            self.forward_model = _maybe_compile(self.model, tc.compile, self.device, self.emit,
+            self.forward_model = _maybe_compile(self.model, "off" if self.report_only else tc.compile, self.device,
+                                                self.emit,
                                                 (self.batch_size, self.block), self.dtype,
                                                 wrap=None if self.fsdp else self._wrap)
         except torch.cuda.OutOfMemoryError:
@@ -1363,9 +1365,10 @@ class _Trainer:
             # killed between its last checkpoint and its report (rank 0's report: the others take its word, below)
             if not self.info.is_main or reported_step(self.run_dir) != step:
                 self.report_only = True
+                limit = "--max-steps" if step >= tc.max_steps else "--max-tokens"
                 self.emit(TrainEvent("info", message=(
                     f"run {self.run_dir.name} has trained all it was to (step {step}) but was stopped before it "
-                    f"wrote its report.md: writing it now (a larger --max-steps or --max-tokens trains it further)")))
+                    f"wrote its report.md: writing it now (a larger {limit} trains it further)")))
                 return
         if step >= tc.max_steps:
             raise TrainingError(
