@@ -878,13 +878,16 @@ def test_tab_completes_presets_runs_datasets_and_choices(with_shakespeare, works
     """Packaging QA: `tinygpt export --format <TAB>` and `train --size <TAB>` offered nothing."""
     assert _completions("tinygpt train --size m") == ["medium", "micro"]
     assert _completions("tinygpt export --format ") == ["gguf", "hf", "onnx"]
-    assert _completions("tinygpt eval --task arc") == ["arc_challenge", "arc_easy"]
+    assert _completions("tinygpt eval --task arc") == ["arc_easy", "arc_challenge"]
+    assert _completions("tinygpt eval --task arc_easy,") == ["arc_easy,hellaswag", "arc_easy,lambada_openai",
+                                                              "arc_easy,arc_challenge"]
+    assert _completions("tinygpt plan --data tiny") == ["tinystories"]
     assert _completions("tinygpt train --data ") == ["shakespeare"]
     assert _completions("tinygpt download tiny") == ["tinystories"]
     (workspace / "runs" / "alpha" / "checkpoints").mkdir(parents=True)
     (workspace / "runs" / ".hidden").mkdir()
     assert _completions("tinygpt runs show ") == ["alpha"]
     assert _completions("tinygpt generate --run ") == ["alpha", "gpt2", "gpt2-large", "gpt2-medium", "gpt2-xl"]
-    assert _completions("tinygpt data rm x") == []  # none: the shell completes file names instead
+    assert _completions("tinygpt data rm ") == ["shakespeare"] and _completions("tinygpt data rm x") == []
     monkeypatch.setenv("TINYGPT_HOME", str(workspace / "nowhere"))  # no workspace there: nothing, and no error
     assert _completions("tinygpt runs show ") == []

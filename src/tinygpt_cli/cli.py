@@ -352,8 +352,8 @@ def _run_names() -> list[str]:
 
 
 def _model_names() -> list[str]:
-    """Runs, and the Hugging Face GPT-2 checkpoints by name (export's list: torch is imported, on TAB only)."""
-    from tinygpt_cli.export import HUB_MODELS
+    """Runs, and the Hugging Face GPT-2 checkpoints by name."""
+    from tinygpt_cli.config import HUB_MODELS
 
     return [*_run_names(), *HUB_MODELS]
 
@@ -370,10 +370,15 @@ def _sizes() -> list[str]:
     return list(PRESETS)
 
 
-def _task_names() -> list[str]:
-    from tinygpt_cli.evaluation import TASKS
+def _task_names(incomplete: str) -> list[str]:
+    """--task's names, and after a comma the list so far with each name not in it yet (`arc_easy,<TAB>`)."""
+    from tinygpt_cli.config import EVAL_TASKS
 
-    return [*TASKS, "all"]
+    done, _, last = incomplete.rpartition(",")
+    taken = done.split(",") if done else []
+    prefix = f"{done}," if done else ""
+    return [f"{prefix}{name}" for name in (*EVAL_TASKS, *(() if done else ("all",)))
+            if name not in taken and name.startswith(last)]
 
 
 def _corpus_names() -> list[str]:
@@ -1643,7 +1648,7 @@ def eval_command(
     task: Annotated[
         str | None, typer.Option(help="A zero-shot benchmark instead of the loss: hellaswag | lambada_openai | "
                                       "arc_easy | arc_challenge; several comma-separated, or all.",
-                                 autocompletion=_completion(_task_names))
+                                 autocompletion=_task_names)
     ] = None,
     task_data: Annotated[
         Path | None,
@@ -1947,6 +1952,7 @@ def plan(
             "--data",
             help="Tokenized dataset, or a known source (openwebtext, tinystories, "
             "fineweb-edu, wikitext-103, shakespeare). Default: what train would use.",
+            autocompletion=_completion(lambda: {*_dataset_names(), *_corpus_names()}),
         ),
     ] = None,
     fraction: Annotated[

@@ -56,6 +56,14 @@ SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 COMPILE_MODES = ("auto", "on", "off")
 EVAL_TASKS = ("hellaswag", "lambada_openai", "arc_easy", "arc_challenge")  # evaluation.TASKS, without torch
+# OpenAI's GPT-2 checkpoints on the Hugging Face hub, by the names --init-from, --model and export take (here, not
+# in export.py, so that naming them imports no torch: shell completion lists them)
+HUB_MODELS = {
+    "gpt2": "openai-community/gpt2",  # 124M
+    "gpt2-medium": "openai-community/gpt2-medium",  # 350M
+    "gpt2-large": "openai-community/gpt2-large",  # 774M
+    "gpt2-xl": "openai-community/gpt2-xl",  # 1.5B
+}
 
 
 # The hottest temperature a sample takes: the distribution is flat to within float32 rounding long before it

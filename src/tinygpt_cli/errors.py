@@ -60,10 +60,14 @@ def described(exc: BaseException, most: int = 0) -> str:
 
 def compile_failure(exc: BaseException) -> str:
     """Why torch.compile failed, for the note that says the work goes on eagerly: the error's first line, and what
-    to install where a C++ compiler is missing (on CPU, Inductor builds C++: `CXX=/nonexistent` says only
-    InductorError otherwise)."""
+    to do where a compiler is missing (Inductor builds C++ on CPU, Triton a C launcher on CUDA; the note said only
+    InductorError)."""
+    import re
+
     text = described(exc, 200)
-    return f"{text}; install g++ or clang to compile on CPU" if "C++ compiler" in str(exc) else text
+    if re.search(r"\bC(\+\+)? compiler", str(exc)):
+        return f"{text.rstrip('.')}; install gcc and g++ (or clang), or point CC/CXX at one"
+    return text
 
 
 def _sentence_end(line: str) -> int:

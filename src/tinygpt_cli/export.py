@@ -49,7 +49,7 @@ from tinygpt_cli.checkpoint import (
     step_folders,
     version_key,
 )
-from tinygpt_cli.config import ModelConfig
+from tinygpt_cli.config import HUB_MODELS, ModelConfig
 from tinygpt_cli.errors import FULL, TinyGPTError, described, first_line, install_advice, os_problem
 from tinygpt_cli.model import GPT, gpt_to_load, load_weights
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
@@ -61,12 +61,6 @@ FORMAT_DTYPES: dict[str, tuple[str, ...]] = {
     "hf": ("fp32", "fp16", "bf16"),
     "gguf": ("fp32", "fp16", "bf16", "q8_0"),
     "onnx": ("fp32", "fp16"),
-}
-HUB_MODELS = {
-    "gpt2": "openai-community/gpt2",  # 124M
-    "gpt2-medium": "openai-community/gpt2-medium",  # 350M
-    "gpt2-large": "openai-community/gpt2-large",  # 774M
-    "gpt2-xl": "openai-community/gpt2-xl",  # 1.5B
 }
 HUB_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
               "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd) of each, context 1024
