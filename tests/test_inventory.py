@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from test_cli import assert_one_line_error
@@ -961,6 +962,21 @@ def test_val_loss_at_reads_between_evaluations(with_shakespeare, workspace):
     assert val_loss_at(run, 64) is None and val_loss_at(run, 200) is None
 
 
+def _rewrite_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _made_by_an_earlier_rule(meta: dict, train_sha256: str | None = None) -> None:
+    """A dataset's meta.json as an earlier version's split rule wrote it (with no job hash), of `train_sha256`."""
+    meta["split_rule"] = "documents numbered in source order; ...; a single-document source is cut at the line " \
+                         "break before its last max(val_fraction, 0.1)"
+    del meta["job_sha256"]
+    if train_sha256:
+        meta["splits"]["train"]["sha256"] = train_sha256
+
+
 def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_runs(workspace):
     """Upgrade QA: the same tokenize command, run by a version whose rule cuts a source of fewer than 10 documents
     otherwise, replaced the dataset its runs trained on without --force, and their resume then blamed the text."""
@@ -974,16 +990,9 @@ def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_ru
     assert invoke("tokenize", str(folder), "--name", "three").exit_code == 0
     train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="on-three")
     meta_file = workspace / "data" / "three" / "meta.json"
-    meta = json.loads(meta_file.read_text())
-    meta["split_rule"] = "documents numbered in source order; ...; a single-document source is cut at the line " \
-                         "break before its last max(val_fraction, 0.1)"  # an earlier version's
-    del meta["job_sha256"]
-    meta["splits"]["train"]["sha256"] = "0" * 64  # the old rule made other data, which the run trained on
-    meta_file.write_text(json.dumps(meta))
+    _rewrite_json(meta_file, lambda meta: _made_by_an_earlier_rule(meta, "0" * 64))  # other data, trained on
     state_file = ckpt.latest_checkpoint(workspace / "runs" / "on-three") / "state.json"
-    state = json.loads(state_file.read_text())
-    state["data"]["train_sha256"] = "0" * 64
-    state_file.write_text(json.dumps(state))
+    _rewrite_json(state_file, lambda state: state["data"].update(train_sha256="0" * 64))
     before = meta_file.read_bytes()
     refused = invoke("tokenize", str(folder), "--name", "three")
     assert_one_line_error(refused, "1 run trained on data/three (on-three), and this version of tinygpt cuts a "
@@ -993,36 +1002,23 @@ def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_ru
     forced = invoke("tokenize", str(folder), "--name", "three", "--force")
     assert forced.exit_code == 0, forced.output
     assert "Resuming an interrupted run" in forced.stderr  # the finished one, not tokenized again
-    assert json.loads(meta_file.read_text())["split_rule"] != meta["split_rule"]
-    state_file = ckpt.latest_checkpoint(workspace / "runs" / "on-three") / "state.json"
-    state = json.loads(state_file.read_text())
-    state["data"].update(split_rule="an earlier version's rule", train_sha256="0" * 64)  # as if trained on its cut
-    state_file.write_text(json.dumps(state))
+    assert json.loads(meta_file.read_text())["split_rule"] != json.loads(before)["split_rule"]
+    _rewrite_json(ckpt.latest_checkpoint(workspace / "runs" / "on-three") / "state.json",  # trained on its cut
+                  lambda state: state["data"].update(split_rule="an earlier version's rule", train_sha256="0" * 64))
     with pytest.raises(TrainingError, match="run on-three trained on data/three as an earlier tinygpt cut its few "
                                             "documents into train and val, and this one cuts them otherwise"):
         train(tiny_config(max_steps=2, eval_batches=1, batch_size=2), run_name="on-three", resume=True)
+
     many = workspace / "many"  # 10 documents or more are split whole by every version's rule: no refusal
     many.mkdir()
     for i in range(12):
         (many / f"part{i}.txt").write_text("".join(f"Part {i}, line {n}: words to train on.\n" for n in range(60)))
-    assert invoke("tokenize", str(many), "--name", "many").exit_code == 0
-    train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="on-many")
-    meta_file = workspace / "data" / "many" / "meta.json"
-    meta = json.loads(meta_file.read_text())
-    meta["split_rule"] = "an earlier version's rule"
-    del meta["job_sha256"]
-    meta_file.write_text(json.dumps(meta))
-    assert invoke("tokenize", str(many), "--name", "many").exit_code == 0
-    # review: one document of up to 10 MiB is cut as the earlier rules cut it: the same data, no refusal
-    (many / "part0.txt").rename(workspace / "one.txt")
-    assert invoke("tokenize", str(workspace / "one.txt"), "--name", "one").exit_code == 0
-    train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="on-one")
-    meta_file = workspace / "data" / "one" / "meta.json"
-    meta = json.loads(meta_file.read_text())
-    meta["split_rule"] = "an earlier version's rule"
-    del meta["job_sha256"]
-    meta_file.write_text(json.dumps(meta))
-    assert invoke("tokenize", str(workspace / "one.txt"), "--name", "one").exit_code == 0
+    (many / "part0.txt").rename(workspace / "one.txt")  # review: and one document up to 10 MiB is cut as before
+    for source, name in ((many, "many"), (workspace / "one.txt", "one")):
+        assert invoke("tokenize", str(source), "--name", name).exit_code == 0
+        train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name=f"on-{name}")
+        _rewrite_json(workspace / "data" / name / "meta.json", _made_by_an_earlier_rule)
+        assert invoke("tokenize", str(source), "--name", name).exit_code == 0
 
 
 def test_a_run_saved_before_its_data_was_hashed_is_told_its_text_may_have_changed(workspace):
@@ -1034,11 +1030,11 @@ def test_a_run_saved_before_its_data_was_hashed_is_told_its_text_may_have_change
     source.write_text("".join(f"Line {i} of a small corpus, with words enough to train on.\n" for i in range(400)))
     assert invoke("tokenize", str(source), "--name", "corp").exit_code == 0
     run = train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name="old").run_dir
-    state_file = ckpt.latest_checkpoint(run) / "state.json"
-    state = json.loads(state_file.read_text())
-    del state["data"]["train_sha256"]  # as an earlier version saved it
-    state["saved_at"] = "2026-01-01T00:00:00+00:00"
-    state_file.write_text(json.dumps(state))
+    def as_saved_before_hashes(state):
+        del state["data"]["train_sha256"]
+        state["saved_at"] = "2026-01-01T00:00:00+00:00"
+
+    _rewrite_json(ckpt.latest_checkpoint(run) / "state.json", as_saved_before_hashes)
     source.write_text("A line put first since.\n" + source.read_text())
     again = invoke("tokenize", str(source), "--name", "corp")
     assert again.exit_code == 0, again.output
