@@ -1344,7 +1344,7 @@ def generate(
                                   help="Read the prompt from this file ('-': stdin), as it is.")
     ] = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(help="Tokens per sample; past the context the window slides.")
+        int | None, typer.Option(help="Tokens per sample; past the context it goes on from the newest half of it.")
     ] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature; 0 = greedy.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = None,
@@ -1643,7 +1643,8 @@ def eval_command(
         str | None, typer.Option(help="Split to score: val (or validation) | train (default: val).")] = None,
     tokens: Annotated[
         int | None,
-        typer.Option(help="Tokens to score, in evenly spaced windows (default 1,048,576; the whole split if smaller)."),
+        typer.Option(help="Tokens to score, in evenly spaced windows of the context, rounded up to whole ones "
+                          "(default 1,048,576; the whole split if smaller)."),
     ] = None,
     task: Annotated[
         str | None, typer.Option(help="A zero-shot benchmark instead of the loss: hellaswag | lambada_openai | "

@@ -147,7 +147,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 100  # steps between val-loss evaluations (and checkpoints)
-    eval_batches: int = 20  # micro-batches in the fixed val sample
+    eval_batches: int = 20  # micro-batches in the fixed val sample (its windows grow with the micro-batch)
     eval_task: str = ""  # zero-shot tasks scored at each evaluation, as `tinygpt eval --task` (a,b or all); "" = none
     eval_task_limit: int = 0  # each task's first N examples; 0 = all (HellaSwag 10,042, LAMBADA 5,153, ARC 2,376/1,172)
     eval_task_data: str = ""  # one task's examples from a local .jsonl/.json/.parquet instead of the hub
