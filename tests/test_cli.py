@@ -845,7 +845,7 @@ def test_a_stop_that_escapes_a_command_exits_128_plus_its_signal_and_nothing_cut
     process by the signal (-2 to a subprocess caller) instead of exit 130."""
     script = tmp_path / "stop.py"
     script.write_text(textwrap.dedent(f"""
-        import atexit, signal, sys
+        import atexit, os, signal, sys, time
         from tinygpt_cli import inventory, cli
         from tinygpt_cli.launch import Stopped
 
@@ -853,15 +853,21 @@ def test_a_stop_that_escapes_a_command_exits_128_plus_its_signal_and_nothing_cut
             raise Stopped({signum}) if {signum} is not None else KeyboardInterrupt()
 
         inventory.list_dataset_summaries = stopped
-        # what a signal during the teardown meets: ignored, not the default action that kills the process
-        atexit.register(lambda: print("late signals ignored:", signal.getsignal(signal.SIGINT) is signal.SIG_IGN))
+
+        def second_signal():  # during the teardown (a thread joined, a stalled download): it ends it, with the code
+            print("teardown", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+            print("the teardown went on")
+
+        atexit.register(second_signal)
         sys.argv = ["tinygpt", "data"]
         cli.main()
     """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TINYGPT_HOME": str(tmp_path)})
     assert done.returncode == code, done.stderr
-    assert "late signals ignored: True" in done.stdout
+    assert "teardown" in done.stdout and "went on" not in done.stdout
 
 
 def _completions(words: str) -> list[str]:

@@ -2610,8 +2610,8 @@ def main() -> None:
         code = _exit_status(exc.code)
         if code == 130:  # a stop that escaped the command, perhaps by SIGTERM or SIGHUP: 128 + its signal
             code = 128 + _stop_signal_of(exc)
-        if isinstance(code, int) and code > 128:  # stopping: a second signal during the teardown must not make it
-            _ignore_stop_signals()                # a death by that signal (-2 to a subprocess caller), not 130
+        if _is_stop_code(code):  # a second signal during the teardown ends it at once with this code, not by
+            _exit_on_stop_signals(code)  # the signal (-2 to a subprocess caller), and a hung teardown still ends
         if _streams_opened():
             _exit_now(code)
         raise SystemExit(code) from None
@@ -2638,15 +2638,23 @@ def _stop_signal_of(exc: BaseException) -> int:
     return signal.SIGINT
 
 
-def _ignore_stop_signals() -> None:
-    """From here the process only exits: Ctrl-C, SIGTERM and SIGHUP no longer cut it short (SIGKILL still ends it)."""
+def _is_stop_code(code: object) -> bool:
+    """Whether an exit status is 128 + a stop signal (Ctrl-C, SIGTERM, SIGHUP): not 141, a reader gone."""
+    from tinygpt_cli.launch import STOP_SIGNALS
+
+    return isinstance(code, int) and code - 128 in STOP_SIGNALS
+
+
+def _exit_on_stop_signals(code: int) -> None:
+    """From here the process only exits: Ctrl-C, SIGTERM and SIGHUP end it at once with `code`. A handler, not
+    SIG_IGN, which the processes this one starts would inherit (and a hung exit could not be stopped)."""
     import signal
 
     from tinygpt_cli.launch import STOP_SIGNALS
 
     for signum in STOP_SIGNALS:
-        with contextlib.suppress(ValueError, OSError):  # off the main thread (tests), or a platform without it
-            signal.signal(signum, signal.SIG_IGN)
+        with contextlib.suppress(ValueError, OSError):  # off the main thread, or a platform without it
+            signal.signal(signum, lambda *_: _exit_at_once(code))
 
 
 def _streams_opened() -> bool:
@@ -2696,11 +2704,16 @@ def _exit_now(code: object) -> None:
         with contextlib.suppress(Exception):
             print(code, file=sys.stderr)
         code = 1
+    logging.shutdown()
+    _exit_at_once(code or 0)
+
+
+def _exit_at_once(code: int) -> None:
+    """Flush what was printed and end the process with `code`, skipping the interpreter's teardown."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    logging.shutdown()
-    os._exit(code or 0)
+    os._exit(code)
 
 
 if __name__ == "__main__":
