@@ -344,11 +344,13 @@ def test_a_resume_of_a_run_killed_before_its_report_writes_the_report(with_shake
     first = report.read_text()
     report.unlink()  # the kill
     events = []
-    again = train(config, run_name="r", resume=True, on_event=events.append)
+    other_batch = replace(config, train=replace(config.train, batch_size=config.train.batch_size * 2))
+    again = train(other_batch, run_name="r", resume=True, on_event=events.append)
     assert (again.steps, again.first_step, again.stopped) == (4, 4, "completed")
     assert any("was stopped before it wrote its report.md: writing it now" in (e.message or "") for e in events)
     text = report.read_text()
     assert text.splitlines()[:10] == first.splitlines()[:10]  # the same run, step, losses and settings
+    assert f"| batch | {config.train.batch_size} sequences" in text  # the batch it trained with (review)
     assert "| time (this session) | no step trained |" in text and "tokens/s (the median logged)" in text
     assert (run / "metrics.jsonl").read_text() == metrics  # nothing trained, logged or saved
     assert ckpt.latest_checkpoint(run).name == "step_4" and not list((run / "checkpoints").glob(".*"))

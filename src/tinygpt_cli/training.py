@@ -1365,6 +1365,9 @@ class _Trainer:
             # killed between its last checkpoint and its report (rank 0's report: the others take its word, below)
             if not self.info.is_main or reported_step(self.run_dir) != step:
                 self.report_only = True
+                trained = state.get("batch") if isinstance(state.get("batch"), dict) else {}  # the report's batch row
+                self.batch_size = int(trained.get("batch_size") or self.batch_size)  # is the one it trained with
+                self.grad_accum = int(trained.get("grad_accum") or self.grad_accum)  # (--batch-size auto's pick)
                 limit = "--max-steps" if step >= tc.max_steps else "--max-tokens"
                 self.emit(TrainEvent("info", message=(
                     f"run {self.run_dir.name} has trained all it was to (step {step}) but was stopped before it "
