@@ -1001,7 +1001,7 @@ def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_ru
         " ".join(refused.stderr.split()) and meta_file.read_bytes() == before
     forced = invoke("tokenize", str(folder), "--name", "three", "--force")
     assert forced.exit_code == 0, forced.output
-    assert "Resuming an interrupted run" in forced.stderr  # the finished one, not tokenized again
+    assert "An earlier run of this command finished it: putting it in place" in forced.stderr  # not made again
     assert json.loads(meta_file.read_text())["split_rule"] != json.loads(before)["split_rule"]
     _rewrite_json(ckpt.latest_checkpoint(workspace / "runs" / "on-three") / "state.json",  # trained on its cut
                   lambda state: state["data"].update(split_rule="an earlier version's rule", train_sha256="0" * 64))
@@ -1019,6 +1019,12 @@ def test_a_dataset_an_earlier_split_rule_made_is_not_made_otherwise_under_its_ru
         train(tiny_config(max_steps=1, eval_batches=1, batch_size=2), run_name=f"on-{name}")
         _rewrite_json(workspace / "data" / name / "meta.json", _made_by_an_earlier_rule)
         assert invoke("tokenize", str(source), "--name", name).exit_code == 0
+    # and text that changed in a source of 10 documents or more goes ahead as it always did, with the runs' note
+    _rewrite_json(workspace / "data" / "many" / "meta.json", _made_by_an_earlier_rule)
+    (many / "part1.txt").write_text("A line put first since.\n" + (many / "part1.txt").read_text())
+    changed = invoke("tokenize", str(many), "--name", "many")
+    assert changed.exit_code == 0, changed.output
+    assert "1 run trained on data/many as it was (on-many): it holds other text now" in " ".join(changed.stderr.split())
 
 
 def test_a_run_saved_before_its_data_was_hashed_is_told_its_text_may_have_changed(workspace):

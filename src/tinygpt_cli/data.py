@@ -575,6 +575,8 @@ def tokenize(
         partial = _Partial(partial_dir, job)
         try:
             counters, note = partial.open(restart)
+            if note and counters.documents >= plan.selected_count:  # one that waited for a run's end, or --force
+                note = "an earlier run of this command finished it: putting it in place"
             if note:
                 emit(TokenizeEvent("info", message=note))
             resumed_documents, resumed_tokens = counters.documents, partial.tokens
@@ -942,9 +944,9 @@ def _check_publishable(folder: Path, meta: dict[str, Any], force: bool) -> str |
         raise SplitRuleChanged(
             f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} ({run_names(users)}), and this "
             f"version of tinygpt cuts a source of so few documents into train and val otherwise than the one that "
-            f"made it (meta.json's split_rule), so the same command made other data of it: the new dataset is "
-            f"finished and waits; rerun with --force to put it in place (those runs then go on only from their "
-            f"weights: `tinygpt train --init-from RUN --name NEW`), or pick another --name")
+            f"made it (meta.json's split_rule), so the same command made other data of it (or its text changed "
+            f"since): the new dataset is finished and waits; rerun with --force to put it in place (those runs then "
+            f"go on only from their weights: `tinygpt train --init-from RUN --name NEW`), or pick another --name")
     from tinygpt_cli.inventory import recorded_train_sha256
 
     unrecorded = [summary for summary in users if not recorded_train_sha256(Path(summary.path))]
