@@ -225,8 +225,8 @@ def test_compile_on_cpu_falls_back_or_compiles(run, monkeypatch):
     monkeypatch.setitem(sample._COMPILED_STEPS, "default", broken)
     result = generate("ROMEO:", "--compile", "on", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
-    assert "torch.compile unavailable (RuntimeError: no C++ compiler; install gcc and g++ (or clang), or point " \
-           "CC/CXX at one): decoded eagerly." in result.stderr
+    assert "torch.compile unavailable (RuntimeError: no C++ compiler; install a C and C++ compiler " \
+           "(gcc/g++, clang), or point CC/CXX at one): decoded eagerly." in result.stderr
 
 
 @pytest.mark.parametrize("asked", [["--fused"], [], ["--no-fused"]])
@@ -296,8 +296,8 @@ def test_both_fallbacks_are_reported(run, monkeypatch):
     monkeypatch.setattr(sample, "generate", failing_graphs)
     result = generate("ROMEO:", "--compile", "on", "--max-new-tokens", "5", "-v")
     assert result.exit_code == 0, result.output
-    assert "torch.compile unavailable (RuntimeError: no C++ compiler; install gcc and g++ (or clang), or point " \
-           "CC/CXX at one): decoded eagerly." in result.stderr
+    assert "torch.compile unavailable (RuntimeError: no C++ compiler; install a C and C++ compiler " \
+           "(gcc/g++, clang), or point CC/CXX at one): decoded eagerly." in result.stderr
     assert "CUDA graphs unavailable (RuntimeError: capture failed): decoded step by step." in result.stderr
     assert "CUDA graphs" not in result.stderr.replace("CUDA graphs unavailable", "")  # -v: none were used
 

@@ -376,6 +376,8 @@ def _task_names(incomplete: str) -> list[str]:
 
     done, _, last = incomplete.rpartition(",")
     taken = done.split(",") if done else []
+    if "all" in taken:  # all of them already
+        return []
     prefix = f"{done}," if done else ""
     return [f"{prefix}{name}" for name in (*EVAL_TASKS, *(() if done else ("all",)))
             if name not in taken and name.startswith(last)]

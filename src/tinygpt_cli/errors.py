@@ -66,7 +66,7 @@ def compile_failure(exc: BaseException) -> str:
 
     text = described(exc, 200)
     if re.search(r"\bC(\+\+)? compiler", str(exc)):
-        return f"{text.rstrip('.')}; install gcc and g++ (or clang), or point CC/CXX at one"
+        return f"{text.rstrip('.')}; install a C and C++ compiler (gcc/g++, clang), or point CC/CXX at one"
     return text
 
 

@@ -678,7 +678,7 @@ def _run_dataset(loaded: LoadedCheckpoint, data: str | None, emit: Callable[[Eva
     dataset = find_dataset(None)
     if dataset is None:
         raise DataError("no tokenized dataset to evaluate on: run `tinygpt tokenize` or pass --data NAME|PATH")
-    from tinygpt_cli.export import HUB_MODELS
+    from tinygpt_cli.config import HUB_MODELS
 
     source = loaded.state.get("source")  # gpt2 (its path is the hub cache's snapshot, a commit hash)
     named = source if source in HUB_MODELS else loaded.path.name
