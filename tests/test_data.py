@@ -1025,17 +1025,17 @@ def test_a_run_started_on_a_dataset_while_it_is_tokenized_again_keeps_it(workspa
     before = (data.tokenize(str(old), name="rows").path / "train.bin").read_bytes()
     asked = []
 
-    def users(folder):  # none at the tokenize's start; one training by the time it is done
+    def users(folder, meta=None):  # none at the tokenize's start; one training by the time it is done
         asked.append(folder)
-        return [SimpleNamespace(name="late", training=True)] if len(asked) > 1 else []
+        return [(SimpleNamespace(name="late", training=True), None)] if len(asked) > 1 else []
 
-    monkeypatch.setattr(inventory, "runs_on_dataset", users)
+    monkeypatch.setattr(inventory, "dataset_users", users)
     with pytest.raises(DataError, match=r"^run late started training on data/rows while it was tokenized again, and "
                                         r"the new text would change under it: the new dataset is finished and waits; "
                                         r"once that run ends, rerun the same command, it continues where it stopped$"):
         data.tokenize(str(new), name="rows", force=True)
     assert (workspace / "data" / "rows" / "train.bin").read_bytes() == before
-    monkeypatch.setattr(inventory, "runs_on_dataset", lambda folder: [])
+    monkeypatch.setattr(inventory, "dataset_users", lambda folder, meta=None: [])
     again = data.tokenize(str(new), name="rows", force=True)
     assert again.resumed_documents == again.meta["documents"]["selected"]  # published, not tokenized again
 

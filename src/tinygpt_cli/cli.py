@@ -364,10 +364,19 @@ def _dataset_names() -> list[str]:
     return _folders_in(workspace.data_dir(), "meta.json")
 
 
-def _sizes() -> list[str]:
-    from tinygpt_cli.config import PRESETS
+def _config_names(name: str) -> Callable[[str], list[str]]:
+    """A completion of the names config.py keeps as `name` (a tuple, or a dict's keys), imported on TAB only."""
+    def names() -> Iterable[str]:
+        from tinygpt_cli import config
 
-    return list(PRESETS)
+        return getattr(config, name)
+    return _completion(names)
+
+
+def _export_dtypes() -> set[str]:
+    from tinygpt_cli.config import FORMAT_DTYPES
+
+    return {dtype for dtypes in FORMAT_DTYPES.values() for dtype in dtypes}
 
 
 def _task_names(incomplete: str) -> list[str]:
@@ -389,16 +398,12 @@ def _corpus_names() -> list[str]:
     return list(REGISTRY)
 
 
-def _choices(*values: str) -> Callable[[str], list[str]]:
-    return _completion(lambda: values)
-
-
 _CONFIG_HELP = "YAML file with model/data/train sections, or a shipped example: examples/NAME.yaml."
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed → same result).")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps.",
-                                               autocompletion=_choices("auto", "cpu", "cuda", "mps"))]
+                                               autocompletion=_config_names("DEVICES"))]
 ModelDeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.",
-                                                    autocompletion=_choices("auto", "cpu", "cuda", "mps"))]
+                                                    autocompletion=_config_names("DEVICES"))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking (needed where stdin is no terminal).")]
 # train's options that change a plan too: `tinygpt plan` takes them, so that a train command line plans as it is
@@ -412,7 +417,7 @@ KeepLastOpt = Annotated[
     int | None, typer.Option(rich_help_panel=_P_RUN,
                              help="Checkpoints to keep (older ones are pruned; the best val loss's is kept too).")]
 CompileOpt = Annotated[str | None, typer.Option("--compile", rich_help_panel=_P_HW, help="auto | on | off.",
-                                                autocompletion=_choices("auto", "on", "off"))]
+                                                autocompletion=_config_names("COMPILE_MODES"))]
 InitFromOpt = Annotated[str | None, typer.Option(
     rich_help_panel=_P_WHAT, help="Start from weights: gpt2[-medium|-large|-xl], a HF GPT-2 folder or a run.",
     autocompletion=_completion(_model_names))]
@@ -798,7 +803,7 @@ def _print_table(table) -> None:
 def train(
     size: Annotated[
         str | None, typer.Option(rich_help_panel=_P_WHAT, help="Preset: micro, tiny, small (124M), medium, large, xl.",
-                                 autocompletion=_completion(_sizes))
+                                 autocompletion=_config_names("PRESETS"))
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", rich_help_panel=_P_WHAT, readable=False,
@@ -1799,13 +1804,13 @@ def export(
         ),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers) | gguf (llama.cpp) | onnx.",
-                                     autocompletion=_choices("hf", "gguf", "onnx"))] = "hf",
+                                     autocompletion=_config_names("EXPORT_FORMATS"))] = "hf",
     out: Annotated[
         str | None,
         typer.Option("--out", "-o", help="Output folder (gguf: a .gguf file or a folder; default: under exports/)."),
     ] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (hf, gguf) | q8_0 (gguf).",
-                                       autocompletion=_choices("fp32", "fp16", "bf16", "q8_0"))] = "fp32",
+                                       autocompletion=_completion(_export_dtypes))] = "fp32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it is an earlier export.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

@@ -56,8 +56,15 @@ SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 COMPILE_MODES = ("auto", "on", "off")
 EVAL_TASKS = ("hellaswag", "lambada_openai", "arc_easy", "arc_challenge")  # evaluation.TASKS, without torch
-# OpenAI's GPT-2 checkpoints on the Hugging Face hub, by the names --init-from, --model and export take (here, not
-# in export.py, so that naming them imports no torch: shell completion lists them)
+# export.py's names, here so that naming them imports no torch (shell completion lists them):
+# the dtypes each export format can hold; onnxruntime has no bf16 kernels for GPT-2's ops on CPU, so ONNX stops at fp16
+FORMAT_DTYPES: dict[str, tuple[str, ...]] = {
+    "hf": ("fp32", "fp16", "bf16"),
+    "gguf": ("fp32", "fp16", "bf16", "q8_0"),
+    "onnx": ("fp32", "fp16"),
+}
+EXPORT_FORMATS = tuple(FORMAT_DTYPES)
+# OpenAI's GPT-2 checkpoints on the Hugging Face hub, by the names --init-from, --model and export take
 HUB_MODELS = {
     "gpt2": "openai-community/gpt2",  # 124M
     "gpt2-medium": "openai-community/gpt2-medium",  # 350M

@@ -182,6 +182,13 @@ class SplitPlan:
         return codes
 
 
+def cuts_documents(meta: dict[str, Any]) -> bool:
+    """Whether a dataset's val split was cut inside its documents (fewer than FEW_DOCUMENTS used): the part of
+    SPLIT_RULE earlier versions applied otherwise."""
+    selected = (meta.get("documents") or {}).get("selected")
+    return isinstance(selected, int) and selected < FEW_DOCUMENTS
+
+
 def split_counts(n_documents: int, fraction: float, val_fraction: float) -> tuple[int, int]:
     """(documents kept, of those in val) by SPLIT_RULE; val 0 where each kept document is cut for val instead."""
     selected = min(n_documents, max(1, round(n_documents * fraction)))
@@ -927,30 +934,29 @@ def _check_publishable(folder: Path, meta: dict[str, Any], force: bool) -> str |
     SPLIT_RULE, which cut a source of fewer than 10 documents otherwise (upgrade QA): the same command made other
     data, and --force puts it in place. Else what to say of the runs that trained on the old text (its source
     changed since, or --force made it with other settings): they cannot resume on it."""
-    from tinygpt_cli.inventory import runs_on_dataset
+    from tinygpt_cli.inventory import dataset_users
 
     if not (folder / "meta.json").is_file():
         return None
-    users = runs_on_dataset(folder)
-    if not users or train_sha256(folder) == meta["splits"]["train"].get("sha256"):
+    old = _meta_of(folder)
+    hashed = dataset_users(folder, old)
+    users = [summary for summary, _ in hashed]
+    if not users or train_hash(old) == meta["splits"]["train"].get("sha256"):
         return None
     training = [summary.name for summary in users if summary.training]
     if training:
         raise DatasetInUse(f"run {training[0]} started training on data/{folder.name} while it was tokenized again, "
                            f"and the new text would change under it: the new dataset is finished and waits; once "
                            f"that run ends, rerun")
-    if not force and meta["documents"]["selected"] < FEW_DOCUMENTS and _meta_of(folder).get("split_rule") != \
-            meta["split_rule"]:
+    if not force and cuts_documents(meta) and old.get("split_rule") != meta["split_rule"]:
         raise SplitRuleChanged(
             f"{workspace.counted(len(users), 'run')} trained on data/{folder.name} ({run_names(users)}), and this "
             f"version of tinygpt cuts a source of so few documents into train and val otherwise than the one that "
             f"made it (meta.json's split_rule), so the same command made other data of it (or its text changed "
             f"since): the new dataset is finished and waits; rerun with --force to put it in place (those runs then "
             f"go on only from their weights: `tinygpt train --init-from RUN --name NEW`), or pick another --name")
-    from tinygpt_cli.inventory import recorded_train_sha256
-
-    unrecorded = [summary for summary in users if not recorded_train_sha256(Path(summary.path))]
-    recorded = [summary for summary in users if summary not in unrecorded]
+    recorded = [summary for summary, recorded_hash in hashed if recorded_hash]
+    unrecorded = [summary for summary, recorded_hash in hashed if not recorded_hash]
     notes = [f"{workspace.counted(len(recorded), 'run')} trained on data/{folder.name} as it was "
              f"({run_names(recorded)}): it holds other text now, so resuming one is refused; `tinygpt train "
              f"--init-from RUN` goes on from its weights"] if recorded else []
@@ -964,8 +970,13 @@ def _check_publishable(folder: Path, meta: dict[str, Any], force: bool) -> str |
 
 def train_sha256(folder: Path) -> str | None:
     """The train split's hash in the meta.json of dataset `folder`; None where there is none to read."""
+    return train_hash(_meta_of(folder))
+
+
+def train_hash(meta: dict[str, Any]) -> str | None:
+    """The train split's hash in a dataset's meta.json (None where it holds none)."""
     try:
-        return _meta_of(folder)["splits"]["train"].get("sha256")
+        return meta["splits"]["train"].get("sha256")
     except (KeyError, TypeError, AttributeError):
         return None
 

@@ -49,19 +49,13 @@ from tinygpt_cli.checkpoint import (
     step_folders,
     version_key,
 )
-from tinygpt_cli.config import HUB_MODELS, ModelConfig
+from tinygpt_cli.config import EXPORT_FORMATS as FORMATS
+from tinygpt_cli.config import FORMAT_DTYPES, HUB_MODELS, ModelConfig
 from tinygpt_cli.errors import FULL, TinyGPTError, described, first_line, install_advice, os_problem
 from tinygpt_cli.model import GPT, gpt_to_load, load_weights
 from tinygpt_cli.tokenizer import EOT_ID, EOT_TOKEN, VOCAB_SIZE, load_ranks
 from tinygpt_cli.workspace import fsync_dir, fsync_file
 
-FORMATS = ("hf", "gguf", "onnx")
-# dtypes each format can hold; onnxruntime has no bf16 kernels for GPT-2's ops on CPU, so ONNX stops at fp16
-FORMAT_DTYPES: dict[str, tuple[str, ...]] = {
-    "hf": ("fp32", "fp16", "bf16"),
-    "gguf": ("fp32", "fp16", "bf16", "q8_0"),
-    "onnx": ("fp32", "fp16"),
-}
 HUB_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
               "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd) of each, context 1024
 EXPORT_EXTRA = "pip install 'tinygpt[export]'"

@@ -639,39 +639,37 @@ def runs_on_dataset(folder: Path) -> list[RunSummary]:
     less those whose latest checkpoint recorded another train split (they trained on a dataset of that name made
     from other text, replaced since, or elsewhere: `--data PATH`) and those that saved no checkpoint; one training
     now counts whatever it recorded."""
-    from tinygpt_cli.data import train_sha256
+    return [summary for summary, _ in dataset_users(folder)]
 
-    current = train_sha256(folder)
-    users = []
+
+def dataset_users(folder: Path, meta: dict[str, Any] | None = None) -> list[tuple[RunSummary, str | None]]:
+    """`runs_on_dataset`, each with the train hash its latest checkpoint recorded: "" where it recorded none (a
+    checkpoint of an earlier tinygpt, or one that cannot be read), None for a run training now (not read). `meta`:
+    the dataset's meta.json where the caller read it already."""
+    from tinygpt_cli.checkpoint import latest_checkpoint, read_state
+    from tinygpt_cli.data import train_hash, train_sha256
+
+    current = train_hash(meta) if meta is not None else train_sha256(folder)
+    users: list[tuple[RunSummary, str | None]] = []
     for summary in list_run_summaries():
         if summary.dataset != folder.name:
             continue
         if summary.training:  # it reads data/<name> now, whatever it trained on before
-            users.append(summary)
+            users.append((summary, None))
             continue
-        recorded = recorded_train_sha256(Path(summary.path))
-        if recorded is None:  # stopped before its first checkpoint: nothing to resume
+        checkpoint = latest_checkpoint(Path(summary.path))
+        if checkpoint is None:  # stopped before its first checkpoint: nothing to resume
             continue
+        try:
+            data = read_state(checkpoint).get("data")
+        except (CheckpointError, OSError, ValueError):
+            data = None
+        recorded = data.get("train_sha256") if isinstance(data, dict) else None
+        recorded = recorded if isinstance(recorded, str) else ""
         if recorded and current and recorded != current:
             continue
-        users.append(summary)
+        users.append((summary, recorded))
     return users
-
-
-def recorded_train_sha256(run_dir: Path) -> str | None:
-    """The hash of the train split the run's latest checkpoint recorded training on; "" where it recorded none (a
-    checkpoint of an earlier tinygpt, or one that cannot be read), None where the run has no checkpoint."""
-    from tinygpt_cli.checkpoint import latest_checkpoint, read_state
-
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        return None
-    try:
-        data = read_state(checkpoint).get("data")
-    except (CheckpointError, OSError, ValueError):
-        data = None
-    recorded = data.get("train_sha256") if isinstance(data, dict) else None
-    return recorded if isinstance(recorded, str) else ""
 
 
 def plan_dataset_removal(spec: str) -> Removal:

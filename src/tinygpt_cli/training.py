@@ -57,8 +57,8 @@ from tinygpt_cli.config import (
     trains_compiled,
 )
 from tinygpt_cli.data import (
-    FEW_DOCUMENTS,
     Dataset,
+    cuts_documents,
     find_dataset,
     remake_command,
     remake_source,
@@ -1302,8 +1302,7 @@ class _Trainer:
             remake = trained_on.get("remake")
             if isinstance(remake, str) and remake == remake_command(self.dataset):  # the same source and settings:
                 source = remake_source(self.dataset)  # its text is what changed, which that command cannot undo
-                documents = (self.dataset.meta.get("documents") or {}).get("selected")
-                few = isinstance(documents, int) and documents < FEW_DOCUMENTS  # cut for val: SPLIT_RULE's last part
+                few = cuts_documents(self.dataset.meta)  # SPLIT_RULE's part earlier versions applied otherwise
                 trained_rule, rule_now = trained_on.get("split_rule"), self.dataset.meta.get("split_rule")
                 if few and trained_rule and trained_rule != rule_now:
                     raise TrainingError(
