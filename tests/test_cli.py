@@ -888,6 +888,7 @@ def test_tab_completes_presets_runs_datasets_and_choices(with_shakespeare, works
     assert _completions("tinygpt eval --task arc_easy,") == ["arc_easy,hellaswag", "arc_easy,lambada_openai",
                                                               "arc_easy,arc_challenge"]
     assert _completions("tinygpt plan --data tiny") == ["tinystories"]
+    assert _completions("tinygpt plan --size m") == ["medium", "micro"]
     assert _completions("tinygpt eval --task all,") == []
     assert _completions("tinygpt train --data ") == ["shakespeare"]
     assert _completions("tinygpt download tiny") == ["tinystories"]

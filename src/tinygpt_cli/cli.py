@@ -1948,7 +1948,8 @@ def _plan_table(p) -> Any:
     "tinygpt plan --size micro --measure  ·  tinygpt plan --size small --find-lr"
 )
 def plan(
-    size: Annotated[str | None, typer.Option(help="Preset: micro, tiny, small (124M), medium, large, xl.")] = None,
+    size: Annotated[str | None, typer.Option(help="Preset: micro, tiny, small (124M), medium, large, xl.",
+                                             autocompletion=_config_names("PRESETS"))] = None,
     config: Annotated[Path | None, typer.Option("--config", readable=False,
                                                 help=_CONFIG_HELP)] = None,
     overrides: Annotated[
