@@ -582,6 +582,24 @@ def test_runs_rm_asks_then_deletes_whole_runs(with_shakespeare, workspace, monke
     assert sorted(p.name for p in b.parent.iterdir()) == []  # no lock nor a hidden folder left behind
 
 
+def test_runs_rm_takes_a_pattern_as_runs_compare_does(with_shakespeare, workspace):
+    """A sweep's runs go with one quoted pattern, the runs `tinygpt runs` lists that it matches; a pattern that
+    matches nothing deletes nothing."""
+    cfg = tiny_config(max_steps=1, eval_batches=1, batch_size=2)
+    runs = workspace / "runs"
+    for name in ("lr-1", "lr-2", "keep"):
+        train(cfg, run_name=name)
+    (runs / "lr-alias").symlink_to("keep")
+    assert_one_line_error(invoke("runs", "rm", "lr-*", "nosuch-*", "--yes"), "no run matches nosuch-*")
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["keep", "lr-1", "lr-2",
+                                                                                   "lr-alias"]
+    done = invoke("runs", "rm", "lr-*", "lr-1", "--yes")
+    assert done.exit_code == 0, done.output
+    assert "Deleted runs/lr-1" in done.stderr and "Deleted runs/lr-2" in done.stderr
+    # a second name of a run is not listed, so no pattern takes it: it is named whole, as `tinygpt runs` lists it
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["keep", "lr-alias"]
+
+
 @pytest.mark.parametrize(("spec", "fragment"), [
     ("", "an empty name names nothing"),  # review: `runs rm "$NAME"` with NAME unset deleted all of runs/
     (" ", "an empty name names nothing"),

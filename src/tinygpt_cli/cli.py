@@ -2432,13 +2432,16 @@ def _write_comparison_plot(comparison: Any, path: Path) -> None:
                   epilog="Examples:  tinygpt runs rm old-run  ·  tinygpt runs rm try-1 try-2 --yes")
 def runs_rm(
     names: Annotated[list[str], typer.Argument(metavar="NAME", help="Runs to delete, by the names `tinygpt runs` "
-                                                                    "lists.", autocompletion=_completion(_run_names))],
+                                                                    "lists; a quoted pattern, 'sweep-*', names the "
+                                                                    "runs it matches.",
+                                               autocompletion=_completion(_run_names))],
     yes: YesOpt = False,
 ) -> None:
     """Delete runs: their checkpoints, logs, reports and evals. One that is training now is refused."""
-    from tinygpt_cli.inventory import plan_run_removal
+    from tinygpt_cli.inventory import matching_runs, plan_run_removal
 
-    _remove([plan_run_removal(name) for name in dict.fromkeys(names)], yes)
+    specs = [spec for name in names for spec in ([run.name for run in matching_runs(name) or []] or [name])]
+    _remove([plan_run_removal(spec) for spec in dict.fromkeys(specs)], yes)
 
 
 def _remove(removals: list, yes: bool) -> None:

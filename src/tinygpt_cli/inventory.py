@@ -336,7 +336,8 @@ def compare_runs(specs: list[str]) -> Comparison:
     folders: dict[Path, tuple[str, bool]] = {}  # each run's spec, and whether that is a pattern
     columns: list[tuple[str, list[Path]]] = []
     for spec in specs:
-        matched = _matching_runs(spec)
+        matched = matching_runs(spec)
+        matched = None if matched is None else [run.resolve() for run in matched]
         found = matched if matched is not None else [run_of_checkpoints(find_run(spec)).resolve()]
         for run_dir in found:
             if run_dir in folders:
@@ -361,9 +362,10 @@ def compare_runs(specs: list[str]) -> Comparison:
     return Comparison(runs, differing, len(keys) - len(differing), common, groups)
 
 
-def _matching_runs(spec: str) -> list[Path] | None:
-    """The workspace's run folders whose names a pattern (`lr0.01-*`, `s[1-3]`) matches, by name; None where `spec`
-    is no pattern: a path, or a name without * ? [ (or a run of that very name)."""
+def matching_runs(spec: str) -> list[Path] | None:
+    """The workspace's run folders (or links to them) whose names a pattern (`lr0.01-*`, `s[1-3]`) matches, by name;
+    None where `spec` is no pattern: a path, or a name without * ? [ (or a run of that very name). Raises
+    CheckpointError where a pattern matches none."""
     import fnmatch
 
     from tinygpt_cli.checkpoint import scan_runs
@@ -376,7 +378,7 @@ def _matching_runs(spec: str) -> list[Path] | None:
     matched = sorted((run for run in candidates if fnmatch.fnmatchcase(run.name, spec)), key=lambda run: run.name)
     if not matched:
         raise CheckpointError(f"no run matches {spec}: `tinygpt runs` lists them")
-    return [run.resolve() for run in matched]
+    return matched
 
 
 def run_record(run_dir: Path) -> RunRecord:
