@@ -582,6 +582,37 @@ def test_runs_rm_asks_then_deletes_whole_runs(with_shakespeare, workspace, monke
     assert sorted(p.name for p in b.parent.iterdir()) == []  # no lock nor a hidden folder left behind
 
 
+def test_a_deletion_that_cannot_finish_puts_back_what_it_moved(workspace, monkeypatch):
+    """Security QA: a deletion that failed halfway left what it had renamed hidden as .removing-*, out of every
+    listing, and the next `rm` in that folder swept it away for good. What it moved goes back under its name."""
+    from tinygpt_cli import inventory
+    from tinygpt_cli import workspace as ws
+
+    dataset = workspace / "data" / "ds"
+    dataset.mkdir(parents=True)
+    (dataset / "meta.json").write_text("{}")
+    partial = workspace / "data" / ".ds.partial"
+    partial.mkdir()
+    (partial / "train.bin").write_bytes(b"\0\0")
+    real_replace, calls = ws.replace, []
+
+    def second_refused(source, target):
+        calls.append(source)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied")
+        real_replace(source, target)
+
+    monkeypatch.setattr(ws, "replace", second_refused)
+    assert_one_line_error(invoke("data", "rm", "ds", "--yes"), "data/ds cannot be deleted by you (Permission denied: ")
+    assert sorted(p.name for p in dataset.parent.iterdir()) == [".ds.partial", "ds"]
+    monkeypatch.setattr(ws, "replace", real_replace)
+    monkeypatch.setattr(inventory.shutil, "rmtree", lambda path, ignore_errors=False: None)  # nothing can go
+    assert_one_line_error(invoke("data", "rm", "ds", "--yes"), f"data/ds could not be deleted whole (permissions?): "
+                                                               f"what is left of it is at {dataset}; delete it")
+    assert sorted(p.name for p in dataset.parent.iterdir()) == [".ds.partial", "ds"]
+    assert (dataset / "meta.json").is_file() and (partial / "train.bin").is_file()
+
+
 def test_runs_rm_takes_a_pattern_as_runs_compare_does(with_shakespeare, workspace):
     """A sweep's runs go with one quoted pattern, the runs `tinygpt runs` lists that it matches; a pattern that
     matches nothing deletes nothing."""

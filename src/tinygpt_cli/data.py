@@ -566,12 +566,14 @@ def tokenize(
         if done is not None:  # `tokenize && train` in a script: the second time, nothing to redo
             # ... and it is "the last tokenized" again, as the work would have made it: train and plan take it
             done.meta["confirmed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            write_json_atomic(final_dir / "meta.json", done.meta)
+            with contextlib.suppress(PermissionError):  # another user's dataset: it stays as it is, and is used
+                write_json_atomic(final_dir / "meta.json", done.meta)
             emit(TokenizeEvent("info", message=f"nothing to do: data/{dataset_name} is already {src.description} "
                                                f"tokenized with these settings, its files unchanged since (--restart "
                                                f"tokenizes it again)"))
             return TokenizeResult(dataset_name, final_dir, done.meta, seconds=time.perf_counter() - started,
                                   workers=workers, unchanged=True)
+        _check_ours_to_change(dataset_name, home, partial_dir)
         workspace.check_disk(home.parent, 2 * estimated_tokens - written,
                              f"data/{dataset_name} (~{estimated_tokens:,} tokens)",
                              "free some space, set TINYGPT_HOME to a larger disk, or tokenize a part with --fraction")
@@ -1075,6 +1077,19 @@ class DatasetInUse(SourceUnreadable):
     train.bin): the finished dataset stays where it was written, and the same command publishes it later."""
 
 
+def _check_ours_to_change(name: str, final: Path, partial: Path) -> None:
+    """Before any work: refuse a dataset this user may not replace, or an interrupted tokenize of it it may not
+    continue (another user's, in a workspace several share), rather than fail to publish after the work."""
+    reason = workspace.cannot_move(final) if final.exists() else None
+    if reason is not None:
+        raise DataError(f"data/{name} cannot be replaced by you ({reason}): tokenize under another name with "
+                        f"--name NAME")
+    if partial.is_dir() and (workspace.cannot_move(partial) or not os.access(partial, os.W_OK | os.X_OK)):
+        raise DataError(f"an interrupted tokenize of data/{name} by {workspace.owner_of(partial)} is in the way "
+                        f"({partial} is not yours to change): ask them to finish or delete it (`tinygpt data rm "
+                        f"{name}`), or tokenize under another name with --name NAME")
+
+
 def _publish(new: Path, final: Path) -> None:
     """Move a completed dataset folder into place, replacing an older one only after the new one is whole; the
     checkpoint it was written under goes last."""
@@ -1083,8 +1098,10 @@ def _publish(new: Path, final: Path) -> None:
         try:
             workspace.replace(final, old)
         except PermissionError as exc:
-            if sys.platform != "win32":
-                raise
+            if sys.platform != "win32":  # another user's, in a shared workspace: no rerun helps (the partial goes)
+                raise DataError(f"data/{final.name} cannot be replaced by you ({exc.strerror}; it is "
+                                f"{workspace.owner_of(final)}'s): tokenize under another name with --name NAME") \
+                    from None
             raise DatasetInUse(f"data/{final.name} is open in another program (a `tinygpt train` or `eval` reading "
                                f"it?), and Windows replaces no folder in use: when that ends, rerun") from exc
     workspace.replace(new, final)

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -576,6 +577,7 @@ def plan_run_removal(spec: str) -> Removal:
                         f"`tinygpt runs`")
     if workspace.held(workspace.lock_of(path)):
         raise DataError(f"{what} is training now: stop it first (Ctrl-C where it runs, or end its job), then delete it")
+    _check_deletable(what, [path])
     if path.is_symlink():
         return Removal(what, path, True, (), 0, _link_detail(path, "run"))
     if not path.is_dir():
@@ -615,6 +617,16 @@ def _started_from(path: Path) -> tuple[str, ...]:
     names = ", ".join(children[:6]) + (", …" if len(children) > 6 else "")
     return (f"{workspace.counted(len(children), 'run')} started from it ({names}): their config.yaml names weights "
             f"that go with it (each keeps its own checkpoints)",)
+
+
+def _check_deletable(what: str, paths: list[Path]) -> None:
+    """Refuse, before anything goes, what this user may not delete whole (another user's run or dataset in a shared
+    workspace): renamed out of the listing and then only half deleted, it would be lost to its owner."""
+    for path in paths:
+        reason = workspace.cannot_move(path) if path.is_symlink() else workspace.cannot_delete(path)
+        if reason is not None:
+            raise DataError(f"{what} cannot be deleted by you ({reason}), so nothing was deleted: ask its owner or an "
+                            f"administrator to delete it")
 
 
 def _holds_anything(folder: Path) -> bool:
@@ -701,6 +713,7 @@ def plan_dataset_removal(spec: str) -> Removal:
             not any((path / name).exists() for name in ("meta.json", "train.bin", "val.bin")):
         raise DataError(f"{what} is not a tokenized dataset (no meta.json, train.bin or val.bin: `tinygpt data` does "
                         f"not list it), so nothing was deleted: move or delete it yourself")
+    _check_deletable(what, [p for p in (path, *extra) if p.is_symlink() or p.exists()])
     users = runs_on_dataset(path)
     training = [s.name for s in users if s.training]
     if training:
@@ -747,6 +760,7 @@ def plan_download_removal(spec: str) -> Removal:
             if root.is_dir() else []
         known = f" (here: {', '.join(here)})" if here else " (none here)"
         raise DataError(f"no download named {path.name!r}{known}: `tinygpt download --list` shows them")
+    _check_deletable(what, [path])
     users = [d.path.name for d in list_datasets() if str((d.meta.get("source") or {}).get("spec")) in
              (path.name, str(path), str(path.resolve()))]
     notes = [f"{', '.join(f'data/{name}' for name in users)} {'was' if len(users) == 1 else 'were'} tokenized from "
@@ -759,6 +773,14 @@ def plan_download_removal(spec: str) -> Removal:
     state = "no download.json" if record is None else "complete" if record.get("complete") else "partial"
     size = workspace.tree_bytes(path)
     return Removal(what, path, False, (), size, f"{state} download, {workspace.format_bytes(size)}", tuple(notes))
+
+
+def _put_back(moved: list[tuple[Path, Path]]) -> None:
+    """Rename each (name, hidden) pair of a deletion back to its name, where that name is still free."""
+    for path, hidden in moved:
+        if not path.exists() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                workspace.replace(hidden, path)
 
 
 def remove(removal: Removal) -> None:
@@ -778,23 +800,27 @@ def remove(removal: Removal) -> None:
         if removal.link:
             removal.path.unlink(missing_ok=True)
         else:
-            doomed = []
+            doomed: list[tuple[Path, Path]] = []
             for index, path in enumerate((removal.path, *removal.extra)):
                 if not path.is_dir():
                     continue
                 hidden = folder / f"{_REMOVING}{os.getpid()}-{index}"
                 try:
                     workspace.replace(path, hidden)
-                except PermissionError:  # Windows renames no folder holding a file another program has open
+                except PermissionError as exc:
+                    _put_back(doomed)  # those moved already: nothing is hidden that the next `rm` would sweep
                     raise DataError(f"{removal.what} is open in another program (a `tinygpt generate` or `eval`?): "
-                                    f"close it, then delete it") from None
-                doomed.append(hidden)
-            for hidden in doomed:
+                                    f"close it, then delete it" if sys.platform == "win32" else  # no folder renames
+                                    f"{removal.what} cannot be deleted by you ({exc.strerror}: {path}), so nothing "
+                                    f"was deleted: ask its owner or an administrator to delete it") from None
+                doomed.append((path, hidden))
+            for _, hidden in doomed:
                 shutil.rmtree(hidden, ignore_errors=True)
-            left = [hidden for hidden in doomed if hidden.exists()]
-            if left:
-                raise DataError(f"{removal.what} is out of the listing, but {left[0]} could not be deleted whole "
-                                f"(permissions?): delete it yourself")
+            left = [(path, hidden) for path, hidden in doomed if hidden.exists()]
+            if left:  # what could not go is listed again, as what it was: not left for a later `rm` to sweep
+                _put_back(left)
+                raise DataError(f"{removal.what} could not be deleted whole (permissions?): what is left of it is at "
+                                f"{left[0][0]}; delete it yourself")
     if stops:  # then the stop, saying that this deletion was finished
         stopped = Stopped(stops[0])
         stopped.removed = removal.what  # type: ignore[attr-defined]

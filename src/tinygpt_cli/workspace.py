@@ -109,7 +109,10 @@ def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None,
     deadline = time.monotonic() + patience_s
     while True:
         try:
-            handle = open(lock_path, "a+")
+            try:
+                handle = open(lock_path, "a+")
+            except PermissionError:  # another user's lock (a shared workspace): a lock takes a file open to read
+                handle = open(lock_path)
         except OSError as exc:
             raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
                             f"choose a writable TINYGPT_HOME") from None
@@ -134,7 +137,8 @@ def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None,
         yield
     finally:
         if _posix_locks():  # removed while still held: a newcomer that opened it sees the inode change
-            lock_path.unlink(missing_ok=True)
+            with contextlib.suppress(PermissionError):  # another user's, in a sticky folder: it stays, unheld
+                lock_path.unlink(missing_ok=True)
             handle.close()
         else:  # Windows removes no open file: release, close, then remove it unless another has it open already
             if locked:
@@ -346,6 +350,57 @@ def tree_bytes(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(folder, name)).st_size
     return total
+
+
+def owner_of(path: Path) -> str:
+    """The user name of who owns `path` (its uid where the name is unknown; "another user" where it cannot tell)."""
+    try:
+        uid = os.lstat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def cannot_move(path: Path) -> str | None:
+    """Why this user may not rename or delete the entry `path` of its folder (the POSIX permissions of a workspace
+    that several users share: a folder they may not write, or a sticky one where only an entry's owner may), or
+    None where it may, or where it cannot tell (Windows, root, a path that is gone)."""
+    if not hasattr(os, "geteuid") or os.geteuid() == 0:
+        return None
+    try:
+        parent, entry = os.stat(path.parent), os.lstat(path)
+    except OSError:
+        return None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"{path.parent} is {owner_of(path.parent)}'s and not writable by you"
+    if parent.st_mode & 0o1000 and os.geteuid() not in (entry.st_uid, parent.st_uid):  # sticky, as /tmp
+        return f"{path.name} is {owner_of(path)}'s, in a folder where only an entry's owner may move it"
+    return None
+
+
+def cannot_delete(path: Path) -> str | None:
+    """Why this user may not delete the folder `path` whole (`cannot_move`, or a folder inside it that it may not
+    read or change), or None; checked before anything goes, so that nothing is left half deleted."""
+    reason = cannot_move(path)
+    if reason is not None or not hasattr(os, "geteuid") or os.geteuid() == 0 or path.is_symlink():
+        return reason
+    for folder, subfolders, files in os.walk(path, onerror=lambda exc: None):
+        here = Path(folder)
+        if not os.access(here, os.R_OK | os.W_OK | os.X_OK):
+            return f"{here} is {owner_of(here)}'s and not writable by you"
+        for name in (*subfolders, *files):
+            reason = cannot_move(here / name)
+            if reason is not None:
+                return reason
+        for name in subfolders:  # os.walk leaves out what it cannot list: say so rather than leave it behind
+            if not os.access(here / name, os.R_OK | os.X_OK) and not (here / name).is_symlink():
+                return f"{here / name} is {owner_of(here / name)}'s and not readable by you"
+    return None
 
 
 def free_bytes(path: Path) -> int:
