@@ -158,3 +158,25 @@ def test_a_failed_start_after_a_killed_one_leaves_nothing_behind(with_shakespear
         train(tiny_config(max_steps=50, eval_interval=1000, log_interval=1), run_name="again", on_event=fail_on_step)
     assert not folder.exists(), sorted(p.name for p in folder.iterdir())
     assert train(tiny_config(max_steps=2, eval_interval=1000), run_name="again").steps == 2
+
+
+def test_an_alias_bomb_in_a_config_is_a_short_error(workspace):
+    """Security QA: eight lines of YAML aliases that expand to 9^8 items as train.lr took 1.5 GB and printed a
+    200 MB "one-line" error (the value's whole repr); the message now quotes it cut short."""
+    levels = ['    a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
+        levels.append(f"    {name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
+    (workspace / "bomb.yaml").write_text("train:\n  lr:\n" + "\n".join(levels) + "\n")
+    result = invoke("plan", "--config", str(workspace / "bomb.yaml"))
+    assert_one_line_error(result, "train.lr must be float (got {'a': [")
+    assert len(result.stderr) < 1000
+
+
+@pytest.mark.parametrize(("env", "name"), [({"WORLD_SIZE": ""}, "WORLD_SIZE"), ({"WORLD_SIZE": "abc"}, "WORLD_SIZE"),
+                                           ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK")])
+def test_a_garbled_torchrun_variable_is_a_one_line_error(workspace, monkeypatch, env, name):
+    """Security QA: a job script's leftover `export WORLD_SIZE=` made `train` print a ValueError traceback."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert_one_line_error(invoke("train", "--size", "micro", "--max-steps", "1"),
+                          f"{name}={env[name]!r} in the environment is not a whole number: unset it (`unset {name}`)")

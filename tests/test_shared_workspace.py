@@ -114,3 +114,17 @@ def test_tokenize_over_another_users_dataset_is_refused_before_the_work(shared, 
     done = as_nobody("tokenize", "shakespeare", "--name", "bobs")
     assert done.exit_code == 0, done.output
     assert listed(shared / "data") == ["bobs", "shakespeare"]
+
+
+def test_a_folder_it_may_list_but_not_enter_is_left_out_and_named(shared, tmp_path):
+    """Security QA: a subfolder of mode 744 (listed, not entered) made `tokenize books` fail with "Permission
+    denied (...b.txt): ...to write elsewhere, point TINYGPT_HOME at a folder you can write", as if writing failed."""
+    books = shared / "books"
+    (books / "sub").mkdir(parents=True)
+    (books / "a.txt").write_text("some text for the corpus\n" * 200)
+    (books / "sub" / "b.txt").write_text("more text\n" * 200)
+    os.chmod(books / "sub", 0o744)
+    done = as_nobody("tokenize", str(books), "--name", "bk")
+    assert done.exit_code == 0, done.output
+    assert "Left out 1 folder it cannot read" in " ".join(done.stderr.split()) and "sub (Permission denied)" in \
+        done.stderr.replace("\n", "")

@@ -349,9 +349,19 @@ def trains_compiled(mode: str, device_type: str) -> bool:
     return compile_wanted(mode, device_type) and device_type != "mps"
 
 
+def _shown(value: Any) -> str:
+    """`value` as an error message quotes it: cut short, so that a config's alias bomb (a few lines of YAML that
+    expand to a billion items) is no gigabyte-long message."""
+    import reprlib
+
+    shown = reprlib.Repr()  # its limits as arguments are Python 3.12's
+    shown.maxlevel, shown.maxdict, shown.maxlist, shown.maxstring, shown.maxother = 2, 4, 4, 80, 80
+    return shown.repr(value)
+
+
 def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {value!r})")
+        raise ConfigError(f"{key} must be one of {', '.join(choices)} (got {_shown(value)})")
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -389,7 +399,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         return ",".join(value)  # log_to: [tensorboard, wandb]
     elif key == "train.log_to" and value is False:
         return "none"  # log_to: no
-    raise ConfigError(f"{key} must be {kind.__name__} (got {value!r})")
+    raise ConfigError(f"{key} must be {kind.__name__} (got {_shown(value)})")
 
 
 def _field_types(cls: type) -> dict[str, type]:

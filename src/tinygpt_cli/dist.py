@@ -37,10 +37,22 @@ class DistInfo:
 
 def from_environment() -> DistInfo:
     """Rank info set by torchrun; a single process when WORLD_SIZE is absent or 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_count("WORLD_SIZE", 1)
     if world <= 1:
         return DistInfo()
-    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    return DistInfo(env_count("RANK", 0), env_count("LOCAL_RANK", 0), world)
+
+
+def env_count(name: str, default: int) -> int:
+    """The whole number 0 or more in the environment variable `name` (torchrun's), else a one-line error: a job
+    script's leftover `export WORLD_SIZE=` read as a traceback."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if not value.strip().isdigit():
+        raise TinyGPTError(f"{name}={value!r} in the environment is not a whole number: unset it (`unset {name}`); "
+                          f"torchrun sets it for the processes it starts")
+    return int(value)
 
 
 MPS_ALONE = ("MPS is one GPU that processes cannot share: train in one process (drop --nproc), or pass --device "

@@ -360,7 +360,15 @@ def _files_under(folder: Path, loops_only: bool = False) -> tuple[list[Path], li
             continue
         folders[:] = [name for name in folders if not name.startswith(".")]
         found.extend(Path(where) / name for name in names if not name.startswith("."))
-    return sorted(p for p in found if p.is_file()), unreadable
+    files = []
+    for path in sorted(found):
+        try:
+            if path.is_file():
+                files.append(path)
+        except OSError as exc:  # a folder it may list but not enter (mode 744): its files cannot be read either
+            problem = f"{path.parent} ({exc.strerror})"
+            unreadable += [] if problem in unreadable else [problem]
+    return files, unreadable
 
 
 def _recursive_glob(pattern: Path) -> tuple[list[Path], list[str]]:

@@ -1154,7 +1154,7 @@ class _Trainer:
         spec = resolve_device_spec(self.device.type)
         if spec.memory_bytes is None:
             return None
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # processes on this machine share its RAM
+        local = max(1, dist.env_count("LOCAL_WORLD_SIZE", 1))  # processes on this machine share its RAM
         spec = replace(spec, memory_bytes=spec.memory_bytes // local)
         memory = estimate_memory(model, self.batch_size, spec, self.dtype != torch.float32, self.info.world_size,
                                  self.fsdp, trains_compiled(self.tc.compile, self.device.type), self.tc.optimizer)
