@@ -745,12 +745,14 @@ def test_generate_and_eval_accept_a_hugging_face_folder(with_shakespeare, tmp_pa
     assert not (folder / "eval.jsonl").exists()  # nothing is written into someone's model folder
 
 
-def test_export_of_a_hub_model_is_named_after_it(tmp_path, workspace, monkeypatch):
-    """Audit: `tinygpt export gpt2` wrote exports/<snapshot commit hash>-hf, named after the hub cache's folder."""
+@pytest.mark.parametrize("cached_as", ["models--openai-community--gpt2", "models--gpt2"])
+def test_export_of_a_hub_model_is_named_after_it(tmp_path, workspace, monkeypatch, cached_as):
+    """Audit: `tinygpt export gpt2` wrote exports/<snapshot commit hash>-hf, named after the hub cache's folder.
+    HF QA: `from_pretrained("gpt2")` caches it under the old id, models--gpt2, and offline tinygpt did not find it."""
     from huggingface_hub import constants
 
     commit = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
-    repo = tmp_path / "hub-cache" / "models--openai-community--gpt2"
+    repo = tmp_path / "hub-cache" / cached_as
     (repo / "snapshots").mkdir(parents=True)
     hf_folder(random_model(), repo / "snapshots" / commit)
     (repo / "refs").mkdir()
@@ -759,6 +761,65 @@ def test_export_of_a_hub_model_is_named_after_it(tmp_path, workspace, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     result = export.export_model("gpt2", "hf")
     assert result.path == workspace / "exports" / "gpt2-hf"
+
+
+def test_a_folder_with_a_tokenizer_of_its_own_is_refused(tmp_path, workspace):
+    """HF QA: a GPT-2 trained with another BPE (a non-English GPT-2 of the hub) loaded and sampled with GPT-2's
+    tokenizer in silence, and its export carried GPT-2's tokenizer files in place of its own."""
+    folder = hf_folder(random_model(), tmp_path / "hf")  # GPT-2's own tokenizer files: taken
+    assert export.load_hf_folder(folder)[1].n_layer == TINY["n_layer"]
+    (folder / "tokenizer.json").unlink()
+    vocab = json.loads((folder / "vocab.json").read_text())
+    vocab = {text: (index if index > 300 else 300 - index) for text, index in vocab.items()}  # ids reordered
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    for spec in (("export", str(folder), "--out", str(tmp_path / "out")), ("eval", "--model", str(folder)),
+                 ("generate", "hi", "--model", str(folder))):
+        assert_one_line_error(invoke(*spec), f"{folder} has a tokenizer of its own (vocab.json's vocabulary is not "
+                                             f"GPT-2's): tinygpt reads and writes text with GPT-2's BPE only")
+    assert not (tmp_path / "out").exists()
+    (folder / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0, "a": 1}))
+    with pytest.raises(TinyGPTError, match="has a tokenizer of its own"):
+        export.load_hf_folder(folder)
+
+
+def test_task_heads_and_a_head_saved_alone_load_as_transformers_loads_them(tmp_path):
+    """HF QA: a GPT2DoubleHeadsModel's or a classifier's folder (their extra heads), and a tied model whose file
+    holds lm_head.weight and no wte, were refused with "missing, extra or misshapen: transformer.score.weight";
+    AutoModelForCausalLM loads them. A config.json whose vocab_size exceeds the weights' rows loaded (padded)."""
+    from safetensors.torch import load_file, save_file
+
+    model = random_model()
+    folder = hf_folder(model, tmp_path / "hf")
+    ids = sample_ids(1, 8)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({**tensors, "score.weight": torch.zeros(2, TINY["n_embd"]),
+               "multiple_choice_head.summary.weight": torch.zeros(1, TINY["n_embd"])},
+              str(folder / "model.safetensors"))
+    assert torch.equal(tinygpt_logits(export.load_hf_folder(folder)[0], ids), tinygpt_logits(model, ids))
+    head_only = {("lm_head.weight" if key == "transformer.wte.weight" else key): value
+                 for key, value in tensors.items()}
+    save_file(head_only, str(folder / "model.safetensors"))
+    assert torch.equal(tinygpt_logits(export.load_hf_folder(folder)[0], ids), tinygpt_logits(model, ids))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 50400}))
+    with pytest.raises(TinyGPTError, match="have 50,257 token embeddings, and its config.json says vocab_size 50,400"):
+        export.load_hf_folder(folder)
+
+
+def test_an_lfs_pointer_or_a_missing_shard_is_named(tmp_path):
+    """HF QA: a clone made without git-lfs read "cannot be read (SafetensorError)", and a missing shard
+    "(FileNotFoundError)" without its name."""
+    folder = hf_folder(random_model(), tmp_path / "hf")
+    (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(TinyGPTError, match=r"model.safetensors is a Git LFS pointer, not the weights: run `git lfs "
+                                           r"pull` in "):
+        export.load_hf_folder(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(TinyGPTError, match=r"cannot be read \(model-00001-of-00002.safetensors, one of 1 shards its "
+                                           r"model.safetensors.index.json names, is missing\): download it again"):
+        export.load_hf_folder(folder)
 
 
 def test_hf_config_of_wrong_types_is_one_clear_error(tmp_path):

@@ -553,3 +553,10 @@ def test_a_stdout_that_cannot_write_the_text_is_said(run):
     as_json = CliRunner(charset="ascii").invoke(cli.app, ["generate", "ab", "--max-new-tokens", "2", "--json"])
     assert as_json.exit_code == 0 and "note: stdout" not in as_json.stderr
     assert "note: stdout" not in generate("ab", "--max-new-tokens", "2").stderr
+
+
+def test_run_and_model_together_are_refused(workspace):
+    """HF QA: `generate --run r1 --model DIR` sampled from DIR in silence (one option of two names: the last won);
+    `eval` refuses both."""
+    assert_one_line_error(invoke("generate", "hi", "--run", "r1", "--model", "gpt2"),
+                          "--run (or --model) given 2 times (r1, gpt2): name one model")

@@ -1336,14 +1336,16 @@ def generate(
             "when piped, else an interactive prompt loop (Ctrl-D leaves; Ctrl-Z, Enter on Windows)."
         ),
     ] = None,
-    run: Annotated[
-        str | None,
+    runs: Annotated[
+        list[str] | None,
         typer.Option(
             "--run",
             "--model",
             help="Run name or folder, a checkpoint folder, a Hugging Face GPT-2 folder "
             "or gpt2[-medium|-large|-xl] (default: the latest run).",
             autocompletion=_completion(_model_names),
+            show_default=False,
+            metavar="RUN",
         ),
     ] = None,
     prompt_file: Annotated[
@@ -1398,6 +1400,9 @@ def generate(
     from tinygpt_cli.errors import GenerationError
     from tinygpt_cli.sample import check_settings, load_model, read_prompt, read_stdin_prompt
 
+    if runs and len(runs) > 1:  # one option of two names: the last given was used, silently (QA)
+        raise GenerationError(f"--run (or --model) given {len(runs)} times ({', '.join(runs)}): name one model")
+    run = runs[0] if runs else None
     _refuse_blank(run, "--run", _LATEST_RUN_HINT)
     if compile_mode not in ("auto", "on", "off"):
         raise GenerationError(f"--compile must be one of auto, on, off (got {compile_mode!r})")

@@ -897,17 +897,21 @@ def download_gpt2(name: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ExportError(f"downloading {name} needs huggingface_hub: pip install huggingface_hub") from None
-    try:
-        return Path(snapshot_download(repo, allow_patterns=["config.json", "generation_config.json", _HF_WEIGHTS]))
-    except Exception as exc:  # offline mode, no network, no such file: all mean "not available here"
-        from huggingface_hub import constants
+    failure: Exception | None = None
+    for repo_id in (repo, name):  # `from_pretrained("gpt2")` caches it under its old id, models--gpt2
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=["config.json", "generation_config.json",
+                                                                    _HF_WEIGHTS]))
+        except Exception as exc:  # offline mode, no network, no such file: all mean "not available here"
+            failure = failure or exc
+    from huggingface_hub import constants
 
-        offline = " and unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else ""
-        raise ExportError(
-            f"cannot download {name} ({repo}) from the Hugging Face Hub ({described(exc, most=160)}): "
-            f"connect to the internet{offline}, or on a machine that has it run `tinygpt export {name} --out "
-            f"{name}-hf`, copy that folder here and pass it instead of {name}"
-        ) from None
+    offline = " and unset HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else ""
+    raise ExportError(
+        f"cannot download {name} ({repo}) from the Hugging Face Hub ({described(failure, most=160)}): "
+        f"connect to the internet{offline}, or on a machine that has it run `tinygpt export {name} --out "
+        f"{name}-hf`, copy that folder here and pass it instead of {name}"
+    ) from None
 
 
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -930,13 +934,23 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
                 tensors = load(folder / weights)
             elif (folder / index).is_file():
                 weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+                for shard in shards:
+                    if not (folder / shard).is_file():
+                        raise ExportError(f"the weights in {folder} cannot be read ({shard}, one of {len(shards)} "
+                                          f"shards its {index} names, is missing): download it again")
                 tensors = {}
-                for shard in sorted(set(weight_map.values())):
+                for shard in shards:
                     tensors.update(load(folder / shard))
             if tensors is not None:
                 break
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError,
             pickle.UnpicklingError) as exc:  # weights_only refusing an object is an UnpicklingError
+        pointers = [path.name for path in sorted(folder.iterdir()) if path.suffix in (".safetensors", ".bin")
+                    and _is_lfs_pointer(path)]
+        if pointers:  # a clone made without git-lfs
+            raise ExportError(f"{folder / pointers[0]} is a Git LFS pointer, not the weights: run `git lfs pull` in "
+                              f"{folder} (install git-lfs first), or download the model again") from None
         raise ExportError(f"the weights in {folder} cannot be read ({type(exc).__name__}): re-download or re-export "
                           "the model (`save_pretrained` writes model.safetensors)") from None
     if tensors is None:
@@ -1010,6 +1024,31 @@ def hf_folder_config(folder: Path) -> ModelConfig:
     return _config_from_hf(folder, config)
 
 
+def _config_vocab(folder: Path) -> int:
+    """config.json's vocab_size, as saved (not padded); `hf_folder_config` has checked the file."""
+    return int(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocab_size", VOCAB_SIZE))
+
+
+def _foreign_tokenizer(folder: Path) -> str | None:
+    """The name of a Hugging Face folder's tokenizer file (tokenizer.json, vocab.json) whose vocabulary is not
+    GPT-2's: a model trained with a tokenizer of its own, whose ids tinygpt's GPT-2 BPE would misread. None where the
+    folder has GPT-2's, or none (a model saved without its tokenizer), or one that cannot be read."""
+    ours = token_strings()
+    for name in ("tokenizer.json", "vocab.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        vocab = (data.get("model") or {}).get("vocab") if name == "tokenizer.json" and isinstance(data, dict) \
+            else data
+        if not isinstance(vocab, dict):  # a Unigram or WordPiece tokenizer's list, say
+            return name
+        known = {text: index for text, index in vocab.items() if isinstance(index, int) and 0 <= index < len(ours)}
+        if len(known) != len(ours) or any(ours[index] != text for text, index in known.items()):
+            return name
+    return None
+
+
 def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
     """A `GPT` (fp32, CPU, eval mode) from a Hugging Face GPT-2 folder: config.json and model.safetensors
     (or a sharded index, or pytorch_model.bin loaded with weights_only). The vocabulary is padded to 50304."""
@@ -1018,16 +1057,32 @@ def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
         raise ExportError(f"{folder} is part of an export that was killed while its files were moved in: run that "
                           "`tinygpt export` again to finish it")
     cfg = hf_folder_config(folder)
-    tensors = {}
+    foreign = _foreign_tokenizer(folder)
+    if foreign is not None:
+        raise ExportError(f"{folder} has a tokenizer of its own ({foreign}'s vocabulary is not GPT-2's): tinygpt "
+                          f"reads and writes text with GPT-2's BPE only, so this model's token ids would stand for "
+                          f"other text; use a model trained with GPT-2's tokenizer")
+    tensors, head = {}, None
     for key, value in _read_hf_tensors(folder).items():
-        key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-            continue  # causal-mask buffers of old transformers; the head is tied to wte
+        if key == "lm_head.weight":
+            head = value  # tied to wte: wte itself where a file holds only the head
+            continue
+        base = key.removeprefix("transformer.")
+        if base == key and not base.startswith(("wte.", "wpe.", "h.", "ln_f.")):
+            continue  # a task's head (GPT2DoubleHeadsModel's multiple_choice_head, a classifier's score), unused
+        if base.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of old transformers
         value = value.to(torch.float32)
-        if key.endswith(CONV1D_WEIGHTS):
+        if base.endswith(CONV1D_WEIGHTS):
             value = value.t()
-        tensors[f"transformer.{key}"] = value.contiguous()
+        tensors[f"transformer.{base}"] = value.contiguous()
+    if "transformer.wte.weight" not in tensors and head is not None:
+        tensors["transformer.wte.weight"] = head.to(torch.float32).contiguous()
     wte = tensors.get("transformer.wte.weight")
+    rows = _config_vocab(folder)
+    if wte is not None and wte.size(0) != rows:  # transformers refuses it too; padding hid it
+        raise ExportError(f"the weights in {folder} have {wte.size(0):,} token embeddings, and its config.json says "
+                          f"vocab_size {rows:,}: re-download or re-export the model")
     if wte is not None and wte.size(0) < cfg.vocab_size:
         tensors["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(cfg.vocab_size - wte.size(0), wte.size(1))])
     model = gpt_to_load(cfg)
