@@ -667,6 +667,36 @@ def test_tokenizing_the_same_unchanged_source_again_does_nothing(workspace):
     assert not data.tokenize(str(path), name="rows", seed=1).unchanged
 
 
+def test_an_up_to_date_dataset_on_a_read_only_disk_is_used(workspace, monkeypatch):
+    """Resource QA: `tokenize && train` on a read-only shared data/ failed at once with "cannot write to data",
+    though the dataset was up to date: its lock could not be made. (Root writes anywhere, so the read-only disk
+    is faked: data/ not writable, and no lock can be made in it.)"""
+    import os
+
+    from tinygpt_cli import workspace as ws
+    from tinygpt_cli.errors import DataError
+
+    path = workspace / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}: " + "word " * 30}) + "\n" for i in range(50)))
+    data.tokenize(str(path), name="rows")
+    meta = (workspace / "data" / "rows" / "meta.json").read_bytes()
+    real_access, folder = os.access, workspace / "data"
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if pathlib.Path(p) == folder and mode & os.W_OK
+                        else real_access(p, mode, **kw))
+
+    def no_lock(*args, **kwargs):
+        raise DataError(f"cannot write to {folder} (Read-only file system): choose a writable TINYGPT_HOME")
+
+    monkeypatch.setattr(ws, "exclusive", no_lock)
+    monkeypatch.setattr(data, "write_json_atomic", lambda *a: (_ for _ in ()).throw(OSError(30, "Read-only")))
+    again = runner.invoke(app, ["tokenize", str(path), "--name", "rows"])
+    assert again.exit_code == 0, again.output
+    assert "Nothing to do: data/rows is already " in again.stderr
+    assert (workspace / "data" / "rows" / "meta.json").read_bytes() == meta
+    assert_one_line_error(runner.invoke(app, ["tokenize", str(path), "--name", "rows", "--seed", "2"]),
+                          "cannot write to")  # work to do: the same clear refusal as before
+
+
 def test_a_file_where_the_dataset_or_its_partial_folder_goes(workspace):
     """Audit: a file named data/NAME failed with 'Not a directory (data/NAME/progress.json)' instead of saying
     what is in the way; a file named data/.NAME.partial failed every rerun ('fix that and rerun'), as nothing

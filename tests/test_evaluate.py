@@ -1,5 +1,6 @@
 """`tinygpt eval`: loss / perplexity / bits per byte on token files, and HellaSwag on a local fixture."""
 
+import errno
 import json
 import math
 import os
@@ -949,3 +950,33 @@ def test_every_tasks_examples_load_before_any_is_scored(workspace, monkeypatch):
     make_run(workspace)
     assert_one_line_error(evaluate("--task", "arc_easy,hellaswag"), "could not load HellaSwag")
     assert not (workspace / "runs" / "tiny" / "eval.jsonl").exists()
+
+
+@pytest.mark.parametrize("report_there", [True, False])
+def test_a_record_cut_by_a_full_disk_is_taken_back_from_both_files(with_shakespeare, workspace, monkeypatch,
+                                                                    report_there):
+    """Resource QA: on a full disk, report.md kept a section cut mid-table (the next one was written after it) and
+    eval.jsonl a result that said it was not recorded; both files are now as they were."""
+    from tinygpt_cli import evaluation
+
+    make_run(workspace)
+    run_dir = workspace / "runs" / "tiny"
+    assert evaluate("--tokens", "64").exit_code == 0
+    if not report_there:
+        (run_dir / "report.md").unlink()
+    before = {name: (run_dir / name).read_bytes() for name in ("eval.jsonl", "report.md") if (run_dir / name).exists()}
+    real_fsync, calls = os.fsync, []
+
+    def full_at_report(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # eval.jsonl's went through; report.md's write meets the full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(evaluation.os, "fsync", full_at_report)
+    assert_one_line_error(evaluate("--tokens", "64"), "cannot record the result in")
+    monkeypatch.setattr(evaluation.os, "fsync", real_fsync)
+    after = {name: (run_dir / name).read_bytes() for name in ("eval.jsonl", "report.md") if (run_dir / name).exists()}
+    assert after == before
+    assert evaluate("--tokens", "64").exit_code == 0
+    assert (run_dir / "report.md").read_text().startswith("# Run tiny\n")

@@ -698,3 +698,88 @@ def test_a_log_file_gets_plain_progress_lines_instead_of_silence(with_shakespear
     assert tokenized.exit_code == 0, tokenized.output
     assert any(line.startswith("tokenize: ") and "% · " in line and "MB of text" in line and "tok/s" in line
                for line in tokenized.stderr.splitlines()), tokenized.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="RLIMIT_FSIZE as a full disk: Linux")
+def test_a_full_disk_while_the_optimizer_state_is_written_is_one_line(with_shakespeare, workspace):
+    """Resource QA: a disk that filled while optimizer.pt was written (torch.save given a path reports it as
+    "RuntimeError: [enforce fail at inline_container.cc] unexpected pos") ended in a 50-line traceback. A file size
+    limit between the weights' size and the optimizer state's stands for the full disk here."""
+    import resource
+
+    train(tiny_config(max_steps=2, eval_interval=2), run_name="r")
+    step_2 = workspace / "runs" / "r" / "checkpoints" / "step_2"
+    limit = ((step_2 / "model.safetensors").stat().st_size + (step_2 / "optimizer.pt").stat().st_size) // 2
+    assert (step_2 / "model.safetensors").stat().st_size < limit < (step_2 / "optimizer.pt").stat().st_size
+    done = subprocess.run([sys.executable, "-m", "tinygpt_cli", "train", "--resume", "--name", "r", "--max-steps",
+                           "4"], capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: could not write the checkpoint of step 4 to "), \
+        done.stderr
+    assert "(File too large); the previous checkpoint is intact: fix that, then resume with --resume" in done.stderr
+    assert [p.name for p in ckpt.list_checkpoints(workspace / "runs" / "r")] == ["step_2"]
+    assert ckpt.load_checkpoint("r").state["step"] == 2
+
+
+def test_a_failed_write_says_what_is_kept_and_how_to_go_on(with_shakespeare, workspace, monkeypatch):
+    """Resource QA: a new run's first checkpoint that met a full disk said "the previous checkpoint is intact ...
+    resume with --resume", though the run was dropped; a config.yaml or report.md that could not be written after
+    a checkpoint was saved said neither that it was saved nor how to go on (report.md: no file named)."""
+    import safetensors.torch
+
+    from tinygpt_cli import training
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", full)
+        with pytest.raises(TrainingError, match=r"could not write the checkpoint of step 2 to .*\(No space left on "
+                                                r"device\); no checkpoint was saved yet, so the run is not kept: "
+                                                r"free disk space, then run the same command again"):
+            train(tiny_config(max_steps=2, eval_interval=2), run_name="first")
+    assert not (workspace / "runs" / "first").exists()
+    real_write = training.write_text_atomic
+
+    def config_full(path, text):
+        if path.name == "config.yaml" and (path.parent / "checkpoints" / "step_2").is_dir():
+            full()
+        real_write(path, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "write_text_atomic", config_full)
+        with pytest.raises(TrainingError, match=r"could not write .*config.yaml \(No space left on device\); the "
+                                                r"checkpoint of step 2 is saved: free disk space, then resume with "
+                                                r"--resume"):
+            train(tiny_config(max_steps=4, eval_interval=2), run_name="cfg")
+    assert ckpt.load_checkpoint("cfg").state["step"] == 2
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "write_report", full)
+        with pytest.raises(TrainingError, match=r"could not write .*report.md \(No space left on device\); the "
+                                                r"checkpoints are saved: free disk space, then `tinygpt train --resume "
+                                                r"--name rep` writes it"):
+            train(tiny_config(max_steps=2, eval_interval=2), run_name="rep")
+    assert ckpt.load_checkpoint("rep").state["step"] == 2
+
+
+def test_an_atomic_write_that_fails_names_its_file(tmp_path, monkeypatch):
+    """Resource QA: a full disk while report.md was written read "No space left on device: free some space", no
+    file named (a write's OSError has none); and too many open files (EMFILE) was a traceback."""
+    from tinygpt_cli import cli
+    from tinygpt_cli import workspace as ws
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ws, "fsync_file", full)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(OSError) as caught:
+        ws.write_text_atomic(tmp_path / "run" / "report.md", "text")
+    assert caught.value.filename == str(tmp_path / "run" / "report.md") and not list((tmp_path / "run").iterdir())
+    assert "ulimit -n" in cli._os_advice(OSError(errno.EMFILE, "Too many open files", "x"), "train")
+    assert "--out" not in cli._os_advice(caught.value, "train") and "--out" in cli._os_advice(caught.value, "export")
+    monkeypatch.setattr(cli, "_stdout_disk_full", lambda: True)
+    assert cli._os_advice(OSError(errno.ENOSPC, "No space left on device"), "generate").startswith(
+        "stdout goes to a file on a full disk")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinygpt_cli import __version__, workspace
 from tinygpt_cli.config import ModelConfig, RunConfig, config_from_dict
-from tinygpt_cli.errors import CheckpointError, ConfigError, described
+from tinygpt_cli.errors import CheckpointError, ConfigError, described, first_line
 from tinygpt_cli.workspace import fsync_dir, fsync_file, write_text_atomic
 
 if TYPE_CHECKING:  # torch loads only where tensors are read or written, so listing runs stays instant
@@ -109,6 +110,20 @@ def remove_leftovers(run_dir: Path) -> None:
                 workspace.replace(child, root / match.group(1))
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """`torch.save`, with a full disk (or a file size limit) said as the OSError it is: torch's zip writer meets it
+    and then says "RuntimeError: [enforce fail at inline_container.cc] unexpected pos …" instead."""
+    import torch
+
+    try:
+        with open(path, "wb") as handle:
+            torch.save(obj, handle)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise OSError(errno.EIO, f"writing {path.name} failed: {first_line(exc, 160)}", str(path)) from exc
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -127,7 +142,6 @@ def save_checkpoint(
     `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()` when given
     (FSDP gathers full state dicts first).
     """
-    import torch
 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -146,7 +160,7 @@ def save_checkpoint(
         if optimizer_state is None and optimizer is not None:
             optimizer_state = optimizer.state_dict()
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
             fsync_file(tmp / OPTIMIZER_FILE)
         full_state = {"format": FORMAT, "step": step, "model_config": vars(config), **state}
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as handle:

@@ -236,7 +236,7 @@ class TinyGPTGroup(_FlagsTakeNoValue, TyperGroup):
             gone = _as_broken_pipe() if exc.errno != errno.EPIPE and _reader_went_away(exc) else None
             if gone is not None:
                 raise gone from None
-            advice = _os_advice(exc)
+            advice = _os_advice(exc, ctx.invoked_subcommand or "")
             if advice is None:
                 raise
             _debug_traceback()
@@ -260,15 +260,31 @@ _MEMORY_ADVICE = {
 }
 
 
-_NOT_ALLOWED = ("check the permissions of that file or folder; to write elsewhere, point TINYGPT_HOME (or --out) at "
-                "a folder you can write")
-_FULL = "free some space, or point TINYGPT_HOME (or --out) at a larger disk"
-_OS_ADVICE = {FULL: _FULL, READ_ONLY: "point TINYGPT_HOME (or --out) at a writable folder", DENIED: _NOT_ALLOWED}
+def _stdout_disk_full() -> bool:
+    """Whether stdout is a file on a disk with less than 1 MB free (`generate > out.txt` on a full disk)."""
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        disk = os.fstatvfs(fd)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return False
+    return disk.f_bavail * disk.f_frsize < 1 << 20
 
 
-def _os_advice(exc: OSError) -> str | None:
-    """What to do about an OSError no command foresaw, by its errno; None for one this does not know."""
-    return PATH_ADVICE.get(exc.errno) or _OS_ADVICE.get(os_problem(exc) or "")
+def _os_advice(exc: OSError, command: str = "") -> str | None:
+    """What to do about an OSError no command foresaw, by its errno; None for one this does not know. Only export
+    has --out."""
+    if exc.filename is None and os_problem(exc) == FULL and _stdout_disk_full():
+        return "stdout goes to a file on a full disk: free some space there, or send the output elsewhere"
+    where = "--out (or TINYGPT_HOME)" if command == "export" else "TINYGPT_HOME"
+    advice = {FULL: f"free some space, or point {where} at a larger disk",
+              READ_ONLY: f"point {where} at a writable folder",
+              DENIED: f"check the permissions of that file or folder; to write elsewhere, point {where} at a folder "
+                      f"you can write"}
+    return PATH_ADVICE.get(exc.errno) or advice.get(os_problem(exc) or "")
 
 
 _LINK_LOOP = "Symlink loop"  # how Path.resolve says ELOOP before Python 3.13 (a RuntimeError)

@@ -558,21 +558,27 @@ def tokenize(
     job = {"format": META_VERSION, "source": source_fingerprint(src), "text_field": src.text_field,
            "fraction": fraction, "val_fraction": val_fraction, "seed": seed, "tokenizer": RANKS_SHA256,
            "split_rule": SPLIT_RULE}  # a partial of another version's rule starts over: no dataset of two rules
+    def up_to_date(done: Dataset) -> TokenizeResult:  # `tokenize && train` in a script: the second time
+        # ... it is "the last tokenized" again, as the work would have made it: train and plan take it
+        done.meta["confirmed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        with contextlib.suppress(OSError):  # another user's, a read-only disk: used as it is
+            write_json_atomic(final_dir / "meta.json", done.meta)
+        emit(TokenizeEvent("info", message=f"nothing to do: data/{dataset_name} is already {src.description} "
+                                           f"tokenized with these settings, its files unchanged since (--restart "
+                                           f"tokenizes it again)"))
+        return TokenizeResult(dataset_name, final_dir, done.meta, seconds=time.perf_counter() - started,
+                              workers=workers, unchanged=True)
+
+    done = None if restart or os.access(home.parent, os.W_OK) else _already_tokenized(final_dir, job)
+    if done is not None:  # a read-only data/ (a shared mount): no lock can be made there, and none is needed
+        return up_to_date(done)
     # the lock goes beside the folder written (a link's target): another name or workspace linked there shares it
     with workspace.exclusive(workspace.lock_of(home), f"data/{dataset_name}"):
         _check_replaceable(final_dir, src)  # even with --force: what is there may be the user's own files
         _finish_killed_publish(home, partial_dir)
         done = None if restart else _already_tokenized(final_dir, job)
-        if done is not None:  # `tokenize && train` in a script: the second time, nothing to redo
-            # ... and it is "the last tokenized" again, as the work would have made it: train and plan take it
-            done.meta["confirmed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            with contextlib.suppress(PermissionError):  # another user's dataset: it stays as it is, and is used
-                write_json_atomic(final_dir / "meta.json", done.meta)
-            emit(TokenizeEvent("info", message=f"nothing to do: data/{dataset_name} is already {src.description} "
-                                               f"tokenized with these settings, its files unchanged since (--restart "
-                                               f"tokenizes it again)"))
-            return TokenizeResult(dataset_name, final_dir, done.meta, seconds=time.perf_counter() - started,
-                                  workers=workers, unchanged=True)
+        if done is not None:  # nothing to redo
+            return up_to_date(done)
         _check_ours_to_change(dataset_name, home, partial_dir)
         workspace.check_disk(home.parent, 2 * estimated_tokens - written,
                              f"data/{dataset_name} (~{estimated_tokens:,} tokens)",

@@ -106,6 +106,8 @@ PATH_ADVICE = {
     errno.ENAMETOOLONG: "use a shorter name or path",
     errno.ELOOP: "a link in that path points back at itself: fix or remove the link",
     errno.ENOTDIR: "a part of that path is a file, not a folder: check the path",
+    errno.EMFILE: "this process may open too few files at once: raise the limit (`ulimit -n 4096`) and run it again",
+    errno.ENFILE: "the system has too many files open: close some programs and run it again",
 }
 
 

@@ -796,11 +796,12 @@ def evaluate_tasks(
 
 
 # ----------------------------------------------------------------------------------------------- records
-def _append(path: Path, text: str, title: str = "") -> None:
-    """Append `text` in one write, flushed to disk: a crash leaves the file as it was or with the whole record.
-    A file whose last line was cut (an earlier crash, an editor) gets a line break first, so the record stays
-    a line of its own. `title` starts the file where this write makes it: the file is made by an exclusive
-    create, so of two processes appending at once one writes the title."""
+def _append(path: Path, text: str, title: str = "") -> int | None:
+    """Append `text` in one write, flushed to disk: a crash leaves the file as it was or with the whole record,
+    and a write that fails (a full disk) is taken back. A file whose last line was cut (an earlier crash, an
+    editor) gets a line break first, so the record stays a line of its own. `title` starts the file where this
+    write makes it: the file is made by an exclusive create, so of two processes appending at once one writes the
+    title. Returns the file's size before (None: this write made it), for `_undo_append`."""
     made = None
     if title:
         try:
@@ -810,13 +811,30 @@ def _append(path: Path, text: str, title: str = "") -> None:
         except FileExistsError:
             pass
     with made or open(path, "a+b") as handle:
-        if handle.tell() > 0:
+        before = handle.seek(0, os.SEEK_END)
+        if before > 0:
             handle.seek(-1, os.SEEK_END)
             if handle.read(1) != b"\n":
                 text = "\n" + text
-        handle.write(text.encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
+        try:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):  # what is left in its buffer fails to go again
+                handle.close()
+            _undo_append(path, None if made is not None else before)
+            raise
+    return None if made is not None else before
+
+
+def _undo_append(path: Path, before: int | None) -> None:
+    """Take back an `_append` that returned `before`."""
+    with contextlib.suppress(OSError):
+        if before is None:
+            path.unlink()
+        else:
+            os.truncate(path, before)
 
 
 def _report_section(result: LossResult | TaskResult, when: str) -> str:
@@ -883,8 +901,12 @@ def record_result(checkpoint: Path | str, result: LossResult | TaskResult) -> Pa
     try:
         # a stop waits for both: cut in two, eval.jsonl would hold a result report.md lacks
         with stops_held() as stops, report_lock(folder):
-            _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
-            _append(folder / "report.md", _report_section(result, when), title=f"# Run {folder.name}\n")
+            before = _append(folder / "eval.jsonl", json.dumps(record, allow_nan=False) + "\n")
+            try:
+                _append(folder / "report.md", _report_section(result, when), title=f"# Run {folder.name}\n")
+            except OSError:
+                _undo_append(folder / "eval.jsonl", before)
+                raise
     except OSError as exc:
         advice = "free some space, or pass --no-record" if os_problem(exc) == FULL else _UNRECORDABLE
         raise TinyGPTError(f"cannot record the result in {folder} ({exc.strerror}): {advice}") from None

@@ -536,14 +536,16 @@ def _check_writable(run_dir: Path) -> None:
         raise TrainingError(f"cannot write to {folder} ({exc.strerror}): {advice}") from None
 
 
-def _unsaved_advice(exc: OSError, run_dir: Path) -> str:
-    """What to do about a checkpoint that could not be written, by what stopped it."""
+def _unsaved_advice(exc: OSError, run_dir: Path, again: bool = False) -> str:
+    """What to do about a checkpoint (or a run's file) that could not be written, by what stopped it; `again`: the
+    run has no checkpoint to resume from, and is started again."""
+    then = "run the same command again" if again else "resume with --resume"
     problem = os_problem(exc)
     if problem == FULL:
-        return "free disk space, then resume with --resume"
+        return f"free disk space, then {then}"
     if problem in (DENIED, READ_ONLY):
-        return f"make {run_dir} and its checkpoints/ writable, then resume with --resume"
-    return "fix that, then resume with --resume"
+        return f"make {run_dir} and its checkpoints/ writable, then {then}"
+    return f"fix that, then {then}"
 
 
 # ----------------------------------------------------------------------------------------------- main loop
@@ -1274,15 +1276,24 @@ class _Trainer:
                 }, keep_last=self.tc.keep_last, model_state=model_state, optimizer_state=optimizer_state,
                     keep=self._best_checkpoint())
             except OSError as exc:
+                first = self.new_run and latest_checkpoint(self.run_dir) is None  # its folder goes as it ends
+                kept = "no checkpoint was saved yet, so the run is not kept" if first else \
+                    "the previous checkpoint is intact"
                 error = TrainingError(
                     f"could not write the checkpoint of step {step} to {self.run_dir} ({exc.strerror or exc}); "
-                    f"the previous checkpoint is intact: {_unsaved_advice(exc, self.run_dir)}"
+                    f"{kept}: {_unsaved_advice(exc, self.run_dir, again=first)}"
                 )
             else:
                 # config.yaml describes the checkpoints: a resume stopped before its first one leaves the run's as
                 # it was
-                write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-                self.emit(TrainEvent("checkpoint", step=step, max_steps=self.tc.max_steps, message=str(path)))
+                try:
+                    write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+                except OSError as exc:
+                    error = TrainingError(f"could not write {self.run_dir / 'config.yaml'} ({exc.strerror or exc}); "
+                                          f"the checkpoint of step {step} is saved: "
+                                          f"{_unsaved_advice(exc, self.run_dir)}")
+                else:
+                    self.emit(TrainEvent("checkpoint", step=step, max_steps=self.tc.max_steps, message=str(path)))
         dist.agree(error)  # the others wait for it, and stop with rank 0's error rather than a lost connection
         self.saved_step = step
 
@@ -1721,7 +1732,13 @@ class _Trainer:
         if step > start_step or val_pending or self.report_only:
             report_model = self._report_model()
             if info.is_main:
-                self._write_report(result, report_model)
+                try:
+                    self._write_report(result, report_model)
+                except OSError as exc:
+                    advice = _unsaved_advice(exc, self.run_dir).removesuffix(", then resume with --resume")
+                    raise TrainingError(f"could not write {self.run_dir / 'report.md'} ({exc.strerror or exc}); the "
+                                        f"checkpoints are saved: {advice}, then `tinygpt train --resume --name "
+                                        f"{self.run_dir.name}` writes it") from None
         self.emit(TrainEvent("done", step=step, max_steps=tc.max_steps, loss=self.last_loss, val_loss=self.last_val,
                              tokens=self.tokens_seen, elapsed_s=self.elapsed(), message=result.stopped))
         return result

@@ -262,8 +262,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a full disk's write names no file: name the one
+            exc.filename = str(path)
         raise
     fsync_dir(path.parent)
 
