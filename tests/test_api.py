@@ -175,7 +175,7 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
 
     import torch
 
-    from tinygpt_cli import TinyGPTError, generate, load_checkpoint, resolve_config, sample_text, train
+    from tinygpt_cli import TinyGPTError, generate, load_checkpoint, resolve_config, sample_text, tokenize, train
     from tinygpt_cli.training import run_config_of
 
     cfg = resolve_config(size="micro", overrides=[*TINY_OVERRIDES, "train.max_steps=1"])
@@ -196,10 +196,20 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
                 torch.nn.parallel.DistributedDataParallel), "Hi", 2), "takes a tinygpt GPT model"),
             (lambda: list(generate(model, [1.5], 2)), "the prompt's token ids must be whole numbers"),
             (lambda: train(cfg, run_name="s", stop=threading.Event()), "stop takes a StopFlag"),
+            # API QA: these were a TypeError from deep inside, a seed of 1.5 was recorded, and a device torch
+            # does not know listed two dozen kinds
+            (lambda: sample_text(model, "Hi", 2.0), r"--max-new-tokens must be a whole number \(got 2.0\)"),
+            (lambda: sample_text(model, "Hi", "5"), r"--max-new-tokens must be a whole number \(got '5'\)"),
+            (lambda: tokenize(fraction="0.5"), r"--fraction must be a number \(got '0.5'\)"),
+            (lambda: tokenize(seed=1.5, name="x"), "--seed must be a whole number 0 to"),
+            (lambda: load_checkpoint("r", device="tpu"), "unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps"),
+            (lambda: train(resolve_config(size="micro", overrides=["train.max_steps=2"]), run_name="r", resume=True),
+             r"cannot change on resume \(model.n_layer 2 → 4, .*run_config_of\(run\)"),
     ):
         with pytest.raises(TinyGPTError, match=fragment):
             call()
-    assert not (workspace / "runs" / "s").exists()
+    assert not (workspace / "runs" / "s").exists() and not (workspace / "data" / "x").exists()
+    assert next(load_checkpoint("r", device="auto").model.parameters()).device.type == "cpu"
     train(cfg, run_name="s")  # a refused call holds nothing a later one needs
     assert list(generate(model, torch.tensor([1, 2]), 2, seed=0)) == list(generate(model, [1, 2], 2, seed=0))
     assert run_config_of(str(workspace / "runs" / "r")) == run_config_of(workspace / "runs" / "r")

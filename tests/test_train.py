@@ -1242,3 +1242,40 @@ def test_the_same_run_twice_writes_the_same_weights_file(with_shakespeare, works
         run_dir = train(tiny_config(max_steps=1, eval_interval=1), run_name=name).run_dir
         digests.add(hashlib.sha256((run_dir / "checkpoints" / "step_1" / "model.safetensors").read_bytes()).digest())
     assert len(digests) == 1
+
+
+def test_a_sweep_in_one_process_keeps_compiling(monkeypatch):
+    """API QA: a notebook's sweep over model sizes in one process hit dynamo's recompile limit (8 graphs of
+    GPT.forward, two a shape) at its fifth run, which then trained eagerly on the slow loss path, in silence. Past
+    COMPILED_SHAPES_KEPT shapes dynamo's caches are emptied; a shape seen again keeps its graphs."""
+    import torch._dynamo
+
+    from tinygpt_cli import training
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(len(training._COMPILED_SHAPES)))
+    monkeypatch.setattr(training, "_COMPILED_SHAPES", [])
+    for key in ("a", "b", "a", "c", "c", "d", "a"):
+        training._make_room_to_compile((key,))
+    assert resets == [3] and training._COMPILED_SHAPES == [("d",), ("a",)]
+    config = torch._dynamo.config
+    assert (getattr(config, "recompile_limit", None) or config.cache_size_limit) > 2 * training.COMPILED_SHAPES_KEPT
+
+
+def test_train_runs_as_its_config_says_whatever_the_callers_torch_state(with_shakespeare, workspace):
+    """API QA: after a notebook's inference cell (`inference_mode`, grad off) train() failed with "element 0 of
+    tensors does not require grad"; under a float64 default dtype the fused loss failed; under an outer autocast an
+    fp32 run trained in bf16, in silence; and load_checkpoint gave float64 weights. The caller's state comes back."""
+    cfg = tiny_config(max_steps=2, eval_interval=2)
+    reference = train(cfg, run_name="ref").final_loss
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            result = train(cfg, run_name="odd")
+            assert torch.is_inference_mode_enabled() and torch.get_default_dtype() == torch.float64
+            assert torch.is_autocast_enabled("cpu")
+        assert next(ckpt.load_checkpoint("odd").model.parameters()).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+    assert result.final_loss == pytest.approx(reference, rel=1e-6)

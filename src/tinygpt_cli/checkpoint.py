@@ -442,11 +442,17 @@ def spec_text(spec: str | Path | None) -> str | None:
 
 
 def load_checkpoint(spec: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Load the model (fp32, eval mode) of a checkpoint, a run (its latest checkpoint) or the latest run."""
+    """Load the model (fp32, eval mode) of a checkpoint, a run (its latest checkpoint) or the latest run, onto
+    `device` (cpu, cuda, cuda:N, mps, or auto: the best there is)."""
     import torch
 
     from tinygpt_cli.model import gpt_to_load, load_weights
 
+    name = str(device).strip().lower()
+    if name == "auto":
+        device = next(kind for kind in ("cuda", "mps", "cpu") if device_present(kind))
+    elif name.partition(":")[0] not in ("cpu", "cuda", "mps"):  # torch's own error lists two dozen kinds
+        raise CheckpointError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     spec = spec_text(spec)
     checkpoint = resolve_checkpoint(spec)
     try:

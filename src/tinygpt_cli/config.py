@@ -93,7 +93,20 @@ def is_count(value: Any) -> bool:
 
 def seed_problem(name: str, seed: int) -> str | None:
     """The error message for a seed out of range, naming its flag or key; None if it is in range."""
+    if kind_problem(name, seed, whole=True):
+        return f"{name} must be a whole number 0 to {MAX_SEED} (got {seed!r})"
     return None if 0 <= seed <= MAX_SEED else f"{name} must be 0 to {MAX_SEED} (got {seed})"
+
+
+def kind_problem(name: str, value: Any, whole: bool = False) -> str | None:
+    """The error message for a value of the library's API that is not a number (with `whole`, not an int), as a
+    notebook passes "0.5" or 2.0: the CLI's flags are typed already (numpy's numbers are numbers). None where it is
+    one."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if whole else numbers.Real):
+        return f"{name} must be {'a whole number' if whole else 'a number'} (got {value!r})"
+    return None
 
 
 @dataclass(frozen=True)

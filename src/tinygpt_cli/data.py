@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from tinygpt_cli import __version__, workspace
-from tinygpt_cli.config import is_count, seed_problem
+from tinygpt_cli.config import is_count, kind_problem, seed_problem
 from tinygpt_cli.errors import DataError
 from tinygpt_cli.launch import Stopped, stops_held
 from tinygpt_cli.sources import (  # noqa: F401  (re-exported: the data API of earlier versions)
@@ -504,6 +504,9 @@ def tokenize(
     if source is not None and not isinstance(source, str):  # a list of files, say
         raise DataError(f"tokenize takes one source, not a {type(source).__name__}: a file, a folder, a glob "
                         f"('corpus/*.txt') or a dataset name; put several files in one folder")
+    for flag, value in (("--fraction", fraction), ("--val-fraction", val_fraction)):
+        if problem := kind_problem(flag, value):
+            raise DataError(problem)
     if not 0.0 < fraction <= 1.0:
         raise DataError(f"--fraction must be in (0, 1] (got {fraction})")
     if not 0.0 < val_fraction < 1.0:

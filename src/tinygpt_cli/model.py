@@ -185,9 +185,15 @@ class GPT(nn.Module):
 def gpt_to_load(cfg: ModelConfig) -> GPT:
     """A GPT whose weights a checkpoint or a folder is about to give it (`load_weights`), built on the meta device:
     nothing is allocated nor initialised only to be overwritten (initialising a 1.5B model takes seconds), and
-    nothing is drawn from the caller's random stream (a notebook's seeded draws stay)."""
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        return GPT(cfg)
+    nothing is drawn from the caller's random stream (a notebook's seeded draws stay). Its parameters are fp32
+    whatever the caller's default dtype."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            return GPT(cfg)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> GPT:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tinygpt_cli.config import MAX_TEMPERATURE, seed_problem
+from tinygpt_cli.config import MAX_TEMPERATURE, kind_problem, seed_problem
 from tinygpt_cli.errors import GenerationError, allocation_failed, compile_failure, described
 from tinygpt_cli.model import GPT
 from tinygpt_cli.plan import cgroup_memory
@@ -263,6 +263,12 @@ def check_settings(
     seed: int | None = None,
 ) -> None:
     """Raise GenerationError naming the flag for a value that cannot work."""
+    for name, value, whole in (("--max-new-tokens", max_new_tokens, True), ("--temperature", temperature, False),
+                               ("--top-k", top_k, True), ("--top-p", top_p, False),
+                               ("--repetition-penalty", repetition_penalty, False),
+                               ("--num-samples", num_samples, True)):
+        if problem := kind_problem(name, value, whole):
+            raise GenerationError(problem)
     if max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if math.isnan(temperature):

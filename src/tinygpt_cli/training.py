@@ -616,10 +616,11 @@ def train(
     own config when `cfg` is None. A `cfg` given replaces it whole (training keys may change, the model's shape
     may not): `resolve_config(base=run_config_of(run_dir), overrides=["train.max_steps=N"])` changes one key, as
     `tinygpt train --resume --max-steps N` does. `stop` is set (`reason`) to end the run with a checkpoint.
-    Ctrl-C (SIGINT) ends the run with a checkpoint and returns, `stopped` "interrupted"; SIGTERM and SIGHUP do
-    too, then, unless the caller passed its own `stop` (and so reads `stop.signal`), go on to the caller's handler
-    (by default the process ends, as the signal asks: a script's loop must not start the next run). Under
-    torchrun every rank calls this; only rank 0 reports events and writes files.
+    Ctrl-C (SIGINT), SIGTERM and SIGHUP end the run with a checkpoint, then, unless the caller passed its own
+    `stop` (and so reads `stop.signal`; `stopped` is "interrupted"), go on to the caller's handler: Ctrl-C raises
+    KeyboardInterrupt (a notebook's cell stops, its sweep too), SIGTERM by default ends the process, as the
+    signal asks (a script's loop must not start the next run). Under torchrun every rank calls this; only rank 0
+    reports events and writes files.
     """
     if resume and run_name is None:  # the latest run
         run_name = find_run(None).name
@@ -650,9 +651,11 @@ def train(
     return result
 
 
-# Signals that ask the process to end (a scheduler, `docker stop`, a closed terminal): after its checkpoint, train()
-# passes them on to the caller's handlers. Ctrl-C only returns, which a notebook cell wants.
-_ENDING_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# Signals that ask the process to end, or the code to stop (a scheduler, `docker stop`, a closed terminal, Ctrl-C):
+# after its checkpoint, train() passes them on to the caller's handlers. Ctrl-C once returned, and a notebook's
+# cell went on to its next run (API QA).
+_ENDING_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                            if hasattr(signal, name))
 
 
 # train() in one thread of a process at a time: it seeds torch's process-wide random stream (the weights, dropout)
@@ -666,12 +669,40 @@ def _callers_state_kept() -> Iterator[None]:
     returns: it seeds them (and a resume restores the run's), which in a notebook would change its own seeded
     draws after. (CUDA's streams are left: saving them would start a context on every visible GPU.)"""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _torch_defaults():
         try:
             yield
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _torch_defaults() -> Iterator[None]:
+    """Train as the config says whatever a notebook's cells left switched: gradients on (`set_grad_enabled(False)`
+    or `inference_mode()` after an inference cell failed with "element 0 of tensors does not require grad"), fp32
+    as the default dtype (a float64 default failed in the fused loss), no outer autocast (one trained an fp32 run
+    in bf16, in silence). The caller's settings are back as it returns."""
+    dtype = torch.get_default_dtype()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for device_type in ("cpu", "cuda"):
+            if _autocast_on(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(dtype)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` here (torch's call for it changed in 2.4)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # before 2.4: no argument (CUDA's), and CPU's own call
+        return bool(torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled())
 
 
 @contextlib.contextmanager
@@ -877,9 +908,13 @@ class _Trainer:
             if checkpoint is not None:
                 with _resume_advice():
                     loaded = load_checkpoint(checkpoint)
-                if replace(loaded.model.config, dropout=cfg.model.dropout) != cfg.model:  # dropout may change
+                saved = replace(loaded.model.config, dropout=cfg.model.dropout)  # dropout may change
+                if saved != cfg.model:
+                    differ = ", ".join(f"model.{key} {getattr(saved, key)} → {getattr(cfg.model, key)}"
+                                       for key in vars(saved) if getattr(saved, key) != getattr(cfg.model, key))
                     raise TrainingError(
-                        f"the model shape of {self.run_dir.name} cannot change on resume: drop the model overrides"
+                        f"the model shape of {self.run_dir.name} cannot change on resume ({differ}): drop the model "
+                        f"overrides (in Python: resolve_config(base=run_config_of(run), overrides=[...]) keeps it)"
                     )
                 self.model.load_state_dict(loaded.model.state_dict())
                 self.state = loaded.state
@@ -1954,6 +1989,25 @@ def _hold(n_bytes: int, device: torch.device) -> torch.Tensor | None:
     return torch.empty(n_bytes, dtype=torch.uint8, device=device) if n_bytes else None
 
 
+# the shapes (model, batch, dtype, device) trained compiled in this process since dynamo's caches were last emptied
+_COMPILED_SHAPES: list[tuple] = []
+COMPILED_SHAPES_KEPT = 3
+
+
+def _make_room_to_compile(key: tuple) -> None:
+    """Before compiling a training of the shape `key`. torch.compile keeps each graph of a function (GPT.forward:
+    a training and an evaluation graph per shape) up to its recompile limit, 8, and past it runs the function
+    eagerly without a word: a notebook's sweep over model sizes trained its fifth run and on uncompiled, on the
+    slow loss path, while it recorded itself as compiled (API QA). So once COMPILED_SHAPES_KEPT other shapes were
+    compiled, dynamo's caches are emptied and this one compiles afresh; the same shape again reuses its graphs."""
+    if key in _COMPILED_SHAPES:
+        return
+    if len(_COMPILED_SHAPES) >= COMPILED_SHAPES_KEPT:
+        torch._dynamo.reset()
+        _COMPILED_SHAPES.clear()
+    _COMPILED_SHAPES.append(key)
+
+
 def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[TrainEvent], None],
                    shape: tuple[int, int], dtype: torch.dtype,
                    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> torch.nn.Module:
@@ -1973,6 +2027,7 @@ def _maybe_compile(model: GPT, mode: str, device: torch.device, emit: Callable[[
         emit(TrainEvent("info", message="torch.compile is not supported on MPS: running eagerly."))
         return wrap(model)
     model.fused_loss = False
+    _make_room_to_compile((tuple(sorted(vars(model.config).items())), shape, str(dtype), device.type))
     failure: Exception | None = None
     try:
         wrapped = wrap(torch.compile(model, dynamic=False))
