@@ -173,7 +173,8 @@ def test_an_alias_bomb_in_a_config_is_a_short_error(workspace):
 
 
 @pytest.mark.parametrize(("env", "name"), [({"WORLD_SIZE": ""}, "WORLD_SIZE"), ({"WORLD_SIZE": "abc"}, "WORLD_SIZE"),
-                                           ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK")])
+                                           ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK"),
+                                           ({"WORLD_SIZE": "²"}, "WORLD_SIZE")])  # review: a digit to isdigit
 def test_a_garbled_torchrun_variable_is_a_one_line_error(workspace, monkeypatch, env, name):
     """Security QA: a job script's leftover `export WORLD_SIZE=` made `train` print a ValueError traceback."""
     for key, value in env.items():

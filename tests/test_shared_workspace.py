@@ -128,3 +128,20 @@ def test_a_folder_it_may_list_but_not_enter_is_left_out_and_named(shared, tmp_pa
     assert done.exit_code == 0, done.output
     assert "Left out 1 folder it cannot read" in " ".join(done.stderr.split()) and "sub (Permission denied)" in \
         done.stderr.replace("\n", "")
+
+
+def test_what_is_your_own_or_unwritable_to_all_is_not_blamed_on_an_owner(shared):
+    """Review: a workspace nobody may write said "No such file or directory" (the read-only retry of the lock's
+    open), and a folder of the user's own that was not writable read "is nobody's ... ask its owner"."""
+    import pwd
+
+    os.chmod(shared / "data", 0o755)  # root's: nobody may not write in it
+    assert_one_line_error(as_nobody("tokenize"), f"cannot write to {shared / 'data'} (Permission denied)")
+    run = own_run(shared, "mine")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for path in (run, run / "checkpoints", run / "checkpoints" / "step_1"):
+        os.chown(path, nobody, -1)
+    os.chmod(run / "checkpoints", 0o555)  # the user's own folder, made read-only by the user
+    result = as_nobody("runs", "rm", "mine", "--yes")
+    assert result.exit_code == 1 and "ask its owner" not in result.stderr and "Traceback" not in result.stderr
+    os.chmod(run / "checkpoints", 0o755)

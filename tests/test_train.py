@@ -1,3 +1,4 @@
+import itertools
 import json
 import math
 
@@ -248,6 +249,12 @@ def test_warmup_then_cosine_and_wsd():
     assert learning_rate(79, wsd) == pytest.approx(1e-3)
     assert learning_rate(89, wsd) == pytest.approx(5e-4)
     assert learning_rate(99, wsd) == pytest.approx(0.0)
+    # ML QA: a decay that began under the warmup fell 22% in one step at the warmup's end; it starts after it now
+    overlap = tiny_config(max_steps=20, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="wsd", decay_fraction=0.6).train
+    rates = [learning_rate(step, overlap) for step in range(20)]
+    assert rates[9] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates[9:]))
+    assert rates[9] - rates[10] < 0.1
 
 
 def test_a_rewarm_rises_linearly_from_the_last_lr_to_the_schedule():

@@ -449,10 +449,13 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
     from tinygpt_cli.model import gpt_to_load, load_weights
 
     name = str(device).strip().lower()
+    kind, colon, index = name.partition(":")
     if name == "auto":
         device = next(kind for kind in ("cuda", "mps", "cpu") if device_present(kind))
-    elif name.partition(":")[0] not in ("cpu", "cuda", "mps"):  # torch's own error lists two dozen kinds
+    elif kind not in ("cpu", "cuda", "mps") or (colon and not index.isdecimal()):  # torch's error lists two dozen
         raise CheckpointError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    else:
+        device = name
     spec = spec_text(spec)
     checkpoint = resolve_checkpoint(spec)
     try:

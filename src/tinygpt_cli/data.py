@@ -507,13 +507,14 @@ def tokenize(
     for flag, value in (("--fraction", fraction), ("--val-fraction", val_fraction)):
         if problem := kind_problem(flag, value):
             raise DataError(problem)
+    check_seed(seed)
+    fraction, val_fraction, seed = float(fraction), float(val_fraction), int(seed)  # numpy's as Python's (JSON)
     if not 0.0 < fraction <= 1.0:
         raise DataError(f"--fraction must be in (0, 1] (got {fraction})")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in (0, 1) (got {val_fraction})")
     if workers is not None and workers < 1:
         raise DataError(f"--workers must be at least 1 (got {workers})")
-    check_seed(seed)
     emit = on_event or (lambda event: None)
     started = time.perf_counter()
     src = resolve_source(source, text_field)

@@ -49,7 +49,7 @@ def env_count(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:
         return default
-    if not value.strip().isdigit():
+    if not (value.strip().isascii() and value.strip().isdigit()):  # "²" is a digit to isdigit
         raise TinyGPTError(f"{name}={value!r} in the environment is not a whole number: unset it (`unset {name}`); "
                           f"torchrun sets it for the processes it starts")
     return int(value)

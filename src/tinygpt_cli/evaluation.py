@@ -810,6 +810,7 @@ def _append(path: Path, text: str, title: str = "") -> int | None:
             text = title + text
         except FileExistsError:
             pass
+    existed = made is None and path.exists()
     with made or open(path, "a+b") as handle:
         before = handle.seek(0, os.SEEK_END)
         if before > 0:
@@ -823,9 +824,9 @@ def _append(path: Path, text: str, title: str = "") -> int | None:
         except OSError:
             with contextlib.suppress(OSError):  # what is left in its buffer fails to go again
                 handle.close()
-            _undo_append(path, None if made is not None else before)
+            _undo_append(path, before if existed else None)
             raise
-    return None if made is not None else before
+    return before if existed else None
 
 
 def _undo_append(path: Path, before: int | None) -> None:

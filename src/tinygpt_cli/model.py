@@ -175,7 +175,8 @@ class GPT(nn.Module):
             return self.lm_head(x), None
         # traced by torch.compile, the whole-logits loss below, which inductor fuses; the fused one is a Python loop
         # of large matmuls for eager runs (is_compiling is cheap: no torch._dynamo import for eager use)
-        if self.fused_loss and not torch.compiler.is_compiling():
+        # (fp32 weights, as training keeps them: a model cast to bf16 or fp64 whole takes the plain loss below)
+        if self.fused_loss and self.lm_head.weight.dtype == torch.float32 and not torch.compiler.is_compiling():
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets)
         logits = self.lm_head(x)  # (B, T, V): bf16 under autocast; compiled, the upcast below fuses into the loss
         return None, F.cross_entropy(logits[..., :VOCAB_SIZE].flatten(0, 1).float(), targets.flatten(),

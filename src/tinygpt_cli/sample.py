@@ -678,6 +678,10 @@ def generate(
         raise GenerationError("generate takes the prompt's token ids: for text, sample_text takes it and returns "
                               "text")
     check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, num_samples, seed)
+    # numpy's numbers as Python's: torch's generator takes no numpy integer as a seed
+    max_new_tokens, top_k, num_samples = int(max_new_tokens), int(top_k), int(num_samples)
+    temperature, top_p, repetition_penalty = float(temperature), float(top_p), float(repetition_penalty)
+    seed = None if seed is None else int(seed)
     started = time.perf_counter()
     block = model.config.block_size
     if getattr(prompt, "ndim", 1) != 1:  # a tensor or array of (1, N) ids, as a tokenizer returns for one text
@@ -694,8 +698,8 @@ def generate(
     if flush_every is not None and flush_every < 1:
         raise ValueError(f"flush_every must be at least 1 (got {flush_every})")
     check_prompt_fits(prompt, model)
-    if any(not 0 <= token < model.config.vocab_size for token in prompt):
-        raise GenerationError(f"the prompt holds token ids outside the vocabulary (0..{model.config.vocab_size - 1})")
+    if any(not 0 <= token < VOCAB_SIZE for token in prompt):  # the padded rows are no tokens (ML QA)
+        raise GenerationError(f"the prompt holds token ids outside GPT-2's vocabulary (0..{VOCAB_SIZE - 1})")
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, stats.batch_size, stats.new_tokens = len(prompt), num_samples, 0
     device = next(model.parameters()).device

@@ -316,8 +316,9 @@ def _scheduled_lr(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
-        decay_steps = max(1, int(cfg.max_steps * cfg.decay_fraction))
-        decay_start = cfg.max_steps - decay_steps
+        # the decay starts after the warmup, however long: begun under it, the LR fell at its end (ML QA)
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - max(1, int(cfg.max_steps * cfg.decay_fraction)))
+        decay_steps = max(1, cfg.max_steps - decay_start)
         if step < decay_start:
             return cfg.lr
         progress = min(1.0, (step - decay_start + 1) / decay_steps)
@@ -913,8 +914,8 @@ class _Trainer:
                     differ = ", ".join(f"model.{key} {getattr(saved, key)} → {getattr(cfg.model, key)}"
                                        for key in vars(saved) if getattr(saved, key) != getattr(cfg.model, key))
                     raise TrainingError(
-                        f"the model shape of {self.run_dir.name} cannot change on resume ({differ}): drop the model "
-                        f"overrides (in Python: resolve_config(base=run_config_of(run), overrides=[...]) keeps it)"
+                        f"the model shape of {self.run_dir.name} cannot change on resume ({differ}): keep the run's "
+                        f"model settings (drop the model overrides)"
                     )
                 self.model.load_state_dict(loaded.model.state_dict())
                 self.state = loaded.state

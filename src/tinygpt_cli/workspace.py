@@ -108,15 +108,23 @@ def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None,
     without -o flock)."""
     deadline = time.monotonic() + patience_s
     while True:
+        read_only = False
         try:
+            handle = open(lock_path, "a+")
+        except PermissionError as exc:  # another user's lock (a shared workspace): a lock takes a file open to read
             try:
-                handle = open(lock_path, "a+")
-            except PermissionError:  # another user's lock (a shared workspace): a lock takes a file open to read
-                handle = open(lock_path)
+                handle, read_only = open(lock_path), True
+            except OSError:
+                raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
+                                f"choose a writable TINYGPT_HOME") from None
         except OSError as exc:
             raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
                             f"choose a writable TINYGPT_HOME") from None
         locked = _try_lock(handle)
+        if locked is None and read_only:  # NFS locks only a file open to write: another user's lock file
+            handle.close()
+            raise DataError(f"cannot lock {lock_path}: it is {owner_of(lock_path)}'s, and locks on this filesystem "
+                            f"need it writable: ask them to delete it if no tinygpt of theirs is running")
         if locked is False:  # held: by a writer, or for an instant by `held`
             handle.close()
             if time.monotonic() >= deadline:
@@ -378,11 +386,23 @@ def cannot_move(path: Path) -> str | None:
         parent, entry = os.stat(path.parent), os.lstat(path)
     except OSError:
         return None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        return f"{path.parent} is {owner_of(path.parent)}'s and not writable by you"
+    unwritable = _others_unwritable(path.parent, parent.st_uid)
+    if unwritable is not None:
+        return unwritable
     if parent.st_mode & 0o1000 and os.geteuid() not in (entry.st_uid, parent.st_uid):  # sticky, as /tmp
         return f"{path.name} is {owner_of(path)}'s, in a folder where only an entry's owner may move it"
     return None
+
+
+def _others_unwritable(folder: Path, uid: int) -> str | None:
+    """"FOLDER is OWNER's and not writable by you" where another user's folder is; None where it is writable, or
+    this user's own, or on a read-only disk (the write itself then says what is wrong, as it does for one user)."""
+    if os.access(folder, os.W_OK | os.X_OK) or uid == os.geteuid():
+        return None
+    with contextlib.suppress(OSError, AttributeError):  # Windows has no statvfs
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return None
+    return f"{folder} is {owner_of(folder)}'s and not writable by you"
 
 
 def cannot_delete(path: Path) -> str | None:
@@ -393,15 +413,20 @@ def cannot_delete(path: Path) -> str | None:
         return reason
     for folder, subfolders, files in os.walk(path, onerror=lambda exc: None):
         here = Path(folder)
-        if not os.access(here, os.R_OK | os.W_OK | os.X_OK):
-            return f"{here} is {owner_of(here)}'s and not writable by you"
+        with contextlib.suppress(OSError):
+            reason = _others_unwritable(here, os.stat(here).st_uid)
+            if reason is not None:
+                return reason
         for name in (*subfolders, *files):
             reason = cannot_move(here / name)
             if reason is not None:
                 return reason
         for name in subfolders:  # os.walk leaves out what it cannot list: say so rather than leave it behind
-            if not os.access(here / name, os.R_OK | os.X_OK) and not (here / name).is_symlink():
-                return f"{here / name} is {owner_of(here / name)}'s and not readable by you"
+            inner = here / name
+            with contextlib.suppress(OSError):
+                if not os.access(inner, os.R_OK | os.X_OK) and not inner.is_symlink() and \
+                        os.lstat(inner).st_uid != os.geteuid():
+                    return f"{inner} is {owner_of(inner)}'s and not readable by you"
     return None
 
 
