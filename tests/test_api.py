@@ -210,7 +210,9 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
             call()
     assert not (workspace / "runs" / "s").exists() and not (workspace / "data" / "x").exists()
     assert next(load_checkpoint("r", device="auto").model.parameters()).device.type == "cpu"
-    assert next(load_checkpoint("r", device=" CPU").model.parameters()).device.type == "cpu"  # review
+    assert next(load_checkpoint("r", device=" CPU:00").model.parameters()).device.type == "cpu"  # reviews
+    with pytest.raises(TinyGPTError, match="unknown device 'cpu:٣'"):
+        load_checkpoint("r", device="cpu:٣")
     import numpy as np  # review: numpy's numbers passed the checks, then failed in JSON, the seed, the hash
 
     assert tokenize(seed=np.int64(3), fraction=np.float32(0.5), name="np").meta["seed"] == 3

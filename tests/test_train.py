@@ -1,4 +1,3 @@
-import itertools
 import json
 import math
 
@@ -249,12 +248,6 @@ def test_warmup_then_cosine_and_wsd():
     assert learning_rate(79, wsd) == pytest.approx(1e-3)
     assert learning_rate(89, wsd) == pytest.approx(5e-4)
     assert learning_rate(99, wsd) == pytest.approx(0.0)
-    # ML QA: a decay that began under the warmup fell 22% in one step at the warmup's end; it starts after it now
-    overlap = tiny_config(max_steps=20, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="wsd", decay_fraction=0.6).train
-    rates = [learning_rate(step, overlap) for step in range(20)]
-    assert rates[9] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
-    assert all(later <= earlier for earlier, later in itertools.pairwise(rates[9:]))
-    assert rates[9] - rates[10] < 0.1
 
 
 def test_a_rewarm_rises_linearly_from_the_last_lr_to_the_schedule():
@@ -1286,3 +1279,14 @@ def test_train_runs_as_its_config_says_whatever_the_callers_torch_state(with_sha
     finally:
         torch.set_default_dtype(default)
     assert result.final_loss == pytest.approx(reference, rel=1e-6)
+
+
+def test_a_wsd_decay_inside_the_warmup_is_said(with_shakespeare):
+    """ML QA: a WSD decay that began under a long warmup made the LR fall 22% in one step at the warmup's end, and
+    nothing said so. (The schedule stays as runs trained with it: a resume goes on with the same curve.)"""
+    events = []
+    train(tiny_config(max_steps=20, warmup_steps=10, schedule="wsd", decay_fraction=0.6), run_name="w",
+          on_event=events.append)
+    notes = [e.message for e in events if e.kind == "info" and "WSD decay" in e.message]
+    assert notes == ["the WSD decay starts at step 8, inside the warmup (train.warmup_steps 10): the learning rate "
+                     "falls 22% at once when the warmup ends; lower train.warmup_steps or train.decay_fraction."]

@@ -452,10 +452,10 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
     kind, colon, index = name.partition(":")
     if name == "auto":
         device = next(kind for kind in ("cuda", "mps", "cpu") if device_present(kind))
-    elif kind not in ("cpu", "cuda", "mps") or (colon and not index.isdecimal()):  # torch's error lists two dozen
-        raise CheckpointError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
-    else:
-        device = name
+    elif kind not in ("cpu", "cuda", "mps") or (colon and not (index.isascii() and index.isdecimal())):
+        raise CheckpointError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")  # (torch's error
+    else:                                                                                        # lists two dozen)
+        device = f"{kind}:{int(index)}" if colon else kind  # torch refuses cpu:00
     spec = spec_text(spec)
     checkpoint = resolve_checkpoint(spec)
     try:

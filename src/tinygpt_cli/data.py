@@ -1090,11 +1090,12 @@ class DatasetInUse(SourceUnreadable):
 def _check_ours_to_change(name: str, final: Path, partial: Path) -> None:
     """Before any work: refuse a dataset this user may not replace, or an interrupted tokenize of it it may not
     continue (another user's, in a workspace several share), rather than fail to publish after the work."""
-    reason = workspace.cannot_move(final) if final.exists() else None
-    if reason is not None:
-        raise DataError(f"data/{name} cannot be replaced by you ({reason}): tokenize under another name with "
+    blocked = workspace.cannot_move(final) if final.exists() else None
+    if blocked is not None and not blocked.yours:  # one's own unwritable folder: the write says so, as it did
+        raise DataError(f"data/{name} cannot be replaced by you ({blocked.reason}): tokenize under another name with "
                         f"--name NAME")
-    if partial.is_dir() and (workspace.cannot_move(partial) or not os.access(partial, os.W_OK | os.X_OK)):
+    blocked = (workspace.cannot_move(partial) or workspace.folder_unwritable(partial)) if partial.is_dir() else None
+    if blocked is not None and not blocked.yours:
         raise DataError(f"an interrupted tokenize of data/{name} by {workspace.owner_of(partial)} is in the way "
                         f"({partial} is not yours to change): ask them to finish or delete it (`tinygpt data rm "
                         f"{name}`), or tokenize under another name with --name NAME")

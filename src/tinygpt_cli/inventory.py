@@ -623,10 +623,11 @@ def _check_deletable(what: str, paths: list[Path]) -> None:
     """Refuse, before anything goes, what this user may not delete whole (another user's run or dataset in a shared
     workspace): renamed out of the listing and then only half deleted, it would be lost to its owner."""
     for path in paths:
-        reason = workspace.cannot_move(path) if path.is_symlink() else workspace.cannot_delete(path)
-        if reason is not None:
-            raise DataError(f"{what} cannot be deleted by you ({reason}), so nothing was deleted: ask its owner or an "
-                            f"administrator to delete it")
+        blocked = workspace.cannot_move(path) if path.is_symlink() else workspace.cannot_delete(path)
+        if blocked is not None:
+            advice = "make it writable (`chmod -R u+rwX` it), then delete it" if blocked.yours else \
+                "ask its owner or an administrator to delete it"
+            raise DataError(f"{what} cannot be deleted by you ({blocked.reason}), so nothing was deleted: {advice}")
 
 
 def _holds_anything(folder: Path) -> bool:

@@ -150,8 +150,11 @@ def resolve_device(name: str | torch.device) -> torch.device:
     """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against what is there."""
     name = str(name).strip().lower()  # a torch.device too
     kind, _, index = name.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (":" in name and (kind == "auto" or not index.isdecimal())):
+    if kind not in ("auto", "cpu", "cuda", "mps") or (":" in name and (kind == "auto" or not (
+            index.isascii() and index.isdecimal()))):  # "٣" is decimal to isdecimal
         raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if index:
+        name = f"{kind}:{int(index)}"  # torch refuses cpu:00
     if name == "auto":
         return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if device_present(kind)))
     if kind == "cuda" and not device_present("cuda"):
@@ -312,13 +315,17 @@ def learning_rate(step: int, cfg: TrainConfig, rewarm: tuple[int, float] | None 
     return from_lr + (base - from_lr) * (step - start + 1) / cfg.warmup_steps
 
 
+def wsd_decay(cfg: TrainConfig) -> tuple[int, int]:
+    """The WSD schedule's decay: its first step, and how many steps it spans (the last train.decay_fraction)."""
+    decay_steps = max(1, int(cfg.max_steps * cfg.decay_fraction))
+    return cfg.max_steps - decay_steps, decay_steps
+
+
 def _scheduled_lr(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
-        # the decay starts after the warmup, however long: begun under it, the LR fell at its end (ML QA)
-        decay_start = max(cfg.warmup_steps, cfg.max_steps - max(1, int(cfg.max_steps * cfg.decay_fraction)))
-        decay_steps = max(1, cfg.max_steps - decay_start)
+        decay_start, decay_steps = wsd_decay(cfg)
         if step < decay_start:
             return cfg.lr
         progress = min(1.0, (step - decay_start + 1) / decay_steps)
@@ -945,6 +952,13 @@ class _Trainer:
                                                  f"{workspace.counted(tc.max_steps, 'step')}: the learning rate "
                                                  f"climbs to {peak:.0%} of train.lr and never decays; e.g. --set "
                                                  f"train.warmup_steps={shorter}{tenth}."))
+        decay_start = wsd_decay(tc)[0]
+        if checkpoint is None and tc.schedule == "wsd" and 0 < decay_start < tc.warmup_steps < tc.max_steps:
+            drop = 1 - learning_rate(tc.warmup_steps, tc) / tc.lr  # ML QA: a fall nothing said
+            self.emit(TrainEvent("info", message=f"the WSD decay starts at step {decay_start}, inside the warmup "
+                                                 f"(train.warmup_steps {tc.warmup_steps}): the learning rate falls "
+                                                 f"{drop:.0%} at once when the warmup ends; lower "
+                                                 f"train.warmup_steps or train.decay_fraction."))
         if self.fsdp:
             fully_shard = fsdp2_fully_shard()
 

@@ -13,7 +13,7 @@ import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tinygpt_cli.errors import DataError, TinyGPTError
 
@@ -108,23 +108,23 @@ def exclusive(lock_path: Path, what: str, busy: TinyGPTError | None = None,
     without -o flock)."""
     deadline = time.monotonic() + patience_s
     while True:
-        read_only = False
         try:
             handle = open(lock_path, "a+")
         except PermissionError as exc:  # another user's lock (a shared workspace): a lock takes a file open to read
             try:
-                handle, read_only = open(lock_path), True
+                handle = open(lock_path)
             except OSError:
                 raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
                                 f"choose a writable TINYGPT_HOME") from None
         except OSError as exc:
             raise DataError(f"cannot write to {lock_path.parent} ({exc.strerror or exc}): "
                             f"choose a writable TINYGPT_HOME") from None
-        locked = _try_lock(handle)
-        if locked is None and read_only:  # NFS locks only a file open to write: another user's lock file
+        try:
+            locked = _try_lock(handle)
+        except OSError:  # EBADF: NFS locks only a file open to write, and this is another user's lock file
             handle.close()
             raise DataError(f"cannot lock {lock_path}: it is {owner_of(lock_path)}'s, and locks on this filesystem "
-                            f"need it writable: ask them to delete it if no tinygpt of theirs is running")
+                            f"need it writable: ask them to delete it if no tinygpt of theirs is running") from None
         if locked is False:  # held: by a writer, or for an instant by `held`
             handle.close()
             if time.monotonic() >= deadline:
@@ -164,7 +164,10 @@ def held(lock_path: Path) -> bool:
     except OSError:  # none: nothing holds it
         return False
     with handle:
-        locked = _try_lock(handle, shared=True)
+        try:
+            locked = _try_lock(handle, shared=True)
+        except OSError:  # EBADF (see `_try_lock`): none that this can see
+            return False
         if locked:
             _unlock(handle)
         return locked is False
@@ -189,7 +192,9 @@ def _try_lock(handle: Any, shared: bool = False) -> bool | None:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        except OSError:  # ENOLCK, EOPNOTSUPP
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: no locks here. EBADF: NFS, whose exclusive lock needs a file
+            if exc.errno == errno.EBADF:  # open to write (`exclusive` says so)
+                raise
             return None
         return True
     try:
@@ -376,57 +381,76 @@ def owner_of(path: Path) -> str:
         return f"uid {uid}"
 
 
-def cannot_move(path: Path) -> str | None:
+class Blocked(NamedTuple):
+    """Why this user may not move or delete something: `reason`, and whether what blocks it is the user's own."""
+
+    reason: str
+    yours: bool
+
+
+def cannot_move(path: Path) -> Blocked | None:
     """Why this user may not rename or delete the entry `path` of its folder (the POSIX permissions of a workspace
     that several users share: a folder they may not write, or a sticky one where only an entry's owner may), or
-    None where it may, or where it cannot tell (Windows, root, a path that is gone)."""
+    None where it may, or where it cannot tell (Windows, root, a path that is gone, a read-only disk: the write
+    itself then says so, before anything is moved)."""
     if not hasattr(os, "geteuid") or os.geteuid() == 0:
         return None
     try:
         parent, entry = os.stat(path.parent), os.lstat(path)
     except OSError:
         return None
-    unwritable = _others_unwritable(path.parent, parent.st_uid)
+    unwritable = _unwritable(path.parent, parent.st_uid)
     if unwritable is not None:
         return unwritable
     if parent.st_mode & 0o1000 and os.geteuid() not in (entry.st_uid, parent.st_uid):  # sticky, as /tmp
-        return f"{path.name} is {owner_of(path)}'s, in a folder where only an entry's owner may move it"
+        return Blocked(f"{path.name} is {owner_of(path)}'s, in a folder where only an entry's owner may move it",
+                       False)
     return None
 
 
-def _others_unwritable(folder: Path, uid: int) -> str | None:
-    """"FOLDER is OWNER's and not writable by you" where another user's folder is; None where it is writable, or
-    this user's own, or on a read-only disk (the write itself then says what is wrong, as it does for one user)."""
-    if os.access(folder, os.W_OK | os.X_OK) or uid == os.geteuid():
+def _unwritable(folder: Path, uid: int, access: int = os.W_OK | os.X_OK, what: str = "writable") -> Blocked | None:
+    """Why the folder `folder` (owned by `uid`) is not `what` by this user, or None where it is, or where it is on
+    a read-only disk."""
+    if os.access(folder, access):
         return None
     with contextlib.suppress(OSError, AttributeError):  # Windows has no statvfs
         if os.statvfs(folder).f_flag & os.ST_RDONLY:
             return None
-    return f"{folder} is {owner_of(folder)}'s and not writable by you"
+    if uid == os.geteuid():
+        return Blocked(f"{folder} is not {what}, though it is yours", True)
+    return Blocked(f"{folder} is {owner_of(folder)}'s and not {what} by you", False)
 
 
-def cannot_delete(path: Path) -> str | None:
+def folder_unwritable(folder: Path) -> Blocked | None:
+    """Why this user may not write in `folder` (`_unwritable`), or None where it may or where it cannot tell."""
+    if not hasattr(os, "geteuid") or os.geteuid() == 0:
+        return None
+    try:
+        return _unwritable(folder, os.stat(folder).st_uid)
+    except OSError:
+        return None
+
+
+def cannot_delete(path: Path) -> Blocked | None:
     """Why this user may not delete the folder `path` whole (`cannot_move`, or a folder inside it that it may not
-    read or change), or None; checked before anything goes, so that nothing is left half deleted."""
-    reason = cannot_move(path)
-    if reason is not None or not hasattr(os, "geteuid") or os.geteuid() == 0 or path.is_symlink():
-        return reason
+    read or change, its own too), or None; checked before anything goes, so that nothing is left half deleted."""
+    blocked = cannot_move(path)
+    if blocked is not None or not hasattr(os, "geteuid") or os.geteuid() == 0 or path.is_symlink():
+        return blocked
     for folder, subfolders, files in os.walk(path, onerror=lambda exc: None):
         here = Path(folder)
-        with contextlib.suppress(OSError):
-            reason = _others_unwritable(here, os.stat(here).st_uid)
-            if reason is not None:
-                return reason
         for name in (*subfolders, *files):
-            reason = cannot_move(here / name)
-            if reason is not None:
-                return reason
+            blocked = cannot_move(here / name)
+            if blocked is not None:
+                return blocked
         for name in subfolders:  # os.walk leaves out what it cannot list: say so rather than leave it behind
             inner = here / name
             with contextlib.suppress(OSError):
-                if not os.access(inner, os.R_OK | os.X_OK) and not inner.is_symlink() and \
-                        os.lstat(inner).st_uid != os.geteuid():
-                    return f"{inner} is {owner_of(inner)}'s and not readable by you"
+                if not inner.is_symlink():
+                    blocked = _unwritable(inner, os.lstat(inner).st_uid, os.R_OK | os.W_OK | os.X_OK,
+                                          "readable and writable")
+                    if blocked is not None:
+                        return blocked
     return None
 
 
