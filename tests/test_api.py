@@ -176,6 +176,7 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
     import torch
 
     from tinygpt_cli import TinyGPTError, generate, load_checkpoint, resolve_config, sample_text, tokenize, train
+    from tinygpt_cli.evaluation import evaluate, evaluate_task
     from tinygpt_cli.training import run_config_of
 
     cfg = resolve_config(size="micro", overrides=[*TINY_OVERRIDES, "train.max_steps=1"])
@@ -203,6 +204,8 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
             (lambda: tokenize(fraction="0.5"), r"--fraction must be a number \(got '0.5'\)"),
             (lambda: tokenize(seed=1.5, name="x"), "--seed must be a whole number 0 to"),
             (lambda: load_checkpoint("r", device="tpu"), "unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps"),
+            (lambda: evaluate("r", tokens="256"), r"--tokens must be a whole number \(got '256'\)"),
+            (lambda: evaluate_task("r", limit=2.5), r"--limit must be a whole number \(got 2.5\)"),
             (lambda: train(resolve_config(size="micro", overrides=["train.max_steps=2"]), run_name="r", resume=True),
              r"cannot change on resume \(model.n_layer 2 → 4, .*\): keep the run's model settings"),
     ):
@@ -216,6 +219,7 @@ def test_wrong_argument_types_are_one_clear_error(with_shakespeare, workspace):
     import numpy as np  # review: numpy's numbers passed the checks, then failed in JSON, the seed, the hash
 
     assert tokenize(seed=np.int64(3), fraction=np.float32(0.5), name="np").meta["seed"] == 3
+    assert evaluate("r", tokens=np.int64(64), record=False).tokens >= 64
     assert sample_text(model, "Hi", np.int64(3), seed=np.int64(1), top_k=np.int64(5)).samples[0].text == \
         sample_text(model, "Hi", 3, seed=1, top_k=5).samples[0].text
     train(cfg, run_name="s")  # a refused call holds nothing a later one needs

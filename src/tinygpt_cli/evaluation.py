@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from tinygpt_cli import workspace
 from tinygpt_cli.checkpoint import LoadedCheckpoint, record_folder
+from tinygpt_cli.config import kind_problem
 from tinygpt_cli.data import Dataset, find_dataset, token_window
 from tinygpt_cli.errors import FULL, DataError, TinyGPTError, os_problem
 from tinygpt_cli.launch import Stopped, stops_held
@@ -705,10 +706,7 @@ def evaluate(
     split = {"validation": "val"}.get(split, split)  # Hugging Face's name of it
     if split not in SPLITS:
         raise DataError(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
-    if tokens is not None and tokens < 1:
-        raise DataError(f"--tokens must be at least 1 (got {tokens})")
-    if batch_size is not None and batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
+    tokens, batch_size = _counts(("--tokens", tokens), ("--batch-size", batch_size))
     loaded, autocast, dtype_name = _setup(checkpoint, device, dtype, record)
     dataset = _run_dataset(loaded, data, emit)
     split_tokens = dataset.split(split)
@@ -737,6 +735,19 @@ def evaluate(
     return result
 
 
+def _counts(*given: tuple[str, int | None]) -> list[int | None]:
+    """Each (flag, value) whole and at least 1, or None; as Python ints (numpy's too). A one-line error names the
+    flag of the first that is not (API QA: `evaluate(tokens="256")` was a TypeError from deep inside)."""
+    counts = []
+    for flag, value in given:
+        if value is not None and (problem := kind_problem(flag, value, whole=True)):
+            raise DataError(problem)
+        if value is not None and value < 1:
+            raise DataError(f"{flag} must be at least 1 (got {value})")
+        counts.append(None if value is None else int(value))
+    return counts
+
+
 def evaluate_task(checkpoint: str | Path | None = None, *, task: str = "hellaswag", **options: Any) -> TaskResult:
     """Zero-shot accuracy of a checkpoint on a benchmark (`task`: a name in TASKS), on the first `limit` examples;
     `task_data`: a local copy of them instead of the hub's. `options`: those of `evaluate_tasks`."""
@@ -761,10 +772,7 @@ def evaluate_tasks(
     called with each as it is done (an interrupt keeps the ones before). `task_data` goes with one task."""
     emit = on_event or (lambda event: None)
     specs = [find_task(task) for task in tasks]
-    if limit is not None and limit < 1:
-        raise DataError(f"--limit must be at least 1 (got {limit})")
-    if batch_size is not None and batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1 (got {batch_size})")
+    limit, batch_size = _counts(("--limit", limit), ("--batch-size", batch_size))
     if task_data is not None and len(specs) > 1:
         raise DataError(f"--task-data is one task's examples: give it with one --task, not {len(specs)}")
     loaded_tasks = [load_task(spec, task_data, limit) for spec in specs]
