@@ -185,6 +185,18 @@ def save_checkpoint(
     return final
 
 
+def device_name(device: Any, error: type[Exception]) -> str:
+    """`device` (a name or a torch.device) as auto, cpu, cuda, cuda:N or mps, else `error` (torch's own lists two
+    dozen kinds). The index in ASCII digits ("٣" is decimal to isdecimal), without leading zeros (torch refuses
+    cpu:00)."""
+    name = str(device).strip().lower()
+    kind, colon, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (colon and (kind == "auto" or not (
+            index.isascii() and index.isdecimal()))):
+        raise error(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return f"{kind}:{int(index)}" if colon else kind
+
+
 def device_present(kind: str) -> bool:
     """Whether this machine has a CUDA or MPS device that torch can use (`kind` "cuda", "mps"); other kinds, the
     CPU's among them, are torch's to check."""
@@ -448,14 +460,9 @@ def load_checkpoint(spec: str | Path | None = None, device: str | torch.device =
 
     from tinygpt_cli.model import gpt_to_load, load_weights
 
-    name = str(device).strip().lower()
-    kind, colon, index = name.partition(":")
-    if name == "auto":
+    device = device_name(device, CheckpointError)
+    if device == "auto":
         device = next(kind for kind in ("cuda", "mps", "cpu") if device_present(kind))
-    elif kind not in ("cpu", "cuda", "mps") or (colon and not (index.isascii() and index.isdecimal())):
-        raise CheckpointError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")  # (torch's error
-    else:                                                                                        # lists two dozen)
-        device = f"{kind}:{int(index)}" if colon else kind  # torch refuses cpu:00
     spec = spec_text(spec)
     checkpoint = resolve_checkpoint(spec)
     try:

@@ -1013,6 +1013,11 @@ def _checked_config_from_hf(where: Path, config: dict[str, Any]) -> ModelConfig:
 
 def hf_folder_config(folder: Path) -> ModelConfig:
     """The ModelConfig of a Hugging Face GPT-2 folder, from its config.json (the vocabulary padded to 50304)."""
+    return _config_from_hf(folder, _read_hf_config(folder))
+
+
+def _read_hf_config(folder: Path) -> dict[str, Any]:
+    """A Hugging Face folder's config.json, as a JSON object (else a one-line ExportError)."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -1021,12 +1026,7 @@ def hf_folder_config(folder: Path) -> ModelConfig:
         raise ExportError(f"{folder / 'config.json'} is not valid JSON: re-download or re-export the model") from None
     if not isinstance(config, dict):
         raise ExportError(f"{folder / 'config.json'} is not a JSON object: re-download or re-export the model")
-    return _config_from_hf(folder, config)
-
-
-def _config_vocab(folder: Path) -> int:
-    """config.json's vocab_size, as saved (not padded); `hf_folder_config` has checked the file."""
-    return int(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocab_size", VOCAB_SIZE))
+    return config
 
 
 def _foreign_tokenizer(folder: Path) -> str | None:
@@ -1056,7 +1056,8 @@ def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
     if (folder / FILLING).exists():
         raise ExportError(f"{folder} is part of an export that was killed while its files were moved in: run that "
                           "`tinygpt export` again to finish it")
-    cfg = hf_folder_config(folder)
+    config = _read_hf_config(folder)
+    cfg = _config_from_hf(folder, config)
     foreign = _foreign_tokenizer(folder)
     if foreign is not None:
         raise ExportError(f"{folder} has a tokenizer of its own ({foreign}'s vocabulary is not GPT-2's): tinygpt "
@@ -1079,7 +1080,7 @@ def load_hf_folder(folder: str | Path) -> tuple[GPT, ModelConfig]:
     if "transformer.wte.weight" not in tensors and head is not None:
         tensors["transformer.wte.weight"] = head.to(torch.float32).contiguous()
     wte = tensors.get("transformer.wte.weight")
-    rows = _config_vocab(folder)
+    rows = int(config.get("vocab_size", VOCAB_SIZE))  # as saved, not padded
     if wte is not None and wte.size(0) != rows:  # transformers refuses it too; padding hid it
         raise ExportError(f"the weights in {folder} have {wte.size(0):,} token embeddings, and its config.json says "
                           f"vocab_size {rows:,}: re-download or re-export the model")

@@ -623,7 +623,7 @@ def _check_deletable(what: str, paths: list[Path]) -> None:
     """Refuse, before anything goes, what this user may not delete whole (another user's run or dataset in a shared
     workspace): renamed out of the listing and then only half deleted, it would be lost to its owner."""
     for path in paths:
-        blocked = workspace.cannot_move(path) if path.is_symlink() else workspace.cannot_delete(path)
+        blocked = workspace.cannot_delete(path)  # (a link: only the link, `cannot_move`)
         if blocked is not None:
             advice = "make it writable (`chmod -R u+rwX` it), then delete it" if blocked.yours else \
                 "ask its owner or an administrator to delete it"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -188,11 +189,17 @@ def gpt_to_load(cfg: ModelConfig) -> GPT:
     nothing is allocated nor initialised only to be overwritten (initialising a 1.5B model takes seconds), and
     nothing is drawn from the caller's random stream (a notebook's seeded draws stay). Its parameters are fp32
     whatever the caller's default dtype."""
+    with fp32_default(), torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return GPT(cfg)
+
+
+@contextlib.contextmanager
+def fp32_default() -> Iterator[None]:
+    """fp32 as torch's default dtype inside, whatever the caller's (a notebook's `set_default_dtype(float64)`)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            return GPT(cfg)
+        yield
     finally:
         torch.set_default_dtype(default)
 

@@ -29,6 +29,7 @@ import torch
 from tinygpt_cli import __version__, dist, workspace
 from tinygpt_cli.checkpoint import (
     DamagedCheckpoint,
+    device_name,
     device_present,
     find_run,
     latest_checkpoint,
@@ -80,7 +81,7 @@ from tinygpt_cli.errors import (
     os_problem,
 )
 from tinygpt_cli.launch import Stopped
-from tinygpt_cli.model import GPT, release_cpu_workspace
+from tinygpt_cli.model import GPT, fp32_default, release_cpu_workspace
 from tinygpt_cli.optim import apply_hyperparameters, make_optimizer, muon_schedule, set_learning_rate
 from tinygpt_cli.plan import (
     GIB,
@@ -148,13 +149,8 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------- devices
 def resolve_device(name: str | torch.device) -> torch.device:
     """`auto` (CUDA, else MPS, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against what is there."""
-    name = str(name).strip().lower()  # a torch.device too
+    name = device_name(name, TrainingError)  # a torch.device too
     kind, _, index = name.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (":" in name and (kind == "auto" or not (
-            index.isascii() and index.isdecimal()))):  # "٣" is decimal to isdecimal
-        raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if index:
-        name = f"{kind}:{int(index)}"  # torch refuses cpu:00
     if name == "auto":
         return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if device_present(kind)))
     if kind == "cuda" and not device_present("cuda"):
@@ -691,18 +687,14 @@ def _torch_defaults() -> Iterator[None]:
     or `inference_mode()` after an inference cell failed with "element 0 of tensors does not require grad"), fp32
     as the default dtype (a float64 default failed in the fused loss), no outer autocast (one trained an fp32 run
     in bf16, in silence). The caller's settings are back as it returns."""
-    dtype = torch.get_default_dtype()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
+        stack.enter_context(fp32_default())
         for device_type in ("cpu", "cuda"):
             if _autocast_on(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
-        torch.set_default_dtype(torch.float32)
-        try:
-            yield
-        finally:
-            torch.set_default_dtype(dtype)
+        yield
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -403,8 +403,7 @@ def cannot_move(path: Path) -> Blocked | None:
     if unwritable is not None:
         return unwritable
     if parent.st_mode & 0o1000 and os.geteuid() not in (entry.st_uid, parent.st_uid):  # sticky, as /tmp
-        return Blocked(f"{path.name} is {owner_of(path)}'s, in a folder where only an entry's owner may move it",
-                       False)
+        return _sticky(path)
     return None
 
 
@@ -432,26 +431,36 @@ def folder_unwritable(folder: Path) -> Blocked | None:
 
 
 def cannot_delete(path: Path) -> Blocked | None:
-    """Why this user may not delete the folder `path` whole (`cannot_move`, or a folder inside it that it may not
-    read or change, its own too), or None; checked before anything goes, so that nothing is left half deleted."""
+    """Why this user may not delete `path` whole (`cannot_move`, or a folder inside it that it may not read or
+    change, its own too), or None; checked before anything goes, so that nothing is left half deleted. Each folder
+    is checked once, as its parent's entry (os.walk leaves out what it cannot list: said rather than left behind)."""
     blocked = cannot_move(path)
     if blocked is not None or not hasattr(os, "geteuid") or os.geteuid() == 0 or path.is_symlink():
         return blocked
+    me = os.geteuid()
     for folder, subfolders, files in os.walk(path, onerror=lambda exc: None):
         here = Path(folder)
-        for name in (*subfolders, *files):
-            blocked = cannot_move(here / name)
-            if blocked is not None:
-                return blocked
-        for name in subfolders:  # os.walk leaves out what it cannot list: say so rather than leave it behind
-            inner = here / name
-            with contextlib.suppress(OSError):
-                if not inner.is_symlink():
-                    blocked = _unwritable(inner, os.lstat(inner).st_uid, os.R_OK | os.W_OK | os.X_OK,
-                                          "readable and writable")
-                    if blocked is not None:
-                        return blocked
+        try:
+            stat = os.stat(here)
+            if here == path and (subfolders or files):  # its entries go: it is changed
+                blocked = _unwritable(here, stat.st_uid)
+            sticky = stat.st_mode & 0o1000 and stat.st_uid != me
+            for index, name in enumerate((*subfolders, *files)):
+                entry = here / name
+                owner = os.lstat(entry).st_uid
+                if blocked is None and sticky and owner != me:
+                    blocked = _sticky(entry)
+                if blocked is None and index < len(subfolders) and not entry.is_symlink():
+                    blocked = _unwritable(entry, owner, os.R_OK | os.W_OK | os.X_OK, "readable and writable")
+        except OSError:  # gone meanwhile: the deletion says what it meets
+            continue
+        if blocked is not None:
+            return blocked
     return None
+
+
+def _sticky(entry: Path) -> Blocked:
+    return Blocked(f"{entry.name} is {owner_of(entry)}'s, in a folder where only an entry's owner may move it", False)
 
 
 def free_bytes(path: Path) -> int:
